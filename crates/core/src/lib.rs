@@ -1,0 +1,9 @@
+//! Sluice's shared pieces: the configuration model, the stable partitioner
+//! every stage agrees on, and the metrics registry each role exposes.
+
+pub mod config;
+pub mod metrics;
+pub mod partition;
+
+pub use config::{Config, ConfigError};
+pub use partition::partition_for;

@@ -1,0 +1,933 @@
+//! The embedded log: Sluice's default [`Log`], on local disk, no services.
+//!
+//! # On-disk format
+//!
+//! ```text
+//! <root>/LOCK                                  flock'ed by the one process that writes
+//! <root>/<topic>/topic.meta                    "partitions=<N>\n", written once
+//! <root>/<topic>/<partition>/<base:020>.seg    segments, named by their first offset
+//! <root>/<topic>/<partition>/groups/<g>.offset "<next offset>\n", replaced atomically
+//! ```
+//!
+//! A segment is a 16-byte header (`b"SLUICEL1"`, then the base offset as
+//! u64 LE) followed by frames:
+//!
+//! ```text
+//! u32 LE  body length (bytes after the checksum)
+//! u32 LE  CRC-32C of the body
+//! body:   u64 LE offset | i64 LE timestamp ms | u32 LE key length | key | value
+//! ```
+//!
+//! # Invariants
+//!
+//! 1. Offsets in a partition are dense: frame *k* of the segment with base
+//!    *b* holds offset *b + k*, and each segment's base is one past the last
+//!    offset of the segment before it.
+//! 2. One writer thread per partition owns the newest (active) segment. It
+//!    takes every append waiting in its queue, writes them with one `write`,
+//!    then one `fdatasync` (group commit), and only then publishes the new end
+//!    offset and answers the callers. So an acknowledged record is durable,
+//!    and readers never see a record that is not.
+//! 3. Only the active segment can end in a torn or corrupt frame (a crash
+//!    mid-write). On open it is scanned, cut back to the last valid frame, and
+//!    the cut is logged with the bytes and records dropped. Nothing cut was
+//!    ever acknowledged (invariant 2). Older segments were fsynced before the
+//!    roll; a bad frame in one of them is reported as [`LogError::Corrupt`] when
+//!    read, never silently skipped.
+//! 4. A new segment is created with its header, fsynced, and the directory
+//!    fsynced, before any record goes into it.
+//! 5. Retention deletes whole sealed segments, oldest first, once the file's
+//!    modification time (its last write) is older than the retention period.
+//!    The active segment is never deleted.
+//! 6. A consumer group offset file is written to a temporary file, fsynced,
+//!    renamed over the old one, and the directory fsynced: a reader sees the
+//!    old value or the new, never a mix.
+//!
+//! Reads use a sparse in-memory index per segment (an entry every
+//! [`INDEX_INTERVAL`] bytes) to start near the wanted offset. The active
+//! segment's index is kept as it is written; an older segment's is built by
+//! one verifying scan the first time it is read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
+use tokio::sync::oneshot;
+
+use crate::{Log, LogError, OffsetRange, Record, StoredRecord};
+
+const MAGIC: &[u8; 8] = b"SLUICEL1";
+const HEADER_LEN: u64 = 16;
+const FRAME_PREFIX: usize = 8;
+const BODY_FIXED: usize = 20;
+/// Largest key + value of one record.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+/// Bytes between two sparse index entries.
+pub const INDEX_INTERVAL: u64 = 64 * 1024;
+/// Most records one group commit takes from the queue.
+const MAX_GROUP_RECORDS: usize = 64 * 1024;
+
+/// Settings of an [`EmbeddedLog`].
+#[derive(Clone)]
+pub struct LogOptions {
+    /// Topics and their partition counts; created when missing.
+    pub topics: Vec<(String, u32)>,
+    /// Roll the active segment once it reaches this size.
+    pub segment_bytes: u64,
+    /// Delete sealed segments last written longer ago than this.
+    pub retention: Duration,
+    /// fdatasync each group commit (turn off only for throwaway data).
+    pub fsync: bool,
+    pub metrics: LogMetrics,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            topics: vec![("input".into(), 8)],
+            segment_bytes: 128 << 20,
+            retention: Duration::from_secs(7 * 86400),
+            fsync: true,
+            metrics: LogMetrics::default(),
+        }
+    }
+}
+
+/// Counters of the embedded log; register them to export them.
+#[derive(Clone)]
+pub struct LogMetrics {
+    pub appended_records: Counter,
+    pub appended_bytes: Counter,
+    pub group_commits: Counter,
+    pub commit_seconds: Histogram,
+    pub truncated_records: Counter,
+    pub deleted_segments: Counter,
+}
+
+impl Default for LogMetrics {
+    fn default() -> Self {
+        Self {
+            appended_records: Counter::default(),
+            appended_bytes: Counter::default(),
+            group_commits: Counter::default(),
+            commit_seconds: Histogram::new(latency_buckets()),
+            truncated_records: Counter::default(),
+            deleted_segments: Counter::default(),
+        }
+    }
+}
+
+impl LogMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sluice_log");
+        r.register("appended_records", "Records appended", self.appended_records.clone());
+        r.register("appended_bytes", "Bytes appended, framing included", self.appended_bytes.clone());
+        r.register("group_commits", "Group commits (one write + fsync each)", self.group_commits.clone());
+        r.register("group_commit_seconds", "Time of a group commit's write and fsync", self.commit_seconds.clone());
+        r.register("truncated_records", "Torn or corrupt tail records cut on open", self.truncated_records.clone());
+        r.register("deleted_segments", "Segments deleted by retention", self.deleted_segments.clone());
+    }
+}
+
+/// See the module docs.
+pub struct EmbeddedLog {
+    root: PathBuf,
+    topics: HashMap<String, Vec<PartitionHandle>>,
+    retention: Duration,
+    metrics: LogMetrics,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    _lock: Option<File>,
+}
+
+struct PartitionHandle {
+    part: Arc<Partition>,
+    /// `None` when opened read-only.
+    tx: Option<mpsc::Sender<AppendRequest>>,
+}
+
+struct Partition {
+    topic: String,
+    id: u32,
+    dir: PathBuf,
+    state: Mutex<PartitionState>,
+    commit_lock: Mutex<()>,
+}
+
+struct PartitionState {
+    segments: BTreeMap<u64, Segment>,
+    /// One past the last durable offset.
+    end: u64,
+    poisoned: Option<String>,
+}
+
+struct Segment {
+    path: PathBuf,
+    /// (offset, byte position) pairs, ascending; always starts at (base, HEADER_LEN).
+    index: Vec<(u64, u64)>,
+    /// Whether `index` covers the whole segment (active and scanned segments).
+    indexed: bool,
+}
+
+struct AppendRequest {
+    records: Vec<Record>,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io { path: path.display().to_string(), source }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.seg"))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+impl EmbeddedLog {
+    /// Open (creating when missing) the log under `root` for writing. Takes
+    /// an exclusive lock on `root`, recovers each partition's tail, starts a
+    /// writer thread per partition and applies retention once.
+    pub fn open(root: &Path, options: LogOptions) -> Result<Self, LogError> {
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let lock_path = root.join("LOCK");
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(LogError::Locked(root.display().to_string())),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+        let mut log = Self::open_inner(root, &options, true)?;
+        log._lock = Some(lock);
+        log.enforce_retention(SystemTime::now())?;
+        Ok(log)
+    }
+
+    /// Open an existing log for reading only, beside a writer that may be
+    /// running: no lock, no recovery, no writes. A torn tail is simply where
+    /// reading stops.
+    pub fn open_read_only(root: &Path) -> Result<Self, LogError> {
+        let mut topics = Vec::new();
+        let entries = fs::read_dir(root).map_err(io_err(root))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(root))?;
+            let meta = entry.path().join("topic.meta");
+            if meta.exists() {
+                let partitions = read_topic_meta(&meta)?;
+                topics.push((entry.file_name().to_string_lossy().into_owned(), partitions));
+            }
+        }
+        let options = LogOptions { topics, ..LogOptions::default() };
+        Self::open_inner(root, &options, false)
+    }
+
+    fn open_inner(root: &Path, options: &LogOptions, writable: bool) -> Result<Self, LogError> {
+        let mut topics = HashMap::new();
+        let mut writers = Vec::new();
+        for (name, partitions) in &options.topics {
+            validate_name(name).map_err(|_| LogError::Config(format!("invalid topic name {name:?}")))?;
+            let tdir = root.join(name);
+            let meta = tdir.join("topic.meta");
+            if meta.exists() {
+                let on_disk = read_topic_meta(&meta)?;
+                if on_disk != *partitions {
+                    return Err(LogError::Config(format!(
+                        "topic {name:?} at {} has {on_disk} partitions, but {partitions} were asked for; \
+                         the partition count cannot change once a topic exists (it decides where each messageId goes)",
+                        tdir.display()
+                    )));
+                }
+            } else if writable {
+                fs::create_dir_all(&tdir).map_err(io_err(&tdir))?;
+                write_atomically(&meta, format!("partitions={partitions}\n").as_bytes())?;
+            } else {
+                return Err(LogError::UnknownTopic(name.clone()));
+            }
+            let mut handles = Vec::new();
+            for id in 0..*partitions {
+                let dir = tdir.join(id.to_string());
+                let (part, active) = Partition::open(name, id, dir, writable, &options.metrics)?;
+                let part = Arc::new(part);
+                let tx = match active {
+                    Some(active) => {
+                        let (tx, rx) = mpsc::channel();
+                        let writer = Writer {
+                            part: part.clone(),
+                            file: active.0,
+                            path: active.2,
+                            len: active.1,
+                            segment_bytes: options.segment_bytes,
+                            fsync: options.fsync,
+                            metrics: options.metrics.clone(),
+                        };
+                        let handle = std::thread::Builder::new()
+                            .name(format!("log-{name}-{id}"))
+                            .spawn(move || writer.run(rx))
+                            .map_err(io_err(root))?;
+                        writers.push(handle);
+                        Some(tx)
+                    }
+                    None => None,
+                };
+                handles.push(PartitionHandle { part, tx });
+            }
+            topics.insert(name.clone(), handles);
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            topics,
+            retention: options.retention,
+            metrics: options.metrics.clone(),
+            writers: Mutex::new(writers),
+            _lock: None,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Topic names, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<_> = self.topics.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
+    fn handle(&self, topic: &str, partition: u32) -> Result<&PartitionHandle, LogError> {
+        let parts = self.topics.get(topic).ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?;
+        parts.get(partition as usize).ok_or_else(|| LogError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+            partitions: parts.len() as u32,
+        })
+    }
+
+    /// Delete sealed segments last written before `now - retention`. Returns
+    /// how many were deleted. Runs at open and from [`Self::spawn_retention`].
+    pub fn enforce_retention(&self, now: SystemTime) -> Result<usize, LogError> {
+        let mut deleted = 0;
+        for parts in self.topics.values() {
+            for h in parts {
+                deleted += h.part.enforce_retention(now, self.retention)?;
+            }
+        }
+        self.metrics.deleted_segments.inc_by(deleted as u64);
+        Ok(deleted)
+    }
+
+    /// Run [`Self::enforce_retention`] every `every` on the blocking pool.
+    pub fn spawn_retention(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let log = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(log) = log.upgrade() else { return };
+                match tokio::task::spawn_blocking(move || log.enforce_retention(SystemTime::now())).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(segments = n, "retention deleted old log segments"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "log retention failed"),
+                    Err(e) => tracing::error!(error = %e, "log retention task panicked"),
+                }
+            }
+        })
+    }
+
+    /// Blocking read; the async trait method runs it on the blocking pool.
+    pub fn read_blocking(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<StoredRecord>, LogError> {
+        self.handle(topic, partition)?.part.read(from, max)
+    }
+
+    pub fn offsets_blocking(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+        Ok(self.handle(topic, partition)?.part.offsets())
+    }
+
+    /// Stop the writer threads after they finish what is queued.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for parts in self.topics.values_mut() {
+            for h in parts.iter_mut() {
+                h.tx.take();
+            }
+        }
+        for w in self.writers.lock().expect("writers").drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[async_trait]
+impl Log for EmbeddedLog {
+    fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        self.topics.get(topic).map(|p| p.len() as u32).ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
+    }
+
+    async fn append(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+        let h = self.handle(topic, partition)?;
+        if let Some(r) = records.iter().find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES) {
+            return Err(LogError::RecordTooLarge(r.key.len() + r.value.len()));
+        }
+        let tx = h.tx.as_ref().ok_or_else(|| LogError::Config("the log was opened read-only".into()))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<StoredRecord>, LogError> {
+        let part = self.handle(topic, partition)?.part.clone();
+        tokio::task::spawn_blocking(move || part.read(from, max)).await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+        Ok(self.handle(topic, partition)?.part.offsets())
+    }
+
+    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+        validate_name(group)?;
+        let part = self.handle(topic, partition)?.part.clone();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || part.commit(&group, next_offset)).await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        validate_name(group)?;
+        let part = self.handle(topic, partition)?.part.clone();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || part.committed(&group)).await.map_err(|_| LogError::Closed)?
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), LogError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LogError::InvalidGroup(name.to_owned()))
+    }
+}
+
+fn read_topic_meta(path: &Path) -> Result<u32, LogError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    text.trim()
+        .strip_prefix("partitions=")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| LogError::Corrupt { path: path.display().to_string(), position: 0, problem: format!("unreadable topic metadata {text:?}") })
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), LogError> {
+    let dir = path.parent().expect("a file in a directory");
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(contents).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    fsync_dir(dir)
+}
+
+/// What reading one frame found.
+enum Frame {
+    Record(StoredRecord, u64),
+    End,
+    Bad(String),
+}
+
+/// Read `buf.len()` bytes unless EOF comes first; returns how many were read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn read_frame(r: &mut impl Read, expected_offset: u64) -> io::Result<Frame> {
+    let mut prefix = [0u8; FRAME_PREFIX];
+    match read_up_to(r, &mut prefix)? {
+        0 => return Ok(Frame::End),
+        n if n < FRAME_PREFIX => return Ok(Frame::Bad(format!("incomplete frame header ({n} bytes)"))),
+        _ => {}
+    }
+    let len = u32::from_le_bytes(prefix[0..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(prefix[4..8].try_into().unwrap());
+    if !(BODY_FIXED..=BODY_FIXED + MAX_RECORD_BYTES).contains(&len) {
+        return Ok(Frame::Bad(format!("implausible frame length {len}")));
+    }
+    let mut body = vec![0u8; len];
+    let got = read_up_to(r, &mut body)?;
+    if got < len {
+        return Ok(Frame::Bad(format!("incomplete record: {got} of {len} bytes")));
+    }
+    if crc32c::crc32c(&body) != crc {
+        return Ok(Frame::Bad("checksum mismatch".into()));
+    }
+    let offset = u64::from_le_bytes(body[0..8].try_into().unwrap());
+    let timestamp_ms = i64::from_le_bytes(body[8..16].try_into().unwrap());
+    let key_len = u32::from_le_bytes(body[16..20].try_into().unwrap()) as usize;
+    if key_len > len - BODY_FIXED {
+        return Ok(Frame::Bad(format!("key length {key_len} exceeds the record")));
+    }
+    if offset != expected_offset {
+        return Ok(Frame::Bad(format!("offset {offset} where {expected_offset} was expected")));
+    }
+    let body = Bytes::from(body);
+    let key = body.slice(BODY_FIXED..BODY_FIXED + key_len);
+    let value = body.slice(BODY_FIXED + key_len..);
+    Ok(Frame::Record(StoredRecord { offset, timestamp_ms, key, value }, (FRAME_PREFIX + len) as u64))
+}
+
+fn encode_frame(buf: &mut Vec<u8>, offset: u64, timestamp_ms: i64, rec: &Record) {
+    let body_len = BODY_FIXED + rec.key.len() + rec.value.len();
+    let start = buf.len();
+    buf.extend_from_slice(&(body_len as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(&timestamp_ms.to_le_bytes());
+    buf.extend_from_slice(&(rec.key.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&rec.key);
+    buf.extend_from_slice(&rec.value);
+    let crc = crc32c::crc32c(&buf[start + FRAME_PREFIX..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn segment_header(base: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..].copy_from_slice(&base.to_le_bytes());
+    h
+}
+
+/// Result of scanning a segment from its header.
+struct Scan {
+    index: Vec<(u64, u64)>,
+    /// One past the last valid offset.
+    end: u64,
+    /// Byte length of the valid prefix.
+    valid_len: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    bad: Option<String>,
+}
+
+/// Scan a whole segment, verifying every frame.
+fn scan_segment(path: &Path, base: u64) -> Result<Scan, LogError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut header = [0u8; HEADER_LEN as usize];
+    let n = read_up_to(&mut r, &mut header).map_err(io_err(path))?;
+    let mut scan = Scan { index: vec![(base, HEADER_LEN)], end: base, valid_len: HEADER_LEN, bad: None };
+    if n < HEADER_LEN as usize || header != segment_header(base) {
+        scan.valid_len = 0;
+        scan.bad = Some("missing or invalid segment header".into());
+        return Ok(scan);
+    }
+    let mut last_indexed = HEADER_LEN;
+    loop {
+        match read_frame(&mut r, scan.end).map_err(io_err(path))? {
+            Frame::Record(_, len) => {
+                if scan.valid_len - last_indexed >= INDEX_INTERVAL {
+                    scan.index.push((scan.end, scan.valid_len));
+                    last_indexed = scan.valid_len;
+                }
+                scan.end += 1;
+                scan.valid_len += len;
+            }
+            Frame::End => return Ok(scan),
+            Frame::Bad(problem) => {
+                scan.bad = Some(problem);
+                return Ok(scan);
+            }
+        }
+    }
+}
+
+/// Best-effort count of the frames in a cut tail, by their length fields.
+fn count_frames(path: &Path, from: u64, file_len: u64) -> u64 {
+    let Ok(mut f) = File::open(path) else { return 0 };
+    let mut pos = from;
+    let mut count = 0;
+    while pos < file_len {
+        count += 1;
+        let mut prefix = [0u8; 4];
+        if f.seek(SeekFrom::Start(pos)).is_err() || f.read_exact(&mut prefix).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(prefix) as u64;
+        if len < BODY_FIXED as u64 || len > (BODY_FIXED + MAX_RECORD_BYTES) as u64 {
+            break;
+        }
+        pos += FRAME_PREFIX as u64 + len;
+    }
+    count
+}
+
+type ActiveSegment = (File, u64, PathBuf);
+
+impl Partition {
+    /// Load a partition directory. When `writable`, recover the active
+    /// segment's tail and return it opened for appending.
+    fn open(
+        topic: &str,
+        id: u32,
+        dir: PathBuf,
+        writable: bool,
+        metrics: &LogMetrics,
+    ) -> Result<(Self, Option<ActiveSegment>), LogError> {
+        if writable {
+            fs::create_dir_all(dir.join("groups")).map_err(io_err(&dir))?;
+        }
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let name = entry.map_err(io_err(&dir))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(base) = name.strip_suffix(".seg").and_then(|b| b.parse::<u64>().ok()) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        if bases.is_empty() {
+            if !writable {
+                return Err(LogError::Config(format!("no segments in {}", dir.display())));
+            }
+            let path = segment_path(&dir, 0);
+            create_segment(&path, 0)?;
+            fsync_dir(&dir)?;
+            bases.push(0);
+        }
+        let mut segments = BTreeMap::new();
+        for &base in &bases {
+            let path = segment_path(&dir, base);
+            segments.insert(base, Segment { path, index: vec![(base, HEADER_LEN)], indexed: false });
+        }
+        let last = *bases.last().expect("at least one segment");
+        let last_path = segment_path(&dir, last);
+        let scan = scan_segment(&last_path, last)?;
+        let file_len = fs::metadata(&last_path).map_err(io_err(&last_path))?.len();
+        let mut active = None;
+        if writable {
+            if let Some(problem) = &scan.bad {
+                let cut_bytes = file_len - scan.valid_len;
+                let cut_records = if scan.valid_len == 0 { 0 } else { count_frames(&last_path, scan.valid_len, file_len) };
+                tracing::warn!(
+                    segment = %last_path.display(),
+                    problem = %problem,
+                    cut_bytes,
+                    cut_records,
+                    kept_through_offset = scan.end as i64 - 1,
+                    "torn or corrupt log tail truncated (never acknowledged)"
+                );
+                metrics.truncated_records.inc_by(cut_records);
+            }
+            let mut file = OpenOptions::new().read(true).append(true).open(&last_path).map_err(io_err(&last_path))?;
+            if scan.valid_len == 0 {
+                // A crash between creating the file and writing its header.
+                file.set_len(0).map_err(io_err(&last_path))?;
+                file.write_all(&segment_header(last)).map_err(io_err(&last_path))?;
+            } else if scan.valid_len < file_len {
+                file.set_len(scan.valid_len).map_err(io_err(&last_path))?;
+            }
+            file.sync_all().map_err(io_err(&last_path))?;
+            active = Some((file, scan.valid_len.max(HEADER_LEN), last_path.clone()));
+        }
+        let seg = segments.get_mut(&last).expect("last segment");
+        seg.index = scan.index;
+        seg.indexed = true;
+        let part = Partition {
+            topic: topic.to_owned(),
+            id,
+            dir,
+            state: Mutex::new(PartitionState { segments, end: scan.end, poisoned: None }),
+            commit_lock: Mutex::new(()),
+        };
+        Ok((part, active))
+    }
+
+    fn offsets(&self) -> OffsetRange {
+        let st = self.state.lock().expect("partition state");
+        OffsetRange { start: *st.segments.keys().next().expect("a segment"), end: st.end }
+    }
+
+    fn read(&self, mut from: u64, max: usize) -> Result<Vec<StoredRecord>, LogError> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            // Find where to start, under the lock; read the file outside it.
+            let (path, base, pos, stop, needs_index) = {
+                let st = self.state.lock().expect("partition state");
+                let start = *st.segments.keys().next().expect("a segment");
+                if from < start {
+                    if out.is_empty() {
+                        return Err(LogError::OffsetOutOfRange { topic: self.topic.clone(), partition: self.id, requested: from, start });
+                    }
+                    return Ok(out);
+                }
+                if from >= st.end {
+                    return Ok(out);
+                }
+                let (&base, seg) = st.segments.range(..=from).next_back().expect("from >= start");
+                let next_base = st.segments.range(base + 1..).next().map(|(b, _)| *b).unwrap_or(u64::MAX);
+                let i = seg.index.partition_point(|&(o, _)| o <= from) - 1;
+                let (off, pos) = seg.index[i];
+                (seg.path.clone(), base, (off, pos), st.end.min(next_base), !seg.indexed)
+            };
+            if needs_index {
+                let scan = scan_segment(&path, base)?;
+                if let Some(problem) = scan.bad.filter(|_| scan.end < stop) {
+                    return Err(LogError::Corrupt { path: path.display().to_string(), position: scan.valid_len, problem });
+                }
+                let mut st = self.state.lock().expect("partition state");
+                if let Some(seg) = st.segments.get_mut(&base) {
+                    seg.index = scan.index;
+                    seg.indexed = true;
+                }
+                continue;
+            }
+            let reached = match read_range(&path, pos, from, stop, max - out.len(), &mut out) {
+                Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => continue, // deleted by retention meanwhile
+                r => r?,
+            };
+            if reached < stop && out.len() < max {
+                return Err(LogError::Corrupt {
+                    path: path.display().to_string(),
+                    position: 0,
+                    problem: format!("segment ends at offset {reached}, before {stop}"),
+                });
+            }
+            from = reached;
+        }
+        Ok(out)
+    }
+
+    fn enforce_retention(&self, now: SystemTime, retention: Duration) -> Result<usize, LogError> {
+        let mut st = self.state.lock().expect("partition state");
+        let mut deleted = 0;
+        while st.segments.len() > 1 {
+            let (&base, seg) = st.segments.iter().next().expect("len > 1");
+            let modified = fs::metadata(&seg.path).and_then(|m| m.modified()).map_err(io_err(&seg.path))?;
+            if now.duration_since(modified).unwrap_or_default() <= retention {
+                break;
+            }
+            fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            tracing::info!(segment = %seg.path.display(), "retention deleted segment");
+            st.segments.remove(&base);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    fn commit(&self, group: &str, next_offset: u64) -> Result<(), LogError> {
+        let _guard = self.commit_lock.lock().expect("commit lock");
+        write_atomically(&self.dir.join("groups").join(format!("{group}.offset")), format!("{next_offset}\n").as_bytes())
+    }
+
+    fn committed(&self, group: &str) -> Result<Option<u64>, LogError> {
+        let path = self.dir.join("groups").join(format!("{group}.offset"));
+        match fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| LogError::Corrupt {
+                path: path.display().to_string(),
+                position: 0,
+                problem: format!("unreadable group offset {text:?}"),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+}
+
+/// Append the records of one segment with offsets in `from..stop` to `out`,
+/// at most `max`, starting the scan at the index entry `(offset, pos)`.
+/// Returns the offset after the last frame read.
+fn read_range(
+    path: &Path,
+    (mut offset, pos): (u64, u64),
+    from: u64,
+    stop: u64,
+    max: usize,
+    out: &mut Vec<StoredRecord>,
+) -> Result<u64, LogError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    file.seek(SeekFrom::Start(pos)).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut taken = 0;
+    while offset < stop && taken < max {
+        match read_frame(&mut r, offset).map_err(io_err(path))? {
+            Frame::Record(rec, _) => {
+                if rec.offset >= from {
+                    out.push(rec);
+                    taken += 1;
+                }
+                offset += 1;
+            }
+            Frame::End => break,
+            Frame::Bad(problem) => {
+                return Err(LogError::Corrupt { path: path.display().to_string(), position: 0, problem });
+            }
+        }
+    }
+    Ok(offset)
+}
+
+fn create_segment(path: &Path, base: u64) -> Result<File, LogError> {
+    let mut f = OpenOptions::new().create_new(true).read(true).append(true).open(path).map_err(io_err(path))?;
+    f.write_all(&segment_header(base)).and_then(|_| f.sync_all()).map_err(io_err(path))?;
+    Ok(f)
+}
+
+/// The one thread that writes a partition (invariant 2).
+struct Writer {
+    part: Arc<Partition>,
+    file: File,
+    path: PathBuf,
+    /// Durable length of the active segment.
+    len: u64,
+    segment_bytes: u64,
+    fsync: bool,
+    metrics: LogMetrics,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<AppendRequest>) {
+        let mut buf = Vec::with_capacity(1 << 20);
+        while let Ok(first) = rx.recv() {
+            let mut n = first.records.len();
+            let mut batch = vec![first];
+            while n < MAX_GROUP_RECORDS {
+                match rx.try_recv() {
+                    Ok(req) => {
+                        n += req.records.len();
+                        batch.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&batch, &mut buf) {
+                Ok(firsts) => {
+                    for (req, first) in batch.into_iter().zip(firsts) {
+                        let _ = req.reply.send(Ok(first));
+                    }
+                }
+                Err(e) => {
+                    let cause = e.to_string();
+                    for req in batch {
+                        let _ = req.reply.send(Err(LogError::Poisoned {
+                            topic: self.part.topic.clone(),
+                            partition: self.part.id,
+                            cause: cause.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write and fsync one group; returns each request's first offset.
+    fn commit(&mut self, batch: &[AppendRequest], buf: &mut Vec<u8>) -> Result<Vec<u64>, LogError> {
+        let (mut next, poisoned) = {
+            let st = self.part.state.lock().expect("partition state");
+            (st.end, st.poisoned.clone())
+        };
+        if let Some(cause) = poisoned {
+            return Err(LogError::Config(cause));
+        }
+        if self.len >= self.segment_bytes {
+            self.roll(next).map_err(|e| self.poison(e))?;
+        }
+        let started = Instant::now();
+        let ts = now_ms();
+        buf.clear();
+        let mut firsts = Vec::with_capacity(batch.len());
+        let mut new_index = Vec::new();
+        let mut last_indexed = {
+            let st = self.part.state.lock().expect("partition state");
+            st.segments.values().next_back().and_then(|s| s.index.last()).map(|e| e.1).unwrap_or(HEADER_LEN)
+        };
+        for req in batch {
+            firsts.push(next);
+            for rec in &req.records {
+                let pos = self.len + buf.len() as u64;
+                if pos - last_indexed >= INDEX_INTERVAL {
+                    new_index.push((next, pos));
+                    last_indexed = pos;
+                }
+                encode_frame(buf, next, ts, rec);
+                next += 1;
+            }
+        }
+        let path = self.path.clone();
+        let written = self.file.write_all(buf).and_then(|_| if self.fsync { self.file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            // Cut the partial write so the file stays a valid prefix; if even
+            // that fails, refuse further writes until a restart recovers.
+            let cut = self.file.set_len(self.len).and_then(|_| self.file.sync_data());
+            let err = io_err(&path)(e);
+            if let Err(cut_err) = cut {
+                return Err(self.poison(io_err(&path)(cut_err)));
+            }
+            return Err(err);
+        }
+        self.len += buf.len() as u64;
+        {
+            let mut st = self.part.state.lock().expect("partition state");
+            st.end = next;
+            if let Some(seg) = st.segments.values_mut().next_back() {
+                seg.index.extend(new_index);
+            }
+        }
+        self.metrics.appended_records.inc_by(next - firsts[0]);
+        self.metrics.appended_bytes.inc_by(buf.len() as u64);
+        self.metrics.group_commits.inc();
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(firsts)
+    }
+
+    fn roll(&mut self, base: u64) -> Result<(), LogError> {
+        let path = segment_path(&self.part.dir, base);
+        let file = create_segment(&path, base)?;
+        fsync_dir(&self.part.dir)?;
+        self.file = file;
+        self.path = path.clone();
+        self.len = HEADER_LEN;
+        let mut st = self.part.state.lock().expect("partition state");
+        st.segments.insert(base, Segment { path, index: vec![(base, HEADER_LEN)], indexed: true });
+        Ok(())
+    }
+
+    fn poison(&self, e: LogError) -> LogError {
+        let mut st = self.part.state.lock().expect("partition state");
+        st.poisoned = Some(e.to_string());
+        tracing::error!(topic = %self.part.topic, partition = self.part.id, error = %e, "log partition stopped accepting writes");
+        e
+    }
+}
