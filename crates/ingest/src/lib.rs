@@ -1,0 +1,421 @@
+//! The Tracking API: Segment's HTTP ingestion endpoints, answered only once
+//! the events are durable in the log.
+//!
+//! Invariants:
+//! - `200 {"success":true}` is sent only after every accepted event of the
+//!   request is durable in the `input` topic (the first commit point). Any
+//!   failure to append answers 503, and the client's retry (same
+//!   `messageId`) is removed later by dedup.
+//! - Every response, error or not, is JSON; errors carry both `code` and
+//!   `message`.
+//! - An invalid item in a batch is dropped and counted; the rest is kept.
+//! - Events go to partition `murmur2(messageId) % partitions`, with record
+//!   key `<source id>/<messageId>` (source ids cannot contain `/`).
+
+pub mod event;
+pub mod ratelimit;
+pub mod server;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine;
+use bytes::Bytes;
+use chrono::Utc;
+use http_body_util::BodyExt;
+use serde_json::value::RawValue;
+use sluice_core::config::{Config, SourceConfig, UnknownWriteKey};
+use sluice_core::metrics::{latency_buckets, Counter, Family, Histogram, Registry};
+use sluice_core::partition_for;
+use sluice_log::{Log, Record};
+
+use crate::event::{BatchContext, EventError, EventLimits, EventType, RawObject};
+use crate::ratelimit::TokenBucket;
+
+/// The topic ingest writes to.
+pub const INPUT_TOPIC: &str = "input";
+
+/// The request kinds of the Tracking API, by URL path segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Single(EventType),
+    Batch,
+}
+
+fn call_for_path(segment: &str) -> Option<Call> {
+    Some(match segment {
+        "identify" | "i" => Call::Single(EventType::Identify),
+        "track" | "t" => Call::Single(EventType::Track),
+        "page" | "p" => Call::Single(EventType::Page),
+        "screen" | "s" => Call::Single(EventType::Screen),
+        "group" | "g" => Call::Single(EventType::Group),
+        "alias" | "a" => Call::Single(EventType::Alias),
+        "batch" | "import" | "b" => Call::Batch,
+        _ => return None,
+    })
+}
+
+/// A source as ingest sees it.
+pub struct Source {
+    pub id: String,
+    limiter: Option<TokenBucket>,
+}
+
+/// Ingest settings taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub unknown_write_key: UnknownWriteKey,
+    pub max_request_bytes: usize,
+    pub max_event_bytes: usize,
+    pub max_batch_events: usize,
+    pub body_read_timeout: Duration,
+}
+
+impl IngestSettings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            unknown_write_key: c.ingest.unknown_write_key,
+            max_request_bytes: c.ingest.max_request_bytes,
+            max_event_bytes: c.ingest.max_event_bytes,
+            max_batch_events: c.ingest.max_batch_events,
+            body_read_timeout: c.server.body_read_timeout,
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Ingest's metrics.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    /// Requests by call and HTTP status.
+    pub requests: Family<Labels, Counter>,
+    /// Events made durable, by source.
+    pub events_accepted: Family<Labels, Counter>,
+    /// Events refused (dropped from a batch or refused alone), by reason code.
+    pub events_rejected: Family<Labels, Counter>,
+    /// Events answered 200 and dropped because their write key is unknown.
+    pub events_unknown_key_dropped: Counter,
+    /// Time from the request's arrival to its 200.
+    pub ack_seconds: Histogram,
+}
+
+impl Default for IngestMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            events_accepted: Family::default(),
+            events_rejected: Family::default(),
+            events_unknown_key_dropped: Counter::default(),
+            ack_seconds: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl IngestMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sluice_ingest");
+        r.register("requests", "Tracking API requests by call and status", self.requests.clone());
+        r.register("events_accepted", "Events durable in the input log, by source", self.events_accepted.clone());
+        r.register("events_rejected", "Invalid events refused or dropped from a batch, by reason", self.events_rejected.clone());
+        r.register(
+            "events_unknown_key_dropped",
+            "Events answered 200 and dropped for an unknown write key",
+            self.events_unknown_key_dropped.clone(),
+        );
+        r.register("ack_seconds", "Time from request arrival to a durable 200", self.ack_seconds.clone());
+    }
+
+    /// Count of rejected events with reason `code` (for tests and the console).
+    pub fn rejected(&self, code: &str) -> u64 {
+        self.events_rejected.get_or_create(&vec![("reason", code.to_owned())]).get()
+    }
+
+    pub fn accepted(&self, source: &str) -> u64 {
+        self.events_accepted.get_or_create(&vec![("source", source.to_owned())]).get()
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Ingest {
+    log: Arc<dyn Log>,
+    partitions: u32,
+    settings: IngestSettings,
+    /// Write key → source. Behind a lock so sources can change at run time.
+    sources: RwLock<HashMap<String, Arc<Source>>>,
+    pub metrics: IngestMetrics,
+}
+
+impl Ingest {
+    pub fn new(
+        log: Arc<dyn Log>,
+        settings: IngestSettings,
+        sources: &[SourceConfig],
+        default_rate_limit: u32,
+    ) -> Result<Self, sluice_log::LogError> {
+        let partitions = log.partitions(INPUT_TOPIC)?;
+        let ingest = Self { log, partitions, settings, sources: RwLock::new(HashMap::new()), metrics: IngestMetrics::default() };
+        ingest.set_sources(sources, default_rate_limit);
+        Ok(ingest)
+    }
+
+    /// Replace the set of sources (write keys and rate limits).
+    pub fn set_sources(&self, sources: &[SourceConfig], default_rate_limit: u32) {
+        let map = sources
+            .iter()
+            .map(|s| {
+                let rate = s.rate_limit.unwrap_or(default_rate_limit);
+                let limiter = (rate > 0).then(|| TokenBucket::new(rate, s.rate_burst.unwrap_or(rate)));
+                (s.write_key.clone(), Arc::new(Source { id: s.id.clone(), limiter }))
+            })
+            .collect();
+        *self.sources.write().expect("sources lock") = map;
+    }
+
+    fn source(&self, write_key: &str) -> Option<Arc<Source>> {
+        self.sources.read().expect("sources lock").get(write_key).cloned()
+    }
+}
+
+/// An error answer: status, stable `code`, human `message`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.code, "message": self.message }).to_string();
+        let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn success() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"success":true}"#).into_response()
+}
+
+/// The Tracking API router (axum's `fn app() -> Router` pattern).
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new()
+        .route("/v1/{call}", post(handle))
+        .route("/v1/{call}/", post(handle))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST")
+        })
+        .with_state(ingest)
+}
+
+async fn handle(State(ingest): State<Arc<Ingest>>, Path(call): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let label = call.clone();
+    let resp = match call_for_path(&call) {
+        Some(call) => match accept(&ingest, call, &headers, body).await {
+            Ok(()) => {
+                ingest.metrics.ack_seconds.observe(started.elapsed().as_secs_f64());
+                success()
+            }
+            Err(e) => e.into_response(),
+        },
+        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response(),
+    };
+    ingest
+        .metrics
+        .requests
+        .get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())])
+        .inc();
+    resp
+}
+
+/// Read the whole body within the limits and timeout, gunzipping if asked.
+async fn read_body(settings: &IngestSettings, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = settings.max_request_bytes;
+    let too_large = || ApiError::bad_request("request_too_large", format!("request body exceeds {limit} bytes"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    let limited = http_body_util::Limited::new(body, limit);
+    let raw = match tokio::time::timeout(settings.body_read_timeout, limited.collect()).await {
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(e)) => return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
+        None => Ok(raw),
+        Some(enc) if enc.is_empty() || enc == "identity" => Ok(raw),
+        Some(enc) if enc == "gzip" || enc == "x-gzip" => {
+            let mut out = Vec::with_capacity(raw.len() * 4);
+            flate2::read::MultiGzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| ApiError::bad_request("invalid_gzip", format!("body is not valid gzip: {e}")))?;
+            if out.len() > limit {
+                return Err(too_large());
+            }
+            Ok(out.into())
+        }
+        Some(enc) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {enc:?} is not supported; use gzip or none"),
+        )),
+    }
+}
+
+/// The write key from HTTP Basic auth (user name, with or without the
+/// trailing colon).
+fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split_once(':').map(|(u, _)| u).unwrap_or(&text);
+    (!user.is_empty()).then(|| user.to_owned())
+}
+
+async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
+    let settings = &ingest.settings;
+    let bytes = read_body(settings, headers, body).await?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
+    let body = RawObject::parse(text).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}")))?;
+
+    // Authenticate before looking at events.
+    let key = basic_auth_key(headers).or_else(|| body.get_str("writeKey").map(|k| k.into_owned()));
+    let source = match key.as_deref().map(|k| ingest.source(k)) {
+        Some(Some(source)) => source,
+        found => {
+            let message = if found.is_none() {
+                "no write key: send it as the HTTP Basic user name or as `writeKey` in the body"
+            } else {
+                "unknown write key"
+            };
+            if settings.unknown_write_key == UnknownWriteKey::AcceptAndDrop {
+                ingest.metrics.events_unknown_key_dropped.inc_by(count_items(call, &body) as u64);
+                return Ok(());
+            }
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message));
+        }
+    };
+
+    let (items, batch_ctx): (Vec<&RawValue>, BatchContext) = match call {
+        Call::Batch => {
+            let raw = body.get("batch").ok_or_else(|| ApiError::bad_request("invalid_batch", "`batch` is missing"))?;
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get())
+                .map_err(|_| ApiError::bad_request("invalid_batch", "`batch` must be an array of events"))?;
+            if items.len() > settings.max_batch_events {
+                return Err(ApiError::bad_request(
+                    "batch_too_large",
+                    format!("batch holds {} events; the limit is {}", items.len(), settings.max_batch_events),
+                ));
+            }
+            (items, BatchContext::from_body(&body))
+        }
+        Call::Single(_) => (Vec::new(), BatchContext::default()),
+    };
+    let n_items = if call == Call::Batch { items.len() } else { 1 };
+    if let Some(limiter) = &source.limiter {
+        if let Err(wait) = limiter.try_take(n_items as u32) {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("source {:?} is over its rate limit; retry later", source.id),
+            );
+            e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+            return Err(e);
+        }
+    }
+
+    let received_at = Utc::now();
+    let limits = EventLimits { max_event_bytes: settings.max_event_bytes };
+    let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
+    let mut push = |ev: event::NormalizedEvent| {
+        let partition = partition_for(&ev.message_id, ingest.partitions);
+        let key = Bytes::from(format!("{}/{}", source.id, ev.message_id));
+        by_partition.entry(partition).or_default().push(Record { key, value: Bytes::from(ev.json) });
+    };
+    let reject = |e: &EventError| ingest.metrics.events_rejected.get_or_create(&vec![("reason", e.code().to_owned())]).inc();
+    match call {
+        Call::Single(path_type) => {
+            let ev = event::normalize(&body, bytes.len(), Some(path_type), &batch_ctx, received_at, limits).map_err(|e| {
+                reject(&e);
+                ApiError::bad_request(e.code(), e.to_string())
+            })?;
+            push(ev);
+        }
+        Call::Batch => {
+            let mut first_error = None;
+            for (i, raw) in items.iter().enumerate() {
+                let result = RawObject::parse(raw.get())
+                    .map_err(|_| EventError::NotAnObject)
+                    .and_then(|item| event::normalize(&item, raw.get().len(), None, &batch_ctx, received_at, limits));
+                match result {
+                    Ok(ev) => push(ev),
+                    Err(e) => {
+                        reject(&e);
+                        tracing::debug!(source = %source.id, item = i, error = %e, "dropped invalid batch item");
+                        first_error.get_or_insert((i, e));
+                    }
+                }
+            }
+            if by_partition.is_empty() {
+                if let Some((i, e)) = first_error {
+                    return Err(ApiError::bad_request(e.code(), format!("no valid event in the batch; item {i}: {e}")));
+                }
+            }
+        }
+    }
+
+    let accepted: usize = by_partition.values().map(Vec::len).sum();
+    let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
+    for result in futures_util::future::join_all(appends).await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "log append failed; answering 503");
+            let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry");
+            err.retry_after = Some(5);
+            return Err(err);
+        }
+    }
+    ingest.metrics.events_accepted.get_or_create(&vec![("source", source.id.clone())]).inc_by(accepted as u64);
+    Ok(())
+}
+
+fn count_items(call: Call, body: &RawObject<'_>) -> usize {
+    match call {
+        Call::Single(_) => 1,
+        Call::Batch => body
+            .get("batch")
+            .and_then(|b| serde_json::from_str::<Vec<&RawValue>>(b.get()).ok())
+            .map_or(0, |v| v.len()),
+    }
+}

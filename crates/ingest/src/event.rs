@@ -1,0 +1,563 @@
+//! Segment message validation and normalization.
+//!
+//! Rules (the Tracking API spec, as Segment applies it):
+//! - `type` is one of identify, track, page, screen, group, alias; a single
+//!   call without one takes it from the path.
+//! - `userId` or `anonymousId` must be present (a JSON `null` beside the
+//!   other is fine); alias needs `previousId` and `userId`; track needs
+//!   `event`; group needs `groupId`.
+//! - `messageId` is assigned when missing; at most 100 characters.
+//! - `receivedAt` is the server's clock. `timestamp` is corrected for client
+//!   clock skew: `timestamp = receivedAt − (sentAt − originalTimestamp)`,
+//!   and the client's value is kept as `originalTimestamp`. Without a
+//!   timestamp (or with one that does not parse) `timestamp = receivedAt`.
+//! - Batch-level `context` and `integrations` are merged into each item,
+//!   key by key, the item's keys winning.
+//! - Every other field is preserved byte for byte; `writeKey` is removed
+//!   (it is a credential, not event data).
+//!
+//! For speed the item is never turned into a `serde_json::Value`: its
+//! top-level keys are read as borrowed raw JSON slices, and the output is
+//! written by copying those slices.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The six Segment call types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl EventType {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "identify" => Self::Identify,
+            "track" => Self::Track,
+            "page" => Self::Page,
+            "screen" => Self::Screen,
+            "group" => Self::Group,
+            "alias" => Self::Alias,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Identify => "identify",
+            Self::Track => "track",
+            Self::Page => "page",
+            Self::Screen => "screen",
+            Self::Group => "group",
+            Self::Alias => "alias",
+        }
+    }
+}
+
+/// Why an event was refused. `code()` is the stable machine-readable name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("event is not a JSON object")]
+    NotAnObject,
+    #[error("missing `type` (one of identify, track, page, screen, group, alias)")]
+    MissingType,
+    #[error("unknown type {0:?} (expected identify, track, page, screen, group or alias)")]
+    UnknownType(String),
+    #[error("`type` is {body:?} but the call was made to /v1/{path}")]
+    TypeMismatch { body: String, path: &'static str },
+    #[error("either `userId` or `anonymousId` is required")]
+    MissingIdentity,
+    #[error("`{0}` is required for {1} calls")]
+    MissingField(&'static str, &'static str),
+    #[error("`messageId` must be a string of at most 100 characters")]
+    InvalidMessageId,
+    #[error("event is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+}
+
+impl EventError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotAnObject => "invalid_event",
+            Self::MissingType | Self::UnknownType(_) | Self::TypeMismatch { .. } => "invalid_type",
+            Self::MissingIdentity => "missing_user_id",
+            Self::MissingField(..) => "missing_field",
+            Self::InvalidMessageId => "invalid_message_id",
+            Self::TooLarge { .. } => "event_too_large",
+        }
+    }
+}
+
+/// A key of a JSON object, borrowed from the input unless it had escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON object read shallowly: each top-level value stays raw JSON.
+/// Keys keep their first position; a repeated key takes the last value.
+#[derive(Debug, Default)]
+pub struct RawObject<'a> {
+    pub fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'de> Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    match fields.iter_mut().find(|(existing, _)| *existing == k) {
+                        Some(slot) => slot.1 = v,
+                        None => fields.push((k, v)),
+                    }
+                }
+                Ok(RawObject { fields })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> RawObject<'a> {
+    pub fn parse(json: &'a str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// The value of `key` when it is a JSON string (unescaped).
+    pub fn get_str(&self, key: &str) -> Option<Cow<'a, str>> {
+        let raw = self.get(key)?;
+        if !raw.get().starts_with('"') {
+            return None;
+        }
+        serde_json::from_str::<Cow<'a, str>>(raw.get()).ok()
+    }
+}
+
+fn is_null(v: &RawValue) -> bool {
+    v.get() == "null"
+}
+
+/// A present identifier: a non-empty string or a number.
+fn is_present_id(v: Option<&RawValue>) -> bool {
+    match v.map(|v| v.get()) {
+        None | Some("null") | Some("\"\"") => false,
+        Some(s) => s.starts_with('"') || s.starts_with(|c: char| c == '-' || c.is_ascii_digit()),
+    }
+}
+
+/// The batch-level fields that apply to every item of a request.
+#[derive(Debug, Default)]
+pub struct BatchContext<'a> {
+    pub context: Option<RawObject<'a>>,
+    pub integrations: Option<RawObject<'a>>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> BatchContext<'a> {
+    /// Read the batch-level fields of a `/v1/batch` body.
+    pub fn from_body(body: &RawObject<'a>) -> Self {
+        let obj = |k: &str| body.get(k).and_then(|v| RawObject::parse(v.get()).ok());
+        Self {
+            context: obj("context"),
+            integrations: obj("integrations"),
+            sent_at: body.get_str("sentAt").and_then(|s| parse_timestamp(&s)),
+        }
+    }
+}
+
+/// Limits applied to one event.
+#[derive(Debug, Clone, Copy)]
+pub struct EventLimits {
+    pub max_event_bytes: usize,
+}
+
+/// A validated event, ready for the log.
+#[derive(Debug)]
+pub struct NormalizedEvent {
+    pub message_id: String,
+    pub event_type: EventType,
+    pub json: Vec<u8>,
+}
+
+/// Parse an RFC 3339 / ISO 8601 timestamp: offsets (`Z`, `+02:00`) and
+/// fractional seconds to nanoseconds; a timestamp without an offset is UTC.
+pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+pub fn format_timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Fields the normalizer writes itself rather than copying.
+const REWRITTEN: [&str; 8] =
+    ["type", "messageId", "timestamp", "originalTimestamp", "receivedAt", "context", "integrations", "writeKey"];
+
+/// Validate and normalize one item. `path_type` is the type the URL names
+/// (single calls); `raw_len` is the item's size as the client sent it.
+pub fn normalize(
+    item: &RawObject<'_>,
+    raw_len: usize,
+    path_type: Option<EventType>,
+    batch: &BatchContext<'_>,
+    received_at: DateTime<Utc>,
+    limits: EventLimits,
+) -> Result<NormalizedEvent, EventError> {
+    if raw_len > limits.max_event_bytes {
+        return Err(EventError::TooLarge { size: raw_len, limit: limits.max_event_bytes });
+    }
+    let event_type = match (item.get("type"), path_type) {
+        (None, Some(p)) => p,
+        (Some(v), p) if is_null(v) && p.is_some() => p.expect("checked"),
+        (None, None) => return Err(EventError::MissingType),
+        (Some(_), p) => {
+            let s = item.get_str("type").ok_or(EventError::MissingType)?;
+            let t = EventType::parse(&s).ok_or_else(|| EventError::UnknownType(s.clone().into_owned()))?;
+            if let Some(p) = p.filter(|p| *p != t) {
+                return Err(EventError::TypeMismatch { body: s.into_owned(), path: p.as_str() });
+            }
+            t
+        }
+    };
+    let name = event_type.as_str();
+    match event_type {
+        EventType::Alias => {
+            if !is_present_id(item.get("previousId")) {
+                return Err(EventError::MissingField("previousId", name));
+            }
+            if !is_present_id(item.get("userId")) {
+                return Err(EventError::MissingField("userId", name));
+            }
+        }
+        _ => {
+            if !is_present_id(item.get("userId")) && !is_present_id(item.get("anonymousId")) {
+                return Err(EventError::MissingIdentity);
+            }
+        }
+    }
+    match event_type {
+        EventType::Track if item.get_str("event").is_none_or(|e| e.is_empty()) => {
+            return Err(EventError::MissingField("event", name));
+        }
+        EventType::Group if !is_present_id(item.get("groupId")) => {
+            return Err(EventError::MissingField("groupId", name));
+        }
+        _ => {}
+    }
+    let message_id = match item.get("messageId") {
+        None => None,
+        Some(v) if is_null(v) || v.get() == "\"\"" => None,
+        Some(_) => {
+            let id = item.get_str("messageId").ok_or(EventError::InvalidMessageId)?;
+            if id.chars().count() > 100 {
+                return Err(EventError::InvalidMessageId);
+            }
+            Some(id.into_owned())
+        }
+    };
+    let message_id = message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+
+    let original = item.get("timestamp").filter(|v| !is_null(v));
+    let sent_at = item.get_str("sentAt").and_then(|s| parse_timestamp(&s)).or(batch.sent_at);
+    let timestamp = match original.and_then(|_| item.get_str("timestamp")).and_then(|s| parse_timestamp(&s)) {
+        Some(ts) => match sent_at {
+            Some(sent) => received_at - (sent - ts),
+            None => ts,
+        },
+        None => received_at,
+    };
+
+    let mut out = Vec::with_capacity(raw_len + 160);
+    out.push(b'{');
+    let mut first = true;
+    let mut field = |out: &mut Vec<u8>, key: &str| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, key).expect("writing to a Vec");
+        out.push(b':');
+    };
+    for (k, v) in &item.fields {
+        if !REWRITTEN.contains(&k.as_ref()) {
+            field(&mut out, k);
+            out.extend_from_slice(v.get().as_bytes());
+        }
+    }
+    for (key, batch_obj) in [("context", &batch.context), ("integrations", &batch.integrations)] {
+        match (item.get(key), batch_obj) {
+            (Some(own), Some(shared)) => match RawObject::parse(own.get()) {
+                Ok(own_obj) => {
+                    field(&mut out, key);
+                    write_merged(&mut out, &own_obj, shared);
+                }
+                Err(_) => {
+                    field(&mut out, key);
+                    out.extend_from_slice(own.get().as_bytes());
+                }
+            },
+            (Some(own), None) => {
+                field(&mut out, key);
+                out.extend_from_slice(own.get().as_bytes());
+            }
+            (None, Some(shared)) => {
+                field(&mut out, key);
+                write_merged(&mut out, &RawObject::default(), shared);
+            }
+            (None, None) => {}
+        }
+    }
+    field(&mut out, "type");
+    serde_json::to_writer(&mut out, name).expect("writing to a Vec");
+    field(&mut out, "messageId");
+    serde_json::to_writer(&mut out, &message_id).expect("writing to a Vec");
+    if let Some(orig) = original {
+        field(&mut out, "originalTimestamp");
+        out.extend_from_slice(orig.get().as_bytes());
+    }
+    field(&mut out, "timestamp");
+    serde_json::to_writer(&mut out, &format_timestamp(timestamp)).expect("writing to a Vec");
+    field(&mut out, "receivedAt");
+    serde_json::to_writer(&mut out, &format_timestamp(received_at)).expect("writing to a Vec");
+    out.push(b'}');
+    Ok(NormalizedEvent { message_id, event_type, json: out })
+}
+
+/// `{...}` holding `shared`'s keys that `own` lacks, then all of `own`'s.
+fn write_merged(out: &mut Vec<u8>, own: &RawObject<'_>, shared: &RawObject<'_>) {
+    out.push(b'{');
+    let mut first = true;
+    let inherited = shared.fields.iter().filter(|(k, _)| own.get(k).is_none());
+    for (k, v) in inherited.chain(own.fields.iter()) {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, k.as_ref()).expect("writing to a Vec");
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+    }
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const LIMITS: EventLimits = EventLimits { max_event_bytes: 32 * 1024 };
+
+    fn received() -> DateTime<Utc> {
+        parse_timestamp("2024-05-01T12:00:10.000Z").unwrap()
+    }
+
+    fn run(item: Value, path: Option<EventType>, batch: &BatchContext) -> Result<Value, EventError> {
+        let text = item.to_string();
+        let obj = RawObject::parse(&text).unwrap();
+        let ev = normalize(&obj, text.len(), path, batch, received(), LIMITS)?;
+        let v: Value = serde_json::from_slice(&ev.json).expect("output is valid JSON");
+        assert_eq!(v["messageId"], json!(ev.message_id));
+        Ok(v)
+    }
+
+    fn ok(item: Value) -> Value {
+        run(item, None, &BatchContext::default()).expect("valid")
+    }
+
+    fn err(item: Value) -> EventError {
+        run(item, None, &BatchContext::default()).expect_err("invalid")
+    }
+
+    #[test]
+    fn every_type_with_its_required_fields_is_accepted() {
+        ok(json!({"type":"identify","userId":"u1"}));
+        ok(json!({"type":"track","anonymousId":"a1","event":"Clicked"}));
+        ok(json!({"type":"page","userId":"u1"}));
+        ok(json!({"type":"screen","userId":"u1"}));
+        ok(json!({"type":"group","userId":"u1","groupId":"g1"}));
+        ok(json!({"type":"alias","userId":"u1","previousId":"p1"}));
+    }
+
+    #[test]
+    fn identity_is_required_but_null_beside_the_other_is_fine() {
+        assert_eq!(err(json!({"type":"identify"})), EventError::MissingIdentity);
+        assert_eq!(err(json!({"type":"identify","userId":null,"anonymousId":null})), EventError::MissingIdentity);
+        assert_eq!(err(json!({"type":"identify","userId":""})), EventError::MissingIdentity);
+        ok(json!({"type":"identify","userId":null,"anonymousId":"a"}));
+        ok(json!({"type":"identify","userId":"u","anonymousId":null}));
+        ok(json!({"type":"identify","userId":42}));
+    }
+
+    #[test]
+    fn per_type_required_fields() {
+        assert_eq!(err(json!({"type":"track","userId":"u"})), EventError::MissingField("event", "track"));
+        assert_eq!(err(json!({"type":"track","userId":"u","event":""})), EventError::MissingField("event", "track"));
+        assert_eq!(err(json!({"type":"group","userId":"u"})), EventError::MissingField("groupId", "group"));
+        assert_eq!(err(json!({"type":"alias","userId":"u"})), EventError::MissingField("previousId", "alias"));
+        assert_eq!(
+            err(json!({"type":"alias","anonymousId":"a","previousId":"p"})),
+            EventError::MissingField("userId", "alias")
+        );
+    }
+
+    #[test]
+    fn type_comes_from_the_path_when_missing_and_must_agree() {
+        let v = run(json!({"userId":"u","event":"E"}), Some(EventType::Track), &BatchContext::default()).unwrap();
+        assert_eq!(v["type"], "track");
+        assert_eq!(err(json!({"userId":"u"})), EventError::MissingType);
+        assert_eq!(err(json!({"type":"purchase","userId":"u"})), EventError::UnknownType("purchase".into()));
+        let e = run(json!({"type":"page","userId":"u"}), Some(EventType::Track), &BatchContext::default()).unwrap_err();
+        assert_eq!(e.code(), "invalid_type");
+    }
+
+    #[test]
+    fn message_id_is_assigned_when_missing_and_bounded() {
+        let v = ok(json!({"type":"identify","userId":"u"}));
+        assert_eq!(v["messageId"].as_str().unwrap().len(), 36);
+        let v = ok(json!({"type":"identify","userId":"u","messageId":null}));
+        assert_eq!(v["messageId"].as_str().unwrap().len(), 36);
+        let v = ok(json!({"type":"identify","userId":"u","messageId":"m-1"}));
+        assert_eq!(v["messageId"], "m-1");
+        let hundred = "x".repeat(100);
+        assert_eq!(ok(json!({"type":"identify","userId":"u","messageId":hundred}))["messageId"], json!(hundred));
+        assert_eq!(err(json!({"type":"identify","userId":"u","messageId":"x".repeat(101)})), EventError::InvalidMessageId);
+        assert_eq!(err(json!({"type":"identify","userId":"u","messageId":7})), EventError::InvalidMessageId);
+    }
+
+    #[test]
+    fn received_at_is_server_time_and_timestamp_is_skew_corrected() {
+        // The client's clock is 1 hour fast: it sent at 13:00:05 (its time)
+        // an event from 13:00:00 (its time); the server received at 12:00:10.
+        let batch = BatchContext { sent_at: parse_timestamp("2024-05-01T13:00:05Z"), ..Default::default() };
+        let v = run(
+            json!({"type":"track","userId":"u","event":"E","timestamp":"2024-05-01T15:00:00.000+02:00"}),
+            None,
+            &batch,
+        )
+        .unwrap();
+        assert_eq!(v["receivedAt"], "2024-05-01T12:00:10.000Z");
+        assert_eq!(v["timestamp"], "2024-05-01T12:00:05.000Z");
+        assert_eq!(v["originalTimestamp"], "2024-05-01T15:00:00.000+02:00");
+    }
+
+    #[test]
+    fn item_sent_at_wins_and_microseconds_parse() {
+        let batch = BatchContext { sent_at: parse_timestamp("2030-01-01T00:00:00Z"), ..Default::default() };
+        let v = run(
+            json!({"type":"track","userId":"u","event":"E","timestamp":"2024-05-01T12:00:00.250000Z","sentAt":"2024-05-01T12:00:01.250000Z"}),
+            None,
+            &batch,
+        )
+        .unwrap();
+        assert_eq!(v["timestamp"], "2024-05-01T12:00:09.000Z");
+        assert_eq!(v["originalTimestamp"], "2024-05-01T12:00:00.250000Z");
+    }
+
+    #[test]
+    fn timestamp_without_sent_at_is_kept_and_missing_one_is_received_at() {
+        let v = ok(json!({"type":"track","userId":"u","event":"E","timestamp":"2024-04-30T00:00:00Z"}));
+        assert_eq!(v["timestamp"], "2024-04-30T00:00:00.000Z");
+        let v = ok(json!({"type":"track","userId":"u","event":"E"}));
+        assert_eq!(v["timestamp"], v["receivedAt"]);
+        assert!(v.get("originalTimestamp").is_none());
+        let v = ok(json!({"type":"track","userId":"u","event":"E","timestamp":"yesterday"}));
+        assert_eq!(v["timestamp"], v["receivedAt"]);
+        assert_eq!(v["originalTimestamp"], "yesterday");
+    }
+
+    #[test]
+    fn batch_context_and_integrations_merge_with_item_keys_winning() {
+        let body_text = json!({
+            "batch": [],
+            "context": {"library": {"name": "batch-lib"}, "ip": "1.2.3.4"},
+            "integrations": {"All": false, "Mixpanel": true},
+        })
+        .to_string();
+        let body = RawObject::parse(&body_text).unwrap();
+        let batch = BatchContext::from_body(&body);
+        let v = run(
+            json!({"type":"track","userId":"u","event":"E","context":{"ip":"5.6.7.8","locale":"fr"},"integrations":{"All":true}}),
+            None,
+            &batch,
+        )
+        .unwrap();
+        assert_eq!(v["context"], json!({"library":{"name":"batch-lib"},"ip":"5.6.7.8","locale":"fr"}));
+        assert_eq!(v["integrations"], json!({"All":true,"Mixpanel":true}));
+        let v = run(json!({"type":"track","userId":"u","event":"E"}), None, &batch).unwrap();
+        assert_eq!(v["context"]["ip"], "1.2.3.4");
+    }
+
+    #[test]
+    fn unknown_fields_are_preserved_and_write_key_removed() {
+        let v = ok(json!({
+            "type":"track","userId":"u","event":"E","writeKey":"secret",
+            "properties":{"price":9.99,"nested":{"a":[1,2,{"b":null}]}},
+            "customTopLevel": "kept", "escaped\"key": "\u{e9}\n"
+        }));
+        assert_eq!(v["properties"]["nested"]["a"][2]["b"], Value::Null);
+        assert_eq!(v["customTopLevel"], "kept");
+        assert_eq!(v["escaped\"key"], "\u{e9}\n");
+        assert!(v.get("writeKey").is_none());
+    }
+
+    #[test]
+    fn oversize_event_is_refused() {
+        let big = "x".repeat(33 * 1024);
+        let e = err(json!({"type":"track","userId":"u","event":"E","properties":{"big":big}}));
+        assert_eq!(e.code(), "event_too_large");
+    }
+
+    #[test]
+    fn duplicate_keys_take_the_last_value() {
+        let text = r#"{"type":"track","userId":"u","event":"first","event":"second"}"#;
+        let obj = RawObject::parse(text).unwrap();
+        let ev = normalize(&obj, text.len(), None, &BatchContext::default(), received(), LIMITS).unwrap();
+        let v: Value = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(v["event"], "second");
+    }
+}
