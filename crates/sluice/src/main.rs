@@ -1,1 +1,312 @@
-fn main(){}
+//! `sluice`: the single binary. Subcommands run a role (`serve` runs every
+//! stage in one process) or a tool (`log tail`, `bench ingest`,
+//! `config check`). `anyhow` lives here only, at the edge.
+
+mod bench;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use clap::{Args, Parser, Subcommand};
+use sluice_core::metrics::{render, Registry};
+use sluice_core::Config;
+use sluice_ingest::server::{serve, ServeOptions};
+use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
+use sluice_log::{EmbeddedLog, Log, LogMetrics, LogOptions};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A Segment-compatible event pipeline")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stage in one process with the embedded log.
+    Serve(ServeArgs),
+    /// Inspect the embedded log.
+    #[command(subcommand)]
+    Log(LogCommand),
+    /// Validate a configuration file and print the result.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Benchmarks (see docs/BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML config file; without it the built-in sample (config/sluice.toml) is used.
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Overrides `server.listen`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Overrides `server.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `admin.listen` ("" disables the admin port).
+    #[arg(long)]
+    admin_listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Print records as JSON lines, one event per line.
+    Tail {
+        /// The data directory (`server.data_dir`); the log is in its `log/`.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = INPUT_TOPIC)]
+        topic: String,
+        /// Only this partition (every partition, in order, when absent).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// First offset to print (the oldest held when absent).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Wrap each event as {"partition","offset","timestamp","key","event"}.
+        #[arg(long)]
+        envelope: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the config; print it as JSON-ish debug on success.
+    Check(ConfigArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => runtime()?.block_on(run_serve(args)),
+        Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => {
+            log_tail(&data_dir, &topic, partition, from, envelope)
+        }
+        Command::Config(ConfigCommand::Check(args)) => {
+            let config = Config::load(args.config.as_deref())?;
+            println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
+            Ok(())
+        }
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(args: &ServeArgs) -> Result<Config> {
+    let mut config = Config::load(args.config.config.as_deref())?;
+    if args.config.config.is_none() {
+        tracing::info!("no --config given: using the built-in sample config (config/sluice.toml)");
+    }
+    if let Some(l) = &args.listen {
+        config.server.listen = l.clone();
+    }
+    if let Some(d) = &args.data_dir {
+        config.server.data_dir = d.clone();
+    }
+    if let Some(a) = &args.admin_listen {
+        config.admin.listen = a.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+async fn run_serve(args: ServeArgs) -> Result<()> {
+    let config = load_config(&args)?;
+    let mut registry = Registry::default();
+    let log_metrics = LogMetrics::default();
+    log_metrics.register(&mut registry);
+    let log_dir = config.server.data_dir.join("log");
+    let options = LogOptions {
+        topics: vec![(INPUT_TOPIC.into(), config.log.partitions)],
+        segment_bytes: config.log.segment_bytes,
+        retention: config.log.retention,
+        fsync: config.log.fsync,
+        metrics: log_metrics,
+    };
+    let log = {
+        let dir = log_dir.clone();
+        tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, options)).await?
+    }
+    .with_context(|| format!("cannot open the log in {}", log_dir.display()))?;
+    let log = Arc::new(log);
+    let retention_task = log.spawn_retention(Duration::from_secs(60));
+
+    let ingest = Ingest::new(
+        log.clone() as Arc<dyn Log>,
+        IngestSettings::from_config(&config),
+        &config.sources,
+        config.ingest.default_rate_limit,
+    )?;
+    ingest.metrics.register(&mut registry);
+    let ingest = Arc::new(ingest);
+
+    let listener = bind(config.listen_addr(), "server.listen").await?;
+    let admin = match config.admin_addr() {
+        Some(addr) => Some(bind(addr, "admin.listen").await?),
+        None => None,
+    };
+    let serve_options = ServeOptions {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_grace: config.server.shutdown_grace,
+    };
+    let sources: Vec<_> = config.sources.iter().map(|s| s.id.as_str()).collect();
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        data_dir = %config.server.data_dir.display(),
+        partitions = config.log.partitions,
+        sources = ?sources,
+        "Sluice is ready: point a Segment SDK at http://{}",
+        listener.local_addr()?
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let registry = Arc::new(registry);
+    let admin_task = admin.map(|l| tokio::spawn(serve(l, admin_router(registry.clone()), serve_options.clone(), stopped())));
+    let api = tokio::spawn(serve(listener, sluice_ingest::router(ingest.clone()), serve_options, stopped()));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    api.await?;
+    if let Some(t) = admin_task {
+        t.await?;
+    }
+    retention_task.abort();
+    drop(ingest);
+    match Arc::try_unwrap(log) {
+        Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
+        Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// The admin port: Prometheus metrics and a health check.
+fn admin_router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&registry))
+                        .into_response()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#) }))
+}
+
+fn log_tail(data_dir: &std::path::Path, topic: &str, partition: Option<u32>, from: Option<u64>, envelope: bool) -> Result<()> {
+    use std::io::Write;
+    let root = data_dir.join("log");
+    if !root.is_dir() {
+        bail!("no log at {} (is --data-dir the server's data_dir?)", root.display());
+    }
+    let log = EmbeddedLog::open_read_only(&root).with_context(|| format!("cannot open the log at {}", root.display()))?;
+    let partitions = log.partitions(topic)?;
+    let selected: Vec<u32> = match partition {
+        Some(p) if p >= partitions => bail!("topic {topic:?} has {partitions} partitions; there is no partition {p}"),
+        Some(p) => vec![p],
+        None => (0..partitions).collect(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for p in selected {
+        let range = log.offsets_blocking(topic, p)?;
+        let mut next = from.unwrap_or(range.start);
+        loop {
+            let batch = log.read_blocking(topic, p, next, 1000)?;
+            let Some(last) = batch.last() else { break };
+            next = last.offset + 1;
+            for rec in batch {
+                if envelope {
+                    let event: serde_json::Value = serde_json::from_slice(&rec.value).unwrap_or(serde_json::Value::Null);
+                    let line = serde_json::json!({
+                        "partition": p,
+                        "offset": rec.offset,
+                        "timestamp": rec.timestamp_ms,
+                        "key": String::from_utf8_lossy(&rec.key),
+                        "event": event,
+                    });
+                    writeln!(out, "{line}")?;
+                } else if rec.value.contains(&b'\n') {
+                    // A client's pretty-printed nested value: compact it to keep one event per line.
+                    let event: serde_json::Value = serde_json::from_slice(&rec.value)?;
+                    writeln!(out, "{event}")?;
+                } else {
+                    out.write_all(&rec.value)?;
+                    out.write_all(b"\n")?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

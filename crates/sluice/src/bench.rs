@@ -1,0 +1,289 @@
+//! `sluice bench ingest`: the Tracking API under load, against a floor.
+//!
+//! The load generator speaks `/v1/batch` over keep-alive HTTP/1.1
+//! connections with ~300-byte events in batches of 100, like a fleet of
+//! server-side SDKs. In the same run it measures a floor: a null server on
+//! the same HTTP stack (same accept loop, hyper, axum) that reads the body
+//! and answers 200 without parsing or writing. The ratio of the two is the
+//! cost of Sluice's own work (parse, validate, normalize, durable append).
+//! Server and load generator run in separate runtimes of one process and
+//! share the machine's cores, in both phases alike.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use base64::Engine;
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use sluice_core::config::{SourceConfig, UnknownWriteKey};
+use sluice_ingest::server::{serve, ServeOptions};
+use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
+use sluice_log::{EmbeddedLog, Log, LogOptions};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Tracking API throughput and ack latency, with a null-server floor.
+    Ingest(IngestBench),
+}
+
+#[derive(Args, Clone)]
+pub struct IngestBench {
+    /// Measured seconds per phase (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up seconds per phase, not measured.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Approximate size of one event's JSON.
+    #[arg(long, default_value_t = 300)]
+    event_bytes: usize,
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// Where the log goes (a fresh temporary directory when absent).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Skip fsync (acks are then not durable; for comparison only).
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+const WRITE_KEY: &str = "wk_bench";
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Ingest(args) => bench_ingest(args),
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    events: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&mut self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+fn bench_ingest(args: IngestBench) -> Result<()> {
+    let bodies = Arc::new(make_bodies(&args));
+    let body_bytes: usize = bodies.iter().map(Bytes::len).sum::<usize>() / bodies.len();
+    println!("{}", machine_description());
+    println!(
+        "workload: {} connections, batches of {} events of ~{} bytes ({} bytes per request), {}s measured after {}s warm-up",
+        args.connections, args.batch_size, args.event_bytes, body_bytes, args.seconds, args.warmup
+    );
+
+    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("server").build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("client").build()?;
+
+    // Floor: the same server stack, reading the body and answering 200.
+    let null_app = Router::new().fallback(|body: Body| async move {
+        let _ = body.collect().await;
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"success":true}"#)
+    });
+    let mut floor = phase(&server_rt, &client_rt, null_app, &args, &bodies)?;
+
+    // Sluice: the Tracking API with durable appends to the embedded log.
+    let tmp;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("sluice-bench-").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let options = LogOptions {
+        topics: vec![(INPUT_TOPIC.into(), args.partitions)],
+        fsync: !args.no_fsync,
+        ..LogOptions::default()
+    };
+    let log = Arc::new(EmbeddedLog::open(&data_dir.join("log"), options).context("opening the benchmark log")?);
+    let settings = IngestSettings {
+        unknown_write_key: UnknownWriteKey::Reject,
+        max_request_bytes: 500 * 1024,
+        max_event_bytes: 32 * 1024,
+        max_batch_events: 2500,
+        body_read_timeout: Duration::from_secs(30),
+    };
+    let source = SourceConfig { id: "bench".into(), write_key: WRITE_KEY.into(), rate_limit: None, rate_burst: None };
+    let ingest = Arc::new(Ingest::new(log.clone() as Arc<dyn Log>, settings, &[source], 0)?);
+    let mut sluice = phase(&server_rt, &client_rt, sluice_ingest::router(ingest.clone()), &args, &bodies)?;
+    let stored: u64 = (0..args.partitions)
+        .map(|p| log.offsets_blocking(INPUT_TOPIC, p).map(|r| r.end - r.start))
+        .sum::<Result<u64, _>>()?;
+
+    let ratio = sluice.events_per_sec() / floor.events_per_sec();
+    println!();
+    println!("{:<34} {:>12} {:>10} {:>10} {:>8}", "phase", "events/s", "p50 ms", "p99 ms", "errors");
+    for (name, s) in [("floor (null server, same stack)", &mut floor), (durability_label(&args), &mut sluice)] {
+        let (p50, p99) = (s.percentile_ms(0.5), s.percentile_ms(0.99));
+        println!("{:<34} {:>12.0} {:>10.2} {:>10.2} {:>8}", name, s.events_per_sec(), p50, p99, s.errors);
+    }
+    println!();
+    println!("ratio sluice/floor: {ratio:.3}");
+    println!("events stored in the log (warm-up included): {stored}");
+    println!(
+        "RESULT bench=ingest events_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} floor_events_per_sec={:.0} ratio={:.3} fsync={}",
+        sluice.events_per_sec(),
+        sluice.percentile_ms(0.5),
+        sluice.percentile_ms(0.99),
+        floor.events_per_sec(),
+        ratio,
+        !args.no_fsync
+    );
+    if sluice.errors > 0 || floor.errors > 0 {
+        bail!("requests failed during the benchmark: sluice {}, floor {}", sluice.errors, floor.errors);
+    }
+    Ok(())
+}
+
+fn durability_label(args: &IngestBench) -> &'static str {
+    if args.no_fsync {
+        "sluice (no fsync)"
+    } else {
+        "sluice (durable acks, fsync)"
+    }
+}
+
+/// Distinct request bodies; each event carries a unique messageId.
+fn make_bodies(args: &IngestBench) -> Vec<Bytes> {
+    let nonce = std::process::id();
+    (0..64)
+        .map(|b| {
+            let events: Vec<serde_json::Value> = (0..args.batch_size)
+                .map(|i| {
+                    let mut ev = serde_json::json!({
+                        "type": "track",
+                        "event": "Order Completed",
+                        "userId": format!("user-{}", (b * 7919 + i) % 100_000),
+                        "messageId": format!("bench-{nonce}-{b}-{i}"),
+                        "timestamp": "2026-11-26T10:00:00.000Z",
+                        "context": {"library": {"name": "sluice-bench", "version": "1"}},
+                        "properties": {"orderId": format!("o-{b}-{i}"), "total": 42.5, "currency": "EUR"},
+                    });
+                    let len = ev.to_string().len();
+                    if len < args.event_bytes {
+                        ev["properties"]["pad"] = serde_json::Value::String("x".repeat(args.event_bytes - len - 9));
+                    }
+                    ev
+                })
+                .collect();
+            Bytes::from(serde_json::json!({"batch": events, "sentAt": "2026-11-26T10:00:01.000Z"}).to_string())
+        })
+        .collect()
+}
+
+fn phase(
+    server_rt: &tokio::runtime::Runtime,
+    client_rt: &tokio::runtime::Runtime,
+    app: Router,
+    args: &IngestBench,
+    bodies: &Arc<Vec<Bytes>>,
+) -> Result<Stats> {
+    let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = server_rt.spawn(serve(listener, app, ServeOptions::default(), async {
+        let _ = stop_rx.await;
+    }));
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:")));
+    let warmup = Duration::from_secs(args.warmup);
+    let measured = Duration::from_secs(args.seconds);
+    let stats = client_rt.block_on(async {
+        let start = Instant::now();
+        let measure_from = start + warmup;
+        let deadline = measure_from + measured;
+        let mut tasks = Vec::new();
+        for c in 0..args.connections {
+            let bodies = bodies.clone();
+            let auth = auth.clone();
+            let batch = args.batch_size as u64;
+            tasks.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                let mut s = Stats::default();
+                let mut i = c;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= deadline {
+                        break;
+                    }
+                    let req = Request::post("/v1/batch")
+                        .header(header::HOST, "127.0.0.1")
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .header(header::AUTHORIZATION, &auth)
+                        .body(Full::new(bodies[i % bodies.len()].clone()))?;
+                    i += 1;
+                    let resp = sender.send_request(req).await?;
+                    let ok = resp.status() == StatusCode::OK;
+                    resp.into_body().collect().await?;
+                    if sent >= measure_from {
+                        s.requests += 1;
+                        if ok {
+                            s.events += batch;
+                            s.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        } else {
+                            s.errors += 1;
+                        }
+                    }
+                }
+                anyhow::Ok(s)
+            }));
+        }
+        let mut total = Stats { elapsed: measured, ..Stats::default() };
+        for t in tasks {
+            let s = t.await??;
+            total.requests += s.requests;
+            total.events += s.events;
+            total.errors += s.errors;
+            total.latencies_us.extend(s.latencies_us);
+        }
+        anyhow::Ok(total)
+    })?;
+    let _ = stop_tx.send(());
+    server_rt.block_on(server)?;
+    Ok(stats)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kb| kb as f64 / 1048576.0)
+        .unwrap_or(0.0);
+    format!("machine: {cpu}, {cores} cores, {mem_gib:.0} GiB")
+}
