@@ -57,6 +57,10 @@ pub struct IngestBench {
     /// Skip fsync (acks are then not durable; for comparison only).
     #[arg(long)]
     no_fsync: bool,
+    /// Load an already running server at this address (host:port) with
+    /// write key `wk_bench` instead of the in-process phases; no floor.
+    #[arg(long)]
+    target: Option<String>,
 }
 
 const WRITE_KEY: &str = "wk_bench";
@@ -102,6 +106,14 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
 
     let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("server").build()?;
     let client_rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("client").build()?;
+    if let Some(target) = &args.target {
+        let addr = tokio::net::lookup_host(target.as_str());
+        let addr = client_rt.block_on(addr)?.next().context("--target does not resolve")?;
+        let mut s = client_rt.block_on(load(addr, &args, &bodies))?;
+        let (p50, p99) = (s.percentile_ms(0.5), s.percentile_ms(0.99));
+        println!("RESULT bench=ingest target={target} events_per_sec={:.0} p50_ms={p50:.2} p99_ms={p99:.2} errors={}", s.events_per_sec(), s.errors);
+        return Ok(());
+    }
 
     // Floor: the same server stack, reading the body and answering 200.
     let null_app = Router::new().fallback(|body: Body| async move {
@@ -213,16 +225,24 @@ fn phase(
     let server = server_rt.spawn(serve(listener, app, ServeOptions::default(), async {
         let _ = stop_rx.await;
     }));
+    let stats = client_rt.block_on(load(addr, args, bodies))?;
+    let _ = stop_tx.send(());
+    server_rt.block_on(server)?;
+    Ok(stats)
+}
+
+/// Drive `addr` with keep-alive connections for warm-up + measured time.
+async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<Bytes>>) -> Result<Stats> {
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:")));
     let warmup = Duration::from_secs(args.warmup);
     let measured = Duration::from_secs(args.seconds);
-    let stats = client_rt.block_on(async {
+    {
         let start = Instant::now();
         let measure_from = start + warmup;
         let deadline = measure_from + measured;
         let mut tasks = Vec::new();
         for c in 0..args.connections {
-            let bodies = bodies.clone();
+            let bodies = Arc::clone(bodies);
             let auth = auth.clone();
             let batch = args.batch_size as u64;
             tasks.push(tokio::spawn(async move {
@@ -267,11 +287,8 @@ fn phase(
             total.errors += s.errors;
             total.latencies_us.extend(s.latencies_us);
         }
-        anyhow::Ok(total)
-    })?;
-    let _ = stop_tx.send(());
-    server_rt.block_on(server)?;
-    Ok(stats)
+        Ok(total)
+    }
 }
 
 fn machine_description() -> String {
