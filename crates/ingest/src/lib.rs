@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -231,9 +232,21 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
         .with_state(ingest)
 }
 
-async fn handle(State(ingest): State<Arc<Ingest>>, Path(call): Path<String>, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    State(ingest): State<Arc<Ingest>>,
+    call: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // A segment that is not UTF-8 once percent-decoded names no endpoint;
+    // answer it in JSON rather than with axum's plain-text rejection.
+    let Ok(Path(call)) = call else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch").into_response();
+    };
     let started = Instant::now();
-    let label = call.clone();
+    // Only known calls become label values: a client must not be able to
+    // create metric series at will.
+    let label = if call_for_path(&call).is_some() { call.clone() } else { "unknown".to_owned() };
     let resp = match call_for_path(&call) {
         Some(call) => match accept(&ingest, call, &headers, body).await {
             Ok(()) => {
