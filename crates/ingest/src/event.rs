@@ -136,24 +136,114 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                let fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                let mut obj = RawObject { fields };
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-                    let v: &'de RawValue = map.next_value()?;
-                    match fields.iter_mut().find(|(existing, _)| *existing == k) {
-                        Some(slot) => slot.1 = v,
-                        None => fields.push((k, v)),
-                    }
+                    obj.insert(k, map.next_value()?);
                 }
-                Ok(RawObject { fields })
+                Ok(obj)
             }
         }
         d.deserialize_map(V)
     }
 }
 
+/// A `/v1/batch` body read in one pass: `batch` split into raw items (each
+/// still unparsed), every other top-level field kept raw in `fields`.
+#[derive(Debug, Default)]
+pub struct BatchBody<'a> {
+    pub fields: RawObject<'a>,
+    /// `None` when `batch` is absent; `Some(Err(()))` when it is not an array.
+    pub batch: Option<Result<Vec<&'a RawValue>, ()>>,
+}
+
+impl<'a> BatchBody<'a> {
+    pub fn parse(json: &'a str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchBody<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BatchBody<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut body = BatchBody::default();
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    if k == "batch" {
+                        body.batch = Some(map.next_value::<MaybeArray<'de>>()?.0);
+                    } else {
+                        body.fields.insert(k, map.next_value()?);
+                    }
+                }
+                Ok(body)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An array's raw elements, or `Err(())` for any other JSON value.
+struct MaybeArray<'a>(Result<Vec<&'a RawValue>, ()>);
+
+impl<'de> Deserialize<'de> for MaybeArray<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, SeqAccess};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeArray<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(100));
+                while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                    items.push(item);
+                }
+                Ok(MaybeArray(Ok(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MaybeArray(Err(())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl<'a> RawObject<'a> {
     pub fn parse(json: &'a str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(json)
+    }
+
+    /// Set `key`; a repeated key keeps its first position and the last value.
+    fn insert(&mut self, key: Cow<'a, str>, value: &'a RawValue) {
+        match self.fields.iter_mut().find(|(existing, _)| *existing == key) {
+            Some(slot) => slot.1 = value,
+            None => self.fields.push((key, value)),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
@@ -559,5 +649,20 @@ mod tests {
         let ev = normalize(&obj, text.len(), None, &BatchContext::default(), received(), LIMITS).unwrap();
         let v: Value = serde_json::from_slice(&ev.json).unwrap();
         assert_eq!(v["event"], "second");
+    }
+
+    #[test]
+    fn batch_body_splits_items_and_keeps_other_fields() {
+        let text = r#"{"writeKey":"k","batch":[{"a":1}, "x", {"b":[2]}],"sentAt":"2024-01-01T00:00:00Z","writeKey":"k2"}"#;
+        let body = BatchBody::parse(text).unwrap();
+        let items = body.batch.unwrap().unwrap();
+        assert_eq!(items.iter().map(|r| r.get()).collect::<Vec<_>>(), [r#"{"a":1}"#, r#""x""#, r#"{"b":[2]}"#]);
+        assert_eq!(body.fields.get_str("writeKey").unwrap(), "k2");
+        assert!(body.fields.get("batch").is_none());
+        for not_array in [r#"{"batch":{"a":[1]}}"#, r#"{"batch":"s"}"#, r#"{"batch":null}"#, r#"{"batch":1.5}"#] {
+            assert!(matches!(BatchBody::parse(not_array).unwrap().batch, Some(Err(()))), "{not_array}");
+        }
+        assert!(BatchBody::parse(r#"{"other":1}"#).unwrap().batch.is_none());
+        assert!(BatchBody::parse(r#"{"batch":[1,}"#).is_err());
     }
 }

@@ -321,7 +321,16 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
     let settings = &ingest.settings;
     let bytes = read_body(settings, headers, body).await?;
     let text = std::str::from_utf8(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
-    let body = RawObject::parse(text).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}")))?;
+    let invalid_json = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}"));
+    // One pass over the body: a batch is split into raw items here and each
+    // item parsed once below.
+    let (body, batch_items) = match call {
+        Call::Batch => {
+            let parsed = event::BatchBody::parse(text).map_err(invalid_json)?;
+            (parsed.fields, Some(parsed.batch))
+        }
+        Call::Single(_) => (RawObject::parse(text).map_err(invalid_json)?, None),
+    };
 
     // Authenticate before looking at events.
     let key = basic_auth_key(headers).or_else(|| body.get_str("writeKey").map(|k| k.into_owned()));
@@ -334,18 +343,25 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
                 "unknown write key"
             };
             if settings.unknown_write_key == UnknownWriteKey::AcceptAndDrop {
-                ingest.metrics.events_unknown_key_dropped.inc_by(count_items(call, &body) as u64);
+                let n = match &batch_items {
+                    None => 1,
+                    Some(Some(Ok(items))) => items.len(),
+                    Some(_) => 0,
+                };
+                ingest.metrics.events_unknown_key_dropped.inc_by(n as u64);
                 return Ok(());
             }
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message));
         }
     };
 
-    let (items, batch_ctx): (Vec<&RawValue>, BatchContext) = match call {
-        Call::Batch => {
-            let raw = body.get("batch").ok_or_else(|| ApiError::bad_request("invalid_batch", "`batch` is missing"))?;
-            let items: Vec<&RawValue> = serde_json::from_str(raw.get())
-                .map_err(|_| ApiError::bad_request("invalid_batch", "`batch` must be an array of events"))?;
+    let (items, batch_ctx): (Vec<&RawValue>, BatchContext) = match batch_items {
+        Some(batch) => {
+            let items = match batch {
+                None => return Err(ApiError::bad_request("invalid_batch", "`batch` is missing")),
+                Some(Err(())) => return Err(ApiError::bad_request("invalid_batch", "`batch` must be an array of events")),
+                Some(Ok(items)) => items,
+            };
             if items.len() > settings.max_batch_events {
                 return Err(ApiError::bad_request(
                     "batch_too_large",
@@ -354,7 +370,7 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
             }
             (items, BatchContext::from_body(&body))
         }
-        Call::Single(_) => (Vec::new(), BatchContext::default()),
+        None => (Vec::new(), BatchContext::default()),
     };
     let n_items = if call == Call::Batch { items.len() } else { 1 };
     if let Some(limiter) = &source.limiter {
@@ -421,14 +437,4 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
     }
     ingest.metrics.events_accepted.get_or_create(&vec![("source", source.id.clone())]).inc_by(accepted as u64);
     Ok(())
-}
-
-fn count_items(call: Call, body: &RawObject<'_>) -> usize {
-    match call {
-        Call::Single(_) => 1,
-        Call::Batch => body
-            .get("batch")
-            .and_then(|b| serde_json::from_str::<Vec<&RawValue>>(b.get()).ok())
-            .map_or(0, |v| v.len()),
-    }
 }

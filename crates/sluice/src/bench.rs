@@ -10,6 +10,7 @@
 //! share the machine's cores, in both phases alike.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,11 +117,18 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
     }
 
     // Floor: the same server stack, reading the body and answering 200.
-    let null_app = Router::new().fallback(|body: Body| async move {
-        let _ = body.collect().await;
-        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"success":true}"#)
+    let floor_bytes = Arc::new(AtomicU64::new(0));
+    let counter = floor_bytes.clone();
+    let null_app = Router::new().fallback(move |body: Body| {
+        let counter = counter.clone();
+        async move {
+            let n = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"success":true}"#)
+        }
     });
     let mut floor = phase(&server_rt, &client_rt, null_app, &args, &bodies)?;
+    let floor_read = floor_bytes.load(Ordering::Relaxed);
 
     // Sluice: the Tracking API with durable appends to the embedded log.
     let tmp;
@@ -151,6 +159,9 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
         .map(|p| log.offsets_blocking(INPUT_TOPIC, p).map(|r| r.end - r.start))
         .sum::<Result<u64, _>>()?;
 
+    if floor.events == 0 || sluice.events == 0 {
+        bail!("a phase completed no request in its measured window (floor {} events, sluice {}); is the machine overloaded?", floor.events, sluice.events);
+    }
     let ratio = sluice.events_per_sec() / floor.events_per_sec();
     println!();
     println!("{:<34} {:>12} {:>10} {:>10} {:>8}", "phase", "events/s", "p50 ms", "p99 ms", "errors");
@@ -161,6 +172,11 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
     println!();
     println!("ratio sluice/floor: {ratio:.3}");
     println!("events stored in the log (warm-up included): {stored}");
+    println!(
+        "floor server read {:.0} MB of request bodies (warm-up included): {:.0} MB/s",
+        floor_read as f64 / 1e6,
+        floor_read as f64 / 1e6 / (args.seconds + args.warmup) as f64
+    );
     println!(
         "RESULT bench=ingest events_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} floor_events_per_sec={:.0} ratio={:.3} fsync={}",
         sluice.events_per_sec(),
