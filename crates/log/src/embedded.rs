@@ -31,9 +31,13 @@
 //! 3. Only the active segment can end in a torn or corrupt frame (a crash
 //!    mid-write). On open it is scanned, cut back to the last valid frame, and
 //!    the cut is logged with the bytes and records dropped. Nothing cut was
-//!    ever acknowledged (invariant 2). Older segments were fsynced before the
-//!    roll; a bad frame in one of them is reported as [`LogError::Corrupt`] when
-//!    read, never silently skipped.
+//!    ever acknowledged (invariant 2). Everything after the first bad frame is
+//!    cut, even frames that look valid: a power loss can persist a later page
+//!    of the last write without an earlier one. A full header that does not
+//!    match, in front of records, is corruption (headers are fsynced before
+//!    any record): opening fails rather than wiping the segment. Older
+//!    segments were fsynced before the roll; a bad frame in one of them is
+//!    reported as [`LogError::Corrupt`] when read, never silently skipped.
 //! 4. A new segment is created with its header, fsynced, and the directory
 //!    fsynced, before any record goes into it.
 //! 5. Retention deletes whole sealed segments, oldest first, once the file's
@@ -144,7 +148,7 @@ pub struct EmbeddedLog {
     retention: Duration,
     metrics: LogMetrics,
     writers: Mutex<Vec<JoinHandle<()>>>,
-    _lock: Option<File>,
+    lock: Option<File>,
 }
 
 struct PartitionHandle {
@@ -211,7 +215,7 @@ impl EmbeddedLog {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
         let mut log = Self::open_inner(root, &options, true)?;
-        log._lock = Some(lock);
+        log.lock = Some(lock);
         log.enforce_retention(SystemTime::now())?;
         Ok(log)
     }
@@ -292,7 +296,7 @@ impl EmbeddedLog {
             retention: options.retention,
             metrics: options.metrics.clone(),
             writers: Mutex::new(writers),
-            _lock: None,
+            lock: None,
         })
     }
 
@@ -319,6 +323,9 @@ impl EmbeddedLog {
     /// Delete sealed segments last written before `now - retention`. Returns
     /// how many were deleted. Runs at open and from [`Self::spawn_retention`].
     pub fn enforce_retention(&self, now: SystemTime) -> Result<usize, LogError> {
+        if self.lock.is_none() {
+            return Err(LogError::ReadOnly);
+        }
         let mut deleted = 0;
         for parts in self.topics.values() {
             for h in parts {
@@ -391,7 +398,7 @@ impl Log for EmbeddedLog {
         if let Some(r) = records.iter().find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES) {
             return Err(LogError::RecordTooLarge(r.key.len() + r.value.len()));
         }
-        let tx = h.tx.as_ref().ok_or_else(|| LogError::Config("the log was opened read-only".into()))?;
+        let tx = h.tx.as_ref().ok_or(LogError::ReadOnly)?;
         let (reply, rx) = oneshot::channel();
         tx.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
@@ -408,7 +415,11 @@ impl Log for EmbeddedLog {
 
     async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
         validate_name(group)?;
-        let part = self.handle(topic, partition)?.part.clone();
+        let h = self.handle(topic, partition)?;
+        if h.tx.is_none() {
+            return Err(LogError::ReadOnly);
+        }
+        let part = h.part.clone();
         let group = group.to_owned();
         tokio::task::spawn_blocking(move || part.commit(&group, next_offset)).await.map_err(|_| LogError::Closed)?
     }
@@ -634,6 +645,15 @@ impl Partition {
         let scan = scan_segment(&last_path, last)?;
         let file_len = fs::metadata(&last_path).map_err(io_err(&last_path))?.len();
         let mut active = None;
+        if scan.valid_len == 0 && file_len > HEADER_LEN {
+            // The header is written and fsynced before any record, so a bad
+            // header in front of records is corruption, not a torn write.
+            return Err(LogError::Corrupt {
+                path: last_path.display().to_string(),
+                position: 0,
+                problem: "invalid segment header in front of records; refusing to truncate them".into(),
+            });
+        }
         if writable {
             if let Some(problem) = &scan.bad {
                 let cut_bytes = file_len - scan.valid_len;
@@ -700,7 +720,10 @@ impl Partition {
                 (seg.path.clone(), base, (off, pos), st.end.min(next_base), !seg.indexed)
             };
             if needs_index {
-                let scan = scan_segment(&path, base)?;
+                let scan = match scan_segment(&path, base) {
+                    Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => continue, // deleted by retention meanwhile
+                    r => r?,
+                };
                 if let Some(problem) = scan.bad.filter(|_| scan.end < stop) {
                     return Err(LogError::Corrupt { path: path.display().to_string(), position: scan.valid_len, problem });
                 }

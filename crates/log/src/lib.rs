@@ -69,6 +69,8 @@ pub enum LogError {
     Locked(String),
     #[error("partition {topic}/{partition} stopped accepting writes after an I/O error; restart to recover: {cause}")]
     Poisoned { topic: String, partition: u32, cause: String },
+    #[error("the log was opened read-only")]
+    ReadOnly,
     #[error("the log is shut down")]
     Closed,
     #[error("log I/O error on {path}: {source}")]
