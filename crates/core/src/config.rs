@@ -181,15 +181,24 @@ impl Config {
     /// Load `path` (or the sample config when `None`), apply the process's
     /// environment overrides, and validate.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(path, |_| {})
+    }
+
+    /// Like [`Self::load`], with `flags` (the CLI's overrides, highest
+    /// precedence) applied before validation.
+    pub fn load_with(path: Option<&Path>, flags: impl FnOnce(&mut Config)) -> Result<Self, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        match path {
+        let mut config = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
-                Self::from_toml_with_env(&text, &format!(" in {}", p.display()), &env)
+                Self::parse(&text, &format!(" in {}", p.display()), &env)?
             }
-            None => Self::from_toml_with_env(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env),
-        }
+            None => Self::parse(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env)?,
+        };
+        flags(&mut config);
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parse TOML text, apply overrides from `env`, validate.
@@ -198,12 +207,16 @@ impl Config {
         origin: &str,
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
+        let config = Self::parse(text, origin, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn parse(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse { origin: origin.to_owned(), source: Box::new(e) };
         let mut doc: toml::Table = toml::from_str(text).map_err(parse_err)?;
         apply_env_overrides(&mut doc, env)?;
-        let config: Config = toml::Value::Table(doc).try_into().map_err(parse_err)?;
-        config.validate()?;
-        Ok(config)
+        toml::Value::Table(doc).try_into().map_err(parse_err)
     }
 
     /// Check every rule serde cannot express; errors name the key.

@@ -133,20 +133,20 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config> {
-    let mut config = Config::load(args.config.config.as_deref())?;
+    let config = Config::load_with(args.config.config.as_deref(), |config| {
+        if let Some(l) = &args.listen {
+            config.server.listen = l.clone();
+        }
+        if let Some(d) = &args.data_dir {
+            config.server.data_dir = d.clone();
+        }
+        if let Some(a) = &args.admin_listen {
+            config.admin.listen = a.clone();
+        }
+    })?;
     if args.config.config.is_none() {
         tracing::info!("no --config given: using the built-in sample config (config/sluice.toml)");
     }
-    if let Some(l) = &args.listen {
-        config.server.listen = l.clone();
-    }
-    if let Some(d) = &args.data_dir {
-        config.server.data_dir = d.clone();
-    }
-    if let Some(a) = &args.admin_listen {
-        config.admin.listen = a.clone();
-    }
-    config.validate()?;
     Ok(config)
 }
 
