@@ -31,9 +31,9 @@ ensure_rust() {
   command -v cargo >/dev/null 2>&1 || { log "cargo not found: install Rust with rustup first"; exit 1; }
 }
 
-# What every build needs from Debian (the C toolchain and pkg-config for
-# crates with native parts).
+# What every build needs from Debian: the C toolchain, and RocksDB (linked
+# dynamically from librocksdb-dev; its bindings are generated with libclang).
 ensure_build_deps() {
   ensure_rust
-  apt_ensure build-essential pkg-config
+  apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev
 }

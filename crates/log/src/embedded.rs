@@ -88,6 +88,9 @@ pub struct LogOptions {
     pub segment_bytes: u64,
     /// Delete sealed segments last written longer ago than this.
     pub retention: Duration,
+    /// Per-topic retention, overriding `retention` (e.g. `output` is kept
+    /// for the whole dedup window, so the index can be rebuilt from it).
+    pub retention_by_topic: HashMap<String, Duration>,
     /// fdatasync each group commit (turn off only for throwaway data).
     pub fsync: bool,
     pub metrics: LogMetrics,
@@ -99,6 +102,7 @@ impl Default for LogOptions {
             topics: vec![("input".into(), 8)],
             segment_bytes: 128 << 20,
             retention: Duration::from_secs(7 * 86400),
+            retention_by_topic: HashMap::new(),
             fsync: true,
             metrics: LogMetrics::default(),
         }
@@ -146,6 +150,7 @@ pub struct EmbeddedLog {
     root: PathBuf,
     topics: HashMap<String, Vec<PartitionHandle>>,
     retention: Duration,
+    retention_by_topic: HashMap<String, Duration>,
     metrics: LogMetrics,
     writers: Mutex<Vec<JoinHandle<()>>>,
     lock: Option<File>,
@@ -294,6 +299,7 @@ impl EmbeddedLog {
             root: root.to_owned(),
             topics,
             retention: options.retention,
+            retention_by_topic: options.retention_by_topic.clone(),
             metrics: options.metrics.clone(),
             writers: Mutex::new(writers),
             lock: None,
@@ -327,9 +333,10 @@ impl EmbeddedLog {
             return Err(LogError::ReadOnly);
         }
         let mut deleted = 0;
-        for parts in self.topics.values() {
+        for (topic, parts) in &self.topics {
+            let retention = self.retention_by_topic.get(topic).copied().unwrap_or(self.retention);
             for h in parts {
-                deleted += h.part.enforce_retention(now, self.retention)?;
+                deleted += h.part.enforce_retention(now, retention)?;
             }
         }
         self.metrics.deleted_segments.inc_by(deleted as u64);

@@ -21,6 +21,7 @@ pub fn options(topics: &[(&str, u32)], segment_bytes: u64) -> LogOptions {
         retention: Duration::from_secs(3600),
         fsync: true,
         metrics: LogMetrics::default(),
+        ..LogOptions::default()
     }
 }
 

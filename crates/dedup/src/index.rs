@@ -1,0 +1,308 @@
+//! The dedup index of one partition: a RocksDB database holding every
+//! `<source id>/<messageId>` published to `output` within the window.
+//!
+//! Invariants:
+//! - The index is derived from `output`, never the other way round: it holds
+//!   ids and a checkpoint (the `output` offset it covers up to, exclusive),
+//!   written together in one `WriteBatch`, so ids and checkpoint are always
+//!   consistent. Writes are not fsynced: whatever a crash loses of them, the
+//!   checkpoint loses too, and catching up from `output` restores it.
+//! - A key seen within the window reads as present; an older one reads as
+//!   absent, whether or not compaction has removed it yet.
+//!
+//! Expiry: each value is the time (ms) the id was published. A read checks
+//! it against the window, and a compaction filter drops expired entries
+//! while RocksDB compacts anyway, so expiry costs no scans and no deletes.
+//! We chose this over time-bucketed column families because one column
+//! family keeps a lookup at one bloom probe per key (buckets would need one
+//! per bucket, 28 for a day-sized bucket), and the window can change without
+//! re-bucketing.
+//!
+//! Lookups of new ids (the 99.4% case) are answered by the bloom filter.
+//! Filters are whole-key, partitioned (4 KB partitions with a two-level
+//! index), held in the shared block cache with the top level pinned, so
+//! every filter partition fits one cache shard and stays resident: a new id
+//! costs no disk read.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::DedupError;
+
+const CF_IDS: &str = "ids";
+const CF_META: &str = "meta";
+const CHECKPOINT_KEY: &[u8] = b"output_checkpoint";
+
+/// Settings shared by the indexes of every partition.
+#[derive(Clone)]
+pub struct IndexOptions {
+    pub bloom_bits_per_key: f64,
+    pub window: Duration,
+    /// One LRU block cache shared by all partitions' indexes.
+    pub block_cache: Cache,
+}
+
+impl IndexOptions {
+    pub fn new(bloom_bits_per_key: f64, window: Duration, block_cache_bytes: usize) -> Result<Self, DedupError> {
+        let block_cache = Cache::new_lru_cache(block_cache_bytes).map_err(DedupError::rocks("creating the block cache"))?;
+        Ok(Self { bloom_bits_per_key, window, block_cache })
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// RocksDB statistics of one index that the metrics and the benchmark read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IndexStats {
+    pub bloom_useful: u64,
+    pub bloom_full_positive: u64,
+    pub bloom_full_true_positive: u64,
+    pub block_cache_miss: u64,
+    pub block_cache_data_miss: u64,
+    pub block_cache_filter_miss: u64,
+    pub block_cache_index_miss: u64,
+    pub estimated_keys: u64,
+}
+
+impl std::ops::Sub for IndexStats {
+    type Output = IndexStats;
+    fn sub(self, o: IndexStats) -> IndexStats {
+        IndexStats {
+            bloom_useful: self.bloom_useful - o.bloom_useful,
+            bloom_full_positive: self.bloom_full_positive - o.bloom_full_positive,
+            bloom_full_true_positive: self.bloom_full_true_positive - o.bloom_full_true_positive,
+            block_cache_miss: self.block_cache_miss - o.block_cache_miss,
+            block_cache_data_miss: self.block_cache_data_miss - o.block_cache_data_miss,
+            block_cache_filter_miss: self.block_cache_filter_miss - o.block_cache_filter_miss,
+            block_cache_index_miss: self.block_cache_index_miss - o.block_cache_index_miss,
+            estimated_keys: self.estimated_keys,
+        }
+    }
+}
+
+pub struct DedupIndex {
+    db: DB,
+    db_options: Options,
+    path: PathBuf,
+    window_ms: u64,
+    /// Entries published before this time (ms) are dropped by compaction.
+    cutoff_ms: Arc<AtomicU64>,
+}
+
+impl DedupIndex {
+    /// Open (creating when missing) the index at `path`. A corrupt index is
+    /// reported as [`DedupError::Corrupt`].
+    pub fn open(path: &Path, options: &IndexOptions) -> Result<Self, DedupError> {
+        let window_ms = options.window.as_millis() as u64;
+        let cutoff_ms = Arc::new(AtomicU64::new(now_ms().saturating_sub(window_ms)));
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(options.bloom_bits_per_key, false);
+        table.set_whole_key_filtering(true);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_partition_filters(true);
+        table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_metadata_block_size(4096);
+        table.set_pin_top_level_index_and_filter(true);
+        table.set_block_cache(&options.block_cache);
+        table.set_format_version(5);
+        let mut ids = Options::default();
+        ids.set_block_based_table_factory(&table);
+        ids.set_write_buffer_size(16 << 20);
+        ids.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cutoff = cutoff_ms.clone();
+        ids.set_compaction_filter("sluice_dedup_window", move |_level: u32, _key: &[u8], value: &[u8]| {
+            match decode_ts(value) {
+                Some(ts) if ts < cutoff.load(Ordering::Relaxed) => Decision::Remove,
+                _ => Decision::Keep,
+            }
+        });
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.enable_statistics();
+        db_options.set_max_background_jobs(2);
+        db_options.set_keep_log_file_num(3);
+        db_options.set_paranoid_checks(true);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_IDS, ids),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&db_options, path, cfs).map_err(|e| classify(path, "opening", e))?;
+        Ok(Self { db, db_options, path: path.to_owned(), window_ms, cutoff_ms })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `output` offset this index covers up to (exclusive), if any.
+    pub fn checkpoint(&self) -> Result<Option<u64>, DedupError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let value = self.db.get_cf(&meta, CHECKPOINT_KEY).map_err(|e| classify(&self.path, "reading the checkpoint", e))?;
+        Ok(value.and_then(|v| decode_ts(&v)))
+    }
+
+    /// For each key, whether it was published within the window before `now_ms`.
+    pub fn contains(&self, keys: &[&[u8]], now_ms: u64) -> Result<Vec<bool>, DedupError> {
+        let cutoff = now_ms.saturating_sub(self.window_ms);
+        self.cutoff_ms.store(cutoff, Ordering::Relaxed);
+        let cf = self.db.cf_handle(CF_IDS).expect("ids column family");
+        let mut sorted: Vec<(usize, &[u8])> = keys.iter().copied().enumerate().collect();
+        sorted.sort_unstable_by(|a, b| a.1.cmp(b.1));
+        let results = self.db.batched_multi_get_cf(&cf, sorted.iter().map(|(_, k)| *k), true);
+        let mut out = vec![false; keys.len()];
+        for ((i, _), r) in sorted.iter().zip(results) {
+            let value = r.map_err(|e| classify(&self.path, "looking up ids", e))?;
+            out[*i] = matches!(value.as_deref().and_then(decode_ts), Some(ts) if ts >= cutoff);
+        }
+        Ok(out)
+    }
+
+    /// Record `keys` as published at their times, and the new checkpoint, in
+    /// one atomic write.
+    pub fn record<'a>(&self, keys: impl IntoIterator<Item = (&'a [u8], u64)>, checkpoint: u64) -> Result<(), DedupError> {
+        let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let mut batch = WriteBatch::default();
+        for (key, ts) in keys {
+            batch.put_cf(&ids, key, ts.to_be_bytes());
+        }
+        batch.put_cf(&meta, CHECKPOINT_KEY, checkpoint.to_be_bytes());
+        let mut write = WriteOptions::default();
+        write.set_sync(false); // see the module docs: output is the truth
+        self.db.write_opt(batch, &write).map_err(|e| classify(&self.path, "writing ids", e))
+    }
+
+    /// Flush memtables to disk (used on clean shutdown and by the benchmark).
+    pub fn flush(&self) -> Result<(), DedupError> {
+        for cf in [CF_IDS, CF_META] {
+            let handle = self.db.cf_handle(cf).expect("column family");
+            self.db.flush_cf(&handle).map_err(|e| classify(&self.path, "flushing", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let mut s = IndexStats::default();
+        if let Some(text) = self.db_options.get_statistics() {
+            for line in text.lines() {
+                let mut parts = line.split_whitespace();
+                let (Some(name), Some("COUNT"), Some(":"), Some(v)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                let Ok(v) = v.parse::<u64>() else { continue };
+                match name {
+                    "rocksdb.bloom.filter.useful" => s.bloom_useful = v,
+                    "rocksdb.bloom.filter.full.positive" => s.bloom_full_positive = v,
+                    "rocksdb.bloom.filter.full.true.positive" => s.bloom_full_true_positive = v,
+                    "rocksdb.block.cache.miss" => s.block_cache_miss = v,
+                    "rocksdb.block.cache.data.miss" => s.block_cache_data_miss = v,
+                    "rocksdb.block.cache.filter.miss" => s.block_cache_filter_miss = v,
+                    "rocksdb.block.cache.index.miss" => s.block_cache_index_miss = v,
+                    _ => {}
+                }
+            }
+        }
+        let cf = self.db.cf_handle(CF_IDS).expect("ids column family");
+        s.estimated_keys = self.db.property_int_value_cf(&cf, "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0);
+        s
+    }
+
+    /// Bytes of the index's files on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        dir_size(&self.path)
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn decode_ts(value: &[u8]) -> Option<u64> {
+    value.get(..8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// Corruption (checksum failures, unreadable metadata) is told apart from
+/// other errors: it is repaired by moving the index aside and rebuilding.
+fn classify(path: &Path, doing: &str, e: rocksdb::Error) -> DedupError {
+    let corrupt = matches!(e.kind(), rocksdb::ErrorKind::Corruption)
+        || e.to_string().to_ascii_lowercase().contains("checksum");
+    if corrupt {
+        DedupError::Corrupt { path: path.display().to_string(), cause: e.to_string() }
+    } else {
+        DedupError::Rocks { doing: format!("{doing} {}", path.display()), cause: e.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(window: Duration) -> IndexOptions {
+        IndexOptions::new(10.0, window, 8 << 20).unwrap()
+    }
+
+    #[test]
+    fn records_and_finds_ids_with_their_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = DedupIndex::open(dir.path(), &options(Duration::from_secs(3600))).unwrap();
+        assert_eq!(idx.checkpoint().unwrap(), None);
+        let now = now_ms();
+        idx.record([(&b"web/a"[..], now), (&b"web/b"[..], now)], 2).unwrap();
+        assert_eq!(idx.contains(&[b"web/a", b"web/c", b"web/b", b"app/a"], now).unwrap(), [true, false, true, false]);
+        assert_eq!(idx.checkpoint().unwrap(), Some(2));
+        drop(idx);
+        let idx = DedupIndex::open(dir.path(), &options(Duration::from_secs(3600))).unwrap();
+        assert_eq!(idx.contains(&[b"web/a"], now).unwrap(), [true]);
+        assert_eq!(idx.checkpoint().unwrap(), Some(2));
+    }
+
+    #[test]
+    fn ids_older_than_the_window_read_as_absent_and_compaction_drops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = DedupIndex::open(dir.path(), &options(Duration::from_secs(60))).unwrap();
+        let now = now_ms();
+        idx.record([(&b"old"[..], now - 61_000), (&b"new"[..], now - 59_000)], 2).unwrap();
+        assert_eq!(idx.contains(&[b"old", b"new"], now).unwrap(), [false, true]);
+        idx.flush().unwrap();
+        let cf = idx.db.cf_handle(CF_IDS).unwrap();
+        idx.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        assert!(idx.db.get_cf(&cf, b"old").unwrap().is_none(), "compaction removed the expired id");
+        assert!(idx.db.get_cf(&cf, b"new").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_corrupt_index_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let idx = DedupIndex::open(dir.path(), &options(Duration::from_secs(60))).unwrap();
+            idx.record([(&b"k"[..], now_ms())], 1).unwrap();
+        }
+        let current = std::fs::read_to_string(dir.path().join("CURRENT")).unwrap();
+        std::fs::write(dir.path().join(current.trim()), vec![0xAB; 4096]).unwrap();
+        match DedupIndex::open(dir.path(), &options(Duration::from_secs(60))) {
+            Err(DedupError::Corrupt { .. }) => {}
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("a corrupt index opened"),
+        }
+    }
+}

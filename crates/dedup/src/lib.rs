@@ -1,0 +1,63 @@
+//! Deduplication: drop every repeat of a `<source id>/<messageId>` within
+//! the window (default 28 days), surviving any crash without letting a
+//! duplicate through.
+//!
+//! One [`DedupWorker`] per `input` partition, each with its own RocksDB
+//! index ([`index::DedupIndex`]). The protocol for each batch read from
+//! `input` (DESIGN.md §2, commit point 2):
+//!
+//! 1. look the batch's keys up in the index (and drop repeats inside the batch);
+//! 2. publish the new messages to `output`, same partition number;
+//! 3. write their ids and the `output` offset reached in one `WriteBatch`;
+//! 4. commit the `input` offset (consumer group `dedup`).
+//!
+//! `output` is the truth; the index is derived from it. On start, and after
+//! any error, the index first catches up from `output` since its checkpoint,
+//! then `input` is read from the committed offset. So:
+//!
+//! - crash after 2, before 3: catch-up adds the published ids; `input` replays
+//!   and finds them: nothing is published twice;
+//! - crash after 3, before 4: `input` replays and finds the ids;
+//! - index missing or corrupt: it is moved aside and rebuilt from `output`
+//!   within the window (and within `output`'s retention), then work resumes.
+//!
+//! Named crash points between the steps ([`crash`]) let tests abort the
+//! process at each of them.
+
+pub mod crash;
+pub mod index;
+mod worker;
+
+pub use worker::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
+
+/// The topic dedup publishes to.
+pub const OUTPUT_TOPIC: &str = "output";
+/// The topic dedup reads.
+pub const INPUT_TOPIC: &str = "input";
+/// Dedup's consumer group on `input`.
+pub const GROUP: &str = "dedup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("dedup index {path} is corrupt: {cause}")]
+    Corrupt { path: String, cause: String },
+    #[error("RocksDB error while {doing}: {cause}")]
+    Rocks { doing: String, cause: String },
+    #[error("dedup index {path} covers output up to offset {checkpoint}, but output ends at {end}; the index is ahead of its source")]
+    AheadOfOutput { path: String, checkpoint: u64, end: u64 },
+    #[error(transparent)]
+    Log(#[from] sluice_log::LogError),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl DedupError {
+    fn rocks(doing: &'static str) -> impl FnOnce(rocksdb::Error) -> DedupError {
+        move |e| DedupError::Rocks { doing: doing.to_owned(), cause: e.to_string() }
+    }
+
+    /// Errors repaired by moving the index aside and rebuilding it.
+    pub fn needs_rebuild(&self) -> bool {
+        matches!(self, DedupError::Corrupt { .. } | DedupError::AheadOfOutput { .. })
+    }
+}

@@ -1,0 +1,344 @@
+//! The dedup worker of one partition: the protocol of the crate docs.
+//!
+//! A worker runs on a dedicated thread: RocksDB calls block, and the async
+//! `Log` is driven with `Handle::block_on`, so no async executor thread ever
+//! waits on storage.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_core::metrics::{Counter, Family, Gauge, Registry};
+use sluice_log::{Log, LogError, Record, StoredRecord};
+use tokio::runtime::Handle;
+
+use crate::crash::crash_point;
+use crate::index::{now_ms, DedupIndex, IndexOptions, IndexStats};
+use crate::{DedupError, GROUP, INPUT_TOPIC, OUTPUT_TOPIC};
+
+/// Settings of the dedup stage.
+#[derive(Clone)]
+pub struct DedupSettings {
+    /// Indexes live in `<index_dir>/<partition>`.
+    pub index_dir: PathBuf,
+    pub index: IndexOptions,
+    /// Records read from `input` per batch.
+    pub batch_size: usize,
+    /// Sleep when `input` has nothing new.
+    pub poll_interval: Duration,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Dedup's metrics, labelled by partition where it matters.
+#[derive(Clone, Default)]
+pub struct DedupMetrics {
+    pub messages_in: Counter,
+    pub duplicates_dropped: Counter,
+    pub published: Counter,
+    pub index_keys: Family<Labels, Gauge>,
+    pub bloom_useful: Family<Labels, Gauge>,
+    pub bloom_full_positive: Family<Labels, Gauge>,
+    pub block_cache_data_miss: Family<Labels, Gauge>,
+    /// `output` records still to read into the index (catch-up or rebuild).
+    pub catchup_remaining: Family<Labels, Gauge>,
+    pub rebuilds: Counter,
+}
+
+impl DedupMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sluice_dedup");
+        r.register("messages_in", "Messages read from input", self.messages_in.clone());
+        r.register("duplicates_dropped", "Messages dropped as repeats within the window", self.duplicates_dropped.clone());
+        r.register("published", "New messages published to output", self.published.clone());
+        r.register("index_keys", "Estimated ids in the index, per partition", self.index_keys.clone());
+        r.register("rocksdb_bloom_useful", "RocksDB ticker: lookups the bloom filter answered", self.bloom_useful.clone());
+        r.register(
+            "rocksdb_bloom_full_positive",
+            "RocksDB ticker: lookups the bloom filter passed on to the data",
+            self.bloom_full_positive.clone(),
+        );
+        r.register("rocksdb_block_cache_data_miss", "RocksDB ticker: data blocks read from disk", self.block_cache_data_miss.clone());
+        r.register("catchup_remaining", "Output records still to read into the index", self.catchup_remaining.clone());
+        r.register("rebuilds", "Indexes moved aside and rebuilt from output", self.rebuilds.clone());
+    }
+
+    fn partition(&self, p: u32) -> Labels {
+        vec![("partition", p.to_string())]
+    }
+}
+
+/// Progress of a catch-up or rebuild, for log lines and progress bars.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub partition: u32,
+    pub done: u64,
+    pub total: u64,
+    pub elapsed: Duration,
+}
+
+pub struct DedupWorker {
+    log: Arc<dyn Log>,
+    partition: u32,
+    settings: DedupSettings,
+    metrics: DedupMetrics,
+    /// `None` only between closing a bad index and opening its replacement.
+    index: Option<DedupIndex>,
+    /// Next `input` offset to read; `None` = ask the log for the committed one.
+    next_input: Option<u64>,
+}
+
+fn index_path(settings: &DedupSettings, partition: u32) -> PathBuf {
+    settings.index_dir.join(partition.to_string())
+}
+
+/// Move an index directory aside (never delete: it may help a post-mortem).
+fn move_aside(path: &Path) -> Result<PathBuf, DedupError> {
+    let aside = path.with_extension(format!("corrupt-{}", now_ms()));
+    std::fs::rename(path, &aside).map_err(|source| DedupError::Io { path: path.display().to_string(), source })?;
+    Ok(aside)
+}
+
+impl DedupWorker {
+    /// Open the partition's index (moving a corrupt one aside) and catch it
+    /// up from `output`. `progress` is called as catch-up advances.
+    pub fn open(
+        log: Arc<dyn Log>,
+        partition: u32,
+        settings: DedupSettings,
+        metrics: DedupMetrics,
+        rt: &Handle,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self, DedupError> {
+        let path = index_path(&settings, partition);
+        std::fs::create_dir_all(&settings.index_dir)
+            .map_err(|source| DedupError::Io { path: settings.index_dir.display().to_string(), source })?;
+        let index = match DedupIndex::open(&path, &settings.index) {
+            Ok(index) => index,
+            Err(e) if e.needs_rebuild() => {
+                let aside = move_aside(&path)?;
+                tracing::error!(partition, error = %e, moved_to = %aside.display(), "dedup index corrupt: moved aside, rebuilding from output");
+                metrics.rebuilds.inc();
+                DedupIndex::open(&path, &settings.index)?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None };
+        match worker.catch_up(rt, progress) {
+            Err(e) if e.needs_rebuild() => worker.rebuild(rt, &e, progress)?,
+            r => {
+                r?;
+            }
+        }
+        Ok(worker)
+    }
+
+    /// The open index, reopening it if a failed rebuild left none.
+    fn index(&mut self) -> Result<&DedupIndex, DedupError> {
+        if self.index.is_none() {
+            self.index = Some(DedupIndex::open(&index_path(&self.settings, self.partition), &self.settings.index)?);
+        }
+        Ok(self.index.as_ref().expect("just opened"))
+    }
+
+    /// Replace the index with an empty one and fill it from `output`.
+    fn rebuild(&mut self, rt: &Handle, cause: &DedupError, progress: &mut dyn FnMut(Progress)) -> Result<(), DedupError> {
+        let path = index_path(&self.settings, self.partition);
+        self.index = None; // close the database before moving its directory
+        let aside = move_aside(&path)?;
+        tracing::error!(partition = self.partition, error = %cause, moved_to = %aside.display(), "dedup index unusable: moved aside, rebuilding from output");
+        self.metrics.rebuilds.inc();
+        self.next_input = None;
+        self.catch_up(rt, progress)
+    }
+
+    /// Read `output` from the index's checkpoint to its end into the index.
+    /// Ids older than the window are skipped.
+    pub fn catch_up(&mut self, rt: &Handle, progress: &mut dyn FnMut(Progress)) -> Result<(), DedupError> {
+        let p = self.partition;
+        let range = rt.block_on(self.log.offsets(OUTPUT_TOPIC, p))?;
+        let index = self.index()?;
+        let checkpoint = index.checkpoint()?;
+        if let Some(c) = checkpoint.filter(|c| *c > range.end) {
+            return Err(DedupError::AheadOfOutput { path: index.path().display().to_string(), checkpoint: c, end: range.end });
+        }
+        let index = self.index.as_ref().expect("opened above");
+        let mut next = checkpoint.unwrap_or(range.start).max(range.start);
+        let start = next;
+        let total = range.end - start;
+        let started = Instant::now();
+        let gauge = self.metrics.catchup_remaining.get_or_create(&self.metrics.partition(p)).clone();
+        let window_ms = self.settings.index.window.as_millis() as u64;
+        let mut last_report = Instant::now();
+        while next < range.end {
+            let records = match rt.block_on(self.log.read(OUTPUT_TOPIC, p, next, 10_000)) {
+                Ok(r) => r,
+                // Retention removed the start meanwhile: continue from the new start.
+                Err(LogError::OffsetOutOfRange { start, .. }) => {
+                    next = start;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(last) = records.last() else { break };
+            let reached = last.offset + 1;
+            let cutoff = now_ms().saturating_sub(window_ms);
+            let ids = records.iter().filter(|r| r.timestamp_ms as u64 >= cutoff).map(|r| (&r.key[..], r.timestamp_ms as u64));
+            index.record(ids, reached)?;
+            next = reached;
+            gauge.set((range.end - next) as i64);
+            if last_report.elapsed() >= Duration::from_secs(1) || next >= range.end {
+                last_report = Instant::now();
+                progress(Progress { partition: p, done: next - start, total, elapsed: started.elapsed() });
+            }
+        }
+        gauge.set(0);
+        if total > 0 {
+            tracing::info!(partition = p, ids = total, seconds = started.elapsed().as_secs_f64(), "dedup index caught up from output");
+        }
+        Ok(())
+    }
+
+    /// Deduplicate one batch of `input`. Returns the number of records read.
+    pub fn process_batch(&mut self, rt: &Handle) -> Result<usize, DedupError> {
+        let p = self.partition;
+        let next = match self.next_input {
+            Some(n) => n,
+            None => {
+                let committed = rt.block_on(self.log.committed(GROUP, INPUT_TOPIC, p))?;
+                committed.unwrap_or(rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.start)
+            }
+        };
+        let records = match rt.block_on(self.log.read(INPUT_TOPIC, p, next, self.settings.batch_size)) {
+            Ok(r) => r,
+            Err(LogError::OffsetOutOfRange { start, .. }) => {
+                tracing::warn!(partition = p, from = next, start, "input records expired before dedup read them; skipping ahead");
+                self.next_input = Some(start);
+                return Ok(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(last) = records.last() else {
+            self.next_input = Some(next);
+            return Ok(0);
+        };
+        let next = last.offset + 1;
+        self.metrics.messages_in.inc_by(records.len() as u64);
+
+        // 1. Look up; repeats inside the batch count as duplicates too.
+        let now = now_ms();
+        let keys: Vec<&[u8]> = records.iter().map(|r| &r.key[..]).collect();
+        self.index()?;
+        let index = self.index.as_ref().expect("opened above");
+        let seen = index.contains(&keys, now)?;
+        let mut batch_keys = HashSet::with_capacity(records.len());
+        let fresh: Vec<&StoredRecord> =
+            records.iter().zip(seen).filter(|(r, seen)| !seen && batch_keys.insert(&r.key[..])).map(|(r, _)| r).collect();
+        self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
+
+        if !fresh.is_empty() {
+            crash_point("dedup.before_publish");
+            // 2. Publish: the commit point.
+            let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
+            let first = rt.block_on(self.log.append(OUTPUT_TOPIC, p, out))?;
+            self.metrics.published.inc_by(fresh.len() as u64);
+            crash_point("dedup.after_publish");
+            // 3. Index the ids with the output offset reached.
+            index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+            crash_point("dedup.after_index_write");
+        }
+        // 4. Commit input.
+        rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, next))?;
+        crash_point("dedup.after_input_commit");
+        self.next_input = Some(next);
+        Ok(records.len())
+    }
+
+    /// Refresh this partition's gauges from RocksDB's statistics.
+    pub fn refresh_metrics(&self) -> IndexStats {
+        let Some(index) = &self.index else { return IndexStats::default() };
+        let s = index.stats();
+        let l = self.metrics.partition(self.partition);
+        self.metrics.index_keys.get_or_create(&l).set(s.estimated_keys as i64);
+        self.metrics.bloom_useful.get_or_create(&l).set(s.bloom_useful as i64);
+        self.metrics.bloom_full_positive.get_or_create(&l).set(s.bloom_full_positive as i64);
+        self.metrics.block_cache_data_miss.get_or_create(&l).set(s.block_cache_data_miss as i64);
+        s
+    }
+
+    /// Work until `stop` is set. Errors are logged and retried; a corrupt
+    /// index is rebuilt; after any error the index catches up from `output`
+    /// again, as after a restart, so a half-done batch cannot publish twice.
+    pub fn run(mut self, rt: Handle, stop: Arc<AtomicBool>) {
+        let p = self.partition;
+        let mut last_metrics = Instant::now();
+        let mut log_progress = |pr: Progress| {
+            tracing::info!(partition = pr.partition, done = pr.done, total = pr.total, "dedup catch-up progress");
+        };
+        let mut failing = false;
+        while !stop.load(Ordering::Relaxed) {
+            let result = if failing {
+                self.next_input = None;
+                match self.catch_up(&rt, &mut log_progress) {
+                    Err(e) if e.needs_rebuild() => self.rebuild(&rt, &e, &mut log_progress).map(|_| 0),
+                    r => r.map(|_| 0),
+                }
+            } else {
+                self.process_batch(&rt)
+            };
+            match result {
+                Ok(n) => {
+                    if failing {
+                        tracing::info!(partition = p, "dedup worker recovered");
+                    }
+                    failing = false;
+                    if n == 0 {
+                        std::thread::sleep(self.settings.poll_interval);
+                    }
+                }
+                Err(e) if e.needs_rebuild() => {
+                    if let Err(e2) = self.rebuild(&rt, &e, &mut log_progress) {
+                        tracing::error!(partition = p, error = %e2, "dedup index rebuild failed; retrying");
+                        failing = true;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "dedup batch failed; retrying after catch-up");
+                    failing = true;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            if last_metrics.elapsed() >= Duration::from_secs(5) {
+                self.refresh_metrics();
+                last_metrics = Instant::now();
+            }
+        }
+        self.refresh_metrics();
+        if let Err(e) = self.index.as_ref().map_or(Ok(()), DedupIndex::flush) {
+            tracing::warn!(partition = p, error = %e, "flushing the dedup index at shutdown failed (catch-up repairs it)");
+        }
+    }
+}
+
+/// `sluice dedup rebuild`: move the partition's index aside and rebuild it
+/// from `output`. The log must not be written meanwhile (the server stopped).
+pub fn rebuild_partition(
+    log: Arc<dyn Log>,
+    partition: u32,
+    settings: DedupSettings,
+    rt: &Handle,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<IndexStats, DedupError> {
+    let path = index_path(&settings, partition);
+    if path.exists() {
+        let aside = move_aside(&path)?;
+        tracing::info!(partition, moved_to = %aside.display(), "previous index moved aside");
+    }
+    let mut worker = DedupWorker::open(log, partition, settings, DedupMetrics::default(), rt, progress)?;
+    let index = worker.index()?;
+    index.flush()?;
+    Ok(index.stats())
+}
