@@ -40,6 +40,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub ingest: IngestConfig,
     pub log: LogConfig,
+    pub dedup: DedupConfig,
     pub sources: Vec<SourceConfig>,
 }
 
@@ -107,6 +108,38 @@ pub struct LogConfig {
     /// fsync each group commit before acknowledging. Turning it off trades
     /// durability on power loss for speed; a process crash loses nothing either way.
     pub fsync: bool,
+    /// Retention of the `output` topic. The dedup index can only be rebuilt
+    /// from what `output` still holds, so this defaults to the dedup window.
+    #[serde(with = "humantime_serde")]
+    pub output_retention: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// Run the dedup stage in `sluice serve`.
+    pub enabled: bool,
+    /// A repeat of a messageId (per source) within this time is dropped.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Bloom filter bits per key: 10 gives about 1% false positives.
+    pub bloom_bits_per_key: f64,
+    /// RocksDB block cache shared by all partitions (filters, indexes, data).
+    pub block_cache_bytes: usize,
+    /// Records read from `input` per batch.
+    pub batch_size: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: Duration::from_secs(28 * 86400),
+            bloom_bits_per_key: 10.0,
+            block_cache_bytes: 256 << 20,
+            batch_size: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +163,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
+            dedup: DedupConfig::default(),
             sources: Vec::new(),
         }
     }
@@ -173,6 +207,7 @@ impl Default for LogConfig {
             segment_bytes: 128 * 1024 * 1024,
             retention: Duration::from_secs(7 * 24 * 3600),
             fsync: true,
+            output_retention: Duration::from_secs(28 * 24 * 3600),
         }
     }
 }
@@ -254,6 +289,22 @@ impl Config {
         }
         if self.log.retention.is_zero() {
             return Err(invalid("log.retention", "must be greater than zero"));
+        }
+        if self.log.output_retention.is_zero() {
+            return Err(invalid("log.output_retention", "must be greater than zero"));
+        }
+        let d = &self.dedup;
+        if d.window.is_zero() {
+            return Err(invalid("dedup.window", "must be greater than zero"));
+        }
+        if !(1.0..=64.0).contains(&d.bloom_bits_per_key) {
+            return Err(invalid("dedup.bloom_bits_per_key", format!("must be between 1 and 64, got {}", d.bloom_bits_per_key)));
+        }
+        if d.block_cache_bytes < 1 << 20 {
+            return Err(invalid("dedup.block_cache_bytes", "must be at least 1048576 (1 MiB)"));
+        }
+        if d.batch_size == 0 || d.batch_size > 100_000 {
+            return Err(invalid("dedup.batch_size", "must be between 1 and 100000"));
         }
         let mut ids = HashMap::new();
         let mut keys = HashMap::new();
@@ -393,6 +444,19 @@ mod tests {
         let env = HashMap::from([("SLUICE_LOG__PARTITONS".to_string(), "3".to_string())]);
         let err = Config::from_toml_with_env("", "", &env).unwrap_err().to_string();
         assert!(err.contains("partitons"), "{err}");
+    }
+
+    #[test]
+    fn dedup_defaults_and_validation() {
+        let c = load("").unwrap();
+        assert!(c.dedup.enabled);
+        assert_eq!(c.dedup.window, Duration::from_secs(28 * 86400));
+        assert_eq!(c.dedup.bloom_bits_per_key, 10.0);
+        assert_eq!(c.log.output_retention, c.dedup.window);
+        let err = load("[dedup]\nbloom_bits_per_key = 0.5\n").unwrap_err().to_string();
+        assert!(err.contains("dedup.bloom_bits_per_key"), "{err}");
+        let err = load("[dedup]\nwindow = \"0s\"\n").unwrap_err().to_string();
+        assert!(err.contains("dedup.window"), "{err}");
     }
 
     #[test]

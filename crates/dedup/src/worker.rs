@@ -94,9 +94,10 @@ fn index_path(settings: &DedupSettings, partition: u32) -> PathBuf {
     settings.index_dir.join(partition.to_string())
 }
 
-/// Move an index directory aside (never delete: it may help a post-mortem).
-fn move_aside(path: &Path) -> Result<PathBuf, DedupError> {
-    let aside = path.with_extension(format!("corrupt-{}", now_ms()));
+/// Move an index directory aside as `<dir>.<why>-<ms>` (never deleted: it
+/// may help a post-mortem).
+fn move_aside(path: &Path, why: &str) -> Result<PathBuf, DedupError> {
+    let aside = path.with_extension(format!("{why}-{}", now_ms()));
     std::fs::rename(path, &aside).map_err(|source| DedupError::Io { path: path.display().to_string(), source })?;
     Ok(aside)
 }
@@ -118,7 +119,7 @@ impl DedupWorker {
         let index = match DedupIndex::open(&path, &settings.index) {
             Ok(index) => index,
             Err(e) if e.needs_rebuild() => {
-                let aside = move_aside(&path)?;
+                let aside = move_aside(&path, "corrupt")?;
                 tracing::error!(partition, error = %e, moved_to = %aside.display(), "dedup index corrupt: moved aside, rebuilding from output");
                 metrics.rebuilds.inc();
                 DedupIndex::open(&path, &settings.index)?
@@ -147,7 +148,7 @@ impl DedupWorker {
     fn rebuild(&mut self, rt: &Handle, cause: &DedupError, progress: &mut dyn FnMut(Progress)) -> Result<(), DedupError> {
         let path = index_path(&self.settings, self.partition);
         self.index = None; // close the database before moving its directory
-        let aside = move_aside(&path)?;
+        let aside = move_aside(&path, "corrupt")?;
         tracing::error!(partition = self.partition, error = %cause, moved_to = %aside.display(), "dedup index unusable: moved aside, rebuilding from output");
         self.metrics.rebuilds.inc();
         self.next_input = None;
@@ -334,7 +335,7 @@ pub fn rebuild_partition(
 ) -> Result<IndexStats, DedupError> {
     let path = index_path(&settings, partition);
     if path.exists() {
-        let aside = move_aside(&path)?;
+        let aside = move_aside(&path, "old")?;
         tracing::info!(partition, moved_to = %aside.display(), "previous index moved aside");
     }
     let mut worker = DedupWorker::open(log, partition, settings, DedupMetrics::default(), rt, progress)?;

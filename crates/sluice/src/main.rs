@@ -3,9 +3,11 @@
 //! `config check`). `anyhow` lives here only, at the edge.
 
 mod bench;
+mod dedup;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use axum::Router;
 use clap::{Args, Parser, Subcommand};
 use sluice_core::metrics::{render, Registry};
 use sluice_core::Config;
+use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
 use sluice_log::{EmbeddedLog, Log, LogMetrics, LogOptions};
@@ -47,6 +50,9 @@ enum Command {
     /// Validate a configuration file and print the result.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The dedup stage's tools.
+    #[command(subcommand)]
+    Dedup(dedup::DedupCommand),
     /// Benchmarks (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -114,6 +120,7 @@ fn main() -> Result<()> {
             println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
             Ok(())
         }
+        Command::Dedup(cmd) => dedup::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -160,13 +167,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);
     let log_dir = config.server.data_dir.join("log");
-    let options = LogOptions {
-        topics: vec![(INPUT_TOPIC.into(), config.log.partitions)],
-        segment_bytes: config.log.segment_bytes,
-        retention: config.log.retention,
-        fsync: config.log.fsync,
-        metrics: log_metrics,
-    };
+    let options = log_options(&config, log_metrics);
     let log = {
         let dir = log_dir.clone();
         tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, options)).await?
@@ -174,6 +175,16 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     .with_context(|| format!("cannot open the log in {}", log_dir.display()))?;
     let log = Arc::new(log);
     let retention_task = log.spawn_retention(Duration::from_secs(60));
+
+    let dedup_stop = Arc::new(AtomicBool::new(false));
+    let dedup_workers = if config.dedup.enabled {
+        let metrics = DedupMetrics::default();
+        metrics.register(&mut registry);
+        dedup::spawn_workers(&config, log.clone() as Arc<dyn Log>, metrics, dedup_stop.clone())?
+    } else {
+        tracing::warn!("dedup is disabled (dedup.enabled = false): nothing reads the input topic");
+        Vec::new()
+    };
 
     let ingest = Ingest::new(
         log.clone() as Arc<dyn Log>,
@@ -225,12 +236,33 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     }
     retention_task.abort();
     drop(ingest);
+    dedup_stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        for w in dedup_workers {
+            let _ = w.join();
+        }
+    })
+    .await?;
     match Arc::try_unwrap(log) {
         Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
         Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The embedded log's options for `config`: topics `input` and `output`
+/// with the same partition count, `output` kept for the dedup window.
+fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
+    let partitions = config.log.partitions;
+    LogOptions {
+        topics: vec![(INPUT_TOPIC.into(), partitions), (OUTPUT_TOPIC.into(), partitions)],
+        segment_bytes: config.log.segment_bytes,
+        retention: config.log.retention,
+        retention_by_topic: [(OUTPUT_TOPIC.to_owned(), config.log.output_retention)].into(),
+        fsync: config.log.fsync,
+        metrics,
+    }
 }
 
 async fn shutdown_signal() {
