@@ -71,19 +71,36 @@ pub struct IndexStats {
     pub estimated_keys: u64,
 }
 
+impl IndexStats {
+    /// Apply `op` to every ticker; `estimated_keys` (a level, not a count)
+    /// is combined with `keys`.
+    fn zip(self, o: IndexStats, op: fn(u64, u64) -> u64, keys: fn(u64, u64) -> u64) -> IndexStats {
+        IndexStats {
+            bloom_useful: op(self.bloom_useful, o.bloom_useful),
+            bloom_full_positive: op(self.bloom_full_positive, o.bloom_full_positive),
+            bloom_full_true_positive: op(self.bloom_full_true_positive, o.bloom_full_true_positive),
+            block_cache_miss: op(self.block_cache_miss, o.block_cache_miss),
+            block_cache_data_miss: op(self.block_cache_data_miss, o.block_cache_data_miss),
+            block_cache_filter_miss: op(self.block_cache_filter_miss, o.block_cache_filter_miss),
+            block_cache_index_miss: op(self.block_cache_index_miss, o.block_cache_index_miss),
+            estimated_keys: keys(self.estimated_keys, o.estimated_keys),
+        }
+    }
+}
+
+/// Tickers since an earlier reading (`after - before`).
 impl std::ops::Sub for IndexStats {
     type Output = IndexStats;
     fn sub(self, o: IndexStats) -> IndexStats {
-        IndexStats {
-            bloom_useful: self.bloom_useful - o.bloom_useful,
-            bloom_full_positive: self.bloom_full_positive - o.bloom_full_positive,
-            bloom_full_true_positive: self.bloom_full_true_positive - o.bloom_full_true_positive,
-            block_cache_miss: self.block_cache_miss - o.block_cache_miss,
-            block_cache_data_miss: self.block_cache_data_miss - o.block_cache_data_miss,
-            block_cache_filter_miss: self.block_cache_filter_miss - o.block_cache_filter_miss,
-            block_cache_index_miss: self.block_cache_index_miss - o.block_cache_index_miss,
-            estimated_keys: self.estimated_keys,
-        }
+        self.zip(o, u64::saturating_sub, |a, _| a)
+    }
+}
+
+/// Tickers of several indexes together.
+impl std::ops::Add for IndexStats {
+    type Output = IndexStats;
+    fn add(self, o: IndexStats) -> IndexStats {
+        self.zip(o, u64::saturating_add, u64::saturating_add)
     }
 }
 

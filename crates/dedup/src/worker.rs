@@ -257,6 +257,13 @@ impl DedupWorker {
         Ok(records.len())
     }
 
+    /// Flush the index and return its statistics and size on disk (bytes).
+    pub fn flush_and_measure(&mut self) -> Result<(IndexStats, u64), DedupError> {
+        let index = self.index()?;
+        index.flush()?;
+        Ok((index.stats(), index.size_on_disk()))
+    }
+
     /// Refresh this partition's gauges from RocksDB's statistics.
     pub fn refresh_metrics(&self) -> IndexStats {
         let Some(index) = &self.index else { return IndexStats::default() };

@@ -32,6 +32,8 @@ use sluice_log::{EmbeddedLog, Log, LogOptions};
 pub enum BenchCommand {
     /// Tracking API throughput and ack latency, with a null-server floor.
     Ingest(IngestBench),
+    /// The dedup stage on a pre-filled input, with a raw-RocksDB floor.
+    Dedup(crate::bench_dedup::DedupBench),
 }
 
 #[derive(Args, Clone)]
@@ -69,6 +71,7 @@ const WRITE_KEY: &str = "wk_bench";
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => bench_ingest(args),
+        BenchCommand::Dedup(args) => crate::bench_dedup::bench_dedup(args),
     }
 }
 
@@ -307,7 +310,7 @@ async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<B
     }
 }
 
-fn machine_description() -> String {
+pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))

@@ -3,6 +3,7 @@
 //! `config check`). `anyhow` lives here only, at the edge.
 
 mod bench;
+mod bench_dedup;
 mod dedup;
 
 use std::net::SocketAddr;
