@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_log::EmbeddedLog;
@@ -55,24 +55,35 @@ pub struct Server {
     pub admin: String,
     pub config: PathBuf,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// The thread copying stderr into `stderr`; it ends when the process does.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
     /// Start the binary with `config` and wait for its ready line.
     pub fn start(config: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--log-format", "json", "serve", "--config"])
+        Self::start_with_env(config, &[])
+    }
+
+    /// Start the binary with `config` and extra environment variables (e.g.
+    /// `SLUICE_CRASH_AT`), and wait for its ready line.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["--log-format", "json", "serve", "--config"])
             .arg(config)
+            .env_remove("SLUICE_CRASH_AT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sluice");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start sluice");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     let msg = v["fields"]["message"].as_str().unwrap_or("");
@@ -85,9 +96,11 @@ impl Server {
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((addr, admin)) => Server { child, addr, admin, config: config.to_owned(), stderr: lines },
+            Ok((addr, admin)) => Server { child, addr, admin, config: config.to_owned(), stderr: lines, reader: Some(reader) },
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
                 panic!("sluice did not become ready; stderr:\n{}", lines.lock().unwrap().join("\n"));
             }
         }
@@ -95,6 +108,11 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The process id of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no graceful exit, no flush.
@@ -111,8 +129,40 @@ impl Server {
         assert!(status.success(), "sluice exited with {status}; stderr:\n{}", self.stderr.lock().unwrap().join("\n"));
     }
 
+    /// Wait up to `timeout` for the process to exit by itself (a crash point
+    /// aborting it, say). On exit, waits for its stderr to be read to the
+    /// end, so [`Self::stderr_text`] holds its last words. `None` if it is
+    /// still running at the deadline (it is left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The last `n` stderr lines, for panic messages.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let lines = self.stderr.lock().unwrap();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The JSON log lines of stderr (non-JSON lines, e.g. a crash point's
+    /// message, are skipped).
+    pub fn json_log(&self) -> Vec<Value> {
+        self.stderr.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 }
 
@@ -133,14 +183,20 @@ pub struct Stored {
 
 /// Every record of the `input` topic under `data_dir`, all partitions.
 pub fn read_input(data_dir: &Path) -> Vec<Stored> {
+    read_topic(data_dir, "input")
+}
+
+/// Every record of `topic` under `data_dir`, all partitions, in partition
+/// then offset order. Works beside a running server (read-only view).
+pub fn read_topic(data_dir: &Path, topic: &str) -> Vec<Stored> {
     let log = EmbeddedLog::open_read_only(&data_dir.join("log")).expect("open log read-only");
     let mut out = Vec::new();
-    let partitions = sluice_log::Log::partitions(&log, "input").expect("input topic");
+    let partitions = sluice_log::Log::partitions(&log, topic).unwrap_or_else(|e| panic!("topic {topic}: {e}"));
     for p in 0..partitions {
-        let range = log.offsets_blocking("input", p).expect("offsets");
+        let range = log.offsets_blocking(topic, p).expect("offsets");
         let mut next = range.start;
         loop {
-            let batch = log.read_blocking("input", p, next, 10_000).expect("read");
+            let batch = log.read_blocking(topic, p, next, 10_000).expect("read");
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
             for r in batch {
@@ -150,6 +206,61 @@ pub fn read_input(data_dir: &Path) -> Vec<Stored> {
         }
     }
     out
+}
+
+/// How far dedup has got on one partition of `input`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupLag {
+    pub partition: u32,
+    /// The `dedup` group's committed offset on `input` (None: never committed).
+    pub committed: Option<u64>,
+    /// `input`'s readable range.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl DedupLag {
+    pub fn drained(&self) -> bool {
+        self.committed.unwrap_or(self.start) >= self.end
+    }
+}
+
+/// The committed `dedup` offset and the end of `input`, per partition, read
+/// beside a running server.
+pub fn dedup_lag(data_dir: &Path) -> Vec<DedupLag> {
+    let log = EmbeddedLog::open_read_only(&data_dir.join("log")).expect("open log read-only");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let partitions = sluice_log::Log::partitions(&log, "input").expect("input topic");
+    (0..partitions)
+        .map(|p| {
+            let range = log.offsets_blocking("input", p).expect("offsets");
+            let committed = rt.block_on(sluice_log::Log::committed(&log, "dedup", "input", p)).expect("committed offset");
+            DedupLag { partition: p, committed, start: range.start, end: range.end }
+        })
+        .collect()
+}
+
+/// Poll until, on every partition, the `dedup` group's committed offset on
+/// `input` equals `input`'s end; `Err` with the last state at the deadline.
+pub fn try_wait_for_dedup_drained(data_dir: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lag = dedup_lag(data_dir);
+        if lag.iter().all(DedupLag::drained) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("dedup did not drain input within {timeout:?}: {lag:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`try_wait_for_dedup_drained`], panicking at the deadline.
+pub fn wait_for_dedup_drained(data_dir: &Path, timeout: Duration) {
+    if let Err(e) = try_wait_for_dedup_drained(data_dir, timeout) {
+        panic!("{e}");
+    }
 }
 
 /// Stored events by messageId; panics on a duplicate messageId.

@@ -1,0 +1,85 @@
+"""Send every Segment call type through the official Python SDK
+(`segment-analytics-python`, unchanged) to a Sluice server, with every batch
+posted twice, as when a response is lost and the SDK sends the batch again
+(same messageIds).
+
+The SDK's consumer thread calls `post` as imported into
+`segment.analytics.consumer` (`from segment.analytics.request import post`),
+so that is the name wrapped here; the SDK itself is not modified.
+
+Usage: python_resend.py HOST WRITE_KEY RUN_ID COUNT
+Prints one JSON object per line for each event it sent, describing what the
+log must hold; exits non-zero if the SDK reported any error or a batch was
+not posted twice.
+"""
+import json
+import sys
+import threading
+from datetime import datetime, timezone
+
+import segment.analytics as analytics
+import segment.analytics.consumer as consumer
+
+host, write_key, run_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+errors = []
+
+_post = consumer.post
+_lock = threading.Lock()
+posts = {"batches": 0, "requests": 0, "ids": []}
+
+
+def post_twice(*args, **kwargs):
+    """Post the batch, drop the answer (a lost response), post it again as a
+    retry would, and hand the second answer to the SDK."""
+    batch = kwargs["batch"]
+    _post(*args, **dict(kwargs))
+    retry = dict(kwargs)
+    retry["retry_count"] = kwargs.get("retry_count", 0) + 1
+    response = _post(*args, **retry)
+    with _lock:
+        posts["batches"] += 1
+        posts["requests"] += 2
+        posts["ids"].extend(m["messageId"] for m in batch)
+    return response
+
+
+consumer.post = post_twice
+
+client = analytics.Client(
+    write_key=write_key,
+    host=host,
+    on_error=lambda e, batch: errors.append(repr(e)),
+    upload_size=37,  # several batches per run
+    max_retries=3,
+)
+
+sent = []
+ts = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+for i in range(count):
+    base = f"py-resend-{run_id}-{i}"
+    calls = [
+        ("identify", lambda m: client.identify(f"user-{i}", {"email": f"u{i}@example.com", "plan": "pro"}, message_id=m, timestamp=ts)),
+        ("track", lambda m: client.track(f"user-{i}", "Order Completed", {"total": i + 0.5, "items": [1, 2]}, message_id=m, context={"ip": "10.0.0.1"})),
+        ("page", lambda m: client.page(f"user-{i}", "Docs", "Install", {"path": "/install"}, message_id=m)),
+        ("screen", lambda m: client.screen(f"user-{i}", "App", "Home", {"tab": 3}, message_id=m)),
+        ("group", lambda m: client.group(f"user-{i}", f"group-{i}", {"seats": 10}, message_id=m)),
+        ("alias", lambda m: client.alias(f"anon-{i}", f"user-{i}", message_id=m)),
+    ]
+    for kind, call in calls:
+        mid = f"{base}-{kind}"
+        call(mid)
+        sent.append({"messageId": mid, "type": kind, "userId": f"user-{i}", "i": i})
+
+client.flush()
+client.join()
+for s in sent:
+    print(json.dumps(s))
+posted = sorted(posts["ids"])
+if posted != sorted(s["messageId"] for s in sent):
+    errors.append(f"the wrapper posted {len(posted)} messages in {posts['batches']} batches, not each of the {len(sent)} sent once per batch")
+if posts["batches"] < 2:
+    errors.append(f"only {posts['batches']} batch(es): expected several")
+print(f"{posts['batches']} batches, {posts['requests']} requests", file=sys.stderr)
+if errors:
+    print("SDK errors: " + "; ".join(errors), file=sys.stderr)
+    sys.exit(1)
