@@ -137,7 +137,7 @@ impl DedupWorker {
     }
 
     /// The open index, reopening it if a failed rebuild left none.
-    fn index(&mut self) -> Result<&DedupIndex, DedupError> {
+    pub fn index(&mut self) -> Result<&DedupIndex, DedupError> {
         if self.index.is_none() {
             self.index = Some(DedupIndex::open(&index_path(&self.settings, self.partition), &self.settings.index)?);
         }

@@ -27,6 +27,9 @@ use sluice_dedup::index::{now_ms, DedupIndex, IndexOptions, IndexStats};
 use sluice_dedup::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, INPUT_TOPIC, OUTPUT_TOPIC};
 use sluice_log::{EmbeddedLog, Log, LogOptions, Record};
 
+/// Never-seen ids looked up after the run to measure the steady state.
+const PROBE_IDS: u64 = 200_000;
+
 #[derive(Args, Clone)]
 pub struct DedupBench {
     /// Events in `input`, duplicates included.
@@ -184,31 +187,49 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
         poll_interval: Duration::from_millis(1),
     };
     let t = Instant::now();
-    let results: Vec<(IndexStats, u64, IndexStats)> = std::thread::scope(|s| {
+    let probe_per_partition = PROBE_IDS / args.partitions as u64;
+    let results: Vec<(IndexStats, u64, IndexStats, IndexStats)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.partitions)
             .map(|p| {
                 let (log, settings, rt) = (log.clone(), settings.clone(), rt.handle().clone());
-                s.spawn(move || -> Result<(IndexStats, u64, IndexStats)> {
+                s.spawn(move || -> Result<(IndexStats, u64, IndexStats, IndexStats)> {
                     let mut w = DedupWorker::open(log, p, settings, DedupMetrics::default(), &rt, &mut |_| {})?;
                     let before = w.refresh_metrics();
                     while w.process_batch(&rt)? > 0 {}
                     let after = w.refresh_metrics();
+                    // Steady state: ids never seen, against the full index with
+                    // a warm cache, in pipeline-sized batches.
+                    let fresh: Vec<Bytes> = (0..probe_per_partition)
+                        .map(|i| Bytes::from(format!("probe/{}", message_id(u64::MAX - (p as u64) * 1_000_000_000 - i))))
+                        .collect();
+                    let index = w.index()?;
+                    let probe_before = index.stats();
+                    for chunk in fresh.chunks(args.batch_size) {
+                        let refs: Vec<&[u8]> = chunk.iter().map(|k| &k[..]).collect();
+                        let seen = index.contains(&refs, now_ms())?;
+                        if seen.iter().any(|s| *s) {
+                            bail!("a never-seen id was reported as seen");
+                        }
+                    }
+                    let probe = index.stats() - probe_before;
                     let (_, size) = w.flush_and_measure()?;
-                    Ok((after - before, size, after))
+                    Ok((after - before, size, after, probe))
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("worker thread")).collect::<Result<Vec<_>>>()
     })?;
     let pipeline_secs = t.elapsed().as_secs_f64();
+    let probe = results.iter().fold(IndexStats::default(), |a, r| a + r.3);
+    let probed = probe_per_partition * args.partitions as u64;
     let published: u64 =
         (0..args.partitions).map(|p| rt.block_on(log.offsets(OUTPUT_TOPIC, p)).map(|r| r.end)).sum::<Result<u64, _>>()?;
     if published != work.unique {
         bail!("output holds {published} messages but the workload has {} unique ones", work.unique);
     }
-    let stats = results.iter().fold(IndexStats::default(), |a, (d, _, _)| a + *d);
-    let index_bytes: u64 = results.iter().map(|(_, size, _)| size).sum();
-    let keys_estimated: u64 = results.iter().map(|(_, _, s)| s.estimated_keys).sum();
+    let stats = results.iter().fold(IndexStats::default(), |a, r| a + r.0);
+    let index_bytes: u64 = results.iter().map(|r| r.1).sum();
+    let keys_estimated: u64 = results.iter().map(|r| r.2.estimated_keys).sum();
 
     // 3. The floor: the same RocksDB operations, no log.
     let floor_dir = root.join("floor");
@@ -268,6 +289,16 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
     println!("  block reads per new message:                           {:.5}", stats.block_cache_miss as f64 / new_msgs);
     println!("  data block reads per new message:                      {:.5}", stats.block_cache_data_miss as f64 / new_msgs);
     println!("  floor block reads per new message:                     {:.5}", floor.block_cache_miss as f64 / new_msgs);
+    println!("  (these include the data reads of true duplicates and of bloom false positives)");
+    println!(
+        "steady-state probe, {probed} never-seen ids against the full indexes: {} block reads ({} data, {} filter, {} index) = {:.5} per new id; bloom answered {} of them",
+        probe.block_cache_miss,
+        probe.block_cache_data_miss,
+        probe.block_cache_filter_miss,
+        probe.block_cache_index_miss,
+        probe.block_cache_miss as f64 / probed as f64,
+        probe.bloom_useful
+    );
     println!();
     println!("rebuild from output: {} ids in {:.2}s = {:.0} ids/s", work.unique, rebuild_secs, work.unique as f64 / rebuild_secs);
     println!(
@@ -278,10 +309,11 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
         index_bytes as f64 / 1048576.0 / (work.unique as f64 / 1e6)
     );
     println!(
-        "RESULT bench=dedup messages_per_sec={rate:.0} floor_messages_per_sec={floor_rate:.0} ratio={:.3} block_reads_per_new={:.5} data_block_reads_per_new={:.5} rebuild_ids_per_sec={:.0} index_mib_per_million_keys={:.1}",
+        "RESULT bench=dedup messages_per_sec={rate:.0} floor_messages_per_sec={floor_rate:.0} ratio={:.3} block_reads_per_new={:.5} data_block_reads_per_new={:.5} steady_state_reads_per_new_id={:.5} rebuild_ids_per_sec={:.0} index_mib_per_million_keys={:.1}",
         rate / floor_rate,
         stats.block_cache_miss as f64 / new_msgs,
         stats.block_cache_data_miss as f64 / new_msgs,
+        probe.block_cache_miss as f64 / probed as f64,
         work.unique as f64 / rebuild_secs,
         index_bytes as f64 / 1048576.0 / (work.unique as f64 / 1e6)
     );
