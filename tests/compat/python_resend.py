@@ -15,9 +15,9 @@ not posted twice.
 import json
 import sys
 import threading
-from datetime import datetime, timezone
 
 import segment.analytics as analytics
+from segment_calls import send_all
 import segment.analytics.consumer as consumer
 
 host, write_key, run_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -53,22 +53,7 @@ client = analytics.Client(
     max_retries=3,
 )
 
-sent = []
-ts = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
-for i in range(count):
-    base = f"py-resend-{run_id}-{i}"
-    calls = [
-        ("identify", lambda m: client.identify(f"user-{i}", {"email": f"u{i}@example.com", "plan": "pro"}, message_id=m, timestamp=ts)),
-        ("track", lambda m: client.track(f"user-{i}", "Order Completed", {"total": i + 0.5, "items": [1, 2]}, message_id=m, context={"ip": "10.0.0.1"})),
-        ("page", lambda m: client.page(f"user-{i}", "Docs", "Install", {"path": "/install"}, message_id=m)),
-        ("screen", lambda m: client.screen(f"user-{i}", "App", "Home", {"tab": 3}, message_id=m)),
-        ("group", lambda m: client.group(f"user-{i}", f"group-{i}", {"seats": 10}, message_id=m)),
-        ("alias", lambda m: client.alias(f"anon-{i}", f"user-{i}", message_id=m)),
-    ]
-    for kind, call in calls:
-        mid = f"{base}-{kind}"
-        call(mid)
-        sent.append({"messageId": mid, "type": kind, "userId": f"user-{i}", "i": i})
+sent = send_all(client, f"py-resend-{run_id}", count)
 
 client.flush()
 client.join()

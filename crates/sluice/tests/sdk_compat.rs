@@ -82,38 +82,18 @@ fn check_sdk(kind: &str, gzip: bool, library: &str) {
         let ev = &st.event;
         let ty = s["type"].as_str().unwrap();
         *types.entry(ty.to_owned()).or_insert(0) += 1;
-        assert_eq!(st.key, format!("{SOURCE_ID}/{id}"));
-        assert_eq!(st.partition, sluice_core::partition_for(id, 4), "partition of {id}");
-        assert_eq!(ev["type"], ty);
-        assert_eq!(ev["userId"], s["userId"]);
-        assert_eq!(ev["context"]["library"]["name"], library, "{ev}");
-        assert!(ev.get("writeKey").is_none());
+        check_sdk_event(st, s, library);
         let received = utc_ms(ev["receivedAt"].as_str().expect("receivedAt"));
         let timestamp = utc_ms(ev["timestamp"].as_str().expect("timestamp"));
-        let i = s["i"].as_u64().unwrap();
         match ty {
+            // Sent with a 2024 timestamp: skew correction keeps it there
+            // (sentAt and receivedAt are both "now"), within clock noise.
             "identify" => {
-                assert_eq!(ev["traits"]["email"], format!("u{i}@example.com"));
-                // Sent with a 2024 timestamp: skew correction keeps it there
-                // (sentAt and receivedAt are both "now"), within clock noise.
-                assert!(ev["originalTimestamp"].as_str().unwrap().starts_with("2024-05-01T12:00:00.123"), "{ev}");
                 let expected = utc_ms("2024-05-01T12:00:00.123Z");
                 assert!((timestamp - expected).abs() < 60_000, "skew-corrected timestamp {} far from 2024-05-01T12:00:00.123Z", ev["timestamp"]);
             }
-            "track" => {
-                assert_eq!(ev["event"], "Order Completed");
-                assert_eq!(ev["properties"]["total"], i as f64 + 0.5);
-                assert_eq!(ev["properties"]["items"], serde_json::json!([1, 2]));
-                assert!((received - timestamp).abs() < 60_000, "timestamp near receivedAt: {ev}");
-            }
-            "page" => assert_eq!(ev["name"], "Install"),
-            "screen" => assert_eq!(ev["name"], "Home"),
-            "group" => {
-                assert_eq!(ev["groupId"], format!("group-{i}"));
-                assert_eq!(ev["traits"]["seats"], 10);
-            }
-            "alias" => assert_eq!(ev["previousId"], format!("anon-{i}")),
-            other => panic!("unexpected type {other}"),
+            "track" => assert!((received - timestamp).abs() < 60_000, "timestamp near receivedAt: {ev}"),
+            _ => {}
         }
     }
     assert_eq!(types.len(), 6, "all six call types were exercised: {types:?}");

@@ -297,3 +297,40 @@ pub fn sdk_env() -> HashMap<String, String> {
     }
     env
 }
+
+/// The checks every SDK compatibility test makes of one stored event against
+/// what the SDK script reported sending (`messageId`, `type`, `userId`, `i`):
+/// key, partition (4 partitions), library, no `writeKey`, and the fields
+/// `tests/compat/*` set for each call type.
+pub fn check_sdk_event(st: &Stored, sent: &Value, library: &str) {
+    let id = sent["messageId"].as_str().unwrap();
+    let ev = &st.event;
+    let ty = sent["type"].as_str().unwrap();
+    let i = sent["i"].as_u64().unwrap();
+    assert_eq!(st.key, format!("{SOURCE_ID}/{id}"));
+    assert_eq!(st.partition, sluice_core::partition_for(id, 4), "partition of {id}");
+    assert_eq!(ev["type"], ty, "{ev}");
+    assert_eq!(ev["userId"], sent["userId"], "{ev}");
+    assert_eq!(ev["context"]["library"]["name"], library, "{ev}");
+    assert!(ev.get("writeKey").is_none(), "{ev}");
+    assert!(ev["receivedAt"].is_string() && ev["timestamp"].is_string(), "{ev}");
+    match ty {
+        "identify" => {
+            assert_eq!(ev["traits"]["email"], format!("u{i}@example.com"));
+            assert!(ev["originalTimestamp"].as_str().unwrap().starts_with("2024-05-01T12:00:00.123"), "{ev}");
+        }
+        "track" => {
+            assert_eq!(ev["event"], "Order Completed");
+            assert_eq!(ev["properties"]["total"], i as f64 + 0.5);
+            assert_eq!(ev["properties"]["items"], serde_json::json!([1, 2]));
+        }
+        "page" => assert_eq!(ev["name"], "Install"),
+        "screen" => assert_eq!(ev["name"], "Home"),
+        "group" => {
+            assert_eq!(ev["groupId"], format!("group-{i}"));
+            assert_eq!(ev["traits"]["seats"], 10);
+        }
+        "alias" => assert_eq!(ev["previousId"], format!("anon-{i}")),
+        other => panic!("unexpected type {other}"),
+    }
+}
