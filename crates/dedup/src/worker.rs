@@ -212,6 +212,11 @@ impl DedupWorker {
                 committed.unwrap_or(rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.start)
             }
         };
+        // Idle partitions cost one cheap offsets call per poll, not a read.
+        if rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.end <= next {
+            self.next_input = Some(next);
+            return Ok(0);
+        }
         let records = match rt.block_on(self.log.read(INPUT_TOPIC, p, next, self.settings.batch_size)) {
             Ok(r) => r,
             Err(LogError::OffsetOutOfRange { start, .. }) => {
