@@ -102,16 +102,18 @@ pub struct LogConfig {
     pub partitions: u32,
     /// A segment file is rolled once it reaches this size.
     pub segment_bytes: u64,
-    /// Whole segments whose newest record is older than this are deleted.
+    /// Whole sealed segments last written (file mtime) longer ago than this
+    /// are deleted; `input` segments dedup has not read yet are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// fsync each group commit before acknowledging. Turning it off trades
     /// durability on power loss for speed; a process crash loses nothing either way.
     pub fsync: bool,
-    /// Retention of the `output` topic. The dedup index can only be rebuilt
-    /// from what `output` still holds, so this defaults to the dedup window.
+    /// Retention of the `output` topic; absent = `dedup.window`. The dedup
+    /// index can only be rebuilt from what `output` still holds, so a shorter
+    /// value is refused.
     #[serde(with = "humantime_serde")]
-    pub output_retention: Duration,
+    pub output_retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,7 +209,7 @@ impl Default for LogConfig {
             segment_bytes: 128 * 1024 * 1024,
             retention: Duration::from_secs(7 * 24 * 3600),
             fsync: true,
-            output_retention: Duration::from_secs(28 * 24 * 3600),
+            output_retention: None,
         }
     }
 }
@@ -290,12 +292,15 @@ impl Config {
         if self.log.retention.is_zero() {
             return Err(invalid("log.retention", "must be greater than zero"));
         }
-        if self.log.output_retention.is_zero() {
-            return Err(invalid("log.output_retention", "must be greater than zero"));
-        }
         let d = &self.dedup;
         if d.window.is_zero() {
             return Err(invalid("dedup.window", "must be greater than zero"));
+        }
+        if self.output_retention() < d.window {
+            return Err(invalid(
+                "log.output_retention",
+                "must be at least dedup.window: the dedup index is rebuilt from what output still holds",
+            ));
         }
         if !(1.0..=64.0).contains(&d.bloom_bits_per_key) {
             return Err(invalid("dedup.bloom_bits_per_key", format!("must be between 1 and 64, got {}", d.bloom_bits_per_key)));
@@ -332,6 +337,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Retention of the `output` topic: `log.output_retention`, or the dedup window.
+    pub fn output_retention(&self) -> Duration {
+        self.log.output_retention.unwrap_or(self.dedup.window)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -452,7 +462,11 @@ mod tests {
         assert!(c.dedup.enabled);
         assert_eq!(c.dedup.window, Duration::from_secs(28 * 86400));
         assert_eq!(c.dedup.bloom_bits_per_key, 10.0);
-        assert_eq!(c.log.output_retention, c.dedup.window);
+        assert_eq!(c.output_retention(), c.dedup.window);
+        let c = load("[dedup]\nwindow = \"60d\"\n").unwrap();
+        assert_eq!(c.output_retention(), Duration::from_secs(60 * 86400), "follows the window");
+        let err = load("[log]\noutput_retention = \"7d\"\n").unwrap_err().to_string();
+        assert!(err.contains("log.output_retention"), "{err}");
         let err = load("[dedup]\nbloom_bits_per_key = 0.5\n").unwrap_err().to_string();
         assert!(err.contains("dedup.bloom_bits_per_key"), "{err}");
         let err = load("[dedup]\nwindow = \"0s\"\n").unwrap_err().to_string();

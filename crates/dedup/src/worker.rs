@@ -45,6 +45,8 @@ pub struct DedupMetrics {
     /// `output` records still to read into the index (catch-up or rebuild).
     pub catchup_remaining: Family<Labels, Gauge>,
     pub rebuilds: Counter,
+    /// Times the committed input offset was past input's end and was reset.
+    pub input_offset_resets: Counter,
 }
 
 impl DedupMetrics {
@@ -63,6 +65,7 @@ impl DedupMetrics {
         r.register("rocksdb_block_cache_data_miss", "RocksDB ticker: data blocks read from disk", self.block_cache_data_miss.clone());
         r.register("catchup_remaining", "Output records still to read into the index", self.catchup_remaining.clone());
         r.register("rebuilds", "Indexes moved aside and rebuilt from output", self.rebuilds.clone());
+        r.register("input_offset_resets", "Committed input offsets found past input's end and reset", self.input_offset_resets.clone());
     }
 
     fn partition(&self, p: u32) -> Labels {
@@ -213,7 +216,18 @@ impl DedupWorker {
             }
         };
         // Idle partitions cost one cheap offsets call per poll, not a read.
-        if rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.end <= next {
+        let end = rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.end;
+        if next > end {
+            // The committed offset is past the log's end: input's tail was cut
+            // (recovery after a power loss without fsync, or corruption). New
+            // events will take those offsets again; read them, don't skip them.
+            tracing::error!(partition = p, committed = next, end, "dedup's input offset is past the end of input (its tail was cut); resuming at the end");
+            self.metrics.input_offset_resets.inc();
+            rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, end))?;
+            self.next_input = Some(end);
+            return Ok(0);
+        }
+        if end == next {
             self.next_input = Some(next);
             return Ok(0);
         }
@@ -320,6 +334,9 @@ impl DedupWorker {
                 }
                 Err(e) => {
                     tracing::error!(partition = p, error = %e, "dedup batch failed; retrying after catch-up");
+                    if matches!(e, DedupError::Rocks { .. }) {
+                        self.index = None; // reopen it: RocksDB may refuse writes after an I/O error
+                    }
                     failing = true;
                     std::thread::sleep(Duration::from_secs(1));
                 }

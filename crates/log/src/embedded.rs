@@ -91,6 +91,9 @@ pub struct LogOptions {
     /// Per-topic retention, overriding `retention` (e.g. `output` is kept
     /// for the whole dedup window, so the index can be rebuilt from it).
     pub retention_by_topic: HashMap<String, Duration>,
+    /// Per topic, a consumer group whose unread records retention must keep
+    /// (e.g. `input` → `dedup`: acknowledged events are never deleted unread).
+    pub retention_guard: HashMap<String, String>,
     /// fdatasync each group commit (turn off only for throwaway data).
     pub fsync: bool,
     pub metrics: LogMetrics,
@@ -103,6 +106,7 @@ impl Default for LogOptions {
             segment_bytes: 128 << 20,
             retention: Duration::from_secs(7 * 86400),
             retention_by_topic: HashMap::new(),
+            retention_guard: HashMap::new(),
             fsync: true,
             metrics: LogMetrics::default(),
         }
@@ -151,6 +155,7 @@ pub struct EmbeddedLog {
     topics: HashMap<String, Vec<PartitionHandle>>,
     retention: Duration,
     retention_by_topic: HashMap<String, Duration>,
+    retention_guard: HashMap<String, String>,
     metrics: LogMetrics,
     writers: Mutex<Vec<JoinHandle<()>>>,
     lock: Option<File>,
@@ -168,6 +173,8 @@ struct Partition {
     dir: PathBuf,
     state: Mutex<PartitionState>,
     commit_lock: Mutex<()>,
+    /// Whether group offsets are fsynced (follows `LogOptions::fsync`).
+    fsync: bool,
 }
 
 struct PartitionState {
@@ -268,7 +275,7 @@ impl EmbeddedLog {
             let mut handles = Vec::new();
             for id in 0..*partitions {
                 let dir = tdir.join(id.to_string());
-                let (part, active) = Partition::open(name, id, dir, writable, &options.metrics)?;
+                let (part, active) = Partition::open(name, id, dir, writable, options.fsync, &options.metrics)?;
                 let part = Arc::new(part);
                 let tx = match active {
                     Some(active) => {
@@ -300,6 +307,7 @@ impl EmbeddedLog {
             topics,
             retention: options.retention,
             retention_by_topic: options.retention_by_topic.clone(),
+            retention_guard: options.retention_guard.clone(),
             metrics: options.metrics.clone(),
             writers: Mutex::new(writers),
             lock: None,
@@ -335,8 +343,11 @@ impl EmbeddedLog {
         let mut deleted = 0;
         for (topic, parts) in &self.topics {
             let retention = self.retention_by_topic.get(topic).copied().unwrap_or(self.retention);
+            let guard = self.retention_guard.get(topic);
             for h in parts {
-                deleted += h.part.enforce_retention(now, retention)?;
+                // A guarding group that never committed has read nothing: keep everything.
+                let keep_from = guard.map(|g| h.part.committed(g)).transpose()?.map(|c| c.unwrap_or(0));
+                deleted += h.part.enforce_retention(now, retention, keep_from)?;
             }
         }
         self.metrics.deleted_segments.inc_by(deleted as u64);
@@ -461,12 +472,21 @@ fn read_topic_meta(path: &Path) -> Result<u32, LogError> {
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), LogError> {
+    write_file(path, contents, true)
+}
+
+/// Replace `path` by write-to-temporary + rename; with `sync`, fsync the
+/// file before and the directory after the rename.
+fn write_file(path: &Path, contents: &[u8], sync: bool) -> Result<(), LogError> {
     let dir = path.parent().expect("a file in a directory");
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(contents).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+    f.write_all(contents).and_then(|_| if sync { f.sync_all() } else { Ok(()) }).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    fsync_dir(dir)
+    if sync {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// What reading one frame found.
@@ -619,6 +639,7 @@ impl Partition {
         id: u32,
         dir: PathBuf,
         writable: bool,
+        fsync: bool,
         metrics: &LogMetrics,
     ) -> Result<(Self, Option<ActiveSegment>), LogError> {
         if writable {
@@ -671,7 +692,7 @@ impl Partition {
                     cut_bytes,
                     cut_records,
                     kept_through_offset = scan.end as i64 - 1,
-                    "torn or corrupt log tail truncated (never acknowledged)"
+                    "torn or corrupt log tail truncated (never acknowledged while log.fsync is on)"
                 );
                 metrics.truncated_records.inc_by(cut_records);
             }
@@ -695,6 +716,7 @@ impl Partition {
             dir,
             state: Mutex::new(PartitionState { segments, end: scan.end, poisoned: None }),
             commit_lock: Mutex::new(()),
+            fsync,
         };
         Ok((part, active))
     }
@@ -728,7 +750,10 @@ impl Partition {
             };
             if needs_index {
                 let scan = match scan_segment(&path, base) {
-                    Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => continue, // deleted by retention meanwhile
+                    Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                        self.forget_vanished(base, &path)?;
+                        continue;
+                    }
                     r => r?,
                 };
                 if let Some(problem) = scan.bad.filter(|_| scan.end < stop) {
@@ -742,7 +767,10 @@ impl Partition {
                 continue;
             }
             let reached = match read_range(&path, pos, from, stop, max - out.len(), &mut out) {
-                Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => continue, // deleted by retention meanwhile
+                Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    self.forget_vanished(base, &path)?;
+                    continue;
+                }
                 r => r?,
             };
             if reached < stop && out.len() < max {
@@ -757,11 +785,34 @@ impl Partition {
         Ok(out)
     }
 
-    fn enforce_retention(&self, now: SystemTime, retention: Duration) -> Result<usize, LogError> {
+    /// A segment file was not found. Retention (ours, or the writer's when
+    /// this is a read-only view) deletes only the oldest segment: forget it
+    /// so the read turns into `OffsetOutOfRange`. Anything else missing is an
+    /// error, never a reason to loop.
+    fn forget_vanished(&self, base: u64, path: &Path) -> Result<(), LogError> {
+        let mut st = self.state.lock().expect("partition state");
+        if !st.segments.contains_key(&base) {
+            return Ok(()); // our own retention removed it meanwhile
+        }
+        if st.segments.len() > 1 && st.segments.keys().next() == Some(&base) {
+            st.segments.remove(&base);
+            return Ok(());
+        }
+        Err(LogError::Corrupt { path: path.display().to_string(), position: 0, problem: "segment file is missing".into() })
+    }
+
+    /// `keep_from`: never delete a segment holding offsets at or after it
+    /// (a consumer group that must not lose unread records).
+    fn enforce_retention(&self, now: SystemTime, retention: Duration, keep_from: Option<u64>) -> Result<usize, LogError> {
         let mut st = self.state.lock().expect("partition state");
         let mut deleted = 0;
         while st.segments.len() > 1 {
-            let (&base, seg) = st.segments.iter().next().expect("len > 1");
+            let mut bases = st.segments.keys();
+            let (base, next_base) = (*bases.next().expect("len > 1"), *bases.next().expect("len > 1"));
+            if keep_from.is_some_and(|k| next_base > k) {
+                break;
+            }
+            let seg = &st.segments[&base];
             let modified = fs::metadata(&seg.path).and_then(|m| m.modified()).map_err(io_err(&seg.path))?;
             if now.duration_since(modified).unwrap_or_default() <= retention {
                 break;
@@ -779,7 +830,10 @@ impl Partition {
 
     fn commit(&self, group: &str, next_offset: u64) -> Result<(), LogError> {
         let _guard = self.commit_lock.lock().expect("commit lock");
-        write_atomically(&self.dir.join("groups").join(format!("{group}.offset")), format!("{next_offset}\n").as_bytes())
+        let path = self.dir.join("groups").join(format!("{group}.offset"));
+        // An offset must never be more durable than the records it covers:
+        // without fsync of the data, don't fsync the offset either.
+        write_file(&path, format!("{next_offset}\n").as_bytes(), self.fsync)
     }
 
     fn committed(&self, group: &str) -> Result<Option<u64>, LogError> {

@@ -130,3 +130,52 @@ async fn retention_deletes_oldest_first_and_stops_at_a_young_segment() {
     assert_eq!(log.offsets(TOPIC, 0).await.unwrap(), OffsetRange { start: active_base, end: 200 });
     assert_records(&read_all(&log, TOPIC, 0, active_base, 1000).await, active_base, &expected[active_base as usize..]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guarding_group_keeps_the_segments_it_has_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&[(TOPIC, 1)], 4096);
+    opts.retention_guard = [(TOPIC.to_owned(), "reader".to_owned())].into();
+    let log = open(dir.path(), &opts);
+    for o in 0..200u64 {
+        log.append(TOPIC, 0, vec![numbered(0, o, 150)]).await.unwrap();
+    }
+    let bases: Vec<u64> = segments(dir.path(), TOPIC, 0).iter().map(|(b, _)| *b).collect();
+    assert!(bases.len() > 4, "several segments: {bases:?}");
+    let far_future = SystemTime::now() + RETENTION * 10;
+
+    // Never committed: the group has read nothing, so nothing goes.
+    assert_eq!(log.enforce_retention(far_future).unwrap(), 0);
+
+    // Committed into the middle of the third segment: the first two go.
+    let commit = bases[2] + 1;
+    log.commit("reader", TOPIC, 0, commit).await.unwrap();
+    assert_eq!(log.enforce_retention(far_future).unwrap(), 2);
+    assert_eq!(log.offsets(TOPIC, 0).await.unwrap().start, bases[2]);
+    let unread = log.read(TOPIC, 0, commit, 1000).await.unwrap();
+    assert_eq!(unread.first().map(|r| r.offset), Some(commit), "unread records are kept");
+}
+
+#[test]
+fn a_read_only_view_whose_oldest_segment_vanishes_reports_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(&[(TOPIC, 1)], 4096);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let log = open(dir.path(), &opts);
+    for o in 0..100u64 {
+        rt.block_on(log.append(TOPIC, 0, vec![numbered(0, o, 150)])).unwrap();
+    }
+    let segs = segments(dir.path(), TOPIC, 0);
+    let view = sluice_log::EmbeddedLog::open_read_only(dir.path()).unwrap();
+    // The writer's retention deletes the oldest segment behind the view's back.
+    std::fs::remove_file(&segs[0].1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(view.read_blocking(TOPIC, 0, 0, 10).map(|r| r.len()));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)).expect("the read returns instead of spinning") {
+        Err(LogError::OffsetOutOfRange { start, .. }) => assert_eq!(start, segs[1].0),
+        other => panic!("expected OffsetOutOfRange, got {other:?}"),
+    }
+    drop(log);
+}

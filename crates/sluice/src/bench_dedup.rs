@@ -122,6 +122,10 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
     println!("{}", crate::bench::machine_description());
     let tmp;
     let root = match &args.data_dir {
+        // A reused directory would measure the all-duplicates path.
+        Some(d) if d.exists() && std::fs::read_dir(d)?.next().is_some() => {
+            bail!("--data-dir {} is not empty; the benchmark needs a fresh directory", d.display())
+        }
         Some(d) => d.clone(),
         None => {
             tmp = tempfile::Builder::new().prefix("sluice-bench-dedup-").tempdir()?;

@@ -253,14 +253,21 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
 }
 
 /// The embedded log's options for `config`: topics `input` and `output`
-/// with the same partition count, `output` kept for the dedup window.
+/// with the same partition count, `output` kept for the dedup window, and
+/// `input` kept until dedup has read it.
 fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
     let partitions = config.log.partitions;
     LogOptions {
         topics: vec![(INPUT_TOPIC.into(), partitions), (OUTPUT_TOPIC.into(), partitions)],
         segment_bytes: config.log.segment_bytes,
         retention: config.log.retention,
-        retention_by_topic: [(OUTPUT_TOPIC.to_owned(), config.log.output_retention)].into(),
+        retention_by_topic: [(OUTPUT_TOPIC.to_owned(), config.output_retention())].into(),
+        // Acknowledged events are never deleted before dedup has read them.
+        retention_guard: if config.dedup.enabled {
+            [(INPUT_TOPIC.to_owned(), sluice_dedup::GROUP.to_owned())].into()
+        } else {
+            Default::default()
+        },
         fsync: config.log.fsync,
         metrics,
     }
