@@ -97,9 +97,23 @@ fn index_path(settings: &DedupSettings, partition: u32) -> PathBuf {
     settings.index_dir.join(partition.to_string())
 }
 
-/// Move an index directory aside as `<dir>.<why>-<ms>` (never deleted: it
-/// may help a post-mortem).
+/// Move an index directory aside as `<dir>.<why>-<ms>`, for a post-mortem.
+/// Only the newest copy is kept: older ones of the same partition are
+/// deleted, so an index that keeps failing cannot fill the disk.
 fn move_aside(path: &Path, why: &str) -> Result<PathBuf, DedupError> {
+    if let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let prefix = format!("{name}.");
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let old = entry.file_name();
+            let old = old.to_string_lossy();
+            let is_copy = old.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with("corrupt-") || rest.starts_with("old-"));
+            if is_copy {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "could not delete an older moved-aside index");
+                }
+            }
+        }
+    }
     let aside = path.with_extension(format!("{why}-{}", now_ms()));
     std::fs::rename(path, &aside).map_err(|source| DedupError::Io { path: path.display().to_string(), source })?;
     Ok(aside)

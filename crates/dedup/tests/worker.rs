@@ -40,3 +40,29 @@ fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
     let keys: Vec<&[u8]> = out.iter().map(|r| &r.key[..]).collect();
     assert_eq!(keys, [&b"web/b0"[..], &b"web/b1"[..]]);
 }
+
+#[test]
+fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), 1), (OUTPUT_TOPIC.into(), 1)], ..LogOptions::default() };
+    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).unwrap());
+    rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x"), rec("y")])).unwrap();
+    let settings = DedupSettings {
+        index_dir: dir.path().join("dedup"),
+        index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
+        batch_size: 100,
+        poll_interval: Duration::from_millis(1),
+    };
+    for _ in 0..3 {
+        let stats = sluice_dedup::rebuild_partition(log.clone(), 0, settings.clone(), rt.handle(), &mut |_| {}).unwrap();
+        assert_eq!(stats.estimated_keys, 2);
+        std::thread::sleep(Duration::from_millis(2)); // distinct names
+    }
+    let copies: Vec<String> = std::fs::read_dir(dir.path().join("dedup"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("0."))
+        .collect();
+    assert_eq!(copies.len(), 1, "one moved-aside copy: {copies:?}");
+}
