@@ -4,9 +4,12 @@
 //! Invariants:
 //! - The index is derived from `output`, never the other way round: it holds
 //!   ids and a checkpoint (the `output` offset it covers up to, exclusive),
-//!   written together in one `WriteBatch`, so ids and checkpoint are always
-//!   consistent. Writes are not fsynced: whatever a crash loses of them, the
-//!   checkpoint loses too, and catching up from `output` restores it.
+//!   written together in one `WriteBatch` into one column family, so ids and
+//!   checkpoint reach the memtable together and every flush persists them
+//!   together. Writes skip RocksDB's write-ahead log: a crash loses the
+//!   memtable — ids and checkpoint alike — and catching up from `output`
+//!   restores it. The WAL would only duplicate what `output` already makes
+//!   durable.
 //! - A key seen within the window reads as present; an older one reads as
 //!   absent, whether or not compaction has removed it yet.
 //!
@@ -38,8 +41,10 @@ use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescrip
 use crate::DedupError;
 
 const CF_IDS: &str = "ids";
-const CF_META: &str = "meta";
-const CHECKPOINT_KEY: &[u8] = b"output_checkpoint";
+/// Lives beside the ids, in the same column family, so one memtable holds
+/// both and every flush persists them together. Record keys start with a
+/// source id (`[A-Za-z0-9_-]`), never with a NUL byte.
+const CHECKPOINT_KEY: &[u8] = b"\0sluice:output_checkpoint";
 
 /// Settings shared by the indexes of every partition.
 #[derive(Clone)]
@@ -142,9 +147,9 @@ impl DedupIndex {
         ids.set_memtable_whole_key_filtering(true);
         ids.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cutoff = cutoff_ms.clone();
-        ids.set_compaction_filter("sluice_dedup_window", move |_level: u32, _key: &[u8], value: &[u8]| {
+        ids.set_compaction_filter("sluice_dedup_window", move |_level: u32, key: &[u8], value: &[u8]| {
             match decode_ts(value) {
-                Some(ts) if ts < cutoff.load(Ordering::Relaxed) => Decision::Remove,
+                Some(ts) if key != CHECKPOINT_KEY && ts < cutoff.load(Ordering::Relaxed) => Decision::Remove,
                 _ => Decision::Keep,
             }
         });
@@ -155,10 +160,7 @@ impl DedupIndex {
         db_options.set_max_background_jobs(2);
         db_options.set_keep_log_file_num(3);
         db_options.set_paranoid_checks(true);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_IDS, ids),
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ];
+        let cfs = vec![ColumnFamilyDescriptor::new(CF_IDS, ids)];
         let db = DB::open_cf_descriptors(&db_options, path, cfs).map_err(|e| classify(path, "opening", e))?;
         Ok(Self { db, db_options, path: path.to_owned(), window_ms, cutoff_ms })
     }
@@ -169,8 +171,8 @@ impl DedupIndex {
 
     /// The `output` offset this index covers up to (exclusive), if any.
     pub fn checkpoint(&self) -> Result<Option<u64>, DedupError> {
-        let meta = self.db.cf_handle(CF_META).expect("meta column family");
-        let value = self.db.get_cf(&meta, CHECKPOINT_KEY).map_err(|e| classify(&self.path, "reading the checkpoint", e))?;
+        let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
+        let value = self.db.get_cf(&ids, CHECKPOINT_KEY).map_err(|e| classify(&self.path, "reading the checkpoint", e))?;
         Ok(value.and_then(|v| decode_ts(&v)))
     }
 
@@ -196,7 +198,6 @@ impl DedupIndex {
     /// one atomic write.
     pub fn record<'a>(&self, keys: impl IntoIterator<Item = (&'a [u8], u64)>, checkpoint: u64) -> Result<(), DedupError> {
         let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
-        let meta = self.db.cf_handle(CF_META).expect("meta column family");
         // Sorted, consecutive inserts reuse the memtable skip list's search
         // path (its "splice"); random order pays a full search per key.
         let mut keys: Vec<(&[u8], u64)> = keys.into_iter().collect();
@@ -205,19 +206,16 @@ impl DedupIndex {
         for (key, ts) in keys {
             batch.put_cf(&ids, key, ts.to_be_bytes());
         }
-        batch.put_cf(&meta, CHECKPOINT_KEY, checkpoint.to_be_bytes());
+        batch.put_cf(&ids, CHECKPOINT_KEY, checkpoint.to_be_bytes());
         let mut write = WriteOptions::default();
-        write.set_sync(false); // see the module docs: output is the truth
+        write.disable_wal(true); // see the module docs: output is the truth
         self.db.write_opt(batch, &write).map_err(|e| classify(&self.path, "writing ids", e))
     }
 
     /// Flush memtables to disk (used on clean shutdown and by the benchmark).
     pub fn flush(&self) -> Result<(), DedupError> {
-        for cf in [CF_IDS, CF_META] {
-            let handle = self.db.cf_handle(cf).expect("column family");
-            self.db.flush_cf(&handle).map_err(|e| classify(&self.path, "flushing", e))?;
-        }
-        Ok(())
+        let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
+        self.db.flush_cf(&ids).map_err(|e| classify(&self.path, "flushing", e))
     }
 
     pub fn stats(&self) -> IndexStats {
@@ -242,7 +240,10 @@ impl DedupIndex {
             }
         }
         let cf = self.db.cf_handle(CF_IDS).expect("ids column family");
-        s.estimated_keys = self.db.property_int_value_cf(&cf, "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0);
+        let keys = self.db.property_int_value_cf(&cf, "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0);
+        // The checkpoint shares the column family; it is not an id.
+        let checkpoint = u64::from(matches!(self.checkpoint(), Ok(Some(_))));
+        s.estimated_keys = keys.saturating_sub(checkpoint);
         s
     }
 
