@@ -804,28 +804,36 @@ impl Partition {
     /// `keep_from`: never delete a segment holding offsets at or after it
     /// (a consumer group that must not lose unread records).
     fn enforce_retention(&self, now: SystemTime, retention: Duration, keep_from: Option<u64>) -> Result<usize, LogError> {
-        let mut st = self.state.lock().expect("partition state");
-        let mut deleted = 0;
-        while st.segments.len() > 1 {
-            let mut bases = st.segments.keys();
-            let (base, next_base) = (*bases.next().expect("len > 1"), *bases.next().expect("len > 1"));
-            if keep_from.is_some_and(|k| next_base > k) {
-                break;
+        // Take the expired segments out of the map under the lock; delete
+        // the files and fsync the directory outside it, so appends and reads
+        // never wait on that I/O. A reader still holding a removed path gets
+        // NotFound and re-checks the map (`forget_vanished`).
+        let doomed: Vec<PathBuf> = {
+            let mut st = self.state.lock().expect("partition state");
+            let mut doomed = Vec::new();
+            while st.segments.len() > 1 {
+                let mut bases = st.segments.keys();
+                let (base, next_base) = (*bases.next().expect("len > 1"), *bases.next().expect("len > 1"));
+                if keep_from.is_some_and(|k| next_base > k) {
+                    break;
+                }
+                let path = &st.segments[&base].path;
+                let modified = fs::metadata(path).and_then(|m| m.modified()).map_err(io_err(path))?;
+                if now.duration_since(modified).unwrap_or_default() <= retention {
+                    break;
+                }
+                doomed.push(st.segments.remove(&base).expect("present").path);
             }
-            let seg = &st.segments[&base];
-            let modified = fs::metadata(&seg.path).and_then(|m| m.modified()).map_err(io_err(&seg.path))?;
-            if now.duration_since(modified).unwrap_or_default() <= retention {
-                break;
-            }
-            fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
-            tracing::info!(segment = %seg.path.display(), "retention deleted segment");
-            st.segments.remove(&base);
-            deleted += 1;
+            doomed
+        };
+        for path in &doomed {
+            fs::remove_file(path).map_err(io_err(path))?;
+            tracing::info!(segment = %path.display(), "retention deleted segment");
         }
-        if deleted > 0 {
+        if !doomed.is_empty() {
             fsync_dir(&self.dir)?;
         }
-        Ok(deleted)
+        Ok(doomed.len())
     }
 
     fn commit(&self, group: &str, next_offset: u64) -> Result<(), LogError> {
