@@ -45,6 +45,8 @@ pub enum DedupError {
     Rocks { doing: String, cause: String },
     #[error("dedup index {path} covers output up to offset {checkpoint}, but output ends at {end}; the index is ahead of its source")]
     AheadOfOutput { path: String, checkpoint: u64, end: u64 },
+    #[error("dedup is stopping")]
+    Stopped,
     #[error(transparent)]
     Log(#[from] sluice_log::LogError),
     #[error("I/O error on {path}: {source}")]

@@ -28,6 +28,9 @@ pub struct DedupSettings {
     pub batch_size: usize,
     /// Sleep when `input` has nothing new.
     pub poll_interval: Duration,
+    /// Set to stop: workers finish their batch, and a catch-up or rebuild
+    /// stops between reads (its checkpoint lets the next start resume).
+    pub stop: Arc<AtomicBool>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -191,6 +194,9 @@ impl DedupWorker {
         let window_ms = self.settings.index.window.as_millis() as u64;
         let mut last_report = Instant::now();
         while next < range.end {
+            if self.settings.stop.load(Ordering::Relaxed) {
+                return Err(DedupError::Stopped);
+            }
             let records = match rt.block_on(self.log.read(OUTPUT_TOPIC, p, next, 10_000)) {
                 Ok(r) => r,
                 // Retention removed the start meanwhile: continue from the new start.
@@ -312,7 +318,8 @@ impl DedupWorker {
     /// Work until `stop` is set. Errors are logged and retried; a corrupt
     /// index is rebuilt; after any error the index catches up from `output`
     /// again, as after a restart, so a half-done batch cannot publish twice.
-    pub fn run(mut self, rt: Handle, stop: Arc<AtomicBool>) {
+    pub fn run(mut self, rt: Handle) {
+        let stop = self.settings.stop.clone();
         let p = self.partition;
         let mut last_metrics = Instant::now();
         let mut log_progress = |pr: Progress| {
@@ -330,6 +337,7 @@ impl DedupWorker {
                 self.process_batch(&rt)
             };
             match result {
+                Err(DedupError::Stopped) => break,
                 Ok(n) => {
                     if failing {
                         tracing::info!(partition = p, "dedup worker recovered");

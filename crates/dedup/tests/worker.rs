@@ -26,6 +26,7 @@ fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
         index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
         batch_size: 100,
         poll_interval: Duration::from_millis(1),
+        stop: Default::default(),
     };
     let metrics = DedupMetrics::default();
     let mut worker = DedupWorker::open(log.clone(), 0, settings, metrics.clone(), rt.handle(), &mut |_| {}).unwrap();
@@ -53,6 +54,7 @@ fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
         index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
         batch_size: 100,
         poll_interval: Duration::from_millis(1),
+        stop: Default::default(),
     };
     for _ in 0..3 {
         let stats = sluice_dedup::rebuild_partition(log.clone(), 0, settings.clone(), rt.handle(), &mut |_| {}).unwrap();
@@ -65,4 +67,25 @@ fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
         .filter(|n| n.starts_with("0."))
         .collect();
     assert_eq!(copies.len(), 1, "one moved-aside copy: {copies:?}");
+}
+
+#[test]
+fn a_catch_up_stops_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), 1), (OUTPUT_TOPIC.into(), 1)], ..LogOptions::default() };
+    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).unwrap());
+    rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x")])).unwrap();
+    let settings = DedupSettings {
+        index_dir: dir.path().join("dedup"),
+        index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
+        batch_size: 100,
+        poll_interval: Duration::from_millis(1),
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    match DedupWorker::open(log, 0, settings, DedupMetrics::default(), rt.handle(), &mut |_| {}) {
+        Err(sluice_dedup::DedupError::Stopped) => {}
+        Err(e) => panic!("expected Stopped, got {e}"),
+        Ok(_) => panic!("the catch-up ran to the end although stop was set"),
+    }
 }

@@ -189,6 +189,7 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
         index: index_options(&args)?,
         batch_size: args.batch_size,
         poll_interval: Duration::from_millis(1),
+        stop: Default::default(),
     };
     let t = Instant::now();
     let probe_per_partition = PROBE_IDS / args.partitions as u64;

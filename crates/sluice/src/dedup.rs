@@ -32,13 +32,14 @@ pub enum DedupCommand {
     },
 }
 
-pub fn settings(config: &Config) -> Result<DedupSettings> {
+pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings> {
     let d = &config.dedup;
     Ok(DedupSettings {
         index_dir: config.server.data_dir.join("dedup"),
         index: IndexOptions::new(d.bloom_bits_per_key, d.window, d.block_cache_bytes)?,
         batch_size: d.batch_size,
         poll_interval: Duration::from_millis(5),
+        stop,
     })
 }
 
@@ -50,7 +51,7 @@ pub fn spawn_workers(
     metrics: DedupMetrics,
     stop: Arc<AtomicBool>,
 ) -> Result<Vec<JoinHandle<()>>> {
-    let settings = settings(config)?;
+    let settings = settings(config, stop.clone())?;
     let rt = tokio::runtime::Handle::current();
     let mut handles = Vec::new();
     for partition in 0..config.log.partitions {
@@ -61,7 +62,8 @@ pub fn spawn_workers(
             };
             while !stop.load(Ordering::Relaxed) {
                 match DedupWorker::open(log.clone(), partition, settings.clone(), metrics.clone(), &rt, &mut progress) {
-                    Ok(worker) => return worker.run(rt, stop),
+                    Ok(worker) => return worker.run(rt),
+                    Err(sluice_dedup::DedupError::Stopped) => return,
                     Err(e) => {
                         tracing::error!(partition, error = %e, "dedup worker cannot start; retrying in 5 s");
                         std::thread::sleep(Duration::from_secs(5));
@@ -92,7 +94,7 @@ pub fn run(cmd: DedupCommand) -> Result<()> {
             let log = EmbeddedLog::open(&root, crate::log_options(&config, LogMetrics::default()))
                 .with_context(|| format!("cannot open the log at {} (stop `sluice serve` first)", root.display()))?;
             let log: Arc<dyn Log> = Arc::new(log);
-            let settings = settings(&config)?;
+            let settings = settings(&config, Arc::new(AtomicBool::new(false)))?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             for p in partitions {
                 let mut bar = ProgressBar::new(p);
