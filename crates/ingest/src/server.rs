@@ -12,6 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -36,8 +37,10 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(true);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {} // reap finished ones
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = &mut shutdown => break,
@@ -58,7 +61,7 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
         let service = TowerToHyperService::new(app.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -67,6 +70,10 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     }
     drop(listener);
     if tokio::time::timeout(options.shutdown_grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("shutdown grace period over; closing open connections");
+        tracing::warn!(open = connections.len(), "shutdown grace period over; closing open connections");
+        connections.abort_all();
     }
+    // Wait until every connection task is gone, so nothing they hold (the
+    // log, for the Tracking API) outlives `serve`.
+    while connections.join_next().await.is_some() {}
 }
