@@ -35,6 +35,10 @@ pub struct DedupSettings {
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Records per read during catch-up: whole events are read (up to 32 KB
+/// each) on every partition at once at startup, so keep the batch modest.
+const CATCH_UP_BATCH: usize = 2_000;
+
 /// Dedup's metrics, labelled by partition where it matters.
 #[derive(Clone, Default)]
 pub struct DedupMetrics {
@@ -197,7 +201,7 @@ impl DedupWorker {
             if self.settings.stop.load(Ordering::Relaxed) {
                 return Err(DedupError::Stopped);
             }
-            let records = match rt.block_on(self.log.read(OUTPUT_TOPIC, p, next, 10_000)) {
+            let records = match rt.block_on(self.log.read(OUTPUT_TOPIC, p, next, CATCH_UP_BATCH)) {
                 Ok(r) => r,
                 // Retention removed the start meanwhile: continue from the new start.
                 Err(LogError::OffsetOutOfRange { start, .. }) => {
