@@ -12,15 +12,12 @@ fn rec(id: &str) -> Record {
     Record { key: Bytes::from(format!("web/{id}")), value: Bytes::from(format!("{{\"messageId\":\"{id}\"}}")) }
 }
 
-#[test]
-fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
+/// A log with one-partition `input` and `output`, and dedup settings over it.
+fn setup() -> (tempfile::TempDir, tokio::runtime::Runtime, Arc<dyn Log>, DedupSettings) {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), 1), (OUTPUT_TOPIC.into(), 1)], ..LogOptions::default() };
     let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).unwrap());
-    rt.block_on(log.append(INPUT_TOPIC, 0, (0..5).map(|i| rec(&format!("a{i}"))).collect())).unwrap();
-    // As after input's tail was cut at recovery: dedup had committed 10.
-    rt.block_on(log.commit(GROUP, INPUT_TOPIC, 0, 10)).unwrap();
     let settings = DedupSettings {
         index_dir: dir.path().join("dedup"),
         index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
@@ -28,6 +25,15 @@ fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
         poll_interval: Duration::from_millis(1),
         stop: Default::default(),
     };
+    (dir, rt, log, settings)
+}
+
+#[test]
+fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
+    let (_dir, rt, log, settings) = setup();
+    rt.block_on(log.append(INPUT_TOPIC, 0, (0..5).map(|i| rec(&format!("a{i}"))).collect())).unwrap();
+    // As after input's tail was cut at recovery: dedup had committed 10.
+    rt.block_on(log.commit(GROUP, INPUT_TOPIC, 0, 10)).unwrap();
     let metrics = DedupMetrics::default();
     let mut worker = DedupWorker::open(log.clone(), 0, settings, metrics.clone(), rt.handle(), &mut |_| {}).unwrap();
     assert_eq!(worker.process_batch(rt.handle()).unwrap(), 0);
@@ -44,18 +50,8 @@ fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
 
 #[test]
 fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), 1), (OUTPUT_TOPIC.into(), 1)], ..LogOptions::default() };
-    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).unwrap());
+    let (dir, rt, log, settings) = setup();
     rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x"), rec("y")])).unwrap();
-    let settings = DedupSettings {
-        index_dir: dir.path().join("dedup"),
-        index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
-        batch_size: 100,
-        poll_interval: Duration::from_millis(1),
-        stop: Default::default(),
-    };
     for _ in 0..3 {
         let stats = sluice_dedup::rebuild_partition(log.clone(), 0, settings.clone(), rt.handle(), &mut |_| {}).unwrap();
         assert_eq!(stats.estimated_keys, 2);
@@ -71,18 +67,9 @@ fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
 
 #[test]
 fn a_catch_up_stops_when_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), 1), (OUTPUT_TOPIC.into(), 1)], ..LogOptions::default() };
-    let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).unwrap());
+    let (_dir, rt, log, settings) = setup();
     rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x")])).unwrap();
-    let settings = DedupSettings {
-        index_dir: dir.path().join("dedup"),
-        index: IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap(),
-        batch_size: 100,
-        poll_interval: Duration::from_millis(1),
-        stop: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
+    settings.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     match DedupWorker::open(log, 0, settings, DedupMetrics::default(), rt.handle(), &mut |_| {}) {
         Err(sluice_dedup::DedupError::Stopped) => {}
         Err(e) => panic!("expected Stopped, got {e}"),
