@@ -33,7 +33,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -156,19 +156,6 @@ pub struct SourceConfig {
     /// Bucket size for bursts; absent = one second's worth of `rate_limit`.
     #[serde(default)]
     pub rate_burst: Option<u32>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            admin: AdminConfig::default(),
-            ingest: IngestConfig::default(),
-            log: LogConfig::default(),
-            dedup: DedupConfig::default(),
-            sources: Vec::new(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
