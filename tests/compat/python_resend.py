@@ -16,8 +16,7 @@ import json
 import sys
 import threading
 
-import segment.analytics as analytics
-from segment_calls import send_all
+from segment_calls import make_client, send_all
 import segment.analytics.consumer as consumer
 
 host, write_key, run_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -45,13 +44,7 @@ def post_twice(*args, **kwargs):
 
 consumer.post = post_twice
 
-client = analytics.Client(
-    write_key=write_key,
-    host=host,
-    on_error=lambda e, batch: errors.append(repr(e)),
-    upload_size=37,  # several batches per run
-    max_retries=3,
-)
+client = make_client(host, write_key, errors)
 
 sent = send_all(client, f"py-resend-{run_id}", count)
 

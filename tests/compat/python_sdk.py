@@ -8,21 +8,13 @@ log must hold; exits non-zero if the SDK reported any error.
 import json
 import sys
 
-import segment.analytics as analytics
-from segment_calls import send_all
+from segment_calls import make_client, send_all
 
 host, write_key, run_id, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 gzip = "--gzip" in sys.argv[5:]
 errors = []
 
-client = analytics.Client(
-    write_key=write_key,
-    host=host,
-    gzip=gzip,
-    on_error=lambda e, batch: errors.append(repr(e)),
-    upload_size=37,  # several batches per run
-    max_retries=3,
-)
+client = make_client(host, write_key, errors, gzip=gzip)
 
 sent = send_all(client, f"py-{run_id}", count)
 

@@ -2,7 +2,21 @@
 with explicit message ids, fields the Rust tests check afterwards."""
 from datetime import datetime, timezone
 
+import segment.analytics as analytics
+
 TIMESTAMP = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def make_client(host, write_key, errors, gzip=False):
+    """An unmodified SDK client; its errors are appended to `errors`."""
+    return analytics.Client(
+        write_key=write_key,
+        host=host,
+        gzip=gzip,
+        on_error=lambda e, batch: errors.append(repr(e)),
+        upload_size=37,  # several batches per run
+        max_retries=3,
+    )
 
 
 def send_all(client, prefix, count):

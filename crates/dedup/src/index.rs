@@ -32,6 +32,7 @@
 //! costs no filter or index read (a bloom false positive, ~1% per SST probed
 //! at 10 bits/key, still reads one data block).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -194,6 +195,14 @@ impl DedupIndex {
             out[*i] = matches!(value.as_deref().and_then(decode_ts), Some(ts) if ts >= cutoff);
         }
         Ok(out)
+    }
+
+    /// Positions of the keys that are new: not seen within the window, and
+    /// not a repeat of an earlier key of the same batch.
+    pub fn select_new(&self, keys: &[&[u8]], now_ms: u64) -> Result<Vec<usize>, DedupError> {
+        let seen = self.contains(keys, now_ms)?;
+        let mut in_batch = HashSet::with_capacity(keys.len());
+        Ok((0..keys.len()).filter(|&i| !seen[i] && in_batch.insert(keys[i])).collect())
     }
 
     /// Record `keys` as published at their times, and the new checkpoint, in

@@ -4,7 +4,6 @@
 //! `Log` is driven with `Handle::block_on`, so no async executor thread ever
 //! waits on storage.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -276,10 +275,7 @@ impl DedupWorker {
         let keys: Vec<&[u8]> = records.iter().map(|r| &r.key[..]).collect();
         self.index()?;
         let index = self.index.as_ref().expect("opened above");
-        let seen = index.contains(&keys, now)?;
-        let mut batch_keys = HashSet::with_capacity(records.len());
-        let fresh: Vec<&StoredRecord> =
-            records.iter().zip(seen).filter(|(r, seen)| !seen && batch_keys.insert(&r.key[..])).map(|(r, _)| r).collect();
+        let fresh: Vec<&StoredRecord> = index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).collect();
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
 
         if !fresh.is_empty() {

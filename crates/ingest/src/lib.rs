@@ -246,8 +246,9 @@ async fn handle(
     let started = Instant::now();
     // Only known calls become label values: a client must not be able to
     // create metric series at will.
-    let label = if call_for_path(&call).is_some() { call.clone() } else { "unknown".to_owned() };
-    let resp = match call_for_path(&call) {
+    let parsed = call_for_path(&call);
+    let label = if parsed.is_some() { call.clone() } else { "unknown".to_owned() };
+    let resp = match parsed {
         Some(call) => match accept(&ingest, call, &headers, body).await {
             Ok(()) => {
                 ingest.metrics.ack_seconds.observe(started.elapsed().as_secs_f64());

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sluice_core::config::ServerConfig;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -24,9 +25,20 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
 }
 
+impl ServeOptions {
+    pub fn from_config(server: &ServerConfig) -> Self {
+        Self {
+            max_connections: server.max_connections,
+            header_read_timeout: server.header_read_timeout,
+            shutdown_grace: server.shutdown_grace,
+        }
+    }
+}
+
+/// The configuration's defaults: one place defines them.
 impl Default for ServeOptions {
     fn default() -> Self {
-        Self { max_connections: 1024, header_read_timeout: Duration::from_secs(10), shutdown_grace: Duration::from_secs(10) }
+        Self::from_config(&ServerConfig::default())
     }
 }
 

@@ -99,15 +99,17 @@ pub struct LogOptions {
     pub metrics: LogMetrics,
 }
 
+/// The configuration's defaults (`[log]`), with one topic `input`.
 impl Default for LogOptions {
     fn default() -> Self {
+        let c = sluice_core::config::LogConfig::default();
         Self {
-            topics: vec![("input".into(), 8)],
-            segment_bytes: 128 << 20,
-            retention: Duration::from_secs(7 * 86400),
+            topics: vec![("input".into(), c.partitions)],
+            segment_bytes: c.segment_bytes,
+            retention: c.retention,
             retention_by_topic: HashMap::new(),
             retention_guard: HashMap::new(),
-            fsync: true,
+            fsync: c.fsync,
             metrics: LogMetrics::default(),
         }
     }
@@ -151,7 +153,6 @@ impl LogMetrics {
 
 /// See the module docs.
 pub struct EmbeddedLog {
-    root: PathBuf,
     topics: HashMap<String, Vec<PartitionHandle>>,
     retention: Duration,
     retention_by_topic: HashMap<String, Duration>,
@@ -303,7 +304,6 @@ impl EmbeddedLog {
             topics.insert(name.clone(), handles);
         }
         Ok(Self {
-            root: root.to_owned(),
             topics,
             retention: options.retention,
             retention_by_topic: options.retention_by_topic.clone(),
@@ -312,10 +312,6 @@ impl EmbeddedLog {
             writers: Mutex::new(writers),
             lock: None,
         })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Topic names, sorted.

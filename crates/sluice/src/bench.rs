@@ -23,7 +23,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use sluice_core::config::{SourceConfig, UnknownWriteKey};
+use sluice_core::config::SourceConfig;
 use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
 use sluice_log::{EmbeddedLog, Log, LogOptions};
@@ -148,13 +148,7 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
         ..LogOptions::default()
     };
     let log = Arc::new(EmbeddedLog::open(&data_dir.join("log"), options).context("opening the benchmark log")?);
-    let settings = IngestSettings {
-        unknown_write_key: UnknownWriteKey::Reject,
-        max_request_bytes: 500 * 1024,
-        max_event_bytes: 32 * 1024,
-        max_batch_events: 2500,
-        body_read_timeout: Duration::from_secs(30),
-    };
+    let settings = IngestSettings::from_config(&sluice_core::Config::default());
     let source = SourceConfig { id: "bench".into(), write_key: WRITE_KEY.into(), rate_limit: None, rate_burst: None };
     let ingest = Arc::new(Ingest::new(log.clone() as Arc<dyn Log>, settings, &[source], 0)?);
     let mut sluice = phase(&server_rt, &client_rt, sluice_ingest::router(ingest.clone()), &args, &bodies)?;

@@ -10,7 +10,7 @@
 //!    until `input` is drained: read, look up, publish to `output`, index,
 //!    commit — the real code path of `sluice serve`.
 //! 3. Floor: the same key sequence per partition, the same batch size, the
-//!    same `DedupIndex::contains` (batched multi-get) and `DedupIndex::record`
+//!    same `DedupIndex::select_new` (batched multi-get) and `DedupIndex::record`
 //!    (one WriteBatch) calls on fresh indexes, without the log around them.
 //! 4. Rebuild every partition's index from `output` (ids/s), and report the
 //!    index size on disk per million keys.
@@ -255,10 +255,7 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
                     for chunk in keys.chunks(args.batch_size) {
                         let now = now_ms();
                         let refs: Vec<&[u8]> = chunk.iter().map(|k| &k[..]).collect();
-                        let seen = index.contains(&refs, now)?;
-                        let mut batch_keys = std::collections::HashSet::with_capacity(chunk.len());
-                        let fresh: Vec<&[u8]> =
-                            refs.iter().zip(seen).filter(|(k, seen)| !seen && batch_keys.insert(**k)).map(|(k, _)| *k).collect();
+                        let fresh: Vec<&[u8]> = index.select_new(&refs, now)?.into_iter().map(|i| refs[i]).collect();
                         checkpoint += fresh.len() as u64;
                         index.record(fresh.into_iter().map(|k| (k, now)), checkpoint)?;
                     }

@@ -201,11 +201,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         Some(addr) => Some(bind(addr, "admin.listen").await?),
         None => None,
     };
-    let serve_options = ServeOptions {
-        max_connections: config.server.max_connections,
-        header_read_timeout: config.server.header_read_timeout,
-        shutdown_grace: config.server.shutdown_grace,
-    };
+    let serve_options = ServeOptions::from_config(&config.server);
     let sources: Vec<_> = config.sources.iter().map(|s| s.id.as_str()).collect();
     tracing::info!(
         listen = %listener.local_addr()?,

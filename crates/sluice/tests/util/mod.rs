@@ -111,9 +111,6 @@ impl Server {
     }
 
     /// The process id of the child.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 
     /// SIGKILL: no graceful exit, no flush.
     pub fn kill9(mut self) {
