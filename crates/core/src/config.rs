@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The sample configuration shipped in the repository (`config/sluice.toml`),
 /// used when `sluice serve` gets no `--config`.
@@ -41,7 +41,10 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub log: LogConfig,
     pub dedup: DedupConfig,
+    pub deliver: DeliverConfig,
     pub sources: Vec<SourceConfig>,
+    pub destinations: Vec<DestinationConfig>,
+    pub connections: Vec<ConnectionConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +159,188 @@ pub struct SourceConfig {
     /// Bucket size for bursts; absent = one second's worth of `rate_limit`.
     #[serde(default)]
     pub rate_burst: Option<u32>,
+}
+
+/// The delivery stage (Centrifuge): JobDBs, directors, the HTTP executor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverConfig {
+    /// Run the route and delivery stages in `sluice serve`.
+    pub enabled: bool,
+    /// A new JobDB is started when the newest is this old...
+    #[serde(with = "humantime_serde")]
+    pub jobdb_rotate_after: Duration,
+    /// ...or holds this many jobs.
+    pub jobdb_max_jobs: u64,
+    /// Awaiting jobs each director keeps in memory; the rest wait in the JobDB.
+    pub cache_jobs: usize,
+    /// First retry delay (before jitter); doubles per attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest delay between two attempts (before jitter).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// A job still failing this long after it was created is archived.
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
+    /// Whole-request timeout (connect, send, response headers and body).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Default most requests in flight per destination.
+    pub max_in_flight: usize,
+    /// Default requests per second per destination; 0 = unlimited.
+    pub rate_limit: u32,
+    /// TCP connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Consecutive failures that open a destination's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit waits before one probe request; doubles per failed probe up to `max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
+    /// Let every destination reach loopback/private/link-local addresses.
+    pub allow_private_network: bool,
+    /// Where jobs past their retry window are archived (`file://` path or a directory); default `data_dir/archive`.
+    pub archive_dir: Option<PathBuf>,
+}
+
+/// A retry policy: exponential backoff with full jitter, for `retry_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub retry_window: Duration,
+    pub request_timeout: Duration,
+}
+
+impl RetryPolicy {
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        initial_backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(600),
+        retry_window: Duration::from_secs(4 * 3600),
+        request_timeout: Duration::from_secs(10),
+    };
+}
+
+impl Default for DeliverConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            jobdb_rotate_after: Duration::from_secs(30 * 60),
+            jobdb_max_jobs: 1_000_000,
+            cache_jobs: 100_000,
+            initial_backoff: RetryPolicy::DEFAULT.initial_backoff,
+            max_backoff: RetryPolicy::DEFAULT.max_backoff,
+            retry_window: RetryPolicy::DEFAULT.retry_window,
+            request_timeout: RetryPolicy::DEFAULT.request_timeout,
+            max_in_flight: 64,
+            rate_limit: 0,
+            connect_timeout: Duration::from_secs(5),
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(5),
+            allow_private_network: false,
+            archive_dir: None,
+        }
+    }
+}
+
+impl DeliverConfig {
+    /// The retry policy of destinations that set none of their own.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            retry_window: self.retry_window,
+            request_timeout: self.request_timeout,
+        }
+    }
+}
+
+/// A destination: where events of connected sources are delivered.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// Stable name; `[A-Za-z0-9_-]`, at most 64 characters.
+    pub id: String,
+    /// The key an event's `integrations` object uses for this destination
+    /// (case-sensitive); absent = `id`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Only `"webhook"` for now.
+    #[serde(rename = "type", default = "webhook")]
+    pub kind: String,
+    /// `http://` or `https://` URL the events are POSTed to.
+    pub url: String,
+    /// HMAC key for the `X-Signature` and `X-Sluice-Signature` headers; absent = unsigned.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Let this destination reach loopback/private/link-local addresses.
+    #[serde(default)]
+    pub allow_private_network: bool,
+    /// Most requests in flight; absent = `deliver.max_in_flight`.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    /// Requests per second; absent = `deliver.rate_limit`; 0 = unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<u32>,
+    /// Retry policy overrides; absent keys fall back to `[deliver]`.
+    #[serde(default, with = "humantime_serde")]
+    pub initial_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Filters, applied in order (see docs/CONFIG.md for the condition syntax).
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+}
+
+fn webhook() -> String {
+    "webhook".into()
+}
+
+impl DestinationConfig {
+    /// The `integrations` key of this destination.
+    pub fn integration_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+
+    /// This destination's retry policy: its own keys over `global`.
+    pub fn retry_policy(&self, global: RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: self.initial_backoff.unwrap_or(global.initial_backoff),
+            max_backoff: self.max_backoff.unwrap_or(global.max_backoff),
+            retry_window: self.retry_window.unwrap_or(global.retry_window),
+            request_timeout: self.request_timeout.unwrap_or(global.request_timeout),
+        }
+    }
+}
+
+/// One destination filter: when `if` matches an event, apply `action`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// A condition (docs/CONFIG.md); absent = every event.
+    #[serde(rename = "if", default)]
+    pub condition: Option<String>,
+    /// `drop`, `sample`, `allow_fields` or `block_fields`.
+    pub action: String,
+    /// For `sample`: the fraction kept, 0.0–1.0 (decided by messageId, so a replay decides the same).
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// For `allow_fields` / `block_fields`: dotted paths such as `properties.email`.
+    #[serde(default)]
+    pub fields: Vec<String>,
+}
+
+/// Which destinations receive a source's events.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    pub source: String,
+    pub destinations: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -301,10 +486,7 @@ impl Config {
         let mut ids = HashMap::new();
         let mut keys = HashMap::new();
         for (i, s) in self.sources.iter().enumerate() {
-            if s.id.is_empty()
-                || s.id.len() > 64
-                || !s.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
+            if !valid_id(&s.id) {
                 return Err(invalid(
                     format!("sources[{i}].id"),
                     format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", s.id),
@@ -323,7 +505,89 @@ impl Config {
                 return Err(invalid(format!("sources[{i}].write_key"), format!("duplicate write key (also sources[{j}])")));
             }
         }
+        self.validate_deliver()
+    }
+
+    fn validate_deliver(&self) -> Result<(), ConfigError> {
+        let d = &self.deliver;
+        if d.jobdb_rotate_after.is_zero() {
+            return Err(invalid("deliver.jobdb_rotate_after", "must be greater than zero"));
+        }
+        if d.jobdb_max_jobs == 0 {
+            return Err(invalid("deliver.jobdb_max_jobs", "must be at least 1"));
+        }
+        if d.cache_jobs < 100 {
+            return Err(invalid("deliver.cache_jobs", "must be at least 100"));
+        }
+        if d.max_in_flight == 0 {
+            return Err(invalid("deliver.max_in_flight", "must be at least 1"));
+        }
+        if d.circuit_failures == 0 {
+            return Err(invalid("deliver.circuit_failures", "must be at least 1"));
+        }
+        check_retry("deliver", &d.retry_policy())?;
+        let mut ids = HashMap::new();
+        let mut names = HashMap::new();
+        for (i, dest) in self.destinations.iter().enumerate() {
+            let key = |k: &str| format!("destinations[{i}].{k}");
+            if !valid_id(&dest.id) {
+                return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", dest.id)));
+            }
+            if let Some(j) = ids.insert(dest.id.as_str(), i) {
+                return Err(invalid(key("id"), format!("duplicate id {:?} (also destinations[{j}])", dest.id)));
+            }
+            if let Some(j) = names.insert(dest.integration_name(), i) {
+                return Err(invalid(key("name"), format!("integrations name {:?} is also used by destinations[{j}]", dest.integration_name())));
+            }
+            if dest.kind != "webhook" {
+                return Err(invalid(key("type"), format!("unknown destination type {:?}; the only type is \"webhook\"", dest.kind)));
+            }
+            if !(dest.url.starts_with("http://") || dest.url.starts_with("https://")) || dest.url.contains(char::is_whitespace) {
+                return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", dest.url)));
+            }
+            if dest.max_in_flight == Some(0) {
+                return Err(invalid(key("max_in_flight"), "must be at least 1"));
+            }
+            check_retry(&format!("destinations[{i}]"), &dest.retry_policy(d.retry_policy()))?;
+            for (j, f) in dest.filters.iter().enumerate() {
+                let fkey = |k: &str| format!("destinations[{i}].filters[{j}].{k}");
+                match f.action.as_str() {
+                    "drop" => {}
+                    "sample" => match f.rate {
+                        Some(r) if (0.0..=1.0).contains(&r) => {}
+                        _ => return Err(invalid(fkey("rate"), "`sample` needs a rate between 0.0 and 1.0")),
+                    },
+                    "allow_fields" | "block_fields" => {
+                        if f.fields.is_empty() || f.fields.iter().any(|p| p.is_empty() || p.split('.').any(str::is_empty)) {
+                            return Err(invalid(fkey("fields"), "needs one or more dotted paths such as \"properties.email\""));
+                        }
+                    }
+                    other => {
+                        return Err(invalid(
+                            fkey("action"),
+                            format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields"),
+                        ))
+                    }
+                }
+            }
+        }
+        let sources: HashMap<&str, ()> = self.sources.iter().map(|s| (s.id.as_str(), ())).collect();
+        for (i, c) in self.connections.iter().enumerate() {
+            if !sources.contains_key(c.source.as_str()) {
+                return Err(invalid(format!("connections[{i}].source"), format!("no source has id {:?}", c.source)));
+            }
+            for (j, dest) in c.destinations.iter().enumerate() {
+                if !ids.contains_key(dest.as_str()) {
+                    return Err(invalid(format!("connections[{i}].destinations[{j}]"), format!("no destination has id {dest:?}")));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Where archived jobs go: `deliver.archive_dir`, or `data_dir/archive`.
+    pub fn archive_dir(&self) -> PathBuf {
+        self.deliver.archive_dir.clone().unwrap_or_else(|| self.server.data_dir.join("archive"))
     }
 
     /// Retention of the `output` topic: `log.output_retention`, or the dedup window.
@@ -338,6 +602,22 @@ impl Config {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         (!self.admin.listen.is_empty()).then(|| self.admin.listen.parse().expect("validated"))
     }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn check_retry(prefix: &str, p: &RetryPolicy) -> Result<(), ConfigError> {
+    for (k, d) in [("initial_backoff", p.initial_backoff), ("retry_window", p.retry_window), ("request_timeout", p.request_timeout)] {
+        if d.is_zero() {
+            return Err(invalid(format!("{prefix}.{k}"), "must be greater than zero"));
+        }
+    }
+    if p.max_backoff < p.initial_backoff {
+        return Err(invalid(format!("{prefix}.max_backoff"), "must be at least initial_backoff"));
+    }
+    Ok(())
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

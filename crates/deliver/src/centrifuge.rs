@@ -1,0 +1,238 @@
+//! The Centrifuge: the set of JobDBs in `data_dir/jobs`, one director each.
+//!
+//! Invariants:
+//! - New jobs go to the newest JobDB only. Older ones are *sealed*: they
+//!   take no inserts, drain their retries, and are deleted whole by their
+//!   director once every job in them is finished.
+//! - Rotation (a new newest) happens every `jobdb_rotate_after` or
+//!   `jobdb_max_jobs` jobs, under the write lock, so no insert is in flight
+//!   into a JobDB when it is sealed.
+//! - A job insert is idempotent on (messageId, destination, generation)
+//!   across every live JobDB: the newest enforces it with a unique index;
+//!   events logged before the newest JobDB was created are first looked up
+//!   in the sealed ones (a route replay after a crash that straddles a
+//!   rotation).
+//! - On start every JobDB file found is locked and picked up by a director,
+//!   which reloads its unfinished jobs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::RwLock;
+
+use crate::archive::Archive;
+use crate::control::Catalog;
+use crate::director::{self, DirectorExit, DirectorHandle, Shared};
+use crate::executor::Executor;
+use crate::jobdb::{jobdb_path, list_jobdbs, JobDb, NewJob};
+use crate::metrics::DeliverMetrics;
+use crate::{now_ms, DeliverError};
+
+#[derive(Debug, Clone)]
+pub struct CentrifugeOptions {
+    /// Where the JobDB files live (`data_dir/jobs`).
+    pub dir: PathBuf,
+    pub rotate_after: Duration,
+    pub max_jobs: u64,
+    pub cache_jobs: usize,
+    pub connect_timeout: Duration,
+    pub archive_dir: PathBuf,
+}
+
+impl CentrifugeOptions {
+    pub fn from_config(config: &sluice_core::Config) -> Self {
+        let d = &config.deliver;
+        CentrifugeOptions {
+            dir: config.server.data_dir.join("jobs"),
+            rotate_after: d.jobdb_rotate_after,
+            max_jobs: d.jobdb_max_jobs,
+            cache_jobs: d.cache_jobs,
+            connect_timeout: d.connect_timeout,
+            archive_dir: config.archive_dir(),
+        }
+    }
+}
+
+struct Live {
+    handle: DirectorHandle,
+    created_ms: i64,
+    jobs: AtomicU64,
+}
+
+struct State {
+    newest: Live,
+    sealed: Vec<Live>,
+    next_seq: u64,
+}
+
+pub struct Centrifuge {
+    shared: Arc<Shared>,
+    options: CentrifugeOptions,
+    state: RwLock<State>,
+}
+
+/// Lock `path`'s lock file (held for the director's life).
+fn lock_jobdb(path: &Path) -> Result<std::fs::File, DeliverError> {
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| DeliverError::Io { path: lock_path.display().to_string(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DeliverError::Locked(path.display().to_string())),
+        Err(std::fs::TryLockError::Error(source)) => Err(DeliverError::Io { path: lock_path.display().to_string(), source }),
+    }
+}
+
+impl Centrifuge {
+    /// Pick up every JobDB in `options.dir` (creating the first if none) and start their directors.
+    pub async fn open(options: CentrifugeOptions, catalog: Arc<Catalog>, metrics: DeliverMetrics) -> Result<Arc<Centrifuge>, DeliverError> {
+        let executor = Executor::new(options.connect_timeout).map_err(|e| DeliverError::Http(e.to_string()))?;
+        let archive = Archive::local(&options.archive_dir)?;
+        let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
+        let dir = options.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| DeliverError::Io { path: dir.display().to_string(), source })?;
+        let found = list_jobdbs(&dir)?;
+        let mut lives = Vec::new();
+        for (seq, path) in &found {
+            lives.push(Self::start(*seq, path.clone(), &shared).await?);
+        }
+        let next_seq = found.last().map_or(1, |(s, _)| s + 1);
+        let reusable = lives.last().is_some_and(|l| {
+            now_ms() - l.created_ms < options.rotate_after.as_millis() as i64 && l.jobs.load(Ordering::Relaxed) < options.max_jobs
+        });
+        let (newest, next_seq) = if reusable {
+            (lives.pop().expect("checked"), next_seq)
+        } else {
+            (Self::start(next_seq, jobdb_path(&dir, next_seq), &shared).await?, next_seq + 1)
+        };
+        for l in &lives {
+            l.handle.seal();
+        }
+        if !found.is_empty() {
+            tracing::info!(jobdbs = found.len(), dir = %dir.display(), "picked up JobDBs; directors reload their unfinished jobs");
+        }
+        shared.metrics.jobdbs.set(lives.len() as i64 + 1);
+        Ok(Arc::new(Centrifuge { shared, options, state: RwLock::new(State { newest, sealed: lives, next_seq }) }))
+    }
+
+    async fn start(seq: u64, path: PathBuf, shared: &Arc<Shared>) -> Result<Live, DeliverError> {
+        let lock = lock_jobdb(&path)?;
+        let (p, opened) = (path.clone(), tokio::task::spawn_blocking(move || -> Result<_, DeliverError> {
+            let db = JobDb::open(&path)?;
+            db.set_meta_once("created_at", &now_ms().to_string())?;
+            let created: i64 = db.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms);
+            let jobs = db.job_count()?;
+            Ok((db, created, jobs))
+        }));
+        let (db, created_ms, jobs) = opened.await.map_err(|e| DeliverError::Io { path: p.display().to_string(), source: std::io::Error::other(e) })??;
+        let handle = director::spawn(seq, p, lock, db, shared.clone())?;
+        Ok(Live { handle, created_ms, jobs: AtomicU64::new(jobs) })
+    }
+
+    pub fn metrics(&self) -> &DeliverMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.shared.catalog
+    }
+
+    /// Store `jobs` durably (skipping ones that exist); returns how many
+    /// were new. `oldest_event_ms` is the log time of the oldest event in
+    /// the batch (decides whether sealed JobDBs must be checked).
+    pub async fn insert(&self, mut jobs: Vec<NewJob>, oldest_event_ms: i64) -> Result<u64, DeliverError> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        self.maybe_rotate().await?;
+        let st = self.state.read().await;
+        let offered = jobs.len() as u64;
+        if oldest_event_ms <= st.newest.created_ms && !st.sealed.is_empty() {
+            let keys: Vec<_> = jobs.iter().map(|j| (j.message_id.clone(), j.destination.clone(), j.generation)).collect();
+            let mut seen = vec![false; keys.len()];
+            for l in &st.sealed {
+                match l.handle.writer.exists(keys.clone()).await {
+                    Ok(found) => seen.iter_mut().zip(found).for_each(|(s, f)| *s |= f),
+                    Err(DeliverError::Closed) => {} // dropped meanwhile: all its jobs finished
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut it = seen.into_iter();
+            jobs.retain(|_| !it.next().expect("same length"));
+        }
+        let n = st.newest.handle.writer.insert(jobs).await?;
+        st.newest.jobs.fetch_add(n, Ordering::Relaxed);
+        self.shared.metrics.jobs_inserted.inc_by(n);
+        self.shared.metrics.jobs_duplicate.inc_by(offered - n);
+        Ok(n)
+    }
+
+    /// Start a new newest JobDB when the current one is old or full; forget finished sealed ones.
+    pub async fn maybe_rotate(&self) -> Result<(), DeliverError> {
+        let due = |l: &Live| {
+            now_ms() - l.created_ms >= self.options.rotate_after.as_millis() as i64
+                || l.jobs.load(Ordering::Relaxed) >= self.options.max_jobs
+        };
+        let reap = { self.state.read().await.sealed.iter().any(|l| l.handle.task.is_finished()) };
+        if !due(&self.state.read().await.newest) && !reap {
+            return Ok(());
+        }
+        let mut st = self.state.write().await;
+        st.sealed.retain(|l| !l.handle.task.is_finished());
+        if due(&st.newest) && st.newest.jobs.load(Ordering::Relaxed) > 0 {
+            let seq = st.next_seq;
+            let fresh = Self::start(seq, jobdb_path(&self.options.dir, seq), &self.shared).await?;
+            st.next_seq += 1;
+            let old = std::mem::replace(&mut st.newest, fresh);
+            tracing::info!(sealed = %old.handle.path.display(), jobs = old.jobs.load(Ordering::Relaxed), newest = seq, "JobDB rotated");
+            old.handle.seal();
+            st.sealed.push(old);
+        }
+        self.shared.metrics.jobdbs.set(st.sealed.len() as i64 + 1);
+        Ok(())
+    }
+
+    /// Rotate and reap on a timer (so an idle JobDB is still sealed and dropped).
+    pub fn spawn_housekeeping(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = me.maybe_rotate().await {
+                    tracing::error!(error = %e, "JobDB rotation failed");
+                }
+            }
+        })
+    }
+
+    /// JobDB files currently live (newest last).
+    pub async fn live_jobdbs(&self) -> Vec<PathBuf> {
+        let st = self.state.read().await;
+        st.sealed.iter().filter(|l| !l.handle.task.is_finished()).map(|l| l.handle.path.clone()).chain([st.newest.handle.path.clone()]).collect()
+    }
+
+    /// Stop every director (requests in flight get a few seconds) and close the JobDBs.
+    pub async fn close(&self) {
+        let mut st = self.state.write().await;
+        let mut all: Vec<Live> = st.sealed.drain(..).collect();
+        let placeholder_seq = st.next_seq;
+        let _ = placeholder_seq;
+        for l in all.iter().chain(std::iter::once(&st.newest)) {
+            l.handle.stop();
+        }
+        for l in all.drain(..) {
+            let _ = l.handle.task.await;
+        }
+        let newest = &mut st.newest.handle.task;
+        let exit = newest.await;
+        if !matches!(exit, Ok(DirectorExit::Stopped) | Ok(DirectorExit::Dropped)) {
+            tracing::warn!("a director ended abnormally: {exit:?}");
+        }
+    }
+}

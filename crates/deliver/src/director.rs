@@ -1,0 +1,691 @@
+//! A director: the one scheduler of one JobDB.
+//!
+//! Invariants:
+//! - The director holds its JobDB's lock file for as long as it runs; no
+//!   other director (in this or another process) drives the same JobDB.
+//! - It learns of jobs only from its writer ([`FromWriter`]), in commit
+//!   order, so it never schedules a job that is not durable. `loaded_upto`
+//!   is the highest id it has seen; every unfinished job at or below it is
+//!   in memory. When the in-memory cache is full it stops taking new jobs
+//!   ("backlog") and pages them in from the JobDB as room frees.
+//! - Before a request is sent, its `executing` transition is committed. So
+//!   after a crash, a job whose latest state is `executing` may or may not
+//!   have reached its endpoint: it is sent again (at-least-once; the
+//!   `Idempotency-Key` header lets the endpoint drop the copy) and counted in
+//!   `sluice_deliver_reexecuted_after_restart`.
+//! - Fairness: two-level round-robin. Destinations with ready jobs take turns
+//!   (a turn sends up to `priority` × [`TURN`] requests); inside a
+//!   destination, its (source, destination) pairs take turns one job each.
+//!   A destination that is paused, at its in-flight or rate limit, or whose
+//!   circuit is open, is skipped without holding up any other.
+//! - Memory: job metadata is bounded by `cache_jobs`; payloads are kept only
+//!   for the first [`PAYLOAD_WINDOW`] ready jobs of each destination, and
+//!   fetched from the JobDB (in the same round trip as the `executing` rows)
+//!   for the rest, so a dead destination's backlog costs ~150 bytes a job.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::archive::{ArchivedJob, Archive};
+use crate::control::Catalog;
+use crate::executor::{Attempt, Executor, Verdict};
+use crate::gate::{Blocked, Destination, Permit};
+use crate::jobdb::{JobState, StoredJob, Transition};
+use crate::ksuid::Ksuid;
+use crate::metrics::DeliverMetrics;
+use crate::writer::{FromWriter, WriterHandle};
+use crate::now_ms;
+
+/// Requests per destination turn, times its priority.
+pub const TURN: u32 = 8;
+/// Ready jobs per destination whose payload stays in memory.
+pub const PAYLOAD_WINDOW: usize = 2048;
+/// Most requests started per scheduling pass.
+const MAX_DISPATCH: usize = 1024;
+/// A failed archive write is tried again after this.
+const ARCHIVE_RETRY: Duration = Duration::from_secs(30);
+
+/// What every director of a process shares.
+pub struct Shared {
+    pub catalog: Arc<Catalog>,
+    pub executor: Executor,
+    pub archive: Archive,
+    pub metrics: DeliverMetrics,
+    pub cache_jobs: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Ready,
+    Delayed,
+    InFlight,
+    Archiving,
+}
+
+struct Job {
+    message_id: String,
+    source: String,
+    generation: i64,
+    dest: Arc<Destination>,
+    payload: Option<Bytes>,
+    created_at: i64,
+    expires_at: i64,
+    seq: i64,
+    attempt: i64,
+    at: Where,
+    /// The last attempt's outcome, recorded with `archived`.
+    last: Option<(Option<u16>, Option<String>)>,
+}
+
+/// A destination's ready jobs, by pair.
+struct DestQueue {
+    dest: Arc<Destination>,
+    pairs: HashMap<String, VecDeque<Ksuid>>,
+    ring: VecDeque<String>,
+    ready: usize,
+    in_ring: bool,
+}
+
+pub(crate) enum Msg {
+    Done { id: Ksuid, attempt: Attempt },
+    /// The `executing` rows did not commit: these never left.
+    Requeue(Vec<Ksuid>),
+    Archived { id: Ksuid, result: Result<(), String> },
+    /// No more inserts will come; drop the JobDB once every job is finished.
+    Seal,
+    Stop,
+}
+
+/// The handle the Centrifuge keeps for a running director.
+pub struct DirectorHandle {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub writer: WriterHandle,
+    pub(crate) inbox: UnboundedSender<Msg>,
+    pub task: tokio::task::JoinHandle<DirectorExit>,
+}
+
+/// How a director ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DirectorExit {
+    /// Sealed and every job finished: the JobDB was deleted.
+    Dropped,
+    Stopped,
+}
+
+impl DirectorHandle {
+    pub fn seal(&self) {
+        let _ = self.inbox.send(Msg::Seal);
+    }
+
+    pub fn stop(&self) {
+        let _ = self.inbox.send(Msg::Stop);
+    }
+}
+
+pub(crate) struct Director {
+    seq: u64,
+    path: PathBuf,
+    lock: Option<std::fs::File>,
+    writer: Option<WriterHandle>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    inbox_tx: UnboundedSender<Msg>,
+    jobs: HashMap<Ksuid, Job>,
+    queues: HashMap<String, DestQueue>,
+    dest_ring: VecDeque<String>,
+    delayed: BinaryHeap<Reverse<(i64, Ksuid)>>,
+    loaded_upto: Option<Ksuid>,
+    backlog: bool,
+    page_pending: bool,
+    sealed: bool,
+    stopping: bool,
+    rows: Vec<Transition>,
+    reported_in_memory: i64,
+}
+
+/// Start a director for an opened JobDB. It starts in backlog mode, so it
+/// pages in every unfinished job (a pick-up after a crash, or a restart).
+pub(crate) fn spawn(
+    seq: u64,
+    path: PathBuf,
+    lock: std::fs::File,
+    db: crate::jobdb::JobDb,
+    shared: Arc<Shared>,
+) -> Result<DirectorHandle, crate::DeliverError> {
+    let (writer_tx, writer_rx) = unbounded_channel();
+    let (writer, writer_thread) = WriterHandle::spawn(db, writer_tx)?;
+    let (inbox_tx, inbox_rx) = unbounded_channel();
+    let director = Director {
+        seq,
+        path: path.clone(),
+        lock: Some(lock),
+        writer: Some(writer.clone()),
+        writer_thread: Some(writer_thread),
+        shared,
+        inbox_tx: inbox_tx.clone(),
+        jobs: HashMap::new(),
+        queues: HashMap::new(),
+        dest_ring: VecDeque::new(),
+        delayed: BinaryHeap::new(),
+        loaded_upto: None,
+        backlog: true,
+        page_pending: false,
+        sealed: false,
+        stopping: false,
+        rows: Vec::new(),
+        reported_in_memory: 0,
+    };
+    let task = tokio::spawn(director.run(inbox_rx, writer_rx));
+    Ok(DirectorHandle { seq, path, writer, inbox: inbox_tx, task })
+}
+
+impl Director {
+    fn writer(&self) -> &WriterHandle {
+        self.writer.as_ref().expect("writer open while running")
+    }
+
+    async fn run(mut self, mut inbox: UnboundedReceiver<Msg>, mut from_writer: UnboundedReceiver<FromWriter>) -> DirectorExit {
+        let wake = self.shared.catalog.wake.clone();
+        loop {
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            while let Ok(m) = from_writer.try_recv() {
+                self.on_writer(m);
+            }
+            while let Ok(m) = inbox.try_recv() {
+                self.on_msg(m);
+            }
+            if self.stopping {
+                return self.shutdown(&mut inbox).await;
+            }
+            self.promote_due();
+            self.request_page();
+            let next_wake = self.dispatch();
+            self.flush_rows();
+            self.report_in_memory();
+
+            if self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending {
+                match self.writer().count_unfinished().await {
+                    Ok(0) => return self.drop_jobdb().await,
+                    Ok(n) => {
+                        tracing::warn!(jobdb = %self.path.display(), unfinished = n, "sealed JobDB has unfinished jobs not in memory; reloading");
+                        self.backlog = true;
+                        self.loaded_upto = None;
+                    }
+                    Err(e) => tracing::error!(jobdb = %self.path.display(), error = %e, "cannot count unfinished jobs"),
+                }
+                continue;
+            }
+
+            let deadline = [next_wake, self.next_delayed()].into_iter().flatten().min();
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1)),
+            ));
+            tokio::select! {
+                m = from_writer.recv() => if let Some(m) = m { self.on_writer(m) },
+                m = inbox.recv() => match m { Some(m) => self.on_msg(m), None => return DirectorExit::Stopped },
+                _ = &mut notified => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Move the process-wide gauge by this director's change since last time.
+    fn report_in_memory(&mut self) {
+        let now = self.jobs.len() as i64;
+        self.shared.metrics.jobs_in_memory.inc_by(now - self.reported_in_memory);
+        self.reported_in_memory = now;
+    }
+
+    fn on_writer(&mut self, m: FromWriter) {
+        match m {
+            FromWriter::Inserted(jobs) => {
+                if self.backlog {
+                    return; // paged in later, in order
+                }
+                for j in jobs {
+                    if self.jobs.len() >= self.shared.cache_jobs {
+                        tracing::info!(jobdb = %self.path.display(), cached = self.jobs.len(), "director cache full: new jobs wait in the JobDB");
+                        self.backlog = true;
+                        return;
+                    }
+                    self.loaded_upto = Some(j.id);
+                    self.admit(j);
+                }
+            }
+            FromWriter::Loaded { jobs, complete } => {
+                self.page_pending = false;
+                for j in jobs {
+                    self.loaded_upto = Some(j.id);
+                    if !j.state.is_terminal() && !self.jobs.contains_key(&j.id) {
+                        if j.state == JobState::Executing {
+                            self.shared.metrics.reexecuted_after_restart.inc();
+                        }
+                        self.admit(j);
+                    }
+                }
+                if complete {
+                    self.backlog = false;
+                }
+            }
+            FromWriter::Failed(e) => {
+                tracing::error!(jobdb = %self.path.display(), error = %e, "a JobDB write failed");
+            }
+        }
+    }
+
+    fn admit(&mut self, s: StoredJob) {
+        let dest = self.shared.catalog.destination(&s.job.destination);
+        let id = s.id;
+        let ready = !matches!(s.state, JobState::AwaitingRetry);
+        let job = Job {
+            message_id: s.job.message_id,
+            source: s.job.source,
+            generation: s.job.generation,
+            dest,
+            payload: Some(s.job.payload),
+            created_at: s.job.created_at,
+            expires_at: s.job.expires_at,
+            seq: s.seq,
+            attempt: s.attempt,
+            at: Where::Delayed,
+            last: None,
+        };
+        self.jobs.insert(id, job);
+        if ready {
+            self.make_ready(id, false);
+        } else {
+            self.delay(id, s.retry_at.unwrap_or(0));
+        }
+    }
+
+    fn delay(&mut self, id: Ksuid, at_ms: i64) {
+        if let Some(j) = self.jobs.get_mut(&id) {
+            j.at = Where::Delayed;
+            j.payload = None; // fetched again when due
+            self.delayed.push(Reverse((at_ms, id)));
+        }
+    }
+
+    fn make_ready(&mut self, id: Ksuid, front: bool) {
+        let Some(j) = self.jobs.get_mut(&id) else { return };
+        j.at = Where::Ready;
+        let dest_id = j.dest.id.clone();
+        let q = self.queues.entry(dest_id.clone()).or_insert_with(|| DestQueue {
+            dest: j.dest.clone(),
+            pairs: HashMap::new(),
+            ring: VecDeque::new(),
+            ready: 0,
+            in_ring: false,
+        });
+        if q.ready >= PAYLOAD_WINDOW {
+            j.payload = None;
+        }
+        q.ready += 1;
+        let pair = q.pairs.entry(j.source.clone()).or_default();
+        if pair.is_empty() {
+            q.ring.push_back(j.source.clone());
+        }
+        if front {
+            pair.push_front(id);
+        } else {
+            pair.push_back(id);
+        }
+        if !q.in_ring {
+            q.in_ring = true;
+            self.dest_ring.push_back(dest_id);
+        }
+    }
+
+    fn next_delayed(&self) -> Option<Instant> {
+        self.delayed.peek().map(|Reverse((at, _))| {
+            let wait = (*at - now_ms()).max(0) as u64;
+            Instant::now() + Duration::from_millis(wait)
+        })
+    }
+
+    fn promote_due(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((at, id))) = self.delayed.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop();
+            if self.jobs.get(&id).map(|j| j.at) == Some(Where::Delayed) {
+                self.make_ready(id, false);
+            }
+        }
+    }
+
+    fn request_page(&mut self) {
+        let cap = self.shared.cache_jobs;
+        if self.backlog && !self.page_pending && self.jobs.len() <= cap / 2 {
+            let limit = (cap - self.jobs.len()).max(1);
+            if self.writer().load_page(self.loaded_upto, limit).is_ok() {
+                self.page_pending = true;
+            }
+        }
+    }
+
+    /// Start requests, fairly; returns when a rate-limited or open-circuit destination can go again.
+    fn dispatch(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let mut batch: Vec<(Ksuid, Permit)> = Vec::new();
+        let mut expired = Vec::new();
+        let mut wake_at: Option<Instant> = None;
+        let mut idle = 0;
+        while idle < self.dest_ring.len() && batch.len() < MAX_DISPATCH {
+            let Some(dest_id) = self.dest_ring.pop_front() else { break };
+            let q = self.queues.get_mut(&dest_id).expect("queued destination");
+            let quantum = q.dest.priority() * TURN;
+            let mut sent = 0;
+            while sent < quantum && batch.len() < MAX_DISPATCH {
+                let Some(source) = q.ring.front().cloned() else { break };
+                let pair = q.pairs.get_mut(&source).expect("pair in ring");
+                let id = *pair.front().expect("pairs in the ring are not empty");
+                let job = self.jobs.get(&id).expect("queued job");
+                if job.expires_at <= now_ms {
+                    pair.pop_front();
+                    expired.push(id);
+                } else {
+                    match q.dest.try_acquire(now) {
+                        Ok(permit) => {
+                            pair.pop_front();
+                            batch.push((id, permit));
+                            sent += 1;
+                        }
+                        Err(Blocked::Until(t)) => {
+                            wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
+                            break;
+                        }
+                        Err(Blocked::Wait) => break,
+                    }
+                }
+                q.ready -= 1;
+                q.ring.pop_front();
+                if pair.is_empty() {
+                    q.pairs.remove(&source);
+                } else {
+                    q.ring.push_back(source);
+                }
+            }
+            if q.ready > 0 {
+                self.dest_ring.push_back(dest_id);
+            } else {
+                q.in_ring = false;
+                self.queues.remove(&dest_id);
+            }
+            if sent == 0 {
+                idle += 1;
+            } else {
+                idle = 0;
+            }
+        }
+        for id in expired {
+            self.start_archive(id);
+        }
+        if !batch.is_empty() {
+            self.execute(batch);
+        }
+        wake_at
+    }
+
+    /// Commit `executing` for the batch (and fetch missing payloads), then send.
+    fn execute(&mut self, batch: Vec<(Ksuid, Permit)>) {
+        let at = now_ms();
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut missing = Vec::new();
+        let mut work = Vec::with_capacity(batch.len());
+        for (id, permit) in batch {
+            let job = self.jobs.get_mut(&id).expect("dispatched job");
+            job.seq += 1;
+            job.attempt += 1;
+            job.at = Where::InFlight;
+            rows.push(Transition {
+                job_id: id,
+                seq: job.seq,
+                state: JobState::Executing,
+                at,
+                attempt: job.attempt,
+                status: None,
+                error: None,
+                retry_at: None,
+            });
+            if job.payload.is_none() {
+                missing.push(id);
+            }
+            work.push((id, job.message_id.clone(), job.payload.clone(), permit));
+        }
+        // Rows queued before these (earlier outcomes) keep their order in the writer.
+        self.flush_rows();
+        let writer = self.writer().clone();
+        let inbox = self.inbox_tx.clone();
+        let executor = self.shared.executor.clone();
+        let metrics = self.shared.metrics.clone();
+        tokio::spawn(async move {
+            let fetched = match writer.execute(rows, missing).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record executing transitions; jobs stay queued");
+                    let _ = inbox.send(Msg::Requeue(work.into_iter().map(|w| w.0).collect()));
+                    return;
+                }
+            };
+            for (id, message_id, payload, permit) in work {
+                let Some(body) = payload.or_else(|| fetched.get(&id).cloned()) else {
+                    let _ = inbox.send(Msg::Requeue(vec![id]));
+                    continue;
+                };
+                let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    let target = permit.destination.settings().target.clone();
+                    let attempt = executor.send(&target, &message_id, body).await;
+                    permit.destination.record(attempt.verdict, permit.probe, Instant::now());
+                    metrics.attempt(&permit.destination.id, attempt.elapsed.as_secs_f64());
+                    drop(permit);
+                    let _ = inbox.send(Msg::Done { id, attempt });
+                });
+            }
+        });
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        match m {
+            Msg::Done { id, attempt } => self.on_done(id, attempt),
+            Msg::Requeue(ids) => {
+                for id in ids {
+                    if let Some(j) = self.jobs.get_mut(&id) {
+                        j.seq -= 1;
+                        j.attempt -= 1;
+                        self.make_ready(id, true);
+                    }
+                }
+            }
+            Msg::Archived { id, result } => match result {
+                Ok(()) => {
+                    if let Some(j) = self.jobs.remove(&id) {
+                        let (status, error) = j.last.unwrap_or((None, None));
+                        self.push_row(id, j.seq + 1, JobState::Archived, j.attempt, status, error, None);
+                        self.shared.metrics.outcome(&j.dest.id, "archived");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "archive write failed; trying again in 30 s");
+                    self.delay(id, now_ms() + ARCHIVE_RETRY.as_millis() as i64);
+                }
+            },
+            Msg::Seal => self.sealed = true,
+            Msg::Stop => self.stopping = true,
+        }
+    }
+
+    fn on_done(&mut self, id: Ksuid, a: Attempt) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let dest = job.dest.id.clone();
+        match a.verdict {
+            Verdict::Succeeded => {
+                let job = self.jobs.remove(&id).expect("present");
+                self.push_row(id, job.seq + 1, JobState::Succeeded, job.attempt, a.status, None, None);
+                self.shared.metrics.outcome(&dest, "succeeded");
+                self.shared.metrics.end_to_end_seconds.observe((now_ms() - job.created_at).max(0) as f64 / 1000.0);
+            }
+            Verdict::Discard => {
+                let job = self.jobs.remove(&id).expect("present");
+                self.push_row(id, job.seq + 1, JobState::Discarded, job.attempt, a.status, a.error, None);
+                self.shared.metrics.outcome(&dest, "discarded");
+            }
+            Verdict::Retry => {
+                let policy = job.dest.settings().policy;
+                let backoff = backoff(policy.initial_backoff, policy.max_backoff, job.attempt as u32);
+                let delay = a.retry_after.map_or(backoff, |ra| ra.max(backoff));
+                let retry_at = now_ms() + delay.as_millis() as i64;
+                job.last = Some((a.status, a.error.clone()));
+                if retry_at > job.expires_at {
+                    self.start_archive(id);
+                } else {
+                    job.seq += 1;
+                    let (seq, attempt) = (job.seq, job.attempt);
+                    self.push_row(id, seq, JobState::AwaitingRetry, attempt, a.status, a.error, Some(retry_at));
+                    self.delay(id, retry_at);
+                    self.shared.metrics.outcome(&dest, "retry");
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_row(&mut self, id: Ksuid, seq: i64, state: JobState, attempt: i64, status: Option<u16>, error: Option<String>, retry_at: Option<i64>) {
+        self.rows.push(Transition { job_id: id, seq, state, at: now_ms(), attempt, status, error, retry_at });
+    }
+
+    fn flush_rows(&mut self) {
+        if !self.rows.is_empty() {
+            let rows = std::mem::take(&mut self.rows);
+            if let Err(e) = self.writer().transitions_nowait(rows) {
+                tracing::error!(error = %e, "JobDB writer is gone");
+            }
+        }
+    }
+
+    /// Write the job and its history to the archive, then (on success) `archived`.
+    fn start_archive(&mut self, id: Ksuid) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        job.at = Where::Archiving;
+        // The history read must see every row queued so far.
+        let message_id = job.message_id.clone();
+        let source = job.source.clone();
+        let destination = job.dest.id.clone();
+        let (generation, created_at, expires_at) = (job.generation, job.created_at, job.expires_at);
+        let payload = job.payload.clone();
+        let last = job.last.clone();
+        self.flush_rows();
+        let writer = self.writer().clone();
+        let archive = self.shared.archive.clone();
+        let inbox = self.inbox_tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut history = writer.history(id).await.map_err(|e| e.to_string())?;
+                let payload = match payload {
+                    Some(p) => p,
+                    None => writer.execute(Vec::new(), vec![id]).await.map_err(|e| e.to_string())?.remove(&id).unwrap_or_default(),
+                };
+                if let Some((status, error)) = last {
+                    let seq = history.last().map_or(1, |t| t.seq + 1);
+                    let attempt = history.last().map_or(0, |t| t.attempt);
+                    history.push(Transition { job_id: id, seq, state: JobState::Archived, at: now_ms(), attempt, status, error, retry_at: None });
+                }
+                let doc = ArchivedJob {
+                    id,
+                    message_id: &message_id,
+                    source: &source,
+                    destination: &destination,
+                    generation,
+                    created_at,
+                    expires_at,
+                    payload: &payload,
+                    history: &history,
+                };
+                archive.put(&doc).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = inbox.send(Msg::Archived { id, result });
+        });
+    }
+
+    async fn shutdown(mut self, inbox: &mut UnboundedReceiver<Msg>) -> DirectorExit {
+        // Let requests in flight finish (bounded), recording their outcomes.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.jobs.values().any(|j| matches!(j.at, Where::InFlight | Where::Archiving)) {
+            match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                Ok(Some(m)) => self.on_msg(m),
+                _ => break,
+            }
+        }
+        self.flush_rows();
+        self.jobs.clear();
+        self.report_in_memory();
+        self.close_writer().await;
+        DirectorExit::Stopped
+    }
+
+    async fn close_writer(&mut self) {
+        self.writer = None;
+        if let Some(t) = self.writer_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    async fn drop_jobdb(mut self) -> DirectorExit {
+        self.close_writer().await;
+        // Other handles (the Centrifuge's) may still exist, but nothing writes to a sealed JobDB.
+        let path = self.path.clone();
+        match crate::jobdb::remove_jobdb_files(&path) {
+            Ok(()) => {
+                self.shared.metrics.jobdbs_dropped.inc();
+                tracing::info!(jobdb = %path.display(), seq = self.seq, "every job finished: JobDB deleted");
+            }
+            Err(e) => tracing::error!(jobdb = %path.display(), error = %e, "cannot delete a finished JobDB"),
+        }
+        drop(self.lock.take());
+        DirectorExit::Dropped
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, initial × 2^(attempt-1))].
+pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
+    let cap = exp.min(max);
+    let ms = cap.as_millis().max(1) as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_by_the_exponential_and_the_maximum() {
+        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in 1..40 {
+            for _ in 0..50 {
+                let b = backoff(i, m, attempt);
+                let cap = Duration::from_secs(1u64 << (attempt - 1).min(20)).min(m);
+                assert!(b <= cap, "attempt {attempt}: {b:?} > {cap:?}");
+            }
+        }
+        // Full jitter spreads: over many draws at attempt 7 (cap 60 s) some fall below 30 s and some above.
+        let draws: Vec<_> = (0..200).map(|_| backoff(i, m, 7)).collect();
+        assert!(draws.iter().any(|d| *d < Duration::from_secs(30)) && draws.iter().any(|d| *d > Duration::from_secs(30)));
+    }
+}

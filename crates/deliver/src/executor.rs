@@ -1,0 +1,350 @@
+//! The HTTP executor: one pooled keep-alive client, the SSRF guard, the
+//! request signatures, and the classification of every outcome.
+//!
+//! Invariants:
+//! - A destination may reach loopback, private, link-local, shared (CGNAT),
+//!   multicast or unspecified addresses only when it (or `[deliver]`)
+//!   allows private networks. The check runs inside the client's DNS
+//!   resolver, so the address checked is the address connected to: a DNS
+//!   answer that changes between check and connect (rebinding) cannot slip
+//!   through. IP-literal URLs never reach a resolver and are checked first.
+//! - Redirects are not followed (a redirect could point anywhere).
+//! - Every response body is read (bounded) so the connection returns to the pool.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// What an attempt means for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Succeeded,
+    Retry,
+    Discard,
+}
+
+/// The result of one HTTP attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub verdict: Verdict,
+    pub status: Option<u16>,
+    /// Transport error, or an excerpt of the response body for non-2xx.
+    pub error: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub elapsed: Duration,
+}
+
+/// What a request needs to know about its destination.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub secret: Option<String>,
+    pub allow_private_network: bool,
+    pub request_timeout: Duration,
+}
+
+/// The refusal the guard returns from DNS resolution.
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the SSRF guard: {host} resolves to {addr}, a {kind} address (set allow_private_network to allow it)")]
+pub struct SsrfRefused {
+    pub host: String,
+    pub addr: IpAddr,
+    pub kind: &'static str,
+}
+
+/// Why `addr` is not a public address, if it is not.
+pub fn private_kind(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if o[0] == 100 && (64..128).contains(&o[1]) {
+                Some("shared (CGNAT)")
+            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
+                Some("multicast/reserved")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return private_kind(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("private (unique local)")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast/reserved")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// A resolver that drops nothing (private networks allowed) or refuses
+/// any answer with a non-public address.
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !allow_private {
+                if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
+                    return Err(Box::new(SsrfRefused { host, addr, kind }) as Box<dyn std::error::Error + Send + Sync>);
+                }
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Pooled keep-alive HTTP clients: one guarded, one for destinations allowed private networks.
+#[derive(Clone)]
+pub struct Executor {
+    guarded: reqwest::Client,
+    open: reqwest::Client,
+    user_agent: String,
+}
+
+/// The response body excerpt kept in a transition.
+const EXCERPT_BYTES: usize = 512;
+/// Most of a response body read (the rest is discarded with the connection).
+const MAX_BODY_READ: usize = 64 * 1024;
+
+impl Executor {
+    pub fn new(connect_timeout: Duration) -> Result<Executor, reqwest::Error> {
+        let build = |allow_private: bool| {
+            reqwest::Client::builder()
+                .connect_timeout(connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(1024)
+                .tcp_nodelay(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+                .build()
+        };
+        Ok(Executor {
+            guarded: build(false)?,
+            open: build(true)?,
+            user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    /// POST `body` to `target`; never fails, every outcome is an [`Attempt`].
+    pub async fn send(&self, target: &Target, message_id: &str, body: Bytes) -> Attempt {
+        let started = std::time::Instant::now();
+        let done = |verdict, status, error: Option<String>, retry_after| Attempt {
+            verdict,
+            status,
+            error,
+            retry_after,
+            elapsed: started.elapsed(),
+        };
+        let url = match reqwest::Url::parse(&target.url) {
+            Ok(u) => u,
+            Err(e) => return done(Verdict::Discard, None, Some(format!("invalid URL {:?}: {e}", target.url)), None),
+        };
+        if !target.allow_private_network {
+            let literal = match url.host() {
+                Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
+                Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
+                _ => None,
+            };
+            if let Some(addr) = literal {
+                if let Some(kind) = private_kind(addr) {
+                    let e = SsrfRefused { host: addr.to_string(), addr, kind };
+                    return done(Verdict::Discard, None, Some(e.to_string()), None);
+                }
+            }
+        }
+        let client = if target.allow_private_network { &self.open } else { &self.guarded };
+        let mut req = client
+            .post(url)
+            .timeout(target.request_timeout)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, &self.user_agent)
+            .header("Idempotency-Key", message_id);
+        if let Some(secret) = &target.secret {
+            let (sha1, sluice) = signatures(secret.as_bytes(), &body, crate::now_ms() / 1000);
+            req = req.header("X-Signature", sha1).header("X-Sluice-Signature", sluice);
+        }
+        let resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(refused) = find_source::<SsrfRefused>(&e) {
+                    return done(Verdict::Discard, None, Some(refused.to_string()), None);
+                }
+                let what = if e.is_timeout() { "timeout" } else if e.is_connect() { "connection error" } else { "request error" };
+                return done(Verdict::Retry, None, Some(format!("{what}: {}", error_chain(&e))), None);
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let excerpt = read_excerpt(resp).await;
+        let verdict = classify(status);
+        let error = (verdict != Verdict::Succeeded).then_some(excerpt);
+        done(verdict, Some(status), error, retry_after)
+    }
+}
+
+/// 2xx → succeeded; 408, 423, 429, 5xx except 501 → retry; anything else → discard.
+pub fn classify(status: u16) -> Verdict {
+    match status {
+        200..=299 => Verdict::Succeeded,
+        408 | 423 | 429 => Verdict::Retry,
+        501 => Verdict::Discard,
+        500..=599 => Verdict::Retry,
+        _ => Verdict::Discard,
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = at.timestamp_millis() - crate::now_ms();
+    Some(Duration::from_millis(delta.max(0) as u64))
+}
+
+/// (`X-Signature`, `X-Sluice-Signature`) for `body` signed with `secret` at `unix` seconds.
+pub fn signatures(secret: &[u8], body: &[u8], unix: i64) -> (String, String) {
+    let mut sha1 = Hmac::<sha1::Sha1>::new_from_slice(secret).expect("HMAC takes any key length");
+    sha1.update(body);
+    let mut sha256 = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    sha256.update(format!("{unix}.").as_bytes());
+    sha256.update(body);
+    (hex::encode(sha1.finalize().into_bytes()), format!("t={unix},v1={}", hex::encode(sha256.finalize().into_bytes())))
+}
+
+async fn read_excerpt(mut resp: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if buf.len() < MAX_BODY_READ {
+            buf.extend_from_slice(&chunk[..chunk.len().min(MAX_BODY_READ - buf.len())]);
+        }
+    }
+    let mut s = String::from_utf8_lossy(&buf[..buf.len().min(EXCERPT_BYTES)]).into_owned();
+    if buf.len() > EXCERPT_BYTES {
+        s.push('…');
+    }
+    s
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let m = err.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = err.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_the_issue() {
+        for (s, v) in [
+            (200, Verdict::Succeeded),
+            (204, Verdict::Succeeded),
+            (408, Verdict::Retry),
+            (423, Verdict::Retry),
+            (429, Verdict::Retry),
+            (500, Verdict::Retry),
+            (503, Verdict::Retry),
+            (599, Verdict::Retry),
+            (501, Verdict::Discard),
+            (400, Verdict::Discard),
+            (404, Verdict::Discard),
+            (410, Verdict::Discard),
+            (302, Verdict::Discard),
+        ] {
+            assert_eq!(classify(s), v, "status {s}");
+        }
+    }
+
+    #[test]
+    fn private_addresses_are_named() {
+        for (a, kind) in [
+            ("127.0.0.1", Some("loopback")),
+            ("10.1.2.3", Some("private")),
+            ("172.16.0.1", Some("private")),
+            ("192.168.1.1", Some("private")),
+            ("169.254.169.254", Some("link-local")),
+            ("0.0.0.0", Some("unspecified")),
+            ("100.64.0.1", Some("shared (CGNAT)")),
+            ("::1", Some("loopback")),
+            ("::", Some("unspecified")),
+            ("fd00::1", Some("private (unique local)")),
+            ("fe80::1", Some("link-local")),
+            ("::ffff:127.0.0.1", Some("loopback")),
+            ("8.8.8.8", None),
+            ("2606:4700::1111", None),
+        ] {
+            assert_eq!(private_kind(a.parse().unwrap()), kind, "{a}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO), "a past date means now");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn signatures_match_reference_values() {
+        // Reference values computed independently:
+        //   printf '%s' '{"a":1}' | openssl dgst -sha1 -hmac s3cret
+        //   printf '%s' '1700000000.{"a":1}' | openssl dgst -sha256 -hmac s3cret
+        let (sha1, sluice) = signatures(b"s3cret", br#"{"a":1}"#, 1_700_000_000);
+        assert_eq!(sha1, REF_SHA1);
+        assert_eq!(sluice, format!("t=1700000000,v1={REF_SHA256}"));
+    }
+
+    const REF_SHA1: &str = "79999786a1bff10cd4d7dd0b0752574af76be0b5";
+    const REF_SHA256: &str = "1698a50bc74d1ff1db85c4e0a5297c2ad9fdba245d5737cdb789e4cc6e098940";
+}

@@ -1,0 +1,59 @@
+//! Sluice's delivery stage, after Segment's Centrifuge (DESIGN §4).
+//!
+//! Every (event, destination) is a *job*. Jobs live in JobDBs — SQLite files
+//! in WAL mode with an immutable `jobs` table and an append-only
+//! `job_state_transitions` table ([`jobdb`]). Each JobDB has one writer
+//! thread ([`writer`]) and one *director* ([`director`]) that keeps its
+//! unfinished jobs in memory and runs them through the HTTP [`executor`],
+//! fairly across (source, destination) pairs, within each destination's
+//! limits ([`gate`]). The [`centrifuge`] rotates JobDBs and deletes finished
+//! ones whole. Destinations, connections and `destination_qos` live in the
+//! control database ([`control`]), seeded from the config.
+//!
+//! Commit points (ARCHITECTURE.md): a job exists once its insert commits
+//! (the route commits its `output` offset only after); a request is sent only
+//! after its `executing` row commits; every outcome is a new row.
+
+pub mod archive;
+pub mod centrifuge;
+pub mod control;
+pub mod director;
+pub mod executor;
+pub mod gate;
+pub mod inspect;
+pub mod jobdb;
+pub mod ksuid;
+pub mod metrics;
+pub mod sink;
+pub mod writer;
+
+pub use centrifuge::{Centrifuge, CentrifugeOptions};
+pub use control::{Catalog, ControlDb};
+pub use jobdb::{JobState, NewJob};
+pub use ksuid::Ksuid;
+pub use metrics::DeliverMetrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("SQLite error on {path}: {source}")]
+    Sqlite { path: String, source: rusqlite::Error },
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("the JobDB {0} is locked by another director (is another `sluice serve` running on this data_dir?)")]
+    Locked(String),
+    #[error("JobDB write failed: {0}")]
+    WriteFailed(String),
+    #[error("corrupt JobDB: {0}")]
+    Corrupt(String),
+    #[error("archive write failed: {0}")]
+    Archive(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+    #[error("the JobDB is closed")]
+    Closed,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

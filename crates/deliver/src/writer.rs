@@ -1,0 +1,292 @@
+//! The one thread that owns a JobDB's SQLite connection.
+//!
+//! Invariants:
+//! - Every write to a JobDB goes through its writer thread, one transaction
+//!   per drained group of commands (group commit): many route batches and
+//!   many state changes share one `synchronous = FULL` commit.
+//! - Job ids are assigned here, in commit order, by a monotonic KSUID
+//!   generator; the writer tells the director about new jobs and loaded
+//!   pages through the same ordered channel, *after* the commit. So the
+//!   director sees inserts and pages in id order, and never learns of a job
+//!   that is not durable.
+//! - A reply is sent only after the commit it depends on.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+use crate::jobdb::{JobDb, NewJob, StoredJob, Transition};
+use crate::ksuid::{Ksuid, KsuidGenerator};
+use crate::DeliverError;
+
+/// What the writer tells its director, in commit order.
+#[derive(Debug)]
+pub enum FromWriter {
+    /// Jobs just committed.
+    Inserted(Vec<StoredJob>),
+    /// A page requested with [`WriterHandle::load_page`]; `complete` when it
+    /// reached the end of the table.
+    Loaded { jobs: Vec<StoredJob>, complete: bool },
+    /// A write failed; the director re-queues what it had in flight.
+    Failed(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, DeliverError>>;
+
+enum Cmd {
+    Insert { jobs: Vec<NewJob>, reply: Reply<u64> },
+    Exists { keys: Vec<(String, String, i64)>, reply: Reply<Vec<bool>> },
+    Transitions { rows: Vec<Transition>, reply: Option<Reply<()>> },
+    LoadPage { after: Option<Ksuid>, limit: usize },
+    Execute { rows: Vec<Transition>, fetch: Vec<Ksuid>, reply: Reply<HashMap<Ksuid, Bytes>> },
+    History { id: Ksuid, reply: Reply<Vec<Transition>> },
+    CountUnfinished { reply: Reply<u64> },
+}
+
+/// A cheap handle to a JobDB's writer thread.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Cmd>,
+    pub path: PathBuf,
+}
+
+/// Most commands folded into one transaction.
+const MAX_GROUP: usize = 4096;
+
+impl WriterHandle {
+    /// Start the writer thread for `db`; it reports to `director`.
+    pub fn spawn(db: JobDb, director: UnboundedSender<FromWriter>) -> Result<(WriterHandle, JoinHandle<()>), DeliverError> {
+        let (tx, rx) = mpsc::channel();
+        let path = db.path.clone();
+        let ids = KsuidGenerator::above(db.max_id()?);
+        let name = format!("jobdb-{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(db, rx, director, ids))
+            .map_err(|source| DeliverError::Io { path: path.display().to_string(), source })?;
+        Ok((WriterHandle { tx, path }, thread))
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), DeliverError> {
+        self.tx.send(cmd).map_err(|_| DeliverError::Closed)
+    }
+
+    /// Insert jobs (skipping idempotency-key repeats); returns how many were new.
+    pub async fn insert(&self, jobs: Vec<NewJob>) -> Result<u64, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Insert { jobs, reply })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
+    pub async fn exists(&self, keys: Vec<(String, String, i64)>) -> Result<Vec<bool>, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Exists { keys, reply })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
+    /// Append transitions and wait for their commit.
+    pub async fn transitions(&self, rows: Vec<Transition>) -> Result<(), DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Transitions { rows, reply: Some(reply) })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
+    /// Append transitions without waiting (a failure is reported as [`FromWriter::Failed`]).
+    pub fn transitions_nowait(&self, rows: Vec<Transition>) -> Result<(), DeliverError> {
+        self.send(Cmd::Transitions { rows, reply: None })
+    }
+
+    /// Append `rows` (the `executing` transitions) and read the payloads of
+    /// `fetch`, in one commit.
+    pub async fn execute(&self, rows: Vec<Transition>, fetch: Vec<Ksuid>) -> Result<HashMap<Ksuid, Bytes>, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Execute { rows, fetch, reply })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
+    /// Ask for a page of jobs after `after`; it arrives as [`FromWriter::Loaded`].
+    pub fn load_page(&self, after: Option<Ksuid>, limit: usize) -> Result<(), DeliverError> {
+        self.send(Cmd::LoadPage { after, limit })
+    }
+
+    pub async fn history(&self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::History { id, reply })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
+    pub async fn count_unfinished(&self) -> Result<u64, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::CountUnfinished { reply })?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+}
+
+/// A reply to send once the group's transaction has committed.
+enum Pending {
+    Insert(Reply<u64>, u64),
+    Exists(Reply<Vec<bool>>, Vec<bool>),
+    Unit(Option<Reply<()>>),
+    History(Reply<Vec<Transition>>, Vec<Transition>),
+    Payloads(Reply<HashMap<Ksuid, Bytes>>, HashMap<Ksuid, Bytes>),
+    Count(Reply<u64>, u64),
+}
+
+fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut pending = Vec::with_capacity(group.len());
+        let mut to_director = Vec::new();
+        let result = db.begin().and_then(|()| {
+            for cmd in group.drain(..) {
+                apply(&db, cmd, &mut ids, &mut pending, &mut to_director)?;
+            }
+            db.commit()
+        });
+        match result {
+            Ok(()) => {
+                for msg in to_director {
+                    let _ = director.send(msg);
+                }
+                for p in pending {
+                    match p {
+                        Pending::Insert(r, n) => drop(r.send(Ok(n))),
+                        Pending::Exists(r, v) => drop(r.send(Ok(v))),
+                        Pending::Unit(r) => {
+                            if let Some(r) = r {
+                                let _ = r.send(Ok(()));
+                            }
+                        }
+                        Pending::History(r, v) => drop(r.send(Ok(v))),
+                        Pending::Payloads(r, v) => drop(r.send(Ok(v))),
+                        Pending::Count(r, n) => drop(r.send(Ok(n))),
+                    }
+                }
+            }
+            Err(e) => {
+                db.rollback();
+                tracing::error!(jobdb = %db.path.display(), error = %e, "JobDB transaction failed; rolled back");
+                let msg = e.to_string();
+                let _ = director.send(FromWriter::Failed(msg.clone()));
+                // Commands after the failing one in this group were never applied: fail them too.
+                for cmd in group {
+                    fail_cmd(cmd, &msg);
+                }
+                for p in pending {
+                    let err = || DeliverError::WriteFailed(msg.clone());
+                    match p {
+                        Pending::Insert(r, _) => drop(r.send(Err(err()))),
+                        Pending::Exists(r, _) => drop(r.send(Err(err()))),
+                        Pending::Unit(r) => {
+                            if let Some(r) = r {
+                                let _ = r.send(Err(err()));
+                            }
+                        }
+                        Pending::History(r, _) => drop(r.send(Err(err()))),
+                        Pending::Payloads(r, _) => drop(r.send(Err(err()))),
+                        Pending::Count(r, _) => drop(r.send(Err(err()))),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fail_cmd(cmd: Cmd, msg: &str) {
+    let err = || DeliverError::WriteFailed(msg.to_owned());
+    match cmd {
+        Cmd::Insert { reply, .. } => drop(reply.send(Err(err()))),
+        Cmd::Exists { reply, .. } => drop(reply.send(Err(err()))),
+        Cmd::Transitions { reply, .. } => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(err()));
+            }
+        }
+        Cmd::LoadPage { .. } => {}
+        Cmd::Execute { reply, .. } => drop(reply.send(Err(err()))),
+        Cmd::History { reply, .. } => drop(reply.send(Err(err()))),
+        Cmd::CountUnfinished { reply } => drop(reply.send(Err(err()))),
+    }
+}
+
+fn apply(
+    db: &JobDb,
+    cmd: Cmd,
+    ids: &mut KsuidGenerator,
+    pending: &mut Vec<Pending>,
+    to_director: &mut Vec<FromWriter>,
+) -> Result<(), DeliverError> {
+    match cmd {
+        Cmd::Insert { jobs, reply } => {
+            let now_s = (crate::now_ms() / 1000) as u64;
+            let mut inserted = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let id = ids.next(now_s);
+                if db.insert_job(id, &job)? {
+                    inserted.push(StoredJob {
+                        id,
+                        job,
+                        state: crate::jobdb::JobState::AwaitingScheduling,
+                        seq: 0,
+                        attempt: 0,
+                        retry_at: None,
+                    });
+                }
+            }
+            pending.push(Pending::Insert(reply, inserted.len() as u64));
+            if !inserted.is_empty() {
+                to_director.push(FromWriter::Inserted(inserted));
+            }
+        }
+        Cmd::Exists { keys, reply } => {
+            let mut found = Vec::with_capacity(keys.len());
+            for (m, d, g) in &keys {
+                found.push(db.job_exists(m, d, *g)?);
+            }
+            pending.push(Pending::Exists(reply, found));
+        }
+        Cmd::Transitions { rows, reply } => {
+            for t in &rows {
+                db.append_transition(t)?;
+            }
+            pending.push(Pending::Unit(reply));
+        }
+        Cmd::LoadPage { after, limit } => {
+            let jobs = db.page(after, limit)?;
+            let complete = jobs.len() < limit;
+            to_director.push(FromWriter::Loaded { jobs, complete });
+        }
+        Cmd::Execute { rows, fetch, reply } => {
+            for t in &rows {
+                db.append_transition(t)?;
+            }
+            let mut payloads = HashMap::with_capacity(fetch.len());
+            for id in fetch {
+                if let Some(p) = db.payload(id)? {
+                    payloads.insert(id, p);
+                }
+            }
+            pending.push(Pending::Payloads(reply, payloads));
+        }
+        Cmd::History { id, reply } => {
+            let h = db.history(id)?;
+            pending.push(Pending::History(reply, h));
+        }
+        Cmd::CountUnfinished { reply } => {
+            let n = db.count_unfinished()?;
+            pending.push(Pending::Count(reply, n));
+        }
+    }
+    Ok(())
+}
