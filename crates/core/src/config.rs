@@ -551,6 +551,9 @@ impl Config {
             check_retry(&format!("destinations[{i}]"), &dest.retry_policy(d.retry_policy()))?;
             for (j, f) in dest.filters.iter().enumerate() {
                 let fkey = |k: &str| format!("destinations[{i}].filters[{j}].{k}");
+                if let Some(cond) = &f.condition {
+                    crate::filter::Condition::parse(cond).map_err(|e| invalid(fkey("if"), format!("{cond:?}: {e}")))?;
+                }
                 match f.action.as_str() {
                     "drop" => {}
                     "sample" => match f.rate {

@@ -344,6 +344,11 @@ impl Catalog {
             .clone()
     }
 
+    /// The global retry policy (`[deliver]`).
+    pub fn retry_policy(&self) -> sluice_core::config::RetryPolicy {
+        self.defaults.retry_policy()
+    }
+
     pub fn destinations(&self) -> Vec<Arc<Destination>> {
         self.gates.lock().expect("gates lock").values().cloned().collect()
     }

@@ -1,1 +1,234 @@
-//! placeholder
+//! The route stage: `output` events → delivery jobs.
+//!
+//! For each event on `output` (key `<sourceId>/<messageId>`), the route
+//! finds the destinations its source is connected to, honours the event's
+//! `integrations` object, applies each destination's filters, and makes one
+//! job per remaining destination.
+//!
+//! Invariants:
+//! - One route task per `output` partition, consumer group `route`. It
+//!   commits its `output` offset only after [`Centrifuge::insert`] returned,
+//!   i.e. after the jobs are committed in a JobDB. A crash in between
+//!   replays the batch; job inserts are idempotent on (messageId,
+//!   destination), so the replay makes no second job.
+//! - Routing is deterministic for a given event and catalog: sampling is
+//!   decided by a hash of the messageId, so a replay decides the same.
+//! - A replay (`sluice replay`) routes old `output` events for one
+//!   destination with generation = the replay's id, so its jobs are new
+//!   jobs (delivered again) and re-running the same replay is idempotent.
+
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::metrics::{Counter, Registry};
+use sluice_deliver::{Catalog, Centrifuge, NewJob};
+use sluice_log::{Log, LogError};
+use tokio::sync::watch;
+
+pub use plan::{Planner, RouteDecision};
+
+/// The consumer group of the route stage on `output`.
+pub const GROUP: &str = "route";
+/// The topic the route reads (dedup's output).
+pub const OUTPUT_TOPIC: &str = "output";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Deliver(#[from] sluice_deliver::DeliverError),
+}
+
+#[derive(Clone, Default)]
+pub struct RouteMetrics {
+    pub events: Counter,
+    pub jobs: Counter,
+    pub filtered: Counter,
+    pub unroutable: Counter,
+}
+
+impl RouteMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("sluice_route_events", "Events read from output by the route", self.events.clone());
+        r.register("sluice_route_jobs", "Jobs made by the route (before idempotency checks)", self.jobs.clone());
+        r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
+        r.register("sluice_route_unroutable", "Output records that are not valid events (logged, skipped)", self.unroutable.clone());
+    }
+}
+
+/// Settings of the route tasks.
+#[derive(Clone)]
+pub struct RouteSettings {
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        RouteSettings { batch_size: 1000, poll_interval: Duration::from_millis(5) }
+    }
+}
+
+/// Route one `output` partition until `stop` turns true.
+pub async fn run_partition(
+    log: Arc<dyn Log>,
+    partition: u32,
+    centrifuge: Arc<Centrifuge>,
+    settings: RouteSettings,
+    metrics: RouteMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let planner = Planner::new(centrifuge.catalog().clone());
+    let mut next: Option<u64> = None;
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        match route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next).await {
+            Ok(0) => {
+                failures = 0;
+                tokio::select! {
+                    _ = tokio::time::sleep(settings.poll_interval) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(100u64 << failures.min(6));
+                tracing::error!(partition, error = %e, ?wait, "route batch failed; retrying from the last committed offset");
+                next = None;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// One batch: read, plan, insert, commit. Returns the records read.
+async fn route_batch(
+    log: &dyn Log,
+    partition: u32,
+    centrifuge: &Centrifuge,
+    planner: &Planner,
+    settings: &RouteSettings,
+    metrics: &RouteMetrics,
+    next: &mut Option<u64>,
+) -> Result<usize, RouteError> {
+    let from = match *next {
+        Some(n) => n,
+        None => match log.committed(GROUP, OUTPUT_TOPIC, partition).await? {
+            Some(n) => n,
+            None => log.offsets(OUTPUT_TOPIC, partition).await?.start,
+        },
+    };
+    let records = match log.read(OUTPUT_TOPIC, partition, from, settings.batch_size).await {
+        Ok(r) => r,
+        Err(LogError::OffsetOutOfRange { start, .. }) => {
+            tracing::error!(partition, from, start, "route fell behind output's retention: events before {start} were never routed");
+            *next = Some(start);
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(last) = records.last() else {
+        *next = Some(from);
+        return Ok(0);
+    };
+    let end = last.offset + 1;
+    let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
+    let mut jobs: Vec<NewJob> = Vec::new();
+    for rec in &records {
+        metrics.events.inc();
+        match planner.plan(&rec.key, &rec.value, 0, None) {
+            Ok(d) => {
+                metrics.filtered.inc_by(d.filtered);
+                jobs.extend(d.jobs);
+            }
+            Err(problem) => {
+                metrics.unroutable.inc();
+                tracing::warn!(partition, offset = rec.offset, %problem, "skipping an output record that is not a routable event");
+            }
+        }
+    }
+    metrics.jobs.inc_by(jobs.len() as u64);
+    centrifuge.insert(jobs, oldest).await?;
+    log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+    *next = Some(end);
+    Ok(records.len())
+}
+
+/// Run replay requests from the control database (`sluice replay` files
+/// them; they run here, inside `sluice serve`).
+pub async fn run_replays(log: Arc<dyn Log>, centrifuge: Arc<Centrifuge>, mut stop: watch::Receiver<bool>) {
+    let catalog = centrifuge.catalog().clone();
+    while !*stop.borrow() {
+        let pending = {
+            let c = catalog.clone();
+            tokio::task::spawn_blocking(move || c.with_control(|db| db.unfinished_replays())).await
+        };
+        match pending {
+            Ok(Ok(replays)) => {
+                for r in replays {
+                    let outcome = replay_one(&*log, &centrifuge, &catalog, &r).await;
+                    let (state, error) = match &outcome {
+                        Ok(_) => ("done", None),
+                        Err(e) => ("failed", Some(e.to_string())),
+                    };
+                    let (events, jobs) = outcome.unwrap_or((0, 0));
+                    tracing::info!(replay = r.id, destination = %r.destination, events, jobs, state, "replay finished");
+                    let c = catalog.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        c.with_control(|db| db.update_replay(r.id, state, events, jobs, error.as_deref()))
+                    })
+                    .await;
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot read replay requests"),
+            Err(e) => tracing::error!(error = %e, "replay poll task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn replay_one(
+    log: &dyn Log,
+    centrifuge: &Centrifuge,
+    catalog: &Arc<Catalog>,
+    r: &sluice_deliver::control::Replay,
+) -> Result<(i64, i64), RouteError> {
+    {
+        let c = catalog.clone();
+        let id = r.id;
+        let _ = tokio::task::spawn_blocking(move || c.with_control(|db| db.update_replay(id, "running", 0, 0, None))).await;
+    }
+    tracing::info!(replay = r.id, destination = %r.destination, since_ms = r.since_ms, "replay started");
+    let planner = Planner::new(catalog.clone());
+    let (mut events, mut made) = (0i64, 0i64);
+    for p in 0..log.partitions(OUTPUT_TOPIC)? {
+        let range = log.offsets(OUTPUT_TOPIC, p).await?;
+        let mut next = range.start;
+        while next < range.end {
+            let records = log.read(OUTPUT_TOPIC, p, next, 1000).await?;
+            let Some(last) = records.last() else { break };
+            next = last.offset + 1;
+            let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
+            let mut jobs = Vec::new();
+            for rec in records.iter().filter(|rec| rec.timestamp_ms >= r.since_ms && rec.offset < range.end) {
+                events += 1;
+                if let Ok(d) = planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
+                    jobs.extend(d.jobs);
+                }
+            }
+            made += jobs.len() as i64;
+            centrifuge.insert(jobs, oldest).await?;
+        }
+    }
+    Ok((events, made))
+}
