@@ -5,6 +5,7 @@
 mod bench;
 mod bench_dedup;
 mod dedup;
+mod deliver;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,13 @@ enum Command {
     /// The dedup stage's tools.
     #[command(subcommand)]
     Dedup(dedup::DedupCommand),
+    /// Look at delivery jobs (works while `sluice serve` runs).
+    #[command(subcommand)]
+    Jobs(deliver::JobsCommand),
+    /// Re-deliver events still in `output` to one destination.
+    Replay(deliver::ReplayArgs),
+    /// A local webhook endpoint that prints what it receives (for trying destinations out).
+    Sink(deliver::SinkArgs),
     /// Benchmarks (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -122,6 +130,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Dedup(cmd) => dedup::run(cmd),
+        Command::Jobs(cmd) => deliver::jobs(cmd),
+        Command::Replay(args) => deliver::replay(args),
+        Command::Sink(args) => runtime()?.block_on(deliver::sink(args)),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -187,6 +198,15 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         Vec::new()
     };
 
+    let delivery = if config.deliver.enabled && config.dedup.enabled {
+        Some(deliver::start(&config, log.clone() as Arc<dyn Log>, &mut registry).await?)
+    } else {
+        if config.deliver.enabled {
+            tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
+        }
+        None
+    };
+
     let ingest = Ingest::new(
         log.clone() as Arc<dyn Log>,
         IngestSettings::from_config(&config),
@@ -240,6 +260,9 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         }
     })
     .await?;
+    if let Some(d) = delivery {
+        d.stop().await;
+    }
     match Arc::try_unwrap(log) {
         Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
         Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
@@ -259,10 +282,16 @@ fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
         retention: config.log.retention,
         retention_by_topic: [(OUTPUT_TOPIC.to_owned(), config.output_retention())].into(),
         // Acknowledged events are never deleted before dedup has read them.
-        retention_guard: if config.dedup.enabled {
-            [(INPUT_TOPIC.to_owned(), sluice_dedup::GROUP.to_owned())].into()
-        } else {
-            Default::default()
+        retention_guard: {
+            let mut guard = std::collections::HashMap::new();
+            if config.dedup.enabled {
+                guard.insert(INPUT_TOPIC.to_owned(), sluice_dedup::GROUP.to_owned());
+                if config.deliver.enabled {
+                    // Events are not deleted before the route has made their jobs.
+                    guard.insert(OUTPUT_TOPIC.to_owned(), sluice_route::GROUP.to_owned());
+                }
+            }
+            guard
         },
         fsync: config.log.fsync,
         metrics,

@@ -1,0 +1,314 @@
+//! The route and delivery stages inside `sluice serve`, and their tools:
+//! `sluice jobs inspect|stats`, `sluice replay`, `sluice sink`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use sluice_core::metrics::Registry;
+use sluice_core::Config;
+use sluice_deliver::control::{control_path, ControlDb, REFRESH_INTERVAL};
+use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
+use sluice_log::Log;
+use sluice_route::{RouteMetrics, RouteSettings};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ConfigArgs;
+
+/// The running route + delivery stages.
+pub struct Running {
+    pub centrifuge: Arc<Centrifuge>,
+    tasks: Vec<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+/// Open the control database and the JobDBs, start the directors, one
+/// route task per `output` partition, the replay runner and the catalog refresher.
+pub async fn start(config: &Config, log: Arc<dyn Log>, registry: &mut Registry) -> Result<Running> {
+    let catalog = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || Catalog::open(&c)).await?
+    }
+    .context("cannot open the control database")?;
+    let metrics = DeliverMetrics::default();
+    metrics.register(registry);
+    let route_metrics = RouteMetrics::default();
+    route_metrics.register(registry);
+    let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
+        .await
+        .context("cannot open the JobDBs")?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = vec![centrifuge.spawn_housekeeping()];
+    tasks.push(tokio::spawn(refresh_catalog(catalog.clone(), stop_rx.clone())));
+    for p in 0..config.log.partitions {
+        tasks.push(tokio::spawn(sluice_route::run_partition(
+            log.clone(),
+            p,
+            centrifuge.clone(),
+            RouteSettings::default(),
+            route_metrics.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(sluice_route::run_replays(log, centrifuge.clone(), stop_rx)));
+    let snap = catalog.snapshot();
+    tracing::info!(
+        destinations = snap.destinations.len(),
+        connections = snap.connections.values().map(Vec::len).sum::<usize>(),
+        "delivery running"
+    );
+    Ok(Running { centrifuge, tasks, stop })
+}
+
+impl Running {
+    /// Stop routing, then let directors finish requests in flight.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        self.centrifuge.close().await;
+    }
+}
+
+/// Re-read the control database so QoS and connection changes apply within seconds.
+async fn refresh_catalog(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let c = catalog.clone();
+        match tokio::task::spawn_blocking(move || c.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read the control database"),
+            Err(e) => tracing::error!(error = %e, "control database refresh task failed"),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct DataDirArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Overrides `server.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    fn load(&self) -> Result<Config> {
+        Ok(Config::load_with(self.config.config.as_deref(), |c| {
+            if let Some(d) = &self.data_dir {
+                c.server.data_dir = d.clone();
+            }
+        })?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum JobsCommand {
+    /// Every job of a messageId (one per destination) or one job by KSUID, with every transition.
+    Inspect {
+        /// A messageId or a job's KSUID.
+        key: String,
+        #[command(flatten)]
+        dir: DataDirArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Job counts per destination and state, across the live JobDBs.
+    Stats {
+        #[command(flatten)]
+        dir: DataDirArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ms.to_string())
+}
+
+pub fn jobs(cmd: JobsCommand) -> Result<()> {
+    match cmd {
+        JobsCommand::Inspect { key, dir, json } => {
+            let config = dir.load()?;
+            let jobs_dir = config.server.data_dir.join("jobs");
+            let found = sluice_deliver::inspect::find(&jobs_dir, &key)?;
+            if found.is_empty() {
+                bail!("no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})", jobs_dir.display(), config.archive_dir().display());
+            }
+            if json {
+                let out: Vec<_> = found
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "id": f.job.id.to_string(), "jobdb": f.jobdb, "message_id": f.job.job.message_id,
+                            "source": f.job.job.source, "destination": f.job.job.destination,
+                            "generation": f.job.job.generation, "endpoint": f.job.job.endpoint,
+                            "state": f.job.state.as_str(), "created_at": f.job.job.created_at, "expires_at": f.job.job.expires_at,
+                            "transitions": std::iter::once(serde_json::json!({"seq": 0, "state": "awaiting_scheduling", "at": f.job.job.created_at, "attempt": 0}))
+                                .chain(f.history.iter().map(|t| serde_json::json!({
+                                    "seq": t.seq, "state": t.state.as_str(), "at": t.at, "attempt": t.attempt,
+                                    "status": t.status, "error": t.error, "retry_at": t.retry_at})))
+                                .collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            for f in found {
+                let j = &f.job;
+                println!(
+                    "job {}  messageId {}  {} → {}  generation {}  state {}\n  endpoint {}\n  JobDB {}",
+                    j.id, j.job.message_id, j.job.source, j.job.destination, j.job.generation, j.state.as_str(), j.job.endpoint, f.jobdb
+                );
+                println!("  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  detail", "seq", "at", "state", "attempt", "status");
+                println!("  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  created", 0, fmt_ms(j.job.created_at), "awaiting_scheduling", 0, "");
+                for t in &f.history {
+                    let mut detail = t.error.clone().unwrap_or_default().replace('\n', " ");
+                    if let Some(r) = t.retry_at {
+                        detail = format!("retry at {} {detail}", fmt_ms(r));
+                    }
+                    println!(
+                        "  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  {}",
+                        t.seq,
+                        fmt_ms(t.at),
+                        t.state.as_str(),
+                        t.attempt,
+                        t.status.map(|s| s.to_string()).unwrap_or_default(),
+                        detail.trim()
+                    );
+                }
+                println!();
+            }
+            Ok(())
+        }
+        JobsCommand::Stats { dir, json } => {
+            let config = dir.load()?;
+            let (jobdbs, stats) = sluice_deliver::inspect::stats(&config.server.data_dir.join("jobs"))?;
+            if json {
+                println!("{}", serde_json::json!({"jobdbs": jobdbs, "destinations": stats}));
+                return Ok(());
+            }
+            let states: Vec<&str> = sluice_deliver::inspect::state_names().collect();
+            println!("{jobdbs} JobDB(s)");
+            print!("{:<24}", "destination");
+            for s in &states {
+                print!(" {s:>19}");
+            }
+            println!();
+            let mut totals = vec![0u64; states.len()];
+            for (dest, counts) in &stats {
+                print!("{dest:<24}");
+                for (i, s) in states.iter().enumerate() {
+                    let n = counts.get(s).copied().unwrap_or(0);
+                    totals[i] += n;
+                    print!(" {n:>19}");
+                }
+                println!();
+            }
+            print!("{:<24}", "total");
+            for n in totals {
+                print!(" {n:>19}");
+            }
+            println!();
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    dir: DataDirArgs,
+    /// The destination to re-deliver to.
+    #[arg(long)]
+    destination: String,
+    /// Events logged at or after this time: RFC 3339 (2026-11-26T09:00:00Z) or a duration ago (2h, 30m).
+    #[arg(long)]
+    since: String,
+    /// Return once the request is filed instead of waiting for the server to run it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn parse_since(s: &str) -> Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    let ago = humantime::parse_duration(s).with_context(|| format!("--since {s:?}: use RFC 3339 (2026-11-26T09:00:00Z) or a duration ago (2h)"))?;
+    Ok(sluice_deliver::now_ms() - ago.as_millis() as i64)
+}
+
+/// File a replay request in the control database; the server runs it (within a second).
+pub fn replay(args: ReplayArgs) -> Result<()> {
+    let config = args.dir.load()?;
+    let since = parse_since(&args.since)?;
+    let db = ControlDb::open(&control_path(&config.server.data_dir))?;
+    let known = db.read()?.destinations.contains_key(&args.destination);
+    if !known {
+        bail!("no destination {:?} in the control database (it is seeded from the config when `sluice serve` starts)", args.destination);
+    }
+    let id = db.request_replay(&args.destination, since)?;
+    eprintln!("replay {id} filed: destination {} since {}", args.destination, fmt_ms(since));
+    if args.no_wait {
+        return Ok(());
+    }
+    eprintln!("waiting for `sluice serve` to run it (Ctrl-C leaves it filed; it runs when the server next starts)…");
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let r = db.replay(id)?.context("replay request vanished")?;
+        match r.state.as_str() {
+            "done" => {
+                println!("replay {id} done: {} events read, {} jobs made for {}", r.events, r.jobs, r.destination);
+                return Ok(());
+            }
+            "failed" => bail!("replay {id} failed: {}", r.error.unwrap_or_default()),
+            _ => {}
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9099")]
+    listen: SocketAddr,
+    /// Print each request's path, headers of interest and body.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A local webhook endpoint for trying Sluice out: answers 200 (or what the
+/// URL's query asks: `?status=500`, `?delay_ms=2000`, `?retry_after=3`) and prints what it receives.
+pub async fn sink(args: SinkArgs) -> Result<()> {
+    let sink = sluice_deliver::sink::Sink::start_on(args.listen, true, false).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("sink listening on http://{} (try a destination url = \"http://{}/hook\")", sink.addr, sink.addr);
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let all = sink.received();
+        for r in &all[seen..] {
+            if !args.quiet {
+                println!(
+                    "{} {} idempotency-key={} x-signature={} {}",
+                    r.answered.map(|s| s.to_string()).unwrap_or_else(|| "---".into()),
+                    r.path,
+                    r.header("idempotency-key").unwrap_or("-"),
+                    r.header("x-signature").unwrap_or("-"),
+                    String::from_utf8_lossy(&r.body)
+                );
+            }
+        }
+        seen = all.len();
+    }
+}
