@@ -2,6 +2,7 @@
 //! every stage agrees on, and the metrics registry each role exposes.
 
 pub mod config;
+pub mod crash;
 pub mod filter;
 pub mod metrics;
 pub mod partition;

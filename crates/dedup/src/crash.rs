@@ -1,48 +1,7 @@
-//! Named crash points, for the crash-matrix tests only.
-//!
-//! A crash point is a place between two steps of a commit protocol where a
-//! test may make the process die at once: `std::process::abort()` — no
-//! unwinding, no destructors, no flush, the same as `kill -9` from inside.
-//!
-//! The switch is hidden and off by default: the environment variable
-//! `SLUICE_CRASH_AT=<point>[:<n>]` arms one point, which aborts the n-th
-//! time it is reached (default 1). Nothing else can reach it.
+//! The dedup protocol's crash points (the mechanism is `sluice_core::crash`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-
-/// The environment variable that arms a crash point.
-pub const CRASH_ENV: &str = "SLUICE_CRASH_AT";
+pub use sluice_core::crash::{crash_point, CRASH_ENV};
 
 /// Every crash point of the dedup protocol, in protocol order.
 pub const DEDUP_POINTS: [&str; 4] =
     ["dedup.before_publish", "dedup.after_publish", "dedup.after_index_write", "dedup.after_input_commit"];
-
-struct Armed {
-    point: String,
-    remaining: AtomicU64,
-}
-
-fn armed() -> Option<&'static Armed> {
-    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
-    ARMED
-        .get_or_init(|| {
-            let spec = std::env::var(CRASH_ENV).ok()?;
-            let (point, n) = match spec.split_once(':') {
-                Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
-                None => (spec, 1),
-            };
-            Some(Armed { point, remaining: AtomicU64::new(n.max(1)) })
-        })
-        .as_ref()
-}
-
-/// Abort the process here if this point is armed and its count is reached.
-pub fn crash_point(point: &str) {
-    if let Some(a) = armed() {
-        if a.point == point && a.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-            eprintln!("crash point {point} reached: aborting");
-            std::process::abort();
-        }
-    }
-}

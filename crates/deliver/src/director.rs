@@ -491,6 +491,10 @@ impl Director {
                 tokio::spawn(async move {
                     let target = permit.destination.settings().target.clone();
                     let attempt = executor.send(&target, &message_id, body).await;
+                    if attempt.verdict == Verdict::Succeeded {
+                        // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
+                        sluice_core::crash::crash_point("deliver.after_http_success");
+                    }
                     permit.destination.record(attempt.verdict, permit.probe, Instant::now());
                     metrics.attempt(&permit.destination.id, attempt.elapsed.as_secs_f64());
                     drop(permit);

@@ -49,7 +49,7 @@ pub struct Target {
 
 /// The refusal the guard returns from DNS resolution.
 #[derive(Debug, thiserror::Error)]
-#[error("refused by the SSRF guard: {host} resolves to {addr}, a {kind} address (set allow_private_network to allow it)")]
+#[error("refused by the SSRF guard: {host} is {addr}, a {kind} address (set allow_private_network to allow it)")]
 pub struct SsrfRefused {
     pub host: String,
     pub addr: IpAddr,

@@ -156,6 +156,8 @@ async fn route_batch(
     }
     metrics.jobs.inc_by(jobs.len() as u64);
     centrifuge.insert(jobs, oldest).await?;
+    // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
+    sluice_core::crash::crash_point("route.after_insert");
     log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
     *next = Some(end);
     Ok(records.len())
