@@ -644,7 +644,9 @@ impl Director {
     }
 
     async fn close_writer(&mut self) {
-        self.writer = None;
+        if let Some(w) = self.writer.take() {
+            w.close();
+        }
         if let Some(t) = self.writer_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }

@@ -46,6 +46,8 @@ enum Cmd {
     Execute { rows: Vec<Transition>, fetch: Vec<Ksuid>, reply: Reply<HashMap<Ksuid, Bytes>> },
     History { id: Ksuid, reply: Reply<Vec<Transition>> },
     CountUnfinished { reply: Reply<u64> },
+    /// Finish what was sent before, then end the thread (closing the connection).
+    Close,
 }
 
 /// A cheap handle to a JobDB's writer thread.
@@ -120,6 +122,12 @@ impl WriterHandle {
         rx.await.map_err(|_| DeliverError::Closed)?
     }
 
+    /// Ask the thread to end once everything sent before is done; other
+    /// handles then get [`DeliverError::Closed`].
+    pub fn close(&self) {
+        let _ = self.tx.send(Cmd::Close);
+    }
+
     pub async fn count_unfinished(&self) -> Result<u64, DeliverError> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::CountUnfinished { reply })?;
@@ -138,12 +146,20 @@ enum Pending {
 }
 
 fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
-    while let Ok(first) = rx.recv() {
+    let mut closing = false;
+    while !closing {
+        let Ok(first) = rx.recv() else { break };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(c) => group.push(c),
                 Err(_) => break,
+            }
+        }
+        if let Some(i) = group.iter().position(|c| matches!(c, Cmd::Close)) {
+            closing = true;
+            for late in group.drain(i..).skip(1) {
+                fail_cmd(late, || DeliverError::Closed);
             }
         }
         let mut pending = Vec::with_capacity(group.len());
@@ -181,7 +197,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                 let _ = director.send(FromWriter::Failed(msg.clone()));
                 // Commands after the failing one in this group were never applied: fail them too.
                 for cmd in group {
-                    fail_cmd(cmd, &msg);
+                    fail_cmd(cmd, || DeliverError::WriteFailed(msg.clone()));
                 }
                 for p in pending {
                     let err = || DeliverError::WriteFailed(msg.clone());
@@ -203,8 +219,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
     }
 }
 
-fn fail_cmd(cmd: Cmd, msg: &str) {
-    let err = || DeliverError::WriteFailed(msg.to_owned());
+fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError) {
     match cmd {
         Cmd::Insert { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::Exists { reply, .. } => drop(reply.send(Err(err()))),
@@ -217,6 +232,7 @@ fn fail_cmd(cmd: Cmd, msg: &str) {
         Cmd::Execute { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::History { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::CountUnfinished { reply } => drop(reply.send(Err(err()))),
+        Cmd::Close => {}
     }
 }
 
@@ -287,6 +303,7 @@ fn apply(
             let n = db.count_unfinished()?;
             pending.push(Pending::Count(reply, n));
         }
+        Cmd::Close => {}
     }
     Ok(())
 }

@@ -331,3 +331,251 @@ pub fn check_sdk_event(st: &Stored, sent: &Value, library: &str) {
         other => panic!("unexpected type {other}"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Delivery (route + Centrifuge) helpers: a webhook sink in the test process,
+// the `sluice jobs`/`sluice replay` tools, and read-only views of the JobDBs.
+
+/// The `[[destinations]]` "hook" (at `url`, private network allowed, plus
+/// `extra` keys) connected to source "web", as TOML for [`write_config`].
+pub fn hook_toml(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[destinations]]
+id = "hook"
+url = "{url}"
+allow_private_network = true
+{extra}
+
+[[connections]]
+source = "{SOURCE_ID}"
+destinations = ["hook"]
+"#
+    )
+}
+
+/// A [`sluice_deliver::sink::Sink`] with the multi-thread runtime it runs on
+/// (the test thread drives it and the HTTP client with [`TestSink::block_on`]).
+pub struct TestSink {
+    // Declared first: dropped (its task aborted) before the runtime.
+    pub sink: sluice_deliver::sink::Sink,
+    pub rt: tokio::runtime::Runtime,
+    pub http: reqwest::Client,
+}
+
+impl TestSink {
+    pub fn start() -> TestSink {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let sink = rt.block_on(sluice_deliver::sink::Sink::start()).expect("start the sink");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
+        TestSink { sink, rt, http }
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Requests received on `path`, grouped by their `Idempotency-Key`.
+    pub fn by_key(&self, path: &str) -> HashMap<String, Vec<sluice_deliver::sink::Received>> {
+        let mut out: HashMap<String, Vec<_>> = HashMap::new();
+        for r in self.sink.received_on(path) {
+            let key = r.header("idempotency-key").unwrap_or("<none>").to_owned();
+            out.entry(key).or_default().push(r);
+        }
+        out
+    }
+
+    /// POST one batch to the Tracking API: `Ok` on 200; `Err` when the
+    /// server is gone or answers 5xx (a client would send it again); panics
+    /// on any other status.
+    pub fn post_batch(&self, server_addr: &str, events: &[Value]) -> Result<(), String> {
+        let url = format!("http://{server_addr}/v1/batch");
+        let body = serde_json::json!({ "batch": events });
+        let resp = self.block_on(async { self.http.post(&url).basic_auth(WRITE_KEY, Some("")).json(&body).send().await });
+        match resp {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) if r.status().is_server_error() => Err(format!("status {}", r.status())),
+            Ok(r) => panic!("unexpected status {} for a valid batch", r.status()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// A plain track event with `id` as its messageId.
+pub fn track_event(id: &str, i: usize) -> Value {
+    serde_json::json!({
+        "type": "track",
+        "userId": format!("user-{i}"),
+        "event": "Deliver Test",
+        "messageId": id,
+        "properties": {"i": i, "tag": "deliver"},
+    })
+}
+
+/// Run the `sluice` binary with `args` to completion.
+pub fn sluice_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env_remove("SLUICE_CRASH_AT")
+        .env_remove("SLUICE_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sluice")
+}
+
+/// `sluice jobs stats --json` (tried again a few times: a JobDB may be
+/// deleted while it is read).
+pub fn jobs_stats(config: &Path) -> Value {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let out = sluice_cmd(&["jobs", "stats", "--config", config.to_str().unwrap(), "--json"]);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).expect("jobs stats --json prints JSON");
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("sluice jobs stats failed: {last}");
+}
+
+/// A destination's job counts by state from a `jobs stats --json` answer.
+pub fn stats_for(stats: &Value, destination: &str) -> std::collections::BTreeMap<String, u64> {
+    stats["destinations"][destination]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().expect("count"))).collect())
+        .unwrap_or_default()
+}
+
+/// Jobs not in a terminal state (awaiting_scheduling, executing, awaiting_retry), all destinations.
+pub fn unfinished_in(stats: &Value) -> u64 {
+    let mut n = 0;
+    if let Some(dests) = stats["destinations"].as_object() {
+        for counts in dests.values() {
+            for s in ["awaiting_scheduling", "executing", "awaiting_retry"] {
+                n += counts[s].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
+/// `sluice jobs inspect KEY --json`: the parsed array, or the CLI's stderr.
+pub fn jobs_inspect_json(config: &Path, key: &str) -> Result<Value, String> {
+    let out = sluice_cmd(&["jobs", "inspect", key, "--config", config.to_str().unwrap(), "--json"]);
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("jobs inspect --json prints JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Poll `f` every 100 ms until it returns `Some`, or panic with `what()` at the deadline.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>, what: impl Fn() -> String) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?}: {}", what());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One job as stored in a JobDB, with its latest state, read with plain SQL.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub jobdb: PathBuf,
+    pub message_id: String,
+    pub destination: String,
+    pub generation: i64,
+    pub state: String,
+}
+
+/// Every job in every JobDB under `data_dir/jobs`, read-only (works beside
+/// a running server, or after it died).
+pub fn jobdb_rows(data_dir: &Path) -> Vec<JobRow> {
+    let mut out = Vec::new();
+    let dir = data_dir.join("jobs");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return out };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("jobdb-") && n.ends_with(".sqlite")))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let conn = match rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            Ok(c) => c,
+            Err(_) => continue, // deleted meanwhile (every job finished)
+        };
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        let mut stmt = match conn.prepare(
+            "SELECT j.message_id, j.destination, j.generation,
+                    coalesce((SELECT state FROM job_state_transitions t WHERE t.job_id = j.id ORDER BY seq DESC LIMIT 1),
+                             'awaiting_scheduling')
+             FROM jobs j",
+        ) {
+            Ok(s) => s,
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => continue,
+            Err(e) => panic!("reading {}: {e}", path.display()),
+        };
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(JobRow { jobdb: path.clone(), message_id: r.get(0)?, destination: r.get(1)?, generation: r.get(2)?, state: r.get(3)? })
+            })
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for row in rows {
+            out.push(row.unwrap_or_else(|e| panic!("reading {}: {e}", path.display())));
+        }
+    }
+    out
+}
+
+/// Set `destination_qos.paused` of `destination` in `data_dir/control.sqlite`
+/// with the README's statement; returns the rows changed.
+pub fn set_paused(data_dir: &Path, destination: &str, paused: bool) -> usize {
+    let conn = rusqlite::Connection::open(data_dir.join("control.sqlite")).expect("open control.sqlite");
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute("UPDATE destination_qos SET paused = ?1 WHERE destination = ?2", rusqlite::params![paused as i64, destination])
+        .expect("update destination_qos")
+}
+
+/// Per partition of `output`: (the `route` group's committed offset, the end).
+pub fn route_lag(data_dir: &Path) -> Vec<(Option<u64>, u64)> {
+    let log = EmbeddedLog::open_read_only(&data_dir.join("log")).expect("open log read-only");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let partitions = sluice_log::Log::partitions(&log, "output").expect("output topic");
+    (0..partitions)
+        .map(|p| {
+            let range = log.offsets_blocking("output", p).expect("offsets");
+            let committed = rt.block_on(sluice_log::Log::committed(&log, sluice_route::GROUP, "output", p)).expect("committed offset");
+            (committed, range.end)
+        })
+        .collect()
+}
+
+/// Whether the route has committed every `output` record on every partition.
+pub fn route_drained(data_dir: &Path) -> bool {
+    route_lag(data_dir).iter().all(|(c, end)| c.unwrap_or(0) >= *end)
+}
+
+impl Server {
+    /// SIGTERM and wait up to `timeout` for a clean exit; panics (after a
+    /// SIGKILL) if the process is still running at the deadline or exits
+    /// unsuccessfully, so a shutdown that hangs fails the test instead of
+    /// hanging it.
+    pub fn stop_within(mut self, timeout: Duration) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        match self.wait_exit(timeout) {
+            Some(status) => assert!(status.success(), "sluice exited with {status}; stderr:\n{}", self.stderr_tail(40)),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("sluice did not exit within {timeout:?} of SIGTERM; stderr:\n{}", self.stderr_tail(40));
+            }
+        }
+    }
+}
