@@ -318,12 +318,11 @@ async fn jobdbs_rotate_by_count_and_finished_ones_are_deleted_whole() {
         assert!(Instant::now() < deadline, "first JobDB not dropped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Inserting a job again for an event already delivered from a dropped JobDB is not prevented
-    // (dropped means gone), but within live JobDBs inserts are idempotent:
+    // A job whose JobDB was dropped can be made again (dropped means gone; the route only
+    // replays its uncommitted batch), but within live JobDBs inserts are idempotent:
     let again = env.centrifuge.insert(vec![job("m-0-5", "s1", "ok")], 0).await.unwrap();
     let twice = env.centrifuge.insert(vec![job("m-0-5", "s1", "ok")], 0).await.unwrap();
-    let in_newest = env.centrifuge.insert(vec![job("m-3-9", "s1", "ok")], 0).await.unwrap();
-    assert_eq!((again, twice, in_newest), (1, 0, 0));
+    assert_eq!((again, twice), (1, 0));
     env.centrifuge.close().await;
 }
 
