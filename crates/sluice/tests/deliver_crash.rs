@@ -124,8 +124,10 @@ fn wait_delivered(sink: &TestSink, server: &Server, config: &Path, data: &Path, 
 
 /// The at-least-once checks after a death and a restart: every id received,
 /// nothing else; duplicates only of jobs that were `executing` at the
-/// death, each at most twice. Returns the number of duplicated messageIds.
-fn check_at_least_once(sink: &TestSink, ids: &HashSet<String>, executing: &HashSet<String>) -> usize {
+/// death, each at most twice; and every `executing` job the endpoint had
+/// already received (`before`: the messageIds the sink held just after the
+/// death) was sent again. Returns the number of duplicated messageIds.
+fn check_at_least_once(sink: &TestSink, ids: &HashSet<String>, executing: &HashSet<String>, before: &HashSet<String>) -> usize {
     let by_key = sink.by_key("/hook");
     let unknown: Vec<&String> = by_key.keys().filter(|k| !ids.contains(*k)).collect();
     assert!(unknown.is_empty(), "the sink received messageIds nobody sent: {unknown:?}");
@@ -142,6 +144,9 @@ fn check_at_least_once(sink: &TestSink, ids: &HashSet<String>, executing: &HashS
         assert_eq!(*n, 2, "{k}: re-executed once after the restart, not more");
     }
     assert!(dups.len() <= executing.len(), "{} duplicates > {} jobs executing at the death", dups.len(), executing.len());
+    let mut not_resent: Vec<&String> = before.intersection(executing).filter(|k| !dups.contains_key(*k)).collect();
+    not_resent.sort();
+    assert!(not_resent.is_empty(), "jobs executing at the death, already received, not sent again: {not_resent:?}");
     dups.len()
 }
 
@@ -164,6 +169,7 @@ fn a_director_crash_after_a_2xx_redelivers_only_executing_jobs() {
 
     let (states, executing) = states_after_death(&data);
     let before = sink.sink.count();
+    let received_before: HashSet<String> = sink.by_key("/hook").into_keys().collect();
     eprintln!("at the crash: sink had {before} requests; jobs by state {states:?}");
     assert!(before >= k, "the crash came after the {k}th 2xx: the sink saw {before} requests");
     assert!(!executing.is_empty(), "the job whose 2xx was never recorded is still executing");
@@ -171,7 +177,7 @@ fn a_director_crash_after_a_2xx_redelivers_only_executing_jobs() {
     let server = Server::start(&config);
     resend(&sink, &server, &failed);
     wait_delivered(&sink, &server, &config, &data, &ids);
-    let dups = check_at_least_once(&sink, &ids, &executing);
+    let dups = check_at_least_once(&sink, &ids, &executing, &received_before);
     eprintln!("duplicates: {dups} (of {} jobs executing at the crash)", executing.len());
     assert!(dups >= 1, "the job whose 2xx was lost in the crash is sent again");
     server.stop_within(STOP_TIMEOUT);
@@ -197,6 +203,7 @@ fn kill9_mid_delivery_redelivers_only_executing_jobs() {
     wait_for(TIMEOUT, || (sink.sink.count() >= target).then_some(()), || format!("the sink got {} of {target} requests", sink.sink.count()));
     server.kill9();
     let before = sink.sink.count();
+    let received_before: HashSet<String> = sink.by_key("/hook").into_keys().collect();
 
     let (states, executing) = states_after_death(&data);
     eprintln!("killed after {before} requests (target {target}); jobs by state {states:?}");
@@ -204,7 +211,7 @@ fn kill9_mid_delivery_redelivers_only_executing_jobs() {
 
     let server = Server::start(&config);
     wait_delivered(&sink, &server, &config, &data, &ids);
-    let dups = check_at_least_once(&sink, &ids, &executing);
+    let dups = check_at_least_once(&sink, &ids, &executing, &received_before);
     eprintln!("duplicates: {dups} (of {} jobs executing at the kill)", executing.len());
     server.stop_within(STOP_TIMEOUT);
 }
