@@ -81,10 +81,18 @@ pub struct SinkState {
     behaviours: Mutex<HashMap<String, Behaviour>>,
     received: Mutex<Vec<Received>>,
     count: AtomicU64,
+    by_path: Mutex<HashMap<String, u64>>,
     /// Keep every request (tests); off, only counts and arrival times by Idempotency-Key are kept.
     pub record: bool,
     arrivals: Mutex<Vec<(String, Instant)>>,
     pub record_arrivals: bool,
+}
+
+impl SinkState {
+    /// Requests received on `path` so far.
+    pub fn path_count(&self, path: &str) -> u64 {
+        self.by_path.lock().expect("lock").get(path).copied().unwrap_or(0)
+    }
 }
 
 /// A running sink.
@@ -151,6 +159,7 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let body = axum::body::to_bytes(req.into_body(), 16 << 20).await.unwrap_or_default();
     state.count.fetch_add(1, Ordering::Relaxed);
+    *state.by_path.lock().expect("lock").entry(path.clone()).or_default() += 1;
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
     if state.record_arrivals {
         if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {

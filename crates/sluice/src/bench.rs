@@ -34,6 +34,12 @@ pub enum BenchCommand {
     Ingest(IngestBench),
     /// The dedup stage on a pre-filled input, with a raw-RocksDB floor.
     Dedup(crate::bench_dedup::DedupBench),
+    /// Centrifuge deliveries/s to a local sink across many pairs, with a bare-HTTP-client floor.
+    Deliver(crate::bench_deliver::DeliverBench),
+    /// `sluice serve` end to end: events/s and ack → sink latency; destinations down on demand.
+    E2e(crate::bench_deliver::E2eBench),
+    /// Dropping a JobDB file against DELETE of the same rows.
+    Cleanup(crate::bench_deliver::CleanupBench),
 }
 
 #[derive(Args, Clone)]
@@ -72,6 +78,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => bench_ingest(args),
         BenchCommand::Dedup(args) => crate::bench_dedup::bench_dedup(args),
+        BenchCommand::Deliver(args) => crate::bench_deliver::bench_deliver(args),
+        BenchCommand::E2e(args) => crate::bench_deliver::bench_e2e(args),
+        BenchCommand::Cleanup(args) => crate::bench_deliver::bench_cleanup(args),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_dedup;
+mod bench_deliver;
 mod dedup;
 mod deliver;
 

@@ -119,6 +119,8 @@ fn official_sdks_events_reach_the_webhook_once_each_signed_and_intact() {
         "jobs stats: one job per unique event, all succeeded: {stats}"
     );
 
+    // The verifier itself, against `printf '%s' '{"a":1}' | openssl dgst -sha1 -hmac s3cret`.
+    assert_eq!(hmac_sha1_hex(SECRET, br#"{"a":1}"#), "79999786a1bff10cd4d7dd0b0752574af76be0b5");
     let received = sink.sink.received();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for r in &received {

@@ -1,0 +1,534 @@
+//! Delivery benchmarks (docs/BENCHMARKS.md):
+//!
+//! - `sluice bench deliver`: deliveries/s from the Centrifuge (JobDB
+//!   inserts, directors, `executing` + outcome rows, HTTP) to a local
+//!   keep-alive sink across many (source, destination) pairs, against a
+//!   floor: the same HTTP client sending the same requests at the same
+//!   concurrency with no JobDB.
+//! - `sluice bench e2e`: a `sluice serve` child process fed over HTTP
+//!   (batches of 100) and delivering to an in-process sink: events/s, and
+//!   p50/p99 from ingest ack to sink receipt; optionally with destinations
+//!   down (the noisy-neighbour run) and their recovery.
+//! - `sluice bench cleanup`: dropping a JobDB file against DELETE of the same rows.
+//!
+//! Sink, client and server share the machine's cores in every phase alike.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper::{header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use sluice_core::Config;
+use sluice_deliver::executor::{Executor, Target};
+use sluice_deliver::jobdb::{JobDb, JobState, NewJob, Transition};
+use sluice_deliver::ksuid::KsuidGenerator;
+use sluice_deliver::sink::{Behaviour, Sink};
+use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
+
+use crate::bench::machine_description;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn payload(i: u64, bytes: usize) -> Bytes {
+    let pad = "x".repeat(bytes.saturating_sub(220));
+    Bytes::from(format!(
+        r#"{{"type":"track","event":"Order Completed","messageId":"m-{i}","userId":"user-{u}","properties":{{"total":{i},"pad":"{pad}"}},"timestamp":"2026-11-26T09:00:00.000Z","receivedAt":"2026-11-26T09:00:00.000Z"}}"#,
+        u = i % 1000
+    ))
+}
+
+#[derive(Args, Clone)]
+pub struct DeliverBench {
+    /// Measured seconds per phase (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// (source, destination) pairs: `destinations` destinations × pairs/destinations sources.
+    #[arg(long, default_value_t = 1000)]
+    pairs: usize,
+    #[arg(long, default_value_t = 10)]
+    destinations: usize,
+    /// Requests in flight per destination (the floor uses the same total).
+    #[arg(long, default_value_t = 32)]
+    max_in_flight: usize,
+    #[arg(long, default_value_t = 300)]
+    event_bytes: usize,
+}
+
+pub fn bench_deliver(args: DeliverBench) -> Result<()> {
+    println!("{}", machine_description());
+    if args.destinations == 0 || args.pairs < args.destinations {
+        bail!("--pairs must be at least --destinations (≥ 1)");
+    }
+    let rt = runtime()?;
+    let sink = rt.block_on(Sink::start_on("127.0.0.1:0".parse()?, false, false))?;
+    let window = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.warmup);
+    let concurrency = args.destinations * args.max_in_flight;
+    println!(
+        "{} pairs ({} destinations × {} sources), {} requests in flight per destination, ~{}-byte events",
+        args.pairs,
+        args.destinations,
+        args.pairs / args.destinations,
+        args.max_in_flight,
+        args.event_bytes
+    );
+
+    // Floor: the executor alone, same requests, same concurrency.
+    let floor = rt.block_on(async {
+        let executor = Executor::new(Duration::from_secs(5))?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop_at = Instant::now() + warmup + window;
+        let mut tasks = Vec::new();
+        for c in 0..concurrency {
+            let (executor, sent) = (executor.clone(), sent.clone());
+            let target = Target {
+                url: sink.url(&format!("/d{}", c % args.destinations)),
+                secret: Some("bench-secret".into()),
+                allow_private_network: true,
+                request_timeout: Duration::from_secs(10),
+            };
+            let bytes = args.event_bytes;
+            tasks.push(tokio::spawn(async move {
+                let mut i = c as u64;
+                while Instant::now() < stop_at {
+                    let a = executor.send(&target, &format!("m-{i}"), payload(i, bytes)).await;
+                    if a.status == Some(200) {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += concurrency as u64;
+                }
+            }));
+        }
+        tokio::time::sleep(warmup).await;
+        let before = sink.count();
+        tokio::time::sleep(window).await;
+        let n = sink.count() - before;
+        for t in tasks {
+            let _ = t.await;
+        }
+        anyhow::Ok(n as f64 / window.as_secs_f64())
+    })?;
+    println!("floor  (HTTP client alone):       {floor:>10.0} requests/s");
+
+    // Sluice: jobs inserted into the Centrifuge as fast as it drains them.
+    let dir = tempfile::tempdir()?;
+    let sources = args.pairs / args.destinations;
+    let mut toml = format!("[server]\ndata_dir = \"{}\"\n[deliver]\nmax_in_flight = {}\n", dir.path().display(), args.max_in_flight);
+    for s in 0..sources {
+        toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"k{s}\"\n"));
+    }
+    for d in 0..args.destinations {
+        toml.push_str(&format!(
+            "[[destinations]]\nid = \"d{d}\"\nurl = \"{}\"\nsecret = \"bench-secret\"\nallow_private_network = true\n",
+            sink.url(&format!("/d{d}"))
+        ));
+    }
+    let config = Config::from_toml_with_env(&toml, "", &HashMap::new())?;
+    let (rate, jobdb_bytes) = rt.block_on(async {
+        let catalog = Catalog::open(&config)?;
+        let metrics = DeliverMetrics::default();
+        let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(&config), catalog, metrics.clone()).await?;
+        let stop_at = Instant::now() + warmup + window;
+        let producer = {
+            let (centrifuge, bytes) = (centrifuge.clone(), args.event_bytes);
+            let destinations = args.destinations;
+            let sink_state = sink.state.clone();
+            let _ = sink_state;
+            let inserted = metrics.jobs_inserted.clone();
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < stop_at {
+                    // Keep a backlog of ~20K jobs ahead of the deliveries.
+                    let succeeded: u64 = (0..destinations)
+                        .map(|d| metrics.outcomes.get_or_create(&vec![("destination", format!("d{d}")), ("outcome", "succeeded".into())]).get())
+                        .sum();
+                    if inserted.get().saturating_sub(succeeded) > 20_000 {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                    let now = sluice_deliver::now_ms();
+                    let jobs: Vec<NewJob> = (0..1000)
+                        .map(|_| {
+                            i += 1;
+                            NewJob {
+                                message_id: format!("m-{i}"),
+                                source: format!("s{}", (i / destinations as u64) % sources as u64),
+                                destination: format!("d{}", i % destinations as u64),
+                                generation: 0,
+                                endpoint: String::new(),
+                                payload: payload(i, bytes),
+                                created_at: now,
+                                expires_at: now + 4 * 3_600_000,
+                            }
+                        })
+                        .collect();
+                    centrifuge.insert(jobs, now).await?;
+                }
+                anyhow::Ok(())
+            })
+        };
+        tokio::time::sleep(warmup).await;
+        let before = sink.count();
+        tokio::time::sleep(window).await;
+        let n = sink.count() - before;
+        producer.await??;
+        let size: u64 = std::fs::read_dir(dir.path().join("jobs"))?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+        centrifuge.close().await;
+        anyhow::Ok((n as f64 / window.as_secs_f64(), size))
+    })?;
+    println!("sluice (JobDB + directors + HTTP): {rate:>10.0} deliveries/s   (JobDB files at the end: {:.0} MiB)", jobdb_bytes as f64 / 1048576.0);
+    println!("ratio sluice/floor: {:.2}   (targets: ≥ 50000 deliveries/s, ratio ≥ 0.5)", rate / floor);
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct E2eBench {
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Events per second offered; 0 = as fast as the pipeline delivers (closed loop:
+    /// senders wait while more than `max_backlog` acked events are not yet delivered).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Closed-loop bound on acked-but-undelivered events (with `--rate 0`).
+    #[arg(long, default_value_t = 20_000)]
+    max_backlog: u64,
+    /// Destinations every source is connected to.
+    #[arg(long, default_value_t = 1)]
+    destinations: usize,
+    /// How many of them answer 503 during the run (the noisy-neighbour case).
+    #[arg(long, default_value_t = 0)]
+    down: usize,
+    /// After the run, bring the down ones back and time the backlog's drain (seconds allowed).
+    #[arg(long, default_value_t = 0)]
+    recover_seconds: u64,
+    #[arg(long, default_value_t = 10)]
+    sources: usize,
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 300)]
+    event_bytes: usize,
+}
+
+pub fn bench_e2e(args: E2eBench) -> Result<()> {
+    println!("{}", machine_description());
+    if args.down > args.destinations {
+        bail!("--down cannot exceed --destinations");
+    }
+    let rt = runtime()?;
+    let sink = rt.block_on(Sink::start_on("127.0.0.1:0".parse()?, false, true))?;
+    for d in 0..args.down {
+        sink.set(&format!("/d{d}"), Behaviour::status(503));
+    }
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("sluice.toml");
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[admin]\nlisten = \"\"\n[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
+        dir.path().join("data").display()
+    );
+    for s in 0..args.sources {
+        toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"wk{s}\"\n"));
+    }
+    let dests: Vec<String> = (0..args.destinations).map(|d| format!("d{d}")).collect();
+    for d in &dests {
+        toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\nurl = \"{}\"\nsecret = \"bench\"\n", sink.url(&format!("/{d}"))));
+    }
+    for s in 0..args.sources {
+        toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {dests:?}\n"));
+    }
+    std::fs::write(&config_path, toml)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn,sluice=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start sluice serve")?;
+    let pid = child.id();
+    let addr = {
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Sluice is ready")) {
+                        let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                    }
+                    if v["level"] == "ERROR" {
+                        eprintln!("server: {line}");
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60)).context("sluice serve did not become ready")?
+    };
+    let result = rt.block_on(e2e_load(&args, addr.parse()?, &sink, pid));
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = child.wait();
+    result
+}
+
+fn rss_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid: u32) -> Result<()> {
+    let warmup = Duration::from_secs(args.warmup);
+    let window = Duration::from_secs(args.seconds);
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let stop_at = measure_from + window;
+    let acks: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let acked = Arc::new(AtomicU64::new(0));
+    let per_conn_rate = (args.rate as f64 / args.connections as f64).max(0.0);
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let (acks, acked) = (acks.clone(), acked.clone());
+        let args = args.clone();
+        let sink_state = sink.state.clone();
+        let first_healthy = args.down;
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut seq = 0u64;
+            let began = Instant::now();
+            while Instant::now() < stop_at {
+                if per_conn_rate > 0.0 {
+                    let due = began + Duration::from_secs_f64(seq as f64 / per_conn_rate);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                } else {
+                    // Closed loop: wait while the first healthy destination lags too far behind.
+                    while acked.load(Ordering::Relaxed).saturating_sub(sink_state.path_count(&format!("/d{first_healthy}"))) > args.max_backlog
+                        && Instant::now() < stop_at
+                    {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                let source = (c + seq as usize) % args.sources;
+                let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("wk{source}:")));
+                let ids: Vec<String> = (0..args.batch_size).map(|k| format!("c{c}-{}", seq + k as u64)).collect();
+                let pad = "x".repeat(args.event_bytes.saturating_sub(150));
+                let batch: Vec<String> = ids
+                    .iter()
+                    .map(|id| format!(r#"{{"type":"track","event":"Order Completed","userId":"u-{id}","messageId":"{id}","properties":{{"pad":"{pad}"}}}}"#))
+                    .collect();
+                let body = format!(r#"{{"batch":[{}]}}"#, batch.join(","));
+                let req = Request::post("/v1/batch")
+                    .header(header::HOST, "127.0.0.1")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::AUTHORIZATION, auth)
+                    .body(Full::new(Bytes::from(body)))?;
+                let resp = sender.send_request(req).await?;
+                let ok = resp.status() == StatusCode::OK;
+                resp.into_body().collect().await?;
+                let now = Instant::now();
+                if ok {
+                    acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    let mut a = acks.lock().expect("acks");
+                    for id in ids {
+                        a.insert(id, now);
+                    }
+                }
+                seq += args.batch_size as u64;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep_until(tokio::time::Instant::from_std(measure_from)).await;
+    let acked_before = acked.load(Ordering::Relaxed);
+    let sink_before = sink.count();
+    let healthy_path = format!("/d{}", args.down);
+    let healthy_before = sink.state.path_count(&healthy_path);
+    let mut rss_peak: f64 = 0.0;
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_peak = rss_peak.max(rss_mib(pid, "VmRSS:"));
+    }
+    let acked_in_window = acked.load(Ordering::Relaxed) - acked_before;
+    let delivered_in_window = sink.count() - sink_before;
+    let healthy_in_window = sink.state.path_count(&healthy_path) - healthy_before;
+    for t in tasks {
+        t.await??;
+    }
+    let total_acked = acked.load(Ordering::Relaxed);
+    // Let deliveries of the last acks land (healthy destinations).
+    let healthy = args.destinations - args.down;
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    let mut arrivals: Vec<(String, Instant)> = Vec::new();
+    loop {
+        arrivals.extend(sink.take_arrivals());
+        let n_healthy = arrivals.len() as u64;
+        if n_healthy >= total_acked * healthy as u64 || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let window_s = window.as_secs_f64();
+    println!(
+        "offered: {}  acked in window: {:.0} events/s  delivered in window (all destinations, incl. retries): {:.0} requests/s",
+        if args.rate == 0 { "max".to_owned() } else { format!("{} events/s", args.rate) },
+        acked_in_window as f64 / window_s,
+        delivered_in_window as f64 / window_s
+    );
+    println!("delivered to {healthy_path} (a healthy destination) in window: {:.0} events/s", healthy_in_window as f64 / window_s);
+    // Latency per healthy destination: first arrival of each messageId after its ack.
+    let acks = acks.lock().expect("acks");
+    let mut lat: Vec<f64> = Vec::new();
+    let mut per_dest_first: HashMap<&str, usize> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (id, at) in &arrivals {
+        if !seen.insert(id.as_str()) {
+            *per_dest_first.entry("repeat").or_default() += 1;
+            continue;
+        }
+        if let Some(ack) = acks.get(id) {
+            if *ack >= measure_from && *ack < stop_at {
+                lat.push(at.saturating_duration_since(*ack).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    println!(
+        "ack → sink receipt ({} events acked in the window, first destination to receive each): p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("server RSS: peak sampled {:.0} MiB, high-water mark {:.0} MiB", rss_peak, rss_mib(pid, "VmHWM:"));
+    println!("deliveries to healthy destinations: {} of {} expected", arrivals.len(), total_acked * healthy as u64);
+    if args.down > 0 && args.recover_seconds > 0 {
+        let down_before = sink.count();
+        for d in 0..args.down {
+            sink.set(&format!("/d{d}"), Behaviour::default());
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(args.recover_seconds);
+        let mut got = 0u64;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            got += sink.take_arrivals().len() as u64;
+            if got >= total_acked * args.down as u64 {
+                break;
+            }
+        }
+        println!(
+            "recovery: {} of {} backlogged deliveries landed in {:.1} s ({} requests incl. retries)",
+            got,
+            total_acked * args.down as u64,
+            t0.elapsed().as_secs_f64(),
+            sink.count() - down_before
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Clone)]
+pub struct CleanupBench {
+    /// JobDB sizes (jobs) to compare, each with 2 transitions per job.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    jobs: Vec<u64>,
+    #[arg(long, default_value_t = 300)]
+    event_bytes: usize,
+}
+
+fn fill(path: &Path, n: u64, bytes: usize) -> Result<()> {
+    let db = JobDb::open(path)?;
+    let mut ids = KsuidGenerator::default();
+    let mut i = 0;
+    while i < n {
+        db.begin()?;
+        for _ in 0..10_000.min(n - i) {
+            i += 1;
+            let id = ids.next(1_800_000_000);
+            let job = NewJob {
+                message_id: format!("m-{i}"),
+                source: "s".into(),
+                destination: "d".into(),
+                generation: 0,
+                endpoint: String::new(),
+                payload: payload(i, bytes),
+                created_at: 0,
+                expires_at: 0,
+            };
+            db.insert_job(id, &job)?;
+            for (seq, state) in [(1, JobState::Executing), (2, JobState::Succeeded)] {
+                db.append_transition(&Transition { job_id: id, seq, state, at: 0, attempt: 1, status: Some(200), error: None, retry_at: None })?;
+            }
+        }
+        db.commit()?;
+    }
+    db.connection().execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    Ok(())
+}
+
+pub fn bench_cleanup(args: CleanupBench) -> Result<()> {
+    println!("{}", machine_description());
+    println!("{:>10}  {:>10}  {:>14}  {:>16}  {:>8}", "jobs", "file MiB", "drop (delete file)", "DELETE rows", "ratio");
+    for &n in &args.jobs {
+        let dir = tempfile::tempdir()?;
+        let a = dir.path().join("jobdb-000001.sqlite");
+        let b = dir.path().join("jobdb-000002.sqlite");
+        fill(&a, n, args.event_bytes)?;
+        std::fs::copy(&a, &b)?;
+        let mib = std::fs::metadata(&a)?.len() as f64 / 1048576.0;
+        let t = Instant::now();
+        sluice_deliver::jobdb::remove_jobdb_files(&a)?;
+        let drop_s = t.elapsed().as_secs_f64();
+        // The DELETE path: the immutability triggers must go first (they forbid exactly this).
+        let conn = rusqlite::Connection::open(&b)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "DROP TRIGGER jobs_immutable_delete; DROP TRIGGER transitions_append_only_delete; PRAGMA wal_checkpoint(TRUNCATE);",
+        )?;
+        let t = Instant::now();
+        // With a WHERE clause, as a row-by-row cleanup of finished jobs would run (without one,
+        // SQLite truncates the tables wholesale, which is the drop in disguise).
+        conn.execute_batch(
+            "BEGIN; DELETE FROM job_state_transitions WHERE seq > 0; DELETE FROM jobs WHERE created_at >= 0; COMMIT;
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )?;
+        let delete_s = t.elapsed().as_secs_f64();
+        println!(
+            "{n:>10}  {mib:>10.0}  {:>14.2} ms  {:>13.0} ms  {:>7.0}×",
+            drop_s * 1000.0,
+            delete_s * 1000.0,
+            delete_s / drop_s.max(1e-9)
+        );
+    }
+    Ok(())
+}
