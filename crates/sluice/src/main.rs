@@ -27,6 +27,12 @@ use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
 use sluice_log::{EmbeddedLog, Log, LogMetrics, LogOptions};
 
+/// mimalloc: the pipeline allocates many small, short-lived buffers across
+/// threads (events, jobs, HTTP requests); glibc malloc spent ~15% of the
+/// delivery benchmark's CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A Segment-compatible event pipeline")]
 struct Cli {
