@@ -18,10 +18,15 @@
 //!   destination, its (source, destination) pairs take turns one job each.
 //!   A destination that is paused, at its in-flight or rate limit, or whose
 //!   circuit is open, is skipped without holding up any other.
-//! - Memory: job metadata is bounded by `cache_jobs`; payloads are kept only
-//!   for the first [`PAYLOAD_WINDOW`] ready jobs of each destination, and
-//!   fetched from the JobDB (in the same round trip as the `executing` rows)
-//!   for the rest, so a dead destination's backlog costs ~150 bytes a job.
+//! - Memory: jobs in memory are bounded by `cache_jobs`, and one
+//!   destination may hold at most a quarter of that. A new job beyond
+//!   either bound is *spilled*: only its id (20 bytes) is kept, in a list per
+//!   destination, and the job is read back from the JobDB when its
+//!   destination has room again. So a dead destination's backlog neither
+//!   grows memory without bound nor keeps other destinations' new jobs out
+//!   of memory. Payloads are kept only for the first [`PAYLOAD_WINDOW`] ready
+//!   jobs of each destination and fetched from the JobDB (in the same round
+//!   trip as the `executing` rows) for the rest.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -149,6 +154,12 @@ pub(crate) struct Director {
     stopping: bool,
     rows: Vec<Transition>,
     reported_in_memory: i64,
+    /// Jobs in memory per destination.
+    per_dest: HashMap<String, usize>,
+    /// Ids of jobs kept only in the JobDB, per destination, oldest first.
+    spilled: HashMap<String, VecDeque<Ksuid>>,
+    /// Destinations with a reload in flight.
+    reloading: std::collections::HashSet<String>,
 }
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
@@ -182,6 +193,9 @@ pub(crate) fn spawn(
         stopping: false,
         rows: Vec::new(),
         reported_in_memory: 0,
+        per_dest: HashMap::new(),
+        spilled: HashMap::new(),
+        reloading: Default::default(),
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
     Ok(DirectorHandle { seq, path, writer, inbox: inbox_tx, task })
@@ -210,17 +224,19 @@ impl Director {
             }
             self.promote_due();
             self.request_page();
+            self.request_reloads();
             let next_wake = self.dispatch();
             self.flush_rows();
             self.report_in_memory();
 
-            if self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending {
+            if self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending && self.spilled.is_empty() && self.reloading.is_empty() {
                 match self.writer().count_unfinished().await {
                     Ok(0) => return self.drop_jobdb().await,
                     Ok(n) => {
                         tracing::warn!(jobdb = %self.path.display(), unfinished = n, "sealed JobDB has unfinished jobs not in memory; reloading");
                         self.backlog = true;
                         self.loaded_upto = None;
+                        self.spilled.clear();
                     }
                     Err(e) => tracing::error!(jobdb = %self.path.display(), error = %e, "cannot count unfinished jobs"),
                 }
@@ -254,13 +270,23 @@ impl Director {
                     return; // paged in later, in order
                 }
                 for j in jobs {
-                    if self.jobs.len() >= self.shared.cache_jobs {
-                        tracing::info!(jobdb = %self.path.display(), cached = self.jobs.len(), "director cache full: new jobs wait in the JobDB");
-                        self.backlog = true;
-                        return;
-                    }
                     self.loaded_upto = Some(j.id);
-                    self.admit(j);
+                    let spill = self.spilled.get(&j.job.destination).is_some_and(|s| !s.is_empty())
+                        || self.jobs.len() >= self.shared.cache_jobs
+                        || self.per_dest.get(&j.job.destination).copied().unwrap_or(0) >= self.dest_cap();
+                    if spill {
+                        self.spilled.entry(j.job.destination).or_default().push_back(j.id);
+                    } else {
+                        self.admit(j);
+                    }
+                }
+            }
+            FromWriter::Reloaded { destination, jobs } => {
+                self.reloading.remove(&destination);
+                for j in jobs {
+                    if !j.state.is_terminal() && !self.jobs.contains_key(&j.id) {
+                        self.admit(j);
+                    }
                 }
             }
             FromWriter::Loaded { jobs, complete } => {
@@ -279,12 +305,67 @@ impl Director {
                 }
             }
             FromWriter::Failed(e) => {
-                tracing::error!(jobdb = %self.path.display(), error = %e, "a JobDB write failed");
+                tracing::error!(jobdb = %self.path.display(), error = %e, "a JobDB write failed; re-reading unfinished jobs from it");
+                // A failed group may have held a page or reload request: start paging from the top
+                // (jobs already in memory are skipped), so no job is left behind.
+                self.backlog = true;
+                self.loaded_upto = None;
+                self.page_pending = false;
+                self.spilled.clear();
+                self.reloading.clear();
             }
         }
     }
 
+    /// Most jobs one destination may hold in memory.
+    fn dest_cap(&self) -> usize {
+        (self.shared.cache_jobs / 4).max(1)
+    }
+
+    /// Read spilled jobs back for destinations that have room.
+    fn request_reloads(&mut self) {
+        let cap = self.dest_cap();
+        let free_total = self.shared.cache_jobs.saturating_sub(self.jobs.len());
+        if self.spilled.is_empty() || free_total == 0 {
+            return;
+        }
+        let mut budget = free_total;
+        let dests: Vec<String> = self.spilled.keys().cloned().collect();
+        for d in dests {
+            if budget == 0 {
+                break;
+            }
+            let held = self.per_dest.get(&d).copied().unwrap_or(0);
+            if self.reloading.contains(&d) || held > cap / 2 {
+                continue;
+            }
+            let queue = self.spilled.get_mut(&d).expect("listed");
+            let n = (cap - held).min(budget).min(4096).min(queue.len());
+            let ids: Vec<Ksuid> = queue.drain(..n).collect();
+            if queue.is_empty() {
+                self.spilled.remove(&d);
+            }
+            budget -= n;
+            if self.writer().load_ids(d.clone(), ids).is_ok() {
+                self.reloading.insert(d);
+            }
+        }
+    }
+
+    /// Forget a finished job.
+    fn remove_job(&mut self, id: &Ksuid) -> Option<Job> {
+        let job = self.jobs.remove(id)?;
+        if let Some(n) = self.per_dest.get_mut(&job.dest.id) {
+            *n = n.saturating_sub(1);
+        }
+        Some(job)
+    }
+
     fn admit(&mut self, s: StoredJob) {
+        if self.jobs.contains_key(&s.id) {
+            return;
+        }
+        *self.per_dest.entry(s.job.destination.clone()).or_default() += 1;
         let dest = self.shared.catalog.destination(&s.job.destination);
         let id = s.id;
         let ready = !matches!(s.state, JobState::AwaitingRetry);
@@ -518,7 +599,7 @@ impl Director {
             }
             Msg::Archived { id, result } => match result {
                 Ok(()) => {
-                    if let Some(j) = self.jobs.remove(&id) {
+                    if let Some(j) = self.remove_job(&id) {
                         let (status, error) = j.last.unwrap_or((None, None));
                         self.push_row(id, j.seq + 1, JobState::Archived, j.attempt, status, error, None);
                         self.shared.metrics.outcome(&j.dest.id, "archived");
@@ -539,13 +620,13 @@ impl Director {
         let dest = job.dest.id.clone();
         match a.verdict {
             Verdict::Succeeded => {
-                let job = self.jobs.remove(&id).expect("present");
+                let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Succeeded, job.attempt, a.status, None, None);
                 self.shared.metrics.outcome(&dest, "succeeded");
                 self.shared.metrics.end_to_end_seconds.observe((now_ms() - job.created_at).max(0) as f64 / 1000.0);
             }
             Verdict::Discard => {
-                let job = self.jobs.remove(&id).expect("present");
+                let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Discarded, job.attempt, a.status, a.error, None);
                 self.shared.metrics.outcome(&dest, "discarded");
             }
@@ -638,6 +719,7 @@ impl Director {
         }
         self.flush_rows();
         self.jobs.clear();
+        self.per_dest.clear();
         self.report_in_memory();
         self.close_writer().await;
         DirectorExit::Stopped

@@ -365,6 +365,11 @@ impl JobDb {
         Ok(rows)
     }
 
+    /// One job by id, with its latest state.
+    pub fn get(&self, id: Ksuid) -> Result<Option<StoredJob>, DeliverError> {
+        Ok(self.select_jobs("id = ?1", [&id.0[..]])?.pop())
+    }
+
     /// Jobs whose id or messageId is `key` (a messageId has one job per destination and generation).
     pub fn find(&self, key: &str) -> Result<Vec<StoredJob>, DeliverError> {
         match Ksuid::parse(key) {

@@ -146,7 +146,7 @@ impl Sink {
         self.state.count.load(Ordering::Relaxed)
     }
 
-    /// (Idempotency-Key, arrival) pairs, when `record_arrivals`.
+    /// (Idempotency-Key, arrival) pairs of requests answered 2xx, when `record_arrivals`.
     pub fn take_arrivals(&self) -> Vec<(String, Instant)> {
         std::mem::take(&mut *self.state.arrivals.lock().expect("lock"))
     }
@@ -161,7 +161,7 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     state.count.fetch_add(1, Ordering::Relaxed);
     *state.by_path.lock().expect("lock").entry(path.clone()).or_default() += 1;
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
-    if state.record_arrivals {
+    if state.record_arrivals && !b.hang && (200..300).contains(&b.status) {
         if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
             state.arrivals.lock().expect("lock").push((k.to_owned(), at));
         }

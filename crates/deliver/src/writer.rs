@@ -32,6 +32,8 @@ pub enum FromWriter {
     /// A page requested with [`WriterHandle::load_page`]; `complete` when it
     /// reached the end of the table.
     Loaded { jobs: Vec<StoredJob>, complete: bool },
+    /// Jobs asked for by id with [`WriterHandle::load_ids`] (spilled jobs coming back).
+    Reloaded { destination: String, jobs: Vec<StoredJob> },
     /// A write failed; the director re-queues what it had in flight.
     Failed(String),
 }
@@ -43,6 +45,7 @@ enum Cmd {
     Exists { keys: Vec<(String, String, i64)>, reply: Reply<Vec<bool>> },
     Transitions { rows: Vec<Transition>, reply: Option<Reply<()>> },
     LoadPage { after: Option<Ksuid>, limit: usize },
+    LoadIds { destination: String, ids: Vec<Ksuid> },
     Execute { rows: Vec<Transition>, fetch: Vec<Ksuid>, reply: Reply<HashMap<Ksuid, Bytes>> },
     History { id: Ksuid, reply: Reply<Vec<Transition>> },
     CountUnfinished { reply: Reply<u64> },
@@ -101,6 +104,11 @@ impl WriterHandle {
     /// Append transitions without waiting (a failure is reported as [`FromWriter::Failed`]).
     pub fn transitions_nowait(&self, rows: Vec<Transition>) -> Result<(), DeliverError> {
         self.send(Cmd::Transitions { rows, reply: None })
+    }
+
+    /// Ask for these jobs by id; they arrive as [`FromWriter::Reloaded`].
+    pub fn load_ids(&self, destination: String, ids: Vec<Ksuid>) -> Result<(), DeliverError> {
+        self.send(Cmd::LoadIds { destination, ids })
     }
 
     /// Append `rows` (the `executing` transitions) and read the payloads of
@@ -228,7 +236,7 @@ fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError) {
                 let _ = r.send(Err(err()));
             }
         }
-        Cmd::LoadPage { .. } => {}
+        Cmd::LoadPage { .. } | Cmd::LoadIds { .. } => {}
         Cmd::Execute { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::History { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::CountUnfinished { reply } => drop(reply.send(Err(err()))),
@@ -282,6 +290,13 @@ fn apply(
             let jobs = db.page(after, limit)?;
             let complete = jobs.len() < limit;
             to_director.push(FromWriter::Loaded { jobs, complete });
+        }
+        Cmd::LoadIds { destination, ids } => {
+            let mut jobs = Vec::with_capacity(ids.len());
+            for id in ids {
+                jobs.extend(db.get(id)?);
+            }
+            to_director.push(FromWriter::Reloaded { destination, jobs });
         }
         Cmd::Execute { rows, fetch, reply } => {
             for t in &rows {

@@ -472,3 +472,38 @@ async fn a_full_cache_pages_jobs_in_and_loses_none() {
     assert_eq!((n, keys.len()), (1000, 1000), "each job delivered once");
     env.centrifuge.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_destination_spills_to_the_jobdb_without_keeping_others_out() {
+    let sink = Sink::start().await.unwrap();
+    sink.set("/dead", Behaviour::status(503));
+    // cache_jobs = 100: one destination may hold 25 jobs in memory.
+    let toml = [
+        "[deliver]\ncache_jobs = 100\ncircuit_failures = 1000\n".to_owned(),
+        dest("dead", &sink.url("/dead"), "initial_backoff = \"200ms\"\nmax_backoff = \"400ms\""),
+        dest("live", &sink.url("/live"), ""),
+    ]
+    .concat();
+    let env = open(tempfile::tempdir().unwrap(), &toml).await;
+    env.insert((0..300).map(|i| job(&format!("d-{i}"), "s1", "dead")).collect()).await;
+    env.insert((0..300).map(|i| job(&format!("l-{i}"), "s1", "live")).collect()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.received_on("/live").len() < 300 {
+        assert!(Instant::now() < deadline, "live destination stuck behind a dead one: {}", sink.received_on("/live").len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead_keys: std::collections::HashSet<String> =
+        sink.received_on("/dead").iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
+    assert!(dead_keys.len() <= 100, "at most the cache's worth of the dead one's jobs were tried: {}", dead_keys.len());
+    sink.set("/dead", Behaviour::default());
+    env.wait_terminal(600, Duration::from_secs(60)).await;
+    let ok: Vec<String> = sink
+        .received_on("/dead")
+        .iter()
+        .filter(|r| r.answered == Some(200))
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    let unique: std::collections::HashSet<_> = ok.iter().collect();
+    assert_eq!((ok.len(), unique.len()), (300, 300), "every spilled job delivered once after recovery");
+    env.centrifuge.close().await;
+}

@@ -209,9 +209,13 @@ pub struct E2eBench {
     /// Closed-loop bound on acked-but-undelivered events (with `--rate 0`).
     #[arg(long, default_value_t = 20_000)]
     max_backlog: u64,
-    /// Destinations every source is connected to.
+    /// Destinations.
     #[arg(long, default_value_t = 1)]
     destinations: usize,
+    /// Connect each source to one destination (source i → destination i mod D)
+    /// instead of to every destination.
+    #[arg(long)]
+    one_each: bool,
     /// How many of them answer 503 during the run (the noisy-neighbour case).
     #[arg(long, default_value_t = 0)]
     down: usize,
@@ -230,8 +234,11 @@ pub struct E2eBench {
 
 pub fn bench_e2e(args: E2eBench) -> Result<()> {
     println!("{}", machine_description());
-    if args.down > args.destinations {
-        bail!("--down cannot exceed --destinations");
+    if args.down >= args.destinations {
+        bail!("--down must leave at least one healthy destination");
+    }
+    if args.one_each && args.sources % args.destinations != 0 {
+        bail!("--one-each needs --sources to be a multiple of --destinations");
     }
     let rt = runtime()?;
     let sink = rt.block_on(Sink::start_on("127.0.0.1:0".parse()?, false, true))?;
@@ -252,7 +259,8 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\nurl = \"{}\"\nsecret = \"bench\"\n", sink.url(&format!("/{d}"))));
     }
     for s in 0..args.sources {
-        toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {dests:?}\n"));
+        let to: Vec<&String> = if args.one_each { vec![&dests[s % dests.len()]] } else { dests.iter().collect() };
+        toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {to:?}\n"));
     }
     std::fs::write(&config_path, toml)?;
     let mut child = Command::new(std::env::current_exe()?)
@@ -288,6 +296,24 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
     result
 }
 
+/// Deliveries the healthy destinations owe for `acked` events.
+fn expected_healthy(args: &E2eBench, acked: u64) -> u64 {
+    let healthy = (args.destinations - args.down) as u64;
+    if args.one_each {
+        acked * healthy / args.destinations as u64
+    } else {
+        acked * healthy
+    }
+}
+
+fn expected_down(args: &E2eBench, acked: u64) -> u64 {
+    if args.one_each {
+        acked * args.down as u64 / args.destinations as u64
+    } else {
+        acked * args.down as u64
+    }
+}
+
 fn rss_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -317,7 +343,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         let (acks, acked) = (acks.clone(), acked.clone());
         let args = args.clone();
         let sink_state = sink.state.clone();
-        let first_healthy = args.down;
+        let healthy_paths: Vec<String> = (args.down..args.destinations).map(|d| format!("/d{d}")).collect();
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
@@ -330,10 +356,12 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
                     let due = began + Duration::from_secs_f64(seq as f64 / per_conn_rate);
                     tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
                 } else {
-                    // Closed loop: wait while the first healthy destination lags too far behind.
-                    while acked.load(Ordering::Relaxed).saturating_sub(sink_state.path_count(&format!("/d{first_healthy}"))) > args.max_backlog
-                        && Instant::now() < stop_at
-                    {
+                    // Closed loop: wait while the healthy destinations lag too far behind.
+                    let behind = || {
+                        let delivered: u64 = healthy_paths.iter().map(|p| sink_state.path_count(p)).sum();
+                        expected_healthy(&args, acked.load(Ordering::Relaxed)).saturating_sub(delivered)
+                    };
+                    while behind() > args.max_backlog && Instant::now() < stop_at {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
@@ -385,13 +413,12 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     }
     let total_acked = acked.load(Ordering::Relaxed);
     // Let deliveries of the last acks land (healthy destinations).
-    let healthy = args.destinations - args.down;
     let drain_deadline = Instant::now() + Duration::from_secs(30);
     let mut arrivals: Vec<(String, Instant)> = Vec::new();
     loop {
         arrivals.extend(sink.take_arrivals());
         let n_healthy = arrivals.len() as u64;
-        if n_healthy >= total_acked * healthy as u64 || Instant::now() > drain_deadline {
+        if n_healthy >= expected_healthy(args, total_acked) || Instant::now() > drain_deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -429,7 +456,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         lat.last().copied().unwrap_or(f64::NAN)
     );
     println!("server RSS: peak sampled {:.0} MiB, high-water mark {:.0} MiB", rss_peak, rss_mib(pid, "VmHWM:"));
-    println!("deliveries to healthy destinations: {} of {} expected", arrivals.len(), total_acked * healthy as u64);
+    println!("deliveries to healthy destinations: {} of {} expected", arrivals.len(), expected_healthy(args, total_acked));
     if args.down > 0 && args.recover_seconds > 0 {
         let down_before = sink.count();
         for d in 0..args.down {
@@ -441,14 +468,14 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
             got += sink.take_arrivals().len() as u64;
-            if got >= total_acked * args.down as u64 {
+            if got >= expected_down(args, total_acked) {
                 break;
             }
         }
         println!(
             "recovery: {} of {} backlogged deliveries landed in {:.1} s ({} requests incl. retries)",
             got,
-            total_acked * args.down as u64,
+            expected_down(args, total_acked),
             t0.elapsed().as_secs_f64(),
             sink.count() - down_before
         );
