@@ -365,7 +365,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
-                let source = (c + seq as usize) % args.sources;
+                let source = (c + (seq as usize / args.batch_size)) % args.sources;
                 let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("wk{source}:")));
                 let ids: Vec<String> = (0..args.batch_size).map(|k| format!("c{c}-{}", seq + k as u64)).collect();
                 let pad = "x".repeat(args.event_bytes.saturating_sub(150));
@@ -400,6 +400,8 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let sink_before = sink.count();
     let healthy_path = format!("/d{}", args.down);
     let healthy_before = sink.state.path_count(&healthy_path);
+    let healthy_paths: Vec<String> = (args.down..args.destinations).map(|d| format!("/d{d}")).collect();
+    let per_path_before: Vec<u64> = healthy_paths.iter().map(|p| sink.state.path_count(p)).collect();
     let mut rss_peak: f64 = 0.0;
     while Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -408,6 +410,11 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let acked_in_window = acked.load(Ordering::Relaxed) - acked_before;
     let delivered_in_window = sink.count() - sink_before;
     let healthy_in_window = sink.state.path_count(&healthy_path) - healthy_before;
+    let per_path: Vec<f64> = healthy_paths
+        .iter()
+        .zip(&per_path_before)
+        .map(|(p, before)| (sink.state.path_count(p) - before) as f64 / window.as_secs_f64())
+        .collect();
     for t in tasks {
         t.await??;
     }
@@ -431,6 +438,11 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         delivered_in_window as f64 / window_s
     );
     println!("delivered to {healthy_path} (a healthy destination) in window: {:.0} events/s", healthy_in_window as f64 / window_s);
+    if healthy_paths.len() > 1 {
+        let min = per_path.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = per_path.iter().copied().fold(0.0, f64::max);
+        println!("per healthy destination in window: min {min:.0}  max {max:.0} events/s ({} destinations)", per_path.len());
+    }
     // Latency per healthy destination: first arrival of each messageId after its ack.
     let acks = acks.lock().expect("acks");
     let mut lat: Vec<f64> = Vec::new();
