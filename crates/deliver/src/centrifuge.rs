@@ -220,17 +220,14 @@ impl Centrifuge {
     /// Stop every director (requests in flight get a few seconds) and close the JobDBs.
     pub async fn close(&self) {
         let mut st = self.state.write().await;
-        let mut all: Vec<Live> = st.sealed.drain(..).collect();
-        let placeholder_seq = st.next_seq;
-        let _ = placeholder_seq;
-        for l in all.iter().chain(std::iter::once(&st.newest)) {
+        let sealed: Vec<Live> = st.sealed.drain(..).collect();
+        for l in sealed.iter().chain(std::iter::once(&st.newest)) {
             l.handle.stop();
         }
-        for l in all.drain(..) {
+        for l in sealed {
             let _ = l.handle.task.await;
         }
-        let newest = &mut st.newest.handle.task;
-        let exit = newest.await;
+        let exit = (&mut st.newest.handle.task).await;
         if !matches!(exit, Ok(DirectorExit::Stopped) | Ok(DirectorExit::Dropped)) {
             tracing::warn!("a director ended abnormally: {exit:?}");
         }

@@ -87,6 +87,8 @@ struct Job {
     at: Where,
     /// The last attempt's outcome, recorded with `archived`.
     last: Option<(Option<u16>, Option<String>)>,
+    /// Its archive write failed: when due again, archive (do not send).
+    archive_due: bool,
 }
 
 /// A destination's ready jobs, by pair.
@@ -223,6 +225,9 @@ impl Director {
                 return self.shutdown(&mut inbox).await;
             }
             self.promote_due();
+            // Outcome rows go to the writer before any page or reload request, so a
+            // page never shows a job as unfinished after the director has finished it.
+            self.flush_rows();
             self.request_page();
             self.request_reloads();
             let next_wake = self.dispatch();
@@ -271,14 +276,7 @@ impl Director {
                 }
                 for j in jobs {
                     self.loaded_upto = Some(j.id);
-                    let spill = self.spilled.get(&j.job.destination).is_some_and(|s| !s.is_empty())
-                        || self.jobs.len() >= self.shared.cache_jobs
-                        || self.per_dest.get(&j.job.destination).copied().unwrap_or(0) >= self.dest_cap();
-                    if spill {
-                        self.spilled.entry(j.job.destination).or_default().push_back(j.id);
-                    } else {
-                        self.admit(j);
-                    }
+                    self.admit_or_spill(j);
                 }
             }
             FromWriter::Reloaded { destination, jobs } => {
@@ -297,23 +295,45 @@ impl Director {
                         if j.state == JobState::Executing {
                             self.shared.metrics.reexecuted_after_restart.inc();
                         }
-                        self.admit(j);
+                        self.admit_or_spill(j);
                     }
                 }
                 if complete {
                     self.backlog = false;
                 }
             }
-            FromWriter::Failed(e) => {
-                tracing::error!(jobdb = %self.path.display(), error = %e, "a JobDB write failed; re-reading unfinished jobs from it");
-                // A failed group may have held a page or reload request: start paging from the top
-                // (jobs already in memory are skipped), so no job is left behind.
-                self.backlog = true;
-                self.loaded_upto = None;
-                self.page_pending = false;
-                self.spilled.clear();
-                self.reloading.clear();
+            FromWriter::Failed { error, lost } => {
+                tracing::error!(jobdb = %self.path.display(), %error, "a JobDB write failed; sending its fire-and-forget part again");
+                // Requests with replies (inserts, `executing` rows) were answered with the error
+                // and are retried by their senders; what was sent without waiting is redone here.
+                if lost.page {
+                    self.page_pending = false;
+                }
+                for (dest, ids) in lost.reloads {
+                    self.reloading.remove(&dest);
+                    let q = self.spilled.entry(dest).or_default();
+                    for id in ids.into_iter().rev() {
+                        q.push_front(id);
+                    }
+                }
+                if !lost.rows.is_empty() {
+                    let newer = std::mem::replace(&mut self.rows, lost.rows);
+                    self.rows.extend(newer);
+                }
             }
+        }
+    }
+
+    /// Keep `j` in memory, or only its id when memory or its destination's share is full
+    /// (or its destination already has spilled jobs, which go first).
+    fn admit_or_spill(&mut self, j: StoredJob) {
+        let spill = self.spilled.get(&j.job.destination).is_some_and(|s| !s.is_empty())
+            || self.jobs.len() >= self.shared.cache_jobs
+            || self.per_dest.get(&j.job.destination).copied().unwrap_or(0) >= self.dest_cap();
+        if spill {
+            self.spilled.entry(j.job.destination).or_default().push_back(j.id);
+        } else {
+            self.admit(j);
         }
     }
 
@@ -381,6 +401,7 @@ impl Director {
             attempt: s.attempt,
             at: Where::Delayed,
             last: None,
+            archive_due: false,
         };
         self.jobs.insert(id, job);
         if ready {
@@ -442,8 +463,10 @@ impl Director {
                 break;
             }
             self.delayed.pop();
-            if self.jobs.get(&id).map(|j| j.at) == Some(Where::Delayed) {
-                self.make_ready(id, false);
+            match self.jobs.get(&id) {
+                Some(j) if j.at == Where::Delayed && j.archive_due => self.start_archive(id),
+                Some(j) if j.at == Where::Delayed => self.make_ready(id, false),
+                _ => {}
             }
         }
     }
@@ -471,6 +494,7 @@ impl Director {
             let q = self.queues.get_mut(&dest_id).expect("queued destination");
             let quantum = q.dest.priority() * TURN;
             let mut sent = 0;
+            let expired_before = expired.len();
             while sent < quantum && batch.len() < MAX_DISPATCH {
                 let Some(source) = q.ring.front().cloned() else { break };
                 let pair = q.pairs.get_mut(&source).expect("pair in ring");
@@ -507,7 +531,7 @@ impl Director {
                 q.in_ring = false;
                 self.queues.remove(&dest_id);
             }
-            if sent == 0 {
+            if sent == 0 && expired.len() == expired_before {
                 idle += 1;
             } else {
                 idle = 0;
@@ -546,7 +570,7 @@ impl Director {
             if job.payload.is_none() {
                 missing.push(id);
             }
-            work.push((id, job.message_id.clone(), job.payload.clone(), permit));
+            work.push((id, crate::executor::idempotency_key(&job.message_id, job.generation), job.payload.clone(), permit));
         }
         // Rows queued before these (earlier outcomes) keep their order in the writer.
         self.flush_rows();
@@ -563,7 +587,7 @@ impl Director {
                     return;
                 }
             };
-            for (id, message_id, payload, permit) in work {
+            for (id, idempotency_key, payload, permit) in work {
                 let Some(body) = payload.or_else(|| fetched.get(&id).cloned()) else {
                     let _ = inbox.send(Msg::Requeue(vec![id]));
                     continue;
@@ -571,7 +595,7 @@ impl Director {
                 let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
                 tokio::spawn(async move {
                     let target = permit.destination.settings().target.clone();
-                    let attempt = executor.send(&target, &message_id, body).await;
+                    let attempt = executor.send(&target, &idempotency_key, body).await;
                     if attempt.verdict == Verdict::Succeeded {
                         // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
                         sluice_core::crash::crash_point("deliver.after_http_success");
@@ -607,6 +631,9 @@ impl Director {
                 }
                 Err(e) => {
                     tracing::error!(job = %id, error = %e, "archive write failed; trying again in 30 s");
+                    if let Some(j) = self.jobs.get_mut(&id) {
+                        j.archive_due = true;
+                    }
                     self.delay(id, now_ms() + ARCHIVE_RETRY.as_millis() as i64);
                 }
             },
@@ -623,7 +650,7 @@ impl Director {
                 let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Succeeded, job.attempt, a.status, None, None);
                 self.shared.metrics.outcome(&dest, "succeeded");
-                self.shared.metrics.end_to_end_seconds.observe((now_ms() - job.created_at).max(0) as f64 / 1000.0);
+                self.shared.metrics.job_latency_seconds.observe((now_ms() - job.created_at).max(0) as f64 / 1000.0);
             }
             Verdict::Discard => {
                 let job = self.remove_job(&id).expect("present");

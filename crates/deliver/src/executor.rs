@@ -71,6 +71,8 @@ pub fn private_kind(addr: IpAddr) -> Option<&'static str> {
                 Some("unspecified")
             } else if o[0] == 100 && (64..128).contains(&o[1]) {
                 Some("shared (CGNAT)")
+            } else if (o[0] == 198 && (o[1] == 18 || o[1] == 19)) || (o[0] == 192 && o[1] == 0 && o[2] == 0) {
+                Some("reserved")
             } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
                 Some("multicast/reserved")
             } else {
@@ -82,6 +84,17 @@ pub fn private_kind(addr: IpAddr) -> Option<&'static str> {
                 return private_kind(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let embedded_v4 = |hi: u16, lo: u16| std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+            // NAT64 (64:ff9b::/96), 6to4 (2002::/16) and IPv4-compatible (::a.b.c.d) carry an IPv4 address.
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                return private_kind(IpAddr::V4(embedded_v4(s[6], s[7])));
+            }
+            if s[0] == 0x2002 {
+                return private_kind(IpAddr::V4(embedded_v4(s[1], s[2])));
+            }
+            if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                return private_kind(IpAddr::V4(embedded_v4(s[6], s[7])));
+            }
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
@@ -90,6 +103,8 @@ pub fn private_kind(addr: IpAddr) -> Option<&'static str> {
                 Some("private (unique local)")
             } else if s[0] & 0xffc0 == 0xfe80 {
                 Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
             } else if v6.is_multicast() {
                 Some("multicast/reserved")
             } else {
@@ -143,6 +158,8 @@ impl Executor {
                 .pool_max_idle_per_host(1024)
                 .tcp_nodelay(true)
                 .redirect(reqwest::redirect::Policy::none())
+                // A proxy would resolve the target itself, past the guard: none, ever.
+                .no_proxy()
                 .dns_resolver(Arc::new(GuardedResolver { allow_private }))
                 .build()
         };
@@ -153,8 +170,9 @@ impl Executor {
         })
     }
 
-    /// POST `body` to `target`; never fails, every outcome is an [`Attempt`].
-    pub async fn send(&self, target: &Target, message_id: &str, body: Bytes) -> Attempt {
+    /// POST `body` to `target` with `Idempotency-Key: idempotency_key`; never
+    /// fails, every outcome is an [`Attempt`].
+    pub async fn send(&self, target: &Target, idempotency_key: &str, body: Bytes) -> Attempt {
         let started = std::time::Instant::now();
         let done = |verdict, status, error: Option<String>, retry_after| Attempt {
             verdict,
@@ -186,7 +204,7 @@ impl Executor {
             .timeout(target.request_timeout)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, &self.user_agent)
-            .header("Idempotency-Key", message_id);
+            .header("Idempotency-Key", idempotency_key);
         if let Some(secret) = &target.secret {
             let (sha1, sluice) = signatures(secret.as_bytes(), &body, crate::now_ms() / 1000);
             req = req.header("X-Signature", sha1).header("X-Sluice-Signature", sluice);
@@ -207,6 +225,17 @@ impl Executor {
         let verdict = classify(status);
         let error = (verdict != Verdict::Succeeded).then_some(excerpt);
         done(verdict, Some(status), error, retry_after)
+    }
+}
+
+/// The `Idempotency-Key` of a job: its messageId; a replay's job (generation
+/// > 0) adds `:replay-<generation>`, so an endpoint that drops repeats still
+/// takes what a replay deliberately sends again.
+pub fn idempotency_key(message_id: &str, generation: i64) -> String {
+    if generation == 0 {
+        message_id.to_owned()
+    } else {
+        format!("{message_id}:replay-{generation}")
     }
 }
 
@@ -321,6 +350,12 @@ mod tests {
             ("fd00::1", Some("private (unique local)")),
             ("fe80::1", Some("link-local")),
             ("::ffff:127.0.0.1", Some("loopback")),
+            ("64:ff9b::a9fe:a9fe", Some("link-local")),
+            ("2002:0a00:0001::1", Some("private")),
+            ("::10.0.0.1", Some("private")),
+            ("fec0::1", Some("site-local")),
+            ("198.18.0.1", Some("reserved")),
+            ("64:ff9b::808:808", None),
             ("8.8.8.8", None),
             ("2606:4700::1111", None),
         ] {

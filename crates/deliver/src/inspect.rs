@@ -26,9 +26,16 @@ pub fn find(dir: &Path, key: &str) -> Result<Vec<Found>, DeliverError> {
                 continue;
             }
         };
-        for job in db.find(key)? {
-            let history = db.history(job.id)?;
-            out.push(Found { jobdb: path.display().to_string(), job, history });
+        let found = db.find(key).and_then(|jobs| {
+            jobs.into_iter()
+                .map(|job| Ok(Found { jobdb: path.display().to_string(), history: db.history(job.id)?, job }))
+                .collect::<Result<Vec<_>, DeliverError>>()
+        });
+        match found {
+            Ok(f) => out.extend(f),
+            // Deleted while we read it: every job in it had finished.
+            Err(_) if !path.exists() => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
@@ -40,8 +47,14 @@ pub fn stats(dir: &Path) -> Result<(usize, BTreeMap<String, BTreeMap<&'static st
     let mut out: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
     for (_, path) in &dbs {
         let Ok(db) = JobDb::open_read_only(path) else { continue };
-        for (dest, state, n) in db.stats()? {
-            *out.entry(dest).or_default().entry(state.as_str()).or_default() += n;
+        match db.stats() {
+            Ok(rows) => {
+                for (dest, state, n) in rows {
+                    *out.entry(dest).or_default().entry(state.as_str()).or_default() += n;
+                }
+            }
+            Err(_) if !path.exists() => continue, // dropped while we read it
+            Err(e) => return Err(e),
         }
     }
     Ok((dbs.len(), out))

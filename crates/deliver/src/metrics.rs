@@ -11,7 +11,7 @@ pub struct DeliverMetrics {
     pub jobs_duplicate: Counter,
     pub outcomes: Family<Labels, Counter>,
     pub attempt_seconds: Family<Labels, Histogram>,
-    pub end_to_end_seconds: Histogram,
+    pub job_latency_seconds: Histogram,
     pub jobs_in_memory: Gauge,
     pub jobdbs: Gauge,
     pub jobdbs_dropped: Counter,
@@ -25,7 +25,7 @@ impl Default for DeliverMetrics {
             jobs_duplicate: Counter::default(),
             outcomes: Family::default(),
             attempt_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
-            end_to_end_seconds: Histogram::new(latency_buckets()),
+            job_latency_seconds: Histogram::new(latency_buckets()),
             jobs_in_memory: Gauge::default(),
             jobdbs: Gauge::default(),
             jobdbs_dropped: Counter::default(),
@@ -40,7 +40,7 @@ impl DeliverMetrics {
         r.register("sluice_deliver_jobs_duplicate", "Job inserts skipped: the (messageId, destination) job already existed", self.jobs_duplicate.clone());
         r.register("sluice_deliver_outcomes", "Delivery attempt outcomes per destination", self.outcomes.clone());
         r.register("sluice_deliver_attempt_seconds", "HTTP attempt latency per destination", self.attempt_seconds.clone());
-        r.register("sluice_deliver_end_to_end_seconds", "From ingest (receivedAt) to a successful delivery", self.end_to_end_seconds.clone());
+        r.register("sluice_deliver_job_latency_seconds", "From job creation (route) to its successful delivery", self.job_latency_seconds.clone());
         r.register("sluice_deliver_jobs_in_memory", "Unfinished jobs held in directors' caches", self.jobs_in_memory.clone());
         r.register("sluice_deliver_jobdbs", "JobDB files open", self.jobdbs.clone());
         r.register("sluice_deliver_jobdbs_dropped", "JobDBs deleted whole once all their jobs finished", self.jobdbs_dropped.clone());

@@ -34,8 +34,20 @@ pub enum FromWriter {
     Loaded { jobs: Vec<StoredJob>, complete: bool },
     /// Jobs asked for by id with [`WriterHandle::load_ids`] (spilled jobs coming back).
     Reloaded { destination: String, jobs: Vec<StoredJob> },
-    /// A write failed; the director re-queues what it had in flight.
-    Failed(String),
+    /// A group failed and was rolled back; `lost` is what the director sent
+    /// without waiting for an answer, so it can send it again.
+    Failed { error: String, lost: Lost },
+}
+
+/// Fire-and-forget work of a failed group.
+#[derive(Debug, Default)]
+pub struct Lost {
+    /// A page request (ask again).
+    pub page: bool,
+    /// Reload requests: destination and ids (spill them again).
+    pub reloads: Vec<(String, Vec<Ksuid>)>,
+    /// Transitions sent without waiting (append them again).
+    pub rows: Vec<Transition>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DeliverError>>;
@@ -148,6 +160,9 @@ enum Pending {
     Insert(Reply<u64>, u64),
     Exists(Reply<Vec<bool>>, Vec<bool>),
     Unit(Option<Reply<()>>),
+    Rows(Vec<Transition>),
+    Page,
+    Reload(String, Vec<Ksuid>),
     History(Reply<Vec<Transition>>, Vec<Transition>),
     Payloads(Reply<HashMap<Ksuid, Bytes>>, HashMap<Ksuid, Bytes>),
     Count(Reply<u64>, u64),
@@ -166,8 +181,9 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
         }
         if let Some(i) = group.iter().position(|c| matches!(c, Cmd::Close)) {
             closing = true;
+            let mut lost = Lost::default();
             for late in group.drain(i..).skip(1) {
-                fail_cmd(late, || DeliverError::Closed);
+                fail_cmd(late, || DeliverError::Closed, &mut lost);
             }
         }
         let mut pending = Vec::with_capacity(group.len());
@@ -195,6 +211,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                         Pending::History(r, v) => drop(r.send(Ok(v))),
                         Pending::Payloads(r, v) => drop(r.send(Ok(v))),
                         Pending::Count(r, n) => drop(r.send(Ok(n))),
+                        Pending::Rows(_) | Pending::Page | Pending::Reload(..) => {}
                     }
                 }
             }
@@ -202,10 +219,10 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                 db.rollback();
                 tracing::error!(jobdb = %db.path.display(), error = %e, "JobDB transaction failed; rolled back");
                 let msg = e.to_string();
-                let _ = director.send(FromWriter::Failed(msg.clone()));
+                let mut lost = Lost::default();
                 // Commands after the failing one in this group were never applied: fail them too.
                 for cmd in group {
-                    fail_cmd(cmd, || DeliverError::WriteFailed(msg.clone()));
+                    fail_cmd(cmd, || DeliverError::WriteFailed(msg.clone()), &mut lost);
                 }
                 for p in pending {
                     let err = || DeliverError::WriteFailed(msg.clone());
@@ -220,23 +237,25 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                         Pending::History(r, _) => drop(r.send(Err(err()))),
                         Pending::Payloads(r, _) => drop(r.send(Err(err()))),
                         Pending::Count(r, _) => drop(r.send(Err(err()))),
+                        Pending::Rows(rows) => lost.rows.extend(rows),
+                        Pending::Page => lost.page = true,
+                        Pending::Reload(d, ids) => lost.reloads.push((d, ids)),
                     }
                 }
+                let _ = director.send(FromWriter::Failed { error: msg, lost });
             }
         }
     }
 }
 
-fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError) {
+fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError, lost: &mut Lost) {
     match cmd {
         Cmd::Insert { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::Exists { reply, .. } => drop(reply.send(Err(err()))),
-        Cmd::Transitions { reply, .. } => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(err()));
-            }
-        }
-        Cmd::LoadPage { .. } | Cmd::LoadIds { .. } => {}
+        Cmd::Transitions { reply: Some(r), .. } => drop(r.send(Err(err()))),
+        Cmd::Transitions { rows, reply: None } => lost.rows.extend(rows),
+        Cmd::LoadPage { .. } => lost.page = true,
+        Cmd::LoadIds { destination, ids } => lost.reloads.push((destination, ids)),
         Cmd::Execute { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::History { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::CountUnfinished { reply } => drop(reply.send(Err(err()))),
@@ -284,18 +303,23 @@ fn apply(
             for t in &rows {
                 db.append_transition(t)?;
             }
-            pending.push(Pending::Unit(reply));
+            pending.push(match reply {
+                Some(r) => Pending::Unit(Some(r)),
+                None => Pending::Rows(rows),
+            });
         }
         Cmd::LoadPage { after, limit } => {
+            pending.push(Pending::Page);
             let jobs = db.page(after, limit)?;
             let complete = jobs.len() < limit;
             to_director.push(FromWriter::Loaded { jobs, complete });
         }
         Cmd::LoadIds { destination, ids } => {
             let mut jobs = Vec::with_capacity(ids.len());
-            for id in ids {
-                jobs.extend(db.get(id)?);
+            for id in &ids {
+                jobs.extend(db.get(*id)?);
             }
+            pending.push(Pending::Reload(destination.clone(), ids));
             to_director.push(FromWriter::Reloaded { destination, jobs });
         }
         Cmd::Execute { rows, fetch, reply } => {

@@ -507,3 +507,21 @@ async fn a_dead_destination_spills_to_the_jobdb_without_keeping_others_out() {
     assert_eq!((ok.len(), unique.len()), (300, 300), "every spilled job delivered once after recovery");
     env.centrifuge.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobdbs_rotate_by_age() {
+    let sink = Sink::start().await.unwrap();
+    let toml = ["[deliver]\njobdb_rotate_after = \"300ms\"\n".to_owned(), dest("d", &sink.url("/d"), "")].concat();
+    let env = open(tempfile::tempdir().unwrap(), &toml).await;
+    env.insert(vec![job("m-1", "s1", "d")]).await;
+    let first = list_jobdbs(&env.jobs_dir()).unwrap();
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // What the housekeeping timer does every second (and every insert does first).
+    env.centrifuge.maybe_rotate().await.unwrap();
+    env.insert(vec![job("m-2", "s1", "d")]).await;
+    let seqs: Vec<u64> = list_jobdbs(&env.jobs_dir()).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert!(seqs.contains(&2), "a JobDB older than jobdb_rotate_after took no new jobs: {seqs:?}");
+    assert_eq!(inspect::find(&env.jobs_dir(), "m-2").unwrap()[0].jobdb.contains("jobdb-000002"), true);
+    env.centrifuge.close().await;
+}

@@ -77,11 +77,11 @@ fn wait_received(sink: &TestSink, server: &Server, ids: &HashSet<String>, times:
     wait_for(
         DELIVER_TIMEOUT,
         || {
-            let got = sink.by_key("/hook");
+            let got = sink.by_message_id("/hook");
             ids.iter().all(|id| got.get(id).map_or(0, Vec::len) >= times).then_some(())
         },
         || {
-            let got = sink.by_key("/hook");
+            let got = sink.by_message_id("/hook");
             let missing = ids.iter().filter(|id| got.get(*id).map_or(0, Vec::len) < times).count();
             format!("{missing} of {} messageIds not received {times} time(s) yet\nserver stderr:\n{}", ids.len(), server.stderr_tail(30))
         },
@@ -208,11 +208,13 @@ fn replay_redelivers_every_event_and_jobs_inspect_shows_the_history() {
 
     wait_received(&sink, &server, &idset, 2);
     wait_all_succeeded(&config, &server, 2 * n as u64);
-    let by_key = sink.by_key("/hook");
-    assert_eq!(by_key.len(), n, "only the events sent: {:?}", by_key.keys().collect::<Vec<_>>());
+    let by_id = sink.by_message_id("/hook");
+    assert_eq!(by_id.len(), n, "only the events sent: {:?}", by_id.keys().collect::<Vec<_>>());
     for id in &ids {
-        let got = &by_key[id];
+        let got = &by_id[id];
         assert_eq!(got.len(), 2, "{id}: delivered once, then once by the replay");
+        let keys: Vec<&str> = got.iter().map(|r| r.header("idempotency-key").unwrap()).collect();
+        assert_eq!(keys, vec![id.clone(), format!("{id}:replay-{replay_id}")], "{id}: a replay's copy has its own Idempotency-Key");
         assert_eq!(got[0].body, got[1].body, "{id}: the replay sends the same event");
         assert_eq!(got[1].json()["messageId"], id.as_str());
         assert!(got[0].at < got[1].at, "{id}: the replayed copy comes second");

@@ -1,4 +1,4 @@
-//! The admin port's Prometheus metrics for ingest, the log and dedup,
+//! The admin port's Prometheus metrics for ingest, the log, dedup, route and delivery,
 //! against the real binary.
 
 mod util;
@@ -68,5 +68,56 @@ fn metrics_report_ingest_log_and_dedup() {
     assert!(text.contains("sluice_dedup_rocksdb_bloom_useful"), "bloom statistics are exported");
     assert!(text.contains("sluice_dedup_rocksdb_bloom_full_positive"));
     assert!(text.contains("sluice_ingest_ack_seconds_bucket"));
+    server.stop();
+}
+
+#[test]
+fn metrics_report_route_and_delivery() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt.block_on(sluice_deliver::sink::Sink::start()).unwrap();
+    sink.set("/gone", sluice_deliver::sink::Behaviour::status(410));
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n\
+         [[destinations]]\nid = \"gone\"\nurl = \"{}\"\nallow_private_network = true\n\
+         [[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\", \"gone\"]\n",
+        sink.url("/hook"),
+        sink.url("/gone")
+    );
+    let config = write_config(dir.path(), &extra);
+    let server = Server::start(&config);
+    let batch: Vec<_> = (0..200).map(|i| serde_json::json!({"type":"track","userId":"u","event":"E","messageId":format!("md-{i}")})).collect();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(server.url("/v1/batch"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&serde_json::json!({ "batch": batch }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = scrape(&rt, &server);
+        let done = sample(&text, "sluice_deliver_outcomes_total{destination=\"hook\",outcome=\"succeeded\"}") == Some(200.0)
+            && sample(&text, "sluice_deliver_outcomes_total{destination=\"gone\",outcome=\"discarded\"}") == Some(200.0);
+        if done || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sample(&text, "sluice_deliver_outcomes_total{destination=\"hook\",outcome=\"succeeded\"}"), Some(200.0), "{text}");
+    assert_eq!(sample(&text, "sluice_deliver_outcomes_total{destination=\"gone\",outcome=\"discarded\"}"), Some(200.0));
+    assert_eq!(sample(&text, "sluice_route_events_total"), Some(200.0));
+    assert_eq!(sample(&text, "sluice_route_jobs_total"), Some(400.0));
+    assert_eq!(sample(&text, "sluice_deliver_jobs_inserted_total"), Some(400.0));
+    assert_eq!(sample(&text, "sluice_deliver_jobdbs"), Some(1.0));
+    assert!(
+        text.lines().any(|l| l.starts_with("sluice_deliver_attempt_seconds_bucket{") && l.contains("destination=\"hook\"")),
+        "attempt latency per destination:\n{text}"
+    );
+    assert_eq!(sink.received_on("/hook").len(), 200);
     server.stop();
 }

@@ -385,6 +385,17 @@ impl TestSink {
         out
     }
 
+    /// Requests received on `path`, grouped by the body's `messageId` (a
+    /// replay's copy has its own Idempotency-Key, the same messageId).
+    pub fn by_message_id(&self, path: &str) -> HashMap<String, Vec<sluice_deliver::sink::Received>> {
+        let mut out: HashMap<String, Vec<_>> = HashMap::new();
+        for r in self.sink.received_on(path) {
+            let id = r.json()["messageId"].as_str().unwrap_or("<none>").to_owned();
+            out.entry(id).or_default().push(r);
+        }
+        out
+    }
+
     /// POST one batch to the Tracking API: `Ok` on 200; `Err` when the
     /// server is gone or answers 5xx (a client would send it again); panics
     /// on any other status.
