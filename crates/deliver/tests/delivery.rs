@@ -71,6 +71,15 @@ impl Env {
     }
 }
 
+/// Poll `done` every 20 ms until it holds; panic with `what()` at the deadline.
+async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn job(message_id: &str, source: &str, destination: &str) -> NewJob {
     let now = sluice_deliver::now_ms();
     NewJob {
@@ -126,11 +135,8 @@ async fn every_outcome_is_recorded_as_transitions() {
     assert_eq!(n, 8);
 
     // Let the retrying ones fail a few times, then heal them.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ["/flaky", "/busy", "/hang"].iter().any(|p| sink.received_on(p).len() < 2) {
-        assert!(Instant::now() < deadline, "retries did not happen: {:?}", env.states("m-1"));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let retried = || ["/flaky", "/busy", "/hang"].iter().all(|p| sink.received_on(p).len() >= 2);
+    wait_until(Duration::from_secs(20), retried, || format!("retries did not happen: {:?}", env.states("m-1"))).await;
     for p in ["/flaky", "/busy", "/hang"] {
         sink.set(p, Behaviour::default());
     }
@@ -288,11 +294,8 @@ async fn jobdbs_rotate_by_count_and_finished_ones_are_deleted_whole() {
     // first, then 10 each. The fourth is the newest; finished sealed ones may already be gone.
     assert_eq!(files.last().unwrap().0, 4, "rotated every 10 jobs: {files:?}");
     // (Counting terminal jobs does not work here: dropped JobDBs take their jobs with them.)
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sink.received_on("/ok").len() < 40 {
-        assert!(Instant::now() < deadline, "only {} of 40 delivered", sink.received_on("/ok").len());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let delivered = || sink.received_on("/ok").len();
+    wait_until(Duration::from_secs(20), || delivered() >= 40, || format!("only {} of 40 delivered", delivered())).await;
     // Every sealed JobDB but the first (which holds the unfinished job) is deleted.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -313,11 +316,7 @@ async fn jobdbs_rotate_by_count_and_finished_ones_are_deleted_whole() {
     assert_eq!(env.metrics.jobdbs_dropped.get(), 2);
     // Heal the held job: its JobDB goes too.
     sink.set("/hold", Behaviour::default());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while list_jobdbs(&env.jobs_dir()).unwrap().len() > 1 {
-        assert!(Instant::now() < deadline, "first JobDB not dropped");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(10), || list_jobdbs(&env.jobs_dir()).unwrap().len() == 1, || "first JobDB not dropped".into()).await;
     // A job whose JobDB was dropped can be made again (dropped means gone; the route only
     // replays its uncommitted batch), but within live JobDBs inserts are idempotent:
     let again = env.centrifuge.insert(vec![job("m-0-5", "s1", "ok")], 0).await.unwrap();
@@ -416,11 +415,8 @@ async fn a_slow_and_a_failing_destination_do_not_hold_up_the_others() {
         }
     }
     env.insert(jobs).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.received_on("/a").len() < 2 * per || sink.received_on("/b").len() < 2 * per {
-        assert!(Instant::now() < deadline, "healthy destinations stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let healthy_done = || sink.received_on("/a").len() >= 2 * per && sink.received_on("/b").len() >= 2 * per;
+    wait_until(Duration::from_secs(30), healthy_done, || "healthy destinations stalled".into()).await;
     let slow_so_far = sink.received_on("/slow").len();
     let fail_attempts = sink.received_on("/fail").len();
     assert!(slow_so_far < 2 * per, "the slow one ({slow_so_far}) finished no earlier than the healthy ones");
@@ -487,11 +483,8 @@ async fn a_dead_destination_spills_to_the_jobdb_without_keeping_others_out() {
     let env = open(tempfile::tempdir().unwrap(), &toml).await;
     env.insert((0..300).map(|i| job(&format!("d-{i}"), "s1", "dead")).collect()).await;
     env.insert((0..300).map(|i| job(&format!("l-{i}"), "s1", "live")).collect()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.received_on("/live").len() < 300 {
-        assert!(Instant::now() < deadline, "live destination stuck behind a dead one: {}", sink.received_on("/live").len());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let live = || sink.received_on("/live").len();
+    wait_until(Duration::from_secs(30), || live() >= 300, || format!("live destination stuck behind a dead one: {}", live())).await;
     let dead_keys: std::collections::HashSet<String> =
         sink.received_on("/dead").iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
     assert!(dead_keys.len() <= 100, "at most the cache's worth of the dead one's jobs were tried: {}", dead_keys.len());

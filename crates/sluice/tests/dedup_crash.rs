@@ -34,24 +34,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 // ---------------------------------------------------------------------------
 // Shared pieces
 
-/// SplitMix64: a tiny seeded generator (no `rand` in the dependency tree).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0); the modulo bias is irrelevant here.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn event(id: &str) -> Value {
     json!({
         "type": "track",

@@ -28,29 +28,6 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// A graceful stop that takes longer is a hang (directors get 5 s for requests in flight).
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// SplitMix64, seeded from the clock (the seed is printed).
-struct Rng(u64);
-
-impl Rng {
-    fn from_clock() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-        eprintln!("random seed {seed}");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 /// `n` messageIds in batches of `per_batch`.
 fn batches(tag: &str, n: usize, per_batch: usize) -> Vec<Vec<Value>> {
     let events: Vec<Value> = (0..n).map(|i| track_event(&format!("{tag}-{i}"), i)).collect();
