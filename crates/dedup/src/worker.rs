@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_core::metrics::{Counter, Family, Gauge, Registry};
+use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use sluice_log::{Log, LogError, Record, StoredRecord};
 use tokio::runtime::Handle;
 
@@ -39,7 +39,7 @@ type Labels = Vec<(&'static str, String)>;
 const CATCH_UP_BATCH: usize = 2_000;
 
 /// Dedup's metrics, labelled by partition where it matters.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct DedupMetrics {
     pub messages_in: Counter,
     pub duplicates_dropped: Counter,
@@ -53,6 +53,26 @@ pub struct DedupMetrics {
     pub rebuilds: Counter,
     /// Times the committed input offset was past input's end and was reset.
     pub input_offset_resets: Counter,
+    /// One batch: read input, look up, publish, index, commit.
+    pub batch_seconds: Histogram,
+}
+
+impl Default for DedupMetrics {
+    fn default() -> Self {
+        Self {
+            messages_in: Counter::default(),
+            duplicates_dropped: Counter::default(),
+            published: Counter::default(),
+            index_keys: Family::default(),
+            bloom_useful: Family::default(),
+            bloom_full_positive: Family::default(),
+            block_cache_data_miss: Family::default(),
+            catchup_remaining: Family::default(),
+            rebuilds: Counter::default(),
+            input_offset_resets: Counter::default(),
+            batch_seconds: Histogram::new(sluice_core::metrics::latency_buckets()),
+        }
+    }
 }
 
 impl DedupMetrics {
@@ -70,6 +90,7 @@ impl DedupMetrics {
         );
         r.register("rocksdb_block_cache_data_miss", "RocksDB ticker: data blocks read from disk", self.block_cache_data_miss.clone());
         r.register("catchup_remaining", "Output records still to read into the index", self.catchup_remaining.clone());
+        r.register("batch_seconds", "One dedup batch: read, look up, publish, index, commit", self.batch_seconds.clone());
         r.register("rebuilds", "Indexes moved aside and rebuilt from output", self.rebuilds.clone());
         r.register("input_offset_resets", "Committed input offsets found past input's end and reset", self.input_offset_resets.clone());
     }
@@ -269,6 +290,7 @@ impl DedupWorker {
         };
         let next = last.offset + 1;
         self.metrics.messages_in.inc_by(records.len() as u64);
+        let started = std::time::Instant::now();
 
         // 1. Look up; repeats inside the batch count as duplicates too.
         let now = now_ms();
@@ -292,6 +314,7 @@ impl DedupWorker {
         // 4. Commit input.
         rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, next))?;
         crash_point("dedup.after_input_commit");
+        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         self.next_input = Some(next);
         Ok(records.len())
     }

@@ -179,7 +179,12 @@ impl Centrifuge {
             now_ms() - l.created_ms >= self.options.rotate_after.as_millis() as i64
                 || l.jobs.load(Ordering::Relaxed) >= self.options.max_jobs
         };
-        let reap = { self.state.read().await.sealed.iter().any(|l| l.handle.task.is_finished()) };
+        let reap = {
+            let st = self.state.read().await;
+            let oldest = st.sealed.iter().map(|l| l.created_ms).chain([st.newest.created_ms]).min().unwrap_or_else(now_ms);
+            self.shared.metrics.oldest_jobdb_age_seconds.set((now_ms() - oldest) / 1000);
+            st.sealed.iter().any(|l| l.handle.task.is_finished())
+        };
         if !due(&self.state.read().await.newest) && !reap {
             return Ok(());
         }

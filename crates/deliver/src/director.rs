@@ -82,6 +82,7 @@ struct Job {
     payload: Option<Bytes>,
     created_at: i64,
     expires_at: i64,
+    received_at: i64,
     seq: i64,
     attempt: i64,
     at: Where,
@@ -162,6 +163,7 @@ pub(crate) struct Director {
     spilled: HashMap<String, VecDeque<Ksuid>>,
     /// Destinations with a reload in flight.
     reloading: std::collections::HashSet<String>,
+    last_report: Instant,
 }
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
@@ -198,6 +200,7 @@ pub(crate) fn spawn(
         per_dest: HashMap::new(),
         spilled: HashMap::new(),
         reloading: Default::default(),
+        last_report: Instant::now(),
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
     Ok(DirectorHandle { seq, path, writer, inbox: inbox_tx, task })
@@ -233,6 +236,9 @@ impl Director {
             let next_wake = self.dispatch();
             self.flush_rows();
             self.report_in_memory();
+            if self.last_report.elapsed() >= Duration::from_secs(1) {
+                self.report_pairs();
+            }
 
             if self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending && self.spilled.is_empty() && self.reloading.is_empty() {
                 match self.writer().count_unfinished().await {
@@ -259,6 +265,19 @@ impl Director {
                 _ = sleep => {}
             }
         }
+    }
+
+    /// Per-pair queue depth and oldest age, and spilled jobs, for the metrics (O(jobs), once a second).
+    fn report_pairs(&mut self) {
+        self.last_report = Instant::now();
+        let mut pairs: HashMap<(String, String), (i64, i64)> = HashMap::new();
+        for j in self.jobs.values() {
+            let e = pairs.entry((j.source.clone(), j.dest.id.clone())).or_insert((0, i64::MAX));
+            e.0 += 1;
+            e.1 = e.1.min(j.created_at);
+        }
+        let spilled = self.spilled.iter().map(|(d, q)| (d.clone(), q.len() as i64)).collect();
+        self.shared.metrics.report_pairs(self.seq, pairs, spilled, now_ms());
     }
 
     /// Move the process-wide gauge by this director's change since last time.
@@ -397,6 +416,7 @@ impl Director {
             payload: Some(s.job.payload),
             created_at: s.job.created_at,
             expires_at: s.job.expires_at,
+            received_at: s.job.received_at,
             seq: s.seq,
             attempt: s.attempt,
             at: Where::Delayed,
@@ -650,7 +670,11 @@ impl Director {
                 let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Succeeded, job.attempt, a.status, None, None);
                 self.shared.metrics.outcome(&dest, "succeeded");
-                self.shared.metrics.job_latency_seconds.observe((now_ms() - job.created_at).max(0) as f64 / 1000.0);
+                let now = now_ms();
+                self.shared.metrics.job_latency_seconds.observe((now - job.created_at).max(0) as f64 / 1000.0);
+                if job.generation == 0 {
+                    self.shared.metrics.end_to_end_seconds.observe((now - job.received_at).max(0) as f64 / 1000.0);
+                }
             }
             Verdict::Discard => {
                 let job = self.remove_job(&id).expect("present");
@@ -748,6 +772,7 @@ impl Director {
         self.jobs.clear();
         self.per_dest.clear();
         self.report_in_memory();
+        self.shared.metrics.forget_director(self.seq, now_ms());
         self.close_writer().await;
         DirectorExit::Stopped
     }
@@ -762,6 +787,7 @@ impl Director {
     }
 
     async fn drop_jobdb(mut self) -> DirectorExit {
+        self.shared.metrics.forget_director(self.seq, now_ms());
         self.close_writer().await;
         // Other handles (the Centrifuge's) may still exist, but nothing writes to a sealed JobDB.
         let path = self.path.clone();

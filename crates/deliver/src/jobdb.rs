@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     endpoint    TEXT    NOT NULL,      -- the URL at the time the job was made
     payload     BLOB    NOT NULL,      -- the JSON body sent
     created_at  INTEGER NOT NULL,      -- unix ms; the awaiting_scheduling state
-    expires_at  INTEGER NOT NULL       -- unix ms; archived after this
+    expires_at  INTEGER NOT NULL,      -- unix ms; archived after this
+    received_at INTEGER NOT NULL       -- unix ms ingest accepted the event (end-to-end latency)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (message_id, destination, generation);
 CREATE TABLE IF NOT EXISTS job_state_transitions (
@@ -109,6 +110,8 @@ pub struct NewJob {
     pub payload: bytes::Bytes,
     pub created_at: i64,
     pub expires_at: i64,
+    /// When ingest accepted the event (unix ms), for the end-to-end latency.
+    pub received_at: i64,
 }
 
 /// A stored job with its latest state.
@@ -207,8 +210,8 @@ impl JobDb {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO jobs (id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR IGNORE INTO jobs (id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(self.err())?;
         let n = stmt
@@ -221,7 +224,8 @@ impl JobDb {
                 job.endpoint,
                 &job.payload[..],
                 job.created_at,
-                job.expires_at
+                job.expires_at,
+                job.received_at
             ])
             .map_err(self.err())?;
         Ok(n == 1)
@@ -291,7 +295,7 @@ impl JobDb {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at
+                "SELECT id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at, received_at
                  FROM jobs WHERE {condition}"
             ))
             .map_err(self.err())?;
@@ -308,6 +312,7 @@ impl JobDb {
                         payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(6)?),
                         created_at: r.get(7)?,
                         expires_at: r.get(8)?,
+                        received_at: r.get(9)?,
                     },
                 ))
             })

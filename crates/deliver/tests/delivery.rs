@@ -91,6 +91,7 @@ fn job(message_id: &str, source: &str, destination: &str) -> NewJob {
         payload: Bytes::from(format!("{{\"type\":\"track\",\"messageId\":\"{message_id}\",\"event\":\"E\"}}")),
         created_at: now,
         expires_at: now + 3_600_000,
+        received_at: now,
     }
 }
 

@@ -20,6 +20,7 @@ fn new_job(m: &str) -> NewJob {
         payload: Bytes::from_static(b"{\"type\":\"track\"}"),
         created_at: 1,
         expires_at: 2,
+        received_at: 1,
     }
 }
 

@@ -22,7 +22,7 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::metrics::{Counter, Registry};
+use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
 use sluice_deliver::{Catalog, Centrifuge, NewJob};
 use sluice_log::{Log, LogError};
 use tokio::sync::watch;
@@ -42,12 +42,26 @@ pub enum RouteError {
     Deliver(#[from] sluice_deliver::DeliverError),
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RouteMetrics {
     pub events: Counter,
     pub jobs: Counter,
     pub filtered: Counter,
     pub unroutable: Counter,
+    /// One batch: read output, plan, insert jobs, commit.
+    pub batch_seconds: Histogram,
+}
+
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        Self {
+            events: Counter::default(),
+            jobs: Counter::default(),
+            filtered: Counter::default(),
+            unroutable: Counter::default(),
+            batch_seconds: Histogram::new(latency_buckets()),
+        }
+    }
 }
 
 impl RouteMetrics {
@@ -55,6 +69,7 @@ impl RouteMetrics {
         r.register("sluice_route_events", "Events read from output by the route", self.events.clone());
         r.register("sluice_route_jobs", "Jobs made by the route (before idempotency checks)", self.jobs.clone());
         r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
+        r.register("sluice_route_batch_seconds", "One route batch: read output, plan, insert jobs (durable), commit", self.batch_seconds.clone());
         r.register("sluice_route_unroutable", "Output records that are not valid events (logged, skipped)", self.unroutable.clone());
     }
 }
@@ -139,6 +154,7 @@ async fn route_batch(
         return Ok(0);
     };
     let end = last.offset + 1;
+    let started = std::time::Instant::now();
     let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
     let mut jobs: Vec<NewJob> = Vec::new();
     for rec in &records {
@@ -159,6 +175,7 @@ async fn route_batch(
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
     sluice_core::crash::crash_point("route.after_insert");
     log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+    metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
     *next = Some(end);
     Ok(records.len())
 }

@@ -104,6 +104,12 @@ impl Planner {
         let Some(connected) = snap.connections.get(source) else { return Ok(decision) };
         let event: Value = serde_json::from_slice(value).map_err(|e| format!("event is not JSON: {e}"))?;
         let now = sluice_deliver::now_ms();
+        // When ingest accepted it (for the end-to-end latency); absent or odd: now.
+        let received_at = event
+            .get("receivedAt")
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map_or(now, |t| t.timestamp_millis());
         for dest_id in connected {
             if only.is_some_and(|o| o != dest_id) {
                 continue;
@@ -131,6 +137,7 @@ impl Planner {
                         payload,
                         created_at: now,
                         expires_at: now + window.as_millis() as i64,
+                        received_at,
                     });
                 }
             }

@@ -173,6 +173,7 @@ pub fn bench_deliver(args: DeliverBench) -> Result<()> {
                                 payload: payload(i, bytes),
                                 created_at: now,
                                 expires_at: now + 4 * 3_600_000,
+                                received_at: now,
                             }
                         })
                         .collect();
@@ -532,6 +533,7 @@ fn fill(path: &Path, n: u64, bytes: usize) -> Result<()> {
                 payload: payload(i, bytes),
                 created_at: 0,
                 expires_at: 0,
+                received_at: 0,
             };
             db.insert_job(id, &job)?;
             for (seq, state) in [(1, JobState::Executing), (2, JobState::Succeeded)] {

@@ -214,6 +214,8 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         None
     };
 
+    let lag_task = spawn_lag_monitor(log.clone() as Arc<dyn Log>, &config, &mut registry);
+
     let ingest = Ingest::new(
         log.clone() as Arc<dyn Log>,
         IngestSettings::from_config(&config),
@@ -259,6 +261,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         t.await?;
     }
     retention_task.abort();
+    lag_task.abort();
     drop(ingest);
     dedup_stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
@@ -276,6 +279,34 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Consumer lag per group, topic and partition (end offset − committed
+/// offset), refreshed every 2 s: `sluice_consumer_lag`.
+fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, registry: &mut Registry) -> tokio::task::JoinHandle<()> {
+    let lag: sluice_core::metrics::Family<Vec<(&'static str, String)>, sluice_core::metrics::Gauge> = Default::default();
+    registry.register("sluice_consumer_lag", "Records not yet consumed, per group, topic and partition", lag.clone());
+    let mut groups = Vec::new();
+    if config.dedup.enabled {
+        groups.push((sluice_dedup::GROUP, INPUT_TOPIC));
+        if config.deliver.enabled {
+            groups.push((sluice_route::GROUP, OUTPUT_TOPIC));
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            for (group, topic) in &groups {
+                let Ok(partitions) = log.partitions(topic) else { continue };
+                for p in 0..partitions {
+                    let (Ok(range), Ok(committed)) = (log.offsets(topic, p).await, log.committed(group, topic, p).await) else { continue };
+                    let behind = range.end.saturating_sub(committed.unwrap_or(range.start).max(range.start));
+                    let labels = vec![("group", (*group).to_owned()), ("topic", (*topic).to_owned()), ("partition", p.to_string())];
+                    lag.get_or_create(&labels).set(behind as i64);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
 }
 
 /// The embedded log's options for `config`: topics `input` and `output`

@@ -76,13 +76,16 @@ fn metrics_report_route_and_delivery() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt.block_on(sluice_deliver::sink::Sink::start()).unwrap();
     sink.set("/gone", sluice_deliver::sink::Behaviour::status(410));
+    sink.set("/down", sluice_deliver::sink::Behaviour::status(503));
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n\
          [[destinations]]\nid = \"gone\"\nurl = \"{}\"\nallow_private_network = true\n\
-         [[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\", \"gone\"]\n",
+         [[destinations]]\nid = \"down\"\nurl = \"{}\"\nallow_private_network = true\ninitial_backoff = \"1h\"\nmax_backoff = \"1h\"\n\
+         [[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\", \"gone\", \"down\"]\n",
         sink.url("/hook"),
-        sink.url("/gone")
+        sink.url("/gone"),
+        sink.url("/down")
     );
     let config = write_config(dir.path(), &extra);
     let server = Server::start(&config);
@@ -102,7 +105,9 @@ fn metrics_report_route_and_delivery() {
     let text = loop {
         let text = scrape(&rt, &server);
         let done = sample(&text, "sluice_deliver_outcomes_total{destination=\"hook\",outcome=\"succeeded\"}") == Some(200.0)
-            && sample(&text, "sluice_deliver_outcomes_total{destination=\"gone\",outcome=\"discarded\"}") == Some(200.0);
+            && sample(&text, "sluice_deliver_outcomes_total{destination=\"gone\",outcome=\"discarded\"}") == Some(200.0)
+            && sample(&text, "sluice_deliver_pending{source=\"web\",destination=\"down\"}") == Some(200.0)
+            && sum_of(&text, "sluice_consumer_lag") == 0.0;
         if done || Instant::now() > deadline {
             break text;
         }
@@ -111,13 +116,77 @@ fn metrics_report_route_and_delivery() {
     assert_eq!(sample(&text, "sluice_deliver_outcomes_total{destination=\"hook\",outcome=\"succeeded\"}"), Some(200.0), "{text}");
     assert_eq!(sample(&text, "sluice_deliver_outcomes_total{destination=\"gone\",outcome=\"discarded\"}"), Some(200.0));
     assert_eq!(sample(&text, "sluice_route_events_total"), Some(200.0));
-    assert_eq!(sample(&text, "sluice_route_jobs_total"), Some(400.0));
-    assert_eq!(sample(&text, "sluice_deliver_jobs_inserted_total"), Some(400.0));
+    assert_eq!(sample(&text, "sluice_route_jobs_total"), Some(600.0));
+    assert_eq!(sample(&text, "sluice_deliver_jobs_inserted_total"), Some(600.0));
+    // The retry queue of the pair whose endpoint answers 503, and its age.
+    assert_eq!(sample(&text, "sluice_deliver_pending{source=\"web\",destination=\"down\"}"), Some(200.0), "{text}");
+    assert_eq!(sample(&text, "sluice_deliver_pending{source=\"web\",destination=\"hook\"}").unwrap_or(0.0), 0.0);
+    assert!(sample(&text, "sluice_deliver_oldest_pending_seconds{source=\"web\",destination=\"down\"}").is_some());
+    // Consumer lag per group and partition, drained.
+    assert!(text.contains("sluice_consumer_lag{group=\"route\",topic=\"output\",partition=\"0\"}"), "{text}");
+    assert!(text.contains("sluice_consumer_lag{group=\"dedup\",topic=\"input\",partition=\"3\"}"));
+    assert_eq!(sum_of(&text, "sluice_consumer_lag"), 0.0);
+    // End to end: one observation per first delivery that succeeded.
+    assert_eq!(sample(&text, "sluice_deliver_end_to_end_seconds_count"), Some(200.0));
+    assert!(sample(&text, "sluice_route_batch_seconds_count").unwrap() >= 1.0);
+    assert!(sample(&text, "sluice_dedup_batch_seconds_count").unwrap() >= 1.0);
     assert_eq!(sample(&text, "sluice_deliver_jobdbs"), Some(1.0));
     assert!(
         text.lines().any(|l| l.starts_with("sluice_deliver_attempt_seconds_bucket{") && l.contains("destination=\"hook\"")),
         "attempt latency per destination:\n{text}"
     );
     assert_eq!(sink.received_on("/hook").len(), 200);
+    server.stop();
+}
+
+/// Metric names (`sluice_…`) an expression file refers to, with the
+/// exposition suffixes taken off (`_total`, `_bucket`, `_sum`, `_count`).
+fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("sluice_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let mut name = &text[start..end];
+        for suffix in ["_total", "_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                name = base;
+                break;
+            }
+        }
+        out.insert(name.to_owned());
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn alert_rules_and_dashboard_use_only_metrics_that_exist() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt.block_on(sluice_deliver::sink::Sink::start()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n",
+        sink.url("/hook")
+    );
+    let server = Server::start(&write_config(dir.path(), &extra));
+    let text = scrape(&rt, &server);
+    let declared: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+    let root = repo_root();
+    for file in ["deploy/prometheus/sluice-alerts.yml", "deploy/grafana/sluice-dashboard.json"] {
+        let content = std::fs::read_to_string(root.join(file)).unwrap();
+        if file.ends_with(".json") {
+            let _: serde_json::Value = serde_json::from_str(&content).unwrap_or_else(|e| panic!("{file} is not JSON: {e}"));
+        }
+        let names = referenced_metrics(&content);
+        assert!(names.len() >= 8, "{file}: {names:?}");
+        let unknown: Vec<_> = names.iter().filter(|n| !declared.contains(n.as_str())).collect();
+        assert!(unknown.is_empty(), "{file} refers to metrics /metrics does not have: {unknown:?}");
+    }
     server.stop();
 }
