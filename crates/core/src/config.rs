@@ -70,8 +70,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Address of the admin endpoint (`/metrics`, `/healthz`); empty disables it.
+    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/api`); empty disables it.
     pub listen: String,
+    /// Bearer token of the admin API (`/api/...`); absent = the API answers 403.
+    pub token: Option<String>,
 }
 
 /// What the Tracking API does with a write key it does not know.
@@ -147,7 +149,7 @@ impl Default for DedupConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// Stable name of the source; `[A-Za-z0-9_-]`, at most 64 characters.
@@ -307,6 +309,46 @@ impl DestinationConfig {
         self.name.as_deref().unwrap_or(&self.id)
     }
 
+    /// Check this destination alone; errors name `<prefix>.<key>`.
+    pub fn validate(&self, prefix: &str, global: RetryPolicy) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        if !valid_id(&self.id) {
+            return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
+        }
+        if self.kind != "webhook" {
+            return Err(invalid(key("type"), format!("unknown destination type {:?}; the only type is \"webhook\"", self.kind)));
+        }
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
+            return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
+        }
+        if self.max_in_flight == Some(0) {
+            return Err(invalid(key("max_in_flight"), "must be at least 1"));
+        }
+        check_retry(prefix, &self.retry_policy(global))?;
+        for (j, f) in self.filters.iter().enumerate() {
+            let fkey = |k: &str| format!("{prefix}.filters[{j}].{k}");
+            if let Some(cond) = &f.condition {
+                crate::filter::Condition::parse(cond).map_err(|e| invalid(fkey("if"), format!("{cond:?}: {e}")))?;
+            }
+            match f.action.as_str() {
+                "drop" => {}
+                "sample" => match f.rate {
+                    Some(r) if (0.0..=1.0).contains(&r) => {}
+                    _ => return Err(invalid(fkey("rate"), "`sample` needs a rate between 0.0 and 1.0")),
+                },
+                "allow_fields" | "block_fields" => {
+                    if f.fields.is_empty() || f.fields.iter().any(|p| p.is_empty() || p.split('.').any(str::is_empty)) {
+                        return Err(invalid(fkey("fields"), "needs one or more dotted paths such as \"properties.email\""));
+                    }
+                }
+                other => {
+                    return Err(invalid(fkey("action"), format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields")))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// This destination's retry policy: its own keys over `global`.
     pub fn retry_policy(&self, global: RetryPolicy) -> RetryPolicy {
         RetryPolicy {
@@ -343,6 +385,19 @@ pub struct ConnectionConfig {
     pub destinations: Vec<String>,
 }
 
+impl SourceConfig {
+    /// Check this source alone; errors name `<prefix>.<key>`.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if !valid_id(&self.id) {
+            return Err(invalid(format!("{prefix}.id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
+        }
+        if self.write_key.is_empty() || self.write_key.contains(':') || self.write_key.chars().any(char::is_whitespace) {
+            return Err(invalid(format!("{prefix}.write_key"), "must be non-empty, without ':' or whitespace"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -358,7 +413,7 @@ impl Default for ServerConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8089".into() }
+        Self { listen: "127.0.0.1:8089".into(), token: None }
     }
 }
 
@@ -434,6 +489,9 @@ impl Config {
         if !self.admin.listen.is_empty() {
             parse_addr("admin.listen", &self.admin.listen)?;
         }
+        if self.admin.token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
         }
@@ -486,18 +544,7 @@ impl Config {
         let mut ids = HashMap::new();
         let mut keys = HashMap::new();
         for (i, s) in self.sources.iter().enumerate() {
-            if !valid_id(&s.id) {
-                return Err(invalid(
-                    format!("sources[{i}].id"),
-                    format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", s.id),
-                ));
-            }
-            if s.write_key.is_empty() || s.write_key.contains(':') || s.write_key.chars().any(char::is_whitespace) {
-                return Err(invalid(
-                    format!("sources[{i}].write_key"),
-                    "must be non-empty, without ':' or whitespace",
-                ));
-            }
+            s.validate(&format!("sources[{i}]"))?;
             if let Some(j) = ids.insert(s.id.as_str(), i) {
                 return Err(invalid(format!("sources[{i}].id"), format!("duplicate id {:?} (also sources[{j}])", s.id)));
             }
@@ -530,48 +577,12 @@ impl Config {
         let mut names = HashMap::new();
         for (i, dest) in self.destinations.iter().enumerate() {
             let key = |k: &str| format!("destinations[{i}].{k}");
-            if !valid_id(&dest.id) {
-                return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", dest.id)));
-            }
+            dest.validate(&format!("destinations[{i}]"), d.retry_policy())?;
             if let Some(j) = ids.insert(dest.id.as_str(), i) {
                 return Err(invalid(key("id"), format!("duplicate id {:?} (also destinations[{j}])", dest.id)));
             }
             if let Some(j) = names.insert(dest.integration_name(), i) {
                 return Err(invalid(key("name"), format!("integrations name {:?} is also used by destinations[{j}]", dest.integration_name())));
-            }
-            if dest.kind != "webhook" {
-                return Err(invalid(key("type"), format!("unknown destination type {:?}; the only type is \"webhook\"", dest.kind)));
-            }
-            if !(dest.url.starts_with("http://") || dest.url.starts_with("https://")) || dest.url.contains(char::is_whitespace) {
-                return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", dest.url)));
-            }
-            if dest.max_in_flight == Some(0) {
-                return Err(invalid(key("max_in_flight"), "must be at least 1"));
-            }
-            check_retry(&format!("destinations[{i}]"), &dest.retry_policy(d.retry_policy()))?;
-            for (j, f) in dest.filters.iter().enumerate() {
-                let fkey = |k: &str| format!("destinations[{i}].filters[{j}].{k}");
-                if let Some(cond) = &f.condition {
-                    crate::filter::Condition::parse(cond).map_err(|e| invalid(fkey("if"), format!("{cond:?}: {e}")))?;
-                }
-                match f.action.as_str() {
-                    "drop" => {}
-                    "sample" => match f.rate {
-                        Some(r) if (0.0..=1.0).contains(&r) => {}
-                        _ => return Err(invalid(fkey("rate"), "`sample` needs a rate between 0.0 and 1.0")),
-                    },
-                    "allow_fields" | "block_fields" => {
-                        if f.fields.is_empty() || f.fields.iter().any(|p| p.is_empty() || p.split('.').any(str::is_empty)) {
-                            return Err(invalid(fkey("fields"), "needs one or more dotted paths such as \"properties.email\""));
-                        }
-                    }
-                    other => {
-                        return Err(invalid(
-                            fkey("action"),
-                            format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields"),
-                        ))
-                    }
-                }
             }
         }
         let sources: HashMap<&str, ()> = self.sources.iter().map(|s| (s.id.as_str(), ())).collect();

@@ -10,7 +10,8 @@
 //!
 //! Invariants:
 //! - Rows seeded from the config carry `origin = 'config'` and are replaced
-//!   on every start; rows made otherwise (the admin API, later) are kept.
+//!   on every start; rows the admin API made or changed carry `origin =
+//!   'api'` and are kept (the config never overwrites them).
 //! - `destination_qos` rows are created once per destination and never
 //!   overwritten by the config: an operator's pause survives restarts.
 
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use sluice_core::config::{DeliverConfig, DestinationConfig};
+use sluice_core::config::{DeliverConfig, DestinationConfig, SourceConfig};
 use sluice_core::Config;
 use tokio::sync::Notify;
 
@@ -32,6 +33,12 @@ use crate::DeliverError;
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sources (
+    id       TEXT PRIMARY KEY,
+    config   TEXT NOT NULL,               -- {"id","write_key","rate_limit","rate_burst"} as JSON
+    disabled INTEGER NOT NULL DEFAULT 0,
+    origin   TEXT NOT NULL DEFAULT 'config'
+);
 CREATE TABLE IF NOT EXISTS destinations (
     id     TEXT PRIMARY KEY,
     config TEXT NOT NULL,               -- the destination's settings as JSON (docs/CONFIG.md keys)
@@ -106,18 +113,24 @@ impl ControlDb {
     pub fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
         let e = err(&self.path);
         let tx = self.conn.transaction().map_err(&e)?;
+        tx.execute("DELETE FROM sources WHERE origin = 'config'", []).map_err(&e)?;
         tx.execute("DELETE FROM destinations WHERE origin = 'config'", []).map_err(&e)?;
         tx.execute("DELETE FROM connections WHERE origin = 'config'", []).map_err(&e)?;
+        for src in &config.sources {
+            let json = serde_json::to_string(src).expect("a source serializes");
+            tx.execute("INSERT OR IGNORE INTO sources (id, config, origin) VALUES (?1, ?2, 'config')", params![src.id, json])
+                .map_err(&e)?;
+        }
         for d in &config.destinations {
             let json = serde_json::to_string(d).expect("a destination serializes");
-            tx.execute("INSERT OR REPLACE INTO destinations (id, config, origin) VALUES (?1, ?2, 'config')", params![d.id, json])
+            tx.execute("INSERT OR IGNORE INTO destinations (id, config, origin) VALUES (?1, ?2, 'config')", params![d.id, json])
                 .map_err(&e)?;
             tx.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
         }
         for c in &config.connections {
             for d in &c.destinations {
                 tx.execute(
-                    "INSERT OR REPLACE INTO connections (source, destination, origin) VALUES (?1, ?2, 'config')",
+                    "INSERT OR IGNORE INTO connections (source, destination, origin) VALUES (?1, ?2, 'config')",
                     params![c.source, d],
                 )
                 .map_err(&e)?;
@@ -126,9 +139,19 @@ impl ControlDb {
         tx.commit().map_err(&e)
     }
 
-    /// The current destinations, connections and QoS.
+    /// The current sources, destinations, connections and QoS.
     pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
         let e = err(&self.path);
+        let mut sources = Vec::new();
+        let mut stmt = self.conn.prepare_cached("SELECT id, config, disabled FROM sources ORDER BY id").map_err(&e)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)? != 0))).map_err(&e)?;
+        for row in rows {
+            let (id, json, disabled) = row.map_err(&e)?;
+            match serde_json::from_str::<SourceConfig>(&json) {
+                Ok(src) => sources.push((src, disabled)),
+                Err(problem) => tracing::error!(source = %id, %problem, "ignoring a source with invalid settings in the control database"),
+            }
+        }
         let mut destinations = HashMap::new();
         let mut stmt = self.conn.prepare_cached("SELECT id, config FROM destinations").map_err(&e)?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(&e)?;
@@ -170,7 +193,82 @@ impl ControlDb {
             let (d, q) = row.map_err(&e)?;
             qos.insert(d, q);
         }
-        Ok(CatalogSnapshot { destinations, connections, qos })
+        Ok(CatalogSnapshot { sources, destinations, connections, qos })
+    }
+
+    /// Create or replace a source (as the admin API's: the config will not overwrite it).
+    pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
+        let json = serde_json::to_string(src).expect("a source serializes");
+        self.conn
+            .execute(
+                "INSERT INTO sources (id, config, origin) VALUES (?1, ?2, 'api')
+                 ON CONFLICT (id) DO UPDATE SET config = excluded.config, origin = 'api'",
+                params![src.id, json],
+            )
+            .map(|_| ())
+            .map_err(err(&self.path))
+    }
+
+    /// Enable or disable a source; false when there is no such source.
+    pub fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
+        self.conn
+            .execute("UPDATE sources SET disabled = ?2, origin = 'api' WHERE id = ?1", params![id, disabled as i64])
+            .map(|n| n == 1)
+            .map_err(err(&self.path))
+    }
+
+    /// Create or replace a destination (and its QoS row if new).
+    pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
+        let e = err(&self.path);
+        let json = serde_json::to_string(d).expect("a destination serializes");
+        self.conn
+            .execute(
+                "INSERT INTO destinations (id, config, origin) VALUES (?1, ?2, 'api')
+                 ON CONFLICT (id) DO UPDATE SET config = excluded.config, origin = 'api'",
+                params![d.id, json],
+            )
+            .map_err(&e)?;
+        self.conn.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
+        Ok(())
+    }
+
+    /// Delete a destination and its connections; false when there is none.
+    pub fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
+        let e = err(&self.path);
+        let n = self.conn.execute("DELETE FROM destinations WHERE id = ?1", [id]).map_err(&e)?;
+        self.conn.execute("DELETE FROM connections WHERE destination = ?1", [id]).map_err(&e)?;
+        Ok(n == 1)
+    }
+
+    pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
+        self.conn
+            .execute(
+                "INSERT INTO connections (source, destination, origin) VALUES (?1, ?2, 'api')
+                 ON CONFLICT (source, destination) DO UPDATE SET origin = 'api'",
+                params![source, destination],
+            )
+            .map(|_| ())
+            .map_err(err(&self.path))
+    }
+
+    pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
+        self.conn
+            .execute("DELETE FROM connections WHERE source = ?1 AND destination = ?2", params![source, destination])
+            .map(|n| n == 1)
+            .map_err(err(&self.path))
+    }
+
+    /// Set the QoS of a destination (every column; `None` = the configured value).
+    pub fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
+        self.conn
+            .execute(
+                "INSERT INTO destination_qos (destination, paused, max_in_flight, rate_per_sec, priority) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (destination) DO UPDATE SET paused = excluded.paused, max_in_flight = excluded.max_in_flight,
+                     rate_per_sec = excluded.rate_per_sec, priority = excluded.priority",
+                params![destination, q.paused as i64, q.max_in_flight.map(|v| v as i64), q.rate_per_sec.map(|v| v as i64), q.priority as i64],
+            )
+            .map(|_| ())
+            .map_err(err(&self.path))
     }
 
     pub fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
@@ -234,6 +332,8 @@ fn row_to_replay(r: &rusqlite::Row<'_>) -> rusqlite::Result<Replay> {
 /// What the control database says, at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogSnapshot {
+    /// Every source, with whether it is disabled.
+    pub sources: Vec<(SourceConfig, bool)>,
     pub destinations: HashMap<String, DestinationConfig>,
     /// source id → destination ids.
     pub connections: HashMap<String, Vec<String>>,

@@ -234,7 +234,8 @@ impl Destination {
 }
 
 /// A row of `destination_qos`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Qos {
     pub paused: bool,
     pub max_in_flight: Option<usize>,

@@ -26,14 +26,9 @@ pub struct Running {
     stop: watch::Sender<bool>,
 }
 
-/// Open the control database and the JobDBs, start the directors, one
-/// route task per `output` partition, the replay runner and the catalog refresher.
-pub async fn start(config: &Config, log: Arc<dyn Log>, registry: &mut Registry) -> Result<Running> {
-    let catalog = {
-        let c = config.clone();
-        tokio::task::spawn_blocking(move || Catalog::open(&c)).await?
-    }
-    .context("cannot open the control database")?;
+/// Open the JobDBs, start the directors, one route task per `output`
+/// partition and the replay runner.
+pub async fn start(config: &Config, log: Arc<dyn Log>, catalog: Arc<Catalog>, registry: &mut Registry) -> Result<Running> {
     let metrics = DeliverMetrics::default();
     metrics.register(registry);
     let route_metrics = RouteMetrics::default();
@@ -43,7 +38,6 @@ pub async fn start(config: &Config, log: Arc<dyn Log>, registry: &mut Registry) 
         .context("cannot open the JobDBs")?;
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = vec![centrifuge.spawn_housekeeping()];
-    tasks.push(tokio::spawn(refresh_catalog(catalog.clone(), stop_rx.clone())));
     for p in 0..config.log.partitions {
         tasks.push(tokio::spawn(sluice_route::run_partition(
             log.clone(),
@@ -76,20 +70,33 @@ impl Running {
     }
 }
 
-/// Re-read the control database so QoS and connection changes apply within seconds.
-async fn refresh_catalog(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
-            _ = stop.changed() => return,
+/// Re-read the control database so changes made by SQL (QoS, connections,
+/// sources) apply within seconds; the admin API refreshes at once.
+pub fn spawn_catalog_refresher(admin: Arc<crate::admin::AdminState>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut applied = admin.catalog.snapshot().sources.clone();
+        loop {
+            tokio::time::sleep(REFRESH_INTERVAL).await;
+            let a = admin.clone();
+            let changed = tokio::task::spawn_blocking(move || -> Result<Option<Vec<_>>, sluice_deliver::DeliverError> {
+                a.catalog.refresh()?;
+                Ok(Some(a.catalog.snapshot().sources.clone()))
+            })
+            .await;
+            match changed {
+                Ok(Ok(Some(sources))) => {
+                    // Rebuilding the source table resets rate-limit buckets: only when it changed.
+                    if sources != applied {
+                        crate::admin::apply_sources(&admin);
+                        applied = sources;
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read the control database"),
+                Err(e) => tracing::error!(error = %e, "control database refresh task failed"),
+            }
         }
-        let c = catalog.clone();
-        match tokio::task::spawn_blocking(move || c.refresh()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read the control database"),
-            Err(e) => tracing::error!(error = %e, "control database refresh task failed"),
-        }
-    }
+    })
 }
 
 #[derive(Args)]

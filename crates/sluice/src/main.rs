@@ -5,6 +5,7 @@
 mod bench;
 mod bench_dedup;
 mod bench_deliver;
+mod admin;
 mod dedup;
 mod deliver;
 
@@ -15,12 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use clap::{Args, Parser, Subcommand};
-use sluice_core::metrics::{render, Registry};
+use sluice_core::metrics::Registry;
 use sluice_core::Config;
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
@@ -205,8 +202,15 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         Vec::new()
     };
 
+    // The control database: sources, destinations, connections, QoS (seeded from the config).
+    let catalog = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || sluice_deliver::Catalog::open(&c)).await?
+    }
+    .context("cannot open the control database")?;
+
     let delivery = if config.deliver.enabled && config.dedup.enabled {
-        Some(deliver::start(&config, log.clone() as Arc<dyn Log>, &mut registry).await?)
+        Some(deliver::start(&config, log.clone() as Arc<dyn Log>, catalog.clone(), &mut registry).await?)
     } else {
         if config.deliver.enabled {
             tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
@@ -249,8 +253,18 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let registry = Arc::new(registry);
-    let admin_task = admin.map(|l| tokio::spawn(serve(l, admin_router(registry.clone()), serve_options.clone(), stopped())));
+    let admin_state = Arc::new(admin::AdminState {
+        registry: Arc::new(registry),
+        catalog: catalog.clone(),
+        ingest: ingest.clone(),
+        token: config.admin.token.clone(),
+        default_rate_limit: config.ingest.default_rate_limit,
+        retry_policy: config.deliver.retry_policy(),
+    });
+    // Sources come from the control database (seeded from the config, changed by the admin API).
+    admin::apply_sources(&admin_state);
+    let refresher = deliver::spawn_catalog_refresher(admin_state.clone());
+    let admin_task = admin.map(|l| tokio::spawn(serve(l, admin::router(admin_state.clone()), serve_options.clone(), stopped())));
     let api = tokio::spawn(serve(listener, sluice_ingest::router(ingest.clone()), serve_options, stopped()));
 
     shutdown_signal().await;
@@ -262,6 +276,8 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     }
     retention_task.abort();
     lag_task.abort();
+    refresher.abort();
+    drop(admin_state);
     drop(ingest);
     dedup_stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
@@ -348,22 +364,6 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// The admin port: Prometheus metrics and a health check.
-fn admin_router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&registry))
-                        .into_response()
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#) }))
 }
 
 fn log_tail(data_dir: &std::path::Path, topic: &str, partition: Option<u32>, from: Option<u64>, envelope: bool) -> Result<()> {

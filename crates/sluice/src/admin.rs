@@ -1,0 +1,337 @@
+//! The admin port: `/metrics`, `/healthz`, and the admin API under `/api`.
+//!
+//! Invariants:
+//! - Every `/api` route needs `Authorization: Bearer <admin.token>`; without
+//!   a configured token the API answers 403 and changes nothing.
+//! - A change is written to the control database first, then the live
+//!   catalog (and the Tracking API's source table) is refreshed from it
+//!   before the answer: a 2xx means the change is in effect.
+//! - Rows the API writes are marked `origin = 'api'`; the config file seeds
+//!   the initial state but never overwrites them.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_core::config::{DestinationConfig, RetryPolicy, SourceConfig};
+use sluice_core::metrics::{render, Registry};
+use sluice_deliver::control::ControlDb;
+use sluice_deliver::gate::Qos;
+use sluice_deliver::Catalog;
+use sluice_ingest::Ingest;
+
+/// What the admin API works on.
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub catalog: Arc<Catalog>,
+    pub ingest: Arc<Ingest>,
+    pub token: Option<String>,
+    pub default_rate_limit: u32,
+    pub retry_policy: RetryPolicy,
+}
+
+type Shared = Arc<AdminState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#) }))
+        .route("/api/sources", get(list_sources).post(create_source))
+        .route("/api/sources/{id}/rotate-key", post(rotate_key))
+        .route("/api/sources/{id}/disable", post(disable_source))
+        .route("/api/sources/{id}/enable", post(enable_source))
+        .route("/api/destinations", get(list_destinations))
+        .route("/api/destinations/{id}", put(put_destination).delete(delete_destination))
+        .route("/api/connections", get(list_connections).post(create_connection))
+        .route("/api/connections/{source}/{destination}", axum::routing::delete(delete_connection))
+        .route("/api/qos", get(list_qos))
+        .route("/api/qos/{destination}", put(put_qos))
+        .route("/api/replays", post(create_replay))
+        .route("/api/replays/{id}", get(get_replay))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&s.registry)).into_response()
+}
+
+/// An API error: status and a JSON body `{"code", "message"}`.
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"code": self.1, "message": self.2}))).into_response()
+    }
+}
+
+impl From<sluice_deliver::DeliverError> for ApiError {
+    fn from(e: sluice_deliver::DeliverError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "control_database", e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &s.token else {
+        return Err(ApiError(StatusCode::FORBIDDEN, "api_disabled", "the admin API is off: set admin.token".into()));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison: the token is a password.
+    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.token>".into()))
+    }
+}
+
+/// Run `f` on the control database off the async threads, then make the change live.
+async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    let st = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = st.catalog.with_control(|db| Ok(f(db)))??;
+        st.catalog.refresh()?;
+        apply_sources(&st);
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+/// Give the Tracking API the catalog's enabled sources.
+pub fn apply_sources(s: &AdminState) {
+    let enabled: Vec<SourceConfig> = s.catalog.snapshot().sources.iter().filter(|(_, disabled)| !disabled).map(|(src, _)| src.clone()).collect();
+    s.ingest.set_sources(&enabled, s.default_rate_limit);
+}
+
+fn read<T>(s: &Shared, f: impl FnOnce(&sluice_deliver::control::CatalogSnapshot) -> T) -> T {
+    f(&s.catalog.snapshot())
+}
+
+fn new_write_key() -> String {
+    format!("wk_{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 16];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn bad_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "not_found", what.to_owned())
+}
+
+async fn list_sources(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let v = read(&s, |snap| {
+        snap.sources
+            .iter()
+            .map(|(src, disabled)| json!({"id": src.id, "write_key": src.write_key, "rate_limit": src.rate_limit, "rate_burst": src.rate_burst, "disabled": disabled}))
+            .collect::<Vec<_>>()
+    });
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSource {
+    id: String,
+    write_key: Option<String>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
+}
+
+async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<NewSource>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Json(n) = body.map_err(bad_request)?;
+    let src = SourceConfig { id: n.id, write_key: n.write_key.unwrap_or_else(new_write_key), rate_limit: n.rate_limit, rate_burst: n.rate_burst };
+    src.validate("source").map_err(bad_request)?;
+    let snap = s.catalog.snapshot();
+    if snap.sources.iter().any(|(o, _)| o.id == src.id) {
+        return Err(ApiError(StatusCode::CONFLICT, "exists", format!("source {:?} exists", src.id)));
+    }
+    if snap.sources.iter().any(|(o, _)| o.write_key == src.write_key) {
+        return Err(ApiError(StatusCode::CONFLICT, "exists", "that write key is in use".into()));
+    }
+    let out = json!({"id": src.id, "write_key": src.write_key});
+    change(&s, move |db| Ok(db.put_source(&src)?)).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn rotate_key(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Some((mut src, _)) = s.catalog.snapshot().sources.iter().find(|(o, _)| o.id == id).cloned() else {
+        return Err(not_found(&format!("no source {id:?}")));
+    };
+    src.write_key = new_write_key();
+    let out = json!({"id": src.id, "write_key": src.write_key});
+    change(&s, move |db| Ok(db.put_source(&src)?)).await?;
+    Ok(Json(out).into_response())
+}
+
+async fn disable_source(state: State<Shared>, h: HeaderMap, id: Path<String>) -> ApiResult {
+    set_disabled(state, h, id, true).await
+}
+
+async fn enable_source(state: State<Shared>, h: HeaderMap, id: Path<String>) -> ApiResult {
+    set_disabled(state, h, id, false).await
+}
+
+async fn set_disabled(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>, disabled: bool) -> ApiResult {
+    authorize(&s, &h)?;
+    let found = change(&s, move |db| Ok(db.set_source_disabled(&id, disabled)?)).await?;
+    if !found {
+        return Err(not_found("no such source"));
+    }
+    Ok(Json(json!({"disabled": disabled})).into_response())
+}
+
+async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let v = read(&s, |snap| {
+        let mut d: Vec<_> = snap.destinations.values().cloned().collect();
+        d.sort_by(|a, b| a.id.cmp(&b.id));
+        serde_json::to_value(d).expect("serializes")
+    });
+    Ok(Json(v).into_response())
+}
+
+async fn put_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Json(mut v) = body.map_err(bad_request)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.entry("id").or_insert_with(|| Value::String(id.clone()));
+    }
+    let d: DestinationConfig = serde_json::from_value(v).map_err(bad_request)?;
+    if d.id != id {
+        return Err(bad_request(format!("the body's id {:?} differs from the path's {id:?}", d.id)));
+    }
+    d.validate("destination", s.retry_policy).map_err(bad_request)?;
+    let snap = s.catalog.snapshot();
+    if let Some(other) = snap.destinations.values().find(|o| o.id != d.id && o.integration_name() == d.integration_name()) {
+        return Err(ApiError(StatusCode::CONFLICT, "exists", format!("integrations name {:?} is used by {:?}", d.integration_name(), other.id)));
+    }
+    let created = !snap.destinations.contains_key(&d.id);
+    let out = serde_json::to_value(&d).expect("serializes");
+    change(&s, move |db| Ok(db.put_destination(&d)?)).await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(out)).into_response())
+}
+
+async fn delete_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    authorize(&s, &h)?;
+    if !change(&s, move |db| Ok(db.delete_destination(&id)?)).await? {
+        return Err(not_found("no such destination"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_connections(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let v = read(&s, |snap| {
+        let mut out: Vec<_> = snap.connections.iter().flat_map(|(src, ds)| ds.iter().map(move |d| json!({"source": src, "destination": d}))).collect();
+        out.sort_by_key(|v| v.to_string());
+        out
+    });
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConnection {
+    source: String,
+    destination: String,
+}
+
+async fn create_connection(State(s): State<Shared>, h: HeaderMap, body: Result<Json<NewConnection>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Json(c) = body.map_err(bad_request)?;
+    let snap = s.catalog.snapshot();
+    if !snap.sources.iter().any(|(o, _)| o.id == c.source) {
+        return Err(bad_request(format!("no source {:?}", c.source)));
+    }
+    if !snap.destinations.contains_key(&c.destination) {
+        return Err(bad_request(format!("no destination {:?}", c.destination)));
+    }
+    let out = json!({"source": c.source, "destination": c.destination});
+    change(&s, move |db| Ok(db.put_connection(&c.source, &c.destination)?)).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn delete_connection(State(s): State<Shared>, h: HeaderMap, Path((source, destination)): Path<(String, String)>) -> ApiResult {
+    authorize(&s, &h)?;
+    if !change(&s, move |db| Ok(db.delete_connection(&source, &destination)?)).await? {
+        return Err(not_found("no such connection"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_qos(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let v = read(&s, |snap| {
+        let mut out: Vec<_> = snap
+            .destinations
+            .keys()
+            .map(|d| {
+                let q = snap.qos.get(d).cloned().unwrap_or_default();
+                json!({"destination": d, "paused": q.paused, "max_in_flight": q.max_in_flight, "rate_per_sec": q.rate_per_sec, "priority": q.priority})
+            })
+            .collect();
+        out.sort_by_key(|v| v["destination"].as_str().unwrap_or("").to_owned());
+        out
+    });
+    Ok(Json(v).into_response())
+}
+
+async fn put_qos(State(s): State<Shared>, h: HeaderMap, Path(dest): Path<String>, body: Result<Json<Qos>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Json(q) = body.map_err(bad_request)?;
+    if !(1..=100).contains(&q.priority) || q.max_in_flight == Some(0) {
+        return Err(bad_request("priority is 1-100 and max_in_flight at least 1"));
+    }
+    if !s.catalog.snapshot().destinations.contains_key(&dest) {
+        return Err(not_found("no such destination"));
+    }
+    let out = serde_json::to_value(&q).expect("serializes");
+    change(&s, move |db| Ok(db.put_qos(&dest, &q)?)).await?;
+    Ok(Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewReplay {
+    destination: String,
+    /// Unix ms.
+    since_ms: i64,
+}
+
+async fn create_replay(State(s): State<Shared>, h: HeaderMap, body: Result<Json<NewReplay>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let Json(r) = body.map_err(bad_request)?;
+    if !s.catalog.snapshot().destinations.contains_key(&r.destination) {
+        return Err(not_found("no such destination"));
+    }
+    let id = change(&s, move |db| Ok(db.request_replay(&r.destination, r.since_ms)?)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "state": "pending"}))).into_response())
+}
+
+async fn get_replay(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
+    authorize(&s, &h)?;
+    let st = s.clone();
+    let r = tokio::task::spawn_blocking(move || st.catalog.with_control(|db| db.replay(id)))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let Some(r) = r else { return Err(not_found("no such replay")) };
+    Ok(Json(json!({"id": r.id, "destination": r.destination, "since_ms": r.since_ms, "state": r.state, "events": r.events, "jobs": r.jobs, "error": r.error}))
+        .into_response())
+}
