@@ -28,6 +28,9 @@ use sluice_ingest::Ingest;
 /// What the admin API works on.
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    pub log: Arc<dyn sluice_log::Log>,
+    /// `data_dir/jobs`, for the delivery inspector.
+    pub jobs_dir: std::path::PathBuf,
     pub catalog: Arc<Catalog>,
     pub ingest: Arc<Ingest>,
     pub token: Option<String>,
@@ -53,6 +56,8 @@ pub fn router(state: Shared) -> Router {
         .route("/api/qos/{destination}", put(put_qos))
         .route("/api/replays", post(create_replay))
         .route("/api/replays/{id}", get(get_replay))
+        .route("/api/jobs/{key}", get(inspect_jobs))
+        .route("/api/events", get(recent_events))
         .with_state(state)
 }
 
@@ -334,4 +339,60 @@ async fn get_replay(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) 
     let Some(r) = r else { return Err(not_found("no such replay")) };
     Ok(Json(json!({"id": r.id, "destination": r.destination, "since_ms": r.since_ms, "state": r.state, "events": r.events, "jobs": r.jobs, "error": r.error}))
         .into_response())
+}
+
+/// The delivery inspector: every job of a messageId (or one job by KSUID), with every transition.
+async fn inspect_jobs(State(s): State<Shared>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {
+    authorize(&s, &h)?;
+    let dir = s.jobs_dir.clone();
+    let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find(&dir, &key))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(found.iter().map(crate::deliver::found_to_json).collect::<Vec<_>>()).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    source: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The event debugger: the latest events accepted (`input`), newest first,
+/// optionally of one source. Looks at the last 1,000 records of each partition.
+async fn recent_events(State(s): State<Shared>, h: HeaderMap, q: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+    authorize(&s, &h)?;
+    let axum::extract::Query(q) = q.map_err(bad_request)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let prefix = q.source.map(|src| format!("{src}/"));
+    let topic = sluice_ingest::INPUT_TOPIC;
+    let log_err = |e: sluice_log::LogError| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "log", e.to_string());
+    let mut out = Vec::new();
+    for p in 0..s.log.partitions(topic).map_err(log_err)? {
+        let range = s.log.offsets(topic, p).await.map_err(log_err)?;
+        let from = range.end.saturating_sub(1000).max(range.start);
+        let mut next = from;
+        while next < range.end {
+            let batch = s.log.read(topic, p, next, 1000).await.map_err(log_err)?;
+            let Some(last) = batch.last() else { break };
+            next = last.offset + 1;
+            for r in batch {
+                if prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) {
+                    out.push((r.timestamp_ms, p, r.offset, r.key, r.value));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0).then(b.2.cmp(&a.2)));
+    out.truncate(limit);
+    let events: Vec<Value> = out
+        .into_iter()
+        .map(|(ts, p, offset, key, value)| {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let source = key.split_once('/').map(|(s, _)| s.to_owned()).unwrap_or_default();
+            json!({"timestamp": ts, "partition": p, "offset": offset, "source": source,
+                   "event": serde_json::from_slice::<Value>(&value).unwrap_or(Value::Null)})
+        })
+        .collect();
+    Ok(Json(events).into_response())
 }

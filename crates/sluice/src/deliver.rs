@@ -139,6 +139,23 @@ pub enum JobsCommand {
     },
 }
 
+/// A job and its whole history as JSON (`jobs inspect --json`, `GET /api/jobs/{key}`).
+pub fn found_to_json(f: &sluice_deliver::inspect::Found) -> serde_json::Value {
+    let j = &f.job;
+    serde_json::json!({
+        "id": j.id.to_string(), "jobdb": f.jobdb, "message_id": j.job.message_id,
+        "source": j.job.source, "destination": j.job.destination,
+        "generation": j.job.generation, "endpoint": j.job.endpoint,
+        "state": j.state.as_str(), "created_at": j.job.created_at, "expires_at": j.job.expires_at,
+        "received_at": j.job.received_at,
+        "transitions": std::iter::once(serde_json::json!({"seq": 0, "state": "awaiting_scheduling", "at": j.job.created_at, "attempt": 0}))
+            .chain(f.history.iter().map(|t| serde_json::json!({
+                "seq": t.seq, "state": t.state.as_str(), "at": t.at, "attempt": t.attempt,
+                "status": t.status, "error": t.error, "retry_at": t.retry_at})))
+            .collect::<Vec<_>>(),
+    })
+}
+
 fn fmt_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ms.to_string())
 }
@@ -153,22 +170,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
                 bail!("no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})", jobs_dir.display(), config.archive_dir().display());
             }
             if json {
-                let out: Vec<_> = found
-                    .iter()
-                    .map(|f| {
-                        serde_json::json!({
-                            "id": f.job.id.to_string(), "jobdb": f.jobdb, "message_id": f.job.job.message_id,
-                            "source": f.job.job.source, "destination": f.job.job.destination,
-                            "generation": f.job.job.generation, "endpoint": f.job.job.endpoint,
-                            "state": f.job.state.as_str(), "created_at": f.job.job.created_at, "expires_at": f.job.job.expires_at,
-                            "transitions": std::iter::once(serde_json::json!({"seq": 0, "state": "awaiting_scheduling", "at": f.job.job.created_at, "attempt": 0}))
-                                .chain(f.history.iter().map(|t| serde_json::json!({
-                                    "seq": t.seq, "state": t.state.as_str(), "at": t.at, "attempt": t.attempt,
-                                    "status": t.status, "error": t.error, "retry_at": t.retry_at})))
-                                .collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
+                let out: Vec<_> = found.iter().map(found_to_json).collect();
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
             }

@@ -255,6 +255,8 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let admin_state = Arc::new(admin::AdminState {
         registry: Arc::new(registry),
+        log: log.clone() as Arc<dyn Log>,
+        jobs_dir: config.server.data_dir.join("jobs"),
         catalog: catalog.clone(),
         ingest: ingest.clone(),
         token: config.admin.token.clone(),

@@ -84,6 +84,8 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("PUT", "/api/qos/hook", Some(json!({"paused": false}))),
         ("POST", "/api/replays", Some(json!({"destination": "hook", "since_ms": 0}))),
         ("GET", "/api/replays/1", None),
+        ("GET", "/api/jobs/some-message-id", None),
+        ("GET", "/api/events?source=web&limit=5", None),
     ]
 }
 
@@ -189,5 +191,35 @@ fn changes_take_effect_without_a_restart() {
     assert_eq!(api.track(&key2, "b-2"), 200);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(sink.received_on("/second").iter().all(|r| r.header("idempotency-key") != Some("b-2")));
+    server.stop();
+}
+
+#[test]
+fn the_event_debugger_and_delivery_inspector_show_what_happened() {
+    let (_dir, server, api, sink) = start(true);
+    let other = api.ok("POST", "/api/sources", Some(json!({"id": "other"})))["write_key"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        assert_eq!(api.track(WRITE_KEY, &format!("w-{i}")), 200);
+        // Newest-first ordering across partitions is by log time, in milliseconds.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(api.track(&other, "o-1"), 200);
+    let events = api.ok("GET", "/api/events?source=web&limit=3", None);
+    let ids: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["event"]["messageId"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["w-4", "w-3", "w-2"], "the latest of source web, newest first: {events}");
+    assert!(events.as_array().unwrap().iter().all(|e| e["source"] == "web"));
+    let all = api.ok("GET", "/api/events", None);
+    assert_eq!(all.as_array().unwrap().len(), 6, "{all}");
+    let (s, _) = api.call("GET", "/api/events?limit=abc", Some(TOKEN), None);
+    assert_eq!(s, 400);
+
+    wait_until("w-0 delivered", || sink.received_on("/hook").iter().any(|r| r.header("idempotency-key") == Some("w-0")));
+    wait_until("w-0 succeeded", || api.ok("GET", "/api/jobs/w-0", None)[0]["state"] == "succeeded");
+    let jobs = api.ok("GET", "/api/jobs/w-0", None);
+    let states: Vec<&str> = jobs[0]["transitions"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap()).collect();
+    assert_eq!(states, vec!["awaiting_scheduling", "executing", "succeeded"], "{jobs}");
+    assert_eq!(jobs[0]["destination"], "hook");
+    assert_eq!(jobs[0]["transitions"][2]["status"], 200);
+    assert_eq!(api.ok("GET", "/api/jobs/no-such-message", None), json!([]));
     server.stop();
 }
