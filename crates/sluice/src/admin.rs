@@ -1,4 +1,5 @@
-//! The admin port: `/metrics`, `/healthz`, and the admin API under `/api`.
+//! The admin port: `/metrics`, `/healthz`, the admin API under `/api`, and
+//! the web console at `/` (`console.html`, self-contained).
 //!
 //! Invariants:
 //! - Every `/api` route needs `Authorization: Bearer <admin.token>`; without
@@ -42,6 +43,8 @@ type Shared = Arc<AdminState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
+        .route("/", get(console))
+        .route("/console", get(console))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#) }))
         .route("/api/sources", get(list_sources).post(create_source))
@@ -59,6 +62,12 @@ pub fn router(state: Shared) -> Router {
         .route("/api/jobs/{key}", get(inspect_jobs))
         .route("/api/events", get(recent_events))
         .with_state(state)
+}
+
+/// The web console: one self-contained page (no external assets); its API
+/// calls carry the token the operator types in.
+async fn console() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("console.html")).into_response()
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
