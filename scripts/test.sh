@@ -9,3 +9,5 @@ while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/
 while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/setup-browser.sh)
 log "building and running the tests (target dir: $CARGO_TARGET_DIR)"
 cargo test --release --workspace "$@"
+log "OpenTelemetry traces (cargo feature otel)"
+cargo test --release -p sluice --features otel --test otel "$@"

@@ -291,6 +291,7 @@ impl DedupWorker {
         let next = last.offset + 1;
         self.metrics.messages_in.inc_by(records.len() as u64);
         let started = std::time::Instant::now();
+        let _span = tracing::debug_span!("dedup.batch", partition = p, records = records.len()).entered();
 
         // 1. Look up; repeats inside the batch count as duplicates too.
         let now = now_ms();

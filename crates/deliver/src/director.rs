@@ -613,7 +613,8 @@ impl Director {
                     continue;
                 };
                 let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
-                tokio::spawn(async move {
+                let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, job = %id);
+                tokio::spawn(tracing::Instrument::instrument(async move {
                     let target = permit.destination.settings().target.clone();
                     let attempt = executor.send(&target, &idempotency_key, body).await;
                     if attempt.verdict == Verdict::Succeeded {
@@ -624,7 +625,7 @@ impl Director {
                     metrics.attempt(&permit.destination.id, attempt.elapsed.as_secs_f64());
                     drop(permit);
                     let _ = inbox.send(Msg::Done { id, attempt });
-                });
+                }, span));
             }
         });
     }

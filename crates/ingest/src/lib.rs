@@ -249,7 +249,11 @@ async fn handle(
     let parsed = call_for_path(&call);
     let label = if parsed.is_some() { call.clone() } else { "unknown".to_owned() };
     let resp = match parsed {
-        Some(call) => match accept(&ingest, call, &headers, body).await {
+        Some(call) => match {
+            // A trace span per request (exported only when built with the `otel` feature and enabled).
+            let span = tracing::debug_span!("ingest.request", call = %label);
+            tracing::Instrument::instrument(accept(&ingest, call, &headers, body), span).await
+        } {
             Ok(()) => {
                 ingest.metrics.ack_seconds.observe(started.elapsed().as_secs_f64());
                 success()

@@ -100,7 +100,9 @@ pub async fn run_partition(
     let mut next: Option<u64> = None;
     let mut failures = 0u32;
     while !*stop.borrow() {
-        match route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next).await {
+        let span = tracing::debug_span!("route.batch", partition);
+        let batch = tracing::Instrument::instrument(route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next), span);
+        match batch.await {
             Ok(0) => {
                 failures = 0;
                 tokio::select! {

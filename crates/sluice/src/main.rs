@@ -6,6 +6,8 @@ mod bench;
 mod bench_dedup;
 mod bench_deliver;
 mod admin;
+#[cfg(feature = "otel")]
+mod otel;
 mod dedup;
 mod deliver;
 
@@ -122,7 +124,7 @@ enum ConfigCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _tracing_guard = init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(run_serve(args)),
         Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => {
@@ -145,14 +147,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs on stderr (text or JSON, filtered by `RUST_LOG`, default `info`);
+/// with the `otel` feature and `SLUICE_OTLP_ENDPOINT` set, trace spans are
+/// also exported over OTLP/HTTP. The guard flushes them at exit.
+fn init_tracing(format: LogFormat) -> Option<Box<dyn std::any::Any>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    #[cfg(feature = "otel")]
+    if let Some((layer, guard)) = otel::layer() {
+        registry.with(layer).init();
+        return Some(Box::new(guard));
     }
+    registry.init();
+    None
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config> {
