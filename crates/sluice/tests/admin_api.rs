@@ -93,15 +93,10 @@ fn start(token: bool) -> (tempfile::TempDir, Server, Api, Sink) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt.block_on(Sink::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n",
-        sink.url("/hook")
-    );
+    let extra = hook_destination_toml(&sink.url("/hook"));
     let config = write_config(dir.path(), &extra);
     if token {
-        // write_config has an [admin] table already: the token goes into it.
-        let text = std::fs::read_to_string(&config).unwrap().replacen("[admin]\n", &format!("[admin]\ntoken = \"{TOKEN}\"\n"), 1);
-        std::fs::write(&config, text).unwrap();
+        set_admin_token(&config, TOKEN);
     }
     let server = Server::start(&config);
     let api = Api { rt, http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };

@@ -47,13 +47,9 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt.block_on(Sink::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n",
-        sink.url("/hook")
-    );
+    let extra = hook_destination_toml(&sink.url("/hook"));
     let config = write_config(dir.path(), &extra);
-    let text = std::fs::read_to_string(&config).unwrap().replacen("[admin]\n", &format!("[admin]\ntoken = \"{TOKEN}\"\n"), 1);
-    std::fs::write(&config, text).unwrap();
+    set_admin_token(&config, TOKEN);
     let server = Server::start(&config);
 
     // Traffic while the browser watches: a batch every 200 ms, with one repeat.

@@ -169,10 +169,7 @@ fn alert_rules_and_dashboard_use_only_metrics_that_exist() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sink = rt.block_on(sluice_deliver::sink::Sink::start()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n",
-        sink.url("/hook")
-    );
+    let extra = hook_destination_toml(&sink.url("/hook"));
     let server = Server::start(&write_config(dir.path(), &extra));
     let text = scrape(&rt, &server);
     let declared: std::collections::HashSet<&str> =

@@ -36,10 +36,7 @@ fn spans_of_every_stage_reach_an_otlp_collector() {
         addr
     };
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[destinations]]\nid = \"hook\"\nurl = \"{}\"\nallow_private_network = true\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n",
-        sink.url("/hook")
-    );
+    let extra = hook_destination_toml(&sink.url("/hook"));
     let config = write_config(dir.path(), &extra);
     let endpoint = format!("http://{collector}/v1/traces");
     let server = Server::start_with_env(&config, &[("SLUICE_OTLP_ENDPOINT", endpoint.as_str())]);

@@ -48,6 +48,21 @@ write_key = "{WRITE_KEY}"
     path
 }
 
+/// Config TOML for a webhook destination `hook` at `url` (private network
+/// allowed), connected to the test source.
+pub fn hook_destination_toml(url: &str) -> String {
+    format!(
+        "[[destinations]]\nid = \"hook\"\nurl = \"{url}\"\nallow_private_network = true\n\
+         [[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n"
+    )
+}
+
+/// Put `token` into the `[admin]` table of a config from [`write_config`].
+pub fn set_admin_token(config: &Path, token: &str) {
+    let text = std::fs::read_to_string(config).expect("read config");
+    std::fs::write(config, text.replacen("[admin]\n", &format!("[admin]\ntoken = \"{token}\"\n"), 1)).expect("write config");
+}
+
 /// A running `sluice serve`.
 pub struct Server {
     child: Child,
