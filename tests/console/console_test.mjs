@@ -48,6 +48,8 @@ try {
   await page.waitForSelector("#dbg-rows tr", { timeout: 10000 });
   results.debugger_rows = await page.locator("#dbg-rows tr").count();
   results.debugger_has_event = (await page.textContent("#dbg-rows")).includes("Console Test");
+  results.debugger_markup_escaped =
+    (await page.locator("#dbg-rows b.injected").count()) === 0 && (await page.textContent("#dbg-rows")).includes("<b class=injected>");
   await page.screenshot({ path: `${shots}/debugger.png` });
 
   // Delivery inspector: the event's transitions.

@@ -64,6 +64,8 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
                 let batch: Vec<Value> = (0..20).map(|k| json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("c-{i}-{k}")})).collect();
                 let mut with_repeat = batch.clone();
                 with_repeat.push(batch[0].clone());
+                // Markup in an event must show as text, never run or render.
+                with_repeat.push(json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("xss-<b class=injected>{i}</b>")}));
                 let _ = rt.block_on(http.post(format!("http://{addr}/v1/batch")).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": with_repeat})).send());
                 i += 1;
                 std::thread::sleep(Duration::from_millis(200));
@@ -102,6 +104,7 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
     assert!(r["success_rate_cell"].as_str().unwrap().contains('%'), "{r}");
     assert!(r["debugger_rows"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["debugger_has_event"], true, "the debugger lists the test's events: {r}");
+    assert_eq!(r["debugger_markup_escaped"], true, "event markup is shown as text: {r}");
     let states: Vec<&str> = r["inspector_states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert_eq!(states, vec!["awaiting_scheduling", "executing", "succeeded"], "{r}");
     assert_eq!(r["external_requests"], json!([]), "the console loads nothing from outside the admin port");
