@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS destination_qos (
     rate_per_sec  INTEGER,              -- NULL: the destination's configured value; 0 = unlimited
     priority      INTEGER NOT NULL DEFAULT 1   -- 1-100: requests per round-robin turn
 );
+CREATE TABLE IF NOT EXISTS api_deletions (   -- config rows the admin API deleted: not seeded again
+    kind TEXT NOT NULL,                          -- 'destination' or 'connection'
+    key  TEXT NOT NULL,                          -- destination id, or '<source>/<destination>'
+    PRIMARY KEY (kind, key)
+);
 CREATE TABLE IF NOT EXISTS replays (
     id           INTEGER PRIMARY KEY,
     destination  TEXT NOT NULL,
@@ -123,14 +128,21 @@ impl ControlDb {
         }
         for d in &config.destinations {
             let json = serde_json::to_string(d).expect("a destination serializes");
-            tx.execute("INSERT OR IGNORE INTO destinations (id, config, origin) VALUES (?1, ?2, 'config')", params![d.id, json])
-                .map_err(&e)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO destinations (id, config, origin)
+                 SELECT ?1, ?2, 'config' WHERE NOT EXISTS (SELECT 1 FROM api_deletions WHERE kind = 'destination' AND key = ?1)",
+                params![d.id, json],
+            )
+            .map_err(&e)?;
             tx.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
         }
         for c in &config.connections {
             for d in &c.destinations {
                 tx.execute(
-                    "INSERT OR IGNORE INTO connections (source, destination, origin) VALUES (?1, ?2, 'config')",
+                    "INSERT OR IGNORE INTO connections (source, destination, origin)
+                     SELECT ?1, ?2, 'config' WHERE NOT EXISTS (
+                         SELECT 1 FROM api_deletions WHERE (kind = 'connection' AND key = ?1 || '/' || ?2)
+                                                        OR (kind = 'destination' AND key = ?2))",
                     params![c.source, d],
                 )
                 .map_err(&e)?;
@@ -196,6 +208,16 @@ impl ControlDb {
         Ok(CatalogSnapshot { sources, destinations, connections, qos })
     }
 
+    /// Create a source; false when its id or write key is taken.
+    pub fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
+        let taken = self.read()?.sources.iter().any(|(o, _)| o.id == src.id || o.write_key == src.write_key);
+        if taken {
+            return Ok(false);
+        }
+        self.put_source(src)?;
+        Ok(true)
+    }
+
     /// Create or replace a source (as the admin API's: the config will not overwrite it).
     pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
         let json = serde_json::to_string(src).expect("a source serializes");
@@ -229,6 +251,7 @@ impl ControlDb {
             )
             .map_err(&e)?;
         self.conn.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
+        self.conn.execute("DELETE FROM api_deletions WHERE kind = 'destination' AND key = ?1", [&d.id]).map_err(&e)?;
         Ok(())
     }
 
@@ -237,25 +260,40 @@ impl ControlDb {
         let e = err(&self.path);
         let n = self.conn.execute("DELETE FROM destinations WHERE id = ?1", [id]).map_err(&e)?;
         self.conn.execute("DELETE FROM connections WHERE destination = ?1", [id]).map_err(&e)?;
+        if n == 1 {
+            self.conn.execute("INSERT OR IGNORE INTO api_deletions (kind, key) VALUES ('destination', ?1)", [id]).map_err(&e)?;
+        }
         Ok(n == 1)
     }
 
     pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
+        let e = err(&self.path);
         self.conn
             .execute(
                 "INSERT INTO connections (source, destination, origin) VALUES (?1, ?2, 'api')
                  ON CONFLICT (source, destination) DO UPDATE SET origin = 'api'",
                 params![source, destination],
             )
-            .map(|_| ())
-            .map_err(err(&self.path))
+            .map_err(&e)?;
+        self.conn
+            .execute("DELETE FROM api_deletions WHERE kind = 'connection' AND key = ?1", [format!("{source}/{destination}")])
+            .map_err(&e)?;
+        Ok(())
     }
 
+    /// Delete a connection; the config will not bring it back. False when there is none.
     pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
-        self.conn
+        let e = err(&self.path);
+        let n = self
+            .conn
             .execute("DELETE FROM connections WHERE source = ?1 AND destination = ?2", params![source, destination])
-            .map(|n| n == 1)
-            .map_err(err(&self.path))
+            .map_err(&e)?;
+        if n == 1 {
+            self.conn
+                .execute("INSERT OR IGNORE INTO api_deletions (kind, key) VALUES ('connection', ?1)", [format!("{source}/{destination}")])
+                .map_err(&e)?;
+        }
+        Ok(n == 1)
     }
 
     /// Set the QoS of a destination (every column; `None` = the configured value).
@@ -377,7 +415,10 @@ impl Catalog {
 
     /// Re-read the control database (blocking: call from a blocking thread).
     pub fn refresh(&self) -> Result<(), DeliverError> {
-        let snap = self.control.lock().expect("control lock").read()?;
+        // Held until the snapshot is installed: two refreshes (the timer, an
+        // admin change) cannot interleave and install an older view last.
+        let control = self.control.lock().expect("control lock");
+        let snap = control.read()?;
         {
             let mut gates = self.gates.lock().expect("gates lock");
             for (id, d) in &snap.destinations {

@@ -260,7 +260,13 @@ impl Director {
             ));
             tokio::select! {
                 m = from_writer.recv() => if let Some(m) = m { self.on_writer(m) },
-                m = inbox.recv() => match m { Some(m) => self.on_msg(m), None => return DirectorExit::Stopped },
+                m = inbox.recv() => match m {
+                    Some(m) => self.on_msg(m),
+                    None => {
+                        self.shared.metrics.forget_director(self.seq, now_ms());
+                        return DirectorExit::Stopped;
+                    }
+                },
                 _ = &mut notified => {}
                 _ = sleep => {}
             }

@@ -68,6 +68,8 @@ fn call_for_path(segment: &str) -> Option<Call> {
 pub struct Source {
     pub id: String,
     limiter: Option<TokenBucket>,
+    /// (rate, burst) the limiter was made with, to keep it across updates.
+    limits: (u32, u32),
 }
 
 /// Ingest settings taken from [`Config`].
@@ -168,17 +170,27 @@ impl Ingest {
         Ok(ingest)
     }
 
-    /// Replace the set of sources (write keys and rate limits).
+    /// Replace the set of sources (write keys and rate limits). A source
+    /// whose key, id and limits are unchanged keeps its token bucket, so an
+    /// update never refills anyone's rate limit.
     pub fn set_sources(&self, sources: &[SourceConfig], default_rate_limit: u32) {
+        let mut current = self.sources.write().expect("sources lock");
         let map = sources
             .iter()
             .map(|s| {
                 let rate = s.rate_limit.unwrap_or(default_rate_limit);
-                let limiter = (rate > 0).then(|| TokenBucket::new(rate, s.rate_burst.unwrap_or(rate)));
-                (s.write_key.clone(), Arc::new(Source { id: s.id.clone(), limiter }))
+                let limits = (rate, s.rate_burst.unwrap_or(rate));
+                let source = match current.get(&s.write_key) {
+                    Some(old) if old.id == s.id && old.limits == limits => old.clone(),
+                    _ => {
+                        let limiter = (rate > 0).then(|| TokenBucket::new(limits.0, limits.1));
+                        Arc::new(Source { id: s.id.clone(), limiter, limits })
+                    }
+                };
+                (s.write_key.clone(), source)
             })
             .collect();
-        *self.sources.write().expect("sources lock") = map;
+        *current = map;
     }
 
     fn source(&self, write_key: &str) -> Option<Arc<Source>> {

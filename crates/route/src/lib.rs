@@ -100,9 +100,7 @@ pub async fn run_partition(
     let mut next: Option<u64> = None;
     let mut failures = 0u32;
     while !*stop.borrow() {
-        let span = tracing::debug_span!("route.batch", partition);
-        let batch = tracing::Instrument::instrument(route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next), span);
-        match batch.await {
+        match route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next).await {
             Ok(0) => {
                 failures = 0;
                 tokio::select! {
@@ -157,9 +155,27 @@ async fn route_batch(
     };
     let end = last.offset + 1;
     let started = std::time::Instant::now();
+    // A trace span only for batches with records (empty polls run every few ms).
+    let span = tracing::debug_span!("route.batch", partition, records = records.len());
+    tracing::Instrument::instrument(route_records(log, partition, centrifuge, planner, metrics, &records, end), span).await?;
+    metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+    *next = Some(end);
+    Ok(records.len())
+}
+
+/// Plan and insert the jobs of `records`, then commit `end`.
+async fn route_records(
+    log: &dyn Log,
+    partition: u32,
+    centrifuge: &Centrifuge,
+    planner: &Planner,
+    metrics: &RouteMetrics,
+    records: &[sluice_log::StoredRecord],
+    end: u64,
+) -> Result<(), RouteError> {
     let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
     let mut jobs: Vec<NewJob> = Vec::new();
-    for rec in &records {
+    for rec in records {
         metrics.events.inc();
         match planner.plan(&rec.key, &rec.value, 0, None) {
             Ok(d) => {
@@ -177,9 +193,7 @@ async fn route_batch(
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
     sluice_core::crash::crash_point("route.after_insert");
     log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
-    metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-    *next = Some(end);
-    Ok(records.len())
+    Ok(())
 }
 
 /// Run replay requests from the control database (`sluice replay` files

@@ -109,9 +109,12 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     let st = s.clone();
     tokio::task::spawn_blocking(move || {
+        let before = st.catalog.snapshot().sources.clone();
         let out = st.catalog.with_control(|db| Ok(f(db)))??;
         st.catalog.refresh()?;
-        apply_sources(&st);
+        if st.catalog.snapshot().sources != before {
+            apply_sources(&st);
+        }
         Ok(out)
     })
     .await
@@ -171,15 +174,11 @@ async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<
     let Json(n) = body.map_err(bad_request)?;
     let src = SourceConfig { id: n.id, write_key: n.write_key.unwrap_or_else(new_write_key), rate_limit: n.rate_limit, rate_burst: n.rate_burst };
     src.validate("source").map_err(bad_request)?;
-    let snap = s.catalog.snapshot();
-    if snap.sources.iter().any(|(o, _)| o.id == src.id) {
-        return Err(ApiError(StatusCode::CONFLICT, "exists", format!("source {:?} exists", src.id)));
-    }
-    if snap.sources.iter().any(|(o, _)| o.write_key == src.write_key) {
-        return Err(ApiError(StatusCode::CONFLICT, "exists", "that write key is in use".into()));
-    }
     let out = json!({"id": src.id, "write_key": src.write_key});
-    change(&s, move |db| Ok(db.put_source(&src)?)).await?;
+    // Checked and inserted under the control database's lock: two creates cannot both win.
+    if !change(&s, move |db| Ok(db.insert_source(&src)?)).await? {
+        return Err(ApiError(StatusCode::CONFLICT, "exists", "a source with that id or write key exists".into()));
+    }
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -214,18 +213,35 @@ async fn set_disabled(State(s): State<Shared>, h: HeaderMap, Path(id): Path<Stri
 async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
     let v = read(&s, |snap| {
-        let mut d: Vec<_> = snap.destinations.values().cloned().collect();
-        d.sort_by(|a, b| a.id.cmp(&b.id));
-        serde_json::to_value(d).expect("serializes")
+        let mut d: Vec<_> = snap.destinations.values().map(redacted).collect();
+        d.sort_by_key(|v| v["id"].as_str().unwrap_or("").to_owned());
+        Value::Array(d)
     });
     Ok(Json(v).into_response())
+}
+
+/// A destination as the API shows it: the secret is write-only (`"secret_set": true`).
+fn redacted(d: &DestinationConfig) -> Value {
+    let mut v = serde_json::to_value(d).expect("serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("secret");
+        o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
+    }
+    v
 }
 
 async fn put_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     authorize(&s, &h)?;
     let Json(mut v) = body.map_err(bad_request)?;
+    let existing_secret = s.catalog.snapshot().destinations.get(&id).and_then(|d| d.secret.clone());
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
+        // The secret is write-only: leaving it out keeps the stored one (send null to remove it).
+        if !obj.contains_key("secret") {
+            if let Some(secret) = existing_secret {
+                obj.insert("secret".into(), Value::String(secret));
+            }
+        }
     }
     let d: DestinationConfig = serde_json::from_value(v).map_err(bad_request)?;
     if d.id != id {
@@ -237,7 +253,7 @@ async fn put_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<S
         return Err(ApiError(StatusCode::CONFLICT, "exists", format!("integrations name {:?} is used by {:?}", d.integration_name(), other.id)));
     }
     let created = !snap.destinations.contains_key(&d.id);
-    let out = serde_json::to_value(&d).expect("serializes");
+    let out = redacted(&d);
     change(&s, move |db| Ok(db.put_destination(&d)?)).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(out)).into_response())
 }
@@ -307,9 +323,15 @@ async fn list_qos(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-async fn put_qos(State(s): State<Shared>, h: HeaderMap, Path(dest): Path<String>, body: Result<Json<Qos>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+/// Change some QoS columns of a destination; the others keep their values.
+async fn put_qos(State(s): State<Shared>, h: HeaderMap, Path(dest): Path<String>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     authorize(&s, &h)?;
-    let Json(q) = body.map_err(bad_request)?;
+    let Json(patch) = body.map_err(bad_request)?;
+    let Some(patch) = patch.as_object().cloned() else { return Err(bad_request("expected a JSON object")) };
+    let current = s.catalog.snapshot().qos.get(&dest).cloned().unwrap_or_default();
+    let mut merged = serde_json::to_value(&current).expect("serializes");
+    merged.as_object_mut().expect("an object").extend(patch);
+    let q: Qos = serde_json::from_value(merged).map_err(bad_request)?;
     if !(1..=100).contains(&q.priority) || q.max_in_flight == Some(0) {
         return Err(bad_request("priority is 1-100 and max_in_flight at least 1"));
     }

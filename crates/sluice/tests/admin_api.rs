@@ -218,3 +218,38 @@ fn the_event_debugger_and_delivery_inspector_show_what_happened() {
     assert_eq!(api.ok("GET", "/api/jobs/no-such-message", None), json!([]));
     server.stop();
 }
+
+#[test]
+fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
+    let (dir, server, api, sink) = start(true);
+    // A secret is write-only; a PUT without it keeps it.
+    api.ok("PUT", "/api/destinations/signed", Some(json!({"url": sink.url("/signed"), "secret": "s3cret-value", "allow_private_network": true})));
+    api.ok("PUT", "/api/destinations/signed", Some(json!({"url": sink.url("/signed2"), "allow_private_network": true})));
+    let dests = api.ok("GET", "/api/destinations", None);
+    let signed = dests.as_array().unwrap().iter().find(|d| d["id"] == "signed").unwrap().clone();
+    assert!(signed.get("secret").is_none() && signed["secret_set"] == true, "{signed}");
+    assert!(!dests.to_string().contains("s3cret-value"), "no secret in any answer");
+    // QoS changes are partial: other columns keep their values.
+    api.ok("PUT", "/api/qos/hook", Some(json!({"max_in_flight": 3, "priority": 5})));
+    api.ok("PUT", "/api/qos/hook", Some(json!({"paused": true})));
+    let qos = api.ok("GET", "/api/qos", None);
+    let hook = qos.as_array().unwrap().iter().find(|q| q["destination"] == "hook").unwrap().clone();
+    assert_eq!((hook["paused"].clone(), hook["max_in_flight"].clone(), hook["priority"].clone()), (json!(true), json!(3), json!(5)), "{hook}");
+    // Changes to config-seeded rows: a rotated key, a deleted connection.
+    let new_key = api.ok("POST", "/api/sources/web/rotate-key", None)["write_key"].as_str().unwrap().to_owned();
+    api.ok("DELETE", "/api/connections/web/hook", None);
+    let config = server.config.clone();
+    server.stop();
+
+    let server = Server::start(&config);
+    let api = Api { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+    assert_eq!(api.track(WRITE_KEY, "r-1"), 401, "the config's old key stays rotated away after a restart");
+    assert_eq!(api.track(&new_key, "r-2"), 200);
+    let conns = api.ok("GET", "/api/connections", None);
+    assert!(!conns.as_array().unwrap().contains(&json!({"source": "web", "destination": "hook"})), "a deleted config connection stays deleted: {conns}");
+    let qos = api.ok("GET", "/api/qos", None);
+    assert!(qos.as_array().unwrap().iter().any(|q| q["destination"] == "hook" && q["paused"] == true), "{qos}");
+    assert!(api.ok("GET", "/api/destinations", None).as_array().unwrap().iter().any(|d| d["id"] == "signed"), "API destinations survive");
+    server.stop();
+    drop(dir);
+}
