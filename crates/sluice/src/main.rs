@@ -251,7 +251,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let serve_options = ServeOptions::from_config(&config.server);
-    let sources: Vec<_> = config.sources.iter().map(|s| s.id.as_str()).collect();
+    let sources: Vec<String> = catalog.snapshot().sources.iter().filter(|(_, off)| !off).map(|(s, _)| s.id.clone()).collect();
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
@@ -292,9 +292,11 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(t) = admin_task {
         t.await?;
     }
-    retention_task.abort();
-    lag_task.abort();
-    refresher.abort();
+    // Aborted tasks are awaited so the log handles they hold are gone before `close`.
+    for t in [retention_task, lag_task, refresher] {
+        t.abort();
+        let _ = t.await;
+    }
     drop(admin_state);
     drop(ingest);
     dedup_stop.store(true, Ordering::Relaxed);
