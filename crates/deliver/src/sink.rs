@@ -82,6 +82,8 @@ pub struct SinkState {
     received: Mutex<Vec<Received>>,
     count: AtomicU64,
     by_path: Mutex<HashMap<String, u64>>,
+    /// Per path: requests being answered now, and the most at once.
+    concurrency: Mutex<HashMap<String, (u64, u64)>>,
     /// Keep every request (tests); off, only counts and arrival times by Idempotency-Key are kept.
     pub record: bool,
     arrivals: Mutex<Vec<(String, Instant)>>,
@@ -92,6 +94,11 @@ impl SinkState {
     /// Requests received on `path` so far.
     pub fn path_count(&self, path: &str) -> u64 {
         self.by_path.lock().expect("lock").get(path).copied().unwrap_or(0)
+    }
+
+    /// The most requests on `path` the sink was answering at once.
+    pub fn max_concurrent(&self, path: &str) -> u64 {
+        self.concurrency.lock().expect("lock").get(path).map_or(0, |c| c.1)
     }
 }
 
@@ -168,8 +175,9 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     }
     let answered = (!b.hang).then_some(b.status);
     if state.record {
-        state.received.lock().expect("lock").push(Received { path, headers, body, at, answered });
+        state.received.lock().expect("lock").push(Received { path: path.clone(), headers, body, at, answered });
     }
+    let _busy = Busy::enter(&state, &path);
     if b.hang {
         std::future::pending::<()>().await;
     }
@@ -182,4 +190,28 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
         resp.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
     }
     resp
+}
+
+/// Counts a request as being answered until dropped (also when the client gives up).
+struct Busy<'a> {
+    state: &'a SinkState,
+    path: String,
+}
+
+impl<'a> Busy<'a> {
+    fn enter(state: &'a SinkState, path: &str) -> Self {
+        let mut c = state.concurrency.lock().expect("lock");
+        let e = c.entry(path.to_owned()).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+        Busy { state, path: path.to_owned() }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.state.concurrency.lock().expect("lock").get_mut(&self.path) {
+            e.0 -= 1;
+        }
+    }
 }

@@ -519,3 +519,23 @@ async fn jobdbs_rotate_by_age() {
     assert_eq!(inspect::find(&env.jobs_dir(), "m-2").unwrap()[0].jobdb.contains("jobdb-000002"), true);
     env.centrifuge.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_destination_in_flight_and_rate_limits_hold() {
+    let sink = Sink::start().await.unwrap();
+    sink.set("/narrow", Behaviour { delay: Duration::from_millis(50), ..Behaviour::default() });
+    let toml = [dest("narrow", &sink.url("/narrow"), "max_in_flight = 3"), dest("slowrate", &sink.url("/slowrate"), "rate_limit = 20")].concat();
+    let env = open(tempfile::tempdir().unwrap(), &toml).await;
+    env.insert((0..40).map(|i| job(&format!("n-{i}"), "s1", "narrow")).collect()).await;
+    env.insert((0..60).map(|i| job(&format!("r-{i}"), "s1", "slowrate")).collect()).await;
+    env.wait_terminal(100, Duration::from_secs(60)).await;
+    assert_eq!(sink.received_on("/narrow").len(), 40);
+    assert_eq!(sink.state.max_concurrent("/narrow"), 3, "never more than max_in_flight at once, and it is used");
+    // 20 requests/s with a one-second bucket: 60 requests cannot arrive in less than ~2 s.
+    // (A lower bound only: a slow machine makes it longer, never shorter.)
+    let at: Vec<Instant> = sink.received_on("/slowrate").iter().map(|r| r.at).collect();
+    assert_eq!(at.len(), 60);
+    let span = *at.iter().max().unwrap() - *at.iter().min().unwrap();
+    assert!(span >= Duration::from_millis(1800), "60 requests at 20/s took only {span:?}");
+    env.centrifuge.close().await;
+}
