@@ -37,3 +37,14 @@ ensure_build_deps() {
   ensure_rust
   apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev
 }
+
+# npm_ensure DIR PACKAGE SPEC: install npm SPEC (e.g. 'playwright-core@1.65.1')
+# into DIR/node_modules unless PACKAGE is already there. Idempotent.
+npm_ensure() {
+  local dir="$1" package="$2" spec="$3"
+  command -v node >/dev/null || apt_ensure nodejs npm
+  [ -f "$dir/node_modules/$package/package.json" ] && return 0
+  log "installing $spec into $dir"
+  mkdir -p "$dir"
+  (cd "$dir" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --silent --no-fund --no-audit "$spec" >&2)
+}

@@ -5,11 +5,6 @@
 source "$(dirname "$0")/common.sh"
 BROWSER="$SLUICE_CACHE/browser"
 apt_ensure chromium
-command -v node >/dev/null || apt_ensure nodejs npm
-if [ ! -f "$BROWSER/node_modules/playwright-core/package.json" ]; then
-  log "installing playwright-core into $BROWSER"
-  mkdir -p "$BROWSER"
-  (cd "$BROWSER" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --silent --no-fund --no-audit 'playwright-core@1.65.1' >&2)
-fi
+npm_ensure "$BROWSER" playwright-core 'playwright-core@1.65.1'
 echo "SLUICE_CHROMIUM=$(command -v chromium)"
 echo "SLUICE_BROWSER_MODULES=$BROWSER/node_modules"

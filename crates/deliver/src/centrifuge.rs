@@ -89,15 +89,31 @@ fn lock_jobdb(path: &Path) -> Result<std::fs::File, DeliverError> {
     }
 }
 
+/// Run file and SQLite work off the async threads; `path` names it in errors.
+pub(crate) async fn blocking<T: Send + 'static>(
+    path: PathBuf,
+    f: impl FnOnce() -> Result<T, DeliverError> + Send + 'static,
+) -> Result<T, DeliverError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DeliverError::Io { path: path.display().to_string(), source: std::io::Error::other(e) })?
+}
+
 impl Centrifuge {
     /// Pick up every JobDB in `options.dir` (creating the first if none) and start their directors.
     pub async fn open(options: CentrifugeOptions, catalog: Arc<Catalog>, metrics: DeliverMetrics) -> Result<Arc<Centrifuge>, DeliverError> {
         let executor = Executor::new(options.connect_timeout).map_err(|e| DeliverError::Http(e.to_string()))?;
-        let archive = Archive::local(&options.archive_dir)?;
-        let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
         let dir = options.dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| DeliverError::Io { path: dir.display().to_string(), source })?;
-        let found = list_jobdbs(&dir)?;
+        let (archive, found) = blocking(dir.clone(), {
+            let (dir, archive_dir) = (dir.clone(), options.archive_dir.clone());
+            move || {
+                let archive = Archive::local(&archive_dir)?;
+                std::fs::create_dir_all(&dir).map_err(|source| DeliverError::Io { path: dir.display().to_string(), source })?;
+                Ok((archive, list_jobdbs(&dir)?))
+            }
+        })
+        .await?;
+        let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
         let mut lives = Vec::new();
         for (seq, path) in &found {
             lives.push(Self::start(*seq, path.clone(), &shared).await?);
@@ -122,21 +138,20 @@ impl Centrifuge {
     }
 
     async fn start(seq: u64, path: PathBuf, shared: &Arc<Shared>) -> Result<Live, DeliverError> {
-        let lock = lock_jobdb(&path)?;
-        let (p, opened) = (path.clone(), tokio::task::spawn_blocking(move || -> Result<_, DeliverError> {
-            let db = JobDb::open(&path)?;
-            db.set_meta_once("created_at", &now_ms().to_string())?;
-            let created: i64 = db.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms);
-            let jobs = db.job_count()?;
-            Ok((db, created, jobs))
-        }));
-        let (db, created_ms, jobs) = opened.await.map_err(|e| DeliverError::Io { path: p.display().to_string(), source: std::io::Error::other(e) })??;
-        let handle = director::spawn(seq, p, lock, db, shared.clone())?;
+        let (lock, db, created_ms, jobs) = blocking(path.clone(), {
+            let path = path.clone();
+            move || {
+                let lock = lock_jobdb(&path)?;
+                let db = JobDb::open(&path)?;
+                db.set_meta_once("created_at", &now_ms().to_string())?;
+                let created: i64 = db.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms);
+                let jobs = db.job_count()?;
+                Ok((lock, db, created, jobs))
+            }
+        })
+        .await?;
+        let handle = director::spawn(seq, path, lock, db, shared.clone())?;
         Ok(Live { handle, created_ms, jobs: AtomicU64::new(jobs) })
-    }
-
-    pub fn metrics(&self) -> &DeliverMetrics {
-        &self.shared.metrics
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -214,12 +229,6 @@ impl Centrifuge {
                 }
             }
         })
-    }
-
-    /// JobDB files currently live (newest last).
-    pub async fn live_jobdbs(&self) -> Vec<PathBuf> {
-        let st = self.state.read().await;
-        st.sealed.iter().filter(|l| !l.handle.task.is_finished()).map(|l| l.handle.path.clone()).chain([st.newest.handle.path.clone()]).collect()
     }
 
     /// Stop every director (requests in flight get a few seconds) and close the JobDBs.

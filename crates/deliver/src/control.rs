@@ -218,17 +218,25 @@ impl ControlDb {
         Ok(true)
     }
 
-    /// Create or replace a source (as the admin API's: the config will not overwrite it).
-    pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
-        let json = serde_json::to_string(src).expect("a source serializes");
+    /// Create or replace row `id` of `table` (sources, destinations) as the
+    /// admin API's: the config will not overwrite it.
+    fn put_api_row(&self, table: &'static str, id: &str, config: &impl serde::Serialize) -> Result<(), DeliverError> {
+        let json = serde_json::to_string(config).expect("settings serialize");
         self.conn
             .execute(
-                "INSERT INTO sources (id, config, origin) VALUES (?1, ?2, 'api')
-                 ON CONFLICT (id) DO UPDATE SET config = excluded.config, origin = 'api'",
-                params![src.id, json],
+                &format!(
+                    "INSERT INTO {table} (id, config, origin) VALUES (?1, ?2, 'api')
+                     ON CONFLICT (id) DO UPDATE SET config = excluded.config, origin = 'api'"
+                ),
+                params![id, json],
             )
             .map(|_| ())
             .map_err(err(&self.path))
+    }
+
+    /// Create or replace a source (as the admin API's: the config will not overwrite it).
+    pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
+        self.put_api_row("sources", &src.id, src)
     }
 
     /// Enable or disable a source; false when there is no such source.
@@ -242,14 +250,7 @@ impl ControlDb {
     /// Create or replace a destination (and its QoS row if new).
     pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
         let e = err(&self.path);
-        let json = serde_json::to_string(d).expect("a destination serializes");
-        self.conn
-            .execute(
-                "INSERT INTO destinations (id, config, origin) VALUES (?1, ?2, 'api')
-                 ON CONFLICT (id) DO UPDATE SET config = excluded.config, origin = 'api'",
-                params![d.id, json],
-            )
-            .map_err(&e)?;
+        self.put_api_row("destinations", &d.id, d)?;
         self.conn.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
         self.conn.execute("DELETE FROM api_deletions WHERE kind = 'destination' AND key = ?1", [&d.id]).map_err(&e)?;
         Ok(())
@@ -488,9 +489,5 @@ impl Catalog {
     /// The global retry policy (`[deliver]`).
     pub fn retry_policy(&self) -> sluice_core::config::RetryPolicy {
         self.defaults.retry_policy()
-    }
-
-    pub fn destinations(&self) -> Vec<Arc<Destination>> {
-        self.gates.lock().expect("gates lock").values().cloned().collect()
     }
 }

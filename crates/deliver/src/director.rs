@@ -92,13 +92,13 @@ struct Job {
     archive_due: bool,
 }
 
-/// A destination's ready jobs, by pair.
+/// A destination's ready jobs, by pair. It exists (in `queues`, and once in
+/// `dest_ring`) exactly while it holds a ready job.
 struct DestQueue {
     dest: Arc<Destination>,
     pairs: HashMap<String, VecDeque<Ksuid>>,
     ring: VecDeque<String>,
     ready: usize,
-    in_ring: bool,
 }
 
 pub(crate) enum Msg {
@@ -449,12 +449,9 @@ impl Director {
         let Some(j) = self.jobs.get_mut(&id) else { return };
         j.at = Where::Ready;
         let dest_id = j.dest.id.clone();
-        let q = self.queues.entry(dest_id.clone()).or_insert_with(|| DestQueue {
-            dest: j.dest.clone(),
-            pairs: HashMap::new(),
-            ring: VecDeque::new(),
-            ready: 0,
-            in_ring: false,
+        let q = self.queues.entry(dest_id.clone()).or_insert_with(|| {
+            self.dest_ring.push_back(dest_id);
+            DestQueue { dest: j.dest.clone(), pairs: HashMap::new(), ring: VecDeque::new(), ready: 0 }
         });
         if q.ready >= PAYLOAD_WINDOW {
             j.payload = None;
@@ -468,10 +465,6 @@ impl Director {
             pair.push_front(id);
         } else {
             pair.push_back(id);
-        }
-        if !q.in_ring {
-            q.in_ring = true;
-            self.dest_ring.push_back(dest_id);
         }
     }
 
@@ -554,7 +547,6 @@ impl Director {
             if q.ready > 0 {
                 self.dest_ring.push_back(dest_id);
             } else {
-                q.in_ring = false;
                 self.queues.remove(&dest_id);
             }
             if sent == 0 && expired.len() == expired_before {
@@ -628,7 +620,7 @@ impl Director {
                         sluice_core::crash::crash_point("deliver.after_http_success");
                     }
                     permit.destination.record(attempt.verdict, permit.probe, Instant::now());
-                    metrics.attempt(&permit.destination.id, attempt.elapsed.as_secs_f64());
+                    permit.destination.metrics(&metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
                     drop(permit);
                     let _ = inbox.send(Msg::Done { id, attempt });
                 }, span));
@@ -653,7 +645,7 @@ impl Director {
                     if let Some(j) = self.remove_job(&id) {
                         let (status, error) = j.last.unwrap_or((None, None));
                         self.push_row(id, j.seq + 1, JobState::Archived, j.attempt, status, error, None);
-                        self.shared.metrics.outcome(&j.dest.id, "archived");
+                        j.dest.metrics(&self.shared.metrics).archived.inc();
                     }
                 }
                 Err(e) => {
@@ -671,12 +663,13 @@ impl Director {
 
     fn on_done(&mut self, id: Ksuid, a: Attempt) {
         let Some(job) = self.jobs.get_mut(&id) else { return };
-        let dest = job.dest.id.clone();
+        let dest = job.dest.clone();
+        let counts = dest.metrics(&self.shared.metrics);
         match a.verdict {
             Verdict::Succeeded => {
                 let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Succeeded, job.attempt, a.status, None, None);
-                self.shared.metrics.outcome(&dest, "succeeded");
+                counts.succeeded.inc();
                 let now = now_ms();
                 self.shared.metrics.job_latency_seconds.observe((now - job.created_at).max(0) as f64 / 1000.0);
                 if job.generation == 0 {
@@ -686,7 +679,7 @@ impl Director {
             Verdict::Discard => {
                 let job = self.remove_job(&id).expect("present");
                 self.push_row(id, job.seq + 1, JobState::Discarded, job.attempt, a.status, a.error, None);
-                self.shared.metrics.outcome(&dest, "discarded");
+                counts.discarded.inc();
             }
             Verdict::Retry => {
                 let policy = job.dest.settings().policy;
@@ -701,7 +694,7 @@ impl Director {
                     let (seq, attempt) = (job.seq, job.attempt);
                     self.push_row(id, seq, JobState::AwaitingRetry, attempt, a.status, a.error, Some(retry_at));
                     self.delay(id, retry_at);
-                    self.shared.metrics.outcome(&dest, "retry");
+                    counts.retry.inc();
                 }
             }
         }
@@ -798,7 +791,11 @@ impl Director {
         self.close_writer().await;
         // Other handles (the Centrifuge's) may still exist, but nothing writes to a sealed JobDB.
         let path = self.path.clone();
-        match crate::jobdb::remove_jobdb_files(&path) {
+        let removed = {
+            let p = path.clone();
+            crate::centrifuge::blocking(path.clone(), move || crate::jobdb::remove_jobdb_files(&p)).await
+        };
+        match removed {
             Ok(()) => {
                 self.shared.metrics.jobdbs_dropped.inc();
                 tracing::info!(jobdb = %path.display(), seq = self.seq, "every job finished: JobDB deleted");

@@ -55,6 +55,7 @@ pub struct Destination {
     circuit_max_cooldown: Duration,
     /// Woken whenever a permit is released or settings change.
     pub wake: Arc<Notify>,
+    metrics: std::sync::OnceLock<crate::metrics::DestMetrics>,
 }
 
 /// Why a destination cannot take a request now.
@@ -110,6 +111,7 @@ impl Destination {
             circuit_cooldown,
             circuit_max_cooldown,
             wake,
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -134,16 +136,17 @@ impl Destination {
         self.wake.notify_waiters();
     }
 
+    /// This destination's metric series (made on first use).
+    pub fn metrics(&self, all: &crate::metrics::DeliverMetrics) -> &crate::metrics::DestMetrics {
+        self.metrics.get_or_init(|| all.for_destination(&self.id))
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
     }
 
     pub fn priority(&self) -> u32 {
         self.priority.load(Ordering::Acquire)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
     }
 
     pub fn circuit_state(&self) -> &'static str {

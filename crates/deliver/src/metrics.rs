@@ -141,11 +141,26 @@ impl DeliverMetrics {
         r.spilled.remove(&director);
     }
 
-    pub fn outcome(&self, destination: &str, outcome: &str) {
-        self.outcomes.get_or_create(&vec![("destination", destination.to_owned()), ("outcome", outcome.to_owned())]).inc();
+    /// The series of one destination, made once and kept by its gate, so a
+    /// delivery records its outcome without building label sets.
+    pub fn for_destination(&self, destination: &str) -> DestMetrics {
+        let outcome = |o: &str| self.outcomes.get_or_create(&vec![("destination", destination.to_owned()), ("outcome", o.to_owned())]).clone();
+        DestMetrics {
+            succeeded: outcome("succeeded"),
+            retry: outcome("retry"),
+            discarded: outcome("discarded"),
+            archived: outcome("archived"),
+            attempt_seconds: self.attempt_seconds.get_or_create(&vec![("destination", destination.to_owned())]).clone(),
+        }
     }
+}
 
-    pub fn attempt(&self, destination: &str, seconds: f64) {
-        self.attempt_seconds.get_or_create(&vec![("destination", destination.to_owned())]).observe(seconds);
-    }
+/// One destination's delivery series (handles into [`DeliverMetrics`]' families).
+#[derive(Clone, Debug)]
+pub struct DestMetrics {
+    pub succeeded: Counter,
+    pub retry: Counter,
+    pub discarded: Counter,
+    pub archived: Counter,
+    pub attempt_seconds: Histogram,
 }

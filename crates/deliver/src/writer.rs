@@ -55,7 +55,8 @@ type Reply<T> = oneshot::Sender<Result<T, DeliverError>>;
 enum Cmd {
     Insert { jobs: Vec<NewJob>, reply: Reply<u64> },
     Exists { keys: Vec<(String, String, i64)>, reply: Reply<Vec<bool>> },
-    Transitions { rows: Vec<Transition>, reply: Option<Reply<()>> },
+    /// Fire-and-forget: a failure comes back as [`FromWriter::Failed`].
+    Transitions { rows: Vec<Transition> },
     LoadPage { after: Option<Ksuid>, limit: usize },
     LoadIds { destination: String, ids: Vec<Ksuid> },
     Execute { rows: Vec<Transition>, fetch: Vec<Ksuid>, reply: Reply<HashMap<Ksuid, Bytes>> },
@@ -93,29 +94,25 @@ impl WriterHandle {
         self.tx.send(cmd).map_err(|_| DeliverError::Closed)
     }
 
+    /// Send the command `make` builds and wait for its reply (sent after the commit).
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, DeliverError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| DeliverError::Closed)?
+    }
+
     /// Insert jobs (skipping idempotency-key repeats); returns how many were new.
     pub async fn insert(&self, jobs: Vec<NewJob>) -> Result<u64, DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Insert { jobs, reply })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
+        self.ask(|reply| Cmd::Insert { jobs, reply }).await
     }
 
     pub async fn exists(&self, keys: Vec<(String, String, i64)>) -> Result<Vec<bool>, DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Exists { keys, reply })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
-    }
-
-    /// Append transitions and wait for their commit.
-    pub async fn transitions(&self, rows: Vec<Transition>) -> Result<(), DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Transitions { rows, reply: Some(reply) })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
+        self.ask(|reply| Cmd::Exists { keys, reply }).await
     }
 
     /// Append transitions without waiting (a failure is reported as [`FromWriter::Failed`]).
     pub fn transitions_nowait(&self, rows: Vec<Transition>) -> Result<(), DeliverError> {
-        self.send(Cmd::Transitions { rows, reply: None })
+        self.send(Cmd::Transitions { rows })
     }
 
     /// Ask for these jobs by id; they arrive as [`FromWriter::Reloaded`].
@@ -126,9 +123,7 @@ impl WriterHandle {
     /// Append `rows` (the `executing` transitions) and read the payloads of
     /// `fetch`, in one commit.
     pub async fn execute(&self, rows: Vec<Transition>, fetch: Vec<Ksuid>) -> Result<HashMap<Ksuid, Bytes>, DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Execute { rows, fetch, reply })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
+        self.ask(|reply| Cmd::Execute { rows, fetch, reply }).await
     }
 
     /// Ask for a page of jobs after `after`; it arrives as [`FromWriter::Loaded`].
@@ -137,9 +132,7 @@ impl WriterHandle {
     }
 
     pub async fn history(&self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::History { id, reply })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
+        self.ask(|reply| Cmd::History { id, reply }).await
     }
 
     /// Ask the thread to end once everything sent before is done; other
@@ -149,23 +142,44 @@ impl WriterHandle {
     }
 
     pub async fn count_unfinished(&self) -> Result<u64, DeliverError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::CountUnfinished { reply })?;
-        rx.await.map_err(|_| DeliverError::Closed)?
+        self.ask(|reply| Cmd::CountUnfinished { reply }).await
     }
 }
 
-/// A reply to send once the group's transaction has committed.
+/// What to do once the group's transaction has ended: a reply to send, or
+/// (for fire-and-forget work) what to hand back to the director if it failed.
 enum Pending {
     Insert(Reply<u64>, u64),
     Exists(Reply<Vec<bool>>, Vec<bool>),
-    Unit(Option<Reply<()>>),
     Rows(Vec<Transition>),
     Page,
     Reload(String, Vec<Ksuid>),
     History(Reply<Vec<Transition>>, Vec<Transition>),
     Payloads(Reply<HashMap<Ksuid, Bytes>>, HashMap<Ksuid, Bytes>),
     Count(Reply<u64>, u64),
+}
+
+impl Pending {
+    /// Answer after the commit (`failed` = None) or the rollback.
+    fn finish(self, failed: Option<&str>, lost: &mut Lost) {
+        fn answer<T>(r: Reply<T>, v: T, failed: Option<&str>) {
+            let _ = r.send(match failed {
+                None => Ok(v),
+                Some(msg) => Err(DeliverError::WriteFailed(msg.to_owned())),
+            });
+        }
+        match self {
+            Pending::Insert(r, n) => answer(r, n, failed),
+            Pending::Exists(r, v) => answer(r, v, failed),
+            Pending::History(r, v) => answer(r, v, failed),
+            Pending::Payloads(r, v) => answer(r, v, failed),
+            Pending::Count(r, n) => answer(r, n, failed),
+            Pending::Rows(rows) if failed.is_some() => lost.rows.extend(rows),
+            Pending::Page if failed.is_some() => lost.page = true,
+            Pending::Reload(d, ids) if failed.is_some() => lost.reloads.push((d, ids)),
+            Pending::Rows(_) | Pending::Page | Pending::Reload(..) => {}
+        }
+    }
 }
 
 fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
@@ -199,20 +213,9 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                 for msg in to_director {
                     let _ = director.send(msg);
                 }
+                let mut unused = Lost::default();
                 for p in pending {
-                    match p {
-                        Pending::Insert(r, n) => drop(r.send(Ok(n))),
-                        Pending::Exists(r, v) => drop(r.send(Ok(v))),
-                        Pending::Unit(r) => {
-                            if let Some(r) = r {
-                                let _ = r.send(Ok(()));
-                            }
-                        }
-                        Pending::History(r, v) => drop(r.send(Ok(v))),
-                        Pending::Payloads(r, v) => drop(r.send(Ok(v))),
-                        Pending::Count(r, n) => drop(r.send(Ok(n))),
-                        Pending::Rows(_) | Pending::Page | Pending::Reload(..) => {}
-                    }
+                    p.finish(None, &mut unused);
                 }
             }
             Err(e) => {
@@ -225,22 +228,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
                     fail_cmd(cmd, || DeliverError::WriteFailed(msg.clone()), &mut lost);
                 }
                 for p in pending {
-                    let err = || DeliverError::WriteFailed(msg.clone());
-                    match p {
-                        Pending::Insert(r, _) => drop(r.send(Err(err()))),
-                        Pending::Exists(r, _) => drop(r.send(Err(err()))),
-                        Pending::Unit(r) => {
-                            if let Some(r) = r {
-                                let _ = r.send(Err(err()));
-                            }
-                        }
-                        Pending::History(r, _) => drop(r.send(Err(err()))),
-                        Pending::Payloads(r, _) => drop(r.send(Err(err()))),
-                        Pending::Count(r, _) => drop(r.send(Err(err()))),
-                        Pending::Rows(rows) => lost.rows.extend(rows),
-                        Pending::Page => lost.page = true,
-                        Pending::Reload(d, ids) => lost.reloads.push((d, ids)),
-                    }
+                    p.finish(Some(&msg), &mut lost);
                 }
                 let _ = director.send(FromWriter::Failed { error: msg, lost });
             }
@@ -252,8 +240,7 @@ fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError, lost: &mut Lost) {
     match cmd {
         Cmd::Insert { reply, .. } => drop(reply.send(Err(err()))),
         Cmd::Exists { reply, .. } => drop(reply.send(Err(err()))),
-        Cmd::Transitions { reply: Some(r), .. } => drop(r.send(Err(err()))),
-        Cmd::Transitions { rows, reply: None } => lost.rows.extend(rows),
+        Cmd::Transitions { rows } => lost.rows.extend(rows),
         Cmd::LoadPage { .. } => lost.page = true,
         Cmd::LoadIds { destination, ids } => lost.reloads.push((destination, ids)),
         Cmd::Execute { reply, .. } => drop(reply.send(Err(err()))),
@@ -299,14 +286,11 @@ fn apply(
             }
             pending.push(Pending::Exists(reply, found));
         }
-        Cmd::Transitions { rows, reply } => {
+        Cmd::Transitions { rows } => {
             for t in &rows {
                 db.append_transition(t)?;
             }
-            pending.push(match reply {
-                Some(r) => Pending::Unit(Some(r)),
-                None => Pending::Rows(rows),
-            });
+            pending.push(Pending::Rows(rows));
         }
         Cmd::LoadPage { after, limit } => {
             pending.push(Pending::Page);

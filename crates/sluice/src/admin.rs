@@ -109,26 +109,20 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     let st = s.clone();
     tokio::task::spawn_blocking(move || {
-        let before = st.catalog.snapshot().sources.clone();
         let out = st.catalog.with_control(|db| Ok(f(db)))??;
         st.catalog.refresh()?;
-        if st.catalog.snapshot().sources != before {
-            apply_sources(&st);
-        }
+        apply_sources(&st);
         Ok(out)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
 }
 
-/// Give the Tracking API the catalog's enabled sources.
+/// Give the Tracking API the catalog's enabled sources (unchanged sources
+/// keep their rate-limit buckets: `Ingest::set_sources`).
 pub fn apply_sources(s: &AdminState) {
     let enabled: Vec<SourceConfig> = s.catalog.snapshot().sources.iter().filter(|(_, disabled)| !disabled).map(|(src, _)| src.clone()).collect();
     s.ingest.set_sources(&enabled, s.default_rate_limit);
-}
-
-fn read<T>(s: &Shared, f: impl FnOnce(&sluice_deliver::control::CatalogSnapshot) -> T) -> T {
-    f(&s.catalog.snapshot())
 }
 
 fn new_write_key() -> String {
@@ -151,12 +145,13 @@ fn not_found(what: &str) -> ApiError {
 
 async fn list_sources(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
-    let v = read(&s, |snap| {
+    let snap = s.catalog.snapshot();
+    let v = {
         snap.sources
             .iter()
             .map(|(src, disabled)| json!({"id": src.id, "write_key": src.write_key, "rate_limit": src.rate_limit, "rate_burst": src.rate_burst, "disabled": disabled}))
             .collect::<Vec<_>>()
-    });
+    };
     Ok(Json(v).into_response())
 }
 
@@ -212,11 +207,12 @@ async fn set_disabled(State(s): State<Shared>, h: HeaderMap, Path(id): Path<Stri
 
 async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
-    let v = read(&s, |snap| {
+    let snap = s.catalog.snapshot();
+    let v = {
         let mut d: Vec<_> = snap.destinations.values().map(redacted).collect();
         d.sort_by_key(|v| v["id"].as_str().unwrap_or("").to_owned());
         Value::Array(d)
-    });
+    };
     Ok(Json(v).into_response())
 }
 
@@ -268,11 +264,12 @@ async fn delete_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Pat
 
 async fn list_connections(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
-    let v = read(&s, |snap| {
+    let snap = s.catalog.snapshot();
+    let v = {
         let mut out: Vec<_> = snap.connections.iter().flat_map(|(src, ds)| ds.iter().map(move |d| json!({"source": src, "destination": d}))).collect();
         out.sort_by_key(|v| v.to_string());
         out
-    });
+    };
     Ok(Json(v).into_response())
 }
 
@@ -308,7 +305,8 @@ async fn delete_connection(State(s): State<Shared>, h: HeaderMap, Path((source, 
 
 async fn list_qos(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
-    let v = read(&s, |snap| {
+    let snap = s.catalog.snapshot();
+    let v = {
         let mut out: Vec<_> = snap
             .destinations
             .keys()
@@ -319,7 +317,7 @@ async fn list_qos(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
             .collect();
         out.sort_by_key(|v| v["destination"].as_str().unwrap_or("").to_owned());
         out
-    });
+    };
     Ok(Json(v).into_response())
 }
 

@@ -74,24 +74,11 @@ impl Running {
 /// sources) apply within seconds; the admin API refreshes at once.
 pub fn spawn_catalog_refresher(admin: Arc<crate::admin::AdminState>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut applied = admin.catalog.snapshot().sources.clone();
         loop {
             tokio::time::sleep(REFRESH_INTERVAL).await;
             let a = admin.clone();
-            let changed = tokio::task::spawn_blocking(move || -> Result<Option<Vec<_>>, sluice_deliver::DeliverError> {
-                a.catalog.refresh()?;
-                Ok(Some(a.catalog.snapshot().sources.clone()))
-            })
-            .await;
-            match changed {
-                Ok(Ok(Some(sources))) => {
-                    // Rebuilding the source table resets rate-limit buckets: only when it changed.
-                    if sources != applied {
-                        crate::admin::apply_sources(&admin);
-                        applied = sources;
-                    }
-                }
-                Ok(Ok(None)) => {}
+            match tokio::task::spawn_blocking(move || a.catalog.refresh().map(|()| crate::admin::apply_sources(&a))).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read the control database"),
                 Err(e) => tracing::error!(error = %e, "control database refresh task failed"),
             }
