@@ -31,11 +31,12 @@ ensure_rust() {
   command -v cargo >/dev/null 2>&1 || { log "cargo not found: install Rust with rustup first"; exit 1; }
 }
 
-# What every build needs from Debian: the C toolchain, and RocksDB (linked
-# dynamically from librocksdb-dev; its bindings are generated with libclang).
+# What every build needs from Debian: the C toolchain, RocksDB (linked
+# dynamically from librocksdb-dev; its bindings are generated with libclang),
+# and cmake plus one curl header for librdkafka, which is built from source.
 ensure_build_deps() {
   ensure_rust
-  apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev
+  apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev cmake libcurl4-openssl-dev
 }
 
 # npm_ensure DIR PACKAGE SPEC: install npm SPEC (e.g. 'playwright-core@1.65.1')

@@ -4,23 +4,32 @@
 //!
 //! [`Log`] is the contract every stage programs against. The embedded
 //! implementation ([`EmbeddedLog`], in [`embedded`]) keeps it on local disk;
-//! a Kafka implementation satisfies the same trait for the scaled-out mode.
+//! [`KafkaLog`] (in [`kafka`]) puts it on Apache Kafka for the scaled-out
+//! mode. Both pass the same test suite (`tests/suite.rs`).
 //!
 //! Contract (what every implementation guarantees):
-//! - `append` returns only once the records are durable; their offsets are
-//!   consecutive, starting at the returned offset.
+//! - `append` returns only once the records are durable; their offsets
+//!   increase, starting at the returned offset (consecutive in the embedded
+//!   log; Kafka may interleave other producers' records).
 //! - `read` returns only durable records, in offset order, starting at the
 //!   first offset `>= from`.
 //! - Offsets of a partition only grow; retention removes whole prefixes, so
 //!   `start_offset` only grows too.
 //! - A committed group offset is the next offset the group will read.
+//! - Offsets may have gaps (Kafka's transaction markers); a reader resumes
+//!   from [`ReadBatch::next`], which skips them.
+
+use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::watch;
 
 pub mod embedded;
+pub mod kafka;
 
 pub use embedded::{EmbeddedLog, LogMetrics, LogOptions};
+pub use kafka::{KafkaLog, KafkaOptions};
 
 /// A record to append: `key` identifies it (Sluice uses `<source>/<messageId>`),
 /// `value` is the event JSON.
@@ -49,6 +58,45 @@ pub struct OffsetRange {
     pub end: u64,
 }
 
+/// What one read returned, and where the next read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBatch {
+    pub records: Vec<StoredRecord>,
+    /// The offset to read from next: past the last record and past any
+    /// offsets that hold no record (Kafka's transaction markers).
+    pub next: u64,
+}
+
+/// The partitions of a topic this process owns in a consumer group.
+/// Kafka moves partitions between members as they come and go; the embedded
+/// log has one process, which owns them all. Dropping it leaves the group.
+pub struct Membership {
+    owned: watch::Receiver<BTreeSet<u32>>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Membership {
+    pub fn new(owned: watch::Receiver<BTreeSet<u32>>, guard: Box<dyn Send + Sync>) -> Self {
+        Self { owned, _guard: guard }
+    }
+
+    /// Owns `0..partitions` for good.
+    pub fn all(partitions: u32) -> Self {
+        let (tx, rx) = watch::channel((0..partitions).collect());
+        Self::new(rx, Box::new(tx))
+    }
+
+    /// The partitions owned now.
+    pub fn owned(&self) -> BTreeSet<u32> {
+        self.owned.borrow().clone()
+    }
+
+    /// A receiver that sees every change of ownership.
+    pub fn watch(&self) -> watch::Receiver<BTreeSet<u32>> {
+        self.owned.clone()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("unknown topic {0:?}")]
@@ -73,6 +121,10 @@ pub enum LogError {
     ReadOnly,
     #[error("the log is shut down")]
     Closed,
+    #[error("Kafka {op} failed: {cause}")]
+    Kafka { op: &'static str, cause: String },
+    #[error("the log is unavailable: {0}")]
+    Unavailable(String),
     #[error("log I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
 }
@@ -100,4 +152,38 @@ pub trait Log: Send + Sync + 'static {
 
     /// The offset `group` committed last, if any.
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError>;
+
+    /// Like [`Log::read`], and also says where the next read starts.
+    async fn read_batch(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<ReadBatch, LogError> {
+        let records = self.read(topic, partition, from, max_records).await?;
+        let next = records.last().map_or(from, |r| r.offset + 1);
+        Ok(ReadBatch { records, next })
+    }
+
+    /// Append `records` to `out_topic`'s `partition` and commit `group`'s
+    /// offset `next_offset` on `in_topic`'s same-numbered partition; returns
+    /// the first record's offset (`None` when there were none).
+    ///
+    /// Kafka does both in one transaction. The embedded log appends, then
+    /// commits: not atomic, which dedup's index protocol covers (a crash
+    /// between the two replays input, and the index finds the ids).
+    async fn publish_and_commit(
+        &self,
+        out_topic: &str,
+        records: Vec<Record>,
+        group: &str,
+        in_topic: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<Option<u64>, LogError> {
+        let first = if records.is_empty() { None } else { Some(self.append(out_topic, partition, records).await?) };
+        self.commit(group, in_topic, partition, next_offset).await?;
+        Ok(first)
+    }
+
+    /// Join `group` on `topic`: which of its partitions this process owns,
+    /// now and as that changes. The default owns every partition.
+    fn join(&self, _group: &str, topic: &str) -> Result<Membership, LogError> {
+        Ok(Membership::all(self.partitions(topic)?))
+    }
 }

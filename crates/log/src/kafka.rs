@@ -1,0 +1,661 @@
+//! Apache Kafka as the [`Log`]: the scaled-out mode (DESIGN.md §1).
+//!
+//! Invariants, on top of the crate's contract:
+//! - **Partitioning is ours.** Every record is produced to an explicit
+//!   partition chosen by Sluice (`messageId` hash, `sluice_core::partition`),
+//!   never by librdkafka's partitioner, so the embedded and Kafka modes put
+//!   an event in the same partition.
+//! - **Appends are acknowledged by all in-sync replicas** (`acks=all`) by an
+//!   idempotent producer (`enable.idempotence=true`): a retried produce
+//!   never duplicates or reorders records within a partition.
+//! - **Readers see committed data only** (`isolation.level=read_committed`),
+//!   so records of an aborted or still-open transaction are never read.
+//!   Offsets therefore have gaps (transaction markers take one); callers
+//!   advance with [`ReadBatch::next`], never with `last.offset + 1`
+//!   arithmetic beyond one batch.
+//! - **Publish-and-commit is one transaction** ([`Log::publish_and_commit`]):
+//!   the records on the output partition and the consumer group's offset on
+//!   the input partition become visible together or not at all. Each input
+//!   partition has its own `transactional.id` (`<prefix>-<group>-<topic>-<p>`),
+//!   so a second worker that takes the partition over fences the first:
+//!   the zombie's next commit fails, and its open transaction is aborted.
+//! - **Group membership** ([`Log::join`]) uses Kafka's consumer groups with
+//!   cooperative-sticky assignment. The member consumer only tracks the
+//!   assignment (its partitions are paused); records are read by separate
+//!   per-partition readers, so the pull-based `read` of the trait works the
+//!   same for both backends. Offsets of a group with a live member in this
+//!   process are committed through that member (generation-checked).
+//!
+//! Every librdkafka call that can wait on the network runs on tokio's
+//! blocking pool; the async executor threads never wait on Kafka.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::{Log, LogError, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
+
+/// How to reach and use a Kafka cluster.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// Topics and their partition counts; created when missing. An existing
+    /// topic with another partition count is refused (partitioning is ours).
+    pub topics: Vec<(String, u32)>,
+    /// Replication factor of topics this log creates.
+    pub replication_factor: i32,
+    /// An append not acknowledged within this time fails (`message.timeout.ms`).
+    pub produce_timeout: Duration,
+    /// Metadata, offset and commit requests fail after this long.
+    pub request_timeout: Duration,
+    /// A read with nothing to return waits up to this long for new records.
+    pub read_wait: Duration,
+    /// `client.id`, and the prefix of transactional ids.
+    pub client_id: String,
+    /// Extra librdkafka settings applied to every client (producers,
+    /// consumers, admin), e.g. `socket.keepalive.enable`.
+    pub settings: Vec<(String, String)>,
+}
+
+impl KafkaOptions {
+    pub fn new(bootstrap_servers: impl Into<String>, topics: Vec<(String, u32)>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            topics,
+            replication_factor: 1,
+            produce_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            read_wait: Duration::from_millis(50),
+            client_id: "sluice".into(),
+            settings: Vec::new(),
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id)
+            // Fail fast and loudly on a misspelt host rather than retrying DNS forever.
+            .set("socket.timeout.ms", self.request_timeout.as_millis().to_string())
+            .set("log_level", "3");
+        for (k, v) in &self.settings {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", self.produce_timeout.as_millis().to_string());
+        c
+    }
+
+    fn consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "true")
+            // Prefetch modestly: one reader exists per partition read.
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.wait.max.ms", "100");
+        c
+    }
+}
+
+fn kafka(op: &'static str) -> impl Fn(KafkaError) -> LogError {
+    move |e| LogError::Kafka { op, cause: e.to_string() }
+}
+
+/// One partition's reader: a consumer assigned to just that partition, and
+/// where the last read left it.
+struct Reader {
+    consumer: BaseConsumer,
+    /// The offset the next read is expected to start at; a read from
+    /// anywhere else re-assigns (seeks) first.
+    next: Option<u64>,
+    /// The consumer reported end-of-partition and has delivered nothing since.
+    at_end: bool,
+}
+
+struct Inner {
+    options: KafkaOptions,
+    partitions: HashMap<String, u32>,
+    producer: FutureProducer,
+    /// For watermarks and the offsets of groups with no member here.
+    offsets_client: BaseConsumer,
+    readers: Mutex<HashMap<(String, u32), Arc<Mutex<Reader>>>>,
+    /// Non-member committers, per group (generation -1 commits).
+    committers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+    /// Live group members of this process, per group.
+    members: Mutex<HashMap<String, Weak<Member>>>,
+    /// Transactional producers, per `transactional.id`.
+    transactional: Mutex<HashMap<String, Arc<FutureProducer>>>,
+}
+
+/// Apache Kafka as a [`Log`]. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog").field("bootstrap_servers", &self.inner.options.bootstrap_servers).finish()
+    }
+}
+
+impl KafkaLog {
+    /// Connect, create the missing topics, and check the existing ones'
+    /// partition counts. Blocks (call from a blocking context or at startup).
+    pub fn connect(options: KafkaOptions) -> Result<KafkaLog, LogError> {
+        let producer: FutureProducer = options.producer().create().map_err(kafka("create producer"))?;
+        let offsets_client: BaseConsumer =
+            options.consumer("sluice-offsets").create().map_err(kafka("create consumer"))?;
+        let partitions = ensure_topics(&options, &offsets_client)?;
+        let inner = Inner {
+            options,
+            partitions,
+            producer,
+            offsets_client,
+            readers: Mutex::default(),
+            committers: Mutex::default(),
+            members: Mutex::default(),
+            transactional: Mutex::default(),
+        };
+        Ok(KafkaLog { inner: Arc::new(inner) })
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.inner.options.bootstrap_servers
+    }
+
+    /// Run `f` on the blocking pool with this log's state.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| LogError::Kafka { op: "blocking task", cause: e.to_string() })?
+    }
+}
+
+/// Create missing topics; return every configured topic's partition count.
+fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMap<String, u32>, LogError> {
+    let exists = |name: &str| -> Result<bool, LogError> {
+        let meta = client.fetch_metadata(Some(name), options.request_timeout).map_err(kafka("fetch metadata"))?;
+        Ok(meta.topics().first().is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+    };
+    let mut new = Vec::new();
+    for (name, n) in &options.topics {
+        if !exists(name)? {
+            new.push(NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor)));
+        }
+    }
+    if !new.is_empty() {
+        create_topics(options, &new)?;
+    }
+    let mut partitions = HashMap::new();
+    for (name, wanted) in &options.topics {
+        // A new topic's metadata can take a moment to reach every broker.
+        let deadline = Instant::now() + options.request_timeout;
+        let actual = loop {
+            let meta = client.fetch_metadata(Some(name), options.request_timeout).map_err(kafka("fetch metadata"))?;
+            let n = meta.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len() as u32);
+            if n > 0 || Instant::now() >= deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if actual != *wanted {
+            return Err(LogError::Config(format!(
+                "Kafka topic {name:?} has {actual} partitions but log.partitions is {wanted}; \
+                 Sluice partitions by messageId itself, so the counts must agree"
+            )));
+        }
+        partitions.insert(name.clone(), actual);
+    }
+    Ok(partitions)
+}
+
+fn create_topics(options: &KafkaOptions, new: &[NewTopic<'_>]) -> Result<(), LogError> {
+    let admin: AdminClient<DefaultClientContext> = options.base().create().map_err(kafka("create admin client"))?;
+    let admin_options = AdminOptions::new().operation_timeout(Some(options.request_timeout));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| LogError::Io {
+        path: "tokio runtime".into(),
+        source: e,
+    })?;
+    let results = runtime
+        .block_on(async { tokio::time::timeout(options.request_timeout, admin.create_topics(new, &admin_options)).await })
+        .map_err(|_| LogError::Unavailable(format!("no answer from Kafka at {} within {:?}", options.bootstrap_servers, options.request_timeout)))?
+        .map_err(kafka("create topics"))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created Kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(LogError::Kafka { op: "create topic", cause: format!("{topic}: {code}") }),
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn check(&self, topic: &str, partition: u32) -> Result<(), LogError> {
+        let n = *self.partitions.get(topic).ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?;
+        if partition >= n {
+            return Err(LogError::UnknownPartition { topic: topic.to_owned(), partition, partitions: n });
+        }
+        Ok(())
+    }
+
+    fn watermarks(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+        let (lo, hi) = self
+            .offsets_client
+            .fetch_watermarks(topic, partition as i32, self.options.request_timeout)
+            .map_err(kafka("fetch watermarks"))?;
+        Ok(OffsetRange { start: lo.max(0) as u64, end: hi.max(0) as u64 })
+    }
+
+    fn reader(&self, topic: &str, partition: u32) -> Result<Arc<Mutex<Reader>>, LogError> {
+        let mut readers = self.readers.lock().expect("readers lock");
+        if let Some(r) = readers.get(&(topic.to_owned(), partition)) {
+            return Ok(r.clone());
+        }
+        let consumer: BaseConsumer = self.options.consumer("sluice-reader").create().map_err(kafka("create consumer"))?;
+        let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false }));
+        readers.insert((topic.to_owned(), partition), reader.clone());
+        Ok(reader)
+    }
+
+    fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<ReadBatch, LogError> {
+        self.check(topic, partition)?;
+        let reader = self.reader(topic, partition)?;
+        let mut guard = reader.lock().expect("reader lock");
+        let r = &mut *guard;
+        if r.next != Some(from) {
+            let range = self.watermarks(topic, partition)?;
+            if from < range.start {
+                return Err(LogError::OffsetOutOfRange { topic: topic.to_owned(), partition, requested: from, start: range.start });
+            }
+            if from >= range.end {
+                return Ok(ReadBatch { records: Vec::new(), next: from });
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition as i32, Offset::Offset(from as i64)).map_err(kafka("assign"))?;
+            r.consumer.assign(&tpl).map_err(kafka("assign"))?;
+            r.next = Some(from);
+            r.at_end = false;
+        }
+        // Wait for records up to `request_timeout`. A reader at the end waits
+        // `read_wait` (a long poll), then asks the broker whether the end has
+        // moved: an empty batch means "at the end", never "not fetched yet".
+        let deadline = Instant::now() + self.options.request_timeout;
+        let mut records = Vec::new();
+        while records.len() < max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = if !records.is_empty() {
+                Duration::ZERO
+            } else if r.at_end {
+                self.options.read_wait.min(left)
+            } else {
+                left
+            };
+            let polled = r.consumer.poll(wait);
+            match polled {
+                None if !records.is_empty() => break,
+                None => {
+                    if r.at_end {
+                        let end = self.watermarks(topic, partition)?.end;
+                        if end <= r.next.unwrap_or(from) {
+                            break;
+                        }
+                        r.at_end = false; // committed records not fetched yet
+                    }
+                    if Instant::now() >= deadline {
+                        r.next = None; // re-assign on the next read
+                        return Err(LogError::Unavailable(format!(
+                            "no answer from Kafka within {:?} reading {topic}/{partition} at offset {from}",
+                            self.options.request_timeout
+                        )));
+                    }
+                }
+                Some(Ok(m)) => {
+                    let offset = m.offset() as u64;
+                    r.at_end = false;
+                    r.next = Some(offset + 1);
+                    records.push(StoredRecord {
+                        offset,
+                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                        key: Bytes::copy_from_slice(m.key().unwrap_or_default()),
+                        value: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    });
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    r.at_end = true;
+                    // The position is past any transaction markers at the end.
+                    if let Some(p) = position(&r.consumer, topic, partition) {
+                        if p > r.next.unwrap_or(0) {
+                            r.next = Some(p);
+                        }
+                    }
+                    if !records.is_empty() {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+                    r.next = None;
+                    let start = self.watermarks(topic, partition)?.start;
+                    return Err(LogError::OffsetOutOfRange { topic: topic.to_owned(), partition, requested: from, start });
+                }
+                Some(Err(e)) => {
+                    r.next = None; // re-assign on the next read
+                    return Err(kafka("read")(e));
+                }
+            }
+        }
+        Ok(ReadBatch { next: r.next.unwrap_or(from), records })
+    }
+
+    fn member(&self, group: &str) -> Option<Arc<Member>> {
+        self.members.lock().expect("members lock").get(group).and_then(Weak::upgrade)
+    }
+
+    fn committer(&self, group: &str) -> Result<Arc<BaseConsumer>, LogError> {
+        let mut committers = self.committers.lock().expect("committers lock");
+        if let Some(c) = committers.get(group) {
+            return Ok(c.clone());
+        }
+        let c: Arc<BaseConsumer> = Arc::new(self.options.consumer(group).create().map_err(kafka("create consumer"))?);
+        committers.insert(group.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+        self.check(topic, partition)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition as i32, Offset::Offset(next_offset as i64)).map_err(kafka("commit"))?;
+        match self.member(group) {
+            Some(m) => m.consumer.commit(&tpl, CommitMode::Sync),
+            None => self.committer(group)?.commit(&tpl, CommitMode::Sync),
+        }
+        .map_err(kafka("commit offset"))
+    }
+
+    fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        self.check(topic, partition)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition as i32);
+        let got = self.committer(group)?.committed_offsets(tpl, self.options.request_timeout).map_err(kafka("fetch committed offset"))?;
+        let offset = got.find_partition(topic, partition as i32).map(|e| e.offset());
+        Ok(match offset {
+            Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
+            _ => None,
+        })
+    }
+
+    fn transactional_producer(&self, id: &str) -> Result<Arc<FutureProducer>, LogError> {
+        if let Some(p) = self.transactional.lock().expect("txn lock").get(id) {
+            return Ok(p.clone());
+        }
+        let mut config = self.options.producer();
+        config.set("transactional.id", id).set("transaction.timeout.ms", "60000");
+        let producer: FutureProducer = config.create().map_err(kafka("create transactional producer"))?;
+        // Fences any older producer with the same id and aborts its open transaction.
+        producer.init_transactions(self.options.request_timeout).map_err(kafka("init transactions"))?;
+        let producer = Arc::new(producer);
+        self.transactional.lock().expect("txn lock").insert(id.to_owned(), producer.clone());
+        Ok(producer)
+    }
+
+    fn forget_transactional(&self, id: &str) {
+        self.transactional.lock().expect("txn lock").remove(id);
+    }
+}
+
+fn position(consumer: &BaseConsumer, topic: &str, partition: u32) -> Option<u64> {
+    let tpl = consumer.position().ok()?;
+    match tpl.find_partition(topic, partition as i32)?.offset() {
+        Offset::Offset(o) if o >= 0 => Some(o as u64),
+        _ => None,
+    }
+}
+
+/// Produce `records` to one partition; the offsets of the first and last.
+async fn produce(producer: &FutureProducer, topic: &str, partition: u32, records: &[Record]) -> Result<(u64, u64), LogError> {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut record = FutureRecord::to(topic).partition(partition as i32).key(&r.key[..]).payload(&r.value[..]);
+        // Wait while librdkafka's queue is full; delivery is awaited below.
+        let future = loop {
+            match producer.send_result(record) {
+                Ok(f) => break f,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(kafka("produce")(e)),
+            }
+        };
+        pending.push(future);
+    }
+    let mut first = None;
+    let mut last = 0;
+    for f in pending {
+        let delivery = f
+            .await
+            .map_err(|_| LogError::Kafka { op: "produce", cause: "producer dropped".into() })?
+            .map_err(|(e, _)| kafka("produce")(e))?;
+        let offset = delivery.offset as u64;
+        first.get_or_insert(offset);
+        last = offset;
+    }
+    Ok((first.unwrap_or(0), last))
+}
+
+#[async_trait]
+impl Log for KafkaLog {
+    fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+        self.inner.partitions.get(topic).copied().ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
+    }
+
+    async fn append(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+        self.inner.check(topic, partition)?;
+        if records.is_empty() {
+            return Ok(self.offsets(topic, partition).await?.end);
+        }
+        Ok(produce(&self.inner.producer, topic, partition, &records).await?.0)
+    }
+
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, LogError> {
+        Ok(self.read_batch(topic, partition, from, max_records).await?.records)
+    }
+
+    async fn read_batch(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<ReadBatch, LogError> {
+        let topic = topic.to_owned();
+        self.blocking(move |inner| inner.read(&topic, partition, from, max_records)).await
+    }
+
+    async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+        self.inner.check(topic, partition)?;
+        let topic = topic.to_owned();
+        self.blocking(move |inner| inner.watermarks(&topic, partition)).await
+    }
+
+    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        self.blocking(move |inner| inner.commit(&group, &topic, partition, next_offset)).await
+    }
+
+    async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        self.blocking(move |inner| inner.committed(&group, &topic, partition)).await
+    }
+
+    async fn publish_and_commit(
+        &self,
+        out_topic: &str,
+        records: Vec<Record>,
+        group: &str,
+        in_topic: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<Option<u64>, LogError> {
+        self.inner.check(out_topic, partition)?;
+        self.inner.check(in_topic, partition)?;
+        let id = format!("{}-{group}-{in_topic}-{partition}", self.inner.options.client_id);
+        let producer = {
+            let id = id.clone();
+            self.blocking(move |inner| inner.transactional_producer(&id)).await?
+        };
+        let result = async {
+            producer.begin_transaction().map_err(kafka("begin transaction"))?;
+            let first = if records.is_empty() { None } else { Some(produce(&producer, out_topic, partition, &records).await?.0) };
+            let mut offsets = TopicPartitionList::new();
+            offsets
+                .add_partition_offset(in_topic, partition as i32, Offset::Offset(next_offset as i64))
+                .map_err(kafka("commit offset"))?;
+            let (producer2, group) = (producer.clone(), group.to_owned());
+            self.blocking(move |inner| {
+                // A member's metadata lets the broker also check its generation.
+                let metadata = match inner.member(&group) {
+                    Some(m) => m.consumer.group_metadata(),
+                    None => inner.committer(&group)?.group_metadata(),
+                }
+                .ok_or_else(|| LogError::Kafka { op: "group metadata", cause: format!("none for group {group}") })?;
+                let timeout = inner.options.request_timeout;
+                producer2.send_offsets_to_transaction(&offsets, &metadata, timeout).map_err(kafka("send offsets to transaction"))?;
+                producer2.commit_transaction(timeout).map_err(kafka("commit transaction"))
+            })
+            .await?;
+            Ok(first)
+        }
+        .await;
+        if result.is_err() {
+            // Abort what can be aborted; a fenced or broken producer is
+            // dropped so the next attempt starts (and fences) afresh.
+            let (producer, id2) = (producer.clone(), id.clone());
+            let _ = self
+                .blocking(move |inner| {
+                    let timeout = inner.options.request_timeout;
+                    if let Err(e) = producer.abort_transaction(timeout) {
+                        tracing::warn!(transactional_id = %id2, error = %e, "aborting the Kafka transaction failed");
+                    }
+                    inner.forget_transactional(&id2);
+                    Ok(())
+                })
+                .await;
+        }
+        result
+    }
+
+    fn join(&self, group: &str, topic: &str) -> Result<Membership, LogError> {
+        self.inner.check(topic, 0)?;
+        let (tx, rx) = watch::channel(BTreeSet::new());
+        let context = MemberContext { topic: topic.to_owned(), owned: tx };
+        let mut config = self.inner.options.consumer(group);
+        config.set("partition.assignment.strategy", "cooperative-sticky").set("enable.partition.eof", "false");
+        let consumer: BaseConsumer<MemberContext> = config.create_with_context(context).map_err(kafka("create group member"))?;
+        consumer.subscribe(&[topic]).map_err(kafka("subscribe"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let member = Arc::new(Member { consumer, stop: stop.clone() });
+        self.inner.members.lock().expect("members lock").insert(group.to_owned(), Arc::downgrade(&member));
+        let polled = member.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-member-{group}"))
+            .spawn(move || {
+                // Polling serves rebalances and heartbeats; paused partitions
+                // deliver no records here.
+                while !polled.stop.load(Ordering::Relaxed) {
+                    if let Some(Err(e)) = polled.consumer.poll(Duration::from_millis(100)) {
+                        tracing::warn!(error = %e, "Kafka group member");
+                    }
+                }
+                // Leaving the group hands the partitions over at once.
+                polled.consumer.unsubscribe();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && !polled.consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+                    polled.consumer.poll(Duration::from_millis(50));
+                }
+            })
+            .map_err(|source| LogError::Io { path: "member thread".into(), source })?;
+        Ok(Membership::new(rx, Box::new(MemberGuard { member, thread: Some(thread) })))
+    }
+}
+
+/// A consumer-group member: tracks which partitions this process owns.
+struct Member {
+    consumer: BaseConsumer<MemberContext>,
+    stop: Arc<AtomicBool>,
+}
+
+struct MemberGuard {
+    member: Arc<Member>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MemberGuard {
+    fn drop(&mut self) {
+        self.member.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct MemberContext {
+    topic: String,
+    owned: watch::Sender<BTreeSet<u32>>,
+}
+
+impl MemberContext {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<u32> {
+        tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition() as u32).collect()
+    }
+}
+
+impl ClientContext for MemberContext {}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let gone = self.partitions(tpl);
+            tracing::info!(topic = %self.topic, partitions = ?gone, "Kafka group: partitions revoked");
+            self.owned.send_modify(|owned| gone.iter().for_each(|p| {
+                owned.remove(p);
+            }));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // Records are read by per-partition readers, not here.
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+                }
+                let new = self.partitions(tpl);
+                tracing::info!(topic = %self.topic, partitions = ?new, "Kafka group: partitions assigned");
+                self.owned.send_modify(|owned| owned.extend(new));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::error!(error = %e, "Kafka group rebalance failed"),
+        }
+    }
+}
