@@ -119,6 +119,60 @@ pub struct LogConfig {
     /// value is refused.
     #[serde(with = "humantime_serde")]
     pub output_retention: Option<Duration>,
+    /// `embedded` (files under `data_dir/log`) or `kafka` (`[log.kafka]`).
+    pub backend: LogBackend,
+    pub kafka: KafkaConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    #[default]
+    Embedded,
+    Kafka,
+}
+
+/// `[log.kafka]`: the scaled-out log. Topics `input` and `output` are
+/// created with `log.partitions` partitions when missing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub primary: KafkaCluster,
+    /// A second cluster for failover (not built yet: refused when set).
+    pub secondary: Option<KafkaCluster>,
+    /// Replication factor of the topics Sluice creates (use 3 in production).
+    pub replication_factor: u32,
+    /// An append not acknowledged by all in-sync replicas within this time fails.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// Metadata, offset and commit requests fail after this long.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// `client.id`, and the prefix of the dedup stage's transactional ids.
+    pub client_id: String,
+    /// Extra librdkafka settings for every client, e.g. `"socket.keepalive.enable" = "true"`.
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaCluster {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            primary: KafkaCluster::default(),
+            secondary: None,
+            replication_factor: 1,
+            produce_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            client_id: "sluice".into(),
+            settings: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -437,6 +491,8 @@ impl Default for LogConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             fsync: true,
             output_retention: None,
+            backend: LogBackend::Embedded,
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -521,6 +577,23 @@ impl Config {
         }
         if self.log.retention.is_zero() {
             return Err(invalid("log.retention", "must be greater than zero"));
+        }
+        if self.log.backend == LogBackend::Kafka {
+            let k = &self.log.kafka;
+            if k.primary.bootstrap_servers.trim().is_empty() {
+                return Err(invalid("log.kafka.primary.bootstrap_servers", "is required when log.backend = \"kafka\" (host:port[,host:port…])"));
+            }
+            if k.secondary.is_some() {
+                return Err(invalid("log.kafka.secondary", "multi-cluster failover is not built yet; remove this section"));
+            }
+            if !(1..=32).contains(&k.replication_factor) {
+                return Err(invalid("log.kafka.replication_factor", "must be between 1 and 32"));
+            }
+            for (key, d) in [("log.kafka.produce_timeout", k.produce_timeout), ("log.kafka.request_timeout", k.request_timeout)] {
+                if d < Duration::from_millis(100) {
+                    return Err(invalid(key, "must be at least 100ms"));
+                }
+            }
         }
         let d = &self.dedup;
         if d.window.is_zero() {

@@ -221,8 +221,8 @@ impl DedupWorker {
             if self.settings.stop.load(Ordering::Relaxed) {
                 return Err(DedupError::Stopped);
             }
-            let records = match rt.block_on(self.log.read(OUTPUT_TOPIC, p, next, CATCH_UP_BATCH)) {
-                Ok(r) => r,
+            let batch = match rt.block_on(self.log.read_batch(OUTPUT_TOPIC, p, next, CATCH_UP_BATCH)) {
+                Ok(b) => b,
                 // Retention removed the start meanwhile: continue from the new start.
                 Err(LogError::OffsetOutOfRange { start, .. }) => {
                     next = start;
@@ -230,13 +230,21 @@ impl DedupWorker {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let Some(last) = records.last() else { break };
-            let reached = last.offset + 1;
+            // An empty batch means the end (offsets past the last record hold
+            // only transaction markers); `next` steps over them.
+            let records = batch.records;
+            let reached = batch.next;
+            if records.is_empty() {
+                if reached > next {
+                    index.record(std::iter::empty(), reached)?;
+                }
+                break;
+            }
             let cutoff = now_ms().saturating_sub(window_ms);
             let ids = records.iter().filter(|r| r.timestamp_ms as u64 >= cutoff).map(|r| (&r.key[..], r.timestamp_ms as u64));
             index.record(ids, reached)?;
             next = reached;
-            gauge.set((range.end - next) as i64);
+            gauge.set(range.end.saturating_sub(next) as i64);
             if last_report.elapsed() >= Duration::from_secs(1) || next >= range.end {
                 last_report = Instant::now();
                 progress(Progress { partition: p, done: next - start, total, elapsed: started.elapsed() });
@@ -275,8 +283,8 @@ impl DedupWorker {
             self.next_input = Some(next);
             return Ok(0);
         }
-        let records = match rt.block_on(self.log.read(INPUT_TOPIC, p, next, self.settings.batch_size)) {
-            Ok(r) => r,
+        let batch = match rt.block_on(self.log.read_batch(INPUT_TOPIC, p, next, self.settings.batch_size)) {
+            Ok(b) => b,
             Err(LogError::OffsetOutOfRange { start, .. }) => {
                 tracing::warn!(partition = p, from = next, start, "input records expired before dedup read them; skipping ahead");
                 self.next_input = Some(start);
@@ -284,11 +292,12 @@ impl DedupWorker {
             }
             Err(e) => return Err(e.into()),
         };
-        let Some(last) = records.last() else {
-            self.next_input = Some(next);
+        let records = batch.records;
+        if records.is_empty() {
+            self.next_input = Some(batch.next);
             return Ok(0);
-        };
-        let next = last.offset + 1;
+        }
+        let next = batch.next;
         self.metrics.messages_in.inc_by(records.len() as u64);
         let started = std::time::Instant::now();
         let _span = tracing::debug_span!("dedup.batch", partition = p, records = records.len()).entered();
@@ -301,19 +310,31 @@ impl DedupWorker {
         let fresh: Vec<&StoredRecord> = index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).collect();
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
 
-        if !fresh.is_empty() {
+        let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
+        if self.log.atomic_publish_and_commit() {
+            // Kafka: publish and commit input in one transaction, then index.
             crash_point("dedup.before_publish");
-            // 2. Publish: the commit point.
-            let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
-            let first = rt.block_on(self.log.append(OUTPUT_TOPIC, p, out))?;
+            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, INPUT_TOPIC, p, next))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
-            // 3. Index the ids with the output offset reached.
-            index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+            if let Some(first) = first {
+                index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+            }
             crash_point("dedup.after_index_write");
+        } else {
+            if !fresh.is_empty() {
+                crash_point("dedup.before_publish");
+                // 2. Publish: the commit point.
+                let first = rt.block_on(self.log.append(OUTPUT_TOPIC, p, out))?;
+                self.metrics.published.inc_by(fresh.len() as u64);
+                crash_point("dedup.after_publish");
+                // 3. Index the ids with the output offset reached.
+                index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+                crash_point("dedup.after_index_write");
+            }
+            // 4. Commit input.
+            rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, next))?;
         }
-        // 4. Commit input.
-        rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, next))?;
         crash_point("dedup.after_input_commit");
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         self.next_input = Some(next);

@@ -124,10 +124,24 @@ fn kafka(op: &'static str) -> impl Fn(KafkaError) -> LogError {
     move |e| LogError::Kafka { op, cause: e.to_string() }
 }
 
+/// A reader's client context: end-of-partition is how a read learns it is
+/// at the end, not an error worth logging.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "Kafka reader");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
 /// One partition's reader: a consumer assigned to just that partition, and
 /// where the last read left it.
 struct Reader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     /// The offset the next read is expected to start at; a read from
     /// anywhere else re-assigns (seeks) first.
     next: Option<u64>,
@@ -278,7 +292,8 @@ impl Inner {
         if let Some(r) = readers.get(&(topic.to_owned(), partition)) {
             return Ok(r.clone());
         }
-        let consumer: BaseConsumer = self.options.consumer("sluice-reader").create().map_err(kafka("create consumer"))?;
+        let consumer: BaseConsumer<ReaderContext> =
+            self.options.consumer("sluice-reader").create_with_context(ReaderContext).map_err(kafka("create consumer"))?;
         let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false }));
         readers.insert((topic.to_owned(), partition), reader.clone());
         Ok(reader)
@@ -429,7 +444,7 @@ impl Inner {
     }
 }
 
-fn position(consumer: &BaseConsumer, topic: &str, partition: u32) -> Option<u64> {
+fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: u32) -> Option<u64> {
     let tpl = consumer.position().ok()?;
     match tpl.find_partition(topic, partition as i32)?.offset() {
         Offset::Offset(o) if o >= 0 => Some(o as u64),
@@ -508,6 +523,10 @@ impl Log for KafkaLog {
         self.blocking(move |inner| inner.committed(&group, &topic, partition)).await
     }
 
+    fn atomic_publish_and_commit(&self) -> bool {
+        true
+    }
+
     async fn publish_and_commit(
         &self,
         out_topic: &str,
@@ -570,7 +589,11 @@ impl Log for KafkaLog {
         let (tx, rx) = watch::channel(BTreeSet::new());
         let context = MemberContext { topic: topic.to_owned(), owned: tx };
         let mut config = self.inner.options.consumer(group);
-        config.set("partition.assignment.strategy", "cooperative-sticky").set("enable.partition.eof", "false");
+        // It never consumes (its partitions are paused): no offset reset to report.
+        config
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "latest");
         let consumer: BaseConsumer<MemberContext> = config.create_with_context(context).map_err(kafka("create group member"))?;
         consumer.subscribe(&[topic]).map_err(kafka("subscribe"))?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -160,6 +160,11 @@ pub trait Log: Send + Sync + 'static {
         Ok(ReadBatch { records, next })
     }
 
+    /// Whether [`Log::publish_and_commit`] is atomic (Kafka transactions).
+    fn atomic_publish_and_commit(&self) -> bool {
+        false
+    }
+
     /// Append `records` to `out_topic`'s `partition` and commit `group`'s
     /// offset `next_offset` on `in_topic`'s same-numbered partition; returns
     /// the first record's offset (`None` when there were none).

@@ -123,6 +123,53 @@ pub async fn run_partition(
     }
 }
 
+/// Route every `output` partition this process owns in the `route` group:
+/// one [`run_partition`] task each, started when Kafka assigns a partition
+/// and stopped when it is revoked (the embedded log owns them all).
+pub async fn run_owned_partitions(
+    log: Arc<dyn Log>,
+    centrifuge: Arc<Centrifuge>,
+    settings: RouteSettings,
+    metrics: RouteMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let membership = match log.join(GROUP, OUTPUT_TOPIC) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "route cannot join its consumer group; nothing is routed");
+            return;
+        }
+    };
+    let mut owned = membership.watch();
+    let mut running: std::collections::BTreeMap<u32, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> = Default::default();
+    while !*stop.borrow() {
+        let now: std::collections::BTreeSet<u32> = owned.borrow_and_update().clone();
+        let revoked: Vec<u32> = running.keys().filter(|p| !now.contains(p)).copied().collect();
+        for p in revoked {
+            if let Some((tx, task)) = running.remove(&p) {
+                let _ = tx.send(true);
+                let _ = task.await;
+                tracing::info!(partition = p, "route stopped on a revoked partition");
+            }
+        }
+        for p in now {
+            running.entry(p).or_insert_with(|| {
+                let (tx, rx) = watch::channel(false);
+                let task = tokio::spawn(run_partition(log.clone(), p, centrifuge.clone(), settings.clone(), metrics.clone(), rx));
+                (tx, task)
+            });
+        }
+        tokio::select! {
+            changed = owned.changed() => if changed.is_err() { break },
+            _ = stop.changed() => {}
+        }
+    }
+    for (_, (tx, task)) in running {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+}
+
 /// One batch: read, plan, insert, commit. Returns the records read.
 async fn route_batch(
     log: &dyn Log,
@@ -140,8 +187,8 @@ async fn route_batch(
             None => log.offsets(OUTPUT_TOPIC, partition).await?.start,
         },
     };
-    let records = match log.read(OUTPUT_TOPIC, partition, from, settings.batch_size).await {
-        Ok(r) => r,
+    let batch = match log.read_batch(OUTPUT_TOPIC, partition, from, settings.batch_size).await {
+        Ok(b) => b,
         Err(LogError::OffsetOutOfRange { start, .. }) => {
             tracing::error!(partition, from, start, "route fell behind output's retention: events before {start} were never routed");
             *next = Some(start);
@@ -149,11 +196,15 @@ async fn route_batch(
         }
         Err(e) => return Err(e.into()),
     };
-    let Some(last) = records.last() else {
-        *next = Some(from);
+    let (records, end) = (batch.records, batch.next);
+    if records.is_empty() {
+        // Offsets without records (Kafka's transaction markers) are stepped over.
+        if end > from {
+            log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+        }
+        *next = Some(end);
         return Ok(0);
-    };
-    let end = last.offset + 1;
+    }
     let started = std::time::Instant::now();
     // A trace span only for batches with records (empty polls run every few ms).
     let span = tracing::debug_span!("route.batch", partition, records = records.len());

@@ -1,5 +1,6 @@
 //! Running the dedup stage inside `sluice serve`, and `sluice dedup rebuild`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +44,12 @@ pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings>
     })
 }
 
-/// One dedicated thread per partition. A worker that cannot open its index
-/// retries until it can or `stop` is set, so no partition is left behind.
+/// One dedicated thread per owned `input` partition (all of them with the
+/// embedded log; Kafka's `dedup` group assigns them across processes). A
+/// supervisor thread starts a worker when a partition is assigned and stops
+/// it, index closed, when the partition is revoked. A worker that cannot
+/// open its index retries until it can or is stopped, so no owned partition
+/// is left behind.
 pub fn spawn_workers(
     config: &Config,
     log: Arc<dyn Log>,
@@ -53,27 +58,73 @@ pub fn spawn_workers(
 ) -> Result<Vec<JoinHandle<()>>> {
     let settings = settings(config, stop.clone())?;
     let rt = tokio::runtime::Handle::current();
-    let mut handles = Vec::new();
-    for partition in 0..config.log.partitions {
-        let (log, settings, metrics, stop, rt) = (log.clone(), settings.clone(), metrics.clone(), stop.clone(), rt.clone());
-        let handle = std::thread::Builder::new().name(format!("dedup-{partition}")).spawn(move || {
-            let mut progress = |p: Progress| {
-                tracing::info!(partition = p.partition, done = p.done, total = p.total, "dedup index catch-up from output");
-            };
-            while !stop.load(Ordering::Relaxed) {
-                match DedupWorker::open(log.clone(), partition, settings.clone(), metrics.clone(), &rt, &mut progress) {
-                    Ok(worker) => return worker.run(rt),
-                    Err(sluice_dedup::DedupError::Stopped) => return,
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "dedup worker cannot start; retrying in 5 s");
-                        std::thread::sleep(Duration::from_secs(5));
+    let membership = log.join(sluice_dedup::GROUP, sluice_dedup::INPUT_TOPIC).context("dedup cannot join its consumer group")?;
+    let supervisor = std::thread::Builder::new().name("dedup-supervisor".into()).spawn(move || {
+        let mut owned = membership.watch();
+        let mut running: BTreeMap<u32, (Arc<AtomicBool>, JoinHandle<()>)> = BTreeMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            let now: BTreeSet<u32> = owned.borrow_and_update().clone();
+            let revoked: Vec<u32> = running.keys().filter(|p| !now.contains(p)).copied().collect();
+            for p in revoked {
+                let (flag, worker) = running.remove(&p).expect("running");
+                flag.store(true, Ordering::Relaxed);
+                let _ = worker.join();
+                tracing::info!(partition = p, "dedup worker stopped: partition revoked");
+            }
+            for p in now {
+                if running.contains_key(&p) {
+                    continue;
+                }
+                let flag = Arc::new(AtomicBool::new(false));
+                let settings = DedupSettings { stop: flag.clone(), ..settings.clone() };
+                match spawn_worker(p, log.clone(), settings, metrics.clone(), rt.clone()) {
+                    Ok(worker) => {
+                        running.insert(p, (flag, worker));
+                    }
+                    Err(e) => tracing::error!(partition = p, error = %e, "cannot start a dedup worker thread; retrying"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (flag, _) in running.values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        for (_, (_, worker)) in running {
+            let _ = worker.join();
+        }
+        drop(membership); // leave the group only once every worker has stopped
+    })?;
+    Ok(vec![supervisor])
+}
+
+fn spawn_worker(
+    partition: u32,
+    log: Arc<dyn Log>,
+    settings: DedupSettings,
+    metrics: DedupMetrics,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("dedup-{partition}")).spawn(move || {
+        let mut progress = |p: Progress| {
+            tracing::info!(partition = p.partition, done = p.done, total = p.total, "dedup index catch-up from output");
+        };
+        let stop = settings.stop.clone();
+        while !stop.load(Ordering::Relaxed) {
+            match DedupWorker::open(log.clone(), partition, settings.clone(), metrics.clone(), &rt, &mut progress) {
+                Ok(worker) => return worker.run(rt),
+                Err(sluice_dedup::DedupError::Stopped) => return,
+                Err(e) => {
+                    tracing::error!(partition, error = %e, "dedup worker cannot start; retrying in 5 s");
+                    for _ in 0..50 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }
-        })?;
-        handles.push(handle);
-    }
-    Ok(handles)
+        }
+    })
 }
 
 pub fn run(cmd: DedupCommand) -> Result<()> {

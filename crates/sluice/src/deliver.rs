@@ -26,7 +26,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
 }
 
-/// Open the JobDBs, start the directors, one route task per `output`
+/// Open the JobDBs, start the directors, one route task per owned `output`
 /// partition and the replay runner.
 pub async fn start(config: &Config, log: Arc<dyn Log>, catalog: Arc<Catalog>, registry: &mut Registry) -> Result<Running> {
     let metrics = DeliverMetrics::default();
@@ -38,16 +38,13 @@ pub async fn start(config: &Config, log: Arc<dyn Log>, catalog: Arc<Catalog>, re
         .context("cannot open the JobDBs")?;
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = vec![centrifuge.spawn_housekeeping()];
-    for p in 0..config.log.partitions {
-        tasks.push(tokio::spawn(sluice_route::run_partition(
-            log.clone(),
-            p,
-            centrifuge.clone(),
-            RouteSettings::default(),
-            route_metrics.clone(),
-            stop_rx.clone(),
-        )));
-    }
+    tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
+        log.clone(),
+        centrifuge.clone(),
+        RouteSettings::default(),
+        route_metrics.clone(),
+        stop_rx.clone(),
+    )));
     tasks.push(tokio::spawn(sluice_route::run_replays(log, centrifuge.clone(), stop_rx)));
     let snap = catalog.snapshot();
     tracing::info!(

@@ -20,11 +20,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sluice_core::metrics::Registry;
+use sluice_core::config::LogBackend;
 use sluice_core::Config;
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
-use sluice_log::{EmbeddedLog, Log, LogMetrics, LogOptions};
+use sluice_log::{EmbeddedLog, KafkaLog, KafkaOptions, Log, LogMetrics, LogOptions};
 
 /// mimalloc: the pipeline allocates many small, short-lived buffers across
 /// threads (events, jobs, HTTP requests); glibc malloc spent ~15% of the
@@ -198,21 +199,17 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     let mut registry = Registry::default();
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);
-    let log_dir = config.server.data_dir.join("log");
-    let options = log_options(&config, log_metrics);
-    let log = {
-        let dir = log_dir.clone();
-        tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, options)).await?
-    }
-    .with_context(|| format!("cannot open the log in {}", log_dir.display()))?;
-    let log = Arc::new(log);
-    let retention_task = log.spawn_retention(Duration::from_secs(60));
+    let (log, embedded) = open_log(&config, log_metrics).await?;
+    let retention_task = match &embedded {
+        Some(e) => e.spawn_retention(Duration::from_secs(60)),
+        None => tokio::spawn(async {}),
+    };
 
     let dedup_stop = Arc::new(AtomicBool::new(false));
     let dedup_workers = if config.dedup.enabled {
         let metrics = DedupMetrics::default();
         metrics.register(&mut registry);
-        dedup::spawn_workers(&config, log.clone() as Arc<dyn Log>, metrics, dedup_stop.clone())?
+        dedup::spawn_workers(&config, log.clone(), metrics, dedup_stop.clone())?
     } else {
         tracing::warn!("dedup is disabled (dedup.enabled = false): nothing reads the input topic");
         Vec::new()
@@ -226,7 +223,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     .context("cannot open the control database")?;
 
     let delivery = if config.deliver.enabled && config.dedup.enabled {
-        Some(deliver::start(&config, log.clone() as Arc<dyn Log>, catalog.clone(), &mut registry).await?)
+        Some(deliver::start(&config, log.clone(), catalog.clone(), &mut registry).await?)
     } else {
         if config.deliver.enabled {
             tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
@@ -234,10 +231,10 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         None
     };
 
-    let lag_task = spawn_lag_monitor(log.clone() as Arc<dyn Log>, &config, &mut registry);
+    let lag_task = spawn_lag_monitor(log.clone(), &config, &mut registry);
 
     let ingest = Ingest::new(
-        log.clone() as Arc<dyn Log>,
+        log.clone(),
         IngestSettings::from_config(&config),
         &config.sources,
         config.ingest.default_rate_limit,
@@ -271,7 +268,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let admin_state = Arc::new(admin::AdminState {
         registry: Arc::new(registry),
-        log: log.clone() as Arc<dyn Log>,
+        log: log.clone(),
         jobs_dir: config.server.data_dir.join("jobs"),
         catalog: catalog.clone(),
         ingest: ingest.clone(),
@@ -309,9 +306,12 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(d) = delivery {
         d.stop().await;
     }
-    match Arc::try_unwrap(log) {
-        Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
-        Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
+    drop(log);
+    if let Some(embedded) = embedded {
+        match Arc::try_unwrap(embedded) {
+            Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
+            Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
+        }
     }
     tracing::info!("stopped");
     Ok(())
@@ -343,6 +343,49 @@ fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, registry: &mut Registry
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     })
+}
+
+/// Open the configured log: the embedded one (returned twice: as a `Log`
+/// and for its retention and close) or Kafka.
+async fn open_log(config: &Config, metrics: LogMetrics) -> Result<(Arc<dyn Log>, Option<Arc<EmbeddedLog>>)> {
+    match config.log.backend {
+        LogBackend::Embedded => {
+            let dir = config.server.data_dir.join("log");
+            let options = log_options(config, metrics);
+            let log = {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, options)).await?
+            }
+            .with_context(|| format!("cannot open the log in {}", dir.display()))?;
+            let log = Arc::new(log);
+            Ok((log.clone() as Arc<dyn Log>, Some(log)))
+        }
+        LogBackend::Kafka => {
+            let options = kafka_options(config);
+            let servers = options.bootstrap_servers.clone();
+            let log = tokio::task::spawn_blocking(move || KafkaLog::connect(options))
+                .await?
+                .with_context(|| format!("cannot use Kafka at {servers} (log.kafka.primary.bootstrap_servers)"))?;
+            tracing::info!(bootstrap_servers = %servers, "log: Apache Kafka");
+            Ok((Arc::new(log), None))
+        }
+    }
+}
+
+/// `[log.kafka]` as the Kafka log's options: topics `input` and `output`.
+fn kafka_options(config: &Config) -> KafkaOptions {
+    let k = &config.log.kafka;
+    let partitions = config.log.partitions;
+    let mut o = KafkaOptions::new(
+        k.primary.bootstrap_servers.clone(),
+        vec![(INPUT_TOPIC.into(), partitions), (OUTPUT_TOPIC.into(), partitions)],
+    );
+    o.replication_factor = k.replication_factor as i32;
+    o.produce_timeout = k.produce_timeout;
+    o.request_timeout = k.request_timeout;
+    o.client_id = k.client_id.clone();
+    o.settings = k.settings.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+    o
 }
 
 /// The embedded log's options for `config`: topics `input` and `output`
