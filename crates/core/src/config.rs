@@ -98,6 +98,12 @@ pub struct IngestConfig {
     pub max_batch_events: usize,
     /// Events per second per source when the source sets none; 0 = unlimited.
     pub default_rate_limit: u32,
+    /// With `log.backend = "kafka"`: an append to Kafka not done within this
+    /// time is written to the on-disk spool (`data_dir/spool`) instead.
+    #[serde(with = "humantime_serde")]
+    pub spool_after: Duration,
+    /// Events the spool may hold before ingest answers 503 with Retry-After.
+    pub spool_max_events: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -479,6 +485,8 @@ impl Default for IngestConfig {
             max_event_bytes: 32 * 1024,
             max_batch_events: 2500,
             default_rate_limit: 0,
+            spool_after: Duration::from_secs(2),
+            spool_max_events: 5_000_000,
         }
     }
 }
@@ -568,6 +576,12 @@ impl Config {
         }
         if ing.max_batch_events == 0 {
             return Err(invalid("ingest.max_batch_events", "must be at least 1"));
+        }
+        if ing.spool_after < Duration::from_millis(10) {
+            return Err(invalid("ingest.spool_after", "must be at least 10ms"));
+        }
+        if ing.spool_max_events == 0 {
+            return Err(invalid("ingest.spool_max_events", "must be at least 1"));
         }
         if !(1..=4096).contains(&self.log.partitions) {
             return Err(invalid("log.partitions", format!("must be between 1 and 4096, got {}", self.log.partitions)));

@@ -15,6 +15,7 @@
 pub mod event;
 pub mod ratelimit;
 pub mod server;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::io::Read;

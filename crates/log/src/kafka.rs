@@ -89,6 +89,8 @@ impl KafkaOptions {
             .set("client.id", &self.client_id)
             // Fail fast and loudly on a misspelt host rather than retrying DNS forever.
             .set("socket.timeout.ms", self.request_timeout.as_millis().to_string())
+            // Notice a restarted or moved partition leader within seconds.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .set("log_level", "3");
         for (k, v) in &self.settings {
             c.set(k, v);
@@ -280,10 +282,17 @@ impl Inner {
     }
 
     fn watermarks(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
-        let (lo, hi) = self
-            .offsets_client
-            .fetch_watermarks(topic, partition as i32, self.options.request_timeout)
-            .map_err(kafka("fetch watermarks"))?;
+        let timeout = self.options.request_timeout;
+        let query = || self.offsets_client.fetch_watermarks(topic, partition as i32, timeout);
+        let (lo, hi) = match query() {
+            Ok(w) => w,
+            // After a broker restart the cached metadata can lack the
+            // partition: refresh it once and ask again.
+            Err(_) => {
+                let _ = self.offsets_client.fetch_metadata(Some(topic), timeout);
+                query().map_err(kafka("fetch watermarks"))?
+            }
+        };
         Ok(OffsetRange { start: lo.max(0) as u64, end: hi.max(0) as u64 })
     }
 

@@ -24,6 +24,7 @@ use sluice_core::config::LogBackend;
 use sluice_core::Config;
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
+use sluice_ingest::spool::{Spool, SpoolMetrics, SpoolSettings};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
 use sluice_log::{EmbeddedLog, KafkaLog, KafkaOptions, Log, LogMetrics, LogOptions};
 
@@ -233,8 +234,31 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
 
     let lag_task = spawn_lag_monitor(log.clone(), &config, &mut registry);
 
+    // With Kafka, ingest keeps acknowledging into an on-disk spool while
+    // Kafka is slow or down (the embedded log is local disk already).
+    // Its metrics exist in every mode (depth 0 without a spool), so alert
+    // rules and dashboards work unchanged.
+    let spool_metrics = SpoolMetrics::default();
+    spool_metrics.register(&mut registry);
+    let spool = match config.log.backend {
+        LogBackend::Kafka => {
+            let metrics = spool_metrics;
+            let settings = SpoolSettings {
+                spool_after: config.ingest.spool_after,
+                max_events: config.ingest.spool_max_events,
+                ..SpoolSettings::default()
+            };
+            let dir = config.server.data_dir.join("spool");
+            Some(Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, metrics).await.with_context(|| format!("cannot open the ingest spool in {}", dir.display()))?)
+        }
+        LogBackend::Embedded => None,
+    };
+    let ingest_log: Arc<dyn Log> = match &spool {
+        Some(s) => s.clone(),
+        None => log.clone(),
+    };
     let ingest = Ingest::new(
-        log.clone(),
+        ingest_log,
         IngestSettings::from_config(&config),
         &config.sources,
         config.ingest.default_rate_limit,
@@ -296,6 +320,9 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     }
     drop(admin_state);
     drop(ingest);
+    if let Some(s) = spool {
+        s.stop().await;
+    }
     dedup_stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
         for w in dedup_workers {
