@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need,
 # then runs every test of the workspace (unit, spec, property, SDK
-# compatibility, crash and headless-browser console tests). Extra arguments go to `cargo test`.
+# compatibility, crash and headless-browser console tests, the Log suite
+# against the embedded log, rdkafka's MockCluster and a real Kafka broker,
+# the JobDB suite against SQLite, MariaDB and PostgreSQL, and the S3 archive
+# against moto). Extra arguments go to `cargo test`.
 source "$(dirname "$0")/common.sh"
 ensure_build_deps
 cd "$ROOT"
 while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/setup-compat.sh)
 while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/setup-browser.sh)
+# moto's S3 server for the S3 archive tests (they start and stop it).
+# SLUICE_REQUIRE_S3 makes them fail (not skip) if it is missing.
+s3_env="$(bash scripts/setup-s3.sh)"
+while IFS='=' read -r key value; do export "$key=$value"; done <<<"$s3_env"
+export SLUICE_REQUIRE_S3=1
+# MariaDB and PostgreSQL for the JobDB suite, on free ports, stopped at exit.
+# SLUICE_REQUIRE_SQL makes a JobDB test fail (not skip) if a server is missing.
+SQL_DIR="$(mktemp -d "${TMPDIR:-/tmp}/sluice-sql.XXXXXX")"
+chmod 755 "$SQL_DIR"  # the postgres user must reach its data directory
+KAFKA_DIR="$SQL_DIR/kafka"
+stop_services() {
+  bash scripts/kafka.sh stop "$KAFKA_DIR" || true
+  bash scripts/sql.sh stop "$SQL_DIR/mariadb" || true
+  bash scripts/sql.sh stop "$SQL_DIR/postgres" || true
+  rm -rf "$SQL_DIR"
+}
+trap stop_services EXIT
+sql_urls="$(bash scripts/sql.sh start-mariadb "$SQL_DIR/mariadb" "$(bash scripts/sql.sh free-port 33306)")"
+sql_urls+=$'\n'"$(bash scripts/sql.sh start-postgres "$SQL_DIR/postgres" "$(bash scripts/sql.sh free-port 35432)")"
+while IFS='=' read -r key value; do export "$key=$value"; done <<<"$sql_urls"
+export SLUICE_REQUIRE_SQL=1
+# Apache Kafka (Maven Central jars, KRaft, 127.0.0.1) for the Log suite;
+# the Kafka-mode tests start private brokers of their own with the same script.
+# SLUICE_REQUIRE_KAFKA makes them fail (not skip) without a broker.
+kafka_port="$(bash scripts/sql.sh free-port 39092)"
+kafka_env="$(bash scripts/kafka.sh start sluice-test "$kafka_port" "$(bash scripts/sql.sh free-port 39093)" "$KAFKA_DIR")"
+export SLUICE_TEST_KAFKA_BOOTSTRAP="${kafka_env#KAFKA_BOOTSTRAP=}"
+export SLUICE_REQUIRE_KAFKA=1
 log "building and running the tests (target dir: $CARGO_TARGET_DIR)"
 cargo test --release --workspace "$@"
 log "OpenTelemetry traces (cargo feature otel)"

@@ -42,6 +42,7 @@ pub struct Config {
     pub log: LogConfig,
     pub dedup: DedupConfig,
     pub deliver: DeliverConfig,
+    pub director: DirectorConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub connections: Vec<ConnectionConfig>,
@@ -128,6 +129,25 @@ pub struct LogConfig {
     /// `embedded` (files under `data_dir/log`) or `kafka` (`[log.kafka]`).
     pub backend: LogBackend,
     pub kafka: KafkaConfig,
+}
+
+/// `[director]`: a `sluice director` process (the scaled-out mode).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorConfig {
+    /// This director's name: unique among the directors sharing
+    /// `deliver.jobdb_url`, and kept across restarts (its JobDBs carry it).
+    pub name: String,
+    /// Where the route's RPC calls are served (HTTP/2, cleartext).
+    pub rpc_listen: String,
+    /// The URL routes use to reach it; default `http://<rpc_listen>`.
+    pub rpc_url: Option<String>,
+}
+
+impl Default for DirectorConfig {
+    fn default() -> Self {
+        Self { name: "director".into(), rpc_listen: "127.0.0.1:8090".into(), rpc_url: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -234,6 +254,11 @@ pub struct DeliverConfig {
     pub jobdb_rotate_after: Duration,
     /// ...or holds this many jobs.
     pub jobdb_max_jobs: u64,
+    /// Where the JobDBs live: empty = SQLite files in `data_dir/jobs`; or a
+    /// MySQL/MariaDB (`mysql://user:password@host:port/database`) or
+    /// PostgreSQL (`postgres://user:password@host:port/database`) database,
+    /// one table set per JobDB.
+    pub jobdb_url: Option<String>,
     /// Awaiting jobs each director keeps in memory; the rest wait in the JobDB.
     pub cache_jobs: usize,
     /// First retry delay (before jitter); doubles per attempt.
@@ -262,8 +287,42 @@ pub struct DeliverConfig {
     pub circuit_cooldown: Duration,
     /// Let every destination reach loopback/private/link-local addresses.
     pub allow_private_network: bool,
-    /// Where jobs past their retry window are archived (`file://` path or a directory); default `data_dir/archive`.
+    /// Where jobs past their retry window are archived (a local directory); default `data_dir/archive`.
     pub archive_dir: Option<PathBuf>,
+    /// Where jobs are archived, as a URL: `file:///path` or `s3://bucket[/prefix]`;
+    /// empty = `archive_dir`. Exclusive with `archive_dir`.
+    pub archive_url: Option<String>,
+    /// S3-compatible server to use instead of AWS (`http://` allowed); default `AWS_ENDPOINT` or AWS.
+    pub archive_s3_endpoint: Option<String>,
+    /// S3 region; default `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub archive_s3_region: Option<String>,
+}
+
+/// Where archived jobs are written: `deliver.archive_url`, else
+/// `deliver.archive_dir`, else `data_dir/archive`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveTarget {
+    /// A local directory.
+    Local(PathBuf),
+    /// An S3 bucket (or a bucket of the S3-compatible server at `endpoint`);
+    /// objects go under `prefix` (no leading or trailing `/`; may be empty).
+    /// Credentials come from the standard `AWS_*` environment variables.
+    S3 { bucket: String, prefix: String, endpoint: Option<String>, region: Option<String> },
+}
+
+impl std::fmt::Display for ArchiveTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArchiveTarget::Local(dir) => write!(f, "{}", dir.display()),
+            ArchiveTarget::S3 { bucket, prefix, endpoint, .. } => {
+                write!(f, "s3://{bucket}/{prefix}")?;
+                match endpoint {
+                    Some(e) => write!(f, " (at {e})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 /// A retry policy: exponential backoff with full jitter, for `retry_window`.
@@ -290,6 +349,7 @@ impl Default for DeliverConfig {
             enabled: true,
             jobdb_rotate_after: Duration::from_secs(30 * 60),
             jobdb_max_jobs: 1_000_000,
+            jobdb_url: None,
             cache_jobs: 100_000,
             initial_backoff: RetryPolicy::DEFAULT.initial_backoff,
             max_backoff: RetryPolicy::DEFAULT.max_backoff,
@@ -302,6 +362,9 @@ impl Default for DeliverConfig {
             circuit_cooldown: Duration::from_secs(5),
             allow_private_network: false,
             archive_dir: None,
+            archive_url: None,
+            archive_s3_endpoint: None,
+            archive_s3_region: None,
         }
     }
 }
@@ -314,6 +377,78 @@ impl DeliverConfig {
             max_backoff: self.max_backoff,
             retry_window: self.retry_window,
             request_timeout: self.request_timeout,
+        }
+    }
+
+    /// Where archived jobs go (`data_dir/archive` by default), from
+    /// `archive_url`, `archive_dir` and the `archive_s3_*` keys; an error
+    /// names the key at fault.
+    pub fn archive_target(&self, data_dir: &Path) -> Result<ArchiveTarget, ConfigError> {
+        const URL: &str = "deliver.archive_url";
+        const USAGE: &str = "use file:///path/to/dir or s3://bucket/prefix";
+        let url = self.archive_url.as_deref().map(str::trim).unwrap_or("");
+        let s3_only = || {
+            for (key, set) in [("archive_s3_endpoint", self.archive_s3_endpoint.is_some()), ("archive_s3_region", self.archive_s3_region.is_some())] {
+                if set {
+                    return Err(invalid(format!("deliver.{key}"), "is only used with an s3:// deliver.archive_url"));
+                }
+            }
+            Ok(())
+        };
+        if url.is_empty() {
+            s3_only()?;
+            return Ok(ArchiveTarget::Local(self.archive_dir.clone().unwrap_or_else(|| data_dir.join("archive"))));
+        }
+        if self.archive_dir.is_some() {
+            return Err(invalid(URL, "set either deliver.archive_url or deliver.archive_dir, not both"));
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(invalid(URL, format!("{url:?} is not a URL: {USAGE}")));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(invalid(URL, format!("{url:?}: a query or fragment is not supported: {USAGE}")));
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "file" => {
+                s3_only()?;
+                let path = rest.strip_prefix("localhost").unwrap_or(rest);
+                if !path.starts_with('/') {
+                    return Err(invalid(URL, format!("{url:?}: a file URL needs an absolute path (file:///path/to/dir)")));
+                }
+                Ok(ArchiveTarget::Local(PathBuf::from(path)))
+            }
+            "s3" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let bucket_ok = (3..=63).contains(&bucket.len())
+                    && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+                    && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+                if !bucket_ok {
+                    return Err(invalid(URL, format!("{url:?}: {bucket:?} is not an S3 bucket name (3-63 characters of a-z 0-9 . -)")));
+                }
+                let prefix = prefix.trim_matches('/');
+                if !prefix.is_empty() && prefix.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.chars().any(char::is_control)) {
+                    return Err(invalid(URL, format!("{url:?}: the prefix {prefix:?} has an empty, `.` or `..` part")));
+                }
+                let endpoint = match self.archive_s3_endpoint.as_deref().map(str::trim) {
+                    None => None,
+                    Some(e) => {
+                        let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")).unwrap_or("");
+                        if host.is_empty() || host.starts_with('/') || host.contains(char::is_whitespace) {
+                            return Err(invalid("deliver.archive_s3_endpoint", format!("{e:?} is not an http:// or https:// URL")));
+                        }
+                        Some(e.trim_end_matches('/').to_owned())
+                    }
+                };
+                let region = match self.archive_s3_region.as_deref().map(str::trim) {
+                    Some(r) if r.is_empty() || r.contains(char::is_whitespace) => {
+                        return Err(invalid("deliver.archive_s3_region", format!("{r:?} is not a region name")));
+                    }
+                    r => r.map(str::to_owned),
+                };
+                Ok(ArchiveTarget::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned(), endpoint, region })
+            }
+            other => Err(invalid(URL, format!("unknown scheme {other:?} in {url:?}: {USAGE}"))),
         }
     }
 }
@@ -650,6 +785,12 @@ impl Config {
         if d.jobdb_max_jobs == 0 {
             return Err(invalid("deliver.jobdb_max_jobs", "must be at least 1"));
         }
+        if let Some(url) = d.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("mysql" | "mariadb" | "postgres" | "postgresql")) {
+                return Err(invalid("deliver.jobdb_url", "must be empty (SQLite files) or a mysql://, mariadb://, postgres:// or postgresql:// URL"));
+            }
+        }
         if d.cache_jobs < 100 {
             return Err(invalid("deliver.cache_jobs", "must be at least 100"));
         }
@@ -660,6 +801,7 @@ impl Config {
             return Err(invalid("deliver.circuit_failures", "must be at least 1"));
         }
         check_retry("deliver", &d.retry_policy())?;
+        d.archive_target(&self.server.data_dir)?;
         let mut ids = HashMap::new();
         let mut names = HashMap::new();
         for (i, dest) in self.destinations.iter().enumerate() {
@@ -686,9 +828,19 @@ impl Config {
         Ok(())
     }
 
-    /// Where archived jobs go: `deliver.archive_dir`, or `data_dir/archive`.
+    /// Where archived jobs go (see [`DeliverConfig::archive_target`]; validated).
+    pub fn archive_target(&self) -> ArchiveTarget {
+        self.deliver.archive_target(&self.server.data_dir).expect("validated")
+    }
+
+    /// The local archive directory: a `file://` `deliver.archive_url`,
+    /// `deliver.archive_dir`, or `data_dir/archive` (also when the archive
+    /// is on S3, where nothing is written locally).
     pub fn archive_dir(&self) -> PathBuf {
-        self.deliver.archive_dir.clone().unwrap_or_else(|| self.server.data_dir.join("archive"))
+        match self.deliver.archive_target(&self.server.data_dir) {
+            Ok(ArchiveTarget::Local(dir)) => dir,
+            _ => self.server.data_dir.join("archive"),
+        }
     }
 
     /// Retention of the `output` topic: `log.output_retention`, or the dedup window.

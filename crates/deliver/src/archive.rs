@@ -1,13 +1,19 @@
 //! Archive: a job past its retry window is written, with its whole history,
-//! to object storage (the `object_store` crate; a local directory by
-//! default) *before* its `archived` transition is recorded. A crash between
-//! the two archives it again on restart (same object path: an overwrite).
+//! to object storage (the `object_store` crate: a local directory by
+//! default, or S3 / an S3-compatible server) *before* its `archived`
+//! transition is recorded. A crash between the two archives it again on
+//! restart (same object path: an overwrite). A failed write leaves the job
+//! unfinished; its director tries again later.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use object_store::{local::LocalFileSystem, path::Path as ObjectPath, ObjectStore, PutPayload};
+use object_store::aws::AmazonS3Builder;
+use object_store::prefix::PrefixStore;
+use object_store::{local::LocalFileSystem, path::Path as ObjectPath, BackoffConfig, ObjectStore, PutPayload, RetryConfig};
 use serde_json::json;
+use sluice_core::config::ArchiveTarget;
 
 use crate::jobdb::Transition;
 use crate::DeliverError;
@@ -39,7 +45,48 @@ impl Archive {
         Ok(Archive { store: Arc::new(store), location: dir.display().to_string() })
     }
 
-    /// `<destination>/<YYYY-MM-DD of created_at>/<ksuid>.json`.
+    /// S3 bucket `bucket` (objects under `prefix`, which may be empty), or a
+    /// bucket of the S3-compatible server at `endpoint` (`http://` allowed;
+    /// path-style requests). Credentials, and the region and endpoint when
+    /// not given, come from the standard `AWS_*` environment variables
+    /// (`AmazonS3Builder::from_env`); the region defaults to `us-east-1`.
+    /// Nothing is sent until the first write.
+    pub fn s3(bucket: &str, prefix: &str, endpoint: Option<&str>, region: Option<&str>) -> Result<Archive, DeliverError> {
+        // A write is retried briefly here; the director retries a failed one later anyway.
+        let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(10), backoff: BackoffConfig::default() };
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = region {
+            builder = builder.with_region(region);
+        }
+        let store = builder.build().map_err(|e| DeliverError::Archive(format!("S3 bucket {bucket}: {e}")))?;
+        let store: Arc<dyn ObjectStore> = match prefix.trim_matches('/') {
+            "" => Arc::new(store),
+            p => Arc::new(PrefixStore::new(store, p)),
+        };
+        let mut location = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
+        if let Some(e) = endpoint {
+            location.push_str(&format!(" (at {e})"));
+        }
+        Ok(Archive { store, location })
+    }
+
+    /// The archive `target` names (see `deliver.archive_url`).
+    pub fn open(target: &ArchiveTarget) -> Result<Archive, DeliverError> {
+        match target {
+            ArchiveTarget::Local(dir) => Self::local(dir),
+            ArchiveTarget::S3 { bucket, prefix, endpoint, region } => Self::s3(bucket, prefix, endpoint.as_deref(), region.as_deref()),
+        }
+    }
+
+    /// The archive a (validated) configuration names.
+    pub fn from_config(config: &sluice_core::Config) -> Result<Archive, DeliverError> {
+        Self::open(&config.archive_target())
+    }
+
+    /// `<destination>/<YYYY-MM-DD of created_at>/<ksuid>.json` (under the S3 prefix, if any).
     pub fn object_path(destination: &str, created_at: i64, id: crate::ksuid::Ksuid) -> String {
         let day = chrono::DateTime::from_timestamp_millis(created_at).map(|d| d.format("%Y-%m-%d").to_string()).unwrap_or_default();
         format!("{destination}/{day}/{id}.json")

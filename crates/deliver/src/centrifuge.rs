@@ -12,21 +12,24 @@
 //!   events logged before the newest JobDB was created are first looked up
 //!   in the sealed ones (a route replay after a crash that straddles a
 //!   rotation).
-//! - On start every JobDB file found is locked and picked up by a director,
-//!   which reloads its unfinished jobs.
+//! - On start every JobDB found (files in `data_dir/jobs`, or the registry
+//!   of the `deliver.jobdb_url` database: [`JobDbs`]) is locked and picked
+//!   up by a director, which reloads its unfinished jobs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_core::config::ArchiveTarget;
 use tokio::sync::RwLock;
 
 use crate::archive::Archive;
 use crate::control::Catalog;
 use crate::director::{self, DirectorExit, DirectorHandle, Shared};
 use crate::executor::Executor;
-use crate::jobdb::{jobdb_path, list_jobdbs, JobDb, NewJob};
+use crate::backend::JobDbs;
+use crate::jobdb::NewJob;
 use crate::metrics::DeliverMetrics;
 use crate::{now_ms, DeliverError};
 
@@ -34,11 +37,14 @@ use crate::{now_ms, DeliverError};
 pub struct CentrifugeOptions {
     /// Where the JobDB files live (`data_dir/jobs`).
     pub dir: PathBuf,
+    /// The database that holds the JobDBs instead (`deliver.jobdb_url`); empty or `None` = files in `dir`.
+    pub jobdb_url: Option<String>,
     pub rotate_after: Duration,
     pub max_jobs: u64,
     pub cache_jobs: usize,
     pub connect_timeout: Duration,
-    pub archive_dir: PathBuf,
+    /// Where jobs past their retry window are archived (a local directory or S3).
+    pub archive: ArchiveTarget,
 }
 
 impl CentrifugeOptions {
@@ -46,11 +52,12 @@ impl CentrifugeOptions {
         let d = &config.deliver;
         CentrifugeOptions {
             dir: config.server.data_dir.join("jobs"),
+            jobdb_url: d.jobdb_url.clone(),
             rotate_after: d.jobdb_rotate_after,
             max_jobs: d.jobdb_max_jobs,
             cache_jobs: d.cache_jobs,
             connect_timeout: d.connect_timeout,
-            archive_dir: config.archive_dir(),
+            archive: config.archive_target(),
         }
     }
 }
@@ -70,23 +77,8 @@ struct State {
 pub struct Centrifuge {
     shared: Arc<Shared>,
     options: CentrifugeOptions,
+    jobdbs: JobDbs,
     state: RwLock<State>,
-}
-
-/// Lock `path`'s lock file (held for the director's life).
-fn lock_jobdb(path: &Path) -> Result<std::fs::File, DeliverError> {
-    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| DeliverError::Io { path: lock_path.display().to_string(), source })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(DeliverError::Locked(path.display().to_string())),
-        Err(std::fs::TryLockError::Error(source)) => Err(DeliverError::Io { path: lock_path.display().to_string(), source }),
-    }
 }
 
 /// Run file and SQLite work off the async threads; `path` names it in errors.
@@ -100,57 +92,47 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 impl Centrifuge {
-    /// Pick up every JobDB in `options.dir` (creating the first if none) and start their directors.
+    /// Pick up every JobDB in `options.dir` or the `options.jobdb_url` database (creating the first if none) and start their directors.
     pub async fn open(options: CentrifugeOptions, catalog: Arc<Catalog>, metrics: DeliverMetrics) -> Result<Arc<Centrifuge>, DeliverError> {
         let executor = Executor::new(options.connect_timeout).map_err(|e| DeliverError::Http(e.to_string()))?;
         let dir = options.dir.clone();
-        let (archive, found) = blocking(dir.clone(), {
-            let (dir, archive_dir) = (dir.clone(), options.archive_dir.clone());
-            move || {
-                let archive = Archive::local(&archive_dir)?;
-                std::fs::create_dir_all(&dir).map_err(|source| DeliverError::Io { path: dir.display().to_string(), source })?;
-                Ok((archive, list_jobdbs(&dir)?))
-            }
+        let archive = blocking(dir.clone(), {
+            let target = options.archive.clone();
+            move || Archive::open(&target)
         })
         .await?;
+        tracing::info!(archive = %archive.location, "archive opened");
         let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
+        let jobdbs = JobDbs::new(&dir, options.jobdb_url.as_deref())?;
+        let found = jobdbs.list().await?;
         let mut lives = Vec::new();
-        for (seq, path) in &found {
-            lives.push(Self::start(*seq, path.clone(), &shared).await?);
+        for seq in &found {
+            lives.push(Self::start(*seq, &jobdbs, &shared).await?);
         }
-        let next_seq = found.last().map_or(1, |(s, _)| s + 1);
+        let next_seq = found.last().map_or(1, |s| s + 1);
         let reusable = lives.last().is_some_and(|l| {
             now_ms() - l.created_ms < options.rotate_after.as_millis() as i64 && l.jobs.load(Ordering::Relaxed) < options.max_jobs
         });
         let (newest, next_seq) = if reusable {
             (lives.pop().expect("checked"), next_seq)
         } else {
-            (Self::start(next_seq, jobdb_path(&dir, next_seq), &shared).await?, next_seq + 1)
+            (Self::start(next_seq, &jobdbs, &shared).await?, next_seq + 1)
         };
         for l in &lives {
             l.handle.seal();
         }
         if !found.is_empty() {
-            tracing::info!(jobdbs = found.len(), dir = %dir.display(), "picked up JobDBs; directors reload their unfinished jobs");
+            tracing::info!(jobdbs = found.len(), location = %jobdbs.describe(), "picked up JobDBs; directors reload their unfinished jobs");
         }
         shared.metrics.jobdbs.set(lives.len() as i64 + 1);
-        Ok(Arc::new(Centrifuge { shared, options, state: RwLock::new(State { newest, sealed: lives, next_seq }) }))
+        Ok(Arc::new(Centrifuge { shared, options, jobdbs, state: RwLock::new(State { newest, sealed: lives, next_seq }) }))
     }
 
-    async fn start(seq: u64, path: PathBuf, shared: &Arc<Shared>) -> Result<Live, DeliverError> {
-        let (lock, db, created_ms, jobs) = blocking(path.clone(), {
-            let path = path.clone();
-            move || {
-                let lock = lock_jobdb(&path)?;
-                let db = JobDb::open(&path)?;
-                db.set_meta_once("created_at", &now_ms().to_string())?;
-                let created: i64 = db.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms);
-                let jobs = db.job_count()?;
-                Ok((lock, db, created, jobs))
-            }
-        })
-        .await?;
-        let handle = director::spawn(seq, path, lock, db, shared.clone())?;
+    /// Lock and open JobDB `seq` (creating it if needed) and start its director.
+    async fn start(seq: u64, jobdbs: &JobDbs, shared: &Arc<Shared>) -> Result<Live, DeliverError> {
+        let opened = jobdbs.open(seq).await?;
+        let (created_ms, jobs) = (opened.created_ms, opened.jobs);
+        let handle = director::spawn(opened, jobdbs.clone(), shared.clone())?;
         Ok(Live { handle, created_ms, jobs: AtomicU64::new(jobs) })
     }
 
@@ -207,10 +189,10 @@ impl Centrifuge {
         st.sealed.retain(|l| !l.handle.task.is_finished());
         if due(&st.newest) && st.newest.jobs.load(Ordering::Relaxed) > 0 {
             let seq = st.next_seq;
-            let fresh = Self::start(seq, jobdb_path(&self.options.dir, seq), &self.shared).await?;
+            let fresh = Self::start(seq, &self.jobdbs, &self.shared).await?;
             st.next_seq += 1;
             let old = std::mem::replace(&mut st.newest, fresh);
-            tracing::info!(sealed = %old.handle.path.display(), jobs = old.jobs.load(Ordering::Relaxed), newest = seq, "JobDB rotated");
+            tracing::info!(sealed = %old.handle.name, jobs = old.jobs.load(Ordering::Relaxed), newest = seq, "JobDB rotated");
             old.handle.seal();
             st.sealed.push(old);
         }

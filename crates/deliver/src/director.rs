@@ -1,8 +1,13 @@
 //! A director: the one scheduler of one JobDB.
 //!
 //! Invariants:
-//! - The director holds its JobDB's lock file for as long as it runs; no
-//!   other director (in this or another process) drives the same JobDB.
+//! - The director holds its JobDB's lock (a lock file, or a lock held by a
+//!   database session of its own: [`crate::backend::JobDbLock`]) for as
+//!   long as it runs; no other director (in this or another process) drives
+//!   the same JobDB. A lock held by a database session is checked every
+//!   [`LOCK_CHECK_INTERVAL`]: if its session ended, the director takes the
+//!   lock again, or, if it cannot (another director has it, or the
+//!   database does not answer), stops sending at once.
 //! - It learns of jobs only from its writer ([`FromWriter`]), in commit
 //!   order, so it never schedules a job that is not durable. `loaded_upto`
 //!   is the highest id it has seen; every unfinished job at or below it is
@@ -30,7 +35,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +43,7 @@ use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::archive::{ArchivedJob, Archive};
+use crate::backend::{JobDbLock, JobDbs, OpenedJobDb};
 use crate::control::Catalog;
 use crate::executor::{Attempt, Executor, Verdict};
 use crate::gate::{Blocked, Destination, Permit};
@@ -54,6 +59,8 @@ pub const TURN: u32 = 8;
 pub const PAYLOAD_WINDOW: usize = 2048;
 /// Most requests started per scheduling pass.
 const MAX_DISPATCH: usize = 1024;
+/// How often a director checks that its database session still holds its lock.
+pub const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// A failed archive write is tried again after this.
 const ARCHIVE_RETRY: Duration = Duration::from_secs(30);
 
@@ -114,7 +121,8 @@ pub(crate) enum Msg {
 /// The handle the Centrifuge keeps for a running director.
 pub struct DirectorHandle {
     pub seq: u64,
-    pub path: PathBuf,
+    /// The JobDB's name in logs ([`JobDbs::name`]).
+    pub name: String,
     pub writer: WriterHandle,
     pub(crate) inbox: UnboundedSender<Msg>,
     pub task: tokio::task::JoinHandle<DirectorExit>,
@@ -140,8 +148,10 @@ impl DirectorHandle {
 
 pub(crate) struct Director {
     seq: u64,
-    path: PathBuf,
-    lock: Option<std::fs::File>,
+    name: String,
+    /// Where the JobDB lives (to remove it when finished).
+    jobdbs: JobDbs,
+    lock: Option<JobDbLock>,
     writer: Option<WriterHandle>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -164,23 +174,24 @@ pub(crate) struct Director {
     /// Destinations with a reload in flight.
     reloading: std::collections::HashSet<String>,
     last_report: Instant,
+    last_lock_check: Instant,
 }
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
 /// pages in every unfinished job (a pick-up after a crash, or a restart).
 pub(crate) fn spawn(
-    seq: u64,
-    path: PathBuf,
-    lock: std::fs::File,
-    db: crate::jobdb::JobDb,
+    opened: OpenedJobDb,
+    jobdbs: JobDbs,
     shared: Arc<Shared>,
 ) -> Result<DirectorHandle, crate::DeliverError> {
+    let OpenedJobDb { seq, name, store, lock, max_id, .. } = opened;
     let (writer_tx, writer_rx) = unbounded_channel();
-    let (writer, writer_thread) = WriterHandle::spawn(db, writer_tx)?;
+    let (writer, writer_thread) = WriterHandle::spawn(store, format!("jobdb-{seq:06}"), max_id, writer_tx)?;
     let (inbox_tx, inbox_rx) = unbounded_channel();
     let director = Director {
         seq,
-        path: path.clone(),
+        name: name.clone(),
+        jobdbs,
         lock: Some(lock),
         writer: Some(writer.clone()),
         writer_thread: Some(writer_thread),
@@ -201,9 +212,10 @@ pub(crate) fn spawn(
         spilled: HashMap::new(),
         reloading: Default::default(),
         last_report: Instant::now(),
+        last_lock_check: Instant::now(),
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
-    Ok(DirectorHandle { seq, path, writer, inbox: inbox_tx, task })
+    Ok(DirectorHandle { seq, name, writer, inbox: inbox_tx, task })
 }
 
 impl Director {
@@ -223,6 +235,12 @@ impl Director {
             }
             while let Ok(m) = inbox.try_recv() {
                 self.on_msg(m);
+            }
+            if self.last_lock_check.elapsed() >= LOCK_CHECK_INTERVAL {
+                self.last_lock_check = Instant::now();
+                if !self.keep_lock().await {
+                    self.stopping = true; // the shutdown sends nothing new: it records what is in flight
+                }
             }
             if self.stopping {
                 return self.shutdown(&mut inbox).await;
@@ -244,12 +262,12 @@ impl Director {
                 match self.writer().count_unfinished().await {
                     Ok(0) => return self.drop_jobdb().await,
                     Ok(n) => {
-                        tracing::warn!(jobdb = %self.path.display(), unfinished = n, "sealed JobDB has unfinished jobs not in memory; reloading");
+                        tracing::warn!(jobdb = %self.name, unfinished = n, "sealed JobDB has unfinished jobs not in memory; reloading");
                         self.backlog = true;
                         self.loaded_upto = None;
                         self.spilled.clear();
                     }
-                    Err(e) => tracing::error!(jobdb = %self.path.display(), error = %e, "cannot count unfinished jobs"),
+                    Err(e) => tracing::error!(jobdb = %self.name, error = %e, "cannot count unfinished jobs"),
                 }
                 continue;
             }
@@ -328,7 +346,7 @@ impl Director {
                 }
             }
             FromWriter::Failed { error, lost } => {
-                tracing::error!(jobdb = %self.path.display(), %error, "a JobDB write failed; sending its fire-and-forget part again");
+                tracing::error!(jobdb = %self.name, %error, "a JobDB write failed; sending its fire-and-forget part again");
                 // Requests with replies (inserts, `executing` rows) were answered with the error
                 // and are retried by their senders; what was sent without waiting is redone here.
                 if lost.page {
@@ -777,6 +795,28 @@ impl Director {
         DirectorExit::Stopped
     }
 
+    /// Whether this director still holds its JobDB's lock: a file lock
+    /// always; a database session's lock unless the session ended and
+    /// another director took the lock meanwhile (then false).
+    async fn keep_lock(&mut self) -> bool {
+        let Some(JobDbLock::Sql(lock)) = &mut self.lock else { return true };
+        if lock.is_held().await {
+            return true;
+        }
+        let JobDbs::Sql(sql) = &self.jobdbs else { return true };
+        match sql.lock_jobdb(self.seq).await {
+            Ok(again) => {
+                tracing::warn!(jobdb = %self.name, "the director lock's database session ended; lock taken again");
+                self.lock = Some(JobDbLock::Sql(again));
+                true
+            }
+            Err(e) => {
+                tracing::error!(jobdb = %self.name, error = %e, "director lock lost; this director stops");
+                false
+            }
+        }
+    }
+
     async fn close_writer(&mut self) {
         if let Some(w) = self.writer.take() {
             w.close();
@@ -790,17 +830,12 @@ impl Director {
         self.shared.metrics.forget_director(self.seq, now_ms());
         self.close_writer().await;
         // Other handles (the Centrifuge's) may still exist, but nothing writes to a sealed JobDB.
-        let path = self.path.clone();
-        let removed = {
-            let p = path.clone();
-            crate::centrifuge::blocking(path.clone(), move || crate::jobdb::remove_jobdb_files(&p)).await
-        };
-        match removed {
+        match self.jobdbs.remove(self.seq).await {
             Ok(()) => {
                 self.shared.metrics.jobdbs_dropped.inc();
-                tracing::info!(jobdb = %path.display(), seq = self.seq, "every job finished: JobDB deleted");
+                tracing::info!(jobdb = %self.name, seq = self.seq, "every job finished: JobDB deleted");
             }
-            Err(e) => tracing::error!(jobdb = %path.display(), error = %e, "cannot delete a finished JobDB"),
+            Err(e) => tracing::error!(jobdb = %self.name, error = %e, "cannot delete a finished JobDB"),
         }
         drop(self.lock.take());
         DirectorExit::Dropped

@@ -1,12 +1,18 @@
 //! Read-only views of the JobDBs for `sluice jobs inspect|stats`. They open
-//! each JobDB read-only, so they work while `sluice serve` runs (WAL mode
-//! lets readers see the last commit without blocking the writer).
+//! each JobDB read-only (no lock, nothing created), so they work while
+//! `sluice serve` runs: SQLite's WAL lets readers see the last commit
+//! without blocking the writer, and the SQL servers do the same. A JobDB
+//! dropped while it is read (every job in it finished) is skipped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::jobdb::{list_jobdbs, JobDb, JobState, StoredJob, Transition};
+use crate::backend::JobDbs;
+use crate::jobdb::{JobState, StoredJob, Transition};
 use crate::DeliverError;
+
+/// Job counts: destination → state → jobs.
+pub type StateCounts = BTreeMap<String, BTreeMap<&'static str, u64>>;
 
 /// A job found by `inspect`, with the JobDB it lives in and its history.
 pub struct Found {
@@ -15,49 +21,60 @@ pub struct Found {
     pub history: Vec<Transition>,
 }
 
-/// Every job whose KSUID or messageId is `key`, across the JobDBs in `dir`.
+/// Every job whose KSUID or messageId is `key`, across the JobDB files in `dir`.
 pub fn find(dir: &Path, key: &str) -> Result<Vec<Found>, DeliverError> {
+    find_in(&JobDbs::Files(dir.to_owned()), key)
+}
+
+/// Every job whose KSUID or messageId is `key`, across `jobdbs`.
+pub fn find_in(jobdbs: &JobDbs, key: &str) -> Result<Vec<Found>, DeliverError> {
     let mut out = Vec::new();
-    for (_, path) in list_jobdbs(dir)? {
-        let db = match JobDb::open_read_only(&path) {
+    for seq in jobdbs.list_blocking()? {
+        let name = jobdbs.name(seq);
+        let mut db = match jobdbs.open_read_only(seq) {
             Ok(db) => db,
             Err(e) => {
-                tracing::warn!(jobdb = %path.display(), error = %e, "skipping a JobDB that cannot be opened (dropped meanwhile?)");
+                tracing::warn!(jobdb = %name, error = %e, "skipping a JobDB that cannot be opened (dropped meanwhile?)");
                 continue;
             }
         };
         let found = db.find(key).and_then(|jobs| {
             jobs.into_iter()
-                .map(|job| Ok(Found { jobdb: path.display().to_string(), history: db.history(job.id)?, job }))
+                .map(|job| Ok(Found { jobdb: name.clone(), history: db.history(job.id)?, job }))
                 .collect::<Result<Vec<_>, DeliverError>>()
         });
         match found {
             Ok(f) => out.extend(f),
             // Deleted while we read it: every job in it had finished.
-            Err(_) if !path.exists() => continue,
+            Err(_) if !jobdbs.exists_blocking(seq) => continue,
             Err(e) => return Err(e),
         }
     }
     Ok(out)
 }
 
-/// Counts per destination and state, across the JobDBs in `dir`; plus the number of JobDBs.
-pub fn stats(dir: &Path) -> Result<(usize, BTreeMap<String, BTreeMap<&'static str, u64>>), DeliverError> {
-    let dbs = list_jobdbs(dir)?;
-    let mut out: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
-    for (_, path) in &dbs {
-        let Ok(db) = JobDb::open_read_only(path) else { continue };
+/// Counts per destination and state, across the JobDB files in `dir`; plus the number of JobDBs.
+pub fn stats(dir: &Path) -> Result<(usize, StateCounts), DeliverError> {
+    stats_in(&JobDbs::Files(dir.to_owned()))
+}
+
+/// Counts per destination and state, across `jobdbs`; plus the number of JobDBs.
+pub fn stats_in(jobdbs: &JobDbs) -> Result<(usize, StateCounts), DeliverError> {
+    let seqs = jobdbs.list_blocking()?;
+    let mut out = StateCounts::new();
+    for &seq in &seqs {
+        let Ok(mut db) = jobdbs.open_read_only(seq) else { continue };
         match db.stats() {
             Ok(rows) => {
                 for (dest, state, n) in rows {
                     *out.entry(dest).or_default().entry(state.as_str()).or_default() += n;
                 }
             }
-            Err(_) if !path.exists() => continue, // dropped while we read it
+            Err(_) if !jobdbs.exists_blocking(seq) => continue, // dropped while we read it
             Err(e) => return Err(e),
         }
     }
-    Ok((dbs.len(), out))
+    Ok((seqs.len(), out))
 }
 
 pub fn state_names() -> impl Iterator<Item = &'static str> {

@@ -146,6 +146,8 @@ fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DeliverError + '_ {
 /// A connection to one JobDB file.
 pub struct JobDb {
     pub path: PathBuf,
+    /// `path` as text, for logs ([`crate::store::JobStore::name`]).
+    pub(crate) name: String,
     conn: Connection,
 }
 
@@ -159,7 +161,7 @@ impl JobDb {
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&e)?;
         conn.execute_batch(SCHEMA).map_err(&e)?;
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(JobDb { path: path.to_owned(), conn })
+        Ok(JobDb { path: path.to_owned(), name: path.display().to_string(), conn })
     }
 
     /// Open an existing JobDB read-only (CLI tools, while a director writes).
@@ -168,7 +170,7 @@ impl JobDb {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(&e)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&e)?;
-        Ok(JobDb { path: path.to_owned(), conn })
+        Ok(JobDb { path: path.to_owned(), name: path.display().to_string(), conn })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> DeliverError + '_ {

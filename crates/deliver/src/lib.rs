@@ -2,7 +2,8 @@
 //!
 //! Every (event, destination) is a *job*. Jobs live in JobDBs — SQLite files
 //! in WAL mode with an immutable `jobs` table and an append-only
-//! `job_state_transitions` table ([`jobdb`]). Each JobDB has one writer
+//! `job_state_transitions` table ([`jobdb`]), or table sets in a MySQL/MariaDB
+//! or PostgreSQL database ([`sqljobdb`]), behind one trait ([`store`]). Each JobDB has one writer
 //! thread ([`writer`]) and one *director* ([`director`]) that keeps its
 //! unfinished jobs in memory and runs them through the HTTP [`executor`],
 //! fairly across (source, destination) pairs, within each destination's
@@ -15,9 +16,11 @@
 //! after its `executing` row commits; every outcome is a new row.
 
 pub mod archive;
+pub mod backend;
 pub mod centrifuge;
 pub mod control;
 pub mod director;
+pub mod directory;
 pub mod executor;
 pub mod gate;
 pub mod inspect;
@@ -25,6 +28,8 @@ pub mod jobdb;
 pub mod ksuid;
 pub mod metrics;
 pub mod sink;
+pub mod sqljobdb;
+pub mod store;
 pub mod writer;
 
 pub use centrifuge::{Centrifuge, CentrifugeOptions};
@@ -35,8 +40,16 @@ pub use metrics::DeliverMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
+    #[error("directory of directors: {0}")]
+    Directory(String),
     #[error("SQLite error on {path}: {source}")]
     Sqlite { path: String, source: rusqlite::Error },
+    #[error("SQL error on {jobdb}: {source}")]
+    Sql { jobdb: String, source: sqlx::Error },
+    #[error("bad JobDB database URL {0}")]
+    SqlUrl(String),
+    #[error("the director lock {lock} in {database} is held by another director (is another `sluice serve` using this database?)")]
+    SqlLocked { lock: String, database: String },
     #[error("I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("the JobDB {0} is locked by another director (is another `sluice serve` running on this data_dir?)")]

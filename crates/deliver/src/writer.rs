@@ -1,9 +1,12 @@
-//! The one thread that owns a JobDB's SQLite connection.
+//! The one thread that owns a JobDB's connection (a [`JobStore`]: an SQLite
+//! file, or a table set in MySQL/MariaDB or PostgreSQL driven through a
+//! small runtime of its own on this thread).
 //!
 //! Invariants:
 //! - Every write to a JobDB goes through its writer thread, one transaction
 //!   per drained group of commands (group commit): many route batches and
-//!   many state changes share one `synchronous = FULL` commit.
+//!   many state changes share one durable commit (SQLite `synchronous =
+//!   FULL`; the SQL servers' durable commit).
 //! - Job ids are assigned here, in commit order, by a monotonic KSUID
 //!   generator; the writer tells the director about new jobs and loaded
 //!   pages through the same ordered channel, *after* the commit. So the
@@ -12,7 +15,6 @@
 //! - A reply is sent only after the commit it depends on.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use bytes::Bytes;
 use std::sync::mpsc;
@@ -20,8 +22,9 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use crate::jobdb::{JobDb, NewJob, StoredJob, Transition};
+use crate::jobdb::{NewJob, StoredJob, Transition};
 use crate::ksuid::{Ksuid, KsuidGenerator};
+use crate::store::JobStore;
 use crate::DeliverError;
 
 /// What the writer tells its director, in commit order.
@@ -70,7 +73,8 @@ enum Cmd {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Cmd>,
-    pub path: PathBuf,
+    /// The JobDB's name ([`JobStore::name`]).
+    pub name: String,
 }
 
 /// Most commands folded into one transaction.
@@ -78,16 +82,23 @@ const MAX_GROUP: usize = 4096;
 
 impl WriterHandle {
     /// Start the writer thread for `db`; it reports to `director`.
-    pub fn spawn(db: JobDb, director: UnboundedSender<FromWriter>) -> Result<(WriterHandle, JoinHandle<()>), DeliverError> {
+    /// `thread_name` names the thread (e.g. `jobdb-000001`); `max_id` is
+    /// the largest job id in `db` ([`JobStore::max_id`], read by the caller
+    /// off the async threads): new ids continue above it.
+    pub fn spawn(
+        db: Box<dyn JobStore>,
+        thread_name: String,
+        max_id: Option<Ksuid>,
+        director: UnboundedSender<FromWriter>,
+    ) -> Result<(WriterHandle, JoinHandle<()>), DeliverError> {
         let (tx, rx) = mpsc::channel();
-        let path = db.path.clone();
-        let ids = KsuidGenerator::above(db.max_id()?);
-        let name = format!("jobdb-{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let name = db.name().to_owned();
+        let ids = KsuidGenerator::above(max_id);
         let thread = std::thread::Builder::new()
-            .name(name)
+            .name(thread_name)
             .spawn(move || run(db, rx, director, ids))
-            .map_err(|source| DeliverError::Io { path: path.display().to_string(), source })?;
-        Ok((WriterHandle { tx, path }, thread))
+            .map_err(|source| DeliverError::Io { path: name.clone(), source })?;
+        Ok((WriterHandle { tx, name }, thread))
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), DeliverError> {
@@ -182,7 +193,7 @@ impl Pending {
     }
 }
 
-fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
+fn run(mut db: Box<dyn JobStore>, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
     let mut closing = false;
     while !closing {
         let Ok(first) = rx.recv() else { break };
@@ -204,7 +215,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
         let mut to_director = Vec::new();
         let result = db.begin().and_then(|()| {
             for cmd in group.drain(..) {
-                apply(&db, cmd, &mut ids, &mut pending, &mut to_director)?;
+                apply(db.as_mut(), cmd, &mut ids, &mut pending, &mut to_director)?;
             }
             db.commit()
         });
@@ -220,7 +231,7 @@ fn run(db: JobDb, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>
             }
             Err(e) => {
                 db.rollback();
-                tracing::error!(jobdb = %db.path.display(), error = %e, "JobDB transaction failed; rolled back");
+                tracing::error!(jobdb = %db.name(), error = %e, "JobDB transaction failed; rolled back");
                 let msg = e.to_string();
                 let mut lost = Lost::default();
                 // Commands after the failing one in this group were never applied: fail them too.
@@ -251,7 +262,7 @@ fn fail_cmd(cmd: Cmd, err: impl Fn() -> DeliverError, lost: &mut Lost) {
 }
 
 fn apply(
-    db: &JobDb,
+    db: &mut dyn JobStore,
     cmd: Cmd,
     ids: &mut KsuidGenerator,
     pending: &mut Vec<Pending>,
@@ -260,20 +271,23 @@ fn apply(
     match cmd {
         Cmd::Insert { jobs, reply } => {
             let now_s = (crate::now_ms() / 1000) as u64;
-            let mut inserted = Vec::with_capacity(jobs.len());
-            for job in jobs {
-                let id = ids.next(now_s);
-                if db.insert_job(id, &job)? {
-                    inserted.push(StoredJob {
-                        id,
-                        job,
-                        state: crate::jobdb::JobState::AwaitingScheduling,
-                        seq: 0,
-                        attempt: 0,
-                        retry_at: None,
-                    });
-                }
-            }
+            let with_ids: Vec<(Ksuid, &NewJob)> = jobs.iter().map(|job| (ids.next(now_s), job)).collect();
+            let stored = db.insert_jobs(&with_ids)?;
+            let ids: Vec<Ksuid> = with_ids.into_iter().map(|(id, _)| id).collect();
+            let inserted: Vec<StoredJob> = jobs
+                .into_iter()
+                .zip(ids)
+                .zip(stored)
+                .filter(|(_, stored)| *stored)
+                .map(|((job, id), _)| StoredJob {
+                    id,
+                    job,
+                    state: crate::jobdb::JobState::AwaitingScheduling,
+                    seq: 0,
+                    attempt: 0,
+                    retry_at: None,
+                })
+                .collect();
             pending.push(Pending::Insert(reply, inserted.len() as u64));
             if !inserted.is_empty() {
                 to_director.push(FromWriter::Inserted(inserted));
@@ -287,9 +301,7 @@ fn apply(
             pending.push(Pending::Exists(reply, found));
         }
         Cmd::Transitions { rows } => {
-            for t in &rows {
-                db.append_transition(t)?;
-            }
+            db.append_transitions(&rows)?;
             pending.push(Pending::Rows(rows));
         }
         Cmd::LoadPage { after, limit } => {
@@ -307,9 +319,7 @@ fn apply(
             to_director.push(FromWriter::Reloaded { destination, jobs });
         }
         Cmd::Execute { rows, fetch, reply } => {
-            for t in &rows {
-                db.append_transition(t)?;
-            }
+            db.append_transitions(&rows)?;
             let mut payloads = HashMap::with_capacity(fetch.len());
             for id in fetch {
                 if let Some(p) = db.payload(id)? {

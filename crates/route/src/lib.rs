@@ -19,6 +19,8 @@
 
 pub mod plan;
 
+pub mod rpc;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +42,25 @@ pub enum RouteError {
     Log(#[from] LogError),
     #[error(transparent)]
     Deliver(#[from] sluice_deliver::DeliverError),
+    #[error("handing jobs to a director failed: {0}")]
+    Director(String),
+}
+
+/// Where the route hands jobs over: the local Centrifuge (`sluice serve`)
+/// or remote directors over RPC (`sluice route`). `insert` returns only once
+/// the jobs are committed to a JobDB; the route commits its `output` offset
+/// after that.
+#[async_trait::async_trait]
+pub trait JobSink: Send + Sync + 'static {
+    async fn insert_jobs(&self, jobs: Vec<NewJob>, oldest_event_ms: i64) -> Result<(), RouteError>;
+}
+
+#[async_trait::async_trait]
+impl JobSink for Centrifuge {
+    async fn insert_jobs(&self, jobs: Vec<NewJob>, oldest_event_ms: i64) -> Result<(), RouteError> {
+        self.insert(jobs, oldest_event_ms).await?;
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
@@ -91,16 +112,17 @@ impl Default for RouteSettings {
 pub async fn run_partition(
     log: Arc<dyn Log>,
     partition: u32,
-    centrifuge: Arc<Centrifuge>,
+    catalog: Arc<Catalog>,
+    jobs: Arc<dyn JobSink>,
     settings: RouteSettings,
     metrics: RouteMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
-    let planner = Planner::new(centrifuge.catalog().clone());
+    let planner = Planner::new(catalog);
     let mut next: Option<u64> = None;
     let mut failures = 0u32;
     while !*stop.borrow() {
-        match route_batch(&*log, partition, &centrifuge, &planner, &settings, &metrics, &mut next).await {
+        match route_batch(&*log, partition, &*jobs, &planner, &settings, &metrics, &mut next).await {
             Ok(0) => {
                 failures = 0;
                 tokio::select! {
@@ -128,7 +150,8 @@ pub async fn run_partition(
 /// and stopped when it is revoked (the embedded log owns them all).
 pub async fn run_owned_partitions(
     log: Arc<dyn Log>,
-    centrifuge: Arc<Centrifuge>,
+    catalog: Arc<Catalog>,
+    jobs: Arc<dyn JobSink>,
     settings: RouteSettings,
     metrics: RouteMetrics,
     mut stop: watch::Receiver<bool>,
@@ -155,7 +178,7 @@ pub async fn run_owned_partitions(
         for p in now {
             running.entry(p).or_insert_with(|| {
                 let (tx, rx) = watch::channel(false);
-                let task = tokio::spawn(run_partition(log.clone(), p, centrifuge.clone(), settings.clone(), metrics.clone(), rx));
+                let task = tokio::spawn(run_partition(log.clone(), p, catalog.clone(), jobs.clone(), settings.clone(), metrics.clone(), rx));
                 (tx, task)
             });
         }
@@ -174,7 +197,7 @@ pub async fn run_owned_partitions(
 async fn route_batch(
     log: &dyn Log,
     partition: u32,
-    centrifuge: &Centrifuge,
+    jobs: &dyn JobSink,
     planner: &Planner,
     settings: &RouteSettings,
     metrics: &RouteMetrics,
@@ -208,7 +231,7 @@ async fn route_batch(
     let started = std::time::Instant::now();
     // A trace span only for batches with records (empty polls run every few ms).
     let span = tracing::debug_span!("route.batch", partition, records = records.len());
-    tracing::Instrument::instrument(route_records(log, partition, centrifuge, planner, metrics, &records, end), span).await?;
+    tracing::Instrument::instrument(route_records(log, partition, jobs, planner, metrics, &records, end), span).await?;
     metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
     *next = Some(end);
     Ok(records.len())
@@ -218,7 +241,7 @@ async fn route_batch(
 async fn route_records(
     log: &dyn Log,
     partition: u32,
-    centrifuge: &Centrifuge,
+    sink: &dyn JobSink,
     planner: &Planner,
     metrics: &RouteMetrics,
     records: &[sluice_log::StoredRecord],
@@ -240,7 +263,7 @@ async fn route_records(
         }
     }
     metrics.jobs.inc_by(jobs.len() as u64);
-    centrifuge.insert(jobs, oldest).await?;
+    sink.insert_jobs(jobs, oldest).await?;
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
     sluice_core::crash::crash_point("route.after_insert");
     log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
@@ -249,8 +272,7 @@ async fn route_records(
 
 /// Run replay requests from the control database (`sluice replay` files
 /// them; they run here, inside `sluice serve`).
-pub async fn run_replays(log: Arc<dyn Log>, centrifuge: Arc<Centrifuge>, mut stop: watch::Receiver<bool>) {
-    let catalog = centrifuge.catalog().clone();
+pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let pending = {
             let c = catalog.clone();
@@ -259,7 +281,7 @@ pub async fn run_replays(log: Arc<dyn Log>, centrifuge: Arc<Centrifuge>, mut sto
         match pending {
             Ok(Ok(replays)) => {
                 for r in replays {
-                    let outcome = replay_one(&*log, &centrifuge, &catalog, &r).await;
+                    let outcome = replay_one(&*log, &*jobs, &catalog, &r).await;
                     let (state, error) = match &outcome {
                         Ok(_) => ("done", None),
                         Err(e) => ("failed", Some(e.to_string())),
@@ -285,7 +307,7 @@ pub async fn run_replays(log: Arc<dyn Log>, centrifuge: Arc<Centrifuge>, mut sto
 
 async fn replay_one(
     log: &dyn Log,
-    centrifuge: &Centrifuge,
+    sink: &dyn JobSink,
     catalog: &Arc<Catalog>,
     r: &sluice_deliver::control::Replay,
 ) -> Result<(i64, i64), RouteError> {
@@ -301,9 +323,12 @@ async fn replay_one(
         let range = log.offsets(OUTPUT_TOPIC, p).await?;
         let mut next = range.start;
         while next < range.end {
-            let records = log.read(OUTPUT_TOPIC, p, next, 1000).await?;
-            let Some(last) = records.last() else { break };
-            next = last.offset + 1;
+            let batch = log.read_batch(OUTPUT_TOPIC, p, next, 1000).await?;
+            let records = batch.records;
+            if records.is_empty() {
+                break;
+            }
+            next = batch.next;
             let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
             let mut jobs = Vec::new();
             for rec in records.iter().filter(|rec| rec.timestamp_ms >= r.since_ms && rec.offset < range.end) {
@@ -313,7 +338,7 @@ async fn replay_one(
                 }
             }
             made += jobs.len() as i64;
-            centrifuge.insert(jobs, oldest).await?;
+            sink.insert_jobs(jobs, oldest).await?;
         }
     }
     Ok((events, made))

@@ -33,7 +33,8 @@ pub struct AdminState {
     /// `data_dir/jobs`, for the delivery inspector.
     pub jobs_dir: std::path::PathBuf,
     pub catalog: Arc<Catalog>,
-    pub ingest: Arc<Ingest>,
+    /// The Tracking API of this process, if it runs the ingest role.
+    pub ingest: Option<Arc<Ingest>>,
     pub token: Option<String>,
     pub default_rate_limit: u32,
     pub retry_policy: RetryPolicy,
@@ -122,7 +123,9 @@ async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Res
 /// keep their rate-limit buckets: `Ingest::set_sources`).
 pub fn apply_sources(s: &AdminState) {
     let enabled: Vec<SourceConfig> = s.catalog.snapshot().sources.iter().filter(|(_, disabled)| !disabled).map(|(src, _)| src.clone()).collect();
-    s.ingest.set_sources(&enabled, s.default_rate_limit);
+    if let Some(ingest) = &s.ingest {
+        ingest.set_sources(&enabled, s.default_rate_limit);
+    }
 }
 
 fn new_write_key() -> String {

@@ -231,6 +231,14 @@ pub struct E2eBench {
     batch_size: usize,
     #[arg(long, default_value_t = 300)]
     event_bytes: usize,
+    /// Keep the log on this Kafka cluster (`host:port`; a fresh one, e.g.
+    /// `scripts/kafka.sh start`) instead of the embedded log.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Keep the JobDBs in this database (`mysql://…` or `postgres://…`, an
+    /// empty database) instead of SQLite files.
+    #[arg(long)]
+    jobdb_url: Option<String>,
 }
 
 pub fn bench_e2e(args: E2eBench) -> Result<()> {
@@ -251,6 +259,17 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[admin]\nlisten = \"\"\n[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
         dir.path().join("data").display()
+    );
+    if let Some(url) = &args.jobdb_url {
+        toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
+    }
+    if let Some(bootstrap) = &args.kafka {
+        toml.push_str(&format!("[log]\nbackend = \"kafka\"\n[log.kafka.primary]\nbootstrap_servers = \"{bootstrap}\"\n"));
+    }
+    println!(
+        "mode: log {}, JobDBs {}",
+        args.kafka.as_deref().map_or("embedded".to_owned(), |b| format!("Kafka at {b}")),
+        args.jobdb_url.as_deref().map_or("SQLite".to_owned(), |u| u.split('@').next_back().unwrap_or(u).to_owned())
     );
     for s in 0..args.sources {
         toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"wk{s}\"\n"));

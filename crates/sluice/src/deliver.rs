@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use sluice_core::metrics::Registry;
 use sluice_core::Config;
 use sluice_deliver::control::{control_path, ControlDb, REFRESH_INTERVAL};
+use sluice_deliver::directory::Directory;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 use sluice_log::Log;
 use sluice_route::{RouteMetrics, RouteSettings};
@@ -19,51 +20,163 @@ use tokio::task::JoinHandle;
 
 use crate::ConfigArgs;
 
-/// The running route + delivery stages.
+/// The running route and/or director stages.
 pub struct Running {
-    pub centrifuge: Arc<Centrifuge>,
+    pub centrifuge: Option<Arc<Centrifuge>>,
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    /// A separate director's entry in the directory, removed at stop.
+    registered: Option<(Directory, String)>,
 }
 
-/// Open the JobDBs, start the directors, one route task per owned `output`
-/// partition and the replay runner.
-pub async fn start(config: &Config, log: Arc<dyn Log>, catalog: Arc<Catalog>, registry: &mut Registry) -> Result<Running> {
-    let metrics = DeliverMetrics::default();
-    metrics.register(registry);
-    let route_metrics = RouteMetrics::default();
-    route_metrics.register(registry);
-    let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
-        .await
-        .context("cannot open the JobDBs")?;
+/// Start the route (one task per owned `output` partition, and the replay
+/// runner) and/or the director (JobDBs, directors). In one process the route
+/// hands jobs to the local Centrifuge; a separate `sluice route` sends them
+/// to the live directors over RPC, and a separate `sluice director` serves
+/// that RPC and registers itself in the directory (`deliver.jobdb_url`).
+pub async fn start(
+    config: &Config,
+    log: Arc<dyn Log>,
+    catalog: Arc<Catalog>,
+    registry: &mut Registry,
+    route: bool,
+    director: bool,
+) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = vec![centrifuge.spawn_housekeeping()];
-    tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
-        log.clone(),
-        centrifuge.clone(),
-        RouteSettings::default(),
-        route_metrics.clone(),
-        stop_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(sluice_route::run_replays(log, centrifuge.clone(), stop_rx)));
+    let mut tasks = Vec::new();
+    let mut registered = None;
+    let centrifuge = if director {
+        let metrics = DeliverMetrics::default();
+        metrics.register(registry);
+        let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
+            .await
+            .context("cannot open the JobDBs")?;
+        tasks.push(centrifuge.spawn_housekeeping());
+        if !route {
+            let (directory, name, task) = serve_director_rpc(config, centrifuge.clone(), stop_rx.clone()).await?;
+            tasks.push(task);
+            registered = Some((directory, name));
+        }
+        Some(centrifuge)
+    } else {
+        None
+    };
+    if route {
+        let route_metrics = RouteMetrics::default();
+        route_metrics.register(registry);
+        let jobs: Arc<dyn sluice_route::JobSink> = match &centrifuge {
+            Some(c) => c.clone(),
+            None => {
+                let url = jobdb_url(config)?;
+                let directory = Directory::connect(url).await.context("cannot reach the directory of directors")?;
+                sluice_route::rpc::DirectorClient::new(directory)?
+            }
+        };
+        tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
+            log.clone(),
+            catalog.clone(),
+            jobs.clone(),
+            RouteSettings::default(),
+            route_metrics.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(sluice_route::run_replays(log, catalog.clone(), jobs, stop_rx)));
+    }
     let snap = catalog.snapshot();
     tracing::info!(
         destinations = snap.destinations.len(),
         connections = snap.connections.values().map(Vec::len).sum::<usize>(),
+        route,
+        director,
         "delivery running"
     );
-    Ok(Running { centrifuge, tasks, stop })
+    Ok(Running { centrifuge, tasks, stop, registered })
+}
+
+/// `deliver.jobdb_url`, required when route and directors are separate processes.
+fn jobdb_url(config: &Config) -> Result<&str> {
+    match config.deliver.jobdb_url.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => Ok(u),
+        _ => bail!("separate route and director processes share a SQL database: set deliver.jobdb_url (mysql://… or postgres://…)"),
+    }
+}
+
+/// Serve `POST /rpc/v1/jobs` on `director.rpc_listen` (HTTP/2 and HTTP/1)
+/// and keep this director's heartbeat in the directory.
+async fn serve_director_rpc(
+    config: &Config,
+    centrifuge: Arc<Centrifuge>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Directory, String, JoinHandle<()>)> {
+    let d = &config.director;
+    let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
+    let listener = tokio::net::TcpListener::bind(&d.rpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
+    let addr = listener.local_addr()?;
+    let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    directory.heartbeat(&d.name, &rpc_url).await?;
+    tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
+    let app = axum::Router::new()
+        .route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs))
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
+        .with_state(centrifuge);
+    let (name, dir2) = (d.name.clone(), directory.clone());
+    let task = tokio::spawn(async move {
+        let mut stop2 = stop.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop2.wait_for(|s| *s).await;
+        });
+        let heartbeat = async {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.changed() => return,
+                }
+                if let Err(e) = dir2.heartbeat(&name, &rpc_url).await {
+                    tracing::warn!(error = %e, "director heartbeat failed");
+                }
+            }
+        };
+        let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), heartbeat);
+        if let Err(e) = served {
+            tracing::error!(error = %e, "director RPC server failed");
+        }
+    });
+    Ok((directory, d.name.clone(), task))
+}
+
+async fn insert_jobs(
+    axum::extract::State(centrifuge): axum::extract::State<Arc<Centrifuge>>,
+    axum::Json(request): axum::Json<sluice_route::rpc::InsertRequest>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let jobs = request.jobs.into_iter().map(Into::into).collect();
+    match centrifuge.insert(jobs, request.oldest_event_ms).await {
+        Ok(inserted) => axum::Json(sluice_route::rpc::InsertReply { inserted }).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "inserting jobs from a route failed");
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
+    }
 }
 
 impl Running {
     /// Stop routing, then let directors finish requests in flight.
     pub async fn stop(self) {
+        if let Some((directory, name)) = &self.registered {
+            if let Err(e) = directory.remove(name).await {
+                tracing::warn!(error = %e, "could not remove this director from the directory");
+            }
+        }
         let _ = self.stop.send(true);
         for t in self.tasks {
             t.abort();
             let _ = t.await;
         }
-        self.centrifuge.close().await;
+        if let Some(c) = self.centrifuge {
+            c.close().await;
+        }
     }
 }
 
@@ -144,14 +257,19 @@ fn fmt_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ms.to_string())
 }
 
+/// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the `deliver.jobdb_url` database.
+fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?)
+}
+
 pub fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
         JobsCommand::Inspect { key, dir, json } => {
             let config = dir.load()?;
-            let jobs_dir = config.server.data_dir.join("jobs");
-            let found = sluice_deliver::inspect::find(&jobs_dir, &key)?;
+            let jobdbs = jobdbs_of(&config)?;
+            let found = sluice_deliver::inspect::find_in(&jobdbs, &key)?;
             if found.is_empty() {
-                bail!("no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})", jobs_dir.display(), config.archive_dir().display());
+                bail!("no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})", jobdbs.describe(), config.archive_target());
             }
             if json {
                 let out: Vec<_> = found.iter().map(found_to_json).collect();
@@ -187,7 +305,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
         }
         JobsCommand::Stats { dir, json } => {
             let config = dir.load()?;
-            let (jobdbs, stats) = sluice_deliver::inspect::stats(&config.server.data_dir.join("jobs"))?;
+            let (jobdbs, stats) = sluice_deliver::inspect::stats_in(&jobdbs_of(&config)?)?;
             if json {
                 println!("{}", serde_json::json!({"jobdbs": jobdbs, "destinations": stats}));
                 return Ok(());

@@ -52,17 +52,23 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every stage in one process with the embedded log.
+    /// Run every stage in one process (embedded log by default, or Kafka).
     Serve(ServeArgs),
+    /// Run only the Tracking API (log.backend = "kafka"); scale by running more.
+    Ingest(ServeArgs),
+    /// Run only the route: output → jobs handed to the directors over RPC.
+    Route(ServeArgs),
+    /// Run only a director: JobDBs in deliver.jobdb_url, deliveries, the RPC endpoint.
+    Director(ServeArgs),
     /// Inspect the embedded log.
     #[command(subcommand)]
     Log(LogCommand),
     /// Validate a configuration file and print the result.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// The dedup stage's tools.
-    #[command(subcommand)]
-    Dedup(dedup::DedupCommand),
+    /// Run only the dedup stage (log.backend = "kafka": partitions are shared
+    /// among the dedup processes), or one of its tools.
+    Dedup(DedupArgs),
     /// Look at delivery jobs (works while `sluice serve` runs).
     #[command(subcommand)]
     Jobs(deliver::JobsCommand),
@@ -80,6 +86,15 @@ struct ConfigArgs {
     /// TOML config file; without it the built-in sample (config/sluice.toml) is used.
     #[arg(long, short, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DedupArgs {
+    #[command(subcommand)]
+    tool: Option<dedup::DedupCommand>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args)]
@@ -128,7 +143,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let _tracing_guard = init_tracing(cli.log_format);
     match cli.command {
-        Command::Serve(args) => runtime()?.block_on(run_serve(args)),
+        Command::Serve(args) => runtime()?.block_on(run_serve(args, Roles::ALL)),
+        Command::Ingest(args) => runtime()?.block_on(run_serve(args, Roles::INGEST)),
+        Command::Route(args) => runtime()?.block_on(run_serve(args, Roles::ROUTE)),
+        Command::Director(args) => runtime()?.block_on(run_serve(args, Roles::DIRECTOR)),
         Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => {
             log_tail(&data_dir, &topic, partition, from, envelope)
         }
@@ -137,7 +155,8 @@ fn main() -> Result<()> {
             println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
             Ok(())
         }
-        Command::Dedup(cmd) => dedup::run(cmd),
+        Command::Dedup(DedupArgs { tool: Some(cmd), .. }) => dedup::run(cmd),
+        Command::Dedup(DedupArgs { tool: None, serve }) => runtime()?.block_on(run_serve(serve, Roles::DEDUP)),
         Command::Jobs(cmd) => deliver::jobs(cmd),
         Command::Replay(args) => deliver::replay(args),
         Command::Sink(args) => runtime()?.block_on(deliver::sink(args)),
@@ -195,8 +214,41 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
-async fn run_serve(args: ServeArgs) -> Result<()> {
+/// The stages one process runs. `sluice serve` runs them all; `sluice
+/// ingest|dedup|route|director` one each, sharing one Kafka and one SQL
+/// database with the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Roles {
+    ingest: bool,
+    dedup: bool,
+    route: bool,
+    director: bool,
+}
+
+impl Roles {
+    const ALL: Roles = Roles { ingest: true, dedup: true, route: true, director: true };
+    const INGEST: Roles = Roles { ingest: true, dedup: false, route: false, director: false };
+    const DEDUP: Roles = Roles { ingest: false, dedup: true, route: false, director: false };
+    const ROUTE: Roles = Roles { ingest: false, dedup: false, route: true, director: false };
+    const DIRECTOR: Roles = Roles { ingest: false, dedup: false, route: false, director: true };
+
+    fn names(self) -> Vec<&'static str> {
+        [(self.ingest, "ingest"), (self.dedup, "dedup"), (self.route, "route"), (self.director, "director")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+    }
+}
+
+async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
     let config = load_config(&args)?;
+    if roles != Roles::ALL && config.log.backend != LogBackend::Kafka {
+        bail!(
+            "`sluice {}` runs one stage and shares the log with the other stages' processes: \
+             set log.backend = \"kafka\" (the embedded log belongs to one `sluice serve`)",
+            roles.names().join(",")
+        );
+    }
     let mut registry = Registry::default();
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);
@@ -207,7 +259,9 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     };
 
     let dedup_stop = Arc::new(AtomicBool::new(false));
-    let dedup_workers = if config.dedup.enabled {
+    let dedup_workers = if !roles.dedup {
+        Vec::new()
+    } else if config.dedup.enabled {
         let metrics = DedupMetrics::default();
         metrics.register(&mut registry);
         dedup::spawn_workers(&config, log.clone(), metrics, dedup_stop.clone())?
@@ -223,8 +277,8 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     }
     .context("cannot open the control database")?;
 
-    let delivery = if config.deliver.enabled && config.dedup.enabled {
-        Some(deliver::start(&config, log.clone(), catalog.clone(), &mut registry).await?)
+    let delivery = if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
+        Some(deliver::start(&config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?)
     } else {
         if config.deliver.enabled {
             tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
@@ -232,7 +286,7 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
         None
     };
 
-    let lag_task = spawn_lag_monitor(log.clone(), &config, &mut registry);
+    let lag_task = spawn_lag_monitor(log.clone(), &config, roles, &mut registry);
 
     // With Kafka, ingest keeps acknowledging into an on-disk spool while
     // Kafka is slow or down (the embedded log is local disk already).
@@ -241,46 +295,56 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     let spool_metrics = SpoolMetrics::default();
     spool_metrics.register(&mut registry);
     let spool = match config.log.backend {
-        LogBackend::Kafka => {
-            let metrics = spool_metrics;
+        LogBackend::Kafka if roles.ingest => {
             let settings = SpoolSettings {
                 spool_after: config.ingest.spool_after,
                 max_events: config.ingest.spool_max_events,
                 ..SpoolSettings::default()
             };
             let dir = config.server.data_dir.join("spool");
-            Some(Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, metrics).await.with_context(|| format!("cannot open the ingest spool in {}", dir.display()))?)
+            Some(
+                Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, spool_metrics)
+                    .await
+                    .with_context(|| format!("cannot open the ingest spool in {}", dir.display()))?,
+            )
         }
-        LogBackend::Embedded => None,
+        _ => None,
     };
-    let ingest_log: Arc<dyn Log> = match &spool {
-        Some(s) => s.clone(),
-        None => log.clone(),
+    let ingest = if roles.ingest {
+        let ingest_log: Arc<dyn Log> = match &spool {
+            Some(s) => s.clone(),
+            None => log.clone(),
+        };
+        let ingest = Ingest::new(ingest_log, IngestSettings::from_config(&config), &config.sources, config.ingest.default_rate_limit)?;
+        ingest.metrics.register(&mut registry);
+        Some(Arc::new(ingest))
+    } else {
+        None
     };
-    let ingest = Ingest::new(
-        ingest_log,
-        IngestSettings::from_config(&config),
-        &config.sources,
-        config.ingest.default_rate_limit,
-    )?;
-    ingest.metrics.register(&mut registry);
-    let ingest = Arc::new(ingest);
 
-    let listener = bind(config.listen_addr(), "server.listen").await?;
+    let listener = match &ingest {
+        Some(_) => Some(bind(config.listen_addr(), "server.listen").await?),
+        None => None,
+    };
     let admin = match config.admin_addr() {
         Some(addr) => Some(bind(addr, "admin.listen").await?),
         None => None,
     };
     let serve_options = ServeOptions::from_config(&config.server);
     let sources: Vec<String> = catalog.snapshot().sources.iter().filter(|(_, off)| !off).map(|(s, _)| s.id.clone()).collect();
+    let listen = match &listener {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "off".to_owned(),
+    };
     tracing::info!(
-        listen = %listener.local_addr()?,
+        roles = ?roles.names(),
+        listen = %listen,
         admin = %admin.as_ref().and_then(|a| a.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         data_dir = %config.server.data_dir.display(),
         partitions = config.log.partitions,
         sources = ?sources,
         "Sluice is ready: point a Segment SDK at http://{}",
-        listener.local_addr()?
+        if listener.is_some() { listen.as_str() } else { "a `sluice ingest` process" }
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -304,12 +368,17 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
     admin::apply_sources(&admin_state);
     let refresher = deliver::spawn_catalog_refresher(admin_state.clone());
     let admin_task = admin.map(|l| tokio::spawn(serve(l, admin::router(admin_state.clone()), serve_options.clone(), stopped())));
-    let api = tokio::spawn(serve(listener, sluice_ingest::router(ingest.clone()), serve_options, stopped()));
+    let api = match (listener, &ingest) {
+        (Some(l), Some(i)) => Some(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options, stopped()))),
+        _ => None,
+    };
 
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests in flight");
     let _ = stop_tx.send(true);
-    api.await?;
+    if let Some(api) = api {
+        api.await?;
+    }
     if let Some(t) = admin_task {
         t.await?;
     }
@@ -346,13 +415,15 @@ async fn run_serve(args: ServeArgs) -> Result<()> {
 
 /// Consumer lag per group, topic and partition (end offset − committed
 /// offset), refreshed every 2 s: `sluice_consumer_lag`.
-fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, registry: &mut Registry) -> tokio::task::JoinHandle<()> {
+fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, roles: Roles, registry: &mut Registry) -> tokio::task::JoinHandle<()> {
     let lag: sluice_core::metrics::Family<Vec<(&'static str, String)>, sluice_core::metrics::Gauge> = Default::default();
     registry.register("sluice_consumer_lag", "Records not yet consumed, per group, topic and partition", lag.clone());
     let mut groups = Vec::new();
     if config.dedup.enabled {
-        groups.push((sluice_dedup::GROUP, INPUT_TOPIC));
-        if config.deliver.enabled {
+        if roles.dedup {
+            groups.push((sluice_dedup::GROUP, INPUT_TOPIC));
+        }
+        if config.deliver.enabled && roles.route {
             groups.push((sluice_route::GROUP, OUTPUT_TOPIC));
         }
     }

@@ -11,7 +11,6 @@ mod util;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -29,35 +28,6 @@ fn hmac_sha1_hex(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
-}
-
-/// Run one of the tests/compat/*_e2e scripts; the unique events it sent.
-fn run_e2e_script(kind: &str, server: &Server, run_id: &str, count: usize, resend_every: usize) -> Vec<Value> {
-    let env = sdk_env();
-    let root = repo_root();
-    let mut cmd = match kind {
-        "python" => {
-            let mut c = Command::new(&env["SLUICE_PYTHON"]);
-            c.arg(root.join("tests/compat/python_e2e.py"));
-            c
-        }
-        "node" => {
-            let mut c = Command::new("node");
-            c.arg(root.join("tests/compat/node_e2e.mjs")).env("SLUICE_NODE_MODULES", &env["SLUICE_NODE_MODULES"]);
-            c
-        }
-        _ => unreachable!(),
-    };
-    cmd.args([&format!("http://{}", server.addr), WRITE_KEY, run_id, &count.to_string(), &resend_every.to_string()]);
-    let out = cmd.output().expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{kind} SDK run failed: {}\nserver stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.stderr_tail(40)
-    );
-    eprintln!("{kind}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect()
 }
 
 /// Wait until `jobs stats` shows exactly `n` jobs for "hook", all succeeded.

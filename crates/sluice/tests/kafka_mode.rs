@@ -10,70 +10,9 @@
 
 mod util;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use util::*;
-
-/// A single-node KRaft broker of our own, stopped on drop.
-struct Broker {
-    dir: PathBuf,
-    name: String,
-    port: u16,
-    cport: u16,
-    bootstrap: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn kafka_script() -> PathBuf {
-    repo_root().join("scripts/kafka.sh")
-}
-
-impl Broker {
-    fn start(dir: &Path, name: &str) -> Option<Broker> {
-        let (port, cport) = (free_port(), free_port());
-        let mut b = Broker { dir: dir.to_owned(), name: name.to_owned(), port, cport, bootstrap: String::new() };
-        match b.run_start() {
-            Ok(()) => Some(b),
-            Err(e) if std::env::var("SLUICE_REQUIRE_KAFKA").as_deref() == Ok("1") => panic!("cannot start a Kafka broker: {e}"),
-            Err(e) => {
-                eprintln!("skipped: cannot start a Kafka broker ({e}); scripts/test.sh fetches Kafka and runs this test");
-                None
-            }
-        }
-    }
-
-    fn run_start(&mut self) -> Result<(), String> {
-        let out = Command::new("bash")
-            .arg(kafka_script())
-            .args(["start", &self.name, &self.port.to_string(), &self.cport.to_string()])
-            .arg(&self.dir)
-            .output()
-            .map_err(|e| e.to_string())?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        match stdout.lines().find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP=")) {
-            Some(b) if out.status.success() => {
-                self.bootstrap = b.trim().to_owned();
-                Ok(())
-            }
-            _ => Err(format!("{}\n{}", stdout, String::from_utf8_lossy(&out.stderr))),
-        }
-    }
-
-    fn stop(&self) {
-        let _ = Command::new("bash").arg(kafka_script()).arg("stop").arg(&self.dir).output();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn scrape(sink: &TestSink, server: &Server) -> String {
     sink.block_on(async { reqwest::get(format!("http://{}/metrics", server.admin)).await.unwrap().text().await.unwrap() })
@@ -88,13 +27,7 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
     let dir = tempfile::tempdir().unwrap();
     let Some(mut broker) = Broker::start(&dir.path().join("kafka"), "sluice-test-kafka-mode") else { return };
     let sink = TestSink::start();
-    let mut extra = hook_destination_toml(&sink.sink.url("/hook"));
-    extra.push_str(&format!(
-        "\n[log.kafka]\nrequest_timeout = \"5s\"\nproduce_timeout = \"5s\"\n[log.kafka.primary]\nbootstrap_servers = \"{}\"\n",
-        broker.bootstrap
-    ));
-    let config = write_config(dir.path(), &extra);
-    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("[log]\n", "[log]\nbackend = \"kafka\"\n")).unwrap();
+    let config = write_kafka_config(dir.path(), &broker, &hook_destination_toml(&sink.sink.url("/hook")));
     // Short: the test spends its time in the outage, not in waiting to spool.
     let server = Server::start_with_env(&config, &[("SLUICE_INGEST__SPOOL_AFTER", "1s")]);
 
@@ -118,7 +51,7 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
     let depth = metric(&text, "sluice_ingest_spool_depth");
     assert!(depth >= 90.0, "the spool holds the events sent during the outage: depth {depth}");
     std::thread::sleep(Duration::from_secs(30));
-    broker.run_start().expect("restart the broker on its data");
+    broker.restart().expect("restart the broker on its data");
 
     // 3. Back: the spool drains and every unique event arrives exactly once.
     wait_for(Duration::from_secs(180), || (sink.by_message_id("/hook").len() >= 300).then_some(()), || {

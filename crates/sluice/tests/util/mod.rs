@@ -83,8 +83,14 @@ impl Server {
     /// Start the binary with `config` and extra environment variables (e.g.
     /// `SLUICE_CRASH_AT`), and wait for its ready line.
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_role("serve", config, env)
+    }
+
+    /// Start `sluice <command>` (`serve`, or a role: `ingest`, `dedup`,
+    /// `route`, `director`) with `config`, and wait for its ready line.
+    pub fn start_role(command: &str, config: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.args(["--log-format", "json", "serve", "--config"])
+        cmd.args(["--log-format", "json", command, "--config"])
             .arg(config)
             .env_remove("SLUICE_CRASH_AT")
             .stdin(Stdio::null())
@@ -634,3 +640,141 @@ impl Rng {
         lo + self.below(hi - lo + 1)
     }
 }
+
+/// A single-node Apache Kafka broker (KRaft) of a test's own, started with
+/// `scripts/kafka.sh` on free ports and stopped on drop. `None` (with a
+/// message) when Kafka cannot start, unless `SLUICE_REQUIRE_KAFKA=1`, when
+/// that fails the test.
+pub struct Broker {
+    pub dir: PathBuf,
+    name: String,
+    port: u16,
+    cport: u16,
+    pub bootstrap: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Broker {
+    pub fn start(dir: &Path, name: &str) -> Option<Broker> {
+        let (port, cport) = (free_port(), free_port());
+        let mut b = Broker { dir: dir.to_owned(), name: name.to_owned(), port, cport, bootstrap: String::new() };
+        match b.restart() {
+            Ok(()) => Some(b),
+            Err(e) if std::env::var("SLUICE_REQUIRE_KAFKA").as_deref() == Ok("1") => panic!("cannot start a Kafka broker: {e}"),
+            Err(e) => {
+                eprintln!("skipped: cannot start a Kafka broker ({e}); scripts/test.sh fetches Kafka and runs this test");
+                None
+            }
+        }
+    }
+
+    /// Start (again, on the same data and ports).
+    pub fn restart(&mut self) -> Result<(), String> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/kafka.sh"))
+            .args(["start", &self.name, &self.port.to_string(), &self.cport.to_string()])
+            .arg(&self.dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match stdout.lines().find_map(|l| l.strip_prefix("KAFKA_BOOTSTRAP=")) {
+            Some(b) if out.status.success() => {
+                self.bootstrap = b.trim().to_owned();
+                Ok(())
+            }
+            _ => Err(format!("{}\n{}", stdout, String::from_utf8_lossy(&out.stderr))),
+        }
+    }
+
+    pub fn stop(&self) {
+        let _ = Command::new("bash").arg(repo_root().join("scripts/kafka.sh")).arg("stop").arg(&self.dir).output();
+    }
+
+    /// Config TOML for `[log.kafka]` pointing at this broker.
+    pub fn config_toml(&self) -> String {
+        format!(
+            "\n[log.kafka]\nrequest_timeout = \"5s\"\nproduce_timeout = \"5s\"\n[log.kafka.primary]\nbootstrap_servers = \"{}\"\n",
+            self.bootstrap
+        )
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `write_config`, with `log.backend = "kafka"`.
+pub fn write_kafka_config(dir: &Path, broker: &Broker, extra: &str) -> PathBuf {
+    let config = write_config(dir, &format!("{extra}{}", broker.config_toml()));
+    let text = std::fs::read_to_string(&config).unwrap().replace("[log]\n", "[log]\nbackend = \"kafka\"\n");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A database of its own for one test on the MariaDB (`mysql`) or PostgreSQL
+/// (`postgres`) server that `scripts/test.sh` started (`SLUICE_TEST_MYSQL_URL`,
+/// `SLUICE_TEST_POSTGRES_URL`); its URL. `None` (with a message) without the
+/// server, unless `SLUICE_REQUIRE_SQL=1`, when that fails the test.
+pub fn fresh_database(engine: &str, test: &str) -> Option<String> {
+    use sqlx::Connection;
+    let var = if engine == "mysql" { "SLUICE_TEST_MYSQL_URL" } else { "SLUICE_TEST_POSTGRES_URL" };
+    let server = match std::env::var(var) {
+        Ok(u) if !u.is_empty() => u,
+        _ if std::env::var("SLUICE_REQUIRE_SQL").as_deref() == Ok("1") => panic!("{var} is not set and SLUICE_REQUIRE_SQL=1"),
+        _ => {
+            eprintln!("skipped: {var} is not set (scripts/sql.sh starts a server)");
+            return None;
+        }
+    };
+    let name = format!("sluice_{test}_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        if engine == "mysql" {
+            let mut c = sqlx::MySqlConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+        } else {
+            let mut c = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+        }
+    });
+    let mut url = url::Url::parse(&server).unwrap();
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
+}
+
+/// Run one of the tests/compat/*_e2e scripts; the unique events it sent.
+pub fn run_e2e_script(kind: &str, server: &Server, run_id: &str, count: usize, resend_every: usize) -> Vec<Value> {
+    let env = sdk_env();
+    let root = repo_root();
+    let mut cmd = match kind {
+        "python" => {
+            let mut c = Command::new(&env["SLUICE_PYTHON"]);
+            c.arg(root.join("tests/compat/python_e2e.py"));
+            c
+        }
+        "node" => {
+            let mut c = Command::new("node");
+            c.arg(root.join("tests/compat/node_e2e.mjs")).env("SLUICE_NODE_MODULES", &env["SLUICE_NODE_MODULES"]);
+            c
+        }
+        _ => unreachable!(),
+    };
+    cmd.args([&format!("http://{}", server.addr), WRITE_KEY, run_id, &count.to_string(), &resend_every.to_string()]);
+    let out = cmd.output().expect("run the SDK script");
+    assert!(
+        out.status.success(),
+        "{kind} SDK run failed: {}\nserver stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.stderr_tail(40)
+    );
+    eprintln!("{kind}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect()
+}
+

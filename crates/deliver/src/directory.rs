@@ -1,0 +1,151 @@
+//! The directory of live directors, in the shared SQL database
+//! (`deliver.jobdb_url`): each `sluice director` process registers its RPC
+//! address and refreshes a heartbeat; `sluice route` processes read the live
+//! ones and hand each job to one of them.
+//!
+//! Invariants:
+//! - A director is live while its heartbeat is younger than the caller's
+//!   `max_age`; a stopped director deletes its row, a crashed one ages out.
+//! - The list is ordered by name, so every route process maps a messageId
+//!   to the same director while the set of live directors is the same.
+
+use std::time::Duration;
+
+use sqlx::{MySqlPool, PgPool};
+
+use crate::DeliverError;
+
+/// One live director.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectorEntry {
+    pub name: String,
+    pub rpc_url: String,
+    pub heartbeat_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+enum Pool {
+    MySql(MySqlPool),
+    Postgres(PgPool),
+}
+
+/// The `sluice_directors` table.
+#[derive(Clone, Debug)]
+pub struct Directory {
+    pool: Pool,
+}
+
+fn sql_error(doing: &'static str) -> impl Fn(sqlx::Error) -> DeliverError {
+    move |e| DeliverError::Directory(format!("{doing}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Directory {
+    /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
+    /// if missing.
+    pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
+        let pool = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&url)
+                .await
+                .map_err(sql_error("connect"))?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
+                 rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .map_err(sql_error("create sluice_directors"))?;
+            Pool::MySql(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(sql_error("connect"))?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
+                 rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .map_err(sql_error("create sluice_directors"))?;
+            Pool::Postgres(pool)
+        } else {
+            return Err(DeliverError::Directory(
+                "the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into(),
+            ));
+        };
+        Ok(Directory { pool })
+    }
+
+    /// Register `name` at `rpc_url`, or refresh its heartbeat.
+    pub async fn heartbeat(&self, name: &str, rpc_url: &str) -> Result<(), DeliverError> {
+        let now = now_ms();
+        match &self.pool {
+            Pool::MySql(p) => sqlx::query(
+                "INSERT INTO sluice_directors (name, rpc_url, heartbeat_ms) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE rpc_url = VALUES(rpc_url), heartbeat_ms = VALUES(heartbeat_ms)",
+            )
+            .bind(name)
+            .bind(rpc_url)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|_| ()),
+            Pool::Postgres(p) => sqlx::query(
+                "INSERT INTO sluice_directors (name, rpc_url, heartbeat_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET rpc_url = EXCLUDED.rpc_url, heartbeat_ms = EXCLUDED.heartbeat_ms",
+            )
+            .bind(name)
+            .bind(rpc_url)
+            .bind(now)
+            .execute(p)
+            .await
+            .map(|_| ()),
+        }
+        .map_err(sql_error("director heartbeat"))
+    }
+
+    /// Remove `name` (a director that stops cleanly).
+    pub async fn remove(&self, name: &str) -> Result<(), DeliverError> {
+        match &self.pool {
+            Pool::MySql(p) => sqlx::query("DELETE FROM sluice_directors WHERE name = ?").bind(name).execute(p).await.map(|_| ()),
+            Pool::Postgres(p) => sqlx::query("DELETE FROM sluice_directors WHERE name = $1").bind(name).execute(p).await.map(|_| ()),
+        }
+        .map_err(sql_error("remove director"))
+    }
+
+    /// Directors whose heartbeat is younger than `max_age`, by name.
+    pub async fn live(&self, max_age: Duration) -> Result<Vec<DirectorEntry>, DeliverError> {
+        let since = now_ms() - max_age.as_millis() as i64;
+        let rows: Vec<(String, String, i64)> = match &self.pool {
+            Pool::MySql(p) => {
+                sqlx::query_as("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name")
+                    .bind(since)
+                    .fetch_all(p)
+                    .await
+            }
+            Pool::Postgres(p) => {
+                sqlx::query_as("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= $1 ORDER BY name")
+                    .bind(since)
+                    .fetch_all(p)
+                    .await
+            }
+        }
+        .map_err(sql_error("list directors"))?;
+        Ok(rows.into_iter().map(|(name, rpc_url, heartbeat_ms)| DirectorEntry { name, rpc_url, heartbeat_ms }).collect())
+    }
+
+    /// Every registered director, live or not, by name.
+    pub async fn all(&self) -> Result<Vec<DirectorEntry>, DeliverError> {
+        self.live(Duration::from_millis(now_ms().max(0) as u64)).await
+    }
+}
