@@ -727,6 +727,10 @@ impl Config {
         if self.log.retention.is_zero() {
             return Err(invalid("log.retention", "must be greater than zero"));
         }
+        let name = &self.director.name;
+        if name.is_empty() || name.len() > 32 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(invalid("director.name", format!("use 1-32 letters, digits or '_' (it prefixes the director's JobDB tables), got {name:?}")));
+        }
         if self.log.backend == LogBackend::Kafka {
             let k = &self.log.kafka;
             if k.primary.bootstrap_servers.trim().is_empty() {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use crate::centrifuge::blocking;
 use crate::jobdb::{jobdb_path, list_jobdbs, remove_jobdb_files, JobDb};
 use crate::ksuid::Ksuid;
-use crate::sqljobdb::{table_names, DirectorLock, SqlJobDbs};
+use crate::sqljobdb::{DirectorLock, SqlJobDbs};
 use crate::store::JobStore;
 use crate::DeliverError;
 
@@ -72,9 +72,16 @@ fn lock_file(path: &Path) -> Result<std::fs::File, DeliverError> {
 impl JobDbs {
     /// Files in `dir`, or the database at `url` when it is given and not empty.
     pub fn new(dir: &Path, url: Option<&str>) -> Result<JobDbs, DeliverError> {
+        Self::scoped(dir, url, "")
+    }
+
+    /// The JobDBs of director `scope` (`""`: the only director). Files: the
+    /// `scope` subdirectory of `dir`; SQL: tables prefixed `<scope>_`.
+    pub fn scoped(dir: &Path, url: Option<&str>, scope: &str) -> Result<JobDbs, DeliverError> {
         match url.map(str::trim).filter(|u| !u.is_empty()) {
-            None => Ok(JobDbs::Files(dir.to_owned())),
-            Some(url) => Ok(JobDbs::Sql(SqlJobDbs::new(url)?)),
+            None if scope.is_empty() => Ok(JobDbs::Files(dir.to_owned())),
+            None => Ok(JobDbs::Files(dir.join(scope))),
+            Some(url) => Ok(JobDbs::Sql(SqlJobDbs::new(url)?.scoped(scope))),
         }
     }
 
@@ -90,7 +97,7 @@ impl JobDbs {
     pub fn name(&self, seq: u64) -> String {
         match self {
             JobDbs::Files(dir) => jobdb_path(dir, seq).display().to_string(),
-            JobDbs::Sql(sql) => format!("{} ({})", sql.display(), table_names(seq).0),
+            JobDbs::Sql(sql) => format!("{} ({})", sql.display(), sql.table_names(seq).0),
         }
     }
 

@@ -45,6 +45,9 @@ pub struct CentrifugeOptions {
     pub connect_timeout: Duration,
     /// Where jobs past their retry window are archived (a local directory or S3).
     pub archive: ArchiveTarget,
+    /// Whose JobDBs: `""` for the one director of `sluice serve`, or a
+    /// `sluice director`'s name when several share `jobdb_url`.
+    pub scope: String,
 }
 
 impl CentrifugeOptions {
@@ -58,6 +61,7 @@ impl CentrifugeOptions {
             cache_jobs: d.cache_jobs,
             connect_timeout: d.connect_timeout,
             archive: config.archive_target(),
+            scope: String::new(),
         }
     }
 }
@@ -103,7 +107,7 @@ impl Centrifuge {
         .await?;
         tracing::info!(archive = %archive.location, "archive opened");
         let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
-        let jobdbs = JobDbs::new(&dir, options.jobdb_url.as_deref())?;
+        let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_deref(), &options.scope)?;
         let found = jobdbs.list().await?;
         let mut lives = Vec::new();
         for seq in &found {

@@ -4,6 +4,8 @@
 //! schema) holds every JobDB of a deployment, each as its own table set:
 //! JobDB number `N` is `jobs_<N:06>` and `job_state_transitions_<N:06>`. The
 //! registry table `jobdb_registry (seq, created_at)` lists the live ones.
+//! Several directors can share one database: each has its own scope, whose
+//! tables and registry are prefixed with `<director name>_`.
 //!
 //! Invariants (besides those of [`crate::store`]):
 //! - Immutability is the database's: triggers refuse every UPDATE and DELETE
@@ -83,6 +85,8 @@ pub struct SqlJobDbs {
     display: String,
     /// The database name from the URL (MySQL: required).
     database: String,
+    /// Prefix of this scope's table names: `""`, or `<director name>_`.
+    prefix: String,
 }
 
 impl std::fmt::Debug for SqlJobDbs {
@@ -275,9 +279,20 @@ fn numbered(sql: &str) -> String {
     out
 }
 
-/// Table names of JobDB `seq`.
+/// Table names of JobDB `seq` (unscoped: `sluice serve`'s own JobDBs).
 pub fn table_names(seq: u64) -> (String, String) {
-    (format!("jobs_{seq:06}"), format!("job_state_transitions_{seq:06}"))
+    scoped_table_names("", seq)
+}
+
+/// Table names of JobDB `seq` of the scope whose table prefix is `prefix`
+/// (`""`, or `<director name>_` for a `sluice director`).
+pub fn scoped_table_names(prefix: &str, seq: u64) -> (String, String) {
+    (format!("{prefix}jobs_{seq:06}"), format!("{prefix}job_state_transitions_{seq:06}"))
+}
+
+/// The registry table of a scope.
+fn registry_table(prefix: &str) -> String {
+    format!("{prefix}jobdb_registry")
 }
 
 /// Most rows in one multi-row statement (both servers take at most 65,535 parameters).
@@ -373,8 +388,9 @@ impl Statements {
         ))
     }
 
-    fn new(engine: SqlEngine, seq: u64) -> Statements {
-        let (jobs, tr) = table_names(seq);
+    fn new(engine: SqlEngine, prefix: &str, seq: u64) -> Statements {
+        let (jobs, tr) = scoped_table_names(prefix, seq);
+        let registry = registry_table(prefix);
         let (job_conflict, transition_conflict) = match engine {
             SqlEngine::MySql => ("", ""),
             SqlEngine::Postgres => (" ON CONFLICT (idempotency_key) DO NOTHING", " ON CONFLICT (job_id, seq) DO NOTHING"),
@@ -419,7 +435,7 @@ impl Statements {
                     FROM {jobs} j) s
                  GROUP BY s.destination, s.state ORDER BY s.destination, s.state"
             ),
-            created_at: "SELECT created_at FROM jobdb_registry WHERE seq = ?".to_owned(),
+            created_at: format!("SELECT created_at FROM {registry} WHERE seq = ?"),
         };
         match engine {
             SqlEngine::MySql => s,
@@ -440,8 +456,8 @@ impl Statements {
 }
 
 /// The DDL that creates JobDB `seq` (idempotent), in order.
-fn schema(engine: SqlEngine, seq: u64) -> Vec<String> {
-    let (jobs, tr) = table_names(seq);
+fn schema(engine: SqlEngine, prefix: &str, seq: u64) -> Vec<String> {
+    let (jobs, tr) = scoped_table_names(prefix, seq);
     match engine {
         SqlEngine::MySql => {
             let refuse = |name: &str, op: &str, table: &str, message: &str| {
@@ -451,7 +467,7 @@ fn schema(engine: SqlEngine, seq: u64) -> Vec<String> {
                 )
             };
             vec![
-                REGISTRY_MYSQL.to_owned(),
+                registry_ddl(engine, prefix),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {jobs} (
                         id              BINARY(20) NOT NULL PRIMARY KEY,   -- KSUID, time-ordered
@@ -504,7 +520,7 @@ fn schema(engine: SqlEngine, seq: u64) -> Vec<String> {
             let mut ddl = vec![
                 // Serializes schema changes between sessions (CREATE OR REPLACE FUNCTION races otherwise).
                 format!("SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})"),
-                REGISTRY_POSTGRES.to_owned(),
+                registry_ddl(engine, prefix),
                 "CREATE OR REPLACE FUNCTION sluice_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN RAISE EXCEPTION '% (%)', TG_ARGV[0], TG_OP USING ERRCODE = 'restrict_violation'; END $$"
                     .to_owned(),
@@ -546,14 +562,17 @@ fn schema(engine: SqlEngine, seq: u64) -> Vec<String> {
     }
 }
 
-const REGISTRY_MYSQL: &str = "CREATE TABLE IF NOT EXISTS jobdb_registry (
-    seq        BIGINT NOT NULL PRIMARY KEY,   -- JobDB number: tables jobs_<seq:06>, job_state_transitions_<seq:06>
-    created_at BIGINT NOT NULL                -- unix ms
-) ENGINE=InnoDB";
-const REGISTRY_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS jobdb_registry (
-    seq        BIGINT PRIMARY KEY,   -- JobDB number: tables jobs_<seq:06>, job_state_transitions_<seq:06>
-    created_at BIGINT NOT NULL       -- unix ms
-)";
+/// The registry of a scope's JobDBs: one row per JobDB, tables
+/// `<prefix>jobs_<seq:06>` and `<prefix>job_state_transitions_<seq:06>`.
+fn registry_ddl(engine: SqlEngine, prefix: &str) -> String {
+    let table = registry_table(prefix);
+    match engine {
+        SqlEngine::MySql => format!(
+            "CREATE TABLE IF NOT EXISTS {table} (seq BIGINT NOT NULL PRIMARY KEY, created_at BIGINT NOT NULL) ENGINE=InnoDB"
+        ),
+        SqlEngine::Postgres => format!("CREATE TABLE IF NOT EXISTS {table} (seq BIGINT PRIMARY KEY, created_at BIGINT NOT NULL)"),
+    }
+}
 /// The advisory lock key that serializes Sluice's schema changes in a PostgreSQL database.
 const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
 
@@ -582,7 +601,20 @@ impl SqlJobDbs {
             }
             other => return Err(bad(&format!("unknown scheme {other:?} (mysql, mariadb, postgres)"))),
         };
-        Ok(SqlJobDbs { engine, options, display: redact(url), database })
+        Ok(SqlJobDbs { engine, options, display: redact(url), database, prefix: String::new() })
+    }
+
+    /// The JobDBs of one director of several sharing the database: tables
+    /// and registry prefixed `<scope>_`. `scope` is checked by the config
+    /// (`director.name`: letters, digits and `_`).
+    pub fn scoped(mut self, scope: &str) -> SqlJobDbs {
+        self.prefix = if scope.is_empty() { String::new() } else { format!("{scope}_") };
+        self
+    }
+
+    /// Table names of JobDB `seq` in this scope.
+    pub fn table_names(&self, seq: u64) -> (String, String) {
+        scoped_table_names(&self.prefix, seq)
     }
 
     pub fn engine(&self) -> SqlEngine {
@@ -639,46 +671,45 @@ impl SqlJobDbs {
     /// they do not exist. Blocks.
     pub fn open(&self, seq: u64) -> Result<SqlJobDb, DeliverError> {
         let mut session = self.connect()?;
-        let ddl = schema(self.engine, seq);
+        let ddl = schema(self.engine, &self.prefix, seq);
+        let registry = registry_table(&self.prefix);
         let register = match self.engine {
-            SqlEngine::MySql => "INSERT IGNORE INTO jobdb_registry (seq, created_at) VALUES (?, ?)",
-            SqlEngine::Postgres => "INSERT INTO jobdb_registry (seq, created_at) VALUES ($1, $2) ON CONFLICT (seq) DO NOTHING",
+            SqlEngine::MySql => format!("INSERT IGNORE INTO {registry} (seq, created_at) VALUES (?, ?)"),
+            SqlEngine::Postgres => format!("INSERT INTO {registry} (seq, created_at) VALUES ($1, $2) ON CONFLICT (seq) DO NOTHING"),
         };
         let now = now_ms();
-        let (jobs, _) = table_names(seq);
+        let (jobs, _) = self.table_names(seq);
         on_conn!(session, c => async {
             // PostgreSQL runs the DDL in one transaction (MySQL commits each DDL statement anyway).
             sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
             for statement in &ddl {
                 sqlx::raw_sql(statement).execute(&mut *c).await?;
             }
-            sqlx::query(register).bind(seq as i64).bind(now).execute(&mut *c).await?;
+            sqlx::query(&register).bind(seq as i64).bind(now).execute(&mut *c).await?;
             sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
             Ok(())
         })
         .map_err(self.err(format!("creating {jobs}")))?;
         let name = format!("{} ({jobs})", self.display);
-        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, seq), session, broken: false })
+        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, &self.prefix, seq), session, broken: false })
     }
 
     /// Connect to JobDB `seq` as it is, without creating anything (readers:
     /// its tables may be dropped meanwhile, and must not come back). Blocks.
     pub fn open_existing(&self, seq: u64) -> Result<SqlJobDb, DeliverError> {
         let session = self.connect()?;
-        let name = format!("{} ({})", self.display, table_names(seq).0);
-        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, seq), session, broken: false })
+        let name = format!("{} ({})", self.display, self.table_names(seq).0);
+        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, &self.prefix, seq), session, broken: false })
     }
 
     /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
     pub fn list(&self) -> Result<Vec<(u64, i64)>, DeliverError> {
         let mut session = self.connect()?;
-        let registry = match self.engine {
-            SqlEngine::MySql => REGISTRY_MYSQL,
-            SqlEngine::Postgres => REGISTRY_POSTGRES,
-        };
+        let ddl = registry_ddl(self.engine, &self.prefix);
+        let select = format!("SELECT seq, created_at FROM {} ORDER BY seq", registry_table(&self.prefix));
         on_conn!(session, c => async {
-            sqlx::raw_sql(registry).execute(&mut *c).await?;
-            let rows = sqlx::query("SELECT seq, created_at FROM jobdb_registry ORDER BY seq").fetch_all(&mut *c).await?;
+            sqlx::raw_sql(&ddl).execute(&mut *c).await?;
+            let rows = sqlx::query(&select).fetch_all(&mut *c).await?;
             rows.iter().map(|r| Ok((r.int(0)? as u64, r.int(1)?))).collect::<Result<Vec<_>, sqlx::Error>>()
         })
         .map_err(self.err("jobdb_registry"))
@@ -687,15 +718,16 @@ impl SqlJobDbs {
     /// Delete JobDB `seq` whole: DROP its tables, then its registry row. Blocks.
     pub fn drop_jobdb(&self, seq: u64) -> Result<(), DeliverError> {
         let mut session = self.connect()?;
-        let (jobs, tr) = table_names(seq);
+        let (jobs, tr) = self.table_names(seq);
         let drop = format!("DROP TABLE IF EXISTS {tr}, {jobs}");
+        let registry = registry_table(&self.prefix);
         let unregister = match self.engine {
-            SqlEngine::MySql => "DELETE FROM jobdb_registry WHERE seq = ?",
-            SqlEngine::Postgres => "DELETE FROM jobdb_registry WHERE seq = $1",
+            SqlEngine::MySql => format!("DELETE FROM {registry} WHERE seq = ?"),
+            SqlEngine::Postgres => format!("DELETE FROM {registry} WHERE seq = $1"),
         };
         on_conn!(session, c => async {
             sqlx::raw_sql(&drop).execute(&mut *c).await?;
-            sqlx::query(unregister).bind(seq as i64).execute(&mut *c).await?;
+            sqlx::query(&unregister).bind(seq as i64).execute(&mut *c).await?;
             Ok(())
         })
         .map_err(self.err(format!("dropping {jobs}")))
@@ -794,7 +826,7 @@ impl SqlJobDbs {
 
     /// [`SqlJobDbs::lock`] for the director of JobDB `seq`.
     pub async fn lock_jobdb(&self, seq: u64) -> Result<DirectorLock, DeliverError> {
-        self.lock(&table_names(seq).0).await
+        self.lock(&self.table_names(seq).0).await
     }
 }
 

@@ -112,7 +112,8 @@ impl DirectorClient {
         let mut live = self.live.lock().await;
         let stale = live.0.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
         if fresh || stale {
-            live.1 = self.directory.live(LIVE_AFTER).await?;
+            // A director announced without an address is still starting.
+            live.1 = self.directory.live(LIVE_AFTER).await?.into_iter().filter(|d| !d.rpc_url.is_empty()).collect();
             live.0 = Some(Instant::now());
         }
         Ok(live.1.clone())

@@ -45,18 +45,25 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut registered = None;
-    let centrifuge = if director {
+    let centrifuge = if director && route {
+        // One process: one unscoped set of JobDBs, no RPC.
         let metrics = DeliverMetrics::default();
         metrics.register(registry);
         let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
             .await
             .context("cannot open the JobDBs")?;
         tasks.push(centrifuge.spawn_housekeeping());
-        if !route {
-            let (directory, name, task) = serve_director_rpc(config, centrifuge.clone(), stop_rx.clone()).await?;
-            tasks.push(task);
-            registered = Some((directory, name));
-        }
+        Some(centrifuge)
+    } else if director {
+        let metrics = DeliverMetrics::default();
+        metrics.register(registry);
+        let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
+        let name = config.director.name.clone();
+        let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory).await?;
+        tasks.push(centrifuge.spawn_housekeeping());
+        tasks.push(serve_director_rpc(config, centrifuge.clone(), directory.clone(), stop_rx.clone()).await?);
+        tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop_rx.clone())));
+        registered = Some((directory, name));
         Some(centrifuge)
     } else {
         None
@@ -106,10 +113,10 @@ fn jobdb_url(config: &Config) -> Result<&str> {
 async fn serve_director_rpc(
     config: &Config,
     centrifuge: Arc<Centrifuge>,
+    directory: Directory,
     mut stop: watch::Receiver<bool>,
-) -> Result<(Directory, String, JoinHandle<()>)> {
+) -> Result<JoinHandle<()>> {
     let d = &config.director;
-    let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
     let listener = tokio::net::TcpListener::bind(&d.rpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
@@ -143,7 +150,91 @@ async fn serve_director_rpc(
             tracing::error!(error = %e, "director RPC server failed");
         }
     });
-    Ok((directory, d.name.clone(), task))
+    Ok(task)
+}
+
+/// This director's scope of `deliver.jobdb_url`. While another director
+/// holds it (it adopted our JobDBs while we were down), keep announcing
+/// ourselves without an RPC address, so it hands them back, and retry.
+async fn open_own_jobdbs(config: &Config, catalog: &Arc<Catalog>, metrics: &DeliverMetrics, directory: &Directory) -> Result<Arc<Centrifuge>> {
+    let name = &config.director.name;
+    let mut options = CentrifugeOptions::from_config(config);
+    options.scope = name.clone();
+    let mut waited = Duration::ZERO;
+    loop {
+        directory.heartbeat(name, "").await?;
+        match Centrifuge::open(options.clone(), catalog.clone(), metrics.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(sluice_deliver::DeliverError::SqlLocked { .. }) if waited < Duration::from_secs(300) => {
+                if waited.is_zero() {
+                    tracing::warn!(director = %name, "this director's JobDBs are held by another director (adopted while we were down); waiting for it to hand them back");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                waited += Duration::from_secs(2);
+            }
+            Err(e) => return Err(e).context("cannot open this director's JobDBs"),
+        }
+    }
+}
+
+/// Serve the JobDBs of directors that died: when a director's heartbeat is
+/// older than [`sluice_route::rpc::LIVE_AFTER`] and its JobDB locks can be
+/// taken (its database sessions are gone), open its scope here; its
+/// directors reload the unfinished jobs and send them (jobs that were
+/// `executing` at its death are sent again: the crash window). When its
+/// owner announces itself again, close the scope, which releases the locks.
+async fn adopt_dead_directors(
+    config: Config,
+    catalog: Arc<Catalog>,
+    metrics: DeliverMetrics,
+    directory: Directory,
+    mut stop: watch::Receiver<bool>,
+) {
+    let me = config.director.name.clone();
+    let mut adopted: std::collections::BTreeMap<String, (Arc<Centrifuge>, JoinHandle<()>)> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => break,
+        }
+        let entries = match directory.all().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the directory of directors");
+                continue;
+            }
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        for entry in entries.into_iter().filter(|e| e.name != me) {
+            let alive = now - entry.heartbeat_ms < sluice_route::rpc::LIVE_AFTER.as_millis() as i64;
+            match (alive, adopted.contains_key(&entry.name)) {
+                (false, false) => {
+                    let mut options = CentrifugeOptions::from_config(&config);
+                    options.scope = entry.name.clone();
+                    match Centrifuge::open(options, catalog.clone(), metrics.clone()).await {
+                        Ok(c) => {
+                            tracing::warn!(director = %entry.name, "director is gone: serving its JobDBs here");
+                            let housekeeping = c.spawn_housekeeping();
+                            adopted.insert(entry.name.clone(), (c, housekeeping));
+                        }
+                        Err(e) => tracing::debug!(director = %entry.name, error = %e, "cannot adopt (yet)"),
+                    }
+                }
+                (true, true) => {
+                    if let Some((c, housekeeping)) = adopted.remove(&entry.name) {
+                        housekeeping.abort();
+                        c.close().await;
+                        tracing::info!(director = %entry.name, "director is back: handed its JobDBs back");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for (_, (c, housekeeping)) in adopted {
+        housekeeping.abort();
+        c.close().await;
+    }
 }
 
 async fn insert_jobs(
