@@ -164,7 +164,8 @@ pub async fn run_owned_partitions(
         }
     };
     let mut owned = membership.watch();
-    let mut running: std::collections::BTreeMap<u32, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> = Default::default();
+    let mut running = Children::default();
+    let running = &mut running.0;
     while !*stop.borrow() {
         let now: std::collections::BTreeSet<u32> = owned.borrow_and_update().clone();
         let revoked: Vec<u32> = running.keys().filter(|p| !now.contains(p)).copied().collect();
@@ -187,9 +188,22 @@ pub async fn run_owned_partitions(
             _ = stop.changed() => {}
         }
     }
-    for (_, (tx, task)) in running {
+    for (_, (tx, task)) in std::mem::take(running) {
         let _ = tx.send(true);
         let _ = task.await;
+    }
+}
+
+/// The per-partition route tasks of [`run_owned_partitions`]; aborted if
+/// the supervisor itself is aborted, so none outlives it.
+#[derive(Default)]
+struct Children(std::collections::BTreeMap<u32, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, task) in self.0.values() {
+            task.abort();
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use crate::ConfigArgs;
 pub struct Running {
     pub centrifuge: Option<Arc<Centrifuge>>,
     tasks: Vec<JoinHandle<()>>,
+    housekeeping: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     /// A separate director's entry in the directory, removed at stop.
     registered: Option<(Directory, String)>,
@@ -43,7 +44,10 @@ pub async fn start(
     director: bool,
 ) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
+    // Tasks that watch `stop` and wind down by themselves, and housekeeping
+    // loops that are simply aborted.
     let mut tasks = Vec::new();
+    let mut housekeeping = Vec::new();
     let mut registered = None;
     let centrifuge = if director && route {
         // One process: one unscoped set of JobDBs, no RPC.
@@ -52,7 +56,7 @@ pub async fn start(
         let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
             .await
             .context("cannot open the JobDBs")?;
-        tasks.push(centrifuge.spawn_housekeeping());
+        housekeeping.push(centrifuge.spawn_housekeeping());
         Some(centrifuge)
     } else if director {
         let metrics = DeliverMetrics::default();
@@ -60,7 +64,7 @@ pub async fn start(
         let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
         let name = config.director.name.clone();
         let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory).await?;
-        tasks.push(centrifuge.spawn_housekeeping());
+        housekeeping.push(centrifuge.spawn_housekeeping());
         tasks.push(serve_director_rpc(config, centrifuge.clone(), directory.clone(), stop_rx.clone()).await?);
         tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop_rx.clone())));
         registered = Some((directory, name));
@@ -97,7 +101,7 @@ pub async fn start(
         director,
         "delivery running"
     );
-    Ok(Running { centrifuge, tasks, stop, registered })
+    Ok(Running { centrifuge, tasks, housekeeping, stop, registered })
 }
 
 /// `deliver.jobdb_url`, required when route and directors are separate processes.
@@ -261,9 +265,16 @@ impl Running {
             }
         }
         let _ = self.stop.send(true);
-        for t in self.tasks {
+        for t in self.housekeeping {
             t.abort();
             let _ = t.await;
+        }
+        // Tasks finish their batch and stop their children; stragglers are aborted.
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
         }
         if let Some(c) = self.centrifuge {
             c.close().await;
