@@ -164,8 +164,13 @@ pub enum LogBackend {
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     pub primary: KafkaCluster,
-    /// A second cluster for failover (not built yet: refused when set).
+    /// A second cluster: new `input` writes move there while the primary is
+    /// unhealthy, and dedup reads both (`output` stays on the primary).
     pub secondary: Option<KafkaCluster>,
+    /// With a secondary: an append to the primary slower than this counts
+    /// against its health, like a failed one.
+    #[serde(with = "humantime_serde")]
+    pub failover_slow_after: Duration,
     /// Replication factor of the topics Sluice creates (use 3 in production).
     pub replication_factor: u32,
     /// An append not acknowledged by all in-sync replicas within this time fails.
@@ -192,6 +197,7 @@ impl Default for KafkaConfig {
         Self {
             primary: KafkaCluster::default(),
             secondary: None,
+            failover_slow_after: Duration::from_secs(2),
             replication_factor: 1,
             produce_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -736,8 +742,13 @@ impl Config {
             if k.primary.bootstrap_servers.trim().is_empty() {
                 return Err(invalid("log.kafka.primary.bootstrap_servers", "is required when log.backend = \"kafka\" (host:port[,host:port…])"));
             }
-            if k.secondary.is_some() {
-                return Err(invalid("log.kafka.secondary", "multi-cluster failover is not built yet; remove this section"));
+            if let Some(secondary) = &k.secondary {
+                if secondary.bootstrap_servers.trim().is_empty() {
+                    return Err(invalid("log.kafka.secondary.bootstrap_servers", "is required in [log.kafka.secondary]"));
+                }
+                if secondary.bootstrap_servers.trim() == k.primary.bootstrap_servers.trim() {
+                    return Err(invalid("log.kafka.secondary.bootstrap_servers", "must be another cluster than the primary"));
+                }
             }
             if !(1..=32).contains(&k.replication_factor) {
                 return Err(invalid("log.kafka.replication_factor", "must be between 1 and 32"));

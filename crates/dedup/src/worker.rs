@@ -118,6 +118,11 @@ pub struct DedupWorker {
     index: Option<DedupIndex>,
     /// Next `input` offset to read; `None` = ask the log for the committed one.
     next_input: Option<u64>,
+    /// Further input topics of the same partition (the secondary Kafka
+    /// cluster's `input`): read into the same index, by turns.
+    extra_inputs: Vec<(String, Option<u64>)>,
+    /// Which input the next batch reads: 0 = `input`, i = `extra_inputs[i-1]`.
+    turn: usize,
 }
 
 fn index_path(settings: &DedupSettings, partition: u32) -> PathBuf {
@@ -170,7 +175,8 @@ impl DedupWorker {
             }
             Err(e) => return Err(e),
         };
-        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None };
+        let extra_inputs = log.extra_inputs().into_iter().map(|t| (t, None)).collect();
+        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, turn: 0 };
         match worker.catch_up(rt, progress) {
             Err(e) if e.needs_rebuild() => worker.rebuild(rt, &e, progress)?,
             r => {
@@ -195,7 +201,7 @@ impl DedupWorker {
         let aside = move_aside(&path, "corrupt")?;
         tracing::error!(partition = self.partition, error = %cause, moved_to = %aside.display(), "dedup index unusable: moved aside, rebuilding from output");
         self.metrics.rebuilds.inc();
-        self.next_input = None;
+        self.forget_input_positions();
         self.catch_up(rt, progress)
     }
 
@@ -257,45 +263,70 @@ impl DedupWorker {
         Ok(())
     }
 
-    /// Deduplicate one batch of `input`. Returns the number of records read.
+    /// Deduplicate one batch, from the first input (by turns) that has
+    /// records. Returns the number of records read.
     pub fn process_batch(&mut self, rt: &Handle) -> Result<usize, DedupError> {
+        let inputs = 1 + self.extra_inputs.len();
+        for _ in 0..inputs {
+            let turn = self.turn;
+            self.turn = (self.turn + 1) % inputs;
+            let (topic, next) = match turn {
+                0 => (INPUT_TOPIC.to_owned(), self.next_input),
+                i => self.extra_inputs[i - 1].clone(),
+            };
+            let (read, next) = self.process_input(rt, &topic, next)?;
+            match turn {
+                0 => self.next_input = next,
+                i => self.extra_inputs[i - 1].1 = next,
+            }
+            if read > 0 {
+                return Ok(read);
+            }
+        }
+        Ok(0)
+    }
+
+    fn forget_input_positions(&mut self) {
+        self.next_input = None;
+        self.extra_inputs.iter_mut().for_each(|(_, next)| *next = None);
+    }
+
+    /// Deduplicate one batch of input topic `topic` from `next` (`None` =
+    /// its committed offset). Returns the records read and where to go on.
+    fn process_input(&mut self, rt: &Handle, topic: &str, next: Option<u64>) -> Result<(usize, Option<u64>), DedupError> {
         let p = self.partition;
-        let next = match self.next_input {
+        let next = match next {
             Some(n) => n,
             None => {
-                let committed = rt.block_on(self.log.committed(GROUP, INPUT_TOPIC, p))?;
-                committed.unwrap_or(rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.start)
+                let committed = rt.block_on(self.log.committed(GROUP, topic, p))?;
+                committed.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start)
             }
         };
         // Idle partitions cost one cheap offsets call per poll, not a read.
-        let end = rt.block_on(self.log.offsets(INPUT_TOPIC, p))?.end;
+        let end = rt.block_on(self.log.offsets(topic, p))?.end;
         if next > end {
             // The committed offset is past the log's end: input's tail was cut
             // (recovery after a power loss without fsync, or corruption). New
             // events will take those offsets again; read them, don't skip them.
             tracing::error!(partition = p, committed = next, end, "dedup's input offset is past the end of input (its tail was cut); resuming at the end");
             self.metrics.input_offset_resets.inc();
-            rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, end))?;
-            self.next_input = Some(end);
-            return Ok(0);
+            rt.block_on(self.log.commit(GROUP, topic, p, end))?;
+            return Ok((0, Some(end)));
         }
         if end == next {
-            self.next_input = Some(next);
-            return Ok(0);
+            return Ok((0, Some(next)));
         }
-        let batch = match rt.block_on(self.log.read_batch(INPUT_TOPIC, p, next, self.settings.batch_size)) {
+        let batch = match rt.block_on(self.log.read_batch(topic, p, next, self.settings.batch_size)) {
             Ok(b) => b,
             Err(LogError::OffsetOutOfRange { start, .. }) => {
                 tracing::warn!(partition = p, from = next, start, "input records expired before dedup read them; skipping ahead");
-                self.next_input = Some(start);
-                return Ok(0);
+                return Ok((0, Some(start)));
             }
             Err(e) => return Err(e.into()),
         };
         let records = batch.records;
         if records.is_empty() {
-            self.next_input = Some(batch.next);
-            return Ok(0);
+            return Ok((0, Some(batch.next)));
         }
         let next = batch.next;
         self.metrics.messages_in.inc_by(records.len() as u64);
@@ -311,10 +342,10 @@ impl DedupWorker {
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
 
         let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
-        if self.log.atomic_publish_and_commit() {
+        if self.log.atomic_publish_and_commit(topic) {
             // Kafka: publish and commit input in one transaction, then index.
             crash_point("dedup.before_publish");
-            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, INPUT_TOPIC, p, next))?;
+            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
             if let Some(first) = first {
@@ -333,12 +364,11 @@ impl DedupWorker {
                 crash_point("dedup.after_index_write");
             }
             // 4. Commit input.
-            rt.block_on(self.log.commit(GROUP, INPUT_TOPIC, p, next))?;
+            rt.block_on(self.log.commit(GROUP, topic, p, next))?;
         }
         crash_point("dedup.after_input_commit");
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-        self.next_input = Some(next);
-        Ok(records.len())
+        Ok((records.len(), Some(next)))
     }
 
     /// Flush the index and return its statistics and size on disk (bytes).
@@ -373,7 +403,7 @@ impl DedupWorker {
         let mut failing = false;
         while !stop.load(Ordering::Relaxed) {
             let result = if failing {
-                self.next_input = None;
+                self.forget_input_positions();
                 match self.catch_up(&rt, &mut log_progress) {
                     Err(e) if e.needs_rebuild() => self.rebuild(&rt, &e, &mut log_progress).map(|_| 0),
                     r => r.map(|_| 0),

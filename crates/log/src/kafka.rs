@@ -533,7 +533,7 @@ impl Log for KafkaLog {
         self.blocking(move |inner| inner.committed(&group, &topic, partition)).await
     }
 
-    fn atomic_publish_and_commit(&self) -> bool {
+    fn atomic_publish_and_commit(&self, _in_topic: &str) -> bool {
         true
     }
 

@@ -26,9 +26,11 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 pub mod embedded;
+pub mod failover;
 pub mod kafka;
 
 pub use embedded::{EmbeddedLog, LogMetrics, LogOptions};
+pub use failover::FailoverLog;
 pub use kafka::{KafkaLog, KafkaOptions};
 
 /// A record to append: `key` identifies it (Sluice uses `<source>/<messageId>`),
@@ -160,9 +162,16 @@ pub trait Log: Send + Sync + 'static {
         Ok(ReadBatch { records, next })
     }
 
-    /// Whether [`Log::publish_and_commit`] is atomic (Kafka transactions).
-    fn atomic_publish_and_commit(&self) -> bool {
+    /// Whether [`Log::publish_and_commit`] from `in_topic` is atomic (Kafka
+    /// transactions, when input and output are on one cluster).
+    fn atomic_publish_and_commit(&self, _in_topic: &str) -> bool {
         false
+    }
+
+    /// Input topics dedup reads besides `input`, partition for partition,
+    /// into the same index: the secondary Kafka cluster's `input`.
+    fn extra_inputs(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Append `records` to `out_topic`'s `partition` and commit `group`'s

@@ -26,7 +26,7 @@ use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::spool::{Spool, SpoolMetrics, SpoolSettings};
 use sluice_ingest::{Ingest, IngestSettings, INPUT_TOPIC};
-use sluice_log::{EmbeddedLog, KafkaLog, KafkaOptions, Log, LogMetrics, LogOptions};
+use sluice_log::{EmbeddedLog, FailoverLog, KafkaLog, KafkaOptions, Log, LogMetrics, LogOptions};
 
 /// mimalloc: the pipeline allocates many small, short-lived buffers across
 /// threads (events, jobs, HTTP requests); glibc malloc spent ~15% of the
@@ -422,6 +422,9 @@ fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, roles: Roles, registry:
     if config.dedup.enabled {
         if roles.dedup {
             groups.push((sluice_dedup::GROUP, INPUT_TOPIC));
+            if config.log.kafka.secondary.is_some() && config.log.backend == LogBackend::Kafka {
+                groups.push((sluice_dedup::GROUP, sluice_log::failover::SECONDARY_INPUT));
+            }
         }
         if config.deliver.enabled && roles.route {
             groups.push((sluice_route::GROUP, OUTPUT_TOPIC));
@@ -459,25 +462,37 @@ async fn open_log(config: &Config, metrics: LogMetrics) -> Result<(Arc<dyn Log>,
             Ok((log.clone() as Arc<dyn Log>, Some(log)))
         }
         LogBackend::Kafka => {
-            let options = kafka_options(config);
-            let servers = options.bootstrap_servers.clone();
-            let log = tokio::task::spawn_blocking(move || KafkaLog::connect(options))
-                .await?
-                .with_context(|| format!("cannot use Kafka at {servers} (log.kafka.primary.bootstrap_servers)"))?;
-            tracing::info!(bootstrap_servers = %servers, "log: Apache Kafka");
-            Ok((Arc::new(log), None))
+            let connect = |options: KafkaOptions, which: &'static str| async move {
+                let servers = options.bootstrap_servers.clone();
+                let log = tokio::task::spawn_blocking(move || KafkaLog::connect(options))
+                    .await?
+                    .with_context(|| format!("cannot use Kafka at {servers} (log.kafka.{which}.bootstrap_servers)"))?;
+                tracing::info!(bootstrap_servers = %servers, cluster = which, "log: Apache Kafka");
+                anyhow::Ok(log)
+            };
+            let primary = connect(kafka_options(config, &config.log.kafka.primary, true), "primary").await?;
+            match &config.log.kafka.secondary {
+                None => Ok((Arc::new(primary), None)),
+                Some(cluster) => {
+                    let secondary = connect(kafka_options(config, cluster, false), "secondary").await?;
+                    let log = FailoverLog::new(primary, secondary, config.log.kafka.failover_slow_after)?;
+                    Ok((log, None))
+                }
+            }
         }
     }
 }
 
-/// `[log.kafka]` as the Kafka log's options: topics `input` and `output`.
-fn kafka_options(config: &Config) -> KafkaOptions {
+/// `[log.kafka]` as one cluster's options: topics `input` and (on the
+/// primary) `output`.
+fn kafka_options(config: &Config, cluster: &sluice_core::config::KafkaCluster, primary: bool) -> KafkaOptions {
     let k = &config.log.kafka;
     let partitions = config.log.partitions;
-    let mut o = KafkaOptions::new(
-        k.primary.bootstrap_servers.clone(),
-        vec![(INPUT_TOPIC.into(), partitions), (OUTPUT_TOPIC.into(), partitions)],
-    );
+    let mut topics = vec![(INPUT_TOPIC.into(), partitions)];
+    if primary {
+        topics.push((OUTPUT_TOPIC.into(), partitions));
+    }
+    let mut o = KafkaOptions::new(cluster.bootstrap_servers.clone(), topics);
     o.replication_factor = k.replication_factor as i32;
     o.produce_timeout = k.produce_timeout;
     o.request_timeout = k.request_timeout;

@@ -72,3 +72,49 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
     assert_eq!(metric(&text, "sluice_dedup_published_total"), 300.0, "dedup published each unique event once");
     server.stop();
 }
+
+/// Two clusters: while the primary broker is down, new events go to the
+/// secondary (acknowledged at once), dedup reads both, and once the primary
+/// is back every event is delivered exactly once.
+#[test]
+fn kafka_failover_to_a_secondary_cluster_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut primary) = Broker::start(&dir.path().join("primary"), "sluice-test-failover-primary") else { return };
+    let Some(secondary) = Broker::start(&dir.path().join("secondary"), "sluice-test-failover-secondary") else { return };
+    let sink = TestSink::start();
+    let extra = format!(
+        "{}[log.kafka.secondary]\nbootstrap_servers = \"{}\"\n",
+        hook_destination_toml(&sink.sink.url("/hook")),
+        secondary.bootstrap
+    );
+    let config = write_kafka_config(dir.path(), &primary, &extra);
+    let server = Server::start_with_env(&config, &[("SLUICE_INGEST__SPOOL_AFTER", "20s")]);
+
+    let first: Vec<_> = (0..100).map(|i| track_event(&format!("f-{i}"), i)).collect();
+    sink.post_batch(&server.addr, &first).unwrap();
+    wait_for(Duration::from_secs(60), || (sink.by_message_id("/hook").len() >= 100).then_some(()), || server.stderr_tail(20));
+
+    primary.stop();
+    let second: Vec<_> = (0..100).map(|i| track_event(&format!("g-{i}"), i)).collect();
+    for chunk in second.chunks(10) {
+        sink.post_batch(&server.addr, chunk).expect("acknowledged while the primary is down");
+    }
+    // A client resend of an event the primary already has lands on the secondary.
+    sink.post_batch(&server.addr, &first[..5]).unwrap();
+    assert!(
+        server.stderr_text().contains("new writes go to the secondary"),
+        "writes moved to the secondary:\n{}",
+        server.stderr_tail(20)
+    );
+    let text = scrape(&sink, &server);
+    assert_eq!(metric(&text, "sluice_ingest_spooled_total"), 0.0, "the secondary took them, not the spool");
+
+    primary.restart().expect("restart the primary");
+    wait_for(Duration::from_secs(120), || (sink.by_message_id("/hook").len() >= 200).then_some(()), || server.stderr_tail(30));
+    std::thread::sleep(Duration::from_secs(3));
+    let got = sink.by_message_id("/hook");
+    assert_eq!(got.len(), 200);
+    assert!(got.values().all(|v| v.len() == 1), "each event delivered once, the resends dropped by dedup");
+    wait_for(Duration::from_secs(30), || server.stderr_text().contains("new writes go back to it").then_some(()), || server.stderr_tail(20));
+    server.stop();
+}
