@@ -197,7 +197,7 @@ impl Default for KafkaConfig {
         Self {
             primary: KafkaCluster::default(),
             secondary: None,
-            failover_slow_after: Duration::from_secs(2),
+            failover_slow_after: Duration::from_secs(1),
             replication_factor: 1,
             produce_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -748,6 +748,12 @@ impl Config {
                 }
                 if secondary.bootstrap_servers.trim() == k.primary.bootstrap_servers.trim() {
                     return Err(invalid("log.kafka.secondary.bootstrap_servers", "must be another cluster than the primary"));
+                }
+                if self.ingest.spool_after <= k.failover_slow_after {
+                    return Err(invalid(
+                        "ingest.spool_after",
+                        "must be longer than log.kafka.failover_slow_after, so an append can fail over to the secondary before it is spooled",
+                    ));
                 }
             }
             if !(1..=32).contains(&k.replication_factor) {

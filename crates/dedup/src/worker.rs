@@ -121,6 +121,8 @@ pub struct DedupWorker {
     /// Further input topics of the same partition (the secondary Kafka
     /// cluster's `input`): read into the same index, by turns.
     extra_inputs: Vec<(String, Option<u64>)>,
+    /// An extra input that failed is skipped until then.
+    extra_paused_until: Vec<Option<Instant>>,
     /// Which input the next batch reads: 0 = `input`, i = `extra_inputs[i-1]`.
     turn: usize,
 }
@@ -175,8 +177,14 @@ impl DedupWorker {
             }
             Err(e) => return Err(e),
         };
-        let extra_inputs = log.extra_inputs().into_iter().map(|t| (t, None)).collect();
-        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, turn: 0 };
+        // Fence any earlier owner first: what catch-up then reads is final.
+        if log.atomic_publish_and_commit(INPUT_TOPIC) {
+            rt.block_on(log.fence(GROUP, INPUT_TOPIC, partition))?;
+        }
+        let extra_inputs: Vec<(String, Option<u64>)> = log.extra_inputs().into_iter().map(|t| (t, None)).collect();
+        let extra_paused_until = vec![None; extra_inputs.len()];
+        let mut worker =
+            Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, extra_paused_until, turn: 0 };
         match worker.catch_up(rt, progress) {
             Err(e) if e.needs_rebuild() => worker.rebuild(rt, &e, progress)?,
             r => {
@@ -223,6 +231,7 @@ impl DedupWorker {
         let gauge = self.metrics.catchup_remaining.get_or_create(&self.metrics.partition(p)).clone();
         let window_ms = self.settings.index.window.as_millis() as u64;
         let mut last_report = Instant::now();
+        let mut empty_reads = 0;
         while next < range.end {
             if self.settings.stop.load(Ordering::Relaxed) {
                 return Err(DedupError::Stopped);
@@ -243,9 +252,22 @@ impl DedupWorker {
             if records.is_empty() {
                 if reached > next {
                     index.record(std::iter::empty(), reached)?;
+                    next = reached;
                 }
-                break;
+                // Short of the end: records not fetched yet, or a transaction
+                // of the (fenced) previous owner still being aborted. Wait:
+                // stopping early would leave ids out of the index.
+                empty_reads += 1;
+                if empty_reads > 300 {
+                    return Err(DedupError::Log(LogError::Unavailable(format!(
+                        "output partition {p} did not reach offset {} within 30 s during catch-up (at {next})",
+                        range.end
+                    ))));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
+            empty_reads = 0;
             let cutoff = now_ms().saturating_sub(window_ms);
             let ids = records.iter().filter(|r| r.timestamp_ms as u64 >= cutoff).map(|r| (&r.key[..], r.timestamp_ms as u64));
             index.record(ids, reached)?;
@@ -274,7 +296,23 @@ impl DedupWorker {
                 0 => (INPUT_TOPIC.to_owned(), self.next_input),
                 i => self.extra_inputs[i - 1].clone(),
             };
-            let (read, next) = self.process_input(rt, &topic, next)?;
+            if turn > 0 && self.extra_paused_until.get(turn - 1).copied().flatten().is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            let (read, next) = match self.process_input(rt, &topic, next) {
+                Ok(r) => r,
+                // An extra input (the secondary cluster) failing must not
+                // hold up the primary's: set it aside for a while.
+                Err(e @ DedupError::Log(_)) if turn > 0 => {
+                    tracing::warn!(partition = self.partition, input = %topic, error = %e, "cannot read this input; trying again in 10 s");
+                    self.extra_paused_until[turn - 1] = Some(Instant::now() + Duration::from_secs(10));
+                    self.extra_inputs[turn - 1].1 = None;
+                    // A batch may have been published before the error: index it.
+                    self.catch_up(rt, &mut |_| {})?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match turn {
                 0 => self.next_input = next,
                 i => self.extra_inputs[i - 1].1 = next,

@@ -111,7 +111,14 @@ impl Centrifuge {
         let found = jobdbs.list().await?;
         let mut lives = Vec::new();
         for seq in &found {
-            lives.push(Self::start(*seq, &jobdbs, &shared).await?);
+            match Self::start(*seq, &jobdbs, &shared).await {
+                Ok(live) => lives.push(live),
+                Err(e) => {
+                    // Stop the directors already started: they hold JobDB locks.
+                    Self::stop_all(lives).await;
+                    return Err(e);
+                }
+            }
         }
         let next_seq = found.last().map_or(1, |s| s + 1);
         let reusable = lives.last().is_some_and(|l| {
@@ -120,7 +127,13 @@ impl Centrifuge {
         let (newest, next_seq) = if reusable {
             (lives.pop().expect("checked"), next_seq)
         } else {
-            (Self::start(next_seq, &jobdbs, &shared).await?, next_seq + 1)
+            match Self::start(next_seq, &jobdbs, &shared).await {
+                Ok(live) => (live, next_seq + 1),
+                Err(e) => {
+                    Self::stop_all(lives).await;
+                    return Err(e);
+                }
+            }
         };
         for l in &lives {
             l.handle.seal();
@@ -133,6 +146,16 @@ impl Centrifuge {
     }
 
     /// Lock and open JobDB `seq` (creating it if needed) and start its director.
+    /// Stop directors and wait for them (their JobDB locks are released).
+    async fn stop_all(lives: Vec<Live>) {
+        for l in &lives {
+            l.handle.stop();
+        }
+        for l in lives {
+            let _ = l.handle.task.await;
+        }
+    }
+
     async fn start(seq: u64, jobdbs: &JobDbs, shared: &Arc<Shared>) -> Result<Live, DeliverError> {
         let opened = jobdbs.open(seq).await?;
         let (created_ms, jobs) = (opened.created_ms, opened.jobs);

@@ -1,4 +1,6 @@
-//! The control database (`data_dir/control.sqlite`): destinations,
+//! The control database (`data_dir/control.sqlite`, or with
+//! `deliver.jobdb_url` the tables `sluice_control_*` of that database,
+//! shared by every process using it: [`sql`]): sources, destinations,
 //! connections, `destination_qos` and replay requests. The config file seeds
 //! it at start; the running process re-reads it every
 //! [`REFRESH_INTERVAL`], so one SQL statement changes behaviour without a
@@ -83,8 +85,19 @@ fn err(path: &Path) -> impl Fn(rusqlite::Error) -> DeliverError + '_ {
     move |source| DeliverError::Sqlite { path: path.display().to_string(), source }
 }
 
-/// A connection to the control database.
+/// A connection to the control database: the SQLite file, or the tables
+/// `sluice_control_*` of the `deliver.jobdb_url` database ([`sql`]).
 pub struct ControlDb {
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(SqliteControl),
+    Sql(Box<sql::SqlControl>),
+}
+
+/// The control database in `data_dir/control.sqlite`.
+struct SqliteControl {
     path: PathBuf,
     conn: Connection,
 }
@@ -101,8 +114,118 @@ pub struct Replay {
     pub error: Option<String>,
 }
 
+/// Call the same method on whichever backend.
+macro_rules! delegate {
+    ($self:ident, $db:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($db) => $call,
+            Backend::Sql($db) => $call,
+        }
+    };
+}
+
 impl ControlDb {
+    /// Open the SQLite control database at `path` (creating it).
     pub fn open(path: &Path) -> Result<ControlDb, DeliverError> {
+        Ok(ControlDb { backend: Backend::Sqlite(SqliteControl::open(path)?) })
+    }
+
+    /// Open `config`'s control database: the tables `sluice_control_*` of
+    /// the `deliver.jobdb_url` database when it is set (created if missing;
+    /// shared by every process using that database), else
+    /// `data_dir/control.sqlite`. Blocks.
+    pub fn open_for(config: &Config) -> Result<ControlDb, DeliverError> {
+        match config.deliver.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => Ok(ControlDb { backend: Backend::Sql(Box::new(sql::SqlControl::open(url, &config.server.data_dir)?)) }),
+            None => ControlDb::open(&control_path(&config.server.data_dir)),
+        }
+    }
+
+    /// Where the control database is (a path, or the URL without password).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(db) => db.path.display().to_string(),
+            Backend::Sql(db) => db.location(),
+        }
+    }
+
+    /// Replace the config-seeded sources, destinations and connections with
+    /// `config`'s (API rows and API deletions win; QoS rows only created).
+    pub fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
+        match &mut self.backend {
+            Backend::Sqlite(db) => db.seed(config),
+            Backend::Sql(db) => db.seed(config),
+        }
+    }
+
+    /// The current sources, destinations, connections and QoS.
+    pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
+        delegate!(self, db => db.read())
+    }
+
+    /// Create a source; false when its id or write key is taken.
+    pub fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
+        delegate!(self, db => db.insert_source(src))
+    }
+
+    /// Create or replace a source (as the admin API's: the config will not overwrite it).
+    pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
+        delegate!(self, db => db.put_source(src))
+    }
+
+    /// Enable or disable a source; false when there is no such source.
+    pub fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
+        delegate!(self, db => db.set_source_disabled(id, disabled))
+    }
+
+    /// Create or replace a destination (and its QoS row if new).
+    pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
+        delegate!(self, db => db.put_destination(d))
+    }
+
+    /// Delete a destination and its connections; false when there is none.
+    pub fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
+        delegate!(self, db => db.delete_destination(id))
+    }
+
+    pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
+        delegate!(self, db => db.put_connection(source, destination))
+    }
+
+    /// Delete a connection; the config will not bring it back. False when there is none.
+    pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
+        delegate!(self, db => db.delete_connection(source, destination))
+    }
+
+    /// Set the QoS of a destination (every column; `None` = the configured value).
+    pub fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
+        delegate!(self, db => db.put_qos(destination, q))
+    }
+
+    /// File a replay request; its id.
+    pub fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
+        delegate!(self, db => db.request_replay(destination, since_ms))
+    }
+
+    pub fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
+        delegate!(self, db => db.replay(id))
+    }
+
+    /// Replays for this process to run: not finished (pending, or running
+    /// when the process stopped). In a shared SQL database each pending
+    /// replay is first claimed by one process (the first to ask), and only
+    /// that process's replays are returned (see [`sql`]).
+    pub fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
+        delegate!(self, db => db.unfinished_replays())
+    }
+
+    pub fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
+        delegate!(self, db => db.update_replay(id, state, events, jobs, error))
+    }
+}
+
+impl SqliteControl {
+    fn open(path: &Path) -> Result<SqliteControl, DeliverError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| DeliverError::Io { path: dir.display().to_string(), source })?;
         }
@@ -111,11 +234,11 @@ impl ControlDb {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(&e)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
         conn.execute_batch(SCHEMA).map_err(&e)?;
-        Ok(ControlDb { path: path.to_owned(), conn })
+        Ok(SqliteControl { path: path.to_owned(), conn })
     }
 
     /// Replace the config-seeded destinations and connections with `config`'s.
-    pub fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
+    fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
         let e = err(&self.path);
         let tx = self.conn.transaction().map_err(&e)?;
         tx.execute("DELETE FROM sources WHERE origin = 'config'", []).map_err(&e)?;
@@ -152,7 +275,7 @@ impl ControlDb {
     }
 
     /// The current sources, destinations, connections and QoS.
-    pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
+    fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
         let e = err(&self.path);
         let mut sources = Vec::new();
         let mut stmt = self.conn.prepare_cached("SELECT id, config, disabled FROM sources ORDER BY id").map_err(&e)?;
@@ -209,7 +332,7 @@ impl ControlDb {
     }
 
     /// Create a source; false when its id or write key is taken.
-    pub fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
+    fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
         let taken = self.read()?.sources.iter().any(|(o, _)| o.id == src.id || o.write_key == src.write_key);
         if taken {
             return Ok(false);
@@ -235,12 +358,12 @@ impl ControlDb {
     }
 
     /// Create or replace a source (as the admin API's: the config will not overwrite it).
-    pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
+    fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
         self.put_api_row("sources", &src.id, src)
     }
 
     /// Enable or disable a source; false when there is no such source.
-    pub fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
+    fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
         self.conn
             .execute("UPDATE sources SET disabled = ?2, origin = 'api' WHERE id = ?1", params![id, disabled as i64])
             .map(|n| n == 1)
@@ -248,7 +371,7 @@ impl ControlDb {
     }
 
     /// Create or replace a destination (and its QoS row if new).
-    pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
+    fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
         let e = err(&self.path);
         self.put_api_row("destinations", &d.id, d)?;
         self.conn.execute("INSERT OR IGNORE INTO destination_qos (destination) VALUES (?1)", [&d.id]).map_err(&e)?;
@@ -257,7 +380,7 @@ impl ControlDb {
     }
 
     /// Delete a destination and its connections; false when there is none.
-    pub fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
+    fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
         let e = err(&self.path);
         let n = self.conn.execute("DELETE FROM destinations WHERE id = ?1", [id]).map_err(&e)?;
         self.conn.execute("DELETE FROM connections WHERE destination = ?1", [id]).map_err(&e)?;
@@ -267,7 +390,7 @@ impl ControlDb {
         Ok(n == 1)
     }
 
-    pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
+    fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
         let e = err(&self.path);
         self.conn
             .execute(
@@ -283,7 +406,7 @@ impl ControlDb {
     }
 
     /// Delete a connection; the config will not bring it back. False when there is none.
-    pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
+    fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
         let e = err(&self.path);
         let n = self
             .conn
@@ -298,7 +421,7 @@ impl ControlDb {
     }
 
     /// Set the QoS of a destination (every column; `None` = the configured value).
-    pub fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
+    fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
         self.conn
             .execute(
                 "INSERT INTO destination_qos (destination, paused, max_in_flight, rate_per_sec, priority) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -310,7 +433,7 @@ impl ControlDb {
             .map_err(err(&self.path))
     }
 
-    pub fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
+    fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
         self.conn
             .execute(
                 "INSERT INTO replays (destination, since_ms, requested_at) VALUES (?1, ?2, ?3)",
@@ -320,7 +443,7 @@ impl ControlDb {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
+    fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
         self.conn
             .query_row(
                 "SELECT id, destination, since_ms, state, events, jobs, error FROM replays WHERE id = ?1",
@@ -332,7 +455,7 @@ impl ControlDb {
     }
 
     /// Replays not finished (pending, or running when the process stopped).
-    pub fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
+    fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
         let e = err(&self.path);
         let mut stmt = self
             .conn
@@ -344,7 +467,7 @@ impl ControlDb {
         Ok(rows)
     }
 
-    pub fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
+    fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
         let finished = matches!(state, "done" | "failed").then(crate::now_ms);
         self.conn
             .execute(
@@ -393,7 +516,7 @@ pub struct Catalog {
 impl Catalog {
     /// Open the control database, seed it from `config`, read it.
     pub fn open(config: &Config) -> Result<Arc<Catalog>, DeliverError> {
-        let mut control = ControlDb::open(&control_path(&config.server.data_dir))?;
+        let mut control = ControlDb::open_for(config)?;
         control.seed(config)?;
         let catalog = Arc::new(Catalog {
             control: Mutex::new(control),
@@ -489,5 +612,670 @@ impl Catalog {
     /// The global retry policy (`[deliver]`).
     pub fn retry_policy(&self) -> sluice_core::config::RetryPolicy {
         self.defaults.retry_policy()
+    }
+}
+
+/// The control database in the `deliver.jobdb_url` database (MySQL/MariaDB
+/// or PostgreSQL), shared by every process that uses that database: the
+/// tables of the SQLite file, named `sluice_control_<table>`
+/// (`sluice_control_destination_qos`, …), with the same columns.
+///
+/// Invariants:
+/// - The DDL is idempotent (`CREATE TABLE IF NOT EXISTS`; PostgreSQL runs it
+///   under the schema advisory lock, as the JobDBs do), so processes that
+///   start at once all succeed.
+/// - Seeding, and creating a source through the API (id and write key
+///   checked, then inserted), hold a lock that serializes them between
+///   processes (MySQL `GET_LOCK('sluice_control.<database>')`, PostgreSQL
+///   `pg_advisory_xact_lock`), inside one transaction; the inserts only add
+///   missing rows (`ON DUPLICATE KEY UPDATE id = id` / `ON CONFLICT DO
+///   NOTHING`), so a second seed changes nothing and duplicates nothing.
+///   With different config files the last process to start wins.
+/// - Replays: a pending replay is claimed (`claimed_by`) by the first
+///   process whose route asks for unfinished replays, so one process runs
+///   it. The claimant is `data_dir/control.owner` (a random id made once):
+///   a process restarted on the same data_dir resumes its running replays;
+///   one whose data_dir is lost leaves them `running` (file it again).
+/// - One connection on a current-thread runtime of its own (as a JobDB's);
+///   methods block. After any error the connection is dropped (an open
+///   transaction with it) and the next call connects again.
+pub mod sql {
+    use std::collections::HashSet;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use rand::Rng;
+    use sluice_core::config::{DestinationConfig, SourceConfig};
+    use sluice_core::Config;
+
+    use super::{CatalogSnapshot, Replay};
+    use crate::gate::Qos;
+    use crate::sqljobdb::{numbered, on_conn, Conn, Session, SqlEngine, SqlJobDbs, SqlRow, PG_SCHEMA_LOCK};
+    use crate::DeliverError;
+
+    /// Prefix of the control tables.
+    pub const TABLE_PREFIX: &str = "sluice_control_";
+    /// Attempts of a seed (a deadlock or lost connection is retried).
+    const SEED_ATTEMPTS: usize = 5;
+    /// How long a process waits for another's seed (MySQL `GET_LOCK` timeout, s).
+    const LOCK_WAIT_SECS: i64 = 60;
+    /// The PostgreSQL advisory lock key of control writes ("sluicectl").
+    const PG_CONTROL_LOCK: i64 = 0x736C_7569_6365_6374;
+
+    /// The table names, in creation order.
+    pub fn table_names() -> [String; 6] {
+        ["sources", "destinations", "connections", "destination_qos", "api_deletions", "replays"].map(|t| format!("{TABLE_PREFIX}{t}"))
+    }
+
+    fn ddl(engine: SqlEngine) -> Vec<String> {
+        let p = TABLE_PREFIX;
+        match engine {
+            SqlEngine::MySql => {
+                let opts = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin";
+                vec![
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}sources (
+                            id       VARCHAR(255) NOT NULL PRIMARY KEY,
+                            config   MEDIUMTEXT   NOT NULL,
+                            disabled BIGINT       NOT NULL DEFAULT 0,
+                            origin   VARCHAR(16)  NOT NULL DEFAULT 'config'
+                        ) {opts}"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}destinations (
+                            id     VARCHAR(255) NOT NULL PRIMARY KEY,
+                            config MEDIUMTEXT   NOT NULL,
+                            origin VARCHAR(16)  NOT NULL DEFAULT 'config'
+                        ) {opts}"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}connections (
+                            source      VARCHAR(255) NOT NULL,
+                            destination VARCHAR(255) NOT NULL,
+                            origin      VARCHAR(16)  NOT NULL DEFAULT 'config',
+                            PRIMARY KEY (source, destination)
+                        ) {opts}"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}destination_qos (
+                            destination   VARCHAR(255) NOT NULL PRIMARY KEY,
+                            paused        BIGINT NOT NULL DEFAULT 0,
+                            max_in_flight BIGINT,
+                            rate_per_sec  BIGINT,
+                            priority      BIGINT NOT NULL DEFAULT 1
+                        ) {opts}"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}api_deletions (
+                            kind  VARCHAR(16)  NOT NULL,
+                            `key` VARCHAR(520) NOT NULL,
+                            PRIMARY KEY (kind, `key`)
+                        ) {opts}"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}replays (
+                            id           BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                            destination  VARCHAR(255) NOT NULL,
+                            since_ms     BIGINT       NOT NULL,
+                            requested_at BIGINT       NOT NULL,
+                            state        VARCHAR(16)  NOT NULL DEFAULT 'pending',
+                            events       BIGINT       NOT NULL DEFAULT 0,
+                            jobs         BIGINT       NOT NULL DEFAULT 0,
+                            error        MEDIUMTEXT,
+                            finished_at  BIGINT,
+                            claimed_by   VARCHAR(64)
+                        ) {opts}"
+                    ),
+                ]
+            }
+            SqlEngine::Postgres => vec![
+                format!("SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})"),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}sources (
+                        id TEXT PRIMARY KEY, config TEXT NOT NULL,
+                        disabled BIGINT NOT NULL DEFAULT 0, origin TEXT NOT NULL DEFAULT 'config')"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}destinations (
+                        id TEXT PRIMARY KEY, config TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'config')"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}connections (
+                        source TEXT NOT NULL, destination TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'config',
+                        PRIMARY KEY (source, destination))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}destination_qos (
+                        destination TEXT PRIMARY KEY, paused BIGINT NOT NULL DEFAULT 0,
+                        max_in_flight BIGINT, rate_per_sec BIGINT, priority BIGINT NOT NULL DEFAULT 1)"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}api_deletions (
+                        kind TEXT NOT NULL, \"key\" TEXT NOT NULL, PRIMARY KEY (kind, \"key\"))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}replays (
+                        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                        destination TEXT NOT NULL, since_ms BIGINT NOT NULL, requested_at BIGINT NOT NULL,
+                        state TEXT NOT NULL DEFAULT 'pending', events BIGINT NOT NULL DEFAULT 0,
+                        jobs BIGINT NOT NULL DEFAULT 0, error TEXT, finished_at BIGINT, claimed_by TEXT)"
+                ),
+            ],
+        }
+    }
+
+    /// This process's claimant id for replays: `data_dir/control.owner`, made once.
+    fn owner(data_dir: &Path) -> Result<String, DeliverError> {
+        let path = data_dir.join("control.owner");
+        let io = |source| DeliverError::Io { path: path.display().to_string(), source };
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let id = text.trim();
+            if !id.is_empty() && id.len() <= 64 {
+                return Ok(id.to_owned());
+            }
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| DeliverError::Io { path: data_dir.display().to_string(), source })?;
+        let id = hex::encode(rand::thread_rng().gen::<[u8; 16]>());
+        let tmp = data_dir.join("control.owner.tmp");
+        std::fs::write(&tmp, format!("{id}\n")).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(id)
+    }
+
+    /// The control tables of a MySQL/MariaDB or PostgreSQL database.
+    pub struct SqlControl {
+        dbs: SqlJobDbs,
+        session: Mutex<Option<Session>>,
+        owner: String,
+    }
+
+    /// A text column of a row read by the statements below.
+    fn text(r: &impl SqlRow, i: usize) -> Result<String, sqlx::Error> {
+        r.text(i)
+    }
+
+    fn row_to_replay(r: &impl SqlRow) -> Result<Replay, sqlx::Error> {
+        Ok(Replay {
+            id: r.int(0)?,
+            destination: r.text(1)?,
+            since_ms: r.int(2)?,
+            state: r.text(3)?,
+            events: r.int(4)?,
+            jobs: r.int(5)?,
+            error: r.opt_text(6)?,
+        })
+    }
+
+    const REPLAY_COLUMNS: &str = "id, destination, since_ms, state, events, jobs, error";
+
+    impl SqlControl {
+        /// Connect to the database at `url` and create the control tables if missing.
+        pub fn open(url: &str, data_dir: &Path) -> Result<SqlControl, DeliverError> {
+            let dbs = SqlJobDbs::new(url)?;
+            let owner = owner(data_dir)?;
+            let db = SqlControl { dbs, session: Mutex::new(None), owner };
+            let ddl = ddl(db.dbs.engine());
+            db.run("creating the control tables", |s| {
+                on_conn!(*s, c => async {
+                    // PostgreSQL: one transaction under the schema lock (concurrent CREATE TABLE IF NOT EXISTS can fail).
+                    let pg = matches!(s_engine(&*c), SqlEngine::Postgres);
+                    if pg {
+                        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+                    }
+                    for statement in &ddl {
+                        sqlx::raw_sql(statement).execute(&mut *c).await?;
+                    }
+                    if pg {
+                        sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
+                    }
+                    Ok(())
+                })
+            })?;
+            Ok(db)
+        }
+
+        /// The database URL without password.
+        pub fn location(&self) -> String {
+            format!("{} (tables {TABLE_PREFIX}*)", self.dbs.display())
+        }
+
+        fn engine(&self) -> SqlEngine {
+            self.dbs.engine()
+        }
+
+        /// `sql` (MySQL dialect: `?` placeholders, backquoted names) in this engine's dialect; `{p}` is the table prefix.
+        fn q(&self, sql: &str) -> String {
+            let sql = sql.replace("{p}", TABLE_PREFIX);
+            match self.engine() {
+                SqlEngine::MySql => sql,
+                SqlEngine::Postgres => numbered(&sql.replace('`', "\"")),
+            }
+        }
+
+        /// An insert of a row that does nothing when its key exists (`conflict`: the key columns).
+        fn insert_missing(&self, table: &str, columns: &str, values: &str, conflict: &str) -> String {
+            let first = conflict.split(',').next().unwrap_or(conflict).trim();
+            match self.engine() {
+                SqlEngine::MySql => {
+                    format!("INSERT INTO {TABLE_PREFIX}{table} ({columns}) VALUES ({values}) ON DUPLICATE KEY UPDATE {first} = {first}")
+                }
+                SqlEngine::Postgres => numbered(
+                    &format!("INSERT INTO {TABLE_PREFIX}{table} ({columns}) VALUES ({values}) ON CONFLICT ({conflict}) DO NOTHING")
+                        .replace('`', "\""),
+                ),
+            }
+        }
+
+        /// An insert that replaces `update` columns when the key (`conflict`) exists.
+        fn upsert(&self, table: &str, columns: &str, values: &str, conflict: &str, update: &[&str], extra: &str) -> String {
+            match self.engine() {
+                SqlEngine::MySql => {
+                    let mut sets: Vec<String> = update.iter().map(|c| format!("{c} = VALUES({c})")).collect();
+                    if !extra.is_empty() {
+                        sets.push(extra.to_owned());
+                    }
+                    format!("INSERT INTO {TABLE_PREFIX}{table} ({columns}) VALUES ({values}) ON DUPLICATE KEY UPDATE {}", sets.join(", "))
+                }
+                SqlEngine::Postgres => {
+                    let mut sets: Vec<String> = update.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+                    if !extra.is_empty() {
+                        sets.push(extra.to_owned());
+                    }
+                    numbered(&format!(
+                        "INSERT INTO {TABLE_PREFIX}{table} ({columns}) VALUES ({values}) ON CONFLICT ({conflict}) DO UPDATE SET {}",
+                        sets.join(", ")
+                    ))
+                }
+            }
+        }
+
+        /// The statements that take and release the control write lock
+        /// (PostgreSQL: released by the transaction's end).
+        fn lock_statements(&self) -> (String, Option<String>) {
+            match self.engine() {
+                SqlEngine::MySql => {
+                    let name = format!("sluice_control.{}", self.dbs.database());
+                    let name: String = name.chars().take(64).collect::<String>().replace('\'', "");
+                    (format!("SELECT GET_LOCK('{name}', {LOCK_WAIT_SECS})"), Some(format!("SELECT RELEASE_LOCK('{name}')")))
+                }
+                SqlEngine::Postgres => (format!("SELECT pg_advisory_xact_lock({PG_CONTROL_LOCK})"), None),
+            }
+        }
+
+        /// Run `f` on the session (connecting first if there is none); after an error the session is dropped.
+        fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send) -> Result<T, DeliverError> {
+            let mut guard = self.session.lock().expect("control session lock");
+            let guard = &mut *guard;
+            off_runtime(move || {
+                if guard.is_none() {
+                    *guard = Some(self.dbs.connect()?);
+                }
+                let session = guard.as_mut().expect("a session");
+                match f(session) {
+                    Ok(v) => Ok(v),
+                    Err(source) => {
+                        *guard = None;
+                        Err(DeliverError::Sql { jobdb: format!("{} (control database: {what})", self.dbs.display()), source })
+                    }
+                }
+            })
+        }
+
+        /// Run `body` in a transaction holding the control write lock.
+        fn locked<T: Send>(
+            &self,
+            what: &str,
+            body: impl FnOnce(&SqlControl, &mut Session) -> Result<T, sqlx::Error> + Send,
+        ) -> Result<T, DeliverError> {
+            let (lock, unlock) = self.lock_statements();
+            self.run(what, |s| {
+                on_conn!(*s, c => async {
+                    if matches!(s_engine(&*c), SqlEngine::MySql) {
+                        let got: Option<i64> = sqlx::Row::try_get(&sqlx::query(&lock).fetch_one(&mut *c).await?, 0)?;
+                        if got != Some(1) {
+                            return Err(sqlx::Error::Protocol(format!("the control write lock was not granted within {LOCK_WAIT_SECS} s")));
+                        }
+                    }
+                    sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+                    if matches!(s_engine(&*c), SqlEngine::Postgres) {
+                        sqlx::raw_sql(&lock).execute(&mut *c).await?;
+                    }
+                    Ok(())
+                })?;
+                let out = body(self, s)?;
+                on_conn!(*s, c => async {
+                    sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
+                    if let Some(unlock) = &unlock {
+                        sqlx::raw_sql(unlock).execute(&mut *c).await?;
+                    }
+                    Ok(out)
+                })
+            })
+        }
+
+        pub fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.locked("seeding from the config", |db, s| db.seed_in(s, config)) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if attempt < SEED_ATTEMPTS => {
+                        tracing::warn!(error = %e, attempt, "seeding the control database failed; trying again");
+                        std::thread::sleep(std::time::Duration::from_millis(200 * attempt as u64));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        fn seed_in(&self, s: &mut Session, config: &Config) -> Result<(), sqlx::Error> {
+            let deletes: Vec<String> =
+                ["sources", "destinations", "connections"].iter().map(|t| self.q(&format!("DELETE FROM {{p}}{t} WHERE origin = 'config'"))).collect();
+            let deletions_sql = self.q("SELECT kind, `key` FROM {p}api_deletions");
+            let insert_source = self.insert_missing("sources", "id, config, origin", "?, ?, 'config'", "id");
+            let insert_destination = self.insert_missing("destinations", "id, config, origin", "?, ?, 'config'", "id");
+            let insert_qos = self.insert_missing("destination_qos", "destination", "?", "destination");
+            let insert_connection = self.insert_missing("connections", "source, destination, origin", "?, ?, 'config'", "source, destination");
+            on_conn!(*s, c => async {
+                for d in &deletes {
+                    sqlx::query(d).execute(&mut *c).await?;
+                }
+                let mut deleted = HashSet::new();
+                for r in sqlx::query(&deletions_sql).fetch_all(&mut *c).await? {
+                    deleted.insert((text(&r, 0)?, text(&r, 1)?));
+                }
+                let is_deleted = |kind: &str, key: &str| deleted.contains(&(kind.to_owned(), key.to_owned()));
+                for src in &config.sources {
+                    let json = serde_json::to_string(src).expect("a source serializes");
+                    sqlx::query(&insert_source).bind(src.id.as_str()).bind(json).execute(&mut *c).await?;
+                }
+                for d in &config.destinations {
+                    if !is_deleted("destination", &d.id) {
+                        let json = serde_json::to_string(d).expect("a destination serializes");
+                        sqlx::query(&insert_destination).bind(d.id.as_str()).bind(json).execute(&mut *c).await?;
+                    }
+                    sqlx::query(&insert_qos).bind(d.id.as_str()).execute(&mut *c).await?;
+                }
+                for conn in &config.connections {
+                    for d in &conn.destinations {
+                        if is_deleted("connection", &format!("{}/{d}", conn.source)) || is_deleted("destination", d) {
+                            continue;
+                        }
+                        sqlx::query(&insert_connection).bind(conn.source.as_str()).bind(d.as_str()).execute(&mut *c).await?;
+                    }
+                }
+                Ok(())
+            })
+        }
+
+        pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
+            let sources_sql = self.q("SELECT id, config, disabled FROM {p}sources ORDER BY id");
+            let destinations_sql = self.q("SELECT id, config FROM {p}destinations");
+            let connections_sql = self.q("SELECT source, destination FROM {p}connections ORDER BY source, destination");
+            let qos_sql = self.q("SELECT destination, paused, max_in_flight, rate_per_sec, priority FROM {p}destination_qos");
+            #[allow(clippy::type_complexity)]
+            let (sources, destinations, connections, qos): (
+                Vec<(String, String, bool)>,
+                Vec<(String, String)>,
+                Vec<(String, String)>,
+                Vec<(String, Qos)>,
+            ) = self.run("reading", |s| {
+                on_conn!(*s, c => async {
+                    let mut sources = Vec::new();
+                    for r in sqlx::query(&sources_sql).fetch_all(&mut *c).await? {
+                        sources.push((r.text(0)?, r.text(1)?, r.int(2)? != 0));
+                    }
+                    let mut destinations = Vec::new();
+                    for r in sqlx::query(&destinations_sql).fetch_all(&mut *c).await? {
+                        destinations.push((r.text(0)?, r.text(1)?));
+                    }
+                    let mut connections = Vec::new();
+                    for r in sqlx::query(&connections_sql).fetch_all(&mut *c).await? {
+                        connections.push((r.text(0)?, r.text(1)?));
+                    }
+                    let mut qos = Vec::new();
+                    for r in sqlx::query(&qos_sql).fetch_all(&mut *c).await? {
+                        qos.push((
+                            r.text(0)?,
+                            Qos {
+                                paused: r.int(1)? != 0,
+                                max_in_flight: r.opt_int(2)?.map(|v| v.max(1) as usize),
+                                rate_per_sec: r.opt_int(3)?.map(|v| v.max(0) as u32),
+                                priority: r.int(4)?.clamp(1, 100) as u32,
+                            },
+                        ));
+                    }
+                    Ok((sources, destinations, connections, qos))
+                })
+            })?;
+            let mut snap = CatalogSnapshot::default();
+            for (id, json, disabled) in sources {
+                match serde_json::from_str::<SourceConfig>(&json) {
+                    Ok(src) => snap.sources.push((src, disabled)),
+                    Err(problem) => tracing::error!(source = %id, %problem, "ignoring a source with invalid settings in the control database"),
+                }
+            }
+            for (id, json) in destinations {
+                match serde_json::from_str::<DestinationConfig>(&json) {
+                    Ok(d) => {
+                        snap.destinations.insert(id, d);
+                    }
+                    Err(problem) => tracing::error!(destination = %id, %problem, "ignoring a destination with invalid settings in the control database"),
+                }
+            }
+            for (s, d) in connections {
+                snap.connections.entry(s).or_default().push(d);
+            }
+            snap.qos = qos.into_iter().collect();
+            Ok(snap)
+        }
+
+        /// Run statements each with its text binds; the rows each changed.
+        fn exec(&self, what: &str, statements: Vec<(String, Vec<Option<String>>)>) -> Result<Vec<u64>, DeliverError> {
+            self.run(what, |s| {
+                on_conn!(*s, c => async {
+                    let mut counts = Vec::with_capacity(statements.len());
+                    for (sql, binds) in &statements {
+                        let mut q = sqlx::query(sql);
+                        for b in binds {
+                            q = q.bind(b.clone());
+                        }
+                        counts.push(q.execute(&mut *c).await?.rows_affected());
+                    }
+                    Ok(counts)
+                })
+            })
+        }
+
+        pub fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
+            let taken_sql = self.q("SELECT config FROM {p}sources");
+            let insert = self.q("INSERT INTO {p}sources (id, config, origin) VALUES (?, ?, 'api')");
+            let json = serde_json::to_string(src).expect("settings serialize");
+            self.locked("creating a source", |_, s| {
+                on_conn!(*s, c => async {
+                    for r in sqlx::query(&taken_sql).fetch_all(&mut *c).await? {
+                        if let Ok(other) = serde_json::from_str::<SourceConfig>(&r.text(0)?) {
+                            if other.id == src.id || other.write_key == src.write_key {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    sqlx::query(&insert).bind(src.id.as_str()).bind(json.as_str()).execute(&mut *c).await?;
+                    Ok(true)
+                })
+            })
+        }
+
+        fn put_api_row(&self, table: &str, id: &str, config: &impl serde::Serialize) -> Result<(), DeliverError> {
+            let json = serde_json::to_string(config).expect("settings serialize");
+            let sql = self.upsert(table, "id, config, origin", "?, ?, 'api'", "id", &["config"], "origin = 'api'");
+            self.exec("writing", vec![(sql, vec![Some(id.to_owned()), Some(json)])]).map(drop)
+        }
+
+        pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
+            self.put_api_row("sources", &src.id, src)
+        }
+
+        pub fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
+            // (MySQL counts matched rows, not changed ones: sqlx sets CLIENT_FOUND_ROWS.)
+            let sql = self.q(&format!("UPDATE {{p}}sources SET disabled = {}, origin = 'api' WHERE id = ?", disabled as i64));
+            Ok(self.exec("writing", vec![(sql, vec![Some(id.to_owned())])])?[0] == 1)
+        }
+
+        pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
+            self.put_api_row("destinations", &d.id, d)?;
+            let qos = self.insert_missing("destination_qos", "destination", "?", "destination");
+            let undelete = self.q("DELETE FROM {p}api_deletions WHERE kind = 'destination' AND `key` = ?");
+            self.exec("writing", vec![(qos, vec![Some(d.id.clone())]), (undelete, vec![Some(d.id.clone())])]).map(drop)
+        }
+
+        pub fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
+            let delete = self.q("DELETE FROM {p}destinations WHERE id = ?");
+            let connections = self.q("DELETE FROM {p}connections WHERE destination = ?");
+            let n = self.exec("writing", vec![(delete, vec![Some(id.to_owned())]), (connections, vec![Some(id.to_owned())])])?[0];
+            if n == 1 {
+                let remember = self.insert_missing("api_deletions", "kind, `key`", "'destination', ?", "kind, `key`");
+                self.exec("writing", vec![(remember, vec![Some(id.to_owned())])])?;
+            }
+            Ok(n == 1)
+        }
+
+        pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
+            let sql = self.upsert("connections", "source, destination, origin", "?, ?, 'api'", "source, destination", &[], "origin = 'api'");
+            let undelete = self.q("DELETE FROM {p}api_deletions WHERE kind = 'connection' AND `key` = ?");
+            self.exec(
+                "writing",
+                vec![
+                    (sql, vec![Some(source.to_owned()), Some(destination.to_owned())]),
+                    (undelete, vec![Some(format!("{source}/{destination}"))]),
+                ],
+            )
+            .map(drop)
+        }
+
+        pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
+            let delete = self.q("DELETE FROM {p}connections WHERE source = ? AND destination = ?");
+            let n = self.exec("writing", vec![(delete, vec![Some(source.to_owned()), Some(destination.to_owned())])])?[0];
+            if n == 1 {
+                let remember = self.insert_missing("api_deletions", "kind, `key`", "'connection', ?", "kind, `key`");
+                self.exec("writing", vec![(remember, vec![Some(format!("{source}/{destination}"))])])?;
+            }
+            Ok(n == 1)
+        }
+
+        pub fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
+            let sql = self.upsert(
+                "destination_qos",
+                "destination, paused, max_in_flight, rate_per_sec, priority",
+                "?, ?, ?, ?, ?",
+                "destination",
+                &["paused", "max_in_flight", "rate_per_sec", "priority"],
+                "",
+            );
+            let (paused, max_in_flight, rate, priority) =
+                (q.paused as i64, q.max_in_flight.map(|v| v as i64), q.rate_per_sec.map(|v| v as i64), q.priority as i64);
+            self.run("writing QoS", |s| {
+                on_conn!(*s, c => async {
+                    sqlx::query(&sql).bind(destination).bind(paused).bind(max_in_flight).bind(rate).bind(priority).execute(&mut *c).await?;
+                    Ok(())
+                })
+            })
+        }
+
+        pub fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
+            let now = crate::now_ms();
+            let sql = self.q("INSERT INTO {p}replays (destination, since_ms, requested_at) VALUES (?, ?, ?)");
+            self.run("filing a replay", |s| {
+                let session: &mut Session = s;
+                match &mut session.conn {
+                    Conn::MySql(c) => session.rt.block_on(async {
+                        let r = sqlx::query(&sql).bind(destination).bind(since_ms).bind(now).execute(&mut *c).await?;
+                        Ok(r.last_insert_id() as i64)
+                    }),
+                    Conn::Postgres(c) => session.rt.block_on(async {
+                        let row = sqlx::query(&format!("{sql} RETURNING id"))
+                            .bind(destination)
+                            .bind(since_ms)
+                            .bind(now)
+                            .fetch_one(&mut *c)
+                            .await?;
+                        row.int(0)
+                    }),
+                }
+            })
+        }
+
+        pub fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
+            let sql = self.q(&format!("SELECT {REPLAY_COLUMNS} FROM {{p}}replays WHERE id = ?"));
+            self.run("reading a replay", |s| {
+                on_conn!(*s, c => async {
+                    match sqlx::query(&sql).bind(id).fetch_optional(&mut *c).await? {
+                        Some(r) => Ok(Some(row_to_replay(&r)?)),
+                        None => Ok(None),
+                    }
+                })
+            })
+        }
+
+        pub fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
+            let claim = self.q("UPDATE {p}replays SET claimed_by = ? WHERE state = 'pending' AND claimed_by IS NULL");
+            let select = self.q(&format!(
+                "SELECT {REPLAY_COLUMNS} FROM {{p}}replays WHERE state IN ('pending', 'running') AND claimed_by = ? ORDER BY id"
+            ));
+            let owner = self.owner.as_str();
+            self.run("reading replays", |s| {
+                on_conn!(*s, c => async {
+                    sqlx::query(&claim).bind(owner).execute(&mut *c).await?;
+                    let mut out = Vec::new();
+                    for r in sqlx::query(&select).bind(owner).fetch_all(&mut *c).await? {
+                        out.push(row_to_replay(&r)?);
+                    }
+                    Ok(out)
+                })
+            })
+        }
+
+        pub fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
+            let finished = matches!(state, "done" | "failed").then(crate::now_ms);
+            let sql = self.q("UPDATE {p}replays SET state = ?, events = ?, jobs = ?, error = ?, finished_at = ? WHERE id = ?");
+            self.run("updating a replay", |s| {
+                on_conn!(*s, c => async {
+                    sqlx::query(&sql).bind(state).bind(events).bind(jobs).bind(error).bind(finished).bind(id).execute(&mut *c).await?;
+                    Ok(())
+                })
+            })
+        }
+    }
+
+    /// Run `f` here, or on a scoped thread when this thread is inside a
+    /// tokio runtime (the session's own runtime cannot block there: tests
+    /// and benchmarks open the Catalog from async code).
+    fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return f();
+        }
+        std::thread::scope(|scope| match scope.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
+    /// The engine of a connection (inside `on_conn!` bodies, written once for both).
+    fn s_engine<C: EngineOf + ?Sized>(c: &C) -> SqlEngine {
+        c.engine_of()
+    }
+
+    trait EngineOf {
+        fn engine_of(&self) -> SqlEngine;
+    }
+    impl EngineOf for sqlx::MySqlConnection {
+        fn engine_of(&self) -> SqlEngine {
+            SqlEngine::MySql
+        }
+    }
+    impl EngineOf for sqlx::PgConnection {
+        fn engine_of(&self) -> SqlEngine {
+            SqlEngine::Postgres
+        }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Invariants:
 //! - A director is live while its heartbeat is younger than the caller's
-//!   `max_age`; a stopped director deletes its row, a crashed one ages out.
+//!   `max_age`; a stopped director marks its row stale at once (no address),
+//!   a crashed one ages out. Either way its JobDBs can then be adopted.
 //! - The list is ordered by name, so every route process maps a messageId
 //!   to the same director while the set of live directors is the same.
 
@@ -47,6 +48,10 @@ impl Directory {
     /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
     /// if missing.
     pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
+        const DDL: &str = "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
+                           rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)";
+        let connect = sql_error("connect");
+        let create = sql_error("create sluice_directors");
         let pool = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             let url = url.replacen("mariadb://", "mysql://", 1);
             let pool = sqlx::mysql::MySqlPoolOptions::new()
@@ -54,14 +59,8 @@ impl Directory {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(&url)
                 .await
-                .map_err(sql_error("connect"))?;
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
-                 rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)",
-            )
-            .execute(&pool)
-            .await
-            .map_err(sql_error("create sluice_directors"))?;
+                .map_err(connect)?;
+            sqlx::query(DDL).execute(&pool).await.map_err(create)?;
             Pool::MySql(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -69,14 +68,8 @@ impl Directory {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await
-                .map_err(sql_error("connect"))?;
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
-                 rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)",
-            )
-            .execute(&pool)
-            .await
-            .map_err(sql_error("create sluice_directors"))?;
+                .map_err(connect)?;
+            sqlx::query(DDL).execute(&pool).await.map_err(create)?;
             Pool::Postgres(pool)
         } else {
             return Err(DeliverError::Directory(
@@ -114,13 +107,25 @@ impl Directory {
         .map_err(sql_error("director heartbeat"))
     }
 
-    /// Remove `name` (a director that stops cleanly).
-    pub async fn remove(&self, name: &str) -> Result<(), DeliverError> {
+    /// Mark `name` stopped: no address, and a heartbeat old enough that it
+    /// is no longer live (other directors may adopt its JobDBs).
+    pub async fn heartbeat_stopped(&self, name: &str) -> Result<(), DeliverError> {
+        let long_ago = 0i64;
         match &self.pool {
-            Pool::MySql(p) => sqlx::query("DELETE FROM sluice_directors WHERE name = ?").bind(name).execute(p).await.map(|_| ()),
-            Pool::Postgres(p) => sqlx::query("DELETE FROM sluice_directors WHERE name = $1").bind(name).execute(p).await.map(|_| ()),
+            Pool::MySql(p) => sqlx::query("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?")
+                .bind(long_ago)
+                .bind(name)
+                .execute(p)
+                .await
+                .map(|_| ()),
+            Pool::Postgres(p) => sqlx::query("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = $1 WHERE name = $2")
+                .bind(long_ago)
+                .bind(name)
+                .execute(p)
+                .await
+                .map(|_| ()),
         }
-        .map_err(sql_error("remove director"))
+        .map_err(sql_error("mark director stopped"))
     }
 
     /// Directors whose heartbeat is younger than `max_age`, by name.

@@ -95,18 +95,19 @@ impl std::fmt::Debug for SqlJobDbs {
     }
 }
 
-/// One open connection and the runtime that drives it.
-struct Session {
-    rt: SessionRuntime,
-    conn: Conn,
+/// One open connection and the runtime that drives it (also used by the
+/// control database, `control.rs`).
+pub(crate) struct Session {
+    pub(crate) rt: SessionRuntime,
+    pub(crate) conn: Conn,
 }
 
 /// A current-thread runtime that may be dropped anywhere, even on an async
 /// thread (a plain `Runtime` panics there): it shuts down in the background.
-struct SessionRuntime(Option<tokio::runtime::Runtime>);
+pub(crate) struct SessionRuntime(Option<tokio::runtime::Runtime>);
 
 impl SessionRuntime {
-    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         match &self.0 {
             Some(rt) => rt.block_on(future),
             None => unreachable!("the runtime is only taken when the session is dropped"),
@@ -122,7 +123,7 @@ impl Drop for SessionRuntime {
     }
 }
 
-enum Conn {
+pub(crate) enum Conn {
     MySql(MySqlConnection),
     Postgres(PgConnection),
 }
@@ -139,9 +140,10 @@ macro_rules! on_conn {
         }
     }};
 }
+pub(crate) use on_conn;
 
 /// Reading a row's columns the same way from either engine.
-trait SqlRow {
+pub(crate) trait SqlRow {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error>;
     fn int(&self, i: usize) -> Result<i64, sqlx::Error>;
     fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error>;
@@ -264,7 +266,7 @@ fn is_connection_lost(e: &sqlx::Error) -> bool {
 }
 
 /// `?` placeholders to PostgreSQL's `$1, $2, ...` (our statements have no `?` in literals).
-fn numbered(sql: &str) -> String {
+pub(crate) fn numbered(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
     let mut n = 0;
     for ch in sql.chars() {
@@ -574,7 +576,7 @@ fn registry_ddl(engine: SqlEngine, prefix: &str) -> String {
     }
 }
 /// The advisory lock key that serializes Sluice's schema changes in a PostgreSQL database.
-const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
+pub(crate) const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
 
 impl SqlJobDbs {
     /// The JobDBs in the database at `url` (`mysql://`, `mariadb://`,
@@ -637,7 +639,7 @@ impl SqlJobDbs {
     }
 
     /// A new connection on a new current-thread runtime.
-    fn connect(&self) -> Result<Session, DeliverError> {
+    pub(crate) fn connect(&self) -> Result<Session, DeliverError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

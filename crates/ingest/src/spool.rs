@@ -162,6 +162,16 @@ impl Spool {
     /// the next start. Interrupting a drained batch is safe: it is drained
     /// again (at least once).
     pub async fn stop(&self) {
+        // Ingest has stopped taking requests: give the drainers a moment to
+        // empty the spool, so nothing waits on this node's disk needlessly.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline && self.total_depth().await > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = self.total_depth().await;
+        if left > 0 {
+            tracing::warn!(events = left, "stopping with events in the ingest spool: they go to Kafka when this data_dir starts again");
+        }
         self.stop.store(true, Ordering::Relaxed);
         let drainers = std::mem::take(&mut *self.drainers.lock().expect("drainers lock"));
         for d in drainers {
@@ -178,18 +188,23 @@ impl Spool {
     }
 
     async fn total_depth(&self) -> u64 {
+        self.try_total_depth().await.unwrap_or(0)
+    }
+
+    async fn try_total_depth(&self) -> Result<u64, LogError> {
         let mut total = 0;
         for p in 0..self.partitions.len() as u32 {
-            total += self.depth_of(p).await.unwrap_or(0);
+            total += self.depth_of(p).await?;
         }
-        total
+        Ok(total)
     }
 
     async fn append_to_spool(&self, p: u32, records: Vec<Record>) -> Result<u64, LogError> {
         let state = &self.partitions[p as usize];
         let _shared = state.gate.read().await;
         state.spooling.store(true, Ordering::SeqCst);
-        let depth = self.total_depth().await;
+        // Unknown depth counts as full: the bound must hold.
+        let depth = self.try_total_depth().await?;
         if depth + records.len() as u64 > self.settings.max_events {
             self.metrics.refused.inc_by(records.len() as u64);
             return Err(LogError::Unavailable(format!(

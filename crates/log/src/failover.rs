@@ -4,9 +4,9 @@
 //!
 //! Invariants:
 //! - **Writes** to `input` go to the active cluster. A health monitor
-//!   watches the primary's appends (errors, and latency over
-//!   `slow_after`); when at least half of the last [`WINDOW`] appends were
-//!   bad, new writes move to the secondary. While there, the primary is
+//!   watches the primary's appends (errors, and appends not acknowledged
+//!   within `slow_after`, which are abandoned); when three in a row or half
+//!   of the last [`WINDOW`] were bad, new writes move to the secondary. While there, the primary is
 //!   probed every second, and writes move back after [`PROBES_TO_RETURN`]
 //!   probes in a row succeed. An append that fails on one cluster is tried
 //!   on the other before the error reaches the caller (the ingest spool).
@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -124,10 +124,14 @@ impl FailoverLog {
         }
     }
 
+    /// Append to the primary, giving up after `slow_after` (the append may
+    /// still land: dedup drops the copy the caller then writes elsewhere).
     async fn append_primary(&self, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
-        let started = Instant::now();
-        let result = self.primary.append(INPUT, partition, records).await;
-        self.judge(result.is_err() || started.elapsed() > self.slow_after);
+        let result = match tokio::time::timeout(self.slow_after, self.primary.append(INPUT, partition, records)).await {
+            Ok(r) => r,
+            Err(_) => Err(LogError::Unavailable(format!("the primary Kafka cluster did not acknowledge within {:?}", self.slow_after))),
+        };
+        self.judge(result.is_err());
         result
     }
 }

@@ -56,6 +56,9 @@ pub struct KafkaOptions {
     pub topics: Vec<(String, u32)>,
     /// Replication factor of topics this log creates.
     pub replication_factor: i32,
+    /// `retention.ms` of topics this log creates, per topic (others: the
+    /// broker's default). Existing topics are left as they are.
+    pub retention: Vec<(String, Duration)>,
     /// An append not acknowledged within this time fails (`message.timeout.ms`).
     pub produce_timeout: Duration,
     /// Metadata, offset and commit requests fail after this long.
@@ -75,6 +78,7 @@ impl KafkaOptions {
             bootstrap_servers: bootstrap_servers.into(),
             topics,
             replication_factor: 1,
+            retention: Vec::new(),
             produce_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             read_wait: Duration::from_millis(50),
@@ -150,6 +154,10 @@ struct Reader {
     next: Option<u64>,
     /// The consumer reported end-of-partition and has delivered nothing since.
     at_end: bool,
+    /// Reads in a row that found the broker's end past our position yet got
+    /// nothing: an open transaction, or a consumer that lost its fetch state
+    /// (seen after a broker restart). Past a few, the reader re-assigns.
+    stuck: u32,
 }
 
 struct Inner {
@@ -204,6 +212,11 @@ impl KafkaLog {
         &self.inner.options.bootstrap_servers
     }
 
+    /// One `transactional.id` per (group, input partition): its owner's fence.
+    fn transactional_id(&self, group: &str, in_topic: &str, partition: u32) -> String {
+        format!("{}-{group}-{in_topic}-{partition}", self.inner.options.client_id)
+    }
+
     /// Run `f` on the blocking pool with this log's state.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -220,10 +233,16 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
         let meta = client.fetch_metadata(Some(name), options.request_timeout).map_err(kafka("fetch metadata"))?;
         Ok(meta.topics().first().is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
     };
+    let retention: HashMap<&str, String> =
+        options.retention.iter().map(|(t, d)| (t.as_str(), d.as_millis().to_string())).collect();
     let mut new = Vec::new();
     for (name, n) in &options.topics {
         if !exists(name)? {
-            new.push(NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor)));
+            let mut topic = NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor));
+            if let Some(ms) = retention.get(name.as_str()) {
+                topic = topic.set("retention.ms", ms);
+            }
+            new.push(topic);
         }
     }
     if !new.is_empty() {
@@ -304,7 +323,7 @@ impl Inner {
         }
         let consumer: BaseConsumer<ReaderContext> =
             self.options.consumer("sluice-reader").create_with_context(ReaderContext).map_err(kafka("create consumer"))?;
-        let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false }));
+        let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false, stuck: 0 }));
         readers.insert((topic.to_owned(), partition), reader.clone());
         Ok(reader)
     }
@@ -333,6 +352,8 @@ impl Inner {
         // moved: an empty batch means "at the end", never "not fetched yet".
         let deadline = Instant::now() + self.options.request_timeout;
         let mut records = Vec::new();
+        // Rounds at the end where the broker's end was past our position.
+        let mut end_moved = 0;
         while records.len() < max {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = if !records.is_empty() {
@@ -340,7 +361,9 @@ impl Inner {
             } else if r.at_end {
                 self.options.read_wait.min(left)
             } else {
-                left
+                // A fresh reader's first fetch: normally milliseconds. If
+                // nothing comes, ask the broker where the end is (below).
+                Duration::from_secs(1).min(left)
             };
             let polled = r.consumer.poll(wait);
             match polled {
@@ -348,10 +371,29 @@ impl Inner {
                 None => {
                     if r.at_end {
                         let end = self.watermarks(topic, partition)?.end;
+                        // Past our position: committed records not fetched yet,
+                        // or an open transaction (not readable until it ends).
+                        // After two more waits, report the end either way.
                         if end <= r.next.unwrap_or(from) {
+                            r.stuck = 0;
                             break;
                         }
-                        r.at_end = false; // committed records not fetched yet
+                        if end_moved >= 2 {
+                            r.stuck += 1;
+                            if r.stuck >= 5 {
+                                r.stuck = 0;
+                                r.next = None; // re-assign (fresh fetch state) on the next read
+                                return Ok(ReadBatch { records: Vec::new(), next: from });
+                            }
+                            break;
+                        }
+                        end_moved += 1;
+                        continue;
+                    }
+                    if !r.at_end && Instant::now() < deadline {
+                        // No end-of-partition event yet: judge by the broker's end.
+                        r.at_end = true;
+                        continue;
                     }
                     if Instant::now() >= deadline {
                         r.next = None; // re-assign on the next read
@@ -364,6 +406,7 @@ impl Inner {
                 Some(Ok(m)) => {
                     let offset = m.offset() as u64;
                     r.at_end = false;
+                    r.stuck = 0;
                     r.next = Some(offset + 1);
                     records.push(StoredRecord {
                         offset,
@@ -537,6 +580,17 @@ impl Log for KafkaLog {
         true
     }
 
+    async fn fence(&self, group: &str, in_topic: &str, partition: u32) -> Result<(), LogError> {
+        self.inner.check(in_topic, partition)?;
+        let id = self.transactional_id(group, in_topic, partition);
+        // A new producer's init_transactions is what fences the old one.
+        self.blocking(move |inner| {
+            inner.forget_transactional(&id);
+            inner.transactional_producer(&id).map(|_| ())
+        })
+        .await
+    }
+
     async fn publish_and_commit(
         &self,
         out_topic: &str,
@@ -548,7 +602,7 @@ impl Log for KafkaLog {
     ) -> Result<Option<u64>, LogError> {
         self.inner.check(out_topic, partition)?;
         self.inner.check(in_topic, partition)?;
-        let id = format!("{}-{group}-{in_topic}-{partition}", self.inner.options.client_id);
+        let id = self.transactional_id(group, in_topic, partition);
         let producer = {
             let id = id.clone();
             self.blocking(move |inner| inner.transactional_producer(&id)).await?
@@ -688,7 +742,12 @@ impl ConsumerContext for MemberContext {
                 self.owned.send_modify(|owned| owned.extend(new));
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::error!(error = %e, "Kafka group rebalance failed"),
+            Rebalance::Error(e) => {
+                // The default handler dropped the assignment: own what is left.
+                tracing::error!(error = %e, "Kafka group rebalance failed");
+                let left: BTreeSet<u32> = consumer.assignment().map(|a| self.partitions(&a).into_iter().collect()).unwrap_or_default();
+                self.owned.send_replace(left);
+            }
         }
     }
 }

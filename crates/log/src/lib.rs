@@ -168,6 +168,14 @@ pub trait Log: Send + Sync + 'static {
         false
     }
 
+    /// Take over `in_topic`'s `partition` for publish-and-commit in `group`:
+    /// with Kafka, fence any earlier owner (its open transaction is aborted,
+    /// its later commits fail), so that what this owner then reads of
+    /// `output` and of the committed offset is final. No-op by default.
+    async fn fence(&self, _group: &str, _in_topic: &str, _partition: u32) -> Result<(), LogError> {
+        Ok(())
+    }
+
     /// Input topics dedup reads besides `input`, partition for partition,
     /// into the same index: the secondary Kafka cluster's `input`.
     fn extra_inputs(&self) -> Vec<String> {

@@ -192,6 +192,8 @@ pub async fn run_owned_partitions(
         let _ = tx.send(true);
         let _ = task.await;
     }
+    // Leaving a Kafka group waits on the network: not on an async thread.
+    let _ = tokio::task::spawn_blocking(move || drop(membership)).await;
 }
 
 /// The per-partition route tasks of [`run_owned_partitions`]; aborted if

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use sluice_core::metrics::Registry;
 use sluice_core::Config;
-use sluice_deliver::control::{control_path, ControlDb, REFRESH_INTERVAL};
+use sluice_deliver::control::{ControlDb, REFRESH_INTERVAL};
 use sluice_deliver::directory::Directory;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 use sluice_log::Log;
@@ -162,6 +162,9 @@ async fn serve_director_rpc(
 /// ourselves without an RPC address, so it hands them back, and retry.
 async fn open_own_jobdbs(config: &Config, catalog: &Arc<Catalog>, metrics: &DeliverMetrics, directory: &Directory) -> Result<Arc<Centrifuge>> {
     let name = &config.director.name;
+    if let Some(other) = directory.live(sluice_route::rpc::LIVE_AFTER).await?.into_iter().find(|d| &d.name == name && !d.rpc_url.is_empty()) {
+        bail!("a director named {name:?} is already running at {} (director.name must be unique)", other.rpc_url);
+    }
     let mut options = CentrifugeOptions::from_config(config);
     options.scope = name.clone();
     let mut waited = Duration::ZERO;
@@ -259,11 +262,6 @@ async fn insert_jobs(
 impl Running {
     /// Stop routing, then let directors finish requests in flight.
     pub async fn stop(self) {
-        if let Some((directory, name)) = &self.registered {
-            if let Err(e) = directory.remove(name).await {
-                tracing::warn!(error = %e, "could not remove this director from the directory");
-            }
-        }
         let _ = self.stop.send(true);
         for t in self.housekeeping {
             t.abort();
@@ -278,6 +276,14 @@ impl Running {
         }
         if let Some(c) = self.centrifuge {
             c.close().await;
+        }
+        // Stay in the directory without an address: routes stop sending at
+        // once, and once the heartbeat is stale another director adopts the
+        // unfinished jobs (a director that is not coming back leaves none behind).
+        if let Some((directory, name)) = &self.registered {
+            if let Err(e) = directory.heartbeat_stopped(name).await {
+                tracing::warn!(error = %e, "could not mark this director stopped in the directory");
+            }
         }
     }
 }
@@ -466,7 +472,8 @@ fn parse_since(s: &str) -> Result<i64> {
 pub fn replay(args: ReplayArgs) -> Result<()> {
     let config = args.dir.load()?;
     let since = parse_since(&args.since)?;
-    let db = ControlDb::open(&control_path(&config.server.data_dir))?;
+    // control.sqlite in data_dir, or the control tables of deliver.jobdb_url (shared by every process).
+    let db = ControlDb::open_for(&config)?;
     let known = db.read()?.destinations.contains_key(&args.destination);
     if !known {
         bail!("no destination {:?} in the control database (it is seeded from the config when `sluice serve` starts)", args.destination);

@@ -402,7 +402,8 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
     if let Some(d) = delivery {
         d.stop().await;
     }
-    drop(log);
+    // Closing Kafka clients flushes and leaves groups: not on an async thread.
+    tokio::task::spawn_blocking(move || drop(log)).await?;
     if let Some(embedded) = embedded {
         match Arc::try_unwrap(embedded) {
             Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
@@ -493,6 +494,8 @@ fn kafka_options(config: &Config, cluster: &sluice_core::config::KafkaCluster, p
         topics.push((OUTPUT_TOPIC.into(), partitions));
     }
     let mut o = KafkaOptions::new(cluster.bootstrap_servers.clone(), topics);
+    // Unread events must outlive an outage; output is dedup's memory.
+    o.retention = vec![(INPUT_TOPIC.into(), config.log.retention), (OUTPUT_TOPIC.into(), config.output_retention())];
     o.replication_factor = k.replication_factor as i32;
     o.produce_timeout = k.produce_timeout;
     o.request_timeout = k.request_timeout;

@@ -44,7 +44,11 @@ fn ids(sent: &[Value]) -> impl Iterator<Item = String> + '_ {
     sent.iter().map(|s| s["messageId"].as_str().unwrap().to_owned())
 }
 
+/// One topology at a time: each is 7 processes and a broker on 2 cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn topology(engine: &str) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(db) = fresh_database(engine, "topology") else { return };
     let root = tempfile::tempdir().unwrap();
     let Some(mut broker) = Broker::start(&root.path().join("kafka"), &format!("sluice-test-topology-{engine}")) else { return };

@@ -1,0 +1,223 @@
+//! The control database in MariaDB and PostgreSQL (`deliver.jobdb_url`):
+//! processes with their own data_dirs share the `sluice_control_*` tables,
+//! so the seeded catalog, QoS changes and replays made through one reach
+//! the others; seeding by several processes at once neither fails nor
+//! duplicates, and API deletions survive a reseed. (The SQLite control
+//! database is covered by `delivery.rs` and the admin API tests.)
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{Backend, Engine};
+use sluice_core::Config;
+use sluice_deliver::control::sql::TABLE_PREFIX;
+use sluice_deliver::gate::Qos;
+use sluice_deliver::Catalog;
+use sqlx::{Connection, Row};
+
+macro_rules! engines {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn mariadb() {
+                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
+            }
+            #[test]
+            fn postgres() {
+                super::run(super::Engine::Postgres, stringify!($test), super::$test);
+            }
+        }
+    )*};
+}
+
+engines!(
+    two_processes_see_the_seeded_catalog,
+    a_pause_through_one_reaches_the_other_after_refresh,
+    seeding_twice_or_concurrently_neither_fails_nor_duplicates,
+    a_replay_filed_through_one_is_seen_and_run_by_one_other,
+);
+
+struct Db<'a> {
+    backend: &'a Backend,
+    url: String,
+}
+
+fn run(engine: Engine, name: &str, test: fn(&Db<'_>)) {
+    if let Some(backend) = Backend::new(engine, &format!("ctl_{name}_{engine:?}")) {
+        let url = backend.database_url.clone().expect("SQL");
+        test(&Db { backend: &backend, url });
+    }
+}
+
+const CATALOG: &str = r#"
+[[sources]]
+id = "s1"
+write_key = "k1"
+[[destinations]]
+id = "d1"
+url = "http://127.0.0.1:9/d1"
+[[destinations]]
+id = "d2"
+url = "http://127.0.0.1:9/d2"
+[[connections]]
+source = "s1"
+destinations = ["d1", "d2"]
+"#;
+
+fn config(db: &Db<'_>, data_dir: &Path) -> Config {
+    let text = format!("[server]\ndata_dir = \"{}\"\n[deliver]\njobdb_url = \"{}\"\n{CATALOG}", data_dir.display(), db.url);
+    Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// A process's Catalog: its own data_dir, the shared database.
+fn process(db: &Db<'_>) -> (tempfile::TempDir, Arc<Catalog>) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let catalog = Catalog::open(&config(db, dir.path())).expect("open the control database");
+    (dir, catalog)
+}
+
+/// `SELECT count(*)` of control table `table` (without the prefix), as another client.
+fn count(db: &Db<'_>, table: &str) -> i64 {
+    let sql = format!("SELECT count(*) FROM {TABLE_PREFIX}{table}");
+    common::runtime().block_on(async {
+        match db.backend.engine {
+            Engine::MariaDb => {
+                let mut c = sqlx::MySqlConnection::connect(&db.url).await.expect("connect");
+                sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
+            }
+            _ => {
+                let mut c = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+                sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
+            }
+        }
+    })
+}
+
+fn assert_seeded(catalog: &Catalog) {
+    let snap = catalog.snapshot();
+    let sources: Vec<&str> = snap.sources.iter().map(|(s, _)| s.id.as_str()).collect();
+    assert_eq!(sources, ["s1"]);
+    let mut destinations: Vec<&str> = snap.destinations.keys().map(String::as_str).collect();
+    destinations.sort();
+    assert_eq!(destinations, ["d1", "d2"]);
+    assert_eq!(snap.connections.get("s1").map(Vec::as_slice), Some(&["d1".to_owned(), "d2".to_owned()][..]));
+    assert_eq!(snap.qos.len(), 2);
+    assert!(snap.qos.values().all(|q| !q.paused));
+}
+
+fn two_processes_see_the_seeded_catalog(db: &Db<'_>) {
+    let (dir_a, a) = process(db);
+    let (dir_b, b) = process(db);
+    assert_seeded(&a);
+    assert_seeded(&b);
+    // The control database is the shared one, not a file in either data_dir.
+    for dir in [&dir_a, &dir_b] {
+        assert!(!dir.path().join("control.sqlite").exists());
+    }
+    // A destination created through one process's API reaches the other at its refresh.
+    let mut d3 = b.snapshot().destinations["d1"].clone();
+    d3.id = "d3".into();
+    d3.url = "http://127.0.0.1:9/d3".into();
+    a.with_control(|c| c.put_destination(&d3)).unwrap();
+    a.with_control(|c| c.put_connection("s1", "d3")).unwrap();
+    b.refresh().unwrap();
+    let snap = b.snapshot();
+    assert_eq!(snap.destinations["d3"].url, "http://127.0.0.1:9/d3");
+    assert!(snap.connections["s1"].contains(&"d3".to_owned()));
+    assert!(snap.qos.contains_key("d3"));
+}
+
+fn a_pause_through_one_reaches_the_other_after_refresh(db: &Db<'_>) {
+    let (_a_dir, a) = process(db);
+    let (_b_dir, b) = process(db);
+    assert!(!b.destination("d1").is_paused());
+    let paused = Qos { paused: true, max_in_flight: Some(3), rate_per_sec: Some(7), priority: 5 };
+    a.with_control(|c| c.put_qos("d1", &paused)).unwrap();
+    a.refresh().unwrap();
+    assert!(a.destination("d1").is_paused());
+    // B sees it at its next refresh (the 2 s timer in a server), not before.
+    assert!(!b.destination("d1").is_paused());
+    b.refresh().unwrap();
+    assert!(b.destination("d1").is_paused());
+    assert!(!b.destination("d2").is_paused());
+    let q = &b.snapshot().qos["d1"];
+    assert_eq!((q.paused, q.max_in_flight, q.rate_per_sec, q.priority), (true, Some(3), Some(7), 5));
+    // Resume through B; A follows.
+    b.with_control(|c| c.put_qos("d1", &Qos::default())).unwrap();
+    a.refresh().unwrap();
+    assert!(!a.destination("d1").is_paused());
+    // A restart (a reseed) keeps the operator's QoS.
+    a.with_control(|c| c.put_qos("d2", &paused)).unwrap();
+    let (_c_dir, c) = process(db);
+    assert!(c.destination("d2").is_paused());
+}
+
+fn seeding_twice_or_concurrently_neither_fails_nor_duplicates(db: &Db<'_>) {
+    // Six processes starting at once.
+    let catalogs: Vec<(tempfile::TempDir, Arc<Catalog>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6).map(|_| scope.spawn(|| process(db))).collect();
+        handles.into_iter().map(|h| h.join().expect("a process opened its catalog")).collect()
+    });
+    for (_, c) in &catalogs {
+        assert_seeded(c);
+    }
+    let counts = |db: &Db<'_>| {
+        ["sources", "destinations", "connections", "destination_qos"].map(|t| count(db, t))
+    };
+    assert_eq!(counts(db), [1, 2, 2, 2]);
+    // And again, one after the other: nothing changes.
+    let (_d1, _) = process(db);
+    let (_d2, _) = process(db);
+    assert_eq!(counts(db), [1, 2, 2, 2]);
+
+    // API rows win over the config, and API deletions are remembered by a reseed.
+    let a = &catalogs[0].1;
+    assert!(a.with_control(|c| c.delete_destination("d2")).unwrap());
+    assert!(a.with_control(|c| c.set_source_disabled("s1", true)).unwrap());
+    assert!(!a.with_control(|c| c.set_source_disabled("nope", true)).unwrap());
+    let (_d3, again) = process(db);
+    let snap = again.snapshot();
+    assert!(!snap.destinations.contains_key("d2"));
+    assert_eq!(snap.connections["s1"], ["d1"]);
+    assert_eq!(snap.sources.len(), 1);
+    assert!(snap.sources[0].1, "the API's disable survives a reseed");
+    assert_eq!(count(db, "api_deletions"), 1);
+    // Creating a source checks id and write key across processes.
+    let mut src = snap.sources[0].0.clone();
+    assert!(!again.with_control(|c| c.insert_source(&src)).unwrap());
+    src.id = "s2".into();
+    assert!(!again.with_control(|c| c.insert_source(&src)).unwrap(), "write key k1 is taken");
+    src.write_key = "k2".into();
+    assert!(again.with_control(|c| c.insert_source(&src)).unwrap());
+    assert!(a.with_control(|c| c.read()).unwrap().sources.iter().any(|(s, _)| s.id == "s2"));
+}
+
+fn a_replay_filed_through_one_is_seen_and_run_by_one_other(db: &Db<'_>) {
+    let (_a_dir, a) = process(db);
+    let (b_dir, b) = process(db);
+    let id = a.with_control(|c| c.request_replay("d1", 1234)).unwrap();
+    let second = a.with_control(|c| c.request_replay("d2", 5678)).unwrap();
+    assert!(second > id);
+    let seen = b.with_control(|c| c.replay(id)).unwrap().expect("B sees A's replay");
+    assert_eq!((seen.destination.as_str(), seen.since_ms, seen.state.as_str()), ("d1", 1234, "pending"));
+    // B's route asks first: both replays are B's to run, and A's route does not run them too.
+    let claimed: Vec<i64> = b.with_control(|c| c.unfinished_replays()).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(claimed, [id, second]);
+    assert!(a.with_control(|c| c.unfinished_replays()).unwrap().is_empty());
+    b.with_control(|c| c.update_replay(id, "running", 0, 0, None)).unwrap();
+    b.with_control(|c| c.update_replay(second, "done", 10, 4, None)).unwrap();
+    // B restarted on its data_dir resumes its running replay.
+    drop(b);
+    let b_again = Catalog::open(&config(db, b_dir.path())).unwrap();
+    let resumed: Vec<i64> = b_again.with_control(|c| c.unfinished_replays()).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(resumed, [id]);
+    b_again.with_control(|c| c.update_replay(id, "failed", 3, 0, Some("boom"))).unwrap();
+    let r = a.with_control(|c| c.replay(id)).unwrap().unwrap();
+    assert_eq!((r.state.as_str(), r.events, r.error.as_deref()), ("failed", 3, Some("boom")));
+    let r = a.with_control(|c| c.replay(second)).unwrap().unwrap();
+    assert_eq!((r.state.as_str(), r.events, r.jobs), ("done", 10, 4));
+    assert!(a.with_control(|c| c.replay(id + 1000)).unwrap().is_none());
+}
