@@ -247,6 +247,9 @@ EOF
   fi
 
   log "starting kafka $name ($KAFKA_VERSION) on 127.0.0.1:$port (controller :$cport), data in $dir"
+  # On a restart server.log already says "started": only lines after this count.
+  local seen=0
+  [ -f "$dir/log/server.log" ] && seen="$(wc -l <"$dir/log/server.log")"
   # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS is a list of options
   setsid "$JAVA" ${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m} -XX:+UseG1GC -Djava.awt.headless=true \
     -Dkafka.logs.dir="$dir/log" -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.xml" \
@@ -264,7 +267,7 @@ EOF
       rm -f "$dir/kafka.pid"
       exit 1
     fi
-    if port_open "$port" && grep -q 'Kafka Server started' "$dir/log/server.log" 2>/dev/null; then
+    if port_open "$port" && tail -n "+$((seen + 1))" "$dir/log/server.log" 2>/dev/null | grep -q 'Kafka Server started'; then
       break
     fi
     if [ "$SECONDS" -ge "$deadline" ]; then

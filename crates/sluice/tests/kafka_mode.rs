@@ -22,8 +22,12 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
+/// One test at a time: each runs brokers of its own and stops them.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let Some(mut broker) = Broker::start(&dir.path().join("kafka"), "sluice-test-kafka-mode") else { return };
     let sink = TestSink::start();
@@ -78,6 +82,7 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
 /// is back every event is delivered exactly once.
 #[test]
 fn kafka_failover_to_a_secondary_cluster_and_back() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let Some(mut primary) = Broker::start(&dir.path().join("primary"), "sluice-test-failover-primary") else { return };
     let Some(secondary) = Broker::start(&dir.path().join("secondary"), "sluice-test-failover-secondary") else { return };

@@ -30,6 +30,11 @@ fn separate_roles_deliver_every_event_once(engine: &str) {
     let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook, "d1");
 
     let director = Server::start_role("director", &cfg("director"), &[]);
+    // A second director under the same name is refused (it would share d1's JobDBs).
+    let twin = sluice_cmd(&["director", "--config", cfg("director-twin").to_str().unwrap()]);
+    assert!(!twin.status.success(), "a second director named d1 must not start");
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(err.contains("already running"), "{err}");
     let dedup = Server::start_role("dedup", &cfg("dedup"), &[]);
     let route = Server::start_role("route", &cfg("route"), &[]);
     let ingest = Server::start_role("ingest", &cfg("ingest"), &[]);
