@@ -165,7 +165,9 @@ struct Inner {
     partitions: HashMap<String, u32>,
     producer: FutureProducer,
     /// For watermarks and the offsets of groups with no member here.
-    offsets_client: BaseConsumer,
+    /// Replaced after a failure: an idle client can stay "all brokers down"
+    /// after its broker restarted (seen under load).
+    offsets_client: Mutex<Arc<BaseConsumer>>,
     readers: Mutex<HashMap<(String, u32), Arc<Mutex<Reader>>>>,
     /// Non-member committers, per group (generation -1 commits).
     committers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
@@ -199,7 +201,7 @@ impl KafkaLog {
             options,
             partitions,
             producer,
-            offsets_client,
+            offsets_client: Mutex::new(Arc::new(offsets_client)),
             readers: Mutex::default(),
             committers: Mutex::default(),
             members: Mutex::default(),
@@ -303,14 +305,27 @@ impl Inner {
 
     fn watermarks(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
         let timeout = self.options.request_timeout;
-        let query = || self.offsets_client.fetch_watermarks(topic, partition as i32, timeout);
+        let client = self.offsets_client.lock().expect("offsets client lock").clone();
+        let query = || client.fetch_watermarks(topic, partition as i32, timeout);
         let (lo, hi) = match query() {
             Ok(w) => w,
             // After a broker restart the cached metadata can lack the
-            // partition: refresh it once and ask again.
+            // partition: refresh it once and ask again; if that fails too,
+            // the next call gets a fresh client.
             Err(_) => {
-                let _ = self.offsets_client.fetch_metadata(Some(topic), timeout);
-                query().map_err(kafka("fetch watermarks"))?
+                let _ = client.fetch_metadata(Some(topic), timeout);
+                match query() {
+                    Ok(w) => w,
+                    Err(e) => {
+                        if let Ok(fresh) = self.options.consumer("sluice-offsets").create::<BaseConsumer>() {
+                            *self.offsets_client.lock().expect("offsets client lock") = Arc::new(fresh);
+                        }
+                        // Readers and committers may be stuck the same way.
+                        self.readers.lock().expect("readers lock").remove(&(topic.to_owned(), partition));
+                        self.committers.lock().expect("committers lock").clear();
+                        return Err(kafka("fetch watermarks")(e));
+                    }
+                }
             }
         };
         Ok(OffsetRange { start: lo.max(0) as u64, end: hi.max(0) as u64 })
