@@ -340,20 +340,9 @@ impl DedupWorker {
                 committed.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start)
             }
         };
-        // Idle partitions cost one cheap offsets call per poll, not a read.
-        let end = rt.block_on(self.log.offsets(topic, p))?.end;
-        if next > end {
-            // The committed offset is past the log's end: input's tail was cut
-            // (recovery after a power loss without fsync, or corruption). New
-            // events will take those offsets again; read them, don't skip them.
-            tracing::error!(partition = p, committed = next, end, "dedup's input offset is past the end of input (its tail was cut); resuming at the end");
-            self.metrics.input_offset_resets.inc();
-            rt.block_on(self.log.commit(GROUP, topic, p, end))?;
-            return Ok((0, Some(end)));
-        }
-        if end == next {
-            return Ok((0, Some(next)));
-        }
+        // Read first: a busy partition pays one read per batch (with Kafka an
+        // offsets call is a network round trip); the end is asked only when
+        // there was nothing to read.
         let batch = match rt.block_on(self.log.read_batch(topic, p, next, self.settings.batch_size)) {
             Ok(b) => b,
             Err(LogError::OffsetOutOfRange { start, .. }) => {
@@ -364,6 +353,16 @@ impl DedupWorker {
         };
         let records = batch.records;
         if records.is_empty() {
+            let end = rt.block_on(self.log.offsets(topic, p))?.end;
+            if next > end {
+                // The committed offset is past the log's end: input's tail was cut
+                // (recovery after a power loss without fsync, or corruption). New
+                // events will take those offsets again; read them, don't skip them.
+                tracing::error!(partition = p, committed = next, end, "dedup's input offset is past the end of input (its tail was cut); resuming at the end");
+                self.metrics.input_offset_resets.inc();
+                rt.block_on(self.log.commit(GROUP, topic, p, end))?;
+                return Ok((0, Some(end)));
+            }
             return Ok((0, Some(batch.next)));
         }
         let next = batch.next;

@@ -219,9 +219,7 @@ impl Log for FailoverLog {
         if in_topic == INPUT {
             return self.primary.publish_and_commit(out_topic, records, group, in_topic, partition, next_offset).await;
         }
-        let first = if records.is_empty() { None } else { Some(self.append(out_topic, partition, records).await?) };
-        self.commit(group, in_topic, partition, next_offset).await?;
-        Ok(first)
+        crate::publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
     }
 
     fn join(&self, group: &str, topic: &str) -> Result<Membership, LogError> {

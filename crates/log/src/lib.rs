@@ -198,9 +198,7 @@ pub trait Log: Send + Sync + 'static {
         partition: u32,
         next_offset: u64,
     ) -> Result<Option<u64>, LogError> {
-        let first = if records.is_empty() { None } else { Some(self.append(out_topic, partition, records).await?) };
-        self.commit(group, in_topic, partition, next_offset).await?;
-        Ok(first)
+        publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
     }
 
     /// Join `group` on `topic`: which of its partitions this process owns,
@@ -208,4 +206,19 @@ pub trait Log: Send + Sync + 'static {
     fn join(&self, _group: &str, topic: &str) -> Result<Membership, LogError> {
         Ok(Membership::all(self.partitions(topic)?))
     }
+}
+
+/// The non-atomic [`Log::publish_and_commit`]: append, then commit.
+pub async fn publish_then_commit<L: Log + ?Sized>(
+    log: &L,
+    out_topic: &str,
+    records: Vec<Record>,
+    group: &str,
+    in_topic: &str,
+    partition: u32,
+    next_offset: u64,
+) -> Result<Option<u64>, LogError> {
+    let first = if records.is_empty() { None } else { Some(log.append(out_topic, partition, records).await?) };
+    log.commit(group, in_topic, partition, next_offset).await?;
+    Ok(first)
 }
