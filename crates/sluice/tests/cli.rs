@@ -131,3 +131,30 @@ fn log_tail_prints_one_event_per_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no log at"));
 }
+
+/// Issue 11 (6): a filter nested 20,000 levels deep passed `config check` and
+/// then overflowed the stack of `serve` on the first routed event, on every
+/// restart. The parser now refuses nesting past `filter::MAX_DEPTH` (64), and
+/// `config check` goes through it.
+#[test]
+fn config_check_refuses_a_filter_nested_too_deep() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = format!("{}type = \\\"track\\\"", "not ".repeat(20_000));
+    let extra = format!(
+        "[[destinations]]\nid = \"hook\"\nurl = \"http://127.0.0.1:9/\"\nallow_private_network = true\n\
+         [[destinations.filters]]\nif = \"{deep}\"\naction = \"drop\"\n\
+         [[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n"
+    );
+    let config = write_config(dir.path(), &extra);
+    let out = sluice().args(["config", "check", "--config"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "config check accepted a filter nested 20,000 deep: {err}");
+    assert!(err.contains("destinations[0].filters[0].if"), "the error does not name the key: {err}");
+    assert!(err.contains("more than 64 levels deep"), "the error does not say the filter is too deep: {err}");
+
+    // The same filter 64 levels deep is accepted.
+    let ok = extra.replace(&deep, &format!("{}type = \\\"track\\\"", "not ".repeat(64)));
+    let config = write_config(dir.path(), &ok);
+    let out = sluice().args(["config", "check", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
