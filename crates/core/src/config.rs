@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Accepted connections at once; further clients wait in the kernel backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold at once (0 = no limit), so
+    /// one client, slow or hostile, cannot take every slot.
+    pub max_connections_per_client: usize,
     /// A client must send its request headers within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -605,6 +608,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8088".into(),
             data_dir: PathBuf::from("./data"),
             max_connections: 1024,
+            max_connections_per_client: 256,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),

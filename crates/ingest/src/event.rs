@@ -15,16 +15,27 @@
 //!   key by key, the item's keys winning.
 //! - Every other field is preserved byte for byte; `writeKey` is removed
 //!   (it is a credential, not event data).
+//! - What is accepted can be read by every later stage: the event *as
+//!   stored* (batch `context`/`integrations` merged in) is at most
+//!   `max_event_bytes`, nests arrays and objects at most [`MAX_DEPTH`]
+//!   deep, and holds only finite numbers and valid Unicode strings (no lone
+//!   surrogate escapes), so route's full parse (`serde_json::Value`) cannot
+//!   fail on it ([`check_stored`]).
+//! - Work is linear in the input: objects with many keys are indexed
+//!   ([`RawObject`]), so repeated or merged keys never cost a scan each.
+//! - No input reaches a panic: date arithmetic is checked (a skew
+//!   correction out of range falls back to `receivedAt`).
 //!
 //! For speed the item is never turned into a `serde_json::Value`: its
 //! top-level keys are read as borrowed raw JSON slices, and the output is
 //! written by copying those slices.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -81,8 +92,17 @@ pub enum EventError {
     MissingField(&'static str, &'static str),
     #[error("`messageId` must be a string of at most 100 characters")]
     InvalidMessageId,
-    #[error("event is {size} bytes; the limit is {limit}")]
+    /// `size` is the event as stored, or as much of it as was written when
+    /// the limit was passed.
+    #[error("event is {size} bytes or more as stored; the limit is {limit}")]
     TooLarge { size: usize, limit: usize },
+    #[error("event nests arrays or objects deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("event holds a value later stages cannot read: {0}")]
+    InvalidValue(String),
+    /// A bug, caught: the item is refused, its neighbours are kept.
+    #[error("internal error while reading this event")]
+    Internal,
 }
 
 impl EventError {
@@ -94,6 +114,9 @@ impl EventError {
             Self::MissingField(..) => "missing_field",
             Self::InvalidMessageId => "invalid_message_id",
             Self::TooLarge { .. } => "event_too_large",
+            Self::TooDeep => "too_deep",
+            Self::InvalidValue(_) => "invalid_value",
+            Self::Internal => "internal_error",
         }
     }
 }
@@ -122,10 +145,18 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// A JSON object read shallowly: each top-level value stays raw JSON.
 /// Keys keep their first position; a repeated key takes the last value.
+///
+/// Small objects (the usual event) are searched linearly; past
+/// [`INDEX_AFTER`] keys a hash index is kept, so building or merging an
+/// object of n keys is O(n), whatever a client sends.
 #[derive(Debug, Default)]
 pub struct RawObject<'a> {
     pub fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    index: Option<HashMap<Cow<'a, str>, usize>>,
 }
+
+/// Keys an object holds before lookups go through a hash index.
+const INDEX_AFTER: usize = 16;
 
 impl<'de> Deserialize<'de> for RawObject<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -136,8 +167,8 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
-                let mut obj = RawObject { fields };
+                let fields = Vec::with_capacity(map.size_hint().unwrap_or(12).min(64));
+                let mut obj = RawObject { fields, index: None };
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
                     obj.insert(k, map.next_value()?);
                 }
@@ -192,7 +223,7 @@ struct MaybeArray<'a>(Result<Vec<&'a RawValue>, ()>);
 
 impl<'de> Deserialize<'de> for MaybeArray<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, SeqAccess};
+        use serde::de::IgnoredAny;
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = MaybeArray<'de>;
@@ -200,7 +231,7 @@ impl<'de> Deserialize<'de> for MaybeArray<'de> {
                 f.write_str("any JSON value")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(100));
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(100).min(4096));
                 while let Some(item) = seq.next_element::<&'de RawValue>()? {
                     items.push(item);
                 }
@@ -240,14 +271,29 @@ impl<'a> RawObject<'a> {
 
     /// Set `key`; a repeated key keeps its first position and the last value.
     fn insert(&mut self, key: Cow<'a, str>, value: &'a RawValue) {
-        match self.fields.iter_mut().find(|(existing, _)| *existing == key) {
-            Some(slot) => slot.1 = value,
-            None => self.fields.push((key, value)),
+        match self.position(&key) {
+            Some(i) => self.fields[i].1 = value,
+            None => {
+                if let Some(index) = &mut self.index {
+                    index.insert(key.clone(), self.fields.len());
+                }
+                self.fields.push((key, value));
+                if self.index.is_none() && self.fields.len() > INDEX_AFTER {
+                    self.index = Some(self.fields.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect());
+                }
+            }
+        }
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.fields.iter().position(|(k, _)| k == key),
         }
     }
 
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+        self.position(key).map(|i| self.fields[i].1)
     }
 
     /// The value of `key` when it is a JSON string (unescaped).
@@ -395,8 +441,10 @@ pub fn normalize(
     let original = item.get("timestamp").filter(|v| !is_null(v));
     let sent_at = item.get_str("sentAt").and_then(|s| parse_timestamp(&s)).or(batch.sent_at);
     let timestamp = match original.and_then(|_| item.get_str("timestamp")).and_then(|s| parse_timestamp(&s)) {
+        // Checked: a far-apart pair (years -260000 and +260000 parse) would
+        // overflow; such a correction is meaningless, so receivedAt stands.
         Some(ts) => match sent_at {
-            Some(sent) => received_at - (sent - ts),
+            Some(sent) => received_at.checked_sub_signed(sent.signed_duration_since(ts)).unwrap_or(received_at),
             None => ts,
         },
         None => received_at,
@@ -413,8 +461,20 @@ pub fn normalize(
         serde_json::to_writer(&mut *out, key).expect("writing to a Vec");
         out.push(b':');
     };
+    // Each copy is checked against the limit before it is made, so a large
+    // shared `context` costs at most one event's worth of copying per item.
+    let limit = limits.max_event_bytes;
+    let fits = |out: &Vec<u8>, extra: usize| {
+        let size = out.len() + extra;
+        if size > limit {
+            Err(EventError::TooLarge { size, limit })
+        } else {
+            Ok(())
+        }
+    };
     for (k, v) in &item.fields {
         if !REWRITTEN.contains(&k.as_ref()) {
+            fits(&out, k.len() + v.get().len())?;
             field(&mut out, k);
             out.extend_from_slice(v.get().as_bytes());
         }
@@ -424,20 +484,22 @@ pub fn normalize(
             (Some(own), Some(shared)) => match RawObject::parse(own.get()) {
                 Ok(own_obj) => {
                     field(&mut out, key);
-                    write_merged(&mut out, &own_obj, shared);
+                    write_merged(&mut out, &own_obj, shared, limit)?;
                 }
                 Err(_) => {
+                    fits(&out, own.get().len())?;
                     field(&mut out, key);
                     out.extend_from_slice(own.get().as_bytes());
                 }
             },
             (Some(own), None) => {
+                fits(&out, own.get().len())?;
                 field(&mut out, key);
                 out.extend_from_slice(own.get().as_bytes());
             }
             (None, Some(shared)) => {
                 field(&mut out, key);
-                write_merged(&mut out, &RawObject::default(), shared);
+                write_merged(&mut out, &RawObject::default(), shared, limit)?;
             }
             (None, None) => {}
         }
@@ -455,15 +517,108 @@ pub fn normalize(
     field(&mut out, "receivedAt");
     serde_json::to_writer(&mut out, &format_timestamp(received_at)).expect("writing to a Vec");
     out.push(b'}');
+    if out.len() > limits.max_event_bytes {
+        return Err(EventError::TooLarge { size: out.len(), limit: limits.max_event_bytes });
+    }
+    check_stored(&out)?;
     Ok(NormalizedEvent { message_id, event_type, json: out })
 }
 
-/// `{...}` holding `shared`'s keys that `own` lacks, then all of `own`'s.
-fn write_merged(out: &mut Vec<u8>, own: &RawObject<'_>, shared: &RawObject<'_>) {
+/// Deepest nesting of arrays and objects in a stored event; the event
+/// object itself is level 1. Below serde_json's own limit (128), which
+/// route's parse would otherwise hit.
+pub const MAX_DEPTH: usize = 64;
+
+/// Check that `json` parses as a `serde_json::Value` would (finite numbers,
+/// valid strings and keys) and nests at most [`MAX_DEPTH`] levels, without
+/// building the value. serde_json skims raw values without these checks, so
+/// this pass is what makes "accepted" mean "every stage can read it".
+pub fn check_stored(json: &[u8]) -> Result<(), EventError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    match (Checked { depth: 0 }).deserialize(&mut de).and_then(|()| de.end()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().starts_with(TOO_DEEP) => Err(EventError::TooDeep),
+        Err(e) => Err(EventError::InvalidValue(e.to_string())),
+    }
+}
+
+const TOO_DEEP: &str = "nested too deep";
+
+/// A visitor that reads every value fully (as `Value` would) and keeps
+/// nothing; `depth` is the nesting of the value it is about to read.
+#[derive(Clone, Copy)]
+struct Checked {
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Checked {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.nested::<A::Error>()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.nested::<A::Error>()?;
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
+}
+
+impl Checked {
+    fn nested<E: serde::de::Error>(self) -> Result<Checked, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(TOO_DEEP));
+        }
+        Ok(Checked { depth: self.depth + 1 })
+    }
+}
+
+/// `{...}` holding `shared`'s keys that `own` lacks, then all of `own`'s;
+/// `TooLarge` as soon as `out` would pass `limit`.
+fn write_merged(out: &mut Vec<u8>, own: &RawObject<'_>, shared: &RawObject<'_>, limit: usize) -> Result<(), EventError> {
     out.push(b'{');
     let mut first = true;
     let inherited = shared.fields.iter().filter(|(k, _)| own.get(k).is_none());
     for (k, v) in inherited.chain(own.fields.iter()) {
+        let size = out.len() + k.len() + v.get().len();
+        if size > limit {
+            return Err(EventError::TooLarge { size, limit });
+        }
         if !first {
             out.push(b',');
         }
@@ -473,6 +628,7 @@ fn write_merged(out: &mut Vec<u8>, own: &RawObject<'_>, shared: &RawObject<'_>) 
         out.extend_from_slice(v.get().as_bytes());
     }
     out.push(b'}');
+    Ok(())
 }
 
 #[cfg(test)]
@@ -649,6 +805,51 @@ mod tests {
         let ev = normalize(&obj, text.len(), None, &BatchContext::default(), received(), LIMITS).unwrap();
         let v: Value = serde_json::from_slice(&ev.json).unwrap();
         assert_eq!(v["event"], "second");
+    }
+
+    #[test]
+    fn large_objects_are_indexed_and_keep_first_position_last_value() {
+        let mut text = String::from("{");
+        for i in 0..40_000 {
+            text.push_str(&format!("\"k{i}\":{i},"));
+        }
+        text.push_str("\"k7\":\"last\"}");
+        let obj = RawObject::parse(&text).unwrap();
+        assert!(obj.index.is_some(), "an object of 40,000 keys must be indexed (linear, not quadratic)");
+        assert_eq!(obj.fields.len(), 40_000);
+        assert_eq!(obj.fields[7].0, "k7");
+        assert_eq!(obj.get("k7").unwrap().get(), "\"last\"");
+        assert_eq!(obj.get("k39999").unwrap().get(), "39999");
+        assert!(obj.get("k40000").is_none());
+        let small = RawObject::parse(r#"{"a":1,"b":2,"a":3}"#).unwrap();
+        assert!(small.index.is_none());
+        assert_eq!(small.fields.len(), 2);
+        assert_eq!(small.get("a").unwrap().get(), "3");
+    }
+
+    #[test]
+    fn stored_json_is_checked_as_route_would_read_it() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(check_stored(deep(MAX_DEPTH).as_bytes()), Ok(()));
+        assert_eq!(check_stored(deep(MAX_DEPTH + 1).as_bytes()), Err(EventError::TooDeep));
+        assert_eq!(check_stored(deep(100_000).as_bytes()), Err(EventError::TooDeep));
+        for bad in [r#"{"n":1e400}"#, r#"{"n":-1e309}"#, r#"{"s":"\ud800"}"#, r#"{"s":"\udc00x"}"#, r#"{"\ud800":1}"#, r#"{"a":1} x"#] {
+            assert!(matches!(check_stored(bad.as_bytes()), Err(EventError::InvalidValue(_))), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}: route would read it");
+        }
+        for good in [r#"{"n":1e308,"m":-0.0,"i":18446744073709551615,"j":-9223372036854775808}"#, r#"{"s":"\ud83d\ude00"}"#, "{}"] {
+            assert_eq!(check_stored(good.as_bytes()), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_skew_correction_out_of_range_keeps_received_at() {
+        let batch = BatchContext { sent_at: parse_timestamp("+262142-12-31T23:59:59"), ..Default::default() };
+        let v = run(json!({"type":"track","userId":"u","event":"E","timestamp":"-262143-01-01T00:00:00"}), None, &batch).unwrap();
+        assert_eq!(v["timestamp"], v["receivedAt"]);
+        let batch = BatchContext { sent_at: parse_timestamp("-262143-01-01T00:00:00"), ..Default::default() };
+        let v = run(json!({"type":"track","userId":"u","event":"E","timestamp":"+262142-12-31T23:59:59"}), None, &batch).unwrap();
+        assert_eq!(v["timestamp"], v["receivedAt"]);
     }
 
     #[test]

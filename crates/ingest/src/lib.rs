@@ -84,6 +84,13 @@ pub struct IngestSettings {
 }
 
 impl IngestSettings {
+    /// The most one request may write to the log, all its events as stored:
+    /// twice the body limit (normalization adds ~150 bytes per event; a
+    /// batch `context` merged into every item must not multiply a request).
+    pub fn max_stored_bytes(&self) -> usize {
+        self.max_request_bytes.saturating_mul(2)
+    }
+
     pub fn from_config(c: &Config) -> Self {
         Self {
             unknown_write_key: c.ingest.unknown_write_key,
@@ -287,23 +294,13 @@ async fn handle(
 async fn read_body(settings: &IngestSettings, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = settings.max_request_bytes;
     let too_large = || ApiError::bad_request("request_too_large", format!("request body exceeds {limit} bytes"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
-        if len > limit {
-            return Err(too_large());
-        }
-    }
-    let limited = http_body_util::Limited::new(body, limit);
-    let raw = match tokio::time::timeout(settings.body_read_timeout, limited.collect()).await {
-        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Ok(Err(e)) => return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}"))),
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
+    let raw = collect_body(settings, headers, body).await?.ok_or_else(too_large)?;
     match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
         None => Ok(raw),
         Some(enc) if enc.is_empty() || enc == "identity" => Ok(raw),
         Some(enc) if enc == "gzip" || enc == "x-gzip" => {
-            let mut out = Vec::with_capacity(raw.len() * 4);
+            // Bounded: never more than the limit (+1 to notice) is inflated.
+            let mut out = Vec::with_capacity((raw.len() * 4).min(limit + 1));
             flate2::read::MultiGzDecoder::new(&raw[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut out)
@@ -321,6 +318,54 @@ async fn read_body(settings: &IngestSettings, headers: &HeaderMap, body: Body) -
     }
 }
 
+/// The most an oversize body is read (and thrown away) before its `400` is
+/// sent, so the client is not reset mid-upload and can read the answer.
+/// Past this the connection is closed after the answer.
+const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// Read the body as sent (not decoded): `Some(bytes)` within
+/// `max_request_bytes`, `None` when it is larger. A larger body is still
+/// read and discarded up to [`DRAIN_MAX_BYTES`], within the body timeout,
+/// so the early answer reaches the client instead of a connection reset.
+async fn collect_body(settings: &IngestSettings, headers: &HeaderMap, mut body: Body) -> Result<Option<Bytes>, ApiError> {
+    let limit = settings.max_request_bytes;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > DRAIN_MAX_BYTES as u64) {
+        return Ok(None); // not worth reading: answer now, the connection closes
+    }
+    let mut over = declared.is_some_and(|len| len > limit as u64);
+    let mut kept = bytes::BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize).min(limit));
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + settings.body_read_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if over => return Ok(None),
+            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
+            Ok(None) => break,
+            Ok(Some(Err(_))) if over => return Ok(None),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                seen = seen.saturating_add(data.len());
+                if seen > limit {
+                    over = true;
+                    kept = bytes::BytesMut::new();
+                }
+                if over {
+                    if seen > DRAIN_MAX_BYTES {
+                        return Ok(None);
+                    }
+                } else {
+                    kept.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok((!over).then(|| kept.freeze()))
+}
+
 /// The write key from HTTP Basic auth (user name, with or without the
 /// trailing colon).
 fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
@@ -335,10 +380,87 @@ fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
     (!user.is_empty()).then(|| user.to_owned())
 }
 
-async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
+/// Bodies larger than this are parsed and normalized on the blocking pool,
+/// so a large request never holds an async worker for long.
+const PARSE_INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// Where the request's write key came from.
+enum Auth {
+    /// HTTP Basic: already looked up (`None`: unknown key).
+    Header(Option<Arc<Source>>),
+    /// Not in a header: `writeKey` in the body, if any.
+    Body,
+}
+
+/// What a request turned into, before the log appends.
+enum Prepared {
+    /// Unknown write key under `accept_and_drop`: answer 200, store nothing.
+    Dropped,
+    Records { source: Arc<Source>, by_partition: HashMap<u32, Vec<Record>>, accepted: usize },
+}
+
+fn internal_error() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the request could not be processed; nothing was stored")
+}
+
+/// Run `work`, turning a panic into a 500: one bad request never takes the
+/// connection, or any other request, with it.
+fn guarded<T>(work: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        tracing::error!("panic while reading a request; answered 500 (a bug: please report it)");
+        Err(internal_error())
+    })
+}
+
+async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Body) -> Result<(), ApiError> {
     let settings = &ingest.settings;
+    // With the key in a header, authenticate before any JSON work: an
+    // unknown key costs reading (and discarding) a bounded body, no parse.
+    let auth = match basic_auth_key(headers) {
+        Some(key) => Auth::Header(ingest.source(&key)),
+        None => Auth::Body,
+    };
+    if matches!(auth, Auth::Header(None)) && settings.unknown_write_key == UnknownWriteKey::Reject {
+        let _ = collect_body(settings, headers, body).await;
+        return Err(unknown_write_key(true));
+    }
     let bytes = read_body(settings, headers, body).await?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
+    let prepared = if bytes.len() > PARSE_INLINE_MAX_BYTES {
+        let ingest = ingest.clone();
+        tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &bytes)))
+            .await
+            .unwrap_or_else(|_| Err(internal_error()))?
+    } else {
+        guarded(|| prepare(ingest, call, auth, &bytes))?
+    };
+    let Prepared::Records { source, by_partition, accepted } = prepared else { return Ok(()) };
+    let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
+    for result in futures_util::future::join_all(appends).await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "log append failed; answering 503");
+            let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry");
+            err.retry_after = Some(5);
+            return Err(err);
+        }
+    }
+    ingest.metrics.events_accepted.get_or_create(&vec![("source", source.id.clone())]).inc_by(accepted as u64);
+    Ok(())
+}
+
+fn unknown_write_key(present: bool) -> ApiError {
+    let message = if present {
+        "unknown write key"
+    } else {
+        "no write key: send it as the HTTP Basic user name or as `writeKey` in the body"
+    };
+    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message)
+}
+
+/// Parse, authenticate (body key), rate-limit and normalize a request into
+/// records by partition. Synchronous and linear in the body's size.
+fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prepared, ApiError> {
+    let settings = &ingest.settings;
+    let text = std::str::from_utf8(bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
     let invalid_json = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}"));
     // One pass over the body: a batch is split into raw items here and each
     // item parsed once below.
@@ -351,26 +473,24 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
     };
 
     // Authenticate before looking at events.
-    let key = basic_auth_key(headers).or_else(|| body.get_str("writeKey").map(|k| k.into_owned()));
-    let source = match key.as_deref().map(|k| ingest.source(k)) {
-        Some(Some(source)) => source,
-        found => {
-            let message = if found.is_none() {
-                "no write key: send it as the HTTP Basic user name or as `writeKey` in the body"
-            } else {
-                "unknown write key"
+    let (source, key_present) = match auth {
+        Auth::Header(found) => (found, true),
+        Auth::Body => match body.get_str("writeKey") {
+            Some(key) => (ingest.source(&key), true),
+            None => (None, false),
+        },
+    };
+    let Some(source) = source else {
+        if settings.unknown_write_key == UnknownWriteKey::AcceptAndDrop {
+            let n = match &batch_items {
+                None => 1,
+                Some(Some(Ok(items))) => items.len(),
+                Some(_) => 0,
             };
-            if settings.unknown_write_key == UnknownWriteKey::AcceptAndDrop {
-                let n = match &batch_items {
-                    None => 1,
-                    Some(Some(Ok(items))) => items.len(),
-                    Some(_) => 0,
-                };
-                ingest.metrics.events_unknown_key_dropped.inc_by(n as u64);
-                return Ok(());
-            }
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message));
+            ingest.metrics.events_unknown_key_dropped.inc_by(n as u64);
+            return Ok(Prepared::Dropped);
         }
+        return Err(unknown_write_key(key_present));
     };
 
     let (items, batch_ctx): (Vec<&RawValue>, BatchContext) = match batch_items {
@@ -405,11 +525,23 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
 
     let received_at = Utc::now();
     let limits = EventLimits { max_event_bytes: settings.max_event_bytes };
+    let max_stored = settings.max_stored_bytes();
+    let mut stored = 0usize;
     let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
-    let mut push = |ev: event::NormalizedEvent| {
+    let mut push = |ev: event::NormalizedEvent| -> Result<(), ApiError> {
+        // What one request may store is bounded, whatever the batch-level
+        // context multiplies: the answer is all or nothing.
+        stored += ev.json.len();
+        if stored > max_stored {
+            return Err(ApiError::bad_request(
+                "request_too_large",
+                format!("the events as stored (batch context merged into each) exceed {max_stored} bytes"),
+            ));
+        }
         let partition = partition_for(&ev.message_id, ingest.partitions);
         let key = Bytes::from(format!("{}/{}", source.id, ev.message_id));
         by_partition.entry(partition).or_default().push(Record { key, value: Bytes::from(ev.json) });
+        Ok(())
     };
     let reject = |e: &EventError| ingest.metrics.events_rejected.get_or_create(&vec![("reason", e.code().to_owned())]).inc();
     match call {
@@ -418,16 +550,23 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
                 reject(&e);
                 ApiError::bad_request(e.code(), e.to_string())
             })?;
-            push(ev);
+            push(ev)?;
         }
         Call::Batch => {
             let mut first_error = None;
             for (i, raw) in items.iter().enumerate() {
-                let result = RawObject::parse(raw.get())
-                    .map_err(|_| EventError::NotAnObject)
-                    .and_then(|item| event::normalize(&item, raw.get().len(), None, &batch_ctx, received_at, limits));
+                // A panic on one item (a bug) refuses that item only.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    RawObject::parse(raw.get())
+                        .map_err(|_| EventError::NotAnObject)
+                        .and_then(|item| event::normalize(&item, raw.get().len(), None, &batch_ctx, received_at, limits))
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!(source = %source.id, item = i, "panic while normalizing a batch item; item refused (a bug: please report it)");
+                    Err(EventError::Internal)
+                });
                 match result {
-                    Ok(ev) => push(ev),
+                    Ok(ev) => push(ev)?,
                     Err(e) => {
                         reject(&e);
                         tracing::debug!(source = %source.id, item = i, error = %e, "dropped invalid batch item");
@@ -442,17 +581,6 @@ async fn accept(ingest: &Ingest, call: Call, headers: &HeaderMap, body: Body) ->
             }
         }
     }
-
-    let accepted: usize = by_partition.values().map(Vec::len).sum();
-    let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
-    for result in futures_util::future::join_all(appends).await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "log append failed; answering 503");
-            let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry");
-            err.retry_after = Some(5);
-            return Err(err);
-        }
-    }
-    ingest.metrics.events_accepted.get_or_create(&vec![("source", source.id.clone())]).inc_by(accepted as u64);
-    Ok(())
+    let accepted = by_partition.values().map(Vec::len).sum();
+    Ok(Prepared::Records { source, by_partition, accepted })
 }

@@ -120,6 +120,8 @@ pub struct Stored {
     pub offset: u64,
     pub key: String,
     pub event: Value,
+    /// Bytes of the record's value as stored.
+    pub size: usize,
 }
 
 pub fn read_all(log: &EmbeddedLog) -> Vec<Stored> {
@@ -133,7 +135,7 @@ pub fn read_all(log: &EmbeddedLog) -> Vec<Stored> {
             let event: Value = serde_json::from_slice(&r.value)
                 .unwrap_or_else(|e| panic!("stored value is not JSON ({e}): {:?}", String::from_utf8_lossy(&r.value)));
             let key = String::from_utf8(r.key.to_vec()).expect("key is UTF-8");
-            out.push(Stored { partition: p, offset: r.offset, key, event });
+            out.push(Stored { partition: p, offset: r.offset, key, event, size: r.value.len() });
         }
     }
     out
