@@ -488,7 +488,9 @@ impl Director {
 
     fn next_delayed(&self) -> Option<Instant> {
         self.delayed.peek().map(|Reverse((at, _))| {
-            let wait = (*at - now_ms()).max(0) as u64;
+            // Saturating, and at most an hour (then it looks again): a far
+            // `retry_at` must neither overflow nor panic the `Instant` sum.
+            let wait = at.saturating_sub(now_ms()).clamp(0, 3_600_000) as u64;
             Instant::now() + Duration::from_millis(wait)
         })
     }
@@ -702,17 +704,15 @@ impl Director {
             Verdict::Retry => {
                 let policy = job.dest.settings().policy;
                 let backoff = backoff(policy.initial_backoff, policy.max_backoff, job.attempt as u32);
-                let delay = a.retry_after.map_or(backoff, |ra| ra.max(backoff));
-                let retry_at = now_ms() + delay.as_millis() as i64;
                 job.last = Some((a.status, a.error.clone()));
-                if retry_at > job.expires_at {
-                    self.start_archive(id);
-                } else {
+                if let Some(retry_at) = retry_at(now_ms(), backoff, a.retry_after, job.expires_at) {
                     job.seq += 1;
                     let (seq, attempt) = (job.seq, job.attempt);
                     self.push_row(id, seq, JobState::AwaitingRetry, attempt, a.status, a.error, Some(retry_at));
                     self.delay(id, retry_at);
                     counts.retry.inc();
+                } else {
+                    self.start_archive(id);
                 }
             }
         }
@@ -843,6 +843,22 @@ impl Director {
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(max, initial × 2^(attempt-1))].
+/// When a job answered "retry" at `now` (unix ms) is tried again, or `None`
+/// when its retry window (ending at `expires_at`) is over: the policy's
+/// `backoff` alone would pass it. The endpoint's `Retry-After` can push the
+/// retry later than the backoff, but never past `expires_at` (a huge or
+/// far-future value means "at the end of the window", not an overflow that
+/// lands in the past), and never earlier than the backoff. All arithmetic
+/// saturates.
+pub fn retry_at(now: i64, backoff: Duration, retry_after: Option<Duration>, expires_at: i64) -> Option<i64> {
+    let after = |d: Duration| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let by_policy = after(backoff);
+    if by_policy > expires_at {
+        return None;
+    }
+    Some(retry_after.map_or(by_policy, |ra| after(ra).max(by_policy).min(expires_at)))
+}
+
 pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
     let cap = exp.min(max);
@@ -867,5 +883,26 @@ mod tests {
         // Full jitter spreads: over many draws at attempt 7 (cap 60 s) some fall below 30 s and some above.
         let draws: Vec<_> = (0..200).map(|_| backoff(i, m, 7)).collect();
         assert!(draws.iter().any(|d| *d < Duration::from_secs(30)) && draws.iter().any(|d| *d > Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn retry_at_saturates_and_stays_in_the_window() {
+        let now = 1_700_000_000_000;
+        let end = now + 4 * 3_600_000;
+        let b = Duration::from_secs(2);
+        // No Retry-After, or a short one: the backoff decides.
+        assert_eq!(retry_at(now, b, None, end), Some(now + 2_000));
+        assert_eq!(retry_at(now, b, Some(Duration::from_secs(1)), end), Some(now + 2_000));
+        assert_eq!(retry_at(now, b, Some(Duration::ZERO), end), Some(now + 2_000), "a past HTTP date");
+        // A longer one is honoured.
+        assert_eq!(retry_at(now, b, Some(Duration::from_secs(60)), end), Some(now + 60_000));
+        // Issue 11 (7): huge values used to overflow into the past; now they mean the window's end.
+        for secs in [9_223_372_036_854_775, u64::MAX, 10 * 3600] {
+            assert_eq!(retry_at(now, b, Some(Duration::from_secs(secs)), end), Some(end), "{secs}");
+        }
+        assert_eq!(retry_at(now, b, Some(Duration::MAX), i64::MAX), Some(i64::MAX));
+        // The backoff alone passes the window: archive.
+        assert_eq!(retry_at(end - 1_000, b, Some(Duration::from_secs(u64::MAX)), end), None);
+        assert_eq!(retry_at(i64::MAX - 10, b, None, end), None);
     }
 }

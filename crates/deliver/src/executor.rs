@@ -250,15 +250,18 @@ pub fn classify(status: u16) -> Verdict {
     }
 }
 
-/// `Retry-After`: delay-seconds or an HTTP date.
+/// `Retry-After`: delay-seconds or an HTTP date, as a wait from now: never
+/// negative (a past date is zero), and a number too large for `u64` seconds
+/// saturates instead of being ignored. The wait is not bounded here: the
+/// director clamps it to the job's retry window ([`crate::director::retry_at`]).
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let delta = at.timestamp_millis() - crate::now_ms();
-    Some(Duration::from_millis(delta.max(0) as u64))
+    let delta = at.timestamp_millis().saturating_sub(crate::now_ms());
+    Some(Duration::from_millis(u64::try_from(delta).unwrap_or(0)))
 }
 
 /// (`X-Signature`, `X-Sluice-Signature`) for `body` signed with `secret` at `unix` seconds.
@@ -368,6 +371,17 @@ mod tests {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO), "a past date means now");
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-5"), None, "delay-seconds is never negative");
+        assert_eq!(parse_retry_after(""), None);
+    }
+
+    #[test]
+    fn huge_retry_after_values_saturate() {
+        // Issue 11 (7): this value overflowed `retry_at` in the director.
+        assert_eq!(parse_retry_after("9223372036854775"), Some(Duration::from_secs(9_223_372_036_854_775)));
+        assert_eq!(parse_retry_after("99999999999999999999999999"), Some(Duration::from_secs(u64::MAX)));
+        let far = parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT").unwrap();
+        assert!(far > Duration::from_secs(7_000 * 365 * 86_400), "{far:?}");
     }
 
     #[test]
