@@ -78,6 +78,9 @@ pub struct AdminConfig {
     pub listen: String,
     /// Bearer token of the admin API (`/api/...`); absent = the API answers 403.
     pub token: Option<String>,
+    /// Bearer token of `GET /metrics` (`admin.token` is accepted too);
+    /// absent = `/metrics` is public, as it always was.
+    pub metrics_token: Option<String>,
 }
 
 /// What the Tracking API does with a write key it does not know.
@@ -145,11 +148,17 @@ pub struct DirectorConfig {
     pub rpc_listen: String,
     /// The URL routes use to reach it; default `http://<rpc_listen>`.
     pub rpc_url: Option<String>,
+    /// The secret routes sign their RPC calls with (HMAC), the same in every
+    /// `sluice route` and `sluice director`; they refuse to start without it.
+    pub rpc_secret: Option<String>,
 }
+
+/// The shortest `director.rpc_secret` accepted.
+pub const MIN_RPC_SECRET_LEN: usize = 32;
 
 impl Default for DirectorConfig {
     fn default() -> Self {
-        Self { name: "director".into(), rpc_listen: "127.0.0.1:8090".into(), rpc_url: None }
+        Self { name: "director".into(), rpc_listen: "127.0.0.1:8090".into(), rpc_url: None, rpc_secret: None }
     }
 }
 
@@ -618,7 +627,7 @@ impl Default for ServerConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8089".into(), token: None }
+        Self { listen: "127.0.0.1:8089".into(), token: None, metrics_token: None }
     }
 }
 
@@ -700,6 +709,12 @@ impl Config {
         }
         if self.admin.token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
+        if self.admin.metrics_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("admin.metrics_token", "must be at least 16 characters"));
+        }
+        if self.director.rpc_secret.as_deref().is_some_and(|s| s.len() < MIN_RPC_SECRET_LEN) {
+            return Err(invalid("director.rpc_secret", format!("must be at least {MIN_RPC_SECRET_LEN} characters (e.g. `openssl rand -hex 32`)")));
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
@@ -1016,6 +1031,20 @@ mod tests {
         assert!(err.contains("dedup.bloom_bits_per_key"), "{err}");
         let err = load("[dedup]\nwindow = \"0s\"\n").unwrap_err().to_string();
         assert!(err.contains("dedup.window"), "{err}");
+    }
+
+    #[test]
+    fn rpc_secret_and_metrics_token_are_checked() {
+        let c = load("").unwrap();
+        assert!(c.director.rpc_secret.is_none() && c.admin.metrics_token.is_none());
+        let err = load("[director]\nrpc_secret = \"short\"\n").unwrap_err().to_string();
+        assert!(err.contains("director.rpc_secret"), "{err}");
+        let err = load("[admin]\nmetrics_token = \"short\"\n").unwrap_err().to_string();
+        assert!(err.contains("admin.metrics_token"), "{err}");
+        let secret = "0123456789abcdef0123456789abcdef";
+        let env = HashMap::from([("SLUICE_DIRECTOR__RPC_SECRET".to_string(), secret.to_string())]);
+        let c = Config::from_toml_with_env("", "", &env).unwrap();
+        assert_eq!(c.director.rpc_secret.as_deref(), Some(secret), "settable from the environment");
     }
 
     #[test]

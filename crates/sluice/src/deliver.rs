@@ -59,13 +59,14 @@ pub async fn start(
         housekeeping.push(centrifuge.spawn_housekeeping());
         Some(centrifuge)
     } else if director {
+        let secret = rpc_secret(config)?;
         let metrics = DeliverMetrics::default();
         metrics.register(registry);
         let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
         let name = config.director.name.clone();
         let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory).await?;
         housekeeping.push(centrifuge.spawn_housekeeping());
-        tasks.push(serve_director_rpc(config, centrifuge.clone(), directory.clone(), stop_rx.clone()).await?);
+        tasks.push(serve_director_rpc(config, centrifuge.clone(), secret, directory.clone(), stop_rx.clone()).await?);
         tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop_rx.clone())));
         registered = Some((directory, name));
         Some(centrifuge)
@@ -78,9 +79,10 @@ pub async fn start(
         let jobs: Arc<dyn sluice_route::JobSink> = match &centrifuge {
             Some(c) => c.clone(),
             None => {
+                let secret = rpc_secret(config)?;
                 let url = jobdb_url(config)?;
                 let directory = Directory::connect(url).await.context("cannot reach the directory of directors")?;
-                sluice_route::rpc::DirectorClient::new(directory)?
+                sluice_route::rpc::DirectorClient::new(directory, secret)?
             }
         };
         tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
@@ -112,11 +114,26 @@ fn jobdb_url(config: &Config) -> Result<&str> {
     }
 }
 
+/// `director.rpc_secret`, required when route and directors are separate
+/// processes (`sluice route`, `sluice director`).
+pub fn rpc_secret(config: &Config) -> Result<sluice_route::rpc::RpcSecret> {
+    match config.director.rpc_secret.as_deref() {
+        Some(s) if !s.is_empty() => Ok(sluice_route::rpc::RpcSecret::new(s)),
+        _ => bail!(
+            "separate route and director processes authenticate each other with a shared secret: set director.rpc_secret \
+             (or SLUICE_DIRECTOR__RPC_SECRET), the same on every route and director, at least {} characters (e.g. `openssl rand -hex 32`)",
+            sluice_core::config::MIN_RPC_SECRET_LEN
+        ),
+    }
+}
+
 /// Serve `POST /rpc/v1/jobs` on `director.rpc_listen` (HTTP/2 and HTTP/1)
-/// and keep this director's heartbeat in the directory.
+/// and keep this director's heartbeat in the directory. Requests are
+/// checked by [`sluice_route::rpc::RpcServer`]: signature, size, destinations.
 async fn serve_director_rpc(
     config: &Config,
     centrifuge: Arc<Centrifuge>,
+    secret: sluice_route::rpc::RpcSecret,
     directory: Directory,
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
@@ -130,8 +147,7 @@ async fn serve_director_rpc(
     tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
     let app = axum::Router::new()
         .route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs))
-        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
-        .with_state(centrifuge);
+        .with_state(sluice_route::rpc::RpcServer::new(centrifuge, secret));
     let (name, dir2) = (d.name.clone(), directory.clone());
     let task = tokio::spawn(async move {
         let mut stop2 = stop.clone();
@@ -244,18 +260,28 @@ async fn adopt_dead_directors(
     }
 }
 
+/// `POST /rpc/v1/jobs`: the headers are checked before the body is read,
+/// and the body is read up to [`sluice_route::rpc::MAX_REQUEST_BYTES`].
 async fn insert_jobs(
-    axum::extract::State(centrifuge): axum::extract::State<Arc<Centrifuge>>,
-    axum::Json(request): axum::Json<sluice_route::rpc::InsertRequest>,
+    axum::extract::State(server): axum::extract::State<Arc<sluice_route::rpc::RpcServer>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let jobs = request.jobs.into_iter().map(Into::into).collect();
-    match centrifuge.insert(jobs, request.oldest_event_ms).await {
-        Ok(inserted) => axum::Json(sluice_route::rpc::InsertReply { inserted }).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "inserting jobs from a route failed");
-            (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
-        }
+    use sluice_route::rpc::{Rejection, MAX_REQUEST_BYTES};
+    let refuse = |r: Rejection| (r.status, [(axum::http::header::CONTENT_TYPE, "application/json")], r.body()).into_response();
+    if let Err(r) = server.admit(&headers) {
+        return refuse(r);
+    }
+    let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES);
+    let body = match http_body_util::BodyExt::collect(limited).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return refuse(Rejection::too_large()),
+        Err(e) => return refuse(Rejection::bad_request(format!("cannot read the body: {e}"))),
+    };
+    match server.insert(&headers, body).await {
+        Ok(reply) => axum::Json(reply).into_response(),
+        Err(r) => refuse(r),
     }
 }
 

@@ -249,6 +249,10 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
             roles.names().join(",")
         );
     }
+    if roles != Roles::ALL && (roles.route || roles.director) {
+        // Refuse before connecting to anything: the RPC between them is signed with it.
+        deliver::rpc_secret(&config)?;
+    }
     let mut registry = Registry::default();
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);

@@ -708,10 +708,20 @@ impl Drop for Broker {
     }
 }
 
-/// `write_config`, with `log.backend = "kafka"`.
+/// The `director.rpc_secret` of configs from [`write_kafka_config`].
+pub const RPC_SECRET: &str = "test-rpc-secret-0123456789abcdef0123456789";
+
+/// `write_config`, with `log.backend = "kafka"` and `director.rpc_secret =`
+/// [`RPC_SECRET`] (separate route and director processes need it).
 pub fn write_kafka_config(dir: &Path, broker: &Broker, extra: &str) -> PathBuf {
     let config = write_config(dir, &format!("{extra}{}", broker.config_toml()));
-    let text = std::fs::read_to_string(&config).unwrap().replace("[log]\n", "[log]\nbackend = \"kafka\"\n");
+    let mut text = std::fs::read_to_string(&config).unwrap().replace("[log]\n", "[log]\nbackend = \"kafka\"\n");
+    let secret = format!("rpc_secret = \"{RPC_SECRET}\"\n");
+    if text.contains("\n[director]\n") {
+        text = text.replacen("\n[director]\n", &format!("\n[director]\n{secret}"), 1);
+    } else {
+        text.push_str(&format!("\n[director]\n{secret}"));
+    }
     std::fs::write(&config, text).unwrap();
     config
 }
