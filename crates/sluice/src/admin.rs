@@ -4,6 +4,12 @@
 //! Invariants:
 //! - Every `/api` route needs `Authorization: Bearer <admin.token>`; without
 //!   a configured token the API answers 403 and changes nothing.
+//! - `/metrics` is public unless `admin.metrics_token` is set; then it needs
+//!   that token or `admin.token` (it names every source and destination).
+//!   `/healthz` and the console page stay public (the console's API calls
+//!   carry the token the operator types in).
+//! - Tokens are compared through fixed-size digests ([`token_matches`]): the
+//!   time taken shows neither the token's bytes nor its length.
 //! - A change is written to the control database first, then the live
 //!   catalog (and the Tracking API's source table) is refreshed from it
 //!   before the answer: a 2xx means the change is in effect.
@@ -36,6 +42,8 @@ pub struct AdminState {
     /// The Tracking API of this process, if it runs the ingest role.
     pub ingest: Option<Arc<Ingest>>,
     pub token: Option<String>,
+    /// `admin.metrics_token`: when set, `/metrics` needs it (or `token`).
+    pub metrics_token: Option<String>,
     pub default_rate_limit: u32,
     pub retry_policy: RetryPolicy,
 }
@@ -71,7 +79,15 @@ async fn console() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("console.html")).into_response()
 }
 
-async fn metrics(State(s): State<Shared>) -> Response {
+async fn metrics(State(s): State<Shared>, h: HeaderMap) -> Response {
+    if let Some(metrics_token) = &s.metrics_token {
+        let given = bearer(&h);
+        // Both compared every time (`|`, not `||`): which one matched does not show either.
+        let ok = given.is_some_and(|g| token_matches(g, metrics_token) | s.token.as_deref().is_some_and(|t| token_matches(g, t)));
+        if !ok {
+            return ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.metrics_token>".into()).into_response();
+        }
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&s.registry)).into_response()
 }
 
@@ -96,14 +112,32 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &s.token else {
         return Err(ApiError(StatusCode::FORBIDDEN, "api_disabled", "the admin API is off: set admin.token".into()));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison: the token is a password.
-    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
-    if ok {
+    if bearer(headers).is_some_and(|g| token_matches(g, token)) {
         Ok(())
     } else {
         Err(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.token>".into()))
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether `given` is `expected`, in a time that shows neither `expected`'s
+/// bytes nor its length: both are reduced to HMAC-SHA256 under a random key
+/// of this process (fixed-size digests; an attacker cannot aim at the
+/// digest's bytes without the key), and the digests are compared without an
+/// early exit. Comparing the tokens themselves, even byte by byte without
+/// an early exit, would stop at a length mismatch and tell the length.
+fn token_matches(given: &str, expected: &str) -> bool {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    // `t=0,v1=<64 hex digits>`: HMAC-SHA256 of "0." + token (the webhook
+    // signature's construction; the same length for every token).
+    let digest = |token: &str| sluice_deliver::executor::signatures(key, token.as_bytes(), 0).1;
+    let (a, b) = (digest(given), digest(expected));
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Run `f` on the control database off the async threads, then make the change live.

@@ -365,6 +365,7 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         catalog: catalog.clone(),
         ingest: ingest.clone(),
         token: config.admin.token.clone(),
+        metrics_token: config.admin.metrics_token.clone(),
         default_rate_limit: config.ingest.default_rate_limit,
         retry_policy: config.deliver.retry_policy(),
     });

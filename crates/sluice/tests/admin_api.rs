@@ -253,3 +253,25 @@ fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
     server.stop();
     drop(dir);
 }
+
+#[test]
+fn a_wrong_token_of_any_length_is_refused_and_the_right_one_accepted() {
+    let (_dir, server, api, _sink) = start(true);
+    let reversed: String = TOKEN.chars().rev().collect();
+    let last_changed = format!("{}X", &TOKEN[..TOKEN.len() - 1]);
+    let longer = format!("{TOKEN}0");
+    let wrong = [
+        reversed.as_str(),         // same length, other bytes
+        last_changed.as_str(),     // same length, differs in the last byte only
+        &TOKEN[..TOKEN.len() - 1], // a prefix: shorter
+        longer.as_str(),           // an extension: longer
+        "",                        // empty
+    ];
+    for token in wrong {
+        let (s, v) = api.call("GET", "/api/sources", Some(token), None);
+        assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")), "token {token:?}: {v}");
+    }
+    let (s, v) = api.call("GET", "/api/sources", Some(TOKEN), None);
+    assert_eq!(s, 200, "{v}");
+    server.stop();
+}

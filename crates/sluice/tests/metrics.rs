@@ -187,3 +187,52 @@ fn alert_rules_and_dashboard_use_only_metrics_that_exist() {
     }
     server.stop();
 }
+
+/// GET `path` on the admin port with an optional bearer token: status and body.
+fn get_admin(rt: &tokio::runtime::Runtime, server: &Server, path: &str, token: Option<&str>) -> (u16, String) {
+    rt.block_on(async {
+        let mut req = reqwest::Client::new().get(format!("http://{}{path}", server.admin));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    })
+}
+
+#[test]
+fn metrics_are_public_unless_admin_metrics_token_is_set() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Default: public (as it always was).
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&write_config(dir.path(), ""));
+    let (status, text) = get_admin(&rt, &server, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(text.contains("sluice_ingest_events_accepted"), "{text}");
+    server.stop();
+
+    // With admin.metrics_token: that token or admin.token.
+    const METRICS_TOKEN: &str = "metrics-token-0123456789";
+    const ADMIN_TOKEN: &str = "admin-token-0123456789abc";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    set_admin_token(&config, ADMIN_TOKEN);
+    let text = std::fs::read_to_string(&config).unwrap().replacen("[admin]\n", &format!("[admin]\nmetrics_token = \"{METRICS_TOKEN}\"\n"), 1);
+    std::fs::write(&config, text).unwrap();
+    let server = Server::start(&config);
+    let longer = format!("{METRICS_TOKEN}0");
+    let same_length: String = METRICS_TOKEN.chars().rev().collect();
+    for token in [None, Some(same_length.as_str()), Some(&METRICS_TOKEN[..METRICS_TOKEN.len() - 1]), Some(longer.as_str())] {
+        let (status, text) = get_admin(&rt, &server, "/metrics", token);
+        assert_eq!(status, 401, "token {token:?}");
+        assert!(!text.contains("sluice_"), "no metrics in a refusal: {text}");
+        assert!(!text.contains(SOURCE_ID), "no source ids in a refusal: {text}");
+    }
+    for token in [METRICS_TOKEN, ADMIN_TOKEN] {
+        let (status, text) = get_admin(&rt, &server, "/metrics", Some(token));
+        assert_eq!(status, 200, "token {token:?}");
+        assert!(text.contains("sluice_ingest_events_accepted"), "{text}");
+    }
+    assert_eq!(get_admin(&rt, &server, "/healthz", None).0, 200, "/healthz stays public");
+    server.stop();
+}
