@@ -12,6 +12,7 @@
 //! - Events go to partition `murmur2(messageId) % partitions`, with record
 //!   key `<source id>/<messageId>` (source ids cannot contain `/`).
 
+pub mod cors;
 pub mod event;
 pub mod ratelimit;
 pub mod server;
@@ -250,6 +251,7 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST")
         })
         .with_state(ingest)
+        .layer(axum::middleware::from_fn(cors::middleware))
 }
 
 async fn handle(

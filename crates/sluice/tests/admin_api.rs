@@ -255,6 +255,42 @@ fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
 }
 
 #[test]
+fn the_admin_port_answers_no_cors_while_the_tracking_api_does() {
+    let (_dir, server, api, _sink) = start(true);
+    let origin = "http://evil.example";
+    let (preflight, request) = api.rt.block_on(async {
+        let preflight = |url: String| {
+            api.http
+                .request(reqwest::Method::OPTIONS, url)
+                .header("Origin", origin)
+                .header("Access-Control-Request-Method", "POST")
+                .header("Access-Control-Request-Headers", "authorization,content-type")
+                .send()
+        };
+        let tracking = preflight(format!("http://{}/v1/batch", api.api)).await.unwrap();
+        let mut admin = Vec::new();
+        for path in ["/api/sources", "/api/qos/hook", "/v1/batch", "/metrics"] {
+            admin.push((path, preflight(format!("http://{}{path}", api.admin)).await.unwrap()));
+        }
+        for path in ["/api/sources", "/metrics", "/healthz", "/console"] {
+            let resp = api.http.get(format!("http://{}{path}", api.admin)).bearer_auth(TOKEN).header("Origin", origin).send().await.unwrap();
+            admin.push((path, resp));
+        }
+        (tracking, admin)
+    });
+    // The Tracking API on the same server allows the browser (positive control).
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some(origin));
+    for (path, resp) in &request {
+        let cors: Vec<_> = resp.headers().keys().filter(|k| k.as_str().starts_with("access-control-")).collect();
+        assert!(cors.is_empty(), "admin {path} answered CORS headers {cors:?} (status {})", resp.status());
+    }
+    // The authenticated GET itself still works: the port is same-origin, not closed.
+    assert!(request.iter().any(|(p, r)| *p == "/api/sources" && r.status() == 200), "GET /api/sources with the token");
+    server.stop();
+}
+
+#[test]
 fn a_wrong_token_of_any_length_is_refused_and_the_right_one_accepted() {
     let (_dir, server, api, _sink) = start(true);
     let reversed: String = TOKEN.chars().rev().collect();

@@ -1,11 +1,12 @@
 //! The official Segment SDKs, unchanged, against the real `sluice` binary:
-//! every call type goes through `segment-analytics-python` (plain and gzip)
-//! and `@segment/analytics-node`; then the log is read back and each event's
-//! fields and the count are checked.
+//! every call type goes through `segment-analytics-python` (plain and gzip),
+//! `@segment/analytics-node`, and analytics.js (`@segment/analytics-next`)
+//! in headless Chromium on a page of another origin (CORS); then the log is
+//! read back and each event's fields and the count are checked.
 
 mod util;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use chrono_free::*;
 use serde_json::Value;
@@ -112,4 +113,77 @@ fn python_sdk_gzip() {
 #[test]
 fn node_sdk_every_call_type() {
     check_sdk("node", false, "@segment/analytics-node");
+}
+
+/// Chromium and the browser node_modules (playwright-core and
+/// @segment/analytics-next), installed by scripts/setup-browser.sh unless
+/// the environment names modules that already hold analytics.js.
+fn browser_env() -> (String, String) {
+    if let (Ok(c), Ok(m)) = (std::env::var("SLUICE_CHROMIUM"), std::env::var("SLUICE_BROWSER_MODULES")) {
+        if std::path::Path::new(&m).join("@segment/analytics-next/package.json").exists() {
+            return (c, m);
+        }
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/setup-browser.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/setup-browser.sh");
+    assert!(out.status.success(), "scripts/setup-browser.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} not printed")).to_owned();
+    (get("SLUICE_CHROMIUM"), get("SLUICE_BROWSER_MODULES"))
+}
+
+/// analytics.js in Chromium, from a page on another origin, sends `count`
+/// of each call type; the script fails on any failed browser request (CORS
+/// included), any answer >= 400 and any event Sluice did not acknowledge.
+fn check_browser(batching: bool) {
+    let (chromium, modules) = browser_env();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let server = Server::start(&config);
+    let run_id = if batching { "batching" } else { "single" };
+    let count = 10;
+    let mut cmd = Command::new("node");
+    cmd.arg(repo_root().join("tests/compat/browser_sdk.mjs"))
+        .args([&format!("http://{}", server.addr), WRITE_KEY, run_id, &count.to_string()])
+        .env("SLUICE_CHROMIUM", &chromium)
+        .env("SLUICE_BROWSER_MODULES", &modules);
+    if batching {
+        cmd.arg("--batching");
+    }
+    let out = cmd.output().expect("run node");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "analytics.js in Chromium failed:\n{stderr}\nserver stderr:\n{}", server.stderr_tail(30));
+    eprintln!("{stderr}");
+    let sent: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect();
+    assert_eq!(sent.len(), count * 6, "the script reports every event it sent");
+    server.stop();
+
+    let stored = read_input(&dir.path().join("data"));
+    assert_eq!(stored.len(), sent.len(), "each event stored once, nothing else");
+    let by_id = by_message_id(&stored);
+    let mut types = std::collections::HashSet::new();
+    for s in &sent {
+        let id = s["messageId"].as_str().unwrap();
+        let st = by_id.get(id).unwrap_or_else(|| panic!("{id} missing from the log"));
+        check_sdk_event(st, s, "analytics.js");
+        types.insert(s["type"].as_str().unwrap().to_owned());
+        let ev = &st.event;
+        assert!(ev["anonymousId"].is_string(), "analytics.js sets anonymousId: {ev}");
+        assert!(ev["context"]["userAgent"].as_str().is_some_and(|ua| ua.contains("Chrom")), "sent from Chromium: {ev}");
+        assert!(ev["context"]["page"]["url"].as_str().is_some_and(|u| u.starts_with("http://127.0.0.1:")), "page context: {ev}");
+    }
+    assert_eq!(types.len(), 6, "all six call types were exercised: {types:?}");
+}
+
+#[test]
+fn analytics_js_in_chromium_every_call_type_cross_origin() {
+    check_browser(false);
+}
+
+#[test]
+fn analytics_js_in_chromium_batching_cross_origin() {
+    check_browser(true);
 }
