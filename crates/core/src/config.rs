@@ -731,6 +731,10 @@ impl Config {
             }
         }
         let ing = &self.ingest;
+        // Bounded: a request is held in memory whole (and stored events up to twice that).
+        if !(1024..=64 << 20).contains(&ing.max_request_bytes) {
+            return Err(invalid("ingest.max_request_bytes", "must be between 1 KiB (1024) and 64 MiB (67108864)"));
+        }
         if ing.max_event_bytes == 0 || ing.max_event_bytes > ing.max_request_bytes {
             return Err(invalid("ingest.max_event_bytes", "must be between 1 and ingest.max_request_bytes"));
         }

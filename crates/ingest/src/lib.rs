@@ -163,6 +163,8 @@ pub struct Ingest {
     settings: IngestSettings,
     /// Write key → source. Behind a lock so sources can change at run time.
     sources: RwLock<HashMap<String, Arc<Source>>>,
+    /// Bodies over [`PARSE_INLINE_MAX_BYTES`] parsed at once: half the cores.
+    large_bodies: tokio::sync::Semaphore,
     pub metrics: IngestMetrics,
 }
 
@@ -174,7 +176,9 @@ impl Ingest {
         default_rate_limit: u32,
     ) -> Result<Self, sluice_log::LogError> {
         let partitions = log.partitions(INPUT_TOPIC)?;
-        let ingest = Self { log, partitions, settings, sources: RwLock::new(HashMap::new()), metrics: IngestMetrics::default() };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let large_bodies = tokio::sync::Semaphore::new((cores / 2).max(1));
+        let ingest = Self { log, partitions, settings, sources: RwLock::new(HashMap::new()), large_bodies, metrics: IngestMetrics::default() };
         ingest.set_sources(sources, default_rate_limit);
         Ok(ingest)
     }
@@ -246,12 +250,23 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
         .route("/v1/{call}", post(handle))
         .route("/v1/{call}/", post(handle))
+        .route("/v1/m", post(client_telemetry))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST")
         })
         .with_state(ingest)
         .layer(axum::middleware::from_fn(cors::middleware))
+}
+
+/// `POST /v1/m`: analytics.js reports its own telemetry (error and
+/// delivery counters) here, as to Segment's API. Read within the body
+/// limits and answered 200; nothing is stored.
+async fn client_telemetry(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
+    match collect_body(&ingest.settings, &headers, body).await {
+        Ok(_) => success(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn handle(
@@ -428,6 +443,9 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     }
     let bytes = read_body(settings, headers, body).await?;
     let prepared = if bytes.len() > PARSE_INLINE_MAX_BYTES {
+        // Large bodies queue for a bounded number of blocking threads: a
+        // flood of them takes at most those cores, never every one.
+        let _permit = ingest.large_bodies.acquire().await.map_err(|_| internal_error())?;
         let ingest = ingest.clone();
         tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &bytes)))
             .await

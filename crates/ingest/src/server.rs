@@ -22,6 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+/// The largest request head (request line and headers) the server reads.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Connections served at once; more wait in the listen backlog.
@@ -59,7 +62,13 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     let per_client = PerClient::new(options.max_connections_per_client);
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(true);
+    // A request head larger than MAX_HEAD_BYTES is answered 431 (hyper's
+    // default lets one grow to ~400 KB per connection).
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .keep_alive(true)
+        .max_header_size(MAX_HEAD_BYTES);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -156,12 +165,13 @@ impl Drop for Share {
 
 /// Answer a connection over its client's share with a `429` and close it,
 /// reading (and discarding) what the client sends for a moment first, so
-/// the answer is not lost to a reset.
+/// the answer is not lost to a reset. `Access-Control-Allow-Origin: *` so
+/// a browser (analytics.js) sees the 429 rather than a CORS failure.
 async fn refuse(mut stream: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BODY: &str = r#"{"code":"too_many_connections","message":"this client holds too many connections; reuse one or retry later"}"#;
     let answer = format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\naccess-control-allow-origin: *\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
