@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -54,7 +54,9 @@ pub struct KafkaOptions {
     /// Topics and their partition counts; created when missing. An existing
     /// topic with another partition count is refused (partitioning is ours).
     pub topics: Vec<(String, u32)>,
-    /// Replication factor of topics this log creates.
+    /// Replication factor of topics this log creates. They are created with
+    /// `min.insync.replicas` = [`min_insync_replicas`] of it, and an existing
+    /// topic with less is refused (see [`KafkaLog::connect`]).
     pub replication_factor: i32,
     /// `retention.ms` of topics this log creates, per topic (others: the
     /// broker's default). Existing topics are left as they are.
@@ -191,7 +193,11 @@ impl std::fmt::Debug for KafkaLog {
 
 impl KafkaLog {
     /// Connect, create the missing topics, and check the existing ones'
-    /// partition counts. Blocks (call from a blocking context or at startup).
+    /// partition counts and `min.insync.replicas` (at least
+    /// [`min_insync_replicas`] of the larger of the topic's replication and
+    /// `replication_factor`; less is refused: with `acks=all` an append would
+    /// rest on too few brokers). Blocks (call from a blocking context or at
+    /// startup).
     pub fn connect(options: KafkaOptions) -> Result<KafkaLog, LogError> {
         let producer: FutureProducer = options.producer().create().map_err(kafka("create producer"))?;
         let offsets_client: BaseConsumer =
@@ -229,6 +235,14 @@ impl KafkaLog {
     }
 }
 
+/// `min.insync.replicas` for a topic replicated `replication_factor` times:
+/// replication − 1, at least 1 (1 → 1, 2 → 1, 3 → 2, 5 → 4), so with
+/// `acks=all` an acknowledged append is on at least two brokers as soon as
+/// the topic is replicated three times, while one replica may be down.
+pub fn min_insync_replicas(replication_factor: i32) -> i32 {
+    (replication_factor - 1).max(1)
+}
+
 /// Create missing topics; return every configured topic's partition count.
 fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMap<String, u32>, LogError> {
     let exists = |name: &str| -> Result<bool, LogError> {
@@ -237,10 +251,16 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
     };
     let retention: HashMap<&str, String> =
         options.retention.iter().map(|(t, d)| (t.as_str(), d.as_millis().to_string())).collect();
+    let min_insync = min_insync_replicas(options.replication_factor).to_string();
     let mut new = Vec::new();
+    // Topics this process did not create: their min.insync.replicas is checked.
+    let mut existing = Vec::new();
     for (name, n) in &options.topics {
-        if !exists(name)? {
-            let mut topic = NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor));
+        if exists(name)? {
+            existing.push(name.clone());
+        } else {
+            let mut topic = NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor))
+                .set("min.insync.replicas", &min_insync);
             if let Some(ms) = retention.get(name.as_str()) {
                 topic = topic.set("retention.ms", ms);
             }
@@ -248,16 +268,23 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
         }
     }
     if !new.is_empty() {
-        create_topics(options, &new)?;
+        // A topic another process created meanwhile is checked like an old one.
+        existing.extend(create_topics(options, &new)?);
     }
+    let mut replication = HashMap::new();
+    let mut broker = None;
     let mut partitions = HashMap::new();
     for (name, wanted) in &options.topics {
         // A new topic's metadata can take a moment to reach every broker.
         let deadline = Instant::now() + options.request_timeout;
         let actual = loop {
             let meta = client.fetch_metadata(Some(name), options.request_timeout).map_err(kafka("fetch metadata"))?;
-            let n = meta.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len() as u32);
+            let topic = meta.topics().first().filter(|t| t.error().is_none());
+            let n = topic.map_or(0, |t| t.partitions().len() as u32);
             if n > 0 || Instant::now() >= deadline {
+                let rf = topic.and_then(|t| t.partitions().iter().map(|p| p.replicas().len() as i32).min());
+                replication.insert(name.clone(), rf.unwrap_or(0));
+                broker = broker.or_else(|| meta.brokers().first().map(|b| b.id()));
                 break n;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -270,28 +297,143 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
         }
         partitions.insert(name.clone(), actual);
     }
+    let existing: Vec<(String, i32)> = existing
+        .into_iter()
+        .map(|t| {
+            let rf = replication.get(&t).copied().unwrap_or(0);
+            (t, rf)
+        })
+        .collect();
+    check_min_insync_replicas(options, &existing, broker)?;
     Ok(partitions)
 }
 
-fn create_topics(options: &KafkaOptions, new: &[NewTopic<'_>]) -> Result<(), LogError> {
-    let admin: AdminClient<DefaultClientContext> = options.base().create().map_err(kafka("create admin client"))?;
-    let admin_options = AdminOptions::new().operation_timeout(Some(options.request_timeout));
+fn admin_client(options: &KafkaOptions) -> Result<(AdminClient<DefaultClientContext>, AdminOptions), LogError> {
+    let admin = options.base().create().map_err(kafka("create admin client"))?;
+    Ok((admin, AdminOptions::new().operation_timeout(Some(options.request_timeout))))
+}
+
+/// Wait for an admin request on a private current-thread runtime (the
+/// caller is a blocking context), bounded by `request_timeout`.
+fn admin_wait<T>(
+    options: &KafkaOptions,
+    request: impl std::future::Future<Output = rdkafka::error::KafkaResult<T>>,
+) -> Result<rdkafka::error::KafkaResult<T>, LogError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| LogError::Io {
         path: "tokio runtime".into(),
         source: e,
     })?;
-    let results = runtime
-        .block_on(async { tokio::time::timeout(options.request_timeout, admin.create_topics(new, &admin_options)).await })
-        .map_err(|_| LogError::Unavailable(format!("no answer from Kafka at {} within {:?}", options.bootstrap_servers, options.request_timeout)))?
-        .map_err(kafka("create topics"))?;
+    runtime
+        .block_on(async { tokio::time::timeout(options.request_timeout, request).await })
+        .map_err(|_| LogError::Unavailable(format!("no answer from Kafka at {} within {:?}", options.bootstrap_servers, options.request_timeout)))
+}
+
+/// Create `new`; return the topics that turned out to exist already.
+fn create_topics(options: &KafkaOptions, new: &[NewTopic<'_>]) -> Result<Vec<String>, LogError> {
+    let (admin, o) = admin_client(options)?;
+    let results = admin_wait(options, admin.create_topics(new, &o))?.map_err(kafka("create topics"))?;
+    let mut already = Vec::new();
     for result in results {
         match result {
             Ok(topic) => tracing::info!(topic, "created Kafka topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => already.push(topic),
             Err((topic, code)) => return Err(LogError::Kafka { op: "create topic", cause: format!("{topic}: {code}") }),
         }
     }
+    Ok(already)
+}
+
+/// Refuse an existing topic whose `min.insync.replicas` is below
+/// [`min_insync_replicas`] of the larger of its replication factor and
+/// `options.replication_factor`. `topics` are (name, replication factor).
+/// A cluster that cannot answer DescribeConfigs (rdkafka's MockCluster; a
+/// principal without DescribeConfigs rights) is logged as an error, not
+/// refused: the value cannot be known.
+///
+/// The request goes to `broker` (any broker answers for topics); sent to the
+/// controller, as librdkafka would, it waits out the timeout on a MockCluster.
+fn check_min_insync_replicas(options: &KafkaOptions, topics: &[(String, i32)], broker: Option<i32>) -> Result<(), LogError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|(t, _)| ResourceSpecifier::Topic(t)).collect();
+    let cannot_check = |cause: String| {
+        tracing::error!(
+            bootstrap_servers = %options.bootstrap_servers, error = %cause,
+            "cannot read the topics' min.insync.replicas (DescribeConfigs): their durability under acks=all is not checked"
+        );
+    };
+    let (admin, o) = admin_client(options)?;
+    let o = o.broker_id(broker);
+    // Codes that mean "this cluster or principal cannot tell us", not "try again".
+    let unanswerable = |code: RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::UnsupportedFeature
+                | RDKafkaErrorCode::UnsupportedVersion
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    };
+    let results = match admin_wait(options, admin.describe_configs(&specs, &o))? {
+        Ok(r) => r,
+        Err(KafkaError::AdminOp(code)) if unanswerable(code) => {
+            cannot_check(code.to_string());
+            return Ok(());
+        }
+        Err(e) => return Err(kafka("describe topic configs")(e)),
+    };
+    // librdkafka returns the results in the order of the request.
+    for ((topic, rf), result) in topics.iter().zip(results) {
+        let resource = match result {
+            Ok(r) => r,
+            Err(code) if unanswerable(code) => {
+                cannot_check(format!("{topic}: {code}"));
+                continue;
+            }
+            Err(code) => return Err(LogError::Kafka { op: "describe topic configs", cause: format!("{topic}: {code}") }),
+        };
+        let Some(value) = resource.get("min.insync.replicas").and_then(|e| e.value.as_deref()) else {
+            cannot_check(format!("{topic}: no min.insync.replicas in its configuration"));
+            continue;
+        };
+        let actual: i32 = value.trim().parse().map_err(|_| {
+            LogError::Config(format!("Kafka topic {topic:?} has min.insync.replicas = {value:?}, which is not a number"))
+        })?;
+        if let Some(problem) = min_insync_problem(topic, actual, *rf, options.replication_factor, &options.bootstrap_servers) {
+            return Err(LogError::Config(problem));
+        }
+    }
     Ok(())
+}
+
+/// What is wrong with topic `topic`'s `min.insync.replicas` = `actual` when it
+/// is replicated `topic_rf` times and `log.kafka.replication_factor` is
+/// `configured_rf`, as an error message that says how to fix it; `None` when
+/// it is enough.
+pub fn min_insync_problem(topic: &str, actual: i32, topic_rf: i32, configured_rf: i32, bootstrap: &str) -> Option<String> {
+    let rf = topic_rf.max(configured_rf);
+    let needed = min_insync_replicas(rf);
+    if actual >= needed {
+        return None;
+    }
+    let alter = format!(
+        "kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} \
+         --add-config min.insync.replicas={needed}"
+    );
+    let mut msg = format!(
+        "Kafka topic {topic:?} has min.insync.replicas = {actual}, below the {needed} its replication of {rf} needs \
+         (replication - 1, at least 1): with acks=all an acknowledged append could rest on {actual} broker(s). "
+    );
+    if topic_rf < needed {
+        msg += &format!(
+            "Its replication factor is {topic_rf}, below log.kafka.replication_factor = {configured_rf}: raise it first \
+             (kafka-reassign-partitions.sh), then run: {alter}"
+        );
+    } else {
+        msg += &format!("Fix it with: {alter}");
+    }
+    Some(msg)
 }
 
 impl Inner {
