@@ -735,8 +735,10 @@ impl Config {
         if !(1024..=64 << 20).contains(&ing.max_request_bytes) {
             return Err(invalid("ingest.max_request_bytes", "must be between 1 KiB (1024) and 64 MiB (67108864)"));
         }
-        if ing.max_event_bytes == 0 || ing.max_event_bytes > ing.max_request_bytes {
-            return Err(invalid("ingest.max_event_bytes", "must be between 1 and ingest.max_request_bytes"));
+        // 4 MiB: a job (the event as a JSON string, escaped up to 6x) must
+        // fit in one route -> director RPC request (32 MiB).
+        if ing.max_event_bytes == 0 || ing.max_event_bytes > ing.max_request_bytes || ing.max_event_bytes > 4 << 20 {
+            return Err(invalid("ingest.max_event_bytes", "must be between 1 and ingest.max_request_bytes, and at most 4 MiB (4194304)"));
         }
         if ing.max_batch_events == 0 {
             return Err(invalid("ingest.max_batch_events", "must be at least 1"));

@@ -29,6 +29,7 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("config-partitions-huge", "[log]\npartitions = 4000000000\n".into(), "log.partitions"),
         ("config-negative-count", "[server]\nmax_connections = -1\n".into(), "max_connections"),
         ("config-request-bytes-huge", "[ingest]\nmax_request_bytes = 4611686018427387904\n".into(), "ingest.max_request_bytes"),
+        ("config-event-bytes-over-rpc", "[ingest]\nmax_request_bytes = 67108864\nmax_event_bytes = 33554432\n".into(), "ingest.max_event_bytes"),
         ("config-duration-overflow", "[server]\nbody_read_timeout = \"99999999999999999999 years\"\n".into(), "body_read_timeout"),
         ("config-duration-negative", "[server]\nbody_read_timeout = \"-5s\"\n".into(), "body_read_timeout"),
         ("config-listen-port-out-of-range", "[server]\nlisten = \"127.0.0.1:99999\"\n".into(), "server.listen"),

@@ -417,6 +417,9 @@ pub fn normalize(
         }
     }
     match event_type {
+        EventType::Track if item.get("event").is_some_and(|v| v.get().starts_with('"')) && item.get_str("event").is_none() => {
+            return Err(EventError::InvalidValue("`event` is not a valid string (a lone surrogate escape?)".into()));
+        }
         EventType::Track if item.get_str("event").is_none_or(|e| e.is_empty()) => {
             return Err(EventError::MissingField("event", name));
         }

@@ -307,31 +307,48 @@ async fn handle(
     resp
 }
 
-/// Read the whole body within the limits and timeout, gunzipping if asked.
-async fn read_body(settings: &IngestSettings, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = settings.max_request_bytes;
-    let too_large = || ApiError::bad_request("request_too_large", format!("request body exceeds {limit} bytes"));
-    let raw = collect_body(settings, headers, body).await?.ok_or_else(too_large)?;
+/// How the body is encoded (`Content-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
-        None => Ok(raw),
-        Some(enc) if enc.is_empty() || enc == "identity" => Ok(raw),
-        Some(enc) if enc == "gzip" || enc == "x-gzip" => {
-            // Bounded: never more than the limit (+1 to notice) is inflated.
+        None => Ok(Encoding::Identity),
+        Some(enc) if enc.is_empty() || enc == "identity" => Ok(Encoding::Identity),
+        Some(enc) if enc == "gzip" || enc == "x-gzip" => Ok(Encoding::Gzip),
+        Some(enc) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("Content-Encoding {enc:?} is not supported; use gzip or none"),
+        )),
+    }
+}
+
+fn too_large(settings: &IngestSettings) -> ApiError {
+    ApiError::bad_request("request_too_large", format!("request body exceeds {} bytes", settings.max_request_bytes))
+}
+
+/// Decode the body as sent; a gzip body is inflated to at most the limit
+/// (+1 to notice), whatever its ratio. CPU work: run off the async threads
+/// for large or compressed bodies.
+fn decode_body(settings: &IngestSettings, encoding: Encoding, raw: Bytes) -> Result<Bytes, ApiError> {
+    let limit = settings.max_request_bytes;
+    match encoding {
+        Encoding::Identity => Ok(raw),
+        Encoding::Gzip => {
             let mut out = Vec::with_capacity((raw.len() * 4).min(limit + 1));
             flate2::read::MultiGzDecoder::new(&raw[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| ApiError::bad_request("invalid_gzip", format!("body is not valid gzip: {e}")))?;
             if out.len() > limit {
-                return Err(too_large());
+                return Err(too_large(settings));
             }
             Ok(out.into())
         }
-        Some(enc) => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_encoding",
-            format!("Content-Encoding {enc:?} is not supported; use gzip or none"),
-        )),
     }
 }
 
@@ -441,17 +458,21 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
         let _ = collect_body(settings, headers, body).await;
         return Err(unknown_write_key(true));
     }
-    let bytes = read_body(settings, headers, body).await?;
-    let prepared = if bytes.len() > PARSE_INLINE_MAX_BYTES {
-        // Large bodies queue for a bounded number of blocking threads: a
-        // flood of them takes at most those cores, never every one.
+    let encoding = encoding(headers);
+    let raw = collect_body(settings, headers, body).await?.ok_or_else(|| too_large(settings))?;
+    let encoding = encoding?;
+    let prepared = if raw.len() > PARSE_INLINE_MAX_BYTES || encoding == Encoding::Gzip {
+        // Large or compressed bodies queue for a bounded number of blocking
+        // threads: a flood of them takes at most those cores, never every one.
         let _permit = ingest.large_bodies.acquire().await.map_err(|_| internal_error())?;
         let ingest = ingest.clone();
-        tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &bytes)))
-            .await
-            .unwrap_or_else(|_| Err(internal_error()))?
+        tokio::task::spawn_blocking(move || {
+            guarded(|| prepare(&ingest, call, auth, &decode_body(&ingest.settings, encoding, raw)?))
+        })
+        .await
+        .unwrap_or_else(|_| Err(internal_error()))?
     } else {
-        guarded(|| prepare(ingest, call, auth, &bytes))?
+        guarded(|| prepare(ingest, call, auth, &raw))?
     };
     let Prepared::Records { source, by_partition, accepted } = prepared else { return Ok(()) };
     let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
@@ -489,7 +510,15 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
             let parsed = event::BatchBody::parse(text).map_err(invalid_json)?;
             (parsed.fields, Some(parsed.batch))
         }
-        Call::Single(_) => (RawObject::parse(text).map_err(invalid_json)?, None),
+        Call::Single(_) => {
+            // The body is the event: past the event limit, no need to parse.
+            if text.len() > settings.max_event_bytes {
+                let e = EventError::TooLarge { size: text.len(), limit: settings.max_event_bytes };
+                ingest.metrics.events_rejected.get_or_create(&vec![("reason", e.code().to_owned())]).inc();
+                return Err(ApiError::bad_request(e.code(), e.to_string()));
+            }
+            (RawObject::parse(text).map_err(invalid_json)?, None)
+        }
     };
 
     // Authenticate before looking at events.
@@ -577,6 +606,9 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
             for (i, raw) in items.iter().enumerate() {
                 // A panic on one item (a bug) refuses that item only.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if raw.get().len() > limits.max_event_bytes {
+                        return Err(EventError::TooLarge { size: raw.get().len(), limit: limits.max_event_bytes });
+                    }
                     RawObject::parse(raw.get())
                         .map_err(|_| EventError::NotAnObject)
                         .and_then(|item| event::normalize(&item, raw.get().len(), None, &batch_ctx, received_at, limits))

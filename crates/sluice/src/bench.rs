@@ -40,39 +40,42 @@ pub enum BenchCommand {
     E2e(crate::bench_deliver::E2eBench),
     /// Dropping a JobDB file against DELETE of the same rows.
     Cleanup(crate::bench_deliver::CleanupBench),
+    /// A `sluice serve` process under legitimate load, clean and then with
+    /// 50 clients sending hostile requests at full speed.
+    Hostile(crate::bench_hostile::HostileBench),
 }
 
 #[derive(Args, Clone)]
 pub struct IngestBench {
     /// Measured seconds per phase (after the warm-up).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Warm-up seconds per phase, not measured.
     #[arg(long, default_value_t = 2)]
-    warmup: u64,
+    pub(crate) warmup: u64,
     /// Keep-alive connections.
     #[arg(long, default_value_t = 32)]
-    connections: usize,
+    pub(crate) connections: usize,
     #[arg(long, default_value_t = 100)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Approximate size of one event's JSON.
     #[arg(long, default_value_t = 300)]
-    event_bytes: usize,
+    pub(crate) event_bytes: usize,
     #[arg(long, default_value_t = 8)]
-    partitions: u32,
+    pub(crate) partitions: u32,
     /// Where the log goes (a fresh temporary directory when absent).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Skip fsync (acks are then not durable; for comparison only).
     #[arg(long)]
-    no_fsync: bool,
+    pub(crate) no_fsync: bool,
     /// Load an already running server at this address (host:port) with
     /// write key `wk_bench` instead of the in-process phases; no floor.
     #[arg(long)]
-    target: Option<String>,
+    pub(crate) target: Option<String>,
 }
 
-const WRITE_KEY: &str = "wk_bench";
+pub(crate) const WRITE_KEY: &str = "wk_bench";
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
@@ -81,24 +84,27 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Deliver(args) => crate::bench_deliver::bench_deliver(args),
         BenchCommand::E2e(args) => crate::bench_deliver::bench_e2e(args),
         BenchCommand::Cleanup(args) => crate::bench_deliver::bench_cleanup(args),
+        BenchCommand::Hostile(args) => crate::bench_hostile::bench_hostile(args),
     }
 }
 
 #[derive(Default)]
-struct Stats {
-    requests: u64,
-    events: u64,
-    errors: u64,
-    elapsed: Duration,
+pub(crate) struct Stats {
+    pub(crate) requests: u64,
+    pub(crate) events: u64,
+    /// Events acknowledged over the whole run, warm-up included.
+    pub(crate) events_acked_all: u64,
+    pub(crate) errors: u64,
+    pub(crate) elapsed: Duration,
     latencies_us: Vec<u32>,
 }
 
 impl Stats {
-    fn events_per_sec(&self) -> f64 {
+    pub(crate) fn events_per_sec(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile_ms(&mut self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&mut self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
         }
@@ -207,7 +213,7 @@ fn durability_label(args: &IngestBench) -> &'static str {
 }
 
 /// Distinct request bodies; each event carries a unique messageId.
-fn make_bodies(args: &IngestBench) -> Vec<Bytes> {
+pub(crate) fn make_bodies(args: &IngestBench) -> Vec<Bytes> {
     let nonce = std::process::id();
     (0..64)
         .map(|b| {
@@ -254,7 +260,7 @@ fn phase(
 }
 
 /// Drive `addr` with keep-alive connections for warm-up + measured time.
-async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<Bytes>>) -> Result<Stats> {
+pub(crate) async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<Bytes>>) -> Result<Stats> {
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:")));
     let warmup = Duration::from_secs(args.warmup);
     let measured = Duration::from_secs(args.seconds);
@@ -288,6 +294,9 @@ async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<B
                     let resp = sender.send_request(req).await?;
                     let ok = resp.status() == StatusCode::OK;
                     resp.into_body().collect().await?;
+                    if ok {
+                        s.events_acked_all += batch;
+                    }
                     if sent >= measure_from {
                         s.requests += 1;
                         if ok {
@@ -306,6 +315,7 @@ async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<B
             let s = t.await??;
             total.requests += s.requests;
             total.events += s.events;
+            total.events_acked_all += s.events_acked_all;
             total.errors += s.errors;
             total.latencies_us.extend(s.latencies_us);
         }

@@ -283,6 +283,17 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {to:?}\n"));
     }
     std::fs::write(&config_path, toml)?;
+    let (mut child, addr) = spawn_serve(&config_path)?;
+    let pid = child.id();
+    let result = rt.block_on(e2e_load(&args, addr.parse()?, &sink, pid));
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = child.wait();
+    result
+}
+
+/// Start `sluice serve --config <config_path>` (this executable) as a child
+/// process; returns it and its Tracking API address once it is ready.
+pub(crate) fn spawn_serve(config_path: &Path) -> Result<(std::process::Child, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--log-format", "json", "serve", "--config"])
         .arg(&config_path)
@@ -292,7 +303,6 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("start sluice serve")?;
-    let pid = child.id();
     let addr = {
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -310,10 +320,7 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         });
         rx.recv_timeout(Duration::from_secs(60)).context("sluice serve did not become ready")?
     };
-    let result = rt.block_on(e2e_load(&args, addr.parse()?, &sink, pid));
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = child.wait();
-    result
+    Ok((child, addr))
 }
 
 /// Deliveries the healthy destinations owe for `acked` events.
@@ -334,7 +341,7 @@ fn expected_down(args: &E2eBench, acked: u64) -> u64 {
     }
 }
 
-fn rss_mib(pid: u32, field: &str) -> f64 {
+pub(crate) fn rss_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))

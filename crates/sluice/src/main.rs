@@ -5,6 +5,7 @@
 mod bench;
 mod bench_dedup;
 mod bench_deliver;
+mod bench_hostile;
 mod admin;
 #[cfg(feature = "otel")]
 mod otel;
