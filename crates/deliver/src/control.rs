@@ -621,9 +621,10 @@ impl Catalog {
 /// (`sluice_control_destination_qos`, …), with the same columns.
 ///
 /// Invariants:
-/// - The DDL is idempotent (`CREATE TABLE IF NOT EXISTS`; PostgreSQL runs it
-///   under the schema advisory lock, as the JobDBs do), so processes that
-///   start at once all succeed.
+/// - The DDL is idempotent (`CREATE TABLE IF NOT EXISTS`) and runs under the
+///   schema lock, as the JobDBs' does (`CreateSchema`: PostgreSQL advisory
+///   lock, MySQL `GET_LOCK`; retried if a race is lost anyway), so processes
+///   that start at once all succeed.
 /// - Seeding, and creating a source through the API (id and write key
 ///   checked, then inserted), hold a lock that serializes them between
 ///   processes (MySQL `GET_LOCK('sluice_control.<database>')`, PostgreSQL
@@ -650,7 +651,7 @@ pub mod sql {
 
     use super::{CatalogSnapshot, Replay};
     use crate::gate::Qos;
-    use crate::sqljobdb::{numbered, on_conn, Conn, Session, SqlEngine, SqlJobDbs, SqlRow, PG_SCHEMA_LOCK};
+    use crate::sqljobdb::{numbered, on_conn, Conn, CreateSchema, Session, SqlEngine, SqlJobDbs, SqlRow};
     use crate::DeliverError;
 
     /// Prefix of the control tables.
@@ -729,7 +730,6 @@ pub mod sql {
                 ]
             }
             SqlEngine::Postgres => vec![
-                format!("SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})"),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {p}sources (
                         id TEXT PRIMARY KEY, config TEXT NOT NULL,
@@ -815,22 +815,8 @@ pub mod sql {
             let owner = owner(data_dir)?;
             let db = SqlControl { dbs, session: Mutex::new(None), owner };
             let ddl = ddl(db.dbs.engine());
-            db.run("creating the control tables", |s| {
-                on_conn!(*s, c => async {
-                    // PostgreSQL: one transaction under the schema lock (concurrent CREATE TABLE IF NOT EXISTS can fail).
-                    let pg = matches!(s_engine(&*c), SqlEngine::Postgres);
-                    if pg {
-                        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
-                    }
-                    for statement in &ddl {
-                        sqlx::raw_sql(statement).execute(&mut *c).await?;
-                    }
-                    if pg {
-                        sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
-                    }
-                    Ok(())
-                })
-            })?;
+            // Under the schema lock (concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL).
+            db.run("creating the control tables", |s| on_conn!(*s, c => c.create_schema(&ddl)))?;
             Ok(db)
         }
 

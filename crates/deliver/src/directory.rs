@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use sqlx::{MySqlPool, PgPool};
 
+use crate::sqljobdb::SqlJobDbs;
 use crate::DeliverError;
 
 /// One live director.
@@ -46,12 +47,13 @@ fn now_ms() -> i64 {
 
 impl Directory {
     /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
-    /// if missing.
+    /// if missing, under the schema lock (`sqljobdb::CreateSchema`: roles
+    /// started at once on a fresh PostgreSQL database failed here).
     pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
-        const DDL: &str = "CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
-                           rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)";
+        let ddl = ["CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
+                    rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)"
+            .to_owned()];
         let connect = sql_error("connect");
-        let create = sql_error("create sluice_directors");
         let pool = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             let url = url.replacen("mariadb://", "mysql://", 1);
             let pool = sqlx::mysql::MySqlPoolOptions::new()
@@ -60,7 +62,6 @@ impl Directory {
                 .connect(&url)
                 .await
                 .map_err(connect)?;
-            sqlx::query(DDL).execute(&pool).await.map_err(create)?;
             Pool::MySql(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -69,13 +70,19 @@ impl Directory {
                 .connect(url)
                 .await
                 .map_err(connect)?;
-            sqlx::query(DDL).execute(&pool).await.map_err(create)?;
             Pool::Postgres(pool)
         } else {
             return Err(DeliverError::Directory(
                 "the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into(),
             ));
         };
+        // The shared helper drives its own connection and blocks: off the async threads.
+        let create = |e: &dyn std::fmt::Display| DeliverError::Directory(format!("create sluice_directors: {e}"));
+        let dbs = SqlJobDbs::new(url).map_err(|e| create(&e))?;
+        tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl))
+            .await
+            .map_err(|e| create(&e))?
+            .map_err(|e| create(&e))?;
         Ok(Directory { pool })
     }
 

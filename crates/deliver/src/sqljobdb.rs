@@ -38,6 +38,12 @@
 //!   [`JobStore::append_transitions`] likewise): with a network round trip
 //!   per statement, row-at-a-time writes peaked near 11K jobs/s on this
 //!   machine's MariaDB and PostgreSQL, multi-row ones near 42K.
+//! - Schema is created under a database lock (`CreateSchema`): PostgreSQL
+//!   `pg_advisory_xact_lock` in one transaction, MySQL `GET_LOCK`, taken by
+//!   every creator of Sluice tables (JobDBs and their registry, the control
+//!   tables, the directory of directors), since concurrent `CREATE TABLE IF
+//!   NOT EXISTS` can fail on PostgreSQL; a creator that still loses a race
+//!   (a process without the lock) retries a few times.
 //! - PostgreSQL `TEXT` cannot hold NUL: a NUL in a text column (a messageId,
 //!   an error excerpt) is stored as U+FFFD. The idempotency key is computed
 //!   from the original text, so uniqueness is unaffected.
@@ -519,9 +525,9 @@ fn schema(engine: SqlEngine, prefix: &str, seq: u64) -> Vec<String> {
                     ),
                 ]
             };
+            // Run through [`CreateSchema`], under the schema lock (CREATE OR
+            // REPLACE FUNCTION and CREATE TABLE IF NOT EXISTS race otherwise).
             let mut ddl = vec![
-                // Serializes schema changes between sessions (CREATE OR REPLACE FUNCTION races otherwise).
-                format!("SELECT pg_advisory_xact_lock({PG_SCHEMA_LOCK})"),
                 registry_ddl(engine, prefix),
                 "CREATE OR REPLACE FUNCTION sluice_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN RAISE EXCEPTION '% (%)', TG_ARGV[0], TG_OP USING ERRCODE = 'restrict_violation'; END $$"
@@ -577,6 +583,102 @@ fn registry_ddl(engine: SqlEngine, prefix: &str) -> String {
 }
 /// The advisory lock key that serializes Sluice's schema changes in a PostgreSQL database.
 pub(crate) const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
+/// How long a creator waits for another's schema change (MySQL `GET_LOCK`, s).
+const SCHEMA_LOCK_WAIT_SECS: i64 = 60;
+/// Attempts of a schema creation that lost a race all the same.
+const SCHEMA_ATTEMPTS: u32 = 5;
+
+/// What [`CreateSchema::create_schema`] returns.
+pub(crate) type SchemaFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + 'a>>;
+
+/// Creating Sluice's tables in the shared database, safe when processes do
+/// it at the same moment: the one helper every creator of schema goes
+/// through (JobDBs, their registry, the control tables, the directory).
+///
+/// `ddl` runs under a lock held by this connection: PostgreSQL
+/// `pg_advisory_xact_lock(PG_SCHEMA_LOCK)` (per database) inside one
+/// transaction, so the statements also commit together; MySQL/MariaDB
+/// `GET_LOCK('sluice_schema.<database>')` (DDL commits by itself there),
+/// released after. A database error (a race lost to a process that does
+/// not take the lock, a deadlock) is retried up to [`SCHEMA_ATTEMPTS`] times
+/// with a short backoff; `ddl` must be idempotent.
+pub(crate) trait CreateSchema {
+    fn create_schema<'a>(&'a mut self, ddl: &'a [String]) -> SchemaFuture<'a>;
+}
+
+impl CreateSchema for PgConnection {
+    fn create_schema<'a>(&'a mut self, ddl: &'a [String]) -> SchemaFuture<'a> {
+        Box::pin(async move {
+            let mut attempt = 1;
+            loop {
+                sqlx::raw_sql("BEGIN").execute(&mut *self).await?;
+                let once = async {
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_SCHEMA_LOCK).execute(&mut *self).await?;
+                    for statement in ddl {
+                        sqlx::raw_sql(statement).execute(&mut *self).await?;
+                    }
+                    sqlx::raw_sql("COMMIT").execute(&mut *self).await.map(drop)
+                }
+                .await;
+                let Err(e) = once else { return Ok(()) };
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *self).await;
+                if !schema_retry(&e, &mut attempt).await {
+                    return Err(e);
+                }
+            }
+        })
+    }
+}
+
+impl CreateSchema for MySqlConnection {
+    fn create_schema<'a>(&'a mut self, ddl: &'a [String]) -> SchemaFuture<'a> {
+        Box::pin(async move {
+            let mut attempt = 1;
+            loop {
+                // GET_LOCK is server-wide: the name carries the database (64 characters at most).
+                let got: Option<i64> = sqlx::query_scalar(
+                    "SELECT GET_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64), ?)",
+                )
+                .bind(SCHEMA_LOCK_WAIT_SECS)
+                .fetch_one(&mut *self)
+                .await?;
+                if got != Some(1) {
+                    return Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the schema lock (GET_LOCK) was not granted within {SCHEMA_LOCK_WAIT_SECS} s"),
+                    )));
+                }
+                let once = async {
+                    for statement in ddl {
+                        sqlx::raw_sql(statement).execute(&mut *self).await?;
+                    }
+                    Ok::<_, sqlx::Error>(())
+                }
+                .await;
+                let released = sqlx::query("SELECT RELEASE_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64))")
+                    .execute(&mut *self)
+                    .await;
+                let Err(e) = once else { return released.map(drop) };
+                if !schema_retry(&e, &mut attempt).await {
+                    return Err(e);
+                }
+            }
+        })
+    }
+}
+
+/// After a failed schema creation: wait and say whether to try again (a
+/// database error, attempts left).
+async fn schema_retry(e: &sqlx::Error, attempt: &mut u32) -> bool {
+    if !matches!(e, sqlx::Error::Database(_)) || *attempt >= SCHEMA_ATTEMPTS {
+        return false;
+    }
+    let wait = Duration::from_millis(50 << *attempt) + Duration::from_millis(rand::random::<u64>() % 50);
+    tracing::warn!(error = %e, attempt = *attempt, ?wait, "creating Sluice's tables lost a race with another process; trying again");
+    *attempt += 1;
+    tokio::time::sleep(wait).await;
+    true
+}
 
 impl SqlJobDbs {
     /// The JobDBs in the database at `url` (`mysql://`, `mariadb://`,
@@ -673,27 +775,30 @@ impl SqlJobDbs {
     /// they do not exist. Blocks.
     pub fn open(&self, seq: u64) -> Result<SqlJobDb, DeliverError> {
         let mut session = self.connect()?;
-        let ddl = schema(self.engine, &self.prefix, seq);
+        let mut ddl = schema(self.engine, &self.prefix, seq);
         let registry = registry_table(&self.prefix);
-        let register = match self.engine {
-            SqlEngine::MySql => format!("INSERT IGNORE INTO {registry} (seq, created_at) VALUES (?, ?)"),
-            SqlEngine::Postgres => format!("INSERT INTO {registry} (seq, created_at) VALUES ($1, $2) ON CONFLICT (seq) DO NOTHING"),
-        };
+        // Integers only: written into the statement, so the registration is
+        // part of the DDL (PostgreSQL: the same transaction).
         let now = now_ms();
-        let (jobs, _) = self.table_names(seq);
-        on_conn!(session, c => async {
-            // PostgreSQL runs the DDL in one transaction (MySQL commits each DDL statement anyway).
-            sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
-            for statement in &ddl {
-                sqlx::raw_sql(statement).execute(&mut *c).await?;
+        let seq_i = seq as i64;
+        ddl.push(match self.engine {
+            SqlEngine::MySql => format!("INSERT IGNORE INTO {registry} (seq, created_at) VALUES ({seq_i}, {now})"),
+            SqlEngine::Postgres => {
+                format!("INSERT INTO {registry} (seq, created_at) VALUES ({seq_i}, {now}) ON CONFLICT (seq) DO NOTHING")
             }
-            sqlx::query(&register).bind(seq as i64).bind(now).execute(&mut *c).await?;
-            sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
-            Ok(())
-        })
-        .map_err(self.err(format!("creating {jobs}")))?;
+        });
+        let (jobs, _) = self.table_names(seq);
+        on_conn!(session, c => c.create_schema(&ddl)).map_err(self.err(format!("creating {jobs}")))?;
         let name = format!("{} ({jobs})", self.display);
         Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, &self.prefix, seq), session, broken: false })
+    }
+
+    /// Run `ddl` (idempotent) through [`CreateSchema`] on a connection of its
+    /// own: for creators of tables outside the JobDBs (the directory).
+    /// Blocks; `what` names the tables in errors.
+    pub(crate) fn create_schema(&self, what: &str, ddl: &[String]) -> Result<(), DeliverError> {
+        let mut session = self.connect()?;
+        on_conn!(session, c => c.create_schema(ddl)).map_err(self.err(format!("creating {what}")))
     }
 
     /// Connect to JobDB `seq` as it is, without creating anything (readers:
@@ -707,10 +812,10 @@ impl SqlJobDbs {
     /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
     pub fn list(&self) -> Result<Vec<(u64, i64)>, DeliverError> {
         let mut session = self.connect()?;
-        let ddl = registry_ddl(self.engine, &self.prefix);
+        let ddl = [registry_ddl(self.engine, &self.prefix)];
         let select = format!("SELECT seq, created_at FROM {} ORDER BY seq", registry_table(&self.prefix));
         on_conn!(session, c => async {
-            sqlx::raw_sql(&ddl).execute(&mut *c).await?;
+            c.create_schema(&ddl).await?;
             let rows = sqlx::query(&select).fetch_all(&mut *c).await?;
             rows.iter().map(|r| Ok((r.int(0)? as u64, r.int(1)?))).collect::<Result<Vec<_>, sqlx::Error>>()
         })
@@ -1290,5 +1395,78 @@ mod tests {
         assert_eq!(SqlJobDbs::new("postgres://u:p@h:5432/db").unwrap().engine(), SqlEngine::Postgres);
         assert!(matches!(SqlJobDbs::new("mysql://u@h/"), Err(DeliverError::SqlUrl(_))), "MySQL needs a database");
         assert!(matches!(SqlJobDbs::new("sqlite://x"), Err(DeliverError::SqlUrl(_))));
+    }
+
+    /// The server URL in `var`, or `None` (skipped) unless `SLUICE_REQUIRE_SQL=1`.
+    fn server(var: &str) -> Option<String> {
+        match std::env::var(var) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ if std::env::var("SLUICE_REQUIRE_SQL").is_ok_and(|v| v == "1") => panic!("{var} is not set and SLUICE_REQUIRE_SQL=1"),
+            _ => {
+                eprintln!("SKIPPED: {var} is not set (scripts/sql.sh starts a server)");
+                None
+            }
+        }
+    }
+
+    /// Issue 11 (12): a schema creation that fails with a database error (as
+    /// one that lost a race to a process without the lock would) is tried
+    /// again, not given up. The first attempt's DDL fails on purpose: a
+    /// counter outside the transaction (a sequence; a row, MySQL's DDL is not
+    /// transactional) makes only the first attempt divide by zero or return
+    /// two rows.
+    #[test]
+    fn schema_creation_retries_after_a_database_error() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tag = format!("sluice_t_schema_retry_{}", std::process::id());
+        if let Some(url) = server("SLUICE_TEST_POSTGRES_URL") {
+            rt.block_on(async {
+                let mut c = <PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+                let seq = format!("{tag}_seq");
+                sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {tag}; DROP SEQUENCE IF EXISTS {seq}; CREATE SEQUENCE {seq}"))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                let ddl = [
+                    format!("CREATE TABLE IF NOT EXISTS {tag} (x BIGINT)"),
+                    format!("SELECT 1 / (nextval('{seq}') - 1)"),
+                ];
+                c.create_schema(&ddl).await.expect("created on the second attempt");
+                let attempts: i64 = sqlx::query_scalar(&format!("SELECT last_value FROM {seq}")).fetch_one(&mut c).await.unwrap();
+                assert_eq!(attempts, 2);
+                // Every attempt failing: the error comes back after SCHEMA_ATTEMPTS tries.
+                let always = [format!("SELECT 1 / (nextval('{seq}') * 0)")];
+                assert!(c.create_schema(&always).await.is_err());
+                let after: i64 = sqlx::query_scalar(&format!("SELECT last_value FROM {seq}")).fetch_one(&mut c).await.unwrap();
+                assert_eq!(after, 2 + i64::from(SCHEMA_ATTEMPTS));
+                sqlx::raw_sql(&format!("DROP TABLE {tag}; DROP SEQUENCE {seq}")).execute(&mut c).await.unwrap();
+            });
+        }
+        if let Some(url) = server("SLUICE_TEST_MYSQL_URL") {
+            rt.block_on(async {
+                let mut c = <MySqlConnection as sqlx::Connection>::connect(&url).await.unwrap();
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {tag}")).execute(&mut c).await.unwrap();
+                sqlx::raw_sql(&format!("CREATE DATABASE {tag}")).execute(&mut c).await.unwrap();
+                sqlx::raw_sql(&format!("USE {tag}")).execute(&mut c).await.unwrap();
+                sqlx::raw_sql("CREATE TABLE attempts (n INT)").execute(&mut c).await.unwrap();
+                let ddl = [
+                    "CREATE TABLE IF NOT EXISTS t (x BIGINT)".to_owned(),
+                    "INSERT INTO attempts VALUES (1)".to_owned(),
+                    "SELECT IF((SELECT COUNT(*) FROM attempts) = 1, (SELECT 1 UNION SELECT 2), 1)".to_owned(),
+                ];
+                c.create_schema(&ddl).await.expect("created on the second attempt");
+                let attempts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attempts").fetch_one(&mut c).await.unwrap();
+                assert_eq!(attempts, 2);
+                // The lock was released: another connection takes it at once.
+                let mut other = <MySqlConnection as sqlx::Connection>::connect(&url).await.unwrap();
+                sqlx::raw_sql(&format!("USE {tag}")).execute(&mut other).await.unwrap();
+                let free: Option<i64> = sqlx::query_scalar("SELECT IS_FREE_LOCK(LEFT(CONCAT('sluice_schema.', DATABASE()), 64))")
+                    .fetch_one(&mut other)
+                    .await
+                    .unwrap();
+                assert_eq!(free, Some(1));
+                sqlx::raw_sql(&format!("DROP DATABASE {tag}")).execute(&mut c).await.unwrap();
+            });
+        }
     }
 }
