@@ -932,10 +932,13 @@ fn apply_env_overrides(doc: &mut toml::Table, env: &HashMap<String, String>) -> 
     vars.sort();
     for (name, raw) in vars {
         let path = &name["SLUICE_".len()..];
-        let (section, key) = path.split_once("__").expect("filtered");
+        let malformed = || invalid(name.clone(), "environment overrides have the form SLUICE_<SECTION>__<KEY>");
+        // `SLUICE__X` passes the filter (its `__` touches the prefix) but has
+        // no separator after the prefix (found by fuzzing; was a panic).
+        let Some((section, key)) = path.split_once("__") else { return Err(malformed()) };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         if section.is_empty() || key.is_empty() || key.contains("__") {
-            return Err(invalid(name.clone(), "environment overrides have the form SLUICE_<SECTION>__<KEY>"));
+            return Err(malformed());
         }
         let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
