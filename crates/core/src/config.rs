@@ -23,10 +23,33 @@ pub const SAMPLE_CONFIG: &str = include_str!("../../../config/sluice.toml");
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("invalid config{origin}: {source}")]
+    #[error("invalid config{origin}: {}", clip(&source.to_string()))]
     Parse { origin: String, source: Box<toml::de::Error> },
-    #[error("invalid config: `{key}`: {problem}")]
+    #[error("invalid config: `{key}`: {}", clip(problem))]
     Invalid { key: String, problem: String },
+}
+
+/// Each line of an error message cut to 200 characters: the message quotes
+/// the file (TOML's own errors show the line), and a hostile file's line can
+/// be megabytes.
+fn clip(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| match line.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}… ({} bytes)", &line[..cut], line.len()),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `text` quoted, cut to its first 80 characters: an error must stay
+/// readable whatever a config holds (a hostile filter can be megabytes).
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+        None => format!("{text:?}"),
+    }
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -541,7 +564,7 @@ impl DestinationConfig {
         for (j, f) in self.filters.iter().enumerate() {
             let fkey = |k: &str| format!("{prefix}.filters[{j}].{k}");
             if let Some(cond) = &f.condition {
-                crate::filter::Condition::parse(cond).map_err(|e| invalid(fkey("if"), format!("{cond:?}: {e}")))?;
+                crate::filter::Condition::parse(cond).map_err(|e| invalid(fkey("if"), format!("{}: {e}", excerpt(cond))))?;
             }
             match f.action.as_str() {
                 "drop" => {}

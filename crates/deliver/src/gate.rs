@@ -217,14 +217,14 @@ impl Destination {
                     *failures += 1;
                     if *failures >= self.circuit_failures {
                         tracing::warn!(destination = %self.id, failures = *failures, cooldown = ?self.circuit_cooldown, "circuit opened");
-                        *c = Circuit::Open { until: now + self.circuit_cooldown, cooldown: self.circuit_cooldown };
+                        *c = Circuit::Open { until: later(now, self.circuit_cooldown), cooldown: self.circuit_cooldown };
                     }
                 }
             }
             Circuit::HalfOpen { cooldown, .. } if probe => {
                 if failed {
-                    let next = (*cooldown * 2).min(self.circuit_max_cooldown);
-                    *c = Circuit::Open { until: now + next, cooldown: next };
+                    let next = cooldown.saturating_mul(2).min(self.circuit_max_cooldown);
+                    *c = Circuit::Open { until: later(now, next), cooldown: next };
                 } else {
                     tracing::info!(destination = %self.id, "circuit closed: the probe succeeded");
                     *c = Circuit::Closed { failures: 0 };
@@ -322,5 +322,22 @@ mod tests {
         assert_eq!(d.try_acquire(Instant::now()).err(), Some(Blocked::Wait));
         d.update(s, &Qos::default());
         assert!(d.try_acquire(Instant::now()).is_ok());
+    }
+}
+
+/// `now + d`, capped at a year ahead (`Instant` cannot hold any sum).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d.min(Duration::from_secs(365 * 86_400))).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod later_tests {
+    use super::*;
+
+    #[test]
+    fn later_never_overflows() {
+        let now = Instant::now();
+        assert_eq!(later(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert_eq!(later(now, Duration::MAX), now + Duration::from_secs(365 * 86_400));
     }
 }

@@ -136,7 +136,7 @@ impl Planner {
                         endpoint: dest.url.clone(),
                         payload,
                         created_at: now,
-                        expires_at: now + window.as_millis() as i64,
+                        expires_at: now.saturating_add(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)),
                         received_at,
                     });
                 }
