@@ -325,7 +325,20 @@ impl RpcServer {
             r.destinations = unknown.into_iter().take(MAX_IDS_REPORTED).collect();
             return Err(r);
         }
-        let jobs = request.jobs.into_iter().map(Into::into).collect();
+        // The director delivers to the URL *it* has for the destination, never
+        // to one a request names: a caller holding the secret still cannot
+        // point a destination's signed deliveries elsewhere.
+        let snap = self.centrifuge.catalog().snapshot();
+        let jobs = request
+            .jobs
+            .into_iter()
+            .map(|mut j| {
+                if let Some(d) = snap.destinations.get(&j.destination) {
+                    j.endpoint.clone_from(&d.url);
+                }
+                j.into()
+            })
+            .collect();
         match self.centrifuge.insert(jobs, request.oldest_event_ms).await {
             Ok(inserted) => Ok(InsertReply { inserted }),
             Err(e) => {

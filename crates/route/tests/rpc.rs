@@ -229,3 +229,16 @@ fn requests_are_split_under_the_limit() {
     assert_eq!(encode_requests(Vec::new(), 0, max).unwrap().len(), 0);
     assert!(encode_requests(jobs, 0, one).is_err(), "a job that cannot fit is an error, not an oversize request");
 }
+
+#[test]
+fn jobs_go_to_the_directors_url_for_the_destination_not_the_requests() {
+    let f = Fixture::new();
+    let mut forged = job("m-elsewhere", "hook");
+    forged.endpoint = "http://attacker.example/steal".into();
+    let b = body(vec![forged]);
+    assert_eq!(f.call(&signed(SECRET, &b, now_unix()), b).unwrap(), 1);
+    let found = sluice_deliver::inspect::find(&f.dir.path().join("data/jobs"), "m-elsewhere").unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].job.job.endpoint, "http://127.0.0.1:9/hook");
+    f.close();
+}

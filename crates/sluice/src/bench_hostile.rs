@@ -47,6 +47,9 @@ pub struct HostileBench {
     /// Hostile clients in the second phase (one in five holds slow-loris connections).
     #[arg(long, default_value_t = 50)]
     hostile_clients: usize,
+    /// Only the hostile requests whose name contains this (to see what each costs).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const HOSTILE_KEY: &str = "wk_hostile";
@@ -131,7 +134,14 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
         target: None,
     };
     let bodies = Arc::new(make_bodies(&ingest_args));
-    let attacks = Arc::new(attacks());
+    let mut attacks = attacks();
+    if let Some(only) = &args.only {
+        attacks.retain(|a| a.name.contains(only.as_str()));
+        if attacks.is_empty() {
+            bail!("no hostile request's name contains {only:?}");
+        }
+    }
+    let attacks = Arc::new(attacks);
     let loris = args.hostile_clients / 5;
     println!(
         "workload: a `sluice serve` process (embedded log, fsync); {} legitimate connections, batches of 100 x ~300 B; \

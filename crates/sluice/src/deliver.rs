@@ -262,6 +262,9 @@ async fn adopt_dead_directors(
 
 /// `POST /rpc/v1/jobs`: the headers are checked before the body is read,
 /// and the body is read up to [`sluice_route::rpc::MAX_REQUEST_BYTES`].
+/// How long a route has to send one RPC request's body (32 MiB at most).
+const RPC_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn insert_jobs(
     axum::extract::State(server): axum::extract::State<Arc<sluice_route::rpc::RpcServer>>,
     headers: axum::http::HeaderMap,
@@ -274,10 +277,12 @@ async fn insert_jobs(
         return refuse(r);
     }
     let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES);
-    let body = match http_body_util::BodyExt::collect(limited).await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return refuse(Rejection::too_large()),
-        Err(e) => return refuse(Rejection::bad_request(format!("cannot read the body: {e}"))),
+    // A sender that stalls mid-body does not hold the connection for ever.
+    let body = match tokio::time::timeout(RPC_BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await {
+        Err(_) => return refuse(Rejection::bad_request(format!("body not received within {RPC_BODY_TIMEOUT:?}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return refuse(Rejection::too_large()),
+        Ok(Err(e)) => return refuse(Rejection::bad_request(format!("cannot read the body: {e}"))),
     };
     match server.insert(&headers, body).await {
         Ok(reply) => axum::Json(reply).into_response(),
