@@ -1,7 +1,8 @@
 //! The control database (`data_dir/control.sqlite`, or with
 //! `deliver.jobdb_url` the tables `sluice_control_*` of that database,
 //! shared by every process using it: [`sql`]): sources, destinations,
-//! connections, `destination_qos` and replay requests. The config file seeds
+//! connections, `destination_qos`, replay requests and dead letters
+//! (records a stage could not handle: [`DeadLetter`]). The config file seeds
 //! it at start; the running process re-reads it every
 //! [`REFRESH_INTERVAL`], so one SQL statement changes behaviour without a
 //! restart, e.g.
@@ -75,6 +76,32 @@ CREATE TABLE IF NOT EXISTS replays (
     error        TEXT,
     finished_at  INTEGER
 );
+CREATE TABLE IF NOT EXISTS dead_letters (   -- records a stage could not handle (DeadLetter)
+    id                     INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused
+    created_at_ms          INTEGER NOT NULL,
+    stage                  TEXT NOT NULL,      -- 'route' or 'replay'
+    topic                  TEXT NOT NULL,
+    log_partition          INTEGER NOT NULL,
+    log_offset             INTEGER NOT NULL,
+    generation             INTEGER NOT NULL DEFAULT 0,   -- 0: the route; a replay's id
+    destination            TEXT,               -- a replay's destination; NULL: every connected one
+    record_ms              INTEGER NOT NULL,   -- the record's log time
+    record_key             BLOB NOT NULL,
+    payload                BLOB NOT NULL,
+    payload_size           INTEGER NOT NULL,   -- the record value's size (payload may be cut: truncated)
+    truncated              INTEGER NOT NULL DEFAULT 0,
+    stored_bytes           INTEGER NOT NULL,   -- key + payload as stored (the store's byte cap)
+    reason                 TEXT NOT NULL,
+    replay_requested_at_ms INTEGER,
+    replayed_at_ms         INTEGER,
+    replayed_jobs          INTEGER,
+    discarded_at_ms        INTEGER,
+    attempts               INTEGER NOT NULL DEFAULT 0,
+    last_error             TEXT,
+    claimed_by             TEXT,
+    UNIQUE (topic, log_partition, log_offset, generation)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_open ON dead_letters (replayed_at_ms, discarded_at_ms);
 "#;
 
 pub fn control_path(data_dir: &Path) -> PathBuf {
@@ -89,6 +116,8 @@ fn err(path: &Path) -> impl Fn(rusqlite::Error) -> DeliverError + '_ {
 /// `sluice_control_*` of the `deliver.jobdb_url` database ([`sql`]).
 pub struct ControlDb {
     backend: Backend,
+    /// The dead-letter store's bounds (see [`DeadLetterLimits`]).
+    dead_letter_limits: Mutex<DeadLetterLimits>,
 }
 
 enum Backend {
@@ -114,6 +143,189 @@ pub struct Replay {
     pub error: Option<String>,
 }
 
+/// Dead letters: records a stage could not handle (the route: an `output`
+/// record it cannot plan — key not `<source>/<messageId>` or not UTF-8,
+/// value not JSON), kept in the control database (`dead_letters`, or
+/// `sluice_control_dead_letters`) for an operator to inspect, replay or
+/// discard (`sluice dead-letters`, `/api/dead-letters`, the console).
+///
+/// Invariants:
+/// - One row per (topic, partition, offset, generation): storing the same
+///   record again (a batch replayed after a crash, a replay run again)
+///   adds nothing. Generation 0 is the route; a replay's rows carry its id.
+/// - The store is bounded ([`DeadLetterLimits`]): at its cap, rows that are
+///   finished (replayed or discarded) are deleted; if that is not enough
+///   [`ControlDb::insert_dead_letters`] stores nothing and says
+///   [`DeadLetterInsert::Full`] — the caller must not go on as if stored
+///   (the route stalls the partition; nothing is dropped).
+/// - Replaying re-plans the stored record with the current planner (same
+///   generation and destination as the stage that failed); success sets
+///   `replayed_at_ms`, failure sets `last_error` and leaves the row open.
+///   In a shared SQL database one process claims each requested replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub created_at_ms: i64,
+    /// `route` or `replay`.
+    pub stage: String,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// 0: the route's; a replay's id.
+    pub generation: i64,
+    /// A replay's destination; `None`: every connected destination.
+    pub destination: Option<String>,
+    /// The record's log time (ms).
+    pub record_ms: i64,
+    pub key: Vec<u8>,
+    /// The record's value; in lists ([`ControlDb::dead_letters`]) only its
+    /// first [`DEAD_LETTER_EXCERPT_BYTES`] bytes.
+    pub payload: Vec<u8>,
+    /// The value's size in the log.
+    pub payload_size: i64,
+    /// Key or value were longer than the store keeps: it cannot be replayed
+    /// from here (the record is at topic/partition/offset while retention keeps it).
+    pub truncated: bool,
+    pub reason: String,
+    pub replay_requested_at_ms: Option<i64>,
+    pub replayed_at_ms: Option<i64>,
+    /// Jobs the successful replay made.
+    pub replayed_jobs: Option<i64>,
+    pub discarded_at_ms: Option<i64>,
+    /// Replays tried.
+    pub attempts: i64,
+    /// Why the last replay failed.
+    pub last_error: Option<String>,
+}
+
+impl DeadLetter {
+    /// `discarded`, `replayed`, `replay_requested`, `replay_failed` or `new`.
+    pub fn state(&self) -> &'static str {
+        if self.discarded_at_ms.is_some() {
+            "discarded"
+        } else if self.replayed_at_ms.is_some() {
+            "replayed"
+        } else if self.replay_requested_at_ms.is_some() {
+            "replay_requested"
+        } else if self.last_error.is_some() {
+            "replay_failed"
+        } else {
+            "new"
+        }
+    }
+
+    /// Neither replayed nor discarded.
+    pub fn is_open(&self) -> bool {
+        self.replayed_at_ms.is_none() && self.discarded_at_ms.is_none()
+    }
+}
+
+/// A record to store as a dead letter.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub stage: &'static str,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub generation: i64,
+    pub destination: Option<String>,
+    pub record_ms: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// What [`ControlDb::insert_dead_letters`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterInsert {
+    /// Every record is stored: `new` now, `existing` before (the same
+    /// topic, partition, offset and generation).
+    Stored { new: u64, existing: u64 },
+    /// Nothing stored: the store holds `rows` rows / `bytes` bytes of open
+    /// dead letters and the new ones do not fit.
+    Full { rows: u64, bytes: u64 },
+}
+
+/// Counts of the dead-letter store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetterCounts {
+    /// Neither replayed nor discarded (`sluice_route_dead_letters`).
+    pub open: i64,
+    /// Open, with a replay requested.
+    pub replay_requested: i64,
+    /// Open, whose last replay failed.
+    pub replay_failed: i64,
+    pub replayed: i64,
+    pub discarded: i64,
+    /// Every row, and their key + payload bytes (what the caps bound).
+    pub rows: i64,
+    pub bytes: i64,
+}
+
+/// Rows the dead-letter store holds at most.
+pub const DEAD_LETTER_MAX_ROWS: u64 = 100_000;
+/// Key + payload bytes the dead-letter store holds at most.
+pub const DEAD_LETTER_MAX_BYTES: u64 = 1 << 30;
+/// The longest record key kept (ingest's keys are `<source>/<messageId>`).
+pub const DEAD_LETTER_MAX_KEY_BYTES: usize = 4096;
+/// Characters of a reason or replay error kept.
+pub const DEAD_LETTER_MAX_REASON_CHARS: usize = 1000;
+/// Bytes of payload in lists.
+pub const DEAD_LETTER_EXCERPT_BYTES: usize = 256;
+
+/// The bounds of the dead-letter store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterLimits {
+    /// Rows, finished ones included (deleted first when the cap is reached).
+    pub max_rows: u64,
+    /// Key + payload bytes of every row.
+    pub max_bytes: u64,
+    /// The longest payload kept whole: `ingest.max_event_bytes` (what ingest
+    /// accepts); a longer value is cut and marked truncated.
+    pub max_payload: usize,
+}
+
+impl Default for DeadLetterLimits {
+    fn default() -> Self {
+        DeadLetterLimits {
+            max_rows: DEAD_LETTER_MAX_ROWS,
+            max_bytes: DEAD_LETTER_MAX_BYTES,
+            max_payload: sluice_core::config::IngestConfig::default().max_event_bytes,
+        }
+    }
+}
+
+/// At most `max` characters of `text`, without NUL (PostgreSQL's text refuses it).
+fn clip(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).map(|c| if c == '\0' { '\u{fffd}' } else { c }).collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A dead letter as stored: bounded key, payload and reason.
+struct BoundedDeadLetter<'a> {
+    new: &'a NewDeadLetter,
+    key: &'a [u8],
+    payload: &'a [u8],
+    truncated: bool,
+    reason: String,
+}
+
+impl<'a> BoundedDeadLetter<'a> {
+    fn of(new: &'a NewDeadLetter, limits: &DeadLetterLimits) -> Self {
+        let key = &new.key[..new.key.len().min(DEAD_LETTER_MAX_KEY_BYTES)];
+        let payload = &new.payload[..new.payload.len().min(limits.max_payload)];
+        let truncated = key.len() < new.key.len() || payload.len() < new.payload.len();
+        BoundedDeadLetter { new, key, payload, truncated, reason: clip(&new.reason, DEAD_LETTER_MAX_REASON_CHARS) }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.key.len() + self.payload.len()) as u64
+    }
+}
+
 /// Call the same method on whichever backend.
 macro_rules! delegate {
     ($self:ident, $db:ident => $call:expr) => {
@@ -127,7 +339,7 @@ macro_rules! delegate {
 impl ControlDb {
     /// Open the SQLite control database at `path` (creating it).
     pub fn open(path: &Path) -> Result<ControlDb, DeliverError> {
-        Ok(ControlDb { backend: Backend::Sqlite(SqliteControl::open(path)?) })
+        Ok(ControlDb { backend: Backend::Sqlite(SqliteControl::open(path)?), dead_letter_limits: Mutex::new(DeadLetterLimits::default()) })
     }
 
     /// Open `config`'s control database: the tables `sluice_control_*` of
@@ -135,10 +347,16 @@ impl ControlDb {
     /// shared by every process using that database), else
     /// `data_dir/control.sqlite`. Blocks.
     pub fn open_for(config: &Config) -> Result<ControlDb, DeliverError> {
-        match config.deliver.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
-            Some(url) => Ok(ControlDb { backend: Backend::Sql(Box::new(sql::SqlControl::open(url, &config.server.data_dir)?)) }),
-            None => ControlDb::open(&control_path(&config.server.data_dir)),
-        }
+        let db = match config.deliver.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => ControlDb {
+                backend: Backend::Sql(Box::new(sql::SqlControl::open(url, &config.server.data_dir)?)),
+                dead_letter_limits: Mutex::new(DeadLetterLimits::default()),
+            },
+            None => ControlDb::open(&control_path(&config.server.data_dir))?,
+        };
+        // A dead letter keeps what ingest can accept; more is cut (and marked truncated).
+        db.dead_letter_limits.lock().expect("limits lock").max_payload = config.ingest.max_event_bytes;
+        Ok(db)
     }
 
     /// Where the control database is (a path, or the URL without password).
@@ -221,6 +439,74 @@ impl ControlDb {
 
     pub fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
         delegate!(self, db => db.update_replay(id, state, events, jobs, error))
+    }
+
+    /// The dead-letter store's bounds.
+    pub fn dead_letter_limits(&self) -> DeadLetterLimits {
+        *self.dead_letter_limits.lock().expect("limits lock")
+    }
+
+    /// Change the dead-letter store's bounds (tests; the defaults are
+    /// [`DEAD_LETTER_MAX_ROWS`], [`DEAD_LETTER_MAX_BYTES`], `ingest.max_event_bytes`).
+    pub fn set_dead_letter_limits(&self, limits: DeadLetterLimits) {
+        *self.dead_letter_limits.lock().expect("limits lock") = limits;
+    }
+
+    /// Store `letters` durably (committed before this returns), all or
+    /// none: each is new or already there (same topic, partition, offset,
+    /// generation), or — the store being at its cap even after deleting
+    /// finished rows — none is stored ([`DeadLetterInsert::Full`]).
+    pub fn insert_dead_letters(&self, letters: &[NewDeadLetter]) -> Result<DeadLetterInsert, DeliverError> {
+        if letters.is_empty() {
+            return Ok(DeadLetterInsert::Stored { new: 0, existing: 0 });
+        }
+        let limits = self.dead_letter_limits();
+        let bounded: Vec<BoundedDeadLetter<'_>> = letters.iter().map(|l| BoundedDeadLetter::of(l, &limits)).collect();
+        delegate!(self, db => db.insert_dead_letters(&bounded, &limits))
+    }
+
+    /// Up to `limit` dead letters with ids below `before` (all: `None`),
+    /// newest first, each with a payload excerpt.
+    pub fn dead_letters(&self, before: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+        delegate!(self, db => db.dead_letters(before.unwrap_or(i64::MAX), limit.clamp(1, 1000)))
+    }
+
+    /// One dead letter, whole.
+    pub fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, DeliverError> {
+        delegate!(self, db => db.dead_letter(id))
+    }
+
+    pub fn dead_letter_counts(&self) -> Result<DeadLetterCounts, DeliverError> {
+        delegate!(self, db => db.dead_letter_counts())
+    }
+
+    /// Ask for dead letter `id` (or every open one: `None`) to be replayed
+    /// by the route; the number of rows marked (0: no such open row).
+    pub fn request_dead_letter_replay(&self, id: Option<i64>) -> Result<u64, DeliverError> {
+        delegate!(self, db => db.mark_dead_letters("replay_requested_at_ms = ?, claimed_by = NULL", id))
+    }
+
+    /// Give up on dead letter `id` (or every open one): it stays listed as
+    /// discarded until the cap makes room. The number of rows marked.
+    pub fn discard_dead_letters(&self, id: Option<i64>) -> Result<u64, DeliverError> {
+        delegate!(self, db => db.mark_dead_letters("discarded_at_ms = ?, replay_requested_at_ms = NULL", id))
+    }
+
+    /// Dead letters whose replay was requested, for this process to run (up
+    /// to `limit`, oldest first, whole). In a shared SQL database each is
+    /// first claimed by one process, as replays are.
+    pub fn claim_dead_letter_replays(&self, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+        delegate!(self, db => db.claim_dead_letter_replays(limit.clamp(1, 1000)))
+    }
+
+    /// Record a replay's outcome: `Ok(jobs made)` marks it replayed;
+    /// `Err(why)` keeps it open with `last_error`.
+    pub fn finish_dead_letter_replay(&self, id: i64, outcome: Result<i64, &str>) -> Result<(), DeliverError> {
+        let (replayed, jobs, error) = match outcome {
+            Ok(jobs) => (Some(crate::now_ms()), Some(jobs), None),
+            Err(e) => (None, None, Some(clip(e, DEAD_LETTER_MAX_REASON_CHARS))),
+        };
+        delegate!(self, db => db.finish_dead_letter_replay(id, replayed, jobs, error.as_deref()))
     }
 }
 
@@ -479,6 +765,211 @@ impl SqliteControl {
     }
 }
 
+/// The columns of a dead letter, in [`DeadLetter`]'s order; `{payload}` is
+/// the payload or an excerpt of it.
+const DEAD_LETTER_COLUMNS: &str = "id, created_at_ms, stage, topic, log_partition, log_offset, generation, destination, record_ms, \
+     record_key, {payload}, payload_size, truncated, reason, replay_requested_at_ms, replayed_at_ms, replayed_jobs, \
+     discarded_at_ms, attempts, last_error";
+
+/// [`DEAD_LETTER_COLUMNS`] with the whole payload, or its first [`DEAD_LETTER_EXCERPT_BYTES`].
+fn dead_letter_columns(excerpt: bool) -> String {
+    let payload = if excerpt { format!("substr(payload, 1, {DEAD_LETTER_EXCERPT_BYTES})") } else { "payload".to_owned() };
+    DEAD_LETTER_COLUMNS.replace("{payload}", &payload)
+}
+
+/// The dead-letter store in `control.sqlite` (see [`DeadLetter`]). One
+/// process writes `data_dir` at a time (`sluice serve`'s lock), so replays
+/// are not claimed here.
+impl SqliteControl {
+    fn insert_dead_letters(&self, letters: &[BoundedDeadLetter<'_>], limits: &DeadLetterLimits) -> Result<DeadLetterInsert, DeliverError> {
+        let e = err(&self.path);
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate).map_err(&e)?;
+        let mut fresh = Vec::new();
+        let mut existing = 0u64;
+        {
+            let mut exists = tx
+                .prepare_cached("SELECT 1 FROM dead_letters WHERE topic = ?1 AND log_partition = ?2 AND log_offset = ?3 AND generation = ?4")
+                .map_err(&e)?;
+            for l in letters {
+                let n = &l.new;
+                let found = exists.exists(params![n.topic, n.partition, n.offset as i64, n.generation]).map_err(&e)?;
+                let repeated = fresh.iter().any(|f: &&BoundedDeadLetter<'_>| {
+                    (f.new.topic.as_str(), f.new.partition, f.new.offset, f.new.generation) == (n.topic.as_str(), n.partition, n.offset, n.generation)
+                });
+                if found || repeated {
+                    existing += 1;
+                } else {
+                    fresh.push(l);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            tx.commit().map_err(&e)?;
+            return Ok(DeadLetterInsert::Stored { new: 0, existing });
+        }
+        let (add_rows, add_bytes) = (fresh.len() as u64, fresh.iter().map(|l| l.bytes()).sum::<u64>());
+        let usage = |tx: &rusqlite::Transaction<'_>| -> Result<(u64, u64), DeliverError> {
+            tx.query_row(&DEAD_LETTER_USAGE.replace("{p}", "").replace("{int}", "INTEGER"), [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(&e)
+        };
+        let fits = |(rows, bytes): (u64, u64)| rows + add_rows <= limits.max_rows && bytes + add_bytes <= limits.max_bytes;
+        let mut used = usage(&tx)?;
+        if !fits(used) {
+            // Finished rows make room first.
+            tx.execute(&DEAD_LETTER_PRUNE.replace("{p}", ""), []).map_err(&e)?;
+            used = usage(&tx)?;
+            if !fits(used) {
+                tx.commit().map_err(&e)?;
+                return Ok(DeadLetterInsert::Full { rows: used.0, bytes: used.1 });
+            }
+        }
+        {
+            let now = crate::now_ms();
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO dead_letters (created_at_ms, stage, topic, log_partition, log_offset, generation, destination,
+                         record_ms, record_key, payload, payload_size, truncated, stored_bytes, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )
+                .map_err(&e)?;
+            for l in &fresh {
+                let n = &l.new;
+                insert
+                    .execute(params![
+                        now,
+                        n.stage,
+                        n.topic,
+                        n.partition,
+                        n.offset as i64,
+                        n.generation,
+                        n.destination,
+                        n.record_ms,
+                        l.key,
+                        l.payload,
+                        n.payload.len() as i64,
+                        l.truncated as i64,
+                        l.bytes() as i64,
+                        l.reason
+                    ])
+                    .map_err(&e)?;
+            }
+        }
+        tx.commit().map_err(&e)?;
+        Ok(DeadLetterInsert::Stored { new: add_rows, existing })
+    }
+
+    fn dead_letters(&self, before: i64, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+        let e = err(&self.path);
+        let sql = format!("SELECT {} FROM dead_letters WHERE id < ?1 ORDER BY id DESC LIMIT {limit}", dead_letter_columns(true));
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&e)?;
+        let rows = stmt.query_map([before], sqlite_dead_letter).map_err(&e)?.collect::<Result<Vec<_>, _>>().map_err(&e)?;
+        Ok(rows)
+    }
+
+    fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, DeliverError> {
+        let sql = format!("SELECT {} FROM dead_letters WHERE id = ?1", dead_letter_columns(false));
+        self.conn.query_row(&sql, [id], sqlite_dead_letter).optional().map_err(err(&self.path))
+    }
+
+    fn dead_letter_counts(&self) -> Result<DeadLetterCounts, DeliverError> {
+        self.conn
+            .query_row(&DEAD_LETTER_COUNTS.replace("{p}", "").replace("{int}", "INTEGER"), [], |r| {
+                Ok(DeadLetterCounts {
+                    open: r.get(0)?,
+                    replay_requested: r.get(1)?,
+                    replay_failed: r.get(2)?,
+                    replayed: r.get(3)?,
+                    discarded: r.get(4)?,
+                    rows: r.get(5)?,
+                    bytes: r.get(6)?,
+                })
+            })
+            .map_err(err(&self.path))
+    }
+
+    /// `UPDATE … SET <set>` (one `?`: now) on open row `id`, or every open row.
+    fn mark_dead_letters(&self, set: &str, id: Option<i64>) -> Result<u64, DeliverError> {
+        let open = "replayed_at_ms IS NULL AND discarded_at_ms IS NULL";
+        let now = crate::now_ms();
+        let n = match id {
+            Some(id) => self.conn.execute(&format!("UPDATE dead_letters SET {set} WHERE {open} AND id = ?"), params![now, id]),
+            None => self.conn.execute(&format!("UPDATE dead_letters SET {set} WHERE {open}"), params![now]),
+        };
+        n.map(|n| n as u64).map_err(err(&self.path))
+    }
+
+    fn claim_dead_letter_replays(&self, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+        let e = err(&self.path);
+        let sql = format!(
+            "SELECT {} FROM dead_letters WHERE replay_requested_at_ms IS NOT NULL AND replayed_at_ms IS NULL
+                 AND discarded_at_ms IS NULL ORDER BY id LIMIT {limit}",
+            dead_letter_columns(false)
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&e)?;
+        let rows = stmt.query_map([], sqlite_dead_letter).map_err(&e)?.collect::<Result<Vec<_>, _>>().map_err(&e)?;
+        Ok(rows)
+    }
+
+    fn finish_dead_letter_replay(&self, id: i64, replayed: Option<i64>, jobs: Option<i64>, error: Option<&str>) -> Result<(), DeliverError> {
+        self.conn
+            .execute(&DEAD_LETTER_FINISH.replace("{p}", ""), params![replayed, jobs, error, id])
+            .map(drop)
+            .map_err(err(&self.path))
+    }
+}
+
+/// Counts of the dead-letter store, as [`DeadLetterCounts`] (both
+/// backends: `{p}` is the table prefix, `{int}` the engine's 64-bit integer
+/// type for CAST — MySQL's and PostgreSQL's SUM of a BIGINT is a decimal).
+const DEAD_LETTER_COUNTS: &str = "SELECT
+    CAST(COALESCE(SUM(CASE WHEN replayed_at_ms IS NULL AND discarded_at_ms IS NULL THEN 1 ELSE 0 END), 0) AS {int}),
+    CAST(COALESCE(SUM(CASE WHEN replayed_at_ms IS NULL AND discarded_at_ms IS NULL
+                            AND replay_requested_at_ms IS NOT NULL THEN 1 ELSE 0 END), 0) AS {int}),
+    CAST(COALESCE(SUM(CASE WHEN replayed_at_ms IS NULL AND discarded_at_ms IS NULL AND replay_requested_at_ms IS NULL
+                            AND last_error IS NOT NULL THEN 1 ELSE 0 END), 0) AS {int}),
+    CAST(COALESCE(SUM(CASE WHEN replayed_at_ms IS NOT NULL AND discarded_at_ms IS NULL THEN 1 ELSE 0 END), 0) AS {int}),
+    CAST(COALESCE(SUM(CASE WHEN discarded_at_ms IS NOT NULL THEN 1 ELSE 0 END), 0) AS {int}),
+    CAST(COUNT(*) AS {int}),
+    CAST(COALESCE(SUM(stored_bytes), 0) AS {int})
+    FROM {p}dead_letters";
+
+/// Rows and stored bytes of the dead-letter store (see [`DEAD_LETTER_COUNTS`]).
+const DEAD_LETTER_USAGE: &str = "SELECT CAST(COUNT(*) AS {int}), CAST(COALESCE(SUM(stored_bytes), 0) AS {int}) FROM {p}dead_letters";
+
+/// Finished rows, deleted when the store is at its cap.
+const DEAD_LETTER_PRUNE: &str = "DELETE FROM {p}dead_letters WHERE replayed_at_ms IS NOT NULL OR discarded_at_ms IS NOT NULL";
+
+/// A replay's outcome: replayed_at_ms, replayed_jobs, last_error, id.
+const DEAD_LETTER_FINISH: &str = "UPDATE {p}dead_letters SET replayed_at_ms = ?, replayed_jobs = ?, last_error = ?,
+    attempts = attempts + 1, replay_requested_at_ms = NULL, claimed_by = NULL WHERE id = ?";
+
+fn sqlite_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        created_at_ms: r.get(1)?,
+        stage: r.get(2)?,
+        topic: r.get(3)?,
+        partition: r.get::<_, i64>(4)? as u32,
+        offset: r.get::<_, i64>(5)? as u64,
+        generation: r.get(6)?,
+        destination: r.get(7)?,
+        record_ms: r.get(8)?,
+        key: r.get(9)?,
+        payload: r.get(10)?,
+        payload_size: r.get(11)?,
+        truncated: r.get::<_, i64>(12)? != 0,
+        reason: r.get(13)?,
+        replay_requested_at_ms: r.get(14)?,
+        replayed_at_ms: r.get(15)?,
+        replayed_jobs: r.get(16)?,
+        discarded_at_ms: r.get(17)?,
+        attempts: r.get(18)?,
+        last_error: r.get(19)?,
+    })
+}
+
 fn row_to_replay(r: &rusqlite::Row<'_>) -> rusqlite::Result<Replay> {
     Ok(Replay {
         id: r.get(0)?,
@@ -649,7 +1140,10 @@ pub mod sql {
     use sluice_core::config::{DestinationConfig, SourceConfig};
     use sluice_core::Config;
 
-    use super::{CatalogSnapshot, Replay};
+    use super::{
+        dead_letter_columns, BoundedDeadLetter, CatalogSnapshot, DeadLetter, DeadLetterCounts, DeadLetterInsert, DeadLetterLimits, Replay,
+        DEAD_LETTER_COUNTS, DEAD_LETTER_FINISH, DEAD_LETTER_PRUNE, DEAD_LETTER_USAGE,
+    };
     use crate::gate::Qos;
     use crate::sqljobdb::{numbered, on_conn, Conn, CreateSchema, Session, SqlEngine, SqlJobDbs, SqlRow};
     use crate::DeliverError;
@@ -664,8 +1158,9 @@ pub mod sql {
     const PG_CONTROL_LOCK: i64 = 0x736C_7569_6365_6374;
 
     /// The table names, in creation order.
-    pub fn table_names() -> [String; 6] {
-        ["sources", "destinations", "connections", "destination_qos", "api_deletions", "replays"].map(|t| format!("{TABLE_PREFIX}{t}"))
+    pub fn table_names() -> [String; 7] {
+        ["sources", "destinations", "connections", "destination_qos", "api_deletions", "replays", "dead_letters"]
+            .map(|t| format!("{TABLE_PREFIX}{t}"))
     }
 
     fn ddl(engine: SqlEngine) -> Vec<String> {
@@ -727,6 +1222,34 @@ pub mod sql {
                             claimed_by   VARCHAR(64)
                         ) {opts}"
                     ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {p}dead_letters (
+                            id                     BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                            created_at_ms          BIGINT       NOT NULL,
+                            stage                  VARCHAR(16)  NOT NULL,
+                            topic                  VARCHAR(255) NOT NULL,
+                            log_partition          BIGINT       NOT NULL,
+                            log_offset             BIGINT       NOT NULL,
+                            generation             BIGINT       NOT NULL DEFAULT 0,
+                            destination            VARCHAR(255),
+                            record_ms              BIGINT       NOT NULL,
+                            record_key             BLOB         NOT NULL,
+                            payload                MEDIUMBLOB   NOT NULL,
+                            payload_size           BIGINT       NOT NULL,
+                            truncated              BIGINT       NOT NULL DEFAULT 0,
+                            stored_bytes           BIGINT       NOT NULL,
+                            reason                 TEXT         NOT NULL,
+                            replay_requested_at_ms BIGINT,
+                            replayed_at_ms         BIGINT,
+                            replayed_jobs          BIGINT,
+                            discarded_at_ms        BIGINT,
+                            attempts               BIGINT       NOT NULL DEFAULT 0,
+                            last_error             TEXT,
+                            claimed_by             VARCHAR(64),
+                            UNIQUE KEY record (topic, log_partition, log_offset, generation),
+                            KEY open_rows (replayed_at_ms, discarded_at_ms)
+                        ) {opts}"
+                    ),
                 ]
             }
             SqlEngine::Postgres => vec![
@@ -760,6 +1283,18 @@ pub mod sql {
                         state TEXT NOT NULL DEFAULT 'pending', events BIGINT NOT NULL DEFAULT 0,
                         jobs BIGINT NOT NULL DEFAULT 0, error TEXT, finished_at BIGINT, claimed_by TEXT)"
                 ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {p}dead_letters (
+                        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                        created_at_ms BIGINT NOT NULL, stage TEXT NOT NULL, topic TEXT NOT NULL,
+                        log_partition BIGINT NOT NULL, log_offset BIGINT NOT NULL, generation BIGINT NOT NULL DEFAULT 0,
+                        destination TEXT, record_ms BIGINT NOT NULL, record_key BYTEA NOT NULL, payload BYTEA NOT NULL,
+                        payload_size BIGINT NOT NULL, truncated BIGINT NOT NULL DEFAULT 0, stored_bytes BIGINT NOT NULL,
+                        reason TEXT NOT NULL, replay_requested_at_ms BIGINT, replayed_at_ms BIGINT, replayed_jobs BIGINT,
+                        discarded_at_ms BIGINT, attempts BIGINT NOT NULL DEFAULT 0, last_error TEXT, claimed_by TEXT,
+                        UNIQUE (topic, log_partition, log_offset, generation))"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {p}dead_letters_open ON {p}dead_letters (replayed_at_ms, discarded_at_ms)"),
             ],
         }
     }
@@ -1227,6 +1762,215 @@ pub mod sql {
             self.run("updating a replay", |s| {
                 on_conn!(*s, c => async {
                     sqlx::query(&sql).bind(state).bind(events).bind(jobs).bind(error).bind(finished).bind(id).execute(&mut *c).await?;
+                    Ok(())
+                })
+            })
+        }
+    }
+
+    fn sql_dead_letter(r: &impl SqlRow) -> Result<DeadLetter, sqlx::Error> {
+        Ok(DeadLetter {
+            id: r.int(0)?,
+            created_at_ms: r.int(1)?,
+            stage: r.text(2)?,
+            topic: r.text(3)?,
+            partition: r.int(4)? as u32,
+            offset: r.int(5)? as u64,
+            generation: r.int(6)?,
+            destination: r.opt_text(7)?,
+            record_ms: r.int(8)?,
+            key: r.bytes(9)?,
+            payload: r.bytes(10)?,
+            payload_size: r.int(11)?,
+            truncated: r.int(12)? != 0,
+            reason: r.text(13)?,
+            replay_requested_at_ms: r.opt_int(14)?,
+            replayed_at_ms: r.opt_int(15)?,
+            replayed_jobs: r.opt_int(16)?,
+            discarded_at_ms: r.opt_int(17)?,
+            attempts: r.int(18)?,
+            last_error: r.opt_text(19)?,
+        })
+    }
+
+    /// The dead-letter store in `sluice_control_dead_letters` (see
+    /// [`DeadLetter`]). Inserts hold the control write lock, so the cap is
+    /// checked and rows added by one process at a time; a requested replay
+    /// is claimed (`claimed_by`) by the first route to ask, as replays are.
+    impl SqlControl {
+        /// `sql` in this engine's dialect, with `{int}` its 64-bit integer type for CAST.
+        fn q_int(&self, sql: &str) -> String {
+            let int = match self.engine() {
+                SqlEngine::MySql => "SIGNED",
+                SqlEngine::Postgres => "BIGINT",
+            };
+            self.q(&sql.replace("{int}", int))
+        }
+
+        pub(super) fn insert_dead_letters(&self, letters: &[BoundedDeadLetter<'_>], limits: &DeadLetterLimits) -> Result<DeadLetterInsert, DeliverError> {
+            let exists_sql = self.q("SELECT 1 FROM {p}dead_letters WHERE topic = ? AND log_partition = ? AND log_offset = ? AND generation = ?");
+            let usage_sql = self.q_int(DEAD_LETTER_USAGE);
+            let prune_sql = self.q(DEAD_LETTER_PRUNE);
+            let insert_sql = self.insert_missing(
+                "dead_letters",
+                "created_at_ms, stage, topic, log_partition, log_offset, generation, destination, record_ms, record_key, payload, \
+                 payload_size, truncated, stored_bytes, reason",
+                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?",
+                "topic, log_partition, log_offset, generation",
+            );
+            let limits = *limits;
+            self.locked("storing dead letters", |_, s| {
+                on_conn!(*s, c => async {
+                    let mut fresh: Vec<&BoundedDeadLetter<'_>> = Vec::new();
+                    let mut existing = 0u64;
+                    for l in letters {
+                        let n = l.new;
+                        let found = sqlx::query(&exists_sql)
+                            .bind(n.topic.as_str())
+                            .bind(n.partition as i64)
+                            .bind(n.offset as i64)
+                            .bind(n.generation)
+                            .fetch_optional(&mut *c)
+                            .await?
+                            .is_some();
+                        let repeated = fresh.iter().any(|f| {
+                            (f.new.topic.as_str(), f.new.partition, f.new.offset, f.new.generation) == (n.topic.as_str(), n.partition, n.offset, n.generation)
+                        });
+                        if found || repeated {
+                            existing += 1;
+                        } else {
+                            fresh.push(l);
+                        }
+                    }
+                    if fresh.is_empty() {
+                        return Ok(DeadLetterInsert::Stored { new: 0, existing });
+                    }
+                    let (add_rows, add_bytes) = (fresh.len() as u64, fresh.iter().map(|l| l.bytes()).sum::<u64>());
+                    let fits = |(rows, bytes): (u64, u64)| rows + add_rows <= limits.max_rows && bytes + add_bytes <= limits.max_bytes;
+                    let row = sqlx::query(&usage_sql).fetch_one(&mut *c).await?;
+                    let mut used = (row.int(0)? as u64, row.int(1)? as u64);
+                    if !fits(used) {
+                        // Finished rows make room first.
+                        sqlx::query(&prune_sql).execute(&mut *c).await?;
+                        let row = sqlx::query(&usage_sql).fetch_one(&mut *c).await?;
+                        used = (row.int(0)? as u64, row.int(1)? as u64);
+                        if !fits(used) {
+                            return Ok(DeadLetterInsert::Full { rows: used.0, bytes: used.1 });
+                        }
+                    }
+                    let now = crate::now_ms();
+                    for l in &fresh {
+                        let n = l.new;
+                        sqlx::query(&insert_sql)
+                            .bind(now)
+                            .bind(n.stage)
+                            .bind(n.topic.as_str())
+                            .bind(n.partition as i64)
+                            .bind(n.offset as i64)
+                            .bind(n.generation)
+                            .bind(n.destination.as_deref())
+                            .bind(n.record_ms)
+                            .bind(l.key)
+                            .bind(l.payload)
+                            .bind(n.payload.len() as i64)
+                            .bind(l.truncated as i64)
+                            .bind(l.bytes() as i64)
+                            .bind(l.reason.as_str())
+                            .execute(&mut *c)
+                            .await?;
+                    }
+                    Ok(DeadLetterInsert::Stored { new: add_rows, existing })
+                })
+            })
+        }
+
+        pub(super) fn dead_letters(&self, before: i64, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+            let sql = self.q(&format!("SELECT {} FROM {{p}}dead_letters WHERE id < ? ORDER BY id DESC LIMIT {limit}", dead_letter_columns(true)));
+            self.run("reading dead letters", |s| {
+                on_conn!(*s, c => async {
+                    let mut out = Vec::new();
+                    for r in sqlx::query(&sql).bind(before).fetch_all(&mut *c).await? {
+                        out.push(sql_dead_letter(&r)?);
+                    }
+                    Ok(out)
+                })
+            })
+        }
+
+        pub(super) fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, DeliverError> {
+            let sql = self.q(&format!("SELECT {} FROM {{p}}dead_letters WHERE id = ?", dead_letter_columns(false)));
+            self.run("reading a dead letter", |s| {
+                on_conn!(*s, c => async {
+                    match sqlx::query(&sql).bind(id).fetch_optional(&mut *c).await? {
+                        Some(r) => Ok(Some(sql_dead_letter(&r)?)),
+                        None => Ok(None),
+                    }
+                })
+            })
+        }
+
+        pub(super) fn dead_letter_counts(&self) -> Result<DeadLetterCounts, DeliverError> {
+            let sql = self.q_int(DEAD_LETTER_COUNTS);
+            self.run("counting dead letters", |s| {
+                on_conn!(*s, c => async {
+                    let r = sqlx::query(&sql).fetch_one(&mut *c).await?;
+                    Ok(DeadLetterCounts {
+                        open: r.int(0)?,
+                        replay_requested: r.int(1)?,
+                        replay_failed: r.int(2)?,
+                        replayed: r.int(3)?,
+                        discarded: r.int(4)?,
+                        rows: r.int(5)?,
+                        bytes: r.int(6)?,
+                    })
+                })
+            })
+        }
+
+        /// `UPDATE … SET <set>` (one `?`: now) on open row `id`, or every open row.
+        pub(super) fn mark_dead_letters(&self, set: &str, id: Option<i64>) -> Result<u64, DeliverError> {
+            let open = "replayed_at_ms IS NULL AND discarded_at_ms IS NULL";
+            let now = crate::now_ms();
+            let sql = match id {
+                Some(_) => self.q(&format!("UPDATE {{p}}dead_letters SET {set} WHERE {open} AND id = ?")),
+                None => self.q(&format!("UPDATE {{p}}dead_letters SET {set} WHERE {open}")),
+            };
+            self.run("marking dead letters", |s| {
+                on_conn!(*s, c => async {
+                    let mut q = sqlx::query(&sql).bind(now);
+                    if let Some(id) = id {
+                        q = q.bind(id);
+                    }
+                    Ok(q.execute(&mut *c).await?.rows_affected())
+                })
+            })
+        }
+
+        pub(super) fn claim_dead_letter_replays(&self, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
+            let requested = "replay_requested_at_ms IS NOT NULL AND replayed_at_ms IS NULL AND discarded_at_ms IS NULL";
+            let claim = self.q(&format!("UPDATE {{p}}dead_letters SET claimed_by = ? WHERE {requested} AND claimed_by IS NULL"));
+            let select = self.q(&format!(
+                "SELECT {} FROM {{p}}dead_letters WHERE {requested} AND claimed_by = ? ORDER BY id LIMIT {limit}",
+                dead_letter_columns(false)
+            ));
+            let owner = self.owner.as_str();
+            self.run("claiming dead-letter replays", |s| {
+                on_conn!(*s, c => async {
+                    sqlx::query(&claim).bind(owner).execute(&mut *c).await?;
+                    let mut out = Vec::new();
+                    for r in sqlx::query(&select).bind(owner).fetch_all(&mut *c).await? {
+                        out.push(sql_dead_letter(&r)?);
+                    }
+                    Ok(out)
+                })
+            })
+        }
+
+        pub(super) fn finish_dead_letter_replay(&self, id: i64, replayed: Option<i64>, jobs: Option<i64>, error: Option<&str>) -> Result<(), DeliverError> {
+            let sql = self.q(DEAD_LETTER_FINISH);
+            self.run("recording a dead-letter replay", |s| {
+                on_conn!(*s, c => async {
+                    sqlx::query(&sql).bind(replayed).bind(jobs).bind(error).bind(id).execute(&mut *c).await?;
                     Ok(())
                 })
             })
