@@ -17,6 +17,8 @@
 //!   destination with generation = the replay's id, so its jobs are new
 //!   jobs (delivered again) and re-running the same replay is idempotent.
 
+mod dead_letter;
+
 pub mod plan;
 
 pub mod rpc;
@@ -44,6 +46,8 @@ pub enum RouteError {
     Deliver(#[from] sluice_deliver::DeliverError),
     #[error("handing jobs to a director failed: {0}")]
     Director(String),
+    #[error("{0}")]
+    DeadLetters(String),
 }
 
 /// Where the route hands jobs over: the local Centrifuge (`sluice serve`)
@@ -91,7 +95,8 @@ impl RouteMetrics {
         r.register("sluice_route_jobs", "Jobs made by the route (before idempotency checks)", self.jobs.clone());
         r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
         r.register("sluice_route_batch_seconds", "One route batch: read output, plan, insert jobs (durable), commit", self.batch_seconds.clone());
-        r.register("sluice_route_unroutable", "Output records that are not valid events (logged, skipped)", self.unroutable.clone());
+        r.register("sluice_route_unroutable", "Output records that are not valid events (stored as dead letters)", self.unroutable.clone());
+        dead_letter::register(r);
     }
 }
 
@@ -265,6 +270,7 @@ async fn route_records(
 ) -> Result<(), RouteError> {
     let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
     let mut jobs: Vec<NewJob> = Vec::new();
+    let mut dead = Vec::new();
     for rec in records {
         metrics.events.inc();
         match planner.plan(&rec.key, &rec.value, 0, None) {
@@ -274,10 +280,14 @@ async fn route_records(
             }
             Err(problem) => {
                 metrics.unroutable.inc();
-                tracing::warn!(partition, offset = rec.offset, %problem, "skipping an output record that is not a routable event");
+                tracing::warn!(partition, offset = rec.offset, %problem, "an output record that is not a routable event goes to the dead-letter store");
+                dead.push(dead_letter::letter("route", OUTPUT_TOPIC, partition, rec, 0, None, problem));
             }
         }
     }
+    // Durable in the control database before the offset passes them (a
+    // replayed batch stores nothing twice); a full store fails the batch.
+    dead_letter::store(planner.catalog(), dead).await?;
     metrics.jobs.inc_by(jobs.len() as u64);
     sink.insert_jobs(jobs, oldest).await?;
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
@@ -287,8 +297,12 @@ async fn route_records(
 }
 
 /// Run replay requests from the control database (`sluice replay` files
-/// them; they run here, inside `sluice serve`).
+/// them; they run here, inside `sluice serve`), and the dead-letter replays
+/// operators ask for (`sluice dead-letters replay`, the admin API); keep
+/// `sluice_route_dead_letters` current.
 pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, mut stop: watch::Receiver<bool>) {
+    let planner = Planner::new(catalog.clone());
+    let mut counted: Option<std::time::Instant> = None;
     while !*stop.borrow() {
         let pending = {
             let c = catalog.clone();
@@ -313,6 +327,11 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot read replay requests"),
             Err(e) => tracing::error!(error = %e, "replay poll task failed"),
+        }
+        let replayed = dead_letter::replay_requested(&*jobs, &catalog, &planner).await;
+        if replayed > 0 || counted.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            dead_letter::refresh_gauge(&catalog).await;
+            counted = Some(std::time::Instant::now());
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -347,12 +366,19 @@ async fn replay_one(
             next = batch.next;
             let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
             let mut jobs = Vec::new();
+            let mut dead = Vec::new();
             for rec in records.iter().filter(|rec| rec.timestamp_ms >= r.since_ms && rec.offset < range.end) {
                 events += 1;
-                if let Ok(d) = planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
-                    jobs.extend(d.jobs);
+                match planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
+                    Ok(d) => jobs.extend(d.jobs),
+                    // Under the replay's generation and destination: replaying it re-delivers as this replay would have.
+                    Err(problem) => {
+                        tracing::warn!(replay = r.id, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event goes to the dead-letter store");
+                        dead.push(dead_letter::letter("replay", OUTPUT_TOPIC, p, rec, r.id, Some(&r.destination), problem));
+                    }
                 }
             }
+            dead_letter::store(catalog, dead).await?;
             made += jobs.len() as i64;
             sink.insert_jobs(jobs, oldest).await?;
         }

@@ -74,6 +74,11 @@ impl Planner {
         Planner { catalog, compiled: Mutex::new(None) }
     }
 
+    /// The catalog it plans with (its control database also holds the dead letters).
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
     /// The snapshot and compiled filters, recompiled when the catalog changed.
     fn current(&self) -> (Arc<CatalogSnapshot>, HashMap<String, Arc<Vec<Filter>>>) {
         let snap = self.catalog.snapshot();

@@ -1,0 +1,191 @@
+//! The route's dead letters: `output` records it cannot plan (key not
+//! `<source>/<messageId>` or not UTF-8, value not JSON) go to the control
+//! database's dead-letter store ([`sluice_deliver::control::DeadLetter`])
+//! instead of nowhere, and come back when an operator asks for a replay.
+//!
+//! Invariants:
+//! - A batch's dead letters are committed to the store before the batch's
+//!   `output` offset is (commit point 3): a crash in between replays the
+//!   batch, and the store keeps one row per (topic, partition, offset,
+//!   generation), so nothing is stored twice.
+//! - A full store is an error, not a skip: the batch fails, the partition
+//!   retries from its committed offset (with backoff) and
+//!   `sluice_route_dead_letters_full_total` counts it, until an operator
+//!   replays or discards dead letters. Nothing is dropped.
+//! - A replay re-plans the stored record with the current planner and
+//!   catalog, with the generation and destination of the stage that failed
+//!   (the route: 0 and every connected destination), so its jobs have the
+//!   same idempotency key as normal routing would have given them.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use sluice_core::metrics::{Counter, Gauge, Registry};
+use sluice_deliver::control::{DeadLetter, DeadLetterInsert, NewDeadLetter};
+use sluice_deliver::Catalog;
+use sluice_log::StoredRecord;
+
+use crate::{JobSink, Planner, RouteError};
+
+/// Dead letters claimed per round of [`replay_requested`].
+const REPLAY_BATCH: usize = 100;
+
+/// The dead-letter metrics of this process (one set, shared by the route
+/// tasks and the replay runner).
+struct DeadLetterMetrics {
+    open: Gauge,
+    stored: Counter,
+    full: Counter,
+}
+
+fn metrics() -> &'static DeadLetterMetrics {
+    static METRICS: OnceLock<DeadLetterMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| DeadLetterMetrics { open: Gauge::default(), stored: Counter::default(), full: Counter::default() })
+}
+
+pub(crate) fn register(r: &mut Registry) {
+    let m = metrics();
+    r.register(
+        "sluice_route_dead_letters",
+        "Dead letters (output records the route could not plan) neither replayed nor discarded, in the control database",
+        m.open.clone(),
+    );
+    r.register("sluice_route_dead_lettered", "Output records this process stored as new dead letters", m.stored.clone());
+    r.register(
+        "sluice_route_dead_letters_full",
+        "Route batches refused because the dead-letter store is full (the partition waits; replay or discard dead letters)",
+        m.full.clone(),
+    );
+}
+
+/// A dead letter of `stage` for record `rec` of `topic`/`partition`.
+pub(crate) fn letter(
+    stage: &'static str,
+    topic: &str,
+    partition: u32,
+    rec: &StoredRecord,
+    generation: i64,
+    destination: Option<&str>,
+    reason: String,
+) -> NewDeadLetter {
+    NewDeadLetter {
+        stage,
+        topic: topic.to_owned(),
+        partition,
+        offset: rec.offset,
+        generation,
+        destination: destination.map(str::to_owned),
+        record_ms: rec.timestamp_ms,
+        key: rec.key.to_vec(),
+        payload: rec.value.to_vec(),
+        reason,
+    }
+}
+
+/// Store `letters` durably; an error (the store full or unreachable) when
+/// they are not all stored.
+pub(crate) async fn store(catalog: &Arc<Catalog>, letters: Vec<NewDeadLetter>) -> Result<(), RouteError> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let c = catalog.clone();
+    let outcome = tokio::task::spawn_blocking(move || c.with_control(|db| db.insert_dead_letters(&letters)))
+        .await
+        .map_err(|e| RouteError::DeadLetters(format!("the store task failed: {e}")))??;
+    match outcome {
+        DeadLetterInsert::Stored { new, .. } => {
+            let m = metrics();
+            m.stored.inc_by(new);
+            if new > 0 {
+                m.open.inc_by(new as i64);
+            }
+            Ok(())
+        }
+        DeadLetterInsert::Full { rows, bytes } => {
+            metrics().full.inc();
+            Err(RouteError::DeadLetters(format!(
+                "the dead-letter store is full ({rows} rows, {bytes} bytes): records are held back, not dropped; \
+                 replay or discard dead letters (sluice dead-letters list | replay | discard)"
+            )))
+        }
+    }
+}
+
+/// Set `sluice_route_dead_letters` from the store.
+pub(crate) async fn refresh_gauge(catalog: &Arc<Catalog>) {
+    let c = catalog.clone();
+    match tokio::task::spawn_blocking(move || c.with_control(|db| db.dead_letter_counts())).await {
+        Ok(Ok(counts)) => {
+            metrics().open.set(counts.open);
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot count dead letters"),
+        Err(e) => tracing::warn!(error = %e, "dead-letter count task failed"),
+    }
+}
+
+/// Run the dead-letter replays operators asked for (claimed by this
+/// process); the number run.
+pub(crate) async fn replay_requested(sink: &dyn JobSink, catalog: &Arc<Catalog>, planner: &Planner) -> usize {
+    let mut done = 0;
+    loop {
+        let c = catalog.clone();
+        let claimed = match tokio::task::spawn_blocking(move || c.with_control(|db| db.claim_dead_letter_replays(REPLAY_BATCH))).await {
+            Ok(Ok(claimed)) => claimed,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read dead-letter replay requests");
+                return done;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dead-letter replay poll task failed");
+                return done;
+            }
+        };
+        let full_round = claimed.len() == REPLAY_BATCH;
+        for letter in claimed {
+            let outcome = replay_one(sink, planner, &letter).await;
+            match &outcome {
+                Ok(jobs) => tracing::info!(dead_letter = letter.id, jobs, "dead letter replayed"),
+                Err(e) => tracing::warn!(dead_letter = letter.id, error = %e, "dead letter replay failed; it stays in the store"),
+            }
+            let (c, id) = (catalog.clone(), letter.id);
+            let recorded = tokio::task::spawn_blocking(move || {
+                c.with_control(|db| db.finish_dead_letter_replay(id, outcome.as_ref().map(|j| *j).map_err(String::as_str)))
+            })
+            .await;
+            match recorded {
+                Ok(Ok(())) => done += 1,
+                // Still requested: tried again next round (its jobs, if any, are idempotent).
+                Ok(Err(e)) => {
+                    tracing::error!(dead_letter = id, error = %e, "cannot record a dead-letter replay");
+                    return done;
+                }
+                Err(e) => {
+                    tracing::error!(dead_letter = id, error = %e, "dead-letter replay record task failed");
+                    return done;
+                }
+            }
+        }
+        if !full_round {
+            return done;
+        }
+    }
+}
+
+/// Re-plan one dead letter and hand its jobs over; the jobs made.
+async fn replay_one(sink: &dyn JobSink, planner: &Planner, letter: &DeadLetter) -> Result<i64, String> {
+    if letter.truncated {
+        return Err(format!(
+            "stored cut to the store's limit ({} bytes of {}); the whole record is {} partition {} offset {} while retention keeps it",
+            letter.payload.len(),
+            letter.payload_size,
+            letter.topic,
+            letter.partition,
+            letter.offset
+        ));
+    }
+    let value = Bytes::from(letter.payload.clone());
+    let decision = planner.plan(&letter.key, &value, letter.generation, letter.destination.as_deref())?;
+    let jobs = decision.jobs.len() as i64;
+    sink.insert_jobs(decision.jobs, letter.record_ms).await.map_err(|e| e.to_string())?;
+    Ok(jobs)
+}
