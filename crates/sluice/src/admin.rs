@@ -68,6 +68,12 @@ pub fn router(state: Shared) -> Router {
         .route("/api/qos/{destination}", put(put_qos))
         .route("/api/replays", post(create_replay))
         .route("/api/replays/{id}", get(get_replay))
+        .route("/api/dead-letters", get(list_dead_letters))
+        .route("/api/dead-letters/replay", post(replay_all_dead_letters))
+        .route("/api/dead-letters/discard", post(discard_all_dead_letters))
+        .route("/api/dead-letters/{id}", get(get_dead_letter))
+        .route("/api/dead-letters/{id}/replay", post(replay_dead_letter))
+        .route("/api/dead-letters/{id}/discard", post(discard_dead_letter))
         .route("/api/jobs/{key}", get(inspect_jobs))
         .route("/api/events", get(recent_events))
         .with_state(state)
@@ -405,6 +411,100 @@ async fn get_replay(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) 
     let Some(r) = r else { return Err(not_found("no such replay")) };
     Ok(Json(json!({"id": r.id, "destination": r.destination, "since_ms": r.since_ms, "state": r.state, "events": r.events, "jobs": r.jobs, "error": r.error}))
         .into_response())
+}
+
+/// Run `f` on the control database off the async threads (reads, and
+/// writes that change nothing the live catalog holds: dead letters).
+async fn control<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Result<T, sluice_deliver::DeliverError> + Send + 'static) -> Result<T, ApiError> {
+    let st = s.clone();
+    tokio::task::spawn_blocking(move || st.catalog.with_control(f))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLettersQuery {
+    limit: Option<usize>,
+    /// Only ids below this one (the next page: the previous answer's `next_before`).
+    before: Option<i64>,
+}
+
+/// Dead letters, newest first, with payload excerpts and the store's counts.
+async fn list_dead_letters(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    q: Result<axum::extract::Query<DeadLettersQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    authorize(&s, &h)?;
+    let axum::extract::Query(q) = q.map_err(bad_request)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let (counts, letters) = control(&s, move |db| Ok((db.dead_letter_counts()?, db.dead_letters(q.before, limit)?))).await?;
+    let next_before = (letters.len() == limit).then(|| letters.last().map(|d| d.id)).flatten();
+    let list: Vec<Value> = letters.iter().map(|d| crate::dead_letters::to_json(d, false)).collect();
+    Ok(Json(json!({"counts": counts, "dead_letters": list, "next_before": next_before})).into_response())
+}
+
+/// One dead letter, whole (payload as text and base64).
+async fn get_dead_letter(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
+    authorize(&s, &h)?;
+    match control(&s, move |db| db.dead_letter(id)).await? {
+        Some(d) => Ok(Json(crate::dead_letters::to_json(&d, true)).into_response()),
+        None => Err(not_found("no such dead letter")),
+    }
+}
+
+/// Ask for a replay of dead letter `id` (`replay`), or discard it; 404 unknown, 409 finished.
+async fn mark_dead_letter(s: &Shared, id: i64, replay: bool) -> ApiResult {
+    let (found, marked) = control(s, move |db| {
+        let found = db.dead_letter(id)?;
+        let marked = match &found {
+            Some(d) if d.is_open() => {
+                if replay {
+                    db.request_dead_letter_replay(Some(id))?
+                } else {
+                    db.discard_dead_letters(Some(id))?
+                }
+            }
+            _ => 0,
+        };
+        Ok((found, marked))
+    })
+    .await?;
+    let Some(d) = found else { return Err(not_found("no such dead letter")) };
+    if marked == 0 {
+        return Err(ApiError(StatusCode::CONFLICT, "finished", format!("dead letter {id} is {} already", d.state())));
+    }
+    Ok(if replay {
+        (StatusCode::ACCEPTED, Json(json!({"id": id, "state": "replay_requested"}))).into_response()
+    } else {
+        Json(json!({"id": id, "state": "discarded"})).into_response()
+    })
+}
+
+/// Ask the route to re-plan one dead letter (it runs within a second; see its `state`).
+async fn replay_dead_letter(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
+    authorize(&s, &h)?;
+    mark_dead_letter(&s, id, true).await
+}
+
+async fn discard_dead_letter(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
+    authorize(&s, &h)?;
+    mark_dead_letter(&s, id, false).await
+}
+
+/// Ask for a replay of every open dead letter.
+async fn replay_all_dead_letters(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let n = control(&s, |db| db.request_dead_letter_replay(None)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"requested": n}))).into_response())
+}
+
+async fn discard_all_dead_letters(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
+    authorize(&s, &h)?;
+    let n = control(&s, |db| db.discard_dead_letters(None)).await?;
+    Ok(Json(json!({"discarded": n})).into_response())
 }
 
 /// The delivery inspector: every job of a messageId (or one job by KSUID), with every transition.

@@ -10,6 +10,7 @@ mod admin;
 #[cfg(feature = "otel")]
 mod otel;
 mod dedup;
+mod dead_letters;
 mod deliver;
 
 use std::net::SocketAddr;
@@ -75,6 +76,9 @@ enum Command {
     Jobs(deliver::JobsCommand),
     /// Re-deliver events still in `output` to one destination.
     Replay(deliver::ReplayArgs),
+    /// Records the route could not plan: list, show, replay or discard them.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
     /// A local webhook endpoint that prints what it receives (for trying destinations out).
     Sink(deliver::SinkArgs),
     /// Benchmarks (see docs/BENCHMARKS.md).
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
         Command::Dedup(DedupArgs { tool: None, serve }) => runtime()?.block_on(run_serve(serve, Roles::DEDUP)),
         Command::Jobs(cmd) => deliver::jobs(cmd),
         Command::Replay(args) => deliver::replay(args),
+        Command::DeadLetters(cmd) => dead_letters::run(cmd),
         Command::Sink(args) => runtime()?.block_on(deliver::sink(args)),
         Command::Bench(cmd) => bench::run(cmd),
     }
