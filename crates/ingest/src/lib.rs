@@ -603,6 +603,9 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
         }
         Call::Batch => {
             let mut first_error = None;
+            // Refusals counted per reason once per request, not per item (a
+            // batch of 2,500 bad items costs one metric update per reason).
+            let mut rejected: Vec<(&'static str, u64)> = Vec::new();
             for (i, raw) in items.iter().enumerate() {
                 // A panic on one item (a bug) refuses that item only.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -620,11 +623,17 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
                 match result {
                     Ok(ev) => push(ev)?,
                     Err(e) => {
-                        reject(&e);
+                        match rejected.iter_mut().find(|(code, _)| *code == e.code()) {
+                            Some((_, n)) => *n += 1,
+                            None => rejected.push((e.code(), 1)),
+                        }
                         tracing::debug!(source = %source.id, item = i, error = %e, "dropped invalid batch item");
                         first_error.get_or_insert((i, e));
                     }
                 }
+            }
+            for (code, n) in rejected {
+                ingest.metrics.events_rejected.get_or_create(&vec![("reason", code.to_owned())]).inc_by(n);
             }
             if by_partition.is_empty() {
                 if let Some((i, e)) = first_error {
