@@ -3,7 +3,10 @@
 //! in the dead-letter store, the route's offset passes them, and an
 //! operator sees, replays and discards them with `sluice dead-letters` and
 //! the admin API (token-protected like the rest of /api); the console has
-//! the section; `/metrics` counts them.
+//! the section; `/metrics` counts them. Run with the control database in
+//! `control.sqlite`, and in MariaDB and PostgreSQL (`deliver.jobdb_url`;
+//! servers from `SLUICE_TEST_MYSQL_URL` / `SLUICE_TEST_POSTGRES_URL`,
+//! skipped without them unless `SLUICE_REQUIRE_SQL=1`).
 
 mod util;
 
@@ -72,9 +75,67 @@ fn cli_ok(config: &std::path::Path, args: &[&str]) -> String {
 
 #[test]
 fn dead_letters_are_listed_replayed_and_discarded_through_cli_and_api() {
+    run(None);
+}
+
+#[test]
+fn the_same_with_the_control_tables_in_mariadb() {
+    if let Some(url) = sql_database("SLUICE_TEST_MYSQL_URL", false) {
+        run(Some(&url));
+        sql_database("SLUICE_TEST_MYSQL_URL", true);
+    }
+}
+
+#[test]
+fn the_same_with_the_control_tables_in_postgres() {
+    if let Some(url) = sql_database("SLUICE_TEST_POSTGRES_URL", false) {
+        run(Some(&url));
+        sql_database("SLUICE_TEST_POSTGRES_URL", true);
+    }
+}
+
+/// A fresh database on the server named by `env` (its URL), or `None`
+/// (skipped); `drop_only`: just drop it.
+fn sql_database(env: &str, drop_only: bool) -> Option<String> {
+    use sqlx::Connection;
+    let server = match std::env::var(env) {
+        Ok(u) if !u.is_empty() => u,
+        _ if std::env::var("SLUICE_REQUIRE_SQL").is_ok_and(|v| v == "1") => panic!("{env} is not set and SLUICE_REQUIRE_SQL=1"),
+        _ => {
+            eprintln!("SKIPPED: {env} is not set (start a server with scripts/sql.sh)");
+            return None;
+        }
+    };
+    let name = "sluice_t_dead_letters_cli";
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        if server.starts_with("mysql") {
+            let mut c = sqlx::MySqlConnection::connect(&server).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await.unwrap();
+            if !drop_only {
+                sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+            }
+        } else {
+            let mut c = sqlx::PgConnection::connect(&server).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.unwrap();
+            if !drop_only {
+                sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+            }
+        }
+    });
+    let mut url = url::Url::parse(&server).unwrap();
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
+}
+
+fn run(jobdb_url: Option<&str>) {
     let sink = TestSink::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), ""));
+    let mut extra = hook_toml(&sink.sink.url("/hook"), "");
+    if let Some(url) = jobdb_url {
+        extra = format!("[deliver]\njobdb_url = \"{url}\"\n{extra}");
+    }
+    let config = write_config(dir.path(), &extra);
     set_admin_token(&config, TOKEN);
     let data = dir.path().join("data");
 
@@ -153,7 +214,10 @@ fn dead_letters_are_listed_replayed_and_discarded_through_cli_and_api() {
 
     // A record the current planner can plan (stored as an older Sluice's
     // route would have left it) is replayed to the connected destination.
-    let db = ControlDb::open(&data.join("control.sqlite")).unwrap();
+    let db = ControlDb::open_for(&sluice_core::Config::load(Some(&config)).unwrap()).unwrap();
+    if jobdb_url.is_some() {
+        assert!(!data.join("control.sqlite").exists(), "the control tables are in the SQL database");
+    }
     let event = json!({"type": "track", "event": "E", "userId": "u", "messageId": "dl-ok"});
     db.insert_dead_letters(&[NewDeadLetter {
         stage: "route",
