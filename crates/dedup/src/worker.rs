@@ -269,7 +269,12 @@ impl DedupWorker {
             }
             empty_reads = 0;
             let cutoff = now_ms().saturating_sub(window_ms);
-            let ids = records.iter().filter(|r| r.timestamp_ms as u64 >= cutoff).map(|r| (&r.key[..], r.timestamp_ms as u64));
+            // Keys starting with NUL are the log's own records (the one that
+            // ends a hanging Kafka transaction), not events.
+            let ids = records
+                .iter()
+                .filter(|r| r.timestamp_ms as u64 >= cutoff && r.key.first() != Some(&0))
+                .map(|r| (&r.key[..], r.timestamp_ms as u64));
             index.record(ids, reached)?;
             next = reached;
             gauge.set(range.end.saturating_sub(next) as i64);
@@ -441,7 +446,15 @@ impl DedupWorker {
         while !stop.load(Ordering::Relaxed) {
             let result = if failing {
                 self.forget_input_positions();
-                match self.catch_up(&rt, &mut log_progress) {
+                // With Kafka, fence again first: a transaction this worker
+                // could not finish is ended (or one a broker restart left
+                // hanging is closed) before catch-up reads output's end.
+                let fenced = if self.log.atomic_publish_and_commit(INPUT_TOPIC) {
+                    rt.block_on(self.log.fence(GROUP, INPUT_TOPIC, p)).map_err(DedupError::from)
+                } else {
+                    Ok(())
+                };
+                match fenced.and_then(|_| self.catch_up(&rt, &mut log_progress)) {
                     Err(e) if e.needs_rebuild() => self.rebuild(&rt, &e, &mut log_progress).map(|_| 0),
                     r => r.map(|_| 0),
                 }

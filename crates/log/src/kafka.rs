@@ -97,6 +97,8 @@ impl KafkaOptions {
             .set("socket.timeout.ms", self.request_timeout.as_millis().to_string())
             // Notice a restarted or moved partition leader within seconds.
             .set("topic.metadata.refresh.interval.ms", "10000")
+            // Reconnect to a broker that came back within 2 s (default: up to 10 s).
+            .set("reconnect.backoff.max.ms", "2000")
             .set("log_level", "3");
         for (k, v) in &self.settings {
             c.set(k, v);
@@ -147,6 +149,83 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {}
 
+/// Give `client` the bootstrap servers again (`rd_kafka_brokers_add`).
+///
+/// librdkafka 2.12 drops every broker a Metadata response does not list.
+/// A broker in controlled shutdown answers Metadata with no broker at all
+/// (KRaft has fenced it already), and a client that refreshes its metadata
+/// in that instant is left with no broker: every later refresh is skipped
+/// ("no usable brokers"), and its re-bootstrap timer, stopped by that last
+/// (successful) answer, never starts again (confluentinc/librdkafka#5301).
+/// A producer in that state times out every message for good, a consumer
+/// fetches nothing, although the broker is back and serves everyone else.
+/// Adding the bootstrap servers makes it connect and refresh again; when it
+/// still knows a broker, the extra entry is dropped at its next metadata
+/// refresh (as at startup).
+fn add_bootstrap<C: ClientContext>(client: &rdkafka::client::Client<C>, servers: &str) -> i32 {
+    let Ok(list) = std::ffi::CString::new(servers) else { return 0 };
+    // SAFETY: `native_ptr` is the live handle of `client`, borrowed for the
+    // call; rd_kafka_brokers_add copies the string and takes the handle's
+    // own lock (it may be called from any thread).
+    unsafe { rdkafka::bindings::rd_kafka_brokers_add(client.native_ptr(), list.as_ptr()) }
+}
+
+/// Every 5 s, ask the long-lived clients (the producer, the group members)
+/// for metadata; one that cannot get any twice in a row is given the
+/// bootstrap servers again ([`add_bootstrap`]). Readers, committers and the
+/// offsets client are replaced on failure instead; transactional producers
+/// after any failed transaction. The thread ends with the log.
+fn spawn_watchdog(inner: &Arc<Inner>) {
+    let weak = Arc::downgrade(inner);
+    let spawned = std::thread::Builder::new().name("kafka-watchdog".into()).spawn(move || {
+        let mut failed: HashMap<String, u32> = HashMap::new();
+        let mut check = |name: String, ok: bool, revive: &dyn Fn() -> i32| {
+            let n = failed.entry(name.clone()).or_default();
+            if ok {
+                if *n >= 2 {
+                    tracing::info!(client = %name, "Kafka client reaches the cluster again");
+                }
+                *n = 0;
+                return;
+            }
+            *n += 1;
+            // Every 6th failure (30 s) after the 2nd: an outage must not add entries forever.
+            if *n == 2 || (*n > 2 && *n % 6 == 2) {
+                let added = revive();
+                tracing::warn!(
+                    client = %name, failures = *n, added,
+                    "Kafka client gets no metadata: bootstrap servers added to it again (librdkafka drops its brokers on a broker's controlled shutdown)"
+                );
+            }
+        };
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            let Some(inner) = weak.upgrade() else { return };
+            let topic = inner.partitions.keys().min().cloned().unwrap_or_default();
+            let servers = inner.options.bootstrap_servers.clone();
+            let probe = Duration::from_secs(2);
+            let client = inner.producer.client();
+            let ok = client.fetch_metadata(Some(&topic), probe).is_ok();
+            check("producer".into(), ok, &|| add_bootstrap(client, &servers));
+            let members: Vec<(String, Arc<Member>)> = inner
+                .members
+                .lock()
+                .expect("members lock")
+                .iter()
+                .filter_map(|(g, m)| m.upgrade().map(|m| (g.clone(), m)))
+                .collect();
+            for (group, member) in members {
+                let client = member.consumer.client();
+                let ok = client.fetch_metadata(Some(&topic), probe).is_ok();
+                check(format!("group member {group}"), ok, &|| add_bootstrap(client, &servers));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the Kafka client watchdog thread");
+    }
+}
+
 /// One partition's reader: a consumer assigned to just that partition, and
 /// where the last read left it.
 struct Reader {
@@ -156,11 +235,42 @@ struct Reader {
     next: Option<u64>,
     /// The consumer reported end-of-partition and has delivered nothing since.
     at_end: bool,
-    /// Reads in a row that found the broker's end past our position yet got
-    /// nothing: an open transaction, or a consumer that lost its fetch state
-    /// (seen after a broker restart). Past a few, the reader re-assigns.
-    stuck: u32,
+    /// Since when reads have found the broker's last stable offset past our
+    /// position yet fetched nothing: a consumer that lost its fetch state
+    /// (seen after broker restarts). Past [`STUCK_AFTER`] the read fails and
+    /// the reader is replaced.
+    stuck: Option<Instant>,
+    /// Reads in a row that failed. Past a few, the reader is replaced: a
+    /// consumer whose fetch state never recovered from a broker restart
+    /// keeps failing (or keeps finding nothing) however often it re-assigns.
+    failures: u32,
 }
+
+/// Errors a consumer reports while a broker is unreachable or coming back
+/// (librdkafka queues one per failed connection attempt, and a reader that
+/// is not polled meanwhile finds them all at its next read). They say
+/// nothing about the partition being read: the consumer reconnects by
+/// itself, so a read skips them and goes on waiting for records until its
+/// deadline.
+fn transient(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    let code = match e {
+        KafkaError::MessageConsumption(c) | KafkaError::Global(c) => *c,
+        _ => return false,
+    };
+    matches!(
+        code,
+        BrokerTransportFailure | AllBrokersDown | Resolve | OperationTimedOut | RequestTimedOut | NetworkException
+            | LeaderNotAvailable | NotLeaderForPartition | NotCoordinator | CoordinatorNotAvailable
+    )
+}
+
+/// A reader needing a fresh consumer after this many failed reads in a row.
+const READER_REPLACE_AFTER: u32 = 3;
+
+/// How long a reader may find committed records past its position and
+/// fetch none of them before the read fails and the reader is replaced.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 struct Inner {
     options: KafkaOptions,
@@ -213,7 +323,9 @@ impl KafkaLog {
             members: Mutex::default(),
             transactional: Mutex::default(),
         };
-        Ok(KafkaLog { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        spawn_watchdog(&inner);
+        Ok(KafkaLog { inner })
     }
 
     pub fn bootstrap_servers(&self) -> &str {
@@ -223,6 +335,58 @@ impl KafkaLog {
     /// One `transactional.id` per (group, input partition): its owner's fence.
     fn transactional_id(&self, group: &str, in_topic: &str, partition: u32) -> String {
         format!("{}-{group}-{in_topic}-{partition}", self.inner.options.client_id)
+    }
+
+    /// End the hanging transaction [`Inner::find_hanging`] found, with a
+    /// transaction of the same id (so of the same producer id, at a newer
+    /// epoch): one [`CLOSE_HANGING_KEY`] record on each partition it holds,
+    /// and `group`'s offset as committed outside of any transaction. Its
+    /// commit marker ends the hanging records' transaction too (a broker
+    /// tracks one open transaction per producer id and partition), so they
+    /// become readable; the offset it commits replaces the pending one, so
+    /// dedup reads that batch of input again (its index, or the route's
+    /// idempotent inserts, drop the repeats). Committing never loses what
+    /// the hanging transaction held; aborting could.
+    async fn close_hanging(
+        &self,
+        producer: &Arc<FutureProducer>,
+        id: &str,
+        group: &str,
+        in_topic: &str,
+        partition: u32,
+        hanging: &Hanging,
+    ) -> Result<(), LogError> {
+        let result = async {
+            producer.begin_transaction().map_err(kafka("begin transaction"))?;
+            let marker = [Record { key: Bytes::from_static(CLOSE_HANGING_KEY), value: Bytes::new() }];
+            for (topic, _, _) in &hanging.topics {
+                produce(producer, topic, partition, &marker).await?;
+            }
+            let mut offsets = TopicPartitionList::new();
+            offsets
+                .add_partition_offset(in_topic, partition as i32, Offset::Offset(hanging.resume as i64))
+                .map_err(kafka("commit offset"))?;
+            let (producer2, group) = (producer.clone(), group.to_owned());
+            self.blocking(move |inner| {
+                let metadata = inner.group_metadata(&group)?;
+                let timeout = inner.options.request_timeout;
+                producer2.send_offsets_to_transaction(&offsets, &metadata, timeout).map_err(kafka("send offsets to transaction"))?;
+                producer2.commit_transaction(timeout).map_err(kafka("commit transaction"))
+            })
+            .await
+        }
+        .await;
+        if result.is_err() {
+            let (producer, id) = (producer.clone(), id.to_owned());
+            let _ = self
+                .blocking(move |inner| {
+                    let _ = producer.abort_transaction(inner.options.request_timeout);
+                    inner.forget_transactional(&id);
+                    Ok(())
+                })
+                .await;
+        }
+        result
     }
 
     /// Run `f` on the blocking pool with this log's state.
@@ -480,16 +644,42 @@ impl Inner {
         }
         let consumer: BaseConsumer<ReaderContext> =
             self.options.consumer("sluice-reader").create_with_context(ReaderContext).map_err(kafka("create consumer"))?;
-        let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false, stuck: 0 }));
+        let reader = Arc::new(Mutex::new(Reader { consumer, next: None, at_end: false, stuck: None, failures: 0 }));
         readers.insert((topic.to_owned(), partition), reader.clone());
         Ok(reader)
+    }
+
+    /// Drop the reader of `topic`/`partition` (if it is still `reader`):
+    /// the next read creates a fresh consumer.
+    fn replace_reader(&self, topic: &str, partition: u32, reader: &Arc<Mutex<Reader>>, why: &str) {
+        let mut readers = self.readers.lock().expect("readers lock");
+        if readers.get(&(topic.to_owned(), partition)).is_some_and(|r| Arc::ptr_eq(r, reader)) {
+            readers.remove(&(topic.to_owned(), partition));
+            tracing::warn!(topic, partition, why, "Kafka reader replaced by a fresh consumer");
+        }
     }
 
     fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<ReadBatch, LogError> {
         self.check(topic, partition)?;
         let reader = self.reader(topic, partition)?;
         let mut guard = reader.lock().expect("reader lock");
-        let r = &mut *guard;
+        let result = self.read_with(&mut guard, topic, partition, from, max);
+        match &result {
+            Ok(_) => guard.failures = 0,
+            Err(LogError::OffsetOutOfRange { .. }) => {}
+            Err(e) => {
+                guard.failures += 1;
+                if guard.failures >= READER_REPLACE_AFTER {
+                    let why = format!("{} reads in a row failed, the last with: {e}", guard.failures);
+                    drop(guard);
+                    self.replace_reader(topic, partition, &reader, &why);
+                }
+            }
+        }
+        result
+    }
+
+    fn read_with(&self, r: &mut Reader, topic: &str, partition: u32, from: u64, max: usize) -> Result<ReadBatch, LogError> {
         if r.next != Some(from) {
             let range = self.watermarks(topic, partition)?;
             if from < range.start {
@@ -532,15 +722,22 @@ impl Inner {
                         // or an open transaction (not readable until it ends).
                         // After two more waits, report the end either way.
                         if end <= r.next.unwrap_or(from) {
-                            r.stuck = 0;
+                            r.stuck = None;
                             break;
                         }
                         if end_moved >= 2 {
-                            r.stuck += 1;
-                            if r.stuck >= 5 {
-                                r.stuck = 0;
-                                r.next = None; // re-assign (fresh fetch state) on the next read
-                                return Ok(ReadBatch { records: Vec::new(), next: from });
+                            let since = *r.stuck.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= STUCK_AFTER {
+                                // Committed records the consumer does not fetch:
+                                // say so, and read with a fresh consumer next time.
+                                let at = r.next.unwrap_or(from);
+                                r.stuck = None;
+                                r.next = None;
+                                r.failures = READER_REPLACE_AFTER;
+                                return Err(LogError::Unavailable(format!(
+                                    "{topic}/{partition}: the broker's end is {end} but the reader fetched nothing past {at} for {:?}",
+                                    STUCK_AFTER
+                                )));
                             }
                             break;
                         }
@@ -563,7 +760,7 @@ impl Inner {
                 Some(Ok(m)) => {
                     let offset = m.offset() as u64;
                     r.at_end = false;
-                    r.stuck = 0;
+                    r.stuck = None;
                     r.next = Some(offset + 1);
                     records.push(StoredRecord {
                         offset,
@@ -589,6 +786,15 @@ impl Inner {
                     let start = self.watermarks(topic, partition)?.start;
                     return Err(LogError::OffsetOutOfRange { topic: topic.to_owned(), partition, requested: from, start });
                 }
+                // Stale or passing connection trouble: keep waiting for
+                // records (bounded by the deadline and the end check).
+                Some(Err(e)) if transient(&e) => {
+                    tracing::debug!(topic, partition, error = %e, "Kafka reader: transient error skipped");
+                    if Instant::now() >= deadline {
+                        r.next = None;
+                        return Err(kafka("read")(e));
+                    }
+                }
                 Some(Err(e)) => {
                     r.next = None; // re-assign on the next read
                     return Err(kafka("read")(e));
@@ -612,13 +818,29 @@ impl Inner {
         Ok(c)
     }
 
+    /// Forget `group`'s committer after a failure: the next call gets a
+    /// fresh client (one that lost every broker would keep failing).
+    fn forget_committer(&self, group: &str, used: &Arc<BaseConsumer>) {
+        let mut committers = self.committers.lock().expect("committers lock");
+        if committers.get(group).is_some_and(|c| Arc::ptr_eq(c, used)) {
+            committers.remove(group);
+        }
+    }
+
     fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
         self.check(topic, partition)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition as i32, Offset::Offset(next_offset as i64)).map_err(kafka("commit"))?;
         match self.member(group) {
             Some(m) => m.consumer.commit(&tpl, CommitMode::Sync),
-            None => self.committer(group)?.commit(&tpl, CommitMode::Sync),
+            None => {
+                let committer = self.committer(group)?;
+                let result = committer.commit(&tpl, CommitMode::Sync);
+                if result.is_err() {
+                    self.forget_committer(group, &committer);
+                }
+                result
+            }
         }
         .map_err(kafka("commit offset"))
     }
@@ -627,7 +849,12 @@ impl Inner {
         self.check(topic, partition)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition as i32);
-        let got = self.committer(group)?.committed_offsets(tpl, self.options.request_timeout).map_err(kafka("fetch committed offset"))?;
+        let committer = self.committer(group)?;
+        let got = committer.committed_offsets(tpl, self.options.request_timeout);
+        if got.is_err() {
+            self.forget_committer(group, &committer);
+        }
+        let got = got.map_err(kafka("fetch committed offset"))?;
         let offset = got.find_partition(topic, partition as i32).map(|e| e.offset());
         Ok(match offset {
             Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
@@ -652,7 +879,99 @@ impl Inner {
     fn forget_transactional(&self, id: &str) {
         self.transactional.lock().expect("txn lock").remove(id);
     }
+
+    /// The group metadata a transaction commits offsets with: the live
+    /// member's (the broker also checks its generation), else the committer's.
+    fn group_metadata(&self, group: &str) -> Result<rdkafka::consumer::ConsumerGroupMetadata, LogError> {
+        match self.member(group) {
+            Some(m) => m.consumer.group_metadata(),
+            None => self.committer(group)?.group_metadata(),
+        }
+        .ok_or_else(|| LogError::Kafka { op: "group metadata", cause: format!("none for group {group}") })
+    }
+
+    /// What a transaction of `(group, in_topic, partition)`'s transactional
+    /// id left unresolved although the id was just fenced (its earlier
+    /// transactions are complete as far as the coordinator knows): the other
+    /// topics whose `partition` has records past its last stable offset, and
+    /// whether `group`'s offset on `in_topic` has a pending transactional
+    /// commit. Such a "hanging" transaction is left by a broker that restarts
+    /// while committing one: coming back, its coordinator finds no leader
+    /// for the partitions yet, skips their markers ("likely deleted") and
+    /// completes the transaction anyway. Nothing then ends it: `output`'s
+    /// last stable offset stays before its records (the route reads
+    /// nothing new) and fetching the committed offset with `require_stable`
+    /// times out (dedup cannot start). Checked twice, a second apart.
+    fn find_hanging(&self, group: &str, in_topic: &str, partition: u32) -> Result<Hanging, LogError> {
+        let timeout = self.options.request_timeout;
+        // Sees records (and committed offsets) whatever their transaction's state.
+        let uncommitted: BaseConsumer = {
+            let mut c = self.options.consumer(group);
+            c.set("isolation.level", "read_uncommitted");
+            c.create().map_err(kafka("create consumer"))?
+        };
+        let mut hanging = Hanging::default();
+        for attempt in 0..2 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            hanging = Hanging::default();
+            for (topic, &n) in &self.partitions {
+                if topic == in_topic || partition >= n {
+                    continue;
+                }
+                let stable = self.watermarks(topic, partition)?.end;
+                let (_, high) = uncommitted.fetch_watermarks(topic, partition as i32, timeout).map_err(kafka("fetch watermarks"))?;
+                if high.max(0) as u64 > stable {
+                    hanging.topics.push((topic.clone(), stable, high.max(0) as u64));
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(in_topic, partition as i32);
+            let offset_of = |got: TopicPartitionList| match got.find_partition(in_topic, partition as i32).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
+                _ => None,
+            };
+            let materialized = offset_of(uncommitted.committed_offsets(tpl.clone(), timeout).map_err(kafka("fetch committed offset"))?);
+            // require_stable (read_committed): retried by librdkafka while a
+            // transactional commit of the offset is pending, until the timeout.
+            let stable = self.committer(group)?.committed_offsets(tpl, timeout.min(Duration::from_secs(3)));
+            hanging.offsets = stable.is_err();
+            hanging.resume = match materialized {
+                Some(o) => o,
+                None => self.watermarks(in_topic, partition)?.start,
+            };
+            if hanging.topics.is_empty() && !hanging.offsets {
+                break;
+            }
+        }
+        Ok(hanging)
+    }
 }
+
+/// What [`Inner::find_hanging`] found.
+#[derive(Debug, Default)]
+struct Hanging {
+    /// (topic, last stable offset, high watermark) of partitions an
+    /// unfinished transaction holds.
+    topics: Vec<(String, u64, u64)>,
+    /// The group's offset on the input partition has a pending transactional commit.
+    offsets: bool,
+    /// The offset committed outside of any transaction (the input's start if none).
+    resume: u64,
+}
+
+impl Hanging {
+    fn any(&self) -> bool {
+        !self.topics.is_empty() || self.offsets
+    }
+}
+
+/// The key of the record [`KafkaLog::fence`] writes to a partition a hanging
+/// transaction holds, to end that transaction (its value is empty). It is no
+/// `<source>/<messageId>` of a real source (source ids never hold a NUL), so
+/// the route makes no job of it, and dedup's catch-up skips it.
+pub const CLOSE_HANGING_KEY: &[u8] = b"\0sluice/close-hanging-transaction";
 
 fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: u32) -> Option<u64> {
     let tpl = consumer.position().ok()?;
@@ -741,11 +1060,35 @@ impl Log for KafkaLog {
         self.inner.check(in_topic, partition)?;
         let id = self.transactional_id(group, in_topic, partition);
         // A new producer's init_transactions is what fences the old one.
-        self.blocking(move |inner| {
-            inner.forget_transactional(&id);
-            inner.transactional_producer(&id).map(|_| ())
-        })
-        .await
+        let producer = {
+            let id = id.clone();
+            self.blocking(move |inner| {
+                inner.forget_transactional(&id);
+                inner.transactional_producer(&id)
+            })
+            .await?
+        };
+        // The id's earlier transactions are over, unless a broker restart left one hanging.
+        let (g, t) = (group.to_owned(), in_topic.to_owned());
+        let hanging = self.blocking(move |inner| inner.find_hanging(&g, &t, partition)).await?;
+        if !hanging.any() {
+            return Ok(());
+        }
+        tracing::warn!(
+            transactional_id = %id, ?hanging,
+            "a Kafka transaction was left hanging (a broker restarted while committing it): ending it with one of ours"
+        );
+        self.close_hanging(&producer, &id, group, in_topic, partition, &hanging).await?;
+        let (g, t) = (group.to_owned(), in_topic.to_owned());
+        let left = self.blocking(move |inner| inner.find_hanging(&g, &t, partition)).await?;
+        if left.any() {
+            return Err(LogError::Unavailable(format!(
+                "{in_topic}/{partition}: a transaction left hanging by a broker restart is still open after {id} committed one \
+                 ({left:?}); end it with kafka-transactions.sh find-hanging / abort"
+            )));
+        }
+        tracing::info!(transactional_id = %id, "the hanging Kafka transaction is ended");
+        Ok(())
     }
 
     async fn publish_and_commit(
@@ -773,12 +1116,7 @@ impl Log for KafkaLog {
                 .map_err(kafka("commit offset"))?;
             let (producer2, group) = (producer.clone(), group.to_owned());
             self.blocking(move |inner| {
-                // A member's metadata lets the broker also check its generation.
-                let metadata = match inner.member(&group) {
-                    Some(m) => m.consumer.group_metadata(),
-                    None => inner.committer(&group)?.group_metadata(),
-                }
-                .ok_or_else(|| LogError::Kafka { op: "group metadata", cause: format!("none for group {group}") })?;
+                let metadata = inner.group_metadata(&group)?;
                 let timeout = inner.options.request_timeout;
                 producer2.send_offsets_to_transaction(&offsets, &metadata, timeout).map_err(kafka("send offsets to transaction"))?;
                 producer2.commit_transaction(timeout).map_err(kafka("commit transaction"))

@@ -89,6 +89,12 @@ impl Server {
     /// Start `sluice <command>` (`serve`, or a role: `ingest`, `dedup`,
     /// `route`, `director`) with `config`, and wait for its ready line.
     pub fn start_role(command: &str, config: &Path, env: &[(&str, &str)]) -> Server {
+        Self::try_start_role(command, config, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::start_role`], with `Err` (the process killed, its stderr in
+    /// the message) when it does not become ready within 60 s.
+    pub fn try_start_role(command: &str, config: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["--log-format", "json", command, "--config"])
             .arg(config)
@@ -117,12 +123,13 @@ impl Server {
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((addr, admin)) => Server { child, addr, admin, config: config.to_owned(), stderr: lines, reader: Some(reader) },
+            Ok((addr, admin)) => Ok(Server { child, addr, admin, config: config.to_owned(), stderr: lines, reader: Some(reader) }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = reader.join();
-                panic!("sluice did not become ready; stderr:\n{}", lines.lock().unwrap().join("\n"));
+                let text = lines.lock().unwrap().join("\n");
+                Err(format!("sluice did not become ready; stderr:\n{text}"))
             }
         }
     }
@@ -132,6 +139,9 @@ impl Server {
     }
 
     /// The process id of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 
     /// SIGKILL: no graceful exit, no flush.
     pub fn kill9(mut self) {
@@ -691,6 +701,28 @@ impl Broker {
 
     pub fn stop(&self) {
         let _ = Command::new("bash").arg(repo_root().join("scripts/kafka.sh")).arg("stop").arg(&self.dir).output();
+    }
+
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.dir.join("kafka.pid")).ok()?.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
+    /// SIGKILL the broker (no clean shutdown: its logs are recovered on the
+    /// next start) and wait until it is gone.
+    pub fn kill9(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Path::new(&format!("/proc/{pid}/stat")).exists()
+                && std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(false, |s| !s.contains(") Z "))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_file(self.dir.join("kafka.pid"));
     }
 
     /// Config TOML for `[log.kafka]` pointing at this broker.
