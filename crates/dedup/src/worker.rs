@@ -55,6 +55,9 @@ pub struct DedupMetrics {
     pub input_offset_resets: Counter,
     /// One batch: read input, look up, publish, index, commit.
     pub batch_seconds: Histogram,
+    /// Per owned partition: age of the oldest `input` record not deduplicated
+    /// (committed) yet, set by the process that runs the workers; 0 when caught up.
+    pub oldest_unprocessed: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for DedupMetrics {
@@ -71,6 +74,7 @@ impl Default for DedupMetrics {
             rebuilds: Counter::default(),
             input_offset_resets: Counter::default(),
             batch_seconds: Histogram::new(sluice_core::metrics::latency_buckets()),
+            oldest_unprocessed: Family::default(),
         }
     }
 }
@@ -93,9 +97,14 @@ impl DedupMetrics {
         r.register("batch_seconds", "One dedup batch: read, look up, publish, index, commit", self.batch_seconds.clone());
         r.register("rebuilds", "Indexes moved aside and rebuilt from output", self.rebuilds.clone());
         r.register("input_offset_resets", "Committed input offsets found past input's end and reset", self.input_offset_resets.clone());
+        r.register(
+            "oldest_unprocessed_age_seconds",
+            "Per input partition this process owns: age of the oldest event dedup has not processed (committed) yet (0 when caught up)",
+            self.oldest_unprocessed.clone(),
+        );
     }
 
-    fn partition(&self, p: u32) -> Labels {
+    pub fn partition(&self, p: u32) -> Labels {
         vec![("partition", p.to_string())]
     }
 }

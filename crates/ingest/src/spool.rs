@@ -62,6 +62,9 @@ pub struct SpoolMetrics {
     pub drained: Counter,
     /// Appends refused because the spool was full.
     pub refused: Counter,
+    /// Age (seconds) of the oldest event in the spool not yet moved to the
+    /// log, over all partitions; 0 when the spool is empty.
+    pub oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl SpoolMetrics {
@@ -71,6 +74,11 @@ impl SpoolMetrics {
         r.register("spooled", "Events written to the spool because the log was slow or down", self.spooled.clone());
         r.register("spool_drained", "Spooled events moved to the log", self.drained.clone());
         r.register("spool_refused", "Events refused (503) because the spool was full", self.refused.clone());
+        r.register(
+            "spool_oldest_age_seconds",
+            "Age of the oldest event in the ingest spool not yet moved to the log (0 when empty)",
+            self.oldest_age.clone(),
+        );
     }
 }
 
@@ -144,6 +152,28 @@ impl Spool {
         });
         let drainers = (0..n).map(|p| tokio::spawn(this.clone().drain(p))).collect();
         *this.drainers.lock().expect("drainers lock") = drainers;
+        // The age of the oldest undrained event, every second; ends with the spool.
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            let mut warned: Option<std::time::Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(spool) = weak.upgrade().filter(|s| !s.stop.load(Ordering::Relaxed)) else { return };
+                let age = spool.oldest_age().await;
+                spool.metrics.oldest_age.set(age.as_secs_f64());
+                // Acknowledged events waiting on this node's disk: say so, once a minute.
+                if age >= Duration::from_secs(60) && warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    let events = spool.total_depth().await;
+                    tracing::warn!(
+                        oldest_seconds = age.as_secs(),
+                        events,
+                        "the ingest spool is not draining: its oldest event was acknowledged {}s ago",
+                        age.as_secs()
+                    );
+                }
+            }
+        });
         // Delete drained segments; ends with the spool.
         let weak = Arc::downgrade(&this);
         tokio::spawn(async move {
@@ -185,6 +215,29 @@ impl Spool {
         let range = self.spool.offsets(SPOOL_TOPIC, p).await?;
         let drained = self.spool.committed(DRAIN_GROUP, SPOOL_TOPIC, p).await?.unwrap_or(range.start).max(range.start);
         Ok(range.end.saturating_sub(drained))
+    }
+
+    /// How long ago the oldest undrained event was spooled (the spool's
+    /// append time), over all partitions; zero when none waits.
+    async fn oldest_age(&self) -> Duration {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let mut oldest = Duration::ZERO;
+        for p in 0..self.partitions.len() as u32 {
+            let Ok(range) = self.spool.offsets(SPOOL_TOPIC, p).await else { continue };
+            let drained = match self.spool.committed(DRAIN_GROUP, SPOOL_TOPIC, p).await {
+                Ok(c) => c.unwrap_or(range.start).max(range.start),
+                Err(_) => continue,
+            };
+            if drained >= range.end {
+                continue;
+            }
+            if let Ok(first) = self.spool.read(SPOOL_TOPIC, p, drained, 1).await {
+                if let Some(r) = first.first() {
+                    oldest = oldest.max(Duration::from_millis(now_ms.saturating_sub(r.timestamp_ms).max(0) as u64));
+                }
+            }
+        }
+        oldest
     }
 
     async fn total_depth(&self) -> u64 {
@@ -314,5 +367,79 @@ impl Log for Spool {
 
     fn join(&self, group: &str, topic: &str) -> Result<Membership, LogError> {
         self.log.join(group, topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use sluice_log::{EmbeddedLog, Log, LogError, LogOptions, OffsetRange, Record, StoredRecord};
+
+    use super::{Spool, SpoolMetrics, SpoolSettings};
+
+    /// An embedded log whose appends fail while `down`.
+    struct Switch {
+        inner: EmbeddedLog,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Log for Switch {
+        fn partitions(&self, topic: &str) -> Result<u32, LogError> {
+            self.inner.partitions(topic)
+        }
+        async fn append(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(LogError::Unavailable("down (test)".into()));
+            }
+            self.inner.append(topic, partition, records).await
+        }
+        async fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<StoredRecord>, LogError> {
+            self.inner.read(topic, partition, from, max).await
+        }
+        async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+            self.inner.offsets(topic, partition).await
+        }
+        async fn commit(&self, group: &str, topic: &str, partition: u32, next: u64) -> Result<(), LogError> {
+            self.inner.commit(group, topic, partition, next).await
+        }
+        async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+            self.inner.committed(group, topic, partition).await
+        }
+    }
+
+    /// While the log refuses appends, the spool's oldest event ages and
+    /// the gauge says so; once drained, the gauge is back to 0.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_oldest_undrained_event_age_grows_while_the_log_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LogOptions { topics: vec![("input".into(), 2)], ..LogOptions::default() };
+        let inner = EmbeddedLog::open(&dir.path().join("log"), options).unwrap();
+        let log = Arc::new(Switch { inner, down: AtomicBool::new(true) });
+        let metrics = SpoolMetrics::default();
+        let settings = SpoolSettings { spool_after: Duration::from_millis(200), max_events: 100, drain_batch: 10 };
+        let spool = Spool::open(log.clone(), "input", &dir.path().join("spool"), settings, metrics.clone()).await.unwrap();
+        assert_eq!(metrics.oldest_age.get(), 0.0, "empty spool");
+        let rec = Record { key: Bytes::from_static(b"k"), value: Bytes::from_static(b"v") };
+        spool.append("input", 1, vec![rec]).await.expect("acknowledged into the spool");
+        let waited = Instant::now();
+        while metrics.oldest_age.get() < 2.0 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "age stuck at {}", metrics.oldest_age.get());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(metrics.oldest_age.get() <= waited.elapsed().as_secs_f64() + 1.0);
+        log.down.store(false, Ordering::SeqCst);
+        let waited = Instant::now();
+        while metrics.oldest_age.get() != 0.0 || metrics.depth.get() != 0 {
+            assert!(waited.elapsed() < Duration::from_secs(20), "not drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(log.inner.read("input", 1, 0, 10).await.unwrap().len(), 1);
+        spool.stop().await;
     }
 }

@@ -105,6 +105,18 @@ fn spawn_worker(
     rt: tokio::runtime::Handle,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(format!("dedup-{partition}")).spawn(move || {
+        // Watches the partition from the side while this worker owns it, so a
+        // worker that hangs or keeps failing still shows a growing age.
+        let labels = metrics.partition(partition);
+        let monitor = rt.spawn(sluice_route::watch_backlog(
+            log.clone(),
+            "dedup",
+            sluice_dedup::INPUT_TOPIC,
+            sluice_dedup::GROUP,
+            partition,
+            metrics.oldest_unprocessed.get_or_create(&labels).clone(),
+        ));
+        let _unwatch = Unwatch(monitor, metrics.clone(), labels);
         let mut progress = |p: Progress| {
             tracing::info!(partition = p.partition, done = p.done, total = p.total, "dedup index catch-up from output");
         };
@@ -125,6 +137,17 @@ fn spawn_worker(
             }
         }
     })
+}
+
+/// Stops a worker's backlog watch and drops its series when the worker ends
+/// (another process may own the partition next).
+struct Unwatch(tokio::task::JoinHandle<()>, DedupMetrics, Vec<(&'static str, String)>);
+
+impl Drop for Unwatch {
+    fn drop(&mut self) {
+        self.0.abort();
+        self.1.oldest_unprocessed.remove(&self.2);
+    }
 }
 
 pub fn run(cmd: DedupCommand) -> Result<()> {

@@ -268,6 +268,20 @@ impl Endpoint {
         }
     }
 
+    /// The largest sample of `name` (any labels) on `admin`'s /metrics.
+    fn scrape_max(&self, admin: &str, name: &str) -> Option<f64> {
+        let url = format!("http://{admin}/metrics");
+        let text = self.rt.block_on(async {
+            let c = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().ok()?;
+            c.get(url).send().await.ok()?.text().await.ok()
+        })?;
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+            .or(Some(0.0))
+    }
+
     fn scrape(&self, admin: &str, name: &str) -> Option<f64> {
         let url = format!("http://{admin}/metrics");
         let text = self.rt.block_on(async {
@@ -455,16 +469,8 @@ impl Topology {
             out += &format!("\n--- {} ---\n{}\n", p.name, p.tail(n));
         }
         out += &format!("\n--- positions ---\n{}\n", self.positions());
-        if let Ok(dir) = std::env::var("SLUICE_SOAK_LOG_DIR") {
-            let dir = PathBuf::from(dir);
-            let _ = std::fs::create_dir_all(&dir);
-            for p in &self.procs {
-                let now = p.server.as_ref().map(|s| s.stderr.lock().unwrap().clone()).unwrap_or_default();
-                let all: Vec<&String> = p.past.iter().chain(now.iter()).collect();
-                let text: String = all.iter().map(|l| format!("{l}\n")).collect();
-                let _ = std::fs::write(dir.join(format!("{}.log", p.name)), text);
-            }
-            let _ = std::fs::copy(self.broker.dir.join("log/server.log"), dir.join("kafka-server.log"));
+        out += &format!("\n--- recoveries logged ---\n{:?}\n", self.recoveries_logged());
+        if let Some(dir) = self.save_logs() {
             out += &format!("(whole logs in {})\n", dir.display());
         }
         out
@@ -495,6 +501,55 @@ impl Topology {
             out += &format!("partition {p}: {}; {}\n", q("input", "dedup"), q("output", "route"));
         }
         out
+    }
+
+    /// `name`'s value in each running process of `role`.
+    fn scrape_role(&self, role: &str, name: &str) -> Vec<f64> {
+        self.procs
+            .iter()
+            .filter(|p| p.role == role)
+            .filter_map(|p| p.server.as_ref())
+            .filter_map(|s| self.endpoint.scrape_max(&s.admin, name))
+            .collect()
+    }
+
+    /// Log lines (every life of every process) that contain `needle`.
+    fn count_logs(&self, needle: &str) -> usize {
+        self.procs
+            .iter()
+            .map(|p| {
+                let now = p.server.as_ref().map(|s| s.stderr.lock().unwrap().clone()).unwrap_or_default();
+                p.past.iter().chain(now.iter()).filter(|l| l.contains(needle)).count()
+            })
+            .sum()
+    }
+
+    /// How often the recovery paths of issue 11 ran, from the processes' logs.
+    fn recoveries_logged(&self) -> BTreeMap<&'static str, usize> {
+        [
+            ("bootstrap servers re-added (librdkafka lost every broker)", "bootstrap servers added to it again"),
+            ("readers replaced by a fresh consumer", "Kafka reader replaced by a fresh consumer"),
+            ("hanging transactions found", "was left hanging"),
+            ("hanging transactions ended", "the hanging Kafka transaction is ended"),
+            ("stage-behind warnings", "is not keeping up with"),
+            ("spool-not-draining warnings", "the ingest spool is not draining"),
+        ]
+        .into_iter()
+        .map(|(what, needle)| (what, self.count_logs(needle)))
+        .collect()
+    }
+
+    /// With `SLUICE_SOAK_LOG_DIR`: every process's whole log and the broker's, there.
+    fn save_logs(&self) -> Option<PathBuf> {
+        let dir = PathBuf::from(std::env::var("SLUICE_SOAK_LOG_DIR").ok()?);
+        let _ = std::fs::create_dir_all(&dir);
+        for p in &self.procs {
+            let now = p.server.as_ref().map(|s| s.stderr.lock().unwrap().clone()).unwrap_or_default();
+            let text: String = p.past.iter().chain(now.iter()).map(|l| format!("{l}\n")).collect();
+            let _ = std::fs::write(dir.join(format!("{}.log", p.name)), text);
+        }
+        let _ = std::fs::copy(self.broker.dir.join("log/server.log"), dir.join("kafka-server.log"));
+        Some(dir)
     }
 
     fn sample(&mut self) {
@@ -603,6 +658,9 @@ fn broker_restart_cycles() {
             topo.endpoint.collect(&ledger);
             std::thread::sleep(Duration::from_millis(500));
         }
+        // Events acknowledged into the spools wait for Kafka: their age shows it.
+        let spool_age = topo.scrape_role("ingest", "sluice_ingest_spool_oldest_age_seconds").into_iter().fold(0.0, f64::max);
+        assert!(spool_age >= 5.0, "cycle {cycle}: 10 s into the outage the oldest spooled event is {spool_age} s old");
         topo.broker_restart();
         let back = Instant::now();
         eprintln!(
@@ -619,6 +677,18 @@ fn broker_restart_cycles() {
             }
             Err(e) => panic!("cycle {cycle}: {e}\n{}", topo.tails(25)),
         }
+        // Every stage caught up: every age gauge is back to a few seconds.
+        let ages = || {
+            [
+                ("ingest", "sluice_ingest_spool_oldest_age_seconds"),
+                ("dedup", "sluice_dedup_oldest_unprocessed_age_seconds"),
+                ("route", "sluice_route_oldest_unprocessed_age_seconds"),
+            ]
+            .map(|(role, name)| (role, topo.scrape_role(role, name).into_iter().fold(0.0, f64::max)))
+        };
+        wait_for(Duration::from_secs(20), || ages().iter().all(|(_, a)| *a < 10.0).then_some(()), || {
+            format!("cycle {cycle}: stage ages after recovery {:?}", ages())
+        });
         // Some traffic with the broker up before the next outage.
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
@@ -650,6 +720,8 @@ fn broker_restart_cycles() {
     );
     assert_eq!(l.phantoms, 0, "deliveries of events never sent");
     assert!(l.pending.is_empty(), "{} acknowledged events undelivered", l.pending.len());
+    eprintln!("[restarts] recoveries logged: {:?}", topo.recoveries_logged());
+    topo.save_logs();
     assert_eq!(l.duplicates(), 0, "no process was killed: nothing may be delivered twice");
     let panics: Vec<String> = topo.procs.iter().flat_map(|p| p.panics()).collect();
     assert!(panics.is_empty(), "panics: {panics:#?}");
@@ -962,6 +1034,9 @@ fn chaos_soak() {
         "drained_secs_after_traffic_stopped": drained_after.as_secs_f64(),
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     });
+    let mut report = report;
+    report["recoveries_logged"] = json!(topo.recoveries_logged());
+    topo.save_logs();
     eprintln!("[soak] report: {}", serde_json::to_string_pretty(&report).unwrap());
     if let Ok(path) = std::env::var("SLUICE_SOAK_REPORT") {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
