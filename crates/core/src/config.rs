@@ -29,6 +29,38 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
+/// The longest server timeout (header, body, shutdown grace).
+const MAX_SERVER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The host and port of an `http(s)://` URL: a host is present and a port,
+/// if given, is 1-65535 (checked here so a destination that can never be
+/// reached is refused at load, not discarded job by job).
+fn check_authority(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or("an IPv6 host lacks its closing ']'")?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(format!("port {port:?} is not 1-65535")),
+        }
+    }
+    Ok(())
+}
+
 /// Each line of an error message cut to 200 characters: the message quotes
 /// the file (TOML's own errors show the line), and a hostile file's line can
 /// be megabytes.
@@ -557,6 +589,7 @@ impl DestinationConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
             return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
         }
+        check_authority(&self.url).map_err(|problem| invalid(key("url"), format!("{}: {problem}", excerpt(&self.url))))?;
         if self.max_in_flight == Some(0) {
             return Err(invalid(key("max_in_flight"), "must be at least 1"));
         }
@@ -730,11 +763,12 @@ impl Config {
         if !self.admin.listen.is_empty() {
             parse_addr("admin.listen", &self.admin.listen)?;
         }
-        if self.admin.token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err(invalid("admin.token", "must be at least 16 characters"));
-        }
-        if self.admin.metrics_token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err(invalid("admin.metrics_token", "must be at least 16 characters"));
+        // Whitespace cannot survive an HTTP header (it is trimmed): such a
+        // token would refuse every request.
+        for (key, token) in [("admin.token", &self.admin.token), ("admin.metrics_token", &self.admin.metrics_token)] {
+            if token.as_deref().is_some_and(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
+                return Err(invalid(key, "must be at least 16 characters, without spaces or control characters"));
+            }
         }
         if self.director.rpc_secret.as_deref().is_some_and(|s| s.len() < MIN_RPC_SECRET_LEN) {
             return Err(invalid("director.rpc_secret", format!("must be at least {MIN_RPC_SECRET_LEN} characters (e.g. `openssl rand -hex 32`)")));
@@ -751,6 +785,17 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        // Added to the clock per connection: an enormous value overflowed it
+        // on every request.
+        for (key, d) in [
+            ("server.header_read_timeout", self.server.header_read_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+        ] {
+            if d > MAX_SERVER_TIMEOUT {
+                return Err(invalid(key, "must be at most 1 hour"));
             }
         }
         let ing = &self.ingest;
@@ -772,8 +817,10 @@ impl Config {
         if ing.spool_max_events == 0 {
             return Err(invalid("ingest.spool_max_events", "must be at least 1"));
         }
-        if !(1..=4096).contains(&self.log.partitions) {
-            return Err(invalid("log.partitions", format!("must be between 1 and 4096, got {}", self.log.partitions)));
+        // Each partition is a writer thread, a dedup worker with its own
+        // RocksDB and a route task in every process that owns it.
+        if !(1..=256).contains(&self.log.partitions) {
+            return Err(invalid("log.partitions", format!("must be between 1 and 256, got {}", self.log.partitions)));
         }
         if self.log.segment_bytes < 4096 {
             return Err(invalid("log.segment_bytes", "must be at least 4096"));

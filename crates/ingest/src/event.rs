@@ -90,7 +90,7 @@ pub enum EventError {
     MissingIdentity,
     #[error("`{0}` is required for {1} calls")]
     MissingField(&'static str, &'static str),
-    #[error("`messageId` must be a string of at most 100 characters")]
+    #[error("`messageId` must be a string of at most 100 characters, without control characters")]
     InvalidMessageId,
     /// `size` is the event as stored, or as much of it as was written when
     /// the limit was passed.
@@ -433,7 +433,9 @@ pub fn normalize(
         Some(v) if is_null(v) || v.get() == "\"\"" => None,
         Some(_) => {
             let id = item.get_str("messageId").ok_or(EventError::InvalidMessageId)?;
-            if id.chars().count() > 100 {
+            // It travels as the Idempotency-Key header of every delivery:
+            // control characters cannot (and would retry until archived).
+            if id.chars().count() > 100 || id.chars().any(char::is_control) {
                 return Err(EventError::InvalidMessageId);
             }
             Some(id.into_owned())

@@ -264,7 +264,8 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
 /// limits and answered 200; nothing is stored.
 async fn client_telemetry(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
     match collect_body(&ingest.settings, &headers, body).await {
-        Ok(_) => success(),
+        Ok(Some(_)) => success(),
+        Ok(None) => too_large(&ingest.settings).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -144,6 +144,8 @@ fn router_cases() -> Vec<Case> {
         Case { name: "noncharacter-uffff", request: authed("/v1/track", track_with("{\"s\":\"\u{ffff}\"}")), expect: Stored(1) },
         Case { name: "rtl-override-event-name", request: authed("/v1/track", "{\"type\":\"track\",\"userId\":\"u\",\"event\":\"\u{202e}gnp.exe\"}"), expect: Stored(1) },
         Case { name: "message-id-100-multibyte", request: authed("/v1/track", json!({"type":"track","userId":"u","event":"E","messageId":"é".repeat(100)}).to_string()), expect: Stored(1) },
+        Case { name: "message-id-newline", request: authed("/v1/track", r#"{"type":"track","userId":"u","event":"E","messageId":"ctl\nnewline"}"#), expect: Error(400, "invalid_message_id") },
+        Case { name: "message-id-nul-and-del", request: authed("/v1/batch", r#"{"batch":[{"type":"track","userId":"u","event":"E","messageId":"a\u0000"},{"type":"track","userId":"u","event":"E","messageId":"b\u007f"}]}"#), expect: Error(400, "invalid_message_id") },
         Case { name: "message-id-with-slash", request: authed("/v1/track", r#"{"type":"track","userId":"u","event":"E","messageId":"a/b/c"}"#), expect: Stored(1) },
         // --- auth forms
         Case { name: "basic-key-colon", request: post("/v1/track", &[("authorization", &basic(&format!("{WEB_KEY}:")))], ok_track.clone()), expect: Stored(1) },

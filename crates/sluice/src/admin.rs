@@ -127,7 +127,10 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The token of an `Authorization: Bearer <token>` header.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    // The scheme is case-insensitive (RFC 9110 11.1).
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 /// Whether `given` is `expected`, in a time that shows neither `expected`'s

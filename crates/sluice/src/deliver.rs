@@ -496,7 +496,8 @@ fn parse_since(s: &str) -> Result<i64> {
         return Ok(t.timestamp_millis());
     }
     let ago = humantime::parse_duration(s).with_context(|| format!("--since {s:?}: use RFC 3339 (2026-11-26T09:00:00Z) or a duration ago (2h)"))?;
-    Ok(sluice_deliver::now_ms() - ago.as_millis() as i64)
+    // Saturating: a window longer than the clock's past means "everything".
+    Ok(sluice_deliver::now_ms().saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)).max(0))
 }
 
 /// File a replay request in the control database; the server runs it (within a second).

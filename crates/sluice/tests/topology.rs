@@ -44,6 +44,48 @@ fn ids(sent: &[Value]) -> impl Iterator<Item = String> + '_ {
     sent.iter().map(|s| s["messageId"].as_str().unwrap().to_owned())
 }
 
+/// Every messageId with a job in director `scope`'s JobDB tables.
+fn scope_message_ids(engine: &str, db: &str, scope: &str) -> std::collections::HashSet<String> {
+    use sqlx::{Connection, Row};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let pattern = format!("{scope}\\_jobs\\_%");
+        let mut ids = std::collections::HashSet::new();
+        if engine == "mysql" {
+            let mut c = sqlx::MySqlConnection::connect(db).await.unwrap();
+            let tables: Vec<String> = sqlx::query("SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE ?")
+                .bind(&pattern)
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect();
+            for t in tables {
+                for r in sqlx::query(&format!("SELECT message_id FROM {t}")).fetch_all(&mut c).await.unwrap() {
+                    ids.insert(r.get::<String, _>(0));
+                }
+            }
+        } else {
+            let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+            let tables: Vec<String> = sqlx::query("SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE $1")
+                .bind(&pattern)
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect();
+            for t in tables {
+                for r in sqlx::query(&format!("SELECT message_id FROM {t}")).fetch_all(&mut c).await.unwrap() {
+                    ids.insert(r.get::<String, _>(0));
+                }
+            }
+        }
+        ids
+    })
+}
+
 /// One topology at a time: each is 7 processes and a broker on 2 cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -136,9 +178,17 @@ fn topology(engine: &str) {
         expected.len(),
         started.elapsed()
     );
+    // The director crash window (ARCHITECTURE.md): a job d2 re-executed
+    // after adopting d1's JobDBs, or a route batch d1 inserted but did not
+    // answer before it died, replayed to d2 once d1 left the live set (the
+    // messageId then has a job in both directors' scopes). Nothing else.
+    let (in_d1, in_d2) = (scope_message_ids(engine, &db, "d1"), scope_message_ids(engine, &db, "d2"));
+    let replayed_to_d2: usize =
+        got.iter().filter(|(id, n)| **n > 1 && in_d1.contains(*id) && in_d2.contains(*id)).map(|(_, n)| n - 1).sum();
+    eprintln!("duplicates of messageIds with jobs in both directors' scopes (a batch replayed after d1 died): {replayed_to_d2}");
     assert!(
-        duplicates as f64 <= reexecuted,
-        "duplicates ({duplicates}) come only from the director crash window ({reexecuted} jobs re-executed)"
+        duplicates as f64 <= reexecuted + replayed_to_d2 as f64,
+        "duplicates ({duplicates}) come only from the director crash window ({reexecuted} jobs re-executed, {replayed_to_d2} replayed to d2)"
     );
     for s in [ingest_1, ingest_2, route, dedup_b, d2] {
         s.stop();
