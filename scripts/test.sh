@@ -44,3 +44,5 @@ log "OpenTelemetry traces (cargo feature otel)"
 cargo test --release -p sluice --features otel --test otel "$@"
 log "fuzzing (docs/FUZZING.md): each target for ${SLUICE_FUZZ_SECONDS:-60}s"
 bash scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-60}"
+log "chaos soak (docs/RELIABILITY.md): ${SLUICE_SOAK_MINUTES:-3} minutes of SIGKILLs and broker restarts on the scaled-out topology"
+SLUICE_SOAK_MINUTES="${SLUICE_SOAK_MINUTES:-3}" cargo test --release -p sluice --test soak chaos_soak -- --exact --nocapture
