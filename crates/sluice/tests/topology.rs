@@ -53,17 +53,19 @@ fn scope_message_ids(engine: &str, db: &str, scope: &str) -> std::collections::H
         let mut ids = std::collections::HashSet::new();
         if engine == "mysql" {
             let mut c = sqlx::MySqlConnection::connect(db).await.unwrap();
-            let tables: Vec<String> = sqlx::query("SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE ?")
+            // MariaDB answers names and VARBINARY columns as bytes.
+            let text = |r: &sqlx::mysql::MySqlRow| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).into_owned();
+            let tables: Vec<String> = sqlx::query("SELECT CAST(table_name AS BINARY) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE ?")
                 .bind(&pattern)
                 .fetch_all(&mut c)
                 .await
                 .unwrap()
                 .iter()
-                .map(|r| r.get::<String, _>(0))
+                .map(text)
                 .collect();
             for t in tables {
-                for r in sqlx::query(&format!("SELECT message_id FROM {t}")).fetch_all(&mut c).await.unwrap() {
-                    ids.insert(r.get::<String, _>(0));
+                for r in sqlx::query(&format!("SELECT CAST(message_id AS BINARY) FROM {t}")).fetch_all(&mut c).await.unwrap() {
+                    ids.insert(text(&r));
                 }
             }
         } else {
