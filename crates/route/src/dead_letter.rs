@@ -94,10 +94,10 @@ pub(crate) async fn store(catalog: &Arc<Catalog>, letters: Vec<NewDeadLetter>) -
         .map_err(|e| RouteError::DeadLetters(format!("the store task failed: {e}")))??;
     match outcome {
         DeadLetterInsert::Stored { new, .. } => {
-            let m = metrics();
-            m.stored.inc_by(new);
+            metrics().stored.inc_by(new);
             if new > 0 {
-                m.open.inc_by(new as i64);
+                // Read back, not added: the periodic refresh may have counted these rows already.
+                refresh_gauge(catalog).await;
             }
             Ok(())
         }
@@ -111,8 +111,11 @@ pub(crate) async fn store(catalog: &Arc<Catalog>, letters: Vec<NewDeadLetter>) -
     }
 }
 
-/// Set `sluice_route_dead_letters` from the store.
+/// Set `sluice_route_dead_letters` from the store. Refreshes are serialized
+/// so that a count read before an insert cannot overwrite one read after it.
 pub(crate) async fn refresh_gauge(catalog: &Arc<Catalog>) {
+    static REFRESH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _serial = REFRESH.lock().await;
     let c = catalog.clone();
     match tokio::task::spawn_blocking(move || c.with_control(|db| db.dead_letter_counts())).await {
         Ok(Ok(counts)) => {
