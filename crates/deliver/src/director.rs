@@ -6,8 +6,11 @@
 //!   long as it runs; no other director (in this or another process) drives
 //!   the same JobDB. A lock held by a database session is checked every
 //!   [`LOCK_CHECK_INTERVAL`]: if its session ended, the director takes the
-//!   lock again, or, if it cannot (another director has it, or the
-//!   database does not answer), stops sending at once.
+//!   lock again; if another director has it, this one stops at once; if
+//!   the database does not answer, it starts no request (it cannot know
+//!   whether the lock is still its own) and asks again every interval,
+//!   resuming once it holds the lock again (a database restart does not
+//!   strand the JobDB).
 //! - It learns of jobs only from its writer ([`FromWriter`]), in commit
 //!   order, so it never schedules a job that is not durable. `loaded_upto`
 //!   is the highest id it has seen; every unfinished job at or below it is
@@ -175,6 +178,9 @@ pub(crate) struct Director {
     reloading: std::collections::HashSet<String>,
     last_report: Instant,
     last_lock_check: Instant,
+    /// Since when the lock could not be confirmed (the database did not
+    /// answer): no request is started until it is.
+    lock_unconfirmed: Option<Instant>,
 }
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
@@ -213,6 +219,7 @@ pub(crate) fn spawn(
         reloading: Default::default(),
         last_report: Instant::now(),
         last_lock_check: Instant::now(),
+        lock_unconfirmed: None,
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
     Ok(DirectorHandle { seq, name, writer, inbox: inbox_tx, task })
@@ -251,7 +258,7 @@ impl Director {
             self.flush_rows();
             self.request_page();
             self.request_reloads();
-            let next_wake = self.dispatch();
+            let next_wake = if self.lock_unconfirmed.is_some() { None } else { self.dispatch() };
             self.flush_rows();
             self.report_in_memory();
             if self.last_report.elapsed() >= Duration::from_secs(1) {
@@ -795,26 +802,56 @@ impl Director {
         DirectorExit::Stopped
     }
 
-    /// Whether this director still holds its JobDB's lock: a file lock
-    /// always; a database session's lock unless the session ended and
-    /// another director took the lock meanwhile (then false).
+    /// Whether this director may go on: true while it holds its JobDB's
+    /// lock (a file lock always; a database session's lock, taken again
+    /// if the session ended) or cannot tell (the database does not answer:
+    /// [`Self::lock_unconfirmed`] is set and nothing is dispatched); false
+    /// once another director holds it.
     async fn keep_lock(&mut self) -> bool {
         let Some(JobDbLock::Sql(lock)) = &mut self.lock else { return true };
         if lock.is_held().await {
+            self.lock_confirmed();
             return true;
         }
         let JobDbs::Sql(sql) = &self.jobdbs else { return true };
+        let old_session = lock.session_id();
         match sql.lock_jobdb(self.seq).await {
             Ok(again) => {
                 tracing::warn!(jobdb = %self.name, "the director lock's database session ended; lock taken again");
                 self.lock = Some(JobDbLock::Sql(again));
+                self.lock_confirmed();
                 true
             }
-            Err(e) => {
-                tracing::error!(jobdb = %self.name, error = %e, "director lock lost; this director stops");
-                false
-            }
+            // Held: by our own session (its check did not answer in time) or another director's.
+            Err(crate::DeliverError::SqlLocked { .. }) => match sql.jobdb_lock_holder(self.seq).await {
+                Ok(Some(holder)) if holder == old_session => {
+                    self.lock_confirmed();
+                    true
+                }
+                Ok(holder) => {
+                    tracing::error!(jobdb = %self.name, ?holder, "director lock lost to another session; this director stops");
+                    false
+                }
+                Err(e) => self.lock_unanswered(&e),
+            },
+            Err(e) => self.lock_unanswered(&e),
         }
+    }
+
+    fn lock_confirmed(&mut self) {
+        if let Some(since) = self.lock_unconfirmed.take() {
+            tracing::warn!(jobdb = %self.name, after = ?since.elapsed(), "the director lock is confirmed again; dispatch resumes");
+        }
+    }
+
+    /// The database did not answer the lock check: pause dispatch (true:
+    /// the director goes on, and asks again next interval).
+    fn lock_unanswered(&mut self, e: &crate::DeliverError) -> bool {
+        if self.lock_unconfirmed.is_none() {
+            tracing::error!(jobdb = %self.name, error = %e, "cannot confirm the director lock (database unreachable?); no request starts until it is confirmed");
+            self.lock_unconfirmed = Some(Instant::now());
+        }
+        true
     }
 
     async fn close_writer(&mut self) {

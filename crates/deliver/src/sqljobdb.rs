@@ -935,6 +935,45 @@ impl SqlJobDbs {
     pub async fn lock_jobdb(&self, seq: u64) -> Result<DirectorLock, DeliverError> {
         self.lock(&self.table_names(seq).0).await
     }
+
+    /// The server's id of the session holding JobDB `seq`'s director lock
+    /// (see [`DirectorLock::session_id`]), asked on a connection of its own;
+    /// `None` when nobody holds it.
+    pub async fn jobdb_lock_holder(&self, seq: u64) -> Result<Option<i64>, DeliverError> {
+        let name = self.table_names(seq).0;
+        let (lock_name, key) = (self.mysql_lock_name(&name), self.postgres_lock_key(&name));
+        let asked = async {
+            match &self.options {
+                Options::MySql(o) => {
+                    let mut c = o.connect().await?;
+                    let row = sqlx::query("SELECT IS_USED_LOCK(?)").bind(lock_name).fetch_one(&mut c).await?;
+                    let holder = row.try_get::<Option<i64>, _>(0)?;
+                    let _ = sqlx::Connection::close(c).await;
+                    Ok(holder)
+                }
+                Options::Postgres(o) => {
+                    let mut c = o.connect().await?;
+                    let row = sqlx::query(
+                        "SELECT max(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                           AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1",
+                    )
+                    .bind(key)
+                    .fetch_one(&mut c)
+                    .await?;
+                    let holder = row.try_get::<Option<i32>, _>(0)?.map(i64::from);
+                    let _ = sqlx::Connection::close(c).await;
+                    Ok::<_, sqlx::Error>(holder)
+                }
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
+            Ok(result) => result.map_err(self.err(format!("asking who holds the director lock of {name}"))),
+            Err(_) => Err(DeliverError::Io {
+                path: self.display.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no director lock answer within {CONNECT_TIMEOUT:?}")),
+            }),
+        }
+    }
 }
 
 enum LockConn {

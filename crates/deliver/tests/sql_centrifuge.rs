@@ -41,6 +41,7 @@ engines!(
     jobs_are_delivered_and_finished_jobdbs_are_dropped_as_tables,
     a_restart_picks_up_unfinished_jobs_and_the_lock_keeps_out_a_second_process,
     a_director_whose_lock_session_ends_takes_the_lock_again_or_stops_if_another_has_it,
+    a_director_pauses_while_the_database_is_unreachable_and_resumes_when_it_is_back,
 );
 
 /// The test's database: its JobDBs and its URL.
@@ -266,6 +267,110 @@ async fn a_director_whose_lock_session_ends_takes_the_lock_again_or_stops_if_ano
     }
     thief.release().await;
     centrifuge.close().await;
+}
+
+/// The database goes away (every connection to it cut, new ones refused:
+/// a restart, a failover, a network partition) for longer than a lock
+/// check, then comes back. The director must not give up its JobDB for
+/// good (it used to stop, and nothing served the JobDB until the process
+/// restarted): it sends nothing while it cannot confirm its lock, then takes
+/// the lock again and delivers what was and is inserted.
+async fn a_director_pauses_while_the_database_is_unreachable_and_resumes_when_it_is_back(b: Db) {
+    let target = url::Url::parse(&b.url).unwrap();
+    let proxy = Proxy::start(&format!("{}:{}", target.host_str().unwrap(), target.port().unwrap())).await;
+    let mut through = target.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.port)).unwrap();
+    let db = Db { sql: b.sql.clone(), url: through.to_string() };
+    let sink = Sink::start().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let centrifuge = open(&config(&db, data.path(), &dest("d", &sink.url("/d"), ""))).await.expect("open");
+    let insert = |m: &'static str| {
+        let c = centrifuge.clone();
+        async move { c.insert(vec![job(m, "d")], sluice_deliver::now_ms()).await }
+    };
+    assert_eq!(insert("before").await.unwrap(), 1);
+    wait_until(Duration::from_secs(10), || sink.received_on("/d").len() == 1, || "delivered before the outage".into()).await;
+
+    proxy.set_up(false);
+    // Two lock checks fail while it is away.
+    tokio::time::sleep(LOCK_CHECK_INTERVAL * 2 + Duration::from_secs(1)).await;
+    let (held, _) = lock_holder_sessions(&b).await;
+    assert_eq!(held, 0, "the lock's session ended with its connection");
+    proxy.set_up(true);
+
+    // Inserted once it is back (a JobDB that was closed answers Closed here).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match insert("after").await {
+            Ok(1) => break,
+            Err(DeliverError::Closed) => panic!("the director gave up its JobDB while the database was away"),
+            other => assert!(Instant::now() < deadline, "no insert within 30 s of the database's return: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_until(
+        Duration::from_secs(LOCK_CHECK_INTERVAL.as_secs() * 3 + 10),
+        || sink.received_on("/d").len() >= 2,
+        || format!("delivered after the outage: {:?}", sink.received_on("/d").len()),
+    )
+    .await;
+    let (held, _) = lock_holder_sessions(&b).await;
+    assert_eq!(held, 1, "the director holds its lock again");
+    // And it still keeps a second director out.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let second = open(&config(&b, elsewhere.path(), &dest("d", &sink.url("/d"), ""))).await;
+    assert!(matches!(second, Err(DeliverError::SqlLocked { .. })), "a second director got in: {:?}", second.err());
+    centrifuge.close().await;
+}
+
+/// How many sessions hold JobDB 1's director lock (0 or 1), asked directly.
+async fn lock_holder_sessions(b: &Db) -> (usize, Option<i64>) {
+    let holder = b.sql.jobdb_lock_holder(1).await.expect("ask the database");
+    (holder.is_some() as usize, holder)
+}
+
+/// A TCP forwarder in front of the database that can be taken down (every
+/// connection through it cut, new ones refused) and brought back.
+struct Proxy {
+    port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(target: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (target, up2) = (target.to_owned(), up.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let (target, mut cuts) = (target.clone(), cuts.clone());
+                cuts.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, up, cut }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
 }
 
 async fn retry_lock(sql: &SqlJobDbs) -> sluice_deliver::sqljobdb::DirectorLock {
