@@ -106,6 +106,12 @@ impl KafkaOptions {
         c
     }
 
+    /// How long an append waits for its delivery reports: librdkafka's
+    /// own timeout, and then some.
+    fn delivery_bound(&self) -> Duration {
+        self.produce_timeout + self.request_timeout
+    }
+
     fn producer(&self) -> ClientConfig {
         let mut c = self.base();
         c.set("enable.idempotence", "true")
@@ -360,7 +366,7 @@ impl KafkaLog {
             producer.begin_transaction().map_err(kafka("begin transaction"))?;
             let marker = [Record { key: Bytes::from_static(CLOSE_HANGING_KEY), value: Bytes::new() }];
             for (topic, _, _) in &hanging.topics {
-                produce(producer, topic, partition, &marker).await?;
+                produce(producer, topic, partition, &marker, self.inner.options.delivery_bound()).await?;
             }
             let mut offsets = TopicPartitionList::new();
             offsets
@@ -982,7 +988,18 @@ fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: u32)
 }
 
 /// Produce `records` to one partition; the offsets of the first and last.
-async fn produce(producer: &FutureProducer, topic: &str, partition: u32, records: &[Record]) -> Result<(u64, u64), LogError> {
+/// Fails if a delivery report has not come within `within` (librdkafka's
+/// `message.timeout.ms` does not always end the wait: a transactional
+/// producer's messages stayed undelivered and unreported for as long as the
+/// broker was down, over 10 minutes, holding a dedup worker).
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: u32,
+    records: &[Record],
+    within: Duration,
+) -> Result<(u64, u64), LogError> {
+    let deadline = tokio::time::Instant::now() + within;
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
         let mut record = FutureRecord::to(topic).partition(partition as i32).key(&r.key[..]).payload(&r.value[..]);
@@ -1002,8 +1019,9 @@ async fn produce(producer: &FutureProducer, topic: &str, partition: u32, records
     let mut first = None;
     let mut last = 0;
     for f in pending {
-        let delivery = f
+        let delivery = tokio::time::timeout_at(deadline, f)
             .await
+            .map_err(|_| LogError::Unavailable(format!("no delivery report from Kafka within {within:?} for {topic}/{partition}")))?
             .map_err(|_| LogError::Kafka { op: "produce", cause: "producer dropped".into() })?
             .map_err(|(e, _)| kafka("produce")(e))?;
         let offset = delivery.offset as u64;
@@ -1024,7 +1042,7 @@ impl Log for KafkaLog {
         if records.is_empty() {
             return Ok(self.offsets(topic, partition).await?.end);
         }
-        Ok(produce(&self.inner.producer, topic, partition, &records).await?.0)
+        Ok(produce(&self.inner.producer, topic, partition, &records, self.inner.options.delivery_bound()).await?.0)
     }
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, LogError> {
@@ -1109,7 +1127,8 @@ impl Log for KafkaLog {
         };
         let result = async {
             producer.begin_transaction().map_err(kafka("begin transaction"))?;
-            let first = if records.is_empty() { None } else { Some(produce(&producer, out_topic, partition, &records).await?.0) };
+            let within = self.inner.options.delivery_bound();
+            let first = if records.is_empty() { None } else { Some(produce(&producer, out_topic, partition, &records, within).await?.0) };
             let mut offsets = TopicPartitionList::new();
             offsets
                 .add_partition_offset(in_topic, partition as i32, Offset::Offset(next_offset as i64))
