@@ -259,44 +259,142 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         // Refuse before connecting to anything: the RPC between them is signed with it.
         deliver::rpc_secret(&config)?;
     }
+    let mut started = Started::default();
+    if let Err(e) = start_roles(&config, roles, &mut started).await {
+        // What started before the failure is stopped in order, as on a
+        // signal: dedup's threads (RocksDB) and the log's writers must not
+        // outlive `main` (they did, and the process could crash in exit()).
+        tracing::info!("start failed; stopping what was started");
+        started.stop().await;
+        return Err(e);
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    started.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What [`start_roles`] has started so far, stopped by [`Started::stop`]
+/// in order: servers, housekeeping tasks, the Tracking API and its spool,
+/// dedup's threads, delivery, then the log. Filled step by step, so a start
+/// that fails half-way stops exactly what it started.
+struct Started {
+    log: Option<Arc<dyn Log>>,
+    embedded: Option<Arc<EmbeddedLog>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    dedup_stop: Arc<AtomicBool>,
+    dedup_workers: Vec<std::thread::JoinHandle<()>>,
+    delivery: Option<deliver::Running>,
+    spool: Option<Arc<Spool>>,
+    ingest: Option<Arc<Ingest>>,
+    admin_state: Option<Arc<admin::AdminState>>,
+    /// The Tracking API and admin servers; they stop when `stop_tx` says so.
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Started {
+    fn default() -> Self {
+        Started {
+            log: None,
+            embedded: None,
+            tasks: Vec::new(),
+            dedup_stop: Arc::new(AtomicBool::new(false)),
+            dedup_workers: Vec::new(),
+            delivery: None,
+            spool: None,
+            ingest: None,
+            admin_state: None,
+            servers: Vec::new(),
+            stop_tx: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl Started {
+    async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        for server in self.servers {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "server task failed");
+            }
+        }
+        // Aborted tasks are awaited so the log handles they hold are gone before `close`.
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        drop(self.admin_state);
+        drop(self.ingest);
+        if let Some(s) = self.spool {
+            s.stop().await;
+        }
+        self.dedup_stop.store(true, Ordering::Relaxed);
+        let workers = self.dedup_workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        if let Some(d) = self.delivery {
+            d.stop().await;
+        }
+        // Closing Kafka clients flushes and leaves groups: not on an async thread.
+        if let Some(log) = self.log {
+            let _ = tokio::task::spawn_blocking(move || drop(log)).await;
+        }
+        if let Some(embedded) = self.embedded {
+            match Arc::try_unwrap(embedded) {
+                Ok(log) => {
+                    let _ = tokio::task::spawn_blocking(move || log.close()).await;
+                }
+                Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
+            }
+        }
+    }
+}
+
+/// Open and start every stage of `roles`, recording each in `st` as soon as
+/// it runs.
+async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<()> {
     let mut registry = Registry::default();
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);
-    let (log, embedded) = open_log(&config, log_metrics).await?;
-    let retention_task = match &embedded {
-        Some(e) => e.spawn_retention(Duration::from_secs(60)),
-        None => tokio::spawn(async {}),
-    };
+    let (log, embedded) = open_log(config, log_metrics).await?;
+    st.log = Some(log.clone());
+    if let Some(e) = &embedded {
+        st.tasks.push(e.spawn_retention(Duration::from_secs(60)));
+    }
+    st.embedded = embedded;
 
-    let dedup_stop = Arc::new(AtomicBool::new(false));
-    let dedup_workers = if !roles.dedup {
-        Vec::new()
+    if !roles.dedup {
     } else if config.dedup.enabled {
         let metrics = DedupMetrics::default();
         metrics.register(&mut registry);
-        dedup::spawn_workers(&config, log.clone(), metrics, dedup_stop.clone())?
+        st.dedup_workers = dedup::spawn_workers(config, log.clone(), metrics, st.dedup_stop.clone())?;
     } else {
         tracing::warn!("dedup is disabled (dedup.enabled = false): nothing reads the input topic");
-        Vec::new()
-    };
+    }
 
     // The control database: sources, destinations, connections, QoS (seeded from the config).
     let catalog = {
         let c = config.clone();
         tokio::task::spawn_blocking(move || sluice_deliver::Catalog::open(&c)).await?
     }
-    .context("cannot open the control database")?;
+    .with_context(|| match &config.deliver.jobdb_url {
+        Some(url) if !url.trim().is_empty() => "cannot open the control database (the sluice_control_* tables of deliver.jobdb_url)".to_owned(),
+        _ => format!("cannot open the control database {}", sluice_deliver::control::control_path(&config.server.data_dir).display()),
+    })?;
 
-    let delivery = if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
-        Some(deliver::start(&config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?)
-    } else {
-        if config.deliver.enabled {
-            tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
-        }
-        None
-    };
+    if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
+        st.delivery = Some(deliver::start(config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?);
+    } else if config.deliver.enabled {
+        tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
+    }
 
-    let lag_task = spawn_lag_monitor(log.clone(), &config, roles, &mut registry);
+    st.tasks.push(spawn_lag_monitor(log.clone(), config, roles, &mut registry));
 
     // With Kafka, ingest keeps acknowledging into an on-disk spool while
     // Kafka is slow or down (the embedded log is local disk already).
@@ -304,35 +402,30 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
     // rules and dashboards work unchanged.
     let spool_metrics = SpoolMetrics::default();
     spool_metrics.register(&mut registry);
-    let spool = match config.log.backend {
-        LogBackend::Kafka if roles.ingest => {
-            let settings = SpoolSettings {
-                spool_after: config.ingest.spool_after,
-                max_events: config.ingest.spool_max_events,
-                ..SpoolSettings::default()
-            };
-            let dir = config.server.data_dir.join("spool");
-            Some(
-                Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, spool_metrics)
-                    .await
-                    .with_context(|| format!("cannot open the ingest spool in {}", dir.display()))?,
-            )
-        }
-        _ => None,
-    };
-    let ingest = if roles.ingest {
-        let ingest_log: Arc<dyn Log> = match &spool {
+    if config.log.backend == LogBackend::Kafka && roles.ingest {
+        let settings = SpoolSettings {
+            spool_after: config.ingest.spool_after,
+            max_events: config.ingest.spool_max_events,
+            ..SpoolSettings::default()
+        };
+        let dir = config.server.data_dir.join("spool");
+        st.spool = Some(
+            Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, spool_metrics)
+                .await
+                .with_context(|| format!("cannot open the ingest spool in {}", dir.display()))?,
+        );
+    }
+    if roles.ingest {
+        let ingest_log: Arc<dyn Log> = match &st.spool {
             Some(s) => s.clone(),
             None => log.clone(),
         };
-        let ingest = Ingest::new(ingest_log, IngestSettings::from_config(&config), &config.sources, config.ingest.default_rate_limit)?;
+        let ingest = Ingest::new(ingest_log, IngestSettings::from_config(config), &config.sources, config.ingest.default_rate_limit)?;
         ingest.metrics.register(&mut registry);
-        Some(Arc::new(ingest))
-    } else {
-        None
-    };
+        st.ingest = Some(Arc::new(ingest));
+    }
 
-    let listener = match &ingest {
+    let listener = match &st.ingest {
         Some(_) => Some(bind(config.listen_addr(), "server.listen").await?),
         None => None,
     };
@@ -357,7 +450,7 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         if listener.is_some() { listen.as_str() } else { "a `sluice ingest` process" }
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx = st.stop_tx.subscribe();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -369,59 +462,22 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         log: log.clone(),
         jobs_dir: config.server.data_dir.join("jobs"),
         catalog: catalog.clone(),
-        ingest: ingest.clone(),
+        ingest: st.ingest.clone(),
         token: config.admin.token.clone(),
         metrics_token: config.admin.metrics_token.clone(),
         default_rate_limit: config.ingest.default_rate_limit,
         retry_policy: config.deliver.retry_policy(),
     });
+    st.admin_state = Some(admin_state.clone());
     // Sources come from the control database (seeded from the config, changed by the admin API).
     admin::apply_sources(&admin_state);
-    let refresher = deliver::spawn_catalog_refresher(admin_state.clone());
-    let admin_task = admin.map(|l| tokio::spawn(serve(l, admin::router(admin_state.clone()), serve_options.clone(), stopped())));
-    let api = match (listener, &ingest) {
-        (Some(l), Some(i)) => Some(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options, stopped()))),
-        _ => None,
-    };
-
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing requests in flight");
-    let _ = stop_tx.send(true);
-    if let Some(api) = api {
-        api.await?;
+    st.tasks.push(deliver::spawn_catalog_refresher(admin_state.clone()));
+    if let (Some(l), Some(i)) = (listener, &st.ingest) {
+        st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));
     }
-    if let Some(t) = admin_task {
-        t.await?;
+    if let Some(l) = admin {
+        st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), serve_options, stopped())));
     }
-    // Aborted tasks are awaited so the log handles they hold are gone before `close`.
-    for t in [retention_task, lag_task, refresher] {
-        t.abort();
-        let _ = t.await;
-    }
-    drop(admin_state);
-    drop(ingest);
-    if let Some(s) = spool {
-        s.stop().await;
-    }
-    dedup_stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || {
-        for w in dedup_workers {
-            let _ = w.join();
-        }
-    })
-    .await?;
-    if let Some(d) = delivery {
-        d.stop().await;
-    }
-    // Closing Kafka clients flushes and leaves groups: not on an async thread.
-    tokio::task::spawn_blocking(move || drop(log)).await?;
-    if let Some(embedded) = embedded {
-        match Arc::try_unwrap(embedded) {
-            Ok(log) => tokio::task::spawn_blocking(move || log.close()).await?,
-            Err(_) => tracing::warn!("log still referenced at exit; its writers stop with the process"),
-        }
-    }
-    tracing::info!("stopped");
     Ok(())
 }
 
