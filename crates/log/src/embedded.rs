@@ -7,6 +7,7 @@
 //! <root>/<topic>/topic.meta                    "partitions=<N>\n", written once
 //! <root>/<topic>/<partition>/<base:020>.seg    segments, named by their first offset
 //! <root>/<topic>/<partition>/groups/<g>.offset "<next offset>\n", replaced atomically
+//! <root>/<topic>/<partition>/durable           the durable-through marker, replaced atomically
 //! ```
 //!
 //! A segment is a 16-byte header (`b"SLUICEL1"`, then the base offset as
@@ -29,15 +30,24 @@
 //!    offset and answers the callers. So an acknowledged record is durable,
 //!    and readers never see a record that is not.
 //! 3. Only the active segment can end in a torn or corrupt frame (a crash
-//!    mid-write). On open it is scanned, cut back to the last valid frame, and
-//!    the cut is logged with the bytes and records dropped. Nothing cut was
-//!    ever acknowledged (invariant 2). Everything after the first bad frame is
-//!    cut, even frames that look valid: a power loss can persist a later page
-//!    of the last write without an earlier one. A full header that does not
-//!    match, in front of records, is corruption (headers are fsynced before
-//!    any record): opening fails rather than wiping the segment. Older
-//!    segments were fsynced before the roll; a bad frame in one of them is
-//!    reported as [`LogError::Corrupt`] when read, never silently skipped.
+//!    mid-write), and only *after its durable position* (invariant 7). On
+//!    open it is scanned; a bad frame (or the end of the file) at or past
+//!    the durable position is a torn tail: the segment is cut back to the
+//!    last valid frame, and the cut is logged with the bytes and records
+//!    dropped. Nothing cut was ever acknowledged (invariants 2 and 7).
+//!    Everything after the first bad frame is cut, even frames that look
+//!    valid: a power loss can persist a later page of the last write without
+//!    an earlier one, and preallocated or reused space can hold stale frames,
+//!    so what follows a bad frame says nothing either way. A bad frame, or
+//!    the end of the file, *before* the durable position is damage to
+//!    acknowledged records, not a torn tail: opening fails with
+//!    [`LogError::Corrupt`] naming the segment, the byte position and offset
+//!    of the bad frame and the durable offset, and the file is not touched.
+//!    A full header that does not match, in front of records, is corruption
+//!    too (headers are fsynced before any record): opening fails rather than
+//!    wiping the segment. Older (sealed) segments were fsynced before the
+//!    roll; a bad frame in one of them is reported as [`LogError::Corrupt`]
+//!    when read, never silently skipped, and the segment is left as it is.
 //! 4. A new segment is created with its header, fsynced, and the directory
 //!    fsynced, before any record goes into it.
 //! 5. Retention deletes whole sealed segments, oldest first, once the file's
@@ -46,6 +56,42 @@
 //! 6. A consumer group offset file is written to a temporary file, fsynced,
 //!    renamed over the old one, and the directory fsynced: a reader sees the
 //!    old value or the new, never a mix.
+//! 7. The durable-through marker (`durable`, one line
+//!    `segment=<base> end=<offset> position=<byte> crc32c=<hex>`) says that
+//!    the frames of segment `<base>` before offset `end` (byte `position`)
+//!    were fdatasynced. It never runs ahead of the data: the writer thread
+//!    writes it (invariant 6's temporary file + fsync + rename + directory
+//!    fsync) only with `log.fsync` on, and only for a prefix it has already
+//!    fsynced: after a group commit, at most once every [`MARKER_INTERVAL`],
+//!    after its replies went out (so an append never waits on it; the next
+//!    group waits for at most one small-file fsync per interval); when a
+//!    segment is rolled; when the writer stops (clean close); and at open,
+//!    after recovery has fsynced what it kept. It may lag: records
+//!    acknowledged in the last interval before a crash are not covered, and
+//!    damage to them is still taken for a torn tail (the residual window).
+//!    A marker that names an older segment than the active one covers none
+//!    of the active segment (the roll's marker write did not happen). A
+//!    marker that names a segment newer than the newest file, with records
+//!    in it, means the active segment file is gone: opening fails. A missing
+//!    marker (a log from before the marker existed, or `log.fsync` off since
+//!    the start) means durable through the header: exactly the older
+//!    recovery. A marker that does not parse or fails its checksum (it is
+//!    replaced by rename, so only outside damage makes one) is reported with
+//!    a warning and treated as missing, so it can never keep a log from
+//!    opening; recovery then writes a good one.
+//!
+//! Damage before the durable position is refused, not skipped: the damaged
+//! bytes may be a frame's length, so where the next frame starts is not
+//! known, and finding it by searching forward for something that checks
+//! out is the guess invariant 3 rules out; a wrong guess would misnumber
+//! every later record (invariant 1), and the writer could not know where
+//! the partition ends. Refusing keeps every byte for the operator, who can
+//! read the records before the damage read-only (`open_read_only` opens,
+//! and a read reaching the damage fails with [`LogError::Corrupt`]), copy
+//! the segment, and, to accept the loss, delete the partition's `durable`
+//! file: the next open then cuts the segment at the bad frame like a torn
+//! tail (logged with the records cut), and later appends reuse those
+//! offsets.
 //!
 //! Reads use a sparse in-memory index per segment (an entry every
 //! [`INDEX_INTERVAL`] bytes) to start near the wanted offset. The active
@@ -78,6 +124,12 @@ pub const MAX_RECORD_BYTES: usize = 16 << 20;
 pub const INDEX_INTERVAL: u64 = 64 * 1024;
 /// Most records one group commit takes from the queue.
 const MAX_GROUP_RECORDS: usize = 64 * 1024;
+/// Name of a partition's durable-through marker (invariant 7).
+pub const MARKER_FILE: &str = "durable";
+/// Longest a running writer lets its durable-through marker lag behind
+/// what it has fsynced (invariant 7); the marker is written at most this
+/// often under load.
+pub const MARKER_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// Settings of an [`EmbeddedLog`].
 #[derive(Clone)]
@@ -254,6 +306,7 @@ impl EmbeddedLog {
     fn open_inner(root: &Path, options: &LogOptions, writable: bool) -> Result<Self, LogError> {
         let mut topics = HashMap::new();
         let mut writers = Vec::new();
+        let mut pending = Vec::new();
         for (name, partitions) in &options.topics {
             validate_name(name).map_err(|_| LogError::Config(format!("invalid topic name {name:?}")))?;
             let tdir = root.join(name);
@@ -283,18 +336,17 @@ impl EmbeddedLog {
                         let (tx, rx) = mpsc::channel();
                         let writer = Writer {
                             part: part.clone(),
-                            file: active.0,
-                            path: active.2,
-                            len: active.1,
+                            file: active.file,
+                            path: active.path,
+                            base: active.base,
+                            len: active.len,
                             segment_bytes: options.segment_bytes,
                             fsync: options.fsync,
                             metrics: options.metrics.clone(),
+                            marked: active.marked,
+                            marked_at: Instant::now(),
                         };
-                        let handle = std::thread::Builder::new()
-                            .name(format!("log-{name}-{id}"))
-                            .spawn(move || writer.run(rx))
-                            .map_err(io_err(root))?;
-                        writers.push(handle);
+                        pending.push((format!("log-{name}-{id}"), writer, rx));
                         Some(tx)
                     }
                     None => None,
@@ -302,6 +354,12 @@ impl EmbeddedLog {
                 handles.push(PartitionHandle { part, tx });
             }
             topics.insert(name.clone(), handles);
+        }
+        // Writer threads start once every partition opened, so a partition
+        // that refuses to open leaves no thread behind.
+        for (thread_name, writer, rx) in pending {
+            let handle = std::thread::Builder::new().name(thread_name).spawn(move || writer.run(rx)).map_err(io_err(root))?;
+            writers.push(handle);
         }
         Ok(Self {
             topics,
@@ -562,6 +620,88 @@ fn segment_header(base: u64) -> [u8; HEADER_LEN as usize] {
     h
 }
 
+/// A durable-through marker (invariant 7): the frames of the segment with
+/// base `base` before offset `end`, i.e. its first `position` bytes, were
+/// fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DurableMark {
+    base: u64,
+    end: u64,
+    position: u64,
+}
+
+impl DurableMark {
+    fn encode(&self) -> String {
+        let body = format!("segment={} end={} position={}", self.base, self.end, self.position);
+        let crc = crc32c::crc32c(body.as_bytes());
+        format!("{body} crc32c={crc:08x}\n")
+    }
+
+    fn decode(text: &str) -> Result<Self, String> {
+        let line = text.strip_suffix('\n').ok_or("no end of line (a torn write?)")?;
+        let (body, crc) = line.rsplit_once(" crc32c=").ok_or("no checksum")?;
+        let crc = u32::from_str_radix(crc, 16).map_err(|_| format!("unreadable checksum {crc:?}"))?;
+        if crc32c::crc32c(body.as_bytes()) != crc {
+            return Err("checksum mismatch".into());
+        }
+        let mut fields = body.split(' ');
+        let mut field = |name: &str| -> Result<u64, String> {
+            fields
+                .next()
+                .and_then(|f| f.strip_prefix(name))
+                .and_then(|f| f.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("no {name}"))
+        };
+        let mark = DurableMark { base: field("segment")?, end: field("end")?, position: field("position")? };
+        if fields.next().is_some() {
+            return Err("unexpected fields".into());
+        }
+        // Records take bytes: a marker with records needs a position past
+        // the header, and one without sits right at it.
+        let consistent = mark.end >= mark.base
+            && if mark.end == mark.base {
+                mark.position == HEADER_LEN
+            } else {
+                mark.position >= (mark.end - mark.base).saturating_mul((FRAME_PREFIX + BODY_FIXED) as u64).saturating_add(HEADER_LEN)
+            };
+        if !consistent {
+            return Err(format!("inconsistent values {body:?}"));
+        }
+        Ok(mark)
+    }
+}
+
+/// Read a partition's marker. A missing one is `None`; one that does not
+/// parse is reported and taken for missing (it must never keep a log from
+/// opening, invariant 7).
+fn read_marker(dir: &Path) -> Result<Option<DurableMark>, LogError> {
+    let path = dir.join(MARKER_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()).and_then(DurableMark::decode) {
+        Ok(mark) => Ok(Some(mark)),
+        Err(problem) => {
+            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            tracing::warn!(
+                marker = %path.display(),
+                problem = %problem,
+                contents = ?shown,
+                "unreadable durable-through marker ignored: the active segment's recovery falls back to cutting \
+                 at the first bad frame (the marker is rewritten once the partition is open)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn write_marker(dir: &Path, mark: &DurableMark) -> Result<(), LogError> {
+    write_atomically(&dir.join(MARKER_FILE), mark.encode().as_bytes())
+}
+
 /// Result of scanning a segment from its header.
 struct Scan {
     index: Vec<(u64, u64)>,
@@ -625,7 +765,16 @@ fn count_frames(path: &Path, from: u64, file_len: u64) -> u64 {
     count
 }
 
-type ActiveSegment = (File, u64, PathBuf);
+/// The active segment, recovered and opened for appending.
+struct ActiveSegment {
+    file: File,
+    path: PathBuf,
+    base: u64,
+    /// Durable length.
+    len: u64,
+    /// The partition's marker as it is on disk.
+    marked: Option<DurableMark>,
+}
 
 impl Partition {
     /// Load a partition directory. When `writable`, recover the active
@@ -641,6 +790,11 @@ impl Partition {
         if writable {
             fs::create_dir_all(dir.join("groups")).map_err(io_err(&dir))?;
         }
+        // The marker first, then the segments: beside a running writer (a
+        // read-only view), a marker can only name a segment that is listed
+        // and a prefix that the scan below will see (invariant 7).
+        let marked = read_marker(&dir)?;
+        let marker_path = dir.join(MARKER_FILE);
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let name = entry.map_err(io_err(&dir))?.file_name();
@@ -650,6 +804,28 @@ impl Partition {
             }
         }
         bases.sort_unstable();
+        let newest = bases.last().copied();
+        if let Some(m) = marked.filter(|m| newest.is_none_or(|n| m.base > n)) {
+            let path = segment_path(&dir, m.base);
+            if m.end > m.base {
+                return Err(LogError::Corrupt {
+                    path: path.display().to_string(),
+                    position: m.position,
+                    problem: format!(
+                        "the segment file is missing, but {} says offsets {}..={} were fsynced into it; \
+                         refusing to open (those acknowledged records would be lost and their offsets reused)",
+                        marker_path.display(),
+                        m.base,
+                        m.end - 1
+                    ),
+                });
+            }
+            tracing::warn!(
+                segment = %path.display(),
+                marker = %marker_path.display(),
+                "the segment the durable-through marker names is missing; it held no records, so nothing is lost"
+            );
+        }
         if bases.is_empty() {
             if !writable {
                 return Err(LogError::Config(format!("no segments in {}", dir.display())));
@@ -668,7 +844,6 @@ impl Partition {
         let last_path = segment_path(&dir, last);
         let scan = scan_segment(&last_path, last)?;
         let file_len = fs::metadata(&last_path).map_err(io_err(&last_path))?.len();
-        let mut active = None;
         if scan.valid_len == 0 && file_len > HEADER_LEN {
             // The header is written and fsynced before any record, so a bad
             // header in front of records is corruption, not a torn write.
@@ -678,6 +853,45 @@ impl Partition {
                 problem: "invalid segment header in front of records; refusing to truncate them".into(),
             });
         }
+        // How far the active segment is known to be durable (invariant 7).
+        let durable = marked.filter(|m| m.base == last).unwrap_or(DurableMark { base: last, end: last, position: HEADER_LEN });
+        let mut end = scan.end;
+        if scan.end < durable.end {
+            // Damage before the durable position: acknowledged records.
+            let what = match &scan.bad {
+                Some(problem) => format!("the frame of offset {} is bad ({problem})", scan.end),
+                None => format!("the segment ends (file length {file_len}) before the frame of offset {}", scan.end),
+            };
+            let problem = format!(
+                "{what}, but offsets {}..={} of this segment (its first {} bytes) were fsynced and acknowledged \
+                 (marker {}): this is damage to durable records, not a torn tail",
+                durable.base,
+                durable.end - 1,
+                durable.position,
+                marker_path.display()
+            );
+            let position = scan.valid_len.max(HEADER_LEN);
+            if writable {
+                tracing::error!(segment = %last_path.display(), position, offset = scan.end, %problem, "log partition refused");
+                return Err(LogError::Corrupt {
+                    path: last_path.display().to_string(),
+                    position,
+                    problem: format!(
+                        "{problem}. Refusing to open; the file is left as it is. Read what precedes the damage \
+                         read-only and keep a copy of the segment; to accept losing offsets {} and later, delete \
+                         {} and open again (the segment is then cut at the bad frame)",
+                        scan.end,
+                        marker_path.display()
+                    ),
+                });
+            }
+            // A read-only view opens, but claims the durable records, so a
+            // read that reaches the damage fails as `Corrupt` instead of
+            // ending quietly before it.
+            tracing::error!(segment = %last_path.display(), position, offset = scan.end, %problem, "damaged log segment");
+            end = durable.end;
+        }
+        let mut active = None;
         if writable {
             if let Some(problem) = &scan.bad {
                 let cut_bytes = file_len - scan.valid_len;
@@ -688,7 +902,8 @@ impl Partition {
                     cut_bytes,
                     cut_records,
                     kept_through_offset = scan.end as i64 - 1,
-                    "torn or corrupt log tail truncated (never acknowledged while log.fsync is on)"
+                    durable_through_offset = durable.end as i64 - 1,
+                    "torn log tail truncated past the durable-through marker (never acknowledged while log.fsync is on)"
                 );
                 metrics.truncated_records.inc_by(cut_records);
             }
@@ -701,7 +916,15 @@ impl Partition {
                 file.set_len(scan.valid_len).map_err(io_err(&last_path))?;
             }
             file.sync_all().map_err(io_err(&last_path))?;
-            active = Some((file, scan.valid_len.max(HEADER_LEN), last_path.clone()));
+            let len = scan.valid_len.max(HEADER_LEN);
+            // What is kept is now fsynced: mark it (invariant 7).
+            let mut on_disk = marked;
+            let mark = DurableMark { base: last, end: scan.end, position: len };
+            if fsync && marked != Some(mark) {
+                write_marker(&dir, &mark)?;
+                on_disk = Some(mark);
+            }
+            active = Some(ActiveSegment { file, path: last_path.clone(), base: last, len, marked: on_disk });
         }
         let seg = segments.get_mut(&last).expect("last segment");
         seg.index = scan.index;
@@ -710,7 +933,7 @@ impl Partition {
             topic: topic.to_owned(),
             id,
             dir,
-            state: Mutex::new(PartitionState { segments, end: scan.end, poisoned: None }),
+            state: Mutex::new(PartitionState { segments, end, poisoned: None }),
             commit_lock: Mutex::new(()),
             fsync,
         };
@@ -898,11 +1121,17 @@ struct Writer {
     part: Arc<Partition>,
     file: File,
     path: PathBuf,
+    /// Base offset of the active segment.
+    base: u64,
     /// Durable length of the active segment.
     len: u64,
     segment_bytes: u64,
     fsync: bool,
     metrics: LogMetrics,
+    /// The durable-through marker last written (or found at open).
+    marked: Option<DurableMark>,
+    /// When it was written (or the writer started).
+    marked_at: Instant,
 }
 
 impl Writer {
@@ -925,6 +1154,8 @@ impl Writer {
                     for (req, first) in batch.into_iter().zip(firsts) {
                         let _ = req.reply.send(Ok(first));
                     }
+                    // After the replies, so no append waits on it.
+                    self.mark_durable(false);
                 }
                 Err(e) => {
                     let cause = e.to_string();
@@ -937,6 +1168,40 @@ impl Writer {
                     }
                 }
             }
+        }
+        // The queue is closed (the log is shutting down): mark everything.
+        self.mark_durable(true);
+    }
+
+    /// Write the durable-through marker for what this writer has fsynced,
+    /// if it moved and (unless `now`) the last write is [`MARKER_INTERVAL`]
+    /// old (invariant 7). Only with fsync on: without it nothing is known
+    /// durable. A failure is logged and retried next interval; the marker
+    /// then lags, which is safe.
+    fn mark_durable(&mut self, now: bool) {
+        if !self.fsync || (!now && self.marked_at.elapsed() < MARKER_INTERVAL) {
+            return;
+        }
+        let (end, poisoned) = {
+            let st = self.part.state.lock().expect("partition state");
+            (st.end, st.poisoned.is_some())
+        };
+        if poisoned {
+            return;
+        }
+        let mark = DurableMark { base: self.base, end, position: self.len };
+        if self.marked == Some(mark) {
+            return;
+        }
+        self.marked_at = Instant::now();
+        match write_marker(&self.part.dir, &mark) {
+            Ok(()) => self.marked = Some(mark),
+            Err(e) => tracing::warn!(
+                topic = %self.part.topic,
+                partition = self.part.id,
+                error = %e,
+                "could not update the log's durable-through marker (it lags; retried)"
+            ),
         }
     }
 
@@ -1006,9 +1271,15 @@ impl Writer {
         fsync_dir(&self.part.dir)?;
         self.file = file;
         self.path = path.clone();
+        self.base = base;
         self.len = HEADER_LEN;
-        let mut st = self.part.state.lock().expect("partition state");
-        st.segments.insert(base, Segment { path, index: vec![(base, HEADER_LEN)], indexed: true });
+        {
+            let mut st = self.part.state.lock().expect("partition state");
+            st.segments.insert(base, Segment { path, index: vec![(base, HEADER_LEN)], indexed: true });
+        }
+        // The new segment's header is durable: name it in the marker, so a
+        // lost active segment file is noticed (invariant 7).
+        self.mark_durable(true);
         Ok(())
     }
 

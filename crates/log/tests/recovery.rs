@@ -1,5 +1,8 @@
 //! Crash recovery: torn and corrupt tails of the active segment are cut on
-//! open; damage to sealed segments is reported, never skipped.
+//! open; damage to sealed segments is reported, never skipped. A torn last
+//! record was never acknowledged, so the durable-through marker does not
+//! cover it: tests that damage the last record first set the marker back
+//! to before it (damage to marked records: `durable_marker.rs`).
 
 mod common;
 
@@ -118,6 +121,8 @@ async fn a_last_record_cut_short_is_dropped() {
         let (_, last) = last_segment(dir.path(), TOPIC, 0);
         let full = file_len(&last);
         let frame_start = full - last_frame;
+        // The torn write was never acknowledged, so never marked durable.
+        marker_before_last_record(dir.path(), TOPIC, 0, 80, frame_start);
         truncate(&last, frame_start + keep);
         check_recovered(dir.path(), &opts, &expected[..expected.len() - 1], &last, frame_start).await;
     }
@@ -140,6 +145,7 @@ async fn a_last_record_with_a_flipped_byte_is_dropped() {
         let expected = populate(dir.path(), &opts, 80).await;
         let (_, seg) = last_segment(dir.path(), TOPIC, 0);
         let frame_start = file_len(&seg) - last_frame;
+        marker_before_last_record(dir.path(), TOPIC, 0, 80, frame_start);
         flip_byte(&seg, frame_start + at);
         check_recovered(dir.path(), &opts, &expected[..expected.len() - 1], &seg, frame_start).await;
     }
@@ -158,6 +164,7 @@ async fn a_torn_tail_in_a_single_segment_log_is_cut() {
     drop(log);
     let (_, seg) = last_segment(dir.path(), TOPIC, 0);
     let frame_start = file_len(&seg) - frame_len(&expected[19]);
+    marker_before_last_record(dir.path(), TOPIC, 0, 20, frame_start);
     truncate(&seg, frame_start + 20);
     check_recovered(dir.path(), &opts, &expected[..19], &seg, frame_start).await;
     let log = open(dir.path(), &opts);

@@ -148,3 +148,29 @@ pub fn assert_records(got: &[StoredRecord], first: u64, expected: &[Record]) {
         assert_eq!(g.value, e.value, "value at offset {offset} (len {} vs {})", g.value.len(), e.value.len());
     }
 }
+
+/// A partition's durable-through marker file (module docs, invariant 7).
+pub fn marker_path(root: &Path, topic: &str, partition: u32) -> PathBuf {
+    partition_dir(root, topic, partition).join("durable")
+}
+
+/// The marker line the log writes: segment `base` fsynced before offset
+/// `end`, i.e. through byte `position`.
+pub fn marker_line(base: u64, end: u64, position: u64) -> String {
+    let body = format!("segment={base} end={end} position={position}");
+    format!("{body} crc32c={:08x}\n", crc32c::crc32c(body.as_bytes()))
+}
+
+/// Replace a partition's marker, as a writer whose marker lagged would
+/// have left it (e.g. a crash before the last group commit was marked).
+pub fn set_marker(root: &Path, topic: &str, partition: u32, base: u64, end: u64, position: u64) {
+    fs::write(marker_path(root, topic, partition), marker_line(base, end, position)).unwrap();
+}
+
+/// Make the marker lag just before the last record of the active segment,
+/// which starts at byte `frame_start`: the state a crash during the last
+/// (unacknowledged) write leaves.
+pub fn marker_before_last_record(root: &Path, topic: &str, partition: u32, records: u64, frame_start: u64) {
+    let (base, _) = last_segment(root, topic, partition);
+    set_marker(root, topic, partition, base, records - 1, frame_start);
+}
