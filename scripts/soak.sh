@@ -8,8 +8,9 @@
 #       restarts under traffic, each followed by every acknowledged event
 #       delivered within SLUICE_RESTART_BOUND_SECS (60); then the chaos soak
 #       for [minutes] (default 30): every ~30 s a random process is killed
-#       with SIGKILL (a sluice process or the broker; the database too with
-#       SLUICE_SOAK_DB_FAULTS=1) and started again; at the end every
+#       with SIGKILL (a sluice process, the broker, or PostgreSQL's
+#       postmaster; SLUICE_SOAK_DB_FAULTS=0 spares the database) and started
+#       again; at the end every
 #       acknowledged event must be delivered, duplicates within the director
 #       crash window, no panic, RSS bounded.
 #

@@ -714,11 +714,16 @@ impl Broker {
     pub fn kill9(&self) {
         if let Some(pid) = self.pid() {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            // Gone once reaped, or a zombie with no thread left (PID 1 here
+            // may never reap it): a zombie leader may still have threads
+            // holding the listening socket.
+            let gone = || {
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+                let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+                zombie && threads <= 1
+            };
             let deadline = Instant::now() + Duration::from_secs(30);
-            while Path::new(&format!("/proc/{pid}/stat")).exists()
-                && std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(false, |s| !s.contains(") Z "))
-                && Instant::now() < deadline
-            {
+            while !gone() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
