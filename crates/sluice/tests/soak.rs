@@ -33,7 +33,7 @@
 
 mod util;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -425,6 +425,8 @@ impl Traffic {
 
 struct Topology {
     root: tempfile::TempDir,
+    /// The JobDBs' database.
+    db: String,
     broker: Broker,
     broker_up: bool,
     endpoint: Endpoint,
@@ -457,7 +459,7 @@ impl Topology {
             procs.push(p);
         }
         eprintln!("[soak] topology up in {}: broker {}, database {db}", root.path().display(), broker.bootstrap);
-        Some(Topology { root, broker, broker_up: true, endpoint, procs, broker_max_rss_kb: 0 })
+        Some(Topology { root, db, broker, broker_up: true, endpoint, procs, broker_max_rss_kb: 0 })
     }
 
     fn ingests(&self) -> Vec<String> {
@@ -476,6 +478,78 @@ impl Topology {
         out += &format!("\n--- recoveries logged ---\n{:?}\n", self.recoveries_logged());
         if let Some(dir) = self.save_logs() {
             out += &format!("(whole logs in {})\n", dir.display());
+        }
+        out
+    }
+
+    /// Where each of `ids` (messageIds) is: its records in `input` and
+    /// `output` (partition, offset), and its jobs in the JobDBs (table,
+    /// latest state): what a failure needs to tell where an event stopped.
+    fn trace(&self, ids: &[String]) -> String {
+        use sluice_log::Log;
+        let mut out = String::new();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        if self.broker_up {
+            let topics = vec![("input".to_owned(), PARTITIONS), ("output".to_owned(), PARTITIONS)];
+            let mut o = sluice_log::KafkaOptions::new(self.broker.bootstrap.clone(), topics);
+            o.request_timeout = Duration::from_secs(5);
+            match sluice_log::KafkaLog::connect(o) {
+                Ok(log) => {
+                    let mut found: BTreeMap<(&str, String), Vec<(u32, u64)>> = BTreeMap::new();
+                    let partitions: BTreeSet<u32> = ids.iter().map(|id| sluice_core::partition_for(id, PARTITIONS)).collect();
+                    for topic in ["input", "output"] {
+                        for &p in &partitions {
+                            let mut next = 0;
+                            loop {
+                                let Ok(batch) = rt.block_on(log.read_batch(topic, p, next, 5000)) else { break };
+                                for r in &batch.records {
+                                    let key = String::from_utf8_lossy(&r.key);
+                                    if let Some(id) = ids.iter().find(|id| key.ends_with(&format!("/{id}"))) {
+                                        found.entry((topic, id.clone())).or_default().push((p, r.offset));
+                                    }
+                                }
+                                if batch.next <= next || batch.records.is_empty() {
+                                    break;
+                                }
+                                next = batch.next;
+                            }
+                        }
+                    }
+                    for id in ids {
+                        out += &format!("{id}: input {:?}, output {:?}\n", found.get(&("input", id.clone())), found.get(&("output", id.clone())));
+                    }
+                    rt.block_on(async { tokio::task::spawn_blocking(move || drop(log)).await.unwrap() });
+                }
+                Err(e) => out += &format!("(cannot read the log: {e})\n"),
+            }
+        } else {
+            out += "(broker down: the log not read)\n";
+        }
+        let jobs = rt.block_on(async {
+            use sqlx::{Connection, Row};
+            let mut c = sqlx::PgConnection::connect(&self.db).await?;
+            let tables: Vec<String> = sqlx::query("SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE '%jobs_%' AND tablename NOT LIKE '%transitions%'")
+                .fetch_all(&mut c)
+                .await?
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect();
+            let mut lines = Vec::new();
+            for t in tables {
+                let tr = t.replacen("jobs_", "job_state_transitions_", 1);
+                let q = format!(
+                    "SELECT j.message_id, (SELECT state FROM {tr} s WHERE s.job_id = j.id ORDER BY seq DESC LIMIT 1) FROM {t} j WHERE j.message_id = ANY($1)"
+                );
+                for r in sqlx::query(&q).bind(ids.to_vec()).fetch_all(&mut c).await? {
+                    lines.push(format!("{}: job in {t}, latest state {:?}", r.get::<String, _>(0), r.get::<Option<String>, _>(1)));
+                }
+            }
+            Ok::<_, sqlx::Error>(lines)
+        });
+        match jobs {
+            Ok(lines) if lines.is_empty() => out += "no job in any JobDB\n",
+            Ok(lines) => out += &(lines.join("\n") + "\n"),
+            Err(e) => out += &format!("(cannot read the JobDBs: {e})\n"),
         }
         out
     }
@@ -1011,7 +1085,8 @@ fn chaos_soak() {
         drop(l);
         if Instant::now() >= deadline {
             if let Err(e) = wait_delivered_before(&topo, ledger, end, end, Duration::ZERO) {
-                panic!("at the end of the soak: {e}\n{}", topo.tails(30));
+                let missing: Vec<String> = ledger.lock().unwrap().undelivered_before(end).into_iter().take(20).map(|s| s.to_string()).collect();
+                panic!("at the end of the soak: {e}\n{}\n--- where the first missing events are ---\n{}", topo.tails(30), topo.trace(&missing));
             }
             break;
         }
