@@ -64,11 +64,13 @@
 //!    fsync) only with `log.fsync` on, and only for a prefix it has already
 //!    fsynced: after a group commit, at most once every [`MARKER_INTERVAL`],
 //!    after its replies went out (so an append never waits on it; the next
-//!    group waits for at most one small-file fsync per interval); when a
-//!    segment is rolled; when the writer stops (clean close); and at open,
-//!    after recovery has fsynced what it kept. It may lag: records
-//!    acknowledged in the last interval before a crash are not covered, and
+//!    group waits for at most one small-file write and its fsyncs per
+//!    interval); when appends stop, once the interval is up; when a segment
+//!    is rolled; when the writer stops (clean close); and at open, after
+//!    recovery has fsynced what it kept. It may lag: records acknowledged
+//!    within about one interval before a crash may not be covered, and
 //!    damage to them is still taken for a torn tail (the residual window).
+//!    Sealed segments need no marker: they are never cut (invariant 3).
 //!    A marker that names an older segment than the active one covers none
 //!    of the active segment (the roll's marker write did not happen). A
 //!    marker that names a segment newer than the newest file, with records
@@ -287,7 +289,9 @@ impl EmbeddedLog {
 
     /// Open an existing log for reading only, beside a writer that may be
     /// running: no lock, no recovery, no writes. A torn tail is simply where
-    /// reading stops.
+    /// reading stops; damage before the durable-through marker (invariant 7)
+    /// does not stop the open, but a read that reaches it fails with
+    /// [`LogError::Corrupt`].
     pub fn open_read_only(root: &Path) -> Result<Self, LogError> {
         let mut topics = Vec::new();
         let entries = fs::read_dir(root).map_err(io_err(root))?;
@@ -345,6 +349,7 @@ impl EmbeddedLog {
                             metrics: options.metrics.clone(),
                             marked: active.marked,
                             marked_at: Instant::now(),
+                            unmarked: false,
                         };
                         pending.push((format!("log-{name}-{id}"), writer, rx));
                         Some(tx)
@@ -691,7 +696,7 @@ fn read_marker(dir: &Path) -> Result<Option<DurableMark>, LogError> {
                 problem = %problem,
                 contents = ?shown,
                 "unreadable durable-through marker ignored: the active segment's recovery falls back to cutting \
-                 at the first bad frame (the marker is rewritten once the partition is open)"
+                 at the first bad frame (opening for writing rewrites the marker)"
             );
             Ok(None)
         }
@@ -1130,14 +1135,34 @@ struct Writer {
     metrics: LogMetrics,
     /// The durable-through marker last written (or found at open).
     marked: Option<DurableMark>,
-    /// When it was written (or the writer started).
+    /// When it was last written or tried (or the writer started).
     marked_at: Instant,
+    /// Whether this writer fsynced more than `marked` says (only with fsync on).
+    unmarked: bool,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<AppendRequest>) {
         let mut buf = Vec::with_capacity(1 << 20);
-        while let Ok(first) = rx.recv() {
+        loop {
+            // While something fsynced is not marked yet, wait for appends
+            // only until the marker is due, so the marker catches up within
+            // an interval even when appends stop.
+            let first = if self.unmarked {
+                match rx.recv_timeout(MARKER_INTERVAL.saturating_sub(self.marked_at.elapsed())) {
+                    Ok(req) => req,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.mark_durable(true);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(req) => req,
+                    Err(_) => break,
+                }
+            };
             let mut n = first.records.len();
             let mut batch = vec![first];
             while n < MAX_GROUP_RECORDS {
@@ -1179,9 +1204,11 @@ impl Writer {
     /// durable. A failure is logged and retried next interval; the marker
     /// then lags, which is safe.
     fn mark_durable(&mut self, now: bool) {
-        if !self.fsync || (!now && self.marked_at.elapsed() < MARKER_INTERVAL) {
+        if !self.unmarked || (!now && self.marked_at.elapsed() < MARKER_INTERVAL) {
             return;
         }
+        self.unmarked = false;
+        self.marked_at = Instant::now();
         let (end, poisoned) = {
             let st = self.part.state.lock().expect("partition state");
             (st.end, st.poisoned.is_some())
@@ -1193,15 +1220,17 @@ impl Writer {
         if self.marked == Some(mark) {
             return;
         }
-        self.marked_at = Instant::now();
         match write_marker(&self.part.dir, &mark) {
             Ok(()) => self.marked = Some(mark),
-            Err(e) => tracing::warn!(
-                topic = %self.part.topic,
-                partition = self.part.id,
-                error = %e,
-                "could not update the log's durable-through marker (it lags; retried)"
-            ),
+            Err(e) => {
+                self.unmarked = true;
+                tracing::warn!(
+                    topic = %self.part.topic,
+                    partition = self.part.id,
+                    error = %e,
+                    "could not update the log's durable-through marker (it lags; retried in {MARKER_INTERVAL:?})"
+                );
+            }
         }
     }
 
@@ -1251,6 +1280,7 @@ impl Writer {
             return Err(err);
         }
         self.len += buf.len() as u64;
+        self.unmarked = self.fsync;
         {
             let mut st = self.part.state.lock().expect("partition state");
             st.end = next;
@@ -1279,6 +1309,7 @@ impl Writer {
         }
         // The new segment's header is durable: name it in the marker, so a
         // lost active segment file is noticed (invariant 7).
+        self.unmarked = self.fsync;
         self.mark_durable(true);
         Ok(())
     }

@@ -394,3 +394,24 @@ async fn the_writer_marks_what_it_fsynced() {
     populate(dir.path(), &opts, 20).await;
     assert!(!marker_path(dir.path(), TOPIC, 0).exists(), "no marker without fsync");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_writer_marks_what_it_fsynced_without_a_close() {
+    // Appends that stop: the marker still catches up (within about
+    // MARKER_INTERVAL; the deadline here is only against hanging), so a
+    // crash while idle leaves every acknowledged record covered.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let opts = options(&[(TOPIC, 1)], 1 << 20);
+    let log = open(root, &opts);
+    let recs: Vec<Record> = (0..10).map(|o| numbered(0, o, 40)).collect();
+    log.append(TOPIC, 0, recs.clone()).await.unwrap();
+    let (_, seg) = last_segment(root, TOPIC, 0);
+    let want = marker_line(0, 10, file_len(&seg));
+    let deadline = Instant::now() + sluice_log::embedded::MARKER_INTERVAL * 30;
+    while read_marker(root) != want {
+        assert!(Instant::now() < deadline, "the marker never caught up: {:?}", read_marker(root));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::mem::forget(log); // no close: the marker above came from the idle writer
+}
