@@ -4,8 +4,14 @@
 //! never (a timeout). Behaviour is set in process ([`Sink::set`]) or by the
 //! URL's query (`?status=500&delay_ms=2000&retry_after=3`), so a destination
 //! URL in a config can pick its own.
+//!
+//! Memory: [`Sink::start`] keeps every request (tests read them all back);
+//! [`Sink::start_bounded`] (what `sluice sink` runs) keeps counts and only
+//! the newest requests, at most `keep` of them and `keep_bytes` of bodies,
+//! and [`Sink::received_since`] hands over the new ones without copying
+//! the rest. Per-path counters stop at [`MAX_PATHS`] distinct paths.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,15 +82,83 @@ impl Received {
     }
 }
 
+/// Distinct paths counted per path (`path_count`, `max_concurrent`); a
+/// request on a path past these is counted only in the total.
+pub const MAX_PATHS: usize = 10_000;
+
+/// How many received requests are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    /// Requests kept (the oldest go first).
+    pub requests: usize,
+    /// Body bytes kept, all requests together; a single body longer than
+    /// this is kept cut to it.
+    pub bytes: usize,
+}
+
+impl Keep {
+    pub const ALL: Keep = Keep { requests: usize::MAX, bytes: usize::MAX };
+}
+
+/// The newest requests received, numbered from 0 in arrival order.
+struct Ring {
+    items: VecDeque<Received>,
+    /// The number of `items[0]`.
+    first: u64,
+    bytes: usize,
+    keep: Keep,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Ring { items: VecDeque::new(), first: 0, bytes: 0, keep: Keep::ALL }
+    }
+}
+
+impl Ring {
+    fn push(&mut self, mut r: Received) {
+        if self.keep.requests == 0 {
+            self.first += 1;
+            return;
+        }
+        if r.body.len() > self.keep.bytes {
+            // A copy: a slice would keep the whole body's buffer alive.
+            r.body = Bytes::copy_from_slice(&r.body[..self.keep.bytes]);
+        }
+        self.bytes += r.body.len();
+        self.items.push_back(r);
+        while self.items.len() > self.keep.requests || self.bytes > self.keep.bytes {
+            let old = self.items.pop_front().expect("not empty");
+            self.bytes -= old.body.len();
+            self.first += 1;
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.first + self.items.len() as u64
+    }
+}
+
+/// What [`Sink::received_since`] returns.
+#[derive(Debug, Clone)]
+pub struct Since {
+    /// The requests numbered from the asked number on that are still kept.
+    pub received: Vec<Received>,
+    /// The number to ask for next time.
+    pub next: u64,
+    /// Requests after the asked number that were no longer kept.
+    pub missed: u64,
+}
+
 #[derive(Default)]
 pub struct SinkState {
     behaviours: Mutex<HashMap<String, Behaviour>>,
-    received: Mutex<Vec<Received>>,
+    received: Mutex<Ring>,
     count: AtomicU64,
     by_path: Mutex<HashMap<String, u64>>,
     /// Per path: requests being answered now, and the most at once.
     concurrency: Mutex<HashMap<String, (u64, u64)>>,
-    /// Keep every request (tests); off, only counts and arrival times by Idempotency-Key are kept.
+    /// Keep requests (all, or the newest: `Keep`); off, only counts and arrival times by Idempotency-Key are kept.
     pub record: bool,
     arrivals: Mutex<Vec<(String, Instant)>>,
     pub record_arrivals: bool,
@@ -122,9 +196,19 @@ impl Sink {
     }
 
     pub async fn start_on(addr: SocketAddr, record: bool, record_arrivals: bool) -> std::io::Result<Sink> {
+        Self::start_with(addr, record.then_some(Keep::ALL), record_arrivals).await
+    }
+
+    /// A sink on `addr` that keeps counts and the newest requests only (`keep`).
+    pub async fn start_bounded(addr: SocketAddr, keep: Keep) -> std::io::Result<Sink> {
+        Self::start_with(addr, Some(keep), false).await
+    }
+
+    async fn start_with(addr: SocketAddr, keep: Option<Keep>, record_arrivals: bool) -> std::io::Result<Sink> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(SinkState { record, record_arrivals, ..SinkState::default() });
+        let state = Arc::new(SinkState { record: keep.is_some(), record_arrivals, ..SinkState::default() });
+        state.received.lock().expect("lock").keep = keep.unwrap_or(Keep::ALL);
         let app = axum::Router::new().fallback(handle).with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -141,8 +225,18 @@ impl Sink {
         self.state.behaviours.lock().expect("lock").insert(path.to_owned(), b);
     }
 
+    /// Every request kept (with [`Sink::start`]: every request received).
     pub fn received(&self) -> Vec<Received> {
-        self.state.received.lock().expect("lock").clone()
+        self.state.received.lock().expect("lock").items.iter().cloned().collect()
+    }
+
+    /// The kept requests numbered `from` on (0 is the first request ever
+    /// received): copies only those, however many are kept.
+    pub fn received_since(&self, from: u64) -> Since {
+        let ring = self.state.received.lock().expect("lock");
+        let start = from.max(ring.first);
+        let received = ring.items.iter().skip((start - ring.first) as usize).cloned().collect::<Vec<_>>();
+        Since { received, next: ring.end().max(from), missed: start - from }
     }
 
     pub fn received_on(&self, path: &str) -> Vec<Received> {
@@ -166,7 +260,14 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let body = axum::body::to_bytes(req.into_body(), 16 << 20).await.unwrap_or_default();
     state.count.fetch_add(1, Ordering::Relaxed);
-    *state.by_path.lock().expect("lock").entry(path.clone()).or_default() += 1;
+    {
+        let mut by_path = state.by_path.lock().expect("lock");
+        if let Some(n) = by_path.get_mut(&path) {
+            *n += 1;
+        } else if by_path.len() < MAX_PATHS {
+            by_path.insert(path.clone(), 1);
+        }
+    }
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
     if state.record_arrivals && !b.hang && (200..300).contains(&b.status) {
         if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
@@ -196,20 +297,28 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
 struct Busy<'a> {
     state: &'a SinkState,
     path: String,
+    /// Whether the path is counted (at most `MAX_PATHS` are).
+    counted: bool,
 }
 
 impl<'a> Busy<'a> {
     fn enter(state: &'a SinkState, path: &str) -> Self {
         let mut c = state.concurrency.lock().expect("lock");
-        let e = c.entry(path.to_owned()).or_default();
-        e.0 += 1;
-        e.1 = e.1.max(e.0);
-        Busy { state, path: path.to_owned() }
+        let counted = c.len() < MAX_PATHS || c.contains_key(path);
+        if counted {
+            let e = c.entry(path.to_owned()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
+        Busy { state, path: path.to_owned(), counted }
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         if let Some(e) = self.state.concurrency.lock().expect("lock").get_mut(&self.path) {
             e.0 -= 1;
         }

@@ -1,7 +1,6 @@
 //! The route and delivery stages inside `sluice serve`, and their tools:
-//! `sluice jobs inspect|stats`, `sluice replay`, `sluice sink`.
+//! `sluice jobs inspect|stats`, `sluice replay` (`sluice sink`: `sink.rs`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -527,40 +526,5 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
             "failed" => bail!("replay {id} failed: {}", r.error.unwrap_or_default()),
             _ => {}
         }
-    }
-}
-
-#[derive(Args)]
-pub struct SinkArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9099")]
-    listen: SocketAddr,
-    /// Print each request's path, headers of interest and body.
-    #[arg(long)]
-    quiet: bool,
-}
-
-/// A local webhook endpoint for trying Sluice out: answers 200 (or what the
-/// URL's query asks: `?status=500`, `?delay_ms=2000`, `?retry_after=3`) and prints what it receives.
-pub async fn sink(args: SinkArgs) -> Result<()> {
-    let sink = sluice_deliver::sink::Sink::start_on(args.listen, true, false).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!("sink listening on http://{} (try a destination url = \"http://{}/hook\")", sink.addr, sink.addr);
-    let mut seen = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let all = sink.received();
-        for r in &all[seen..] {
-            if !args.quiet {
-                println!(
-                    "{} {} idempotency-key={} x-signature={} {}",
-                    r.answered.map(|s| s.to_string()).unwrap_or_else(|| "---".into()),
-                    r.path,
-                    r.header("idempotency-key").unwrap_or("-"),
-                    r.header("x-signature").unwrap_or("-"),
-                    String::from_utf8_lossy(&r.body)
-                );
-            }
-        }
-        seen = all.len();
     }
 }

@@ -12,6 +12,7 @@ mod otel;
 mod dedup;
 mod dead_letters;
 mod deliver;
+mod sink;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,7 +81,7 @@ enum Command {
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLettersCommand),
     /// A local webhook endpoint that prints what it receives (for trying destinations out).
-    Sink(deliver::SinkArgs),
+    Sink(sink::SinkArgs),
     /// Benchmarks (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -146,6 +147,11 @@ enum ConfigCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    match cli.command.kind() {
+        Kind::Server => {}
+        Kind::NetworkTool => quiet_broken_pipe(),
+        Kind::Tool => default_sigpipe(),
+    }
     let _tracing_guard = init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(run_serve(args, Roles::ALL)),
@@ -165,9 +171,66 @@ fn main() -> Result<()> {
         Command::Jobs(cmd) => deliver::jobs(cmd),
         Command::Replay(args) => deliver::replay(args),
         Command::DeadLetters(cmd) => dead_letters::run(cmd),
-        Command::Sink(args) => runtime()?.block_on(deliver::sink(args)),
+        Command::Sink(args) => runtime()?.block_on(sink::sink(args)),
         Command::Bench(cmd) => bench::run(cmd),
     }
+}
+
+/// How a subcommand treats a closed stdout (SIGPIPE).
+enum Kind {
+    /// The long-running roles keep Rust's default of ignoring SIGPIPE: a
+    /// write to a closed socket or log pipe is an error to handle, not a
+    /// reason to die.
+    Server,
+    /// Tools that serve or send HTTP (`sink`, `bench`) keep SIGPIPE
+    /// ignored too (hyper's vectored writes to a reset connection would
+    /// raise it), and end quietly when stdout is closed.
+    NetworkTool,
+    /// Every other tool (its output may go to `head`): SIGPIPE's default.
+    Tool,
+}
+
+impl Command {
+    fn kind(&self) -> Kind {
+        match self {
+            Command::Serve(_) | Command::Ingest(_) | Command::Route(_) | Command::Director(_) | Command::Dedup(DedupArgs { tool: None, .. }) => Kind::Server,
+            Command::Sink(_) | Command::Bench(_) => Kind::NetworkTool,
+            Command::Log(_) | Command::Config(_) | Command::Dedup(_) | Command::Jobs(_) | Command::Replay(_) | Command::DeadLetters(_) => Kind::Tool,
+        }
+    }
+}
+
+/// Give SIGPIPE its default action back, as in any Unix tool: a tool whose
+/// reader went away (`sluice jobs inspect … | head -1`) ends quietly, killed
+/// by SIGPIPE (exit status 141 in a shell), where Rust's default (SIGPIPE
+/// ignored) made `println!` panic with "failed printing to stdout: Broken pipe".
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called at the start of main, before any thread is started;
+    // SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// For the tools that keep SIGPIPE ignored: `println!` to a closed stdout
+/// ends the process at once with status 141 (as SIGPIPE would), without a
+/// panic message and without running exit handlers (threads may still be
+/// at work: see `run_serve` on RocksDB at exit).
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            #[cfg(unix)]
+            // SAFETY: _exit ends the process; nothing runs after it.
+            unsafe {
+                libc::_exit(141)
+            }
+        }
+        default(info)
+    }));
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
