@@ -34,8 +34,8 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::compaction_filter::Decision;
@@ -48,6 +48,43 @@ const CF_IDS: &str = "ids";
 /// both and every flush persists them together. Record keys start with a
 /// source id (`[A-Za-z0-9_-]`), never with a NUL byte.
 const CHECKPOINT_KEY: &[u8] = b"\0sluice:output_checkpoint";
+
+/// Fault injection for tests: make the writes of indexes under a path fail
+/// as a full disk makes them fail, without a full disk.
+///
+/// [`fail_writes`]`(prefix, true)` makes [`DedupIndex::open`],
+/// [`DedupIndex::record`] and [`DedupIndex::flush`] of every index whose
+/// path starts with `prefix` return the error RocksDB returns on ENOSPC,
+/// until `fail_writes(prefix, false)`. Off by default; a relaxed load is all
+/// it costs when nothing is armed.
+pub mod faults {
+    use super::*;
+
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static PREFIXES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub fn fail_writes(prefix: &Path, on: bool) {
+        let mut p = PREFIXES.lock().expect("faults");
+        p.retain(|x| x != prefix);
+        if on {
+            p.push(prefix.to_owned());
+        }
+        ARMED.store(!p.is_empty(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn check(path: &Path, doing: &str) -> Result<(), DedupError> {
+        if !ARMED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if PREFIXES.lock().expect("faults").iter().any(|p| path.starts_with(p)) {
+            return Err(DedupError::Rocks {
+                doing: format!("{doing} {}", path.display()),
+                cause: "IO error: No space left on device (injected)".into(),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Settings shared by the indexes of every partition.
 #[derive(Clone)]
@@ -128,6 +165,7 @@ impl DedupIndex {
     /// Open (creating when missing) the index at `path`. A corrupt index is
     /// reported as [`DedupError::Corrupt`].
     pub fn open(path: &Path, options: &IndexOptions) -> Result<Self, DedupError> {
+        faults::check(path, "opening")?;
         let window_ms = options.window.as_millis() as u64;
         let cutoff_ms = Arc::new(AtomicU64::new(now_ms().saturating_sub(window_ms)));
         let mut table = BlockBasedOptions::default();
@@ -162,6 +200,11 @@ impl DedupIndex {
         db_options.enable_statistics();
         db_options.set_max_background_jobs(2);
         db_options.set_keep_log_file_num(3);
+        // RocksDB's own LOG file keeps only the header written at open (see
+        // `quiet_info_log`): on a full disk a LOG write fails, and the next
+        // line RocksDB logs (its error handler reporting that very failure)
+        // hits an assertion in Debian's librocksdb 7.8 and aborts the process.
+        quiet_info_log(&mut db_options);
         db_options.set_paranoid_checks(true);
         let cfs = vec![ColumnFamilyDescriptor::new(CF_IDS, ids)];
         let db = DB::open_cf_descriptors(&db_options, path, cfs).map_err(|e| classify(path, "opening", e))?;
@@ -208,6 +251,7 @@ impl DedupIndex {
     /// Record `keys` as published at their times, and the new checkpoint, in
     /// one atomic write.
     pub fn record<'a>(&self, keys: impl IntoIterator<Item = (&'a [u8], u64)>, checkpoint: u64) -> Result<(), DedupError> {
+        faults::check(&self.path, "writing ids")?;
         let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
         // Sorted, consecutive inserts reuse the memtable skip list's search
         // path (its "splice"); random order pays a full search per key.
@@ -225,6 +269,7 @@ impl DedupIndex {
 
     /// Flush memtables to disk (used on clean shutdown and by the benchmark).
     pub fn flush(&self) -> Result<(), DedupError> {
+        faults::check(&self.path, "flushing")?;
         let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
         self.db.flush_cf(&ids).map_err(|e| classify(&self.path, "flushing", e))
     }
@@ -277,6 +322,20 @@ fn dir_size(path: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Keep RocksDB's info log (`<index>/LOG`) to the lines written at open.
+///
+/// RocksDB writes its LOG through a `WritableFileWriter`; once one of its
+/// writes failed (ENOSPC), the next append to it reaches
+/// `AssertFalseAndGetStatusForPrevError`, an `assert` that Debian's build of
+/// librocksdb 7.8 keeps: SIGABRT. The first line logged after a full disk is
+/// the error handler's report of the failed write, so any level below
+/// `Header` turns "disk full" into "process aborted". Header lines are only
+/// written when the database opens (they fit the writer's buffer); errors
+/// reach Sluice's log through the `Err` every failed call returns.
+fn quiet_info_log(options: &mut Options) {
+    options.set_log_level(rocksdb::LogLevel::Header);
 }
 
 fn decode_ts(value: &[u8]) -> Option<u64> {

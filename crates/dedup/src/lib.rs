@@ -26,6 +26,7 @@
 
 pub mod crash;
 pub mod index;
+pub mod retry;
 mod worker;
 
 pub use worker::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};

@@ -15,6 +15,7 @@ use tokio::runtime::Handle;
 
 use crate::crash::crash_point;
 use crate::index::{now_ms, DedupIndex, IndexOptions, IndexStats};
+use crate::retry::{backoff, ErrorStreak, Report, INITIAL_BACKOFF, LOG_EVERY, MAX_BACKOFF};
 use crate::{DedupError, GROUP, INPUT_TOPIC, OUTPUT_TOPIC};
 
 /// Settings of the dedup stage.
@@ -58,6 +59,11 @@ pub struct DedupMetrics {
     /// Per owned partition: age of the oldest `input` record not deduplicated
     /// (committed) yet, set by the process that runs the workers; 0 when caught up.
     pub oldest_unprocessed: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Per partition: failed attempts (batch, catch-up, index open or
+    /// rebuild), each retried with backoff.
+    pub errors: Family<Labels, Counter>,
+    /// Per partition: 1 while its worker is failing and retrying, else 0.
+    pub failing: Family<Labels, Gauge>,
 }
 
 impl Default for DedupMetrics {
@@ -75,6 +81,8 @@ impl Default for DedupMetrics {
             input_offset_resets: Counter::default(),
             batch_seconds: Histogram::new(sluice_core::metrics::latency_buckets()),
             oldest_unprocessed: Family::default(),
+            errors: Family::default(),
+            failing: Family::default(),
         }
     }
 }
@@ -102,6 +110,12 @@ impl DedupMetrics {
             "Per input partition this process owns: age of the oldest event dedup has not processed (committed) yet (0 when caught up)",
             self.oldest_unprocessed.clone(),
         );
+        r.register(
+            "errors",
+            "Per partition: failed dedup attempts (batch, catch-up, index open or rebuild; e.g. a full disk), each retried with backoff",
+            self.errors.clone(),
+        );
+        r.register("failing", "Per partition: 1 while its dedup worker is failing and retrying with backoff", self.failing.clone());
     }
 
     pub fn partition(&self, p: u32) -> Labels {
@@ -441,9 +455,16 @@ impl DedupWorker {
         s
     }
 
-    /// Work until `stop` is set. Errors are logged and retried; a corrupt
-    /// index is rebuilt; after any error the index catches up from `output`
-    /// again, as after a restart, so a half-done batch cannot publish twice.
+    /// Work until `stop` is set. Errors are retried with exponential
+    /// backoff ([`crate::retry`]: 250 ms doubling to 5 s) and logged once per
+    /// run of failures, then summarized once per 30 s (a full disk fails
+    /// every attempt alike); `sluice_dedup_errors_total` counts them and
+    /// `sluice_dedup_failing` is 1 meanwhile. A corrupt index is rebuilt;
+    /// after any error the index is reopened if RocksDB failed (a database
+    /// with a background error refuses writes until reopened) and catches up
+    /// from `output` again, as after a restart, so a half-done batch cannot
+    /// publish twice. The input offset is committed only after a batch is
+    /// published and indexed, so nothing is skipped while failing.
     pub fn run(mut self, rt: Handle) {
         let stop = self.settings.stop.clone();
         let p = self.partition;
@@ -451,6 +472,11 @@ impl DedupWorker {
         let mut log_progress = |pr: Progress| {
             tracing::info!(partition = pr.partition, done = pr.done, total = pr.total, "dedup catch-up progress");
         };
+        let labels = self.metrics.partition(p);
+        let errors = self.metrics.errors.get_or_create(&labels).clone();
+        let failing_gauge = self.metrics.failing.get_or_create(&labels).clone();
+        failing_gauge.set(0);
+        let mut streak = ErrorStreak::new(LOG_EVERY);
         let mut failing = false;
         while !stop.load(Ordering::Relaxed) {
             let result = if failing {
@@ -468,33 +494,54 @@ impl DedupWorker {
                     r => r.map(|_| 0),
                 }
             } else {
-                self.process_batch(&rt)
+                match self.process_batch(&rt) {
+                    Err(e) if e.needs_rebuild() => self.rebuild(&rt, &e, &mut log_progress).map(|_| 0),
+                    r => r,
+                }
             };
             match result {
                 Err(DedupError::Stopped) => break,
                 Ok(n) => {
-                    if failing {
-                        tracing::info!(partition = p, "dedup worker recovered");
+                    if let Some(r) = streak.success(Instant::now()) {
+                        tracing::info!(
+                            partition = p,
+                            failures = r.failures,
+                            failing_for_s = r.failing_for.as_secs_f64(),
+                            "dedup partition recovered: working again"
+                        );
+                        failing_gauge.set(0);
                     }
                     failing = false;
                     if n == 0 {
                         std::thread::sleep(self.settings.poll_interval);
                     }
                 }
-                Err(e) if e.needs_rebuild() => {
-                    if let Err(e2) = self.rebuild(&rt, &e, &mut log_progress) {
-                        tracing::error!(partition = p, error = %e2, "dedup index rebuild failed; retrying");
-                        failing = true;
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
-                }
                 Err(e) => {
-                    tracing::error!(partition = p, error = %e, "dedup batch failed; retrying after catch-up");
+                    errors.inc();
+                    failing_gauge.set(1);
+                    let report = streak.failure(Instant::now());
+                    let delay = backoff(INITIAL_BACKOFF, MAX_BACKOFF, streak.failures().min(u32::MAX as u64) as u32);
+                    match report {
+                        Report::First => tracing::error!(
+                            partition = p,
+                            error = %e,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "dedup partition stopped making progress; retrying with backoff up to 5 s (input offset held; further errors summarized every 30 s)"
+                        ),
+                        Report::Summary { failures, failing_for } => tracing::error!(
+                            partition = p,
+                            failures,
+                            failing_for_s = failing_for.as_secs_f64(),
+                            error = %e,
+                            "dedup partition still failing; retrying with backoff"
+                        ),
+                        Report::Quiet => tracing::debug!(partition = p, error = %e, "dedup attempt failed again"),
+                    }
                     if matches!(e, DedupError::Rocks { .. }) {
-                        self.index = None; // reopen it: RocksDB may refuse writes after an I/O error
+                        self.index = None; // reopen it: RocksDB refuses writes after a write error until reopened
                     }
                     failing = true;
-                    std::thread::sleep(Duration::from_secs(1));
+                    sleep_unless_stopped(&stop, delay);
                 }
             }
             if last_metrics.elapsed() >= Duration::from_secs(5) {
@@ -502,10 +549,23 @@ impl DedupWorker {
                 last_metrics = Instant::now();
             }
         }
+        failing_gauge.set(0);
         self.refresh_metrics();
         if let Err(e) = self.index.as_ref().map_or(Ok(()), DedupIndex::flush) {
             tracing::warn!(partition = p, error = %e, "flushing the dedup index at shutdown failed (catch-up repairs it)");
         }
+    }
+}
+
+/// Sleep `d`, waking early when `stop` is set.
+fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
 }
 
