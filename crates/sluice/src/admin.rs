@@ -76,7 +76,52 @@ pub fn router(state: Shared) -> Router {
         .route("/api/dead-letters/{id}/discard", post(discard_dead_letter))
         .route("/api/jobs/{key}", get(inspect_jobs))
         .route("/api/events", get(recent_events))
+        .route("/api/events/{partition}/{offset}", get(get_event))
         .with_state(state)
+        .layer(axum::middleware::from_fn(harden))
+}
+
+/// Every answer of the admin port: an error is JSON `{"code","message"}`
+/// whoever produced it (an unknown path, a wrong method, an extractor's
+/// rejection of a path or query parameter: axum answers those in plain
+/// text or with no body); and the headers that keep the console out of
+/// frames and stop browsers sniffing types. API answers (write keys,
+/// events) are not cached.
+async fn harden(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let api = req.uri().path().starts_with("/api");
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let allow = resp.headers().get(header::ALLOW).cloned();
+        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        let text = axum::body::to_bytes(std::mem::take(resp.body_mut()), 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_owned();
+        let (code, default) = match status {
+            StatusCode::NOT_FOUND => ("not_found", "no such path"),
+            StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this path"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request body too large"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "expected Content-Type: application/json"),
+            s if s.is_client_error() => ("invalid", "invalid request"),
+            _ => ("internal", "internal error"),
+        };
+        let message = if text.is_empty() { default.to_owned() } else { text };
+        resp = ApiError(status, code, message).into_response();
+        for (name, value) in [(header::ALLOW, allow), (header::RETRY_AFTER, retry_after)] {
+            if let Some(v) = value {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+    }
+    let h = resp.headers_mut();
+    h.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+    h.insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static("frame-ancestors 'none'"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+    if api {
+        h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    }
+    resp
 }
 
 /// The web console: one self-contained page (no external assets); its API
@@ -527,41 +572,114 @@ struct EventsQuery {
     limit: Option<usize>,
 }
 
+/// The event debugger's bounds, so a request costs little memory however
+/// large the events are (`limit=1000` on 8 partitions of 32 KB events read
+/// and held ~250 MB per request, ~1 GB with 8 at once):
+/// - at most this many events per answer (`limit` is clamped to it);
+pub const EVENTS_MAX_LIMIT: usize = 200;
+/// - the newest records of each partition looked at, read this many at a time;
+const EVENTS_SCAN_PER_PARTITION: u64 = 1000;
+const EVENTS_READ_BATCH: usize = 100;
+/// - an event larger than this is listed as a summary (its identifying
+///   fields), its size and an excerpt: `GET /api/events/{partition}/{offset}`
+///   gives it whole;
+pub const EVENT_INLINE_BYTES: usize = 4096;
+const EVENT_EXCERPT_BYTES: usize = 512;
+/// - and the listed events stop once their JSON reaches this size (the
+///   header `x-sluice-events-omitted` counts those left out).
+pub const EVENTS_MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// One record of `input` as the event debugger lists it (`whole`: never truncated).
+fn event_entry(p: u32, r: &sluice_log::StoredRecord, whole: bool) -> Value {
+    let key = String::from_utf8_lossy(&r.key);
+    let source = key.split_once('/').map(|(s, _)| s.to_owned()).unwrap_or_default();
+    let parsed = serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null);
+    let mut entry = json!({"timestamp": r.timestamp_ms, "partition": p, "offset": r.offset, "source": source});
+    if whole || r.value.len() <= EVENT_INLINE_BYTES {
+        entry["event"] = parsed;
+        return entry;
+    }
+    // The fields the console shows, each cut short.
+    let mut summary = serde_json::Map::new();
+    for field in ["type", "messageId", "event", "name", "userId", "anonymousId", "groupId", "previousId", "timestamp"] {
+        if let Some(Value::String(v)) = parsed.get(field) {
+            summary.insert(field.into(), Value::String(v.chars().take(200).collect()));
+        }
+    }
+    entry["event"] = Value::Object(summary);
+    entry["truncated"] = Value::Bool(true);
+    entry["bytes"] = json!(r.value.len());
+    entry["excerpt"] = Value::String(String::from_utf8_lossy(&r.value[..EVENT_EXCERPT_BYTES]).into_owned());
+    entry
+}
+
 /// The event debugger: the latest events accepted (`input`), newest first,
-/// optionally of one source. Looks at the last 1,000 records of each partition.
+/// optionally of one source. Looks at the last 1,000 records of each
+/// partition; bounded as [`EVENTS_MAX_LIMIT`] and the constants after it say.
 async fn recent_events(State(s): State<Shared>, h: HeaderMap, q: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
     authorize(&s, &h)?;
     let axum::extract::Query(q) = q.map_err(bad_request)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(50).clamp(1, EVENTS_MAX_LIMIT);
     let prefix = q.source.map(|src| format!("{src}/"));
     let topic = sluice_ingest::INPUT_TOPIC;
     let log_err = |e: sluice_log::LogError| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "log", e.to_string());
-    let mut out = Vec::new();
+    // (timestamp, offset, entry, its JSON size): the newest `limit` of each partition.
+    let mut out: Vec<(i64, u64, Value, usize)> = Vec::new();
     for p in 0..s.log.partitions(topic).map_err(log_err)? {
         let range = s.log.offsets(topic, p).await.map_err(log_err)?;
-        let from = range.end.saturating_sub(1000).max(range.start);
+        let from = range.end.saturating_sub(EVENTS_SCAN_PER_PARTITION).max(range.start);
+        let mut kept = std::collections::VecDeque::with_capacity(limit);
         let mut next = from;
         while next < range.end {
-            let batch = s.log.read(topic, p, next, 1000).await.map_err(log_err)?;
+            let batch = s.log.read(topic, p, next, EVENTS_READ_BATCH).await.map_err(log_err)?;
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
-            for r in batch {
-                if prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) {
-                    out.push((r.timestamp_ms, p, r.offset, r.key, r.value));
+            for r in batch.iter().filter(|r| prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes()))) {
+                let entry = event_entry(p, r, false);
+                let size = serde_json::to_vec(&entry).map_or(0, |v| v.len());
+                if kept.len() == limit {
+                    kept.pop_front();
                 }
+                kept.push_back((r.timestamp_ms, r.offset, entry, size));
             }
         }
+        out.extend(kept);
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0).then(b.2.cmp(&a.2)));
+    out.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
     out.truncate(limit);
-    let events: Vec<Value> = out
-        .into_iter()
-        .map(|(ts, p, offset, key, value)| {
-            let key = String::from_utf8_lossy(&key).into_owned();
-            let source = key.split_once('/').map(|(s, _)| s.to_owned()).unwrap_or_default();
-            json!({"timestamp": ts, "partition": p, "offset": offset, "source": source,
-                   "event": serde_json::from_slice::<Value>(&value).unwrap_or(Value::Null)})
-        })
-        .collect();
-    Ok(Json(events).into_response())
+    let mut total = 0;
+    let mut events = Vec::with_capacity(out.len());
+    let mut omitted = 0;
+    for (_, _, entry, size) in out {
+        if total + size > EVENTS_MAX_RESPONSE_BYTES {
+            omitted += 1;
+            continue;
+        }
+        total += size + 1;
+        events.push(entry);
+    }
+    let mut resp = Json(events).into_response();
+    if omitted > 0 {
+        resp.headers_mut().insert("x-sluice-events-omitted", omitted.into());
+    }
+    Ok(resp)
+}
+
+/// One event of `input`, whole (the listing truncates large ones).
+async fn get_event(State(s): State<Shared>, h: HeaderMap, Path((partition, offset)): Path<(u32, u64)>) -> ApiResult {
+    authorize(&s, &h)?;
+    let topic = sluice_ingest::INPUT_TOPIC;
+    let log_err = |e: sluice_log::LogError| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "log", e.to_string());
+    if partition >= s.log.partitions(topic).map_err(log_err)? {
+        return Err(not_found("no such partition"));
+    }
+    let range = s.log.offsets(topic, partition).await.map_err(log_err)?;
+    if !(range.start..range.end).contains(&offset) {
+        return Err(not_found("no event at that offset (it may have been deleted by retention)"));
+    }
+    let batch = s.log.read(topic, partition, offset, 1).await.map_err(log_err)?;
+    match batch.first().filter(|r| r.offset == offset) {
+        Some(r) => Ok(Json(event_entry(partition, r, true)).into_response()),
+        None => Err(not_found("no event at that offset")),
+    }
 }
