@@ -181,6 +181,12 @@ pub(crate) struct Director {
     /// Since when the lock could not be confirmed (the database did not
     /// answer): no request is started until it is.
     lock_unconfirmed: Option<Instant>,
+    /// JobDB transactions failed in a row (reset when the writer commits again).
+    write_failures: u32,
+    /// After a failed JobDB write, nothing is written (no request started, no
+    /// transition flushed, no page read) until then: exponential backoff
+    /// instead of a hot loop of failing transactions on a full disk.
+    write_retry_at: Option<Instant>,
 }
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
@@ -220,6 +226,8 @@ pub(crate) fn spawn(
         last_report: Instant::now(),
         last_lock_check: Instant::now(),
         lock_unconfirmed: None,
+        write_failures: 0,
+        write_retry_at: None,
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
     Ok(DirectorHandle { seq, name, writer, inbox: inbox_tx, task })
@@ -253,19 +261,25 @@ impl Director {
                 return self.shutdown(&mut inbox).await;
             }
             self.promote_due();
-            // Outcome rows go to the writer before any page or reload request, so a
-            // page never shows a job as unfinished after the director has finished it.
-            self.flush_rows();
-            self.request_page();
-            self.request_reloads();
-            let next_wake = if self.lock_unconfirmed.is_some() { None } else { self.dispatch() };
-            self.flush_rows();
+            // After a failed JobDB write, nothing goes to the writer until the backoff ends.
+            let paused = self.writes_paused();
+            if !paused {
+                // Outcome rows go to the writer before any page or reload request, so a
+                // page never shows a job as unfinished after the director has finished it.
+                self.flush_rows();
+                self.request_page();
+                self.request_reloads();
+            }
+            let next_wake = if self.lock_unconfirmed.is_some() || paused { None } else { self.dispatch() };
+            if !paused {
+                self.flush_rows();
+            }
             self.report_in_memory();
             if self.last_report.elapsed() >= Duration::from_secs(1) {
                 self.report_pairs();
             }
 
-            if self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending && self.spilled.is_empty() && self.reloading.is_empty() {
+            if !paused && self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending && self.spilled.is_empty() && self.reloading.is_empty() {
                 match self.writer().count_unfinished().await {
                     Ok(0) => return self.drop_jobdb().await,
                     Ok(n) => {
@@ -279,7 +293,8 @@ impl Director {
                 continue;
             }
 
-            let deadline = [next_wake, self.next_delayed()].into_iter().flatten().min();
+            let retry_writes = self.write_retry_at.filter(|_| paused);
+            let deadline = [next_wake, self.next_delayed(), retry_writes].into_iter().flatten().min();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1)),
             ));
@@ -288,6 +303,7 @@ impl Director {
                 m = inbox.recv() => match m {
                     Some(m) => self.on_msg(m),
                     None => {
+                        self.forget_write_failures();
                         self.shared.metrics.forget_director(self.seq, now_ms());
                         return DirectorExit::Stopped;
                     }
@@ -352,8 +368,25 @@ impl Director {
                     self.backlog = false;
                 }
             }
+            FromWriter::Recovered { failures, failing_for } => {
+                if self.write_failures > 0 {
+                    self.shared.metrics.jobdbs_failing.dec();
+                    tracing::info!(jobdb = %self.name, failures, failing_for_s = failing_for.as_secs_f64(), "JobDB writes work again: dispatch resumes");
+                }
+                self.write_failures = 0;
+                self.write_retry_at = None;
+            }
             FromWriter::Failed { error, lost } => {
-                tracing::error!(jobdb = %self.name, %error, "a JobDB write failed; sending its fire-and-forget part again");
+                // The writer logs the failure (rate-limited); pause writing with backoff.
+                self.shared.metrics.jobdb_write_failures.inc();
+                if self.write_failures == 0 {
+                    self.shared.metrics.jobdbs_failing.inc();
+                    tracing::warn!(jobdb = %self.name, %error, "JobDB writes failing: no request starts and outcomes wait in memory; retrying with backoff up to 5 s");
+                }
+                self.write_failures = self.write_failures.saturating_add(1);
+                let wait = crate::retry::backoff(crate::retry::INITIAL_BACKOFF, crate::retry::MAX_BACKOFF, self.write_failures);
+                self.write_retry_at = Some(Instant::now() + wait);
+                tracing::debug!(jobdb = %self.name, %error, retry_in_ms = wait.as_millis() as u64, "a JobDB write failed; its fire-and-forget part is sent again after the backoff");
                 // Requests with replies (inserts, `executing` rows) were answered with the error
                 // and are retried by their senders; what was sent without waiting is redone here.
                 if lost.page {
@@ -627,7 +660,8 @@ impl Director {
             let fetched = match writer.execute(rows, missing).await {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot record executing transitions; jobs stay queued");
+                    // The writer logged it (rate-limited) and told the director, which backs off.
+                    tracing::debug!(error = %e, "cannot record executing transitions; jobs stay queued");
                     let _ = inbox.send(Msg::Requeue(work.into_iter().map(|w| w.0).collect()));
                     return;
                 }
@@ -730,6 +764,11 @@ impl Director {
         self.rows.push(Transition { job_id: id, seq, state, at: now_ms(), attempt, status, error, retry_at });
     }
 
+    /// Whether a failed JobDB write's backoff is still running.
+    fn writes_paused(&self) -> bool {
+        self.write_retry_at.is_some_and(|t| Instant::now() < t)
+    }
+
     fn flush_rows(&mut self) {
         if !self.rows.is_empty() {
             let rows = std::mem::take(&mut self.rows);
@@ -741,6 +780,15 @@ impl Director {
 
     /// Write the job and its history to the archive, then (on success) `archived`.
     fn start_archive(&mut self, id: Ksuid) {
+        if let Some(until) = self.write_retry_at.filter(|_| self.writes_paused()) {
+            // Its history read must follow the rows held back meanwhile: archive after the backoff.
+            let at = now_ms() + until.saturating_duration_since(Instant::now()).as_millis() as i64;
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.archive_due = true;
+            }
+            self.delay(id, at);
+            return;
+        }
         let Some(job) = self.jobs.get_mut(&id) else { return };
         job.at = Where::Archiving;
         // The history read must see every row queued so far.
@@ -797,6 +845,7 @@ impl Director {
         self.jobs.clear();
         self.per_dest.clear();
         self.report_in_memory();
+        self.forget_write_failures();
         self.shared.metrics.forget_director(self.seq, now_ms());
         self.close_writer().await;
         DirectorExit::Stopped
@@ -863,7 +912,16 @@ impl Director {
         }
     }
 
+    /// This director no longer counts in `sluice_deliver_jobdbs_failing`.
+    fn forget_write_failures(&mut self) {
+        if self.write_failures > 0 {
+            self.shared.metrics.jobdbs_failing.dec();
+            self.write_failures = 0;
+        }
+    }
+
     async fn drop_jobdb(mut self) -> DirectorExit {
+        self.forget_write_failures();
         self.shared.metrics.forget_director(self.seq, now_ms());
         self.close_writer().await;
         // Other handles (the Centrifuge's) may still exist, but nothing writes to a sealed JobDB.

@@ -27,6 +27,7 @@ pub mod inspect;
 pub mod jobdb;
 pub mod ksuid;
 pub mod metrics;
+pub mod retry;
 pub mod sink;
 pub mod sqljobdb;
 pub mod store;

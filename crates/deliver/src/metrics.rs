@@ -29,6 +29,11 @@ pub struct DeliverMetrics {
     pub spilled: Family<Labels, Gauge>,
     /// Age of the oldest live JobDB.
     pub oldest_jobdb_age_seconds: Gauge,
+    /// JobDB transactions that failed and were rolled back (a full disk, a
+    /// database that went away); their work is retried with backoff.
+    pub jobdb_write_failures: Counter,
+    /// JobDBs whose writes are failing now (retried with backoff).
+    pub jobdbs_failing: Gauge,
     reports: Arc<Mutex<PairReports>>,
 }
 
@@ -58,6 +63,8 @@ impl Default for DeliverMetrics {
             oldest_pending_seconds: Family::default(),
             spilled: Family::default(),
             oldest_jobdb_age_seconds: Gauge::default(),
+            jobdb_write_failures: Counter::default(),
+            jobdbs_failing: Gauge::default(),
             reports: Arc::default(),
         }
     }
@@ -91,6 +98,12 @@ impl DeliverMetrics {
             "Jobs found `executing` after a restart and sent again (possible duplicates)",
             self.reexecuted_after_restart.clone(),
         );
+        r.register(
+            "sluice_deliver_jobdb_write_failures",
+            "JobDB transactions that failed and were rolled back (e.g. a full disk); retried with backoff up to 5 s",
+            self.jobdb_write_failures.clone(),
+        );
+        r.register("sluice_deliver_jobdbs_failing", "JobDBs whose writes are failing now (retried with backoff)", self.jobdbs_failing.clone());
     }
 
     /// Director `director`'s current view: per pair (unfinished jobs, oldest

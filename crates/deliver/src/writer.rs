@@ -19,11 +19,13 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use crate::jobdb::{NewJob, StoredJob, Transition};
 use crate::ksuid::{Ksuid, KsuidGenerator};
+use crate::retry::{ErrorStreak, Report, LOG_EVERY};
 use crate::store::JobStore;
 use crate::DeliverError;
 
@@ -40,6 +42,37 @@ pub enum FromWriter {
     /// A group failed and was rolled back; `lost` is what the director sent
     /// without waiting for an answer, so it can send it again.
     Failed { error: String, lost: Lost },
+    /// The first group committed after failed ones: writes work again.
+    Recovered { failures: u64, failing_for: std::time::Duration },
+}
+
+/// Fault injection for tests: make the transactions of JobDBs whose name
+/// (an SQLite JobDB's path) starts with a prefix fail as a full disk makes
+/// them fail, without a full disk. Off by default; a relaxed load is all it
+/// costs when nothing is armed.
+pub mod faults {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static PREFIXES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Fail (`on`) or stop failing the commits of JobDBs named `prefix…`.
+    pub fn fail_commits(prefix: &str, on: bool) {
+        let mut p = PREFIXES.lock().expect("faults");
+        p.retain(|x| x != prefix);
+        if on {
+            p.push(prefix.to_owned());
+        }
+        ARMED.store(!p.is_empty(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn check(name: &str) -> Result<(), crate::DeliverError> {
+        if ARMED.load(Ordering::Relaxed) && PREFIXES.lock().expect("faults").iter().any(|p| name.starts_with(p.as_str())) {
+            return Err(crate::DeliverError::WriteFailed(format!("database or disk is full (injected) on {name}")));
+        }
+        Ok(())
+    }
 }
 
 /// Fire-and-forget work of a failed group.
@@ -195,6 +228,9 @@ impl Pending {
 
 fn run(mut db: Box<dyn JobStore>, rx: mpsc::Receiver<Cmd>, director: UnboundedSender<FromWriter>, mut ids: KsuidGenerator) {
     let mut closing = false;
+    // Failed transactions are logged once per run, then summarized (a full
+    // disk fails every one of them alike).
+    let mut streak = ErrorStreak::new(LOG_EVERY);
     while !closing {
         let Ok(first) = rx.recv() else { break };
         let mut group = vec![first];
@@ -217,10 +253,15 @@ fn run(mut db: Box<dyn JobStore>, rx: mpsc::Receiver<Cmd>, director: UnboundedSe
             for cmd in group.drain(..) {
                 apply(db.as_mut(), cmd, &mut ids, &mut pending, &mut to_director)?;
             }
+            faults::check(db.name())?;
             db.commit()
         });
         match result {
             Ok(()) => {
+                if let Some(r) = streak.success(Instant::now()) {
+                    tracing::info!(jobdb = %db.name(), failures = r.failures, failing_for_s = r.failing_for.as_secs_f64(), "JobDB writes work again");
+                    let _ = director.send(FromWriter::Recovered { failures: r.failures, failing_for: r.failing_for });
+                }
                 for msg in to_director {
                     let _ = director.send(msg);
                 }
@@ -231,7 +272,21 @@ fn run(mut db: Box<dyn JobStore>, rx: mpsc::Receiver<Cmd>, director: UnboundedSe
             }
             Err(e) => {
                 db.rollback();
-                tracing::error!(jobdb = %db.name(), error = %e, "JobDB transaction failed; rolled back");
+                match streak.failure(Instant::now()) {
+                    Report::First => tracing::error!(
+                        jobdb = %db.name(),
+                        error = %e,
+                        "JobDB transaction failed; rolled back. Its work is retried with backoff up to 5 s; further failures are summarized every 10 s"
+                    ),
+                    Report::Summary { failures, failing_for } => tracing::error!(
+                        jobdb = %db.name(),
+                        error = %e,
+                        failures,
+                        failing_for_s = failing_for.as_secs_f64(),
+                        "JobDB transactions still failing; rolled back, retried with backoff"
+                    ),
+                    Report::Quiet => tracing::debug!(jobdb = %db.name(), error = %e, "JobDB transaction failed again"),
+                }
                 let msg = e.to_string();
                 let mut lost = Lost::default();
                 // Commands after the failing one in this group were never applied: fail them too.
