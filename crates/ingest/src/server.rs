@@ -3,13 +3,16 @@
 //! timeout, a bound on open connections and on connections per client
 //! address, and graceful shutdown.
 //!
-//! Invariant: one client address holds at most `max_connections_per_client`
-//! of the `max_connections` slots; a connection past its share is answered
-//! `429` and closed at once, without taking a slot for longer than that.
+//! Invariant: one client holds at most `max_connections_per_client` of the
+//! `max_connections` slots; a connection past its share is answered `429`
+//! and closed at once, without taking a slot for longer than that. A client
+//! is its address as [`client_key`] reads it: an IPv6 client by its /64
+//! (one subscriber's allocation: it could take a new address per
+//! connection), an IPv4-mapped IPv6 address as the IPv4 address.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,7 +93,7 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let Some(share) = per_client.claim(peer.ip()) else {
+        let Some(share) = per_client.claim(client_key(peer.ip())) else {
             tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
             connections.spawn(refuse(stream));
             continue;
@@ -115,7 +118,26 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     while connections.join_next().await.is_some() {}
 }
 
-/// Open connections per client address.
+/// The client a peer address belongs to, for per-client limits: an IPv4
+/// address itself; an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a
+/// dual-stack listener sees of IPv4 clients) as that IPv4 address; any
+/// other IPv6 address as its /64 prefix (the rest zero), since a host
+/// usually holds a whole /64 and can pick a new address in it for every
+/// connection.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Open connections per client ([`client_key`]).
 #[derive(Clone)]
 struct PerClient {
     limit: usize,
@@ -182,4 +204,82 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
         Ok::<(), std::io::Error>(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> String {
+        client_key(s.parse().unwrap()).to_string()
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("127.0.0.1"), "127.0.0.1");
+        assert_eq!(key("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(key("::ffff:127.0.0.1"), "127.0.0.1");
+        // Every address of one /64 is one client.
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        // Neighbouring /64s are not.
+        assert_eq!(key("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(key("::1"), "::");
+        assert_eq!(key("fe80::1234:5678:9abc:def0"), "fe80::");
+    }
+
+    #[test]
+    fn a_client_rotating_through_its_64_gets_no_more_connections() {
+        let per_client = PerClient::new(2);
+        let mut held = Vec::new();
+        for i in 1..=2u16 {
+            let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, i));
+            held.push(per_client.claim(client_key(ip)).expect("within the limit"));
+        }
+        for i in 3..50u16 {
+            let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, i, i, i, i));
+            assert!(per_client.claim(client_key(ip)).is_none(), "address {i} of the same /64 got a slot");
+        }
+        let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 8, 0, 0, 0, 1));
+        assert!(per_client.claim(client_key(other)).is_some(), "another /64 is another client");
+        drop(held);
+        assert!(per_client.claim(client_key(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 9, 9, 9, 9)))).is_some(), "slots given back");
+    }
+
+    /// Through the real server loop on a dual-stack listener: IPv4 clients
+    /// (seen as `::ffff:127.0.0.1`) share one allowance, `::1` has its own.
+    #[tokio::test]
+    async fn the_server_loop_counts_mapped_ipv4_and_ipv6_loopback_apart() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(listener) = TcpListener::bind("[::]:0").await else { return }; // no IPv6 here
+        let port = listener.local_addr().unwrap().port();
+        let options = ServeOptions { max_connections_per_client: 2, ..ServeOptions::default() };
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, options, async move {
+            let _ = stopped.await;
+        }));
+        async fn ask(addr: &str) -> String {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = s.read(&mut buf).await.unwrap();
+            // Kept open (the connection holds its slot) by leaking it into a task.
+            tokio::spawn(async move {
+                let _s = s;
+                std::future::pending::<()>().await
+            });
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+        let v4 = format!("127.0.0.1:{port}");
+        let Ok(_) = tokio::net::TcpStream::connect(format!("[::1]:{port}")).await else { return }; // no ::1
+        assert!(ask(&v4).await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&v4).await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&v4).await.starts_with("HTTP/1.1 429"), "a third IPv4 connection");
+        assert!(ask(&format!("[::1]:{port}")).await.starts_with("HTTP/1.1 200"), "::1 is another client");
+        let _ = stop.send(());
+        server.abort();
+    }
 }
