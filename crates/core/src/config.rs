@@ -27,6 +27,9 @@ pub enum ConfigError {
     Parse { origin: String, source: Box<toml::de::Error> },
     #[error("invalid config: `{key}`: {}", clip(problem))]
     Invalid { key: String, problem: String },
+    /// A value set by an environment override is at fault: named by the variable.
+    #[error("invalid config: environment variable {var}: {}", clip(problem))]
+    Env { var: String, problem: String },
 }
 
 /// The longest server timeout (header, body, shutdown grace).
@@ -726,7 +729,7 @@ impl Config {
     /// precedence) applied before validation.
     pub fn load_with(path: Option<&Path>, flags: impl FnOnce(&mut Config)) -> Result<Self, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        let mut config = match path {
+        let (mut config, set) = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
@@ -734,8 +737,11 @@ impl Config {
             }
             None => Self::parse(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env)?,
         };
+        let before = config.clone();
         flags(&mut config);
-        config.validate()?;
+        // A key a flag may have changed since is not blamed on the environment.
+        let set: Vec<_> = set.into_iter().filter(|(_, key)| before.section_debug(key) == config.section_debug(key)).collect();
+        config.validate().map_err(|e| blame_env(e, &set))?;
         Ok(config)
     }
 
@@ -745,16 +751,56 @@ impl Config {
         origin: &str,
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let config = Self::parse(text, origin, env)?;
-        config.validate()?;
+        let (config, set) = Self::parse(text, origin, env)?;
+        config.validate().map_err(|e| blame_env(e, &set))?;
         Ok(config)
     }
 
-    fn parse(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+    /// The config of `text` with `env`'s overrides, and which variable set
+    /// which key (`section.key`). An error an override causes names the
+    /// variable, not the file.
+    fn parse(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<(Self, Vec<(String, String)>), ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse { origin: origin.to_owned(), source: Box::new(e) };
         let mut doc: toml::Table = toml::from_str(text).map_err(parse_err)?;
-        apply_env_overrides(&mut doc, env)?;
-        toml::Value::Table(doc).try_into().map_err(parse_err)
+        let overrides = env_overrides(env)?;
+        if overrides.is_empty() {
+            return Ok((toml::Value::Table(doc).try_into().map_err(parse_err)?, Vec::new()));
+        }
+        let base = doc.clone();
+        for o in &overrides {
+            o.apply(&mut doc)?;
+        }
+        let set = overrides.iter().map(|o| (o.var.clone(), format!("{}.{}", o.section, o.key))).collect();
+        match toml::Value::Table(doc).try_into() {
+            Ok(config) => Ok((config, set)),
+            Err(e) => {
+                // The file alone first; then the overrides one by one, in
+                // order: the first that makes it fail is named.
+                let mut doc = base;
+                toml::Value::Table(doc.clone()).try_into::<Config>().map_err(parse_err)?;
+                for o in &overrides {
+                    o.apply(&mut doc)?;
+                    if let Err(e) = toml::Value::Table(doc.clone()).try_into::<Config>() {
+                        return Err(ConfigError::Env { var: o.var.clone(), problem: e.to_string() });
+                    }
+                }
+                Err(parse_err(e))
+            }
+        }
+    }
+
+    /// One top-level table as text, to tell whether CLI flags changed it.
+    fn section_debug(&self, key: &str) -> String {
+        match key.split(['.', '[']).next().unwrap_or("") {
+            "server" => format!("{:?}", self.server),
+            "admin" => format!("{:?}", self.admin),
+            "ingest" => format!("{:?}", self.ingest),
+            "log" => format!("{:?}", self.log),
+            "dedup" => format!("{:?}", self.dedup),
+            "deliver" => format!("{:?}", self.deliver),
+            "director" => format!("{:?}", self.director),
+            other => other.to_owned(),
+        }
     }
 
     /// Check every rule serde cannot express; errors name the key.
@@ -995,14 +1041,46 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| invalid(key, format!("{value:?} is not an address of the form IP:PORT")))
 }
 
-/// `SLUICE_SERVER__LISTEN=0.0.0.0:9000` sets `server.listen`. The value is
-/// read as a TOML literal when it is one (numbers, booleans), else as a string.
-fn apply_env_overrides(doc: &mut toml::Table, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+/// A validation error about a key an environment variable set (`set`:
+/// variable and `section.key`) names the variable.
+fn blame_env(e: ConfigError, set: &[(String, String)]) -> ConfigError {
+    let ConfigError::Invalid { key, problem } = e else { return e };
+    let by = set.iter().rev().find(|(_, k)| key == *k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}[")));
+    match by {
+        Some((var, _)) => ConfigError::Env { var: var.clone(), problem: format!("`{key}`: {problem}") },
+        None => ConfigError::Invalid { key, problem },
+    }
+}
+
+/// One environment override: `SLUICE_SERVER__LISTEN=0.0.0.0:9000` sets `server.listen`.
+struct EnvOverride {
+    var: String,
+    section: String,
+    key: String,
+    value: toml::Value,
+}
+
+impl EnvOverride {
+    fn apply(&self, doc: &mut toml::Table) -> Result<(), ConfigError> {
+        let table = doc
+            .entry(self.section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Env { var: self.var.clone(), problem: format!("`{}` is not a table", self.section) })?;
+        table.insert(self.key.clone(), self.value.clone());
+        Ok(())
+    }
+}
+
+/// The overrides in `env`, sorted by name. The value is read as a TOML
+/// literal when it is one (numbers, booleans), else as a string.
+fn env_overrides(env: &HashMap<String, String>) -> Result<Vec<EnvOverride>, ConfigError> {
     let mut vars: Vec<_> = env.iter().filter(|(k, _)| k.starts_with("SLUICE_") && k.contains("__")).collect();
     vars.sort();
+    let mut out = Vec::with_capacity(vars.len());
     for (name, raw) in vars {
         let path = &name["SLUICE_".len()..];
-        let malformed = || invalid(name.clone(), "environment overrides have the form SLUICE_<SECTION>__<KEY>");
+        let malformed = || ConfigError::Env { var: name.clone(), problem: "environment overrides have the form SLUICE_<SECTION>__<KEY>".into() };
         // `SLUICE__X` passes the filter (its `__` touches the prefix) but has
         // no separator after the prefix (found by fuzzing; was a panic).
         let Some((section, key)) = path.split_once("__") else { return Err(malformed()) };
@@ -1014,14 +1092,9 @@ fn apply_env_overrides(doc: &mut toml::Table, env: &HashMap<String, String>) -> 
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
-        let table = doc
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| invalid(name.clone(), format!("`{section}` is not a table")))?;
-        table.insert(key, value);
+        out.push(EnvOverride { var: name.clone(), section, key, value });
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1091,8 +1164,41 @@ mod tests {
     #[test]
     fn env_override_with_unknown_key_fails() {
         let env = HashMap::from([("SLUICE_LOG__PARTITONS".to_string(), "3".to_string())]);
-        let err = Config::from_toml_with_env("", "", &env).unwrap_err().to_string();
-        assert!(err.contains("partitons"), "{err}");
+        let err = Config::from_toml_with_env("", " in sluice.toml", &env).unwrap_err().to_string();
+        assert!(err.contains("partitons") && err.contains("SLUICE_LOG__PARTITONS"), "{err}");
+        assert!(!err.contains("sluice.toml"), "the file is not at fault: {err}");
+    }
+
+    #[test]
+    fn an_error_from_an_env_override_names_the_variable_not_the_file() {
+        let err = |vars: &[(&str, &str)], text: &str| {
+            let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Config::from_toml_with_env(text, " in /etc/sluice.toml", &env).unwrap_err().to_string()
+        };
+        // A type error (found while deserializing) and a validation error.
+        for (vars, needle) in [
+            (vec![("SLUICE_LOG__PARTITIONS", "many")], "log.partitions"),
+            (vec![("SLUICE_LOG__PARTITIONS", "0")], "log.partitions"),
+            (vec![("SLUICE_SERVER__LISTEN", "nope"), ("SLUICE_LOG__RETENTION", "2d")], "server.listen"),
+            (vec![("SLUICE_ADMIN__TOKEN", "short")], "admin.token"),
+            (vec![("SLUICE_SERVER__MAX_CONNECTIONS", "-1")], "max_connections"),
+            (vec![("SLUICE_SOURCES__X", "1")], "sources"),
+        ] {
+            let e = err(&vars, "");
+            let var = vars[0].0;
+            assert!(e.contains(var) && e.contains(needle), "{vars:?}: {e}");
+            assert!(!e.contains("/etc/sluice.toml"), "{vars:?}: the file is named: {e}");
+        }
+        // Only the variable at fault is named.
+        let e = err(&[("SLUICE_LOG__PARTITIONS", "4"), ("SLUICE_LOG__RETENTION", "soon")], "");
+        assert!(e.contains("SLUICE_LOG__RETENTION") && !e.contains("SLUICE_LOG__PARTITIONS"), "{e}");
+        // The file's own errors still name the file, whatever the environment holds.
+        let e = err(&[("SLUICE_LOG__PARTITIONS", "4")], "[server]\nlisten = 5\n");
+        assert!(e.contains("/etc/sluice.toml") && !e.contains("SLUICE_"), "{e}");
+        let e = err(&[("SLUICE_LOG__PARTITIONS", "4")], "[log]\nretention = \"soon\"\n");
+        assert!(e.contains("/etc/sluice.toml") && !e.contains("SLUICE_"), "{e}");
+        let e = err(&[("SLUICE_LOG__PARTITIONS", "4")], "[server]\nlisten = \"nope\"\n");
+        assert!(e.contains("server.listen") && !e.contains("SLUICE_"), "{e}");
     }
 
     #[test]

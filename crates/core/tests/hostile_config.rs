@@ -82,9 +82,42 @@ fn every_hostile_config_is_refused_with_an_error_naming_the_problem() {
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Hostile environment overrides (`SLUICE_<SECTION>__<KEY>`) over a valid
+/// file: (case name, variables, a part of the error it must get). The error
+/// names the variable, never the file (which is not at fault).
+fn env_cases() -> Vec<(&'static str, Vec<(&'static str, String)>, &'static str)> {
+    vec![
+        ("config-env-not-a-number", vec![("SLUICE_LOG__PARTITIONS", "lots".into())], "SLUICE_LOG__PARTITIONS"),
+        ("config-env-partitions-4096", vec![("SLUICE_LOG__PARTITIONS", "4096".into())], "SLUICE_LOG__PARTITIONS"),
+        ("config-env-unknown-key", vec![("SLUICE_LOG__PARTITONS", "3".into())], "SLUICE_LOG__PARTITONS"),
+        ("config-env-malformed-name", vec![("SLUICE__X", "1".into())], "SLUICE__X"),
+        ("config-env-section-not-a-table", vec![("SLUICE_SOURCES__ID", "x".into())], "SLUICE_SOURCES__ID"),
+        ("config-env-10mb-value", vec![("SLUICE_SERVER__LISTEN", "a".repeat(10 << 20))], "SLUICE_SERVER__LISTEN"),
+        ("config-env-second-of-two", vec![("SLUICE_LOG__PARTITIONS", "4".into()), ("SLUICE_LOG__RETENTION", "soon".into())], "SLUICE_LOG__RETENTION"),
+    ]
+}
+
+#[test]
+fn every_hostile_env_override_is_refused_naming_the_variable() {
+    let mut failures = Vec::new();
+    for (name, vars, needle) in env_cases() {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let got = std::panic::catch_unwind(|| Config::from_toml_with_env(DEST, " in hostile.toml", &env)).map_err(|_| "PANIC".to_owned());
+        match got.map(|r| r.map_err(|e| e.to_string())) {
+            Err(_) => failures.push(format!("{name}: panicked")),
+            Ok(Ok(_)) => failures.push(format!("{name}: accepted")),
+            Ok(Err(e)) if !e.contains(needle) || e.contains("hostile.toml") || e.len() > 2048 => {
+                failures.push(format!("{name}: error does not name {needle:?} alone: {}", e.chars().take(300).collect::<String>()))
+            }
+            Ok(Err(_)) => {}
+        }
+    }
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+}
+
 #[test]
 fn every_case_is_listed_in_security_md() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/SECURITY.md")).expect("docs/SECURITY.md");
-    let missing: Vec<&str> = cases().iter().map(|c| c.0).filter(|n| !doc.contains(&format!("`{n}`"))).collect();
+    let missing: Vec<&str> = cases().iter().map(|c| c.0).chain(env_cases().iter().map(|c| c.0)).filter(|n| !doc.contains(&format!("`{n}`"))).collect();
     assert!(missing.is_empty(), "cases missing from docs/SECURITY.md: {missing:?}");
 }

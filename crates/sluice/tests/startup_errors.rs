@@ -67,3 +67,18 @@ fn admin_port_taken_exits_1_after_stopping_every_stage() {
         check_clean_failure(&out, "admin.listen");
     }
 }
+
+#[test]
+fn a_bad_environment_override_is_named_not_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    for (var, value) in [("SLUICE_LOG__PARTITIONS", "lots"), ("SLUICE_LOG__PARTITIONS", "0"), ("SLUICE_LOG__PARTITONS", "3")] {
+        for args in [&["config", "check", "--config"][..], &["serve", "--config"][..]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).arg(&config).env(var, value).env("RUST_BACKTRACE", "0").output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains(var), "{var}={value}: the variable is not named: {err}");
+            assert!(!err.contains(config.to_str().unwrap()), "{var}={value}: the file is named: {err}");
+        }
+    }
+}
