@@ -479,6 +479,9 @@ impl DedupWorker {
         let mut streak = ErrorStreak::new(LOG_EVERY);
         let mut failing = false;
         while !stop.load(Ordering::Relaxed) {
+            // After an error the next step only catches up: its success is not
+            // a recovery yet (publishing may still fail, as on a full disk).
+            let catching_up = failing;
             let result = if failing {
                 self.forget_input_positions();
                 // With Kafka, fence again first: a transaction this worker
@@ -501,6 +504,7 @@ impl DedupWorker {
             };
             match result {
                 Err(DedupError::Stopped) => break,
+                Ok(_) if catching_up => failing = false,
                 Ok(n) => {
                     if let Some(r) = streak.success(Instant::now()) {
                         tracing::info!(
