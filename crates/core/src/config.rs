@@ -118,6 +118,12 @@ pub struct ServerConfig {
     /// Connections one client address may hold at once (0 = no limit), so
     /// one client, slow or hostile, cannot take every slot.
     pub max_connections_per_client: usize,
+    /// Requests per second one client address may have refused with a
+    /// client error (4xx other than 429), bursts up to five times that;
+    /// past it, its requests are held for a second and answered `429`
+    /// unread (0 = no budget). A client that sends valid requests is never
+    /// slowed by it.
+    pub client_error_budget: u32,
     /// A client must send its request headers within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -677,6 +683,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             max_connections: 1024,
             max_connections_per_client: 256,
+            client_error_budget: 20,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),

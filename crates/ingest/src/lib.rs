@@ -12,6 +12,7 @@
 //! - Events go to partition `murmur2(messageId) % partitions`, with record
 //!   key `<source id>/<messageId>` (source ids cannot contain `/`).
 
+pub mod budget;
 pub mod cors;
 pub mod event;
 pub mod ratelimit;
@@ -144,6 +145,11 @@ impl IngestMetrics {
             self.events_unknown_key_dropped.clone(),
         );
         r.register("ack_seconds", "Time from request arrival to a durable 200", self.ack_seconds.clone());
+        r.register(
+            "client_error_budget_held",
+            "Requests held and answered 429 because their client spent its error budget (server.client_error_budget)",
+            budget::held_total().clone(),
+        );
     }
 
     /// Count of rejected events with reason `code` (for tests and the console).

@@ -9,6 +9,10 @@
 //! is its address as [`client_key`] reads it: an IPv6 client by its /64
 //! (one subscriber's allocation: it could take a new address per
 //! connection), an IPv4-mapped IPv6 address as the IPv4 address.
+//!
+//! A client that keeps getting client errors is slowed by its error budget
+//! ([`crate::budget`], `server.client_error_budget`): past it, its requests
+//! are held for [`crate::budget::PENALTY`] unread and answered `429`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +26,8 @@ use sluice_core::config::ServerConfig;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::budget::{ErrorBudget, PENALTY};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -34,6 +40,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Connections one client address may hold at once; 0 = no limit.
     pub max_connections_per_client: usize,
+    /// Refused requests per second one client may have (bursts of 5×);
+    /// 0 = no budget.
+    pub client_error_budget: u32,
     /// Time allowed for a request's headers (also bounds idle keep-alive).
     pub header_read_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
@@ -45,6 +54,7 @@ impl ServeOptions {
         Self {
             max_connections: server.max_connections,
             max_connections_per_client: server.max_connections_per_client,
+            client_error_budget: server.client_error_budget,
             header_read_timeout: server.header_read_timeout,
             shutdown_grace: server.shutdown_grace,
         }
@@ -63,6 +73,7 @@ impl Default for ServeOptions {
 pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(options.max_connections));
     let per_client = PerClient::new(options.max_connections_per_client);
+    let budget = ErrorBudget::new(options.client_error_budget, options.client_error_budget.saturating_mul(5)).map(Arc::new);
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // A request head larger than MAX_HEAD_BYTES is answered 431 (hyper's
@@ -93,12 +104,13 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let Some(share) = per_client.claim(client_key(peer.ip())) else {
+        let key = client_key(peer.ip());
+        let Some(share) = per_client.claim(key) else {
             tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
             connections.spawn(refuse(stream));
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(Budgeted { app: app.clone(), key, budget: budget.clone() });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         connections.spawn(async move {
@@ -135,6 +147,56 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
             }
         },
     }
+}
+
+/// `app` behind its client's error budget: an exhausted client's request
+/// is held and refused unread; every answer is recorded against it.
+#[derive(Clone)]
+struct Budgeted {
+    app: Router,
+    key: IpAddr,
+    budget: Option<Arc<ErrorBudget>>,
+}
+
+impl tower::Service<hyper::Request<hyper::body::Incoming>> for Budgeted {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(())) // a Router is always ready
+    }
+
+    fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let (mut app, key, budget) = (self.app.clone(), self.key, self.budget.clone());
+        Box::pin(async move {
+            let Some(budget) = budget else { return tower::Service::call(&mut app, req).await };
+            if budget.exhausted(key) {
+                drop(req); // unread: the connection closes after the answer
+                crate::budget::held_total().inc();
+                tracing::debug!(client = %key, "client over its error budget; held and answered 429");
+                tokio::time::sleep(PENALTY).await;
+                return Ok(over_budget());
+            }
+            let answer = tower::Service::call(&mut app, req).await?;
+            budget.record(key, answer.status().as_u16());
+            Ok(answer)
+        })
+    }
+}
+
+/// The answer to a request over its client's error budget.
+fn over_budget() -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    const BODY: &str = r#"{"code":"client_error_budget","message":"too many refused requests from this client; fix the requests (see the earlier answers' messages) and retry later"}"#;
+    let mut answer = axum::response::Response::new(axum::body::Body::from(BODY));
+    *answer.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let h = answer.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    answer
 }
 
 /// Open connections per client ([`client_key`]).

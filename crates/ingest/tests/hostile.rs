@@ -286,6 +286,54 @@ async fn one_client_cannot_hold_every_connection_slot() {
     server.stop().await;
 }
 
+/// A client that keeps sending requests the server refuses spends its error
+/// budget: then its requests are held and answered 429 unread, while other
+/// clients, and the same client's valid requests before that, are served
+/// as usual. Hostile clients cannot spend the server's CPU on refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_error_budget_is_slowed_and_others_are_not() {
+    let options = ServeOptions { client_error_budget: 2, ..ServeOptions::default() }; // bursts of 10
+    let server = Server::start(Harness::new(), options).await;
+    let bad = raw_post("/v1/track", WEB_KEY, "{not json");
+    let mut a = connect_from("127.0.0.1", &server).await;
+    // Valid requests cost nothing, however many.
+    for i in 0..50 {
+        let resp = roundtrip(&mut a, &raw_post("/v1/track", WEB_KEY, &event("track", &format!("ok-{i}")).to_string())).await;
+        assert_eq!(resp.status, 200);
+    }
+    // Ten refusals are the burst; the eleventh request is over the budget.
+    for _ in 0..10 {
+        assert_eq!(roundtrip(&mut a, &bad).await.status, 400);
+    }
+    let held = std::time::Instant::now();
+    let resp = roundtrip(&mut a, &raw_post("/v1/track", WEB_KEY, &event("track", "while-over").to_string())).await;
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.json()["code"], "client_error_budget");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert!(held.elapsed() >= sluice_ingest::budget::PENALTY, "answered without being held");
+    assert!(wait_closed(&mut a, Duration::from_secs(5)).await.is_ok(), "the connection is closed after the 429");
+    // Another client is served at once meanwhile.
+    let mut b = connect_from("127.0.0.2", &server).await;
+    assert_eq!(roundtrip(&mut b, &raw_post("/v1/track", WEB_KEY, &event("track", "from-b").to_string())).await.status, 200);
+    assert_eq!(roundtrip(&mut b, &bad).await.status, 400, "b's own budget is untouched");
+    // The budget refills at its rate: A is served again.
+    let mut served = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut a = connect_from("127.0.0.1", &server).await;
+        if roundtrip(&mut a, &raw_post("/v1/track", WEB_KEY, &event("track", "after").to_string())).await.status == 200 {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "client A was never served again");
+    let mut keys: Vec<String> = server.harness.records().into_iter().map(|r| r.key).filter(|k| !k.starts_with("web/ok-")).collect();
+    keys.sort();
+    assert_eq!(keys, ["web/after", "web/from-b"], "the held request was not stored");
+    drop(b);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // 13. An oversize request gets its 400, never a reset
 
