@@ -76,6 +76,8 @@ struct State {
     newest: Live,
     sealed: Vec<Live>,
     next_seq: u64,
+    /// [`Centrifuge::close`] ran (the newest director's task is consumed).
+    closed: bool,
 }
 
 pub struct Centrifuge {
@@ -106,7 +108,7 @@ impl Centrifuge {
         })
         .await?;
         tracing::info!(archive = %archive.location, "archive opened");
-        let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs });
+        let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs, lock_lost: Default::default() });
         let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_deref(), &options.scope)?;
         let found = jobdbs.list().await?;
         let mut lives = Vec::new();
@@ -142,7 +144,7 @@ impl Centrifuge {
             tracing::info!(jobdbs = found.len(), location = %jobdbs.describe(), "picked up JobDBs; directors reload their unfinished jobs");
         }
         shared.metrics.jobdbs.set(lives.len() as i64 + 1);
-        Ok(Arc::new(Centrifuge { shared, options, jobdbs, state: RwLock::new(State { newest, sealed: lives, next_seq }) }))
+        Ok(Arc::new(Centrifuge { shared, options, jobdbs, state: RwLock::new(State { newest, sealed: lives, next_seq, closed: false }) }))
     }
 
     /// Lock and open JobDB `seq` (creating it if needed) and start its director.
@@ -165,6 +167,15 @@ impl Centrifuge {
 
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.shared.catalog
+    }
+
+    /// Whether one of its directors stopped because another session took
+    /// its JobDB's lock (a director of another process adopted the JobDB
+    /// while this one could not reach the database). Such a Centrifuge no
+    /// longer serves that JobDB; its owner closes it and opens the scope
+    /// again once the adopter hands it back.
+    pub fn lock_lost(&self) -> bool {
+        self.shared.lock_lost.load(Ordering::SeqCst)
     }
 
     /// Store `jobs` durably (skipping ones that exist); returns how many
@@ -240,9 +251,13 @@ impl Centrifuge {
         })
     }
 
-    /// Stop every director (requests in flight get a few seconds) and close the JobDBs.
+    /// Stop every director (requests in flight get a few seconds) and close
+    /// the JobDBs. Closing again does nothing.
     pub async fn close(&self) {
         let mut st = self.state.write().await;
+        if std::mem::replace(&mut st.closed, true) {
+            return;
+        }
         let sealed: Vec<Live> = st.sealed.drain(..).collect();
         for l in sealed.iter().chain(std::iter::once(&st.newest)) {
             l.handle.stop();

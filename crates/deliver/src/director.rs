@@ -74,6 +74,9 @@ pub struct Shared {
     pub archive: Archive,
     pub metrics: DeliverMetrics,
     pub cache_jobs: usize,
+    /// Set when a director stopped because another session holds its lock
+    /// (another process adopted the JobDB): [`crate::Centrifuge::lock_lost`].
+    pub lock_lost: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +257,7 @@ impl Director {
             if self.last_lock_check.elapsed() >= LOCK_CHECK_INTERVAL {
                 self.last_lock_check = Instant::now();
                 if !self.keep_lock().await {
+                    self.shared.lock_lost.store(true, std::sync::atomic::Ordering::SeqCst);
                     self.stopping = true; // the shutdown sends nothing new: it records what is in flight
                 }
             }

@@ -259,7 +259,9 @@ fn now_unix() -> i64 {
 /// binary reads the body (bounded) between [`RpcServer::admit`] and
 /// [`RpcServer::insert`].
 pub struct RpcServer {
-    centrifuge: Arc<Centrifuge>,
+    /// The director process's JobDBs; replaced when they are reopened
+    /// ([`RpcServer::replace`]).
+    centrifuge: std::sync::RwLock<Arc<Centrifuge>>,
     secret: RpcSecret,
     /// The last re-read of the control database caused by an unknown id.
     last_refresh: Mutex<Option<Instant>>,
@@ -267,7 +269,17 @@ pub struct RpcServer {
 
 impl RpcServer {
     pub fn new(centrifuge: Arc<Centrifuge>, secret: RpcSecret) -> Arc<RpcServer> {
-        Arc::new(RpcServer { centrifuge, secret, last_refresh: Mutex::new(None) })
+        Arc::new(RpcServer { centrifuge: std::sync::RwLock::new(centrifuge), secret, last_refresh: Mutex::new(None) })
+    }
+
+    /// The JobDBs requests go to now.
+    pub fn centrifuge(&self) -> Arc<Centrifuge> {
+        self.centrifuge.read().expect("centrifuge lock").clone()
+    }
+
+    /// Send later requests to `centrifuge`; the previous one is returned.
+    pub fn replace(&self, centrifuge: Arc<Centrifuge>) -> Arc<Centrifuge> {
+        std::mem::replace(&mut *self.centrifuge.write().expect("centrifuge lock"), centrifuge)
     }
 
     /// What can be checked before the body is read: a well-formed, fresh
@@ -328,7 +340,8 @@ impl RpcServer {
         // The director delivers to the URL *it* has for the destination, never
         // to one a request names: a caller holding the secret still cannot
         // point a destination's signed deliveries elsewhere.
-        let snap = self.centrifuge.catalog().snapshot();
+        let centrifuge = self.centrifuge();
+        let snap = centrifuge.catalog().snapshot();
         let jobs = request
             .jobs
             .into_iter()
@@ -339,7 +352,7 @@ impl RpcServer {
                 j.into()
             })
             .collect();
-        match self.centrifuge.insert(jobs, request.oldest_event_ms).await {
+        match centrifuge.insert(jobs, request.oldest_event_ms).await {
             Ok(inserted) => Ok(InsertReply { inserted }),
             Err(e) => {
                 tracing::error!(error = %e, "inserting jobs from a route failed");
@@ -351,7 +364,7 @@ impl RpcServer {
     /// The destinations of `jobs` the catalog does not have, after one
     /// re-read of the control database (rate-limited) if there are any.
     async fn unknown_destinations(&self, jobs: &[WireJob]) -> Vec<String> {
-        let catalog = self.centrifuge.catalog();
+        let catalog = self.centrifuge().catalog().clone();
         let missing = || {
             let snap = catalog.snapshot();
             let ids: BTreeSet<&str> = jobs.iter().map(|j| j.destination.as_str()).filter(|d| !snap.destinations.contains_key(*d)).collect();

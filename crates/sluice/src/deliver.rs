@@ -21,7 +21,10 @@ use crate::ConfigArgs;
 
 /// The running route and/or director stages.
 pub struct Running {
+    /// The JobDBs of `sluice serve` (route and director in one process).
     pub centrifuge: Option<Arc<Centrifuge>>,
+    /// A separate director's RPC server, which holds its current JobDBs.
+    director_rpc: Option<Arc<sluice_route::rpc::RpcServer>>,
     tasks: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -48,6 +51,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     let mut housekeeping = Vec::new();
     let mut registered = None;
+    let mut director_rpc = None;
     let centrifuge = if director && route {
         // One process: one unscoped set of JobDBs, no RPC.
         let metrics = DeliverMetrics::default();
@@ -63,12 +67,13 @@ pub async fn start(
         metrics.register(registry);
         let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
         let name = config.director.name.clone();
-        let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory).await?;
-        housekeeping.push(centrifuge.spawn_housekeeping());
-        tasks.push(serve_director_rpc(config, centrifuge.clone(), secret, directory.clone(), stop_rx.clone()).await?);
+        let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory, Some(Duration::from_secs(300))).await?;
+        let rpc = sluice_route::rpc::RpcServer::new(centrifuge.clone(), secret);
+        tasks.push(serve_director_rpc(config, rpc.clone(), catalog.clone(), metrics.clone(), directory.clone(), stop_rx.clone()).await?);
         tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop_rx.clone())));
         registered = Some((directory, name));
-        Some(centrifuge)
+        director_rpc = Some(rpc);
+        None
     } else {
         None
     };
@@ -102,7 +107,7 @@ pub async fn start(
         director,
         "delivery running"
     );
-    Ok(Running { centrifuge, tasks, housekeeping, stop, registered })
+    Ok(Running { centrifuge, director_rpc, tasks, housekeeping, stop, registered })
 }
 
 /// `deliver.jobdb_url`, required when route and directors are separate processes.
@@ -129,10 +134,19 @@ pub fn rpc_secret(config: &Config) -> Result<sluice_route::rpc::RpcSecret> {
 /// Serve `POST /rpc/v1/jobs` on `director.rpc_listen` (HTTP/2 and HTTP/1)
 /// and keep this director's heartbeat in the directory. Requests are
 /// checked by [`sluice_route::rpc::RpcServer`]: signature, size, destinations.
+///
+/// The heartbeat loop also watches this director's JobDBs: when another
+/// director took their locks (it adopted them while this one could not
+/// reach the database, whose restart ended this one's lock sessions), they
+/// are closed, this director announces itself without an RPC address (so
+/// routes skip it and the adopter hands them back), opens them again, and
+/// serves again. Without that it would answer `503 the JobDB is closed`
+/// until restarted.
 async fn serve_director_rpc(
     config: &Config,
-    centrifuge: Arc<Centrifuge>,
-    secret: sluice_route::rpc::RpcSecret,
+    rpc: Arc<sluice_route::rpc::RpcServer>,
+    catalog: Arc<Catalog>,
+    metrics: DeliverMetrics,
     directory: Directory,
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
@@ -144,25 +158,55 @@ async fn serve_director_rpc(
     let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     directory.heartbeat(&d.name, &rpc_url).await?;
     tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
-    let app = axum::Router::new()
-        .route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs))
-        .with_state(sluice_route::rpc::RpcServer::new(centrifuge, secret));
-    let (name, dir2) = (d.name.clone(), directory.clone());
+    let app = axum::Router::new().route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs)).with_state(rpc.clone());
+    let (name, dir2, config) = (d.name.clone(), directory.clone(), config.clone());
     let task = tokio::spawn(async move {
         let mut stop2 = stop.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop2.wait_for(|s| *s).await;
         });
         let heartbeat = async {
+            let mut housekeeping = rpc.centrifuge().spawn_housekeeping();
+            let mut reopening = false;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => break,
+                }
+                if !reopening && rpc.centrifuge().lock_lost() {
+                    tracing::error!(
+                        director = %name,
+                        "another director took this director's JobDB locks (it adopted them while this one could not reach \
+                         the database); closing them, and opening them again once they are handed back"
+                    );
+                    housekeeping.abort();
+                    rpc.centrifuge().close().await;
+                    reopening = true;
+                }
+                if reopening {
+                    let reopened = tokio::select! {
+                        r = open_own_jobdbs(&config, &catalog, &metrics, &dir2, None) => r,
+                        _ = stop.changed() => break,
+                    };
+                    match reopened {
+                        Ok(c) => {
+                            housekeeping = c.spawn_housekeeping();
+                            rpc.replace(c);
+                            reopening = false;
+                            tracing::warn!(director = %name, "this director's JobDBs are open again; serving route RPC");
+                        }
+                        Err(e) => {
+                            // The next round tries again (the old, closed JobDBs still answer 503).
+                            tracing::error!(director = %name, error = %e, "cannot open this director's JobDBs again");
+                            continue;
+                        }
+                    }
                 }
                 if let Err(e) = dir2.heartbeat(&name, &rpc_url).await {
                     tracing::warn!(error = %e, "director heartbeat failed");
                 }
             }
+            housekeeping.abort();
         };
         let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), heartbeat);
         if let Err(e) = served {
@@ -174,21 +218,34 @@ async fn serve_director_rpc(
 
 /// This director's scope of `deliver.jobdb_url`. While another director
 /// holds it (it adopted our JobDBs while we were down), keep announcing
-/// ourselves without an RPC address, so it hands them back, and retry.
-async fn open_own_jobdbs(config: &Config, catalog: &Arc<Catalog>, metrics: &DeliverMetrics, directory: &Directory) -> Result<Arc<Centrifuge>> {
+/// ourselves without an RPC address, so it hands them back, and retry, for
+/// `give_up_after` at most (`None`: until it works). At startup (a bound
+/// is given) a live director of the same name is refused.
+async fn open_own_jobdbs(
+    config: &Config,
+    catalog: &Arc<Catalog>,
+    metrics: &DeliverMetrics,
+    directory: &Directory,
+    give_up_after: Option<Duration>,
+) -> Result<Arc<Centrifuge>> {
     let name = &config.director.name;
-    if let Some(other) = directory.live(sluice_route::rpc::LIVE_AFTER).await?.into_iter().find(|d| &d.name == name && !d.rpc_url.is_empty()) {
-        bail!("a director named {name:?} is already running at {} (director.name must be unique)", other.rpc_url);
+    if give_up_after.is_some() {
+        if let Some(other) = directory.live(sluice_route::rpc::LIVE_AFTER).await?.into_iter().find(|d| &d.name == name && !d.rpc_url.is_empty()) {
+            bail!("a director named {name:?} is already running at {} (director.name must be unique)", other.rpc_url);
+        }
     }
     let mut options = CentrifugeOptions::from_config(config);
     options.scope = name.clone();
     let mut waited = Duration::ZERO;
     loop {
-        directory.heartbeat(name, "").await?;
+        let announced = directory.heartbeat(name, "").await;
+        if give_up_after.is_some() {
+            announced?;
+        }
         match Centrifuge::open(options.clone(), catalog.clone(), metrics.clone()).await {
             Ok(c) => return Ok(c),
-            Err(sluice_deliver::DeliverError::SqlLocked { .. }) if waited < Duration::from_secs(300) => {
-                if waited.is_zero() {
+            Err(sluice_deliver::DeliverError::SqlLocked { .. }) if give_up_after.is_none_or(|bound| waited < bound) => {
+                if waited.is_zero() || waited.as_secs() % 60 == 0 {
                     tracing::warn!(director = %name, "this director's JobDBs are held by another director (adopted while we were down); waiting for it to hand them back");
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -306,6 +363,9 @@ impl Running {
         }
         if let Some(c) = self.centrifuge {
             c.close().await;
+        }
+        if let Some(rpc) = &self.director_rpc {
+            rpc.centrifuge().close().await;
         }
         // Stay in the directory without an address: routes stop sending at
         // once, and once the heartbeat is stale another director adopts the

@@ -197,3 +197,72 @@ fn director_refuses_forged_requests_and_route_retries_refused_batches() {
         s.stop();
     }
 }
+
+/// A director whose JobDB locks another director took (it adopted them
+/// while this one could not reach the database: a restart of the database
+/// ends the lock sessions, and the heartbeats go stale) closes its JobDBs,
+/// waits for them to be handed back, opens them again and serves; it used
+/// to answer `503 the JobDB is closed` until restarted (found by the chaos
+/// soak). Here the test plays the adopter: it ends the director's lock
+/// session and takes the lock itself, then hands it back.
+#[test]
+fn a_director_whose_jobdbs_were_taken_opens_them_again_once_handed_back() {
+    let Some(db) = fresh_database("postgres", "rpcreopen") else { return };
+    let root = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(&root.path().join("kafka"), "sluice-test-rpcreopen") else { return };
+    let sink = TestSink::start();
+    let hook = sink.sink.url("/hook");
+    let director = Server::start_role("director", &role_config(root.path(), "director", &broker, &db, &hook), &[]);
+    let rpc = director
+        .json_log()
+        .iter()
+        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("director registered")))
+        .and_then(|l| l["fields"]["rpc"].as_str().map(str::to_owned))
+        .expect("the director logs its RPC address");
+    let secret = RpcSecret::new(RPC_SECRET);
+    let send = |id: &str| {
+        let body = serde_json::to_vec(&InsertRequest { oldest_event_ms: 0, jobs: vec![wire_job(id, "hook", &hook)] }).unwrap();
+        post(&sink, &rpc, &body, Some(secret.sign(&body, unix_now())))
+    };
+    assert_eq!(send("before").0, 200);
+    wait_for(Duration::from_secs(30), || sink.by_message_id("/hook").contains_key("before").then_some(()), || director.stderr_tail(20));
+
+    // The "adopter" ends the director's lock session and takes the lock before the director takes it again.
+    let sluice_deliver::backend::JobDbs::Sql(jobdbs) = sluice_deliver::backend::JobDbs::scoped(root.path(), Some(&db), "d1").unwrap() else {
+        panic!("SQL JobDBs")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let taken = rt.block_on(async {
+        use sqlx::Connection;
+        for _ in 0..20 {
+            let holder = jobdbs.jobdb_lock_holder(1).await.unwrap().expect("the director holds its lock");
+            let mut c = sqlx::PgConnection::connect(&db).await.unwrap();
+            sqlx::query("SELECT pg_terminate_backend($1::int)").bind(holder).execute(&mut c).await.unwrap();
+            for _ in 0..100 {
+                match jobdbs.lock_jobdb(1).await {
+                    Ok(lock) => return lock,
+                    Err(sluice_deliver::DeliverError::SqlLocked { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        panic!("the director took its lock back every time");
+    });
+    wait_for(
+        Duration::from_secs(30),
+        || director.stderr_text().contains("another director took this director's JobDB locks").then_some(()),
+        || director.stderr_tail(20),
+    );
+    // Handed back: the director opens its JobDBs again and serves.
+    rt.block_on(taken.release());
+    wait_for(
+        Duration::from_secs(60),
+        || director.stderr_text().contains("JobDBs are open again").then_some(()),
+        || director.stderr_tail(20),
+    );
+    let (status, v) = send("after");
+    assert_eq!(status, 200, "{v}");
+    wait_for(Duration::from_secs(30), || sink.by_message_id("/hook").contains_key("after").then_some(()), || director.stderr_tail(20));
+    assert_eq!(sink.by_message_id("/hook")["before"].len(), 1, "the job finished before is not sent again");
+    director.stop();
+}
