@@ -6,7 +6,7 @@
 //! 1. clean: the `bench ingest` load (keep-alive connections, batches of
 //!    ~300-byte events) alone;
 //! 2. hostile: the same load, plus `--hostile-clients` clients from another
-//!    address (127.0.0.2) cycling through amplification, gzip bombs,
+//!    address (127.0.0.2, or `--attacker-addresses` of them) cycling through amplification, gzip bombs,
 //!    oversize bodies, 40,000-key objects, deep nesting, invalid values,
 //!    unknown keys and slow-loris connections, each as fast as answers come.
 //!
@@ -50,6 +50,10 @@ pub struct HostileBench {
     /// Only the hostile requests whose name contains this (to see what each costs).
     #[arg(long)]
     only: Option<String>,
+    /// Client addresses the hostile clients are spread over: 127.0.0.2,
+    /// 127.0.0.3, … (per-address defences are weaker the more there are).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
+    attacker_addresses: u8,
 }
 
 const HOSTILE_KEY: &str = "wk_hostile";
@@ -106,7 +110,7 @@ fn attacks() -> Vec<Attack> {
 }
 
 struct Tally {
-    by_attack: Vec<[AtomicU64; 4]>, // 2xx, 4xx, 5xx, connection errors
+    by_attack: Vec<[AtomicU64; 5]>, // 2xx, 4xx but 429, 429, 5xx, connection errors
 }
 
 pub fn bench_hostile(args: HostileBench) -> Result<()> {
@@ -145,10 +149,11 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
     let loris = args.hostile_clients / 5;
     println!(
         "workload: a `sluice serve` process (embedded log, fsync); {} legitimate connections, batches of 100 x ~300 B; \
-         then the same with {} hostile clients from 127.0.0.2 ({} sending {} kinds of hostile request in turn, {} holding slow-loris connections); \
+         then the same with {} hostile clients from {} ({} sending {} kinds of hostile request in turn, {} holding slow-loris connections); \
          {}s measured per phase after {}s warm-up",
         args.connections,
         args.hostile_clients,
+        if args.attacker_addresses == 1 { "127.0.0.2".to_string() } else { format!("{} addresses (127.0.0.2-{})", args.attacker_addresses, 1 + args.attacker_addresses as u16) },
         args.hostile_clients - loris,
         attacks.len(),
         loris,
@@ -186,11 +191,12 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
         let mut hostile = Vec::new();
         for c in 0..args.hostile_clients {
             let (stop, tally, attacks, loris_conns) = (stop.clone(), tally.clone(), attacks.clone(), loris_conns.clone());
+            let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + (c % args.attacker_addresses as usize) as u8);
             hostile.push(rt.spawn(async move {
                 if c < loris {
-                    slow_loris(addr, &stop, &loris_conns).await
+                    slow_loris(addr, from, &stop, &loris_conns).await
                 } else {
-                    attacker(addr, c, &stop, &attacks, &tally).await
+                    attacker(addr, from, c, &stop, &attacks, &tally).await
                 }
             }));
         }
@@ -213,10 +219,10 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
     let acked = clean.events_acked_all + under_attack.events_acked_all;
 
     println!();
-    println!("{:<52} {:>8} {:>8} {:>8} {:>10}", "hostile request (phase 2)", "2xx", "4xx", "5xx", "conn err");
+    println!("{:<52} {:>8} {:>8} {:>8} {:>8} {:>10}", "hostile request (phase 2)", "2xx", "4xx", "429", "5xx", "conn err");
     for (a, t) in attacks.iter().zip(&tally.by_attack) {
-        let [ok, client, server, conn] = t.each_ref().map(|n| n.load(Ordering::Relaxed));
-        println!("{:<52} {ok:>8} {client:>8} {server:>8} {conn:>10}", a.name);
+        let [ok, client, limited, server, conn] = t.each_ref().map(|n| n.load(Ordering::Relaxed));
+        println!("{:<52} {ok:>8} {client:>8} {limited:>8} {server:>8} {conn:>10}", a.name);
     }
     println!("slow-loris connections opened: {loris_conns}");
     println!();
@@ -272,18 +278,18 @@ fn count_stored(log_dir: &Path) -> Result<(u64, u64)> {
     Ok((legit, hostile))
 }
 
-async fn connect_from_other_address(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_from(addr: std::net::SocketAddr, from: std::net::Ipv4Addr) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind("127.0.0.2:0".parse().expect("address"))?;
+    socket.bind(std::net::SocketAddr::from((from, 0)))?;
     socket.connect(addr).await
 }
 
 /// Send hostile requests in turn (starting at `offset`), as fast as they
 /// are answered; reconnect whenever the server closes the connection.
-async fn attacker(addr: std::net::SocketAddr, offset: usize, stop: &AtomicBool, attacks: &[Attack], tally: &Tally) {
+async fn attacker(addr: std::net::SocketAddr, from: std::net::Ipv4Addr, offset: usize, stop: &AtomicBool, attacks: &[Attack], tally: &Tally) {
     let mut i = offset;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(stream) = connect_from_other_address(addr).await else {
+        let Ok(stream) = connect_from(addr, from).await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -308,13 +314,14 @@ async fn attacker(addr: std::net::SocketAddr, offset: usize, stop: &AtomicBool, 
                 Ok(status) => {
                     let class = match status {
                         200..=299 => 0,
+                        429 => 2,
                         400..=499 => 1,
-                        _ => 2,
+                        _ => 3,
                     };
                     tally.by_attack[k][class].fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => {
-                    tally.by_attack[k][3].fetch_add(1, Ordering::Relaxed);
+                    tally.by_attack[k][4].fetch_add(1, Ordering::Relaxed);
                     break; // closed under us: reconnect
                 }
             }
@@ -324,10 +331,10 @@ async fn attacker(addr: std::net::SocketAddr, offset: usize, stop: &AtomicBool, 
 
 /// Hold connections that send a request head one byte at a time; a new one
 /// as soon as the server drops one.
-async fn slow_loris(addr: std::net::SocketAddr, stop: &AtomicBool, opened: &AtomicU64) {
+async fn slow_loris(addr: std::net::SocketAddr, from: std::net::Ipv4Addr, stop: &AtomicBool, opened: &AtomicU64) {
     let head = b"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut stream) = connect_from_other_address(addr).await else {
+        let Ok(mut stream) = connect_from(addr, from).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
