@@ -6,6 +6,7 @@ pub mod crash;
 pub mod filter;
 pub mod metrics;
 pub mod partition;
+pub mod retry;
 
 pub use config::{Config, ConfigError};
 pub use partition::partition_for;

@@ -485,14 +485,68 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
     for result in futures_util::future::join_all(appends).await {
         if let Err(e) = result {
-            tracing::error!(error = %e, "log append failed; answering 503");
+            append_errors::failed(&e);
             let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry");
             err.retry_after = Some(5);
             return Err(err);
         }
     }
+    append_errors::succeeded();
     ingest.metrics.events_accepted.get_or_create(&vec![("source", source.id.clone())]).inc_by(accepted as u64);
     Ok(())
+}
+
+/// Failed log appends, logged without flooding: under load on a full disk
+/// or a lost log every request fails the same way, so the first failure of
+/// a run is logged in full, later ones summarized every [`LOG_EVERY`].
+mod append_errors {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use sluice_core::retry::{ErrorStreak, Report};
+
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+    /// A run ends at a success at least this long after its last failure
+    /// (one broken partition among working ones is one run, not a run per
+    /// request).
+    const QUIET_TO_END: Duration = Duration::from_secs(1);
+    static FAILING: AtomicBool = AtomicBool::new(false);
+
+    /// The run, and the time of its last failure.
+    fn streak() -> &'static Mutex<(ErrorStreak, Option<Instant>)> {
+        static STREAK: OnceLock<Mutex<(ErrorStreak, Option<Instant>)>> = OnceLock::new();
+        STREAK.get_or_init(|| Mutex::new((ErrorStreak::new(LOG_EVERY), None)))
+    }
+
+    pub(super) fn failed(e: &sluice_log::LogError) {
+        FAILING.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut st = streak().lock().expect("append errors");
+        st.1 = Some(now);
+        match st.0.failure(now) {
+            Report::First => tracing::error!(error = %e, "log append failed; answering 503 (further failures summarized every 10 s)"),
+            Report::Summary { failures, failing_for } => {
+                tracing::error!(error = %e, failures, failing_for = ?failing_for, "log appends still failing; answering 503")
+            }
+            Report::Quiet => {}
+        }
+    }
+
+    pub(super) fn succeeded() {
+        if !FAILING.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let mut st = streak().lock().expect("append errors");
+        if st.1.is_some_and(|t| now.saturating_duration_since(t) >= QUIET_TO_END) {
+            FAILING.store(false, Ordering::Relaxed);
+            st.1 = None;
+            if let Some(r) = st.0.success(now) {
+                tracing::info!(failures = r.failures, failing_for = ?r.failing_for, "log appends work again");
+            }
+        }
+    }
 }
 
 fn unknown_write_key(present: bool) -> ApiError {
