@@ -79,6 +79,16 @@ fn wire_job(message_id: &str, destination: &str, endpoint: &str) -> WireJob {
     }
 }
 
+/// The RPC address a director process logged when it registered.
+fn rpc_address(director: &Server) -> String {
+    director
+        .json_log()
+        .iter()
+        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("director registered")))
+        .and_then(|l| l["fields"]["rpc"].as_str().map(str::to_owned))
+        .expect("the director logs its RPC address")
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
@@ -131,12 +141,7 @@ fn director_refuses_forged_requests_and_route_retries_refused_batches() {
     let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook);
 
     let director = Server::start_role("director", &cfg("director"), &[]);
-    let rpc = director
-        .json_log()
-        .iter()
-        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("director registered")))
-        .and_then(|l| l["fields"]["rpc"].as_str().map(str::to_owned))
-        .expect("the director logs its RPC address");
+    let rpc = rpc_address(&director);
     let secret = RpcSecret::new(RPC_SECRET);
     let body = |jobs: Vec<WireJob>| serde_json::to_vec(&InsertRequest { oldest_event_ms: 0, jobs }).unwrap();
 
@@ -213,12 +218,7 @@ fn a_director_whose_jobdbs_were_taken_opens_them_again_once_handed_back() {
     let sink = TestSink::start();
     let hook = sink.sink.url("/hook");
     let director = Server::start_role("director", &role_config(root.path(), "director", &broker, &db, &hook), &[]);
-    let rpc = director
-        .json_log()
-        .iter()
-        .find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("director registered")))
-        .and_then(|l| l["fields"]["rpc"].as_str().map(str::to_owned))
-        .expect("the director logs its RPC address");
+    let rpc = rpc_address(&director);
     let secret = RpcSecret::new(RPC_SECRET);
     let send = |id: &str| {
         let body = serde_json::to_vec(&InsertRequest { oldest_event_ms: 0, jobs: vec![wire_job(id, "hook", &hook)] }).unwrap();
