@@ -1079,9 +1079,42 @@ impl EnvOverride {
     }
 }
 
+/// The config's tables an environment override can set (`SLUICE_<SECTION>__<KEY>`).
+const ENV_SECTIONS: &[&str] = &["server", "admin", "ingest", "log", "dedup", "deliver", "director"];
+
+/// `SLUICE_*` variables Sluice reads itself that begin like a misspelt
+/// override (a section name, then one underscore) but are not overrides.
+const ENV_NOT_OVERRIDES: &[&str] = &["SLUICE_LOG_FORMAT"];
+
+/// A variable that looks like an override misspelt with one underscore
+/// after the section (`SLUICE_SERVER_LISTEN`): the right spelling
+/// (`SLUICE_SERVER__LISTEN`). Variables without a section name after
+/// `SLUICE_` (`SLUICE_TEST_*`, `SLUICE_SOAK_*`, ...) and those in
+/// [`ENV_NOT_OVERRIDES`] are not overrides and are left alone.
+fn misspelt_override(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("SLUICE_")?;
+    if name.contains("__") || ENV_NOT_OVERRIDES.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+        return None;
+    }
+    ENV_SECTIONS.iter().find_map(|section| {
+        let head = rest.get(..section.len())?;
+        let key = rest[section.len()..].strip_prefix('_')?;
+        (head.eq_ignore_ascii_case(section) && !key.is_empty()).then(|| format!("SLUICE_{head}__{key}"))
+    })
+}
+
 /// The overrides in `env`, sorted by name. The value is read as a TOML
-/// literal when it is one (numbers, booleans), else as a string.
+/// literal when it is one (numbers, booleans), else as a string. A
+/// misspelt override (`SLUICE_SERVER_LISTEN`) is an error, not ignored.
 fn env_overrides(env: &HashMap<String, String>) -> Result<Vec<EnvOverride>, ConfigError> {
+    let mut misspelt: Vec<_> = env.keys().filter_map(|k| Some((k, misspelt_override(k)?))).collect();
+    misspelt.sort();
+    if let Some((name, right)) = misspelt.into_iter().next() {
+        return Err(ConfigError::Env {
+            var: name.clone(),
+            problem: format!("not a config override: they have the form SLUICE_<SECTION>__<KEY>, with two underscores (did you mean {right}?)"),
+        });
+    }
     let mut vars: Vec<_> = env.iter().filter(|(k, _)| k.starts_with("SLUICE_") && k.contains("__")).collect();
     vars.sort();
     let mut out = Vec::with_capacity(vars.len());
@@ -1166,6 +1199,53 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:9999");
         assert_eq!(c.log.partitions, 3);
         assert_eq!(c.log.retention, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn misspelt_env_override_is_an_error_naming_the_right_spelling() {
+        for (var, right) in [
+            ("SLUICE_SERVER_LISTEN", "SLUICE_SERVER__LISTEN"),
+            ("SLUICE_ADMIN_TOKEN", "SLUICE_ADMIN__TOKEN"),
+            ("SLUICE_LOG_PARTITIONS", "SLUICE_LOG__PARTITIONS"),
+            ("SLUICE_DELIVER_MAX_ATTEMPTS", "SLUICE_DELIVER__MAX_ATTEMPTS"),
+            ("SLUICE_DIRECTOR_RPC_SECRET", "SLUICE_DIRECTOR__RPC_SECRET"),
+        ] {
+            let env = HashMap::from([(var.to_string(), "x".to_string())]);
+            let err = Config::from_toml_with_env("", "", &env).unwrap_err().to_string();
+            assert!(err.contains(var) && err.contains(right), "{var}: {err}");
+        }
+        // The right spelling still works.
+        let env = HashMap::from([("SLUICE_SERVER__LISTEN".to_string(), "127.0.0.1:9999".to_string())]);
+        assert_eq!(Config::from_toml_with_env("", "", &env).unwrap().server.listen, "127.0.0.1:9999");
+    }
+
+    #[test]
+    fn sluice_variables_that_are_not_overrides_are_left_alone() {
+        let names = [
+            "SLUICE_LOG_FORMAT",
+            "SLUICE_CONFIG",
+            "SLUICE_OTLP_ENDPOINT",
+            "SLUICE_TEST_KAFKA",
+            "SLUICE_REQUIRE_KAFKA",
+            "SLUICE_SOAK_SECONDS",
+            "SLUICE_BENCH_EVENTS",
+            "SLUICE_FUZZ_SECONDS",
+            "SLUICE_CACHE",
+            "SLUICE_PYTHON",
+            "SLUICE_NODE_MODULES",
+            "SLUICE_CRASH_AT",
+            "SLUICE_RESTART_COUNT",
+            "SLUICE_SERVER",
+            "SLUICE_SERVERLESS",
+            "SLUICE_LOGGING",
+            "SLUICE_DEDUPE",
+            "OTHER_SERVER_LISTEN",
+        ];
+        for name in names {
+            assert_eq!(misspelt_override(name), None, "{name}");
+        }
+        let env: HashMap<_, _> = names.iter().map(|n| (n.to_string(), "1".to_string())).collect();
+        Config::from_toml_with_env("", "", &env).unwrap();
     }
 
     #[test]
