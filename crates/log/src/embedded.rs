@@ -78,8 +78,10 @@
 //!    marker (a log from before the marker existed, or `log.fsync` off since
 //!    the start) means durable through the header: exactly the older
 //!    recovery. A marker that does not parse or fails its checksum (it is
-//!    replaced by rename, so only outside damage makes one) is reported with
-//!    a warning and treated as missing, so it can never keep a log from
+//!    replaced by rename, so only outside damage makes one), is longer than
+//!    512 bytes, or is not a regular file at all (a symlink, FIFO, device or
+//!    directory: never followed, opened or shown) is reported with a warning
+//!    and treated as missing, so it can never keep a log from
 //!    opening; recovery then writes a good one.
 //!
 //! Damage before the durable position is refused, not skipped: the damaged
@@ -677,29 +679,81 @@ impl DurableMark {
     }
 }
 
+/// Longest marker file read; a marker line is about 110 bytes, so a longer
+/// file is corrupt (and a huge or endless one is never read whole).
+const MARKER_MAX_BYTES: u64 = 512;
+
 /// Read a partition's marker. A missing one is `None`; one that does not
 /// parse is reported and taken for missing (it must never keep a log from
-/// opening, invariant 7).
+/// opening, invariant 7). So is anything named `durable` that is not a
+/// regular file (a symlink, a FIFO, a device, a directory): it is never
+/// opened through a symlink, never read past [`MARKER_MAX_BYTES`], and only
+/// a regular file with one link has its contents shown in the warning.
 fn read_marker(dir: &Path) -> Result<Option<DurableMark>, LogError> {
     let path = dir.join(MARKER_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
+    let ignored = |problem: &str, shown: Option<String>| {
+        tracing::warn!(
+            marker = %path.display(),
+            problem = %problem,
+            contents = ?shown.unwrap_or_else(|| "(not shown)".into()),
+            "unreadable durable-through marker ignored: the active segment's recovery falls back to cutting \
+             at the first bad frame (opening for writing rewrites the marker)"
+        );
+        Ok(None)
+    };
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path)(e)),
     };
+    if !meta.file_type().is_file() {
+        return ignored(&format!("not a regular file ({})", file_kind(&meta.file_type())), None);
+    }
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    // The file opened must be the one inspected (not swapped since for a
+    // symlink or a FIFO).
+    let opened = file.metadata().map_err(io_err(&path))?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        if !opened.is_file() || (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+            return ignored("replaced while being opened", None);
+        }
+    }
+    let mut bytes = Vec::new();
+    file.take(MARKER_MAX_BYTES + 1).read_to_end(&mut bytes).map_err(io_err(&path))?;
+    // A marker is only ever written by rename, so it has one link; a hard
+    // link to some other file is not shown.
+    let shown = {
+        use std::os::unix::fs::MetadataExt;
+        (opened.nlink() == 1).then(|| String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned())
+    };
+    if bytes.len() as u64 > MARKER_MAX_BYTES {
+        return ignored(&format!("longer than {MARKER_MAX_BYTES} bytes"), shown);
+    }
     match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()).and_then(DurableMark::decode) {
         Ok(mark) => Ok(Some(mark)),
-        Err(problem) => {
-            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-            tracing::warn!(
-                marker = %path.display(),
-                problem = %problem,
-                contents = ?shown,
-                "unreadable durable-through marker ignored: the active segment's recovery falls back to cutting \
-                 at the first bad frame (opening for writing rewrites the marker)"
-            );
-            Ok(None)
-        }
+        Err(problem) => ignored(&problem, shown),
+    }
+}
+
+fn file_kind(t: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
     }
 }
 
