@@ -114,6 +114,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
+use sluice_core::retry::{ErrorStreak, Report};
 use tokio::sync::oneshot;
 
 use crate::{Log, LogError, OffsetRange, Record, StoredRecord};
@@ -134,6 +135,10 @@ pub const MARKER_FILE: &str = "durable";
 /// what it has fsynced (invariant 7); the marker is written at most this
 /// often under load.
 pub const MARKER_INTERVAL: Duration = Duration::from_millis(1000);
+/// A marker that cannot be written (a full disk) is retried every
+/// [`MARKER_INTERVAL`]; its failures are logged once, then summarized at
+/// most this often per partition, then once when it works again.
+pub const MARKER_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Settings of an [`EmbeddedLog`].
 #[derive(Clone)]
@@ -352,6 +357,7 @@ impl EmbeddedLog {
                             marked: active.marked,
                             marked_at: Instant::now(),
                             unmarked: false,
+                            marker_errors: ErrorStreak::new(MARKER_ERROR_LOG_INTERVAL),
                         };
                         pending.push((format!("log-{name}-{id}"), writer, rx));
                         Some(tx)
@@ -1193,6 +1199,8 @@ struct Writer {
     marked_at: Instant,
     /// Whether this writer fsynced more than `marked` says (only with fsync on).
     unmarked: bool,
+    /// Failed marker writes, for rate-limited logging.
+    marker_errors: ErrorStreak,
 }
 
 impl Writer {
@@ -1275,15 +1283,38 @@ impl Writer {
             return;
         }
         match write_marker(&self.part.dir, &mark) {
-            Ok(()) => self.marked = Some(mark),
+            Ok(()) => {
+                self.marked = Some(mark);
+                if let Some(r) = self.marker_errors.success(Instant::now()) {
+                    tracing::info!(
+                        topic = %self.part.topic,
+                        partition = self.part.id,
+                        failures = r.failures,
+                        failing_for = ?r.failing_for,
+                        "the log's durable-through marker is written again"
+                    );
+                }
+            }
             Err(e) => {
                 self.unmarked = true;
-                tracing::warn!(
-                    topic = %self.part.topic,
-                    partition = self.part.id,
-                    error = %e,
-                    "could not update the log's durable-through marker (it lags; retried in {MARKER_INTERVAL:?})"
-                );
+                match self.marker_errors.failure(Instant::now()) {
+                    Report::First => tracing::warn!(
+                        topic = %self.part.topic,
+                        partition = self.part.id,
+                        error = %e,
+                        "could not update the log's durable-through marker (it lags; retried every \
+                         {MARKER_INTERVAL:?}, further failures summarized every {MARKER_ERROR_LOG_INTERVAL:?})"
+                    ),
+                    Report::Summary { failures, failing_for } => tracing::warn!(
+                        topic = %self.part.topic,
+                        partition = self.part.id,
+                        error = %e,
+                        failures,
+                        failing_for = ?failing_for,
+                        "still could not update the log's durable-through marker (it lags)"
+                    ),
+                    Report::Quiet => {}
+                }
             }
         }
     }

@@ -140,3 +140,46 @@ async fn a_marker_that_is_not_a_regular_file_is_ignored_not_read() {
         assert!(lines_with(&[SECRET]).is_empty(), "{case}: another file's contents were logged");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_marker_that_cannot_be_written_is_logged_once_then_once_when_it_works_again() {
+    captured();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let topic = "flaky";
+    let log = open(root, &options(&[(topic, 1)], 1 << 20));
+    assert_eq!(log.append(topic, 0, vec![numbered(0, 0, 20)]).await.unwrap(), 0);
+    // Fault injection: the marker's temporary file cannot be created while
+    // a directory has its name (as it cannot while the disk is full).
+    let tmp = marker_path(root, topic, 0).with_extension("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // Appends for 4.5 s: the writer tries the marker about once a second.
+    let started = Instant::now();
+    let mut n = 1;
+    while started.elapsed() < Duration::from_millis(4500) {
+        assert_eq!(log.append(topic, 0, vec![numbered(0, n, 20)]).await.unwrap(), n, "appends go on");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = lines_with(&["topic=flaky", "could not update the log's durable-through marker"]);
+    assert_eq!(failed.len(), 1, "the first failure only, not one a second: {failed:?}");
+    assert!(failed[0].starts_with("WARN") && !failed[0].contains("still"), "{failed:?}");
+    assert!(lines_with(&["topic=flaky", "written again"]).is_empty());
+
+    // The space comes back: the idle writer's next try works, and says so once.
+    std::fs::remove_dir(&tmp).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let recovered = loop {
+        let r = lines_with(&["topic=flaky", "the log's durable-through marker is written again"]);
+        if !r.is_empty() || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    let failures: u64 = recovered[0].split(" failures=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(failures >= 4, "about one failed try a second for 4.5 s: {recovered:?}");
+    assert!(std::fs::read_to_string(marker_path(root, topic, 0)).unwrap().starts_with(&format!("segment=0 end={n} ")));
+    log.close();
+    assert_eq!(lines_with(&["topic=flaky", "durable-through marker"]).len(), 2, "nothing else was logged about it");
+}
