@@ -90,8 +90,9 @@
 //! out is the guess invariant 3 rules out; a wrong guess would misnumber
 //! every later record (invariant 1), and the writer could not know where
 //! the partition ends. Refusing keeps every byte for the operator, who can
-//! read the records before the damage read-only (`open_read_only` opens,
-//! and a read reaching the damage fails with [`LogError::Corrupt`]), copy
+//! read the records before the damage read-only (`open_read_only` opens; a
+//! read that reaches the damage returns the records before it, and the next
+//! read, starting at the damage, fails with [`LogError::Corrupt`]), copy
 //! the segment, and, to accept the loss, delete the partition's `durable`
 //! file: the next open then cuts the segment at the bad frame like a torn
 //! tail (logged with the records cut), and later appends reuse those
@@ -1014,7 +1015,7 @@ impl Partition {
         let mut out = Vec::new();
         while out.len() < max {
             // Find where to start, under the lock; read the file outside it.
-            let (path, base, pos, stop, needs_index) = {
+            let (path, base, pos, stop, needs_index, active) = {
                 let st = self.state.lock().expect("partition state");
                 let start = *st.segments.keys().next().expect("a segment");
                 if from < start {
@@ -1030,7 +1031,7 @@ impl Partition {
                 let next_base = st.segments.range(base + 1..).next().map(|(b, _)| *b).unwrap_or(u64::MAX);
                 let i = seg.index.partition_point(|&(o, _)| o <= from) - 1;
                 let (off, pos) = seg.index[i];
-                (seg.path.clone(), base, (off, pos), st.end.min(next_base), !seg.indexed)
+                (seg.path.clone(), base, (off, pos), st.end.min(next_base), !seg.indexed, next_base == u64::MAX)
             };
             if needs_index {
                 let scan = match scan_segment(&path, base) {
@@ -1050,7 +1051,7 @@ impl Partition {
                 }
                 continue;
             }
-            let reached = match read_range(&path, pos, from, stop, max - out.len(), &mut out) {
+            let (reached, position, bad) = match read_range(&path, pos, from, stop, max - out.len(), &mut out) {
                 Err(LogError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     self.forget_vanished(base, &path)?;
                     continue;
@@ -1058,10 +1059,21 @@ impl Partition {
                 r => r?,
             };
             if reached < stop && out.len() < max {
+                // Damage (or the end of the file) in the active segment,
+                // before the partition's end: return the good records read
+                // before it; the next read, which starts at the damage,
+                // reports it. (Damage in a sealed segment still fails the
+                // whole read, as before.)
+                if active && !out.is_empty() {
+                    return Ok(out);
+                }
                 return Err(LogError::Corrupt {
                     path: path.display().to_string(),
-                    position: 0,
-                    problem: format!("segment ends at offset {reached}, before {stop}"),
+                    position,
+                    problem: match bad {
+                        Some(problem) => format!("the frame of offset {reached} is bad ({problem})"),
+                        None => format!("segment ends at offset {reached}, before {stop}"),
+                    },
                 });
             }
             from = reached;
@@ -1144,35 +1156,36 @@ impl Partition {
 
 /// Append the records of one segment with offsets in `from..stop` to `out`,
 /// at most `max`, starting the scan at the index entry `(offset, pos)`.
-/// Returns the offset after the last frame read.
+/// Returns the offset after the last frame read, the byte position after
+/// it, and, if a bad frame stopped the scan there, what is wrong with it
+/// (the records before it are in `out`).
 fn read_range(
     path: &Path,
-    (mut offset, pos): (u64, u64),
+    (mut offset, mut pos): (u64, u64),
     from: u64,
     stop: u64,
     max: usize,
     out: &mut Vec<StoredRecord>,
-) -> Result<u64, LogError> {
+) -> Result<(u64, u64, Option<String>), LogError> {
     let mut file = File::open(path).map_err(io_err(path))?;
     file.seek(SeekFrom::Start(pos)).map_err(io_err(path))?;
     let mut r = BufReader::with_capacity(256 * 1024, file);
     let mut taken = 0;
     while offset < stop && taken < max {
         match read_frame(&mut r, offset).map_err(io_err(path))? {
-            Frame::Record(rec, _) => {
+            Frame::Record(rec, len) => {
                 if rec.offset >= from {
                     out.push(rec);
                     taken += 1;
                 }
                 offset += 1;
+                pos += len;
             }
             Frame::End => break,
-            Frame::Bad(problem) => {
-                return Err(LogError::Corrupt { path: path.display().to_string(), position: 0, problem });
-            }
+            Frame::Bad(problem) => return Ok((offset, pos, Some(problem))),
         }
     }
-    Ok(offset)
+    Ok((offset, pos, None))
 }
 
 fn create_segment(path: &Path, base: u64) -> Result<File, LogError> {

@@ -157,6 +157,62 @@ async fn a_flipped_bit_in_the_middle_of_the_active_segment_keeps_every_acknowled
     }
 }
 
+/// A read that reaches damage returns the good records it read before it;
+/// the next read, starting at the damage, fails as `Corrupt` naming its
+/// byte position (`sluice log tail --from N` just before the damage prints
+/// those records, then the error).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_reaching_damage_returns_the_records_before_it_then_the_next_read_fails() {
+    // In the middle of one big active segment; and at the first record of an
+    // active segment, read from the sealed segment before it.
+    for (segment_bytes, middle) in [(1u64 << 20, true), (4096, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let opts = options(&[(TOPIC, 1)], segment_bytes);
+        let expected = populate(root, &opts, 120).await;
+        let (base, seg) = last_segment(root, TOPIC, 0);
+        let n = expected.len() as u64;
+        assert!(base >= 5 || middle, "a sealed segment precedes the active one");
+        let k = if middle { base + (n - base) / 2 } else { base };
+        let frame = frame_position(&expected, base, k);
+        flip_bit(&seg, frame + 5, 3); // the checksum of offset k
+
+        // The read-only view (what `sluice log tail` opens).
+        let ro = EmbeddedLog::open_read_only(root).unwrap();
+        for from in [k - 5, k - 1] {
+            let got = ro.read(TOPIC, 0, from, 100).await.unwrap();
+            assert_records(&got, from, &expected[from as usize..k as usize]);
+        }
+        assert_records(&ro.read(TOPIC, 0, k - 5, 3).await.unwrap(), k - 5, &expected[k as usize - 5..k as usize - 2]);
+        for from in [k, k + 1] {
+            match ro.read(TOPIC, 0, from, 100).await {
+                Err(LogError::Corrupt { path, position, problem }) => {
+                    assert_eq!(PathBuf::from(&path), seg, "{problem}");
+                    assert_eq!(position, frame, "the bad frame's byte position: {problem}");
+                    assert!(problem.contains(&format!("offset {k}")), "{problem}");
+                }
+                other => panic!("read from {from} (damage at {k}): expected Corrupt, got {other:?}"),
+            }
+        }
+        drop(ro);
+
+        // A running writer's log whose active segment is damaged under it.
+        let dir2 = tempfile::tempdir().unwrap();
+        let log = open(dir2.path(), &opts);
+        for (i, r) in expected.iter().enumerate() {
+            assert_eq!(log.append(TOPIC, 0, vec![r.clone()]).await.unwrap(), i as u64);
+        }
+        let (base, seg) = last_segment(dir2.path(), TOPIC, 0);
+        assert!(base >= 5 || middle, "a sealed segment precedes the active one");
+        let k = if middle { base + (n - base) / 2 } else { base };
+        let frame = frame_position(&expected, base, k);
+        flip_bit(&seg, frame + 5, 3);
+        assert_records(&log.read(TOPIC, 0, k - 5, 100).await.unwrap(), k - 5, &expected[k as usize - 5..k as usize]);
+        assert!(matches!(log.read(TOPIC, 0, k, 100).await, Err(LogError::Corrupt { position, .. }) if position == frame));
+        drop(log);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_the_marker_is_the_operators_way_to_accept_the_loss() {
     let dir = tempfile::tempdir().unwrap();
