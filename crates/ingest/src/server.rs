@@ -41,8 +41,15 @@ pub struct ServeOptions {
     /// Connections one client address may hold at once; 0 = no limit.
     pub max_connections_per_client: usize,
     /// Refused requests per second one client may have (bursts of 5×);
-    /// 0 = no budget.
+    /// 0 = no budget. Requests that hyper refuses itself (a malformed or
+    /// oversize head: 400, 431) spend it too, and on the Tracking API a
+    /// client over it is refused at accept, before anything is read.
+    /// `/healthz` and `/metrics` are never held.
     pub client_error_budget: u32,
+    /// The admin port: answers the server itself writes (429s) carry the
+    /// admin API's security headers and no `Access-Control-Allow-Origin`
+    /// (the Tracking API's carry `*`, so browsers see them).
+    pub same_origin: bool,
     /// Time allowed for a request's headers (also bounds idle keep-alive).
     pub header_read_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
@@ -55,6 +62,7 @@ impl ServeOptions {
             max_connections: server.max_connections,
             max_connections_per_client: server.max_connections_per_client,
             client_error_budget: server.client_error_budget,
+            same_origin: false,
             header_read_timeout: server.header_read_timeout,
             shutdown_grace: server.shutdown_grace,
         }
@@ -105,17 +113,32 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
         };
         let _ = stream.set_nodelay(true);
         let key = client_key(peer.ip());
+        // (Not on the admin port: a health probe from the same address must
+        // still get through, and only a read request says what it is.)
+        if !options.same_origin && budget.as_ref().is_some_and(|b| b.exhausted(key)) {
+            crate::budget::held_total().inc();
+            connections.spawn(refuse(stream, Refusal::ErrorBudget, options.same_origin));
+            continue;
+        }
         let Some(share) = per_client.claim(key) else {
             tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
-            connections.spawn(refuse(stream));
+            connections.spawn(refuse(stream, Refusal::TooManyConnections, options.same_origin));
             continue;
         };
-        let service = TowerToHyperService::new(Budgeted { app: app.clone(), key, budget: budget.clone() });
+        let service = TowerToHyperService::new(Budgeted { app: app.clone(), key, budget: budget.clone(), same_origin: options.same_origin });
+        let conn_budget = budget.clone();
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
+                // hyper answered 400/431 itself (a malformed or oversize
+                // head): a refusal like any other.
+                if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+                    if let Some(b) = &conn_budget {
+                        b.record(key, 400);
+                    }
+                }
             }
             drop((permit, share));
         });
@@ -156,7 +179,12 @@ struct Budgeted {
     app: Router,
     key: IpAddr,
     budget: Option<Arc<ErrorBudget>>,
+    same_origin: bool,
 }
+
+/// Paths never held by the error budget: health probes and metric scrapes
+/// from a shared address must not fail because of another client.
+const BUDGET_EXEMPT: [&str; 2] = ["/healthz", "/metrics"];
 
 impl tower::Service<hyper::Request<hyper::body::Incoming>> for Budgeted {
     type Response = axum::response::Response;
@@ -168,15 +196,15 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Budgeted {
     }
 
     fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        let (mut app, key, budget) = (self.app.clone(), self.key, self.budget.clone());
+        let (mut app, key, budget, same_origin) = (self.app.clone(), self.key, self.budget.clone(), self.same_origin);
         Box::pin(async move {
             let Some(budget) = budget else { return tower::Service::call(&mut app, req).await };
-            if budget.exhausted(key) {
+            if budget.exhausted(key) && !BUDGET_EXEMPT.contains(&req.uri().path()) {
                 drop(req); // unread: the connection closes after the answer
                 crate::budget::held_total().inc();
                 tracing::debug!(client = %key, "client over its error budget; held and answered 429");
                 tokio::time::sleep(PENALTY).await;
-                return Ok(over_budget());
+                return Ok(over_budget(same_origin));
             }
             let answer = tower::Service::call(&mut app, req).await?;
             budget.record(key, answer.status().as_u16());
@@ -186,17 +214,54 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Budgeted {
 }
 
 /// The answer to a request over its client's error budget.
-fn over_budget() -> axum::response::Response {
-    use axum::http::{header, HeaderValue, StatusCode};
-    const BODY: &str = r#"{"code":"client_error_budget","message":"too many refused requests from this client; fix the requests (see the earlier answers' messages) and retry later"}"#;
-    let mut answer = axum::response::Response::new(axum::body::Body::from(BODY));
+fn over_budget(same_origin: bool) -> axum::response::Response {
+    use axum::http::{HeaderName, HeaderValue, StatusCode};
+    let mut answer = axum::response::Response::new(axum::body::Body::from(Refusal::ErrorBudget.body()));
     *answer.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let h = answer.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    for (name, value) in refusal_headers(same_origin) {
+        h.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+    }
     answer
+}
+
+/// A 429 the server loop writes itself.
+#[derive(Clone, Copy)]
+enum Refusal {
+    TooManyConnections,
+    ErrorBudget,
+}
+
+impl Refusal {
+    fn body(self) -> &'static str {
+        match self {
+            Refusal::TooManyConnections => {
+                r#"{"code":"too_many_connections","message":"this client holds too many connections; reuse one or retry later"}"#
+            }
+            Refusal::ErrorBudget => {
+                r#"{"code":"client_error_budget","message":"too many refused requests from this client; fix the requests (see the earlier answers' messages) and retry later"}"#
+            }
+        }
+    }
+}
+
+/// The headers of a 429 the server loop writes: a browser on the Tracking
+/// API must be able to read it; the admin port keeps its security headers
+/// and stays same-origin.
+fn refusal_headers(same_origin: bool) -> Vec<(&'static str, &'static str)> {
+    let mut h = vec![("content-type", "application/json"), ("retry-after", "1"), ("connection", "close")];
+    if same_origin {
+        h.extend([
+            ("x-frame-options", "DENY"),
+            ("content-security-policy", "frame-ancestors 'none'"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+            ("cache-control", "no-store"),
+        ]);
+    } else {
+        h.push(("access-control-allow-origin", "*"));
+    }
+    h
 }
 
 /// Open connections per client ([`client_key`]).
@@ -247,17 +312,18 @@ impl Drop for Share {
     }
 }
 
-/// Answer a connection over its client's share with a `429` and close it,
-/// reading (and discarding) what the client sends for a moment first, so
-/// the answer is not lost to a reset. `Access-Control-Allow-Origin: *` so
-/// a browser (analytics.js) sees the 429 rather than a CORS failure.
-async fn refuse(mut stream: tokio::net::TcpStream) {
+/// Answer a connection over its client's share, or from a client over its
+/// error budget, with a `429` and close it, reading (and discarding) what
+/// the client sends for a moment first, so the answer is not lost to a
+/// reset ([`refusal_headers`]: browsers can read it on the Tracking API).
+async fn refuse(mut stream: tokio::net::TcpStream, why: Refusal, same_origin: bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const BODY: &str = r#"{"code":"too_many_connections","message":"this client holds too many connections; reuse one or retry later"}"#;
-    let answer = format!(
-        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\naccess-control-allow-origin: *\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
+    let body = why.body();
+    let mut answer = String::from("HTTP/1.1 429 Too Many Requests\r\n");
+    for (name, value) in refusal_headers(same_origin) {
+        answer += &format!("{name}: {value}\r\n");
+    }
+    answer += &format!("content-length: {}\r\n\r\n{body}", body.len());
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(answer.as_bytes()).await?;
         stream.shutdown().await?;

@@ -334,6 +334,36 @@ async fn a_client_past_its_error_budget_is_slowed_and_others_are_not() {
     server.stop().await;
 }
 
+/// Requests hyper refuses itself, before the service sees them (a malformed
+/// request line: 400; a head over 64 KiB: 431), spend the budget too; a
+/// client over its budget is then refused at accept, before anything is
+/// read (found by a red-team run: 40,000 431s in 5 s from one address went
+/// uncounted). Health probes and metric scrapes are never held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_heads_spend_the_budget_and_a_spent_client_is_refused_at_accept() {
+    let options = ServeOptions { client_error_budget: 2, ..ServeOptions::default() }; // bursts of 10
+    let server = Server::start(Harness::new(), options).await;
+    let huge_head = format!("GET /v1/track HTTP/1.1\r\nHost: x\r\nX-A: {}\r\n\r\n", "a".repeat(70_000));
+    for i in 0..10 {
+        let mut c = connect_from("127.0.0.3", &server).await;
+        let request: Vec<u8> = if i % 2 == 0 { b"GARBAGE\r\n\r\n".to_vec() } else { huge_head.clone().into_bytes() };
+        c.write_all(&request).await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), read_response(&mut c)).await.expect("answered").expect("response");
+        assert!(resp.status == 400 || resp.status == 431, "hyper's own refusal: {}", resp.status);
+    }
+    // Spent: the next connection gets its 429 before it sends anything.
+    let mut c = connect_from("127.0.0.3", &server).await;
+    let resp = tokio::time::timeout(Duration::from_secs(10), read_response(&mut c)).await.expect("answered").expect("response");
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.json()["code"], "client_error_budget");
+    assert_eq!(resp.header("access-control-allow-origin"), Some("*"), "browsers can read it on the Tracking API");
+    // Another address is served.
+    let mut b = connect_from("127.0.0.4", &server).await;
+    assert_eq!(roundtrip(&mut b, &raw_post("/v1/track", WEB_KEY, &event("track", "b").to_string())).await.status, 200);
+    drop(b);
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // 13. An oversize request gets its 400, never a reset
 

@@ -497,6 +497,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         None => None,
     };
     let serve_options = ServeOptions::from_config(&config.server);
+    let admin_options = ServeOptions { same_origin: true, ..serve_options.clone() };
     let sources: Vec<String> = catalog.snapshot().sources.iter().filter(|(_, off)| !off).map(|(s, _)| s.id.clone()).collect();
     let listen = match &listener {
         Some(l) => l.local_addr()?.to_string(),
@@ -539,7 +540,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));
     }
     if let Some(l) = admin {
-        st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), serve_options, stopped())));
+        st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), admin_options, stopped())));
     }
     Ok(())
 }

@@ -171,3 +171,33 @@ fn the_event_debugger_answer_is_bounded() {
     assert!(whole.get("truncated").is_none());
     server.stop();
 }
+
+/// The admin port has an error budget of its own (token guessing is slowed),
+/// but a health probe or a metrics scrape from the same address is never
+/// held, and its 429 keeps the admin port's security headers and stays
+/// same-origin (found by a red-team run: 40 threads of 404s from one
+/// address made `/healthz` answer 429, with `Access-Control-Allow-Origin: *`).
+#[test]
+fn the_admin_error_budget_spares_health_and_metrics_and_keeps_its_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    set_admin_token(&config, TOKEN);
+    let server = Server::start_with_env(&config, &[("SLUICE_SERVER__CLIENT_ERROR_BUDGET", "1")]); // bursts of 5
+    let admin = Admin { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(admin.get("/api/no-such-thing").status);
+    }
+    assert_eq!(statuses, [404, 404, 404, 404, 404, 429], "five refusals are the burst");
+    // The held second gave back about one token: spend it, so the bucket is empty again.
+    admin.get("/api/no-such-thing");
+    assert_eq!(admin.get("/healthz").status, 200, "health probes are never held");
+    assert_eq!(admin.get("/metrics").status, 200, "metric scrapes are never held");
+    let held = admin.get("/api/sources");
+    assert_eq!(held.status, 429);
+    assert_eq!(held.json()["code"], "client_error_budget");
+    assert_eq!(held.header("x-frame-options"), "DENY");
+    assert_eq!(held.header("x-content-type-options"), "nosniff");
+    assert_eq!(held.header("access-control-allow-origin"), "", "the admin port stays same-origin");
+    server.stop();
+}
