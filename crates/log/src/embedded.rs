@@ -28,7 +28,11 @@
 //!    takes every append waiting in its queue, writes them with one `write`,
 //!    then one `fdatasync` (group commit), and only then publishes the new end
 //!    offset and answers the callers. So an acknowledged record is durable,
-//!    and readers never see a record that is not.
+//!    and readers never see a record that is not. A group whose write or
+//!    fsync fails is cut back to the durable length and fails alone (its
+//!    callers get the I/O error; the next group is tried again); only a
+//!    failed cut-back or segment roll stops the partition's writes until
+//!    a restart ([`LogError::Poisoned`]).
 //! 3. Only the active segment can end in a torn or corrupt frame (a crash
 //!    mid-write), and only *after its durable position* (invariant 7). On
 //!    open it is scanned; a bad frame (or the end of the file) at or past
@@ -1258,13 +1262,27 @@ impl Writer {
                     self.mark_durable(false);
                 }
                 Err(e) => {
+                    // Only a poisoned partition (a failed cut-back or roll,
+                    // see `commit`) refuses writes until a restart. A failed
+                    // write or fsync that was cut back cleanly fails just
+                    // this group: the next one is tried again (so writes
+                    // resume by themselves once space is freed), and the
+                    // callers get the I/O error itself.
+                    let poisoned = self.part.state.lock().expect("partition state").poisoned.is_some();
                     let cause = e.to_string();
                     for req in batch {
-                        let _ = req.reply.send(Err(LogError::Poisoned {
-                            topic: self.part.topic.clone(),
-                            partition: self.part.id,
-                            cause: cause.clone(),
-                        }));
+                        let err = match &e {
+                            _ if poisoned => LogError::Poisoned {
+                                topic: self.part.topic.clone(),
+                                partition: self.part.id,
+                                cause: cause.clone(),
+                            },
+                            LogError::Io { path, source } => {
+                                LogError::Io { path: path.clone(), source: io::Error::new(source.kind(), source.to_string()) }
+                            }
+                            _ => LogError::Unavailable(cause.clone()),
+                        };
+                        let _ = req.reply.send(Err(err));
                     }
                 }
             }
@@ -1368,8 +1386,11 @@ impl Writer {
         let path = self.path.clone();
         let written = self.file.write_all(buf).and_then(|_| if self.fsync { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
-            // Cut the partial write so the file stays a valid prefix; if even
-            // that fails, refuse further writes until a restart recovers.
+            // Cut the partial write so the file stays a valid prefix (what
+            // is kept was fsynced by earlier groups; the failed group's
+            // pages go with the cut), and fail only this group: the next
+            // one is tried again. If even the cut fails, refuse further
+            // writes until a restart recovers.
             let cut = self.file.set_len(self.len).and_then(|_| self.file.sync_data());
             let err = io_err(&path)(e);
             if let Err(cut_err) = cut {
