@@ -7,9 +7,12 @@
 //!
 //! Memory: [`Sink::start`] keeps every request (tests read them all back);
 //! [`Sink::start_bounded`] (what `sluice sink` runs) keeps counts and only
-//! the newest requests, at most `keep` of them and `keep_bytes` of bodies,
+//! the newest requests, at most `keep` of them and `keep_bytes` of paths,
+//! headers and bodies together (a kept path is cut to [`MAX_KEPT_PATH`]),
 //! and [`Sink::received_since`] hands over the new ones without copying
-//! the rest. Per-path counters stop at [`MAX_PATHS`] distinct paths.
+//! the rest. Per-path counters stop at [`MAX_PATHS`] distinct paths, and
+//! paths longer than [`MAX_COUNTED_PATH`] are counted under one key,
+//! [`LONG_PATHS`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -86,13 +89,58 @@ impl Received {
 /// request on a path past these is counted only in the total.
 pub const MAX_PATHS: usize = 10_000;
 
+/// Paths longer than this (bytes) are counted together, under [`LONG_PATHS`]:
+/// with [`MAX_PATHS`], the counters' keys hold at most ~2.5 MB.
+pub const MAX_COUNTED_PATH: usize = 256;
+
+/// The per-path counters' key for every path longer than [`MAX_COUNTED_PATH`].
+pub const LONG_PATHS: &str = "<long paths>";
+
+/// A kept request's path is cut to this many bytes (at a character boundary).
+pub const MAX_KEPT_PATH: usize = 1024;
+
+/// The per-path counters' key for `path`.
+fn counter_key(path: &str) -> &str {
+    if path.len() > MAX_COUNTED_PATH {
+        LONG_PATHS
+    } else {
+        path
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.shrink_to_fit();
+    }
+}
+
+/// Bytes counted per kept request besides its path, headers and body (the
+/// record itself, the header map's entries).
+const REQUEST_OVERHEAD: usize = 128;
+const HEADER_OVERHEAD: usize = 32;
+
+/// Bytes a kept request holds, as counted against [`Keep::bytes`].
+fn kept_bytes(r: &Received) -> usize {
+    let headers: usize = r.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD).sum();
+    REQUEST_OVERHEAD + r.path.len() + headers + r.body.len()
+}
+
 /// How many received requests are kept.
 #[derive(Debug, Clone, Copy)]
 pub struct Keep {
     /// Requests kept (the oldest go first).
     pub requests: usize,
-    /// Body bytes kept, all requests together; a single body longer than
-    /// this is kept cut to it.
+    /// Bytes kept, all requests together: paths, headers and bodies (and a
+    /// small overhead per request and header). A single body longer than
+    /// what is left of this after its request's path and headers is kept
+    /// cut to it; a request whose path and headers alone exceed it is not
+    /// kept (it is counted as missed).
     pub bytes: usize,
 }
 
@@ -121,15 +169,17 @@ impl Ring {
             self.first += 1;
             return;
         }
-        if r.body.len() > self.keep.bytes {
+        cut(&mut r.path, MAX_KEPT_PATH);
+        let room = self.keep.bytes.saturating_sub(kept_bytes(&r) - r.body.len());
+        if r.body.len() > room {
             // A copy: a slice would keep the whole body's buffer alive.
-            r.body = Bytes::copy_from_slice(&r.body[..self.keep.bytes]);
+            r.body = Bytes::copy_from_slice(&r.body[..room]);
         }
-        self.bytes += r.body.len();
+        self.bytes += kept_bytes(&r);
         self.items.push_back(r);
         while self.items.len() > self.keep.requests || self.bytes > self.keep.bytes {
             let old = self.items.pop_front().expect("not empty");
-            self.bytes -= old.body.len();
+            self.bytes -= kept_bytes(&old);
             self.first += 1;
         }
     }
@@ -165,14 +215,28 @@ pub struct SinkState {
 }
 
 impl SinkState {
-    /// Requests received on `path` so far.
+    /// Requests received on `path` so far (for a path longer than
+    /// [`MAX_COUNTED_PATH`]: on all such paths together).
     pub fn path_count(&self, path: &str) -> u64 {
-        self.by_path.lock().expect("lock").get(path).copied().unwrap_or(0)
+        self.by_path.lock().expect("lock").get(counter_key(path)).copied().unwrap_or(0)
     }
 
-    /// The most requests on `path` the sink was answering at once.
+    /// The most requests on `path` the sink was answering at once (for a
+    /// path longer than [`MAX_COUNTED_PATH`]: on all such paths together).
     pub fn max_concurrent(&self, path: &str) -> u64 {
-        self.concurrency.lock().expect("lock").get(path).map_or(0, |c| c.1)
+        self.concurrency.lock().expect("lock").get(counter_key(path)).map_or(0, |c| c.1)
+    }
+
+    /// Bytes the kept requests hold, as counted against [`Keep::bytes`].
+    pub fn kept_bytes(&self) -> usize {
+        self.received.lock().expect("lock").bytes
+    }
+
+    /// The per-path counters' keys, in bytes (all counters together).
+    pub fn counter_key_bytes(&self) -> usize {
+        let by_path: usize = self.by_path.lock().expect("lock").keys().map(String::len).sum();
+        let busy: usize = self.concurrency.lock().expect("lock").keys().map(String::len).sum();
+        by_path + busy
     }
 }
 
@@ -262,10 +326,11 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     state.count.fetch_add(1, Ordering::Relaxed);
     {
         let mut by_path = state.by_path.lock().expect("lock");
-        if let Some(n) = by_path.get_mut(&path) {
+        let key = counter_key(&path);
+        if let Some(n) = by_path.get_mut(key) {
             *n += 1;
         } else if by_path.len() < MAX_PATHS {
-            by_path.insert(path.clone(), 1);
+            by_path.insert(key.to_owned(), 1);
         }
     }
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
@@ -303,6 +368,7 @@ struct Busy<'a> {
 
 impl<'a> Busy<'a> {
     fn enter(state: &'a SinkState, path: &str) -> Self {
+        let path = counter_key(path);
         let mut c = state.concurrency.lock().expect("lock");
         let counted = c.len() < MAX_PATHS || c.contains_key(path);
         if counted {

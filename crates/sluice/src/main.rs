@@ -147,13 +147,31 @@ enum ConfigCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command.kind() {
+    let kind = cli.command.kind();
+    match kind {
         Kind::Server => {}
-        Kind::NetworkTool => quiet_broken_pipe(),
-        Kind::Tool => default_sigpipe(),
+        Kind::NetworkTool => stdout_errors_end_the_tool(),
+        Kind::Tool => {
+            default_sigpipe();
+            stdout_errors_end_the_tool();
+        }
     }
     let _tracing_guard = init_tracing(cli.log_format);
-    match cli.command {
+    let result = run(cli.command);
+    if !matches!(kind, Kind::Server) {
+        // What is still buffered: std would drop a failure to write it at exit.
+        use std::io::Write;
+        if let Err(e) = std::io::stdout().flush() {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return result.and(Err(stdout_error(e)));
+            }
+        }
+    }
+    result
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve(args) => runtime()?.block_on(run_serve(args, Roles::ALL)),
         Command::Ingest(args) => runtime()?.block_on(run_serve(args, Roles::INGEST)),
         Command::Route(args) => runtime()?.block_on(run_serve(args, Roles::ROUTE)),
@@ -213,24 +231,44 @@ fn default_sigpipe() {
     }
 }
 
-/// For the tools that keep SIGPIPE ignored: `println!` to a closed stdout
-/// ends the process at once with status 141 (as SIGPIPE would), without a
-/// panic message and without running exit handlers (threads may still be
-/// at work: see `run_serve` on RocksDB at exit).
-fn quiet_broken_pipe() {
+/// For the tools: `println!` that fails ends the process at once, without
+/// a panic message and without running exit handlers (threads may still
+/// be at work: see `run_serve` on RocksDB at exit). A closed stdout (only
+/// seen by the tools that keep SIGPIPE ignored) ends it with status 141,
+/// quietly, as SIGPIPE would; any other failure (`> /dev/full`) with
+/// "cannot write to stdout: <why>" on stderr and status 1, where std's
+/// `println!` panicked ("failed printing to stdout", status 101).
+fn stdout_errors_end_the_tool() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let payload = info.payload();
         let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("");
-        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
-            #[cfg(unix)]
-            // SAFETY: _exit ends the process; nothing runs after it.
-            unsafe {
-                libc::_exit(141)
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            if why.contains("Broken pipe") {
+                exit_now(141);
             }
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "Error: cannot write to stdout: {why}");
+            exit_now(1);
         }
         default(info)
     }));
+}
+
+/// A failed write to stdout, as the tools report it (one line).
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("cannot write to stdout: {e}")
+}
+
+/// Ends the process with `code` at once: no exit handlers, no unwinding.
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: _exit ends the process; nothing runs after it.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -708,18 +746,18 @@ fn log_tail(data_dir: &std::path::Path, topic: &str, partition: Option<u32>, fro
                         "key": String::from_utf8_lossy(&rec.key),
                         "event": event,
                     });
-                    writeln!(out, "{line}")?;
+                    writeln!(out, "{line}").map_err(stdout_error)?;
                 } else if rec.value.contains(&b'\n') {
                     // A client's pretty-printed nested value: compact it to keep one event per line.
                     let event: serde_json::Value = serde_json::from_slice(&rec.value)?;
-                    writeln!(out, "{event}")?;
+                    writeln!(out, "{event}").map_err(stdout_error)?;
                 } else {
-                    out.write_all(&rec.value)?;
-                    out.write_all(b"\n")?;
+                    out.write_all(&rec.value).map_err(stdout_error)?;
+                    out.write_all(b"\n").map_err(stdout_error)?;
                 }
             }
         }
     }
-    out.flush()?;
+    out.flush().map_err(stdout_error)?;
     Ok(())
 }

@@ -56,7 +56,7 @@ pub async fn sink(args: SinkArgs) -> Result<()> {
             Ok(()) => {}
             // The reader went away (`sluice sink | head`): end quietly.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(e).context("cannot write to stdout"),
+            Err(e) => return Err(crate::stdout_error(e)),
         }
     }
 }

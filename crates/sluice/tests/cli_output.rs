@@ -1,6 +1,7 @@
 //! CLI output: a closed stdout (`sluice jobs inspect … | head -1`) ends a
-//! tool quietly, never with a panic; and `sluice sink` keeps bounded
-//! memory however many requests it receives.
+//! tool quietly, never with a panic; a stdout that fails otherwise
+//! (`> /dev/full`) is an error the tool names, with status 1; and `sluice
+//! sink` keeps bounded memory however many requests it receives.
 
 mod util;
 
@@ -8,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_deliver::sink::{Keep, Sink, MAX_PATHS};
+use sluice_deliver::sink::{Keep, Sink, LONG_PATHS, MAX_COUNTED_PATH, MAX_KEPT_PATH, MAX_PATHS};
 use util::*;
 
 fn sluice() -> Command {
@@ -49,30 +50,57 @@ fn check_quiet_end(what: &str, status: std::process::ExitStatus, stderr: &str) {
     assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{what}: {stderr}");
 }
 
-#[test]
-fn tools_end_quietly_when_stdout_is_closed() {
+/// A config and a data dir with a log, a delivered job (message "m-pipe")
+/// and a control database: something for every tool to print.
+fn tool_fixture() -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let sink = TestSink::start();
     let config = write_config(dir.path(), &hook_destination_toml(&sink.sink.url("/hook")));
-    // A data dir with a log, a delivered job and a control database.
     let server = Server::start(&config);
     sink.post_batch(&server.addr, &[track_event("m-pipe", 0)]).unwrap();
     wait_for(Duration::from_secs(30), || (sink.sink.count() > 0).then_some(()), || "the event delivered".into());
     server.stop();
-    let config = config.to_str().unwrap();
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let commands: Vec<Vec<&str>> = vec![
+    let config = config.to_str().unwrap().to_owned();
+    let data = dir.path().join("data").to_str().unwrap().to_owned();
+    (dir, config, data)
+}
+
+fn tool_commands<'a>(config: &'a str, data: &'a str) -> Vec<Vec<&'a str>> {
+    vec![
         vec!["config", "check", "--config", config],
         vec!["jobs", "stats", "--config", config],
         vec!["jobs", "inspect", "--config", config, "m-pipe"],
         vec!["dead-letters", "list", "--config", config],
         vec!["log", "tail", "--data-dir", data],
-        vec!["--help"],
-    ];
+    ]
+}
+
+#[test]
+fn tools_end_quietly_when_stdout_is_closed() {
+    let (_dir, config, data) = tool_fixture();
+    let mut commands = tool_commands(&config, &data);
+    commands.push(vec!["--help"]);
     for args in commands {
         let out = sluice().args(&args).stdin(Stdio::null()).stdout(broken_pipe()).output().unwrap();
         check_quiet_end(&args.join(" "), out.status, &String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A stdout that fails otherwise (`> /dev/full`) is an error the tool
+/// names, with status 1: it was a panic ("failed printing to stdout",
+/// status 101).
+#[cfg(target_os = "linux")]
+#[test]
+fn tools_report_a_failing_stdout() {
+    let (_dir, config, data) = tool_fixture();
+    for args in tool_commands(&config, &data) {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let out = sluice().args(&args).stdin(Stdio::null()).stdout(Stdio::from(full)).output().unwrap();
+        let what = args.join(" ");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: ended with {:?}\n{stderr}", out.status);
+        assert!(stderr.contains("cannot write to stdout: No space left on device"), "{what}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
     }
 }
 
@@ -164,7 +192,7 @@ async fn sink_keeps_a_bounded_ring_of_recent_requests() {
     let since = sink.received_since(300);
     assert_eq!((since.received.len(), since.missed, since.next), (0, 0, 300));
 
-    // Bodies: at most 64 KiB kept in all; one larger body is kept cut.
+    // Bodies: at most 64 KiB kept in all (with paths and headers); one larger body is kept cut.
     for _ in 0..4 {
         client.post(sink.url("/big")).body(vec![b'x'; 40 << 10]).send().await.unwrap();
     }
@@ -174,7 +202,9 @@ async fn sink_keeps_a_bounded_ring_of_recent_requests() {
     assert_eq!(kept.last().unwrap().body.len(), 40 << 10, "the newest is kept whole");
     client.post(sink.url("/huge")).body(vec![b'y'; 1 << 20]).send().await.unwrap();
     let kept = sink.received();
-    assert_eq!((kept.len(), kept[0].body.len()), (1, 64 << 10), "a body over the byte bound is kept cut to it");
+    assert_eq!(kept.len(), 1, "a body over the byte bound is kept cut");
+    assert!(kept[0].body.len() > 63 << 10 && kept[0].body.len() < 64 << 10, "cut to the bound less its path and headers: {}", kept[0].body.len());
+    assert!(sink.state.kept_bytes() <= 64 << 10, "{}", sink.state.kept_bytes());
     assert_eq!(sink.count(), 305);
 
     // Per-path counters stop at MAX_PATHS distinct paths.
@@ -186,4 +216,46 @@ async fn sink_keeps_a_bounded_ring_of_recent_requests() {
     assert!(quiet.received().is_empty(), "keep 0 keeps nothing");
     assert_eq!(quiet.state.path_count("/p0"), 1);
     assert_eq!(quiet.state.path_count(&format!("/p{}", MAX_PATHS + 5)), 0, "paths past MAX_PATHS are not counted one by one");
+}
+
+/// Paths and headers count against `--keep-bytes` too, kept paths are cut,
+/// and long paths share one per-path counter: keep-alive POSTs to long,
+/// distinct paths took `sluice sink` from 31 MB to 834 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_memory_is_bounded_with_long_paths() {
+    let bound = 256 << 10;
+    let sink = Sink::start_bounded("127.0.0.1:0".parse().unwrap(), Keep { requests: 10_000, bytes: bound }).await.unwrap();
+    let client = reqwest::Client::new();
+    let long = "a".repeat(60_000);
+    let n = 400;
+    for i in 0..n {
+        let answer = client.post(sink.url(&format!("/{i}{long}"))).header("x-pad", "b".repeat(2000)).body("{}").send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(sink.count(), n);
+    // Kept: within the bound, counting paths and headers; paths cut.
+    let kept = sink.received();
+    assert!(!kept.is_empty() && kept.len() < n as usize, "{} kept", kept.len());
+    assert!(sink.state.kept_bytes() <= bound, "{} bytes kept", sink.state.kept_bytes());
+    let held: usize = kept.iter().map(|r| r.path.len() + r.body.len() + r.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()).sum();
+    assert!(held <= bound, "{held} bytes of paths, headers and bodies kept");
+    assert!(kept.iter().all(|r| r.path.len() <= MAX_KEPT_PATH), "kept paths are cut");
+    let last = kept.last().unwrap();
+    assert!(last.path.starts_with(&format!("/{}a", n - 1)), "the newest is kept");
+    let since = sink.received_since(0);
+    assert_eq!(since.missed + since.received.len() as u64, n);
+    // Counted: every long path under one key.
+    assert_eq!(sink.state.path_count(LONG_PATHS), n);
+    assert_eq!(sink.state.path_count(&format!("/7{long}")), n, "a long path reads the shared counter");
+    assert!(sink.state.counter_key_bytes() <= 2 * MAX_COUNTED_PATH, "{} bytes of counter keys", sink.state.counter_key_bytes());
+    // Short paths are still counted one by one.
+    client.post(sink.url("/short")).body("{}").send().await.unwrap();
+    assert_eq!(sink.state.path_count("/short"), 1);
+
+    // A request whose path and headers alone exceed the bound is not kept.
+    let tiny = Sink::start_bounded("127.0.0.1:0".parse().unwrap(), Keep { requests: 10, bytes: 512 }).await.unwrap();
+    client.post(tiny.url(&format!("/{long}"))).header("x-pad", "b".repeat(2000)).body("{}").send().await.unwrap();
+    assert_eq!(tiny.count(), 1);
+    assert!(tiny.received().is_empty() && tiny.state.kept_bytes() == 0);
+    assert_eq!(tiny.received_since(0).missed, 1);
 }
