@@ -301,13 +301,7 @@ pub struct DedupConfig {
 
 impl Default for DedupConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            window: Duration::from_secs(28 * 86400),
-            bloom_bits_per_key: 10.0,
-            block_cache_bytes: 256 << 20,
-            batch_size: 1000,
-        }
+        Self { enabled: true, window: Duration::from_secs(28 * 86400), bloom_bits_per_key: 10.0, block_cache_bytes: 256 << 20, batch_size: 1000 }
     }
 }
 
@@ -619,9 +613,7 @@ impl DestinationConfig {
                         return Err(invalid(fkey("fields"), "needs one or more dotted paths such as \"properties.email\""));
                     }
                 }
-                other => {
-                    return Err(invalid(fkey("action"), format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields")))
-                }
+                other => return Err(invalid(fkey("action"), format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields"))),
             }
         }
         Ok(())
@@ -738,8 +730,7 @@ impl Config {
         let env: HashMap<String, String> = std::env::vars().collect();
         let (mut config, set) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
                 Self::parse(&text, &format!(" in {}", p.display()), &env)?
             }
             None => Self::parse(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env)?,
@@ -753,11 +744,7 @@ impl Config {
     }
 
     /// Parse TOML text, apply overrides from `env`, validate.
-    pub fn from_toml_with_env(
-        text: &str,
-        origin: &str,
-        env: &HashMap<String, String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_toml_with_env(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let (config, set) = Self::parse(text, origin, env)?;
         config.validate().map_err(|e| blame_env(e, &set))?;
         Ok(config)
@@ -832,10 +819,8 @@ impl Config {
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
-        for (key, d) in [
-            ("server.header_read_timeout", self.server.header_read_timeout),
-            ("server.body_read_timeout", self.server.body_read_timeout),
-        ] {
+        for (key, d) in [("server.header_read_timeout", self.server.header_read_timeout), ("server.body_read_timeout", self.server.body_read_timeout)]
+        {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
             }
@@ -918,10 +903,7 @@ impl Config {
             return Err(invalid("dedup.window", "must be greater than zero"));
         }
         if self.output_retention() < d.window {
-            return Err(invalid(
-                "log.output_retention",
-                "must be at least dedup.window: the dedup index is rebuilt from what output still holds",
-            ));
+            return Err(invalid("log.output_retention", "must be at least dedup.window: the dedup index is rebuilt from what output still holds"));
         }
         if !(1.0..=64.0).contains(&d.bloom_bits_per_key) {
             return Err(invalid("dedup.bloom_bits_per_key", format!("must be between 1 and 64, got {}", d.bloom_bits_per_key)));
@@ -1043,9 +1025,7 @@ fn check_retry(prefix: &str, p: &RetryPolicy) -> Result<(), ConfigError> {
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, format!("{value:?} is not an address of the form IP:PORT")))
+    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address of the form IP:PORT")))
 }
 
 /// A validation error about a key an environment variable set (`set`:
@@ -1174,11 +1154,7 @@ mod tests {
 
     #[test]
     fn duplicate_write_key_names_the_source() {
-        let err = load(
-            "[[sources]]\nid = \"a\"\nwrite_key = \"k\"\n[[sources]]\nid = \"b\"\nwrite_key = \"k\"\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load("[[sources]]\nid = \"a\"\nwrite_key = \"k\"\n[[sources]]\nid = \"b\"\nwrite_key = \"k\"\n").unwrap_err().to_string();
         assert!(err.contains("sources[1].write_key"), "{err}");
     }
 

@@ -57,13 +57,7 @@ mod tests {
     /// Akka and Kafka test suites).
     #[test]
     fn murmur2_matches_kafka() {
-        let cases = [
-            ("1", -1_993_445_489),
-            ("12", 126_087_238),
-            ("123", -267_702_483),
-            ("1234", -1_614_185_708),
-            ("12345", -1_188_365_604),
-        ];
+        let cases = [("1", -1_993_445_489), ("12", 126_087_238), ("123", -267_702_483), ("1234", -1_614_185_708), ("12345", -1_188_365_604)];
         for (input, expected) in cases {
             assert_eq!(murmur2(input.as_bytes()), expected, "murmur2({input:?})");
         }

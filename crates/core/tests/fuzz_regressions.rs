@@ -13,10 +13,8 @@ use sluice_core::Config;
 #[test]
 fn env_override_with_the_separator_against_the_prefix_is_an_error() {
     // The input as found: environment lines, NUL, (empty) TOML.
-    let env: HashMap<String, String> = HashMap::from([
-        ("SLUI!CE_BERVER".to_string(), "1".to_string()),
-        ("SLUICE__ENTION".to_string(), "[1\u{FFFD}2]".to_string()),
-    ]);
+    let env: HashMap<String, String> =
+        HashMap::from([("SLUI!CE_BERVER".to_string(), "1".to_string()), ("SLUICE__ENTION".to_string(), "[1\u{FFFD}2]".to_string())]);
     let err = Config::from_toml_with_env("", "", &env).expect_err("a malformed override is refused").to_string();
     assert!(err.contains("SLUICE__ENTION"), "the error names the variable: {err}");
 

@@ -17,7 +17,8 @@ const DEST: &str = "[[sources]]\nid = \"web\"\nwrite_key = \"wk_web_123\"\n[[des
 
 /// (case name, config text, a part of the error it must get).
 fn cases() -> Vec<(&'static str, String, &'static str)> {
-    let deep_filter = format!("{DEST}[[destinations.filters]]\nif = '{}type = \"track\"{}'\naction = \"drop\"\n", "(".repeat(20_000), ")".repeat(20_000));
+    let deep_filter =
+        format!("{DEST}[[destinations.filters]]\nif = '{}type = \"track\"{}'\naction = \"drop\"\n", "(".repeat(20_000), ")".repeat(20_000));
     let deep_not = format!("{DEST}[[destinations.filters]]\nif = '{}type = \"track\"'\naction = \"drop\"\n", "not ".repeat(6_000));
     vec![
         ("config-not-toml", "[[[server".into(), "hostile.toml"),
@@ -44,7 +45,11 @@ fn cases() -> Vec<(&'static str, String, &'static str)> {
         ("config-source-id-slash", "[[sources]]\nid = \"a/b\"\nwrite_key = \"k\"\n".into(), "sources[0].id"),
         ("config-source-id-unicode", "[[sources]]\nid = \"wéb\"\nwrite_key = \"k\"\n".into(), "sources[0].id"),
         ("config-write-key-colon", "[[sources]]\nid = \"a\"\nwrite_key = \"k:k\"\n".into(), "sources[0].write_key"),
-        ("config-duplicate-write-key", "[[sources]]\nid = \"a\"\nwrite_key = \"k\"\n[[sources]]\nid = \"b\"\nwrite_key = \"k\"\n".into(), "sources[1].write_key"),
+        (
+            "config-duplicate-write-key",
+            "[[sources]]\nid = \"a\"\nwrite_key = \"k\"\n[[sources]]\nid = \"b\"\nwrite_key = \"k\"\n".into(),
+            "sources[1].write_key",
+        ),
         ("config-destination-url-javascript", "[[destinations]]\nid = \"d\"\nurl = \"javascript:alert(1)\"\n".into(), "destinations[0].url"),
         ("config-destination-url-file", "[[destinations]]\nid = \"d\"\nurl = \"file:///etc/passwd\"\n".into(), "destinations[0].url"),
         ("config-destination-id-slash", "[[destinations]]\nid = \"../d\"\nurl = \"https://example.com\"\n".into(), "destinations[0].id"),
@@ -68,7 +73,9 @@ fn every_hostile_config_is_refused_with_an_error_naming_the_problem() {
                 match load(&text) {
                     Ok(_) => failures.push(format!("{name}: accepted")),
                     Err(e) if e == "PANIC" => failures.push(format!("{name}: panicked")),
-                    Err(e) if !e.contains(needle) => failures.push(format!("{name}: error does not name {needle:?}: {}", e.chars().take(300).collect::<String>())),
+                    Err(e) if !e.contains(needle) => {
+                        failures.push(format!("{name}: error does not name {needle:?}: {}", e.chars().take(300).collect::<String>()))
+                    }
                     // An error must stay readable, whatever the file holds.
                     Err(e) if e.len() > 2048 => failures.push(format!("{name}: error is {} bytes long", e.len())),
                     Err(_) => {}
@@ -118,6 +125,7 @@ fn every_hostile_env_override_is_refused_naming_the_variable() {
 #[test]
 fn every_case_is_listed_in_security_md() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/SECURITY.md")).expect("docs/SECURITY.md");
-    let missing: Vec<&str> = cases().iter().map(|c| c.0).chain(env_cases().iter().map(|c| c.0)).filter(|n| !doc.contains(&format!("`{n}`"))).collect();
+    let missing: Vec<&str> =
+        cases().iter().map(|c| c.0).chain(env_cases().iter().map(|c| c.0)).filter(|n| !doc.contains(&format!("`{n}`"))).collect();
     assert!(missing.is_empty(), "cases missing from docs/SECURITY.md: {missing:?}");
 }

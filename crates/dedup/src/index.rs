@@ -188,11 +188,9 @@ impl DedupIndex {
         ids.set_memtable_whole_key_filtering(true);
         ids.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cutoff = cutoff_ms.clone();
-        ids.set_compaction_filter("sluice_dedup_window", move |_level: u32, key: &[u8], value: &[u8]| {
-            match decode_ts(value) {
-                Some(ts) if key != CHECKPOINT_KEY && ts < cutoff.load(Ordering::Relaxed) => Decision::Remove,
-                _ => Decision::Keep,
-            }
+        ids.set_compaction_filter("sluice_dedup_window", move |_level: u32, key: &[u8], value: &[u8]| match decode_ts(value) {
+            Some(ts) if key != CHECKPOINT_KEY && ts < cutoff.load(Ordering::Relaxed) => Decision::Remove,
+            _ => Decision::Keep,
         });
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
@@ -345,8 +343,7 @@ fn decode_ts(value: &[u8]) -> Option<u64> {
 /// Corruption (checksum failures, unreadable metadata) is told apart from
 /// other errors: it is repaired by moving the index aside and rebuilding.
 fn classify(path: &Path, doing: &str, e: rocksdb::Error) -> DedupError {
-    let corrupt = matches!(e.kind(), rocksdb::ErrorKind::Corruption)
-        || e.to_string().to_ascii_lowercase().contains("checksum");
+    let corrupt = matches!(e.kind(), rocksdb::ErrorKind::Corruption) || e.to_string().to_ascii_lowercase().contains("checksum");
     if corrupt {
         DedupError::Corrupt { path: path.display().to_string(), cause: e.to_string() }
     } else {

@@ -95,11 +95,7 @@ impl DedupMetrics {
         r.register("published", "New messages published to output", self.published.clone());
         r.register("index_keys", "Estimated ids in the index, per partition", self.index_keys.clone());
         r.register("rocksdb_bloom_useful", "RocksDB ticker: lookups the bloom filter answered", self.bloom_useful.clone());
-        r.register(
-            "rocksdb_bloom_full_positive",
-            "RocksDB ticker: lookups the bloom filter passed on to the data",
-            self.bloom_full_positive.clone(),
-        );
+        r.register("rocksdb_bloom_full_positive", "RocksDB ticker: lookups the bloom filter passed on to the data", self.bloom_full_positive.clone());
         r.register("rocksdb_block_cache_data_miss", "RocksDB ticker: data blocks read from disk", self.block_cache_data_miss.clone());
         r.register("catchup_remaining", "Output records still to read into the index", self.catchup_remaining.clone());
         r.register("batch_seconds", "One dedup batch: read, look up, publish, index, commit", self.batch_seconds.clone());
@@ -188,8 +184,7 @@ impl DedupWorker {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Self, DedupError> {
         let path = index_path(&settings, partition);
-        std::fs::create_dir_all(&settings.index_dir)
-            .map_err(|source| DedupError::Io { path: settings.index_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&settings.index_dir).map_err(|source| DedupError::Io { path: settings.index_dir.display().to_string(), source })?;
         let index = match DedupIndex::open(&path, &settings.index) {
             Ok(index) => index,
             Err(e) if e.needs_rebuild() => {
@@ -206,8 +201,7 @@ impl DedupWorker {
         }
         let extra_inputs: Vec<(String, Option<u64>)> = log.extra_inputs().into_iter().map(|t| (t, None)).collect();
         let extra_paused_until = vec![None; extra_inputs.len()];
-        let mut worker =
-            Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, extra_paused_until, turn: 0 };
+        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, extra_paused_until, turn: 0 };
         match worker.catch_up(rt, progress) {
             Err(e) if e.needs_rebuild() => worker.rebuild(rt, &e, progress)?,
             r => {
@@ -294,10 +288,8 @@ impl DedupWorker {
             let cutoff = now_ms().saturating_sub(window_ms);
             // Keys starting with NUL are the log's own records (the one that
             // ends a hanging Kafka transaction), not events.
-            let ids = records
-                .iter()
-                .filter(|r| r.timestamp_ms as u64 >= cutoff && r.key.first() != Some(&0))
-                .map(|r| (&r.key[..], r.timestamp_ms as u64));
+            let ids =
+                records.iter().filter(|r| r.timestamp_ms as u64 >= cutoff && r.key.first() != Some(&0)).map(|r| (&r.key[..], r.timestamp_ms as u64));
             index.record(ids, reached)?;
             next = reached;
             gauge.set(range.end.saturating_sub(next) as i64);
@@ -386,7 +378,12 @@ impl DedupWorker {
                 // The committed offset is past the log's end: input's tail was cut
                 // (recovery after a power loss without fsync, or corruption). New
                 // events will take those offsets again; read them, don't skip them.
-                tracing::error!(partition = p, committed = next, end, "dedup's input offset is past the end of input (its tail was cut); resuming at the end");
+                tracing::error!(
+                    partition = p,
+                    committed = next,
+                    end,
+                    "dedup's input offset is past the end of input (its tail was cut); resuming at the end"
+                );
                 self.metrics.input_offset_resets.inc();
                 rt.block_on(self.log.commit(GROUP, topic, p, end))?;
                 return Ok((0, Some(end)));

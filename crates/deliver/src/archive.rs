@@ -110,10 +110,7 @@ impl Archive {
         });
         let path = Self::object_path(job.destination, job.created_at, job.id);
         let bytes = serde_json::to_vec_pretty(&doc).expect("JSON serializes");
-        self.store
-            .put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes))
-            .await
-            .map_err(|e| DeliverError::Archive(e.to_string()))?;
+        self.store.put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes)).await.map_err(|e| DeliverError::Archive(e.to_string()))?;
         Ok(path)
     }
 }

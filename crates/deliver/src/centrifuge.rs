@@ -25,10 +25,10 @@ use sluice_core::config::ArchiveTarget;
 use tokio::sync::RwLock;
 
 use crate::archive::Archive;
+use crate::backend::JobDbs;
 use crate::control::Catalog;
 use crate::director::{self, DirectorExit, DirectorHandle, Shared};
 use crate::executor::Executor;
-use crate::backend::JobDbs;
 use crate::jobdb::NewJob;
 use crate::metrics::DeliverMetrics;
 use crate::{now_ms, DeliverError};
@@ -92,9 +92,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
     path: PathBuf,
     f: impl FnOnce() -> Result<T, DeliverError> + Send + 'static,
 ) -> Result<T, DeliverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DeliverError::Io { path: path.display().to_string(), source: std::io::Error::other(e) })?
+    tokio::task::spawn_blocking(f).await.map_err(|e| DeliverError::Io { path: path.display().to_string(), source: std::io::Error::other(e) })?
 }
 
 impl Centrifuge {
@@ -123,9 +121,9 @@ impl Centrifuge {
             }
         }
         let next_seq = found.last().map_or(1, |s| s + 1);
-        let reusable = lives.last().is_some_and(|l| {
-            now_ms() - l.created_ms < options.rotate_after.as_millis() as i64 && l.jobs.load(Ordering::Relaxed) < options.max_jobs
-        });
+        let reusable = lives
+            .last()
+            .is_some_and(|l| now_ms() - l.created_ms < options.rotate_after.as_millis() as i64 && l.jobs.load(Ordering::Relaxed) < options.max_jobs);
         let (newest, next_seq) = if reusable {
             (lives.pop().expect("checked"), next_seq)
         } else {
@@ -211,8 +209,7 @@ impl Centrifuge {
     /// Start a new newest JobDB when the current one is old or full; forget finished sealed ones.
     pub async fn maybe_rotate(&self) -> Result<(), DeliverError> {
         let due = |l: &Live| {
-            now_ms() - l.created_ms >= self.options.rotate_after.as_millis() as i64
-                || l.jobs.load(Ordering::Relaxed) >= self.options.max_jobs
+            now_ms() - l.created_ms >= self.options.rotate_after.as_millis() as i64 || l.jobs.load(Ordering::Relaxed) >= self.options.max_jobs
         };
         let reap = {
             let st = self.state.read().await;

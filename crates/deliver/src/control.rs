@@ -532,8 +532,7 @@ impl SqliteControl {
         tx.execute("DELETE FROM connections WHERE origin = 'config'", []).map_err(&e)?;
         for src in &config.sources {
             let json = serde_json::to_string(src).expect("a source serializes");
-            tx.execute("INSERT OR IGNORE INTO sources (id, config, origin) VALUES (?1, ?2, 'config')", params![src.id, json])
-                .map_err(&e)?;
+            tx.execute("INSERT OR IGNORE INTO sources (id, config, origin) VALUES (?1, ?2, 'config')", params![src.id, json]).map_err(&e)?;
         }
         for d in &config.destinations {
             let json = serde_json::to_string(d).expect("a destination serializes");
@@ -593,10 +592,8 @@ impl SqliteControl {
             connections.entry(s).or_default().push(d);
         }
         let mut qos = HashMap::new();
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT destination, paused, max_in_flight, rate_per_sec, priority FROM destination_qos")
-            .map_err(&e)?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT destination, paused, max_in_flight, rate_per_sec, priority FROM destination_qos").map_err(&e)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
@@ -685,19 +682,14 @@ impl SqliteControl {
                 params![source, destination],
             )
             .map_err(&e)?;
-        self.conn
-            .execute("DELETE FROM api_deletions WHERE kind = 'connection' AND key = ?1", [format!("{source}/{destination}")])
-            .map_err(&e)?;
+        self.conn.execute("DELETE FROM api_deletions WHERE kind = 'connection' AND key = ?1", [format!("{source}/{destination}")]).map_err(&e)?;
         Ok(())
     }
 
     /// Delete a connection; the config will not bring it back. False when there is none.
     fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
         let e = err(&self.path);
-        let n = self
-            .conn
-            .execute("DELETE FROM connections WHERE source = ?1 AND destination = ?2", params![source, destination])
-            .map_err(&e)?;
+        let n = self.conn.execute("DELETE FROM connections WHERE source = ?1 AND destination = ?2", params![source, destination]).map_err(&e)?;
         if n == 1 {
             self.conn
                 .execute("INSERT OR IGNORE INTO api_deletions (kind, key) VALUES ('connection', ?1)", [format!("{source}/{destination}")])
@@ -721,21 +713,14 @@ impl SqliteControl {
 
     fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
         self.conn
-            .execute(
-                "INSERT INTO replays (destination, since_ms, requested_at) VALUES (?1, ?2, ?3)",
-                params![destination, since_ms, crate::now_ms()],
-            )
+            .execute("INSERT INTO replays (destination, since_ms, requested_at) VALUES (?1, ?2, ?3)", params![destination, since_ms, crate::now_ms()])
             .map_err(err(&self.path))?;
         Ok(self.conn.last_insert_rowid())
     }
 
     fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
         self.conn
-            .query_row(
-                "SELECT id, destination, since_ms, state, events, jobs, error FROM replays WHERE id = ?1",
-                [id],
-                row_to_replay,
-            )
+            .query_row("SELECT id, destination, since_ms, state, events, jobs, error FROM replays WHERE id = ?1", [id], row_to_replay)
             .optional()
             .map_err(err(&self.path))
     }
@@ -913,10 +898,7 @@ impl SqliteControl {
     }
 
     fn finish_dead_letter_replay(&self, id: i64, replayed: Option<i64>, jobs: Option<i64>, error: Option<&str>) -> Result<(), DeliverError> {
-        self.conn
-            .execute(&DEAD_LETTER_FINISH.replace("{p}", ""), params![replayed, jobs, error, id])
-            .map(drop)
-            .map_err(err(&self.path))
+        self.conn.execute(&DEAD_LETTER_FINISH.replace("{p}", ""), params![replayed, jobs, error, id]).map(drop).map_err(err(&self.path))
     }
 }
 
@@ -971,15 +953,7 @@ fn sqlite_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 }
 
 fn row_to_replay(r: &rusqlite::Row<'_>) -> rusqlite::Result<Replay> {
-    Ok(Replay {
-        id: r.get(0)?,
-        destination: r.get(1)?,
-        since_ms: r.get(2)?,
-        state: r.get(3)?,
-        events: r.get(4)?,
-        jobs: r.get(5)?,
-        error: r.get(6)?,
-    })
+    Ok(Replay { id: r.get(0)?, destination: r.get(1)?, since_ms: r.get(2)?, state: r.get(3)?, events: r.get(4)?, jobs: r.get(5)?, error: r.get(6)? })
 }
 
 /// What the control database says, at one moment.
@@ -1581,7 +1555,9 @@ pub mod sql {
                     Ok(d) => {
                         snap.destinations.insert(id, d);
                     }
-                    Err(problem) => tracing::error!(destination = %id, %problem, "ignoring a destination with invalid settings in the control database"),
+                    Err(problem) => {
+                        tracing::error!(destination = %id, %problem, "ignoring a destination with invalid settings in the control database")
+                    }
                 }
             }
             for (s, d) in connections {
@@ -1666,10 +1642,7 @@ pub mod sql {
             let undelete = self.q("DELETE FROM {p}api_deletions WHERE kind = 'connection' AND `key` = ?");
             self.exec(
                 "writing",
-                vec![
-                    (sql, vec![Some(source.to_owned()), Some(destination.to_owned())]),
-                    (undelete, vec![Some(format!("{source}/{destination}"))]),
-                ],
+                vec![(sql, vec![Some(source.to_owned()), Some(destination.to_owned())]), (undelete, vec![Some(format!("{source}/{destination}"))])],
             )
             .map(drop)
         }
@@ -1714,12 +1687,7 @@ pub mod sql {
                         Ok(r.last_insert_id() as i64)
                     }),
                     Conn::Postgres(c) => session.rt.block_on(async {
-                        let row = sqlx::query(&format!("{sql} RETURNING id"))
-                            .bind(destination)
-                            .bind(since_ms)
-                            .bind(now)
-                            .fetch_one(&mut *c)
-                            .await?;
+                        let row = sqlx::query(&format!("{sql} RETURNING id")).bind(destination).bind(since_ms).bind(now).fetch_one(&mut *c).await?;
                         row.int(0)
                     }),
                 }
@@ -1740,9 +1708,8 @@ pub mod sql {
 
         pub fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
             let claim = self.q("UPDATE {p}replays SET claimed_by = ? WHERE state = 'pending' AND claimed_by IS NULL");
-            let select = self.q(&format!(
-                "SELECT {REPLAY_COLUMNS} FROM {{p}}replays WHERE state IN ('pending', 'running') AND claimed_by = ? ORDER BY id"
-            ));
+            let select =
+                self.q(&format!("SELECT {REPLAY_COLUMNS} FROM {{p}}replays WHERE state IN ('pending', 'running') AND claimed_by = ? ORDER BY id"));
             let owner = self.owner.as_str();
             self.run("reading replays", |s| {
                 on_conn!(*s, c => async {
@@ -1807,7 +1774,11 @@ pub mod sql {
             self.q(&sql.replace("{int}", int))
         }
 
-        pub(super) fn insert_dead_letters(&self, letters: &[BoundedDeadLetter<'_>], limits: &DeadLetterLimits) -> Result<DeadLetterInsert, DeliverError> {
+        pub(super) fn insert_dead_letters(
+            &self,
+            letters: &[BoundedDeadLetter<'_>],
+            limits: &DeadLetterLimits,
+        ) -> Result<DeadLetterInsert, DeliverError> {
             let exists_sql = self.q("SELECT 1 FROM {p}dead_letters WHERE topic = ? AND log_partition = ? AND log_offset = ? AND generation = ?");
             let usage_sql = self.q_int(DEAD_LETTER_USAGE);
             let prune_sql = self.q(DEAD_LETTER_PRUNE);
@@ -1966,7 +1937,13 @@ pub mod sql {
             })
         }
 
-        pub(super) fn finish_dead_letter_replay(&self, id: i64, replayed: Option<i64>, jobs: Option<i64>, error: Option<&str>) -> Result<(), DeliverError> {
+        pub(super) fn finish_dead_letter_replay(
+            &self,
+            id: i64,
+            replayed: Option<i64>,
+            jobs: Option<i64>,
+            error: Option<&str>,
+        ) -> Result<(), DeliverError> {
             let sql = self.q(DEAD_LETTER_FINISH);
             self.run("recording a dead-letter replay", |s| {
                 on_conn!(*s, c => async {

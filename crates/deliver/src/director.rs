@@ -45,7 +45,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::archive::{ArchivedJob, Archive};
+use crate::archive::{Archive, ArchivedJob};
 use crate::backend::{JobDbLock, JobDbs, OpenedJobDb};
 use crate::control::Catalog;
 use crate::executor::{Attempt, Executor, Verdict};
@@ -53,8 +53,8 @@ use crate::gate::{Blocked, Destination, Permit};
 use crate::jobdb::{JobState, StoredJob, Transition};
 use crate::ksuid::Ksuid;
 use crate::metrics::DeliverMetrics;
-use crate::writer::{FromWriter, WriterHandle};
 use crate::now_ms;
+use crate::writer::{FromWriter, WriterHandle};
 
 /// Requests per destination turn, times its priority.
 pub const TURN: u32 = 8;
@@ -115,10 +115,16 @@ struct DestQueue {
 }
 
 pub(crate) enum Msg {
-    Done { id: Ksuid, attempt: Attempt },
+    Done {
+        id: Ksuid,
+        attempt: Attempt,
+    },
     /// The `executing` rows did not commit: these never left.
     Requeue(Vec<Ksuid>),
-    Archived { id: Ksuid, result: Result<(), String> },
+    Archived {
+        id: Ksuid,
+        result: Result<(), String>,
+    },
     /// No more inserts will come; drop the JobDB once every job is finished.
     Seal,
     Stop,
@@ -194,11 +200,7 @@ pub(crate) struct Director {
 
 /// Start a director for an opened JobDB. It starts in backlog mode, so it
 /// pages in every unfinished job (a pick-up after a crash, or a restart).
-pub(crate) fn spawn(
-    opened: OpenedJobDb,
-    jobdbs: JobDbs,
-    shared: Arc<Shared>,
-) -> Result<DirectorHandle, crate::DeliverError> {
+pub(crate) fn spawn(opened: OpenedJobDb, jobdbs: JobDbs, shared: Arc<Shared>) -> Result<DirectorHandle, crate::DeliverError> {
     let OpenedJobDb { seq, name, store, lock, max_id, .. } = opened;
     let (writer_tx, writer_rx) = unbounded_channel();
     let (writer, writer_thread) = WriterHandle::spawn(store, format!("jobdb-{seq:06}"), max_id, writer_tx)?;
@@ -283,7 +285,14 @@ impl Director {
                 self.report_pairs();
             }
 
-            if !paused && self.sealed && self.jobs.is_empty() && !self.backlog && !self.page_pending && self.spilled.is_empty() && self.reloading.is_empty() {
+            if !paused
+                && self.sealed
+                && self.jobs.is_empty()
+                && !self.backlog
+                && !self.page_pending
+                && self.spilled.is_empty()
+                && self.reloading.is_empty()
+            {
                 match self.writer().count_unfinished().await {
                     Ok(0) => return self.drop_jobdb().await,
                     Ok(n) => {
@@ -299,9 +308,7 @@ impl Director {
 
             let retry_writes = self.write_retry_at.filter(|_| paused);
             let deadline = [next_wake, self.next_delayed(), retry_writes].into_iter().flatten().min();
-            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
-                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1)),
-            ));
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1))));
             tokio::select! {
                 m = from_writer.recv() => if let Some(m) = m { self.on_writer(m) },
                 m = inbox.recv() => match m {
@@ -677,18 +684,21 @@ impl Director {
                 };
                 let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
                 let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, job = %id);
-                tokio::spawn(tracing::Instrument::instrument(async move {
-                    let target = permit.destination.settings().target.clone();
-                    let attempt = executor.send(&target, &idempotency_key, body).await;
-                    if attempt.verdict == Verdict::Succeeded {
-                        // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
-                        sluice_core::crash::crash_point("deliver.after_http_success");
-                    }
-                    permit.destination.record(attempt.verdict, permit.probe, Instant::now());
-                    permit.destination.metrics(&metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
-                    drop(permit);
-                    let _ = inbox.send(Msg::Done { id, attempt });
-                }, span));
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let target = permit.destination.settings().target.clone();
+                        let attempt = executor.send(&target, &idempotency_key, body).await;
+                        if attempt.verdict == Verdict::Succeeded {
+                            // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
+                            sluice_core::crash::crash_point("deliver.after_http_success");
+                        }
+                        permit.destination.record(attempt.verdict, permit.probe, Instant::now());
+                        permit.destination.metrics(&metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
+                        drop(permit);
+                        let _ = inbox.send(Msg::Done { id, attempt });
+                    },
+                    span,
+                ));
             }
         });
     }

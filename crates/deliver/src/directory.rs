@@ -72,17 +72,12 @@ impl Directory {
                 .map_err(connect)?;
             Pool::Postgres(pool)
         } else {
-            return Err(DeliverError::Directory(
-                "the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into(),
-            ));
+            return Err(DeliverError::Directory("the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into()));
         };
         // The shared helper drives its own connection and blocks: off the async threads.
         let create = |e: &dyn std::fmt::Display| DeliverError::Directory(format!("create sluice_directors: {e}"));
         let dbs = SqlJobDbs::new(url).map_err(|e| create(&e))?;
-        tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl))
-            .await
-            .map_err(|e| create(&e))?
-            .map_err(|e| create(&e))?;
+        tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl)).await.map_err(|e| create(&e))?.map_err(|e| create(&e))?;
         Ok(Directory { pool })
     }
 

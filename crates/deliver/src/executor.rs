@@ -163,24 +163,14 @@ impl Executor {
                 .dns_resolver(Arc::new(GuardedResolver { allow_private }))
                 .build()
         };
-        Ok(Executor {
-            guarded: build(false)?,
-            open: build(true)?,
-            user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")),
-        })
+        Ok(Executor { guarded: build(false)?, open: build(true)?, user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")) })
     }
 
     /// POST `body` to `target` with `Idempotency-Key: idempotency_key`; never
     /// fails, every outcome is an [`Attempt`].
     pub async fn send(&self, target: &Target, idempotency_key: &str, body: Bytes) -> Attempt {
         let started = std::time::Instant::now();
-        let done = |verdict, status, error: Option<String>, retry_after| Attempt {
-            verdict,
-            status,
-            error,
-            retry_after,
-            elapsed: started.elapsed(),
-        };
+        let done = |verdict, status, error: Option<String>, retry_after| Attempt { verdict, status, error, retry_after, elapsed: started.elapsed() };
         let url = match reqwest::Url::parse(&target.url) {
             Ok(u) => u,
             Err(e) => return done(Verdict::Discard, None, Some(format!("invalid URL {:?}: {e}", target.url)), None),
@@ -215,7 +205,13 @@ impl Executor {
                 if let Some(refused) = find_source::<SsrfRefused>(&e) {
                     return done(Verdict::Discard, None, Some(refused.to_string()), None);
                 }
-                let what = if e.is_timeout() { "timeout" } else if e.is_connect() { "connection error" } else { "request error" };
+                let what = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connection error"
+                } else {
+                    "request error"
+                };
                 return done(Verdict::Retry, None, Some(format!("{what}: {}", error_chain(&e))), None);
             }
         };

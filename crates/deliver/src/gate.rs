@@ -88,13 +88,7 @@ impl Drop for Permit {
 }
 
 impl Destination {
-    pub fn new(
-        id: String,
-        settings: DestinationSettings,
-        circuit_failures: u32,
-        circuit_cooldown: Duration,
-        wake: Arc<Notify>,
-    ) -> Arc<Destination> {
+    pub fn new(id: String, settings: DestinationSettings, circuit_failures: u32, circuit_cooldown: Duration, wake: Arc<Notify>) -> Arc<Destination> {
         let max = settings.max_in_flight;
         let rate = settings.rate_limit;
         let circuit_max_cooldown = settings.policy.max_backoff.max(circuit_cooldown);

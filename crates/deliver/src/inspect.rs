@@ -39,9 +39,7 @@ pub fn find_in(jobdbs: &JobDbs, key: &str) -> Result<Vec<Found>, DeliverError> {
             }
         };
         let found = db.find(key).and_then(|jobs| {
-            jobs.into_iter()
-                .map(|job| Ok(Found { jobdb: name.clone(), history: db.history(job.id)?, job }))
-                .collect::<Result<Vec<_>, DeliverError>>()
+            jobs.into_iter().map(|job| Ok(Found { jobdb: name.clone(), history: db.history(job.id)?, job })).collect::<Result<Vec<_>, DeliverError>>()
         });
         match found {
             Ok(f) => out.extend(f),

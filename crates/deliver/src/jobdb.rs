@@ -70,14 +70,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 6] = [
-        JobState::AwaitingScheduling,
-        JobState::Executing,
-        JobState::Succeeded,
-        JobState::AwaitingRetry,
-        JobState::Discarded,
-        JobState::Archived,
-    ];
+    pub const ALL: [JobState; 6] =
+        [JobState::AwaitingScheduling, JobState::Executing, JobState::Succeeded, JobState::AwaitingRetry, JobState::Discarded, JobState::Archived];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -167,8 +161,7 @@ impl JobDb {
     /// Open an existing JobDB read-only (CLI tools, while a director writes).
     pub fn open_read_only(path: &Path) -> Result<JobDb, DeliverError> {
         let e = sql_err(path);
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(&e)?;
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(&e)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&e)?;
         Ok(JobDb { path: path.to_owned(), name: path.display().to_string(), conn })
     }
@@ -194,17 +187,11 @@ impl JobDb {
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, DeliverError> {
-        self.conn
-            .query_row("SELECT value FROM jobdb_meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .map_err(self.err())
+        self.conn.query_row("SELECT value FROM jobdb_meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(self.err())
     }
 
     pub fn set_meta_once(&self, key: &str, value: &str) -> Result<(), DeliverError> {
-        self.conn
-            .execute("INSERT OR IGNORE INTO jobdb_meta (key, value) VALUES (?1, ?2)", params![key, value])
-            .map(|_| ())
-            .map_err(self.err())
+        self.conn.execute("INSERT OR IGNORE INTO jobdb_meta (key, value) VALUES (?1, ?2)", params![key, value]).map(|_| ()).map_err(self.err())
     }
 
     /// Insert `job` with `id` unless its idempotency key exists; true when inserted.
@@ -240,10 +227,8 @@ impl JobDb {
 
     /// Whether a job with this idempotency key exists.
     pub fn job_exists(&self, message_id: &str, destination: &str, generation: i64) -> Result<bool, DeliverError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM jobs WHERE message_id = ?1 AND destination = ?2 AND generation = ?3")
-            .map_err(self.err())?;
+        let mut stmt =
+            self.conn.prepare_cached("SELECT 1 FROM jobs WHERE message_id = ?1 AND destination = ?2 AND generation = ?3").map_err(self.err())?;
         stmt.exists(params![message_id, destination, generation]).map_err(self.err())
     }
 
@@ -255,15 +240,13 @@ impl JobDb {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .map_err(self.err())?;
-        stmt.execute(params![&t.job_id.0[..], t.seq, t.state.as_str(), t.at, t.attempt, t.status, t.error, t.retry_at])
-            .map_err(self.err())?;
+        stmt.execute(params![&t.job_id.0[..], t.seq, t.state.as_str(), t.at, t.attempt, t.status, t.error, t.retry_at]).map_err(self.err())?;
         Ok(())
     }
 
     /// The largest job id stored (ids continue above it after a restart).
     pub fn max_id(&self) -> Result<Option<Ksuid>, DeliverError> {
-        let v: Option<Vec<u8>> =
-            self.conn.query_row("SELECT max(id) FROM jobs", [], |r| r.get(0)).map_err(self.err())?;
+        let v: Option<Vec<u8>> = self.conn.query_row("SELECT max(id) FROM jobs", [], |r| r.get(0)).map_err(self.err())?;
         Ok(v.and_then(|b| Ksuid::from_slice(&b)))
     }
 
@@ -275,14 +258,9 @@ impl JobDb {
     fn latest(&self, id: &[u8]) -> Result<Option<(JobState, i64, i64, Option<i64>)>, DeliverError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT state, seq, attempt, retry_at FROM job_state_transitions WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
-            )
+            .prepare_cached("SELECT state, seq, attempt, retry_at FROM job_state_transitions WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1")
             .map_err(self.err())?;
-        let row = stmt
-            .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .optional()
-            .map_err(self.err())?;
+        let row = stmt.query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional().map_err(self.err())?;
         Ok(row.map(|(s, seq, attempt, retry_at)| (JobState::parse(&s).unwrap_or(JobState::AwaitingRetry), seq, attempt, retry_at)))
     }
 
@@ -324,8 +302,8 @@ impl JobDb {
         let mut out = Vec::with_capacity(rows.len());
         for (id, job) in rows {
             let (state, seq, attempt, retry_at) = self.latest(&id)?.unwrap_or((JobState::AwaitingScheduling, 0, 0, None));
-            let id = Ksuid::from_slice(&id)
-                .ok_or_else(|| DeliverError::Corrupt(format!("{}: a job id of {} bytes", self.path.display(), id.len())))?;
+            let id =
+                Ksuid::from_slice(&id).ok_or_else(|| DeliverError::Corrupt(format!("{}: a job id of {} bytes", self.path.display(), id.len())))?;
             out.push(StoredJob { id, job, state, seq, attempt, retry_at });
         }
         Ok(out)
@@ -349,9 +327,7 @@ impl JobDb {
     pub fn history(&self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT seq, state, at, attempt, status, error, retry_at FROM job_state_transitions WHERE job_id = ?1 ORDER BY seq",
-            )
+            .prepare_cached("SELECT seq, state, at, attempt, status, error, retry_at FROM job_state_transitions WHERE job_id = ?1 ORDER BY seq")
             .map_err(self.err())?;
         let rows = stmt
             .query_map([&id.0[..]], |r| {
@@ -402,10 +378,7 @@ impl JobDb {
             .map_err(self.err())?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
-        Ok(rows
-            .into_iter()
-            .map(|(d, s, n)| (d, JobState::parse(&s).unwrap_or(JobState::AwaitingRetry), n as u64))
-            .collect())
+        Ok(rows.into_iter().map(|(d, s, n)| (d, JobState::parse(&s).unwrap_or(JobState::AwaitingRetry), n as u64)).collect())
     }
 }
 

@@ -73,7 +73,11 @@ impl Default for DeliverMetrics {
 impl DeliverMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register("sluice_deliver_jobs_inserted", "Jobs stored (one per event and destination)", self.jobs_inserted.clone());
-        r.register("sluice_deliver_jobs_duplicate", "Job inserts skipped: the (messageId, destination) job already existed", self.jobs_duplicate.clone());
+        r.register(
+            "sluice_deliver_jobs_duplicate",
+            "Job inserts skipped: the (messageId, destination) job already existed",
+            self.jobs_duplicate.clone(),
+        );
         r.register("sluice_deliver_outcomes", "Delivery attempt outcomes per destination", self.outcomes.clone());
         r.register("sluice_deliver_attempt_seconds", "HTTP attempt latency per destination", self.attempt_seconds.clone());
         r.register("sluice_deliver_job_latency_seconds", "From job creation (route) to its successful delivery", self.job_latency_seconds.clone());

@@ -178,8 +178,7 @@ impl SqlRow for MySqlRow {
     /// `String`: read the bytes and check they are UTF-8.
     fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
         let raw: Option<Vec<u8>> = self.try_get(i)?;
-        raw.map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::ColumnDecode { index: i.to_string(), source: Box::new(e) }))
-            .transpose()
+        raw.map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::ColumnDecode { index: i.to_string(), source: Box::new(e) })).transpose()
     }
 }
 
@@ -322,10 +321,7 @@ fn statement_chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
     let mut start = 0;
     while start < sizes.len() {
         let (mut end, mut bytes) = (start, 0);
-        while end < sizes.len()
-            && end - start < MAX_ROWS_PER_STATEMENT
-            && (end == start || bytes + sizes[end] <= MAX_BYTES_PER_STATEMENT)
-        {
+        while end < sizes.len() && end - start < MAX_ROWS_PER_STATEMENT && (end == start || bytes + sizes[end] <= MAX_BYTES_PER_STATEMENT) {
             bytes += sizes[end];
             end += 1;
         }
@@ -575,9 +571,7 @@ fn schema(engine: SqlEngine, prefix: &str, seq: u64) -> Vec<String> {
 fn registry_ddl(engine: SqlEngine, prefix: &str) -> String {
     let table = registry_table(prefix);
     match engine {
-        SqlEngine::MySql => format!(
-            "CREATE TABLE IF NOT EXISTS {table} (seq BIGINT NOT NULL PRIMARY KEY, created_at BIGINT NOT NULL) ENGINE=InnoDB"
-        ),
+        SqlEngine::MySql => format!("CREATE TABLE IF NOT EXISTS {table} (seq BIGINT NOT NULL PRIMARY KEY, created_at BIGINT NOT NULL) ENGINE=InnoDB"),
         SqlEngine::Postgres => format!("CREATE TABLE IF NOT EXISTS {table} (seq BIGINT PRIMARY KEY, created_at BIGINT NOT NULL)"),
     }
 }
@@ -636,12 +630,10 @@ impl CreateSchema for MySqlConnection {
             let mut attempt = 1;
             loop {
                 // GET_LOCK is server-wide: the name carries the database (64 characters at most).
-                let got: Option<i64> = sqlx::query_scalar(
-                    "SELECT GET_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64), ?)",
-                )
-                .bind(SCHEMA_LOCK_WAIT_SECS)
-                .fetch_one(&mut *self)
-                .await?;
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64), ?)")
+                    .bind(SCHEMA_LOCK_WAIT_SECS)
+                    .fetch_one(&mut *self)
+                    .await?;
                 if got != Some(1) {
                     return Err(sqlx::Error::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -655,9 +647,8 @@ impl CreateSchema for MySqlConnection {
                     Ok::<_, sqlx::Error>(())
                 }
                 .await;
-                let released = sqlx::query("SELECT RELEASE_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64))")
-                    .execute(&mut *self)
-                    .await;
+                let released =
+                    sqlx::query("SELECT RELEASE_LOCK(LEFT(CONCAT('sluice_schema.', COALESCE(DATABASE(), '')), 64))").execute(&mut *self).await;
                 let Err(e) = once else { return released.map(drop) };
                 if !schema_retry(&e, &mut attempt).await {
                     return Err(e);
@@ -1102,8 +1093,7 @@ impl SqlJobDb {
         .map_err(|e| self.fail("selecting jobs", e))?;
         rows.into_iter()
             .map(|JobRow { id, job, state, seq, attempt, retry_at }| {
-                let id = Ksuid::from_slice(&id)
-                    .ok_or_else(|| DeliverError::Corrupt(format!("{}: a job id of {} bytes", self.name, id.len())))?;
+                let id = Ksuid::from_slice(&id).ok_or_else(|| DeliverError::Corrupt(format!("{}: a job id of {} bytes", self.name, id.len())))?;
                 let state = state.as_deref().map_or(JobState::AwaitingScheduling, parse_state);
                 Ok(StoredJob { id, job, state, seq, attempt, retry_at })
             })
@@ -1138,13 +1128,11 @@ impl JobStore for SqlJobDb {
             self.session.conn = self.dbs.connect_on(&self.session.rt)?;
             self.broken = false;
         }
-        on_conn!(self.session, c => async { sqlx::raw_sql("BEGIN").execute(&mut *c).await.map(drop) })
-            .map_err(|e| self.fail("BEGIN", e))
+        on_conn!(self.session, c => async { sqlx::raw_sql("BEGIN").execute(&mut *c).await.map(drop) }).map_err(|e| self.fail("BEGIN", e))
     }
 
     fn commit(&mut self) -> Result<(), DeliverError> {
-        on_conn!(self.session, c => async { sqlx::raw_sql("COMMIT").execute(&mut *c).await.map(drop) })
-            .map_err(|e| self.fail("COMMIT", e))
+        on_conn!(self.session, c => async { sqlx::raw_sql("COMMIT").execute(&mut *c).await.map(drop) }).map_err(|e| self.fail("COMMIT", e))
     }
 
     fn rollback(&mut self) {
@@ -1466,10 +1454,7 @@ mod tests {
                     .execute(&mut c)
                     .await
                     .unwrap();
-                let ddl = [
-                    format!("CREATE TABLE IF NOT EXISTS {tag} (x BIGINT)"),
-                    format!("SELECT 1 / (nextval('{seq}') - 1)"),
-                ];
+                let ddl = [format!("CREATE TABLE IF NOT EXISTS {tag} (x BIGINT)"), format!("SELECT 1 / (nextval('{seq}') - 1)")];
                 c.create_schema(&ddl).await.expect("created on the second attempt");
                 let attempts: i64 = sqlx::query_scalar(&format!("SELECT last_value FROM {seq}")).fetch_one(&mut c).await.unwrap();
                 assert_eq!(attempts, 2);
@@ -1499,10 +1484,8 @@ mod tests {
                 // The lock was released: another connection takes it at once.
                 let mut other = <MySqlConnection as sqlx::Connection>::connect(&url).await.unwrap();
                 sqlx::raw_sql(&format!("USE {tag}")).execute(&mut other).await.unwrap();
-                let free: Option<i64> = sqlx::query_scalar("SELECT IS_FREE_LOCK(LEFT(CONCAT('sluice_schema.', DATABASE()), 64))")
-                    .fetch_one(&mut other)
-                    .await
-                    .unwrap();
+                let free: Option<i64> =
+                    sqlx::query_scalar("SELECT IS_FREE_LOCK(LEFT(CONCAT('sluice_schema.', DATABASE()), 64))").fetch_one(&mut other).await.unwrap();
                 assert_eq!(free, Some(1));
                 sqlx::raw_sql(&format!("DROP DATABASE {tag}")).execute(&mut c).await.unwrap();
             });

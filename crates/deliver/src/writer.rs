@@ -89,15 +89,38 @@ pub struct Lost {
 type Reply<T> = oneshot::Sender<Result<T, DeliverError>>;
 
 enum Cmd {
-    Insert { jobs: Vec<NewJob>, reply: Reply<u64> },
-    Exists { keys: Vec<(String, String, i64)>, reply: Reply<Vec<bool>> },
+    Insert {
+        jobs: Vec<NewJob>,
+        reply: Reply<u64>,
+    },
+    Exists {
+        keys: Vec<(String, String, i64)>,
+        reply: Reply<Vec<bool>>,
+    },
     /// Fire-and-forget: a failure comes back as [`FromWriter::Failed`].
-    Transitions { rows: Vec<Transition> },
-    LoadPage { after: Option<Ksuid>, limit: usize },
-    LoadIds { destination: String, ids: Vec<Ksuid> },
-    Execute { rows: Vec<Transition>, fetch: Vec<Ksuid>, reply: Reply<HashMap<Ksuid, Bytes>> },
-    History { id: Ksuid, reply: Reply<Vec<Transition>> },
-    CountUnfinished { reply: Reply<u64> },
+    Transitions {
+        rows: Vec<Transition>,
+    },
+    LoadPage {
+        after: Option<Ksuid>,
+        limit: usize,
+    },
+    LoadIds {
+        destination: String,
+        ids: Vec<Ksuid>,
+    },
+    Execute {
+        rows: Vec<Transition>,
+        fetch: Vec<Ksuid>,
+        reply: Reply<HashMap<Ksuid, Bytes>>,
+    },
+    History {
+        id: Ksuid,
+        reply: Reply<Vec<Transition>>,
+    },
+    CountUnfinished {
+        reply: Reply<u64>,
+    },
     /// Finish what was sent before, then end the thread (closing the connection).
     Close,
 }
@@ -334,14 +357,7 @@ fn apply(
                 .zip(ids)
                 .zip(stored)
                 .filter(|(_, stored)| *stored)
-                .map(|((job, id), _)| StoredJob {
-                    id,
-                    job,
-                    state: crate::jobdb::JobState::AwaitingScheduling,
-                    seq: 0,
-                    attempt: 0,
-                    retry_at: None,
-                })
+                .map(|((job, id), _)| StoredJob { id, job, state: crate::jobdb::JobState::AwaitingScheduling, seq: 0, attempt: 0, retry_at: None })
                 .collect();
             pending.push(Pending::Insert(reply, inserted.len() as u64));
             if !inserted.is_empty() {

@@ -315,12 +315,10 @@ async fn an_archived_job_lands_in_the_bucket_under_its_key() {
     let sink = Sink::start().await.unwrap();
     sink.set("/dead", Behaviour::status(500));
     let env = open(&toml(&sink, &moto.endpoint(), "prod/jobs/")).await;
-    assert_eq!(env.config.archive_target(), ArchiveTarget::S3 {
-        bucket: BUCKET.into(),
-        prefix: "prod/jobs".into(),
-        endpoint: Some(moto.endpoint()),
-        region: None,
-    });
+    assert_eq!(
+        env.config.archive_target(),
+        ArchiveTarget::S3 { bucket: BUCKET.into(), prefix: "prod/jobs".into(), endpoint: Some(moto.endpoint()), region: None }
+    );
 
     env.centrifuge.insert(vec![short_lived_job("m-s3", "dead")], sluice_deliver::now_ms()).await.unwrap();
     env.wait_state("m-s3", JobState::Archived, Duration::from_secs(60)).await;
@@ -437,7 +435,8 @@ async fn archive_from_config_writes_to_s3_without_a_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(&bin, dir.path()).await;
     moto.create_bucket(BUCKET).await;
-    let toml = format!("[deliver]\narchive_url = \"s3://{BUCKET}\"\narchive_s3_endpoint = \"{}/\"\narchive_s3_region = \"eu-west-1\"\n", moto.endpoint());
+    let toml =
+        format!("[deliver]\narchive_url = \"s3://{BUCKET}\"\narchive_s3_endpoint = \"{}/\"\narchive_s3_region = \"eu-west-1\"\n", moto.endpoint());
     let config = config(dir.path(), &toml).unwrap();
     let archive = Archive::from_config(&config).unwrap();
     let job = archived_job(b"not json", &[]);

@@ -164,9 +164,7 @@ fn seeding_twice_or_concurrently_neither_fails_nor_duplicates(db: &Db<'_>) {
     for (_, c) in &catalogs {
         assert_seeded(c);
     }
-    let counts = |db: &Db<'_>| {
-        ["sources", "destinations", "connections", "destination_qos"].map(|t| count(db, t))
-    };
+    let counts = |db: &Db<'_>| ["sources", "destinations", "connections", "destination_qos"].map(|t| count(db, t));
     assert_eq!(counts(db), [1, 2, 2, 2]);
     // And again, one after the other: nothing changes.
     let (_d1, _) = process(db);

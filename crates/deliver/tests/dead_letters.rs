@@ -14,8 +14,7 @@ use std::path::Path;
 use common::{Backend, Engine};
 use sluice_core::Config;
 use sluice_deliver::control::{
-    ControlDb, DeadLetterInsert, DeadLetterLimits, NewDeadLetter, DEAD_LETTER_EXCERPT_BYTES, DEAD_LETTER_MAX_KEY_BYTES,
-    DEAD_LETTER_MAX_REASON_CHARS,
+    ControlDb, DeadLetterInsert, DeadLetterLimits, NewDeadLetter, DEAD_LETTER_EXCERPT_BYTES, DEAD_LETTER_MAX_KEY_BYTES, DEAD_LETTER_MAX_REASON_CHARS,
 };
 
 macro_rules! engines {

@@ -203,11 +203,7 @@ fn chrono_day(ms: i64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_carry_signatures_user_agent_and_idempotency_key() {
     let sink = Sink::start().await.unwrap();
-    let toml = [
-        dest("signed", &sink.url("/signed"), "secret = \"s3cret\""),
-        dest("plain", &sink.url("/plain"), ""),
-    ]
-    .concat();
+    let toml = [dest("signed", &sink.url("/signed"), "secret = \"s3cret\""), dest("plain", &sink.url("/plain"), "")].concat();
     let env = open(tempfile::tempdir().unwrap(), &toml).await;
     env.insert(vec![job("m-sig", "s1", "signed"), job("m-sig", "s1", "plain")]).await;
     env.wait_terminal(2, Duration::from_secs(10)).await;
@@ -330,7 +326,8 @@ async fn jobdbs_rotate_by_count_and_finished_ones_are_deleted_whole() {
 async fn inserts_are_idempotent_across_sealed_jobdbs() {
     let sink = Sink::start().await.unwrap();
     sink.set("/hold", Behaviour::status(503));
-    let toml = ["[deliver]\njobdb_max_jobs = 3\n".to_owned(), dest("hold", &sink.url("/hold"), "initial_backoff = \"1h\"\nmax_backoff = \"1h\"")].concat();
+    let toml =
+        ["[deliver]\njobdb_max_jobs = 3\n".to_owned(), dest("hold", &sink.url("/hold"), "initial_backoff = \"1h\"\nmax_backoff = \"1h\"")].concat();
     let env = open(tempfile::tempdir().unwrap(), &toml).await;
     let event_time = sluice_deliver::now_ms() - 1000; // logged before the newest JobDB existed
     let first: Vec<_> = (0..3).map(|i| job(&format!("m-{i}"), "s1", "hold")).collect();
@@ -491,12 +488,8 @@ async fn a_dead_destination_spills_to_the_jobdb_without_keeping_others_out() {
     assert!(dead_keys.len() <= 100, "at most the cache's worth of the dead one's jobs were tried: {}", dead_keys.len());
     sink.set("/dead", Behaviour::default());
     env.wait_terminal(600, Duration::from_secs(60)).await;
-    let ok: Vec<String> = sink
-        .received_on("/dead")
-        .iter()
-        .filter(|r| r.answered == Some(200))
-        .map(|r| r.header("idempotency-key").unwrap().to_owned())
-        .collect();
+    let ok: Vec<String> =
+        sink.received_on("/dead").iter().filter(|r| r.answered == Some(200)).map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
     let unique: std::collections::HashSet<_> = ok.iter().collect();
     assert_eq!((ok.len(), unique.len()), (300, 300), "every spilled job delivered once after recovery");
     env.centrifuge.close().await;

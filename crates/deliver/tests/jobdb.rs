@@ -75,10 +75,8 @@ fn no_operation_updates_or_deletes_job_rows_and_the_triggers_refuse_anyone_who_t
 
     let seen = seen.lock().unwrap().clone();
     assert!(seen.iter().any(|s| s == "INSERT jobs") && seen.iter().any(|s| s == "INSERT job_state_transitions"), "{seen:?}");
-    let writes_other_than_insert: Vec<_> = seen
-        .iter()
-        .filter(|s| !s.starts_with("INSERT") && (s.contains("jobs") || s.contains("job_state_transitions")))
-        .collect();
+    let writes_other_than_insert: Vec<_> =
+        seen.iter().filter(|s| !s.starts_with("INSERT") && (s.contains("jobs") || s.contains("job_state_transitions"))).collect();
     assert!(writes_other_than_insert.is_empty(), "UPDATE/DELETE of job rows: {writes_other_than_insert:?}");
     drop(db);
 

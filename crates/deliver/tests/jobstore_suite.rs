@@ -157,7 +157,12 @@ fn pages_come_in_id_order_with_each_jobs_latest_state(b: &Backend) {
     let retry = Transition { retry_at: Some(1_700_000_060_000), status: Some(503), ..transition(made[3], 2, JobState::AwaitingRetry) };
     append(
         db.as_mut(),
-        &[transition(made[3], 1, JobState::Executing), retry, transition(made[4], 1, JobState::Succeeded), transition(made[5], 1, JobState::Executing)],
+        &[
+            transition(made[3], 1, JobState::Executing),
+            retry,
+            transition(made[4], 1, JobState::Succeeded),
+            transition(made[5], 1, JobState::Executing),
+        ],
     );
 
     let mut seen = Vec::new();
@@ -215,14 +220,11 @@ fn history_is_every_transition_oldest_first(b: &Backend) {
 fn stats_count_jobs_by_destination_and_latest_state(b: &Backend) {
     let mut db = b.open(1);
     let mut ids = KsuidGenerator::default();
-    let made: Vec<Ksuid> = insert_all(
-        db.as_mut(),
-        &mut ids,
-        &[job("a", "crm"), job("b", "crm"), job("c", "crm"), job("d", "warehouse"), job("e", "warehouse")],
-    )
-    .into_iter()
-    .map(Option::unwrap)
-    .collect();
+    let made: Vec<Ksuid> =
+        insert_all(db.as_mut(), &mut ids, &[job("a", "crm"), job("b", "crm"), job("c", "crm"), job("d", "warehouse"), job("e", "warehouse")])
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
     append(
         db.as_mut(),
         &[
@@ -327,7 +329,7 @@ fn rotation_drops_a_jobdb_whole_and_leaves_the_others(b: &Backend) {
         assert_eq!(sql.tables().unwrap(), ["job_state_transitions_000002", "jobs_000002"]);
     }
     b.drop_jobdb(1); // dropping again is a no-op
-    // A JobDB number used again starts empty.
+                     // A JobDB number used again starts empty.
     let mut reused = b.open(1);
     assert_eq!(reused.job_count().unwrap(), 0);
     assert!(insert_all(reused.as_mut(), &mut ids, &[job("a", "hook")])[0].is_some());
@@ -409,10 +411,7 @@ fn batched_inserts_and_transitions_keep_the_same_rules(b: &Backend) {
     let rows: Vec<Transition> = with_ids[..2000]
         .iter()
         .flat_map(|(id, _)| {
-            [
-                transition(*id, 1, JobState::Executing),
-                Transition { error: Some("timeout".into()), ..transition(*id, 2, JobState::AwaitingRetry) },
-            ]
+            [transition(*id, 1, JobState::Executing), Transition { error: Some("timeout".into()), ..transition(*id, 2, JobState::AwaitingRetry) }]
         })
         .collect();
     db.begin().unwrap();

@@ -33,8 +33,7 @@ async fn a_huge_retry_after_is_clamped_to_the_retry_window() {
     }
     let config = Config::from_toml_with_env(&toml, "", &HashMap::new()).unwrap();
     let catalog = Catalog::open(&config).unwrap();
-    let centrifuge: Arc<Centrifuge> =
-        Centrifuge::open(CentrifugeOptions::from_config(&config), catalog, DeliverMetrics::default()).await.unwrap();
+    let centrifuge: Arc<Centrifuge> = Centrifuge::open(CentrifugeOptions::from_config(&config), catalog, DeliverMetrics::default()).await.unwrap();
     let jobs_dir = config.server.data_dir.join("jobs");
 
     let now = sluice_deliver::now_ms();

@@ -15,10 +15,10 @@ use bytes::Bytes;
 use common::{Backend, Engine};
 use sluice_core::Config;
 use sluice_deliver::backend::JobDbs;
+use sluice_deliver::director::LOCK_CHECK_INTERVAL;
 use sluice_deliver::inspect;
 use sluice_deliver::jobdb::JobState;
 use sluice_deliver::sink::{Behaviour, Sink};
-use sluice_deliver::director::LOCK_CHECK_INTERVAL;
 use sluice_deliver::sqljobdb::{SqlEngine, SqlJobDbs};
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverError, DeliverMetrics, NewJob};
 

@@ -54,10 +54,7 @@ fn preflight(origin: Option<HeaderValue>, req: &HeaderMap) -> Response {
     allow_origin(h, origin.unwrap_or(HeaderValue::from_static("*")));
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOW_METHODS));
     let requested = req.get(header::ACCESS_CONTROL_REQUEST_HEADERS).filter(|v| !v.as_bytes().trim_ascii().is_empty());
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        requested.cloned().unwrap_or(HeaderValue::from_static(DEFAULT_ALLOW_HEADERS)),
-    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested.cloned().unwrap_or(HeaderValue::from_static(DEFAULT_ALLOW_HEADERS)));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(MAX_AGE_SECS));
     h.append(header::VARY, HeaderValue::from_static("Access-Control-Request-Method, Access-Control-Request-Headers"));
     h.insert(header::ALLOW, HeaderValue::from_static(ALLOW_METHODS));

@@ -330,11 +330,7 @@ impl<'a> BatchContext<'a> {
     /// Read the batch-level fields of a `/v1/batch` body.
     pub fn from_body(body: &RawObject<'a>) -> Self {
         let obj = |k: &str| body.get(k).and_then(|v| RawObject::parse(v.get()).ok());
-        Self {
-            context: obj("context"),
-            integrations: obj("integrations"),
-            sent_at: body.get_str("sentAt").and_then(|s| parse_timestamp(&s)),
-        }
+        Self { context: obj("context"), integrations: obj("integrations"), sent_at: body.get_str("sentAt").and_then(|s| parse_timestamp(&s)) }
     }
 }
 
@@ -371,8 +367,7 @@ pub fn format_timestamp(t: DateTime<Utc>) -> String {
 }
 
 /// Fields the normalizer writes itself rather than copying.
-const REWRITTEN: [&str; 8] =
-    ["type", "messageId", "timestamp", "originalTimestamp", "receivedAt", "context", "integrations", "writeKey"];
+const REWRITTEN: [&str; 8] = ["type", "messageId", "timestamp", "originalTimestamp", "receivedAt", "context", "integrations", "writeKey"];
 
 /// Validate and normalize one item. `path_type` is the type the URL names
 /// (single calls); `raw_len` is the item's size as the client sent it.
@@ -690,10 +685,7 @@ mod tests {
         assert_eq!(err(json!({"type":"track","userId":"u","event":""})), EventError::MissingField("event", "track"));
         assert_eq!(err(json!({"type":"group","userId":"u"})), EventError::MissingField("groupId", "group"));
         assert_eq!(err(json!({"type":"alias","userId":"u"})), EventError::MissingField("previousId", "alias"));
-        assert_eq!(
-            err(json!({"type":"alias","anonymousId":"a","previousId":"p"})),
-            EventError::MissingField("userId", "alias")
-        );
+        assert_eq!(err(json!({"type":"alias","anonymousId":"a","previousId":"p"})), EventError::MissingField("userId", "alias"));
     }
 
     #[test]
@@ -725,12 +717,7 @@ mod tests {
         // The client's clock is 1 hour fast: it sent at 13:00:05 (its time)
         // an event from 13:00:00 (its time); the server received at 12:00:10.
         let batch = BatchContext { sent_at: parse_timestamp("2024-05-01T13:00:05Z"), ..Default::default() };
-        let v = run(
-            json!({"type":"track","userId":"u","event":"E","timestamp":"2024-05-01T15:00:00.000+02:00"}),
-            None,
-            &batch,
-        )
-        .unwrap();
+        let v = run(json!({"type":"track","userId":"u","event":"E","timestamp":"2024-05-01T15:00:00.000+02:00"}), None, &batch).unwrap();
         assert_eq!(v["receivedAt"], "2024-05-01T12:00:10.000Z");
         assert_eq!(v["timestamp"], "2024-05-01T12:00:05.000Z");
         assert_eq!(v["originalTimestamp"], "2024-05-01T15:00:00.000+02:00");
@@ -771,12 +758,9 @@ mod tests {
         .to_string();
         let body = RawObject::parse(&body_text).unwrap();
         let batch = BatchContext::from_body(&body);
-        let v = run(
-            json!({"type":"track","userId":"u","event":"E","context":{"ip":"5.6.7.8","locale":"fr"},"integrations":{"All":true}}),
-            None,
-            &batch,
-        )
-        .unwrap();
+        let v =
+            run(json!({"type":"track","userId":"u","event":"E","context":{"ip":"5.6.7.8","locale":"fr"},"integrations":{"All":true}}), None, &batch)
+                .unwrap();
         assert_eq!(v["context"], json!({"library":{"name":"batch-lib"},"ip":"5.6.7.8","locale":"fr"}));
         assert_eq!(v["integrations"], json!({"All":true,"Mixpanel":true}));
         let v = run(json!({"type":"track","userId":"u","event":"E"}), None, &batch).unwrap();

@@ -139,11 +139,7 @@ impl IngestMetrics {
         r.register("requests", "Tracking API requests by call and status", self.requests.clone());
         r.register("events_accepted", "Events durable in the input log, by source", self.events_accepted.clone());
         r.register("events_rejected", "Invalid events refused or dropped from a batch, by reason", self.events_rejected.clone());
-        r.register(
-            "events_unknown_key_dropped",
-            "Events answered 200 and dropped for an unknown write key",
-            self.events_unknown_key_dropped.clone(),
-        );
+        r.register("events_unknown_key_dropped", "Events answered 200 and dropped for an unknown write key", self.events_unknown_key_dropped.clone());
         r.register("ack_seconds", "Time from request arrival to a durable 200", self.ack_seconds.clone());
         r.register(
             "client_error_budget_held",
@@ -175,12 +171,7 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(
-        log: Arc<dyn Log>,
-        settings: IngestSettings,
-        sources: &[SourceConfig],
-        default_rate_limit: u32,
-    ) -> Result<Self, sluice_log::LogError> {
+    pub fn new(log: Arc<dyn Log>, settings: IngestSettings, sources: &[SourceConfig], default_rate_limit: u32) -> Result<Self, sluice_log::LogError> {
         let partitions = log.partitions(INPUT_TOPIC)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let large_bodies = tokio::sync::Semaphore::new((cores / 2).max(1));
@@ -258,9 +249,7 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/{call}/", post(handle))
         .route("/v1/m", post(client_telemetry))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST")
-        })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST") })
         .with_state(ingest)
         .layer(axum::middleware::from_fn(cors::middleware))
 }
@@ -276,12 +265,7 @@ async fn client_telemetry(State(ingest): State<Arc<Ingest>>, headers: HeaderMap,
     }
 }
 
-async fn handle(
-    State(ingest): State<Arc<Ingest>>,
-    call: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Body) -> Response {
     // A segment that is not UTF-8 once percent-decoded names no endpoint;
     // answer it in JSON rather than with axum's plain-text rejection.
     let Ok(Path(call)) = call else {
@@ -306,11 +290,7 @@ async fn handle(
         },
         None => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response(),
     };
-    ingest
-        .metrics
-        .requests
-        .get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())])
-        .inc();
+    ingest.metrics.requests.get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())]).inc();
     resp
 }
 
@@ -384,9 +364,7 @@ async fn collect_body(settings: &IngestSettings, headers: &HeaderMap, mut body: 
             Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
             Ok(None) => break,
             Ok(Some(Err(_))) if over => return Ok(None),
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}")))
-            }
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}"))),
             Ok(Some(Ok(frame))) => {
                 let Ok(data) = frame.into_data() else { continue };
                 seen = seen.saturating_add(data.len());
@@ -437,7 +415,11 @@ enum Auth {
 enum Prepared {
     /// Unknown write key under `accept_and_drop`: answer 200, store nothing.
     Dropped,
-    Records { source: Arc<Source>, by_partition: HashMap<u32, Vec<Record>>, accepted: usize },
+    Records {
+        source: Arc<Source>,
+        by_partition: HashMap<u32, Vec<Record>>,
+        accepted: usize,
+    },
 }
 
 fn internal_error() -> ApiError {
@@ -473,11 +455,9 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
         // threads: a flood of them takes at most those cores, never every one.
         let _permit = ingest.large_bodies.acquire().await.map_err(|_| internal_error())?;
         let ingest = ingest.clone();
-        tokio::task::spawn_blocking(move || {
-            guarded(|| prepare(&ingest, call, auth, &decode_body(&ingest.settings, encoding, raw)?))
-        })
-        .await
-        .unwrap_or_else(|_| Err(internal_error()))?
+        tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &decode_body(&ingest.settings, encoding, raw)?)))
+            .await
+            .unwrap_or_else(|_| Err(internal_error()))?
     } else {
         guarded(|| prepare(ingest, call, auth, &raw))?
     };
@@ -550,11 +530,7 @@ mod append_errors {
 }
 
 fn unknown_write_key(present: bool) -> ApiError {
-    let message = if present {
-        "unknown write key"
-    } else {
-        "no write key: send it as the HTTP Basic user name or as `writeKey` in the body"
-    };
+    let message = if present { "unknown write key" } else { "no write key: send it as the HTTP Basic user name or as `writeKey` in the body" };
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message)
 }
 
@@ -623,11 +599,8 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
     let n_items = if call == Call::Batch { items.len() } else { 1 };
     if let Some(limiter) = &source.limiter {
         if let Err(wait) = limiter.try_take(n_items as u32) {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("source {:?} is over its rate limit; retry later", source.id),
-            );
+            let mut e =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("source {:?} is over its rate limit; retry later", source.id));
             e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
             return Err(e);
         }

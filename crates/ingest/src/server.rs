@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use sluice_core::config::ServerConfig;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use sluice_core::config::ServerConfig;
 use tokio::net::TcpListener;
 
 use crate::budget::{ErrorBudget, PENALTY};
@@ -86,11 +86,7 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     let mut builder = hyper::server::conn::http1::Builder::new();
     // A request head larger than MAX_HEAD_BYTES is answered 431 (hyper's
     // default lets one grow to ~400 KB per connection).
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .keep_alive(true)
-        .max_header_size(MAX_HEAD_BYTES);
+    builder.timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout).keep_alive(true).max_header_size(MAX_HEAD_BYTES);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {

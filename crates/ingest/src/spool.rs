@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::metrics::{Counter, Gauge, Registry};
-use sluice_log::{
-    EmbeddedLog, Log, LogError, LogMetrics, LogOptions, Membership, OffsetRange, ReadBatch, Record, StoredRecord,
-};
+use sluice_log::{EmbeddedLog, Log, LogError, LogMetrics, LogOptions, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
 use tokio::sync::RwLock;
 
 const SPOOL_TOPIC: &str = "spool";
@@ -104,13 +102,7 @@ pub struct Spool {
 impl Spool {
     /// Open (or recover) the spool in `dir` in front of `log`'s `input`
     /// topic, and start one drainer task per partition.
-    pub async fn open(
-        log: Arc<dyn Log>,
-        input: &str,
-        dir: &Path,
-        settings: SpoolSettings,
-        metrics: SpoolMetrics,
-    ) -> Result<Arc<Spool>, LogError> {
+    pub async fn open(log: Arc<dyn Log>, input: &str, dir: &Path, settings: SpoolSettings, metrics: SpoolMetrics) -> Result<Arc<Spool>, LogError> {
         let n = log.partitions(input)?;
         let options = LogOptions {
             topics: vec![(SPOOL_TOPIC.into(), n)],

@@ -110,11 +110,7 @@ async fn analytics_js_short_paths_take_text_plain_with_the_write_key_in_the_body
 async fn basic_auth_with_the_write_key_as_user_name_with_or_without_the_colon() {
     let h = Harness::new();
     for (auth, id) in [(basic(&format!("{WEB_KEY}:")), "with-colon"), (basic(WEB_KEY), "without-colon")] {
-        let req = post_raw(
-            "/v1/track",
-            &[("content-type", "application/json"), ("authorization", &auth)],
-            event("track", id).to_string(),
-        );
+        let req = post_raw("/v1/track", &[("content-type", "application/json"), ("authorization", &auth)], event("track", id).to_string());
         h.send(req).await.assert_success();
         assert_eq!(h.by_message_id(id).key, format!("{WEB}/{id}"));
     }
@@ -155,11 +151,7 @@ async fn a_missing_write_key_is_401_json() {
         resp.assert_error_shape(StatusCode::UNAUTHORIZED);
     }
     // An Authorization header that is not Basic does not count as a key.
-    let req = post_raw(
-        "/v1/track",
-        &[("content-type", "application/json"), ("authorization", "Bearer something")],
-        event("track", "m3").to_string(),
-    );
+    let req = post_raw("/v1/track", &[("content-type", "application/json"), ("authorization", "Bearer something")], event("track", "m3").to_string());
     h.send(req).await.assert_error_shape(StatusCode::UNAUTHORIZED);
     assert!(h.records().is_empty());
 }
@@ -325,13 +317,7 @@ async fn a_request_over_500_kb_is_400_request_too_large() {
     let resp = h.send(post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY))], body.clone())).await;
     resp.assert_error(StatusCode::BAD_REQUEST, "request_too_large");
     // The same with a Content-Length header.
-    let resp = h
-        .send(post_raw(
-            "/v1/batch",
-            &[("authorization", &basic_key(WEB_KEY)), ("content-length", &body.len().to_string())],
-            body,
-        ))
-        .await;
+    let resp = h.send(post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY)), ("content-length", &body.len().to_string())], body)).await;
     resp.assert_error(StatusCode::BAD_REQUEST, "request_too_large");
     assert!(h.records().is_empty());
 
@@ -351,22 +337,15 @@ async fn a_gzip_request_over_500_kb_decoded_is_400_even_when_the_compressed_body
     let raw = body.to_string();
     let zipped = gzip(raw.as_bytes());
     assert!(zipped.len() < 50 * 1024, "compressed body is small ({} bytes)", zipped.len());
-    let req = post_raw(
-        "/v1/batch",
-        &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip"), ("content-type", "application/json")],
-        zipped,
-    );
+    let req =
+        post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip"), ("content-type", "application/json")], zipped);
     h.send(req).await.assert_error(StatusCode::BAD_REQUEST, "request_too_large");
     assert!(h.records().is_empty());
 
     // Under the limit once decoded: accepted.
     let mut body = batch(vec![event("track", "zip-ok")]);
     body["padding"] = "y".repeat(400 * 1024).into();
-    let req = post_raw(
-        "/v1/batch",
-        &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip")],
-        gzip(body.to_string().as_bytes()),
-    );
+    let req = post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip")], gzip(body.to_string().as_bytes()));
     h.send(req).await.assert_success();
     assert_eq!(h.single_event().event["messageId"], "zip-ok");
 }
@@ -432,11 +411,7 @@ async fn an_invalid_gzip_body_is_400_json() {
 async fn an_unsupported_content_encoding_is_415_json() {
     let h = Harness::new();
     for enc in ["br", "deflate", "zstd"] {
-        let req = post_raw(
-            "/v1/track",
-            &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", enc)],
-            event("track", "m1").to_string(),
-        );
+        let req = post_raw("/v1/track", &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", enc)], event("track", "m1").to_string());
         h.send(req).await.assert_error_shape(StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
     assert!(h.records().is_empty());
@@ -460,10 +435,7 @@ async fn batch_context_and_integrations_are_merged_into_each_item_the_items_keys
     h.send(post_json("/v1/batch", Some(WEB_KEY), &body)).await.assert_success();
 
     let own = h.by_message_id("own").event;
-    assert_eq!(
-        own["context"],
-        json!({"ip": "5.6.7.8", "locale": "fr-FR", "library": {"name": "item-lib"}, "app": {"build": 7}})
-    );
+    assert_eq!(own["context"], json!({"ip": "5.6.7.8", "locale": "fr-FR", "library": {"name": "item-lib"}, "app": {"build": 7}}));
     assert_eq!(own["integrations"], json!({"All": true, "Amplitude": false, "Mixpanel": true}));
 
     let bare = h.by_message_id("bare").event;
@@ -651,11 +623,7 @@ async fn unknown_paths_are_404_json_with_code_and_message() {
         let resp = h.send(post_json(path, Some(WEB_KEY), &event("track", "m"))).await;
         resp.assert_error_shape(StatusCode::NOT_FOUND);
         let resp = h.send(Request::get(path).body(Body::empty()).unwrap()).await;
-        assert!(
-            resp.status == StatusCode::NOT_FOUND || resp.status == StatusCode::METHOD_NOT_ALLOWED,
-            "GET {path}: {}",
-            resp.status
-        );
+        assert!(resp.status == StatusCode::NOT_FOUND || resp.status == StatusCode::METHOD_NOT_ALLOWED, "GET {path}: {}", resp.status);
         resp.assert_error_shape(resp.status);
     }
     // A path segment that is not UTF-8 once percent-decoded is no endpoint
@@ -873,10 +841,7 @@ async fn the_200_goes_out_only_once_the_events_are_readable_from_the_log() {
         async move { send(&app, post_json("/v1/track", Some(WEB_KEY), &event("track", "gated"))).await }
     });
     tokio::time::timeout(Duration::from_secs(10), gated.waiting.notified()).await.expect("the handler appends");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut request).await.is_err(),
-        "answered before the append completed"
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut request).await.is_err(), "answered before the append completed");
     assert!(read_all(&inner).is_empty());
     gated.gate.add_permits(1000);
     let resp = tokio::time::timeout(Duration::from_secs(10), request).await.expect("answer after the append").unwrap();
@@ -970,11 +935,7 @@ async fn a_client_that_stalls_in_its_headers_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_bounded() {
-    let options = ServeOptions {
-        max_connections: 1,
-        header_read_timeout: Duration::from_secs(60),
-        ..ServeOptions::default()
-    };
+    let options = ServeOptions { max_connections: 1, header_read_timeout: Duration::from_secs(60), ..ServeOptions::default() };
     let server = Server::start(Harness::new(), options).await;
 
     // The first connection is served and stays open (keep-alive).
@@ -1007,4 +968,3 @@ async fn connections_are_bounded() {
     drop(second);
     server.stop().await;
 }
-

@@ -22,11 +22,8 @@ use common::*;
 const ORIGIN: &str = "http://shop.example:8080";
 
 fn preflight(path: &str, origin: &str, request_headers: Option<&str>) -> Request<Body> {
-    let mut b = Request::builder()
-        .method(Method::OPTIONS)
-        .uri(path)
-        .header(header::ORIGIN, origin)
-        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST");
+    let mut b =
+        Request::builder().method(Method::OPTIONS).uri(path).header(header::ORIGIN, origin).header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST");
     if let Some(h) = request_headers {
         b = b.header(header::ACCESS_CONTROL_REQUEST_HEADERS, h);
     }

@@ -47,9 +47,7 @@ async fn a_small_gzip_request_with_a_huge_batch_context_stores_nothing() {
     assert!(raw.len() < 500 * 1024);
     let zipped = gzip(raw.as_bytes());
     assert!(zipped.len() < 16 * 1024, "{}", zipped.len());
-    let resp = h
-        .send(post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip")], zipped))
-        .await;
+    let resp = h.send(post_raw("/v1/batch", &[("authorization", &basic_key(WEB_KEY)), ("content-encoding", "gzip")], zipped)).await;
     resp.assert_error(StatusCode::BAD_REQUEST, "event_too_large");
     assert!(h.records().is_empty());
 }
@@ -147,7 +145,8 @@ async fn values_route_cannot_read_are_refused_with_a_clear_code() {
     let huge_number = r#"{"type":"track","userId":"u","event":"E","messageId":"num","properties":{"n":1e400}}"#;
     let lone_surrogate = r#"{"type":"track","userId":"u","event":"E","messageId":"sur","properties":{"s":"\ud800"}}"#;
     let lone_in_key = r#"{"type":"track","userId":"u","event":"E","messageId":"key","properties":{"\udfff":1}}"#;
-    let deep_array = format!(r#"{{"type":"track","userId":"u","event":"E","messageId":"arr","properties":{{"x":{}1{}}}}}"#, "[".repeat(100), "]".repeat(100));
+    let deep_array =
+        format!(r#"{{"type":"track","userId":"u","event":"E","messageId":"arr","properties":{{"x":{}1{}}}}}"#, "[".repeat(100), "]".repeat(100));
     for (body, code) in [
         (deep.as_str(), "too_deep"),
         (huge_number, "invalid_value"),
@@ -155,7 +154,8 @@ async fn values_route_cannot_read_are_refused_with_a_clear_code() {
         (lone_in_key, "invalid_value"),
         (deep_array.as_str(), "too_deep"),
     ] {
-        let resp = h.send(post_raw("/v1/track", &[("authorization", &basic_key(WEB_KEY)), ("content-type", "application/json")], body.to_owned())).await;
+        let resp =
+            h.send(post_raw("/v1/track", &[("authorization", &basic_key(WEB_KEY)), ("content-type", "application/json")], body.to_owned())).await;
         resp.assert_error(StatusCode::BAD_REQUEST, code);
     }
     assert!(h.records().is_empty());
@@ -241,12 +241,8 @@ async fn connect_from(ip: &str, server: &Server) -> tokio::net::TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_every_connection_slot() {
-    let options = ServeOptions {
-        max_connections: 4,
-        max_connections_per_client: 2,
-        header_read_timeout: Duration::from_secs(60),
-        ..ServeOptions::default()
-    };
+    let options =
+        ServeOptions { max_connections: 4, max_connections_per_client: 2, header_read_timeout: Duration::from_secs(60), ..ServeOptions::default() };
     let server = Server::start(Harness::new(), options).await;
     // Client A (127.0.0.1) holds two silent connections (a slow loris) ...
     let mut held = Vec::new();
@@ -417,7 +413,10 @@ async fn an_oversize_request_is_answered_400_not_reset_fast_or_slow_client() {
     let addr = server.addr;
     let body = format!(r#"{{"batch":[{{"type":"track","userId":"u","event":"E","properties":{{"pad":"{}"}}}}]}}"#, "x".repeat(540 * 1024));
     let head = |len: usize| {
-        format!("POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n", basic_key(WEB_KEY))
+        format!(
+            "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n",
+            basic_key(WEB_KEY)
+        )
     };
     let outcomes = tokio::task::spawn_blocking(move || {
         let mut outcomes = Vec::new();
@@ -428,10 +427,8 @@ async fn an_oversize_request_is_answered_400_not_reset_fast_or_slow_client() {
             outcomes.push(send_whole_then_read(addr, &head(body.len()), body.as_bytes(), 16 * 1024, Duration::from_millis(5)));
         }
         // Chunked, no Content-Length: the limit is found mid-stream.
-        let chunked_head = format!(
-            "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
-            basic_key(WEB_KEY)
-        );
+        let chunked_head =
+            format!("POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n", basic_key(WEB_KEY));
         let mut chunked = Vec::new();
         for part in body.as_bytes().chunks(32 * 1024) {
             chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());

@@ -399,11 +399,7 @@ impl EmbeddedLog {
 
     fn handle(&self, topic: &str, partition: u32) -> Result<&PartitionHandle, LogError> {
         let parts = self.topics.get(topic).ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))?;
-        parts.get(partition as usize).ok_or_else(|| LogError::UnknownPartition {
-            topic: topic.to_owned(),
-            partition,
-            partitions: parts.len() as u32,
-        })
+        parts.get(partition as usize).ok_or_else(|| LogError::UnknownPartition { topic: topic.to_owned(), partition, partitions: parts.len() as u32 })
     }
 
     /// Delete sealed segments last written before `now - retention`. Returns
@@ -537,10 +533,11 @@ fn validate_name(name: &str) -> Result<(), LogError> {
 
 fn read_topic_meta(path: &Path) -> Result<u32, LogError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    text.trim()
-        .strip_prefix("partitions=")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| LogError::Corrupt { path: path.display().to_string(), position: 0, problem: format!("unreadable topic metadata {text:?}") })
+    text.trim().strip_prefix("partitions=").and_then(|n| n.parse().ok()).ok_or_else(|| LogError::Corrupt {
+        path: path.display().to_string(),
+        position: 0,
+        problem: format!("unreadable topic metadata {text:?}"),
+    })
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), LogError> {
@@ -1272,11 +1269,7 @@ impl Writer {
                     let cause = e.to_string();
                     for req in batch {
                         let err = match &e {
-                            _ if poisoned => LogError::Poisoned {
-                                topic: self.part.topic.clone(),
-                                partition: self.part.id,
-                                cause: cause.clone(),
-                            },
+                            _ if poisoned => LogError::Poisoned { topic: self.part.topic.clone(), partition: self.part.id, cause: cause.clone() },
                             LogError::Io { path, source } => {
                                 LogError::Io { path: path.clone(), source: io::Error::new(source.kind(), source.to_string()) }
                             }

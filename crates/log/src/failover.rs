@@ -165,15 +165,18 @@ impl Log for FailoverLog {
             Active::Primary => match self.append_primary(partition, records.clone()).await {
                 Ok(o) => Ok(o),
                 // Both copies may land (a timed-out append can still succeed): dedup drops the repeat.
-                Err(e) => self.secondary.append(INPUT, partition, records).await.map_err(|e2| {
-                    LogError::Unavailable(format!("both Kafka clusters refused the append: primary: {e}; secondary: {e2}"))
-                }),
+                Err(e) => self
+                    .secondary
+                    .append(INPUT, partition, records)
+                    .await
+                    .map_err(|e2| LogError::Unavailable(format!("both Kafka clusters refused the append: primary: {e}; secondary: {e2}"))),
             },
             Active::Secondary => match self.secondary.append(INPUT, partition, records.clone()).await {
                 Ok(o) => Ok(o),
-                Err(e) => self.append_primary(partition, records).await.map_err(|e2| {
-                    LogError::Unavailable(format!("both Kafka clusters refused the append: secondary: {e}; primary: {e2}"))
-                }),
+                Err(e) => self
+                    .append_primary(partition, records)
+                    .await
+                    .map_err(|e2| LogError::Unavailable(format!("both Kafka clusters refused the append: secondary: {e}; primary: {e2}"))),
             },
         }
     }

@@ -266,8 +266,16 @@ fn transient(e: &KafkaError) -> bool {
     };
     matches!(
         code,
-        BrokerTransportFailure | AllBrokersDown | Resolve | OperationTimedOut | RequestTimedOut | NetworkException
-            | LeaderNotAvailable | NotLeaderForPartition | NotCoordinator | CoordinatorNotAvailable
+        BrokerTransportFailure
+            | AllBrokersDown
+            | Resolve
+            | OperationTimedOut
+            | RequestTimedOut
+            | NetworkException
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | NotCoordinator
+            | CoordinatorNotAvailable
     )
 }
 
@@ -316,8 +324,7 @@ impl KafkaLog {
     /// startup).
     pub fn connect(options: KafkaOptions) -> Result<KafkaLog, LogError> {
         let producer: FutureProducer = options.producer().create().map_err(kafka("create producer"))?;
-        let offsets_client: BaseConsumer =
-            options.consumer("sluice-offsets").create().map_err(kafka("create consumer"))?;
+        let offsets_client: BaseConsumer = options.consumer("sluice-offsets").create().map_err(kafka("create consumer"))?;
         let partitions = ensure_topics(&options, &offsets_client)?;
         let inner = Inner {
             options,
@@ -369,9 +376,7 @@ impl KafkaLog {
                 produce(producer, topic, partition, &marker, self.inner.options.delivery_bound()).await?;
             }
             let mut offsets = TopicPartitionList::new();
-            offsets
-                .add_partition_offset(in_topic, partition as i32, Offset::Offset(hanging.resume as i64))
-                .map_err(kafka("commit offset"))?;
+            offsets.add_partition_offset(in_topic, partition as i32, Offset::Offset(hanging.resume as i64)).map_err(kafka("commit offset"))?;
             let (producer2, group) = (producer.clone(), group.to_owned());
             self.blocking(move |inner| {
                 let metadata = inner.group_metadata(&group)?;
@@ -396,10 +401,7 @@ impl KafkaLog {
     }
 
     /// Run `f` on the blocking pool with this log's state.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner) -> Result<T, LogError> + Send + 'static,
-    ) -> Result<T, LogError> {
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T, LogError> + Send + 'static) -> Result<T, LogError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| LogError::Kafka { op: "blocking task", cause: e.to_string() })?
     }
@@ -419,8 +421,7 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
         let meta = client.fetch_metadata(Some(name), options.request_timeout).map_err(kafka("fetch metadata"))?;
         Ok(meta.topics().first().is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
     };
-    let retention: HashMap<&str, String> =
-        options.retention.iter().map(|(t, d)| (t.as_str(), d.as_millis().to_string())).collect();
+    let retention: HashMap<&str, String> = options.retention.iter().map(|(t, d)| (t.as_str(), d.as_millis().to_string())).collect();
     let min_insync = min_insync_replicas(options.replication_factor).to_string();
     let mut new = Vec::new();
     // Topics this process did not create: their min.insync.replicas is checked.
@@ -429,8 +430,8 @@ fn ensure_topics(options: &KafkaOptions, client: &BaseConsumer) -> Result<HashMa
         if exists(name)? {
             existing.push(name.clone());
         } else {
-            let mut topic = NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor))
-                .set("min.insync.replicas", &min_insync);
+            let mut topic =
+                NewTopic::new(name, *n as i32, TopicReplication::Fixed(options.replication_factor)).set("min.insync.replicas", &min_insync);
             if let Some(ms) = retention.get(name.as_str()) {
                 topic = topic.set("retention.ms", ms);
             }
@@ -489,10 +490,8 @@ fn admin_wait<T>(
     options: &KafkaOptions,
     request: impl std::future::Future<Output = rdkafka::error::KafkaResult<T>>,
 ) -> Result<rdkafka::error::KafkaResult<T>, LogError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| LogError::Io {
-        path: "tokio runtime".into(),
-        source: e,
-    })?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| LogError::Io { path: "tokio runtime".into(), source: e })?;
     runtime
         .block_on(async { tokio::time::timeout(options.request_timeout, request).await })
         .map_err(|_| LogError::Unavailable(format!("no answer from Kafka at {} within {:?}", options.bootstrap_servers, options.request_timeout)))
@@ -567,9 +566,10 @@ fn check_min_insync_replicas(options: &KafkaOptions, topics: &[(String, i32)], b
             cannot_check(format!("{topic}: no min.insync.replicas in its configuration"));
             continue;
         };
-        let actual: i32 = value.trim().parse().map_err(|_| {
-            LogError::Config(format!("Kafka topic {topic:?} has min.insync.replicas = {value:?}, which is not a number"))
-        })?;
+        let actual: i32 = value
+            .trim()
+            .parse()
+            .map_err(|_| LogError::Config(format!("Kafka topic {topic:?} has min.insync.replicas = {value:?}, which is not a number")))?;
         if let Some(problem) = min_insync_problem(topic, actual, *rf, options.replication_factor, &options.bootstrap_servers) {
             return Err(LogError::Config(problem));
         }
@@ -992,13 +992,7 @@ fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: u32)
 /// `message.timeout.ms` does not always end the wait: a transactional
 /// producer's messages stayed undelivered and unreported for as long as the
 /// broker was down, over 10 minutes, holding a dedup worker).
-async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
-    partition: u32,
-    records: &[Record],
-    within: Duration,
-) -> Result<(u64, u64), LogError> {
+async fn produce(producer: &FutureProducer, topic: &str, partition: u32, records: &[Record], within: Duration) -> Result<(u64, u64), LogError> {
     let deadline = tokio::time::Instant::now() + within;
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
@@ -1130,9 +1124,7 @@ impl Log for KafkaLog {
             let within = self.inner.options.delivery_bound();
             let first = if records.is_empty() { None } else { Some(produce(&producer, out_topic, partition, &records, within).await?.0) };
             let mut offsets = TopicPartitionList::new();
-            offsets
-                .add_partition_offset(in_topic, partition as i32, Offset::Offset(next_offset as i64))
-                .map_err(kafka("commit offset"))?;
+            offsets.add_partition_offset(in_topic, partition as i32, Offset::Offset(next_offset as i64)).map_err(kafka("commit offset"))?;
             let (producer2, group) = (producer.clone(), group.to_owned());
             self.blocking(move |inner| {
                 let metadata = inner.group_metadata(&group)?;
@@ -1168,10 +1160,7 @@ impl Log for KafkaLog {
         let context = MemberContext { topic: topic.to_owned(), owned: tx };
         let mut config = self.inner.options.consumer(group);
         // It never consumes (its partitions are paused): no offset reset to report.
-        config
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "latest");
+        config.set("partition.assignment.strategy", "cooperative-sticky").set("enable.partition.eof", "false").set("auto.offset.reset", "latest");
         let consumer: BaseConsumer<MemberContext> = config.create_with_context(context).map_err(kafka("create group member"))?;
         consumer.subscribe(&[topic]).map_err(kafka("subscribe"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1238,9 +1227,11 @@ impl ConsumerContext for MemberContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let gone = self.partitions(tpl);
             tracing::info!(topic = %self.topic, partitions = ?gone, "Kafka group: partitions revoked");
-            self.owned.send_modify(|owned| gone.iter().for_each(|p| {
-                owned.remove(p);
-            }));
+            self.owned.send_modify(|owned| {
+                gone.iter().for_each(|p| {
+                    owned.remove(p);
+                })
+            });
         }
     }
 

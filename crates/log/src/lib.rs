@@ -143,8 +143,7 @@ pub trait Log: Send + Sync + 'static {
 
     /// Up to `max_records` durable records with offsets `>= from`, in order.
     /// Empty when `from` is at or past the end.
-    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize)
-        -> Result<Vec<StoredRecord>, LogError>;
+    async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, LogError>;
 
     /// The readable range of a partition.
     async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError>;

@@ -25,8 +25,7 @@ async fn append_returns_consecutive_offsets_and_reads_back_in_order() {
     let before = now_ms();
     let mut expected: Vec<Record> = Vec::new();
     for (i, n) in [1usize, 3, 5, 2, 7, 1].into_iter().enumerate() {
-        let batch: Vec<Record> =
-            (0..n).map(|j| rec(format!("k{i}-{j}"), format!("value {i}/{j}").repeat(j + 1))).collect();
+        let batch: Vec<Record> = (0..n).map(|j| rec(format!("k{i}-{j}"), format!("value {i}/{j}").repeat(j + 1))).collect();
         let first = log.append("t", 0, batch.clone()).await.unwrap();
         assert_eq!(first, expected.len() as u64, "append #{i} must start right after the previous one");
         expected.extend(batch);
@@ -64,10 +63,7 @@ async fn append_returns_consecutive_offsets_and_reads_back_in_order() {
     // Unknown topics and partitions are errors, not empty answers.
     assert!(matches!(log.partitions("nope"), Err(LogError::UnknownTopic(_))));
     assert!(matches!(log.read("nope", 0, 0, 1).await, Err(LogError::UnknownTopic(_))));
-    assert!(matches!(
-        log.append("t", 2, vec![rec("k", "v")]).await,
-        Err(LogError::UnknownPartition { partition: 2, partitions: 2, .. })
-    ));
+    assert!(matches!(log.append("t", 2, vec![rec("k", "v")]).await, Err(LogError::UnknownPartition { partition: 2, partitions: 2, .. })));
     assert!(matches!(log.offsets("t", 9).await, Err(LogError::UnknownPartition { .. })));
 }
 
@@ -81,8 +77,7 @@ async fn reads_span_many_small_segments() {
     let mut rng = Rng::new(7);
     while expected.len() < 400 {
         let n = 1 + (rng.next() % 6) as usize;
-        let batch: Vec<Record> =
-            (0..n).map(|i| numbered(0, (expected.len() + i) as u64, (rng.next() % 700) as usize)).collect();
+        let batch: Vec<Record> = (0..n).map(|i| numbered(0, (expected.len() + i) as u64, (rng.next() % 700) as usize)).collect();
         let first = log.append("t", 0, batch.clone()).await.unwrap();
         assert_eq!(first, expected.len() as u64);
         expected.extend(batch);
@@ -141,8 +136,7 @@ async fn reads_from_the_middle_of_large_segments_use_the_sparse_index() {
     let mut rng = Rng::new(99);
     while (expected.len() as u64) < 3500 {
         let n = 1 + (rng.next() % 40) as usize;
-        let batch: Vec<Record> =
-            (0..n).map(|i| numbered(0, (expected.len() + i) as u64, 200 + (rng.next() % 1800) as usize)).collect();
+        let batch: Vec<Record> = (0..n).map(|i| numbered(0, (expected.len() + i) as u64, 200 + (rng.next() % 1800) as usize)).collect();
         assert_eq!(log.append("t", 0, batch.clone()).await.unwrap(), expected.len() as u64);
         expected.extend(batch);
     }
@@ -233,14 +227,8 @@ async fn consumer_group_offsets_roundtrip_and_survive_reopen() {
     // Invalid group names are refused by both calls.
     let long = "a".repeat(129);
     for bad in ["", "../x", "..", ".", "a/b", "a b", "ü", "x\0", "a\\b", long.as_str()] {
-        assert!(
-            matches!(log.commit(bad, "t", 0, 1).await, Err(LogError::InvalidGroup(_))),
-            "commit with group {bad:?} must fail"
-        );
-        assert!(
-            matches!(log.committed(bad, "t", 0).await, Err(LogError::InvalidGroup(_))),
-            "committed with group {bad:?} must fail"
-        );
+        assert!(matches!(log.commit(bad, "t", 0, 1).await, Err(LogError::InvalidGroup(_))), "commit with group {bad:?} must fail");
+        assert!(matches!(log.committed(bad, "t", 0).await, Err(LogError::InvalidGroup(_))), "committed with group {bad:?} must fail");
     }
     // Nothing escaped the partition directory.
     assert!(!dir.path().join("t").join("0").join("x.offset").exists());
@@ -278,8 +266,7 @@ async fn partition_count_cannot_change() {
             Err(LogError::Config(msg)) => {
                 // Ignore the path (a temp dir name may hold digits).
                 let msg = msg.replace(&dir.path().display().to_string(), "<root>");
-                let numbers: Vec<u32> =
-                    msg.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+                let numbers: Vec<u32> = msg.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
                 assert!(numbers.contains(&7), "message must name the count on disk (7): {msg}");
                 assert!(numbers.contains(&asked), "message must name the count asked for ({asked}): {msg}");
             }
@@ -299,10 +286,7 @@ async fn partition_count_cannot_change() {
 async fn invalid_topic_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["", "..", "a/b", "../escape"] {
-        assert!(
-            matches!(EmbeddedLog::open(dir.path(), options(&[(bad, 1)], 1 << 20)), Err(LogError::Config(_))),
-            "topic {bad:?} must be refused"
-        );
+        assert!(matches!(EmbeddedLog::open(dir.path(), options(&[(bad, 1)], 1 << 20)), Err(LogError::Config(_))), "topic {bad:?} must be refused");
     }
     assert!(!dir.path().parent().unwrap().join("escape").exists());
 }

@@ -161,8 +161,7 @@ async fn concurrent_appenders_across_partitions_and_groups() {
         // Each group's committed offset is one of the values it committed.
         for g in 0..3 {
             let committed = log.committed(&format!("g{g}"), TOPIC, p).await.unwrap();
-            let candidates: Vec<u64> =
-                ranges.iter().filter(|r| r.0 == p && r.3 % 3 == g).map(|r| r.1 + r.2).collect();
+            let candidates: Vec<u64> = ranges.iter().filter(|r| r.0 == p && r.3 % 3 == g).map(|r| r.1 + r.2).collect();
             match committed {
                 Some(c) => assert!(candidates.contains(&c), "partition {p} group g{g}: {c} was never committed"),
                 None => assert!(candidates.is_empty()),

@@ -80,7 +80,10 @@ async fn check_intact(root: &Path, opts: &LogOptions, expected: &[Record]) {
 #[ignore]
 async fn append_throughput() {
     let seconds: u64 = std::env::var("SLUICE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let dir = tempfile::Builder::new().prefix("sluice-bench-").tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-bench-")
+        .tempdir_in(std::env::var("SLUICE_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap();
     let opts = options(&[("t", 8)], 16 << 20);
     let log = Arc::new(open(dir.path(), &opts));
     let done = Arc::new(AtomicU64::new(0));

@@ -122,7 +122,10 @@ fn an_existing_topic_below_the_rule_is_refused() {
         Err(LogError::Config(msg)) => {
             assert!(msg.contains(&format!("{topic:?}")), "{msg}");
             assert!(msg.contains("min.insync.replicas = 1"), "{msg}");
-            assert!(msg.contains(&format!("kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic}")), "{msg}");
+            assert!(
+                msg.contains(&format!("kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic}")),
+                "{msg}"
+            );
             assert!(msg.contains("--add-config min.insync.replicas=2"), "{msg}");
         }
         Err(e) => panic!("refused for another reason: {e}"),

@@ -27,20 +27,37 @@ enum Tear {
 #[derive(Debug, Clone)]
 enum Op {
     /// Append records with these (key length, value length) to a partition.
-    Append { partition: usize, sizes: Vec<(usize, usize)> },
-    Read { partition: usize, from: usize, max: usize },
-    Commit { group: usize, partition: usize, offset: u64 },
+    Append {
+        partition: usize,
+        sizes: Vec<(usize, usize)>,
+    },
+    Read {
+        partition: usize,
+        from: usize,
+        max: usize,
+    },
+    Commit {
+        group: usize,
+        partition: usize,
+        offset: u64,
+    },
     Reopen,
     /// Close, damage the active segment's tail (an unacknowledged write),
     /// reopen.
-    TearTail { partition: usize, tear: Tear },
+    TearTail {
+        partition: usize,
+        tear: Tear,
+    },
 }
 
 fn tear() -> impl Strategy<Value = Tear> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 1..300).prop_map(Tear::Garbage),
-        (0usize..40, 0usize..2000, 1u32..1000)
-            .prop_map(|(key_len, value_len, keep_permille)| Tear::PartialFrame { key_len, value_len, keep_permille }),
+        (0usize..40, 0usize..2000, 1u32..1000).prop_map(|(key_len, value_len, keep_permille)| Tear::PartialFrame {
+            key_len,
+            value_len,
+            keep_permille
+        }),
         (0usize..500, 0u32..32).prop_map(|(value_len, bit)| Tear::BadChecksum { value_len, bit }),
     ]
 }
@@ -107,11 +124,7 @@ impl Harness {
             Op::Append { partition, sizes } => {
                 let p = (*partition % nparts) as u32;
                 let start = self.model.partitions[p as usize].len() as u64;
-                let batch: Vec<Record> = sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(k, v))| model_record(p, start + i as u64, k, v))
-                    .collect();
+                let batch: Vec<Record> = sizes.iter().enumerate().map(|(i, &(k, v))| model_record(p, start + i as u64, k, v)).collect();
                 let first = self.rt.block_on(self.log().append(TOPIC, p, batch.clone())).unwrap();
                 assert_eq!(first, start, "append to partition {p} must start at the model's end");
                 self.model.partitions[p as usize].extend(batch);
@@ -204,13 +217,8 @@ fn run(partitions: u32, segment_bytes: u64, ops: &[Op]) {
     let opts = options(&[(TOPIC, partitions)], segment_bytes);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let log = open(root.path(), &opts);
-    let mut h = Harness {
-        rt,
-        opts,
-        root,
-        log: Some(log),
-        model: Model { partitions: vec![Vec::new(); partitions as usize], committed: HashMap::new() },
-    };
+    let mut h =
+        Harness { rt, opts, root, log: Some(log), model: Model { partitions: vec![Vec::new(); partitions as usize], committed: HashMap::new() } };
     h.check();
     for op in ops {
         h.apply(op);

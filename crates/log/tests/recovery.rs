@@ -251,11 +251,9 @@ fn expect_corrupt(result: Result<Vec<sluice_log::StoredRecord>, LogError>, what:
     match result {
         Err(LogError::Corrupt { .. }) => {}
         Err(e) => panic!("{what}: expected Corrupt, got {e:?}"),
-        Ok(recs) => panic!(
-            "{what}: expected Corrupt, got {} records at offsets {:?}",
-            recs.len(),
-            recs.iter().map(|r| r.offset).take(20).collect::<Vec<_>>()
-        ),
+        Ok(recs) => {
+            panic!("{what}: expected Corrupt, got {} records at offsets {:?}", recs.len(), recs.iter().map(|r| r.offset).take(20).collect::<Vec<_>>())
+        }
     }
 }
 

@@ -63,11 +63,7 @@ async fn retention_deletes_whole_sealed_segments_and_keeps_the_active_one() {
     assert_eq!(log.offsets(TOPIC, 0).await.unwrap(), OffsetRange { start: active_base, end: 200 });
     expect_out_of_range(log.read(TOPIC, 0, 0, 10).await, 0, active_base);
     expect_out_of_range(log.read(TOPIC, 0, active_base - 1, 10).await, active_base - 1, active_base);
-    assert_records(
-        &read_all(&log, TOPIC, 0, active_base, 1000).await,
-        active_base,
-        &expected[active_base as usize..],
-    );
+    assert_records(&read_all(&log, TOPIC, 0, active_base, 1000).await, active_base, &expected[active_base as usize..]);
     // Again: nothing left to delete.
     assert_eq!(log.enforce_retention(now + RETENTION * 10).unwrap(), 0);
 
@@ -78,11 +74,7 @@ async fn retention_deletes_whole_sealed_segments_and_keeps_the_active_one() {
     let log = open(dir.path(), &opts);
     assert_eq!(log.offsets(TOPIC, 0).await.unwrap(), OffsetRange { start: active_base, end: 201 });
     expect_out_of_range(log.read(TOPIC, 0, 3, 10).await, 3, active_base);
-    assert_records(
-        &read_all(&log, TOPIC, 0, active_base, 1000).await,
-        active_base,
-        &expected[active_base as usize..],
-    );
+    assert_records(&read_all(&log, TOPIC, 0, active_base, 1000).await, active_base, &expected[active_base as usize..]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

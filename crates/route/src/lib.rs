@@ -141,14 +141,8 @@ pub async fn run_partition(
     // Watches this partition from the side, so a batch that hangs or fails
     // for good still shows (and logs) a growing age.
     let labels = vec![("partition", partition.to_string())];
-    let monitor = tokio::spawn(watch_backlog(
-        log.clone(),
-        "route",
-        OUTPUT_TOPIC,
-        GROUP,
-        partition,
-        metrics.oldest_unprocessed.get_or_create(&labels).clone(),
-    ));
+    let monitor =
+        tokio::spawn(watch_backlog(log.clone(), "route", OUTPUT_TOPIC, GROUP, partition, metrics.oldest_unprocessed.get_or_create(&labels).clone()));
     while !*stop.borrow() {
         match route_batch(&*log, partition, &*jobs, &planner, &settings, &metrics, &mut next).await {
             Ok(0) => {
@@ -443,10 +437,8 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
                     let (events, jobs) = outcome.unwrap_or((0, 0));
                     tracing::info!(replay = r.id, destination = %r.destination, events, jobs, state, "replay finished");
                     let c = catalog.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        c.with_control(|db| db.update_replay(r.id, state, events, jobs, error.as_deref()))
-                    })
-                    .await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || c.with_control(|db| db.update_replay(r.id, state, events, jobs, error.as_deref()))).await;
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot read replay requests"),

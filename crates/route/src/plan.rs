@@ -19,8 +19,18 @@ use sluice_deliver::{Catalog, NewJob};
 /// Top-level fields an `allow_fields` filter always keeps: without them the
 /// event is not an event.
 const ALWAYS_KEPT: &[&str] = &[
-    "type", "messageId", "userId", "anonymousId", "event", "name", "groupId", "previousId", "timestamp",
-    "originalTimestamp", "receivedAt", "sentAt",
+    "type",
+    "messageId",
+    "userId",
+    "anonymousId",
+    "event",
+    "name",
+    "groupId",
+    "previousId",
+    "timestamp",
+    "originalTimestamp",
+    "receivedAt",
+    "sentAt",
 ];
 
 #[derive(Debug)]
@@ -277,20 +287,16 @@ mod tests {
     }
 
     fn dest(filters: Vec<FilterConfig>) -> DestinationConfig {
-        toml::from_str::<DestinationConfig>("id = \"d\"\nurl = \"http://x\"").map(|mut d| {
-            d.filters = filters;
-            d
-        })
-        .unwrap()
+        toml::from_str::<DestinationConfig>("id = \"d\"\nurl = \"http://x\"")
+            .map(|mut d| {
+                d.filters = filters;
+                d
+            })
+            .unwrap()
     }
 
     fn filter(cond: Option<&str>, action: &str, rate: Option<f64>, fields: &[&str]) -> FilterConfig {
-        FilterConfig {
-            condition: cond.map(str::to_owned),
-            action: action.into(),
-            rate,
-            fields: fields.iter().map(|s| s.to_string()).collect(),
-        }
+        FilterConfig { condition: cond.map(str::to_owned), action: action.into(), rate, fields: fields.iter().map(|s| s.to_string()).collect() }
     }
 
     fn run(filters: Vec<FilterConfig>, event: &Value) -> Option<Option<Value>> {

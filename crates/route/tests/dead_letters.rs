@@ -172,13 +172,7 @@ fn event(message_id: &str) -> Vec<u8> {
 fn unplannable_records_are_stored_once_and_the_offset_advances() {
     let mut f = Fixture::new();
     let (m1, m5) = (event("m1"), event("m5"));
-    f.append(&[
-        (b"web/m1", &m1),
-        (b"web/m2", b"not json {"),
-        (b"no-slash-key", &m1),
-        (&[0xff, 0xfe, b'/', b'x'], &m1),
-        (b"web/m5", &m5),
-    ]);
+    f.append(&[(b"web/m1", &m1), (b"web/m2", b"not json {"), (b"no-slash-key", &m1), (&[0xff, 0xfe, b'/', b'x'], &m1), (b"web/m5", &m5)]);
     // The first hand-over fails after the dead letters are stored: the batch runs again.
     f.jobs.fail.store(1, Ordering::SeqCst);
     f.start();
@@ -247,10 +241,7 @@ fn replays_replan_the_stored_record() {
     f.catalog.with_control(|db| db.insert_dead_letters(&[good(100, 0, None, "m9"), good(101, 7, Some("d1"), "m10")])).unwrap();
     let ids: Vec<i64> = f.letters().iter().skip(2).map(|d| d.id).collect();
     f.replay_and_wait(None);
-    assert_eq!(
-        f.jobs.keys(),
-        [("m10", "d1", 7), ("m9", "d1", 0), ("m9", "d2", 0)].map(|(m, d, g)| (m.to_string(), d.to_string(), g)).to_vec()
-    );
+    assert_eq!(f.jobs.keys(), [("m10", "d1", 7), ("m9", "d1", 0), ("m9", "d2", 0)].map(|(m, d, g)| (m.to_string(), d.to_string(), g)).to_vec());
     assert_eq!(f.letter(ids[0]).replayed_jobs, Some(2));
     assert_eq!(f.letter(ids[1]).replayed_jobs, Some(1));
     assert!(ids.iter().all(|id| f.letter(*id).state() == "replayed"));
@@ -296,11 +287,12 @@ fn a_replay_files_what_it_cannot_plan_under_its_generation() {
 #[test]
 fn a_full_store_holds_the_partition_back_until_room_is_made() {
     let mut f = Fixture::new();
-    f.catalog.with_control(|db| {
-        db.set_dead_letter_limits(DeadLetterLimits { max_rows: 2, ..db.dead_letter_limits() });
-        Ok(())
-    })
-    .unwrap();
+    f.catalog
+        .with_control(|db| {
+            db.set_dead_letter_limits(DeadLetterLimits { max_rows: 2, ..db.dead_letter_limits() });
+            Ok(())
+        })
+        .unwrap();
     let m9 = event("m9");
     f.append(&[(b"web/m1", b"x"), (b"web/m2", b"y")]);
     f.start();

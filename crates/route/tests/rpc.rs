@@ -40,9 +40,7 @@ impl Fixture {
         );
         let config = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap();
         let catalog = Catalog::open(&config).unwrap();
-        catalog
-            .with_control(|db| db.put_qos("hook", &sluice_deliver::gate::Qos { paused: true, ..Default::default() }))
-            .unwrap();
+        catalog.with_control(|db| db.put_qos("hook", &sluice_deliver::gate::Qos { paused: true, ..Default::default() })).unwrap();
         catalog.refresh().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let metrics = DeliverMetrics::default();

@@ -317,7 +317,12 @@ fn redacted(d: &DestinationConfig) -> Value {
     v
 }
 
-async fn put_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn put_destination(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     authorize(&s, &h)?;
     let Json(mut v) = body.map_err(bad_request)?;
     let existing_secret = s.catalog.snapshot().destinations.get(&id).and_then(|d| d.secret.clone());
@@ -357,7 +362,8 @@ async fn list_connections(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     authorize(&s, &h)?;
     let snap = s.catalog.snapshot();
     let v = {
-        let mut out: Vec<_> = snap.connections.iter().flat_map(|(src, ds)| ds.iter().map(move |d| json!({"source": src, "destination": d}))).collect();
+        let mut out: Vec<_> =
+            snap.connections.iter().flat_map(|(src, ds)| ds.iter().map(move |d| json!({"source": src, "destination": d}))).collect();
         out.sort_by_key(|v| v.to_string());
         out
     };
@@ -371,7 +377,11 @@ struct NewConnection {
     destination: String,
 }
 
-async fn create_connection(State(s): State<Shared>, h: HeaderMap, body: Result<Json<NewConnection>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn create_connection(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    body: Result<Json<NewConnection>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     authorize(&s, &h)?;
     let Json(c) = body.map_err(bad_request)?;
     let snap = s.catalog.snapshot();
@@ -413,7 +423,12 @@ async fn list_qos(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
 }
 
 /// Change some QoS columns of a destination; the others keep their values.
-async fn put_qos(State(s): State<Shared>, h: HeaderMap, Path(dest): Path<String>, body: Result<Json<Value>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn put_qos(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    Path(dest): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     authorize(&s, &h)?;
     let Json(patch) = body.map_err(bad_request)?;
     let Some(patch) = patch.as_object().cloned() else { return Err(bad_request("expected a JSON object")) };
@@ -463,7 +478,10 @@ async fn get_replay(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) 
 
 /// Run `f` on the control database off the async threads (reads, and
 /// writes that change nothing the live catalog holds: dead letters).
-async fn control<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Result<T, sluice_deliver::DeliverError> + Send + 'static) -> Result<T, ApiError> {
+async fn control<T: Send + 'static>(
+    s: &Shared,
+    f: impl FnOnce(&ControlDb) -> Result<T, sluice_deliver::DeliverError> + Send + 'static,
+) -> Result<T, ApiError> {
     let st = s.clone();
     tokio::task::spawn_blocking(move || st.catalog.with_control(f))
         .await
@@ -616,7 +634,11 @@ fn event_entry(p: u32, r: &sluice_log::StoredRecord, whole: bool) -> Value {
 /// The event debugger: the latest events accepted (`input`), newest first,
 /// optionally of one source. Looks at the last 1,000 records of each
 /// partition; bounded as [`EVENTS_MAX_LIMIT`] and the constants after it say.
-async fn recent_events(State(s): State<Shared>, h: HeaderMap, q: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult {
+async fn recent_events(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    q: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
     authorize(&s, &h)?;
     let axum::extract::Query(q) = q.map_err(bad_request)?;
     let limit = q.limit.unwrap_or(50).clamp(1, EVENTS_MAX_LIMIT);

@@ -157,22 +157,20 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
             tmp.path().to_owned()
         }
     };
-    let options = LogOptions {
-        topics: vec![(INPUT_TOPIC.into(), args.partitions)],
-        fsync: !args.no_fsync,
-        ..LogOptions::default()
-    };
+    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), args.partitions)], fsync: !args.no_fsync, ..LogOptions::default() };
     let log = Arc::new(EmbeddedLog::open(&data_dir.join("log"), options).context("opening the benchmark log")?);
     let settings = IngestSettings::from_config(&sluice_core::Config::default());
     let source = SourceConfig { id: "bench".into(), write_key: WRITE_KEY.into(), rate_limit: None, rate_burst: None };
     let ingest = Arc::new(Ingest::new(log.clone() as Arc<dyn Log>, settings, &[source], 0)?);
     let mut sluice = phase(&server_rt, &client_rt, sluice_ingest::router(ingest.clone()), &args, &bodies)?;
-    let stored: u64 = (0..args.partitions)
-        .map(|p| log.offsets_blocking(INPUT_TOPIC, p).map(|r| r.end - r.start))
-        .sum::<Result<u64, _>>()?;
+    let stored: u64 = (0..args.partitions).map(|p| log.offsets_blocking(INPUT_TOPIC, p).map(|r| r.end - r.start)).sum::<Result<u64, _>>()?;
 
     if floor.events == 0 || sluice.events == 0 {
-        bail!("a phase completed no request in its measured window (floor {} events, sluice {}); is the machine overloaded?", floor.events, sluice.events);
+        bail!(
+            "a phase completed no request in its measured window (floor {} events, sluice {}); is the machine overloaded?",
+            floor.events,
+            sluice.events
+        );
     }
     let ratio = sluice.events_per_sec() / floor.events_per_sec();
     println!();

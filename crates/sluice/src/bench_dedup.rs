@@ -150,10 +150,7 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
     );
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let options = LogOptions {
-        topics: vec![(INPUT_TOPIC.into(), args.partitions), (OUTPUT_TOPIC.into(), args.partitions)],
-        ..LogOptions::default()
-    };
+    let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), args.partitions), (OUTPUT_TOPIC.into(), args.partitions)], ..LogOptions::default() };
     let log: Arc<dyn Log> = Arc::new(EmbeddedLog::open(&root.join("log"), options).context("opening the benchmark log")?);
 
     // 1. Pre-fill input.
@@ -228,8 +225,7 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
     let pipeline_secs = t.elapsed().as_secs_f64();
     let probe = results.iter().fold(IndexStats::default(), |a, r| a + r.3);
     let probed = probe_per_partition * args.partitions as u64;
-    let published: u64 =
-        (0..args.partitions).map(|p| rt.block_on(log.offsets(OUTPUT_TOPIC, p)).map(|r| r.end)).sum::<Result<u64, _>>()?;
+    let published: u64 = (0..args.partitions).map(|p| rt.block_on(log.offsets(OUTPUT_TOPIC, p)).map(|r| r.end)).sum::<Result<u64, _>>()?;
     if published != work.unique {
         bail!("output holds {published} messages but the workload has {} unique ones", work.unique);
     }
@@ -288,7 +284,10 @@ pub fn bench_dedup(args: DedupBench) -> Result<()> {
     println!("  bloom useful (answered 'absent' without reading data): {}", stats.bloom_useful);
     println!("  bloom full positive (passed on to data blocks):        {}", stats.bloom_full_positive);
     println!("  block cache misses (blocks read from disk), all types:  {}", stats.block_cache_miss);
-    println!("    data / filter / index block misses:                  {} / {} / {}", stats.block_cache_data_miss, stats.block_cache_filter_miss, stats.block_cache_index_miss);
+    println!(
+        "    data / filter / index block misses:                  {} / {} / {}",
+        stats.block_cache_data_miss, stats.block_cache_filter_miss, stats.block_cache_index_miss
+    );
     println!("  block reads per new message:                           {:.5}", stats.block_cache_miss as f64 / new_msgs);
     println!("  data block reads per new message:                      {:.5}", stats.block_cache_data_miss as f64 / new_msgs);
     println!("  floor block reads per new message:                     {:.5}", floor.block_cache_miss as f64 / new_msgs);

@@ -400,7 +400,9 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
                 let pad = "x".repeat(args.event_bytes.saturating_sub(150));
                 let batch: Vec<String> = ids
                     .iter()
-                    .map(|id| format!(r#"{{"type":"track","event":"Order Completed","userId":"u-{id}","messageId":"{id}","properties":{{"pad":"{pad}"}}}}"#))
+                    .map(|id| {
+                        format!(r#"{{"type":"track","event":"Order Completed","userId":"u-{id}","messageId":"{id}","properties":{{"pad":"{pad}"}}}}"#)
+                    })
                     .collect();
                 let body = format!(r#"{{"batch":[{}]}}"#, batch.join(","));
                 let req = Request::post("/v1/batch")
@@ -440,11 +442,8 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let acked_in_window = acked.load(Ordering::Relaxed) - acked_before;
     let delivered_in_window = sink.count() - sink_before;
     let healthy_in_window = sink.state.path_count(&healthy_path) - healthy_before;
-    let per_path: Vec<f64> = healthy_paths
-        .iter()
-        .zip(&per_path_before)
-        .map(|(p, before)| (sink.state.path_count(p) - before) as f64 / window.as_secs_f64())
-        .collect();
+    let per_path: Vec<f64> =
+        healthy_paths.iter().zip(&per_path_before).map(|(p, before)| (sink.state.path_count(p) - before) as f64 / window.as_secs_f64()).collect();
     for t in tasks {
         t.await??;
     }
@@ -589,9 +588,7 @@ pub fn bench_cleanup(args: CleanupBench) -> Result<()> {
         let conn = rusqlite::Connection::open(&b)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(
-            "DROP TRIGGER jobs_immutable_delete; DROP TRIGGER transitions_append_only_delete; PRAGMA wal_checkpoint(TRUNCATE);",
-        )?;
+        conn.execute_batch("DROP TRIGGER jobs_immutable_delete; DROP TRIGGER transitions_append_only_delete; PRAGMA wal_checkpoint(TRUNCATE);")?;
         let t = Instant::now();
         // With a WHERE clause, as a row-by-row cleanup of finished jobs would run (without one,
         // SQLite truncates the tables wholesale, which is the drop in disguise).
@@ -600,12 +597,7 @@ pub fn bench_cleanup(args: CleanupBench) -> Result<()> {
              PRAGMA wal_checkpoint(TRUNCATE);",
         )?;
         let delete_s = t.elapsed().as_secs_f64();
-        println!(
-            "{n:>10}  {mib:>10.0}  {:>14.2} ms  {:>13.0} ms  {:>7.0}×",
-            drop_s * 1000.0,
-            delete_s * 1000.0,
-            delete_s / drop_s.max(1e-9)
-        );
+        println!("{n:>10}  {mib:>10.0}  {:>14.2} ms  {:>13.0} ms  {:>7.0}×", drop_s * 1000.0, delete_s * 1000.0, delete_s / drop_s.max(1e-9));
     }
     Ok(())
 }

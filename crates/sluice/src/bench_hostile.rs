@@ -91,15 +91,24 @@ fn attacks() -> Vec<Attack> {
         s
     };
     let deep = format!(r#"{{"type":"track","userId":"u","event":"E","properties":{{"a":{}1{}}}}}"#, "[".repeat(15_000), "]".repeat(15_000));
-    let surrogates = format!("{{\"batch\":[{}]}}", vec![r#"{"type":"track","userId":"u","event":"E","properties":{"s":"\ud800","n":1e400}}"#; 2500].join(","));
+    let surrogates =
+        format!("{{\"batch\":[{}]}}", vec![r#"{"type":"track","userId":"u","event":"E","properties":{"s":"\ud800","n":1e400}}"#; 2500].join(","));
     let far_apart = format!(
         "{{\"batch\":[{}]}}",
         vec![r#"{"type":"track","userId":"u","event":"E","timestamp":"-260000-01-01T00:00:00","sentAt":"+260000-01-01T00:00:00"}"#; 100].join(",")
     );
     let oversize = format!(r#"{{"batch":[{{"type":"track","userId":"u","event":"E","properties":{{"p":"{}"}}}}]}}"#, "x".repeat(540 * 1024));
     vec![
-        Attack { name: "amplification (gzip, 410 KB batch context)", headers: vec![key(), ("content-encoding", "gzip".into())], body: gzip(amplification.as_bytes()).into() },
-        Attack { name: "gzip bomb (50 MB of spaces)", headers: vec![key(), ("content-encoding", "gzip".into())], body: gzip(&vec![b' '; 50 << 20]).into() },
+        Attack {
+            name: "amplification (gzip, 410 KB batch context)",
+            headers: vec![key(), ("content-encoding", "gzip".into())],
+            body: gzip(amplification.as_bytes()).into(),
+        },
+        Attack {
+            name: "gzip bomb (50 MB of spaces)",
+            headers: vec![key(), ("content-encoding", "gzip".into())],
+            body: gzip(&vec![b' '; 50 << 20]).into(),
+        },
         Attack { name: "oversize body (540 KB)", headers: vec![key()], body: oversize.into() },
         Attack { name: "40,000 keys, valid key", headers: vec![key()], body: wide.clone().into() },
         Attack { name: "40,000 keys, unknown key", headers: vec![("authorization", basic("wk_guess"))], body: wide.into() },
@@ -153,7 +162,11 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
          {}s measured per phase after {}s warm-up",
         args.connections,
         args.hostile_clients,
-        if args.attacker_addresses == 1 { "127.0.0.2".to_string() } else { format!("{} addresses (127.0.0.2-{})", args.attacker_addresses, 1 + args.attacker_addresses as u16) },
+        if args.attacker_addresses == 1 {
+            "127.0.0.2".to_string()
+        } else {
+            format!("{} addresses (127.0.0.2-{})", args.attacker_addresses, 1 + args.attacker_addresses as u16)
+        },
         args.hostile_clients - loris,
         attacks.len(),
         loris,

@@ -116,7 +116,12 @@ pub fn run(cmd: DeadLettersCommand) -> Result<()> {
                     format!("{}/{}@{}", d.topic, d.partition, d.offset),
                     one_line(&d.reason, 100)
                 );
-                println!("{:>8}  key {}  payload {}", "", one_line(&String::from_utf8_lossy(&d.key), 60), one_line(&String::from_utf8_lossy(&d.payload), 100));
+                println!(
+                    "{:>8}  key {}  payload {}",
+                    "",
+                    one_line(&String::from_utf8_lossy(&d.key), 60),
+                    one_line(&String::from_utf8_lossy(&d.payload), 100)
+                );
             }
             if letters.len() == limit.clamp(1, 1000) {
                 println!("(more: --before {})", letters.last().map_or(0, |d| d.id));

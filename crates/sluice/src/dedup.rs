@@ -50,12 +50,7 @@ pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings>
 /// it, index closed, when the partition is revoked. A worker that cannot
 /// open its index retries until it can or is stopped, so no owned partition
 /// is left behind.
-pub fn spawn_workers(
-    config: &Config,
-    log: Arc<dyn Log>,
-    metrics: DedupMetrics,
-    stop: Arc<AtomicBool>,
-) -> Result<Vec<JoinHandle<()>>> {
+pub fn spawn_workers(config: &Config, log: Arc<dyn Log>, metrics: DedupMetrics, stop: Arc<AtomicBool>) -> Result<Vec<JoinHandle<()>>> {
     let settings = settings(config, stop.clone())?;
     let rt = tokio::runtime::Handle::current();
     let membership = log.join(sluice_dedup::GROUP, sluice_dedup::INPUT_TOPIC).context("dedup cannot join its consumer group")?;

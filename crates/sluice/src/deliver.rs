@@ -56,9 +56,8 @@ pub async fn start(
         // One process: one unscoped set of JobDBs, no RPC.
         let metrics = DeliverMetrics::default();
         metrics.register(registry);
-        let centrifuge = Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics)
-            .await
-            .context("cannot open the JobDBs")?;
+        let centrifuge =
+            Centrifuge::open(CentrifugeOptions::from_config(config), catalog.clone(), metrics).await.context("cannot open the JobDBs")?;
         housekeeping.push(centrifuge.spawn_housekeeping());
         Some(centrifuge)
     } else if director {
@@ -151,9 +150,8 @@ async fn serve_director_rpc(
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
     let d = &config.director;
-    let listener = tokio::net::TcpListener::bind(&d.rpc_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&d.rpc_listen).await.with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
     let addr = listener.local_addr()?;
     let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     directory.heartbeat(&d.name, &rpc_url).await?;
@@ -262,13 +260,7 @@ async fn open_own_jobdbs(
 /// directors reload the unfinished jobs and send them (jobs that were
 /// `executing` at its death are sent again: the crash window). When its
 /// owner announces itself again, close the scope, which releases the locks.
-async fn adopt_dead_directors(
-    config: Config,
-    catalog: Arc<Catalog>,
-    metrics: DeliverMetrics,
-    directory: Directory,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn adopt_dead_directors(config: Config, catalog: Arc<Catalog>, metrics: DeliverMetrics, directory: Directory, mut stop: watch::Receiver<bool>) {
     let me = config.director.name.clone();
     let mut adopted: std::collections::BTreeMap<String, (Arc<Centrifuge>, JoinHandle<()>)> = Default::default();
     loop {
@@ -467,7 +459,11 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
             let jobdbs = jobdbs_of(&config)?;
             let found = sluice_deliver::inspect::find_in(&jobdbs, &key)?;
             if found.is_empty() {
-                bail!("no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})", jobdbs.describe(), config.archive_target());
+                bail!(
+                    "no job with messageId or id {key:?} in {} (finished JobDBs are deleted; archived jobs are in {})",
+                    jobdbs.describe(),
+                    config.archive_target()
+                );
             }
             if json {
                 let out: Vec<_> = found.iter().map(found_to_json).collect();
@@ -478,7 +474,14 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
                 let j = &f.job;
                 println!(
                     "job {}  messageId {}  {} → {}  generation {}  state {}\n  endpoint {}\n  JobDB {}",
-                    j.id, j.job.message_id, j.job.source, j.job.destination, j.job.generation, j.state.as_str(), j.job.endpoint, f.jobdb
+                    j.id,
+                    j.job.message_id,
+                    j.job.source,
+                    j.job.destination,
+                    j.job.generation,
+                    j.state.as_str(),
+                    j.job.endpoint,
+                    f.jobdb
                 );
                 println!("  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  detail", "seq", "at", "state", "attempt", "status");
                 println!("  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  created", 0, fmt_ms(j.job.created_at), "awaiting_scheduling", 0, "");

@@ -2,16 +2,16 @@
 //! stage in one process) or a tool (`log tail`, `bench ingest`,
 //! `config check`). `anyhow` lives here only, at the edge.
 
+mod admin;
 mod bench;
 mod bench_dedup;
 mod bench_deliver;
 mod bench_hostile;
-mod admin;
+mod dead_letters;
+mod dedup;
+mod deliver;
 #[cfg(feature = "otel")]
 mod otel;
-mod dedup;
-mod dead_letters;
-mod deliver;
 mod sink;
 
 use std::net::SocketAddr;
@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sluice_core::metrics::Registry;
 use sluice_core::config::LogBackend;
+use sluice_core::metrics::Registry;
 use sluice_core::Config;
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
@@ -176,9 +176,7 @@ fn run(command: Command) -> Result<()> {
         Command::Ingest(args) => runtime()?.block_on(run_serve(args, Roles::INGEST)),
         Command::Route(args) => runtime()?.block_on(run_serve(args, Roles::ROUTE)),
         Command::Director(args) => runtime()?.block_on(run_serve(args, Roles::DIRECTOR)),
-        Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => {
-            log_tail(&data_dir, &topic, partition, from, envelope)
-        }
+        Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => log_tail(&data_dir, &topic, partition, from, envelope),
         Command::Config(ConfigCommand::Check(args)) => {
             let config = Config::load(args.config.as_deref())?;
             println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
@@ -211,7 +209,9 @@ enum Kind {
 impl Command {
     fn kind(&self) -> Kind {
         match self {
-            Command::Serve(_) | Command::Ingest(_) | Command::Route(_) | Command::Director(_) | Command::Dedup(DedupArgs { tool: None, .. }) => Kind::Server,
+            Command::Serve(_) | Command::Ingest(_) | Command::Route(_) | Command::Director(_) | Command::Dedup(DedupArgs { tool: None, .. }) => {
+                Kind::Server
+            }
             Command::Sink(_) | Command::Bench(_) => Kind::NetworkTool,
             Command::Log(_) | Command::Config(_) | Command::Dedup(_) | Command::Jobs(_) | Command::Replay(_) | Command::DeadLetters(_) => Kind::Tool,
         }
@@ -282,8 +282,7 @@ fn init_tracing(format: LogFormat) -> Option<Box<dyn std::any::Any>> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
@@ -504,11 +503,8 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     let spool_metrics = SpoolMetrics::default();
     spool_metrics.register(&mut registry);
     if config.log.backend == LogBackend::Kafka && roles.ingest {
-        let settings = SpoolSettings {
-            spool_after: config.ingest.spool_after,
-            max_events: config.ingest.spool_max_events,
-            ..SpoolSettings::default()
-        };
+        let settings =
+            SpoolSettings { spool_after: config.ingest.spool_after, max_events: config.ingest.spool_max_events, ..SpoolSettings::default() };
         let dir = config.server.data_dir.join("spool");
         st.spool = Some(
             Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, spool_metrics)

@@ -177,9 +177,7 @@ fn changes_take_effect_without_a_restart() {
     let r = api.ok("POST", "/api/replays", Some(json!({"destination": "hook", "since_ms": 0})));
     let id = r["id"].as_i64().unwrap();
     wait_until("replay done", || api.ok("GET", &format!("/api/replays/{id}"), None)["state"] == "done");
-    wait_until("c-1 replayed", || {
-        sink.received_on("/hook").iter().any(|r| r.header("idempotency-key") == Some(format!("c-1:replay-{id}").as_str()))
-    });
+    wait_until("c-1 replayed", || sink.received_on("/hook").iter().any(|r| r.header("idempotency-key") == Some(format!("c-1:replay-{id}").as_str())));
 
     // Deleting the connection stops deliveries to it.
     api.ok("DELETE", "/api/connections/mobile/second", None);
@@ -242,11 +240,15 @@ fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
     server.stop();
 
     let server = Server::start(&config);
-    let api = Api { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+    let api =
+        Api { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
     assert_eq!(api.track(WRITE_KEY, "r-1"), 401, "the config's old key stays rotated away after a restart");
     assert_eq!(api.track(&new_key, "r-2"), 200);
     let conns = api.ok("GET", "/api/connections", None);
-    assert!(!conns.as_array().unwrap().contains(&json!({"source": "web", "destination": "hook"})), "a deleted config connection stays deleted: {conns}");
+    assert!(
+        !conns.as_array().unwrap().contains(&json!({"source": "web", "destination": "hook"})),
+        "a deleted config connection stays deleted: {conns}"
+    );
     let qos = api.ok("GET", "/api/qos", None);
     assert!(qos.as_array().unwrap().iter().any(|q| q["destination"] == "hook" && q["paused"] == true), "{qos}");
     assert!(api.ok("GET", "/api/destinations", None).as_array().unwrap().iter().any(|d| d["id"] == "signed"), "API destinations survive");

@@ -39,7 +39,12 @@ impl Admin {
         let config = write_config(dir.path(), "");
         set_admin_token(&config, TOKEN);
         let server = Server::start(&config);
-        let admin = Admin { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+        let admin = Admin {
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            http: reqwest::Client::new(),
+            admin: server.admin.clone(),
+            api: server.addr.clone(),
+        };
         (dir, server, admin)
     }
 
@@ -145,7 +150,11 @@ fn the_event_debugger_answer_is_bounded() {
     // 60 events of 30 KB: listed as summaries with an excerpt, the answer under 1 MiB.
     let blob = "x".repeat(30_000);
     for chunk in 0..6 {
-        admin.batch((0..10).map(|i| json!({"type": "track", "userId": "u", "event": "Big", "messageId": format!("b-{chunk}-{i}"), "properties": {"blob": blob}})).collect());
+        admin.batch(
+            (0..10)
+                .map(|i| json!({"type": "track", "userId": "u", "event": "Big", "messageId": format!("b-{chunk}-{i}"), "properties": {"blob": blob}}))
+                .collect(),
+        );
     }
     let a = admin.get("/api/events?limit=1000");
     assert_eq!(a.status, 200);
@@ -183,7 +192,8 @@ fn the_admin_error_budget_spares_health_and_metrics_and_keeps_its_headers() {
     let config = write_config(dir.path(), "");
     set_admin_token(&config, TOKEN);
     let server = Server::start_with_env(&config, &[("SLUICE_SERVER__CLIENT_ERROR_BUDGET", "1")]); // bursts of 5
-    let admin = Admin { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+    let admin =
+        Admin { rt: tokio::runtime::Runtime::new().unwrap(), http: reqwest::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
     let mut statuses = Vec::new();
     for _ in 0..6 {
         statuses.push(admin.get("/api/no-such-thing").status);

@@ -63,9 +63,7 @@ fn environment_overrides_the_file_and_flags_override_both() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let ready = std::io::BufRead::lines(std::io::BufReader::new(stderr))
-        .map_while(Result::ok)
-        .find(|l| l.contains("Sluice is ready"));
+    let ready = std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok).find(|l| l.contains("Sluice is ready"));
     child.kill().unwrap();
     child.wait().unwrap();
     let ready = ready.expect("server started despite a bad SLUICE_SERVER__LISTEN, because --listen overrides it");
@@ -79,8 +77,10 @@ fn log_tail_prints_one_event_per_line() {
     let server = Server::start(&config);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let batch: Vec<_> = (0..40)
-        .map(|i| serde_json::json!({"type":"track","userId":"u","event":"E","messageId":format!("m-{i}"),
-            "properties":{"pretty":"\n"}}))
+        .map(|i| {
+            serde_json::json!({"type":"track","userId":"u","event":"E","messageId":format!("m-{i}"),
+            "properties":{"pretty":"\n"}})
+        })
         .collect();
     let status = rt.block_on(async {
         reqwest::Client::new()

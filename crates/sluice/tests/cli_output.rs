@@ -106,13 +106,8 @@ fn tools_report_a_failing_stdout() {
 
 #[test]
 fn sink_ends_quietly_when_stdout_is_closed() {
-    let mut child = sluice()
-        .args(["sink", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(broken_pipe())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        sluice().args(["sink", "--listen", "127.0.0.1:0"]).stdin(Stdio::null()).stdout(broken_pipe()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     stderr.read_line(&mut first).unwrap();
@@ -138,13 +133,8 @@ fn sink_ends_quietly_when_stdout_is_closed() {
 
 #[test]
 fn sink_prints_what_it_receives() {
-    let mut child = sluice()
-        .args(["sink", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        sluice().args(["sink", "--listen", "127.0.0.1:0"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     stderr.read_line(&mut first).unwrap();
@@ -237,7 +227,8 @@ async fn sink_memory_is_bounded_with_long_paths() {
     let kept = sink.received();
     assert!(!kept.is_empty() && kept.len() < n as usize, "{} kept", kept.len());
     assert!(sink.state.kept_bytes() <= bound, "{} bytes kept", sink.state.kept_bytes());
-    let held: usize = kept.iter().map(|r| r.path.len() + r.body.len() + r.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()).sum();
+    let held: usize =
+        kept.iter().map(|r| r.path.len() + r.body.len() + r.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()).sum();
     assert!(held <= bound, "{held} bytes of paths, headers and bodies kept");
     assert!(kept.iter().all(|r| r.path.len() <= MAX_KEPT_PATH), "kept paths are cut");
     let last = kept.last().unwrap();

@@ -61,12 +61,16 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
             let http = reqwest::Client::new();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let batch: Vec<Value> = (0..20).map(|k| json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("c-{i}-{k}")})).collect();
+                let batch: Vec<Value> =
+                    (0..20).map(|k| json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("c-{i}-{k}")})).collect();
                 let mut with_repeat = batch.clone();
                 with_repeat.push(batch[0].clone());
                 // Markup in an event must show as text, never run or render.
-                with_repeat.push(json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("xss-<b class=injected>{i}</b>")}));
-                let _ = rt.block_on(http.post(format!("http://{addr}/v1/batch")).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": with_repeat})).send());
+                with_repeat
+                    .push(json!({"type": "track", "userId": "u", "event": "Console Test", "messageId": format!("xss-<b class=injected>{i}</b>")}));
+                let _ = rt.block_on(
+                    http.post(format!("http://{addr}/v1/batch")).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": with_repeat})).send(),
+                );
                 i += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }

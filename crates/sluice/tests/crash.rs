@@ -25,12 +25,7 @@ async fn client(url: String, round: usize, c: usize, stop: Arc<AtomicBool>, acke
             .iter()
             .map(|id| serde_json::json!({"type":"track","userId":"u","event":"Crash Test","messageId":id,"properties":{"pad":"x".repeat(200)}}))
             .collect();
-        let resp = http
-            .post(&url)
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&serde_json::json!({ "batch": batch }))
-            .send()
-            .await;
+        let resp = http.post(&url).basic_auth(WRITE_KEY, Some("")).json(&serde_json::json!({ "batch": batch })).send().await;
         match resp {
             Ok(r) if r.status() == 200 => acked.lock().unwrap().extend(ids),
             Ok(r) => panic!("unexpected status {}", r.status()),
@@ -50,9 +45,7 @@ fn kill9_while_sending_loses_no_acknowledged_event() {
         let server = Server::start(&config);
         let stop = Arc::new(AtomicBool::new(false));
         let before = acked.lock().unwrap().len();
-        let tasks: Vec<_> = (0..CLIENTS)
-            .map(|c| rt.spawn(client(server.url("/v1/batch"), round, c, stop.clone(), acked.clone())))
-            .collect();
+        let tasks: Vec<_> = (0..CLIENTS).map(|c| rt.spawn(client(server.url("/v1/batch"), round, c, stop.clone(), acked.clone()))).collect();
         // Let traffic flow, then kill while requests are in flight.
         std::thread::sleep(Duration::from_millis(1500));
         server.kill9();

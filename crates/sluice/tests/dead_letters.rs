@@ -183,7 +183,12 @@ fn run(jobdb_url: Option<&str>) {
         assert_eq!(admin.call("GET", path, None).0, 401);
         assert_eq!(admin.call("GET", path, Some("wrong")).0, 401);
     }
-    for path in ["/api/dead-letters/replay", "/api/dead-letters/discard", &format!("/api/dead-letters/{bad_json}/replay"), &format!("/api/dead-letters/{bad_json}/discard")] {
+    for path in [
+        "/api/dead-letters/replay",
+        "/api/dead-letters/discard",
+        &format!("/api/dead-letters/{bad_json}/replay"),
+        &format!("/api/dead-letters/{bad_json}/discard"),
+    ] {
         assert_eq!(admin.call("POST", path, None).0, 401, "{path}");
         assert_eq!(admin.call("POST", path, Some("wrong")).0, 401, "{path}");
     }
@@ -195,7 +200,10 @@ fn run(jobdb_url: Option<&str>) {
     let next = admin.ok("GET", &format!("/api/dead-letters?limit=1&before={}", page["next_before"]));
     assert_eq!(next["dead_letters"][0]["id"], bad_json);
     let one = admin.ok("GET", &format!("/api/dead-letters/{bad_json}"));
-    assert_eq!((one["payload"].as_str(), one["topic"].as_str(), one["partition"].as_u64()), (Some("{\"type\": \"track\", oops"), Some("output"), Some(0)));
+    assert_eq!(
+        (one["payload"].as_str(), one["topic"].as_str(), one["partition"].as_u64()),
+        (Some("{\"type\": \"track\", oops"), Some("output"), Some(0))
+    );
     assert_eq!(admin.call("GET", "/api/dead-letters/999999", Some(TOKEN)).0, 404);
     assert_eq!(admin.call("POST", "/api/dead-letters/999999/replay", Some(TOKEN)).0, 404);
 

@@ -223,10 +223,7 @@ fn crash_at(point: &str) {
         }
     }
     let status = server.wait_exit(Duration::from_secs(60)).unwrap_or_else(|| {
-        panic!(
-            "crash point {point}:3 was not reached within 60 s of sending (the process still runs); stderr:\n{}",
-            server.stderr_tail(50)
-        )
+        panic!("crash point {point}:3 was not reached within 60 s of sending (the process still runs); stderr:\n{}", server.stderr_tail(50))
     });
     assert!(!status.success(), "the armed process exited successfully: {status}");
     assert_eq!(status.signal(), Some(SIGABRT), "expected an abort at {point}, got {status}");
@@ -490,8 +487,7 @@ fn lost_or_corrupt_index_is_rebuilt_from_output() {
     client.send_all(&server, &first.chunks(100).map(<[String]>::to_vec).collect::<Vec<_>>());
     drain(&server, &data);
     server.stop();
-    let before: HashMap<u32, usize> =
-        (0..PARTITIONS).map(|p| (p, first.iter().filter(|id| partition_for(id, PARTITIONS) == p).count())).collect();
+    let before: HashMap<u32, usize> = (0..PARTITIONS).map(|p| (p, first.iter().filter(|id| partition_for(id, PARTITIONS) == p).count())).collect();
 
     // (a) one partition's index is gone; (b) another's MANIFEST is junk.
     std::fs::remove_dir_all(dedup_dir(&data).join(LOST.to_string())).unwrap();

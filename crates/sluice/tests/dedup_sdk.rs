@@ -25,12 +25,7 @@ fn python_sdk_resending_every_batch_leaves_each_message_once_in_output() {
         .args([&format!("http://{}", server.addr), WRITE_KEY, "r1", &count.to_string()])
         .output()
         .expect("run tests/compat/python_resend.py");
-    assert!(
-        out.status.success(),
-        "python SDK run failed: {}\nserver stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.stderr_tail(30)
-    );
+    assert!(out.status.success(), "python SDK run failed: {}\nserver stderr:\n{}", String::from_utf8_lossy(&out.stderr), server.stderr_tail(30));
     eprintln!("python_resend.py: {}", String::from_utf8_lossy(&out.stderr).trim());
     let sent: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect();
     assert_eq!(sent.len(), count * 6, "the script reports every event it sent");

@@ -236,10 +236,7 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     resend(&sink, &server, &failed);
     wait_for(
         TIMEOUT,
-        || {
-            (try_wait_for_dedup_drained(&data, Duration::ZERO).is_ok() && route_drained(&data) && jobdb_rows(&data).len() >= ids.len())
-                .then_some(())
-        },
+        || (try_wait_for_dedup_drained(&data, Duration::ZERO).is_ok() && route_drained(&data) && jobdb_rows(&data).len() >= ids.len()).then_some(()),
         || format!("route lag {:?}, {} jobs\n{}", route_lag(&data), jobdb_rows(&data).len(), server.stderr_tail(30)),
     );
     let rows = jobdb_rows(&data);

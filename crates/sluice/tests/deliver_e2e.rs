@@ -98,11 +98,7 @@ fn official_sdks_events_reach_the_webhook_once_each_signed_and_intact() {
         let key = r.header("idempotency-key").expect("Idempotency-Key header").to_owned();
         let body = r.json();
         assert_eq!(body["messageId"].as_str(), Some(key.as_str()), "Idempotency-Key is the body's messageId: {body}");
-        assert_eq!(
-            r.header("x-signature"),
-            Some(hmac_sha1_hex(SECRET, &r.body).as_str()),
-            "X-Signature of {key} is hex HMAC-SHA1(secret, body)"
-        );
+        assert_eq!(r.header("x-signature"), Some(hmac_sha1_hex(SECRET, &r.body).as_str()), "X-Signature of {key} is hex HMAC-SHA1(secret, body)");
         assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/json")), "content type of {key}");
         *seen.entry(key.clone()).or_default() += 1;
         let s = expected.get(&key).unwrap_or_else(|| panic!("the sink received an event nobody sent: {body}"));
@@ -256,11 +252,7 @@ fn a_destination_paused_by_sql_holds_its_jobs_until_resumed() {
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(sink.sink.count(), 0, "a paused destination receives nothing");
-    assert_eq!(
-        stats_for(&jobs_stats(&config), "hook"),
-        [("awaiting_scheduling".to_owned(), n as u64)].into(),
-        "paused jobs are not started"
-    );
+    assert_eq!(stats_for(&jobs_stats(&config), "hook"), [("awaiting_scheduling".to_owned(), n as u64)].into(), "paused jobs are not started");
 
     assert_eq!(set_paused(&data, "hook", false), 1);
     let idset: HashSet<String> = ids.iter().cloned().collect();

@@ -66,10 +66,7 @@ fn error_lines(server: &Server) -> usize {
 fn metric(sink: &TestSink, server: &Server, name: &str) -> f64 {
     let url = format!("http://{}/metrics", server.admin);
     let text = sink.block_on(async { sink.http.get(&url).send().await?.text().await }).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 #[test]
@@ -85,8 +82,8 @@ fn a_full_disk_under_dedup_and_the_jobdbs_neither_kills_nor_floods_and_everythin
     let sink = TestSink::start();
     // Failing at first, so the director keeps writing retry transitions.
     sink.sink.set("/hook", Behaviour::status(503));
-    let extra = hook_toml(&sink.sink.url("/hook"), "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"")
-        + "\n[deliver]\ncircuit_failures = 1000000\n";
+    let extra =
+        hook_toml(&sink.sink.url("/hook"), "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"") + "\n[deliver]\ncircuit_failures = 1000000\n";
     let config = write_config(dir.path(), &extra);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -110,7 +107,10 @@ fn a_full_disk_under_dedup_and_the_jobdbs_neither_kills_nor_floods_and_everythin
     // Wait until the director is retrying them (jobs in the JobDB, 503s).
     wait_for(
         Duration::from_secs(60),
-        || (sink.sink.received_on("/hook").iter().map(|r| r.header("idempotency-key").unwrap_or("").to_owned()).collect::<HashSet<_>>().len() >= 40).then_some(()),
+        || {
+            (sink.sink.received_on("/hook").iter().map(|r| r.header("idempotency-key").unwrap_or("").to_owned()).collect::<HashSet<_>>().len() >= 40)
+                .then_some(())
+        },
         || format!("jobs not attempted yet; stderr:\n{}", server.stderr_tail(30)),
     );
 
@@ -135,18 +135,18 @@ fn a_full_disk_under_dedup_and_the_jobdbs_neither_kills_nor_floods_and_everythin
     sink.sink.set("/hook", Behaviour::default());
     let want: HashSet<String> = acked.iter().cloned().collect();
     let delivered = || -> HashSet<String> {
-        sink.by_message_id("/hook")
-            .into_iter()
-            .filter(|(_, rs)| rs.iter().any(|r| r.answered == Some(200)))
-            .map(|(id, _)| id)
-            .collect()
+        sink.by_message_id("/hook").into_iter().filter(|(_, rs)| rs.iter().any(|r| r.answered == Some(200))).map(|(id, _)| id).collect()
     };
     wait_for(
         Duration::from_secs(120),
         || want.is_subset(&delivered()).then_some(()),
         || {
             let missing: Vec<_> = want.difference(&delivered()).take(5).cloned().collect();
-            format!("{} acknowledged events not delivered (e.g. {missing:?}); stderr:\n{}", want.difference(&delivered()).count(), server.stderr_tail(30))
+            format!(
+                "{} acknowledged events not delivered (e.g. {missing:?}); stderr:\n{}",
+                want.difference(&delivered()).count(),
+                server.stderr_tail(30)
+            )
         },
     );
     let log = server.stderr_text();

@@ -41,9 +41,11 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
         sink.post_batch(&server.addr, chunk).unwrap();
     }
     sink.post_batch(&server.addr, &first[10..13]).unwrap(); // resent
-    wait_for(Duration::from_secs(60), || (sink.by_message_id("/hook").len() >= 200).then_some(()), || {
-        format!("200 deliveries; got {}; server:\n{}", sink.by_message_id("/hook").len(), server.stderr_tail(30))
-    });
+    wait_for(
+        Duration::from_secs(60),
+        || (sink.by_message_id("/hook").len() >= 200).then_some(()),
+        || format!("200 deliveries; got {}; server:\n{}", sink.by_message_id("/hook").len(), server.stderr_tail(30)),
+    );
 
     // 2. The broker goes away for 30 s: ingest keeps answering 200.
     broker.stop();
@@ -58,19 +60,22 @@ fn kafka_mode_delivers_and_spools_through_a_broker_outage() {
     broker.restart().expect("restart the broker on its data");
 
     // 3. Back: the spool drains and every unique event arrives exactly once.
-    wait_for(Duration::from_secs(180), || (sink.by_message_id("/hook").len() >= 300).then_some(()), || {
-        format!("300 deliveries; got {}; server:\n{}", sink.by_message_id("/hook").len(), server.stderr_tail(30))
-    });
+    wait_for(
+        Duration::from_secs(180),
+        || (sink.by_message_id("/hook").len() >= 300).then_some(()),
+        || format!("300 deliveries; got {}; server:\n{}", sink.by_message_id("/hook").len(), server.stderr_tail(30)),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let got = sink.by_message_id("/hook");
-    let expected: std::collections::BTreeSet<String> =
-        (0..200).map(|i| format!("a-{i}")).chain((0..100).map(|i| format!("b-{i}"))).collect();
+    let expected: std::collections::BTreeSet<String> = (0..200).map(|i| format!("a-{i}")).chain((0..100).map(|i| format!("b-{i}"))).collect();
     assert_eq!(got.keys().cloned().collect::<std::collections::BTreeSet<_>>(), expected);
     let repeated: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(k, _)| k.clone()).collect();
     assert!(repeated.is_empty(), "delivered more than once: {repeated:?}");
-    wait_for(Duration::from_secs(30), || (metric(&scrape(&sink, &server), "sluice_ingest_spool_depth") == 0.0).then_some(()), || {
-        "the spool to empty".into()
-    });
+    wait_for(
+        Duration::from_secs(30),
+        || (metric(&scrape(&sink, &server), "sluice_ingest_spool_depth") == 0.0).then_some(()),
+        || "the spool to empty".into(),
+    );
     let text = scrape(&sink, &server);
     assert!(metric(&text, "sluice_ingest_spool_drained_total") >= 90.0);
     assert_eq!(metric(&text, "sluice_dedup_published_total"), 300.0, "dedup published each unique event once");
@@ -87,11 +92,7 @@ fn kafka_failover_to_a_secondary_cluster_and_back() {
     let Some(mut primary) = Broker::start(&dir.path().join("primary"), "sluice-test-failover-primary") else { return };
     let Some(secondary) = Broker::start(&dir.path().join("secondary"), "sluice-test-failover-secondary") else { return };
     let sink = TestSink::start();
-    let extra = format!(
-        "{}[log.kafka.secondary]\nbootstrap_servers = \"{}\"\n",
-        hook_destination_toml(&sink.sink.url("/hook")),
-        secondary.bootstrap
-    );
+    let extra = format!("{}[log.kafka.secondary]\nbootstrap_servers = \"{}\"\n", hook_destination_toml(&sink.sink.url("/hook")), secondary.bootstrap);
     let config = write_kafka_config(dir.path(), &primary, &extra);
     let server = Server::start_with_env(&config, &[("SLUICE_INGEST__SPOOL_AFTER", "20s")]);
 
@@ -106,11 +107,7 @@ fn kafka_failover_to_a_secondary_cluster_and_back() {
     }
     // A client resend of an event the primary already has lands on the secondary.
     sink.post_batch(&server.addr, &first[..5]).unwrap();
-    assert!(
-        server.stderr_text().contains("new writes go to the secondary"),
-        "writes moved to the secondary:\n{}",
-        server.stderr_tail(20)
-    );
+    assert!(server.stderr_text().contains("new writes go to the secondary"), "writes moved to the secondary:\n{}", server.stderr_tail(20));
     let text = scrape(&sink, &server);
     assert_eq!(metric(&text, "sluice_ingest_spooled_total"), 0.0, "the secondary took them, not the spool");
 

@@ -255,11 +255,7 @@ fn a_director_whose_jobdbs_were_taken_opens_them_again_once_handed_back() {
     );
     // Handed back: the director opens its JobDBs again and serves.
     rt.block_on(taken.release());
-    wait_for(
-        Duration::from_secs(60),
-        || director.stderr_text().contains("JobDBs are open again").then_some(()),
-        || director.stderr_tail(20),
-    );
+    wait_for(Duration::from_secs(60), || director.stderr_text().contains("JobDBs are open again").then_some(()), || director.stderr_tail(20));
     let (status, v) = send("after");
     assert_eq!(status, 200, "{v}");
     wait_for(Duration::from_secs(30), || sink.by_message_id("/hook").contains_key("after").then_some(()), || director.stderr_tail(20));

@@ -54,12 +54,7 @@ fn run_sdk(kind: &str, server: &Server, run_id: &str, count: usize, gzip: bool) 
         cmd.arg("--gzip");
     }
     let out = cmd.output().expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{kind} SDK run failed: {}\nserver stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.stderr_text()
-    );
+    assert!(out.status.success(), "{kind} SDK run failed: {}\nserver stderr:\n{}", String::from_utf8_lossy(&out.stderr), server.stderr_text());
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("SDK script output")).collect()
 }
 

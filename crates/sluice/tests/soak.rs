@@ -291,12 +291,7 @@ impl Endpoint {
             let c = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().ok()?;
             c.get(url).send().await.ok()?.text().await.ok()
         })?;
-        Some(
-            text.lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        Some(text.lines().filter(|l| l.starts_with(name) && !l.starts_with('#')).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 }
 
@@ -316,7 +311,11 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 fn sdk_event(run: &str, n: u64, rng: &mut Rng) -> Value {
     let id = format!("soak-{run}-{n}");
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let library = if n % 2 == 0 { json!({"name": "analytics-python", "version": "2.3.4"}) } else { json!({"name": "@segment/analytics-node", "version": "2.1.3"}) };
+    let library = if n % 2 == 0 {
+        json!({"name": "analytics-python", "version": "2.3.4"})
+    } else {
+        json!({"name": "@segment/analytics-node", "version": "2.1.3"})
+    };
     let user = format!("user-{}", rng.below(5_000));
     match n % 4 {
         0 => json!({"type": "track", "event": "Order Completed", "userId": user, "messageId": id, "timestamp": now,
@@ -678,13 +677,7 @@ impl Topology {
 }
 
 /// Wait until every event acknowledged before `t` is delivered; the time it took from `since`.
-fn wait_delivered_before(
-    topo: &Topology,
-    ledger: &Mutex<Ledger>,
-    t: Instant,
-    since: Instant,
-    bound: Duration,
-) -> Result<Duration, String> {
+fn wait_delivered_before(topo: &Topology, ledger: &Mutex<Ledger>, t: Instant, since: Instant, bound: Duration) -> Result<Duration, String> {
     let deadline = Instant::now() + bound;
     loop {
         topo.endpoint.collect(ledger);
@@ -767,9 +760,11 @@ fn broker_restart_cycles() {
             ]
             .map(|(role, name)| (role, topo.scrape_role(role, name).into_iter().fold(0.0, f64::max)))
         };
-        wait_for(Duration::from_secs(20), || ages().iter().all(|(_, a)| *a < 10.0).then_some(()), || {
-            format!("cycle {cycle}: stage ages after recovery {:?}", ages())
-        });
+        wait_for(
+            Duration::from_secs(20),
+            || ages().iter().all(|(_, a)| *a < 10.0).then_some(()),
+            || format!("cycle {cycle}: stage ages after recovery {:?}", ages()),
+        );
         // Some traffic with the broker up before the next outage.
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
@@ -893,8 +888,7 @@ fn run_sdk_wave(kind: &str, ingest: &str, wave: u32, ledger: Arc<Mutex<Ledger>>)
         let out = cmd.output().expect("run the SDK script");
         if out.status.success() {
             // The SDK reported no error: every event of the wave was acknowledged.
-            let events: Vec<Value> =
-                String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            let events: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
             let batch: Vec<Value> = events.iter().map(|e| json!({"messageId": e["messageId"]})).collect();
             let mut l = ledger.lock().unwrap();
             l.ack(&batch);
@@ -1156,10 +1150,7 @@ fn chaos_soak() {
     for (role, kb) in &rss {
         assert!(kb / 1024 <= max_rss_mb, "{role}: RSS reached {} MB (bound {max_rss_mb} MB)", kb / 1024);
     }
-    assert!(
-        recoveries.len() == returns.len(),
-        "a broker return after which acknowledged events were not delivered before the end: {returns:?}"
-    );
+    assert!(recoveries.len() == returns.len(), "a broker return after which acknowledged events were not delivered before the end: {returns:?}");
     // Other faults overlap broker returns here, so the bound is looser than broker_restart_cycles'.
     let slowest = recoveries.iter().copied().fold(0.0, f64::max);
     assert!(slowest <= 180.0, "every event acknowledged before a broker return was delivered within 180 s of it; slowest {slowest} s");

@@ -55,14 +55,15 @@ fn scope_message_ids(engine: &str, db: &str, scope: &str) -> std::collections::H
             let mut c = sqlx::MySqlConnection::connect(db).await.unwrap();
             // MariaDB answers names and VARBINARY columns as bytes.
             let text = |r: &sqlx::mysql::MySqlRow| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(0)).into_owned();
-            let tables: Vec<String> = sqlx::query("SELECT CAST(table_name AS BINARY) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE ?")
-                .bind(&pattern)
-                .fetch_all(&mut c)
-                .await
-                .unwrap()
-                .iter()
-                .map(text)
-                .collect();
+            let tables: Vec<String> =
+                sqlx::query("SELECT CAST(table_name AS BINARY) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name LIKE ?")
+                    .bind(&pattern)
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(text)
+                    .collect();
             for t in tables {
                 for r in sqlx::query(&format!("SELECT CAST(message_id AS BINARY) FROM {t}")).fetch_all(&mut c).await.unwrap() {
                     ids.insert(text(&r));
@@ -158,11 +159,7 @@ fn topology(engine: &str) {
     wait_for(Duration::from_secs(300), || (succeeded() >= expected.len()).then_some(()), progress);
     std::thread::sleep(Duration::from_secs(3));
 
-    assert!(
-        d2.stderr_text().contains("director is gone: serving its JobDBs here"),
-        "d2 adopted d1's JobDBs; d2:\n{}",
-        d2.stderr_tail(30)
-    );
+    assert!(d2.stderr_text().contains("director is gone: serving its JobDBs here"), "d2 adopted d1's JobDBs; d2:\n{}", d2.stderr_tail(30));
     // Count successful deliveries only (the 503 answers were attempts).
     let got: HashMap<String, usize> = sink
         .by_message_id("/hook")
@@ -185,8 +182,7 @@ fn topology(engine: &str) {
     // answer before it died, replayed to d2 once d1 left the live set (the
     // messageId then has a job in both directors' scopes). Nothing else.
     let (in_d1, in_d2) = (scope_message_ids(engine, &db, "d1"), scope_message_ids(engine, &db, "d2"));
-    let replayed_to_d2: usize =
-        got.iter().filter(|(id, n)| **n > 1 && in_d1.contains(*id) && in_d2.contains(*id)).map(|(_, n)| n - 1).sum();
+    let replayed_to_d2: usize = got.iter().filter(|(id, n)| **n > 1 && in_d1.contains(*id) && in_d2.contains(*id)).map(|(_, n)| n - 1).sum();
     eprintln!("duplicates of messageIds with jobs in both directors' scopes (a batch replayed after d1 died): {replayed_to_d2}");
     assert!(
         duplicates as f64 <= reexecuted + replayed_to_d2 as f64,

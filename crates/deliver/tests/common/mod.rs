@@ -66,11 +66,8 @@ impl Backend {
             return Some(Backend { engine, dir, sql: None, database_url: None, server: None });
         }
         let server = server_url(engine, test)?;
-        let name: String = format!("sluice_t_{test}")
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
-            .take(60)
-            .collect();
+        let name: String =
+            format!("sluice_t_{test}").chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(60).collect();
         let (drop_sql, create_sql) = match engine {
             Engine::MariaDb => (format!("DROP DATABASE IF EXISTS {name}"), format!("CREATE DATABASE {name}")),
             _ => (format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), format!("CREATE DATABASE {name}")),

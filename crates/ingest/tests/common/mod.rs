@@ -192,12 +192,9 @@ impl Resp {
     }
 
     pub fn retry_after(&self) -> Option<u64> {
-        self.headers.get(header::RETRY_AFTER).map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or_else(|| panic!("Retry-After is not a number of seconds: {v:?}"))
-        })
+        self.headers
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| panic!("Retry-After is not a number of seconds: {v:?}")))
     }
 }
 
@@ -313,8 +310,7 @@ impl RawResponse {
     pub fn json(&self) -> Value {
         let ct = self.header("content-type").unwrap_or("");
         assert!(ct.starts_with("application/json"), "response has Content-Type {ct:?}");
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -335,20 +331,10 @@ pub async fn read_response(stream: &mut TcpStream) -> std::io::Result<RawRespons
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
+    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> =
+        lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))).collect();
+    let len: usize = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
     while body.len() < len {
         let mut chunk = [0u8; 4096];
@@ -365,10 +351,7 @@ pub async fn read_response(stream: &mut TcpStream) -> std::io::Result<RawRespons
 /// Write a request and read its response.
 pub async fn roundtrip(stream: &mut TcpStream, request: &[u8]) -> RawResponse {
     stream.write_all(request).await.expect("write request");
-    tokio::time::timeout(Duration::from_secs(20), read_response(stream))
-        .await
-        .expect("a response within 20 s")
-        .expect("a response")
+    tokio::time::timeout(Duration::from_secs(20), read_response(stream)).await.expect("a response within 20 s").expect("a response")
 }
 
 /// Read until the peer closes the connection; `Ok(bytes read)` on EOF or a

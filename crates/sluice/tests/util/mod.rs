@@ -815,13 +815,7 @@ pub fn run_e2e_script(kind: &str, server: &Server, run_id: &str, count: usize, r
     };
     cmd.args([&format!("http://{}", server.addr), WRITE_KEY, run_id, &count.to_string(), &resend_every.to_string()]);
     let out = cmd.output().expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{kind} SDK run failed: {}\nserver stderr:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.stderr_tail(40)
-    );
+    assert!(out.status.success(), "{kind} SDK run failed: {}\nserver stderr:\n{}", String::from_utf8_lossy(&out.stderr), server.stderr_tail(40));
     eprintln!("{kind}: {}", String::from_utf8_lossy(&out.stderr).trim());
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect()
 }
-
