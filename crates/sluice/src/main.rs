@@ -359,6 +359,10 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         // Refuse before connecting to anything: the RPC between them is signed with it.
         deliver::rpc_secret(&config)?;
     }
+    // Signal handlers go in before anything starts: "ready" is logged (and
+    // the ports answer) inside start_roles, and a SIGTERM that arrived before
+    // the handler existed killed the process by the default action.
+    let shutdown = shutdown_signal()?;
     let mut started = Started::default();
     if let Err(e) = start_roles(&config, roles, &mut started).await {
         // What started before the failure is stopped in order, as on a
@@ -368,7 +372,7 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         started.stop().await;
         return Err(e);
     }
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: finishing requests in flight");
     started.stop().await;
     tracing::info!("stopped");
@@ -696,18 +700,25 @@ fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGINT/SIGTERM handlers now and returns a future that
+/// resolves on the first of them.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn log_tail(data_dir: &std::path::Path, topic: &str, partition: Option<u32>, from: Option<u64>, envelope: bool) -> Result<()> {

@@ -82,3 +82,33 @@ fn a_bad_environment_override_is_named_not_the_config_file() {
         }
     }
 }
+
+/// A SIGTERM that arrives while the stages are still starting stops the
+/// process cleanly once they have started (exit 0), never by the default
+/// action of the signal. The handler used to be installed only after the
+/// ready line, so a supervisor (or a test) that stopped a process the moment
+/// it logged "ready" could kill it with status "signal 15".
+#[test]
+fn a_sigterm_during_startup_stops_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // The first line comes from the first stage to start, well before "ready".
+    let first = lines.next().expect("a first log line").expect("stderr");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    let log = format!("{first}\n{}", rest.join("\n"));
+    assert!(status.success(), "sluice exited with {status} after a SIGTERM during startup:\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
