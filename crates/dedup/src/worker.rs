@@ -244,6 +244,7 @@ impl DedupWorker {
         let mut next = checkpoint.unwrap_or(range.start).max(range.start);
         let start = next;
         let total = range.end - start;
+        tracing::debug!(partition = p, from = start, to = range.end, ?checkpoint, "dedup: catching up from output");
         let started = Instant::now();
         let gauge = self.metrics.catchup_remaining.get_or_create(&self.metrics.partition(p)).clone();
         let window_ms = self.settings.index.window.as_millis() as u64;
@@ -357,7 +358,9 @@ impl DedupWorker {
             Some(n) => n,
             None => {
                 let committed = rt.block_on(self.log.committed(GROUP, topic, p))?;
-                committed.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start)
+                let from = committed.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start);
+                tracing::debug!(partition = p, input = topic, ?committed, from, "dedup: reading input from its committed offset");
+                from
             }
         };
         // Read first: a busy partition pays one read per batch (with Kafka an
@@ -390,6 +393,7 @@ impl DedupWorker {
             }
             return Ok((0, Some(batch.next)));
         }
+        let from = next;
         let next = batch.next;
         self.metrics.messages_in.inc_by(records.len() as u64);
         let started = std::time::Instant::now();
@@ -402,6 +406,17 @@ impl DedupWorker {
         let index = self.index.as_ref().expect("opened above");
         let fresh: Vec<&StoredRecord> = index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).collect();
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
+        if tracing::enabled!(tracing::Level::DEBUG) && fresh.len() < records.len() {
+            // Which ids were dropped, for tracing an event that went missing.
+            let kept: std::collections::HashSet<u64> = fresh.iter().map(|r| r.offset).collect();
+            let dropped: Vec<String> = records
+                .iter()
+                .filter(|r| !kept.contains(&r.offset))
+                .take(20)
+                .map(|r| format!("{}@{}", String::from_utf8_lossy(&r.key), r.offset))
+                .collect();
+            tracing::debug!(partition = p, input = topic, ?dropped, "dedup: repeats dropped");
+        }
 
         let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
         if self.log.atomic_publish_and_commit(topic) {
@@ -410,6 +425,7 @@ impl DedupWorker {
             let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
+            tracing::debug!(partition = p, input = topic, from, next, read = records.len(), published = fresh.len(), output_first = ?first, "dedup: batch published and input committed");
             if let Some(first) = first {
                 index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
             }
@@ -427,6 +443,15 @@ impl DedupWorker {
             }
             // 4. Commit input.
             rt.block_on(self.log.commit(GROUP, topic, p, next))?;
+            tracing::debug!(
+                partition = p,
+                input = topic,
+                from,
+                next,
+                read = records.len(),
+                published = fresh.len(),
+                "dedup: batch published and input committed"
+            );
         }
         crash_point("dedup.after_input_commit");
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());

@@ -1083,6 +1083,7 @@ impl Log for KafkaLog {
         // The id's earlier transactions are over, unless a broker restart left one hanging.
         let (g, t) = (group.to_owned(), in_topic.to_owned());
         let hanging = self.blocking(move |inner| inner.find_hanging(&g, &t, partition)).await?;
+        tracing::debug!(transactional_id = %id, ?hanging, "fenced earlier owners of the transactional id");
         if !hanging.any() {
             return Ok(());
         }
