@@ -21,6 +21,13 @@
 //! - index missing or corrupt: it is moved aside and rebuilt from `output`
 //!   within the window (and within `output`'s retention), then work resumes.
 //!
+//! With Kafka, steps 2 and 4 are one transaction, and step 3 waits until the
+//! transaction is known to have ended on `output` (the next published batch
+//! shows its marker): until then its ids are held in memory, and the input
+//! offset keeps a replay point before them, so a transaction that a broker
+//! restart left open and a later abort took with it is published again
+//! (`worker.rs`, `Unconfirmed`).
+//!
 //! Named crash points between the steps ([`crash`]) let tests abort the
 //! process at each of them.
 

@@ -144,6 +144,48 @@ pub struct DedupWorker {
     extra_paused_until: Vec<Option<Instant>>,
     /// Which input the next batch reads: 0 = `input`, i = `extra_inputs[i-1]`.
     turn: usize,
+    /// Kafka: published batches whose transaction is not yet known to have
+    /// ended on `output` (see [`Unconfirmed`]).
+    unconfirmed: Option<Unconfirmed>,
+}
+
+/// Most published batches held unconfirmed before the worker stops and
+/// fences (normally one: each batch confirms the one before it).
+const MAX_UNCONFIRMED_BATCHES: usize = 8;
+
+/// With Kafka, published batches whose transaction is not yet known to have
+/// *ended* on `output`. A transaction that commits is not always over there:
+/// a broker that restarts while writing the markers can skip `output`'s
+/// ("hanging" transaction, see sluice_log's kafka.rs), while the input offset
+/// it committed stands. Its records then belong to whatever this producer's
+/// next marker on that partition says, and if the next transaction aborts,
+/// they are aborted with it: acknowledged events gone from `output` although
+/// dedup had moved past them. So, until a batch is confirmed:
+///
+/// - its ids stay here, in memory, not in the index (the index holds only
+///   what `output` is known to hold), and lookups check them too;
+/// - every offset commit keeps the input offset the oldest of them started
+///   at as its `replay_from`, so whoever reads the partition next after an
+///   error or a restart reads their input again: `output`'s committed
+///   records (caught up into the index first) make the repeats drop, and the
+///   aborted ones are published again.
+///
+/// A batch is confirmed by the next batch that publishes: with `input` the
+/// only writer of `output`'s partition, a gap before that batch's first
+/// record is the marker that ended the earlier transaction, and no gap means
+/// the two are one transaction now; with a secondary cluster's input also
+/// writing there, by `output`'s last stable offset instead.
+struct Unconfirmed {
+    /// Where the oldest of the batches started reading `input`.
+    replay_from: u64,
+    /// `output` offset of the oldest batch's first record.
+    output_first: u64,
+    /// `output` offset just past the newest batch's last record.
+    output_end: u64,
+    /// Ids and publish times, in the order published.
+    ids: Vec<(bytes::Bytes, u64)>,
+    lookup: std::collections::HashSet<bytes::Bytes>,
+    batches: usize,
 }
 
 fn index_path(settings: &DedupSettings, partition: u32) -> PathBuf {
@@ -201,7 +243,18 @@ impl DedupWorker {
         }
         let extra_inputs: Vec<(String, Option<u64>)> = log.extra_inputs().into_iter().map(|t| (t, None)).collect();
         let extra_paused_until = vec![None; extra_inputs.len()];
-        let mut worker = Self { log, partition, settings, metrics, index: Some(index), next_input: None, extra_inputs, extra_paused_until, turn: 0 };
+        let mut worker = Self {
+            log,
+            partition,
+            settings,
+            metrics,
+            index: Some(index),
+            next_input: None,
+            extra_inputs,
+            extra_paused_until,
+            turn: 0,
+            unconfirmed: None,
+        };
         match worker.catch_up(rt, progress) {
             Err(e) if e.needs_rebuild() => worker.rebuild(rt, &e, progress)?,
             r => {
@@ -345,7 +398,11 @@ impl DedupWorker {
         Ok(0)
     }
 
+    /// After an error (or a rebuild): read every input again from where its
+    /// owner resumes ([`Log::resume_point`]), and drop the unconfirmed ids:
+    /// the catch-up that follows adds those `output` really holds.
     fn forget_input_positions(&mut self) {
+        self.unconfirmed = None;
         self.next_input = None;
         self.extra_inputs.iter_mut().for_each(|(_, next)| *next = None);
     }
@@ -357,9 +414,9 @@ impl DedupWorker {
         let next = match next {
             Some(n) => n,
             None => {
-                let committed = rt.block_on(self.log.committed(GROUP, topic, p))?;
-                let from = committed.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start);
-                tracing::debug!(partition = p, input = topic, ?committed, from, "dedup: reading input from its committed offset");
+                let resume = rt.block_on(self.log.resume_point(GROUP, topic, p))?;
+                let from = resume.unwrap_or(rt.block_on(self.log.offsets(topic, p))?.start);
+                tracing::debug!(partition = p, input = topic, ?resume, from, "dedup: reading input from where its owner resumes");
                 from
             }
         };
@@ -404,7 +461,9 @@ impl DedupWorker {
         let keys: Vec<&[u8]> = records.iter().map(|r| &r.key[..]).collect();
         self.index()?;
         let index = self.index.as_ref().expect("opened above");
-        let fresh: Vec<&StoredRecord> = index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).collect();
+        let unconfirmed = self.unconfirmed.as_ref().map(|u| &u.lookup);
+        let fresh: Vec<&StoredRecord> =
+            index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).filter(|r| !unconfirmed.is_some_and(|u| u.contains(&r.key))).collect();
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
         if tracing::enabled!(tracing::Level::DEBUG) && fresh.len() < records.len() {
             // Which ids were dropped, for tracing an event that went missing.
@@ -421,13 +480,21 @@ impl DedupWorker {
         let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
         if self.log.atomic_publish_and_commit(topic) {
             // Kafka: publish and commit input in one transaction, then index.
+            // Kafka: publish and commit input in one transaction; the ids
+            // reach the index once the transaction is known to have ended.
+            let replay_from = match &self.unconfirmed {
+                Some(u) => Some(u.replay_from),
+                None if !fresh.is_empty() => Some(from),
+                None => None,
+            };
             crash_point("dedup.before_publish");
-            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next))?;
+            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next, replay_from))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
-            tracing::debug!(partition = p, input = topic, from, next, read = records.len(), published = fresh.len(), output_first = ?first, "dedup: batch published and input committed");
+            tracing::debug!(partition = p, input = topic, from, next, read = records.len(), published = fresh.len(), output_first = ?first, ?replay_from, "dedup: batch published and input committed");
             if let Some(first) = first {
-                index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+                let ids: Vec<(bytes::Bytes, u64)> = fresh.iter().map(|r| (r.key.clone(), now)).collect();
+                self.hold_unconfirmed(rt, from, first, ids)?;
             }
             crash_point("dedup.after_index_write");
         } else {
@@ -437,8 +504,11 @@ impl DedupWorker {
                 let first = rt.block_on(self.log.append(OUTPUT_TOPIC, p, out))?;
                 self.metrics.published.inc_by(fresh.len() as u64);
                 crash_point("dedup.after_publish");
-                // 3. Index the ids with the output offset reached.
-                index.record(fresh.iter().map(|r| (&r.key[..], now)), first + fresh.len() as u64)?;
+                // 3. Index the ids with the output offset reached (not past
+                // unconfirmed Kafka batches: catch-up must read those again).
+                let reached = first + fresh.len() as u64;
+                let checkpoint = self.unconfirmed.as_ref().map_or(reached, |u| reached.min(u.output_first));
+                index.record(fresh.iter().map(|r| (&r.key[..], now)), checkpoint)?;
                 crash_point("dedup.after_index_write");
             }
             // 4. Commit input.
@@ -456,6 +526,54 @@ impl DedupWorker {
         crash_point("dedup.after_input_commit");
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok((records.len(), Some(next)))
+    }
+
+    /// A batch just published `ids` from `output` offset `first` (its
+    /// transaction committed, reading `input` from `from`): confirm the
+    /// batches held before it if `output` shows their transaction ended,
+    /// then hold this one. See [`Unconfirmed`].
+    fn hold_unconfirmed(&mut self, rt: &Handle, from: u64, first: u64, ids: Vec<(bytes::Bytes, u64)>) -> Result<(), DedupError> {
+        let p = self.partition;
+        if let Some(u) = &self.unconfirmed {
+            let ended = if self.extra_inputs.is_empty() {
+                // A marker took the offset(s) between.
+                first > u.output_end
+            } else {
+                rt.block_on(self.log.offsets(OUTPUT_TOPIC, p))?.end >= u.output_end
+            };
+            if ended {
+                let u = self.unconfirmed.take().expect("checked");
+                self.index()?.record(u.ids.iter().map(|(k, t)| (&k[..], *t)), u.output_end)?;
+            }
+        }
+        let end = first + ids.len() as u64;
+        let u = self.unconfirmed.get_or_insert_with(|| Unconfirmed {
+            replay_from: from,
+            output_first: first,
+            output_end: end,
+            ids: Vec::new(),
+            lookup: Default::default(),
+            batches: 0,
+        });
+        u.output_end = end;
+        u.lookup.extend(ids.iter().map(|(k, _)| k.clone()));
+        u.ids.extend(ids);
+        u.batches += 1;
+        if u.batches > 1 {
+            tracing::warn!(
+                partition = p,
+                batches = u.batches,
+                replay_from = u.replay_from,
+                "dedup: an earlier Kafka transaction has not ended on output (a broker restart skipped its marker?); its ids wait"
+            );
+        }
+        if u.batches >= MAX_UNCONFIRMED_BATCHES {
+            return Err(DedupError::Log(LogError::Unavailable(format!(
+                "output/{p}: {} transactions in a row did not end on output; fencing and reading input again from {}",
+                u.batches, u.replay_from
+            ))));
+        }
+        Ok(())
     }
 
     /// Flush the index and return its statistics and size on disk (bytes).

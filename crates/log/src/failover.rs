@@ -206,10 +206,16 @@ impl Log for FailoverLog {
         log.committed(group, topic, partition).await
     }
 
+    async fn resume_point(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        let (log, topic) = self.route(topic);
+        log.resume_point(group, topic, partition).await
+    }
+
     fn atomic_publish_and_commit(&self, in_topic: &str) -> bool {
         in_topic == INPUT
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn publish_and_commit(
         &self,
         out_topic: &str,
@@ -218,9 +224,10 @@ impl Log for FailoverLog {
         in_topic: &str,
         partition: u32,
         next_offset: u64,
+        replay_from: Option<u64>,
     ) -> Result<Option<u64>, LogError> {
         if in_topic == INPUT {
-            return self.primary.publish_and_commit(out_topic, records, group, in_topic, partition, next_offset).await;
+            return self.primary.publish_and_commit(out_topic, records, group, in_topic, partition, next_offset, replay_from).await;
         }
         crate::publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
     }

@@ -19,6 +19,16 @@
 //!   partition has its own `transactional.id` (`<prefix>-<group>-<topic>-<p>`),
 //!   so a second worker that takes the partition over fences the first:
 //!   the zombie's next commit fails, and its open transaction is aborted.
+//! - **A committed transaction may not have ended on `output`.** A broker
+//!   restarting while it writes the markers can skip a partition's
+//!   ("hanging" transaction): the input offset is committed, the records are
+//!   not readable, and the next marker this producer writes there decides
+//!   them — an abort of the next transaction aborts them too. So the input
+//!   offset carries a replay point in its commit metadata
+//!   (`sluice:replay_from=<offset>`, [`Log::resume_point`]): the input
+//!   offset whose records a new owner reads again, until the caller knows
+//!   the transactions since have ended. [`Log::fence`] ends a hanging
+//!   transaction by committing it, and keeps the replay point.
 //! - **Group membership** ([`Log::join`]) uses Kafka's consumer groups with
 //!   cooperative-sticky assignment. The member consumer only tracks the
 //!   assignment (its partitions are paused); records are read by separate
@@ -375,8 +385,10 @@ impl KafkaLog {
             for (topic, _, _) in &hanging.topics {
                 produce(producer, topic, partition, &marker, self.inner.options.delivery_bound()).await?;
             }
-            let mut offsets = TopicPartitionList::new();
-            offsets.add_partition_offset(in_topic, partition as i32, Offset::Offset(hanging.resume as i64)).map_err(kafka("commit offset"))?;
+            // The replay point kept with the materialized offset stays: if
+            // this transaction fails, aborting it aborts the hanging records
+            // too, and the next owner must read their input again.
+            let offsets = offset_with_replay(in_topic, partition, hanging.resume, &hanging.resume_metadata)?;
             let (producer2, group) = (producer.clone(), group.to_owned());
             self.blocking(move |inner| {
                 let metadata = inner.group_metadata(&group)?;
@@ -851,7 +863,9 @@ impl Inner {
         .map_err(kafka("commit offset"))
     }
 
-    fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+    /// `group`'s committed offset on `topic`/`partition` and the metadata
+    /// committed with it.
+    fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<(Option<u64>, String), LogError> {
         self.check(topic, partition)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition as i32);
@@ -861,11 +875,7 @@ impl Inner {
             self.forget_committer(group, &committer);
         }
         let got = got.map_err(kafka("fetch committed offset"))?;
-        let offset = got.find_partition(topic, partition as i32).map(|e| e.offset());
-        Ok(match offset {
-            Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
-            _ => None,
-        })
+        Ok(committed_of(&got, topic, partition))
     }
 
     fn transactional_producer(&self, id: &str) -> Result<Arc<FutureProducer>, LogError> {
@@ -934,11 +944,8 @@ impl Inner {
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(in_topic, partition as i32);
-            let offset_of = |got: TopicPartitionList| match got.find_partition(in_topic, partition as i32).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
-                _ => None,
-            };
-            let materialized = offset_of(uncommitted.committed_offsets(tpl.clone(), timeout).map_err(kafka("fetch committed offset"))?);
+            let got = uncommitted.committed_offsets(tpl.clone(), timeout).map_err(kafka("fetch committed offset"))?;
+            let (materialized, metadata) = committed_of(&got, in_topic, partition);
             // require_stable (read_committed): retried by librdkafka while a
             // transactional commit of the offset is pending, until the timeout.
             let stable = self.committer(group)?.committed_offsets(tpl, timeout.min(Duration::from_secs(3)));
@@ -947,6 +954,7 @@ impl Inner {
                 Some(o) => o,
                 None => self.watermarks(in_topic, partition)?.start,
             };
+            hanging.resume_metadata = metadata;
             if hanging.topics.is_empty() && !hanging.offsets {
                 break;
             }
@@ -965,6 +973,8 @@ struct Hanging {
     offsets: bool,
     /// The offset committed outside of any transaction (the input's start if none).
     resume: u64,
+    /// The metadata committed with `resume` (its replay point, if any).
+    resume_metadata: String,
 }
 
 impl Hanging {
@@ -984,6 +994,39 @@ fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: u32)
     match tpl.find_partition(topic, partition as i32)?.offset() {
         Offset::Offset(o) if o >= 0 => Some(o as u64),
         _ => None,
+    }
+}
+
+/// What a committed offset's metadata starts with when it carries a replay
+/// point ([`Log::publish_and_commit`]'s `replay_from`).
+const REPLAY_METADATA_PREFIX: &str = "sluice:replay_from=";
+
+fn replay_metadata(replay_from: Option<u64>) -> String {
+    replay_from.map(|r| format!("{REPLAY_METADATA_PREFIX}{r}")).unwrap_or_default()
+}
+
+fn parse_replay_metadata(metadata: &str) -> Option<u64> {
+    metadata.strip_prefix(REPLAY_METADATA_PREFIX)?.parse().ok()
+}
+
+/// One partition's offset to commit, with `metadata`.
+fn offset_with_replay(topic: &str, partition: u32, offset: u64, metadata: &str) -> Result<TopicPartitionList, LogError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64)).map_err(kafka("commit offset"))?;
+    if let Some(mut e) = tpl.find_partition(topic, partition as i32) {
+        e.set_metadata(metadata);
+    }
+    Ok(tpl)
+}
+
+/// The committed offset (none if never committed) and its metadata, from an offset fetch.
+fn committed_of(got: &TopicPartitionList, topic: &str, partition: u32) -> (Option<u64>, String) {
+    match got.find_partition(topic, partition as i32) {
+        Some(e) => match e.offset() {
+            Offset::Offset(o) if o >= 0 => (Some(o as u64), e.metadata().to_owned()),
+            _ => (None, String::new()),
+        },
+        None => (None, String::new()),
     }
 }
 
@@ -1061,7 +1104,16 @@ impl Log for KafkaLog {
 
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
         let (group, topic) = (group.to_owned(), topic.to_owned());
-        self.blocking(move |inner| inner.committed(&group, &topic, partition)).await
+        Ok(self.blocking(move |inner| inner.committed(&group, &topic, partition)).await?.0)
+    }
+
+    async fn resume_point(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let (committed, metadata) = self.blocking(move |inner| inner.committed(&group, &topic, partition)).await?;
+        Ok(match (committed, parse_replay_metadata(&metadata)) {
+            (Some(c), Some(r)) => Some(c.min(r)),
+            (c, _) => c,
+        })
     }
 
     fn atomic_publish_and_commit(&self, _in_topic: &str) -> bool {
@@ -1104,6 +1156,7 @@ impl Log for KafkaLog {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn publish_and_commit(
         &self,
         out_topic: &str,
@@ -1112,6 +1165,7 @@ impl Log for KafkaLog {
         in_topic: &str,
         partition: u32,
         next_offset: u64,
+        replay_from: Option<u64>,
     ) -> Result<Option<u64>, LogError> {
         self.inner.check(out_topic, partition)?;
         self.inner.check(in_topic, partition)?;
@@ -1124,8 +1178,7 @@ impl Log for KafkaLog {
             producer.begin_transaction().map_err(kafka("begin transaction"))?;
             let within = self.inner.options.delivery_bound();
             let first = if records.is_empty() { None } else { Some(produce(&producer, out_topic, partition, &records, within).await?.0) };
-            let mut offsets = TopicPartitionList::new();
-            offsets.add_partition_offset(in_topic, partition as i32, Offset::Offset(next_offset as i64)).map_err(kafka("commit offset"))?;
+            let offsets = offset_with_replay(in_topic, partition, next_offset, &replay_metadata(replay_from))?;
             let (producer2, group) = (producer.clone(), group.to_owned());
             self.blocking(move |inner| {
                 let metadata = inner.group_metadata(&group)?;

@@ -161,6 +161,13 @@ pub trait Log: Send + Sync + 'static {
         Ok(ReadBatch { records, next })
     }
 
+    /// Where a new owner of `group`'s `partition` of `topic` starts reading:
+    /// the committed offset, or the `replay_from` a
+    /// [`Log::publish_and_commit`] kept with it when that is earlier.
+    async fn resume_point(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        self.committed(group, topic, partition).await
+    }
+
     /// Whether [`Log::publish_and_commit`] from `in_topic` is atomic (Kafka
     /// transactions, when input and output are on one cluster).
     fn atomic_publish_and_commit(&self, _in_topic: &str) -> bool {
@@ -185,9 +192,14 @@ pub trait Log: Send + Sync + 'static {
     /// offset `next_offset` on `in_topic`'s same-numbered partition; returns
     /// the first record's offset (`None` when there were none).
     ///
-    /// Kafka does both in one transaction. The embedded log appends, then
-    /// commits: not atomic, which dedup's index protocol covers (a crash
-    /// between the two replays input, and the index finds the ids).
+    /// Kafka does both in one transaction, and keeps `replay_from` with the
+    /// offset: the input offset a later owner reads from again
+    /// ([`Log::resume_point`]) while this or an earlier transaction is not
+    /// known to have ended on `out_topic` (see `kafka.rs`, "hanging
+    /// transactions"). The embedded log appends, then commits: not atomic,
+    /// which dedup's index protocol covers (a crash between the two replays
+    /// input, and the index finds the ids); it ignores `replay_from`.
+    #[allow(clippy::too_many_arguments)]
     async fn publish_and_commit(
         &self,
         out_topic: &str,
@@ -196,6 +208,7 @@ pub trait Log: Send + Sync + 'static {
         in_topic: &str,
         partition: u32,
         next_offset: u64,
+        _replay_from: Option<u64>,
     ) -> Result<Option<u64>, LogError> {
         publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
     }

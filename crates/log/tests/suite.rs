@@ -188,19 +188,23 @@ async fn publish_and_commit(factory: fn(&[String]) -> Option<Backend>) {
     let log = &b.log;
     let group = unique("dedup");
     log.append(&input, 2, (0..4).map(|i| rec(&i.to_string(), "in")).collect()).await.unwrap();
-    let first = log.publish_and_commit(&output, vec![rec("a", "1"), rec("b", "2")], &group, &input, 2, 4).await.unwrap();
+    let first = log.publish_and_commit(&output, vec![rec("a", "1"), rec("b", "2")], &group, &input, 2, 4, Some(1)).await.unwrap();
     assert!(first.is_some());
     assert_eq!(log.committed(&group, &input, 2).await.unwrap(), Some(4));
+    // Kafka keeps the replay point with the offset; the embedded log has none.
+    let replay = if log.atomic_publish_and_commit(&input) { Some(1) } else { Some(4) };
+    assert_eq!(log.resume_point(&group, &input, 2).await.unwrap(), replay);
     let batch = log.read_batch(&output, 2, 0, 10).await.unwrap();
     let keys: Vec<_> = batch.records.iter().map(|r| r.key.clone()).collect();
     assert_eq!(keys, vec![Bytes::from("a"), Bytes::from("b")]);
     assert_eq!(batch.records[0].offset, first.unwrap());
     // Nothing to publish: only the offset moves.
-    assert_eq!(log.publish_and_commit(&output, vec![], &group, &input, 2, 9).await.unwrap(), None);
+    assert_eq!(log.publish_and_commit(&output, vec![], &group, &input, 2, 9, None).await.unwrap(), None);
     assert_eq!(log.committed(&group, &input, 2).await.unwrap(), Some(9));
+    assert_eq!(log.resume_point(&group, &input, 2).await.unwrap(), Some(9), "a commit without a replay point drops it");
     // A second transaction follows the first, and a reader resuming from
     // `next` finds exactly the new records (transaction markers skipped).
-    log.publish_and_commit(&output, vec![rec("c", "3")], &group, &input, 2, 10).await.unwrap();
+    log.publish_and_commit(&output, vec![rec("c", "3")], &group, &input, 2, 10, None).await.unwrap();
     let more = log.read_batch(&output, 2, batch.next, 10).await.unwrap();
     assert_eq!(more.records.iter().map(|r| r.key.clone()).collect::<Vec<_>>(), vec![Bytes::from("c")]);
     let end = log.offsets(&output, 2).await.unwrap().end;
@@ -328,10 +332,10 @@ async fn a_second_publisher_fences_the_first(factory: fn(&[String]) -> Option<Ba
     let Some(b) = make(factory, &[input.clone(), output.clone()]).await else { return };
     let zombie = &b.log;
     let group = unique("dedup");
-    zombie.publish_and_commit(&output, vec![rec("z1", "")], &group, &input, 0, 1).await.unwrap();
+    zombie.publish_and_commit(&output, vec![rec("z1", "")], &group, &input, 0, 1, None).await.unwrap();
     let successor = b.connect_again().await;
-    successor.publish_and_commit(&output, vec![rec("s1", "")], &group, &input, 0, 2).await.unwrap();
-    let fenced = zombie.publish_and_commit(&output, vec![rec("z2", "")], &group, &input, 0, 3).await;
+    successor.publish_and_commit(&output, vec![rec("s1", "")], &group, &input, 0, 2, None).await.unwrap();
+    let fenced = zombie.publish_and_commit(&output, vec![rec("z2", "")], &group, &input, 0, 3, None).await;
     assert!(fenced.is_err(), "the zombie must be fenced, got {fenced:?}");
     let keys: Vec<_> = successor.read(&output, 0, 0, 10).await.unwrap().into_iter().map(|r| r.key).collect();
     assert_eq!(keys, vec![Bytes::from("z1"), Bytes::from("s1")], "the fenced record is never visible");
