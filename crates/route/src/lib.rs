@@ -73,6 +73,9 @@ pub struct RouteMetrics {
     pub jobs: Counter,
     pub filtered: Counter,
     pub unroutable: Counter,
+    /// `output` offsets that retention removed before the route read them
+    /// (events never routed).
+    pub expired_unrouted: Counter,
     /// One batch: read output, plan, insert jobs, commit.
     pub batch_seconds: Histogram,
     /// Per owned partition: age of the oldest `output` record the route has
@@ -90,6 +93,7 @@ impl Default for RouteMetrics {
             jobs: Counter::default(),
             filtered: Counter::default(),
             unroutable: Counter::default(),
+            expired_unrouted: Counter::default(),
             batch_seconds: Histogram::new(latency_buckets()),
             oldest_unprocessed: AgeGauges::default(),
         }
@@ -103,6 +107,11 @@ impl RouteMetrics {
         r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
         r.register("sluice_route_batch_seconds", "One route batch: read output, plan, insert jobs (durable), commit", self.batch_seconds.clone());
         r.register("sluice_route_unroutable", "Output records that are not valid events (stored as dead letters)", self.unroutable.clone());
+        r.register(
+            "sluice_route_expired_unrouted",
+            "Output offsets retention removed before the route read them: events never routed (log.output_retention shorter than the route's lag)",
+            self.expired_unrouted.clone(),
+        );
         dead_letter::register(r);
         r.register(
             "sluice_route_oldest_unprocessed_age_seconds",
@@ -346,13 +355,33 @@ async fn route_batch(
         Some(n) => n,
         None => match log.committed(GROUP, OUTPUT_TOPIC, partition).await? {
             Some(n) => n,
-            None => log.offsets(OUTPUT_TOPIC, partition).await?.start,
+            None => {
+                // Never routed: the route starts at the oldest record held.
+                // If retention already removed some, they were never routed.
+                let start = log.offsets(OUTPUT_TOPIC, partition).await?.start;
+                if start > 0 {
+                    tracing::error!(
+                        partition,
+                        start,
+                        "the route runs for the first time on this log, and output's retention already removed the records before {start}: \
+                         those events were never routed (sluice_route_expired_unrouted_total)"
+                    );
+                    metrics.expired_unrouted.inc_by(start);
+                }
+                start
+            }
         },
     };
     let batch = match log.read_batch(OUTPUT_TOPIC, partition, from, settings.batch_size).await {
         Ok(b) => b,
         Err(LogError::OffsetOutOfRange { start, .. }) => {
-            tracing::error!(partition, from, start, "route fell behind output's retention: events before {start} were never routed");
+            tracing::error!(
+                partition,
+                from,
+                start,
+                "route fell behind output's retention: events before {start} were never routed (sluice_route_expired_unrouted_total)"
+            );
+            metrics.expired_unrouted.inc_by(start.saturating_sub(from));
             *next = Some(start);
             return Ok(1);
         }

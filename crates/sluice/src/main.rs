@@ -496,6 +496,12 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         st.delivery = Some(deliver::start(config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?);
     } else if config.deliver.enabled {
         tracing::warn!("delivery needs dedup (dedup.enabled = false): nothing is delivered");
+    } else if roles == Roles::ALL && config.dedup.enabled && !config.connections.is_empty() {
+        tracing::warn!(
+            connections = config.connections.len(),
+            "delivery is off (deliver.enabled = false) with connections configured: output is kept, whatever its retention, \
+             until delivery is on again and has routed it; the disk use of data_dir/log/output grows meanwhile"
+        );
     }
 
     st.tasks.push(spawn_lag_monitor(log.clone(), config, roles, &mut registry));
@@ -688,8 +694,11 @@ fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
             let mut guard = std::collections::HashMap::new();
             if config.dedup.enabled {
                 guard.insert(INPUT_TOPIC.to_owned(), sluice_dedup::GROUP.to_owned());
-                if config.deliver.enabled {
-                    // Events are not deleted before the route has made their jobs.
+                if config.deliver.enabled || !config.connections.is_empty() {
+                    // Events are not deleted before the route has made their
+                    // jobs, also while delivery is switched off with
+                    // connections configured: they are delivered once it is
+                    // back on (a route that never ran holds everything).
                     guard.insert(OUTPUT_TOPIC.to_owned(), sluice_route::GROUP.to_owned());
                 }
             }
