@@ -46,7 +46,13 @@ pub struct AdminState {
     pub metrics_token: Option<String>,
     pub default_rate_limit: u32,
     pub retry_policy: RetryPolicy,
+    /// `server.body_read_timeout`: an `/api` request body not received
+    /// within it is answered 408.
+    pub body_read_timeout: std::time::Duration,
 }
+
+/// Largest `/api` request body (axum's default limit for `Json`).
+const API_BODY_LIMIT: usize = 2 << 20;
 
 type Shared = Arc<AdminState>;
 
@@ -77,8 +83,39 @@ pub fn router(state: Shared) -> Router {
         .route("/api/jobs/{key}", get(inspect_jobs))
         .route("/api/events", get(recent_events))
         .route("/api/events/{partition}/{offset}", get(get_event))
-        .with_state(state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(state, guard_api))
         .layer(axum::middleware::from_fn(harden))
+}
+
+/// `/api` requests are authorized from their headers before any of the body
+/// is read (a client without the token cannot make the port wait for, or
+/// buffer, a body), and the body must arrive within `body_read_timeout`
+/// (408) and fit [`API_BODY_LIMIT`] (413), as on the Tracking API.
+async fn guard_api(State(s): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !req.uri().path().starts_with("/api") {
+        return next.run(req).await;
+    }
+    if let Err(e) = authorize(&s, req.headers()) {
+        return e.into_response();
+    }
+    if matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        return next.run(req).await;
+    }
+    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > API_BODY_LIMIT as u64) {
+        return ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {API_BODY_LIMIT} bytes")).into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(s.body_read_timeout, axum::body::to_bytes(body, API_BODY_LIMIT)).await {
+        Err(_) => return ApiError(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time".into()).into_response(),
+        Ok(Err(_)) => {
+            return ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {API_BODY_LIMIT} bytes, or cut off"))
+                .into_response()
+        }
+        Ok(Ok(b)) => b,
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// Every answer of the admin port: an error is JSON `{"code","message"}`

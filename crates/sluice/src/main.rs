@@ -575,6 +575,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         metrics_token: config.admin.metrics_token.clone(),
         default_rate_limit: config.ingest.default_rate_limit,
         retry_policy: config.deliver.retry_policy(),
+        body_read_timeout: config.server.body_read_timeout,
     });
     st.admin_state = Some(admin_state.clone());
     // Sources come from the control database (seeded from the config, changed by the admin API).
