@@ -351,8 +351,8 @@ const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
 async fn collect_body(settings: &IngestSettings, headers: &HeaderMap, mut body: Body) -> Result<Option<Bytes>, ApiError> {
     let limit = settings.max_request_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > DRAIN_MAX_BYTES as u64) {
-        return Ok(None); // not worth reading: answer now, the connection closes
+    if declared.is_some_and(|len| len > limit as u64 && len > DRAIN_MAX_BYTES as u64) {
+        return Ok(None); // over the limit and not worth reading: answer now, the connection closes
     }
     let mut over = declared.is_some_and(|len| len > limit as u64);
     let mut kept = bytes::BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize).min(limit));

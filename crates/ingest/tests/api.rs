@@ -329,6 +329,23 @@ async fn a_request_over_500_kb_is_400_request_too_large() {
     assert_eq!(h.records().len(), 19);
 }
 
+/// `max_request_bytes` above 4 MiB holds for a body sent with a
+/// Content-Length too (it was cut at 4 MiB, the most an oversize body is
+/// drained, with an error naming the configured limit).
+#[tokio::test]
+async fn a_request_limit_above_4_mib_holds_with_a_content_length() {
+    let mut s = settings();
+    s.max_request_bytes = 8 << 20;
+    let h = Harness::with(s, &sources());
+    let items: Vec<Value> = (0..200).map(|i| padded_track(&format!("large-{i}"), 25 * 1024)).collect();
+    let body = batch(items).to_string();
+    assert!(body.len() > 4 << 20 && body.len() < 8 << 20, "{}", body.len());
+    let headers = [("authorization", basic_key(WEB_KEY)), ("content-length", body.len().to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    h.send(post_raw("/v1/batch", &headers, body)).await.assert_success();
+    assert_eq!(h.records().len(), 200);
+}
+
 #[tokio::test]
 async fn a_gzip_request_over_500_kb_decoded_is_400_even_when_the_compressed_body_is_small() {
     let h = Harness::new();
