@@ -730,7 +730,7 @@ impl Config {
         let env: HashMap<String, String> = std::env::vars().collect();
         let (mut config, set) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let text = read_config_file(p)?;
                 Self::parse(&text, &format!(" in {}", p.display()), &env)?
             }
             None => Self::parse(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env)?,
@@ -799,9 +799,15 @@ impl Config {
 
     /// Check every rule serde cannot express; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        parse_addr("server.listen", &self.server.listen)?;
+        let listen = parse_addr("server.listen", &self.server.listen)?;
         if !self.admin.listen.is_empty() {
-            parse_addr("admin.listen", &self.admin.listen)?;
+            let admin = parse_addr("admin.listen", &self.admin.listen)?;
+            if admin.port() != 0
+                && admin.port() == listen.port()
+                && (admin.ip() == listen.ip() || admin.ip().is_unspecified() || listen.ip().is_unspecified())
+            {
+                return Err(invalid("admin.listen", format!("{admin} is also server.listen ({listen}): the admin port needs its own port")));
+            }
         }
         // Whitespace cannot survive an HTTP header (it is trimmed): such a
         // token would refuse every request.
@@ -1022,6 +1028,25 @@ fn check_retry(prefix: &str, p: &RetryPolicy) -> Result<(), ConfigError> {
         return Err(invalid(format!("{prefix}.max_backoff"), "must be at least initial_backoff"));
     }
     Ok(())
+}
+
+/// Largest config file read: a config is a few KB; a path to a device or a
+/// huge file must not be read until memory runs out.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB: not a config file", MAX_CONFIG_BYTES >> 20),
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text: not a config file")))
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1293,6 +1318,34 @@ mod tests {
         let env = HashMap::from([("SLUICE_DIRECTOR__RPC_SECRET".to_string(), secret.to_string())]);
         let c = Config::from_toml_with_env("", "", &env).unwrap();
         assert_eq!(c.director.rpc_secret.as_deref(), Some(secret), "settable from the environment");
+    }
+
+    #[test]
+    fn the_admin_port_cannot_be_the_tracking_api_port() {
+        let err = load("[server]\nlisten = \"127.0.0.1:8088\"\n[admin]\nlisten = \"127.0.0.1:8088\"\n").unwrap_err().to_string();
+        assert!(err.contains("admin.listen") && err.contains("own port"), "{err}");
+        let err = load("[server]\nlisten = \"0.0.0.0:8088\"\n[admin]\nlisten = \"127.0.0.1:8088\"\n").unwrap_err().to_string();
+        assert!(err.contains("admin.listen"), "{err}");
+        load("[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n").expect("port 0 twice: two free ports");
+        load("[server]\nlisten = \"127.0.0.1:8088\"\n[admin]\nlisten = \"127.0.0.2:8088\"\n").expect("same port, other address");
+    }
+
+    #[test]
+    fn a_config_file_that_is_not_one_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_BYTES + 10) as usize]).unwrap();
+        let err = Config::load(Some(&big)).unwrap_err().to_string();
+        assert!(err.contains("not a config file") && err.contains("big.toml"), "{err}");
+        let binary = dir.path().join("bin.toml");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+        let err = Config::load(Some(&binary)).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+        #[cfg(unix)]
+        {
+            let err = Config::load(Some(Path::new("/dev/zero"))).unwrap_err().to_string();
+            assert!(err.contains("not a config file"), "{err}");
+        }
     }
 
     #[test]

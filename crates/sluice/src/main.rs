@@ -710,18 +710,22 @@ fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
     }
 }
 
-/// Installs the SIGINT/SIGTERM handlers now and returns a future that
-/// resolves on the first of them.
+/// Installs the SIGINT/SIGTERM/SIGHUP handlers now and returns a future
+/// that resolves on the first of them. SIGHUP (the terminal that ran
+/// `scripts/run.sh` closed) stops as gracefully as the others: its default
+/// action killed the process without the shutdown.
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         Ok(async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
         })
     }

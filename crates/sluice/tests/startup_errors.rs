@@ -112,3 +112,17 @@ fn a_sigterm_during_startup_stops_cleanly() {
     assert!(status.success(), "sluice exited with {status} after a SIGTERM during startup:\n{log}");
     assert!(log.contains("shutting down"), "{log}");
 }
+
+/// SIGHUP (a closed terminal) stops `serve` gracefully, like SIGTERM: it
+/// used to end the process by the signal's default action (exit 129, no
+/// shutdown).
+#[test]
+fn a_sighup_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let mut server = Server::start(&config);
+    Command::new("kill").args(["-HUP", &server.pid().to_string()]).status().expect("kill -HUP");
+    let status = server.wait_exit(std::time::Duration::from_secs(60)).expect("exits");
+    assert!(status.success(), "sluice exited with {status}:\n{}", server.stderr_tail(10));
+    assert!(server.stderr_text().contains("\"stopped\""), "{}", server.stderr_tail(10));
+}
