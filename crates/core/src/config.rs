@@ -661,8 +661,10 @@ impl SourceConfig {
         if !valid_id(&self.id) {
             return Err(invalid(format!("{prefix}.id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
         }
-        if self.write_key.is_empty() || self.write_key.contains(':') || self.write_key.chars().any(char::is_whitespace) {
-            return Err(invalid(format!("{prefix}.write_key"), "must be non-empty, without ':' or whitespace"));
+        // It travels as HTTP Basic's user name: visible ASCII only (a NUL or
+        // a non-ASCII byte cannot be sent in a header), no ':' (the separator).
+        if self.write_key.is_empty() || self.write_key.len() > 256 || !self.write_key.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(invalid(format!("{prefix}.write_key"), "must be 1-256 visible ASCII characters, without ':' or whitespace"));
         }
         Ok(())
     }
@@ -1346,6 +1348,15 @@ mod tests {
             let err = Config::load(Some(Path::new("/dev/zero"))).unwrap_err().to_string();
             assert!(err.contains("not a config file"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_write_key_that_cannot_travel_in_a_header_is_refused() {
+        for key in ["k\\u0000y", "ké", "a:b", "a b", ""] {
+            let err = load(&format!("[[sources]]\nid = \"a\"\nwrite_key = \"{key}\"\n")).unwrap_err().to_string();
+            assert!(err.contains("sources[0].write_key"), "{key:?}: {err}");
+        }
+        load("[[sources]]\nid = \"a\"\nwrite_key = \"wk_AZaz09-._~!\"\n").expect("visible ASCII");
     }
 
     #[test]

@@ -350,6 +350,7 @@ fn redacted(d: &DestinationConfig) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.remove("secret");
         o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
+        o.insert("url".into(), Value::String(crate::deliver::without_password(&d.url)));
     }
     v
 }
@@ -362,9 +363,16 @@ async fn put_destination(
 ) -> ApiResult {
     authorize(&s, &h)?;
     let Json(mut v) = body.map_err(bad_request)?;
-    let existing_secret = s.catalog.snapshot().destinations.get(&id).and_then(|d| d.secret.clone());
+    let existing = s.catalog.snapshot().destinations.get(&id).cloned();
+    let existing_secret = existing.as_ref().and_then(|d| d.secret.clone());
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
+        // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
+        if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
+            if *url != old.url && *url == crate::deliver::without_password(&old.url) {
+                obj.insert("url".into(), Value::String(old.url.clone()));
+            }
+        }
         // The secret is write-only: leaving it out keeps the stored one (send null to remove it).
         if !obj.contains_key("secret") {
             if let Some(secret) = existing_secret {

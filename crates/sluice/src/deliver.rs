@@ -426,13 +426,27 @@ pub enum JobsCommand {
     },
 }
 
+/// `url` with the password of its user info (`https://user:pw@host/`)
+/// replaced by `***`, for showing: a destination's URL may carry a
+/// credential, and answers never show one back (as `secret`, which is
+/// write-only).
+pub fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A job and its whole history as JSON (`jobs inspect --json`, `GET /api/jobs/{key}`).
 pub fn found_to_json(f: &sluice_deliver::inspect::Found) -> serde_json::Value {
     let j = &f.job;
     serde_json::json!({
         "id": j.id.to_string(), "jobdb": f.jobdb, "message_id": j.job.message_id,
         "source": j.job.source, "destination": j.job.destination,
-        "generation": j.job.generation, "endpoint": j.job.endpoint,
+        "generation": j.job.generation, "endpoint": without_password(&j.job.endpoint),
         "state": j.state.as_str(), "created_at": j.job.created_at, "expires_at": j.job.expires_at,
         "received_at": j.job.received_at,
         "transitions": std::iter::once(serde_json::json!({"seq": 0, "state": "awaiting_scheduling", "at": j.job.created_at, "attempt": 0}))
@@ -480,7 +494,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
                     j.job.destination,
                     j.job.generation,
                     j.state.as_str(),
-                    j.job.endpoint,
+                    without_password(&j.job.endpoint),
                     f.jobdb
                 );
                 println!("  {:>3}  {:<24}  {:<20}  {:>7}  {:>6}  detail", "seq", "at", "state", "attempt", "status");

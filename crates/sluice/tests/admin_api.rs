@@ -227,6 +227,17 @@ fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
     let signed = dests.as_array().unwrap().iter().find(|d| d["id"] == "signed").unwrap().clone();
     assert!(signed.get("secret").is_none() && signed["secret_set"] == true, "{signed}");
     assert!(!dests.to_string().contains("s3cret-value"), "no secret in any answer");
+    // A password in a URL is not shown back either; the shown URL sent back keeps it.
+    let with_password = sink.url("/creds").replacen("http://", "http://user:hunter2@", 1);
+    let shown = api.ok("PUT", "/api/destinations/creds", Some(json!({"url": with_password, "allow_private_network": true})))["url"].clone();
+    assert_eq!(shown, json!(sink.url("/creds").replacen("http://", "http://user:***@", 1)));
+    api.ok("PUT", "/api/destinations/creds", Some(json!({"url": shown, "allow_private_network": true, "name": "renamed"})));
+    assert!(!api.ok("GET", "/api/destinations", None).to_string().contains("hunter2"), "no URL password in any answer");
+    let stored: String = rusqlite::Connection::open(dir.path().join("data/control.sqlite"))
+        .unwrap()
+        .query_row("SELECT config FROM destinations WHERE id = 'creds'", [], |r| r.get(0))
+        .unwrap();
+    assert!(stored.contains("user:hunter2@") && stored.contains("renamed"), "the stored URL keeps its password: {stored}");
     // QoS changes are partial: other columns keep their values.
     api.ok("PUT", "/api/qos/hook", Some(json!({"max_in_flight": 3, "priority": 5})));
     api.ok("PUT", "/api/qos/hook", Some(json!({"paused": true})));
