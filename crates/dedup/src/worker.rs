@@ -479,7 +479,6 @@ impl DedupWorker {
 
         let out: Vec<Record> = fresh.iter().map(|r| Record { key: r.key.clone(), value: r.value.clone() }).collect();
         if self.log.atomic_publish_and_commit(topic) {
-            // Kafka: publish and commit input in one transaction, then index.
             // Kafka: publish and commit input in one transaction; the ids
             // reach the index once the transaction is known to have ended.
             let replay_from = match &self.unconfirmed {

@@ -463,6 +463,10 @@ fn fmt_ms(ms: i64) -> String {
 
 /// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the `deliver.jobdb_url` database.
 fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+    let in_database = config.deliver.jobdb_url.as_deref().is_some_and(|u| !u.trim().is_empty());
+    if !in_database && !config.server.data_dir.is_dir() {
+        bail!("there is no data directory at {} (check server.data_dir or --data-dir)", config.server.data_dir.display());
+    }
     Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?)
 }
 

@@ -158,3 +158,17 @@ fn config_check_refuses_a_filter_nested_too_deep() {
     let out = sluice().args(["config", "check", "--config"]).arg(&config).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `jobs stats` / `jobs inspect` on a data directory that does not exist
+/// say so (they printed "0 JobDB(s)", as for a real but empty one).
+#[test]
+fn jobs_commands_name_a_missing_data_dir() {
+    for args in
+        [&["jobs", "stats", "--data-dir", "/nonexistent/sluice-data"][..], &["jobs", "inspect", "--data-dir", "/nonexistent/sluice-data", "m-1"]]
+    {
+        let out = sluice().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no data directory at /nonexistent/sluice-data"), "{args:?}: {err}");
+    }
+}
