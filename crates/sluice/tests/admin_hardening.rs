@@ -212,25 +212,6 @@ fn the_admin_error_budget_spares_health_and_metrics_and_keeps_its_headers() {
     server.stop();
 }
 
-/// Send `head` (a request's head, maybe with part of a body) on a raw
-/// connection and read the answer's status line, waiting at most `wait`.
-fn raw_status(addr: &str, head: &str, wait: std::time::Duration) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(wait)).unwrap();
-    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.windows(2).any(|w| w == b"\r\n") {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(format!("no answer within {wait:?}: {e}")),
-        }
-    }
-    Ok(String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_owned())
-}
-
 /// The admin port authorizes an `/api` request from its headers before it
 /// reads any body, and a body that does not arrive in time is answered 408:
 /// before, a caller without the token could announce a 1.9 MB body and hold
@@ -247,14 +228,14 @@ fn the_admin_api_checks_the_token_before_the_body_and_bounds_its_wait() {
 
     // No token, a large body announced, none sent: 401 at once.
     let head = "POST /api/sources HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1900000\r\n\r\n";
-    let status = raw_status(&server.admin, head, wait).unwrap();
+    let status = raw_status_line(&server.admin, head, wait).unwrap();
     assert!(status.contains(" 401 "), "{status}");
 
     // With the token, half a body and then nothing: 408 after body_read_timeout.
     let head = format!(
         "PUT /api/qos/hook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"rate"
     );
-    let status = raw_status(&server.admin, &head, wait).unwrap();
+    let status = raw_status_line(&server.admin, &head, wait).unwrap();
     assert!(status.contains(" 408 "), "{status}");
 
     // A body over the limit is refused without being kept.
@@ -262,7 +243,7 @@ fn the_admin_api_checks_the_token_before_the_body_and_bounds_its_wait() {
         "POST /api/sources HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         3 << 20
     );
-    let status = raw_status(&server.admin, &head, wait).unwrap();
+    let status = raw_status_line(&server.admin, &head, wait).unwrap();
     assert!(status.contains(" 413 "), "{status}");
     server.stop();
 }

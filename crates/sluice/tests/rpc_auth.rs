@@ -7,7 +7,6 @@
 
 mod util;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -111,24 +110,11 @@ fn post(sink: &TestSink, rpc: &str, body: &[u8], signature: Option<String>) -> (
 /// fails after a minute).
 fn post_headers_only(rpc: &str, signature: &str) -> String {
     let addr = rpc.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
+    let head = format!(
         "POST {INSERT_PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{SIGNATURE_HEADER}: {signature}\r\nContent-Length: {}\r\n\r\n",
         100u64 << 20
-    )
-    .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("no answer before the body was sent ({e}); got {:?}", String::from_utf8_lossy(&got)),
-        }
-    }
-    String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_owned()
+    );
+    raw_status_line(addr, &head, Duration::from_secs(60)).unwrap_or_else(|e| panic!("no answer before the body was sent: {e}"))
 }
 
 #[test]

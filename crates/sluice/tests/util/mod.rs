@@ -819,3 +819,23 @@ pub fn run_e2e_script(kind: &str, server: &Server, run_id: &str, count: usize, r
     eprintln!("{kind}: {}", String::from_utf8_lossy(&out.stderr).trim());
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("script output")).collect()
 }
+
+/// Send `head` (a request's head, maybe with part of a body) on a raw
+/// connection to `addr` and read the answer's status line, waiting at most
+/// `wait` (for answers given before a body is sent, or instead of one).
+pub fn raw_status_line(addr: &str, head: &str, wait: Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("no answer within {wait:?} ({e}); got {:?}", String::from_utf8_lossy(&got))),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_owned())
+}
