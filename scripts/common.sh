@@ -36,7 +36,7 @@ ensure_rust() {
 # and cmake plus one curl header for librdkafka, which is built from source.
 ensure_build_deps() {
   ensure_rust
-  apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev cmake libcurl4-openssl-dev
+  apt_ensure build-essential pkg-config clang libclang-dev librocksdb-dev cmake libcurl4-openssl-dev libssl-dev openssl
 }
 
 # npm_ensure DIR PACKAGE SPEC: install npm SPEC (e.g. 'playwright-core@1.65.1')

@@ -2,17 +2,27 @@
 # Throwaway MariaDB and PostgreSQL servers for the JobDB tests, from Debian's
 # packages, listening on 127.0.0.1 only.
 #
-#   scripts/sql.sh start-mariadb <dir> <port>
+#   scripts/sql.sh start-mariadb <dir> <port> [<cert-dir>]
 #       Install mariadb-server if missing, initialise a data directory in
 #       <dir>/data (first start only), start mariadbd in the background (pid,
 #       socket and error log in <dir>), create the user sluice/sluice with
 #       every privilege, and print SLUICE_TEST_MYSQL_URL=mysql://...
-#   scripts/sql.sh start-postgres <dir> <port>
+#       With <cert-dir> (scripts/certs.sh; generated there if missing): TLS
+#       with its server.pem/server.key/ca.pem, --require-secure-transport=ON,
+#       the user sluice REQUIRE SSL, and instead print
+#       SLUICE_TEST_MYSQL_TLS_URL=mysql://...?ssl-mode=VERIFY_IDENTITY&ssl-ca=...
+#   scripts/sql.sh start-postgres <dir> <port> [<cert-dir>]
 #       initdb <dir>/data (first start only; trust authentication for local
 #       connections), start postgres in the background (socket and log in
 #       <dir>), and print SLUICE_TEST_POSTGRES_URL=postgres://...
 #       As root, the server runs as the user postgres: <dir> is given to it,
 #       and every parent of <dir> must let it through (so not under /root).
+#       With <cert-dir>: ssl=on with a copy of its certificates in <dir>/tls
+#       (key 0600, owned by the server's user), TCP only over TLS with a
+#       password (pg_hba in <dir>/tls/pg_hba.conf: local trust, hostssl
+#       scram-sha-256, hostnossl reject), the password sluice-pg-secret for
+#       postgres, and instead print
+#       SLUICE_TEST_POSTGRES_TLS_URL=postgres://...?sslmode=verify-full&sslrootcert=...
 #   scripts/sql.sh stop <dir>
 #       Stop the server started on <dir> (either kind) and wait for it to exit.
 #   scripts/sql.sh free-port <first>
@@ -29,6 +39,18 @@ usage() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+PG_TLS_PASSWORD=sluice-pg-secret
+
+# cert_dir DIR: DIR made absolute, with the certificates of scripts/certs.sh
+# (generated there if missing)
+cert_dir() {
+  local certs="$1"
+  mkdir -p "$certs"
+  certs="$(cd "$certs" && pwd)"
+  [ -f "$certs/done" ] || bash "$(dirname "$0")/certs.sh" "$certs" >&2
+  echo "$certs"
+}
 
 free_port() {
   [ $# -eq 1 ] || usage
@@ -67,8 +89,8 @@ wait_ready() {
 }
 
 start_mariadb() {
-  [ $# -eq 2 ] || usage
-  local dir="$1" port="$2" pid
+  [ $# -eq 2 ] || [ $# -eq 3 ] || usage
+  local dir="$1" port="$2" certs="${3:-}" pid
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
   local url="mysql://sluice:sluice@127.0.0.1:$port"
@@ -89,20 +111,34 @@ start_mariadb() {
       --auth-root-authentication-method=socket --skip-test-db >"$dir/install.log" 2>&1 ||
       { cat "$dir/install.log" >&2; exit 1; }
   fi
-  log "starting mariadb on 127.0.0.1:$port, data in $dir"
+  # TLS: clients must use it over TCP (the root user's unix socket still works).
+  local tls=() require=""
+  if [ -n "$certs" ]; then
+    certs="$(cert_dir "$certs")"
+    tls=(--ssl-cert="$certs/server.pem" --ssl-key="$certs/server.key" --ssl-ca="$certs/ca.pem"
+      --require-secure-transport=ON)
+    require=" REQUIRE SSL"
+    log "starting mariadb on 127.0.0.1:$port (TLS only, certificates from $certs), data in $dir"
+  else
+    log "starting mariadb on 127.0.0.1:$port, data in $dir"
+  fi
   setsid mariadbd --no-defaults "${user[@]}" --datadir="$dir/data" --port="$port" \
     --bind-address=127.0.0.1 --socket="$dir/mariadb.sock" --pid-file="$dir/mariadb.pid" \
     --log-error="$dir/mariadb.err" --skip-name-resolve --innodb-buffer-pool-size=128M \
-    --max-connections=500 </dev/null >/dev/null 2>&1 &
+    --max-connections=500 "${tls[@]}" </dev/null >/dev/null 2>&1 &
   pid=$!
   echo "$pid" >"$dir/mariadb.pid"
   wait_ready mariadb "$pid" "$dir/mariadb.err" mariadb --no-defaults -S "$dir/mariadb.sock" -u root -e 'SELECT 1' ||
     { stop "$dir"; exit 1; }
   mariadb --no-defaults -S "$dir/mariadb.sock" -u root -e "
-    CREATE USER IF NOT EXISTS 'sluice'@'127.0.0.1' IDENTIFIED BY 'sluice';
-    GRANT ALL PRIVILEGES ON *.* TO 'sluice'@'127.0.0.1' WITH GRANT OPTION;" ||
+    CREATE USER IF NOT EXISTS 'sluice'@'127.0.0.1' IDENTIFIED BY 'sluice'$require;
+    GRANT ALL PRIVILEGES ON *.* TO 'sluice'@'127.0.0.1'$require WITH GRANT OPTION;" ||
     { stop "$dir"; exit 1; }
-  echo "SLUICE_TEST_MYSQL_URL=$url" >"$dir/url"
+  if [ -n "$certs" ]; then
+    echo "SLUICE_TEST_MYSQL_TLS_URL=$url?ssl-mode=VERIFY_IDENTITY&ssl-ca=$certs/ca.pem" >"$dir/url"
+  else
+    echo "SLUICE_TEST_MYSQL_URL=$url" >"$dir/url"
+  fi
   log "mariadb ready (pid $pid)"
   cat "$dir/url"
 }
@@ -124,8 +160,8 @@ as_pg() {
 }
 
 start_postgres() {
-  [ $# -eq 2 ] || usage
-  local dir="$1" port="$2" bin
+  [ $# -eq 2 ] || [ $# -eq 3 ] || usage
+  local dir="$1" port="$2" certs="${3:-}" bin
   mkdir -p "$dir"
   dir="$(cd "$dir" && pwd)"
   bin="$(pg_bin)"
@@ -135,6 +171,24 @@ start_postgres() {
     return 0
   fi
   if port_open "$port"; then log "port $port is already in use"; exit 1; fi
+  # TLS: the server's own copy of the certificates (PostgreSQL refuses a key
+  # that others can read) and a pg_hba.conf that takes TCP only over TLS; both
+  # live in <dir>/tls and are passed as options, so data/ stays as initdb made it.
+  local tls=""
+  if [ -n "$certs" ]; then
+    certs="$(cert_dir "$certs")"
+    mkdir -p "$dir/tls"
+    cp "$certs/server.pem" "$certs/server.key" "$certs/ca.pem" "$dir/tls/"
+    chmod 0600 "$dir/tls/server.key"
+    cat >"$dir/tls/pg_hba.conf" <<'EOF'
+# Generated by scripts/sql.sh (TLS instance).
+local     all all                trust
+hostssl   all all 127.0.0.1/32   scram-sha-256
+hostnossl all all 127.0.0.1/32   reject
+EOF
+    tls="-c ssl=on -c ssl_cert_file=$dir/tls/server.pem -c ssl_key_file=$dir/tls/server.key"
+    tls+=" -c ssl_ca_file=$dir/tls/ca.pem -c hba_file=$dir/tls/pg_hba.conf -c password_encryption=scram-sha-256"
+  fi
   if [ "$(id -u)" -eq 0 ]; then
     chown -R postgres: "$dir"
     runuser -u postgres -- test -w "$dir" ||
@@ -146,15 +200,26 @@ start_postgres() {
     as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 ||
       { cat "$dir/initdb.log" >&2; exit 1; }
   fi
-  log "starting postgres on 127.0.0.1:$port, data in $dir"
+  if [ -n "$certs" ]; then
+    log "starting postgres on 127.0.0.1:$port (TLS only, certificates from $certs), data in $dir"
+  else
+    log "starting postgres on 127.0.0.1:$port, data in $dir"
+  fi
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -s \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on" start >/dev/null ||
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on${tls:+ $tls}" start >/dev/null ||
     { tail -n 30 "$dir/postgres.log" >&2; exit 1; }
   local pid
   pid="$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null || true)"
   wait_ready postgres "${pid:-0}" "$dir/postgres.log" as_pg "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" ||
     { stop "$dir"; exit 1; }
-  echo "SLUICE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres" >"$dir/url"
+  if [ -n "$certs" ]; then
+    as_pg "$bin/psql" -X -q -h "$dir" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+      -c "ALTER USER postgres PASSWORD '$PG_TLS_PASSWORD'" ||
+      { stop "$dir"; exit 1; }
+    echo "SLUICE_TEST_POSTGRES_TLS_URL=postgres://postgres:$PG_TLS_PASSWORD@127.0.0.1:$port/postgres?sslmode=verify-full&sslrootcert=$certs/ca.pem" >"$dir/url"
+  else
+    echo "SLUICE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres" >"$dir/url"
+  fi
   log "postgres ready (pid $pid)"
   cat "$dir/url"
 }

@@ -20,10 +20,14 @@ export SLUICE_REQUIRE_S3=1
 SQL_DIR="$(mktemp -d "${TMPDIR:-/tmp}/sluice-sql.XXXXXX")"
 chmod 755 "$SQL_DIR"  # the postgres user must reach its data directory
 KAFKA_DIR="$SQL_DIR/kafka"
+KAFKA_TLS_DIR="$SQL_DIR/kafka-tls"
 stop_services() {
   bash scripts/kafka.sh stop "$KAFKA_DIR" || true
+  bash scripts/kafka.sh stop "$KAFKA_TLS_DIR" || true
   bash scripts/sql.sh stop "$SQL_DIR/mariadb" || true
   bash scripts/sql.sh stop "$SQL_DIR/postgres" || true
+  bash scripts/sql.sh stop "$SQL_DIR/mariadb-tls" || true
+  bash scripts/sql.sh stop "$SQL_DIR/postgres-tls" || true
   rm -rf "$SQL_DIR"
 }
 trap stop_services EXIT
@@ -38,6 +42,25 @@ kafka_port="$(bash scripts/sql.sh free-port 39092)"
 kafka_env="$(bash scripts/kafka.sh start sluice-test "$kafka_port" "$(bash scripts/sql.sh free-port 39093)" "$KAFKA_DIR")"
 export SLUICE_TEST_KAFKA_BOOTSTRAP="${kafka_env#KAFKA_BOOTSTRAP=}"
 export SLUICE_REQUIRE_KAFKA=1
+# TLS and SASL (docs/plans/TLS.md): test certificates from scripts/certs.sh,
+# one broker with SSL (mTLS) and SASL_SSL (SCRAM, PLAIN) listeners, and TLS-only
+# MariaDB and PostgreSQL instances beside the plain ones, all stopped at exit.
+cert_env="$(bash scripts/certs.sh "$SQL_DIR/certs")"
+while IFS='=' read -r key value; do export "$key=$value"; done <<<"$cert_env"
+kafka_tls_port="$(bash scripts/sql.sh free-port 39192)"
+kafka_tls_cport="$(bash scripts/sql.sh free-port $((kafka_tls_port + 1)))"
+kafka_ssl_port="$(bash scripts/sql.sh free-port $((kafka_tls_cport + 1)))"
+kafka_sasl_ssl_port="$(bash scripts/sql.sh free-port $((kafka_ssl_port + 1)))"
+kafka_tls_env="$(bash scripts/kafka.sh start-secure sluice-test-tls "$kafka_tls_port" "$kafka_tls_cport" \
+  "$kafka_ssl_port" "$kafka_sasl_ssl_port" "$KAFKA_TLS_DIR" "$SLUICE_TEST_CERT_DIR")"
+while IFS='=' read -r key value; do
+  case "$key" in
+    KAFKA_SSL_BOOTSTRAP | KAFKA_SASL_SSL_BOOTSTRAP | KAFKA_SCRAM_USER | KAFKA_SCRAM_PASSWORD) export "SLUICE_TEST_$key=$value" ;;
+  esac
+done <<<"$kafka_tls_env"
+tls_urls="$(bash scripts/sql.sh start-mariadb "$SQL_DIR/mariadb-tls" "$(bash scripts/sql.sh free-port 33316)" "$SLUICE_TEST_CERT_DIR")"
+tls_urls+=$'\n'"$(bash scripts/sql.sh start-postgres "$SQL_DIR/postgres-tls" "$(bash scripts/sql.sh free-port 35442)" "$SLUICE_TEST_CERT_DIR")"
+while IFS='=' read -r key value; do export "$key=$value"; done <<<"$tls_urls"
 log "building and running the tests (target dir: $CARGO_TARGET_DIR)"
 cargo test --release --workspace "$@"
 log "OpenTelemetry traces (cargo feature otel)"

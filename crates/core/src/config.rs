@@ -1,5 +1,6 @@
 //! Configuration: a TOML file, then `SLUICE_<SECTION>__<KEY>` environment
-//! overrides, then CLI flags (applied by the binary), over defaults that work.
+//! overrides (any depth: `SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD`), then
+//! CLI flags (applied by the binary), over defaults that work.
 //!
 //! Invariants:
 //! - Unknown keys are errors, never silently ignored (a typo in a limit must
@@ -133,6 +134,11 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for requests in flight.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// HTTPS: the certificate chain (PEM) of the Tracking API; with
+    /// `tls_key_file`. Both files are re-read when they change.
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS: the private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +151,10 @@ pub struct AdminConfig {
     /// Bearer token of `GET /metrics` (`admin.token` is accepted too);
     /// absent = `/metrics` is public, as it always was.
     pub metrics_token: Option<String>,
+    /// HTTPS on the admin port: certificate chain (PEM), with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS on the admin port: the private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// What the Tracking API does with a write key it does not know.
@@ -208,13 +218,35 @@ pub struct DirectorConfig {
     /// This director's name: unique among the directors sharing
     /// `deliver.jobdb_url`, and kept across restarts (its JobDBs carry it).
     pub name: String,
-    /// Where the route's RPC calls are served (HTTP/2, cleartext).
+    /// Where the route's RPC calls are served (HTTP/2; over TLS when
+    /// `tls_cert_file` is set).
     pub rpc_listen: String,
-    /// The URL routes use to reach it; default `http://<rpc_listen>`.
+    /// The URL routes use to reach it; default `http://<rpc_listen>`, or
+    /// `https://<rpc_listen>` with TLS.
     pub rpc_url: Option<String>,
     /// The secret routes sign their RPC calls with (HMAC), the same in every
     /// `sluice route` and `sluice director`; they refuse to start without it.
     pub rpc_secret: Option<String>,
+    /// Director: its RPC server certificate (PEM). Route: its client
+    /// certificate, presented when directors require one. With `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the other side's certificate. Setting it on a
+    /// route turns TLS on: it then verifies directors with it and refuses
+    /// plain-text directors. On a director with `tls_client_auth`, it
+    /// verifies routes' client certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Director: require a client certificate signed by `tls_ca_file` (mutual TLS).
+    pub tls_client_auth: bool,
+}
+
+impl DirectorConfig {
+    /// Whether this process talks TLS on the director RPC: a director with a
+    /// certificate, a route with a CA to verify directors by.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some() || self.tls_ca_file.is_some()
+    }
 }
 
 /// The shortest `director.rpc_secret` accepted.
@@ -222,7 +254,16 @@ pub const MIN_RPC_SECRET_LEN: usize = 32;
 
 impl Default for DirectorConfig {
     fn default() -> Self {
-        Self { name: "director".into(), rpc_listen: "127.0.0.1:8090".into(), rpc_url: None, rpc_secret: None }
+        Self {
+            name: "director".into(),
+            rpc_listen: "127.0.0.1:8090".into(),
+            rpc_url: None,
+            rpc_secret: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
+            tls_client_auth: false,
+        }
     }
 }
 
@@ -261,11 +302,125 @@ pub struct KafkaConfig {
     pub settings: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaCluster {
     /// `host:port[,host:port…]`.
     pub bootstrap_servers: String,
+    /// How the link is protected: `plaintext` (default), `ssl`,
+    /// `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: KafkaSecurity,
+    /// The CA (PEM) that signed the brokers' certificates; absent = the
+    /// system's CAs. Only with `ssl` or `sasl_ssl`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for brokers that require one; with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Check that a broker's certificate names the host it was reached at
+    /// (default true; turning it off is logged as a warning).
+    pub tls_verify_hostname: bool,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with `sasl_*`.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    /// Better set from the environment:
+    /// `SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD`.
+    pub sasl_password: Option<Secret>,
+}
+
+/// `log.kafka.*.security_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaSecurity {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaSecurity {
+    /// librdkafka's `security.protocol` value.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// `log.kafka.*.sasl_mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's `sasl.mechanisms` value.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A secret from the config (a password): never shown by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A hash of it, not the value, so a changed secret still changes
+        // the section's text (see `Config::section_debug`).
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.0.hash(&mut h);
+        write!(f, "Secret(#{:x})", h.finish() & 0xffff)
+    }
+}
+
+impl Default for KafkaCluster {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            security_protocol: KafkaSecurity::Plaintext,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_verify_hostname: true,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -372,6 +527,9 @@ pub struct DeliverConfig {
     pub archive_s3_endpoint: Option<String>,
     /// S3 region; default `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
     pub archive_s3_region: Option<String>,
+    /// A CA (PEM) to trust, besides the system's, for an `https://`
+    /// `archive_s3_endpoint` (an S3-compatible server with its own CA).
+    pub archive_s3_ca_file: Option<PathBuf>,
 }
 
 /// Where archived jobs are written: `deliver.archive_url`, else
@@ -383,7 +541,8 @@ pub enum ArchiveTarget {
     /// An S3 bucket (or a bucket of the S3-compatible server at `endpoint`);
     /// objects go under `prefix` (no leading or trailing `/`; may be empty).
     /// Credentials come from the standard `AWS_*` environment variables.
-    S3 { bucket: String, prefix: String, endpoint: Option<String>, region: Option<String> },
+    /// `ca_file`: a CA (PEM) trusted besides the system's.
+    S3 { bucket: String, prefix: String, endpoint: Option<String>, region: Option<String>, ca_file: Option<PathBuf> },
 }
 
 impl std::fmt::Display for ArchiveTarget {
@@ -441,6 +600,7 @@ impl Default for DeliverConfig {
             archive_url: None,
             archive_s3_endpoint: None,
             archive_s3_region: None,
+            archive_s3_ca_file: None,
         }
     }
 }
@@ -464,7 +624,11 @@ impl DeliverConfig {
         const USAGE: &str = "use file:///path/to/dir or s3://bucket/prefix";
         let url = self.archive_url.as_deref().map(str::trim).unwrap_or("");
         let s3_only = || {
-            for (key, set) in [("archive_s3_endpoint", self.archive_s3_endpoint.is_some()), ("archive_s3_region", self.archive_s3_region.is_some())] {
+            for (key, set) in [
+                ("archive_s3_endpoint", self.archive_s3_endpoint.is_some()),
+                ("archive_s3_region", self.archive_s3_region.is_some()),
+                ("archive_s3_ca_file", self.archive_s3_ca_file.is_some()),
+            ] {
                 if set {
                     return Err(invalid(format!("deliver.{key}"), "is only used with an s3:// deliver.archive_url"));
                 }
@@ -522,7 +686,16 @@ impl DeliverConfig {
                     }
                     r => r.map(str::to_owned),
                 };
-                Ok(ArchiveTarget::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned(), endpoint, region })
+                if self.archive_s3_ca_file.is_some() && endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
+                    return Err(invalid("deliver.archive_s3_ca_file", "is for an https:// archive_s3_endpoint; this one is http:// (plain text)"));
+                }
+                Ok(ArchiveTarget::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix: prefix.to_owned(),
+                    endpoint,
+                    region,
+                    ca_file: self.archive_s3_ca_file.clone(),
+                })
             }
             other => Err(invalid(URL, format!("unknown scheme {other:?} in {url:?}: {USAGE}"))),
         }
@@ -681,13 +854,15 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8089".into(), token: None, metrics_token: None }
+        Self { listen: "127.0.0.1:8089".into(), token: None, metrics_token: None, tls_cert_file: None, tls_key_file: None }
     }
 }
 
@@ -766,7 +941,7 @@ impl Config {
         for o in &overrides {
             o.apply(&mut doc)?;
         }
-        let set = overrides.iter().map(|o| (o.var.clone(), format!("{}.{}", o.section, o.key))).collect();
+        let set = overrides.iter().map(|o| (o.var.clone(), o.dotted())).collect();
         match toml::Value::Table(doc).try_into() {
             Ok(config) => Ok((config, set)),
             Err(e) => {
@@ -933,7 +1108,53 @@ impl Config {
                 return Err(invalid(format!("sources[{i}].write_key"), format!("duplicate write key (also sources[{j}])")));
             }
         }
-        self.validate_deliver()
+        self.validate_deliver()?;
+        self.validate_links()
+    }
+
+    /// The TLS and SASL keys of every link: pairs set together, files that
+    /// exist, nothing that would quietly leave a link in plain text.
+    fn validate_links(&self) -> Result<(), ConfigError> {
+        check_cert_pair("server", &self.server.tls_cert_file, &self.server.tls_key_file)?;
+        check_cert_pair("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
+        let dir = &self.director;
+        check_cert_pair("director", &dir.tls_cert_file, &dir.tls_key_file)?;
+        check_file("director.tls_ca_file", &dir.tls_ca_file)?;
+        if dir.tls_client_auth && (dir.tls_ca_file.is_none() || dir.tls_cert_file.is_none()) {
+            return Err(invalid(
+                "director.tls_client_auth",
+                "needs director.tls_cert_file (the director's certificate) and director.tls_ca_file (the CA of the routes' client certificates)",
+            ));
+        }
+        if let Some(url) = dir.rpc_url.as_deref() {
+            let tls = dir.tls_cert_file.is_some();
+            if tls && url.starts_with("http://") {
+                return Err(invalid("director.rpc_url", format!("{url:?} is plain text while director.tls_cert_file is set: use https://")));
+            }
+            if !tls && url.starts_with("https://") {
+                return Err(invalid("director.rpc_url", format!("{url:?} is https:// but director.tls_cert_file is not set")));
+            }
+        }
+        let k = &self.log.kafka;
+        let clusters = [("log.kafka.primary", Some(&k.primary)), ("log.kafka.secondary", k.secondary.as_ref())];
+        for (prefix, cluster) in clusters {
+            if let Some(c) = cluster {
+                check_kafka_cluster(prefix, c)?;
+            }
+        }
+        for name in k.settings.keys() {
+            let n = name.trim().to_ascii_lowercase();
+            if n == "security.protocol" || n.starts_with("ssl.") || n.starts_with("sasl.") || n == "enable.ssl.certificate.verification" {
+                return Err(invalid(
+                    format!("log.kafka.settings.\"{name}\""),
+                    "the link's security is set by the security_protocol, tls_* and sasl_* keys of [log.kafka.primary] / [log.kafka.secondary], not here",
+                ));
+            }
+        }
+        if let Some(url) = self.deliver.jobdb_url.as_deref() {
+            check_sql_tls_mode("deliver.jobdb_url", url)?;
+        }
+        check_file("deliver.archive_s3_ca_file", &self.deliver.archive_s3_ca_file)
     }
 
     fn validate_deliver(&self) -> Result<(), ConfigError> {
@@ -1051,6 +1272,94 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     String::from_utf8(bytes).map_err(|_| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text: not a config file")))
 }
 
+/// `key` names a file that can be opened (it is read, and parsed, when the
+/// link is set up).
+fn check_file(key: &str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => std::fs::File::open(path).map(drop).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display()))),
+        Ok(_) => Err(invalid(key, format!("{} is not a file", path.display()))),
+        Err(e) => Err(invalid(key, format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+/// `<prefix>.tls_cert_file` and `<prefix>.tls_key_file`: both or neither, readable.
+fn check_cert_pair(prefix: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>) -> Result<(), ConfigError> {
+    match (cert, key) {
+        (Some(_), None) => return Err(invalid(format!("{prefix}.tls_key_file"), format!("is required with {prefix}.tls_cert_file"))),
+        (None, Some(_)) => return Err(invalid(format!("{prefix}.tls_cert_file"), format!("is required with {prefix}.tls_key_file"))),
+        _ => {}
+    }
+    check_file(&format!("{prefix}.tls_cert_file"), cert)?;
+    check_file(&format!("{prefix}.tls_key_file"), key)
+}
+
+fn check_kafka_cluster(prefix: &str, c: &KafkaCluster) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let protocol = c.security_protocol;
+    if !protocol.uses_tls() {
+        for (name, set) in
+            [("tls_ca_file", c.tls_ca_file.is_some()), ("tls_cert_file", c.tls_cert_file.is_some()), ("tls_key_file", c.tls_key_file.is_some())]
+        {
+            if set {
+                return Err(invalid(key(name), format!("needs security_protocol = \"ssl\" or \"sasl_ssl\" (it is {:?})", protocol.as_librdkafka())));
+            }
+        }
+    }
+    check_cert_pair(prefix, &c.tls_cert_file, &c.tls_key_file)?;
+    check_file(&key("tls_ca_file"), &c.tls_ca_file)?;
+    if protocol.uses_sasl() {
+        if c.sasl_mechanism.is_none() {
+            return Err(invalid(key("sasl_mechanism"), "is required with a sasl_ security_protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"));
+        }
+        if c.sasl_username.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid(key("sasl_username"), "is required with a sasl_ security_protocol"));
+        }
+        if c.sasl_password.as_ref().is_none_or(|p| p.expose().is_empty()) {
+            let var = format!("SLUICE_{}__SASL_PASSWORD", prefix.to_ascii_uppercase().replace('.', "__"));
+            return Err(invalid(key("sasl_password"), format!("is required with a sasl_ security_protocol (set it from the environment: {var})")));
+        }
+    } else {
+        for (name, set) in [
+            ("sasl_mechanism", c.sasl_mechanism.is_some()),
+            ("sasl_username", c.sasl_username.is_some()),
+            ("sasl_password", c.sasl_password.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    key(name),
+                    format!("needs security_protocol = \"sasl_ssl\" or \"sasl_plaintext\" (it is {:?})", protocol.as_librdkafka()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A JobDB URL's TLS mode, if it names one, is one that cannot fall back
+/// to plain text unnoticed: `prefer`/`allow` (PostgreSQL) and `preferred`
+/// (MySQL) connect unencrypted when the server offers no TLS.
+fn check_sql_tls_mode(key: &str, url: &str) -> Result<(), ConfigError> {
+    let Some((_, query)) = url.split_once('?') else { return Ok(()) };
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if matches!(name, "sslmode" | "ssl-mode") {
+            let v = value.to_ascii_lowercase().replace('_', "-");
+            match v.as_str() {
+                "disable" | "disabled" | "require" | "required" | "verify-ca" | "verify-full" | "verify-identity" => {}
+                "prefer" | "preferred" | "allow" => {
+                    return Err(invalid(
+                        key,
+                        format!("{name}={value} may fall back to plain text: use disable, require, verify-ca or verify-full (PostgreSQL), or DISABLED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY (MySQL)"),
+                    ))
+                }
+                _ => return Err(invalid(key, format!("{name}={value:?} is not a TLS mode"))),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address of the form IP:PORT")))
 }
@@ -1066,22 +1375,35 @@ fn blame_env(e: ConfigError, set: &[(String, String)]) -> ConfigError {
     }
 }
 
-/// One environment override: `SLUICE_SERVER__LISTEN=0.0.0.0:9000` sets `server.listen`.
+/// One environment override: `SLUICE_SERVER__LISTEN=0.0.0.0:9000` sets
+/// `server.listen`; `SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD` sets
+/// `log.kafka.primary.sasl_password` (tables on the way are created).
 struct EnvOverride {
     var: String,
-    section: String,
-    key: String,
+    /// The key's path: a section, tables, the key (at least two parts).
+    path: Vec<String>,
     value: toml::Value,
 }
 
+/// The deepest key an override can name (`log.kafka.primary.sasl_password` is 4).
+const MAX_ENV_DEPTH: usize = 6;
+
 impl EnvOverride {
+    fn dotted(&self) -> String {
+        self.path.join(".")
+    }
+
     fn apply(&self, doc: &mut toml::Table) -> Result<(), ConfigError> {
-        let table = doc
-            .entry(self.section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::Env { var: self.var.clone(), problem: format!("`{}` is not a table", self.section) })?;
-        table.insert(self.key.clone(), self.value.clone());
+        let (key, tables) = self.path.split_last().expect("at least two parts");
+        let mut table = doc;
+        for (i, name) in tables.iter().enumerate() {
+            table = table
+                .entry(name.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Env { var: self.var.clone(), problem: format!("`{}` is not a table", self.path[..=i].join(".")) })?;
+        }
+        table.insert(key.clone(), self.value.clone());
         Ok(())
     }
 }
@@ -1127,19 +1449,23 @@ fn env_overrides(env: &HashMap<String, String>) -> Result<Vec<EnvOverride>, Conf
     let mut out = Vec::with_capacity(vars.len());
     for (name, raw) in vars {
         let path = &name["SLUICE_".len()..];
-        let malformed = || ConfigError::Env { var: name.clone(), problem: "environment overrides have the form SLUICE_<SECTION>__<KEY>".into() };
+        let malformed = || ConfigError::Env {
+            var: name.clone(),
+            problem: format!(
+                "environment overrides have the form SLUICE_<SECTION>__<KEY> (or SLUICE_<SECTION>__<TABLE>__<KEY>, at most {MAX_ENV_DEPTH} parts)"
+            ),
+        };
         // `SLUICE__X` passes the filter (its `__` touches the prefix) but has
-        // no separator after the prefix (found by fuzzing; was a panic).
-        let Some((section, key)) = path.split_once("__") else { return Err(malformed()) };
-        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        if section.is_empty() || key.is_empty() || key.contains("__") {
+        // an empty section (found by fuzzing; was a panic).
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if parts.len() < 2 || parts.len() > MAX_ENV_DEPTH || parts.iter().any(String::is_empty) {
             return Err(malformed());
         }
         let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
-        out.push(EnvOverride { var: name.clone(), section, key, value });
+        out.push(EnvOverride { var: name.clone(), path: parts, value });
     }
     Ok(out)
 }

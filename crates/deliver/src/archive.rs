@@ -50,11 +50,32 @@ impl Archive {
     /// path-style requests). Credentials, and the region and endpoint when
     /// not given, come from the standard `AWS_*` environment variables
     /// (`AmazonS3Builder::from_env`); the region defaults to `us-east-1`.
+    /// `ca_file`: a CA (PEM, one or more certificates) trusted besides the
+    /// system's, for an S3-compatible server with its own CA. An `https://`
+    /// endpoint is never reached over plain HTTP.
     /// Nothing is sent until the first write.
-    pub fn s3(bucket: &str, prefix: &str, endpoint: Option<&str>, region: Option<&str>) -> Result<Archive, DeliverError> {
+    pub fn s3(bucket: &str, prefix: &str, endpoint: Option<&str>, region: Option<&str>, ca_file: Option<&Path>) -> Result<Archive, DeliverError> {
         // A write is retried briefly here; the director retries a failed one later anyway.
         let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(10), backoff: BackoffConfig::default() };
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+        let mut builder = AmazonS3Builder::new();
+        if let Some(path) = ca_file {
+            let link = |e: &dyn std::fmt::Display| DeliverError::Archive(format!("s3 archive: CA file {}: {e}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| link(&e))?;
+            let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| link(&e))?;
+            if certs.is_empty() {
+                return Err(link(&"no PEM certificate in it"));
+            }
+            let options = certs.into_iter().fold(object_store::ClientOptions::new(), |o, cert| o.with_root_certificate(cert));
+            builder = builder.with_client_options(options);
+        }
+        // `AmazonS3Builder::from_env`'s reading of `AWS_*`, after the client
+        // options it would otherwise replace.
+        for (name, value) in std::env::vars() {
+            if let Some(key) = name.starts_with("AWS_").then(|| name.to_ascii_lowercase().parse().ok()).flatten() {
+                builder = builder.with_config(key, value);
+            }
+        }
+        builder = builder.with_bucket_name(bucket).with_retry(retry);
         if let Some(endpoint) = endpoint {
             builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
         }
@@ -77,7 +98,9 @@ impl Archive {
     pub fn open(target: &ArchiveTarget) -> Result<Archive, DeliverError> {
         match target {
             ArchiveTarget::Local(dir) => Self::local(dir),
-            ArchiveTarget::S3 { bucket, prefix, endpoint, region } => Self::s3(bucket, prefix, endpoint.as_deref(), region.as_deref()),
+            ArchiveTarget::S3 { bucket, prefix, endpoint, region, ca_file } => {
+                Self::s3(bucket, prefix, endpoint.as_deref(), region.as_deref(), ca_file.as_deref())
+            }
         }
     }
 

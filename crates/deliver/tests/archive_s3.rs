@@ -317,7 +317,7 @@ async fn an_archived_job_lands_in_the_bucket_under_its_key() {
     let env = open(&toml(&sink, &moto.endpoint(), "prod/jobs/")).await;
     assert_eq!(
         env.config.archive_target(),
-        ArchiveTarget::S3 { bucket: BUCKET.into(), prefix: "prod/jobs".into(), endpoint: Some(moto.endpoint()), region: None }
+        ArchiveTarget::S3 { bucket: BUCKET.into(), prefix: "prod/jobs".into(), endpoint: Some(moto.endpoint()), region: None, ca_file: None }
     );
 
     env.centrifuge.insert(vec![short_lived_job("m-s3", "dead")], sluice_deliver::now_ms()).await.unwrap();
@@ -421,7 +421,7 @@ fn archived_job<'a>(payload: &'a [u8], history: &'a [Transition]) -> ArchivedJob
 async fn a_put_to_an_unreachable_s3_endpoint_is_an_error() {
     aws_credentials();
     let endpoint = format!("http://127.0.0.1:{}", free_port());
-    let archive = Archive::s3(BUCKET, "x", Some(&endpoint), None).unwrap();
+    let archive = Archive::s3(BUCKET, "x", Some(&endpoint), None, None).unwrap();
     assert_eq!(archive.location, format!("s3://{BUCKET}/x (at {endpoint})"));
     let err = archive.put(&archived_job(b"{}", &[])).await.unwrap_err();
     assert!(err.to_string().contains("archive write failed"), "{err}");
@@ -494,7 +494,7 @@ fn archive_settings_name_the_target() {
     assert_eq!(target("archive_url = \"file:///srv/archive\""), ArchiveTarget::Local("/srv/archive".into()));
     assert_eq!(
         target("archive_url = \"s3://my-bucket\""),
-        ArchiveTarget::S3 { bucket: "my-bucket".into(), prefix: String::new(), endpoint: None, region: None }
+        ArchiveTarget::S3 { bucket: "my-bucket".into(), prefix: String::new(), endpoint: None, region: None, ca_file: None }
     );
     assert_eq!(
         target("archive_url = \"s3://my.bucket-1/a/b/\"\narchive_s3_endpoint = \"https://s3.example.com/\"\narchive_s3_region = \"eu-west-1\""),
@@ -502,7 +502,8 @@ fn archive_settings_name_the_target() {
             bucket: "my.bucket-1".into(),
             prefix: "a/b".into(),
             endpoint: Some("https://s3.example.com".into()),
-            region: Some("eu-west-1".into())
+            region: Some("eu-west-1".into()),
+            ca_file: None
         }
     );
     // The usual environment override works for the new keys.

@@ -82,6 +82,31 @@ pub struct KafkaOptions {
     /// Extra librdkafka settings applied to every client (producers,
     /// consumers, admin), e.g. `socket.keepalive.enable`.
     pub settings: Vec<(String, String)>,
+    /// How the link to the brokers is protected (TLS, SASL), and its name in errors.
+    pub link: KafkaLink,
+}
+
+/// The protection of one Kafka link: librdkafka's `security.protocol`,
+/// `ssl.*` and `sasl.*` settings, and the link's name in errors
+/// (`kafka primary`). `Debug` never shows a password.
+#[derive(Clone)]
+pub struct KafkaLink {
+    pub name: String,
+    pub settings: Vec<(String, String)>,
+}
+
+impl Default for KafkaLink {
+    fn default() -> Self {
+        Self { name: "kafka".into(), settings: Vec::new() }
+    }
+}
+
+impl std::fmt::Debug for KafkaLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<(&str, &str)> =
+            self.settings.iter().map(|(k, v)| (k.as_str(), if k.contains("password") { "***" } else { v.as_str() })).collect();
+        f.debug_struct("KafkaLink").field("name", &self.name).field("settings", &shown).finish()
+    }
 }
 
 impl KafkaOptions {
@@ -96,6 +121,7 @@ impl KafkaOptions {
             read_wait: Duration::from_millis(50),
             client_id: "sluice".into(),
             settings: Vec::new(),
+            link: KafkaLink::default(),
         }
     }
 
@@ -110,7 +136,7 @@ impl KafkaOptions {
             // Reconnect to a broker that came back within 2 s (default: up to 10 s).
             .set("reconnect.backoff.max.ms", "2000")
             .set("log_level", "3");
-        for (k, v) in &self.settings {
+        for (k, v) in self.settings.iter().chain(&self.link.settings) {
             c.set(k, v);
         }
         c
@@ -148,6 +174,63 @@ impl KafkaOptions {
 
 fn kafka(op: &'static str) -> impl Fn(KafkaError) -> LogError {
     move |e| LogError::Kafka { op, cause: e.to_string() }
+}
+
+/// The first client of a log: it remembers the last connection-level error
+/// librdkafka reported (a failed TLS handshake, SASL authentication), which
+/// a metadata timeout alone would not say.
+struct ProbeContext {
+    last: Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // A TLS or authentication failure explains more than the transport
+        // failure that follows it: keep it.
+        let specific = |c: RDKafkaErrorCode| matches!(c, RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication);
+        if specific(code) || !last.as_ref().is_some_and(|(c, _)| specific(*c)) {
+            *last = Some((code, reason.to_owned()));
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// Check that the brokers answer, before any other client is made: a link
+/// that fails (wrong CA, expired certificate, wrong password, a plain-text
+/// client on a TLS port) is named with librdkafka's reason, e.g. `kafka
+/// primary: TLS handshake failed: ssl://…: SSL handshake failed: …`.
+fn probe(options: &KafkaOptions) -> Result<(), LogError> {
+    let context = ProbeContext { last: Mutex::new(None) };
+    let client: BaseConsumer<ProbeContext> = options.consumer("sluice-probe").create_with_context(context).map_err(kafka("create consumer"))?;
+    let deadline = Instant::now() + options.request_timeout;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1)).max(Duration::from_millis(100));
+        let failed = match client.fetch_metadata(None, wait) {
+            Ok(meta) if !meta.brokers().is_empty() => return Ok(()),
+            Ok(_) => "no broker listed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        // Connection errors reach the context only through the client's queue.
+        let _ = client.poll(Duration::from_millis(100));
+        let seen = client.context().last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Authentication is not retried into the timeout: it will not heal.
+        let hopeless = seen.as_ref().is_some_and(|(c, _)| matches!(c, RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication));
+        if hopeless || Instant::now() >= deadline {
+            let link = &options.link.name;
+            let servers = &options.bootstrap_servers;
+            return Err(LogError::Unavailable(match seen {
+                Some((RDKafkaErrorCode::Authentication, reason)) => format!("{link} ({servers}): SASL authentication failed: {reason}"),
+                Some((code, reason)) if code == RDKafkaErrorCode::SSL || reason.contains("SSL") => {
+                    format!("{link} ({servers}): TLS failed: {reason}")
+                }
+                Some((_, reason)) => format!("{link} ({servers}): no answer within {:?}: {reason}", options.request_timeout),
+                None => format!("{link} ({servers}): no answer within {:?}: {failed}", options.request_timeout),
+            }));
+        }
+    }
 }
 
 /// A reader's client context: end-of-partition is how a read learns it is
@@ -333,6 +416,7 @@ impl KafkaLog {
     /// rest on too few brokers). Blocks (call from a blocking context or at
     /// startup).
     pub fn connect(options: KafkaOptions) -> Result<KafkaLog, LogError> {
+        probe(&options)?;
         let producer: FutureProducer = options.producer().create().map_err(kafka("create producer"))?;
         let offsets_client: BaseConsumer = options.consumer("sluice-offsets").create().map_err(kafka("create consumer"))?;
         let partitions = ensure_topics(&options, &offsets_client)?;

@@ -31,7 +31,7 @@ pub mod kafka;
 
 pub use embedded::{EmbeddedLog, LogMetrics, LogOptions};
 pub use failover::FailoverLog;
-pub use kafka::{KafkaLog, KafkaOptions};
+pub use kafka::{KafkaLink, KafkaLog, KafkaOptions};
 
 /// A record to append: `key` identifies it (Sluice uses `<source>/<messageId>`),
 /// `value` is the event JSON.

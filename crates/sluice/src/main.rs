@@ -677,7 +677,47 @@ fn kafka_options(config: &Config, cluster: &sluice_core::config::KafkaCluster, p
     o.request_timeout = k.request_timeout;
     o.client_id = k.client_id.clone();
     o.settings = k.settings.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+    o.link = kafka_link(cluster, if primary { "kafka primary" } else { "kafka secondary" });
     o
+}
+
+/// librdkafka's security settings for `cluster` (validated: the keys fit
+/// the protocol). Nothing is left to librdkafka's defaults that could
+/// weaken the link: the protocol is always set, and certificate checks stay on.
+fn kafka_link(cluster: &sluice_core::config::KafkaCluster, name: &str) -> sluice_log::KafkaLink {
+    let mut settings = vec![("security.protocol".to_owned(), cluster.security_protocol.as_librdkafka().to_owned())];
+    let mut set = |k: &str, v: String| settings.push((k.to_owned(), v));
+    let path = |p: &std::path::Path| p.display().to_string();
+    if cluster.security_protocol.uses_tls() {
+        set("enable.ssl.certificate.verification", "true".into());
+        if let Some(ca) = &cluster.tls_ca_file {
+            set("ssl.ca.location", path(ca));
+        }
+        if let (Some(cert), Some(key)) = (&cluster.tls_cert_file, &cluster.tls_key_file) {
+            set("ssl.certificate.location", path(cert));
+            set("ssl.key.location", path(key));
+        }
+        if cluster.tls_verify_hostname {
+            set("ssl.endpoint.identification.algorithm", "https".into());
+        } else {
+            tracing::warn!(
+                link = name,
+                "tls_verify_hostname = false: the brokers' certificates are checked, but not the host names they are reached at"
+            );
+            set("ssl.endpoint.identification.algorithm", "none".into());
+        }
+    }
+    if cluster.security_protocol.uses_sasl() {
+        if let Some(m) = cluster.sasl_mechanism {
+            set("sasl.mechanisms", m.as_librdkafka().into());
+            if m == sluice_core::config::SaslMechanism::Plain && !cluster.security_protocol.uses_tls() {
+                tracing::warn!(link = name, "SASL PLAIN over sasl_plaintext sends the password in clear text; use sasl_ssl");
+            }
+        }
+        set("sasl.username", cluster.sasl_username.clone().unwrap_or_default());
+        set("sasl.password", cluster.sasl_password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default());
+    }
+    sluice_log::KafkaLink { name: name.to_owned(), settings }
 }
 
 /// The embedded log's options for `config`: topics `input` and `output`
