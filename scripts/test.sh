@@ -56,6 +56,8 @@ kafka_tls_env="$(bash scripts/kafka.sh start-secure sluice-test-tls "$kafka_tls_
 while IFS='=' read -r key value; do
   case "$key" in
     KAFKA_SSL_BOOTSTRAP | KAFKA_SASL_SSL_BOOTSTRAP | KAFKA_SCRAM_USER | KAFKA_SCRAM_PASSWORD) export "SLUICE_TEST_$key=$value" ;;
+    # Its plain-text listener: the tests' "TLS client on a plain port" case.
+    KAFKA_BOOTSTRAP) export "SLUICE_TEST_KAFKA_SECURE_PLAIN_BOOTSTRAP=$value" ;;
   esac
 done <<<"$kafka_tls_env"
 tls_urls="$(bash scripts/sql.sh start-mariadb "$SQL_DIR/mariadb-tls" "$(bash scripts/sql.sh free-port 33316)" "$SLUICE_TEST_CERT_DIR")"
