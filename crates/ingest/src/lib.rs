@@ -18,6 +18,7 @@ pub mod event;
 pub mod ratelimit;
 pub mod server;
 pub mod spool;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::Read;

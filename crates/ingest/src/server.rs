@@ -54,6 +54,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// HTTPS: every connection starts with a TLS handshake (within
+    /// `header_read_timeout`, holding its connection slot); nothing is
+    /// served in plain text.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl ServeOptions {
@@ -65,6 +69,7 @@ impl ServeOptions {
             same_origin: false,
             header_read_timeout: server.header_read_timeout,
             shutdown_grace: server.shutdown_grace,
+            tls: None,
         }
     }
 }
@@ -113,20 +118,31 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
         // still get through, and only a read request says what it is.)
         if !options.same_origin && budget.as_ref().is_some_and(|b| b.exhausted(key)) {
             crate::budget::held_total().inc();
-            connections.spawn(refuse(stream, Refusal::ErrorBudget, options.same_origin));
+            refuse_or_close(&mut connections, &options, stream, Refusal::ErrorBudget);
             continue;
         }
         let Some(share) = per_client.claim(key) else {
             tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
-            connections.spawn(refuse(stream, Refusal::TooManyConnections, options.same_origin));
+            refuse_or_close(&mut connections, &options, stream, Refusal::TooManyConnections);
             continue;
         };
         let service = TowerToHyperService::new(Budgeted { app: app.clone(), key, budget: budget.clone(), same_origin: options.same_origin });
         let conn_budget = budget.clone();
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let (tls, builder, watcher, head_timeout) = (options.tls.clone(), builder.clone(), graceful.watcher(), options.header_read_timeout);
         connections.spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                // The handshake is bounded like a request head, and holds
+                // the connection's slot meanwhile.
+                Some(tls) => match tls.accept(stream, head_timeout).await {
+                    Ok(stream) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "connection closed");
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                 // hyper answered 400/431 itself (a malformed or oversize
                 // head): a refusal like any other.
@@ -147,6 +163,15 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
     // Wait until every connection task is gone, so nothing they hold (the
     // log, for the Tracking API) outlives `serve`.
     while connections.join_next().await.is_some() {}
+}
+
+/// Refuse a connection over a limit: a plain-text one gets its `429`; a
+/// TLS one is closed at once (a handshake to say 429 would spend the CPU the
+/// limit is there to save).
+fn refuse_or_close(connections: &mut JoinSet<()>, options: &ServeOptions, stream: tokio::net::TcpStream, why: Refusal) {
+    if options.tls.is_none() {
+        connections.spawn(refuse(stream, why, options.same_origin));
+    }
 }
 
 /// The client a peer address belongs to, for per-client limits: an IPv4

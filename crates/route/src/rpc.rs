@@ -431,9 +431,33 @@ pub fn encode_requests(jobs: Vec<WireJob>, oldest_event_ms: i64, max: usize) -> 
     Ok(bodies)
 }
 
+/// TLS to the directors: the CA their certificates are checked against
+/// (the system's CAs are not trusted for this link), and a client
+/// certificate and key (PEM, concatenated) for directors that require one.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+/// An error and its causes, one after the other (reqwest's own text says
+/// only "error sending request").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Hands jobs to the live directors over RPC.
 pub struct DirectorClient {
     http: reqwest::Client,
+    /// TLS is on: a director announcing an `http://` address is refused.
+    tls: bool,
     directory: Directory,
     secret: RpcSecret,
     /// The live directors, re-read at most every second.
@@ -441,15 +465,27 @@ pub struct DirectorClient {
 }
 
 impl DirectorClient {
-    pub fn new(directory: Directory, secret: RpcSecret) -> Result<Arc<DirectorClient>, RouteError> {
-        let http = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .no_proxy()
-            .build()
-            .map_err(|e| RouteError::Director(format!("http client: {e}")))?;
-        Ok(Arc::new(DirectorClient { http, directory, secret, live: Mutex::new((None, Vec::new())) }))
+    /// With `tls`, directors are reached over HTTPS only, their
+    /// certificates checked against `tls.ca_pem`.
+    pub fn new(directory: Directory, secret: RpcSecret, tls: Option<ClientTls>) -> Result<Arc<DirectorClient>, RouteError> {
+        let setup = |e: &dyn std::error::Error| RouteError::Director(format!("director rpc: TLS setup: {}", with_causes(e)));
+        let mut builder =
+            reqwest::Client::builder().http2_prior_knowledge().connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(60)).no_proxy();
+        if let Some(t) = &tls {
+            let cas = reqwest::Certificate::from_pem_bundle(&t.ca_pem).map_err(|e| setup(&e))?;
+            if cas.is_empty() {
+                return Err(RouteError::Director("director rpc: director.tls_ca_file holds no PEM certificate".into()));
+            }
+            builder = builder.use_rustls_tls().tls_built_in_root_certs(false).https_only(true);
+            for ca in cas {
+                builder = builder.add_root_certificate(ca);
+            }
+            if let Some(pem) = &t.identity_pem {
+                builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(|e| setup(&e))?);
+            }
+        }
+        let http = builder.build().map_err(|e| RouteError::Director(format!("http client: {}", with_causes(&e))))?;
+        Ok(Arc::new(DirectorClient { http, tls: tls.is_some(), directory, secret, live: Mutex::new((None, Vec::new())) }))
     }
 
     async fn live_directors(&self, fresh: bool) -> Result<Vec<DirectorEntry>, RouteError> {
@@ -466,7 +502,10 @@ impl DirectorClient {
     /// Encode and sign `jobs` (off the async threads), then send each request.
     async fn send(&self, director: &DirectorEntry, jobs: Vec<WireJob>, oldest_event_ms: i64) -> Result<u64, RouteError> {
         let url = format!("{}{INSERT_PATH}", director.rpc_url.trim_end_matches('/'));
-        let fail = |e: String| RouteError::Director(format!("{} ({url}): {e}", director.name));
+        let fail = |e: String| RouteError::Director(format!("director rpc {} ({url}): {e}", director.name));
+        if self.tls && !url.starts_with("https://") {
+            return Err(fail("refused: a plain-text address while director TLS is on (director.tls_ca_file)".into()));
+        }
         let secret = self.secret.clone();
         let signed = tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<u8>)>, RouteError> {
             let t = now_unix();
@@ -484,7 +523,7 @@ impl DirectorClient {
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(with_causes(&e)))?;
             let status = resp.status();
             if !status.is_success() {
                 let text = resp.text().await.unwrap_or_default();

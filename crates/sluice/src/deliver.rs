@@ -85,7 +85,7 @@ pub async fn start(
                 let secret = rpc_secret(config)?;
                 let url = jobdb_url(config)?;
                 let directory = Directory::connect(url).await.context("cannot reach the directory of directors")?;
-                sluice_route::rpc::DirectorClient::new(directory, secret)?
+                sluice_route::rpc::DirectorClient::new(directory, secret, director_client_tls(config)?)?
             }
         };
         tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
@@ -130,6 +130,24 @@ pub fn rpc_secret(config: &Config) -> Result<sluice_route::rpc::RpcSecret> {
     }
 }
 
+/// The route's TLS to directors (`director.tls_ca_file`, and its client
+/// certificate when set); `None` keeps the RPC in plain text.
+fn director_client_tls(config: &Config) -> Result<Option<sluice_route::rpc::ClientTls>> {
+    let d = &config.director;
+    let Some(ca) = &d.tls_ca_file else { return Ok(None) };
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("director rpc: cannot read {}", p.display()));
+    let identity = match (&d.tls_cert_file, &d.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            Some(pem)
+        }
+        _ => None,
+    };
+    Ok(Some(sluice_route::rpc::ClientTls { ca_pem: read(ca)?, identity_pem: identity }))
+}
+
 /// Serve `POST /rpc/v1/jobs` on `director.rpc_listen` (HTTP/2 and HTTP/1)
 /// and keep this director's heartbeat in the directory. Requests are
 /// checked by [`sluice_route::rpc::RpcServer`]: signature, size, destinations.
@@ -153,16 +171,39 @@ async fn serve_director_rpc(
     let listener =
         tokio::net::TcpListener::bind(&d.rpc_listen).await.with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
     let addr = listener.local_addr()?;
-    let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let tls = match (&d.tls_cert_file, &d.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let client_ca = d.tls_client_auth.then_some(d.tls_ca_file.as_deref()).flatten();
+            Some(sluice_ingest::tls::ServerTls::new("director rpc", cert, key, client_ca, &[b"h2", b"http/1.1"])?)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     directory.heartbeat(&d.name, &rpc_url).await?;
     tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
     let app = axum::Router::new().route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs)).with_state(rpc.clone());
     let (name, dir2, config) = (d.name.clone(), directory.clone(), config.clone());
     let task = tokio::spawn(async move {
         let mut stop2 = stop.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let stopped = async move {
             let _ = stop2.wait_for(|s| *s).await;
-        });
+        };
+        let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+            Some(tls) => {
+                let reloader = tls.spawn_reloader(sluice_ingest::tls::RELOAD_EVERY);
+                let listener = match sluice_ingest::tls::TlsListener::new(listener, tls) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "director RPC listener failed"),
+                };
+                Box::pin(async move {
+                    let served = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
+                    reloader.abort();
+                    served
+                })
+            }
+            None => Box::pin(std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(stopped))),
+        };
         let heartbeat = async {
             let mut housekeeping = rpc.centrifuge().spawn_housekeeping();
             let mut reopening = false;
@@ -206,7 +247,7 @@ async fn serve_director_rpc(
             }
             housekeeping.abort();
         };
-        let (served, ()) = tokio::join!(std::future::IntoFuture::into_future(server), heartbeat);
+        let (served, ()) = tokio::join!(server, heartbeat);
         if let Err(e) = served {
             tracing::error!(error = %e, "director RPC server failed");
         }

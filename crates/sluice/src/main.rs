@@ -464,6 +464,11 @@ impl Started {
 /// it runs.
 async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<()> {
     let mut registry = Registry::default();
+    registry.register(
+        "sluice_tls_reloads",
+        "Certificate reloads of the HTTPS listeners (server, admin, director RPC), by listener and result",
+        sluice_ingest::tls::reloads_total().clone(),
+    );
     let log_metrics = LogMetrics::default();
     log_metrics.register(&mut registry);
     let (log, embedded) = open_log(config, log_metrics).await?;
@@ -540,8 +545,14 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         Some(addr) => Some(bind(addr, "admin.listen").await?),
         None => None,
     };
-    let serve_options = ServeOptions::from_config(&config.server);
-    let admin_options = ServeOptions { same_origin: true, ..serve_options.clone() };
+    let mut serve_options = ServeOptions::from_config(&config.server);
+    let mut admin_options = ServeOptions { same_origin: true, ..serve_options.clone() };
+    serve_options.tls = server_tls("https server.listen", &config.server.tls_cert_file, &config.server.tls_key_file)?;
+    admin_options.tls = server_tls("https admin.listen", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
+    for tls in [&serve_options.tls, &admin_options.tls].into_iter().flatten() {
+        st.tasks.push(tls.spawn_reloader(sluice_ingest::tls::RELOAD_EVERY));
+    }
+    let scheme = if serve_options.tls.is_some() { "https" } else { "http" };
     let sources: Vec<String> = catalog.snapshot().sources.iter().filter(|(_, off)| !off).map(|(s, _)| s.id.clone()).collect();
     let listen = match &listener {
         Some(l) => l.local_addr()?.to_string(),
@@ -554,8 +565,8 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         data_dir = %config.server.data_dir.display(),
         partitions = config.log.partitions,
         sources = ?sources,
-        "Sluice is ready: point a Segment SDK at http://{}",
-        if listener.is_some() { listen.as_str() } else { "a `sluice ingest` process" }
+        "Sluice is ready: point a Segment SDK at {}",
+        if listener.is_some() { format!("{scheme}://{listen}") } else { "a `sluice ingest` process".to_owned() }
     );
 
     let stop_rx = st.stop_tx.subscribe();
@@ -588,6 +599,15 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), admin_options, stopped())));
     }
     Ok(())
+}
+
+/// HTTPS for a listener (`link` names it in errors) when its certificate
+/// and key are configured (both or neither: validated).
+fn server_tls(link: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>) -> Result<Option<sluice_ingest::tls::ServerTls>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(sluice_ingest::tls::ServerTls::new(link, cert, key, None, &[b"http/1.1"])?)),
+        _ => Ok(None),
+    }
 }
 
 /// Consumer lag per group, topic and partition (end offset − committed
