@@ -133,7 +133,19 @@ impl Archive {
         });
         let path = Self::object_path(job.destination, job.created_at, job.id);
         let bytes = serde_json::to_vec_pretty(&doc).expect("JSON serializes");
-        self.store.put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes)).await.map_err(|e| DeliverError::Archive(e.to_string()))?;
+        self.store.put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes)).await.map_err(|e| {
+            // The causes too: a refused certificate is only named in them.
+            let mut text = format!("{}: {e}", self.location);
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let c_text = c.to_string();
+                if !text.contains(&c_text) {
+                    text.push_str(&format!(": {c_text}"));
+                }
+                cause = c.source();
+            }
+            DeliverError::Archive(text)
+        })?;
         Ok(path)
     }
 }

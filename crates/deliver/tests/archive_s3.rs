@@ -69,6 +69,8 @@ struct Moto {
     child: Option<Child>,
     port: u16,
     log: PathBuf,
+    /// HTTPS with this certificate and key (`moto_server -c -k`).
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -98,7 +100,7 @@ impl Moto {
     async fn start(bin: &Path, dir: &Path) -> Moto {
         let mut last = String::new();
         for i in 0..3 {
-            let mut m = Moto { bin: bin.to_owned(), child: None, port: moto_port(), log: dir.join(format!("moto-{i}.log")) };
+            let mut m = Moto { bin: bin.to_owned(), child: None, port: moto_port(), log: dir.join(format!("moto-{i}.log")), tls: None };
             match m.run().await {
                 Ok(()) => return m,
                 Err(e) => last = e,
@@ -107,12 +109,26 @@ impl Moto {
         panic!("moto did not start: {last}");
     }
 
-    /// (Re)start on `self.port`; returns once it answers HTTP.
+    /// Start serving HTTPS with `cert` and `key` (one try, on a free port).
+    async fn start_https(bin: &Path, dir: &Path, cert: &Path, key: &Path) -> Moto {
+        let tls = Some((cert.to_owned(), key.to_owned()));
+        let mut m = Moto { bin: bin.to_owned(), child: None, port: moto_port(), log: dir.join("moto-https.log"), tls };
+        m.run().await.unwrap_or_else(|e| panic!("moto (https) did not start: {e}"));
+        m
+    }
+
+    /// (Re)start on `self.port`; returns once it answers HTTP (or accepts
+    /// connections, with HTTPS).
     async fn run(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = &self.tls {
+            tls_args = vec!["-c".into(), cert.display().to_string(), "-k".into(), key.display().to_string()];
+        }
         let child = Command::new(&self.bin)
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -126,7 +142,11 @@ impl Moto {
                 self.child = None;
                 return Err(format!("moto_server exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default()));
             }
-            if let Ok(r) = client.get(self.endpoint()).send().await {
+            if self.tls.is_some() {
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                    return Ok(());
+                }
+            } else if let Ok(r) = client.get(self.endpoint()).send().await {
                 if r.status().is_success() {
                     return Ok(());
                 }
@@ -511,4 +531,71 @@ fn archive_settings_name_the_target() {
     let c = Config::from_toml_with_env("", "", &env).unwrap();
     assert_eq!(c.archive_target().to_string(), "s3://from-env/p");
     assert_eq!(config(dir.path(), "[deliver]\narchive_url = \"file:///srv/a\"\n").unwrap().archive_dir(), PathBuf::from("/srv/a"));
+}
+
+// ---------------------------------------------------------------- HTTPS
+
+/// The test certificates (`scripts/certs.sh`; `SLUICE_TEST_CERT_DIR` when
+/// `scripts/test.sh` made them already).
+fn certs() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("SLUICE_TEST_CERT_DIR") {
+            return PathBuf::from(d);
+        }
+        let dir = std::env::temp_dir().join(format!("sluice-s3-certs-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/certs.sh");
+        let out = Command::new("bash").arg(script).arg(&dir).output().expect("run scripts/certs.sh");
+        assert!(out.status.success(), "scripts/certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .clone()
+}
+
+/// An S3-compatible server over HTTPS with its own CA: the archive writes
+/// to it with `deliver.archive_s3_ca_file`; without that CA, with another
+/// CA, with an expired server certificate, or over `http://` to the HTTPS
+/// port, the write fails (and is never retried in plain text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_reaches_an_https_s3_server_through_its_ca_only() {
+    let Some(bin) = moto_server() else { return };
+    aws_credentials();
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs();
+    let moto = Moto::start_https(&bin, dir.path(), &c.join("server.pem"), &c.join("server.key")).await;
+    let endpoint = format!("https://localhost:{}", moto.port);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(c.join("ca.pem")).unwrap()).unwrap();
+    let http = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let r = http.put(format!("{endpoint}/{BUCKET}")).send().await.unwrap();
+    assert!(r.status().is_success(), "create bucket over https: {}", r.status());
+
+    let job = archived_job(br#"{"messageId":"m-direct"}"#, &[]);
+    let archive = Archive::s3(BUCKET, "tls", Some(&endpoint), None, Some(&c.join("ca.pem"))).unwrap();
+    let key = archive.put(&job).await.unwrap_or_else(|e| panic!("write over https with the CA: {e}"));
+    let listed = http.get(format!("{endpoint}/{BUCKET}?list-type=2")).send().await.unwrap().text().await.unwrap();
+    assert!(listed.contains(&key), "the object is in the bucket: {listed}");
+
+    let refused = [
+        ("no CA (system roots only)", Archive::s3(BUCKET, "tls", Some(&endpoint), None, None).unwrap(), "UnknownIssuer"),
+        ("another CA", Archive::s3(BUCKET, "tls", Some(&endpoint), None, Some(&c.join("wrongca.pem"))).unwrap(), "UnknownIssuer"),
+        ("http:// to the https port", Archive::s3(BUCKET, "tls", Some(&format!("http://localhost:{}", moto.port)), None, None).unwrap(), ""),
+    ];
+    for (case, archive, says) in refused {
+        let err = archive.put(&job).await.expect_err(case).to_string();
+        assert!(err.contains("archive write failed") && err.contains(&endpoint[8..]) && err.contains(says), "{case}: {err}");
+    }
+    drop(moto);
+
+    // A server certificate past its validity.
+    let moto = Moto::start_https(&bin, dir.path(), &c.join("expired.pem"), &c.join("server.key")).await;
+    let endpoint = format!("https://localhost:{}", moto.port);
+    let archive = Archive::s3(BUCKET, "tls", Some(&endpoint), None, Some(&c.join("ca.pem"))).unwrap();
+    let err = archive.put(&job).await.expect_err("an expired certificate is refused").to_string();
+    assert!(err.contains("certificate expired"), "{err}");
+
+    // A CA file that holds no certificate is refused when the archive is opened.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let err = Archive::s3(BUCKET, "tls", Some(&endpoint), None, Some(&empty)).err().expect("no CA in the file");
+    assert!(err.to_string().contains("s3 archive: CA file"), "{err}");
 }
