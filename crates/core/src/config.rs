@@ -1577,6 +1577,109 @@ mod tests {
         Config::from_toml_with_env("", "", &env).unwrap();
     }
 
+    /// A kafka-mode config with `[log.kafka.primary]` lines `primary`.
+    fn kafka(primary: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let text = format!("[log]\nbackend = \"kafka\"\n[log.kafka.primary]\nbootstrap_servers = \"b:9092\"\n{primary}");
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_toml_with_env(&text, "", &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn nested_env_overrides_reach_tables_at_any_depth() {
+        let sasl = "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"u\"\n";
+        let c = kafka(sasl, &[("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD", "s3cret"), ("SLUICE_LOG__KAFKA__REQUEST_TIMEOUT", "3s")]).unwrap();
+        assert_eq!(c.log.kafka.primary.sasl_password.as_ref().map(Secret::expose), Some("s3cret"));
+        assert_eq!(c.log.kafka.request_timeout, Duration::from_secs(3));
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug never shows a secret");
+        // A whole table from the environment (created on the way).
+        let c = kafka("", &[("SLUICE_LOG__KAFKA__SECONDARY__BOOTSTRAP_SERVERS", "other:9092")]).unwrap();
+        assert_eq!(c.log.kafka.secondary.unwrap().bootstrap_servers, "other:9092");
+        // The password missing: the error names the variable to set.
+        let err = kafka(sasl, &[]).unwrap_err();
+        assert!(err.contains("log.kafka.primary.sasl_password") && err.contains("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD"), "{err}");
+        // An unknown nested key, a key under a non-table, an empty part, too deep.
+        let err = kafka("", &[("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASWORD", "x")]).unwrap_err();
+        assert!(err.contains("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASWORD") && err.contains("sasl_pasword"), "{err}");
+        let err = kafka("", &[("SLUICE_LOG__PARTITIONS__X", "1")]).unwrap_err();
+        assert!(err.contains("SLUICE_LOG__PARTITIONS__X") && err.contains("log.partitions"), "{err}");
+        let text = "[log]\npartitions = 2\n";
+        let env = HashMap::from([("SLUICE_LOG__PARTITIONS__X".to_string(), "1".to_string())]);
+        let err = Config::from_toml_with_env(text, "", &env).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_LOG__PARTITIONS__X") && err.contains("`log.partitions` is not a table"), "{err}");
+        for var in ["SLUICE_LOG____X", "SLUICE_A__B__C__D__E__F__G"] {
+            let err = kafka("", &[(var, "1")]).unwrap_err();
+            assert!(err.contains(var) && err.contains("SLUICE_<SECTION>__<KEY>"), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn kafka_link_keys_must_fit_the_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let ca = ca.display();
+        let pw = [("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD", "pw")];
+        kafka(&format!("security_protocol = \"ssl\"\ntls_ca_file = \"{ca}\"\n"), &[]).unwrap();
+        kafka("security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\n", &pw).unwrap();
+        let cases: &[(&str, &str)] = &[
+            // TLS keys on a plain-text link would be ignored: refused.
+            (&format!("tls_ca_file = \"{ca}\"\n"), "log.kafka.primary.tls_ca_file"),
+            ("security_protocol = \"sasl_plaintext\"\nsasl_username = \"u\"\n", "log.kafka.primary.sasl_mechanism"),
+            ("security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-256\"\n", "log.kafka.primary.sasl_username"),
+            ("sasl_username = \"u\"\n", "log.kafka.primary.sasl_username"),
+            ("security_protocol = \"ssl\"\ntls_ca_file = \"/no/such/ca.pem\"\n", "log.kafka.primary.tls_ca_file"),
+            (&format!("security_protocol = \"ssl\"\ntls_cert_file = \"{ca}\"\n"), "log.kafka.primary.tls_key_file"),
+            ("security_protocol = \"tls\"\n", "security_protocol"),
+            ("security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"GSSAPI\"\n", "sasl_mechanism"),
+        ];
+        for (primary, key) in cases {
+            let err = kafka(primary, &pw).unwrap_err();
+            assert!(err.contains(key), "{primary}: {err}");
+        }
+        // `settings` cannot change the link's security behind its keys' back.
+        for setting in
+            ["security.protocol", "ssl.ca.location", "sasl.password", "enable.ssl.certificate.verification", " SSL.endpoint.identification.algorithm"]
+        {
+            let text = format!("[log.kafka.settings]\n\"{setting}\" = \"x\"\n");
+            let err = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_err().to_string();
+            assert!(err.contains("log.kafka.settings") && err.contains("security_protocol"), "{setting}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_keys_of_servers_databases_and_s3_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.pem");
+        std::fs::write(&f, "x").unwrap();
+        let f = f.display();
+        let load = |text: &str| Config::from_toml_with_env(text, "", &HashMap::new()).map_err(|e| e.to_string());
+        load(&format!("[server]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\n")).unwrap();
+        load(&format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntls_client_auth = true\n")).unwrap();
+        load("[deliver]\njobdb_url = \"postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem\"\n").unwrap();
+        load("[deliver]\njobdb_url = \"mysql://h/db?ssl-mode=VERIFY_IDENTITY\"\n").unwrap();
+        let cases: &[(String, &str)] = &[
+            (format!("[server]\ntls_cert_file = \"{f}\"\n"), "server.tls_key_file"),
+            (format!("[admin]\ntls_key_file = \"{f}\"\n"), "admin.tls_cert_file"),
+            ("[admin]\ntls_cert_file = \"/nope.pem\"\ntls_key_file = \"/nope.key\"\n".into(), "admin.tls_cert_file"),
+            (format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_client_auth = true\n"), "director.tls_client_auth"),
+            (format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\nrpc_url = \"http://d:8090\"\n"), "director.rpc_url"),
+            ("[director]\nrpc_url = \"https://d:8090\"\n".into(), "director.rpc_url"),
+            ("[deliver]\njobdb_url = \"postgres://h/db?sslmode=prefer\"\n".into(), "plain text"),
+            ("[deliver]\njobdb_url = \"mysql://h/db?ssl-mode=PREFERRED\"\n".into(), "plain text"),
+            ("[deliver]\njobdb_url = \"postgres://h/db?sslmode=allow\"\n".into(), "deliver.jobdb_url"),
+            ("[deliver]\njobdb_url = \"postgres://h/db?sslmode=sure\"\n".into(), "not a TLS mode"),
+            (format!("[deliver]\narchive_s3_ca_file = \"{f}\"\n"), "deliver.archive_s3_ca_file"),
+            (
+                format!("[deliver]\narchive_url = \"s3://bkt\"\narchive_s3_endpoint = \"http://s3:9000\"\narchive_s3_ca_file = \"{f}\"\n"),
+                "deliver.archive_s3_ca_file",
+            ),
+        ];
+        for (text, expect) in cases {
+            let err = load(text).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+    }
+
     #[test]
     fn env_override_with_unknown_key_fails() {
         let env = HashMap::from([("SLUICE_LOG__PARTITONS".to_string(), "3".to_string())]);

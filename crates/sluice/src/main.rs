@@ -179,6 +179,7 @@ fn run(command: Command) -> Result<()> {
         Command::Log(LogCommand::Tail { data_dir, topic, partition, from, envelope }) => log_tail(&data_dir, &topic, partition, from, envelope),
         Command::Config(ConfigCommand::Check(args)) => {
             let config = Config::load(args.config.as_deref())?;
+            check_tls_files(&config)?;
             println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
             Ok(())
         }
@@ -348,6 +349,7 @@ impl Roles {
 
 async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
     let config = load_config(&args)?;
+    check_tls_files(&config)?;
     if roles != Roles::ALL && config.log.backend != LogBackend::Kafka {
         bail!(
             "`sluice {}` runs one stage and shares the log with the other stages' processes: \
@@ -597,6 +599,38 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     }
     if let Some(l) = admin {
         st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), admin_options, stopped())));
+    }
+    Ok(())
+}
+
+/// Every certificate, key and CA file the config names parses as PEM (and
+/// each certificate matches its key), so `config check` catches a bad file
+/// and `serve` refuses it before connecting to anything. (The config's own
+/// validation has checked that they exist.)
+fn check_tls_files(config: &Config) -> Result<()> {
+    use sluice_ingest::tls::{load_certs, ServerTls};
+    let pair = |link: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>| -> Result<()> {
+        if let (Some(c), Some(k)) = (cert, key) {
+            ServerTls::new(link, c, k, None, &[])?;
+        }
+        Ok(())
+    };
+    pair("server.tls_cert_file", &config.server.tls_cert_file, &config.server.tls_key_file)?;
+    pair("admin.tls_cert_file", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
+    pair("director.tls_cert_file", &config.director.tls_cert_file, &config.director.tls_key_file)?;
+    let k = &config.log.kafka;
+    let kafka = [("log.kafka.primary", Some(&k.primary)), ("log.kafka.secondary", k.secondary.as_ref())];
+    for (prefix, cluster) in kafka.into_iter().filter_map(|(p, c)| Some((p, c?))) {
+        pair(&format!("{prefix}.tls_cert_file"), &cluster.tls_cert_file, &cluster.tls_key_file)?;
+        if let Some(ca) = &cluster.tls_ca_file {
+            load_certs(&format!("{prefix}.tls_ca_file"), ca)?;
+        }
+    }
+    if let Some(ca) = &config.director.tls_ca_file {
+        sluice_ingest::tls::load_roots("director.tls_ca_file", ca)?;
+    }
+    if let Some(ca) = &config.deliver.archive_s3_ca_file {
+        load_certs("deliver.archive_s3_ca_file", ca)?;
     }
     Ok(())
 }
