@@ -48,35 +48,39 @@ fn now_ms() -> i64 {
 impl Directory {
     /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
     /// if missing, under the schema lock (`sqljobdb::CreateSchema`: roles
-    /// started at once on a fresh PostgreSQL database failed here).
+    /// started at once on a fresh PostgreSQL database failed here). The URL
+    /// is parsed and checked by [`SqlJobDbs::new`] (TLS mode included), as
+    /// for the JobDBs and the control tables: one set of options per link.
     pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
         let ddl = ["CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
                     rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)"
             .to_owned()];
-        let connect = sql_error("connect");
-        let pool = if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            let url = url.replacen("mariadb://", "mysql://", 1);
-            let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&url)
-                .await
-                .map_err(connect)?;
-            Pool::MySql(pool)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
-                .await
-                .map_err(connect)?;
-            Pool::Postgres(pool)
-        } else {
+        if !["mysql://", "mariadb://", "postgres://", "postgresql://"].iter().any(|s| url.starts_with(s)) {
             return Err(DeliverError::Directory("the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into()));
+        }
+        let dbs = SqlJobDbs::new(url)?;
+        let connect = |e| dbs.connect_failed("directory of directors: connect", e);
+        let pool = match (dbs.mysql_options(), dbs.postgres_options()) {
+            (Some(o), _) => Pool::MySql(
+                sqlx::mysql::MySqlPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(o.clone())
+                    .await
+                    .map_err(connect)?,
+            ),
+            (None, Some(o)) => Pool::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(o.clone())
+                    .await
+                    .map_err(connect)?,
+            ),
+            (None, None) => unreachable!("a SQL link is MySQL or PostgreSQL"),
         };
         // The shared helper drives its own connection and blocks: off the async threads.
         let create = |e: &dyn std::fmt::Display| DeliverError::Directory(format!("create sluice_directors: {e}"));
-        let dbs = SqlJobDbs::new(url).map_err(|e| create(&e))?;
         tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl)).await.map_err(|e| create(&e))?.map_err(|e| create(&e))?;
         Ok(Directory { pool })
     }

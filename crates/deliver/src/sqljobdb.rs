@@ -55,8 +55,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
 use crate::jobdb::{JobState, NewJob, StoredJob, Transition};
@@ -87,6 +87,8 @@ enum Options {
 pub struct SqlJobDbs {
     engine: SqlEngine,
     options: Options,
+    /// Whether the link is encrypted (the URL named a TLS mode other than disable).
+    tls: bool,
     /// The URL without password or query, for logs.
     display: String,
     /// The database name from the URL (MySQL: required).
@@ -671,32 +673,206 @@ async fn schema_retry(e: &sqlx::Error, attempt: &mut u32) -> bool {
     true
 }
 
+/// The URL query parameters that configure TLS, besides the mode.
+const TLS_FILE_PARAMS: [&str; 8] = ["sslrootcert", "ssl-root-cert", "ssl-ca", "sslca", "sslcert", "ssl-cert", "sslkey", "ssl-key"];
+
+/// Log `message` about `link` (its redacted URL) once per process: the URL
+/// is parsed by every user of the link (JobDBs, control tables, directory).
+fn log_once(link: &str, level: tracing::Level, message: &str) {
+    static LOGGED: std::sync::Mutex<Option<HashSet<String>>> = std::sync::Mutex::new(None);
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    if !logged.get_or_insert_with(HashSet::new).insert(format!("{link} {message}")) {
+        return;
+    }
+    if level == tracing::Level::WARN {
+        tracing::warn!(url = %link, "{message}");
+    } else {
+        tracing::info!(url = %link, "{message}");
+    }
+}
+
 impl SqlJobDbs {
     /// The JobDBs in the database at `url` (`mysql://`, `mariadb://`,
     /// `postgres://` or `postgresql://`). Nothing is connected yet.
+    ///
+    /// TLS: the URL's `sslmode` / `ssl-mode` (PostgreSQL also `PGSSLMODE`)
+    /// decides. Named nowhere: plain text, set explicitly (sqlx's default
+    /// would try TLS without verifying the certificate and fall back to
+    /// plain text). `allow`, `prefer` and `preferred` may fall back to plain
+    /// text and are refused; `require` / `required` encrypt without
+    /// verifying the server's certificate (a warning); `verify-ca`,
+    /// `verify-full`, `VERIFY_CA` and `VERIFY_IDENTITY` verify it. A
+    /// certificate or key parameter without a mode is refused: it would be
+    /// unused.
     pub fn new(url: &str) -> Result<SqlJobDbs, DeliverError> {
-        let bad = |why: &str| DeliverError::SqlUrl(format!("{}: {why}", redact(url)));
+        let display = redact(url);
+        let bad = |why: &str| DeliverError::SqlUrl(format!("{display}: {why}"));
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         let database = parsed.path().trim_start_matches('/').to_owned();
-        let (engine, options) = match parsed.scheme() {
-            "mysql" | "mariadb" => {
+        let engine = match parsed.scheme() {
+            "mysql" | "mariadb" => SqlEngine::MySql,
+            "postgres" | "postgresql" => SqlEngine::Postgres,
+            other => return Err(bad(&format!("unknown scheme {other:?} (mysql, mariadb, postgres)"))),
+        };
+        // Where the TLS mode comes from (sqlx cannot tell an unnamed mode from `prefer`).
+        let mut named: Option<(String, String)> = None;
+        let mut files = Vec::new();
+        for (k, v) in parsed.query_pairs() {
+            if k == "sslmode" || k == "ssl-mode" {
+                named = Some((k.into_owned(), v.into_owned()));
+            } else if TLS_FILE_PARAMS.contains(&&*k) {
+                files.push((k.into_owned(), v.into_owned()));
+            }
+        }
+        if named.is_none() && engine == SqlEngine::Postgres {
+            if let Ok(v) = std::env::var("PGSSLMODE") {
+                if v.parse::<PgSslMode>().is_err() {
+                    return Err(bad(&format!("the environment's PGSSLMODE={v:?} is not a TLS mode")));
+                }
+                named = Some(("PGSSLMODE".to_owned(), v));
+            }
+        }
+        if named.is_none() {
+            if let Some((k, _)) = files.first() {
+                let mode = if engine == SqlEngine::Postgres { "sslmode=verify-full" } else { "ssl-mode=VERIFY_IDENTITY" };
+                return Err(bad(&format!("{k} is given but no TLS mode, so the link would be plain text: add {mode}")));
+            }
+        }
+        for (k, path) in &files {
+            std::fs::File::open(path).map_err(|e| bad(&format!("{k}: cannot read {path}: {e}")))?;
+        }
+        let setting = named.as_ref().map(|(k, v)| format!("{k}={v}"));
+        let fallback = |setting: &Option<String>| {
+            let s = setting.as_deref().unwrap_or_default();
+            bad(&format!(
+                "{s} may fall back to plain text: use disable, require, verify-ca or verify-full (PostgreSQL), \
+                 or DISABLED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY (MySQL)"
+            ))
+        };
+        let (options, tls) = match engine {
+            SqlEngine::MySql => {
                 if database.is_empty() {
                     return Err(bad("name the database in the URL (mysql://user:password@host:port/database)"));
                 }
                 let mut mysql_url = parsed.clone();
                 mysql_url.set_scheme("mysql").map_err(|()| bad("cannot use it as a mysql:// URL"))?;
-                let o = MySqlConnectOptions::from_str(mysql_url.as_str()).map_err(|e| bad(&e.to_string()))?;
-                (SqlEngine::MySql, Options::MySql(o.disable_statement_logging()))
+                let mut o = MySqlConnectOptions::from_str(mysql_url.as_str()).map_err(|e| bad(&e.to_string()))?;
+                if named.is_none() {
+                    o = o.ssl_mode(MySqlSslMode::Disabled);
+                }
+                let tls = match o.get_ssl_mode() {
+                    MySqlSslMode::Preferred => return Err(fallback(&setting)),
+                    MySqlSslMode::Disabled => false,
+                    MySqlSslMode::Required | MySqlSslMode::VerifyCa | MySqlSslMode::VerifyIdentity => true,
+                };
+                (Options::MySql(o.disable_statement_logging()), tls)
             }
-            "postgres" | "postgresql" => {
-                let o = PgConnectOptions::from_str(url).map_err(|e| bad(&e.to_string()))?;
+            SqlEngine::Postgres => {
+                let mut o = PgConnectOptions::from_str(url).map_err(|e| bad(&e.to_string()))?;
+                if named.is_none() {
+                    o = o.ssl_mode(PgSslMode::Disable);
+                }
+                let tls = match o.get_ssl_mode() {
+                    PgSslMode::Allow | PgSslMode::Prefer => return Err(fallback(&setting)),
+                    PgSslMode::Disable => false,
+                    PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => true,
+                };
                 // `IF NOT EXISTS` answers with a NOTICE that sqlx would log at INFO on every start.
                 let o = o.options([("client_min_messages", "warning")]);
-                (SqlEngine::Postgres, Options::Postgres(o.disable_statement_logging()))
+                (Options::Postgres(o.disable_statement_logging()), tls)
             }
-            other => return Err(bad(&format!("unknown scheme {other:?} (mysql, mariadb, postgres)"))),
         };
-        Ok(SqlJobDbs { engine, options, display: redact(url), database, prefix: String::new() })
+        // What is checked of the server: 0 nothing, 1 its certificate, 2 also its host name.
+        let (verify, checked) = match &options {
+            Options::MySql(o) => {
+                let checked = match o.get_ssl_mode() {
+                    MySqlSslMode::VerifyIdentity => 2,
+                    MySqlSslMode::VerifyCa => 1,
+                    _ => 0,
+                };
+                ("ssl-mode=VERIFY_IDENTITY&ssl-ca=…", checked)
+            }
+            Options::Postgres(o) => {
+                let checked = match o.get_ssl_mode() {
+                    PgSslMode::VerifyFull => 2,
+                    PgSslMode::VerifyCa => 1,
+                    _ => 0,
+                };
+                ("sslmode=verify-full&sslrootcert=…", checked)
+            }
+        };
+        let (level, message) = match (&setting, tls, checked) {
+            (None, _, _) => (tracing::Level::INFO, format!("jobdb link: plain text (set {verify} to encrypt)")),
+            (Some(s), false, _) => (tracing::Level::INFO, format!("jobdb link: plain text ({s})")),
+            (Some(s), true, 0) => (
+                tracing::Level::WARN,
+                format!(
+                    "jobdb link: TLS without verifying the server's certificate ({s}): anyone on the path can pose as the database; set {verify}"
+                ),
+            ),
+            (Some(s), true, 1) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate but not its host name ({s})")),
+            (Some(s), true, _) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate and host name ({s})")),
+        };
+        log_once(&display, level, &message);
+        Ok(SqlJobDbs { engine, options, tls, display, database, prefix: String::new() })
+    }
+
+    /// Whether the link is encrypted with TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The MySQL connection options (`None`: a PostgreSQL link), for pools.
+    pub(crate) fn mysql_options(&self) -> Option<&MySqlConnectOptions> {
+        match &self.options {
+            Options::MySql(o) => Some(o),
+            Options::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL connection options (`None`: a MySQL link), for pools.
+    pub(crate) fn postgres_options(&self) -> Option<&PgConnectOptions> {
+        match &self.options {
+            Options::Postgres(o) => Some(o),
+            Options::MySql(_) => None,
+        }
+    }
+
+    /// The step of opening a connection that `e` says failed: the TLS
+    /// handshake, authentication or the server's refusal (`None`: none of
+    /// those, or not known).
+    fn connect_step(&self, e: &sqlx::Error) -> Option<&'static str> {
+        match e {
+            sqlx::Error::Tls(_) => Some("TLS handshake failed"),
+            // rustls's handshake errors reach sqlx as I/O errors of this kind.
+            sqlx::Error::Io(io) if self.tls && io.kind() == std::io::ErrorKind::InvalidData => Some("TLS handshake failed"),
+            sqlx::Error::Database(d) => match self.engine {
+                SqlEngine::Postgres => match d.code().as_deref() {
+                    Some("28P01") => Some("authentication failed"),
+                    // pg_hba.conf: e.g. "no encryption" for a plain-text client of a TLS-only server.
+                    Some("28000") => Some("refused by the server"),
+                    _ => None,
+                },
+                SqlEngine::MySql => match d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|m| m.number()) {
+                    Some(1045) if !self.tls => Some("authentication failed; a server that requires TLS answers a plain-text client this way too"),
+                    Some(1045) => Some("authentication failed"),
+                    // ER_SECURE_TRANSPORT_REQUIRED (MySQL)
+                    Some(3159) => Some("refused by the server (it requires TLS)"),
+                    _ => None,
+                },
+            },
+            _ => None,
+        }
+    }
+
+    /// The error of a connection to this link that could not be opened
+    /// (`what`: for whom), naming the step that failed.
+    pub(crate) fn connect_failed(&self, what: &str, e: sqlx::Error) -> DeliverError {
+        let jobdb = match self.connect_step(&e) {
+            Some(step) => format!("{} ({what}: {step})", self.display),
+            None => format!("{} ({what})", self.display),
+        };
+        DeliverError::Sql { jobdb, source: e }
     }
 
     /// The JobDBs of one director of several sharing the database: tables
@@ -726,9 +902,9 @@ impl SqlJobDbs {
         &self.database
     }
 
-    fn err(&self, what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> DeliverError {
+    fn err(&self, what: impl Into<String>) -> impl Fn(sqlx::Error) -> DeliverError {
         let jobdb = format!("{} ({})", self.display, what.into());
-        move |source| DeliverError::Sql { jobdb, source }
+        move |source| DeliverError::Sql { jobdb: jobdb.clone(), source }
     }
 
     /// A new connection on a new current-thread runtime.
@@ -754,7 +930,7 @@ impl SqlJobDbs {
             }
         };
         match rt.block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await }) {
-            Ok(conn) => conn.map_err(self.err("connect")),
+            Ok(conn) => conn.map_err(|e| self.connect_failed("connect", e)),
             Err(_) => Err(DeliverError::Io {
                 path: self.display.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no connection within {CONNECT_TIMEOUT:?}")),
@@ -865,32 +1041,42 @@ impl SqlJobDbs {
         let full = format!("sluice-director-{}.{name}", self.database);
         let lock_name = self.mysql_lock_name(name);
         let key = self.postgres_lock_key(name);
-        let on_error = self.err(format!("director lock {full}"));
+        let what = format!("director lock {full}");
+        let on_error = self.err(what.clone());
+        let not_connected = |e| self.connect_failed(&what, e);
         // (`sqlx::query` with owned binds, not `raw_sql` or a borrowed `&String`:
         // rustc cannot prove those futures `Send` for every lifetime once they
         // are nested in a spawned task.)
         let taken = async {
             match &self.options {
                 Options::MySql(o) => {
-                    let mut c = o.connect().await?;
-                    // An idle session would be ended after wait_timeout (8 h by default), and its lock with it.
-                    sqlx::query("SET SESSION wait_timeout = 31536000").execute(&mut c).await?;
-                    let row = sqlx::query("SELECT GET_LOCK(?, 0), CONNECTION_ID()").bind(lock_name.clone()).fetch_one(&mut c).await?;
-                    let got: Option<i64> = row.try_get(0)?;
-                    let session: i64 = row.try_get::<u64, _>(1)? as i64;
-                    Ok((got == Some(1), session, LockConn::MySql(c)))
+                    let mut c = o.connect().await.map_err(not_connected)?;
+                    let taken = async {
+                        // An idle session would be ended after wait_timeout (8 h by default), and its lock with it.
+                        sqlx::query("SET SESSION wait_timeout = 31536000").execute(&mut c).await?;
+                        let row = sqlx::query("SELECT GET_LOCK(?, 0), CONNECTION_ID()").bind(lock_name.clone()).fetch_one(&mut c).await?;
+                        let got: Option<i64> = row.try_get(0)?;
+                        let session: i64 = row.try_get::<u64, _>(1)? as i64;
+                        Ok::<_, sqlx::Error>((got == Some(1), session))
+                    };
+                    let (got, session) = taken.await.map_err(on_error)?;
+                    Ok((got, session, LockConn::MySql(c)))
                 }
                 Options::Postgres(o) => {
-                    let mut c = o.connect().await?;
-                    let row = sqlx::query("SELECT pg_try_advisory_lock($1), pg_backend_pid()").bind(key).fetch_one(&mut c).await?;
-                    let got: bool = row.try_get(0)?;
-                    let session: i32 = row.try_get(1)?;
-                    Ok::<_, sqlx::Error>((got, i64::from(session), LockConn::Postgres(c)))
+                    let mut c = o.connect().await.map_err(not_connected)?;
+                    let taken = async {
+                        let row = sqlx::query("SELECT pg_try_advisory_lock($1), pg_backend_pid()").bind(key).fetch_one(&mut c).await?;
+                        let got: bool = row.try_get(0)?;
+                        let session: i32 = row.try_get(1)?;
+                        Ok::<_, sqlx::Error>((got, i64::from(session)))
+                    };
+                    let (got, session) = taken.await.map_err(on_error)?;
+                    Ok::<_, DeliverError>((got, session, LockConn::Postgres(c)))
                 }
             }
         };
         let (got, session, conn) = match tokio::time::timeout(CONNECT_TIMEOUT, taken).await {
-            Ok(result) => result.map_err(on_error)?,
+            Ok(result) => result?,
             Err(_) => {
                 return Err(DeliverError::Io {
                     path: self.display.clone(),
@@ -933,32 +1119,41 @@ impl SqlJobDbs {
     pub async fn jobdb_lock_holder(&self, seq: u64) -> Result<Option<i64>, DeliverError> {
         let name = self.table_names(seq).0;
         let (lock_name, key) = (self.mysql_lock_name(&name), self.postgres_lock_key(&name));
+        let what = format!("asking who holds the director lock of {name}");
+        let on_error = self.err(what.clone());
+        let not_connected = |e| self.connect_failed(&what, e);
         let asked = async {
             match &self.options {
                 Options::MySql(o) => {
-                    let mut c = o.connect().await?;
-                    let row = sqlx::query("SELECT IS_USED_LOCK(?)").bind(lock_name).fetch_one(&mut c).await?;
-                    let holder = row.try_get::<Option<i64>, _>(0)?;
+                    let mut c = o.connect().await.map_err(not_connected)?;
+                    let asked = async {
+                        let row = sqlx::query("SELECT IS_USED_LOCK(?)").bind(lock_name).fetch_one(&mut c).await?;
+                        row.try_get::<Option<i64>, _>(0)
+                    };
+                    let holder = asked.await.map_err(on_error)?;
                     let _ = sqlx::Connection::close(c).await;
                     Ok(holder)
                 }
                 Options::Postgres(o) => {
-                    let mut c = o.connect().await?;
-                    let row = sqlx::query(
-                        "SELECT max(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
-                           AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1",
-                    )
-                    .bind(key)
-                    .fetch_one(&mut c)
-                    .await?;
-                    let holder = row.try_get::<Option<i32>, _>(0)?.map(i64::from);
+                    let mut c = o.connect().await.map_err(not_connected)?;
+                    let asked = async {
+                        let row = sqlx::query(
+                            "SELECT max(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                               AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1",
+                        )
+                        .bind(key)
+                        .fetch_one(&mut c)
+                        .await?;
+                        Ok::<_, sqlx::Error>(row.try_get::<Option<i32>, _>(0)?.map(i64::from))
+                    };
+                    let holder = asked.await.map_err(on_error)?;
                     let _ = sqlx::Connection::close(c).await;
-                    Ok::<_, sqlx::Error>(holder)
+                    Ok::<_, DeliverError>(holder)
                 }
             }
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
-            Ok(result) => result.map_err(self.err(format!("asking who holds the director lock of {name}"))),
+            Ok(result) => result,
             Err(_) => Err(DeliverError::Io {
                 path: self.display.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no director lock answer within {CONNECT_TIMEOUT:?}")),
@@ -1422,6 +1617,59 @@ mod tests {
         assert_eq!(SqlJobDbs::new("postgres://u:p@h:5432/db").unwrap().engine(), SqlEngine::Postgres);
         assert!(matches!(SqlJobDbs::new("mysql://u@h/"), Err(DeliverError::SqlUrl(_))), "MySQL needs a database");
         assert!(matches!(SqlJobDbs::new("sqlite://x"), Err(DeliverError::SqlUrl(_))));
+    }
+
+    /// Issue 12: the TLS mode is explicit. Unnamed: plain text, set as
+    /// `disable` (sqlx's default `prefer` would try unverified TLS and fall
+    /// back to plain text); modes that may fall back are refused with the
+    /// parameter named; certificate files without a mode are refused, and
+    /// unreadable ones are named. (`PGSSLMODE` is tested through the binary,
+    /// tests/sql_tls.rs: setting it here would race with the other tests.)
+    #[test]
+    fn the_tls_mode_is_explicit_and_never_falls_back() {
+        let pg = SqlJobDbs::new("postgres://u:p@127.0.0.1:5432/db").unwrap();
+        assert!(!pg.tls());
+        assert!(matches!(pg.postgres_options().unwrap().get_ssl_mode(), PgSslMode::Disable), "not sqlx's Prefer");
+        let my = SqlJobDbs::new("mysql://u:p@127.0.0.1:3306/db").unwrap();
+        assert!(!my.tls());
+        assert!(matches!(my.mysql_options().unwrap().get_ssl_mode(), MySqlSslMode::Disabled), "not sqlx's Preferred");
+        assert!(!SqlJobDbs::new("postgres://u:p@h/db?sslmode=disable").unwrap().tls());
+        assert!(!SqlJobDbs::new("mysql://u:p@h/db?ssl-mode=DISABLED").unwrap().tls());
+
+        for url in [
+            "postgres://u:secret@h/db?sslmode=prefer",
+            "postgres://u:secret@h/db?ssl-mode=allow",
+            "postgresql://u:secret@h/db?sslmode=PREFER",
+            "mysql://u:secret@h/db?ssl-mode=PREFERRED",
+            "mariadb://u:secret@h/db?sslmode=preferred",
+        ] {
+            let e = SqlJobDbs::new(url).unwrap_err().to_string();
+            let (key, value) = url.split_once('?').unwrap().1.split_once('=').unwrap();
+            assert!(e.contains(&format!("{key}={value}")) && e.contains("fall back to plain text"), "{url}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not read until a connection").unwrap();
+        let ca = ca.display();
+        let pg = SqlJobDbs::new(&format!("postgres://u:p@h/db?sslmode=verify-full&sslrootcert={ca}")).unwrap();
+        assert!(pg.tls());
+        assert!(matches!(pg.postgres_options().unwrap().get_ssl_mode(), PgSslMode::VerifyFull));
+        assert!(SqlJobDbs::new("postgres://u:p@h/db?sslmode=require").unwrap().tls());
+        let my = SqlJobDbs::new(&format!("mysql://u:p@h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}")).unwrap();
+        assert!(my.tls());
+        assert!(matches!(my.mysql_options().unwrap().get_ssl_mode(), MySqlSslMode::VerifyIdentity));
+        assert!(SqlJobDbs::new("mysql://u:p@h/db?ssl-mode=required").unwrap().tls());
+
+        let e = SqlJobDbs::new(&format!("postgres://u:p@h/db?sslrootcert={ca}")).unwrap_err().to_string();
+        assert!(e.contains("sslrootcert is given but no TLS mode") && e.contains("sslmode=verify-full"), "{e}");
+        let e = SqlJobDbs::new(&format!("mysql://u:p@h/db?ssl-ca={ca}")).unwrap_err().to_string();
+        assert!(e.contains("ssl-ca is given but no TLS mode") && e.contains("ssl-mode=VERIFY_IDENTITY"), "{e}");
+        let e = SqlJobDbs::new("postgres://u:p@h/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem").unwrap_err().to_string();
+        assert!(e.contains("sslrootcert: cannot read /no/such/ca.pem"), "{e}");
+        let e = SqlJobDbs::new("postgres://u:p@h/db?sslmode=sometimes").unwrap_err().to_string();
+        assert!(e.contains("sometimes"), "{e}");
     }
 
     /// The server URL in `var`, or `None` (skipped) unless `SLUICE_REQUIRE_SQL=1`.
