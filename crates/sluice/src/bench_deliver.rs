@@ -239,6 +239,36 @@ pub struct E2eBench {
     /// empty database) instead of SQLite files.
     #[arg(long)]
     jobdb_url: Option<String>,
+    /// A `[log.kafka.primary]` key for the Kafka link, `KEY=VALUE`
+    /// (repeatable), e.g. `security_protocol=sasl_ssl`. A SASL password comes
+    /// from `SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD`, passed to the server.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    kafka_options: Vec<String>,
+    /// Serve the Tracking API over HTTPS with this certificate (PEM; with
+    /// `--tls-key` and `--tls-ca`): the load generator speaks TLS to it.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA the load generator checks the server's certificate with.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+/// A TOML basic string of `s` (a JSON string is one).
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string")
+}
+
+/// The load generator's TLS client (it trusts `ca` only), when the server speaks HTTPS.
+fn load_tls(args: &E2eBench) -> Result<Option<tokio_rustls::TlsConnector>> {
+    let Some(ca) = &args.tls_ca else { return Ok(None) };
+    let roots = sluice_ingest::tls::load_roots("--tls-ca", ca)?;
+    let config = rustls::ClientConfig::builder_with_provider(sluice_ingest::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
 }
 
 pub fn bench_e2e(args: E2eBench) -> Result<()> {
@@ -263,13 +293,32 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
     if let Some(url) = &args.jobdb_url {
         toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        toml = toml.replacen(
+            "[server]\n",
+            &format!("[server]\ntls_cert_file = {}\ntls_key_file = {}\n", toml_string(&cert.display().to_string()), toml_string(&key.display().to_string())),
+            1,
+        );
+    }
     if let Some(bootstrap) = &args.kafka {
         toml.push_str(&format!("[log]\nbackend = \"kafka\"\n[log.kafka.primary]\nbootstrap_servers = \"{bootstrap}\"\n"));
+        for option in &args.kafka_options {
+            let Some((key, value)) = option.split_once('=') else { bail!("--kafka-option {option:?}: use KEY=VALUE") };
+            let value = match value {
+                "true" | "false" => value.to_owned(),
+                _ => toml_string(value),
+            };
+            toml.push_str(&format!("{} = {value}\n", key.trim()));
+        }
+    } else if !args.kafka_options.is_empty() {
+        bail!("--kafka-option needs --kafka");
     }
     println!(
-        "mode: log {}, JobDBs {}",
+        "mode: log {}{}, JobDBs {}, Tracking API {}",
         args.kafka.as_deref().map_or("embedded".to_owned(), |b| format!("Kafka at {b}")),
-        args.jobdb_url.as_deref().map_or("SQLite".to_owned(), |u| u.split('@').next_back().unwrap_or(u).to_owned())
+        if args.kafka_options.is_empty() { String::new() } else { format!(" ({})", args.kafka_options.join(", ")) },
+        args.jobdb_url.as_deref().map_or("SQLite".to_owned(), |u| u.split('@').next_back().unwrap_or(u).to_owned()),
+        if args.tls_cert.is_some() { "over HTTPS" } else { "over HTTP" }
     );
     for s in 0..args.sources {
         toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"wk{s}\"\n"));
@@ -357,6 +406,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid: u32) -> Result<()> {
+    let tls = load_tls(args)?;
     let warmup = Duration::from_secs(args.warmup);
     let window = Duration::from_secs(args.seconds);
     let start = Instant::now();
@@ -373,11 +423,24 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         let args = args.clone();
         let sink_state = sink.state.clone();
         let healthy_paths: Vec<String> = (args.down..args.destinations).map(|d| format!("/d{d}")).collect();
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut sender = match tls {
+                None => {
+                    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                    tokio::spawn(conn);
+                    sender
+                }
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                    let stream = tls.connect(name, stream).await?;
+                    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                    tokio::spawn(conn);
+                    sender
+                }
+            };
             let mut seq = 0u64;
             let began = Instant::now();
             while Instant::now() < stop_at {

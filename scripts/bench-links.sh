@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Encrypted links against plain text, in one sitting (issue 12's benchmark).
+#
+#   scripts/bench-links.sh [seconds] [rounds]
+#
+# Runs `sluice bench e2e` with the log on Apache Kafka and the JobDBs in
+# PostgreSQL, closed loop, `rounds` times (default 2) in each of two modes,
+# alternating so that a noisy minute hits both:
+#   plain      Kafka PLAINTEXT listener, PostgreSQL without TLS, HTTP ingest;
+#   encrypted  Kafka SASL_SSL (SCRAM-SHA-512, CA-verified), PostgreSQL with
+#              sslmode=verify-full, the Tracking API over HTTPS (the load
+#              generator speaks TLS, checking the certificate).
+# Each run gets a fresh broker (`scripts/kafka.sh start-secure`: the same
+# broker configuration, with its TLS listeners, for both modes) and a fresh
+# database. Certificates come from scripts/certs.sh. The delivery to the
+# bench's own webhook sink stays plain HTTP in both modes (a destination's
+# TLS is the destination's; not a Sluice link), as does nothing else: `serve`
+# runs route and director in one process, so there is no RPC link.
+#
+# Prints each run's summary, then the median sustained rate of each mode and
+# their ratio (encrypted / plain; issue 12's target is >= 0.8).
+# Environment: SLUICE_BIN (default $CARGO_TARGET_DIR/release/sluice, built
+# if missing).
+source "$(dirname "$0")/common.sh"
+set -euo pipefail
+
+SECONDS_PER_RUN="${1:-20}"
+ROUNDS="${2:-2}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
+B="${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}"
+if [ ! -x "$B" ]; then
+  (cd "$ROOT" && cargo build --release -p sluice)
+fi
+
+# Not under /root: PostgreSQL runs as the user postgres and must reach it.
+W="$(mktemp -d /tmp/sluice-bench-links.XXXXXX)"
+chmod 755 "$W"
+cleanup() {
+  for d in "$W"/k-*; do [ -d "$d" ] && bash "$ROOT/scripts/kafka.sh" stop "$d" >/dev/null 2>&1 || true; done
+  for d in "$W"/pg-*; do [ -d "$d" ] && bash "$ROOT/scripts/sql.sh" stop "$d" >/dev/null 2>&1 || true; done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+bash "$ROOT/scripts/certs.sh" "$W/certs" >/dev/null
+CERTS="$W/certs"
+free() { bash "$ROOT/scripts/sql.sh" free-port "$1"; }
+
+run() { # mode round
+  local mode="$1" round="$2" kdir="$W/k-$1-$2" pgdir="$W/pg-$1-$2"
+  local p c s q pg url env_line
+  p="$(free 41092)"; c="$(free $((p + 1)))"; s="$(free $((c + 1)))"; q="$(free $((s + 1)))"
+  bash "$ROOT/scripts/kafka.sh" start-secure "bench-links-$mode-$round" "$p" "$c" "$s" "$q" "$kdir" "$CERTS" >/dev/null
+  if [ "$mode" = plain ]; then
+    url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
+    "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --kafka "127.0.0.1:$p" --jobdb-url "$url"
+  else
+    url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" "$CERTS" | sed -n 's/^SLUICE_TEST_POSTGRES_TLS_URL=//p')"
+    SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD=sluice-secret "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 \
+      --kafka "127.0.0.1:$q" \
+      --kafka-option security_protocol=sasl_ssl --kafka-option "tls_ca_file=$CERTS/ca.pem" \
+      --kafka-option sasl_mechanism=SCRAM-SHA-512 --kafka-option sasl_username=sluice \
+      --jobdb-url "$url" \
+      --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-ca "$CERTS/ca.pem"
+  fi
+  bash "$ROOT/scripts/kafka.sh" stop "$kdir" >/dev/null 2>&1 || true
+  bash "$ROOT/scripts/sql.sh" stop "$pgdir" >/dev/null 2>&1 || true
+  rm -rf "$kdir" "$pgdir"
+}
+
+: >"$W/results"
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in plain encrypted; do
+    log "round $round: $mode"
+    out="$(run "$mode" "$round")"
+    printf '%s\n' "$out"
+    rate="$(printf '%s\n' "$out" | sed -n 's/.*acked in window: \([0-9]*\) events\/s.*/\1/p' | head -1)"
+    [ -n "$rate" ] || { echo "no rate in the $mode run's output" >&2; exit 1; }
+    echo "$mode $rate" >>"$W/results"
+  done
+done
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+plain="$(awk '$1=="plain"{print $2}' "$W/results" | median)"
+enc="$(awk '$1=="encrypted"{print $2}' "$W/results" | median)"
+echo
+echo "runs: $(tr '\n' ' ' <"$W/results")"
+echo "median sustained events/s: plain $plain, encrypted $enc"
+awk -v p="$plain" -v e="$enc" 'BEGIN {printf "ratio encrypted/plain: %.2f   (target >= 0.8)\n", e / p}'
