@@ -296,7 +296,11 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         toml = toml.replacen(
             "[server]\n",
-            &format!("[server]\ntls_cert_file = {}\ntls_key_file = {}\n", toml_string(&cert.display().to_string()), toml_string(&key.display().to_string())),
+            &format!(
+                "[server]\ntls_cert_file = {}\ntls_key_file = {}\n",
+                toml_string(&cert.display().to_string()),
+                toml_string(&key.display().to_string())
+            ),
             1,
         );
     }
