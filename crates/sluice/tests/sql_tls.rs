@@ -328,7 +328,7 @@ fn expired_certificate(engine: &'static str) {
     let certs = cert_dir(&server);
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pem = |f: &str| certs.join(f).display().to_string();
-    let mut s_server = Command::new("openssl")
+    let s_server = Command::new("openssl")
         .args(["s_server", "-quiet", "-accept"])
         .arg(format!("127.0.0.1:{port}"))
         .args(["-cert", &pem("expired.pem"), "-key", &pem("server.key")])
@@ -337,6 +337,7 @@ fn expired_certificate(engine: &'static str) {
         .stderr(Stdio::null())
         .spawn()
         .expect("openssl s_server");
+    let _s_server = KillOnDrop(s_server);
     wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok().map(drop), || "openssl s_server to listen".into());
     let real = url::Url::parse(&server).unwrap();
     let real = format!("{}:{}", real.host_str().unwrap(), real.port().unwrap());
@@ -347,8 +348,16 @@ fn expired_certificate(engine: &'static str) {
     let url = url.to_string();
     let err = serve_refused("expired certificate", &url, &[]);
     check_error("expired certificate", &err, &url, &["TLS handshake failed", "certificate expired"]);
-    let _ = s_server.kill();
-    let _ = s_server.wait();
+}
+
+/// A child process killed when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
