@@ -9,8 +9,8 @@
 //!   broken new pair leaves the old certificate serving and is reported;
 //! - routes reach directors over TLS (the director requiring a client
 //!   certificate); a route with the wrong CA, without a client certificate,
-//!   or given a plain-text director while its TLS is on hands nothing over
-//!   and says why, naming the link.
+//!   facing an expired director certificate, or given a plain-text director
+//!   while its TLS is on hands nothing over and says why, naming the link.
 
 mod util;
 
@@ -233,8 +233,23 @@ fn routes_reach_directors_over_mutual_tls_and_refuse_what_they_cannot_trust() {
     assert!(sink.by_message_id("/hook").iter().filter(|(k, _)| k.starts_with("m-")).all(|(_, v)| v.len() == 1), "each event once");
     route.stop();
 
-    // A director without TLS while the route's is on: refused, not sent in plain text.
+    // A director whose certificate has expired: the route refuses it.
     director.stop();
+    let expired_tls = director_tls.replace(&pem("server.pem"), &pem("expired.pem"));
+    let expired = Server::start_role("director", &cfg("director", &expired_tls), &[]);
+    let more: Vec<_> = (0..5).map(|i| track_event(&format!("e-{i}"), i)).collect();
+    sink.post_batch(&ingest.addr, &more).unwrap();
+    let route = Server::start_role("route", &cfg("route", &route_tls("ca.pem", true)), &[]);
+    wait_for(
+        Duration::from_secs(60),
+        || route.stderr_text().contains("certificate expired").then_some(()),
+        || format!("the route refuses an expired certificate; route:\n{}", route.stderr_tail(20)),
+    );
+    assert!(!sink.by_message_id("/hook").keys().any(|k| k.starts_with("e-")), "nothing handed to an expired director");
+    route.stop();
+    expired.stop();
+
+    // A director without TLS while the route's is on: refused, not sent in plain text.
     let plain_director = Server::start_role("director", &cfg("director", ""), &[]);
     let more: Vec<_> = (0..5).map(|i| track_event(&format!("p-{i}"), i)).collect();
     sink.post_batch(&ingest.addr, &more).unwrap();
