@@ -20,11 +20,14 @@
 # Prints each run's summary, then the median sustained rate of each mode and
 # their ratio (encrypted / plain; issue 12's target is >= 0.8).
 # Environment: SLUICE_BIN (default $CARGO_TARGET_DIR/release/sluice, built
-# if missing).
+# if missing); ENCRYPT, the links the encrypted mode encrypts (default
+# "kafka,postgres,https"; e.g. ENCRYPT=kafka to see one link's cost).
 source "$(dirname "$0")/common.sh"
 set -euo pipefail
 
 SECONDS_PER_RUN="${1:-20}"
+ENCRYPT="${ENCRYPT:-kafka,postgres,https}"
+encrypts() { [[ ",$ENCRYPT," == *",$1,"* ]]; }
 ROUNDS="${2:-2}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
@@ -56,13 +59,23 @@ run() { # mode round
     url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
     "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --kafka "127.0.0.1:$p" --jobdb-url "$url"
   else
-    url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" "$CERTS" | sed -n 's/^SLUICE_TEST_POSTGRES_TLS_URL=//p')"
+    local args=()
+    if encrypts postgres; then
+      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" "$CERTS" | sed -n 's/^SLUICE_TEST_POSTGRES_TLS_URL=//p')"
+    else
+      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
+    fi
+    if encrypts kafka; then
+      args+=(--kafka "127.0.0.1:$q" --kafka-option security_protocol=sasl_ssl --kafka-option "tls_ca_file=$CERTS/ca.pem"
+        --kafka-option sasl_mechanism=SCRAM-SHA-512 --kafka-option sasl_username=sluice)
+    else
+      args+=(--kafka "127.0.0.1:$p")
+    fi
+    if encrypts https; then
+      args+=(--tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-ca "$CERTS/ca.pem")
+    fi
     SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD=sluice-secret "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 \
-      --kafka "127.0.0.1:$q" \
-      --kafka-option security_protocol=sasl_ssl --kafka-option "tls_ca_file=$CERTS/ca.pem" \
-      --kafka-option sasl_mechanism=SCRAM-SHA-512 --kafka-option sasl_username=sluice \
-      --jobdb-url "$url" \
-      --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-ca "$CERTS/ca.pem"
+      --jobdb-url "$url" "${args[@]}"
   fi
   bash "$ROOT/scripts/kafka.sh" stop "$kdir" >/dev/null 2>&1 || true
   bash "$ROOT/scripts/sql.sh" stop "$pgdir" >/dev/null 2>&1 || true
@@ -86,5 +99,5 @@ plain="$(awk '$1=="plain"{print $2}' "$W/results" | median)"
 enc="$(awk '$1=="encrypted"{print $2}' "$W/results" | median)"
 echo
 echo "runs: $(tr '\n' ' ' <"$W/results")"
-echo "median sustained events/s: plain $plain, encrypted $enc"
+echo "median sustained events/s: plain $plain, encrypted ($ENCRYPT) $enc"
 awk -v p="$plain" -v e="$enc" 'BEGIN {printf "ratio encrypted/plain: %.2f   (target >= 0.8)\n", e / p}'
