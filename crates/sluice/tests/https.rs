@@ -166,16 +166,6 @@ fn a_replaced_certificate_is_served_without_a_restart_and_a_broken_one_is_not() 
 
 // ---- the director RPC over TLS (Kafka and PostgreSQL, as in rpc_auth) ----
 
-fn role_config(root: &Path, name: &str, broker: &Broker, db_url: &str, sink_url: &str, director: &str) -> PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let extra = format!(
-        "{}\n[deliver]\njobdb_url = \"{db_url}\"\n[director]\nname = \"d1\"\nrpc_listen = \"127.0.0.1:0\"\n{director}",
-        hook_destination_toml(sink_url)
-    );
-    write_kafka_config(&dir, broker, &extra)
-}
-
 #[test]
 fn routes_reach_directors_over_mutual_tls_and_refuse_what_they_cannot_trust() {
     let Some(db) = fresh_database("postgres", "rpctls") else { return };
@@ -183,7 +173,7 @@ fn routes_reach_directors_over_mutual_tls_and_refuse_what_they_cannot_trust() {
     let Some(broker) = Broker::start(&root.path().join("kafka"), "sluice-test-rpctls") else { return };
     let sink = TestSink::start();
     let hook = sink.sink.url("/hook");
-    let cfg = |name: &str, director: &str| role_config(root.path(), name, &broker, &db, &hook, director);
+    let cfg = |name: &str, director: &str| role_config(root.path(), name, &broker, &db, &hook, "d1", director);
     let director_tls = format!(
         "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_ca_file = \"{}\"\ntls_client_auth = true\n",
         pem("server.pem"),

@@ -10,24 +10,13 @@ use std::time::Duration;
 
 use util::*;
 
-/// One process's config: its own data_dir, the shared broker and database.
-fn role_config(root: &Path, name: &str, broker: &Broker, db_url: &str, sink_url: &str, director: &str) -> std::path::PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let extra = format!(
-        "{}\n[deliver]\njobdb_url = \"{db_url}\"\n[director]\nname = \"{director}\"\nrpc_listen = \"127.0.0.1:0\"\n",
-        hook_destination_toml(sink_url)
-    );
-    write_kafka_config(&dir, broker, &extra)
-}
-
 fn separate_roles_deliver_every_event_once(engine: &str) {
     let Some(db) = fresh_database(engine, "roles") else { return };
     let root = tempfile::tempdir().unwrap();
     let Some(broker) = Broker::start(&root.path().join("kafka"), &format!("sluice-test-roles-{engine}")) else { return };
     let sink = TestSink::start();
     let hook = sink.sink.url("/hook");
-    let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook, "d1");
+    let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook, "d1", "");
 
     let director = Server::start_role("director", &cfg("director"), &[]);
     // A second director under the same name is refused (it would share d1's JobDBs).

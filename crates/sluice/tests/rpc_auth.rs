@@ -53,16 +53,6 @@ fn route_and_director_refuse_to_start_without_the_rpc_secret() {
     }
 }
 
-fn role_config(root: &Path, name: &str, broker: &Broker, db_url: &str, sink_url: &str) -> std::path::PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let extra = format!(
-        "{}\n[deliver]\njobdb_url = \"{db_url}\"\n[director]\nname = \"d1\"\nrpc_listen = \"127.0.0.1:0\"\n",
-        hook_destination_toml(sink_url)
-    );
-    write_kafka_config(&dir, broker, &extra)
-}
-
 fn wire_job(message_id: &str, destination: &str, endpoint: &str) -> WireJob {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     WireJob {
@@ -124,7 +114,7 @@ fn director_refuses_forged_requests_and_route_retries_refused_batches() {
     let Some(broker) = Broker::start(&root.path().join("kafka"), "sluice-test-rpcauth") else { return };
     let sink = TestSink::start();
     let hook = sink.sink.url("/hook");
-    let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook);
+    let cfg = |name: &str| role_config(root.path(), name, &broker, &db, &hook, "d1", "");
 
     let director = Server::start_role("director", &cfg("director"), &[]);
     let rpc = rpc_address(&director);
@@ -203,7 +193,7 @@ fn a_director_whose_jobdbs_were_taken_opens_them_again_once_handed_back() {
     let Some(broker) = Broker::start(&root.path().join("kafka"), "sluice-test-rpcreopen") else { return };
     let sink = TestSink::start();
     let hook = sink.sink.url("/hook");
-    let director = Server::start_role("director", &role_config(root.path(), "director", &broker, &db, &hook), &[]);
+    let director = Server::start_role("director", &role_config(root.path(), "director", &broker, &db, &hook, "d1", ""), &[]);
     let rpc = rpc_address(&director);
     let secret = RpcSecret::new(RPC_SECRET);
     let send = |id: &str| {

@@ -59,24 +59,9 @@ fn cert_dir(url: &str) -> PathBuf {
 /// The TLS server `engine` (`postgres` or `mysql`) and a database of its own
 /// there for test `test`: (server URL, database URL).
 fn fresh_tls_database(engine: &str, test: &str) -> Option<(String, String)> {
-    use sqlx::Connection;
     let server = tls_server(if engine == "mysql" { "SLUICE_TEST_MYSQL_TLS_URL" } else { "SLUICE_TEST_POSTGRES_TLS_URL" })?;
-    let name = format!("sluice_{test}_{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        if engine == "mysql" {
-            let mut c = sqlx::MySqlConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await.unwrap();
-            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
-        } else {
-            let mut c = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.unwrap();
-            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
-        }
-    });
-    let mut url = url::Url::parse(&server).unwrap();
-    url.set_path(&format!("/{name}"));
-    Some((server, url.to_string()))
+    let db = create_database(engine, &server, test);
+    Some((server, db))
 }
 
 /// Drop the database of [`fresh_tls_database`].

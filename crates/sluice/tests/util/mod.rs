@@ -745,6 +745,20 @@ impl Drop for Broker {
     }
 }
 
+/// One role process's config (`sluice ingest|dedup|route|director`): its
+/// own data_dir in `root/name`, the shared broker and database, a webhook
+/// to `sink_url`, and director `director` with `director_extra` (TOML lines
+/// of its `[director]` table, e.g. TLS keys).
+pub fn role_config(root: &Path, name: &str, broker: &Broker, db_url: &str, sink_url: &str, director: &str, director_extra: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let extra = format!(
+        "{}\n[deliver]\njobdb_url = \"{db_url}\"\n[director]\nname = \"{director}\"\nrpc_listen = \"127.0.0.1:0\"\n{director_extra}",
+        hook_destination_toml(sink_url)
+    );
+    write_kafka_config(&dir, broker, &extra)
+}
+
 /// The `director.rpc_secret` of configs from [`write_kafka_config`].
 pub const RPC_SECRET: &str = "test-rpc-secret-0123456789abcdef0123456789";
 
@@ -768,7 +782,6 @@ pub fn write_kafka_config(dir: &Path, broker: &Broker, extra: &str) -> PathBuf {
 /// `SLUICE_TEST_POSTGRES_URL`); its URL. `None` (with a message) without the
 /// server, unless `SLUICE_REQUIRE_SQL=1`, when that fails the test.
 pub fn fresh_database(engine: &str, test: &str) -> Option<String> {
-    use sqlx::Connection;
     let var = if engine == "mysql" { "SLUICE_TEST_MYSQL_URL" } else { "SLUICE_TEST_POSTGRES_URL" };
     let server = match std::env::var(var) {
         Ok(u) if !u.is_empty() => u,
@@ -778,22 +791,29 @@ pub fn fresh_database(engine: &str, test: &str) -> Option<String> {
             return None;
         }
     };
+    Some(create_database(engine, &server, test))
+}
+
+/// Create (afresh) a database for test `test` on the MariaDB (`mysql`) or
+/// PostgreSQL server at `server`; its URL (the server's, with its path).
+pub fn create_database(engine: &str, server: &str, test: &str) -> String {
+    use sqlx::Connection;
     let name = format!("sluice_{test}_{}", std::process::id());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         if engine == "mysql" {
-            let mut c = sqlx::MySqlConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+            let mut c = sqlx::MySqlConnection::connect(server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
             sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await.unwrap();
             sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
         } else {
-            let mut c = sqlx::PgConnection::connect(&server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+            let mut c = sqlx::PgConnection::connect(server).await.unwrap_or_else(|e| panic!("connect to {server}: {e}"));
             sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.unwrap();
             sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
         }
     });
-    let mut url = url::Url::parse(&server).unwrap();
+    let mut url = url::Url::parse(server).unwrap();
     url.set_path(&format!("/{name}"));
-    Some(url.to_string())
+    url.to_string()
 }
 
 /// Run one of the tests/compat/*_e2e scripts; the unique events it sent.
