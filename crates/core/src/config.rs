@@ -1128,6 +1128,12 @@ impl Config {
         }
         if let Some(url) = dir.rpc_url.as_deref() {
             let tls = dir.tls_cert_file.is_some();
+            let lower = url.to_ascii_lowercase();
+            let host = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"));
+            if url != url.trim() || host.is_none_or(|h| h.is_empty() || h.starts_with('/') || h.contains(char::is_whitespace)) {
+                return Err(invalid("director.rpc_url", format!("{url:?} is not an http:// or https:// URL with a host")));
+            }
+            let url = lower.as_str();
             if tls && url.starts_with("http://") {
                 return Err(invalid("director.rpc_url", format!("{url:?} is plain text while director.tls_cert_file is set: use https://")));
             }
@@ -1144,6 +1150,12 @@ impl Config {
         }
         for name in k.settings.keys() {
             let n = name.trim().to_ascii_lowercase();
+            if n == "bootstrap.servers" || n == "metadata.broker.list" {
+                return Err(invalid(
+                    format!("log.kafka.settings.\"{name}\""),
+                    "the brokers are log.kafka.primary.bootstrap_servers (and secondary's), not a setting",
+                ));
+            }
             if n == "security.protocol" || n.starts_with("ssl.") || n.starts_with("sasl.") || n == "enable.ssl.certificate.verification" {
                 return Err(invalid(
                     format!("log.kafka.settings.\"{name}\""),
@@ -1336,14 +1348,30 @@ fn check_kafka_cluster(prefix: &str, c: &KafkaCluster) -> Result<(), ConfigError
     Ok(())
 }
 
-/// A JobDB URL's TLS mode, if it names one, is one that cannot fall back
-/// to plain text unnoticed: `prefer`/`allow` (PostgreSQL) and `preferred`
-/// (MySQL) connect unencrypted when the server offers no TLS.
+/// The TLS parameters of a JobDB URL, checked so that what the URL asks
+/// for is what the driver does: a mode that may fall back to plain text
+/// (`prefer`/`allow` for PostgreSQL, `PREFERRED` for MySQL) is refused, and
+/// so is any parameter the driver would ignore with a mere notice — an
+/// `ssl…` key it does not know (`SSLMODE`, `ssl_mode`), one of the other
+/// engine's (`sslrootcert` on MySQL), or a mode given twice — since the
+/// link would then quietly be plain text. Files it names must be readable.
 fn check_sql_tls_mode(key: &str, url: &str) -> Result<(), ConfigError> {
-    let Some((_, query)) = url.split_once('?') else { return Ok(()) };
-    for pair in query.split('&') {
+    let Some((head, query)) = url.split_once('?') else { return Ok(()) };
+    let mysql = head.starts_with("mysql:") || head.starts_with("mariadb:");
+    let (modes, files): (&[&str], &[&str]) = if mysql {
+        (&["ssl-mode", "sslmode"], &["ssl-ca", "sslca", "ssl-cert", "ssl-key"])
+    } else {
+        (&["sslmode", "ssl-mode"], &["sslrootcert", "ssl-root-cert", "ssl-ca", "sslcert", "sslkey"])
+    };
+    let mut mode_seen: Option<String> = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if matches!(name, "sslmode" | "ssl-mode") {
+        let (name, value) = (percent_decode(name), percent_decode(value));
+        if modes.contains(&name.as_str()) {
+            if let Some(first) = &mode_seen {
+                return Err(invalid(key, format!("the TLS mode is given twice ({first} and {name}={value}): give it once")));
+            }
+            mode_seen = Some(format!("{name}={value}"));
             let v = value.to_ascii_lowercase().replace('_', "-");
             match v.as_str() {
                 "disable" | "disabled" | "require" | "required" | "verify-ca" | "verify-full" | "verify-identity" => {}
@@ -1355,9 +1383,43 @@ fn check_sql_tls_mode(key: &str, url: &str) -> Result<(), ConfigError> {
                 }
                 _ => return Err(invalid(key, format!("{name}={value:?} is not a TLS mode"))),
             }
+        } else if files.contains(&name.as_str()) {
+            check_file(&format!("{key} ({name})"), &Some(PathBuf::from(&value)))?;
+        } else if name.to_ascii_lowercase().contains("ssl") || name.to_ascii_lowercase().contains("tls") {
+            let engine = if mysql { "MySQL/MariaDB" } else { "PostgreSQL" };
+            let known: Vec<&str> = modes.iter().chain(files).copied().collect();
+            return Err(invalid(
+                key,
+                format!("{name:?} is not a TLS parameter {engine} URLs take (the driver would ignore it, leaving the link as the rest says); they are: {}", known.join(", ")),
+            ));
         }
     }
     Ok(())
+}
+
+/// `%XX` escapes decoded (as URL parsers do before a query key is compared).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1432,9 +1494,17 @@ fn misspelt_override(name: &str) -> Option<String> {
     })
 }
 
+/// Keys whose value an environment override always sets as the raw string
+/// (never read as a TOML literal): secrets and URLs. A password of digits
+/// must not become a number, and so be echoed in a type error, nor lose
+/// quotes or a `#…` tail to TOML's syntax.
+const ENV_RAW_KEYS: &[&str] =
+    &["sasl_password", "sasl_username", "token", "metrics_token", "rpc_secret", "jobdb_url", "rpc_url", "bootstrap_servers"];
+
 /// The overrides in `env`, sorted by name. The value is read as a TOML
-/// literal when it is one (numbers, booleans), else as a string. A
-/// misspelt override (`SLUICE_SERVER_LISTEN`) is an error, not ignored.
+/// literal when it is one (numbers, booleans), else as a string; the keys
+/// of [`ENV_RAW_KEYS`] always as the string. A misspelt override
+/// (`SLUICE_SERVER_LISTEN`) is an error, not ignored.
 fn env_overrides(env: &HashMap<String, String>) -> Result<Vec<EnvOverride>, ConfigError> {
     let mut misspelt: Vec<_> = env.keys().filter_map(|k| Some((k, misspelt_override(k)?))).collect();
     misspelt.sort();
@@ -1461,9 +1531,10 @@ fn env_overrides(env: &HashMap<String, String>) -> Result<Vec<EnvOverride>, Conf
         if parts.len() < 2 || parts.len() > MAX_ENV_DEPTH || parts.iter().any(String::is_empty) {
             return Err(malformed());
         }
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
+        let raw_key = parts.last().is_some_and(|k| ENV_RAW_KEYS.contains(&k.as_str()));
+        let value = (!raw_key)
+            .then(|| toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")))
+            .flatten()
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
         out.push(EnvOverride { var: name.clone(), path: parts, value });
     }
@@ -1655,7 +1726,7 @@ mod tests {
         let load = |text: &str| Config::from_toml_with_env(text, "", &HashMap::new()).map_err(|e| e.to_string());
         load(&format!("[server]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\n")).unwrap();
         load(&format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntls_client_auth = true\n")).unwrap();
-        load("[deliver]\njobdb_url = \"postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem\"\n").unwrap();
+        load(&format!("[deliver]\njobdb_url = \"postgres://h/db?sslmode=verify-full&sslrootcert={f}\"\n")).unwrap();
         load("[deliver]\njobdb_url = \"mysql://h/db?ssl-mode=VERIFY_IDENTITY\"\n").unwrap();
         let cases: &[(String, &str)] = &[
             (format!("[server]\ntls_cert_file = \"{f}\"\n"), "server.tls_key_file"),
@@ -1678,6 +1749,67 @@ mod tests {
             let err = load(text).unwrap_err();
             assert!(err.contains(expect), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn secrets_from_the_environment_are_taken_as_written() {
+        let sasl = "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\n";
+        for pw in ["12345678", "true", "1e5", "nan", "\"quoted\" # tail"] {
+            let c = kafka(sasl, &[("SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD", pw)]).unwrap_or_else(|e| panic!("{pw}: {e}"));
+            assert_eq!(c.log.kafka.primary.sasl_password.as_ref().map(Secret::expose), Some(pw));
+        }
+        let env = HashMap::from([("SLUICE_ADMIN__TOKEN".to_string(), "1234567890123456789".to_string())]);
+        let c = Config::from_toml_with_env("", "", &env).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("1234567890123456789"));
+        // Other keys still read literals.
+        let env = HashMap::from([("SLUICE_LOG__PARTITIONS".to_string(), "3".to_string())]);
+        assert_eq!(Config::from_toml_with_env("", "", &env).unwrap().log.partitions, 3);
+    }
+
+    #[test]
+    fn jobdb_tls_parameters_the_driver_would_ignore_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let ca = ca.display();
+        let load =
+            |url: &str| Config::from_toml_with_env(&format!("[deliver]\njobdb_url = \"{url}\"\n"), "", &HashMap::new()).map_err(|e| e.to_string());
+        load(&format!("postgres://h/db?sslmode=verify-full&sslrootcert={ca}&application_name=x")).unwrap();
+        load(&format!("mysql://h/db?ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}")).unwrap();
+        let cases = [
+            ("postgres://h/db?SSLMODE=verify-full".to_owned(), "\"SSLMODE\" is not a TLS parameter"),
+            ("postgres://h/db?ssl_mode=verify-full".to_owned(), "\"ssl_mode\""),
+            ("postgres://h/db?sslmode=verify-full&sslmode=disable".to_owned(), "given twice"),
+            ("postgres://h/db?sslmode=verify-full&ssl-mode=disable".to_owned(), "given twice"),
+            ("postgres://h/db?ssl%6Dode=prefer".to_owned(), "may fall back to plain text"),
+            (format!("mysql://h/db?ssl-mode=VERIFY_IDENTITY&sslrootcert={ca}"), "\"sslrootcert\""),
+            ("postgres://h/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem".to_owned(), "sslrootcert"),
+        ];
+        for (url, expect) in cases {
+            let err = load(&url).unwrap_err();
+            assert!(err.contains("deliver.jobdb_url") && err.contains(expect), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn brokers_and_rpc_urls_cannot_be_slipped_in_sideways() {
+        for setting in ["bootstrap.servers", "Metadata.Broker.List"] {
+            let text = format!("[log.kafka.settings]\n\"{setting}\" = \"evil:9092\"\n");
+            let err = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_err().to_string();
+            assert!(err.contains("bootstrap_servers"), "{setting}: {err}");
+        }
+        for url in [" http://d:8090", "d:8090", "ftp://d", "https://", "http:// d"] {
+            let text = format!("[director]\nrpc_url = \"{url}\"\n");
+            let err = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_err().to_string();
+            assert!(err.contains("director.rpc_url"), "{url}: {err}");
+        }
+        // With TLS on, a plain-text address in any spelling.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.pem");
+        std::fs::write(&f, "x").unwrap();
+        let text = format!("[director]\ntls_cert_file = \"{0}\"\ntls_key_file = \"{0}\"\nrpc_url = \"HTTP://d:8090\"\n", f.display());
+        let err = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_err().to_string();
+        assert!(err.contains("director.rpc_url") && err.contains("plain text"), "{err}");
     }
 
     #[test]

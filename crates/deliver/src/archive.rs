@@ -37,6 +37,21 @@ pub struct ArchivedJob<'a> {
     pub history: &'a [Transition],
 }
 
+/// The bytes of `path`, a regular file of at most `max` bytes (a CA file:
+/// never a FIFO or device to block on, nor a huge file to read into memory).
+fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if !std::fs::metadata(path).map_err(|e| e.to_string())?.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).and_then(|f| f.take(max + 1).read_to_end(&mut bytes)).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes: not a CA file"));
+    }
+    Ok(bytes)
+}
+
 impl Archive {
     /// A local directory (created if missing).
     pub fn local(dir: &Path) -> Result<Archive, DeliverError> {
@@ -60,7 +75,7 @@ impl Archive {
         let mut builder = AmazonS3Builder::new();
         if let Some(path) = ca_file {
             let link = |e: &dyn std::fmt::Display| DeliverError::Archive(format!("s3 archive: CA file {}: {e}", path.display()));
-            let pem = std::fs::read(path).map_err(|e| link(&e))?;
+            let pem = read_small_file(path, 1 << 20).map_err(|e| link(&e))?;
             let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| link(&e))?;
             if certs.is_empty() {
                 return Err(link(&"no PEM certificate in it"));

@@ -810,7 +810,9 @@ impl SqlJobDbs {
                     "jobdb link: TLS without verifying the server's certificate ({s}): anyone on the path can pose as the database; set {verify}"
                 ),
             ),
-            (Some(s), true, 1) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate but not its host name ({s})")),
+            (Some(s), true, 1) => {
+                (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate ({s}; the driver checks its host name too)"))
+            }
             (Some(s), true, _) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate and host name ({s})")),
         };
         log_once(&display, level, &message);

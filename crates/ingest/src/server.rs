@@ -287,25 +287,25 @@ fn refusal_headers(same_origin: bool) -> Vec<(&'static str, &'static str)> {
 
 /// Open connections per client ([`client_key`]).
 #[derive(Clone)]
-struct PerClient {
+pub(crate) struct PerClient {
     limit: usize,
     open: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 /// One connection's share of its client's allowance; given back on drop.
-struct Share {
+pub(crate) struct Share {
     ip: IpAddr,
     open: Option<Arc<Mutex<HashMap<IpAddr, usize>>>>,
 }
 
 impl PerClient {
-    fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self { limit, open: Arc::default() }
     }
 
     /// A share for one more connection from `ip`, or `None` when it holds
     /// its limit already.
-    fn claim(&self, ip: IpAddr) -> Option<Share> {
+    pub(crate) fn claim(&self, ip: IpAddr) -> Option<Share> {
         if self.limit == 0 {
             return Some(Share { ip, open: None });
         }

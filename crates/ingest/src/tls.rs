@@ -8,17 +8,21 @@
 //! - A listener with TLS configured never answers in plain text: a client
 //!   that does not complete a handshake within the handshake timeout is
 //!   disconnected, and nothing else is served on that port.
-//! - The certificate and key are re-read when either file changes (checked
-//!   every [`RELOAD_EVERY`]); a new pair that does not load (unreadable, not
-//!   PEM, key not matching the certificate) leaves the one in use in place
-//!   and is logged and counted (`sluice_tls_reloads_total{result="error"}`).
-//!   New connections get the new certificate; open ones keep theirs.
+//! - The certificate and key are re-read when either file's content changes
+//!   (compared every [`RELOAD_EVERY`]); a new pair that does not load
+//!   (unreadable, not PEM, key not matching the certificate) leaves the one
+//!   in use in place, is logged once per distinct error and counted
+//!   (`sluice_tls_reloads_total{result="error"}`), and is tried again at
+//!   every check until it loads. New connections get the new certificate;
+//!   open ones keep theirs.
+//! - A PEM file is read only if it is a regular file (not a FIFO or a
+//!   device, which could block or never end) of at most [`MAX_PEM_BYTES`].
 //! - Handshakes run on their own tasks with a deadline, so a client that
 //!   opens a connection and sends nothing never delays another's accept.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -49,11 +53,31 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
+/// The largest PEM file read (a chain of a few certificates is a few KB; a
+/// CA bundle a few hundred).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// The bytes of the PEM file at `path`: a regular file (after symlinks) of
+/// at most [`MAX_PEM_BYTES`].
+pub fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes)).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!("larger than {} KiB: not a PEM certificate or key file", MAX_PEM_BYTES >> 10));
+    }
+    Ok(bytes)
+}
+
 /// The certificates of a PEM file (a chain, or CAs); at least one.
 pub fn load_certs(link: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let file_err = |cause: String| TlsError::File { link: link.into(), path: path.into(), cause };
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| file_err(e.to_string()))?.collect::<Result<Vec<_>, _>>();
-    match certs {
+    let pem = read_pem(path).map_err(file_err)?;
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
         Ok(c) if !c.is_empty() => Ok(c),
         Ok(_) => Err(file_err("no PEM certificate in it".into())),
         Err(e) => Err(file_err(format!("not a PEM certificate file: {e}"))),
@@ -72,23 +96,36 @@ pub fn load_roots(link: &str, path: &Path) -> Result<RootCertStore, TlsError> {
 /// A certificate chain and its private key, checked to belong together.
 fn load_pair(link: &str, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs(link, cert)?;
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
-        link: link.into(),
-        path: key.into(),
-        cause: format!("not a PEM private key: {e}"),
+    let key_err = |cause: String| TlsError::File { link: link.into(), path: key.into(), cause };
+    let pem = read_pem(key).map_err(key_err)?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        key_err(if String::from_utf8_lossy(&pem).contains("ENCRYPTED") {
+            "an encrypted private key: give it unencrypted (`openssl pkey -in key.pem -out plain.pem`), readable only by Sluice".into()
+        } else {
+            format!("not a PEM private key: {e}")
+        })
     })?;
     CertifiedKey::from_der(chain, der, &provider()).map_err(|e| TlsError::Setup {
         link: link.into(),
-        problem: format!("{} and {} do not make a usable pair: {e}", cert.display(), key.display()),
+        problem: format!(
+            "{} and {} do not make a usable pair (the certificate first must be the one of this key): {e}",
+            cert.display(),
+            key.display()
+        ),
     })
 }
 
-/// What identifies a version of a file pair: modification times and sizes.
-type Stamp = [(Option<SystemTime>, u64); 2];
+/// What identifies a version of a file pair: a hash of both files' content
+/// (or of why one cannot be read), so a copy that keeps the modification
+/// time (`cp -p`, `rsync -t`) is noticed too.
+type Stamp = u64;
 
 fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let one = |p: &Path| std::fs::metadata(p).map_or((None, 0), |m| (m.modified().ok(), m.len()));
-    [one(cert), one(key)]
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    read_pem(cert).hash(&mut h);
+    read_pem(key).hash(&mut h);
+    h.finish()
 }
 
 /// `sluice_tls_reloads_total{listener, result}`: certificate reloads by outcome.
@@ -103,18 +140,23 @@ pub struct ReloadingCert {
     link: String,
     cert: PathBuf,
     key: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, Stamp)>,
+    /// The pair in use, the stamp of the files it was loaded from, and the
+    /// last reload error (so a pair that keeps failing is reported once).
+    current: RwLock<(Arc<CertifiedKey>, Stamp, Option<String>)>,
 }
 
 impl ReloadingCert {
     fn load(link: &str, cert: &Path, key: &Path) -> Result<ReloadingCert, TlsError> {
         let before = stamp(cert, key);
         let pair = load_pair(link, cert, key)?;
-        Ok(ReloadingCert { link: link.into(), cert: cert.into(), key: key.into(), current: RwLock::new((Arc::new(pair), before)) })
+        Ok(ReloadingCert { link: link.into(), cert: cert.into(), key: key.into(), current: RwLock::new((Arc::new(pair), before, None)) })
     }
 
-    /// Load the files again if they changed since the last load: `Ok(true)`
-    /// when a new pair is in use, `Err` (the old pair kept) when it failed.
+    /// Load the files again if their content changed since the pair in use
+    /// was loaded: `Ok(true)` when a new pair is in use, `Err` (the old pair
+    /// kept) when it failed. A failing pair is tried again at every call
+    /// (permissions fixed, a half-written file finished); `Err` comes only
+    /// when the error differs from the last one.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let now = stamp(&self.cert, &self.key);
         if self.current.read().unwrap_or_else(|p| p.into_inner()).1 == now {
@@ -123,16 +165,18 @@ impl ReloadingCert {
         let labels = |result: &str| vec![("listener".to_owned(), self.link.clone()), ("result".to_owned(), result.to_owned())];
         let loaded = load_pair(&self.link, &self.cert, &self.key);
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        // Not retried until the files change again (a half-written pair
-        // becomes whole with another write, which changes the stamp).
-        current.1 = now;
         match loaded {
             Ok(pair) => {
-                current.0 = Arc::new(pair);
+                *current = (Arc::new(pair), now, None);
                 reloads_total().get_or_create(&labels("ok")).inc();
                 Ok(true)
             }
             Err(e) => {
+                let text = e.to_string();
+                if current.2.as_deref() == Some(text.as_str()) {
+                    return Ok(false);
+                }
+                current.2 = Some(text);
                 reloads_total().get_or_create(&labels("error")).inc();
                 Err(e)
             }
@@ -147,7 +191,7 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 /// A handshake on a [`TlsListener`] must be done within this time.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server's TLS: its acceptor and the certificate it reloads.
 #[derive(Clone)]
@@ -227,11 +271,17 @@ impl ServerTls {
 
 /// Handshakes in progress at once on a [`TlsListener`]; more connections
 /// wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES: usize = 4096;
+/// Handshakes in progress at once from one client (an address, as
+/// [`crate::server::client_key`] reads it); its further connections are
+/// closed at once, so a few stalling clients cannot fill
+/// [`MAX_HANDSHAKES`] and hold up the others' connections.
+const MAX_HANDSHAKES_PER_CLIENT: usize = 16;
 
 /// A TCP listener that yields connections once their TLS handshake is
 /// done, for `axum::serve` (the director RPC). Handshakes run on tasks of
-/// their own; failed ones are logged at debug and dropped.
+/// their own, bounded in time, in number and per client; failed ones are
+/// logged at debug and dropped.
 pub struct TlsListener {
     local: std::net::SocketAddr,
     ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
@@ -243,6 +293,7 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_client = crate::server::PerClient::new(MAX_HANDSHAKES_PER_CLIENT);
         let accepting = tokio::spawn(async move {
             loop {
                 let Ok(permit) = permits.clone().acquire_owned().await else { return };
@@ -258,15 +309,20 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                let Some(share) = per_client.claim(crate::server::client_key(peer.ip())) else {
+                    tracing::debug!(%peer, "too many TLS handshakes in progress from this client; closed");
+                    continue;
+                };
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tls.accept(stream, HANDSHAKE_TIMEOUT).await {
+                    let handshake = tls.accept(stream, HANDSHAKE_TIMEOUT).await;
+                    drop((permit, share));
+                    match handshake {
                         Ok(s) => {
                             let _ = tx.send((s, peer)).await;
                         }
                         Err(e) => tracing::debug!(%peer, error = %e, "connection closed"),
                     }
-                    drop(permit);
                 });
             }
         });
@@ -294,5 +350,73 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test certificates (`scripts/certs.sh`), once per test process.
+    fn certs() -> PathBuf {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            if let Some(d) = std::env::var_os("SLUICE_TEST_CERT_DIR") {
+                return PathBuf::from(d);
+            }
+            let dir = std::env::temp_dir().join(format!("sluice-tls-unit-certs-{}", std::process::id()));
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/certs.sh");
+            let out = std::process::Command::new("bash").arg(script).arg(&dir).output().expect("run scripts/certs.sh");
+            assert!(out.status.success(), "scripts/certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+            dir
+        })
+        .clone()
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::File::create(&big).unwrap().set_len(MAX_PEM_BYTES + 1).unwrap();
+        assert!(read_pem(&big).unwrap_err().contains("larger than"));
+        assert!(read_pem(dir.path()).unwrap_err().contains("not a regular file"));
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        // Would block forever if opened.
+        assert!(read_pem(&fifo).unwrap_err().contains("not a regular file"));
+        let err = load_certs("x", &fifo).unwrap_err().to_string();
+        assert!(err.contains("x: cannot read") && err.contains("fifo.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_reload_is_retried_and_a_copy_keeping_size_and_mtime_is_noticed() {
+        let c = certs();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("s.pem"), dir.path().join("s.key"));
+        std::fs::copy(c.join("server.pem"), &cert).unwrap();
+        std::fs::copy(c.join("server.key"), &key).unwrap();
+        let r = ReloadingCert::load("test", &cert, &key).unwrap();
+        assert!(!r.reload_if_changed().unwrap(), "nothing changed");
+
+        // A key that does not match: refused, reported once, old pair kept.
+        std::fs::copy(c.join("server2.key"), &key).unwrap();
+        r.reload_if_changed().expect_err("mismatched pair");
+        assert!(!r.reload_if_changed().unwrap(), "the same failure is not reported twice");
+        // Completed: loaded at the next check, without another change needed.
+        std::fs::copy(c.join("server2.pem"), &cert).unwrap();
+        assert!(r.reload_if_changed().unwrap());
+
+        // Back to the first pair, with the second's modification times (and
+        // the same sizes, as here): the content differs, so it is reloaded.
+        let times = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        let (t_cert, t_key) = (times(&cert), times(&key));
+        std::fs::copy(c.join("server.pem"), &cert).unwrap();
+        std::fs::copy(c.join("server.key"), &key).unwrap();
+        std::fs::File::options().write(true).open(&cert).unwrap().set_modified(t_cert).unwrap();
+        std::fs::File::options().write(true).open(&key).unwrap().set_modified(t_key).unwrap();
+        assert!(r.reload_if_changed().unwrap());
+        let served = r.current.read().unwrap().0.cert[0].clone();
+        assert_eq!(served, load_certs("x", &c.join("server.pem")).unwrap()[0]);
     }
 }

@@ -134,8 +134,16 @@ pub fn rpc_secret(config: &Config) -> Result<sluice_route::rpc::RpcSecret> {
 /// certificate when set); `None` keeps the RPC in plain text.
 fn director_client_tls(config: &Config) -> Result<Option<sluice_route::rpc::ClientTls>> {
     let d = &config.director;
-    let Some(ca) = &d.tls_ca_file else { return Ok(None) };
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("director rpc: cannot read {}", p.display()));
+    let Some(ca) = &d.tls_ca_file else {
+        if d.tls_cert_file.is_some() {
+            tracing::warn!(
+                "director.tls_cert_file is set but director.tls_ca_file is not: this route talks to directors in plain text \
+                 (set tls_ca_file to the CA of the directors' certificates to turn its TLS on)"
+            );
+        }
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| sluice_ingest::tls::read_pem(p).map_err(|e| anyhow::anyhow!("director rpc: cannot read {}: {e}", p.display()));
     let identity = match (&d.tls_cert_file, &d.tls_key_file) {
         (Some(cert), Some(key)) => {
             let mut pem = read(cert)?;

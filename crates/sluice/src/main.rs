@@ -615,13 +615,13 @@ fn check_tls_files(config: &Config) -> Result<()> {
         }
         Ok(())
     };
-    pair("server.tls_cert_file", &config.server.tls_cert_file, &config.server.tls_key_file)?;
-    pair("admin.tls_cert_file", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
-    pair("director.tls_cert_file", &config.director.tls_cert_file, &config.director.tls_key_file)?;
+    pair("server.tls_cert_file/tls_key_file", &config.server.tls_cert_file, &config.server.tls_key_file)?;
+    pair("admin.tls_cert_file/tls_key_file", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
+    pair("director.tls_cert_file/tls_key_file", &config.director.tls_cert_file, &config.director.tls_key_file)?;
     let k = &config.log.kafka;
     let kafka = [("log.kafka.primary", Some(&k.primary)), ("log.kafka.secondary", k.secondary.as_ref())];
     for (prefix, cluster) in kafka.into_iter().filter_map(|(p, c)| Some((p, c?))) {
-        pair(&format!("{prefix}.tls_cert_file"), &cluster.tls_cert_file, &cluster.tls_key_file)?;
+        pair(&format!("{prefix}.tls_cert_file/tls_key_file"), &cluster.tls_cert_file, &cluster.tls_key_file)?;
         if let Some(ca) = &cluster.tls_ca_file {
             load_certs(&format!("{prefix}.tls_ca_file"), ca)?;
         }
@@ -732,6 +732,13 @@ fn kafka_options(config: &Config, cluster: &sluice_core::config::KafkaCluster, p
     o.client_id = k.client_id.clone();
     o.settings = k.settings.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
     o.link = kafka_link(cluster, if primary { "kafka primary" } else { "kafka secondary" });
+    if !primary && k.primary.security_protocol != cluster.security_protocol {
+        tracing::warn!(
+            primary = k.primary.security_protocol.as_librdkafka(),
+            secondary = cluster.security_protocol.as_librdkafka(),
+            "the secondary Kafka cluster's link is not protected like the primary's: events written there during a failover travel as it says"
+        );
+    }
     o
 }
 

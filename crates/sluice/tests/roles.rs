@@ -5,7 +5,6 @@
 
 mod util;
 
-use std::path::Path;
 use std::time::Duration;
 
 use util::*;
