@@ -48,22 +48,24 @@ trap cleanup EXIT
 
 bash "$ROOT/scripts/certs.sh" "$W/certs" >/dev/null
 CERTS="$W/certs"
+# Ports below the kernel's ephemeral range (32768-), which a client's
+# outgoing connection could hold when the broker binds.
 free() { bash "$ROOT/scripts/sql.sh" free-port "$1"; }
 
 run() { # mode round
   local mode="$1" round="$2" kdir="$W/k-$1-$2" pgdir="$W/pg-$1-$2"
   local p c s q pg url env_line
-  p="$(free 41092)"; c="$(free $((p + 1)))"; s="$(free $((c + 1)))"; q="$(free $((s + 1)))"
+  p="$(free 21092)"; c="$(free $((p + 1)))"; s="$(free $((c + 1)))"; q="$(free $((s + 1)))"
   bash "$ROOT/scripts/kafka.sh" start-secure "bench-links-$mode-$round" "$p" "$c" "$s" "$q" "$kdir" "$CERTS" >/dev/null
   if [ "$mode" = plain ]; then
-    url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
+    url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 25432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
     "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --kafka "127.0.0.1:$p" --jobdb-url "$url"
   else
     local args=()
     if encrypts postgres; then
-      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" "$CERTS" | sed -n 's/^SLUICE_TEST_POSTGRES_TLS_URL=//p')"
+      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 25432)" "$CERTS" | sed -n 's/^SLUICE_TEST_POSTGRES_TLS_URL=//p')"
     else
-      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 45432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
+      url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 25432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
     fi
     if encrypts kafka; then
       args+=(--kafka "127.0.0.1:$q" --kafka-option security_protocol=sasl_ssl --kafka-option "tls_ca_file=$CERTS/ca.pem"
@@ -74,8 +76,9 @@ run() { # mode round
     if encrypts https; then
       args+=(--tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --tls-ca "$CERTS/ca.pem")
     fi
-    SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD=sluice-secret "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 \
-      --jobdb-url "$url" "${args[@]}"
+    local password=()
+    encrypts kafka && password=(SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD=sluice-secret)
+    env "${password[@]}" "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --jobdb-url "$url" "${args[@]}"
   fi
   bash "$ROOT/scripts/kafka.sh" stop "$kdir" >/dev/null 2>&1 || true
   bash "$ROOT/scripts/sql.sh" stop "$pgdir" >/dev/null 2>&1 || true

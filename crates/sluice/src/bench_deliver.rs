@@ -361,13 +361,17 @@ pub(crate) fn spawn_serve(config_path: &Path) -> Result<(std::process::Child, St
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Sluice is ready")) {
-                        let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) => {
+                        if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Sluice is ready")) {
+                            let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                        }
+                        if v["level"] == "ERROR" {
+                            eprintln!("server: {line}");
+                        }
                     }
-                    if v["level"] == "ERROR" {
-                        eprintln!("server: {line}");
-                    }
+                    // Not a log line: the error `serve` exits with (a bad config).
+                    Err(_) => eprintln!("server: {line}"),
                 }
             }
         });
