@@ -93,7 +93,8 @@ for round in $(seq 1 "$ROUNDS"); do
     printf '%s\n' "$out"
     rate="$(printf '%s\n' "$out" | sed -n 's/.*acked in window: \([0-9]*\) events\/s.*/\1/p' | head -1)"
     [ -n "$rate" ] || { echo "no rate in the $mode run's output" >&2; exit 1; }
-    echo "$mode $rate" >>"$W/results"
+    cpu="$(printf '%s\n' "$out" | sed -n 's/.*server [0-9.]* s (\([0-9.]*\) ms per 1,000 events), whole machine [0-9.]* s (\([0-9.]*\) ms per 1,000.*/\1 \2/p' | head -1)"
+    echo "$mode $rate ${cpu:-? ?}" >>"$W/results"
   done
 done
 
@@ -101,6 +102,13 @@ median() { sort -n | awk '{a[NR]=$1} END {if (NR % 2) print a[(NR+1)/2]; else pr
 plain="$(awk '$1=="plain"{print $2}' "$W/results" | median)"
 enc="$(awk '$1=="encrypted"{print $2}' "$W/results" | median)"
 echo
-echo "runs: $(tr '\n' ' ' <"$W/results")"
+echo "runs (mode, events/s, CPU ms per 1,000 events: server, whole machine):"
+sed 's/^/  /' "$W/results"
 echo "median sustained events/s: plain $plain, encrypted ($ENCRYPT) $enc"
 awk -v p="$plain" -v e="$enc" 'BEGIN {printf "ratio encrypted/plain: %.2f   (target >= 0.8)\n", e / p}'
+for col in 3 4; do
+  what=$([ "$col" = 3 ] && echo "server" || echo "whole machine")
+  cp_="$(awk -v c="$col" '$1=="plain" && $c!="?"{print $c}' "$W/results" | median)"
+  ce="$(awk -v c="$col" '$1=="encrypted" && $c!="?"{print $c}' "$W/results" | median)"
+  if [ -n "$cp_" ] && [ -n "$ce" ]; then echo "median CPU per 1,000 events, $what: plain $cp_ ms, encrypted $ce ms"; fi
+done

@@ -1117,6 +1117,9 @@ impl Config {
     fn validate_links(&self) -> Result<(), ConfigError> {
         check_cert_pair("server", &self.server.tls_cert_file, &self.server.tls_key_file)?;
         check_cert_pair("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
+        if self.admin.listen.is_empty() && self.admin.tls_cert_file.is_some() {
+            return Err(invalid("admin.tls_cert_file", "is set but admin.listen is empty (the admin port is off)"));
+        }
         let dir = &self.director;
         check_cert_pair("director", &dir.tls_cert_file, &dir.tls_key_file)?;
         check_file("director.tls_ca_file", &dir.tls_ca_file)?;
@@ -1735,6 +1738,7 @@ mod tests {
             (format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_client_auth = true\n"), "director.tls_client_auth"),
             (format!("[director]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\nrpc_url = \"http://d:8090\"\n"), "director.rpc_url"),
             ("[director]\nrpc_url = \"https://d:8090\"\n".into(), "director.rpc_url"),
+            (format!("[admin]\nlisten = \"\"\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\n"), "admin.listen is empty"),
             ("[deliver]\njobdb_url = \"postgres://h/db?sslmode=prefer\"\n".into(), "plain text"),
             ("[deliver]\njobdb_url = \"mysql://h/db?ssl-mode=PREFERRED\"\n".into(), "plain text"),
             ("[deliver]\njobdb_url = \"postgres://h/db?sslmode=allow\"\n".into(), "deliver.jobdb_url"),

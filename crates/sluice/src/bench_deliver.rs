@@ -406,6 +406,29 @@ pub(crate) fn rss_mib(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time (user + system, in clock ticks) of process `pid`, and of the
+/// whole machine (busy, all CPUs), from /proc; zeros where unreadable.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let process = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+            Some(f.iter().take(8).sum::<u64>() - f.get(3)? - f.get(4)?)
+        })
+        .unwrap_or(0);
+    (process, machine)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -506,10 +529,12 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let healthy_paths: Vec<String> = (args.down..args.destinations).map(|d| format!("/d{d}")).collect();
     let per_path_before: Vec<u64> = healthy_paths.iter().map(|p| sink.state.path_count(p)).collect();
     let mut rss_peak: f64 = 0.0;
+    let cpu_before = cpu_ticks(pid);
     while Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss_peak = rss_peak.max(rss_mib(pid, "VmRSS:"));
     }
+    let cpu_after = cpu_ticks(pid);
     let acked_in_window = acked.load(Ordering::Relaxed) - acked_before;
     let delivered_in_window = sink.count() - sink_before;
     let healthy_in_window = sink.state.path_count(&healthy_path) - healthy_before;
@@ -568,6 +593,16 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         lat.last().copied().unwrap_or(f64::NAN)
     );
     println!("server RSS: peak sampled {:.0} MiB, high-water mark {:.0} MiB", rss_peak, rss_mib(pid, "VmHWM:"));
+    // Clock ticks are 1/100 s on Linux (USER_HZ).
+    let (server_s, machine_s) = ((cpu_after.0 - cpu_before.0) as f64 / 100.0, (cpu_after.1 - cpu_before.1) as f64 / 100.0);
+    let per_k = |cpu_s: f64| cpu_s * 1e6 / (acked_in_window.max(1) as f64);
+    println!(
+        "CPU in window: server {server_s:.1} s ({:.1} ms per 1,000 events), whole machine {machine_s:.1} s ({:.1} ms per 1,000 events; {:.0}% of {} cores)",
+        per_k(server_s),
+        per_k(machine_s),
+        100.0 * machine_s / window_s / std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     println!("deliveries to healthy destinations: {} of {} expected", arrivals.len(), expected_healthy(args, total_acked));
     if args.down > 0 && args.recover_seconds > 0 {
         // What the down destinations are owed, exactly.
