@@ -749,7 +749,15 @@ impl SqlJobDbs {
                  or DISABLED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY (MySQL)"
             ))
         };
-        let (options, tls) = match engine {
+        // What the mode checks of the server. (sqlx with rustls checks the
+        // host name at verify-ca too, so the two verify modes are one here.)
+        #[derive(PartialEq)]
+        enum Link {
+            Plain,
+            Unverified,
+            Verified,
+        }
+        let (options, link, verify) = match engine {
             SqlEngine::MySql => {
                 if database.is_empty() {
                     return Err(bad("name the database in the URL (mysql://user:password@host:port/database)"));
@@ -760,63 +768,43 @@ impl SqlJobDbs {
                 if named.is_none() {
                     o = o.ssl_mode(MySqlSslMode::Disabled);
                 }
-                let tls = match o.get_ssl_mode() {
+                let link = match o.get_ssl_mode() {
                     MySqlSslMode::Preferred => return Err(fallback(&setting)),
-                    MySqlSslMode::Disabled => false,
-                    MySqlSslMode::Required | MySqlSslMode::VerifyCa | MySqlSslMode::VerifyIdentity => true,
+                    MySqlSslMode::Disabled => Link::Plain,
+                    MySqlSslMode::Required => Link::Unverified,
+                    MySqlSslMode::VerifyCa | MySqlSslMode::VerifyIdentity => Link::Verified,
                 };
-                (Options::MySql(o.disable_statement_logging()), tls)
+                (Options::MySql(o.disable_statement_logging()), link, "ssl-mode=VERIFY_IDENTITY&ssl-ca=…")
             }
             SqlEngine::Postgres => {
                 let mut o = PgConnectOptions::from_str(url).map_err(|e| bad(&e.to_string()))?;
                 if named.is_none() {
                     o = o.ssl_mode(PgSslMode::Disable);
                 }
-                let tls = match o.get_ssl_mode() {
+                let link = match o.get_ssl_mode() {
                     PgSslMode::Allow | PgSslMode::Prefer => return Err(fallback(&setting)),
-                    PgSslMode::Disable => false,
-                    PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => true,
+                    PgSslMode::Disable => Link::Plain,
+                    PgSslMode::Require => Link::Unverified,
+                    PgSslMode::VerifyCa | PgSslMode::VerifyFull => Link::Verified,
                 };
                 // `IF NOT EXISTS` answers with a NOTICE that sqlx would log at INFO on every start.
                 let o = o.options([("client_min_messages", "warning")]);
-                (Options::Postgres(o.disable_statement_logging()), tls)
+                (Options::Postgres(o.disable_statement_logging()), link, "sslmode=verify-full&sslrootcert=…")
             }
         };
-        // What is checked of the server: 0 nothing, 1 its certificate, 2 also its host name.
-        let (verify, checked) = match &options {
-            Options::MySql(o) => {
-                let checked = match o.get_ssl_mode() {
-                    MySqlSslMode::VerifyIdentity => 2,
-                    MySqlSslMode::VerifyCa => 1,
-                    _ => 0,
-                };
-                ("ssl-mode=VERIFY_IDENTITY&ssl-ca=…", checked)
-            }
-            Options::Postgres(o) => {
-                let checked = match o.get_ssl_mode() {
-                    PgSslMode::VerifyFull => 2,
-                    PgSslMode::VerifyCa => 1,
-                    _ => 0,
-                };
-                ("sslmode=verify-full&sslrootcert=…", checked)
-            }
-        };
-        let (level, message) = match (&setting, tls, checked) {
-            (None, _, _) => (tracing::Level::INFO, format!("jobdb link: plain text (set {verify} to encrypt)")),
-            (Some(s), false, _) => (tracing::Level::INFO, format!("jobdb link: plain text ({s})")),
-            (Some(s), true, 0) => (
+        let (level, message) = match (&setting, &link) {
+            (None, _) => (tracing::Level::INFO, format!("jobdb link: plain text (set {verify} to encrypt)")),
+            (Some(s), Link::Plain) => (tracing::Level::INFO, format!("jobdb link: plain text ({s})")),
+            (Some(s), Link::Unverified) => (
                 tracing::Level::WARN,
                 format!(
                     "jobdb link: TLS without verifying the server's certificate ({s}): anyone on the path can pose as the database; set {verify}"
                 ),
             ),
-            (Some(s), true, 1) => {
-                (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate ({s}; the driver checks its host name too)"))
-            }
-            (Some(s), true, _) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate and host name ({s})")),
+            (Some(s), Link::Verified) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate and host name ({s})")),
         };
         log_once(&display, level, &message);
-        Ok(SqlJobDbs { engine, options, tls, display, database, prefix: String::new() })
+        Ok(SqlJobDbs { engine, options, tls: link != Link::Plain, display, database, prefix: String::new() })
     }
 
     /// Whether the link is encrypted with TLS.

@@ -93,6 +93,12 @@ pub fn load_roots(link: &str, path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Check that `cert` and `key` load as a pair a server could use (for
+/// `sluice config check`), without setting up a server.
+pub fn check_pair(link: &str, cert: &Path, key: &Path) -> Result<(), TlsError> {
+    load_pair(link, cert, key).map(drop)
+}
+
 /// A certificate chain and its private key, checked to belong together.
 fn load_pair(link: &str, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs(link, cert)?;

@@ -608,10 +608,10 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
 /// and `serve` refuses it before connecting to anything. (The config's own
 /// validation has checked that they exist.)
 fn check_tls_files(config: &Config) -> Result<()> {
-    use sluice_ingest::tls::{load_certs, ServerTls};
+    use sluice_ingest::tls::{check_pair, load_certs};
     let pair = |link: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>| -> Result<()> {
         if let (Some(c), Some(k)) = (cert, key) {
-            ServerTls::new(link, c, k, None, &[])?;
+            check_pair(link, c, k)?;
         }
         Ok(())
     };
