@@ -19,7 +19,7 @@
 #
 # Prints each run's summary, then the median sustained rate of each mode and
 # their ratio (encrypted / plain; issue 12's target is >= 0.8).
-# Environment: SLUICE_BIN (default $CARGO_TARGET_DIR/release/sluice, built
+# Environment: WARMUP (seconds, default 10); SLUICE_BIN (default $CARGO_TARGET_DIR/release/sluice, built
 # if missing); ENCRYPT, the links the encrypted mode encrypts (default
 # "kafka,postgres,https"; e.g. ENCRYPT=kafka to see one link's cost).
 source "$(dirname "$0")/common.sh"
@@ -29,6 +29,11 @@ SECONDS_PER_RUN="${1:-20}"
 ENCRYPT="${ENCRYPT:-kafka,postgres,https}"
 encrypts() { [[ ",$ENCRYPT," == *",$1,"* ]]; }
 ROUNDS="${2:-2}"
+# Seconds of load before the measured window. Each run starts a fresh JVM
+# broker, whose JIT compiler is still busy for its first half minute (perf:
+# C2 compiler threads took 10-14% of the machine in a window starting 12 s
+# after the run began); 10 s of warm-up keeps most of that out of the window.
+WARMUP="${WARMUP:-10}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 B="${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}"
@@ -59,7 +64,7 @@ run() { # mode round
   bash "$ROOT/scripts/kafka.sh" start-secure "bench-links-$mode-$round" "$p" "$c" "$s" "$q" "$kdir" "$CERTS" >/dev/null
   if [ "$mode" = plain ]; then
     url="$(bash "$ROOT/scripts/sql.sh" start-postgres "$pgdir" "$(free 25432)" | sed -n 's/^SLUICE_TEST_POSTGRES_URL=//p')"
-    "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --kafka "127.0.0.1:$p" --jobdb-url "$url"
+    "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" --kafka "127.0.0.1:$p" --jobdb-url "$url"
   else
     local args=()
     if encrypts postgres; then
@@ -78,7 +83,7 @@ run() { # mode round
     fi
     local password=()
     encrypts kafka && password=(SLUICE_LOG__KAFKA__PRIMARY__SASL_PASSWORD=sluice-secret)
-    env "${password[@]}" "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup 3 --jobdb-url "$url" "${args[@]}"
+    env "${password[@]}" "$B" bench e2e --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" --jobdb-url "$url" "${args[@]}"
   fi
   bash "$ROOT/scripts/kafka.sh" stop "$kdir" >/dev/null 2>&1 || true
   bash "$ROOT/scripts/sql.sh" stop "$pgdir" >/dev/null 2>&1 || true
