@@ -1,9 +1,10 @@
 //! OpenTelemetry traces (cargo feature `otel`): when `SLUICE_OTLP_ENDPOINT`
 //! is set (e.g. `http://127.0.0.1:4318/v1/traces`), the spans of every stage
 //! — `ingest.request`, `dedup.batch`, `route.batch`, `deliver.attempt` — are
-//! exported over OTLP/HTTP (protobuf) in batches. Off by default: without the
-//! feature nothing of OpenTelemetry is built, and the spans (debug level)
-//! cost a disabled-callsite check.
+//! exported over OTLP/HTTP (protobuf) in batches. Off unless the variable is
+//! set. The feature is on by default (one build serves `scripts/run.sh` and
+//! `scripts/test.sh`); built without it, nothing of OpenTelemetry is linked
+//! and the spans (debug level) cost a disabled-callsite check.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;

@@ -1,4 +1,4 @@
-//! OpenTelemetry traces (`--features otel`): `sluice serve` with
+//! OpenTelemetry traces (feature `otel`, on by default): `sluice serve` with
 //! `SLUICE_OTLP_ENDPOINT` exports the spans of every stage to an OTLP/HTTP
 //! collector (here a fake one that records what it is sent).
 #![cfg(feature = "otel")]
