@@ -2,7 +2,7 @@
 //! PostgreSQL (`pg_try_advisory_lock`): held by one database session for
 //! the director's life; a second director is refused; when the holding
 //! session ends (released, dropped, or killed by the server) another can
-//! take it. (The SQLite JobDBs' file lock is tested in `delivery.rs`.)
+//! take it. (The SQLite JobDBs' file lock is tested in `centrifuge_suite.rs`.)
 
 mod common;
 

@@ -1,14 +1,17 @@
-//! The control database in MariaDB and PostgreSQL (`deliver.jobdb_url`):
-//! processes with their own data_dirs share the `sluice_control_*` tables,
-//! so the seeded catalog, QoS changes and replays made through one reach
-//! the others; seeding by several processes at once neither fails nor
-//! duplicates, and API deletions survive a reseed. (The SQLite control
-//! database is covered by `delivery.rs` and the admin API tests.)
+//! The control database, one suite over every engine: the SQLite file in
+//! `data_dir`, and MariaDB and PostgreSQL (`deliver.jobdb_url`), where
+//! processes with their own data_dirs share the `sluice_control_*` tables.
+//! The seeded catalog, QoS changes and replays made through one process's
+//! catalog reach the others at their refresh; seeding by several at once
+//! neither fails nor duplicates, and API deletions survive a reseed. On
+//! SQLite the "processes" share one data_dir (the only way to share the
+//! file); replays claimed per process are a server-only test, since two
+//! processes on one data_dir are one claimant.
 
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{Backend, Engine};
@@ -18,7 +21,28 @@ use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
 use sqlx::{Connection, Row};
 
-macro_rules! engines {
+/// Tests run on SQLite, MariaDB and PostgreSQL.
+macro_rules! every_engine {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn sqlite() {
+                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
+            }
+            #[test]
+            fn mariadb() {
+                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
+            }
+            #[test]
+            fn postgres() {
+                super::run(super::Engine::Postgres, stringify!($test), super::$test);
+            }
+        }
+    )*};
+}
+
+/// Tests of processes with data_dirs of their own (a database server).
+macro_rules! server_engines {
     ($($test:ident),* $(,)?) => {$(
         mod $test {
             #[test]
@@ -33,22 +57,32 @@ macro_rules! engines {
     )*};
 }
 
-engines!(
+every_engine!(
     two_processes_see_the_seeded_catalog,
     a_pause_through_one_reaches_the_other_after_refresh,
     seeding_twice_or_concurrently_neither_fails_nor_duplicates,
-    a_replay_filed_through_one_is_seen_and_run_by_one_other,
 );
+
+server_engines!(a_replay_filed_through_one_is_seen_and_run_by_one_other);
 
 struct Db<'a> {
     backend: &'a Backend,
-    url: String,
+    /// The test database (servers).
+    url: Option<String>,
+    /// SQLite: the data_dir every "process" shares.
+    shared: tempfile::TempDir,
+}
+
+impl Db<'_> {
+    fn engine(&self) -> Engine {
+        self.backend.engine
+    }
 }
 
 fn run(engine: Engine, name: &str, test: fn(&Db<'_>)) {
     if let Some(backend) = Backend::new(engine, &format!("ctl_{name}_{engine:?}")) {
-        let url = backend.database_url.clone().expect("SQL");
-        test(&Db { backend: &backend, url });
+        let url = backend.database_url.clone();
+        test(&Db { backend: &backend, url, shared: tempfile::tempdir().expect("a temp dir") });
     }
 }
 
@@ -68,32 +102,44 @@ destinations = ["d1", "d2"]
 "#;
 
 fn config(db: &Db<'_>, data_dir: &Path) -> Config {
-    let text = format!("[server]\ndata_dir = \"{}\"\n[deliver]\njobdb_url = \"{}\"\n{CATALOG}", data_dir.display(), db.url);
+    let jobdb_url = db.url.as_ref().map(|u| format!("[deliver]\njobdb_url = \"{u}\"\n")).unwrap_or_default();
+    let text = format!("[server]\ndata_dir = \"{}\"\n{jobdb_url}{CATALOG}", data_dir.display());
     Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-/// A process's Catalog: its own data_dir, the shared database.
-fn process(db: &Db<'_>) -> (tempfile::TempDir, Arc<Catalog>) {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let catalog = Catalog::open(&config(db, dir.path())).expect("open the control database");
-    (dir, catalog)
+/// A process's Catalog: its own data_dir and the shared database, or on
+/// SQLite the shared data_dir (the returned path is the process's data_dir).
+fn process(db: &Db<'_>) -> (Option<tempfile::TempDir>, PathBuf, Arc<Catalog>) {
+    let (own, data_dir) = match db.engine() {
+        Engine::Sqlite => (None, db.shared.path().to_owned()),
+        _ => {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let path = dir.path().to_owned();
+            (Some(dir), path)
+        }
+    };
+    let catalog = Catalog::open(&config(db, &data_dir)).expect("open the control database");
+    (own, data_dir, catalog)
 }
 
 /// `SELECT count(*)` of control table `table` (without the prefix), as another client.
 fn count(db: &Db<'_>, table: &str) -> i64 {
     let sql = format!("SELECT count(*) FROM {TABLE_PREFIX}{table}");
-    common::runtime().block_on(async {
-        match db.backend.engine {
-            Engine::MariaDb => {
-                let mut c = sqlx::MySqlConnection::connect(&db.url).await.expect("connect");
-                sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
-            }
-            _ => {
-                let mut c = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-                sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
-            }
+    let url = || db.url.as_deref().expect("a server");
+    match db.engine() {
+        Engine::Sqlite => {
+            let c = rusqlite::Connection::open(db.shared.path().join("control.sqlite")).expect("open control.sqlite");
+            c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).expect("count")
         }
-    })
+        Engine::MariaDb => common::runtime().block_on(async {
+            let mut c = sqlx::MySqlConnection::connect(url()).await.expect("connect");
+            sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
+        }),
+        Engine::Postgres => common::runtime().block_on(async {
+            let mut c = sqlx::PgConnection::connect(url()).await.expect("connect");
+            sqlx::query(&sql).fetch_one(&mut c).await.expect("count").get::<i64, _>(0)
+        }),
+    }
 }
 
 fn assert_seeded(catalog: &Catalog) {
@@ -109,13 +155,13 @@ fn assert_seeded(catalog: &Catalog) {
 }
 
 fn two_processes_see_the_seeded_catalog(db: &Db<'_>) {
-    let (dir_a, a) = process(db);
-    let (dir_b, b) = process(db);
+    let (_a_dir, a_data, a) = process(db);
+    let (_b_dir, b_data, b) = process(db);
     assert_seeded(&a);
     assert_seeded(&b);
-    // The control database is the shared one, not a file in either data_dir.
-    for dir in [&dir_a, &dir_b] {
-        assert!(!dir.path().join("control.sqlite").exists());
+    // On a server the control database is the shared one, not a file in either data_dir.
+    for dir in [&a_data, &b_data] {
+        assert_eq!(dir.join("control.sqlite").exists(), db.engine() == Engine::Sqlite);
     }
     // A destination created through one process's API reaches the other at its refresh.
     let mut d3 = b.snapshot().destinations["d1"].clone();
@@ -131,8 +177,8 @@ fn two_processes_see_the_seeded_catalog(db: &Db<'_>) {
 }
 
 fn a_pause_through_one_reaches_the_other_after_refresh(db: &Db<'_>) {
-    let (_a_dir, a) = process(db);
-    let (_b_dir, b) = process(db);
+    let (_a_dir, _, a) = process(db);
+    let (_b_dir, _, b) = process(db);
     assert!(!b.destination("d1").is_paused());
     let paused = Qos { paused: true, max_in_flight: Some(3), rate_per_sec: Some(7), priority: 5 };
     a.with_control(|c| c.put_qos("d1", &paused)).unwrap();
@@ -151,32 +197,32 @@ fn a_pause_through_one_reaches_the_other_after_refresh(db: &Db<'_>) {
     assert!(!a.destination("d1").is_paused());
     // A restart (a reseed) keeps the operator's QoS.
     a.with_control(|c| c.put_qos("d2", &paused)).unwrap();
-    let (_c_dir, c) = process(db);
+    let (_c_dir, _, c) = process(db);
     assert!(c.destination("d2").is_paused());
 }
 
 fn seeding_twice_or_concurrently_neither_fails_nor_duplicates(db: &Db<'_>) {
     // Six processes starting at once.
-    let catalogs: Vec<(tempfile::TempDir, Arc<Catalog>)> = std::thread::scope(|scope| {
+    let catalogs: Vec<(Option<tempfile::TempDir>, PathBuf, Arc<Catalog>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..6).map(|_| scope.spawn(|| process(db))).collect();
         handles.into_iter().map(|h| h.join().expect("a process opened its catalog")).collect()
     });
-    for (_, c) in &catalogs {
+    for (_, _, c) in &catalogs {
         assert_seeded(c);
     }
     let counts = |db: &Db<'_>| ["sources", "destinations", "connections", "destination_qos"].map(|t| count(db, t));
     assert_eq!(counts(db), [1, 2, 2, 2]);
     // And again, one after the other: nothing changes.
-    let (_d1, _) = process(db);
-    let (_d2, _) = process(db);
+    let (_d1, _, _) = process(db);
+    let (_d2, _, _) = process(db);
     assert_eq!(counts(db), [1, 2, 2, 2]);
 
     // API rows win over the config, and API deletions are remembered by a reseed.
-    let a = &catalogs[0].1;
+    let a = &catalogs[0].2;
     assert!(a.with_control(|c| c.delete_destination("d2")).unwrap());
     assert!(a.with_control(|c| c.set_source_disabled("s1", true)).unwrap());
     assert!(!a.with_control(|c| c.set_source_disabled("nope", true)).unwrap());
-    let (_d3, again) = process(db);
+    let (_d3, _, again) = process(db);
     let snap = again.snapshot();
     assert!(!snap.destinations.contains_key("d2"));
     assert_eq!(snap.connections["s1"], ["d1"]);
@@ -194,8 +240,8 @@ fn seeding_twice_or_concurrently_neither_fails_nor_duplicates(db: &Db<'_>) {
 }
 
 fn a_replay_filed_through_one_is_seen_and_run_by_one_other(db: &Db<'_>) {
-    let (_a_dir, a) = process(db);
-    let (b_dir, b) = process(db);
+    let (_a_dir, _, a) = process(db);
+    let (_b_dir, b_data, b) = process(db);
     let id = a.with_control(|c| c.request_replay("d1", 1234)).unwrap();
     let second = a.with_control(|c| c.request_replay("d2", 5678)).unwrap();
     assert!(second > id);
@@ -209,7 +255,7 @@ fn a_replay_filed_through_one_is_seen_and_run_by_one_other(db: &Db<'_>) {
     b.with_control(|c| c.update_replay(second, "done", 10, 4, None)).unwrap();
     // B restarted on its data_dir resumes its running replay.
     drop(b);
-    let b_again = Catalog::open(&config(db, b_dir.path())).unwrap();
+    let b_again = Catalog::open(&config(db, &b_data)).unwrap();
     let resumed: Vec<i64> = b_again.with_control(|c| c.unfinished_replays()).unwrap().iter().map(|r| r.id).collect();
     assert_eq!(resumed, [id]);
     b_again.with_control(|c| c.update_replay(id, "failed", 3, 0, Some("boom"))).unwrap();
