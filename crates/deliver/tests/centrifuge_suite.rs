@@ -637,7 +637,8 @@ async fn a_dead_destination_spills_to_the_jobdb_without_keeping_others_out(db: D
     let sink = Sink::start().await.unwrap();
     sink.set("/dead", Behaviour::status(503));
     // cache_jobs = 100: one destination may hold 25 jobs in memory.
-    let toml = [dest("dead", &sink.url("/dead"), "initial_backoff = \"200ms\"\nmax_backoff = \"400ms\""), dest("live", &sink.url("/live"), "")].concat();
+    let toml =
+        [dest("dead", &sink.url("/dead"), "initial_backoff = \"200ms\"\nmax_backoff = \"400ms\""), dest("live", &sink.url("/live"), "")].concat();
     let env = Env::open(&db, tempfile::tempdir().unwrap(), "cache_jobs = 100\ncircuit_failures = 1000", &toml).await;
     env.insert((0..300).map(|i| job(&format!("d-{i}"), "s1", "dead")).collect()).await;
     env.insert((0..300).map(|i| job(&format!("l-{i}"), "s1", "live")).collect()).await;
