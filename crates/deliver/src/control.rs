@@ -35,75 +35,6 @@ use crate::DeliverError;
 /// How often directors and the route re-read the control database.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS sources (
-    id       TEXT PRIMARY KEY,
-    config   TEXT NOT NULL,               -- {"id","write_key","rate_limit","rate_burst"} as JSON
-    disabled INTEGER NOT NULL DEFAULT 0,
-    origin   TEXT NOT NULL DEFAULT 'config'
-);
-CREATE TABLE IF NOT EXISTS destinations (
-    id     TEXT PRIMARY KEY,
-    config TEXT NOT NULL,               -- the destination's settings as JSON (docs/CONFIG.md keys)
-    origin TEXT NOT NULL DEFAULT 'config'
-);
-CREATE TABLE IF NOT EXISTS connections (
-    source      TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    origin      TEXT NOT NULL DEFAULT 'config',
-    PRIMARY KEY (source, destination)
-);
-CREATE TABLE IF NOT EXISTS destination_qos (
-    destination   TEXT PRIMARY KEY,
-    paused        INTEGER NOT NULL DEFAULT 0,
-    max_in_flight INTEGER,              -- NULL: the destination's configured value
-    rate_per_sec  INTEGER,              -- NULL: the destination's configured value; 0 = unlimited
-    priority      INTEGER NOT NULL DEFAULT 1   -- 1-100: requests per round-robin turn
-);
-CREATE TABLE IF NOT EXISTS api_deletions (   -- config rows the admin API deleted: not seeded again
-    kind TEXT NOT NULL,                          -- 'destination' or 'connection'
-    key  TEXT NOT NULL,                          -- destination id, or '<source>/<destination>'
-    PRIMARY KEY (kind, key)
-);
-CREATE TABLE IF NOT EXISTS replays (
-    id           INTEGER PRIMARY KEY,
-    destination  TEXT NOT NULL,
-    since_ms     INTEGER NOT NULL,
-    requested_at INTEGER NOT NULL,
-    state        TEXT NOT NULL DEFAULT 'pending',   -- pending, running, done, failed
-    events       INTEGER NOT NULL DEFAULT 0,        -- output records read
-    jobs         INTEGER NOT NULL DEFAULT 0,        -- jobs made
-    error        TEXT,
-    finished_at  INTEGER
-);
-CREATE TABLE IF NOT EXISTS dead_letters (   -- records a stage could not handle (DeadLetter)
-    id                     INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused
-    created_at_ms          INTEGER NOT NULL,
-    stage                  TEXT NOT NULL,      -- 'route' or 'replay'
-    topic                  TEXT NOT NULL,
-    log_partition          INTEGER NOT NULL,
-    log_offset             INTEGER NOT NULL,
-    generation             INTEGER NOT NULL DEFAULT 0,   -- 0: the route; a replay's id
-    destination            TEXT,               -- a replay's destination; NULL: every connected one
-    record_ms              INTEGER NOT NULL,   -- the record's log time
-    record_key             BLOB NOT NULL,
-    payload                BLOB NOT NULL,
-    payload_size           INTEGER NOT NULL,   -- the record value's size (payload may be cut: truncated)
-    truncated              INTEGER NOT NULL DEFAULT 0,
-    stored_bytes           INTEGER NOT NULL,   -- key + payload as stored (the store's byte cap)
-    reason                 TEXT NOT NULL,
-    replay_requested_at_ms INTEGER,
-    replayed_at_ms         INTEGER,
-    replayed_jobs          INTEGER,
-    discarded_at_ms        INTEGER,
-    attempts               INTEGER NOT NULL DEFAULT 0,
-    last_error             TEXT,
-    claimed_by             TEXT,
-    UNIQUE (topic, log_partition, log_offset, generation)
-);
-CREATE INDEX IF NOT EXISTS dead_letters_open ON dead_letters (replayed_at_ms, discarded_at_ms);
-"#;
-
 pub fn control_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sqlite")
 }
@@ -519,7 +450,7 @@ impl SqliteControl {
         let conn = Connection::open(path).map_err(&e)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(&e)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(&e)?;
-        conn.execute_batch(SCHEMA).map_err(&e)?;
+        conn.execute_batch(&crate::schema::control(crate::schema::Dialect::Sqlite, "").join(";\n")).map_err(&e)?;
         Ok(SqliteControl { path: path.to_owned(), conn })
     }
 
@@ -1138,139 +1069,7 @@ pub mod sql {
     }
 
     fn ddl(engine: SqlEngine) -> Vec<String> {
-        let p = TABLE_PREFIX;
-        match engine {
-            SqlEngine::MySql => {
-                let opts = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin";
-                vec![
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}sources (
-                            id       VARCHAR(255) NOT NULL PRIMARY KEY,
-                            config   MEDIUMTEXT   NOT NULL,
-                            disabled BIGINT       NOT NULL DEFAULT 0,
-                            origin   VARCHAR(16)  NOT NULL DEFAULT 'config'
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}destinations (
-                            id     VARCHAR(255) NOT NULL PRIMARY KEY,
-                            config MEDIUMTEXT   NOT NULL,
-                            origin VARCHAR(16)  NOT NULL DEFAULT 'config'
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}connections (
-                            source      VARCHAR(255) NOT NULL,
-                            destination VARCHAR(255) NOT NULL,
-                            origin      VARCHAR(16)  NOT NULL DEFAULT 'config',
-                            PRIMARY KEY (source, destination)
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}destination_qos (
-                            destination   VARCHAR(255) NOT NULL PRIMARY KEY,
-                            paused        BIGINT NOT NULL DEFAULT 0,
-                            max_in_flight BIGINT,
-                            rate_per_sec  BIGINT,
-                            priority      BIGINT NOT NULL DEFAULT 1
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}api_deletions (
-                            kind  VARCHAR(16)  NOT NULL,
-                            `key` VARCHAR(520) NOT NULL,
-                            PRIMARY KEY (kind, `key`)
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}replays (
-                            id           BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                            destination  VARCHAR(255) NOT NULL,
-                            since_ms     BIGINT       NOT NULL,
-                            requested_at BIGINT       NOT NULL,
-                            state        VARCHAR(16)  NOT NULL DEFAULT 'pending',
-                            events       BIGINT       NOT NULL DEFAULT 0,
-                            jobs         BIGINT       NOT NULL DEFAULT 0,
-                            error        MEDIUMTEXT,
-                            finished_at  BIGINT,
-                            claimed_by   VARCHAR(64)
-                        ) {opts}"
-                    ),
-                    format!(
-                        "CREATE TABLE IF NOT EXISTS {p}dead_letters (
-                            id                     BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                            created_at_ms          BIGINT       NOT NULL,
-                            stage                  VARCHAR(16)  NOT NULL,
-                            topic                  VARCHAR(255) NOT NULL,
-                            log_partition          BIGINT       NOT NULL,
-                            log_offset             BIGINT       NOT NULL,
-                            generation             BIGINT       NOT NULL DEFAULT 0,
-                            destination            VARCHAR(255),
-                            record_ms              BIGINT       NOT NULL,
-                            record_key             BLOB         NOT NULL,
-                            payload                MEDIUMBLOB   NOT NULL,
-                            payload_size           BIGINT       NOT NULL,
-                            truncated              BIGINT       NOT NULL DEFAULT 0,
-                            stored_bytes           BIGINT       NOT NULL,
-                            reason                 TEXT         NOT NULL,
-                            replay_requested_at_ms BIGINT,
-                            replayed_at_ms         BIGINT,
-                            replayed_jobs          BIGINT,
-                            discarded_at_ms        BIGINT,
-                            attempts               BIGINT       NOT NULL DEFAULT 0,
-                            last_error             TEXT,
-                            claimed_by             VARCHAR(64),
-                            UNIQUE KEY record (topic, log_partition, log_offset, generation),
-                            KEY open_rows (replayed_at_ms, discarded_at_ms)
-                        ) {opts}"
-                    ),
-                ]
-            }
-            SqlEngine::Postgres => vec![
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}sources (
-                        id TEXT PRIMARY KEY, config TEXT NOT NULL,
-                        disabled BIGINT NOT NULL DEFAULT 0, origin TEXT NOT NULL DEFAULT 'config')"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}destinations (
-                        id TEXT PRIMARY KEY, config TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'config')"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}connections (
-                        source TEXT NOT NULL, destination TEXT NOT NULL, origin TEXT NOT NULL DEFAULT 'config',
-                        PRIMARY KEY (source, destination))"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}destination_qos (
-                        destination TEXT PRIMARY KEY, paused BIGINT NOT NULL DEFAULT 0,
-                        max_in_flight BIGINT, rate_per_sec BIGINT, priority BIGINT NOT NULL DEFAULT 1)"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}api_deletions (
-                        kind TEXT NOT NULL, \"key\" TEXT NOT NULL, PRIMARY KEY (kind, \"key\"))"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}replays (
-                        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-                        destination TEXT NOT NULL, since_ms BIGINT NOT NULL, requested_at BIGINT NOT NULL,
-                        state TEXT NOT NULL DEFAULT 'pending', events BIGINT NOT NULL DEFAULT 0,
-                        jobs BIGINT NOT NULL DEFAULT 0, error TEXT, finished_at BIGINT, claimed_by TEXT)"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {p}dead_letters (
-                        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-                        created_at_ms BIGINT NOT NULL, stage TEXT NOT NULL, topic TEXT NOT NULL,
-                        log_partition BIGINT NOT NULL, log_offset BIGINT NOT NULL, generation BIGINT NOT NULL DEFAULT 0,
-                        destination TEXT, record_ms BIGINT NOT NULL, record_key BYTEA NOT NULL, payload BYTEA NOT NULL,
-                        payload_size BIGINT NOT NULL, truncated BIGINT NOT NULL DEFAULT 0, stored_bytes BIGINT NOT NULL,
-                        reason TEXT NOT NULL, replay_requested_at_ms BIGINT, replayed_at_ms BIGINT, replayed_jobs BIGINT,
-                        discarded_at_ms BIGINT, attempts BIGINT NOT NULL DEFAULT 0, last_error TEXT, claimed_by TEXT,
-                        UNIQUE (topic, log_partition, log_offset, generation))"
-                ),
-                format!("CREATE INDEX IF NOT EXISTS {p}dead_letters_open ON {p}dead_letters (replayed_at_ms, discarded_at_ms)"),
-            ],
-        }
+        crate::schema::control(engine.into(), TABLE_PREFIX)
     }
 
     /// This process's claimant id for replays: `data_dir/control.owner`, made once.

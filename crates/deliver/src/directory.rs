@@ -52,13 +52,11 @@ impl Directory {
     /// is parsed and checked by [`SqlJobDbs::new`] (TLS mode included), as
     /// for the JobDBs and the control tables: one set of options per link.
     pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
-        let ddl = ["CREATE TABLE IF NOT EXISTS sluice_directors (name VARCHAR(128) PRIMARY KEY, \
-                    rpc_url VARCHAR(512) NOT NULL, heartbeat_ms BIGINT NOT NULL)"
-            .to_owned()];
         if !["mysql://", "mariadb://", "postgres://", "postgresql://"].iter().any(|s| url.starts_with(s)) {
             return Err(DeliverError::Directory("the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into()));
         }
         let dbs = SqlJobDbs::new(url)?;
+        let ddl = crate::schema::Dialect::from(dbs.engine()).create_table("sluice_directors", &crate::schema::DIRECTORS);
         let connect = |e| dbs.connect_failed("directory of directors: connect", e);
         let pool = match (dbs.mysql_options(), dbs.postgres_options()) {
             (Some(o), _) => Pool::MySql(

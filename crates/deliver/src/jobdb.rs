@@ -22,42 +22,6 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::ksuid::Ksuid;
 use crate::DeliverError;
 
-pub const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS jobs (
-    id          BLOB    PRIMARY KEY,   -- KSUID (20 bytes), time-ordered
-    message_id  TEXT    NOT NULL,
-    source      TEXT    NOT NULL,
-    destination TEXT    NOT NULL,
-    generation  INTEGER NOT NULL,      -- 0, or the replay that made the job
-    endpoint    TEXT    NOT NULL,      -- the URL at the time the job was made
-    payload     BLOB    NOT NULL,      -- the JSON body sent
-    created_at  INTEGER NOT NULL,      -- unix ms; the awaiting_scheduling state
-    expires_at  INTEGER NOT NULL,      -- unix ms; archived after this
-    received_at INTEGER NOT NULL       -- unix ms ingest accepted the event (end-to-end latency)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (message_id, destination, generation);
-CREATE TABLE IF NOT EXISTS job_state_transitions (
-    job_id   BLOB    NOT NULL,
-    seq      INTEGER NOT NULL,         -- 1, 2, ... per job
-    state    TEXT    NOT NULL,
-    at       INTEGER NOT NULL,         -- unix ms
-    attempt  INTEGER NOT NULL,         -- HTTP attempts so far
-    status   INTEGER,                  -- HTTP status of the attempt, if any
-    error    TEXT,                     -- error or response body excerpt
-    retry_at INTEGER,                  -- unix ms, for awaiting_retry
-    PRIMARY KEY (job_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS jobdb_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TRIGGER IF NOT EXISTS jobs_immutable_update BEFORE UPDATE ON jobs
-    BEGIN SELECT RAISE(ABORT, 'jobs rows are immutable'); END;
-CREATE TRIGGER IF NOT EXISTS jobs_immutable_delete BEFORE DELETE ON jobs
-    BEGIN SELECT RAISE(ABORT, 'jobs rows are immutable; drop the JobDB instead'); END;
-CREATE TRIGGER IF NOT EXISTS transitions_append_only_update BEFORE UPDATE ON job_state_transitions
-    BEGIN SELECT RAISE(ABORT, 'job_state_transitions is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS transitions_append_only_delete BEFORE DELETE ON job_state_transitions
-    BEGIN SELECT RAISE(ABORT, 'job_state_transitions is append-only'); END;
-"#;
-
 /// A job's states (DESIGN §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
@@ -153,7 +117,7 @@ impl JobDb {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(&e)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(&e)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&e)?;
-        conn.execute_batch(SCHEMA).map_err(&e)?;
+        conn.execute_batch(&crate::schema::sqlite_jobdb()).map_err(&e)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(JobDb { path: path.to_owned(), name: path.display().to_string(), conn })
     }

@@ -28,6 +28,7 @@ pub mod jobdb;
 pub mod ksuid;
 pub mod metrics;
 pub mod retry;
+pub mod schema;
 pub mod sink;
 pub mod sqljobdb;
 pub mod store;

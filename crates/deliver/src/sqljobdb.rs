@@ -464,118 +464,17 @@ impl Statements {
 /// The DDL that creates JobDB `seq` (idempotent), in order.
 fn schema(engine: SqlEngine, prefix: &str, seq: u64) -> Vec<String> {
     let (jobs, tr) = scoped_table_names(prefix, seq);
-    match engine {
-        SqlEngine::MySql => {
-            let refuse = |name: &str, op: &str, table: &str, message: &str| {
-                format!(
-                    "CREATE TRIGGER IF NOT EXISTS {name} BEFORE {op} ON {table} FOR EACH ROW
-                     SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'"
-                )
-            };
-            vec![
-                registry_ddl(engine, prefix),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {jobs} (
-                        id              BINARY(20) NOT NULL PRIMARY KEY,   -- KSUID, time-ordered
-                        idempotency_key BINARY(32) NOT NULL,               -- SHA-256 of (message_id, destination, generation)
-                        message_id      MEDIUMTEXT NOT NULL,
-                        source          MEDIUMTEXT NOT NULL,
-                        destination     MEDIUMTEXT NOT NULL,
-                        generation      BIGINT     NOT NULL,
-                        endpoint        MEDIUMTEXT NOT NULL,
-                        payload         LONGBLOB   NOT NULL,
-                        created_at      BIGINT     NOT NULL,
-                        expires_at      BIGINT     NOT NULL,
-                        received_at     BIGINT     NOT NULL,
-                        UNIQUE KEY idempotency (idempotency_key),
-                        KEY by_message_id (message_id(191))
-                    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {tr} (
-                        job_id   BINARY(20)  NOT NULL,
-                        seq      BIGINT      NOT NULL,
-                        state    VARCHAR(32) NOT NULL,
-                        at       BIGINT      NOT NULL,
-                        attempt  BIGINT      NOT NULL,
-                        status   INT,
-                        error    MEDIUMTEXT,
-                        retry_at BIGINT,
-                        PRIMARY KEY (job_id, seq)
-                    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
-                ),
-                refuse(&format!("{jobs}_no_update"), "UPDATE", &jobs, "jobs rows are immutable"),
-                refuse(&format!("{jobs}_no_delete"), "DELETE", &jobs, "jobs rows are immutable; drop the JobDB instead"),
-                refuse(&format!("{tr}_no_update"), "UPDATE", &tr, "job_state_transitions is append-only"),
-                refuse(&format!("{tr}_no_delete"), "DELETE", &tr, "job_state_transitions is append-only"),
-            ]
-        }
-        SqlEngine::Postgres => {
-            let refuse = |table: &str, message: &str| {
-                [
-                    format!(
-                        "CREATE OR REPLACE TRIGGER {table}_immutable BEFORE UPDATE OR DELETE ON {table}
-                         FOR EACH ROW EXECUTE FUNCTION sluice_refuse_change('{message}')"
-                    ),
-                    format!(
-                        "CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
-                         FOR EACH STATEMENT EXECUTE FUNCTION sluice_refuse_change('{message}')"
-                    ),
-                ]
-            };
-            // Run through [`CreateSchema`], under the schema lock (CREATE OR
-            // REPLACE FUNCTION and CREATE TABLE IF NOT EXISTS race otherwise).
-            let mut ddl = vec![
-                registry_ddl(engine, prefix),
-                "CREATE OR REPLACE FUNCTION sluice_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN RAISE EXCEPTION '% (%)', TG_ARGV[0], TG_OP USING ERRCODE = 'restrict_violation'; END $$"
-                    .to_owned(),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {jobs} (
-                        id              BYTEA  PRIMARY KEY,       -- KSUID, time-ordered
-                        idempotency_key BYTEA  NOT NULL UNIQUE,   -- SHA-256 of (message_id, destination, generation)
-                        message_id      TEXT   NOT NULL,
-                        source          TEXT   NOT NULL,
-                        destination     TEXT   NOT NULL,
-                        generation      BIGINT NOT NULL,
-                        endpoint        TEXT   NOT NULL,
-                        payload         BYTEA  NOT NULL,
-                        created_at      BIGINT NOT NULL,
-                        expires_at      BIGINT NOT NULL,
-                        received_at     BIGINT NOT NULL
-                    )"
-                ),
-                // A hash index takes message ids of any length (a btree entry is limited to ~2.7 KB).
-                format!("CREATE INDEX IF NOT EXISTS {jobs}_by_message_id ON {jobs} USING hash (message_id)"),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {tr} (
-                        job_id   BYTEA  NOT NULL,
-                        seq      BIGINT NOT NULL,
-                        state    TEXT   NOT NULL,
-                        at       BIGINT NOT NULL,
-                        attempt  BIGINT NOT NULL,
-                        status   INTEGER,
-                        error    TEXT,
-                        retry_at BIGINT,
-                        PRIMARY KEY (job_id, seq)
-                    )"
-                ),
-            ];
-            ddl.extend(refuse(&jobs, "jobs rows are immutable; drop the JobDB instead"));
-            ddl.extend(refuse(&tr, "job_state_transitions is append-only"));
-            ddl
-        }
-    }
+    // Run through [`CreateSchema`], under the schema lock (CREATE OR
+    // REPLACE FUNCTION and CREATE TABLE IF NOT EXISTS race otherwise).
+    let mut ddl = registry_ddl(engine, prefix);
+    ddl.extend(crate::schema::server_jobdb(engine.into(), &jobs, &tr));
+    ddl
 }
 
 /// The registry of a scope's JobDBs: one row per JobDB, tables
 /// `<prefix>jobs_<seq:06>` and `<prefix>job_state_transitions_<seq:06>`.
-fn registry_ddl(engine: SqlEngine, prefix: &str) -> String {
-    let table = registry_table(prefix);
-    match engine {
-        SqlEngine::MySql => format!("CREATE TABLE IF NOT EXISTS {table} (seq BIGINT NOT NULL PRIMARY KEY, created_at BIGINT NOT NULL) ENGINE=InnoDB"),
-        SqlEngine::Postgres => format!("CREATE TABLE IF NOT EXISTS {table} (seq BIGINT PRIMARY KEY, created_at BIGINT NOT NULL)"),
-    }
+fn registry_ddl(engine: SqlEngine, prefix: &str) -> Vec<String> {
+    crate::schema::Dialect::from(engine).create_table(&registry_table(prefix), &crate::schema::JOBDB_REGISTRY)
 }
 /// The advisory lock key that serializes Sluice's schema changes in a PostgreSQL database.
 pub(crate) const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
@@ -969,7 +868,7 @@ impl SqlJobDbs {
     /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
     pub fn list(&self) -> Result<Vec<(u64, i64)>, DeliverError> {
         let mut session = self.connect()?;
-        let ddl = [registry_ddl(self.engine, &self.prefix)];
+        let ddl = registry_ddl(self.engine, &self.prefix);
         let select = format!("SELECT seq, created_at FROM {} ORDER BY seq", registry_table(&self.prefix));
         on_conn!(session, c => async {
             c.create_schema(&ddl).await?;
