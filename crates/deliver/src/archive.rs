@@ -15,7 +15,7 @@ use object_store::{local::LocalFileSystem, path::Path as ObjectPath, BackoffConf
 use serde_json::json;
 use sluice_core::config::ArchiveTarget;
 
-use crate::jobdb::Transition;
+use crate::store::Transition;
 use crate::DeliverError;
 
 #[derive(Clone)]

@@ -29,8 +29,8 @@ use crate::backend::JobDbs;
 use crate::control::Catalog;
 use crate::director::{self, DirectorExit, DirectorHandle, Shared};
 use crate::executor::Executor;
-use crate::jobdb::NewJob;
 use crate::metrics::DeliverMetrics;
+use crate::store::NewJob;
 use crate::{now_ms, DeliverError};
 
 #[derive(Debug, Clone)]

@@ -50,10 +50,10 @@ use crate::backend::{JobDbLock, JobDbs, OpenedJobDb};
 use crate::control::Catalog;
 use crate::executor::{Attempt, Executor, Verdict};
 use crate::gate::{Blocked, Destination, Permit};
-use crate::jobdb::{JobState, StoredJob, Transition};
 use crate::ksuid::Ksuid;
 use crate::metrics::DeliverMetrics;
 use crate::now_ms;
+use crate::store::{JobState, StoredJob, Transition};
 use crate::writer::{FromWriter, WriterHandle};
 
 /// Requests per destination turn, times its priority.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::JobDbs;
-use crate::jobdb::{JobState, StoredJob, Transition};
+use crate::store::{JobState, StoredJob, Transition};
 use crate::DeliverError;
 
 /// Job counts: destination → state → jobs.

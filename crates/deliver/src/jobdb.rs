@@ -17,85 +17,12 @@
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::ksuid::Ksuid;
-use crate::DeliverError;
-
-/// A job's states (DESIGN §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobState {
-    AwaitingScheduling,
-    Executing,
-    Succeeded,
-    AwaitingRetry,
-    Discarded,
-    Archived,
-}
-
-impl JobState {
-    pub const ALL: [JobState; 6] =
-        [JobState::AwaitingScheduling, JobState::Executing, JobState::Succeeded, JobState::AwaitingRetry, JobState::Discarded, JobState::Archived];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::AwaitingScheduling => "awaiting_scheduling",
-            JobState::Executing => "executing",
-            JobState::Succeeded => "succeeded",
-            JobState::AwaitingRetry => "awaiting_retry",
-            JobState::Discarded => "discarded",
-            JobState::Archived => "archived",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobState> {
-        JobState::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Discarded | JobState::Archived)
-    }
-}
-
-/// A job as the route asks for it; the JobDB's writer gives it its id.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    pub message_id: String,
-    pub source: String,
-    pub destination: String,
-    pub generation: i64,
-    pub endpoint: String,
-    pub payload: bytes::Bytes,
-    pub created_at: i64,
-    pub expires_at: i64,
-    /// When ingest accepted the event (unix ms), for the end-to-end latency.
-    pub received_at: i64,
-}
-
-/// A stored job with its latest state.
-#[derive(Debug, Clone)]
-pub struct StoredJob {
-    pub id: Ksuid,
-    pub job: NewJob,
-    pub state: JobState,
-    /// Transitions so far (the next one gets `seq + 1`).
-    pub seq: i64,
-    pub attempt: i64,
-    pub retry_at: Option<i64>,
-}
-
-/// One row of `job_state_transitions`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Transition {
-    pub job_id: Ksuid,
-    pub seq: i64,
-    pub state: JobState,
-    pub at: i64,
-    pub attempt: i64,
-    pub status: Option<u16>,
-    pub error: Option<String>,
-    pub retry_at: Option<i64>,
-}
+use crate::store::{JobState, JobStore, NewJob, StoredJob, Transition};
+use crate::{now_ms, DeliverError};
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> DeliverError + '_ {
     move |source| DeliverError::Sqlite { path: path.display().to_string(), source }
@@ -138,84 +65,12 @@ impl JobDb {
         &self.conn
     }
 
-    pub fn begin(&self) -> Result<(), DeliverError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.err())
-    }
-
-    pub fn commit(&self) -> Result<(), DeliverError> {
-        self.conn.execute_batch("COMMIT").map_err(self.err())
-    }
-
-    pub fn rollback(&self) {
-        let _ = self.conn.execute_batch("ROLLBACK");
-    }
-
     pub fn meta(&self, key: &str) -> Result<Option<String>, DeliverError> {
         self.conn.query_row("SELECT value FROM jobdb_meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(self.err())
     }
 
     pub fn set_meta_once(&self, key: &str, value: &str) -> Result<(), DeliverError> {
         self.conn.execute("INSERT OR IGNORE INTO jobdb_meta (key, value) VALUES (?1, ?2)", params![key, value]).map(|_| ()).map_err(self.err())
-    }
-
-    /// Insert `job` with `id` unless its idempotency key exists; true when inserted.
-    pub fn insert_job(&self, id: Ksuid, job: &NewJob) -> Result<bool, DeliverError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO jobs (id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .map_err(self.err())?;
-        let n = stmt
-            .execute(params![
-                &id.0[..],
-                job.message_id,
-                job.source,
-                job.destination,
-                job.generation,
-                job.endpoint,
-                &job.payload[..],
-                job.created_at,
-                job.expires_at,
-                job.received_at
-            ])
-            .map_err(self.err())?;
-        Ok(n == 1)
-    }
-
-    pub fn payload(&self, id: Ksuid) -> Result<Option<bytes::Bytes>, DeliverError> {
-        let mut stmt = self.conn.prepare_cached("SELECT payload FROM jobs WHERE id = ?1").map_err(self.err())?;
-        stmt.query_row([&id.0[..]], |r| r.get::<_, Vec<u8>>(0)).optional().map(|o| o.map(bytes::Bytes::from)).map_err(self.err())
-    }
-
-    /// Whether a job with this idempotency key exists.
-    pub fn job_exists(&self, message_id: &str, destination: &str, generation: i64) -> Result<bool, DeliverError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT 1 FROM jobs WHERE message_id = ?1 AND destination = ?2 AND generation = ?3").map_err(self.err())?;
-        stmt.exists(params![message_id, destination, generation]).map_err(self.err())
-    }
-
-    pub fn append_transition(&self, t: &Transition) -> Result<(), DeliverError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO job_state_transitions (job_id, seq, state, at, attempt, status, error, retry_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-            .map_err(self.err())?;
-        stmt.execute(params![&t.job_id.0[..], t.seq, t.state.as_str(), t.at, t.attempt, t.status, t.error, t.retry_at]).map_err(self.err())?;
-        Ok(())
-    }
-
-    /// The largest job id stored (ids continue above it after a restart).
-    pub fn max_id(&self) -> Result<Option<Ksuid>, DeliverError> {
-        let v: Option<Vec<u8>> = self.conn.query_row("SELECT max(id) FROM jobs", [], |r| r.get(0)).map_err(self.err())?;
-        Ok(v.and_then(|b| Ksuid::from_slice(&b)))
-    }
-
-    pub fn job_count(&self) -> Result<u64, DeliverError> {
-        self.conn.query_row("SELECT count(*) FROM jobs", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(self.err())
     }
 
     /// The latest transition of `id`: (state, seq, attempt, retry_at); `None` = awaiting_scheduling.
@@ -226,13 +81,6 @@ impl JobDb {
             .map_err(self.err())?;
         let row = stmt.query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional().map_err(self.err())?;
         Ok(row.map(|(s, seq, attempt, retry_at)| (JobState::parse(&s).unwrap_or(JobState::AwaitingRetry), seq, attempt, retry_at)))
-    }
-
-    /// Up to `limit` jobs with id > `after`, in id order, with their latest
-    /// state; terminal ones included so the caller can move its cursor.
-    pub fn page(&self, after: Option<Ksuid>, limit: usize) -> Result<Vec<StoredJob>, DeliverError> {
-        let after = after.map(|k| k.0.to_vec()).unwrap_or_default();
-        self.select_jobs("id > ?1 ORDER BY id LIMIT ?2", params![after, limit as i64])
     }
 
     fn select_jobs(&self, condition: &str, args: impl rusqlite::Params) -> Result<Vec<StoredJob>, DeliverError> {
@@ -272,9 +120,93 @@ impl JobDb {
         }
         Ok(out)
     }
+}
+
+impl JobStore for JobDb {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn begin(&mut self) -> Result<(), DeliverError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.err())
+    }
+
+    fn commit(&mut self) -> Result<(), DeliverError> {
+        self.conn.execute_batch("COMMIT").map_err(self.err())
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    /// Insert `job` with `id` unless its idempotency key exists; true when inserted.
+    fn insert_job(&mut self, id: Ksuid, job: &NewJob) -> Result<bool, DeliverError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO jobs (id, message_id, source, destination, generation, endpoint, payload, created_at, expires_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .map_err(self.err())?;
+        let n = stmt
+            .execute(params![
+                &id.0[..],
+                job.message_id,
+                job.source,
+                job.destination,
+                job.generation,
+                job.endpoint,
+                &job.payload[..],
+                job.created_at,
+                job.expires_at,
+                job.received_at
+            ])
+            .map_err(self.err())?;
+        Ok(n == 1)
+    }
+
+    fn payload(&mut self, id: Ksuid) -> Result<Option<Bytes>, DeliverError> {
+        let mut stmt = self.conn.prepare_cached("SELECT payload FROM jobs WHERE id = ?1").map_err(self.err())?;
+        stmt.query_row([&id.0[..]], |r| r.get::<_, Vec<u8>>(0)).optional().map(|o| o.map(bytes::Bytes::from)).map_err(self.err())
+    }
+
+    /// Whether a job with this idempotency key exists.
+    fn job_exists(&mut self, message_id: &str, destination: &str, generation: i64) -> Result<bool, DeliverError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT 1 FROM jobs WHERE message_id = ?1 AND destination = ?2 AND generation = ?3").map_err(self.err())?;
+        stmt.exists(params![message_id, destination, generation]).map_err(self.err())
+    }
+
+    fn append_transition(&mut self, t: &Transition) -> Result<(), DeliverError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO job_state_transitions (job_id, seq, state, at, attempt, status, error, retry_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(self.err())?;
+        stmt.execute(params![&t.job_id.0[..], t.seq, t.state.as_str(), t.at, t.attempt, t.status, t.error, t.retry_at]).map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The largest job id stored (ids continue above it after a restart).
+    fn max_id(&mut self) -> Result<Option<Ksuid>, DeliverError> {
+        let v: Option<Vec<u8>> = self.conn.query_row("SELECT max(id) FROM jobs", [], |r| r.get(0)).map_err(self.err())?;
+        Ok(v.and_then(|b| Ksuid::from_slice(&b)))
+    }
+
+    fn job_count(&mut self) -> Result<u64, DeliverError> {
+        self.conn.query_row("SELECT count(*) FROM jobs", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(self.err())
+    }
+
+    /// Up to `limit` jobs with id > `after`, in id order, with their latest
+    /// state; terminal ones included so the caller can move its cursor.
+    fn page(&mut self, after: Option<Ksuid>, limit: usize) -> Result<Vec<StoredJob>, DeliverError> {
+        let after = after.map(|k| k.0.to_vec()).unwrap_or_default();
+        self.select_jobs("id > ?1 ORDER BY id LIMIT ?2", params![after, limit as i64])
+    }
 
     /// Jobs not in a terminal state.
-    pub fn count_unfinished(&self) -> Result<u64, DeliverError> {
+    fn count_unfinished(&mut self) -> Result<u64, DeliverError> {
         self.conn
             .query_row(
                 "SELECT count(*) FROM jobs j WHERE NOT EXISTS (
@@ -288,7 +220,7 @@ impl JobDb {
     }
 
     /// Every transition of `id`, oldest first.
-    pub fn history(&self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
+    fn history(&mut self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, state, at, attempt, status, error, retry_at FROM job_state_transitions WHERE job_id = ?1 ORDER BY seq")
@@ -313,12 +245,12 @@ impl JobDb {
     }
 
     /// One job by id, with its latest state.
-    pub fn get(&self, id: Ksuid) -> Result<Option<StoredJob>, DeliverError> {
+    fn get(&mut self, id: Ksuid) -> Result<Option<StoredJob>, DeliverError> {
         Ok(self.select_jobs("id = ?1", [&id.0[..]])?.pop())
     }
 
     /// Jobs whose id or messageId is `key` (a messageId has one job per destination and generation).
-    pub fn find(&self, key: &str) -> Result<Vec<StoredJob>, DeliverError> {
+    fn find(&mut self, key: &str) -> Result<Vec<StoredJob>, DeliverError> {
         match Ksuid::parse(key) {
             Some(k) => self.select_jobs("id = ?1", [&k.0[..]]),
             None => self.select_jobs("message_id = ?1 ORDER BY id", [key]),
@@ -326,7 +258,7 @@ impl JobDb {
     }
 
     /// (destination, state) → count, for `sluice jobs stats`.
-    pub fn stats(&self) -> Result<Vec<(String, JobState, u64)>, DeliverError> {
+    fn stats(&mut self) -> Result<Vec<(String, JobState, u64)>, DeliverError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -343,6 +275,11 @@ impl JobDb {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
         Ok(rows.into_iter().map(|(d, s, n)| (d, JobState::parse(&s).unwrap_or(JobState::AwaitingRetry), n as u64)).collect())
+    }
+
+    fn created_at(&mut self) -> Result<i64, DeliverError> {
+        self.set_meta_once("created_at", &now_ms().to_string())?;
+        Ok(self.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms))
     }
 }
 

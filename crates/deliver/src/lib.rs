@@ -36,9 +36,9 @@ pub mod writer;
 
 pub use centrifuge::{Centrifuge, CentrifugeOptions};
 pub use control::{Catalog, ControlDb};
-pub use jobdb::{JobState, NewJob};
 pub use ksuid::Ksuid;
 pub use metrics::DeliverMetrics;
+pub use store::{JobState, NewJob};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {

@@ -59,9 +59,9 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
-use crate::jobdb::{JobState, NewJob, StoredJob, Transition};
 use crate::ksuid::Ksuid;
 use crate::store::JobStore;
+use crate::store::{JobState, NewJob, StoredJob, Transition};
 use crate::{now_ms, DeliverError};
 
 /// How long opening a connection may take.

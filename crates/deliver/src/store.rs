@@ -26,9 +26,83 @@
 
 use bytes::Bytes;
 
-use crate::jobdb::{JobDb, JobState, StoredJob, Transition};
 use crate::ksuid::Ksuid;
-use crate::{now_ms, DeliverError, NewJob};
+use crate::DeliverError;
+
+/// A job's states (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    AwaitingScheduling,
+    Executing,
+    Succeeded,
+    AwaitingRetry,
+    Discarded,
+    Archived,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] =
+        [JobState::AwaitingScheduling, JobState::Executing, JobState::Succeeded, JobState::AwaitingRetry, JobState::Discarded, JobState::Archived];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::AwaitingScheduling => "awaiting_scheduling",
+            JobState::Executing => "executing",
+            JobState::Succeeded => "succeeded",
+            JobState::AwaitingRetry => "awaiting_retry",
+            JobState::Discarded => "discarded",
+            JobState::Archived => "archived",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Discarded | JobState::Archived)
+    }
+}
+
+/// A job as the route asks for it; the JobDB's writer gives it its id.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub message_id: String,
+    pub source: String,
+    pub destination: String,
+    pub generation: i64,
+    pub endpoint: String,
+    pub payload: bytes::Bytes,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// When ingest accepted the event (unix ms), for the end-to-end latency.
+    pub received_at: i64,
+}
+
+/// A stored job with its latest state.
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    pub id: Ksuid,
+    pub job: NewJob,
+    pub state: JobState,
+    /// Transitions so far (the next one gets `seq + 1`).
+    pub seq: i64,
+    pub attempt: i64,
+    pub retry_at: Option<i64>,
+}
+
+/// One row of `job_state_transitions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub job_id: Ksuid,
+    pub seq: i64,
+    pub state: JobState,
+    pub at: i64,
+    pub attempt: i64,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub retry_at: Option<i64>,
+}
 
 /// One JobDB, as the writer thread and the read-only tools use it.
 pub trait JobStore: Send {
@@ -75,59 +149,4 @@ pub trait JobStore: Send {
     fn stats(&mut self) -> Result<Vec<(String, JobState, u64)>, DeliverError>;
     /// When the JobDB was created (unix ms), recorded once, at creation.
     fn created_at(&mut self) -> Result<i64, DeliverError>;
-}
-
-impl JobStore for JobDb {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn begin(&mut self) -> Result<(), DeliverError> {
-        JobDb::begin(self)
-    }
-    fn commit(&mut self) -> Result<(), DeliverError> {
-        JobDb::commit(self)
-    }
-    fn rollback(&mut self) {
-        JobDb::rollback(self)
-    }
-    fn insert_job(&mut self, id: Ksuid, job: &NewJob) -> Result<bool, DeliverError> {
-        JobDb::insert_job(self, id, job)
-    }
-    fn append_transition(&mut self, t: &Transition) -> Result<(), DeliverError> {
-        JobDb::append_transition(self, t)
-    }
-    fn payload(&mut self, id: Ksuid) -> Result<Option<Bytes>, DeliverError> {
-        JobDb::payload(self, id)
-    }
-    fn job_exists(&mut self, message_id: &str, destination: &str, generation: i64) -> Result<bool, DeliverError> {
-        JobDb::job_exists(self, message_id, destination, generation)
-    }
-    fn page(&mut self, after: Option<Ksuid>, limit: usize) -> Result<Vec<StoredJob>, DeliverError> {
-        JobDb::page(self, after, limit)
-    }
-    fn get(&mut self, id: Ksuid) -> Result<Option<StoredJob>, DeliverError> {
-        JobDb::get(self, id)
-    }
-    fn find(&mut self, key: &str) -> Result<Vec<StoredJob>, DeliverError> {
-        JobDb::find(self, key)
-    }
-    fn history(&mut self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
-        JobDb::history(self, id)
-    }
-    fn count_unfinished(&mut self) -> Result<u64, DeliverError> {
-        JobDb::count_unfinished(self)
-    }
-    fn job_count(&mut self) -> Result<u64, DeliverError> {
-        JobDb::job_count(self)
-    }
-    fn max_id(&mut self) -> Result<Option<Ksuid>, DeliverError> {
-        JobDb::max_id(self)
-    }
-    fn stats(&mut self) -> Result<Vec<(String, JobState, u64)>, DeliverError> {
-        JobDb::stats(self)
-    }
-    fn created_at(&mut self) -> Result<i64, DeliverError> {
-        self.set_meta_once("created_at", &now_ms().to_string())?;
-        Ok(self.meta("created_at")?.and_then(|v| v.parse().ok()).unwrap_or_else(now_ms))
-    }
 }

@@ -23,10 +23,10 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-use crate::jobdb::{NewJob, StoredJob, Transition};
 use crate::ksuid::{Ksuid, KsuidGenerator};
 use crate::retry::{ErrorStreak, Report, LOG_EVERY};
 use crate::store::JobStore;
+use crate::store::{NewJob, StoredJob, Transition};
 use crate::DeliverError;
 
 /// What the writer tells its director, in commit order.
@@ -357,7 +357,7 @@ fn apply(
                 .zip(ids)
                 .zip(stored)
                 .filter(|(_, stored)| *stored)
-                .map(|((job, id), _)| StoredJob { id, job, state: crate::jobdb::JobState::AwaitingScheduling, seq: 0, attempt: 0, retry_at: None })
+                .map(|((job, id), _)| StoredJob { id, job, state: crate::store::JobState::AwaitingScheduling, seq: 0, attempt: 0, retry_at: None })
                 .collect();
             pending.push(Pending::Insert(reply, inserted.len() as u64));
             if !inserted.is_empty() {

@@ -24,9 +24,9 @@ use sluice_core::config::ArchiveTarget;
 use sluice_core::Config;
 use sluice_deliver::archive::{Archive, ArchivedJob};
 use sluice_deliver::inspect;
-use sluice_deliver::jobdb::{JobState, Transition};
 use sluice_deliver::ksuid::KsuidGenerator;
 use sluice_deliver::sink::{Behaviour, Sink};
+use sluice_deliver::store::{JobState, Transition};
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics, NewJob};
 
 const BUCKET: &str = "sluice-archive";

@@ -26,9 +26,9 @@ use sluice_core::Config;
 use sluice_deliver::backend::JobDbs;
 use sluice_deliver::director::LOCK_CHECK_INTERVAL;
 use sluice_deliver::inspect::{self, Found};
-use sluice_deliver::jobdb::JobState;
 use sluice_deliver::sink::{Behaviour, Sink};
 use sluice_deliver::sqljobdb::{SqlEngine, SqlJobDbs};
+use sluice_deliver::store::JobState;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverError, DeliverMetrics, NewJob};
 
 /// Tests run on SQLite, MariaDB and PostgreSQL.

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
-use sluice_deliver::jobdb::{JobDb, JobState, NewJob, Transition};
+use sluice_deliver::jobdb::JobDb;
 use sluice_deliver::ksuid::KsuidGenerator;
+use sluice_deliver::store::{JobState, JobStore, NewJob, Transition};
 
 fn new_job(m: &str) -> NewJob {
     NewJob {
@@ -28,7 +29,7 @@ fn new_job(m: &str) -> NewJob {
 fn no_operation_updates_or_deletes_job_rows_and_the_triggers_refuse_anyone_who_tries() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jobdb-000001.sqlite");
-    let db = JobDb::open(&path).unwrap();
+    let mut db = JobDb::open(&path).unwrap();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     db.connection().authorizer(Some(move |ctx: AuthContext<'_>| {

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::{Backend, Engine};
-use sluice_deliver::jobdb::{JobState, NewJob, Transition};
 use sluice_deliver::ksuid::{Ksuid, KsuidGenerator};
 use sluice_deliver::store::JobStore;
+use sluice_deliver::store::{JobState, NewJob, Transition};
 use sluice_deliver::writer::{FromWriter, WriterHandle};
 
 macro_rules! suite {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sluice_core::Config;
 use sluice_deliver::inspect;
-use sluice_deliver::jobdb::JobState;
 use sluice_deliver::sink::{Behaviour, Sink};
+use sluice_deliver::store::JobState;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics, NewJob};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,9 +30,10 @@ use hyper::{header, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use sluice_core::Config;
 use sluice_deliver::executor::{Executor, Target};
-use sluice_deliver::jobdb::{JobDb, JobState, NewJob, Transition};
+use sluice_deliver::jobdb::JobDb;
 use sluice_deliver::ksuid::KsuidGenerator;
 use sluice_deliver::sink::{Behaviour, Sink};
+use sluice_deliver::store::{JobState, JobStore, NewJob, Transition};
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 
 use crate::bench::machine_description;
@@ -647,7 +648,7 @@ pub struct CleanupBench {
 }
 
 fn fill(path: &Path, n: u64, bytes: usize) -> Result<()> {
-    let db = JobDb::open(path)?;
+    let mut db = JobDb::open(path)?;
     let mut ids = KsuidGenerator::default();
     let mut i = 0;
     while i < n {
