@@ -11,10 +11,13 @@
 //!   `Config` is used as it is, never parsed again: listen addresses are
 //!   `SocketAddr`s, counts that must not be zero are `NonZero*`, URLs are
 //!   [`JobDbUrl`], [`HttpUrl`] and [`ArchiveUrl`], durations `Duration`s. A
-//!   value that does not parse is refused by serde with its key (toml names
-//!   the path: `… in `server.listen``). Rules that join several keys (the
-//!   admin port is not the API's, `rpc_url`'s scheme fits the TLS keys, the
+//!   value that does not parse is refused while the document is read, and
+//!   its error names the key like a validation error does
+//!   (`` `server.listen`: … ``). Rules that join several keys (the admin
+//!   port is not the API's, `rpc_url`'s scheme fits the TLS keys, the
 //!   archive keys fit together) stay in [`Config::validate`].
+//! - CLI flags ([`Flags`]) win over the file and the environment: their keys
+//!   are taken out of the document before it is read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
