@@ -7,13 +7,25 @@
 //!   not leave the default in force unnoticed).
 //! - Every validation error names the key (`sources[1].write_key`) and the
 //!   problem, and `sluice serve` refuses to start on one.
+//! - Values are parsed into their types as they are read, so a loaded
+//!   `Config` is used as it is, never parsed again: listen addresses are
+//!   `SocketAddr`s, counts that must not be zero are `NonZero*`, URLs are
+//!   [`JobDbUrl`], [`HttpUrl`] and [`ArchiveUrl`], durations `Duration`s. A
+//!   value that does not parse is refused while the document is read, and
+//!   its error names the key like a validation error does
+//!   (`` `server.listen`: … ``). Rules that join several keys (the admin
+//!   port is not the API's, `rpc_url`'s scheme fits the TLS keys, the
+//!   archive keys fit together) stay in [`Config::validate`].
+//! - CLI flags ([`Flags`]) win over the file and the environment: their keys
+//!   are taken out of the document before it is read.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The sample configuration shipped in the repository (`config/sluice.toml`),
 /// used when `sluice serve` gets no `--config`.
@@ -28,6 +40,10 @@ pub enum ConfigError {
     Parse { origin: String, source: Box<toml::de::Error> },
     #[error("invalid config: `{key}`: {}", clip(problem))]
     Invalid { key: String, problem: String },
+    /// A value of the file that does not read as its type (an address, a
+    /// count, a URL, a duration…), named by its key like `Invalid`.
+    #[error("invalid config{origin}: `{key}`: {}", clip(problem))]
+    Value { origin: String, key: String, problem: String },
     /// A value set by an environment override is at fault: named by the variable.
     #[error("invalid config: environment variable {var}: {}", clip(problem))]
     Env { var: String, problem: String },
@@ -92,6 +108,233 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
 }
 
+/// A nonzero count literal (a default), checked when compiled.
+macro_rules! nz {
+    ($n:expr) => {
+        const {
+            match std::num::NonZero::new($n) {
+                Some(n) => n,
+                None => panic!("a zero default"),
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------- typed values
+//
+// Each reader below turns a TOML value into its type, or refuses it with a
+// message; toml adds the key's path (`in `server.listen``), so every error
+// still names the key, and an environment override at fault is named by
+// `Config::parse`.
+
+fn de_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_addr(&text).map_err(serde::de::Error::custom)
+}
+
+/// `""` is `None` (the admin port off).
+fn de_opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_addr(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A listen address, `IP:PORT` (no host names: the address bound is the
+/// one written). The message is the one every listen key and flag gives.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| format!("{} is not an address of the form IP:PORT", excerpt(text)))
+}
+
+macro_rules! de_nonzero {
+    ($name:ident, $ty:ty, $int:ty) => {
+        /// A count that must not be zero ("must be at least 1").
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            <$ty>::new(<$int>::deserialize(d)?).ok_or_else(|| serde::de::Error::custom("must be at least 1"))
+        }
+    };
+}
+de_nonzero!(de_nonzero_usize, NonZeroUsize, usize);
+de_nonzero!(de_nonzero_u32, NonZeroU32, u32);
+de_nonzero!(de_nonzero_u64, NonZeroU64, u64);
+
+/// A string key whose empty (or blank) value means "not set", parsed by
+/// `parse` otherwise: the one place such a value is trimmed.
+fn de_opt_parsed<'de, D: Deserializer<'de>, T>(d: D, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        "" => Ok(None),
+        t => parse(t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_opt_jobdb_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<JobDbUrl>, D::Error> {
+    de_opt_parsed(d, JobDbUrl::parse)
+}
+
+fn de_opt_archive_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ArchiveUrl>, D::Error> {
+    de_opt_parsed(d, ArchiveUrl::parse)
+}
+
+/// `director.rpc_url`: taken as written (surrounding spaces are refused, not trimmed).
+fn de_opt_http_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HttpUrl>, D::Error> {
+    let text = String::deserialize(d)?;
+    HttpUrl::parse(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `deliver.archive_s3_region`: trimmed; a name without spaces.
+fn de_region<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        r if r.is_empty() || r.contains(char::is_whitespace) => Err(serde::de::Error::custom(format!("{} is not a region name", excerpt(r)))),
+        r => Ok(Some(r.to_owned())),
+    }
+}
+
+/// `deliver.archive_s3_endpoint`: trimmed; a trailing `/` dropped.
+fn de_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HttpUrl>, D::Error> {
+    let text = String::deserialize(d)?;
+    HttpUrl::parse(text.trim().trim_end_matches('/')).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// An `http://` or `https://` URL with a host, without surrounding spaces.
+/// The scheme is kept as written; [`HttpUrl::is_https`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    text: String,
+    https: bool,
+}
+
+impl HttpUrl {
+    pub fn parse(text: &str) -> Result<HttpUrl, String> {
+        let lower = text.to_ascii_lowercase();
+        let (https, host) = match (lower.strip_prefix("https://"), lower.strip_prefix("http://")) {
+            (Some(h), _) => (true, h),
+            (None, Some(h)) => (false, h),
+            (None, None) => return Err(format!("{} is not an http:// or https:// URL with a host", excerpt(text))),
+        };
+        if text != text.trim() || host.is_empty() || host.starts_with('/') || host.contains(char::is_whitespace) {
+            return Err(format!("{} is not an http:// or https:// URL with a host", excerpt(text)));
+        }
+        Ok(HttpUrl { text: text.to_owned(), https })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// The engine a [`JobDbUrl`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobDbEngine {
+    /// `mysql://` or `mariadb://`.
+    MySql,
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+}
+
+/// `deliver.jobdb_url` when set: a MySQL/MariaDB or PostgreSQL URL, trimmed.
+/// Its TLS parameters are checked by [`Config::validate`] (they name files);
+/// the driver parses the rest when it connects (`SqlJobDbs::new`). `Debug`
+/// hides the user, password and query.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JobDbUrl {
+    text: String,
+    engine: JobDbEngine,
+}
+
+impl JobDbUrl {
+    /// `text` (already trimmed and not empty) as a JobDB URL.
+    pub fn parse(text: &str) -> Result<JobDbUrl, String> {
+        let engine = match text.split_once("://").map(|(s, _)| s) {
+            Some("mysql" | "mariadb") => JobDbEngine::MySql,
+            Some("postgres" | "postgresql") => JobDbEngine::Postgres,
+            _ => return Err("must be empty (SQLite files) or a mysql://, mariadb://, postgres:// or postgresql:// URL".into()),
+        };
+        Ok(JobDbUrl { text: text.to_owned(), engine })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn engine(&self) -> JobDbEngine {
+        self.engine
+    }
+}
+
+impl std::fmt::Debug for JobDbUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Scheme and host only (no user, password or query), and a hash of
+        // the whole, as `Secret` does.
+        use std::hash::{Hash, Hasher};
+        let (scheme, rest) = self.text.split_once("://").unwrap_or(("", &self.text));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h).split(['/', '?']).next().unwrap_or("");
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.text.hash(&mut h);
+        write!(f, "JobDbUrl({scheme}://{host}/…#{:x})", h.finish() & 0xffff)
+    }
+}
+
+/// `deliver.archive_url` when set: a local directory or an S3 bucket and
+/// prefix. With the other `archive_*` keys it makes the [`ArchiveTarget`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveUrl {
+    /// `file:///abs/path`.
+    File(PathBuf),
+    /// `s3://bucket[/prefix]`: `prefix` without a leading or trailing `/`; may be empty.
+    S3 { bucket: String, prefix: String },
+}
+
+impl ArchiveUrl {
+    /// `url` (trimmed, not empty) as an archive URL.
+    pub fn parse(url: &str) -> Result<ArchiveUrl, String> {
+        const USAGE: &str = "use file:///path/to/dir or s3://bucket/prefix";
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(format!("{} is not a URL: {USAGE}", excerpt(url)));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!("{}: a query or fragment is not supported: {USAGE}", excerpt(url)));
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "file" => {
+                let path = rest.strip_prefix("localhost").unwrap_or(rest);
+                if !path.starts_with('/') {
+                    return Err(format!("{}: a file URL needs an absolute path (file:///path/to/dir)", excerpt(url)));
+                }
+                Ok(ArchiveUrl::File(PathBuf::from(path)))
+            }
+            "s3" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let bucket_ok = (3..=63).contains(&bucket.len())
+                    && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+                    && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+                if !bucket_ok {
+                    return Err(format!("{}: {} is not an S3 bucket name (3-63 characters of a-z 0-9 . -)", excerpt(url), excerpt(bucket)));
+                }
+                let prefix = prefix.trim_matches('/');
+                if !prefix.is_empty() && prefix.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.chars().any(char::is_control)) {
+                    return Err(format!("{}: the prefix {} has an empty, `.` or `..` part", excerpt(url), excerpt(prefix)));
+                }
+                Ok(ArchiveUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() })
+            }
+            other => Err(format!("unknown scheme {} in {}: {USAGE}", excerpt(other), excerpt(url))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -110,12 +353,14 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address of the Tracking API.
-    pub listen: String,
+    /// Address of the Tracking API (`IP:PORT`).
+    #[serde(deserialize_with = "de_addr")]
+    pub listen: SocketAddr,
     /// Root of everything Sluice stores locally (the embedded log lives in `log/`).
     pub data_dir: PathBuf,
     /// Accepted connections at once; further clients wait in the kernel backlog.
-    pub max_connections: usize,
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub max_connections: NonZeroUsize,
     /// Connections one client address may hold at once (0 = no limit), so
     /// one client, slow or hostile, cannot take every slot.
     pub max_connections_per_client: usize,
@@ -144,8 +389,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/api`); empty disables it.
-    pub listen: String,
+    /// Address of the admin endpoint (`/metrics`, `/healthz`, `/api`);
+    /// `None` (written `""`) disables it.
+    #[serde(deserialize_with = "de_opt_addr")]
+    pub listen: Option<SocketAddr>,
     /// Bearer token of the admin API (`/api/...`); absent = the API answers 403.
     pub token: Option<String>,
     /// Bearer token of `GET /metrics` (`admin.token` is accepted too);
@@ -176,7 +423,8 @@ pub struct IngestConfig {
     /// Largest single event, as JSON.
     pub max_event_bytes: usize,
     /// Most events in one batch.
-    pub max_batch_events: usize,
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub max_batch_events: NonZeroUsize,
     /// Events per second per source when the source sets none; 0 = unlimited.
     pub default_rate_limit: u32,
     /// With `log.backend = "kafka"`: an append to Kafka not done within this
@@ -184,7 +432,8 @@ pub struct IngestConfig {
     #[serde(with = "humantime_serde")]
     pub spool_after: Duration,
     /// Events the spool may hold before ingest answers 503 with Retry-After.
-    pub spool_max_events: u64,
+    #[serde(deserialize_with = "de_nonzero_u64")]
+    pub spool_max_events: NonZeroU64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,11 +468,13 @@ pub struct DirectorConfig {
     /// `deliver.jobdb_url`, and kept across restarts (its JobDBs carry it).
     pub name: String,
     /// Where the route's RPC calls are served (HTTP/2; over TLS when
-    /// `tls_cert_file` is set).
-    pub rpc_listen: String,
+    /// `tls_cert_file` is set). `IP:PORT`.
+    #[serde(deserialize_with = "de_addr")]
+    pub rpc_listen: SocketAddr,
     /// The URL routes use to reach it; default `http://<rpc_listen>`, or
     /// `https://<rpc_listen>` with TLS.
-    pub rpc_url: Option<String>,
+    #[serde(deserialize_with = "de_opt_http_url")]
+    pub rpc_url: Option<HttpUrl>,
     /// The secret routes sign their RPC calls with (HMAC), the same in every
     /// `sluice route` and `sluice director`; they refuse to start without it.
     pub rpc_secret: Option<String>,
@@ -256,7 +507,7 @@ impl Default for DirectorConfig {
     fn default() -> Self {
         Self {
             name: "director".into(),
-            rpc_listen: "127.0.0.1:8090".into(),
+            rpc_listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
             rpc_url: None,
             rpc_secret: None,
             tls_cert_file: None,
@@ -398,8 +649,8 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // A hash of it, not the value, so a changed secret still changes
-        // the section's text (see `Config::section_debug`).
+        // A hash of it, not the value, so two configs whose secrets differ
+        // still print differently.
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.0.hash(&mut h);
@@ -451,12 +702,13 @@ pub struct DedupConfig {
     /// RocksDB block cache shared by all partitions (filters, indexes, data).
     pub block_cache_bytes: usize,
     /// Records read from `input` per batch.
-    pub batch_size: usize,
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub batch_size: NonZeroUsize,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
-        Self { enabled: true, window: Duration::from_secs(28 * 86400), bloom_bits_per_key: 10.0, block_cache_bytes: 256 << 20, batch_size: 1000 }
+        Self { enabled: true, window: Duration::from_secs(28 * 86400), bloom_bits_per_key: 10.0, block_cache_bytes: 256 << 20, batch_size: nz!(1000) }
     }
 }
 
@@ -484,12 +736,15 @@ pub struct DeliverConfig {
     #[serde(with = "humantime_serde")]
     pub jobdb_rotate_after: Duration,
     /// ...or holds this many jobs.
-    pub jobdb_max_jobs: u64,
-    /// Where the JobDBs live: empty = SQLite files in `data_dir/jobs`; or a
-    /// MySQL/MariaDB (`mysql://user:password@host:port/database`) or
-    /// PostgreSQL (`postgres://user:password@host:port/database`) database,
-    /// one table set per JobDB.
-    pub jobdb_url: Option<String>,
+    #[serde(deserialize_with = "de_nonzero_u64")]
+    pub jobdb_max_jobs: NonZeroU64,
+    /// Where the JobDBs live: `None` (written `""`) = SQLite files in
+    /// `data_dir/jobs`; or a MySQL/MariaDB
+    /// (`mysql://user:password@host:port/database`) or PostgreSQL
+    /// (`postgres://user:password@host:port/database`) database, one table
+    /// set per JobDB.
+    #[serde(deserialize_with = "de_opt_jobdb_url")]
+    pub jobdb_url: Option<JobDbUrl>,
     /// Awaiting jobs each director keeps in memory; the rest wait in the JobDB.
     pub cache_jobs: usize,
     /// First retry delay (before jitter); doubles per attempt.
@@ -505,14 +760,16 @@ pub struct DeliverConfig {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Default most requests in flight per destination.
-    pub max_in_flight: usize,
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub max_in_flight: NonZeroUsize,
     /// Default requests per second per destination; 0 = unlimited.
     pub rate_limit: u32,
     /// TCP connect timeout.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Consecutive failures that open a destination's circuit.
-    pub circuit_failures: u32,
+    #[serde(deserialize_with = "de_nonzero_u32")]
+    pub circuit_failures: NonZeroU32,
     /// How long an open circuit waits before one probe request; doubles per failed probe up to `max_backoff`.
     #[serde(with = "humantime_serde")]
     pub circuit_cooldown: Duration,
@@ -521,11 +778,14 @@ pub struct DeliverConfig {
     /// Where jobs past their retry window are archived (a local directory); default `data_dir/archive`.
     pub archive_dir: Option<PathBuf>,
     /// Where jobs are archived, as a URL: `file:///path` or `s3://bucket[/prefix]`;
-    /// empty = `archive_dir`. Exclusive with `archive_dir`.
-    pub archive_url: Option<String>,
+    /// `None` (written `""`) = `archive_dir`. Exclusive with `archive_dir`.
+    #[serde(deserialize_with = "de_opt_archive_url")]
+    pub archive_url: Option<ArchiveUrl>,
     /// S3-compatible server to use instead of AWS (`http://` allowed); default `AWS_ENDPOINT` or AWS.
-    pub archive_s3_endpoint: Option<String>,
+    #[serde(deserialize_with = "de_endpoint")]
+    pub archive_s3_endpoint: Option<HttpUrl>,
     /// S3 region; default `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
+    #[serde(deserialize_with = "de_region")]
     pub archive_s3_region: Option<String>,
     /// A CA (PEM) to trust, besides the system's, for an `https://`
     /// `archive_s3_endpoint` (an S3-compatible server with its own CA).
@@ -583,17 +843,17 @@ impl Default for DeliverConfig {
         Self {
             enabled: true,
             jobdb_rotate_after: Duration::from_secs(30 * 60),
-            jobdb_max_jobs: 1_000_000,
+            jobdb_max_jobs: nz!(1_000_000),
             jobdb_url: None,
             cache_jobs: 100_000,
             initial_backoff: RetryPolicy::DEFAULT.initial_backoff,
             max_backoff: RetryPolicy::DEFAULT.max_backoff,
             retry_window: RetryPolicy::DEFAULT.retry_window,
             request_timeout: RetryPolicy::DEFAULT.request_timeout,
-            max_in_flight: 64,
+            max_in_flight: nz!(64),
             rate_limit: 0,
             connect_timeout: Duration::from_secs(5),
-            circuit_failures: 5,
+            circuit_failures: nz!(5),
             circuit_cooldown: Duration::from_secs(5),
             allow_private_network: false,
             archive_dir: None,
@@ -616,14 +876,11 @@ impl DeliverConfig {
         }
     }
 
-    /// Where archived jobs go (`data_dir/archive` by default), from
-    /// `archive_url`, `archive_dir` and the `archive_s3_*` keys; an error
-    /// names the key at fault.
-    pub fn archive_target(&self, data_dir: &Path) -> Result<ArchiveTarget, ConfigError> {
-        const URL: &str = "deliver.archive_url";
-        const USAGE: &str = "use file:///path/to/dir or s3://bucket/prefix";
-        let url = self.archive_url.as_deref().map(str::trim).unwrap_or("");
-        let s3_only = || {
+    /// The archive keys together: `archive_url` or `archive_dir`, and the
+    /// `archive_s3_*` keys only with an `s3://` URL; an error names the key.
+    fn check_archive(&self) -> Result<(), ConfigError> {
+        let s3 = matches!(self.archive_url, Some(ArchiveUrl::S3 { .. }));
+        if !s3 {
             for (key, set) in [
                 ("archive_s3_endpoint", self.archive_s3_endpoint.is_some()),
                 ("archive_s3_region", self.archive_s3_region.is_some()),
@@ -633,72 +890,14 @@ impl DeliverConfig {
                     return Err(invalid(format!("deliver.{key}"), "is only used with an s3:// deliver.archive_url"));
                 }
             }
-            Ok(())
-        };
-        if url.is_empty() {
-            s3_only()?;
-            return Ok(ArchiveTarget::Local(self.archive_dir.clone().unwrap_or_else(|| data_dir.join("archive"))));
         }
-        if self.archive_dir.is_some() {
-            return Err(invalid(URL, "set either deliver.archive_url or deliver.archive_dir, not both"));
+        if self.archive_url.is_some() && self.archive_dir.is_some() {
+            return Err(invalid("deliver.archive_url", "set either deliver.archive_url or deliver.archive_dir, not both"));
         }
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(invalid(URL, format!("{url:?} is not a URL: {USAGE}")));
-        };
-        if rest.contains(['?', '#']) {
-            return Err(invalid(URL, format!("{url:?}: a query or fragment is not supported: {USAGE}")));
+        if self.archive_s3_ca_file.is_some() && self.archive_s3_endpoint.as_ref().is_some_and(|e| !e.is_https()) {
+            return Err(invalid("deliver.archive_s3_ca_file", "is for an https:// archive_s3_endpoint; this one is http:// (plain text)"));
         }
-        match scheme.to_ascii_lowercase().as_str() {
-            "file" => {
-                s3_only()?;
-                let path = rest.strip_prefix("localhost").unwrap_or(rest);
-                if !path.starts_with('/') {
-                    return Err(invalid(URL, format!("{url:?}: a file URL needs an absolute path (file:///path/to/dir)")));
-                }
-                Ok(ArchiveTarget::Local(PathBuf::from(path)))
-            }
-            "s3" => {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                let bucket_ok = (3..=63).contains(&bucket.len())
-                    && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-                    && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
-                if !bucket_ok {
-                    return Err(invalid(URL, format!("{url:?}: {bucket:?} is not an S3 bucket name (3-63 characters of a-z 0-9 . -)")));
-                }
-                let prefix = prefix.trim_matches('/');
-                if !prefix.is_empty() && prefix.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.chars().any(char::is_control)) {
-                    return Err(invalid(URL, format!("{url:?}: the prefix {prefix:?} has an empty, `.` or `..` part")));
-                }
-                let endpoint = match self.archive_s3_endpoint.as_deref().map(str::trim) {
-                    None => None,
-                    Some(e) => {
-                        let host = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://")).unwrap_or("");
-                        if host.is_empty() || host.starts_with('/') || host.contains(char::is_whitespace) {
-                            return Err(invalid("deliver.archive_s3_endpoint", format!("{e:?} is not an http:// or https:// URL")));
-                        }
-                        Some(e.trim_end_matches('/').to_owned())
-                    }
-                };
-                let region = match self.archive_s3_region.as_deref().map(str::trim) {
-                    Some(r) if r.is_empty() || r.contains(char::is_whitespace) => {
-                        return Err(invalid("deliver.archive_s3_region", format!("{r:?} is not a region name")));
-                    }
-                    r => r.map(str::to_owned),
-                };
-                if self.archive_s3_ca_file.is_some() && endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
-                    return Err(invalid("deliver.archive_s3_ca_file", "is for an https:// archive_s3_endpoint; this one is http:// (plain text)"));
-                }
-                Ok(ArchiveTarget::S3 {
-                    bucket: bucket.to_owned(),
-                    prefix: prefix.to_owned(),
-                    endpoint,
-                    region,
-                    ca_file: self.archive_s3_ca_file.clone(),
-                })
-            }
-            other => Err(invalid(URL, format!("unknown scheme {other:?} in {url:?}: {USAGE}"))),
-        }
+        Ok(())
     }
 }
 
@@ -846,9 +1045,9 @@ impl SourceConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen: "127.0.0.1:8088".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
             data_dir: PathBuf::from("./data"),
-            max_connections: 1024,
+            max_connections: nz!(1024),
             max_connections_per_client: 256,
             client_error_budget: 20,
             header_read_timeout: Duration::from_secs(10),
@@ -862,7 +1061,7 @@ impl Default for ServerConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8089".into(), token: None, metrics_token: None, tls_cert_file: None, tls_key_file: None }
+        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 8089))), token: None, metrics_token: None, tls_cert_file: None, tls_key_file: None }
     }
 }
 
@@ -872,10 +1071,10 @@ impl Default for IngestConfig {
             unknown_write_key: UnknownWriteKey::Reject,
             max_request_bytes: 500 * 1024,
             max_event_bytes: 32 * 1024,
-            max_batch_events: 2500,
+            max_batch_events: nz!(2500),
             default_rate_limit: 0,
             spool_after: Duration::from_secs(2),
-            spool_max_events: 5_000_000,
+            spool_max_events: nz!(5_000_000),
         }
     }
 }
@@ -898,31 +1097,30 @@ impl Config {
     /// Load `path` (or the sample config when `None`), apply the process's
     /// environment overrides, and validate.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_with(path, |_| {})
+        Self::load_with(path, Flags::default())
     }
 
     /// Like [`Self::load`], with `flags` (the CLI's overrides, highest
-    /// precedence) applied before validation.
-    pub fn load_with(path: Option<&Path>, flags: impl FnOnce(&mut Config)) -> Result<Self, ConfigError> {
+    /// precedence) in place of their keys' values.
+    pub fn load_with(path: Option<&Path>, flags: Flags) -> Result<Self, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().collect();
-        let (mut config, set) = match path {
+        match path {
             Some(p) => {
                 let text = read_config_file(p)?;
-                Self::parse(&text, &format!(" in {}", p.display()), &env)?
+                Self::load_text(&text, &format!(" in {}", p.display()), &env, flags)
             }
-            None => Self::parse(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env)?,
-        };
-        let before = config.clone();
-        flags(&mut config);
-        // A key a flag may have changed since is not blamed on the environment.
-        let set: Vec<_> = set.into_iter().filter(|(_, key)| before.section_debug(key) == config.section_debug(key)).collect();
-        config.validate().map_err(|e| blame_env(e, &set))?;
-        Ok(config)
+            None => Self::load_text(SAMPLE_CONFIG, " (built-in sample config/sluice.toml)", &env, flags),
+        }
     }
 
     /// Parse TOML text, apply overrides from `env`, validate.
     pub fn from_toml_with_env(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let (config, set) = Self::parse(text, origin, env)?;
+        Self::load_text(text, origin, env, Flags::default())
+    }
+
+    fn load_text(text: &str, origin: &str, env: &HashMap<String, String>, flags: Flags) -> Result<Self, ConfigError> {
+        let (mut config, set) = Self::parse(text, origin, env, &flags)?;
+        flags.apply(&mut config);
         config.validate().map_err(|e| blame_env(e, &set))?;
         Ok(config)
     }
@@ -930,29 +1128,41 @@ impl Config {
     /// The config of `text` with `env`'s overrides, and which variable set
     /// which key (`section.key`). An error an override causes names the
     /// variable, not the file.
-    fn parse(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<(Self, Vec<(String, String)>), ConfigError> {
-        let parse_err = |e: toml::de::Error| ConfigError::Parse { origin: origin.to_owned(), source: Box::new(e) };
+    /// The keys `flags` set are taken out of the document before it is read:
+    /// a flag's value wins, so the value it replaces is never refused.
+    fn parse(text: &str, origin: &str, env: &HashMap<String, String>, flags: &Flags) -> Result<(Self, Vec<(String, String)>), ConfigError> {
+        let parse_err = |e: toml::de::Error| match keyed(&e) {
+            Some((key, problem)) => ConfigError::Value { origin: origin.to_owned(), key, problem },
+            None => ConfigError::Parse { origin: origin.to_owned(), source: Box::new(e) },
+        };
         let mut doc: toml::Table = toml::from_str(text).map_err(parse_err)?;
         let overrides = env_overrides(env)?;
         if overrides.is_empty() {
+            flags.strip(&mut doc);
             return Ok((toml::Value::Table(doc).try_into().map_err(parse_err)?, Vec::new()));
         }
         let base = doc.clone();
         for o in &overrides {
             o.apply(&mut doc)?;
         }
-        let set = overrides.iter().map(|o| (o.var.clone(), o.dotted())).collect();
+        flags.strip(&mut doc);
+        // A key a flag sets is not blamed on the environment.
+        let flagged: Vec<String> = flags.keys().map(|(section, key)| format!("{section}.{key}")).collect();
+        let set = overrides.iter().map(|o| (o.var.clone(), o.dotted())).filter(|(_, key)| !flagged.contains(key)).collect();
         match toml::Value::Table(doc).try_into() {
             Ok(config) => Ok((config, set)),
             Err(e) => {
                 // The file alone first; then the overrides one by one, in
                 // order: the first that makes it fail is named.
                 let mut doc = base;
+                flags.strip(&mut doc);
                 toml::Value::Table(doc.clone()).try_into::<Config>().map_err(parse_err)?;
                 for o in &overrides {
                     o.apply(&mut doc)?;
+                    flags.strip(&mut doc);
                     if let Err(e) = toml::Value::Table(doc.clone()).try_into::<Config>() {
-                        return Err(ConfigError::Env { var: o.var.clone(), problem: e.to_string() });
+                        let problem = keyed(&e).map_or_else(|| e.to_string(), |(key, problem)| format!("`{key}`: {problem}"));
+                        return Err(ConfigError::Env { var: o.var.clone(), problem });
                     }
                 }
                 Err(parse_err(e))
@@ -960,25 +1170,10 @@ impl Config {
         }
     }
 
-    /// One top-level table as text, to tell whether CLI flags changed it.
-    fn section_debug(&self, key: &str) -> String {
-        match key.split(['.', '[']).next().unwrap_or("") {
-            "server" => format!("{:?}", self.server),
-            "admin" => format!("{:?}", self.admin),
-            "ingest" => format!("{:?}", self.ingest),
-            "log" => format!("{:?}", self.log),
-            "dedup" => format!("{:?}", self.dedup),
-            "deliver" => format!("{:?}", self.deliver),
-            "director" => format!("{:?}", self.director),
-            other => other.to_owned(),
-        }
-    }
-
     /// Check every rule serde cannot express; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let listen = parse_addr("server.listen", &self.server.listen)?;
-        if !self.admin.listen.is_empty() {
-            let admin = parse_addr("admin.listen", &self.admin.listen)?;
+        let listen = self.server.listen;
+        if let Some(admin) = self.admin.listen {
             if admin.port() != 0
                 && admin.port() == listen.port()
                 && (admin.ip() == listen.ip() || admin.ip().is_unspecified() || listen.ip().is_unspecified())
@@ -998,9 +1193,6 @@ impl Config {
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
-        }
-        if self.server.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be at least 1"));
         }
         for (key, d) in [("server.header_read_timeout", self.server.header_read_timeout), ("server.body_read_timeout", self.server.body_read_timeout)]
         {
@@ -1029,14 +1221,8 @@ impl Config {
         if ing.max_event_bytes == 0 || ing.max_event_bytes > ing.max_request_bytes || ing.max_event_bytes > 4 << 20 {
             return Err(invalid("ingest.max_event_bytes", "must be between 1 and ingest.max_request_bytes, and at most 4 MiB (4194304)"));
         }
-        if ing.max_batch_events == 0 {
-            return Err(invalid("ingest.max_batch_events", "must be at least 1"));
-        }
         if ing.spool_after < Duration::from_millis(10) {
             return Err(invalid("ingest.spool_after", "must be at least 10ms"));
-        }
-        if ing.spool_max_events == 0 {
-            return Err(invalid("ingest.spool_max_events", "must be at least 1"));
         }
         // Each partition is a writer thread, a dedup worker with its own
         // RocksDB and a route task in every process that owns it.
@@ -1094,7 +1280,7 @@ impl Config {
         if d.block_cache_bytes < 1 << 20 {
             return Err(invalid("dedup.block_cache_bytes", "must be at least 1048576 (1 MiB)"));
         }
-        if d.batch_size == 0 || d.batch_size > 100_000 {
+        if d.batch_size.get() > 100_000 {
             return Err(invalid("dedup.batch_size", "must be between 1 and 100000"));
         }
         let mut ids = HashMap::new();
@@ -1117,7 +1303,7 @@ impl Config {
     fn validate_links(&self) -> Result<(), ConfigError> {
         check_cert_pair("server", &self.server.tls_cert_file, &self.server.tls_key_file)?;
         check_cert_pair("admin", &self.admin.tls_cert_file, &self.admin.tls_key_file)?;
-        if self.admin.listen.is_empty() && self.admin.tls_cert_file.is_some() {
+        if self.admin.listen.is_none() && self.admin.tls_cert_file.is_some() {
             return Err(invalid("admin.tls_cert_file", "is set but admin.listen is empty (the admin port is off)"));
         }
         let dir = &self.director;
@@ -1129,19 +1315,16 @@ impl Config {
                 "needs director.tls_cert_file (the director's certificate) and director.tls_ca_file (the CA of the routes' client certificates)",
             ));
         }
-        if let Some(url) = dir.rpc_url.as_deref() {
+        if let Some(url) = &dir.rpc_url {
             let tls = dir.tls_cert_file.is_some();
-            let lower = url.to_ascii_lowercase();
-            let host = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"));
-            if url != url.trim() || host.is_none_or(|h| h.is_empty() || h.starts_with('/') || h.contains(char::is_whitespace)) {
-                return Err(invalid("director.rpc_url", format!("{url:?} is not an http:// or https:// URL with a host")));
+            if tls && !url.is_https() {
+                return Err(invalid(
+                    "director.rpc_url",
+                    format!("{:?} is plain text while director.tls_cert_file is set: use https://", url.as_str()),
+                ));
             }
-            let url = lower.as_str();
-            if tls && url.starts_with("http://") {
-                return Err(invalid("director.rpc_url", format!("{url:?} is plain text while director.tls_cert_file is set: use https://")));
-            }
-            if !tls && url.starts_with("https://") {
-                return Err(invalid("director.rpc_url", format!("{url:?} is https:// but director.tls_cert_file is not set")));
+            if !tls && url.is_https() {
+                return Err(invalid("director.rpc_url", format!("{:?} is https:// but director.tls_cert_file is not set", url.as_str())));
             }
         }
         let k = &self.log.kafka;
@@ -1166,7 +1349,7 @@ impl Config {
                 ));
             }
         }
-        if let Some(url) = self.deliver.jobdb_url.as_deref() {
+        if let Some(url) = &self.deliver.jobdb_url {
             check_sql_tls_mode("deliver.jobdb_url", url)?;
         }
         check_file("deliver.archive_s3_ca_file", &self.deliver.archive_s3_ca_file)
@@ -1177,26 +1360,11 @@ impl Config {
         if d.jobdb_rotate_after.is_zero() {
             return Err(invalid("deliver.jobdb_rotate_after", "must be greater than zero"));
         }
-        if d.jobdb_max_jobs == 0 {
-            return Err(invalid("deliver.jobdb_max_jobs", "must be at least 1"));
-        }
-        if let Some(url) = d.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
-            let scheme = url.split_once("://").map(|(s, _)| s);
-            if !matches!(scheme, Some("mysql" | "mariadb" | "postgres" | "postgresql")) {
-                return Err(invalid("deliver.jobdb_url", "must be empty (SQLite files) or a mysql://, mariadb://, postgres:// or postgresql:// URL"));
-            }
-        }
         if d.cache_jobs < 100 {
             return Err(invalid("deliver.cache_jobs", "must be at least 100"));
         }
-        if d.max_in_flight == 0 {
-            return Err(invalid("deliver.max_in_flight", "must be at least 1"));
-        }
-        if d.circuit_failures == 0 {
-            return Err(invalid("deliver.circuit_failures", "must be at least 1"));
-        }
         check_retry("deliver", &d.retry_policy())?;
-        d.archive_target(&self.server.data_dir)?;
+        d.check_archive()?;
         let mut ids = HashMap::new();
         let mut names = HashMap::new();
         for (i, dest) in self.destinations.iter().enumerate() {
@@ -1223,17 +1391,30 @@ impl Config {
         Ok(())
     }
 
-    /// Where archived jobs go (see [`DeliverConfig::archive_target`]; validated).
+    /// Where archived jobs go: `deliver.archive_url`, else
+    /// `deliver.archive_dir`, else `data_dir/archive`, with the
+    /// `archive_s3_*` keys for S3.
     pub fn archive_target(&self) -> ArchiveTarget {
-        self.deliver.archive_target(&self.server.data_dir).expect("validated")
+        let d = &self.deliver;
+        match &d.archive_url {
+            None => ArchiveTarget::Local(self.archive_dir()),
+            Some(ArchiveUrl::File(dir)) => ArchiveTarget::Local(dir.clone()),
+            Some(ArchiveUrl::S3 { bucket, prefix }) => ArchiveTarget::S3 {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                endpoint: d.archive_s3_endpoint.as_ref().map(|e| e.as_str().to_owned()),
+                region: d.archive_s3_region.clone(),
+                ca_file: d.archive_s3_ca_file.clone(),
+            },
+        }
     }
 
     /// The local archive directory: a `file://` `deliver.archive_url`,
     /// `deliver.archive_dir`, or `data_dir/archive` (also when the archive
     /// is on S3, where nothing is written locally).
     pub fn archive_dir(&self) -> PathBuf {
-        match self.deliver.archive_target(&self.server.data_dir) {
-            Ok(ArchiveTarget::Local(dir)) => dir,
+        match (&self.deliver.archive_url, &self.deliver.archive_dir) {
+            (Some(ArchiveUrl::File(dir)), _) | (None, Some(dir)) => dir.clone(),
             _ => self.server.data_dir.join("archive"),
         }
     }
@@ -1241,14 +1422,6 @@ impl Config {
     /// Retention of the `output` topic: `log.output_retention`, or the dedup window.
     pub fn output_retention(&self) -> Duration {
         self.log.output_retention.unwrap_or(self.dedup.window)
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.server.listen.parse().expect("validated")
-    }
-
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        (!self.admin.listen.is_empty()).then(|| self.admin.listen.parse().expect("validated"))
     }
 }
 
@@ -1358,9 +1531,9 @@ fn check_kafka_cluster(prefix: &str, c: &KafkaCluster) -> Result<(), ConfigError
 /// `ssl…` key it does not know (`SSLMODE`, `ssl_mode`), one of the other
 /// engine's (`sslrootcert` on MySQL), or a mode given twice — since the
 /// link would then quietly be plain text. Files it names must be readable.
-fn check_sql_tls_mode(key: &str, url: &str) -> Result<(), ConfigError> {
-    let Some((head, query)) = url.split_once('?') else { return Ok(()) };
-    let mysql = head.starts_with("mysql:") || head.starts_with("mariadb:");
+fn check_sql_tls_mode(key: &str, url: &JobDbUrl) -> Result<(), ConfigError> {
+    let Some((_, query)) = url.as_str().split_once('?') else { return Ok(()) };
+    let mysql = url.engine() == JobDbEngine::MySql;
     let (modes, files): (&[&str], &[&str]) = if mysql {
         (&["ssl-mode", "sslmode"], &["ssl-ca", "sslca", "ssl-cert", "ssl-key"])
     } else {
@@ -1425,8 +1598,65 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an address of the form IP:PORT")))
+/// The command line's overrides of `sluice serve` and the tools (highest
+/// precedence), typed by the CLI already.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--listen`: `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`: `server.data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--admin-listen`: `admin.listen`; `Some(None)` turns the admin port off.
+    pub admin_listen: Option<Option<SocketAddr>>,
+}
+
+impl Flags {
+    /// The keys set, as (table, key).
+    fn keys(&self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        [
+            (self.listen.is_some(), ("server", "listen")),
+            (self.data_dir.is_some(), ("server", "data_dir")),
+            (self.admin_listen.is_some(), ("admin", "listen")),
+        ]
+        .into_iter()
+        .filter_map(|(set, key)| set.then_some(key))
+    }
+
+    /// Take the keys set out of `doc` (the file with the environment's overrides).
+    fn strip(&self, doc: &mut toml::Table) {
+        for (table, key) in self.keys() {
+            if let Some(t) = doc.get_mut(table).and_then(toml::Value::as_table_mut) {
+                t.remove(key);
+            }
+        }
+    }
+
+    fn apply(self, config: &mut Config) {
+        if let Some(listen) = self.listen {
+            config.server.listen = listen;
+        }
+        if let Some(dir) = self.data_dir {
+            config.server.data_dir = dir;
+        }
+        if let Some(admin) = self.admin_listen {
+            config.admin.listen = admin;
+        }
+    }
+}
+
+/// A value serde refused, split into its key and the problem, so it reads
+/// like a validation error (`` `server.listen`: … ``). toml names the key on
+/// a last line, `` in `server.listen` ``, for errors of a value (those carry
+/// no span: the document was parsed already); anything else is `None` and
+/// shown as toml wrote it.
+fn keyed(e: &toml::de::Error) -> Option<(String, String)> {
+    if e.span().is_some() {
+        return None;
+    }
+    let text = e.to_string();
+    let (problem, key) = text.trim_end().rsplit_once("\nin `")?;
+    let key = key.strip_suffix('`')?;
+    Some((key.to_owned(), problem.trim_end().to_owned()))
 }
 
 /// A validation error about a key an environment variable set (`set`:
@@ -1561,10 +1791,10 @@ mod tests {
     #[test]
     fn empty_file_gives_working_defaults() {
         let c = load("").unwrap();
-        assert_eq!(c.server.listen, "127.0.0.1:8088");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8088");
         assert_eq!(c.log.partitions, 8);
         assert_eq!(c.log.retention, Duration::from_secs(7 * 86400));
-        assert_eq!(c.ingest.max_batch_events, 2500);
+        assert_eq!(c.ingest.max_batch_events.get(), 2500);
     }
 
     #[test]
@@ -1599,7 +1829,7 @@ mod tests {
             ("SLUICE_LOG__RETENTION".to_string(), "2d".to_string()),
         ]);
         let c = Config::from_toml_with_env("[server]\nlisten = \"127.0.0.1:1\"\n", "", &env).unwrap();
-        assert_eq!(c.server.listen, "127.0.0.1:9999");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(c.log.partitions, 3);
         assert_eq!(c.log.retention, Duration::from_secs(2 * 86400));
     }
@@ -1619,7 +1849,7 @@ mod tests {
         }
         // The right spelling still works.
         let env = HashMap::from([("SLUICE_SERVER__LISTEN".to_string(), "127.0.0.1:9999".to_string())]);
-        assert_eq!(Config::from_toml_with_env("", "", &env).unwrap().server.listen, "127.0.0.1:9999");
+        assert_eq!(Config::from_toml_with_env("", "", &env).unwrap().server.listen.to_string(), "127.0.0.1:9999");
     }
 
     #[test]
@@ -1922,6 +2152,95 @@ mod tests {
             assert!(err.contains("sources[0].write_key"), "{key:?}: {err}");
         }
         load("[[sources]]\nid = \"a\"\nwrite_key = \"wk_AZaz09-._~!\"\n").expect("visible ASCII");
+    }
+
+    #[test]
+    fn each_typed_key_refuses_a_bad_value_naming_the_key() {
+        let cases = [
+            ("[server]\nlisten = \"nonsense\"\n", "server.listen", "\"nonsense\" is not an address of the form IP:PORT"),
+            ("[server]\nlisten = \"127.0.0.1\"\n", "server.listen", "IP:PORT"),
+            ("[admin]\nlisten = \"localhost:8089\"\n", "admin.listen", "IP:PORT"),
+            ("[director]\nrpc_listen = \"nonsense\"\n", "director.rpc_listen", "IP:PORT"),
+            ("[server]\nmax_connections = 0\n", "server.max_connections", "must be at least 1"),
+            ("[ingest]\nmax_batch_events = 0\n", "ingest.max_batch_events", "must be at least 1"),
+            ("[ingest]\nspool_max_events = 0\n", "ingest.spool_max_events", "must be at least 1"),
+            ("[dedup]\nbatch_size = 0\n", "dedup.batch_size", "must be at least 1"),
+            ("[dedup]\nbatch_size = 100001\n", "dedup.batch_size", "between 1 and 100000"),
+            ("[deliver]\njobdb_max_jobs = 0\n", "deliver.jobdb_max_jobs", "must be at least 1"),
+            ("[deliver]\nmax_in_flight = 0\n", "deliver.max_in_flight", "must be at least 1"),
+            ("[deliver]\ncircuit_failures = 0\n", "deliver.circuit_failures", "must be at least 1"),
+            ("[deliver]\njobdb_url = \"sqlite://x\"\n", "deliver.jobdb_url", "mysql://"),
+            ("[deliver]\njobdb_url = \"postgres//h/db\"\n", "deliver.jobdb_url", "postgres://"),
+            ("[director]\nrpc_url = \"d:8090\"\n", "director.rpc_url", "http:// or https://"),
+            ("[deliver]\narchive_url = \"s3:/bucket\"\n", "deliver.archive_url", "not a URL"),
+            ("[deliver]\narchive_url = \"s3://b\"\narchive_s3_endpoint = \"s3.local\"\n", "deliver.archive_s3_endpoint", "http://"),
+            ("[deliver]\nretry_window = \"4 fortnights\"\n", "deliver.retry_window", "fortnights"),
+            ("[server]\nshutdown_grace = 10\n", "server.shutdown_grace", ""),
+        ];
+        for (text, key, detail) in cases {
+            // The key first, as validation errors have it.
+            let err = Config::from_toml_with_env(text, " in sluice.toml", &HashMap::new()).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`: ")) && err.contains(detail), "{text}: {err}");
+        }
+        // From the environment: the variable and the key are named.
+        for (var, value, key) in [
+            ("SLUICE_SERVER__LISTEN", "nonsense", "server.listen"),
+            ("SLUICE_DELIVER__MAX_IN_FLIGHT", "0", "deliver.max_in_flight"),
+            ("SLUICE_DELIVER__JOBDB_URL", "redis://h", "deliver.jobdb_url"),
+            ("SLUICE_DIRECTOR__RPC_URL", "ftp://d", "director.rpc_url"),
+        ] {
+            let env = HashMap::from([(var.to_string(), value.to_string())]);
+            let err = Config::from_toml_with_env("", " in sluice.toml", &env).unwrap_err().to_string();
+            assert!(err.contains(var) && err.contains(&format!("`{key}`: ")) && !err.contains("sluice.toml"), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn typed_values_are_parsed_once_at_load() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.listen, SocketAddr::from(([127, 0, 0, 1], 8088)));
+        assert_eq!(c.admin.listen, Some(SocketAddr::from(([127, 0, 0, 1], 8089))));
+        assert_eq!(c.director.rpc_listen, SocketAddr::from(([127, 0, 0, 1], 8090)));
+        assert_eq!((c.deliver.max_in_flight.get(), c.deliver.circuit_failures.get(), c.deliver.jobdb_max_jobs.get()), (64, 5, 1_000_000));
+        assert!(c.deliver.jobdb_url.is_none() && c.director.rpc_url.is_none());
+        assert_eq!(load("[admin]\nlisten = \"\"\n").unwrap().admin.listen, None, "\"\" turns the admin port off");
+        // Blank is unset; a URL is trimmed once, here, and keeps its engine.
+        assert!(load("[deliver]\njobdb_url = \"  \"\n").unwrap().deliver.jobdb_url.is_none());
+        let c = load("[deliver]\njobdb_url = \" mysql://u:hunter2@db:3306/sluice?ssl-mode=DISABLED \"\n").unwrap();
+        let url = c.deliver.jobdb_url.as_ref().unwrap();
+        assert_eq!((url.as_str(), url.engine()), ("mysql://u:hunter2@db:3306/sluice?ssl-mode=DISABLED", JobDbEngine::MySql));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2") && debug.contains("mysql://db:3306/"), "Debug hides the password: {debug}");
+        let c = load("[deliver]\njobdb_url = \"postgresql://h/db\"\n").unwrap();
+        assert_eq!(c.deliver.jobdb_url.unwrap().engine(), JobDbEngine::Postgres);
+        let c = load("[director]\nrpc_url = \"HTTP://d:8090\"\n").unwrap();
+        assert!(!c.director.rpc_url.as_ref().unwrap().is_https());
+        assert_eq!(c.director.rpc_url.unwrap().as_str(), "HTTP://d:8090", "kept as written");
+    }
+
+    #[test]
+    fn a_flag_replaces_its_key_before_the_value_is_read() {
+        let env = |vars: &[(&str, &str)]| vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 7000));
+        let flags = Flags { listen: Some(addr), admin_listen: Some(None), data_dir: Some("/srv/d".into()) };
+        // A bad value a flag overrides, from the file or the environment, is not refused.
+        let c = Config::load_text(
+            "[server]\nlisten = \"nope\"\ndata_dir = 7\n[admin]\nlisten = \"nope\"\n",
+            "",
+            &env(&[("SLUICE_SERVER__LISTEN", "256.0.0.1:1")]),
+            flags.clone(),
+        )
+        .unwrap();
+        assert_eq!((c.server.listen, c.admin.listen, c.server.data_dir), (addr, None, PathBuf::from("/srv/d")));
+        // Other keys are still read, and a bad one named by its variable.
+        let err = Config::load_text("", "", &env(&[("SLUICE_SERVER__LISTEN", "nope"), ("SLUICE_DEDUP__BATCH_SIZE", "0")]), flags.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SLUICE_DEDUP__BATCH_SIZE") && err.contains("`dedup.batch_size`") && !err.contains("SERVER"), "{err}");
+        // A validation error on a key a flag set is not blamed on the environment.
+        let flags = Flags { admin_listen: Some(Some(SocketAddr::from(([127, 0, 0, 1], 8088)))), ..Flags::default() };
+        let err = Config::load_text("", "", &env(&[("SLUICE_ADMIN__LISTEN", "127.0.0.1:1")]), flags).unwrap_err().to_string();
+        assert!(err.contains("`admin.listen`") && !err.contains("SLUICE_ADMIN__LISTEN"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,8 @@
 
 use std::path::{Path, PathBuf};
 
+use sluice_core::config::JobDbUrl;
+
 use crate::centrifuge::blocking;
 use crate::jobdb::{jobdb_path, list_jobdbs, remove_jobdb_files, JobDb};
 use crate::ksuid::Ksuid;
@@ -70,18 +72,18 @@ fn lock_file(path: &Path) -> Result<std::fs::File, DeliverError> {
 }
 
 impl JobDbs {
-    /// Files in `dir`, or the database at `url` when it is given and not empty.
-    pub fn new(dir: &Path, url: Option<&str>) -> Result<JobDbs, DeliverError> {
+    /// Files in `dir`, or the database at `url` when it is given.
+    pub fn new(dir: &Path, url: Option<&JobDbUrl>) -> Result<JobDbs, DeliverError> {
         Self::scoped(dir, url, "")
     }
 
     /// The JobDBs of director `scope` (`""`: the only director). Files: the
     /// `scope` subdirectory of `dir`; SQL: tables prefixed `<scope>_`.
-    pub fn scoped(dir: &Path, url: Option<&str>, scope: &str) -> Result<JobDbs, DeliverError> {
-        match url.map(str::trim).filter(|u| !u.is_empty()) {
+    pub fn scoped(dir: &Path, url: Option<&JobDbUrl>, scope: &str) -> Result<JobDbs, DeliverError> {
+        match url {
             None if scope.is_empty() => Ok(JobDbs::Files(dir.to_owned())),
             None => Ok(JobDbs::Files(dir.join(scope))),
-            Some(url) => Ok(JobDbs::Sql(SqlJobDbs::new(url)?.scoped(scope))),
+            Some(url) => Ok(JobDbs::Sql(SqlJobDbs::new(url.as_str())?.scoped(scope))),
         }
     }
 

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::config::ArchiveTarget;
+use sluice_core::config::{ArchiveTarget, JobDbUrl};
 use tokio::sync::RwLock;
 
 use crate::archive::Archive;
@@ -37,8 +37,8 @@ use crate::{now_ms, DeliverError};
 pub struct CentrifugeOptions {
     /// Where the JobDB files live (`data_dir/jobs`).
     pub dir: PathBuf,
-    /// The database that holds the JobDBs instead (`deliver.jobdb_url`); empty or `None` = files in `dir`.
-    pub jobdb_url: Option<String>,
+    /// The database that holds the JobDBs instead (`deliver.jobdb_url`); `None` = files in `dir`.
+    pub jobdb_url: Option<JobDbUrl>,
     pub rotate_after: Duration,
     pub max_jobs: u64,
     pub cache_jobs: usize,
@@ -57,7 +57,7 @@ impl CentrifugeOptions {
             dir: config.server.data_dir.join("jobs"),
             jobdb_url: d.jobdb_url.clone(),
             rotate_after: d.jobdb_rotate_after,
-            max_jobs: d.jobdb_max_jobs,
+            max_jobs: d.jobdb_max_jobs.get(),
             cache_jobs: d.cache_jobs,
             connect_timeout: d.connect_timeout,
             archive: config.archive_target(),
@@ -107,7 +107,7 @@ impl Centrifuge {
         .await?;
         tracing::info!(archive = %archive.location, "archive opened");
         let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs, lock_lost: Default::default() });
-        let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_deref(), &options.scope)?;
+        let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_ref(), &options.scope)?;
         let found = jobdbs.list().await?;
         let mut lives = Vec::new();
         for seq in &found {

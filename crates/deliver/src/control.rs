@@ -278,9 +278,9 @@ impl ControlDb {
     /// shared by every process using that database), else
     /// `data_dir/control.sqlite`. Blocks.
     pub fn open_for(config: &Config) -> Result<ControlDb, DeliverError> {
-        let db = match config.deliver.jobdb_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        let db = match &config.deliver.jobdb_url {
             Some(url) => ControlDb {
-                backend: Backend::Sql(Box::new(sql::SqlControl::open(url, &config.server.data_dir)?)),
+                backend: Backend::Sql(Box::new(sql::SqlControl::open(url.as_str(), &config.server.data_dir)?)),
                 dead_letter_limits: Mutex::new(DeadLetterLimits::default()),
             },
             None => ControlDb::open(&control_path(&config.server.data_dir))?,
@@ -950,7 +950,7 @@ impl Catalog {
                         let g = Destination::new(
                             id.clone(),
                             settings.clone(),
-                            self.defaults.circuit_failures,
+                            self.defaults.circuit_failures.get(),
                             self.defaults.circuit_cooldown,
                             self.wake.clone(),
                         );
@@ -980,7 +980,7 @@ impl Catalog {
                 request_timeout: policy.request_timeout,
             },
             policy,
-            max_in_flight: d.max_in_flight.unwrap_or(self.defaults.max_in_flight),
+            max_in_flight: d.max_in_flight.unwrap_or(self.defaults.max_in_flight.get()),
             rate_limit: d.rate_limit.unwrap_or(self.defaults.rate_limit),
         }
     }

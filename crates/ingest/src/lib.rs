@@ -99,7 +99,7 @@ impl IngestSettings {
             unknown_write_key: c.ingest.unknown_write_key,
             max_request_bytes: c.ingest.max_request_bytes,
             max_event_bytes: c.ingest.max_event_bytes,
-            max_batch_events: c.ingest.max_batch_events,
+            max_batch_events: c.ingest.max_batch_events.get(),
             body_read_timeout: c.server.body_read_timeout,
         }
     }

@@ -63,7 +63,7 @@ pub struct ServeOptions {
 impl ServeOptions {
     pub fn from_config(server: &ServerConfig) -> Self {
         Self {
-            max_connections: server.max_connections,
+            max_connections: server.max_connections.get(),
             max_connections_per_client: server.max_connections_per_client,
             client_error_budget: server.client_error_budget,
             same_origin: false,

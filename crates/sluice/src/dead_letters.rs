@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
+use sluice_core::config::Flags;
 use sluice_core::Config;
 use sluice_deliver::control::{ControlDb, DeadLetter, DeadLetterCounts, DEAD_LETTER_EXCERPT_BYTES};
 
@@ -28,11 +29,7 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     fn open(&self) -> Result<ControlDb> {
-        let config = Config::load_with(self.config.config.as_deref(), |c| {
-            if let Some(d) = &self.data_dir {
-                c.server.data_dir = d.clone();
-            }
-        })?;
+        let config = Config::load_with(self.config.config.as_deref(), Flags { data_dir: self.data_dir.clone(), ..Flags::default() })?;
         // control.sqlite in data_dir, or the control tables of deliver.jobdb_url (shared by every process).
         Ok(ControlDb::open_for(&config)?)
     }

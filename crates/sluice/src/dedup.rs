@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use sluice_core::config::Flags;
 use sluice_core::Config;
 use sluice_dedup::index::IndexOptions;
 use sluice_dedup::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
@@ -38,7 +39,7 @@ pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings>
     Ok(DedupSettings {
         index_dir: config.server.data_dir.join("dedup"),
         index: IndexOptions::new(d.bloom_bits_per_key, d.window, d.block_cache_bytes)?,
-        batch_size: d.batch_size,
+        batch_size: d.batch_size.get(),
         poll_interval: Duration::from_millis(5),
         stop,
     })
@@ -148,11 +149,7 @@ impl Drop for Unwatch {
 pub fn run(cmd: DedupCommand) -> Result<()> {
     match cmd {
         DedupCommand::Rebuild { config, data_dir, partition } => {
-            let config = Config::load_with(config.config.as_deref(), |c| {
-                if let Some(d) = data_dir {
-                    c.server.data_dir = d;
-                }
-            })?;
+            let config = Config::load_with(config.config.as_deref(), Flags { data_dir, ..Flags::default() })?;
             let partitions: Vec<u32> = match partition {
                 Some(p) if p >= config.log.partitions => bail!("there is no partition {p} (log.partitions = {})", config.log.partitions),
                 Some(p) => vec![p],

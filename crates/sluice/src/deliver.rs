@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use sluice_core::config::Flags;
 use sluice_core::metrics::Registry;
 use sluice_core::Config;
 use sluice_deliver::control::{ControlDb, REFRESH_INTERVAL};
@@ -111,9 +112,9 @@ pub async fn start(
 
 /// `deliver.jobdb_url`, required when route and directors are separate processes.
 fn jobdb_url(config: &Config) -> Result<&str> {
-    match config.deliver.jobdb_url.as_deref().map(str::trim) {
-        Some(u) if !u.is_empty() => Ok(u),
-        _ => bail!("separate route and director processes share a SQL database: set deliver.jobdb_url (mysql://… or postgres://…)"),
+    match &config.deliver.jobdb_url {
+        Some(u) => Ok(u.as_str()),
+        None => bail!("separate route and director processes share a SQL database: set deliver.jobdb_url (mysql://… or postgres://…)"),
     }
 }
 
@@ -187,7 +188,7 @@ async fn serve_director_rpc(
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let rpc_url = d.rpc_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
+    let rpc_url = d.rpc_url.as_ref().map_or_else(|| format!("{scheme}://{addr}"), |u| u.as_str().to_owned());
     directory.heartbeat(&d.name, &rpc_url).await?;
     tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
     let app = axum::Router::new().route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs)).with_state(rpc.clone());
@@ -446,11 +447,7 @@ pub struct DataDirArgs {
 
 impl DataDirArgs {
     fn load(&self) -> Result<Config> {
-        Ok(Config::load_with(self.config.config.as_deref(), |c| {
-            if let Some(d) = &self.data_dir {
-                c.server.data_dir = d.clone();
-            }
-        })?)
+        Ok(Config::load_with(self.config.config.as_deref(), Flags { data_dir: self.data_dir.clone(), ..Flags::default() })?)
     }
 }
 
@@ -512,11 +509,10 @@ fn fmt_ms(ms: i64) -> String {
 
 /// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the `deliver.jobdb_url` database.
 fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
-    let in_database = config.deliver.jobdb_url.as_deref().is_some_and(|u| !u.trim().is_empty());
-    if !in_database && !config.server.data_dir.is_dir() {
+    if config.deliver.jobdb_url.is_none() && !config.server.data_dir.is_dir() {
         bail!("there is no data directory at {} (check server.data_dir or --data-dir)", config.server.data_dir.display());
     }
-    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?)
+    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_ref())?)
 }
 
 pub fn jobs(cmd: JobsCommand) -> Result<()> {

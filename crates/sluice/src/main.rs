@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sluice_core::config::LogBackend;
+use sluice_core::config::{Flags, LogBackend};
 use sluice_core::metrics::Registry;
 use sluice_core::Config;
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
@@ -107,15 +107,28 @@ struct DedupArgs {
 struct ServeArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Overrides `server.listen`.
-    #[arg(long)]
-    listen: Option<String>,
+    /// Overrides `server.listen` (IP:PORT).
+    #[arg(long, value_parser = listen_flag)]
+    listen: Option<SocketAddr>,
     /// Overrides `server.data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Overrides `admin.listen` ("" disables the admin port).
-    #[arg(long)]
-    admin_listen: Option<String>,
+    /// Overrides `admin.listen` (IP:PORT; "" disables the admin port).
+    #[arg(long, value_parser = admin_listen_flag)]
+    admin_listen: Option<AdminListen>,
+}
+
+/// `--admin-listen`: an address, or `None` for `""` (the admin port off).
+#[derive(Clone, Copy)]
+struct AdminListen(Option<SocketAddr>);
+
+/// `--listen`, read like `server.listen` (same message).
+fn listen_flag(text: &str) -> Result<SocketAddr, String> {
+    sluice_core::config::parse_addr(text)
+}
+
+fn admin_listen_flag(text: &str) -> Result<AdminListen, String> {
+    Ok(AdminListen(if text.is_empty() { None } else { Some(sluice_core::config::parse_addr(text)?) }))
 }
 
 #[derive(Subcommand)]
@@ -300,17 +313,8 @@ fn init_tracing(format: LogFormat) -> Option<Box<dyn std::any::Any>> {
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config> {
-    let config = Config::load_with(args.config.config.as_deref(), |config| {
-        if let Some(l) = &args.listen {
-            config.server.listen = l.clone();
-        }
-        if let Some(d) = &args.data_dir {
-            config.server.data_dir = d.clone();
-        }
-        if let Some(a) = &args.admin_listen {
-            config.admin.listen = a.clone();
-        }
-    })?;
+    let flags = Flags { listen: args.listen, data_dir: args.data_dir.clone(), admin_listen: args.admin_listen.map(|a| a.0) };
+    let config = Config::load_with(args.config.config.as_deref(), flags)?;
     if args.config.config.is_none() {
         tracing::info!("no --config given: using the built-in sample config (config/sluice.toml)");
     }
@@ -495,8 +499,8 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         tokio::task::spawn_blocking(move || sluice_deliver::Catalog::open(&c)).await?
     }
     .with_context(|| match &config.deliver.jobdb_url {
-        Some(url) if !url.trim().is_empty() => "cannot open the control database (the sluice_control_* tables of deliver.jobdb_url)".to_owned(),
-        _ => format!("cannot open the control database {}", sluice_deliver::control::control_path(&config.server.data_dir).display()),
+        Some(_) => "cannot open the control database (the sluice_control_* tables of deliver.jobdb_url)".to_owned(),
+        None => format!("cannot open the control database {}", sluice_deliver::control::control_path(&config.server.data_dir).display()),
     })?;
 
     if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
@@ -521,7 +525,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     spool_metrics.register(&mut registry);
     if config.log.backend == LogBackend::Kafka && roles.ingest {
         let settings =
-            SpoolSettings { spool_after: config.ingest.spool_after, max_events: config.ingest.spool_max_events, ..SpoolSettings::default() };
+            SpoolSettings { spool_after: config.ingest.spool_after, max_events: config.ingest.spool_max_events.get(), ..SpoolSettings::default() };
         let dir = config.server.data_dir.join("spool");
         st.spool = Some(
             Spool::open(log.clone(), INPUT_TOPIC, &dir, settings, spool_metrics)
@@ -540,10 +544,10 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     }
 
     let listener = match &st.ingest {
-        Some(_) => Some(bind(config.listen_addr(), "server.listen").await?),
+        Some(_) => Some(bind(config.server.listen, "server.listen").await?),
         None => None,
     };
-    let admin = match config.admin_addr() {
+    let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr, "admin.listen").await?),
         None => None,
     };

@@ -204,7 +204,9 @@ fn a_director_whose_jobdbs_were_taken_opens_them_again_once_handed_back() {
     wait_for(Duration::from_secs(30), || sink.by_message_id("/hook").contains_key("before").then_some(()), || director.stderr_tail(20));
 
     // The "adopter" ends the director's lock session and takes the lock before the director takes it again.
-    let sluice_deliver::backend::JobDbs::Sql(jobdbs) = sluice_deliver::backend::JobDbs::scoped(root.path(), Some(&db), "d1").unwrap() else {
+    let sluice_deliver::backend::JobDbs::Sql(jobdbs) =
+        sluice_deliver::backend::JobDbs::scoped(root.path(), Some(&sluice_core::config::JobDbUrl::parse(&db).unwrap()), "d1").unwrap()
+    else {
         panic!("SQL JobDBs")
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
