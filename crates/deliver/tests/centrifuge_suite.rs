@@ -150,7 +150,7 @@ impl Env {
     async fn open(db: &Db, dir: tempfile::TempDir, deliver: &str, rest: &str) -> Env {
         let config = config(db, &dir.path().join("data"), deliver, rest);
         let (catalog, centrifuge, metrics) = open_centrifuge(&config).await.expect("the Centrifuge opens");
-        let jobdbs = JobDbs::new(&config.server.data_dir.join("jobs"), db.url.as_deref()).expect("the JobDBs");
+        let jobdbs = JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_ref()).expect("the JobDBs");
         Env { db: db.clone(), dir, config, catalog, centrifuge, metrics, jobdbs }
     }
 
