@@ -1,5 +1,9 @@
-//! The admin port: `/metrics`, `/healthz`, the admin API under `/api`, and
-//! the web console at `/` (`console.html`, self-contained).
+//! `sluice-admin`: the admin port of a Sluice process: `/metrics`,
+//! `/healthz`, the admin API under `/api`, and the web console at `/`
+//! (`console.html`, self-contained). The binary builds an [`AdminState`],
+//! serves [`router`] on `admin.listen` and starts
+//! [`spawn_catalog_refresher`]; nothing here parses arguments or reads the
+//! config file.
 //!
 //! Invariants:
 //! - Every `/api` route needs `Authorization: Bearer <admin.token>`; without
@@ -15,6 +19,12 @@
 //!   before the answer: a 2xx means the change is in effect.
 //! - Rows the API writes are marked `origin = 'api'`; the config file seeds
 //!   the initial state but never overwrites them.
+//! - Every error answer is JSON `{"code","message"}` (see `harden`).
+
+pub mod refresh;
+pub mod views;
+
+pub use refresh::{apply_sources, spawn_catalog_refresher};
 
 use std::sync::Arc;
 
@@ -180,6 +190,8 @@ async fn metrics(State(s): State<Shared>, h: HeaderMap) -> Response {
 }
 
 /// An API error: status and a JSON body `{"code", "message"}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{1}: {2}")]
 struct ApiError(StatusCode, &'static str, String);
 
 impl IntoResponse for ApiError {
@@ -242,15 +254,6 @@ async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Res
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-}
-
-/// Give the Tracking API the catalog's enabled sources (unchanged sources
-/// keep their rate-limit buckets: `Ingest::set_sources`).
-pub fn apply_sources(s: &AdminState) {
-    let enabled: Vec<SourceConfig> = s.catalog.snapshot().sources.iter().filter(|(_, disabled)| !disabled).map(|(src, _)| src.clone()).collect();
-    if let Some(ingest) = &s.ingest {
-        ingest.set_sources(&enabled, s.default_rate_limit);
-    }
 }
 
 fn new_write_key() -> String {
@@ -350,7 +353,7 @@ fn redacted(d: &DestinationConfig) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.remove("secret");
         o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
-        o.insert("url".into(), Value::String(crate::deliver::without_password(&d.url)));
+        o.insert("url".into(), Value::String(views::without_password(&d.url)));
     }
     v
 }
@@ -369,7 +372,7 @@ async fn put_destination(
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
-            if *url != old.url && *url == crate::deliver::without_password(&old.url) {
+            if *url != old.url && *url == views::without_password(&old.url) {
                 obj.insert("url".into(), Value::String(old.url.clone()));
             }
         }
@@ -553,7 +556,7 @@ async fn list_dead_letters(
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let (counts, letters) = control(&s, move |db| Ok((db.dead_letter_counts()?, db.dead_letters(q.before, limit)?))).await?;
     let next_before = (letters.len() == limit).then(|| letters.last().map(|d| d.id)).flatten();
-    let list: Vec<Value> = letters.iter().map(|d| crate::dead_letters::to_json(d, false)).collect();
+    let list: Vec<Value> = letters.iter().map(|d| views::dead_letter_json(d, false)).collect();
     Ok(Json(json!({"counts": counts, "dead_letters": list, "next_before": next_before})).into_response())
 }
 
@@ -561,7 +564,7 @@ async fn list_dead_letters(
 async fn get_dead_letter(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
     authorize(&s, &h)?;
     match control(&s, move |db| db.dead_letter(id)).await? {
-        Some(d) => Ok(Json(crate::dead_letters::to_json(&d, true)).into_response()),
+        Some(d) => Ok(Json(views::dead_letter_json(&d, true)).into_response()),
         None => Err(not_found("no such dead letter")),
     }
 }
@@ -625,7 +628,7 @@ async fn inspect_jobs(State(s): State<Shared>, h: HeaderMap, Path(key): Path<Str
     let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find(&dir, &key))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    Ok(Json(found.iter().map(crate::deliver::found_to_json).collect::<Vec<_>>()).into_response())
+    Ok(Json(found.iter().map(views::job_json).collect::<Vec<_>>()).into_response())
 }
 
 #[derive(Deserialize)]
