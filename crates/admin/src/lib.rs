@@ -19,6 +19,9 @@
 //!   before the answer: a 2xx means the change is in effect.
 //! - Rows the API writes are marked `origin = 'api'`; the config file seeds
 //!   the initial state but never overwrites them.
+//! - The job inspector (`GET /api/jobs/{key}`) reads the JobDBs wherever
+//!   they live (files or `deliver.jobdb_url`), through the same
+//!   [`sluice_deliver::inspect::find_in`] as `sluice jobs inspect`.
 //! - Every error answer is JSON `{"code","message"}` (see `harden`).
 
 pub mod refresh;
@@ -37,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::config::{DestinationConfig, RetryPolicy, SourceConfig};
 use sluice_core::metrics::{render, Registry};
+use sluice_deliver::backend::JobDbs;
 use sluice_deliver::control::ControlDb;
 use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
@@ -46,8 +50,8 @@ use sluice_ingest::Ingest;
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub log: Arc<dyn sluice_log::Log>,
-    /// `data_dir/jobs`, for the delivery inspector.
-    pub jobs_dir: std::path::PathBuf,
+    /// This process's JobDBs (`data_dir/jobs`, or `deliver.jobdb_url`), for the job inspector.
+    pub jobdbs: JobDbs,
     pub catalog: Arc<Catalog>,
     /// The Tracking API of this process, if it runs the ingest role.
     pub ingest: Option<Arc<Ingest>>,
@@ -624,8 +628,8 @@ async fn discard_all_dead_letters(State(s): State<Shared>, h: HeaderMap) -> ApiR
 /// The delivery inspector: every job of a messageId (or one job by KSUID), with every transition.
 async fn inspect_jobs(State(s): State<Shared>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {
     authorize(&s, &h)?;
-    let dir = s.jobs_dir.clone();
-    let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find(&dir, &key))
+    let jobdbs = s.jobdbs.clone();
+    let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find_in(&jobdbs, &key))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     Ok(Json(found.iter().map(views::job_json).collect::<Vec<_>>()).into_response())
