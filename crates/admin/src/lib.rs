@@ -12,7 +12,7 @@
 //!   that token or `admin.token` (it names every source and destination).
 //!   `/healthz` and the console page stay public (the console's API calls
 //!   carry the token the operator types in).
-//! - Tokens are compared through fixed-size digests ([`token_matches`]): the
+//! - Tokens are compared through fixed-size digests (`token_matches`): the
 //!   time taken shows neither the token's bytes nor its length.
 //! - A change is written to the control database first, then the live
 //!   catalog (and the Tracking API's source table) is refreshed from it
@@ -70,7 +70,9 @@ const API_BODY_LIMIT: usize = 2 << 20;
 
 type Shared = Arc<AdminState>;
 
-pub fn router(state: Shared) -> Router {
+/// Every route of the admin port, behind the `/api` guard and the answer
+/// hardening (the two middlewares below).
+pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/", get(console))
         .route("/console", get(console))

@@ -464,20 +464,27 @@ fn fmt_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ms.to_string())
 }
 
-/// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the `deliver.jobdb_url` database.
-fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+/// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the
+/// `deliver.jobdb_url` database. The admin API's job inspector and
+/// `sluice jobs` read the same ones.
+pub fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?)
+}
+
+/// [`jobdbs_of`] for the `sluice jobs` tools, which name a missing data directory.
+fn existing_jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
     let in_database = config.deliver.jobdb_url.as_deref().is_some_and(|u| !u.trim().is_empty());
     if !in_database && !config.server.data_dir.is_dir() {
         bail!("there is no data directory at {} (check server.data_dir or --data-dir)", config.server.data_dir.display());
     }
-    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?)
+    jobdbs_of(config)
 }
 
 pub fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
         JobsCommand::Inspect { key, dir, json } => {
             let config = dir.load()?;
-            let jobdbs = jobdbs_of(&config)?;
+            let jobdbs = existing_jobdbs_of(&config)?;
             let found = sluice_deliver::inspect::find_in(&jobdbs, &key)?;
             if found.is_empty() {
                 bail!(
@@ -527,7 +534,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
         }
         JobsCommand::Stats { dir, json } => {
             let config = dir.load()?;
-            let (jobdbs, stats) = sluice_deliver::inspect::stats_in(&jobdbs_of(&config)?)?;
+            let (jobdbs, stats) = sluice_deliver::inspect::stats_in(&existing_jobdbs_of(&config)?)?;
             if json {
                 println!("{}", serde_json::json!({"jobdbs": jobdbs, "destinations": stats}));
                 return Ok(());

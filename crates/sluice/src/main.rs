@@ -580,7 +580,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     let admin_state = Arc::new(sluice_admin::AdminState {
         registry: Arc::new(registry),
         log: log.clone(),
-        jobdbs: sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_deref())?,
+        jobdbs: deliver::jobdbs_of(config)?,
         catalog: catalog.clone(),
         ingest: st.ingest.clone(),
         token: config.admin.token.clone(),
