@@ -1,4 +1,6 @@
-//! Read-only views of the JobDBs for `sluice jobs inspect|stats`. They open
+//! Read-only views of the JobDBs for `sluice jobs inspect|stats` and the
+//! admin API's job inspector (`GET /api/jobs/{key}`), both through
+//! [`find_in`] / [`stats_in`] on the process's [`JobDbs`]. They open
 //! each JobDB read-only (no lock, nothing created), so they work while
 //! `sluice serve` runs: SQLite's WAL lets readers see the last commit
 //! without blocking the writer, and the SQL servers do the same. A JobDB
@@ -21,7 +23,8 @@ pub struct Found {
     pub history: Vec<Transition>,
 }
 
-/// Every job whose KSUID or messageId is `key`, across the JobDB files in `dir`.
+/// Every job whose KSUID or messageId is `key`, across the JobDB files in
+/// `dir` ([`find_in`] for files only; tests use it).
 pub fn find(dir: &Path, key: &str) -> Result<Vec<Found>, DeliverError> {
     find_in(&JobDbs::Files(dir.to_owned()), key)
 }

@@ -3,18 +3,18 @@
 //! `data_dir`, or the `deliver.jobdb_url` database), found with `--config`
 //! as `sluice replay` finds it. Replays run in the process that runs the
 //! route (within a second); this tool files the request and waits.
-//! The JSON of a dead letter here is also the admin API's ([`to_json`]).
+//! The JSON of a dead letter here is the admin API's ([`sluice_admin::views::dead_letter_json`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde_json::json;
+use sluice_admin::views::dead_letter_json;
 use sluice_core::config::Flags;
 use sluice_core::Config;
-use sluice_deliver::control::{ControlDb, DeadLetter, DeadLetterCounts, DEAD_LETTER_EXCERPT_BYTES};
+use sluice_deliver::control::{ControlDb, DeadLetter, DeadLetterCounts};
 
 use crate::ConfigArgs;
 
@@ -94,7 +94,7 @@ pub fn run(cmd: DeadLettersCommand) -> Result<()> {
             let counts = db.dead_letter_counts()?;
             let letters = db.dead_letters(before, limit)?;
             if json {
-                let out = json!({"counts": counts, "dead_letters": letters.iter().map(|d| to_json(d, false)).collect::<Vec<_>>()});
+                let out = json!({"counts": counts, "dead_letters": letters.iter().map(|d| dead_letter_json(d, false)).collect::<Vec<_>>()});
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
             }
@@ -129,7 +129,7 @@ pub fn run(cmd: DeadLettersCommand) -> Result<()> {
             let db = store.open()?;
             let d = db.dead_letter(id)?.with_context(|| format!("no dead letter {id} in {}", db.location()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&to_json(&d, true))?);
+                println!("{}", serde_json::to_string_pretty(&dead_letter_json(&d, true))?);
                 return Ok(());
             }
             println!("dead letter {}  state {}  stored {}  by the {}", d.id, d.state(), fmt_ms(d.created_at_ms), d.stage);
@@ -222,44 +222,6 @@ fn describe(c: &DeadLetterCounts) -> String {
         "dead letters: {} open ({} replay requested, {} replay failed), {} replayed, {} discarded; {} rows, {} bytes",
         c.open, c.replay_requested, c.replay_failed, c.replayed, c.discarded, c.rows, c.bytes
     )
-}
-
-/// A dead letter as JSON (the CLI's `--json` and the admin API): key and
-/// payload as (lossy) UTF-8 text, and, `whole`, the exact bytes in base64.
-pub fn to_json(d: &DeadLetter, whole: bool) -> Value {
-    let mut v = json!({
-        "id": d.id,
-        "created_at_ms": d.created_at_ms,
-        "stage": d.stage,
-        "state": d.state(),
-        "topic": d.topic,
-        "partition": d.partition,
-        "offset": d.offset,
-        "generation": d.generation,
-        "destination": d.destination,
-        "record_ms": d.record_ms,
-        "key": String::from_utf8_lossy(&d.key),
-        "reason": d.reason,
-        "payload_size": d.payload_size,
-        "truncated": d.truncated,
-        "replay_requested_at_ms": d.replay_requested_at_ms,
-        "replayed_at_ms": d.replayed_at_ms,
-        "replayed_jobs": d.replayed_jobs,
-        "discarded_at_ms": d.discarded_at_ms,
-        "attempts": d.attempts,
-        "last_error": d.last_error,
-    });
-    let o = v.as_object_mut().expect("an object");
-    if whole {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        o.insert("payload".into(), Value::String(String::from_utf8_lossy(&d.payload).into_owned()));
-        o.insert("payload_base64".into(), Value::String(b64.encode(&d.payload)));
-        o.insert("key_base64".into(), Value::String(b64.encode(&d.key)));
-    } else {
-        let excerpt = &d.payload[..d.payload.len().min(DEAD_LETTER_EXCERPT_BYTES)];
-        o.insert("payload_excerpt".into(), Value::String(String::from_utf8_lossy(excerpt).into_owned()));
-    }
-    v
 }
 
 fn fmt_ms(ms: i64) -> String {

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use sluice_admin::views::{job_json, without_password};
 use sluice_core::config::Flags;
 use sluice_core::metrics::Registry;
 use sluice_core::Config;
-use sluice_deliver::control::{ControlDb, REFRESH_INTERVAL};
+use sluice_deliver::control::ControlDb;
 use sluice_deliver::directory::Directory;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 use sluice_log::Log;
@@ -420,22 +421,6 @@ impl Running {
     }
 }
 
-/// Re-read the control database so changes made by SQL (QoS, connections,
-/// sources) apply within seconds; the admin API refreshes at once.
-pub fn spawn_catalog_refresher(admin: Arc<crate::admin::AdminState>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(REFRESH_INTERVAL).await;
-            let a = admin.clone();
-            match tokio::task::spawn_blocking(move || a.catalog.refresh().map(|()| crate::admin::apply_sources(&a))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot re-read the control database"),
-                Err(e) => tracing::error!(error = %e, "control database refresh task failed"),
-            }
-        }
-    })
-}
-
 #[derive(Args)]
 pub struct DataDirArgs {
     #[command(flatten)]
@@ -472,54 +457,30 @@ pub enum JobsCommand {
     },
 }
 
-/// `url` with the password of its user info (`https://user:pw@host/`)
-/// replaced by `***`, for showing: a destination's URL may carry a
-/// credential, and answers never show one back (as `secret`, which is
-/// write-only).
-pub fn without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// A job and its whole history as JSON (`jobs inspect --json`, `GET /api/jobs/{key}`).
-pub fn found_to_json(f: &sluice_deliver::inspect::Found) -> serde_json::Value {
-    let j = &f.job;
-    serde_json::json!({
-        "id": j.id.to_string(), "jobdb": f.jobdb, "message_id": j.job.message_id,
-        "source": j.job.source, "destination": j.job.destination,
-        "generation": j.job.generation, "endpoint": without_password(&j.job.endpoint),
-        "state": j.state.as_str(), "created_at": j.job.created_at, "expires_at": j.job.expires_at,
-        "received_at": j.job.received_at,
-        "transitions": std::iter::once(serde_json::json!({"seq": 0, "state": "awaiting_scheduling", "at": j.job.created_at, "attempt": 0}))
-            .chain(f.history.iter().map(|t| serde_json::json!({
-                "seq": t.seq, "state": t.state.as_str(), "at": t.at, "attempt": t.attempt,
-                "status": t.status, "error": t.error, "retry_at": t.retry_at})))
-            .collect::<Vec<_>>(),
-    })
-}
-
 fn fmt_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_else(|| ms.to_string())
 }
 
-/// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the `deliver.jobdb_url` database.
-fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+/// Where `config`'s JobDBs live: files in `data_dir/jobs`, or the
+/// `deliver.jobdb_url` database. The admin API's job inspector and
+/// `sluice jobs` read the same ones.
+pub fn jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
+    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_ref())?)
+}
+
+/// [`jobdbs_of`] for the `sluice jobs` tools, which name a missing data directory.
+fn existing_jobdbs_of(config: &Config) -> Result<sluice_deliver::backend::JobDbs> {
     if config.deliver.jobdb_url.is_none() && !config.server.data_dir.is_dir() {
         bail!("there is no data directory at {} (check server.data_dir or --data-dir)", config.server.data_dir.display());
     }
-    Ok(sluice_deliver::backend::JobDbs::new(&config.server.data_dir.join("jobs"), config.deliver.jobdb_url.as_ref())?)
+    jobdbs_of(config)
 }
 
 pub fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
         JobsCommand::Inspect { key, dir, json } => {
             let config = dir.load()?;
-            let jobdbs = jobdbs_of(&config)?;
+            let jobdbs = existing_jobdbs_of(&config)?;
             let found = sluice_deliver::inspect::find_in(&jobdbs, &key)?;
             if found.is_empty() {
                 bail!(
@@ -529,7 +490,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
                 );
             }
             if json {
-                let out: Vec<_> = found.iter().map(found_to_json).collect();
+                let out: Vec<_> = found.iter().map(job_json).collect();
                 println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(());
             }
@@ -569,7 +530,7 @@ pub fn jobs(cmd: JobsCommand) -> Result<()> {
         }
         JobsCommand::Stats { dir, json } => {
             let config = dir.load()?;
-            let (jobdbs, stats) = sluice_deliver::inspect::stats_in(&jobdbs_of(&config)?)?;
+            let (jobdbs, stats) = sluice_deliver::inspect::stats_in(&existing_jobdbs_of(&config)?)?;
             if json {
                 println!("{}", serde_json::json!({"jobdbs": jobdbs, "destinations": stats}));
                 return Ok(());

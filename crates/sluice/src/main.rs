@@ -2,7 +2,6 @@
 //! stage in one process) or a tool (`log tail`, `bench ingest`,
 //! `config check`). `anyhow` lives here only, at the edge.
 
-mod admin;
 mod bench;
 mod bench_dedup;
 mod bench_deliver;
@@ -398,7 +397,7 @@ struct Started {
     delivery: Option<deliver::Running>,
     spool: Option<Arc<Spool>>,
     ingest: Option<Arc<Ingest>>,
-    admin_state: Option<Arc<admin::AdminState>>,
+    admin_state: Option<Arc<sluice_admin::AdminState>>,
     /// The Tracking API and admin servers; they stop when `stop_tx` says so.
     servers: Vec<tokio::task::JoinHandle<()>>,
     stop_tx: tokio::sync::watch::Sender<bool>,
@@ -582,10 +581,10 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let admin_state = Arc::new(admin::AdminState {
+    let admin_state = Arc::new(sluice_admin::AdminState {
         registry: Arc::new(registry),
         log: log.clone(),
-        jobs_dir: config.server.data_dir.join("jobs"),
+        jobdbs: deliver::jobdbs_of(config)?,
         catalog: catalog.clone(),
         ingest: st.ingest.clone(),
         token: config.admin.token.clone(),
@@ -596,13 +595,13 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     });
     st.admin_state = Some(admin_state.clone());
     // Sources come from the control database (seeded from the config, changed by the admin API).
-    admin::apply_sources(&admin_state);
-    st.tasks.push(deliver::spawn_catalog_refresher(admin_state.clone()));
+    sluice_admin::apply_sources(&admin_state);
+    st.tasks.push(sluice_admin::spawn_catalog_refresher(admin_state.clone()));
     if let (Some(l), Some(i)) = (listener, &st.ingest) {
         st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));
     }
     if let Some(l) = admin {
-        st.servers.push(tokio::spawn(serve(l, admin::router(admin_state), admin_options, stopped())));
+        st.servers.push(tokio::spawn(serve(l, sluice_admin::router(admin_state), admin_options, stopped())));
     }
     Ok(())
 }

@@ -1,5 +1,9 @@
-//! The admin port: `/metrics`, `/healthz`, the admin API under `/api`, and
-//! the web console at `/` (`console.html`, self-contained).
+//! `sluice-admin`: the admin port of a Sluice process: `/metrics`,
+//! `/healthz`, the admin API under `/api`, and the web console at `/`
+//! (`console.html`, self-contained). The binary builds an [`AdminState`],
+//! serves [`router`] on `admin.listen` and starts
+//! [`spawn_catalog_refresher`]; nothing here parses arguments or reads the
+//! config file.
 //!
 //! Invariants:
 //! - Every `/api` route needs `Authorization: Bearer <admin.token>`; without
@@ -8,13 +12,22 @@
 //!   that token or `admin.token` (it names every source and destination).
 //!   `/healthz` and the console page stay public (the console's API calls
 //!   carry the token the operator types in).
-//! - Tokens are compared through fixed-size digests ([`token_matches`]): the
+//! - Tokens are compared through fixed-size digests (`token_matches`): the
 //!   time taken shows neither the token's bytes nor its length.
 //! - A change is written to the control database first, then the live
 //!   catalog (and the Tracking API's source table) is refreshed from it
 //!   before the answer: a 2xx means the change is in effect.
 //! - Rows the API writes are marked `origin = 'api'`; the config file seeds
 //!   the initial state but never overwrites them.
+//! - The job inspector (`GET /api/jobs/{key}`) reads the JobDBs wherever
+//!   they live (files or `deliver.jobdb_url`), through the same
+//!   [`sluice_deliver::inspect::find_in`] as `sluice jobs inspect`.
+//! - Every error answer is JSON `{"code","message"}` (see `harden`).
+
+pub mod refresh;
+pub mod views;
+
+pub use refresh::{apply_sources, spawn_catalog_refresher};
 
 use std::sync::Arc;
 
@@ -27,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::config::{DestinationConfig, RetryPolicy, SourceConfig};
 use sluice_core::metrics::{render, Registry};
+use sluice_deliver::backend::JobDbs;
 use sluice_deliver::control::ControlDb;
 use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
@@ -36,8 +50,8 @@ use sluice_ingest::Ingest;
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub log: Arc<dyn sluice_log::Log>,
-    /// `data_dir/jobs`, for the delivery inspector.
-    pub jobs_dir: std::path::PathBuf,
+    /// This process's JobDBs (`data_dir/jobs`, or `deliver.jobdb_url`), for the job inspector.
+    pub jobdbs: JobDbs,
     pub catalog: Arc<Catalog>,
     /// The Tracking API of this process, if it runs the ingest role.
     pub ingest: Option<Arc<Ingest>>,
@@ -56,7 +70,9 @@ const API_BODY_LIMIT: usize = 2 << 20;
 
 type Shared = Arc<AdminState>;
 
-pub fn router(state: Shared) -> Router {
+/// Every route of the admin port, behind the `/api` guard and the answer
+/// hardening (the two middlewares below).
+pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/", get(console))
         .route("/console", get(console))
@@ -180,6 +196,8 @@ async fn metrics(State(s): State<Shared>, h: HeaderMap) -> Response {
 }
 
 /// An API error: status and a JSON body `{"code", "message"}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{1}: {2}")]
 struct ApiError(StatusCode, &'static str, String);
 
 impl IntoResponse for ApiError {
@@ -242,15 +260,6 @@ async fn change<T: Send + 'static>(s: &Shared, f: impl FnOnce(&ControlDb) -> Res
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-}
-
-/// Give the Tracking API the catalog's enabled sources (unchanged sources
-/// keep their rate-limit buckets: `Ingest::set_sources`).
-pub fn apply_sources(s: &AdminState) {
-    let enabled: Vec<SourceConfig> = s.catalog.snapshot().sources.iter().filter(|(_, disabled)| !disabled).map(|(src, _)| src.clone()).collect();
-    if let Some(ingest) = &s.ingest {
-        ingest.set_sources(&enabled, s.default_rate_limit);
-    }
 }
 
 fn new_write_key() -> String {
@@ -350,7 +359,7 @@ fn redacted(d: &DestinationConfig) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.remove("secret");
         o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
-        o.insert("url".into(), Value::String(crate::deliver::without_password(&d.url)));
+        o.insert("url".into(), Value::String(views::without_password(&d.url)));
     }
     v
 }
@@ -369,7 +378,7 @@ async fn put_destination(
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
-            if *url != old.url && *url == crate::deliver::without_password(&old.url) {
+            if *url != old.url && *url == views::without_password(&old.url) {
                 obj.insert("url".into(), Value::String(old.url.clone()));
             }
         }
@@ -553,7 +562,7 @@ async fn list_dead_letters(
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let (counts, letters) = control(&s, move |db| Ok((db.dead_letter_counts()?, db.dead_letters(q.before, limit)?))).await?;
     let next_before = (letters.len() == limit).then(|| letters.last().map(|d| d.id)).flatten();
-    let list: Vec<Value> = letters.iter().map(|d| crate::dead_letters::to_json(d, false)).collect();
+    let list: Vec<Value> = letters.iter().map(|d| views::dead_letter_json(d, false)).collect();
     Ok(Json(json!({"counts": counts, "dead_letters": list, "next_before": next_before})).into_response())
 }
 
@@ -561,7 +570,7 @@ async fn list_dead_letters(
 async fn get_dead_letter(State(s): State<Shared>, h: HeaderMap, Path(id): Path<i64>) -> ApiResult {
     authorize(&s, &h)?;
     match control(&s, move |db| db.dead_letter(id)).await? {
-        Some(d) => Ok(Json(crate::dead_letters::to_json(&d, true)).into_response()),
+        Some(d) => Ok(Json(views::dead_letter_json(&d, true)).into_response()),
         None => Err(not_found("no such dead letter")),
     }
 }
@@ -621,11 +630,11 @@ async fn discard_all_dead_letters(State(s): State<Shared>, h: HeaderMap) -> ApiR
 /// The delivery inspector: every job of a messageId (or one job by KSUID), with every transition.
 async fn inspect_jobs(State(s): State<Shared>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {
     authorize(&s, &h)?;
-    let dir = s.jobs_dir.clone();
-    let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find(&dir, &key))
+    let jobdbs = s.jobdbs.clone();
+    let found = tokio::task::spawn_blocking(move || sluice_deliver::inspect::find_in(&jobdbs, &key))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    Ok(Json(found.iter().map(crate::deliver::found_to_json).collect::<Vec<_>>()).into_response())
+    Ok(Json(found.iter().map(views::job_json).collect::<Vec<_>>()).into_response())
 }
 
 #[derive(Deserialize)]
