@@ -38,12 +38,12 @@ mod worker;
 
 pub use worker::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
 
-/// The topic dedup publishes to.
-pub const OUTPUT_TOPIC: &str = "output";
-/// The topic dedup reads.
-pub const INPUT_TOPIC: &str = "input";
 /// Dedup's consumer group on `input`.
-pub const GROUP: &str = "dedup";
+pub use sluice_core::topics::DEDUP_GROUP as GROUP;
+/// The topic dedup reads.
+pub use sluice_core::topics::INPUT as INPUT_TOPIC;
+/// The topic dedup publishes to.
+pub use sluice_core::topics::OUTPUT as OUTPUT_TOPIC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {

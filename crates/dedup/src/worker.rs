@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
-use sluice_log::{Log, LogError, Record, StoredRecord};
+use sluice_log::{Checkpoint, Log, LogError, Publish, Record, StoredRecord};
 use tokio::runtime::Handle;
 
 use crate::crash::crash_point;
@@ -445,7 +445,7 @@ impl DedupWorker {
                     "dedup's input offset is past the end of input (its tail was cut); resuming at the end"
                 );
                 self.metrics.input_offset_resets.inc();
-                rt.block_on(self.log.commit(GROUP, topic, p, end))?;
+                rt.block_on(self.log.commit(Checkpoint { group: GROUP, topic, partition: p, next_offset: end }))?;
                 return Ok((0, Some(end)));
             }
             return Ok((0, Some(batch.next)));
@@ -487,7 +487,12 @@ impl DedupWorker {
                 None => None,
             };
             crash_point("dedup.before_publish");
-            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next, replay_from))?;
+            let first = rt.block_on(self.log.publish_and_commit(Publish {
+                out_topic: OUTPUT_TOPIC,
+                records: out,
+                commit: Checkpoint { group: GROUP, topic, partition: p, next_offset: next },
+                replay_from,
+            }))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
             tracing::debug!(partition = p, input = topic, from, next, read = records.len(), published = fresh.len(), output_first = ?first, ?replay_from, "dedup: batch published and input committed");
@@ -511,7 +516,7 @@ impl DedupWorker {
                 crash_point("dedup.after_index_write");
             }
             // 4. Commit input.
-            rt.block_on(self.log.commit(GROUP, topic, p, next))?;
+            rt.block_on(self.log.commit(Checkpoint { group: GROUP, topic, partition: p, next_offset: next }))?;
             tracing::debug!(
                 partition = p,
                 input = topic,

@@ -114,7 +114,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -122,7 +122,7 @@ use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
 use sluice_core::retry::{ErrorStreak, Report};
 use tokio::sync::oneshot;
 
-use crate::{Log, LogError, OffsetRange, Record, StoredRecord};
+use crate::{Checkpoint, Log, LogError, OffsetRange, Record, StoredRecord};
 
 const MAGIC: &[u8; 8] = b"SLUICEL1";
 const HEADER_LEN: u64 = 16;
@@ -170,7 +170,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         let c = sluice_core::config::LogConfig::default();
         Self {
-            topics: vec![("input".into(), c.partitions)],
+            topics: vec![(sluice_core::topics::INPUT.into(), c.partitions)],
             segment_bytes: c.segment_bytes,
             retention: c.retention,
             retention_by_topic: HashMap::new(),
@@ -266,10 +266,6 @@ struct AppendRequest {
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     move |source| LogError::Io { path: path.display().to_string(), source }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -499,14 +495,14 @@ impl Log for EmbeddedLog {
         Ok(self.handle(topic, partition)?.part.offsets())
     }
 
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
-        validate_name(group)?;
-        let h = self.handle(topic, partition)?;
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        validate_name(at.group)?;
+        let h = self.handle(at.topic, at.partition)?;
         if h.tx.is_none() {
             return Err(LogError::ReadOnly);
         }
         let part = h.part.clone();
-        let group = group.to_owned();
+        let (group, next_offset) = (at.group.to_owned(), at.next_offset);
         tokio::task::spawn_blocking(move || part.commit(&group, next_offset)).await.map_err(|_| LogError::Closed)?
     }
 
@@ -1356,7 +1352,7 @@ impl Writer {
             self.roll(next).map_err(|e| self.poison(e))?;
         }
         let started = Instant::now();
-        let ts = now_ms();
+        let ts = sluice_core::clock::now_ms();
         buf.clear();
         let mut firsts = Vec::with_capacity(batch.len());
         let mut new_index = Vec::new();

@@ -28,15 +28,15 @@ use std::time::Duration;
 
 use sluice_core::metrics::{latency_buckets, Counter, Family, Gauge, Histogram, Registry};
 use sluice_deliver::{Catalog, Centrifuge, NewJob};
-use sluice_log::{Log, LogError};
+use sluice_log::{Checkpoint, Log, LogError};
 use tokio::sync::watch;
 
 pub use plan::{Planner, RouteDecision};
 
-/// The consumer group of the route stage on `output`.
-pub const GROUP: &str = "route";
 /// The topic the route reads (dedup's output).
-pub const OUTPUT_TOPIC: &str = "output";
+pub use sluice_core::topics::OUTPUT as OUTPUT_TOPIC;
+/// The consumer group of the route stage on `output`.
+pub use sluice_core::topics::ROUTE_GROUP as GROUP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -391,7 +391,7 @@ async fn route_batch(
     if records.is_empty() {
         // Offsets without records (Kafka's transaction markers) are stepped over.
         if end > from {
-            log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+            log.commit(Checkpoint { group: GROUP, topic: OUTPUT_TOPIC, partition, next_offset: end }).await?;
         }
         *next = Some(end);
         return Ok(0);
@@ -439,7 +439,7 @@ async fn route_records(
     sink.insert_jobs(jobs, oldest).await?;
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
     sluice_core::crash::crash_point("route.after_insert");
-    log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+    log.commit(Checkpoint { group: GROUP, topic: OUTPUT_TOPIC, partition, next_offset: end }).await?;
     Ok(())
 }
 
@@ -586,7 +586,7 @@ mod watch_backlog_tests {
 
     use bytes::Bytes;
     use sluice_core::metrics::Gauge;
-    use sluice_log::{EmbeddedLog, Log, LogOptions, Record};
+    use sluice_log::{Checkpoint, EmbeddedLog, Log, LogOptions, Record};
 
     /// A partition whose records nobody commits: the gauge rises with the
     /// wall clock; once the stage commits the end, it drops back to 0.
@@ -603,7 +603,7 @@ mod watch_backlog_tests {
         tokio::time::sleep(Duration::from_millis(6500)).await;
         assert!(gauge.get() >= 3.0, "stuck for ~6 s, the age says {}", gauge.get());
         let end = log.offsets("output", 0).await.unwrap().end;
-        log.commit("route", "output", 0, end).await.unwrap();
+        log.commit(Checkpoint { group: "route", topic: "output", partition: 0, next_offset: end }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert_eq!(gauge.get(), 0.0);
         watch.abort();
