@@ -30,12 +30,17 @@
 //!
 //! Named crash points between the steps ([`crash`]) let tests abort the
 //! process at each of them.
+//!
+//! [`spawn_supervisor`] runs one worker thread per owned partition and
+//! follows the consumer group's assignment (`supervisor.rs`).
 
 pub mod crash;
 pub mod index;
 pub mod retry;
+mod supervisor;
 mod worker;
 
+pub use supervisor::spawn_supervisor;
 pub use worker::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
 
 /// Dedup's consumer group on `input`.
@@ -55,6 +60,8 @@ pub enum DedupError {
     AheadOfOutput { path: String, checkpoint: u64, end: u64 },
     #[error("dedup is stopping")]
     Stopped,
+    #[error("cannot start a dedup thread: {0}")]
+    Thread(std::io::Error),
     #[error(transparent)]
     Log(#[from] sluice_log::LogError),
     #[error("I/O error on {path}: {source}")]

@@ -5,11 +5,11 @@
 //! waits on storage.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
+use sluice_core::Shutdown;
 use sluice_log::{Checkpoint, Log, LogError, Publish, Record, StoredRecord};
 use tokio::runtime::Handle;
 
@@ -28,9 +28,9 @@ pub struct DedupSettings {
     pub batch_size: usize,
     /// Sleep when `input` has nothing new.
     pub poll_interval: Duration,
-    /// Set to stop: workers finish their batch, and a catch-up or rebuild
-    /// stops between reads (its checkpoint lets the next start resume).
-    pub stop: Arc<AtomicBool>,
+    /// Triggered to stop: workers finish their batch, and a catch-up or
+    /// rebuild stops between reads (its checkpoint lets the next start resume).
+    pub stop: Shutdown,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -304,7 +304,7 @@ impl DedupWorker {
         let mut last_report = Instant::now();
         let mut empty_reads = 0;
         while next < range.end {
-            if self.settings.stop.load(Ordering::Relaxed) {
+            if self.settings.stop.is_triggered() {
                 return Err(DedupError::Stopped);
             }
             let batch = match rt.block_on(self.log.read_batch(OUTPUT_TOPIC, p, next, CATCH_UP_BATCH)) {
@@ -599,7 +599,7 @@ impl DedupWorker {
         s
     }
 
-    /// Work until `stop` is set. Errors are retried with exponential
+    /// Work until `stop` is triggered. Errors are retried with exponential
     /// backoff ([`crate::retry`]: 250 ms doubling to 5 s) and logged once per
     /// run of failures, then summarized once per 30 s (a full disk fails
     /// every attempt alike); `sluice_dedup_errors_total` counts them and
@@ -622,7 +622,7 @@ impl DedupWorker {
         failing_gauge.set(0);
         let mut streak = ErrorStreak::new(LOG_EVERY);
         let mut failing = false;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_triggered() {
             // After an error the next step only catches up: its success is not
             // a recovery yet (publishing may still fail, as on a full disk).
             let catching_up = failing;
@@ -689,7 +689,7 @@ impl DedupWorker {
                         self.index = None; // reopen it: RocksDB refuses writes after a write error until reopened
                     }
                     failing = true;
-                    sleep_unless_stopped(&stop, delay);
+                    stop.sleep_blocking(delay);
                 }
             }
             if last_metrics.elapsed() >= Duration::from_secs(5) {
@@ -702,18 +702,6 @@ impl DedupWorker {
         if let Err(e) = self.index.as_ref().map_or(Ok(()), DedupIndex::flush) {
             tracing::warn!(partition = p, error = %e, "flushing the dedup index at shutdown failed (catch-up repairs it)");
         }
-    }
-}
-
-/// Sleep `d`, waking early when `stop` is set.
-fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
-    let until = Instant::now() + d;
-    while !stop.load(Ordering::Relaxed) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
 }
 

@@ -14,7 +14,6 @@
 //! ends a hanging transaction by committing it, as `KafkaLog::fence` does.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -258,7 +257,7 @@ fn a_hanging_transaction_aborted_by_the_next_one_is_published_again() {
         all.iter().all(|id| out.contains(&format!("web/{id}")))
     };
     wait_until("a and b are in output", || published(&log));
-    stop.store(true, Ordering::Relaxed);
+    stop.trigger();
     thread.join().unwrap();
 
     assert!(metrics.errors.get_or_create(&metrics.partition(0)).get() >= 1, "the aborted transaction was an error");

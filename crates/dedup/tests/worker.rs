@@ -69,7 +69,7 @@ fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
 fn a_catch_up_stops_when_asked() {
     let (_dir, rt, log, settings) = setup();
     rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x")])).unwrap();
-    settings.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    settings.stop.trigger();
     match DedupWorker::open(log, 0, settings, DedupMetrics::default(), rt.handle(), &mut |_| {}) {
         Err(sluice_dedup::DedupError::Stopped) => {}
         Err(e) => panic!("expected Stopped, got {e}"),

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub mod backlog;
 pub mod embedded;
 pub mod failover;
 pub mod kafka;
