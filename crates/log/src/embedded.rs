@@ -120,7 +120,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
 use sluice_core::retry::{ErrorStreak, Report};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::{Checkpoint, Log, LogError, OffsetRange, Record, StoredRecord};
 
@@ -134,6 +134,15 @@ pub const MAX_RECORD_BYTES: usize = 16 << 20;
 pub const INDEX_INTERVAL: u64 = 64 * 1024;
 /// Most records one group commit takes from the queue.
 const MAX_GROUP_RECORDS: usize = 64 * 1024;
+/// Appends queued for (or being committed by) one partition's writer thread
+/// at most. Appenders can outrun the disk (fdatasync): past this many, an
+/// append waits asynchronously for a slot instead of growing the queue, so a
+/// slow disk pushes back on ingest rather than on memory. Several full
+/// groups' worth of typical appends (one per request and partition), so
+/// group commit is never starved of work. No deadlock: the writer thread
+/// never waits on an appender (it only answers on oneshots), and a slot is
+/// freed as each append is answered.
+const APPEND_QUEUE: usize = 4096;
 /// Name of a partition's durable-through marker (invariant 7).
 pub const MARKER_FILE: &str = "durable";
 /// Longest a running writer lets its durable-through marker lag behind
@@ -230,8 +239,12 @@ pub struct EmbeddedLog {
 
 struct PartitionHandle {
     part: Arc<Partition>,
-    /// `None` when opened read-only.
+    /// `None` when opened read-only. Bounded by `slots`.
     tx: Option<mpsc::Sender<AppendRequest>>,
+    /// [`APPEND_QUEUE`] permits; an append holds one until it is answered.
+    /// (A semaphore rather than a bounded channel: the sender is async, the
+    /// receiver a thread that needs `recv_timeout`.)
+    slots: Arc<Semaphore>,
 }
 
 struct Partition {
@@ -262,6 +275,8 @@ struct Segment {
 struct AppendRequest {
     records: Vec<Record>,
     reply: oneshot::Sender<Result<u64, LogError>>,
+    /// The queue slot; freed when the request is answered (dropped).
+    _slot: OwnedSemaphorePermit,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -345,7 +360,7 @@ impl EmbeddedLog {
                 let part = Arc::new(part);
                 let tx = match active {
                     Some(active) => {
-                        let (tx, rx) = mpsc::channel();
+                        let (tx, rx) = mpsc::channel(); // bounded by the handle's `slots`
                         let writer = Writer {
                             part: part.clone(),
                             file: active.file,
@@ -365,7 +380,7 @@ impl EmbeddedLog {
                     }
                     None => None,
                 };
-                handles.push(PartitionHandle { part, tx });
+                handles.push(PartitionHandle { part, tx, slots: Arc::new(Semaphore::new(APPEND_QUEUE)) });
             }
             topics.insert(name.clone(), handles);
         }
@@ -481,8 +496,9 @@ impl Log for EmbeddedLog {
             return Err(LogError::RecordTooLarge(r.key.len() + r.value.len()));
         }
         let tx = h.tx.as_ref().ok_or(LogError::ReadOnly)?;
+        let slot = h.slots.clone().acquire_owned().await.map_err(|_| LogError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
+        tx.send(AppendRequest { records, reply, _slot: slot }).map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
