@@ -36,7 +36,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -102,8 +102,9 @@ impl IndexOptions {
     }
 }
 
+/// The wall clock in the index's unit (milliseconds, unsigned).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    sluice_core::clock::now_ms().max(0) as u64
 }
 
 /// RocksDB statistics of one index that the metrics and the benchmark read.

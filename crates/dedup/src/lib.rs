@@ -30,20 +30,25 @@
 //!
 //! Named crash points between the steps ([`crash`]) let tests abort the
 //! process at each of them.
+//!
+//! [`spawn_supervisor`] runs one worker thread per owned partition and
+//! follows the consumer group's assignment (`supervisor.rs`).
 
 pub mod crash;
 pub mod index;
 pub mod retry;
+mod supervisor;
 mod worker;
 
+pub use supervisor::spawn_supervisor;
 pub use worker::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
 
-/// The topic dedup publishes to.
-pub const OUTPUT_TOPIC: &str = "output";
-/// The topic dedup reads.
-pub const INPUT_TOPIC: &str = "input";
 /// Dedup's consumer group on `input`.
-pub const GROUP: &str = "dedup";
+pub use sluice_core::topics::DEDUP_GROUP as GROUP;
+/// The topic dedup reads.
+pub use sluice_core::topics::INPUT as INPUT_TOPIC;
+/// The topic dedup publishes to.
+pub use sluice_core::topics::OUTPUT as OUTPUT_TOPIC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
@@ -55,6 +60,8 @@ pub enum DedupError {
     AheadOfOutput { path: String, checkpoint: u64, end: u64 },
     #[error("dedup is stopping")]
     Stopped,
+    #[error("cannot start a dedup thread: {0}")]
+    Thread(std::io::Error),
     #[error(transparent)]
     Log(#[from] sluice_log::LogError),
     #[error("I/O error on {path}: {source}")]

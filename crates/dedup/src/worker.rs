@@ -5,12 +5,12 @@
 //! waits on storage.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
-use sluice_log::{Log, LogError, Record, StoredRecord};
+use sluice_core::Shutdown;
+use sluice_log::{Checkpoint, Log, LogError, Publish, Record, StoredRecord};
 use tokio::runtime::Handle;
 
 use crate::crash::crash_point;
@@ -28,9 +28,9 @@ pub struct DedupSettings {
     pub batch_size: usize,
     /// Sleep when `input` has nothing new.
     pub poll_interval: Duration,
-    /// Set to stop: workers finish their batch, and a catch-up or rebuild
-    /// stops between reads (its checkpoint lets the next start resume).
-    pub stop: Arc<AtomicBool>,
+    /// Triggered to stop: workers finish their batch, and a catch-up or
+    /// rebuild stops between reads (its checkpoint lets the next start resume).
+    pub stop: Shutdown,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -304,7 +304,7 @@ impl DedupWorker {
         let mut last_report = Instant::now();
         let mut empty_reads = 0;
         while next < range.end {
-            if self.settings.stop.load(Ordering::Relaxed) {
+            if self.settings.stop.is_triggered() {
                 return Err(DedupError::Stopped);
             }
             let batch = match rt.block_on(self.log.read_batch(OUTPUT_TOPIC, p, next, CATCH_UP_BATCH)) {
@@ -445,7 +445,7 @@ impl DedupWorker {
                     "dedup's input offset is past the end of input (its tail was cut); resuming at the end"
                 );
                 self.metrics.input_offset_resets.inc();
-                rt.block_on(self.log.commit(GROUP, topic, p, end))?;
+                rt.block_on(self.log.commit(Checkpoint { group: GROUP, topic, partition: p, next_offset: end }))?;
                 return Ok((0, Some(end)));
             }
             return Ok((0, Some(batch.next)));
@@ -487,7 +487,12 @@ impl DedupWorker {
                 None => None,
             };
             crash_point("dedup.before_publish");
-            let first = rt.block_on(self.log.publish_and_commit(OUTPUT_TOPIC, out, GROUP, topic, p, next, replay_from))?;
+            let first = rt.block_on(self.log.publish_and_commit(Publish {
+                out_topic: OUTPUT_TOPIC,
+                records: out,
+                commit: Checkpoint { group: GROUP, topic, partition: p, next_offset: next },
+                replay_from,
+            }))?;
             self.metrics.published.inc_by(fresh.len() as u64);
             crash_point("dedup.after_publish");
             tracing::debug!(partition = p, input = topic, from, next, read = records.len(), published = fresh.len(), output_first = ?first, ?replay_from, "dedup: batch published and input committed");
@@ -511,7 +516,7 @@ impl DedupWorker {
                 crash_point("dedup.after_index_write");
             }
             // 4. Commit input.
-            rt.block_on(self.log.commit(GROUP, topic, p, next))?;
+            rt.block_on(self.log.commit(Checkpoint { group: GROUP, topic, partition: p, next_offset: next }))?;
             tracing::debug!(
                 partition = p,
                 input = topic,
@@ -594,7 +599,7 @@ impl DedupWorker {
         s
     }
 
-    /// Work until `stop` is set. Errors are retried with exponential
+    /// Work until `stop` is triggered. Errors are retried with exponential
     /// backoff ([`crate::retry`]: 250 ms doubling to 5 s) and logged once per
     /// run of failures, then summarized once per 30 s (a full disk fails
     /// every attempt alike); `sluice_dedup_errors_total` counts them and
@@ -617,7 +622,7 @@ impl DedupWorker {
         failing_gauge.set(0);
         let mut streak = ErrorStreak::new(LOG_EVERY);
         let mut failing = false;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_triggered() {
             // After an error the next step only catches up: its success is not
             // a recovery yet (publishing may still fail, as on a full disk).
             let catching_up = failing;
@@ -684,7 +689,7 @@ impl DedupWorker {
                         self.index = None; // reopen it: RocksDB refuses writes after a write error until reopened
                     }
                     failing = true;
-                    sleep_unless_stopped(&stop, delay);
+                    stop.sleep_blocking(delay);
                 }
             }
             if last_metrics.elapsed() >= Duration::from_secs(5) {
@@ -697,18 +702,6 @@ impl DedupWorker {
         if let Err(e) = self.index.as_ref().map_or(Ok(()), DedupIndex::flush) {
             tracing::warn!(partition = p, error = %e, "flushing the dedup index at shutdown failed (catch-up repairs it)");
         }
-    }
-}
-
-/// Sleep `d`, waking early when `stop` is set.
-fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
-    let until = Instant::now() + d;
-    while !stop.load(Ordering::Relaxed) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,7 +69,7 @@ fn failing_index_writes_hold_the_partition_back_and_it_resumes_by_itself_losing_
     rt.block_on(log.append(INPUT_TOPIC, 0, vec![rec("c0"), rec("b0")])).unwrap();
     wait_until(Duration::from_secs(20), || committed() == 27, || format!("committed {}", committed()));
 
-    settings.stop.store(true, Ordering::Relaxed);
+    settings.stop.trigger();
     thread.join().unwrap();
     let out = rt.block_on(log.read(OUTPUT_TOPIC, 0, 0, 1000)).unwrap();
     let mut keys: Vec<String> = out.iter().map(|r| String::from_utf8_lossy(&r.key).into_owned()).collect();

@@ -14,7 +14,6 @@
 //! ends a hanging transaction by committing it, as `KafkaLog::fence` does.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_dedup::index::IndexOptions;
 use sluice_dedup::{DedupMetrics, DedupSettings, DedupWorker, INPUT_TOPIC};
-use sluice_log::{Log, LogError, OffsetRange, ReadBatch, Record, StoredRecord};
+use sluice_log::{Checkpoint, Log, LogError, OffsetRange, Publish, ReadBatch, Record, StoredRecord};
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Status {
@@ -137,8 +136,8 @@ impl Log for TxnLog {
         Ok(OffsetRange { start: 0, end: end as u64 })
     }
 
-    async fn commit(&self, _group: &str, _topic: &str, _partition: u32, next_offset: u64) -> Result<(), LogError> {
-        self.state.lock().unwrap().committed = Some((next_offset, None));
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        self.state.lock().unwrap().committed = Some((at.next_offset, None));
         Ok(())
     }
 
@@ -163,16 +162,8 @@ impl Log for TxnLog {
         Ok(())
     }
 
-    async fn publish_and_commit(
-        &self,
-        _out_topic: &str,
-        records: Vec<Record>,
-        _group: &str,
-        _in_topic: &str,
-        _partition: u32,
-        next_offset: u64,
-        replay_from: Option<u64>,
-    ) -> Result<Option<u64>, LogError> {
+    async fn publish_and_commit(&self, p: Publish<'_>) -> Result<Option<u64>, LogError> {
+        let Publish { records, commit: Checkpoint { next_offset, .. }, replay_from, .. } = p;
         let mut s = self.state.lock().unwrap();
         if records.is_empty() {
             // Offsets only: no record, no marker on output.
@@ -266,7 +257,7 @@ fn a_hanging_transaction_aborted_by_the_next_one_is_published_again() {
         all.iter().all(|id| out.contains(&format!("web/{id}")))
     };
     wait_until("a and b are in output", || published(&log));
-    stop.store(true, Ordering::Relaxed);
+    stop.trigger();
     thread.join().unwrap();
 
     assert!(metrics.errors.get_or_create(&metrics.partition(0)).get() >= 1, "the aborted transaction was an error");

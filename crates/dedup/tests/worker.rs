@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice_dedup::index::IndexOptions;
 use sluice_dedup::{DedupMetrics, DedupSettings, DedupWorker, GROUP, INPUT_TOPIC, OUTPUT_TOPIC};
-use sluice_log::{EmbeddedLog, Log, LogOptions, Record};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogOptions, Record};
 
 fn rec(id: &str) -> Record {
     Record { key: Bytes::from(format!("web/{id}")), value: Bytes::from(format!("{{\"messageId\":\"{id}\"}}")) }
@@ -33,7 +33,7 @@ fn a_committed_offset_past_the_end_of_input_is_reset_not_skipped() {
     let (_dir, rt, log, settings) = setup();
     rt.block_on(log.append(INPUT_TOPIC, 0, (0..5).map(|i| rec(&format!("a{i}"))).collect())).unwrap();
     // As after input's tail was cut at recovery: dedup had committed 10.
-    rt.block_on(log.commit(GROUP, INPUT_TOPIC, 0, 10)).unwrap();
+    rt.block_on(log.commit(Checkpoint { group: GROUP, topic: INPUT_TOPIC, partition: 0, next_offset: 10 })).unwrap();
     let metrics = DedupMetrics::default();
     let mut worker = DedupWorker::open(log.clone(), 0, settings, metrics.clone(), rt.handle(), &mut |_| {}).unwrap();
     assert_eq!(worker.process_batch(rt.handle()).unwrap(), 0);
@@ -69,7 +69,7 @@ fn rebuilding_keeps_only_the_newest_moved_aside_copy() {
 fn a_catch_up_stops_when_asked() {
     let (_dir, rt, log, settings) = setup();
     rt.block_on(log.append(OUTPUT_TOPIC, 0, vec![rec("x")])).unwrap();
-    settings.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    settings.stop.trigger();
     match DedupWorker::open(log, 0, settings, DedupMetrics::default(), rt.handle(), &mut |_| {}) {
         Err(sluice_dedup::DedupError::Stopped) => {}
         Err(e) => panic!("expected Stopped, got {e}"),

@@ -136,7 +136,7 @@ impl Centrifuge {
             }
         };
         for l in &lives {
-            l.handle.seal();
+            l.handle.seal().await;
         }
         if !found.is_empty() {
             tracing::info!(jobdbs = found.len(), location = %jobdbs.describe(), "picked up JobDBs; directors reload their unfinished jobs");
@@ -228,7 +228,7 @@ impl Centrifuge {
             st.next_seq += 1;
             let old = std::mem::replace(&mut st.newest, fresh);
             tracing::info!(sealed = %old.handle.name, jobs = old.jobs.load(Ordering::Relaxed), newest = seq, "JobDB rotated");
-            old.handle.seal();
+            old.handle.seal().await;
             st.sealed.push(old);
         }
         self.shared.metrics.jobdbs.set(st.sealed.len() as i64 + 1);

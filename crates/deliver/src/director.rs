@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use sluice_core::Shutdown;
+use tokio::sync::mpsc::{channel, unbounded_channel, Receiver, Sender, UnboundedReceiver};
 
 use crate::archive::{Archive, ArchivedJob};
 use crate::backend::{JobDbLock, JobDbs, OpenedJobDb};
@@ -127,8 +128,14 @@ pub(crate) enum Msg {
     },
     /// No more inserts will come; drop the JobDB once every job is finished.
     Seal,
-    Stop,
 }
+
+/// Messages queued for a director at most. Its tasks (one per request in
+/// flight or archive) each send one message when they end, and wait
+/// asynchronously for room when the director is behind; the director never
+/// waits on them, so a full inbox cannot deadlock it. Well above the
+/// requests one director has in flight at a time.
+const INBOX: usize = 4096;
 
 /// The handle the Centrifuge keeps for a running director.
 pub struct DirectorHandle {
@@ -136,7 +143,10 @@ pub struct DirectorHandle {
     /// The JobDB's name in logs ([`JobDbs::name`]).
     pub name: String,
     pub writer: WriterHandle,
-    pub(crate) inbox: UnboundedSender<Msg>,
+    pub(crate) inbox: Sender<Msg>,
+    /// Stops the director: requests in flight get a few seconds, their
+    /// outcomes are recorded, the JobDB is closed.
+    stop: Shutdown,
     pub task: tokio::task::JoinHandle<DirectorExit>,
 }
 
@@ -149,12 +159,12 @@ pub enum DirectorExit {
 }
 
 impl DirectorHandle {
-    pub fn seal(&self) {
-        let _ = self.inbox.send(Msg::Seal);
+    pub async fn seal(&self) {
+        let _ = self.inbox.send(Msg::Seal).await;
     }
 
     pub fn stop(&self) {
-        let _ = self.inbox.send(Msg::Stop);
+        self.stop.trigger();
     }
 }
 
@@ -167,7 +177,8 @@ pub(crate) struct Director {
     writer: Option<WriterHandle>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
-    inbox_tx: UnboundedSender<Msg>,
+    inbox_tx: Sender<Msg>,
+    stop: Shutdown,
     jobs: HashMap<Ksuid, Job>,
     queues: HashMap<String, DestQueue>,
     dest_ring: VecDeque<String>,
@@ -202,9 +213,16 @@ pub(crate) struct Director {
 /// pages in every unfinished job (a pick-up after a crash, or a restart).
 pub(crate) fn spawn(opened: OpenedJobDb, jobdbs: JobDbs, shared: Arc<Shared>) -> Result<DirectorHandle, crate::DeliverError> {
     let OpenedJobDb { seq, name, store, lock, max_id, .. } = opened;
+    // Unbounded on purpose: the writer thread must never wait on the
+    // director, which waits on the writer (`count_unfinished`, `close`); a
+    // bounded channel here could close that cycle. What the writer sends is
+    // the answer to the director's own requests (one page, one reload per
+    // destination outstanding) and one message per committed group of
+    // inserts, which the director drains on every turn of its loop.
     let (writer_tx, writer_rx) = unbounded_channel();
     let (writer, writer_thread) = WriterHandle::spawn(store, format!("jobdb-{seq:06}"), max_id, writer_tx)?;
-    let (inbox_tx, inbox_rx) = unbounded_channel();
+    let (inbox_tx, inbox_rx) = channel(INBOX);
+    let stop = Shutdown::new();
     let director = Director {
         seq,
         name: name.clone(),
@@ -214,6 +232,7 @@ pub(crate) fn spawn(opened: OpenedJobDb, jobdbs: JobDbs, shared: Arc<Shared>) ->
         writer_thread: Some(writer_thread),
         shared,
         inbox_tx: inbox_tx.clone(),
+        stop: stop.clone(),
         jobs: HashMap::new(),
         queues: HashMap::new(),
         dest_ring: VecDeque::new(),
@@ -235,7 +254,7 @@ pub(crate) fn spawn(opened: OpenedJobDb, jobdbs: JobDbs, shared: Arc<Shared>) ->
         write_retry_at: None,
     };
     let task = tokio::spawn(director.run(inbox_rx, writer_rx));
-    Ok(DirectorHandle { seq, name, writer, inbox: inbox_tx, task })
+    Ok(DirectorHandle { seq, name, writer, inbox: inbox_tx, stop, task })
 }
 
 impl Director {
@@ -243,8 +262,9 @@ impl Director {
         self.writer.as_ref().expect("writer open while running")
     }
 
-    async fn run(mut self, mut inbox: UnboundedReceiver<Msg>, mut from_writer: UnboundedReceiver<FromWriter>) -> DirectorExit {
+    async fn run(mut self, mut inbox: Receiver<Msg>, mut from_writer: UnboundedReceiver<FromWriter>) -> DirectorExit {
         let wake = self.shared.catalog.wake.clone();
+        let stop = self.stop.clone();
         loop {
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -255,6 +275,10 @@ impl Director {
             }
             while let Ok(m) = inbox.try_recv() {
                 self.on_msg(m);
+            }
+            // After the messages already queued, as a stop message behind them was.
+            if stop.is_triggered() {
+                self.stopping = true;
             }
             if self.last_lock_check.elapsed() >= LOCK_CHECK_INTERVAL {
                 self.last_lock_check = Instant::now();
@@ -320,6 +344,7 @@ impl Director {
                     }
                 },
                 _ = &mut notified => {}
+                _ = stop.wait() => {}
                 _ = sleep => {}
             }
         }
@@ -673,13 +698,13 @@ impl Director {
                 Err(e) => {
                     // The writer logged it (rate-limited) and told the director, which backs off.
                     tracing::debug!(error = %e, "cannot record executing transitions; jobs stay queued");
-                    let _ = inbox.send(Msg::Requeue(work.into_iter().map(|w| w.0).collect()));
+                    let _ = inbox.send(Msg::Requeue(work.into_iter().map(|w| w.0).collect())).await;
                     return;
                 }
             };
             for (id, idempotency_key, payload, permit) in work {
                 let Some(body) = payload.or_else(|| fetched.get(&id).cloned()) else {
-                    let _ = inbox.send(Msg::Requeue(vec![id]));
+                    let _ = inbox.send(Msg::Requeue(vec![id])).await;
                     continue;
                 };
                 let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
@@ -695,7 +720,7 @@ impl Director {
                         permit.destination.record(attempt.verdict, permit.probe, Instant::now());
                         permit.destination.metrics(&metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
                         drop(permit);
-                        let _ = inbox.send(Msg::Done { id, attempt });
+                        let _ = inbox.send(Msg::Done { id, attempt }).await;
                     },
                     span,
                 ));
@@ -732,7 +757,6 @@ impl Director {
                 }
             },
             Msg::Seal => self.sealed = true,
-            Msg::Stop => self.stopping = true,
         }
     }
 
@@ -842,11 +866,11 @@ impl Director {
                 archive.put(&doc).await.map(|_| ()).map_err(|e| e.to_string())
             }
             .await;
-            let _ = inbox.send(Msg::Archived { id, result });
+            let _ = inbox.send(Msg::Archived { id, result }).await;
         });
     }
 
-    async fn shutdown(mut self, inbox: &mut UnboundedReceiver<Msg>) -> DirectorExit {
+    async fn shutdown(mut self, inbox: &mut Receiver<Msg>) -> DirectorExit {
         // Let requests in flight finish (bounded), recording their outcomes.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while self.jobs.values().any(|j| matches!(j.at, Where::InFlight | Where::Archiving)) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sqlx::{MySqlPool, PgPool};
 
 use crate::sqljobdb::SqlJobDbs;
-use crate::DeliverError;
+use crate::{now_ms, DeliverError};
 
 /// One live director.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +39,6 @@ pub struct Directory {
 
 fn sql_error(doing: &'static str) -> impl Fn(sqlx::Error) -> DeliverError {
     move |e| DeliverError::Directory(format!("{doing}: {e}"))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Directory {

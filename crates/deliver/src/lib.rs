@@ -68,7 +68,4 @@ pub enum DeliverError {
     Closed,
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use sluice_core::clock::now_ms;

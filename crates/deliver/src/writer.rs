@@ -13,15 +13,24 @@
 //!   director sees inserts and pages in id order, and never learns of a job
 //!   that is not durable.
 //! - A reply is sent only after the commit it depends on.
+//! - The command queue is bounded where a producer can outrun the thread:
+//!   commands that wait for a reply (inserts from the route, the director's
+//!   `executing` rows, reads) hold one of [`ASK_QUEUE`] slots, taken
+//!   asynchronously, until answered. The director's fire-and-forget commands
+//!   (outcome rows, page and reload requests) take none: the director
+//!   sends them from synchronous code and must never wait on the writer,
+//!   which itself reports to the director (a wait either way could close a
+//!   cycle); they are bounded by the director's own state (rows of jobs in
+//!   memory, one page and one reload per destination outstanding).
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{mpsc::UnboundedSender, oneshot};
+use tokio::sync::{mpsc::UnboundedSender, oneshot, Semaphore};
 
 use crate::ksuid::{Ksuid, KsuidGenerator};
 use crate::retry::{ErrorStreak, Report, LOG_EVERY};
@@ -125,10 +134,19 @@ enum Cmd {
     Close,
 }
 
+/// Commands waiting for a reply, queued or in the current group, at most:
+/// beyond, [`WriterHandle`]'s async calls wait for a slot, so route inserts
+/// that outrun the JobDB push back on the route (which then commits its
+/// offset later) instead of queueing without bound. Well above one group's
+/// worth of concurrent callers (route partitions, request batches).
+pub const ASK_QUEUE: usize = 1024;
+
 /// A cheap handle to a JobDB's writer thread.
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Cmd>,
+    /// [`ASK_QUEUE`] slots shared by every clone (see the module docs).
+    asks: Arc<Semaphore>,
     /// The JobDB's name ([`JobStore::name`]).
     pub name: String,
 }
@@ -147,6 +165,7 @@ impl WriterHandle {
         max_id: Option<Ksuid>,
         director: UnboundedSender<FromWriter>,
     ) -> Result<(WriterHandle, JoinHandle<()>), DeliverError> {
+        // Unbounded in itself: asks are bounded by `asks`, the rest by the director (module docs).
         let (tx, rx) = mpsc::channel();
         let name = db.name().to_owned();
         let ids = KsuidGenerator::above(max_id);
@@ -154,7 +173,7 @@ impl WriterHandle {
             .name(thread_name)
             .spawn(move || run(db, rx, director, ids))
             .map_err(|source| DeliverError::Io { path: name.clone(), source })?;
-        Ok((WriterHandle { tx, name }, thread))
+        Ok((WriterHandle { tx, asks: Arc::new(Semaphore::new(ASK_QUEUE)), name }, thread))
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), DeliverError> {
@@ -163,6 +182,7 @@ impl WriterHandle {
 
     /// Send the command `make` builds and wait for its reply (sent after the commit).
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, DeliverError> {
+        let _slot = self.asks.acquire().await.map_err(|_| DeliverError::Closed)?;
         let (reply, rx) = oneshot::channel();
         self.send(make(reply))?;
         rx.await.map_err(|_| DeliverError::Closed)?

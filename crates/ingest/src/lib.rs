@@ -46,7 +46,7 @@ use crate::event::{BatchContext, EventError, EventLimits, EventType, RawObject};
 use crate::ratelimit::TokenBucket;
 
 /// The topic ingest writes to.
-pub const INPUT_TOPIC: &str = "input";
+pub use sluice_core::topics::INPUT as INPUT_TOPIC;
 
 /// The request kinds of the Tracking API, by URL path segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::metrics::{Counter, Gauge, Registry};
-use sluice_log::{EmbeddedLog, Log, LogError, LogMetrics, LogOptions, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogError, LogMetrics, LogOptions, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
 use tokio::sync::RwLock;
 
 const SPOOL_TOPIC: &str = "spool";
@@ -212,7 +212,7 @@ impl Spool {
     /// How long ago the oldest undrained event was spooled (the spool's
     /// append time), over all partitions; zero when none waits.
     async fn oldest_age(&self) -> Duration {
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = sluice_core::clock::now_ms();
         let mut oldest = Duration::ZERO;
         for p in 0..self.partitions.len() as u32 {
             let Ok(range) = self.spool.offsets(SPOOL_TOPIC, p).await else { continue };
@@ -305,7 +305,7 @@ impl Spool {
         let records = batch.records.into_iter().map(|r| Record { key: r.key, value: r.value }).collect();
         self.log.append(&self.input, p, records).await?;
         // A crash here re-drains this batch: dedup drops the repeats.
-        self.spool.commit(DRAIN_GROUP, SPOOL_TOPIC, p, batch.next).await?;
+        self.spool.commit(Checkpoint { group: DRAIN_GROUP, topic: SPOOL_TOPIC, partition: p, next_offset: batch.next }).await?;
         self.metrics.drained.inc_by(n as u64);
         self.metrics.depth.set(self.total_depth().await as i64);
         Ok(n)
@@ -349,8 +349,8 @@ impl Log for Spool {
         self.log.offsets(topic, partition).await
     }
 
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
-        self.log.commit(group, topic, partition, next_offset).await
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        self.log.commit(at).await
     }
 
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
@@ -370,7 +370,7 @@ mod tests {
 
     use async_trait::async_trait;
     use bytes::Bytes;
-    use sluice_log::{EmbeddedLog, Log, LogError, LogOptions, OffsetRange, Record, StoredRecord};
+    use sluice_log::{Checkpoint, EmbeddedLog, Log, LogError, LogOptions, OffsetRange, Record, StoredRecord};
 
     use super::{Spool, SpoolMetrics, SpoolSettings};
 
@@ -397,8 +397,8 @@ mod tests {
         async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
             self.inner.offsets(topic, partition).await
         }
-        async fn commit(&self, group: &str, topic: &str, partition: u32, next: u64) -> Result<(), LogError> {
-            self.inner.commit(group, topic, partition, next).await
+        async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+            self.inner.commit(at).await
         }
         async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
             self.inner.committed(group, topic, partition).await

@@ -21,7 +21,7 @@ use sluice_core::config::UnknownWriteKey;
 use sluice_core::partition_for;
 use sluice_ingest::server::ServeOptions;
 use sluice_ingest::{router, Ingest, INPUT_TOPIC};
-use sluice_log::{EmbeddedLog, Log, LogError, OffsetRange, Record, StoredRecord};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogError, OffsetRange, Record, StoredRecord};
 use tokio::io::AsyncWriteExt;
 
 use common::*;
@@ -777,7 +777,7 @@ impl Log for FailingLog {
     async fn offsets(&self, _: &str, _: u32) -> Result<OffsetRange, LogError> {
         Ok(OffsetRange { start: 0, end: 0 })
     }
-    async fn commit(&self, _: &str, _: &str, _: u32, _: u64) -> Result<(), LogError> {
+    async fn commit(&self, _: Checkpoint<'_>) -> Result<(), LogError> {
         Ok(())
     }
     async fn committed(&self, _: &str, _: &str, _: u32) -> Result<Option<u64>, LogError> {
@@ -824,8 +824,8 @@ impl Log for GatedLog {
     async fn offsets(&self, t: &str, p: u32) -> Result<OffsetRange, LogError> {
         self.inner.offsets(t, p).await
     }
-    async fn commit(&self, g: &str, t: &str, p: u32, o: u64) -> Result<(), LogError> {
-        self.inner.commit(g, t, p, o).await
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        self.inner.commit(at).await
     }
     async fn committed(&self, g: &str, t: &str, p: u32) -> Result<Option<u64>, LogError> {
         self.inner.committed(g, t, p).await

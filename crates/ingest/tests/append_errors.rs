@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use axum::http::StatusCode;
 use sluice_ingest::{router, Ingest};
-use sluice_log::{Log, LogError, OffsetRange, Record, StoredRecord};
+use sluice_log::{Checkpoint, Log, LogError, OffsetRange, Record, StoredRecord};
 
 use common::*;
 
@@ -37,7 +37,7 @@ impl Log for SwitchedLog {
     async fn offsets(&self, _: &str, _: u32) -> Result<OffsetRange, LogError> {
         Ok(OffsetRange { start: 0, end: 0 })
     }
-    async fn commit(&self, _: &str, _: &str, _: u32, _: u64) -> Result<(), LogError> {
+    async fn commit(&self, _: Checkpoint<'_>) -> Result<(), LogError> {
         Ok(())
     }
     async fn committed(&self, _: &str, _: &str, _: u32) -> Result<Option<u64>, LogError> {

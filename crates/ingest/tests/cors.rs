@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use serde_json::json;
 use sluice_ingest::{router, Ingest};
-use sluice_log::{Log, LogError, OffsetRange, Record, StoredRecord};
+use sluice_log::{Checkpoint, Log, LogError, OffsetRange, Record, StoredRecord};
 
 use common::*;
 
@@ -170,7 +170,7 @@ impl Log for FailingLog {
     async fn offsets(&self, _: &str, _: u32) -> Result<OffsetRange, LogError> {
         Ok(OffsetRange { start: 0, end: 0 })
     }
-    async fn commit(&self, _: &str, _: &str, _: u32, _: u64) -> Result<(), LogError> {
+    async fn commit(&self, _: Checkpoint<'_>) -> Result<(), LogError> {
         Ok(())
     }
     async fn committed(&self, _: &str, _: &str, _: u32) -> Result<Option<u64>, LogError> {

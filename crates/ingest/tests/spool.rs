@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_ingest::spool::{Spool, SpoolMetrics, SpoolSettings};
-use sluice_log::{EmbeddedLog, Log, LogError, LogOptions, OffsetRange, Record, StoredRecord};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogError, LogOptions, OffsetRange, Record, StoredRecord};
 
 const UP: u8 = 0;
 const DOWN: u8 = 1;
@@ -40,8 +40,8 @@ impl Log for Flaky {
     async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
         self.inner.offsets(topic, partition).await
     }
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next: u64) -> Result<(), LogError> {
-        self.inner.commit(group, topic, partition, next).await
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        self.inner.commit(at).await
     }
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
         self.inner.committed(group, topic, partition).await

@@ -114,15 +114,15 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sluice_core::metrics::{latency_buckets, Counter, Histogram, Registry};
 use sluice_core::retry::{ErrorStreak, Report};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::{Log, LogError, OffsetRange, Record, StoredRecord};
+use crate::{Checkpoint, Log, LogError, OffsetRange, Record, StoredRecord};
 
 const MAGIC: &[u8; 8] = b"SLUICEL1";
 const HEADER_LEN: u64 = 16;
@@ -134,6 +134,15 @@ pub const MAX_RECORD_BYTES: usize = 16 << 20;
 pub const INDEX_INTERVAL: u64 = 64 * 1024;
 /// Most records one group commit takes from the queue.
 const MAX_GROUP_RECORDS: usize = 64 * 1024;
+/// Appends queued for (or being committed by) one partition's writer thread
+/// at most. Appenders can outrun the disk (fdatasync): past this many, an
+/// append waits asynchronously for a slot instead of growing the queue, so a
+/// slow disk pushes back on ingest rather than on memory. Several full
+/// groups' worth of typical appends (one per request and partition), so
+/// group commit is never starved of work. No deadlock: the writer thread
+/// never waits on an appender (it only answers on oneshots), and a slot is
+/// freed as each append is answered.
+const APPEND_QUEUE: usize = 4096;
 /// Name of a partition's durable-through marker (invariant 7).
 pub const MARKER_FILE: &str = "durable";
 /// Longest a running writer lets its durable-through marker lag behind
@@ -170,7 +179,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         let c = sluice_core::config::LogConfig::default();
         Self {
-            topics: vec![("input".into(), c.partitions)],
+            topics: vec![(sluice_core::topics::INPUT.into(), c.partitions)],
             segment_bytes: c.segment_bytes,
             retention: c.retention,
             retention_by_topic: HashMap::new(),
@@ -230,8 +239,12 @@ pub struct EmbeddedLog {
 
 struct PartitionHandle {
     part: Arc<Partition>,
-    /// `None` when opened read-only.
+    /// `None` when opened read-only. Bounded by `slots`.
     tx: Option<mpsc::Sender<AppendRequest>>,
+    /// [`APPEND_QUEUE`] permits; an append holds one until it is answered.
+    /// (A semaphore rather than a bounded channel: the sender is async, the
+    /// receiver a thread that needs `recv_timeout`.)
+    slots: Arc<Semaphore>,
 }
 
 struct Partition {
@@ -262,14 +275,12 @@ struct Segment {
 struct AppendRequest {
     records: Vec<Record>,
     reply: oneshot::Sender<Result<u64, LogError>>,
+    /// The queue slot; freed when the request is answered (dropped).
+    _slot: OwnedSemaphorePermit,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     move |source| LogError::Io { path: path.display().to_string(), source }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -349,7 +360,7 @@ impl EmbeddedLog {
                 let part = Arc::new(part);
                 let tx = match active {
                     Some(active) => {
-                        let (tx, rx) = mpsc::channel();
+                        let (tx, rx) = mpsc::channel(); // bounded by the handle's `slots`
                         let writer = Writer {
                             part: part.clone(),
                             file: active.file,
@@ -369,7 +380,7 @@ impl EmbeddedLog {
                     }
                     None => None,
                 };
-                handles.push(PartitionHandle { part, tx });
+                handles.push(PartitionHandle { part, tx, slots: Arc::new(Semaphore::new(APPEND_QUEUE)) });
             }
             topics.insert(name.clone(), handles);
         }
@@ -485,8 +496,9 @@ impl Log for EmbeddedLog {
             return Err(LogError::RecordTooLarge(r.key.len() + r.value.len()));
         }
         let tx = h.tx.as_ref().ok_or(LogError::ReadOnly)?;
+        let slot = h.slots.clone().acquire_owned().await.map_err(|_| LogError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(AppendRequest { records, reply }).map_err(|_| LogError::Closed)?;
+        tx.send(AppendRequest { records, reply, _slot: slot }).map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -499,14 +511,14 @@ impl Log for EmbeddedLog {
         Ok(self.handle(topic, partition)?.part.offsets())
     }
 
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
-        validate_name(group)?;
-        let h = self.handle(topic, partition)?;
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        validate_name(at.group)?;
+        let h = self.handle(at.topic, at.partition)?;
         if h.tx.is_none() {
             return Err(LogError::ReadOnly);
         }
         let part = h.part.clone();
-        let group = group.to_owned();
+        let (group, next_offset) = (at.group.to_owned(), at.next_offset);
         tokio::task::spawn_blocking(move || part.commit(&group, next_offset)).await.map_err(|_| LogError::Closed)?
     }
 
@@ -1356,7 +1368,7 @@ impl Writer {
             self.roll(next).map_err(|e| self.poison(e))?;
         }
         let started = Instant::now();
-        let ts = now_ms();
+        let ts = sluice_core::clock::now_ms();
         buf.clear();
         let mut firsts = Vec::with_capacity(batch.len());
         let mut new_index = Vec::new();

@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{KafkaLog, Log, LogError, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
+use crate::{Checkpoint, KafkaLog, Log, LogError, Membership, OffsetRange, Publish, ReadBatch, Record, StoredRecord};
 
+use sluice_core::topics::INPUT;
 /// The secondary cluster's `input`, as dedup sees it.
-pub const SECONDARY_INPUT: &str = "input.secondary";
-const INPUT: &str = "input";
+pub use sluice_core::topics::SECONDARY_INPUT;
 /// Appends the health monitor judges the primary by.
 pub const WINDOW: usize = 20;
 /// Consecutive good probes before writes return to the primary.
@@ -196,9 +196,9 @@ impl Log for FailoverLog {
         log.offsets(topic, partition).await
     }
 
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
-        let (log, topic) = self.route(topic);
-        log.commit(group, topic, partition, next_offset).await
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        let (log, topic) = self.route(at.topic);
+        log.commit(Checkpoint { topic, ..at }).await
     }
 
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
@@ -215,21 +215,11 @@ impl Log for FailoverLog {
         in_topic == INPUT
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn publish_and_commit(
-        &self,
-        out_topic: &str,
-        records: Vec<Record>,
-        group: &str,
-        in_topic: &str,
-        partition: u32,
-        next_offset: u64,
-        replay_from: Option<u64>,
-    ) -> Result<Option<u64>, LogError> {
-        if in_topic == INPUT {
-            return self.primary.publish_and_commit(out_topic, records, group, in_topic, partition, next_offset, replay_from).await;
+    async fn publish_and_commit(&self, p: Publish<'_>) -> Result<Option<u64>, LogError> {
+        if self.atomic_publish_and_commit(p.commit.topic) {
+            return self.primary.publish_and_commit(p).await;
         }
-        crate::publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
+        crate::publish_then_commit(self, p).await
     }
 
     fn join(&self, group: &str, topic: &str) -> Result<Membership, LogError> {

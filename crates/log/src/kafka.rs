@@ -54,7 +54,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::{Log, LogError, Membership, OffsetRange, ReadBatch, Record, StoredRecord};
+use crate::{Checkpoint, Log, LogError, Membership, OffsetRange, Publish, ReadBatch, Record, StoredRecord};
 
 /// How to reach and use a Kafka cluster.
 #[derive(Debug, Clone)]
@@ -1181,8 +1181,8 @@ impl Log for KafkaLog {
         self.blocking(move |inner| inner.watermarks(&topic, partition)).await
     }
 
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
+        let (group, topic, partition, next_offset) = (at.group.to_owned(), at.topic.to_owned(), at.partition, at.next_offset);
         self.blocking(move |inner| inner.commit(&group, &topic, partition, next_offset)).await
     }
 
@@ -1240,17 +1240,8 @@ impl Log for KafkaLog {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn publish_and_commit(
-        &self,
-        out_topic: &str,
-        records: Vec<Record>,
-        group: &str,
-        in_topic: &str,
-        partition: u32,
-        next_offset: u64,
-        replay_from: Option<u64>,
-    ) -> Result<Option<u64>, LogError> {
+    async fn publish_and_commit(&self, p: Publish<'_>) -> Result<Option<u64>, LogError> {
+        let Publish { out_topic, records, commit: Checkpoint { group, topic: in_topic, partition, next_offset }, replay_from } = p;
         self.inner.check(out_topic, partition)?;
         self.inner.check(in_topic, partition)?;
         let id = self.transactional_id(group, in_topic, partition);

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub mod backlog;
 pub mod embedded;
 pub mod failover;
 pub mod kafka;
@@ -67,6 +68,32 @@ pub struct ReadBatch {
     /// The offset to read from next: past the last record and past any
     /// offsets that hold no record (Kafka's transaction markers).
     pub next: u64,
+}
+
+/// Where a consumer group stands on one partition of a topic: the next
+/// offset it will read. What [`Log::commit`] records, and the commit half of
+/// [`Log::publish_and_commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint<'a> {
+    pub group: &'a str,
+    pub topic: &'a str,
+    pub partition: u32,
+    /// The next offset the group reads (one past what it has processed).
+    pub next_offset: u64,
+}
+
+/// One step of a stage that reads a topic and writes another (dedup): append
+/// `records` to `out_topic`'s partition of the same number as
+/// `commit.partition`, and commit `commit`. See [`Log::publish_and_commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish<'a> {
+    pub out_topic: &'a str,
+    pub records: Vec<Record>,
+    pub commit: Checkpoint<'a>,
+    /// The input offset a later owner reads from again while this or an
+    /// earlier transaction is not known to have ended on `out_topic`
+    /// ([`Log::resume_point`]); only Kafka keeps it.
+    pub replay_from: Option<u64>,
 }
 
 /// The partitions of a topic this process owns in a consumer group.
@@ -148,8 +175,9 @@ pub trait Log: Send + Sync + 'static {
     /// The readable range of a partition.
     async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError>;
 
-    /// Durably record that `group` will next read `next_offset`.
-    async fn commit(&self, group: &str, topic: &str, partition: u32, next_offset: u64) -> Result<(), LogError>;
+    /// Durably record that `at.group` will next read `at.next_offset` of
+    /// `at.topic`'s `at.partition`.
+    async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError>;
 
     /// The offset `group` committed last, if any.
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError>;
@@ -188,29 +216,20 @@ pub trait Log: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Append `records` to `out_topic`'s `partition` and commit `group`'s
-    /// offset `next_offset` on `in_topic`'s same-numbered partition; returns
+    /// Append `p.records` to `p.out_topic`'s partition and commit
+    /// `p.commit` (the same-numbered partition of the input topic); returns
     /// the first record's offset (`None` when there were none).
     ///
-    /// Kafka does both in one transaction, and keeps `replay_from` with the
+    /// Kafka does both in one transaction, and keeps `p.replay_from` with the
     /// offset: the input offset a later owner reads from again
     /// ([`Log::resume_point`]) while this or an earlier transaction is not
     /// known to have ended on `out_topic` (see `kafka.rs`, "hanging
-    /// transactions"). The embedded log appends, then commits: not atomic,
-    /// which dedup's index protocol covers (a crash between the two replays
-    /// input, and the index finds the ids); it ignores `replay_from`.
-    #[allow(clippy::too_many_arguments)]
-    async fn publish_and_commit(
-        &self,
-        out_topic: &str,
-        records: Vec<Record>,
-        group: &str,
-        in_topic: &str,
-        partition: u32,
-        next_offset: u64,
-        _replay_from: Option<u64>,
-    ) -> Result<Option<u64>, LogError> {
-        publish_then_commit(self, out_topic, records, group, in_topic, partition, next_offset).await
+    /// transactions"). The default appends, then commits
+    /// ([`publish_then_commit`]): not atomic, which dedup's index protocol
+    /// covers (a crash between the two replays input, and the index finds
+    /// the ids); it ignores `replay_from`.
+    async fn publish_and_commit(&self, p: Publish<'_>) -> Result<Option<u64>, LogError> {
+        publish_then_commit(self, p).await
     }
 
     /// Join `group` on `topic`: which of its partitions this process owns,
@@ -221,16 +240,8 @@ pub trait Log: Send + Sync + 'static {
 }
 
 /// The non-atomic [`Log::publish_and_commit`]: append, then commit.
-pub async fn publish_then_commit<L: Log + ?Sized>(
-    log: &L,
-    out_topic: &str,
-    records: Vec<Record>,
-    group: &str,
-    in_topic: &str,
-    partition: u32,
-    next_offset: u64,
-) -> Result<Option<u64>, LogError> {
-    let first = if records.is_empty() { None } else { Some(log.append(out_topic, partition, records).await?) };
-    log.commit(group, in_topic, partition, next_offset).await?;
+pub async fn publish_then_commit<L: Log + ?Sized>(log: &L, p: Publish<'_>) -> Result<Option<u64>, LogError> {
+    let first = if p.records.is_empty() { None } else { Some(log.append(p.out_topic, p.commit.partition, p.records).await?) };
+    log.commit(p.commit).await?;
     Ok(first)
 }

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use sluice_log::embedded::INDEX_INTERVAL;
-use sluice_log::{EmbeddedLog, Log, LogError, OffsetRange, Record};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogError, OffsetRange, Record};
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
@@ -207,19 +207,19 @@ async fn consumer_group_offsets_roundtrip_and_survive_reopen() {
     let log = open(dir.path(), &opts);
 
     assert_eq!(log.committed("g", "t", 0).await.unwrap(), None, "never committed");
-    log.commit("g", "t", 0, 5).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "t", partition: 0, next_offset: 5 }).await.unwrap();
     assert_eq!(log.committed("g", "t", 0).await.unwrap(), Some(5));
-    log.commit("g", "t", 0, 42).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "t", partition: 0, next_offset: 42 }).await.unwrap();
     assert_eq!(log.committed("g", "t", 0).await.unwrap(), Some(42), "the last commit wins");
-    log.commit("g", "t", 0, 7).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "t", partition: 0, next_offset: 7 }).await.unwrap();
     assert_eq!(log.committed("g", "t", 0).await.unwrap(), Some(7), "a commit may move back (replay)");
 
     // Groups, partitions and topics are independent.
     assert_eq!(log.committed("g", "t", 1).await.unwrap(), None);
     assert_eq!(log.committed("g", "u", 0).await.unwrap(), None);
     assert_eq!(log.committed("other", "t", 0).await.unwrap(), None);
-    log.commit("other.group_1-x", "t", 1, u64::MAX).await.unwrap();
-    log.commit("g", "u", 0, 0).await.unwrap();
+    log.commit(Checkpoint { group: "other.group_1-x", topic: "t", partition: 1, next_offset: u64::MAX }).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "u", partition: 0, next_offset: 0 }).await.unwrap();
     assert_eq!(log.committed("other.group_1-x", "t", 1).await.unwrap(), Some(u64::MAX));
     assert_eq!(log.committed("g", "u", 0).await.unwrap(), Some(0));
     assert_eq!(log.committed("g", "t", 0).await.unwrap(), Some(7));
@@ -227,16 +227,19 @@ async fn consumer_group_offsets_roundtrip_and_survive_reopen() {
     // Invalid group names are refused by both calls.
     let long = "a".repeat(129);
     for bad in ["", "../x", "..", ".", "a/b", "a b", "ü", "x\0", "a\\b", long.as_str()] {
-        assert!(matches!(log.commit(bad, "t", 0, 1).await, Err(LogError::InvalidGroup(_))), "commit with group {bad:?} must fail");
+        assert!(
+            matches!(log.commit(Checkpoint { group: bad, topic: "t", partition: 0, next_offset: 1 }).await, Err(LogError::InvalidGroup(_))),
+            "commit with group {bad:?} must fail"
+        );
         assert!(matches!(log.committed(bad, "t", 0).await, Err(LogError::InvalidGroup(_))), "committed with group {bad:?} must fail");
     }
     // Nothing escaped the partition directory.
     assert!(!dir.path().join("t").join("0").join("x.offset").exists());
     assert!(!dir.path().join("t").join("x.offset").exists());
     let ok128 = "b".repeat(128);
-    log.commit(&ok128, "t", 0, 3).await.unwrap();
-    assert!(matches!(log.commit("g", "t", 2, 1).await, Err(LogError::UnknownPartition { .. })));
-    assert!(matches!(log.commit("g", "nope", 0, 1).await, Err(LogError::UnknownTopic(_))));
+    log.commit(Checkpoint { group: &ok128, topic: "t", partition: 0, next_offset: 3 }).await.unwrap();
+    assert!(matches!(log.commit(Checkpoint { group: "g", topic: "t", partition: 2, next_offset: 1 }).await, Err(LogError::UnknownPartition { .. })));
+    assert!(matches!(log.commit(Checkpoint { group: "g", topic: "nope", partition: 0, next_offset: 1 }).await, Err(LogError::UnknownTopic(_))));
 
     drop(log);
     let log = open(dir.path(), &opts);
@@ -302,7 +305,7 @@ async fn a_second_writer_is_locked_out_but_readers_are_not() {
         log.append("t", 1, vec![r.clone()]).await.unwrap();
         expected.push(r);
     }
-    log.commit("g", "t", 1, 40).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "t", partition: 1, next_offset: 40 }).await.unwrap();
 
     match EmbeddedLog::open(dir.path(), opts.clone()) {
         Err(LogError::Locked(path)) => assert!(path.contains(&dir.path().display().to_string()), "{path}"),
@@ -343,14 +346,17 @@ async fn a_read_only_view_never_writes() {
     for o in 0..100u64 {
         log.append("t", 0, vec![numbered(0, o, 150)]).await.unwrap();
     }
-    log.commit("g", "t", 0, 10).await.unwrap();
+    log.commit(Checkpoint { group: "g", topic: "t", partition: 0, next_offset: 10 }).await.unwrap();
     let segs = segments(dir.path(), "t", 0);
     assert!(segs.len() > 2);
 
     let ro = EmbeddedLog::open_read_only(dir.path()).unwrap();
     assert!(ro.append("t", 0, vec![rec("k", "v")]).await.is_err(), "append through a read-only view");
-    assert!(ro.commit("g", "t", 0, 99).await.is_err(), "commit through a read-only view");
-    assert!(ro.commit("new", "t", 0, 1).await.is_err(), "commit of a new group through a read-only view");
+    assert!(ro.commit(Checkpoint { group: "g", topic: "t", partition: 0, next_offset: 99 }).await.is_err(), "commit through a read-only view");
+    assert!(
+        ro.commit(Checkpoint { group: "new", topic: "t", partition: 0, next_offset: 1 }).await.is_err(),
+        "commit of a new group through a read-only view"
+    );
     let far_future = std::time::SystemTime::now() + std::time::Duration::from_secs(365 * 86400);
     assert!(ro.enforce_retention(far_future).is_err(), "retention through a read-only view");
 

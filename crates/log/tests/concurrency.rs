@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use sluice_log::{EmbeddedLog, Log, OffsetRange, Record, StoredRecord};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, OffsetRange, Record, StoredRecord};
 
 const TOPIC: &str = "t";
 
@@ -136,7 +136,7 @@ async fn concurrent_appenders_across_partitions_and_groups() {
                 let n = batch.len() as u64;
                 let first = log.append(TOPIC, p, batch).await.unwrap();
                 // Commits race with appends and with each other's groups.
-                log.commit(&format!("g{}", task % 3), TOPIC, p, first + n).await.unwrap();
+                log.commit(Checkpoint { group: &format!("g{}", task % 3), topic: TOPIC, partition: p, next_offset: first + n }).await.unwrap();
                 got.push((p, first, n, task, i));
             }
             got

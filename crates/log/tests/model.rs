@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use proptest::prelude::*;
-use sluice_log::{EmbeddedLog, Log, LogOptions, OffsetRange, Record};
+use sluice_log::{Checkpoint, EmbeddedLog, Log, LogOptions, OffsetRange, Record};
 
 const TOPIC: &str = "events";
 const GROUPS: [&str; 3] = ["g0", "g.1", "consumer_2"];
@@ -140,7 +140,7 @@ impl Harness {
             }
             Op::Commit { group, partition, offset } => {
                 let p = (*partition % nparts) as u32;
-                self.rt.block_on(self.log().commit(GROUPS[*group], TOPIC, p, *offset)).unwrap();
+                self.rt.block_on(self.log().commit(Checkpoint { group: GROUPS[*group], topic: TOPIC, partition: p, next_offset: *offset })).unwrap();
                 self.model.committed.insert((*group, p), *offset);
             }
             Op::Reopen => {

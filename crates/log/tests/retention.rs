@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use sluice_log::{Log, LogError, OffsetRange, Record};
+use sluice_log::{Checkpoint, Log, LogError, OffsetRange, Record};
 
 const TOPIC: &str = "t";
 const RETENTION: Duration = Duration::from_secs(3600);
@@ -141,7 +141,7 @@ async fn a_guarding_group_keeps_the_segments_it_has_not_read() {
 
     // Committed into the middle of the third segment: the first two go.
     let commit = bases[2] + 1;
-    log.commit("reader", TOPIC, 0, commit).await.unwrap();
+    log.commit(Checkpoint { group: "reader", topic: TOPIC, partition: 0, next_offset: commit }).await.unwrap();
     assert_eq!(log.enforce_retention(far_future).unwrap(), 2);
     assert_eq!(log.offsets(TOPIC, 0).await.unwrap().start, bases[2]);
     let unread = log.read(TOPIC, 0, commit, 1000).await.unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::mocking::MockCluster;
-use sluice_log::{EmbeddedLog, KafkaLog, KafkaOptions, Log, LogError, LogOptions, Record};
+use sluice_log::{Checkpoint, EmbeddedLog, KafkaLog, KafkaOptions, Log, LogError, LogOptions, Publish, Record};
 
 fn rec(key: &str, value: &str) -> Record {
     Record { key: Bytes::from(key.to_owned()), value: Bytes::from(value.to_owned()) }
@@ -160,11 +160,11 @@ async fn group_offsets(factory: fn(&[String]) -> Option<Backend>) {
     let group = unique("g");
     assert_eq!(log.committed(&group, &t, 0).await.unwrap(), None);
     log.append(&t, 0, (0..5).map(|i| rec(&i.to_string(), "x")).collect()).await.unwrap();
-    log.commit(&group, &t, 0, 3).await.unwrap();
+    log.commit(Checkpoint { group: &group, topic: &t, partition: 0, next_offset: 3 }).await.unwrap();
     assert_eq!(log.committed(&group, &t, 0).await.unwrap(), Some(3));
     assert_eq!(log.committed(&group, &t, 1).await.unwrap(), None, "per partition");
     assert_eq!(log.committed(&unique("other"), &t, 0).await.unwrap(), None, "per group");
-    log.commit(&group, &t, 0, 5).await.unwrap();
+    log.commit(Checkpoint { group: &group, topic: &t, partition: 0, next_offset: 5 }).await.unwrap();
     assert_eq!(log.committed(&group, &t, 0).await.unwrap(), Some(5));
     if b.kafka.is_some() {
         let other = b.connect_again().await;
@@ -188,7 +188,15 @@ async fn publish_and_commit(factory: fn(&[String]) -> Option<Backend>) {
     let log = &b.log;
     let group = unique("dedup");
     log.append(&input, 2, (0..4).map(|i| rec(&i.to_string(), "in")).collect()).await.unwrap();
-    let first = log.publish_and_commit(&output, vec![rec("a", "1"), rec("b", "2")], &group, &input, 2, 4, Some(1)).await.unwrap();
+    let first = log
+        .publish_and_commit(Publish {
+            out_topic: &output,
+            records: vec![rec("a", "1"), rec("b", "2")],
+            commit: Checkpoint { group: &group, topic: &input, partition: 2, next_offset: 4 },
+            replay_from: Some(1),
+        })
+        .await
+        .unwrap();
     assert!(first.is_some());
     assert_eq!(log.committed(&group, &input, 2).await.unwrap(), Some(4));
     // Kafka keeps the replay point with the offset; the embedded log has none.
@@ -199,12 +207,29 @@ async fn publish_and_commit(factory: fn(&[String]) -> Option<Backend>) {
     assert_eq!(keys, vec![Bytes::from("a"), Bytes::from("b")]);
     assert_eq!(batch.records[0].offset, first.unwrap());
     // Nothing to publish: only the offset moves.
-    assert_eq!(log.publish_and_commit(&output, vec![], &group, &input, 2, 9, None).await.unwrap(), None);
+    assert_eq!(
+        log.publish_and_commit(Publish {
+            out_topic: &output,
+            records: vec![],
+            commit: Checkpoint { group: &group, topic: &input, partition: 2, next_offset: 9 },
+            replay_from: None
+        })
+        .await
+        .unwrap(),
+        None
+    );
     assert_eq!(log.committed(&group, &input, 2).await.unwrap(), Some(9));
     assert_eq!(log.resume_point(&group, &input, 2).await.unwrap(), Some(9), "a commit without a replay point drops it");
     // A second transaction follows the first, and a reader resuming from
     // `next` finds exactly the new records (transaction markers skipped).
-    log.publish_and_commit(&output, vec![rec("c", "3")], &group, &input, 2, 10, None).await.unwrap();
+    log.publish_and_commit(Publish {
+        out_topic: &output,
+        records: vec![rec("c", "3")],
+        commit: Checkpoint { group: &group, topic: &input, partition: 2, next_offset: 10 },
+        replay_from: None,
+    })
+    .await
+    .unwrap();
     let more = log.read_batch(&output, 2, batch.next, 10).await.unwrap();
     assert_eq!(more.records.iter().map(|r| r.key.clone()).collect::<Vec<_>>(), vec![Bytes::from("c")]);
     let end = log.offsets(&output, 2).await.unwrap().end;
@@ -332,10 +357,33 @@ async fn a_second_publisher_fences_the_first(factory: fn(&[String]) -> Option<Ba
     let Some(b) = make(factory, &[input.clone(), output.clone()]).await else { return };
     let zombie = &b.log;
     let group = unique("dedup");
-    zombie.publish_and_commit(&output, vec![rec("z1", "")], &group, &input, 0, 1, None).await.unwrap();
+    zombie
+        .publish_and_commit(Publish {
+            out_topic: &output,
+            records: vec![rec("z1", "")],
+            commit: Checkpoint { group: &group, topic: &input, partition: 0, next_offset: 1 },
+            replay_from: None,
+        })
+        .await
+        .unwrap();
     let successor = b.connect_again().await;
-    successor.publish_and_commit(&output, vec![rec("s1", "")], &group, &input, 0, 2, None).await.unwrap();
-    let fenced = zombie.publish_and_commit(&output, vec![rec("z2", "")], &group, &input, 0, 3, None).await;
+    successor
+        .publish_and_commit(Publish {
+            out_topic: &output,
+            records: vec![rec("s1", "")],
+            commit: Checkpoint { group: &group, topic: &input, partition: 0, next_offset: 2 },
+            replay_from: None,
+        })
+        .await
+        .unwrap();
+    let fenced = zombie
+        .publish_and_commit(Publish {
+            out_topic: &output,
+            records: vec![rec("z2", "")],
+            commit: Checkpoint { group: &group, topic: &input, partition: 0, next_offset: 3 },
+            replay_from: None,
+        })
+        .await;
     assert!(fenced.is_err(), "the zombie must be fenced, got {fenced:?}");
     let keys: Vec<_> = successor.read(&output, 0, 0, 10).await.unwrap().into_iter().map(|r| r.key).collect();
     assert_eq!(keys, vec![Bytes::from("z1"), Bytes::from("s1")], "the fenced record is never visible");

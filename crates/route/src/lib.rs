@@ -27,16 +27,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_core::metrics::{latency_buckets, Counter, Family, Gauge, Histogram, Registry};
+use sluice_core::Shutdown;
 use sluice_deliver::{Catalog, Centrifuge, NewJob};
-use sluice_log::{Log, LogError};
-use tokio::sync::watch;
+use sluice_log::{Checkpoint, Log, LogError};
 
 pub use plan::{Planner, RouteDecision};
+/// Moved to `sluice-log` (dedup uses them too); kept here for the route's callers.
+pub use sluice_log::backlog::{watch_backlog, BacklogAge};
 
-/// The consumer group of the route stage on `output`.
-pub const GROUP: &str = "route";
 /// The topic the route reads (dedup's output).
-pub const OUTPUT_TOPIC: &str = "output";
+pub use sluice_core::topics::OUTPUT as OUTPUT_TOPIC;
+/// The consumer group of the route stage on `output`.
+pub use sluice_core::topics::ROUTE_GROUP as GROUP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -134,7 +136,7 @@ impl Default for RouteSettings {
     }
 }
 
-/// Route one `output` partition until `stop` turns true.
+/// Route one `output` partition until `stop` is triggered.
 pub async fn run_partition(
     log: Arc<dyn Log>,
     partition: u32,
@@ -142,7 +144,7 @@ pub async fn run_partition(
     jobs: Arc<dyn JobSink>,
     settings: RouteSettings,
     metrics: RouteMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) {
     let planner = Planner::new(catalog);
     let mut next: Option<u64> = None;
@@ -152,13 +154,13 @@ pub async fn run_partition(
     let labels = vec![("partition", partition.to_string())];
     let monitor =
         tokio::spawn(watch_backlog(log.clone(), "route", OUTPUT_TOPIC, GROUP, partition, metrics.oldest_unprocessed.get_or_create(&labels).clone()));
-    while !*stop.borrow() {
+    while !stop.is_triggered() {
         match route_batch(&*log, partition, &*jobs, &planner, &settings, &metrics, &mut next).await {
             Ok(0) => {
                 failures = 0;
                 tokio::select! {
                     _ = tokio::time::sleep(settings.poll_interval) => {}
-                    _ = stop.changed() => {}
+                    _ = stop.wait() => {}
                 }
             }
             Ok(_) => failures = 0,
@@ -170,7 +172,7 @@ pub async fn run_partition(
                 next = None;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => {}
+                    _ = stop.wait() => {}
                 }
             }
         }
@@ -178,103 +180,6 @@ pub async fn run_partition(
     // Another process may own the partition now: its series is its own.
     monitor.abort();
     metrics.oldest_unprocessed.remove(&labels);
-}
-
-/// Age of the oldest record of one partition a stage has not processed
-/// yet, estimated without reading a record: every few seconds the
-/// partition's end and the stage's committed offset are sampled. A sample
-/// (end `e`, time `t`) says the records below `e` existed at `t`; the oldest
-/// unprocessed record (the committed offset `c`) is therefore at least as
-/// old as the first sample with `e > c`. The estimate is low by at most one
-/// sampling interval, and starts at 0 for a backlog older than the first
-/// sample. When a sample cannot be taken (Kafka down, a call hanging) the
-/// age keeps growing from the last ones.
-#[derive(Debug, Default)]
-pub struct BacklogAge {
-    /// (end, first seen), ends increasing.
-    seen: std::collections::VecDeque<(u64, std::time::Instant)>,
-    committed: Option<u64>,
-    warned: Option<std::time::Instant>,
-}
-
-impl BacklogAge {
-    const MAX_SAMPLES: usize = 256;
-
-    /// Record what could be sampled; the age of the oldest unprocessed record.
-    pub fn observe(&mut self, end: Option<u64>, committed: Option<u64>, now: std::time::Instant) -> Duration {
-        if let Some(c) = committed {
-            self.committed = Some(c);
-        }
-        if let Some(e) = end {
-            if self.seen.back().is_none_or(|(last, _)| e > *last) {
-                if self.seen.len() >= Self::MAX_SAMPLES {
-                    // Thin out (every other sample) rather than lose the oldest.
-                    let mut i = 0;
-                    self.seen.retain(|_| {
-                        i += 1;
-                        i % 2 == 1
-                    });
-                }
-                self.seen.push_back((e, now));
-            }
-        }
-        let c = self.committed.unwrap_or(0);
-        // Samples at or below the committed offset are processed; keep the
-        // newest so the next end is compared with it.
-        while self.seen.len() > 1 && self.seen[0].0 <= c {
-            self.seen.pop_front();
-        }
-        match self.seen.front() {
-            Some((e, t)) if *e > c => now.saturating_duration_since(*t),
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// Whether to log that the stage is behind (an age past `after`, at most once a minute).
-    pub fn should_warn(&mut self, age: Duration, after: Duration, now: std::time::Instant) -> bool {
-        if age < after || self.warned.is_some_and(|w| now.saturating_duration_since(w) < Duration::from_secs(60)) {
-            return false;
-        }
-        self.warned = Some(now);
-        true
-    }
-}
-
-/// Every 2 s, set `gauge` to the [`BacklogAge`] of `stage` (consumer group
-/// `group`) on `topic`'s `partition`, and log a warning while it is past a
-/// minute: the stage is not progressing, or not keeping up, while its input
-/// grows. Runs until aborted. Shared by the route and dedup (`sluice`'s
-/// dedup supervisor).
-pub async fn watch_backlog(
-    log: Arc<dyn Log>,
-    stage: &'static str,
-    topic: &'static str,
-    group: &'static str,
-    partition: u32,
-    gauge: Gauge<f64, std::sync::atomic::AtomicU64>,
-) {
-    let mut age = BacklogAge::default();
-    loop {
-        let bounded = Duration::from_secs(2);
-        let range = tokio::time::timeout(bounded, log.offsets(topic, partition)).await.ok().and_then(Result::ok);
-        let committed = tokio::time::timeout(bounded, log.committed(group, topic, partition)).await.ok().and_then(Result::ok);
-        // Never committed: the stage starts at the oldest record held.
-        let committed = match (committed, range) {
-            (Some(Some(c)), _) => Some(c),
-            (Some(None), Some(r)) => Some(r.start),
-            _ => None,
-        };
-        let now = std::time::Instant::now();
-        let a = age.observe(range.map(|r| r.end), committed, now);
-        gauge.set(a.as_secs_f64());
-        if age.should_warn(a, Duration::from_secs(60), now) {
-            tracing::warn!(
-                stage, topic, partition, oldest_unprocessed_seconds = a.as_secs(), end = ?range.map(|r| r.end), committed = ?committed,
-                "{stage} is not keeping up with {topic}/{partition}: its oldest unprocessed record is {}s old", a.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }
 
 /// Route every `output` partition this process owns in the `route` group:
@@ -286,7 +191,7 @@ pub async fn run_owned_partitions(
     jobs: Arc<dyn JobSink>,
     settings: RouteSettings,
     metrics: RouteMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) {
     let membership = match log.join(GROUP, OUTPUT_TOPIC) {
         Ok(m) => m,
@@ -298,30 +203,32 @@ pub async fn run_owned_partitions(
     let mut owned = membership.watch();
     let mut running = Children::default();
     let running = &mut running.0;
-    while !*stop.borrow() {
+    while !stop.is_triggered() {
         let now: std::collections::BTreeSet<u32> = owned.borrow_and_update().clone();
         let revoked: Vec<u32> = running.keys().filter(|p| !now.contains(p)).copied().collect();
         for p in revoked {
-            if let Some((tx, task)) = running.remove(&p) {
-                let _ = tx.send(true);
+            if let Some((child, task)) = running.remove(&p) {
+                child.trigger();
                 let _ = task.await;
                 tracing::info!(partition = p, "route stopped on a revoked partition");
             }
         }
         for p in now {
             running.entry(p).or_insert_with(|| {
-                let (tx, rx) = watch::channel(false);
-                let task = tokio::spawn(run_partition(log.clone(), p, catalog.clone(), jobs.clone(), settings.clone(), metrics.clone(), rx));
-                (tx, task)
+                // A signal of its own: a revoked partition stops one task.
+                let child = Shutdown::new();
+                let task =
+                    tokio::spawn(run_partition(log.clone(), p, catalog.clone(), jobs.clone(), settings.clone(), metrics.clone(), child.clone()));
+                (child, task)
             });
         }
         tokio::select! {
             changed = owned.changed() => if changed.is_err() { break },
-            _ = stop.changed() => {}
+            _ = stop.wait() => {}
         }
     }
-    for (_, (tx, task)) in std::mem::take(running) {
-        let _ = tx.send(true);
+    for (_, (child, task)) in std::mem::take(running) {
+        child.trigger();
         let _ = task.await;
     }
     // Leaving a Kafka group waits on the network: not on an async thread.
@@ -331,7 +238,7 @@ pub async fn run_owned_partitions(
 /// The per-partition route tasks of [`run_owned_partitions`]; aborted if
 /// the supervisor itself is aborted, so none outlives it.
 #[derive(Default)]
-struct Children(std::collections::BTreeMap<u32, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>);
+struct Children(std::collections::BTreeMap<u32, (Shutdown, tokio::task::JoinHandle<()>)>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -391,7 +298,7 @@ async fn route_batch(
     if records.is_empty() {
         // Offsets without records (Kafka's transaction markers) are stepped over.
         if end > from {
-            log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+            log.commit(Checkpoint { group: GROUP, topic: OUTPUT_TOPIC, partition, next_offset: end }).await?;
         }
         *next = Some(end);
         return Ok(0);
@@ -439,7 +346,7 @@ async fn route_records(
     sink.insert_jobs(jobs, oldest).await?;
     // Jobs are durable, the offset is not committed yet: a crash here replays the batch.
     sluice_core::crash::crash_point("route.after_insert");
-    log.commit(GROUP, OUTPUT_TOPIC, partition, end).await?;
+    log.commit(Checkpoint { group: GROUP, topic: OUTPUT_TOPIC, partition, next_offset: end }).await?;
     Ok(())
 }
 
@@ -447,10 +354,10 @@ async fn route_records(
 /// them; they run here, inside `sluice serve`), and the dead-letter replays
 /// operators ask for (`sluice dead-letters replay`, the admin API); keep
 /// `sluice_route_dead_letters` current.
-pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, mut stop: watch::Receiver<bool>) {
+pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, stop: Shutdown) {
     let planner = Planner::new(catalog.clone());
     let mut counted: Option<std::time::Instant> = None;
-    while !*stop.borrow() {
+    while !stop.is_triggered() {
         let pending = {
             let c = catalog.clone();
             tokio::task::spawn_blocking(move || c.with_control(|db| db.unfinished_replays())).await
@@ -480,7 +387,7 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => {}
+            _ = stop.wait() => {}
         }
     }
 }
@@ -529,83 +436,4 @@ async fn replay_one(
         }
     }
     Ok((events, made))
-}
-
-#[cfg(test)]
-mod backlog_age_tests {
-    use super::BacklogAge;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn age_is_that_of_the_first_sample_past_the_committed_offset() {
-        let t0 = Instant::now();
-        let s = |n: u64| t0 + Duration::from_secs(n);
-        let mut a = BacklogAge::default();
-        assert_eq!(a.observe(Some(10), Some(10), s(0)), Duration::ZERO, "caught up");
-        assert_eq!(a.observe(Some(15), Some(10), s(2)), Duration::ZERO, "records 10..15 first seen now");
-        assert_eq!(a.observe(Some(20), Some(10), s(4)), Duration::from_secs(2));
-        // Progress past the first sample: the next one (seen at 4 s) is the oldest.
-        assert_eq!(a.observe(Some(25), Some(16), s(6)), Duration::from_secs(2));
-        // Stuck, and nothing can be sampled (Kafka down): the age keeps growing.
-        assert_eq!(a.observe(None, None, s(30)), Duration::from_secs(26));
-        // Caught up again.
-        assert_eq!(a.observe(Some(25), Some(25), s(32)), Duration::ZERO);
-        assert_eq!(a.observe(Some(26), Some(25), s(34)), Duration::ZERO);
-        assert_eq!(a.observe(Some(26), Some(25), s(40)), Duration::from_secs(6));
-    }
-
-    #[test]
-    fn samples_stay_bounded_and_keep_the_oldest() {
-        let t0 = Instant::now();
-        let mut a = BacklogAge::default();
-        a.observe(Some(1), Some(0), t0);
-        for i in 2..10_000u64 {
-            a.observe(Some(i), Some(0), t0 + Duration::from_secs(i));
-        }
-        assert!(a.seen.len() <= BacklogAge::MAX_SAMPLES);
-        let age = a.observe(None, Some(0), t0 + Duration::from_secs(10_000));
-        assert_eq!(age, Duration::from_secs(10_000), "the first sample is never thinned out");
-    }
-
-    #[test]
-    fn warns_past_the_threshold_at_most_once_a_minute() {
-        let t0 = Instant::now();
-        let mut a = BacklogAge::default();
-        let min = Duration::from_secs(60);
-        assert!(!a.should_warn(Duration::from_secs(59), min, t0));
-        assert!(a.should_warn(Duration::from_secs(61), min, t0));
-        assert!(!a.should_warn(Duration::from_secs(90), min, t0 + Duration::from_secs(30)));
-        assert!(a.should_warn(Duration::from_secs(125), min, t0 + Duration::from_secs(61)));
-    }
-}
-
-#[cfg(test)]
-mod watch_backlog_tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use sluice_core::metrics::Gauge;
-    use sluice_log::{EmbeddedLog, Log, LogOptions, Record};
-
-    /// A partition whose records nobody commits: the gauge rises with the
-    /// wall clock; once the stage commits the end, it drops back to 0.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn the_age_rises_while_nothing_is_committed_and_falls_once_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = LogOptions { topics: vec![("output".into(), 1)], ..LogOptions::default() };
-        let log = Arc::new(EmbeddedLog::open(dir.path(), options).unwrap());
-        let gauge: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
-        let watch = tokio::spawn(super::watch_backlog(log.clone(), "route", "output", "route", 0, gauge.clone()));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rec = || Record { key: Bytes::from_static(b"web/m"), value: Bytes::from_static(b"{}") };
-        log.append("output", 0, vec![rec()]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(6500)).await;
-        assert!(gauge.get() >= 3.0, "stuck for ~6 s, the age says {}", gauge.get());
-        let end = log.offsets("output", 0).await.unwrap().end;
-        log.commit("route", "output", 0, end).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(gauge.get(), 0.0);
-        watch.abort();
-    }
 }

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_core::metrics::{render, Registry};
-use sluice_core::Config;
+use sluice_core::{Config, Shutdown};
 use sluice_deliver::control::{DeadLetter, DeadLetterLimits, NewDeadLetter};
 use sluice_deliver::{Catalog, NewJob};
 use sluice_log::{EmbeddedLog, Log, LogOptions, Record};
 use sluice_route::{JobSink, RouteError, RouteMetrics, RouteSettings, GROUP, OUTPUT_TOPIC};
-use tokio::sync::watch;
 
 /// Jobs handed over, idempotent on (messageId, destination, generation) as
 /// the JobDBs are; the first `fail` calls fail (a crash between the
@@ -63,7 +62,7 @@ struct Fixture {
     jobs: Arc<Jobs>,
     metrics: RouteMetrics,
     registry: Registry,
-    stop: watch::Sender<bool>,
+    stop: Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -86,7 +85,7 @@ impl Fixture {
         let metrics = RouteMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let (stop, _) = watch::channel(false);
+        let stop = Shutdown::new();
         Fixture { rt, _dir: dir, log, catalog, jobs: Arc::new(Jobs::default()), metrics, registry, stop, tasks: Vec::new() }
     }
 
@@ -108,9 +107,9 @@ impl Fixture {
             jobs.clone(),
             settings,
             self.metrics.clone(),
-            self.stop.subscribe(),
+            self.stop.clone(),
         )));
-        self.tasks.push(tokio::spawn(sluice_route::run_replays(log, self.catalog.clone(), jobs, self.stop.subscribe())));
+        self.tasks.push(tokio::spawn(sluice_route::run_replays(log, self.catalog.clone(), jobs, self.stop.clone())));
     }
 
     fn committed(&self) -> Option<u64> {
@@ -149,7 +148,7 @@ impl Fixture {
     }
 
     fn stop(mut self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for t in std::mem::take(&mut self.tasks) {
             self.rt.block_on(t).unwrap();
         }

@@ -272,11 +272,11 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
 fn count_stored(log_dir: &Path) -> Result<(u64, u64)> {
     let log = EmbeddedLog::open_read_only(log_dir).context("open the log read-only")?;
     let (mut legit, mut hostile) = (0, 0);
-    for p in 0..sluice_log::Log::partitions(&log, "input")? {
-        let range = log.offsets_blocking("input", p)?;
+    for p in 0..sluice_log::Log::partitions(&log, sluice_core::topics::INPUT)? {
+        let range = log.offsets_blocking(sluice_core::topics::INPUT, p)?;
         let mut next = range.start;
         while next < range.end {
-            let batch = log.read_blocking("input", p, next, 10_000)?;
+            let batch = log.read_blocking(sluice_core::topics::INPUT, p, next, 10_000)?;
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
             for r in batch {

@@ -1,9 +1,9 @@
-//! Running the dedup stage inside `sluice serve`, and `sluice dedup rebuild`.
+//! Wiring the dedup stage into `sluice serve` (settings from the config;
+//! the supervisor itself is `sluice_dedup::spawn_supervisor`), and
+//! `sluice dedup rebuild`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use sluice_core::config::Flags;
-use sluice_core::Config;
+use sluice_core::{Config, Shutdown};
 use sluice_dedup::index::IndexOptions;
-use sluice_dedup::{rebuild_partition, DedupMetrics, DedupSettings, DedupWorker, Progress};
+use sluice_dedup::{rebuild_partition, DedupMetrics, DedupSettings, Progress};
 use sluice_log::{EmbeddedLog, Log, LogMetrics};
 
 use crate::ConfigArgs;
@@ -34,7 +34,7 @@ pub enum DedupCommand {
     },
 }
 
-pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings> {
+pub fn settings(config: &Config, stop: Shutdown) -> Result<DedupSettings> {
     let d = &config.dedup;
     Ok(DedupSettings {
         index_dir: config.server.data_dir.join("dedup"),
@@ -45,105 +45,13 @@ pub fn settings(config: &Config, stop: Arc<AtomicBool>) -> Result<DedupSettings>
     })
 }
 
-/// One dedicated thread per owned `input` partition (all of them with the
-/// embedded log; Kafka's `dedup` group assigns them across processes). A
-/// supervisor thread starts a worker when a partition is assigned and stops
-/// it, index closed, when the partition is revoked. A worker that cannot
-/// open its index retries until it can or is stopped, so no owned partition
-/// is left behind.
-pub fn spawn_workers(config: &Config, log: Arc<dyn Log>, metrics: DedupMetrics, stop: Arc<AtomicBool>) -> Result<Vec<JoinHandle<()>>> {
-    let settings = settings(config, stop.clone())?;
-    let rt = tokio::runtime::Handle::current();
-    let membership = log.join(sluice_dedup::GROUP, sluice_dedup::INPUT_TOPIC).context("dedup cannot join its consumer group")?;
-    let supervisor = std::thread::Builder::new().name("dedup-supervisor".into()).spawn(move || {
-        let mut owned = membership.watch();
-        let mut running: BTreeMap<u32, (Arc<AtomicBool>, JoinHandle<()>)> = BTreeMap::new();
-        while !stop.load(Ordering::Relaxed) {
-            let now: BTreeSet<u32> = owned.borrow_and_update().clone();
-            let revoked: Vec<u32> = running.keys().filter(|p| !now.contains(p)).copied().collect();
-            for p in revoked {
-                let (flag, worker) = running.remove(&p).expect("running");
-                flag.store(true, Ordering::Relaxed);
-                let _ = worker.join();
-                tracing::info!(partition = p, "dedup worker stopped: partition revoked");
-            }
-            for p in now {
-                if running.contains_key(&p) {
-                    continue;
-                }
-                let flag = Arc::new(AtomicBool::new(false));
-                let settings = DedupSettings { stop: flag.clone(), ..settings.clone() };
-                match spawn_worker(p, log.clone(), settings, metrics.clone(), rt.clone()) {
-                    Ok(worker) => {
-                        running.insert(p, (flag, worker));
-                    }
-                    Err(e) => tracing::error!(partition = p, error = %e, "cannot start a dedup worker thread; retrying"),
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for (flag, _) in running.values() {
-            flag.store(true, Ordering::Relaxed);
-        }
-        for (_, (_, worker)) in running {
-            let _ = worker.join();
-        }
-        drop(membership); // leave the group only once every worker has stopped
-    })?;
+/// Start dedup's supervisor (`sluice_dedup::spawn_supervisor`: one worker
+/// thread per owned `input` partition) until `stop` is triggered.
+pub fn spawn_workers(config: &Config, log: Arc<dyn Log>, metrics: DedupMetrics, stop: Shutdown) -> Result<Vec<JoinHandle<()>>> {
+    let settings = settings(config, stop)?;
+    let supervisor = sluice_dedup::spawn_supervisor(log, settings, metrics, tokio::runtime::Handle::current())
+        .context("dedup cannot start (joining its consumer group, or its supervisor thread)")?;
     Ok(vec![supervisor])
-}
-
-fn spawn_worker(
-    partition: u32,
-    log: Arc<dyn Log>,
-    settings: DedupSettings,
-    metrics: DedupMetrics,
-    rt: tokio::runtime::Handle,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("dedup-{partition}")).spawn(move || {
-        // Watches the partition from the side while this worker owns it, so a
-        // worker that hangs or keeps failing still shows a growing age.
-        let labels = metrics.partition(partition);
-        let monitor = rt.spawn(sluice_route::watch_backlog(
-            log.clone(),
-            "dedup",
-            sluice_dedup::INPUT_TOPIC,
-            sluice_dedup::GROUP,
-            partition,
-            metrics.oldest_unprocessed.get_or_create(&labels).clone(),
-        ));
-        let _unwatch = Unwatch(monitor, metrics.clone(), labels);
-        let mut progress = |p: Progress| {
-            tracing::info!(partition = p.partition, done = p.done, total = p.total, "dedup index catch-up from output");
-        };
-        let stop = settings.stop.clone();
-        while !stop.load(Ordering::Relaxed) {
-            match DedupWorker::open(log.clone(), partition, settings.clone(), metrics.clone(), &rt, &mut progress) {
-                Ok(worker) => return worker.run(rt),
-                Err(sluice_dedup::DedupError::Stopped) => return,
-                Err(e) => {
-                    tracing::error!(partition, error = %e, "dedup worker cannot start; retrying in 5 s");
-                    for _ in 0..50 {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        }
-    })
-}
-
-/// Stops a worker's backlog watch and drops its series when the worker ends
-/// (another process may own the partition next).
-struct Unwatch(tokio::task::JoinHandle<()>, DedupMetrics, Vec<(&'static str, String)>);
-
-impl Drop for Unwatch {
-    fn drop(&mut self) {
-        self.0.abort();
-        self.1.oldest_unprocessed.remove(&self.2);
-    }
 }
 
 pub fn run(cmd: DedupCommand) -> Result<()> {
@@ -160,7 +68,7 @@ pub fn run(cmd: DedupCommand) -> Result<()> {
             let log = EmbeddedLog::open(&root, crate::log_options(&config, LogMetrics::default()))
                 .with_context(|| format!("cannot open the log at {} (stop `sluice serve` first)", root.display()))?;
             let log: Arc<dyn Log> = Arc::new(log);
-            let settings = settings(&config, Arc::new(AtomicBool::new(false)))?;
+            let settings = settings(&config, Shutdown::new())?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             for p in partitions {
                 let mut bar = ProgressBar::new(p);

@@ -10,13 +10,12 @@ use clap::{Args, Subcommand};
 use sluice_admin::views::{job_json, without_password};
 use sluice_core::config::Flags;
 use sluice_core::metrics::Registry;
-use sluice_core::Config;
+use sluice_core::{Config, Shutdown};
 use sluice_deliver::control::ControlDb;
 use sluice_deliver::directory::Directory;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 use sluice_log::Log;
 use sluice_route::{RouteMetrics, RouteSettings};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ConfigArgs;
@@ -29,7 +28,7 @@ pub struct Running {
     director_rpc: Option<Arc<sluice_route::rpc::RpcServer>>,
     tasks: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
+    stop: Shutdown,
     /// A separate director's entry in the directory, removed at stop.
     registered: Option<(Directory, String)>,
 }
@@ -47,7 +46,7 @@ pub async fn start(
     route: bool,
     director: bool,
 ) -> Result<Running> {
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Shutdown::new();
     // Tasks that watch `stop` and wind down by themselves, and housekeeping
     // loops that are simply aborted.
     let mut tasks = Vec::new();
@@ -70,8 +69,8 @@ pub async fn start(
         let name = config.director.name.clone();
         let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory, Some(Duration::from_secs(300))).await?;
         let rpc = sluice_route::rpc::RpcServer::new(centrifuge.clone(), secret);
-        tasks.push(serve_director_rpc(config, rpc.clone(), catalog.clone(), metrics.clone(), directory.clone(), stop_rx.clone()).await?);
-        tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop_rx.clone())));
+        tasks.push(serve_director_rpc(config, rpc.clone(), catalog.clone(), metrics.clone(), directory.clone(), stop.clone()).await?);
+        tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop.clone())));
         registered = Some((directory, name));
         director_rpc = Some(rpc);
         None
@@ -96,9 +95,9 @@ pub async fn start(
             jobs.clone(),
             RouteSettings::default(),
             route_metrics.clone(),
-            stop_rx.clone(),
+            stop.clone(),
         )));
-        tasks.push(tokio::spawn(sluice_route::run_replays(log, catalog.clone(), jobs, stop_rx)));
+        tasks.push(tokio::spawn(sluice_route::run_replays(log, catalog.clone(), jobs, stop.clone())));
     }
     let snap = catalog.snapshot();
     tracing::info!(
@@ -175,7 +174,7 @@ async fn serve_director_rpc(
     catalog: Arc<Catalog>,
     metrics: DeliverMetrics,
     directory: Directory,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<JoinHandle<()>> {
     let d = &config.director;
     let listener =
@@ -195,9 +194,9 @@ async fn serve_director_rpc(
     let app = axum::Router::new().route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs)).with_state(rpc.clone());
     let (name, dir2, config) = (d.name.clone(), directory.clone(), config.clone());
     let task = tokio::spawn(async move {
-        let mut stop2 = stop.clone();
-        let stopped = async move {
-            let _ = stop2.wait_for(|s| *s).await;
+        let stopped = {
+            let stop = stop.clone();
+            async move { stop.wait().await }
         };
         let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(tls) => {
@@ -220,7 +219,7 @@ async fn serve_director_rpc(
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.changed() => break,
+                    _ = stop.wait() => break,
                 }
                 if !reopening && rpc.centrifuge().lock_lost() {
                     tracing::error!(
@@ -235,7 +234,7 @@ async fn serve_director_rpc(
                 if reopening {
                     let reopened = tokio::select! {
                         r = open_own_jobdbs(&config, &catalog, &metrics, &dir2, None) => r,
-                        _ = stop.changed() => break,
+                        _ = stop.wait() => break,
                     };
                     match reopened {
                         Ok(c) => {
@@ -311,13 +310,13 @@ async fn open_own_jobdbs(
 /// directors reload the unfinished jobs and send them (jobs that were
 /// `executing` at its death are sent again: the crash window). When its
 /// owner announces itself again, close the scope, which releases the locks.
-async fn adopt_dead_directors(config: Config, catalog: Arc<Catalog>, metrics: DeliverMetrics, directory: Directory, mut stop: watch::Receiver<bool>) {
+async fn adopt_dead_directors(config: Config, catalog: Arc<Catalog>, metrics: DeliverMetrics, directory: Directory, stop: Shutdown) {
     let me = config.director.name.clone();
     let mut adopted: std::collections::BTreeMap<String, (Arc<Centrifuge>, JoinHandle<()>)> = Default::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => break,
+            _ = stop.wait() => break,
         }
         let entries = match directory.all().await {
             Ok(e) => e,
@@ -392,7 +391,7 @@ async fn insert_jobs(
 impl Running {
     /// Stop routing, then let directors finish requests in flight.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for t in self.housekeeping {
             t.abort();
             let _ = t.await;

@@ -15,7 +15,6 @@ mod sink;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sluice_core::config::{Flags, LogBackend};
 use sluice_core::metrics::Registry;
-use sluice_core::Config;
+use sluice_core::{Config, Shutdown};
 use sluice_dedup::{DedupMetrics, OUTPUT_TOPIC};
 use sluice_ingest::server::{serve, ServeOptions};
 use sluice_ingest::spool::{Spool, SpoolMetrics, SpoolSettings};
@@ -392,7 +391,7 @@ struct Started {
     log: Option<Arc<dyn Log>>,
     embedded: Option<Arc<EmbeddedLog>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    dedup_stop: Arc<AtomicBool>,
+    dedup_stop: Shutdown,
     dedup_workers: Vec<std::thread::JoinHandle<()>>,
     delivery: Option<deliver::Running>,
     spool: Option<Arc<Spool>>,
@@ -409,7 +408,7 @@ impl Default for Started {
             log: None,
             embedded: None,
             tasks: Vec::new(),
-            dedup_stop: Arc::new(AtomicBool::new(false)),
+            dedup_stop: Shutdown::new(),
             dedup_workers: Vec::new(),
             delivery: None,
             spool: None,
@@ -439,7 +438,7 @@ impl Started {
         if let Some(s) = self.spool {
             s.stop().await;
         }
-        self.dedup_stop.store(true, Ordering::Relaxed);
+        self.dedup_stop.trigger();
         let workers = self.dedup_workers;
         let _ = tokio::task::spawn_blocking(move || {
             for w in workers {
