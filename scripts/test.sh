@@ -8,6 +8,19 @@
 source "$(dirname "$0")/common.sh"
 ensure_build_deps
 cd "$ROOT"
+# Style and lints first (the workspace's lints are in Cargo.toml): a
+# warning fails the suite. Clippy checks in the release profile, so its
+# build scripts (librdkafka's cmake) are the ones the tests build reuses.
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    log "installing the rustup component $component"
+    rustup component add "$component"
+  fi
+done
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy (warnings are errors)"
+cargo clippy --release --workspace --all-targets -- -D warnings
 while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/setup-compat.sh)
 while IFS='=' read -r key value; do export "$key=$value"; done < <(bash scripts/setup-browser.sh)
 # moto's S3 server for the S3 archive tests (they start and stop it).

@@ -453,7 +453,7 @@ impl DedupWorker {
         let from = next;
         let next = batch.next;
         self.metrics.messages_in.inc_by(records.len() as u64);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let _span = tracing::debug_span!("dedup.batch", partition = p, records = records.len()).entered();
 
         // 1. Look up; repeats inside the batch count as duplicates too.

@@ -226,7 +226,7 @@ impl Executor {
 
 /// The `Idempotency-Key` of a job: its messageId; a replay's job (generation
 /// > 0) adds `:replay-<generation>`, so an endpoint that drops repeats still
-/// takes what a replay deliberately sends again.
+/// >    takes what a replay deliberately sends again.
 pub fn idempotency_key(message_id: &str, generation: i64) -> String {
     if generation == 0 {
         message_id.to_owned()

@@ -101,7 +101,7 @@ impl JobDb {
                         destination: r.get(3)?,
                         generation: r.get(4)?,
                         endpoint: r.get(5)?,
-                        payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(6)?),
+                        payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
                         created_at: r.get(7)?,
                         expires_at: r.get(8)?,
                         received_at: r.get(9)?,
@@ -166,7 +166,7 @@ impl JobStore for JobDb {
 
     fn payload(&mut self, id: Ksuid) -> Result<Option<Bytes>, DeliverError> {
         let mut stmt = self.conn.prepare_cached("SELECT payload FROM jobs WHERE id = ?1").map_err(self.err())?;
-        stmt.query_row([&id.0[..]], |r| r.get::<_, Vec<u8>>(0)).optional().map(|o| o.map(bytes::Bytes::from)).map_err(self.err())
+        stmt.query_row([&id.0[..]], |r| r.get::<_, Vec<u8>>(0)).optional().map(|o| o.map(Bytes::from)).map_err(self.err())
     }
 
     /// Whether a job with this idempotency key exists.

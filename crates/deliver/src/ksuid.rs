@@ -78,14 +78,9 @@ impl fmt::Debug for Ksuid {
 }
 
 /// Makes strictly increasing KSUIDs (see the module docs).
+#[derive(Default)]
 pub struct KsuidGenerator {
     last: [u8; 20],
-}
-
-impl Default for KsuidGenerator {
-    fn default() -> Self {
-        Self { last: [0; 20] }
-    }
 }
 
 impl KsuidGenerator {

@@ -358,7 +358,7 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     let status = StatusCode::from_u16(b.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, format!("{{\"sink_status\":{}}}", b.status)).into_response();
     if let Some(s) = b.retry_after {
-        resp.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        resp.headers_mut().insert(http::header::RETRY_AFTER, s.into());
     }
     resp
 }

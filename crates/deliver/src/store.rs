@@ -72,7 +72,7 @@ pub struct NewJob {
     pub destination: String,
     pub generation: i64,
     pub endpoint: String,
-    pub payload: bytes::Bytes,
+    pub payload: Bytes,
     pub created_at: i64,
     pub expires_at: i64,
     /// When ingest accepted the event (unix ms), for the end-to-end latency.

@@ -56,9 +56,8 @@ fn no_operation_updates_or_deletes_job_rows_and_the_triggers_refuse_anyone_who_t
     }
     assert!(!db.insert_job(ids.next(1_800_000_000), &new_job("a")).unwrap(), "idempotent");
     db.commit().unwrap();
-    let mut seq = 0;
     for (i, state) in [JobState::Executing, JobState::AwaitingRetry, JobState::Executing, JobState::Succeeded].into_iter().enumerate() {
-        seq += 1;
+        let seq = i as i64 + 1;
         let t = Transition { job_id: made[0], seq, state, at: i as i64, attempt: 1, status: Some(500), error: None, retry_at: None };
         db.append_transition(&t).unwrap();
     }

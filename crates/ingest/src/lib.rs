@@ -278,17 +278,17 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
     let parsed = call_for_path(&call);
     let label = if parsed.is_some() { call.clone() } else { "unknown".to_owned() };
     let resp = match parsed {
-        Some(call) => match {
+        Some(call) => {
             // A trace span per request (exported only when built with the `otel` feature and enabled).
             let span = tracing::debug_span!("ingest.request", call = %label);
-            tracing::Instrument::instrument(accept(&ingest, call, &headers, body), span).await
-        } {
-            Ok(()) => {
-                ingest.metrics.ack_seconds.observe(started.elapsed().as_secs_f64());
-                success()
+            match tracing::Instrument::instrument(accept(&ingest, call, &headers, body), span).await {
+                Ok(()) => {
+                    ingest.metrics.ack_seconds.observe(started.elapsed().as_secs_f64());
+                    success()
+                }
+                Err(e) => e.into_response(),
             }
-            Err(e) => e.into_response(),
-        },
+        }
         None => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response(),
     };
     ingest.metrics.requests.get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())]).inc();

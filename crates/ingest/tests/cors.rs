@@ -30,7 +30,7 @@ fn preflight(path: &str, origin: &str, request_headers: Option<&str>) -> Request
     b.body(Body::empty()).unwrap()
 }
 
-fn hdr<'a>(resp: &'a Resp, name: header::HeaderName) -> Option<&'a str> {
+fn hdr(resp: &Resp, name: header::HeaderName) -> Option<&str> {
     resp.headers.get(name).map(|v| v.to_str().expect("ASCII header"))
 }
 

@@ -464,8 +464,8 @@ trait TapHeader {
 
 impl TapHeader for Request<Body> {
     fn tap_header(mut self, name: &str, value: &[u8]) -> Self {
-        let name = axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
-        self.headers_mut().insert(name, axum::http::HeaderValue::from_bytes(value).unwrap());
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        self.headers_mut().insert(name, http::HeaderValue::from_bytes(value).unwrap());
         self
     }
 }

@@ -261,6 +261,7 @@ impl ConsumerContext for ReaderContext {}
 /// Adding the bootstrap servers makes it connect and refresh again; when it
 /// still knows a broker, the extra entry is dropped at its next metadata
 /// refresh (as at startup).
+#[allow(unsafe_code)] // one FFI call, SAFETY below
 fn add_bootstrap<C: ClientContext>(client: &rdkafka::client::Client<C>, servers: &str) -> i32 {
     let Ok(list) = std::ffi::CString::new(servers) else { return 0 };
     // SAFETY: `native_ptr` is the live handle of `client`, borrowed for the

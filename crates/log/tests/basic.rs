@@ -357,7 +357,7 @@ async fn a_read_only_view_never_writes() {
         ro.commit(Checkpoint { group: "new", topic: "t", partition: 0, next_offset: 1 }).await.is_err(),
         "commit of a new group through a read-only view"
     );
-    let far_future = std::time::SystemTime::now() + std::time::Duration::from_secs(365 * 86400);
+    let far_future = SystemTime::now() + std::time::Duration::from_secs(365 * 86400);
     assert!(ro.enforce_retention(far_future).is_err(), "retention through a read-only view");
 
     assert_eq!(segments(dir.path(), "t", 0), segs, "no segment may be deleted by a read-only view");

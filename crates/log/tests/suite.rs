@@ -67,7 +67,9 @@ fn embedded(topics: &[String]) -> Option<Backend> {
 
 struct Mock(#[allow(dead_code)] MockCluster<'static, rdkafka::producer::DefaultProducerContext>);
 // The mock cluster is only created and dropped, never shared across threads.
+#[allow(unsafe_code)]
 unsafe impl Send for Mock {}
+#[allow(unsafe_code)]
 unsafe impl Sync for Mock {}
 
 /// A fresh in-process mock cluster. It has no CreateTopics, so the topics

@@ -105,7 +105,7 @@ impl From<WireJob> for NewJob {
             destination: j.destination,
             generation: j.generation,
             endpoint: j.endpoint,
-            payload: bytes::Bytes::from(j.payload),
+            payload: Bytes::from(j.payload),
             created_at: j.created_at,
             expires_at: j.expires_at,
             received_at: j.received_at,

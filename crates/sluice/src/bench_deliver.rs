@@ -350,7 +350,7 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
 pub(crate) fn spawn_serve(config_path: &Path) -> Result<(std::process::Child, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config_path)
+        .arg(config_path)
         .env("RUST_LOG", "warn,sluice=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -570,7 +570,8 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
         println!("per healthy destination in window: min {min:.0}  max {max:.0} events/s ({} destinations)", per_path.len());
     }
     // Latency per healthy destination: first arrival of each messageId after its ack.
-    let acks = acks.lock().expect("acks");
+    // (Taken out of the mutex: the run is over, and no guard may be held across the awaits below.)
+    let acks = std::mem::take(&mut *acks.lock().expect("acks"));
     let mut lat: Vec<f64> = Vec::new();
     let mut per_dest_first: HashMap<&str, usize> = HashMap::new();
     let mut seen = std::collections::HashSet::new();

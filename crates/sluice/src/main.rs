@@ -234,6 +234,7 @@ impl Command {
 /// reader went away (`sluice jobs inspect … | head -1`) ends quietly, killed
 /// by SIGPIPE (exit status 141 in a shell), where Rust's default (SIGPIPE
 /// ignored) made `println!` panic with "failed printing to stdout: Broken pipe".
+#[allow(unsafe_code)] // one libc call, SAFETY below
 fn default_sigpipe() {
     #[cfg(unix)]
     // SAFETY: called at the start of main, before any thread is started;
@@ -273,6 +274,7 @@ pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
 }
 
 /// Ends the process with `code` at once: no exit handlers, no unwinding.
+#[allow(unsafe_code)] // one libc call, SAFETY below
 fn exit_now(code: i32) -> ! {
     #[cfg(unix)]
     // SAFETY: _exit ends the process; nothing runs after it.
