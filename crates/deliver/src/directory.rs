@@ -9,12 +9,15 @@
 //!   a crashed one ages out. Either way its JobDBs can then be adopted.
 //! - The list is ordered by name, so every route process maps a messageId
 //!   to the same director while the set of live directors is the same.
+//! - One session per process ([`SharedSession`], as the control tables
+//!   have), used from `spawn_blocking`: async callers never block a runtime
+//!   thread, and a lost connection is opened again at the next call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{MySqlPool, PgPool};
-
-use crate::sqljobdb::SqlJobDbs;
+use crate::schema::{Dialect, DIRECTORS};
+use crate::sqljobdb::{numbered, on_conn, Conn, Session, SharedSession, SqlEngine, SqlJobDbs, SqlRow};
 use crate::{now_ms, DeliverError};
 
 /// One live director.
@@ -25,20 +28,28 @@ pub struct DirectorEntry {
     pub heartbeat_ms: i64,
 }
 
-#[derive(Clone, Debug)]
-enum Pool {
-    MySql(MySqlPool),
-    Postgres(PgPool),
-}
-
 /// The `sluice_directors` table.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Directory {
-    pool: Pool,
+    session: Arc<SharedSession>,
+    /// The statements, in the engine's placeholder style.
+    upsert: Arc<str>,
+    stop: Arc<str>,
+    live: Arc<str>,
 }
 
-fn sql_error(doing: &'static str) -> impl Fn(sqlx::Error) -> DeliverError {
-    move |e| DeliverError::Directory(format!("{doing}: {e}"))
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory").field("database", &self.session.dbs().display()).finish()
+    }
+}
+
+/// A directory error: what was being done, and the cause (its chain).
+fn directory_error(doing: &'static str) -> impl Fn(DeliverError) -> DeliverError {
+    move |e| match e {
+        DeliverError::Sql { source, .. } => DeliverError::Directory(format!("{doing}: {source}")),
+        other => other,
+    }
 }
 
 impl Directory {
@@ -52,101 +63,67 @@ impl Directory {
             return Err(DeliverError::Directory("the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into()));
         }
         let dbs = SqlJobDbs::new(url)?;
-        let ddl = crate::schema::Dialect::from(dbs.engine()).create_table("sluice_directors", &crate::schema::DIRECTORS);
-        let connect = |e| dbs.connect_failed("directory of directors: connect", e);
-        let pool = match (dbs.mysql_options(), dbs.postgres_options()) {
-            (Some(o), _) => Pool::MySql(
-                sqlx::mysql::MySqlPoolOptions::new()
-                    .max_connections(2)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(o.clone())
-                    .await
-                    .map_err(connect)?,
-            ),
-            (None, Some(o)) => Pool::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_with(o.clone())
-                    .await
-                    .map_err(connect)?,
-            ),
-            (None, None) => unreachable!("a SQL link is MySQL or PostgreSQL"),
+        let dialect = Dialect::from(dbs.engine());
+        let placeholders = |sql: String| if dbs.engine() == SqlEngine::Postgres { numbered(&sql) } else { sql };
+        let directory = Directory {
+            upsert: placeholders(dialect.upsert("sluice_directors", &["name", "rpc_url", "heartbeat_ms"], &["name"])).into(),
+            stop: placeholders("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?".into()).into(),
+            live: placeholders("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name".into()).into(),
+            session: Arc::new(SharedSession::new(dbs.clone(), "directory of directors")),
         };
+        let ddl = dialect.create_table("sluice_directors", &DIRECTORS);
         // The shared helper drives its own connection and blocks: off the async threads.
         let create = |e: &dyn std::fmt::Display| DeliverError::Directory(format!("create sluice_directors: {e}"));
         tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl)).await.map_err(|e| create(&e))?.map_err(|e| create(&e))?;
-        Ok(Directory { pool })
+        Ok(directory)
+    }
+
+    /// Run `f` on the directory's session, on a blocking thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        doing: &'static str,
+        f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send + 'static,
+    ) -> Result<T, DeliverError> {
+        let session = self.session.clone();
+        tokio::task::spawn_blocking(move || session.run(doing, f))
+            .await
+            .map_err(|e| DeliverError::Directory(format!("{doing}: {e}")))?
+            .map_err(directory_error(doing))
     }
 
     /// Register `name` at `rpc_url`, or refresh its heartbeat.
     pub async fn heartbeat(&self, name: &str, rpc_url: &str) -> Result<(), DeliverError> {
-        let now = now_ms();
-        match &self.pool {
-            Pool::MySql(p) => sqlx::query(
-                "INSERT INTO sluice_directors (name, rpc_url, heartbeat_ms) VALUES (?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE rpc_url = VALUES(rpc_url), heartbeat_ms = VALUES(heartbeat_ms)",
-            )
-            .bind(name)
-            .bind(rpc_url)
-            .bind(now)
-            .execute(p)
-            .await
-            .map(|_| ()),
-            Pool::Postgres(p) => sqlx::query(
-                "INSERT INTO sluice_directors (name, rpc_url, heartbeat_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET rpc_url = EXCLUDED.rpc_url, heartbeat_ms = EXCLUDED.heartbeat_ms",
-            )
-            .bind(name)
-            .bind(rpc_url)
-            .bind(now)
-            .execute(p)
-            .await
-            .map(|_| ()),
-        }
-        .map_err(sql_error("director heartbeat"))
+        let (sql, name, rpc_url, now) = (self.upsert.clone(), name.to_owned(), rpc_url.to_owned(), now_ms());
+        self.run(
+            "director heartbeat",
+            move |s| on_conn!(*s, c => async { sqlx::query(&sql).bind(&name).bind(&rpc_url).bind(now).execute(&mut *c).await.map(drop) }),
+        )
+        .await
     }
 
     /// Mark `name` stopped: no address, and a heartbeat old enough that it
     /// is no longer live (other directors may adopt its JobDBs).
     pub async fn heartbeat_stopped(&self, name: &str) -> Result<(), DeliverError> {
-        let long_ago = 0i64;
-        match &self.pool {
-            Pool::MySql(p) => sqlx::query("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?")
-                .bind(long_ago)
-                .bind(name)
-                .execute(p)
-                .await
-                .map(|_| ()),
-            Pool::Postgres(p) => sqlx::query("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = $1 WHERE name = $2")
-                .bind(long_ago)
-                .bind(name)
-                .execute(p)
-                .await
-                .map(|_| ()),
-        }
-        .map_err(sql_error("mark director stopped"))
+        let (sql, name, long_ago) = (self.stop.clone(), name.to_owned(), 0i64);
+        self.run(
+            "mark director stopped",
+            move |s| on_conn!(*s, c => async { sqlx::query(&sql).bind(long_ago).bind(&name).execute(&mut *c).await.map(drop) }),
+        )
+        .await
     }
 
     /// Directors whose heartbeat is younger than `max_age`, by name.
     pub async fn live(&self, max_age: Duration) -> Result<Vec<DirectorEntry>, DeliverError> {
-        let since = now_ms() - max_age.as_millis() as i64;
-        let rows: Vec<(String, String, i64)> = match &self.pool {
-            Pool::MySql(p) => {
-                sqlx::query_as("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name")
-                    .bind(since)
-                    .fetch_all(p)
-                    .await
-            }
-            Pool::Postgres(p) => {
-                sqlx::query_as("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= $1 ORDER BY name")
-                    .bind(since)
-                    .fetch_all(p)
-                    .await
-            }
-        }
-        .map_err(sql_error("list directors"))?;
-        Ok(rows.into_iter().map(|(name, rpc_url, heartbeat_ms)| DirectorEntry { name, rpc_url, heartbeat_ms }).collect())
+        let (sql, since) = (self.live.clone(), now_ms() - max_age.as_millis() as i64);
+        self.run("list directors", move |s| {
+            on_conn!(*s, c => async {
+                let rows = sqlx::query(&sql).bind(since).fetch_all(&mut *c).await?;
+                rows.iter()
+                    .map(|r| Ok(DirectorEntry { name: r.text(0)?, rpc_url: r.text(1)?, heartbeat_ms: r.int(2)? }))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            })
+        })
+        .await
     }
 
     /// Every registered director, live or not, by name.

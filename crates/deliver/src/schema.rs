@@ -476,6 +476,25 @@ impl Dialect {
         names.iter().map(|n| render(n)).collect::<Vec<_>>().join(", ")
     }
 
+    /// `INSERT` of `columns` into `table` that replaces the other columns of
+    /// the row whose `key` columns match, with `?` placeholders (PostgreSQL:
+    /// number them, `sqljobdb::numbered`).
+    pub fn upsert(self, table: &str, columns: &[&str], key: &[&str]) -> String {
+        let values = vec!["?"; columns.len()].join(", ");
+        let rest: Vec<&str> = columns.iter().copied().filter(|c| !key.contains(c)).collect();
+        let head = format!("INSERT INTO {table} ({}) VALUES ({values})", columns.join(", "));
+        match self {
+            Dialect::MySql => {
+                format!("{head} ON DUPLICATE KEY UPDATE {}", rest.iter().map(|c| format!("{c} = VALUES({c})")).collect::<Vec<_>>().join(", "))
+            }
+            Dialect::Sqlite | Dialect::Postgres => format!(
+                "{head} ON CONFLICT ({}) DO UPDATE SET {}",
+                key.join(", "),
+                rest.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
     /// PostgreSQL: the trigger function the append-only tables' triggers call.
     pub fn refuse_function(self) -> Option<String> {
         (self == Dialect::Postgres).then(|| {

@@ -150,6 +150,61 @@ macro_rules! on_conn {
 }
 pub(crate) use on_conn;
 
+/// A session shared by the callers of one component (the control tables,
+/// the directory of directors): connected on first use, used by one caller
+/// at a time, and dropped after any error — with any transaction open on it
+/// — so that the next call connects again. Its methods block; from async
+/// code they run on a scoped thread ([`off_runtime`]), or the caller uses
+/// `spawn_blocking`.
+pub(crate) struct SharedSession {
+    dbs: SqlJobDbs,
+    /// Names the component in errors ("control database").
+    component: &'static str,
+    slot: std::sync::Mutex<Option<Session>>,
+}
+
+impl SharedSession {
+    pub(crate) fn new(dbs: SqlJobDbs, component: &'static str) -> SharedSession {
+        SharedSession { dbs, component, slot: std::sync::Mutex::new(None) }
+    }
+
+    pub(crate) fn dbs(&self) -> &SqlJobDbs {
+        &self.dbs
+    }
+
+    /// Run `f` on the session (connecting first if there is none); after an
+    /// error the session is dropped. `what` says what `f` does, for the error.
+    pub(crate) fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send) -> Result<T, DeliverError> {
+        // A panic in another caller leaves the slot as it was: at worst a
+        // session in an unknown state, which the next error drops.
+        let mut guard = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = &mut *guard;
+        off_runtime(move || {
+            if slot.is_none() {
+                *slot = Some(self.dbs.connect()?);
+            }
+            let session = slot.as_mut().expect("connected above");
+            f(session).map_err(|source| {
+                *slot = None;
+                DeliverError::Sql { jobdb: format!("{} ({}: {what})", self.dbs.display(), self.component), source }
+            })
+        })
+    }
+}
+
+/// Run `f` here, or on a scoped thread when this thread is inside a tokio
+/// runtime (a session's own runtime cannot block there: tests and
+/// benchmarks open the Catalog from async code).
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| match scope.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 /// Reading a row's columns the same way from either engine.
 pub(crate) trait SqlRow {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error>;
@@ -711,16 +766,18 @@ impl SqlJobDbs {
         self.tls
     }
 
-    /// The MySQL connection options (`None`: a PostgreSQL link), for pools.
-    pub(crate) fn mysql_options(&self) -> Option<&MySqlConnectOptions> {
+    /// The MySQL connection options (`None`: a PostgreSQL link).
+    #[cfg(test)]
+    fn mysql_options(&self) -> Option<&MySqlConnectOptions> {
         match &self.options {
             Options::MySql(o) => Some(o),
             Options::Postgres(_) => None,
         }
     }
 
-    /// The PostgreSQL connection options (`None`: a MySQL link), for pools.
-    pub(crate) fn postgres_options(&self) -> Option<&PgConnectOptions> {
+    /// The PostgreSQL connection options (`None`: a MySQL link).
+    #[cfg(test)]
+    fn postgres_options(&self) -> Option<&PgConnectOptions> {
         match &self.options {
             Options::Postgres(o) => Some(o),
             Options::MySql(_) => None,
