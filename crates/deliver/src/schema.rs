@@ -191,7 +191,7 @@ pub const JOBDB_REGISTRY: Table = Table {
     without_rowid: false,
 };
 
-/// The control tables (`control.rs`), in creation order: `(name, table)`;
+/// The control tables (`control/`), in creation order: `(name, table)`;
 /// the servers' names carry the prefix `sluice_control_`.
 pub const CONTROL: [(&str, Table); 7] = [
     (

@@ -104,7 +104,7 @@ impl std::fmt::Debug for SqlJobDbs {
 }
 
 /// One open connection and the runtime that drives it (also used by the
-/// control database, `control.rs`).
+/// control database, `control/sql.rs`).
 pub(crate) struct Session {
     pub(crate) rt: SessionRuntime,
     pub(crate) conn: Conn,
