@@ -26,7 +26,6 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
 
 use rand::Rng;
 use sluice_core::config::{DestinationConfig, SourceConfig};
@@ -37,7 +36,7 @@ use super::{
     DEAD_LETTER_COUNTS, DEAD_LETTER_FINISH, DEAD_LETTER_PRUNE, DEAD_LETTER_USAGE,
 };
 use crate::gate::Qos;
-use crate::sqljobdb::{numbered, on_conn, Conn, CreateSchema, Session, SqlEngine, SqlJobDbs, SqlRow};
+use crate::sqljobdb::{numbered, on_conn, Conn, CreateSchema, Session, SharedSession, SqlEngine, SqlJobDbs, SqlRow};
 use crate::DeliverError;
 
 /// Prefix of the control tables.
@@ -79,7 +78,7 @@ fn owner(data_dir: &Path) -> Result<String, DeliverError> {
 /// The control tables of a MySQL/MariaDB or PostgreSQL database.
 pub struct SqlControl {
     dbs: SqlJobDbs,
-    session: Mutex<Option<Session>>,
+    session: SharedSession,
     owner: String,
 }
 
@@ -107,7 +106,7 @@ impl SqlControl {
     pub fn open(url: &str, data_dir: &Path) -> Result<SqlControl, DeliverError> {
         let dbs = SqlJobDbs::new(url)?;
         let owner = owner(data_dir)?;
-        let db = SqlControl { dbs, session: Mutex::new(None), owner };
+        let db = SqlControl { session: SharedSession::new(dbs.clone(), "control database"), dbs, owner };
         let ddl = ddl(db.dbs.engine());
         // Under the schema lock (concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL).
         db.run("creating the control tables", |s| on_conn!(*s, c => c.create_schema(&ddl)))?;
@@ -183,21 +182,7 @@ impl SqlControl {
 
     /// Run `f` on the session (connecting first if there is none); after an error the session is dropped.
     fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send) -> Result<T, DeliverError> {
-        let mut guard = self.session.lock().expect("control session lock");
-        let guard = &mut *guard;
-        off_runtime(move || {
-            if guard.is_none() {
-                *guard = Some(self.dbs.connect()?);
-            }
-            let session = guard.as_mut().expect("a session");
-            match f(session) {
-                Ok(v) => Ok(v),
-                Err(source) => {
-                    *guard = None;
-                    Err(DeliverError::Sql { jobdb: format!("{} (control database: {what})", self.dbs.display()), source })
-                }
-            }
-        })
+        self.session.run(what, f)
     }
 
     /// Run `body` in a transaction holding the control write lock.
@@ -728,19 +713,6 @@ impl SqlControl {
             })
         })
     }
-}
-
-/// Run `f` here, or on a scoped thread when this thread is inside a
-/// tokio runtime (the session's own runtime cannot block there: tests
-/// and benchmarks open the Catalog from async code).
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return f();
-    }
-    std::thread::scope(|scope| match scope.spawn(f).join() {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
 }
 
 /// The engine of a connection (inside `on_conn!` bodies, written once for both).
