@@ -11,6 +11,7 @@
 //! URL the server variants are skipped with a printed reason, unless
 //! `SLUICE_REQUIRE_SQL=1` (scripts/test.sh), which makes them fail.
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -30,42 +31,6 @@ use sluice_deliver::sink::{Behaviour, Sink};
 use sluice_deliver::sqljobdb::{SqlEngine, SqlJobDbs};
 use sluice_deliver::store::JobState;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverError, DeliverMetrics, NewJob};
-
-/// Tests run on SQLite, MariaDB and PostgreSQL.
-macro_rules! every_engine {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn sqlite() {
-                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
-            }
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
-
-/// Tests of what only a database server has (a lock held by a session, a network between).
-macro_rules! server_engines {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
 
 every_engine!(
     every_outcome_is_recorded_as_transitions,

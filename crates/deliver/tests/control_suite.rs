@@ -8,6 +8,7 @@
 //! file); replays claimed per process are a server-only test, since two
 //! processes on one data_dir are one claimant.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -20,42 +21,6 @@ use sluice_deliver::control::sql::TABLE_PREFIX;
 use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
 use sqlx::{Connection, Row};
-
-/// Tests run on SQLite, MariaDB and PostgreSQL.
-macro_rules! every_engine {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn sqlite() {
-                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
-            }
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
-
-/// Tests of processes with data_dirs of their own (a database server).
-macro_rules! server_engines {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
 
 every_engine!(
     two_processes_see_the_seeded_catalog,

@@ -6,6 +6,7 @@
 //! stored), listing newest first with excerpts, replay requests, claims by
 //! one process, outcomes, and discards.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -17,26 +18,7 @@ use sluice_deliver::control::{
     ControlDb, DeadLetterInsert, DeadLetterLimits, NewDeadLetter, DEAD_LETTER_EXCERPT_BYTES, DEAD_LETTER_MAX_KEY_BYTES, DEAD_LETTER_MAX_REASON_CHARS,
 };
 
-macro_rules! engines {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn sqlite() {
-                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
-            }
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
-
-engines!(
+every_engine!(
     a_record_is_stored_once_per_generation_and_bounded,
     lists_are_newest_first_with_excerpts_and_pages,
     at_the_cap_finished_rows_make_room_else_nothing_is_stored,

@@ -3,6 +3,7 @@
 //! a `sqlite`, `mariadb` and `postgres` test of it, each on a database of
 //! its own (see `common/mod.rs` for the servers and when a test skips).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -14,26 +15,7 @@ use sluice_deliver::store::JobStore;
 use sluice_deliver::store::{JobState, NewJob, Transition};
 use sluice_deliver::writer::{FromWriter, WriterHandle};
 
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn sqlite() {
-                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
-            }
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
-
-suite!(
+every_engine!(
     inserts_are_idempotent_on_message_destination_and_generation,
     the_database_refuses_update_and_delete_of_job_rows,
     pages_come_in_id_order_with_each_jobs_latest_state,

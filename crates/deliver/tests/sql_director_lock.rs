@@ -4,6 +4,7 @@
 //! session ends (released, dropped, or killed by the server) another can
 //! take it. (The SQLite JobDBs' file lock is tested in `centrifuge_suite.rs`.)
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -11,22 +12,7 @@ use std::time::Duration;
 use common::{Backend, Engine};
 use sluice_deliver::DeliverError;
 
-macro_rules! engines {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
-}
-
-engines!(a_second_director_is_refused_until_the_first_releases, a_killed_session_frees_the_lock_for_another_director);
+server_engines!(a_second_director_is_refused_until_the_first_releases, a_killed_session_frees_the_lock_for_another_director);
 
 fn run(engine: Engine, name: &str, test: fn(&Backend)) {
     if let Some(backend) = Backend::new(engine, &format!("{name}_{engine:?}")) {

@@ -4,7 +4,45 @@
 //! (`scripts/sql.sh` starts them; `scripts/test.sh` does it for the suite).
 //! Without a URL a test is skipped with a printed reason, unless
 //! `SLUICE_REQUIRE_SQL=1` (set by `scripts/test.sh`): then it fails.
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, unused_macros)] // each test file uses its own part
+
+/// `every_engine!(test_a, test_b)`: a module per test holding one `#[test]`
+/// per engine (`sqlite`, `mariadb`, `postgres`), each calling the test
+/// file's `run(engine, name, test)`. (`#[macro_use] mod common;`)
+macro_rules! every_engine {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn sqlite() {
+                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
+            }
+            #[test]
+            fn mariadb() {
+                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
+            }
+            #[test]
+            fn postgres() {
+                super::run(super::Engine::Postgres, stringify!($test), super::$test);
+            }
+        }
+    )*};
+}
+
+/// [`every_engine!`] for what only a database server has (MariaDB, PostgreSQL).
+macro_rules! server_engines {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn mariadb() {
+                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
+            }
+            #[test]
+            fn postgres() {
+                super::run(super::Engine::Postgres, stringify!($test), super::$test);
+            }
+        }
+    )*};
+}
 
 use std::path::PathBuf;
 
