@@ -399,9 +399,9 @@ struct Started {
     spool: Option<Arc<Spool>>,
     ingest: Option<Arc<Ingest>>,
     admin_state: Option<Arc<sluice_admin::AdminState>>,
-    /// The Tracking API and admin servers; they stop when `stop_tx` says so.
+    /// The Tracking API and admin servers; they stop when `servers_stop` is triggered.
     servers: Vec<tokio::task::JoinHandle<()>>,
-    stop_tx: tokio::sync::watch::Sender<bool>,
+    servers_stop: Shutdown,
 }
 
 impl Default for Started {
@@ -417,14 +417,14 @@ impl Default for Started {
             ingest: None,
             admin_state: None,
             servers: Vec::new(),
-            stop_tx: tokio::sync::watch::channel(false).0,
+            servers_stop: Shutdown::new(),
         }
     }
 }
 
 impl Started {
     async fn stop(self) {
-        let _ = self.stop_tx.send(true);
+        self.servers_stop.trigger();
         for server in self.servers {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "server task failed");
@@ -575,12 +575,10 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         if listener.is_some() { format!("{scheme}://{listen}") } else { "a `sluice ingest` process".to_owned() }
     );
 
-    let stop_rx = st.stop_tx.subscribe();
+    let servers_stop = st.servers_stop.clone();
     let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        let stop = servers_stop.clone();
+        async move { stop.wait().await }
     };
     let admin_state = Arc::new(sluice_admin::AdminState {
         registry: Arc::new(registry),
