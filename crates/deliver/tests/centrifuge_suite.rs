@@ -20,8 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Backend, Engine};
+use common::{job, Backend, Engine};
 use hmac::{Hmac, Mac};
 use sluice_core::Config;
 use sluice_deliver::backend::JobDbs;
@@ -219,21 +218,6 @@ async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool, what: imp
     while !done() {
         assert!(Instant::now() < deadline, "{}", what());
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn job(message_id: &str, source: &str, destination: &str) -> NewJob {
-    let now = sluice_deliver::now_ms();
-    NewJob {
-        message_id: message_id.into(),
-        source: source.into(),
-        destination: destination.into(),
-        generation: 0,
-        endpoint: String::new(),
-        payload: Bytes::from(format!("{{\"type\":\"track\",\"messageId\":\"{message_id}\",\"event\":\"E\"}}")),
-        created_at: now,
-        expires_at: now + 3_600_000,
-        received_at: now,
     }
 }
 

@@ -4,12 +4,13 @@
 //! `executing` row did not commit, and resumes by itself once writes work,
 //! delivering every job exactly once.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use sluice_core::Config;
 use sluice_deliver::inspect;
 use sluice_deliver::sink::Sink;
@@ -22,18 +23,7 @@ fn config(dir: &Path, toml: &str) -> Config {
 }
 
 fn job(message_id: &str) -> NewJob {
-    let now = sluice_deliver::now_ms();
-    NewJob {
-        message_id: message_id.into(),
-        source: "s1".into(),
-        destination: "hook".into(),
-        generation: 0,
-        endpoint: String::new(),
-        payload: Bytes::from(format!("{{\"type\":\"track\",\"messageId\":\"{message_id}\",\"event\":\"E\"}}")),
-        created_at: now,
-        expires_at: now + 3_600_000,
-        received_at: now,
-    }
+    common::job(message_id, "s1", "hook")
 }
 
 fn succeeded(jobs_dir: &Path) -> u64 {

@@ -46,6 +46,9 @@ macro_rules! server_engines {
 
 use std::path::PathBuf;
 
+use bytes::Bytes;
+use sluice_deliver::NewJob;
+
 use sluice_deliver::jobdb::{jobdb_path, remove_jobdb_files, JobDb};
 use sluice_deliver::sqljobdb::SqlJobDbs;
 use sluice_deliver::store::JobStore;
@@ -210,5 +213,21 @@ impl Drop for Backend {
                 admin(self.engine, server, &[drop_sql]);
             }
         }
+    }
+}
+
+/// A track event's job for `destination`, made now, expiring in an hour.
+pub fn job(message_id: &str, source: &str, destination: &str) -> NewJob {
+    let now = sluice_deliver::now_ms();
+    NewJob {
+        message_id: message_id.into(),
+        source: source.into(),
+        destination: destination.into(),
+        generation: 0,
+        endpoint: String::new(),
+        payload: Bytes::from(format!("{{\"type\":\"track\",\"messageId\":\"{message_id}\",\"event\":\"E\"}}")),
+        created_at: now,
+        expires_at: now + 3_600_000,
+        received_at: now,
     }
 }
