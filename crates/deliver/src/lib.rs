@@ -2,8 +2,10 @@
 //!
 //! Every (event, destination) is a *job*. Jobs live in JobDBs — SQLite files
 //! in WAL mode with an immutable `jobs` table and an append-only
-//! `job_state_transitions` table ([`jobdb`]), or table sets in a MySQL/MariaDB
-//! or PostgreSQL database ([`sqljobdb`]), behind one trait ([`store`]). Each JobDB has one writer
+//! `job_state_transitions` table, or table sets in a MySQL/MariaDB or
+//! PostgreSQL database ([`sqljobdb`]); one implementation ([`jobdb`]) of one
+//! trait ([`store`]) over one statement layer (`sql`) and one schema
+//! definition ([`schema`]). Each JobDB has one writer
 //! thread ([`writer`]) and one *director* ([`director`]) that keeps its
 //! unfinished jobs in memory and runs them through the HTTP [`executor`],
 //! fairly across (source, destination) pairs, within each destination's
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod retry;
 pub mod schema;
 pub mod sink;
+mod sql;
 pub mod sqljobdb;
 pub mod store;
 pub mod writer;

@@ -1,4 +1,4 @@
-//! JobDBs in a MySQL/MariaDB or PostgreSQL database (sqlx).
+//! JobDBs in a MySQL/MariaDB or PostgreSQL database (sqlx): the database side.
 //!
 //! Layout: one database (named by the URL; for PostgreSQL its default
 //! schema) holds every JobDB of a deployment, each as its own table set:
@@ -12,32 +12,16 @@
 //!   of both tables (MySQL: `SIGNAL SQLSTATE '45000'`; PostgreSQL: a
 //!   trigger function that raises, and TRUNCATE is refused too). Only DROP
 //!   TABLE removes rows, and only a whole JobDB at a time.
-//! - Idempotency: `idempotency_key` is SHA-256 of the length-prefixed
-//!   (message_id, destination, generation), under a unique index. It is
-//!   exact for keys of any length and byte content, where an index on the
-//!   text columns would be limited in length (and, in MySQL, by collation).
-//!   A repeated key stores nothing and leaves the transaction usable
-//!   (PostgreSQL `ON CONFLICT DO NOTHING`; MySQL's duplicate-key error
-//!   rolls back only its statement). As with SQLite files, uniqueness is per
-//!   JobDB; the Centrifuge looks keys up in the sealed JobDBs.
-//! - A transition whose (job_id, seq) exists is skipped the same way: after
-//!   a commit whose outcome was lost with the connection, the writer's
-//!   caller sends the same rows again.
 //! - Rotation drops tables, then the registry row: a crash in between leaves
 //!   a registry row whose JobDB is recreated empty and dropped again.
 //! - Durability is the server's: PostgreSQL sessions set
 //!   `synchronous_commit = on`; MySQL needs `innodb_flush_log_at_trx_commit
 //!   = 1` (its default).
-//! - Each [`SqlJobDb`] owns one connection and a current-thread tokio
-//!   runtime that drives it: its methods block, and are called from the
-//!   writer thread or `spawn_blocking`, never from an async task. A lost
-//!   connection is opened again at the next [`JobStore::begin`].
-//! - The writer's batches go out as multi-row statements
-//!   ([`JobStore::insert_jobs`]: one lookup of the batch's keys, then one
-//!   INSERT of the new jobs, per 1,000 rows or 4 MiB;
-//!   [`JobStore::append_transitions`] likewise): with a network round trip
-//!   per statement, row-at-a-time writes peaked near 11K jobs/s on this
-//!   machine's MariaDB and PostgreSQL, multi-row ones near 42K.
+//! - A JobDB's rows are read and written by [`crate::jobdb::JobDb`] (the
+//!   same implementation as an SQLite file's) on one connection of its own
+//!   ([`Session`]: a current-thread tokio runtime drives it, its methods
+//!   block). This module parses the URL, connects, keeps the registry,
+//!   creates and drops table sets, and takes the director locks.
 //! - Schema is created under a database lock (`CreateSchema`): PostgreSQL
 //!   `pg_advisory_xact_lock` in one transaction, MySQL `GET_LOCK`, taken by
 //!   every creator of Sluice tables (JobDBs and their registry, the control
@@ -48,20 +32,16 @@
 //!   an error excerpt) is stored as U+FFFD. The idempotency key is computed
 //!   from the original text, so uniqueness is unaffected.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
-use crate::ksuid::Ksuid;
-use crate::store::JobStore;
-use crate::store::{JobState, NewJob, StoredJob, Transition};
+use crate::jobdb::JobDb;
 use crate::{now_ms, DeliverError};
 
 /// How long opening a connection may take.
@@ -210,7 +190,6 @@ pub(crate) trait SqlRow {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error>;
     fn int(&self, i: usize) -> Result<i64, sqlx::Error>;
     fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error>;
-    fn opt_int32(&self, i: usize) -> Result<Option<i32>, sqlx::Error>;
     fn text(&self, i: usize) -> Result<String, sqlx::Error> {
         self.opt_text(i)?.ok_or_else(|| sqlx::Error::ColumnDecode { index: i.to_string(), source: "unexpected NULL".into() })
     }
@@ -225,9 +204,6 @@ impl SqlRow for MySqlRow {
         self.try_get(i)
     }
     fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn opt_int32(&self, i: usize) -> Result<Option<i32>, sqlx::Error> {
         self.try_get(i)
     }
     /// Columns with a binary collation (ours: `utf8mb4_bin`, so comparisons
@@ -249,82 +225,9 @@ impl SqlRow for PgRow {
     fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
         self.try_get(i)
     }
-    fn opt_int32(&self, i: usize) -> Result<Option<i32>, sqlx::Error> {
-        self.try_get(i)
-    }
     fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
         self.try_get(i)
     }
-}
-
-/// A job row as the job selects read it, with its latest transition (none: awaiting_scheduling).
-struct JobRow {
-    id: Vec<u8>,
-    job: NewJob,
-    state: Option<String>,
-    seq: i64,
-    attempt: i64,
-    retry_at: Option<i64>,
-}
-
-fn stored_job(r: &impl SqlRow) -> Result<JobRow, sqlx::Error> {
-    let job = NewJob {
-        message_id: r.text(1)?,
-        source: r.text(2)?,
-        destination: r.text(3)?,
-        generation: r.int(4)?,
-        endpoint: r.text(5)?,
-        payload: Bytes::from(r.bytes(6)?),
-        created_at: r.int(7)?,
-        expires_at: r.int(8)?,
-        received_at: r.int(9)?,
-    };
-    Ok(JobRow {
-        id: r.bytes(0)?,
-        job,
-        state: r.opt_text(10)?,
-        seq: r.opt_int(11)?.unwrap_or(0),
-        attempt: r.opt_int(12)?.unwrap_or(0),
-        retry_at: r.opt_int(13)?,
-    })
-}
-
-/// An unknown state string is read as `awaiting_retry` (as the SQLite JobDB does): it is retried, not lost.
-fn parse_state(s: &str) -> JobState {
-    JobState::parse(s).unwrap_or(JobState::AwaitingRetry)
-}
-
-/// PostgreSQL text cannot hold NUL (see the module docs).
-fn storable(s: &str) -> Cow<'_, str> {
-    if s.contains('\0') {
-        Cow::Owned(s.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-/// SHA-256 of the length-prefixed idempotency key.
-pub fn idempotency_key(message_id: &str, destination: &str, generation: i64) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update((message_id.len() as u64).to_be_bytes());
-    h.update(message_id.as_bytes());
-    h.update((destination.len() as u64).to_be_bytes());
-    h.update(destination.as_bytes());
-    h.update(generation.to_be_bytes());
-    h.finalize().into()
-}
-
-/// Whether `e` is a unique-index violation on the index named `index`.
-fn is_duplicate(e: &sqlx::Error, index: &str) -> bool {
-    match e {
-        sqlx::Error::Database(d) => d.is_unique_violation() && d.message().contains(index),
-        _ => false,
-    }
-}
-
-/// Whether `e` means the connection is gone (it is opened again at the next `begin`).
-fn is_connection_lost(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed)
 }
 
 /// `?` placeholders to PostgreSQL's `$1, $2, ...` (our statements have no `?` in literals).
@@ -355,165 +258,8 @@ pub fn scoped_table_names(prefix: &str, seq: u64) -> (String, String) {
 }
 
 /// The registry table of a scope.
-fn registry_table(prefix: &str) -> String {
+pub(crate) fn registry_table(prefix: &str) -> String {
     format!("{prefix}jobdb_registry")
-}
-
-/// Most rows in one multi-row statement (both servers take at most 65,535 parameters).
-const MAX_ROWS_PER_STATEMENT: usize = 1000;
-/// Most bytes of values in one multi-row statement (MariaDB's `max_allowed_packet` defaults to 16 MiB).
-const MAX_BYTES_PER_STATEMENT: usize = 4 << 20;
-
-/// `n` rows of `columns` placeholders: `(?, ?), (?, ?)`.
-fn value_rows(columns: usize, n: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    vec![row.as_str(); n].join(", ")
-}
-
-/// Split `sizes` (bytes per row) into ranges of at most
-/// [`MAX_ROWS_PER_STATEMENT`] rows and [`MAX_BYTES_PER_STATEMENT`] bytes (a
-/// larger row goes alone).
-fn statement_chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < sizes.len() {
-        let (mut end, mut bytes) = (start, 0);
-        while end < sizes.len() && end - start < MAX_ROWS_PER_STATEMENT && (end == start || bytes + sizes[end] <= MAX_BYTES_PER_STATEMENT) {
-            bytes += sizes[end];
-            end += 1;
-        }
-        out.push(start..end);
-        start = end;
-    }
-    out
-}
-
-const JOB_COLUMNS: &str = "j.id, j.message_id, j.source, j.destination, j.generation, j.endpoint, j.payload, \
-                           j.created_at, j.expires_at, j.received_at, t.state, t.seq, t.attempt, t.retry_at";
-
-/// The statements of one JobDB, in its engine's dialect.
-struct Statements {
-    engine: SqlEngine,
-    jobs: String,
-    transitions: String,
-    insert_job: String,
-    insert_transition: String,
-    payload: String,
-    exists: String,
-    page: String,
-    by_id: String,
-    by_message_id: String,
-    history: String,
-    count_unfinished: String,
-    job_count: String,
-    max_id: String,
-    stats: String,
-    created_at: String,
-}
-
-impl Statements {
-    fn dialect(&self, sql: String) -> String {
-        match self.engine {
-            SqlEngine::MySql => sql,
-            SqlEngine::Postgres => numbered(&sql),
-        }
-    }
-
-    /// Which of `n` idempotency keys exist.
-    fn existing_keys(&self, n: usize) -> String {
-        self.dialect(format!("SELECT idempotency_key FROM {} WHERE idempotency_key IN ({})", self.jobs, vec!["?"; n].join(", ")))
-    }
-
-    /// Insert `n` jobs whose keys are known to be new (no repeat clause needed in MySQL).
-    fn insert_jobs(&self, n: usize) -> String {
-        let conflict = if self.engine == SqlEngine::Postgres { " ON CONFLICT (idempotency_key) DO NOTHING" } else { "" };
-        self.dialect(format!(
-            "INSERT INTO {} (id, idempotency_key, message_id, source, destination, generation, endpoint, payload,
-                             created_at, expires_at, received_at) VALUES {}{conflict}",
-            self.jobs,
-            value_rows(11, n)
-        ))
-    }
-
-    /// Append `n` transitions, skipping rows whose (job_id, seq) exists (MySQL: IGNORE, which here
-    /// can only be a duplicate key: the values fit their columns).
-    fn insert_transitions(&self, n: usize) -> String {
-        let (ignore, conflict) = match self.engine {
-            SqlEngine::MySql => (" IGNORE", ""),
-            SqlEngine::Postgres => ("", " ON CONFLICT (job_id, seq) DO NOTHING"),
-        };
-        self.dialect(format!(
-            "INSERT{ignore} INTO {} (job_id, seq, state, at, attempt, status, error, retry_at) VALUES {}{conflict}",
-            self.transitions,
-            value_rows(8, n)
-        ))
-    }
-
-    fn new(engine: SqlEngine, prefix: &str, seq: u64) -> Statements {
-        let (jobs, tr) = scoped_table_names(prefix, seq);
-        let registry = registry_table(prefix);
-        let (job_conflict, transition_conflict) = match engine {
-            SqlEngine::MySql => ("", ""),
-            SqlEngine::Postgres => (" ON CONFLICT (idempotency_key) DO NOTHING", " ON CONFLICT (job_id, seq) DO NOTHING"),
-        };
-        let select_jobs = |condition: &str| {
-            format!(
-                "SELECT {JOB_COLUMNS} FROM {jobs} j LEFT JOIN {tr} t
-                   ON t.job_id = j.id AND t.seq = (SELECT max(t2.seq) FROM {tr} t2 WHERE t2.job_id = j.id)
-                 WHERE {condition}"
-            )
-        };
-        let s = Statements {
-            engine,
-            jobs: jobs.clone(),
-            transitions: tr.clone(),
-            insert_job: format!(
-                "INSERT INTO {jobs} (id, idempotency_key, message_id, source, destination, generation, endpoint, payload,
-                                     created_at, expires_at, received_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){job_conflict}"
-            ),
-            insert_transition: format!(
-                "INSERT INTO {tr} (job_id, seq, state, at, attempt, status, error, retry_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?){transition_conflict}"
-            ),
-            payload: format!("SELECT payload FROM {jobs} WHERE id = ?"),
-            exists: format!("SELECT 1 FROM {jobs} WHERE idempotency_key = ?"),
-            page: select_jobs("j.id > ? ORDER BY j.id LIMIT ?"),
-            by_id: select_jobs("j.id = ?"),
-            by_message_id: select_jobs("j.message_id = ? ORDER BY j.id"),
-            history: format!("SELECT seq, state, at, attempt, status, error, retry_at FROM {tr} WHERE job_id = ? ORDER BY seq"),
-            count_unfinished: format!(
-                "SELECT count(*) FROM {jobs} j WHERE NOT EXISTS (
-                    SELECT 1 FROM {tr} t WHERE t.job_id = j.id AND t.state IN ('succeeded', 'discarded', 'archived'))"
-            ),
-            job_count: format!("SELECT count(*) FROM {jobs}"),
-            max_id: format!("SELECT id FROM {jobs} ORDER BY id DESC LIMIT 1"),
-            stats: format!(
-                "SELECT s.destination, s.state, count(*) FROM (
-                    SELECT j.destination AS destination,
-                           coalesce((SELECT t.state FROM {tr} t WHERE t.job_id = j.id ORDER BY t.seq DESC LIMIT 1),
-                                    'awaiting_scheduling') AS state
-                    FROM {jobs} j) s
-                 GROUP BY s.destination, s.state ORDER BY s.destination, s.state"
-            ),
-            created_at: format!("SELECT created_at FROM {registry} WHERE seq = ?"),
-        };
-        match engine {
-            SqlEngine::MySql => s,
-            SqlEngine::Postgres => Statements {
-                insert_job: numbered(&s.insert_job),
-                insert_transition: numbered(&s.insert_transition),
-                payload: numbered(&s.payload),
-                exists: numbered(&s.exists),
-                page: numbered(&s.page),
-                by_id: numbered(&s.by_id),
-                by_message_id: numbered(&s.by_message_id),
-                history: numbered(&s.history),
-                created_at: numbered(&s.created_at),
-                ..s
-            },
-        }
-    }
 }
 
 /// The DDL that creates JobDB `seq` (idempotent), in order.
@@ -829,6 +575,11 @@ impl SqlJobDbs {
         self
     }
 
+    /// This scope's registry table.
+    pub(crate) fn registry_table(&self) -> String {
+        registry_table(&self.prefix)
+    }
+
     /// Table names of JobDB `seq` in this scope.
     pub fn table_names(&self, seq: u64) -> (String, String) {
         scoped_table_names(&self.prefix, seq)
@@ -886,7 +637,7 @@ impl SqlJobDbs {
 
     /// Open JobDB `seq`, creating its tables, triggers and registry row if
     /// they do not exist. Blocks.
-    pub fn open(&self, seq: u64) -> Result<SqlJobDb, DeliverError> {
+    pub fn open(&self, seq: u64) -> Result<JobDb, DeliverError> {
         let mut session = self.connect()?;
         let mut ddl = schema(self.engine, &self.prefix, seq);
         let registry = registry_table(&self.prefix);
@@ -902,8 +653,7 @@ impl SqlJobDbs {
         });
         let (jobs, _) = self.table_names(seq);
         on_conn!(session, c => c.create_schema(&ddl)).map_err(self.err(format!("creating {jobs}")))?;
-        let name = format!("{} ({jobs})", self.display);
-        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, &self.prefix, seq), session, broken: false })
+        Ok(JobDb::on_server(self.clone(), seq, session))
     }
 
     /// Run `ddl` (idempotent) through [`CreateSchema`] on a connection of its
@@ -916,10 +666,9 @@ impl SqlJobDbs {
 
     /// Connect to JobDB `seq` as it is, without creating anything (readers:
     /// its tables may be dropped meanwhile, and must not come back). Blocks.
-    pub fn open_existing(&self, seq: u64) -> Result<SqlJobDb, DeliverError> {
+    pub fn open_existing(&self, seq: u64) -> Result<JobDb, DeliverError> {
         let session = self.connect()?;
-        let name = format!("{} ({})", self.display, self.table_names(seq).0);
-        Ok(SqlJobDb { dbs: self.clone(), seq, name, sql: Statements::new(self.engine, &self.prefix, seq), session, broken: false })
+        Ok(JobDb::on_server(self.clone(), seq, session))
     }
 
     /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
@@ -1192,365 +941,13 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// One JobDB in a MySQL/MariaDB or PostgreSQL database, on its own connection.
-pub struct SqlJobDb {
-    dbs: SqlJobDbs,
-    seq: u64,
-    name: String,
-    sql: Statements,
-    session: Session,
-    /// The connection failed: open a new one at the next `begin`.
-    broken: bool,
-}
-
-impl SqlJobDb {
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
-    /// The database that holds this JobDB.
-    pub fn databases(&self) -> &SqlJobDbs {
-        &self.dbs
-    }
-
-    fn fail(&mut self, what: &str, source: sqlx::Error) -> DeliverError {
-        if is_connection_lost(&source) {
-            self.broken = true;
-        }
-        DeliverError::Sql { jobdb: format!("{}: {what}", self.name), source }
-    }
-
-    fn select_jobs(&mut self, which: Select<'_>) -> Result<Vec<StoredJob>, DeliverError> {
-        let rows = on_conn!(self.session, c => async {
-            let rows = match which {
-                Select::Page { after, limit } => {
-                    sqlx::query(&self.sql.page).bind(after).bind(limit).fetch_all(&mut *c).await?
-                }
-                Select::Id(id) => sqlx::query(&self.sql.by_id).bind(id).fetch_all(&mut *c).await?,
-                Select::MessageId(m) => sqlx::query(&self.sql.by_message_id).bind(m).fetch_all(&mut *c).await?,
-            };
-            rows.iter().map(stored_job).collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(|e| self.fail("selecting jobs", e))?;
-        rows.into_iter()
-            .map(|JobRow { id, job, state, seq, attempt, retry_at }| {
-                let id = Ksuid::from_slice(&id).ok_or_else(|| DeliverError::Corrupt(format!("{}: a job id of {} bytes", self.name, id.len())))?;
-                let state = state.as_deref().map_or(JobState::AwaitingScheduling, parse_state);
-                Ok(StoredJob { id, job, state, seq, attempt, retry_at })
-            })
-            .collect()
-    }
-
-    fn count(&mut self, what: &str, sql: fn(&Statements) -> &str) -> Result<u64, DeliverError> {
-        let statement = sql(&self.sql);
-        on_conn!(self.session, c => async {
-            let row = sqlx::query(statement).fetch_one(&mut *c).await?;
-            row.int(0)
-        })
-        .map(|n| n as u64)
-        .map_err(|e| self.fail(what, e))
-    }
-}
-
-enum Select<'a> {
-    Page { after: Vec<u8>, limit: i64 },
-    Id(Vec<u8>),
-    MessageId(&'a str),
-}
-
-impl JobStore for SqlJobDb {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn begin(&mut self) -> Result<(), DeliverError> {
-        if self.broken {
-            tracing::warn!(jobdb = %self.name, "reconnecting after a lost connection");
-            self.session.conn = self.dbs.connect_on(&self.session.rt)?;
-            self.broken = false;
-        }
-        on_conn!(self.session, c => async { sqlx::raw_sql("BEGIN").execute(&mut *c).await.map(drop) }).map_err(|e| self.fail("BEGIN", e))
-    }
-
-    fn commit(&mut self) -> Result<(), DeliverError> {
-        on_conn!(self.session, c => async { sqlx::raw_sql("COMMIT").execute(&mut *c).await.map(drop) }).map_err(|e| self.fail("COMMIT", e))
-    }
-
-    fn rollback(&mut self) {
-        if self.broken {
-            return; // the server rolled back when the connection ended
-        }
-        let result = on_conn!(self.session, c => async { sqlx::raw_sql("ROLLBACK").execute(&mut *c).await.map(drop) });
-        if let Err(e) = result {
-            let e = self.fail("ROLLBACK", e);
-            tracing::warn!(error = %e, "rollback failed");
-            self.broken = true; // the transaction state is unknown: start over on a new connection
-        }
-    }
-
-    fn insert_job(&mut self, id: Ksuid, job: &NewJob) -> Result<bool, DeliverError> {
-        let key = idempotency_key(&job.message_id, &job.destination, job.generation);
-        let (message_id, source, destination, endpoint) =
-            (storable(&job.message_id), storable(&job.source), storable(&job.destination), storable(&job.endpoint));
-        on_conn!(self.session, c => async {
-            let result = sqlx::query(&self.sql.insert_job)
-                .bind(&id.0[..])
-                .bind(&key[..])
-                .bind(&*message_id)
-                .bind(&*source)
-                .bind(&*destination)
-                .bind(job.generation)
-                .bind(&*endpoint)
-                .bind(&job.payload[..])
-                .bind(job.created_at)
-                .bind(job.expires_at)
-                .bind(job.received_at)
-                .execute(&mut *c)
-                .await;
-            match result {
-                Ok(done) => Ok(done.rows_affected() == 1),
-                Err(e) if is_duplicate(&e, "idempotency") => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
-        .map_err(|e| self.fail("inserting a job", e))
-    }
-
-    fn append_transition(&mut self, t: &Transition) -> Result<(), DeliverError> {
-        let error = t.error.as_deref().map(storable);
-        on_conn!(self.session, c => async {
-            let result = sqlx::query(&self.sql.insert_transition)
-                .bind(&t.job_id.0[..])
-                .bind(t.seq)
-                .bind(t.state.as_str())
-                .bind(t.at)
-                .bind(t.attempt)
-                .bind(t.status.map(i32::from))
-                .bind(error.as_deref())
-                .bind(t.retry_at)
-                .execute(&mut *c)
-                .await;
-            match result {
-                Ok(_) => Ok(()),
-                Err(e) if is_duplicate(&e, "PRIMARY") => Ok(()), // MySQL: the row exists (see the module docs)
-                Err(e) => Err(e),
-            }
-        })
-        .map_err(|e| self.fail("appending a transition", e))
-    }
-
-    /// Two round trips per 1,000 jobs (or 4 MiB): which keys
-    /// exist, then one multi-row INSERT of the new ones.
-    fn insert_jobs(&mut self, jobs: &[(Ksuid, &NewJob)]) -> Result<Vec<bool>, DeliverError> {
-        let keys: Vec<[u8; 32]> = jobs.iter().map(|(_, j)| idempotency_key(&j.message_id, &j.destination, j.generation)).collect();
-        let mut known: HashSet<[u8; 32]> = HashSet::with_capacity(keys.len());
-        for chunk in keys.chunks(MAX_ROWS_PER_STATEMENT) {
-            let sql = self.sql.existing_keys(chunk.len());
-            let found = on_conn!(self.session, c => async {
-                let mut query = sqlx::query(&sql);
-                for key in chunk {
-                    query = query.bind(&key[..]);
-                }
-                let rows = query.fetch_all(&mut *c).await?;
-                rows.iter().map(|r| r.bytes(0)).collect::<Result<Vec<_>, sqlx::Error>>()
-            })
-            .map_err(|e| self.fail("looking up idempotency keys", e))?;
-            known.extend(found.iter().filter_map(|k| <[u8; 32]>::try_from(k.as_slice()).ok()));
-        }
-        // New: not stored, and not earlier in this batch.
-        let stored: Vec<bool> = keys.iter().map(|k| known.insert(*k)).collect();
-        let new: Vec<usize> = (0..jobs.len()).filter(|&i| stored[i]).collect();
-        let sizes: Vec<usize> = new
-            .iter()
-            .map(|&i| {
-                let j = jobs[i].1;
-                j.payload.len() + j.message_id.len() + j.source.len() + j.destination.len() + j.endpoint.len() + 120
-            })
-            .collect();
-        for range in statement_chunks(&sizes) {
-            let rows: Vec<_> = new[range]
-                .iter()
-                .map(|&i| {
-                    let (id, j) = jobs[i];
-                    (id, &keys[i], j, storable(&j.message_id), storable(&j.source), storable(&j.destination), storable(&j.endpoint))
-                })
-                .collect();
-            let sql = self.sql.insert_jobs(rows.len());
-            let inserted = on_conn!(self.session, c => async {
-                let mut query = sqlx::query(&sql);
-                for (id, key, job, message_id, source, destination, endpoint) in &rows {
-                    query = query
-                        .bind(&id.0[..])
-                        .bind(&key[..])
-                        .bind(&**message_id)
-                        .bind(&**source)
-                        .bind(&**destination)
-                        .bind(job.generation)
-                        .bind(&**endpoint)
-                        .bind(&job.payload[..])
-                        .bind(job.created_at)
-                        .bind(job.expires_at)
-                        .bind(job.received_at);
-                }
-                query.execute(&mut *c).await.map(|done| done.rows_affected())
-            })
-            .map_err(|e| self.fail("inserting jobs", e))?;
-            if inserted != rows.len() as u64 {
-                return Err(DeliverError::Corrupt(format!(
-                    "{}: {inserted} of {} new jobs inserted (another writer on this JobDB?)",
-                    self.name,
-                    rows.len()
-                )));
-            }
-        }
-        Ok(stored)
-    }
-
-    /// One multi-row INSERT per 1,000 rows (or 4 MiB).
-    fn append_transitions(&mut self, rows: &[Transition]) -> Result<(), DeliverError> {
-        let sizes: Vec<usize> = rows.iter().map(|t| t.error.as_ref().map_or(0, String::len) + 80).collect();
-        for range in statement_chunks(&sizes) {
-            let chunk = &rows[range];
-            let errors: Vec<Option<Cow<'_, str>>> = chunk.iter().map(|t| t.error.as_deref().map(storable)).collect();
-            let sql = self.sql.insert_transitions(chunk.len());
-            on_conn!(self.session, c => async {
-                let mut query = sqlx::query(&sql);
-                for (t, error) in chunk.iter().zip(&errors) {
-                    query = query
-                        .bind(&t.job_id.0[..])
-                        .bind(t.seq)
-                        .bind(t.state.as_str())
-                        .bind(t.at)
-                        .bind(t.attempt)
-                        .bind(t.status.map(i32::from))
-                        .bind(error.as_deref())
-                        .bind(t.retry_at);
-                }
-                query.execute(&mut *c).await.map(drop)
-            })
-            .map_err(|e| self.fail("appending transitions", e))?;
-        }
-        Ok(())
-    }
-
-    fn payload(&mut self, id: Ksuid) -> Result<Option<Bytes>, DeliverError> {
-        on_conn!(self.session, c => async {
-            let row = sqlx::query(&self.sql.payload).bind(&id.0[..]).fetch_optional(&mut *c).await?;
-            row.map(|r| r.bytes(0)).transpose()
-        })
-        .map(|p| p.map(Bytes::from))
-        .map_err(|e| self.fail("reading a payload", e))
-    }
-
-    fn job_exists(&mut self, message_id: &str, destination: &str, generation: i64) -> Result<bool, DeliverError> {
-        let key = idempotency_key(message_id, destination, generation);
-        on_conn!(self.session, c => async {
-            sqlx::query(&self.sql.exists).bind(&key[..]).fetch_optional(&mut *c).await.map(|r| r.is_some())
-        })
-        .map_err(|e| self.fail("looking up an idempotency key", e))
-    }
-
-    fn page(&mut self, after: Option<Ksuid>, limit: usize) -> Result<Vec<StoredJob>, DeliverError> {
-        let after = after.map(|k| k.0.to_vec()).unwrap_or_default();
-        self.select_jobs(Select::Page { after, limit: i64::try_from(limit).unwrap_or(i64::MAX) })
-    }
-
-    fn get(&mut self, id: Ksuid) -> Result<Option<StoredJob>, DeliverError> {
-        Ok(self.select_jobs(Select::Id(id.0.to_vec()))?.pop())
-    }
-
-    fn find(&mut self, key: &str) -> Result<Vec<StoredJob>, DeliverError> {
-        match Ksuid::parse(key) {
-            Some(k) => self.select_jobs(Select::Id(k.0.to_vec())),
-            None => {
-                let key = storable(key).into_owned();
-                self.select_jobs(Select::MessageId(&key))
-            }
-        }
-    }
-
-    fn history(&mut self, id: Ksuid) -> Result<Vec<Transition>, DeliverError> {
-        on_conn!(self.session, c => async {
-            let rows = sqlx::query(&self.sql.history).bind(&id.0[..]).fetch_all(&mut *c).await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Transition {
-                        job_id: id,
-                        seq: r.int(0)?,
-                        state: parse_state(&r.text(1)?),
-                        at: r.int(2)?,
-                        attempt: r.int(3)?,
-                        status: r.opt_int32(4)?.map(|s| s as u16),
-                        error: r.opt_text(5)?,
-                        retry_at: r.opt_int(6)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(|e| self.fail("reading a history", e))
-    }
-
-    fn count_unfinished(&mut self) -> Result<u64, DeliverError> {
-        self.count("counting unfinished jobs", |s| &s.count_unfinished)
-    }
-
-    fn job_count(&mut self) -> Result<u64, DeliverError> {
-        self.count("counting jobs", |s| &s.job_count)
-    }
-
-    fn max_id(&mut self) -> Result<Option<Ksuid>, DeliverError> {
-        let id = on_conn!(self.session, c => async {
-            let row = sqlx::query(&self.sql.max_id).fetch_optional(&mut *c).await?;
-            row.map(|r| r.bytes(0)).transpose()
-        })
-        .map_err(|e| self.fail("reading the largest id", e))?;
-        Ok(id.and_then(|b| Ksuid::from_slice(&b)))
-    }
-
-    fn stats(&mut self) -> Result<Vec<(String, JobState, u64)>, DeliverError> {
-        on_conn!(self.session, c => async {
-            let rows = sqlx::query(&self.sql.stats).fetch_all(&mut *c).await?;
-            rows.iter()
-                .map(|r| Ok((r.text(0)?, parse_state(&r.text(1)?), r.int(2)? as u64)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(|e| self.fail("counting states", e))
-    }
-
-    fn created_at(&mut self) -> Result<i64, DeliverError> {
-        let seq = self.seq as i64;
-        let found = on_conn!(self.session, c => async {
-            let row = sqlx::query(&self.sql.created_at).bind(seq).fetch_optional(&mut *c).await?;
-            row.map(|r| r.int(0)).transpose()
-        })
-        .map_err(|e| self.fail("reading jobdb_registry", e))?;
-        found.ok_or_else(|| DeliverError::Corrupt(format!("{}: no row in jobdb_registry", self.name)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn statements_are_split_by_rows_and_bytes() {
-        assert!(statement_chunks(&[]).is_empty());
-        assert_eq!(statement_chunks(&[10; 2500]), [0..1000, 1000..2000, 2000..2500]);
-        let mb = 1 << 20;
-        assert_eq!(statement_chunks(&[mb, mb, mb, mb, mb, 10 * mb, 1]), [0..4, 4..5, 5..6, 6..7], "a large row goes alone");
-        assert_eq!(value_rows(2, 2), "(?, ?), (?, ?)");
-    }
-
-    #[test]
     fn placeholders_are_numbered_for_postgres() {
         assert_eq!(numbered("a = ? AND b = ? LIMIT ?"), "a = $1 AND b = $2 LIMIT $3");
-    }
-
-    #[test]
-    fn the_idempotency_key_is_length_prefixed() {
-        assert_ne!(idempotency_key("ab", "c", 0), idempotency_key("a", "bc", 0));
-        assert_ne!(idempotency_key("a", "b", 0), idempotency_key("a", "b", 1));
-        assert_eq!(idempotency_key("a", "b", 0), idempotency_key("a", "b", 0));
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The operations a JobDB backend provides, whatever stores it: an SQLite
-//! file ([`JobDb`]) or a table set in MySQL/MariaDB or PostgreSQL
-//! ([`crate::sqljobdb::SqlJobDb`]).
+//! The operations a JobDB provides, whatever stores it: an SQLite file or a
+//! table set in MySQL/MariaDB or PostgreSQL (one implementation for the
+//! three: [`crate::jobdb::JobDb`]; a trait so tests and tools can wrap it).
 //!
 //! Invariants every implementation keeps (the suite in
 //! `tests/jobstore_suite.rs` checks them against each engine):

@@ -32,7 +32,7 @@ fn no_operation_updates_or_deletes_job_rows_and_the_triggers_refuse_anyone_who_t
     let mut db = JobDb::open(&path).unwrap();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
-    db.connection().authorizer(Some(move |ctx: AuthContext<'_>| {
+    db.sqlite_connection().expect("an SQLite JobDB").authorizer(Some(move |ctx: AuthContext<'_>| {
         let what = match ctx.action {
             AuthAction::Update { table_name, column_name } => Some(format!("UPDATE {table_name}.{column_name}")),
             AuthAction::Delete { table_name } => Some(format!("DELETE {table_name}")),

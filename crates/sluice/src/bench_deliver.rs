@@ -675,7 +675,7 @@ fn fill(path: &Path, n: u64, bytes: usize) -> Result<()> {
         }
         db.commit()?;
     }
-    db.connection().execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    db.sqlite_connection().expect("an SQLite JobDB").execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     Ok(())
 }
 

@@ -1,0 +1,314 @@
+//! One way to run statements on the three SQL engines: an SQLite file
+//! (rusqlite) or a MySQL/MariaDB or PostgreSQL server (sqlx, one connection
+//! on its own current-thread runtime: [`crate::sqljobdb::Session`]).
+//!
+//! The JobDBs ([`crate::jobdb::JobDb`]) and the control tables are written
+//! once against this module; what differs per engine lives in
+//! [`crate::schema::Dialect`] (DDL, upserts, triggers) and here (binding,
+//! decoding, errors).
+//!
+//! Invariants:
+//! - Statements are written with `?` placeholders and identifiers that
+//!   need no quoting; [`Dialect::placeholders`] numbers them for PostgreSQL
+//!   once, where the statement is built (callers keep built statements).
+//! - Methods block: they run on a JobDB's writer thread or in
+//!   `spawn_blocking`, never on an async executor thread.
+//! - SQLite statements go through the connection's prepared-statement cache,
+//!   so a statement text built once costs one parse per connection.
+//! - PostgreSQL `TEXT` cannot hold NUL: a NUL in a text argument is sent as
+//!   U+FFFD (SQLite and MySQL store it as given). Keys derived from text
+//!   (the servers' idempotency key) are computed from the original.
+//! - Reads go through [`SqlRow`], whose getters read a column the same way
+//!   on every engine (MySQL's binary-collated text as checked UTF-8,
+//!   PostgreSQL's 32-bit integers widened).
+
+use std::borrow::Cow;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use sqlx::mysql::MySqlRow;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use crate::schema::Dialect;
+use crate::sqljobdb::{Conn, Session};
+use crate::DeliverError;
+
+/// What a statement failed with, on either stack.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SqlError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Server(#[from] sqlx::Error),
+    /// A column that cannot be read as its type (e.g. NULL where a value belongs).
+    #[error("column {index}: {problem}")]
+    Decode { index: usize, problem: String },
+}
+
+impl SqlError {
+    /// A unique-index violation on the index whose name contains `index`
+    /// (servers: SQLite statements skip duplicates with `OR IGNORE`).
+    pub(crate) fn is_duplicate(&self, index: &str) -> bool {
+        match self {
+            SqlError::Server(sqlx::Error::Database(d)) => d.is_unique_violation() && d.message().contains(index),
+            _ => false,
+        }
+    }
+
+    /// The connection to a server is gone (open a new one before the next transaction).
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        matches!(self, SqlError::Server(sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed))
+    }
+
+    /// The crate's error, naming the database (`name`: a file or a server's
+    /// URL without password, plus what was done).
+    pub(crate) fn named(self, name: impl Into<String>) -> DeliverError {
+        match self {
+            SqlError::Sqlite(source) => DeliverError::Sqlite { path: name.into(), source },
+            SqlError::Server(source) => DeliverError::Sql { jobdb: name.into(), source },
+            SqlError::Decode { index, problem } => DeliverError::Corrupt(format!("{}: column {index}: {problem}", name.into())),
+        }
+    }
+}
+
+/// One statement argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Int(i64),
+    OptInt(Option<i64>),
+    /// A 32-bit column (PostgreSQL checks the width of what it is sent).
+    OptInt32(Option<i32>),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Bytes(&'a [u8]),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::Int(v)
+    }
+}
+impl From<Option<i64>> for Arg<'_> {
+    fn from(v: Option<i64>) -> Self {
+        Arg::OptInt(v)
+    }
+}
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::Text(v)
+    }
+}
+impl<'a> From<&'a String> for Arg<'a> {
+    fn from(v: &'a String) -> Self {
+        Arg::Text(v)
+    }
+}
+impl<'a> From<Option<&'a str>> for Arg<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        Arg::OptText(v)
+    }
+}
+impl<'a> From<&'a [u8]> for Arg<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Arg::Bytes(v)
+    }
+}
+
+impl rusqlite::ToSql for Arg<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Arg::Int(v) | Arg::OptInt(Some(v)) => ValueRef::Integer(v),
+            Arg::OptInt32(Some(v)) => ValueRef::Integer(v.into()),
+            Arg::Text(v) | Arg::OptText(Some(v)) => ValueRef::Text(v.as_bytes()),
+            Arg::Bytes(v) => ValueRef::Blob(v),
+            Arg::OptInt(None) | Arg::OptInt32(None) | Arg::OptText(None) => ValueRef::Null,
+        }))
+    }
+}
+
+/// PostgreSQL text without NUL (see the module docs).
+fn pg_text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// Bind `args` to a sqlx query, for whichever engine `$q` is of.
+macro_rules! bind_args {
+    ($q:expr, $args:expr, $text:expr) => {{
+        let mut q = $q;
+        for arg in $args {
+            q = match *arg {
+                Arg::Int(v) => q.bind(v),
+                Arg::OptInt(v) => q.bind(v),
+                Arg::OptInt32(v) => q.bind(v),
+                Arg::Text(v) => q.bind($text(v)),
+                Arg::OptText(v) => q.bind(v.map($text)),
+                Arg::Bytes(v) => q.bind(v),
+            };
+        }
+        q
+    }};
+}
+
+/// Reading a row's columns the same way from every engine.
+pub(crate) trait SqlRow {
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError>;
+    fn int(&self, i: usize) -> Result<i64, SqlError> {
+        self.opt_int(i)?.ok_or(SqlError::Decode { index: i, problem: "unexpected NULL".into() })
+    }
+    fn text(&self, i: usize) -> Result<String, SqlError> {
+        self.opt_text(i)?.ok_or(SqlError::Decode { index: i, problem: "unexpected NULL".into() })
+    }
+}
+
+impl SqlRow for rusqlite::Row<'_> {
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl SqlRow for MySqlRow {
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError> {
+        Ok(self.try_get(i)?)
+    }
+    /// Columns with a binary collation (ours: `utf8mb4_bin`, so comparisons
+    /// are exact) carry MySQL's BINARY flag, which sqlx will not decode as a
+    /// `String`: read the bytes and check they are UTF-8.
+    fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError> {
+        let raw: Option<Vec<u8>> = self.try_get(i)?;
+        raw.map(|b| String::from_utf8(b).map_err(|e| SqlError::Decode { index: i, problem: e.to_string() })).transpose()
+    }
+}
+
+impl SqlRow for PgRow {
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError> {
+        Ok(self.try_get(i)?)
+    }
+    /// `BIGINT` or `INTEGER` (sqlx decodes PostgreSQL integers only at their own width).
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError> {
+        match self.try_get::<Option<i64>, _>(i) {
+            Ok(v) => Ok(v),
+            Err(wide) => self.try_get::<Option<i32>, _>(i).map(|v| v.map(i64::from)).map_err(|_| SqlError::Server(wide)),
+        }
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+/// A connection to one engine.
+pub(crate) enum Connection {
+    Sqlite(rusqlite::Connection),
+    Server(Box<Session>),
+}
+
+impl Connection {
+    pub(crate) fn dialect(&self) -> Dialect {
+        match self {
+            Connection::Sqlite(_) => Dialect::Sqlite,
+            Connection::Server(s) => match s.conn {
+                Conn::MySql(_) => Dialect::MySql,
+                Conn::Postgres(_) => Dialect::Postgres,
+            },
+        }
+    }
+
+    /// Run statements without arguments or results (`BEGIN`, DDL), one by one.
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), SqlError> {
+        match self {
+            Connection::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Connection::Server(s) => {
+                match &mut s.conn {
+                    Conn::MySql(c) => _ = s.rt.block_on(sqlx::raw_sql(sql).execute(&mut *c))?,
+                    Conn::Postgres(c) => _ = s.rt.block_on(sqlx::raw_sql(sql).execute(&mut *c))?,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Run `sql` (a statement of this connection's dialect) with `args`; the rows it changed.
+    pub(crate) fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, SqlError> {
+        match self {
+            Connection::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                for (i, arg) in args.iter().enumerate() {
+                    stmt.raw_bind_parameter(i + 1, arg)?;
+                }
+                Ok(stmt.raw_execute()? as u64)
+            }
+            Connection::Server(s) => Ok(match &mut s.conn {
+                Conn::MySql(c) => s.rt.block_on(bind_args!(sqlx::query(sql), args, Cow::Borrowed).execute(&mut *c))?.rows_affected(),
+                Conn::Postgres(c) => s.rt.block_on(bind_args!(sqlx::query(sql), args, pg_text).execute(&mut *c))?.rows_affected(),
+            }),
+        }
+    }
+
+    /// Run the query `sql` with `args`, reading each row with `read`.
+    pub(crate) fn query<T>(
+        &mut self,
+        sql: &str,
+        args: &[Arg<'_>],
+        mut read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>,
+    ) -> Result<Vec<T>, SqlError> {
+        match self {
+            Connection::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                for (i, arg) in args.iter().enumerate() {
+                    stmt.raw_bind_parameter(i + 1, arg)?;
+                }
+                let mut rows = stmt.raw_query();
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    out.push(read(row)?);
+                }
+                Ok(out)
+            }
+            Connection::Server(s) => match &mut s.conn {
+                Conn::MySql(c) => {
+                    let rows = s.rt.block_on(bind_args!(sqlx::query(sql), args, Cow::Borrowed).fetch_all(&mut *c))?;
+                    rows.iter().map(|r| read(r)).collect()
+                }
+                Conn::Postgres(c) => {
+                    let rows = s.rt.block_on(bind_args!(sqlx::query(sql), args, pg_text).fetch_all(&mut *c))?;
+                    rows.iter().map(|r| read(r)).collect()
+                }
+            },
+        }
+    }
+
+    /// The first row of [`Connection::query`], if any.
+    pub(crate) fn query_one<T>(
+        &mut self,
+        sql: &str,
+        args: &[Arg<'_>],
+        read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>,
+    ) -> Result<Option<T>, SqlError> {
+        Ok(self.query(sql, args, read)?.into_iter().next())
+    }
+}
+
+impl Dialect {
+    /// `sql` with its `?` placeholders as this engine wants them
+    /// (PostgreSQL: `$1, $2, …`; our statements have no `?` in literals).
+    pub(crate) fn placeholders(self, sql: &str) -> String {
+        match self {
+            Dialect::Sqlite | Dialect::MySql => sql.to_owned(),
+            Dialect::Postgres => crate::sqljobdb::numbered(sql),
+        }
+    }
+}
