@@ -312,3 +312,131 @@ impl Dialect {
         }
     }
 }
+
+impl Connection {
+    /// Insert one row (`sql`: an `INSERT` into a table whose key is an
+    /// auto-assigned `id`) and return that id.
+    pub(crate) fn insert_returning_id(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<i64, SqlError> {
+        if self.dialect() == Dialect::Postgres {
+            let id = self.query_one(&format!("{sql} RETURNING id"), args, |r| r.int(0))?;
+            return id.ok_or(SqlError::Decode { index: 0, problem: "INSERT … RETURNING id returned no row".into() });
+        }
+        match self {
+            Connection::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                for (i, arg) in args.iter().enumerate() {
+                    stmt.raw_bind_parameter(i + 1, arg)?;
+                }
+                stmt.raw_execute()?;
+                Ok(c.last_insert_rowid())
+            }
+            Connection::Server(s) => match &mut s.conn {
+                // MySQL has no RETURNING (MariaDB's differs): the session's last id.
+                Conn::MySql(c) => {
+                    let done = s.rt.block_on(bind_args!(sqlx::query(sql), args, Cow::Borrowed).execute(&mut *c))?;
+                    Ok(done.last_insert_id() as i64)
+                }
+                Conn::Postgres(_) => unreachable!("answered above"),
+            },
+        }
+    }
+
+    /// Create tables with `ddl` (idempotent): SQLite in one batch; the
+    /// servers under the schema lock ([`crate::sqljobdb::CreateSchema`]).
+    pub(crate) fn create_schema(&mut self, ddl: &[String]) -> Result<(), SqlError> {
+        use crate::sqljobdb::CreateSchema;
+        match self {
+            Connection::Sqlite(c) => Ok(c.execute_batch(&ddl.join(";\n"))?),
+            Connection::Server(s) => {
+                match &mut s.conn {
+                    Conn::MySql(c) => s.rt.block_on(c.create_schema(ddl))?,
+                    Conn::Postgres(c) => s.rt.block_on(c.create_schema(ddl))?,
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How a [`SharedConnection`] connects.
+pub(crate) enum Connector {
+    /// An SQLite file (WAL, 5 s busy timeout), created if missing.
+    SqliteFile(std::path::PathBuf),
+    Server(Box<crate::sqljobdb::SqlJobDbs>),
+}
+
+impl Connector {
+    fn connect(&self) -> Result<Connection, DeliverError> {
+        match self {
+            Connector::SqliteFile(path) => {
+                let e = |source| DeliverError::Sqlite { path: path.display().to_string(), source };
+                let conn = rusqlite::Connection::open(path).map_err(e)?;
+                conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
+                conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
+                Ok(Connection::Sqlite(conn))
+            }
+            Connector::Server(dbs) => Ok(Connection::Server(Box::new(dbs.connect()?))),
+        }
+    }
+
+    /// The file, or the server's URL without password.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Connector::SqliteFile(path) => path.display().to_string(),
+            Connector::Server(dbs) => dbs.display().to_owned(),
+        }
+    }
+
+    pub(crate) fn dialect(&self) -> Dialect {
+        match self {
+            Connector::SqliteFile(_) => Dialect::Sqlite,
+            Connector::Server(dbs) => dbs.engine().into(),
+        }
+    }
+}
+
+/// A connection shared by the callers of one component (the control
+/// tables): connected on first use, used by one caller at a time, and
+/// dropped after any error — with any transaction open on it — so that
+/// the next call connects again. Its methods block; a server's session
+/// runs on a scoped thread when called from async code
+/// ([`crate::sqljobdb::off_runtime`]: its own runtime cannot block there).
+pub(crate) struct SharedConnection {
+    connector: Connector,
+    /// Names the component in errors ("control database").
+    component: &'static str,
+    slot: std::sync::Mutex<Option<Connection>>,
+}
+
+impl SharedConnection {
+    pub(crate) fn new(connector: Connector, component: &'static str) -> SharedConnection {
+        SharedConnection { connector, component, slot: std::sync::Mutex::new(None) }
+    }
+
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Run `f` on the connection (connecting first if there is none); after
+    /// an error the connection is dropped. `what` says what `f` does, for the error.
+    pub(crate) fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, DeliverError> {
+        // A panic in another caller leaves the slot as it was: at worst a
+        // connection in an unknown state, which the next error drops.
+        let mut guard = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = &mut *guard;
+        let body = move || {
+            if slot.is_none() {
+                *slot = Some(self.connector.connect()?);
+            }
+            let conn = slot.as_mut().expect("connected above");
+            f(conn).map_err(|e| {
+                *slot = None;
+                e.named(format!("{} ({}: {what})", self.connector.describe(), self.component))
+            })
+        };
+        match self.connector {
+            Connector::SqliteFile(_) => body(),
+            Connector::Server(_) => crate::sqljobdb::off_runtime(body),
+        }
+    }
+}

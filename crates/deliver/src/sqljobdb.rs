@@ -187,9 +187,7 @@ pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 /// Reading a row's columns the same way from either engine.
 pub(crate) trait SqlRow {
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error>;
     fn int(&self, i: usize) -> Result<i64, sqlx::Error>;
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error>;
     fn text(&self, i: usize) -> Result<String, sqlx::Error> {
         self.opt_text(i)?.ok_or_else(|| sqlx::Error::ColumnDecode { index: i.to_string(), source: "unexpected NULL".into() })
     }
@@ -197,13 +195,7 @@ pub(crate) trait SqlRow {
 }
 
 impl SqlRow for MySqlRow {
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error> {
-        self.try_get(i)
-    }
     fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
         self.try_get(i)
     }
     /// Columns with a binary collation (ours: `utf8mb4_bin`, so comparisons
@@ -216,13 +208,7 @@ impl SqlRow for MySqlRow {
 }
 
 impl SqlRow for PgRow {
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error> {
-        self.try_get(i)
-    }
     fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
         self.try_get(i)
     }
     fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {

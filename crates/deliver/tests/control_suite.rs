@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use common::{Backend, Engine};
 use sluice_core::Config;
-use sluice_deliver::control::sql::TABLE_PREFIX;
+use sluice_deliver::control::TABLE_PREFIX;
 use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
 use sqlx::{Connection, Row};

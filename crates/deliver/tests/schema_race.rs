@@ -17,7 +17,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 
 use common::{Backend, Engine};
-use sluice_deliver::control::sql::SqlControl;
+use sluice_deliver::control::ControlDb;
 use sluice_deliver::directory::Directory;
 use sluice_deliver::sqljobdb::SqlJobDbs;
 
@@ -38,7 +38,7 @@ fn concurrent_openers_all_succeed(engine: Engine) {
                 barrier.wait();
                 let result = match i % 3 {
                     0 => common::runtime().block_on(Directory::connect(&url)).map(drop),
-                    1 => SqlControl::open(&url, &data_dir).map(drop),
+                    1 => ControlDb::open_url(&url, &data_dir).map(drop),
                     _ => SqlJobDbs::new(&url).and_then(|dbs| {
                         let dbs = dbs.scoped("director_a");
                         dbs.list()?;

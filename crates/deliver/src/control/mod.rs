@@ -18,9 +18,10 @@
 //! - `destination_qos` rows are created once per destination and never
 //!   overwritten by the config: an operator's pause survives restarts.
 //!
-//! [`ControlDb`] is the front over the two backends: `sqlite.rs` (the
-//! file) and [`sql`] (MySQL/MariaDB, PostgreSQL); [`Catalog`]
-//! (`catalog.rs`) is the in-memory view the rest of the process reads.
+//! [`ControlDb`] is the front; `tables.rs` holds its one implementation for
+//! the three engines (the SQLite file; MySQL/MariaDB, PostgreSQL);
+//! [`Catalog`] (`catalog.rs`) is the in-memory view the rest of the
+//! process reads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -33,11 +34,11 @@ use crate::gate::Qos;
 use crate::DeliverError;
 
 mod catalog;
-pub mod sql;
-mod sqlite;
+mod tables;
 
 pub use catalog::{Catalog, CatalogSnapshot};
-use sqlite::SqliteControl;
+use tables::Tables;
+pub use tables::{table_names, TABLE_PREFIX};
 
 /// How often directors and the route re-read the control database.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
@@ -49,14 +50,9 @@ pub fn control_path(data_dir: &Path) -> PathBuf {
 /// A connection to the control database: the SQLite file, or the tables
 /// `sluice_control_*` of the `deliver.jobdb_url` database ([`sql`]).
 pub struct ControlDb {
-    backend: Backend,
+    tables: Tables,
     /// The dead-letter store's bounds (see [`DeadLetterLimits`]).
     dead_letter_limits: Mutex<DeadLetterLimits>,
-}
-
-enum Backend {
-    Sqlite(SqliteControl),
-    Sql(Box<sql::SqlControl>),
 }
 
 /// A replay request.
@@ -254,20 +250,17 @@ impl<'a> BoundedDeadLetter<'a> {
     }
 }
 
-/// Call the same method on whichever backend.
-macro_rules! delegate {
-    ($self:ident, $db:ident => $call:expr) => {
-        match &$self.backend {
-            Backend::Sqlite($db) => $call,
-            Backend::Sql($db) => $call,
-        }
-    };
-}
-
 impl ControlDb {
     /// Open the SQLite control database at `path` (creating it).
     pub fn open(path: &Path) -> Result<ControlDb, DeliverError> {
-        Ok(ControlDb { backend: Backend::Sqlite(SqliteControl::open(path)?), dead_letter_limits: Mutex::new(DeadLetterLimits::default()) })
+        Ok(ControlDb { tables: Tables::open_file(path)?, dead_letter_limits: Mutex::new(DeadLetterLimits::default()) })
+    }
+
+    /// Open the control tables `sluice_control_*` of the database at `url`
+    /// (created if missing); `data_dir` keeps this process's replay claimant
+    /// id (`control.owner`). Blocks.
+    pub fn open_url(url: &str, data_dir: &Path) -> Result<ControlDb, DeliverError> {
+        Ok(ControlDb { tables: Tables::open_server(url, data_dir)?, dead_letter_limits: Mutex::new(DeadLetterLimits::default()) })
     }
 
     /// Open `config`'s control database: the tables `sluice_control_*` of
@@ -276,10 +269,7 @@ impl ControlDb {
     /// `data_dir/control.sqlite`. Blocks.
     pub fn open_for(config: &Config) -> Result<ControlDb, DeliverError> {
         let db = match &config.deliver.jobdb_url {
-            Some(url) => ControlDb {
-                backend: Backend::Sql(Box::new(sql::SqlControl::open(url.as_str(), &config.server.data_dir)?)),
-                dead_letter_limits: Mutex::new(DeadLetterLimits::default()),
-            },
+            Some(url) => ControlDb::open_url(url.as_str(), &config.server.data_dir)?,
             None => ControlDb::open(&control_path(&config.server.data_dir))?,
         };
         // A dead letter keeps what ingest can accept; more is cut (and marked truncated).
@@ -289,84 +279,78 @@ impl ControlDb {
 
     /// Where the control database is (a path, or the URL without password).
     pub fn location(&self) -> String {
-        match &self.backend {
-            Backend::Sqlite(db) => db.path.display().to_string(),
-            Backend::Sql(db) => db.location(),
-        }
+        self.tables.location()
     }
 
     /// Replace the config-seeded sources, destinations and connections with
     /// `config`'s (API rows and API deletions win; QoS rows only created).
     pub fn seed(&mut self, config: &Config) -> Result<(), DeliverError> {
-        match &mut self.backend {
-            Backend::Sqlite(db) => db.seed(config),
-            Backend::Sql(db) => db.seed(config),
-        }
+        self.tables.seed(config)
     }
 
     /// The current sources, destinations, connections and QoS.
     pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
-        delegate!(self, db => db.read())
+        self.tables.read()
     }
 
     /// Create a source; false when its id or write key is taken.
     pub fn insert_source(&self, src: &SourceConfig) -> Result<bool, DeliverError> {
-        delegate!(self, db => db.insert_source(src))
+        self.tables.insert_source(src)
     }
 
     /// Create or replace a source (as the admin API's: the config will not overwrite it).
     pub fn put_source(&self, src: &SourceConfig) -> Result<(), DeliverError> {
-        delegate!(self, db => db.put_source(src))
+        self.tables.put_source(src)
     }
 
     /// Enable or disable a source; false when there is no such source.
     pub fn set_source_disabled(&self, id: &str, disabled: bool) -> Result<bool, DeliverError> {
-        delegate!(self, db => db.set_source_disabled(id, disabled))
+        self.tables.set_source_disabled(id, disabled)
     }
 
     /// Create or replace a destination (and its QoS row if new).
     pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
-        delegate!(self, db => db.put_destination(d))
+        self.tables.put_destination(d)
     }
 
     /// Delete a destination and its connections; false when there is none.
     pub fn delete_destination(&self, id: &str) -> Result<bool, DeliverError> {
-        delegate!(self, db => db.delete_destination(id))
+        self.tables.delete_destination(id)
     }
 
     pub fn put_connection(&self, source: &str, destination: &str) -> Result<(), DeliverError> {
-        delegate!(self, db => db.put_connection(source, destination))
+        self.tables.put_connection(source, destination)
     }
 
     /// Delete a connection; the config will not bring it back. False when there is none.
     pub fn delete_connection(&self, source: &str, destination: &str) -> Result<bool, DeliverError> {
-        delegate!(self, db => db.delete_connection(source, destination))
+        self.tables.delete_connection(source, destination)
     }
 
     /// Set the QoS of a destination (every column; `None` = the configured value).
     pub fn put_qos(&self, destination: &str, q: &Qos) -> Result<(), DeliverError> {
-        delegate!(self, db => db.put_qos(destination, q))
+        self.tables.put_qos(destination, q)
     }
 
     /// File a replay request; its id.
     pub fn request_replay(&self, destination: &str, since_ms: i64) -> Result<i64, DeliverError> {
-        delegate!(self, db => db.request_replay(destination, since_ms))
+        self.tables.request_replay(destination, since_ms)
     }
 
     pub fn replay(&self, id: i64) -> Result<Option<Replay>, DeliverError> {
-        delegate!(self, db => db.replay(id))
+        self.tables.replay(id)
     }
 
     /// Replays for this process to run: not finished (pending, or running
     /// when the process stopped). In a shared SQL database each pending
     /// replay is first claimed by one process (the first to ask), and only
-    /// that process's replays are returned (see [`sql`]).
+    /// that process's replays are returned (see `tables.rs`).
     pub fn unfinished_replays(&self) -> Result<Vec<Replay>, DeliverError> {
-        delegate!(self, db => db.unfinished_replays())
+        self.tables.unfinished_replays()
     }
 
     pub fn update_replay(&self, id: i64, state: &str, events: i64, jobs: i64, error: Option<&str>) -> Result<(), DeliverError> {
-        delegate!(self, db => db.update_replay(id, state, events, jobs, error))
+        self.tables.update_replay(id, state, events, jobs, error)
     }
 
     /// The dead-letter store's bounds.
@@ -390,41 +374,41 @@ impl ControlDb {
         }
         let limits = self.dead_letter_limits();
         let bounded: Vec<BoundedDeadLetter<'_>> = letters.iter().map(|l| BoundedDeadLetter::of(l, &limits)).collect();
-        delegate!(self, db => db.insert_dead_letters(&bounded, &limits))
+        self.tables.insert_dead_letters(&bounded, &limits)
     }
 
     /// Up to `limit` dead letters with ids below `before` (all: `None`),
     /// newest first, each with a payload excerpt.
     pub fn dead_letters(&self, before: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
-        delegate!(self, db => db.dead_letters(before.unwrap_or(i64::MAX), limit.clamp(1, 1000)))
+        self.tables.dead_letters(before.unwrap_or(i64::MAX), limit.clamp(1, 1000))
     }
 
     /// One dead letter, whole.
     pub fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, DeliverError> {
-        delegate!(self, db => db.dead_letter(id))
+        self.tables.dead_letter(id)
     }
 
     pub fn dead_letter_counts(&self) -> Result<DeadLetterCounts, DeliverError> {
-        delegate!(self, db => db.dead_letter_counts())
+        self.tables.dead_letter_counts()
     }
 
     /// Ask for dead letter `id` (or every open one: `None`) to be replayed
     /// by the route; the number of rows marked (0: no such open row).
     pub fn request_dead_letter_replay(&self, id: Option<i64>) -> Result<u64, DeliverError> {
-        delegate!(self, db => db.mark_dead_letters("replay_requested_at_ms = ?, claimed_by = NULL", id))
+        self.tables.mark_dead_letters("replay_requested_at_ms = ?, claimed_by = NULL", id)
     }
 
     /// Give up on dead letter `id` (or every open one): it stays listed as
     /// discarded until the cap makes room. The number of rows marked.
     pub fn discard_dead_letters(&self, id: Option<i64>) -> Result<u64, DeliverError> {
-        delegate!(self, db => db.mark_dead_letters("discarded_at_ms = ?, replay_requested_at_ms = NULL", id))
+        self.tables.mark_dead_letters("discarded_at_ms = ?, replay_requested_at_ms = NULL", id)
     }
 
     /// Dead letters whose replay was requested, for this process to run (up
     /// to `limit`, oldest first, whole). In a shared SQL database each is
     /// first claimed by one process, as replays are.
     pub fn claim_dead_letter_replays(&self, limit: usize) -> Result<Vec<DeadLetter>, DeliverError> {
-        delegate!(self, db => db.claim_dead_letter_replays(limit.clamp(1, 1000)))
+        self.tables.claim_dead_letter_replays(limit.clamp(1, 1000))
     }
 
     /// Record a replay's outcome: `Ok(jobs made)` marks it replayed;
@@ -434,7 +418,7 @@ impl ControlDb {
             Ok(jobs) => (Some(crate::now_ms()), Some(jobs), None),
             Err(e) => (None, None, Some(clip(e, DEAD_LETTER_MAX_REASON_CHARS))),
         };
-        delegate!(self, db => db.finish_dead_letter_replay(id, replayed, jobs, error.as_deref()))
+        self.tables.finish_dead_letter_replay(id, replayed, jobs, error.as_deref())
     }
 }
 
