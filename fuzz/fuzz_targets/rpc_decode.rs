@@ -1,4 +1,4 @@
-//! The route → director RPC's wire format (`sluice_route::rpc`): bytes
+//! The route → director RPC's wire format (`sluice_deliver::cluster`): bytes
 //! decoded as the director's server decodes a body
 //! (`serde_json::from_slice::<InsertRequest>`), each job turned into a
 //! `NewJob` as the server hands it to `Centrifuge::insert`; and the
@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use sluice_deliver::NewJob;
-use sluice_route::rpc::{encode_requests, InsertRequest, RpcSecret, WireJob};
+use sluice_deliver::cluster::{encode_requests, InsertRequest, RpcSecret, WireJob};
 
 fn same(a: &WireJob, b: &WireJob) -> bool {
     serde_json::to_value(a).unwrap() == serde_json::to_value(b).unwrap()

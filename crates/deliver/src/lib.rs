@@ -11,7 +11,10 @@
 //! fairly across (source, destination) pairs, within each destination's
 //! limits ([`gate`]). The [`centrifuge`] rotates JobDBs and deletes finished
 //! ones whole. Destinations, connections and `destination_qos` live in the
-//! control database ([`control`]), seeded from the config.
+//! control database ([`control`]), seeded from the config. With separate
+//! route and director processes, the [`cluster`] module is the RPC between
+//! them, the directory of directors, and the adoption of a dead director's
+//! JobDBs.
 //!
 //! Commit points (ARCHITECTURE.md): a job exists once its insert commits
 //! (the route commits its `output` offset only after); a request is sent only
@@ -20,9 +23,9 @@
 pub mod archive;
 pub mod backend;
 pub mod centrifuge;
+pub mod cluster;
 pub mod control;
 pub mod director;
-pub mod directory;
 pub mod executor;
 pub mod gate;
 pub mod inspect;
@@ -69,6 +72,20 @@ pub enum DeliverError {
     Http(String),
     #[error("the JobDB is closed")]
     Closed,
+    /// The director cluster's refusals: a missing `deliver.jobdb_url` or
+    /// `director.rpc_secret`, an unreadable `director.tls_*` file, a
+    /// `director.name` already running.
+    #[error("{0}")]
+    Cluster(String),
+    /// Handing jobs to a director over RPC failed (the route's batch is retried).
+    #[error("handing jobs to a director failed: {0}")]
+    Rpc(String),
+    #[error("cannot listen on {addr} (director.rpc_listen)")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot open this director's JobDBs")]
+    OwnJobDbs(#[source] Box<DeliverError>),
+    #[error(transparent)]
+    Tls(#[from] sluice_ingest::tls::TlsError),
 }
 
 pub use sluice_core::clock::now_ms;

@@ -17,8 +17,8 @@ mod common;
 use std::sync::{Arc, Barrier};
 
 use common::{Backend, Engine};
+use sluice_deliver::cluster::Directory;
 use sluice_deliver::control::ControlDb;
-use sluice_deliver::directory::Directory;
 use sluice_deliver::sqljobdb::SqlJobDbs;
 
 const ROUNDS: usize = 20;

@@ -21,13 +21,12 @@ mod dead_letter;
 
 pub mod plan;
 
-pub mod rpc;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_core::metrics::{latency_buckets, Counter, Family, Gauge, Histogram, Registry};
 use sluice_core::Shutdown;
+use sluice_deliver::cluster::DirectorClient;
 use sluice_deliver::{Catalog, Centrifuge, NewJob};
 use sluice_log::{Checkpoint, Log, LogError};
 
@@ -53,7 +52,8 @@ pub enum RouteError {
 }
 
 /// Where the route hands jobs over: the local Centrifuge (`sluice serve`)
-/// or remote directors over RPC (`sluice route`). `insert` returns only once
+/// or remote directors over RPC (`sluice route`,
+/// [`sluice_deliver::cluster::DirectorClient`]). `insert` returns only once
 /// the jobs are committed to a JobDB; the route commits its `output` offset
 /// after that.
 #[async_trait::async_trait]
@@ -66,6 +66,16 @@ impl JobSink for Centrifuge {
     async fn insert_jobs(&self, jobs: Vec<NewJob>, oldest_event_ms: i64) -> Result<(), RouteError> {
         self.insert(jobs, oldest_event_ms).await?;
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl JobSink for DirectorClient {
+    async fn insert_jobs(&self, jobs: Vec<NewJob>, oldest_event_ms: i64) -> Result<(), RouteError> {
+        self.insert(jobs, oldest_event_ms).await.map_err(|e| match e {
+            sluice_deliver::DeliverError::Rpc(message) => RouteError::Director(message),
+            other => RouteError::Deliver(other),
+        })
     }
 }
 

@@ -11,8 +11,8 @@ use sluice_admin::views::{job_json, without_password};
 use sluice_core::config::Flags;
 use sluice_core::metrics::Registry;
 use sluice_core::{Config, Shutdown};
+use sluice_deliver::cluster::{self, DirectorClient, DirectorNode, Directory};
 use sluice_deliver::control::ControlDb;
-use sluice_deliver::directory::Directory;
 use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 use sluice_log::Log;
 use sluice_route::{RouteMetrics, RouteSettings};
@@ -24,20 +24,20 @@ use crate::ConfigArgs;
 pub struct Running {
     /// The JobDBs of `sluice serve` (route and director in one process).
     pub centrifuge: Option<Arc<Centrifuge>>,
-    /// A separate director's RPC server, which holds its current JobDBs.
-    director_rpc: Option<Arc<sluice_route::rpc::RpcServer>>,
+    /// A separate director: its RPC server (which holds its current JobDBs)
+    /// and its entry in the directory, marked stopped at stop.
+    director_node: Option<DirectorNode>,
     tasks: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
     stop: Shutdown,
-    /// A separate director's entry in the directory, removed at stop.
-    registered: Option<(Directory, String)>,
 }
 
 /// Start the route (one task per owned `output` partition, and the replay
 /// runner) and/or the director (JobDBs, directors). In one process the route
 /// hands jobs to the local Centrifuge; a separate `sluice route` sends them
 /// to the live directors over RPC, and a separate `sluice director` serves
-/// that RPC and registers itself in the directory (`deliver.jobdb_url`).
+/// that RPC and registers itself in the directory (`deliver.jobdb_url`):
+/// both are `sluice_deliver::cluster`, wired here.
 pub async fn start(
     config: &Config,
     log: Arc<dyn Log>,
@@ -51,8 +51,7 @@ pub async fn start(
     // loops that are simply aborted.
     let mut tasks = Vec::new();
     let mut housekeeping = Vec::new();
-    let mut registered = None;
-    let mut director_rpc = None;
+    let mut director_node = None;
     let centrifuge = if director && route {
         // One process: one unscoped set of JobDBs, no RPC.
         let metrics = DeliverMetrics::default();
@@ -62,17 +61,14 @@ pub async fn start(
         housekeeping.push(centrifuge.spawn_housekeeping());
         Some(centrifuge)
     } else if director {
-        let secret = rpc_secret(config)?;
+        // The director cluster's side of this process (sluice_deliver::cluster).
+        let secret = cluster::rpc_secret(config)?;
         let metrics = DeliverMetrics::default();
         metrics.register(registry);
-        let directory = Directory::connect(jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
-        let name = config.director.name.clone();
-        let centrifuge = open_own_jobdbs(config, &catalog, &metrics, &directory, Some(Duration::from_secs(300))).await?;
-        let rpc = sluice_route::rpc::RpcServer::new(centrifuge.clone(), secret);
-        tasks.push(serve_director_rpc(config, rpc.clone(), catalog.clone(), metrics.clone(), directory.clone(), stop.clone()).await?);
-        tasks.push(tokio::spawn(adopt_dead_directors(config.clone(), catalog.clone(), metrics, directory.clone(), stop.clone())));
-        registered = Some((directory, name));
-        director_rpc = Some(rpc);
+        let directory = Directory::connect(cluster::jobdb_url(config)?).await.context("cannot reach the directory of directors")?;
+        let (node, node_tasks) = DirectorNode::start(config, catalog.clone(), metrics, directory, secret, stop.clone()).await?;
+        tasks.extend(node_tasks);
+        director_node = Some(node);
         None
     } else {
         None
@@ -83,10 +79,10 @@ pub async fn start(
         let jobs: Arc<dyn sluice_route::JobSink> = match &centrifuge {
             Some(c) => c.clone(),
             None => {
-                let secret = rpc_secret(config)?;
-                let url = jobdb_url(config)?;
+                let secret = cluster::rpc_secret(config)?;
+                let url = cluster::jobdb_url(config)?;
                 let directory = Directory::connect(url).await.context("cannot reach the directory of directors")?;
-                sluice_route::rpc::DirectorClient::new(directory, secret, director_client_tls(config)?)?
+                DirectorClient::new(directory, secret, cluster::client_tls(config)?)?
             }
         };
         tasks.push(tokio::spawn(sluice_route::run_owned_partitions(
@@ -107,285 +103,7 @@ pub async fn start(
         director,
         "delivery running"
     );
-    Ok(Running { centrifuge, director_rpc, tasks, housekeeping, stop, registered })
-}
-
-/// `deliver.jobdb_url`, required when route and directors are separate processes.
-fn jobdb_url(config: &Config) -> Result<&str> {
-    match &config.deliver.jobdb_url {
-        Some(u) => Ok(u.as_str()),
-        None => bail!("separate route and director processes share a SQL database: set deliver.jobdb_url (mysql://… or postgres://…)"),
-    }
-}
-
-/// `director.rpc_secret`, required when route and directors are separate
-/// processes (`sluice route`, `sluice director`).
-pub fn rpc_secret(config: &Config) -> Result<sluice_route::rpc::RpcSecret> {
-    match config.director.rpc_secret.as_deref() {
-        Some(s) if !s.is_empty() => Ok(sluice_route::rpc::RpcSecret::new(s)),
-        _ => bail!(
-            "separate route and director processes authenticate each other with a shared secret: set director.rpc_secret \
-             (or SLUICE_DIRECTOR__RPC_SECRET), the same on every route and director, at least {} characters (e.g. `openssl rand -hex 32`)",
-            sluice_core::config::MIN_RPC_SECRET_LEN
-        ),
-    }
-}
-
-/// The route's TLS to directors (`director.tls_ca_file`, and its client
-/// certificate when set); `None` keeps the RPC in plain text.
-fn director_client_tls(config: &Config) -> Result<Option<sluice_route::rpc::ClientTls>> {
-    let d = &config.director;
-    let Some(ca) = &d.tls_ca_file else {
-        if d.tls_cert_file.is_some() {
-            tracing::warn!(
-                "director.tls_cert_file is set but director.tls_ca_file is not: this route talks to directors in plain text \
-                 (set tls_ca_file to the CA of the directors' certificates to turn its TLS on)"
-            );
-        }
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| sluice_ingest::tls::read_pem(p).map_err(|e| anyhow::anyhow!("director rpc: cannot read {}: {e}", p.display()));
-    let identity = match (&d.tls_cert_file, &d.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let mut pem = read(cert)?;
-            pem.push(b'\n');
-            pem.extend(read(key)?);
-            Some(pem)
-        }
-        _ => None,
-    };
-    Ok(Some(sluice_route::rpc::ClientTls { ca_pem: read(ca)?, identity_pem: identity }))
-}
-
-/// Serve `POST /rpc/v1/jobs` on `director.rpc_listen` (HTTP/2 and HTTP/1)
-/// and keep this director's heartbeat in the directory. Requests are
-/// checked by [`sluice_route::rpc::RpcServer`]: signature, size, destinations.
-///
-/// The heartbeat loop also watches this director's JobDBs: when another
-/// director took their locks (it adopted them while this one could not
-/// reach the database, whose restart ended this one's lock sessions), they
-/// are closed, this director announces itself without an RPC address (so
-/// routes skip it and the adopter hands them back), opens them again, and
-/// serves again. Without that it would answer `503 the JobDB is closed`
-/// until restarted.
-async fn serve_director_rpc(
-    config: &Config,
-    rpc: Arc<sluice_route::rpc::RpcServer>,
-    catalog: Arc<Catalog>,
-    metrics: DeliverMetrics,
-    directory: Directory,
-    stop: Shutdown,
-) -> Result<JoinHandle<()>> {
-    let d = &config.director;
-    let listener =
-        tokio::net::TcpListener::bind(&d.rpc_listen).await.with_context(|| format!("cannot listen on {} (director.rpc_listen)", d.rpc_listen))?;
-    let addr = listener.local_addr()?;
-    let tls = match (&d.tls_cert_file, &d.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let client_ca = d.tls_client_auth.then_some(d.tls_ca_file.as_deref()).flatten();
-            Some(sluice_ingest::tls::ServerTls::new("director rpc", cert, key, client_ca, &[b"h2", b"http/1.1"])?)
-        }
-        _ => None,
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let rpc_url = d.rpc_url.as_ref().map_or_else(|| format!("{scheme}://{addr}"), |u| u.as_str().to_owned());
-    directory.heartbeat(&d.name, &rpc_url).await?;
-    tracing::info!(name = %d.name, rpc = %rpc_url, "director registered; serving route RPC");
-    let app = axum::Router::new().route(sluice_route::rpc::INSERT_PATH, axum::routing::post(insert_jobs)).with_state(rpc.clone());
-    let (name, dir2, config) = (d.name.clone(), directory.clone(), config.clone());
-    let task = tokio::spawn(async move {
-        let stopped = {
-            let stop = stop.clone();
-            async move { stop.wait().await }
-        };
-        let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
-            Some(tls) => {
-                let reloader = tls.spawn_reloader(sluice_ingest::tls::RELOAD_EVERY);
-                let listener = match sluice_ingest::tls::TlsListener::new(listener, tls) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!(error = %e, "director RPC listener failed"),
-                };
-                Box::pin(async move {
-                    let served = axum::serve(listener, app).with_graceful_shutdown(stopped).await;
-                    reloader.abort();
-                    served
-                })
-            }
-            None => Box::pin(std::future::IntoFuture::into_future(axum::serve(listener, app).with_graceful_shutdown(stopped))),
-        };
-        let heartbeat = async {
-            let mut housekeeping = rpc.centrifuge().spawn_housekeeping();
-            let mut reopening = false;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.wait() => break,
-                }
-                if !reopening && rpc.centrifuge().lock_lost() {
-                    tracing::error!(
-                        director = %name,
-                        "another director took this director's JobDB locks (it adopted them while this one could not reach \
-                         the database); closing them, and opening them again once they are handed back"
-                    );
-                    housekeeping.abort();
-                    rpc.centrifuge().close().await;
-                    reopening = true;
-                }
-                if reopening {
-                    let reopened = tokio::select! {
-                        r = open_own_jobdbs(&config, &catalog, &metrics, &dir2, None) => r,
-                        _ = stop.wait() => break,
-                    };
-                    match reopened {
-                        Ok(c) => {
-                            housekeeping = c.spawn_housekeeping();
-                            rpc.replace(c);
-                            reopening = false;
-                            tracing::warn!(director = %name, "this director's JobDBs are open again; serving route RPC");
-                        }
-                        Err(e) => {
-                            // The next round tries again (the old, closed JobDBs still answer 503).
-                            tracing::error!(director = %name, error = %e, "cannot open this director's JobDBs again");
-                            continue;
-                        }
-                    }
-                }
-                if let Err(e) = dir2.heartbeat(&name, &rpc_url).await {
-                    tracing::warn!(error = %e, "director heartbeat failed");
-                }
-            }
-            housekeeping.abort();
-        };
-        let (served, ()) = tokio::join!(server, heartbeat);
-        if let Err(e) = served {
-            tracing::error!(error = %e, "director RPC server failed");
-        }
-    });
-    Ok(task)
-}
-
-/// This director's scope of `deliver.jobdb_url`. While another director
-/// holds it (it adopted our JobDBs while we were down), keep announcing
-/// ourselves without an RPC address, so it hands them back, and retry, for
-/// `give_up_after` at most (`None`: until it works). At startup (a bound
-/// is given) a live director of the same name is refused.
-async fn open_own_jobdbs(
-    config: &Config,
-    catalog: &Arc<Catalog>,
-    metrics: &DeliverMetrics,
-    directory: &Directory,
-    give_up_after: Option<Duration>,
-) -> Result<Arc<Centrifuge>> {
-    let name = &config.director.name;
-    if give_up_after.is_some() {
-        if let Some(other) = directory.live(sluice_route::rpc::LIVE_AFTER).await?.into_iter().find(|d| &d.name == name && !d.rpc_url.is_empty()) {
-            bail!("a director named {name:?} is already running at {} (director.name must be unique)", other.rpc_url);
-        }
-    }
-    let mut options = CentrifugeOptions::from_config(config);
-    options.scope = name.clone();
-    let mut waited = Duration::ZERO;
-    loop {
-        let announced = directory.heartbeat(name, "").await;
-        if give_up_after.is_some() {
-            announced?;
-        }
-        match Centrifuge::open(options.clone(), catalog.clone(), metrics.clone()).await {
-            Ok(c) => return Ok(c),
-            Err(sluice_deliver::DeliverError::SqlLocked { .. }) if give_up_after.is_none_or(|bound| waited < bound) => {
-                if waited.is_zero() || waited.as_secs() % 60 == 0 {
-                    tracing::warn!(director = %name, "this director's JobDBs are held by another director (adopted while we were down); waiting for it to hand them back");
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                waited += Duration::from_secs(2);
-            }
-            Err(e) => return Err(e).context("cannot open this director's JobDBs"),
-        }
-    }
-}
-
-/// Serve the JobDBs of directors that died: when a director's heartbeat is
-/// older than [`sluice_route::rpc::LIVE_AFTER`] and its JobDB locks can be
-/// taken (its database sessions are gone), open its scope here; its
-/// directors reload the unfinished jobs and send them (jobs that were
-/// `executing` at its death are sent again: the crash window). When its
-/// owner announces itself again, close the scope, which releases the locks.
-async fn adopt_dead_directors(config: Config, catalog: Arc<Catalog>, metrics: DeliverMetrics, directory: Directory, stop: Shutdown) {
-    let me = config.director.name.clone();
-    let mut adopted: std::collections::BTreeMap<String, (Arc<Centrifuge>, JoinHandle<()>)> = Default::default();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.wait() => break,
-        }
-        let entries = match directory.all().await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the directory of directors");
-                continue;
-            }
-        };
-        let now = chrono::Utc::now().timestamp_millis();
-        for entry in entries.into_iter().filter(|e| e.name != me) {
-            let alive = now - entry.heartbeat_ms < sluice_route::rpc::LIVE_AFTER.as_millis() as i64;
-            match (alive, adopted.contains_key(&entry.name)) {
-                (false, false) => {
-                    let mut options = CentrifugeOptions::from_config(&config);
-                    options.scope = entry.name.clone();
-                    match Centrifuge::open(options, catalog.clone(), metrics.clone()).await {
-                        Ok(c) => {
-                            tracing::warn!(director = %entry.name, "director is gone: serving its JobDBs here");
-                            let housekeeping = c.spawn_housekeeping();
-                            adopted.insert(entry.name.clone(), (c, housekeeping));
-                        }
-                        Err(e) => tracing::debug!(director = %entry.name, error = %e, "cannot adopt (yet)"),
-                    }
-                }
-                (true, true) => {
-                    if let Some((c, housekeeping)) = adopted.remove(&entry.name) {
-                        housekeeping.abort();
-                        c.close().await;
-                        tracing::info!(director = %entry.name, "director is back: handed its JobDBs back");
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    for (_, (c, housekeeping)) in adopted {
-        housekeeping.abort();
-        c.close().await;
-    }
-}
-
-/// `POST /rpc/v1/jobs`: the headers are checked before the body is read,
-/// and the body is read up to [`sluice_route::rpc::MAX_REQUEST_BYTES`].
-/// How long a route has to send one RPC request's body (32 MiB at most).
-const RPC_BODY_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn insert_jobs(
-    axum::extract::State(server): axum::extract::State<Arc<sluice_route::rpc::RpcServer>>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    use sluice_route::rpc::{Rejection, MAX_REQUEST_BYTES};
-    let refuse = |r: Rejection| (r.status, [(axum::http::header::CONTENT_TYPE, "application/json")], r.body()).into_response();
-    if let Err(r) = server.admit(&headers) {
-        return refuse(r);
-    }
-    let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES);
-    // A sender that stalls mid-body does not hold the connection for ever.
-    let body = match tokio::time::timeout(RPC_BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await {
-        Err(_) => return refuse(Rejection::bad_request(format!("body not received within {RPC_BODY_TIMEOUT:?}"))),
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return refuse(Rejection::too_large()),
-        Ok(Err(e)) => return refuse(Rejection::bad_request(format!("cannot read the body: {e}"))),
-    };
-    match server.insert(&headers, body).await {
-        Ok(reply) => axum::Json(reply).into_response(),
-        Err(r) => refuse(r),
-    }
+    Ok(Running { centrifuge, director_node, tasks, housekeeping, stop })
 }
 
 impl Running {
@@ -406,16 +124,10 @@ impl Running {
         if let Some(c) = self.centrifuge {
             c.close().await;
         }
-        if let Some(rpc) = &self.director_rpc {
-            rpc.centrifuge().close().await;
-        }
-        // Stay in the directory without an address: routes stop sending at
-        // once, and once the heartbeat is stale another director adopts the
-        // unfinished jobs (a director that is not coming back leaves none behind).
-        if let Some((directory, name)) = &self.registered {
-            if let Err(e) = directory.heartbeat_stopped(name).await {
-                tracing::warn!(error = %e, "could not mark this director stopped in the directory");
-            }
+        // Close its JobDBs and stay in the directory without an address
+        // (routes stop sending; the unfinished jobs are adopted).
+        if let Some(node) = &self.director_node {
+            node.stop().await;
         }
     }
 }

@@ -363,7 +363,7 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
     }
     if roles != Roles::ALL && (roles.route || roles.director) {
         // Refuse before connecting to anything: the RPC between them is signed with it.
-        deliver::rpc_secret(&config)?;
+        sluice_deliver::cluster::rpc_secret(&config)?;
     }
     // Signal handlers go in before anything starts: "ready" is logged (and
     // the ports answer) inside start_roles, and a SIGTERM that arrived before

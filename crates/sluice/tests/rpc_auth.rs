@@ -3,7 +3,7 @@
 //! director refuses unsigned, wrongly signed, oversize and unknown-destination
 //! requests; a route whose requests are refused retries its batch (nothing
 //! committed, nothing lost) until it can hand the jobs over.
-//! (`crates/route/tests/rpc.rs` checks the director's side in process.)
+//! (`crates/deliver/tests/cluster_rpc.rs` checks the director's side in process.)
 
 mod util;
 
@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_route::rpc::{InsertRequest, RpcSecret, WireJob, INSERT_PATH, SIGNATURE_HEADER};
+use sluice_deliver::cluster::{InsertRequest, RpcSecret, WireJob, INSERT_PATH, SIGNATURE_HEADER};
 use util::*;
 
 /// A config with the Kafka log and a SQL database that are never reached:

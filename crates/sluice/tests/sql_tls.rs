@@ -170,7 +170,7 @@ fn delivers_over_tls(engine: &str) {
     // The directory of directors (the scaled-out roles) on the same link.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let directory = sluice_deliver::directory::Directory::connect(&db).await.unwrap_or_else(|e| panic!("directory over TLS: {e}"));
+        let directory = sluice_deliver::cluster::Directory::connect(&db).await.unwrap_or_else(|e| panic!("directory over TLS: {e}"));
         directory.heartbeat("d-tls", "http://127.0.0.1:1").await.unwrap();
         let live = directory.live(Duration::from_secs(60)).await.unwrap();
         assert_eq!(live.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["d-tls"]);

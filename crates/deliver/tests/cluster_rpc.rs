@@ -11,10 +11,10 @@ use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 use reqwest::StatusCode;
 use sluice_core::metrics::{render, Registry};
 use sluice_core::Config;
-use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
-use sluice_route::rpc::{
+use sluice_deliver::cluster::{
     encode_requests, InsertRequest, Rejection, RpcSecret, RpcServer, WireJob, MAX_CLOCK_SKEW, MAX_REQUEST_BYTES, SIGNATURE_HEADER,
 };
+use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
 
 const SECRET: &str = "rpc-test-secret-0123456789abcdef0123";
 

@@ -1,24 +1,29 @@
 //! The directory of live directors, in the shared SQL database
 //! (`deliver.jobdb_url`): each `sluice director` process registers its RPC
 //! address and refreshes a heartbeat; `sluice route` processes read the live
-//! ones and hand each job to one of them.
-//!
-//! Invariants:
-//! - A director is live while its heartbeat is younger than the caller's
-//!   `max_age`; a stopped director marks its row stale at once (no address),
-//!   a crashed one ages out. Either way its JobDBs can then be adopted.
-//! - The list is ordered by name, so every route process maps a messageId
-//!   to the same director while the set of live directors is the same.
-//! - One session per process ([`SharedSession`], as the control tables
-//!   have), used from `spawn_blocking`: async callers never block a runtime
-//!   thread, and a lost connection is opened again at the next call.
+//! ones and hand each job to one of them. Its invariants (liveness, one
+//! order, one session per process used from `spawn_blocking`) are in the
+//! [module doc](super).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_core::Config;
+
 use crate::schema::{Dialect, DIRECTORS};
 use crate::sqljobdb::{numbered, on_conn, Conn, Session, SharedSession, SqlEngine, SqlJobDbs, SqlRow};
 use crate::{now_ms, DeliverError};
+
+/// `deliver.jobdb_url`, required when route and directors are separate
+/// processes: the directory and every director's JobDBs live there.
+pub fn jobdb_url(config: &Config) -> Result<&str, DeliverError> {
+    match &config.deliver.jobdb_url {
+        Some(u) => Ok(u.as_str()),
+        None => Err(DeliverError::Cluster(
+            "separate route and director processes share a SQL database: set deliver.jobdb_url (mysql://… or postgres://…)".into(),
+        )),
+    }
+}
 
 /// One live director.
 #[derive(Debug, Clone, PartialEq, Eq)]
