@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use crate::ksuid::Ksuid;
 use crate::schema::{Dialect, JOBS};
 use crate::sql::{Arg, Connection, SqlError, SqlRow};
-use crate::sqljobdb::{Session, SqlJobDbs};
+use crate::sqljobdb::SqlJobDbs;
 use crate::store::{JobState, JobStore, NewJob, StoredJob, Transition};
 use crate::{now_ms, DeliverError};
 
@@ -95,9 +95,8 @@ impl JobDb {
     }
 
     /// JobDB `seq` of `dbs` on `session` (its tables exist or are not to be created).
-    pub(crate) fn on_server(dbs: SqlJobDbs, seq: u64, session: Session) -> JobDb {
+    pub(crate) fn on_server(dbs: SqlJobDbs, seq: u64, conn: Connection) -> JobDb {
         let (jobs, transitions) = dbs.table_names(seq);
-        let conn = Connection::Server(Box::new(session));
         let sql = Statements::new(conn.dialect(), &jobs, &transitions).with_registry(dbs.registry_table());
         JobDb { name: format!("{} ({jobs})", dbs.display()), conn, sql, home: Home::Server { dbs: Box::new(dbs), seq }, broken: false }
     }

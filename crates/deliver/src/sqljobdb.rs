@@ -37,8 +37,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlRow, MySqlSslMode};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlSslMode};
+
+use crate::schema::Dialect;
+use crate::sql::{Arg, Connection};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
 use crate::jobdb::JobDb;
@@ -116,62 +119,6 @@ pub(crate) enum Conn {
     Postgres(PgConnection),
 }
 
-/// Run `$body` (an async block using the connection `$c`) on `$session`'s
-/// runtime, for whichever engine it is; the body is written once and
-/// compiled for each engine's connection type.
-macro_rules! on_conn {
-    ($session:expr, $c:ident => $body:expr) => {{
-        let session: &mut Session = &mut $session;
-        match &mut session.conn {
-            Conn::MySql($c) => session.rt.block_on($body),
-            Conn::Postgres($c) => session.rt.block_on($body),
-        }
-    }};
-}
-pub(crate) use on_conn;
-
-/// A session shared by the callers of one component (the control tables,
-/// the directory of directors): connected on first use, used by one caller
-/// at a time, and dropped after any error — with any transaction open on it
-/// — so that the next call connects again. Its methods block; from async
-/// code they run on a scoped thread ([`off_runtime`]), or the caller uses
-/// `spawn_blocking`.
-pub(crate) struct SharedSession {
-    dbs: SqlJobDbs,
-    /// Names the component in errors ("control database").
-    component: &'static str,
-    slot: std::sync::Mutex<Option<Session>>,
-}
-
-impl SharedSession {
-    pub(crate) fn new(dbs: SqlJobDbs, component: &'static str) -> SharedSession {
-        SharedSession { dbs, component, slot: std::sync::Mutex::new(None) }
-    }
-
-    pub(crate) fn dbs(&self) -> &SqlJobDbs {
-        &self.dbs
-    }
-
-    /// Run `f` on the session (connecting first if there is none); after an
-    /// error the session is dropped. `what` says what `f` does, for the error.
-    pub(crate) fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send) -> Result<T, DeliverError> {
-        // A panic in another caller leaves the slot as it was: at worst a
-        // session in an unknown state, which the next error drops.
-        let mut guard = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slot = &mut *guard;
-        off_runtime(move || {
-            if slot.is_none() {
-                *slot = Some(self.dbs.connect()?);
-            }
-            let session = slot.as_mut().expect("connected above");
-            f(session).map_err(|source| {
-                *slot = None;
-                DeliverError::Sql { jobdb: format!("{} ({}: {what})", self.dbs.display(), self.component), source }
-            })
-        })
-    }
-}
-
 /// Run `f` here, or on a scoped thread when this thread is inside a tokio
 /// runtime (a session's own runtime cannot block there: tests and
 /// benchmarks open the Catalog from async code).
@@ -183,37 +130,6 @@ pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         Ok(v) => v,
         Err(panic) => std::panic::resume_unwind(panic),
     })
-}
-
-/// Reading a row's columns the same way from either engine.
-pub(crate) trait SqlRow {
-    fn int(&self, i: usize) -> Result<i64, sqlx::Error>;
-    fn text(&self, i: usize) -> Result<String, sqlx::Error> {
-        self.opt_text(i)?.ok_or_else(|| sqlx::Error::ColumnDecode { index: i.to_string(), source: "unexpected NULL".into() })
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error>;
-}
-
-impl SqlRow for MySqlRow {
-    fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
-        self.try_get(i)
-    }
-    /// Columns with a binary collation (ours: `utf8mb4_bin`, so comparisons
-    /// are exact) carry MySQL's BINARY flag, which sqlx will not decode as a
-    /// `String`: read the bytes and check they are UTF-8.
-    fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
-        let raw: Option<Vec<u8>> = self.try_get(i)?;
-        raw.map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::ColumnDecode { index: i.to_string(), source: Box::new(e) })).transpose()
-    }
-}
-
-impl SqlRow for PgRow {
-    fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
-        self.try_get(i)
-    }
-    fn opt_text(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
-        self.try_get(i)
-    }
 }
 
 /// `?` placeholders to PostgreSQL's `$1, $2, ...` (our statements have no `?` in literals).
@@ -261,7 +177,7 @@ fn schema(engine: SqlEngine, prefix: &str, seq: u64) -> Vec<String> {
 /// The registry of a scope's JobDBs: one row per JobDB, tables
 /// `<prefix>jobs_<seq:06>` and `<prefix>job_state_transitions_<seq:06>`.
 fn registry_ddl(engine: SqlEngine, prefix: &str) -> Vec<String> {
-    crate::schema::Dialect::from(engine).create_table(&registry_table(prefix), &crate::schema::JOBDB_REGISTRY)
+    Dialect::from(engine).create_table(&registry_table(prefix), &crate::schema::JOBDB_REGISTRY)
 }
 /// The advisory lock key that serializes Sluice's schema changes in a PostgreSQL database.
 pub(crate) const PG_SCHEMA_LOCK: i64 = 0x736C_7569_6365; // "sluice" in ASCII
@@ -624,7 +540,7 @@ impl SqlJobDbs {
     /// Open JobDB `seq`, creating its tables, triggers and registry row if
     /// they do not exist. Blocks.
     pub fn open(&self, seq: u64) -> Result<JobDb, DeliverError> {
-        let mut session = self.connect()?;
+        let session = self.connect()?;
         let mut ddl = schema(self.engine, &self.prefix, seq);
         let registry = registry_table(&self.prefix);
         // Integers only: written into the statement, so the registration is
@@ -638,68 +554,60 @@ impl SqlJobDbs {
             }
         });
         let (jobs, _) = self.table_names(seq);
-        on_conn!(session, c => c.create_schema(&ddl)).map_err(self.err(format!("creating {jobs}")))?;
-        Ok(JobDb::on_server(self.clone(), seq, session))
+        let mut conn = Connection::Server(Box::new(session));
+        conn.create_schema(&ddl).map_err(|e| e.named(format!("{} (creating {jobs})", self.display)))?;
+        Ok(JobDb::on_server(self.clone(), seq, conn))
     }
 
     /// Run `ddl` (idempotent) through [`CreateSchema`] on a connection of its
     /// own: for creators of tables outside the JobDBs (the directory).
     /// Blocks; `what` names the tables in errors.
     pub(crate) fn create_schema(&self, what: &str, ddl: &[String]) -> Result<(), DeliverError> {
-        let mut session = self.connect()?;
-        on_conn!(session, c => c.create_schema(ddl)).map_err(self.err(format!("creating {what}")))
+        let session = self.connect()?;
+        Connection::Server(Box::new(session)).create_schema(ddl).map_err(|e| e.named(format!("{} (creating {what})", self.display)))
     }
 
     /// Connect to JobDB `seq` as it is, without creating anything (readers:
     /// its tables may be dropped meanwhile, and must not come back). Blocks.
     pub fn open_existing(&self, seq: u64) -> Result<JobDb, DeliverError> {
-        let session = self.connect()?;
-        Ok(JobDb::on_server(self.clone(), seq, session))
+        Ok(JobDb::on_server(self.clone(), seq, Connection::Server(Box::new(self.connect()?))))
     }
 
     /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
     pub fn list(&self) -> Result<Vec<(u64, i64)>, DeliverError> {
-        let mut session = self.connect()?;
+        let session = self.connect()?;
         let ddl = registry_ddl(self.engine, &self.prefix);
         let select = format!("SELECT seq, created_at FROM {} ORDER BY seq", registry_table(&self.prefix));
-        on_conn!(session, c => async {
-            c.create_schema(&ddl).await?;
-            let rows = sqlx::query(&select).fetch_all(&mut *c).await?;
-            rows.iter().map(|r| Ok((r.int(0)? as u64, r.int(1)?))).collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(self.err("jobdb_registry"))
+        let mut c = Connection::Server(Box::new(session));
+        c.create_schema(&ddl)
+            .and_then(|()| c.query(&select, &[], |r| Ok((r.int(0)? as u64, r.int(1)?))))
+            .map_err(|e| e.named(format!("{} (jobdb_registry)", self.display)))
     }
 
     /// Delete JobDB `seq` whole: DROP its tables, then its registry row. Blocks.
     pub fn drop_jobdb(&self, seq: u64) -> Result<(), DeliverError> {
-        let mut session = self.connect()?;
+        let session = self.connect()?;
         let (jobs, tr) = self.table_names(seq);
         let drop = format!("DROP TABLE IF EXISTS {tr}, {jobs}");
         let registry = registry_table(&self.prefix);
-        let unregister = match self.engine {
-            SqlEngine::MySql => format!("DELETE FROM {registry} WHERE seq = ?"),
-            SqlEngine::Postgres => format!("DELETE FROM {registry} WHERE seq = $1"),
-        };
-        on_conn!(session, c => async {
-            sqlx::raw_sql(&drop).execute(&mut *c).await?;
-            sqlx::query(&unregister).bind(seq as i64).execute(&mut *c).await?;
-            Ok(())
-        })
-        .map_err(self.err(format!("dropping {jobs}")))
+        let unregister = Dialect::from(self.engine).placeholders(&format!("DELETE FROM {registry} WHERE seq = ?"));
+        let mut c = Connection::Server(Box::new(session));
+        c.batch(&drop)
+            .and_then(|()| c.execute(&unregister, &[Arg::Int(seq as i64)]))
+            .map(|_| ())
+            .map_err(|e| e.named(format!("{} (dropping {jobs})", self.display)))
     }
 
     /// The JobDB tables in the database (`jobs_*`, `job_state_transitions_*`), sorted. Blocks.
     pub fn tables(&self) -> Result<Vec<String>, DeliverError> {
-        let mut session = self.connect()?;
+        let session = self.connect()?;
         let query = match self.engine {
             SqlEngine::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
             SqlEngine::Postgres => "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
         };
-        let mut names = on_conn!(session, c => async {
-            let rows = sqlx::query(query).fetch_all(&mut *c).await?;
-            rows.iter().map(|r| r.text(0)).collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(self.err("listing tables"))?;
+        let mut names = Connection::Server(Box::new(session))
+            .query(query, &[], |r| r.text(0))
+            .map_err(|e| e.named(format!("{} (listing tables)", self.display)))?;
         names.retain(|n| n.starts_with("jobs_") || n.starts_with("job_state_transitions_"));
         names.sort();
         Ok(names)

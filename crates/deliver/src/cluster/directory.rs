@@ -11,7 +11,8 @@ use std::time::Duration;
 use sluice_core::Config;
 
 use crate::schema::{Dialect, DIRECTORS};
-use crate::sqljobdb::{numbered, on_conn, Conn, Session, SharedSession, SqlEngine, SqlJobDbs, SqlRow};
+use crate::sql::{Arg, Connection, Connector, SharedConnection, SqlError};
+use crate::sqljobdb::SqlJobDbs;
 use crate::{now_ms, DeliverError};
 
 /// `deliver.jobdb_url`, required when route and directors are separate
@@ -36,7 +37,7 @@ pub struct DirectorEntry {
 /// The `sluice_directors` table.
 #[derive(Clone)]
 pub struct Directory {
-    session: Arc<SharedSession>,
+    session: Arc<SharedConnection>,
     /// The statements, in the engine's placeholder style.
     upsert: Arc<str>,
     stop: Arc<str>,
@@ -45,7 +46,7 @@ pub struct Directory {
 
 impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Directory").field("database", &self.session.dbs().display()).finish()
+        f.debug_struct("Directory").field("database", &self.session.connector().describe()).finish()
     }
 }
 
@@ -69,12 +70,12 @@ impl Directory {
         }
         let dbs = SqlJobDbs::new(url)?;
         let dialect = Dialect::from(dbs.engine());
-        let placeholders = |sql: String| if dbs.engine() == SqlEngine::Postgres { numbered(&sql) } else { sql };
+        let placeholders = |sql: String| dialect.placeholders(&sql);
         let directory = Directory {
             upsert: placeholders(dialect.upsert("sluice_directors", &["name", "rpc_url", "heartbeat_ms"], &["name"])).into(),
             stop: placeholders("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?".into()).into(),
             live: placeholders("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name".into()).into(),
-            session: Arc::new(SharedSession::new(dbs.clone(), "directory of directors")),
+            session: Arc::new(SharedConnection::new(Connector::Server(Box::new(dbs.clone())), "directory of directors")),
         };
         let ddl = dialect.create_table("sluice_directors", &DIRECTORS);
         // The shared helper drives its own connection and blocks: off the async threads.
@@ -87,7 +88,7 @@ impl Directory {
     async fn run<T: Send + 'static>(
         &self,
         doing: &'static str,
-        f: impl FnOnce(&mut Session) -> Result<T, sqlx::Error> + Send + 'static,
+        f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send + 'static,
     ) -> Result<T, DeliverError> {
         let session = self.session.clone();
         tokio::task::spawn_blocking(move || session.run(doing, f))
@@ -99,34 +100,21 @@ impl Directory {
     /// Register `name` at `rpc_url`, or refresh its heartbeat.
     pub async fn heartbeat(&self, name: &str, rpc_url: &str) -> Result<(), DeliverError> {
         let (sql, name, rpc_url, now) = (self.upsert.clone(), name.to_owned(), rpc_url.to_owned(), now_ms());
-        self.run(
-            "director heartbeat",
-            move |s| on_conn!(*s, c => async { sqlx::query(&sql).bind(&name).bind(&rpc_url).bind(now).execute(&mut *c).await.map(drop) }),
-        )
-        .await
+        self.run("director heartbeat", move |c| c.execute(&sql, &[Arg::Text(&name), Arg::Text(&rpc_url), Arg::Int(now)]).map(drop)).await
     }
 
     /// Mark `name` stopped: no address, and a heartbeat old enough that it
     /// is no longer live (other directors may adopt its JobDBs).
     pub async fn heartbeat_stopped(&self, name: &str) -> Result<(), DeliverError> {
         let (sql, name, long_ago) = (self.stop.clone(), name.to_owned(), 0i64);
-        self.run(
-            "mark director stopped",
-            move |s| on_conn!(*s, c => async { sqlx::query(&sql).bind(long_ago).bind(&name).execute(&mut *c).await.map(drop) }),
-        )
-        .await
+        self.run("mark director stopped", move |c| c.execute(&sql, &[Arg::Int(long_ago), Arg::Text(&name)]).map(drop)).await
     }
 
     /// Directors whose heartbeat is younger than `max_age`, by name.
     pub async fn live(&self, max_age: Duration) -> Result<Vec<DirectorEntry>, DeliverError> {
         let (sql, since) = (self.live.clone(), now_ms() - max_age.as_millis() as i64);
-        self.run("list directors", move |s| {
-            on_conn!(*s, c => async {
-                let rows = sqlx::query(&sql).bind(since).fetch_all(&mut *c).await?;
-                rows.iter()
-                    .map(|r| Ok(DirectorEntry { name: r.text(0)?, rpc_url: r.text(1)?, heartbeat_ms: r.int(2)? }))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-            })
+        self.run("list directors", move |c| {
+            c.query(&sql, &[Arg::Int(since)], |r| Ok(DirectorEntry { name: r.text(0)?, rpc_url: r.text(1)?, heartbeat_ms: r.int(2)? }))
         })
         .await
     }
