@@ -136,7 +136,8 @@ impl JobDbs {
     pub fn exists_blocking(&self, seq: u64) -> bool {
         match self {
             JobDbs::Files(dir) => jobdb_path(dir, seq).exists(),
-            JobDbs::Sql(_) => self.list_blocking().map_or(true, |l| l.contains(&seq)),
+            // (Unknown after an error: "exists", so the reader reports its own error.)
+            JobDbs::Sql(sql) => sql.jobdb_exists(seq).unwrap_or(true),
         }
     }
 

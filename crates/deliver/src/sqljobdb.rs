@@ -612,6 +612,25 @@ impl SqlJobDbs {
         names.sort();
         Ok(names)
     }
+
+    /// Whether JobDB `seq` of this scope is registered and its tables are
+    /// there: rotation drops the tables before the registry row, so a reader
+    /// that failed in between learns the JobDB is gone. Blocks.
+    pub fn jobdb_exists(&self, seq: u64) -> Result<bool, DeliverError> {
+        let (jobs, transitions) = self.table_names(seq);
+        let dialect = Dialect::from(self.engine);
+        let registered = dialect.placeholders(&format!("SELECT 1 FROM {} WHERE seq = ?", self.registry_table()));
+        let tables = dialect.placeholders(match self.engine {
+            SqlEngine::MySql => "SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?)",
+            SqlEngine::Postgres => "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename IN (?, ?)",
+        });
+        let mut c = Connection::Server(Box::new(self.connect()?));
+        let found = c.query_one(&registered, &[Arg::Int(seq as i64)], |_| Ok(())).and_then(|registered| {
+            let present = c.query_one(&tables, &[Arg::Text(&jobs), Arg::Text(&transitions)], |r| r.int(0))?;
+            Ok(registered.is_some() && present == Some(2))
+        });
+        found.map_err(|e| e.named(format!("{} (looking up {jobs})", self.display)))
+    }
 }
 
 impl SqlJobDbs {

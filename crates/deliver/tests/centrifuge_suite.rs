@@ -50,6 +50,7 @@ every_engine!(
 server_engines!(
     a_director_whose_lock_session_ends_takes_the_lock_again_or_stops_if_another_has_it,
     a_director_pauses_while_the_database_is_unreachable_and_resumes_when_it_is_back,
+    readers_skip_a_jobdb_caught_between_its_drop_and_its_unregistering,
 );
 
 /// Where a test's JobDBs live: SQLite files under its data_dir, or a database of its own.
@@ -639,6 +640,45 @@ async fn per_destination_in_flight_and_rate_limits_hold(db: Db) {
 }
 
 // ---- Database servers only ----
+
+/// Rotation drops a JobDB's tables, then its registry row: a reader (the
+/// inspector, `sluice jobs`) that lists it before and reads it in between
+/// skips it instead of failing (seen as a rare failure of
+/// `jobdbs_rotate_by_age` on PostgreSQL).
+async fn readers_skip_a_jobdb_caught_between_its_drop_and_its_unregistering(db: Db) {
+    use sluice_deliver::store::JobStore;
+    let scoped = db.sql().clone().scoped("reader_race");
+    let writer = scoped.clone();
+    tokio::task::spawn_blocking(move || {
+        for (seq, m) in [(1, "m-old"), (2, "m-new")] {
+            let mut jobdb = writer.open(seq).unwrap();
+            jobdb.begin().unwrap();
+            assert!(jobdb.insert_job(sluice_deliver::Ksuid::from_slice(&[seq as u8; 20]).unwrap(), &job(m, "s1", "d")).unwrap());
+            jobdb.commit().unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    // JobDB 1 half-removed: tables gone, registry row still there.
+    let (jobs, transitions) = scoped.table_names(1);
+    match db.sql().engine() {
+        SqlEngine::MySql => {
+            let mut c = <sqlx::MySqlConnection as sqlx::Connection>::connect(db.url()).await.unwrap();
+            sqlx::raw_sql(&format!("DROP TABLE {transitions}, {jobs}")).execute(&mut c).await.unwrap();
+        }
+        SqlEngine::Postgres => {
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(db.url()).await.unwrap();
+            sqlx::raw_sql(&format!("DROP TABLE {transitions}, {jobs}")).execute(&mut c).await.unwrap();
+        }
+    }
+    let jobdbs = JobDbs::Sql(scoped);
+    assert_eq!(tokio::task::block_in_place(|| jobdbs.list_blocking()).unwrap(), [1, 2], "JobDB 1 is still registered");
+    let found = tokio::task::block_in_place(|| inspect::find_in(&jobdbs, "m-new")).expect("the half-removed JobDB is skipped");
+    assert_eq!(found.len(), 1);
+    assert!(tokio::task::block_in_place(|| inspect::find_in(&jobdbs, "m-old")).unwrap().is_empty());
+    let (count, states) = tokio::task::block_in_place(|| inspect::stats_in(&jobdbs)).expect("stats skip it too");
+    assert_eq!((count, states["d"]["awaiting_scheduling"]), (2, 1));
+}
 
 /// End the database session that holds JobDB 1's director lock (as a network
 /// failure or an operator would); returns once it is gone.
