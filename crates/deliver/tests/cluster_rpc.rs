@@ -240,3 +240,28 @@ fn jobs_go_to_the_directors_url_for_the_destination_not_the_requests() {
     assert_eq!(found[0].job.job.endpoint, "http://127.0.0.1:9/hook");
     f.close();
 }
+
+#[test]
+fn request_bodies_held_at_once_are_bounded_and_the_room_comes_back() {
+    use sluice_deliver::cluster::MAX_UNVERIFIED_BYTES;
+    let f = Fixture::new();
+    f.rt.block_on(async {
+        // Clients without the secret declare the largest bodies and stall: the room fills up.
+        let mut held = Vec::new();
+        for _ in 0..MAX_UNVERIFIED_BYTES / MAX_REQUEST_BYTES {
+            held.push(f.server.reserve_body(Some(MAX_REQUEST_BYTES as u64)).await.expect("room for a full-size body"));
+        }
+        let r = f.server.try_reserve_body(Some(10)).expect_err("no room left");
+        assert_eq!((r.status, r.code), (StatusCode::SERVICE_UNAVAILABLE, "busy"));
+        // One stalled body gone (its connection closed or timed out): room again, but not for an
+        // undeclared length, which counts as the largest.
+        held.pop();
+        let small = f.server.try_reserve_body(Some(10)).expect("room after a body is released");
+        assert_eq!(f.server.try_reserve_body(None).expect_err("no room for 32 MiB").code, "busy");
+        drop(small);
+        let _full = f.server.reserve_body(None).await.expect("room for the largest body again");
+    });
+    // And signed requests still go through.
+    let b = body(vec![job("after-the-flood", "hook")]);
+    assert_eq!(f.call(&signed(SECRET, &b, now_unix()), b).unwrap(), 1);
+}

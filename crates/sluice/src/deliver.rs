@@ -32,6 +32,28 @@ pub struct Running {
     stop: Shutdown,
 }
 
+/// With `deliver.jobdb_url`, a process that keeps JobDBs (`sluice serve`, a
+/// `sluice director`) takes the lock of its JobDB scope before it touches
+/// anything shared: a second process on the same scope is refused here,
+/// before it seeds the control tables with its own config (which the
+/// running one would pick up within a refresh). Held until the returned
+/// lock is dropped; `None` when there is nothing to claim.
+pub async fn claim_scope(config: &Config, route: bool, director: bool) -> Result<Option<sluice_deliver::sqljobdb::DirectorLock>> {
+    let Some(url) = config.deliver.jobdb_url.as_ref().filter(|_| director && config.deliver.enabled) else { return Ok(None) };
+    let dbs = sluice_deliver::sqljobdb::SqlJobDbs::new(url.as_str())?;
+    let (name, who) = if route {
+        ("serve".to_owned(), "another `sluice serve` is using this database (each needs its own deliver.jobdb_url database)".to_owned())
+    } else {
+        let name = &config.director.name;
+        (format!("director-scope.{name}"), format!("a director named {name:?} is already running (director.name must be unique)"))
+    };
+    match dbs.lock(&name).await {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e @ sluice_deliver::DeliverError::SqlLocked { .. }) => Err(anyhow::Error::new(e).context(who)),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot reach the JobDB database (deliver.jobdb_url)")),
+    }
+}
+
 /// Start the route (one task per owned `output` partition, and the replay
 /// runner) and/or the director (JobDBs, directors). In one process the route
 /// hands jobs to the local Centrifuge; a separate `sluice route` sends them

@@ -402,6 +402,9 @@ struct Started {
     /// The Tracking API and admin servers; they stop when `servers_stop` is triggered.
     servers: Vec<tokio::task::JoinHandle<()>>,
     servers_stop: Shutdown,
+    /// With `deliver.jobdb_url`: this process's claim on its JobDB scope,
+    /// held for its life (`deliver::claim_scope`).
+    scope_lock: Option<sluice_deliver::sqljobdb::DirectorLock>,
 }
 
 impl Default for Started {
@@ -418,6 +421,7 @@ impl Default for Started {
             admin_state: None,
             servers: Vec::new(),
             servers_stop: Shutdown::new(),
+            scope_lock: None,
         }
     }
 }
@@ -469,6 +473,8 @@ impl Started {
 /// Open and start every stage of `roles`, recording each in `st` as soon as
 /// it runs.
 async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<()> {
+    // First: a process that would be refused its JobDBs must change nothing shared (the control tables' seed below).
+    st.scope_lock = deliver::claim_scope(config, roles.route, roles.director).await?;
     let mut registry = Registry::default();
     registry.register(
         "sluice_tls_reloads",

@@ -126,3 +126,29 @@ fn a_sighup_stops_cleanly() {
     assert!(status.success(), "sluice exited with {status}:\n{}", server.stderr_tail(10));
     assert!(server.stderr_text().contains("\"stopped\""), "{}", server.stderr_tail(10));
 }
+
+/// A second `sluice serve` on the database another one is using is refused
+/// before it changes anything shared: its config's sources and destinations
+/// must not replace the running server's in the control tables (they would
+/// be live within a refresh: the running server's write key refused, its
+/// destination pointed elsewhere).
+#[test]
+fn a_second_serve_on_the_same_database_is_refused_before_it_seeds_the_control_tables() {
+    let Some(db) = fresh_database("postgres", "scopelock") else { return };
+    let first_dir = tempfile::tempdir().unwrap();
+    let first_config = write_config(first_dir.path(), &format!("[deliver]\njobdb_url = \"{db}\"\n"));
+    let first = Server::start(&first_config);
+
+    let second_dir = tempfile::tempdir().unwrap();
+    let second_config = second_dir.path().join("sluice.toml");
+    let text =
+        std::fs::read_to_string(&first_config).unwrap().replace(&first_dir.path().display().to_string(), &second_dir.path().display().to_string());
+    std::fs::write(&second_config, text.replace(WRITE_KEY, "wk_the_other_config")).unwrap();
+    let out = serve(&second_config, &[]);
+    check_clean_failure(&out, "another `sluice serve` is using this database");
+
+    let control = sluice_deliver::control::ControlDb::open_url(&db, &first_dir.path().join("data")).unwrap();
+    let keys: Vec<String> = control.read().unwrap().sources.into_iter().map(|(s, _)| s.write_key).collect();
+    assert_eq!(keys, [WRITE_KEY], "the refused process left the sources as they were");
+    first.stop();
+}

@@ -138,7 +138,7 @@ use tokio::task::JoinHandle;
 pub use adoption::{adopt_dead_directors, open_own_jobdbs};
 pub use client::{client_tls, ClientTls, DirectorClient};
 pub use directory::{jobdb_url, DirectorEntry, Directory};
-pub use server::{Rejection, RpcServer};
+pub use server::{Rejection, RpcServer, MAX_UNVERIFIED_BYTES};
 pub use wire::{
     encode_requests, rpc_secret, ErrorReply, InsertReply, InsertRequest, RpcSecret, WireJob, INSERT_PATH, LIVE_AFTER, MAX_CLOCK_SKEW,
     MAX_IDS_REPORTED, MAX_REQUEST_BYTES, SIGNATURE_HEADER, UNKNOWN_REFRESH_EVERY,

@@ -55,6 +55,15 @@ impl Rejection {
         Rejection::new(StatusCode::BAD_REQUEST, "invalid", message)
     }
 
+    /// The bodies being read already fill [`MAX_UNVERIFIED_BYTES`].
+    pub fn busy() -> Rejection {
+        Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{MAX_UNVERIFIED_BYTES} bytes of request bodies are being read or inserted already; try again"),
+        )
+    }
+
     /// The JSON body of the answer.
     pub fn body(&self) -> Vec<u8> {
         let reply = ErrorReply { code: self.code.to_owned(), message: self.message.clone(), destinations: self.destinations.clone() };
@@ -72,11 +81,31 @@ pub struct RpcServer {
     secret: RpcSecret,
     /// The last re-read of the control database caused by an unknown id.
     last_refresh: Mutex<Option<Instant>>,
+    /// KiB of request bodies held (read, verified, inserted) at once, at
+    /// most [`MAX_UNVERIFIED_BYTES`]: a body is read before its signature
+    /// can be checked, so a client without the secret could otherwise make
+    /// the director hold any number of 32 MiB bodies.
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// The room a body of `declared` bytes takes, in KiB (unknown: the largest allowed).
+fn body_kib(declared: Option<u64>) -> u32 {
+    let bytes = declared.map_or(MAX_REQUEST_BYTES as u64, |n| n.min(MAX_REQUEST_BYTES as u64));
+    u32::try_from(bytes.div_ceil(1024).max(1)).expect("at most MAX_REQUEST_BYTES")
+}
+
+/// Bytes of request bodies a director holds at once (four of the largest
+/// requests; a route's requests are usually far smaller).
+pub const MAX_UNVERIFIED_BYTES: usize = 4 * MAX_REQUEST_BYTES;
 
 impl RpcServer {
     pub fn new(centrifuge: Arc<Centrifuge>, secret: RpcSecret) -> Arc<RpcServer> {
-        Arc::new(RpcServer { centrifuge: std::sync::RwLock::new(centrifuge), secret, last_refresh: Mutex::new(None) })
+        Arc::new(RpcServer {
+            centrifuge: std::sync::RwLock::new(centrifuge),
+            secret,
+            last_refresh: Mutex::new(None),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(MAX_UNVERIFIED_BYTES / 1024)),
+        })
     }
 
     /// The JobDBs requests go to now.
@@ -111,6 +140,21 @@ impl RpcServer {
             return Err(Rejection::too_large());
         }
         Ok(())
+    }
+
+    /// Reserve room for a body of `declared` bytes (unknown: the largest
+    /// allowed) before reading it, waiting up to [`RPC_BODY_TIMEOUT`];
+    /// the room is freed when the permit is dropped.
+    pub async fn reserve_body(&self, declared: Option<u64>) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
+        match tokio::time::timeout(RPC_BODY_TIMEOUT, self.body_budget.clone().acquire_many_owned(body_kib(declared))).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Rejection::busy()),
+        }
+    }
+
+    /// [`RpcServer::reserve_body`] without waiting.
+    pub fn try_reserve_body(&self, declared: Option<u64>) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
+        self.body_budget.clone().try_acquire_many_owned(body_kib(declared)).map_err(|_| Rejection::busy())
     }
 
     /// Check the signature over `body`, then the destinations, then insert.
@@ -324,7 +368,15 @@ async fn insert_jobs(
     if let Err(r) = server.admit(&headers) {
         return refuse(r);
     }
-    let limited = http_body_util::Limited::new(body, MAX_REQUEST_BYTES);
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    // Held until the answer: the body's bytes stay in memory until then.
+    let _room = match server.reserve_body(declared).await {
+        Ok(permit) => permit,
+        Err(r) => return refuse(r),
+    };
+    // A body longer than it declared would overrun the room reserved for it.
+    let limit = declared.map_or(MAX_REQUEST_BYTES, |n| (n as usize).min(MAX_REQUEST_BYTES));
+    let limited = http_body_util::Limited::new(body, limit);
     // A sender that stalls mid-body does not hold the connection for ever.
     let body = match tokio::time::timeout(RPC_BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await {
         Err(_) => return refuse(Rejection::bad_request(format!("body not received within {RPC_BODY_TIMEOUT:?}"))),

@@ -447,7 +447,8 @@ impl Tables {
         let args = [
             Arg::Text(destination),
             Arg::Int(q.paused as i64),
-            Arg::OptInt(q.max_in_flight.map(|v| v as i64)),
+            // (usize::MAX would wrap to -1 and read back as 1: the largest value stands for "no limit" here.)
+            Arg::OptInt(q.max_in_flight.map(|v| i64::try_from(v).unwrap_or(i64::MAX))),
             Arg::OptInt(q.rate_per_sec.map(i64::from)),
             Arg::Int(q.priority.into()),
         ];
