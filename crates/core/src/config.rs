@@ -262,6 +262,13 @@ impl JobDbUrl {
             Some("postgres" | "postgresql") => JobDbEngine::Postgres,
             _ => return Err("must be empty (SQLite files) or a mysql://, mariadb://, postgres:// or postgresql:// URL".into()),
         };
+        // An unencoded '@', '/' or '#' in the password splits the URL elsewhere, and the
+        // part after the split would be logged as the host or database.
+        let rest = text.split_once("://").map_or("", |(_, r)| r);
+        let after_authority = rest.find(['/', '?', '#']).map_or("", |i| &rest[i..]);
+        if after_authority.contains('@') || text.contains('#') {
+            return Err("percent-encode the user name and password ('@' as %40, '/' as %2F, '#' as %23, ':' as %3A)".into());
+        }
         Ok(JobDbUrl { text: text.to_owned(), engine })
     }
 
@@ -2018,11 +2025,16 @@ mod tests {
             ("postgres://h/db?ssl%6Dode=prefer".to_owned(), "may fall back to plain text"),
             (format!("mysql://h/db?ssl-mode=VERIFY_IDENTITY&sslrootcert={ca}"), "\"sslrootcert\""),
             ("postgres://h/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem".to_owned(), "sslrootcert"),
+            // An unencoded '@' or '/' in the password: the rest would be logged as the host and database.
+            ("mysql://sluice:p@ss/w0rd@127.0.0.1:33307/rt1".to_owned(), "percent-encode"),
+            ("postgres://u:p#w0rd@h/db".to_owned(), "percent-encode"),
         ];
         for (url, expect) in cases {
             let err = load(&url).unwrap_err();
             assert!(err.contains("deliver.jobdb_url") && err.contains(expect), "{url}: {err}");
+            assert!(!err.contains("w0rd"), "{url}: {err}");
         }
+        load("mysql://sluice:p%40ss%2Fw0rd@127.0.0.1:33307/rt1").unwrap();
     }
 
     #[test]

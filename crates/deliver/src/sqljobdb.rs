@@ -310,6 +310,9 @@ impl SqlJobDbs {
         let display = redact(url);
         let bad = |why: &str| DeliverError::SqlUrl(format!("{display}: {why}"));
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        if split_password(&parsed) {
+            return Err(bad("percent-encode the user name and password ('@' as %40, '/' as %2F, '#' as %23, ':' as %3A)"));
+        }
         let database = parsed.path().trim_start_matches('/').to_owned();
         let engine = match parsed.scheme() {
             "mysql" | "mariadb" => SqlEngine::MySql,
@@ -845,6 +848,9 @@ impl DirectorLock {
 /// `url` without its password and query, for logs and errors.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
+        // An unencoded '@' (or '/', '#') in a password splits the URL elsewhere: what
+        // parses as the host or path may be the rest of the password.
+        Ok(u) if split_password(&u) => format!("{}://{MANGLED}", u.scheme()),
         Ok(mut u) => {
             let _ = u.set_password(None);
             u.set_query(None);
@@ -852,6 +858,15 @@ pub fn redact(url: &str) -> String {
         }
         Err(_) => "<an unparsable URL>".to_owned(),
     }
+}
+
+/// What [`redact`] shows of a URL whose credentials hold unencoded characters.
+const MANGLED: &str = "<credentials with an unencoded '@', '/' or '#'>";
+
+/// Whether `u` looks like credentials with an unencoded `@`, `/` or `#`
+/// split it (an `@` after the host, or a fragment).
+fn split_password(u: &url::Url) -> bool {
+    u.path().contains('@') || u.query().is_some_and(|q| q.contains('@')) || u.fragment().is_some()
 }
 
 #[cfg(test)]
@@ -873,6 +888,16 @@ mod tests {
         assert_eq!(SqlJobDbs::new("postgres://u:p@h:5432/db").unwrap().engine(), SqlEngine::Postgres);
         assert!(matches!(SqlJobDbs::new("mysql://u@h/"), Err(DeliverError::SqlUrl(_))), "MySQL needs a database");
         assert!(matches!(SqlJobDbs::new("sqlite://x"), Err(DeliverError::SqlUrl(_))));
+        // Red team: an unencoded '@' or '/' in the password put part of it in the logged URL.
+        for url in ["mysql://sluice:p@ss/w0rd@127.0.0.1:33307/rt1", "postgres://u:ab#cd@h/db"] {
+            let e = SqlJobDbs::new(url).expect_err("refused").to_string();
+            assert!(!e.contains("w0rd") && !e.contains("cd@"), "{e}");
+            assert!(!redact(url).contains("w0rd") && !redact(url).contains("cd@"), "{}", redact(url));
+        }
+        let e = SqlJobDbs::new("mysql://sluice:p@ss/w0rd@127.0.0.1:33307/rt1").unwrap_err().to_string();
+        assert!(e.contains("percent-encode the user name and password"), "{e}");
+        assert!(SqlJobDbs::new("mysql://sluice:p%40ss%2Fw0rd@127.0.0.1:33307/rt1").is_ok(), "encoded, it is fine");
+        assert!(!redact("postgres://u:a@b@h/db").contains("a@b"), "(the last @ ends the credentials)");
     }
 
     /// Issue 12: the TLS mode is explicit. Unnamed: plain text, set as
