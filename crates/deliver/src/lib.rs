@@ -56,6 +56,9 @@ pub enum DeliverError {
     Sql { jobdb: String, source: sqlx::Error },
     #[error("bad JobDB database URL {0}")]
     SqlUrl(String),
+    /// The config cannot be seeded into the control tables as they are (nothing was changed).
+    #[error("the config conflicts with the control database: {0}")]
+    SeedConflict(String),
     #[error("the director lock {lock} in {database} is held by another director (is another `sluice serve` using this database?)")]
     SqlLocked { lock: String, database: String },
     #[error("I/O error on {path}: {source}")]

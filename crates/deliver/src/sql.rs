@@ -43,6 +43,9 @@ pub(crate) enum SqlError {
     /// A column that cannot be read as its type (e.g. NULL where a value belongs).
     #[error("column {index}: {problem}")]
     Decode { index: usize, problem: String },
+    /// The caller refused what it read (its transaction is rolled back): not a database error.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl SqlError {
@@ -67,6 +70,7 @@ impl SqlError {
             SqlError::Sqlite(source) => DeliverError::Sqlite { path: name.into(), source },
             SqlError::Server(source) => DeliverError::Sql { jobdb: name.into(), source },
             SqlError::Decode { index, problem } => DeliverError::Corrupt(format!("{}: column {index}: {problem}", name.into())),
+            SqlError::Refused(why) => DeliverError::SeedConflict(why),
         }
     }
 }

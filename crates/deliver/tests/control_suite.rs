@@ -202,6 +202,17 @@ fn seeding_twice_or_concurrently_neither_fails_nor_duplicates(db: &Db<'_>) {
     src.write_key = "k2".into();
     assert!(again.with_control(|c| c.insert_source(&src)).unwrap());
     assert!(a.with_control(|c| c.read()).unwrap().sources.iter().any(|(s, _)| s.id == "s2"));
+
+    // A config whose source takes the API source's write key is refused, and changes nothing.
+    let own = tempfile::tempdir().expect("a temp dir");
+    let data_dir = if db.engine() == Engine::Sqlite { db.shared.path().to_owned() } else { own.path().to_owned() };
+    let mut clash = config(db, &data_dir);
+    clash.sources[0].write_key = "k2".into();
+    clash.sources[0].id = "s0".into();
+    let err = Catalog::open(&clash).err().expect("refused").to_string();
+    assert!(err.contains("\"s0\"") && err.contains("\"s2\"") && err.contains("same write key"), "{err}");
+    let ids: Vec<String> = a.with_control(|c| c.read()).unwrap().sources.into_iter().map(|(s, _)| s.id).collect();
+    assert_eq!(ids, ["s1", "s2"], "the refused seed left the sources as they were");
 }
 
 fn a_replay_filed_through_one_is_seen_and_run_by_one_other(db: &Db<'_>) {

@@ -256,6 +256,7 @@ impl Tables {
             attempt += 1;
             match self.locked("seeding from the config", |c| self.seed_in(c, config)) {
                 Ok(()) => return Ok(()),
+                Err(e @ DeliverError::SeedConflict(_)) => return Err(e),
                 Err(e) if attempt < SEED_ATTEMPTS => {
                     tracing::warn!(error = %e, attempt, "seeding the control database failed; trying again");
                     std::thread::sleep(std::time::Duration::from_millis(200 * attempt as u64));
@@ -293,6 +294,22 @@ impl Tables {
                     continue;
                 }
                 c.execute(&insert_connection, &[Arg::Text(&conn.source), Arg::Text(d)])?;
+            }
+        }
+        // A write key names one source: the config's and the admin API's sources
+        // together must not share one (ingest would pick either, silently).
+        let rows = c.query(&self.q("SELECT id, config, origin FROM {p}sources ORDER BY id"), &[], |r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))?;
+        let mut owners: std::collections::HashMap<String, (String, String)> = std::collections::HashMap::new();
+        for (id, json, origin) in rows {
+            let Ok(src) = serde_json::from_str::<SourceConfig>(&json) else { continue };
+            if let Some((other, other_origin)) = owners.insert(src.write_key.clone(), (id.clone(), origin.clone())) {
+                let made = |o: &str| if o == "api" { "made through the admin API" } else { "from the config" };
+                return Err(SqlError::Refused(format!(
+                    "sources {other:?} ({}) and {id:?} ({}) have the same write key: give the config's source another key, \
+                     or rotate the other's (POST /api/sources/{{id}}/rotate-key)",
+                    made(&other_origin),
+                    made(&origin)
+                )));
             }
         }
         Ok(())
