@@ -86,8 +86,8 @@ impl std::fmt::Debug for SqlJobDbs {
     }
 }
 
-/// One open connection and the runtime that drives it (also used by the
-/// control database, `control/sql.rs`).
+/// One open connection and the runtime that drives it (inside a
+/// [`crate::sql::Connection`]: JobDBs, control tables, directory).
 pub(crate) struct Session {
     pub(crate) rt: SessionRuntime,
     pub(crate) conn: Conn,

@@ -40,8 +40,8 @@
 //!   scope back when the owner announces itself again (see *Scopes, adoption
 //!   and hand-back*).
 //! - **Async never blocks.** The directory has one session per process
-//!   ([`SharedSession`](crate::sqljobdb::SharedSession), as the control
-//!   tables have), used from `spawn_blocking`: async callers never block a
+//!   (`sql::SharedConnection`, as the control tables have), used from
+//!   `spawn_blocking`: async callers never block a
 //!   runtime thread, and a lost connection is opened again at the next call.
 //!   Hashing and parsing request bodies (up to 32 MB) happen off the async
 //!   threads on both sides.
