@@ -132,6 +132,15 @@ impl JobDbs {
         }
     }
 
+    /// These JobDBs and, in a database server, every other scope's (each
+    /// `sluice director`'s), for the read-only tools. Blocks.
+    pub fn every_scope(&self) -> Result<Vec<JobDbs>, DeliverError> {
+        match self {
+            JobDbs::Files(_) => Ok(vec![self.clone()]),
+            JobDbs::Sql(sql) => Ok(sql.every_scope()?.into_iter().map(JobDbs::Sql).collect()),
+        }
+    }
+
     /// Whether JobDB `seq` still exists (a reader that failed checks whether it was dropped meanwhile). Blocks.
     pub fn exists_blocking(&self, seq: u64) -> bool {
         match self {

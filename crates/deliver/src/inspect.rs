@@ -4,7 +4,9 @@
 //! each JobDB read-only (no lock, nothing created), so they work while
 //! `sluice serve` runs: SQLite's WAL lets readers see the last commit
 //! without blocking the writer, and the SQL servers do the same. A JobDB
-//! dropped while it is read (every job in it finished) is skipped.
+//! dropped while it is read (every job in it finished) is skipped. In a
+//! database server they read every scope: `sluice serve`'s JobDBs and each
+//! `sluice director`'s (`<name>_jobs_NNNNNN`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,6 +33,14 @@ pub fn find(dir: &Path, key: &str) -> Result<Vec<Found>, DeliverError> {
 
 /// Every job whose KSUID or messageId is `key`, across `jobdbs`.
 pub fn find_in(jobdbs: &JobDbs, key: &str) -> Result<Vec<Found>, DeliverError> {
+    let mut out = Vec::new();
+    for scope in jobdbs.every_scope()? {
+        out.extend(find_in_scope(&scope, key)?);
+    }
+    Ok(out)
+}
+
+fn find_in_scope(jobdbs: &JobDbs, key: &str) -> Result<Vec<Found>, DeliverError> {
     let mut out = Vec::new();
     for seq in jobdbs.list_blocking()? {
         let name = jobdbs.name(seq);
@@ -61,8 +71,16 @@ pub fn stats(dir: &Path) -> Result<(usize, StateCounts), DeliverError> {
 
 /// Counts per destination and state, across `jobdbs`; plus the number of JobDBs.
 pub fn stats_in(jobdbs: &JobDbs) -> Result<(usize, StateCounts), DeliverError> {
-    let seqs = jobdbs.list_blocking()?;
     let mut out = StateCounts::new();
+    let mut count = 0;
+    for scope in jobdbs.every_scope()? {
+        count += stats_in_scope(&scope, &mut out)?;
+    }
+    Ok((count, out))
+}
+
+fn stats_in_scope(jobdbs: &JobDbs, out: &mut StateCounts) -> Result<usize, DeliverError> {
+    let seqs = jobdbs.list_blocking()?;
     for &seq in &seqs {
         let Ok(mut db) = jobdbs.open_read_only(seq) else { continue };
         match db.stats() {
@@ -75,7 +93,7 @@ pub fn stats_in(jobdbs: &JobDbs) -> Result<(usize, StateCounts), DeliverError> {
             Err(e) => return Err(e),
         }
     }
-    Ok((seqs.len(), out))
+    Ok(seqs.len())
 }
 
 pub fn state_names() -> impl Iterator<Item = &'static str> {

@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlSslMode};
 
 use crate::schema::Dialect;
-use crate::sql::{Arg, Connection};
+use crate::sql::{Arg, Connection, SqlError};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
@@ -576,15 +576,46 @@ impl SqlJobDbs {
         Ok(JobDb::on_server(self.clone(), seq, Connection::Server(Box::new(self.connect()?))))
     }
 
-    /// The registered JobDBs, oldest first: (seq, created_at ms). Blocks.
+    /// The registered JobDBs, oldest first: (seq, created_at ms); none when
+    /// the scope has no registry yet (nothing is created: readers use this
+    /// too, and [`SqlJobDbs::open`] creates the registry with the first JobDB). Blocks.
     pub fn list(&self) -> Result<Vec<(u64, i64)>, DeliverError> {
-        let session = self.connect()?;
-        let ddl = registry_ddl(self.engine, &self.prefix);
-        let select = format!("SELECT seq, created_at FROM {} ORDER BY seq", registry_table(&self.prefix));
-        let mut c = Connection::Server(Box::new(session));
-        c.create_schema(&ddl)
-            .and_then(|()| c.query(&select, &[], |r| Ok((r.int(0)? as u64, r.int(1)?))))
-            .map_err(|e| e.named(format!("{} (jobdb_registry)", self.display)))
+        let registry = registry_table(&self.prefix);
+        let select = format!("SELECT seq, created_at FROM {registry} ORDER BY seq");
+        let mut c = Connection::Server(Box::new(self.connect()?));
+        self.present(&mut c, &[&registry])
+            .and_then(|present| if present == 1 { c.query(&select, &[], |r| Ok((r.int(0)? as u64, r.int(1)?))) } else { Ok(Vec::new()) })
+            .map_err(|e| e.named(format!("{} ({registry})", self.display)))
+    }
+
+    /// How many of the tables `names` exist in the database.
+    fn present(&self, c: &mut Connection, names: &[&str]) -> Result<i64, SqlError> {
+        let list = vec!["?"; names.len()].join(", ");
+        let sql = Dialect::from(self.engine).placeholders(&match self.engine {
+            SqlEngine::MySql => format!("SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN ({list})"),
+            SqlEngine::Postgres => format!("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename IN ({list})"),
+        });
+        let args: Vec<Arg<'_>> = names.iter().map(|n| Arg::Text(n)).collect();
+        Ok(c.query_one(&sql, &args, |r| r.int(0))?.unwrap_or(0))
+    }
+
+    /// Every scope with JobDBs in the database (the unscoped one of `sluice
+    /// serve`, each `sluice director`'s `<name>_`), for the read-only tools. Blocks.
+    pub fn every_scope(&self) -> Result<Vec<SqlJobDbs>, DeliverError> {
+        let query = match self.engine {
+            SqlEngine::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
+            SqlEngine::Postgres => "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
+        };
+        let names = Connection::Server(Box::new(self.connect()?))
+            .query(query, &[], |r| r.text(0))
+            .map_err(|e| e.named(format!("{} (listing tables)", self.display)))?;
+        let mut scopes: Vec<String> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix("jobdb_registry"))
+            .filter_map(|prefix| if prefix.is_empty() { Some(String::new()) } else { prefix.strip_suffix('_').map(str::to_owned) })
+            .collect();
+        scopes.sort();
+        Ok(scopes.into_iter().map(|scope| self.clone().scoped(&scope)).collect())
     }
 
     /// Delete JobDB `seq` whole: DROP its tables, then its registry row. Blocks.
@@ -623,14 +654,10 @@ impl SqlJobDbs {
         let (jobs, transitions) = self.table_names(seq);
         let dialect = Dialect::from(self.engine);
         let registered = dialect.placeholders(&format!("SELECT 1 FROM {} WHERE seq = ?", self.registry_table()));
-        let tables = dialect.placeholders(match self.engine {
-            SqlEngine::MySql => "SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?)",
-            SqlEngine::Postgres => "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename IN (?, ?)",
-        });
         let mut c = Connection::Server(Box::new(self.connect()?));
         let found = c.query_one(&registered, &[Arg::Int(seq as i64)], |_| Ok(())).and_then(|registered| {
-            let present = c.query_one(&tables, &[Arg::Text(&jobs), Arg::Text(&transitions)], |r| r.int(0))?;
-            Ok(registered.is_some() && present == Some(2))
+            let present = self.present(&mut c, &[&jobs, &transitions])?;
+            Ok(registered.is_some() && present == 2)
         });
         found.map_err(|e| e.named(format!("{} (looking up {jobs})", self.display)))
     }

@@ -51,6 +51,7 @@ server_engines!(
     a_director_whose_lock_session_ends_takes_the_lock_again_or_stops_if_another_has_it,
     a_director_pauses_while_the_database_is_unreachable_and_resumes_when_it_is_back,
     readers_skip_a_jobdb_caught_between_its_drop_and_its_unregistering,
+    readers_see_every_directors_scope_and_create_nothing,
 );
 
 /// Where a test's JobDBs live: SQLite files under its data_dir, or a database of its own.
@@ -640,6 +641,41 @@ async fn per_destination_in_flight_and_rate_limits_hold(db: Db) {
 }
 
 // ---- Database servers only ----
+
+/// The read-only tools (`sluice jobs`, the admin API's inspector) read every
+/// scope of the database — each `sluice director` keeps its JobDBs under
+/// its name — and create nothing (a reader may lack CREATE).
+async fn readers_see_every_directors_scope_and_create_nothing(db: Db) {
+    use sluice_deliver::store::JobStore;
+    let unscoped = db.sql().clone();
+    let tables = |dbs: &SqlJobDbs| {
+        let dbs = dbs.clone();
+        tokio::task::block_in_place(move || dbs.every_scope().unwrap().len())
+    };
+    // A fresh database: nothing to find, and nothing created by looking.
+    let jobdbs = JobDbs::Sql(unscoped.clone());
+    assert!(tokio::task::block_in_place(|| inspect::find_in(&jobdbs, "m-a")).unwrap().is_empty());
+    assert_eq!(tokio::task::block_in_place(|| inspect::stats_in(&jobdbs)).unwrap().0, 0);
+    assert_eq!(tables(&unscoped), 0, "a reader created a registry");
+    // Two directors' scopes, each with a job.
+    let writer = unscoped.clone();
+    tokio::task::spawn_blocking(move || {
+        for (scope, m, byte) in [("director_a", "m-a", 1u8), ("director_b", "m-b", 2u8)] {
+            let mut jobdb = writer.clone().scoped(scope).open(1).unwrap();
+            jobdb.begin().unwrap();
+            assert!(jobdb.insert_job(sluice_deliver::Ksuid::from_slice(&[byte; 20]).unwrap(), &job(m, "s1", "d")).unwrap());
+            jobdb.commit().unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let found = tokio::task::block_in_place(|| inspect::find_in(&jobdbs, "m-b")).unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].jobdb.contains("director_b_jobs_000001"), "{}", found[0].jobdb);
+    let (count, states) = tokio::task::block_in_place(|| inspect::stats_in(&jobdbs)).unwrap();
+    assert_eq!((count, states["d"]["awaiting_scheduling"]), (2, 2));
+    assert_eq!(tables(&unscoped), 2, "the two directors' registries, and no unscoped one");
+}
 
 /// Rotation drops a JobDB's tables, then its registry row: a reader (the
 /// inspector, `sluice jobs`) that lists it before and reads it in between
