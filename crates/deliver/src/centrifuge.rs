@@ -95,6 +95,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| DeliverError::Io { path: path.display().to_string(), source: std::io::Error::other(e) })?
 }
 
+/// JobDB files left in `dir` from before `deliver.jobdb_url` was set are
+/// not read while it is: their unfinished jobs wait, undelivered. Say so
+/// at start (a switch of backend moves nothing).
+fn warn_of_left_files(dir: &std::path::Path) {
+    match crate::jobdb::list_jobdbs(dir) {
+        Ok(files) if !files.is_empty() => tracing::warn!(
+            dir = %dir.display(),
+            files = files.len(),
+            "JobDB files from before deliver.jobdb_url was set are not read while it is: any unfinished jobs in them are not \
+             delivered (`sluice jobs stats` without jobdb_url shows them; unset jobdb_url until they finish, or remove the files \
+             once they hold nothing unfinished)"
+        ),
+        _ => {}
+    }
+}
+
 impl Centrifuge {
     /// Pick up every JobDB in `options.dir` or the `options.jobdb_url` database (creating the first if none) and start their directors.
     pub async fn open(options: CentrifugeOptions, catalog: Arc<Catalog>, metrics: DeliverMetrics) -> Result<Arc<Centrifuge>, DeliverError> {
@@ -108,6 +124,14 @@ impl Centrifuge {
         tracing::info!(archive = %archive.location, "archive opened");
         let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs, lock_lost: Default::default() });
         let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_ref(), &options.scope)?;
+        if options.jobdb_url.is_some() {
+            let dir = dir.clone();
+            blocking(dir.clone(), move || {
+                warn_of_left_files(&dir);
+                Ok(())
+            })
+            .await?;
+        }
         let found = jobdbs.list().await?;
         let mut lives = Vec::new();
         for seq in &found {

@@ -152,3 +152,19 @@ fn a_second_serve_on_the_same_database_is_refused_before_it_seeds_the_control_ta
     assert_eq!(keys, [WRITE_KEY], "the refused process left the sources as they were");
     first.stop();
 }
+
+/// Switching to `deliver.jobdb_url` moves nothing: JobDB files left in
+/// `data_dir/jobs` are not read while it is set, and the start says so.
+#[test]
+fn jobdb_files_left_from_before_jobdb_url_are_named_at_start() {
+    let Some(db) = fresh_database("postgres", "leftfiles") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = dir.path().join("data").join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    drop(sluice_deliver::jobdb::JobDb::open(&jobs.join("jobdb-000001.sqlite")).unwrap());
+    let config = write_config(dir.path(), &format!("[deliver]\njobdb_url = \"{db}\"\n"));
+    let server = Server::start(&config);
+    let said = server.stderr_text();
+    assert!(said.contains("JobDB files from before deliver.jobdb_url was set are not read while it is"), "{said}");
+    server.stop();
+}
