@@ -214,6 +214,15 @@ impl SqlRow for PgRow {
     }
 }
 
+/// `sql` from `c`'s statement cache, with `args` bound.
+fn sqlite_statement<'c>(c: &'c rusqlite::Connection, sql: &str, args: &[Arg<'_>]) -> Result<rusqlite::CachedStatement<'c>, SqlError> {
+    let mut stmt = c.prepare_cached(sql)?;
+    for (i, arg) in args.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, arg)?;
+    }
+    Ok(stmt)
+}
+
 /// A connection to one engine.
 pub(crate) enum Connection {
     Sqlite(rusqlite::Connection),
@@ -249,10 +258,7 @@ impl Connection {
     pub(crate) fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, SqlError> {
         match self {
             Connection::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                for (i, arg) in args.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 1, arg)?;
-                }
+                let mut stmt = sqlite_statement(c, sql, args)?;
                 Ok(stmt.raw_execute()? as u64)
             }
             Connection::Server(s) => Ok(match &mut s.conn {
@@ -271,10 +277,7 @@ impl Connection {
     ) -> Result<Vec<T>, SqlError> {
         match self {
             Connection::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                for (i, arg) in args.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 1, arg)?;
-                }
+                let mut stmt = sqlite_statement(c, sql, args)?;
                 let mut rows = stmt.raw_query();
                 let mut out = Vec::new();
                 while let Some(row) = rows.next()? {
@@ -327,10 +330,7 @@ impl Connection {
         }
         match self {
             Connection::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                for (i, arg) in args.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 1, arg)?;
-                }
+                let mut stmt = sqlite_statement(c, sql, args)?;
                 stmt.raw_execute()?;
                 Ok(c.last_insert_rowid())
             }

@@ -504,6 +504,21 @@ impl SqlJobDbs {
         &self.database
     }
 
+    /// A statement layer error of `what`, naming this database.
+    fn failed(&self, what: &str) -> impl FnOnce(SqlError) -> DeliverError {
+        let name = format!("{} ({what})", self.display);
+        move |e| e.named(name)
+    }
+
+    /// Every table in the database's (PostgreSQL: current schema's) namespace.
+    fn all_tables(&self) -> Result<Vec<String>, DeliverError> {
+        let query = match self.engine {
+            SqlEngine::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
+            SqlEngine::Postgres => "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
+        };
+        Connection::Server(Box::new(self.connect()?)).query(query, &[], |r| r.text(0)).map_err(self.failed("listing tables"))
+    }
+
     fn err(&self, what: impl Into<String>) -> impl Fn(sqlx::Error) -> DeliverError {
         let jobdb = format!("{} ({})", self.display, what.into());
         move |source| DeliverError::Sql { jobdb: jobdb.clone(), source }
@@ -558,7 +573,7 @@ impl SqlJobDbs {
         });
         let (jobs, _) = self.table_names(seq);
         let mut conn = Connection::Server(Box::new(session));
-        conn.create_schema(&ddl).map_err(|e| e.named(format!("{} (creating {jobs})", self.display)))?;
+        conn.create_schema(&ddl).map_err(self.failed(&format!("creating {jobs}")))?;
         Ok(JobDb::on_server(self.clone(), seq, conn))
     }
 
@@ -567,7 +582,7 @@ impl SqlJobDbs {
     /// Blocks; `what` names the tables in errors.
     pub(crate) fn create_schema(&self, what: &str, ddl: &[String]) -> Result<(), DeliverError> {
         let session = self.connect()?;
-        Connection::Server(Box::new(session)).create_schema(ddl).map_err(|e| e.named(format!("{} (creating {what})", self.display)))
+        Connection::Server(Box::new(session)).create_schema(ddl).map_err(self.failed(&format!("creating {what}")))
     }
 
     /// Connect to JobDB `seq` as it is, without creating anything (readers:
@@ -585,7 +600,7 @@ impl SqlJobDbs {
         let mut c = Connection::Server(Box::new(self.connect()?));
         self.present(&mut c, &[&registry])
             .and_then(|present| if present == 1 { c.query(&select, &[], |r| Ok((r.int(0)? as u64, r.int(1)?))) } else { Ok(Vec::new()) })
-            .map_err(|e| e.named(format!("{} ({registry})", self.display)))
+            .map_err(self.failed(&registry))
     }
 
     /// How many of the tables `names` exist in the database.
@@ -602,13 +617,7 @@ impl SqlJobDbs {
     /// Every scope with JobDBs in the database (the unscoped one of `sluice
     /// serve`, each `sluice director`'s `<name>_`), for the read-only tools. Blocks.
     pub fn every_scope(&self) -> Result<Vec<SqlJobDbs>, DeliverError> {
-        let query = match self.engine {
-            SqlEngine::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
-            SqlEngine::Postgres => "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
-        };
-        let names = Connection::Server(Box::new(self.connect()?))
-            .query(query, &[], |r| r.text(0))
-            .map_err(|e| e.named(format!("{} (listing tables)", self.display)))?;
+        let names = self.all_tables()?;
         let mut scopes: Vec<String> = names
             .iter()
             .filter_map(|n| n.strip_suffix("jobdb_registry"))
@@ -626,22 +635,12 @@ impl SqlJobDbs {
         let registry = registry_table(&self.prefix);
         let unregister = Dialect::from(self.engine).placeholders(&format!("DELETE FROM {registry} WHERE seq = ?"));
         let mut c = Connection::Server(Box::new(session));
-        c.batch(&drop)
-            .and_then(|()| c.execute(&unregister, &[Arg::Int(seq as i64)]))
-            .map(|_| ())
-            .map_err(|e| e.named(format!("{} (dropping {jobs})", self.display)))
+        c.batch(&drop).and_then(|()| c.execute(&unregister, &[Arg::Int(seq as i64)])).map(|_| ()).map_err(self.failed(&format!("dropping {jobs}")))
     }
 
     /// The JobDB tables in the database (`jobs_*`, `job_state_transitions_*`), sorted. Blocks.
     pub fn tables(&self) -> Result<Vec<String>, DeliverError> {
-        let session = self.connect()?;
-        let query = match self.engine {
-            SqlEngine::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
-            SqlEngine::Postgres => "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
-        };
-        let mut names = Connection::Server(Box::new(session))
-            .query(query, &[], |r| r.text(0))
-            .map_err(|e| e.named(format!("{} (listing tables)", self.display)))?;
+        let mut names = self.all_tables()?;
         names.retain(|n| n.starts_with("jobs_") || n.starts_with("job_state_transitions_"));
         names.sort();
         Ok(names)
@@ -659,7 +658,7 @@ impl SqlJobDbs {
             let present = self.present(&mut c, &[&jobs, &transitions])?;
             Ok(registered.is_some() && present == 2)
         });
-        found.map_err(|e| e.named(format!("{} (looking up {jobs})", self.display)))
+        found.map_err(self.failed(&format!("looking up {jobs}")))
     }
 }
 

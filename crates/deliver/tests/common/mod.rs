@@ -10,38 +10,26 @@
 /// per engine (`sqlite`, `mariadb`, `postgres`), each calling the test
 /// file's `run(engine, name, test)`. (`#[macro_use] mod common;`)
 macro_rules! every_engine {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn sqlite() {
-                super::run(super::Engine::Sqlite, stringify!($test), super::$test);
-            }
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
-        }
-    )*};
+    ($($test:ident),* $(,)?) => {$( engine_tests!($test: sqlite Sqlite, mariadb MariaDb, postgres Postgres); )*};
 }
 
 /// [`every_engine!`] for what only a database server has (MariaDB, PostgreSQL).
 macro_rules! server_engines {
-    ($($test:ident),* $(,)?) => {$(
+    ($($test:ident),* $(,)?) => {$( engine_tests!($test: mariadb MariaDb, postgres Postgres); )*};
+}
+
+/// The module of one test: a `#[test]` named `$name` per `Engine::$engine`.
+macro_rules! engine_tests {
+    ($test:ident: $($name:ident $engine:ident),*) => {
         mod $test {
-            #[test]
-            fn mariadb() {
-                super::run(super::Engine::MariaDb, stringify!($test), super::$test);
-            }
-            #[test]
-            fn postgres() {
-                super::run(super::Engine::Postgres, stringify!($test), super::$test);
-            }
+            $(
+                #[test]
+                fn $name() {
+                    super::run(super::Engine::$engine, stringify!($test), super::$test);
+                }
+            )*
         }
-    )*};
+    };
 }
 
 use std::path::PathBuf;
