@@ -59,7 +59,7 @@ pub struct JobDb {
 
 /// Where a JobDB lives.
 enum Home {
-    File(PathBuf),
+    File,
     Server { dbs: Box<SqlJobDbs>, seq: u64 },
 }
 
@@ -89,7 +89,7 @@ impl JobDb {
             name: path.display().to_string(),
             conn: Connection::Sqlite(conn),
             sql: Statements::new(Dialect::Sqlite, "jobs", "job_state_transitions"),
-            home: Home::File(path.to_owned()),
+            home: Home::File,
             broken: false,
         }
     }
@@ -106,14 +106,6 @@ impl JobDb {
         match &self.conn {
             Connection::Sqlite(c) => Some(c),
             Connection::Server(_) => None,
-        }
-    }
-
-    /// The file of an SQLite JobDB.
-    pub fn path(&self) -> Option<&Path> {
-        match &self.home {
-            Home::File(path) => Some(path),
-            Home::Server { .. } => None,
         }
     }
 
@@ -557,7 +549,7 @@ impl JobStore for JobDb {
     /// SQLite: recorded in `jobdb_meta` at the first call; servers: the registry row.
     fn created_at(&mut self) -> Result<i64, DeliverError> {
         match &self.home {
-            Home::File(_) => {
+            Home::File => {
                 let now = now_ms().to_string();
                 let read = "SELECT value FROM jobdb_meta WHERE key = 'created_at'";
                 let recorded = self

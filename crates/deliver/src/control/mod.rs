@@ -38,7 +38,7 @@ mod tables;
 
 pub use catalog::{Catalog, CatalogSnapshot};
 use tables::Tables;
-pub use tables::{table_names, TABLE_PREFIX};
+pub use tables::TABLE_PREFIX;
 
 /// How often directors and the route re-read the control database.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(2);

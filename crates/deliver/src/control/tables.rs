@@ -56,11 +56,6 @@ const LOCK_WAIT_SECS: i64 = 60;
 /// The PostgreSQL advisory lock key of control writes ("sluicectl").
 const PG_CONTROL_LOCK: i64 = 0x736C_7569_6365_6374;
 
-/// The servers' table names, in creation order.
-pub fn table_names() -> [String; 7] {
-    crate::schema::CONTROL.map(|(t, _)| format!("{TABLE_PREFIX}{t}"))
-}
-
 /// This process's claimant id for replays: `data_dir/control.owner`, made once.
 fn owner(data_dir: &Path) -> Result<String, DeliverError> {
     let path = data_dir.join("control.owner");
