@@ -313,7 +313,6 @@ impl SqlJobDbs {
         if split_password(&parsed) {
             return Err(bad("percent-encode the user name and password ('@' as %40, '/' as %2F, '#' as %23, ':' as %3A)"));
         }
-        let database = parsed.path().trim_start_matches('/').to_owned();
         let engine = match parsed.scheme() {
             "mysql" | "mariadb" => SqlEngine::MySql,
             "postgres" | "postgresql" => SqlEngine::Postgres,
@@ -364,12 +363,12 @@ impl SqlJobDbs {
         }
         let (options, link, verify) = match engine {
             SqlEngine::MySql => {
-                if database.is_empty() {
-                    return Err(bad("name the database in the URL (mysql://user:password@host:port/database)"));
-                }
                 let mut mysql_url = parsed.clone();
                 mysql_url.set_scheme("mysql").map_err(|()| bad("cannot use it as a mysql:// URL"))?;
                 let mut o = MySqlConnectOptions::from_str(mysql_url.as_str()).map_err(|e| bad(&e.to_string()))?;
+                if o.get_database().unwrap_or_default().is_empty() {
+                    return Err(bad("name the database in the URL (mysql://user:password@host:port/database)"));
+                }
                 if named.is_none() {
                     o = o.ssl_mode(MySqlSslMode::Disabled);
                 }
@@ -396,6 +395,14 @@ impl SqlJobDbs {
                 let o = o.options([("client_min_messages", "warning")]);
                 (Options::Postgres(o.disable_statement_logging()), link, "sslmode=verify-full&sslrootcert=…")
             }
+        };
+        // The database as the server will see it, not as the URL spells it
+        // (percent-encoded, or PostgreSQL's `?dbname=`, `PGDATABASE` or the
+        // user's name): lock names carry it, and two spellings of one
+        // database must take the same locks.
+        let database = match &options {
+            Options::MySql(o) => o.get_database().unwrap_or_default().to_owned(),
+            Options::Postgres(o) => o.get_database().unwrap_or(o.get_username()).to_owned(),
         };
         let (level, message) = match (&setting, &link) {
             (None, _) => (tracing::Level::INFO, format!("jobdb link: plain text (set {verify} to encrypt)")),
@@ -499,7 +506,8 @@ impl SqlJobDbs {
         &self.display
     }
 
-    /// The database name from the URL (empty: PostgreSQL's default).
+    /// The database's name as the server sees it (decoded; PostgreSQL's
+    /// default resolved as the server would: `dbname`, else the user).
     pub fn database(&self) -> &str {
         &self.database
     }
@@ -924,6 +932,24 @@ mod tests {
         assert!(e.contains("percent-encode the user name and password"), "{e}");
         assert!(SqlJobDbs::new("mysql://sluice:p%40ss%2Fw0rd@127.0.0.1:33307/rt1").is_ok(), "encoded, it is fine");
         assert!(!redact("postgres://u:a@b@h/db").contains("a@b"), "(the last @ ends the credentials)");
+    }
+
+    /// Red team (issue 13, F3): lock names carried the database as the URL
+    /// spelled it, so `/%72t2a` and `/rt2a` (or PostgreSQL's `?dbname=`)
+    /// took different locks on one database: two `sluice serve` ran on it.
+    #[test]
+    fn the_database_is_named_as_the_server_sees_it() {
+        let plain = SqlJobDbs::new("postgres://u@h/rt2a").unwrap();
+        for alias in ["postgres://u@h/%72t2a", "postgres://u@h/other?dbname=rt2a", "postgresql://u@h/?dbname=rt2a"] {
+            let a = SqlJobDbs::new(alias).unwrap();
+            assert_eq!(a.database(), "rt2a", "{alias}");
+            assert_eq!(a.postgres_lock_key("serve"), plain.postgres_lock_key("serve"), "{alias}");
+        }
+        assert_eq!(SqlJobDbs::new("postgres://sluice@h").unwrap().database(), "sluice", "no name: the server uses the user's");
+        let mysql = SqlJobDbs::new("mysql://u@h/rt2a").unwrap();
+        let encoded = SqlJobDbs::new("mariadb://u@h/%72t2a").unwrap();
+        assert_eq!(encoded.database(), "rt2a");
+        assert_eq!(encoded.mysql_lock_name("serve"), mysql.mysql_lock_name("serve"));
     }
 
     /// Issue 12: the TLS mode is explicit. Unnamed: plain text, set as

@@ -675,6 +675,23 @@ async fn readers_see_every_directors_scope_and_create_nothing(db: Db) {
     let (count, states) = tokio::task::block_in_place(|| inspect::stats_in(&jobdbs)).unwrap();
     assert_eq!((count, states["d"]["awaiting_scheduling"]), (2, 2));
     assert_eq!(tables(&unscoped), 2, "the two directors' registries, and no unscoped one");
+    // Red team: another application's table named like a registry made every lookup fail.
+    let foreign = "CREATE TABLE other_app_jobdb_registry (note TEXT)";
+    match db.sql().engine() {
+        SqlEngine::MySql => {
+            let mut c = <sqlx::MySqlConnection as sqlx::Connection>::connect(db.url()).await.unwrap();
+            sqlx::raw_sql(foreign).execute(&mut c).await.unwrap();
+        }
+        SqlEngine::Postgres => {
+            let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(db.url()).await.unwrap();
+            sqlx::raw_sql(foreign).execute(&mut c).await.unwrap();
+        }
+    }
+    assert_eq!(tables(&unscoped), 3, "it looks like a scope");
+    let found = tokio::task::block_in_place(|| inspect::find_in(&jobdbs, "m-b")).expect("the foreign table is skipped");
+    assert_eq!(found.len(), 1);
+    let (count, _) = tokio::task::block_in_place(|| inspect::stats_in(&jobdbs)).expect("stats skip it too");
+    assert_eq!(count, 2);
 }
 
 /// Rotation drops a JobDB's tables, then its registry row: a reader (the

@@ -13,7 +13,7 @@ use sluice_core::metrics::Registry;
 use sluice_core::{Config, Shutdown};
 use sluice_deliver::cluster::{self, DirectorClient, DirectorNode, Directory};
 use sluice_deliver::control::ControlDb;
-use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverMetrics};
+use sluice_deliver::{Catalog, Centrifuge, CentrifugeOptions, DeliverError, DeliverMetrics};
 use sluice_log::Log;
 use sluice_route::{RouteMetrics, RouteSettings};
 use tokio::task::JoinHandle;
@@ -32,14 +32,36 @@ pub struct Running {
     stop: Shutdown,
 }
 
-/// With `deliver.jobdb_url`, a process that keeps JobDBs (`sluice serve`, a
-/// `sluice director`) takes the lock of its JobDB scope before it touches
+/// How often a process checks that it still holds its scope lock.
+const SCOPE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A process's claim on its JobDB scope (see [`claim_scope`]).
+pub struct ScopeClaim {
+    lock: sluice_deliver::sqljobdb::DirectorLock,
+    dbs: sluice_deliver::sqljobdb::SqlJobDbs,
+    name: String,
+    /// Who else would hold it, for the error.
+    who: String,
+}
+
+/// With `deliver.jobdb_url`, a process that keeps JobDBs (`sluice serve`,
+/// a `sluice director`) takes the lock of its JobDB scope before it touches
 /// anything shared: a second process on the same scope is refused here,
 /// before it seeds the control tables with its own config (which the
-/// running one would pick up within a refresh). Held until the returned
-/// lock is dropped; `None` when there is nothing to claim.
-pub async fn claim_scope(config: &Config, route: bool, director: bool) -> Result<Option<sluice_deliver::sqljobdb::DirectorLock>> {
-    let Some(url) = config.deliver.jobdb_url.as_ref().filter(|_| director && config.deliver.enabled) else { return Ok(None) };
+/// running one would pick up within a refresh). Whatever `deliver.enabled`
+/// says: a `serve` with delivery off seeds the control tables too.
+///
+/// `sluice serve` also refuses while any of its JobDBs' director locks is
+/// held by another session: a running serve whose scope session ended
+/// (the database restarted it, an operator killed it) still holds those,
+/// and a second one must not seed before it learns that. (A director's
+/// JobDBs may be held by the director that adopted them while it was
+/// away, and are handed back: not a refusal.)
+///
+/// Held until the claim is dropped; kept by [`watch_scope`]. `None` when
+/// there is nothing to claim.
+pub async fn claim_scope(config: &Config, route: bool, director: bool) -> Result<Option<ScopeClaim>> {
+    let Some(url) = config.deliver.jobdb_url.as_ref().filter(|_| director) else { return Ok(None) };
     let dbs = sluice_deliver::sqljobdb::SqlJobDbs::new(url.as_str())?;
     let (name, who) = if route {
         ("serve".to_owned(), "another `sluice serve` is using this database (each needs its own deliver.jobdb_url database)".to_owned())
@@ -47,11 +69,76 @@ pub async fn claim_scope(config: &Config, route: bool, director: bool) -> Result
         let name = &config.director.name;
         (format!("director-scope.{name}"), format!("a director named {name:?} is already running (director.name must be unique)"))
     };
-    match dbs.lock(&name).await {
-        Ok(lock) => Ok(Some(lock)),
-        Err(e @ sluice_deliver::DeliverError::SqlLocked { .. }) => Err(anyhow::Error::new(e).context(who)),
+    let lock = take_scope_lock(&dbs, &name, &who).await?;
+    if route {
+        let listed = dbs.clone();
+        let jobdbs = tokio::task::spawn_blocking(move || listed.list()).await?.context("cannot list the JobDBs (deliver.jobdb_url)")?;
+        for (seq, _) in jobdbs {
+            if let Some(session) = dbs.jobdb_lock_holder(seq).await.context("cannot reach the JobDB database (deliver.jobdb_url)")? {
+                bail!("{who}: database session {session} holds the director lock of JobDB {}; stop that process first", dbs.table_names(seq).0);
+            }
+        }
+    }
+    Ok(Some(ScopeClaim { lock, dbs, name, who }))
+}
+
+async fn take_scope_lock(dbs: &sluice_deliver::sqljobdb::SqlJobDbs, name: &str, who: &str) -> Result<sluice_deliver::sqljobdb::DirectorLock> {
+    match dbs.lock(name).await {
+        Ok(lock) => Ok(lock),
+        Err(e @ DeliverError::SqlLocked { .. }) => Err(anyhow::Error::new(e).context(who.to_owned())),
         Err(e) => Err(anyhow::Error::new(e).context("cannot reach the JobDB database (deliver.jobdb_url)")),
     }
+}
+
+/// Keep `claim` for the life of the process. Its lock lives as long as its
+/// database session; when the session ends (the database restarted, an
+/// operator ended it) the lock is taken again and the control tables
+/// seeded again from `config` (another process may have seeded its own in
+/// between). If another process took the scope meanwhile, two would
+/// deliver from the same JobDBs: this one stops, with the error sent to
+/// `fatal`. Aborting the task releases the lock.
+pub fn watch_scope(
+    mut claim: ScopeClaim,
+    config: Config,
+    catalog: Arc<Catalog>,
+    fatal: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // Set when the lock was taken again, until the control tables are seeded again.
+        let mut reseed = false;
+        loop {
+            tokio::time::sleep(SCOPE_CHECK_INTERVAL).await;
+            if !claim.lock.is_held().await {
+                tracing::warn!(lock = %claim.lock.name(), "the database session holding this process's scope lock ended; taking it again");
+                match take_scope_lock(&claim.dbs, &claim.name, &claim.who).await {
+                    Ok(lock) => {
+                        claim.lock = lock;
+                        reseed = true;
+                    }
+                    Err(e) if e.downcast_ref::<DeliverError>().is_some_and(|d| matches!(d, DeliverError::SqlLocked { .. })) => {
+                        let _ = fatal.send(e.context(
+                            "another process took this process's JobDB scope while its database session was lost; stopping, \
+                             so that one process delivers from these JobDBs",
+                        ));
+                        return;
+                    }
+                    // The database is unreachable: nobody can take the lock now; try again.
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot take the scope lock again yet"),
+                }
+            }
+            if reseed {
+                let (config, catalog) = (config.clone(), catalog.clone());
+                match tokio::task::spawn_blocking(move || catalog.reseed(&config)).await {
+                    Ok(Ok(())) => {
+                        reseed = false;
+                        tracing::warn!(lock = %claim.lock.name(), "scope lock taken again; the control tables are seeded from this config again");
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot seed the control tables again yet"),
+                    Err(e) => tracing::error!(error = %e, "seeding the control tables again failed"),
+                }
+            }
+        }
+    })
 }
 
 /// Start the route (one task per owned `output` partition, and the replay

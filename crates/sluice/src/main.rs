@@ -378,11 +378,21 @@ async fn run_serve(args: ServeArgs, roles: Roles) -> Result<()> {
         started.stop().await;
         return Err(e);
     }
-    shutdown.await;
-    tracing::info!("shutting down: finishing requests in flight");
+    let mut fatal = started.fatal_rx.take().expect("taken once");
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        e = fatal.recv() => e,
+    };
+    match &failed {
+        None => tracing::info!("shutting down: finishing requests in flight"),
+        Some(e) => tracing::error!(error = format!("{e:#}"), "stopping: this process cannot go on"),
+    }
     started.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 /// What [`start_roles`] has started so far, stopped by [`Started::stop`]
@@ -402,13 +412,19 @@ struct Started {
     /// The Tracking API and admin servers; they stop when `servers_stop` is triggered.
     servers: Vec<tokio::task::JoinHandle<()>>,
     servers_stop: Shutdown,
-    /// With `deliver.jobdb_url`: this process's claim on its JobDB scope,
-    /// held for its life (`deliver::claim_scope`).
-    scope_lock: Option<sluice_deliver::sqljobdb::DirectorLock>,
+    /// With `deliver.jobdb_url`: this process's claim on its JobDB scope
+    /// (`deliver::claim_scope`), until its watch starts.
+    scope_claim: Option<deliver::ScopeClaim>,
+    /// The watch that keeps the claim (`deliver::watch_scope`); stopped last.
+    scope_watch: Option<tokio::task::JoinHandle<()>>,
+    /// An error that stops the process (a task found it cannot go on).
+    fatal: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
+    fatal_rx: Option<tokio::sync::mpsc::UnboundedReceiver<anyhow::Error>>,
 }
 
 impl Default for Started {
     fn default() -> Self {
+        let (fatal, fatal_rx) = tokio::sync::mpsc::unbounded_channel();
         Started {
             log: None,
             embedded: None,
@@ -421,7 +437,10 @@ impl Default for Started {
             admin_state: None,
             servers: Vec::new(),
             servers_stop: Shutdown::new(),
-            scope_lock: None,
+            scope_claim: None,
+            scope_watch: None,
+            fatal,
+            fatal_rx: Some(fatal_rx),
         }
     }
 }
@@ -455,6 +474,12 @@ impl Started {
         if let Some(d) = self.delivery {
             d.stop().await;
         }
+        // The scope lock goes after the JobDBs are closed.
+        if let Some(w) = self.scope_watch {
+            w.abort();
+            let _ = w.await;
+        }
+        drop(self.scope_claim);
         // Closing Kafka clients flushes and leaves groups: not on an async thread.
         if let Some(log) = self.log {
             let _ = tokio::task::spawn_blocking(move || drop(log)).await;
@@ -474,7 +499,7 @@ impl Started {
 /// it runs.
 async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<()> {
     // First: a process that would be refused its JobDBs must change nothing shared (the control tables' seed below).
-    st.scope_lock = deliver::claim_scope(config, roles.route, roles.director).await?;
+    st.scope_claim = deliver::claim_scope(config, roles.route, roles.director).await?;
     let mut registry = Registry::default();
     registry.register(
         "sluice_tls_reloads",
@@ -508,6 +533,9 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         Some(_) => "cannot open the control database (the sluice_control_* tables of deliver.jobdb_url)".to_owned(),
         None => format!("cannot open the control database {}", sluice_deliver::control::control_path(&config.server.data_dir).display()),
     })?;
+    if let Some(claim) = st.scope_claim.take() {
+        st.scope_watch = Some(deliver::watch_scope(claim, config.clone(), catalog.clone(), st.fatal.clone()));
+    }
 
     if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
         st.delivery = Some(deliver::start(config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?);

@@ -143,14 +143,91 @@ fn a_second_serve_on_the_same_database_is_refused_before_it_seeds_the_control_ta
     let second_config = second_dir.path().join("sluice.toml");
     let text =
         std::fs::read_to_string(&first_config).unwrap().replace(&first_dir.path().display().to_string(), &second_dir.path().display().to_string());
-    std::fs::write(&second_config, text.replace(WRITE_KEY, "wk_the_other_config")).unwrap();
+    let text = text.replace(WRITE_KEY, "wk_the_other_config");
+    std::fs::write(&second_config, &text).unwrap();
     let out = serve(&second_config, &[]);
     check_clean_failure(&out, "another `sluice serve` is using this database");
+    // Red team (issue 13): with delivery off it took no lock and seeded (F1);
+    // the database spelled another way took other locks (F3).
+    let mut alias = url::Url::parse(&db).unwrap();
+    let name = alias.path().trim_start_matches('/').to_owned();
+    alias.set_path("/postgres");
+    alias.query_pairs_mut().append_pair("dbname", &name);
+    let variants = [
+        text.replace("[deliver]\n", "[deliver]\nenabled = false\n"),
+        text.replace(&db, alias.as_str()),
+        text.replace(&format!("/{name}"), &format!("/%{:02X}{}", name.as_bytes()[0], &name[1..])),
+    ];
+    for variant in variants {
+        assert_ne!(variant, text, "the variant differs");
+        std::fs::write(&second_config, &variant).unwrap();
+        check_clean_failure(&serve(&second_config, &[]), "another `sluice serve` is using this database");
+    }
 
     let control = sluice_deliver::control::ControlDb::open_url(&db, &first_dir.path().join("data")).unwrap();
     let keys: Vec<String> = control.read().unwrap().sources.into_iter().map(|(s, _)| s.write_key).collect();
     assert_eq!(keys, [WRITE_KEY], "the refused process left the sources as they were");
     first.stop();
+}
+
+/// Red team (issue 13, F2): the scope lock lives in one database session.
+/// When that session ends under a running serve, (a) a second serve that
+/// starts meanwhile takes the scope lock but is refused before it seeds
+/// (the first one's JobDB locks are still held), (b) the first one takes
+/// its lock again, and (c) if another session holds it by then, the first
+/// one stops with an error rather than deliver beside another process.
+#[test]
+fn a_serve_whose_scope_session_ends_takes_it_again_or_stops() {
+    use sqlx::{Connection, Row};
+    let Some(db) = fresh_database("postgres", "scopewatch") else { return };
+    let first_dir = tempfile::tempdir().unwrap();
+    let first_config = write_config(first_dir.path(), &format!("[deliver]\njobdb_url = \"{db}\"\n"));
+    let mut first = Server::start(&first_config);
+    let key = sluice_deliver::sqljobdb::SqlJobDbs::new(&db).unwrap().postgres_lock_key("serve");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut sql = rt.block_on(sqlx::PgConnection::connect(&db)).unwrap();
+    let holder = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND ((classid::bigint << 32) | objid::bigint) = $1";
+    let end_scope_session = |sql: &mut sqlx::PgConnection| {
+        rt.block_on(async {
+            let pid: i32 = sqlx::query(holder).bind(key).fetch_one(&mut *sql).await.expect("the scope lock is held").get(0);
+            sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&mut *sql).await.unwrap();
+            pid
+        })
+    };
+
+    // (a)
+    let ended = end_scope_session(&mut sql);
+    let second_dir = tempfile::tempdir().unwrap();
+    let second_config = second_dir.path().join("sluice.toml");
+    let text =
+        std::fs::read_to_string(&first_config).unwrap().replace(&first_dir.path().display().to_string(), &second_dir.path().display().to_string());
+    std::fs::write(&second_config, text.replace(WRITE_KEY, "wk_the_other_config")).unwrap();
+    // Refused by the JobDB lock still held ("holds the director lock of
+    // JobDB …"), or by the scope lock if the first took it again already.
+    check_clean_failure(&serve(&second_config, &[]), "another `sluice serve` is using this database");
+    let control = sluice_deliver::control::ControlDb::open_url(&db, &first_dir.path().join("data")).unwrap();
+    let keys: Vec<String> = control.read().unwrap().sources.into_iter().map(|(s, _)| s.write_key).collect();
+    assert_eq!(keys, [WRITE_KEY], "the refused process left the sources as they were");
+
+    // (b)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !first.stderr_text().contains("scope lock taken again") {
+        assert!(std::time::Instant::now() < deadline, "not taken again:\n{}", first.stderr_tail(20));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let now: i32 = rt.block_on(sqlx::query(holder).bind(key).fetch_one(&mut sql)).unwrap().get(0);
+    assert_ne!(now, ended, "a new session holds it");
+
+    // (c)
+    end_scope_session(&mut sql);
+    let mut thief = rt.block_on(sqlx::PgConnection::connect(&db)).unwrap();
+    let took: bool = rt.block_on(sqlx::query("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut thief)).unwrap().get(0);
+    assert!(took, "the test takes the free scope lock");
+    let status = first.wait_exit(std::time::Duration::from_secs(60)).expect("the first serve stops");
+    assert!(!status.success(), "it stops with an error");
+    let said = first.stderr_text();
+    assert!(said.contains("another process took this process's JobDB scope"), "{said}");
+    drop(thief);
 }
 
 /// Switching to `deliver.jobdb_url` moves nothing: JobDB files left in

@@ -57,6 +57,13 @@ impl Catalog {
         self.snapshot.read().expect("snapshot lock").clone()
     }
 
+    /// Seed the control database from `config` again (its config-made rows
+    /// replaced, as at start), then re-read it. Blocks.
+    pub fn reseed(&self, config: &Config) -> Result<(), DeliverError> {
+        self.control.lock().expect("control lock").seed(config)?;
+        self.refresh()
+    }
+
     pub fn with_control<T>(&self, f: impl FnOnce(&ControlDb) -> Result<T, DeliverError>) -> Result<T, DeliverError> {
         f(&self.control.lock().expect("control lock"))
     }
