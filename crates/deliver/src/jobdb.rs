@@ -1,7 +1,7 @@
 //! One JobDB, on any engine: an SQLite file in WAL mode
 //! ([`JobDb::open`]), or a table set in a MySQL/MariaDB or PostgreSQL
 //! database ([`crate::sqljobdb::SqlJobDbs::open`]). One implementation of
-//! [`JobStore`] over [`crate::sql::Connection`]; the engines differ only in
+//! [`JobStore`] over [`sluice_sql::conn::Connection`]; the engines differ only in
 //! the statements [`Statements::new`] builds and in what the dialect says.
 //!
 //! Invariants (besides those of [`crate::store`]):
@@ -41,10 +41,10 @@ use sha2::{Digest, Sha256};
 
 use crate::ksuid::Ksuid;
 use crate::schema::{Dialect, JOBS};
-use crate::sql::{Arg, Connection, SqlError, SqlRow};
 use crate::sqljobdb::SqlJobDbs;
 use crate::store::{JobState, JobStore, NewJob, StoredJob, Transition};
 use crate::{now_ms, DeliverError};
+use sluice_sql::conn::{Arg, Connection, SqlError, SqlRow};
 
 /// One JobDB on its own connection.
 pub struct JobDb {
@@ -114,7 +114,7 @@ impl JobDb {
         if e.is_connection_lost() {
             self.broken = true;
         }
-        e.named(format!("{}: {what}", self.name))
+        e.named(format!("{}: {what}", self.name)).into()
     }
 
     fn select_jobs(&mut self, sql: fn(&Statements) -> &str, args: &[Arg<'_>]) -> Result<Vec<StoredJob>, DeliverError> {

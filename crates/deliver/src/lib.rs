@@ -35,7 +35,6 @@ pub mod metrics;
 pub mod retry;
 pub mod schema;
 pub mod sink;
-mod sql;
 pub mod sqljobdb;
 pub mod store;
 pub mod writer;
@@ -89,6 +88,21 @@ pub enum DeliverError {
     OwnJobDbs(#[source] Box<DeliverError>),
     #[error(transparent)]
     Tls(#[from] sluice_ingest::tls::TlsError),
+}
+
+impl From<sluice_sql::Error> for DeliverError {
+    fn from(e: sluice_sql::Error) -> DeliverError {
+        use sluice_sql::Error as E;
+        match e {
+            E::Sqlite { path, source } => DeliverError::Sqlite { path, source },
+            E::Server { what, source } => DeliverError::Sql { jobdb: what, source },
+            E::Url(why) => DeliverError::SqlUrl(why),
+            E::Locked { lock, database } => DeliverError::SqlLocked { lock, database },
+            E::Io { path, source } => DeliverError::Io { path, source },
+            E::Corrupt(why) => DeliverError::Corrupt(why),
+            E::Refused(why) => DeliverError::SeedConflict(why),
+        }
+    }
 }
 
 pub use sluice_core::clock::now_ms;

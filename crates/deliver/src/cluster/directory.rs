@@ -11,9 +11,9 @@ use std::time::Duration;
 use sluice_core::Config;
 
 use crate::schema::{Dialect, DIRECTORS};
-use crate::sql::{Arg, Connection, Connector, SharedConnection, SqlError};
 use crate::sqljobdb::SqlJobDbs;
 use crate::{now_ms, DeliverError};
+use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError};
 
 /// `deliver.jobdb_url`, required when route and directors are separate
 /// processes: the directory and every director's JobDBs live there.
@@ -60,7 +60,7 @@ fn directory_error(doing: &'static str) -> impl Fn(DeliverError) -> DeliverError
 
 impl Directory {
     /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
-    /// if missing, under the schema lock (`sqljobdb::CreateSchema`: roles
+    /// if missing, under the schema lock (`sluice_sql::link::CreateSchema`: roles
     /// started at once on a fresh PostgreSQL database failed here). The URL
     /// is parsed and checked by [`SqlJobDbs::new`] (TLS mode included), as
     /// for the JobDBs and the control tables: one set of options per link.
@@ -75,7 +75,7 @@ impl Directory {
             upsert: placeholders(dialect.upsert("sluice_directors", &["name", "rpc_url", "heartbeat_ms"], &["name"])).into(),
             stop: placeholders("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?".into()).into(),
             live: placeholders("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name".into()).into(),
-            session: Arc::new(SharedConnection::new(Connector::Server(Box::new(dbs.clone())), "directory of directors")),
+            session: Arc::new(SharedConnection::new(Connector::Server(Box::new(dbs.link().clone())), "directory of directors")),
         };
         let ddl = dialect.create_table("sluice_directors", &DIRECTORS);
         // The shared helper drives its own connection and blocks: off the async threads.
@@ -94,7 +94,7 @@ impl Directory {
         tokio::task::spawn_blocking(move || session.run(doing, f))
             .await
             .map_err(|e| DeliverError::Directory(format!("{doing}: {e}")))?
-            .map_err(directory_error(doing))
+            .map_err(|e| directory_error(doing)(e.into()))
     }
 
     /// Register `name` at `rpc_url`, or refresh its heartbeat.

@@ -2,7 +2,7 @@
 //! tables `sluice_control_*` of the `deliver.jobdb_url` database
 //! (MySQL/MariaDB or PostgreSQL), shared by every process that uses that
 //! database, with the same columns ([`crate::schema::CONTROL`]). One
-//! implementation over [`crate::sql`]; the engines differ in the statement
+//! implementation over `sluice_sql::conn`; the engines differ in the statement
 //! forms [`Tables::q`], [`Tables::insert_missing`] and [`Tables::upsert`]
 //! write, and in the write lock.
 //!
@@ -43,9 +43,9 @@ use super::{
 };
 use crate::gate::Qos;
 use crate::schema::Dialect;
-use crate::sql::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
 use crate::sqljobdb::SqlJobDbs;
 use crate::DeliverError;
+use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
 
 /// Prefix of the control tables in a database server.
 pub const TABLE_PREFIX: &str = "sluice_control_";
@@ -139,7 +139,7 @@ impl Tables {
     pub(super) fn open_server(url: &str, data_dir: &Path) -> Result<Tables, DeliverError> {
         let dbs = SqlJobDbs::new(url)?;
         let owner = owner(data_dir)?;
-        Tables::open(Connector::Server(Box::new(dbs)), Some(owner))
+        Tables::open(Connector::Server(Box::new(dbs.link().clone())), Some(owner))
     }
 
     fn open(connector: Connector, owner: Option<String>) -> Result<Tables, DeliverError> {
@@ -214,7 +214,7 @@ impl Tables {
 
     /// Run `f` on the connection; after an error it is dropped.
     fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, DeliverError> {
-        self.session.run(what, f)
+        Ok(self.session.run(what, f)?)
     }
 
     /// Run `body` in a transaction holding the control write lock (see the module docs).

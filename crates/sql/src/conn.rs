@@ -1,11 +1,11 @@
 //! One way to run statements on the three SQL engines: an SQLite file
 //! (rusqlite) or a MySQL/MariaDB or PostgreSQL server (sqlx, one connection
-//! on its own current-thread runtime: [`crate::sqljobdb::Session`]).
+//! on its own current-thread runtime: [`crate::link::Session`]).
 //!
-//! The JobDBs ([`crate::jobdb::JobDb`]) and the control tables are written
-//! once against this module; what differs per engine lives in
-//! [`crate::schema::Dialect`] (DDL, upserts, triggers) and here (binding,
-//! decoding, errors).
+//! Sluice's SQL stores (the JobDBs, the control tables, the directory of
+//! directors) are written once against this module; what differs per
+//! engine lives in [`crate::Dialect`] (DDL, upserts, triggers) and here
+//! (binding, decoding, errors).
 //!
 //! Invariants:
 //! - Statements are written with `?` placeholders and identifiers that
@@ -29,13 +29,13 @@ use sqlx::mysql::MySqlRow;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-use crate::schema::Dialect;
-use crate::sqljobdb::{Conn, Session};
-use crate::DeliverError;
+use crate::dialect::Dialect;
+use crate::link::{Conn, Session, SqlLink};
+use crate::Error;
 
 /// What a statement failed with, on either stack.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SqlError {
+pub enum SqlError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
@@ -51,7 +51,7 @@ pub(crate) enum SqlError {
 impl SqlError {
     /// A unique-index violation on the index whose name contains `index`
     /// (servers: SQLite statements skip duplicates with `OR IGNORE`).
-    pub(crate) fn is_duplicate(&self, index: &str) -> bool {
+    pub fn is_duplicate(&self, index: &str) -> bool {
         match self {
             SqlError::Server(sqlx::Error::Database(d)) => d.is_unique_violation() && d.message().contains(index),
             _ => false,
@@ -59,25 +59,25 @@ impl SqlError {
     }
 
     /// The connection to a server is gone (open a new one before the next transaction).
-    pub(crate) fn is_connection_lost(&self) -> bool {
+    pub fn is_connection_lost(&self) -> bool {
         matches!(self, SqlError::Server(sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed))
     }
 
     /// The crate's error, naming the database (`name`: a file or a server's
     /// URL without password, plus what was done).
-    pub(crate) fn named(self, name: impl Into<String>) -> DeliverError {
+    pub fn named(self, name: impl Into<String>) -> Error {
         match self {
-            SqlError::Sqlite(source) => DeliverError::Sqlite { path: name.into(), source },
-            SqlError::Server(source) => DeliverError::Sql { jobdb: name.into(), source },
-            SqlError::Decode { index, problem } => DeliverError::Corrupt(format!("{}: column {index}: {problem}", name.into())),
-            SqlError::Refused(why) => DeliverError::SeedConflict(why),
+            SqlError::Sqlite(source) => Error::Sqlite { path: name.into(), source },
+            SqlError::Server(source) => Error::Server { what: name.into(), source },
+            SqlError::Decode { index, problem } => Error::Corrupt(format!("{}: column {index}: {problem}", name.into())),
+            SqlError::Refused(why) => Error::Refused(why),
         }
     }
 }
 
 /// One statement argument.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
+pub enum Arg<'a> {
     Int(i64),
     OptInt(Option<i64>),
     /// A 32-bit column (PostgreSQL checks the width of what it is sent).
@@ -158,7 +158,7 @@ macro_rules! bind_args {
 }
 
 /// Reading a row's columns the same way from every engine.
-pub(crate) trait SqlRow {
+pub trait SqlRow {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, SqlError>;
     fn opt_int(&self, i: usize) -> Result<Option<i64>, SqlError>;
     fn opt_text(&self, i: usize) -> Result<Option<String>, SqlError>;
@@ -224,13 +224,13 @@ fn sqlite_statement<'c>(c: &'c rusqlite::Connection, sql: &str, args: &[Arg<'_>]
 }
 
 /// A connection to one engine.
-pub(crate) enum Connection {
+pub enum Connection {
     Sqlite(rusqlite::Connection),
     Server(Box<Session>),
 }
 
 impl Connection {
-    pub(crate) fn dialect(&self) -> Dialect {
+    pub fn dialect(&self) -> Dialect {
         match self {
             Connection::Sqlite(_) => Dialect::Sqlite,
             Connection::Server(s) => match s.conn {
@@ -241,7 +241,7 @@ impl Connection {
     }
 
     /// Run statements without arguments or results (`BEGIN`, DDL), one by one.
-    pub(crate) fn batch(&mut self, sql: &str) -> Result<(), SqlError> {
+    pub fn batch(&mut self, sql: &str) -> Result<(), SqlError> {
         match self {
             Connection::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Connection::Server(s) => {
@@ -255,7 +255,7 @@ impl Connection {
     }
 
     /// Run `sql` (a statement of this connection's dialect) with `args`; the rows it changed.
-    pub(crate) fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, SqlError> {
+    pub fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, SqlError> {
         match self {
             Connection::Sqlite(c) => {
                 let mut stmt = sqlite_statement(c, sql, args)?;
@@ -269,12 +269,7 @@ impl Connection {
     }
 
     /// Run the query `sql` with `args`, reading each row with `read`.
-    pub(crate) fn query<T>(
-        &mut self,
-        sql: &str,
-        args: &[Arg<'_>],
-        mut read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>,
-    ) -> Result<Vec<T>, SqlError> {
+    pub fn query<T>(&mut self, sql: &str, args: &[Arg<'_>], mut read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>) -> Result<Vec<T>, SqlError> {
         match self {
             Connection::Sqlite(c) => {
                 let mut stmt = sqlite_statement(c, sql, args)?;
@@ -299,12 +294,7 @@ impl Connection {
     }
 
     /// The first row of [`Connection::query`], if any.
-    pub(crate) fn query_one<T>(
-        &mut self,
-        sql: &str,
-        args: &[Arg<'_>],
-        read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>,
-    ) -> Result<Option<T>, SqlError> {
+    pub fn query_one<T>(&mut self, sql: &str, args: &[Arg<'_>], read: impl FnMut(&dyn SqlRow) -> Result<T, SqlError>) -> Result<Option<T>, SqlError> {
         Ok(self.query(sql, args, read)?.into_iter().next())
     }
 }
@@ -312,10 +302,10 @@ impl Connection {
 impl Dialect {
     /// `sql` with its `?` placeholders as this engine wants them
     /// (PostgreSQL: `$1, $2, …`; our statements have no `?` in literals).
-    pub(crate) fn placeholders(self, sql: &str) -> String {
+    pub fn placeholders(self, sql: &str) -> String {
         match self {
             Dialect::Sqlite | Dialect::MySql => sql.to_owned(),
-            Dialect::Postgres => crate::sqljobdb::numbered(sql),
+            Dialect::Postgres => crate::link::numbered(sql),
         }
     }
 }
@@ -323,7 +313,7 @@ impl Dialect {
 impl Connection {
     /// Insert one row (`sql`: an `INSERT` into a table whose key is an
     /// auto-assigned `id`) and return that id.
-    pub(crate) fn insert_returning_id(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<i64, SqlError> {
+    pub fn insert_returning_id(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<i64, SqlError> {
         if self.dialect() == Dialect::Postgres {
             let id = self.query_one(&format!("{sql} RETURNING id"), args, |r| r.int(0))?;
             return id.ok_or(SqlError::Decode { index: 0, problem: "INSERT … RETURNING id returned no row".into() });
@@ -346,9 +336,9 @@ impl Connection {
     }
 
     /// Create tables with `ddl` (idempotent): SQLite in one batch; the
-    /// servers under the schema lock ([`crate::sqljobdb::CreateSchema`]).
-    pub(crate) fn create_schema(&mut self, ddl: &[String]) -> Result<(), SqlError> {
-        use crate::sqljobdb::CreateSchema;
+    /// servers under the schema lock ([`crate::link::CreateSchema`]).
+    pub fn create_schema(&mut self, ddl: &[String]) -> Result<(), SqlError> {
+        use crate::link::CreateSchema;
         match self {
             Connection::Sqlite(c) => Ok(c.execute_batch(&ddl.join(";\n"))?),
             Connection::Server(s) => {
@@ -363,38 +353,38 @@ impl Connection {
 }
 
 /// How a [`SharedConnection`] connects.
-pub(crate) enum Connector {
+pub enum Connector {
     /// An SQLite file (WAL, 5 s busy timeout), created if missing.
     SqliteFile(std::path::PathBuf),
-    Server(Box<crate::sqljobdb::SqlJobDbs>),
+    Server(Box<SqlLink>),
 }
 
 impl Connector {
-    fn connect(&self) -> Result<Connection, DeliverError> {
+    fn connect(&self) -> Result<Connection, Error> {
         match self {
             Connector::SqliteFile(path) => {
-                let e = |source| DeliverError::Sqlite { path: path.display().to_string(), source };
+                let e = |source| Error::Sqlite { path: path.display().to_string(), source };
                 let conn = rusqlite::Connection::open(path).map_err(e)?;
                 conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
                 conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
                 Ok(Connection::Sqlite(conn))
             }
-            Connector::Server(dbs) => Ok(Connection::Server(Box::new(dbs.connect()?))),
+            Connector::Server(link) => Ok(Connection::Server(Box::new(link.connect()?))),
         }
     }
 
     /// The file, or the server's URL without password.
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Connector::SqliteFile(path) => path.display().to_string(),
-            Connector::Server(dbs) => dbs.display().to_owned(),
+            Connector::Server(link) => link.display().to_owned(),
         }
     }
 
-    pub(crate) fn dialect(&self) -> Dialect {
+    pub fn dialect(&self) -> Dialect {
         match self {
             Connector::SqliteFile(_) => Dialect::Sqlite,
-            Connector::Server(dbs) => dbs.engine().into(),
+            Connector::Server(link) => link.engine().into(),
         }
     }
 }
@@ -404,8 +394,8 @@ impl Connector {
 /// dropped after any error — with any transaction open on it — so that
 /// the next call connects again. Its methods block; a server's session
 /// runs on a scoped thread when called from async code
-/// ([`crate::sqljobdb::off_runtime`]: its own runtime cannot block there).
-pub(crate) struct SharedConnection {
+/// ([`crate::link::off_runtime`]: its own runtime cannot block there).
+pub struct SharedConnection {
     connector: Connector,
     /// Names the component in errors ("control database").
     component: &'static str,
@@ -413,17 +403,17 @@ pub(crate) struct SharedConnection {
 }
 
 impl SharedConnection {
-    pub(crate) fn new(connector: Connector, component: &'static str) -> SharedConnection {
+    pub fn new(connector: Connector, component: &'static str) -> SharedConnection {
         SharedConnection { connector, component, slot: std::sync::Mutex::new(None) }
     }
 
-    pub(crate) fn connector(&self) -> &Connector {
+    pub fn connector(&self) -> &Connector {
         &self.connector
     }
 
     /// Run `f` on the connection (connecting first if there is none); after
     /// an error the connection is dropped. `what` says what `f` does, for the error.
-    pub(crate) fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, DeliverError> {
+    pub fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, Error> {
         // A panic in another caller leaves the slot as it was: at worst a
         // connection in an unknown state, which the next error drops.
         let mut guard = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -440,7 +430,7 @@ impl SharedConnection {
         };
         match self.connector {
             Connector::SqliteFile(_) => body(),
-            Connector::Server(_) => crate::sqljobdb::off_runtime(body),
+            Connector::Server(_) => crate::link::off_runtime(body),
         }
     }
 }
