@@ -285,3 +285,24 @@ impl SqlJobDbs {
         Ok(self.link.lock_holder(&self.link.lock_name(LOCK_KIND, &self.table_names(seq).0)).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// Lock names are what running processes of earlier versions take: a
+    /// rename would let an old and a new process hold "the same" lock.
+    #[test]
+    fn director_lock_names_are_stable() {
+        let dbs = SqlJobDbs::new("mysql://u@h/sluice").unwrap();
+        assert_eq!(dbs.mysql_lock_name("serve"), "sluice-director-sluice.serve");
+        let long = "director-scope.a_director_name_long_enough_to_need_hashing";
+        let full = format!("sluice-director-sluice.{long}");
+        assert_eq!(dbs.mysql_lock_name(long), format!("sluice-director-{}", hex::encode(&Sha256::digest(full.as_bytes())[..16])));
+        let pg = SqlJobDbs::new("postgres://u@h/sluice").unwrap();
+        let digest = Sha256::digest(b"sluice-director-sluice.jobs_000001");
+        assert_eq!(pg.postgres_lock_key("jobs_000001"), i64::from_be_bytes(digest[..8].try_into().unwrap()));
+        assert_eq!(pg.scoped("d1").table_names(7), ("d1_jobs_000007".to_owned(), "d1_job_state_transitions_000007".to_owned()));
+    }
+}
