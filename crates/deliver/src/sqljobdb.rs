@@ -185,9 +185,7 @@ impl SqlJobDbs {
         Ok(JobDb::on_server(self.clone(), seq, conn))
     }
 
-    /// Run `ddl` (idempotent) through [`CreateSchema`] on a connection of its
-    /// own: for creators of tables outside the JobDBs (the directory).
-
+    /// Connect to JobDB `seq` as it is, without creating anything (readers:
     /// its tables may be dropped meanwhile, and must not come back). Blocks.
     pub fn open_existing(&self, seq: u64) -> Result<JobDb, DeliverError> {
         Ok(JobDb::on_server(self.clone(), seq, Connection::Server(Box::new(self.connect()?))))
@@ -213,7 +211,11 @@ impl SqlJobDbs {
         let mut scopes: Vec<String> = names
             .iter()
             .filter_map(|n| n.strip_suffix("jobdb_registry"))
-            .filter_map(|prefix| if prefix.is_empty() { Some(String::new()) } else { prefix.strip_suffix('_').map(str::to_owned) })
+            // `jobdb_registry` is the unscoped registry; `<name>_jobdb_registry` a
+            // director's. (`_jobdb_registry` is neither: another application's.)
+            .filter_map(
+                |prefix| if prefix.is_empty() { Some(String::new()) } else { prefix.strip_suffix('_').filter(|n| !n.is_empty()).map(str::to_owned) },
+            )
             .collect();
         scopes.sort();
         Ok(scopes.into_iter().map(|scope| self.clone().scoped(&scope)).collect())
@@ -282,7 +284,13 @@ impl SqlJobDbs {
     /// (see [`DirectorLock::session_id`]), asked on a connection of its own;
     /// `None` when nobody holds it.
     pub async fn jobdb_lock_holder(&self, seq: u64) -> Result<Option<i64>, DeliverError> {
-        Ok(self.link.lock_holder(&self.link.lock_name(LOCK_KIND, &self.table_names(seq).0)).await?)
+        self.lock_holder(&self.table_names(seq).0).await
+    }
+
+    /// The server's id of the session holding [`SqlJobDbs::lock`]`(name)`;
+    /// `None` when nobody holds it.
+    pub async fn lock_holder(&self, name: &str) -> Result<Option<i64>, DeliverError> {
+        Ok(self.link.lock_holder(&self.link.lock_name(LOCK_KIND, name)).await?)
     }
 }
 

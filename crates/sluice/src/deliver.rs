@@ -69,17 +69,30 @@ pub async fn claim_scope(config: &Config, route: bool, director: bool) -> Result
         let name = &config.director.name;
         (format!("director-scope.{name}"), format!("a director named {name:?} is already running (director.name must be unique)"))
     };
+    // Serve checks the JobDB locks before it takes the scope lock too: a
+    // refused serve restarted in a loop must not hold the scope lock, even
+    // for a moment, while the running one takes it again (red team).
+    if route {
+        refuse_held_jobdbs(&dbs, &who).await?;
+    }
     let lock = take_scope_lock(&dbs, &name, &who).await?;
     if route {
-        let listed = dbs.clone();
-        let jobdbs = tokio::task::spawn_blocking(move || listed.list()).await?.context("cannot list the JobDBs (deliver.jobdb_url)")?;
-        for (seq, _) in jobdbs {
-            if let Some(session) = dbs.jobdb_lock_holder(seq).await.context("cannot reach the JobDB database (deliver.jobdb_url)")? {
-                bail!("{who}: database session {session} holds the director lock of JobDB {}; stop that process first", dbs.table_names(seq).0);
-            }
-        }
+        refuse_held_jobdbs(&dbs, &who).await?;
     }
     Ok(Some(ScopeClaim { lock, dbs, name, who }))
+}
+
+/// Refuse while another session holds the director lock of any JobDB of
+/// `dbs`' scope.
+async fn refuse_held_jobdbs(dbs: &sluice_deliver::sqljobdb::SqlJobDbs, who: &str) -> Result<()> {
+    let listed = dbs.clone();
+    let jobdbs = tokio::task::spawn_blocking(move || listed.list()).await?.context("cannot list the JobDBs (deliver.jobdb_url)")?;
+    for (seq, _) in jobdbs {
+        if let Some(session) = dbs.jobdb_lock_holder(seq).await.context("cannot reach the JobDB database (deliver.jobdb_url)")? {
+            bail!("{who}: database session {session} holds the director lock of JobDB {}; stop that process first", dbs.table_names(seq).0);
+        }
+    }
+    Ok(())
 }
 
 async fn take_scope_lock(dbs: &sluice_deliver::sqljobdb::SqlJobDbs, name: &str, who: &str) -> Result<sluice_deliver::sqljobdb::DirectorLock> {
@@ -90,13 +103,26 @@ async fn take_scope_lock(dbs: &sluice_deliver::sqljobdb::SqlJobDbs, name: &str, 
     }
 }
 
+/// How many checks in a row may find another session holding the scope
+/// lock before the process stops: a refused process restarted in a loop
+/// holds it for moments, and must not make the running one stop.
+const SCOPE_TAKEN_STRIKES: u32 = 10;
+/// The wait between checks while another session holds the scope lock.
+const SCOPE_RETRY: Duration = Duration::from_secs(1);
+
 /// Keep `claim` for the life of the process. Its lock lives as long as its
-/// database session; when the session ends (the database restarted, an
-/// operator ended it) the lock is taken again and the control tables
-/// seeded again from `config` (another process may have seeded its own in
-/// between). If another process took the scope meanwhile, two would
-/// deliver from the same JobDBs: this one stops, with the error sent to
-/// `fatal`. Aborting the task releases the lock.
+/// database session. When a check does not find it held:
+/// - if the lock's own session still holds it (the check failed: a
+///   cancelled query, a slow network), nothing changed;
+/// - if nobody holds it (the session ended: the database restarted, an
+///   operator ended it), it is taken again and the control tables seeded
+///   again from `config` (another process may have seeded its own in
+///   between);
+/// - if another session holds it for [`SCOPE_TAKEN_STRIKES`] checks in a
+///   row, another process took the scope, and two would deliver from the
+///   same JobDBs: this one stops, with the error sent to `fatal`.
+///
+/// Aborting the task releases the lock.
 pub fn watch_scope(
     mut claim: ScopeClaim,
     config: Config,
@@ -106,25 +132,40 @@ pub fn watch_scope(
     tokio::spawn(async move {
         // Set when the lock was taken again, until the control tables are seeded again.
         let mut reseed = false;
+        let mut strikes = 0;
         loop {
-            tokio::time::sleep(SCOPE_CHECK_INTERVAL).await;
+            tokio::time::sleep(if strikes > 0 { SCOPE_RETRY } else { SCOPE_CHECK_INTERVAL }).await;
             if !claim.lock.is_held().await {
-                tracing::warn!(lock = %claim.lock.name(), "the database session holding this process's scope lock ended; taking it again");
                 match take_scope_lock(&claim.dbs, &claim.name, &claim.who).await {
                     Ok(lock) => {
+                        tracing::warn!(lock = %lock.name(), "the database session holding this process's scope lock had ended; took the lock again");
                         claim.lock = lock;
                         reseed = true;
+                        strikes = 0;
                     }
                     Err(e) if e.downcast_ref::<DeliverError>().is_some_and(|d| matches!(d, DeliverError::SqlLocked { .. })) => {
-                        let _ = fatal.send(e.context(
-                            "another process took this process's JobDB scope while its database session was lost; stopping, \
-                             so that one process delivers from these JobDBs",
-                        ));
-                        return;
+                        let holder = claim.dbs.lock_holder(&claim.name).await.ok().flatten();
+                        if holder == Some(claim.lock.session_id()) {
+                            tracing::warn!(lock = %claim.lock.name(), "a scope lock check failed, but this process's session still holds the lock");
+                            strikes = 0;
+                        } else {
+                            strikes += 1;
+                            tracing::warn!(lock = %claim.lock.name(), ?holder, strikes, "another database session holds this process's scope lock");
+                            if strikes >= SCOPE_TAKEN_STRIKES {
+                                let _ = fatal.send(e.context(format!(
+                                    "another process (database session {}) took this process's JobDB scope while its own session was lost; \
+                                     stopping, so that one process delivers from these JobDBs",
+                                    holder.map_or("?".to_owned(), |h| h.to_string())
+                                )));
+                                return;
+                            }
+                        }
                     }
                     // The database is unreachable: nobody can take the lock now; try again.
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot take the scope lock again yet"),
                 }
+            } else {
+                strikes = 0;
             }
             if reseed {
                 let (config, catalog) = (config.clone(), catalog.clone());

@@ -172,10 +172,11 @@ fn a_second_serve_on_the_same_database_is_refused_before_it_seeds_the_control_ta
 
 /// Red team (issue 13, F2): the scope lock lives in one database session.
 /// When that session ends under a running serve, (a) a second serve that
-/// starts meanwhile takes the scope lock but is refused before it seeds
-/// (the first one's JobDB locks are still held), (b) the first one takes
-/// its lock again, and (c) if another session holds it by then, the first
-/// one stops with an error rather than deliver beside another process.
+/// starts meanwhile is refused before it seeds (the first one's JobDB locks
+/// are still held), (b) the first one takes its lock again, (d) a check
+/// that fails while the session lives is not a loss, and (c) if another
+/// session holds the lock for good, the first one stops with an error
+/// rather than deliver beside another process.
 #[test]
 fn a_serve_whose_scope_session_ends_takes_it_again_or_stops() {
     use sqlx::{Connection, Row};
@@ -218,6 +219,21 @@ fn a_serve_whose_scope_session_ends_takes_it_again_or_stops() {
     let now: i32 = rt.block_on(sqlx::query(holder).bind(key).fetch_one(&mut sql)).unwrap().get(0);
     assert_ne!(now, ended, "a new session holds it");
 
+    // (d) A check that fails while the session lives on (an operator's
+    // pg_cancel_backend, a stall) is not a lost lock: the serve carries on
+    // (red team: it stopped, blaming "another process").
+    let holder_pid = now;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !first.stderr_text().contains("this process's session still holds the lock") {
+        assert!(std::time::Instant::now() < deadline, "no check was cancelled:\n{}", first.stderr_tail(20));
+        let cancel = format!(
+            "DO $$ DECLARE t timestamptz := clock_timestamp() + interval '3 seconds'; BEGIN
+               WHILE clock_timestamp() < t LOOP PERFORM pg_cancel_backend({holder_pid}); END LOOP; END $$"
+        );
+        rt.block_on(sqlx::raw_sql(&cancel).execute(&mut sql)).unwrap();
+    }
+    assert!(first.wait_exit(std::time::Duration::from_secs(6)).is_none(), "a cancelled check stopped the serve:\n{}", first.stderr_tail(20));
+
     // (c)
     end_scope_session(&mut sql);
     let mut thief = rt.block_on(sqlx::PgConnection::connect(&db)).unwrap();
@@ -226,7 +242,7 @@ fn a_serve_whose_scope_session_ends_takes_it_again_or_stops() {
     let status = first.wait_exit(std::time::Duration::from_secs(60)).expect("the first serve stops");
     assert!(!status.success(), "it stops with an error");
     let said = first.stderr_text();
-    assert!(said.contains("another process took this process's JobDB scope"), "{said}");
+    assert!(said.contains("took this process's JobDB scope"), "{said}");
     drop(thief);
 }
 

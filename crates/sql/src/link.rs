@@ -148,7 +148,7 @@ pub type SchemaFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = R
 /// transaction, so the statements also commit together; MySQL/MariaDB
 /// `GET_LOCK('sluice_schema.<database>')` (DDL commits by itself there),
 /// released after. A database error (a race lost to a process that does
-/// not take the lock, a deadlock) is retried up to [`SCHEMA_ATTEMPTS`] times
+/// not take the lock, a deadlock) is retried up to `SCHEMA_ATTEMPTS` (5) times
 /// with a short backoff; `ddl` must be idempotent.
 pub trait CreateSchema {
     fn create_schema<'a>(&'a mut self, ddl: &'a [String]) -> SchemaFuture<'a>;

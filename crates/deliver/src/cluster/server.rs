@@ -143,7 +143,7 @@ impl RpcServer {
     }
 
     /// Reserve room for a body of `declared` bytes (unknown: the largest
-    /// allowed) before reading it, waiting up to [`RPC_BODY_TIMEOUT`];
+    /// allowed) before reading it, waiting up to `RPC_BODY_TIMEOUT`;
     /// the room is freed when the permit is dropped.
     pub async fn reserve_body(&self, declared: Option<u64>) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
         match tokio::time::timeout(RPC_BODY_TIMEOUT, self.body_budget.clone().acquire_many_owned(body_kib(declared))).await {

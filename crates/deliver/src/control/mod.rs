@@ -1,6 +1,6 @@
 //! The control database (`data_dir/control.sqlite`, or with
 //! `deliver.jobdb_url` the tables `sluice_control_*` of that database,
-//! shared by every process using it: [`sql`]): sources, destinations,
+//! shared by every process using it: `tables.rs`): sources, destinations,
 //! connections, `destination_qos`, replay requests and dead letters
 //! (records a stage could not handle: [`DeadLetter`]). The config file seeds
 //! it at start; the running process re-reads it every
@@ -48,7 +48,7 @@ pub fn control_path(data_dir: &Path) -> PathBuf {
 }
 
 /// A connection to the control database: the SQLite file, or the tables
-/// `sluice_control_*` of the `deliver.jobdb_url` database ([`sql`]).
+/// `sluice_control_*` of the `deliver.jobdb_url` database.
 pub struct ControlDb {
     tables: Tables,
     /// The dead-letter store's bounds (see [`DeadLetterLimits`]).
