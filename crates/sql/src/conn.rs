@@ -58,6 +58,18 @@ impl SqlError {
         }
     }
 
+    /// A deadlock, a serialization failure or (SQLite) a busy database:
+    /// the transaction can simply run again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SqlError::Server(sqlx::Error::Database(d)) => {
+                matches!(d.code().as_deref(), Some("40001" | "40P01")) || d.message().contains("Deadlock found")
+            }
+            SqlError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => f.code == rusqlite::ErrorCode::DatabaseBusy,
+            _ => false,
+        }
+    }
+
     /// The connection to a server is gone (open a new one before the next transaction).
     pub fn is_connection_lost(&self) -> bool {
         matches!(self, SqlError::Server(sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed))
@@ -291,6 +303,17 @@ impl Connection {
                 }
             },
         }
+    }
+
+    /// Run `body` in one transaction (SQLite: `BEGIN IMMEDIATE`, taking the
+    /// write lock first, so two writers queue instead of failing at their
+    /// first write). On an error the transaction is left open: drop the
+    /// connection (a [`SharedConnection`] does), which rolls it back.
+    pub fn transaction<T>(&mut self, body: impl FnOnce(&mut Connection) -> Result<T, SqlError>) -> Result<T, SqlError> {
+        self.batch(if self.dialect() == Dialect::Sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" })?;
+        let out = body(self)?;
+        self.batch("COMMIT")?;
+        Ok(out)
     }
 
     /// The first row of [`Connection::query`], if any.

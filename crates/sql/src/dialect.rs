@@ -231,6 +231,36 @@ impl Dialect {
         names.iter().map(|n| render(n)).collect::<Vec<_>>().join(", ")
     }
 
+    /// `INSERT INTO table (columns) VALUES (values)` that inserts nothing
+    /// when the row's key exists, and whose rows changed say which
+    /// happened: 1 inserted, 0 the key existed. Unlike
+    /// [`Dialect::insert_missing`] on MySQL, whose no-op update sqlx counts
+    /// as a changed row (it connects with `CLIENT_FOUND_ROWS`), this is
+    /// `INSERT IGNORE` there — which also turns other errors (a value too
+    /// long for its column) into warnings: callers check lengths first.
+    pub fn insert_new(self, table: &str, columns: &str, values: &str, conflict: &str) -> String {
+        match self {
+            Dialect::MySql => format!("INSERT IGNORE INTO {table} ({columns}) VALUES ({values})"),
+            Dialect::Sqlite | Dialect::Postgres => format!("INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT ({conflict}) DO NOTHING"),
+        }
+    }
+
+    /// `INSERT INTO table (columns) VALUES (values)` that does nothing when
+    /// a row with the same key (`conflict`: its columns) exists (MySQL:
+    /// `ON DUPLICATE KEY UPDATE` of a key column to itself). Its rows
+    /// changed do not tell which happened on MySQL: see
+    /// [`Dialect::insert_new`].
+    pub fn insert_missing(self, table: &str, columns: &str, values: &str, conflict: &str) -> String {
+        let head = format!("INSERT INTO {table} ({columns}) VALUES ({values})");
+        match self {
+            Dialect::MySql => {
+                let first = conflict.split(',').next().unwrap_or(conflict).trim();
+                format!("{head} ON DUPLICATE KEY UPDATE {first} = {first}")
+            }
+            Dialect::Sqlite | Dialect::Postgres => format!("{head} ON CONFLICT ({conflict}) DO NOTHING"),
+        }
+    }
+
     /// `INSERT` of `columns` into `table` that replaces the other columns of
     /// the row whose `key` columns match, with `?` placeholders (PostgreSQL:
     /// number them, `sqljobdb::numbered`).

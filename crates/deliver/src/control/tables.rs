@@ -186,14 +186,7 @@ impl Tables {
 
     /// An insert of a row that does nothing when its key (`conflict`: the key columns) exists.
     fn insert_missing(&self, table: &str, columns: &str, values: &str, conflict: &str) -> String {
-        let head = format!("INSERT INTO {{p}}{table} ({columns}) VALUES ({values})");
-        self.q(&match self.dialect {
-            Dialect::MySql => {
-                let first = conflict.split(',').next().unwrap_or(conflict).trim();
-                format!("{head} ON DUPLICATE KEY UPDATE {first} = {first}")
-            }
-            Dialect::Sqlite | Dialect::Postgres => format!("{head} ON CONFLICT ({conflict}) DO NOTHING"),
-        })
+        self.q(&self.dialect.insert_missing(&format!("{{p}}{table}"), columns, values, conflict))
     }
 
     /// An insert that replaces the `update` columns (and sets `extra`) when the key (`conflict`) exists.

@@ -1,0 +1,121 @@
+//! The global store's tables, defined once and rendered per engine by
+//! `sluice_sql::Dialect`. Names carry the prefix [`PREFIX`] on every engine.
+
+use sluice_sql::dialect::{col, with_default, Index, Table, Type};
+use sluice_sql::Dialect;
+
+/// Prefix of the global store's table names.
+pub const PREFIX: &str = "sluice_global_";
+
+/// A workspace or cell id (checked: 1–64 characters).
+const ID: Type = Type::Key(64);
+/// A source id (as in a cell's control tables).
+const SOURCE: Type = Type::Key(255);
+
+const WORKSPACES: Table = Table {
+    columns: &[
+        col("id", ID),
+        with_default("name", Type::Text, "''"),
+        col("tier", Type::Key(16)),
+        col("constraints", Type::Text), // JSON object of string → string
+        with_default("disabled", Type::Int, "0"),
+        col("created_at", Type::Int),
+    ],
+    primary_key: &["id"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const WRITE_KEYS: Table = Table {
+    columns: &[
+        col("key_hash", Type::FixedBytes(32)), // SHA-256 of the write key; the key is never stored
+        col("workspace", ID),
+        col("source", SOURCE),
+        col("created_at", Type::Int),
+    ],
+    primary_key: &["key_hash"],
+    indexes: &[Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None }],
+    append_only: None,
+    without_rowid: false,
+};
+
+const CELLS: Table = Table {
+    columns: &[
+        col("id", ID),
+        col("tier", Type::Key(16)),
+        col("ingest_url", Type::Text),
+        with_default("admin_url", Type::Text, "''"),
+        col("state", Type::Key(16)),
+        col("attributes", Type::Text), // JSON object of string → string
+        col("updated_at", Type::Int),
+    ],
+    primary_key: &["id"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const ASSIGNMENTS: Table = Table {
+    columns: &[col("workspace", ID), col("cell", ID), col("assigned_at", Type::Int), col("reason", Type::Text)],
+    primary_key: &["workspace"],
+    indexes: &[Index { suffix: "cell", columns: &["cell"], unique: false, only: None }],
+    append_only: None,
+    without_rowid: false,
+};
+
+const OVERRIDES: Table = Table {
+    columns: &[col("workspace", ID), col("cell", ID), col("reason", Type::Text), col("created_at", Type::Int)],
+    primary_key: &["workspace"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const MAPPING_VERSION: Table = Table {
+    columns: &[col("id", Type::Int), col("version", Type::Int)],
+    primary_key: &["id"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const USAGE_REPORTS: Table = Table {
+    columns: &[col("cell", ID), col("report_id", Type::Key(128)), col("received_at", Type::Int)],
+    primary_key: &["cell", "report_id"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const USAGE_HOURLY: Table = Table {
+    columns: &[
+        col("workspace", ID),
+        col("hour", Type::Int), // unix seconds of the hour's start
+        with_default("destination", SOURCE, "''"),
+        col("metric", Type::Key(32)),
+        col("value", Type::Int),
+    ],
+    primary_key: &["workspace", "hour", "destination", "metric"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const TABLES: [(&str, Table); 8] = [
+    ("workspaces", WORKSPACES),
+    ("write_keys", WRITE_KEYS),
+    ("cells", CELLS),
+    ("assignments", ASSIGNMENTS),
+    ("overrides", OVERRIDES),
+    ("mapping_version", MAPPING_VERSION),
+    ("usage_reports", USAGE_REPORTS),
+    ("usage_hourly", USAGE_HOURLY),
+];
+
+/// The DDL of the global store (idempotent), then its one version row.
+pub fn ddl(dialect: Dialect) -> Vec<String> {
+    let mut out: Vec<String> = TABLES.iter().flat_map(|(name, table)| dialect.create_table(&format!("{PREFIX}{name}"), table)).collect();
+    out.push(dialect.insert_missing(&format!("{PREFIX}mapping_version"), "id, version", "1, 0", "id"));
+    out
+}

@@ -1,0 +1,434 @@
+//! The global store: workspaces, write keys, cells, placement, overrides,
+//! the mapping version and metering, in one database shared by the routers
+//! and the control plane (an SQLite file for one machine; MySQL/MariaDB or
+//! PostgreSQL otherwise), through `sluice-sql`.
+//!
+//! Invariants (besides the crate's):
+//! - Methods block (one shared connection, reconnected after an error):
+//!   call them from a blocking thread.
+//! - Placement is a conditional insert (`INSERT … ON CONFLICT DO NOTHING`,
+//!   MySQL `ON DUPLICATE KEY UPDATE` of the key to itself) followed by a
+//!   read: two routers placing one workspace at once both read the row
+//!   the first insert wrote, whichever cell each had chosen.
+//! - Writes that change what a router resolves bump `mapping_version` in
+//!   their transaction; a deadlock or serialization failure between two
+//!   writers is retried (a few times, briefly).
+//! - A usage report is counted once: its `(cell, report_id)` is inserted
+//!   in the same transaction that adds its rows; a report sent again
+//!   inserts nothing and adds nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
+use sluice_sql::{Dialect, SqlLink};
+
+use crate::placement::{check_id, choose, Cell, CellState, Placement, Tier, Workspace};
+use crate::schema::{ddl, PREFIX};
+use crate::CellsError;
+
+/// Attempts of a write that lost a deadlock or serialization race.
+const WRITE_ATTEMPTS: usize = 4;
+
+/// What a write key resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyEntry {
+    pub workspace: String,
+    pub source: String,
+    /// The workspace is disabled: its keys are refused.
+    pub disabled: bool,
+}
+
+/// One counter of one workspace in one hour (`destination` empty for the
+/// counters that are not per destination).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct UsageRow {
+    pub workspace: String,
+    /// Unix seconds of the hour's start.
+    pub hour: i64,
+    #[serde(default)]
+    pub destination: String,
+    /// `accepted`, `duplicates`, `delivered`, `failed`, …
+    pub metric: String,
+    pub value: i64,
+}
+
+/// The global store (see the module docs).
+pub struct GlobalStore {
+    session: SharedConnection,
+    dialect: Dialect,
+    /// The statement that bumps the mapping version.
+    bump: String,
+}
+
+/// SHA-256 of a write key: what the store keeps and looks up.
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn json_map(text: &str, index: usize) -> Result<BTreeMap<String, String>, SqlError> {
+    serde_json::from_str(text).map_err(|e| SqlError::Decode { index, problem: e.to_string() })
+}
+
+fn parse_err(index: usize) -> impl Fn(CellsError) -> SqlError {
+    move |e| SqlError::Decode { index, problem: e.to_string() }
+}
+
+const WORKSPACE_COLUMNS: &str = "id, name, tier, constraints, disabled";
+
+fn workspace_row(r: &dyn SqlRow) -> Result<Workspace, SqlError> {
+    Ok(Workspace {
+        id: r.text(0)?,
+        name: r.text(1)?,
+        tier: Tier::parse(&r.text(2)?).map_err(parse_err(2))?,
+        constraints: json_map(&r.text(3)?, 3)?,
+        disabled: r.int(4)? != 0,
+    })
+}
+
+const CELL_COLUMNS: &str = "id, tier, ingest_url, admin_url, state, attributes";
+
+fn cell_row(r: &dyn SqlRow) -> Result<Cell, SqlError> {
+    Ok(Cell {
+        id: r.text(0)?,
+        tier: Tier::parse(&r.text(1)?).map_err(parse_err(1))?,
+        ingest_url: r.text(2)?,
+        admin_url: r.text(3)?,
+        state: CellState::parse(&r.text(4)?).map_err(parse_err(4))?,
+        attributes: json_map(&r.text(5)?, 5)?,
+    })
+}
+
+impl GlobalStore {
+    /// The store at `location`: a `mysql://`, `mariadb://`, `postgres://`
+    /// or `postgresql://` URL, else an SQLite file path (created). Its
+    /// tables are created if missing. Blocks.
+    pub fn open(location: &str) -> Result<GlobalStore, CellsError> {
+        let connector = if location.contains("://") {
+            Connector::Server(Box::new(SqlLink::new(location)?))
+        } else {
+            let path = Path::new(location);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| sluice_sql::Error::Io { path: dir.display().to_string(), source })?;
+            }
+            Connector::SqliteFile(path.to_owned())
+        };
+        let dialect = connector.dialect();
+        let bump = dialect.placeholders(&format!("UPDATE {PREFIX}mapping_version SET version = version + 1 WHERE id = 1"));
+        let store = GlobalStore { session: SharedConnection::new(connector, "global store"), dialect, bump };
+        let ddl = ddl(dialect);
+        store.session.run("creating the global store's tables", |c| c.create_schema(&ddl))?;
+        Ok(store)
+    }
+
+    /// The file, or the URL without password.
+    pub fn location(&self) -> String {
+        self.session.connector().describe()
+    }
+
+    /// `sql` with `{p}` the table prefix and `?` placeholders, in this engine's dialect.
+    fn q(&self, sql: &str) -> String {
+        self.dialect.placeholders(&sql.replace("{p}", PREFIX))
+    }
+
+    fn read<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, CellsError> {
+        Ok(self.session.run(what, f)?)
+    }
+
+    /// Run `body` in a transaction, retried after a deadlock. A body that
+    /// changes what routers resolve bumps the version in it
+    /// ([`GlobalStore::bump`]).
+    fn write<T: Send>(&self, what: &str, body: impl Fn(&mut Connection) -> Result<T, SqlError> + Send + Sync) -> Result<T, CellsError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut lost_race = false;
+            let result = self.session.run(what, |c| c.transaction(&body).inspect_err(|e| lost_race = e.is_retryable()));
+            match result {
+                Err(e) if lost_race && attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "global store write lost a race; trying again");
+                    std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Bump the mapping version when `changed` rows changed; returns `changed`.
+    fn bump(&self, c: &mut Connection, changed: u64) -> Result<u64, SqlError> {
+        if changed > 0 {
+            c.execute(&self.bump, &[])?;
+        }
+        Ok(changed)
+    }
+
+    /// The mapping version: it changes whenever anything a router resolves does.
+    pub fn mapping_version(&self) -> Result<i64, CellsError> {
+        let sql = self.q("SELECT version FROM {p}mapping_version WHERE id = 1");
+        self.read("reading the mapping version", |c| Ok(c.query_one(&sql, &[], |r| r.int(0))?.unwrap_or(0)))
+    }
+
+    // ---- workspaces ----
+
+    /// Create or replace a workspace.
+    pub fn put_workspace(&self, ws: &Workspace) -> Result<(), CellsError> {
+        check_id("workspace id", &ws.id)?;
+        let sql =
+            self.q(&self.dialect.upsert(&format!("{PREFIX}workspaces"), &["id", "name", "tier", "constraints", "disabled", "created_at"], &["id"]));
+        // (The upsert replaces created_at too; nothing reads it as a creation time yet.)
+        let constraints = serde_json::to_string(&ws.constraints).expect("a map of strings");
+        let now = now_ms();
+        self.write("writing a workspace", |c| {
+            let args = [
+                Arg::Text(&ws.id),
+                Arg::Text(&ws.name),
+                Arg::Text(ws.tier.as_str()),
+                Arg::Text(&constraints),
+                Arg::Int(ws.disabled as i64),
+                Arg::Int(now),
+            ];
+            let n = c.execute(&sql, &args)?;
+            self.bump(c, n)
+        })?;
+        Ok(())
+    }
+
+    pub fn workspace(&self, id: &str) -> Result<Option<Workspace>, CellsError> {
+        let sql = self.q(&format!("SELECT {WORKSPACE_COLUMNS} FROM {{p}}workspaces WHERE id = ?"));
+        self.read("reading a workspace", |c| c.query_one(&sql, &[Arg::Text(id)], workspace_row))
+    }
+
+    pub fn workspaces(&self) -> Result<Vec<Workspace>, CellsError> {
+        let sql = self.q(&format!("SELECT {WORKSPACE_COLUMNS} FROM {{p}}workspaces ORDER BY id"));
+        self.read("reading the workspaces", |c| c.query(&sql, &[], workspace_row))
+    }
+
+    // ---- write keys ----
+
+    /// Register `key` for `source` of `workspace`; false when the key is
+    /// registered already (to anyone: a key names one source).
+    pub fn add_write_key(&self, key: &str, workspace: &str, source: &str) -> Result<bool, CellsError> {
+        if key.is_empty() || key.len() > 1024 {
+            return Err(CellsError::Invalid { what: "write key", why: "1 to 1024 bytes".into() });
+        }
+        if source.is_empty() || source.len() > 255 {
+            return Err(CellsError::Invalid { what: "source id", why: "1 to 255 bytes".into() });
+        }
+        if self.workspace(workspace)?.is_none() {
+            return Err(CellsError::NoWorkspace(workspace.to_owned()));
+        }
+        let hash = key_hash(key);
+        let sql =
+            self.q(&self.dialect.insert_new(&format!("{PREFIX}write_keys"), "key_hash, workspace, source, created_at", "?, ?, ?, ?", "key_hash"));
+        let now = now_ms();
+        let added = self.write("adding a write key", |c| {
+            let n = c.execute(&sql, &[Arg::Bytes(&hash), Arg::Text(workspace), Arg::Text(source), Arg::Int(now)])?;
+            self.bump(c, n)
+        })?;
+        Ok(added == 1)
+    }
+
+    /// Forget `key`; false when it was not registered.
+    pub fn remove_write_key(&self, key: &str) -> Result<bool, CellsError> {
+        let hash = key_hash(key);
+        let sql = self.q("DELETE FROM {p}write_keys WHERE key_hash = ?");
+        Ok(self.write("removing a write key", |c| {
+            let n = c.execute(&sql, &[Arg::Bytes(&hash)])?;
+            self.bump(c, n)
+        })? == 1)
+    }
+
+    /// What `key` belongs to, if it is registered.
+    pub fn lookup_key(&self, key: &str) -> Result<Option<KeyEntry>, CellsError> {
+        let hash = key_hash(key);
+        let sql = self.q("SELECT k.workspace, k.source, COALESCE(w.disabled, 1) FROM {p}write_keys k
+               LEFT JOIN {p}workspaces w ON w.id = k.workspace WHERE k.key_hash = ?");
+        self.read("looking up a write key", |c| {
+            c.query_one(&sql, &[Arg::Bytes(&hash)], |r| Ok(KeyEntry { workspace: r.text(0)?, source: r.text(1)?, disabled: r.int(2)? != 0 }))
+        })
+    }
+
+    // ---- cells ----
+
+    /// Create or replace a cell.
+    pub fn put_cell(&self, cell: &Cell) -> Result<(), CellsError> {
+        check_id("cell id", &cell.id)?;
+        let sql = self.q(&self.dialect.upsert(
+            &format!("{PREFIX}cells"),
+            &["id", "tier", "ingest_url", "admin_url", "state", "attributes", "updated_at"],
+            &["id"],
+        ));
+        let attributes = serde_json::to_string(&cell.attributes).expect("a map of strings");
+        let now = now_ms();
+        self.write("writing a cell", |c| {
+            let args = [
+                Arg::Text(&cell.id),
+                Arg::Text(cell.tier.as_str()),
+                Arg::Text(&cell.ingest_url),
+                Arg::Text(&cell.admin_url),
+                Arg::Text(cell.state.as_str()),
+                Arg::Text(&attributes),
+                Arg::Int(now),
+            ];
+            let n = c.execute(&sql, &args)?;
+            self.bump(c, n)
+        })?;
+        Ok(())
+    }
+
+    /// Move a cell to `state`.
+    pub fn set_cell_state(&self, id: &str, state: CellState) -> Result<(), CellsError> {
+        let sql = self.q("UPDATE {p}cells SET state = ?, updated_at = ? WHERE id = ?");
+        let now = now_ms();
+        let changed = self.write("changing a cell's state", |c| {
+            let n = c.execute(&sql, &[Arg::Text(state.as_str()), Arg::Int(now), Arg::Text(id)])?;
+            self.bump(c, n)
+        })?;
+        match changed {
+            0 => Err(CellsError::NoCell(id.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn cell(&self, id: &str) -> Result<Option<Cell>, CellsError> {
+        let sql = self.q(&format!("SELECT {CELL_COLUMNS} FROM {{p}}cells WHERE id = ?"));
+        self.read("reading a cell", |c| c.query_one(&sql, &[Arg::Text(id)], cell_row))
+    }
+
+    pub fn cells(&self) -> Result<Vec<Cell>, CellsError> {
+        let sql = self.q(&format!("SELECT {CELL_COLUMNS} FROM {{p}}cells ORDER BY id"));
+        self.read("reading the cells", |c| c.query(&sql, &[], cell_row))
+    }
+
+    /// Workspaces assigned to each cell (cells without any are absent).
+    pub fn workspace_counts(&self) -> Result<HashMap<String, u64>, CellsError> {
+        let sql = self.q("SELECT cell, COUNT(*) FROM {p}assignments GROUP BY cell");
+        let rows = self.read("counting workspaces per cell", |c| c.query(&sql, &[], |r| Ok((r.text(0)?, r.int(1)? as u64))))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    // ---- where workspaces are served ----
+
+    /// Pin `workspace` to `cell` (quarantine, a heavy tenant, testing),
+    /// whatever its assignment says.
+    pub fn set_override(&self, workspace: &str, cell: &str, reason: &str) -> Result<(), CellsError> {
+        if self.cell(cell)?.is_none() {
+            return Err(CellsError::NoCell(cell.to_owned()));
+        }
+        let sql = self.q(&self.dialect.upsert(&format!("{PREFIX}overrides"), &["workspace", "cell", "reason", "created_at"], &["workspace"]));
+        let now = now_ms();
+        self.write("setting an override", |c| {
+            let n = c.execute(&sql, &[Arg::Text(workspace), Arg::Text(cell), Arg::Text(reason), Arg::Int(now)])?;
+            self.bump(c, n)
+        })?;
+        Ok(())
+    }
+
+    /// Remove `workspace`'s override; false when it had none.
+    pub fn clear_override(&self, workspace: &str) -> Result<bool, CellsError> {
+        let sql = self.q("DELETE FROM {p}overrides WHERE workspace = ?");
+        Ok(self.write("clearing an override", |c| {
+            let n = c.execute(&sql, &[Arg::Text(workspace)])?;
+            self.bump(c, n)
+        })? == 1)
+    }
+
+    /// Where `workspace` is served now: its override, else its assignment;
+    /// `None` when it has neither (not placed yet).
+    pub fn resolve(&self, workspace: &str) -> Result<Option<Placement>, CellsError> {
+        let sql = self.q("SELECT cell, reason, 1 FROM {p}overrides WHERE workspace = ?
+             UNION ALL SELECT cell, reason, 0 FROM {p}assignments WHERE workspace = ?");
+        let rows = self.read("resolving a workspace", |c| {
+            c.query(&sql, &[Arg::Text(workspace), Arg::Text(workspace)], |r| Ok((r.text(0)?, r.text(1)?, r.int(2)? == 1)))
+        })?;
+        // The override wins over the assignment.
+        let best = rows.into_iter().max_by_key(|(_, _, is_override)| *is_override);
+        Ok(best.map(|(cell, reason, is_override)| Placement {
+            cell,
+            reason: if is_override { format!("override: {reason}") } else { reason },
+            new: false,
+        }))
+    }
+
+    /// Where `workspace` is served, placing it first if it has no cell yet:
+    /// [`crate::placement::choose`] picks a cell, a conditional insert
+    /// records it, and the row that won (this call's or a racing one's) is
+    /// the answer.
+    pub fn place(&self, workspace: &str) -> Result<Placement, CellsError> {
+        if let Some(p) = self.resolve(workspace)? {
+            return Ok(p);
+        }
+        let ws = self.workspace(workspace)?.ok_or_else(|| CellsError::NoWorkspace(workspace.to_owned()))?;
+        let cells = self.cells()?;
+        let load = self.workspace_counts()?;
+        let (cell, reason) = choose(&ws, &cells, &load).map_err(|reason| CellsError::Unplaceable { workspace: workspace.to_owned(), reason })?;
+        let insert =
+            self.q(&self.dialect.insert_new(&format!("{PREFIX}assignments"), "workspace, cell, assigned_at, reason", "?, ?, ?, ?", "workspace"));
+        let now = now_ms();
+        // The version goes up only with a row inserted: a lost race changes nothing.
+        let inserted = self.write("placing a workspace", |c| {
+            let n = c.execute(&insert, &[Arg::Text(workspace), Arg::Text(&cell), Arg::Int(now), Arg::Text(&reason)])?;
+            self.bump(c, n)
+        })? == 1;
+        let mut placed = self.resolve(workspace)?.ok_or_else(|| CellsError::NoWorkspace(workspace.to_owned()))?;
+        placed.new = inserted && placed.cell == cell;
+        if inserted {
+            tracing::info!(workspace, cell = %placed.cell, reason = %placed.reason, "workspace placed");
+        }
+        Ok(placed)
+    }
+
+    // ---- metering ----
+
+    /// Add a cell's usage report, once: a report with a `(cell, report_id)`
+    /// seen before adds nothing. True when it was counted now.
+    pub fn record_usage(&self, cell: &str, report_id: &str, rows: &[UsageRow]) -> Result<bool, CellsError> {
+        check_id("cell id", cell)?;
+        if report_id.is_empty() || report_id.len() > 128 {
+            return Err(CellsError::Invalid { what: "report id", why: "1 to 128 bytes".into() });
+        }
+        for row in rows {
+            check_id("workspace id", &row.workspace)?;
+            if row.metric.is_empty() || row.metric.len() > 32 || row.destination.len() > 255 || row.value < 0 {
+                return Err(CellsError::Invalid { what: "usage row", why: format!("{row:?}") });
+            }
+        }
+        let report =
+            self.q(&self.dialect.insert_new(&format!("{PREFIX}usage_reports"), "cell, report_id, received_at", "?, ?, ?", "cell, report_id"));
+        let add = self.q(&match self.dialect {
+            Dialect::MySql => "INSERT INTO {p}usage_hourly (workspace, hour, destination, metric, value) VALUES (?, ?, ?, ?, ?)
+                 ON DUPLICATE KEY UPDATE value = value + VALUES(value)"
+                .to_owned(),
+            Dialect::Sqlite | Dialect::Postgres => "INSERT INTO {p}usage_hourly (workspace, hour, destination, metric, value) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (workspace, hour, destination, metric) DO UPDATE SET value = {p}usage_hourly.value + excluded.value"
+                .to_owned(),
+        });
+        let now = now_ms();
+        self.write("recording a usage report", |c| {
+            if c.execute(&report, &[Arg::Text(cell), Arg::Text(report_id), Arg::Int(now)])? != 1 {
+                return Ok(false);
+            }
+            for r in rows {
+                c.execute(&add, &[Arg::Text(&r.workspace), Arg::Int(r.hour), Arg::Text(&r.destination), Arg::Text(&r.metric), Arg::Int(r.value)])?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// `workspace`'s usage rows with `from <= hour < to` (unix seconds).
+    pub fn usage(&self, workspace: &str, from: i64, to: i64) -> Result<Vec<UsageRow>, CellsError> {
+        let sql = self.q("SELECT workspace, hour, destination, metric, value FROM {p}usage_hourly
+              WHERE workspace = ? AND hour >= ? AND hour < ? ORDER BY hour, metric, destination");
+        self.read("reading usage", |c| {
+            c.query(&sql, &[Arg::Text(workspace), Arg::Int(from), Arg::Int(to)], |r| {
+                Ok(UsageRow { workspace: r.text(0)?, hour: r.int(1)?, destination: r.text(2)?, metric: r.text(3)?, value: r.int(4)? })
+            })
+        })
+    }
+}

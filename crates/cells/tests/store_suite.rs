@@ -1,0 +1,336 @@
+//! The global store's suite, run against every engine: an SQLite file, and
+//! MariaDB and PostgreSQL when `SLUICE_TEST_MYSQL_URL` /
+//! `SLUICE_TEST_POSTGRES_URL` name servers (`scripts/sql.sh` starts them;
+//! with `SLUICE_REQUIRE_SQL=1` a missing server fails the test instead of
+//! skipping it).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+
+use sluice_cells::store::key_hash;
+use sluice_cells::{Cell, CellState, CellsError, GlobalStore, Tier, UsageRow, Workspace};
+
+/// A fresh store on one engine, and what keeps it alive.
+struct Db {
+    location: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Db {
+    fn open(&self) -> GlobalStore {
+        GlobalStore::open(&self.location).unwrap_or_else(|e| panic!("open {}: {e}", self.location))
+    }
+}
+
+fn sqlite() -> Option<Db> {
+    let dir = tempfile::tempdir().unwrap();
+    Some(Db { location: dir.path().join("global.sqlite").display().to_string(), _dir: Some(dir) })
+}
+
+fn server(var: &str, engine: &str, test: &str) -> Option<Db> {
+    use sqlx::Connection;
+    let url = match std::env::var(var) {
+        Ok(u) if !u.is_empty() => u,
+        _ if std::env::var("SLUICE_REQUIRE_SQL").as_deref() == Ok("1") => panic!("{var} is not set and SLUICE_REQUIRE_SQL=1"),
+        _ => {
+            eprintln!("skipped: {var} is not set (scripts/sql.sh starts a server)");
+            return None;
+        }
+    };
+    // (MySQL names stop at 64 characters: the test's name is hashed.)
+    let tag = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let name = format!("sluice_cells_{tag:016x}_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        if engine == "mysql" {
+            let mut c = sqlx::MySqlConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+        } else {
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut c).await.unwrap();
+        }
+    });
+    let mut u = url::Url::parse(&url).unwrap();
+    u.set_path(&format!("/{name}"));
+    Some(Db { location: u.to_string(), _dir: None })
+}
+
+macro_rules! every_engine {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                #[test]
+                fn sqlite() {
+                    super::$test(super::sqlite().unwrap());
+                }
+                #[test]
+                fn mariadb() {
+                    if let Some(db) = super::server("SLUICE_TEST_MYSQL_URL", "mysql", stringify!($test)) {
+                        super::$test(db);
+                    }
+                }
+                #[test]
+                fn postgres() {
+                    if let Some(db) = super::server("SLUICE_TEST_POSTGRES_URL", "postgres", stringify!($test)) {
+                        super::$test(db);
+                    }
+                }
+            }
+        )*
+    };
+}
+
+every_engine!(
+    workspaces_keys_and_cells_round_trip_and_keys_are_kept_hashed,
+    routers_racing_to_place_a_workspace_agree_on_one_cell,
+    an_override_wins_and_every_mapping_change_bumps_the_version,
+    a_workspace_no_cell_can_take_is_refused_with_the_reason,
+    a_usage_report_sent_twice_counts_once,
+    bad_input_is_refused_with_a_clear_error,
+);
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn workspace(id: &str, tier: Tier, constraints: &[(&str, &str)]) -> Workspace {
+    Workspace { id: id.into(), name: format!("{id} Inc."), tier, constraints: map(constraints), disabled: false }
+}
+
+fn cell(id: &str, tier: Tier, attributes: &[(&str, &str)]) -> Cell {
+    Cell {
+        id: id.into(),
+        tier,
+        ingest_url: format!("http://127.0.0.1:1/{id}"),
+        admin_url: String::new(),
+        state: CellState::Active,
+        attributes: map(attributes),
+    }
+}
+
+fn workspaces_keys_and_cells_round_trip_and_keys_are_kept_hashed(db: Db) {
+    let store = db.open();
+    let w = workspace("acme", Tier::Mid, &[("data_residency", "eu")]);
+    store.put_workspace(&w).unwrap();
+    assert_eq!(store.workspace("acme").unwrap(), Some(w.clone()));
+    assert_eq!(store.workspace("nobody").unwrap(), None);
+
+    assert!(store.add_write_key("wk_secret_key_123", "acme", "web").unwrap());
+    assert!(!store.add_write_key("wk_secret_key_123", "acme", "other").unwrap(), "a key names one source");
+    let entry = store.lookup_key("wk_secret_key_123").unwrap().expect("found");
+    assert_eq!((entry.workspace.as_str(), entry.source.as_str(), entry.disabled), ("acme", "web", false));
+    assert_eq!(store.lookup_key("wk_secret_key_124").unwrap(), None);
+    assert!(matches!(store.add_write_key("k", "nobody", "s"), Err(CellsError::NoWorkspace(_))));
+
+    // A disabled workspace's keys resolve, marked disabled (the router refuses them).
+    store.put_workspace(&Workspace { disabled: true, ..w.clone() }).unwrap();
+    assert!(store.lookup_key("wk_secret_key_123").unwrap().unwrap().disabled);
+
+    // Reopened (another process): the same rows.
+    let again = db.open();
+    let c = cell("eu-1", Tier::Mid, &[("data_residency", "eu")]);
+    again.put_cell(&c).unwrap();
+    assert_eq!(store.cells().unwrap(), vec![c.clone()]);
+    store.set_cell_state("eu-1", CellState::Full).unwrap();
+    assert_eq!(again.cell("eu-1").unwrap().unwrap().state, CellState::Full);
+    assert!(matches!(store.set_cell_state("nope", CellState::Full), Err(CellsError::NoCell(_))));
+
+    assert!(store.remove_write_key("wk_secret_key_123").unwrap());
+    assert!(!store.remove_write_key("wk_secret_key_123").unwrap());
+    assert_eq!(store.lookup_key("wk_secret_key_123").unwrap(), None);
+
+    // The key itself is nowhere in the database: only its SHA-256.
+    store.put_workspace(&w).unwrap();
+    store.add_write_key("wk_plain_text_must_not_leak", "acme", "web").unwrap();
+    let dump = dump_write_keys(&db);
+    assert!(!dump.contains("wk_plain_text_must_not_leak"), "{dump}");
+    assert!(dump.contains(&hex::encode(key_hash("wk_plain_text_must_not_leak"))), "{dump}");
+}
+
+/// Every column of the write_keys table as text (bytes as hex), via the engine's own client.
+fn dump_write_keys(db: &Db) -> String {
+    use sqlx::{Connection, Row};
+    let sql = "SELECT key_hash, workspace, source FROM sluice_global_write_keys";
+    if !db.location.contains("://") {
+        let c = rusqlite_open(&db.location);
+        return c;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut out = String::new();
+        if db.location.starts_with("mysql") {
+            let mut c = sqlx::MySqlConnection::connect(&db.location).await.unwrap();
+            for r in sqlx::query(sql).fetch_all(&mut c).await.unwrap() {
+                // (Key columns are binary-collated: bytes to sqlx.)
+                let text = |i: usize| String::from_utf8_lossy(&r.get::<Vec<u8>, _>(i)).into_owned();
+                out.push_str(&format!("{} {} {}\n", hex::encode(r.get::<Vec<u8>, _>(0)), text(1), text(2)));
+            }
+        } else {
+            let mut c = sqlx::PgConnection::connect(&db.location).await.unwrap();
+            for r in sqlx::query(sql).fetch_all(&mut c).await.unwrap() {
+                let hash: Vec<u8> = r.get(0);
+                out.push_str(&format!("{} {} {}\n", hex::encode(hash), r.get::<String, _>(1), r.get::<String, _>(2)));
+            }
+        }
+        out
+    })
+}
+
+/// The SQLite file's bytes, as lossy text with the hashes in hex: the raw
+/// file must not hold the key anywhere (pages, free lists, WAL aside).
+fn rusqlite_open(path: &str) -> String {
+    let mut out = String::new();
+    for file in [path.to_owned(), format!("{path}-wal")] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            out.push_str(&String::from_utf8_lossy(&bytes));
+            out.push_str(&hex::encode(&bytes));
+        }
+    }
+    out
+}
+
+fn routers_racing_to_place_a_workspace_agree_on_one_cell(db: Db) {
+    let store = db.open();
+    for id in ["smb-1", "smb-2", "smb-3"] {
+        store.put_cell(&cell(id, Tier::Smb, &[])).unwrap();
+    }
+    for round in 0..5 {
+        let ws = format!("new-{round}");
+        store.put_workspace(&workspace(&ws, Tier::Smb, &[])).unwrap();
+        let before = store.mapping_version().unwrap();
+        // Eight routers, each with its own connection, place it at the same moment.
+        let barrier = Arc::new(Barrier::new(8));
+        let placements: Vec<_> = (0..8)
+            .map(|_| {
+                let (router, barrier, ws) = (db.open(), barrier.clone(), ws.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    router.place(&ws).unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let cells: std::collections::HashSet<&str> = placements.iter().map(|p| p.cell.as_str()).collect();
+        assert_eq!(cells.len(), 1, "round {round}: {placements:?}");
+        assert_eq!(placements.iter().filter(|p| p.new).count(), 1, "one placement made it: {placements:?}");
+        assert_eq!(store.mapping_version().unwrap(), before + 1, "one assignment, one bump");
+        assert_eq!(store.resolve(&ws).unwrap().unwrap().cell, placements[0].cell);
+    }
+    // Least loaded: five workspaces over three empty cells spread 2/2/1.
+    let mut counts: Vec<u64> = store.workspace_counts().unwrap().into_values().collect();
+    counts.sort();
+    assert_eq!(counts, [1, 2, 2]);
+}
+
+fn an_override_wins_and_every_mapping_change_bumps_the_version(db: Db) {
+    let store = db.open();
+    let v0 = store.mapping_version().unwrap();
+    store.put_cell(&cell("a", Tier::Enterprise, &[])).unwrap();
+    store.put_cell(&cell("b", Tier::Enterprise, &[])).unwrap();
+    store.put_workspace(&workspace("big", Tier::Enterprise, &[])).unwrap();
+    store.add_write_key("wk_big", "big", "web").unwrap();
+    assert_eq!(store.mapping_version().unwrap(), v0 + 4);
+    let placed = store.place("big").unwrap();
+    assert_eq!((placed.cell.as_str(), placed.new), ("a", true), "a, by id, both empty");
+    assert!(placed.reason.contains("least-loaded active enterprise cell"), "{}", placed.reason);
+    let again = store.place("big").unwrap();
+    assert_eq!((again.cell.as_str(), again.new), ("a", false), "placed once");
+    assert_eq!(store.mapping_version().unwrap(), v0 + 5);
+
+    store.set_override("big", "b", "quarantine").unwrap();
+    let over = store.resolve("big").unwrap().unwrap();
+    assert_eq!(over.cell, "b");
+    assert_eq!(over.reason, "override: quarantine");
+    assert_eq!(store.place("big").unwrap().cell, "b");
+    assert_eq!(store.mapping_version().unwrap(), v0 + 6);
+    assert!(matches!(store.set_override("big", "zzz", "x"), Err(CellsError::NoCell(_))));
+    assert!(store.clear_override("big").unwrap());
+    assert!(!store.clear_override("big").unwrap());
+    assert_eq!(store.resolve("big").unwrap().unwrap().cell, "a", "back to its assignment");
+    store.set_cell_state("b", CellState::Draining).unwrap();
+    assert_eq!(store.mapping_version().unwrap(), v0 + 8);
+}
+
+fn a_workspace_no_cell_can_take_is_refused_with_the_reason(db: Db) {
+    let store = db.open();
+    store.put_workspace(&workspace("eu-co", Tier::Mid, &[("data_residency", "eu")])).unwrap();
+    match store.place("eu-co") {
+        Err(CellsError::Unplaceable { reason, .. }) => assert_eq!(reason, "there are no cells"),
+        other => panic!("{other:?}"),
+    }
+    store.put_cell(&cell("us-1", Tier::Mid, &[("data_residency", "us")])).unwrap();
+    store.put_cell(&Cell { state: CellState::Full, ..cell("eu-full", Tier::Mid, &[("data_residency", "eu")]) }).unwrap();
+    let err = store.place("eu-co").unwrap_err().to_string();
+    assert!(err.contains("workspace \"eu-co\" cannot be placed"), "{err}");
+    assert!(err.contains("us-1: data_residency = \"us\", not \"eu\""), "{err}");
+    assert!(err.contains("eu-full: state full"), "{err}");
+    assert_eq!(store.resolve("eu-co").unwrap(), None, "nothing assigned");
+    assert!(matches!(store.place("ghost"), Err(CellsError::NoWorkspace(_))));
+    // A cell that satisfies it arrives: placed there.
+    store.put_cell(&cell("eu-2", Tier::Mid, &[("data_residency", "eu")])).unwrap();
+    assert_eq!(store.place("eu-co").unwrap().cell, "eu-2");
+}
+
+fn a_usage_report_sent_twice_counts_once(db: Db) {
+    let store = db.open();
+    let hour = 1_764_590_400; // 2025-12-01T12:00:00Z
+    let row = move |metric: &str, destination: &str, value: i64| UsageRow {
+        workspace: "acme".into(),
+        hour,
+        destination: destination.into(),
+        metric: metric.into(),
+        value,
+    };
+    let report = vec![row("accepted", "", 100), row("duplicates", "", 3), row("delivered", "crm", 97)];
+    assert!(store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap());
+    assert!(!store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap(), "the same report again");
+    // Another report of the same hour (another cell, or this cell's next) adds.
+    assert!(store.record_usage("cell-2", "cell-1/1764590400/1", &[row("accepted", "", 5)]).unwrap(), "ids are per cell");
+    let usage = store.usage("acme", hour, hour + 3600).unwrap();
+    let total = |metric: &str| usage.iter().filter(|r| r.metric == metric).map(|r| r.value).sum::<i64>();
+    assert_eq!((total("accepted"), total("duplicates"), total("delivered")), (105, 3, 97));
+    assert!(store.usage("acme", hour + 3600, hour + 7200).unwrap().is_empty());
+    assert!(store.usage("other", hour, hour + 3600).unwrap().is_empty());
+
+    // Reports racing from several threads, each sent twice: every one counted once.
+    let threads: Vec<_> = (0..6)
+        .map(|i| {
+            let store = db.open();
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    store.record_usage("cell-3", &format!("r{i}"), &[row("accepted", "", 10)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let usage = store.usage("acme", hour, hour + 3600).unwrap();
+    assert_eq!(usage.iter().filter(|r| r.metric == "accepted").map(|r| r.value).sum::<i64>(), 165);
+}
+
+fn bad_input_is_refused_with_a_clear_error(db: Db) {
+    let store = db.open();
+    for id in ["", "has space", "semi;colon", &"x".repeat(65)] {
+        let e = store.put_workspace(&workspace(id, Tier::Smb, &[])).unwrap_err().to_string();
+        assert!(e.contains("invalid workspace id"), "{e}");
+        let e = store.put_cell(&cell(id, Tier::Smb, &[])).unwrap_err().to_string();
+        assert!(e.contains("invalid cell id"), "{e}");
+    }
+    store.put_workspace(&workspace("ok", Tier::Smb, &[])).unwrap();
+    assert!(store.add_write_key("", "ok", "s").is_err());
+    assert!(store.add_write_key(&"k".repeat(2000), "ok", "s").is_err());
+    let bad_row = UsageRow { workspace: "ok".into(), hour: 0, destination: String::new(), metric: "accepted".into(), value: -1 };
+    assert!(store.record_usage("c", "r", &[bad_row]).is_err(), "negative counts");
+    assert!(store.record_usage("c", "", &[]).is_err(), "empty report id");
+    // Nothing half-written by the refusals.
+    assert_eq!(store.workspaces().unwrap().len(), 1);
+    assert!(store.cells().unwrap().is_empty());
+    assert!(store.usage("ok", 0, 3600).unwrap().is_empty());
+    // A key with quotes, NUL and non-ASCII is just bytes to hash.
+    assert!(store.add_write_key("k'\"\0é\u{1F600}", "ok", "s").unwrap());
+    assert_eq!(store.lookup_key("k'\"\0é\u{1F600}").unwrap().unwrap().workspace, "ok");
+}
