@@ -16,57 +16,37 @@ pub mod budget;
 pub mod cors;
 pub mod event;
 pub mod ratelimit;
+pub mod request;
 pub mod server;
 pub mod spool;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use base64::Engine;
 use bytes::Bytes;
 use chrono::Utc;
-use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 use sluice_core::config::{Config, SourceConfig, UnknownWriteKey};
 use sluice_core::metrics::{latency_buckets, Counter, Family, Histogram, Registry};
 use sluice_core::partition_for;
 use sluice_log::{Log, Record};
 
-use crate::event::{BatchContext, EventError, EventLimits, EventType, RawObject};
+use crate::event::{BatchContext, EventError, EventLimits, RawObject};
 use crate::ratelimit::TokenBucket;
+pub use crate::request::ApiError;
+use crate::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, success, too_large, unknown_write_key, Call, Encoding};
 
 /// The topic ingest writes to.
 pub use sluice_core::topics::INPUT as INPUT_TOPIC;
-
-/// The request kinds of the Tracking API, by URL path segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
-    Single(EventType),
-    Batch,
-}
-
-fn call_for_path(segment: &str) -> Option<Call> {
-    Some(match segment {
-        "identify" | "i" => Call::Single(EventType::Identify),
-        "track" | "t" => Call::Single(EventType::Track),
-        "page" | "p" => Call::Single(EventType::Page),
-        "screen" | "s" => Call::Single(EventType::Screen),
-        "group" | "g" => Call::Single(EventType::Group),
-        "alias" | "a" => Call::Single(EventType::Alias),
-        "batch" | "import" | "b" => Call::Batch,
-        _ => return None,
-    })
-}
 
 /// A source as ingest sees it.
 pub struct Source {
@@ -209,40 +189,6 @@ impl Ingest {
     }
 }
 
-/// An error answer: status, stable `code`, human `message`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
-    }
-
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": self.code, "message": self.message }).to_string();
-        let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
-    }
-}
-
-fn success() -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"success":true}"#).into_response()
-}
-
 /// The Tracking API router (axum's `fn app() -> Router` pattern).
 pub fn router(ingest: Arc<Ingest>) -> Router {
     Router::new()
@@ -293,111 +239,6 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
     };
     ingest.metrics.requests.get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())]).inc();
     resp
-}
-
-/// How the body is encoded (`Content-Encoding`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Identity,
-    Gzip,
-}
-
-fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-    match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
-        None => Ok(Encoding::Identity),
-        Some(enc) if enc.is_empty() || enc == "identity" => Ok(Encoding::Identity),
-        Some(enc) if enc == "gzip" || enc == "x-gzip" => Ok(Encoding::Gzip),
-        Some(enc) => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_encoding",
-            format!("Content-Encoding {enc:?} is not supported; use gzip or none"),
-        )),
-    }
-}
-
-fn too_large(settings: &IngestSettings) -> ApiError {
-    ApiError::bad_request("request_too_large", format!("request body exceeds {} bytes", settings.max_request_bytes))
-}
-
-/// Decode the body as sent; a gzip body is inflated to at most the limit
-/// (+1 to notice), whatever its ratio. CPU work: run off the async threads
-/// for large or compressed bodies.
-fn decode_body(settings: &IngestSettings, encoding: Encoding, raw: Bytes) -> Result<Bytes, ApiError> {
-    let limit = settings.max_request_bytes;
-    match encoding {
-        Encoding::Identity => Ok(raw),
-        Encoding::Gzip => {
-            let mut out = Vec::with_capacity((raw.len() * 4).min(limit + 1));
-            flate2::read::MultiGzDecoder::new(&raw[..])
-                .take(limit as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| ApiError::bad_request("invalid_gzip", format!("body is not valid gzip: {e}")))?;
-            if out.len() > limit {
-                return Err(too_large(settings));
-            }
-            Ok(out.into())
-        }
-    }
-}
-
-/// The most an oversize body is read (and thrown away) before its `400` is
-/// sent, so the client is not reset mid-upload and can read the answer.
-/// Past this the connection is closed after the answer.
-const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
-
-/// Read the body as sent (not decoded): `Some(bytes)` within
-/// `max_request_bytes`, `None` when it is larger. A larger body is still
-/// read and discarded up to [`DRAIN_MAX_BYTES`], within the body timeout,
-/// so the early answer reaches the client instead of a connection reset.
-async fn collect_body(settings: &IngestSettings, headers: &HeaderMap, mut body: Body) -> Result<Option<Bytes>, ApiError> {
-    let limit = settings.max_request_bytes;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64 && len > DRAIN_MAX_BYTES as u64) {
-        return Ok(None); // over the limit and not worth reading: answer now, the connection closes
-    }
-    let mut over = declared.is_some_and(|len| len > limit as u64);
-    let mut kept = bytes::BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize).min(limit));
-    let mut seen = 0usize;
-    let deadline = tokio::time::Instant::now() + settings.body_read_timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) if over => return Ok(None),
-            Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
-            Ok(None) => break,
-            Ok(Some(Err(_))) if over => return Ok(None),
-            Ok(Some(Err(e))) => return Err(ApiError::bad_request("body_read_error", format!("could not read the request body: {e}"))),
-            Ok(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else { continue };
-                seen = seen.saturating_add(data.len());
-                if seen > limit {
-                    over = true;
-                    kept = bytes::BytesMut::new();
-                }
-                if over {
-                    if seen > DRAIN_MAX_BYTES {
-                        return Ok(None);
-                    }
-                } else {
-                    kept.extend_from_slice(&data);
-                }
-            }
-        }
-    }
-    Ok((!over).then(|| kept.freeze()))
-}
-
-/// The write key from HTTP Basic auth (user name, with or without the
-/// trailing colon).
-fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, encoded) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let user = text.split_once(':').map(|(u, _)| u).unwrap_or(&text);
-    (!user.is_empty()).then(|| user.to_owned())
 }
 
 /// Bodies larger than this are parsed and normalized on the blocking pool,
@@ -467,9 +308,7 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     for result in futures_util::future::join_all(appends).await {
         if let Err(e) = result {
             append_errors::failed(&e);
-            let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry");
-            err.retry_after = Some(5);
-            return Err(err);
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "events could not be stored; retry").retry_after(5));
         }
     }
     append_errors::succeeded();
@@ -528,11 +367,6 @@ mod append_errors {
             }
         }
     }
-}
-
-fn unknown_write_key(present: bool) -> ApiError {
-    let message = if present { "unknown write key" } else { "no write key: send it as the HTTP Basic user name or as `writeKey` in the body" };
-    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_write_key", message)
 }
 
 /// Parse, authenticate (body key), rate-limit and normalize a request into
@@ -600,10 +434,9 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
     let n_items = if call == Call::Batch { items.len() } else { 1 };
     if let Some(limiter) = &source.limiter {
         if let Err(wait) = limiter.try_take(n_items as u32) {
-            let mut e =
+            let e =
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("source {:?} is over its rate limit; retry later", source.id));
-            e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
-            return Err(e);
+            return Err(e.retry_after(wait.as_secs_f64().ceil().max(1.0) as u64));
         }
     }
 

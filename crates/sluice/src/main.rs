@@ -6,6 +6,7 @@ mod bench;
 mod bench_dedup;
 mod bench_deliver;
 mod bench_hostile;
+mod cells;
 mod dead_letters;
 mod dedup;
 mod deliver;
@@ -83,6 +84,11 @@ enum Command {
     /// Benchmarks (see docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The cell router: the Tracking API in front of several cells (see README, "Cells").
+    Router(cells::RouterArgs),
+    /// The cells' global store: cells, workspaces, write keys, overrides, placement.
+    #[command(subcommand)]
+    Cells(cells::CellsCommand),
 }
 
 #[derive(Args)]
@@ -201,6 +207,8 @@ fn run(command: Command) -> Result<()> {
         Command::DeadLetters(cmd) => dead_letters::run(cmd),
         Command::Sink(args) => runtime()?.block_on(sink::sink(args)),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Router(args) => runtime()?.block_on(cells::router(args)),
+        Command::Cells(cmd) => cells::run(cmd),
     }
 }
 
@@ -221,11 +229,20 @@ enum Kind {
 impl Command {
     fn kind(&self) -> Kind {
         match self {
-            Command::Serve(_) | Command::Ingest(_) | Command::Route(_) | Command::Director(_) | Command::Dedup(DedupArgs { tool: None, .. }) => {
-                Kind::Server
-            }
+            Command::Serve(_)
+            | Command::Ingest(_)
+            | Command::Route(_)
+            | Command::Director(_)
+            | Command::Router(_)
+            | Command::Dedup(DedupArgs { tool: None, .. }) => Kind::Server,
             Command::Sink(_) | Command::Bench(_) => Kind::NetworkTool,
-            Command::Log(_) | Command::Config(_) | Command::Dedup(_) | Command::Jobs(_) | Command::Replay(_) | Command::DeadLetters(_) => Kind::Tool,
+            Command::Log(_)
+            | Command::Config(_)
+            | Command::Dedup(_)
+            | Command::Jobs(_)
+            | Command::Replay(_)
+            | Command::DeadLetters(_)
+            | Command::Cells(_) => Kind::Tool,
         }
     }
 }

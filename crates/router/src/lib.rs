@@ -1,0 +1,416 @@
+//! `sluice router`: the edge of a cell deployment (issue 14; DESIGN.md §5).
+//! It speaks the Tracking API, finds the workspace a request's write key
+//! belongs to and the one cell that serves that workspace, forwards the
+//! request there unchanged, and returns the cell's answer.
+//!
+//! Per request:
+//! 1. The write key: HTTP Basic auth (as the SDKs send it), else `writeKey`
+//!    in the body (analytics.js), read from a decoded copy (gzip inflated
+//!    within ingest's limits); the body forwarded is the original bytes.
+//! 2. Key → workspace → cell through (a) the in-process cache, (b) the
+//!    global store on a miss, (c) placement for a workspace with no cell
+//!    yet (a conditional insert: racing routers agree).
+//! 3. Forward to the cell's Tracking API over pooled keep-alive
+//!    connections, with `X-Sluice-Cell`; a Basic-auth request's body is
+//!    streamed, not buffered.
+//!
+//! Invariants:
+//! - A workspace is only ever sent to the cell the store names. A cell
+//!   that does not answer gets its workspaces a `503` with `Retry-After`
+//!   (the SDKs retry), never another cell: deduplication is per cell.
+//! - The cache never outlives a mapping change by more than one poll
+//!   (`mapping_version`, every [`RouterSettings::poll_every`]): a change
+//!   empties it, and a lookup that started before the change does not
+//!   write its (possibly stale) answer into the emptied cache.
+//! - Unknown keys are answered exactly as ingest answers them (`401`,
+//!   `invalid_write_key`), and cached as unknown, within a bounded cache.
+//! - Errors are JSON with `code` and `message`, as ingest's are.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use prometheus_client::metrics::histogram::exponential_buckets;
+use sluice_cells::store::key_hash;
+use sluice_cells::{CellsError, GlobalStore};
+use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
+use sluice_core::Shutdown;
+use sluice_ingest::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, too_large, unknown_write_key, ApiError};
+use sluice_ingest::IngestSettings;
+
+/// The header that tells a cell which cell the router meant it to be.
+pub const CELL_HEADER: &str = "x-sluice-cell";
+
+/// The router's settings.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    /// Body limits and read timeout: ingest's, so the router refuses what a cell would.
+    pub ingest: IngestSettings,
+    /// How often the mapping version is read (the cache follows within this).
+    pub poll_every: Duration,
+    /// How long a cell may take to answer a forwarded request.
+    pub forward_timeout: Duration,
+    /// `Retry-After` (s) when a cell or the store cannot be reached.
+    pub retry_after: u64,
+    /// Cache entries (known and unknown keys) before the cache is emptied.
+    pub max_cache_entries: usize,
+}
+
+impl RouterSettings {
+    pub fn new(ingest: IngestSettings) -> RouterSettings {
+        RouterSettings {
+            ingest,
+            poll_every: Duration::from_millis(250),
+            forward_timeout: Duration::from_secs(30),
+            retry_after: 5,
+            max_cache_entries: 100_000,
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The router's metrics.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    /// Routing decisions by path: `hit` (cache), `miss` (store), `new` (placed now), `unknown` (no such key).
+    pub decisions: Family<Labels, Counter>,
+    /// Time to decide where a request goes, by path.
+    pub decision_seconds: Family<Labels, Histogram>,
+    /// Requests forwarded, by cell and the cell's status (`unreachable`: no answer).
+    pub forwarded: Family<Labels, Counter>,
+    /// Entries in the cache.
+    pub cache_entries: Gauge,
+    /// Mapping changes seen (each empties the cache).
+    pub mapping_changes: Counter,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        RouterMetrics {
+            decisions: Family::default(),
+            // 1 µs to ~8 s: a cache hit is microseconds, a new placement milliseconds.
+            decision_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 2.0, 24))),
+            forwarded: Family::default(),
+            cache_entries: Gauge::default(),
+            mapping_changes: Counter::default(),
+        }
+    }
+}
+
+impl RouterMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("sluice_router");
+        r.register("decisions", "Routing decisions by path: hit, miss, new, unknown", self.decisions.clone());
+        r.register("decision_seconds", "Time to decide where a request goes, by path", self.decision_seconds.clone());
+        r.register("forwarded", "Requests forwarded, by cell and the cell's status (unreachable: no answer)", self.forwarded.clone());
+        r.register("cache_entries", "Write keys in the routing cache", self.cache_entries.clone());
+        r.register("mapping_changes", "Mapping changes seen (each empties the cache)", self.mapping_changes.clone());
+    }
+
+    /// Decisions so far on `path`.
+    pub fn decided(&self, path: &str) -> u64 {
+        self.decisions.get_or_create(&vec![("path", path.to_owned())]).get()
+    }
+}
+
+/// Where a write key goes.
+#[derive(Debug, Clone)]
+enum Route {
+    /// No such key.
+    Unknown,
+    /// The key's workspace is disabled.
+    Disabled {
+        workspace: String,
+    },
+    Cell {
+        workspace: String,
+        cell: String,
+        ingest_url: String,
+    },
+}
+
+#[derive(Default)]
+struct Cache {
+    routes: HashMap<[u8; 32], Route>,
+    /// Bumped when the cache is emptied: a lookup that began under an older
+    /// generation does not store its answer.
+    generation: u64,
+}
+
+/// The router: its store, cache, HTTP client and metrics.
+pub struct CellRouter {
+    store: Arc<GlobalStore>,
+    cache: RwLock<Cache>,
+    client: reqwest::Client,
+    settings: RouterSettings,
+    pub metrics: RouterMetrics,
+    /// The mapping version the cache is valid for.
+    version: AtomicU64,
+}
+
+impl CellRouter {
+    pub fn new(store: GlobalStore, settings: RouterSettings) -> Result<Arc<CellRouter>, CellsError> {
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(settings.forward_timeout)
+            // A cell's redirect is its answer to the client, not the router's to follow.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| CellsError::Invalid { what: "HTTP client", why: e.to_string() })?;
+        let version = store.mapping_version()?;
+        Ok(Arc::new(CellRouter {
+            store: Arc::new(store),
+            cache: RwLock::new(Cache::default()),
+            client,
+            settings,
+            metrics: RouterMetrics::default(),
+            version: AtomicU64::new(version as u64),
+        }))
+    }
+
+    /// Follow the mapping version until `stop`: a change empties the cache.
+    pub fn spawn_mapping_watch(self: &Arc<Self>, stop: Shutdown) -> tokio::task::JoinHandle<()> {
+        let router = self.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(router.settings.poll_every) => {}
+                    _ = stop.wait() => return,
+                }
+                let store = router.store.clone();
+                match tokio::task::spawn_blocking(move || store.mapping_version()).await {
+                    Ok(Ok(v)) => {
+                        if failing {
+                            tracing::info!("the global store answers again");
+                            failing = false;
+                        }
+                        if v as u64 != router.version.load(Ordering::SeqCst) {
+                            router.invalidate(v as u64);
+                        }
+                    }
+                    Ok(Err(e)) if !failing => {
+                        // The cache keeps serving what it knows; misses fail until the store is back.
+                        tracing::warn!(error = %e, "cannot read the mapping version; the cache keeps its entries");
+                        failing = true;
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    /// Empty the cache: the mapping is now at `version`.
+    fn invalidate(&self, version: u64) {
+        let mut cache = self.cache.write().expect("cache lock");
+        cache.routes.clear();
+        cache.generation += 1;
+        self.version.store(version, Ordering::SeqCst);
+        self.metrics.cache_entries.set(0);
+        self.metrics.mapping_changes.inc();
+    }
+
+    /// Where `key` goes: the cache, else the store (placing the workspace if needed).
+    async fn route(&self, key: &str) -> Result<Route, ApiError> {
+        let started = Instant::now();
+        let hash = key_hash(key);
+        let (cached, generation) = {
+            let cache = self.cache.read().expect("cache lock");
+            (cache.routes.get(&hash).cloned(), cache.generation)
+        };
+        if let Some(route) = cached {
+            self.decided(if matches!(route, Route::Unknown) { "unknown" } else { "hit" }, started);
+            return Ok(route);
+        }
+        let store = self.store.clone();
+        let key = key.to_owned();
+        let looked_up = tokio::task::spawn_blocking(move || lookup(&store, &key)).await;
+        let (route, path) = match looked_up {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(unavailable("the routing lookup failed", self.settings.retry_after)),
+        };
+        {
+            let mut cache = self.cache.write().expect("cache lock");
+            if cache.generation == generation {
+                if cache.routes.len() >= self.settings.max_cache_entries {
+                    // Bounded: a flood of made-up keys empties it rather than growing it.
+                    cache.routes.clear();
+                }
+                cache.routes.insert(hash, route.clone());
+                self.metrics.cache_entries.set(cache.routes.len() as i64);
+            }
+        }
+        self.decided(path, started);
+        Ok(route)
+    }
+
+    fn decided(&self, path: &str, started: Instant) {
+        let labels = vec![("path", path.to_owned())];
+        self.metrics.decisions.get_or_create(&labels).inc();
+        self.metrics.decision_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    }
+}
+
+fn unavailable(message: &str, retry_after: u64) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(retry_after)
+}
+
+/// The store's answer for `key`, and the decision path (`miss`, `new`, `unknown`). Blocks.
+fn lookup(store: &GlobalStore, key: &str) -> Result<(Route, &'static str), ApiError> {
+    let store_down = |e: CellsError| {
+        tracing::warn!(error = %e, "the global store cannot be read; answering 503");
+        unavailable("routing is unavailable; retry", 5)
+    };
+    let Some(entry) = store.lookup_key(key).map_err(store_down)? else { return Ok((Route::Unknown, "unknown")) };
+    if entry.disabled {
+        return Ok((Route::Disabled { workspace: entry.workspace }, "miss"));
+    }
+    let placed = match store.place(&entry.workspace) {
+        Ok(p) => p,
+        Err(CellsError::Unplaceable { workspace, reason }) => {
+            tracing::error!(%workspace, %reason, "a workspace cannot be placed on any cell; its requests are answered 503");
+            return Err(unavailable("no cell can serve this workspace yet; retry later", 60));
+        }
+        Err(e) => return Err(store_down(e)),
+    };
+    let Some(cell) = store.cell(&placed.cell).map_err(store_down)? else {
+        tracing::error!(workspace = %entry.workspace, cell = %placed.cell, "a workspace is assigned to a cell the store does not list");
+        return Err(unavailable("this workspace's cell is unknown; retry later", 60));
+    };
+    let path = if placed.new { "new" } else { "miss" };
+    Ok((Route::Cell { workspace: entry.workspace, cell: cell.id, ingest_url: cell.ingest_url }, path))
+}
+
+/// The router's HTTP front: the Tracking API's paths.
+pub fn app(router: Arc<CellRouter>) -> Router {
+    Router::new()
+        .route("/v1/{call}", post(handle))
+        .route("/v1/{call}/", post(handle))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST") })
+        .with_state(router)
+        .layer(axum::middleware::from_fn(sluice_ingest::cors::middleware))
+}
+
+/// Request headers a cell needs; the rest (hop-by-hop, `Host`) are the router's.
+const FORWARDED_HEADERS: [HeaderName; 6] =
+    [header::AUTHORIZATION, header::CONTENT_TYPE, header::CONTENT_ENCODING, header::CONTENT_LENGTH, header::USER_AGENT, header::ORIGIN];
+
+async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Body) -> Response {
+    let Ok(Path(call)) = call else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch").into_response();
+    };
+    // Ingest's telemetry endpoint and unknown paths are the cell's to answer;
+    // a made-up path is answered here, as ingest would.
+    if call != "m" && call_for_path(&call).is_none() {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response();
+    }
+    match forward(&router, &call, headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(router: &CellRouter, call: &str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let settings = &router.settings.ingest;
+    // The key: Basic auth (the body streams through untouched), else the body's `writeKey`.
+    let (key, body) = match basic_auth_key(&headers) {
+        Some(key) => (Some(key), reqwest::Body::wrap_stream(body.into_data_stream())),
+        None => {
+            let enc = encoding(&headers)?;
+            let raw = collect_body(settings, &headers, body).await?.ok_or_else(|| too_large(settings))?;
+            let decoded = if enc == sluice_ingest::request::Encoding::Identity {
+                raw.clone()
+            } else {
+                let (s, raw) = (settings.clone(), raw.clone());
+                tokio::task::spawn_blocking(move || decode_body(&s, enc, raw))
+                    .await
+                    .map_err(|_| unavailable("the request could not be read; retry", 1))??
+            };
+            (body_write_key(&decoded), reqwest::Body::from(raw))
+        }
+    };
+    let Some(key) = key else { return Err(unknown_write_key(false)) };
+    let route = router.route(&key).await?;
+    let (workspace, cell, ingest_url) = match route {
+        Route::Unknown => return Err(unknown_write_key(true)),
+        Route::Disabled { workspace } => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "workspace_disabled",
+                format!("workspace {workspace:?} is disabled; its events are not accepted"),
+            ))
+        }
+        Route::Cell { workspace, cell, ingest_url } => (workspace, cell, ingest_url),
+    };
+    let url = format!("{}/v1/{call}", ingest_url.trim_end_matches('/'));
+    let mut request = router.client.post(&url).body(body);
+    for name in FORWARDED_HEADERS {
+        for value in headers.get_all(&name) {
+            request = request.header(&name, value);
+        }
+    }
+    request = request.header(CELL_HEADER, &cell);
+    let count = |status: &str| router.metrics.forwarded.get_or_create(&vec![("cell", cell.clone()), ("status", status.to_owned())]).inc();
+    let answer = match request.send().await {
+        Ok(a) => a,
+        Err(e) => {
+            count("unreachable");
+            tracing::warn!(%cell, %workspace, error = %e, "a cell did not answer; its workspace's request is answered 503");
+            return Err(unavailable(&format!("cell {cell} is unavailable; retry"), router.settings.retry_after));
+        }
+    };
+    let status = answer.status();
+    let mut out = Response::builder().status(status.as_u16());
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(v) = answer.headers().get(&name) {
+            out = out.header(name, v);
+        }
+    }
+    let bytes = match answer.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            count("unreachable");
+            tracing::warn!(%cell, error = %e, "a cell's answer was cut off; answered 503");
+            return Err(unavailable(&format!("cell {cell} is unavailable; retry"), router.settings.retry_after));
+        }
+    };
+    count(status.as_str());
+    let mut resp = out.body(Body::from(bytes)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
+    resp.headers_mut().insert(HeaderName::from_static(CELL_HEADER), HeaderValue::from_str(&cell).unwrap_or(HeaderValue::from_static("?")));
+    Ok(resp)
+}
+
+/// `writeKey` at the top of a JSON body, read as ingest reads it (the
+/// last one when it repeats), if it is a non-empty string.
+fn body_write_key(body: &Bytes) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let key = sluice_ingest::event::RawObject::parse(text).ok()?.get_str("writeKey")?;
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_write_key_is_read_from_the_top_level_only() {
+        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":"wk","batch":[]}"#)).as_deref(), Some("wk"));
+        assert_eq!(body_write_key(&Bytes::from_static(br#"{"batch":[{"writeKey":"inner"}]}"#)), None);
+        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":5}"#)), None);
+        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":""}"#)), None);
+        assert_eq!(body_write_key(&Bytes::from_static(b"not json")), None);
+    }
+}

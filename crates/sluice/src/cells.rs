@@ -1,0 +1,241 @@
+//! Cells (issue 14): `sluice router`, the edge in front of the cells, and
+//! `sluice cells`, the global store's tool (cells, workspaces, write keys,
+//! overrides, placement) until the control plane's API exists.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
+use sluice_core::Shutdown;
+use sluice_ingest::server::{serve, ServeOptions};
+use sluice_ingest::IngestSettings;
+use sluice_router::{CellRouter, RouterSettings};
+
+use crate::ConfigArgs;
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// The global store: a mysql://, mariadb://, postgres:// URL, or an SQLite file path.
+    #[arg(long, env = "SLUICE_GLOBAL_STORE")]
+    store: String,
+}
+
+#[derive(Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where the router serves the Tracking API.
+    #[arg(long, env = "SLUICE_ROUTER_LISTEN", default_value = "127.0.0.1:8090", value_parser = crate::listen_flag)]
+    listen: SocketAddr,
+    /// Ingest's request limits (`[ingest]`) and the server's connection
+    /// limits (`[server]`) come from this config (default: the sample's).
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// `sluice router`: serve until a signal.
+pub async fn router(args: RouterArgs) -> Result<()> {
+    let config = sluice_core::Config::load(args.config.config.as_deref())?;
+    let location = args.store.store.clone();
+    let store = tokio::task::spawn_blocking(move || GlobalStore::open(&location))
+        .await?
+        .with_context(|| format!("cannot open the global store {}", sluice_sql::redact(&args.store.store)))?;
+    let router = CellRouter::new(store, RouterSettings::new(IngestSettings::from_config(&config))).context("cannot start the router")?;
+    let stop = Shutdown::new();
+    let watch = router.spawn_mapping_watch(stop.clone());
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = "off", "Sluice is ready (router): send Tracking API requests here");
+    let shutdown = crate::shutdown_signal()?;
+    let server_stop = stop.clone();
+    let server =
+        tokio::spawn(serve(listener, sluice_router::app(router), ServeOptions::from_config(&config.server), async move { server_stop.wait().await }));
+    shutdown.await;
+    tracing::info!("shutting down: finishing requests in flight");
+    stop.trigger();
+    let _ = server.await;
+    let _ = watch.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum CellsCommand {
+    /// Add or replace a cell.
+    PutCell {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        /// enterprise, mid or smb.
+        #[arg(long)]
+        tier: String,
+        /// The cell's Tracking API (http://host:port).
+        #[arg(long)]
+        ingest_url: String,
+        #[arg(long, default_value = "")]
+        admin_url: String,
+        /// provisioning, active, full, draining or retired.
+        #[arg(long, default_value = "active")]
+        state: String,
+        /// An attribute, KEY=VALUE (repeatable), e.g. data_residency=eu.
+        #[arg(long = "attribute", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
+    },
+    /// Move a cell to another state.
+    SetCellState {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        state: String,
+    },
+    /// Add or replace a workspace.
+    PutWorkspace {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        #[arg(long)]
+        tier: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// A constraint, KEY=VALUE (repeatable), e.g. data_residency=eu or dedicated=true.
+        #[arg(long = "constraint", value_name = "KEY=VALUE")]
+        constraints: Vec<String>,
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Register a write key for a source of a workspace (stored hashed).
+    AddKey {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        workspace: String,
+        #[arg(long)]
+        source: String,
+        /// The key (from the environment, to keep it out of shell history).
+        #[arg(long, env = "SLUICE_WRITE_KEY", hide_env_values = true)]
+        key: String,
+    },
+    /// Forget a write key.
+    RemoveKey {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, env = "SLUICE_WRITE_KEY", hide_env_values = true)]
+        key: String,
+    },
+    /// Pin a workspace to a cell, whatever its assignment says.
+    Override {
+        #[command(flatten)]
+        store: StoreArgs,
+        workspace: String,
+        cell: String,
+        #[arg(long, default_value = "set by an operator")]
+        reason: String,
+    },
+    /// Remove a workspace's override.
+    ClearOverride {
+        #[command(flatten)]
+        store: StoreArgs,
+        workspace: String,
+    },
+    /// Place a workspace now (as a router would on its first request) and print where.
+    Place {
+        #[command(flatten)]
+        store: StoreArgs,
+        workspace: String,
+    },
+    /// Print cells (with their workspace counts) and workspaces (with where they are served) as JSON.
+    Show {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("{what} {p:?}: write KEY=VALUE"),
+        })
+        .collect()
+}
+
+fn open(store: &StoreArgs) -> Result<GlobalStore> {
+    GlobalStore::open(&store.store).with_context(|| format!("cannot open the global store {}", sluice_sql::redact(&store.store)))
+}
+
+/// `sluice cells …`.
+pub fn run(cmd: CellsCommand) -> Result<()> {
+    match cmd {
+        CellsCommand::PutCell { store, id, tier, ingest_url, admin_url, state, attributes } => {
+            let url = sluice_core::config::HttpUrl::parse(&ingest_url).map_err(|e| anyhow::anyhow!("--ingest-url: {e}"))?;
+            let cell = Cell {
+                id,
+                tier: Tier::parse(&tier)?,
+                ingest_url: url.as_str().trim_end_matches('/').to_owned(),
+                admin_url,
+                state: CellState::parse(&state)?,
+                attributes: pairs(&attributes, "--attribute")?,
+            };
+            open(&store)?.put_cell(&cell)?;
+            println!("cell {} is {} ({})", cell.id, cell.state.as_str(), cell.ingest_url);
+        }
+        CellsCommand::SetCellState { store, id, state } => {
+            open(&store)?.set_cell_state(&id, CellState::parse(&state)?)?;
+            println!("cell {id} is {state}");
+        }
+        CellsCommand::PutWorkspace { store, id, tier, name, constraints, disabled } => {
+            let ws = Workspace { id, name, tier: Tier::parse(&tier)?, constraints: pairs(&constraints, "--constraint")?, disabled };
+            open(&store)?.put_workspace(&ws)?;
+            println!("workspace {} ({}{})", ws.id, ws.tier.as_str(), if ws.disabled { ", disabled" } else { "" });
+        }
+        CellsCommand::AddKey { store, workspace, source, key } => {
+            if !open(&store)?.add_write_key(&key, &workspace, &source)? {
+                bail!("that write key is registered already (a key names one source)");
+            }
+            println!("write key added for source {source} of workspace {workspace}");
+        }
+        CellsCommand::RemoveKey { store, key } => {
+            if !open(&store)?.remove_write_key(&key)? {
+                bail!("no such write key");
+            }
+            println!("write key removed");
+        }
+        CellsCommand::Override { store, workspace, cell, reason } => {
+            open(&store)?.set_override(&workspace, &cell, &reason)?;
+            println!("workspace {workspace} is pinned to cell {cell}");
+        }
+        CellsCommand::ClearOverride { store, workspace } => {
+            let had = open(&store)?.clear_override(&workspace)?;
+            println!(
+                "{}",
+                if had { format!("workspace {workspace}'s override is removed") } else { format!("workspace {workspace} had no override") }
+            );
+        }
+        CellsCommand::Place { store, workspace } => {
+            let placed = open(&store)?.place(&workspace)?;
+            println!("{}", serde_json::to_string_pretty(&placed)?);
+        }
+        CellsCommand::Show { store } => {
+            let store = open(&store)?;
+            let counts = store.workspace_counts()?;
+            let cells: Vec<_> = store
+                .cells()?
+                .into_iter()
+                .map(|c| {
+                    let n = counts.get(&c.id).copied().unwrap_or(0);
+                    serde_json::json!({ "cell": c, "workspaces": n })
+                })
+                .collect();
+            let mut workspaces = Vec::new();
+            for w in store.workspaces()? {
+                let at = store.resolve(&w.id)?;
+                workspaces.push(serde_json::json!({ "workspace": w, "served_by": at }));
+            }
+            let out = serde_json::json!({ "mapping_version": store.mapping_version()?, "cells": cells, "workspaces": workspaces });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}
