@@ -105,6 +105,25 @@ fn cell_row(r: &dyn SqlRow) -> Result<Cell, SqlError> {
     })
 }
 
+/// A cell's URL: `http://` or `https://` with a host, no query or fragment
+/// (the router appends `/v1/<call>`), no spaces; `optional` allows empty.
+fn check_cell_url(what: &'static str, url: &str, optional: bool) -> Result<(), CellsError> {
+    if optional && url.is_empty() {
+        return Ok(());
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
+    let ok = rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        && url.len() <= 2048
+        && !url.contains(['?', '#'])
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(CellsError::Invalid { what, why: format!("{url:?}: an http:// or https:// URL with a host, without query or fragment") })
+    }
+}
+
 impl GlobalStore {
     /// The store at `location`: a `mysql://`, `mariadb://`, `postgres://`
     /// or `postgresql://` URL, else an SQLite file path (created). Its
@@ -259,6 +278,8 @@ impl GlobalStore {
     /// Create or replace a cell.
     pub fn put_cell(&self, cell: &Cell) -> Result<(), CellsError> {
         check_id("cell id", &cell.id)?;
+        check_cell_url("ingest_url", &cell.ingest_url, false)?;
+        check_cell_url("admin_url", &cell.admin_url, true)?;
         let sql = self.q(&self.dialect.upsert(
             &format!("{PREFIX}cells"),
             &["id", "tier", "ingest_url", "admin_url", "state", "attributes", "updated_at"],
@@ -318,8 +339,15 @@ impl GlobalStore {
     /// Pin `workspace` to `cell` (quarantine, a heavy tenant, testing),
     /// whatever its assignment says.
     pub fn set_override(&self, workspace: &str, cell: &str, reason: &str) -> Result<(), CellsError> {
-        if self.cell(cell)?.is_none() {
-            return Err(CellsError::NoCell(cell.to_owned()));
+        if self.workspace(workspace)?.is_none() {
+            return Err(CellsError::NoWorkspace(workspace.to_owned()));
+        }
+        match self.cell(cell)? {
+            None => return Err(CellsError::NoCell(cell.to_owned())),
+            Some(c) if matches!(c.state, CellState::Provisioning | CellState::Retired) => {
+                return Err(CellsError::Invalid { what: "override", why: format!("cell {cell:?} is {}: it serves nobody", c.state.as_str()) });
+            }
+            Some(_) => {}
         }
         let sql = self.q(&self.dialect.upsert(&format!("{PREFIX}overrides"), &["workspace", "cell", "reason", "created_at"], &["workspace"]));
         let now = now_ms();

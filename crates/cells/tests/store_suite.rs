@@ -248,11 +248,15 @@ fn an_override_wins_and_every_mapping_change_bumps_the_version(db: Db) {
     assert_eq!(store.place("big").unwrap().cell, "b");
     assert_eq!(store.mapping_version().unwrap(), v0 + 6);
     assert!(matches!(store.set_override("big", "zzz", "x"), Err(CellsError::NoCell(_))));
+    // Red team: an override for a workspace that does not exist, or to a cell that serves nobody.
+    assert!(matches!(store.set_override("ghost", "a", "x"), Err(CellsError::NoWorkspace(_))));
+    store.put_cell(&Cell { state: CellState::Retired, ..cell("old", Tier::Enterprise, &[]) }).unwrap();
+    assert!(store.set_override("big", "old", "x").unwrap_err().to_string().contains("is retired"));
     assert!(store.clear_override("big").unwrap());
     assert!(!store.clear_override("big").unwrap());
     assert_eq!(store.resolve("big").unwrap().unwrap().cell, "a", "back to its assignment");
     store.set_cell_state("b", CellState::Draining).unwrap();
-    assert_eq!(store.mapping_version().unwrap(), v0 + 8);
+    assert_eq!(store.mapping_version().unwrap(), v0 + 9, "(the retired cell's put counts too)");
 }
 
 fn a_workspace_no_cell_can_take_is_refused_with_the_reason(db: Db) {
@@ -320,6 +324,12 @@ fn bad_input_is_refused_with_a_clear_error(db: Db) {
         let e = store.put_cell(&cell(id, Tier::Smb, &[])).unwrap_err().to_string();
         assert!(e.contains("invalid cell id"), "{e}");
     }
+    // Red team: a URL the router would append `/v1/track` to after a query.
+    for url in ["http://127.0.0.1:1/?a=b", "http://h/#x", "ftp://h", "http://", "http:///path", "http://h/ x"] {
+        let c = Cell { ingest_url: url.into(), ..cell("c1", Tier::Smb, &[]) };
+        assert!(store.put_cell(&c).unwrap_err().to_string().contains("invalid ingest_url"), "{url}");
+    }
+    store.put_cell(&Cell { ingest_url: "https://lb.example/cell-1".into(), ..cell("c1", Tier::Smb, &[]) }).expect("a path prefix is fine");
     store.put_workspace(&workspace("ok", Tier::Smb, &[])).unwrap();
     assert!(store.add_write_key("", "ok", "s").is_err());
     assert!(store.add_write_key(&"k".repeat(2000), "ok", "s").is_err());
@@ -328,9 +338,34 @@ fn bad_input_is_refused_with_a_clear_error(db: Db) {
     assert!(store.record_usage("c", "", &[]).is_err(), "empty report id");
     // Nothing half-written by the refusals.
     assert_eq!(store.workspaces().unwrap().len(), 1);
-    assert!(store.cells().unwrap().is_empty());
+    assert_eq!(store.cells().unwrap().len(), 1, "only the valid cell");
     assert!(store.usage("ok", 0, 3600).unwrap().is_empty());
     // A key with quotes, NUL and non-ASCII is just bytes to hash.
     assert!(store.add_write_key("k'\"\0é\u{1F600}", "ok", "s").unwrap());
     assert_eq!(store.lookup_key("k'\"\0é\u{1F600}").unwrap().unwrap().workspace, "ok");
+}
+
+/// Red team: a router kept its connection on a store file that had been
+/// replaced (a backup restored with `mv`) or deleted, and routed from the
+/// old rows without a word. The path is opened again when its file
+/// changes; a file removed is an error, never a new empty store.
+#[test]
+fn an_sqlite_store_replaced_or_removed_under_an_open_handle_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("global.sqlite");
+    let router = GlobalStore::open(path.to_str().unwrap()).unwrap();
+    router.put_workspace(&workspace("old", Tier::Smb, &[])).unwrap();
+    // Another store file, moved over the path.
+    let other_path = dir.path().join("restored.sqlite");
+    let other = GlobalStore::open(other_path.to_str().unwrap()).unwrap();
+    other.put_workspace(&workspace("restored", Tier::Smb, &[])).unwrap();
+    drop(other);
+    std::fs::rename(&other_path, &path).unwrap();
+    let ids: Vec<String> = router.workspaces().unwrap().into_iter().map(|w| w.id).collect();
+    assert_eq!(ids, ["restored"], "the file now at the path is read");
+    // Removed: an error, and nothing created.
+    std::fs::remove_file(&path).unwrap();
+    let e = router.workspaces().unwrap_err().to_string();
+    assert!(e.contains("removed while in use"), "{e}");
+    assert!(!path.exists(), "no new empty store");
 }

@@ -391,6 +391,21 @@ pub struct ServerConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// HTTPS: the private key (PEM) of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// Peers exempt from the per-client limits (`max_connections_per_client`,
+    /// `client_error_budget`): a cell router or load balancer in front,
+    /// whose one address carries every client's requests and which limits
+    /// clients itself.
+    #[serde(deserialize_with = "de_ips")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// A list of IP addresses.
+fn de_ips<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<std::net::IpAddr>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| t.trim().parse::<std::net::IpAddr>().map_err(|_| serde::de::Error::custom(format!("{} is not an IP address", excerpt(t)))))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1062,6 +1077,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             tls_cert_file: None,
             tls_key_file: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

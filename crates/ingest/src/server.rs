@@ -58,6 +58,9 @@ pub struct ServeOptions {
     /// `header_read_timeout`, holding its connection slot); nothing is
     /// served in plain text.
     pub tls: Option<crate::tls::ServerTls>,
+    /// Peers (as [`client_key`]s) exempt from the per-client limits
+    /// (`server.trusted_proxies`).
+    pub trusted: Vec<IpAddr>,
 }
 
 impl ServeOptions {
@@ -70,6 +73,7 @@ impl ServeOptions {
             header_read_timeout: server.header_read_timeout,
             shutdown_grace: server.shutdown_grace,
             tls: None,
+            trusted: server.trusted_proxies.iter().map(|ip| client_key(*ip)).collect(),
         }
     }
 }
@@ -114,6 +118,9 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
         };
         let _ = stream.set_nodelay(true);
         let key = client_key(peer.ip());
+        // A trusted proxy carries many clients' requests and limits them itself.
+        let trusted = options.trusted.contains(&key);
+        let budget = if trusted { None } else { budget.clone() };
         // (Not on the admin port: a health probe from the same address must
         // still get through, and only a read request says what it is.)
         if !options.same_origin && budget.as_ref().is_some_and(|b| b.exhausted(key)) {
@@ -121,13 +128,18 @@ pub async fn serve(listener: TcpListener, app: Router, options: ServeOptions, sh
             refuse_or_close(&mut connections, &options, stream, Refusal::ErrorBudget);
             continue;
         }
-        let Some(share) = per_client.claim(key) else {
-            tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
-            refuse_or_close(&mut connections, &options, stream, Refusal::TooManyConnections);
-            continue;
+        let share = if trusted {
+            None
+        } else {
+            let Some(share) = per_client.claim(key) else {
+                tracing::debug!(%peer, "client over max_connections_per_client; answered 429");
+                refuse_or_close(&mut connections, &options, stream, Refusal::TooManyConnections);
+                continue;
+            };
+            Some(share)
         };
         let service = TowerToHyperService::new(Budgeted { app: app.clone(), key, budget: budget.clone(), same_origin: options.same_origin });
-        let conn_budget = budget.clone();
+        let conn_budget = budget;
         let (tls, builder, watcher, head_timeout) = (options.tls.clone(), builder.clone(), graceful.watcher(), options.header_read_timeout);
         connections.spawn(async move {
             let result = match tls {

@@ -330,6 +330,47 @@ async fn a_client_past_its_error_budget_is_slowed_and_others_are_not() {
     server.stop().await;
 }
 
+/// A trusted proxy (`server.trusted_proxies`: a cell router) carries many
+/// clients' requests from one address: it holds more connections than the
+/// per-client limit and its refused requests spend no budget (red team of
+/// the cell router: one client's bad requests through the router got every
+/// workspace of the cell refused). Other addresses are limited as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_is_not_held_to_one_clients_limits() {
+    let options = ServeOptions {
+        client_error_budget: 2,
+        max_connections_per_client: 2,
+        trusted: vec!["127.0.0.5".parse().unwrap()],
+        header_read_timeout: Duration::from_secs(60),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(Harness::new(), options).await;
+    let bad = raw_post("/v1/track", WEB_KEY, "{not json");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect_from("127.0.0.5", &server).await;
+        c.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        held.push(c);
+    }
+    let mut proxy = connect_from("127.0.0.5", &server).await;
+    for _ in 0..30 {
+        assert_eq!(roundtrip(&mut proxy, &bad).await.status, 400, "never 429");
+    }
+    assert_eq!(roundtrip(&mut proxy, &raw_post("/v1/track", WEB_KEY, &event("track", "via-proxy").to_string())).await.status, 200);
+    // An untrusted address is still limited.
+    let mut other = connect_from("127.0.0.6", &server).await;
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(roundtrip(&mut other, &bad).await.status);
+        if statuses.last() == Some(&429) {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    drop((held, proxy));
+    server.stop().await;
+}
+
 /// Requests hyper refuses itself, before the service sees them (a malformed
 /// request line: 400; a head over 64 KiB: 431), spend the budget too; a
 /// client over its budget is then refused at accept, before anything is

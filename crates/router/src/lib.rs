@@ -44,7 +44,7 @@ use sluice_cells::store::key_hash;
 use sluice_cells::{CellsError, GlobalStore};
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use sluice_core::Shutdown;
-use sluice_ingest::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, too_large, unknown_write_key, ApiError};
+use sluice_ingest::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, too_large, unknown_write_key, ApiError, Call};
 use sluice_ingest::IngestSettings;
 
 /// The header that tells a cell which cell the router meant it to be.
@@ -63,6 +63,8 @@ pub struct RouterSettings {
     pub retry_after: u64,
     /// Cache entries (known and unknown keys) before the cache is emptied.
     pub max_cache_entries: usize,
+    /// Cache misses waiting for the store at once; more are answered 503.
+    pub max_waiting_lookups: usize,
 }
 
 impl RouterSettings {
@@ -73,6 +75,7 @@ impl RouterSettings {
             forward_timeout: Duration::from_secs(30),
             retry_after: 5,
             max_cache_entries: 100_000,
+            max_waiting_lookups: 256,
         }
     }
 }
@@ -82,7 +85,8 @@ type Labels = Vec<(&'static str, String)>;
 /// The router's metrics.
 #[derive(Clone)]
 pub struct RouterMetrics {
-    /// Routing decisions by path: `hit` (cache), `miss` (store), `new` (placed now), `unknown` (no such key).
+    /// Routing decisions by path: `hit` (cache), `miss` (store), `new` (placed now), `unknown` (no such key),
+    /// `busy` (too many lookups waiting: answered 503).
     pub decisions: Family<Labels, Counter>,
     /// Time to decide where a request goes, by path.
     pub decision_seconds: Family<Labels, Histogram>,
@@ -149,7 +153,19 @@ struct Cache {
 
 /// The router: its store, cache, HTTP client and metrics.
 pub struct CellRouter {
-    store: Arc<GlobalStore>,
+    /// Connections to the store for lookups, taken one per lookup: one slow
+    /// placement holds one of them, not every lookup (red team).
+    stores: std::sync::Mutex<Vec<GlobalStore>>,
+    /// Counts the idle entries of `stores`.
+    idle_stores: tokio::sync::Semaphore,
+    /// The mapping version is read on a connection of its own: lookups
+    /// queued on the other (a flood of unknown keys) cannot delay it.
+    version_store: Arc<GlobalStore>,
+    /// Lookups waiting for the store; past [`RouterSettings::max_waiting_lookups`]
+    /// a miss is answered 503 at once instead of queueing without bound.
+    lookups: tokio::sync::Semaphore,
+    /// Gzip bodies being inflated at once (to find a body's write key).
+    decodes: Arc<tokio::sync::Semaphore>,
     cache: RwLock<Cache>,
     client: reqwest::Client,
     settings: RouterSettings,
@@ -159,7 +175,13 @@ pub struct CellRouter {
 }
 
 impl CellRouter {
-    pub fn new(store: GlobalStore, settings: RouterSettings) -> Result<Arc<CellRouter>, CellsError> {
+    /// A router over `stores` (handles on one store, each its own
+    /// connection, used by lookups one at a time) and `version_store`
+    /// (another, for the mapping-version poll).
+    pub fn new(stores: Vec<GlobalStore>, version_store: GlobalStore, settings: RouterSettings) -> Result<Arc<CellRouter>, CellsError> {
+        if stores.is_empty() {
+            return Err(CellsError::Invalid { what: "router", why: "no store connections".into() });
+        }
         let client = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
@@ -168,9 +190,13 @@ impl CellRouter {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| CellsError::Invalid { what: "HTTP client", why: e.to_string() })?;
-        let version = store.mapping_version()?;
+        let version = version_store.mapping_version()?;
         Ok(Arc::new(CellRouter {
-            store: Arc::new(store),
+            idle_stores: tokio::sync::Semaphore::new(stores.len()),
+            stores: std::sync::Mutex::new(stores),
+            decodes: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
+            version_store: Arc::new(version_store),
+            lookups: tokio::sync::Semaphore::new(settings.max_waiting_lookups),
             cache: RwLock::new(Cache::default()),
             client,
             settings,
@@ -189,7 +215,7 @@ impl CellRouter {
                     _ = tokio::time::sleep(router.settings.poll_every) => {}
                     _ = stop.wait() => return,
                 }
-                let store = router.store.clone();
+                let store = router.version_store.clone();
                 match tokio::task::spawn_blocking(move || store.mapping_version()).await {
                     Ok(Ok(v)) => {
                         if failing {
@@ -233,13 +259,29 @@ impl CellRouter {
             self.decided(if matches!(route, Route::Unknown) { "unknown" } else { "hit" }, started);
             return Ok(route);
         }
-        let store = self.store.clone();
+        let Ok(_waiting) = self.lookups.try_acquire() else {
+            self.decided("busy", started);
+            return Err(unavailable("routing is busy; retry", 1));
+        };
+        let idle = self.idle_stores.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
+        let store = self.stores.lock().expect("stores lock").pop().expect("an idle store per permit");
         let key = key.to_owned();
-        let looked_up = tokio::task::spawn_blocking(move || lookup(&store, &key)).await;
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let found = lookup(&store, &key);
+            (store, found)
+        })
+        .await;
         let (route, path) = match looked_up {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(unavailable("the routing lookup failed", self.settings.retry_after)),
+            Ok((store, found)) => {
+                self.stores.lock().expect("stores lock").push(store);
+                drop(idle);
+                found?
+            }
+            Err(_) => {
+                // The store handle went with the failed task: the pool has one less, and so do the permits.
+                idle.forget();
+                return Err(unavailable("the routing lookup failed", self.settings.retry_after));
+            }
         };
         {
             let mut cache = self.cache.write().expect("cache lock");
@@ -312,37 +354,46 @@ async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>
     let Ok(Path(call)) = call else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch").into_response();
     };
-    // Ingest's telemetry endpoint and unknown paths are the cell's to answer;
-    // a made-up path is answered here, as ingest would.
-    if call != "m" && call_for_path(&call).is_none() {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response();
+    // analytics.js's own telemetry: read within the limits and answered
+    // here, as ingest does (nothing is stored, no key is needed).
+    if call == "m" {
+        return match collect_body(&router.settings.ingest, &headers, body).await {
+            Ok(Some(_)) => sluice_ingest::request::success(),
+            Ok(None) => too_large(&router.settings.ingest).into_response(),
+            Err(e) => e.into_response(),
+        };
     }
-    match forward(&router, &call, headers, body).await {
+    let Some(kind) = call_for_path(&call) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response();
+    };
+    match forward(&router, &call, kind, headers, body).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
 }
 
-async fn forward(router: &CellRouter, call: &str, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let settings = &router.settings.ingest;
     // The key: Basic auth (the body streams through untouched), else the body's `writeKey`.
     let (key, body) = match basic_auth_key(&headers) {
-        Some(key) => (Some(key), reqwest::Body::wrap_stream(body.into_data_stream())),
+        Some(key) => (Some(Some(key)), reqwest::Body::wrap_stream(body.into_data_stream())),
         None => {
             let enc = encoding(&headers)?;
             let raw = collect_body(settings, &headers, body).await?.ok_or_else(|| too_large(settings))?;
             let decoded = if enc == sluice_ingest::request::Encoding::Identity {
                 raw.clone()
             } else {
+                // Bounded like ingest's: a flood of gzip bodies takes a few cores, never every one.
+                let _permit = router.decodes.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
                 let (s, raw) = (settings.clone(), raw.clone());
                 tokio::task::spawn_blocking(move || decode_body(&s, enc, raw))
                     .await
                     .map_err(|_| unavailable("the request could not be read; retry", 1))??
             };
-            (body_write_key(&decoded), reqwest::Body::from(raw))
+            (Some(body_write_key(kind, &decoded)?), reqwest::Body::from(raw))
         }
     };
-    let Some(key) = key else { return Err(unknown_write_key(false)) };
+    let Some(key) = key.flatten() else { return Err(unknown_write_key(false)) };
     let route = router.route(&key).await?;
     let (workspace, cell, ingest_url) = match route {
         Route::Unknown => return Err(unknown_write_key(true)),
@@ -374,16 +425,16 @@ async fn forward(router: &CellRouter, call: &str, headers: HeaderMap, body: Body
     };
     let status = answer.status();
     let mut out = Response::builder().status(status.as_u16());
-    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::LOCATION] {
         if let Some(v) = answer.headers().get(&name) {
             out = out.header(name, v);
         }
     }
-    let bytes = match answer.bytes().await {
+    let bytes = match read_answer(answer).await {
         Ok(b) => b,
-        Err(e) => {
+        Err(why) => {
             count("unreachable");
-            tracing::warn!(%cell, error = %e, "a cell's answer was cut off; answered 503");
+            tracing::warn!(%cell, error = %why, "a cell's answer could not be relayed; answered 503");
             return Err(unavailable(&format!("cell {cell} is unavailable; retry"), router.settings.retry_after));
         }
     };
@@ -393,12 +444,36 @@ async fn forward(router: &CellRouter, call: &str, headers: HeaderMap, body: Body
     Ok(resp)
 }
 
+/// The most of a cell's answer the router relays: ingest's answers are a
+/// few hundred bytes; more means the URL points at something else.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A cell's answer body, read to its end within [`MAX_ANSWER_BYTES`].
+async fn read_answer(mut answer: reqwest::Response) -> Result<Bytes, String> {
+    if let Some(n) = answer.content_length().filter(|n| *n > MAX_ANSWER_BYTES as u64) {
+        return Err(format!("an answer of {n} bytes (more than {MAX_ANSWER_BYTES}): is the cell's ingest_url a Sluice Tracking API?"));
+    }
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = answer.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(format!("an answer of more than {MAX_ANSWER_BYTES} bytes: is the cell's ingest_url a Sluice Tracking API?"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
 /// `writeKey` at the top of a JSON body, read as ingest reads it (the
-/// last one when it repeats), if it is a non-empty string.
-fn body_write_key(body: &Bytes) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    let key = sluice_ingest::event::RawObject::parse(text).ok()?.get_str("writeKey")?;
-    (!key.is_empty()).then(|| key.to_string())
+/// last one when it repeats; a batch body through the batch parser), if it
+/// is a string; a body ingest could not parse gets ingest's answer.
+fn body_write_key(kind: Call, body: &Bytes) -> Result<Option<String>, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
+    let invalid_json = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}"));
+    let fields = match kind {
+        Call::Batch => sluice_ingest::event::BatchBody::parse(text).map_err(invalid_json)?.fields,
+        Call::Single(_) => sluice_ingest::event::RawObject::parse(text).map_err(invalid_json)?,
+    };
+    Ok(fields.get_str("writeKey").map(|k| k.into_owned()))
 }
 
 #[cfg(test)]
@@ -406,11 +481,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_body_write_key_is_read_from_the_top_level_only() {
-        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":"wk","batch":[]}"#)).as_deref(), Some("wk"));
-        assert_eq!(body_write_key(&Bytes::from_static(br#"{"batch":[{"writeKey":"inner"}]}"#)), None);
-        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":5}"#)), None);
-        assert_eq!(body_write_key(&Bytes::from_static(br#"{"writeKey":""}"#)), None);
-        assert_eq!(body_write_key(&Bytes::from_static(b"not json")), None);
+    fn the_body_write_key_is_read_as_ingest_reads_it() {
+        let key = |body: &'static [u8]| body_write_key(Call::Batch, &Bytes::from_static(body)).map_err(|e| e.status().as_u16());
+        assert_eq!(key(br#"{"writeKey":"wk","batch":[]}"#), Ok(Some("wk".to_owned())));
+        assert_eq!(key(br#"{"writeKey":"a","batch":[],"writeKey":"b"}"#), Ok(Some("b".to_owned())), "the last, as ingest");
+        assert_eq!(key(br#"{"batch":[{"writeKey":"inner"}]}"#), Ok(None));
+        assert_eq!(key(br#"{"writeKey":5}"#), Ok(None));
+        assert_eq!(key(br#"{"writeKey":""}"#), Ok(Some(String::new())), "present: ingest says unknown, not missing");
+        assert_eq!(key(b"not json"), Err(400));
+        assert_eq!(key(b"{\"writeKey\":\"\xff\"}"), Err(400), "not UTF-8");
     }
 }

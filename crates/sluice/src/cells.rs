@@ -35,14 +35,22 @@ pub struct RouterArgs {
     config: ConfigArgs,
 }
 
+/// Connections a router's lookups share (each lookup holds one).
+const STORE_CONNECTIONS: usize = 4;
+
 /// `sluice router`: serve until a signal.
 pub async fn router(args: RouterArgs) -> Result<()> {
     let config = sluice_core::Config::load(args.config.config.as_deref())?;
     let location = args.store.store.clone();
-    let store = tokio::task::spawn_blocking(move || GlobalStore::open(&location))
-        .await?
-        .with_context(|| format!("cannot open the global store {}", sluice_sql::redact(&args.store.store)))?;
-    let router = CellRouter::new(store, RouterSettings::new(IngestSettings::from_config(&config))).context("cannot start the router")?;
+    // Lookups share a few connections; the mapping-version poll has its own.
+    let (stores, version_store) = tokio::task::spawn_blocking(move || {
+        let stores = (0..STORE_CONNECTIONS).map(|_| GlobalStore::open(&location)).collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, sluice_cells::CellsError>((stores, GlobalStore::open(&location)?))
+    })
+    .await?
+    .with_context(|| format!("cannot open the global store {}", sluice_sql::redact(&args.store.store)))?;
+    let router =
+        CellRouter::new(stores, version_store, RouterSettings::new(IngestSettings::from_config(&config))).context("cannot start the router")?;
     let stop = Shutdown::new();
     let watch = router.spawn_mapping_watch(stop.clone());
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;

@@ -603,7 +603,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         None => None,
     };
     let mut serve_options = ServeOptions::from_config(&config.server);
-    let mut admin_options = ServeOptions { same_origin: true, ..serve_options.clone() };
+    let mut admin_options = ServeOptions { same_origin: true, trusted: Vec::new(), ..serve_options.clone() };
     serve_options.tls = server_tls("https server.listen", &config.server.tls_cert_file, &config.server.tls_key_file)?;
     admin_options.tls = server_tls("https admin.listen", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
     for tls in [&serve_options.tls, &admin_options.tls].into_iter().flatten() {

@@ -65,8 +65,15 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 fn the_router_sends_each_workspace_to_its_one_cell() {
     let second_source = format!("[[sources]]\nid = \"second\"\nwrite_key = \"{SECOND_KEY}\"\n");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cell_a = Server::start(&write_config(dir_a.path(), &second_source));
-    let mut cell_b = Some(Server::start(&write_config(dir_b.path(), &second_source)));
+    // The cells trust the router's address with their per-client limits (it carries every client).
+    let cell_config = |dir: &std::path::Path| {
+        let path = write_config(dir, &second_source);
+        let text = std::fs::read_to_string(&path).unwrap().replacen("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n", 1);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cell_a = Server::start(&cell_config(dir_a.path()));
+    let mut cell_b = Some(Server::start(&cell_config(dir_b.path())));
 
     let store_dir = tempfile::tempdir().unwrap();
     let store_path = store_dir.path().join("global.sqlite").display().to_string();
@@ -109,20 +116,53 @@ fn the_router_sends_each_workspace_to_its_one_cell() {
         assert_eq!((routed.0, &routed.3), (direct.0, &direct.3), "{key:?}");
         assert_eq!(routed.0, 401);
     }
+    // Bodies ingest cannot read, and an empty key, get ingest's answers too; so does analytics.js's telemetry.
+    for (path, body) in [
+        ("/v1/track", b"{not json".to_vec()),
+        ("/v1/batch", b"{\"batch\":[],\"writeKey\":\"\xff\"}".to_vec()),
+        ("/v1/track", br#"{"writeKey":""}"#.to_vec()),
+        ("/v1/m", br#"{"series":[]}"#.to_vec()),
+    ] {
+        let routed = post(&client, &url(path), None, &[], body.clone());
+        let direct = post(&client, &cell_a.url(path), None, &[], body);
+        assert_eq!((routed.0, &routed.3), (direct.0, &direct.3), "{path}");
+    }
     let (status, _, _, body) = post(&client, &url("/v1/track"), Some("wk_disabled"), &[], track("m-z"));
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("workspace_disabled"), "{body}");
     let (status, _, _, body) = post(&client, &url("/v1/nonsense"), Some(WRITE_KEY), &[], track("m-n"));
     assert_eq!(status, 404, "{body}");
 
-    // 4. A mapping change (an override) reaches the router through the version poll.
+    // 4. One client's refused requests through the router do not spend the
+    // cell's per-client budget for everyone (red team): the router is a trusted proxy.
+    let from = |ip: &str| reqwest::blocking::Client::builder().local_address(ip.parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    // Five clients, each within the router's own budget for it, 400 refusals
+    // in all: a 429 among them would be the cell charging the router's address.
+    let noisy: Vec<_> = (10..15)
+        .map(|i| {
+            let (client, url) = (from(&format!("127.0.0.{i}")), url("/v1/track"));
+            std::thread::spawn(move || {
+                for _ in 0..80 {
+                    let (status, ..) = post(&client, &url, Some(WRITE_KEY), &[], br#"{"type":"track","event":"no user"}"#.to_vec());
+                    assert_eq!(status, 400);
+                }
+            })
+        })
+        .collect();
+    noisy.into_iter().for_each(|t| t.join().unwrap());
+    let (status, at, _, body) = post(&from("127.0.0.3"), &url("/v1/track"), Some(SECOND_KEY), &[], track("m-quiet"));
+    assert_eq!((status, at.as_str()), (200, "cell-b"), "{body}");
+    let (status, at, _, body) = post(&from("127.0.0.3"), &url("/v1/track"), Some(WRITE_KEY), &[], track("m-quiet-a"));
+    assert_eq!((status, at.as_str()), (200, "cell-a"), "{body}");
+
+    // 5. A mapping change (an override) reaches the router through the version poll.
     store.set_override("w1", "cell-b", "test").unwrap();
     store.set_override("w2", "cell-a", "test").unwrap();
     eventually(10, "w1 served by cell-b", || post(&client, &url("/v1/track"), Some(WRITE_KEY), &[], track("m-4")).1 == "cell-b");
     assert!(stored_ids(cell_b.as_ref().unwrap()).contains(&"m-4".to_owned()));
     eventually(10, "w2 served by cell-a", || post(&client, &url("/v1/track"), Some(SECOND_KEY), &[], track("m-4b")).1 == "cell-a");
 
-    // 5. A cell that is down: its workspaces get 503 + Retry-After; the others see no error.
+    // 6. A cell that is down: its workspaces get 503 + Retry-After; the others see no error.
     cell_b.take().unwrap().stop();
     let (status, _, retry, body) = post(&client, &url("/v1/track"), Some(WRITE_KEY), &[], track("m-5"));
     assert_eq!(status, 503, "{body}");

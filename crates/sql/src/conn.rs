@@ -382,11 +382,34 @@ pub enum Connector {
     Server(Box<SqlLink>),
 }
 
+/// Which file a path names now (device and inode), to notice a file
+/// replaced or removed under an open connection; `None` when it is missing.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((0, 0))
+    }
+}
+
 impl Connector {
-    fn connect(&self) -> Result<Connection, Error> {
+    /// Connect; an SQLite file is created only with `create`.
+    fn connect(&self, create: bool) -> Result<Connection, Error> {
         match self {
             Connector::SqliteFile(path) => {
                 let e = |source| Error::Sqlite { path: path.display().to_string(), source };
+                if !create && !path.exists() {
+                    return Err(Error::Io {
+                        path: path.display().to_string(),
+                        source: std::io::Error::new(std::io::ErrorKind::NotFound, "the file was removed while in use (not created again)"),
+                    });
+                }
                 let conn = rusqlite::Connection::open(path).map_err(e)?;
                 conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
                 conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
@@ -422,12 +445,21 @@ pub struct SharedConnection {
     connector: Connector,
     /// Names the component in errors ("control database").
     component: &'static str,
-    slot: std::sync::Mutex<Option<Connection>>,
+    slot: std::sync::Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: Option<Connection>,
+    /// SQLite: the file the connection has open ([`file_identity`]).
+    file: Option<(u64, u64)>,
+    /// Connected once: an SQLite file missing later is not created again.
+    connected_once: bool,
 }
 
 impl SharedConnection {
     pub fn new(connector: Connector, component: &'static str) -> SharedConnection {
-        SharedConnection { connector, component, slot: std::sync::Mutex::new(None) }
+        SharedConnection { connector, component, slot: std::sync::Mutex::new(Slot::default()) }
     }
 
     pub fn connector(&self) -> &Connector {
@@ -436,18 +468,41 @@ impl SharedConnection {
 
     /// Run `f` on the connection (connecting first if there is none); after
     /// an error the connection is dropped. `what` says what `f` does, for the error.
+    ///
+    /// An SQLite file replaced or removed under the connection (a backup
+    /// restored by `mv`, a file deleted) is noticed before each call: the
+    /// connection is dropped and the file at the path opened again — never
+    /// created again once it was open, so a removed store is an error, not
+    /// a new empty one (red team: a router kept reading a deleted file).
     pub fn run<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, Error> {
         // A panic in another caller leaves the slot as it was: at worst a
         // connection in an unknown state, which the next error drops.
         let mut guard = self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let slot = &mut *guard;
         let body = move || {
-            if slot.is_none() {
-                *slot = Some(self.connector.connect()?);
+            if let (Connector::SqliteFile(path), Some(_)) = (&self.connector, &slot.conn) {
+                if file_identity(path) != slot.file {
+                    tracing::warn!(file = %path.display(), component = self.component, "the SQLite file was replaced or removed while open; opening the path again");
+                    // The `-wal` next to the path is still the old file's: empty it into
+                    // the old file first, or opening the path would replay it onto the new one.
+                    if let Some(Connection::Sqlite(c)) = &slot.conn {
+                        if let Err(e) = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot empty the replaced file's WAL");
+                        }
+                    }
+                    slot.conn = None;
+                }
             }
-            let conn = slot.as_mut().expect("connected above");
+            if slot.conn.is_none() {
+                slot.conn = Some(self.connector.connect(!slot.connected_once)?);
+                slot.connected_once = true;
+                if let Connector::SqliteFile(path) = &self.connector {
+                    slot.file = file_identity(path);
+                }
+            }
+            let conn = slot.conn.as_mut().expect("connected above");
             f(conn).map_err(|e| {
-                *slot = None;
+                slot.conn = None;
                 e.named(format!("{} ({}: {what})", self.connector.describe(), self.component))
             })
         };
