@@ -22,6 +22,8 @@ use std::path::Path;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sluice_core::clock::now_ms;
+use sluice_core::config::HttpUrl;
 use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
 use sluice_sql::{Dialect, SqlLink};
 
@@ -68,10 +70,6 @@ pub fn key_hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 fn json_map(text: &str, index: usize) -> Result<BTreeMap<String, String>, SqlError> {
     serde_json::from_str(text).map_err(|e| SqlError::Decode { index, problem: e.to_string() })
 }
@@ -111,12 +109,8 @@ fn check_cell_url(what: &'static str, url: &str, optional: bool) -> Result<(), C
     if optional && url.is_empty() {
         return Ok(());
     }
-    let lower = url.to_ascii_lowercase();
-    let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
-    let ok = rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
-        && url.len() <= 2048
-        && !url.contains(['?', '#'])
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    // The config's own URL check (scheme, host, no spaces), and what the router's `/v1/<call>` suffix needs.
+    let ok = HttpUrl::parse(url).is_ok() && url.len() <= 2048 && !url.contains(['?', '#']) && !url.chars().any(char::is_control);
     if ok {
         Ok(())
     } else {

@@ -127,13 +127,6 @@ impl SqlJobDbs {
         Ok(self.link.connect()?)
     }
 
-    /// Run `ddl` (idempotent) under the schema lock on a connection of its
-    /// own: for creators of tables outside the JobDBs (the directory).
-    /// Blocks; `what` names the tables in errors.
-    pub(crate) fn create_schema(&self, what: &str, ddl: &[String]) -> Result<(), DeliverError> {
-        Ok(self.link.create_schema(what, ddl)?)
-    }
-
     /// A statement layer error of `what`, naming this database.
     fn failed(&self, what: &str) -> impl FnOnce(SqlError) -> DeliverError {
         let failed = self.link.failed(what);

@@ -43,7 +43,10 @@ use sluice_log::{Log, Record};
 use crate::event::{BatchContext, EventError, EventLimits, RawObject};
 use crate::ratelimit::TokenBucket;
 pub use crate::request::ApiError;
-use crate::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, success, too_large, unknown_write_key, Call, Encoding};
+use crate::request::{
+    basic_auth_key, call_for_path, collect_body, decode_body, encoding, method_not_allowed, not_found, success, too_large, unknown_write_key, Call,
+    Encoding,
+};
 
 /// The topic ingest writes to.
 pub use sluice_core::topics::INPUT as INPUT_TOPIC;
@@ -195,8 +198,8 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
         .route("/v1/{call}", post(handle))
         .route("/v1/{call}/", post(handle))
         .route("/v1/m", post(client_telemetry))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
-        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST") })
+        .fallback(|| async { not_found(None) })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(ingest)
         .layer(axum::middleware::from_fn(cors::middleware))
 }
@@ -216,7 +219,7 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
     // A segment that is not UTF-8 once percent-decoded names no endpoint;
     // answer it in JSON rather than with axum's plain-text rejection.
     let Ok(Path(call)) = call else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch").into_response();
+        return not_found(None).into_response();
     };
     let started = Instant::now();
     // Only known calls become label values: a client must not be able to
@@ -235,7 +238,7 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
                 Err(e) => e.into_response(),
             }
         }
-        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response(),
+        None => not_found(Some(&call)).into_response(),
     };
     ingest.metrics.requests.get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())]).inc();
     resp

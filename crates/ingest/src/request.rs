@@ -184,6 +184,20 @@ pub fn basic_auth_key(headers: &HeaderMap) -> Option<String> {
     (!user.is_empty()).then(|| user.to_owned())
 }
 
+/// The answer to a path that names no endpoint (`call`: the `/v1/{call}`
+/// segment, when there is one).
+pub fn not_found(call: Option<&str>) -> ApiError {
+    match call {
+        Some(call) => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")),
+        None => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch"),
+    }
+}
+
+/// The answer to a method other than POST on an endpoint.
+pub fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST")
+}
+
 /// The answer to a request whose write key is unknown (`present`) or missing.
 pub fn unknown_write_key(present: bool) -> ApiError {
     let message = if present { "unknown write key" } else { "no write key: send it as the HTTP Basic user name or as `writeKey` in the body" };

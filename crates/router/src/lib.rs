@@ -44,7 +44,9 @@ use sluice_cells::store::key_hash;
 use sluice_cells::{CellsError, GlobalStore};
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use sluice_core::Shutdown;
-use sluice_ingest::request::{basic_auth_key, call_for_path, collect_body, decode_body, encoding, too_large, unknown_write_key, ApiError, Call};
+use sluice_ingest::request::{
+    basic_auth_key, call_for_path, collect_body, decode_body, encoding, method_not_allowed, not_found, too_large, unknown_write_key, ApiError, Call,
+};
 use sluice_ingest::IngestSettings;
 
 /// The header that tells a cell which cell the router meant it to be.
@@ -265,9 +267,9 @@ impl CellRouter {
         };
         let idle = self.idle_stores.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
         let store = self.stores.lock().expect("stores lock").pop().expect("an idle store per permit");
-        let key = key.to_owned();
+        let (key, retry_after) = (key.to_owned(), self.settings.retry_after);
         let looked_up = tokio::task::spawn_blocking(move || {
-            let found = lookup(&store, &key);
+            let found = lookup(&store, &key, retry_after);
             (store, found)
         })
         .await;
@@ -310,10 +312,12 @@ fn unavailable(message: &str, retry_after: u64) -> ApiError {
 }
 
 /// The store's answer for `key`, and the decision path (`miss`, `new`, `unknown`). Blocks.
-fn lookup(store: &GlobalStore, key: &str) -> Result<(Route, &'static str), ApiError> {
+/// `retry_after`: the wait a store outage asks for (a workspace no cell
+/// can take asks for a minute: that needs an operator).
+fn lookup(store: &GlobalStore, key: &str, retry_after: u64) -> Result<(Route, &'static str), ApiError> {
     let store_down = |e: CellsError| {
         tracing::warn!(error = %e, "the global store cannot be read; answering 503");
-        unavailable("routing is unavailable; retry", 5)
+        unavailable("routing is unavailable; retry", retry_after)
     };
     let Some(entry) = store.lookup_key(key).map_err(store_down)? else { return Ok((Route::Unknown, "unknown")) };
     if entry.disabled {
@@ -340,8 +344,8 @@ pub fn app(router: Arc<CellRouter>) -> Router {
     Router::new()
         .route("/v1/{call}", post(handle))
         .route("/v1/{call}/", post(handle))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch") })
-        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "the Tracking API takes POST") })
+        .fallback(|| async { not_found(None) })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(router)
         .layer(axum::middleware::from_fn(sluice_ingest::cors::middleware))
 }
@@ -352,7 +356,7 @@ const FORWARDED_HEADERS: [HeaderName; 6] =
 
 async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>, PathRejection>, headers: HeaderMap, body: Body) -> Response {
     let Ok(Path(call)) = call else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/batch").into_response();
+        return not_found(None).into_response();
     };
     // analytics.js's own telemetry: read within the limits and answered
     // here, as ingest does (nothing is stored, no key is needed).
@@ -364,7 +368,7 @@ async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>
         };
     }
     let Some(kind) = call_for_path(&call) else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("unknown endpoint /v1/{call}")).into_response();
+        return not_found(Some(&call)).into_response();
     };
     match forward(&router, &call, kind, headers, body).await {
         Ok(resp) => resp,
@@ -376,7 +380,7 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
     let settings = &router.settings.ingest;
     // The key: Basic auth (the body streams through untouched), else the body's `writeKey`.
     let (key, body) = match basic_auth_key(&headers) {
-        Some(key) => (Some(Some(key)), reqwest::Body::wrap_stream(body.into_data_stream())),
+        Some(key) => (Some(key), reqwest::Body::wrap_stream(body.into_data_stream())),
         None => {
             let enc = encoding(&headers)?;
             let raw = collect_body(settings, &headers, body).await?.ok_or_else(|| too_large(settings))?;
@@ -390,10 +394,10 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
                     .await
                     .map_err(|_| unavailable("the request could not be read; retry", 1))??
             };
-            (Some(body_write_key(kind, &decoded)?), reqwest::Body::from(raw))
+            (body_write_key(kind, &decoded)?, reqwest::Body::from(raw))
         }
     };
-    let Some(key) = key.flatten() else { return Err(unknown_write_key(false)) };
+    let Some(key) = key else { return Err(unknown_write_key(false)) };
     let route = router.route(&key).await?;
     let (workspace, cell, ingest_url) = match route {
         Route::Unknown => return Err(unknown_write_key(true)),

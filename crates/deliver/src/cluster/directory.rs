@@ -11,7 +11,6 @@ use std::time::Duration;
 use sluice_core::Config;
 
 use crate::schema::{Dialect, DIRECTORS};
-use crate::sqljobdb::SqlJobDbs;
 use crate::{now_ms, DeliverError};
 use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError};
 
@@ -62,25 +61,25 @@ impl Directory {
     /// Connect to `url` (`mysql://…` or `postgres://…`) and create the table
     /// if missing, under the schema lock (`sluice_sql::link::CreateSchema`: roles
     /// started at once on a fresh PostgreSQL database failed here). The URL
-    /// is parsed and checked by [`SqlJobDbs::new`] (TLS mode included), as
+    /// is parsed and checked by `SqlLink::new` (TLS mode included), as
     /// for the JobDBs and the control tables: one set of options per link.
     pub async fn connect(url: &str) -> Result<Directory, DeliverError> {
         if !["mysql://", "mariadb://", "postgres://", "postgresql://"].iter().any(|s| url.starts_with(s)) {
             return Err(DeliverError::Directory("the directory of directors needs deliver.jobdb_url = mysql://… or postgres://…".into()));
         }
-        let dbs = SqlJobDbs::new(url)?;
-        let dialect = Dialect::from(dbs.engine());
+        let link = sluice_sql::SqlLink::new(url)?;
+        let dialect = Dialect::from(link.engine());
         let placeholders = |sql: String| dialect.placeholders(&sql);
         let directory = Directory {
             upsert: placeholders(dialect.upsert("sluice_directors", &["name", "rpc_url", "heartbeat_ms"], &["name"])).into(),
             stop: placeholders("UPDATE sluice_directors SET rpc_url = '', heartbeat_ms = ? WHERE name = ?".into()).into(),
             live: placeholders("SELECT name, rpc_url, heartbeat_ms FROM sluice_directors WHERE heartbeat_ms >= ? ORDER BY name".into()).into(),
-            session: Arc::new(SharedConnection::new(Connector::Server(Box::new(dbs.link().clone())), "directory of directors")),
+            session: Arc::new(SharedConnection::new(Connector::Server(Box::new(link.clone())), "directory of directors")),
         };
         let ddl = dialect.create_table("sluice_directors", &DIRECTORS);
         // The shared helper drives its own connection and blocks: off the async threads.
         let create = |e: &dyn std::fmt::Display| DeliverError::Directory(format!("create sluice_directors: {e}"));
-        tokio::task::spawn_blocking(move || dbs.create_schema("sluice_directors", &ddl)).await.map_err(|e| create(&e))?.map_err(|e| create(&e))?;
+        tokio::task::spawn_blocking(move || link.create_schema("sluice_directors", &ddl)).await.map_err(|e| create(&e))?.map_err(|e| create(&e))?;
         Ok(directory)
     }
 

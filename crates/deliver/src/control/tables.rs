@@ -43,9 +43,9 @@ use super::{
 };
 use crate::gate::Qos;
 use crate::schema::Dialect;
-use crate::sqljobdb::SqlJobDbs;
 use crate::DeliverError;
 use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
+use sluice_sql::SqlLink;
 
 /// Prefix of the control tables in a database server.
 pub const TABLE_PREFIX: &str = "sluice_control_";
@@ -137,9 +137,9 @@ impl Tables {
     /// The database at `url` (the control tables created if missing);
     /// `data_dir` keeps this process's replay claimant id.
     pub(super) fn open_server(url: &str, data_dir: &Path) -> Result<Tables, DeliverError> {
-        let dbs = SqlJobDbs::new(url)?;
+        let link = SqlLink::new(url)?;
         let owner = owner(data_dir)?;
-        Tables::open(Connector::Server(Box::new(dbs.link().clone())), Some(owner))
+        Tables::open(Connector::Server(Box::new(link)), Some(owner))
     }
 
     fn open(connector: Connector, owner: Option<String>) -> Result<Tables, DeliverError> {
