@@ -314,6 +314,9 @@ fn init_tracing(format: LogFormat) -> Option<Box<dyn std::any::Any>> {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // sqlx logs an unknown PostgreSQL URL parameter with its value (a
+    // mistyped `password=` would land in the log): `SqlLink::new` warns by name instead.
+    let filter = filter.add_directive("sqlx_postgres::options::parse=off".parse().expect("a valid directive"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),

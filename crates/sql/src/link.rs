@@ -225,6 +225,11 @@ async fn schema_retry(e: &sqlx::Error, attempt: &mut u32) -> bool {
     true
 }
 
+/// The PostgreSQL URL parameters sqlx reads besides the TLS ones (it
+/// ignores others, and logs their values: its log target is silenced).
+const PG_OTHER_PARAMS: [&str; 9] =
+    ["statement-cache-capacity", "host", "hostaddr", "port", "dbname", "user", "password", "application_name", "options"];
+
 /// The URL query parameters that configure TLS, besides the mode.
 const TLS_FILE_PARAMS: [&str; 8] = ["sslrootcert", "ssl-root-cert", "ssl-ca", "sslca", "sslcert", "ssl-cert", "sslkey", "ssl-key"];
 
@@ -273,9 +278,19 @@ impl SqlLink {
         let mut files = Vec::new();
         for (k, v) in parsed.query_pairs() {
             if k == "sslmode" || k == "ssl-mode" {
+                // The driver takes the last: `verify-full&…&sslmode=disable` would be plain text.
+                if let Some((first, value)) = &named {
+                    return Err(bad(&format!("the TLS mode is given twice ({first}={value} and {k}={v}): give it once")));
+                }
                 named = Some((k.into_owned(), v.into_owned()));
             } else if TLS_FILE_PARAMS.contains(&&*k) {
                 files.push((k.into_owned(), v.into_owned()));
+            } else if k.to_ascii_lowercase().contains("ssl") || k.to_ascii_lowercase().contains("tls") {
+                // `SSLMODE=`, `ssl_mode=`: the driver ignores them, leaving the link in plain text.
+                return Err(bad(&format!("{k:?} is not a TLS parameter (sslmode / ssl-mode, {})", TLS_FILE_PARAMS.join(", "))));
+            } else if engine == SqlEngine::Postgres && !PG_OTHER_PARAMS.contains(&&*k) {
+                // By name only: sqlx's own warning prints the value (a mistyped `password`).
+                log_once(&display, tracing::Level::WARN, &format!("the URL parameter {k:?} is not one PostgreSQL links take; it is ignored"));
             }
         }
         if named.is_none() && engine == SqlEngine::Postgres {
@@ -773,6 +788,27 @@ mod tests {
         assert!(e.contains("percent-encode the user name and password"), "{e}");
         assert!(SqlLink::new("mysql://sluice:p%40ss%2Fw0rd@127.0.0.1:33307/rt1").is_ok(), "encoded, it is fine");
         assert!(!redact("postgres://u:a@b@h/db").contains("a@b"), "(the last @ ends the credentials)");
+    }
+
+    /// Red team (issue 12, session 10): links other than `deliver.jobdb_url`
+    /// (the cells' global store) skipped the config's TLS-mode checks. A
+    /// mode given twice (the driver takes the last, plain text), or a TLS
+    /// parameter misspelled (the driver ignores it), is refused by the link.
+    #[test]
+    fn a_tls_mode_given_twice_or_misspelled_is_refused() {
+        for url in [
+            "postgres://u@h/db?sslmode=verify-full&sslmode=disable",
+            "postgres://u@h/db?sslmode=verify-full&ssl-mode=disable",
+            "postgres://u@h/db?SSLMODE=verify-full",
+            "postgres://u@h/db?ssl_mode=verify-full",
+            "mysql://u@h/db?ssl-mode=VERIFY_IDENTITY&ssl-mode=DISABLED",
+            "mysql://u@h/db?ssl_ca=/ca.pem&ssl-mode=DISABLED",
+        ] {
+            let e = SqlLink::new(url).expect_err(url).to_string();
+            assert!(e.contains("given twice") || e.contains("is not a TLS parameter"), "{url}: {e}");
+        }
+        // Other parameters the driver takes (or ignores, warned by name) still pass.
+        assert!(SqlLink::new("postgres://u@h/db?application_name=sluice&passwrd=secret").is_ok());
     }
 
     /// Red team (issue 13, F3): lock names carried the database as the URL
