@@ -44,6 +44,7 @@ use sluice_deliver::backend::JobDbs;
 use sluice_deliver::control::ControlDb;
 use sluice_deliver::gate::Qos;
 use sluice_deliver::Catalog;
+use sluice_ingest::tokens::{bearer, metrics_allowed, token_matches};
 use sluice_ingest::Ingest;
 
 /// What the admin API works on.
@@ -184,13 +185,8 @@ async fn console() -> Response {
 }
 
 async fn metrics(State(s): State<Shared>, h: HeaderMap) -> Response {
-    if let Some(metrics_token) = &s.metrics_token {
-        let given = bearer(&h);
-        // Both compared every time (`|`, not `||`): which one matched does not show either.
-        let ok = given.is_some_and(|g| token_matches(g, metrics_token) | s.token.as_deref().is_some_and(|t| token_matches(g, t)));
-        if !ok {
-            return ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.metrics_token>".into()).into_response();
-        }
+    if !metrics_allowed(&h, s.metrics_token.as_deref(), s.token.as_deref()) {
+        return ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.metrics_token>".into()).into_response();
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(&s.registry)).into_response()
 }
@@ -223,30 +219,6 @@ fn authorize(s: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.token>".into()))
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` header.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    // The scheme is case-insensitive (RFC 9110 11.1).
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token)
-}
-
-/// Whether `given` is `expected`, in a time that shows neither `expected`'s
-/// bytes nor its length: both are reduced to HMAC-SHA256 under a random key
-/// of this process (fixed-size digests; an attacker cannot aim at the
-/// digest's bytes without the key), and the digests are compared without an
-/// early exit. Comparing the tokens themselves, even byte by byte without
-/// an early exit, would stop at a length mismatch and tell the length.
-fn token_matches(given: &str, expected: &str) -> bool {
-    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-    let key = KEY.get_or_init(rand::random);
-    // `t=0,v1=<64 hex digits>`: HMAC-SHA256 of "0." + token (the webhook
-    // signature's construction; the same length for every token).
-    let digest = |token: &str| sluice_deliver::executor::signatures(key, token.as_bytes(), 0).1;
-    let (a, b) = (digest(given), digest(expected));
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Run `f` on the control database off the async threads, then make the change live.

@@ -352,6 +352,7 @@ pub struct Config {
     pub dedup: DedupConfig,
     pub deliver: DeliverConfig,
     pub director: DirectorConfig,
+    pub router: RouterConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub connections: Vec<ConnectionConfig>,
@@ -424,6 +425,59 @@ pub struct AdminConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// HTTPS on the admin port: the private key (PEM).
     pub tls_key_file: Option<PathBuf>,
+}
+
+/// `[router]`: a `sluice router` process, the edge in front of the cells.
+/// Its Tracking API also follows `[server]` (connection limits, timeouts,
+/// TLS) and `[ingest]` (body limits, `unknown_write_key`); its admin port
+/// follows `admin.metrics_token` and `admin.token`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Where the router serves the Tracking API (`IP:PORT`).
+    #[serde(deserialize_with = "de_addr")]
+    pub listen: SocketAddr,
+    /// Where the router serves `/metrics` and `/healthz`; `""` disables it.
+    #[serde(deserialize_with = "de_opt_addr")]
+    pub admin_listen: Option<SocketAddr>,
+    /// The global store: a mysql://, mariadb://, postgres:// URL or an
+    /// SQLite file path (`--store` and `SLUICE_GLOBAL_STORE` take precedence).
+    pub store: Option<Secret>,
+    /// Connections to the store that cache misses share (one each).
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub store_connections: NonZeroUsize,
+    /// How often the mapping version is read: a mapping change reaches the
+    /// router's cache within this.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a cell may take to answer a forwarded request.
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    /// `Retry-After` when a cell or the store cannot be reached.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Write keys the routing cache holds (known and unknown) before it is emptied.
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub cache_entries: NonZeroUsize,
+    /// Cache misses waiting for the store at once; more are answered `503` at once.
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub max_waiting_lookups: NonZeroUsize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8070)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8071))),
+            store: None,
+            store_connections: nz!(4),
+            poll_interval: Duration::from_millis(250),
+            forward_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(5),
+            cache_entries: nz!(100_000),
+            max_waiting_lookups: nz!(256),
+        }
+    }
 }
 
 /// What the Tracking API does with a write key it does not know.
@@ -1193,6 +1247,36 @@ impl Config {
         }
     }
 
+    /// `[router]`'s rules (the keys only a `sluice router` reads).
+    fn validate_router(&self) -> Result<(), ConfigError> {
+        let r = &self.router;
+        if r.admin_listen.is_some_and(|a| a.port() != 0 && a == r.listen) {
+            return Err(invalid("router.admin_listen", "is router.listen: the router's admin port needs its own port"));
+        }
+        // A zero poll would spin on the store; past a second the promise (a change reaches every router within a second) breaks.
+        if r.poll_interval < Duration::from_millis(10) || r.poll_interval > Duration::from_secs(1) {
+            return Err(invalid("router.poll_interval", "must be between 10ms and 1s"));
+        }
+        for (key, d) in [("router.forward_timeout", r.forward_timeout), ("router.retry_after", r.retry_after)] {
+            if d.as_secs() == 0 || d > MAX_SERVER_TIMEOUT {
+                return Err(invalid(key, "must be between 1s and 1 hour"));
+            }
+        }
+        if r.store_connections.get() > 64 {
+            return Err(invalid("router.store_connections", "must be at most 64"));
+        }
+        if r.cache_entries.get() > 10_000_000 {
+            return Err(invalid("router.cache_entries", "must be at most 10000000 (about 1 GiB of memory)"));
+        }
+        if r.max_waiting_lookups.get() > 100_000 {
+            return Err(invalid("router.max_waiting_lookups", "must be at most 100000"));
+        }
+        if r.store.as_ref().is_some_and(|s| s.expose().trim().is_empty()) {
+            return Err(invalid("router.store", "must not be empty (remove the key to give the store with --store)"));
+        }
+        Ok(())
+    }
+
     /// Check every rule serde cannot express; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let listen = self.server.listen;
@@ -1234,6 +1318,7 @@ impl Config {
                 return Err(invalid(key, "must be at most 1 hour"));
             }
         }
+        self.validate_router()?;
         let ing = &self.ingest;
         // Bounded: a request is held in memory whole (and stored events up to twice that).
         if !(1024..=64 << 20).contains(&ing.max_request_bytes) {
@@ -1727,7 +1812,7 @@ impl EnvOverride {
 }
 
 /// The config's tables an environment override can set (`SLUICE_<SECTION>__<KEY>`).
-const ENV_SECTIONS: &[&str] = &["server", "admin", "ingest", "log", "dedup", "deliver", "director"];
+const ENV_SECTIONS: &[&str] = &["server", "admin", "ingest", "log", "dedup", "deliver", "director", "router"];
 
 /// `SLUICE_*` variables Sluice reads itself that begin like a misspelt
 /// override (a section name, then one underscore) but are not overrides.
@@ -1755,7 +1840,7 @@ fn misspelt_override(name: &str) -> Option<String> {
 /// must not become a number, and so be echoed in a type error, nor lose
 /// quotes or a `#…` tail to TOML's syntax.
 const ENV_RAW_KEYS: &[&str] =
-    &["sasl_password", "sasl_username", "token", "metrics_token", "rpc_secret", "jobdb_url", "rpc_url", "bootstrap_servers"];
+    &["sasl_password", "sasl_username", "token", "metrics_token", "rpc_secret", "jobdb_url", "rpc_url", "bootstrap_servers", "store"];
 
 /// The overrides in `env`, sorted by name. The value is read as a TOML
 /// literal when it is one (numbers, booleans), else as a string; the keys
@@ -2129,6 +2214,32 @@ mod tests {
         assert!(err.contains("dedup.bloom_bits_per_key"), "{err}");
         let err = load("[dedup]\nwindow = \"0s\"\n").unwrap_err().to_string();
         assert!(err.contains("dedup.window"), "{err}");
+    }
+
+    #[test]
+    fn router_keys_have_defaults_and_are_checked() {
+        let c = load("").unwrap();
+        assert_eq!(c.router.listen.to_string(), "127.0.0.1:8070");
+        assert_eq!(c.router.admin_listen.map(|a| a.to_string()).as_deref(), Some("127.0.0.1:8071"));
+        assert!(c.router.store.is_none());
+        let c = load("[router]\nstore = \"postgres://u:pw@db/g\"\npoll_interval = \"100ms\"\nadmin_listen = \"\"\n").unwrap();
+        assert_eq!(c.router.poll_interval, Duration::from_millis(100));
+        assert!(c.router.admin_listen.is_none());
+        assert!(!format!("{c:?}").contains("pw@"), "the store URL is not shown");
+        for (toml, key) in [
+            ("poll_interval = \"0s\"", "router.poll_interval"),
+            ("poll_interval = \"5s\"", "router.poll_interval"),
+            ("retry_after = \"0s\"", "router.retry_after"),
+            ("forward_timeout = \"2h\"", "router.forward_timeout"),
+            ("store_connections = 0", "router.store_connections"),
+            ("cache_entries = 100000000", "router.cache_entries"),
+            ("store = \" \"", "router.store"),
+            ("admin_listen = \"127.0.0.1:8070\"", "router.admin_listen"),
+            ("lisen = \"127.0.0.1:1\"", "lisen"),
+        ] {
+            let err = load(&format!("[router]\n{toml}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod request;
 pub mod server;
 pub mod spool;
 pub mod tls;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

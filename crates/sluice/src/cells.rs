@@ -4,16 +4,31 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
 use sluice_core::Shutdown;
 use sluice_ingest::server::{serve, ServeOptions};
-use sluice_ingest::IngestSettings;
 use sluice_router::{CellRouter, RouterSettings};
 
 use crate::ConfigArgs;
+
+#[derive(Args)]
+pub struct RouterArgs {
+    /// The global store (default: `router.store` of the config).
+    #[arg(long, env = "SLUICE_GLOBAL_STORE")]
+    store: Option<String>,
+    /// Where the router serves the Tracking API (default: `router.listen`).
+    #[arg(long, value_parser = crate::listen_flag)]
+    listen: Option<SocketAddr>,
+    /// `[router]`, the request limits of `[ingest]`, the connection limits
+    /// and TLS of `[server]`, and `admin.metrics_token` come from this
+    /// config (default: the sample's).
+    #[command(flatten)]
+    config: ConfigArgs,
+}
 
 #[derive(Args)]
 pub struct StoreArgs {
@@ -22,48 +37,67 @@ pub struct StoreArgs {
     store: String,
 }
 
-#[derive(Args)]
-pub struct RouterArgs {
-    #[command(flatten)]
-    store: StoreArgs,
-    /// Where the router serves the Tracking API.
-    #[arg(long, env = "SLUICE_ROUTER_LISTEN", default_value = "127.0.0.1:8090", value_parser = crate::listen_flag)]
-    listen: SocketAddr,
-    /// Ingest's request limits (`[ingest]`) and the server's connection
-    /// limits (`[server]`) come from this config (default: the sample's).
-    #[command(flatten)]
-    config: ConfigArgs,
-}
-
-/// Connections a router's lookups share (each lookup holds one).
-const STORE_CONNECTIONS: usize = 4;
-
 /// `sluice router`: serve until a signal.
 pub async fn router(args: RouterArgs) -> Result<()> {
     let config = sluice_core::Config::load(args.config.config.as_deref())?;
-    let location = args.store.store.clone();
+    let Some(location) = args.store.or_else(|| config.router.store.as_ref().map(|s| s.expose().to_owned())) else {
+        bail!("no global store: give --store, SLUICE_GLOBAL_STORE or router.store (a mysql://, mariadb://, postgres:// URL or an SQLite file)");
+    };
+    let shown = sluice_sql::redact(&location);
     // Lookups share a few connections; the mapping-version poll has its own.
+    let connections = config.router.store_connections.get();
     let (stores, version_store) = tokio::task::spawn_blocking(move || {
-        let stores = (0..STORE_CONNECTIONS).map(|_| GlobalStore::open(&location)).collect::<Result<Vec<_>, _>>()?;
+        let stores = (0..connections).map(|_| GlobalStore::open(&location)).collect::<Result<Vec<_>, _>>()?;
         Ok::<_, sluice_cells::CellsError>((stores, GlobalStore::open(&location)?))
     })
     .await?
-    .with_context(|| format!("cannot open the global store {}", sluice_sql::redact(&args.store.store)))?;
-    let router =
-        CellRouter::new(stores, version_store, RouterSettings::new(IngestSettings::from_config(&config))).context("cannot start the router")?;
+    .with_context(|| format!("cannot open the global store {shown}"))?;
+    let router = CellRouter::new(stores, version_store, RouterSettings::from_config(&config)).context("cannot start the router")?;
+    let mut registry = sluice_core::metrics::Registry::default();
+    router.metrics.register(&mut registry);
     let stop = Shutdown::new();
     let watch = router.spawn_mapping_watch(stop.clone());
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = "off", "Sluice is ready (router): send Tracking API requests here");
+    let listen = args.listen.unwrap_or(config.router.listen);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen or router.listen)"))?;
+    let admin = match config.router.admin_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} (router.admin_listen)"))?),
+        None => None,
+    };
+    let mut options = ServeOptions::from_config(&config.server);
+    // The admin port is not the edge: no proxy is trusted there.
+    let mut admin_options = ServeOptions { same_origin: true, trusted: Vec::new(), ..options.clone() };
+    options.tls = crate::server_tls("https router.listen", &config.server.tls_cert_file, &config.server.tls_key_file)?;
+    admin_options.tls = crate::server_tls("https router.admin_listen", &config.admin.tls_cert_file, &config.admin.tls_key_file)?;
+    let reloaders: Vec<_> =
+        [&options.tls, &admin_options.tls].into_iter().flatten().map(|t| t.spawn_reloader(sluice_ingest::tls::RELOAD_EVERY)).collect();
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        listen = %addr,
+        admin = %admin.as_ref().and_then(|a| a.local_addr().ok()).map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        store = %shown,
+        "Sluice is ready (router): send Tracking API requests to {scheme}://{addr}"
+    );
     let shutdown = crate::shutdown_signal()?;
-    let server_stop = stop.clone();
-    let server =
-        tokio::spawn(serve(listener, sluice_router::app(router), ServeOptions::from_config(&config.server), async move { server_stop.wait().await }));
+    let stopped = || {
+        let stop = stop.clone();
+        async move { stop.wait().await }
+    };
+    let mut servers = vec![tokio::spawn(serve(listener, sluice_router::app(router.clone()), options, stopped()))];
+    if let Some(l) = admin {
+        let app = sluice_router::admin_app(router, Arc::new(registry), config.admin.metrics_token.clone(), config.admin.token.clone());
+        servers.push(tokio::spawn(serve(l, app, admin_options, stopped())));
+    }
     shutdown.await;
     tracing::info!("shutting down: finishing requests in flight");
     stop.trigger();
-    let _ = server.await;
+    for s in servers {
+        let _ = s.await;
+    }
     let _ = watch.await;
+    for r in reloaders {
+        r.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

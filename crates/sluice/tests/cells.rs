@@ -88,7 +88,11 @@ fn the_router_sends_each_workspace_to_its_one_cell() {
     store.add_write_key("wk_disabled", "off", "web").unwrap();
 
     let router_config = write_config(store_dir.path(), "");
-    let router = Server::start_role("router", &router_config, &[("SLUICE_GLOBAL_STORE", &store_path), ("SLUICE_ROUTER_LISTEN", "127.0.0.1:0")]);
+    let router = Server::start_role(
+        "router",
+        &router_config,
+        &[("SLUICE_GLOBAL_STORE", &store_path), ("SLUICE_ROUTER__LISTEN", "127.0.0.1:0"), ("SLUICE_ROUTER__ADMIN_LISTEN", "127.0.0.1:0")],
+    );
     let client = reqwest::blocking::Client::new();
     let url = |path: &str| router.url(path);
 
