@@ -29,7 +29,7 @@ mod schema;
 pub mod store;
 
 pub use placement::{Cell, CellState, Placement, Tier, Workspace};
-pub use store::{GlobalStore, KeyEntry, UsageRow};
+pub use store::{GlobalStore, KeyRoute, UsageRow};
 
 /// What the global store fails with.
 #[derive(Debug, thiserror::Error)]

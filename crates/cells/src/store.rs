@@ -12,7 +12,11 @@
 //!   the first insert wrote, whichever cell each had chosen.
 //! - Writes that change what a router resolves bump `mapping_version` in
 //!   their transaction; a deadlock or serialization failure between two
-//!   writers is retried (a few times, briefly).
+//!   writers is retried (a few times, briefly). A workspace's first
+//!   placement does not bump it: no router can have cached anything it
+//!   changes (a key is only cached once its workspace is placed), and a
+//!   bump empties every router's cache — with new workspaces arriving
+//!   steadily, the hit ratio would collapse (`sluice bench router`).
 //! - A usage report is counted once: its `(cell, report_id)` is inserted
 //!   in the same transaction that adds its rows; a report sent again
 //!   inserts nothing and adds nothing.
@@ -34,13 +38,20 @@ use crate::CellsError;
 /// Attempts of a write that lost a deadlock or serialization race.
 const WRITE_ATTEMPTS: usize = 4;
 
-/// What a write key resolves to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeyEntry {
-    pub workspace: String,
+/// What a router needs to know of a write key, read in one statement
+/// ([`GlobalStore::route_key`]).
+#[derive(Debug, Clone)]
+pub struct KeyRoute {
+    /// The workspace the key names.
+    pub workspace_id: String,
     pub source: String,
-    /// The workspace is disabled: its keys are refused.
-    pub disabled: bool,
+    /// The key's workspace; `None` when the key names one that is gone
+    /// (its requests are refused as a disabled workspace's).
+    pub workspace: Option<Workspace>,
+    /// Where the workspace is served (its override, else its assignment)
+    /// and that cell's row (`None` if the store does not list it); `None`
+    /// when it has no cell yet.
+    pub served: Option<(Placement, Option<Cell>)>,
 }
 
 /// One counter of one workspace in one hour (`destination` empty for the
@@ -81,25 +92,35 @@ fn parse_err(index: usize) -> impl Fn(CellsError) -> SqlError {
 const WORKSPACE_COLUMNS: &str = "id, name, tier, constraints, disabled";
 
 fn workspace_row(r: &dyn SqlRow) -> Result<Workspace, SqlError> {
+    workspace_at(r, 0)
+}
+
+/// The workspace in [`WORKSPACE_COLUMNS`] from column `i` on.
+fn workspace_at(r: &dyn SqlRow, i: usize) -> Result<Workspace, SqlError> {
     Ok(Workspace {
-        id: r.text(0)?,
-        name: r.text(1)?,
-        tier: Tier::parse(&r.text(2)?).map_err(parse_err(2))?,
-        constraints: json_map(&r.text(3)?, 3)?,
-        disabled: r.int(4)? != 0,
+        id: r.text(i)?,
+        name: r.text(i + 1)?,
+        tier: Tier::parse(&r.text(i + 2)?).map_err(parse_err(i + 2))?,
+        constraints: json_map(&r.text(i + 3)?, i + 3)?,
+        disabled: r.int(i + 4)? != 0,
     })
 }
 
 const CELL_COLUMNS: &str = "id, tier, ingest_url, admin_url, state, attributes";
 
 fn cell_row(r: &dyn SqlRow) -> Result<Cell, SqlError> {
+    cell_at(r, 0)
+}
+
+/// The cell in [`CELL_COLUMNS`] from column `i` on.
+fn cell_at(r: &dyn SqlRow, i: usize) -> Result<Cell, SqlError> {
     Ok(Cell {
-        id: r.text(0)?,
-        tier: Tier::parse(&r.text(1)?).map_err(parse_err(1))?,
-        ingest_url: r.text(2)?,
-        admin_url: r.text(3)?,
-        state: CellState::parse(&r.text(4)?).map_err(parse_err(4))?,
-        attributes: json_map(&r.text(5)?, 5)?,
+        id: r.text(i)?,
+        tier: Tier::parse(&r.text(i + 1)?).map_err(parse_err(i + 1))?,
+        ingest_url: r.text(i + 2)?,
+        admin_url: r.text(i + 3)?,
+        state: CellState::parse(&r.text(i + 4)?).map_err(parse_err(i + 4))?,
+        attributes: json_map(&r.text(i + 5)?, i + 5)?,
     })
 }
 
@@ -257,13 +278,35 @@ impl GlobalStore {
         })? == 1)
     }
 
-    /// What `key` belongs to, if it is registered.
-    pub fn lookup_key(&self, key: &str) -> Result<Option<KeyEntry>, CellsError> {
+    /// Where `key`'s requests go, in one statement (a router's cache miss):
+    /// its workspace, and the cell serving it. `None`: no such key.
+    pub fn route_key(&self, key: &str) -> Result<Option<KeyRoute>, CellsError> {
         let hash = key_hash(key);
-        let sql = self.q("SELECT k.workspace, k.source, COALESCE(w.disabled, 1) FROM {p}write_keys k
-               LEFT JOIN {p}workspaces w ON w.id = k.workspace WHERE k.key_hash = ?");
-        self.read("looking up a write key", |c| {
-            c.query_one(&sql, &[Arg::Bytes(&hash)], |r| Ok(KeyEntry { workspace: r.text(0)?, source: r.text(1)?, disabled: r.int(2)? != 0 }))
+        let columns = |alias: &str, list: &str| list.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ");
+        let sql = self.q(&format!(
+            "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace
+               FROM {{p}}write_keys k
+               LEFT JOIN {{p}}workspaces w ON w.id = k.workspace
+               LEFT JOIN {{p}}overrides o ON o.workspace = k.workspace
+               LEFT JOIN {{p}}assignments a ON a.workspace = k.workspace
+               LEFT JOIN {{p}}cells c ON c.id = COALESCE(o.cell, a.cell)
+              WHERE k.key_hash = ?",
+            columns("w", WORKSPACE_COLUMNS),
+            columns("c", CELL_COLUMNS)
+        ));
+        // Columns: 0 source, 1-2 override, 3-4 assignment, 5 w.id (NULL: gone), 6-10 workspace, 11 c.id (NULL: none), 12-17 cell,
+        // 18 the key's workspace id.
+        self.read("routing a write key", |c| {
+            c.query_one(&sql, &[Arg::Bytes(&hash)], |r| {
+                let served = match (r.opt_text(1)?, r.opt_text(3)?) {
+                    (Some(cell), _) => Some(Placement { cell, reason: format!("override: {}", r.text(2)?), new: false }),
+                    (None, Some(cell)) => Some(Placement { cell, reason: r.text(4)?, new: false }),
+                    (None, None) => None,
+                };
+                let cell = if r.opt_text(11)?.is_some() { Some(cell_at(r, 12)?) } else { None };
+                let workspace = if r.opt_text(5)?.is_some() { Some(workspace_at(r, 6)?) } else { None };
+                Ok(KeyRoute { workspace_id: r.text(18)?, source: r.text(0)?, workspace, served: served.map(|p| (p, cell)) })
+            })
         })
     }
 
@@ -378,32 +421,50 @@ impl GlobalStore {
         }))
     }
 
-    /// Where `workspace` is served, placing it first if it has no cell yet:
-    /// [`crate::placement::choose`] picks a cell, a conditional insert
-    /// records it, and the row that won (this call's or a racing one's) is
-    /// the answer.
+    /// Where `workspace` is served, placing it first if it has no cell yet
+    /// (see [`GlobalStore::place_new`]).
     pub fn place(&self, workspace: &str) -> Result<Placement, CellsError> {
         if let Some(p) = self.resolve(workspace)? {
             return Ok(p);
         }
         let ws = self.workspace(workspace)?.ok_or_else(|| CellsError::NoWorkspace(workspace.to_owned()))?;
-        let cells = self.cells()?;
-        let load = self.workspace_counts()?;
-        let (cell, reason) = choose(&ws, &cells, &load).map_err(|reason| CellsError::Unplaceable { workspace: workspace.to_owned(), reason })?;
+        Ok(self.place_new(&ws)?.0)
+    }
+
+    /// Place `ws`, which had no cell when the caller looked:
+    /// [`crate::placement::choose`] picks a cell from one read of the cells
+    /// and their loads, a conditional insert records it, and the row that
+    /// won (this call's, or a racing router's, read back) is the answer,
+    /// with that cell's row. Three statements when this call wins.
+    pub fn place_new(&self, ws: &Workspace) -> Result<(Placement, Option<Cell>), CellsError> {
+        let workspace = ws.id.as_str();
+        let (cells, load) = self.cells_and_loads()?;
+        let (cell, reason) = choose(ws, &cells, &load).map_err(|reason| CellsError::Unplaceable { workspace: workspace.to_owned(), reason })?;
         let insert =
             self.q(&self.dialect.insert_new(&format!("{PREFIX}assignments"), "workspace, cell, assigned_at, reason", "?, ?, ?, ?", "workspace"));
         let now = now_ms();
-        // The version goes up only with a row inserted: a lost race changes nothing.
-        let inserted = self.write("placing a workspace", |c| {
-            let n = c.execute(&insert, &[Arg::Text(workspace), Arg::Text(&cell), Arg::Int(now), Arg::Text(&reason)])?;
-            self.bump(c, n)
-        })? == 1;
-        let mut placed = self.resolve(workspace)?.ok_or_else(|| CellsError::NoWorkspace(workspace.to_owned()))?;
-        placed.new = inserted && placed.cell == cell;
+        // One statement, atomic on its own; no version bump (see the module's invariants).
+        let inserted = self
+            .read("placing a workspace", |c| c.execute(&insert, &[Arg::Text(workspace), Arg::Text(&cell), Arg::Int(now), Arg::Text(&reason)]))?
+            == 1;
         if inserted {
-            tracing::info!(workspace, cell = %placed.cell, reason = %placed.reason, "workspace placed");
+            tracing::info!(workspace, %cell, %reason, "workspace placed");
+            let row = cells.into_iter().find(|c| c.id == cell);
+            return Ok((Placement { cell, reason, new: true }, row));
         }
-        Ok(placed)
+        // Lost the race (or an override appeared): what the store says now.
+        let placed = self.resolve(workspace)?.ok_or_else(|| CellsError::NoWorkspace(workspace.to_owned()))?;
+        let row = self.cell(&placed.cell)?;
+        Ok((placed, row))
+    }
+
+    /// Every cell with the number of workspaces assigned to it, in one statement.
+    fn cells_and_loads(&self) -> Result<(Vec<Cell>, HashMap<String, u64>), CellsError> {
+        let sql =
+            self.q(&format!("SELECT {CELL_COLUMNS}, (SELECT COUNT(*) FROM {{p}}assignments a WHERE a.cell = c.id) FROM {{p}}cells c ORDER BY id"));
+        let rows = self.read("reading the cells and their loads", |c| c.query(&sql, &[], |r| Ok((cell_row(r)?, r.int(6)? as u64))))?;
+        let load = rows.iter().map(|(c, n)| (c.id.clone(), *n)).collect();
+        Ok((rows.into_iter().map(|(c, _)| c).collect(), load))
     }
 
     // ---- metering ----

@@ -338,24 +338,30 @@ fn lookup(store: &GlobalStore, key: &str, retry_after: u64) -> Result<(Route, &'
         tracing::warn!(error = %e, "the global store cannot be read; answering 503");
         unavailable("routing is unavailable; retry", retry_after)
     };
-    let Some(entry) = store.lookup_key(key).map_err(store_down)? else { return Ok((Route::Unknown, "unknown")) };
-    if entry.disabled {
-        return Ok((Route::Disabled { workspace: entry.workspace }, "miss"));
-    }
-    let placed = match store.place(&entry.workspace) {
-        Ok(p) => p,
-        Err(CellsError::Unplaceable { workspace, reason }) => {
-            tracing::error!(%workspace, %reason, "a workspace cannot be placed on any cell; its requests are answered 503");
-            return Err(unavailable("no cell can serve this workspace yet; retry later", 60));
-        }
-        Err(e) => return Err(store_down(e)),
+    // One statement for a known key of a placed workspace; three more to place one.
+    let Some(found) = store.route_key(key).map_err(store_down)? else { return Ok((Route::Unknown, "unknown")) };
+    let workspace = match found.workspace {
+        Some(ws) if !ws.disabled => ws,
+        // Disabled, or the key names a workspace that is gone.
+        _ => return Ok((Route::Disabled { workspace: found.workspace_id }, "miss")),
     };
-    let Some(cell) = store.cell(&placed.cell).map_err(store_down)? else {
-        tracing::error!(workspace = %entry.workspace, cell = %placed.cell, "a workspace is assigned to a cell the store does not list");
+    let (placed, cell) = match found.served {
+        Some(served) => served,
+        None => match store.place_new(&workspace) {
+            Ok(p) => p,
+            Err(CellsError::Unplaceable { workspace, reason }) => {
+                tracing::error!(%workspace, %reason, "a workspace cannot be placed on any cell; its requests are answered 503");
+                return Err(unavailable("no cell can serve this workspace yet; retry later", 60));
+            }
+            Err(e) => return Err(store_down(e)),
+        },
+    };
+    let Some(cell) = cell else {
+        tracing::error!(workspace = %workspace.id, cell = %placed.cell, "a workspace is assigned to a cell the store does not list");
         return Err(unavailable("this workspace's cell is unknown; retry later", 60));
     };
     let path = if placed.new { "new" } else { "miss" };
-    Ok((Route::Cell { workspace: entry.workspace, cell: cell.id, ingest_url: cell.ingest_url }, path))
+    Ok((Route::Cell { workspace: workspace.id, cell: cell.id, ingest_url: cell.ingest_url }, path))
 }
 
 /// The router's HTTP front: the Tracking API's paths.

@@ -43,6 +43,8 @@ pub enum BenchCommand {
     /// A `sluice serve` process under legitimate load, clean and then with
     /// 50 clients sending hostile requests at full speed.
     Hostile(crate::bench_hostile::HostileBench),
+    /// The cell router: the ingest load through a `sluice router` against straight to the cell, and its decision latencies.
+    Router(crate::bench_router::RouterBench),
 }
 
 #[derive(Args, Clone)]
@@ -85,6 +87,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::E2e(args) => crate::bench_deliver::bench_e2e(args),
         BenchCommand::Cleanup(args) => crate::bench_deliver::bench_cleanup(args),
         BenchCommand::Hostile(args) => crate::bench_hostile::bench_hostile(args),
+        BenchCommand::Router(args) => crate::bench_router::bench_router(args),
     }
 }
 

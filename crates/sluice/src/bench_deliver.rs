@@ -348,37 +348,47 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
 /// Start `sluice serve --config <config_path>` (this executable) as a child
 /// process; returns it and its Tracking API address once it is ready.
 pub(crate) fn spawn_serve(config_path: &Path) -> Result<(std::process::Child, String)> {
+    let (child, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), config_path.as_os_str()], &[])?;
+    Ok((child, ready["listen"].as_str().unwrap_or("").to_owned()))
+}
+
+/// Start this executable with `args` (JSON logs) and wait for its
+/// "Sluice is ready" line; the line's fields (`listen`, `admin`, …).
+pub(crate) fn spawn_ready(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Result<(std::process::Child, serde_json::Value)> {
+    let what = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config_path)
+        .args(["--log-format", "json"])
+        .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn,sluice=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("start sluice serve")?;
-    let addr = {
+        .with_context(|| format!("start sluice {what}"))?;
+    let fields = {
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let name = what.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 match serde_json::from_str::<serde_json::Value>(&line) {
                     Ok(v) => {
                         if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Sluice is ready")) {
-                            let _ = tx.send(v["fields"]["listen"].as_str().unwrap_or("").to_owned());
+                            let _ = tx.send(v["fields"].clone());
                         }
                         if v["level"] == "ERROR" {
-                            eprintln!("server: {line}");
+                            eprintln!("{name}: {line}");
                         }
                     }
-                    // Not a log line: the error `serve` exits with (a bad config).
-                    Err(_) => eprintln!("server: {line}"),
+                    // Not a log line: the error the command exits with (a bad config).
+                    Err(_) => eprintln!("{name}: {line}"),
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(60)).context("sluice serve did not become ready")?
+        rx.recv_timeout(Duration::from_secs(60)).with_context(|| format!("sluice {what} did not become ready"))?
     };
-    Ok((child, addr))
+    Ok((child, fields))
 }
 
 /// Deliveries the healthy destinations owe for `acked` events.
