@@ -276,7 +276,13 @@ struct NewSource {
 async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<NewSource>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     authorize(&s, &h)?;
     let Json(n) = body.map_err(bad_request)?;
-    let src = SourceConfig { id: n.id, write_key: n.write_key.unwrap_or_else(new_write_key), rate_limit: n.rate_limit, rate_burst: n.rate_burst };
+    let src = SourceConfig {
+        id: n.id,
+        write_key: n.write_key.unwrap_or_else(new_write_key),
+        rate_limit: n.rate_limit,
+        rate_burst: n.rate_burst,
+        workspace: None,
+    };
     src.validate("source").map_err(bad_request)?;
     let out = json!({"id": src.id, "write_key": src.write_key});
     // Checked and inserted under the control database's lock: two creates cannot both win.

@@ -120,13 +120,13 @@ pub struct Placement {
     pub new: bool,
 }
 
-/// Ids of workspaces and cells: 1–64 of `A-Z a-z 0-9 _ - .`.
+/// Ids of workspaces and cells: 1–64 of `A-Z a-z 0-9 _ -`, as a cell's
+/// source and destination ids (a workspace id travels into a cell's config).
 pub fn check_id(what: &'static str, id: &str) -> Result<(), CellsError> {
-    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-    if ok {
+    if sluice_core::config::valid_id(id) {
         Ok(())
     } else {
-        Err(CellsError::Invalid { what, why: format!("{id:?}: use 1 to 64 of A-Z, a-z, 0-9, '_', '-', '.'") })
+        Err(CellsError::Invalid { what, why: format!("{id:?}: use 1 to 64 of A-Z, a-z, 0-9, '_', '-'") })
     }
 }
 
@@ -264,8 +264,9 @@ mod tests {
 
     #[test]
     fn ids_are_checked() {
-        assert!(check_id("workspace id", "acme-eu_1.prod").is_ok());
-        for bad in ["", "a b", "x'; DROP TABLE", &"a".repeat(65), "é"] {
+        assert!(check_id("workspace id", "acme-eu_1").is_ok());
+        // No '.': a workspace id is written into cells' configs, whose ids have none.
+        for bad in ["", "a.b", "a b", "x'; DROP TABLE", &"a".repeat(65), "é"] {
             assert!(check_id("workspace id", bad).is_err(), "{bad:?}");
         }
     }

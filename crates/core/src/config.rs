@@ -793,6 +793,8 @@ impl Default for DedupConfig {
 pub struct SourceConfig {
     /// Stable name of the source; `[A-Za-z0-9_-]`, at most 64 characters.
     pub id: String,
+    /// The key itself, or `sha256:<64 hex digits>`, its SHA-256: then the
+    /// key is nowhere on the cell (sources a control plane hands over).
     pub write_key: String,
     /// Events per second; absent = `ingest.default_rate_limit`; 0 = unlimited.
     #[serde(default)]
@@ -800,6 +802,17 @@ pub struct SourceConfig {
     /// Bucket size for bursts; absent = one second's worth of `rate_limit`.
     #[serde(default)]
     pub rate_burst: Option<u32>,
+    /// The workspace (tenant) the source belongs to; absent = `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+}
+
+/// The prefix of a write key given as its SHA-256 (`sha256:<64 hex digits>`).
+pub const HASHED_WRITE_KEY: &str = "sha256:";
+
+/// Whether `key` is a write key given as its SHA-256.
+pub fn is_hashed_write_key(key: &str) -> bool {
+    key.strip_prefix(HASHED_WRITE_KEY).is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 /// The delivery stage (Centrifuge): JobDBs, directors, the HTTP executor.
@@ -1111,8 +1124,17 @@ impl SourceConfig {
         }
         // It travels as HTTP Basic's user name: visible ASCII only (a NUL or
         // a non-ASCII byte cannot be sent in a header), no ':' (the separator).
-        if self.write_key.is_empty() || self.write_key.len() > 256 || !self.write_key.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-            return Err(invalid(format!("{prefix}.write_key"), "must be 1-256 visible ASCII characters, without ':' or whitespace"));
+        let plain = !self.write_key.is_empty() && self.write_key.len() <= 256 && self.write_key.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !plain && !is_hashed_write_key(&self.write_key) {
+            return Err(invalid(
+                format!("{prefix}.write_key"),
+                "must be 1-256 visible ASCII characters, without ':' or whitespace (or sha256:<64 lowercase hex digits>, the key's SHA-256)",
+            ));
+        }
+        if let Some(w) = &self.workspace {
+            if !valid_id(w) {
+                return Err(invalid(format!("{prefix}.workspace"), format!("{w:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")));
+            }
         }
         Ok(())
     }
@@ -1533,7 +1555,8 @@ impl Config {
     }
 }
 
-fn valid_id(id: &str) -> bool {
+/// An id of a source, destination, workspace or cell: 1–64 of `A-Z a-z 0-9 _ -`.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -2291,6 +2314,14 @@ mod tests {
             assert!(err.contains("sources[0].write_key"), "{key:?}: {err}");
         }
         load("[[sources]]\nid = \"a\"\nwrite_key = \"wk_AZaz09-._~!\"\n").expect("visible ASCII");
+        let hashed = format!("sha256:{}", "ab".repeat(32));
+        load(&format!("[[sources]]\nid = \"a\"\nwrite_key = \"{hashed}\"\nworkspace = \"acme\"\n")).expect("a key given as its SHA-256");
+        for bad in [format!("sha256:{}", "AB".repeat(32)), format!("sha256:{}", "ab".repeat(31)), "sha256:".into(), "md5:abc".into()] {
+            let err = load(&format!("[[sources]]\nid = \"a\"\nwrite_key = \"{bad}\"\n")).unwrap_err().to_string();
+            assert!(err.contains("sources[0].write_key"), "{bad}: {err}");
+        }
+        let err = load("[[sources]]\nid = \"a\"\nwrite_key = \"k\"\nworkspace = \"a b\"\n").unwrap_err().to_string();
+        assert!(err.contains("sources[0].workspace"), "{err}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use axum::Router;
 use bytes::Bytes;
 use chrono::Utc;
 use serde_json::value::RawValue;
-use sluice_core::config::{Config, SourceConfig, UnknownWriteKey};
+use sluice_core::config::{is_hashed_write_key, Config, SourceConfig, UnknownWriteKey, HASHED_WRITE_KEY};
 use sluice_core::metrics::{latency_buckets, Counter, Family, Histogram, Registry};
 use sluice_core::partition_for;
 use sluice_log::{Log, Record};
@@ -149,7 +149,7 @@ pub struct Ingest {
     partitions: u32,
     settings: IngestSettings,
     /// Write key → source. Behind a lock so sources can change at run time.
-    sources: RwLock<HashMap<String, Arc<Source>>>,
+    sources: RwLock<Sources>,
     /// Bodies over [`PARSE_INLINE_MAX_BYTES`] parsed at once: half the cores.
     large_bodies: tokio::sync::Semaphore,
     pub metrics: IngestMetrics,
@@ -160,7 +160,7 @@ impl Ingest {
         let partitions = log.partitions(INPUT_TOPIC)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let large_bodies = tokio::sync::Semaphore::new((cores / 2).max(1));
-        let ingest = Self { log, partitions, settings, sources: RwLock::new(HashMap::new()), large_bodies, metrics: IngestMetrics::default() };
+        let ingest = Self { log, partitions, settings, sources: RwLock::new(Sources::default()), large_bodies, metrics: IngestMetrics::default() };
         ingest.set_sources(sources, default_rate_limit);
         Ok(ingest)
     }
@@ -170,12 +170,12 @@ impl Ingest {
     /// update never refills anyone's rate limit.
     pub fn set_sources(&self, sources: &[SourceConfig], default_rate_limit: u32) {
         let mut current = self.sources.write().expect("sources lock");
-        let map = sources
+        let map: HashMap<String, Arc<Source>> = sources
             .iter()
             .map(|s| {
                 let rate = s.rate_limit.unwrap_or(default_rate_limit);
                 let limits = (rate, s.rate_burst.unwrap_or(rate));
-                let source = match current.get(&s.write_key) {
+                let source = match current.by_key.get(&s.write_key) {
                     Some(old) if old.id == s.id && old.limits == limits => old.clone(),
                     _ => {
                         let limiter = (rate > 0).then(|| TokenBucket::new(limits.0, limits.1));
@@ -185,12 +185,41 @@ impl Ingest {
                 (s.write_key.clone(), source)
             })
             .collect();
-        *current = map;
+        let hashed = map.keys().any(|k| is_hashed_write_key(k));
+        *current = Sources { by_key: map, hashed };
     }
 
+    /// The source `write_key` names: the key itself, else (when some source
+    /// is given as `sha256:<hex>`) its SHA-256.
     fn source(&self, write_key: &str) -> Option<Arc<Source>> {
-        self.sources.read().expect("sources lock").get(write_key).cloned()
+        // No real key holds a ':' (a body's writeKey could): a presented
+        // "sha256:…" must not match a hashed source without the key itself.
+        if write_key.contains(':') {
+            return None;
+        }
+        let sources = self.sources.read().expect("sources lock");
+        if let Some(s) = sources.by_key.get(write_key) {
+            return Some(s.clone());
+        }
+        if !sources.hashed {
+            return None;
+        }
+        sources.by_key.get(&hashed_write_key(write_key)).cloned()
     }
+}
+
+/// The sources by write key (as configured: the key, or `sha256:<hex>`).
+#[derive(Default)]
+struct Sources {
+    by_key: HashMap<String, Arc<Source>>,
+    /// Some key is given as its SHA-256: a key not found as itself is hashed and looked up again.
+    hashed: bool,
+}
+
+/// `sha256:<hex>` of `key`: how a source can name its key without holding it.
+pub fn hashed_write_key(key: &str) -> String {
+    use sha2::Digest;
+    format!("{HASHED_WRITE_KEY}{:x}", sha2::Sha256::digest(key.as_bytes()))
 }
 
 /// The Tracking API router (axum's `fn app() -> Router` pattern).

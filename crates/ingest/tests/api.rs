@@ -172,6 +172,30 @@ async fn an_unknown_write_key_is_401_json_with_code_and_message() {
     assert_eq!(h.ingest.metrics.events_unknown_key_dropped.get(), 0);
 }
 
+/// A source given as `sha256:<hex>` of its key (as a control plane hands
+/// sources to cells) accepts the key itself, in either place; the hash
+/// itself presented as a key is refused (it is not a secret, the key is).
+#[tokio::test]
+async fn a_source_given_as_its_keys_hash_accepts_the_key_and_not_the_hash() {
+    let hashed = sluice_ingest::hashed_write_key("wk_hidden_key");
+    assert!(hashed.starts_with("sha256:") && hashed.len() == 7 + 64, "{hashed}");
+    let h = Harness::with(settings(), &[source(WEB, WEB_KEY, None, None), source("hidden", &hashed, None, None)]);
+    h.send(post_json("/v1/track", Some("wk_hidden_key"), &event("track", "h1"))).await.assert_success();
+    let mut body = event("track", "h2");
+    body["writeKey"] = "wk_hidden_key".into();
+    h.send(post_json("/v1/track", None, &body)).await.assert_success();
+    // A plain key still works alongside.
+    h.send(post_json("/v1/track", Some(WEB_KEY), &event("track", "w1"))).await.assert_success();
+    for key in [hashed.as_str(), "wk_hidden_kez", ""] {
+        let mut body = event("track", "bad");
+        body["writeKey"] = key.into();
+        h.send(post_json("/v1/track", None, &body)).await.assert_error_shape(StatusCode::UNAUTHORIZED);
+    }
+    let mut keys: Vec<String> = h.records().into_iter().map(|r| r.key).collect();
+    keys.sort();
+    assert_eq!(keys, ["hidden/h1", "hidden/h2", "web/w1"]);
+}
+
 #[tokio::test]
 async fn an_unknown_write_key_with_accept_and_drop_answers_200_and_stores_nothing() {
     let mut s = settings();
