@@ -24,10 +24,12 @@
 //!   cache.
 //! - A write key is stored as its SHA-256 only; lookups hash the key given.
 
+pub mod feed;
 pub mod placement;
 mod schema;
 pub mod store;
 
+pub use feed::{CellFeed, FeedConnection, FeedDestination, WorkspaceConfig};
 pub use placement::{Cell, CellState, Placement, Tier, Workspace};
 pub use store::{GlobalStore, KeyRoute, UsageRow};
 

@@ -35,7 +35,11 @@ const WRITE_KEYS: Table = Table {
         col("created_at", Type::Int),
     ],
     primary_key: &["key_hash"],
-    indexes: &[Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None }],
+    // One key per source (a rotation replaces it): a cell knows a source by one key.
+    indexes: &[
+        Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None },
+        Index { suffix: "source", columns: &["source"], unique: true, only: None },
+    ],
     append_only: None,
     without_rowid: false,
 };
@@ -102,7 +106,37 @@ const USAGE_HOURLY: Table = Table {
     without_rowid: false,
 };
 
-const TABLES: [(&str, Table); 8] = [
+/// A workspace's destinations (docs/CONFIG.md's keys, as JSON), handed to
+/// the cell that serves it. Ids are unique across workspaces: a cell may
+/// serve several.
+const DESTINATIONS: Table = Table {
+    columns: &[col("id", ID), col("workspace", ID), col("config", Type::Text), col("updated_at", Type::Int)],
+    primary_key: &["id"],
+    indexes: &[Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None }],
+    append_only: None,
+    without_rowid: false,
+};
+
+/// A workspace's connections (source → destination).
+const CONNECTIONS: Table = Table {
+    columns: &[col("source", SOURCE), col("destination", ID), col("workspace", ID)],
+    primary_key: &["source", "destination"],
+    indexes: &[Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None }],
+    append_only: None,
+    without_rowid: false,
+};
+
+/// A cell's token for the control plane's cell API (its config, its usage
+/// reports): SHA-256 only, as write keys.
+const CELL_TOKENS: Table = Table {
+    columns: &[col("cell", ID), col("token_hash", Type::FixedBytes(32)), col("created_at", Type::Int)],
+    primary_key: &["cell"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const TABLES: [(&str, Table); 11] = [
     ("workspaces", WORKSPACES),
     ("write_keys", WRITE_KEYS),
     ("cells", CELLS),
@@ -111,6 +145,9 @@ const TABLES: [(&str, Table); 8] = [
     ("mapping_version", MAPPING_VERSION),
     ("usage_reports", USAGE_REPORTS),
     ("usage_hourly", USAGE_HOURLY),
+    ("destinations", DESTINATIONS),
+    ("connections", CONNECTIONS),
+    ("cell_tokens", CELL_TOKENS),
 ];
 
 /// The DDL of the global store (idempotent), then its one version row.

@@ -161,24 +161,28 @@ impl GlobalStore {
         Ok(store)
     }
 
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
     /// The file, or the URL without password.
     pub fn location(&self) -> String {
         self.session.connector().describe()
     }
 
     /// `sql` with `{p}` the table prefix and `?` placeholders, in this engine's dialect.
-    fn q(&self, sql: &str) -> String {
+    pub(crate) fn q(&self, sql: &str) -> String {
         self.dialect.placeholders(&sql.replace("{p}", PREFIX))
     }
 
-    fn read<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, CellsError> {
+    pub(crate) fn read<T: Send>(&self, what: &str, f: impl FnOnce(&mut Connection) -> Result<T, SqlError> + Send) -> Result<T, CellsError> {
         Ok(self.session.run(what, f)?)
     }
 
     /// Run `body` in a transaction, retried after a deadlock. A body that
     /// changes what routers resolve bumps the version in it
     /// ([`GlobalStore::bump`]).
-    fn write<T: Send>(&self, what: &str, body: impl Fn(&mut Connection) -> Result<T, SqlError> + Send + Sync) -> Result<T, CellsError> {
+    pub(crate) fn write<T: Send>(&self, what: &str, body: impl Fn(&mut Connection) -> Result<T, SqlError> + Send + Sync) -> Result<T, CellsError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -195,7 +199,7 @@ impl GlobalStore {
     }
 
     /// Bump the mapping version when `changed` rows changed; returns `changed`.
-    fn bump(&self, c: &mut Connection, changed: u64) -> Result<u64, SqlError> {
+    pub(crate) fn bump(&self, c: &mut Connection, changed: u64) -> Result<u64, SqlError> {
         if changed > 0 {
             c.execute(&self.bump, &[])?;
         }
@@ -251,11 +255,15 @@ impl GlobalStore {
         if key.is_empty() || key.len() > 1024 {
             return Err(CellsError::Invalid { what: "write key", why: "1 to 1024 bytes".into() });
         }
-        if source.is_empty() || source.len() > 255 {
-            return Err(CellsError::Invalid { what: "source id", why: "1 to 255 bytes".into() });
-        }
+        check_id("source id", source)?;
         if self.workspace(workspace)?.is_none() {
             return Err(CellsError::NoWorkspace(workspace.to_owned()));
+        }
+        if let Some(owner) = self.source_workspace(source)? {
+            return Err(CellsError::Invalid {
+                what: "write key",
+                why: format!("source {source:?} (of workspace {owner:?}) has a key already: a source has one key (rotate it)"),
+            });
         }
         let hash = key_hash(key);
         let sql =
@@ -266,6 +274,28 @@ impl GlobalStore {
             self.bump(c, n)
         })?;
         Ok(added == 1)
+    }
+
+    /// The workspace of `source`, if it has a key.
+    pub fn source_workspace(&self, source: &str) -> Result<Option<String>, CellsError> {
+        let sql = self.q("SELECT workspace FROM {p}write_keys WHERE source = ?");
+        self.read("reading a source", |c| c.query_one(&sql, &[Arg::Text(source)], |r| r.text(0)))
+    }
+
+    /// Replace the key of `source` (of `workspace`) by `key`: the old one
+    /// stops working as routers and the cell follow (within seconds).
+    /// False when the source has no key.
+    pub fn rotate_write_key(&self, workspace: &str, source: &str, key: &str) -> Result<bool, CellsError> {
+        if key.is_empty() || key.len() > 1024 {
+            return Err(CellsError::Invalid { what: "write key", why: "1 to 1024 bytes".into() });
+        }
+        let hash = key_hash(key);
+        let sql = self.q("UPDATE {p}write_keys SET key_hash = ?, created_at = ? WHERE workspace = ? AND source = ?");
+        let now = now_ms();
+        Ok(self.write("rotating a write key", |c| {
+            let n = c.execute(&sql, &[Arg::Bytes(&hash), Arg::Int(now), Arg::Text(workspace), Arg::Text(source)])?;
+            self.bump(c, n)
+        })? == 1)
     }
 
     /// Forget `key`; false when it was not registered.
@@ -281,7 +311,11 @@ impl GlobalStore {
     /// Where `key`'s requests go, in one statement (a router's cache miss):
     /// its workspace, and the cell serving it. `None`: no such key.
     pub fn route_key(&self, key: &str) -> Result<Option<KeyRoute>, CellsError> {
-        let hash = key_hash(key);
+        self.route_hash(&key_hash(key))
+    }
+
+    /// [`GlobalStore::route_key`] of a key known by its SHA-256.
+    pub fn route_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRoute>, CellsError> {
         let columns = |alias: &str, list: &str| list.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ");
         let sql = self.q(&format!(
             "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace
@@ -297,7 +331,7 @@ impl GlobalStore {
         // Columns: 0 source, 1-2 override, 3-4 assignment, 5 w.id (NULL: gone), 6-10 workspace, 11 c.id (NULL: none), 12-17 cell,
         // 18 the key's workspace id.
         self.read("routing a write key", |c| {
-            c.query_one(&sql, &[Arg::Bytes(&hash)], |r| {
+            c.query_one(&sql, &[Arg::Bytes(hash)], |r| {
                 let served = match (r.opt_text(1)?, r.opt_text(3)?) {
                     (Some(cell), _) => Some(Placement { cell, reason: format!("override: {}", r.text(2)?), new: false }),
                     (None, Some(cell)) => Some(Placement { cell, reason: r.text(4)?, new: false }),

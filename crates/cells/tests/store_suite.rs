@@ -90,7 +90,74 @@ every_engine!(
     a_usage_report_sent_twice_counts_once,
     bad_input_is_refused_with_a_clear_error,
     a_key_is_routed_in_one_read,
+    a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves,
 );
+
+fn a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves(db: Db) {
+    let store = db.open();
+    store.put_cell(&cell("fa", Tier::Smb, &[])).unwrap();
+    for w in ["w1", "w2", "w3"] {
+        store.put_workspace(&workspace(w, Tier::Smb, &[])).unwrap();
+        store.add_write_key(&format!("wk_{w}"), w, &format!("{w}-web")).unwrap();
+    }
+    let dest = |id: &str| serde_json::json!({"id": id, "url": format!("https://example.com/{id}")});
+    store.put_destination("w1", "w1-hook", &dest("w1-hook")).unwrap();
+    store.put_destination("w2", "w2-hook", &dest("w2-hook")).unwrap();
+    store.put_connection("w1", "w1-web", "w1-hook").unwrap();
+    store.put_connection("w2", "w2-web", "w2-hook").unwrap();
+    store.place("w1").unwrap();
+    store.place("w2").unwrap();
+    store.put_cell(&cell("fb", Tier::Smb, &[])).unwrap();
+    store.set_override("w2", "fb", "testing").unwrap();
+
+    let a = store.cell_feed("fa").unwrap();
+    assert_eq!(a.workspaces, ["w1"]);
+    assert_eq!(a.sources.len(), 1);
+    assert_eq!((a.sources[0].id.as_str(), a.sources[0].workspace.as_deref()), ("w1-web", Some("w1")));
+    assert_eq!(a.sources[0].write_key, format!("sha256:{}", hex::encode(sluice_cells::store::key_hash("wk_w1"))), "the key's hash, never the key");
+    assert_eq!(a.destinations.len(), 1);
+    assert_eq!(a.destinations[0].config["id"], "w1-hook");
+    assert_eq!(a.connections.len(), 1);
+    let b = store.cell_feed("fb").unwrap();
+    assert_eq!((b.workspaces.as_slice(), b.sources[0].id.as_str()), (["w2".to_owned()].as_slice(), "w2-web"), "the override's cell");
+    assert!(store.key_served_by("fb", &sluice_cells::store::key_hash("wk_w2")).unwrap());
+    assert!(!store.key_served_by("fa", &sluice_cells::store::key_hash("wk_w2")).unwrap());
+    assert!(!store.key_served_by("fa", &sluice_cells::store::key_hash("wk_w3")).unwrap(), "w3 is not placed");
+
+    // The ETag follows the content, nothing else.
+    let (_, etag) = a.body_and_etag();
+    assert_eq!(store.cell_feed("fa").unwrap().body_and_etag().1, etag);
+    store.put_destination("w1", "w1-hook", &serde_json::json!({"id": "w1-hook", "url": "https://example.com/moved"})).unwrap();
+    assert_ne!(store.cell_feed("fa").unwrap().body_and_etag().1, etag);
+    // A disabled workspace leaves its cell's feed.
+    store.put_workspace(&Workspace { disabled: true, ..workspace("w1", Tier::Smb, &[]) }).unwrap();
+    let a = store.cell_feed("fa").unwrap();
+    assert!(a.workspaces.is_empty() && a.sources.is_empty() && a.destinations.is_empty() && a.connections.is_empty(), "{a:?}");
+
+    // Ids are owned: another workspace's destination or source is refused, with the reason.
+    let err = store.put_destination("w2", "w1-hook", &dest("w1-hook")).unwrap_err().to_string();
+    assert!(err.contains("belongs to workspace \"w1\""), "{err}");
+    assert!(store.put_connection("w2", "w1-web", "w2-hook").is_err(), "w1's source");
+    assert!(store.put_connection("w2", "w2-web", "w1-hook").is_err(), "w1's destination");
+    assert!(store.put_destination("w1", "bad", &serde_json::json!({"id": "bad", "url": "ftp://x"})).is_err());
+    assert!(store.put_destination("w1", "other", &dest("w1-hook")).is_err(), "the id inside must match");
+    // One key per source; a rotation replaces it.
+    let err = store.add_write_key("wk_second", "w2", "w2-web").unwrap_err().to_string();
+    assert!(err.contains("has a key already"), "{err}");
+    assert!(store.rotate_write_key("w2", "w2-web", "wk_w2_new").unwrap());
+    assert!(store.route_key("wk_w2").unwrap().is_none());
+    assert_eq!(store.route_key("wk_w2_new").unwrap().unwrap().source, "w2-web");
+    assert!(store.delete_destination("w2", "w2-hook").unwrap());
+    assert!(store.cell_feed("fb").unwrap().connections.is_empty(), "its connections went with it");
+
+    // Cell tokens: kept hashed, replaced by a new one.
+    let t1 = store.new_cell_token("fa").unwrap();
+    assert!(store.cell_token_matches("fa", &t1).unwrap());
+    assert!(!store.cell_token_matches("fb", &t1).unwrap());
+    let t2 = store.new_cell_token("fa").unwrap();
+    assert!(!store.cell_token_matches("fa", &t1).unwrap() && store.cell_token_matches("fa", &t2).unwrap());
+    assert!(matches!(store.new_cell_token("nope"), Err(CellsError::NoCell(_))));
+}
 
 /// `route_key`, a router's cache miss in one statement: the key's
 /// workspace, its override or assignment, and that cell's row.
