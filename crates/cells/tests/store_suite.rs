@@ -114,15 +114,15 @@ fn a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves(db: Db) {
     assert_eq!(a.workspaces, ["w1"]);
     assert_eq!(a.sources.len(), 1);
     assert_eq!((a.sources[0].id.as_str(), a.sources[0].workspace.as_deref()), ("w1-web", Some("w1")));
-    assert_eq!(a.sources[0].write_key, format!("sha256:{}", hex::encode(sluice_cells::store::key_hash("wk_w1"))), "the key's hash, never the key");
+    assert_eq!(a.sources[0].write_key, format!("sha256:{}", hex::encode(key_hash("wk_w1"))), "the key's hash, never the key");
     assert_eq!(a.destinations.len(), 1);
     assert_eq!(a.destinations[0].config["id"], "w1-hook");
     assert_eq!(a.connections.len(), 1);
     let b = store.cell_feed("fb").unwrap();
     assert_eq!((b.workspaces.as_slice(), b.sources[0].id.as_str()), (["w2".to_owned()].as_slice(), "w2-web"), "the override's cell");
-    assert!(store.key_served_by("fb", &sluice_cells::store::key_hash("wk_w2")).unwrap());
-    assert!(!store.key_served_by("fa", &sluice_cells::store::key_hash("wk_w2")).unwrap());
-    assert!(!store.key_served_by("fa", &sluice_cells::store::key_hash("wk_w3")).unwrap(), "w3 is not placed");
+    assert!(store.key_served_by("fb", &key_hash("wk_w2")).unwrap());
+    assert!(!store.key_served_by("fa", &key_hash("wk_w2")).unwrap());
+    assert!(!store.key_served_by("fa", &key_hash("wk_w3")).unwrap(), "w3 is not placed");
 
     // The ETag follows the content, nothing else.
     let (_, etag) = a.body_and_etag();

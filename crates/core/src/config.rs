@@ -353,6 +353,8 @@ pub struct Config {
     pub deliver: DeliverConfig,
     pub director: DirectorConfig,
     pub router: RouterConfig,
+    pub control: ControlConfig,
+    pub cell: CellConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub connections: Vec<ConnectionConfig>,
@@ -477,6 +479,122 @@ impl Default for RouterConfig {
             cache_entries: nz!(100_000),
             max_waiting_lookups: nz!(256),
         }
+    }
+}
+
+/// `[control]`: a `sluice control` process, the control plane of the cells.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Where the control plane serves its API, `/metrics` and `/healthz`.
+    #[serde(deserialize_with = "de_addr")]
+    pub listen: SocketAddr,
+    /// Bearer token of the operators' API (`/api/...` but the cells' own
+    /// calls, which use each cell's token). Required by `sluice control`.
+    pub token: Option<String>,
+    /// The global store (`--store` and `SLUICE_GLOBAL_STORE` take precedence).
+    pub store: Option<Secret>,
+    /// How often each cell's `/metrics` is read and held against its tier's thresholds.
+    #[serde(with = "humantime_serde")]
+    pub scrape_interval: Duration,
+    /// Bearer token sent when reading cells' `/metrics` (their `admin.metrics_token`).
+    pub cell_metrics_token: Option<String>,
+    /// The provisioner: a command (program and arguments) that creates a
+    /// cell. It gets a JSON request on stdin and prints the new cell's
+    /// URLs as JSON (docs/CELLS.md); empty = no automatic provisioning.
+    pub provision_command: Vec<String>,
+    /// How long a provisioning command, then the new cell's health checks, may take.
+    #[serde(with = "humantime_serde")]
+    pub provision_timeout: Duration,
+    /// Let workspaces' destinations reach private addresses
+    /// (`allow_private_network`): off, as a tenant must not reach a cell's network.
+    pub allow_private_network_destinations: bool,
+    /// Capacity thresholds per tier; crossing one marks the cell `full`.
+    pub thresholds: TierThresholds,
+}
+
+/// `[control.thresholds.<tier>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TierThresholds {
+    pub enterprise: Thresholds,
+    pub mid: Thresholds,
+    pub smb: Thresholds,
+}
+
+/// One tier's capacity thresholds (the seed's table: enterprise and SMB
+/// cells; `mid` between them).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Workspaces assigned to the cell.
+    pub workspaces: u64,
+    /// Share of the cell's cores its processes use (0–1).
+    pub cpu: f64,
+    /// How far behind the cell's consumers are, in time.
+    #[serde(with = "humantime_serde")]
+    pub consumer_lag: Duration,
+    /// Share of the JobDB server's connections in use (0–1).
+    pub db_connections: f64,
+    /// The cell's Tracking API p99 (acknowledgement latency).
+    #[serde(with = "humantime_serde")]
+    pub ingest_p99: Duration,
+}
+
+impl Default for TierThresholds {
+    fn default() -> Self {
+        let t = |workspaces, cpu, lag, db, p99| Thresholds {
+            workspaces,
+            cpu,
+            consumer_lag: Duration::from_secs(lag),
+            db_connections: db,
+            ingest_p99: Duration::from_millis(p99),
+        };
+        Self { enterprise: t(50, 0.60, 60, 0.70, 200), mid: t(500, 0.65, 180, 0.75, 350), smb: t(2000, 0.70, 300, 0.80, 500) }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8060)),
+            token: None,
+            store: None,
+            scrape_interval: Duration::from_secs(10),
+            cell_metrics_token: None,
+            provision_command: Vec::new(),
+            provision_timeout: Duration::from_secs(300),
+            allow_private_network_destinations: false,
+            thresholds: TierThresholds::default(),
+        }
+    }
+}
+
+/// `[cell]`: this Sluice is one cell of a deployment with a control plane.
+/// With `control_url` set, the workspaces the control plane places here
+/// arrive as sources, destinations and connections of origin `global`, and
+/// usage is reported to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CellConfig {
+    /// This cell's id in the global store; a request a router meant for
+    /// another cell (`X-Sluice-Cell`) is refused with `421`.
+    pub id: Option<String>,
+    /// The control plane (`http://host:port`).
+    pub control_url: Option<String>,
+    /// This cell's token for the control plane (`POST /api/cells/{id}/token` makes one).
+    pub token: Option<String>,
+    /// How often the workspaces' configuration is fetched.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often usage is counted and reported.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+}
+
+impl Default for CellConfig {
+    fn default() -> Self {
+        Self { id: None, control_url: None, token: None, poll_interval: Duration::from_secs(2), report_interval: Duration::from_secs(10) }
     }
 }
 
@@ -1005,6 +1123,9 @@ pub struct DestinationConfig {
     pub kind: String,
     /// `http://` or `https://` URL the events are POSTed to.
     pub url: String,
+    /// The workspace (tenant) the destination belongs to; absent = `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     /// HMAC key for the `X-Signature` and `X-Sluice-Signature` headers; absent = unsigned.
     #[serde(default)]
     pub secret: Option<String>,
@@ -1269,6 +1390,59 @@ impl Config {
         }
     }
 
+    /// `[control]`'s and `[cell]`'s rules.
+    fn validate_cells(&self) -> Result<(), ConfigError> {
+        let c = &self.control;
+        for (key, token) in [("control.token", &c.token), ("control.cell_metrics_token", &c.cell_metrics_token), ("cell.token", &self.cell.token)] {
+            if token.as_deref().is_some_and(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
+                return Err(invalid(key, "must be at least 16 characters, without spaces or control characters"));
+            }
+        }
+        if c.scrape_interval < Duration::from_secs(1) || c.scrape_interval > MAX_SERVER_TIMEOUT {
+            return Err(invalid("control.scrape_interval", "must be between 1s and 1 hour"));
+        }
+        if c.provision_timeout.is_zero() || c.provision_timeout > Duration::from_secs(4 * 3600) {
+            return Err(invalid("control.provision_timeout", "must be between 1s and 4 hours"));
+        }
+        if c.provision_command.first().is_some_and(|p| p.trim().is_empty()) {
+            return Err(invalid("control.provision_command", "its first element is the program to run"));
+        }
+        for (tier, t) in [("enterprise", &c.thresholds.enterprise), ("mid", &c.thresholds.mid), ("smb", &c.thresholds.smb)] {
+            let key = |k: &str| format!("control.thresholds.{tier}.{k}");
+            if t.workspaces == 0 {
+                return Err(invalid(key("workspaces"), "must be at least 1"));
+            }
+            for (k, v) in [("cpu", t.cpu), ("db_connections", t.db_connections)] {
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(invalid(key(k), "must be a share above 0 and at most 1 (0.7 = 70%)"));
+                }
+            }
+            for (k, d) in [("consumer_lag", t.consumer_lag), ("ingest_p99", t.ingest_p99)] {
+                if d.is_zero() {
+                    return Err(invalid(key(k), "must be greater than zero"));
+                }
+            }
+        }
+        let cell = &self.cell;
+        if let Some(id) = &cell.id {
+            if !valid_id(id) {
+                return Err(invalid("cell.id", format!("{id:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")));
+            }
+        }
+        if let Some(url) = &cell.control_url {
+            HttpUrl::parse(url).map_err(|e| invalid("cell.control_url", e))?;
+            if cell.id.is_none() || cell.token.is_none() {
+                return Err(invalid("cell.control_url", "needs cell.id and cell.token (the control plane knows a cell by both)"));
+            }
+        }
+        for (key, d) in [("cell.poll_interval", cell.poll_interval), ("cell.report_interval", cell.report_interval)] {
+            if d < Duration::from_millis(100) || d > MAX_SERVER_TIMEOUT {
+                return Err(invalid(key, "must be between 100ms and 1 hour"));
+            }
+        }
+        Ok(())
+    }
+
     /// `[router]`'s rules (the keys only a `sluice router` reads).
     fn validate_router(&self) -> Result<(), ConfigError> {
         let r = &self.router;
@@ -1341,6 +1515,7 @@ impl Config {
             }
         }
         self.validate_router()?;
+        self.validate_cells()?;
         let ing = &self.ingest;
         // Bounded: a request is held in memory whole (and stored events up to twice that).
         if !(1024..=64 << 20).contains(&ing.max_request_bytes) {
@@ -1835,7 +2010,7 @@ impl EnvOverride {
 }
 
 /// The config's tables an environment override can set (`SLUICE_<SECTION>__<KEY>`).
-const ENV_SECTIONS: &[&str] = &["server", "admin", "ingest", "log", "dedup", "deliver", "director", "router"];
+const ENV_SECTIONS: &[&str] = &["server", "admin", "ingest", "log", "dedup", "deliver", "director", "router", "control", "cell"];
 
 /// `SLUICE_*` variables Sluice reads itself that begin like a misspelt
 /// override (a section name, then one underscore) but are not overrides.

@@ -23,7 +23,7 @@
 //! write key `wk_bench` is re-pointed at the run's workspace: give a
 //! store of its own, never a production one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ use clap::Args;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
+use sluice_core::metrics::{parse_text, Buckets, Sample};
 
 use crate::bench::{load, machine_description, make_bodies, IngestBench, Stats, WRITE_KEY};
 use crate::bench_deliver::spawn_ready;
@@ -152,8 +153,8 @@ pub fn bench_router(args: RouterBench) -> Result<()> {
     for (path, target_us, d) in [("hit", 50.0, &o.hit), ("miss", 2000.0, &o.miss), ("new", 5000.0, &o.new)] {
         println!(
             "  {path:<5} p50 <= {:>9.1} us  p99 <= {:>9.1} us  ({} decisions; target p99 <= {target_us} us)",
-            d.quantile_us(0.5),
-            d.quantile_us(0.99),
+            quantile_us(d, 0.5),
+            quantile_us(d, 0.99),
             d.count()
         );
     }
@@ -161,9 +162,9 @@ pub fn bench_router(args: RouterBench) -> Result<()> {
         "RESULT bench=router direct_events_per_sec={direct:.0} routed_events_per_sec={routed:.0} ratio={ratio:.3} hit_ratio={:.4} \
          hit_p99_us={:.1} miss_p99_us={:.1} new_p99_us={:.1} store={}",
         o.hit_ratio,
-        o.hit.quantile_us(0.99),
-        o.miss.quantile_us(0.99),
-        o.new.quantile_us(0.99),
+        quantile_us(&o.hit, 0.99),
+        quantile_us(&o.miss, 0.99),
+        quantile_us(&o.new, 0.99),
         store_kind(&store_location)
     );
     let errors: u64 = o.direct.iter().chain(&o.routed).map(|s| s.errors).sum();
@@ -239,7 +240,7 @@ fn measure(
         let decided = |path: &str| after.decisions(path) - before.decisions(path);
         load_hits += decided("hit");
         load_decisions += ["hit", "miss", "new", "unknown", "busy"].iter().map(|p| decided(p)).sum::<u64>();
-        hit.add(&after.histogram("hit").minus(&before.histogram("hit")));
+        add(&mut hit, &after.histogram("hit").minus(&before.histogram("hit")));
     }
 
     // New workspaces: each probe key's first request places its workspace.
@@ -347,103 +348,34 @@ async fn scrape(admin: SocketAddr) -> Result<Scrape> {
 }
 
 /// The router's decision metrics, from one `/metrics` text.
-#[derive(Default)]
-struct Scrape {
-    decisions: HashMap<String, u64>,
-    /// Per path: (bucket upper bound in seconds, cumulative count).
-    buckets: HashMap<String, Vec<(f64, u64)>>,
-}
+struct Scrape(Vec<Sample>);
 
 impl Scrape {
     fn parse(text: &str) -> Scrape {
-        let mut s = Scrape::default();
-        for line in text.lines() {
-            let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(value) = value.parse::<f64>() else { continue };
-            let label = |l: &str| name_labels.split(&format!("{l}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_owned);
-            if name_labels.starts_with("sluice_router_decisions_total{") {
-                if let Some(path) = label("path") {
-                    s.decisions.insert(path, value as u64);
-                }
-            } else if name_labels.starts_with("sluice_router_decision_seconds_bucket{") {
-                if let (Some(path), Some(le)) = (label("path"), label("le")) {
-                    let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
-                    s.buckets.entry(path).or_default().push((le, value as u64));
-                }
-            }
-        }
-        for b in s.buckets.values_mut() {
-            b.sort_by(|x, y| x.0.total_cmp(&y.0));
-        }
-        s
+        Scrape(parse_text(text))
     }
 
     fn decisions(&self, path: &str) -> u64 {
-        self.decisions.get(path).copied().unwrap_or(0)
+        self.0.iter().find(|s| s.name == "sluice_router_decisions_total" && s.label("path") == Some(path)).map_or(0, |s| s.value as u64)
     }
 
     fn histogram(&self, path: &str) -> Buckets {
-        Buckets(self.buckets.get(path).cloned().unwrap_or_default())
+        Buckets::of(&self.0, "sluice_router_decision_seconds", &[("path", path)])
     }
 }
 
-/// A cumulative histogram: (upper bound in seconds, count at or below it).
-#[derive(Default, Clone)]
-struct Buckets(Vec<(f64, u64)>);
-
-impl Buckets {
-    /// The decisions between an earlier scrape and this one.
-    fn minus(&self, earlier: &Buckets) -> Buckets {
-        Buckets(self.0.iter().map(|&(le, n)| (le, n - earlier.0.iter().find(|(l, _)| *l == le).map_or(0, |(_, m)| *m))).collect())
-    }
-
-    fn add(&mut self, other: &Buckets) {
-        if self.0.is_empty() {
-            self.0 = other.0.clone();
-            return;
-        }
-        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
-            mine.1 += theirs.1;
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.0.last().map_or(0, |(_, n)| *n)
-    }
-
-    /// The upper bound (µs) of the bucket holding quantile `q`; NaN when empty.
-    fn quantile_us(&self, q: f64) -> f64 {
-        let total = self.count();
-        if total == 0 {
-            return f64::NAN;
-        }
-        let rank = (q * total as f64).ceil().max(1.0) as u64;
-        self.0.iter().find(|(_, n)| *n >= rank).map_or(f64::NAN, |(le, _)| le * 1e6)
-    }
+/// The upper bound (µs) of the bucket holding quantile `q`; NaN when empty.
+fn quantile_us(b: &Buckets, q: f64) -> f64 {
+    b.quantile(q).map_or(f64::NAN, |s| s * 1e6)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_come_from_the_bucket_that_holds_them() {
-        let text = "sluice_router_decision_seconds_bucket{path=\"hit\",le=\"0.00001\"} 90\n\
-                    sluice_router_decision_seconds_bucket{path=\"hit\",le=\"0.00002\"} 99\n\
-                    sluice_router_decision_seconds_bucket{path=\"hit\",le=\"0.00004\"} 100\n\
-                    sluice_router_decision_seconds_bucket{path=\"hit\",le=\"+Inf\"} 100\n\
-                    sluice_router_decisions_total{path=\"hit\"} 100\n";
-        let s = Scrape::parse(text);
-        assert_eq!(s.decisions("hit"), 100);
-        let h = s.histogram("hit");
-        assert_eq!(h.count(), 100);
-        assert!((h.quantile_us(0.5) - 10.0).abs() < 1e-6);
-        assert!((h.quantile_us(0.99) - 20.0).abs() < 1e-6);
-        assert!((h.quantile_us(1.0) - 40.0).abs() < 1e-6);
-        let earlier = Scrape::parse(&text.replace("} 90", "} 0").replace("} 99", "} 9").replace("} 100", "} 10"));
-        let d = h.minus(&earlier.histogram("hit"));
-        assert_eq!(d.count(), 90);
-        assert!((d.quantile_us(0.99) - 20.0).abs() < 1e-6);
-        assert!(Scrape::parse("").histogram("miss").quantile_us(0.99).is_nan());
+/// `a` + `b`, bucket by bucket (the same histogram scraped in two windows).
+fn add(a: &mut Buckets, b: &Buckets) {
+    if a.0.is_empty() {
+        *a = b.clone();
+        return;
+    }
+    for (mine, theirs) in a.0.iter_mut().zip(&b.0) {
+        mine.1 += theirs.1;
     }
 }
