@@ -27,6 +27,11 @@ use crate::schema::PREFIX;
 use crate::store::key_hash;
 use crate::{CellsError, GlobalStore};
 
+/// A random secret: `<prefix>_` and 48 hex digits (a write key, a cell token).
+pub fn new_token(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 24]>()))
+}
+
 /// What one cell must know of the workspaces it serves.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CellFeed {
@@ -134,6 +139,18 @@ impl GlobalStore {
         .ok_or_else(|| CellsError::Invalid { what: "connection", why: format!("workspace {workspace:?} has no destination {destination:?}") })
     }
 
+    /// Remove `source` of `workspace`: its write key (refused from then on)
+    /// and its connections; false when the workspace has no such source.
+    pub fn remove_source(&self, workspace: &str, source: &str) -> Result<bool, CellsError> {
+        let conns = self.q("DELETE FROM {p}connections WHERE workspace = ? AND source = ?");
+        let key = self.q("DELETE FROM {p}write_keys WHERE workspace = ? AND source = ?");
+        Ok(self.write("removing a source", |c| {
+            c.execute(&conns, &[Arg::Text(workspace), Arg::Text(source)])?;
+            let n = c.execute(&key, &[Arg::Text(workspace), Arg::Text(source)])?;
+            self.bump(c, n)
+        })? == 1)
+    }
+
     /// Disconnect `source` from `destination`; false when they were not connected.
     pub fn delete_connection(&self, workspace: &str, source: &str, destination: &str) -> Result<bool, CellsError> {
         let sql = self.q("DELETE FROM {p}connections WHERE workspace = ? AND source = ? AND destination = ?");
@@ -211,12 +228,18 @@ impl GlobalStore {
         if self.cell(cell)?.is_none() {
             return Err(CellsError::NoCell(cell.to_owned()));
         }
-        let token = format!("ct_{}", hex::encode(rand::random::<[u8; 24]>()));
-        let hash = key_hash(&token);
+        let token = new_token("ct");
+        self.set_cell_token(cell, &token)?;
+        Ok(token)
+    }
+
+    /// Make `token` `cell`'s (replacing any before); kept as its SHA-256.
+    pub fn set_cell_token(&self, cell: &str, token: &str) -> Result<(), CellsError> {
+        let hash = key_hash(token);
         let sql = self.q(&self.dialect().upsert(&format!("{PREFIX}cell_tokens"), &["cell", "token_hash", "created_at"], &["cell"]));
         let now = now_ms();
         self.write("writing a cell token", |c| c.execute(&sql, &[Arg::Text(cell), Arg::Bytes(&hash), Arg::Int(now)]))?;
-        Ok(token)
+        Ok(())
     }
 
     /// Whether `token` is `cell`'s (compared as SHA-256 digests by the database).

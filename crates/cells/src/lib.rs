@@ -26,11 +26,13 @@
 
 pub mod feed;
 pub mod placement;
+pub mod pool;
 mod schema;
 pub mod store;
 
 pub use feed::{CellFeed, FeedConnection, FeedDestination, WorkspaceConfig};
 pub use placement::{Cell, CellState, Placement, Tier, Workspace};
+pub use pool::{PoolError, StorePool};
 pub use store::{GlobalStore, KeyRoute, UsageRow};
 
 /// What the global store fails with.

@@ -44,6 +44,8 @@ const CATCH_UP_BATCH: usize = 2_000;
 pub struct DedupMetrics {
     pub messages_in: Counter,
     pub duplicates_dropped: Counter,
+    /// The same, per source (the key's part before '/'): a cell's metering.
+    pub duplicates_by_source: Family<Labels, Counter>,
     pub published: Counter,
     pub index_keys: Family<Labels, Gauge>,
     pub bloom_useful: Family<Labels, Gauge>,
@@ -71,6 +73,7 @@ impl Default for DedupMetrics {
         Self {
             messages_in: Counter::default(),
             duplicates_dropped: Counter::default(),
+            duplicates_by_source: Family::default(),
             published: Counter::default(),
             index_keys: Family::default(),
             bloom_useful: Family::default(),
@@ -92,6 +95,7 @@ impl DedupMetrics {
         let r = registry.sub_registry_with_prefix("sluice_dedup");
         r.register("messages_in", "Messages read from input", self.messages_in.clone());
         r.register("duplicates_dropped", "Messages dropped as repeats within the window", self.duplicates_dropped.clone());
+        r.register("source_duplicates_dropped", "Messages dropped as repeats within the window, per source", self.duplicates_by_source.clone());
         r.register("published", "New messages published to output", self.published.clone());
         r.register("index_keys", "Estimated ids in the index, per partition", self.index_keys.clone());
         r.register("rocksdb_bloom_useful", "RocksDB ticker: lookups the bloom filter answered", self.bloom_useful.clone());
@@ -465,6 +469,18 @@ impl DedupWorker {
         let fresh: Vec<&StoredRecord> =
             index.select_new(&keys, now)?.into_iter().map(|i| &records[i]).filter(|r| !unconfirmed.is_some_and(|u| u.contains(&r.key))).collect();
         self.metrics.duplicates_dropped.inc_by((records.len() - fresh.len()) as u64);
+        if fresh.len() < records.len() {
+            // Repeats are rare: counting them per source costs a set of the kept offsets, only then.
+            let kept: std::collections::HashSet<u64> = fresh.iter().map(|r| r.offset).collect();
+            let mut by_source: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+            for r in records.iter().filter(|r| !kept.contains(&r.offset)) {
+                let source = r.key.split(|b| *b == b'/').next().unwrap_or_default();
+                *by_source.entry(source).or_default() += 1;
+            }
+            for (source, n) in by_source {
+                self.metrics.duplicates_by_source.get_or_create(&vec![("source", String::from_utf8_lossy(source).into_owned())]).inc_by(n);
+            }
+        }
         if tracing::enabled!(tracing::Level::DEBUG) && fresh.len() < records.len() {
             // Which ids were dropped, for tracing an event that went missing.
             let kept: std::collections::HashSet<u64> = fresh.iter().map(|r| r.offset).collect();

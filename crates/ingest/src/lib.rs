@@ -68,6 +68,8 @@ pub struct IngestSettings {
     pub max_event_bytes: usize,
     pub max_batch_events: usize,
     pub body_read_timeout: Duration,
+    /// `cell.id`: a request a router meant for another cell (`X-Sluice-Cell`) gets `421`.
+    pub cell: Option<String>,
 }
 
 impl IngestSettings {
@@ -85,6 +87,7 @@ impl IngestSettings {
             max_event_bytes: c.ingest.max_event_bytes,
             max_batch_events: c.ingest.max_batch_events.get(),
             body_read_timeout: c.server.body_read_timeout,
+            cell: c.cell.id.clone(),
         }
     }
 }
@@ -143,6 +146,16 @@ impl IngestMetrics {
     }
 }
 
+/// Asked about a write key ingest does not know before the request is
+/// refused: a cell whose control plane may have placed the key's workspace
+/// here a moment ago (the router forwards its first request at once).
+#[async_trait::async_trait]
+pub trait KeyResolver: Send + Sync {
+    /// True when the sources may now hold `key` (ingest looks again).
+    /// Bounded in time; a key asked about recently may be answered from memory.
+    async fn resolve(&self, key: &str) -> bool;
+}
+
 /// Everything a request handler needs.
 pub struct Ingest {
     log: Arc<dyn Log>,
@@ -153,6 +166,7 @@ pub struct Ingest {
     /// Bodies over [`PARSE_INLINE_MAX_BYTES`] parsed at once: half the cores.
     large_bodies: tokio::sync::Semaphore,
     pub metrics: IngestMetrics,
+    resolver: std::sync::OnceLock<Arc<dyn KeyResolver>>,
 }
 
 impl Ingest {
@@ -160,7 +174,15 @@ impl Ingest {
         let partitions = log.partitions(INPUT_TOPIC)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let large_bodies = tokio::sync::Semaphore::new((cores / 2).max(1));
-        let ingest = Self { log, partitions, settings, sources: RwLock::new(Sources::default()), large_bodies, metrics: IngestMetrics::default() };
+        let ingest = Self {
+            log,
+            partitions,
+            settings,
+            sources: RwLock::new(Sources::default()),
+            large_bodies,
+            metrics: IngestMetrics::default(),
+            resolver: std::sync::OnceLock::new(),
+        };
         ingest.set_sources(sources, default_rate_limit);
         Ok(ingest)
     }
@@ -187,6 +209,22 @@ impl Ingest {
             .collect();
         let hashed = map.keys().any(|k| is_hashed_write_key(k));
         *current = Sources { by_key: map, hashed };
+    }
+
+    /// Ask `resolver` about unknown write keys before refusing them (once; later calls change nothing).
+    pub fn set_key_resolver(&self, resolver: Arc<dyn KeyResolver>) {
+        let _ = self.resolver.set(resolver);
+    }
+
+    /// The source `write_key` names, asking the resolver (if any) when it is unknown.
+    async fn source_or_resolve(&self, write_key: &str) -> Option<Arc<Source>> {
+        if let Some(s) = self.source(write_key) {
+            return Some(s);
+        }
+        match self.resolver.get() {
+            Some(r) if !write_key.contains(':') && r.resolve(write_key).await => self.source(write_key),
+            _ => None,
+        }
     }
 
     /// The source `write_key` names: the key itself, else (when some source
@@ -252,6 +290,17 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
         return not_found(None).into_response();
     };
     let started = Instant::now();
+    if let Some(cell) = &ingest.settings.cell {
+        if let Some(meant) = headers.get("x-sluice-cell").filter(|v| v.as_bytes() != cell.as_bytes()) {
+            // A router's mapping names another cell: accepting would put the workspace's events
+            // in two cells (deduplication is per cell). The router answers the client 503 and retries.
+            tracing::warn!(this_cell = %cell, meant = %String::from_utf8_lossy(meant.as_bytes()), "a request meant for another cell; refused with 421");
+            let resp = ApiError::new(StatusCode::MISDIRECTED_REQUEST, "wrong_cell", format!("this is cell {cell:?}, not the one the router meant"))
+                .into_response();
+            ingest.metrics.requests.get_or_create(&vec![("call", "unknown".to_owned()), ("status", "421".to_owned())]).inc();
+            return resp;
+        }
+    }
     // Only known calls become label values: a client must not be able to
     // create metric series at will.
     let parsed = call_for_path(&call);
@@ -284,10 +333,14 @@ enum Auth {
     Header(Option<Arc<Source>>),
     /// Not in a header: `writeKey` in the body, if any.
     Body,
+    /// The body's key, looked up again after the resolver was asked (`None`: still unknown).
+    Resolved(Option<Arc<Source>>),
 }
 
 /// What a request turned into, before the log appends.
 enum Prepared {
+    /// The body names a key ingest does not know and a resolver may: ask it, then prepare again.
+    Unresolved(String),
     /// Unknown write key under `accept_and_drop`: answer 200, store nothing.
     Dropped,
     Records {
@@ -295,6 +348,23 @@ enum Prepared {
         by_partition: HashMap<u32, Vec<Record>>,
         accepted: usize,
     },
+}
+
+/// Parse and normalize `raw` (inline, or on the blocking pool when large or
+/// compressed). `unresolved`: a body key ingest does not know comes back as
+/// [`Prepared::Unresolved`] instead of being refused.
+async fn prepare_body(ingest: &Arc<Ingest>, call: Call, auth: Auth, raw: Bytes, encoding: Encoding, unresolved: bool) -> Result<Prepared, ApiError> {
+    if raw.len() > PARSE_INLINE_MAX_BYTES || encoding == Encoding::Gzip {
+        // Large or compressed bodies queue for a bounded number of blocking
+        // threads: a flood of them takes at most those cores, never every one.
+        let _permit = ingest.large_bodies.acquire().await.map_err(|_| internal_error())?;
+        let ingest = ingest.clone();
+        tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &decode_body(&ingest.settings, encoding, raw)?, unresolved)))
+            .await
+            .unwrap_or_else(|_| Err(internal_error()))
+    } else {
+        guarded(|| prepare(ingest, call, auth, &raw, unresolved))
+    }
 }
 
 fn internal_error() -> ApiError {
@@ -315,7 +385,7 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     // With the key in a header, authenticate before any JSON work: an
     // unknown key costs reading (and discarding) a bounded body, no parse.
     let auth = match basic_auth_key(headers) {
-        Some(key) => Auth::Header(ingest.source(&key)),
+        Some(key) => Auth::Header(ingest.source_or_resolve(&key).await),
         None => Auth::Body,
     };
     if matches!(auth, Auth::Header(None)) && settings.unknown_write_key == UnknownWriteKey::Reject {
@@ -325,17 +395,13 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     let encoding = encoding(headers);
     let raw = collect_body(settings, headers, body).await?.ok_or_else(|| too_large(settings))?;
     let encoding = encoding?;
-    let prepared = if raw.len() > PARSE_INLINE_MAX_BYTES || encoding == Encoding::Gzip {
-        // Large or compressed bodies queue for a bounded number of blocking
-        // threads: a flood of them takes at most those cores, never every one.
-        let _permit = ingest.large_bodies.acquire().await.map_err(|_| internal_error())?;
-        let ingest = ingest.clone();
-        tokio::task::spawn_blocking(move || guarded(|| prepare(&ingest, call, auth, &decode_body(&ingest.settings, encoding, raw)?)))
-            .await
-            .unwrap_or_else(|_| Err(internal_error()))?
-    } else {
-        guarded(|| prepare(ingest, call, auth, &raw))?
-    };
+    let body_key = matches!(auth, Auth::Body);
+    let mut prepared = prepare_body(ingest, call, auth, raw.clone(), encoding, body_key && ingest.resolver.get().is_some()).await?;
+    if let Prepared::Unresolved(key) = &prepared {
+        // A body's key ingest does not know: asked about, then the body is read again.
+        let found = ingest.source_or_resolve(key).await;
+        prepared = prepare_body(ingest, call, Auth::Resolved(found), raw, encoding, false).await?;
+    }
     let Prepared::Records { source, by_partition, accepted } = prepared else { return Ok(()) };
     let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
     for result in futures_util::future::join_all(appends).await {
@@ -404,7 +470,7 @@ mod append_errors {
 
 /// Parse, authenticate (body key), rate-limit and normalize a request into
 /// records by partition. Synchronous and linear in the body's size.
-fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prepared, ApiError> {
+fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8], unresolved: bool) -> Result<Prepared, ApiError> {
     let settings = &ingest.settings;
     let text = std::str::from_utf8(bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
     let invalid_json = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("body is not a JSON object: {e}"));
@@ -428,9 +494,12 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8]) -> Result<Prep
 
     // Authenticate before looking at events.
     let (source, key_present) = match auth {
-        Auth::Header(found) => (found, true),
+        Auth::Header(found) | Auth::Resolved(found) => (found, true),
         Auth::Body => match body.get_str("writeKey") {
-            Some(key) => (ingest.source(&key), true),
+            Some(key) => match ingest.source(&key) {
+                None if unresolved => return Ok(Prepared::Unresolved(key.into_owned())),
+                found => (found, true),
+            },
             None => (None, false),
         },
     };

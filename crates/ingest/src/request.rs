@@ -59,6 +59,10 @@ impl ApiError {
         self
     }
 
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }

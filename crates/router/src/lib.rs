@@ -41,7 +41,7 @@ use axum::Router;
 use bytes::Bytes;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use sluice_cells::store::key_hash;
-use sluice_cells::{CellsError, GlobalStore};
+use sluice_cells::{CellsError, GlobalStore, PoolError, StorePool};
 use sluice_core::config::UnknownWriteKey;
 use sluice_core::metrics::{Counter, Family, Gauge, Histogram, Registry};
 use sluice_core::Shutdown;
@@ -171,9 +171,7 @@ struct Cache {
 pub struct CellRouter {
     /// Connections to the store for lookups, taken one per lookup: one slow
     /// placement holds one of them, not every lookup (red team).
-    stores: std::sync::Mutex<Vec<GlobalStore>>,
-    /// Counts the idle entries of `stores`.
-    idle_stores: tokio::sync::Semaphore,
+    stores: StorePool,
     /// The mapping version is read on a connection of its own: lookups
     /// queued on the other (a flood of unknown keys) cannot delay it.
     version_store: Arc<GlobalStore>,
@@ -210,8 +208,7 @@ impl CellRouter {
             .map_err(|e| CellsError::Invalid { what: "HTTP client", why: e.to_string() })?;
         let version = version_store.mapping_version()?;
         Ok(Arc::new(CellRouter {
-            idle_stores: tokio::sync::Semaphore::new(stores.len()),
-            stores: std::sync::Mutex::new(stores),
+            stores: StorePool::new(stores),
             decodes: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
             version_store: Arc::new(version_store),
             lookups: tokio::sync::Semaphore::new(settings.max_waiting_lookups),
@@ -284,25 +281,11 @@ impl CellRouter {
             self.decided("busy", started);
             return Err(unavailable("routing is busy; retry", 1));
         };
-        let idle = self.idle_stores.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
-        let store = self.stores.lock().expect("stores lock").pop().expect("an idle store per permit");
         let (key, retry_after) = (key.to_owned(), self.settings.retry_after);
-        let looked_up = tokio::task::spawn_blocking(move || {
-            let found = lookup(&store, &key, retry_after);
-            (store, found)
-        })
-        .await;
-        let (route, path) = match looked_up {
-            Ok((store, found)) => {
-                self.stores.lock().expect("stores lock").push(store);
-                drop(idle);
-                found?
-            }
-            Err(_) => {
-                // The store handle went with the failed task: the pool has one less, and so do the permits.
-                idle.forget();
-                return Err(unavailable("the routing lookup failed", self.settings.retry_after));
-            }
+        let (route, path) = match self.stores.run(move |store| lookup(store, &key, retry_after)).await {
+            Ok(found) => found?,
+            Err(PoolError::Closed) => return Err(unavailable("the router is stopping", 1)),
+            Err(PoolError::Panicked) => return Err(unavailable("the routing lookup failed", self.settings.retry_after)),
         };
         {
             let mut cache = self.cache.write().expect("cache lock");

@@ -308,6 +308,17 @@ impl ControlDb {
         self.tables.set_source_disabled(id, disabled)
     }
 
+    /// Replace the rows a control plane handed this cell (origin `global`);
+    /// the rows skipped because the config or the API holds their id, named.
+    pub fn replace_global(
+        &self,
+        sources: &[SourceConfig],
+        destinations: &[DestinationConfig],
+        connections: &[(String, String)],
+    ) -> Result<Vec<String>, DeliverError> {
+        self.tables.replace_global(sources, destinations, connections)
+    }
+
     /// Create or replace a destination (and its QoS row if new).
     pub fn put_destination(&self, d: &DestinationConfig) -> Result<(), DeliverError> {
         self.tables.put_destination(d)

@@ -303,6 +303,56 @@ impl Tables {
         Ok(())
     }
 
+    /// Replace the rows of origin `global` (the workspaces a control plane
+    /// hands this cell) by `sources`, `destinations` and `connections`, in
+    /// one transaction under the control write lock. A row whose id the
+    /// config or the admin API holds already is skipped (theirs stays) and
+    /// named in the answer; so is a connection whose ends are not there.
+    pub(super) fn replace_global(
+        &self,
+        sources: &[SourceConfig],
+        destinations: &[DestinationConfig],
+        connections: &[(String, String)],
+    ) -> Result<Vec<String>, DeliverError> {
+        self.locked("applying the control plane's configuration", |c| {
+            for t in ["connections", "sources", "destinations"] {
+                c.execute(&self.q(&format!("DELETE FROM {{p}}{t} WHERE origin = 'global'")), &[])?;
+            }
+            let insert_source = self.insert_missing("sources", "id, config, origin", "?, ?, 'global'", "id");
+            let insert_destination = self.insert_missing("destinations", "id, config, origin", "?, ?, 'global'", "id");
+            let insert_qos = self.insert_missing("destination_qos", "destination", "?", "destination");
+            let insert_connection = self.insert_missing("connections", "source, destination, origin", "?, ?, 'global'", "source, destination");
+            let mut skipped = Vec::new();
+            let mut sources_here = HashSet::new();
+            for src in sources {
+                let json = serde_json::to_string(src).expect("a source serializes");
+                if c.execute(&insert_source, &[Arg::Text(&src.id), Arg::Text(&json)])? == 1 {
+                    sources_here.insert(src.id.as_str());
+                } else {
+                    skipped.push(format!("source {:?} (its id is taken here)", src.id));
+                }
+            }
+            let mut destinations_here = HashSet::new();
+            for d in destinations {
+                let json = serde_json::to_string(d).expect("a destination serializes");
+                if c.execute(&insert_destination, &[Arg::Text(&d.id), Arg::Text(&json)])? == 1 {
+                    destinations_here.insert(d.id.as_str());
+                    c.execute(&insert_qos, &[Arg::Text(&d.id)])?;
+                } else {
+                    skipped.push(format!("destination {:?} (its id is taken here)", d.id));
+                }
+            }
+            for (s, d) in connections {
+                if sources_here.contains(s.as_str()) && destinations_here.contains(d.as_str()) {
+                    c.execute(&insert_connection, &[Arg::Text(s), Arg::Text(d)])?;
+                } else {
+                    skipped.push(format!("connection {s:?} → {d:?} (an end was skipped)"));
+                }
+            }
+            Ok(skipped)
+        })
+    }
+
     /// The current sources, destinations, connections and QoS.
     pub(super) fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
         let sources_sql = self.q("SELECT id, config, disabled FROM {p}sources ORDER BY id");
