@@ -166,9 +166,10 @@ pub async fn round(cp: &Arc<ControlPlane>) -> Result<(), sluice_ingest::request:
     }
     let tiers: HashSet<Tier> = cells.iter().filter(|c| c.state != CellState::Retired).map(|c| c.tier).collect();
     for tier in tiers {
-        let roomy = cells.iter().filter(|c| c.tier == tier).any(|c| {
-            c.state == CellState::Active && loads.get(&c.id).is_some_and(|l| !l.metrics.is_empty() && l.over(ROOM).0 < ROOM)
-        });
+        let roomy = cells
+            .iter()
+            .filter(|c| c.tier == tier)
+            .any(|c| c.state == CellState::Active && loads.get(&c.id).is_some_and(|l| !l.metrics.is_empty() && l.over(ROOM).0 < ROOM));
         let provisioning = cells.iter().any(|c| c.tier == tier && c.state == CellState::Provisioning);
         if roomy || provisioning {
             continue;
@@ -323,16 +324,23 @@ pub async fn provision(cp: &Arc<ControlPlane>, tier: Tier) -> Result<(), String>
         let status = child.wait().await;
         (status, o, e)
     };
-    let (status, stdout, stderr) =
-        tokio::time::timeout_at(deadline.into(), read).await.map_err(|_| format!("the provisioner took longer than {:?}", cp.settings.provision_timeout))?;
+    let (status, stdout, stderr) = tokio::time::timeout_at(deadline.into(), read)
+        .await
+        .map_err(|_| format!("the provisioner took longer than {:?}", cp.settings.provision_timeout))?;
     let status = status.map_err(|e| format!("the provisioner: {e}"))?;
     if !status.success() {
         return Err(format!("the provisioner failed ({status}): {}", String::from_utf8_lossy(&stderr).trim().chars().take(500).collect::<String>()));
     }
-    let answer: Provisioned = serde_json::from_slice(&stdout)
-        .map_err(|e| format!("the provisioner's output is not {{\"ingest_url\", \"admin_url\"}} JSON: {e}: {}", String::from_utf8_lossy(&stdout).chars().take(200).collect::<String>()))?;
+    let answer: Provisioned = serde_json::from_slice(&stdout).map_err(|e| {
+        format!(
+            "the provisioner's output is not {{\"ingest_url\", \"admin_url\"}} JSON: {e}: {}",
+            String::from_utf8_lossy(&stdout).chars().take(200).collect::<String>()
+        )
+    })?;
     let url = |u: &str, what: &str| {
-        sluice_core::config::HttpUrl::parse(u).map(|u| u.as_str().trim_end_matches('/').to_owned()).map_err(|e| format!("the provisioner's {what}: {e}"))
+        sluice_core::config::HttpUrl::parse(u)
+            .map(|u| u.as_str().trim_end_matches('/').to_owned())
+            .map_err(|e| format!("the provisioner's {what}: {e}"))
     };
     let cell = Cell {
         id: id.clone(),

@@ -22,6 +22,7 @@
 //! - Every call to the store runs on a blocking thread through a small
 //!   pool ([`StorePool`]); no handler blocks the async workers.
 
+pub mod agent;
 pub mod capacity;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -207,7 +208,8 @@ pub fn app(cp: Shared, registry: Arc<Registry>) -> Router {
             "/metrics",
             get(move |h: HeaderMap| async move {
                 if !sluice_ingest::tokens::metrics_allowed(&h, metrics_token.as_deref(), Some(&token)) {
-                    return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.metrics_token>").into_response();
+                    return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <admin.metrics_token>")
+                        .into_response();
                 }
                 ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], sluice_core::metrics::render(&registry))
                     .into_response()

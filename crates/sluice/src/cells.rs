@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::io::Read as _;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
@@ -99,6 +101,194 @@ pub async fn router(args: RouterArgs) -> Result<()> {
         r.abort();
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// The global store (default: `control.store` of the config).
+    #[arg(long, env = "SLUICE_GLOBAL_STORE")]
+    store: Option<String>,
+    /// Where the control plane serves (default: `control.listen`).
+    #[arg(long, value_parser = crate::listen_flag)]
+    listen: Option<SocketAddr>,
+    /// `[control]` (token, thresholds, provisioner) and `admin.metrics_token` come from this config.
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+/// Connections the control plane's calls share.
+const CONTROL_STORE_CONNECTIONS: usize = 4;
+
+/// `sluice control`: serve until a signal.
+pub async fn control(args: ControlArgs) -> Result<()> {
+    let config = sluice_core::Config::load(args.config.config.as_deref())?;
+    let c = &config.control;
+    let Some(token) = c.token.clone() else {
+        bail!("control.token is not set: the control plane's API needs one (e.g. SLUICE_CONTROL__TOKEN=$(openssl rand -hex 24))");
+    };
+    let Some(location) = args.store.or_else(|| c.store.as_ref().map(|s| s.expose().to_owned())) else {
+        bail!("no global store: give --store, SLUICE_GLOBAL_STORE or control.store");
+    };
+    let shown = sluice_sql::redact(&location);
+    let stores =
+        tokio::task::spawn_blocking(move || (0..CONTROL_STORE_CONNECTIONS).map(|_| GlobalStore::open(&location)).collect::<Result<Vec<_>, _>>())
+            .await?
+            .with_context(|| format!("cannot open the global store {shown}"))?;
+    let listen = args.listen.unwrap_or(c.listen);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen} (--listen or control.listen)"))?;
+    let addr = listener.local_addr()?;
+    let settings = sluice_control::ControlSettings {
+        token,
+        metrics_token: config.admin.metrics_token.clone(),
+        cell_metrics_token: c.cell_metrics_token.clone(),
+        scrape_every: c.scrape_interval,
+        provision_command: c.provision_command.clone(),
+        provision_timeout: c.provision_timeout,
+        allow_private_network: c.allow_private_network_destinations,
+        thresholds: c.thresholds.clone(),
+        public_url: format!("http://{addr}"),
+    };
+    let cp = sluice_control::ControlPlane::new(stores, settings).context("cannot start the control plane")?;
+    let mut registry = sluice_core::metrics::Registry::default();
+    cp.metrics.register(&mut registry);
+    let stop = Shutdown::new();
+    let capacity = sluice_control::capacity::spawn(cp.clone(), stop.clone());
+    tracing::info!(
+        listen = %addr,
+        store = %shown,
+        provisioner = if c.provision_command.is_empty() { "none".to_owned() } else { c.provision_command.join(" ") },
+        "Sluice is ready (control): the API is at http://{addr}/api"
+    );
+    let shutdown = crate::shutdown_signal()?;
+    let server_stop = stop.clone();
+    let server = tokio::spawn(serve(
+        listener,
+        sluice_control::app(cp, Arc::new(registry)),
+        ServeOptions { same_origin: true, ..ServeOptions::from_config(&config.server) },
+        async move { server_stop.wait().await },
+    ));
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.trigger();
+    let _ = server.await;
+    let _ = capacity.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long)]
+    workspace: String,
+    /// From this long ago (e.g. 24h, 7d) or this time (RFC 3339, unix seconds).
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// Up to this time (RFC 3339, unix seconds; default: now).
+    #[arg(long)]
+    until: Option<String>,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `sluice usage`.
+pub fn usage(args: UsageArgs) -> Result<()> {
+    let now = sluice_core::clock::now_ms() / 1000;
+    let since = match humantime::parse_duration(&args.since) {
+        Ok(d) => now - d.as_secs() as i64,
+        Err(_) => sluice_control::parse_time(&args.since).map_err(|e| anyhow::anyhow!("--since {e}"))?,
+    };
+    let until = args.until.as_deref().map(sluice_control::parse_time).transpose().map_err(|e| anyhow::anyhow!("--until {e}"))?.unwrap_or(now + 1);
+    let from = since - since.rem_euclid(3600);
+    let rows = open(&args.store)?.usage(&args.workspace, from, until)?;
+    let out = sluice_control::usage_json(&args.workspace, from, until, &rows);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("workspace {} from {} to {}", args.workspace, hour_text(from), hour_text(until));
+    if rows.is_empty() {
+        println!("(no usage reported)");
+    }
+    for (metric, total) in out["totals"].as_object().into_iter().flatten() {
+        println!("  {metric:<40} {total}");
+    }
+    Ok(())
+}
+
+fn hour_text(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0).map_or_else(|| unix.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+#[derive(Args)]
+pub struct ProvisionLocalArgs {
+    /// Where the new cell's config, data and log go (a folder per cell).
+    #[arg(long)]
+    dir: std::path::PathBuf,
+}
+
+/// `sluice provision-local`: the bundled provisioner (docs/CELLS.md). Reads
+/// `{"cell", "tier", "control_url", "cell_token"}` on stdin, starts a
+/// `sluice serve` cell on this machine (free local ports, data under
+/// `--dir`), and prints `{"ingest_url", "admin_url"}`. The cell runs on
+/// after this command ends; its pid is in `<dir>/<cell>/sluice.pid`.
+pub fn provision_local(args: ProvisionLocalArgs) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        cell: String,
+        control_url: String,
+        cell_token: String,
+    }
+    let mut input = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().take(64 * 1024), &mut input)?;
+    let req: Request = serde_json::from_str(input.trim()).context("stdin: the provisioning request ({\"cell\", \"control_url\", \"cell_token\"})")?;
+    if !sluice_core::config::valid_id(&req.cell) {
+        bail!("cell id {:?}: 1-64 of A-Z a-z 0-9 _ -", req.cell);
+    }
+    let free_port = || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let (ingest_port, admin_port) = (free_port()?, free_port()?);
+    let dir = args.dir.join(&req.cell);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let toml_str = |s: &str| serde_json::to_string(s).expect("a string");
+    let config = format!(
+        "# Written by `sluice provision-local` for cell {cell}.\n\
+         [server]\nlisten = \"127.0.0.1:{ingest_port}\"\ndata_dir = {data}\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+         [cell]\nid = {cell_q}\ncontrol_url = {url}\ntoken = {token}\n",
+        cell = req.cell,
+        data = toml_str(&dir.join("data").display().to_string()),
+        cell_q = toml_str(&req.cell),
+        url = toml_str(&req.control_url),
+        token = toml_str(&req.cell_token),
+    );
+    let config_path = dir.join("sluice.toml");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&config_path)?;
+        std::io::Write::write_all(&mut f, config.as_bytes())?;
+    }
+    let log = std::fs::File::create(dir.join("sluice.log"))?;
+    let child = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: it outlives this command and the control plane's signals.
+            .process_group(0)
+            .spawn()
+            .context("cannot start sluice serve")?
+    };
+    std::fs::write(dir.join("sluice.pid"), format!("{}\n", child.id()))?;
+    println!(
+        "{}",
+        serde_json::json!({ "ingest_url": format!("http://127.0.0.1:{ingest_port}"), "admin_url": format!("http://127.0.0.1:{admin_port}") })
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod bench_dedup;
 mod bench_deliver;
 mod bench_hostile;
 mod bench_router;
+mod cell;
 mod cells;
 mod dead_letters;
 mod dedup;
@@ -15,10 +16,11 @@ mod deliver;
 mod otel;
 mod sink;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -90,6 +92,12 @@ enum Command {
     /// The cells' global store: cells, workspaces, write keys, overrides, placement.
     #[command(subcommand)]
     Cells(cells::CellsCommand),
+    /// The control plane of the cells: registry, workspaces' configuration, capacity, provisioning, usage.
+    Control(cells::ControlArgs),
+    /// A workspace's usage (events accepted, duplicates, deliveries) per hour, from the global store.
+    Usage(cells::UsageArgs),
+    /// The bundled local provisioner: starts a `sluice serve` cell on this machine (see docs/CELLS.md).
+    ProvisionLocal(cells::ProvisionLocalArgs),
 }
 
 #[derive(Args)]
@@ -210,6 +218,9 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Router(args) => runtime()?.block_on(cells::router(args)),
         Command::Cells(cmd) => cells::run(cmd),
+        Command::Control(args) => runtime()?.block_on(cells::control(args)),
+        Command::Usage(args) => cells::usage(args),
+        Command::ProvisionLocal(args) => cells::provision_local(args),
     }
 }
 
@@ -235,6 +246,7 @@ impl Command {
             | Command::Route(_)
             | Command::Director(_)
             | Command::Router(_)
+            | Command::Control(_)
             | Command::Dedup(DedupArgs { tool: None, .. }) => Kind::Server,
             Command::Sink(_) | Command::Bench(_) => Kind::NetworkTool,
             Command::Log(_)
@@ -243,7 +255,9 @@ impl Command {
             | Command::Jobs(_)
             | Command::Replay(_)
             | Command::DeadLetters(_)
-            | Command::Cells(_) => Kind::Tool,
+            | Command::Cells(_)
+            | Command::Usage(_)
+            | Command::ProvisionLocal(_) => Kind::Tool,
         }
     }
 }
@@ -438,6 +452,8 @@ struct Started {
     scope_claim: Option<deliver::ScopeClaim>,
     /// The watch that keeps the claim (`deliver::watch_scope`); stopped last.
     scope_watch: Option<tokio::task::JoinHandle<()>>,
+    /// This process's link to the control plane (`[cell]`); stopped after delivery.
+    cell: Option<cell::CellLink>,
     /// An error that stops the process (a task found it cannot go on).
     fatal: tokio::sync::mpsc::UnboundedSender<anyhow::Error>,
     fatal_rx: Option<tokio::sync::mpsc::UnboundedReceiver<anyhow::Error>>,
@@ -460,6 +476,7 @@ impl Default for Started {
             servers_stop: Shutdown::new(),
             scope_claim: None,
             scope_watch: None,
+            cell: None,
             fatal,
             fatal_rx: Some(fatal_rx),
         }
@@ -494,6 +511,9 @@ impl Started {
         .await;
         if let Some(d) = self.delivery {
             d.stop().await;
+        }
+        if let Some(c) = self.cell {
+            c.stop().await;
         }
         // The scope lock goes after the JobDBs are closed.
         if let Some(w) = self.scope_watch {
@@ -571,6 +591,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     }
 
     st.tasks.push(spawn_lag_monitor(log.clone(), config, roles, &mut registry));
+    st.tasks.push(cell::spawn_process_metrics(&mut registry));
 
     // With Kafka, ingest keeps acknowledging into an on-disk spool while
     // Kafka is slow or down (the embedded log is local disk already).
@@ -651,6 +672,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     // Sources come from the control database (seeded from the config, changed by the admin API).
     sluice_admin::apply_sources(&admin_state);
     st.tasks.push(sluice_admin::spawn_catalog_refresher(admin_state.clone()));
+    st.cell = cell::start(config, &admin_state)?;
     if let (Some(l), Some(i)) = (listener, &st.ingest) {
         st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));
     }
@@ -706,6 +728,13 @@ fn server_tls(link: &str, cert: &Option<PathBuf>, key: &Option<PathBuf>) -> Resu
 fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, roles: Roles, registry: &mut Registry) -> tokio::task::JoinHandle<()> {
     let lag: sluice_core::metrics::Family<Vec<(&'static str, String)>, sluice_core::metrics::Gauge> = Default::default();
     registry.register("sluice_consumer_lag", "Records not yet consumed, per group, topic and partition", lag.clone());
+    let lag_seconds: sluice_core::metrics::Family<Vec<(&'static str, String)>, sluice_core::metrics::Gauge<f64, std::sync::atomic::AtomicU64>> =
+        Default::default();
+    registry.register(
+        "sluice_consumer_lag_seconds",
+        "How far behind each group is, in time: its records not yet consumed over its recent rate (or, stalled, how long since it last moved)",
+        lag_seconds.clone(),
+    );
     let mut groups = Vec::new();
     if config.dedup.enabled {
         if roles.dedup {
@@ -719,15 +748,35 @@ fn spawn_lag_monitor(log: Arc<dyn Log>, config: &Config, roles: Roles, registry:
         }
     }
     tokio::spawn(async move {
+        // Per group, topic and partition: (position, when it last moved, recent records/s, when read).
+        let mut seen: HashMap<(&str, &str, u32), (u64, Instant, f64, Instant)> = HashMap::new();
         loop {
+            let mut behind_s: HashMap<&str, f64> = HashMap::new();
             for (group, topic) in &groups {
                 let Ok(partitions) = log.partitions(topic) else { continue };
                 for p in 0..partitions {
                     let (Ok(range), Ok(committed)) = (log.offsets(topic, p).await, log.committed(group, topic, p).await) else { continue };
-                    let behind = range.end.saturating_sub(committed.unwrap_or(range.start).max(range.start));
+                    let position = committed.unwrap_or(range.start).max(range.start);
+                    let behind = range.end.saturating_sub(position);
                     let labels = vec![("group", (*group).to_owned()), ("topic", (*topic).to_owned()), ("partition", p.to_string())];
                     lag.get_or_create(&labels).set(behind as i64);
+                    let now = Instant::now();
+                    let (last, moved_at, rate, read_at) = seen.get(&(*group, *topic, p)).copied().unwrap_or((position, now, 0.0, now));
+                    let dt = now.duration_since(read_at).as_secs_f64();
+                    let rate = if dt > 0.0 { 0.5 * rate + 0.5 * (position.saturating_sub(last) as f64 / dt) } else { rate };
+                    let moved_at = if position > last { now } else { moved_at };
+                    seen.insert((*group, *topic, p), (position, moved_at, rate, now));
+                    let seconds = match behind {
+                        0 => 0.0,
+                        _ if rate > 0.5 => behind as f64 / rate,
+                        _ => now.duration_since(moved_at).as_secs_f64(),
+                    };
+                    let g = behind_s.entry(group).or_default();
+                    *g = g.max(seconds);
                 }
+            }
+            for (group, seconds) in behind_s {
+                lag_seconds.get_or_create(&vec![("group", group.to_owned())]).set(seconds);
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -850,7 +899,7 @@ fn log_options(config: &Config, metrics: LogMetrics) -> LogOptions {
         retention_by_topic: [(OUTPUT_TOPIC.to_owned(), config.output_retention())].into(),
         // Acknowledged events are never deleted before dedup has read them.
         retention_guard: {
-            let mut guard = std::collections::HashMap::new();
+            let mut guard = HashMap::new();
             if config.dedup.enabled {
                 guard.insert(INPUT_TOPIC.to_owned(), sluice_dedup::GROUP.to_owned());
                 if config.deliver.enabled || !config.connections.is_empty() {

@@ -1,0 +1,125 @@
+//! This process as one cell of a deployment (`[cell]` with `control_url`):
+//! the workspaces the control plane places here arrive as rows of origin
+//! `global` in the control tables, ingest asks before refusing a write key
+//! it does not know, and usage is reported (see `sluice_control::agent`).
+//! Also the process metrics the control plane holds against thresholds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sluice_cells::CellFeed;
+use sluice_control::agent::CellAgent;
+use sluice_core::config::DestinationConfig;
+use sluice_core::metrics::{Gauge, Registry};
+use sluice_core::{Config, Shutdown};
+
+/// The cell's link, running: stopped after delivery (its last report counts everything).
+pub struct CellLink {
+    stop: Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl CellLink {
+    /// Stop: the reporter writes and sends a last report (waited for a few seconds; it stays on disk otherwise).
+    pub async fn stop(self) {
+        self.stop.trigger();
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+                tracing::warn!("the last usage report waits on disk for the control plane");
+            }
+        }
+    }
+}
+
+/// Start the link when `[cell]` names a control plane.
+pub fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>) -> Result<Option<CellLink>> {
+    let c = &config.cell;
+    let (Some(id), Some(url), Some(token)) = (&c.id, &c.control_url, &c.token) else { return Ok(None) };
+    let retry = config.deliver.retry_policy();
+    let state = admin.clone();
+    let apply: sluice_control::agent::ApplyFeed = Arc::new(move |feed: &CellFeed| apply_feed(&state, feed, retry));
+    let agent = CellAgent::new(id.clone(), url.clone(), token.clone(), apply).map_err(anyhow::Error::msg).context("cannot start the cell's link")?;
+    if let Some(ingest) = &admin.ingest {
+        ingest.set_key_resolver(agent.clone());
+    }
+    let stop = Shutdown::new();
+    let catalog = admin.catalog.clone();
+    let workspace_of: sluice_control::agent::WorkspaceOf = Box::new(move |kind, id| {
+        let snap = catalog.snapshot();
+        let ws = match kind {
+            "source" => snap.sources.iter().find(|(s, _)| s.id == id).map(|(s, _)| s.workspace.clone()),
+            _ => snap.destinations.get(id).map(|d| d.workspace.clone()),
+        }?;
+        Some(ws.unwrap_or_else(|| "default".to_owned()))
+    });
+    let tasks = vec![
+        agent.spawn_sync(c.poll_interval, stop.clone()),
+        agent.spawn_reporter(admin.registry.clone(), workspace_of, config.server.data_dir.join("usage-outbox"), c.report_interval, stop.clone()),
+    ];
+    tracing::info!(cell = %id, control = %url, "this is a cell: its workspaces come from the control plane");
+    Ok(Some(CellLink { stop, tasks }))
+}
+
+/// Write `feed` into the control tables (origin `global`), then make it live.
+fn apply_feed(state: &sluice_admin::AdminState, feed: &CellFeed, retry: sluice_core::config::RetryPolicy) -> Result<Vec<String>, String> {
+    let mut skipped = Vec::new();
+    let mut destinations = Vec::new();
+    for d in &feed.destinations {
+        match serde_json::from_value::<DestinationConfig>(d.config.clone()) {
+            Ok(mut dest) => match dest.validate("destination", retry) {
+                Ok(()) => {
+                    dest.workspace = Some(d.workspace.clone());
+                    destinations.push(dest);
+                }
+                Err(e) => skipped.push(format!("destination of workspace {:?}: {e}", d.workspace)),
+            },
+            Err(e) => skipped.push(format!("destination of workspace {:?}: {e}", d.workspace)),
+        }
+    }
+    let mut sources = Vec::new();
+    for s in &feed.sources {
+        match s.validate("source") {
+            Ok(()) => sources.push(s.clone()),
+            Err(e) => skipped.push(format!("source {:?}: {e}", s.id)),
+        }
+    }
+    let connections: Vec<(String, String)> = feed.connections.iter().map(|c| (c.source.clone(), c.destination.clone())).collect();
+    let more = state.catalog.with_control(|db| db.replace_global(&sources, &destinations, &connections)).map_err(|e| e.to_string())?;
+    skipped.extend(more);
+    state.catalog.refresh().map_err(|e| e.to_string())?;
+    sluice_admin::apply_sources(state);
+    Ok(skipped)
+}
+
+/// `sluice_process_cpu_seconds_total` and `sluice_process_cpus` (what the
+/// control plane's `cpu` threshold is held against), and the resident
+/// memory, every 2 s from /proc.
+pub fn spawn_process_metrics(registry: &mut Registry) -> tokio::task::JoinHandle<()> {
+    let cpu: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    let cpus: Gauge = Gauge::default();
+    let rss: Gauge = Gauge::default();
+    // A gauge named like a counter: its value is the process's whole CPU time, which only grows.
+    registry.register("sluice_process_cpu_seconds_total", "CPU time (user + system) of this process since it started", cpu.clone());
+    registry.register("sluice_process_cpus", "Cores this process may use", cpus.clone());
+    registry.register("sluice_process_resident_memory_bytes", "Resident memory of this process", rss.clone());
+    cpus.set(std::thread::available_parallelism().map_or(1, |n| n.get()) as i64);
+    tokio::spawn(async move {
+        // Clock ticks per second: 100 on Linux (USER_HZ); sysconf is not needed for /proc/self/stat's unit.
+        const TICKS: f64 = 100.0;
+        loop {
+            if let Ok(stat) = tokio::fs::read_to_string("/proc/self/stat").await {
+                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    if let (Some(u), Some(s)) = (f.get(11).and_then(|v| v.parse::<f64>().ok()), f.get(12).and_then(|v| v.parse::<f64>().ok())) {
+                        cpu.set((u + s) / TICKS);
+                    }
+                    if let Some(pages) = f.get(21).and_then(|v| v.parse::<i64>().ok()) {
+                        rss.set(pages * 4096);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
