@@ -13,7 +13,8 @@
 //!   is in its name, so a report sent twice (a crash after sending) counts
 //!   once.
 //! - Asking about an unknown key is bounded: at most [`MAX_ASKING`] at
-//!   once (more are refused at once), each within [`ASK_TIMEOUT`], and a key
+//!   once (more wait up to [`ASK_TIMEOUT`] for a turn, then are refused),
+//!   each within [`ASK_TIMEOUT`], and a key
 //!   the control plane did not know is not asked about again for
 //!   [`FORGET_UNKNOWN_AFTER`] (at most [`MAX_UNKNOWN`] remembered).
 //! - Counters are read from the process's own metrics (rendered and
@@ -245,7 +246,8 @@ impl sluice_ingest::KeyResolver for CellAgent {
         if self.unknown.lock().expect("unknown lock").get(&hash).is_some_and(|t| t.elapsed() < FORGET_UNKNOWN_AFTER) {
             return false;
         }
-        let Ok(_permit) = self.asking.try_acquire() else { return false };
+        // A burst of new workspaces' first requests waits its turn (briefly); a flood past that is refused.
+        let Ok(Ok(_permit)) = tokio::time::timeout(ASK_TIMEOUT, self.asking.acquire()).await else { return false };
         let ask = self.http.get(self.url(&format!("keys/{hash}"))).bearer_auth(&self.token).timeout(ASK_TIMEOUT).send();
         match ask.await.map(|r| r.status()) {
             Ok(s) if s.is_success() => {

@@ -154,6 +154,11 @@ impl ControlPlane {
         d.push_back(Decision { at_ms: sluice_core::clock::now_ms(), kind, cell: cell.map(str::to_owned), tier: tier.map(|t| t.as_str()), reason });
     }
 
+    /// What the last scrape saw of each cell.
+    pub fn loads(&self) -> BTreeMap<String, capacity::CellLoad> {
+        self.loads.read().expect("loads lock").clone()
+    }
+
     /// The recent decisions, newest last.
     pub fn decisions(&self) -> Vec<Decision> {
         self.decisions.lock().expect("decisions lock").iter().cloned().collect()
@@ -204,6 +209,22 @@ pub fn app(cp: Shared, registry: Arc<Registry>) -> Router {
         .merge(operator)
         .merge(cells)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        // The Cells page: one self-contained page; its API calls carry the token the operator types in.
+        .route(
+            "/",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                        (header::X_FRAME_OPTIONS, "DENY"),
+                        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+                        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                        (header::REFERRER_POLICY, "no-referrer"),
+                    ],
+                    include_str!("console.html"),
+                )
+            }),
+        )
         .route(
             "/metrics",
             get(move |h: HeaderMap| async move {

@@ -320,6 +320,21 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
         None => not_found(Some(&call)).into_response(),
     };
     ingest.metrics.requests.get_or_create(&vec![("call", label), ("status", resp.status().as_u16().to_string())]).inc();
+    confirm_cell(&ingest.settings, &headers, resp)
+}
+
+/// A request from a cell router (`X-Sluice-Cell`) gets the header back on
+/// every answer of ingest's own: the router takes an answer without it as
+/// not from a Sluice cell (a URL pointing elsewhere) and answers 503, so a
+/// stray server's 200 or 400 never reaches the client as Sluice's.
+fn confirm_cell(settings: &IngestSettings, headers: &HeaderMap, mut resp: Response) -> Response {
+    if let Some(meant) = headers.get("x-sluice-cell") {
+        let value = match &settings.cell {
+            Some(id) => axum::http::HeaderValue::from_str(id).unwrap_or_else(|_| meant.clone()),
+            None => meant.clone(),
+        };
+        resp.headers_mut().insert("x-sluice-cell", value);
+    }
     resp
 }
 

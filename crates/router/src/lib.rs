@@ -482,6 +482,12 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
         }
     };
     let status = answer.status();
+    // A Sluice cell confirms with the header (ingest's `confirm_cell`); anything else is not one.
+    if answer.headers().get(CELL_HEADER).map(HeaderValue::as_bytes) != Some(cell.as_bytes()) {
+        count("not_a_cell");
+        tracing::warn!(%cell, %status, "a cell's ingest_url answered, but not as that Sluice cell (no X-Sluice-Cell confirming it); answered 503");
+        return Err(unavailable(&format!("cell {cell} is unavailable; retry"), router.settings.retry_after));
+    }
     let mut out = Response::builder().status(status.as_u16());
     for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::LOCATION] {
         if let Some(v) = answer.headers().get(&name) {

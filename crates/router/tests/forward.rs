@@ -11,11 +11,23 @@ use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
 use sluice_router::{app, CellRouter, RouterSettings};
 use tower::ServiceExt;
 
-/// A fake cell answering every POST with `answer`; its base URL.
+/// A fake cell answering every POST with `answer`, confirming itself as a
+/// Sluice cell does (echoing `X-Sluice-Cell`); its base URL.
 async fn fake_cell(answer: fn() -> axum::response::Response) -> String {
+    fake_server(answer, true).await
+}
+
+/// A server answering every POST with `answer`; `confirm`: echo `X-Sluice-Cell` as a cell does.
+async fn fake_server(answer: fn() -> axum::response::Response, confirm: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = axum::Router::new().fallback(move || async move { answer() });
+    let service = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| async move {
+        let mut resp = answer();
+        if let (true, Some(cell)) = (confirm, headers.get("x-sluice-cell")) {
+            resp.headers_mut().insert("x-sluice-cell", cell.clone());
+        }
+        resp
+    });
     tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
     format!("http://{addr}")
 }
@@ -145,4 +157,23 @@ async fn the_admin_port_serves_metrics_and_health() {
     assert_eq!(health["store"], "ok");
     assert_eq!(health["cache_entries"], 1);
     assert_eq!(get("/api/anything", None).await.unwrap().status(), StatusCode::NOT_FOUND);
+}
+
+/// Red team: a cell URL pointing at something that is not a Sluice cell
+/// answered 200 (or 400), which reached the client as Sluice's: events
+/// acknowledged and stored nowhere. An answer that does not confirm the
+/// cell is a 503 (the SDK retries); the status is counted as `not_a_cell`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_not_from_a_sluice_cell_is_not_relayed() {
+    for answer in [(|| (StatusCode::OK, r#"{"success":true}"#).into_response()) as fn() -> axum::response::Response, || {
+        (StatusCode::BAD_REQUEST, "no").into_response()
+    }] {
+        let url = fake_server(answer, false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let r = router(dir.path(), &url);
+        let resp = app(r.clone()).oneshot(track()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+        assert_eq!(r.metrics.forwarded.get_or_create(&vec![("cell", "fake".to_owned()), ("status", "not_a_cell".to_owned())]).get(), 1);
+    }
 }

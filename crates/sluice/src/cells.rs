@@ -147,7 +147,7 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         provision_timeout: c.provision_timeout,
         allow_private_network: c.allow_private_network_destinations,
         thresholds: c.thresholds.clone(),
-        public_url: format!("http://{addr}"),
+        public_url: format!("{}://{addr}", if config.server.tls_cert_file.is_some() { "https" } else { "http" }),
     };
     let cp = sluice_control::ControlPlane::new(stores, settings).context("cannot start the control plane")?;
     let mut registry = sluice_core::metrics::Registry::default();
@@ -158,21 +158,24 @@ pub async fn control(args: ControlArgs) -> Result<()> {
         listen = %addr,
         store = %shown,
         provisioner = if c.provision_command.is_empty() { "none".to_owned() } else { c.provision_command.join(" ") },
-        "Sluice is ready (control): the API is at http://{addr}/api"
+        "Sluice is ready (control): the API is at {}://{addr}/api",
+        if config.server.tls_cert_file.is_some() { "https" } else { "http" }
     );
     let shutdown = crate::shutdown_signal()?;
     let server_stop = stop.clone();
-    let server = tokio::spawn(serve(
-        listener,
-        sluice_control::app(cp, Arc::new(registry)),
-        ServeOptions { same_origin: true, ..ServeOptions::from_config(&config.server) },
-        async move { server_stop.wait().await },
-    ));
+    let mut options = ServeOptions { same_origin: true, ..ServeOptions::from_config(&config.server) };
+    // HTTPS with server.tls_cert_file/tls_key_file, as the Tracking API.
+    options.tls = crate::server_tls("https control.listen", &config.server.tls_cert_file, &config.server.tls_key_file)?;
+    let reloader = options.tls.as_ref().map(|t| t.spawn_reloader(sluice_ingest::tls::RELOAD_EVERY));
+    let server = tokio::spawn(serve(listener, sluice_control::app(cp, Arc::new(registry)), options, async move { server_stop.wait().await }));
     shutdown.await;
     tracing::info!("shutting down");
     stop.trigger();
     let _ = server.await;
     let _ = capacity.await;
+    if let Some(r) = reloader {
+        r.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -85,7 +85,7 @@ fn the_router_sends_each_workspace_to_its_one_cell() {
         assert!(store.add_write_key(key, ws, source).unwrap());
     }
     store.put_workspace(&Workspace { disabled: true, ..workspace("off") }).unwrap();
-    store.add_write_key("wk_disabled", "off", "web").unwrap();
+    store.add_write_key("wk_disabled", "off", "off-web").unwrap();
 
     let router_config = write_config(store_dir.path(), "");
     let router = Server::start_role(

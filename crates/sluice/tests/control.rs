@@ -1,10 +1,16 @@
-//! The control plane (issue 14): `sluice control`, two real `sluice serve`
-//! cells that take their workspaces from it, a `sluice router`, and a sink.
-//! One test in phases (the processes start once): workspaces made through
-//! the API reach their cell live (the first request of a new workspace
-//! included), events land in their workspace's cell and are delivered once,
-//! usage is metered exactly, capacity thresholds provision a third cell
-//! with the bundled local provisioner, and bad input gets clear answers.
+//! The control plane (issue 14) with real processes: `sluice control`,
+//! cells (`sluice serve`) that take their workspaces from it, routers and a
+//! sink. Each test runs in phases (the processes start once), one test at a
+//! time:
+//! - the control plane's own behaviour on two embedded cells and an SQLite
+//!   store: workspaces made through the API reach their cell live (the
+//!   first request of a new workspace included), events land in their
+//!   workspace's cell and are delivered once, usage is metered exactly,
+//!   capacity thresholds provision a third cell with the bundled local
+//!   provisioner, and bad input gets clear answers;
+//! - the issue's topology: three cells (two embedded, one on Kafka +
+//!   PostgreSQL), two routers and the control plane on PostgreSQL, fifty
+//!   workspaces sending through the official Python and Node SDKs.
 
 mod util;
 
@@ -16,6 +22,9 @@ use serde_json::{json, Value};
 use util::*;
 
 const TOKEN: &str = "control-token-0123456789";
+
+/// One test at a time: each runs a fleet of processes.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Api {
     base: String,
@@ -41,6 +50,47 @@ impl Api {
     }
 }
 
+/// `[cell]` and the settings every test cell shares.
+/// A control plane on `store` whose SMB cells hold `workspaces` workspaces
+/// (the other thresholds out of reach), provisioning with the local
+/// provisioner into `provisioned`.
+fn start_control(dir: &Path, store: &str, provisioned: &Path, workspaces: u32) -> (Server, Api) {
+    let config = dir.join("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[control]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n\
+             provision_command = [{bin:?}, \"provision-local\", \"--dir\", {dir:?}]\nprovision_timeout = \"90s\"\n\
+             [control.thresholds.smb]\nworkspaces = {workspaces}\ncpu = 1.0\nconsumer_lag = \"1h\"\ndb_connections = 1.0\ningest_p99 = \"1h\"\n",
+            bin = env!("CARGO_BIN_EXE_sluice"),
+            dir = provisioned.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let control = Server::start_role("control", &config, &[("SLUICE_GLOBAL_STORE", store)]);
+    let api = Api { base: format!("http://{}", control.addr), http: reqwest::blocking::Client::new() };
+    (control, api)
+}
+
+/// The folder the local provisioner starts cells in; on drop (a test's end
+/// or its panic) those cells are stopped: they run in process groups of their own.
+struct Provisioned(std::path::PathBuf);
+
+impl Drop for Provisioned {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if let Ok(pid) = std::fs::read_to_string(entry.path().join("sluice.pid")) {
+                let _ = std::process::Command::new("kill").args(["-TERM", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+fn cell_toml(id: &str, control: &str, token: &str) -> String {
+    format!("[cell]\nid = \"{id}\"\ncontrol_url = \"{control}\"\ntoken = \"{token}\"\npoll_interval = \"300ms\"\nreport_interval = \"500ms\"\n")
+}
+
+/// An embedded cell's config.
 fn cell_config(dir: &Path, id: &str, control: &str, token: &str) -> std::path::PathBuf {
     let path = dir.join("sluice.toml");
     std::fs::write(
@@ -48,9 +98,9 @@ fn cell_config(dir: &Path, id: &str, control: &str, token: &str) -> std::path::P
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[log]\npartitions = 2\n\
-             [deliver]\ninitial_backoff = \"100ms\"\n\
-             [cell]\nid = \"{id}\"\ncontrol_url = \"{control}\"\ntoken = \"{token}\"\npoll_interval = \"300ms\"\nreport_interval = \"500ms\"\n",
-            dir.join("data").display()
+             [deliver]\ninitial_backoff = \"100ms\"\n{}",
+            dir.join("data").display(),
+            cell_toml(id, control, token)
         ),
     )
     .unwrap();
@@ -59,9 +109,14 @@ fn cell_config(dir: &Path, id: &str, control: &str, token: &str) -> std::path::P
 
 /// Register cell `id` (a placeholder URL until it runs), start it with its token, then give the store its real URLs.
 fn start_cell(api: &Api, dir: &Path, id: &str) -> Server {
+    start_cell_with(api, id, |token| cell_config(dir, id, &api.base, token))
+}
+
+/// [`start_cell`] with the config `config(token)` writes.
+fn start_cell_with(api: &Api, id: &str, config: impl FnOnce(&str) -> std::path::PathBuf) -> Server {
     api.ok("PUT", &format!("/api/cells/{id}"), Some(json!({"tier": "smb", "ingest_url": "http://127.0.0.1:9", "state": "provisioning"})));
     let token = api.ok("POST", &format!("/api/cells/{id}/token"), None)["token"].as_str().unwrap().to_owned();
-    let server = Server::start(&cell_config(dir, id, &api.base, &token));
+    let server = Server::start(&config(&token));
     api.ok(
         "PUT",
         &format!("/api/cells/{id}"),
@@ -103,23 +158,11 @@ fn totals(api: &Api, workspace: &str) -> HashMap<String, i64> {
 
 #[test]
 fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.sqlite").display().to_string();
-    let provisioned = dir.path().join("provisioned");
-    let control_config = dir.path().join("control.toml");
-    std::fs::write(
-        &control_config,
-        format!(
-            "[control]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n\
-             provision_command = [{bin:?}, \"provision-local\", \"--dir\", {dir:?}]\nprovision_timeout = \"90s\"\n\
-             [control.thresholds.smb]\nworkspaces = 3\ncpu = 1.0\nconsumer_lag = \"1h\"\ndb_connections = 1.0\ningest_p99 = \"1h\"\n",
-            bin = env!("CARGO_BIN_EXE_sluice"),
-            dir = provisioned.display().to_string(),
-        ),
-    )
-    .unwrap();
-    let control = Server::start_role("control", &control_config, &[("SLUICE_GLOBAL_STORE", &store)]);
-    let api = Api { base: format!("http://{}", control.addr), http: reqwest::blocking::Client::new() };
+    let provisioned = Provisioned(dir.path().join("provisioned"));
+    let (control, api) = start_control(dir.path(), &store, &provisioned.0, 3);
 
     // Operators authenticate; a cell's calls need its own token.
     assert_eq!(api.http.get(format!("{}/api/cells", api.base)).send().unwrap().status(), 401);
@@ -256,9 +299,231 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     );
     assert_eq!(send(&http, &router_url, &acme_key, &ids("still", 5), &[]).0, 200);
 
-    // The provisioned cell runs on in its own process group: stop it.
-    if let Ok(pid) = std::fs::read_to_string(provisioned.join("smb-1").join("sluice.pid")) {
-        let _ = std::process::Command::new("kill").args(["-TERM", pid.trim()]).status();
-    }
+    // The Cells page is served (its data needs the token).
+    let page = http.get(format!("{}/", api.base)).send().unwrap();
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert!(page.text().unwrap().contains("Sluice cells"));
+    // Each scrape reads the cell's CPU against the one before: there after two.
+    let c1_load = || {
+        let cells = api.ok("GET", "/api/cells", None);
+        cells["cells"].as_array().unwrap().iter().find(|c| c["cell"]["id"] == "c1").unwrap()["load"].clone()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        || (c1_load()["metrics"]["cpu"]["threshold"].as_f64() == Some(1.0)).then_some(()),
+        || format!("c1's CPU read: {}", c1_load()),
+    );
     drop(c1);
+    drop(control);
+}
+
+/// Run the SDK script `kind` (`python` or `node`) against `host` for `pairs`
+/// (write key, messageId prefix), `count` events each; what it sent.
+fn run_sdk_cells(kind: &str, host: &str, count: usize, pairs: &[(String, String)]) -> std::process::Child {
+    let env = sdk_env();
+    let root = repo_root();
+    let mut cmd = match kind {
+        "python" => {
+            let mut c = std::process::Command::new(&env["SLUICE_PYTHON"]);
+            c.arg(root.join("tests/compat/python_cells.py"));
+            c
+        }
+        _ => {
+            let mut c = std::process::Command::new("node");
+            c.arg(root.join("tests/compat/node_cells.mjs")).env("SLUICE_NODE_MODULES", &env["SLUICE_NODE_MODULES"]);
+            c
+        }
+    };
+    cmd.arg(host).arg(count.to_string());
+    for (key, prefix) in pairs {
+        cmd.arg(format!("{key}={prefix}"));
+    }
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("run the SDK script")
+}
+
+fn sdk_sent(kind: &str, child: std::process::Child) -> Vec<Value> {
+    let out = child.wait_with_output().expect("the SDK script ends");
+    assert!(out.status.success(), "{kind} SDK run failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("SDK script output")).collect()
+}
+
+/// A server that answers anything with bytes that are not HTTP.
+fn garbage_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut s = stream;
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"\x00\x01garbage, not HTTP\r\n\r\n");
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(store) = fresh_database("postgres", "cells_topology_store") else { return };
+    let Some(jobdb) = fresh_database("postgres", "cells_topology_jobdb") else { return };
+    let root = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(&root.path().join("kafka"), "sluice-test-cells-topology") else { return };
+    let provisioned = Provisioned(root.path().join("provisioned"));
+    // SMB cells hold 20 workspaces: fifty over three cells leave none under 70% of that, so a fourth is provisioned.
+    let (_control, api) = start_control(root.path(), &store, &provisioned.0, 20);
+    let sink = TestSink::start();
+
+    // Three cells: two embedded, one on Kafka + PostgreSQL.
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let c1 = start_cell(&api, dirs[0].path(), "c1");
+    let c2 = start_cell(&api, dirs[1].path(), "c2");
+    let mut c3 = Some(start_cell_with(&api, "c3", |token| {
+        let extra = format!("[deliver]\njobdb_url = \"{jobdb}\"\ninitial_backoff = \"100ms\"\n{}", cell_toml("c3", &api.base, token));
+        let config = write_kafka_config(dirs[2].path(), &broker, &extra);
+        let text = std::fs::read_to_string(&config).unwrap().replacen("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n", 1);
+        std::fs::write(&config, text).unwrap();
+        config
+    }));
+    let routers: Vec<Server> = (0..2)
+        .map(|i| {
+            let config = root.path().join(format!("router{i}.toml"));
+            std::fs::write(&config, "[router]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n").unwrap();
+            Server::start_role("router", &config, &[("SLUICE_GLOBAL_STORE", &store)])
+        })
+        .collect();
+    let mut routers = routers.into_iter().map(Some).collect::<Vec<_>>();
+    let router_url = |r: &Option<Server>| format!("http://{}", r.as_ref().unwrap().addr);
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+
+    // 1. Fifty workspaces, each with a source and a destination of its own.
+    let keys: Vec<String> = (0..50).map(|i| make_workspace(&api, &format!("ws{i:02}"), &sink.sink.url(&format!("/ws{i:02}")))).collect();
+
+    // 2. The SDKs send through the routers: Python's 25 workspaces through one, Node's through the other.
+    let per_workspace = 20;
+    let pairs = |range: std::ops::Range<usize>| -> Vec<(String, String)> { range.map(|i| (keys[i].clone(), format!("ws{i:02}"))).collect() };
+    let python = run_sdk_cells("python", &router_url(&routers[0]), per_workspace, &pairs(0..25));
+    let node = run_sdk_cells("node", &router_url(&routers[1]), per_workspace, &pairs(25..50));
+    let mut sent = sdk_sent("python", python);
+    sent.extend(sdk_sent("node", node));
+    assert_eq!(sent.len(), 50 * per_workspace);
+
+    // Every event is delivered once, to its own workspace's destination, and nothing else arrives there.
+    for i in 0..50 {
+        let path = format!("/ws{i:02}");
+        wait_for(
+            Duration::from_secs(60),
+            || (sink.by_message_id(&path).len() >= per_workspace).then_some(()),
+            || format!("{per_workspace} deliveries at {path}: {}", sink.by_message_id(&path).len()),
+        );
+        let got = sink.by_message_id(&path);
+        assert_eq!(got.len(), per_workspace, "{path}: only its own events");
+        assert!(got.iter().all(|(id, copies)| id.starts_with(&format!("ws{i:02}-")) && copies.len() == 1), "{path}: once each, its own");
+    }
+    // Each embedded cell's log holds exactly the events of the workspaces it serves.
+    let placements: HashMap<String, String> = api.ok("GET", "/api/workspaces", None)["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| Some((w["workspace"]["id"].as_str()?.to_owned(), w["served_by"]["cell"].as_str()?.to_owned())))
+        .collect();
+    for (cell, dir) in [("c1", dirs[0].path()), ("c2", dirs[1].path())] {
+        let stored = read_input(&dir.join("data"));
+        let mine = placements.values().filter(|c| *c == cell).count();
+        assert!(mine > 0, "{cell} serves some workspaces: {placements:?}");
+        assert_eq!(stored.len(), mine * per_workspace, "{cell}: the events of its {mine} workspaces, nothing else");
+        for st in &stored {
+            let ws = st.key.split('-').next().unwrap();
+            assert_eq!(placements.get(ws).map(String::as_str), Some(cell), "{} stored in {cell}", st.key);
+        }
+    }
+    assert!(placements.values().any(|c| c == "c3"), "the Kafka cell serves some: {placements:?}");
+
+    // 3. A threshold crossing provisions a fourth cell, and the next new workspaces land there.
+    let decided = |kind: &str| -> Vec<Value> {
+        api.ok("GET", "/api/decisions", None)["decisions"].as_array().unwrap().iter().filter(|d| d["kind"] == kind).cloned().collect()
+    };
+    wait_for(
+        Duration::from_secs(90),
+        || (!decided("joined").is_empty()).then_some(()),
+        || format!("a fourth cell: {:?}", api.ok("GET", "/api/decisions", None)),
+    );
+    let fourth = decided("joined")[0]["cell"].as_str().unwrap().to_owned();
+    let late_key = make_workspace(&api, "late", &sink.sink.url("/late"));
+    let (status, at) = send(&http, &router_url(&routers[0]), &late_key, &ids("late", 3), &[]);
+    assert_eq!((status, at.as_str()), (200, fourth.as_str()), "the next new workspace goes to the new cell");
+
+    // 4. Two routers racing to place one new workspace agree on one cell.
+    let racer_key = make_workspace(&api, "racer", &sink.sink.url("/racer"));
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = routers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (http, url, key) = (&http, router_url(r), &racer_key);
+                s.spawn(move || send(http, &url, key, &ids(&format!("racer{i}"), 1), &[]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(answers[0], answers[1], "one cell for both routers");
+
+    // 5. kill -9 one router under traffic: the other serves every request.
+    let survivor = router_url(&routers[1]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            let (mut ok, mut failed, mut n) = (0, 0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                match send(&http, &survivor, &keys[0], &ids(&format!("live{n}"), 5), &[]).0 {
+                    200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        routers[0].take().unwrap().kill9();
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.join().unwrap()
+    });
+    assert!(ok > 0 && failed == 0, "the surviving router answered {ok} requests 200 and {failed} otherwise");
+
+    // 6. Stop one cell: only its workspaces get 503; the others see no error.
+    let on = |cell: &str| (0..50).find(|i| placements.get(&format!("ws{i:02}")).map(String::as_str) == Some(cell)).unwrap();
+    let (kafka_ws, embedded_ws) = (on("c3"), on("c1"));
+    c3.take().unwrap().stop();
+    assert_eq!(send(&http, &survivor, &keys[kafka_ws], &ids("down", 1), &[]).0, 503);
+    assert_eq!(send(&http, &survivor, &keys[embedded_ws], &ids("up", 1), &[]).0, 200);
+
+    // 7. Metering: each workspace's delivered total is what its destination received.
+    for i in [0, 25, 49] {
+        let ws = format!("ws{i:02}");
+        let received = || sink.by_message_id(&format!("/{ws}")).len() as i64;
+        wait_for(
+            Duration::from_secs(30),
+            || (totals(&api, &ws).get(&format!("delivered/{ws}-hook")) == Some(&received())).then_some(()),
+            || format!("{ws}'s usage {:?} against {} received", totals(&api, &ws), received()),
+        );
+    }
+
+    // 8. Bad input: a cell URL that answers garbage, a placement no cell satisfies.
+    api.ok("PUT", "/api/cells/junk", Some(json!({"tier": "smb", "ingest_url": garbage_server(), "state": "full"})));
+    let victim_key = make_workspace(&api, "victim", &sink.sink.url("/victim"));
+    api.ok("PUT", "/api/workspaces/victim/override", Some(json!({"cell": "junk", "reason": "testing a bad cell"})));
+    let (status, at) = send(&http, &survivor, &victim_key, &ids("victim", 2), &[]);
+    assert_eq!((status, at.as_str()), (503, ""), "a garbage answer is not relayed");
+    api.ok("PUT", "/api/workspaces/eu-only", Some(json!({"tier": "smb", "constraints": {"data_residency": "eu"}})));
+    let (_, made) = api.call("POST", "/api/workspaces/eu-only/sources", Some(json!({"id": "eu-only-web"})));
+    let (status, _) = send(&http, &survivor, made["write_key"].as_str().unwrap(), &ids("eu", 1), &[]);
+    assert_eq!(status, 503, "no cell satisfies it: the SDK retries later");
+    let (status, why) = api.call("POST", "/api/workspaces/eu-only/place", None);
+    assert_eq!(status, 409);
+    assert!(why["message"].as_str().unwrap().contains("data_residency"), "{why}");
+    assert!(sink.by_message_id("/victim").is_empty());
+    drop((c1, c2));
 }
