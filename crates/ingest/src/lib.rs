@@ -330,7 +330,7 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
 fn confirm_cell(settings: &IngestSettings, headers: &HeaderMap, mut resp: Response) -> Response {
     if let Some(meant) = headers.get("x-sluice-cell") {
         let value = match &settings.cell {
-            Some(id) => axum::http::HeaderValue::from_str(id).unwrap_or_else(|_| meant.clone()),
+            Some(id) => http::HeaderValue::from_str(id).unwrap_or_else(|_| meant.clone()),
             None => meant.clone(),
         };
         resp.headers_mut().insert("x-sluice-cell", value);
