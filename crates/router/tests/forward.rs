@@ -21,7 +21,7 @@ async fn fake_cell(answer: fn() -> axum::response::Response) -> String {
 async fn fake_server(answer: fn() -> axum::response::Response, confirm: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| async move {
+    let service = axum::Router::new().fallback(move |headers: http::HeaderMap| async move {
         let mut resp = answer();
         if let (true, Some(cell)) = (confirm, headers.get("x-sluice-cell")) {
             resp.headers_mut().insert("x-sluice-cell", cell.clone());
