@@ -10,7 +10,8 @@
 //! - `consumer_lag`: how far behind its consumers are, in seconds
 //!   (`sluice_consumer_lag_seconds`, the largest group);
 //! - `db_connections`: the share of its JobDB server's connections in use
-//!   (`sluice_db_connections_used_ratio`; absent on an embedded cell);
+//!   (`sluice_db_connections_used_ratio`, counted every 10 s by a cell with
+//!   `deliver.jobdb_url`; absent on an embedded cell);
 //! - `ingest_p99`: its Tracking API's p99 over the interval
 //!   (`sluice_ingest_ack_seconds`).
 //!

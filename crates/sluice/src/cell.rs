@@ -123,3 +123,44 @@ pub fn spawn_process_metrics(registry: &mut Registry) -> tokio::task::JoinHandle
         }
     })
 }
+
+/// How often the JobDB server's connections are counted.
+const DB_CONNECTIONS_EVERY: Duration = Duration::from_secs(10);
+
+/// `sluice_db_connections_used_ratio`: the share of the JobDB server's
+/// connections in use (what the control plane's `db_connections` threshold
+/// is held against), every 10 s, for a process with `deliver.jobdb_url`.
+/// On its own connection; a failed count leaves the last value and is
+/// logged once per streak.
+pub fn spawn_db_connections(config: &Config, registry: &mut Registry) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    use sluice_sql::conn::{Connector, SharedConnection};
+    let Some(url) = &config.deliver.jobdb_url else { return Ok(None) };
+    let link = sluice_sql::SqlLink::new(url.as_str())?;
+    let engine = link.engine();
+    let used: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+    registry.register(
+        "sluice_db_connections_used_ratio",
+        "Share of the JobDB server's connections in use (connections / max_connections)",
+        used.clone(),
+    );
+    let session = Arc::new(SharedConnection::new(Connector::Server(Box::new(link)), "connection count"));
+    Ok(Some(tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let s = session.clone();
+            let counted = tokio::task::spawn_blocking(move || s.run("counting connections", |c| sluice_sql::link::connection_use(c, engine))).await;
+            match counted {
+                Ok(Ok((n, max))) if max > 0 => {
+                    used.set(n as f64 / max as f64);
+                    failing = false;
+                }
+                Ok(Err(e)) if !failing => {
+                    tracing::warn!(error = %e, "cannot count the JobDB server's connections (sluice_db_connections_used_ratio keeps its last value)");
+                    failing = true;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(DB_CONNECTIONS_EVERY).await;
+        }
+    })))
+}

@@ -592,6 +592,7 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
 
     st.tasks.push(spawn_lag_monitor(log.clone(), config, roles, &mut registry));
     st.tasks.push(cell::spawn_process_metrics(&mut registry));
+    st.tasks.extend(cell::spawn_db_connections(config, &mut registry)?);
 
     // With Kafka, ingest keeps acknowledging into an on-disk spool while
     // Kafka is slow or down (the embedded log is local disk already).

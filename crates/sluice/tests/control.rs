@@ -439,6 +439,17 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
         }
     }
     assert!(placements.values().any(|c| c == "c3"), "the Kafka cell serves some: {placements:?}");
+    // The Kafka + PostgreSQL cell's load includes its JobDB server's connections.
+    let load_of = |cell: &str| {
+        let cells = api.ok("GET", "/api/cells", None);
+        cells["cells"].as_array().unwrap().iter().find(|c| c["cell"]["id"] == cell).map(|c| c["load"].clone()).unwrap_or_default()
+    };
+    wait_for(
+        Duration::from_secs(30),
+        || (load_of("c3")["metrics"]["db_connections"]["value"].as_f64().is_some_and(|v| v > 0.0 && v <= 1.0)).then_some(()),
+        || format!("c3's database connections read: {}", load_of("c3")),
+    );
+    assert!(load_of("c1")["metrics"].get("db_connections").is_none(), "an embedded cell has no JobDB server");
 
     // 3. A threshold crossing provisions a fourth cell, and the next new workspaces land there.
     let decided = |kind: &str| -> Vec<Value> {

@@ -27,7 +27,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlSslMode};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{ConnectOptions, Row};
 
-use crate::conn::{Connection, SqlError};
+use crate::conn::{Connection, SqlError, SqlRow};
 use crate::Error;
 
 /// How long opening a connection may take.
@@ -650,6 +650,26 @@ enum LockConn {
 
 /// The MySQL name of the lock named `full` (`GET_LOCK` takes 64
 /// characters at most: a longer name is hashed).
+/// `(connections open, max_connections)` of the server `c` is connected to
+/// (a cell's `sluice_db_connections_used_ratio`). Needs no privilege:
+/// PostgreSQL's `pg_stat_activity` counts every backend for any user;
+/// MySQL's and MariaDB's `Threads_connected` status likewise.
+pub fn connection_use(c: &mut Connection, engine: SqlEngine) -> Result<(i64, i64), SqlError> {
+    let read = |r: &dyn SqlRow| Ok((r.int(0)?, r.int(1)?));
+    let row = match engine {
+        SqlEngine::Postgres => {
+            c.query_one("SELECT (SELECT count(*) FROM pg_stat_activity)::bigint, current_setting('max_connections')::bigint", &[], read)?
+        }
+        SqlEngine::MySql => {
+            // MariaDB keeps the status in information_schema; MySQL 8 in performance_schema.
+            let status = "SELECT CAST(VARIABLE_VALUE AS SIGNED), CAST(@@max_connections AS SIGNED) FROM {} WHERE VARIABLE_NAME = 'Threads_connected'";
+            c.query_one(&status.replace("{}", "information_schema.GLOBAL_STATUS"), &[], read)
+                .or_else(|_| c.query_one(&status.replace("{}", "performance_schema.global_status"), &[], read))?
+        }
+    };
+    row.ok_or_else(|| SqlError::Decode { index: 0, problem: "the server reported no connection count".into() })
+}
+
 pub fn mysql_lock_name(full: &str) -> String {
     if full.chars().count() <= 64 {
         full.to_owned()
@@ -891,6 +911,23 @@ mod tests {
                 eprintln!("SKIPPED: {var} is not set (scripts/sql.sh starts a server)");
                 None
             }
+        }
+    }
+
+    /// A cell's `db_connections` threshold reads this: at least our own
+    /// connection, at most the server's limit.
+    #[test]
+    fn connection_use_counts_the_servers_connections() {
+        for var in ["SLUICE_TEST_POSTGRES_URL", "SLUICE_TEST_MYSQL_URL"] {
+            let Some(mut url) = server(var) else { continue };
+            if var.contains("MYSQL") && !url.trim_start_matches("mysql://").contains('/') {
+                // Any database will do: every user can use information_schema.
+                url.push_str("/information_schema");
+            }
+            let link = SqlLink::new(&url).unwrap();
+            let shared = crate::conn::SharedConnection::new(crate::conn::Connector::Server(Box::new(link.clone())), "test");
+            let (open, max) = shared.run("counting", |c| connection_use(c, link.engine())).unwrap();
+            assert!(open >= 1 && max >= open, "{var}: {open} of {max}");
         }
     }
 
