@@ -56,10 +56,12 @@ impl Api {
 /// provisioner into `provisioned`.
 fn start_control(dir: &Path, store: &str, provisioned: &Path, workspaces: u32) -> (Server, Api) {
     let config = dir.join("control.toml");
+    // A fixed port (free now): cells find it again after a restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(
         &config,
         format!(
-            "[control]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n\
+            "[control]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n\
              provision_command = [{bin:?}, \"provision-local\", \"--dir\", {dir:?}]\nprovision_timeout = \"90s\"\n\
              [control.thresholds.smb]\nworkspaces = {workspaces}\ncpu = 1.0\nconsumer_lag = \"1h\"\ndb_connections = 1.0\ningest_p99 = \"1h\"\n",
             bin = env!("CARGO_BIN_EXE_sluice"),
@@ -249,7 +251,23 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     let resp = http.post(format!("{}/api/cells/c2/usage", api.base)).bearer_auth(&c1_token).json(&report).send().unwrap();
     assert_eq!(resp.status(), 401);
 
-    // 5. Capacity: three workspaces fill an SMB cell (threshold 3); with both full, a third cell is provisioned.
+    // 5. The control plane down: the cells and the router serve on; usage waits on the cells' disks and arrives after.
+    let control_config = control.config.clone();
+    control.stop();
+    let before = sink.by_message_id("/acme").len();
+    assert_eq!(send(&http, &router_url, &acme_key, &ids("offline", 7), &[]).0, 200, "served without the control plane");
+    delivered("/acme", before + 7);
+    std::thread::sleep(Duration::from_secs(2)); // a few report rounds fail meanwhile
+    let control = Server::start_role("control", &control_config, &[("SLUICE_GLOBAL_STORE", &store)]);
+    assert_eq!(format!("http://{}", control.addr), api.base, "back on its address");
+    let acme_delivered = sink.by_message_id("/acme").len() as i64;
+    wait_for(
+        Duration::from_secs(30),
+        || (totals(&api, "acme").get("delivered/acme-hook") == Some(&acme_delivered)).then_some(()),
+        || format!("acme's usage {:?} caught up with {acme_delivered} delivered", totals(&api, "acme")),
+    );
+
+    // 6. Capacity: three workspaces fill an SMB cell (threshold 3); with both full, a third cell is provisioned.
     for w in ["w3", "w4", "w5", "w6"] {
         api.ok("PUT", &format!("/api/workspaces/{w}"), Some(json!({"tier": "smb"})));
         api.ok("POST", &format!("/api/workspaces/{w}/place"), None);
@@ -274,7 +292,7 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     let (status, at) = send(&http, &router_url, made["write_key"].as_str().unwrap(), &ids("w7", 3), &[]);
     assert_eq!((status, at.as_str()), (200, "smb-1"));
 
-    // 6. Bad input: a placement no cell satisfies says why; an unknown key and a disabled workspace get ingest's answers.
+    // 7. Bad input: a placement no cell satisfies says why; an unknown key and a disabled workspace get ingest's answers.
     api.ok("PUT", "/api/workspaces/mars", Some(json!({"tier": "smb", "constraints": {"region": "mars"}})));
     let (status, why) = api.call("POST", "/api/workspaces/mars/place", None);
     assert_eq!(status, 409, "{why}");
@@ -289,7 +307,7 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     let (status, v) = api.call("PUT", "/api/workspaces/acme/destinations/x", Some(json!({"url": "ftp://nope"})));
     assert_eq!(status, 400, "{v}");
 
-    // 7. A cell that stops: only its workspaces get 503; the others see no error.
+    // 8. A cell that stops: only its workspaces get 503; the others see no error.
     api.ok("PUT", "/api/workspaces/globex", Some(json!({"tier": "smb"})));
     c2.take().unwrap().stop();
     wait_for(
