@@ -33,7 +33,7 @@ pub mod store;
 pub use feed::{CellFeed, FeedConnection, FeedDestination, WorkspaceConfig};
 pub use placement::{Cell, CellState, Placement, Tier, Workspace};
 pub use pool::{PoolError, StorePool};
-pub use store::{GlobalStore, KeyRoute, UsageRow};
+pub use store::{GlobalStore, KeyRoute, ReportOutcome, UsageRow};
 
 /// What the global store fails with.
 #[derive(Debug, thiserror::Error)]

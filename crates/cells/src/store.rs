@@ -68,6 +68,19 @@ pub struct UsageRow {
     pub value: i64,
 }
 
+/// The most one usage row may add (a trillion events in an hour is no
+/// cell's): sums stay far from `i64::MAX` for millions of reports.
+pub const MAX_USAGE_VALUE: i64 = 1_000_000_000_000;
+
+/// What a usage report added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportOutcome {
+    /// False when the report (its `(cell, report_id)`) was counted before: it added nothing.
+    pub counted: bool,
+    /// Workspaces whose rows were left out: the cell does not serve them.
+    pub refused: Vec<String>,
+}
+
 /// The global store (see the module docs).
 pub struct GlobalStore {
     session: SharedConnection,
@@ -505,17 +518,32 @@ impl GlobalStore {
 
     /// Add a cell's usage report, once: a report with a `(cell, report_id)`
     /// seen before adds nothing. True when it was counted now.
-    pub fn record_usage(&self, cell: &str, report_id: &str, rows: &[UsageRow]) -> Result<bool, CellsError> {
+    pub fn record_usage(&self, cell: &str, report_id: &str, rows: &[UsageRow]) -> Result<ReportOutcome, CellsError> {
         check_id("cell id", cell)?;
         if report_id.is_empty() || report_id.len() > 128 {
             return Err(CellsError::Invalid { what: "report id", why: "1 to 128 bytes".into() });
         }
+        let latest_hour = now_ms() / 1000 + 2 * 86_400;
         for row in rows {
             check_id("workspace id", &row.workspace)?;
-            if row.metric.is_empty() || row.metric.len() > 32 || row.destination.len() > 255 || row.value < 0 {
-                return Err(CellsError::Invalid { what: "usage row", why: format!("{row:?}") });
+            let bad = row.metric.is_empty()
+                || row.metric.len() > 32
+                || row.destination.len() > 255
+                || !(0..=MAX_USAGE_VALUE).contains(&row.value)
+                || !(0..=latest_hour).contains(&row.hour)
+                || row.hour % 3600 != 0;
+            if bad {
+                let why =
+                    format!("{row:?}: a value of 0 to {MAX_USAGE_VALUE}, an hour's start (unix seconds, a multiple of 3600, not in the future)");
+                return Err(CellsError::Invalid { what: "usage row", why });
             }
         }
+        // A cell counts only what it serves: rows of other workspaces are left out (and said).
+        let served: std::collections::HashSet<String> = self.served_by(cell)?.into_iter().collect();
+        let (rows, refused): (Vec<&UsageRow>, Vec<&UsageRow>) = rows.iter().partition(|r| served.contains(&r.workspace));
+        let mut refused: Vec<String> = refused.into_iter().map(|r| r.workspace.clone()).collect();
+        refused.sort();
+        refused.dedup();
         let report =
             self.q(&self.dialect.insert_new(&format!("{PREFIX}usage_reports"), "cell, report_id, received_at", "?, ?, ?", "cell, report_id"));
         let add = self.q(&match self.dialect {
@@ -527,15 +555,16 @@ impl GlobalStore {
                 .to_owned(),
         });
         let now = now_ms();
-        self.write("recording a usage report", |c| {
+        let counted = self.write("recording a usage report", |c| {
             if c.execute(&report, &[Arg::Text(cell), Arg::Text(report_id), Arg::Int(now)])? != 1 {
                 return Ok(false);
             }
-            for r in rows {
+            for r in &rows {
                 c.execute(&add, &[Arg::Text(&r.workspace), Arg::Int(r.hour), Arg::Text(&r.destination), Arg::Text(&r.metric), Arg::Int(r.value)])?;
             }
             Ok(true)
-        })
+        })?;
+        Ok(ReportOutcome { counted, refused })
     }
 
     /// `workspace`'s usage rows with `from <= hour < to` (unix seconds).

@@ -376,19 +376,31 @@ fn a_workspace_no_cell_can_take_is_refused_with_the_reason(db: Db) {
 
 fn a_usage_report_sent_twice_counts_once(db: Db) {
     let store = db.open();
+    for (c, w) in [("cell-1", "acme"), ("cell-2", "beta")] {
+        store.put_cell(&cell(c, Tier::Smb, &[])).unwrap();
+        store.put_workspace(&workspace(w, Tier::Smb, &[])).unwrap();
+        store.set_override(w, c, "testing").unwrap();
+    }
     let hour = 1_764_590_400; // 2025-12-01T12:00:00Z
-    let row = move |metric: &str, destination: &str, value: i64| UsageRow {
-        workspace: "acme".into(),
+    let row_of = move |workspace: &str, metric: &str, destination: &str, value: i64| UsageRow {
+        workspace: workspace.into(),
         hour,
         destination: destination.into(),
         metric: metric.into(),
         value,
     };
+    let row = move |metric: &str, destination: &str, value: i64| row_of("acme", metric, destination, value);
     let report = vec![row("accepted", "", 100), row("duplicates", "", 3), row("delivered", "crm", 97)];
-    assert!(store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap());
-    assert!(!store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap(), "the same report again");
-    // Another report of the same hour (another cell, or this cell's next) adds.
-    assert!(store.record_usage("cell-2", "cell-1/1764590400/1", &[row("accepted", "", 5)]).unwrap(), "ids are per cell");
+    let counted = |o: sluice_cells::ReportOutcome| o.counted;
+    assert!(counted(store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap()));
+    assert!(!counted(store.record_usage("cell-1", "cell-1/1764590400/1", &report).unwrap()), "the same report again");
+    // Another report of the same hour adds; report ids are per cell.
+    assert!(counted(store.record_usage("cell-1", "cell-1/1764590400/2", &[row("accepted", "", 5)]).unwrap()));
+    let other = store.record_usage("cell-2", "cell-1/1764590400/1", &[row_of("beta", "accepted", "", 7)]).unwrap();
+    assert!(other.counted && other.refused.is_empty(), "ids are per cell: {other:?}");
+    // Red team: a cell reporting for a workspace it does not serve (or that does not exist) adds nothing to it.
+    let forged = store.record_usage("cell-2", "forged", &[row("accepted", "", 1_000_000), row_of("ghost", "accepted", "", 1)]).unwrap();
+    assert_eq!(forged.refused, ["acme", "ghost"]);
     let usage = store.usage("acme", hour, hour + 3600).unwrap();
     let total = |metric: &str| usage.iter().filter(|r| r.metric == metric).map(|r| r.value).sum::<i64>();
     assert_eq!((total("accepted"), total("duplicates"), total("delivered")), (105, 3, 97));
@@ -401,7 +413,7 @@ fn a_usage_report_sent_twice_counts_once(db: Db) {
             let store = db.open();
             std::thread::spawn(move || {
                 for _ in 0..2 {
-                    store.record_usage("cell-3", &format!("r{i}"), &[row("accepted", "", 10)]).unwrap();
+                    store.record_usage("cell-1", &format!("r{i}"), &[row("accepted", "", 10)]).unwrap();
                 }
             })
         })
@@ -429,7 +441,16 @@ fn bad_input_is_refused_with_a_clear_error(db: Db) {
     assert!(store.add_write_key("", "ok", "s").is_err());
     assert!(store.add_write_key(&"k".repeat(2000), "ok", "s").is_err());
     let bad_row = UsageRow { workspace: "ok".into(), hour: 0, destination: String::new(), metric: "accepted".into(), value: -1 };
-    assert!(store.record_usage("c", "r", &[bad_row]).is_err(), "negative counts");
+    assert!(store.record_usage("c", "r", std::slice::from_ref(&bad_row)).is_err(), "negative counts");
+    // Red team: a value that would overflow the sums, an hour that is not an hour's start, one far in the future.
+    for bad in [
+        UsageRow { value: i64::MAX, ..bad_row.clone() },
+        UsageRow { value: 1, hour: 1801, ..bad_row.clone() },
+        UsageRow { value: 1, hour: -3600, ..bad_row.clone() },
+        UsageRow { value: 1, hour: 4_102_444_800, ..bad_row.clone() },
+    ] {
+        assert!(store.record_usage("c", "r", std::slice::from_ref(&bad)).is_err(), "{bad:?}");
+    }
     assert!(store.record_usage("c", "", &[]).is_err(), "empty report id");
     // Nothing half-written by the refusals.
     assert_eq!(store.workspaces().unwrap().len(), 1);

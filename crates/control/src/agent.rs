@@ -30,6 +30,7 @@ use serde_json::json;
 use sluice_cells::{CellFeed, UsageRow};
 use sluice_core::metrics::{parse_text, Registry, Sample};
 use sluice_core::Shutdown;
+use sluice_ingest::{KeyResolver, Resolution};
 
 /// Unknown keys asked about at once.
 pub const MAX_ASKING: usize = 16;
@@ -228,8 +229,16 @@ impl CellAgent {
                 .send()
                 .await
                 .map_err(|e| format!("the control plane did not answer: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("the control plane answered {}", resp.status()));
+            let status = resp.status();
+            if status.is_client_error() && status != reqwest::StatusCode::UNAUTHORIZED && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+                // The control plane will never take it (a bug, or rows it refuses): set aside, not resent forever ahead of the rest.
+                let text = resp.text().await.unwrap_or_default();
+                tracing::error!(file = %path.display(), %status, answer = %text.chars().take(300).collect::<String>(), "the control plane refused a usage report; set aside as .refused");
+                let _ = std::fs::rename(&path, path.with_extension("refused"));
+                continue;
+            }
+            if !status.is_success() {
+                return Err(format!("the control plane answered {status}"));
             }
             std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             sent += 1;
@@ -239,26 +248,26 @@ impl CellAgent {
 }
 
 #[async_trait::async_trait]
-impl sluice_ingest::KeyResolver for CellAgent {
-    async fn resolve(&self, key: &str) -> bool {
+impl KeyResolver for CellAgent {
+    async fn resolve(&self, key: &str) -> Resolution {
         use sha2::Digest;
         let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
         if self.unknown.lock().expect("unknown lock").get(&hash).is_some_and(|t| t.elapsed() < FORGET_UNKNOWN_AFTER) {
-            return false;
+            return Resolution::Unknown;
         }
-        // A burst of new workspaces' first requests waits its turn (briefly); a flood past that is refused.
-        let Ok(Ok(_permit)) = tokio::time::timeout(ASK_TIMEOUT, self.asking.acquire()).await else { return false };
+        // A burst of new workspaces' first requests waits its turn (briefly); past that, "cannot tell now" (503).
+        let Ok(Ok(_permit)) = tokio::time::timeout(ASK_TIMEOUT, self.asking.acquire()).await else { return Resolution::Unavailable };
         let ask = self.http.get(self.url(&format!("keys/{hash}"))).bearer_auth(&self.token).timeout(ASK_TIMEOUT).send();
         match ask.await.map(|r| r.status()) {
             Ok(s) if s.is_success() => {
                 // Ours: the configuration that names it, now (bounded like the question).
                 match tokio::time::timeout(ASK_TIMEOUT, self.sync()).await {
-                    Ok(Ok(_)) => true,
+                    Ok(Ok(_)) => Resolution::Known,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "a key the control plane knows, but its configuration could not be fetched");
-                        false
+                        Resolution::Unavailable
                     }
-                    Err(_) => false,
+                    Err(_) => Resolution::Unavailable,
                 }
             }
             Ok(s) if s == reqwest::StatusCode::NOT_FOUND => {
@@ -267,10 +276,10 @@ impl sluice_ingest::KeyResolver for CellAgent {
                     unknown.clear();
                 }
                 unknown.insert(hash, Instant::now());
-                false
+                Resolution::Unknown
             }
-            // The control plane is down or refuses this cell: the key stays unknown, nothing remembered.
-            _ => false,
+            // The control plane is down or refuses this cell: nothing to tell, nothing remembered.
+            _ => Resolution::Unavailable,
         }
     }
 }
@@ -279,6 +288,9 @@ impl sluice_ingest::KeyResolver for CellAgent {
 #[derive(Default)]
 struct Meter {
     last: HashMap<(String, String, String), f64>,
+    /// The workspace each source and destination had when last seen: a
+    /// source removed since the last report still counts for its workspace.
+    workspaces: HashMap<(&'static str, String), String>,
 }
 
 impl Meter {
@@ -311,7 +323,16 @@ impl Meter {
             if delta == 0 {
                 continue;
             }
-            let Some(workspace) = workspace_of(kind, id) else { continue };
+            let workspace = match workspace_of(kind, id) {
+                Some(w) => {
+                    self.workspaces.insert((kind, id.to_owned()), w.clone());
+                    w
+                }
+                None => match self.workspaces.get(&(kind, id.to_owned())) {
+                    Some(w) => w.clone(),
+                    None => continue,
+                },
+            };
             let destination = if kind == "destination" { id.to_owned() } else { String::new() };
             *out.entry((workspace, destination, metric.to_owned())).or_default() += delta;
         }

@@ -292,14 +292,29 @@ struct Provisioned {
     attributes: BTreeMap<String, String>,
 }
 
-/// The most of the provisioner's output read.
+/// The most of the provisioner's output kept (the rest is read and dropped, so it never blocks on a full pipe).
 const MAX_PROVISIONER_OUTPUT: usize = 64 * 1024;
+
+/// All of `r`, keeping the first [`MAX_PROVISIONER_OUTPUT`] bytes; whether more came.
+async fn read_capped(mut r: impl tokio::io::AsyncRead + Unpin) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let (mut kept, mut buf, mut cut) = (Vec::new(), [0u8; 8192], false);
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let room = MAX_PROVISIONER_OUTPUT - kept.len();
+        kept.extend_from_slice(&buf[..n.min(room)]);
+        cut |= n > room;
+    }
+    (kept, cut)
+}
 
 /// Provision a new cell of `tier`: run the provisioner, register the cell
 /// `provisioning`, wait for its `/healthz`, make it `active`. The error is
 /// the reason, for the decision list.
 pub async fn provision(cp: &Arc<ControlPlane>, tier: Tier) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let deadline = Instant::now() + cp.settings.provision_timeout;
     let existing = cp.store(|s| s.cells()).await.map_err(|e| e.message().to_owned())?;
     let id = (1..).map(|n| format!("{}-{n}", tier.as_str())).find(|id| !existing.iter().any(|c| &c.id == id)).expect("an unused id");
@@ -312,23 +327,33 @@ pub async fn provision(cp: &Arc<ControlPlane>, tier: Tier) -> Result<(), String>
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
+        // A group of its own: on a timeout the whole group is killed, its children too.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run the provisioner {program:?}: {e}"))?;
+    let group = child.id();
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(request.to_string().as_bytes()).await.map_err(|e| format!("provisioner stdin: {e}"))?;
     drop(stdin);
     let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let read = async {
-        let (mut o, mut e) = (Vec::new(), Vec::new());
-        let (mut out, mut err) = (out.take(MAX_PROVISIONER_OUTPUT as u64), err.take(MAX_PROVISIONER_OUTPUT as u64));
-        let _ = tokio::join!(out.read_to_end(&mut o), err.read_to_end(&mut e));
+        let ((o, o_cut), (e, _)) = tokio::join!(read_capped(out), read_capped(err));
         let status = child.wait().await;
-        (status, o, e)
+        (status, o, o_cut, e)
     };
-    let (status, stdout, stderr) = tokio::time::timeout_at(deadline.into(), read)
-        .await
-        .map_err(|_| format!("the provisioner took longer than {:?}", cp.settings.provision_timeout))?;
+    let Ok((status, stdout, stdout_cut, stderr)) = tokio::time::timeout_at(deadline.into(), read).await else {
+        if let Some(pid) = group {
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        }
+        return Err(format!(
+            "the provisioner took longer than {:?} (killed with its process group; a provisioner must not leave a process holding its stdout)",
+            cp.settings.provision_timeout
+        ));
+    };
     let status = status.map_err(|e| format!("the provisioner: {e}"))?;
+    if stdout_cut {
+        return Err(format!("the provisioner printed more than {MAX_PROVISIONER_OUTPUT} bytes; it prints one JSON object"));
+    }
     if !status.success() {
         return Err(format!("the provisioner failed ({status}): {}", String::from_utf8_lossy(&stderr).trim().chars().take(500).collect::<String>()));
     }
@@ -366,7 +391,13 @@ pub async fn provision(cp: &Arc<ControlPlane>, tier: Tier) -> Result<(), String>
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("cell {id} did not answer /healthz within {:?}; it stays provisioning", cp.settings.provision_timeout));
+            // Retired, not left provisioning: a tier with a provisioning cell waits for it, and this one will not come.
+            let cid = id.clone();
+            let _ = cp.store(move |s| s.set_cell_state(&cid, CellState::Retired)).await;
+            return Err(format!(
+                "cell {id} did not answer {}/healthz within {:?}: retired it (a new cell is tried after {:?})",
+                cell.admin_url, cp.settings.provision_timeout, PROVISION_BACKOFF
+            ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -490,12 +490,22 @@ struct UsageQuery {
     to: Option<String>,
 }
 
-/// A time as unix seconds: a number, or RFC 3339.
+/// The latest time a usage query may name (year 5138): far past any row, far from overflowing.
+const MAX_TIME: i64 = 100_000_000_000;
+
+/// A time as unix seconds: a number, or RFC 3339; from 0 to [`MAX_TIME`].
 pub fn parse_time(text: &str) -> Result<i64, String> {
-    if let Ok(n) = text.trim().parse::<i64>() {
-        return Ok(n);
+    let t = match text.trim().parse::<i64>() {
+        Ok(n) => n,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(text.trim())
+            .map(|t| t.timestamp())
+            .map_err(|_| format!("{text:?}: unix seconds or an RFC 3339 time"))?,
+    };
+    if (0..=MAX_TIME).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("{text:?}: a time from 1970 on"))
     }
-    chrono::DateTime::parse_from_rfc3339(text.trim()).map(|t| t.timestamp()).map_err(|_| format!("{text:?}: unix seconds or an RFC 3339 time"))
 }
 
 async fn usage(State(cp): State<Shared>, Query(q): Query<UsageQuery>) -> ApiResult {
@@ -514,7 +524,9 @@ pub fn usage_json(workspace: &str, from: i64, to: i64, rows: &[UsageRow]) -> Val
     let mut totals: BTreeMap<String, i64> = BTreeMap::new();
     for r in rows {
         let key = if r.destination.is_empty() { r.metric.clone() } else { format!("{}/{}", r.metric, r.destination) };
-        *totals.entry(key).or_default() += r.value;
+        // Rows are bounded (`MAX_USAGE_VALUE`); saturating all the same, never wrapping.
+        let total = totals.entry(key).or_default();
+        *total = total.saturating_add(r.value);
     }
     json!({ "workspace": workspace, "from": from, "to": to, "totals": totals, "hours": rows })
 }
@@ -558,7 +570,11 @@ async fn cell_usage(State(cp): State<Shared>, Path(id): Path<String>, headers: H
     if b.rows.len() > MAX_REPORT_ROWS {
         return Err(ApiError::bad_request("too_many_rows", format!("a report holds at most {MAX_REPORT_ROWS} rows")));
     }
-    let counted = cp.store(move |s| s.record_usage(&id, &b.report_id, &b.rows)).await?;
-    cp.metrics.usage_reports.get_or_create(&vec![("outcome", if counted { "counted" } else { "repeat" }.to_owned())]).inc();
-    ok(json!({ "counted": counted }))
+    let cell = id.clone();
+    let outcome = cp.store(move |s| s.record_usage(&id, &b.report_id, &b.rows)).await?;
+    cp.metrics.usage_reports.get_or_create(&vec![("outcome", if outcome.counted { "counted" } else { "repeat" }.to_owned())]).inc();
+    if outcome.counted && !outcome.refused.is_empty() {
+        tracing::warn!(%cell, refused = ?outcome.refused, "a cell reported usage of workspaces it does not serve; those rows were left out");
+    }
+    ok(json!({ "counted": outcome.counted, "refused_workspaces": outcome.refused }))
 }

@@ -743,6 +743,9 @@ pub struct KafkaConfig {
     pub request_timeout: Duration,
     /// `client.id`, and the prefix of the dedup stage's transactional ids.
     pub client_id: String,
+    /// Put before every topic and consumer group name (`cell-a.input`,
+    /// `cell-a.dedup`): cells sharing one Kafka cluster each give their own.
+    pub topic_prefix: String,
     /// Extra librdkafka settings for every client, e.g. `"socket.keepalive.enable" = "true"`.
     pub settings: std::collections::BTreeMap<String, String>,
 }
@@ -878,6 +881,7 @@ impl Default for KafkaConfig {
             produce_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             client_id: "sluice".into(),
+            topic_prefix: String::new(),
             settings: Default::default(),
         }
     }
@@ -1565,6 +1569,10 @@ impl Config {
             }
             if !(1..=32).contains(&k.replication_factor) {
                 return Err(invalid("log.kafka.replication_factor", "must be between 1 and 32"));
+            }
+            // Kafka's topic names: at most 249 of [A-Za-z0-9._-]; the longest topic is `input.secondary`.
+            if k.topic_prefix.len() > 200 || !k.topic_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                return Err(invalid("log.kafka.topic_prefix", "must be at most 200 of A-Z, a-z, 0-9, '.', '_' or '-'"));
             }
             for (key, d) in [("log.kafka.produce_timeout", k.produce_timeout), ("log.kafka.request_timeout", k.request_timeout)] {
                 if d < Duration::from_millis(100) {
@@ -2412,6 +2420,20 @@ mod tests {
         assert!(err.contains("dedup.bloom_bits_per_key"), "{err}");
         let err = load("[dedup]\nwindow = \"0s\"\n").unwrap_err().to_string();
         assert!(err.contains("dedup.window"), "{err}");
+    }
+
+    #[test]
+    fn a_kafka_topic_prefix_is_checked() {
+        let kafka = |prefix: &str| {
+            load(&format!(
+                "[log]\nbackend = \"kafka\"\n[log.kafka]\ntopic_prefix = \"{prefix}\"\n[log.kafka.primary]\nbootstrap_servers = \"k:9092\"\n"
+            ))
+        };
+        assert_eq!(kafka("cell-a.").unwrap().log.kafka.topic_prefix, "cell-a.");
+        for bad in ["a b", "a/b", "é", &"x".repeat(201)] {
+            let err = kafka(bad).unwrap_err().to_string();
+            assert!(err.contains("log.kafka.topic_prefix"), "{bad}: {err}");
+        }
     }
 
     #[test]

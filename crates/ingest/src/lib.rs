@@ -151,9 +151,22 @@ impl IngestMetrics {
 /// here a moment ago (the router forwards its first request at once).
 #[async_trait::async_trait]
 pub trait KeyResolver: Send + Sync {
-    /// True when the sources may now hold `key` (ingest looks again).
-    /// Bounded in time; a key asked about recently may be answered from memory.
-    async fn resolve(&self, key: &str) -> bool;
+    /// Whether the sources may now hold `key`. Bounded in time; a key asked
+    /// about recently may be answered from memory.
+    async fn resolve(&self, key: &str) -> Resolution;
+}
+
+/// A [`KeyResolver`]'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The key is this cell's, and the sources now hold it: look again.
+    Known,
+    /// Nobody knows the key: refuse it (`401`, or dropped under `accept_and_drop`).
+    Unknown,
+    /// Whether the key is this cell's cannot be told now (the control plane
+    /// does not answer, or too many questions wait): `503`, and the SDK
+    /// retries. A `401` would make it drop a valid workspace's events.
+    Unavailable,
 }
 
 /// Everything a request handler needs.
@@ -216,14 +229,20 @@ impl Ingest {
         let _ = self.resolver.set(resolver);
     }
 
-    /// The source `write_key` names, asking the resolver (if any) when it is unknown.
-    async fn source_or_resolve(&self, write_key: &str) -> Option<Arc<Source>> {
+    /// The source `write_key` names, asking the resolver (if any) when it
+    /// is unknown; `503` when the resolver cannot tell.
+    async fn source_or_resolve(&self, write_key: &str) -> Result<Option<Arc<Source>>, ApiError> {
         if let Some(s) = self.source(write_key) {
-            return Some(s);
+            return Ok(Some(s));
         }
-        match self.resolver.get() {
-            Some(r) if !write_key.contains(':') && r.resolve(write_key).await => self.source(write_key),
-            _ => None,
+        let Some(r) = self.resolver.get().filter(|_| !write_key.contains(':')) else { return Ok(None) };
+        match r.resolve(write_key).await {
+            Resolution::Known => Ok(self.source(write_key)),
+            Resolution::Unknown => Ok(None),
+            Resolution::Unavailable => {
+                Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this cell cannot check the write key right now; retry")
+                    .retry_after(5))
+            }
         }
     }
 
@@ -323,17 +342,18 @@ async fn handle(State(ingest): State<Arc<Ingest>>, call: Result<Path<String>, Pa
     confirm_cell(&ingest.settings, &headers, resp)
 }
 
-/// A request from a cell router (`X-Sluice-Cell`) gets the header back on
-/// every answer of ingest's own: the router takes an answer without it as
-/// not from a Sluice cell (a URL pointing elsewhere) and answers 503, so a
-/// stray server's 200 or 400 never reaches the client as Sluice's.
+/// A request from a cell router (`X-Sluice-Cell`) to a cell with a
+/// `cell.id` gets that id back on every answer of ingest's own: the router
+/// takes an answer without its cell's id as not from that cell (a URL
+/// pointing at another server, or at a Sluice that is not a cell) and
+/// answers 503, so no other server's 200 or 400 reaches the client as the
+/// cell's. A Sluice without `cell.id` confirms nothing (red team: it
+/// echoed the router's header, so any Sluice passed for any cell).
 fn confirm_cell(settings: &IngestSettings, headers: &HeaderMap, mut resp: Response) -> Response {
-    if let Some(meant) = headers.get("x-sluice-cell") {
-        let value = match &settings.cell {
-            Some(id) => http::HeaderValue::from_str(id).unwrap_or_else(|_| meant.clone()),
-            None => meant.clone(),
-        };
-        resp.headers_mut().insert("x-sluice-cell", value);
+    if let (Some(_), Some(id)) = (headers.get("x-sluice-cell"), &settings.cell) {
+        if let Ok(value) = http::HeaderValue::from_str(id) {
+            resp.headers_mut().insert("x-sluice-cell", value);
+        }
     }
     resp
 }
@@ -400,7 +420,7 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     // With the key in a header, authenticate before any JSON work: an
     // unknown key costs reading (and discarding) a bounded body, no parse.
     let auth = match basic_auth_key(headers) {
-        Some(key) => Auth::Header(ingest.source_or_resolve(&key).await),
+        Some(key) => Auth::Header(ingest.source_or_resolve(&key).await?),
         None => Auth::Body,
     };
     if matches!(auth, Auth::Header(None)) && settings.unknown_write_key == UnknownWriteKey::Reject {
@@ -414,7 +434,7 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
     let mut prepared = prepare_body(ingest, call, auth, raw.clone(), encoding, body_key && ingest.resolver.get().is_some()).await?;
     if let Prepared::Unresolved(key) = &prepared {
         // A body's key ingest does not know: asked about, then the body is read again.
-        let found = ingest.source_or_resolve(key).await;
+        let found = ingest.source_or_resolve(key).await?;
         prepared = prepare_body(ingest, call, Auth::Resolved(found), raw, encoding, false).await?;
     }
     let Prepared::Records { source, by_partition, accepted } = prepared else { return Ok(()) };

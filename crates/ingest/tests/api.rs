@@ -196,6 +196,35 @@ async fn a_source_given_as_its_keys_hash_accepts_the_key_and_not_the_hash() {
     assert_eq!(keys, ["hidden/h1", "hidden/h2", "web/w1"]);
 }
 
+/// A cell confirms its id to a router (`X-Sluice-Cell`) on its answers, and
+/// refuses a request meant for another cell; a Sluice that is not a cell
+/// confirms nothing (red team: it echoed the header, so it passed for any cell).
+#[tokio::test]
+async fn a_cell_confirms_its_id_to_routers_and_a_plain_sluice_does_not() {
+    let cell = |id: Option<&str>| {
+        let mut s = settings();
+        s.cell = id.map(str::to_owned);
+        Harness::with(s, &sources())
+    };
+    let routed = |to: &str| {
+        let mut req = post_json("/v1/track", Some(WEB_KEY), &event("track", "c1"));
+        req.headers_mut().insert("x-sluice-cell", to.parse().unwrap());
+        req
+    };
+    let h = cell(Some("c1"));
+    let resp = h.send(routed("c1")).await;
+    resp.assert_success();
+    assert_eq!(resp.headers.get("x-sluice-cell").map(|v| v.to_str().unwrap()), Some("c1"));
+    let resp = h.send(routed("c2")).await;
+    assert_eq!(resp.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(!resp.headers.contains_key("x-sluice-cell"), "a refusal confirms nothing");
+    let plain = cell(None);
+    let resp = plain.send(routed("c1")).await;
+    resp.assert_success();
+    assert!(!resp.headers.contains_key("x-sluice-cell"), "not a cell: no confirmation");
+    assert_eq!(h.records().len() + plain.records().len(), 2, "the refused request stored nothing");
+}
+
 #[tokio::test]
 async fn an_unknown_write_key_with_accept_and_drop_answers_200_and_stores_nothing() {
     let mut s = settings();

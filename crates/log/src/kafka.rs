@@ -84,6 +84,11 @@ pub struct KafkaOptions {
     pub settings: Vec<(String, String)>,
     /// How the link to the brokers is protected (TLS, SASL), and its name in errors.
     pub link: KafkaLink,
+    /// Put before every topic and consumer group name on the cluster
+    /// (`input` → `<prefix>input`), so several Sluice deployments (cells)
+    /// share one cluster without meeting. Callers name topics and groups
+    /// without it; `topics` and `retention` too.
+    pub topic_prefix: String,
 }
 
 /// The protection of one Kafka link: librdkafka's `security.protocol`,
@@ -122,6 +127,7 @@ impl KafkaOptions {
             client_id: "sluice".into(),
             settings: Vec::new(),
             link: KafkaLink::default(),
+            topic_prefix: String::new(),
         }
     }
 
@@ -416,7 +422,17 @@ impl KafkaLog {
     /// `replication_factor`; less is refused: with `acks=all` an append would
     /// rest on too few brokers). Blocks (call from a blocking context or at
     /// startup).
-    pub fn connect(options: KafkaOptions) -> Result<KafkaLog, LogError> {
+    pub fn connect(mut options: KafkaOptions) -> Result<KafkaLog, LogError> {
+        // From here on the names are the cluster's: the prefix is put on at the `Log` methods.
+        if !options.topic_prefix.is_empty() {
+            let prefix = options.topic_prefix.clone();
+            for (t, _) in options.topics.iter_mut() {
+                *t = format!("{prefix}{t}");
+            }
+            for (t, _) in options.retention.iter_mut() {
+                *t = format!("{prefix}{t}");
+            }
+        }
         probe(&options)?;
         let producer: FutureProducer = options.producer().create().map_err(kafka("create producer"))?;
         let offsets_client: BaseConsumer = options.consumer("sluice-offsets").create().map_err(kafka("create consumer"))?;
@@ -438,6 +454,21 @@ impl KafkaLog {
 
     pub fn bootstrap_servers(&self) -> &str {
         &self.inner.options.bootstrap_servers
+    }
+
+    /// `name` (a topic or a group) as the cluster knows it: with the prefix.
+    fn on_cluster<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        match self.inner.options.topic_prefix.as_str() {
+            "" => std::borrow::Cow::Borrowed(name),
+            prefix => std::borrow::Cow::Owned(format!("{prefix}{name}")),
+        }
+    }
+
+    /// The readable range of the cluster's `topic` (a name with the prefix).
+    async fn watermarks(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
+        self.inner.check(topic, partition)?;
+        let topic = topic.to_owned();
+        self.blocking(move |inner| inner.watermarks(&topic, partition)).await
     }
 
     /// One `transactional.id` per (group, input partition): its owner's fence.
@@ -1154,17 +1185,22 @@ async fn produce(producer: &FutureProducer, topic: &str, partition: u32, records
 }
 
 #[async_trait]
+/// The `Log` methods take the names callers use; each puts
+/// [`KafkaOptions::topic_prefix`] on them (`self.on_cluster`) first, and
+/// works with the cluster's names from there.
 impl Log for KafkaLog {
     fn partitions(&self, topic: &str) -> Result<u32, LogError> {
-        self.inner.partitions.get(topic).copied().ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
+        let topic = self.on_cluster(topic);
+        self.inner.partitions.get(topic.as_ref()).copied().ok_or_else(|| LogError::UnknownTopic(topic.into_owned()))
     }
 
     async fn append(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<u64, LogError> {
-        self.inner.check(topic, partition)?;
+        let topic = self.on_cluster(topic);
+        self.inner.check(&topic, partition)?;
         if records.is_empty() {
-            return Ok(self.offsets(topic, partition).await?.end);
+            return Ok(self.watermarks(&topic, partition).await?.end);
         }
-        Ok(produce(&self.inner.producer, topic, partition, &records, self.inner.options.delivery_bound()).await?.0)
+        Ok(produce(&self.inner.producer, &topic, partition, &records, self.inner.options.delivery_bound()).await?.0)
     }
 
     async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, LogError> {
@@ -1172,28 +1208,27 @@ impl Log for KafkaLog {
     }
 
     async fn read_batch(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<ReadBatch, LogError> {
-        let topic = topic.to_owned();
+        let topic = self.on_cluster(topic).into_owned();
         self.blocking(move |inner| inner.read(&topic, partition, from, max_records)).await
     }
 
     async fn offsets(&self, topic: &str, partition: u32) -> Result<OffsetRange, LogError> {
-        self.inner.check(topic, partition)?;
-        let topic = topic.to_owned();
-        self.blocking(move |inner| inner.watermarks(&topic, partition)).await
+        self.watermarks(&self.on_cluster(topic), partition).await
     }
 
     async fn commit(&self, at: Checkpoint<'_>) -> Result<(), LogError> {
-        let (group, topic, partition, next_offset) = (at.group.to_owned(), at.topic.to_owned(), at.partition, at.next_offset);
+        let (group, topic, partition, next_offset) =
+            (self.on_cluster(at.group).into_owned(), self.on_cluster(at.topic).into_owned(), at.partition, at.next_offset);
         self.blocking(move |inner| inner.commit(&group, &topic, partition, next_offset)).await
     }
 
     async fn committed(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let (group, topic) = (self.on_cluster(group).into_owned(), self.on_cluster(topic).into_owned());
         Ok(self.blocking(move |inner| inner.committed(&group, &topic, partition)).await?.0)
     }
 
     async fn resume_point(&self, group: &str, topic: &str, partition: u32) -> Result<Option<u64>, LogError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let (group, topic) = (self.on_cluster(group).into_owned(), self.on_cluster(topic).into_owned());
         let (committed, metadata) = self.blocking(move |inner| inner.committed(&group, &topic, partition)).await?;
         Ok(match (committed, parse_replay_metadata(&metadata)) {
             (Some(c), Some(r)) => Some(c.min(r)),
@@ -1206,6 +1241,7 @@ impl Log for KafkaLog {
     }
 
     async fn fence(&self, group: &str, in_topic: &str, partition: u32) -> Result<(), LogError> {
+        let (group, in_topic) = (&*self.on_cluster(group), &*self.on_cluster(in_topic));
         self.inner.check(in_topic, partition)?;
         let id = self.transactional_id(group, in_topic, partition);
         // A new producer's init_transactions is what fences the old one.
@@ -1243,6 +1279,7 @@ impl Log for KafkaLog {
 
     async fn publish_and_commit(&self, p: Publish<'_>) -> Result<Option<u64>, LogError> {
         let Publish { out_topic, records, commit: Checkpoint { group, topic: in_topic, partition, next_offset }, replay_from } = p;
+        let (out_topic, group, in_topic) = (&*self.on_cluster(out_topic), &*self.on_cluster(group), &*self.on_cluster(in_topic));
         self.inner.check(out_topic, partition)?;
         self.inner.check(in_topic, partition)?;
         let id = self.transactional_id(group, in_topic, partition);
@@ -1285,6 +1322,7 @@ impl Log for KafkaLog {
     }
 
     fn join(&self, group: &str, topic: &str) -> Result<Membership, LogError> {
+        let (group, topic) = (&*self.on_cluster(group), &*self.on_cluster(topic));
         self.inner.check(topic, 0)?;
         let (tx, rx) = watch::channel(BTreeSet::new());
         let context = MemberContext { topic: topic.to_owned(), owned: tx };

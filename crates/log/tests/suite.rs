@@ -88,6 +88,21 @@ fn mock(topics: &[String]) -> Option<Backend> {
     Some(kafka_backend(bootstrap, topics, Box::new(Mock(cluster))))
 }
 
+/// The prefix of [`mock_prefixed`]'s log.
+const PREFIX: &str = "cell-7.";
+
+/// A mock cluster whose topics carry a prefix, and a log given that prefix:
+/// the whole contract holds with the callers' names, and the names on the
+/// cluster are the prefixed ones (its topics exist only under them).
+fn mock_prefixed(topics: &[String]) -> Option<Backend> {
+    let on_cluster: Vec<String> = topics.iter().map(|t| format!("{PREFIX}{t}")).collect();
+    let cluster = mock_cluster(&on_cluster);
+    let mut options = kafka_options(&cluster.bootstrap_servers(), topics);
+    options.topic_prefix = PREFIX.into();
+    let log: Arc<dyn Log> = Arc::new(KafkaLog::connect(options.clone()).expect("connect to Kafka"));
+    Some(Backend { log, kafka: Some(options), _keep: Box::new(Mock(cluster)) })
+}
+
 fn real(topics: &[String]) -> Option<Backend> {
     match std::env::var("SLUICE_TEST_KAFKA_BOOTSTRAP") {
         Ok(b) if !b.is_empty() => Some(kafka_backend(b, topics, Box::new(()))),
@@ -312,6 +327,7 @@ macro_rules! suite {
 
 suite!(embedded);
 suite!(mock);
+suite!(mock_prefixed);
 suite!(real);
 
 // rdkafka's MockCluster accepts transactions but keeps no transactional
@@ -419,6 +435,7 @@ macro_rules! kafka_suite {
 }
 
 kafka_suite!(mock_kafka, mock);
+kafka_suite!(mock_prefixed_kafka, mock_prefixed);
 kafka_suite!(real_kafka, real);
 
 #[tokio::test(flavor = "multi_thread")]
@@ -448,4 +465,41 @@ async fn mock_broker_down_fails_appends() {
     while let Err(e) = log.append(&t, 0, vec![rec("c", "3")]).await {
         assert!(Instant::now() < deadline, "appends never recovered: {e}");
     }
+}
+
+/// Two logs with different topic prefixes on one real broker (two cells
+/// sharing a Kafka cluster): the same names (`input`, group `dedup`) are
+/// different topics and groups, and neither sees the other's records or offsets.
+#[tokio::test(flavor = "multi_thread")]
+async fn real_kafka_prefixes_keep_cells_apart() {
+    let Ok(bootstrap) = std::env::var("SLUICE_TEST_KAFKA_BOOTSTRAP") else {
+        if std::env::var("SLUICE_REQUIRE_KAFKA").as_deref() == Ok("1") {
+            panic!("SLUICE_REQUIRE_KAFKA=1 but SLUICE_TEST_KAFKA_BOOTSTRAP is not set");
+        }
+        return;
+    };
+    let run = unique("cells");
+    let logs: Vec<Arc<dyn Log>> = futures_for(&bootstrap, &[format!("{run}.a."), format!("{run}.b.")]).await;
+    let (a, b) = (&logs[0], &logs[1]);
+    a.append("input", 0, vec![rec("k", "from a")]).await.unwrap();
+    b.append("input", 0, vec![rec("k", "from b"), rec("k2", "from b")]).await.unwrap();
+    let read = |log: &Arc<dyn Log>| {
+        let log = log.clone();
+        async move { log.read("input", 0, 0, 10).await.unwrap().into_iter().map(|r| String::from_utf8(r.value.to_vec()).unwrap()).collect::<Vec<_>>() }
+    };
+    assert_eq!(read(a).await, ["from a"]);
+    assert_eq!(read(b).await, ["from b", "from b"]);
+    a.commit(Checkpoint { group: "dedup", topic: "input", partition: 0, next_offset: 1 }).await.unwrap();
+    assert_eq!(a.committed("dedup", "input", 0).await.unwrap(), Some(1));
+    assert_eq!(b.committed("dedup", "input", 0).await.unwrap(), None, "b's group dedup is another group");
+}
+
+async fn futures_for(bootstrap: &str, prefixes: &[String]) -> Vec<Arc<dyn Log>> {
+    let mut out = Vec::new();
+    for p in prefixes {
+        let mut options = kafka_options(bootstrap, &["input".to_owned()]);
+        options.topic_prefix = p.clone();
+        out.push(Arc::new(tokio::task::spawn_blocking(move || KafkaLog::connect(options)).await.unwrap().expect("connect")) as Arc<dyn Log>);
+    }
+    out
 }

@@ -343,6 +343,11 @@ fn lookup(store: &GlobalStore, key: &str, retry_after: u64) -> Result<(Route, &'
         tracing::error!(workspace = %workspace.id, cell = %placed.cell, "a workspace is assigned to a cell the store does not list");
         return Err(unavailable("this workspace's cell is unknown; retry later", 60));
     };
+    if cell.state == sluice_cells::CellState::Retired {
+        // Red team: a retired cell got its workspaces' traffic on; it may be gone, or answer as nobody's.
+        tracing::error!(workspace = %workspace.id, cell = %cell.id, "a workspace is served by a retired cell; its requests are answered 503 until it is moved");
+        return Err(unavailable("this workspace's cell is retired; retry later", 60));
+    }
     let path = if placed.new { "new" } else { "miss" };
     Ok((Route::Cell { workspace: workspace.id, cell: cell.id, ingest_url: cell.ingest_url }, path))
 }

@@ -177,3 +177,27 @@ async fn an_answer_not_from_a_sluice_cell_is_not_relayed() {
         assert_eq!(r.metrics.forwarded.get_or_create(&vec![("cell", "fake".to_owned()), ("status", "not_a_cell".to_owned())]).get(), 1);
     }
 }
+
+/// Red team: a retired cell kept receiving its workspaces' traffic. Its
+/// workspaces are answered 503 (they must be moved), and nothing is sent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_cells_workspaces_are_answered_503() {
+    let url = fake_cell(|| (StatusCode::OK, r#"{"success":true}"#).into_response()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = router(dir.path(), &url);
+    assert_eq!(app(r.clone()).oneshot(track()).await.unwrap().status(), StatusCode::OK);
+    let store = GlobalStore::open(&dir.path().join("global.sqlite").display().to_string()).unwrap();
+    store.set_cell_state("fake", CellState::Retired).unwrap();
+    // A fresh router (no cache): the state is read with the route.
+    let fresh = CellRouter::new(
+        vec![store],
+        GlobalStore::open(&dir.path().join("global.sqlite").display().to_string()).unwrap(),
+        RouterSettings::from_config(&sluice_core::Config::load(None).unwrap()),
+    )
+    .unwrap();
+    let resp = app(fresh.clone()).oneshot(track()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("retired"), "{body:?}");
+    assert_eq!(fresh.metrics.forwarded.get_or_create(&vec![("cell", "fake".to_owned()), ("status", "200".to_owned())]).get(), 0);
+}

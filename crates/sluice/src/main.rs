@@ -837,6 +837,7 @@ fn kafka_options(config: &Config, cluster: &sluice_core::config::KafkaCluster, p
     o.produce_timeout = k.produce_timeout;
     o.request_timeout = k.request_timeout;
     o.client_id = k.client_id.clone();
+    o.topic_prefix = k.topic_prefix.clone();
     o.settings = k.settings.iter().map(|(a, b)| (a.clone(), b.clone())).collect();
     o.link = kafka_link(cluster, if primary { "kafka primary" } else { "kafka secondary" });
     if !primary && k.primary.security_protocol != cluster.security_protocol {

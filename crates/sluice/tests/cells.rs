@@ -66,14 +66,15 @@ fn the_router_sends_each_workspace_to_its_one_cell() {
     let second_source = format!("[[sources]]\nid = \"second\"\nwrite_key = \"{SECOND_KEY}\"\n");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The cells trust the router's address with their per-client limits (it carries every client).
-    let cell_config = |dir: &std::path::Path| {
-        let path = write_config(dir, &second_source);
+    // A cell behind a router knows its id (it confirms it on its answers; the router relays nothing else).
+    let cell_config = |dir: &std::path::Path, id: &str| {
+        let path = write_config(dir, &format!("{second_source}[cell]\nid = \"{id}\"\n"));
         let text = std::fs::read_to_string(&path).unwrap().replacen("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n", 1);
         std::fs::write(&path, text).unwrap();
         path
     };
-    let cell_a = Server::start(&cell_config(dir_a.path()));
-    let mut cell_b = Some(Server::start(&cell_config(dir_b.path())));
+    let cell_a = Server::start(&cell_config(dir_a.path(), "cell-a"));
+    let mut cell_b = Some(Server::start(&cell_config(dir_b.path(), "cell-b")));
 
     let store_dir = tempfile::tempdir().unwrap();
     let store_path = store_dir.path().join("global.sqlite").display().to_string();

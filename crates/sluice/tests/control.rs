@@ -247,6 +247,11 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     }
     let at_zero = api.ok("GET", "/api/usage?workspace=acme&from=0&to=3600", None);
     assert_eq!(at_zero["totals"]["accepted"], 5, "{at_zero}");
+    // Red team: c1 reporting usage of globex (c2's workspace) adds nothing to it.
+    let forged = json!({"report_id": "forged-1", "rows": [{"workspace": "globex", "hour": 0, "metric": "accepted", "value": 1000000}]});
+    let answer: Value = http.post(format!("{}/api/cells/c1/usage", api.base)).bearer_auth(&c1_token).json(&forged).send().unwrap().json().unwrap();
+    assert_eq!(answer["refused_workspaces"], json!(["globex"]), "{answer}");
+    assert_eq!(api.ok("GET", "/api/usage?workspace=globex&from=0&to=3600", None)["totals"], json!({}));
     // Another cell's token is not c1's.
     let resp = http.post(format!("{}/api/cells/c2/usage", api.base)).bearer_auth(&c1_token).json(&report).send().unwrap();
     assert_eq!(resp.status(), 401);
@@ -257,8 +262,26 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     let before = sink.by_message_id("/acme").len();
     assert_eq!(send(&http, &router_url, &acme_key, &ids("offline", 7), &[]).0, 200, "served without the control plane");
     delivered("/acme", before + 7);
+    // A workspace placed meanwhile (in the store directly): its cell cannot check the key, so it asks the client to retry (503), never 401.
+    {
+        let direct = sluice_cells::GlobalStore::open(&store).unwrap();
+        direct
+            .put_workspace(&sluice_cells::Workspace {
+                id: "late".into(),
+                name: String::new(),
+                tier: sluice_cells::Tier::Smb,
+                constraints: Default::default(),
+                disabled: false,
+            })
+            .unwrap();
+        direct.add_write_key("wk_late_workspace_key", "late", "late-web").unwrap();
+        direct.set_override("late", "c1", "testing").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300)); // the router's next mapping poll
+    assert_eq!(send(&http, &router_url, "wk_late_workspace_key", &ids("late", 1), &[]).0, 503, "retry, not 401: the key may be valid");
     std::thread::sleep(Duration::from_secs(2)); // a few report rounds fail meanwhile
     let control = Server::start_role("control", &control_config, &[("SLUICE_GLOBAL_STORE", &store)]);
+    assert_eq!(send(&http, &router_url, "wk_late_workspace_key", &ids("late", 1), &[]).0, 200, "the retry is accepted");
     assert_eq!(format!("http://{}", control.addr), api.base, "back on its address");
     let acme_delivered = sink.by_message_id("/acme").len() as i64;
     wait_for(
