@@ -69,7 +69,7 @@ impl Harness {
             ..LogOptions::default()
         };
         let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).expect("open log"));
-        let sources = [SourceConfig { id: SOURCE.into(), write_key: KEY.into(), rate_limit: None, rate_burst: None }];
+        let sources = [SourceConfig { id: SOURCE.into(), write_key: KEY.into(), rate_limit: None, rate_burst: None, workspace: None }];
         let dyn_log: Arc<dyn Log> = log.clone();
         let ingest = Arc::new(Ingest::new(dyn_log, settings.clone(), &sources, 0).expect("ingest"));
         let app = router(ingest);
@@ -87,6 +87,8 @@ fn harnesses() -> &'static [Mutex<Harness>; 2] {
             max_event_bytes: 1024,
             max_batch_events: 8,
             body_read_timeout: Duration::from_secs(5),
+            // A cell: requests with X-Sluice-Cell are checked against its id too.
+            cell: Some("fuzz-cell".into()),
         };
         // Enter the runtime: the log and router may start timers.
         let _guard = sluice_fuzz::runtime().enter();

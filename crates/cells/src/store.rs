@@ -468,6 +468,28 @@ impl GlobalStore {
         }))
     }
 
+    /// Every workspace with where it is served (override first, else its
+    /// assignment; `None`: not placed), in one statement.
+    pub fn placements(&self) -> Result<Vec<(Workspace, Option<Placement>)>, CellsError> {
+        let columns = WORKSPACE_COLUMNS.split(", ").map(|c| format!("w.{c}")).collect::<Vec<_>>().join(", ");
+        let sql = self.q(&format!(
+            "SELECT {columns}, o.cell, o.reason, a.cell, a.reason FROM {{p}}workspaces w
+               LEFT JOIN {{p}}overrides o ON o.workspace = w.id
+               LEFT JOIN {{p}}assignments a ON a.workspace = w.id
+              ORDER BY w.id"
+        ));
+        self.read("reading the placements", |c| {
+            c.query(&sql, &[], |r| {
+                let served = match (r.opt_text(5)?, r.opt_text(7)?) {
+                    (Some(cell), _) => Some(Placement { cell, reason: format!("override: {}", r.text(6)?), new: false }),
+                    (None, Some(cell)) => Some(Placement { cell, reason: r.text(8)?, new: false }),
+                    (None, None) => None,
+                };
+                Ok((workspace_row(r)?, served))
+            })
+        })
+    }
+
     /// Where `workspace` is served, placing it first if it has no cell yet
     /// (see [`GlobalStore::place_new`]).
     pub fn place(&self, workspace: &str) -> Result<Placement, CellsError> {

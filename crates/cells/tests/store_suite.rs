@@ -147,6 +147,11 @@ fn a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves(db: Db) {
     assert!(store.rotate_write_key("w2", "w2-web", "wk_w2_new").unwrap());
     assert!(store.route_key("wk_w2").unwrap().is_none());
     assert_eq!(store.route_key("wk_w2_new").unwrap().unwrap().source, "w2-web");
+    // All placements in one read agree with each workspace's own.
+    for (w, at) in store.placements().unwrap() {
+        assert_eq!(at, store.resolve(&w.id).unwrap(), "{}", w.id);
+    }
+    assert!(store.placements().unwrap().iter().any(|(w, at)| w.id == "w3" && at.is_none()), "w3 is not placed");
     assert!(store.delete_destination("w2", "w2-hook").unwrap());
     assert!(store.cell_feed("fb").unwrap().connections.is_empty(), "its connections went with it");
 

@@ -336,16 +336,9 @@ async fn new_cell_token(State(cp): State<Shared>, Path(id): Path<String>) -> Api
 // ---- workspaces ----
 
 async fn list_workspaces(State(cp): State<Shared>) -> ApiResult {
-    let rows = cp
-        .store(|s| {
-            let mut out = Vec::new();
-            for w in s.workspaces()? {
-                let at = s.resolve(&w.id)?;
-                out.push(json!({ "workspace": w, "served_by": at }));
-            }
-            Ok(out)
-        })
-        .await?;
+    // One statement, whatever the number of workspaces (the Cells page asks every few seconds).
+    let rows = cp.store(|s| s.placements()).await?;
+    let rows: Vec<Value> = rows.into_iter().map(|(w, at)| json!({ "workspace": w, "served_by": at })).collect();
     ok(json!({ "workspaces": rows }))
 }
 

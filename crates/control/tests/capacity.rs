@@ -34,20 +34,24 @@ async fn fake_admin(cpu_per_read: f64, lag_seconds: f64) -> String {
     format!("http://{addr}")
 }
 
-fn plane(dir: &std::path::Path) -> (Arc<ControlPlane>, GlobalStore) {
-    let path = dir.join("global.sqlite").display().to_string();
-    let settings = ControlSettings {
+/// Settings for these tests: the seed's thresholds, `provision_command`, 2 s to provision.
+fn settings(provision_command: Vec<String>) -> ControlSettings {
+    ControlSettings {
         token: "control-token-0123456789".into(),
         metrics_token: None,
         cell_metrics_token: None,
         scrape_every: Duration::from_secs(1),
-        provision_command: Vec::new(),
-        provision_timeout: Duration::from_secs(10),
+        provision_command,
+        provision_timeout: Duration::from_secs(2),
         allow_private_network: false,
         thresholds: Default::default(),
         public_url: "http://127.0.0.1:1".into(),
-    };
-    (ControlPlane::new(vec![GlobalStore::open(&path).unwrap()], settings).unwrap(), GlobalStore::open(&path).unwrap())
+    }
+}
+
+fn plane(dir: &std::path::Path) -> (Arc<ControlPlane>, GlobalStore) {
+    let path = dir.join("global.sqlite").display().to_string();
+    (ControlPlane::new(vec![GlobalStore::open(&path).unwrap()], settings(Vec::new())).unwrap(), GlobalStore::open(&path).unwrap())
 }
 
 fn cell(id: &str, admin_url: &str) -> Cell {
@@ -89,17 +93,7 @@ async fn a_round_reads_cpu_lag_and_latency_and_marks_an_overloaded_cell_full() {
 /// A plane whose provisioner is `sh -c <script>`, given 2 s, with one busy smb cell (so it provisions).
 async fn provisioning_plane(dir: &std::path::Path, script: &str) -> (Arc<ControlPlane>, GlobalStore) {
     let path = dir.join("global.sqlite").display().to_string();
-    let settings = ControlSettings {
-        token: "control-token-0123456789".into(),
-        metrics_token: None,
-        cell_metrics_token: None,
-        scrape_every: Duration::from_secs(1),
-        provision_command: vec!["sh".into(), "-c".into(), script.into()],
-        provision_timeout: Duration::from_secs(2),
-        allow_private_network: false,
-        thresholds: Default::default(),
-        public_url: "http://127.0.0.1:1".into(),
-    };
+    let settings = settings(vec!["sh".into(), "-c".into(), script.into()]);
     let cp = ControlPlane::new(vec![GlobalStore::open(&path).unwrap()], settings).unwrap();
     let store = GlobalStore::open(&path).unwrap();
     store.put_cell(&cell("busy", &fake_admin(1.6, 0.0).await)).unwrap();

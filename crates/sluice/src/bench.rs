@@ -79,6 +79,14 @@ pub struct IngestBench {
 
 pub(crate) const WRITE_KEY: &str = "wk_bench";
 
+impl IngestBench {
+    /// This benchmark's load with its defaults (batches of 100 events of
+    /// ~300 bytes), for the benchmarks that aim it at a real process.
+    pub(crate) fn standard(seconds: u64, warmup: u64, connections: usize) -> IngestBench {
+        IngestBench { seconds, warmup, connections, batch_size: 100, event_bytes: 300, partitions: 8, data_dir: None, no_fsync: false, target: None }
+    }
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => bench_ingest(args),

@@ -135,17 +135,7 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
             data_dir.display()
         ),
     )?;
-    let ingest_args = IngestBench {
-        seconds: args.seconds,
-        warmup: args.warmup,
-        connections: args.connections,
-        batch_size: 100,
-        event_bytes: 300,
-        partitions: 8,
-        data_dir: None,
-        no_fsync: false,
-        target: None,
-    };
+    let ingest_args = IngestBench::standard(args.seconds, args.warmup, args.connections);
     let bodies = Arc::new(make_bodies(&ingest_args));
     let mut attacks = attacks();
     if let Some(only) = &args.only {

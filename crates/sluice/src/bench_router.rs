@@ -205,17 +205,7 @@ fn measure(
     probe_workspace: &str,
     cell_id: &str,
 ) -> Result<Outcome> {
-    let load_args = IngestBench {
-        seconds: args.seconds,
-        warmup: args.warmup,
-        connections: args.connections,
-        batch_size: 100,
-        event_bytes: 300,
-        partitions: 8,
-        data_dir: None,
-        no_fsync: false,
-        target: None,
-    };
+    let load_args = IngestBench::standard(args.seconds, args.warmup, args.connections);
     let bodies = Arc::new(make_bodies(&load_args));
     println!(
         "workload: one cell (`sluice serve`, embedded log, fsync) and one `sluice router` (store: {}); {} connections, batches of 100 x ~300 B, \

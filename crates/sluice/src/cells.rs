@@ -463,11 +463,7 @@ pub fn run(cmd: CellsCommand) -> Result<()> {
                     serde_json::json!({ "cell": c, "workspaces": n })
                 })
                 .collect();
-            let mut workspaces = Vec::new();
-            for w in store.workspaces()? {
-                let at = store.resolve(&w.id)?;
-                workspaces.push(serde_json::json!({ "workspace": w, "served_by": at }));
-            }
+            let workspaces: Vec<_> = store.placements()?.into_iter().map(|(w, at)| serde_json::json!({ "workspace": w, "served_by": at })).collect();
             let out = serde_json::json!({ "mapping_version": store.mapping_version()?, "cells": cells, "workspaces": workspaces });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }

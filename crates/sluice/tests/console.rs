@@ -6,8 +6,7 @@
 
 mod util;
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -15,31 +14,6 @@ use sluice_deliver::sink::Sink;
 use util::*;
 
 const TOKEN: &str = "console-test-token-0123456789";
-
-/// The browser tools, installed by scripts/setup-browser.sh when the environment does not name them.
-fn browser_env() -> (String, String) {
-    if let (Ok(c), Ok(m)) = (std::env::var("SLUICE_CHROMIUM"), std::env::var("SLUICE_BROWSER_MODULES")) {
-        return (c, m);
-    }
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/setup-browser.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/setup-browser.sh");
-    assert!(out.status.success(), "scripts/setup-browser.sh failed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} not printed")).to_owned();
-    (get("SLUICE_CHROMIUM"), get("SLUICE_BROWSER_MODULES"))
-}
-
-fn screenshot_dir() -> PathBuf {
-    // tests run from target/release/deps: keep the artifacts beside the build.
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.ancestors().nth(3).unwrap().to_owned();
-    let dir = target.join("console-screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 #[test]
 fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium() {

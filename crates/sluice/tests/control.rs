@@ -340,10 +340,28 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     );
     assert_eq!(send(&http, &router_url, &acme_key, &ids("still", 5), &[]).0, 200);
 
-    // The Cells page is served (its data needs the token).
+    // The Cells page is served (its data needs the token), and shows the cells in a browser.
     let page = http.get(format!("{}/", api.base)).send().unwrap();
     assert_eq!(page.headers()["x-frame-options"], "DENY");
     assert!(page.text().unwrap().contains("Sluice cells"));
+    let (chromium, modules) = browser_env();
+    let out = std::process::Command::new("node")
+        .arg(repo_root().join("tests/console/cells_page_test.mjs"))
+        .args([&api.base, TOKEN, screenshot_dir().to_str().unwrap()])
+        .env("SLUICE_CHROMIUM", &chromium)
+        .env("SLUICE_BROWSER_MODULES", &modules)
+        .output()
+        .expect("run node");
+    assert!(out.status.success(), "cells page test failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let texts = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(r["asks_for_token"], true, "{r}");
+    assert!(["c1", "c2", "smb-1"].iter().all(|c| texts("cells").contains(&c.to_string())), "every cell listed: {r}");
+    assert!(texts("states").contains(&"full".to_owned()), "{r}");
+    assert!(texts("load_labels").iter().any(|l| l.contains("workspaces 3 / 3")), "load against the threshold: {r}");
+    assert!(texts("workspaces").iter().any(|w| w.starts_with("3: ")), "workspaces per cell: {r}");
+    assert!(texts("decisions").contains(&"joined".to_owned()), "{r}");
+    assert!(r["external_requests"].as_array().unwrap().is_empty(), "no external assets: {r}");
     // Each scrape reads the cell's CPU against the one before: there after two.
     let c1_load = || {
         let cells = api.ok("GET", "/api/cells", None);

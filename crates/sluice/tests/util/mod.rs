@@ -859,3 +859,28 @@ pub fn raw_status_line(addr: &str, head: &str, wait: Duration) -> Result<String,
     }
     Ok(String::from_utf8_lossy(&got).lines().next().unwrap_or("").to_owned())
 }
+
+/// The browser tools, installed by scripts/setup-browser.sh when the environment does not name them.
+pub fn browser_env() -> (String, String) {
+    if let (Ok(c), Ok(m)) = (std::env::var("SLUICE_CHROMIUM"), std::env::var("SLUICE_BROWSER_MODULES")) {
+        return (c, m);
+    }
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/setup-browser.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/setup-browser.sh");
+    assert!(out.status.success(), "scripts/setup-browser.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} not printed")).to_owned();
+    (get("SLUICE_CHROMIUM"), get("SLUICE_BROWSER_MODULES"))
+}
+
+pub fn screenshot_dir() -> PathBuf {
+    // tests run from target/release/deps: keep the artifacts beside the build.
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    let dir = target.join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
