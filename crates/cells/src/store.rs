@@ -72,6 +72,9 @@ pub struct UsageRow {
 /// cell's): sums stay far from `i64::MAX` for millions of reports.
 pub const MAX_USAGE_VALUE: i64 = 1_000_000_000_000;
 
+/// Usage rows written per statement (5 parameters each: well under every engine's limit).
+const USAGE_ROWS_PER_STATEMENT: usize = 200;
+
 /// What a usage report added.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReportOutcome {
@@ -566,23 +569,38 @@ impl GlobalStore {
         let mut refused: Vec<String> = refused.into_iter().map(|r| r.workspace.clone()).collect();
         refused.sort();
         refused.dedup();
+        // Rows of one key add up first (red team: 23,500 copies of one row were 23,500 updates of it).
+        let mut merged: BTreeMap<(&str, i64, &str, &str), i64> = BTreeMap::new();
+        for r in rows {
+            let v = merged.entry((&r.workspace, r.hour, &r.destination, &r.metric)).or_default();
+            *v = v.saturating_add(r.value);
+        }
         let report =
             self.q(&self.dialect.insert_new(&format!("{PREFIX}usage_reports"), "cell, report_id, received_at", "?, ?, ?", "cell, report_id"));
-        let add = self.q(&match self.dialect {
-            Dialect::MySql => "INSERT INTO {p}usage_hourly (workspace, hour, destination, metric, value) VALUES (?, ?, ?, ?, ?)
-                 ON DUPLICATE KEY UPDATE value = value + VALUES(value)"
-                .to_owned(),
-            Dialect::Sqlite | Dialect::Postgres => "INSERT INTO {p}usage_hourly (workspace, hour, destination, metric, value) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (workspace, hour, destination, metric) DO UPDATE SET value = {p}usage_hourly.value + excluded.value"
-                .to_owned(),
-        });
+        // Many rows per statement (distinct keys: merged above).
+        let add = |n: usize| {
+            let values = vec!["(?, ?, ?, ?, ?)"; n].join(", ");
+            self.q(&match self.dialect {
+                Dialect::MySql => format!(
+                    "INSERT INTO {{p}}usage_hourly (workspace, hour, destination, metric, value) VALUES {values}
+                     ON DUPLICATE KEY UPDATE value = value + VALUES(value)"
+                ),
+                Dialect::Sqlite | Dialect::Postgres => format!(
+                    "INSERT INTO {{p}}usage_hourly (workspace, hour, destination, metric, value) VALUES {values}
+                     ON CONFLICT (workspace, hour, destination, metric) DO UPDATE SET value = {{p}}usage_hourly.value + excluded.value"
+                ),
+            })
+        };
+        let merged: Vec<_> = merged.into_iter().collect();
         let now = now_ms();
         let counted = self.write("recording a usage report", |c| {
             if c.execute(&report, &[Arg::Text(cell), Arg::Text(report_id), Arg::Int(now)])? != 1 {
                 return Ok(false);
             }
-            for r in &rows {
-                c.execute(&add, &[Arg::Text(&r.workspace), Arg::Int(r.hour), Arg::Text(&r.destination), Arg::Text(&r.metric), Arg::Int(r.value)])?;
+            for chunk in merged.chunks(USAGE_ROWS_PER_STATEMENT) {
+                let args: Vec<Arg> =
+                    chunk.iter().flat_map(|((w, h, d, m), v)| [Arg::Text(w), Arg::Int(*h), Arg::Text(d), Arg::Text(m), Arg::Int(*v)]).collect();
+                c.execute(&add(chunk.len()), &args)?;
             }
             Ok(true)
         })?;

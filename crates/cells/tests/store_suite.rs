@@ -403,6 +403,14 @@ fn a_usage_report_sent_twice_counts_once(db: Db) {
     assert!(counted(store.record_usage("cell-1", "cell-1/1764590400/2", &[row("accepted", "", 5)]).unwrap()));
     let other = store.record_usage("cell-2", "cell-1/1764590400/1", &[row_of("beta", "accepted", "", 7)]).unwrap();
     assert!(other.counted && other.refused.is_empty(), "ids are per cell: {other:?}");
+    // Red team: copies of one row add up before writing (23,500 copies were 23,500 updates of one row),
+    // and many distinct rows go in several statements.
+    assert!(counted(store.record_usage("cell-1", "copies", &vec![row("copied", "", 2); 500]).unwrap()));
+    let many: Vec<UsageRow> = (0..450).map(|i| row("per_destination", &format!("d{i}"), 1)).collect();
+    assert!(counted(store.record_usage("cell-1", "many", &many).unwrap()));
+    let usage = store.usage("acme", hour, hour + 3600).unwrap();
+    assert_eq!(usage.iter().filter(|r| r.metric == "copied").map(|r| r.value).collect::<Vec<_>>(), [1000]);
+    assert_eq!(usage.iter().filter(|r| r.metric == "per_destination").count(), 450);
     // Red team: a cell reporting for a workspace it does not serve (or that does not exist) adds nothing to it.
     let forged = store.record_usage("cell-2", "forged", &[row("accepted", "", 1_000_000), row_of("ghost", "accepted", "", 1)]).unwrap();
     assert_eq!(forged.refused, ["acme", "ghost"]);

@@ -109,6 +109,9 @@ pub struct ControlPlane {
     decisions: Mutex<VecDeque<Decision>>,
     /// Capacity bookkeeping between scrapes (cells marked full here, provisioning in flight).
     capacity: Mutex<capacity::Bookkeeping>,
+    /// Usage reports written at once: one, so reports never take every
+    /// store connection from the operators and the cells' other calls (red team).
+    usage_writes: tokio::sync::Semaphore,
     pub metrics: ControlMetrics,
 }
 
@@ -130,6 +133,7 @@ impl ControlPlane {
             loads: RwLock::default(),
             decisions: Mutex::default(),
             capacity: Mutex::default(),
+            usage_writes: tokio::sync::Semaphore::new(1),
             metrics: ControlMetrics::default(),
         }))
     }
@@ -171,8 +175,9 @@ fn store_error(e: CellsError) -> ApiError {
         CellsError::Invalid { .. } => ApiError::bad_request("invalid", e.to_string()),
         CellsError::Unplaceable { .. } => ApiError::new(StatusCode::CONFLICT, "unplaceable", e.to_string()),
         CellsError::Sql(_) => {
+            // The details (server, database, its message) go to the log, not to callers (red team).
             tracing::warn!(error = %e, "the global store failed");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()).retry_after(5)
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the global store is unavailable; retry").retry_after(5)
         }
     }
 }
@@ -208,7 +213,13 @@ pub fn app(cp: Shared, registry: Arc<Registry>) -> Router {
     Router::new()
         .merge(operator)
         .merge(cells)
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|State(cp): State<Shared>| async move {
+                let (idle, all) = cp.stores.idle();
+                Json(json!({"status": "ok", "store_connections_idle": idle, "store_connections": all}))
+            }),
+        )
         // The Cells page: one self-contained page; its API calls carry the token the operator types in.
         .route(
             "/",
@@ -564,6 +575,8 @@ async fn cell_usage(State(cp): State<Shared>, Path(id): Path<String>, headers: H
         return Err(ApiError::bad_request("too_many_rows", format!("a report holds at most {MAX_REPORT_ROWS} rows")));
     }
     let cell = id.clone();
+    let _turn =
+        cp.usage_writes.acquire().await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the control plane is stopping"))?;
     let outcome = cp.store(move |s| s.record_usage(&id, &b.report_id, &b.rows)).await?;
     cp.metrics.usage_reports.get_or_create(&vec![("outcome", if outcome.counted { "counted" } else { "repeat" }.to_owned())]).inc();
     if outcome.counted && !outcome.refused.is_empty() {

@@ -26,7 +26,56 @@ every_engine!(
     two_processes_see_the_seeded_catalog,
     a_pause_through_one_reaches_the_other_after_refresh,
     seeding_twice_or_concurrently_neither_fails_nor_duplicates,
+    a_control_planes_rows_are_replaced_whole_and_give_way_to_the_config,
 );
+
+/// A cell's rows from its control plane (origin `global`): replaced whole
+/// by each feed, skipped (and named) where the config holds the id, and on
+/// a restart the config file's row replaces a global one under its id
+/// (red team: the global row stayed, and the file's source lost silently).
+fn a_control_planes_rows_are_replaced_whole_and_give_way_to_the_config(db: &Db<'_>) {
+    use sluice_core::config::{DestinationConfig, SourceConfig};
+    let (_dir, _, catalog) = process(db);
+    let source = |id: &str, key: &str| SourceConfig {
+        id: id.into(),
+        write_key: key.into(),
+        rate_limit: None,
+        rate_burst: None,
+        workspace: Some("acme".into()),
+    };
+    let dest = |id: &str| -> DestinationConfig {
+        serde_json::from_value(serde_json::json!({"id": id, "url": format!("http://127.0.0.1:9/{id}"), "workspace": "acme"})).unwrap()
+    };
+    let feed = |sources: Vec<SourceConfig>, dests: Vec<DestinationConfig>, conns: Vec<(&str, &str)>| {
+        let conns: Vec<(String, String)> = conns.into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
+        catalog.with_control(|c| c.replace_global(&sources, &dests, &conns)).unwrap()
+    };
+    // s1 and d1 are the config's: skipped, and said.
+    let skipped = feed(vec![source("g1", "kg1"), source("s1", "kx")], vec![dest("gd"), dest("d1")], vec![("g1", "gd"), ("s1", "gd")]);
+    assert_eq!(skipped.len(), 3, "{skipped:?}");
+    catalog.refresh().unwrap();
+    let snap = catalog.snapshot();
+    assert!(snap.sources.iter().any(|(s, _)| s.id == "g1" && s.workspace.as_deref() == Some("acme")));
+    assert_eq!(snap.sources.iter().find(|(s, _)| s.id == "s1").unwrap().0.write_key, "k1", "the config's s1 stays");
+    assert_eq!(snap.connections["g1"], ["gd"]);
+    assert_eq!(snap.destinations["gd"].workspace.as_deref(), Some("acme"));
+    // The next feed replaces the whole set: g1 and gd gone, g2 in.
+    assert!(feed(vec![source("g2", "kg2")], vec![], vec![]).is_empty());
+    catalog.refresh().unwrap();
+    let snap = catalog.snapshot();
+    assert!(!snap.sources.iter().any(|(s, _)| s.id == "g1") && snap.sources.iter().any(|(s, _)| s.id == "g2"));
+    assert!(!snap.destinations.contains_key("gd") && !snap.connections.contains_key("g1"));
+    // A config file that now names s9 and g2: on restart its g2 replaces the control plane's.
+    let text = format!(
+        "[server]\ndata_dir = \"{}\"\n{}{CATALOG}[[sources]]\nid = \"g2\"\nwrite_key = \"local-key\"\n",
+        _dir.as_ref().map_or(db.shared.path(), |d| d.path()).display(),
+        db.url.as_ref().map(|u| format!("[deliver]\njobdb_url = \"{u}\"\n")).unwrap_or_default()
+    );
+    let config = Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap();
+    let restarted = Catalog::open(&config).expect("reopen");
+    let g2 = restarted.snapshot().sources.iter().find(|(s, _)| s.id == "g2").unwrap().0.clone();
+    assert_eq!(g2.write_key, "local-key", "the config file's row");
+}
 
 server_engines!(a_replay_filed_through_one_is_seen_and_run_by_one_other);
 

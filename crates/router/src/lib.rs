@@ -385,9 +385,12 @@ pub fn admin_app(router: Arc<CellRouter>, registry: Arc<Registry>, metrics_token
             "/healthz",
             axum::routing::get(move || async move {
                 let store = if router.store_reachable.load(Ordering::Relaxed) { "ok" } else { "unreachable" };
+                let (idle, all) = router.stores.idle();
                 let body = serde_json::json!({
                     "status": "ok",
                     "store": store,
+                    "store_connections_idle": idle,
+                    "store_connections": all,
                     "mapping_version": router.version.load(Ordering::SeqCst),
                     "cache_entries": router.metrics.cache_entries.get(),
                 });

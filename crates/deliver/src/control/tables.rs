@@ -189,6 +189,11 @@ impl Tables {
         self.q(&self.dialect.insert_missing(&format!("{{p}}{table}"), columns, values, conflict))
     }
 
+    /// [`Tables::insert_missing`] whose rows changed say whether it inserted (1) or found the key (0), on MySQL too.
+    fn insert_new(&self, table: &str, columns: &str, values: &str, conflict: &str) -> String {
+        self.q(&self.dialect.insert_new(&format!("{{p}}{table}"), columns, values, conflict))
+    }
+
     /// An insert that replaces the `update` columns (and sets `extra`) when the key (`conflict`) exists.
     fn upsert(&self, table: &str, columns: &str, values: &str, conflict: &str, update: &[&str], extra: &str) -> String {
         let head = format!("INSERT INTO {{p}}{table} ({columns}) VALUES ({values})");
@@ -265,6 +270,20 @@ impl Tables {
         let insert_destination = self.insert_missing("destinations", "id, config, origin", "?, ?, 'config'", "id");
         let insert_qos = self.insert_missing("destination_qos", "destination", "?", "destination");
         let insert_connection = self.insert_missing("connections", "source, destination, origin", "?, ?, 'config'", "source, destination");
+        // The config file is this cell's own word: a row a control plane handed over under the
+        // same id gives way (the next feed skips it, and says so), rather than the file's row
+        // losing without a word (red team).
+        for (table, ids) in [
+            ("sources", config.sources.iter().map(|s| s.id.as_str()).collect::<Vec<_>>()),
+            ("destinations", config.destinations.iter().map(|d| d.id.as_str()).collect()),
+        ] {
+            let delete = self.q(&format!("DELETE FROM {{p}}{table} WHERE origin = 'global' AND id = ?"));
+            for id in ids {
+                if c.execute(&delete, &[Arg::Text(id)])? > 0 {
+                    tracing::warn!(table, id, "the config file's row replaces one the control plane handed this cell under the same id");
+                }
+            }
+        }
         for src in &config.sources {
             let json = serde_json::to_string(src).expect("a source serializes");
             c.execute(&insert_source, &[Arg::Text(&src.id), Arg::Text(&json)])?;
@@ -318,8 +337,9 @@ impl Tables {
             for t in ["connections", "sources", "destinations"] {
                 c.execute(&self.q(&format!("DELETE FROM {{p}}{t} WHERE origin = 'global'")), &[])?;
             }
-            let insert_source = self.insert_missing("sources", "id, config, origin", "?, ?, 'global'", "id");
-            let insert_destination = self.insert_missing("destinations", "id, config, origin", "?, ?, 'global'", "id");
+            // Which rows went in decides what is skipped: `insert_new` (MySQL counts a no-op `insert_missing` as a change).
+            let insert_source = self.insert_new("sources", "id, config, origin", "?, ?, 'global'", "id");
+            let insert_destination = self.insert_new("destinations", "id, config, origin", "?, ?, 'global'", "id");
             let insert_qos = self.insert_missing("destination_qos", "destination", "?", "destination");
             let insert_connection = self.insert_missing("connections", "source, destination, origin", "?, ?, 'global'", "source, destination");
             let mut skipped = Vec::new();
