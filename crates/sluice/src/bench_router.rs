@@ -77,15 +77,16 @@ pub fn bench_router(args: RouterBench) -> Result<()> {
     let nonce = format!("{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 1_000_000_000);
     let probe_key = |i: usize| format!("wk_probe_{nonce}_{i}");
 
-    // The cell: every key of the run is one of its sources; the router's address is trusted.
+    // The cell: every key of the run is one of its sources; the router's address is trusted;
+    // its id confirms it to the router (an answer without it is not relayed).
     let cell_config = dir.path().join("cell.toml");
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n[admin]\nlisten = \"\"\n\
-         [[sources]]\nid = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n",
+         [cell]\nid = \"bench-{nonce}\"\n[[sources]]\nid = \"bench\"\nwrite_key = \"{WRITE_KEY}\"\n",
         dir.path().join("cell").display()
     );
     for i in 0..args.probes {
-        toml.push_str(&format!("[[sources]]\nid = \"probe-{i}\"\nwrite_key = \"{}\"\n", probe_key(i)));
+        toml.push_str(&format!("[[sources]]\nid = \"probe-{nonce}-{i}\"\nwrite_key = \"{}\"\n", probe_key(i)));
     }
     std::fs::write(&cell_config, toml)?;
     let (mut cell, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), cell_config.as_os_str()], &[])?;
@@ -109,7 +110,8 @@ pub fn bench_router(args: RouterBench) -> Result<()> {
         store.add_write_key(WRITE_KEY, &format!("bench-{nonce}"), "bench")?;
         for i in 0..args.probes {
             store.put_workspace(&workspace(format!("bench-{nonce}-p{i}")))?;
-            store.add_write_key(&probe_key(i), &format!("bench-{nonce}-p{i}"), &format!("probe-{i}"))?;
+            // Source ids are unique in a store: the run's own.
+            store.add_write_key(&probe_key(i), &format!("bench-{nonce}-p{i}"), &format!("probe-{nonce}-{i}"))?;
         }
         let router_config = dir.path().join("router.toml");
         std::fs::write(&router_config, "[router]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n")?;

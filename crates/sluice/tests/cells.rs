@@ -175,3 +175,14 @@ fn the_router_sends_each_workspace_to_its_one_cell() {
     let (status, at, _, _) = post(&client, &url("/v1/track"), Some(SECOND_KEY), &[], track("m-6"));
     assert_eq!((status, at.as_str()), (200, "cell-a"));
 }
+
+/// `sluice bench router` runs end to end (a real cell and router, briefly):
+/// the benchmark of docs/BENCHMARKS.md stays runnable. No speed is asserted.
+#[test]
+fn the_router_benchmark_runs() {
+    let out = sluice_cmd(&["bench", "router", "--rounds", "1", "--seconds", "1", "--warmup", "1", "--probes", "3", "--connections", "4"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let result = stdout.lines().find(|l| l.starts_with("RESULT bench=router")).unwrap_or_else(|| panic!("no RESULT line:\n{stdout}"));
+    assert!(result.contains(" ratio=") && result.contains(" hit_p99_us="), "{result}");
+}
