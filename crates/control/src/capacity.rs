@@ -333,7 +333,11 @@ pub async fn provision(cp: &Arc<ControlPlane>, tier: Tier) -> Result<(), String>
         .map_err(|e| format!("cannot run the provisioner {program:?}: {e}"))?;
     let group = child.id();
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(request.to_string().as_bytes()).await.map_err(|e| format!("provisioner stdin: {e}"))?;
+    match stdin.write_all(request.to_string().as_bytes()).await {
+        // A provisioner that does not read its request (it may need none) may be gone already: its answer decides.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other.map_err(|e| format!("provisioner stdin: {e}"))?,
+    }
     drop(stdin);
     let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let read = async {
