@@ -80,6 +80,13 @@ fn checked_destination(id: &str, config: &serde_json::Value) -> Result<serde_jso
     Ok(config.clone())
 }
 
+/// The ids of the workspaces the cell `?` serves: its overrides, and its
+/// assignments without an override elsewhere.
+const SERVED: &str = "SELECT w.id FROM {p}workspaces w
+               LEFT JOIN {p}overrides o ON o.workspace = w.id
+               LEFT JOIN {p}assignments a ON a.workspace = w.id
+              WHERE COALESCE(o.cell, a.cell) = ?";
+
 impl GlobalStore {
     // ---- a workspace's destinations and connections ----
 
@@ -161,20 +168,14 @@ impl GlobalStore {
 
     /// The workspaces `cell` serves now (override first, else assignment), by id.
     pub fn served_by(&self, cell: &str) -> Result<Vec<String>, CellsError> {
-        let sql = self.q("SELECT w.id FROM {p}workspaces w
-               LEFT JOIN {p}overrides o ON o.workspace = w.id
-               LEFT JOIN {p}assignments a ON a.workspace = w.id
-              WHERE COALESCE(o.cell, a.cell) = ? ORDER BY w.id");
+        let sql = self.q(&format!("{SERVED} ORDER BY w.id"));
         self.read("reading a cell's workspaces", |c| c.query(&sql, &[Arg::Text(cell)], |r| r.text(0)))
     }
 
     /// The feed of `cell` (see the module's invariants).
     pub fn cell_feed(&self, cell: &str) -> Result<CellFeed, CellsError> {
         // One statement per kind, each filtered by "served by this cell and enabled".
-        let served = "SELECT w.id FROM {p}workspaces w
-               LEFT JOIN {p}overrides o ON o.workspace = w.id
-               LEFT JOIN {p}assignments a ON a.workspace = w.id
-              WHERE COALESCE(o.cell, a.cell) = ? AND w.disabled = 0";
+        let served = format!("{SERVED} AND w.disabled = 0");
         let workspaces_sql = self.q(&format!("{served} ORDER BY w.id"));
         let keys_sql = self.q(&format!("SELECT source, workspace, key_hash FROM {{p}}write_keys WHERE workspace IN ({served}) ORDER BY source"));
         let dests_sql = self.q(&format!("SELECT id, workspace, config FROM {{p}}destinations WHERE workspace IN ({served}) ORDER BY id"));

@@ -107,6 +107,11 @@ fn parse_err(index: usize) -> impl Fn(CellsError) -> SqlError {
 
 const WORKSPACE_COLUMNS: &str = "id, name, tier, constraints, disabled";
 
+/// `columns` (`"a, b"`) as columns of table `alias` (`"t.a, t.b"`).
+fn of_table(alias: &str, columns: &str) -> String {
+    columns.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
 fn workspace_row(r: &dyn SqlRow) -> Result<Workspace, SqlError> {
     workspace_at(r, 0)
 }
@@ -332,7 +337,6 @@ impl GlobalStore {
 
     /// [`GlobalStore::route_key`] of a key known by its SHA-256.
     pub fn route_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRoute>, CellsError> {
-        let columns = |alias: &str, list: &str| list.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ");
         let sql = self.q(&format!(
             "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace
                FROM {{p}}write_keys k
@@ -341,8 +345,8 @@ impl GlobalStore {
                LEFT JOIN {{p}}assignments a ON a.workspace = k.workspace
                LEFT JOIN {{p}}cells c ON c.id = COALESCE(o.cell, a.cell)
               WHERE k.key_hash = ?",
-            columns("w", WORKSPACE_COLUMNS),
-            columns("c", CELL_COLUMNS)
+            of_table("w", WORKSPACE_COLUMNS),
+            of_table("c", CELL_COLUMNS)
         ));
         // Columns: 0 source, 1-2 override, 3-4 assignment, 5 w.id (NULL: gone), 6-10 workspace, 11 c.id (NULL: none), 12-17 cell,
         // 18 the key's workspace id.
@@ -474,7 +478,7 @@ impl GlobalStore {
     /// Every workspace with where it is served (override first, else its
     /// assignment; `None`: not placed), in one statement.
     pub fn placements(&self) -> Result<Vec<(Workspace, Option<Placement>)>, CellsError> {
-        let columns = WORKSPACE_COLUMNS.split(", ").map(|c| format!("w.{c}")).collect::<Vec<_>>().join(", ");
+        let columns = of_table("w", WORKSPACE_COLUMNS);
         let sql = self.q(&format!(
             "SELECT {columns}, o.cell, o.reason, a.cell, a.reason FROM {{p}}workspaces w
                LEFT JOIN {{p}}overrides o ON o.workspace = w.id

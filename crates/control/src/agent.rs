@@ -250,8 +250,7 @@ impl CellAgent {
 #[async_trait::async_trait]
 impl KeyResolver for CellAgent {
     async fn resolve(&self, key: &str) -> Resolution {
-        use sha2::Digest;
-        let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        let hash = hex::encode(sluice_cells::store::key_hash(key));
         if self.unknown.lock().expect("unknown lock").get(&hash).is_some_and(|t| t.elapsed() < FORGET_UNKNOWN_AFTER) {
             return Resolution::Unknown;
         }

@@ -79,10 +79,25 @@ pub struct IngestBench {
 
 pub(crate) const WRITE_KEY: &str = "wk_bench";
 
-impl IngestBench {
-    /// This benchmark's load with its defaults (batches of 100 events of
-    /// ~300 bytes), for the benchmarks that aim it at a real process.
-    pub(crate) fn standard(seconds: u64, warmup: u64, connections: usize) -> IngestBench {
+/// The load of the benchmarks that aim `bench ingest`'s load at real
+/// processes (`bench hostile`, `bench router`).
+#[derive(Args, Clone)]
+pub struct LoadArgs {
+    /// Measured seconds per phase (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) seconds: u64,
+    /// Warm-up seconds per phase, not measured.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warmup: u64,
+    /// Keep-alive connections of the (legitimate) load.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) connections: usize,
+}
+
+impl LoadArgs {
+    /// `bench ingest`'s load with its defaults (batches of 100 events of ~300 bytes).
+    pub(crate) fn standard(&self) -> IngestBench {
+        let (seconds, warmup, connections) = (self.seconds, self.warmup, self.connections);
         IngestBench { seconds, warmup, connections, batch_size: 100, event_bytes: 300, partitions: 8, data_dir: None, no_fsync: false, target: None }
     }
 }

@@ -30,20 +30,13 @@ use hyper_util::rt::TokioIo;
 use sluice_log::EmbeddedLog;
 use tokio::io::AsyncWriteExt;
 
-use crate::bench::{load, machine_description, make_bodies, IngestBench, WRITE_KEY};
+use crate::bench::{load, machine_description, make_bodies, LoadArgs, WRITE_KEY};
 use crate::bench_deliver::{rss_mib, spawn_serve};
 
 #[derive(Args, Clone)]
 pub struct HostileBench {
-    /// Measured seconds per phase (after the warm-up).
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Warm-up seconds per phase, not measured.
-    #[arg(long, default_value_t = 2)]
-    warmup: u64,
-    /// Legitimate keep-alive connections.
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Hostile clients in the second phase (one in five holds slow-loris connections).
     #[arg(long, default_value_t = 50)]
     hostile_clients: usize,
@@ -135,7 +128,7 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
             data_dir.display()
         ),
     )?;
-    let ingest_args = IngestBench::standard(args.seconds, args.warmup, args.connections);
+    let ingest_args = args.load.standard();
     let bodies = Arc::new(make_bodies(&ingest_args));
     let mut attacks = attacks();
     if let Some(only) = &args.only {
@@ -150,7 +143,7 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
         "workload: a `sluice serve` process (embedded log, fsync); {} legitimate connections, batches of 100 x ~300 B; \
          then the same with {} hostile clients from {} ({} sending {} kinds of hostile request in turn, {} holding slow-loris connections); \
          {}s measured per phase after {}s warm-up",
-        args.connections,
+        args.load.connections,
         args.hostile_clients,
         if args.attacker_addresses == 1 {
             "127.0.0.2".to_string()
@@ -160,8 +153,8 @@ pub fn bench_hostile(args: HostileBench) -> Result<()> {
         args.hostile_clients - loris,
         attacks.len(),
         loris,
-        args.seconds,
-        args.warmup
+        args.load.seconds,
+        args.load.warmup
     );
     let (mut child, addr) = spawn_serve(&config_path)?;
     let pid = child.id();

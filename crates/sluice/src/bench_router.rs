@@ -38,20 +38,13 @@ use hyper_util::rt::TokioIo;
 use sluice_cells::{Cell, CellState, GlobalStore, Tier, Workspace};
 use sluice_core::metrics::{parse_text, Buckets, Sample};
 
-use crate::bench::{load, machine_description, make_bodies, IngestBench, Stats, WRITE_KEY};
+use crate::bench::{load, machine_description, make_bodies, LoadArgs, Stats, WRITE_KEY};
 use crate::bench_deliver::spawn_ready;
 
 #[derive(Args, Clone)]
 pub struct RouterBench {
-    /// Measured seconds per phase (after the warm-up).
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Warm-up seconds per phase, not measured.
-    #[arg(long, default_value_t = 2)]
-    warmup: u64,
-    /// Keep-alive connections of the load.
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Phases per path (direct, router, direct, router, …); the medians are compared.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
@@ -208,16 +201,16 @@ fn measure(
     probe_workspace: &str,
     cell_id: &str,
 ) -> Result<Outcome> {
-    let load_args = IngestBench::standard(args.seconds, args.warmup, args.connections);
+    let load_args = args.load.standard();
     let bodies = Arc::new(make_bodies(&load_args));
     println!(
         "workload: one cell (`sluice serve`, embedded log, fsync) and one `sluice router` (store: {}); {} connections, batches of 100 x ~300 B, \
          HTTP Basic auth; {} round(s) of {}s measured per path after {}s warm-up; then {} new workspaces, {} at once",
         store_kind(&store.location()),
-        args.connections,
+        args.load.connections,
         args.rounds,
-        args.seconds,
-        args.warmup,
+        args.load.seconds,
+        args.load.warmup,
         args.probes,
         args.probe_concurrency
     );

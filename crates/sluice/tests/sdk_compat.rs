@@ -6,7 +6,7 @@
 
 mod util;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use chrono_free::*;
 use serde_json::Value;
@@ -108,26 +108,6 @@ fn python_sdk_gzip() {
 #[test]
 fn node_sdk_every_call_type() {
     check_sdk("node", false, "@segment/analytics-node");
-}
-
-/// Chromium and the browser node_modules (playwright-core and
-/// @segment/analytics-next), installed by scripts/setup-browser.sh unless
-/// the environment names modules that already hold analytics.js.
-fn browser_env() -> (String, String) {
-    if let (Ok(c), Ok(m)) = (std::env::var("SLUICE_CHROMIUM"), std::env::var("SLUICE_BROWSER_MODULES")) {
-        if std::path::Path::new(&m).join("@segment/analytics-next/package.json").exists() {
-            return (c, m);
-        }
-    }
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/setup-browser.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/setup-browser.sh");
-    assert!(out.status.success(), "scripts/setup-browser.sh failed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{k} not printed")).to_owned();
-    (get("SLUICE_CHROMIUM"), get("SLUICE_BROWSER_MODULES"))
 }
 
 /// analytics.js in Chromium, from a page on another origin, sends `count`

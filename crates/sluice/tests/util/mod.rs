@@ -861,9 +861,12 @@ pub fn raw_status_line(addr: &str, head: &str, wait: Duration) -> Result<String,
 }
 
 /// The browser tools, installed by scripts/setup-browser.sh when the environment does not name them.
+/// The modules must hold analytics.js too (the browser SDK test loads it).
 pub fn browser_env() -> (String, String) {
     if let (Ok(c), Ok(m)) = (std::env::var("SLUICE_CHROMIUM"), std::env::var("SLUICE_BROWSER_MODULES")) {
-        return (c, m);
+        if Path::new(&m).join("@segment/analytics-next/package.json").exists() {
+            return (c, m);
+        }
     }
     let out = Command::new("bash")
         .arg(repo_root().join("scripts/setup-browser.sh"))
