@@ -85,7 +85,9 @@ fn checked_destination(id: &str, config: &serde_json::Value) -> Result<serde_jso
 const SERVED: &str = "SELECT w.id FROM {p}workspaces w
                LEFT JOIN {p}overrides o ON o.workspace = w.id
                LEFT JOIN {p}assignments a ON a.workspace = w.id
-              WHERE COALESCE(o.cell, a.cell) = ?";
+              WHERE ? IN (COALESCE(o.cell, a.cell),
+                          (SELECT g.target_cell FROM {p}active_migrations am JOIN {p}migrations g ON g.id = am.migration WHERE am.workspace = w.id),
+                          (SELECT g.source_cell FROM {p}active_migrations am JOIN {p}migrations g ON g.id = am.migration WHERE am.workspace = w.id))";
 
 impl GlobalStore {
     // ---- a workspace's destinations and connections ----
@@ -217,9 +219,10 @@ impl GlobalStore {
 
     /// Whether the key with SHA-256 `hash` belongs to an enabled workspace served by `cell`.
     pub fn key_served_by(&self, cell: &str, hash: &[u8; 32]) -> Result<bool, CellsError> {
-        Ok(self
-            .route_hash(hash)?
-            .is_some_and(|r| r.workspace.is_some_and(|w| !w.disabled) && r.served.is_some_and(|(placed, _)| placed.cell == cell)))
+        Ok(self.route_hash(hash)?.is_some_and(|r| {
+            let by_this = r.served.is_some_and(|(placed, _)| placed.cell == cell) || r.split.is_some_and(|s| s.target_cell == cell);
+            r.workspace.is_some_and(|w| !w.disabled) && by_this
+        }))
     }
 
     // ---- cell tokens ----

@@ -25,12 +25,14 @@
 //! - A write key is stored as its SHA-256 only; lookups hash the key given.
 
 pub mod feed;
+pub mod migration;
 pub mod placement;
 pub mod pool;
 mod schema;
 pub mod store;
 
 pub use feed::{CellFeed, FeedConnection, FeedDestination, WorkspaceConfig};
+pub use migration::{Migration, Phase, RouteSplit};
 pub use placement::{Cell, CellState, Placement, Tier, Workspace};
 pub use pool::{PoolError, StorePool};
 pub use store::{GlobalStore, KeyRoute, ReportOutcome, UsageRow};

@@ -136,7 +136,44 @@ const CELL_TOKENS: Table = Table {
     without_rowid: false,
 };
 
-const TABLES: [(&str, Table); 11] = [
+/// Migrations of workspaces between cells, done or not (docs/plans/MIGRATION.md):
+/// the state machine's row. Bucket sets are in `BucketSet`'s range form.
+const MIGRATIONS: Table = Table {
+    columns: &[
+        col("id", ID),
+        col("workspace", ID),
+        col("source_cell", ID),
+        col("target_cell", ID),
+        col("steps", Type::Text), // JSON array of cumulative percentages, e.g. [10, 50, 100]
+        col("step", Type::Int),   // index into steps of the next cutover
+        col("phase", Type::Key(16)),
+        col("moved", Type::Text),
+        col("fenced", Type::Text),
+        with_default("paused", Type::Int, "0"),
+        col("token", Type::Text), // shared by the two cells' agents for the key stream
+        with_default("progress", Type::Text, "'{}'"),
+        with_default("error", Type::Text, "''"),
+        col("created_at", Type::Int),
+        col("updated_at", Type::Int),
+    ],
+    primary_key: &["id"],
+    indexes: &[Index { suffix: "workspace", columns: &["workspace"], unique: false, only: None }],
+    append_only: None,
+    without_rowid: false,
+};
+
+/// The one migration in progress per workspace: inserted when it starts
+/// (a conditional insert, so two starts cannot both win), deleted when it
+/// ends.
+const ACTIVE_MIGRATIONS: Table = Table {
+    columns: &[col("workspace", ID), col("migration", ID)],
+    primary_key: &["workspace"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
+const TABLES: [(&str, Table); 13] = [
     ("workspaces", WORKSPACES),
     ("write_keys", WRITE_KEYS),
     ("cells", CELLS),
@@ -148,6 +185,8 @@ const TABLES: [(&str, Table); 11] = [
     ("destinations", DESTINATIONS),
     ("connections", CONNECTIONS),
     ("cell_tokens", CELL_TOKENS),
+    ("migrations", MIGRATIONS),
+    ("active_migrations", ACTIVE_MIGRATIONS),
 ];
 
 /// The DDL of the global store (idempotent), then its one version row.

@@ -28,9 +28,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sluice_core::clock::now_ms;
 use sluice_core::config::HttpUrl;
+use sluice_core::BucketSet;
 use sluice_sql::conn::{Arg, Connection, Connector, SharedConnection, SqlError, SqlRow};
 use sluice_sql::{Dialect, SqlLink};
 
+use crate::migration::RouteSplit;
 use crate::placement::{check_id, choose, Cell, CellState, Placement, Tier, Workspace};
 use crate::schema::{ddl, PREFIX};
 use crate::CellsError;
@@ -52,6 +54,8 @@ pub struct KeyRoute {
     /// and that cell's row (`None` if the store does not list it); `None`
     /// when it has no cell yet.
     pub served: Option<(Placement, Option<Cell>)>,
+    /// The split while the workspace moves to another cell (`served` is the source then).
+    pub split: Option<RouteSplit>,
 }
 
 /// One counter of one workspace in one hour (`destination` empty for the
@@ -108,7 +112,7 @@ fn parse_err(index: usize) -> impl Fn(CellsError) -> SqlError {
 const WORKSPACE_COLUMNS: &str = "id, name, tier, constraints, disabled";
 
 /// `columns` (`"a, b"`) as columns of table `alias` (`"t.a, t.b"`).
-fn of_table(alias: &str, columns: &str) -> String {
+pub(crate) fn of_table(alias: &str, columns: &str) -> String {
     columns.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
 }
 
@@ -338,18 +342,23 @@ impl GlobalStore {
     /// [`GlobalStore::route_key`] of a key known by its SHA-256.
     pub fn route_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRoute>, CellsError> {
         let sql = self.q(&format!(
-            "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace
+            "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace,
+                    g.id, g.target_cell, g.moved, g.fenced, t.id, {}
                FROM {{p}}write_keys k
                LEFT JOIN {{p}}workspaces w ON w.id = k.workspace
                LEFT JOIN {{p}}overrides o ON o.workspace = k.workspace
                LEFT JOIN {{p}}assignments a ON a.workspace = k.workspace
                LEFT JOIN {{p}}cells c ON c.id = COALESCE(o.cell, a.cell)
+               LEFT JOIN {{p}}active_migrations am ON am.workspace = k.workspace
+               LEFT JOIN {{p}}migrations g ON g.id = am.migration
+               LEFT JOIN {{p}}cells t ON t.id = g.target_cell
               WHERE k.key_hash = ?",
             of_table("w", WORKSPACE_COLUMNS),
-            of_table("c", CELL_COLUMNS)
+            of_table("c", CELL_COLUMNS),
+            of_table("t", CELL_COLUMNS)
         ));
         // Columns: 0 source, 1-2 override, 3-4 assignment, 5 w.id (NULL: gone), 6-10 workspace, 11 c.id (NULL: none), 12-17 cell,
-        // 18 the key's workspace id.
+        // 18 the key's workspace id, 19-22 the migration in progress (NULL: none), 23 t.id (NULL: none), 24-29 its target cell.
         self.read("routing a write key", |c| {
             c.query_one(&sql, &[Arg::Bytes(hash)], |r| {
                 let served = match (r.opt_text(1)?, r.opt_text(3)?) {
@@ -359,7 +368,20 @@ impl GlobalStore {
                 };
                 let cell = if r.opt_text(11)?.is_some() { Some(cell_at(r, 12)?) } else { None };
                 let workspace = if r.opt_text(5)?.is_some() { Some(workspace_at(r, 6)?) } else { None };
-                Ok(KeyRoute { workspace_id: r.text(18)?, source: r.text(0)?, workspace, served: served.map(|p| (p, cell)) })
+                let split = match r.opt_text(19)? {
+                    None => None,
+                    Some(migration) => {
+                        let set = |i: usize| BucketSet::parse(&r.text(i)?).map_err(|problem| SqlError::Decode { index: i, problem });
+                        Some(RouteSplit {
+                            migration,
+                            target_cell: r.text(20)?,
+                            moved: set(21)?,
+                            fenced: set(22)?,
+                            target: if r.opt_text(23)?.is_some() { Some(cell_at(r, 24)?) } else { None },
+                        })
+                    }
+                };
+                Ok(KeyRoute { workspace_id: r.text(18)?, source: r.text(0)?, workspace, served: served.map(|p| (p, cell)), split })
             })
         })
     }
@@ -439,6 +461,12 @@ impl GlobalStore {
                 return Err(CellsError::Invalid { what: "override", why: format!("cell {cell:?} is {}: it serves nobody", c.state.as_str()) });
             }
             Some(_) => {}
+        }
+        if self.active_migrations()?.iter().any(|m| m.workspace == workspace) {
+            return Err(CellsError::Invalid {
+                what: "override",
+                why: format!("workspace {workspace:?} is being moved: abort or finish the migration first"),
+            });
         }
         let sql = self.q(&self.dialect.upsert(&format!("{PREFIX}overrides"), &["workspace", "cell", "reason", "created_at"], &["workspace"]));
         let now = now_ms();

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 
 use sluice_cells::store::key_hash;
-use sluice_cells::{Cell, CellState, CellsError, GlobalStore, Tier, UsageRow, Workspace};
+use sluice_cells::{Cell, CellState, CellsError, GlobalStore, Phase, Tier, UsageRow, Workspace};
+use sluice_core::BucketSet;
 
 /// A fresh store on one engine, and what keeps it alive.
 struct Db {
@@ -91,6 +92,8 @@ every_engine!(
     bad_input_is_refused_with_a_clear_error,
     a_key_is_routed_in_one_read,
     a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves,
+    a_migration_moves_buckets_step_by_step_and_flips_the_assignment_last,
+    a_migration_is_started_once_and_aborted_only_before_anything_moved,
 );
 
 fn a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves(db: Db) {
@@ -497,4 +500,132 @@ fn an_sqlite_store_replaced_or_removed_under_an_open_handle_is_noticed() {
     let e = router.workspaces().unwrap_err().to_string();
     assert!(e.contains("removed while in use"), "{e}");
     assert!(!path.exists(), "no new empty store");
+}
+
+/// Two cells, one workspace placed in the first, with a key.
+fn moving_workspace(store: &GlobalStore) {
+    store.put_cell(&cell("src", Tier::Smb, &[])).unwrap();
+    store.put_cell(&cell("dst", Tier::Smb, &[])).unwrap();
+    store.put_workspace(&workspace("mover", Tier::Smb, &[])).unwrap();
+    store.add_write_key("wk_mover", "mover", "mover-app").unwrap();
+    store.set_override("mover", "src", "placed for the test").unwrap();
+}
+
+fn a_migration_moves_buckets_step_by_step_and_flips_the_assignment_last(db: Db) {
+    let store = db.open();
+    moving_workspace(&store);
+    store.place("mover").unwrap();
+    let v0 = store.mapping_version().unwrap();
+    let m = store.start_migration("mover", "dst", &[10, 50, 100]).unwrap();
+    assert_eq!((m.phase, m.step, m.moved, m.fenced, m.source_cell.as_str()), (Phase::Copying, 0, BucketSet::NONE, BucketSet::NONE, "src"));
+    assert!(store.mapping_version().unwrap() > v0, "routers must see the migration");
+    // Both cells serve the workspace while it moves (the target needs its config, the source delivers what it holds).
+    assert_eq!(store.served_by("dst").unwrap(), vec!["mover".to_owned()]);
+    assert_eq!(store.served_by("src").unwrap(), vec!["mover".to_owned()]);
+    assert!(store.key_served_by("dst", &key_hash("wk_mover")).unwrap());
+    let split = store.route_key("wk_mover").unwrap().unwrap().split.unwrap();
+    assert_eq!(
+        (split.target_cell.as_str(), split.moved, split.fenced, split.target.unwrap().id),
+        ("dst", BucketSet::NONE, BucketSet::NONE, "dst".into())
+    );
+    // An override would take the workspace from under the migration.
+    assert!(store.set_override("mover", "dst", "no").is_err());
+
+    let mut expected_moved = BucketSet::NONE;
+    for (step, percent) in [10u8, 50, 100].into_iter().enumerate() {
+        // Out of order or twice changes nothing.
+        assert!(!store.finish_cutover(&m.id, step).unwrap());
+        assert!(!store.begin_cutover(&m.id, step + 1).unwrap());
+        let v = store.mapping_version().unwrap();
+        assert!(store.begin_cutover(&m.id, step).unwrap());
+        assert!(!store.begin_cutover(&m.id, step).unwrap(), "a replayed transition changes nothing");
+        assert!(store.mapping_version().unwrap() > v);
+        let now = store.migration(&m.id).unwrap().unwrap();
+        let fenced = BucketSet::first(percent).minus(expected_moved);
+        assert_eq!((now.phase, now.fenced, now.moved), (Phase::Cutover, fenced, expected_moved));
+        // No bucket is accepted by both sides, and the fenced ones by neither.
+        let (a, b) = (now.accepted_by("src").unwrap(), now.accepted_by("dst").unwrap());
+        assert!(a.intersect(b).is_empty() && a.union(b).union(fenced) == BucketSet::ALL && a.union(b).intersect(fenced).is_empty());
+        let route = store.route_key("wk_mover").unwrap().unwrap();
+        assert_eq!(route.split.as_ref().unwrap().fenced, fenced);
+        assert_eq!(route.served.unwrap().0.cell, "src", "the assignment flips with the last step only");
+        assert!(store.abort_migration(&m.id).is_err(), "no abort during a cutover");
+        assert!(store.finish_cutover(&m.id, step).unwrap());
+        assert!(!store.finish_cutover(&m.id, step).unwrap());
+        expected_moved = BucketSet::first(percent);
+        let now = store.migration(&m.id).unwrap().unwrap();
+        assert_eq!((now.moved, now.fenced, now.step), (expected_moved, BucketSet::NONE, step + 1));
+    }
+    let now = store.migration(&m.id).unwrap().unwrap();
+    assert_eq!(now.phase, Phase::Draining);
+    let route = store.route_key("wk_mover").unwrap().unwrap();
+    let (placed, row) = route.served.unwrap();
+    assert_eq!((placed.cell.as_str(), row.unwrap().id.as_str()), ("dst", "dst"));
+    assert!(placed.reason.contains(&m.id), "{}", placed.reason);
+    assert!(err_text(store.abort_migration(&m.id)).contains("move the workspace back"));
+    // The source keeps the workspace's config while it drains.
+    assert_eq!(store.served_by("src").unwrap(), vec!["mover".to_owned()]);
+    assert!(store.report_migration(&m.id, "source", &serde_json::json!({"pending_jobs": 3})).unwrap());
+    assert!(store.report_migration(&m.id, "target", &serde_json::json!({"keys_imported": 7})).unwrap());
+    let p = store.migration(&m.id).unwrap().unwrap().progress;
+    assert_eq!((p["source"]["pending_jobs"].as_i64(), p["target"]["keys_imported"].as_i64()), (Some(3), Some(7)));
+    assert!(store.report_migration(&m.id, "anyone", &serde_json::json!({})).is_err());
+    assert!(!store.finish_migration(&m.id).unwrap(), "cleanup comes first");
+    assert!(store.begin_cleanup(&m.id).unwrap());
+    assert!(store.finish_migration(&m.id).unwrap());
+    assert!(!store.finish_migration(&m.id).unwrap());
+    assert_eq!(store.migration(&m.id).unwrap().unwrap().phase, Phase::Done);
+    assert!(store.served_by("src").unwrap().is_empty());
+    assert!(store.route_key("wk_mover").unwrap().unwrap().split.is_none());
+    assert!(store.active_migrations().unwrap().is_empty());
+    // And it can move again (back).
+    let back = store.start_migration("mover", "src", &[100]).unwrap();
+    assert_eq!((back.source_cell.as_str(), back.target_cell.as_str()), ("dst", "src"));
+}
+
+fn err_text<T: std::fmt::Debug>(r: Result<T, CellsError>) -> String {
+    r.unwrap_err().to_string()
+}
+
+fn a_migration_is_started_once_and_aborted_only_before_anything_moved(db: Db) {
+    let store = db.open();
+    moving_workspace(&store);
+    store.put_workspace(&workspace("unplaced", Tier::Smb, &[])).unwrap();
+    assert!(err_text(store.start_migration("unplaced", "dst", &[100])).contains("not placed"));
+    assert!(err_text(store.start_migration("mover", "src", &[100])).contains("already"));
+    assert!(matches!(store.start_migration("mover", "nowhere", &[100]), Err(CellsError::NoCell(_))));
+    for bad in [&[][..], &[50], &[0, 100], &[50, 10, 100], &[100, 100]] {
+        assert!(err_text(store.start_migration("mover", "dst", bad)).contains("rising percentages"), "{bad:?}");
+    }
+    store.set_cell_state("dst", CellState::Full).unwrap();
+    assert!(err_text(store.start_migration("mover", "dst", &[100])).contains("only an active cell"));
+    store.set_cell_state("dst", CellState::Active).unwrap();
+    // Racing starts: one wins.
+    let store = Arc::new(store);
+    let barrier = Arc::new(Barrier::new(4));
+    let wins: Vec<bool> = (0..4)
+        .map(|_| {
+            let (location, barrier) = (db.location.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let store = GlobalStore::open(&location).unwrap();
+                barrier.wait();
+                store.start_migration("mover", "dst", &[100]).is_ok()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{wins:?}");
+    let m = store.active_migrations().unwrap().pop().unwrap();
+    assert!(store.set_migration_paused(&m.id, true).unwrap());
+    assert!(!store.begin_cutover(&m.id, 0).unwrap(), "a paused migration starts no cutover");
+    assert!(store.set_migration_paused(&m.id, false).unwrap());
+    store.abort_migration(&m.id).unwrap();
+    assert_eq!(store.migration(&m.id).unwrap().unwrap().phase, Phase::Aborted);
+    assert!(store.route_key("wk_mover").unwrap().unwrap().split.is_none());
+    assert!(store.served_by("dst").unwrap().is_empty());
+    assert!(!store.set_migration_paused(&m.id, true).unwrap(), "an ended migration cannot be paused");
+    assert!(err_text(store.abort_migration(&m.id)).contains("aborted already"));
+    assert_eq!(store.migrations(10).unwrap().len(), 1);
 }

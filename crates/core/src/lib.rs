@@ -3,6 +3,7 @@
 //! primitives every stage shares: the clock ([`clock`]), the log's topic and
 //! group names ([`topics`]) and the stop signal ([`Shutdown`]).
 
+pub mod bucket;
 pub mod clock;
 pub mod config;
 pub mod crash;
@@ -13,6 +14,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod topics;
 
+pub use bucket::{bucket_for, BucketSet};
 pub use config::{Config, ConfigError};
 pub use partition::partition_for;
 pub use shutdown::Shutdown;
