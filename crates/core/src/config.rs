@@ -464,6 +464,10 @@ pub struct RouterConfig {
     /// Cache misses waiting for the store at once; more are answered `503` at once.
     #[serde(deserialize_with = "de_nonzero_usize")]
     pub max_waiting_lookups: NonZeroUsize,
+    /// How long a request of a workspace that is moving between cells may
+    /// wait out a cutover (its buckets fenced) before it is answered `503`.
+    #[serde(with = "humantime_serde")]
+    pub cutover_wait: Duration,
 }
 
 impl Default for RouterConfig {
@@ -478,6 +482,7 @@ impl Default for RouterConfig {
             retry_after: Duration::from_secs(5),
             cache_entries: nz!(100_000),
             max_waiting_lookups: nz!(256),
+            cutover_wait: Duration::from_secs(10),
         }
     }
 }
@@ -1470,6 +1475,9 @@ impl Config {
         }
         if r.max_waiting_lookups.get() > 100_000 {
             return Err(invalid("router.max_waiting_lookups", "must be at most 100000"));
+        }
+        if r.cutover_wait > Duration::from_secs(120) {
+            return Err(invalid("router.cutover_wait", "must be at most 2m (a client's request waits this long)"));
         }
         if r.store.as_ref().is_some_and(|s| s.expose().trim().is_empty()) {
             return Err(invalid("router.store", "must not be empty (remove the key to give the store with --store)"));

@@ -50,6 +50,9 @@ use sluice_ingest::request::{
 };
 use sluice_ingest::IngestSettings;
 
+pub mod split;
+use split::{Side, SplitPlan};
+
 /// The header that tells a cell which cell the router meant it to be.
 pub const CELL_HEADER: &str = "x-sluice-cell";
 
@@ -68,6 +71,8 @@ pub struct RouterSettings {
     pub max_cache_entries: usize,
     /// Cache misses waiting for the store at once; more are answered 503.
     pub max_waiting_lookups: usize,
+    /// How long a request of a moving workspace may wait out a cutover before it is answered 503.
+    pub cutover_wait: Duration,
 }
 
 impl RouterSettings {
@@ -81,6 +86,7 @@ impl RouterSettings {
             retry_after: r.retry_after.as_secs().max(1),
             max_cache_entries: r.cache_entries.get(),
             max_waiting_lookups: r.max_waiting_lookups.get(),
+            cutover_wait: r.cutover_wait,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct RouterMetrics {
     /// Requests with an unknown or missing write key answered 200 and
     /// dropped (`ingest.unknown_write_key = "accept_and_drop"`).
     pub unknown_key_dropped: Counter,
+    /// Times a request of a moving workspace waited for a cutover (or routed again after a cell's 421).
+    pub cutover_waits: Counter,
 }
 
 impl Default for RouterMetrics {
@@ -118,6 +126,7 @@ impl Default for RouterMetrics {
             cache_entries: Gauge::default(),
             mapping_changes: Counter::default(),
             unknown_key_dropped: Counter::default(),
+            cutover_waits: Counter::default(),
         }
     }
 }
@@ -135,6 +144,11 @@ impl RouterMetrics {
             "Requests with an unknown or missing write key answered 200 and dropped (ingest.unknown_write_key = accept_and_drop)",
             self.unknown_key_dropped.clone(),
         );
+        r.register(
+            "cutover_waits",
+            "Times a request of a moving workspace waited for a cutover, or was routed again after a cell's 421",
+            self.cutover_waits.clone(),
+        );
     }
 
     /// Decisions so far on `path`.
@@ -149,14 +163,24 @@ enum Route {
     /// No such key.
     Unknown,
     /// The key's workspace is disabled.
-    Disabled {
-        workspace: String,
-    },
+    Disabled { workspace: String },
     Cell {
         workspace: String,
         cell: String,
         ingest_url: String,
+        /// While the workspace moves: where its moved buckets go.
+        split: Option<Arc<Split>>,
     },
+}
+
+/// A moving workspace's split (docs/plans/MIGRATION.md).
+#[derive(Debug)]
+struct Split {
+    target_cell: String,
+    /// `None`: the target is not listed or is retired (its buckets are answered 503).
+    target_url: Option<String>,
+    moved: sluice_core::BucketSet,
+    fenced: sluice_core::BucketSet,
 }
 
 #[derive(Default)]
@@ -302,6 +326,14 @@ impl CellRouter {
         Ok(route)
     }
 
+    /// Drop `key`'s cached route: a cell said it is stale (421), or a cutover is being waited out.
+    fn forget(&self, key: &str) {
+        let mut cache = self.cache.write().expect("cache lock");
+        if cache.routes.remove(&key_hash(key)).is_some() {
+            self.metrics.cache_entries.set(cache.routes.len() as i64);
+        }
+    }
+
     fn decided(&self, path: &str, started: Instant) {
         let labels = vec![("path", path.to_owned())];
         self.metrics.decisions.get_or_create(&labels).inc();
@@ -349,7 +381,11 @@ fn lookup(store: &GlobalStore, key: &str, retry_after: u64) -> Result<(Route, &'
         return Err(unavailable("this workspace's cell is retired; retry later", 60));
     }
     let path = if placed.new { "new" } else { "miss" };
-    Ok((Route::Cell { workspace: workspace.id, cell: cell.id, ingest_url: cell.ingest_url }, path))
+    let split = found.split.map(|s| {
+        let target_url = s.target.filter(|t| t.state != sluice_cells::CellState::Retired).map(|t| t.ingest_url);
+        Arc::new(Split { target_cell: s.target_cell, target_url, moved: s.moved, fenced: s.fenced })
+    });
+    Ok((Route::Cell { workspace: workspace.id, cell: cell.id, ingest_url: cell.ingest_url, split }, path))
 }
 
 /// The router's HTTP front: the Tracking API's paths.
@@ -428,25 +464,25 @@ async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>
     }
 }
 
+/// A request's body as the router holds it.
+enum Incoming {
+    /// Not read yet (a Basic-auth request to a workspace that is not moving streams through).
+    Stream(Body),
+    /// Read: as it came, and decoded (gzip inflated).
+    Read { raw: Bytes, decoded: Bytes },
+}
+
+/// How long a request waits for a cutover between polls of the store.
+const CUTOVER_POLL: Duration = Duration::from_millis(25);
+
 async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let settings = &router.settings.ingest;
     // The key: Basic auth (the body streams through untouched), else the body's `writeKey`.
-    let (key, body) = match basic_auth_key(&headers) {
-        Some(key) => (Some(key), reqwest::Body::wrap_stream(body.into_data_stream())),
+    let (key, mut body) = match basic_auth_key(&headers) {
+        Some(key) => (Some(key), Incoming::Stream(body)),
         None => {
-            let enc = encoding(&headers)?;
-            let raw = collect_body(settings, &headers, body).await?.ok_or_else(|| too_large(settings))?;
-            let decoded = if enc == sluice_ingest::request::Encoding::Identity {
-                raw.clone()
-            } else {
-                // Bounded like ingest's: a flood of gzip bodies takes a few cores, never every one.
-                let _permit = router.decodes.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
-                let (s, raw) = (settings.clone(), raw.clone());
-                tokio::task::spawn_blocking(move || decode_body(&s, enc, raw))
-                    .await
-                    .map_err(|_| unavailable("the request could not be read; retry", 1))??
-            };
-            (body_write_key(kind, &decoded)?, reqwest::Body::from(raw))
+            let (raw, decoded) = read_body(router, &headers, body).await?;
+            (body_write_key(kind, &decoded)?, Incoming::Read { raw, decoded })
         }
     };
     // An unknown key is answered as ingest answers it: 401, or under
@@ -460,27 +496,129 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
         }
     };
     let Some(key) = key else { return unknown(false) };
-    let route = router.route(&key).await?;
-    let (workspace, cell, ingest_url) = match route {
-        Route::Unknown => return unknown(true),
-        Route::Disabled { workspace } => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "workspace_disabled",
-                format!("workspace {workspace:?} is disabled; its events are not accepted"),
-            ))
+    // A cutover is waited out, within `router.cutover_wait`: the requests in it wait, they do not fail.
+    let deadline = Instant::now() + router.settings.cutover_wait;
+    loop {
+        let route = router.route(&key).await?;
+        let (workspace, cell, ingest_url, split) = match route {
+            Route::Unknown => return unknown(true),
+            Route::Disabled { workspace } => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "workspace_disabled",
+                    format!("workspace {workspace:?} is disabled; its events are not accepted"),
+                ))
+            }
+            Route::Cell { workspace, cell, ingest_url, split } => (workspace, cell, ingest_url, split),
+        };
+        let Some(split) = split else {
+            let answer = send(router, &workspace, &cell, &ingest_url, call, &headers, take_body(&mut body), true).await?;
+            if answer.status() == StatusCode::MISDIRECTED_REQUEST {
+                // The cell says this router's mapping is stale: ask the store next time.
+                router.forget(&key);
+            }
+            return Ok(answer);
+        };
+        if let Incoming::Stream(_) = body {
+            let Incoming::Stream(stream) = std::mem::replace(&mut body, Incoming::Read { raw: Bytes::new(), decoded: Bytes::new() }) else {
+                unreachable!()
+            };
+            let (raw, decoded) = read_body(router, &headers, stream).await?;
+            body = Incoming::Read { raw, decoded };
         }
-        Route::Cell { workspace, cell, ingest_url } => (workspace, cell, ingest_url),
+        let Incoming::Read { raw, decoded } = &body else { unreachable!() };
+        let target = |router: &CellRouter| {
+            split.target_url.clone().ok_or_else(|| {
+                tracing::error!(%workspace, target = %split.target_cell, "a workspace is moving to a cell that is not listed or is retired; its moved buckets are answered 503");
+                unavailable("this workspace's cell is unavailable; retry later", router.settings.retry_after)
+            })
+        };
+        let answer = match split::plan(kind, decoded, split.moved, split.fenced)? {
+            SplitPlan::Wait => None,
+            SplitPlan::Whole(Side::Source) => {
+                Some(send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
+            }
+            SplitPlan::Whole(Side::Target) => {
+                let url = target(router)?;
+                Some(send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
+            }
+            SplitPlan::Parts { source, target: to_target } => {
+                let url = target(router)?;
+                let (a, b) = tokio::join!(
+                    send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false),
+                    send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false),
+                );
+                // Acknowledged only when both parts are: else the worse answer (the client resends the
+                // whole batch, and the part that was stored is dropped as a duplicate by its cell).
+                let (a, b) = (a?, b?);
+                Some(if !a.status().is_success() { a } else { b })
+            }
+        };
+        match answer {
+            Some(a) if a.status() != StatusCode::MISDIRECTED_REQUEST => return Ok(a),
+            Some(a) if Instant::now() >= deadline => return Ok(a),
+            None if Instant::now() >= deadline => {
+                return Err(unavailable("this workspace is moving between cells; retry", 1));
+            }
+            _ => {
+                // Fenced, or a cell's gate is ahead of this router's mapping: route again shortly, from the store.
+                router.metrics.cutover_waits.inc();
+                tokio::time::sleep(CUTOVER_POLL).await;
+                router.forget(&key);
+            }
+        }
+    }
+}
+
+fn take_body(body: &mut Incoming) -> reqwest::Body {
+    match std::mem::replace(body, Incoming::Read { raw: Bytes::new(), decoded: Bytes::new() }) {
+        Incoming::Stream(b) => reqwest::Body::wrap_stream(b.into_data_stream()),
+        Incoming::Read { raw, .. } => reqwest::Body::from(raw),
+    }
+}
+
+/// Read a body within ingest's limits, and inflate it if it is compressed.
+async fn read_body(router: &CellRouter, headers: &HeaderMap, body: Body) -> Result<(Bytes, Bytes), ApiError> {
+    let settings = &router.settings.ingest;
+    let enc = encoding(headers)?;
+    let raw = collect_body(settings, headers, body).await?.ok_or_else(|| too_large(settings))?;
+    let decoded = if enc == sluice_ingest::request::Encoding::Identity {
+        raw.clone()
+    } else {
+        // Bounded like ingest's: a flood of gzip bodies takes a few cores, never every one.
+        let _permit = router.decodes.acquire().await.map_err(|_| unavailable("the router is stopping", 1))?;
+        let (s, raw) = (settings.clone(), raw.clone());
+        tokio::task::spawn_blocking(move || decode_body(&s, enc, raw)).await.map_err(|_| unavailable("the request could not be read; retry", 1))??
     };
+    Ok((raw, decoded))
+}
+
+/// Forward one body to `cell` and relay its answer. `as_sent`: the body is
+/// the client's own bytes (its `Content-Encoding` and `Content-Length` go
+/// with it); else a part the router built (plain JSON).
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    router: &CellRouter,
+    workspace: &str,
+    cell: &str,
+    ingest_url: &str,
+    call: &str,
+    headers: &HeaderMap,
+    body: reqwest::Body,
+    as_sent: bool,
+) -> Result<Response, ApiError> {
     let url = format!("{}/v1/{call}", ingest_url.trim_end_matches('/'));
     let mut request = router.client.post(&url).body(body);
     for name in FORWARDED_HEADERS {
+        if !as_sent && (name == header::CONTENT_ENCODING || name == header::CONTENT_LENGTH) {
+            continue;
+        }
         for value in headers.get_all(&name) {
             request = request.header(&name, value);
         }
     }
-    request = request.header(CELL_HEADER, &cell);
-    let count = |status: &str| router.metrics.forwarded.get_or_create(&vec![("cell", cell.clone()), ("status", status.to_owned())]).inc();
+    request = request.header(CELL_HEADER, cell);
+    let count = |status: &str| router.metrics.forwarded.get_or_create(&vec![("cell", cell.to_owned()), ("status", status.to_owned())]).inc();
     let answer = match request.send().await {
         Ok(a) => a,
         Err(e) => {
@@ -512,7 +650,7 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
     };
     count(status.as_str());
     let mut resp = out.body(Body::from(bytes)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response());
-    resp.headers_mut().insert(HeaderName::from_static(CELL_HEADER), HeaderValue::from_str(&cell).unwrap_or(HeaderValue::from_static("?")));
+    resp.headers_mut().insert(HeaderName::from_static(CELL_HEADER), HeaderValue::from_str(cell).unwrap_or(HeaderValue::from_static("?")));
     Ok(resp)
 }
 
