@@ -688,7 +688,11 @@ async fn recent_events(
             let batch = s.log.read(topic, p, next, EVENTS_READ_BATCH).await.map_err(log_err)?;
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
-            for r in batch.iter().filter(|r| prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes()))) {
+            // Key records (a moving workspace's dedup keys) are not events.
+            let shown = |r: &&sluice_log::StoredRecord| {
+                prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) && !sluice_core::topics::is_key_record(&r.value)
+            };
+            for r in batch.iter().filter(shown) {
                 let entry = event_entry(p, r, false);
                 let size = serde_json::to_vec(&entry).map_or(0, |v| v.len());
                 if kept.len() == limit {
@@ -732,7 +736,7 @@ async fn get_event(State(s): State<Shared>, h: HeaderMap, Path((partition, offse
         return Err(not_found("no event at that offset (it may have been deleted by retention)"));
     }
     let batch = s.log.read(topic, partition, offset, 1).await.map_err(log_err)?;
-    match batch.first().filter(|r| r.offset == offset) {
+    match batch.first().filter(|r| r.offset == offset && !sluice_core::topics::is_key_record(&r.value)) {
         Some(r) => Ok(Json(event_entry(partition, r, true)).into_response()),
         None => Err(not_found("no event at that offset")),
     }

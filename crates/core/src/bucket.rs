@@ -38,6 +38,15 @@ impl BucketSet {
         BucketSet(if n == 0 { 0 } else { (1u128 << n) - 1 })
     }
 
+    /// The one bucket `bucket` (none when out of range).
+    pub fn of(bucket: u8) -> BucketSet {
+        if bucket < BUCKETS {
+            BucketSet(1u128 << bucket)
+        } else {
+            BucketSet::NONE
+        }
+    }
+
     pub fn contains(self, bucket: u8) -> bool {
         bucket < BUCKETS && self.0 & (1u128 << bucket) != 0
     }

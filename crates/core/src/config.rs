@@ -1746,6 +1746,9 @@ impl Config {
     }
 }
 
+/// The workspace of a source or destination that names none (a single-tenant config).
+pub const DEFAULT_WORKSPACE: &str = "default";
+
 /// An id of a source, destination, workspace or cell: 1–64 of `A-Z a-z 0-9 _ -`.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')

@@ -18,3 +18,16 @@ pub const OUTPUT: &str = "output";
 pub const DEDUP_GROUP: &str = "dedup";
 /// The route's consumer group on [`OUTPUT`].
 pub const ROUTE_GROUP: &str = "route";
+
+/// The value of a *key record*: a messageId a workspace moving into this
+/// cell brought from its old cell's dedup index (docs/plans/MIGRATION.md).
+/// Key records ride `input` and `output` like events, so dedup indexes
+/// them (and recovers them from `output` after a crash) with no path of
+/// its own; every reader of `output` skips them. An event's value is JSON
+/// and starts with `{`, never with a NUL byte.
+pub const KEY_RECORD: &[u8] = b"\0k:";
+
+/// Is `value` a key record's (see [`KEY_RECORD`])?
+pub fn is_key_record(value: &[u8]) -> bool {
+    value.starts_with(KEY_RECORD)
+}

@@ -473,7 +473,8 @@ impl DedupWorker {
             // Repeats are rare: counting them per source costs a set of the kept offsets, only then.
             let kept: std::collections::HashSet<u64> = fresh.iter().map(|r| r.offset).collect();
             let mut by_source: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
-            for r in records.iter().filter(|r| !kept.contains(&r.offset)) {
+            // A key record already held (a key stream sent twice) is no client's duplicate.
+            for r in records.iter().filter(|r| !kept.contains(&r.offset) && !sluice_core::topics::is_key_record(&r.value)) {
                 let source = r.key.split(|b| *b == b'/').next().unwrap_or_default();
                 *by_source.entry(source).or_default() += 1;
             }

@@ -344,6 +344,8 @@ pub struct EventLimits {
 #[derive(Debug)]
 pub struct NormalizedEvent {
     pub message_id: String,
+    /// The client gave `message_id` (else ingest assigned it).
+    pub client_id: bool,
     pub event_type: EventType,
     pub json: Vec<u8>,
 }
@@ -436,6 +438,7 @@ pub fn normalize(
             Some(id.into_owned())
         }
     };
+    let client_id = message_id.is_some();
     let message_id = message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
     let original = item.get("timestamp").filter(|v| !is_null(v));
@@ -521,7 +524,7 @@ pub fn normalize(
         return Err(EventError::TooLarge { size: out.len(), limit: limits.max_event_bytes });
     }
     check_stored(&out)?;
-    Ok(NormalizedEvent { message_id, event_type, json: out })
+    Ok(NormalizedEvent { message_id, client_id, event_type, json: out })
 }
 
 /// Deepest nesting of arrays and objects in a stored event; the event

@@ -15,6 +15,7 @@
 pub mod budget;
 pub mod cors;
 pub mod event;
+pub mod gate;
 pub mod ratelimit;
 pub mod request;
 pub mod server;
@@ -38,7 +39,7 @@ use chrono::Utc;
 use serde_json::value::RawValue;
 use sluice_core::config::{is_hashed_write_key, Config, SourceConfig, UnknownWriteKey, HASHED_WRITE_KEY};
 use sluice_core::metrics::{latency_buckets, Counter, Family, Histogram, Registry};
-use sluice_core::partition_for;
+use sluice_core::{partition_for, BucketSet};
 use sluice_log::{Log, Record};
 
 use crate::event::{BatchContext, EventError, EventLimits, RawObject};
@@ -55,6 +56,8 @@ pub use sluice_core::topics::INPUT as INPUT_TOPIC;
 /// A source as ingest sees it.
 pub struct Source {
     pub id: String,
+    /// Its workspace (`default` for a single-tenant config).
+    pub workspace: String,
     limiter: Option<TokenBucket>,
     /// (rate, burst) the limiter was made with, to keep it across updates.
     limits: (u32, u32),
@@ -180,6 +183,8 @@ pub struct Ingest {
     large_bodies: tokio::sync::Semaphore,
     pub metrics: IngestMetrics,
     resolver: std::sync::OnceLock<Arc<dyn KeyResolver>>,
+    /// Which events of moving workspaces this cell accepts.
+    pub gate: gate::BucketGate,
 }
 
 impl Ingest {
@@ -195,6 +200,7 @@ impl Ingest {
             large_bodies,
             metrics: IngestMetrics::default(),
             resolver: std::sync::OnceLock::new(),
+            gate: gate::BucketGate::default(),
         };
         ingest.set_sources(sources, default_rate_limit);
         Ok(ingest)
@@ -205,16 +211,20 @@ impl Ingest {
     /// update never refills anyone's rate limit.
     pub fn set_sources(&self, sources: &[SourceConfig], default_rate_limit: u32) {
         let mut current = self.sources.write().expect("sources lock");
+        let default_ws = sluice_core::config::DEFAULT_WORKSPACE.to_owned();
         let map: HashMap<String, Arc<Source>> = sources
             .iter()
             .map(|s| {
                 let rate = s.rate_limit.unwrap_or(default_rate_limit);
                 let limits = (rate, s.rate_burst.unwrap_or(rate));
                 let source = match current.by_key.get(&s.write_key) {
-                    Some(old) if old.id == s.id && old.limits == limits => old.clone(),
+                    Some(old) if old.id == s.id && old.limits == limits && Some(&old.workspace) == s.workspace.as_ref().or(Some(&default_ws)) => {
+                        old.clone()
+                    }
                     _ => {
                         let limiter = (rate > 0).then(|| TokenBucket::new(limits.0, limits.1));
-                        Arc::new(Source { id: s.id.clone(), limiter, limits })
+                        let workspace = s.workspace.clone().unwrap_or_else(|| default_ws.clone());
+                        Arc::new(Source { id: s.id.clone(), workspace, limiter, limits })
                     }
                 };
                 (s.write_key.clone(), source)
@@ -382,6 +392,8 @@ enum Prepared {
         source: Arc<Source>,
         by_partition: HashMap<u32, Vec<Record>>,
         accepted: usize,
+        /// The buckets of its events, for the gate.
+        buckets: gate::RequestBuckets,
     },
 }
 
@@ -437,7 +449,15 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
         let found = ingest.source_or_resolve(key).await?;
         prepared = prepare_body(ingest, call, Auth::Resolved(found), raw, encoding, false).await?;
     }
-    let Prepared::Records { source, by_partition, accepted } = prepared else { return Ok(()) };
+    let Prepared::Records { source, by_partition, accepted, buckets } = prepared else { return Ok(()) };
+    // Held until the appends are durable: closing a bucket waits for this request (the fence).
+    let _admitted = ingest.gate.admit(&source.workspace, buckets).await.map_err(|refused| {
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "moved",
+            format!("workspace {:?} is moving between cells and buckets {refused} are not this cell's now; route again", source.workspace),
+        )
+    })?;
     let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));
     for result in futures_util::future::join_all(appends).await {
         if let Err(e) = result {
@@ -582,6 +602,7 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8], unresolved: bo
     let max_stored = settings.max_stored_bytes();
     let mut stored = 0usize;
     let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
+    let mut buckets = gate::RequestBuckets::default();
     let mut push = |ev: event::NormalizedEvent| -> Result<(), ApiError> {
         // What one request may store is bounded, whatever the batch-level
         // context multiplies: the answer is all or nothing.
@@ -593,6 +614,11 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8], unresolved: bo
             ));
         }
         let partition = partition_for(&ev.message_id, ingest.partitions);
+        if ev.client_id {
+            buckets.buckets = buckets.buckets.union(BucketSet::of(sluice_core::bucket_for(&ev.message_id)));
+        } else {
+            buckets.free = true;
+        }
         let key = Bytes::from(format!("{}/{}", source.id, ev.message_id));
         by_partition.entry(partition).or_default().push(Record { key, value: Bytes::from(ev.json) });
         Ok(())
@@ -648,5 +674,5 @@ fn prepare(ingest: &Ingest, call: Call, auth: Auth, bytes: &[u8], unresolved: bo
         }
     }
     let accepted = by_partition.values().map(Vec::len).sum();
-    Ok(Prepared::Records { source, by_partition, accepted })
+    Ok(Prepared::Records { source, by_partition, accepted, buckets })
 }

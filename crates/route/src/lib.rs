@@ -335,7 +335,8 @@ async fn route_records(
     let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
     let mut jobs: Vec<NewJob> = Vec::new();
     let mut dead = Vec::new();
-    for rec in records {
+    // Key records (a workspace's dedup keys from its old cell) are dedup's, not events.
+    for rec in records.iter().filter(|r| !sluice_core::topics::is_key_record(&r.value)) {
         metrics.events.inc();
         match planner.plan(&rec.key, &rec.value, 0, None) {
             Ok(d) => {
@@ -429,7 +430,10 @@ async fn replay_one(
             let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
             let mut jobs = Vec::new();
             let mut dead = Vec::new();
-            for rec in records.iter().filter(|rec| rec.timestamp_ms >= r.since_ms && rec.offset < range.end) {
+            let replayed = |rec: &&sluice_log::StoredRecord| {
+                rec.timestamp_ms >= r.since_ms && rec.offset < range.end && !sluice_core::topics::is_key_record(&rec.value)
+            };
+            for rec in records.iter().filter(replayed) {
                 events += 1;
                 match planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
                     Ok(d) => jobs.extend(d.jobs),

@@ -316,3 +316,21 @@ fn a_full_store_holds_the_partition_back_until_room_is_made() {
     assert!(f.jobs.keys().contains(&("m9".to_string(), "d1".to_string(), 0)));
     f.stop();
 }
+
+/// Key records (a moving workspace's dedup keys, docs/plans/MIGRATION.md)
+/// reach `output` like events; the route passes them by: no job, no dead
+/// letter, and the offset advances.
+#[test]
+fn key_records_make_no_jobs_and_no_dead_letters() {
+    let mut f = Fixture::new();
+    let m1 = event("m1");
+    let key_record = [sluice_core::topics::KEY_RECORD, b"1700000000000"].concat();
+    f.append(&[(b"web/k1", &key_record), (b"web/m1", &m1), (b"web/k2", &key_record)]);
+    f.start();
+    f.wait_committed(3);
+    assert!(f.letters().is_empty(), "{:#?}", f.letters());
+    let want: Vec<(String, String, i64)> = [("m1", "d1"), ("m1", "d2")].iter().map(|(m, d)| (m.to_string(), d.to_string(), 0)).collect();
+    assert_eq!(f.jobs.keys(), want);
+    assert_eq!(f.metric("sluice_route_unroutable_total"), 0.0);
+    f.stop();
+}
