@@ -217,6 +217,12 @@ impl GlobalStore {
         Ok(CellFeed { cell: cell.to_owned(), workspaces, sources, destinations, connections })
     }
 
+    /// The ids of `workspace`'s sources (those with a key).
+    pub fn workspace_sources(&self, workspace: &str) -> Result<Vec<String>, CellsError> {
+        let sql = self.q("SELECT source FROM {p}write_keys WHERE workspace = ? ORDER BY source");
+        self.read("reading a workspace's sources", |c| c.query(&sql, &[Arg::Text(workspace)], |r| r.text(0)))
+    }
+
     /// Whether the key with SHA-256 `hash` belongs to an enabled workspace served by `cell`.
     pub fn key_served_by(&self, cell: &str, hash: &[u8; 32]) -> Result<bool, CellsError> {
         Ok(self.route_hash(hash)?.is_some_and(|r| {

@@ -50,8 +50,8 @@ pub type WorkspaceOf = Box<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
 pub struct CellAgent {
     cell: String,
     control_url: String,
-    token: String,
-    http: reqwest::Client,
+    pub(crate) token: String,
+    pub(crate) http: reqwest::Client,
     apply: ApplyFeed,
     /// The ETag of the feed applied last.
     etag: Mutex<Option<String>>,
@@ -82,7 +82,7 @@ impl CellAgent {
         }))
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}/api/cells/{}/{path}", self.control_url, self.cell)
     }
 

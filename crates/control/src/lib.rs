@@ -24,6 +24,8 @@
 
 pub mod agent;
 pub mod capacity;
+pub mod migrate;
+pub mod mover;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -202,12 +204,17 @@ pub fn app(cp: Shared, registry: Arc<Registry>) -> Router {
         .route("/api/workspaces/{id}/destinations/{dest}", put(put_destination).delete(delete_destination))
         .route("/api/workspaces/{id}/connections/{source}/{dest}", put(put_connection).delete(delete_connection))
         .route("/api/usage", get(usage))
+        .route("/api/migrations", get(migrate::list).post(migrate::start))
+        .route("/api/migrations/{id}", get(migrate::get))
+        .route("/api/migrations/{id}/{action}", post(migrate::act))
         .route("/api/decisions", get(|State(cp): State<Shared>| async move { Json(json!({ "decisions": cp.decisions() })) }))
         .route_layer(axum::middleware::from_fn_with_state(cp.clone(), operator_auth));
     let cells = Router::new()
         .route("/api/cells/{id}/config", get(cell_config))
         .route("/api/cells/{id}/keys/{hash}", get(cell_key))
-        .route("/api/cells/{id}/usage", post(cell_usage));
+        .route("/api/cells/{id}/usage", post(cell_usage))
+        .route("/api/cells/{id}/migrations", get(migrate::cell_tasks))
+        .route("/api/cells/{id}/migrations/{m}/report", post(migrate::cell_report));
     let metrics_token = cp.settings.metrics_token.clone();
     let token = cp.settings.token.clone();
     Router::new()

@@ -511,6 +511,10 @@ pub struct ControlConfig {
     /// How long a provisioning command, then the new cell's health checks, may take.
     #[serde(with = "humantime_serde")]
     pub provision_timeout: Duration,
+    /// The least time between two steps of a gradual migration (10% →
+    /// 50% → 100%): the target's errors and latency can be watched between them.
+    #[serde(with = "humantime_serde")]
+    pub migration_step_interval: Duration,
     /// Let workspaces' destinations reach private addresses
     /// (`allow_private_network`): off, as a tenant must not reach a cell's network.
     pub allow_private_network_destinations: bool,
@@ -569,6 +573,7 @@ impl Default for ControlConfig {
             cell_metrics_token: None,
             provision_command: Vec::new(),
             provision_timeout: Duration::from_secs(300),
+            migration_step_interval: Duration::from_secs(30),
             allow_private_network_destinations: false,
             thresholds: TierThresholds::default(),
         }
@@ -1412,6 +1417,9 @@ impl Config {
         }
         if c.provision_timeout.is_zero() || c.provision_timeout > Duration::from_secs(4 * 3600) {
             return Err(invalid("control.provision_timeout", "must be between 1s and 4 hours"));
+        }
+        if c.migration_step_interval > Duration::from_secs(3600) {
+            return Err(invalid("control.migration_step_interval", "must be at most 1h"));
         }
         if c.provision_command.first().is_some_and(|p| p.trim().is_empty()) {
             return Err(invalid("control.provision_command", "its first element is the program to run"));

@@ -337,6 +337,50 @@ fn quiet_info_log(options: &mut Options) {
     options.set_log_level(rocksdb::LogLevel::Header);
 }
 
+/// Every id under one of `prefixes` (`"<source id>/"`) still within
+/// `window` in the index at `path`, with the time it was published: what a
+/// workspace moving to another cell takes with it
+/// (docs/plans/MIGRATION.md). Read through a RocksDB *secondary* instance
+/// (its own files under `scratch`): read-only, no coordination with the
+/// worker that owns the index, which keeps writing. `visit` gets each id;
+/// returning `false` stops. Returns the ids visited. Blocks. An index that
+/// does not exist (a partition that never held anything) has none.
+pub fn export_ids(
+    path: &Path,
+    scratch: &Path,
+    prefixes: &[Vec<u8>],
+    window: Duration,
+    mut visit: impl FnMut(&[u8], u64) -> bool,
+) -> Result<u64, DedupError> {
+    if !path.join("CURRENT").exists() {
+        return Ok(0);
+    }
+    std::fs::create_dir_all(scratch).map_err(|source| DedupError::Io { path: scratch.display().to_string(), source })?;
+    let mut options = Options::default();
+    options.set_max_open_files(-1);
+    quiet_info_log(&mut options);
+    let db = DB::open_cf_as_secondary(&options, path, scratch, [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, CF_IDS])
+        .map_err(|e| classify(path, "opening as a secondary", e))?;
+    db.try_catch_up_with_primary().map_err(|e| classify(path, "catching up as a secondary", e))?;
+    let cf = db.cf_handle(CF_IDS).expect("ids column family");
+    let cutoff = now_ms().saturating_sub(window.as_millis() as u64);
+    let mut visited = 0;
+    for prefix in prefixes {
+        for item in db.iterator_cf(&cf, rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward)) {
+            let (key, value) = item.map_err(|e| classify(path, "reading ids as a secondary", e))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let Some(ts) = decode_ts(&value).filter(|ts| *ts >= cutoff) else { continue };
+            visited += 1;
+            if !visit(&key, ts) {
+                return Ok(visited);
+            }
+        }
+    }
+    Ok(visited)
+}
+
 fn decode_ts(value: &[u8]) -> Option<u64> {
     value.get(..8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
@@ -358,6 +402,40 @@ mod tests {
 
     fn options(window: Duration) -> IndexOptions {
         IndexOptions::new(10.0, window, 8 << 20).unwrap()
+    }
+
+    #[test]
+    fn a_sources_ids_are_exported_while_the_index_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = IndexOptions::new(10.0, Duration::from_secs(3600), 8 << 20).unwrap();
+        let index = DedupIndex::open(&dir.path().join("idx"), &opts).unwrap();
+        let now = now_ms();
+        let old = now - 2 * 3600 * 1000;
+        let keys: Vec<(&[u8], u64)> = vec![(b"a/1", now), (b"a/2", now), (b"ab/3", now), (b"b/4", now), (b"a/5", old)];
+        index.record(keys, 7).unwrap();
+        let mut got = Vec::new();
+        let n = export_ids(
+            &dir.path().join("idx"),
+            &dir.path().join("scratch"),
+            &[b"a/".to_vec(), b"b/".to_vec()],
+            Duration::from_secs(3600),
+            |k, ts| {
+                got.push((String::from_utf8_lossy(k).into_owned(), ts));
+                true
+            },
+        )
+        .unwrap();
+        // "ab/3" is another source's; "a/5" is past the window; the checkpoint is no id.
+        assert_eq!(n, 3);
+        assert_eq!(got, vec![("a/1".to_owned(), now), ("a/2".to_owned(), now), ("b/4".to_owned(), now)]);
+        // Writes after the export are seen by the next one (the owner keeps writing meanwhile).
+        index.record(vec![(&b"a/9"[..], now)], 8).unwrap();
+        let n = export_ids(&dir.path().join("idx"), &dir.path().join("scratch2"), &[b"a/".to_vec()], Duration::from_secs(3600), |_, _| true).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            export_ids(&dir.path().join("none"), &dir.path().join("s3"), &[b"a/".to_vec()], Duration::from_secs(3600), |_, _| true).unwrap(),
+            0
+        );
     }
 
     #[test]

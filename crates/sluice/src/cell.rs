@@ -18,6 +18,8 @@ use sluice_core::{Config, Shutdown};
 pub struct CellLink {
     stop: Shutdown,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The cell-to-cell endpoints of migrations, for the admin port.
+    pub routes: Option<axum::Router>,
 }
 
 impl CellLink {
@@ -32,8 +34,10 @@ impl CellLink {
     }
 }
 
-/// Start the link when `[cell]` names a control plane.
-pub fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>) -> Result<Option<CellLink>> {
+/// Start the link when `[cell]` names a control plane. `dedup_here`: this
+/// process runs dedup (its indexes are under `data_dir/dedup`), so it can
+/// hand a moving workspace's keys to another cell.
+pub async fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>, dedup_here: bool) -> Result<Option<CellLink>> {
     let c = &config.cell;
     let (Some(id), Some(url), Some(token)) = (&c.id, &c.control_url, &c.token) else { return Ok(None) };
     let retry = config.deliver.retry_policy();
@@ -53,12 +57,44 @@ pub fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>) -> Result<O
         }?;
         Some(ws.unwrap_or_else(|| "default".to_owned()))
     });
-    let tasks = vec![
+    let mut tasks = vec![
         agent.spawn_sync(c.poll_interval, stop.clone()),
         agent.spawn_reporter(admin.registry.clone(), workspace_of, config.server.data_dir.join("usage-outbox"), c.report_interval, stop.clone()),
     ];
+    // Migrations: the gate this cell kept is set before ingest listens.
+    let mut routes = None;
+    if let Some(ingest) = &admin.ingest {
+        let (registry, catalog) = (admin.registry.clone(), admin.catalog.clone());
+        let parts = sluice_control::mover::CellParts {
+            log: admin.log.clone(),
+            ingest: ingest.clone(),
+            index_dir: dedup_here.then(|| config.server.data_dir.join("dedup")),
+            window: config.dedup.window,
+            state_dir: config.server.data_dir.join("migrations"),
+            unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
+        };
+        let mover = sluice_control::mover::Mover::new(agent.clone(), parts)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot start the cell's migrations")?;
+        tasks.push(mover.spawn(stop.clone()));
+        routes = Some(mover.routes());
+    }
     tracing::info!(cell = %id, control = %url, "this is a cell: its workspaces come from the control plane");
-    Ok(Some(CellLink { stop, tasks }))
+    Ok(Some(CellLink { stop, tasks, routes }))
+}
+
+/// Unfinished jobs (in memory and spilled) of `workspace`'s destinations, from this process's metrics.
+fn unfinished_jobs(registry: &Registry, catalog: &sluice_deliver::Catalog, workspace: &str) -> u64 {
+    let snap = catalog.snapshot();
+    let ours =
+        |d: &str| snap.destinations.get(d).is_some_and(|d| d.workspace.as_deref().unwrap_or(sluice_core::config::DEFAULT_WORKSPACE) == workspace);
+    sluice_core::metrics::parse_text(&sluice_core::metrics::render(registry))
+        .iter()
+        .filter(|s| matches!(s.name.as_str(), "sluice_deliver_pending" | "sluice_deliver_spilled"))
+        .filter(|s| s.label("destination").is_some_and(ours))
+        .map(|s| s.value.max(0.0) as u64)
+        .sum()
 }
 
 /// Write `feed` into the control tables (origin `global`), then make it live.

@@ -154,6 +154,7 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     cp.metrics.register(&mut registry);
     let stop = Shutdown::new();
     let capacity = sluice_control::capacity::spawn(cp.clone(), stop.clone());
+    let driver = sluice_control::migrate::spawn_driver(cp.clone(), c.migration_step_interval, stop.clone());
     tracing::info!(
         listen = %addr,
         store = %shown,
@@ -173,6 +174,7 @@ pub async fn control(args: ControlArgs) -> Result<()> {
     stop.trigger();
     let _ = server.await;
     let _ = capacity.await;
+    let _ = driver.await;
     if let Some(r) = reloader {
         r.abort();
     }
@@ -224,6 +226,155 @@ pub fn usage(args: UsageArgs) -> Result<()> {
 
 fn hour_text(unix: i64) -> String {
     chrono::DateTime::from_timestamp(unix, 0).map_or_else(|| unix.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    #[command(subcommand)]
+    action: MigrateAction,
+    /// The control plane's URL.
+    #[arg(long, env = "SLUICE_CONTROL_URL", default_value = "http://127.0.0.1:8060", global = true)]
+    control: String,
+    /// The operators' token (control.token).
+    #[arg(long, env = "SLUICE_CONTROL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print the control plane's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Start moving a workspace to another cell.
+    Start {
+        #[arg(long)]
+        workspace: String,
+        /// The cell to move it to.
+        #[arg(long)]
+        to: String,
+        /// Cumulative percentages of its traffic moved at each step, e.g. 10,50,100 (default: 100, one step).
+        #[arg(long, value_delimiter = ',')]
+        steps: Option<Vec<u8>>,
+        /// Wait until the migration is done (or aborted), printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// One migration, or the most recent ones.
+    Status {
+        id: Option<String>,
+    },
+    /// Start no further cutover (one under way finishes).
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Give up a migration that has moved nothing yet: the workspace stays where it is.
+    Abort {
+        id: String,
+    },
+}
+
+/// `sluice migrate`: the control plane's migration API from a terminal.
+pub fn migrate(args: MigrateArgs) -> Result<()> {
+    let Some(token) = args.token.clone() else { bail!("give the operators' token: --token or SLUICE_CONTROL_TOKEN (control.token)") };
+    let http = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let base = args.control.trim_end_matches('/').to_owned();
+    let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| -> Result<serde_json::Value> {
+        let mut req = http.request(method, format!("{base}{path}")).bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().with_context(|| format!("the control plane at {base} did not answer"))?;
+        let status = resp.status();
+        let value: serde_json::Value = resp.json().unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            bail!("{status}: {}", value["message"].as_str().unwrap_or("(no message)"));
+        }
+        Ok(value)
+    };
+    let show = |m: &serde_json::Value| {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(m).unwrap_or_default());
+        } else {
+            println!("{}", migration_line(m));
+        }
+    };
+    match &args.action {
+        MigrateAction::Start { workspace, to, steps, wait } => {
+            let mut body = serde_json::json!({ "workspace": workspace, "to": to });
+            if let Some(s) = steps {
+                body["steps"] = serde_json::json!(s);
+            }
+            let m = call(reqwest::Method::POST, "/api/migrations", Some(body))?;
+            show(&m);
+            if *wait {
+                let id = m["id"].as_str().unwrap_or_default().to_owned();
+                let mut last = String::new();
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    let m = call(reqwest::Method::GET, &format!("/api/migrations/{id}"), None)?;
+                    let line = migration_line(&m);
+                    if line != last {
+                        println!("{line}");
+                        last = line;
+                    }
+                    if matches!(m["phase"].as_str(), Some("done" | "aborted")) {
+                        break;
+                    }
+                }
+            }
+        }
+        MigrateAction::Status { id: Some(id) } => show(&call(reqwest::Method::GET, &format!("/api/migrations/{id}"), None)?),
+        MigrateAction::Status { id: None } => {
+            let all = call(reqwest::Method::GET, "/api/migrations", None)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let list = all["migrations"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("(no migrations)");
+                }
+                for m in list.iter().take(20) {
+                    println!("{}", migration_line(m));
+                }
+            }
+        }
+        MigrateAction::Pause { id } | MigrateAction::Resume { id } | MigrateAction::Abort { id } => {
+            let action = match &args.action {
+                MigrateAction::Pause { .. } => "pause",
+                MigrateAction::Resume { .. } => "resume",
+                _ => "abort",
+            };
+            show(&call(reqwest::Method::POST, &format!("/api/migrations/{id}/{action}"), None)?);
+        }
+    }
+    Ok(())
+}
+
+/// One line of a migration's state, for a terminal.
+fn migration_line(m: &serde_json::Value) -> String {
+    let text = |k: &str| m[k].as_str().map(str::to_owned).unwrap_or_else(|| m[k].to_string());
+    format!(
+        "{} {} {} -> {}: {}{} step {}/{} buckets moved {}/100 keys copied {} delta lag {} source jobs {}{}",
+        text("id"),
+        text("workspace"),
+        text("from"),
+        text("to"),
+        text("phase"),
+        if m["paused"].as_bool() == Some(true) { " (paused)" } else { "" },
+        m["step"],
+        m["steps"].as_array().map_or(0, |s| s.len()),
+        m["buckets_moved"],
+        m["keys_copied"],
+        m["delta_lag"],
+        m["source_jobs_draining"],
+        match m["error"].as_str() {
+            Some(e) if !e.is_empty() => format!(" error: {e}"),
+            _ => String::new(),
+        }
+    )
 }
 
 #[derive(Args)]

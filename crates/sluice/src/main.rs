@@ -98,6 +98,8 @@ enum Command {
     Usage(cells::UsageArgs),
     /// The bundled local provisioner: starts a `sluice serve` cell on this machine (see docs/CELLS.md).
     ProvisionLocal(cells::ProvisionLocalArgs),
+    /// Move a workspace to another cell, live (start, status, pause, resume, abort; through the control plane).
+    Migrate(cells::MigrateArgs),
 }
 
 #[derive(Args)]
@@ -220,6 +222,7 @@ fn run(command: Command) -> Result<()> {
         Command::Cells(cmd) => cells::run(cmd),
         Command::Control(args) => runtime()?.block_on(cells::control(args)),
         Command::Usage(args) => cells::usage(args),
+        Command::Migrate(args) => cells::migrate(args),
         Command::ProvisionLocal(args) => cells::provision_local(args),
     }
 }
@@ -257,6 +260,7 @@ impl Command {
             | Command::DeadLetters(_)
             | Command::Cells(_)
             | Command::Usage(_)
+            | Command::Migrate(_)
             | Command::ProvisionLocal(_) => Kind::Tool,
         }
     }
@@ -673,12 +677,17 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     // Sources come from the control database (seeded from the config, changed by the admin API).
     sluice_admin::apply_sources(&admin_state);
     st.tasks.push(sluice_admin::spawn_catalog_refresher(admin_state.clone()));
-    st.cell = cell::start(config, &admin_state)?;
+    st.cell = cell::start(config, &admin_state, roles.dedup && config.dedup.enabled).await?;
+    let migration_routes = st.cell.as_mut().and_then(|c| c.routes.take());
     if let (Some(l), Some(i)) = (listener, &st.ingest) {
         st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));
     }
     if let Some(l) = admin {
-        st.servers.push(tokio::spawn(serve(l, sluice_admin::router(admin_state), admin_options, stopped())));
+        let mut app = sluice_admin::router(admin_state);
+        if let Some(routes) = migration_routes {
+            app = app.merge(routes);
+        }
+        st.servers.push(tokio::spawn(serve(l, app, admin_options, stopped())));
     }
     Ok(())
 }

@@ -1,0 +1,266 @@
+//! The control plane's side of moving a workspace between cells
+//! (docs/plans/MIGRATION.md): the operators' API, the cells' task list and
+//! reports, and the driver that advances each migration's state machine.
+//!
+//! Invariants:
+//! - The state lives in the global store only (`sluice_cells::migration`);
+//!   the driver keeps nothing a restart would lose. Each of its steps is a
+//!   conditional transition, so two control planes (or one restarted mid-
+//!   step) cannot make one twice.
+//! - The driver never opens a bucket: it fences one (cutover) and marks it
+//!   moved once the source reports that the target opened it. What moves
+//!   keys and opens gates is the cells' work (`mover.rs`), told by the
+//!   task list they poll, authenticated by their own tokens.
+//! - A report is the reporting cell's role only: a cell that is neither
+//!   side of a migration cannot report on it.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice_cells::{Migration, Phase};
+use sluice_core::Shutdown;
+use sluice_ingest::request::ApiError;
+
+use crate::{body, cell_auth, ok, ApiResult, Shared};
+
+/// How often the driver looks at the migrations in progress.
+pub const DRIVE_EVERY: Duration = Duration::from_millis(100);
+/// Keys the source may still have to send for a cutover to start (its
+/// delta lag): the fence then waits for these only.
+pub const CUTOVER_LAG: u64 = 20_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartMigration {
+    workspace: String,
+    to: String,
+    #[serde(default)]
+    steps: Option<Vec<u8>>,
+}
+
+/// `POST /api/migrations`.
+pub(crate) async fn start(State(cp): State<Shared>, raw: Bytes) -> ApiResult {
+    let req: StartMigration = body(&raw)?;
+    let steps = req.steps.unwrap_or_else(|| vec![100]);
+    let m = cp
+        .store(move |s| {
+            // Keys go cell to cell over the cells' admin ports: both must have one.
+            let placed = s.resolve(&req.workspace)?;
+            for cell in placed.map(|p| p.cell).into_iter().chain([req.to.clone()]) {
+                if let Some(c) = s.cell(&cell)? {
+                    if c.admin_url.is_empty() {
+                        return Err(sluice_cells::CellsError::Invalid {
+                            what: "migration",
+                            why: format!("cell {cell:?} has no admin_url: the workspace's dedup keys travel between the cells' admin ports"),
+                        });
+                    }
+                }
+            }
+            s.start_migration(&req.workspace, &req.to, &steps)
+        })
+        .await?;
+    cp.decide(
+        "migration_started",
+        Some(&m.target_cell),
+        None,
+        format!("workspace {} from {} to {} in steps {:?} ({})", m.workspace, m.source_cell, m.target_cell, m.steps, m.id),
+    );
+    Ok((StatusCode::CREATED, axum::Json(view(&m))).into_response())
+}
+
+/// What operators see of a migration (never its token).
+pub fn view(m: &Migration) -> Value {
+    let source = &m.progress["source"];
+    let target = &m.progress["target"];
+    json!({
+        "id": m.id,
+        "workspace": m.workspace,
+        "from": m.source_cell,
+        "to": m.target_cell,
+        "phase": m.phase,
+        "paused": m.paused,
+        "steps": m.steps,
+        "step": m.step,
+        "buckets_moved": m.moved.len(),
+        "moved": m.moved,
+        "fenced": m.fenced,
+        "keys_copied": source["keys_sent"],
+        "keys_imported": target["keys_imported"],
+        "delta_lag": source["tail_lag"],
+        "source_jobs_draining": source["pending_jobs"],
+        "cleanup": source["cleanup"],
+        "progress": m.progress,
+        "error": m.error,
+        "created_at_ms": m.created_at,
+        "updated_at_ms": m.updated_at,
+    })
+}
+
+/// `GET /api/migrations`: the newest 200.
+pub(crate) async fn list(State(cp): State<Shared>) -> ApiResult {
+    let all = cp.store(|s| s.migrations(200)).await?;
+    ok(json!({ "migrations": all.iter().map(view).collect::<Vec<_>>() }))
+}
+
+async fn find(cp: &Shared, id: String) -> Result<Migration, ApiError> {
+    cp.store(move |s| s.migration(&id)).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such migration"))
+}
+
+/// `GET /api/migrations/{id}`.
+pub(crate) async fn get(State(cp): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    ok(view(&find(&cp, id).await?))
+}
+
+/// `POST /api/migrations/{id}/{pause|resume|abort}`.
+pub(crate) async fn act(State(cp): State<Shared>, Path((id, action)): Path<(String, String)>) -> ApiResult {
+    let m = find(&cp, id.clone()).await?;
+    match action.as_str() {
+        "pause" | "resume" => {
+            let paused = action == "pause";
+            let id2 = id.clone();
+            if !cp.store(move |s| s.set_migration_paused(&id2, paused)).await? {
+                return Err(ApiError::bad_request("invalid", format!("the migration is {}: it cannot be paused or resumed", m.phase.as_str())));
+            }
+        }
+        "abort" => {
+            let id2 = id.clone();
+            cp.store(move |s| s.abort_migration(&id2)).await?;
+            cp.decide("migration_aborted", Some(&m.target_cell), None, format!("workspace {} stays in {} ({id})", m.workspace, m.source_cell));
+        }
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "the actions are pause, resume and abort")),
+    }
+    ok(view(&find(&cp, id).await?))
+}
+
+/// One migration as a cell's task: its role, and what the cell needs to play it.
+fn task(m: &Migration, cell: &str, peer_admin_url: &str, sources: &[String]) -> Value {
+    let role = if m.source_cell == cell { "source" } else { "target" };
+    json!({
+        "id": m.id,
+        "workspace": m.workspace,
+        "role": role,
+        "phase": m.phase,
+        "step": m.step,
+        "moved": m.moved,
+        "fenced": m.fenced,
+        "token": m.token,
+        "peer": if role == "source" { &m.target_cell } else { &m.source_cell },
+        "peer_admin_url": peer_admin_url,
+        "sources": sources,
+    })
+}
+
+/// `GET /api/cells/{id}/migrations`: the migrations in progress this cell takes part in.
+pub(crate) async fn cell_tasks(State(cp): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult {
+    cell_auth(&cp, &id, &headers).await?;
+    let tasks = cp
+        .store(move |s| {
+            let mut out = Vec::new();
+            for m in s.migrations_of_cell(&id)? {
+                let peer = if m.source_cell == id { &m.target_cell } else { &m.source_cell };
+                let peer_url = s.cell(peer)?.map(|c| c.admin_url).unwrap_or_default();
+                let sources = s.workspace_sources(&m.workspace)?;
+                out.push(task(&m, &id, &peer_url, &sources));
+            }
+            Ok(out)
+        })
+        .await?;
+    ok(json!({ "migrations": tasks }))
+}
+
+/// `POST /api/cells/{id}/migrations/{m}/report`: the cell's progress in its role.
+pub(crate) async fn cell_report(State(cp): State<Shared>, Path((id, mid)): Path<(String, String)>, headers: HeaderMap, raw: Bytes) -> ApiResult {
+    cell_auth(&cp, &id, &headers).await?;
+    let report: Value = body(&raw)?;
+    let m = find(&cp, mid.clone()).await?;
+    let role = match () {
+        _ if m.source_cell == id => "source",
+        _ if m.target_cell == id => "target",
+        _ => return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell takes no part in that migration")),
+    };
+    cp.store(move |s| s.report_migration(&mid, role, &report)).await?;
+    ok(json!({ "ok": true }))
+}
+
+/// Advance every migration in progress, every [`DRIVE_EVERY`], until `stop`.
+pub fn spawn_driver(cp: Shared, step_interval: Duration, stop: Shutdown) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(DRIVE_EVERY) => {}
+                _ = stop.wait() => return,
+            }
+            if let Err(e) = drive(&cp, step_interval).await {
+                tracing::debug!(error = %e.message(), "the migration driver could not read the store; trying again");
+            }
+        }
+    })
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    v.as_u64()
+}
+
+/// One look at every migration in progress.
+async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
+    let active = cp.store(|s| s.active_migrations()).await?;
+    for m in active {
+        let (source, target) = (&m.progress["source"], &m.progress["target"]);
+        let id = m.id.clone();
+        match m.phase {
+            Phase::Copying => {
+                let last = m.progress["driver"]["last_cutover_ms"].as_i64().unwrap_or(0);
+                let rested = m.step == 0 || sluice_core::clock::now_ms() - last >= step_interval.as_millis() as i64;
+                let ready = source["snapshot_done"].as_bool() == Some(true)
+                    && as_u64(&source["tail_lag"]).is_some_and(|lag| lag <= CUTOVER_LAG)
+                    && target["ready"].as_bool() == Some(true);
+                if ready && rested && !m.paused {
+                    let step = m.step;
+                    if cp.store(move |s| s.begin_cutover(&id, step)).await? {
+                        tracing::info!(migration = %m.id, workspace = %m.workspace, step, "cutover: the step's buckets are fenced");
+                    }
+                }
+            }
+            Phase::Cutover => {
+                if as_u64(&source["cutover_done_step"]) == Some(m.step as u64) {
+                    let step = m.step;
+                    let now = sluice_core::clock::now_ms();
+                    let done = cp
+                        .store(move |s| {
+                            let done = s.finish_cutover(&id, step)?;
+                            if done {
+                                s.report_migration(&id, "driver", &json!({ "last_cutover_ms": now, "steps_done": step + 1 }))?;
+                            }
+                            Ok(done)
+                        })
+                        .await?;
+                    if done {
+                        cp.decide(
+                            "migration_step",
+                            Some(&m.target_cell),
+                            None,
+                            format!("workspace {}: step {} of {} moved ({})", m.workspace, step + 1, m.steps.len(), m.id),
+                        );
+                    }
+                }
+            }
+            Phase::Draining => {
+                if source["drained"].as_bool() == Some(true) {
+                    cp.store(move |s| s.begin_cleanup(&id)).await?;
+                }
+            }
+            Phase::Cleanup => {
+                if source["cleanup"]["done"].as_bool() == Some(true) && cp.store(move |s| s.finish_migration(&id)).await? {
+                    cp.decide("migration_done", Some(&m.target_cell), None, format!("workspace {} now in {} ({})", m.workspace, m.target_cell, m.id));
+                }
+            }
+            Phase::Done | Phase::Aborted => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,698 @@
+//! The cell's side of moving a workspace between cells
+//! (docs/plans/MIGRATION.md): as the *source*, copy the workspace's dedup
+//! keys to the target (a snapshot of the indexes, then the tail of `input`),
+//! fence a step's buckets and open them on the target; as the *target*,
+//! take keys into its own log and open buckets when told. Both keep
+//! ingest's bucket gate as their role requires.
+//!
+//! Invariants:
+//! - The gate is written to `data_dir/migrations/gate.json` (whole, then
+//!   renamed) on every change and read back before ingest listens, so a
+//!   restarted cell never accepts a bucket its gate had closed.
+//! - The source opens a step on the target only after: its gate closed the
+//!   step's buckets (so nothing more of them is appended), every key of
+//!   `input` up to the end it read *after* closing was sent, and the target
+//!   answered each send once its key records were durable. So every event
+//!   the source ever acknowledged in those buckets is known to the target
+//!   before the target accepts one of them.
+//! - Keys are read from the indexes through RocksDB secondary instances
+//!   (`sluice_dedup::index::export_ids`) after dedup has consumed `input`
+//!   up to where the tail starts: snapshot and tail overlap, never leave a
+//!   gap. Sending a key twice is harmless (dedup drops the repeat).
+//! - The key and open endpoints on the admin port take the migration's own
+//!   token (the control plane gives it to the two cells only).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sluice_core::topics::{DEDUP_GROUP, INPUT, KEY_RECORD};
+use sluice_core::{bucket_for, partition_for, BucketSet, Shutdown};
+use sluice_ingest::gate::GateEntry;
+use sluice_ingest::request::ApiError;
+use sluice_ingest::tokens::{bearer, token_matches};
+use sluice_ingest::Ingest;
+use sluice_log::{Log, Record};
+use tokio::sync::watch;
+
+use crate::agent::CellAgent;
+
+/// How often the task list is read.
+pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// Keys per send to the target.
+const KEYS_PER_SEND: usize = 20_000;
+/// Input records read per partition per tail pass.
+const TAIL_BATCH: usize = 5_000;
+/// The largest key upload the target takes.
+const MAX_KEYS_BODY: usize = 8 << 20;
+
+/// What the mover needs of its cell.
+pub struct CellParts {
+    /// The cell's log (the target appends key records to `input`; the source tails it).
+    pub log: Arc<dyn Log>,
+    pub ingest: Arc<Ingest>,
+    /// Where this process's dedup indexes are (`<dir>/<partition>`); `None`
+    /// when dedup runs in another process (a Kafka cell's roles).
+    pub index_dir: Option<PathBuf>,
+    /// Dedup's window: older ids are not taken along.
+    pub window: Duration,
+    /// `data_dir/migrations`: the gate's file, scratch space for snapshots.
+    pub state_dir: PathBuf,
+    /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
+    pub unfinished_jobs: Box<dyn Fn(&str) -> u64 + Send + Sync>,
+}
+
+/// One migration as the control plane hands it to this cell.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub workspace: String,
+    pub role: String,
+    pub phase: String,
+    pub step: usize,
+    pub moved: BucketSet,
+    pub fenced: BucketSet,
+    pub token: String,
+    pub peer: String,
+    pub peer_admin_url: String,
+    pub sources: Vec<String>,
+}
+
+/// The source's progress, reported to the control plane.
+#[derive(Debug, Clone, Default, Serialize)]
+struct SourceProgress {
+    snapshot_done: bool,
+    keys_sent: u64,
+    /// `input` records past the tail's position (of every workspace).
+    tail_lag: Option<u64>,
+    cutover_done_step: Option<usize>,
+    drained: bool,
+    pending_jobs: Option<u64>,
+    cleanup: serde_json::Value,
+    error: String,
+}
+
+/// The target's progress.
+#[derive(Debug, Clone, Default, Serialize)]
+struct TargetProgress {
+    ready: bool,
+    keys_imported: u64,
+    opened_step: Option<usize>,
+}
+
+#[derive(Default)]
+struct Book {
+    tasks: HashMap<String, Task>,
+    /// Exporters running (source role), with the channel that tells them the task's changes.
+    exporters: HashMap<String, (watch::Sender<Task>, tokio::task::JoinHandle<()>)>,
+    sources: HashMap<String, SourceProgress>,
+    targets: HashMap<String, TargetProgress>,
+    /// Buckets the target opened ahead of the store (a step its source finished): migration → (step, buckets).
+    opened: HashMap<String, (usize, BucketSet)>,
+    /// Where the drain started: `input` and `output` ends when the source's last step was cut over.
+    drain_from: HashMap<String, Vec<(u64, u64)>>,
+}
+
+/// The mover of one cell.
+pub struct Mover {
+    agent: Arc<CellAgent>,
+    parts: CellParts,
+    state: Mutex<Book>,
+    /// One gate change at a time (each is persisted).
+    gate_writes: tokio::sync::Mutex<()>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct GateFile {
+    entries: HashMap<String, (BucketSet, bool)>,
+}
+
+impl Mover {
+    /// The mover, with the gate its file kept (set before ingest serves).
+    pub async fn new(agent: Arc<CellAgent>, parts: CellParts) -> Result<Arc<Mover>, String> {
+        std::fs::create_dir_all(&parts.state_dir).map_err(|e| format!("{}: {e}", parts.state_dir.display()))?;
+        let file = parts.state_dir.join("gate.json");
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let kept: GateFile = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+                for (workspace, (buckets, free)) in kept.entries {
+                    tracing::info!(%workspace, %buckets, free, "a migration's gate, as it was when this cell stopped");
+                    parts.ingest.gate.set(&workspace, Some(GateEntry { buckets, free })).await;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        }
+        Ok(Arc::new(Mover { agent, parts, state: Mutex::default(), gate_writes: tokio::sync::Mutex::new(()) }))
+    }
+
+    /// Set `workspace`'s gate entry (`None`: remove it) and keep it on
+    /// disk. When it returns, no request admitted under the old entry is
+    /// still appending.
+    async fn apply_gate(&self, workspace: &str, entry: Option<GateEntry>) -> Result<(), String> {
+        let _one = self.gate_writes.lock().await;
+        let gate = &self.parts.ingest.gate;
+        if gate.entries().get(workspace).copied() == entry {
+            return Ok(());
+        }
+        // On disk first: a crash after closing must not reopen on restart.
+        let mut entries: HashMap<String, (BucketSet, bool)> = gate.entries().into_iter().map(|(w, e)| (w, (e.buckets, e.free))).collect();
+        match entry {
+            Some(e) => entries.insert(workspace.to_owned(), (e.buckets, e.free)),
+            None => entries.remove(workspace),
+        };
+        let file = self.parts.state_dir.join("gate.json");
+        let body = serde_json::to_vec(&GateFile { entries }).map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || write_whole(&file, &body)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        gate.set(workspace, entry).await;
+        tracing::info!(%workspace, entry = ?entry, "migration gate set");
+        Ok(())
+    }
+
+    /// Follow this cell's migrations until `stop`.
+    pub fn spawn(self: &Arc<Self>, stop: Shutdown) -> tokio::task::JoinHandle<()> {
+        let mover = self.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match mover.tick().await {
+                    Ok(()) if failing => {
+                        tracing::info!("migration tasks are read again");
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "cannot read or report this cell's migrations; trying again");
+                        failing = true;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL_EVERY) => {}
+                    _ = stop.wait() => break,
+                }
+            }
+            let exporters: Vec<_> = mover.state.lock().expect("mover lock").exporters.drain().map(|(_, (_, h))| h).collect();
+            for h in exporters {
+                h.abort();
+            }
+        })
+    }
+
+    async fn fetch_tasks(&self) -> Result<Vec<Task>, String> {
+        let a = &self.agent;
+        let resp =
+            a.http.get(a.url("migrations")).bearer_auth(&a.token).send().await.map_err(|e| format!("the control plane did not answer: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("the control plane answered {}", resp.status()));
+        }
+        #[derive(Deserialize)]
+        struct Tasks {
+            migrations: Vec<Task>,
+        }
+        Ok(resp.json::<Tasks>().await.map_err(|e| format!("the control plane's migration list: {e}"))?.migrations)
+    }
+
+    /// One look: apply every task, report, forget ended ones.
+    async fn tick(self: &Arc<Self>) -> Result<(), String> {
+        let tasks = self.fetch_tasks().await?;
+        let ended: Vec<Task> = {
+            let mut st = self.state.lock().expect("mover lock");
+            let ids: std::collections::HashSet<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+            let ended: Vec<Task> = st.tasks.values().filter(|t| !ids.contains(t.id.as_str())).cloned().collect();
+            for t in &ended {
+                st.tasks.remove(&t.id);
+                st.opened.remove(&t.id);
+                st.sources.remove(&t.id);
+                st.targets.remove(&t.id);
+                st.drain_from.remove(&t.id);
+                if let Some((_, h)) = st.exporters.remove(&t.id) {
+                    h.abort();
+                }
+            }
+            for t in &tasks {
+                st.tasks.insert(t.id.clone(), t.clone());
+            }
+            ended
+        };
+        for t in ended {
+            // Done (the target owns it all; the source serves it no more) or aborted (the source keeps it all).
+            tracing::info!(migration = %t.id, workspace = %t.workspace, role = %t.role, "migration ended here");
+            self.apply_gate(&t.workspace, None).await?;
+        }
+        for t in tasks {
+            let report = if t.role == "target" { self.as_target(&t).await? } else { self.as_source(&t).await? };
+            self.report(&t.id, report).await?;
+        }
+        Ok(())
+    }
+
+    async fn report(&self, id: &str, report: serde_json::Value) -> Result<(), String> {
+        let a = &self.agent;
+        let resp = a
+            .http
+            .post(a.url(&format!("migrations/{id}/report")))
+            .bearer_auth(&a.token)
+            .json(&report)
+            .send()
+            .await
+            .map_err(|e| format!("the control plane did not answer: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("the control plane answered {} to a migration report", resp.status()));
+        }
+        Ok(())
+    }
+
+    /// The target's gate: the moved buckets, and a step its source opened ahead of the store.
+    fn target_entry(&self, t: &Task) -> GateEntry {
+        let opened = self.state.lock().expect("mover lock").opened.get(&t.id).filter(|(step, _)| *step == t.step).map(|(_, b)| *b);
+        let moved = t.moved.union(opened.unwrap_or_default().intersect(t.fenced));
+        let fenced = t.fenced.minus(moved);
+        GateEntry { buckets: moved, free: free_side(moved, fenced) == Some(Side::Target) }
+    }
+
+    async fn as_target(&self, t: &Task) -> Result<serde_json::Value, String> {
+        self.apply_gate(&t.workspace, Some(self.target_entry(t))).await?;
+        let mut st = self.state.lock().expect("mover lock");
+        let p = st.targets.entry(t.id.clone()).or_default();
+        p.ready = true;
+        Ok(serde_json::to_value(&*p).expect("plain data"))
+    }
+
+    async fn as_source(self: &Arc<Self>, t: &Task) -> Result<serde_json::Value, String> {
+        match t.phase.as_str() {
+            "copying" => {
+                self.apply_gate(&t.workspace, Some(source_entry(t.moved, BucketSet::NONE))).await?;
+                self.ensure_exporter(t);
+            }
+            // The exporter closes the fenced buckets itself (then reads where `input` ends).
+            "cutover" => self.ensure_exporter(t),
+            "draining" | "cleanup" => {
+                self.apply_gate(&t.workspace, Some(GateEntry { buckets: BucketSet::NONE, free: false })).await?;
+                if let Some((tx, _)) = self.state.lock().expect("mover lock").exporters.get(&t.id) {
+                    let _ = tx.send(t.clone());
+                }
+                let drained = self.drained(t).await?;
+                let mut st = self.state.lock().expect("mover lock");
+                let p = st.sources.entry(t.id.clone()).or_default();
+                p.drained = drained.0;
+                p.pending_jobs = Some(drained.1);
+                if t.phase == "cleanup" && drained.0 {
+                    // Dedup keys expire with the window; the log's records with its retention (neither log
+                    // deletes single records); the JobDB's rows go when their JobDB is dropped.
+                    p.cleanup = json!({
+                        "done": true,
+                        "dedup_keys": "left to expire within the dedup window (deleting them is not built yet)",
+                        "log_records": "left to the log's retention",
+                        "jobs": "finished; removed with their JobDB",
+                    });
+                }
+            }
+            _ => {}
+        }
+        let st = self.state.lock().expect("mover lock");
+        Ok(serde_json::to_value(st.sources.get(&t.id).cloned().unwrap_or_default()).expect("plain data"))
+    }
+
+    /// Whether the source has delivered what it holds of the workspace:
+    /// dedup and route have read `input` and `output` to where they ended
+    /// when the drain began, and no job of its destinations is unfinished.
+    async fn drained(&self, t: &Task) -> Result<(bool, u64), String> {
+        let log = &self.parts.log;
+        let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
+        let from = match self.state.lock().expect("mover lock").drain_from.get(&t.id).cloned() {
+            Some(f) => Some(f),
+            None => None,
+        };
+        let from = match from {
+            Some(f) => f,
+            None => {
+                let mut ends = Vec::new();
+                for p in 0..parts {
+                    let i = log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end;
+                    let o = log.offsets(sluice_core::topics::OUTPUT, p).await.map_err(|e| e.to_string())?.end;
+                    ends.push((i, o));
+                }
+                self.state.lock().expect("mover lock").drain_from.insert(t.id.clone(), ends.clone());
+                ends
+            }
+        };
+        let mut caught_up = true;
+        for (p, (i, o)) in from.iter().enumerate() {
+            let dedup = log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0);
+            let route =
+                log.committed(sluice_core::topics::ROUTE_GROUP, sluice_core::topics::OUTPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0);
+            caught_up &= dedup >= *i && route >= *o;
+        }
+        let pending = (self.parts.unfinished_jobs)(&t.workspace);
+        Ok((caught_up && pending == 0, pending))
+    }
+
+    fn ensure_exporter(self: &Arc<Self>, t: &Task) {
+        let mut st = self.state.lock().expect("mover lock");
+        if let Some((tx, h)) = st.exporters.get(&t.id) {
+            if !h.is_finished() {
+                let _ = tx.send(t.clone());
+                return;
+            }
+        }
+        let (tx, rx) = watch::channel(t.clone());
+        let mover = self.clone();
+        let id = t.id.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                match mover.export(rx.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(migration = %id, error = %e, "copying a workspace's keys failed; starting over in 2 s");
+                        mover.state.lock().expect("mover lock").sources.entry(id.clone()).or_default().error = e;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        });
+        st.exporters.insert(t.id.clone(), (tx, handle));
+    }
+
+    fn progress(&self, id: &str, f: impl FnOnce(&mut SourceProgress)) {
+        f(self.state.lock().expect("mover lock").sources.entry(id.to_owned()).or_default());
+    }
+
+    /// The source's copy: snapshot, tail, and each step's fence. Returns once every bucket moved.
+    async fn export(self: &Arc<Self>, mut task: watch::Receiver<Task>) -> Result<(), String> {
+        let t = task.borrow().clone();
+        let Some(index_dir) = self.parts.index_dir.clone() else {
+            return Err("this cell's dedup runs in another process (a Kafka cell's roles): moving a workspace out of it is not built yet".into());
+        };
+        let log = self.parts.log.clone();
+        let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
+        let sources: Vec<Vec<u8>> = t.sources.iter().map(|s| format!("{s}/").into_bytes()).collect();
+        // 1. Where the tail starts, and dedup past it: the snapshot then holds everything before.
+        let mut pos = Vec::new();
+        for p in 0..parts {
+            pos.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
+        }
+        loop {
+            let mut behind = false;
+            for (p, end) in pos.iter().enumerate() {
+                let done = log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?;
+                let start = log.offsets(INPUT, p as u32).await.map_err(|e| e.to_string())?.start;
+                behind |= done.unwrap_or(start) < *end;
+            }
+            if !behind {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 2. The snapshot, partition by partition, through a bounded channel to the sender.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(4);
+        let (window, scratch, moved, id) = (self.parts.window, self.parts.state_dir.join(format!("scratch-{}", t.id)), t.moved, t.id.clone());
+        let reader = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let _ = std::fs::remove_dir_all(&scratch);
+            let mut chunk = Vec::with_capacity(KEYS_PER_SEND);
+            let mut total = 0;
+            for p in 0..parts {
+                let mut closed = false;
+                sluice_dedup::index::export_ids(&index_dir.join(p.to_string()), &scratch.join(p.to_string()), &sources, window, |key, ts| {
+                    let Ok(key) = std::str::from_utf8(key) else { return true };
+                    if key.split_once('/').is_some_and(|(_, m)| moved.contains(bucket_for(m))) {
+                        return true;
+                    }
+                    chunk.push(format!("{key}\t{ts}"));
+                    total += 1;
+                    if chunk.len() >= KEYS_PER_SEND {
+                        closed = tx.blocking_send(std::mem::take(&mut chunk)).is_err();
+                    }
+                    !closed
+                })
+                .map_err(|e| e.to_string())?;
+                if closed {
+                    return Err("the sender stopped".into());
+                }
+            }
+            if !chunk.is_empty() {
+                tx.blocking_send(chunk).map_err(|_| "the sender stopped".to_owned())?;
+            }
+            let _ = std::fs::remove_dir_all(&scratch);
+            Ok(total)
+        });
+        while let Some(chunk) = rx.recv().await {
+            self.send_keys(&t, &chunk).await?;
+            self.progress(&id, |p| p.keys_sent += chunk.len() as u64);
+        }
+        let snapshot = reader.await.map_err(|e| e.to_string())??;
+        tracing::info!(migration = %t.id, workspace = %t.workspace, keys = snapshot, "snapshot of the workspace's keys sent");
+        self.progress(&id, |p| p.snapshot_done = true);
+        // 3. The tail, and each step's fence.
+        let mut fenced_step: Option<usize> = None;
+        loop {
+            let t = task.borrow_and_update().clone();
+            if !matches!(t.phase.as_str(), "copying" | "cutover") {
+                return Ok(());
+            }
+            let read = self.tail(&t, &mut pos).await?;
+            if t.phase == "cutover" && fenced_step != Some(t.step) {
+                // Close the step's buckets; when this returns, nothing more of them is being appended.
+                self.apply_gate(&t.workspace, Some(source_entry(t.moved, t.fenced))).await?;
+                let mut ends = Vec::new();
+                for p in 0..parts {
+                    ends.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
+                }
+                while pos.iter().zip(&ends).any(|(at, end)| at < end) {
+                    self.tail(&t, &mut pos).await?;
+                }
+                self.open_on_target(&t).await?;
+                fenced_step = Some(t.step);
+                self.progress(&t.id, |p| p.cutover_done_step = Some(t.step));
+                tracing::info!(migration = %t.id, step = t.step, buckets = %t.fenced, "step fenced here, keys sent, opened on the target");
+                continue;
+            }
+            if read == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = task.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// One pass over `input` from `pos`: send the workspace's keys of buckets not moved. Returns records read.
+    async fn tail(&self, t: &Task, pos: &mut [u64]) -> Result<usize, String> {
+        let log = &self.parts.log;
+        let mut keys = Vec::new();
+        let mut read = 0;
+        let mut lag = 0;
+        for (p, at) in pos.iter_mut().enumerate() {
+            let batch = log.read_batch(INPUT, p as u32, *at, TAIL_BATCH).await.map_err(|e| e.to_string())?;
+            read += batch.records.len();
+            for r in &batch.records {
+                let Ok(key) = std::str::from_utf8(&r.key) else { continue };
+                let Some((source, message_id)) = key.split_once('/') else { continue };
+                if sluice_core::topics::is_key_record(&r.value) || !t.sources.iter().any(|s| s == source) || t.moved.contains(bucket_for(message_id))
+                {
+                    continue;
+                }
+                keys.push(format!("{key}\t{}", r.timestamp_ms.max(0)));
+            }
+            *at = batch.next.max(*at);
+            lag += log.offsets(INPUT, p as u32).await.map_err(|e| e.to_string())?.end.saturating_sub(*at);
+        }
+        for chunk in keys.chunks(KEYS_PER_SEND) {
+            self.send_keys(t, chunk).await?;
+            self.progress(&t.id, |p| p.keys_sent += chunk.len() as u64);
+        }
+        self.progress(&t.id, |p| p.tail_lag = Some(lag));
+        Ok(read)
+    }
+
+    async fn send_keys(&self, t: &Task, keys: &[String]) -> Result<(), String> {
+        let url = format!("{}/cell/migrations/{}/keys", t.peer_admin_url.trim_end_matches('/'), t.id);
+        let body = keys.join("\n");
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let sent = self.agent.http.post(&url).bearer_auth(&t.token).body(body.clone()).send().await;
+            match sent {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) if r.status().is_client_error() && r.status() != StatusCode::CONFLICT => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    return Err(format!("the target refused keys: {status} {}", text.chars().take(300).collect::<String>()));
+                }
+                Ok(r) => tracing::debug!(status = %r.status(), "the target cannot take keys yet; retrying"),
+                Err(e) => tracing::debug!(error = %e, "the target did not answer; retrying"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn open_on_target(&self, t: &Task) -> Result<(), String> {
+        let url = format!("{}/cell/migrations/{}/open", t.peer_admin_url.trim_end_matches('/'), t.id);
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let sent = self.agent.http.post(&url).bearer_auth(&t.token).json(&json!({ "step": t.step, "buckets": t.fenced })).send().await;
+            match sent {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) if r.status().is_client_error() && r.status() != StatusCode::CONFLICT => {
+                    return Err(format!("the target refused to open step {}: {}", t.step, r.status()));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// The task `id`, if this cell plays `role` in it and `headers` carry its token.
+    async fn authorized(&self, id: &str, role: &str, headers: &HeaderMap, refresh: bool) -> Result<Task, ApiError> {
+        let find = || self.state.lock().expect("mover lock").tasks.get(id).cloned();
+        let mut task = find();
+        if refresh || task.is_none() {
+            // A task newer than the last poll (the source may be a poll ahead of this cell).
+            if let Ok(tasks) = self.fetch_tasks().await {
+                let mut st = self.state.lock().expect("mover lock");
+                for t in tasks {
+                    st.tasks.insert(t.id.clone(), t);
+                }
+            }
+            task = find();
+        }
+        let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the migration's token>");
+        let Some(task) = task else {
+            // Not known here (yet): the sender retries on 409.
+            return Err(ApiError::new(StatusCode::CONFLICT, "unknown_migration", "this cell does not know that migration (yet); retry"));
+        };
+        if !bearer(headers).is_some_and(|b| token_matches(b, &task.token)) {
+            return Err(refused());
+        }
+        if task.role != role {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this cell is the {} of that migration", task.role)));
+        }
+        Ok(task)
+    }
+
+    /// The cell-to-cell endpoints, for the admin port (outside its `/api` guard: the migration's token is their authentication).
+    pub fn routes(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/cell/migrations/{id}/keys", post(take_keys))
+            .route("/cell/migrations/{id}/open", post(open_step))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_KEYS_BODY))
+            .with_state(self.clone())
+    }
+}
+
+/// The source's gate: what is neither moved nor fenced.
+fn source_entry(moved: BucketSet, fenced: BucketSet) -> GateEntry {
+    GateEntry { buckets: BucketSet::ALL.minus(moved).minus(fenced), free: free_side(moved, fenced) == Some(Side::Source) }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// Where an event without a client's messageId goes (the router's rule, `sluice_router::split::free_side`).
+fn free_side(moved: BucketSet, fenced: BucketSet) -> Option<Side> {
+    if !BucketSet::ALL.minus(moved).minus(fenced).is_empty() {
+        Some(Side::Source)
+    } else if !moved.is_empty() {
+        Some(Side::Target)
+    } else {
+        None
+    }
+}
+
+/// `POST /cell/migrations/{id}/keys`: lines of `<source>/<messageId>\t<ms>`, appended as key records.
+async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let task = match mover.authorized(&id, "target", &headers, false).await {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else { return ApiError::bad_request("invalid", "keys are UTF-8 lines").into_response() };
+    let log = &mover.parts.log;
+    let partitions = match log.partitions(INPUT) {
+        Ok(n) => n,
+        Err(e) => return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response(),
+    };
+    let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
+    let mut n = 0u64;
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (key, ms) = line.split_once('\t').unwrap_or((line, "0"));
+        let ok = key.split_once('/').filter(|(source, m)| {
+            task.sources.iter().any(|s| s == source) && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control)
+        });
+        let (Some((_, message_id)), Ok(ms)) = (ok, ms.parse::<u64>()) else {
+            return ApiError::bad_request("invalid", format!("line {}: not <source of the workspace>/<messageId>\\t<ms>", i + 1)).into_response();
+        };
+        let value = [KEY_RECORD, ms.to_string().as_bytes()].concat();
+        by_partition
+            .entry(partition_for(message_id, partitions))
+            .or_default()
+            .push(Record { key: Bytes::copy_from_slice(key.as_bytes()), value: Bytes::from(value) });
+        n += 1;
+    }
+    let appends = by_partition.into_iter().map(|(p, recs)| log.append(INPUT, p, recs));
+    for r in futures_util::future::join_all(appends).await {
+        if let Err(e) = r {
+            tracing::warn!(migration = %id, error = %e, "cannot append imported keys; the source sends them again");
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "keys could not be stored; retry").into_response();
+        }
+    }
+    mover.state.lock().expect("mover lock").targets.entry(id).or_default().keys_imported += n;
+    axum::Json(json!({ "imported": n })).into_response()
+}
+
+#[derive(Deserialize)]
+struct Open {
+    step: usize,
+    buckets: BucketSet,
+}
+
+/// `POST /cell/migrations/{id}/open`: the source fenced this step and sent its keys; accept its buckets now.
+async fn open_step(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let task = match mover.authorized(&id, "target", &headers, true).await {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(open) = serde_json::from_slice::<Open>(&body) else {
+        return ApiError::bad_request("invalid_json", "{\"step\": n, \"buckets\": \"a-b\"}").into_response();
+    };
+    if task.phase != "cutover" || task.step != open.step || task.fenced != open.buckets {
+        // The store says otherwise (yet): the source retries on 409.
+        return ApiError::new(StatusCode::CONFLICT, "not_in_cutover", format!("this cell sees step {} in phase {}; retry", task.step, task.phase))
+            .into_response();
+    }
+    mover.state.lock().expect("mover lock").opened.insert(id.clone(), (open.step, open.buckets));
+    if let Err(e) = mover.apply_gate(&task.workspace, Some(mover.target_entry(&task))).await {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e).into_response();
+    }
+    mover.state.lock().expect("mover lock").targets.entry(id).or_default().opened_step = Some(open.step);
+    axum::Json(json!({ "opened": open.buckets })).into_response()
+}
+
+/// Write `body` to `path` whole: a temporary file, fsynced, renamed.
+fn write_whole(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
