@@ -173,10 +173,11 @@ pub fn check_steps(steps: &[u8]) -> Result<(), CellsError> {
 }
 
 impl GlobalStore {
-    /// Start moving `workspace` to `target` in `steps`. Refused when the
+    /// Start moving `workspace` to `target` in `steps` (`paused`: copy keys
+    /// but cut nothing over until resumed). Refused when the
     /// workspace is not placed, is moving already, or the target is not an
     /// active cell other than its own.
-    pub fn start_migration(&self, workspace: &str, target: &str, steps: &[u8]) -> Result<Migration, CellsError> {
+    pub fn start_migration(&self, workspace: &str, target: &str, steps: &[u8], paused: bool) -> Result<Migration, CellsError> {
         check_steps(steps)?;
         let placed = self.resolve(workspace)?.ok_or_else(|| CellsError::Invalid {
             what: "migration",
@@ -202,7 +203,7 @@ impl GlobalStore {
         let steps_json = serde_json::to_string(steps).expect("numbers");
         let claim = self.q(&self.dialect().insert_new(&format!("{PREFIX}active_migrations"), "workspace, migration", "?, ?", "workspace"));
         let insert = self
-            .q(&format!("INSERT INTO {{p}}migrations ({MIGRATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 'copying', '', '', 0, ?, '{{}}', '', ?, ?)"));
+            .q(&format!("INSERT INTO {{p}}migrations ({MIGRATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 'copying', '', '', ?, ?, '{{}}', '', ?, ?)"));
         let now = now_ms();
         let started = self.write("starting a migration", |c| {
             if c.execute(&claim, &[Arg::Text(workspace), Arg::Text(&id)])? != 1 {
@@ -214,6 +215,7 @@ impl GlobalStore {
                 Arg::Text(&source),
                 Arg::Text(target),
                 Arg::Text(&steps_json),
+                Arg::Int(paused as i64),
                 Arg::Text(&token),
                 Arg::Int(now),
                 Arg::Int(now),

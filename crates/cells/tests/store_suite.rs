@@ -516,7 +516,7 @@ fn a_migration_moves_buckets_step_by_step_and_flips_the_assignment_last(db: Db) 
     moving_workspace(&store);
     store.place("mover").unwrap();
     let v0 = store.mapping_version().unwrap();
-    let m = store.start_migration("mover", "dst", &[10, 50, 100]).unwrap();
+    let m = store.start_migration("mover", "dst", &[10, 50, 100], false).unwrap();
     assert_eq!((m.phase, m.step, m.moved, m.fenced, m.source_cell.as_str()), (Phase::Copying, 0, BucketSet::NONE, BucketSet::NONE, "src"));
     assert!(store.mapping_version().unwrap() > v0, "routers must see the migration");
     // Both cells serve the workspace while it moves (the target needs its config, the source delivers what it holds).
@@ -579,7 +579,7 @@ fn a_migration_moves_buckets_step_by_step_and_flips_the_assignment_last(db: Db) 
     assert!(store.route_key("wk_mover").unwrap().unwrap().split.is_none());
     assert!(store.active_migrations().unwrap().is_empty());
     // And it can move again (back).
-    let back = store.start_migration("mover", "src", &[100]).unwrap();
+    let back = store.start_migration("mover", "src", &[100], false).unwrap();
     assert_eq!((back.source_cell.as_str(), back.target_cell.as_str()), ("dst", "src"));
 }
 
@@ -591,14 +591,14 @@ fn a_migration_is_started_once_and_aborted_only_before_anything_moved(db: Db) {
     let store = db.open();
     moving_workspace(&store);
     store.put_workspace(&workspace("unplaced", Tier::Smb, &[])).unwrap();
-    assert!(err_text(store.start_migration("unplaced", "dst", &[100])).contains("not placed"));
-    assert!(err_text(store.start_migration("mover", "src", &[100])).contains("already"));
-    assert!(matches!(store.start_migration("mover", "nowhere", &[100]), Err(CellsError::NoCell(_))));
+    assert!(err_text(store.start_migration("unplaced", "dst", &[100], false)).contains("not placed"));
+    assert!(err_text(store.start_migration("mover", "src", &[100], false)).contains("already"));
+    assert!(matches!(store.start_migration("mover", "nowhere", &[100], false), Err(CellsError::NoCell(_))));
     for bad in [&[][..], &[50], &[0, 100], &[50, 10, 100], &[100, 100]] {
-        assert!(err_text(store.start_migration("mover", "dst", bad)).contains("rising percentages"), "{bad:?}");
+        assert!(err_text(store.start_migration("mover", "dst", bad, false)).contains("rising percentages"), "{bad:?}");
     }
     store.set_cell_state("dst", CellState::Full).unwrap();
-    assert!(err_text(store.start_migration("mover", "dst", &[100])).contains("only an active cell"));
+    assert!(err_text(store.start_migration("mover", "dst", &[100], false)).contains("only an active cell"));
     store.set_cell_state("dst", CellState::Active).unwrap();
     // Racing starts: one wins.
     let store = Arc::new(store);
@@ -609,7 +609,7 @@ fn a_migration_is_started_once_and_aborted_only_before_anything_moved(db: Db) {
             std::thread::spawn(move || {
                 let store = GlobalStore::open(&location).unwrap();
                 barrier.wait();
-                store.start_migration("mover", "dst", &[100]).is_ok()
+                store.start_migration("mover", "dst", &[100], false).is_ok()
             })
         })
         .collect::<Vec<_>>()

@@ -41,6 +41,9 @@ pub(crate) struct StartMigration {
     to: String,
     #[serde(default)]
     steps: Option<Vec<u8>>,
+    /// Copy keys, but cut nothing over until resumed.
+    #[serde(default)]
+    paused: bool,
 }
 
 /// `POST /api/migrations`.
@@ -61,7 +64,7 @@ pub(crate) async fn start(State(cp): State<Shared>, raw: Bytes) -> ApiResult {
                     }
                 }
             }
-            s.start_migration(&req.workspace, &req.to, &steps)
+            s.start_migration(&req.workspace, &req.to, &steps, req.paused)
         })
         .await?;
     cp.decide(

@@ -42,3 +42,24 @@ pub fn crash_point(point: &str) {
         }
     }
 }
+
+/// The environment variable naming a *pause file* for tests: while the
+/// file exists, every [`pause_point`] waits (checking every 20 ms). Unset,
+/// a pause point costs one relaxed check of a cached `None`.
+pub const PAUSE_ENV: &str = "SLUICE_TEST_PAUSE_FILE";
+
+/// Wait here while the test's pause file exists (see [`PAUSE_ENV`]): a test
+/// holds a stage between two steps to make an interleaving happen every
+/// time (e.g. dedup not yet reading an event ingest has acknowledged).
+pub fn pause_point(point: &str) {
+    static FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(file) = FILE.get_or_init(|| std::env::var_os(PAUSE_ENV).map(Into::into)).as_ref() else { return };
+    let mut said = false;
+    while file.exists() {
+        if !said {
+            eprintln!("pause point {point}: waiting while {} exists", file.display());
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

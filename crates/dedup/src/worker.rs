@@ -456,6 +456,8 @@ impl DedupWorker {
         }
         let from = next;
         let next = batch.next;
+        // Tests hold dedup here (records read, nothing looked up) to make an interleaving certain.
+        sluice_core::crash::pause_point("dedup.batch");
         self.metrics.messages_in.inc_by(records.len() as u64);
         let started = Instant::now();
         let _span = tracing::debug_span!("dedup.batch", partition = p, records = records.len()).entered();

@@ -258,6 +258,9 @@ enum MigrateAction {
         /// Wait until the migration is done (or aborted), printing its progress.
         #[arg(long)]
         wait: bool,
+        /// Copy the workspace's keys now, cut nothing over until `sluice migrate resume`.
+        #[arg(long)]
+        paused: bool,
     },
     /// One migration, or the most recent ones.
     Status {
@@ -302,8 +305,8 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         }
     };
     match &args.action {
-        MigrateAction::Start { workspace, to, steps, wait } => {
-            let mut body = serde_json::json!({ "workspace": workspace, "to": to });
+        MigrateAction::Start { workspace, to, steps, wait, paused } => {
+            let mut body = serde_json::json!({ "workspace": workspace, "to": to, "paused": paused });
             if let Some(s) = steps {
                 body["steps"] = serde_json::json!(s);
             }

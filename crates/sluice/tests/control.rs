@@ -8,6 +8,10 @@
 //!   workspace's cell and are delivered once, usage is metered exactly,
 //!   capacity thresholds provision a third cell with the bundled local
 //!   provisioner, and bad input gets clear answers;
+//! - moving a workspace between two embedded cells under live traffic
+//!   (issue 15): resends across the cutover, the race between the source's
+//!   ack and its dedup made certain with a pause point, every acknowledged
+//!   event delivered once;
 //! - the issue's topology: three cells (two embedded, one on Kafka +
 //!   PostgreSQL), two routers and the control plane on PostgreSQL, fifty
 //!   workspaces sending through the official Python and Node SDKs.
@@ -55,13 +59,18 @@ impl Api {
 /// (the other thresholds out of reach), provisioning with the local
 /// provisioner into `provisioned`.
 fn start_control(dir: &Path, store: &str, provisioned: &Path, workspaces: u32) -> (Server, Api) {
+    start_control_with(dir, store, provisioned, workspaces, "")
+}
+
+/// [`start_control`] with more `[control]` keys.
+fn start_control_with(dir: &Path, store: &str, provisioned: &Path, workspaces: u32, extra: &str) -> (Server, Api) {
     let config = dir.join("control.toml");
     // A fixed port (free now): cells find it again after a restart.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(
         &config,
         format!(
-            "[control]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n\
+            "[control]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nscrape_interval = \"1s\"\nallow_private_network_destinations = true\n{extra}\
              provision_command = [{bin:?}, \"provision-local\", \"--dir\", {dir:?}]\nprovision_timeout = \"90s\"\n\
              [control.thresholds.smb]\nworkspaces = {workspaces}\ncpu = 1.0\nconsumer_lag = \"1h\"\ndb_connections = 1.0\ningest_p99 = \"1h\"\n",
             bin = env!("CARGO_BIN_EXE_sluice"),
@@ -114,11 +123,20 @@ fn start_cell(api: &Api, dir: &Path, id: &str) -> Server {
     start_cell_with(api, id, |token| cell_config(dir, id, &api.base, token))
 }
 
+/// [`start_cell`] with `env` for the cell's process.
+fn start_cell_env(api: &Api, dir: &Path, id: &str, env: &[(&str, &str)]) -> Server {
+    start_cell_full(api, id, |token| cell_config(dir, id, &api.base, token), env)
+}
+
 /// [`start_cell`] with the config `config(token)` writes.
 fn start_cell_with(api: &Api, id: &str, config: impl FnOnce(&str) -> std::path::PathBuf) -> Server {
+    start_cell_full(api, id, config, &[])
+}
+
+fn start_cell_full(api: &Api, id: &str, config: impl FnOnce(&str) -> std::path::PathBuf, env: &[(&str, &str)]) -> Server {
     api.ok("PUT", &format!("/api/cells/{id}"), Some(json!({"tier": "smb", "ingest_url": "http://127.0.0.1:9", "state": "provisioning"})));
     let token = api.ok("POST", &format!("/api/cells/{id}/token"), None)["token"].as_str().unwrap().to_owned();
-    let server = Server::start(&config(&token));
+    let server = Server::start_with_env(&config(&token), env);
     api.ok(
         "PUT",
         &format!("/api/cells/{id}"),
@@ -596,4 +614,174 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     assert!(why["message"].as_str().unwrap().contains("data_residency"), "{why}");
     assert!(sink.by_message_id("/victim").is_empty());
     drop((c1, c2));
+}
+
+/// Live traffic of one workspace through a router, as an SDK sends it:
+/// batches of unique ids, each retried until it is acknowledged, and every
+/// 50th batch followed by a resend of an earlier one (~1% of events sent twice).
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    cells: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(router: &str, key: &str, prefix: &str) -> Traffic {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let cells: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let (router, key, prefix) = (router.to_owned(), key.to_owned(), prefix.to_owned());
+        let (s, a, c) = (stop.clone(), acked.clone(), cells.clone());
+        let thread = std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+            let mut sent: Vec<Vec<String>> = Vec::new();
+            let mut n = 0;
+            while !s.load(Ordering::Relaxed) {
+                let batch = ids(&format!("{prefix}{n}"), 10);
+                let mut todo = vec![batch.clone()];
+                if n % 50 == 49 {
+                    todo.push(sent[n / 2].clone());
+                }
+                for b in todo {
+                    // Retried until acknowledged, as the SDKs do (a 503 during a cutover is allowed, a loss is not).
+                    loop {
+                        let (status, cell) = send(&http, &router, &key, &b, &[]);
+                        if status == 200 {
+                            *c.lock().unwrap().entry(cell).or_default() += 1;
+                            a.lock().unwrap().extend(b.iter().cloned());
+                            break;
+                        }
+                        assert_ne!(status, 400, "a valid batch refused");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                sent.push(batch);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Traffic { stop, acked, cells, thread: Some(thread) }
+    }
+
+    /// Stop; the ids acknowledged (with repeats) and the answers per cell.
+    fn finish(mut self) -> (Vec<String>, HashMap<String, u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("the traffic thread");
+        (self.acked.lock().unwrap().clone(), self.cells.lock().unwrap().clone())
+    }
+}
+
+fn migration(api: &Api, id: &str) -> Value {
+    api.ok("GET", &format!("/api/migrations/{id}"), None)
+}
+
+fn wait_phase(api: &Api, id: &str, phase: &str, timeout: Duration) -> Value {
+    wait_for(timeout, || Some(migration(api, id)).filter(|m| m["phase"] == phase), || format!("migration in phase {phase}: {}", migration(api, id)))
+}
+
+#[test]
+fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_delivering_nothing_twice() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("global.sqlite").display().to_string();
+    let provisioned = Provisioned(dir.path().join("provisioned"));
+    let (_control, api) = start_control_with(dir.path(), &store, &provisioned.0, 100, "migration_step_interval = \"1s\"\n");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The source cell's dedup can be held (a pause point) to make the issue's race certain.
+    let pause = dir.path().join("pause-dedup");
+    let c1 = start_cell_env(&api, dir_a.path(), "c1", &[("SLUICE_TEST_PAUSE_FILE", pause.to_str().unwrap())]);
+    let c2 = start_cell(&api, dir_b.path(), "c2");
+    let router_dir = tempfile::tempdir().unwrap();
+    let router_config = router_dir.path().join("router.toml");
+    std::fs::write(&router_config, "[router]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n").unwrap();
+    let router = Server::start_role("router", &router_config, &[("SLUICE_GLOBAL_STORE", &store)]);
+    let router_url = format!("http://{}", router.addr);
+    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let sink = TestSink::start();
+
+    // Two workspaces, one per cell; "mover" is in c1 with events already accepted (and deduplicated) there.
+    let key = make_workspace(&api, "mover", &sink.sink.url("/mover"));
+    assert_eq!(send(&http, &router_url, &key, &ids("pre", 200), &[]), (200, "c1".to_owned()));
+    let other_key = make_workspace(&api, "stays", &sink.sink.url("/stays"));
+    assert_eq!(send(&http, &router_url, &other_key, &ids("other", 10), &[]), (200, "c2".to_owned()));
+    wait_for(Duration::from_secs(30), || (sink.by_message_id("/mover").len() >= 200).then_some(()), || "the first 200 delivered".into());
+
+    // Bad requests: an unknown cell, a workspace not placed, steps that make no sense, no token.
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "nowhere"}))).0, 404);
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "steps": [50]}))).0, 400);
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c1"}))).0, 400);
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "surprise": 1}))).0, 400);
+    assert_eq!(api.http.get(format!("{}/api/migrations", api.base)).send().unwrap().status(), 401);
+
+    // Live traffic for the whole move.
+    let traffic = Traffic::start(&router_url, &key, "live");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 1. Start paused: keys are copied, nothing is cut over.
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "paused": true})));
+    assert_eq!(status, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2"}))).0, 400, "one migration per workspace at a time");
+    wait_for(
+        Duration::from_secs(30),
+        || Some(migration(&api, &id)).filter(|m| m["progress"]["source"]["snapshot_done"] == true && m["progress"]["target"]["ready"] == true),
+        || format!("the snapshot copied: {}", migration(&api, &id)),
+    );
+    let m = migration(&api, &id);
+    assert!(m["keys_copied"].as_u64().unwrap() >= 200, "the 200 events deduplicated before the move are among the keys: {m}");
+    assert_eq!(m["phase"], "copying");
+    let bad_token = http.post(format!("http://{}/cell/migrations/{id}/keys", c2.admin)).bearer_auth("wrong").body("mover-web/x\t1").send().unwrap();
+    assert_eq!(bad_token.status(), 401, "the cells' key endpoint takes the migration's token only");
+
+    // 2. The race: c1 acknowledges X, its dedup has not read X when the mapping flips, the client resends X to c2.
+    std::fs::write(&pause, b"").unwrap();
+    let race = ids("race", 5);
+    assert_eq!(send(&http, &router_url, &key, &race, &[]), (200, "c1".to_owned()));
+    api.ok("POST", &format!("/api/migrations/{id}/resume"), None);
+    let m = wait_phase(&api, &id, "draining", Duration::from_secs(60));
+    assert_eq!(m["buckets_moved"], 100);
+    let (status, at) = send(&http, &router_url, &key, &race, &[]);
+    assert_eq!((status, at.as_str()), (200, "c2"), "the resend goes to the target, which drops it");
+    // c1's dedup goes on; c1 delivers X (once) and drains.
+    std::fs::remove_file(&pause).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, cells) = traffic.finish();
+    assert!(
+        cells.get("c1").copied().unwrap_or(0) > 0 && cells.get("c2").copied().unwrap_or(0) > 0,
+        "traffic on both sides of the cutover: {cells:?}"
+    );
+    let m = wait_phase(&api, &id, "done", Duration::from_secs(60));
+    assert_eq!(m["cleanup"]["done"], true, "{m}");
+
+    // Every acknowledged event delivered, none twice.
+    let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
+    want.extend(ids("pre", 200));
+    want.extend(race.iter().cloned());
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id("/mover")).filter(|d| want.iter().all(|id| d.contains_key(id))),
+        || format!("{} acknowledged events delivered", want.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let delivered = sink.by_message_id("/mover").into_iter().map(|(k, v)| (k, v.len())).collect::<HashMap<_, _>>();
+    let twice: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(delivered.len(), want.len(), "nothing delivered that was not acknowledged");
+    // The other workspace was not disturbed.
+    assert_eq!(sink.by_message_id("/stays").len(), 10);
+
+    // After the move: the router sends the workspace to c2, c1 no longer knows it.
+    assert_eq!(send(&http, &router_url, &key, &ids("after", 3), &[]), (200, "c2".to_owned()));
+    assert_eq!(send(&http, &format!("http://{}", c1.addr), &key, &ids("stray", 1), &[]).0, 401);
+    // The CLI shows it done.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["migrate", "status", &id, "--control", &api.base])
+        .env("SLUICE_CONTROL_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("done") && text.contains("c1 -> c2"), "{text} {}", String::from_utf8_lossy(&out.stderr));
 }
