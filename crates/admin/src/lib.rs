@@ -690,7 +690,7 @@ async fn recent_events(
             next = last.offset + 1;
             // Key records (a moving workspace's dedup keys) are not events.
             let shown = |r: &&sluice_log::StoredRecord| {
-                prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) && !sluice_core::topics::is_key_record(&r.value)
+                prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) && !sluice_core::topics::is_internal_record(&r.value)
             };
             for r in batch.iter().filter(shown) {
                 let entry = event_entry(p, r, false);
@@ -736,7 +736,7 @@ async fn get_event(State(s): State<Shared>, h: HeaderMap, Path((partition, offse
         return Err(not_found("no event at that offset (it may have been deleted by retention)"));
     }
     let batch = s.log.read(topic, partition, offset, 1).await.map_err(log_err)?;
-    match batch.first().filter(|r| r.offset == offset && !sluice_core::topics::is_key_record(&r.value)) {
+    match batch.first().filter(|r| r.offset == offset && !sluice_core::topics::is_internal_record(&r.value)) {
         Some(r) => Ok(Json(event_entry(partition, r, true)).into_response()),
         None => Err(not_found("no event at that offset")),
     }

@@ -35,7 +35,7 @@ use axum::routing::post;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sluice_core::topics::{DEDUP_GROUP, INPUT, KEY_RECORD};
+use sluice_core::topics::{DEDUP_GROUP, FORGET_RECORD, INPUT, KEY_RECORD};
 use sluice_core::{bucket_for, partition_for, BucketSet, Shutdown};
 use sluice_ingest::gate::GateEntry;
 use sluice_ingest::request::ApiError;
@@ -301,19 +301,19 @@ impl Mover {
                     let _ = tx.send(t.clone());
                 }
                 let drained = self.drained(t).await?;
-                let mut st = self.state.lock().expect("mover lock");
-                let p = st.sources.entry(t.id.clone()).or_default();
-                p.drained = drained.0;
-                p.pending_jobs = Some(drained.1);
-                if t.phase == "cleanup" && drained.0 {
-                    // Dedup keys expire with the window; the log's records with its retention (neither log
-                    // deletes single records); the JobDB's rows go when their JobDB is dropped.
-                    p.cleanup = json!({
-                        "done": true,
-                        "dedup_keys": "left to expire within the dedup window (deleting them is not built yet)",
-                        "log_records": "left to the log's retention",
-                        "jobs": "finished; removed with their JobDB",
-                    });
+                let cleaned = {
+                    let mut st = self.state.lock().expect("mover lock");
+                    let p = st.sources.entry(t.id.clone()).or_default();
+                    p.drained = drained.0;
+                    p.pending_jobs = Some(drained.1);
+                    p.cleanup["done"] == true
+                };
+                if t.phase == "cleanup" && drained.0 && !cleaned {
+                    let report = match self.clean_up(t).await {
+                        Ok(r) => r,
+                        Err(e) => json!({ "done": false, "error": e }),
+                    };
+                    self.progress(&t.id, |p| p.cleanup = report);
                 }
             }
             _ => {}
@@ -354,6 +354,62 @@ impl Mover {
         }
         let pending = (self.parts.unfinished_jobs)(&t.workspace);
         Ok((caught_up && pending == 0, pending))
+    }
+
+    /// Remove what this cell (the source) holds of a workspace that moved:
+    /// its sources' dedup ids (forget records through `input`, so the
+    /// dedup worker that owns each index deletes them), and say what went.
+    async fn clean_up(&self, t: &Task) -> Result<serde_json::Value, String> {
+        let log = &self.parts.log;
+        let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
+        let prefixes: Vec<Vec<u8>> = t.sources.iter().map(|s| format!("{s}/").into_bytes()).collect();
+        // Counted first (through secondaries: the workers keep going), for the report.
+        let counted = match self.parts.index_dir.clone() {
+            Some(dir) => {
+                let (scratch, window, prefixes) = (self.parts.state_dir.join(format!("scratch-{}", t.id)), self.parts.window, prefixes.clone());
+                tokio::task::spawn_blocking(move || -> Result<u64, String> {
+                    let mut n = 0;
+                    for p in 0..parts {
+                        n += sluice_dedup::index::export_ids(&dir.join(p.to_string()), &scratch.join(p.to_string()), &prefixes, window, |_, _| true)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| e.to_string())??
+            }
+            None => 0,
+        };
+        let mut ends = Vec::new();
+        for p in 0..parts {
+            let forget: Vec<Record> =
+                prefixes.iter().map(|k| Record { key: Bytes::from(k.clone()), value: Bytes::from_static(FORGET_RECORD) }).collect();
+            log.append(INPUT, p, forget).await.map_err(|e| e.to_string())?;
+            ends.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
+        }
+        // Done when dedup has read past them on every partition.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut behind = false;
+            for (p, end) in ends.iter().enumerate() {
+                behind |= log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0) < *end;
+            }
+            if !behind {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err("dedup has not read the forget records within 2 minutes".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(migration = %t.id, workspace = %t.workspace, dedup_ids = counted, "cleanup: the workspace's dedup ids are deleted here");
+        Ok(json!({
+            "done": true,
+            "dedup_ids_deleted": counted,
+            "log_records": "left to the log's retention (neither the embedded log nor Kafka deletes single records)",
+            "jobs": "all finished (the drain); their rows go when their JobDB is dropped whole (JobDBs are append-only)",
+        }))
     }
 
     fn ensure_exporter(self: &Arc<Self>, t: &Task) {
@@ -496,7 +552,9 @@ impl Mover {
             for r in &batch.records {
                 let Ok(key) = std::str::from_utf8(&r.key) else { continue };
                 let Some((source, message_id)) = key.split_once('/') else { continue };
-                if sluice_core::topics::is_key_record(&r.value) || !t.sources.iter().any(|s| s == source) || t.moved.contains(bucket_for(message_id))
+                if sluice_core::topics::is_internal_record(&r.value)
+                    || !t.sources.iter().any(|s| s == source)
+                    || t.moved.contains(bucket_for(message_id))
                 {
                     continue;
                 }

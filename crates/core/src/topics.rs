@@ -27,7 +27,14 @@ pub const ROUTE_GROUP: &str = "route";
 /// and starts with `{`, never with a NUL byte.
 pub const KEY_RECORD: &[u8] = b"\0k:";
 
-/// Is `value` a key record's (see [`KEY_RECORD`])?
-pub fn is_key_record(value: &[u8]) -> bool {
-    value.starts_with(KEY_RECORD)
+/// The value of a *forget record*, keyed `<source id>/`: dedup deletes every
+/// id of that source from its index when it reads one in `input` (the
+/// cleanup of a workspace that moved to another cell), and publishes
+/// nothing.
+pub const FORGET_RECORD: &[u8] = b"\0f:";
+
+/// Is `value` Sluice's own (a key or forget record), not an event? Events
+/// are JSON objects; Sluice's records start with a NUL byte.
+pub fn is_internal_record(value: &[u8]) -> bool {
+    value.first() == Some(&0)
 }

@@ -267,6 +267,23 @@ impl DedupIndex {
     }
 
     /// Flush memtables to disk (used on clean shutdown and by the benchmark).
+    /// Delete every id starting with `prefix` (`"<source id>/"`): one range
+    /// delete, whatever the number of ids. A prefix that is not a source's
+    /// (empty, or without the trailing '/') is refused: it could take other
+    /// sources' ids with it.
+    pub fn forget_prefix(&self, prefix: &[u8]) -> Result<(), DedupError> {
+        faults::check(&self.path, "forgetting ids")?;
+        if prefix.len() < 2 || prefix.last() != Some(&b'/') || prefix[..prefix.len() - 1].contains(&b'/') || prefix[0] == 0 {
+            tracing::warn!(prefix = %String::from_utf8_lossy(prefix), "a forget record without a source's prefix; ignored");
+            return Ok(());
+        }
+        let ids = self.db.cf_handle(CF_IDS).expect("ids column family");
+        // '/' + 1 = '0': the range is exactly the keys under the prefix.
+        let mut end = prefix.to_vec();
+        *end.last_mut().expect("not empty") += 1;
+        self.db.delete_range_cf(&ids, prefix, &end).map_err(|e| classify(&self.path, "forgetting ids", e))
+    }
+
     pub fn flush(&self) -> Result<(), DedupError> {
         faults::check(&self.path, "flushing")?;
         let ids = self.db.cf_handle(CF_IDS).expect("ids column family");

@@ -17,6 +17,7 @@ use crate::crash::crash_point;
 use crate::index::{now_ms, DedupIndex, IndexOptions, IndexStats};
 use crate::retry::{backoff, ErrorStreak, Report, INITIAL_BACKOFF, LOG_EVERY, MAX_BACKOFF};
 use crate::{DedupError, GROUP, INPUT_TOPIC, OUTPUT_TOPIC};
+use sluice_core::topics::FORGET_RECORD;
 
 /// Settings of the dedup stage.
 #[derive(Clone)]
@@ -435,7 +436,7 @@ impl DedupWorker {
             }
             Err(e) => return Err(e.into()),
         };
-        let records = batch.records;
+        let mut records = batch.records;
         if records.is_empty() {
             let end = rt.block_on(self.log.offsets(topic, p))?.end;
             if next > end {
@@ -453,6 +454,16 @@ impl DedupWorker {
                 return Ok((0, Some(end)));
             }
             return Ok((0, Some(batch.next)));
+        }
+        if records.iter().any(|r| r.value.starts_with(FORGET_RECORD)) {
+            // A moved workspace's cleanup: its sources' ids leave the index (idempotent: a replayed batch deletes nothing more).
+            self.index()?;
+            let index = self.index.as_ref().expect("opened above");
+            for r in records.iter().filter(|r| r.value.starts_with(FORGET_RECORD)) {
+                index.forget_prefix(&r.key)?;
+                tracing::info!(partition = p, prefix = %String::from_utf8_lossy(&r.key), "dedup: a source's ids forgotten (its workspace moved to another cell)");
+            }
+            records.retain(|r| !r.value.starts_with(FORGET_RECORD));
         }
         let from = next;
         let next = batch.next;
@@ -476,7 +487,7 @@ impl DedupWorker {
             let kept: std::collections::HashSet<u64> = fresh.iter().map(|r| r.offset).collect();
             let mut by_source: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
             // A key record already held (a key stream sent twice) is no client's duplicate.
-            for r in records.iter().filter(|r| !kept.contains(&r.offset) && !sluice_core::topics::is_key_record(&r.value)) {
+            for r in records.iter().filter(|r| !kept.contains(&r.offset) && !sluice_core::topics::is_internal_record(&r.value)) {
                 let source = r.key.split(|b| *b == b'/').next().unwrap_or_default();
                 *by_source.entry(source).or_default() += 1;
             }

@@ -336,7 +336,7 @@ async fn route_records(
     let mut jobs: Vec<NewJob> = Vec::new();
     let mut dead = Vec::new();
     // Key records (a workspace's dedup keys from its old cell) are dedup's, not events.
-    for rec in records.iter().filter(|r| !sluice_core::topics::is_key_record(&r.value)) {
+    for rec in records.iter().filter(|r| !sluice_core::topics::is_internal_record(&r.value)) {
         metrics.events.inc();
         match planner.plan(&rec.key, &rec.value, 0, None) {
             Ok(d) => {
@@ -431,7 +431,7 @@ async fn replay_one(
             let mut jobs = Vec::new();
             let mut dead = Vec::new();
             let replayed = |rec: &&sluice_log::StoredRecord| {
-                rec.timestamp_ms >= r.since_ms && rec.offset < range.end && !sluice_core::topics::is_key_record(&rec.value)
+                rec.timestamp_ms >= r.since_ms && rec.offset < range.end && !sluice_core::topics::is_internal_record(&rec.value)
             };
             for rec in records.iter().filter(replayed) {
                 events += 1;

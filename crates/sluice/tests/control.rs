@@ -755,6 +755,8 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     );
     let m = wait_phase(&api, &id, "done", Duration::from_secs(60));
     assert_eq!(m["cleanup"]["done"], true, "{m}");
+    // The source removed the workspace's dedup ids (every id it had accepted, less what expired: nothing here).
+    assert!(m["cleanup"]["dedup_ids_deleted"].as_u64().unwrap() >= 205, "{m}");
 
     // Every acknowledged event delivered, none twice.
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
