@@ -112,6 +112,8 @@ pub struct RouterMetrics {
     pub unknown_key_dropped: Counter,
     /// Times a request of a moving workspace waited for a cutover (or routed again after a cell's 421).
     pub cutover_waits: Counter,
+    /// Batches of a moving workspace split between its two cells.
+    pub split_batches: Counter,
 }
 
 impl Default for RouterMetrics {
@@ -127,6 +129,7 @@ impl Default for RouterMetrics {
             mapping_changes: Counter::default(),
             unknown_key_dropped: Counter::default(),
             cutover_waits: Counter::default(),
+            split_batches: Counter::default(),
         }
     }
 }
@@ -149,6 +152,7 @@ impl RouterMetrics {
             "Times a request of a moving workspace waited for a cutover, or was routed again after a cell's 421",
             self.cutover_waits.clone(),
         );
+        r.register("split_batches", "Batches of a moving workspace split between its two cells", self.split_batches.clone());
     }
 
     /// Decisions so far on `path`.
@@ -544,6 +548,7 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
             }
             SplitPlan::Parts { source, target: to_target } => {
                 let url = target(router)?;
+                router.metrics.split_batches.inc();
                 let (a, b) = tokio::join!(
                     send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false),
                     send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false),

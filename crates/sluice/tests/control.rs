@@ -688,7 +688,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.sqlite").display().to_string();
     let provisioned = Provisioned(dir.path().join("provisioned"));
-    let (_control, api) = start_control_with(dir.path(), &store, &provisioned.0, 100, "migration_step_interval = \"1s\"\n");
+    let (control, api) = start_control_with(dir.path(), &store, &provisioned.0, 100, "migration_step_interval = \"1s\"\n");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The source cell's dedup can be held (a pause point) to make the race certain.
     let pause = dir.path().join("pause-dedup");
@@ -702,7 +702,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let sink = TestSink::start();
 
-    // Two workspaces, one per cell; "mover" is in c1 with events already accepted (and deduplicated) there.
+    // Phase 1, a one-step move of "mover" from c1 to c2. Two workspaces, one per cell; "mover" is in c1 with events already accepted (and deduplicated) there.
     let key = make_workspace(&api, "mover", &sink.sink.url("/mover"));
     assert_eq!(send(&http, &router_url, &key, &ids("pre", 200), &[]), (200, "c1".to_owned()));
     let other_key = make_workspace(&api, "stays", &sink.sink.url("/stays"));
@@ -786,4 +786,53 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("done") && text.contains("c1 -> c2"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+
+    // Phase 2, a gradual move of "stays" from c2 to c1 (10% -> 50% -> 100%) under traffic, with
+    // the control plane killed (-9) after the first step and the source cell after the second.
+    let traffic = Traffic::start(&router_url, &other_key, "grad");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "stays", "to": "c1", "steps": [10, 50, 100]})));
+    assert_eq!(status, 201, "{m}");
+    let id2 = m["id"].as_str().unwrap().to_owned();
+    let at_step = |n: u64| {
+        wait_for(
+            Duration::from_secs(60),
+            || Some(migration(&api, &id2)).filter(|m| m["step"].as_u64() >= Some(n)),
+            || format!("step {n}: {}", migration(&api, &id2)),
+        )
+    };
+    let m = at_step(1);
+    assert_eq!(m["buckets_moved"], 10, "{m}");
+    control.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    let _control = Server::start_role("control", &dir.path().join("control.toml"), &[("SLUICE_GLOBAL_STORE", &store)]);
+    let m = at_step(2);
+    assert_eq!(m["buckets_moved"], 50, "resumed after the control plane's restart: {m}");
+    c2.kill9();
+    let c2 = Server::start(&dir_b.path().join("sluice.toml"));
+    api.ok(
+        "PUT",
+        "/api/cells/c2",
+        Some(json!({"tier": "smb", "ingest_url": format!("http://{}", c2.addr), "admin_url": format!("http://{}", c2.admin)})),
+    );
+    let m = wait_phase(&api, &id2, "done", Duration::from_secs(120));
+    assert_eq!(m["buckets_moved"], 100);
+    let (acked, cells) = traffic.finish();
+    assert!(cells.get("c1").copied().unwrap_or(0) > 0 && cells.get("c2").copied().unwrap_or(0) > 0, "{cells:?}");
+    let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
+    want.extend(ids("other", 10));
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id("/stays")).filter(|d| want.iter().all(|id| d.contains_key(id))),
+        || format!("{} acknowledged events of stays delivered", want.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let delivered = sink.by_message_id("/stays");
+    let twice: Vec<_> = delivered.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (k, v.len())).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(delivered.len(), want.len());
+    let router_metrics = http.get(format!("http://{}/metrics", router.admin)).send().unwrap().text().unwrap();
+    let split = router_metrics.lines().find_map(|l| l.strip_prefix("sluice_router_split_batches_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(split.unwrap_or(0.0) > 0.0, "batches spanning both cells were split: {split:?}");
+    drop(c2);
 }
