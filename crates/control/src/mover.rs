@@ -10,7 +10,8 @@
 //!   renamed) on every change and read back before ingest listens, so a
 //!   restarted cell never accepts a bucket its gate had closed.
 //! - The source opens a step on the target only after: its gate closed the
-//!   step's buckets (so nothing more of them is appended), every key of
+//!   step's buckets (so nothing more of them is appended), ingest's spool
+//!   (a Kafka cell's) is empty, every key of
 //!   `input` up to the end it read *after* closing was sent, and the target
 //!   answered each send once its key records were durable. So every event
 //!   the source ever acknowledged in those buckets is known to the target
@@ -67,6 +68,9 @@ pub struct CellParts {
     pub window: Duration,
     /// `data_dir/migrations`: the gate's file, scratch space for snapshots.
     pub state_dir: PathBuf,
+    /// Ingest's spool (a Kafka cell): events it acknowledged may wait there
+    /// before they reach `input`; a fence waits until it is empty.
+    pub spool: Option<Arc<sluice_ingest::spool::Spool>>,
     /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
     pub unfinished_jobs: Box<dyn Fn(&str) -> u64 + Send + Sync>,
 }
@@ -518,6 +522,12 @@ impl Mover {
             if t.phase == "cutover" && fenced_step != Some(t.step) {
                 // Close the step's buckets; when this returns, nothing more of them is being appended.
                 self.apply_gate(&t.workspace, Some(source_entry(t.moved, t.fenced))).await?;
+                // Acknowledged into the spool counts as acknowledged: those events must reach `input` first.
+                if let Some(spool) = &self.parts.spool {
+                    while spool.undrained().await.map_err(|e| e.to_string())? > 0 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
                 let mut ends = Vec::new();
                 for p in 0..parts {
                     ends.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);

@@ -236,6 +236,11 @@ impl Spool {
         self.try_total_depth().await.unwrap_or(0)
     }
 
+    /// Events acknowledged into the spool and not yet moved to the log.
+    pub async fn undrained(&self) -> Result<u64, LogError> {
+        self.try_total_depth().await
+    }
+
     async fn try_total_depth(&self) -> Result<u64, LogError> {
         let mut total = 0;
         for p in 0..self.partitions.len() as u32 {

@@ -37,7 +37,12 @@ impl CellLink {
 /// Start the link when `[cell]` names a control plane. `dedup_here`: this
 /// process runs dedup (its indexes are under `data_dir/dedup`), so it can
 /// hand a moving workspace's keys to another cell.
-pub async fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>, dedup_here: bool) -> Result<Option<CellLink>> {
+pub async fn start(
+    config: &Config,
+    admin: &Arc<sluice_admin::AdminState>,
+    dedup_here: bool,
+    spool: Option<Arc<sluice_ingest::spool::Spool>>,
+) -> Result<Option<CellLink>> {
     let c = &config.cell;
     let (Some(id), Some(url), Some(token)) = (&c.id, &c.control_url, &c.token) else { return Ok(None) };
     let retry = config.deliver.retry_policy();
@@ -71,6 +76,7 @@ pub async fn start(config: &Config, admin: &Arc<sluice_admin::AdminState>, dedup
             index_dir: dedup_here.then(|| config.server.data_dir.join("dedup")),
             window: config.dedup.window,
             state_dir: config.server.data_dir.join("migrations"),
+            spool,
             unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
         };
         let mover = sluice_control::mover::Mover::new(agent.clone(), parts)
