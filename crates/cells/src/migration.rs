@@ -205,9 +205,17 @@ impl GlobalStore {
         let insert = self
             .q(&format!("INSERT INTO {{p}}migrations ({MIGRATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 'copying', '', '', ?, ?, '{{}}', '', ?, ?)"));
         let now = now_ms();
+        let placed_now =
+            self.q("SELECT cell, 1 FROM {p}overrides WHERE workspace = ? UNION ALL SELECT cell, 0 FROM {p}assignments WHERE workspace = ?");
         let started = self.write("starting a migration", |c| {
             if c.execute(&claim, &[Arg::Text(workspace), Arg::Text(&id)])? != 1 {
                 return Ok(false);
+            }
+            // An override set since `resolve` above: the source would be stale. Roll back (an error does).
+            let cells = c.query(&placed_now, &[Arg::Text(workspace), Arg::Text(workspace)], |r| Ok((r.text(0)?, r.int(1)?)))?;
+            // The override wins over the assignment.
+            if cells.into_iter().max_by_key(|(_, o)| *o).map(|(cell, _)| cell).as_ref() != Some(&source) {
+                return Err(SqlError::Decode { index: 0, problem: "the workspace's cell changed as the migration started; start it again".into() });
             }
             let args = [
                 Arg::Text(&id),
@@ -252,9 +260,17 @@ impl GlobalStore {
         self.read("reading the migrations in progress", |c| c.query(&sql, &[], migration_row))
     }
 
-    /// The migrations in progress that `cell` takes part in.
-    pub fn migrations_of_cell(&self, cell: &str) -> Result<Vec<Migration>, CellsError> {
-        Ok(self.active_migrations()?.into_iter().filter(|m| m.source_cell == cell || m.target_cell == cell).collect())
+    /// The migrations `cell` takes part in: those in progress, and those
+    /// that ended within `ended_within_ms` (a cell keeps a workspace it lost
+    /// closed until its configuration has caught up).
+    pub fn migrations_of_cell(&self, cell: &str, ended_within_ms: i64) -> Result<Vec<Migration>, CellsError> {
+        let sql = self.q(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM {{p}}migrations
+              WHERE (source_cell = ? OR target_cell = ?) AND (phase NOT IN ('done', 'aborted') OR updated_at > ?)
+              ORDER BY created_at, id"
+        ));
+        let since = now_ms() - ended_within_ms;
+        self.read("reading a cell's migrations", |c| c.query(&sql, &[Arg::Text(cell), Arg::Text(cell), Arg::Int(since)], migration_row))
     }
 
     /// Fence step `step`'s buckets (phase copying → cutover). False when

@@ -96,6 +96,11 @@ pub struct GlobalStore {
     bump: String,
 }
 
+/// Where a workspace is served cannot change under a migration (abort or finish it first).
+fn moving_error(workspace: &str) -> CellsError {
+    CellsError::Invalid { what: "override", why: format!("workspace {workspace:?} is being moved: abort or finish the migration first") }
+}
+
 /// SHA-256 of a write key: what the store keeps and looks up.
 pub fn key_hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
@@ -343,7 +348,7 @@ impl GlobalStore {
     pub fn route_hash(&self, hash: &[u8; 32]) -> Result<Option<KeyRoute>, CellsError> {
         let sql = self.q(&format!(
             "SELECT k.source, o.cell, o.reason, a.cell, a.reason, w.id, {}, c.id, {}, k.workspace,
-                    g.id, g.target_cell, g.moved, g.fenced, t.id, {}
+                    g.id, g.target_cell, g.moved, g.fenced, t.id, {}, sc.id, {}
                FROM {{p}}write_keys k
                LEFT JOIN {{p}}workspaces w ON w.id = k.workspace
                LEFT JOIN {{p}}overrides o ON o.workspace = k.workspace
@@ -352,13 +357,16 @@ impl GlobalStore {
                LEFT JOIN {{p}}active_migrations am ON am.workspace = k.workspace
                LEFT JOIN {{p}}migrations g ON g.id = am.migration
                LEFT JOIN {{p}}cells t ON t.id = g.target_cell
+               LEFT JOIN {{p}}cells sc ON sc.id = g.source_cell
               WHERE k.key_hash = ?",
             of_table("w", WORKSPACE_COLUMNS),
             of_table("c", CELL_COLUMNS),
-            of_table("t", CELL_COLUMNS)
+            of_table("t", CELL_COLUMNS),
+            of_table("sc", CELL_COLUMNS)
         ));
         // Columns: 0 source, 1-2 override, 3-4 assignment, 5 w.id (NULL: gone), 6-10 workspace, 11 c.id (NULL: none), 12-17 cell,
-        // 18 the key's workspace id, 19-22 the migration in progress (NULL: none), 23 t.id (NULL: none), 24-29 its target cell.
+        // 18 the key's workspace id, 19-22 the migration in progress (NULL: none), 23 t.id (NULL: none), 24-29 its target cell,
+        // 30 sc.id (NULL: none), 31-36 its source cell.
         self.read("routing a write key", |c| {
             c.query_one(&sql, &[Arg::Bytes(hash)], |r| {
                 let served = match (r.opt_text(1)?, r.opt_text(3)?) {
@@ -368,9 +376,18 @@ impl GlobalStore {
                 };
                 let cell = if r.opt_text(11)?.is_some() { Some(cell_at(r, 12)?) } else { None };
                 let workspace = if r.opt_text(5)?.is_some() { Some(workspace_at(r, 6)?) } else { None };
+                let mut served = served.map(|p| (p, cell));
                 let split = match r.opt_text(19)? {
                     None => None,
                     Some(migration) => {
+                        // While it moves, the workspace's source side is the migration's source, whatever
+                        // an override or assignment says (red team: a cleared override sent it to a third cell).
+                        let all_moved = r.text(21)? == BucketSet::ALL.to_string();
+                        if r.opt_text(30)?.is_some() && !all_moved {
+                            let source = cell_at(r, 31)?;
+                            let reason = format!("moving to {} ({migration})", r.text(20)?);
+                            served = Some((Placement { cell: source.id.clone(), reason, new: false }, Some(source)));
+                        }
                         let set = |i: usize| BucketSet::parse(&r.text(i)?).map_err(|problem| SqlError::Decode { index: i, problem });
                         Some(RouteSplit {
                             migration,
@@ -381,7 +398,7 @@ impl GlobalStore {
                         })
                     }
                 };
-                Ok(KeyRoute { workspace_id: r.text(18)?, source: r.text(0)?, workspace, served: served.map(|p| (p, cell)), split })
+                Ok(KeyRoute { workspace_id: r.text(18)?, source: r.text(0)?, workspace, served, split })
             })
         })
     }
@@ -480,10 +497,22 @@ impl GlobalStore {
     /// Remove `workspace`'s override; false when it had none.
     pub fn clear_override(&self, workspace: &str) -> Result<bool, CellsError> {
         let sql = self.q("DELETE FROM {p}overrides WHERE workspace = ?");
-        Ok(self.write("clearing an override", |c| {
+        match self.write("clearing an override", |c| {
+            if self.moving(c, workspace)? {
+                return Ok(None);
+            }
             let n = c.execute(&sql, &[Arg::Text(workspace)])?;
-            self.bump(c, n)
-        })? == 1)
+            Ok(Some(self.bump(c, n)?))
+        })? {
+            None => Err(moving_error(workspace)),
+            Some(n) => Ok(n == 1),
+        }
+    }
+
+    /// Whether `workspace` has a migration in progress (read in the caller's transaction).
+    fn moving(&self, c: &mut Connection, workspace: &str) -> Result<bool, SqlError> {
+        let sql = self.q("SELECT 1 FROM {p}active_migrations WHERE workspace = ?");
+        Ok(c.query_one(&sql, &[Arg::Text(workspace)], |r| r.int(0))?.is_some())
     }
 
     /// Where `workspace` is served now: its override, else its assignment;

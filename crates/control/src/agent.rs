@@ -269,6 +269,7 @@ impl KeyResolver for CellAgent {
                     Err(_) => Resolution::Unavailable,
                 }
             }
+            Ok(s) if s == reqwest::StatusCode::CONFLICT => Resolution::Elsewhere,
             Ok(s) if s == reqwest::StatusCode::NOT_FOUND => {
                 let mut unknown = self.unknown.lock().expect("unknown lock");
                 if unknown.len() >= MAX_UNKNOWN {

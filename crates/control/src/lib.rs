@@ -559,8 +559,20 @@ async fn cell_key(State(cp): State<Shared>, Path((id, hash)): Path<(String, Stri
     cell_auth(&cp, &id, &headers).await?;
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(&hash, &mut bytes).map_err(|_| ApiError::bad_request("invalid", "a key hash is 64 hex digits"))?;
-    if cp.store(move |s| s.key_served_by(&id, &bytes)).await? {
+    let (here, elsewhere) = cp
+        .store(move |s| {
+            if s.key_served_by(&id, &bytes)? {
+                return Ok((true, false));
+            }
+            // Another cell's (a workspace moved away, a stale router): said apart from unknown, so the cell answers 421, not 401.
+            let route = s.route_hash(&bytes)?;
+            Ok((false, route.is_some_and(|r| r.workspace.is_some_and(|w| !w.disabled) && r.served.is_some())))
+        })
+        .await?;
+    if here {
         ok(json!({ "served": true }))
+    } else if elsewhere {
+        Err(ApiError::new(StatusCode::CONFLICT, "elsewhere", "another cell serves that key's workspace"))
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no workspace this cell serves has that key"))
     }

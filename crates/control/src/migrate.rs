@@ -30,6 +30,9 @@ use crate::{body, cell_auth, ok, ApiResult, Shared};
 
 /// How often the driver looks at the migrations in progress.
 pub const DRIVE_EVERY: Duration = Duration::from_millis(100);
+/// How long an ended migration stays in its cells' task lists (a cell that
+/// lost the workspace keeps it closed until its configuration drops it).
+pub const ENDED_SHOWN: Duration = Duration::from_secs(600);
 /// Keys the source may still have to send for a cutover to start (its
 /// delta lag): the fence then waits for these only.
 pub const CUTOVER_LAG: u64 = 20_000;
@@ -164,7 +167,7 @@ pub(crate) async fn cell_tasks(State(cp): State<Shared>, Path(id): Path<String>,
     let tasks = cp
         .store(move |s| {
             let mut out = Vec::new();
-            for m in s.migrations_of_cell(&id)? {
+            for m in s.migrations_of_cell(&id, ENDED_SHOWN.as_millis() as i64)? {
                 let peer = if m.source_cell == id { &m.target_cell } else { &m.source_cell };
                 let peer_url = s.cell(peer)?.map(|c| c.admin_url).unwrap_or_default();
                 let sources = s.workspace_sources(&m.workspace)?;

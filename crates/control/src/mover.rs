@@ -71,6 +71,8 @@ pub struct CellParts {
     /// Ingest's spool (a Kafka cell): events it acknowledged may wait there
     /// before they reach `input`; a fence waits until it is empty.
     pub spool: Option<Arc<sluice_ingest::spool::Spool>>,
+    /// Whether the cell still has a source of the workspace (its configuration not yet caught up with a move).
+    pub has_workspace: Box<dyn Fn(&str) -> bool + Send + Sync>,
     /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
     pub unfinished_jobs: Box<dyn Fn(&str) -> u64 + Send + Sync>,
 }
@@ -133,6 +135,8 @@ pub struct Mover {
     state: Mutex<Book>,
     /// One gate change at a time (each is persisted).
     gate_writes: tokio::sync::Mutex<()>,
+    /// When the task list was last read on a request's behalf.
+    refreshed: Mutex<Option<std::time::Instant>>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -156,7 +160,7 @@ impl Mover {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", file.display())),
         }
-        Ok(Arc::new(Mover { agent, parts, state: Mutex::default(), gate_writes: tokio::sync::Mutex::new(()) }))
+        Ok(Arc::new(Mover { agent, parts, state: Mutex::default(), gate_writes: tokio::sync::Mutex::new(()), refreshed: Mutex::default() }))
     }
 
     /// Set `workspace`'s gate entry (`None`: remove it) and keep it on
@@ -248,11 +252,23 @@ impl Mover {
             ended
         };
         for t in ended {
-            // Done (the target owns it all; the source serves it no more) or aborted (the source keeps it all).
-            tracing::info!(migration = %t.id, workspace = %t.workspace, role = %t.role, "migration ended here");
+            // Gone from the list minutes after it ended: the configuration caught up long ago.
+            tracing::info!(migration = %t.id, workspace = %t.workspace, role = %t.role, "migration forgotten here");
             self.apply_gate(&t.workspace, None).await?;
         }
         for t in tasks {
+            if matches!(t.phase.as_str(), "done" | "aborted") {
+                // The side that keeps the workspace opens it whole; the side that lost it keeps it
+                // closed (421: routers route again) until its configuration no longer has it
+                // (red team: removing the gate at once let the old side accept events meanwhile).
+                let keeps = (t.phase == "done") == (t.role == "target");
+                let entry = (!keeps && (self.parts.has_workspace)(&t.workspace)).then_some(GateEntry { buckets: BucketSet::NONE, free: false });
+                self.apply_gate(&t.workspace, entry).await?;
+                if let Some((_, h)) = self.state.lock().expect("mover lock").exporters.remove(&t.id) {
+                    h.abort();
+                }
+                continue;
+            }
             let report = if t.role == "target" { self.as_target(&t).await? } else { self.as_source(&t).await? };
             self.report(&t.id, report).await?;
         }
@@ -619,27 +635,48 @@ impl Mover {
         }
     }
 
-    /// The task `id`, if this cell plays `role` in it and `headers` carry its token.
-    async fn authorized(&self, id: &str, role: &str, headers: &HeaderMap, refresh: bool) -> Result<Task, ApiError> {
-        let find = || self.state.lock().expect("mover lock").tasks.get(id).cloned();
-        let mut task = find();
-        if refresh || task.is_none() {
-            // A task newer than the last poll (the source may be a poll ahead of this cell).
-            if let Ok(tasks) = self.fetch_tasks().await {
-                let mut st = self.state.lock().expect("mover lock");
-                for t in tasks {
-                    st.tasks.insert(t.id.clone(), t);
-                }
+    /// Read the task list now, unless it was read within the last 100 ms
+    /// (requests from outside cannot make this cell call the control plane at will).
+    async fn refresh(&self) {
+        {
+            let mut last = self.refreshed.lock().expect("refresh lock");
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+                return;
             }
+            *last = Some(std::time::Instant::now());
+        }
+        if let Ok(tasks) = self.fetch_tasks().await {
+            let mut st = self.state.lock().expect("mover lock");
+            for t in tasks {
+                st.tasks.insert(t.id.clone(), t);
+            }
+        }
+    }
+
+    /// The task `id`, if this cell plays `role` in it and `headers` carry
+    /// its token. `fresh`: read the task list again first (for its phase),
+    /// once the token matched what this cell knows.
+    async fn authorized(&self, id: &str, role: &str, headers: &HeaderMap, fresh: bool) -> Result<Task, ApiError> {
+        let find = || self.state.lock().expect("mover lock").tasks.get(id).cloned();
+        let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the migration's token>");
+        // A token is needed before anything else happens.
+        let Some(token) = bearer(headers).map(str::to_owned) else { return Err(refused()) };
+        let mut task = find();
+        if task.is_none() {
+            // A task newer than the last poll (the source may be a poll ahead of this cell).
+            self.refresh().await;
             task = find();
         }
-        let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the migration's token>");
-        let Some(task) = task else {
+        let Some(mut task) = task else {
             // Not known here (yet): the sender retries on 409.
             return Err(ApiError::new(StatusCode::CONFLICT, "unknown_migration", "this cell does not know that migration (yet); retry"));
         };
-        if !bearer(headers).is_some_and(|b| token_matches(b, &task.token)) {
+        if !token_matches(&token, &task.token) {
             return Err(refused());
+        }
+        if fresh {
+            self.refresh().await;
+            task = find().unwrap_or(task);
         }
         if task.role != role {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this cell is the {} of that migration", task.role)));
@@ -652,7 +689,6 @@ impl Mover {
         Router::new()
             .route("/cell/migrations/{id}/keys", post(take_keys))
             .route("/cell/migrations/{id}/open", post(open_step))
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_KEYS_BODY))
             .with_state(self.clone())
     }
 }
@@ -680,9 +716,13 @@ fn free_side(moved: BucketSet, fenced: BucketSet) -> Option<Side> {
 }
 
 /// `POST /cell/migrations/{id}/keys`: lines of `<source>/<messageId>\t<ms>`, appended as key records.
-async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: axum::body::Body) -> Response {
     let task = match mover.authorized(&id, "target", &headers, false).await {
         Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_limited(body, MAX_KEYS_BODY).await {
+        Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let Ok(text) = std::str::from_utf8(&body) else { return ApiError::bad_request("invalid", "keys are UTF-8 lines").into_response() };
@@ -694,7 +734,7 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
     let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
     let mut n = 0u64;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
-        let (key, ms) = line.split_once('\t').unwrap_or((line, "0"));
+        let (key, ms) = line.split_once('\t').unwrap_or((line, ""));
         let ok = key.split_once('/').filter(|(source, m)| {
             task.sources.iter().any(|s| s == source) && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control)
         });
@@ -726,9 +766,13 @@ struct Open {
 }
 
 /// `POST /cell/migrations/{id}/open`: the source fenced this step and sent its keys; accept its buckets now.
-async fn open_step(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn open_step(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: axum::body::Body) -> Response {
     let task = match mover.authorized(&id, "target", &headers, true).await {
         Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_limited(body, 4096).await {
+        Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let Ok(open) = serde_json::from_slice::<Open>(&body) else {
@@ -745,6 +789,15 @@ async fn open_step(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
     }
     mover.state.lock().expect("mover lock").targets.entry(id).or_default().opened_step = Some(open.step);
     axum::Json(json!({ "opened": open.buckets })).into_response()
+}
+
+/// A request body of at most `limit` bytes, read within 30 s (after the caller authenticated it).
+async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(Duration::from_secs(30), axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "request body not received in time")),
+        Ok(Err(_)) => Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body over {limit} bytes"))),
+        Ok(Ok(b)) => Ok(b),
+    }
 }
 
 /// Write `body` to `path` whole: a temporary file, fsynced, renamed.

@@ -170,6 +170,10 @@ pub enum Resolution {
     /// does not answer, or too many questions wait): `503`, and the SDK
     /// retries. A `401` would make it drop a valid workspace's events.
     Unavailable,
+    /// The key is another cell's (its workspace moved there): `421`, so a
+    /// router with a stale mapping routes again instead of the client
+    /// dropping the events on a `401`.
+    Elsewhere,
 }
 
 /// Everything a request handler needs.
@@ -252,6 +256,9 @@ impl Ingest {
             Resolution::Unavailable => {
                 Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "this cell cannot check the write key right now; retry")
                     .retry_after(5))
+            }
+            Resolution::Elsewhere => {
+                Err(ApiError::new(StatusCode::MISDIRECTED_REQUEST, "wrong_cell", "this write key's workspace is served by another cell; route again"))
             }
         }
     }

@@ -4,15 +4,17 @@
 //! request there unchanged, and returns the cell's answer.
 //!
 //! Per request:
-//! 1. The write key: HTTP Basic auth (as the SDKs send it), else `writeKey`
-//!    in the body (analytics.js), read from a decoded copy (gzip inflated
-//!    within ingest's limits); the body forwarded is the original bytes.
+//! 1. The body is read whole, within ingest's limits (a request may be sent
+//!    again after a cell's `421`, or split between two cells while its
+//!    workspace moves). The write key: HTTP Basic auth (as the SDKs send
+//!    it), else `writeKey` in the body (analytics.js), read from a decoded
+//!    copy (gzip inflated); the body forwarded is the original bytes.
 //! 2. Key → workspace → cell through (a) the in-process cache, (b) the
 //!    global store on a miss, (c) placement for a workspace with no cell
 //!    yet (a conditional insert: racing routers agree).
 //! 3. Forward to the cell's Tracking API over pooled keep-alive
-//!    connections, with `X-Sluice-Cell`; a Basic-auth request's body is
-//!    streamed, not buffered.
+//!    connections, with `X-Sluice-Cell`. A workspace moving between cells
+//!    is routed per event by its messageId's bucket (`split.rs`).
 //!
 //! Invariants:
 //! - A workspace is only ever sent to the cell the store names. A cell
@@ -25,6 +27,9 @@
 //! - Unknown keys are answered exactly as ingest answers them (`401`,
 //!   `invalid_write_key`), and cached as unknown, within a bounded cache.
 //! - Errors are JSON with `code` and `message`, as ingest's are.
+//! - A cell's `421` never reaches the client (the SDKs drop events on a
+//!   4xx): the router routes again from the store until
+//!   `router.cutover_wait`, then answers `503` (the SDKs retry).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -468,26 +473,18 @@ async fn handle(State(router): State<Arc<CellRouter>>, call: Result<Path<String>
     }
 }
 
-/// A request's body as the router holds it.
-enum Incoming {
-    /// Not read yet (a Basic-auth request to a workspace that is not moving streams through).
-    Stream(Body),
-    /// Read: as it came, and decoded (gzip inflated).
-    Read { raw: Bytes, decoded: Bytes },
-}
-
 /// How long a request waits for a cutover between polls of the store.
 const CUTOVER_POLL: Duration = Duration::from_millis(25);
 
 async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let settings = &router.settings.ingest;
-    // The key: Basic auth (the body streams through untouched), else the body's `writeKey`.
-    let (key, mut body) = match basic_auth_key(&headers) {
-        Some(key) => (Some(key), Incoming::Stream(body)),
-        None => {
-            let (raw, decoded) = read_body(router, &headers, body).await?;
-            (body_write_key(kind, &decoded)?, Incoming::Read { raw, decoded })
-        }
+    // The body is read whole (within ingest's limits): a request may have to be sent
+    // again (a cell's 421 after a mapping change) or split between two cells.
+    let (raw, decoded) = read_body(router, &headers, body).await?;
+    // The key: Basic auth, else the body's `writeKey`.
+    let key = match basic_auth_key(&headers) {
+        Some(key) => Some(key),
+        None => body_write_key(kind, &decoded)?,
     };
     // An unknown key is answered as ingest answers it: 401, or under
     // `accept_and_drop` 200 with nothing stored (as Segment does).
@@ -500,7 +497,9 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
         }
     };
     let Some(key) = key else { return unknown(false) };
-    // A cutover is waited out, within `router.cutover_wait`: the requests in it wait, they do not fail.
+    // A cutover is waited out, and a cell's 421 (its gate or its mapping is
+    // ahead of this router's) routed again, within `router.cutover_wait`:
+    // requests in a cutover wait, they do not fail.
     let deadline = Instant::now() + router.settings.cutover_wait;
     loop {
         let route = router.route(&key).await?;
@@ -515,58 +514,43 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
             }
             Route::Cell { workspace, cell, ingest_url, split } => (workspace, cell, ingest_url, split),
         };
-        let Some(split) = split else {
-            let answer = send(router, &workspace, &cell, &ingest_url, call, &headers, take_body(&mut body), true).await?;
-            if answer.status() == StatusCode::MISDIRECTED_REQUEST {
-                // The cell says this router's mapping is stale: ask the store next time.
-                router.forget(&key);
-            }
-            return Ok(answer);
-        };
-        if let Incoming::Stream(_) = body {
-            let Incoming::Stream(stream) = std::mem::replace(&mut body, Incoming::Read { raw: Bytes::new(), decoded: Bytes::new() }) else {
-                unreachable!()
-            };
-            let (raw, decoded) = read_body(router, &headers, stream).await?;
-            body = Incoming::Read { raw, decoded };
-        }
-        let Incoming::Read { raw, decoded } = &body else { unreachable!() };
-        let target = |router: &CellRouter| {
-            split.target_url.clone().ok_or_else(|| {
-                tracing::error!(%workspace, target = %split.target_cell, "a workspace is moving to a cell that is not listed or is retired; its moved buckets are answered 503");
-                unavailable("this workspace's cell is unavailable; retry later", router.settings.retry_after)
-            })
-        };
-        let answer = match split::plan(kind, decoded, split.moved, split.fenced)? {
-            SplitPlan::Wait => None,
-            SplitPlan::Whole(Side::Source) => {
-                Some(send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
-            }
-            SplitPlan::Whole(Side::Target) => {
-                let url = target(router)?;
-                Some(send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
-            }
-            SplitPlan::Parts { source, target: to_target } => {
-                let url = target(router)?;
-                router.metrics.split_batches.inc();
-                let (a, b) = tokio::join!(
-                    send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false),
-                    send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false),
-                );
-                // Acknowledged only when both parts are: else the worse answer (the client resends the
-                // whole batch, and the part that was stored is dropped as a duplicate by its cell).
-                let (a, b) = (a?, b?);
-                Some(if !a.status().is_success() { a } else { b })
+        let answer = match &split {
+            None => Some(send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(raw.clone()), true).await?),
+            Some(split) => {
+                let target = || {
+                    split.target_url.clone().ok_or_else(|| {
+                        tracing::error!(%workspace, target = %split.target_cell, "a workspace is moving to a cell that is not listed or is retired; its moved buckets are answered 503");
+                        unavailable("this workspace's cell is unavailable; retry later", router.settings.retry_after)
+                    })
+                };
+                match split::plan(kind, &decoded, split.moved, split.fenced)? {
+                    SplitPlan::Wait => None,
+                    SplitPlan::Whole(Side::Source) => {
+                        Some(send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
+                    }
+                    SplitPlan::Whole(Side::Target) => {
+                        let url = target()?;
+                        Some(send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(raw.clone()), true).await?)
+                    }
+                    SplitPlan::Parts { source, target: to_target } => {
+                        let url = target()?;
+                        router.metrics.split_batches.inc();
+                        let (a, b) = tokio::join!(
+                            send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false),
+                            send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false),
+                        );
+                        Some(combine(a?, b?))
+                    }
+                }
             }
         };
         match answer {
             Some(a) if a.status() != StatusCode::MISDIRECTED_REQUEST => return Ok(a),
-            Some(a) if Instant::now() >= deadline => return Ok(a),
-            None if Instant::now() >= deadline => {
+            _ if Instant::now() >= deadline => {
+                // Never a 421 to the client: the SDKs drop events on a 4xx. A 503 makes them retry.
                 return Err(unavailable("this workspace is moving between cells; retry", 1));
             }
             _ => {
-                // Fenced, or a cell's gate is ahead of this router's mapping: route again shortly, from the store.
                 router.metrics.cutover_waits.inc();
                 tokio::time::sleep(CUTOVER_POLL).await;
                 router.forget(&key);
@@ -575,10 +559,21 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
     }
 }
 
-fn take_body(body: &mut Incoming) -> reqwest::Body {
-    match std::mem::replace(body, Incoming::Read { raw: Bytes::new(), decoded: Bytes::new() }) {
-        Incoming::Stream(b) => reqwest::Body::wrap_stream(b.into_data_stream()),
-        Incoming::Read { raw, .. } => reqwest::Body::from(raw),
+/// The answer to a batch split in two: acknowledged only when both parts
+/// are. A part the client must send again (5xx, 429, a 421 to route again)
+/// wins: the client resends the whole batch, and the part that was stored
+/// is dropped by its cell as a repeat (events with a messageId; one
+/// without has no identity to recognise it by, here as after any timeout).
+/// Otherwise a `400` of one part (none of its events valid) gives way to
+/// the other's `200`, as ingest answers a batch with some valid events.
+fn combine(a: Response, b: Response) -> Response {
+    let retry = |r: &Response| !r.status().is_success() && r.status() != StatusCode::BAD_REQUEST;
+    match (a.status().is_success(), b.status().is_success()) {
+        _ if retry(&a) => a,
+        _ if retry(&b) => b,
+        (true, _) => a,
+        (false, true) => b,
+        (false, false) => a,
     }
 }
 
@@ -694,6 +689,20 @@ fn body_write_key(kind: Call, body: &Bytes) -> Result<Option<String>, ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_batch_is_acknowledged_only_when_both_parts_are() {
+        let r = |code: u16| Response::builder().status(code).body(Body::empty()).unwrap();
+        let combined = |a: u16, b: u16| combine(r(a), r(b)).status().as_u16();
+        assert_eq!(combined(200, 200), 200);
+        assert_eq!(combined(200, 503), 503, "the client resends the whole batch");
+        assert_eq!(combined(429, 200), 429);
+        assert_eq!(combined(421, 200), 421, "routed again by the caller");
+        assert_eq!(combined(200, 400), 200, "a part with no valid event does not fail the batch (as ingest)");
+        assert_eq!(combined(400, 200), 200);
+        assert_eq!(combined(400, 503), 503);
+        assert_eq!(combined(400, 400), 400);
+    }
 
     #[test]
     fn the_body_write_key_is_read_as_ingest_reads_it() {

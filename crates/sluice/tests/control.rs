@@ -735,6 +735,9 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert_eq!(m["phase"], "copying");
     let bad_token = http.post(format!("http://{}/cell/migrations/{id}/keys", c2.admin)).bearer_auth("wrong").body("mover-web/x\t1").send().unwrap();
     assert_eq!(bad_token.status(), 401, "the cells' key endpoint takes the migration's token only");
+    // Where the workspace is served cannot change under the migration.
+    assert_eq!(api.call("DELETE", "/api/workspaces/mover/override", None).0, 400);
+    assert_eq!(api.call("PUT", "/api/workspaces/mover/override", Some(json!({"cell": "c2"}))).0, 400);
 
     // 2. The race: c1 acknowledges X, its dedup has not read X when the mapping flips, the client resends X to c2.
     std::fs::write(&pause, b"").unwrap();
@@ -777,7 +780,8 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
 
     // After the move: the router sends the workspace to c2, c1 no longer knows it.
     assert_eq!(send(&http, &router_url, &key, &ids("after", 3), &[]), (200, "c2".to_owned()));
-    assert_eq!(send(&http, &format!("http://{}", c1.addr), &key, &ids("stray", 1), &[]).0, 401);
+    // Straight to c1 (a stale router would do this): 421, never a 401 the SDKs would drop events on.
+    assert_eq!(send(&http, &format!("http://{}", c1.addr), &key, &ids("stray", 1), &[]).0, 421);
     // The CLI shows it done.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["migrate", "status", &id, "--control", &api.base])
