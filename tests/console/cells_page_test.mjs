@@ -3,7 +3,7 @@
 //   node cells_page_test.mjs <control http://host:port> <token> <screenshot dir>
 // Checks that without the token the page asks for it, that with it every
 // cell is listed with its tier, state, load bars against the thresholds
-// and its workspaces, and that recent decisions are shown; saves a
+// and its workspaces, that recent decisions and migrations are shown; saves a
 // screenshot. Prints one JSON line of results.
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -33,6 +33,9 @@ try {
   results.load_labels = await page.locator("#cells tr .m").allTextContents();
   results.workspaces = await page.locator("#cells tr td:nth-child(5)").allTextContents();
   results.decisions = await page.locator("#decisions tr td:nth-child(2)").allTextContents();
+  results.migration_workspaces = await page.locator("#migrations tr td:nth-child(2)").allTextContents();
+  results.migration_phases = await page.locator("#migrations tr td:nth-child(4)").allTextContents();
+  results.migration_buckets = await page.locator("#migrations tr td:nth-child(5)").allTextContents();
   await page.screenshot({ path: `${shots}/cells.png`, fullPage: true });
   results.external_requests = external;
   console.log(JSON.stringify(results));

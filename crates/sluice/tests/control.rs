@@ -362,17 +362,8 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     let page = http.get(format!("{}/", api.base)).send().unwrap();
     assert_eq!(page.headers()["x-frame-options"], "DENY");
     assert!(page.text().unwrap().contains("Sluice cells"));
-    let (chromium, modules) = browser_env();
-    let out = std::process::Command::new("node")
-        .arg(repo_root().join("tests/console/cells_page_test.mjs"))
-        .args([&api.base, TOKEN, screenshot_dir().to_str().unwrap()])
-        .env("SLUICE_CHROMIUM", &chromium)
-        .env("SLUICE_BROWSER_MODULES", &modules)
-        .output()
-        .expect("run node");
-    assert!(out.status.success(), "cells page test failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
-    let texts = |k: &str| r[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let r = cells_page(&api);
+    let texts = |k: &str| texts_of(&r, k);
     assert_eq!(r["asks_for_token"], true, "{r}");
     assert!(["c1", "c2", "smb-1"].iter().all(|c| texts("cells").contains(&c.to_string())), "every cell listed: {r}");
     assert!(texts("states").contains(&"full".to_owned()), "{r}");
@@ -616,6 +607,24 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     drop((c1, c2));
 }
 
+/// The Cells page in headless Chromium (`tests/console/cells_page_test.mjs`): its results.
+fn cells_page(api: &Api) -> Value {
+    let (chromium, modules) = browser_env();
+    let out = std::process::Command::new("node")
+        .arg(repo_root().join("tests/console/cells_page_test.mjs"))
+        .args([&api.base, TOKEN, screenshot_dir().to_str().unwrap()])
+        .env("SLUICE_CHROMIUM", &chromium)
+        .env("SLUICE_BROWSER_MODULES", &modules)
+        .output()
+        .expect("run node");
+    assert!(out.status.success(), "cells page test failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap()
+}
+
+fn texts_of(r: &Value, k: &str) -> Vec<String> {
+    r[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+}
+
 /// Live traffic of one workspace through a router, as an SDK sends it:
 /// batches of unique ids, each retried until it is acknowledged, and every
 /// 50th batch followed by a resend of an earlier one (~1% of events sent twice).
@@ -790,6 +799,10 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("done") && text.contains("c1 -> c2"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    // And the Cells page lists it with its phase and buckets.
+    let r = cells_page(&api);
+    assert_eq!((texts_of(&r, "migration_workspaces"), texts_of(&r, "migration_phases")), (vec!["mover".to_owned()], vec!["done".to_owned()]), "{r}");
+    assert!(texts_of(&r, "migration_buckets")[0].starts_with("100/100"), "{r}");
 
     // Phase 2, a gradual move of "stays" from c2 to c1 (10% -> 50% -> 100%) under traffic, with
     // the control plane killed (-9) after the first step and the source cell after the second.
