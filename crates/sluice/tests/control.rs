@@ -572,6 +572,30 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     });
     assert!(ok > 0 && failed == 0, "the surviving router answered {ok} requests 200 and {failed} otherwise");
 
+    // 5b. Move a workspace from an embedded cell to the Kafka + PostgreSQL cell under live traffic (issue 15).
+    let mover = (0..50).rev().find(|i| placements.get(&format!("ws{i:02}")).map(String::as_str) == Some("c1")).unwrap();
+    let mover_ws = format!("ws{mover:02}");
+    let traffic = Traffic::start(&survivor, &keys[mover], &format!("{mover_ws}-mig"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": mover_ws, "to": "c3"})));
+    assert_eq!(status, 201, "{m}");
+    let m = wait_phase(&api, m["id"].as_str().unwrap(), "done", Duration::from_secs(120));
+    assert!(m["cleanup"]["dedup_ids_deleted"].as_u64().unwrap() >= per_workspace as u64, "{m}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (acked, cells) = traffic.finish();
+    assert!(cells.contains_key("c1") && cells.contains_key("c3"), "traffic on both sides: {cells:?}");
+    let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
+    want.extend((0..per_workspace).map(|n| format!("{mover_ws}-{n}")));
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id(&format!("/{mover_ws}"))).filter(|d| want.iter().all(|id| d.contains_key(id))),
+        || format!("{} acknowledged events of {mover_ws} delivered", want.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = sink.by_message_id(&format!("/{mover_ws}"));
+    assert!(got.values().all(|v| v.len() == 1), "once each across the move");
+    assert_eq!(got.len(), want.len(), "nothing that was not acknowledged");
+
     // 6. Stop one cell: only its workspaces get 503; the others see no error.
     let on = |cell: &str| (0..50).find(|i| placements.get(&format!("ws{i:02}")).map(String::as_str) == Some(cell)).unwrap();
     let (kafka_ws, embedded_ws) = (on("c3"), on("c1"));
