@@ -348,11 +348,8 @@ impl Mover {
     async fn drained(&self, t: &Task) -> Result<(bool, u64), String> {
         let log = &self.parts.log;
         let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
-        let from = match self.state.lock().expect("mover lock").drain_from.get(&t.id).cloned() {
-            Some(f) => Some(f),
-            None => None,
-        };
-        let from = match from {
+        let known = self.state.lock().expect("mover lock").drain_from.get(&t.id).cloned();
+        let from = match known {
             Some(f) => f,
             None => {
                 let mut ends = Vec::new();
