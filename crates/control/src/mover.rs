@@ -36,6 +36,7 @@ use axum::routing::post;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sluice_core::bucket::{free_side, Side};
 use sluice_core::topics::{DEDUP_GROUP, FORGET_RECORD, INPUT, KEY_RECORD};
 use sluice_core::{bucket_for, partition_for, BucketSet, Shutdown};
 use sluice_ingest::gate::GateEntry;
@@ -693,23 +694,6 @@ impl Mover {
 /// The source's gate: what is neither moved nor fenced.
 fn source_entry(moved: BucketSet, fenced: BucketSet) -> GateEntry {
     GateEntry { buckets: BucketSet::ALL.minus(moved).minus(fenced), free: free_side(moved, fenced) == Some(Side::Source) }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Source,
-    Target,
-}
-
-/// Where an event without a client's messageId goes (the router's rule, `sluice_router::split::free_side`).
-fn free_side(moved: BucketSet, fenced: BucketSet) -> Option<Side> {
-    if !BucketSet::ALL.minus(moved).minus(fenced).is_empty() {
-        Some(Side::Source)
-    } else if !moved.is_empty() {
-        Some(Side::Target)
-    } else {
-        None
-    }
 }
 
 /// `POST /cell/migrations/{id}/keys`: lines of `<source>/<messageId>\t<ms>`, appended as key records.

@@ -23,6 +23,27 @@ pub fn bucket_for(message_id: &str) -> u8 {
     ((positive >> 8) % BUCKETS as u32) as u8
 }
 
+/// The two cells of a workspace that is moving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+/// Where an event without a client's messageId goes while its workspace
+/// moves (`moved`: the target's buckets; `fenced`: nobody's): the source
+/// while it owns any bucket, else the target; `None` while everything left
+/// is fenced. Routers and both cells' gates apply this one rule.
+pub fn free_side(moved: BucketSet, fenced: BucketSet) -> Option<Side> {
+    if !BucketSet::ALL.minus(moved).minus(fenced).is_empty() {
+        Some(Side::Source)
+    } else if !moved.is_empty() {
+        Some(Side::Target)
+    } else {
+        None
+    }
+}
+
 /// A set of buckets, as bits of a `u128`. Written as ranges: `"0-9,50"`,
 /// `""` for none, `"0-99"` for all.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]

@@ -21,12 +21,7 @@ use sluice_core::{bucket_for, BucketSet};
 use sluice_ingest::event::{BatchBody, RawObject};
 use sluice_ingest::request::{ApiError, Call};
 
-/// Which cell an event goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Source,
-    Target,
-}
+pub use sluice_core::bucket::{free_side, Side};
 
 /// What to do with a request of a moving workspace.
 #[derive(Debug)]
@@ -37,18 +32,6 @@ pub enum SplitPlan {
     Wait,
     /// A batch spanning both sides: one body per side.
     Parts { source: Bytes, target: Bytes },
-}
-
-/// Where a free event (no messageId of the client's) goes, given the
-/// buckets moved and fenced; `None`: nowhere now (everything is fenced).
-pub fn free_side(moved: BucketSet, fenced: BucketSet) -> Option<Side> {
-    if !BucketSet::ALL.minus(moved).minus(fenced).is_empty() {
-        Some(Side::Source)
-    } else if !moved.is_empty() {
-        Some(Side::Target)
-    } else {
-        None
-    }
 }
 
 /// The side of one event (`None`: fenced). An id ingest would refuse is
