@@ -160,6 +160,10 @@ fn migration_row(r: &dyn SqlRow) -> Result<Migration, SqlError> {
     })
 }
 
+/// How long after a workspace left a cell it may move back there (the old
+/// side's cleanup, and its configuration, have caught up by then).
+pub const RETURN_AFTER_MS: i64 = 10 * 60 * 1000;
+
 /// Steps as given by an operator: cumulative percentages, rising, ending at 100.
 pub fn check_steps(steps: &[u8]) -> Result<(), CellsError> {
     let rising = steps.windows(2).all(|w| w[0] < w[1]);
@@ -196,6 +200,22 @@ impl GlobalStore {
                 return Err(CellsError::Invalid { what: "migration", why: format!("workspace {workspace:?} is in cell {target:?} already") })
             }
             Some(_) => {}
+        }
+        // The target must not be a cell whose cleanup of this workspace may still be running: its forget
+        // records would delete the keys this migration brings in.
+        let recent =
+            self.q("SELECT id FROM {p}migrations WHERE workspace = ? AND source_cell = ? AND phase IN ('cleanup', 'done') AND updated_at > ?");
+        let since = now_ms() - RETURN_AFTER_MS;
+        if let Some(prev) = self
+            .read("reading recent migrations", |c| c.query_one(&recent, &[Arg::Text(workspace), Arg::Text(target), Arg::Int(since)], |r| r.text(0)))?
+        {
+            return Err(CellsError::Invalid {
+                what: "migration",
+                why: format!(
+                    "workspace {workspace:?} left cell {target:?} minutes ago ({prev}); it can move back {} minutes after that move ended",
+                    RETURN_AFTER_MS / 60_000
+                ),
+            });
         }
         let id = format!("m{}", &new_token("")[1..17]);
         check_id("migration id", &id)?;
@@ -398,7 +418,9 @@ impl GlobalStore {
         if text.len() > 16 * 1024 {
             return Err(CellsError::Invalid { what: "migration report", why: "at most 16 KiB of JSON".into() });
         }
-        let read = self.q("SELECT progress FROM {p}migrations WHERE id = ?");
+        // Locked (PostgreSQL, MariaDB): the source's, the target's and the driver's reports must not overwrite each other.
+        let lock = if self.dialect() == sluice_sql::Dialect::Sqlite { "" } else { " FOR UPDATE" };
+        let read = self.q(&format!("SELECT progress FROM {{p}}migrations WHERE id = ?{lock}"));
         let write = self.q("UPDATE {p}migrations SET progress = ?, updated_at = ? WHERE id = ?");
         let now = now_ms();
         self.write("recording a migration's progress", |c| {

@@ -479,18 +479,20 @@ impl GlobalStore {
             }
             Some(_) => {}
         }
-        if self.active_migrations()?.iter().any(|m| m.workspace == workspace) {
-            return Err(CellsError::Invalid {
-                what: "override",
-                why: format!("workspace {workspace:?} is being moved: abort or finish the migration first"),
-            });
-        }
         let sql = self.q(&self.dialect.upsert(&format!("{PREFIX}overrides"), &["workspace", "cell", "reason", "created_at"], &["workspace"]));
         let now = now_ms();
-        self.write("setting an override", |c| {
+        // Checked in the write's transaction: a migration starting meanwhile re-checks its source in its own.
+        let moving = self.write("setting an override", |c| {
+            if self.moving(c, workspace)? {
+                return Ok(true);
+            }
             let n = c.execute(&sql, &[Arg::Text(workspace), Arg::Text(cell), Arg::Text(reason), Arg::Int(now)])?;
-            self.bump(c, n)
+            self.bump(c, n)?;
+            Ok(false)
         })?;
+        if moving {
+            return Err(moving_error(workspace));
+        }
         Ok(())
     }
 

@@ -30,6 +30,8 @@ use crate::{body, cell_auth, ok, ApiResult, Shared};
 
 /// How often the driver looks at the migrations in progress.
 pub const DRIVE_EVERY: Duration = Duration::from_millis(100);
+/// How old a source's report may be for the driver to start a cutover on it.
+pub const REPORT_FRESH_MS: i64 = 3_000;
 /// How long an ended migration stays in its cells' task lists (a cell that
 /// lost the workspace keeps it closed until its configuration drops it).
 pub const ENDED_SHOWN: Duration = Duration::from_secs(600);
@@ -222,7 +224,10 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
             Phase::Copying => {
                 let last = m.progress["driver"]["last_cutover_ms"].as_i64().unwrap_or(0);
                 let rested = m.step == 0 || sluice_core::clock::now_ms() - last >= step_interval.as_millis() as i64;
-                let ready = source["snapshot_done"].as_bool() == Some(true)
+                // Reports from before a restart of the source say nothing of its new run: fresh ones only.
+                let fresh = source["at_ms"].as_i64().is_some_and(|at| sluice_core::clock::now_ms() - at < REPORT_FRESH_MS);
+                let ready = fresh
+                    && source["snapshot_done"].as_bool() == Some(true)
                     && as_u64(&source["tail_lag"]).is_some_and(|lag| lag <= CUTOVER_LAG)
                     && target["ready"].as_bool() == Some(true);
                 if ready && rested && !m.paused {

@@ -50,6 +50,8 @@ use crate::agent::CellAgent;
 
 /// How often the task list is read.
 pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How long the drain must look complete before it is reported so.
+const DRAINED_FOR: Duration = Duration::from_secs(3);
 /// Keys per send to the target.
 const KEYS_PER_SEND: usize = 20_000;
 /// Input records read per partition per tail pass.
@@ -72,6 +74,9 @@ pub struct CellParts {
     /// Ingest's spool (a Kafka cell): events it acknowledged may wait there
     /// before they reach `input`; a fence waits until it is empty.
     pub spool: Option<Arc<sluice_ingest::spool::Spool>>,
+    /// The workspace of a source, as this cell's configuration has it now
+    /// (a source added during a move may reach ingest before the task list shows it).
+    pub workspace_of_source: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
     /// Whether the cell still has a source of the workspace (its configuration not yet caught up with a move).
     pub has_workspace: Box<dyn Fn(&str) -> bool + Send + Sync>,
     /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
@@ -97,6 +102,8 @@ pub struct Task {
 /// The source's progress, reported to the control plane.
 #[derive(Debug, Clone, Default, Serialize)]
 struct SourceProgress {
+    /// When this report was made (the driver acts on fresh ones only).
+    at_ms: i64,
     snapshot_done: bool,
     keys_sent: u64,
     /// `input` records past the tail's position (of every workspace).
@@ -127,6 +134,8 @@ struct Book {
     opened: HashMap<String, (usize, BucketSet)>,
     /// Where the drain started: `input` and `output` ends when the source's last step was cut over.
     drain_from: HashMap<String, Vec<(u64, u64)>>,
+    /// Since when the drain has looked complete, without a break.
+    drained_since: HashMap<String, std::time::Instant>,
 }
 
 /// The mover of one cell.
@@ -257,6 +266,14 @@ impl Mover {
             tracing::info!(migration = %t.id, workspace = %t.workspace, role = %t.role, "migration forgotten here");
             self.apply_gate(&t.workspace, None).await?;
         }
+        // Entries no task explains (kept in gate.json by a run before a restart, their migration
+        // long over): the workspace is this cell's whole, or not this cell's at all.
+        let listed: std::collections::HashSet<&str> = tasks.iter().map(|t| t.workspace.as_str()).collect();
+        let leftovers: Vec<String> = self.parts.ingest.gate.entries().into_keys().filter(|w| !listed.contains(w.as_str())).collect();
+        for w in leftovers {
+            tracing::info!(workspace = %w, "a migration gate no migration explains now; removed");
+            self.apply_gate(&w, None).await?;
+        }
         for t in tasks {
             if matches!(t.phase.as_str(), "done" | "aborted") {
                 // The side that keeps the workspace opens it whole; the side that lost it keeps it
@@ -339,8 +356,9 @@ impl Mover {
             }
             _ => {}
         }
-        let st = self.state.lock().expect("mover lock");
-        Ok(serde_json::to_value(st.sources.get(&t.id).cloned().unwrap_or_default()).expect("plain data"))
+        let mut p = self.state.lock().expect("mover lock").sources.get(&t.id).cloned().unwrap_or_default();
+        p.at_ms = sluice_core::clock::now_ms();
+        Ok(serde_json::to_value(p).expect("plain data"))
     }
 
     /// Whether the source has delivered what it holds of the workspace:
@@ -371,7 +389,17 @@ impl Mover {
             caught_up &= dedup >= *i && route >= *o;
         }
         let pending = (self.parts.unfinished_jobs)(&t.workspace);
-        Ok((caught_up && pending == 0, pending))
+        // The job gauges are refreshed about once a second: drained only when every look for
+        // DRAINED_FOR said so (review: a job just inserted could read as none yet).
+        let now = std::time::Instant::now();
+        let mut st = self.state.lock().expect("mover lock");
+        let since = if caught_up && pending == 0 {
+            *st.drained_since.entry(t.id.clone()).or_insert(now)
+        } else {
+            st.drained_since.remove(&t.id);
+            now
+        };
+        Ok((caught_up && pending == 0 && now.duration_since(since) >= DRAINED_FOR, pending))
     }
 
     /// Remove what this cell (the source) holds of a workspace that moved:
@@ -467,12 +495,28 @@ impl Mover {
             return Err("this cell's dedup runs in another process (a Kafka cell's roles): moving a workspace out of it is not built yet".into());
         };
         let log = self.parts.log.clone();
+        if !log.extra_inputs().is_empty() {
+            return Err("this cell's dedup also reads a secondary Kafka cluster's input: moving a workspace out of it is not built yet".into());
+        }
+        // A fresh start: what an earlier run reported says nothing about this one.
+        self.progress(&t.id, |p| {
+            p.snapshot_done = false;
+            p.tail_lag = None;
+        });
         let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
         let sources: Vec<Vec<u8>> = t.sources.iter().map(|s| format!("{s}/").into_bytes()).collect();
-        // 1. Where the tail starts, and dedup past it: the snapshot then holds everything before.
+        // 1. Where `input` ends (E0), and dedup past it. With Kafka, the ids of dedup's last
+        //    transaction may be held in memory until its next one (`resume_point`, read once dedup
+        //    is past E0): the tail starts there, so it carries them. Everything before the tail's
+        //    start is in the index by then, and the snapshot (taken after) holds it.
         let mut pos = Vec::new();
         for p in 0..parts {
-            pos.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
+            let range = log.offsets(INPUT, p).await.map_err(|e| e.to_string())?;
+            // Every partition with events must have its index here (a cell whose dedup is split over processes is not supported yet).
+            if range.end > range.start && !index_dir.join(p.to_string()).join("CURRENT").exists() {
+                return Err(format!("partition {p}'s dedup index is not in this process: moving a workspace out of a cell whose dedup runs in several processes is not built yet"));
+            }
+            pos.push(range.end);
         }
         loop {
             let mut behind = false;
@@ -485,6 +529,11 @@ impl Mover {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (p, at) in pos.iter_mut().enumerate() {
+            if let Some(unconfirmed) = log.resume_point(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())? {
+                *at = (*at).min(unconfirmed);
+            }
         }
         // 2. The snapshot, partition by partition, through a bounded channel to the sender.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(4);
@@ -538,7 +587,9 @@ impl Mover {
                 self.apply_gate(&t.workspace, Some(source_entry(t.moved, t.fenced))).await?;
                 // Acknowledged into the spool counts as acknowledged: those events must reach `input` first.
                 if let Some(spool) = &self.parts.spool {
-                    while spool.undrained().await.map_err(|e| e.to_string())? > 0 {
+                    // Only what was spooled before the gate closed (other workspaces keep spooling meanwhile).
+                    let marks = spool.ends().await.map_err(|e| e.to_string())?;
+                    while !spool.drained_past(&marks).await.map_err(|e| e.to_string())? {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -716,9 +767,20 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
     let mut n = 0u64;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let (key, ms) = line.split_once('\t').unwrap_or((line, ""));
-        let ok = key.split_once('/').filter(|(source, m)| {
-            task.sources.iter().any(|s| s == source) && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control)
-        });
+        let mut known = false;
+        if let Some((source, _)) = key.split_once('/') {
+            known = task.sources.iter().any(|s| s == source) || (mover.parts.workspace_of_source)(source).as_deref() == Some(task.workspace.as_str());
+            if !known && sluice_core::config::valid_id(source) {
+                // A source added during the move that this cell's task list does not show yet: the sender retries.
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "unknown_source",
+                    format!("line {}: source {source:?} is not known here yet; retry", i + 1),
+                )
+                .into_response();
+            }
+        }
+        let ok = key.split_once('/').filter(|(_, m)| known && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control));
         let (Some((_, message_id)), Ok(ms)) = (ok, ms.parse::<u64>()) else {
             return ApiError::bad_request("invalid", format!("line {}: not <source of the workspace>/<messageId>\\t<ms>", i + 1)).into_response();
         };

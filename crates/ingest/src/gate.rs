@@ -3,6 +3,8 @@
 //!
 //! Invariants:
 //! - A workspace without an entry is accepted whole (nothing is moving).
+//! - Each workspace has its own hold: a fence waits only for that
+//!   workspace's requests in flight, and holds up no other workspace's.
 //! - A request is checked and appended under a shared hold of the gate
 //!   ([`BucketGate::admit`] returns the hold; ingest keeps it until the
 //!   request's appends are durable). [`BucketGate::set`] takes the gate
@@ -43,28 +45,29 @@ pub struct RequestBuckets {
 #[derive(Default)]
 pub struct BucketGate {
     entries: RwLock<HashMap<String, GateEntry>>,
-    /// Held shared by requests from check to durable append; alone by [`BucketGate::set`].
-    hold: Arc<AsyncRwLock<()>>,
+    /// Per workspace: held shared by its requests from check to durable
+    /// append, alone by [`BucketGate::set`] (one workspace's fence never
+    /// waits for, or stalls, another's requests). One per workspace that
+    /// sent a request (known sources only reach the gate).
+    holds: std::sync::Mutex<HashMap<String, Arc<AsyncRwLock<()>>>>,
 }
 
 /// A request's shared hold on the gate: keep it until the appends are durable.
-pub struct Admitted(#[allow(dead_code)] Option<OwnedRwLockReadGuard<()>>);
+pub struct Admitted(#[allow(dead_code)] OwnedRwLockReadGuard<()>);
 
 impl BucketGate {
     /// Admit a request of `workspace` holding `events`, or say which buckets were refused.
     pub async fn admit(&self, workspace: &str, events: RequestBuckets) -> Result<Admitted, BucketSet> {
-        // No migration anywhere (the common case): no lock taken.
-        if self.entries.read().expect("gate lock").is_empty() {
-            return Ok(Admitted(None));
-        }
-        let hold = self.hold.clone().read_owned().await;
+        // Always held, migration or not (review: a request admitted without it before the first
+        // entry was set could still be appending when a fence read where `input` ends).
+        let hold = self.hold_of(workspace).read_owned().await;
         let entry = self.entries.read().expect("gate lock").get(workspace).copied();
         match entry {
-            None => Ok(Admitted(Some(hold))),
+            None => Ok(Admitted(hold)),
             Some(e) => {
                 let refused = events.buckets.minus(e.buckets);
                 if refused.is_empty() && (!events.free || e.free) {
-                    Ok(Admitted(Some(hold)))
+                    Ok(Admitted(hold))
                 } else {
                     Err(refused)
                 }
@@ -75,12 +78,21 @@ impl BucketGate {
     /// Set (or with `None` remove) `workspace`'s entry; returns once no
     /// request admitted before is still appending.
     pub async fn set(&self, workspace: &str, entry: Option<GateEntry>) {
-        let _alone = self.hold.write().await;
+        let hold = self.hold_of(workspace);
+        let _alone = hold.write().await;
         let mut entries = self.entries.write().expect("gate lock");
         match entry {
             Some(e) => entries.insert(workspace.to_owned(), e),
             None => entries.remove(workspace),
         };
+    }
+
+    fn hold_of(&self, workspace: &str) -> Arc<AsyncRwLock<()>> {
+        let mut holds = self.holds.lock().expect("gate holds lock");
+        if let Some(h) = holds.get(workspace) {
+            return h.clone();
+        }
+        holds.entry(workspace.to_owned()).or_default().clone()
     }
 
     /// Every entry now.
@@ -98,8 +110,19 @@ mod tests {
     async fn closing_buckets_waits_for_requests_admitted_before() {
         let gate = Arc::new(BucketGate::default());
         let some = RequestBuckets { buckets: BucketSet::first(20), free: false };
-        assert!(gate.admit("w", some).await.is_ok(), "no entry: everything passes");
-        gate.set("w", Some(GateEntry { buckets: BucketSet::first(50), free: true })).await;
+        // Admitted before any entry existed, still appending: the first fence waits for it too.
+        let early = gate.admit("w", some).await.unwrap();
+        let first = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.set("w", Some(GateEntry { buckets: BucketSet::first(50), free: true })).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished(), "the first entry waits for the request admitted before it");
+        // Another workspace is not held up by this one's fence.
+        let other = tokio::time::timeout(Duration::from_secs(1), gate.admit("other", some)).await;
+        assert!(other.is_ok_and(|a| a.is_ok()));
+        drop(early);
+        first.await.unwrap();
         let held = gate.admit("w", some).await.unwrap();
         assert!(gate.admit("other", some).await.is_ok(), "other workspaces pass");
         assert_eq!(

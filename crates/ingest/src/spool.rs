@@ -236,9 +236,25 @@ impl Spool {
         self.try_total_depth().await.unwrap_or(0)
     }
 
-    /// Events acknowledged into the spool and not yet moved to the log.
-    pub async fn undrained(&self) -> Result<u64, LogError> {
-        self.try_total_depth().await
+    /// Where each partition of the spool ends now: what has been spooled so far.
+    pub async fn ends(&self) -> Result<Vec<u64>, LogError> {
+        let mut out = Vec::with_capacity(self.partitions.len());
+        for p in 0..self.partitions.len() as u32 {
+            out.push(self.spool.offsets(SPOOL_TOPIC, p).await?.end);
+        }
+        Ok(out)
+    }
+
+    /// Whether everything spooled before `ends` ([`Spool::ends`]) has been moved to the log.
+    pub async fn drained_past(&self, ends: &[u64]) -> Result<bool, LogError> {
+        for (p, end) in ends.iter().enumerate() {
+            let range = self.spool.offsets(SPOOL_TOPIC, p as u32).await?;
+            let drained = self.spool.committed(DRAIN_GROUP, SPOOL_TOPIC, p as u32).await?.unwrap_or(range.start).max(range.start);
+            if drained < *end {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     async fn try_total_depth(&self) -> Result<u64, LogError> {

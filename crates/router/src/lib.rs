@@ -502,6 +502,7 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
     // requests in a cutover wait, they do not fail.
     let deadline = Instant::now() + router.settings.cutover_wait;
     loop {
+        let version = router.version.load(Ordering::SeqCst);
         let route = router.route(&key).await?;
         let (workspace, cell, ingest_url, split) = match route {
             Route::Unknown => return unknown(true),
@@ -544,16 +545,23 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
                 }
             }
         };
-        match answer {
-            Some(a) if a.status() != StatusCode::MISDIRECTED_REQUEST => return Ok(a),
-            _ if Instant::now() >= deadline => {
-                // Never a 421 to the client: the SDKs drop events on a 4xx. A 503 makes them retry.
-                return Err(unavailable("this workspace is moving between cells; retry", 1));
-            }
-            _ => {
-                router.metrics.cutover_waits.inc();
+        if answer.as_ref().is_some_and(|a| a.status() != StatusCode::MISDIRECTED_REQUEST) {
+            return Ok(answer.expect("checked"));
+        }
+        if Instant::now() >= deadline {
+            // Never a 421 to the client: the SDKs drop events on a 4xx. A 503 makes them retry.
+            return Err(unavailable("this workspace is moving between cells; retry", 1));
+        }
+        router.metrics.cutover_waits.inc();
+        if answer.is_some() {
+            // A cell's 421: this router's answer for the key is stale; ask the store again.
+            tokio::time::sleep(CUTOVER_POLL).await;
+            router.forget(&key);
+        } else {
+            // Fenced: wait for the mapping to change (the cache is emptied then), not the store
+            // once per waiting request (review: a busy workspace's fence exhausted the lookups).
+            while router.version.load(Ordering::SeqCst) == version && Instant::now() < deadline {
                 tokio::time::sleep(CUTOVER_POLL).await;
-                router.forget(&key);
             }
         }
     }

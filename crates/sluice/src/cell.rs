@@ -69,7 +69,7 @@ pub async fn start(
     // Migrations: the gate this cell kept is set before ingest listens.
     let mut routes = None;
     if let Some(ingest) = &admin.ingest {
-        let (registry, catalog, catalog2) = (admin.registry.clone(), admin.catalog.clone(), admin.catalog.clone());
+        let (registry, catalog, catalog2, catalog3) = (admin.registry.clone(), admin.catalog.clone(), admin.catalog.clone(), admin.catalog.clone());
         let parts = sluice_control::mover::CellParts {
             log: admin.log.clone(),
             ingest: ingest.clone(),
@@ -78,6 +78,11 @@ pub async fn start(
             state_dir: config.server.data_dir.join("migrations"),
             spool,
             unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
+            workspace_of_source: Box::new(move |source| {
+                let snap = catalog3.snapshot();
+                let found = snap.sources.iter().find(|(s, _)| s.id == source).map(|(s, _)| s.workspace.clone())?;
+                Some(found.unwrap_or_else(|| sluice_core::config::DEFAULT_WORKSPACE.to_owned()))
+            }),
             has_workspace: Box::new(move |workspace| {
                 catalog2.snapshot().sources.iter().any(|(s, _)| s.workspace.as_deref().unwrap_or(sluice_core::config::DEFAULT_WORKSPACE) == workspace)
             }),

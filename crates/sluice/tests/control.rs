@@ -218,9 +218,11 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     assert!(sink.by_message_id("/acme").values().all(|v| v.len() == 1), "once each");
     assert!(sink.by_message_id("/acme").keys().all(|k| k.starts_with("acme-")), "nothing of another workspace");
 
-    // 2. A key straight to a cell that does not serve its workspace: unknown there.
+    // 2. A key straight to a cell that does not serve its workspace: 421, another cell's (a router
+    //    routes again; an SDK is never told 401 for a valid key), and nothing stored.
     let c2_url = format!("http://{}", c2.as_ref().unwrap().addr);
-    assert_eq!(send(&http, &c2_url, &acme_key, &ids("stray", 1), &[]).0, 401);
+    assert_eq!(send(&http, &c2_url, &acme_key, &ids("stray", 1), &[]).0, 421);
+    assert_eq!(send(&http, &c2_url, "wk_nobody_has_this", &ids("stray", 1), &[]).0, 401, "a key nobody has is still 401");
     // A request a router meant for another cell is refused, not stored.
     let c1_url = format!("http://{}", c1.addr);
     assert_eq!(send(&http, &c1_url, &acme_key, &ids("misrouted", 1), &[("x-sluice-cell", "c2")]).0, 421);
