@@ -261,7 +261,11 @@ impl Mover {
             }
             ended
         };
-        for t in ended {
+        // A workspace may have an ended migration and a new one listed (moved here, then on):
+        // only the one in progress decides its gate.
+        let moving: std::collections::HashSet<String> =
+            tasks.iter().filter(|t| !matches!(t.phase.as_str(), "done" | "aborted")).map(|t| t.workspace.clone()).collect();
+        for t in ended.into_iter().filter(|t| !moving.contains(&t.workspace)) {
             // Gone from the list minutes after it ended: the configuration caught up long ago.
             tracing::info!(migration = %t.id, workspace = %t.workspace, role = %t.role, "migration forgotten here");
             self.apply_gate(&t.workspace, None).await?;
@@ -276,6 +280,9 @@ impl Mover {
         }
         for t in tasks {
             if matches!(t.phase.as_str(), "done" | "aborted") {
+                if moving.contains(&t.workspace) {
+                    continue;
+                }
                 // The side that keeps the workspace opens it whole; the side that lost it keeps it
                 // closed (421: routers route again) until its configuration no longer has it
                 // (red team: removing the gate at once let the old side accept events meanwhile).
