@@ -877,5 +877,38 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let router_metrics = http.get(format!("http://{}/metrics", router.admin)).send().unwrap().text().unwrap();
     let split = router_metrics.lines().find_map(|l| l.strip_prefix("sluice_router_split_batches_total ")).and_then(|v| v.trim().parse::<f64>().ok());
     assert!(split.unwrap_or(0.0) > 0.0, "batches spanning both cells were split: {split:?}");
-    drop(c2);
+
+    // Phase 3, a chained move: "mover" came to c2 minutes ago (c2 lists that ended migration as
+    // its target) and moves on to a third cell, under traffic, resends included.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c3 = start_cell(&api, dir_c.path(), "c3");
+    assert_eq!(
+        api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c1"}))).0,
+        400,
+        "not straight back into c1 (it cleaned the workspace up minutes ago)"
+    );
+    let before: std::collections::BTreeSet<String> = sink.by_message_id("/mover").into_keys().collect();
+    let traffic = Traffic::start(&router_url, &key, "chain");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c3", "steps": [50, 100]})));
+    assert_eq!(status, 201, "{m}");
+    let id3 = m["id"].as_str().unwrap().to_owned();
+    wait_phase(&api, &id3, "done", Duration::from_secs(120));
+    let (acked, cells) = traffic.finish();
+    assert!(cells.get("c3").copied().unwrap_or(0) > 0, "{cells:?}");
+    let mut want = before;
+    want.extend(acked);
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id("/mover")).filter(|d| want.iter().all(|id| d.contains_key(id))),
+        || format!("{} acknowledged events of mover delivered", want.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = sink.by_message_id("/mover");
+    let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (k, v.len())).collect();
+    assert!(twice.is_empty(), "delivered more than once after the chained move: {twice:?}");
+    assert_eq!(got.len(), want.len());
+    // Straight to c2 now: another cell's, 421.
+    assert_eq!(send(&http, &format!("http://{}", c2.addr), &key, &ids("stray2", 1), &[]).0, 421);
+    drop((c2, c3));
 }
