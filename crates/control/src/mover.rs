@@ -136,6 +136,8 @@ struct Book {
     drain_from: HashMap<String, Vec<(u64, u64)>>,
     /// Since when the drain has looked complete, without a break.
     drained_since: HashMap<String, std::time::Instant>,
+    /// Cleanups running (source role).
+    cleanups: HashMap<String, tokio::task::JoinHandle<()>>,
 }
 
 /// The mover of one cell.
@@ -252,6 +254,8 @@ impl Mover {
                 st.sources.remove(&t.id);
                 st.targets.remove(&t.id);
                 st.drain_from.remove(&t.id);
+                st.drained_since.remove(&t.id);
+                st.cleanups.remove(&t.id);
                 if let Some((_, h)) = st.exporters.remove(&t.id) {
                     h.abort();
                 }
@@ -354,11 +358,22 @@ impl Mover {
                     p.cleanup["done"] == true
                 };
                 if t.phase == "cleanup" && drained.0 && !cleaned {
-                    let report = match self.clean_up(t).await {
-                        Ok(r) => r,
-                        Err(e) => json!({ "done": false, "error": e }),
-                    };
-                    self.progress(&t.id, |p| p.cleanup = report);
+                    // On a task of its own: counting and waiting for dedup must not hold up this
+                    // cell's other migrations (review). One at a time per migration.
+                    let mut st = self.state.lock().expect("mover lock");
+                    if st.cleanups.get(&t.id).is_none_or(|h| h.is_finished()) {
+                        let (mover, task) = (self.clone(), t.clone());
+                        st.cleanups.insert(
+                            t.id.clone(),
+                            tokio::spawn(async move {
+                                let report = match mover.clean_up(&task).await {
+                                    Ok(r) => r,
+                                    Err(e) => json!({ "done": false, "error": e }),
+                                };
+                                mover.progress(&task.id, |p| p.cleanup = report);
+                            }),
+                        );
+                    }
                 }
             }
             _ => {}
