@@ -371,7 +371,13 @@ impl GlobalStore {
                     m.moved.len()
                 ))
             }
-            Phase::Cutover => return refuse("a cutover is under way (seconds): abort once it has finished".into()),
+            Phase::Cutover => {
+                return refuse(
+                    "a cutover is under way: it ends once the target has opened the step (it waits for a target that is down); \
+                     pause to start no further step"
+                        .into(),
+                )
+            }
             Phase::Done | Phase::Aborted => return refuse(format!("the migration is {} already", m.phase.as_str())),
         }
         if self.end(id, "copying", Phase::Aborted)? {

@@ -462,7 +462,14 @@ async fn accept(ingest: &Arc<Ingest>, call: Call, headers: &HeaderMap, body: Bod
         ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             "moved",
-            format!("workspace {:?} is moving between cells and buckets {refused} are not this cell's now; route again", source.workspace),
+            if refused.is_empty() {
+                format!(
+                    "workspace {:?} is moving between cells and its events without a messageId are not this cell's now; route again",
+                    source.workspace
+                )
+            } else {
+                format!("workspace {:?} is moving between cells and buckets {refused} are not this cell's now; route again", source.workspace)
+            },
         )
     })?;
     let appends = by_partition.into_iter().map(|(p, recs)| ingest.log.append(INPUT_TOPIC, p, recs));

@@ -536,11 +536,16 @@ async fn forward(router: &CellRouter, call: &str, kind: Call, headers: HeaderMap
                     SplitPlan::Parts { source, target: to_target } => {
                         let url = target()?;
                         router.metrics.split_batches.inc();
-                        let (a, b) = tokio::join!(
-                            send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false),
-                            send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false),
-                        );
-                        Some(combine(a?, b?))
+                        // The target's part first: while the target is down the source's part is not
+                        // stored again with every retry of the client (red team: events without a
+                        // messageId were stored once per retry).
+                        let b = send(router, &workspace, &split.target_cell, &url, call, &headers, reqwest::Body::from(to_target), false).await?;
+                        if !b.status().is_success() && b.status() != StatusCode::BAD_REQUEST {
+                            Some(b)
+                        } else {
+                            let a = send(router, &workspace, &cell, &ingest_url, call, &headers, reqwest::Body::from(source), false).await?;
+                            Some(combine(a, b))
+                        }
                     }
                 }
             }
