@@ -588,15 +588,7 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     assert!(cells.contains_key("c1") && cells.contains_key("c3"), "traffic on both sides: {cells:?}");
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
     want.extend((0..per_workspace).map(|n| format!("{mover_ws}-{n}")));
-    wait_for(
-        Duration::from_secs(60),
-        || Some(sink.by_message_id(&format!("/{mover_ws}"))).filter(|d| want.iter().all(|id| d.contains_key(id))),
-        || format!("{} acknowledged events of {mover_ws} delivered", want.len()),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let got = sink.by_message_id(&format!("/{mover_ws}"));
-    assert!(got.values().all(|v| v.len() == 1), "once each across the move");
-    assert_eq!(got.len(), want.len(), "nothing that was not acknowledged");
+    delivered_once(&sink, &format!("/{mover_ws}"), &want);
 
     // 6. Stop one cell: only its workspaces get 503; the others see no error.
     let on = |cell: &str| (0..50).find(|i| placements.get(&format!("ws{i:02}")).map(String::as_str) == Some(cell)).unwrap();
@@ -709,6 +701,21 @@ impl Traffic {
     }
 }
 
+/// Every id in `want` delivered at `path`, each once, and nothing else (a moment
+/// after the last arrived, for late repeats).
+fn delivered_once(sink: &TestSink, path: &str, want: &std::collections::BTreeSet<String>) {
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id(path)).filter(|d| want.iter().all(|id| d.contains_key(id))),
+        || format!("{} acknowledged events delivered at {path}", want.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = sink.by_message_id(path);
+    let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (k, v.len())).collect();
+    assert!(twice.is_empty(), "{path}: delivered more than once: {twice:?}");
+    assert_eq!(got.len(), want.len(), "{path}: nothing delivered that was not acknowledged");
+}
+
 fn migration(api: &Api, id: &str) -> Value {
     api.ok("GET", &format!("/api/migrations/{id}"), None)
 }
@@ -800,16 +807,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
     want.extend(ids("pre", 200));
     want.extend(race.iter().cloned());
-    wait_for(
-        Duration::from_secs(60),
-        || Some(sink.by_message_id("/mover")).filter(|d| want.iter().all(|id| d.contains_key(id))),
-        || format!("{} acknowledged events delivered", want.len()),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let delivered = sink.by_message_id("/mover").into_iter().map(|(k, v)| (k, v.len())).collect::<HashMap<_, _>>();
-    let twice: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
-    assert_eq!(delivered.len(), want.len(), "nothing delivered that was not acknowledged");
+    delivered_once(&sink, "/mover", &want);
     // The other workspace was not disturbed.
     assert_eq!(sink.by_message_id("/stays").len(), 10);
 
@@ -864,16 +862,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert!(cells.get("c1").copied().unwrap_or(0) > 0 && cells.get("c2").copied().unwrap_or(0) > 0, "{cells:?}");
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
     want.extend(ids("other", 10));
-    wait_for(
-        Duration::from_secs(60),
-        || Some(sink.by_message_id("/stays")).filter(|d| want.iter().all(|id| d.contains_key(id))),
-        || format!("{} acknowledged events of stays delivered", want.len()),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let delivered = sink.by_message_id("/stays");
-    let twice: Vec<_> = delivered.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (k, v.len())).collect();
-    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
-    assert_eq!(delivered.len(), want.len());
+    delivered_once(&sink, "/stays", &want);
     let router_metrics = http.get(format!("http://{}/metrics", router.admin)).send().unwrap().text().unwrap();
     let split = router_metrics.lines().find_map(|l| l.strip_prefix("sluice_router_split_batches_total ")).and_then(|v| v.trim().parse::<f64>().ok());
     assert!(split.unwrap_or(0.0) > 0.0, "batches spanning both cells were split: {split:?}");
@@ -898,16 +887,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert!(cells.get("c3").copied().unwrap_or(0) > 0, "{cells:?}");
     let mut want = before;
     want.extend(acked);
-    wait_for(
-        Duration::from_secs(60),
-        || Some(sink.by_message_id("/mover")).filter(|d| want.iter().all(|id| d.contains_key(id))),
-        || format!("{} acknowledged events of mover delivered", want.len()),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let got = sink.by_message_id("/mover");
-    let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (k, v.len())).collect();
-    assert!(twice.is_empty(), "delivered more than once after the chained move: {twice:?}");
-    assert_eq!(got.len(), want.len());
+    delivered_once(&sink, "/mover", &want);
     // Straight to c2 now: another cell's, 421.
     assert_eq!(send(&http, &format!("http://{}", c2.addr), &key, &ids("stray2", 1), &[]).0, 421);
     drop((c2, c3));
