@@ -49,15 +49,8 @@ pub enum BenchCommand {
 
 #[derive(Args, Clone)]
 pub struct IngestBench {
-    /// Measured seconds per phase (after the warm-up).
-    #[arg(long, default_value_t = 10)]
-    pub(crate) seconds: u64,
-    /// Warm-up seconds per phase, not measured.
-    #[arg(long, default_value_t = 2)]
-    pub(crate) warmup: u64,
-    /// Keep-alive connections.
-    #[arg(long, default_value_t = 32)]
-    pub(crate) connections: usize,
+    #[command(flatten)]
+    pub(crate) load: LoadArgs,
     #[arg(long, default_value_t = 100)]
     pub(crate) batch_size: usize,
     /// Approximate size of one event's JSON.
@@ -79,8 +72,8 @@ pub struct IngestBench {
 
 pub(crate) const WRITE_KEY: &str = "wk_bench";
 
-/// The load of the benchmarks that aim `bench ingest`'s load at real
-/// processes (`bench hostile`, `bench router`).
+/// How long and how wide a load runs: `bench ingest`'s, and that of the
+/// benchmarks that aim it at real processes (`bench hostile`, `bench router`).
 #[derive(Args, Clone)]
 pub struct LoadArgs {
     /// Measured seconds per phase (after the warm-up).
@@ -89,7 +82,7 @@ pub struct LoadArgs {
     /// Warm-up seconds per phase, not measured.
     #[arg(long, default_value_t = 2)]
     pub(crate) warmup: u64,
-    /// Keep-alive connections of the (legitimate) load.
+    /// Keep-alive connections (of the legitimate load, under `bench hostile`).
     #[arg(long, default_value_t = 32)]
     pub(crate) connections: usize,
 }
@@ -97,8 +90,7 @@ pub struct LoadArgs {
 impl LoadArgs {
     /// `bench ingest`'s load with its defaults (batches of 100 events of ~300 bytes).
     pub(crate) fn standard(&self) -> IngestBench {
-        let (seconds, warmup, connections) = (self.seconds, self.warmup, self.connections);
-        IngestBench { seconds, warmup, connections, batch_size: 100, event_bytes: 300, partitions: 8, data_dir: None, no_fsync: false, target: None }
+        IngestBench { load: self.clone(), batch_size: 100, event_bytes: 300, partitions: 8, data_dir: None, no_fsync: false, target: None }
     }
 }
 
@@ -146,7 +138,7 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
     println!("{}", machine_description());
     println!(
         "workload: {} connections, batches of {} events of ~{} bytes ({} bytes per request), {}s measured after {}s warm-up",
-        args.connections, args.batch_size, args.event_bytes, body_bytes, args.seconds, args.warmup
+        args.load.connections, args.batch_size, args.event_bytes, body_bytes, args.load.seconds, args.load.warmup
     );
 
     let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("server").build()?;
@@ -211,7 +203,7 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
     println!(
         "floor server read {:.0} MB of request bodies (warm-up included): {:.0} MB/s",
         floor_read as f64 / 1e6,
-        floor_read as f64 / 1e6 / (args.seconds + args.warmup) as f64
+        floor_read as f64 / 1e6 / (args.load.seconds + args.load.warmup) as f64
     );
     println!(
         "RESULT bench=ingest events_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} floor_events_per_sec={:.0} ratio={:.3} fsync={}",
@@ -286,14 +278,14 @@ fn phase(
 /// Drive `addr` with keep-alive connections for warm-up + measured time.
 pub(crate) async fn load(addr: std::net::SocketAddr, args: &IngestBench, bodies: &Arc<Vec<Bytes>>) -> Result<Stats> {
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:")));
-    let warmup = Duration::from_secs(args.warmup);
-    let measured = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.load.warmup);
+    let measured = Duration::from_secs(args.load.seconds);
     {
         let start = Instant::now();
         let measure_from = start + warmup;
         let deadline = measure_from + measured;
         let mut tasks = Vec::new();
-        for c in 0..args.connections {
+        for c in 0..args.load.connections {
             let bodies = Arc::clone(bodies);
             let auth = auth.clone();
             let batch = args.batch_size as u64;
