@@ -27,6 +27,17 @@ use crate::schema::PREFIX;
 use crate::store::key_hash;
 use crate::{CellsError, GlobalStore};
 
+/// Where a write key's workspace is served, from one cell's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlace {
+    /// By this cell (or it is the target of the workspace's move).
+    Here,
+    /// By another cell (a workspace that moved away; a stale router).
+    Elsewhere,
+    /// By nobody: no such key, a disabled or removed workspace, or one not placed yet.
+    Unknown,
+}
+
 /// A random secret: `<prefix>_` and 48 hex digits (a write key, a cell token).
 pub fn new_token(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(rand::random::<[u8; 24]>()))
@@ -225,10 +236,21 @@ impl GlobalStore {
 
     /// Whether the key with SHA-256 `hash` belongs to an enabled workspace served by `cell`.
     pub fn key_served_by(&self, cell: &str, hash: &[u8; 32]) -> Result<bool, CellsError> {
-        Ok(self.route_hash(hash)?.is_some_and(|r| {
-            let by_this = r.served.is_some_and(|(placed, _)| placed.cell == cell) || r.split.is_some_and(|s| s.target_cell == cell);
-            r.workspace.is_some_and(|w| !w.disabled) && by_this
-        }))
+        Ok(self.key_place(cell, hash)? == KeyPlace::Here)
+    }
+
+    /// Where the key with SHA-256 `hash` is served, as `cell` asks about it (one read).
+    pub fn key_place(&self, cell: &str, hash: &[u8; 32]) -> Result<KeyPlace, CellsError> {
+        let Some(r) = self.route_hash(hash)? else { return Ok(KeyPlace::Unknown) };
+        if !r.workspace.is_some_and(|w| !w.disabled) {
+            return Ok(KeyPlace::Unknown);
+        }
+        let by_this = r.served.as_ref().is_some_and(|(placed, _)| placed.cell == cell) || r.split.is_some_and(|s| s.target_cell == cell);
+        Ok(match (by_this, r.served.is_some()) {
+            (true, _) => KeyPlace::Here,
+            (false, true) => KeyPlace::Elsewhere,
+            (false, false) => KeyPlace::Unknown,
+        })
     }
 
     // ---- cell tokens ----

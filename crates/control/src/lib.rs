@@ -39,7 +39,7 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluice_cells::feed::new_token;
+use sluice_cells::feed::{new_token, KeyPlace};
 use sluice_cells::{Cell, CellState, CellsError, GlobalStore, PoolError, StorePool, Tier, UsageRow, Workspace};
 use sluice_core::config::{HttpUrl, TierThresholds};
 use sluice_core::metrics::{Counter, Family, Gauge, Registry};
@@ -559,22 +559,12 @@ async fn cell_key(State(cp): State<Shared>, Path((id, hash)): Path<(String, Stri
     cell_auth(&cp, &id, &headers).await?;
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(&hash, &mut bytes).map_err(|_| ApiError::bad_request("invalid", "a key hash is 64 hex digits"))?;
-    let (here, elsewhere) = cp
-        .store(move |s| {
-            if s.key_served_by(&id, &bytes)? {
-                return Ok((true, false));
-            }
-            // Another cell's (a workspace moved away, a stale router): said apart from unknown, so the cell answers 421, not 401.
-            let route = s.route_hash(&bytes)?;
-            Ok((false, route.is_some_and(|r| r.workspace.is_some_and(|w| !w.disabled) && r.served.is_some())))
-        })
-        .await?;
-    if here {
-        ok(json!({ "served": true }))
-    } else if elsewhere {
-        Err(ApiError::new(StatusCode::CONFLICT, "elsewhere", "another cell serves that key's workspace"))
-    } else {
-        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no workspace this cell serves has that key"))
+    // Another cell's key (a workspace moved away, a stale router) is said apart from an unknown one,
+    // so the cell answers 421, not 401.
+    match cp.store(move |s| s.key_place(&id, &bytes)).await? {
+        KeyPlace::Here => ok(json!({ "served": true })),
+        KeyPlace::Elsewhere => Err(ApiError::new(StatusCode::CONFLICT, "elsewhere", "another cell serves that key's workspace")),
+        KeyPlace::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no workspace this cell serves has that key")),
     }
 }
 
