@@ -242,7 +242,7 @@ impl GlobalStore {
     /// Where the key with SHA-256 `hash` is served, as `cell` asks about it (one read).
     pub fn key_place(&self, cell: &str, hash: &[u8; 32]) -> Result<KeyPlace, CellsError> {
         let Some(r) = self.route_hash(hash)? else { return Ok(KeyPlace::Unknown) };
-        if !r.workspace.is_some_and(|w| !w.disabled) {
+        if r.workspace.is_none_or(|w| w.disabled) {
             return Ok(KeyPlace::Unknown);
         }
         let by_this = r.served.as_ref().is_some_and(|(placed, _)| placed.cell == cell) || r.split.is_some_and(|s| s.target_cell == cell);

@@ -210,10 +210,6 @@ pub fn spawn_driver(cp: Shared, step_interval: Duration, stop: Shutdown) -> toki
     })
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
-    v.as_u64()
-}
-
 /// One look at every migration in progress.
 async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
     let active = cp.store(|s| s.active_migrations()).await?;
@@ -228,7 +224,7 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
                 let fresh = source["at_ms"].as_i64().is_some_and(|at| sluice_core::clock::now_ms() - at < REPORT_FRESH_MS);
                 let ready = fresh
                     && source["snapshot_done"].as_bool() == Some(true)
-                    && as_u64(&source["tail_lag"]).is_some_and(|lag| lag <= CUTOVER_LAG)
+                    && source["tail_lag"].as_u64().is_some_and(|lag| lag <= CUTOVER_LAG)
                     && target["ready"].as_bool() == Some(true);
                 if ready && rested && !m.paused {
                     let step = m.step;
@@ -238,7 +234,7 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
                 }
             }
             Phase::Cutover => {
-                if as_u64(&source["cutover_done_step"]) == Some(m.step as u64) {
+                if source["cutover_done_step"].as_u64() == Some(m.step as u64) {
                     let step = m.step;
                     let now = sluice_core::clock::now_ms();
                     let done = cp

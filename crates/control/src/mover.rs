@@ -37,7 +37,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sluice_core::bucket::{free_side, Side};
-use sluice_core::topics::{DEDUP_GROUP, FORGET_RECORD, INPUT, KEY_RECORD};
+use sluice_core::topics::{DEDUP_GROUP, FORGET_RECORD, INPUT, KEY_RECORD, OUTPUT, ROUTE_GROUP};
 use sluice_core::{bucket_for, partition_for, BucketSet, Shutdown};
 use sluice_ingest::gate::GateEntry;
 use sluice_ingest::request::ApiError;
@@ -132,8 +132,8 @@ struct Book {
     targets: HashMap<String, TargetProgress>,
     /// Buckets the target opened ahead of the store (a step its source finished): migration → (step, buckets).
     opened: HashMap<String, (usize, BucketSet)>,
-    /// Where the drain started: `input` and `output` ends when the source's last step was cut over.
-    drain_from: HashMap<String, Vec<(u64, u64)>>,
+    /// Where the drain started: `input`'s and `output`'s ends when the source's last step was cut over.
+    drain_from: HashMap<String, (Vec<u64>, Vec<u64>)>,
     /// Since when the drain has looked complete, without a break.
     drained_since: HashMap<String, std::time::Instant>,
     /// Cleanups running (source role).
@@ -159,9 +159,9 @@ struct GateFile {
 impl Mover {
     /// The mover, with the gate its file kept (set before ingest serves).
     pub async fn new(agent: Arc<CellAgent>, parts: CellParts) -> Result<Arc<Mover>, String> {
-        std::fs::create_dir_all(&parts.state_dir).map_err(|e| format!("{}: {e}", parts.state_dir.display()))?;
+        tokio::fs::create_dir_all(&parts.state_dir).await.map_err(|e| format!("{}: {e}", parts.state_dir.display()))?;
         let file = parts.state_dir.join("gate.json");
-        match std::fs::read(&file) {
+        match tokio::fs::read(&file).await {
             Ok(bytes) => {
                 let kept: GateFile = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
                 for (workspace, (buckets, free)) in kept.entries {
@@ -388,28 +388,16 @@ impl Mover {
     /// when the drain began, and no job of its destinations is unfinished.
     async fn drained(&self, t: &Task) -> Result<(bool, u64), String> {
         let log = &self.parts.log;
-        let parts = log.partitions(INPUT).map_err(|e| e.to_string())?;
         let known = self.state.lock().expect("mover lock").drain_from.get(&t.id).cloned();
-        let from = match known {
+        let (input, output) = match known {
             Some(f) => f,
             None => {
-                let mut ends = Vec::new();
-                for p in 0..parts {
-                    let i = log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end;
-                    let o = log.offsets(sluice_core::topics::OUTPUT, p).await.map_err(|e| e.to_string())?.end;
-                    ends.push((i, o));
-                }
+                let ends = (topic_ends(log.as_ref(), INPUT).await?, topic_ends(log.as_ref(), OUTPUT).await?);
                 self.state.lock().expect("mover lock").drain_from.insert(t.id.clone(), ends.clone());
                 ends
             }
         };
-        let mut caught_up = true;
-        for (p, (i, o)) in from.iter().enumerate() {
-            let dedup = log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0);
-            let route =
-                log.committed(sluice_core::topics::ROUTE_GROUP, sluice_core::topics::OUTPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0);
-            caught_up &= dedup >= *i && route >= *o;
-        }
+        let caught_up = read_past(log.as_ref(), DEDUP_GROUP, INPUT, &input).await? && read_past(log.as_ref(), ROUTE_GROUP, OUTPUT, &output).await?;
         let pending = (self.parts.unfinished_jobs)(&t.workspace);
         // The job gauges are refreshed about once a second: drained only when every look for
         // DRAINED_FOR said so (review: a job just inserted could read as none yet).
@@ -449,23 +437,15 @@ impl Mover {
             }
             None => 0,
         };
-        let mut ends = Vec::new();
         for p in 0..parts {
             let forget: Vec<Record> =
                 prefixes.iter().map(|k| Record { key: Bytes::from(k.clone()), value: Bytes::from_static(FORGET_RECORD) }).collect();
             log.append(INPUT, p, forget).await.map_err(|e| e.to_string())?;
-            ends.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
         }
         // Done when dedup has read past them on every partition.
+        let ends = topic_ends(log.as_ref(), INPUT).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let mut behind = false;
-            for (p, end) in ends.iter().enumerate() {
-                behind |= log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?.unwrap_or(0) < *end;
-            }
-            if !behind {
-                break;
-            }
+        while !read_past(log.as_ref(), DEDUP_GROUP, INPUT, &ends).await? {
             if tokio::time::Instant::now() > deadline {
                 return Err("dedup has not read the forget records within 2 minutes".into());
             }
@@ -535,21 +515,13 @@ impl Mover {
         for p in 0..parts {
             let range = log.offsets(INPUT, p).await.map_err(|e| e.to_string())?;
             // Every partition with events must have its index here (a cell whose dedup is split over processes is not supported yet).
-            if range.end > range.start && !index_dir.join(p.to_string()).join("CURRENT").exists() {
+            let here = tokio::fs::try_exists(index_dir.join(p.to_string()).join("CURRENT")).await.unwrap_or(false);
+            if range.end > range.start && !here {
                 return Err(format!("partition {p}'s dedup index is not in this process: moving a workspace out of a cell whose dedup runs in several processes is not built yet"));
             }
             pos.push(range.end);
         }
-        loop {
-            let mut behind = false;
-            for (p, end) in pos.iter().enumerate() {
-                let done = log.committed(DEDUP_GROUP, INPUT, p as u32).await.map_err(|e| e.to_string())?;
-                let start = log.offsets(INPUT, p as u32).await.map_err(|e| e.to_string())?.start;
-                behind |= done.unwrap_or(start) < *end;
-            }
-            if !behind {
-                break;
-            }
+        while !read_past(log.as_ref(), DEDUP_GROUP, INPUT, &pos).await? {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for (p, at) in pos.iter_mut().enumerate() {
@@ -615,10 +587,7 @@ impl Mover {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                let mut ends = Vec::new();
-                for p in 0..parts {
-                    ends.push(log.offsets(INPUT, p).await.map_err(|e| e.to_string())?.end);
-                }
+                let ends = topic_ends(log.as_ref(), INPUT).await?;
                 while pos.iter().zip(&ends).any(|(at, end)| at < end) {
                     self.tail(&t, &mut pos).await?;
                 }
@@ -762,6 +731,30 @@ impl Mover {
             .route("/cell/migrations/{id}/open", post(open_step))
             .with_state(self.clone())
     }
+}
+
+/// Where each partition of `topic` ends now.
+async fn topic_ends(log: &dyn Log, topic: &str) -> Result<Vec<u64>, String> {
+    let mut ends = Vec::new();
+    for p in 0..log.partitions(topic).map_err(|e| e.to_string())? {
+        ends.push(log.offsets(topic, p).await.map_err(|e| e.to_string())?.end);
+    }
+    Ok(ends)
+}
+
+/// Whether `group` has read every partition of `topic` up to `ends` (a
+/// partition it never committed counts from its start).
+async fn read_past(log: &dyn Log, group: &str, topic: &str, ends: &[u64]) -> Result<bool, String> {
+    for (p, end) in ends.iter().enumerate() {
+        let at = match log.committed(group, topic, p as u32).await.map_err(|e| e.to_string())? {
+            Some(c) => c,
+            None => log.offsets(topic, p as u32).await.map_err(|e| e.to_string())?.start,
+        };
+        if at < *end {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The source's gate: what is neither moved nor fenced.
