@@ -54,14 +54,7 @@ pub async fn start(
     }
     let stop = Shutdown::new();
     let catalog = admin.catalog.clone();
-    let workspace_of: sluice_control::agent::WorkspaceOf = Box::new(move |kind, id| {
-        let snap = catalog.snapshot();
-        let ws = match kind {
-            "source" => snap.sources.iter().find(|(s, _)| s.id == id).map(|(s, _)| s.workspace.clone()),
-            _ => snap.destinations.get(id).map(|d| d.workspace.clone()),
-        }?;
-        Some(ws.unwrap_or_else(|| "default".to_owned()))
-    });
+    let workspace_of: sluice_control::agent::WorkspaceOf = Box::new(move |kind, id| catalog_workspace(&catalog, kind, id));
     let mut tasks = vec![
         agent.spawn_sync(c.poll_interval, stop.clone()),
         agent.spawn_reporter(admin.registry.clone(), workspace_of, config.server.data_dir.join("usage-outbox"), c.report_interval, stop.clone()),
@@ -69,7 +62,8 @@ pub async fn start(
     // Migrations: the gate this cell kept is set before ingest listens.
     let mut routes = None;
     if let Some(ingest) = &admin.ingest {
-        let (registry, catalog, catalog2, catalog3) = (admin.registry.clone(), admin.catalog.clone(), admin.catalog.clone(), admin.catalog.clone());
+        let (registry, catalog) = (admin.registry.clone(), admin.catalog.clone());
+        let (of_source, has) = (admin.catalog.clone(), admin.catalog.clone());
         let parts = sluice_control::mover::CellParts {
             log: admin.log.clone(),
             ingest: ingest.clone(),
@@ -78,14 +72,8 @@ pub async fn start(
             state_dir: config.server.data_dir.join("migrations"),
             spool,
             unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
-            workspace_of_source: Box::new(move |source| {
-                let snap = catalog3.snapshot();
-                let found = snap.sources.iter().find(|(s, _)| s.id == source).map(|(s, _)| s.workspace.clone())?;
-                Some(found.unwrap_or_else(|| sluice_core::config::DEFAULT_WORKSPACE.to_owned()))
-            }),
-            has_workspace: Box::new(move |workspace| {
-                catalog2.snapshot().sources.iter().any(|(s, _)| s.workspace.as_deref().unwrap_or(sluice_core::config::DEFAULT_WORKSPACE) == workspace)
-            }),
+            workspace_of_source: Box::new(move |source| catalog_workspace(&of_source, "source", source)),
+            has_workspace: Box::new(move |workspace| has.snapshot().sources.iter().any(|(s, _)| workspace_name(&s.workspace) == workspace)),
         };
         let mover = sluice_control::mover::Mover::new(agent.clone(), parts)
             .await
@@ -98,11 +86,25 @@ pub async fn start(
     Ok(Some(CellLink { stop, tasks, routes }))
 }
 
+/// A source's or destination's workspace as its config names it (none: the default one).
+fn workspace_name(workspace: &Option<String>) -> &str {
+    workspace.as_deref().unwrap_or(sluice_core::config::DEFAULT_WORKSPACE)
+}
+
+/// The workspace of source (`kind` "source") or destination `id` in the catalog now.
+fn catalog_workspace(catalog: &sluice_deliver::Catalog, kind: &str, id: &str) -> Option<String> {
+    let snap = catalog.snapshot();
+    let ws = match kind {
+        "source" => snap.sources.iter().find(|(s, _)| s.id == id).map(|(s, _)| workspace_name(&s.workspace).to_owned()),
+        _ => snap.destinations.get(id).map(|d| workspace_name(&d.workspace).to_owned()),
+    };
+    ws
+}
+
 /// Unfinished jobs (in memory and spilled) of `workspace`'s destinations, from this process's metrics.
 fn unfinished_jobs(registry: &Registry, catalog: &sluice_deliver::Catalog, workspace: &str) -> u64 {
     let snap = catalog.snapshot();
-    let ours =
-        |d: &str| snap.destinations.get(d).is_some_and(|d| d.workspace.as_deref().unwrap_or(sluice_core::config::DEFAULT_WORKSPACE) == workspace);
+    let ours = |d: &str| snap.destinations.get(d).is_some_and(|d| workspace_name(&d.workspace) == workspace);
     sluice_core::metrics::parse_text(&sluice_core::metrics::render(registry))
         .iter()
         .filter(|s| matches!(s.name.as_str(), "sluice_deliver_pending" | "sluice_deliver_spilled"))
