@@ -4,7 +4,8 @@
 //
 // Usage: node node_cells.mjs HOST COUNT KEY=PREFIX [KEY=PREFIX ...]
 // Prints one JSON object per event ({"messageId", "key"}); exits non-zero if
-// any client reported an error.
+// any client reported an error. SLUICE_SDK_PACE_MS (default 0) spaces the
+// events out, so a run can span a migration's cutover.
 import { createRequire } from 'node:module'
 import path from 'node:path'
 
@@ -13,6 +14,7 @@ const { Analytics } = require('@segment/analytics-node')
 
 const [host, countArg, ...pairs] = process.argv.slice(2)
 const count = Number(countArg)
+const pace = Number(process.env.SLUICE_SDK_PACE_MS ?? 0)
 const errors = []
 const clients = []
 const sent = []
@@ -25,6 +27,7 @@ for (const pair of pairs) {
     const messageId = `${prefix}-${i}`
     analytics.track({ userId: `user-${i}`, event: 'Cell Test', properties: { i }, messageId })
     sent.push({ messageId, key: writeKey })
+    if (pace) await new Promise((resolve) => setTimeout(resolve, pace))
   }
 }
 await Promise.all(clients.map((c) => c.closeAndFlush({ timeout: 60000 })))

@@ -417,7 +417,7 @@ impl GlobalStore {
     /// Record what `role` (`"source"`, `"target"`, `"driver"`) reports of a
     /// migration: `progress[role] = report` (bounded: 16 KiB of JSON).
     pub fn report_migration(&self, id: &str, role: &str, report: &serde_json::Value) -> Result<bool, CellsError> {
-        if !matches!(role, "source" | "target" | "driver") {
+        if !matches!(role, "source" | "target" | "driver" | "settings") {
             return Err(CellsError::Invalid { what: "migration report", why: format!("role {role:?}") });
         }
         let text = report.to_string();

@@ -28,6 +28,13 @@
 //!   workspaces stay where they are.
 //! - A cell that cannot be read keeps its state (a scrape failure is not
 //!   load); the failure is counted and shown.
+//!
+//! Moving a workspace (`migrate.rs`) reads the same loads: a move starts
+//! only into a cell under 70% of every threshold, and a gradual move holds
+//! before its next step while the target is over a threshold or answers
+//! more than 1% of its Tracking API requests with a server error
+//! (`error_share`: `sluice_ingest_requests_total` with a 5xx status, over
+//! the interval).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -42,8 +49,9 @@ use sluice_core::Shutdown;
 
 use crate::ControlPlane;
 
-/// Under this share of every threshold, a cell has room (provisioning starts when no active cell has).
-const ROOM: f64 = 0.7;
+/// Under this share of every threshold, a cell has room (provisioning
+/// starts when no active cell has; a workspace may move into it).
+pub const ROOM: f64 = 0.7;
 /// Under this share of every threshold, a cell marked full here is active again.
 const RECOVERED: f64 = 0.8;
 /// After a failed provisioning, the next attempt for that tier waits this long.
@@ -57,6 +65,9 @@ pub struct CellLoad {
     pub error: Option<String>,
     /// Metric → (value, threshold, value / threshold). Units: count, share, seconds.
     pub metrics: BTreeMap<&'static str, Measure>,
+    /// The share of the Tracking API's requests answered with a 5xx over the
+    /// interval (none: no request, or no scrape before).
+    pub error_share: Option<f64>,
     #[serde(skip)]
     previous: Option<Previous>,
 }
@@ -74,11 +85,13 @@ struct Previous {
     at: Instant,
     cpu_seconds: Option<f64>,
     ack: Buckets,
+    /// Tracking API requests so far: (all, answered 5xx).
+    requests: (f64, f64),
 }
 
 impl CellLoad {
     /// The highest ratio, and the metrics at or over `share` of their threshold.
-    fn over(&self, share: f64) -> (f64, Vec<String>) {
+    pub fn over(&self, share: f64) -> (f64, Vec<String>) {
         let max = self.metrics.values().map(|m| m.ratio).fold(0.0, f64::max);
         let names = self
             .metrics
@@ -223,7 +236,16 @@ async fn scrape(cp: &Arc<ControlPlane>, cell: &Cell, workspaces: u64) {
             let cpu_seconds = value(&samples, "sluice_process_cpu_seconds_total");
             let cpus = value(&samples, "sluice_process_cpus").unwrap_or(1.0).max(1.0);
             let ack = Buckets::of(&samples, "sluice_ingest_ack_seconds", &[]);
+            let requests = samples.iter().filter(|s| s.name == "sluice_ingest_requests_total").fold((0.0, 0.0), |(all, bad), s| {
+                let failed = s.label("status").is_some_and(|c| c.starts_with('5'));
+                (all + s.value, bad + if failed { s.value } else { 0.0 })
+            });
+            load.error_share = None;
             if let Some(prev) = &previous.previous {
+                let (all, bad) = (requests.0 - prev.requests.0, requests.1 - prev.requests.1);
+                if all > 0.0 {
+                    load.error_share = Some((bad / all).clamp(0.0, 1.0));
+                }
                 let dt = now.duration_since(prev.at).as_secs_f64();
                 if let (Some(now_cpu), Some(then), true) = (cpu_seconds, prev.cpu_seconds, dt > 0.0) {
                     measure("cpu", ((now_cpu - then).max(0.0) / dt / cpus).min(1.0), t.cpu);
@@ -241,7 +263,7 @@ async fn scrape(cp: &Arc<ControlPlane>, cell: &Cell, workspaces: u64) {
             if let Some(db) = value(&samples, "sluice_db_connections_used_ratio") {
                 measure("db_connections", db, t.db_connections);
             }
-            load.previous = Some(Previous { at: now, cpu_seconds, ack });
+            load.previous = Some(Previous { at: now, cpu_seconds, ack, requests });
         }
         Err(e) => {
             cp.metrics.scrape_failures.get_or_create(&vec![("cell", cell.id.clone())]).inc();

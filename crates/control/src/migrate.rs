@@ -26,6 +26,7 @@ use sluice_cells::{Migration, Phase};
 use sluice_core::Shutdown;
 use sluice_ingest::request::ApiError;
 
+use crate::capacity::{CellLoad, ROOM};
 use crate::{body, cell_auth, ok, ApiResult, Shared};
 
 /// How often the driver looks at the migrations in progress.
@@ -38,6 +39,10 @@ pub const ENDED_SHOWN: Duration = Duration::from_secs(600);
 /// Keys the source may still have to send for a cutover to start (its
 /// delta lag): the fence then waits for these only.
 pub const CUTOVER_LAG: u64 = 20_000;
+/// The share of the target's requests that may fail for a gradual move to take its next step.
+pub const MAX_ERROR_SHARE: f64 = 0.01;
+/// How old the target's load reading may be for a gradual move to take its next step.
+const LOAD_FRESH_MS: i64 = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,12 +54,46 @@ pub(crate) struct StartMigration {
     /// Copy keys, but cut nothing over until resumed.
     #[serde(default)]
     paused: bool,
+    /// Move even into a cell over 70% of a threshold (or not read yet).
+    #[serde(default)]
+    force: bool,
+    /// The most keys per second the snapshot sends (none: as fast as the cells go).
+    #[serde(default)]
+    copy_rate: Option<u64>,
+}
+
+/// Why `cell` should not take a workspace now (`None`: it has room): over
+/// [`ROOM`] of a threshold, or its load not read yet.
+fn no_room(cell: &str, load: Option<&CellLoad>) -> Option<String> {
+    let Some(load) = load.filter(|l| full_reading(l)) else {
+        return Some(format!("cell {cell:?}'s load has not been read yet (every scrape_interval); try again in a moment, or pass force"));
+    };
+    let (_, over) = load.over(ROOM);
+    (!over.is_empty())
+        .then(|| format!("cell {cell:?} is at or over {:.0}% of its thresholds: {}; pass force to move anyway", ROOM * 100.0, over.join(", ")))
+}
+
+/// A reading with the measures that take two scrapes (CPU over the interval), not only the first one's.
+fn full_reading(load: &CellLoad) -> bool {
+    load.metrics.contains_key("cpu")
+}
+
+/// Why a gradual move should not take its next step into `cell` now: over a
+/// threshold, or more than [`MAX_ERROR_SHARE`] of its requests failing.
+fn unhealthy(load: &CellLoad) -> Option<String> {
+    let (_, over) = load.over(1.0);
+    let mut why = over;
+    if let Some(share) = load.error_share.filter(|s| *s > MAX_ERROR_SHARE) {
+        why.push(format!("{:.1}% of its Tracking API requests answered with a server error", share * 100.0));
+    }
+    (!why.is_empty()).then(|| why.join(", "))
 }
 
 /// `POST /api/migrations`.
 pub(crate) async fn start(State(cp): State<Shared>, raw: Bytes) -> ApiResult {
     let req: StartMigration = body(&raw)?;
     let steps = req.steps.unwrap_or_else(|| vec![100]);
+    let room = no_room(&req.to, cp.loads().get(&req.to));
     let m = cp
         .store(move |s| {
             // Keys go cell to cell over the cells' admin ports: both must have one.
@@ -69,7 +108,18 @@ pub(crate) async fn start(State(cp): State<Shared>, raw: Bytes) -> ApiResult {
                     }
                 }
             }
-            s.start_migration(&req.workspace, &req.to, &steps, req.paused)
+            // The target's room (an unknown cell is the store's 404 below).
+            if let (Some(why), false, Some(_)) = (room, req.force, s.cell(&req.to)?) {
+                return Err(sluice_cells::CellsError::Invalid { what: "migration", why });
+            }
+            if req.copy_rate == Some(0) {
+                return Err(sluice_cells::CellsError::Invalid { what: "migration", why: "copy_rate must be at least 1 key per second".into() });
+            }
+            let m = s.start_migration(&req.workspace, &req.to, &steps, req.paused)?;
+            if let Some(rate) = req.copy_rate {
+                s.report_migration(&m.id, "settings", &json!({ "copy_rate": rate }))?;
+            }
+            Ok(m)
         })
         .await?;
     cp.decide(
@@ -131,7 +181,17 @@ pub(crate) async fn act(State(cp): State<Shared>, Path((id, action)): Path<(Stri
         "pause" | "resume" => {
             let paused = action == "pause";
             let id2 = id.clone();
-            if !cp.store(move |s| s.set_migration_paused(&id2, paused)).await? {
+            let changed = cp
+                .store(move |s| {
+                    let changed = s.set_migration_paused(&id2, paused)?;
+                    // Resuming answers a hold (the driver's reason in `error`).
+                    if changed && !paused {
+                        s.set_migration_error(&id2, "")?;
+                    }
+                    Ok(changed)
+                })
+                .await?;
+            if !changed {
                 return Err(ApiError::bad_request("invalid", format!("the migration is {}: it cannot be paused or resumed", m.phase.as_str())));
             }
         }
@@ -160,6 +220,7 @@ fn task(m: &Migration, cell: &str, peer_admin_url: &str, sources: &[String]) -> 
         "peer": if role == "source" { &m.target_cell } else { &m.source_cell },
         "peer_admin_url": peer_admin_url,
         "sources": sources,
+        "copy_rate": m.progress["settings"]["copy_rate"].as_u64(),
     })
 }
 
@@ -227,6 +288,35 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
                     && source["tail_lag"].as_u64().is_some_and(|lag| lag <= CUTOVER_LAG)
                     && target["ready"].as_bool() == Some(true);
                 if ready && rested && !m.paused {
+                    // A later step of a gradual move: only while the target copes with what it took.
+                    if m.step > 0 {
+                        let fresh_ms = LOAD_FRESH_MS.max(3 * cp.settings.scrape_every.as_millis() as i64);
+                        let load = cp.loads().remove(&m.target_cell);
+                        let Some(load) =
+                            load.filter(|l| l.error.is_none() && full_reading(l) && sluice_core::clock::now_ms() - l.scraped_at_ms < fresh_ms)
+                        else {
+                            // No fresh reading of the target (it may be restarting): wait for one.
+                            continue;
+                        };
+                        if let Some(why) = unhealthy(&load) {
+                            let reason = format!(
+                                "held before step {} of {}: cell {} is {why}; resume once it recovers",
+                                m.step + 1,
+                                m.steps.len(),
+                                m.target_cell
+                            );
+                            let (id, r) = (id.clone(), reason.clone());
+                            // The reason first: whoever sees the migration paused sees why.
+                            cp.store(move |s| {
+                                s.set_migration_error(&id, &r)?;
+                                s.set_migration_paused(&id, true).map(drop)
+                            })
+                            .await?;
+                            tracing::warn!(migration = %m.id, workspace = %m.workspace, "{reason}");
+                            cp.decide("migration_held", Some(&m.target_cell), None, format!("workspace {} ({}): {reason}", m.workspace, m.id));
+                            continue;
+                        }
+                    }
                     let step = m.step;
                     if cp.store(move |s| s.begin_cutover(&id, step)).await? {
                         tracing::info!(migration = %m.id, workspace = %m.workspace, step, "cutover: the step's buckets are fenced");
@@ -270,4 +360,37 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::Measure;
+
+    fn load(measures: &[(&'static str, f64)], error_share: Option<f64>) -> CellLoad {
+        let mut l = CellLoad::default();
+        l.error_share = error_share;
+        for (name, ratio) in measures {
+            l.metrics.insert(name, Measure { value: *ratio, threshold: 1.0, ratio: *ratio });
+        }
+        l
+    }
+
+    #[test]
+    fn a_move_starts_only_into_a_cell_read_in_full_and_under_seventy_percent() {
+        assert!(no_room("b", None).unwrap().contains("not been read yet"));
+        // One scrape only: no CPU over an interval yet.
+        assert!(no_room("b", Some(&load(&[("workspaces", 0.1)], None))).unwrap().contains("not been read yet"));
+        assert_eq!(no_room("b", Some(&load(&[("workspaces", 0.1), ("cpu", 0.69)], None))), None);
+        let why = no_room("b", Some(&load(&[("workspaces", 0.1), ("cpu", 0.7)], None))).unwrap();
+        assert!(why.contains("cpu 70%") && why.contains("force"), "{why}");
+    }
+
+    #[test]
+    fn a_gradual_move_holds_while_its_target_is_over_a_threshold_or_failing_requests() {
+        assert_eq!(unhealthy(&load(&[("cpu", 0.99), ("ingest_p99", 0.5)], Some(0.01))), None);
+        assert!(unhealthy(&load(&[("cpu", 0.5), ("ingest_p99", 1.2)], None)).unwrap().contains("ingest_p99"));
+        let why = unhealthy(&load(&[("cpu", 0.5)], Some(0.25))).unwrap();
+        assert!(why.contains("25.0%") && why.contains("server error"), "{why}");
+    }
 }

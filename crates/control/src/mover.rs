@@ -79,8 +79,21 @@ pub struct CellParts {
     pub workspace_of_source: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
     /// Whether the cell still has a source of the workspace (its configuration not yet caught up with a move).
     pub has_workspace: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// The QoS rows of a workspace's destinations here: destination id → row (as `/api/qos` shows it).
+    pub workspace_qos: Box<dyn Fn(&str) -> serde_json::Map<String, serde_json::Value> + Send + Sync>,
+    /// Apply QoS rows a source sent for a workspace (blocking: a control-database write).
+    pub apply_qos: Arc<dyn Fn(&str, serde_json::Map<String, serde_json::Value>) -> Result<(), QosRefused> + Send + Sync>,
     /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
     pub unfinished_jobs: Box<dyn Fn(&str) -> u64 + Send + Sync>,
+}
+
+/// Why QoS rows were not applied.
+#[derive(Debug)]
+pub enum QosRefused {
+    /// A destination this cell does not have (yet: its feed may be behind); the source retries.
+    NotYet(String),
+    /// Not a QoS row, or a destination of another workspace.
+    Invalid(String),
 }
 
 /// One migration as the control plane hands it to this cell.
@@ -97,6 +110,9 @@ pub struct Task {
     pub peer: String,
     pub peer_admin_url: String,
     pub sources: Vec<String>,
+    /// The most keys per second the snapshot sends (none: no limit).
+    #[serde(default)]
+    pub copy_rate: Option<u64>,
 }
 
 /// The source's progress, reported to the control plane.
@@ -561,12 +577,19 @@ impl Mover {
             let _ = std::fs::remove_dir_all(&scratch);
             Ok(total)
         });
+        let (began, mut sent) = (tokio::time::Instant::now(), 0u64);
         while let Some(chunk) = rx.recv().await {
             self.send_keys(&t, &chunk).await?;
             self.progress(&id, |p| p.keys_sent += chunk.len() as u64);
+            sent += chunk.len() as u64;
+            // An operator's limit (`copy_rate`) spares the two cells' other workspaces the copy's load.
+            if let Some(rate) = t.copy_rate.filter(|r| *r > 0) {
+                tokio::time::sleep_until(began + Duration::from_secs_f64(sent as f64 / rate as f64)).await;
+            }
         }
         let snapshot = reader.await.map_err(|e| e.to_string())??;
         tracing::info!(migration = %t.id, workspace = %t.workspace, keys = snapshot, "snapshot of the workspace's keys sent");
+        self.send_qos(&t).await?;
         self.progress(&id, |p| p.snapshot_done = true);
         // 3. The tail, and each step's fence.
         let mut fenced_step: Option<usize> = None;
@@ -591,6 +614,8 @@ impl Mover {
                 while pos.iter().zip(&ends).any(|(at, end)| at < end) {
                     self.tail(&t, &mut pos).await?;
                 }
+                // Again: an operator may have paused a destination here since the snapshot.
+                self.send_qos(&t).await?;
                 self.open_on_target(&t).await?;
                 fenced_step = Some(t.step);
                 self.progress(&t.id, |p| p.cutover_done_step = Some(t.step));
@@ -638,37 +663,39 @@ impl Mover {
     }
 
     async fn send_keys(&self, t: &Task, keys: &[String]) -> Result<(), String> {
-        let url = format!("{}/cell/migrations/{}/keys", t.peer_admin_url.trim_end_matches('/'), t.id);
-        let body = keys.join("\n");
-        let mut wait = Duration::from_millis(100);
+        self.post_to_target(t, "keys", "keys", keys.join("\n").into_bytes()).await
+    }
+
+    async fn open_on_target(&self, t: &Task) -> Result<(), String> {
+        let body = json!({ "step": t.step, "buckets": t.fenced }).to_string().into_bytes();
+        self.post_to_target(t, "open", &format!("to open step {}", t.step), body).await
+    }
+
+    /// Send the workspace's destination QoS rows (pause, in-flight and rate
+    /// limits, priority) as this cell has them: the target applies them
+    /// before it opens any bucket.
+    async fn send_qos(&self, t: &Task) -> Result<(), String> {
+        let rows = (self.parts.workspace_qos)(&t.workspace);
+        self.post_to_target(t, "qos", "QoS", serde_json::Value::Object(rows).to_string().into_bytes()).await
+    }
+
+    /// POST `body` to the target's `/cell/migrations/{id}/{path}` until it
+    /// answers 2xx; a 4xx other than 409 ("not yet") is final.
+    async fn post_to_target(&self, t: &Task, path: &str, what: &str, body: Vec<u8>) -> Result<(), String> {
+        let mut wait = Duration::from_millis(50);
         loop {
-            let sent = self.agent.http.post(&url).bearer_auth(&t.token).body(body.clone()).send().await;
-            match sent {
+            // The target's address as the task list has it now: a target restarted elsewhere is found again.
+            let peer = self.state.lock().expect("mover lock").tasks.get(&t.id).map_or_else(|| t.peer_admin_url.clone(), |t| t.peer_admin_url.clone());
+            let url = format!("{}/cell/migrations/{}/{path}", peer.trim_end_matches('/'), t.id);
+            match self.agent.http.post(&url).bearer_auth(&t.token).body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 Ok(r) if r.status().is_client_error() && r.status() != StatusCode::CONFLICT => {
                     let status = r.status();
                     let text = r.text().await.unwrap_or_default();
-                    return Err(format!("the target refused keys: {status} {}", text.chars().take(300).collect::<String>()));
+                    return Err(format!("the target refused {what}: {status} {}", text.chars().take(300).collect::<String>()));
                 }
-                Ok(r) => tracing::debug!(status = %r.status(), "the target cannot take keys yet; retrying"),
+                Ok(r) => tracing::debug!(status = %r.status(), "the target cannot take {what} yet; retrying"),
                 Err(e) => tracing::debug!(error = %e, "the target did not answer; retrying"),
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    async fn open_on_target(&self, t: &Task) -> Result<(), String> {
-        let url = format!("{}/cell/migrations/{}/open", t.peer_admin_url.trim_end_matches('/'), t.id);
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let sent = self.agent.http.post(&url).bearer_auth(&t.token).json(&json!({ "step": t.step, "buckets": t.fenced })).send().await;
-            match sent {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) if r.status().is_client_error() && r.status() != StatusCode::CONFLICT => {
-                    return Err(format!("the target refused to open step {}: {}", t.step, r.status()));
-                }
-                _ => {}
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(1));
@@ -729,6 +756,7 @@ impl Mover {
         Router::new()
             .route("/cell/migrations/{id}/keys", post(take_keys))
             .route("/cell/migrations/{id}/open", post(open_step))
+            .route("/cell/migrations/{id}/qos", post(take_qos))
             .with_state(self.clone())
     }
 }
@@ -815,6 +843,28 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
     }
     mover.state.lock().expect("mover lock").targets.entry(id).or_default().keys_imported += n;
     axum::Json(json!({ "imported": n })).into_response()
+}
+
+/// `POST /cell/migrations/{id}/qos`: the source's QoS rows of the workspace's destinations.
+async fn take_qos(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    let task = match mover.authorized(&id, "target", &headers, false).await {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_limited(body, 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(rows) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) else {
+        return ApiError::bad_request("invalid_json", "{\"<destination>\": {QoS row}, ...}").into_response();
+    };
+    let (apply, workspace, n) = (mover.parts.apply_qos.clone(), task.workspace.clone(), rows.len());
+    match tokio::task::spawn_blocking(move || apply(&workspace, rows)).await {
+        Ok(Ok(())) => axum::Json(json!({ "applied": n })).into_response(),
+        Ok(Err(QosRefused::NotYet(why))) => ApiError::new(StatusCode::CONFLICT, "unknown_destination", why).into_response(),
+        Ok(Err(QosRefused::Invalid(why))) => ApiError::bad_request("invalid", why).into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response(),
+    }
 }
 
 #[derive(Deserialize)]

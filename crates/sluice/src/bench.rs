@@ -45,6 +45,8 @@ pub enum BenchCommand {
     Hostile(crate::bench_hostile::HostileBench),
     /// The cell router: the ingest load through a `sluice router` against straight to the cell, and its decision latencies.
     Router(crate::bench_router::RouterBench),
+    /// Moving a workspace holding millions of dedup keys between cells under live traffic.
+    Migrate(crate::bench_migrate::MigrateBench),
 }
 
 #[derive(Args, Clone)]
@@ -103,6 +105,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Cleanup(args) => crate::bench_deliver::bench_cleanup(args),
         BenchCommand::Hostile(args) => crate::bench_hostile::bench_hostile(args),
         BenchCommand::Router(args) => crate::bench_router::bench_router(args),
+        BenchCommand::Migrate(args) => crate::bench_migrate::bench_migrate(args),
     }
 }
 

@@ -63,7 +63,8 @@ pub async fn start(
     let mut routes = None;
     if let Some(ingest) = &admin.ingest {
         let (registry, catalog) = (admin.registry.clone(), admin.catalog.clone());
-        let (of_source, has) = (admin.catalog.clone(), admin.catalog.clone());
+        let (of_source, has, qos_of) = (admin.catalog.clone(), admin.catalog.clone(), admin.catalog.clone());
+        let qos_to = admin.clone();
         let parts = sluice_control::mover::CellParts {
             log: admin.log.clone(),
             ingest: ingest.clone(),
@@ -72,6 +73,8 @@ pub async fn start(
             state_dir: config.server.data_dir.join("migrations"),
             spool,
             unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
+            workspace_qos: Box::new(move |workspace| workspace_qos(&qos_of, workspace)),
+            apply_qos: Arc::new(move |workspace, rows| apply_qos(&qos_to, workspace, rows)),
             workspace_of_source: Box::new(move |source| catalog_workspace(&of_source, "source", source)),
             has_workspace: Box::new(move |workspace| has.snapshot().sources.iter().any(|(s, _)| workspace_name(&s.workspace) == workspace)),
         };
@@ -111,6 +114,46 @@ fn unfinished_jobs(registry: &Registry, catalog: &sluice_deliver::Catalog, works
         .filter(|s| s.label("destination").is_some_and(ours))
         .map(|s| s.value.max(0.0) as u64)
         .sum()
+}
+
+/// The QoS rows of `workspace`'s destinations (the default row for one that has none).
+fn workspace_qos(catalog: &sluice_deliver::Catalog, workspace: &str) -> serde_json::Map<String, serde_json::Value> {
+    let snap = catalog.snapshot();
+    snap.destinations
+        .iter()
+        .filter(|(_, d)| workspace_name(&d.workspace) == workspace)
+        .map(|(id, _)| (id.clone(), serde_json::to_value(snap.qos.get(id).cloned().unwrap_or_default()).expect("a QoS row serializes")))
+        .collect()
+}
+
+/// Apply the QoS rows a migration's source sent for `workspace`'s destinations, then make them live. Blocks.
+fn apply_qos(
+    state: &sluice_admin::AdminState,
+    workspace: &str,
+    rows: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), sluice_control::mover::QosRefused> {
+    use sluice_control::mover::QosRefused;
+    let snap = state.catalog.snapshot();
+    let mut parsed = Vec::new();
+    for (id, row) in rows {
+        let qos: sluice_deliver::gate::Qos = serde_json::from_value(row).map_err(|e| QosRefused::Invalid(format!("destination {id:?}: {e}")))?;
+        if !(1..=100).contains(&qos.priority) || qos.max_in_flight == Some(0) {
+            return Err(QosRefused::Invalid(format!("destination {id:?}: priority is 1-100 and max_in_flight at least 1")));
+        }
+        match snap.destinations.get(&id) {
+            None => return Err(QosRefused::NotYet(format!("destination {id:?} is not known here yet; retry"))),
+            Some(d) if workspace_name(&d.workspace) != workspace => {
+                return Err(QosRefused::Invalid(format!("destination {id:?} is not workspace {workspace:?}'s")))
+            }
+            Some(_) => parsed.push((id, qos)),
+        }
+    }
+    let unchanged = parsed.iter().all(|(id, q)| snap.qos.get(id).cloned().unwrap_or_default() == *q);
+    if unchanged {
+        return Ok(());
+    }
+    let write = state.catalog.with_control(|db| parsed.iter().try_for_each(|(id, q)| db.put_qos(id, q)));
+    write.and_then(|()| state.catalog.refresh()).map_err(|e| QosRefused::NotYet(format!("cannot store the QoS rows: {e}")))
 }
 
 /// Write `feed` into the control tables (origin `global`), then make it live.

@@ -261,6 +261,13 @@ enum MigrateAction {
         /// Copy the workspace's keys now, cut nothing over until `sluice migrate resume`.
         #[arg(long)]
         paused: bool,
+        /// Move even into a cell at or over 70% of a threshold, or whose load the control plane has not read yet.
+        #[arg(long)]
+        force: bool,
+        /// The most dedup keys per second the snapshot copies (default: as fast as the cells go); spares
+        /// the two cells' other workspaces.
+        #[arg(long)]
+        copy_rate: Option<u64>,
     },
     /// One migration, or the most recent ones.
     Status {
@@ -305,10 +312,13 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         }
     };
     match &args.action {
-        MigrateAction::Start { workspace, to, steps, wait, paused } => {
-            let mut body = serde_json::json!({ "workspace": workspace, "to": to, "paused": paused });
+        MigrateAction::Start { workspace, to, steps, wait, paused, force, copy_rate } => {
+            let mut body = serde_json::json!({ "workspace": workspace, "to": to, "paused": paused, "force": force });
             if let Some(s) = steps {
                 body["steps"] = serde_json::json!(s);
+            }
+            if let Some(r) = copy_rate {
+                body["copy_rate"] = serde_json::json!(r);
             }
             let m = call(reqwest::Method::POST, "/api/migrations", Some(body))?;
             show(&m);

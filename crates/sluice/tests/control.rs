@@ -162,7 +162,11 @@ fn send(http: &reqwest::blocking::Client, url: &str, key: &str, ids: &[String], 
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().expect("answer");
+    // No answer (a router being restarted): status 0, retried like any failure.
+    let resp = match req.send() {
+        Ok(r) => r,
+        Err(e) => return (0, format!("{e:?}")),
+    };
     let cell = resp.headers().get("x-sluice-cell").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     (resp.status().as_u16(), cell)
 }
@@ -388,8 +392,8 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
 }
 
 /// Run the SDK script `kind` (`python` or `node`) against `host` for `pairs`
-/// (write key, messageId prefix), `count` events each; what it sent.
-fn run_sdk_cells(kind: &str, host: &str, count: usize, pairs: &[(String, String)]) -> std::process::Child {
+/// (write key, messageId prefix), `count` events each, `pace_ms` apart; what it sent.
+fn run_sdk_cells(kind: &str, host: &str, count: usize, pairs: &[(String, String)], pace_ms: u64) -> std::process::Child {
     let env = sdk_env();
     let root = repo_root();
     let mut cmd = match kind {
@@ -404,7 +408,7 @@ fn run_sdk_cells(kind: &str, host: &str, count: usize, pairs: &[(String, String)
             c
         }
     };
-    cmd.arg(host).arg(count.to_string());
+    cmd.arg(host).arg(count.to_string()).env("SLUICE_SDK_PACE_MS", pace_ms.to_string());
     for (key, prefix) in pairs {
         cmd.arg(format!("{key}={prefix}"));
     }
@@ -412,7 +416,15 @@ fn run_sdk_cells(kind: &str, host: &str, count: usize, pairs: &[(String, String)
 }
 
 fn sdk_sent(kind: &str, child: std::process::Child) -> Vec<Value> {
-    let out = child.wait_with_output().expect("the SDK script ends");
+    // Bounded: an SDK that never gives up fails the test instead of hanging it.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(180)) else {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("the {kind} SDK script did not end within 180 s");
+    };
+    let out = out.expect("the SDK script ends");
     assert!(out.status.success(), "{kind} SDK run failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("SDK script output")).collect()
 }
@@ -473,8 +485,8 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     // 2. The SDKs send through the routers: Python's 25 workspaces through one, Node's through the other.
     let per_workspace = 20;
     let pairs = |range: std::ops::Range<usize>| -> Vec<(String, String)> { range.map(|i| (keys[i].clone(), format!("ws{i:02}"))).collect() };
-    let python = run_sdk_cells("python", &router_url(&routers[0]), per_workspace, &pairs(0..25));
-    let node = run_sdk_cells("node", &router_url(&routers[1]), per_workspace, &pairs(25..50));
+    let python = run_sdk_cells("python", &router_url(&routers[0]), per_workspace, &pairs(0..25), 0);
+    let node = run_sdk_cells("node", &router_url(&routers[1]), per_workspace, &pairs(25..50), 0);
     let mut sent = sdk_sent("python", python);
     sent.extend(sdk_sent("node", node));
     assert_eq!(sent.len(), 50 * per_workspace);
@@ -579,7 +591,8 @@ fn fifty_workspaces_from_the_sdks_through_two_routers_over_three_cells() {
     let mover_ws = format!("ws{mover:02}");
     let traffic = Traffic::start(&survivor, &keys[mover], &format!("{mover_ws}-mig"));
     std::thread::sleep(Duration::from_millis(500));
-    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": mover_ws, "to": "c3"})));
+    // Forced: c3 may hold more than 70% of this test's small workspace threshold.
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": mover_ws, "to": "c3", "force": true})));
     assert_eq!(status, 201, "{m}");
     let m = wait_phase(&api, m["id"].as_str().unwrap(), "done", Duration::from_secs(120));
     assert!(m["cleanup"]["dedup_ids_deleted"].as_u64().unwrap() >= per_workspace as u64, "{m}");
@@ -674,8 +687,12 @@ impl Traffic {
                 }
                 for b in todo {
                     // Retried until acknowledged, as the SDKs do (a 503 during a cutover is allowed, a loss is not).
+                    let since = std::time::Instant::now();
+                    let mut last = (0, String::new());
                     loop {
+                        assert!(since.elapsed() < Duration::from_secs(120), "a batch not acknowledged in 120 s (last answer {last:?}): {b:?}");
                         let (status, cell) = send(&http, &router, &key, &b, &[]);
+                        last = (status, cell.clone());
                         if status == 200 {
                             *c.lock().unwrap().entry(cell).or_default() += 1;
                             a.lock().unwrap().extend(b.iter().cloned());
@@ -716,6 +733,15 @@ fn delivered_once(sink: &TestSink, path: &str, want: &std::collections::BTreeSet
     assert_eq!(got.len(), want.len(), "{path}: nothing delivered that was not acknowledged");
 }
 
+/// Wait until the control plane has read `cell`'s load in full (CPU takes two scrapes): a move into it may start.
+fn wait_read_in_full(api: &Api, cell: &str) {
+    let load = || {
+        let cells = api.ok("GET", "/api/cells", None);
+        cells["cells"].as_array().unwrap().iter().find(|c| c["cell"]["id"] == cell).map(|c| c["load"].clone()).unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(30), || load()["metrics"]["cpu"].is_object().then_some(()), || format!("{cell}'s load read in full: {}", load()));
+}
+
 fn migration(api: &Api, id: &str) -> Value {
     api.ok("GET", &format!("/api/migrations/{id}"), None)
 }
@@ -738,7 +764,10 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let c2 = start_cell(&api, dir_b.path(), "c2");
     let router_dir = tempfile::tempdir().unwrap();
     let router_config = router_dir.path().join("router.toml");
-    std::fs::write(&router_config, "[router]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n").unwrap();
+    // A fixed port (free now): the router is killed and restarted in phase 3, its clients keep their URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(&router_config, format!("[router]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n"))
+        .unwrap();
     let router = Server::start_role("router", &router_config, &[("SLUICE_GLOBAL_STORE", &store)]);
     let router_url = format!("http://{}", router.addr);
     let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
@@ -756,14 +785,26 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "steps": [50]}))).0, 400);
     assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c1"}))).0, 400);
     assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "surprise": 1}))).0, 400);
+    assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "copy_rate": 0}))).0, 400);
     assert_eq!(api.http.get(format!("{}/api/migrations", api.base)).send().unwrap().status(), 401);
+
+    // A target whose load the control plane has not read yet: refused, unless forced (not done here).
+    let (status, early) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2"})));
+    if status == 400 {
+        assert!(early["message"].as_str().unwrap().contains("not been read yet"), "{early}");
+    } else {
+        // The control plane was quicker than this test: that migration is the one to abort.
+        assert_eq!(status, 201, "{early}");
+        api.ok("POST", &format!("/api/migrations/{}/abort", early["id"].as_str().unwrap()), None);
+    }
+    wait_read_in_full(&api, "c2");
 
     // Live traffic for the whole move.
     let traffic = Traffic::start(&router_url, &key, "live");
     std::thread::sleep(Duration::from_secs(1));
 
     // 1. Start paused: keys are copied, nothing is cut over.
-    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "paused": true})));
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2", "paused": true, "copy_rate": 100_000})));
     assert_eq!(status, 201, "{m}");
     let id = m["id"].as_str().unwrap().to_owned();
     assert_eq!(api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c2"}))).0, 400, "one migration per workspace at a time");
@@ -785,6 +826,9 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     std::fs::write(&pause, b"").unwrap();
     let race = ids("race", 5);
     assert_eq!(send(&http, &router_url, &key, &race, &[]), (200, "c1".to_owned()));
+    // The official Python SDK sends across the cutover too (~3 s of events, 10 ms apart).
+    let python = run_sdk_cells("python", &router_url, 300, &[(key.clone(), "py".to_owned())], 10);
+    std::thread::sleep(Duration::from_millis(500));
     api.ok("POST", &format!("/api/migrations/{id}/resume"), None);
     let m = wait_phase(&api, &id, "draining", Duration::from_secs(60));
     assert_eq!(m["buckets_moved"], 100);
@@ -798,6 +842,8 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
         cells.get("c1").copied().unwrap_or(0) > 0 && cells.get("c2").copied().unwrap_or(0) > 0,
         "traffic on both sides of the cutover: {cells:?}"
     );
+    let py_sent: Vec<String> = sdk_sent("python", python).iter().map(|e| e["messageId"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(py_sent.len(), 300);
     let m = wait_phase(&api, &id, "done", Duration::from_secs(60));
     assert_eq!(m["cleanup"]["done"], true, "{m}");
     // The source removed the workspace's dedup ids (every id it had accepted, less what expired: nothing here).
@@ -807,6 +853,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
     want.extend(ids("pre", 200));
     want.extend(race.iter().cloned());
+    want.extend(py_sent);
     delivered_once(&sink, "/mover", &want);
     // The other workspace was not disturbed.
     assert_eq!(sink.by_message_id("/stays").len(), 10);
@@ -828,9 +875,11 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert_eq!((texts_of(&r, "migration_workspaces"), texts_of(&r, "migration_phases")), (vec!["mover".to_owned()], vec!["done".to_owned()]), "{r}");
     assert!(texts_of(&r, "migration_buckets")[0].starts_with("100/100"), "{r}");
 
-    // Phase 2, a gradual move of "stays" from c2 to c1 (10% -> 50% -> 100%) under traffic, with
-    // the control plane killed (-9) after the first step and the source cell after the second.
+    // Phase 2, a gradual move of "stays" from c2 to c1 (10% -> 50% -> 100%) under traffic (the official
+    // Node SDK's across the first cutover), with the control plane killed (-9) after the first step,
+    // the move held while the target is over a threshold, and the source cell killed after the second step.
     let traffic = Traffic::start(&router_url, &other_key, "grad");
+    let node = run_sdk_cells("node", &router_url, 300, &[(other_key.clone(), "nd".to_owned())], 15);
     std::thread::sleep(Duration::from_millis(500));
     let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "stays", "to": "c1", "steps": [10, 50, 100]})));
     assert_eq!(status, 201, "{m}");
@@ -846,7 +895,36 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert_eq!(m["buckets_moved"], 10, "{m}");
     control.kill9();
     std::thread::sleep(Duration::from_secs(1));
+    // It comes back with a CPU threshold every cell is over (and no provisioner): the move holds before step 2.
+    let normal = std::fs::read_to_string(dir.path().join("control.toml")).unwrap();
+    let strict: String = normal
+        .lines()
+        .filter(|l| !l.starts_with("provision_"))
+        .map(|l| if l == "cpu = 1.0" { "cpu = 0.001\n".to_owned() } else { format!("{l}\n") })
+        .collect();
+    assert_ne!(strict, normal);
+    std::fs::write(dir.path().join("control-strict.toml"), strict).unwrap();
+    let control = Server::start_role("control", &dir.path().join("control-strict.toml"), &[("SLUICE_GLOBAL_STORE", &store)]);
+    let m = wait_for(
+        Duration::from_secs(60),
+        || Some(migration(&api, &id2)).filter(|m| m["paused"] == true),
+        || format!("the move held: {}", migration(&api, &id2)),
+    );
+    let why = m["error"].as_str().unwrap();
+    assert!(why.contains("held before step") && why.contains("cell c1") && why.contains("cpu"), "{m}");
+    std::thread::sleep(Duration::from_secs(2));
+    let later = migration(&api, &id2);
+    assert_eq!((&later["buckets_moved"], &later["phase"]), (&m["buckets_moved"], &json!("copying")), "nothing more moved while held: {later}");
+    let nd_sent: Vec<String> = sdk_sent("node", node).iter().map(|e| e["messageId"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(nd_sent.len(), 300);
+    // The usual thresholds again; the cells the strict ones marked full are put back, the operator resumes.
+    drop(control);
     let _control = Server::start_role("control", &dir.path().join("control.toml"), &[("SLUICE_GLOBAL_STORE", &store)]);
+    for cell in ["c1", "c2"] {
+        api.ok("POST", &format!("/api/cells/{cell}/state"), Some(json!({"state": "active"})));
+    }
+    let m = api.ok("POST", &format!("/api/migrations/{id2}/resume"), None);
+    assert_eq!((m["paused"].as_bool(), m["error"].as_str()), (Some(false), Some("")), "resuming clears the hold: {m}");
     let m = at_step(2);
     assert_eq!(m["buckets_moved"], 50, "resumed after the control plane's restart: {m}");
     c2.kill9();
@@ -862,6 +940,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     assert!(cells.get("c1").copied().unwrap_or(0) > 0 && cells.get("c2").copied().unwrap_or(0) > 0, "{cells:?}");
     let mut want: std::collections::BTreeSet<String> = acked.into_iter().collect();
     want.extend(ids("other", 10));
+    want.extend(nd_sent);
     delivered_once(&sink, "/stays", &want);
     let router_metrics = http.get(format!("http://{}/metrics", router.admin)).send().unwrap().text().unwrap();
     let split = router_metrics.lines().find_map(|l| l.strip_prefix("sluice_router_split_batches_total ")).and_then(|v| v.trim().parse::<f64>().ok());
@@ -871,6 +950,7 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     // its target) and moves on to a third cell, under traffic, resends included.
     let dir_c = tempfile::tempdir().unwrap();
     let c3 = start_cell(&api, dir_c.path(), "c3");
+    wait_read_in_full(&api, "c3");
     assert_eq!(
         api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c1"}))).0,
         400,
@@ -882,6 +962,21 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "mover", "to": "c3", "steps": [50, 100]})));
     assert_eq!(status, 201, "{m}");
     let id3 = m["id"].as_str().unwrap().to_owned();
+    // After the first step: the router and the target killed (-9) and restarted; clients retry meanwhile.
+    wait_for(
+        Duration::from_secs(60),
+        || Some(migration(&api, &id3)).filter(|m| m["step"].as_u64() >= Some(1)),
+        || format!("step 1: {}", migration(&api, &id3)),
+    );
+    router.kill9();
+    c3.kill9();
+    let router = Server::start_role("router", &router_config, &[("SLUICE_GLOBAL_STORE", &store)]);
+    let c3 = Server::start(&dir_c.path().join("sluice.toml"));
+    api.ok(
+        "PUT",
+        "/api/cells/c3",
+        Some(json!({"tier": "smb", "ingest_url": format!("http://{}", c3.addr), "admin_url": format!("http://{}", c3.admin)})),
+    );
     wait_phase(&api, &id3, "done", Duration::from_secs(120));
     let (acked, cells) = traffic.finish();
     assert!(cells.get("c3").copied().unwrap_or(0) > 0, "{cells:?}");
@@ -890,5 +985,5 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     delivered_once(&sink, "/mover", &want);
     // Straight to c2 now: another cell's, 421.
     assert_eq!(send(&http, &format!("http://{}", c2.addr), &key, &ids("stray2", 1), &[]).0, 421);
-    drop((c2, c3));
+    drop((c2, c3, router));
 }
