@@ -101,6 +101,9 @@ fn cell_toml(id: &str, control: &str, token: &str) -> String {
     format!("[cell]\nid = \"{id}\"\ncontrol_url = \"{control}\"\ntoken = \"{token}\"\npoll_interval = \"300ms\"\nreport_interval = \"500ms\"\n")
 }
 
+/// The test cells' `admin.token`.
+const CELL_ADMIN_TOKEN: &str = "cell-admin-token";
+
 /// An embedded cell's config.
 fn cell_config(dir: &Path, id: &str, control: &str, token: &str) -> std::path::PathBuf {
     let path = dir.join("sluice.toml");
@@ -108,7 +111,7 @@ fn cell_config(dir: &Path, id: &str, control: &str, token: &str) -> std::path::P
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\npartitions = 2\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{CELL_ADMIN_TOKEN}\"\n[log]\npartitions = 2\n\
              [deliver]\ninitial_backoff = \"100ms\"\n{}",
             dir.join("data").display(),
             cell_toml(id, control, token)
@@ -799,6 +802,15 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     }
     wait_read_in_full(&api, "c2");
 
+    // An operator's QoS change on c1 for the workspace's destination: it must come along.
+    let qos = http
+        .put(format!("http://{}/api/qos/mover-hook", c1.admin))
+        .bearer_auth(CELL_ADMIN_TOKEN)
+        .json(&json!({"priority": 7, "max_in_flight": 3}))
+        .send()
+        .unwrap();
+    assert_eq!(qos.status(), 200, "{}", qos.text().unwrap());
+
     // Live traffic for the whole move.
     let traffic = Traffic::start(&router_url, &key, "live");
     std::thread::sleep(Duration::from_secs(1));
@@ -857,6 +869,10 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     delivered_once(&sink, "/mover", &want);
     // The other workspace was not disturbed.
     assert_eq!(sink.by_message_id("/stays").len(), 10);
+    // c2 has c1's QoS row for the destination.
+    let rows: Value = http.get(format!("http://{}/api/qos", c2.admin)).bearer_auth(CELL_ADMIN_TOKEN).send().unwrap().json().unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["destination"] == "mover-hook").cloned().unwrap_or_default();
+    assert_eq!((&row["priority"], &row["max_in_flight"], &row["paused"]), (&json!(7), &json!(3), &json!(false)), "{rows}");
 
     // After the move: the router sends the workspace to c2, c1 no longer knows it.
     assert_eq!(send(&http, &router_url, &key, &ids("after", 3), &[]), (200, "c2".to_owned()));
