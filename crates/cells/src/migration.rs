@@ -271,6 +271,12 @@ impl GlobalStore {
         self.read("reading the migrations", |c| c.query(&sql, &[], migration_row))
     }
 
+    /// A workspace's migrations, oldest first.
+    pub fn migrations_of_workspace(&self, workspace: &str) -> Result<Vec<Migration>, CellsError> {
+        let sql = self.q(&format!("SELECT {MIGRATION_COLUMNS} FROM {{p}}migrations WHERE workspace = ? ORDER BY created_at, id"));
+        self.read("reading a workspace's migrations", |c| c.query(&sql, &[Arg::Text(workspace)], migration_row))
+    }
+
     /// The migrations in progress, oldest first.
     pub fn active_migrations(&self) -> Result<Vec<Migration>, CellsError> {
         let sql = self.q(&format!(

@@ -242,6 +242,49 @@ pub(crate) async fn cell_tasks(State(cp): State<Shared>, Path(id): Path<String>,
     ok(json!({ "migrations": tasks }))
 }
 
+/// `GET /api/cells/{id}/history/{workspace}`: the cells the workspace was
+/// moved out of (their buckets cut over: past copying), one migration per
+/// cell with its token, for a replay on the cell that serves it now.
+pub(crate) async fn cell_history(State(cp): State<Shared>, Path((id, workspace)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+    cell_auth(&cp, &id, &headers).await?;
+    let earlier = cp
+        .store(move |s| {
+            if s.resolve(&workspace)?.is_none_or(|p| p.cell != id) {
+                return Ok(None);
+            }
+            let mut by_cell: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+            for m in s.migrations_of_workspace(&workspace)? {
+                let past_cutover = matches!(m.phase, Phase::Draining | Phase::Cleanup | Phase::Done) || !m.moved.is_empty();
+                if m.source_cell == id || !past_cutover {
+                    continue;
+                }
+                let url = s.cell(&m.source_cell)?.map(|c| c.admin_url).unwrap_or_default();
+                // The latest move out of each cell stands for all: the cell's log holds every stay's events.
+                by_cell.insert(m.source_cell.clone(), json!({"migration": m.id, "cell": m.source_cell, "admin_url": url, "token": m.token}));
+            }
+            Ok(Some(by_cell.into_values().collect::<Vec<_>>()))
+        })
+        .await?;
+    let Some(earlier) = earlier else {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell does not serve that workspace"));
+    };
+    ok(json!({ "earlier": earlier }))
+}
+
+/// `GET /api/cells/{id}/migrations/{m}/grant`: for the migration's source
+/// cell only, what a history request for it may read (the workspace's
+/// sources) and the token it must carry.
+pub(crate) async fn cell_grant(State(cp): State<Shared>, Path((id, mid)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+    cell_auth(&cp, &id, &headers).await?;
+    let m = find(&cp, mid).await?;
+    if m.source_cell != id {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell is not that migration's source"));
+    }
+    let ws = m.workspace.clone();
+    let sources = cp.store(move |s| s.workspace_sources(&ws)).await?;
+    ok(json!({ "workspace": m.workspace, "token": m.token, "sources": sources }))
+}
+
 /// `POST /api/cells/{id}/migrations/{m}/report`: the cell's progress in its role.
 pub(crate) async fn cell_report(State(cp): State<Shared>, Path((id, mid)): Path<(String, String)>, headers: HeaderMap, raw: Bytes) -> ApiResult {
     cell_auth(&cp, &id, &headers).await?;

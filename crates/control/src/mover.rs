@@ -165,7 +165,23 @@ pub struct Mover {
     gate_writes: tokio::sync::Mutex<()>,
     /// When the task list was last read on a request's behalf.
     refreshed: Mutex<Option<std::time::Instant>>,
+    /// History grants of migrations this cell was the source of: id → (grant, when read).
+    grants: Mutex<HashMap<String, (Grant, std::time::Instant)>>,
+    /// When a grant was last asked for on a request's behalf.
+    granted: Mutex<Option<std::time::Instant>>,
 }
+
+/// What a history request for a migration may read, as the control plane says.
+#[derive(Debug, Clone, Deserialize)]
+struct Grant {
+    token: String,
+    sources: Vec<String>,
+}
+
+/// How long a grant read from the control plane is trusted.
+const GRANT_FRESH: Duration = Duration::from_secs(60);
+/// Output records read per history page.
+const HISTORY_PAGE: usize = 2_000;
 
 #[derive(Serialize, Deserialize, Default)]
 struct GateFile {
@@ -188,7 +204,15 @@ impl Mover {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", file.display())),
         }
-        Ok(Arc::new(Mover { agent, parts, state: Mutex::default(), gate_writes: tokio::sync::Mutex::new(()), refreshed: Mutex::default() }))
+        Ok(Arc::new(Mover {
+            agent,
+            parts,
+            state: Mutex::default(),
+            gate_writes: tokio::sync::Mutex::new(()),
+            refreshed: Mutex::default(),
+            grants: Mutex::default(),
+            granted: Mutex::default(),
+        }))
     }
 
     /// Set `workspace`'s gate entry (`None`: remove it) and keep it on
@@ -751,12 +775,57 @@ impl Mover {
         Ok(task)
     }
 
+    /// The grant of migration `id` if `headers` carry its token: from the
+    /// cache, or asked of the control plane (at most every 100 ms on
+    /// requests' behalf, so outsiders cannot make this cell call it at will).
+    async fn history_grant(&self, id: &str, headers: &HeaderMap) -> Result<Grant, ApiError> {
+        let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the migration's token>");
+        let Some(token) = bearer(headers).map(str::to_owned) else { return Err(refused()) };
+        let cached = self.grants.lock().expect("grants lock").get(id).filter(|(_, at)| at.elapsed() < GRANT_FRESH).map(|(g, _)| g.clone());
+        let grant = match cached {
+            Some(g) => g,
+            None => {
+                {
+                    let mut last = self.granted.lock().expect("granted lock");
+                    if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+                        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", "retry in a moment"));
+                    }
+                    *last = Some(std::time::Instant::now());
+                }
+                let a = &self.agent;
+                let resp = a.http.get(a.url(&format!("migrations/{id}/grant"))).bearer_auth(&a.token).send().await;
+                let resp = resp
+                    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the control plane did not answer: {e}")))?;
+                if resp.status().is_client_error() {
+                    return Err(refused());
+                }
+                if !resp.status().is_success() {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        format!("the control plane answered {}", resp.status()),
+                    ));
+                }
+                let g: Grant = resp.json().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+                let mut grants = self.grants.lock().expect("grants lock");
+                grants.retain(|_, (_, at)| at.elapsed() < GRANT_FRESH);
+                grants.insert(id.to_owned(), (g.clone(), std::time::Instant::now()));
+                g
+            }
+        };
+        if !token_matches(&token, &grant.token) {
+            return Err(refused());
+        }
+        Ok(grant)
+    }
+
     /// The cell-to-cell endpoints, for the admin port (outside its `/api` guard: the migration's token is their authentication).
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/cell/migrations/{id}/keys", post(take_keys))
             .route("/cell/migrations/{id}/open", post(open_step))
             .route("/cell/migrations/{id}/qos", post(take_qos))
+            .route("/cell/migrations/{id}/history", axum::routing::get(history_page))
             .with_state(self.clone())
     }
 }
@@ -865,6 +934,66 @@ async fn take_qos(State(mover): State<Arc<Mover>>, Path(id): Path<String>, heade
         Ok(Err(QosRefused::Invalid(why))) => ApiError::bad_request("invalid", why).into_response(),
         Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    partition: u32,
+    #[serde(default)]
+    from: u64,
+    #[serde(default)]
+    since_ms: i64,
+}
+
+/// `GET /cell/migrations/{id}/history?partition=&from=&since_ms=`: a page
+/// of this cell's `output` holding the moved workspace's events (its
+/// sources' records at or after `since_ms`; key records and other
+/// workspaces' events skipped), for a replay on the cell it moved to.
+async fn history_page(
+    State(mover): State<Arc<Mover>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let grant = match mover.history_grant(&id, &headers).await {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(axum::extract::Query(q)) = query else {
+        return ApiError::bad_request("invalid", "?partition=<n>&from=<offset>&since_ms=<ms>").into_response();
+    };
+    let log = &mover.parts.log;
+    let unavailable = |e: sluice_log::LogError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response();
+    let partitions = match log.partitions(OUTPUT) {
+        Ok(n) => n,
+        Err(e) => return unavailable(e),
+    };
+    if q.partition >= partitions {
+        return ApiError::bad_request("invalid", format!("output has {partitions} partitions")).into_response();
+    }
+    let range = match log.offsets(OUTPUT, q.partition).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let from = q.from.max(range.start);
+    let (mut records, mut next) = (Vec::new(), from);
+    if from < range.end {
+        let batch = match log.read_batch(OUTPUT, q.partition, from, HISTORY_PAGE).await {
+            Ok(b) => b,
+            Err(e) => return unavailable(e),
+        };
+        next = batch.next.max(from);
+        for r in batch.records {
+            let ours = std::str::from_utf8(&r.key).ok().and_then(|k| k.split_once('/')).is_some_and(|(s, _)| grant.sources.iter().any(|g| g == s));
+            if !ours || r.timestamp_ms < q.since_ms || sluice_core::topics::is_internal_record(&r.value) {
+                continue;
+            }
+            // Events are JSON text; anything else is not one of them.
+            let (Ok(key), Ok(value)) = (String::from_utf8(r.key.to_vec()), String::from_utf8(r.value.to_vec())) else { continue };
+            records.push(crate::history::PageRecord { offset: r.offset, key, value, ts: r.timestamp_ms });
+        }
+    }
+    axum::Json(json!({ "partitions": partitions, "records": records, "next": next, "end": range.end })).into_response()
 }
 
 #[derive(Deserialize)]

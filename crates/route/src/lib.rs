@@ -16,6 +16,10 @@
 //! - A replay (`sluice replay`) routes old `output` events for one
 //!   destination with generation = the replay's id, so its jobs are new
 //!   jobs (delivered again) and re-running the same replay is idempotent.
+//! - In a cell that a workspace moved into, a replay also routes the
+//!   workspace's events from the `output` of the cells it came from
+//!   ([`History`]). Dedup made every event of the workspace land in exactly
+//!   one cell's `output`, so the cells' parts do not overlap.
 
 mod dead_letter;
 
@@ -39,6 +43,25 @@ pub use sluice_core::topics::OUTPUT as OUTPUT_TOPIC;
 /// The consumer group of the route stage on `output`.
 pub use sluice_core::topics::ROUTE_GROUP as GROUP;
 
+/// A batch of another cell's `output` records of one workspace (a replay's earlier part).
+pub struct EarlierBatch {
+    /// The cell whose log held them.
+    pub cell: String,
+    pub partition: u32,
+    pub records: Vec<sluice_log::StoredRecord>,
+}
+
+/// Where a workspace's events are that this cell's own log does not hold:
+/// the cells it was moved out of (`sluice_control::history`).
+pub trait History: Send + Sync {
+    /// Batches of `workspace`'s events at or after `since_ms` from the
+    /// cells it left; an `Err` ends the stream (that cell cannot be read).
+    fn earlier(&self, workspace: &str, since_ms: i64) -> tokio::sync::mpsc::Receiver<Result<EarlierBatch, String>>;
+}
+
+/// The history a replay reads, set once the cell's link to its control plane exists (empty: a single cell).
+pub type HistorySlot = Arc<std::sync::OnceLock<Arc<dyn History>>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error(transparent)]
@@ -49,6 +72,8 @@ pub enum RouteError {
     Director(String),
     #[error("{0}")]
     DeadLetters(String),
+    #[error("{0}")]
+    History(String),
 }
 
 /// Where the route hands jobs over: the local Centrifuge (`sluice serve`)
@@ -365,7 +390,7 @@ async fn route_records(
 /// them; they run here, inside `sluice serve`), and the dead-letter replays
 /// operators ask for (`sluice dead-letters replay`, the admin API); keep
 /// `sluice_route_dead_letters` current.
-pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, stop: Shutdown) {
+pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, history: HistorySlot, stop: Shutdown) {
     let planner = Planner::new(catalog.clone());
     let mut counted: Option<std::time::Instant> = None;
     while !stop.is_triggered() {
@@ -376,7 +401,7 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
         match pending {
             Ok(Ok(replays)) => {
                 for r in replays {
-                    let outcome = replay_one(&*log, &*jobs, &catalog, &r).await;
+                    let outcome = replay_one(&*log, &*jobs, &catalog, history.get(), &r).await;
                     let (state, error) = match &outcome {
                         Ok(_) => ("done", None),
                         Err(e) => ("failed", Some(e.to_string())),
@@ -407,6 +432,7 @@ async fn replay_one(
     log: &dyn Log,
     sink: &dyn JobSink,
     catalog: &Arc<Catalog>,
+    history: Option<&Arc<dyn History>>,
     r: &sluice_deliver::control::Replay,
 ) -> Result<(i64, i64), RouteError> {
     {
@@ -416,38 +442,70 @@ async fn replay_one(
     }
     tracing::info!(replay = r.id, destination = %r.destination, since_ms = r.since_ms, "replay started");
     let planner = Planner::new(catalog.clone());
-    let (mut events, mut made) = (0i64, 0i64);
+    let mut counts = (0i64, 0i64);
     for p in 0..log.partitions(OUTPUT_TOPIC)? {
         let range = log.offsets(OUTPUT_TOPIC, p).await?;
         let mut next = range.start;
         while next < range.end {
             let batch = log.read_batch(OUTPUT_TOPIC, p, next, 1000).await?;
-            let records = batch.records;
-            if records.is_empty() {
+            if batch.records.is_empty() {
                 break;
             }
             next = batch.next;
-            let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
-            let mut jobs = Vec::new();
-            let mut dead = Vec::new();
-            let replayed = |rec: &&sluice_log::StoredRecord| {
-                rec.timestamp_ms >= r.since_ms && rec.offset < range.end && !sluice_core::topics::is_internal_record(&rec.value)
-            };
-            for rec in records.iter().filter(replayed) {
-                events += 1;
-                match planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
-                    Ok(d) => jobs.extend(d.jobs),
-                    // Under the replay's generation and destination: replaying it re-delivers as this replay would have.
-                    Err(problem) => {
-                        tracing::warn!(replay = r.id, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event goes to the dead-letter store");
-                        dead.push(dead_letter::letter("replay", OUTPUT_TOPIC, p, rec, r.id, Some(&r.destination), problem));
-                    }
-                }
-            }
-            dead_letter::store(catalog, dead).await?;
-            made += jobs.len() as i64;
-            sink.insert_jobs(jobs, oldest).await?;
+            let records: Vec<_> = batch.records.into_iter().filter(|rec| rec.offset < range.end).collect();
+            replay_records(sink, catalog, &planner, r, OUTPUT_TOPIC, p, &records, &mut counts).await?;
         }
     }
-    Ok((events, made))
+    // The workspace's events in the cells it was moved out of.
+    let workspace = catalog
+        .snapshot()
+        .destinations
+        .get(&r.destination)
+        .map(|d| d.workspace.clone().unwrap_or_else(|| sluice_core::config::DEFAULT_WORKSPACE.to_owned()));
+    if let (Some(history), Some(workspace)) = (history, workspace) {
+        let mut earlier = history.earlier(&workspace, r.since_ms);
+        while let Some(batch) = earlier.recv().await {
+            let batch = batch.map_err(|e| RouteError::History(format!("this cell's part of the replay was done; an earlier cell's was not: {e}")))?;
+            let topic = format!("{OUTPUT_TOPIC}@{}", batch.cell);
+            replay_records(sink, catalog, &planner, r, &topic, batch.partition, &batch.records, &mut counts).await?;
+        }
+    }
+    Ok(counts)
+}
+
+/// Route `records` (of `topic`, partition `p`) for replay `r`: jobs for its
+/// destination, dead letters for what cannot be routed. Adds to `counts`
+/// (events replayed, jobs made).
+#[allow(clippy::too_many_arguments)]
+async fn replay_records(
+    sink: &dyn JobSink,
+    catalog: &Arc<Catalog>,
+    planner: &Planner,
+    r: &sluice_deliver::control::Replay,
+    topic: &str,
+    p: u32,
+    records: &[sluice_log::StoredRecord],
+    counts: &mut (i64, i64),
+) -> Result<(), RouteError> {
+    let oldest = records.iter().map(|r| r.timestamp_ms).min().unwrap_or(0);
+    let mut jobs = Vec::new();
+    let mut dead = Vec::new();
+    let replayed = |rec: &&sluice_log::StoredRecord| rec.timestamp_ms >= r.since_ms && !sluice_core::topics::is_internal_record(&rec.value);
+    for rec in records.iter().filter(replayed) {
+        counts.0 += 1;
+        match planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
+            Ok(d) => jobs.extend(d.jobs),
+            // Under the replay's generation and destination: replaying it re-delivers as this replay would have.
+            Err(problem) => {
+                tracing::warn!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event goes to the dead-letter store");
+                dead.push(dead_letter::letter("replay", topic, p, rec, r.id, Some(&r.destination), problem));
+            }
+        }
+    }
+    dead_letter::store(catalog, dead).await?;
+    counts.1 += jobs.len() as i64;
+    if !jobs.is_empty() {
+        sink.insert_jobs(jobs, oldest).await?;
+    }
+    Ok(())
 }

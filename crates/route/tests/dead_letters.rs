@@ -109,7 +109,7 @@ impl Fixture {
             self.metrics.clone(),
             self.stop.clone(),
         )));
-        self.tasks.push(tokio::spawn(sluice_route::run_replays(log, self.catalog.clone(), jobs, self.stop.clone())));
+        self.tasks.push(tokio::spawn(sluice_route::run_replays(log, self.catalog.clone(), jobs, Default::default(), self.stop.clone())));
     }
 
     fn committed(&self) -> Option<u64> {

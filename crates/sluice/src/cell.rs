@@ -36,12 +36,14 @@ impl CellLink {
 
 /// Start the link when `[cell]` names a control plane. `dedup_here`: this
 /// process runs dedup (its indexes are under `data_dir/dedup`), so it can
-/// hand a moving workspace's keys to another cell.
+/// hand a moving workspace's keys to another cell. `history`: this
+/// process's replays (when it routes), told where moved workspaces' earlier events are.
 pub async fn start(
     config: &Config,
     admin: &Arc<sluice_admin::AdminState>,
     dedup_here: bool,
     spool: Option<Arc<sluice_ingest::spool::Spool>>,
+    history: Option<sluice_route::HistorySlot>,
 ) -> Result<Option<CellLink>> {
     let c = &config.cell;
     let (Some(id), Some(url), Some(token)) = (&c.id, &c.control_url, &c.token) else { return Ok(None) };
@@ -51,6 +53,9 @@ pub async fn start(
     let agent = CellAgent::new(id.clone(), url.clone(), token.clone(), apply).map_err(anyhow::Error::msg).context("cannot start the cell's link")?;
     if let Some(ingest) = &admin.ingest {
         ingest.set_key_resolver(agent.clone());
+    }
+    if let Some(slot) = history {
+        let _ = slot.set(Arc::new(sluice_control::history::CellHistory::new(agent.clone())));
     }
     let stop = Shutdown::new();
     let catalog = admin.catalog.clone();

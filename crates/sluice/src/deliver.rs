@@ -30,6 +30,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
     stop: Shutdown,
+    /// Where replays find the events of workspaces moved here (set by the cell's link, `cell::start`).
+    pub history: sluice_route::HistorySlot,
 }
 
 /// How often a process checks that it still holds its scope lock.
@@ -223,6 +225,7 @@ pub async fn start(
     } else {
         None
     };
+    let history = sluice_route::HistorySlot::default();
     if route {
         let route_metrics = RouteMetrics::default();
         route_metrics.register(registry);
@@ -243,7 +246,7 @@ pub async fn start(
             route_metrics.clone(),
             stop.clone(),
         )));
-        tasks.push(tokio::spawn(sluice_route::run_replays(log, catalog.clone(), jobs, stop.clone())));
+        tasks.push(tokio::spawn(sluice_route::run_replays(log, catalog.clone(), jobs, history.clone(), stop.clone())));
     }
     let snap = catalog.snapshot();
     tracing::info!(
@@ -253,7 +256,7 @@ pub async fn start(
         director,
         "delivery running"
     );
-    Ok(Running { centrifuge, director_node, tasks, housekeeping, stop })
+    Ok(Running { centrifuge, director_node, tasks, housekeeping, stop, history })
 }
 
 impl Running {

@@ -678,7 +678,8 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
     // Sources come from the control database (seeded from the config, changed by the admin API).
     sluice_admin::apply_sources(&admin_state);
     st.tasks.push(sluice_admin::spawn_catalog_refresher(admin_state.clone()));
-    st.cell = cell::start(config, &admin_state, roles.dedup && config.dedup.enabled, st.spool.clone()).await?;
+    let history = st.delivery.as_ref().map(|d| d.history.clone());
+    st.cell = cell::start(config, &admin_state, roles.dedup && config.dedup.enabled, st.spool.clone(), history).await?;
     let migration_routes = st.cell.as_mut().and_then(|c| c.routes.take());
     if let (Some(l), Some(i)) = (listener, &st.ingest) {
         st.servers.push(tokio::spawn(serve(l, sluice_ingest::router(i.clone()), serve_options.clone(), stopped())));

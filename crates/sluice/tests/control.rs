@@ -1001,5 +1001,37 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
     delivered_once(&sink, "/mover", &want);
     // Straight to c2 now: another cell's, 421.
     assert_eq!(send(&http, &format!("http://{}", c2.addr), &key, &ids("stray2", 1), &[]).0, 421);
+
+    // A replay on c3 covers the workspace's events in every cell it passed through (c1 and c2's
+    // logs, then c3's own): each acknowledged event delivered once more, none more than that.
+    let admin = |path: &str| format!("http://{}{path}", c3.admin);
+    let r: Value = http
+        .post(admin("/api/replays"))
+        .bearer_auth(CELL_ADMIN_TOKEN)
+        .json(&json!({"destination": "mover-hook", "since_ms": 0}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let rid = r["id"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    // An earlier cell's log is read with the migration's token only.
+    let stolen = http.get(format!("http://{}/cell/migrations/{id}/history?partition=0", c1.admin)).bearer_auth("guess").send().unwrap();
+    assert_eq!(stolen.status(), 401);
+    let replay = || http.get(admin(&format!("/api/replays/{rid}"))).bearer_auth(CELL_ADMIN_TOKEN).send().unwrap().json::<Value>().unwrap();
+    let done = wait_for(
+        Duration::from_secs(60),
+        || Some(replay()).filter(|r| r["state"] == "done" || r["state"] == "failed"),
+        || format!("the replay: {}", replay()),
+    );
+    assert_eq!((&done["state"], done["events"].as_u64()), (&json!("done"), Some(want.len() as u64)), "every event in one cell's log: {done}");
+    wait_for(
+        Duration::from_secs(60),
+        || Some(sink.by_message_id("/mover")).filter(|d| want.iter().all(|id| d.get(id).is_some_and(|v| v.len() >= 2))),
+        || "every acknowledged event delivered again".into(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = sink.by_message_id("/mover");
+    let odd: Vec<_> = got.iter().filter(|(_, v)| v.len() != 2).map(|(k, v)| (k, v.len())).collect();
+    assert!(odd.is_empty() && got.len() == want.len(), "each event delivered exactly twice (once, then the replay): {odd:?}");
     drop((c2, c3, router));
 }
