@@ -57,6 +57,10 @@ pub struct MigrateBench {
     /// The migration's `copy_rate`: the most keys per second its snapshot copies (default: no limit).
     #[arg(long)]
     copy_rate: Option<u64>,
+    /// Seconds of a second window without a move, after the baseline: the
+    /// others' p99 in it against before is the measure's own noise.
+    #[arg(long, default_value_t = 0)]
+    quiet: u64,
     /// Give up on the move after this many seconds.
     #[arg(long, default_value_t = 1200)]
     timeout: u64,
@@ -348,6 +352,19 @@ pub fn bench_migrate(args: MigrateBench) -> Result<()> {
     let calm_b = Paced::start(&rt, router, &keys["calm-b"], "calm-b", args.calm_rate, start, stop.clone());
     std::thread::sleep(Duration::from_secs(2 + args.baseline));
     let (before_from, before_to) = (Duration::from_secs(2), start.elapsed());
+    if args.quiet > 0 {
+        std::thread::sleep(Duration::from_secs(args.quiet));
+        let quiet_to = start.elapsed();
+        for (name, p) in [("calm-a (cell a)", &calm_a), ("calm-b (cell b)", &calm_b)] {
+            let (before, quiet) = (p.between(before_from, before_to), p.between(before_to, quiet_to));
+            let (b99, q99) = (percentile_ms(&before, 0.99), percentile_ms(&quiet, 0.99));
+            println!(
+                "{name}: p99 before {b99:.2} ms, in {}s more without a move {q99:.2} ms: ratio {:.2} (the measure's noise)",
+                args.quiet,
+                q99 / b99
+            );
+        }
+    }
 
     // 3. The move.
     let moved_at = start.elapsed();
