@@ -83,8 +83,12 @@ pub struct CellParts {
     pub workspace_qos: Box<dyn Fn(&str) -> serde_json::Map<String, serde_json::Value> + Send + Sync>,
     /// Apply QoS rows a source sent for a workspace (blocking: a control-database write).
     pub apply_qos: Arc<dyn Fn(&str, serde_json::Map<String, serde_json::Value>) -> Result<(), QosRefused> + Send + Sync>,
-    /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain.
+    /// Unfinished jobs of a workspace's destinations (pending and spilled), for the drain:
+    /// this process's gauges (cheap, about a second behind; none when directors run elsewhere).
     pub unfinished_jobs: Box<dyn Fn(&str) -> u64 + Send + Sync>,
+    /// The same counted in the cell's JobDBs (every director's; blocking: it reads them all),
+    /// the drain's last word.
+    pub unfinished_in_jobdbs: Arc<dyn Fn(&str) -> Result<u64, String> + Send + Sync>,
 }
 
 /// Why QoS rows were not applied.
@@ -438,18 +442,33 @@ impl Mover {
             }
         };
         let caught_up = read_past(log.as_ref(), DEDUP_GROUP, INPUT, &input).await? && read_past(log.as_ref(), ROUTE_GROUP, OUTPUT, &output).await?;
-        let pending = (self.parts.unfinished_jobs)(&t.workspace);
+        let mut pending = (self.parts.unfinished_jobs)(&t.workspace);
         // The job gauges are refreshed about once a second: drained only when every look for
         // DRAINED_FOR said so (review: a job just inserted could read as none yet).
         let now = std::time::Instant::now();
-        let mut st = self.state.lock().expect("mover lock");
-        let since = if caught_up && pending == 0 {
-            *st.drained_since.entry(t.id.clone()).or_insert(now)
-        } else {
-            st.drained_since.remove(&t.id);
-            now
+        let since = {
+            let mut st = self.state.lock().expect("mover lock");
+            if caught_up && pending == 0 {
+                *st.drained_since.entry(t.id.clone()).or_insert(now)
+            } else {
+                st.drained_since.remove(&t.id);
+                now
+            }
         };
-        Ok((caught_up && pending == 0 && now.duration_since(since) >= DRAINED_FOR, pending))
+        if !(caught_up && pending == 0 && now.duration_since(since) >= DRAINED_FOR) {
+            return Ok((false, pending));
+        }
+        // The gauges say drained: the JobDBs must say so too (directors in other processes,
+        // jobs waiting for a retry). At most one count per DRAINED_FOR.
+        let (count, workspace) = (self.parts.unfinished_in_jobdbs.clone(), t.workspace.clone());
+        let in_jobdbs = tokio::task::spawn_blocking(move || count(&workspace)).await.map_err(|e| e.to_string())?;
+        match in_jobdbs {
+            Ok(0) => return Ok((true, 0)),
+            Ok(n) => pending = n,
+            Err(e) => tracing::warn!(migration = %t.id, error = %e, "cannot count the workspace's unfinished jobs in the JobDBs; the drain waits"),
+        }
+        self.state.lock().expect("mover lock").drained_since.remove(&t.id);
+        Ok((false, pending))
     }
 
     /// Remove what this cell (the source) holds of a workspace that moved:

@@ -70,6 +70,7 @@ pub async fn start(
         let (registry, catalog) = (admin.registry.clone(), admin.catalog.clone());
         let (of_source, has, qos_of) = (admin.catalog.clone(), admin.catalog.clone(), admin.catalog.clone());
         let qos_to = admin.clone();
+        let (jobdbs, of_jobs) = (crate::deliver::jobdbs_of(config)?, admin.catalog.clone());
         let parts = sluice_control::mover::CellParts {
             log: admin.log.clone(),
             ingest: ingest.clone(),
@@ -78,6 +79,7 @@ pub async fn start(
             state_dir: config.server.data_dir.join("migrations"),
             spool,
             unfinished_jobs: Box::new(move |workspace| unfinished_jobs(&registry, &catalog, workspace)),
+            unfinished_in_jobdbs: Arc::new(move |workspace| unfinished_in_jobdbs(&jobdbs, &of_jobs, workspace)),
             workspace_qos: Box::new(move |workspace| workspace_qos(&qos_of, workspace)),
             apply_qos: Arc::new(move |workspace, rows| apply_qos(&qos_to, workspace, rows)),
             workspace_of_source: Box::new(move |source| catalog_workspace(&of_source, "source", source)),
@@ -119,6 +121,26 @@ fn unfinished_jobs(registry: &Registry, catalog: &sluice_deliver::Catalog, works
         .filter(|s| s.label("destination").is_some_and(ours))
         .map(|s| s.value.max(0.0) as u64)
         .sum()
+}
+
+/// Unfinished jobs (last state not terminal) of `workspace`'s destinations in the cell's JobDBs. Blocks: reads them all.
+fn unfinished_in_jobdbs(jobdbs: &sluice_deliver::backend::JobDbs, catalog: &sluice_deliver::Catalog, workspace: &str) -> Result<u64, String> {
+    if let sluice_deliver::backend::JobDbs::Files(dir) = jobdbs {
+        if !dir.is_dir() {
+            return Ok(0); // no job was ever made here
+        }
+    }
+    let (_, counts) = sluice_deliver::inspect::stats_in(jobdbs).map_err(|e| e.to_string())?;
+    let snap = catalog.snapshot();
+    let ours = |d: &str| snap.destinations.get(d).is_some_and(|d| workspace_name(&d.workspace) == workspace);
+    let unfinished = counts
+        .iter()
+        .filter(|(d, _)| ours(d))
+        .flat_map(|(_, states)| states.iter())
+        .filter(|(state, _)| sluice_deliver::store::JobState::parse(state).is_some_and(|s| !s.is_terminal()))
+        .map(|(_, n)| *n)
+        .sum();
+    Ok(unfinished)
 }
 
 /// The QoS rows of `workspace`'s destinations (the default row for one that has none).
