@@ -585,6 +585,15 @@ fn a_migration_moves_buckets_step_by_step_and_flips_the_assignment_last(db: Db) 
     store.put_cell(&cell("third", Tier::Smb, &[])).unwrap();
     let on = store.start_migration("mover", "third", &[100], false).unwrap();
     assert_eq!((on.source_cell.as_str(), on.target_cell.as_str()), ("dst", "third"));
+    // A workspace's moves, oldest first (where a replay finds its earlier cells); a settings report is kept beside the others.
+    let all: Vec<String> = store.migrations_of_workspace("mover").unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(all, vec![m.id.clone(), on.id.clone()]);
+    assert!(store.migrations_of_workspace("nobody").unwrap().is_empty());
+    assert!(store.report_migration(&on.id, "settings", &serde_json::json!({"copy_rate": 5})).unwrap());
+    assert!(store.report_migration(&on.id, "source", &serde_json::json!({"keys_sent": 1})).unwrap());
+    let progress = store.migration(&on.id).unwrap().unwrap().progress;
+    assert_eq!((&progress["settings"]["copy_rate"], &progress["source"]["keys_sent"]), (&serde_json::json!(5), &serde_json::json!(1)));
+    assert!(store.report_migration(&on.id, "anyone", &serde_json::json!({})).is_err());
 }
 
 fn err_text<T: std::fmt::Debug>(r: Result<T, CellsError>) -> String {
