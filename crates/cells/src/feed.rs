@@ -164,9 +164,15 @@ impl GlobalStore {
     pub fn remove_source(&self, workspace: &str, source: &str) -> Result<bool, CellsError> {
         let conns = self.q("DELETE FROM {p}connections WHERE workspace = ? AND source = ?");
         let key = self.q("DELETE FROM {p}write_keys WHERE workspace = ? AND source = ?");
+        let tombstone =
+            self.q(&self.dialect().insert_missing(&format!("{PREFIX}removed_sources"), "source, workspace, removed_at", "?, ?, ?", "source"));
+        let now = now_ms();
         Ok(self.write("removing a source", |c| {
             c.execute(&conns, &[Arg::Text(workspace), Arg::Text(source)])?;
             let n = c.execute(&key, &[Arg::Text(workspace), Arg::Text(source)])?;
+            if n == 1 {
+                c.execute(&tombstone, &[Arg::Text(source), Arg::Text(workspace), Arg::Int(now)])?;
+            }
             self.bump(c, n)
         })? == 1)
     }
@@ -279,6 +285,12 @@ impl GlobalStore {
         let hash = key_hash(token);
         let sql = self.q("SELECT 1 FROM {p}cell_tokens WHERE cell = ? AND token_hash = ?");
         Ok(self.read("checking a cell token", |c| c.query_one(&sql, &[Arg::Text(cell), Arg::Bytes(&hash)], |r| r.int(0)))?.is_some())
+    }
+
+    /// The SHA-256 of `cell`'s token (the key of the history tokens the control plane signs for it).
+    pub fn cell_token_hash(&self, cell: &str) -> Result<Option<Vec<u8>>, CellsError> {
+        let sql = self.q("SELECT token_hash FROM {p}cell_tokens WHERE cell = ?");
+        self.read("reading a cell token", |c| c.query_one(&sql, &[Arg::Text(cell)], |r| r.bytes(0)))
     }
 
     /// `workspace`'s sources, destinations and connections, for the control plane's API.

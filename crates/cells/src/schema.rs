@@ -136,6 +136,17 @@ const CELL_TOKENS: Table = Table {
     without_rowid: false,
 };
 
+/// Source ids that were removed, with the workspace that had them: an id is
+/// never given to another workspace (its events stay in the cells' logs,
+/// and a replay reads them by source id).
+const REMOVED_SOURCES: Table = Table {
+    columns: &[col("source", SOURCE), col("workspace", ID), col("removed_at", Type::Int)],
+    primary_key: &["source"],
+    indexes: &[],
+    append_only: None,
+    without_rowid: false,
+};
+
 /// Migrations of workspaces between cells, done or not (docs/plans/MIGRATION.md):
 /// the state machine's row. Bucket sets are in `BucketSet`'s range form.
 const MIGRATIONS: Table = Table {
@@ -173,7 +184,7 @@ const ACTIVE_MIGRATIONS: Table = Table {
     without_rowid: false,
 };
 
-const TABLES: [(&str, Table); 13] = [
+const TABLES: [(&str, Table); 14] = [
     ("workspaces", WORKSPACES),
     ("write_keys", WRITE_KEYS),
     ("cells", CELLS),
@@ -187,6 +198,7 @@ const TABLES: [(&str, Table); 13] = [
     ("cell_tokens", CELL_TOKENS),
     ("migrations", MIGRATIONS),
     ("active_migrations", ACTIVE_MIGRATIONS),
+    ("removed_sources", REMOVED_SOURCES),
 ];
 
 /// The DDL of the global store (idempotent), then its one version row.

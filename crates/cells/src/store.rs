@@ -295,6 +295,16 @@ impl GlobalStore {
                 why: format!("source {source:?} (of workspace {owner:?}) has a key already: a source has one key (rotate it)"),
             });
         }
+        // A removed source's id stays its workspace's: its events are still in the cells' logs, found by that id.
+        let removed = self.q("SELECT workspace FROM {p}removed_sources WHERE source = ?");
+        if let Some(owner) = self.read("reading removed sources", |c| c.query_one(&removed, &[Arg::Text(source)], |r| r.text(0)))? {
+            if owner != workspace {
+                return Err(CellsError::Invalid {
+                    what: "source id",
+                    why: format!("{source:?} was workspace {owner:?}'s: a source id is never given to another workspace (its events stay in the logs under it)"),
+                });
+            }
+        }
         let hash = key_hash(key);
         let sql =
             self.q(&self.dialect.insert_new(&format!("{PREFIX}write_keys"), "key_hash, workspace, source, created_at", "?, ?, ?, ?", "key_hash"));

@@ -150,6 +150,12 @@ fn a_cells_feed_holds_exactly_the_enabled_workspaces_it_serves(db: Db) {
     assert!(store.rotate_write_key("w2", "w2-web", "wk_w2_new").unwrap());
     assert!(store.route_key("wk_w2").unwrap().is_none());
     assert_eq!(store.route_key("wk_w2_new").unwrap().unwrap().source, "w2-web");
+    // A removed source's id is never another workspace's (its events stay in the logs under it); its own may add it again.
+    store.add_write_key("wk_gone", "w1", "w1-gone").unwrap();
+    assert!(store.remove_source("w1", "w1-gone").unwrap());
+    let err = store.add_write_key("wk_taken", "w2", "w1-gone").unwrap_err().to_string();
+    assert!(err.contains("never given to another workspace"), "{err}");
+    assert!(store.add_write_key("wk_back", "w1", "w1-gone").unwrap());
     // All placements in one read agree with each workspace's own.
     for (w, at) in store.placements().unwrap() {
         assert_eq!(at, store.resolve(&w.id).unwrap(), "{}", w.id);

@@ -216,7 +216,6 @@ pub fn app(cp: Shared, registry: Arc<Registry>) -> Router {
         .route("/api/cells/{id}/usage", post(cell_usage))
         .route("/api/cells/{id}/migrations", get(migrate::cell_tasks))
         .route("/api/cells/{id}/migrations/{m}/report", post(migrate::cell_report))
-        .route("/api/cells/{id}/migrations/{m}/grant", get(migrate::cell_grant))
         .route("/api/cells/{id}/history/{workspace}", get(migrate::cell_history));
     let metrics_token = cp.settings.metrics_token.clone();
     let token = cp.settings.token.clone();

@@ -244,45 +244,45 @@ pub(crate) async fn cell_tasks(State(cp): State<Shared>, Path(id): Path<String>,
 
 /// `GET /api/cells/{id}/history/{workspace}`: the cells the workspace was
 /// moved out of (their buckets cut over: past copying), one migration per
-/// cell with its token, for a replay on the cell that serves it now.
+/// cell, each with a read-only history token only that cell can check
+/// (`history::history_token`, keyed by its own token's hash), for a replay
+/// on the cell that serves it now. Refused while the workspace moves (a
+/// replay then would miss what the other side holds); retired cells are
+/// listed apart (their logs are gone with them).
 pub(crate) async fn cell_history(State(cp): State<Shared>, Path((id, workspace)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
     cell_auth(&cp, &id, &headers).await?;
-    let earlier = cp
+    let answer = cp
         .store(move |s| {
             if s.resolve(&workspace)?.is_none_or(|p| p.cell != id) {
-                return Ok(None);
+                return Ok(Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell does not serve that workspace")));
             }
-            let mut by_cell: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
-            for m in s.migrations_of_workspace(&workspace)? {
-                let past_cutover = matches!(m.phase, Phase::Draining | Phase::Cleanup | Phase::Done) || !m.moved.is_empty();
-                if m.source_cell == id || !past_cutover {
+            let moves = s.migrations_of_workspace(&workspace)?;
+            if let Some(m) = moves.iter().find(|m| m.phase.active()) {
+                return Ok(Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "moving",
+                    format!("workspace {workspace:?} is moving ({}, {}): replay once the move has ended", m.id, m.phase.as_str()),
+                )));
+            }
+            let sources = s.workspace_sources(&workspace)?;
+            let (mut earlier, mut retired) = (std::collections::BTreeMap::new(), Vec::new());
+            for m in moves.iter().filter(|m| m.source_cell != id && m.phase == Phase::Done) {
+                let Some(cell) = s.cell(&m.source_cell)? else { continue };
+                if cell.state == sluice_cells::CellState::Retired {
+                    retired.push(cell.id);
                     continue;
                 }
-                let url = s.cell(&m.source_cell)?.map(|c| c.admin_url).unwrap_or_default();
+                let Some(key) = s.cell_token_hash(&cell.id)? else { continue };
+                let token = crate::history::history_token(&key, &m.id, &workspace, &sources);
                 // The latest move out of each cell stands for all: the cell's log holds every stay's events.
-                by_cell.insert(m.source_cell.clone(), json!({"migration": m.id, "cell": m.source_cell, "admin_url": url, "token": m.token}));
+                earlier.insert(cell.id.clone(), json!({"migration": m.id, "cell": cell.id, "admin_url": cell.admin_url, "token": token}));
             }
-            Ok(Some(by_cell.into_values().collect::<Vec<_>>()))
+            retired.sort();
+            retired.dedup();
+            Ok(Ok(json!({ "sources": sources, "earlier": earlier.into_values().collect::<Vec<_>>(), "retired": retired })))
         })
         .await?;
-    let Some(earlier) = earlier else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell does not serve that workspace"));
-    };
-    ok(json!({ "earlier": earlier }))
-}
-
-/// `GET /api/cells/{id}/migrations/{m}/grant`: for the migration's source
-/// cell only, what a history request for it may read (the workspace's
-/// sources) and the token it must carry.
-pub(crate) async fn cell_grant(State(cp): State<Shared>, Path((id, mid)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
-    cell_auth(&cp, &id, &headers).await?;
-    let m = find(&cp, mid).await?;
-    if m.source_cell != id {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this cell is not that migration's source"));
-    }
-    let ws = m.workspace.clone();
-    let sources = cp.store(move |s| s.workspace_sources(&ws)).await?;
-    ok(json!({ "workspace": m.workspace, "token": m.token, "sources": sources }))
+    ok(answer?)
 }
 
 /// `POST /api/cells/{id}/migrations/{m}/report`: the cell's progress in its role.

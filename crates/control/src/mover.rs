@@ -169,23 +169,12 @@ pub struct Mover {
     gate_writes: tokio::sync::Mutex<()>,
     /// When the task list was last read on a request's behalf.
     refreshed: Mutex<Option<std::time::Instant>>,
-    /// History grants of migrations this cell was the source of: id → (grant, when read).
-    grants: Mutex<HashMap<String, (Grant, std::time::Instant)>>,
-    /// When a grant was last asked for on a request's behalf.
-    granted: Mutex<Option<std::time::Instant>>,
 }
 
-/// What a history request for a migration may read, as the control plane says.
-#[derive(Debug, Clone, Deserialize)]
-struct Grant {
-    token: String,
-    sources: Vec<String>,
-}
-
-/// How long a grant read from the control plane is trusted.
-const GRANT_FRESH: Duration = Duration::from_secs(60);
 /// Output records read per history page.
 const HISTORY_PAGE: usize = 2_000;
+/// The most event bytes in one history page (the page ends early past it).
+const HISTORY_PAGE_BYTES: usize = 4 << 20;
 
 #[derive(Serialize, Deserialize, Default)]
 struct GateFile {
@@ -208,15 +197,7 @@ impl Mover {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", file.display())),
         }
-        Ok(Arc::new(Mover {
-            agent,
-            parts,
-            state: Mutex::default(),
-            gate_writes: tokio::sync::Mutex::new(()),
-            refreshed: Mutex::default(),
-            grants: Mutex::default(),
-            granted: Mutex::default(),
-        }))
+        Ok(Arc::new(Mover { agent, parts, state: Mutex::default(), gate_writes: tokio::sync::Mutex::new(()), refreshed: Mutex::default() }))
     }
 
     /// Set `workspace`'s gate entry (`None`: remove it) and keep it on
@@ -794,50 +775,6 @@ impl Mover {
         Ok(task)
     }
 
-    /// The grant of migration `id` if `headers` carry its token: from the
-    /// cache, or asked of the control plane (at most every 100 ms on
-    /// requests' behalf, so outsiders cannot make this cell call it at will).
-    async fn history_grant(&self, id: &str, headers: &HeaderMap) -> Result<Grant, ApiError> {
-        let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the migration's token>");
-        let Some(token) = bearer(headers).map(str::to_owned) else { return Err(refused()) };
-        let cached = self.grants.lock().expect("grants lock").get(id).filter(|(_, at)| at.elapsed() < GRANT_FRESH).map(|(g, _)| g.clone());
-        let grant = match cached {
-            Some(g) => g,
-            None => {
-                {
-                    let mut last = self.granted.lock().expect("granted lock");
-                    if last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
-                        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", "retry in a moment"));
-                    }
-                    *last = Some(std::time::Instant::now());
-                }
-                let a = &self.agent;
-                let resp = a.http.get(a.url(&format!("migrations/{id}/grant"))).bearer_auth(&a.token).send().await;
-                let resp = resp
-                    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the control plane did not answer: {e}")))?;
-                if resp.status().is_client_error() {
-                    return Err(refused());
-                }
-                if !resp.status().is_success() {
-                    return Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        format!("the control plane answered {}", resp.status()),
-                    ));
-                }
-                let g: Grant = resp.json().await.map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
-                let mut grants = self.grants.lock().expect("grants lock");
-                grants.retain(|_, (_, at)| at.elapsed() < GRANT_FRESH);
-                grants.insert(id.to_owned(), (g.clone(), std::time::Instant::now()));
-                g
-            }
-        };
-        if !token_matches(&token, &grant.token) {
-            return Err(refused());
-        }
-        Ok(grant)
-    }
-
     /// The cell-to-cell endpoints, for the admin port (outside its `/api` guard: the migration's token is their authentication).
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
@@ -884,6 +821,10 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    // Keys and QoS rows come while keys are copied and fenced; after the last cutover, nothing may change them.
+    if !matches!(task.phase.as_str(), "copying" | "cutover") {
+        return ApiError::new(StatusCode::GONE, "moved", format!("the migration is {}: it takes nothing more", task.phase)).into_response();
+    }
     let body = match read_limited(body, MAX_KEYS_BODY).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -939,6 +880,10 @@ async fn take_qos(State(mover): State<Arc<Mover>>, Path(id): Path<String>, heade
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    // Keys and QoS rows come while keys are copied and fenced; after the last cutover, nothing may change them.
+    if !matches!(task.phase.as_str(), "copying" | "cutover") {
+        return ApiError::new(StatusCode::GONE, "moved", format!("the migration is {}: it takes nothing more", task.phase)).into_response();
+    }
     let body = match read_limited(body, 1 << 20).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -962,6 +907,9 @@ struct HistoryQuery {
     from: u64,
     #[serde(default)]
     since_ms: i64,
+    workspace: String,
+    /// The workspace's source ids, comma-separated (as the token was made for them).
+    sources: String,
 }
 
 /// `GET /cell/migrations/{id}/history?partition=&from=&since_ms=`: a page
@@ -974,13 +922,17 @@ async fn history_page(
     headers: HeaderMap,
     query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let grant = match mover.history_grant(&id, &headers).await {
-        Ok(g) => g,
-        Err(e) => return e.into_response(),
-    };
+    // The token first (checked here, from this cell's own token: no call out), then the query.
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <the history token the control plane gave>");
+    let Some(token) = bearer(&headers).map(str::to_owned) else { return refused().into_response() };
     let Ok(axum::extract::Query(q)) = query else {
-        return ApiError::bad_request("invalid", "?partition=<n>&from=<offset>&since_ms=<ms>").into_response();
+        return ApiError::bad_request("invalid", "?partition=<n>&from=<offset>&since_ms=<ms>&workspace=<id>&sources=<ids>").into_response();
     };
+    let sources: Vec<String> = q.sources.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let own_key = sluice_cells::store::key_hash(&mover.agent.token);
+    if !token_matches(&token, &crate::history::history_token(&own_key, &id, &q.workspace, &sources)) {
+        return refused().into_response();
+    }
     let log = &mover.parts.log;
     let unavailable = |e: sluice_log::LogError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response();
     let partitions = match log.partitions(OUTPUT) {
@@ -1002,13 +954,19 @@ async fn history_page(
             Err(e) => return unavailable(e),
         };
         next = batch.next.max(from);
+        let mut bytes = 0;
         for r in batch.records {
-            let ours = std::str::from_utf8(&r.key).ok().and_then(|k| k.split_once('/')).is_some_and(|(s, _)| grant.sources.iter().any(|g| g == s));
+            if bytes >= HISTORY_PAGE_BYTES {
+                next = r.offset; // the rest in the next page
+                break;
+            }
+            let ours = std::str::from_utf8(&r.key).ok().and_then(|k| k.split_once('/')).is_some_and(|(s, _)| sources.iter().any(|g| g == s));
             if !ours || r.timestamp_ms < q.since_ms || sluice_core::topics::is_internal_record(&r.value) {
                 continue;
             }
             // Events are JSON text; anything else is not one of them.
             let (Ok(key), Ok(value)) = (String::from_utf8(r.key.to_vec()), String::from_utf8(r.value.to_vec())) else { continue };
+            bytes += key.len() + value.len();
             records.push(crate::history::PageRecord { offset: r.offset, key, value, ts: r.timestamp_ms });
         }
     }

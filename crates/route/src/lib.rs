@@ -401,12 +401,14 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
         match pending {
             Ok(Ok(replays)) => {
                 for r in replays {
-                    let outcome = replay_one(&*log, &*jobs, &catalog, history.get(), &r).await;
+                    // What a failed replay did before it failed is counted too (its jobs were made).
+                    let mut counts = (0, 0);
+                    let outcome = replay_one(&*log, &*jobs, &catalog, history.get(), &r, &mut counts).await;
                     let (state, error) = match &outcome {
-                        Ok(_) => ("done", None),
+                        Ok(()) => ("done", None),
                         Err(e) => ("failed", Some(e.to_string())),
                     };
-                    let (events, jobs) = outcome.unwrap_or((0, 0));
+                    let (events, jobs) = counts;
                     tracing::info!(replay = r.id, destination = %r.destination, events, jobs, state, "replay finished");
                     let c = catalog.clone();
                     let _ =
@@ -434,7 +436,8 @@ async fn replay_one(
     catalog: &Arc<Catalog>,
     history: Option<&Arc<dyn History>>,
     r: &sluice_deliver::control::Replay,
-) -> Result<(i64, i64), RouteError> {
+    counts: &mut (i64, i64),
+) -> Result<(), RouteError> {
     {
         let c = catalog.clone();
         let id = r.id;
@@ -442,7 +445,24 @@ async fn replay_one(
     }
     tracing::info!(replay = r.id, destination = %r.destination, since_ms = r.since_ms, "replay started");
     let planner = Planner::new(catalog.clone());
-    let mut counts = (0i64, 0i64);
+    // The earlier cells' part is asked for first: a replay the control plane refuses (the
+    // workspace is moving) or whose first earlier cell cannot be read fails before it routes anything.
+    let workspace = catalog
+        .snapshot()
+        .destinations
+        .get(&r.destination)
+        .map(|d| d.workspace.clone().unwrap_or_else(|| sluice_core::config::DEFAULT_WORKSPACE.to_owned()));
+    let mut earlier = match (history, workspace) {
+        (Some(history), Some(workspace)) => Some(history.earlier(&workspace, r.since_ms)),
+        _ => None,
+    };
+    let first = match earlier.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => None,
+    };
+    if let Some(Err(e)) = &first {
+        return Err(RouteError::History(format!("nothing replayed: {e}")));
+    }
     for p in 0..log.partitions(OUTPUT_TOPIC)? {
         let range = log.offsets(OUTPUT_TOPIC, p).await?;
         let mut next = range.start;
@@ -453,24 +473,20 @@ async fn replay_one(
             }
             next = batch.next;
             let records: Vec<_> = batch.records.into_iter().filter(|rec| rec.offset < range.end).collect();
-            replay_records(sink, catalog, &planner, r, OUTPUT_TOPIC, p, &records, &mut counts).await?;
+            replay_records(sink, catalog, &planner, r, OUTPUT_TOPIC, p, &records, counts).await?;
         }
     }
     // The workspace's events in the cells it was moved out of.
-    let workspace = catalog
-        .snapshot()
-        .destinations
-        .get(&r.destination)
-        .map(|d| d.workspace.clone().unwrap_or_else(|| sluice_core::config::DEFAULT_WORKSPACE.to_owned()));
-    if let (Some(history), Some(workspace)) = (history, workspace) {
-        let mut earlier = history.earlier(&workspace, r.since_ms);
-        while let Some(batch) = earlier.recv().await {
-            let batch = batch.map_err(|e| RouteError::History(format!("this cell's part of the replay was done; an earlier cell's was not: {e}")))?;
-            let topic = format!("{OUTPUT_TOPIC}@{}", batch.cell);
-            replay_records(sink, catalog, &planner, r, &topic, batch.partition, &batch.records, &mut counts).await?;
-        }
+    let Some(mut earlier) = earlier else { return Ok(()) };
+    let mut next = first;
+    while let Some(batch) = next {
+        let batch =
+            batch.map_err(|e| RouteError::History(format!("this cell's part of the replay was done, an earlier cell's only in part: {e}")))?;
+        let topic = format!("{OUTPUT_TOPIC}@{}", batch.cell);
+        replay_records(sink, catalog, &planner, r, &topic, batch.partition, &batch.records, counts).await?;
+        next = earlier.recv().await;
     }
-    Ok(counts)
+    Ok(())
 }
 
 /// Route `records` (of `topic`, partition `p`) for replay `r`: jobs for its

@@ -1015,8 +1015,30 @@ fn a_workspace_moves_between_cells_under_live_traffic_losing_nothing_and_deliver
         .unwrap();
     let rid = r["id"].as_i64().unwrap_or_else(|| panic!("{r}"));
     // An earlier cell's log is read with the migration's token only.
-    let stolen = http.get(format!("http://{}/cell/migrations/{id}/history?partition=0", c1.admin)).bearer_auth("guess").send().unwrap();
+    let stolen = http
+        .get(format!("http://{}/cell/migrations/{id}/history?partition=0&workspace=mover&sources=mover-web", c1.admin))
+        .bearer_auth("hist_guess")
+        .send()
+        .unwrap();
     assert_eq!(stolen.status(), 401);
+    // Nor while a workspace moves: the replay fails before it routes anything (the other side's part would be missing).
+    let (status, m) = api.call("POST", "/api/migrations", Some(json!({"workspace": "stays", "to": "c3", "paused": true, "force": true})));
+    assert_eq!(status, 201, "{m}");
+    let moving = m["id"].as_str().unwrap().to_owned();
+    let refused: Value = http
+        .post(format!("http://{}/api/replays", c1.admin))
+        .bearer_auth(CELL_ADMIN_TOKEN)
+        .json(&json!({"destination": "stays-hook", "since_ms": 0}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let refused_id = refused["id"].as_i64().unwrap();
+    let refused_state =
+        || http.get(format!("http://{}/api/replays/{refused_id}", c1.admin)).bearer_auth(CELL_ADMIN_TOKEN).send().unwrap().json::<Value>().unwrap();
+    let failed = wait_for(Duration::from_secs(60), || Some(refused_state()).filter(|r| r["state"] == "failed"), || format!("{}", refused_state()));
+    assert!(failed["error"].as_str().unwrap().contains("is moving") && failed["jobs"] == 0, "{failed}");
+    api.ok("POST", &format!("/api/migrations/{moving}/abort"), None);
     let replay = || http.get(admin(&format!("/api/replays/{rid}"))).bearer_auth(CELL_ADMIN_TOKEN).send().unwrap().json::<Value>().unwrap();
     let done = wait_for(
         Duration::from_secs(60),
