@@ -190,3 +190,25 @@ async fn page(agent: &CellAgent, e: &Earlier, workspace: &str, sources: &str, pa
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_token_reads_one_cells_history_of_one_workspace_and_its_sources() {
+        let s1 = vec!["s1".to_owned()];
+        let t = history_token(b"cell-a-key", "m1", "ws", &s1);
+        assert!(t.starts_with("hist_") && t.len() == 5 + 64, "{t}");
+        assert_eq!(t, history_token(b"cell-a-key", "m1", "ws", &s1));
+        let others = [
+            history_token(b"cell-b-key", "m1", "ws", &s1),
+            history_token(b"cell-a-key", "m2", "ws", &s1),
+            history_token(b"cell-a-key", "m1", "ws2", &s1),
+            history_token(b"cell-a-key", "m1", "ws", &["s1".to_owned(), "s2".to_owned()]),
+        ];
+        for other in others {
+            assert_ne!(t, other);
+        }
+    }
+}
