@@ -266,7 +266,8 @@ fn the_control_plane_hands_workspaces_to_cells_meters_them_and_grows_the_fleet()
     );
     // A report sent twice counts once.
     let c1_token = std::fs::read_to_string(dir_a.path().join("sluice.toml")).unwrap();
-    let c1_token = c1_token.lines().find_map(|l| l.strip_prefix("token = \"")).unwrap().trim_end_matches('"').to_owned();
+    // The `[cell]` token: the last `token` of the file (`[admin]` has one before it).
+    let c1_token = c1_token.lines().rev().find_map(|l| l.strip_prefix("token = \"")).unwrap().trim_end_matches('"').to_owned();
     let report = json!({"report_id": "replayed-1", "rows": [{"workspace": "acme", "hour": 0, "metric": "accepted", "value": 5}]});
     for expected in [true, false] {
         let resp = http.post(format!("{}/api/cells/c1/usage", api.base)).bearer_auth(&c1_token).json(&report).send().unwrap();
