@@ -162,6 +162,11 @@ impl ControlPlane {
     }
 
     /// What the last scrape saw of each cell.
+    /// What the last scrape saw of `cell`.
+    pub fn load(&self, cell: &str) -> Option<capacity::CellLoad> {
+        self.loads.read().expect("loads lock").get(cell).cloned()
+    }
+
     pub fn loads(&self) -> BTreeMap<String, capacity::CellLoad> {
         self.loads.read().expect("loads lock").clone()
     }

@@ -93,7 +93,7 @@ fn unhealthy(load: &CellLoad) -> Option<String> {
 pub(crate) async fn start(State(cp): State<Shared>, raw: Bytes) -> ApiResult {
     let req: StartMigration = body(&raw)?;
     let steps = req.steps.unwrap_or_else(|| vec![100]);
-    let room = no_room(&req.to, cp.loads().get(&req.to));
+    let room = no_room(&req.to, cp.load(&req.to).as_ref());
     let m = cp
         .store(move |s| {
             // Keys go cell to cell over the cells' admin ports: both must have one.
@@ -334,7 +334,7 @@ async fn drive(cp: &Shared, step_interval: Duration) -> Result<(), ApiError> {
                     // A later step of a gradual move: only while the target copes with what it took.
                     if m.step > 0 {
                         let fresh_ms = LOAD_FRESH_MS.max(3 * cp.settings.scrape_every.as_millis() as i64);
-                        let load = cp.loads().remove(&m.target_cell);
+                        let load = cp.load(&m.target_cell);
                         let Some(load) =
                             load.filter(|l| l.error.is_none() && full_reading(l) && sluice_core::clock::now_ms() - l.scraped_at_ms < fresh_ms)
                         else {

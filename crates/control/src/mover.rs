@@ -775,6 +775,17 @@ impl Mover {
         Ok(task)
     }
 
+    /// The task `id` for a source's keys or QoS rows: this cell its target,
+    /// `headers` its token, and the migration still copying or fenced (after
+    /// the last cutover nothing may change them: 410).
+    async fn copying_target(&self, id: &str, headers: &HeaderMap) -> Result<Task, ApiError> {
+        let task = self.authorized(id, "target", headers, false).await?;
+        if !matches!(task.phase.as_str(), "copying" | "cutover") {
+            return Err(ApiError::new(StatusCode::GONE, "moved", format!("the migration is {}: it takes nothing more", task.phase)));
+        }
+        Ok(task)
+    }
+
     /// The cell-to-cell endpoints, for the admin port (outside its `/api` guard: the migration's token is their authentication).
     pub fn routes(self: &Arc<Self>) -> Router {
         Router::new()
@@ -817,14 +828,10 @@ fn source_entry(moved: BucketSet, fenced: BucketSet) -> GateEntry {
 
 /// `POST /cell/migrations/{id}/keys`: lines of `<source>/<messageId>\t<ms>`, appended as key records.
 async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let task = match mover.authorized(&id, "target", &headers, false).await {
+    let task = match mover.copying_target(&id, &headers).await {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    // Keys and QoS rows come while keys are copied and fenced; after the last cutover, nothing may change them.
-    if !matches!(task.phase.as_str(), "copying" | "cutover") {
-        return ApiError::new(StatusCode::GONE, "moved", format!("the migration is {}: it takes nothing more", task.phase)).into_response();
-    }
     let body = match read_limited(body, MAX_KEYS_BODY).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -876,14 +883,10 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
 
 /// `POST /cell/migrations/{id}/qos`: the source's QoS rows of the workspace's destinations.
 async fn take_qos(State(mover): State<Arc<Mover>>, Path(id): Path<String>, headers: HeaderMap, body: axum::body::Body) -> Response {
-    let task = match mover.authorized(&id, "target", &headers, false).await {
+    let task = match mover.copying_target(&id, &headers).await {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    // Keys and QoS rows come while keys are copied and fenced; after the last cutover, nothing may change them.
-    if !matches!(task.phase.as_str(), "copying" | "cutover") {
-        return ApiError::new(StatusCode::GONE, "moved", format!("the migration is {}: it takes nothing more", task.phase)).into_response();
-    }
     let body = match read_limited(body, 1 << 20).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
