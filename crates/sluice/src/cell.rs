@@ -111,10 +111,15 @@ fn catalog_workspace(catalog: &sluice_deliver::Catalog, kind: &str, id: &str) ->
     ws
 }
 
+/// Whether destination `id` is `workspace`'s in `snap`.
+fn of_workspace(snap: &sluice_deliver::control::CatalogSnapshot, id: &str, workspace: &str) -> bool {
+    snap.destinations.get(id).is_some_and(|d| workspace_name(&d.workspace) == workspace)
+}
+
 /// Unfinished jobs (in memory and spilled) of `workspace`'s destinations, from this process's metrics.
 fn unfinished_jobs(registry: &Registry, catalog: &sluice_deliver::Catalog, workspace: &str) -> u64 {
     let snap = catalog.snapshot();
-    let ours = |d: &str| snap.destinations.get(d).is_some_and(|d| workspace_name(&d.workspace) == workspace);
+    let ours = |d: &str| of_workspace(&snap, d, workspace);
     sluice_core::metrics::parse_text(&sluice_core::metrics::render(registry))
         .iter()
         .filter(|s| matches!(s.name.as_str(), "sluice_deliver_pending" | "sluice_deliver_spilled"))
@@ -132,7 +137,7 @@ fn unfinished_in_jobdbs(jobdbs: &sluice_deliver::backend::JobDbs, catalog: &slui
     }
     let (_, counts) = sluice_deliver::inspect::stats_in(jobdbs).map_err(|e| e.to_string())?;
     let snap = catalog.snapshot();
-    let ours = |d: &str| snap.destinations.get(d).is_some_and(|d| workspace_name(&d.workspace) == workspace);
+    let ours = |d: &str| of_workspace(&snap, d, workspace);
     let unfinished = counts
         .iter()
         .filter(|(d, _)| ours(d))
@@ -148,7 +153,7 @@ fn workspace_qos(catalog: &sluice_deliver::Catalog, workspace: &str) -> serde_js
     let snap = catalog.snapshot();
     snap.destinations
         .iter()
-        .filter(|(_, d)| workspace_name(&d.workspace) == workspace)
+        .filter(|(id, _)| of_workspace(&snap, id, workspace))
         .map(|(id, _)| (id.clone(), serde_json::to_value(snap.qos.get(id).cloned().unwrap_or_default()).expect("a QoS row serializes")))
         .collect()
 }
