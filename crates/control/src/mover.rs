@@ -570,11 +570,13 @@ impl Mover {
             }
         }
         // 2. The snapshot, partition by partition, through a bounded channel to the sender.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(4);
+        // Chunks go as ready request bodies (`<key>\t<ms>` lines): the runtime that serves
+        // this cell's ingest only sends them.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u64)>(4);
         let (window, scratch, moved, id) = (self.parts.window, self.parts.state_dir.join(format!("scratch-{}", t.id)), t.moved, t.id.clone());
         let reader = tokio::task::spawn_blocking(move || -> Result<u64, String> {
             let _ = std::fs::remove_dir_all(&scratch);
-            let mut chunk = Vec::with_capacity(KEYS_PER_SEND);
+            let mut chunk = KeyLines::default();
             let mut total = 0;
             for p in 0..parts {
                 let mut closed = false;
@@ -583,10 +585,10 @@ impl Mover {
                     if key.split_once('/').is_some_and(|(_, m)| moved.contains(bucket_for(m))) {
                         return true;
                     }
-                    chunk.push(format!("{key}\t{ts}"));
+                    chunk.push(key, ts);
                     total += 1;
-                    if chunk.len() >= KEYS_PER_SEND {
-                        closed = tx.blocking_send(std::mem::take(&mut chunk)).is_err();
+                    if chunk.keys >= KEYS_PER_SEND as u64 {
+                        closed = tx.blocking_send(std::mem::take(&mut chunk).into_body()).is_err();
                     }
                     !closed
                 })
@@ -595,17 +597,17 @@ impl Mover {
                     return Err("the sender stopped".into());
                 }
             }
-            if !chunk.is_empty() {
-                tx.blocking_send(chunk).map_err(|_| "the sender stopped".to_owned())?;
+            if chunk.keys > 0 {
+                tx.blocking_send(chunk.into_body()).map_err(|_| "the sender stopped".to_owned())?;
             }
             let _ = std::fs::remove_dir_all(&scratch);
             Ok(total)
         });
         let (began, mut sent) = (tokio::time::Instant::now(), 0u64);
-        while let Some(chunk) = rx.recv().await {
-            self.send_keys(&t, &chunk).await?;
-            self.progress(&id, |p| p.keys_sent += chunk.len() as u64);
-            sent += chunk.len() as u64;
+        while let Some((body, n)) = rx.recv().await {
+            self.post_to_target(&t, "keys", "keys", body).await?;
+            self.progress(&id, |p| p.keys_sent += n);
+            sent += n;
             // An operator's limit (`copy_rate`) spares the two cells' other workspaces the copy's load.
             if let Some(rate) = t.copy_rate.filter(|r| *r > 0) {
                 tokio::time::sleep_until(began + Duration::from_secs_f64(sent as f64 / rate as f64)).await;
@@ -673,21 +675,22 @@ impl Mover {
                 {
                     continue;
                 }
-                keys.push(format!("{key}\t{}", r.timestamp_ms.max(0)));
+                keys.push((key.to_owned(), r.timestamp_ms.max(0) as u64));
             }
             *at = batch.next.max(*at);
             lag += log.offsets(INPUT, p as u32).await.map_err(|e| e.to_string())?.end.saturating_sub(*at);
         }
         for chunk in keys.chunks(KEYS_PER_SEND) {
-            self.send_keys(t, chunk).await?;
-            self.progress(&t.id, |p| p.keys_sent += chunk.len() as u64);
+            let mut lines = KeyLines::default();
+            for (key, ms) in chunk {
+                lines.push(key, *ms);
+            }
+            let (body, n) = lines.into_body();
+            self.post_to_target(t, "keys", "keys", body).await?;
+            self.progress(&t.id, |p| p.keys_sent += n);
         }
         self.progress(&t.id, |p| p.tail_lag = Some(lag));
         Ok(read)
-    }
-
-    async fn send_keys(&self, t: &Task, keys: &[String]) -> Result<(), String> {
-        self.post_to_target(t, "keys", "keys", keys.join("\n").into_bytes()).await
     }
 
     async fn open_on_target(&self, t: &Task) -> Result<(), String> {
@@ -822,6 +825,28 @@ async fn read_past(log: &dyn Log, group: &str, topic: &str, ends: &[u64]) -> Res
 }
 
 /// The source's gate: what is neither moved nor fenced.
+/// A `/keys` request body being built: `<source>/<messageId>\t<ms>` lines.
+#[derive(Default)]
+struct KeyLines {
+    body: Vec<u8>,
+    keys: u64,
+}
+
+impl KeyLines {
+    fn push(&mut self, key: &str, ms: u64) {
+        use std::io::Write;
+        if self.keys > 0 {
+            self.body.push(b'\n');
+        }
+        let _ = write!(self.body, "{key}\t{ms}");
+        self.keys += 1;
+    }
+
+    fn into_body(self) -> (Vec<u8>, u64) {
+        (self.body, self.keys)
+    }
+}
+
 fn source_entry(moved: BucketSet, fenced: BucketSet) -> GateEntry {
     GateEntry { buckets: BucketSet::ALL.minus(moved).minus(fenced), free: free_side(moved, fenced) == Some(Side::Source) }
 }
@@ -836,40 +861,17 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let Ok(text) = std::str::from_utf8(&body) else { return ApiError::bad_request("invalid", "keys are UTF-8 lines").into_response() };
-    let log = &mover.parts.log;
-    let partitions = match log.partitions(INPUT) {
-        Ok(n) => n,
-        Err(e) => return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).into_response(),
+    // Parsing 20,000 lines is CPU work: off the runtime that answers this cell's ingest.
+    let parse = {
+        let mover = mover.clone();
+        tokio::task::spawn_blocking(move || key_records(&mover, &task, &body))
     };
-    let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
-    let mut n = 0u64;
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
-        let (key, ms) = line.split_once('\t').unwrap_or((line, ""));
-        let mut known = false;
-        if let Some((source, _)) = key.split_once('/') {
-            known = task.sources.iter().any(|s| s == source) || (mover.parts.workspace_of_source)(source).as_deref() == Some(task.workspace.as_str());
-            if !known && sluice_core::config::valid_id(source) {
-                // A source added during the move that this cell's task list does not show yet: the sender retries.
-                return ApiError::new(
-                    StatusCode::CONFLICT,
-                    "unknown_source",
-                    format!("line {}: source {source:?} is not known here yet; retry", i + 1),
-                )
-                .into_response();
-            }
-        }
-        let ok = key.split_once('/').filter(|(_, m)| known && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control));
-        let (Some((_, message_id)), Ok(ms)) = (ok, ms.parse::<u64>()) else {
-            return ApiError::bad_request("invalid", format!("line {}: not <source of the workspace>/<messageId>\\t<ms>", i + 1)).into_response();
-        };
-        let value = [KEY_RECORD, ms.to_string().as_bytes()].concat();
-        by_partition
-            .entry(partition_for(message_id, partitions))
-            .or_default()
-            .push(Record { key: Bytes::copy_from_slice(key.as_bytes()), value: Bytes::from(value) });
-        n += 1;
-    }
+    let (by_partition, n) = match parse.await {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(e)) => return e.into_response(),
+        Err(_) => return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "keys could not be read; retry").into_response(),
+    };
+    let log = &mover.parts.log;
     let appends = by_partition.into_iter().map(|(p, recs)| log.append(INPUT, p, recs));
     for r in futures_util::future::join_all(appends).await {
         if let Err(e) = r {
@@ -879,6 +881,40 @@ async fn take_keys(State(mover): State<Arc<Mover>>, Path(id): Path<String>, head
     }
     mover.state.lock().expect("mover lock").targets.entry(id).or_default().keys_imported += n;
     axum::Json(json!({ "imported": n })).into_response()
+}
+
+/// The key records of a `/keys` body, by `input` partition, and their number.
+fn key_records(mover: &Mover, task: &Task, body: &[u8]) -> Result<(HashMap<u32, Vec<Record>>, u64), ApiError> {
+    let Ok(text) = std::str::from_utf8(body) else { return Err(ApiError::bad_request("invalid", "keys are UTF-8 lines")) };
+    let partitions = mover.parts.log.partitions(INPUT).map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+    let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
+    let mut n = 0u64;
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let (key, ms) = line.split_once('\t').unwrap_or((line, ""));
+        let mut known = false;
+        if let Some((source, _)) = key.split_once('/') {
+            known = task.sources.iter().any(|s| s == source) || (mover.parts.workspace_of_source)(source).as_deref() == Some(task.workspace.as_str());
+            if !known && sluice_core::config::valid_id(source) {
+                // A source added during the move that this cell's task list does not show yet: the sender retries.
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "unknown_source",
+                    format!("line {}: source {source:?} is not known here yet; retry", i + 1),
+                ));
+            }
+        }
+        let ok = key.split_once('/').filter(|(_, m)| known && !m.is_empty() && m.chars().count() <= 100 && !m.chars().any(char::is_control));
+        let (Some((_, message_id)), Ok(ms)) = (ok, ms.parse::<u64>()) else {
+            return Err(ApiError::bad_request("invalid", format!("line {}: not <source of the workspace>/<messageId>\\t<ms>", i + 1)));
+        };
+        let value = [KEY_RECORD, ms.to_string().as_bytes()].concat();
+        by_partition
+            .entry(partition_for(message_id, partitions))
+            .or_default()
+            .push(Record { key: Bytes::copy_from_slice(key.as_bytes()), value: Bytes::from(value) });
+        n += 1;
+    }
+    Ok((by_partition, n))
 }
 
 /// `POST /cell/migrations/{id}/qos`: the source's QoS rows of the workspace's destinations.
