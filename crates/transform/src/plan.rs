@@ -1,0 +1,444 @@
+//! A tracking plan: its document (what the admin API stores), and the
+//! compiled form the route checks events with.
+
+use std::collections::BTreeMap;
+
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{PatternOptions, Validator};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Most violations listed for one event (the rest are not looked for).
+pub const MAX_VIOLATIONS: usize = 20;
+/// Longest violation description kept (characters).
+pub const MAX_DESCRIPTION: usize = 200;
+/// Most schemas in one plan (track events plus the other calls).
+pub const MAX_SCHEMAS: usize = 2000;
+/// Longest event name a plan may list (characters).
+const MAX_EVENT_NAME: usize = 200;
+/// The compiled size of one `pattern` (bytes of the regex program).
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// What happens to an event with a kind of violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Delivered unchanged (the violation is counted and shown in the debugger).
+    #[default]
+    Allow,
+    /// Delivered with the violations at `context.violations`.
+    Flag,
+    /// Not delivered; sent to `forward_blocked_to` if set.
+    Block,
+}
+
+/// The document of a plan, as `PUT /api/sources/{id}/tracking-plan` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDoc {
+    #[serde(default)]
+    pub name: String,
+    /// A `track` event whose name the plan does not list.
+    #[serde(default)]
+    pub unplanned: Action,
+    /// An event that does not meet its schema (or the common one).
+    #[serde(default)]
+    pub invalid: Action,
+    /// A destination that receives blocked events (with their violations), for review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_blocked_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common: Option<Value>,
+    /// Event name → schema of the whole `track` event.
+    #[serde(default)]
+    pub track: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identify: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screen: Option<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the plan is not valid JSON of the expected shape: {0}")]
+    Shape(String),
+    #[error("schema {at}: {problem}")]
+    Schema { at: String, problem: String },
+    #[error("{0}")]
+    Limit(String),
+    #[error("not a Segment tracking plan export: {0}")]
+    Import(String),
+}
+
+/// The kind of a violation; each kind has its own [`Action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    UnplannedEvent,
+    Invalid,
+}
+
+impl ViolationKind {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViolationKind::UnplannedEvent => "unplanned_event",
+            ViolationKind::Invalid => "invalid",
+        }
+    }
+}
+
+/// One violation, as `context.violations` carries it (Segment's names:
+/// `Required`, `Invalid Type`, …).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Violation {
+    #[serde(skip)]
+    pub kind: ViolationKind,
+    #[serde(rename = "type")]
+    pub violation_type: String,
+    /// Dotted path in the event (`properties.price`).
+    pub field: String,
+    pub description: String,
+}
+
+/// What the plan made of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Flagged,
+    Blocked,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Flagged => "flagged",
+            Outcome::Blocked => "blocked",
+        }
+    }
+}
+
+/// The check of one event.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub violations: Vec<Violation>,
+    pub outcome: Outcome,
+    /// The event's metric label: its planned name, `(unplanned)`, or its call type.
+    pub label: String,
+}
+
+impl Verdict {
+    /// Add the violations at `context.violations` (a `context` that is not
+    /// an object is left as it is).
+    pub fn flag(&self, event: &mut Value) {
+        let Some(obj) = event.as_object_mut() else { return };
+        let context = obj.entry("context").or_insert_with(|| Value::Object(Map::new()));
+        if let Some(context) = context.as_object_mut() {
+            context.insert("violations".into(), serde_json::to_value(&self.violations).expect("violations serialize"));
+        }
+    }
+}
+
+/// A compiled plan.
+pub struct TrackingPlan {
+    pub doc: PlanDoc,
+    common: Option<Validator>,
+    track: BTreeMap<String, Validator>,
+    identify: Option<Validator>,
+    group: Option<Validator>,
+    page: Option<Validator>,
+    screen: Option<Validator>,
+}
+
+impl std::fmt::Debug for TrackingPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackingPlan").field("name", &self.doc.name).field("track", &self.track.len()).finish()
+    }
+}
+
+fn compile_schema(at: &str, schema: &Value) -> Result<Validator, PlanError> {
+    if !schema.is_object() && !schema.is_boolean() {
+        return Err(PlanError::Schema { at: at.to_owned(), problem: "a schema is a JSON object (or true/false)".into() });
+    }
+    jsonschema::options()
+        .offline()
+        .with_pattern_options(PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT))
+        .build(schema)
+        .map_err(|e| PlanError::Schema { at: at.to_owned(), problem: cut(&e.to_string()) })
+}
+
+fn cut(s: &str) -> String {
+    if s.chars().count() <= MAX_DESCRIPTION {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(MAX_DESCRIPTION).collect();
+    out.push('…');
+    out
+}
+
+/// `/properties/price` → `properties.price`.
+fn dotted(pointer: &str) -> String {
+    pointer.trim_start_matches('/').split('/').map(|s| s.replace("~1", "/").replace("~0", "~")).collect::<Vec<_>>().join(".")
+}
+
+impl TrackingPlan {
+    /// Parse and compile a plan document.
+    pub fn from_json(doc: &Value) -> Result<TrackingPlan, PlanError> {
+        let doc: PlanDoc = serde_json::from_value(doc.clone()).map_err(|e| PlanError::Shape(e.to_string()))?;
+        TrackingPlan::compile(doc)
+    }
+
+    pub fn compile(doc: PlanDoc) -> Result<TrackingPlan, PlanError> {
+        let others = [&doc.common, &doc.identify, &doc.group, &doc.page, &doc.screen].iter().filter(|s| s.is_some()).count();
+        if doc.track.len() + others > MAX_SCHEMAS {
+            return Err(PlanError::Limit(format!("a plan holds at most {MAX_SCHEMAS} schemas")));
+        }
+        if let Some(name) = doc.track.keys().find(|n| n.is_empty() || n.chars().count() > MAX_EVENT_NAME) {
+            return Err(PlanError::Limit(format!("event name {name:?}: 1 to {MAX_EVENT_NAME} characters")));
+        }
+        if doc.forward_blocked_to.as_deref().is_some_and(str::is_empty) {
+            return Err(PlanError::Shape("forward_blocked_to: a destination id, or leave it out".into()));
+        }
+        let one = |at: &str, s: &Option<Value>| s.as_ref().map(|s| compile_schema(at, s)).transpose();
+        let mut track = BTreeMap::new();
+        for (name, schema) in &doc.track {
+            track.insert(name.clone(), compile_schema(&format!("track {name:?}"), schema)?);
+        }
+        Ok(TrackingPlan {
+            common: one("common", &doc.common)?,
+            identify: one("identify", &doc.identify)?,
+            group: one("group", &doc.group)?,
+            page: one("page", &doc.page)?,
+            screen: one("screen", &doc.screen)?,
+            track,
+            doc,
+        })
+    }
+
+    /// Check one event against the plan.
+    pub fn check(&self, event: &Value) -> Verdict {
+        let call = event.get("type").and_then(Value::as_str).unwrap_or("");
+        let mut violations = Vec::new();
+        let mut label = call.to_owned();
+        let specific = match call {
+            "track" => {
+                let name = event.get("event").and_then(Value::as_str).unwrap_or("");
+                match self.track.get_key_value(name) {
+                    Some((planned, v)) => {
+                        label = planned.clone();
+                        Some(v)
+                    }
+                    None => {
+                        label = "(unplanned)".into();
+                        violations.push(Violation {
+                            kind: ViolationKind::UnplannedEvent,
+                            violation_type: "Unplanned Event".into(),
+                            field: "event".into(),
+                            description: cut(&format!("{name:?} is not in the tracking plan")),
+                        });
+                        None
+                    }
+                }
+            }
+            "identify" => self.identify.as_ref(),
+            "group" => self.group.as_ref(),
+            "page" => self.page.as_ref(),
+            "screen" => self.screen.as_ref(),
+            _ => None,
+        };
+        if !matches!(call, "track" | "identify" | "group" | "page" | "screen" | "alias") {
+            label = "(other)".into();
+        }
+        for v in [specific, self.common.as_ref()].into_iter().flatten() {
+            let room = MAX_VIOLATIONS.saturating_sub(violations.len());
+            for e in v.iter_errors(event).take(room) {
+                let at = dotted(e.instance_path().as_str());
+                let (violation_type, field, description) = match e.kind() {
+                    ValidationErrorKind::Required { property } => {
+                        let property = property.as_str().map_or_else(|| property.to_string(), str::to_owned);
+                        let field = if at.is_empty() { property } else { format!("{at}.{property}") };
+                        ("Required", field.clone(), format!("{field} is required"))
+                    }
+                    ValidationErrorKind::Type { .. } => ("Invalid Type", at, e.to_string()),
+                    _ => ("Invalid Value", at, e.to_string()),
+                };
+                violations.push(Violation {
+                    kind: ViolationKind::Invalid,
+                    violation_type: violation_type.into(),
+                    field: cut(&field),
+                    description: cut(&description),
+                });
+            }
+        }
+        let action = |k: ViolationKind| match k {
+            ViolationKind::UnplannedEvent => self.doc.unplanned,
+            ViolationKind::Invalid => self.doc.invalid,
+        };
+        let strongest = violations.iter().map(|v| action(v.kind)).max_by_key(|a| match a {
+            Action::Allow => 0,
+            Action::Flag => 1,
+            Action::Block => 2,
+        });
+        let outcome = match strongest {
+            None | Some(Action::Allow) => Outcome::Allowed,
+            Some(Action::Flag) => Outcome::Flagged,
+            Some(Action::Block) => Outcome::Blocked,
+        };
+        Verdict { violations, outcome, label }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn order_plan(unplanned: &str, invalid: &str) -> TrackingPlan {
+        TrackingPlan::from_json(&json!({
+            "name": "shop",
+            "unplanned": unplanned,
+            "invalid": invalid,
+            "track": {
+                "Order Completed": {
+                    "$schema": "http://json-schema.org/draft-07/schema#",
+                    "type": "object",
+                    "properties": {"properties": {
+                        "type": "object",
+                        "required": ["order_id", "total"],
+                        "properties": {"order_id": {"type": "string"}, "total": {"type": "number"}, "currency": {"enum": ["EUR", "USD"]}}
+                    }}
+                }
+            },
+            "identify": {"properties": {"traits": {"required": ["email"]}}},
+            "common": {"properties": {"context": {"properties": {"app": {"type": "object"}}}}}
+        }))
+        .unwrap()
+    }
+
+    fn track(name: &str, props: Value) -> Value {
+        json!({"type": "track", "event": name, "messageId": "m1", "userId": "u", "properties": props})
+    }
+
+    #[test]
+    fn a_valid_planned_event_has_no_violation_and_is_allowed() {
+        let v = order_plan("block", "block").check(&track("Order Completed", json!({"order_id": "o1", "total": 9.5, "currency": "EUR"})));
+        assert!(v.violations.is_empty(), "{:?}", v.violations);
+        assert_eq!(v.outcome, Outcome::Allowed);
+        assert_eq!(v.label, "Order Completed");
+    }
+
+    #[test]
+    fn invalid_properties_are_named_as_segment_names_them() {
+        let v = order_plan("allow", "flag").check(&track("Order Completed", json!({"order_id": 7, "currency": "GBP"})));
+        let seen: Vec<(&str, &str)> = v.violations.iter().map(|v| (v.violation_type.as_str(), v.field.as_str())).collect();
+        assert!(seen.contains(&("Required", "properties.total")), "{seen:?}");
+        assert!(seen.contains(&("Invalid Type", "properties.order_id")), "{seen:?}");
+        assert!(seen.contains(&("Invalid Value", "properties.currency")), "{seen:?}");
+        assert_eq!(v.outcome, Outcome::Flagged);
+        assert!(v.violations.iter().all(|v| v.kind == ViolationKind::Invalid));
+    }
+
+    #[test]
+    fn every_action_on_every_kind() {
+        let unplanned = track("Page Scrolled", json!({}));
+        let invalid = track("Order Completed", json!({"order_id": "o1"}));
+        for (action, expected) in [("allow", Outcome::Allowed), ("flag", Outcome::Flagged), ("block", Outcome::Blocked)] {
+            let plan = order_plan(action, "allow");
+            let v = plan.check(&unplanned);
+            assert_eq!(v.outcome, expected, "unplanned with {action}");
+            assert_eq!(v.violations[0].violation_type, "Unplanned Event");
+            assert_eq!(v.label, "(unplanned)", "an unplanned name is not a metric label");
+            assert_eq!(plan.check(&invalid).outcome, Outcome::Allowed, "invalid is allowed in this plan");
+
+            let plan = order_plan("allow", action);
+            assert_eq!(plan.check(&invalid).outcome, expected, "invalid with {action}");
+            assert_eq!(plan.check(&unplanned).outcome, Outcome::Allowed, "unplanned is allowed in this plan");
+        }
+        // Both kinds at once: the stronger action wins.
+        let plan = order_plan("flag", "block");
+        let both = json!({"type": "track", "event": "Nope", "context": {"app": "not an object"}});
+        let v = plan.check(&both);
+        assert_eq!(v.violations.len(), 2, "{:?}", v.violations);
+        assert_eq!(v.outcome, Outcome::Blocked);
+    }
+
+    #[test]
+    fn identify_traits_and_the_common_schema_are_checked() {
+        let plan = order_plan("allow", "flag");
+        let v = plan.check(&json!({"type": "identify", "userId": "u", "traits": {"name": "x"}}));
+        assert_eq!(v.violations.len(), 1);
+        assert_eq!((v.violations[0].violation_type.as_str(), v.violations[0].field.as_str()), ("Required", "traits.email"));
+        assert_eq!(v.label, "identify");
+        // No schema for page: only the common one applies.
+        assert!(plan.check(&json!({"type": "page", "name": "Home"})).violations.is_empty());
+        let v = plan.check(&json!({"type": "page", "name": "Home", "context": {"app": 1}}));
+        assert_eq!(v.violations[0].field, "context.app");
+    }
+
+    #[test]
+    fn flagging_adds_context_violations() {
+        let plan = order_plan("flag", "flag");
+        let mut event = track("Order Completed", json!({"order_id": "o1"}));
+        let v = plan.check(&event);
+        v.flag(&mut event);
+        assert_eq!(
+            event["context"]["violations"],
+            json!([{"type": "Required", "field": "properties.total", "description": "properties.total is required"}])
+        );
+        // An existing context keeps its fields.
+        let mut event = json!({"type": "track", "event": "X", "context": {"ip": "1.2.3.4"}});
+        plan.check(&event).flag(&mut event);
+        assert_eq!(event["context"]["ip"], "1.2.3.4");
+        assert_eq!(event["context"]["violations"][0]["type"], "Unplanned Event");
+    }
+
+    #[test]
+    fn violations_and_descriptions_are_bounded() {
+        let mut props = Map::new();
+        let mut required = Vec::new();
+        for i in 0..100 {
+            required.push(json!(format!("p{i}")));
+            props.insert(format!("q{i}"), json!("x".repeat(10_000)));
+        }
+        let plan = TrackingPlan::from_json(&json!({
+            "track": {"Big": {"properties": {"properties": {"required": required, "additionalProperties": {"type": "number"}}}}}
+        }))
+        .unwrap();
+        let v = plan.check(&track("Big", Value::Object(props)));
+        assert_eq!(v.violations.len(), MAX_VIOLATIONS);
+        assert!(v.violations.iter().all(|v| v.description.chars().count() <= MAX_DESCRIPTION + 1));
+    }
+
+    #[test]
+    fn plans_that_reach_outside_or_backtrack_are_refused() {
+        let remote = json!({"track": {"A": {"$ref": "https://example.com/schema.json"}}});
+        assert!(matches!(TrackingPlan::from_json(&remote), Err(PlanError::Schema { .. })));
+        let file = json!({"track": {"A": {"$ref": "file:///etc/passwd"}}});
+        assert!(matches!(TrackingPlan::from_json(&file), Err(PlanError::Schema { .. })));
+        // Look-around and back-references need a backtracking engine: refused, so no pattern can.
+        let backref = json!({"track": {"A": {"properties": {"properties": {"properties": {"x": {"pattern": "(a)\\1"}}}}}}});
+        assert!(matches!(TrackingPlan::from_json(&backref), Err(PlanError::Schema { .. })));
+        let unknown_key = json!({"track": {}, "blocking": "yes"});
+        assert!(matches!(TrackingPlan::from_json(&unknown_key), Err(PlanError::Shape(_))));
+        let not_a_schema = json!({"track": {"A": "string"}});
+        assert!(matches!(TrackingPlan::from_json(&not_a_schema), Err(PlanError::Schema { .. })));
+        // A local $ref is fine.
+        let local = json!({"track": {"A": {"$defs": {"id": {"type": "string"}}, "properties": {"userId": {"$ref": "#/$defs/id"}}}}});
+        let plan = TrackingPlan::from_json(&local).unwrap();
+        assert_eq!(plan.check(&json!({"type": "track", "event": "A", "userId": 5})).violations.len(), 1);
+    }
+
+    #[test]
+    fn a_pathological_pattern_runs_in_linear_time() {
+        // `(a+)+$` against "aaaa…!" takes exponential time with a backtracking engine.
+        let plan =
+            TrackingPlan::from_json(&json!({"track": {"A": {"properties": {"properties": {"properties": {"x": {"pattern": "^(a+)+$"}}}}}}})).unwrap();
+        let v = plan.check(&track("A", json!({"x": format!("{}!", "a".repeat(50_000))})));
+        assert_eq!(v.violations.len(), 1);
+        assert_eq!(v.violations[0].field, "properties.x");
+    }
+}
