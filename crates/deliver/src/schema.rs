@@ -92,7 +92,7 @@ pub const JOBDB_REGISTRY: Table = Table {
 
 /// The control tables (`control/`), in creation order: `(name, table)`;
 /// the servers' names carry the prefix `sluice_control_`.
-pub const CONTROL: [(&str, Table); 7] = [
+pub const CONTROL: [(&str, Table); 8] = [
     (
         "sources",
         Table {
@@ -143,6 +143,17 @@ pub const CONTROL: [(&str, Table); 7] = [
                 with_default("priority", Type::Int, "1"), // 1-100: requests per round-robin turn
             ],
             primary_key: &["destination"],
+            indexes: &[],
+            append_only: None,
+            without_rowid: false,
+        },
+    ),
+    (
+        // A source's tracking plan (sluice-transform's `PlanDoc` as JSON); `version` counts its edits.
+        "tracking_plans",
+        Table {
+            columns: &[col("source", ID), col("plan", Type::Text), col("version", Type::Int), col("updated_at", Type::Int)],
+            primary_key: &["source"],
             indexes: &[],
             append_only: None,
             without_rowid: false,

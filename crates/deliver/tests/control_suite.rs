@@ -27,7 +27,33 @@ every_engine!(
     a_pause_through_one_reaches_the_other_after_refresh,
     seeding_twice_or_concurrently_neither_fails_nor_duplicates,
     a_control_planes_rows_are_replaced_whole_and_give_way_to_the_config,
+    a_tracking_plan_is_stored_versioned_and_survives_a_reseed,
 );
+
+/// A source's tracking plan: stored through one process, seen by the
+/// other at its refresh, its version counting edits; a restart (reseed)
+/// keeps it; deleting it twice says the second time there was none.
+fn a_tracking_plan_is_stored_versioned_and_survives_a_reseed(db: &Db<'_>) {
+    let (_a_dir, _, a) = process(db);
+    let (_b_dir, _, b) = process(db);
+    let plan = serde_json::json!({"name": "p", "invalid": "flag", "track": {"Order Completed": {"required": ["event"]}}});
+    assert_eq!(a.with_control(|c| c.put_plan("s1", &plan)).unwrap(), 1);
+    assert!(b.snapshot().plans.is_empty(), "B has not refreshed yet");
+    b.refresh().unwrap();
+    let stored = &b.snapshot().plans["s1"];
+    assert_eq!((&stored.doc, stored.version), (&plan, 1));
+    assert!(stored.updated_at_ms > 0);
+    let edited = serde_json::json!({"name": "p", "invalid": "block"});
+    assert_eq!(b.with_control(|c| c.put_plan("s1", &edited)).unwrap(), 2);
+    assert_eq!(count(db, "tracking_plans"), 1);
+    let (_c_dir, _, c) = process(db);
+    let stored = &c.snapshot().plans["s1"];
+    assert_eq!((&stored.doc, stored.version), (&edited, 2));
+    assert!(c.with_control(|c| c.delete_plan("s1")).unwrap());
+    assert!(!c.with_control(|c| c.delete_plan("s1")).unwrap());
+    a.refresh().unwrap();
+    assert!(a.snapshot().plans.is_empty());
+}
 
 /// A cell's rows from its control plane (origin `global`): replaced whole
 /// by each feed, skipped (and named) where the config holds the id, and on

@@ -24,6 +24,17 @@ pub struct CatalogSnapshot {
     /// source id → destination ids.
     pub connections: HashMap<String, Vec<String>>,
     pub qos: HashMap<String, Qos>,
+    /// source id → its tracking plan, as stored (the route compiles it).
+    pub plans: HashMap<String, StoredPlan>,
+}
+
+/// A source's tracking plan as the control database holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPlan {
+    pub doc: serde_json::Value,
+    /// 1 when made, one more on each change.
+    pub version: i64,
+    pub updated_at_ms: i64,
 }
 
 /// The live view of the control database shared by route and directors,

@@ -36,7 +36,7 @@ use crate::DeliverError;
 mod catalog;
 mod tables;
 
-pub use catalog::{Catalog, CatalogSnapshot};
+pub use catalog::{Catalog, CatalogSnapshot, StoredPlan};
 use tables::Tables;
 pub use tables::TABLE_PREFIX;
 
@@ -291,6 +291,17 @@ impl ControlDb {
     /// The current sources, destinations, connections and QoS.
     pub fn read(&self) -> Result<CatalogSnapshot, DeliverError> {
         self.tables.read()
+    }
+
+    /// Store `source`'s tracking plan (a document the caller has compiled);
+    /// its new version.
+    pub fn put_plan(&self, source: &str, doc: &serde_json::Value) -> Result<i64, DeliverError> {
+        self.tables.put_plan(source, doc)
+    }
+
+    /// Remove `source`'s tracking plan; false when it had none.
+    pub fn delete_plan(&self, source: &str) -> Result<bool, DeliverError> {
+        self.tables.delete_plan(source)
     }
 
     /// Create a source; false when its id or write key is taken.

@@ -379,7 +379,8 @@ impl Tables {
         let destinations_sql = self.q("SELECT id, config FROM {p}destinations");
         let connections_sql = self.q("SELECT source, destination FROM {p}connections ORDER BY source, destination");
         let qos_sql = self.q("SELECT destination, paused, max_in_flight, rate_per_sec, priority FROM {p}destination_qos");
-        let (sources, destinations, connections, qos) = self.run("reading", |c| {
+        let plans_sql = self.q("SELECT source, plan, version, updated_at FROM {p}tracking_plans");
+        let (sources, destinations, connections, qos, plans) = self.run("reading", |c| {
             let sources = c.query(&sources_sql, &[], |r| Ok((r.text(0)?, r.text(1)?, r.int(2)? != 0)))?;
             let destinations = c.query(&destinations_sql, &[], |r| Ok((r.text(0)?, r.text(1)?)))?;
             let connections = c.query(&connections_sql, &[], |r| Ok((r.text(0)?, r.text(1)?)))?;
@@ -394,7 +395,8 @@ impl Tables {
                     },
                 ))
             })?;
-            Ok((sources, destinations, connections, qos))
+            let plans = c.query(&plans_sql, &[], |r| Ok((r.text(0)?, r.text(1)?, r.int(2)?, r.int(3)?)))?;
+            Ok((sources, destinations, connections, qos, plans))
         })?;
         let mut snap = CatalogSnapshot::default();
         for (id, json, disabled) in sources {
@@ -417,7 +419,38 @@ impl Tables {
             snap.connections.entry(s).or_default().push(d);
         }
         snap.qos = qos.into_iter().collect();
+        for (source, json, version, updated_at_ms) in plans {
+            match serde_json::from_str(&json) {
+                Ok(doc) => {
+                    snap.plans.insert(source, super::StoredPlan { doc, version, updated_at_ms });
+                }
+                Err(problem) => tracing::error!(%source, %problem, "ignoring a tracking plan that is not JSON in the control database"),
+            }
+        }
         Ok(snap)
+    }
+
+    pub(super) fn put_plan(&self, source: &str, doc: &serde_json::Value) -> Result<i64, DeliverError> {
+        let json = serde_json::to_string(doc).expect("JSON serializes");
+        let now = chrono::Utc::now().timestamp_millis();
+        let upsert = self.upsert(
+            "tracking_plans",
+            "source, plan, version, updated_at",
+            "?, ?, 1, ?",
+            "source",
+            &["plan", "updated_at"],
+            &format!("version = {}tracking_plans.version + 1", self.prefix),
+        );
+        let version = self.q("SELECT version FROM {p}tracking_plans WHERE source = ?");
+        self.run("writing a tracking plan", |c| {
+            c.execute(&upsert, &[Arg::Text(source), Arg::Text(&json), Arg::Int(now)])?;
+            Ok(c.query(&version, &[Arg::Text(source)], |r| r.int(0))?.first().copied().unwrap_or(1))
+        })
+    }
+
+    pub(super) fn delete_plan(&self, source: &str) -> Result<bool, DeliverError> {
+        let delete = self.q("DELETE FROM {p}tracking_plans WHERE source = ?");
+        Ok(self.exec("deleting a tracking plan", &[(delete, vec![source])])?[0] > 0)
     }
 
     /// Create a source; false when its id or write key is taken.
