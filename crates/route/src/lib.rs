@@ -118,10 +118,30 @@ pub struct RouteMetrics {
     /// Per owned partition: age of the oldest `output` record the route has
     /// not committed yet ([`BacklogAge`]); 0 when caught up.
     pub oldest_unprocessed: AgeGauges,
+    /// Tracking plan violations, labelled `source`, `event` (its planned
+    /// name, `(unplanned)` or its call type) and `kind`.
+    pub plan_violations: Family<Vec<(&'static str, String)>, Counter>,
+    /// Events a tracking plan checked, labelled `source` and `outcome` (allowed, flagged, blocked).
+    pub plan_events: Family<Vec<(&'static str, String)>, Counter>,
 }
 
 /// Per-partition age gauges (seconds), labelled `partition`.
 pub type AgeGauges = Family<Vec<(&'static str, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+impl RouteMetrics {
+    /// Count a tracking plan's check of one event (the route's own pass; replays are not counted again).
+    fn record_verdict(&self, key: &[u8], v: &sluice_transform::Verdict) {
+        let source = String::from_utf8_lossy(key.split(|b| *b == b'/').next().unwrap_or_default()).into_owned();
+        self.plan_events.get_or_create(&vec![("source", source.clone()), ("outcome", v.outcome.as_str().to_owned())]).inc();
+        for kind in [sluice_transform::ViolationKind::UnplannedEvent, sluice_transform::ViolationKind::Invalid] {
+            let n = v.violations.iter().filter(|x| x.kind == kind).count() as u64;
+            if n > 0 {
+                let labels = vec![("source", source.clone()), ("event", v.label.clone()), ("kind", kind.as_str().to_owned())];
+                self.plan_violations.get_or_create(&labels).inc_by(n);
+            }
+        }
+    }
+}
 
 impl Default for RouteMetrics {
     fn default() -> Self {
@@ -133,6 +153,8 @@ impl Default for RouteMetrics {
             expired_unrouted: Counter::default(),
             batch_seconds: Histogram::new(latency_buckets()),
             oldest_unprocessed: AgeGauges::default(),
+            plan_violations: Family::default(),
+            plan_events: Family::default(),
         }
     }
 }
@@ -149,6 +171,12 @@ impl RouteMetrics {
             "Output offsets retention removed before the route read them: events never routed (log.output_retention shorter than the route's lag)",
             self.expired_unrouted.clone(),
         );
+        r.register(
+            "sluice_tracking_plan_violations",
+            "Tracking plan violations found by the route, per source, event (planned name, (unplanned) or call type) and kind",
+            self.plan_violations.clone(),
+        );
+        r.register("sluice_tracking_plan_events", "Events checked by a tracking plan, per source and outcome", self.plan_events.clone());
         dead_letter::register(r);
         r.register(
             "sluice_route_oldest_unprocessed_age_seconds",
@@ -366,6 +394,9 @@ async fn route_records(
         match planner.plan(&rec.key, &rec.value, 0, None) {
             Ok(d) => {
                 metrics.filtered.inc_by(d.filtered);
+                if let Some(v) = &d.verdict {
+                    metrics.record_verdict(&rec.key, v);
+                }
                 jobs.extend(d.jobs);
             }
             Err(problem) => {

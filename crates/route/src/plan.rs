@@ -5,6 +5,12 @@
 //! enables), then the destination's filters in config order. A `drop` or a
 //! `sample` miss ends the destination's plan; `allow_fields` and
 //! `block_fields` rewrite the payload sent to that destination only.
+//!
+//! Before any of that, the source's tracking plan (if it has one) checks
+//! the event once ([`sluice_transform`]): a flagged event goes to every
+//! destination with its violations at `context.violations`; a blocked one
+//! goes to none of them, only to the plan's `forward_blocked_to`
+//! destination if it names one (connected or not, filters not applied).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +21,7 @@ use sluice_core::config::{DestinationConfig, FilterConfig};
 use sluice_core::filter::{lookup, Condition};
 use sluice_deliver::control::CatalogSnapshot;
 use sluice_deliver::{Catalog, NewJob};
+use sluice_transform::{Outcome, TrackingPlan, Verdict};
 
 /// Top-level fields an `allow_fields` filter always keeps: without them the
 /// event is not an event.
@@ -63,6 +70,7 @@ fn compile(f: &FilterConfig) -> Result<Filter, String> {
 struct Compiled {
     snapshot: Arc<CatalogSnapshot>,
     filters: HashMap<String, Arc<Vec<Filter>>>,
+    plans: Arc<HashMap<String, TrackingPlan>>,
 }
 
 /// Turns events into jobs using the catalog's current connections and destinations.
@@ -77,6 +85,8 @@ pub struct RouteDecision {
     pub jobs: Vec<NewJob>,
     /// Connected destinations left out by integrations or filters.
     pub filtered: u64,
+    /// The source's tracking plan's check, if it has a plan.
+    pub verdict: Option<Verdict>,
 }
 
 impl Planner {
@@ -89,8 +99,8 @@ impl Planner {
         &self.catalog
     }
 
-    /// The snapshot and compiled filters, recompiled when the catalog changed.
-    fn current(&self) -> (Arc<CatalogSnapshot>, HashMap<String, Arc<Vec<Filter>>>) {
+    /// The snapshot, compiled filters and tracking plans, recompiled when the catalog changed.
+    fn current(&self) -> (Arc<CatalogSnapshot>, HashMap<String, Arc<Vec<Filter>>>, Arc<HashMap<String, TrackingPlan>>) {
         let snap = self.catalog.snapshot();
         let mut guard = self.compiled.lock().expect("planner lock");
         if guard.as_ref().is_none_or(|c| !Arc::ptr_eq(&c.snapshot, &snap)) {
@@ -104,20 +114,37 @@ impl Planner {
                     Err(e) => tracing::error!(destination = %id, error = %e, "invalid filter: the destination gets no events until it is fixed"),
                 }
             }
-            *guard = Some(Compiled { snapshot: snap.clone(), filters });
+            let plans = compile_plans(&snap);
+            *guard = Some(Compiled { snapshot: snap.clone(), filters, plans });
         }
         let c = guard.as_ref().expect("set above");
-        (c.snapshot.clone(), c.filters.clone())
+        (c.snapshot.clone(), c.filters.clone(), c.plans.clone())
     }
 
     /// Plan one `output` record. `only` restricts to one destination (replay).
     pub fn plan(&self, key: &[u8], value: &Bytes, generation: i64, only: Option<&str>) -> Result<RouteDecision, String> {
         let key = std::str::from_utf8(key).map_err(|_| "record key is not UTF-8".to_owned())?;
         let (source, message_id) = key.split_once('/').ok_or_else(|| format!("record key {key:?} is not <source>/<messageId>"))?;
-        let (snap, filters) = self.current();
+        let (snap, filters, plans) = self.current();
         let mut decision = RouteDecision::default();
-        let Some(connected) = snap.connections.get(source) else { return Ok(decision) };
-        let event: Value = serde_json::from_slice(value).map_err(|e| format!("event is not JSON: {e}"))?;
+        let plan = plans.get(source);
+        let Some(connected) = snap.connections.get(source).or(plan.map(|_| &NO_CONNECTIONS)) else { return Ok(decision) };
+        let mut event: Value = serde_json::from_slice(value).map_err(|e| format!("event is not JSON: {e}"))?;
+        let mut flagged = None;
+        let mut forward = None;
+        if let Some(plan) = plan {
+            let verdict = plan.check(&event);
+            if verdict.outcome != Outcome::Allowed {
+                verdict.flag(&mut event);
+                flagged = Some(Bytes::from(serde_json::to_vec(&event).expect("JSON serializes")));
+            }
+            if verdict.outcome == Outcome::Blocked {
+                forward = plan.doc.forward_blocked_to.clone();
+            }
+            decision.verdict = Some(verdict);
+        }
+        let value = flagged.as_ref().unwrap_or(value);
+        let blocked = decision.verdict.as_ref().is_some_and(|v| v.outcome == Outcome::Blocked);
         let now = sluice_deliver::now_ms();
         // When ingest accepted it (for the end-to-end latency); absent or odd: now.
         let received_at = event
@@ -125,6 +152,33 @@ impl Planner {
             .and_then(Value::as_str)
             .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
             .map_or(now, |t| t.timestamp_millis());
+        let make_job = |dest_id: &String, dest: &DestinationConfig, payload: Bytes| {
+            let window = dest.retry_window.unwrap_or(self.catalog.retry_policy().retry_window);
+            NewJob {
+                message_id: message_id.to_owned(),
+                source: source.to_owned(),
+                destination: dest_id.clone(),
+                generation,
+                endpoint: dest.url.clone(),
+                payload,
+                created_at: now,
+                expires_at: now.saturating_add(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)),
+                received_at,
+            }
+        };
+        if blocked {
+            // Only the review destination, with the event and its violations as they are.
+            if let Some(dest_id) = forward.filter(|d| only.is_none_or(|o| o == d)) {
+                match snap.destinations.get(&dest_id) {
+                    Some(dest) => decision.jobs.push(make_job(&dest_id, dest, value.clone())),
+                    None => {
+                        tracing::warn!(source, destination = %dest_id, "a blocked event's review destination does not exist: the event is dropped")
+                    }
+                }
+            }
+            decision.filtered = connected.len() as u64;
+            return Ok(decision);
+        }
         for dest_id in connected {
             if only.is_some_and(|o| o != dest_id) {
                 continue;
@@ -142,23 +196,33 @@ impl Planner {
                         Some(v) => Bytes::from(serde_json::to_vec(&v).expect("JSON serializes")),
                         None => value.clone(),
                     };
-                    let window = dest.retry_window.unwrap_or(self.catalog.retry_policy().retry_window);
-                    decision.jobs.push(NewJob {
-                        message_id: message_id.to_owned(),
-                        source: source.to_owned(),
-                        destination: dest_id.clone(),
-                        generation,
-                        endpoint: dest.url.clone(),
-                        payload,
-                        created_at: now,
-                        expires_at: now.saturating_add(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)),
-                        received_at,
-                    });
+                    decision.jobs.push(make_job(dest_id, dest, payload));
                 }
             }
         }
         Ok(decision)
     }
+}
+
+/// No connected destination (a source with a plan still has its events checked).
+static NO_CONNECTIONS: Vec<String> = Vec::new();
+
+/// Every source's tracking plan, compiled; a plan that does not compile is
+/// left out (the admin API compiles before it stores, so only a hand edit
+/// of the control database gets here) and logged.
+fn compile_plans(snap: &CatalogSnapshot) -> Arc<HashMap<String, TrackingPlan>> {
+    let mut plans = HashMap::new();
+    for (source, stored) in &snap.plans {
+        match TrackingPlan::from_json(&stored.doc) {
+            Ok(p) => {
+                plans.insert(source.clone(), p);
+            }
+            Err(e) => {
+                tracing::error!(%source, version = stored.version, error = %e, "a tracking plan that does not compile: the source's events go unchecked")
+            }
+        }
+    }
+    Arc::new(plans)
 }
 
 /// Whether `dest` gets `event`: `None` = no; `Some(None)` = yes, unchanged;
@@ -264,6 +328,72 @@ fn remove_path(v: &mut Value, path: &[String]) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A planner over a real control database (SQLite in a temp dir) holding `plan` for source s1.
+    fn planner_with(plan: Value) -> (tempfile::TempDir, Planner) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\ndata_dir = \"{}\"\n[[sources]]\nid = \"s1\"\nwrite_key = \"k1\"\n\
+             [[destinations]]\nid = \"d1\"\nurl = \"http://127.0.0.1:9/d1\"\n\
+             [[destinations]]\nid = \"review\"\nurl = \"http://127.0.0.1:9/review\"\n\
+             [[connections]]\nsource = \"s1\"\ndestinations = [\"d1\"]\n",
+            dir.path().display()
+        );
+        let config = sluice_core::Config::from_toml_with_env(&text, "", &HashMap::new()).unwrap();
+        let catalog = Catalog::open(&config).unwrap();
+        catalog.with_control(|c| c.put_plan("s1", &plan)).unwrap();
+        catalog.refresh().unwrap();
+        (dir, Planner::new(catalog))
+    }
+
+    #[test]
+    fn a_tracking_plan_flags_blocks_and_forwards_before_the_filters() {
+        let plan = json!({
+            "unplanned": "block", "invalid": "flag", "forward_blocked_to": "review",
+            "track": {"Order Completed": {"properties": {"properties": {"required": ["total"]}}}}
+        });
+        let (_dir, planner) = planner_with(plan);
+        let plan_of = |event: Value, only: Option<&str>| {
+            let bytes = Bytes::from(serde_json::to_vec(&event).unwrap());
+            planner.plan(b"s1/m1", &bytes, 0, only).unwrap()
+        };
+        let payload = |d: &RouteDecision, i: usize| serde_json::from_slice::<Value>(&d.jobs[i].payload).unwrap();
+
+        let valid = json!({"type": "track", "event": "Order Completed", "properties": {"total": 3}});
+        let d = plan_of(valid.clone(), None);
+        assert_eq!(d.jobs.len(), 1);
+        assert_eq!((d.jobs[0].destination.as_str(), payload(&d, 0)), ("d1", valid), "a valid event goes unchanged");
+        assert_eq!(d.verdict.as_ref().unwrap().outcome, Outcome::Allowed);
+
+        let d = plan_of(json!({"type": "track", "event": "Order Completed", "properties": {}}), None);
+        assert_eq!(d.jobs.len(), 1);
+        assert_eq!(payload(&d, 0)["context"]["violations"][0]["field"], "properties.total", "flagged for every destination");
+
+        let d = plan_of(json!({"type": "track", "event": "Unplanned Thing"}), None);
+        assert_eq!(d.jobs.len(), 1, "blocked: only the review destination");
+        assert_eq!(d.jobs[0].destination, "review");
+        assert_eq!(payload(&d, 0)["context"]["violations"][0]["type"], "Unplanned Event");
+        assert_eq!(d.filtered, 1);
+
+        // A replay of d1 leaves blocked events out; one of the review destination takes them.
+        assert!(plan_of(json!({"type": "track", "event": "Unplanned Thing"}), Some("d1")).jobs.is_empty());
+        assert_eq!(plan_of(json!({"type": "track", "event": "Unplanned Thing"}), Some("review")).jobs.len(), 1);
+    }
+
+    #[test]
+    fn a_plan_edit_takes_effect_at_the_next_refresh() {
+        let (_dir, planner) = planner_with(json!({"unplanned": "block"}));
+        let event = Bytes::from_static(br#"{"type":"track","event":"Anything"}"#);
+        assert!(planner.plan(b"s1/m1", &event, 0, None).unwrap().jobs.is_empty());
+        planner.catalog().with_control(|c| c.put_plan("s1", &json!({"unplanned": "allow"}))).unwrap();
+        planner.catalog().refresh().unwrap();
+        assert_eq!(planner.plan(b"s1/m1", &event, 0, None).unwrap().jobs.len(), 1);
+        planner.catalog().with_control(|c| c.delete_plan("s1")).unwrap();
+        planner.catalog().refresh().unwrap();
+        let d = planner.plan(b"s1/m1", &event, 0, None).unwrap();
+        assert!(d.verdict.is_none(), "no plan, no check");
+        assert_eq!(d.jobs.len(), 1);
+    }
 
     #[test]
     fn integrations_all_and_per_destination_keys() {
