@@ -24,11 +24,13 @@
 //!   [`sluice_deliver::inspect::find_in`] as `sluice jobs inspect`.
 //! - Every error answer is JSON `{"code","message"}` (see `harden`).
 
+mod plans;
 pub mod refresh;
 pub mod views;
 
 pub use refresh::{apply_sources, spawn_catalog_refresher};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -83,6 +85,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/sources/{id}/rotate-key", post(rotate_key))
         .route("/api/sources/{id}/disable", post(disable_source))
         .route("/api/sources/{id}/enable", post(enable_source))
+        .route("/api/sources/{id}/tracking-plan", get(plans::get_plan).put(plans::put_plan).delete(plans::delete_plan))
+        .route("/api/sources/{id}/tracking-plan/import", post(plans::import_plan))
+        .route("/api/sources/{id}/tracking-plan/check", post(plans::check_event))
         .route("/api/destinations", get(list_destinations))
         .route("/api/destinations/{id}", put(put_destination).delete(delete_destination))
         .route("/api/connections", get(list_connections).post(create_connection))
@@ -640,11 +645,16 @@ const EVENT_EXCERPT_BYTES: usize = 512;
 pub const EVENTS_MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// One record of `input` as the event debugger lists it (`whole`: never truncated).
-fn event_entry(p: u32, r: &sluice_log::StoredRecord, whole: bool) -> Value {
+/// With a tracking plan for its source, the entry has `plan`: what the plan
+/// (as it is now) makes of the event, its outcome and violations.
+fn event_entry(p: u32, r: &sluice_log::StoredRecord, whole: bool, plans: &HashMap<String, sluice_transform::TrackingPlan>) -> Value {
     let key = String::from_utf8_lossy(&r.key);
     let source = key.split_once('/').map(|(s, _)| s.to_owned()).unwrap_or_default();
     let parsed = serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null);
     let mut entry = json!({"timestamp": r.timestamp_ms, "partition": p, "offset": r.offset, "source": source});
+    if let Some(plan) = plans.get(&source) {
+        entry["plan"] = plans::verdict_json(plan, &parsed);
+    }
     if whole || r.value.len() <= EVENT_INLINE_BYTES {
         entry["event"] = parsed;
         return entry;
@@ -677,6 +687,7 @@ async fn recent_events(
     let prefix = q.source.map(|src| format!("{src}/"));
     let topic = sluice_ingest::INPUT_TOPIC;
     let log_err = |e: sluice_log::LogError| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "log", e.to_string());
+    let plans = plans::compiled(&s);
     // (timestamp, offset, entry, its JSON size): the newest `limit` of each partition.
     let mut out: Vec<(i64, u64, Value, usize)> = Vec::new();
     for p in 0..s.log.partitions(topic).map_err(log_err)? {
@@ -693,7 +704,7 @@ async fn recent_events(
                 prefix.as_ref().is_none_or(|pre| r.key.starts_with(pre.as_bytes())) && !sluice_core::topics::is_internal_record(&r.value)
             };
             for r in batch.iter().filter(shown) {
-                let entry = event_entry(p, r, false);
+                let entry = event_entry(p, r, false, &plans);
                 let size = serde_json::to_vec(&entry).map_or(0, |v| v.len());
                 if kept.len() == limit {
                     kept.pop_front();
@@ -737,7 +748,7 @@ async fn get_event(State(s): State<Shared>, h: HeaderMap, Path((partition, offse
     }
     let batch = s.log.read(topic, partition, offset, 1).await.map_err(log_err)?;
     match batch.first().filter(|r| r.offset == offset && !sluice_core::topics::is_internal_record(&r.value)) {
-        Some(r) => Ok(Json(event_entry(partition, r, true)).into_response()),
+        Some(r) => Ok(Json(event_entry(partition, r, true, &plans::compiled(&s))).into_response()),
         None => Err(not_found("no event at that offset")),
     }
 }

@@ -210,7 +210,7 @@ static NO_CONNECTIONS: Vec<String> = Vec::new();
 /// Every source's tracking plan, compiled; a plan that does not compile is
 /// left out (the admin API compiles before it stores, so only a hand edit
 /// of the control database gets here) and logged.
-fn compile_plans(snap: &CatalogSnapshot) -> Arc<HashMap<String, TrackingPlan>> {
+pub fn compile_plans(snap: &CatalogSnapshot) -> Arc<HashMap<String, TrackingPlan>> {
     let mut plans = HashMap::new();
     for (source, stored) in &snap.plans {
         match TrackingPlan::from_json(&stored.doc) {

@@ -86,6 +86,11 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("GET", "/api/replays/1", None),
         ("GET", "/api/jobs/some-message-id", None),
         ("GET", "/api/events?source=web&limit=5", None),
+        ("PUT", "/api/sources/web/tracking-plan", Some(json!({"invalid": "flag", "track": {"E": {}}}))),
+        ("GET", "/api/sources/web/tracking-plan", None),
+        ("POST", "/api/sources/web/tracking-plan/check", Some(json!({"type": "track", "event": "E"}))),
+        ("POST", "/api/sources/web/tracking-plan/import", Some(json!({"rules": [{"type": "TRACK", "key": "E", "jsonSchema": {}}]}))),
+        ("DELETE", "/api/sources/web/tracking-plan", None),
     ]
 }
 
