@@ -254,6 +254,35 @@ pub struct E2eBench {
     /// The CA the load generator checks the server's certificate with.
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
+    /// Run twice in this invocation: without a tracking plan, then with one
+    /// of this many track-event schemas on every source (the bench's events
+    /// meet theirs); report the ratio of delivered events/s (issue 16).
+    #[arg(long, default_value_t = 0)]
+    plan_schemas: usize,
+}
+
+/// The admin token of a bench server whose tracking plans the bench sets.
+const BENCH_ADMIN_TOKEN: &str = "bench-admin-token-not-secret";
+
+/// A tracking plan of `n` track-event schemas; "Order Completed" (the bench's event) is one of them.
+fn bench_plan(n: usize) -> serde_json::Value {
+    let mut track = serde_json::Map::new();
+    for i in 0..n {
+        let name = if i == 0 { "Order Completed".to_owned() } else { format!("Bench Event {i}") };
+        track.insert(
+            name,
+            serde_json::json!({
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "type": "object",
+                "required": ["userId", "messageId"],
+                "properties": {
+                    "userId": {"type": "string", "maxLength": 200},
+                    "properties": {"type": "object", "required": ["pad"], "properties": {"pad": {"type": "string", "pattern": "^x*$"}}}
+                }
+            }),
+        );
+    }
+    serde_json::json!({"name": "bench", "unplanned": "block", "invalid": "block", "track": track})
 }
 
 /// A TOML basic string of `s` (a JSON string is one).
@@ -274,6 +303,20 @@ fn load_tls(args: &E2eBench) -> Result<Option<tokio_rustls::TlsConnector>> {
 
 pub fn bench_e2e(args: E2eBench) -> Result<()> {
     println!("{}", machine_description());
+    if args.plan_schemas == 0 {
+        return e2e_once(&args, None).map(drop);
+    }
+    println!("--- without a tracking plan (the floor) ---");
+    let without = e2e_once(&args, None)?;
+    println!("--- with a tracking plan of {} schemas on every source ---", args.plan_schemas);
+    let with = e2e_once(&args, Some(bench_plan(args.plan_schemas)))?;
+    println!("tracking plan: {with:.0} events/s delivered against {without:.0} without: ratio {:.2} (goal >= 0.8)", with / without.max(1.0));
+    println!("RESULT bench=e2e_plan schemas={} with={with:.0} without={without:.0} ratio={:.3}", args.plan_schemas, with / without.max(1.0));
+    Ok(())
+}
+
+/// One `sluice serve` loaded as `args` say, with `plan` on every source; delivered events/s to a healthy destination.
+fn e2e_once(args: &E2eBench, plan: Option<serde_json::Value>) -> Result<f64> {
     if args.down >= args.destinations {
         bail!("--down must leave at least one healthy destination");
     }
@@ -288,8 +331,9 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("sluice.toml");
     let mut toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[admin]\nlisten = \"\"\n[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
-        dir.path().join("data").display()
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
+        dir.path().join("data").display(),
+        if plan.is_some() { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
     );
     if let Some(url) = &args.jobdb_url {
         toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
@@ -337,9 +381,20 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {to:?}\n"));
     }
     std::fs::write(&config_path, toml)?;
-    let (mut child, addr) = spawn_serve(&config_path)?;
+    let (mut child, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), config_path.as_os_str()], &[])?;
+    let addr = ready["listen"].as_str().unwrap_or("").to_owned();
     let pid = child.id();
-    let result = rt.block_on(e2e_load(&args, addr.parse()?, &sink, pid));
+    if let Some(plan) = &plan {
+        let admin = ready["admin"].as_str().unwrap_or("");
+        let http = reqwest::blocking::Client::new();
+        for s in 0..args.sources {
+            let r = http.put(format!("http://{admin}/api/sources/s{s}/tracking-plan")).bearer_auth(BENCH_ADMIN_TOKEN).json(plan).send()?;
+            if !r.status().is_success() {
+                bail!("setting the tracking plan of s{s}: {} {}", r.status(), r.text().unwrap_or_default());
+            }
+        }
+    }
+    let result = rt.block_on(e2e_load(args, addr.parse()?, &sink, pid));
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
     result
@@ -447,7 +502,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid: u32) -> Result<()> {
+async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid: u32) -> Result<f64> {
     let tls = load_tls(args)?;
     let warmup = Duration::from_secs(args.warmup);
     let window = Duration::from_secs(args.seconds);
@@ -646,7 +701,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
             sink.count() - down_before
         );
     }
-    Ok(())
+    Ok(healthy_in_window as f64 / window_s)
 }
 
 #[derive(Args, Clone)]
