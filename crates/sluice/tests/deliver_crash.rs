@@ -8,7 +8,9 @@
 //!   died are sent again;
 //! - the route dies after its jobs are durable but before it commits its
 //!   `output` offset (`route.after_insert`): the replayed batch makes no
-//!   second job, and the endpoint gets each event exactly once.
+//!   second job, and the endpoint gets each event exactly once — with a
+//!   tracking plan that rewrites every event, edited between the crash and
+//!   the restart (the transformation stage's row of the crash matrix).
 //!
 //! Every wait is bounded; no assertion depends on timing.
 
@@ -204,6 +206,9 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     // until it has been counted; a first start seeds the control database.
     Server::start(&config).stop_within(STOP_TIMEOUT);
     assert_eq!(set_paused(&data, "hook", true), 1);
+    // A tracking plan rewrites every event (flags it as unplanned); after the crash it is edited
+    // (flags a missing field instead): whichever plan an event met, it gets one job.
+    set_tracking_plan(&data, SOURCE_ID, &serde_json::json!({"unplanned": "flag"}));
 
     let mut server = Server::start_with_env(&config, &[("SLUICE_CRASH_AT", "route.after_insert:1")]);
     let batches = batches("rcrash", 200, 25);
@@ -232,6 +237,7 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     eprintln!("at the crash: {} jobs; route lag {lag:?}; {replayed} events with a job will be routed again", rows.len());
     assert!(replayed > 0, "the crash left jobs whose events the route had not committed");
 
+    set_tracking_plan(&data, SOURCE_ID, &serde_json::json!({"invalid": "flag", "common": {"required": ["no_such_field"]}}));
     let server = Server::start(&config);
     resend(&sink, &server, &failed);
     wait_for(
@@ -261,8 +267,17 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     eprintln!("delivered after the resume in {:?}", started.elapsed());
     let by_key = sink.by_key("/hook");
     assert_eq!(by_key.len(), ids.len(), "only the events sent");
+    let mut by_plan: HashMap<String, usize> = HashMap::new();
     for id in &ids {
         assert_eq!(by_key[id].len(), 1, "{id} delivered exactly once");
+        let violations = by_key[id][0].json()["context"]["violations"].clone();
+        let types: Vec<&str> =
+            violations.as_array().unwrap_or_else(|| panic!("{id} carries its violations")).iter().filter_map(|v| v["type"].as_str()).collect();
+        // The first plan lists one violation (the event is unplanned); the second adds the missing field.
+        let plan = if types.contains(&"Required") { "second" } else { "first" };
+        *by_plan.entry(plan.to_owned()).or_default() += 1;
     }
+    eprintln!("delivered per plan: {by_plan:?}");
+    assert!(by_plan.contains_key("first") && by_plan.contains_key("second"), "both plans were met: {by_plan:?}");
     server.stop_within(STOP_TIMEOUT);
 }

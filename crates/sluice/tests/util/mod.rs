@@ -584,6 +584,18 @@ pub fn set_paused(data_dir: &Path, destination: &str, paused: bool) -> usize {
         .expect("update destination_qos")
 }
 
+/// Store `plan` as `source`'s tracking plan in the control database (as the admin API would; a running process sees it at its next refresh).
+pub fn set_tracking_plan(data_dir: &Path, source: &str, plan: &Value) {
+    let conn = rusqlite::Connection::open(data_dir.join("control.sqlite")).expect("open control.sqlite");
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute(
+        "INSERT INTO tracking_plans (source, plan, version, updated_at) VALUES (?1, ?2, 1, 0) \
+         ON CONFLICT (source) DO UPDATE SET plan = excluded.plan, version = tracking_plans.version + 1",
+        rusqlite::params![source, plan.to_string()],
+    )
+    .expect("store the tracking plan");
+}
+
 /// Per partition of `output`: (the `route` group's committed offset, the end).
 pub fn route_lag(data_dir: &Path) -> Vec<(Option<u64>, u64)> {
     let log = EmbeddedLog::open_read_only(&data_dir.join("log")).expect("open log read-only");
