@@ -3,7 +3,7 @@
 //   node console_test.mjs <admin http://host:port> <token> <messageId> <screenshot dir>
 // Checks that every page loads, the charts draw live data, pause/resume works
 // end to end (verified through the API), the debugger and the inspector show
-// the event; saves a screenshot of each page. Prints one JSON line of results.
+// the event, a tracking plan saved from its page shows in the debugger; saves a screenshot of each page. Prints one JSON line of results.
 import { createRequire } from "node:module";
 import path from "node:path";
 
@@ -59,6 +59,19 @@ try {
   await page.waitForSelector("#insp-out td.state-succeeded", { timeout: 10000 });
   results.inspector_states = await page.locator("#insp-out tbody td:nth-child(3)").allTextContents();
   await page.screenshot({ path: `${shots}/inspector.png` });
+  // Tracking plans: a plan saved from the page (every event unplanned, flagged) is stored, and
+  // the debugger then shows each event's violation.
+  await page.click('a[data-page="plans"]');
+  await page.waitForFunction(() => document.querySelector("#plan-status").textContent.length > 0, null, { timeout: 10000 });
+  await page.fill("#plan-json", JSON.stringify({ name: "console", unplanned: "flag", invalid: "flag", track: {} }));
+  await page.click("#plan-save");
+  await page.waitForFunction(() => document.querySelector("#plan-status").textContent.startsWith("version 1"), null, { timeout: 10000 });
+  const stored = await (await fetch(`${admin}/api/sources/web/tracking-plan`, { headers: { Authorization: `Bearer ${token}` } })).json();
+  results.plan_saved = stored.version === 1 && stored.plan.unplanned === "flag";
+  await page.screenshot({ path: `${shots}/plans.png` });
+  await page.click('a[data-page="debugger"]');
+  await page.waitForSelector("#dbg-rows td.plan.error", { timeout: 10000 });
+  results.debugger_plan_cell = await page.textContent("#dbg-rows td.plan.error");
   results.external_requests = external;
   console.log(JSON.stringify(results));
 } finally {

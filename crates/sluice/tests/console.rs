@@ -1,7 +1,8 @@
 //! The web console in headless Chromium (Debian's `chromium`, driven by
 //! playwright-core; `scripts/setup-browser.sh` installs both) against a
 //! running pipeline: pages load, charts draw live data, pause and resume
-//! work end to end, the debugger and inspector show the event. A screenshot
+//! work end to end, the debugger and inspector show the event, a tracking
+//! plan saved from its page shows in the debugger. A screenshot
 //! of each page is saved under `<target dir>/console-screenshots/`.
 
 mod util;
@@ -85,8 +86,10 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
     assert_eq!(r["debugger_markup_escaped"], true, "event markup is shown as text: {r}");
     let states: Vec<&str> = r["inspector_states"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert_eq!(states, vec!["awaiting_scheduling", "executing", "succeeded"], "{r}");
+    assert_eq!(r["plan_saved"], true, "a tracking plan saved from the console is stored: {r}");
+    assert!(r["debugger_plan_cell"].as_str().unwrap().starts_with("flagged: Unplanned Event"), "{r}");
     assert_eq!(r["external_requests"], json!([]), "the console loads nothing from outside the admin port");
-    for page in ["overview", "destinations", "debugger", "inspector"] {
+    for page in ["overview", "destinations", "debugger", "inspector", "plans"] {
         let png = std::fs::read(shots.join(format!("{page}.png"))).unwrap_or_else(|e| panic!("{page}.png: {e}"));
         assert!(png.len() > 5_000 && png.starts_with(b"\x89PNG"), "{page}.png is a real screenshot");
     }
