@@ -1,7 +1,7 @@
 //! The control database (`data_dir/control.sqlite`, or with
 //! `deliver.jobdb_url` the tables `sluice_control_*` of that database,
 //! shared by every process using it: `tables.rs`): sources, destinations,
-//! connections, `destination_qos`, replay requests and dead letters
+//! connections, `destination_qos`, sources' tracking plans, replay requests and dead letters
 //! (records a stage could not handle: [`DeadLetter`]). The config file seeds
 //! it at start; the running process re-reads it every
 //! [`REFRESH_INTERVAL`], so one SQL statement changes behaviour without a
