@@ -13,6 +13,7 @@ mod cells;
 mod dead_letters;
 mod dedup;
 mod deliver;
+mod function;
 #[cfg(feature = "otel")]
 mod otel;
 mod sink;
@@ -101,6 +102,9 @@ enum Command {
     ProvisionLocal(cells::ProvisionLocalArgs),
     /// Move a workspace to another cell, live (start, status, pause, resume, abort; through the control plane).
     Migrate(cells::MigrateArgs),
+    /// Functions (JavaScript transforms with Segment's handlers): `test` runs one locally.
+    #[command(subcommand)]
+    Function(function::FunctionCommand),
 }
 
 #[derive(Args)]
@@ -225,6 +229,7 @@ fn run(command: Command) -> Result<()> {
         Command::Usage(args) => cells::usage(args),
         Command::Migrate(args) => cells::migrate(args),
         Command::ProvisionLocal(args) => cells::provision_local(args),
+        Command::Function(cmd) => function::run(cmd),
     }
 }
 
@@ -262,7 +267,8 @@ impl Command {
             | Command::Cells(_)
             | Command::Usage(_)
             | Command::Migrate(_)
-            | Command::ProvisionLocal(_) => Kind::Tool,
+            | Command::ProvisionLocal(_)
+            | Command::Function(_) => Kind::Tool,
         }
     }
 }

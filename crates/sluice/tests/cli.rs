@@ -1,5 +1,5 @@
 //! The binary's command line: config errors at start, the sample config by
-//! default, environment overrides, and `sluice log tail`.
+//! default, environment overrides, `sluice log tail` and `sluice function test`.
 
 mod util;
 
@@ -171,4 +171,44 @@ fn jobs_commands_name_a_missing_data_dir() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("no data directory at /nonexistent/sluice-data"), "{args:?}: {err}");
     }
+}
+
+/// `sluice function test`: a function run locally on one event prints what
+/// became of it; a thrown error gives its class and exit status 3; an
+/// endless loop is cut off by the time budget; a file without a handler is
+/// refused.
+#[test]
+fn function_test_runs_one_function_on_one_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let event = file("event.json", r#"{"type":"track","event":"Order Completed","messageId":"m1","properties":{"price":9.5,"sku":"A1"}}"#);
+    let run = |code: &str, extra: &[&str]| {
+        let f = file("f.js", code);
+        let mut args = vec!["function", "test", f.as_str(), "--event", event.as_str()];
+        args.extend_from_slice(extra);
+        let out = sluice().args(&args).output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code(), json, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, _) = run(
+        "async function onTrack(event, settings) { event.properties.amount = event.properties.price; delete event.properties.price; \
+         event.properties.by = settings.by; return event; }",
+        &["--settings", r#"{"by":"fn"}"#],
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(out["outcome"], "event");
+    assert_eq!(out["event"]["properties"], serde_json::json!({"amount": 9.5, "sku": "A1", "by": "fn"}));
+    let (code, out, _) = run("async function onTrack(e) { throw new DropEvent('not this one'); }", &[]);
+    assert_eq!((code, out["outcome"].as_str(), out["reason"].as_str()), (Some(0), Some("dropped"), Some("not this one")));
+    let (code, out, _) = run("async function onTrack(e) { throw new RetryError('rate limited'); }", &[]);
+    assert_eq!((code, out["class"].as_str(), out["retried"].as_bool()), (Some(3), Some("RetryError"), Some(true)));
+    let (code, out, _) = run("async function onTrack(e) { for (;;) {} }", &["--timeout-ms", "50"]);
+    assert_eq!((code, out["class"].as_str()), (Some(3), Some("Timeout")), "{out}");
+    let (code, _, stderr) = run("const x = 1;", &[]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no handler"), "{stderr}");
 }

@@ -1,6 +1,8 @@
-//! `sluice-transform`: the transformation stage's parts. Today: tracking
-//! plans (Segment Protocols), checked by the route on every event before
-//! it makes jobs (see ARCHITECTURE.md, "Transformation").
+//! `sluice-transform`: the transformation stage's parts: tracking plans
+//! (Segment Protocols), checked by the route on every event before it
+//! makes jobs (see ARCHITECTURE.md, "Transformation"), and functions
+//! (`function`: JavaScript handlers in a sandboxed QuickJS; not wired into
+//! the pipeline yet, `sluice function test` runs one).
 //!
 //! A tracking plan belongs to one source. For each kind of call it may
 //! hold a JSON Schema (draft 7 or 2020-12, named by `$schema`; 2020-12
@@ -24,6 +26,7 @@
 //!   or its call type, never with a name only the client chose
 //!   ([`Verdict::label`]).
 
+pub mod function;
 mod plan;
 mod segment;
 
