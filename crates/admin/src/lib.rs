@@ -291,7 +291,16 @@ async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<
     src.validate("source").map_err(bad_request)?;
     let out = json!({"id": src.id, "write_key": src.write_key});
     // Checked and inserted under the control database's lock: two creates cannot both win.
-    if !change(&s, move |db| Ok(db.insert_source(&src)?)).await? {
+    // A new source starts without a tracking plan, even one left by an earlier source of that id.
+    let created = change(&s, move |db| {
+        let created = db.insert_source(&src)?;
+        if created {
+            db.delete_plan(&src.id)?;
+        }
+        Ok(created)
+    })
+    .await?;
+    if !created {
         return Err(ApiError(StatusCode::CONFLICT, "exists", "a source with that id or write key exists".into()));
     }
     Ok((StatusCode::CREATED, Json(out)).into_response())
@@ -389,6 +398,16 @@ async fn put_destination(
 
 async fn delete_destination(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
     authorize(&s, &h)?;
+    // A tracking plan's review destination stays while a plan forwards blocked events to it.
+    if let Some((source, _)) =
+        s.catalog.snapshot().plans.iter().find(|(_, p)| p.doc.get("forward_blocked_to").and_then(Value::as_str) == Some(id.as_str()))
+    {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("source {source:?}'s tracking plan forwards blocked events to {id:?}: change the plan first"),
+        ));
+    }
     if !change(&s, move |db| Ok(db.delete_destination(&id)?)).await? {
         return Err(not_found("no such destination"));
     }

@@ -14,7 +14,7 @@
 //! refreshed first), and in other processes at their next refresh (2 s).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,30 +22,13 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice_deliver::control::CatalogSnapshot;
 use sluice_transform::{import_segment, Action, PlanDoc, TrackingPlan};
 
 use super::{authorize, bad_request, change, not_found, ApiError, ApiResult, Shared};
 
-type Compiled = Arc<HashMap<String, TrackingPlan>>;
-
-/// The compiled plans of the last catalog snapshot looked at (the debugger
-/// checks every listed event; compiling per request would cost a plan's
-/// every schema each time).
-static COMPILED: Mutex<Option<(Arc<CatalogSnapshot>, Compiled)>> = Mutex::new(None);
-
-/// The current snapshot's plans, compiled once per snapshot.
-pub(crate) fn compiled(s: &Shared) -> Compiled {
-    let snap = s.catalog.snapshot();
-    let mut cache = COMPILED.lock().expect("plans cache lock");
-    match &*cache {
-        Some((at, plans)) if Arc::ptr_eq(at, &snap) => plans.clone(),
-        _ => {
-            let plans = sluice_route::plan::compile_plans(&snap);
-            *cache = Some((snap, plans.clone()));
-            plans
-        }
-    }
+/// The current snapshot's plans, compiled (one copy shared with the route).
+pub(crate) fn compiled(s: &Shared) -> Arc<HashMap<String, TrackingPlan>> {
+    sluice_route::plan::compile_plans(&s.catalog.snapshot())
 }
 
 fn source_exists(s: &Shared, id: &str) -> Result<(), ApiError> {
@@ -58,7 +41,7 @@ fn source_exists(s: &Shared, id: &str) -> Result<(), ApiError> {
 
 pub(crate) async fn get_plan(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
     authorize(&s, &h)?;
-    source_exists(&s, &id)?;
+    // (A plan outlives a source removed from the config: it can still be read and deleted.)
     let snap = s.catalog.snapshot();
     let stored = snap.plans.get(&id).ok_or_else(|| not_found("this source has no tracking plan"))?;
     Ok(Json(json!({"source": id, "version": stored.version, "updated_at_ms": stored.updated_at_ms, "plan": stored.doc})).into_response())
@@ -75,12 +58,12 @@ async fn store(s: &Shared, source: String, doc: PlanDoc, extra: Value) -> ApiRes
     let json = serde_json::to_value(&doc).expect("a plan serializes");
     let created = !s.catalog.snapshot().plans.contains_key(&source);
     let (tracked, id) = (doc.track.len(), source.clone());
-    let version = change(s, move |db| {
-        // Compiled off the async threads: a plan of many schemas takes a while.
-        TrackingPlan::compile(doc).map_err(bad_request)?;
-        Ok(db.put_plan(&id, &json)?)
-    })
-    .await?;
+    // Compiled off the async threads, and before the control database's lock is taken.
+    tokio::task::spawn_blocking(move || TrackingPlan::compile(doc).map(drop))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(bad_request)?;
+    let version = change(s, move |db| Ok(db.put_plan(&id, &json)?)).await?;
     let mut out = json!({"source": source, "version": version, "track_events": tracked});
     if let (Some(out), Value::Object(extra)) = (out.as_object_mut(), extra) {
         out.extend(extra);
@@ -102,7 +85,6 @@ pub(crate) async fn put_plan(
 
 pub(crate) async fn delete_plan(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
     authorize(&s, &h)?;
-    source_exists(&s, &id)?;
     if !change(&s, move |db| Ok(db.delete_plan(&id)?)).await? {
         return Err(not_found("this source has no tracking plan"));
     }

@@ -128,6 +128,13 @@ pub struct RouteMetrics {
 /// Per-partition age gauges (seconds), labelled `partition`.
 pub type AgeGauges = Family<Vec<(&'static str, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>;
 
+/// A label value as the Prometheus text format writes it (`\`, `"` and
+/// newlines escaped): the encoder writes values as they are, and a planned
+/// event name may hold any of them (`Clicked "Buy"`).
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 impl RouteMetrics {
     /// Count a tracking plan's check of one event (the route's own pass; replays are not counted again).
     fn record_verdict(&self, key: &[u8], v: &sluice_transform::Verdict) {
@@ -136,7 +143,7 @@ impl RouteMetrics {
         for kind in [sluice_transform::ViolationKind::UnplannedEvent, sluice_transform::ViolationKind::Invalid] {
             let n = v.violations.iter().filter(|x| x.kind == kind).count() as u64;
             if n > 0 {
-                let labels = vec![("source", source.clone()), ("event", v.label.clone()), ("kind", kind.as_str().to_owned())];
+                let labels = vec![("source", source.clone()), ("event", escape_label(&v.label)), ("kind", kind.as_str().to_owned())];
                 self.plan_violations.get_or_create(&labels).inc_by(n);
             }
         }

@@ -133,9 +133,13 @@ impl Planner {
         let mut flagged = None;
         let mut forward = None;
         if let Some(plan) = plan {
+            // Only a plan's flag may put violations in an event of a source with a plan.
+            let stripped = Verdict::strip_client_violations(&mut event);
             let verdict = plan.check(&event);
             if verdict.outcome != Outcome::Allowed {
                 verdict.flag(&mut event);
+            }
+            if verdict.outcome != Outcome::Allowed || stripped {
                 flagged = Some(Bytes::from(serde_json::to_vec(&event).expect("JSON serializes")));
             }
             if verdict.outcome == Outcome::Blocked {
@@ -207,10 +211,28 @@ impl Planner {
 /// No connected destination (a source with a plan still has its events checked).
 static NO_CONNECTIONS: Vec<String> = Vec::new();
 
-/// Every source's tracking plan, compiled; a plan that does not compile is
-/// left out (the admin API compiles before it stores, so only a hand edit
-/// of the control database gets here) and logged.
-pub fn compile_plans(snap: &CatalogSnapshot) -> Arc<HashMap<String, TrackingPlan>> {
+/// The compiled plans of the last snapshot compiled: the route and the
+/// admin API's debugger share one copy (a plan's patterns take memory).
+static COMPILED_PLANS: Mutex<Option<(Arc<CatalogSnapshot>, Arc<HashMap<String, TrackingPlan>>)>> = Mutex::new(None);
+
+/// Every source's tracking plan, compiled (once per catalog snapshot); a
+/// plan that does not compile is left out (the admin API compiles before it
+/// stores, so only a hand edit of the control database gets here) and logged.
+pub fn compile_plans(snap: &Arc<CatalogSnapshot>) -> Arc<HashMap<String, TrackingPlan>> {
+    let mut cache = COMPILED_PLANS.lock().expect("compiled plans lock");
+    if let Some((at, plans)) = &*cache {
+        if Arc::ptr_eq(at, snap) || at.plans == snap.plans {
+            let plans = plans.clone();
+            *cache = Some((snap.clone(), plans.clone()));
+            return plans;
+        }
+    }
+    let plans = compile_all(snap);
+    *cache = Some((snap.clone(), plans.clone()));
+    plans
+}
+
+fn compile_all(snap: &CatalogSnapshot) -> Arc<HashMap<String, TrackingPlan>> {
     let mut plans = HashMap::new();
     for (source, stored) in &snap.plans {
         match TrackingPlan::from_json(&stored.doc) {

@@ -48,6 +48,13 @@ impl Api {
         assert_eq!(resp.status().as_u16(), 200);
     }
 
+    /// Send these events as one batch; acknowledged.
+    fn send_raw(&self, batch: &[Value]) {
+        let resp =
+            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": batch})).send().unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+
     fn metrics(&self) -> String {
         self.http.get(format!("http://{}/metrics", self.admin)).send().unwrap().text().unwrap()
     }
@@ -114,8 +121,34 @@ fn a_tracking_plan_flags_blocks_and_allows_live_and_imports_a_segment_export() {
     api.send(&[("u-3", "Page Scrolled", json!({})), ("i-3", "Order Completed", json!({}))]);
     assert_eq!(delivered(&sink, "/hook", "u-3")["context"]["violations"][0]["type"], "Unplanned Event");
 
+    // A review destination in use cannot be deleted.
+    api.ok(
+        "PUT",
+        &plan_path,
+        Some(json!({"invalid": "block", "unplanned": "flag", "forward_blocked_to": "review", "track": {"Order Completed": order}})),
+    );
+    let (status, v) = api.call("DELETE", "/api/destinations/review", None);
+    assert_eq!((status, v["code"].as_str()), (409, Some("in_use")), "{v}");
+    // A client can neither dodge a flag with a context that is not an object nor fake one.
+    api.send_raw(&[
+        json!({"type": "track", "messageId": "c-1", "userId": "u1", "event": "Page Scrolled", "context": "not an object"}),
+        json!({"type": "track", "messageId": "c-2", "userId": "u1", "event": "Order Completed", "properties": {"total": 1},
+               "context": {"violations": [{"type": "fake"}], "ip": "1.2.3.4"}}),
+    ]);
+    let dodged = delivered(&sink, "/hook", "c-1");
+    assert_eq!(
+        (dodged["context"]["violations"][0]["type"].as_str(), dodged["context"]["value"].as_str()),
+        (Some("Unplanned Event"), Some("not an object"))
+    );
+    let faked = delivered(&sink, "/hook", "c-2");
+    assert!(faked["context"].get("violations").is_none() && faked["context"]["ip"] == "1.2.3.4", "{faked}");
+
     // 4. Refused changes change nothing.
     for (body, why) in [
+        (
+            json!({"track": {"A": {"$defs": {"n": {"allOf": [{"items": {"$ref": "#/$defs/n"}}, {"items": {"$ref": "#/$defs/n"}}]}}, "$ref": "#/$defs/n"}}}),
+            "a recursive $ref",
+        ),
         (json!({"track": {"A": {"$ref": "https://example.com/s.json"}}}), "an external $ref"),
         (json!({"track": {"A": {"properties": {"x": {"pattern": "(a)\\1"}}}}}), "a back-reference"),
         (json!({"forward_blocked_to": "nowhere"}), "an unknown review destination"),
@@ -125,7 +158,7 @@ fn a_tracking_plan_flags_blocks_and_allows_live_and_imports_a_segment_export() {
         assert_eq!((status, v["code"].as_str()), (400, Some("invalid")), "{why}: {v}");
     }
     assert_eq!(api.call("PUT", "/api/sources/nope/tracking-plan", Some(json!({}))).0, 404);
-    assert_eq!(api.ok("GET", &plan_path, None)["version"], 3, "refused changes stored nothing");
+    assert_eq!(api.ok("GET", &plan_path, None)["version"], 4, "refused changes stored nothing");
 
     // 5. Import a Segment Public API export: "Signed Up" is planned, "Order Completed" no longer is.
     let export = json!({"data": {"trackingPlan": {"name": "From Segment"}, "rules": [
@@ -154,8 +187,19 @@ fn a_tracking_plan_flags_blocks_and_allows_live_and_imports_a_segment_export() {
     }
     assert!(never_delivered(&sink, "/review", "o-4"), "the imported plan forwards nowhere");
 
+    // A planned name with a quote and a backslash is escaped in the metrics' labels.
+    api.ok("PUT", &plan_path, Some(json!({"invalid": "allow", "track": {"Clicked \"Buy\" \\ now": {"required": ["properties"]}}})));
+    api.send_raw(&[json!({"type": "track", "messageId": "q-1", "userId": "u1", "event": "Clicked \"Buy\" \\ now"})]);
+    delivered(&sink, "/hook", "q-1");
+
     // Metrics per source, event and kind; outcomes.
     let metrics = api.metrics();
+    assert!(
+        metrics
+            .contains(&format!(r#"sluice_tracking_plan_violations_total{{source="{SOURCE_ID}",event="Clicked \"Buy\" \\ now",kind="invalid"}} 1"#)),
+        "escaped label missing:\n{}",
+        metrics.lines().filter(|l| l.contains("tracking_plan_violations")).collect::<Vec<_>>().join("\n")
+    );
     for line in [
         format!(r#"sluice_tracking_plan_violations_total{{source="{SOURCE_ID}",event="Order Completed",kind="invalid"}}"#),
         format!(r#"sluice_tracking_plan_violations_total{{source="{SOURCE_ID}",event="(unplanned)",kind="unplanned_event"}}"#),

@@ -30,5 +30,8 @@ pub mod function;
 mod plan;
 mod segment;
 
-pub use plan::{Action, Outcome, PlanDoc, PlanError, TrackingPlan, Verdict, Violation, ViolationKind, MAX_DESCRIPTION, MAX_SCHEMAS, MAX_VIOLATIONS};
+pub use plan::{
+    Action, Outcome, PlanDoc, PlanError, TrackingPlan, Verdict, Violation, ViolationKind, MAX_DESCRIPTION, MAX_EXPANDED_NODES, MAX_PATTERNS,
+    MAX_SCHEMAS, MAX_VIOLATIONS,
+};
 pub use segment::{import_segment, ImportReport};

@@ -17,7 +17,13 @@ pub const MAX_SCHEMAS: usize = 2000;
 /// Longest event name a plan may list (characters).
 const MAX_EVENT_NAME: usize = 200;
 /// The compiled size of one `pattern` (bytes of the regex program).
-const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+const PATTERN_SIZE_LIMIT: usize = 64 << 10;
+/// Most `pattern`s (and `patternProperties` keys) in one plan.
+pub const MAX_PATTERNS: usize = 1000;
+/// Most schema nodes one schema may amount to with every `$ref` followed
+/// in place: bounds the work of a check (a chain of `$ref`s that each
+/// doubles would otherwise cost 2^n per event).
+pub const MAX_EXPANDED_NODES: usize = 20_000;
 
 /// What happens to an event with a kind of violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -132,14 +138,29 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Add the violations at `context.violations` (a `context` that is not
-    /// an object is left as it is).
+    /// Add the violations at `context.violations`. A `context` that is not
+    /// an object becomes one (the value it had is kept at `context.value`):
+    /// a client cannot dodge a flag by sending `"context": "x"`.
     pub fn flag(&self, event: &mut Value) {
         let Some(obj) = event.as_object_mut() else { return };
         let context = obj.entry("context").or_insert_with(|| Value::Object(Map::new()));
+        if !context.is_object() {
+            let value = context.take();
+            let mut wrapped = Map::new();
+            if !value.is_null() {
+                wrapped.insert("value".into(), value);
+            }
+            *context = Value::Object(wrapped);
+        }
         if let Some(context) = context.as_object_mut() {
             context.insert("violations".into(), serde_json::to_value(&self.violations).expect("violations serialize"));
         }
+    }
+
+    /// Remove a `context.violations` the client sent (only a plan's flag
+    /// may put one there); true when there was one.
+    pub fn strip_client_violations(event: &mut Value) -> bool {
+        event.get_mut("context").and_then(Value::as_object_mut).is_some_and(|c| c.remove("violations").is_some())
     }
 }
 
@@ -160,9 +181,80 @@ impl std::fmt::Debug for TrackingPlan {
     }
 }
 
-fn compile_schema(at: &str, schema: &Value) -> Result<Validator, PlanError> {
+/// What a schema amounts to with its `$ref`s followed in place: its nodes
+/// and its patterns. Refused: a `$ref` that leads back into itself (a
+/// recursive schema can make a check's work grow exponentially with the
+/// event's depth), `$dynamicRef`/`$recursiveRef`, a local `$ref` that is
+/// not a JSON pointer, and more than [`MAX_EXPANDED_NODES`] nodes.
+struct Cost {
+    nodes: usize,
+    patterns: usize,
+}
+
+fn expanded_cost(root: &Value) -> Result<Cost, String> {
+    fn visit<'a>(node: &'a Value, root: &'a Value, refs: &mut Vec<String>, cost: &mut Cost, depth: usize) -> Result<(), String> {
+        if depth > 128 {
+            return Err("nested more than 128 levels".into());
+        }
+        match node {
+            Value::Array(items) => items.iter().try_for_each(|v| visit(v, root, refs, cost, depth + 1)),
+            Value::Object(obj) => {
+                cost.nodes += 1;
+                if cost.nodes > MAX_EXPANDED_NODES {
+                    return Err(format!("more than {MAX_EXPANDED_NODES} schema nodes once its $refs are followed: a check of it would be slow"));
+                }
+                for key in ["$dynamicRef", "$recursiveRef"] {
+                    if obj.contains_key(key) {
+                        return Err(format!("{key} is not supported (recursive schemas can make a check exponentially slow)"));
+                    }
+                }
+                if obj.get("pattern").is_some_and(Value::is_string) {
+                    cost.patterns += 1;
+                }
+                if let Some(Value::Object(pp)) = obj.get("patternProperties") {
+                    cost.patterns += pp.len();
+                }
+                if let Some(Value::String(r)) = obj.get("$ref") {
+                    if r == "#" || r.starts_with("#/") {
+                        if refs.contains(r) {
+                            return Err(format!(
+                                "$ref {r:?} leads back into itself: recursive schemas are not supported (a check could take exponential time)"
+                            ));
+                        }
+                        let pointer = r[1..].replace("%25", "%").replace("%22", "\"");
+                        if let Some(target) = root.pointer(&pointer) {
+                            refs.push(r.clone());
+                            visit(target, root, refs, cost, depth + 1)?;
+                            refs.pop();
+                        }
+                    } else if r.starts_with('#') {
+                        return Err(format!("$ref {r:?}: use a JSON pointer (\"#/$defs/name\"), not an anchor"));
+                    }
+                }
+                for (key, v) in obj {
+                    // Data, not schemas.
+                    if !matches!(key.as_str(), "const" | "enum" | "examples" | "default" | "$ref") {
+                        visit(v, root, refs, cost, depth + 1)?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let mut cost = Cost { nodes: 0, patterns: 0 };
+    visit(root, root, &mut Vec::new(), &mut cost, 0)?;
+    Ok(cost)
+}
+
+fn compile_schema(at: &str, schema: &Value, patterns: &mut usize) -> Result<Validator, PlanError> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err(PlanError::Schema { at: at.to_owned(), problem: "a schema is a JSON object (or true/false)".into() });
+    }
+    let cost = expanded_cost(schema).map_err(|problem| PlanError::Schema { at: at.to_owned(), problem })?;
+    *patterns += cost.patterns;
+    if *patterns > MAX_PATTERNS {
+        return Err(PlanError::Limit(format!("a plan holds at most {MAX_PATTERNS} patterns")));
     }
     jsonschema::options()
         .offline()
@@ -203,20 +295,20 @@ impl TrackingPlan {
         if doc.forward_blocked_to.as_deref().is_some_and(str::is_empty) {
             return Err(PlanError::Shape("forward_blocked_to: a destination id, or leave it out".into()));
         }
-        let one = |at: &str, s: &Option<Value>| s.as_ref().map(|s| compile_schema(at, s)).transpose();
+        let mut patterns = 0;
+        let mut one = |at: &str, s: &Option<Value>| s.as_ref().map(|s| compile_schema(at, s, &mut patterns)).transpose();
+        let (common, identify, group, page, screen) = (
+            one("common", &doc.common)?,
+            one("identify", &doc.identify)?,
+            one("group", &doc.group)?,
+            one("page", &doc.page)?,
+            one("screen", &doc.screen)?,
+        );
         let mut track = BTreeMap::new();
         for (name, schema) in &doc.track {
-            track.insert(name.clone(), compile_schema(&format!("track {name:?}"), schema)?);
+            track.insert(name.clone(), compile_schema(&format!("track {name:?}"), schema, &mut patterns)?);
         }
-        Ok(TrackingPlan {
-            common: one("common", &doc.common)?,
-            identify: one("identify", &doc.identify)?,
-            group: one("group", &doc.group)?,
-            page: one("page", &doc.page)?,
-            screen: one("screen", &doc.screen)?,
-            track,
-            doc,
-        })
+        Ok(TrackingPlan { common, identify, group, page, screen, track, doc })
     }
 
     /// Check one event against the plan.
@@ -430,6 +522,56 @@ mod tests {
         let local = json!({"track": {"A": {"$defs": {"id": {"type": "string"}}, "properties": {"userId": {"$ref": "#/$defs/id"}}}}});
         let plan = TrackingPlan::from_json(&local).unwrap();
         assert_eq!(plan.check(&json!({"type": "track", "event": "A", "userId": 5})).violations.len(), 1);
+    }
+
+    #[test]
+    fn schemas_whose_checks_could_explode_are_refused() {
+        // A $ref that comes back into itself under allOf: exponential in the event's depth (red team).
+        let recursive = json!({"track": {"A": {"$defs": {"n": {"allOf": [{"items": {"$ref": "#/$defs/n"}}, {"items": {"$ref": "#/$defs/n"}}]}},
+            "properties": {"properties": {"properties": {"x": {"$ref": "#/$defs/n"}}}}}}});
+        let e = TrackingPlan::from_json(&recursive).unwrap_err().to_string();
+        assert!(e.contains("leads back into itself"), "{e}");
+        // A chain of $defs each doubling: 2^30 nodes from a small plan.
+        let mut defs = serde_json::Map::new();
+        for k in 0..30 {
+            defs.insert(format!("d{k}"), json!({"allOf": [{"$ref": format!("#/$defs/d{}", k + 1)}, {"$ref": format!("#/$defs/d{}", k + 1)}]}));
+        }
+        defs.insert("d30".into(), json!({"type": "object"}));
+        let chain = json!({"track": {"A": {"$defs": defs, "$ref": "#/$defs/d0"}}});
+        let e = TrackingPlan::from_json(&chain).unwrap_err().to_string();
+        assert!(e.contains("schema nodes"), "{e}");
+        for (schema, why) in [
+            (json!({"$dynamicRef": "#x"}), "$dynamicRef"),
+            (json!({"$recursiveRef": "#"}), "$recursiveRef"),
+            (json!({"$ref": "#anchor", "$defs": {"a": {"$anchor": "anchor"}}}), "JSON pointer"),
+        ] {
+            let e = TrackingPlan::from_json(&json!({"track": {"A": schema}})).unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        // Too many patterns in one plan.
+        let many: serde_json::Map<String, Value> = (0..=MAX_PATTERNS).map(|i| (format!("p{i}"), json!({"pattern": "^a"}))).collect();
+        let e = TrackingPlan::from_json(&json!({"track": {"A": {"properties": many}}})).unwrap_err().to_string();
+        assert!(e.contains("patterns"), "{e}");
+        // Shared, non-recursive $defs are fine.
+        let shared = json!({"track": {"A": {"$defs": {"id": {"type": "string"}}, "properties": {"userId": {"$ref": "#/$defs/id"}, "anonymousId": {"$ref": "#/$defs/id"}}}}});
+        assert!(TrackingPlan::from_json(&shared).is_ok());
+    }
+
+    #[test]
+    fn a_flag_cannot_be_dodged_or_faked_by_the_client() {
+        let plan = order_plan("flag", "flag");
+        for context in [json!("str"), json!(null), json!(5)] {
+            let mut event = json!({"type": "track", "event": "Nope", "context": context.clone()});
+            plan.check(&event).flag(&mut event);
+            assert_eq!(event["context"]["violations"][0]["type"], "Unplanned Event", "context {context}");
+            if !context.is_null() {
+                assert_eq!(event["context"]["value"], context);
+            }
+        }
+        let mut event = json!({"type": "track", "event": "Order Completed", "context": {"violations": ["fake"], "ip": "1"}});
+        assert!(Verdict::strip_client_violations(&mut event));
+        assert_eq!(event["context"], json!({"ip": "1"}));
+        assert!(!Verdict::strip_client_violations(&mut event));
     }
 
     #[test]

@@ -42,21 +42,39 @@ fn keep_highest(slot: &mut Option<(i64, Value)>, version: i64, schema: Value) {
     }
 }
 
+/// A rule's version: a number (or a string holding one); 0 when absent.
 fn version_of(rule: &Value) -> i64 {
-    rule.get("version").and_then(Value::as_i64).unwrap_or(0)
+    match rule.get("version") {
+        Some(Value::Number(n)) => n.as_i64().unwrap_or_else(|| n.as_f64().map_or(0, |f| f.clamp(i64::MIN as f64, i64::MAX as f64) as i64)),
+        Some(Value::String(s)) => s.trim().parse::<f64>().map_or(0, |f| f.clamp(i64::MIN as f64, i64::MAX as f64) as i64),
+        _ => 0,
+    }
 }
 
-/// A rule's schema; a planned event without one allows anything.
-fn schema_or_any(v: Option<&Value>) -> Value {
+/// A rule's schema: absent or null allows anything (a planned event
+/// without rules); anything else that is not a schema is an error.
+fn schema_of(v: Option<&Value>) -> Result<Value, String> {
     match v {
-        Some(s) if s.is_object() || s.is_boolean() => s.clone(),
-        _ => json!({}),
+        None | Some(Value::Null) => Ok(json!({})),
+        Some(s) if s.is_object() || s.is_boolean() => Ok(s.clone()),
+        Some(other) => Err(format!("its schema is {}, not a JSON object", kind_of(other))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+        Value::Object(_) => "an object",
     }
 }
 
 /// Convert a Segment export; `unplanned`/`invalid` are the new plan's actions.
 pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Result<(PlanDoc, ImportReport), PlanError> {
-    let root = export.get("data").unwrap_or(export);
+    let root = export.get("data").filter(|d| d.is_object()).unwrap_or(export);
     let plan = root.get("tracking_plan").or_else(|| root.get("trackingPlan")).unwrap_or(root);
     let name = ["display_name", "displayName", "name"]
         .iter()
@@ -74,7 +92,13 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
             for (i, rule) in list.iter().enumerate() {
                 let kind = rule.get("type").and_then(Value::as_str).unwrap_or("").to_ascii_uppercase();
                 let version = version_of(rule);
-                let schema = schema_or_any(rule.get("jsonSchema"));
+                let schema = match schema_of(rule.get("jsonSchema")) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        report.skipped.push(format!("rule {i} ({kind}): {why}"));
+                        continue;
+                    }
+                };
                 match kind.as_str() {
                     "TRACK" => match rule.get("key").and_then(Value::as_str).filter(|k| !k.is_empty()) {
                         Some(key) => {
@@ -100,7 +124,14 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
             for (i, rule) in obj.get("events").and_then(Value::as_array).into_iter().flatten().enumerate() {
                 match rule.get("name").and_then(Value::as_str).filter(|k| !k.is_empty()) {
                     Some(name) => {
-                        let (version, schema) = (version_of(rule), schema_or_any(rule.get("rules")));
+                        let version = version_of(rule);
+                        let schema = match schema_of(rule.get("rules")) {
+                            Ok(s) => s,
+                            Err(why) => {
+                                report.skipped.push(format!("events[{i}] ({name:?}): {why}"));
+                                continue;
+                            }
+                        };
                         let slot = track.entry(name.to_owned()).or_insert((i64::MIN, Value::Null));
                         if version >= slot.0 {
                             *slot = (version, schema);
@@ -110,8 +141,10 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
                 }
             }
             for (key, slot) in [("identify", &mut identify), ("group", &mut group), ("global", &mut common)] {
-                if let Some(s) = obj.get(key).filter(|s| s.is_object() || s.is_boolean()) {
-                    *slot = Some((0, s.clone()));
+                match obj.get(key).map(|s| schema_of(Some(s))) {
+                    Some(Ok(s)) => *slot = Some((0, s)),
+                    Some(Err(why)) => report.skipped.push(format!("rules.{key}: {why}")),
+                    None => {}
                 }
             }
             for key in obj.keys().filter(|k| !matches!(k.as_str(), "events" | "identify" | "group" | "global")) {
@@ -190,6 +223,26 @@ mod tests {
         assert_eq!(plan.check(&json!({"type": "track", "event": "Product Viewed", "properties": {}})).outcome, Outcome::Blocked);
         assert_eq!(plan.check(&json!({"type": "group", "groupId": "g", "traits": {}})).violations[0].field, "traits.name");
         assert_eq!(plan.check(&json!({"type": "page", "context": 5})).violations[0].field, "context");
+    }
+
+    #[test]
+    fn odd_rules_are_reported_not_taken_silently() {
+        let export = json!({"data": null, "rules": [
+            {"type": "TRACK", "key": "A", "version": "5", "jsonSchema": {"required": ["x"]}},
+            {"type": "TRACK", "key": "A", "version": 1, "jsonSchema": {}},
+            {"type": "TRACK", "key": "B", "version": 1e30, "jsonSchema": [1, 2]},
+            {"type": "IDENTIFY", "jsonSchema": "yes"}
+        ]});
+        let (doc, report) = import_segment(&export, Action::Allow, Action::Flag).unwrap();
+        assert_eq!(doc.track["A"], json!({"required": ["x"]}), "version \"5\" beats 1");
+        assert!(!doc.track.contains_key("B") && doc.identify.is_none());
+        assert_eq!(report.skipped.len(), 2, "{:?}", report.skipped);
+        assert!(report.skipped.iter().all(|s| s.contains("not a JSON object")), "{:?}", report.skipped);
+        let v1 = json!({"rules": {"events": [], "identify": 5}});
+        assert_eq!(
+            import_segment(&v1, Action::Allow, Action::Allow).unwrap().1.skipped,
+            ["rules.identify: its schema is a number, not a JSON object"]
+        );
     }
 
     #[test]
