@@ -532,7 +532,7 @@ mod tests {
         let e = TrackingPlan::from_json(&recursive).unwrap_err().to_string();
         assert!(e.contains("leads back into itself"), "{e}");
         // A chain of $defs each doubling: 2^30 nodes from a small plan.
-        let mut defs = serde_json::Map::new();
+        let mut defs = Map::new();
         for k in 0..30 {
             defs.insert(format!("d{k}"), json!({"allOf": [{"$ref": format!("#/$defs/d{}", k + 1)}, {"$ref": format!("#/$defs/d{}", k + 1)}]}));
         }
@@ -549,7 +549,7 @@ mod tests {
             assert!(e.contains(why), "{why}: {e}");
         }
         // Too many patterns in one plan.
-        let many: serde_json::Map<String, Value> = (0..=MAX_PATTERNS).map(|i| (format!("p{i}"), json!({"pattern": "^a"}))).collect();
+        let many: Map<String, Value> = (0..=MAX_PATTERNS).map(|i| (format!("p{i}"), json!({"pattern": "^a"}))).collect();
         let e = TrackingPlan::from_json(&json!({"track": {"A": {"properties": many}}})).unwrap_err().to_string();
         assert!(e.contains("patterns"), "{e}");
         // Shared, non-recursive $defs are fine.
