@@ -208,6 +208,12 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
                         return Err(format!("{key} is not supported (recursive schemas can make a check exponentially slow)"));
                     }
                 }
+                // A base URI would make a `$ref` resolve somewhere this walk cannot follow.
+                for key in ["$id", "id"] {
+                    if obj.get(key).is_some_and(Value::is_string) {
+                        return Err(format!("{key} is not supported in a plan's schemas: every $ref is a JSON pointer into the schema itself"));
+                    }
+                }
                 if obj.get("pattern").is_some_and(Value::is_string) {
                     cost.patterns += 1;
                 }
@@ -215,20 +221,19 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
                     cost.patterns += pp.len();
                 }
                 if let Some(Value::String(r)) = obj.get("$ref") {
-                    if r == "#" || r.starts_with("#/") {
-                        if refs.contains(r) {
-                            return Err(format!(
-                                "$ref {r:?} leads back into itself: recursive schemas are not supported (a check could take exponential time)"
-                            ));
-                        }
-                        let pointer = r[1..].replace("%25", "%").replace("%22", "\"");
-                        if let Some(target) = root.pointer(&pointer) {
-                            refs.push(r.clone());
-                            visit(target, root, refs, cost, depth + 1)?;
-                            refs.pop();
-                        }
-                    } else if r.starts_with('#') {
-                        return Err(format!("$ref {r:?}: use a JSON pointer (\"#/$defs/name\"), not an anchor"));
+                    let Some(pointer) = r.strip_prefix('#').filter(|p| p.is_empty() || p.starts_with('/')) else {
+                        return Err(format!("$ref {r:?}: only a JSON pointer into the schema itself (\"#/$defs/name\") is supported"));
+                    };
+                    let pointer = percent_decoded(pointer).ok_or_else(|| format!("$ref {r:?}: not a valid URI fragment"))?;
+                    if refs.contains(&pointer) {
+                        return Err(format!(
+                            "$ref {r:?} leads back into itself: recursive schemas are not supported (a check could take exponential time)"
+                        ));
+                    }
+                    if let Some(target) = root.pointer(&pointer) {
+                        refs.push(pointer);
+                        visit(target, root, refs, cost, depth + 1)?;
+                        refs.pop();
                     }
                 }
                 for (key, v) in obj {
@@ -245,6 +250,24 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
     let mut cost = Cost { nodes: 0, patterns: 0 };
     visit(root, root, &mut Vec::new(), &mut cost, 0)?;
     Ok(cost)
+}
+
+/// A URI fragment with its `%XX` escapes decoded (as the validator resolves it).
+fn percent_decoded(fragment: &str) -> Option<String> {
+    let bytes = fragment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn compile_schema(at: &str, schema: &Value, patterns: &mut usize) -> Result<Validator, PlanError> {
@@ -544,6 +567,11 @@ mod tests {
             (json!({"$dynamicRef": "#x"}), "$dynamicRef"),
             (json!({"$recursiveRef": "#"}), "$recursiveRef"),
             (json!({"$ref": "#anchor", "$defs": {"a": {"$anchor": "anchor"}}}), "JSON pointer"),
+            // The same recursion spelled with a percent-escaped pointer, or through the schema's own $id.
+            (json!({"$defs": {"n": {"allOf": [{"items": {"$ref": "#/%24defs/n"}}]}}, "$ref": "#/%24defs/n"}), "leads back into itself"),
+            (json!({"$id": "https://x.example/s", "$defs": {"n": {"items": {"$ref": "https://x.example/s#/$defs/n"}}}}), "$id"),
+            (json!({"$defs": {"n": {"items": {"$ref": "s.json#/$defs/n"}}}}), "JSON pointer"),
+            (json!({"id": "http://x.example/s", "properties": {"id": {"type": "string"}}}), "id"),
         ] {
             let e = TrackingPlan::from_json(&json!({"track": {"A": schema}})).unwrap_err().to_string();
             assert!(e.contains(why), "{why}: {e}");
