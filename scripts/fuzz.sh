@@ -23,7 +23,7 @@ cd "$ROOT"
 
 SECS="${1:-60}"
 [ $# -gt 0 ] && shift
-ALL_TARGETS=(tracking_api log_recovery filter config rpc_decode)
+ALL_TARGETS=(tracking_api log_recovery filter config rpc_decode tracking_plan)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 SANITIZER="${SLUICE_FUZZ_SANITIZER:-none}"

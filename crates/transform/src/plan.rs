@@ -23,7 +23,7 @@ pub const MAX_PATTERNS: usize = 1000;
 /// Most schema nodes one schema may amount to with every `$ref` followed
 /// in place: bounds the work of a check (a chain of `$ref`s that each
 /// doubles would otherwise cost 2^n per event).
-pub const MAX_EXPANDED_NODES: usize = 20_000;
+pub const MAX_EXPANDED_NODES: usize = 5_000;
 
 /// What happens to an event with a kind of violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -192,64 +192,92 @@ struct Cost {
 }
 
 fn expanded_cost(root: &Value) -> Result<Cost, String> {
-    fn visit<'a>(node: &'a Value, root: &'a Value, refs: &mut Vec<String>, cost: &mut Cost, depth: usize) -> Result<(), String> {
-        if depth > 128 {
-            return Err("nested more than 128 levels".into());
-        }
-        match node {
-            Value::Array(items) => items.iter().try_for_each(|v| visit(v, root, refs, cost, depth + 1)),
-            Value::Object(obj) => {
-                cost.nodes += 1;
-                if cost.nodes > MAX_EXPANDED_NODES {
-                    return Err(format!("more than {MAX_EXPANDED_NODES} schema nodes once its $refs are followed: a check of it would be slow"));
-                }
-                for key in ["$dynamicRef", "$recursiveRef"] {
-                    if obj.contains_key(key) {
-                        return Err(format!("{key} is not supported (recursive schemas can make a check exponentially slow)"));
-                    }
-                }
-                // A base URI would make a `$ref` resolve somewhere this walk cannot follow.
-                for key in ["$id", "id"] {
-                    if obj.get(key).is_some_and(Value::is_string) {
-                        return Err(format!("{key} is not supported in a plan's schemas: every $ref is a JSON pointer into the schema itself"));
-                    }
-                }
-                if obj.get("pattern").is_some_and(Value::is_string) {
-                    cost.patterns += 1;
-                }
-                if let Some(Value::Object(pp)) = obj.get("patternProperties") {
-                    cost.patterns += pp.len();
-                }
-                if let Some(Value::String(r)) = obj.get("$ref") {
-                    let Some(pointer) = r.strip_prefix('#').filter(|p| p.is_empty() || p.starts_with('/')) else {
-                        return Err(format!("$ref {r:?}: only a JSON pointer into the schema itself (\"#/$defs/name\") is supported"));
-                    };
-                    let pointer = percent_decoded(pointer).ok_or_else(|| format!("$ref {r:?}: not a valid URI fragment"))?;
-                    if refs.contains(&pointer) {
-                        return Err(format!(
-                            "$ref {r:?} leads back into itself: recursive schemas are not supported (a check could take exponential time)"
-                        ));
-                    }
-                    if let Some(target) = root.pointer(&pointer) {
-                        refs.push(pointer);
-                        visit(target, root, refs, cost, depth + 1)?;
-                        refs.pop();
-                    }
-                }
-                for (key, v) in obj {
-                    // Data, not schemas.
-                    if !matches!(key.as_str(), "const" | "enum" | "examples" | "default" | "$ref") {
-                        visit(v, root, refs, cost, depth + 1)?;
-                    }
-                }
-                Ok(())
+    /// Keywords whose value maps names to schemas (each value is a schema, whatever its name).
+    const SCHEMA_MAPS: &[&str] = &["properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"];
+    /// Keywords whose value is data, never a schema (only a `$ref` can make a schema of it).
+    const DATA: &[&str] = &["const", "enum", "examples", "default", "required", "$comment", "title", "description"];
+
+    struct Walk<'a> {
+        root: &'a Value,
+        /// The `$ref` targets being expanded (by address: two spellings of one place are one place).
+        refs: Vec<*const Value>,
+        cost: Cost,
+    }
+
+    impl<'a> Walk<'a> {
+        /// A value in a schema position: a schema, or an array of them (`allOf`, `items` of old drafts).
+        fn any(&mut self, node: &'a Value, depth: usize) -> Result<(), String> {
+            match node {
+                Value::Array(items) => items.iter().try_for_each(|v| self.any(v, depth + 1)),
+                Value::Object(_) => self.schema(node, depth),
+                _ => Ok(()),
             }
-            _ => Ok(()),
+        }
+
+        fn schema(&mut self, node: &'a Value, depth: usize) -> Result<(), String> {
+            if depth > 128 {
+                return Err("nested more than 128 levels".into());
+            }
+            let Value::Object(obj) = node else { return Ok(()) };
+            self.cost.nodes += 1;
+            if self.cost.nodes > MAX_EXPANDED_NODES {
+                return Err(format!("more than {MAX_EXPANDED_NODES} schema nodes once its $refs are followed: a check of it would be slow"));
+            }
+            for key in ["$dynamicRef", "$recursiveRef"] {
+                if obj.contains_key(key) {
+                    return Err(format!("{key} is not supported (recursive schemas can make a check exponentially slow)"));
+                }
+            }
+            // A base URI would make a `$ref` resolve somewhere this walk cannot follow.
+            for key in ["$id", "id"] {
+                if obj.get(key).is_some_and(Value::is_string) {
+                    return Err(format!("{key} is not supported in a plan's schemas: every $ref is a JSON pointer into the schema itself"));
+                }
+            }
+            if obj.get("pattern").is_some_and(Value::is_string) {
+                self.cost.patterns += 1;
+            }
+            if let Some(Value::Object(pp)) = obj.get("patternProperties") {
+                self.cost.patterns += pp.len();
+            }
+            if let Some(r) = obj.get("$ref") {
+                let Value::String(r) = r else { return Err("$ref: a string".into()) };
+                let Some(pointer) = r.strip_prefix('#').filter(|p| p.is_empty() || p.starts_with('/')) else {
+                    return Err(format!("$ref {r:?}: only a JSON pointer into the schema itself (\"#/$defs/name\") is supported"));
+                };
+                let pointer = percent_decoded(pointer).ok_or_else(|| format!("$ref {r:?}: not a valid URI fragment"))?;
+                // A pointer this walk cannot resolve (`#/allOf/00`, `#/a/`) is refused, not skipped:
+                // the validator may resolve it where this walk would not look.
+                let target = self.root.pointer(&pointer).ok_or_else(|| format!("$ref {r:?} does not point at a part of this schema"))?;
+                if self.refs.contains(&(target as *const Value)) {
+                    return Err(format!(
+                        "$ref {r:?} leads back into itself: recursive schemas are not supported (a check could take exponential time)"
+                    ));
+                }
+                self.refs.push(target);
+                self.any(target, depth + 1)?;
+                self.refs.pop();
+            }
+            for (key, v) in obj {
+                match key.as_str() {
+                    "$ref" => {}
+                    k if SCHEMA_MAPS.contains(&k) => {
+                        if let Value::Object(map) = v {
+                            map.values().try_for_each(|s| self.any(s, depth + 1))?;
+                        }
+                    }
+                    k if DATA.contains(&k) => {}
+                    // Every other keyword's value is walked as (possibly) schemas: counting too much is safe.
+                    _ => self.any(v, depth + 1)?,
+                }
+            }
+            Ok(())
         }
     }
-    let mut cost = Cost { nodes: 0, patterns: 0 };
-    visit(root, root, &mut Vec::new(), &mut cost, 0)?;
-    Ok(cost)
+
+    let mut walk = Walk { root, refs: Vec::new(), cost: Cost { nodes: 0, patterns: 0 } };
+    walk.any(root, 0)?;
+    Ok(walk.cost)
 }
 
 /// A URI fragment with its `%XX` escapes decoded (as the validator resolves it).
@@ -572,6 +600,18 @@ mod tests {
             (json!({"$id": "https://x.example/s", "$defs": {"n": {"items": {"$ref": "https://x.example/s#/$defs/n"}}}}), "$id"),
             (json!({"$defs": {"n": {"items": {"$ref": "s.json#/$defs/n"}}}}), "JSON pointer"),
             (json!({"id": "http://x.example/s", "properties": {"id": {"type": "string"}}}), "id"),
+            // Second red team: non-canonical array indexes the validator resolves and serde does not,
+            // targets hidden under data keywords, and schemas under properties named like data keywords.
+            (
+                json!({"$ref": "#/examples/00", "examples": [{"allOf": [{"$ref": "#/examples/01"}, {"$ref": "#/examples/01"}]}, {"required": ["z"]}]}),
+                "does not point",
+            ),
+            (json!({"allOf": [{"properties": {"a": {"allOf": [{"$ref": "#/allOf/+0"}]}}}]}), "does not point"),
+            (json!({"allOf": [{"properties": {"a": {"allOf": [{"$ref": "#/allOf/0"}, {"$ref": "#/allOf/0"}]}}}]}), "leads back into itself"),
+            (
+                json!({"properties": {"default": {"$defs": {"d": {"allOf": [{"$ref": "#/properties/default"}]}}, "$ref": "#/properties/default/$defs/d"}}}),
+                "leads back into itself",
+            ),
         ] {
             let e = TrackingPlan::from_json(&json!({"track": {"A": schema}})).unwrap_err().to_string();
             assert!(e.contains(why), "{why}: {e}");
@@ -580,6 +620,9 @@ mod tests {
         let many: Map<String, Value> = (0..=MAX_PATTERNS).map(|i| (format!("p{i}"), json!({"pattern": "^a"}))).collect();
         let e = TrackingPlan::from_json(&json!({"track": {"A": {"properties": many}}})).unwrap_err().to_string();
         assert!(e.contains("patterns"), "{e}");
+        let hidden = json!({"track": {"A": {"properties": {"default": {"patternProperties": many.clone()}}}}});
+        let e = TrackingPlan::from_json(&hidden).unwrap_err().to_string();
+        assert!(e.contains("patterns"), "a schema under a property named default is walked too: {e}");
         // Shared, non-recursive $defs are fine.
         let shared = json!({"track": {"A": {"$defs": {"id": {"type": "string"}}, "properties": {"userId": {"$ref": "#/$defs/id"}, "anonymousId": {"$ref": "#/$defs/id"}}}}});
         assert!(TrackingPlan::from_json(&shared).is_ok());
