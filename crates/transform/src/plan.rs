@@ -18,8 +18,13 @@ pub const MAX_SCHEMAS: usize = 2000;
 const MAX_EVENT_NAME: usize = 200;
 /// The compiled size of one `pattern` (bytes of the regex program).
 const PATTERN_SIZE_LIMIT: usize = 64 << 10;
-/// Most `pattern`s (and `patternProperties` keys) in one plan.
-pub const MAX_PATTERNS: usize = 1000;
+/// Most `pattern`s (and `patternProperties` keys) in one plan: each may
+/// scan every string it applies to (see [`PATTERN_CACHE_LIMIT`]).
+pub const MAX_PATTERNS: usize = 200;
+/// The lazy DFA cache of one pattern (per thread): past it the engine
+/// falls back to slower search rather than growing (a red team's 1,000
+/// Unicode-class patterns held ~2 MB each, 7 GB across threads).
+const PATTERN_CACHE_LIMIT: usize = 128 << 10;
 /// Most schema nodes one schema may amount to with every `$ref` followed
 /// in place: bounds the work of a check (a chain of `$ref`s that each
 /// doubles would otherwise cost 2^n per event).
@@ -309,7 +314,7 @@ fn compile_schema(at: &str, schema: &Value, patterns: &mut usize) -> Result<Vali
     }
     jsonschema::options()
         .offline()
-        .with_pattern_options(PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT))
+        .with_pattern_options(PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT).dfa_size_limit(PATTERN_CACHE_LIMIT))
         .build(schema)
         .map_err(|e| PlanError::Schema { at: at.to_owned(), problem: cut(&e.to_string()) })
 }
