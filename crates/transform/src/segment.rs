@@ -83,7 +83,7 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
         .to_owned();
     let rules = plan.get("rules").or_else(|| root.get("rules")).ok_or_else(|| PlanError::Import("no \"rules\" found".into()))?;
     let mut report = ImportReport::default();
-    let mut track: BTreeMap<String, (i64, Value)> = BTreeMap::new();
+    let mut track: BTreeMap<String, Option<(i64, Value)>> = BTreeMap::new();
     let (mut identify, mut group, mut page, mut screen, mut common) = (None, None, None, None, None);
     match rules {
         // The Public API: a list of typed rules.
@@ -102,10 +102,7 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
                 match kind.as_str() {
                     "TRACK" => match rule.get("key").and_then(Value::as_str).filter(|k| !k.is_empty()) {
                         Some(key) => {
-                            let slot = track.entry(key.to_owned()).or_insert((i64::MIN, Value::Null));
-                            if version >= slot.0 {
-                                *slot = (version, schema);
-                            }
+                            keep_highest(track.entry(key.to_owned()).or_default(), version, schema);
                         }
                         None => report.skipped.push(format!("rule {i}: a TRACK rule without a key")),
                     },
@@ -132,10 +129,7 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
                                 continue;
                             }
                         };
-                        let slot = track.entry(name.to_owned()).or_insert((i64::MIN, Value::Null));
-                        if version >= slot.0 {
-                            *slot = (version, schema);
-                        }
+                        keep_highest(track.entry(name.to_owned()).or_default(), version, schema);
                     }
                     None => report.skipped.push(format!("events[{i}]: an event without a name")),
                 }
@@ -166,7 +160,7 @@ pub fn import_segment(export: &Value, unplanned: Action, invalid: Action) -> Res
         invalid,
         forward_blocked_to: None,
         common: take(common),
-        track: track.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        track: track.into_iter().filter_map(|(k, slot)| Some((k, slot?.1))).collect(),
         identify: take(identify),
         group: take(group),
         page: take(page),
