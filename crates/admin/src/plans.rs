@@ -50,13 +50,14 @@ pub(crate) async fn get_plan(State(s): State<Shared>, h: HeaderMap, Path(id): Pa
 /// Compile `doc`, check what it names exists, store it; the answer of a PUT or an import.
 async fn store(s: &Shared, source: String, doc: PlanDoc, extra: Value) -> ApiResult {
     source_exists(s, &source)?;
+    let snap = s.catalog.snapshot();
     if let Some(d) = &doc.forward_blocked_to {
-        if !s.catalog.snapshot().destinations.contains_key(d) {
+        if !snap.destinations.contains_key(d) {
             return Err(bad_request(format!("forward_blocked_to: no destination {d:?}")));
         }
     }
     let json = serde_json::to_value(&doc).expect("a plan serializes");
-    let created = !s.catalog.snapshot().plans.contains_key(&source);
+    let created = !snap.plans.contains_key(&source);
     let (tracked, id) = (doc.track.len(), source.clone());
     // Compiled off the async threads, and before the control database's lock is taken.
     tokio::task::spawn_blocking(move || TrackingPlan::compile(doc).map(drop))
