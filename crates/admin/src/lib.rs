@@ -24,6 +24,7 @@
 //!   [`sluice_deliver::inspect::find_in`] as `sluice jobs inspect`.
 //! - Every error answer is JSON `{"code","message"}` (see `harden`).
 
+mod functions;
 mod plans;
 pub mod refresh;
 pub mod views;
@@ -88,6 +89,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/sources/{id}/tracking-plan", get(plans::get_plan).put(plans::put_plan).delete(plans::delete_plan))
         .route("/api/sources/{id}/tracking-plan/import", post(plans::import_plan))
         .route("/api/sources/{id}/tracking-plan/check", post(plans::check_event))
+        .route("/api/sources/{id}/function", put(functions::attach_to_source).delete(functions::detach_from_source))
+        .route("/api/functions", get(functions::list))
+        .route("/api/functions/{id}", get(functions::get).put(functions::deploy).delete(functions::delete))
+        .route("/api/functions/{id}/restore", post(functions::restore))
+        .route("/api/functions/{id}/test", post(functions::test))
         .route("/api/destinations", get(list_destinations))
         .route("/api/destinations/{id}", put(put_destination).delete(delete_destination))
         .route("/api/connections", get(list_connections).post(create_connection))
@@ -263,7 +269,9 @@ async fn list_sources(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     let v = {
         snap.sources
             .iter()
-            .map(|(src, disabled)| json!({"id": src.id, "write_key": src.write_key, "rate_limit": src.rate_limit, "rate_burst": src.rate_burst, "disabled": disabled}))
+            .map(|(src, disabled)| {
+                json!({"id": src.id, "write_key": src.write_key, "rate_limit": src.rate_limit, "rate_burst": src.rate_burst, "disabled": disabled, "function": src.function})
+            })
             .collect::<Vec<_>>()
     };
     Ok(Json(v).into_response())
@@ -287,6 +295,7 @@ async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<
         rate_limit: n.rate_limit,
         rate_burst: n.rate_burst,
         workspace: None,
+        function: None,
     };
     src.validate("source").map_err(bad_request)?;
     let out = json!({"id": src.id, "write_key": src.write_key});
@@ -386,6 +395,7 @@ async fn put_destination(
         return Err(bad_request(format!("the body's id {:?} differs from the path's {id:?}", d.id)));
     }
     d.validate("destination", s.retry_policy).map_err(bad_request)?;
+    functions::check_deployed(&s, d.function.as_ref())?;
     let snap = s.catalog.snapshot();
     if let Some(other) = snap.destinations.values().find(|o| o.id != d.id && o.integration_name() == d.integration_name()) {
         return Err(ApiError(StatusCode::CONFLICT, "exists", format!("integrations name {:?} is used by {:?}", d.integration_name(), other.id)));

@@ -219,6 +219,7 @@ impl GlobalStore {
                 rate_limit: None,
                 rate_burst: None,
                 workspace: Some(workspace),
+                function: None,
             })
             .collect();
         let destinations = dests

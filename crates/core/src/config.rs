@@ -355,6 +355,7 @@ pub struct Config {
     pub router: RouterConfig,
     pub control: ControlConfig,
     pub cell: CellConfig,
+    pub functions: FunctionsConfig,
     pub sources: Vec<SourceConfig>,
     pub destinations: Vec<DestinationConfig>,
     pub connections: Vec<ConnectionConfig>,
@@ -937,7 +938,57 @@ pub struct SourceConfig {
     /// The workspace (tenant) the source belongs to; absent = `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// A source function: run on each of the source's events before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionRef>,
 }
+
+/// How functions run (`[functions]`, docs/FUNCTIONS.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionsConfig {
+    /// Threads that run functions (each function's engine lives on one of them).
+    #[serde(deserialize_with = "de_nonzero_usize")]
+    pub threads: NonZeroUsize,
+    /// Time one call may take before it is stopped (class `Timeout`).
+    #[serde(with = "humantime_serde")]
+    pub time_per_call: Duration,
+    /// Memory one function's engine may hold (class `OutOfMemory` past it).
+    pub memory_bytes: usize,
+}
+
+impl Default for FunctionsConfig {
+    fn default() -> Self {
+        FunctionsConfig { threads: nz!(2), time_per_call: Duration::from_millis(100), memory_bytes: 32 << 20 }
+    }
+}
+
+/// A function attached to a source or a destination (docs/FUNCTIONS.md):
+/// the id it was deployed under, and the settings its handlers get.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionRef {
+    pub id: String,
+    /// The handlers' second argument (`settings`); absent = `{}`.
+    #[serde(default)]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+impl FunctionRef {
+    fn validate(&self, key: String) -> Result<(), ConfigError> {
+        if !valid_id(&self.id) {
+            return Err(invalid(format!("{key}.id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
+        }
+        let size = serde_json::to_vec(&self.settings).map_or(usize::MAX, |v| v.len());
+        if size > MAX_FUNCTION_SETTINGS {
+            return Err(invalid(format!("{key}.settings"), format!("{size} bytes as JSON; at most {MAX_FUNCTION_SETTINGS}")));
+        }
+        Ok(())
+    }
+}
+
+/// Largest `function.settings`, as JSON (they cross into the engine on every call).
+pub const MAX_FUNCTION_SETTINGS: usize = 16 << 10;
 
 /// The prefix of a write key given as its SHA-256 (`sha256:<64 hex digits>`).
 pub const HASHED_WRITE_KEY: &str = "sha256:";
@@ -1164,6 +1215,10 @@ pub struct DestinationConfig {
     /// Filters, applied in order (see docs/CONFIG.md for the condition syntax).
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
+    /// A destination function: run on each job before it is sent; what it
+    /// returns is what is delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionRef>,
 }
 
 fn webhook() -> String {
@@ -1211,6 +1266,9 @@ impl DestinationConfig {
                 }
                 other => return Err(invalid(fkey("action"), format!("unknown action {other:?}; use drop, sample, allow_fields or block_fields"))),
             }
+        }
+        if let Some(f) = &self.function {
+            f.validate(key("function"))?;
         }
         Ok(())
     }
@@ -1270,6 +1328,9 @@ impl SourceConfig {
             if !valid_id(w) {
                 return Err(invalid(format!("{prefix}.workspace"), format!("{w:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")));
             }
+        }
+        if let Some(f) = &self.function {
+            f.validate(format!("{prefix}.function"))?;
         }
         Ok(())
     }
@@ -1624,6 +1685,16 @@ impl Config {
             }
         }
         self.validate_deliver()?;
+        let f = &self.functions;
+        if f.threads.get() > 64 {
+            return Err(invalid("functions.threads", "must be at most 64"));
+        }
+        if f.time_per_call < Duration::from_millis(1) || f.time_per_call > Duration::from_secs(30) {
+            return Err(invalid("functions.time_per_call", "must be between 1ms and 30s"));
+        }
+        if !(1 << 20..=1 << 30).contains(&f.memory_bytes) {
+            return Err(invalid("functions.memory_bytes", "must be between 1 MiB and 1 GiB"));
+        }
         self.validate_links()
     }
 

@@ -711,8 +711,15 @@ impl Director {
                 let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, job = %id);
                 tokio::spawn(tracing::Instrument::instrument(
                     async move {
-                        let target = permit.destination.settings().target.clone();
-                        let attempt = executor.send(&target, &idempotency_key, body).await;
+                        let settings = permit.destination.settings();
+                        let body = match &settings.function {
+                            Some(f) => f.apply(body).await,
+                            None => Ok(body),
+                        };
+                        let attempt = match body {
+                            Ok(body) => executor.send(&settings.target, &idempotency_key, body).await,
+                            Err(ended_by_function) => ended_by_function,
+                        };
                         if attempt.verdict == Verdict::Succeeded {
                             // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
                             sluice_core::crash::crash_point("deliver.after_http_success");

@@ -25,6 +25,8 @@ pub struct DestinationSettings {
     /// Configured defaults; `destination_qos` may override them.
     pub max_in_flight: usize,
     pub rate_limit: u32,
+    /// The destination function its jobs pass through before they are sent.
+    pub function: Option<crate::function::Attached>,
 }
 
 #[derive(Debug)]
@@ -257,6 +259,7 @@ mod tests {
             policy: RetryPolicy::DEFAULT,
             max_in_flight: max,
             rate_limit: rate,
+            function: None,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod control;
 pub mod director;
 pub mod executor;
+pub mod function;
 pub mod gate;
 pub mod inspect;
 pub mod jobdb;

@@ -92,7 +92,7 @@ pub const JOBDB_REGISTRY: Table = Table {
 
 /// The control tables (`control/`), in creation order: `(name, table)`;
 /// the servers' names carry the prefix `sluice_control_`.
-pub const CONTROL: [(&str, Table); 8] = [
+pub const CONTROL: [(&str, Table); 10] = [
     (
         "sources",
         Table {
@@ -154,6 +154,29 @@ pub const CONTROL: [(&str, Table); 8] = [
         Table {
             columns: &[col("source", ID), col("plan", Type::Text), col("version", Type::Int), col("updated_at", Type::Int)],
             primary_key: &["source"],
+            indexes: &[],
+            append_only: None,
+            without_rowid: false,
+        },
+    ),
+    (
+        // Functions' code, one row per deployed version (rows are never changed:
+        // a deploy adds a version; deleting a function deletes its rows).
+        "functions",
+        Table {
+            columns: &[col("id", ID), col("version", Type::Int), col("code", Type::Text), col("created_at", Type::Int)],
+            primary_key: &["id", "version"],
+            indexes: &[],
+            append_only: None,
+            without_rowid: false,
+        },
+    ),
+    (
+        // The version of each function that runs (a deploy or a restore sets it).
+        "function_live",
+        Table {
+            columns: &[col("id", ID), col("version", Type::Int), col("updated_at", Type::Int)],
+            primary_key: &["id"],
             indexes: &[],
             append_only: None,
             without_rowid: false,

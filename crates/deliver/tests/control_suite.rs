@@ -68,6 +68,7 @@ fn a_control_planes_rows_are_replaced_whole_and_give_way_to_the_config(db: &Db<'
         rate_limit: None,
         rate_burst: None,
         workspace: Some("acme".into()),
+        function: None,
     };
     let dest = |id: &str| -> DestinationConfig {
         serde_json::from_value(serde_json::json!({"id": id, "url": format!("http://127.0.0.1:9/{id}"), "workspace": "acme"})).unwrap()

@@ -22,6 +22,7 @@
 //!   one cell's `output`, so the cells' parts do not overlap.
 
 mod dead_letter;
+mod function;
 
 pub mod plan;
 
@@ -172,7 +173,7 @@ impl RouteMetrics {
         r.register("sluice_route_jobs", "Jobs made by the route (before idempotency checks)", self.jobs.clone());
         r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
         r.register("sluice_route_batch_seconds", "One route batch: read output, plan, insert jobs (durable), commit", self.batch_seconds.clone());
-        r.register("sluice_route_unroutable", "Output records that are not valid events (stored as dead letters)", self.unroutable.clone());
+        r.register("sluice_route_unroutable", "Output records that are not valid events, or that their source function failed (stored as dead letters)", self.unroutable.clone());
         r.register(
             "sluice_route_expired_unrouted",
             "Output offsets retention removed before the route read them: events never routed (log.output_retention shorter than the route's lag)",
@@ -396,9 +397,11 @@ async fn route_records(
     let mut jobs: Vec<NewJob> = Vec::new();
     let mut dead = Vec::new();
     // Key records (a workspace's dedup keys from its old cell) are dedup's, not events.
-    for rec in records.iter().filter(|r| !sluice_core::topics::is_internal_record(&r.value)) {
+    let events: Vec<&sluice_log::StoredRecord> = records.iter().filter(|r| !sluice_core::topics::is_internal_record(&r.value)).collect();
+    let planned = planner.plan_batch(&events.iter().map(|r| (&r.key[..], &r.value)).collect::<Vec<_>>(), 0, None).await;
+    for (rec, decision) in events.into_iter().zip(planned) {
         metrics.events.inc();
-        match planner.plan(&rec.key, &rec.value, 0, None) {
+        match decision {
             Ok(d) => {
                 metrics.filtered.inc_by(d.filtered);
                 if let Some(v) = &d.verdict {
@@ -408,7 +411,7 @@ async fn route_records(
             }
             Err(problem) => {
                 metrics.unroutable.inc();
-                tracing::warn!(partition, offset = rec.offset, %problem, "an output record that is not a routable event goes to the dead-letter store");
+                tracing::warn!(partition, offset = rec.offset, %problem, "an output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
                 dead.push(dead_letter::letter("route", OUTPUT_TOPIC, partition, rec, 0, None, problem));
             }
         }
@@ -545,13 +548,15 @@ async fn replay_records(
     let mut jobs = Vec::new();
     let mut dead = Vec::new();
     let replayed = |rec: &&sluice_log::StoredRecord| rec.timestamp_ms >= r.since_ms && !sluice_core::topics::is_internal_record(&rec.value);
-    for rec in records.iter().filter(replayed) {
+    let events: Vec<&sluice_log::StoredRecord> = records.iter().filter(replayed).collect();
+    let planned = planner.plan_batch(&events.iter().map(|r| (&r.key[..], &r.value)).collect::<Vec<_>>(), r.id, Some(&r.destination)).await;
+    for (rec, decision) in events.into_iter().zip(planned) {
         counts.0 += 1;
-        match planner.plan(&rec.key, &rec.value, r.id, Some(&r.destination)) {
+        match decision {
             Ok(d) => jobs.extend(d.jobs),
             // Under the replay's generation and destination: replaying it re-delivers as this replay would have.
             Err(problem) => {
-                tracing::warn!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event goes to the dead-letter store");
+                tracing::warn!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
                 dead.push(dead_letter::letter("replay", topic, p, rec, r.id, Some(&r.destination), problem));
             }
         }

@@ -87,6 +87,8 @@ pub struct RouteDecision {
     pub filtered: u64,
     /// The source's tracking plan's check, if it has a plan.
     pub verdict: Option<Verdict>,
+    /// The source's function dropped the event (no jobs).
+    pub dropped_by_function: bool,
 }
 
 impl Planner {

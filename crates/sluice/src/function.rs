@@ -46,16 +46,6 @@ pub fn run(cmd: FunctionCommand) -> Result<()> {
     }
 }
 
-fn outcome_json(o: &FunctionOutcome) -> Value {
-    match o {
-        FunctionOutcome::Event(e) => json!({"outcome": "event", "event": e}),
-        FunctionOutcome::Drop { reason } => json!({"outcome": "dropped", "reason": reason}),
-        FunctionOutcome::Error { class, message } => {
-            json!({"outcome": "error", "class": class.as_str(), "message": message, "retried": class.retried()})
-        }
-    }
-}
-
 fn test(args: TestArgs) -> Result<()> {
     let code = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let text = if args.event.as_os_str() == "-" {
@@ -91,9 +81,9 @@ fn test(args: TestArgs) -> Result<()> {
     let took_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(repeat);
     let failed = outcomes.iter().any(|o| matches!(o, FunctionOutcome::Error { .. }));
     let out = if args.batch {
-        json!({"outcomes": outcomes.iter().map(outcome_json).collect::<Vec<_>>(), "took_us": (took_us * 10.0).round() / 10.0, "calls": repeat})
+        json!({"outcomes": outcomes.iter().map(FunctionOutcome::to_json).collect::<Vec<_>>(), "took_us": (took_us * 10.0).round() / 10.0, "calls": repeat})
     } else {
-        let mut one = outcome_json(&outcomes[0]);
+        let mut one = FunctionOutcome::to_json(&outcomes[0]);
         one["took_us"] = json!((took_us * 10.0).round() / 10.0);
         one["calls"] = json!(repeat);
         one

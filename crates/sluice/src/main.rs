@@ -589,6 +589,16 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         st.scope_watch = Some(deliver::watch_scope(claim, config.clone(), catalog.clone(), st.fatal.clone()));
     }
 
+    if roles.route || roles.director {
+        // Source functions run in the route, destination functions in the directors (docs/FUNCTIONS.md).
+        let f = &config.functions;
+        let limits = sluice_transform::function::Limits {
+            time_per_call: f.time_per_call,
+            memory_bytes: f.memory_bytes,
+            ..sluice_transform::function::Limits::default()
+        };
+        sluice_transform::pool::FunctionPool::configure(f.threads.get(), limits).register(&mut registry);
+    }
     if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
         st.delivery = Some(deliver::start(config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?);
     } else if config.deliver.enabled {

@@ -70,9 +70,11 @@ impl ErrorClass {
         }
     }
 
-    /// Whether the event is tried again (later) rather than set aside.
+    /// Whether the event is tried again (later) rather than set aside: a
+    /// `RetryError`, or a call that ran out of time (the machine may have
+    /// been busy; a function that always loops runs out its retry window).
     pub fn retried(self) -> bool {
-        matches!(self, ErrorClass::Retry)
+        matches!(self, ErrorClass::Retry | ErrorClass::Timeout)
     }
 }
 
@@ -89,6 +91,19 @@ pub enum FunctionOutcome {
         class: ErrorClass,
         message: String,
     },
+}
+
+impl FunctionOutcome {
+    /// What became of one event, as `sluice function test` and the admin API show it.
+    pub fn to_json(&self) -> Value {
+        match self {
+            FunctionOutcome::Event(e) => serde_json::json!({"outcome": "event", "event": e}),
+            FunctionOutcome::Drop { reason } => serde_json::json!({"outcome": "dropped", "reason": reason}),
+            FunctionOutcome::Error { class, message } => {
+                serde_json::json!({"outcome": "error", "class": class.as_str(), "message": message, "retried": class.retried()})
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -393,7 +408,7 @@ mod tests {
                 other => panic!("{code}: {other:?}"),
             }
         }
-        assert!(ErrorClass::Retry.retried() && !ErrorClass::Validation.retried() && !ErrorClass::Timeout.retried());
+        assert!(ErrorClass::Retry.retried() && !ErrorClass::Validation.retried() && ErrorClass::Timeout.retried() && !ErrorClass::OutOfMemory.retried());
     }
 
     #[test]

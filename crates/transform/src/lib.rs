@@ -1,8 +1,9 @@
 //! `sluice-transform`: the transformation stage's parts: tracking plans
 //! (Segment Protocols), checked by the route on every event before it
 //! makes jobs (see ARCHITECTURE.md, "Transformation"), and functions
-//! (`function`: JavaScript handlers in a sandboxed QuickJS; not wired into
-//! the pipeline yet, `sluice function test` runs one).
+//! (`function`: JavaScript handlers in a sandboxed QuickJS, run on the
+//! process's function threads, `pool`: by the route for source functions,
+//! by the directors for destination functions; docs/FUNCTIONS.md).
 //!
 //! A tracking plan belongs to one source. For each kind of call it may
 //! hold a JSON Schema (draft 7 or 2020-12, named by `$schema`; 2020-12
@@ -28,6 +29,7 @@
 
 pub mod function;
 mod plan;
+pub mod pool;
 mod segment;
 
 pub use plan::{

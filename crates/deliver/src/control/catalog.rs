@@ -26,6 +26,23 @@ pub struct CatalogSnapshot {
     pub qos: HashMap<String, Qos>,
     /// source id → its tracking plan, as stored (the route compiles it).
     pub plans: HashMap<String, StoredPlan>,
+    /// function id → its live version's code.
+    pub functions: HashMap<String, LiveFunction>,
+}
+
+/// The version of a function that runs, with its code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveFunction {
+    pub version: i64,
+    pub code: Arc<str>,
+}
+
+/// One deployed version of a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionVersion {
+    pub version: i64,
+    pub created_at_ms: i64,
+    pub code: String,
 }
 
 /// A source's tracking plan as the control database holds it.
@@ -88,7 +105,7 @@ impl Catalog {
         {
             let mut gates = self.gates.lock().expect("gates lock");
             for (id, d) in &snap.destinations {
-                let settings = self.settings_for(d);
+                let settings = self.settings_for(d, &snap);
                 let qos = snap.qos.get(id).cloned().unwrap_or_default();
                 match gates.get(id) {
                     Some(g) => g.update(settings, &qos),
@@ -116,7 +133,7 @@ impl Catalog {
         Ok(())
     }
 
-    fn settings_for(&self, d: &DestinationConfig) -> DestinationSettings {
+    fn settings_for(&self, d: &DestinationConfig, snap: &CatalogSnapshot) -> DestinationSettings {
         let policy = d.retry_policy(self.defaults.retry_policy());
         DestinationSettings {
             target: Target {
@@ -128,6 +145,7 @@ impl Catalog {
             policy,
             max_in_flight: d.max_in_flight.unwrap_or(self.defaults.max_in_flight.get()),
             rate_limit: d.rate_limit.unwrap_or(self.defaults.rate_limit),
+            function: d.function.as_ref().map(|f| crate::function::Attached::new(f, &snap.functions)),
         }
     }
 
@@ -143,6 +161,7 @@ impl Catalog {
                     policy: self.defaults.retry_policy(),
                     max_in_flight: 1,
                     rate_limit: 0,
+                    function: None,
                 };
                 let g = Destination::new(id.to_owned(), settings.clone(), 1, Duration::from_secs(1), self.wake.clone());
                 g.update(settings, &Qos { paused: true, ..Qos::default() });

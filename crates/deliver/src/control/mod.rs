@@ -36,7 +36,7 @@ use crate::DeliverError;
 mod catalog;
 mod tables;
 
-pub use catalog::{Catalog, CatalogSnapshot, StoredPlan};
+pub use catalog::{Catalog, CatalogSnapshot, FunctionVersion, LiveFunction, StoredPlan};
 use tables::Tables;
 pub use tables::TABLE_PREFIX;
 
@@ -302,6 +302,26 @@ impl ControlDb {
     /// Remove `source`'s tracking plan; false when it had none.
     pub fn delete_plan(&self, source: &str) -> Result<bool, DeliverError> {
         self.tables.delete_plan(source)
+    }
+
+    /// Store `code` as function `id`'s next version and make it the live one; its number.
+    pub fn deploy_function(&self, id: &str, code: &str) -> Result<i64, DeliverError> {
+        self.tables.deploy_function(id, code)
+    }
+
+    /// Make an existing `version` of `id` the live one; false when there is no such version.
+    pub fn restore_function(&self, id: &str, version: i64) -> Result<bool, DeliverError> {
+        self.tables.restore_function(id, version)
+    }
+
+    /// Every version of `id`, oldest first (empty: no such function).
+    pub fn function_versions(&self, id: &str) -> Result<Vec<FunctionVersion>, DeliverError> {
+        self.tables.function_versions(id)
+    }
+
+    /// Delete function `id`, every version; false when there was none.
+    pub fn delete_function(&self, id: &str) -> Result<bool, DeliverError> {
+        self.tables.delete_function(id)
     }
 
     /// Create a source; false when its id or write key is taken.

@@ -380,7 +380,9 @@ impl Tables {
         let connections_sql = self.q("SELECT source, destination FROM {p}connections ORDER BY source, destination");
         let qos_sql = self.q("SELECT destination, paused, max_in_flight, rate_per_sec, priority FROM {p}destination_qos");
         let plans_sql = self.q("SELECT source, plan, version, updated_at FROM {p}tracking_plans");
-        let (sources, destinations, connections, qos, plans) = self.run("reading", |c| {
+        let functions_sql =
+            self.q("SELECT l.id, l.version, f.code FROM {p}function_live l JOIN {p}functions f ON f.id = l.id AND f.version = l.version");
+        let (sources, destinations, connections, qos, plans, functions) = self.run("reading", |c| {
             let sources = c.query(&sources_sql, &[], |r| Ok((r.text(0)?, r.text(1)?, r.int(2)? != 0)))?;
             let destinations = c.query(&destinations_sql, &[], |r| Ok((r.text(0)?, r.text(1)?)))?;
             let connections = c.query(&connections_sql, &[], |r| Ok((r.text(0)?, r.text(1)?)))?;
@@ -396,7 +398,8 @@ impl Tables {
                 ))
             })?;
             let plans = c.query(&plans_sql, &[], |r| Ok((r.text(0)?, r.text(1)?, r.int(2)?, r.int(3)?)))?;
-            Ok((sources, destinations, connections, qos, plans))
+            let functions = c.query(&functions_sql, &[], |r| Ok((r.text(0)?, r.int(1)?, r.text(2)?)))?;
+            Ok((sources, destinations, connections, qos, plans, functions))
         })?;
         let mut snap = CatalogSnapshot::default();
         for (id, json, disabled) in sources {
@@ -427,7 +430,51 @@ impl Tables {
                 Err(problem) => tracing::error!(%source, %problem, "ignoring a tracking plan that is not JSON in the control database"),
             }
         }
+        for (id, version, code) in functions {
+            snap.functions.insert(id, super::LiveFunction { version, code: code.into() });
+        }
         Ok(snap)
+    }
+
+    pub(super) fn deploy_function(&self, id: &str, code: &str) -> Result<i64, DeliverError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let next = self.q("SELECT COALESCE(MAX(version), 0) + 1 FROM {p}functions WHERE id = ?");
+        let insert = self.q("INSERT INTO {p}functions (id, version, code, created_at) VALUES (?, ?, ?, ?)");
+        let live = self.upsert("function_live", "id, version, updated_at", "?, ?, ?", "id", &["version", "updated_at"], "");
+        // Under the control lock: two deploys of one function get two numbers.
+        self.locked("deploying a function", |c| {
+            let version = c.query_one(&next, &[Arg::Text(id)], |r| r.int(0))?.unwrap_or(1);
+            c.execute(&insert, &[Arg::Text(id), Arg::Int(version), Arg::Text(code), Arg::Int(now)])?;
+            c.execute(&live, &[Arg::Text(id), Arg::Int(version), Arg::Int(now)])?;
+            Ok(version)
+        })
+    }
+
+    pub(super) fn restore_function(&self, id: &str, version: i64) -> Result<bool, DeliverError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let exists = self.q("SELECT COUNT(*) FROM {p}functions WHERE id = ? AND version = ?");
+        let live = self.upsert("function_live", "id, version, updated_at", "?, ?, ?", "id", &["version", "updated_at"], "");
+        self.locked("restoring a function version", |c| {
+            if c.query_one(&exists, &[Arg::Text(id), Arg::Int(version)], |r| r.int(0))?.unwrap_or(0) == 0 {
+                return Ok(false);
+            }
+            c.execute(&live, &[Arg::Text(id), Arg::Int(version), Arg::Int(now)])?;
+            Ok(true)
+        })
+    }
+
+    pub(super) fn function_versions(&self, id: &str) -> Result<Vec<super::FunctionVersion>, DeliverError> {
+        let sql = self.q("SELECT version, created_at, code FROM {p}functions WHERE id = ? ORDER BY version");
+        self.run("reading a function's versions", |c| {
+            c.query(&sql, &[Arg::Text(id)], |r| Ok(super::FunctionVersion { version: r.int(0)?, created_at_ms: r.int(1)?, code: r.text(2)? }))
+        })
+    }
+
+    pub(super) fn delete_function(&self, id: &str) -> Result<bool, DeliverError> {
+        let live = self.q("DELETE FROM {p}function_live WHERE id = ?");
+        let versions = self.q("DELETE FROM {p}functions WHERE id = ?");
+        let deleted = self.exec("deleting a function", &[(live, vec![id]), (versions, vec![id])])?;
+        Ok(deleted[1] > 0)
     }
 
     pub(super) fn put_plan(&self, source: &str, doc: &serde_json::Value) -> Result<i64, DeliverError> {

@@ -38,7 +38,7 @@ pub fn sources() -> Vec<SourceConfig> {
 }
 
 pub fn source(id: &str, key: &str, rate_limit: Option<u32>, rate_burst: Option<u32>) -> SourceConfig {
-    SourceConfig { id: id.into(), write_key: key.into(), rate_limit, rate_burst, workspace: None }
+    SourceConfig { id: id.into(), write_key: key.into(), rate_limit, rate_burst, workspace: None, function: None }
 }
 
 /// The settings of the default configuration (so the spec's limits are
