@@ -9,69 +9,8 @@ mod util;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use util::*;
-
-const TOKEN: &str = "test-admin-token-0123456789";
-
-struct Api {
-    http: reqwest::blocking::Client,
-    admin: String,
-    api: String,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method.parse().unwrap(), format!("http://{}{path}", self.admin)).bearer_auth(TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().unwrap();
-        let status = resp.status().as_u16();
-        (status, serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null))
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.call(method, path, body);
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
-        v
-    }
-
-    /// Send events (each `(messageId, event name, properties)`) as one batch; acknowledged.
-    fn send(&self, events: &[(&str, &str, Value)]) {
-        let batch: Vec<Value> = events
-            .iter()
-            .map(|(id, name, props)| json!({"type": "track", "messageId": id, "userId": "u1", "event": name, "properties": props}))
-            .collect();
-        let resp =
-            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": batch})).send().unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-    }
-
-    /// Send these events as one batch; acknowledged.
-    fn send_raw(&self, batch: &[Value]) {
-        let resp =
-            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&json!({"batch": batch})).send().unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-    }
-
-    fn metrics(&self) -> String {
-        self.http.get(format!("http://{}/metrics", self.admin)).send().unwrap().text().unwrap()
-    }
-}
-
-/// The body `path` received for messageId `id`, once it has (20 s at most).
-fn delivered(sink: &TestSink, path: &str, id: &str) -> Value {
-    wait_for(
-        Duration::from_secs(20),
-        || sink.by_message_id(path).get(id).and_then(|r| r.first()).map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()),
-        || format!("{id} at {path}"),
-    )
-}
-
-fn never_delivered(sink: &TestSink, path: &str, id: &str) -> bool {
-    !sink.by_message_id(path).contains_key(id)
-}
 
 #[test]
 fn a_tracking_plan_flags_blocks_and_allows_live_and_imports_a_segment_export() {

@@ -899,3 +899,68 @@ pub fn screenshot_dir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+// The admin API, as the tracking-plan and function tests use it.
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// The admin API and the Tracking API of a test server, with [`TOKEN`].
+pub struct Api {
+    pub http: reqwest::blocking::Client,
+    pub admin: String,
+    pub api: String,
+}
+
+impl Api {
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), format!("http://{}{path}", self.admin)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, serde_json::from_str(&resp.text().unwrap()).unwrap_or(Value::Null))
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        v
+    }
+
+    /// Send events (each `(messageId, event name, properties)`) as one batch; acknowledged.
+    pub fn send(&self, events: &[(&str, &str, Value)]) {
+        let batch: Vec<Value> = events
+            .iter()
+            .map(|(id, name, props)| serde_json::json!({"type": "track", "messageId": id, "userId": "u1", "event": name, "properties": props}))
+            .collect();
+        let resp =
+            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&serde_json::json!({"batch": batch})).send().unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+
+    /// Send these events as one batch; acknowledged.
+    pub fn send_raw(&self, batch: &[Value]) {
+        let resp =
+            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&serde_json::json!({"batch": batch})).send().unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http.get(format!("http://{}/metrics", self.admin)).send().unwrap().text().unwrap()
+    }
+}
+
+/// The body `path` received for messageId `id`, once it has (20 s at most).
+pub fn delivered(sink: &TestSink, path: &str, id: &str) -> Value {
+    wait_for(
+        Duration::from_secs(20),
+        || sink.by_message_id(path).get(id).and_then(|r| r.first()).map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()),
+        || format!("{id} at {path}"),
+    )
+}
+
+pub fn never_delivered(sink: &TestSink, path: &str, id: &str) -> bool {
+    !sink.by_message_id(path).contains_key(id)
+}
+
