@@ -9,8 +9,11 @@
 //! - the route dies after its jobs are durable but before it commits its
 //!   `output` offset (`route.after_insert`): the replayed batch makes no
 //!   second job, and the endpoint gets each event exactly once — with a
-//!   tracking plan that rewrites every event, edited between the crash and
-//!   the restart (the transformation stage's row of the crash matrix).
+//!   source function and a tracking plan that rewrite every event, both
+//!   changed between the crash and the restart (the transformation stage's
+//!   row of the crash matrix);
+//! - with a destination function, the `kill -9` mid-delivery delivers every
+//!   event transformed (the function runs again for a re-executed job).
 //!
 //! Every wait is bounded; no assertion depends on timing.
 
@@ -162,6 +165,12 @@ fn a_director_crash_after_a_2xx_redelivers_only_executing_jobs() {
     server.stop_within(STOP_TIMEOUT);
 }
 
+/// Seed the control database with a first start, then deploy `code` as function `id`.
+fn set_function_before_start(config: &Path, data: &Path, id: &str, code: &str) {
+    Server::start(config).stop_within(STOP_TIMEOUT);
+    set_function(data, id, code);
+}
+
 #[test]
 fn kill9_mid_delivery_redelivers_only_executing_jobs() {
     let sink = TestSink::start();
@@ -169,7 +178,9 @@ fn kill9_mid_delivery_redelivers_only_executing_jobs() {
     sink.sink.set("/hook", Behaviour { delay: Duration::from_millis(20), ..Behaviour::default() });
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), "max_in_flight = 4"));
+    let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), "max_in_flight = 4\nfunction = { id = \"rename\" }"));
+    // A destination function renames a property of every event it delivers.
+    set_function_before_start(&config, &data, "rename", "async function onTrack(e) { e.properties.renamed = e.properties.i; delete e.properties.i; return e; }");
     let server = Server::start(&config);
 
     let n = 200;
@@ -192,6 +203,12 @@ fn kill9_mid_delivery_redelivers_only_executing_jobs() {
     wait_delivered(&sink, &server, &config, &data, &ids);
     let dups = check_at_least_once(&sink, &ids, &executing, &received_before);
     eprintln!("duplicates: {dups} (of {} jobs executing at the kill)", executing.len());
+    for (id, received) in sink.by_key("/hook") {
+        for r in received {
+            let props = &r.json()["properties"];
+            assert!(props.get("i").is_none() && props["renamed"].is_u64(), "{id} went out through the function: {props}");
+        }
+    }
     server.stop_within(STOP_TIMEOUT);
 }
 
@@ -200,12 +217,15 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     let sink = TestSink::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), ""));
+    let config = write_config(dir.path(), &format!("function = {{ id = \"via\" }}\n{}", hook_toml(&sink.sink.url("/hook"), "")));
 
     // Hold delivery (the README's pause) so that every job stays in its JobDB
     // until it has been counted; a first start seeds the control database.
     Server::start(&config).stop_within(STOP_TIMEOUT);
     assert_eq!(set_paused(&data, "hook", true), 1);
+    // A source function marks every event with its version; version 2 comes between the crash and the restart.
+    let via = |v: u32| format!("async function onTrack(e) {{ e.properties.via = {v}; return e; }}");
+    set_function(&data, "via", &via(1));
     // A tracking plan rewrites every event (flags it as unplanned); after the crash it is edited
     // (flags a missing field instead): whichever plan an event met, it gets one job.
     set_tracking_plan(&data, SOURCE_ID, &serde_json::json!({"unplanned": "flag"}));
@@ -238,6 +258,7 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     assert!(replayed > 0, "the crash left jobs whose events the route had not committed");
 
     set_tracking_plan(&data, SOURCE_ID, &serde_json::json!({"invalid": "flag", "common": {"required": ["no_such_field"]}}));
+    set_function(&data, "via", &via(2));
     let server = Server::start(&config);
     resend(&sink, &server, &failed);
     wait_for(
@@ -268,6 +289,7 @@ fn a_route_crash_after_insert_makes_no_second_job() {
     let by_key = sink.by_key("/hook");
     assert_eq!(by_key.len(), ids.len(), "only the events sent");
     let mut by_plan: HashMap<String, usize> = HashMap::new();
+    let mut by_function: BTreeMap<u64, usize> = BTreeMap::new();
     for id in &ids {
         assert_eq!(by_key[id].len(), 1, "{id} delivered exactly once");
         let violations = by_key[id][0].json()["context"]["violations"].clone();
@@ -276,8 +298,11 @@ fn a_route_crash_after_insert_makes_no_second_job() {
         // The first plan lists one violation (the event is unplanned); the second adds the missing field.
         let plan = if types.contains(&"Required") { "second" } else { "first" };
         *by_plan.entry(plan.to_owned()).or_default() += 1;
+        let via = by_key[id][0].json()["properties"]["via"].as_u64().unwrap_or_else(|| panic!("{id} went through the source function"));
+        *by_function.entry(via).or_default() += 1;
     }
-    eprintln!("delivered per plan: {by_plan:?}");
+    eprintln!("delivered per plan: {by_plan:?}; per source function version: {by_function:?}");
     assert!(by_plan.contains_key("first") && by_plan.contains_key("second"), "both plans were met: {by_plan:?}");
+    assert!(by_function.contains_key(&1) && by_function.contains_key(&2), "both function versions were met: {by_function:?}");
     server.stop_within(STOP_TIMEOUT);
 }

@@ -596,6 +596,21 @@ pub fn set_tracking_plan(data_dir: &Path, source: &str, plan: &Value) {
     .expect("store the tracking plan");
 }
 
+/// Deploy `code` as function `id`'s next version, made live, in the control database (as the admin API would).
+pub fn set_function(data_dir: &Path, id: &str, code: &str) {
+    let conn = rusqlite::Connection::open(data_dir.join("control.sqlite")).expect("open control.sqlite");
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let version: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM functions WHERE id = ?1", [id], |r| r.get(0)).unwrap();
+    conn.execute("INSERT INTO functions (id, version, code, created_at) VALUES (?1, ?2, ?3, 0)", rusqlite::params![id, version, code]).unwrap();
+    conn.execute(
+        "INSERT INTO function_live (id, version, updated_at) VALUES (?1, ?2, 0) ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        rusqlite::params![id, version],
+    )
+    .unwrap();
+    conn.execute_batch("COMMIT").unwrap();
+}
+
 /// Per partition of `output`: (the `route` group's committed offset, the end).
 pub fn route_lag(data_dir: &Path) -> Vec<(Option<u64>, u64)> {
     let log = EmbeddedLog::open_read_only(&data_dir.join("log")).expect("open log read-only");
