@@ -259,6 +259,27 @@ pub struct E2eBench {
     /// meet theirs); report the ratio of delivered events/s (issue 16).
     #[arg(long, default_value_t = 0)]
     plan_schemas: usize,
+    /// Run twice in this invocation: without a function, then with this
+    /// destination function on every destination (`rename`: a built-in that
+    /// renames two properties; or a JavaScript file); report the ratio of
+    /// delivered events/s (issue 16).
+    #[arg(long, value_name = "rename|FILE", conflicts_with = "plan_schemas")]
+    function: Option<String>,
+}
+
+/// The built-in bench function: renames two properties of every track event.
+const RENAME_FUNCTION: &str = r#"async function onTrack(event, settings) {
+  const p = event.properties;
+  p.amount = p.total; delete p.total;
+  p.padding = p.pad; delete p.pad;
+  return event;
+}"#;
+
+/// What the bench puts on every source or destination before the load.
+enum Setup {
+    Nothing,
+    Plan(serde_json::Value),
+    Function(String),
 }
 
 /// The admin token of a bench server whose tracking plans the bench sets.
@@ -303,20 +324,34 @@ fn load_tls(args: &E2eBench) -> Result<Option<tokio_rustls::TlsConnector>> {
 
 pub fn bench_e2e(args: E2eBench) -> Result<()> {
     println!("{}", machine_description());
+    if let Some(function) = &args.function {
+        let code = match function.as_str() {
+            "rename" => RENAME_FUNCTION.to_owned(),
+            file => std::fs::read_to_string(file).with_context(|| format!("--function {file}"))?,
+        };
+        println!("--- without a function (the floor) ---");
+        let without = e2e_once(&args, Setup::Nothing)?;
+        println!("--- with destination function {function:?} on every destination ---");
+        let with = e2e_once(&args, Setup::Function(code))?;
+        let ratio = with / without.max(1.0);
+        println!("destination function: {with:.0} events/s delivered against {without:.0} without: ratio {ratio:.2} (goal >= 0.5)");
+        println!("RESULT bench=e2e_function function={function} with={with:.0} without={without:.0} ratio={ratio:.3}");
+        return Ok(());
+    }
     if args.plan_schemas == 0 {
-        return e2e_once(&args, None).map(drop);
+        return e2e_once(&args, Setup::Nothing).map(drop);
     }
     println!("--- without a tracking plan (the floor) ---");
-    let without = e2e_once(&args, None)?;
+    let without = e2e_once(&args, Setup::Nothing)?;
     println!("--- with a tracking plan of {} schemas on every source ---", args.plan_schemas);
-    let with = e2e_once(&args, Some(bench_plan(args.plan_schemas)))?;
+    let with = e2e_once(&args, Setup::Plan(bench_plan(args.plan_schemas)))?;
     println!("tracking plan: {with:.0} events/s delivered against {without:.0} without: ratio {:.2} (goal >= 0.8)", with / without.max(1.0));
     println!("RESULT bench=e2e_plan schemas={} with={with:.0} without={without:.0} ratio={:.3}", args.plan_schemas, with / without.max(1.0));
     Ok(())
 }
 
-/// One `sluice serve` loaded as `args` say, with `plan` on every source; delivered events/s to a healthy destination.
-fn e2e_once(args: &E2eBench, plan: Option<serde_json::Value>) -> Result<f64> {
+/// One `sluice serve` loaded as `args` say, with `setup` on every source or destination; delivered events/s to a healthy destination.
+fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     if args.down >= args.destinations {
         bail!("--down must leave at least one healthy destination");
     }
@@ -333,7 +368,7 @@ fn e2e_once(args: &E2eBench, plan: Option<serde_json::Value>) -> Result<f64> {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
         dir.path().join("data").display(),
-        if plan.is_some() { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
+        if !matches!(setup, Setup::Nothing) { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
     );
     if let Some(url) = &args.jobdb_url {
         toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
@@ -384,13 +419,26 @@ fn e2e_once(args: &E2eBench, plan: Option<serde_json::Value>) -> Result<f64> {
     let (mut child, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), config_path.as_os_str()], &[])?;
     let addr = ready["listen"].as_str().unwrap_or("").to_owned();
     let pid = child.id();
-    if let Some(plan) = &plan {
-        let admin = ready["admin"].as_str().unwrap_or("");
-        let http = reqwest::blocking::Client::new();
-        for s in 0..args.sources {
-            let r = http.put(format!("http://{admin}/api/sources/s{s}/tracking-plan")).bearer_auth(BENCH_ADMIN_TOKEN).json(plan).send()?;
-            if !r.status().is_success() {
-                bail!("setting the tracking plan of s{s}: {} {}", r.status(), r.text().unwrap_or_default());
+    let admin = ready["admin"].as_str().unwrap_or("");
+    let http = reqwest::blocking::Client::new();
+    let put = |path: String, body: &serde_json::Value| -> Result<()> {
+        let r = http.put(format!("http://{admin}{path}")).bearer_auth(BENCH_ADMIN_TOKEN).json(body).send()?;
+        if !r.status().is_success() {
+            bail!("PUT {path}: {} {}", r.status(), r.text().unwrap_or_default());
+        }
+        Ok(())
+    };
+    match &setup {
+        Setup::Nothing => {}
+        Setup::Plan(plan) => {
+            for s in 0..args.sources {
+                put(format!("/api/sources/s{s}/tracking-plan"), plan)?;
+            }
+        }
+        Setup::Function(code) => {
+            put("/api/functions/bench".into(), &serde_json::json!({"code": code}))?;
+            for d in &dests {
+                put(format!("/api/destinations/{d}"), &serde_json::json!({"url": sink.url(&format!("/{d}")), "function": {"id": "bench"}}))?;
             }
         }
     }
@@ -561,7 +609,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
                 let batch: Vec<String> = ids
                     .iter()
                     .map(|id| {
-                        format!(r#"{{"type":"track","event":"Order Completed","userId":"u-{id}","messageId":"{id}","properties":{{"pad":"{pad}"}}}}"#)
+                        format!(r#"{{"type":"track","event":"Order Completed","userId":"u-{id}","messageId":"{id}","properties":{{"total":1,"pad":"{pad}"}}}}"#)
                     })
                     .collect();
                 let body = format!(r#"{{"batch":[{}]}}"#, batch.join(","));
