@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use sluice_transform::fetch::{FetchFailure, FetchRequest, FetchResponse, FETCH_TIMEOUT, MAX_FETCH_BODY};
 
 /// What an attempt means for the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,20 +176,10 @@ impl Executor {
             Ok(u) => u,
             Err(e) => return done(Verdict::Discard, None, Some(format!("invalid URL {:?}: {e}", target.url)), None),
         };
-        if !target.allow_private_network {
-            let literal = match url.host() {
-                Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
-                Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
-                _ => None,
-            };
-            if let Some(addr) = literal {
-                if let Some(kind) = private_kind(addr) {
-                    let e = SsrfRefused { host: addr.to_string(), addr, kind };
-                    return done(Verdict::Discard, None, Some(e.to_string()), None);
-                }
-            }
-        }
-        let client = if target.allow_private_network { &self.open } else { &self.guarded };
+        let client = match self.client_for(&url, target.allow_private_network) {
+            Ok(c) => c,
+            Err(refused) => return done(Verdict::Discard, None, Some(refused.to_string()), None),
+        };
         let mut req = client
             .post(url)
             .timeout(target.request_timeout)
@@ -221,6 +212,83 @@ impl Executor {
         let verdict = classify(status);
         let error = (verdict != Verdict::Succeeded).then_some(excerpt);
         done(verdict, Some(status), error, retry_after)
+    }
+}
+
+impl Executor {
+    /// The client for `url`: the guarded one unless private networks are
+    /// allowed. An IP-literal host never reaches the resolver: checked here.
+    fn client_for(&self, url: &reqwest::Url, allow_private_network: bool) -> Result<&reqwest::Client, SsrfRefused> {
+        if allow_private_network {
+            return Ok(&self.open);
+        }
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(a)) => Some(IpAddr::V4(a)),
+            Some(url::Host::Ipv6(a)) => Some(IpAddr::V6(a)),
+            _ => None,
+        };
+        if let Some(kind) = literal.and_then(|addr| private_kind(addr).map(|kind| (addr, kind))) {
+            let (addr, kind) = kind;
+            return Err(SsrfRefused { host: addr.to_string(), addr, kind });
+        }
+        Ok(&self.guarded)
+    }
+
+    /// A function's `fetch` (sluice_transform::fetch): through the same SSRF
+    /// guard, no redirects, no proxy, bounded in time and body size.
+    pub async fn fetch(&self, r: FetchRequest, allow_private_network: bool) -> Result<FetchResponse, FetchFailure> {
+        let refused = |why: String| Err(FetchFailure::Refused(why));
+        let url = match reqwest::Url::parse(&r.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+            Ok(u) => return refused(format!("the scheme {:?} is not http or https", u.scheme())),
+            Err(e) => return refused(format!("invalid URL: {e}")),
+        };
+        let method = match r.method.to_ascii_uppercase().as_str() {
+            m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD") => reqwest::Method::from_bytes(m.as_bytes()).expect("a known method"),
+            other => {
+                return refused(format!(
+                    "the method {:?} is not one of GET, POST, PUT, PATCH, DELETE, HEAD",
+                    other.chars().take(20).collect::<String>()
+                ))
+            }
+        };
+        let client = match self.client_for(&url, allow_private_network) {
+            Ok(c) => c,
+            Err(e) => return refused(e.to_string()),
+        };
+        let mut req = client.request(method, url).timeout(FETCH_TIMEOUT).header(http::header::USER_AGENT, &self.user_agent);
+        for (name, value) in &r.headers {
+            let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value)) else {
+                return refused(format!("the header {:?} is not a valid header", name.chars().take(40).collect::<String>()));
+            };
+            req = req.header(name, value);
+        }
+        if let Some(body) = r.body {
+            req = req.body(body);
+        }
+        let mut resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(refused_by_guard) = find_source::<SsrfRefused>(&e) {
+                    return refused(refused_by_guard.to_string());
+                }
+                return Err(FetchFailure::Unanswered(error_chain(&e)));
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > MAX_FETCH_BODY => {
+                    return refused(format!("the response is over {MAX_FETCH_BODY} bytes"))
+                }
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => return Err(FetchFailure::Unanswered(error_chain(&e))),
+            }
+        }
+        Ok(FetchResponse { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
     }
 }
 

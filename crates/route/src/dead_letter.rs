@@ -187,7 +187,8 @@ async fn replay_one(sink: &dyn JobSink, planner: &Planner, letter: &DeadLetter) 
         ));
     }
     let value = Bytes::from(letter.payload.clone());
-    let decision = planner.plan_batch(&[(&letter.key[..], &value)], letter.generation, letter.destination.as_deref()).await.pop().expect("one per record")?;
+    let decision =
+        planner.plan_batch(&[(&letter.key[..], &value)], letter.generation, letter.destination.as_deref()).await.pop().expect("one per record")?;
     let jobs = decision.jobs.len() as i64;
     sink.insert_jobs(decision.jobs, letter.record_ms).await.map_err(|e| e.to_string())?;
     Ok(jobs)

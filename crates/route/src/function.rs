@@ -103,11 +103,21 @@ impl Planner {
 
 /// Call `code` on `events` (parsed from `raw`); the events that ended in a
 /// retried class are tried again (parsed again) after each of [`RETRY_WAITS`].
-async fn call_with_retries(pool: &FunctionPool, code: &FunctionCode, events: Vec<Value>, raw: &[&Bytes], settings: Arc<Value>) -> Vec<FunctionOutcome> {
+async fn call_with_retries(
+    pool: &FunctionPool,
+    code: &FunctionCode,
+    events: Vec<Value>,
+    raw: &[&Bytes],
+    settings: Arc<Value>,
+) -> Vec<FunctionOutcome> {
     let mut outcomes = pool.call(Stage::Source, code, events, settings.clone()).await;
     for wait in RETRY_WAITS {
-        let again: Vec<usize> =
-            outcomes.iter().enumerate().filter(|(_, o)| matches!(o, FunctionOutcome::Error { class, .. } if class.retried())).map(|(i, _)| i).collect();
+        let again: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, FunctionOutcome::Error { class, .. } if class.retried()))
+            .map(|(i, _)| i)
+            .collect();
         if again.is_empty() {
             break;
         }

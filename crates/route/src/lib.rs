@@ -173,7 +173,11 @@ impl RouteMetrics {
         r.register("sluice_route_jobs", "Jobs made by the route (before idempotency checks)", self.jobs.clone());
         r.register("sluice_route_filtered", "Event-destination pairs dropped by integrations or filters", self.filtered.clone());
         r.register("sluice_route_batch_seconds", "One route batch: read output, plan, insert jobs (durable), commit", self.batch_seconds.clone());
-        r.register("sluice_route_unroutable", "Output records that are not valid events, or that their source function failed (stored as dead letters)", self.unroutable.clone());
+        r.register(
+            "sluice_route_unroutable",
+            "Output records that are not valid events, or that their source function failed (stored as dead letters)",
+            self.unroutable.clone(),
+        );
         r.register(
             "sluice_route_expired_unrouted",
             "Output offsets retention removed before the route read them: events never routed (log.output_retention shorter than the route's lag)",

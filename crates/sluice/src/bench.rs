@@ -181,7 +181,8 @@ fn bench_ingest(args: IngestBench) -> Result<()> {
     let options = LogOptions { topics: vec![(INPUT_TOPIC.into(), args.partitions)], fsync: !args.no_fsync, ..LogOptions::default() };
     let log = Arc::new(EmbeddedLog::open(&data_dir.join("log"), options).context("opening the benchmark log")?);
     let settings = IngestSettings::from_config(&sluice_core::Config::default());
-    let source = SourceConfig { id: "bench".into(), write_key: WRITE_KEY.into(), rate_limit: None, rate_burst: None, workspace: None, function: None };
+    let source =
+        SourceConfig { id: "bench".into(), write_key: WRITE_KEY.into(), rate_limit: None, rate_burst: None, workspace: None, function: None };
     let ingest = Arc::new(Ingest::new(log.clone() as Arc<dyn Log>, settings, &[source], 0)?);
     let mut sluice = phase(&server_rt, &client_rt, sluice_ingest::router(ingest.clone()), &args, &bodies)?;
     let stored: u64 = (0..args.partitions).map(|p| log.offsets_blocking(INPUT_TOPIC, p).map(|r| r.end - r.start)).sum::<Result<u64, _>>()?;

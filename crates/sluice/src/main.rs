@@ -597,7 +597,9 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
             memory_bytes: f.memory_bytes,
             ..sluice_transform::function::Limits::default()
         };
-        sluice_transform::pool::FunctionPool::configure(f.threads.get(), limits).register(&mut registry);
+        let fetcher = sluice_deliver::function::GuardedFetch::new(config.deliver.allow_private_network, config.deliver.connect_timeout)
+            .context("cannot build the HTTP client of functions' fetch")?;
+        sluice_transform::pool::FunctionPool::configure(f.threads.get(), limits, Some(fetcher)).register(&mut registry);
     }
     if (roles.route || roles.director) && config.deliver.enabled && config.dedup.enabled {
         st.delivery = Some(deliver::start(config, log.clone(), catalog.clone(), &mut registry, roles.route, roles.director).await?);

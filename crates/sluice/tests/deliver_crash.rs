@@ -180,7 +180,12 @@ fn kill9_mid_delivery_redelivers_only_executing_jobs() {
     let data = dir.path().join("data");
     let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), "max_in_flight = 4\nfunction = { id = \"rename\" }"));
     // A destination function renames a property of every event it delivers.
-    set_function_before_start(&config, &data, "rename", "async function onTrack(e) { e.properties.renamed = e.properties.i; delete e.properties.i; return e; }");
+    set_function_before_start(
+        &config,
+        &data,
+        "rename",
+        "async function onTrack(e) { e.properties.renamed = e.properties.i; delete e.properties.i; return e; }",
+    );
     let server = Server::start(&config);
 
     let n = 200;

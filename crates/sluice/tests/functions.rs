@@ -84,9 +84,7 @@ fn functions_transform_deliveries_and_their_errors_stay_with_their_events() {
         let (status, v) = api.call("PUT", "/api/functions/rename", Some(json!({"code": code})));
         assert_eq!((status, v["code"].as_str()), (400, Some("invalid")), "{why}: {v}");
     }
-    let hook = |function: Value| {
-        json!({"url": sink.sink.url("/hook"), "allow_private_network": true, "initial_backoff": "100ms", "max_backoff": "300ms", "function": function})
-    };
+    let hook = |function: Value| json!({"url": sink.sink.url("/hook"), "allow_private_network": true, "initial_backoff": "100ms", "max_backoff": "300ms", "function": function});
     let (status, v) = api.call("PUT", "/api/destinations/hook", Some(hook(json!({"id": "rename"}))));
     assert_eq!(status, 400, "a function not deployed cannot be attached: {v}");
 
@@ -188,7 +186,11 @@ async function onTrack(e) {
     );
     assert!(letter["reason"].as_str().unwrap().contains("ValidationError: no bad events here"), "{letter}");
     // Fixed: the replay runs the new version.
-    api.ok("PUT", "/api/functions/enrich", Some(json!({"code": source_fn.replace("throw new ValidationError(\"no bad events here\")", "e.properties.fixed = true")})));
+    api.ok(
+        "PUT",
+        "/api/functions/enrich",
+        Some(json!({"code": source_fn.replace("throw new ValidationError(\"no bad events here\")", "e.properties.fixed = true")})),
+    );
     api.ok("POST", &format!("/api/dead-letters/{}/replay", letter["id"]), None);
     assert_eq!(delivered(&sink, "/hook", "e-3")["properties"]["fixed"], true);
 

@@ -5,8 +5,9 @@
 //!
 //! Invariants:
 //! - A function sees nothing but its event and settings: the engine has no
-//!   file system, no network, no timers and no modules (QuickJS's core
-//!   only; `fetch` is not defined).
+//!   file system, no timers and no modules (QuickJS's core only), and no
+//!   network but `fetch` where its process gives one ([`crate::fetch`]:
+//!   the pipeline's goes through the delivery SSRF guard).
 //! - Every call is bounded: a CPU-time budget per call (the interrupt
 //!   handler stops the code, even in `while (true) {}`), a memory limit per
 //!   function (the runtime's allocator refuses past it) and a stack limit.
@@ -21,12 +22,14 @@
 //!   for a retry, `ValidationError` and any other error fail the event (see
 //!   [`ErrorClass`]). An event whose type has no handler passes unchanged.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rquickjs::{CatchResultExt, CaughtError, Context, Function, Promise, Runtime};
 use serde_json::Value;
+
+use crate::fetch::{Fetch, FetchFailure, FetchRequest, MAX_FETCHES_PER_CALL, MAX_FETCH_BODY};
 
 /// What a function may use.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +148,34 @@ globalThis.__sluice_runner = (() => {
 })();
 "#;
 
+/// Defined after [`PRELUDE`] when the engine may fetch: a WHATWG-like
+/// `fetch` over the host's `__sluice_fetch` (removed from the globals).
+/// A refused request throws `Error` (the event fails), an unanswered one
+/// `RetryError` (the event is retried).
+const FETCH_PRELUDE: &str = r#"
+globalThis.fetch = (() => {
+  const host = globalThis.__sluice_fetch, parse = JSON.parse, stringify = JSON.stringify;
+  delete globalThis.__sluice_fetch;
+  class FetchHeaders {
+    constructor(list) { this.list = list; }
+    get(name) { const n = String(name).toLowerCase(); const h = this.list.find((p) => p[0] === n); return h ? h[1] : null; }
+    has(name) { return this.get(name) !== null; }
+  }
+  return async (url, init) => {
+    init = init || {};
+    const given = init.headers || {};
+    const headers = Object.keys(given).map((k) => [String(k), String(given[k])]);
+    const body = init.body === undefined || init.body === null ? null : String(init.body);
+    const answer = parse(host(String(url), String(init.method || "GET"), stringify(headers), body));
+    if (answer.refused !== undefined) throw new Error("fetch " + url + ": " + answer.refused);
+    if (answer.unanswered !== undefined) throw new RetryError("fetch " + url + ": " + answer.unanswered);
+    const text = answer.body;
+    return { ok: answer.status >= 200 && answer.status < 300, status: answer.status, statusText: "", url: String(url),
+             headers: new FetchHeaders(answer.headers), text: async () => text, json: async () => parse(text) };
+  };
+})();
+"#;
+
 const HANDLERS: [(&str, &str); 6] =
     [("track", "onTrack"), ("identify", "onIdentify"), ("page", "onPage"), ("screen", "onScreen"), ("group", "onGroup"), ("alias", "onAlias")];
 
@@ -156,10 +187,35 @@ struct Engine {
     /// When the running call must stop (ms since `epoch`; 0: no call running).
     deadline_ms: Arc<AtomicU64>,
     epoch: Instant,
+    /// Requests made by the running call.
+    fetches: Arc<AtomicU32>,
+}
+
+/// The host side of `fetch`: bounded, and its wait moves the call's deadline.
+fn host_fetch(fetcher: &Arc<dyn Fetch>, deadline: &AtomicU64, fetches: &AtomicU32, request: FetchRequest) -> String {
+    let answer = |v: Value| v.to_string();
+    if fetches.fetch_add(1, Ordering::Relaxed) >= MAX_FETCHES_PER_CALL {
+        return answer(serde_json::json!({"refused": format!("more than {MAX_FETCHES_PER_CALL} requests in one call")}));
+    }
+    if request.body.as_ref().is_some_and(|b| b.len() > MAX_FETCH_BODY) {
+        return answer(serde_json::json!({"refused": format!("a request body over {MAX_FETCH_BODY} bytes")}));
+    }
+    let started = Instant::now();
+    let result = fetcher.fetch(request);
+    // The wait is not the function's CPU: it does not count against the call's budget.
+    let waited = started.elapsed().as_millis() as u64;
+    let _ = deadline.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| (d != 0).then(|| d.saturating_add(waited)));
+    match result {
+        Ok(r) => answer(
+            serde_json::json!({"status": r.status, "headers": r.headers.iter().map(|(k, v)| [k.to_ascii_lowercase(), v.clone()]).collect::<Vec<_>>(), "body": r.body}),
+        ),
+        Err(FetchFailure::Refused(why)) => answer(serde_json::json!({"refused": why})),
+        Err(FetchFailure::Unanswered(why)) => answer(serde_json::json!({"unanswered": why})),
+    }
 }
 
 impl Engine {
-    fn build(code: &str, limits: &Limits) -> Result<Engine, FunctionError> {
+    fn build(code: &str, limits: &Limits, fetcher: Option<&Arc<dyn Fetch>>) -> Result<Engine, FunctionError> {
         let runtime = Runtime::new().map_err(|e| FunctionError::Engine(e.to_string()))?;
         runtime.set_memory_limit(limits.memory_bytes);
         runtime.set_max_stack_size(limits.stack_bytes);
@@ -172,11 +228,21 @@ impl Engine {
             })));
         }
         let context = Context::full(&runtime).map_err(|e| FunctionError::Engine(e.to_string()))?;
-        let engine = Engine { _runtime: runtime, context, deadline_ms, epoch };
+        let engine = Engine { _runtime: runtime, context, deadline_ms, epoch, fetches: Arc::new(AtomicU32::new(0)) };
         // Loading the code is a call like any other: bounded in time.
         engine.arm(limits.time_per_call);
         let loaded = engine.context.with(|ctx| -> Result<(), String> {
             ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude: {e}"))?;
+            if let Some(fetcher) = fetcher {
+                let (fetcher, deadline, fetches) = (fetcher.clone(), engine.deadline_ms.clone(), engine.fetches.clone());
+                let host = Function::new(ctx.clone(), move |url: String, method: String, headers: String, body: Option<String>| {
+                    let headers: Vec<(String, String)> = serde_json::from_str(&headers).unwrap_or_default();
+                    host_fetch(&fetcher, &deadline, &fetches, FetchRequest { url, method, headers, body })
+                })
+                .map_err(|e| format!("prelude: {e}"))?;
+                ctx.globals().set("__sluice_fetch", host).map_err(|e| format!("prelude: {e}"))?;
+                ctx.eval::<(), _>(FETCH_PRELUDE).catch(&ctx).map_err(|e| format!("prelude: {e}"))?;
+            }
             ctx.eval::<(), _>(code).catch(&ctx).map_err(|e| describe(&e))?;
             Ok(())
         });
@@ -186,6 +252,7 @@ impl Engine {
     }
 
     fn arm(&self, budget: Duration) {
+        self.fetches.store(0, Ordering::Relaxed);
         let at = self.epoch.elapsed() + budget;
         self.deadline_ms.store((at.as_millis() as u64).max(1), Ordering::Relaxed);
     }
@@ -236,20 +303,26 @@ fn cut(s: &str) -> String {
 pub struct JsFunction {
     code: String,
     limits: Limits,
+    fetcher: Option<Arc<dyn Fetch>>,
     engine: Option<Engine>,
     has_batch: bool,
 }
 
 impl JsFunction {
-    /// Load `code` (it must define at least one handler).
+    /// Load `code` (it must define at least one handler); `fetch` is not defined.
     pub fn load(code: &str, limits: Limits) -> Result<JsFunction, FunctionError> {
-        let engine = Engine::build(code, &limits)?;
+        JsFunction::load_with_fetch(code, limits, None)
+    }
+
+    /// Load `code` with `fetch` defined over `fetcher` (when given).
+    pub fn load_with_fetch(code: &str, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Result<JsFunction, FunctionError> {
+        let engine = Engine::build(code, &limits, fetcher.as_ref())?;
         let defined = |name: &str| engine.context.with(|ctx| ctx.globals().get::<_, Function>(name).is_ok());
         let has_batch = defined("onBatch");
         if !has_batch && !HANDLERS.iter().any(|(_, h)| defined(h)) {
             return Err(FunctionError::Load("no handler: define onTrack, onIdentify, onPage, onScreen, onGroup, onAlias or onBatch".into()));
         }
-        Ok(JsFunction { code: code.to_owned(), limits, engine: Some(engine), has_batch })
+        Ok(JsFunction { code: code.to_owned(), limits, fetcher, engine: Some(engine), has_batch })
     }
 
     /// Whether the function defines `onBatch`.
@@ -259,7 +332,7 @@ impl JsFunction {
 
     fn engine(&mut self) -> Result<&Engine, (ErrorClass, String)> {
         if self.engine.is_none() {
-            self.engine = Some(Engine::build(&self.code, &self.limits).map_err(|e| (ErrorClass::Failed, e.to_string()))?);
+            self.engine = Some(Engine::build(&self.code, &self.limits, self.fetcher.as_ref()).map_err(|e| (ErrorClass::Failed, e.to_string()))?);
         }
         Ok(self.engine.as_ref().expect("built above"))
     }
@@ -356,6 +429,58 @@ mod tests {
         JsFunction::load(code, Limits::default()).unwrap()
     }
 
+    /// Answers by URL: `/slow` after 150 ms, `/refused` and `/down` fail, anything else echoes the request.
+    struct FakeFetch;
+
+    impl Fetch for FakeFetch {
+        fn fetch(&self, r: FetchRequest) -> Result<crate::fetch::FetchResponse, FetchFailure> {
+            match r.url.as_str() {
+                "http://x/refused" => Err(FetchFailure::Refused("refused by the SSRF guard".into())),
+                "http://x/down" => Err(FetchFailure::Unanswered("connection refused".into())),
+                url => {
+                    if url == "http://x/slow" {
+                        std::thread::sleep(Duration::from_millis(150));
+                    }
+                    let body = json!({"method": r.method, "headers": r.headers, "body": r.body}).to_string();
+                    Ok(crate::fetch::FetchResponse { status: 201, headers: vec![("X-Echo".into(), "yes".into())], body })
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fetch_answers_refuses_retries_and_is_bounded() {
+        let code = r#"
+async function onTrack(e) {
+  const p = e.properties;
+  const r = await fetch(p.url, {method: "POST", headers: {"X-Key": "k"}, body: JSON.stringify({sku: p.sku})});
+  const echo = await r.json();
+  p.status = r.status; p.ok = r.ok; p.echo = r.headers.get("x-echo"); p.seen = echo;
+  for (let i = 0; i < (p.more || 0); i++) await fetch("http://x/again");
+  return e;
+}"#;
+        let limits = Limits { time_per_call: Duration::from_millis(100), ..Limits::default() };
+        let mut f = JsFunction::load_with_fetch(code, limits, Some(Arc::new(FakeFetch))).unwrap();
+        let event = |url: &str, more: u32| json!({"type": "track", "properties": {"url": url, "sku": "a", "more": more}});
+        let FunctionOutcome::Event(out) = f.call(&event("http://x/echo", 0), &json!({})) else { panic!() };
+        let p = &out["properties"];
+        assert_eq!((p["status"].as_u64(), p["ok"].as_bool(), p["echo"].as_str()), (Some(201), Some(true), Some("yes")), "{p}");
+        assert_eq!(p["seen"], json!({"method": "POST", "headers": [["X-Key", "k"]], "body": "{\"sku\":\"a\"}"}));
+        // Waiting for an answer is not the function's CPU time: 150 ms against a 100 ms budget is no timeout.
+        assert!(matches!(f.call(&event("http://x/slow", 0), &json!({})), FunctionOutcome::Event(_)));
+        let refused = f.call(&event("http://x/refused", 0), &json!({}));
+        assert!(matches!(&refused, FunctionOutcome::Error { class: ErrorClass::Failed, message } if message.contains("SSRF")), "{refused:?}");
+        let down = f.call(&event("http://x/down", 0), &json!({}));
+        assert!(matches!(&down, FunctionOutcome::Error { class: ErrorClass::Retry, .. }), "{down:?}");
+        // Five requests per call; the count starts again with each call.
+        assert!(matches!(f.call(&event("http://x/echo", 4), &json!({})), FunctionOutcome::Event(_)));
+        let sixth = f.call(&event("http://x/echo", 5), &json!({}));
+        assert!(matches!(&sixth, FunctionOutcome::Error { class: ErrorClass::Failed, message } if message.contains("more than 5")), "{sixth:?}");
+        // Without a fetcher, `fetch` is not defined.
+        let mut bare = load(code);
+        assert!(matches!(bare.call(&event("http://x/echo", 0), &json!({})), FunctionOutcome::Error { class: ErrorClass::Failed, .. }));
+    }
+
     fn track() -> Value {
         json!({"type": "track", "event": "Order Completed", "messageId": "m1", "properties": {"price": 9, "sku": "a"}})
     }
@@ -408,7 +533,9 @@ mod tests {
                 other => panic!("{code}: {other:?}"),
             }
         }
-        assert!(ErrorClass::Retry.retried() && !ErrorClass::Validation.retried() && ErrorClass::Timeout.retried() && !ErrorClass::OutOfMemory.retried());
+        assert!(
+            ErrorClass::Retry.retried() && !ErrorClass::Validation.retried() && ErrorClass::Timeout.retried() && !ErrorClass::OutOfMemory.retried()
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //!   or its call type, never with a name only the client chose
 //!   ([`Verdict::label`]).
 
+pub mod fetch;
 pub mod function;
 mod plan;
 pub mod pool;

@@ -29,6 +29,7 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::fetch::Fetch;
 use crate::function::{ErrorClass, FunctionOutcome, JsFunction, Limits};
 
 /// Requests waiting per thread before callers wait.
@@ -81,12 +82,14 @@ pub struct FunctionPool {
 static GLOBAL: OnceLock<Arc<FunctionPool>> = OnceLock::new();
 
 impl FunctionPool {
-    /// Start `threads` function threads with `limits` for every call.
-    pub fn start(threads: usize, limits: Limits) -> Arc<FunctionPool> {
+    /// Start `threads` function threads with `limits` for every call, and
+    /// `fetch` defined over `fetcher` (when given).
+    pub fn start(threads: usize, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Arc<FunctionPool> {
         let mut queues = Vec::new();
         for i in 0..threads.max(1) {
             let (tx, rx) = mpsc::channel(QUEUE);
-            std::thread::Builder::new().name(format!("sluice-fn-{i}")).spawn(move || serve(rx, limits)).expect("spawn a function thread");
+            let fetcher = fetcher.clone();
+            std::thread::Builder::new().name(format!("sluice-fn-{i}")).spawn(move || serve(rx, limits, fetcher)).expect("spawn a function thread");
             queues.push(tx);
         }
         Arc::new(FunctionPool {
@@ -99,11 +102,11 @@ impl FunctionPool {
     }
 
     /// Set the process's pool (once, at start; later calls change nothing and say so).
-    pub fn configure(threads: usize, limits: Limits) -> Arc<FunctionPool> {
+    pub fn configure(threads: usize, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Arc<FunctionPool> {
         let mut fresh = false;
         let pool = GLOBAL.get_or_init(|| {
             fresh = true;
-            FunctionPool::start(threads, limits)
+            FunctionPool::start(threads, limits, fetcher)
         });
         if !fresh && (pool.queues.len() != threads.max(1) || pool.limits.time_per_call != limits.time_per_call) {
             tracing::debug!("the function pool was configured before; its first settings stay");
@@ -113,7 +116,7 @@ impl FunctionPool {
 
     /// The process's pool (started with the default settings if nobody configured it).
     pub fn global() -> Arc<FunctionPool> {
-        GLOBAL.get_or_init(|| FunctionPool::start(2, Limits::default())).clone()
+        GLOBAL.get_or_init(|| FunctionPool::start(2, Limits::default(), None)).clone()
     }
 
     pub fn limits(&self) -> Limits {
@@ -141,14 +144,20 @@ impl FunctionPool {
                 FunctionOutcome::Drop { .. } => "dropped",
                 FunctionOutcome::Error { class, .. } => class.as_str(),
             };
-            self.calls.get_or_create(&vec![("function", function.id.clone()), ("stage", stage.as_str().to_owned()), ("outcome", outcome.to_owned())]).inc();
+            self.calls
+                .get_or_create(&vec![("function", function.id.clone()), ("stage", stage.as_str().to_owned()), ("outcome", outcome.to_owned())])
+                .inc();
         }
         outcomes
     }
 
     pub fn register(&self, r: &mut Registry) {
         r.register("sluice_function_calls", "Events passed through a function, per function, stage and outcome", self.calls.clone());
-        r.register("sluice_function_call_seconds", "One request to the function threads (a route batch's events, or one job), per stage", self.seconds.clone());
+        r.register(
+            "sluice_function_call_seconds",
+            "One request to the function threads (a route batch's events, or one job), per stage",
+            self.seconds.clone(),
+        );
     }
 }
 
@@ -157,7 +166,7 @@ fn stopped(n: usize) -> Vec<FunctionOutcome> {
 }
 
 /// One function thread: engines by function id, each at one version.
-fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits) {
+fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) {
     let mut engines: HashMap<String, (i64, Arc<str>, Result<JsFunction, String>)> = HashMap::new();
     while let Some(req) = queue.blocking_recv() {
         let f = &req.function;
@@ -173,7 +182,7 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits) {
             if engines.len() >= MAX_ENGINES {
                 engines.clear();
             }
-            let loaded = JsFunction::load(&f.code, limits).map_err(|e| e.to_string());
+            let loaded = JsFunction::load_with_fetch(&f.code, limits, fetcher.clone()).map_err(|e| e.to_string());
             engines.insert(f.id.clone(), (f.version, f.code.clone(), loaded));
         }
         let (_, _, engine) = engines.get_mut(&f.id).expect("inserted above");
@@ -200,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_version_is_used_on_the_next_call_and_errors_stay_with_their_event() {
-        let pool = FunctionPool::start(2, Limits::default());
+        let pool = FunctionPool::start(2, Limits::default(), None);
         let settings = Arc::new(json!({"tag": "t"}));
         let v1 = code("f", 1, "async function onTrack(e, s) { e.properties.v = 1; e.properties.tag = s.tag; return e; }");
         let v2 = code("f", 2, "async function onTrack(e) { if (e.properties.bad) throw new ValidationError('bad'); e.properties.v = 2; return e; }");
@@ -222,7 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn code_that_does_not_load_fails_its_events() {
-        let pool = FunctionPool::start(1, Limits::default());
+        let pool = FunctionPool::start(1, Limits::default(), None);
         let out = pool.call(Stage::Test, &code("g", 1, "this is not javascript"), vec![json!({"type": "track"})], Arc::new(json!({}))).await;
         assert!(matches!(&out[0], FunctionOutcome::Error { class: ErrorClass::Failed, message } if message.starts_with("version 1:")), "{out:?}");
     }

@@ -949,15 +949,25 @@ impl Api {
             .iter()
             .map(|(id, name, props)| serde_json::json!({"type": "track", "messageId": id, "userId": "u1", "event": name, "properties": props}))
             .collect();
-        let resp =
-            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&serde_json::json!({"batch": batch})).send().unwrap();
+        let resp = self
+            .http
+            .post(format!("http://{}/v1/batch", self.api))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&serde_json::json!({"batch": batch}))
+            .send()
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 200);
     }
 
     /// Send these events as one batch; acknowledged.
     pub fn send_raw(&self, batch: &[Value]) {
-        let resp =
-            self.http.post(format!("http://{}/v1/batch", self.api)).basic_auth(WRITE_KEY, Some("")).json(&serde_json::json!({"batch": batch})).send().unwrap();
+        let resp = self
+            .http
+            .post(format!("http://{}/v1/batch", self.api))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&serde_json::json!({"batch": batch}))
+            .send()
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 200);
     }
 
@@ -978,4 +988,3 @@ pub fn delivered(sink: &TestSink, path: &str, id: &str) -> Value {
 pub fn never_delivered(sink: &TestSink, path: &str, id: &str) -> bool {
     !sink.by_message_id(path).contains_key(id)
 }
-
