@@ -28,7 +28,47 @@ every_engine!(
     seeding_twice_or_concurrently_neither_fails_nor_duplicates,
     a_control_planes_rows_are_replaced_whole_and_give_way_to_the_config,
     a_tracking_plan_is_stored_versioned_and_survives_a_reseed,
+    functions_are_versioned_restored_and_deleted,
 );
+
+/// Functions: each deploy a new version made live, concurrent deploys get
+/// distinct numbers, a restore goes back, the other process sees the live
+/// code at its refresh, a reseed keeps them, deleting removes every version.
+fn functions_are_versioned_restored_and_deleted(db: &Db<'_>) {
+    let (_a_dir, _, a) = process(db);
+    let (_b_dir, _, b) = process(db);
+    let code = |v: u32| format!("async function onTrack(e) {{ e.v = {v}; return e; }}");
+    assert_eq!(a.with_control(|c| c.deploy_function("f", &code(1))).unwrap(), 1);
+    // Two processes deploying at once: two versions, neither lost.
+    let versions: Vec<i64> = std::thread::scope(|s| {
+        let (a, b) = (&a, &b);
+        let one = s.spawn(move || a.with_control(|c| c.deploy_function("f", &code(2))).unwrap());
+        let two = s.spawn(move || b.with_control(|c| c.deploy_function("f", &code(3))).unwrap());
+        vec![one.join().unwrap(), two.join().unwrap()]
+    });
+    let mut sorted = versions.clone();
+    sorted.sort();
+    assert_eq!(sorted, [2, 3]);
+    b.refresh().unwrap();
+    let live = b.snapshot().functions["f"].clone();
+    assert_eq!(live.version, 3, "the later deploy (the higher number) is live");
+    assert!(a.with_control(|c| c.restore_function("f", 1)).unwrap());
+    assert!(!a.with_control(|c| c.restore_function("f", 9)).unwrap(), "no version 9");
+    assert!(!a.with_control(|c| c.restore_function("nope", 1)).unwrap());
+    let (_c_dir, _, c) = process(db);
+    let live = c.snapshot().functions["f"].clone();
+    assert_eq!((live.version, &*live.code), (1, code(1).as_str()), "restored, and kept across a reseed");
+    let listed = c.with_control(|c| c.function_versions("f")).unwrap();
+    assert_eq!(listed.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(count(db, "functions"), 3);
+    assert!(c.with_control(|c| c.delete_function("f")).unwrap());
+    assert!(!c.with_control(|c| c.delete_function("f")).unwrap());
+    assert_eq!((count(db, "functions"), count(db, "function_live")), (0, 0));
+    // A deleted id starts again at version 1.
+    assert_eq!(c.with_control(|c| c.deploy_function("f", &code(4))).unwrap(), 1);
+    a.refresh().unwrap();
+    assert_eq!(&*a.snapshot().functions["f"].code, code(4).as_str());
+}
 
 /// A source's tracking plan: stored through one process, seen by the
 /// other at its refresh, its version counting edits; a restart (reseed)

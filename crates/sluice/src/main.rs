@@ -589,8 +589,9 @@ async fn start_roles(config: &Config, roles: Roles, st: &mut Started) -> Result<
         st.scope_watch = Some(deliver::watch_scope(claim, config.clone(), catalog.clone(), st.fatal.clone()));
     }
 
-    if roles.route || roles.director {
-        // Source functions run in the route, destination functions in the directors (docs/FUNCTIONS.md).
+    {
+        // Source functions run in the route, destination functions in the directors; the admin API
+        // loads a deploy with the same limits (docs/FUNCTIONS.md).
         let f = &config.functions;
         let limits = sluice_transform::function::Limits {
             time_per_call: f.time_per_call,

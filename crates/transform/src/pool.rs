@@ -97,7 +97,7 @@ impl FunctionPool {
             next: AtomicUsize::new(0),
             limits,
             calls: Family::default(),
-            seconds: Family::new_with_constructor(|| Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0].into_iter())),
+            seconds: Family::new_with_constructor(|| Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])),
         })
     }
 
