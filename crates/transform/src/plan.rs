@@ -25,6 +25,22 @@ pub const MAX_PATTERNS: usize = 200;
 /// falls back to slower search rather than growing (a red team's 1,000
 /// Unicode-class patterns held ~2 MB each, 7 GB across threads).
 const PATTERN_CACHE_LIMIT: usize = 128 << 10;
+/// A pattern whose whole (dense) DFA is at most this size is *light*: the
+/// lazy DFA that searches it never fills its cache (see
+/// [`PATTERN_CACHE_LIMIT`]), so it runs in linear time at DFA speed.
+const LIGHT_PATTERN_DFA: usize = 128 << 10;
+/// A *heavy* pattern (its DFA is larger: `\w*a\w{20}` has 2^20 states,
+/// `^.{1,255}$` a few thousand) may thrash that cache and be searched by
+/// the NFA simulation, at ~8 ns per NFA state per byte here. A heavy
+/// pattern's weight is its NFA's states times the bytes it can scan in one
+/// string: [`MAX_STRING_BYTES`], or its longest match when it is anchored at
+/// the start and bounded (`^.{1,255}$`: ~1 KB). A plan's heavy patterns may
+/// weigh this much together: about 100 ms for a 32 KB event, 6 ms for a
+/// 2 KB one, at worst (a red team's 200 heavy patterns took 114-210 ms per
+/// 1.8 KB event).
+pub const MAX_HEAVY_PATTERN_WEIGHT: usize = 400 * MAX_STRING_BYTES;
+/// The longest string an event can hold (ingest stores events of at most 32 KB).
+const MAX_STRING_BYTES: usize = 32 << 10;
 /// Most schema nodes one schema may amount to with every `$ref` followed
 /// in place: bounds the work of a check (a chain of `$ref`s that each
 /// doubles would otherwise cost 2^n per event).
@@ -191,12 +207,39 @@ impl std::fmt::Debug for TrackingPlan {
 /// recursive schema can make a check's work grow exponentially with the
 /// event's depth), `$dynamicRef`/`$recursiveRef`, a local `$ref` that is
 /// not a JSON pointer, and more than [`MAX_EXPANDED_NODES`] nodes.
-struct Cost {
+struct Cost<'a> {
     nodes: usize,
-    patterns: usize,
+    /// Every `pattern` and `patternProperties` key, once per place it applies.
+    patterns: Vec<&'a str>,
 }
 
-fn expanded_cost(root: &Value) -> Result<Cost, String> {
+/// What a pattern may cost (see [`MAX_HEAVY_PATTERN_WEIGHT`]): 0 for a
+/// light pattern; built from the same translation the validator compiles.
+/// A pattern that does not translate or compile weighs 0 here: the
+/// validator refuses it.
+fn pattern_weight(pattern: &str) -> usize {
+    use regex_automata::dfa::dense;
+    use regex_automata::nfa::thompson;
+    let Ok(translated) = jsonschema_regex::to_rust_regex(pattern) else { return 0 };
+    let nfa_config = || thompson::Config::new().nfa_size_limit(Some(PATTERN_SIZE_LIMIT));
+    let dfa = dense::Builder::new()
+        .configure(dense::Config::new().dfa_size_limit(Some(LIGHT_PATTERN_DFA)).determinize_size_limit(Some(4 * LIGHT_PATTERN_DFA)))
+        .thompson(nfa_config())
+        .build(&translated);
+    if dfa.is_ok() {
+        return 0;
+    }
+    let Ok(nfa) = thompson::Compiler::new().configure(nfa_config()).build(&translated) else { return 0 };
+    let Ok(hir) = regex_automata::util::syntax::parse(&translated) else { return 0 };
+    let props = hir.properties();
+    let scanned = match props.maximum_len() {
+        Some(longest) if props.look_set_prefix().contains(regex_syntax::hir::Look::Start) => longest.min(MAX_STRING_BYTES),
+        _ => MAX_STRING_BYTES,
+    };
+    nfa.states().len().saturating_mul(scanned.max(1))
+}
+
+fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
     /// Keywords whose value maps names to schemas (each value is a schema, whatever its name).
     const SCHEMA_MAPS: &[&str] = &["properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"];
     /// Keywords whose value is data, never a schema (only a `$ref` can make a schema of it).
@@ -206,7 +249,7 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
         root: &'a Value,
         /// The `$ref` targets being expanded (by address: two spellings of one place are one place).
         refs: Vec<*const Value>,
-        cost: Cost,
+        cost: Cost<'a>,
     }
 
     impl<'a> Walk<'a> {
@@ -239,11 +282,11 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
                     return Err(format!("{key} is not supported in a plan's schemas: every $ref is a JSON pointer into the schema itself"));
                 }
             }
-            if obj.get("pattern").is_some_and(Value::is_string) {
-                self.cost.patterns += 1;
+            if let Some(Value::String(p)) = obj.get("pattern") {
+                self.cost.patterns.push(p);
             }
             if let Some(Value::Object(pp)) = obj.get("patternProperties") {
-                self.cost.patterns += pp.len();
+                self.cost.patterns.extend(pp.keys().map(String::as_str));
             }
             if let Some(r) = obj.get("$ref") {
                 let Value::String(r) = r else { return Err("$ref: a string".into()) };
@@ -280,7 +323,7 @@ fn expanded_cost(root: &Value) -> Result<Cost, String> {
         }
     }
 
-    let mut walk = Walk { root, refs: Vec::new(), cost: Cost { nodes: 0, patterns: 0 } };
+    let mut walk = Walk { root, refs: Vec::new(), cost: Cost { nodes: 0, patterns: Vec::new() } };
     walk.any(root, 0)?;
     Ok(walk.cost)
 }
@@ -303,14 +346,34 @@ fn percent_decoded(fragment: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn compile_schema(at: &str, schema: &Value, patterns: &mut usize) -> Result<Validator, PlanError> {
+/// Compile one schema of a plan; `patterns` counts the plan's patterns so
+/// far, `heavy` its heavy patterns' NFA states (and the first heavy one).
+fn compile_schema(at: &str, schema: &Value, patterns: &mut usize, heavy: &mut (usize, Option<String>)) -> Result<Validator, PlanError> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err(PlanError::Schema { at: at.to_owned(), problem: "a schema is a JSON object (or true/false)".into() });
     }
     let cost = expanded_cost(schema).map_err(|problem| PlanError::Schema { at: at.to_owned(), problem })?;
-    *patterns += cost.patterns;
+    *patterns += cost.patterns.len();
     if *patterns > MAX_PATTERNS {
         return Err(PlanError::Limit(format!("a plan holds at most {MAX_PATTERNS} patterns")));
+    }
+    for p in cost.patterns {
+        let weight = pattern_weight(p);
+        heavy.0 = heavy.0.saturating_add(weight);
+        if weight > 0 && heavy.1.is_none() {
+            heavy.1 = Some(p.to_owned());
+        }
+        if heavy.0 > MAX_HEAVY_PATTERN_WEIGHT {
+            return Err(PlanError::Limit(format!(
+                "the plan's patterns would make a check slow: {} (at {at}) {} — patterns whose automaton is over {} KiB (counted \
+                 repetitions of broad classes, such as .{{30}} or \\w{{20}} after a literal, unless anchored with ^ and bounded) \
+                 may weigh {MAX_HEAVY_PATTERN_WEIGHT} together (NFA states × bytes scanned); this one brings the plan to {} (use maxLength for lengths)",
+                cut(p),
+                if heavy.1.as_deref() == Some(p) { "is heavy".to_owned() } else { format!("adds to {}", cut(heavy.1.as_deref().unwrap_or(""))) },
+                LIGHT_PATTERN_DFA >> 10,
+                heavy.0
+            )));
+        }
     }
     jsonschema::options()
         .offline()
@@ -351,8 +414,8 @@ impl TrackingPlan {
         if doc.forward_blocked_to.as_deref().is_some_and(str::is_empty) {
             return Err(PlanError::Shape("forward_blocked_to: a destination id, or leave it out".into()));
         }
-        let mut patterns = 0;
-        let mut one = |at: &str, s: &Option<Value>| s.as_ref().map(|s| compile_schema(at, s, &mut patterns)).transpose();
+        let (mut patterns, mut heavy) = (0, (0, None));
+        let mut one = |at: &str, s: &Option<Value>| s.as_ref().map(|s| compile_schema(at, s, &mut patterns, &mut heavy)).transpose();
         let (common, identify, group, page, screen) = (
             one("common", &doc.common)?,
             one("identify", &doc.identify)?,
@@ -362,7 +425,7 @@ impl TrackingPlan {
         );
         let mut track = BTreeMap::new();
         for (name, schema) in &doc.track {
-            track.insert(name.clone(), compile_schema(&format!("track {name:?}"), schema, &mut patterns)?);
+            track.insert(name.clone(), compile_schema(&format!("track {name:?}"), schema, &mut patterns, &mut heavy)?);
         }
         Ok(TrackingPlan { common, identify, group, page, screen, track, doc })
     }
@@ -658,5 +721,30 @@ mod tests {
         let v = plan.check(&track("A", json!({"x": format!("{}!", "a".repeat(50_000))})));
         assert_eq!(v.violations.len(), 1);
         assert_eq!(v.violations[0].field, "properties.x");
+    }
+
+    /// A plan of `n` copies of `pattern` (each on its own property).
+    fn patterned(pattern: &str, n: usize) -> Result<TrackingPlan, PlanError> {
+        let props: Map<String, Value> = (0..n).map(|i| (format!("p{i}"), json!({"pattern": pattern}))).collect();
+        TrackingPlan::from_json(&json!({"track": {"A": {"properties": {"properties": {"properties": props}}}}}))
+    }
+
+    #[test]
+    fn heavy_patterns_are_weighed_and_light_ones_are_not() {
+        // The third red team's plan: 200 patterns whose DFA explodes (a\w{20}: 2^20 states).
+        let Err(e) = patterned("\\w*a\\w{20}\\W{1,50}", 200) else { panic!("200 heavy patterns are refused") };
+        let e = e.to_string();
+        assert!(e.contains("would make a check slow") && e.contains("maxLength"), "{e}");
+        // Eleven lighter copies fit the weight, twelve do not.
+        assert!(patterned("\\w*a\\w{20}\\W", 11).is_ok());
+        assert!(patterned("\\w*a\\w{20}\\W", 12).is_err());
+        // Anchored and bounded: weighed by its longest match, not the longest string.
+        assert!(patterned("^.{1,255}$", 5).is_ok());
+        // Light patterns (small DFAs) cost nothing against the weight, up to the count limit.
+        assert!(patterned("^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", MAX_PATTERNS).is_ok());
+        assert!(patterned("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", MAX_PATTERNS).is_ok());
+        // A heavy pattern reached twice through $refs weighs twice.
+        let twice = json!({"track": {"A": {"$defs": {"s": {"pattern": "a.{30}b"}}, "allOf": [{"$ref": "#/$defs/s"}, {"$ref": "#/$defs/s"}]}}});
+        assert!(TrackingPlan::from_json(&twice).is_err(), "a.{{30}}b weighs more than half the budget");
     }
 }
