@@ -165,15 +165,64 @@ fn stopped(n: usize) -> Vec<FunctionOutcome> {
     (0..n).map(|_| FunctionOutcome::Error { class: ErrorClass::Retry, message: "the function threads are stopping".into() }).collect()
 }
 
+/// One function's engine on one thread, and its time-out breaker.
+struct Loaded {
+    version: i64,
+    code: Arc<str>,
+    engine: Result<JsFunction, String>,
+    timeouts_in_a_row: u32,
+    stopped_until: Option<Instant>,
+}
+
+impl Loaded {
+    fn call(&mut self, event: &Value, settings: &Value) -> FunctionOutcome {
+        if let Some(until) = self.stopped_until {
+            if Instant::now() < until {
+                return FunctionOutcome::Error {
+                    class: ErrorClass::Timeout,
+                    message: format!(
+                        "not called: {TIMEOUTS_BEFORE_PAUSE} calls in a row ran past their time, so the function is paused for {} s",
+                        PAUSE_AFTER_TIMEOUTS.as_secs()
+                    ),
+                };
+            }
+            self.stopped_until = None;
+        }
+        let outcome = match &mut self.engine {
+            Ok(js) => js.call(event, settings),
+            Err(problem) => return FunctionOutcome::Error { class: ErrorClass::Failed, message: format!("version {}: {problem}", self.version) },
+        };
+        if matches!(outcome, FunctionOutcome::Error { class: ErrorClass::Timeout, .. }) {
+            self.timeouts_in_a_row += 1;
+            if self.timeouts_in_a_row >= TIMEOUTS_BEFORE_PAUSE {
+                self.timeouts_in_a_row = 0;
+                self.stopped_until = Some(Instant::now() + PAUSE_AFTER_TIMEOUTS);
+                tracing::warn!(version = self.version, "a function ran past its time {TIMEOUTS_BEFORE_PAUSE} times in a row: paused for {PAUSE_AFTER_TIMEOUTS:?} on this thread");
+            }
+        } else {
+            self.timeouts_in_a_row = 0;
+        }
+        outcome
+    }
+}
+
+/// Calls in a row that ran past their time before a function is paused...
+const TIMEOUTS_BEFORE_PAUSE: u32 = 5;
+/// ...for this long: its events end `Timeout` at once (retried later by
+/// their stage), so a function that always loops costs its thread at most
+/// five budgets per pause instead of one per event, and the other
+/// functions on the thread keep running.
+const PAUSE_AFTER_TIMEOUTS: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One function thread: engines by function id, each at one version.
 fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) {
-    let mut engines: HashMap<String, (i64, Arc<str>, Result<JsFunction, String>)> = HashMap::new();
+    let mut engines: HashMap<String, Loaded> = HashMap::new();
     while let Some(req) = queue.blocking_recv() {
         let f = &req.function;
         // Versions are never changed, but a deleted function's id may come back with other code.
         let current = match engines.get_mut(&f.id) {
-            Some((v, code, _)) if *v == f.version && (Arc::ptr_eq(code, &f.code) || **code == *f.code) => {
-                *code = f.code.clone(); // the next snapshot's copy: compared by address from now on
+            Some(l) if l.version == f.version && (Arc::ptr_eq(&l.code, &f.code) || *l.code == *f.code) => {
+                l.code = f.code.clone(); // the next snapshot's copy: compared by address from now on
                 true
             }
             _ => false,
@@ -182,18 +231,11 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc
             if engines.len() >= MAX_ENGINES {
                 engines.clear();
             }
-            let loaded = JsFunction::load_with_fetch(&f.code, limits, fetcher.clone()).map_err(|e| e.to_string());
-            engines.insert(f.id.clone(), (f.version, f.code.clone(), loaded));
+            let engine = JsFunction::load_with_fetch(&f.code, limits, fetcher.clone()).map_err(|e| e.to_string());
+            engines.insert(f.id.clone(), Loaded { version: f.version, code: f.code.clone(), engine, timeouts_in_a_row: 0, stopped_until: None });
         }
-        let (_, _, engine) = engines.get_mut(&f.id).expect("inserted above");
-        let outcomes = match engine {
-            Ok(js) => req.events.iter().map(|e| js.call(e, &req.settings)).collect(),
-            Err(problem) => req
-                .events
-                .iter()
-                .map(|_| FunctionOutcome::Error { class: ErrorClass::Failed, message: format!("version {}: {problem}", f.version) })
-                .collect(),
-        };
+        let loaded = engines.get_mut(&f.id).expect("inserted above");
+        let outcomes = req.events.iter().map(|e| loaded.call(e, &req.settings)).collect();
         let _ = req.reply.send(outcomes);
     }
 }
@@ -227,6 +269,22 @@ mod tests {
         let out = pool.call(Stage::Test, &v1, vec![ev(false)], settings).await;
         let FunctionOutcome::Event(e) = &out[0] else { panic!("{out:?}") };
         assert_eq!(e["properties"]["v"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_function_that_keeps_running_past_its_time_is_paused_not_called() {
+        let limits = Limits { time_per_call: std::time::Duration::from_millis(20), ..Limits::default() };
+        let pool = FunctionPool::start(1, limits, None);
+        let looping = code("loop", 1, "async function onTrack(e) { while (true) {} }");
+        let out = pool.call(Stage::Test, &looping, vec![json!({"type": "track"}); 50], Arc::new(json!({}))).await;
+        assert!(out.iter().all(|o| matches!(o, FunctionOutcome::Error { class: ErrorClass::Timeout, .. })), "{out:?}");
+        let paused = out.iter().filter(|o| matches!(o, FunctionOutcome::Error { message, .. } if message.starts_with("not called"))).count();
+        assert_eq!(paused, 45, "five calls ran, the other 45 events were answered without one");
+        // Another function on the same thread is not paused; a new version of the looping one starts afresh.
+        let fine = code("fine", 1, "async function onTrack(e) { return e; }");
+        assert!(matches!(pool.call(Stage::Test, &fine, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
+        let fixed = code("loop", 2, "async function onTrack(e) { return e; }");
+        assert!(matches!(pool.call(Stage::Test, &fixed, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
     }
 
     #[tokio::test]
