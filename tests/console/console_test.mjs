@@ -3,7 +3,7 @@
 //   node console_test.mjs <admin http://host:port> <token> <messageId> <screenshot dir>
 // Checks that every page loads, the charts draw live data, pause/resume works
 // end to end (verified through the API), the debugger and the inspector show
-// the event, a tracking plan saved from its page shows in the debugger; saves a screenshot of each page. Prints one JSON line of results.
+// the event, a tracking plan saved from its page shows in the debugger, a function deployed, tested and rolled back from its page; saves a screenshot of each page. Prints one JSON line of results.
 import { createRequire } from "node:module";
 import path from "node:path";
 
@@ -72,6 +72,24 @@ try {
   await page.click('a[data-page="debugger"]');
   await page.waitForSelector("#dbg-rows td.plan.error", { timeout: 10000 });
   results.debugger_plan_cell = await page.textContent("#dbg-rows td.plan.error");
+  // Functions: deploy two versions from the page, test the live one, make the first live again.
+  const auth = { headers: { Authorization: `Bearer ${token}` } };
+  await page.click('a[data-page="functions"]');
+  await page.waitForFunction(() => document.querySelector("#fn-status").textContent.length > 0, null, { timeout: 10000 });
+  const fn = (v) => `async function onTrack(e) { e.properties = e.properties || {}; e.properties.v = ${v}; return e; }`;
+  for (const v of [1, 2]) {
+    if (v === 1) await page.fill("#fn-new", "console-fn");
+    await page.fill("#fn-code", fn(v));
+    await page.click("#fn-deploy");
+    await page.waitForFunction((v) => document.querySelector("#fn-status").textContent.startsWith(`live: version ${v}`), v, { timeout: 10000 });
+  }
+  await page.click("#fn-test");
+  await page.waitForFunction(() => document.querySelector("#fn-result").textContent.includes('"outcome"'), null, { timeout: 10000 });
+  results.function_test = JSON.parse(await page.textContent("#fn-result"));
+  await page.click("#fn-versions button.restore");
+  await page.waitForFunction(() => document.querySelector("#fn-status").textContent.startsWith("live: version 1"), null, { timeout: 10000 });
+  results.function_live_after_restore = (await (await fetch(`${admin}/api/functions/console-fn`, auth)).json()).version;
+  await page.screenshot({ path: `${shots}/functions.png` });
   results.external_requests = external;
   console.log(JSON.stringify(results));
 } finally {

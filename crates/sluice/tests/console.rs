@@ -2,7 +2,8 @@
 //! playwright-core; `scripts/setup-browser.sh` installs both) against a
 //! running pipeline: pages load, charts draw live data, pause and resume
 //! work end to end, the debugger and inspector show the event, a tracking
-//! plan saved from its page shows in the debugger. A screenshot
+//! plan saved from its page shows in the debugger, a function is
+//! deployed, tested and rolled back from its page. A screenshot
 //! of each page is saved under `<target dir>/console-screenshots/`.
 
 mod util;
@@ -88,8 +89,10 @@ fn the_console_shows_the_pipeline_and_pauses_a_destination_in_headless_chromium(
     assert_eq!(states, vec!["awaiting_scheduling", "executing", "succeeded"], "{r}");
     assert_eq!(r["plan_saved"], true, "a tracking plan saved from the console is stored: {r}");
     assert!(r["debugger_plan_cell"].as_str().unwrap().starts_with("flagged: Unplanned Event"), "{r}");
+    assert_eq!(r["function_test"]["event"]["properties"]["v"], 2, "the live version (2) ran on the test event: {r}");
+    assert_eq!(r["function_live_after_restore"], 1, "Make live restored version 1: {r}");
     assert_eq!(r["external_requests"], json!([]), "the console loads nothing from outside the admin port");
-    for page in ["overview", "destinations", "debugger", "inspector", "plans"] {
+    for page in ["overview", "destinations", "debugger", "inspector", "plans", "functions"] {
         let png = std::fs::read(shots.join(format!("{page}.png"))).unwrap_or_else(|e| panic!("{page}.png: {e}"));
         assert!(png.len() > 5_000 && png.starts_with(b"\x89PNG"), "{page}.png is a real screenshot");
     }

@@ -167,6 +167,7 @@ fn stopped(n: usize) -> Vec<FunctionOutcome> {
 
 /// One function's engine on one thread, and its time-out breaker.
 struct Loaded {
+    id: String,
     version: i64,
     code: Arc<str>,
     engine: Result<JsFunction, String>,
@@ -197,7 +198,7 @@ impl Loaded {
             if self.timeouts_in_a_row >= TIMEOUTS_BEFORE_PAUSE {
                 self.timeouts_in_a_row = 0;
                 self.stopped_until = Some(Instant::now() + PAUSE_AFTER_TIMEOUTS);
-                tracing::warn!(version = self.version, "a function ran past its time {TIMEOUTS_BEFORE_PAUSE} times in a row: paused for {PAUSE_AFTER_TIMEOUTS:?} on this thread");
+                tracing::warn!(function = %self.id, version = self.version, "a function ran past its time {TIMEOUTS_BEFORE_PAUSE} times in a row: paused for {PAUSE_AFTER_TIMEOUTS:?} on this thread");
             }
         } else {
             self.timeouts_in_a_row = 0;
@@ -232,7 +233,10 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc
                 engines.clear();
             }
             let engine = JsFunction::load_with_fetch(&f.code, limits, fetcher.clone()).map_err(|e| e.to_string());
-            engines.insert(f.id.clone(), Loaded { version: f.version, code: f.code.clone(), engine, timeouts_in_a_row: 0, stopped_until: None });
+            engines.insert(
+                f.id.clone(),
+                Loaded { id: f.id.clone(), version: f.version, code: f.code.clone(), engine, timeouts_in_a_row: 0, stopped_until: None },
+            );
         }
         let loaded = engines.get_mut(&f.id).expect("inserted above");
         let outcomes = req.events.iter().map(|e| loaded.call(e, &req.settings)).collect();
