@@ -1183,7 +1183,8 @@ pub struct DestinationConfig {
     /// (case-sensitive); absent = `id`.
     #[serde(default)]
     pub name: Option<String>,
-    /// Only `"webhook"` for now.
+    /// `"webhook"` (one event per request) or `"batch_webhook"` (many
+    /// events per request: `{"batch": [...]}`, see docs/DESTINATIONS.md).
     #[serde(rename = "type", default = "webhook")]
     pub kind: String,
     /// `http://` or `https://` URL the events are POSTed to.
@@ -1219,6 +1220,32 @@ pub struct DestinationConfig {
     /// returns is what is delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<FunctionRef>,
+    /// `batch_webhook`: most events per request (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_max_events: Option<usize>,
+    /// `batch_webhook`: most bytes of events per request (default 512 KiB;
+    /// an event larger than this goes alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_max_bytes: Option<usize>,
+    /// `batch_webhook`: how long a ready event may wait for its batch to fill (default 1 s).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub batch_max_age: Option<Duration>,
+}
+
+/// The batching of a `batch_webhook` destination, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_age: Duration,
+}
+
+impl BatchLimits {
+    pub const DEFAULT: BatchLimits = BatchLimits { max_events: 100, max_bytes: 512 << 10, max_age: Duration::from_secs(1) };
+    /// Upper bounds of the keys.
+    pub const MAX_EVENTS: usize = 10_000;
+    pub const MAX_BYTES: usize = 16 << 20;
+    pub const MAX_AGE: Duration = Duration::from_secs(60);
 }
 
 fn webhook() -> String {
@@ -1237,8 +1264,33 @@ impl DestinationConfig {
         if !valid_id(&self.id) {
             return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
         }
-        if self.kind != "webhook" {
-            return Err(invalid(key("type"), format!("unknown destination type {:?}; the only type is \"webhook\"", self.kind)));
+        match self.kind.as_str() {
+            "webhook" => {
+                for (k, set) in [
+                    ("batch_max_events", self.batch_max_events.is_some()),
+                    ("batch_max_bytes", self.batch_max_bytes.is_some()),
+                    ("batch_max_age", self.batch_max_age.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(key(k), "is for type = \"batch_webhook\" destinations"));
+                    }
+                }
+            }
+            "batch_webhook" => {
+                let b = self.batch_limits().expect("a batch_webhook");
+                if !(1..=BatchLimits::MAX_EVENTS).contains(&b.max_events) {
+                    return Err(invalid(key("batch_max_events"), format!("must be between 1 and {}", BatchLimits::MAX_EVENTS)));
+                }
+                if !(1024..=BatchLimits::MAX_BYTES).contains(&b.max_bytes) {
+                    return Err(invalid(key("batch_max_bytes"), format!("must be between 1024 and {}", BatchLimits::MAX_BYTES)));
+                }
+                if b.max_age > BatchLimits::MAX_AGE {
+                    return Err(invalid(key("batch_max_age"), "must be at most 60s"));
+                }
+            }
+            other => {
+                return Err(invalid(key("type"), format!("unknown destination type {other:?}; the types are \"webhook\" and \"batch_webhook\"")))
+            }
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
             return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
@@ -1271,6 +1323,15 @@ impl DestinationConfig {
             f.validate(key("function"))?;
         }
         Ok(())
+    }
+
+    /// A `batch_webhook`'s batching (its keys over the defaults); `None` for other types.
+    pub fn batch_limits(&self) -> Option<BatchLimits> {
+        (self.kind == "batch_webhook").then(|| BatchLimits {
+            max_events: self.batch_max_events.unwrap_or(BatchLimits::DEFAULT.max_events),
+            max_bytes: self.batch_max_bytes.unwrap_or(BatchLimits::DEFAULT.max_bytes),
+            max_age: self.batch_max_age.unwrap_or(BatchLimits::DEFAULT.max_age),
+        })
     }
 
     /// This destination's retry policy: its own keys over `global`.

@@ -113,7 +113,29 @@ struct DestQueue {
     pairs: HashMap<String, VecDeque<Ksuid>>,
     ring: VecDeque<String>,
     ready: usize,
+    /// When it got its first ready job: a batch destination's batch is due
+    /// once it is full or this is `batch_max_age` old.
+    since: Instant,
 }
+
+impl DestQueue {
+    /// The next ready job, the pairs taking turns one job each.
+    fn next_ready(&mut self) -> Option<Ksuid> {
+        let source = self.ring.pop_front()?;
+        let pair = self.pairs.get_mut(&source).expect("pair in ring");
+        let id = pair.pop_front().expect("pairs in the ring are not empty");
+        self.ready -= 1;
+        if pair.is_empty() {
+            self.pairs.remove(&source);
+        } else {
+            self.ring.push_back(source);
+        }
+        Some(id)
+    }
+}
+
+/// One request to start: its jobs (one, or a batch destination's batch) and its permit.
+type Request = (Vec<Ksuid>, Permit);
 
 pub(crate) enum Msg {
     Done {
@@ -136,6 +158,59 @@ pub(crate) enum Msg {
 /// waits on them, so a full inbox cannot deadlock it. Well above the
 /// requests one director has in flight at a time.
 const INBOX: usize = 4096;
+
+/// A job on its way out.
+struct Outgoing {
+    id: Ksuid,
+    idempotency_key: String,
+    body: Bytes,
+}
+
+impl crate::batch::HasBody for Outgoing {
+    fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+/// Send one request's jobs (each through the destination function, if it
+/// has one): one request per job, or for a batch destination one request
+/// per `batch_max_bytes` of them; every job's attempt.
+async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Permit, jobs: Vec<Outgoing>) -> Vec<(Ksuid, Attempt)> {
+    let settings = permit.destination.settings();
+    let mut ended = Vec::new();
+    let mut out = Vec::with_capacity(jobs.len());
+    for mut job in jobs {
+        if let Some(f) = &settings.function {
+            match f.apply(job.body).await {
+                Ok(body) => job.body = body,
+                Err(ended_by_function) => {
+                    ended.push((job.id, ended_by_function));
+                    continue;
+                }
+            }
+        }
+        out.push(job);
+    }
+    let chunks: Vec<Vec<Outgoing>> = match settings.batch {
+        None => out.into_iter().map(|j| vec![j]).collect(),
+        Some(b) => crate::batch::chunks(out, b.max_bytes),
+    };
+    for chunk in chunks {
+        let (key, body) = match (settings.batch, &chunk[..]) {
+            (None, [one]) => (one.idempotency_key.clone(), one.body.clone()),
+            _ => crate::batch::request(chunk.iter().map(|j| (j.idempotency_key.as_str(), &j.body))),
+        };
+        let attempt = executor.send(&settings.target, &key, body).await;
+        if attempt.verdict == Verdict::Succeeded {
+            // Between the endpoint's 2xx and the `succeeded` rows: the at-least-once window.
+            sluice_core::crash::crash_point("deliver.after_http_success");
+        }
+        permit.destination.record(attempt.verdict, permit.probe, Instant::now());
+        permit.destination.metrics(metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
+        ended.extend(chunk.iter().map(|j| (j.id, attempt.clone())));
+    }
+    ended
+}
 
 /// The handle the Centrifuge keeps for a running director.
 pub struct DirectorHandle {
@@ -545,7 +620,7 @@ impl Director {
         let dest_id = j.dest.id.clone();
         let q = self.queues.entry(dest_id.clone()).or_insert_with(|| {
             self.dest_ring.push_back(dest_id);
-            DestQueue { dest: j.dest.clone(), pairs: HashMap::new(), ring: VecDeque::new(), ready: 0 }
+            DestQueue { dest: j.dest.clone(), pairs: HashMap::new(), ring: VecDeque::new(), ready: 0, since: Instant::now() }
         });
         if q.ready >= PAYLOAD_WINDOW {
             j.payload = None;
@@ -596,51 +671,58 @@ impl Director {
         }
     }
 
-    /// Start requests, fairly; returns when a rate-limited or open-circuit destination can go again.
+    /// Start requests, fairly; returns when a rate-limited or open-circuit
+    /// destination can go again, or a batch destination's batch is due.
     fn dispatch(&mut self) -> Option<Instant> {
         let now = Instant::now();
         let now_ms = now_ms();
-        let mut batch: Vec<(Ksuid, Permit)> = Vec::new();
+        let mut requests: Vec<Request> = Vec::new();
+        let mut dispatched = 0;
         let mut expired = Vec::new();
         let mut wake_at: Option<Instant> = None;
+        let mut wake = |t: Instant| wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
         let mut idle = 0;
-        while idle < self.dest_ring.len() && batch.len() < MAX_DISPATCH {
+        while idle < self.dest_ring.len() && dispatched < MAX_DISPATCH {
             let Some(dest_id) = self.dest_ring.pop_front() else { break };
             let q = self.queues.get_mut(&dest_id).expect("queued destination");
             let quantum = q.dest.priority() * TURN;
+            let batch = q.dest.settings().batch;
             let mut sent = 0;
             let expired_before = expired.len();
-            while sent < quantum && batch.len() < MAX_DISPATCH {
-                let Some(source) = q.ring.front().cloned() else { break };
-                let pair = q.pairs.get_mut(&source).expect("pair in ring");
-                let id = *pair.front().expect("pairs in the ring are not empty");
-                let job = self.jobs.get(&id).expect("queued job");
-                if job.expires_at <= now_ms {
-                    pair.pop_front();
-                    expired.push(id);
-                } else {
-                    match q.dest.try_acquire(now) {
-                        Ok(permit) => {
-                            pair.pop_front();
-                            batch.push((id, permit));
-                            sent += 1;
-                        }
-                        Err(Blocked::Until(t)) => {
-                            wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
-                            break;
-                        }
-                        Err(Blocked::Wait) => break,
+            // A batch waits until it is full or its oldest job has waited `batch_max_age`.
+            let due = batch.is_none_or(|b| q.ready >= b.max_events || now >= q.since + b.max_age);
+            if !due {
+                wake(q.since + batch.expect("a batch destination").max_age);
+            }
+            while due && sent < quantum && dispatched < MAX_DISPATCH && q.ready > 0 {
+                let permit = match q.dest.try_acquire(now) {
+                    Ok(permit) => permit,
+                    Err(Blocked::Until(t)) => {
+                        wake(t);
+                        break;
+                    }
+                    Err(Blocked::Wait) => break,
+                };
+                let mut group = Vec::new();
+                while group.len() < batch.map_or(1, |b| b.max_events) {
+                    let Some(id) = q.next_ready() else { break };
+                    if self.jobs.get(&id).expect("queued job").expires_at <= now_ms {
+                        expired.push(id);
+                    } else {
+                        group.push(id);
                     }
                 }
-                q.ready -= 1;
-                q.ring.pop_front();
-                if pair.is_empty() {
-                    q.pairs.remove(&source);
-                } else {
-                    q.ring.push_back(source);
+                if group.is_empty() {
+                    continue; // every one had expired; the permit goes back
                 }
+                dispatched += group.len();
+                requests.push((group, permit));
+                sent += 1;
             }
             if q.ready > 0 {
+                if sent > 0 {
+                    q.since = now; // the rest start a new batch
+                }
                 self.dest_ring.push_back(dest_id);
             } else {
                 self.queues.remove(&dest_id);
@@ -654,37 +736,41 @@ impl Director {
         for id in expired {
             self.start_archive(id);
         }
-        if !batch.is_empty() {
-            self.execute(batch);
+        if !requests.is_empty() {
+            self.execute(requests);
         }
         wake_at
     }
 
-    /// Commit `executing` for the batch (and fetch missing payloads), then send.
-    fn execute(&mut self, batch: Vec<(Ksuid, Permit)>) {
+    /// Commit `executing` for every job of the requests (and fetch missing payloads), then send.
+    fn execute(&mut self, requests: Vec<Request>) {
         let at = now_ms();
-        let mut rows = Vec::with_capacity(batch.len());
+        let mut rows = Vec::new();
         let mut missing = Vec::new();
-        let mut work = Vec::with_capacity(batch.len());
-        for (id, permit) in batch {
-            let job = self.jobs.get_mut(&id).expect("dispatched job");
-            job.seq += 1;
-            job.attempt += 1;
-            job.at = Where::InFlight;
-            rows.push(Transition {
-                job_id: id,
-                seq: job.seq,
-                state: JobState::Executing,
-                at,
-                attempt: job.attempt,
-                status: None,
-                error: None,
-                retry_at: None,
-            });
-            if job.payload.is_none() {
-                missing.push(id);
+        let mut work = Vec::with_capacity(requests.len());
+        for (ids, permit) in requests {
+            let mut items = Vec::with_capacity(ids.len());
+            for id in ids {
+                let job = self.jobs.get_mut(&id).expect("dispatched job");
+                job.seq += 1;
+                job.attempt += 1;
+                job.at = Where::InFlight;
+                rows.push(Transition {
+                    job_id: id,
+                    seq: job.seq,
+                    state: JobState::Executing,
+                    at,
+                    attempt: job.attempt,
+                    status: None,
+                    error: None,
+                    retry_at: None,
+                });
+                if job.payload.is_none() {
+                    missing.push(id);
+                }
+                items.push((id, crate::executor::idempotency_key(&job.message_id, job.generation), job.payload.clone()));
             }
-            work.push((id, crate::executor::idempotency_key(&job.message_id, job.generation), job.payload.clone(), permit));
+            work.push((items, permit));
         }
         // Rows queued before these (earlier outcomes) keep their order in the writer.
         self.flush_rows();
@@ -698,36 +784,33 @@ impl Director {
                 Err(e) => {
                     // The writer logged it (rate-limited) and told the director, which backs off.
                     tracing::debug!(error = %e, "cannot record executing transitions; jobs stay queued");
-                    let _ = inbox.send(Msg::Requeue(work.into_iter().map(|w| w.0).collect())).await;
+                    let ids = work.into_iter().flat_map(|(items, _)| items.into_iter().map(|i| i.0)).collect();
+                    let _ = inbox.send(Msg::Requeue(ids)).await;
                     return;
                 }
             };
-            for (id, idempotency_key, payload, permit) in work {
-                let Some(body) = payload.or_else(|| fetched.get(&id).cloned()) else {
-                    let _ = inbox.send(Msg::Requeue(vec![id])).await;
+            for (items, permit) in work {
+                let mut ready = Vec::with_capacity(items.len());
+                for (id, idempotency_key, payload) in items {
+                    match payload.or_else(|| fetched.get(&id).cloned()) {
+                        Some(body) => ready.push(Outgoing { id, idempotency_key, body }),
+                        None => {
+                            let _ = inbox.send(Msg::Requeue(vec![id])).await;
+                        }
+                    }
+                }
+                if ready.is_empty() {
                     continue;
-                };
+                }
                 let (executor, inbox, metrics) = (executor.clone(), inbox.clone(), metrics.clone());
-                let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, job = %id);
+                let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, jobs = ready.len());
                 tokio::spawn(tracing::Instrument::instrument(
                     async move {
-                        let settings = permit.destination.settings();
-                        let body = match &settings.function {
-                            Some(f) => f.apply(body).await,
-                            None => Ok(body),
-                        };
-                        let attempt = match body {
-                            Ok(body) => executor.send(&settings.target, &idempotency_key, body).await,
-                            Err(ended_by_function) => ended_by_function,
-                        };
-                        if attempt.verdict == Verdict::Succeeded {
-                            // Between the endpoint's 2xx and the `succeeded` row: the at-least-once window.
-                            sluice_core::crash::crash_point("deliver.after_http_success");
-                        }
-                        permit.destination.record(attempt.verdict, permit.probe, Instant::now());
-                        permit.destination.metrics(&metrics).attempt_seconds.observe(attempt.elapsed.as_secs_f64());
+                        let ended = send_request(&executor, &metrics, &permit, ready).await;
                         drop(permit);
-                        let _ = inbox.send(Msg::Done { id, attempt }).await;
+                        for (id, attempt) in ended {
+                            let _ = inbox.send(Msg::Done { id, attempt }).await;
+                        }
                     },
                     span,
                 ));

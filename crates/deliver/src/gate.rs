@@ -27,6 +27,8 @@ pub struct DestinationSettings {
     pub rate_limit: u32,
     /// The destination function its jobs pass through before they are sent.
     pub function: Option<crate::function::Attached>,
+    /// A `batch_webhook`: how its jobs are grouped into requests.
+    pub batch: Option<sluice_core::config::BatchLimits>,
 }
 
 #[derive(Debug)]
@@ -260,6 +262,7 @@ mod tests {
             max_in_flight: max,
             rate_limit: rate,
             function: None,
+            batch: None,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

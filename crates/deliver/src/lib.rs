@@ -22,6 +22,7 @@
 
 pub mod archive;
 pub mod backend;
+pub mod batch;
 pub mod centrifuge;
 pub mod cluster;
 pub mod control;

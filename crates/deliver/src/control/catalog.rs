@@ -146,6 +146,7 @@ impl Catalog {
             max_in_flight: d.max_in_flight.unwrap_or(self.defaults.max_in_flight.get()),
             rate_limit: d.rate_limit.unwrap_or(self.defaults.rate_limit),
             function: d.function.as_ref().map(|f| crate::function::Attached::new(f, &snap.functions)),
+            batch: d.batch_limits(),
         }
     }
 
@@ -162,6 +163,7 @@ impl Catalog {
                     max_in_flight: 1,
                     rate_limit: 0,
                     function: None,
+                    batch: None,
                 };
                 let g = Destination::new(id.to_owned(), settings.clone(), 1, Duration::from_secs(1), self.wake.clone());
                 g.update(settings, &Qos { paused: true, ..Qos::default() });
