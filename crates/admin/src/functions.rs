@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_core::config::{valid_id, FunctionRef};
 use sluice_deliver::control::CatalogSnapshot;
+use sluice_transform::fetch::NoNetwork;
 use sluice_transform::function::{FunctionOutcome, JsFunction};
 use sluice_transform::pool::{FunctionCode, FunctionPool, Stage};
 
@@ -91,9 +92,10 @@ pub(crate) async fn deploy(State(s): State<Shared>, h: HeaderMap, Path(id): Path
     if d.code.len() > MAX_CODE {
         return Err(bad_request(format!("code: {} bytes; at most {MAX_CODE}", d.code.len())));
     }
-    // Loaded off the async threads, with the limits calls get: code that cannot load is never stored.
+    // Loaded off the async threads, with the limits and globals calls get (a `fetch` that
+    // refuses every request): code that cannot load is never stored.
     let (code, limits) = (d.code, FunctionPool::global().limits());
-    let code = tokio::task::spawn_blocking(move || JsFunction::load(&code, limits).map(|_| code))
+    let code = tokio::task::spawn_blocking(move || JsFunction::load_with_fetch(&code, limits, Some(Arc::new(NoNetwork))).map(|_| code))
         .await
         .map_err(internal)?
         .map_err(|e| bad_request(format!("code: {e}")))?;

@@ -150,6 +150,10 @@ const EXCERPT_BYTES: usize = 512;
 /// Most of a response body read (the rest is discarded with the connection).
 const MAX_BODY_READ: usize = 64 * 1024;
 
+/// Headers a function's `fetch` may not set (lower case).
+const FORBIDDEN_FETCH_HEADERS: &[&str] =
+    &["host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "expect"];
+
 impl Executor {
     pub fn new(connect_timeout: Duration) -> Result<Executor, reqwest::Error> {
         let build = |allow_private: bool| {
@@ -256,11 +260,15 @@ impl Executor {
             Ok(c) => c,
             Err(e) => return refused(e.to_string()),
         };
-        let mut req = client.request(method, url).timeout(FETCH_TIMEOUT).header(http::header::USER_AGENT, &self.user_agent);
+        let mut req = client.request(method, url).timeout(r.timeout.min(FETCH_TIMEOUT)).header(http::header::USER_AGENT, &self.user_agent);
         for (name, value) in &r.headers {
             let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_str(value)) else {
                 return refused(format!("the header {:?} is not a valid header", name.chars().take(40).collect::<String>()));
             };
+            // What the client decides (as a browser's fetch forbids them).
+            if FORBIDDEN_FETCH_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+                return refused(format!("the header {:?} is set by the client, not the function", name.as_str()));
+            }
             req = req.header(name, value);
         }
         if let Some(body) = r.body {

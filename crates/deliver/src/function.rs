@@ -136,5 +136,15 @@ async function onTrack(e) {
             assert!(matches!(&out, FunctionOutcome::Error { class: ErrorClass::Failed, .. }), "{url}: {out:?}");
         }
         assert!(sink.received_on("/private").is_empty());
+        // Headers the client sets are refused, not sent.
+        let host = FunctionCode {
+            id: "h".into(),
+            version: 1,
+            code: "async function onTrack(e) { await fetch(e.properties.url, {headers: {Host: 'other'}}); return e; }".into(),
+        };
+        let event = json!({"type": "track", "properties": {"url": sink.url("/host")}});
+        let out = open.call(Stage::Test, &host, vec![event], Arc::new(json!({}))).await.pop().unwrap();
+        assert!(matches!(&out, FunctionOutcome::Error { class: ErrorClass::Failed, message } if message.contains("\"host\"")), "{out:?}");
+        assert!(sink.received_on("/host").is_empty());
     }
 }

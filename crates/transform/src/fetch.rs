@@ -5,10 +5,11 @@
 //!
 //! Invariants:
 //! - At most [`MAX_FETCHES_PER_CALL`] requests per call, each with a body of
-//!   at most [`MAX_FETCH_BODY`] bytes each way and a timeout of
-//!   [`FETCH_TIMEOUT`]; the time a request waits does not count against the
-//!   call's CPU budget (the deadline moves by the wait), but the wait holds
-//!   the function thread, so it is bounded by these figures.
+//!   at most [`MAX_FETCH_BODY`] bytes each way, all of them together
+//!   waiting at most [`FETCH_TIMEOUT`] (each request's timeout is what is
+//!   left of it); the wait does not count against the call's CPU budget
+//!   (the deadline moves by the wait), but it holds the function thread,
+//!   so a call lasts at most its CPU budget plus [`FETCH_TIMEOUT`].
 //! - Nothing about the request is trusted: the URL, method and headers are
 //!   checked by the implementation (schemes http/https only, no redirects).
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 pub const MAX_FETCHES_PER_CALL: u32 = 5;
 /// Largest request or response body (bytes; a longer response is an error).
 pub const MAX_FETCH_BODY: usize = 1 << 20;
-/// How long one request may take.
+/// How long one call's requests may wait, together.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One request a function makes.
@@ -28,6 +29,8 @@ pub struct FetchRequest {
     pub method: String,
     pub headers: Vec<(String, String)>,
     pub body: Option<String>,
+    /// What is left of the call's [`FETCH_TIMEOUT`].
+    pub timeout: Duration,
 }
 
 /// Its answer.
@@ -50,4 +53,14 @@ pub enum FetchFailure {
 /// Makes a function's requests; blocking (it runs on a function thread).
 pub trait Fetch: Send + Sync {
     fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, FetchFailure>;
+}
+
+/// The `fetch` of a function being checked before a deploy: defined (so
+/// the code sees the globals it will run with) but refusing every request.
+pub struct NoNetwork;
+
+impl Fetch for NoNetwork {
+    fn fetch(&self, _: FetchRequest) -> Result<FetchResponse, FetchFailure> {
+        Err(FetchFailure::Refused("no requests while a deploy is checked".into()))
+    }
 }

@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rquickjs::{CatchResultExt, CaughtError, Context, Function, Promise, Runtime};
+use rquickjs::{CatchResultExt, CaughtError, Context, Function, Persistent, Promise, Runtime};
 use serde_json::Value;
 
-use crate::fetch::{Fetch, FetchFailure, FetchRequest, MAX_FETCHES_PER_CALL, MAX_FETCH_BODY};
+use crate::fetch::{Fetch, FetchFailure, FetchRequest, FETCH_TIMEOUT, MAX_FETCHES_PER_CALL, MAX_FETCH_BODY};
 
 /// What a function may use.
 #[derive(Debug, Clone, Copy)]
@@ -39,11 +39,16 @@ pub struct Limits {
     /// Memory the function's engine may hold, its code and data included.
     pub memory_bytes: usize,
     pub stack_bytes: usize,
+    /// Wall time one request to a function thread (a route batch's events
+    /// of one source) may take: its events not called by then end
+    /// `Timeout` (retried by their stage), so a slow `fetch` upstream holds
+    /// a route partition for seconds, not for events × the fetch timeout.
+    pub time_per_request: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { time_per_call: Duration::from_millis(100), memory_bytes: 32 << 20, stack_bytes: 512 << 10 }
+        Limits { time_per_call: Duration::from_millis(100), memory_bytes: 32 << 20, stack_bytes: 512 << 10, time_per_request: Duration::from_secs(5) }
     }
 }
 
@@ -120,21 +125,42 @@ pub enum FunctionError {
 /// Longest error message kept from a function (characters).
 const MAX_MESSAGE: usize = 500;
 
-/// Defined before the function's code: Segment's error classes, and the
-/// runner, which keeps its own references to `JSON` and the handlers' names.
+/// Evaluated before the function's code: Segment's error classes (frozen,
+/// and non-writable globals), and the runner and handler test, which are
+/// returned to the host, not left on the globals, and keep their own
+/// references to `JSON` and `Object`'s functions: whatever the function's
+/// code does to its globals, it cannot replace them or fake an outcome
+/// (`Symbol.hasInstance` on a class or `Error` changes nothing: classes are
+/// told by walking the prototype chain).
 const PRELUDE: &str = r#"
-class DropEvent extends Error { constructor(m) { super(m); this.name = "DropEvent"; } }
-class RetryError extends Error { constructor(m) { super(m); this.name = "RetryError"; } }
-class ValidationError extends Error { constructor(m) { super(m); this.name = "ValidationError"; } }
-class EventNotSupported extends Error { constructor(m) { super(m); this.name = "EventNotSupported"; } }
-globalThis.DropEvent = DropEvent; globalThis.RetryError = RetryError;
-globalThis.ValidationError = ValidationError; globalThis.EventNotSupported = EventNotSupported;
-globalThis.__sluice_runner = (() => {
-  const parse = JSON.parse, stringify = JSON.stringify, G = globalThis;
-  const classOf = (e) => (e instanceof DropEvent || e instanceof EventNotSupported) ? "drop"
-    : e instanceof RetryError ? "retry" : e instanceof ValidationError ? "validation" : "failed";
-  const messageOf = (e) => { try { return String(e && e.message !== undefined ? e.message : e); } catch (_) { return "(unprintable)"; } };
-  return async (handler, eventJson, settingsJson) => {
+(() => {
+  const G = globalThis, parse = JSON.parse, stringify = JSON.stringify, getProto = Object.getPrototypeOf,
+    freeze = Object.freeze, own = Object.getOwnPropertyDescriptor, define = Object.defineProperty, toText = String;
+  class DropEvent extends Error { constructor(m) { super(m); this.name = "DropEvent"; } }
+  class RetryError extends Error { constructor(m) { super(m); this.name = "RetryError"; } }
+  class ValidationError extends Error { constructor(m) { super(m); this.name = "ValidationError"; } }
+  class EventNotSupported extends Error { constructor(m) { super(m); this.name = "EventNotSupported"; } }
+  const classes = [["DropEvent", DropEvent], ["RetryError", RetryError], ["ValidationError", ValidationError], ["EventNotSupported", EventNotSupported]];
+  for (const [name, C] of classes) {
+    freeze(C.prototype); freeze(C);
+    define(G, name, { value: C, writable: false, enumerable: false, configurable: false });
+  }
+  const isA = (e, C) => {
+    const target = C.prototype;
+    let p = e;
+    for (let i = 0; i < 100 && p !== null && (typeof p === "object" || typeof p === "function"); i++) {
+      p = getProto(p);
+      if (p === target) return true;
+    }
+    return false;
+  };
+  const classOf = (e) => {
+    try {
+      return isA(e, DropEvent) || isA(e, EventNotSupported) ? "drop" : isA(e, RetryError) ? "retry" : isA(e, ValidationError) ? "validation" : "failed";
+    } catch (_) { return "failed"; }
+  };
+  const messageOf = (e) => { try { return toText(e && e.message !== undefined ? e.message : e); } catch (_) { return "(unprintable)"; } };
+  const runner = async (handler, eventJson, settingsJson) => {
     const h = G[handler];
     if (typeof h !== "function") return "P";
     try {
@@ -145,7 +171,9 @@ globalThis.__sluice_runner = (() => {
       return "X" + stringify({ class: classOf(e), message: messageOf(e) });
     }
   };
-})();
+  const defined = (name) => { const d = own(G, name); return d !== undefined && typeof d.value === "function"; };
+  return [runner, defined];
+})()
 "#;
 
 /// Defined after [`PRELUDE`] when the engine may fetch: a WHATWG-like
@@ -181,30 +209,72 @@ const HANDLERS: [(&str, &str); 6] =
 
 /// One engine with the function's code loaded.
 struct Engine {
+    /// The prelude's runner and handler test (declared first: dropped before the runtime).
+    runner: Persistent<Function<'static>>,
+    defined: Persistent<Function<'static>>,
+    context: Context,
     /// Held for the engine's life: its memory limit and interrupt handler live there.
     _runtime: Runtime,
-    context: Context,
-    /// When the running call must stop (ms since `epoch`; 0: no call running).
-    deadline_ms: Arc<AtomicU64>,
+    deadline: Deadline,
+}
+
+/// When the running call must stop, and what it has used.
+#[derive(Clone)]
+struct Deadline {
+    /// ms since `epoch`; 0: no call running.
+    at_ms: Arc<AtomicU64>,
     epoch: Instant,
-    /// Requests made by the running call.
+    /// Requests made by the running call, and how long they waited (ms).
     fetches: Arc<AtomicU32>,
+    fetch_waited_ms: Arc<AtomicU64>,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        Deadline {
+            at_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+            fetches: Arc::new(AtomicU32::new(0)),
+            fetch_waited_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn arm(&self, budget: Duration) {
+        self.fetches.store(0, Ordering::Relaxed);
+        self.fetch_waited_ms.store(0, Ordering::Relaxed);
+        let at = self.epoch.elapsed() + budget;
+        self.at_ms.store((at.as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn disarm(&self) {
+        self.at_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn timed_out(&self) -> bool {
+        let d = self.at_ms.load(Ordering::Relaxed);
+        d != 0 && self.epoch.elapsed().as_millis() as u64 >= d
+    }
 }
 
 /// The host side of `fetch`: bounded, and its wait moves the call's deadline.
-fn host_fetch(fetcher: &Arc<dyn Fetch>, deadline: &AtomicU64, fetches: &AtomicU32, request: FetchRequest) -> String {
+fn host_fetch(fetcher: &Arc<dyn Fetch>, deadline: &Deadline, request: FetchRequest) -> String {
     let answer = |v: Value| v.to_string();
-    if fetches.fetch_add(1, Ordering::Relaxed) >= MAX_FETCHES_PER_CALL {
+    if deadline.fetches.fetch_add(1, Ordering::Relaxed) >= MAX_FETCHES_PER_CALL {
         return answer(serde_json::json!({"refused": format!("more than {MAX_FETCHES_PER_CALL} requests in one call")}));
     }
     if request.body.as_ref().is_some_and(|b| b.len() > MAX_FETCH_BODY) {
         return answer(serde_json::json!({"refused": format!("a request body over {MAX_FETCH_BODY} bytes")}));
     }
+    let left = FETCH_TIMEOUT.saturating_sub(Duration::from_millis(deadline.fetch_waited_ms.load(Ordering::Relaxed)));
+    if left.is_zero() {
+        return answer(serde_json::json!({"unanswered": format!("the call's requests waited {} s together already", FETCH_TIMEOUT.as_secs())}));
+    }
     let started = Instant::now();
-    let result = fetcher.fetch(request);
+    let result = fetcher.fetch(FetchRequest { timeout: left, ..request });
     // The wait is not the function's CPU: it does not count against the call's budget.
     let waited = started.elapsed().as_millis() as u64;
-    let _ = deadline.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| (d != 0).then(|| d.saturating_add(waited)));
+    deadline.fetch_waited_ms.fetch_add(waited, Ordering::Relaxed);
+    let _ = deadline.at_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| (d != 0).then(|| d.saturating_add(waited)));
     match result {
         Ok(r) => answer(
             serde_json::json!({"status": r.status, "headers": r.headers.iter().map(|(k, v)| [k.to_ascii_lowercase(), v.clone()]).collect::<Vec<_>>(), "body": r.body}),
@@ -219,63 +289,76 @@ impl Engine {
         let runtime = Runtime::new().map_err(|e| FunctionError::Engine(e.to_string()))?;
         runtime.set_memory_limit(limits.memory_bytes);
         runtime.set_max_stack_size(limits.stack_bytes);
-        let (deadline_ms, epoch) = (Arc::new(AtomicU64::new(0)), Instant::now());
+        let deadline = Deadline::new();
         {
-            let (deadline, epoch) = (deadline_ms.clone(), epoch);
-            runtime.set_interrupt_handler(Some(Box::new(move || {
-                let d = deadline.load(Ordering::Relaxed);
-                d != 0 && epoch.elapsed().as_millis() as u64 >= d
-            })));
+            let deadline = deadline.clone();
+            runtime.set_interrupt_handler(Some(Box::new(move || deadline.timed_out())));
         }
         let context = Context::full(&runtime).map_err(|e| FunctionError::Engine(e.to_string()))?;
-        let engine = Engine { _runtime: runtime, context, deadline_ms, epoch, fetches: Arc::new(AtomicU32::new(0)) };
-        // Loading the code is a call like any other: bounded in time.
-        engine.arm(limits.time_per_call);
-        let loaded = engine.context.with(|ctx| -> Result<(), String> {
-            ctx.eval::<(), _>(PRELUDE).catch(&ctx).map_err(|e| format!("prelude: {e}"))?;
+        // Loading the code is a call like any other: bounded in time (its handlers are then
+        // looked up by their descriptors: no getter of the code runs outside a call).
+        deadline.arm(limits.time_per_call);
+        let loaded = context.with(|ctx| -> Result<(Persistent<Function<'static>>, Persistent<Function<'static>>), String> {
+            let parts: rquickjs::Array = ctx.eval(PRELUDE).catch(&ctx).map_err(|e| format!("prelude: {e}"))?;
+            let runner: Function = parts.get(0).map_err(|e| format!("prelude: {e}"))?;
+            let defined: Function = parts.get(1).map_err(|e| format!("prelude: {e}"))?;
             if let Some(fetcher) = fetcher {
-                let (fetcher, deadline, fetches) = (fetcher.clone(), engine.deadline_ms.clone(), engine.fetches.clone());
+                let (fetcher, deadline) = (fetcher.clone(), deadline.clone());
                 let host = Function::new(ctx.clone(), move |url: String, method: String, headers: String, body: Option<String>| {
                     let headers: Vec<(String, String)> = serde_json::from_str(&headers).unwrap_or_default();
-                    host_fetch(&fetcher, &deadline, &fetches, FetchRequest { url, method, headers, body })
+                    host_fetch(&fetcher, &deadline, FetchRequest { url, method, headers, body, timeout: FETCH_TIMEOUT })
                 })
                 .map_err(|e| format!("prelude: {e}"))?;
                 ctx.globals().set("__sluice_fetch", host).map_err(|e| format!("prelude: {e}"))?;
                 ctx.eval::<(), _>(FETCH_PRELUDE).catch(&ctx).map_err(|e| format!("prelude: {e}"))?;
             }
             ctx.eval::<(), _>(code).catch(&ctx).map_err(|e| describe(&e))?;
-            Ok(())
+            Ok((Persistent::save(&ctx, runner), Persistent::save(&ctx, defined)))
         });
-        engine.disarm();
-        loaded.map_err(FunctionError::Load)?;
-        Ok(engine)
+        let timed_out = deadline.timed_out();
+        deadline.disarm();
+        let (runner, defined) = match loaded {
+            Ok(parts) => parts,
+            Err(_) if timed_out => return Err(FunctionError::Load(format!("loading ran past its {} ms", limits.time_per_call.as_millis()))),
+            Err(e) => return Err(FunctionError::Load(e)),
+        };
+        Ok(Engine { runner, defined, context, _runtime: runtime, deadline })
     }
 
-    fn arm(&self, budget: Duration) {
-        self.fetches.store(0, Ordering::Relaxed);
-        let at = self.epoch.elapsed() + budget;
-        self.deadline_ms.store((at.as_millis() as u64).max(1), Ordering::Relaxed);
-    }
-
-    fn disarm(&self) {
-        self.deadline_ms.store(0, Ordering::Relaxed);
-    }
-
-    fn timed_out(&self) -> bool {
-        let d = self.deadline_ms.load(Ordering::Relaxed);
-        d != 0 && self.epoch.elapsed().as_millis() as u64 >= d
+    /// Whether the code defines a handler `name` (an own data property of
+    /// the globals holding a function: no getter runs).
+    fn defines(&self, name: &str) -> bool {
+        self.context
+            .with(|ctx| {
+                let defined = self.defined.clone().restore(&ctx).ok()?;
+                defined.call::<_, bool>((name,)).ok()
+            })
+            .unwrap_or(false)
     }
 
     /// Run `handler` on one JSON argument; the runner's answer (see PRELUDE), or how it broke.
     fn run(&self, handler: &str, arg_json: &str, settings_json: &str, limits: &Limits) -> Result<String, (ErrorClass, String)> {
-        self.arm(limits.time_per_call);
+        self.deadline.arm(limits.time_per_call);
         let out = self.context.with(|ctx| -> Result<String, (ErrorClass, String)> {
-            let runner: Function = ctx.globals().get("__sluice_runner").map_err(|e| (ErrorClass::Failed, e.to_string()))?;
+            let runner = self.runner.clone().restore(&ctx).map_err(|e| (ErrorClass::Failed, e.to_string()))?;
             let promise: Promise = runner.call((handler, arg_json, settings_json)).catch(&ctx).map_err(|e| (ErrorClass::Failed, describe(&e)))?;
-            promise.finish::<String>().catch(&ctx).map_err(|e| (ErrorClass::Failed, describe(&e)))
+            // The promise's jobs are run here, one at a time, until it settles or the time is up:
+            // the interrupt stops only the job running, and a job that queued its successor
+            // first would outlive it (a chain of promise jobs that never ends).
+            loop {
+                if let Some(settled) = promise.result::<String>() {
+                    return settled.catch(&ctx).map_err(|e| (ErrorClass::Failed, describe(&e)));
+                }
+                if self.deadline.timed_out() {
+                    return Err((ErrorClass::Timeout, String::new()));
+                }
+                if !ctx.execute_pending_job() {
+                    return Err((ErrorClass::Failed, "WouldBlock".into()));
+                }
+            }
         });
-        let timed_out = self.timed_out();
-        self.disarm();
+        let timed_out = self.deadline.timed_out();
+        self.deadline.disarm();
         match out {
             Err(_) if timed_out => Err((ErrorClass::Timeout, format!("ran past its {} ms", limits.time_per_call.as_millis()))),
             Err((_, m)) if m.contains("out of memory") => Err((ErrorClass::OutOfMemory, format!("ran out of its {} MiB", limits.memory_bytes >> 20))),
@@ -317,9 +400,8 @@ impl JsFunction {
     /// Load `code` with `fetch` defined over `fetcher` (when given).
     pub fn load_with_fetch(code: &str, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Result<JsFunction, FunctionError> {
         let engine = Engine::build(code, &limits, fetcher.as_ref())?;
-        let defined = |name: &str| engine.context.with(|ctx| ctx.globals().get::<_, Function>(name).is_ok());
-        let has_batch = defined("onBatch");
-        if !has_batch && !HANDLERS.iter().any(|(_, h)| defined(h)) {
+        let has_batch = engine.defines("onBatch");
+        if !has_batch && !HANDLERS.iter().any(|(_, h)| engine.defines(h)) {
             return Err(FunctionError::Load("no handler: define onTrack, onIdentify, onPage, onScreen, onGroup, onAlias or onBatch".into()));
         }
         Ok(JsFunction { code: code.to_owned(), limits, fetcher, engine: Some(engine), has_batch })
@@ -352,7 +434,13 @@ impl JsFunction {
         let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
         let Some((_, handler)) = HANDLERS.iter().find(|(t, _)| *t == kind) else { return FunctionOutcome::Event(event.clone()) };
         match self.call_runner(handler, &event.to_string(), &settings.to_string()) {
-            Ok(answer) => decode(&answer, event),
+            // An array is what `onBatch` returns, not an event.
+            Ok(answer) => match decode(&answer, event) {
+                FunctionOutcome::Event(Value::Array(_)) => {
+                    FunctionOutcome::Error { class: ErrorClass::Failed, message: "the handler returned an array, not an event object".into() }
+                }
+                other => other,
+            },
             Err((class, message)) => FunctionOutcome::Error { class, message },
         }
     }
@@ -446,6 +534,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The red team's ways around the sandbox's bounds (session 15), each ending in its class.
+    #[test]
+    fn promise_floods_getters_and_replaced_globals_do_not_escape_the_bounds() {
+        let limits = Limits { time_per_call: Duration::from_millis(50), ..Limits::default() };
+        // A chain of promise jobs, each queueing the next before the interrupt can stop it.
+        let flood = r#"
+async function onTrack(e) {
+  let tick = 0; const N = 8, beat = new Array(N).fill(0), jobs = [];
+  for (let i = 0; i < N; i++) jobs[i] = () => {
+    queueMicrotask(jobs[i]); beat[i] = ++tick;
+    for (let j = 0; j < N; j++) if (tick - beat[j] > 200) { beat[j] = tick; queueMicrotask(jobs[j]); }
+    for (let k = 0; k < 2000; k++) {}
+  };
+  for (let i = 0; i < N; i++) queueMicrotask(jobs[i]);
+  await new Promise(() => {});
+}
+async function onIdentify(e) { return e; }"#;
+        let mut f = JsFunction::load(flood, limits).unwrap();
+        for _ in 0..3 {
+            let out = f.call(&json!({"type": "track"}), &json!({}));
+            assert!(matches!(&out, FunctionOutcome::Error { class: ErrorClass::Timeout, .. }), "{out:?}");
+            assert!(matches!(f.call(&json!({"type": "identify"}), &json!({})), FunctionOutcome::Event(_)), "the next call is fine");
+        }
+        // A getter on a handler's name runs only inside a call, never unbounded while loading.
+        let getter = r#"Object.defineProperty(globalThis, "onBatch", { get() { while (true) {} } }); async function onTrack(e) { return e; }"#;
+        let mut g = JsFunction::load(getter, limits).unwrap();
+        assert!(matches!(g.call(&json!({"type": "track"}), &json!({})), FunctionOutcome::Event(_)));
+        // Code that loops while loading (only where `fetch` exists) fails to load, in time.
+        let stealth = r#"if (typeof fetch === "function") { while (true) {} } async function onTrack(e) { return e; }"#;
+        let e = JsFunction::load_with_fetch(stealth, limits, Some(Arc::new(FakeFetch))).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("ran past"), "{e}");
+        // Replacing the runner, the classes or instanceof changes no outcome.
+        let tamper = r#"
+globalThis.__sluice_runner = async () => "E[1]";
+try { RetryError = class {}; } catch (_) {}
+Object.defineProperty(Error, Symbol.hasInstance, { value: () => true });
+async function onTrack(e) { if (e.properties.fail) throw new Error("plain"); return [1, 2]; }
+async function onIdentify(e) { throw new RetryError("later"); }"#;
+        let mut t = JsFunction::load(tamper, limits).unwrap();
+        let failed = t.call(&json!({"type": "track", "properties": {"fail": true}}), &json!({}));
+        assert!(matches!(&failed, FunctionOutcome::Error { class: ErrorClass::Failed, message } if message == "plain"), "{failed:?}");
+        let array = t.call(&json!({"type": "track", "properties": {}}), &json!({}));
+        assert!(matches!(&array, FunctionOutcome::Error { class: ErrorClass::Failed, message } if message.contains("array")), "{array:?}");
+        assert!(matches!(t.call(&json!({"type": "identify"}), &json!({})), FunctionOutcome::Error { class: ErrorClass::Retry, .. }));
     }
 
     #[test]

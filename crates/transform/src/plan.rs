@@ -27,18 +27,21 @@ pub const MAX_PATTERNS: usize = 200;
 const PATTERN_CACHE_LIMIT: usize = 128 << 10;
 /// A pattern whose whole (dense) DFA is at most this size is *light*: the
 /// lazy DFA that searches it never fills its cache (see
-/// [`PATTERN_CACHE_LIMIT`]), so it runs in linear time at DFA speed.
-const LIGHT_PATTERN_DFA: usize = 128 << 10;
-/// A *heavy* pattern (its DFA is larger: `\w*a\w{20}` has 2^20 states,
-/// `^.{1,255}$` a few thousand) may thrash that cache and be searched by
-/// the NFA simulation, at ~8 ns per NFA state per byte here. A heavy
-/// pattern's weight is its NFA's states times the bytes it can scan in one
-/// string: [`MAX_STRING_BYTES`], or its longest match when it is anchored at
-/// the start and bounded (`^.{1,255}$`: ~1 KB). A plan's heavy patterns may
-/// weigh this much together: about 100 ms for a 32 KB event, 6 ms for a
-/// 2 KB one, at worst (a red team's 200 heavy patterns took 114-210 ms per
-/// 1.8 KB event).
-pub const MAX_HEAVY_PATTERN_WEIGHT: usize = 400 * MAX_STRING_BYTES;
+/// [`PATTERN_CACHE_LIMIT`]; a lazy DFA state takes ~4× a dense one's
+/// row, so a quarter of the cache), and it runs in linear time at DFA
+/// speed. (The second red team's `a[ab]{10}c`, a 32 KiB dense DFA, thrashed
+/// a 128 KiB cache: 1 s for 199 copies on a 30 KB string.)
+const LIGHT_PATTERN_DFA: usize = PATTERN_CACHE_LIMIT / 4;
+/// A *heavy* pattern (a larger DFA: `a[ab]{10}c`, `\w*a\w{20}`, `^.{1,255}$`)
+/// may thrash the cache and be searched by the NFA simulation, whose work
+/// per byte grows with the pattern's *positions* (its literal characters and
+/// classes, a counted repetition counting its count, a class one whatever
+/// its size): ~13 ns per position per byte here. Its weight is its positions
+/// times the bytes it may scan in one string: [`MAX_STRING_BYTES`], or its
+/// longest match when anchored at the start and bounded (`^.{1,255}$`:
+/// ~1 KB). A plan's heavy patterns may weigh this much together: about
+/// 100 ms for a 32 KB event, 6 ms for a 2 KB one, at worst.
+pub const MAX_HEAVY_PATTERN_WEIGHT: usize = 250 * MAX_STRING_BYTES;
 /// The longest string an event can hold (ingest stores events of at most 32 KB).
 const MAX_STRING_BYTES: usize = 32 << 10;
 /// Most schema nodes one schema may amount to with every `$ref` followed
@@ -219,24 +222,35 @@ struct Cost<'a> {
 /// validator refuses it.
 fn pattern_weight(pattern: &str) -> usize {
     use regex_automata::dfa::dense;
-    use regex_automata::nfa::thompson;
     let Ok(translated) = jsonschema_regex::to_rust_regex(pattern) else { return 0 };
-    let nfa_config = || thompson::Config::new().nfa_size_limit(Some(PATTERN_SIZE_LIMIT));
     let dfa = dense::Builder::new()
         .configure(dense::Config::new().dfa_size_limit(Some(LIGHT_PATTERN_DFA)).determinize_size_limit(Some(4 * LIGHT_PATTERN_DFA)))
-        .thompson(nfa_config())
+        .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(PATTERN_SIZE_LIMIT)))
         .build(&translated);
     if dfa.is_ok() {
         return 0;
     }
-    let Ok(nfa) = thompson::Compiler::new().configure(nfa_config()).build(&translated) else { return 0 };
     let Ok(hir) = regex_automata::util::syntax::parse(&translated) else { return 0 };
     let props = hir.properties();
     let scanned = match props.maximum_len() {
         Some(longest) if props.look_set_prefix().contains(regex_syntax::hir::Look::Start) => longest.min(MAX_STRING_BYTES),
         _ => MAX_STRING_BYTES,
     };
-    nfa.states().len().saturating_mul(scanned.max(1))
+    positions(&hir).saturating_mul(scanned.max(1))
+}
+
+/// A regex's positions: its characters and classes, each counted once per
+/// copy a counted repetition makes (`a{5}` is five, `a*` one).
+fn positions(hir: &regex_syntax::hir::Hir) -> usize {
+    use regex_syntax::hir::HirKind;
+    match hir.kind() {
+        HirKind::Empty | HirKind::Look(_) => 0,
+        HirKind::Literal(lit) => String::from_utf8_lossy(&lit.0).chars().count(),
+        HirKind::Class(_) => 1,
+        HirKind::Repetition(r) => positions(&r.sub).saturating_mul(r.max.unwrap_or(r.min).max(1) as usize),
+        HirKind::Capture(c) => positions(&c.sub),
+        HirKind::Concat(parts) | HirKind::Alternation(parts) => parts.iter().fold(0, |n, p| n.saturating_add(positions(p))),
+    }
 }
 
 fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
@@ -735,16 +749,24 @@ mod tests {
         let Err(e) = patterned("\\w*a\\w{20}\\W{1,50}", 200) else { panic!("200 heavy patterns are refused") };
         let e = e.to_string();
         assert!(e.contains("would make a check slow") && e.contains("maxLength"), "{e}");
-        // Eleven lighter copies fit the weight, twelve do not.
-        assert!(patterned("\\w*a\\w{20}\\W", 11).is_ok());
-        assert!(patterned("\\w*a\\w{20}\\W", 12).is_err());
+        // Ten lighter copies fit the weight, eleven do not.
+        assert!(patterned("\\w*a\\w{20}\\W", 10).is_ok());
+        assert!(patterned("\\w*a\\w{20}\\W", 11).is_err());
+        // The second red team's: a DFA that fits the dense limit four times over but not the lazy cache is heavy.
+        assert!(patterned("a[ab]{10}c", 20).is_ok());
+        assert!(patterned("a[ab]{10}c", 21).is_err());
         // Anchored and bounded: weighed by its longest match, not the longest string.
         assert!(patterned("^.{1,255}$", 5).is_ok());
         // Light patterns (small DFAs) cost nothing against the weight, up to the count limit.
         assert!(patterned("^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", MAX_PATTERNS).is_ok());
         assert!(patterned("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", MAX_PATTERNS).is_ok());
-        // A heavy pattern reached twice through $refs weighs twice.
-        let twice = json!({"track": {"A": {"$defs": {"s": {"pattern": "a.{30}b"}}, "allOf": [{"$ref": "#/$defs/s"}, {"$ref": "#/$defs/s"}]}}});
-        assert!(TrackingPlan::from_json(&twice).is_err(), "a.{{30}}b weighs more than half the budget");
+        assert!(patterned("a[ab]{8}c", MAX_PATTERNS).is_ok());
+        // A heavy pattern weighs once per place it applies, $refs followed (and once where it is defined).
+        let refs = |n: usize| {
+            let all: Vec<Value> = (0..n).map(|_| json!({"$ref": "#/$defs/s"})).collect();
+            TrackingPlan::from_json(&json!({"track": {"A": {"$defs": {"s": {"pattern": "a.{30}b"}}, "allOf": all}}}))
+        };
+        assert!(refs(6).is_ok());
+        assert!(refs(7).is_err(), "eight places of 32 positions × 32 KiB each are over the weight");
     }
 }

@@ -239,7 +239,21 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc
             );
         }
         let loaded = engines.get_mut(&f.id).expect("inserted above");
-        let outcomes = req.events.iter().map(|e| loaded.call(e, &req.settings)).collect();
+        let started = Instant::now();
+        let outcomes = req
+            .events
+            .iter()
+            .map(|e| {
+                if started.elapsed() < limits.time_per_request {
+                    loaded.call(e, &req.settings)
+                } else {
+                    FunctionOutcome::Error {
+                        class: ErrorClass::Timeout,
+                        message: format!("not called: the request's earlier events took its {} ms", limits.time_per_request.as_millis()),
+                    }
+                }
+            })
+            .collect();
         let _ = req.reply.send(outcomes);
     }
 }
@@ -289,6 +303,31 @@ mod tests {
         assert!(matches!(pool.call(Stage::Test, &fine, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
         let fixed = code("loop", 2, "async function onTrack(e) { return e; }");
         assert!(matches!(pool.call(Stage::Test, &fixed, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
+    }
+
+    /// Sleeps 50 ms, answers 200.
+    struct SlowFetch;
+
+    impl Fetch for SlowFetch {
+        fn fetch(&self, _: crate::fetch::FetchRequest) -> Result<crate::fetch::FetchResponse, crate::fetch::FetchFailure> {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok(crate::fetch::FetchResponse { status: 200, headers: Vec::new(), body: String::new() })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_stops_calling_once_its_time_is_spent() {
+        let limits = Limits { time_per_request: std::time::Duration::from_millis(200), ..Limits::default() };
+        let pool = FunctionPool::start(1, limits, Some(Arc::new(SlowFetch)));
+        let slow = code("slow", 1, "async function onTrack(e) { await fetch('http://upstream/'); return e; }");
+        let out = pool.call(Stage::Test, &slow, vec![json!({"type": "track"}); 40], Arc::new(json!({}))).await;
+        let called = out.iter().filter(|o| matches!(o, FunctionOutcome::Event(_))).count();
+        let skipped = out
+            .iter()
+            .filter(|o| matches!(o, FunctionOutcome::Error { class: ErrorClass::Timeout, message } if message.starts_with("not called")))
+            .count();
+        assert_eq!(called + skipped, 40, "{out:?}");
+        assert!(called >= 1 && skipped >= 1, "some were called before the 200 ms were spent, the rest not: {called} / {skipped}");
     }
 
     #[tokio::test]
