@@ -211,6 +211,8 @@ pub struct SinkState {
     received: Mutex<Ring>,
     count: AtomicU64,
     by_path: Mutex<HashMap<String, u64>>,
+    /// Per path: events received (a `{"batch": [...]}` body counts its elements).
+    events_by_path: Mutex<HashMap<String, u64>>,
     /// Per path: requests being answered now, and the most at once.
     concurrency: Mutex<HashMap<String, (u64, u64)>>,
     /// Keep requests (all, or the newest: `Keep`); off, only counts and arrival times by Idempotency-Key are kept.
@@ -224,6 +226,12 @@ impl SinkState {
     /// [`MAX_COUNTED_PATH`]: on all such paths together).
     pub fn path_count(&self, path: &str) -> u64 {
         self.by_path.lock().expect("lock").get(counter_key(path)).copied().unwrap_or(0)
+    }
+
+    /// Events received on `path` so far: one per request, or a batch
+    /// body's elements (a `batch_webhook`'s `{"batch": [...]}`).
+    pub fn event_count(&self, path: &str) -> u64 {
+        self.events_by_path.lock().expect("lock").get(counter_key(path)).copied().unwrap_or(0)
     }
 
     /// The most requests on `path` the sink was answering at once (for a
@@ -338,10 +346,28 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
             by_path.insert(key.to_owned(), 1);
         }
     }
+    // A batch body's events (their messageIds); `None`: one event.
+    let batch = body.starts_with(b"{\"batch\":[").then(|| serde_json::from_slice::<BatchBody>(&body).map(|b| b.batch).unwrap_or_default());
+    {
+        let mut events = state.events_by_path.lock().expect("lock");
+        let key = counter_key(&path);
+        let n = batch.as_ref().map_or(1, Vec::len) as u64;
+        if let Some(c) = events.get_mut(key) {
+            *c += n;
+        } else if events.len() < MAX_PATHS {
+            events.insert(key.to_owned(), n);
+        }
+    }
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
     if state.record_arrivals && !b.hang && (200..300).contains(&b.status) {
-        if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-            state.arrivals.lock().expect("lock").push((k.to_owned(), at));
+        let mut arrivals = state.arrivals.lock().expect("lock");
+        match &batch {
+            Some(events) => arrivals.extend(events.iter().filter_map(|e| e.message_id.clone()).map(|id| (id, at))),
+            None => {
+                if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+                    arrivals.push((k.to_owned(), at));
+                }
+            }
         }
     }
     let answered = (!b.hang).then_some(b.status);
@@ -361,6 +387,18 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
         resp.headers_mut().insert(http::header::RETRY_AFTER, s.into());
     }
     resp
+}
+
+/// What the sink reads of a batch body.
+#[derive(serde::Deserialize)]
+struct BatchBody {
+    batch: Vec<BatchEvent>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchEvent {
+    #[serde(rename = "messageId")]
+    message_id: Option<String>,
 }
 
 /// Counts a request as being answered until dropped (also when the client gives up).

@@ -265,6 +265,14 @@ pub struct E2eBench {
     /// delivered events/s (issue 16).
     #[arg(long, value_name = "rename|FILE", conflicts_with = "plan_schemas")]
     function: Option<String>,
+    /// The destinations' type; several (comma-separated) run one after the
+    /// other in this invocation, each reported against the first (issue 17:
+    /// `webhook,batch_webhook`).
+    #[arg(long, value_delimiter = ',', default_value = "webhook", value_name = "TYPE,…")]
+    destination_type: Vec<String>,
+    /// `batch_webhook`: events per request.
+    #[arg(long, default_value_t = 100)]
+    batch_max_events: usize,
 }
 
 /// The built-in bench function: renames two properties of every track event.
@@ -338,6 +346,21 @@ pub fn bench_e2e(args: E2eBench) -> Result<()> {
         println!("RESULT bench=e2e_function function={function} with={with:.0} without={without:.0} ratio={ratio:.3}");
         return Ok(());
     }
+    if args.destination_type.len() > 1 {
+        let mut figures = Vec::new();
+        for kind in &args.destination_type {
+            println!("--- destinations of type {kind} ---");
+            let one = E2eBench { destination_type: vec![kind.clone()], ..args.clone() };
+            figures.push((kind.clone(), e2e_once(&one, Setup::Nothing)?));
+        }
+        let (first, floor) = figures[0].clone();
+        for (kind, rate) in &figures[1..] {
+            let ratio = rate / floor.max(1.0);
+            println!("{kind}: {rate:.0} events/s delivered against {first}'s {floor:.0}: ratio {ratio:.2}");
+            println!("RESULT bench=e2e_type type={kind} rate={rate:.0} {first}={floor:.0} ratio={ratio:.3}");
+        }
+        return Ok(());
+    }
     if args.plan_schemas == 0 {
         return e2e_once(&args, Setup::Nothing).map(drop);
     }
@@ -398,18 +421,23 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         bail!("--kafka-option needs --kafka");
     }
     println!(
-        "mode: log {}{}, JobDBs {}, Tracking API {}",
+        "mode: log {}{}, JobDBs {}, Tracking API {}, destinations {}",
         args.kafka.as_deref().map_or("embedded".to_owned(), |b| format!("Kafka at {b}")),
         if args.kafka_options.is_empty() { String::new() } else { format!(" ({})", args.kafka_options.join(", ")) },
         args.jobdb_url.as_deref().map_or("SQLite".to_owned(), |u| u.split('@').next_back().unwrap_or(u).to_owned()),
-        if args.tls_cert.is_some() { "over HTTPS" } else { "over HTTP" }
+        if args.tls_cert.is_some() { "over HTTPS" } else { "over HTTP" },
+        args.destination_type.first().map_or("webhook", String::as_str)
     );
     for s in 0..args.sources {
         toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"wk{s}\"\n"));
     }
     let dests: Vec<String> = (0..args.destinations).map(|d| format!("d{d}")).collect();
+    let kind = args.destination_type.first().map_or("webhook", String::as_str);
     for d in &dests {
-        toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\nurl = \"{}\"\nsecret = \"bench\"\n", sink.url(&format!("/{d}"))));
+        toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"{kind}\"\nurl = \"{}\"\nsecret = \"bench\"\n", sink.url(&format!("/{d}"))));
+        if kind == "batch_webhook" {
+            toml.push_str(&format!("batch_max_events = {}\nbatch_max_age = \"100ms\"\n", args.batch_max_events));
+        }
     }
     for s in 0..args.sources {
         let to: Vec<&String> = if args.one_each { vec![&dests[s % dests.len()]] } else { dests.iter().collect() };
@@ -595,7 +623,7 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
                 } else {
                     // Closed loop: wait while the healthy destinations lag too far behind.
                     let behind = || {
-                        let delivered: u64 = healthy_paths.iter().map(|p| sink_state.path_count(p)).sum();
+                        let delivered: u64 = healthy_paths.iter().map(|p| sink_state.event_count(p)).sum();
                         expected_healthy(&args, acked.load(Ordering::Relaxed)).saturating_sub(delivered)
                     };
                     while behind() > args.max_backlog && Instant::now() < stop_at {
@@ -639,9 +667,9 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let acked_before = acked.load(Ordering::Relaxed);
     let sink_before = sink.count();
     let healthy_path = format!("/d{}", args.down);
-    let healthy_before = sink.state.path_count(&healthy_path);
+    let healthy_before = sink.state.event_count(&healthy_path);
     let healthy_paths: Vec<String> = (args.down..args.destinations).map(|d| format!("/d{d}")).collect();
-    let per_path_before: Vec<u64> = healthy_paths.iter().map(|p| sink.state.path_count(p)).collect();
+    let per_path_before: Vec<u64> = healthy_paths.iter().map(|p| sink.state.event_count(p)).collect();
     let mut rss_peak: f64 = 0.0;
     let cpu_before = cpu_ticks(pid);
     while Instant::now() < stop_at {
@@ -651,9 +679,9 @@ async fn e2e_load(args: &E2eBench, addr: std::net::SocketAddr, sink: &Sink, pid:
     let cpu_after = cpu_ticks(pid);
     let acked_in_window = acked.load(Ordering::Relaxed) - acked_before;
     let delivered_in_window = sink.count() - sink_before;
-    let healthy_in_window = sink.state.path_count(&healthy_path) - healthy_before;
+    let healthy_in_window = sink.state.event_count(&healthy_path) - healthy_before;
     let per_path: Vec<f64> =
-        healthy_paths.iter().zip(&per_path_before).map(|(p, before)| (sink.state.path_count(p) - before) as f64 / window.as_secs_f64()).collect();
+        healthy_paths.iter().zip(&per_path_before).map(|(p, before)| (sink.state.event_count(p) - before) as f64 / window.as_secs_f64()).collect();
     for t in tasks {
         t.await??;
     }

@@ -26,7 +26,11 @@ fn events_on(sink: &TestSink, path: &str) -> HashMap<String, usize> {
 }
 
 fn wait_all(sink: &TestSink, path: &str, n: usize) {
-    wait_for(Duration::from_secs(60), || (events_on(sink, path).len() >= n).then_some(()), || format!("{} of {n} events at {path}", events_on(sink, path).len()));
+    wait_for(
+        Duration::from_secs(60),
+        || (events_on(sink, path).len() >= n).then_some(()),
+        || format!("{} of {n} events at {path}", events_on(sink, path).len()),
+    );
 }
 
 fn batch_sizes(requests: &[Received]) -> Vec<usize> {
