@@ -119,6 +119,11 @@ struct DestQueue {
 }
 
 impl DestQueue {
+    /// The job [`DestQueue::next_ready`] would give.
+    fn front(&self) -> Option<Ksuid> {
+        self.ring.front().and_then(|source| self.pairs.get(source)).and_then(|pair| pair.front().copied())
+    }
+
     /// The next ready job, the pairs taking turns one job each.
     fn next_ready(&mut self) -> Option<Ksuid> {
         let source = self.ring.pop_front()?;
@@ -695,6 +700,12 @@ impl Director {
                 wake(q.since + batch.expect("a batch destination").max_age);
             }
             while due && sent < quantum && dispatched < MAX_DISPATCH && q.ready > 0 {
+                // Expired jobs go to the archive whether or not the destination can take a request (paused, say).
+                if let Some(id) = q.front().filter(|id| self.jobs.get(id).expect("queued job").expires_at <= now_ms) {
+                    q.next_ready();
+                    expired.push(id);
+                    continue;
+                }
                 let permit = match q.dest.try_acquire(now) {
                     Ok(permit) => permit,
                     Err(Blocked::Until(t)) => {

@@ -949,14 +949,7 @@ impl Api {
             .iter()
             .map(|(id, name, props)| serde_json::json!({"type": "track", "messageId": id, "userId": "u1", "event": name, "properties": props}))
             .collect();
-        let resp = self
-            .http
-            .post(format!("http://{}/v1/batch", self.api))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&serde_json::json!({"batch": batch}))
-            .send()
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
+        self.send_raw(&batch);
     }
 
     /// Send these events as one batch; acknowledged.
