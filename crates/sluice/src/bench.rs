@@ -37,7 +37,7 @@ pub enum BenchCommand {
     /// Centrifuge deliveries/s to a local sink across many pairs, with a bare-HTTP-client floor.
     Deliver(crate::bench_deliver::DeliverBench),
     /// `sluice serve` end to end: events/s and ack → sink latency; destinations down on demand.
-    E2e(crate::bench_deliver::E2eBench),
+    E2e(Box<crate::bench_deliver::E2eBench>),
     /// Dropping a JobDB file against DELETE of the same rows.
     Cleanup(crate::bench_deliver::CleanupBench),
     /// A `sluice serve` process under legitimate load, clean and then with
@@ -101,7 +101,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ingest(args) => bench_ingest(args),
         BenchCommand::Dedup(args) => crate::bench_dedup::bench_dedup(args),
         BenchCommand::Deliver(args) => crate::bench_deliver::bench_deliver(args),
-        BenchCommand::E2e(args) => crate::bench_deliver::bench_e2e(args),
+        BenchCommand::E2e(args) => crate::bench_deliver::bench_e2e(*args),
         BenchCommand::Cleanup(args) => crate::bench_deliver::bench_cleanup(args),
         BenchCommand::Hostile(args) => crate::bench_hostile::bench_hostile(args),
         BenchCommand::Router(args) => crate::bench_router::bench_router(args),

@@ -135,7 +135,8 @@ const MAX_MESSAGE: usize = 500;
 const PRELUDE: &str = r#"
 (() => {
   const G = globalThis, parse = JSON.parse, stringify = JSON.stringify, getProto = Object.getPrototypeOf,
-    freeze = Object.freeze, own = Object.getOwnPropertyDescriptor, define = Object.defineProperty, toText = String;
+    freeze = Object.freeze, own = Object.getOwnPropertyDescriptor, define = Object.defineProperty, toText = String,
+    hasOwn = Object.hasOwn;
   class DropEvent extends Error { constructor(m) { super(m); this.name = "DropEvent"; } }
   class RetryError extends Error { constructor(m) { super(m); this.name = "RetryError"; } }
   class ValidationError extends Error { constructor(m) { super(m); this.name = "ValidationError"; } }
@@ -171,7 +172,7 @@ const PRELUDE: &str = r#"
       return "X" + stringify({ class: classOf(e), message: messageOf(e) });
     }
   };
-  const defined = (name) => { const d = own(G, name); return d !== undefined && typeof d.value === "function"; };
+  const defined = (name) => { const d = own(G, name); return d !== undefined && hasOwn(d, "value") && typeof d.value === "function"; };
   return [runner, defined];
 })()
 "#;
@@ -327,13 +328,18 @@ impl Engine {
 
     /// Whether the code defines a handler `name` (an own data property of
     /// the globals holding a function: no getter runs).
-    fn defines(&self, name: &str) -> bool {
-        self.context
+    fn defines(&self, name: &str, limits: &Limits) -> bool {
+        // Bounded like a call: the code may have changed what the lookup touches.
+        self.deadline.arm(limits.time_per_call);
+        let defined = self
+            .context
             .with(|ctx| {
                 let defined = self.defined.clone().restore(&ctx).ok()?;
                 defined.call::<_, bool>((name,)).ok()
             })
-            .unwrap_or(false)
+            .unwrap_or(false);
+        self.deadline.disarm();
+        defined
     }
 
     /// Run `handler` on one JSON argument; the runner's answer (see PRELUDE), or how it broke.
@@ -400,8 +406,8 @@ impl JsFunction {
     /// Load `code` with `fetch` defined over `fetcher` (when given).
     pub fn load_with_fetch(code: &str, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Result<JsFunction, FunctionError> {
         let engine = Engine::build(code, &limits, fetcher.as_ref())?;
-        let has_batch = engine.defines("onBatch");
-        if !has_batch && !HANDLERS.iter().any(|(_, h)| engine.defines(h)) {
+        let has_batch = engine.defines("onBatch", &limits);
+        if !has_batch && !HANDLERS.iter().any(|(_, h)| engine.defines(h, &limits)) {
             return Err(FunctionError::Load("no handler: define onTrack, onIdentify, onPage, onScreen, onGroup, onAlias or onBatch".into()));
         }
         Ok(JsFunction { code: code.to_owned(), limits, fetcher, engine: Some(engine), has_batch })
@@ -563,6 +569,12 @@ async function onIdentify(e) { return e; }"#;
         let getter = r#"Object.defineProperty(globalThis, "onBatch", { get() { while (true) {} } }); async function onTrack(e) { return e; }"#;
         let mut g = JsFunction::load(getter, limits).unwrap();
         assert!(matches!(g.call(&json!({"type": "track"}), &json!({})), FunctionOutcome::Event(_)));
+        // A getter on Object.prototype's `value` does not run in the handler lookup (and would be bounded).
+        let proto = r#"Object.defineProperty(globalThis, "onBatch", { get() { return undefined; } });
+Object.defineProperty(Object.prototype, "value", { get() { while (true) {} } });
+async function onTrack(e) { return e; }"#;
+        let p = JsFunction::load(proto, limits);
+        assert!(p.as_ref().is_ok_and(|p| !p.has_batch()), "{:?}", p.as_ref().err());
         // Code that loops while loading (only where `fetch` exists) fails to load, in time.
         let stealth = r#"if (typeof fetch === "function") { while (true) {} } async function onTrack(e) { return e; }"#;
         let e = JsFunction::load_with_fetch(stealth, limits, Some(Arc::new(FakeFetch))).err().map(|e| e.to_string()).unwrap_or_default();

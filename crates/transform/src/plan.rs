@@ -48,6 +48,20 @@ const MAX_STRING_BYTES: usize = 32 << 10;
 /// in place: bounds the work of a check (a chain of `$ref`s that each
 /// doubles would otherwise cost 2^n per event).
 pub const MAX_EXPANDED_NODES: usize = 5_000;
+/// The values one event can hold, at most (32 KB stored, two bytes each):
+/// what a schema under `items`, `additionalProperties`, `patternProperties`
+/// and the like may be applied to.
+const MAX_EVENT_VALUES: usize = 16 << 10;
+/// The work one schema's check may amount to: its nodes (and each `enum`
+/// or `const` value), a node that applies to an array's items or an
+/// object's other properties counting [`MAX_EVENT_VALUES`] times. ~20 ns a
+/// unit here: about 40 ms per check at worst. (The second red team's
+/// `items: {anyOf: [4000 consts]}` took 8-16 s and ~18 GB per 30 KB event.)
+pub const MAX_CHECK_WORK: usize = 2_000_000;
+/// Nodes under repeating keywords beyond which a check reports only the
+/// first violation: every failing node of every value makes an error
+/// (an `anyOf` keeps each branch's), all held at once by the validator.
+const MAX_REPEATED_NODES_FOR_ALL_ERRORS: usize = 4;
 
 /// What happens to an event with a kind of violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -191,12 +205,12 @@ impl Verdict {
 /// A compiled plan.
 pub struct TrackingPlan {
     pub doc: PlanDoc,
-    common: Option<Validator>,
-    track: BTreeMap<String, Validator>,
-    identify: Option<Validator>,
-    group: Option<Validator>,
-    page: Option<Validator>,
-    screen: Option<Validator>,
+    common: Option<Schema>,
+    track: BTreeMap<String, Schema>,
+    identify: Option<Schema>,
+    group: Option<Schema>,
+    page: Option<Schema>,
+    screen: Option<Schema>,
 }
 
 impl std::fmt::Debug for TrackingPlan {
@@ -212,6 +226,9 @@ impl std::fmt::Debug for TrackingPlan {
 /// not a JSON pointer, and more than [`MAX_EXPANDED_NODES`] nodes.
 struct Cost<'a> {
     nodes: usize,
+    /// Nodes (and enum/const values) that apply once, and those under a repeating keyword.
+    work_once: usize,
+    work_repeated: usize,
     /// Every `pattern` and `patternProperties` key, once per place it applies.
     patterns: Vec<&'a str>,
 }
@@ -256,6 +273,17 @@ fn positions(hir: &regex_syntax::hir::Hir) -> usize {
 fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
     /// Keywords whose value maps names to schemas (each value is a schema, whatever its name).
     const SCHEMA_MAPS: &[&str] = &["properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"];
+    /// Keywords whose schemas apply to many values of one event (each item, each other property, each name).
+    const REPEATING: &[&str] = &[
+        "items",
+        "additionalItems",
+        "contains",
+        "additionalProperties",
+        "patternProperties",
+        "propertyNames",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    ];
     /// Keywords whose value is data, never a schema (only a `$ref` can make a schema of it).
     const DATA: &[&str] = &["const", "enum", "examples", "default", "required", "$comment", "title", "description"];
 
@@ -264,6 +292,8 @@ fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
         /// The `$ref` targets being expanded (by address: two spellings of one place are one place).
         refs: Vec<*const Value>,
         cost: Cost<'a>,
+        /// How many repeating keywords the walk is under.
+        repeated: usize,
     }
 
     impl<'a> Walk<'a> {
@@ -282,6 +312,12 @@ fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
             }
             let Value::Object(obj) = node else { return Ok(()) };
             self.cost.nodes += 1;
+            let data = obj.get("enum").and_then(Value::as_array).map_or(0, Vec::len) + usize::from(obj.contains_key("const"));
+            if self.repeated > 0 {
+                self.cost.work_repeated += 1 + data;
+            } else {
+                self.cost.work_once += 1 + data;
+            }
             if self.cost.nodes > MAX_EXPANDED_NODES {
                 return Err(format!("more than {MAX_EXPANDED_NODES} schema nodes once its $refs are followed: a check of it would be slow"));
             }
@@ -321,23 +357,26 @@ fn expanded_cost(root: &Value) -> Result<Cost<'_>, String> {
                 self.refs.pop();
             }
             for (key, v) in obj {
-                match key.as_str() {
-                    "$ref" => {}
-                    k if SCHEMA_MAPS.contains(&k) => {
-                        if let Value::Object(map) = v {
-                            map.values().try_for_each(|s| self.any(s, depth + 1))?;
-                        }
-                    }
-                    k if DATA.contains(&k) => {}
+                let repeats = REPEATING.contains(&key.as_str());
+                self.repeated += usize::from(repeats);
+                let walked = match key.as_str() {
+                    "$ref" => Ok(()),
+                    k if SCHEMA_MAPS.contains(&k) => match v {
+                        Value::Object(map) => map.values().try_for_each(|s| self.any(s, depth + 1)),
+                        _ => Ok(()),
+                    },
+                    k if DATA.contains(&k) => Ok(()),
                     // Every other keyword's value is walked as (possibly) schemas: counting too much is safe.
-                    _ => self.any(v, depth + 1)?,
-                }
+                    _ => self.any(v, depth + 1),
+                };
+                self.repeated -= usize::from(repeats);
+                walked?;
             }
             Ok(())
         }
     }
 
-    let mut walk = Walk { root, refs: Vec::new(), cost: Cost { nodes: 0, patterns: Vec::new() } };
+    let mut walk = Walk { root, refs: Vec::new(), cost: Cost { nodes: 0, work_once: 0, work_repeated: 0, patterns: Vec::new() }, repeated: 0 };
     walk.any(root, 0)?;
     Ok(walk.cost)
 }
@@ -362,11 +401,24 @@ fn percent_decoded(fragment: &str) -> Option<String> {
 
 /// Compile one schema of a plan; `patterns` counts the plan's patterns so
 /// far, `heavy` its heavy patterns' NFA states (and the first heavy one).
-fn compile_schema(at: &str, schema: &Value, patterns: &mut usize, heavy: &mut (usize, Option<String>)) -> Result<Validator, PlanError> {
+fn compile_schema(at: &str, schema: &Value, patterns: &mut usize, heavy: &mut (usize, Option<String>)) -> Result<Schema, PlanError> {
     if !schema.is_object() && !schema.is_boolean() {
         return Err(PlanError::Schema { at: at.to_owned(), problem: "a schema is a JSON object (or true/false)".into() });
     }
     let cost = expanded_cost(schema).map_err(|problem| PlanError::Schema { at: at.to_owned(), problem })?;
+    let work = cost.work_once.saturating_add(cost.work_repeated.saturating_mul(MAX_EVENT_VALUES));
+    if work > MAX_CHECK_WORK {
+        return Err(PlanError::Schema {
+            at: at.to_owned(),
+            problem: format!(
+                "a check of it could cost {work} units of work, at most {MAX_CHECK_WORK}: each node (and enum value) under items, \
+                 additionalProperties or patternProperties counts once per value an event may hold ({MAX_EVENT_VALUES}); \
+                 {} such nodes here",
+                cost.work_repeated
+            ),
+        });
+    }
+    let all_errors = cost.work_repeated <= MAX_REPEATED_NODES_FOR_ALL_ERRORS;
     *patterns += cost.patterns.len();
     if *patterns > MAX_PATTERNS {
         return Err(PlanError::Limit(format!("a plan holds at most {MAX_PATTERNS} patterns")));
@@ -393,7 +445,30 @@ fn compile_schema(at: &str, schema: &Value, patterns: &mut usize, heavy: &mut (u
         .offline()
         .with_pattern_options(PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT).dfa_size_limit(PATTERN_CACHE_LIMIT))
         .build(schema)
+        .map(|validator| Schema { validator, all_errors })
         .map_err(|e| PlanError::Schema { at: at.to_owned(), problem: cut(&e.to_string()) })
+}
+
+/// A compiled schema of a plan.
+struct Schema {
+    validator: Validator,
+    /// Whether a check lists every violation (up to [`MAX_VIOLATIONS`]) or
+    /// only the first (see [`MAX_REPEATED_NODES_FOR_ALL_ERRORS`]).
+    all_errors: bool,
+}
+
+impl Schema {
+    /// Up to `room` violations of `event`; none (and no allocation) when it is valid.
+    fn errors<'a>(&'a self, event: &'a Value, room: usize) -> Vec<jsonschema::ValidationError<'a>> {
+        if room == 0 || self.validator.is_valid(event) {
+            return Vec::new();
+        }
+        if self.all_errors {
+            self.validator.iter_errors(event).take(room).collect()
+        } else {
+            self.validator.validate(event).err().into_iter().collect()
+        }
+    }
 }
 
 fn cut(s: &str) -> String {
@@ -480,7 +555,7 @@ impl TrackingPlan {
         }
         for v in [specific, self.common.as_ref()].into_iter().flatten() {
             let room = MAX_VIOLATIONS.saturating_sub(violations.len());
-            for e in v.iter_errors(event).take(room) {
+            for e in v.errors(event, room) {
                 let at = dotted(e.instance_path().as_str());
                 let (violation_type, field, description) = match e.kind() {
                     ValidationErrorKind::Required { property } => {
@@ -702,7 +777,7 @@ mod tests {
         let many: Map<String, Value> = (0..=MAX_PATTERNS).map(|i| (format!("p{i}"), json!({"pattern": "^a"}))).collect();
         let e = TrackingPlan::from_json(&json!({"track": {"A": {"properties": many}}})).unwrap_err().to_string();
         assert!(e.contains("patterns"), "{e}");
-        let hidden = json!({"track": {"A": {"properties": {"default": {"patternProperties": many.clone()}}}}});
+        let hidden = json!({"track": {"A": {"properties": {"default": {"properties": many.clone()}}}}});
         let e = TrackingPlan::from_json(&hidden).unwrap_err().to_string();
         assert!(e.contains("patterns"), "a schema under a property named default is walked too: {e}");
         // Shared, non-recursive $defs are fine.
@@ -735,6 +810,36 @@ mod tests {
         let v = plan.check(&track("A", json!({"x": format!("{}!", "a".repeat(50_000))})));
         assert_eq!(v.violations.len(), 1);
         assert_eq!(v.violations[0].field, "properties.x");
+    }
+
+    #[test]
+    fn the_work_of_a_check_is_bounded_and_big_repeated_schemas_report_one_violation() {
+        // The second red team's: 4000 branches applied to every item of an array.
+        let branches: Vec<Value> = (0..4000).map(|i| json!({"const": format!("zz{i}")})).collect();
+        let e =
+            TrackingPlan::from_json(&json!({"track": {"A": {"properties": {"properties": {"properties": {"a": {"items": {"anyOf": branches}}}}}}}}))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        assert!(e.contains("units of work"), "{e}");
+        // So is a long enum under additionalProperties; the same enum on one property is fine.
+        let values: Vec<Value> = (0..500).map(|i| json!(format!("v{i}"))).collect();
+        assert!(TrackingPlan::from_json(&json!({"track": {"A": {"additionalProperties": {"enum": values.clone()}}}})).is_err());
+        assert!(TrackingPlan::from_json(&json!({"track": {"A": {"properties": {"plan": {"enum": values}}}}})).is_ok());
+        // An array of products (Segment's e-commerce spec) fits; a small repeated schema lists every violation, a larger one the first.
+        let product = json!({"type": "object", "required": ["product_id"], "properties": {
+            "product_id": {"type": "string"}, "sku": {"type": "string"}, "name": {"type": "string"}, "price": {"type": "number"},
+            "quantity": {"type": "integer"}, "category": {"type": "string"}, "url": {"type": "string"}}});
+        let plan = TrackingPlan::from_json(&json!({"invalid": "flag", "track": {"Order Completed": {"properties": {"properties": {"properties": {
+            "products": {"items": product}, "tags": {"items": {"type": "string"}}}}}}}}))
+        .unwrap();
+        let event = json!({"type": "track", "event": "Order Completed", "properties": {"products": [{}, {}, {}], "tags": [1, 2, 3]}});
+        let v = plan.check(&event);
+        assert_eq!(v.violations.len(), 1, "the products schema is large: its first violation only: {:?}", v.violations);
+        let tags = TrackingPlan::from_json(&json!({"invalid": "flag", "track": {"Order Completed": {"properties": {"properties": {"properties": {
+            "tags": {"items": {"type": "string"}}}}}}}}))
+        .unwrap();
+        assert_eq!(tags.check(&event).violations.len(), 3, "a small repeated schema lists each item's violation");
     }
 
     /// A plan of `n` copies of `pattern` (each on its own property).

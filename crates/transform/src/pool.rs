@@ -70,9 +70,50 @@ struct Request {
     reply: oneshot::Sender<Vec<FunctionOutcome>>,
 }
 
+/// One function thread slot, as the pool reaches it.
+struct Worker {
+    name: String,
+    /// Replaced, with a new thread, when its thread is stuck.
+    current: std::sync::Mutex<WorkerThread>,
+}
+
+/// The thread in a slot: its queue, what it runs (function id and version), its Linux thread id.
+struct WorkerThread {
+    queue: mpsc::Sender<Request>,
+    running: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    tid: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl WorkerThread {
+    fn start(name: &str, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> WorkerThread {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (running, tid) = (Arc::new(std::sync::Mutex::new(None)), Arc::new(std::sync::atomic::AtomicI32::new(0)));
+        let thread = Thread { running: running.clone(), tid: tid.clone() };
+        std::thread::Builder::new().name(name.to_owned()).spawn(move || serve(rx, limits, fetcher, thread)).expect("spawn a function thread");
+        WorkerThread { queue: tx, running, tid }
+    }
+}
+
+/// What a function thread tells the pool about itself.
+struct Thread {
+    running: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    tid: Arc<std::sync::atomic::AtomicI32>,
+}
+
 /// The function threads of this process.
+///
+/// A thread stuck in the engine's native code (QuickJS's `indexOf` is
+/// quadratic and does not look at the interrupt: a call can hold a thread
+/// for hours) is given up: a request that gets no answer within
+/// [`FunctionPool::stuck_after`] ends `Timeout`, the version it was running
+/// is stopped in this process (its calls end `Timeout` at once until
+/// another version is deployed), the stuck thread is set to the lowest CPU
+/// priority and left to finish, and a new thread takes its place.
 pub struct FunctionPool {
-    queues: Vec<mpsc::Sender<Request>>,
+    workers: Vec<Worker>,
+    fetcher: Option<Arc<dyn Fetch>>,
+    /// Versions that got a thread stuck.
+    stopped: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     next: AtomicUsize,
     limits: Limits,
     calls: Family<Vec<(&'static str, String)>, Counter>,
@@ -85,15 +126,16 @@ impl FunctionPool {
     /// Start `threads` function threads with `limits` for every call, and
     /// `fetch` defined over `fetcher` (when given).
     pub fn start(threads: usize, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) -> Arc<FunctionPool> {
-        let mut queues = Vec::new();
-        for i in 0..threads.max(1) {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let fetcher = fetcher.clone();
-            std::thread::Builder::new().name(format!("sluice-fn-{i}")).spawn(move || serve(rx, limits, fetcher)).expect("spawn a function thread");
-            queues.push(tx);
-        }
+        let workers = (0..threads.max(1))
+            .map(|i| {
+                let name = format!("sluice-fn-{i}");
+                Worker { current: std::sync::Mutex::new(WorkerThread::start(&name, limits, fetcher.clone())), name }
+            })
+            .collect();
         Arc::new(FunctionPool {
-            queues,
+            workers,
+            fetcher,
+            stopped: std::sync::Mutex::new(std::collections::HashSet::new()),
             next: AtomicUsize::new(0),
             limits,
             calls: Family::default(),
@@ -108,7 +150,7 @@ impl FunctionPool {
             fresh = true;
             FunctionPool::start(threads, limits, fetcher)
         });
-        if !fresh && (pool.queues.len() != threads.max(1) || pool.limits.time_per_call != limits.time_per_call) {
+        if !fresh && (pool.workers.len() != threads.max(1) || pool.limits.time_per_call != limits.time_per_call) {
             tracing::debug!("the function pool was configured before; its first settings stay");
         }
         pool.clone()
@@ -130,11 +172,31 @@ impl FunctionPool {
             return Vec::new();
         }
         let started = Instant::now();
-        let queue = &self.queues[self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len()];
+        if self.stopped.lock().expect("stopped lock").contains(&(function.id.clone(), function.version)) {
+            return (0..n)
+                .map(|_| FunctionOutcome::Error {
+                    class: ErrorClass::Timeout,
+                    message: format!("not called: version {} got a function thread stuck; deploy another version", function.version),
+                })
+                .collect();
+        }
+        let worker = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
+        let queue = worker.current.lock().expect("worker lock").queue.clone();
         let (reply, answer) = oneshot::channel();
         let request = Request { function: function.clone(), events, settings, reply };
         let outcomes = match queue.send(request).await {
-            Ok(()) => answer.await.unwrap_or_else(|_| stopped(n)),
+            Ok(()) => match tokio::time::timeout(self.stuck_after(), answer).await {
+                Ok(answer) => answer.unwrap_or_else(|_| stopped(n)),
+                Err(_) => {
+                    self.give_up(worker, &queue);
+                    (0..n)
+                        .map(|_| FunctionOutcome::Error {
+                            class: ErrorClass::Timeout,
+                            message: format!("no answer from the function thread in {} s", self.stuck_after().as_secs()),
+                        })
+                        .collect()
+                }
+            },
             Err(_) => stopped(n),
         };
         self.seconds.get_or_create(&vec![("stage", stage.as_str())]).observe(started.elapsed().as_secs_f64());
@@ -149,6 +211,29 @@ impl FunctionPool {
                 .inc();
         }
         outcomes
+    }
+
+    /// How long a request may go unanswered before its thread is given up:
+    /// longer than any request can take when the interrupt works (its
+    /// budget, one more call, and that call's `fetch` waiting).
+    pub fn stuck_after(&self) -> std::time::Duration {
+        self.limits.time_per_request + self.limits.time_per_call + crate::fetch::FETCH_TIMEOUT + std::time::Duration::from_secs(2)
+    }
+
+    /// Give up `worker`'s thread (once: a caller whose request queued
+    /// behind the stuck one finds the thread already replaced).
+    fn give_up(&self, worker: &Worker, queue: &mpsc::Sender<Request>) {
+        let mut current = worker.current.lock().expect("worker lock");
+        if !current.queue.same_channel(queue) {
+            return;
+        }
+        let running = current.running.lock().expect("running lock").clone();
+        if let Some(key) = &running {
+            self.stopped.lock().expect("stopped lock").insert(key.clone());
+        }
+        lowest_priority(current.tid.load(Ordering::Relaxed));
+        tracing::error!(thread = %worker.name, function = ?running, "a function thread is stuck in native code: that version is stopped in this process, the thread is replaced");
+        *current = WorkerThread::start(&worker.name, self.limits, self.fetcher.clone());
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -215,11 +300,31 @@ const TIMEOUTS_BEFORE_PAUSE: u32 = 5;
 /// functions on the thread keep running.
 const PAUSE_AFTER_TIMEOUTS: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// This thread's Linux id.
+#[allow(unsafe_code)] // one libc call, SAFETY below
+fn thread_id() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Set thread `tid` to the lowest CPU priority (a stuck thread left to finish its native loop).
+#[allow(unsafe_code)] // one libc call, SAFETY below
+fn lowest_priority(tid: i32) {
+    if tid > 0 {
+        // SAFETY: setpriority only reads its arguments; a thread that is gone makes it fail, harmlessly.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
+}
+
 /// One function thread: engines by function id, each at one version.
-fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc<dyn Fetch>>) {
+fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc<dyn Fetch>>, thread: Thread) {
+    thread.tid.store(thread_id(), Ordering::Relaxed);
     let mut engines: HashMap<String, Loaded> = HashMap::new();
     while let Some(req) = queue.blocking_recv() {
         let f = &req.function;
+        *thread.running.lock().expect("running lock") = Some((f.id.clone(), f.version));
         // Versions are never changed, but a deleted function's id may come back with other code.
         let current = match engines.get_mut(&f.id) {
             Some(l) if l.version == f.version && (Arc::ptr_eq(&l.code, &f.code) || *l.code == *f.code) => {
@@ -254,6 +359,7 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc
                 }
             })
             .collect();
+        *thread.running.lock().expect("running lock") = None;
         let _ = req.reply.send(outcomes);
     }
 }
@@ -328,6 +434,31 @@ mod tests {
             .count();
         assert_eq!(called + skipped, 40, "{out:?}");
         assert!(called >= 1 && skipped >= 1, "some were called before the 200 ms were spent, the rest not: {called} / {skipped}");
+    }
+
+    #[tokio::test]
+    async fn a_thread_stuck_in_native_code_is_replaced_and_its_version_stopped() {
+        // QuickJS's indexOf is quadratic and never looks at the interrupt: ~40 s here at n = 300,000.
+        let limits = Limits {
+            time_per_call: std::time::Duration::from_millis(20),
+            time_per_request: std::time::Duration::from_millis(20),
+            ..Limits::default()
+        };
+        let pool = FunctionPool::start(1, limits, None);
+        let stuck =
+            code("stuck", 1, "async function onTrack(e) { const h = 'a'.repeat(300000); e.i = h.indexOf('a'.repeat(150000) + 'b'); return e; }");
+        let out = pool.call(Stage::Test, &stuck, vec![json!({"type": "track"})], Arc::new(json!({}))).await;
+        assert!(matches!(&out[0], FunctionOutcome::Error { class: ErrorClass::Timeout, message } if message.starts_with("no answer")), "{out:?}");
+        // The version is stopped without calling it; the replacement thread runs the others.
+        let again = pool.call(Stage::Test, &stuck, vec![json!({"type": "track"})], Arc::new(json!({}))).await;
+        assert!(
+            matches!(&again[0], FunctionOutcome::Error { class: ErrorClass::Timeout, message } if message.starts_with("not called")),
+            "{again:?}"
+        );
+        let fine = code("fine", 1, "async function onTrack(e) { e.ok = true; return e; }");
+        assert!(
+            matches!(&pool.call(Stage::Test, &fine, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(e) if e["ok"] == true)
+        );
     }
 
     #[tokio::test]
