@@ -93,7 +93,7 @@ async fn a_created_source_is_listed_and_accepted_by_the_tracking_api_at_once() {
 
     let list = f.call("GET", "/api/sources", None).await;
     let app = list.json.as_array().unwrap().iter().find(|s| s["id"] == "app").expect("app listed").clone();
-    assert_eq!(app, json!({"id": "app", "write_key": key, "rate_limit": 50, "rate_burst": null, "disabled": false}));
+    assert_eq!(app, json!({"id": "app", "write_key": key, "rate_limit": 50, "rate_burst": null, "disabled": false, "function": null}));
 
     // The same id, or another source's write key, is refused.
     let again = f.call("POST", "/api/sources", Some(json!({"id": "app"}))).await;

@@ -80,7 +80,7 @@ struct Worker {
 /// The thread in a slot: its queue, what it runs (function id and version), its Linux thread id.
 struct WorkerThread {
     queue: mpsc::Sender<Request>,
-    running: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    running: Arc<std::sync::Mutex<Option<(String, i64, Instant)>>>,
     tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
@@ -96,7 +96,7 @@ impl WorkerThread {
 
 /// What a function thread tells the pool about itself.
 struct Thread {
-    running: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    running: Arc<std::sync::Mutex<Option<(String, i64, Instant)>>>,
     tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
@@ -104,8 +104,9 @@ struct Thread {
 ///
 /// A thread stuck in the engine's native code (QuickJS's `indexOf` is
 /// quadratic and does not look at the interrupt: a call can hold a thread
-/// for hours) is given up: a request that gets no answer within
-/// [`FunctionPool::stuck_after`] ends `Timeout`, the version it was running
+/// for hours) is given up: when a thread has run one request for longer
+/// than [`FunctionPool::stuck_after`], the requests waiting on it end
+/// `Timeout`, the version it was running
 /// is stopped in this process (its calls end `Timeout` at once until
 /// another version is deployed), the stuck thread is set to the lowest CPU
 /// priority and left to finish, and a new thread takes its place.
@@ -185,18 +186,7 @@ impl FunctionPool {
         let (reply, answer) = oneshot::channel();
         let request = Request { function: function.clone(), events, settings, reply };
         let outcomes = match queue.send(request).await {
-            Ok(()) => match tokio::time::timeout(self.stuck_after(), answer).await {
-                Ok(answer) => answer.unwrap_or_else(|_| stopped(n)),
-                Err(_) => {
-                    self.give_up(worker, &queue);
-                    (0..n)
-                        .map(|_| FunctionOutcome::Error {
-                            class: ErrorClass::Timeout,
-                            message: format!("no answer from the function thread in {} s", self.stuck_after().as_secs()),
-                        })
-                        .collect()
-                }
-            },
+            Ok(()) => self.answer_of(worker, &queue, answer, n).await,
             Err(_) => stopped(n),
         };
         self.seconds.get_or_create(&vec![("stage", stage.as_str())]).observe(started.elapsed().as_secs_f64());
@@ -213,6 +203,46 @@ impl FunctionPool {
         outcomes
     }
 
+    /// The answer to a request sent to `worker`; its thread is given up
+    /// when the request it is running (this one or one queued before it)
+    /// has run past [`FunctionPool::stuck_after`]. Waiting in the queue
+    /// behind requests that are merely slow gives up nothing.
+    async fn answer_of(
+        &self,
+        worker: &Worker,
+        queue: &mpsc::Sender<Request>,
+        mut answer: oneshot::Receiver<Vec<FunctionOutcome>>,
+        n: usize,
+    ) -> Vec<FunctionOutcome> {
+        let stuck_after = self.stuck_after();
+        loop {
+            match tokio::time::timeout(stuck_after / 4, &mut answer).await {
+                Ok(answer) => return answer.unwrap_or_else(|_| stopped(n)),
+                Err(_) => {
+                    let stuck = {
+                        let current = worker.current.lock().expect("worker lock");
+                        if !current.queue.same_channel(queue) {
+                            // Its thread was given up by another caller: this request is lost with it.
+                            true
+                        } else {
+                            let running = current.running.lock().expect("running lock").clone();
+                            running.is_some_and(|(_, _, since)| since.elapsed() >= stuck_after)
+                        }
+                    };
+                    if stuck {
+                        self.give_up(worker, queue);
+                        return (0..n)
+                            .map(|_| FunctionOutcome::Error {
+                                class: ErrorClass::Timeout,
+                                message: format!("no answer: the function thread ran one request for over {} s", stuck_after.as_secs()),
+                            })
+                            .collect();
+                    }
+                }
+            }
+        }
+    }
+
     /// How long a request may go unanswered before its thread is given up:
     /// longer than any request can take when the interrupt works (its
     /// budget, one more call, and that call's `fetch` waiting).
@@ -227,7 +257,7 @@ impl FunctionPool {
         if !current.queue.same_channel(queue) {
             return;
         }
-        let running = current.running.lock().expect("running lock").clone();
+        let running = current.running.lock().expect("running lock").clone().map(|(id, version, _)| (id, version));
         if let Some(key) = &running {
             self.stopped.lock().expect("stopped lock").insert(key.clone());
         }
@@ -324,7 +354,7 @@ fn serve(mut queue: mpsc::Receiver<Request>, limits: Limits, fetcher: Option<Arc
     let mut engines: HashMap<String, Loaded> = HashMap::new();
     while let Some(req) = queue.blocking_recv() {
         let f = &req.function;
-        *thread.running.lock().expect("running lock") = Some((f.id.clone(), f.version));
+        *thread.running.lock().expect("running lock") = Some((f.id.clone(), f.version, Instant::now()));
         // Versions are never changed, but a deleted function's id may come back with other code.
         let current = match engines.get_mut(&f.id) {
             Some(l) if l.version == f.version && (Arc::ptr_eq(&l.code, &f.code) || *l.code == *f.code) => {
