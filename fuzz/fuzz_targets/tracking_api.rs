@@ -69,7 +69,7 @@ impl Harness {
             ..LogOptions::default()
         };
         let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), options).expect("open log"));
-        let sources = [SourceConfig { id: SOURCE.into(), write_key: KEY.into(), rate_limit: None, rate_burst: None, workspace: None }];
+        let sources = [SourceConfig { id: SOURCE.into(), write_key: KEY.into(), rate_limit: None, rate_burst: None, workspace: None, function: None }];
         let dyn_log: Arc<dyn Log> = log.clone();
         let ingest = Arc::new(Ingest::new(dyn_log, settings.clone(), &sources, 0).expect("ingest"));
         let app = router(ingest);
