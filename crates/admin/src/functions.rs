@@ -199,15 +199,9 @@ pub(crate) async fn delete(State(s): State<Shared>, h: HeaderMap, Path(id): Path
 
 /// Attach (`Some`) or detach (`None`) source `id`'s function.
 async fn set_source_function(s: &Shared, id: String, f: Option<FunctionRef>) -> ApiResult {
-    let Some((mut src, _)) = s.catalog.snapshot().sources.iter().find(|(o, _)| o.id == id).cloned() else {
-        return Err(not_found("no such source"));
-    };
     check_deployed(s, f.as_ref())?;
-    src.function = f;
-    src.validate("source").map_err(bad_request)?;
-    let out = json!({"source": src.id, "function": src.function});
-    change(s, move |db| Ok(db.put_source(&src)?)).await?;
-    Ok(Json(out).into_response())
+    let src = super::edit_source(s, &id, |src| src.function = f).await?;
+    Ok(Json(json!({"source": src.id, "function": src.function})).into_response())
 }
 
 pub(crate) async fn attach_to_source(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>, body: Body<FunctionRef>) -> ApiResult {

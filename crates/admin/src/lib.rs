@@ -315,15 +315,22 @@ async fn create_source(State(s): State<Shared>, h: HeaderMap, body: Result<Json<
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
-async fn rotate_key(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
-    authorize(&s, &h)?;
+/// Change source `id` with `edit` (checked after it) and store it; the source as stored.
+async fn edit_source(s: &Shared, id: &str, edit: impl FnOnce(&mut SourceConfig)) -> Result<SourceConfig, ApiError> {
     let Some((mut src, _)) = s.catalog.snapshot().sources.iter().find(|(o, _)| o.id == id).cloned() else {
         return Err(not_found(&format!("no source {id:?}")));
     };
-    src.write_key = new_write_key();
-    let out = json!({"id": src.id, "write_key": src.write_key});
-    change(&s, move |db| Ok(db.put_source(&src)?)).await?;
-    Ok(Json(out).into_response())
+    edit(&mut src);
+    src.validate("source").map_err(bad_request)?;
+    let stored = src.clone();
+    change(s, move |db| Ok(db.put_source(&src)?)).await?;
+    Ok(stored)
+}
+
+async fn rotate_key(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    authorize(&s, &h)?;
+    let src = edit_source(&s, &id, |src| src.write_key = new_write_key()).await?;
+    Ok(Json(json!({"id": src.id, "write_key": src.write_key})).into_response())
 }
 
 async fn disable_source(state: State<Shared>, h: HeaderMap, id: Path<String>) -> ApiResult {
