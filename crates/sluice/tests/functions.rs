@@ -35,7 +35,7 @@ async function onTrack(event, settings) {{
     case "bug": return event.no.such.field;
     case "retry": if (!{retry_fixed}) throw new RetryError("upstream busy"); break;
     case "loop": if (!{retry_fixed}) while (true) {{}} break;
-    case "hog": {{ const a = []; while (true) a.push(new Array(100000).fill(7)); }}
+    case "hog": {{ const a = []; while (true) a.push(new ArrayBuffer(4 << 20)); }}
   }}
   // Rename two properties.
   if ("a" in p) {{ p.alpha = p.a; delete p.a; }}
