@@ -1183,11 +1183,13 @@ pub struct DestinationConfig {
     /// (case-sensitive); absent = `id`.
     #[serde(default)]
     pub name: Option<String>,
-    /// `"webhook"` (one event per request) or `"batch_webhook"` (many
-    /// events per request: `{"batch": [...]}`, see docs/DESTINATIONS.md).
+    /// `"webhook"` (one event per request), `"batch_webhook"` (many
+    /// events per request: `{"batch": [...]}`) or `"kafka"` (a topic of
+    /// the user's own Kafka cluster); see docs/DESTINATIONS.md.
     #[serde(rename = "type", default = "webhook")]
     pub kind: String,
-    /// `http://` or `https://` URL the events are POSTed to.
+    /// Webhooks: the `http://` or `https://` URL the events are POSTed to.
+    /// `kafka`: `kafka://host:port[,host:port…]/topic`.
     pub url: String,
     /// The workspace (tenant) the destination belongs to; absent = `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1230,6 +1232,57 @@ pub struct DestinationConfig {
     /// `batch_webhook`: how long a ready event may wait for its batch to fill (default 1 s).
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub batch_max_age: Option<Duration>,
+    /// `kafka`: the message key, `"message_id"` (default) or `"user_id"`
+    /// (the event's userId, else its anonymousId: one user's events stay in
+    /// one partition, in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_key: Option<String>,
+}
+
+/// Where a `kafka` destination publishes, from its `url` and `kafka_key`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KafkaTarget {
+    /// `host:port,host:port…` (librdkafka's `bootstrap.servers`).
+    pub bootstrap: String,
+    pub topic: String,
+    pub key: KafkaKey,
+}
+
+/// What a `kafka` destination's message key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KafkaKey {
+    MessageId,
+    UserId,
+}
+
+impl KafkaTarget {
+    /// Parse `kafka://host:port[,host:port…]/topic`; the error says what is wrong.
+    pub fn parse_url(url: &str) -> Result<(String, String), String> {
+        let rest = url.strip_prefix("kafka://").ok_or("is not a kafka://host:port/topic URL")?;
+        let (hosts, topic) = rest.split_once('/').ok_or("names no topic (kafka://host:port/topic)")?;
+        if hosts.is_empty() {
+            return Err("names no broker (kafka://host:port/topic)".into());
+        }
+        for host in hosts.split(',') {
+            if host.contains(['@', '?', '#']) || host.contains(char::is_whitespace) {
+                return Err(format!("broker {} is not host:port", excerpt(host)));
+            }
+            check_authority(host).map_err(|problem| format!("broker {}: {problem}", excerpt(host)))?;
+            if !host.rsplit_once(':').is_some_and(|(_, p)| !p.is_empty() && !p.ends_with(']')) {
+                return Err(format!("broker {} has no port (host:port)", excerpt(host)));
+            }
+        }
+        // Kafka's own rule for topic names.
+        if topic.is_empty()
+            || topic.len() > 249
+            || topic == "."
+            || topic == ".."
+            || !topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(format!("topic {} must be 1-249 characters of A-Z, a-z, 0-9, '.', '_' or '-'", excerpt(topic)));
+        }
+        Ok((hosts.to_owned(), topic.to_owned()))
+    }
 }
 
 /// The batching of a `batch_webhook` destination, defaults filled in.
@@ -1264,38 +1317,55 @@ impl DestinationConfig {
         if !valid_id(&self.id) {
             return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
         }
-        match self.kind.as_str() {
-            "webhook" => {
-                for (k, set) in [
-                    ("batch_max_events", self.batch_max_events.is_some()),
-                    ("batch_max_bytes", self.batch_max_bytes.is_some()),
-                    ("batch_max_age", self.batch_max_age.is_some()),
-                ] {
-                    if set {
-                        return Err(invalid(key(k), "is for type = \"batch_webhook\" destinations"));
-                    }
-                }
-            }
-            "batch_webhook" => {
-                let b = self.batch_limits().expect("a batch_webhook");
-                if !(1..=BatchLimits::MAX_EVENTS).contains(&b.max_events) {
-                    return Err(invalid(key("batch_max_events"), format!("must be between 1 and {}", BatchLimits::MAX_EVENTS)));
-                }
-                if !(1024..=BatchLimits::MAX_BYTES).contains(&b.max_bytes) {
-                    return Err(invalid(key("batch_max_bytes"), format!("must be between 1024 and {}", BatchLimits::MAX_BYTES)));
-                }
-                if b.max_age > BatchLimits::MAX_AGE {
-                    return Err(invalid(key("batch_max_age"), "must be at most 60s"));
-                }
-            }
+        // Each type's own keys, refused on the others.
+        let (kind, keys): (&str, &[(&str, bool)]) = (
+            self.kind.as_str(),
+            &[
+                ("batch_max_events", self.batch_max_events.is_some()),
+                ("batch_max_bytes", self.batch_max_bytes.is_some()),
+                ("batch_max_age", self.batch_max_age.is_some()),
+                ("kafka_key", self.kafka_key.is_some()),
+                ("secret", self.secret.is_some()),
+            ],
+        );
+        let allowed: &[&str] = match kind {
+            "webhook" => &["secret"],
+            "batch_webhook" => &["batch_max_events", "batch_max_bytes", "batch_max_age", "secret"],
+            "kafka" => &["batch_max_events", "batch_max_age", "kafka_key"],
             other => {
-                return Err(invalid(key("type"), format!("unknown destination type {other:?}; the types are \"webhook\" and \"batch_webhook\"")))
+                return Err(invalid(
+                    key("type"),
+                    format!("unknown destination type {}; the types are \"webhook\", \"batch_webhook\" and \"kafka\"", excerpt(other)),
+                ))
+            }
+        };
+        if let Some((k, _)) = keys.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+            return Err(invalid(key(k), format!("is not a key of type = {kind:?} destinations")));
+        }
+        if let Some(b) = self.batch_limits() {
+            if !(1..=BatchLimits::MAX_EVENTS).contains(&b.max_events) {
+                return Err(invalid(key("batch_max_events"), format!("must be between 1 and {}", BatchLimits::MAX_EVENTS)));
+            }
+            if !(1024..=BatchLimits::MAX_BYTES).contains(&b.max_bytes) {
+                return Err(invalid(key("batch_max_bytes"), format!("must be between 1024 and {}", BatchLimits::MAX_BYTES)));
+            }
+            if b.max_age > BatchLimits::MAX_AGE {
+                return Err(invalid(key("batch_max_age"), "must be at most 60s"));
             }
         }
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
-            return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
+        if kind == "kafka" {
+            KafkaTarget::parse_url(&self.url).map_err(|problem| invalid(key("url"), format!("{} {problem}", excerpt(&self.url))))?;
+            if let Some(k) = &self.kafka_key {
+                if !matches!(k.as_str(), "message_id" | "user_id") {
+                    return Err(invalid(key("kafka_key"), format!("{} is not \"message_id\" or \"user_id\"", excerpt(k))));
+                }
+            }
+        } else {
+            if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
+                return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
+            }
+            check_authority(&self.url).map_err(|problem| invalid(key("url"), format!("{}: {problem}", excerpt(&self.url))))?;
         }
-        check_authority(&self.url).map_err(|problem| invalid(key("url"), format!("{}: {problem}", excerpt(&self.url))))?;
         if self.max_in_flight == Some(0) {
             return Err(invalid(key("max_in_flight"), "must be at least 1"));
         }
@@ -1325,13 +1395,33 @@ impl DestinationConfig {
         Ok(())
     }
 
-    /// A `batch_webhook`'s batching (its keys over the defaults); `None` for other types.
+    /// How the director groups this destination's jobs (its keys over the
+    /// type's defaults): a `batch_webhook`'s requests, a `kafka`
+    /// destination's groups of messages sent under one permit (500 ready
+    /// jobs at most, sent at once: librdkafka batches them itself).
+    /// `None` for webhooks.
     pub fn batch_limits(&self) -> Option<BatchLimits> {
-        (self.kind == "batch_webhook").then(|| BatchLimits {
-            max_events: self.batch_max_events.unwrap_or(BatchLimits::DEFAULT.max_events),
-            max_bytes: self.batch_max_bytes.unwrap_or(BatchLimits::DEFAULT.max_bytes),
-            max_age: self.batch_max_age.unwrap_or(BatchLimits::DEFAULT.max_age),
+        let defaults = match self.kind.as_str() {
+            "batch_webhook" => BatchLimits::DEFAULT,
+            "kafka" => BatchLimits { max_events: 500, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::ZERO },
+            _ => return None,
+        };
+        Some(BatchLimits {
+            max_events: self.batch_max_events.unwrap_or(defaults.max_events),
+            max_bytes: self.batch_max_bytes.unwrap_or(defaults.max_bytes),
+            max_age: self.batch_max_age.unwrap_or(defaults.max_age),
         })
+    }
+
+    /// A `kafka` destination's brokers, topic and key; `None` for other
+    /// types (or a URL [`validate`](Self::validate) refuses).
+    pub fn kafka_target(&self) -> Option<KafkaTarget> {
+        if self.kind != "kafka" {
+            return None;
+        }
+        let (bootstrap, topic) = KafkaTarget::parse_url(&self.url).ok()?;
+        let key = if self.kafka_key.as_deref() == Some("user_id") { KafkaKey::UserId } else { KafkaKey::MessageId };
+        Some(KafkaTarget { bootstrap, topic, key })
     }
 
     /// This destination's retry policy: its own keys over `global`.
@@ -2245,6 +2335,40 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_with_env(text, "", &HashMap::new())
+    }
+
+    #[test]
+    fn kafka_destinations_parse_their_url_and_refuse_other_types_keys() {
+        let dest = |keys: &str| load(&format!("[[destinations]]\nid = \"k\"\n{keys}\n"));
+        let c = dest("type = \"kafka\"\nurl = \"kafka://127.0.0.1:9092,b2:9093/events.v1\"\nkafka_key = \"user_id\"").unwrap();
+        let d = &c.destinations[0];
+        assert_eq!(
+            d.kafka_target(),
+            Some(KafkaTarget { bootstrap: "127.0.0.1:9092,b2:9093".into(), topic: "events.v1".into(), key: KafkaKey::UserId })
+        );
+        assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((500, Duration::ZERO)));
+        assert_eq!(dest("type = \"kafka\"\nurl = \"kafka://h:1/t\"").unwrap().destinations[0].kafka_target().unwrap().key, KafkaKey::MessageId);
+        for (keys, named) in [
+            ("type = \"kafka\"\nurl = \"http://h:1/t\"", "destinations[0].url"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1\"", "no topic"),
+            ("type = \"kafka\"\nurl = \"kafka://h/t\"", "no port"),
+            ("type = \"kafka\"\nurl = \"kafka:///t\"", "no broker"),
+            ("type = \"kafka\"\nurl = \"kafka://u@h:1/t\"", "not host:port"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/a b\"", "topic"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/..\"", "topic"),
+            ("type = \"kafka\"\nurl = \"kafka://h:99999/t\"", "port"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_key = \"email\"", "destinations[0].kafka_key"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nsecret = \"s\"", "destinations[0].secret"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_bytes = 2048", "destinations[0].batch_max_bytes"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_events = 0", "destinations[0].batch_max_events"),
+            ("url = \"http://h:1/t\"\nkafka_key = \"user_id\"", "destinations[0].kafka_key"),
+            ("type = \"batch_webhook\"\nurl = \"http://h:1/t\"\nkafka_key = \"user_id\"", "destinations[0].kafka_key"),
+            ("url = \"kafka://h:1/t\"", "http://"),
+            ("type = \"smoke_signals\"\nurl = \"http://h:1/t\"", "unknown destination type"),
+        ] {
+            let err = dest(keys).unwrap_err().to_string();
+            assert!(err.contains(named), "{keys}: {err}");
+        }
     }
 
     #[test]

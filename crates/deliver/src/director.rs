@@ -169,6 +169,9 @@ struct Outgoing {
     id: Ksuid,
     idempotency_key: String,
     body: Bytes,
+    /// For a `kafka` destination's message key and headers.
+    message_id: Arc<str>,
+    source: Arc<str>,
 }
 
 impl crate::batch::HasBody for Outgoing {
@@ -195,6 +198,31 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
             }
         }
         out.push(job);
+    }
+    if let Some(target) = &settings.kafka {
+        let messages: Vec<crate::kafka::Message> = out
+            .iter()
+            .map(|j| crate::kafka::Message { message_id: &j.message_id, idempotency_key: &j.idempotency_key, source: &j.source, body: &j.body })
+            .collect();
+        let attempts = executor
+            .kafka
+            .send(&permit.destination.id, target, settings.target.allow_private_network, settings.target.request_timeout, &messages)
+            .await;
+        // One request for the circuit breaker: failed if any message must be retried.
+        let verdict = if attempts.iter().any(|a| a.verdict == Verdict::Retry) {
+            Verdict::Retry
+        } else {
+            attempts.first().map_or(Verdict::Succeeded, |a| a.verdict)
+        };
+        if attempts.iter().any(|a| a.verdict == Verdict::Succeeded) {
+            sluice_core::crash::crash_point("deliver.after_http_success");
+        }
+        permit.destination.record(verdict, permit.probe, Instant::now());
+        if let Some(last) = attempts.last() {
+            permit.destination.metrics(metrics).attempt_seconds.observe(last.elapsed.as_secs_f64());
+        }
+        ended.extend(out.iter().map(|j| j.id).zip(attempts));
+        return ended;
     }
     let chunks: Vec<Vec<Outgoing>> = match settings.batch {
         None => out.into_iter().map(|j| vec![j]).collect(),
@@ -779,7 +807,8 @@ impl Director {
                 if job.payload.is_none() {
                     missing.push(id);
                 }
-                items.push((id, crate::executor::idempotency_key(&job.message_id, job.generation), job.payload.clone()));
+                let names = (Arc::from(job.message_id.as_str()), Arc::from(job.source.as_str()));
+                items.push((id, crate::executor::idempotency_key(&job.message_id, job.generation), job.payload.clone(), names));
             }
             work.push((items, permit));
         }
@@ -802,9 +831,9 @@ impl Director {
             };
             for (items, permit) in work {
                 let mut ready = Vec::with_capacity(items.len());
-                for (id, idempotency_key, payload) in items {
+                for (id, idempotency_key, payload, (message_id, source)) in items {
                     match payload.or_else(|| fetched.get(&id).cloned()) {
-                        Some(body) => ready.push(Outgoing { id, idempotency_key, body }),
+                        Some(body) => ready.push(Outgoing { id, idempotency_key, body, message_id, source }),
                         None => {
                             let _ = inbox.send(Msg::Requeue(vec![id])).await;
                         }

@@ -143,6 +143,8 @@ pub struct Executor {
     guarded: reqwest::Client,
     open: reqwest::Client,
     user_agent: String,
+    /// The producers of `kafka` destinations.
+    pub kafka: crate::kafka::Producers,
 }
 
 /// The response body excerpt kept in a transition.
@@ -168,7 +170,12 @@ impl Executor {
                 .dns_resolver(Arc::new(GuardedResolver { allow_private }))
                 .build()
         };
-        Ok(Executor { guarded: build(false)?, open: build(true)?, user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")) })
+        Ok(Executor {
+            guarded: build(false)?,
+            open: build(true)?,
+            user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")),
+            kafka: crate::kafka::Producers::default(),
+        })
     }
 
     /// POST `body` to `target` with `Idempotency-Key: idempotency_key`; never

@@ -27,8 +27,11 @@ pub struct DestinationSettings {
     pub rate_limit: u32,
     /// The destination function its jobs pass through before they are sent.
     pub function: Option<crate::function::Attached>,
-    /// A `batch_webhook`: how its jobs are grouped into requests.
+    /// A `batch_webhook` or `kafka` destination: how its jobs are grouped
+    /// into requests (a `kafka` one's: messages sent together).
     pub batch: Option<sluice_core::config::BatchLimits>,
+    /// A `kafka` destination's brokers, topic and key (`target.url` is its URL).
+    pub kafka: Option<sluice_core::config::KafkaTarget>,
 }
 
 #[derive(Debug)]
@@ -263,6 +266,7 @@ mod tests {
             rate_limit: rate,
             function: None,
             batch: None,
+            kafka: None,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

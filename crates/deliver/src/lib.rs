@@ -32,6 +32,7 @@ pub mod function;
 pub mod gate;
 pub mod inspect;
 pub mod jobdb;
+pub mod kafka;
 pub mod ksuid;
 pub mod metrics;
 pub mod retry;

@@ -245,6 +245,25 @@ impl SinkState {
         self.received.lock().expect("lock").bytes
     }
 
+    /// Count events that reached `path` some other way than an HTTP
+    /// request (a benchmark's reader of a `kafka` destination's topic): as
+    /// one request of `keys.len()` events, answered 2xx, each key an arrival.
+    pub fn record_delivered(&self, path: &str, keys: Vec<String>, at: Instant) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let key = counter_key(path);
+        for (counter, n) in [(&self.by_path, 1), (&self.events_by_path, keys.len() as u64)] {
+            let mut counter = counter.lock().expect("lock");
+            if let Some(c) = counter.get_mut(key) {
+                *c += n;
+            } else if counter.len() < MAX_PATHS {
+                counter.insert(key.to_owned(), n);
+            }
+        }
+        if self.record_arrivals {
+            self.arrivals.lock().expect("lock").extend(keys.into_iter().map(|k| (k, at)));
+        }
+    }
+
     /// The per-path counters' keys, in bytes (all counters together).
     pub fn counter_key_bytes(&self) -> usize {
         let by_path: usize = self.by_path.lock().expect("lock").keys().map(String::len).sum();

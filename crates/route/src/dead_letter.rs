@@ -25,6 +25,7 @@ use sluice_deliver::control::{DeadLetter, DeadLetterInsert, NewDeadLetter};
 use sluice_deliver::Catalog;
 use sluice_log::StoredRecord;
 
+use crate::function::{parked_function, replay_due, Lane};
 use crate::{JobSink, Planner, RouteError};
 
 /// Dead letters claimed per round of [`replay_requested`].
@@ -174,6 +175,100 @@ pub(crate) async fn replay_requested(sink: &dyn JobSink, catalog: &Arc<Catalog>,
     }
 }
 
+/// Whether parked letters (a slow source function's events) may be in the
+/// store: at start (an earlier process may have parked some), and after
+/// this process parks one; cleared by a sweep that finds none.
+static PARKED_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Pages of dead letters one sweep reads (newest first).
+const SWEEP_PAGES: usize = 20;
+const SWEEP_PAGE: usize = 1000;
+
+/// Note that this process parked events (a sweep will replay them).
+pub(crate) fn parked_some() {
+    PARKED_PENDING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Ask for the replay of parked letters whose function may be called
+/// again (`crate::function`): all of them (up to a page) when its circuit
+/// is closed, the oldest only (the probe) when its wait is over. The
+/// replays run in [`replay_requested`]. Returns the number requested.
+pub(crate) async fn sweep_parked(catalog: &Arc<Catalog>) -> usize {
+    use std::sync::atomic::Ordering;
+    if !PARKED_PENDING.swap(false, Ordering::Relaxed) {
+        return 0;
+    }
+    // A function no source runs any more has no circuit to wait for.
+    let attached: std::collections::HashSet<String> =
+        catalog.snapshot().sources.iter().filter_map(|(s, _)| s.function.as_ref().map(|f| f.id.clone())).collect();
+    let c = catalog.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        c.with_control(|db| {
+            // (function, letter ids oldest first) of open parked letters not yet requested.
+            let mut by_function: std::collections::BTreeMap<String, Vec<i64>> = std::collections::BTreeMap::new();
+            let (mut any, mut before) = (false, None);
+            for page_no in 0..SWEEP_PAGES {
+                let page = db.dead_letters(before, SWEEP_PAGE)?;
+                before = page.last().map(|l| l.id);
+                for l in &page {
+                    if l.replayed_at_ms.is_some() || l.discarded_at_ms.is_some() {
+                        continue;
+                    }
+                    if let Some(f) = parked_function(&l.reason) {
+                        any = true;
+                        if l.replay_requested_at_ms.is_none() {
+                            by_function.entry(f).or_default().push(l.id);
+                        }
+                    }
+                }
+                if page.len() < SWEEP_PAGE {
+                    break;
+                }
+                // More pages than one sweep reads: the rest wait for the next.
+                any |= page_no + 1 == SWEEP_PAGES;
+            }
+            let mut requested = 0;
+            for (function, mut ids) in by_function {
+                ids.reverse(); // oldest first: the probe is the oldest
+                if !attached.contains(&function) {
+                    crate::function::close(&function);
+                }
+                if !replay_due(&function) {
+                    continue;
+                }
+                // An open circuit gets one probe; a closed one its letters.
+                let take = if crate::function::is_open(&function) { 1 } else { ids.len() };
+                for id in ids.into_iter().take(take) {
+                    requested += db.request_dead_letter_replay(Some(id))? as usize;
+                }
+            }
+            Ok((any, requested))
+        })
+    })
+    .await;
+    match found {
+        Ok(Ok((any, requested))) => {
+            if any {
+                PARKED_PENDING.store(true, Ordering::Relaxed);
+            }
+            if requested > 0 {
+                tracing::info!(dead_letters = requested, "replaying parked events of source functions");
+            }
+            requested
+        }
+        Ok(Err(e)) => {
+            PARKED_PENDING.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "cannot look for parked dead letters");
+            0
+        }
+        Err(e) => {
+            PARKED_PENDING.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "parked dead-letter sweep task failed");
+            0
+        }
+    }
+}
+
 /// Re-plan one dead letter and hand its jobs over; the jobs made.
 async fn replay_one(sink: &dyn JobSink, planner: &Planner, letter: &DeadLetter) -> Result<i64, String> {
     if letter.truncated {
@@ -187,8 +282,11 @@ async fn replay_one(sink: &dyn JobSink, planner: &Planner, letter: &DeadLetter) 
         ));
     }
     let value = Bytes::from(letter.payload.clone());
-    let decision =
-        planner.plan_batch(&[(&letter.key[..], &value)], letter.generation, letter.destination.as_deref()).await.pop().expect("one per record")?;
+    let decision = planner
+        .plan_batch_in(Lane::Replay, &[(&letter.key[..], &value)], letter.generation, letter.destination.as_deref())
+        .await
+        .pop()
+        .expect("one per record")?;
     let jobs = decision.jobs.len() as i64;
     sink.insert_jobs(decision.jobs, letter.record_ms).await.map_err(|e| e.to_string())?;
     Ok(jobs)

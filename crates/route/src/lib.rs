@@ -438,6 +438,7 @@ async fn route_records(
 pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn JobSink>, history: HistorySlot, stop: Shutdown) {
     let planner = Planner::new(catalog.clone());
     let mut counted: Option<std::time::Instant> = None;
+    let mut last_sweep: Option<std::time::Instant> = None;
     while !stop.is_triggered() {
         let pending = {
             let c = catalog.clone();
@@ -463,6 +464,10 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
             Ok(Err(e)) => tracing::error!(error = %e, "cannot read replay requests"),
             Err(e) => tracing::error!(error = %e, "replay poll task failed"),
         }
+        if last_sweep.is_none_or(|t| t.elapsed() >= PARKED_SWEEP_EVERY) {
+            dead_letter::sweep_parked(&catalog).await;
+            last_sweep = Some(std::time::Instant::now());
+        }
         let replayed = dead_letter::replay_requested(&*jobs, &catalog, &planner).await;
         if replayed > 0 || counted.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             dead_letter::refresh_gauge(&catalog).await;
@@ -474,6 +479,9 @@ pub async fn run_replays(log: Arc<dyn Log>, catalog: Arc<Catalog>, jobs: Arc<dyn
         }
     }
 }
+
+/// How often parked dead letters (slow source functions' events) are looked for.
+const PARKED_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 async fn replay_one(
     log: &dyn Log,

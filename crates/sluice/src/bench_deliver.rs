@@ -273,6 +273,11 @@ pub struct E2eBench {
     /// `batch_webhook`: events per request.
     #[arg(long, default_value_t = 100)]
     batch_max_events: usize,
+    /// `--destination-type kafka`: the Kafka cluster (`host:port`, e.g. from
+    /// `scripts/kafka.sh start`) the destinations publish to; a reader in
+    /// this process counts what lands in their topics.
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka_destination: Option<String>,
 }
 
 /// The built-in bench function: renames two properties of every track event.
@@ -433,8 +438,20 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     }
     let dests: Vec<String> = (0..args.destinations).map(|d| format!("d{d}")).collect();
     let kind = args.destination_type.first().map_or("webhook", String::as_str);
+    // `kafka`: topics of this run's own, read back into the sink's counts.
+    let kafka_reader = match (kind, &args.kafka_destination) {
+        ("kafka", Some(bootstrap)) => Some(crate::bench_kafka::TopicReader::start(&rt, bootstrap, &dests, &sink)?),
+        ("kafka", None) => bail!("--destination-type kafka needs --kafka-destination HOST:PORT (a broker, e.g. from scripts/kafka.sh start)"),
+        _ => None,
+    };
     for d in &dests {
-        toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"{kind}\"\nurl = \"{}\"\nsecret = \"bench\"\n", sink.url(&format!("/{d}"))));
+        match &kafka_reader {
+            Some(reader) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"kafka\"\nurl = \"{}\"\n", reader.url(d))),
+            None => toml.push_str(&format!(
+                "[[destinations]]\nid = \"{d}\"\ntype = \"{kind}\"\nurl = \"{}\"\nsecret = \"bench\"\n",
+                sink.url(&format!("/{d}"))
+            )),
+        }
         if kind == "batch_webhook" {
             toml.push_str(&format!("batch_max_events = {}\nbatch_max_age = \"100ms\"\n", args.batch_max_events));
         }
@@ -473,6 +490,7 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     let result = rt.block_on(e2e_load(args, addr.parse()?, &sink, pid));
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
+    drop(kafka_reader);
     result
 }
 

@@ -6,6 +6,7 @@ mod bench;
 mod bench_dedup;
 mod bench_deliver;
 mod bench_hostile;
+mod bench_kafka;
 mod bench_migrate;
 mod bench_router;
 mod cell;

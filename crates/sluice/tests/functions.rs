@@ -213,3 +213,80 @@ async function onTrack(e) {
     }
     server.stop();
 }
+
+/// Open dead letters whose reason starts `parked: `, by key.
+fn parked_letters(api: &Api) -> std::collections::HashMap<String, Value> {
+    let page = api.ok("GET", "/api/dead-letters", None);
+    page["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"].as_str().is_some_and(|r| r.starts_with("parked: ")) && d["replayed_at_ms"].is_null())
+        .map(|d| (d["key"].as_str().unwrap().to_owned(), d.clone()))
+        .collect()
+}
+
+#[test]
+fn a_slow_source_function_parks_its_events_and_the_other_sources_flow() {
+    let sink = TestSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Two sources to one webhook; `fetch` may reach the test's upstream (on 127.0.0.1).
+    let extra = format!(
+        "[[sources]]\nid = \"other\"\nwrite_key = \"wk-other\"\n[deliver]\nallow_private_network = true\n\
+         [[destinations]]\nid = \"hook\"\nurl = \"{}\"\n[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"hook\"]\n\
+         [[connections]]\nsource = \"other\"\ndestinations = [\"hook\"]\n",
+        sink.sink.url("/hook")
+    );
+    let config = write_config(dir.path(), &extra);
+    set_admin_token(&config, TOKEN);
+    let server = Server::start(&config);
+    let api = Api { http: reqwest::blocking::Client::new(), admin: server.admin.clone(), api: server.addr.clone() };
+    // The upstream the function asks does not answer in time.
+    sink.sink.set("/upstream", sluice_deliver::sink::Behaviour { delay: Duration::from_secs(60), ..Default::default() });
+    let code = "async function onTrack(e, s) { const r = await fetch(s.upstream); e.properties.looked_up = r.status; return e; }";
+    api.ok("PUT", "/api/functions/lookup", Some(json!({"code": code})));
+    api.ok("PUT", &format!("/api/sources/{SOURCE_ID}/function"), Some(json!({"id": "lookup", "settings": {"upstream": sink.sink.url("/upstream")}})));
+    let slow_ids: Vec<String> = (0..10).map(|i| format!("slow-{i}")).collect();
+    let send_slow = |ids: &[String]| api.send(&ids.iter().map(|id| (id.as_str(), "Looked Up", json!({}))).collect::<Vec<_>>());
+    let send_other = |ids: &[String]| {
+        let batch: Vec<Value> =
+            ids.iter().map(|id| json!({"type": "track", "messageId": id, "userId": "u2", "event": "Other", "properties": {}})).collect();
+        let resp =
+            api.http.post(format!("http://{}/v1/batch", api.api)).basic_auth("wk-other", Some("")).json(&json!({"batch": batch})).send().unwrap();
+        assert_eq!(resp.status(), 200);
+    };
+
+    // The first request runs into the upstream's silence: its events are parked, the circuit opens.
+    send_slow(&slow_ids[..5]);
+    wait_for(Duration::from_secs(60), || (parked_letters(&api).len() >= 5).then_some(()), || format!("{:?}", parked_letters(&api).keys()));
+    // While it is open, the slow source's events are parked at once and the other source's are delivered.
+    let other_ids: Vec<String> = (0..20).map(|i| format!("other-{i}")).collect();
+    send_slow(&slow_ids[5..]);
+    send_other(&other_ids);
+    for id in &other_ids {
+        assert_eq!(delivered(&sink, "/hook", id)["event"], "Other");
+    }
+    let parked =
+        wait_for(Duration::from_secs(30), || Some(parked_letters(&api)).filter(|p| p.len() >= 10), || format!("{:?}", parked_letters(&api).keys()));
+    for id in &slow_ids {
+        assert!(parked.contains_key(&format!("{SOURCE_ID}/{id}")), "{id} parked: {:?}", parked.keys());
+        assert!(never_delivered(&sink, "/hook", id), "{id} is not delivered while its function cannot answer");
+    }
+    assert!(parked.values().all(|d| d["reason"].as_str().unwrap().contains("\"lookup\"")));
+
+    // The upstream answers again: the parked events are replayed by themselves (a probe, then the rest), each once.
+    sink.sink.set("/upstream", sluice_deliver::sink::Behaviour::default());
+    wait_for(
+        Duration::from_secs(90),
+        || slow_ids.iter().all(|id| !never_delivered(&sink, "/hook", id)).then_some(()),
+        || format!("{} of 10 parked events delivered", slow_ids.iter().filter(|id| !never_delivered(&sink, "/hook", id)).count()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let by_id = sink.by_message_id("/hook");
+    for id in slow_ids.iter().chain(&other_ids) {
+        assert_eq!(by_id[id.as_str()].len(), 1, "{id} delivered once");
+    }
+    assert_eq!(delivered(&sink, "/hook", "slow-0")["properties"]["looked_up"], 200, "the replay ran the function");
+    assert!(parked_letters(&api).is_empty(), "no parked letter left open");
+    server.stop();
+}

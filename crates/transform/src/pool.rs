@@ -9,6 +9,11 @@
 //!   or a restore takes effect on the next call without any cache to clear.
 //! - Requests queue in bounded channels (a full queue makes the caller
 //!   wait: back-pressure, not memory growth).
+//! - A request goes to the thread with the fewest requests, and a slow
+//!   function (its last request took [`SLOW_REQUEST`] or more: a `fetch`
+//!   upstream that takes seconds) has requests on at most all threads but
+//!   one (with two or more): it waits on its own share and leaves a thread
+//!   to the others. Fast functions are not limited.
 //! - A function that cannot load (its code changed under a smaller memory
 //!   limit, say) answers every event with class `Error`; a function that
 //!   throws, loops or runs out of memory affects only the events of that
@@ -32,6 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::fetch::Fetch;
 use crate::function::{ErrorClass, FunctionOutcome, JsFunction, Limits};
 
+/// A function whose last request took this long is held to its share of the threads.
+pub const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(1);
 /// Requests waiting per thread before callers wait.
 const QUEUE: usize = 256;
 /// Engines one thread keeps (one per function id); past it, all are dropped and rebuilt on use.
@@ -73,6 +80,8 @@ struct Request {
 /// One function thread slot, as the pool reaches it.
 struct Worker {
     name: String,
+    /// Requests sent to it and not yet answered.
+    outstanding: AtomicUsize,
     /// Replaced, with a new thread, when its thread is stuck.
     current: std::sync::Mutex<WorkerThread>,
 }
@@ -116,6 +125,12 @@ pub struct FunctionPool {
     /// Versions that got a thread stuck.
     stopped: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     next: AtomicUsize,
+    /// Requests per function id in the threads (sent, not answered).
+    busy: std::sync::Mutex<HashMap<String, usize>>,
+    /// Woken when a function's request is answered.
+    freed: tokio::sync::Notify,
+    /// Functions whose last request was slow (held to their share).
+    slow: std::sync::Mutex<std::collections::HashSet<String>>,
     limits: Limits,
     calls: Family<Vec<(&'static str, String)>, Counter>,
     seconds: Family<Vec<(&'static str, &'static str)>, Histogram>,
@@ -130,7 +145,7 @@ impl FunctionPool {
         let workers = (0..threads.max(1))
             .map(|i| {
                 let name = format!("sluice-fn-{i}");
-                Worker { current: std::sync::Mutex::new(WorkerThread::start(&name, limits, fetcher.clone())), name }
+                Worker { current: std::sync::Mutex::new(WorkerThread::start(&name, limits, fetcher.clone())), name, outstanding: AtomicUsize::new(0) }
             })
             .collect();
         Arc::new(FunctionPool {
@@ -138,6 +153,9 @@ impl FunctionPool {
             fetcher,
             stopped: std::sync::Mutex::new(std::collections::HashSet::new()),
             next: AtomicUsize::new(0),
+            busy: std::sync::Mutex::new(HashMap::new()),
+            freed: tokio::sync::Notify::new(),
+            slow: std::sync::Mutex::new(std::collections::HashSet::new()),
             limits,
             calls: Family::default(),
             seconds: Family::new_with_constructor(|| Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])),
@@ -181,7 +199,12 @@ impl FunctionPool {
                 })
                 .collect();
         }
-        let worker = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
+        let held = self.slow.lock().expect("slow lock").contains(&function.id);
+        let _share = self.function_share(&function.id, held).await;
+        let sent_at = Instant::now();
+        let worker = self.least_loaded();
+        worker.outstanding.fetch_add(1, Ordering::Relaxed);
+        let _sent = Outstanding(&worker.outstanding);
         let queue = worker.current.lock().expect("worker lock").queue.clone();
         let (reply, answer) = oneshot::channel();
         let request = Request { function: function.clone(), events, settings, reply };
@@ -189,6 +212,14 @@ impl FunctionPool {
             Ok(()) => self.answer_of(worker, &queue, answer, n).await,
             Err(_) => stopped(n),
         };
+        {
+            let mut slow = self.slow.lock().expect("slow lock");
+            if sent_at.elapsed() >= SLOW_REQUEST {
+                slow.insert(function.id.clone());
+            } else if held {
+                slow.remove(&function.id);
+            }
+        }
         self.seconds.get_or_create(&vec![("stage", stage.as_str())]).observe(started.elapsed().as_secs_f64());
         for o in &outcomes {
             let outcome = match o {
@@ -201,6 +232,39 @@ impl FunctionPool {
                 .inc();
         }
         outcomes
+    }
+
+    /// Most requests of one function in the threads at once.
+    fn share(&self) -> usize {
+        (self.workers.len() - 1).max(1)
+    }
+
+    /// Wait until function `id` has fewer than [`FunctionPool::share`]
+    /// requests in the threads (when `held`; at once otherwise); counts
+    /// this one until the guard drops.
+    async fn function_share(&self, id: &str, held: bool) -> Share<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check: a release between check and wait is not missed.
+            freed.as_mut().enable();
+            {
+                let mut busy = self.busy.lock().expect("busy lock");
+                let n = busy.entry(id.to_owned()).or_default();
+                if !held || *n < self.share() {
+                    *n += 1;
+                    return Share { pool: self, id: id.to_owned() };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// The thread slot with the fewest unanswered requests (ties: in turn).
+    fn least_loaded(&self) -> &Worker {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.workers.len();
+        (0..n).map(|k| &self.workers[(start + k) % n]).min_by_key(|w| w.outstanding.load(Ordering::Relaxed)).expect("at least one thread")
     }
 
     /// The answer to a request sent to `worker`; its thread is given up
@@ -273,6 +337,35 @@ impl FunctionPool {
             "One request to the function threads (a route batch's events, or one job), per stage",
             self.seconds.clone(),
         );
+    }
+}
+
+/// One request of a function counted in [`FunctionPool::busy`].
+struct Share<'a> {
+    pool: &'a FunctionPool,
+    id: String,
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.pool.busy.lock().expect("busy lock");
+        if let Some(n) = busy.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.id);
+            }
+        }
+        drop(busy);
+        self.pool.freed.notify_waiters();
+    }
+}
+
+/// One request counted in a worker's `outstanding`.
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -439,6 +532,47 @@ mod tests {
         assert!(matches!(pool.call(Stage::Test, &fine, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
         let fixed = code("loop", 2, "async function onTrack(e) { return e; }");
         assert!(matches!(pool.call(Stage::Test, &fixed, vec![json!({"type": "track"})], Arc::new(json!({}))).await[0], FunctionOutcome::Event(_)));
+    }
+
+    /// Sleeps its time, answers 200.
+    struct FetchAfter(std::time::Duration);
+
+    impl Fetch for FetchAfter {
+        fn fetch(&self, _: crate::fetch::FetchRequest) -> Result<crate::fetch::FetchResponse, crate::fetch::FetchFailure> {
+            std::thread::sleep(self.0);
+            Ok(crate::fetch::FetchResponse { status: 200, headers: Vec::new(), body: String::new() })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_function_leaves_a_thread_to_the_others() {
+        let pool = FunctionPool::start(2, Limits::default(), Some(Arc::new(FetchAfter(std::time::Duration::from_millis(300)))));
+        let slow = code("slow", 1, "async function onTrack(e) { await fetch('http://upstream.example/'); return e; }");
+        let fast = code("fast", 1, "async function onTrack(e) { return e; }");
+        let done: Arc<std::sync::Mutex<Vec<&'static str>>> = Arc::default();
+        let mut tasks = Vec::new();
+        // Its first request shows it slow (until then it is not held back).
+        pool.call(Stage::Test, &slow, vec![json!({"type": "track"}); 4], Arc::new(json!({}))).await;
+        assert!(pool.slow.lock().unwrap().contains("slow"));
+        // Three requests of five slow events (1.5 s each) from three callers (three route partitions)...
+        for _ in 0..3 {
+            let (pool, slow, done) = (pool.clone(), slow.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                pool.call(Stage::Test, &slow, vec![json!({"type": "track"}); 5], Arc::new(json!({}))).await;
+                done.lock().unwrap().push("slow");
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // ...and the fast function is answered first: a thread was left to it.
+        let out = pool.call(Stage::Test, &fast, vec![json!({"type": "track"})], Arc::new(json!({}))).await;
+        assert!(matches!(out[0], FunctionOutcome::Event(_)), "{out:?}");
+        done.lock().unwrap().push("fast");
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(done.lock().unwrap().clone(), ["fast", "slow", "slow", "slow"]);
+        assert!(pool.busy.lock().unwrap().is_empty(), "every share given back");
+        assert!(!pool.slow.lock().unwrap().contains("fast"));
     }
 
     /// Sleeps 50 ms, answers 200.

@@ -1,0 +1,267 @@
+//! `kafka` destinations (docs/DESTINATIONS.md): each job published as one
+//! message to a topic of the user's own Kafka cluster.
+//!
+//! Invariants:
+//! - One producer per (destination, brokers, topic, private-network
+//!   setting), idempotent (`enable.idempotence`, `acks=all`); a changed
+//!   URL makes a new one on its next request, the old one is dropped once
+//!   no request holds it.
+//! - A job's message: value = the job's body (after the destination
+//!   function), key = its messageId, or with `kafka_key = "user_id"` the
+//!   event's userId (else anonymousId, else messageId: one user's events
+//!   share a partition, in order); headers `sluice-source` and
+//!   `sluice-message-id` (the job's idempotency key: a replay's carries
+//!   `:replay-<n>`).
+//! - A job succeeds only on its own delivery report (the broker has it on
+//!   every in-sync replica); every job of a request gets its own outcome.
+//! - Exactly once within a producer session: librdkafka's own resends
+//!   (a broker restart, a leader change, a lost answer) are dropped by the
+//!   broker by producer id and sequence. At least once across sessions: a
+//!   job whose report did not come within the destination's
+//!   `request_timeout` (`message.timeout.ms`), or that was `executing` at a
+//!   crash, is sent again as a new message; consumers that must not see a
+//!   repeat drop it by the `sluice-message-id` header.
+//! - The SSRF guard checks the bootstrap brokers' addresses when the
+//!   producer is made (refused → the jobs are discarded with the reason,
+//!   as a webhook's are). The brokers a cluster's metadata then names are
+//!   librdkafka's to reach and are not checked: a `kafka` destination
+//!   trusts the cluster it names.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_core::config::{KafkaKey, KafkaTarget};
+
+use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
+
+/// One message to publish.
+pub struct Message<'a> {
+    pub message_id: &'a str,
+    /// Sent as `sluice-message-id`.
+    pub idempotency_key: &'a str,
+    pub source: &'a str,
+    pub body: &'a Bytes,
+}
+
+/// What identifies a producer: a change of any part makes a new one.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ProducerKey {
+    destination: String,
+    bootstrap: String,
+    allow_private_network: bool,
+    timeout: Duration,
+}
+
+/// The producers of every `kafka` destination of this process.
+#[derive(Clone, Default)]
+pub struct Producers {
+    by_key: Arc<Mutex<HashMap<ProducerKey, Arc<FutureProducer>>>>,
+}
+
+/// A producer could not be made: every job of the request gets this outcome.
+struct Refused {
+    verdict: Verdict,
+    error: String,
+}
+
+impl Producers {
+    /// Publish `messages` to `target` for destination `destination`; one
+    /// [`Attempt`] per message, in order. Never fails.
+    pub async fn send(
+        &self,
+        destination: &str,
+        target: &KafkaTarget,
+        allow_private_network: bool,
+        timeout: Duration,
+        messages: &[Message<'_>],
+    ) -> Vec<Attempt> {
+        let started = Instant::now();
+        let producer = match self.producer(destination, &target.bootstrap, allow_private_network, timeout).await {
+            Ok(p) => p,
+            Err(r) => {
+                let attempt = Attempt { verdict: r.verdict, status: None, error: Some(r.error), retry_after: None, elapsed: started.elapsed() };
+                return vec![attempt; messages.len()];
+            }
+        };
+        // Enqueue all, then wait for each report: librdkafka batches them.
+        let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header { key: "sluice-source", value: Some(m.source.as_bytes()) })
+                .insert(Header { key: "sluice-message-id", value: Some(m.idempotency_key.as_bytes()) });
+            let key = match target.key {
+                KafkaKey::MessageId => m.message_id.to_owned(),
+                KafkaKey::UserId => user_key(m.body).unwrap_or_else(|| m.message_id.to_owned()),
+            };
+            let mut record = FutureRecord::to(&target.topic).key(key.as_bytes()).payload(&m.body[..]).headers(headers);
+            let queued = loop {
+                match producer.send_result(record) {
+                    Ok(f) => break Ok(f),
+                    // librdkafka's queue is full (the cluster is slow or away): wait, within the request's time.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if tokio::time::Instant::now() < deadline => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            pending.push(queued);
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for queued in pending {
+            let result = match queued {
+                Err(e) => Err(e.to_string()),
+                Ok(f) => match tokio::time::timeout_at(deadline, f).await {
+                    Err(_) => Err(format!("no delivery report within {timeout:?}")),
+                    Ok(Err(_)) => Err("the producer was closed".into()),
+                    Ok(Ok(Ok(_delivery))) => Ok(()),
+                    Ok(Ok(Err((e, _)))) => Err(describe(&e)),
+                },
+            };
+            let (verdict, error) = match result {
+                Ok(()) => (Verdict::Succeeded, None),
+                Err(error) => (verdict_of(&error), Some(error)),
+            };
+            out.push(Attempt { verdict, status: None, error, retry_after: None, elapsed: started.elapsed() });
+        }
+        out
+    }
+
+    async fn producer(
+        &self,
+        destination: &str,
+        bootstrap: &str,
+        allow_private_network: bool,
+        timeout: Duration,
+    ) -> Result<Arc<FutureProducer>, Refused> {
+        let key = ProducerKey { destination: destination.to_owned(), bootstrap: bootstrap.to_owned(), allow_private_network, timeout };
+        if let Some(p) = self.by_key.lock().expect("producers lock").get(&key) {
+            return Ok(p.clone());
+        }
+        if !allow_private_network {
+            check_brokers(bootstrap).await?;
+        }
+        let config = producer_config(bootstrap, timeout);
+        // Making a client starts librdkafka's threads: off the async workers.
+        let made = tokio::task::spawn_blocking(move || config.create::<FutureProducer>()).await;
+        let producer = match made {
+            Ok(Ok(p)) => Arc::new(p),
+            Ok(Err(e)) => return Err(Refused { verdict: Verdict::Discard, error: format!("cannot make a Kafka producer: {e}") }),
+            Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot make a Kafka producer: {e}") }),
+        };
+        let mut by_key = self.by_key.lock().expect("producers lock");
+        // Another request may have made one meanwhile: keep the first. A
+        // destination's old producers (its URL changed) go.
+        by_key.retain(|k, _| k.destination != destination || *k == key);
+        Ok(by_key.entry(key).or_insert(producer).clone())
+    }
+}
+
+/// librdkafka's settings for a destination's producer.
+fn producer_config(bootstrap: &str, timeout: Duration) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("client.id", format!("sluice/{}", env!("CARGO_PKG_VERSION")))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        // A report (delivered or not) within the destination's request timeout.
+        .set("message.timeout.ms", timeout.as_millis().clamp(1000, i32::MAX as u128).to_string())
+        .set("reconnect.backoff.max.ms", "2000")
+        .set("log_level", "3");
+    c
+}
+
+/// Resolve each bootstrap broker and refuse a non-public address.
+async fn check_brokers(bootstrap: &str) -> Result<(), Refused> {
+    for broker in bootstrap.split(',') {
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(broker).await {
+            Ok(a) => a.collect(),
+            Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot resolve the Kafka broker {broker}: {e}") }),
+        };
+        if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
+            let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h).to_owned();
+            return Err(Refused { verdict: Verdict::Discard, error: SsrfRefused { host, addr, kind }.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// The event's userId, else its anonymousId (strings only).
+fn user_key(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        #[serde(rename = "userId")]
+        user_id: Option<serde_json::Value>,
+        #[serde(rename = "anonymousId")]
+        anonymous_id: Option<serde_json::Value>,
+    }
+    let ids: Ids = serde_json::from_slice(body).ok()?;
+    let text = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    text(ids.user_id).or_else(|| text(ids.anonymous_id))
+}
+
+fn describe(e: &KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(code) => format!("Kafka: {code:?}: {e}"),
+        None => format!("Kafka: {e}"),
+    }
+}
+
+/// A message the cluster will never take (too large, refused by a topic's
+/// rules or its ACLs) is discarded; anything else is retried.
+fn verdict_of(error: &str) -> Verdict {
+    const NEVER: &[&str] = &[
+        "MessageSizeTooLarge",
+        "InvalidMessageSize",
+        "InvalidRecord",
+        "InvalidMessage",
+        "TopicAuthorizationFailed",
+        "ClusterAuthorizationFailed",
+        "InvalidTopic",
+        "TopicException",
+        "InvalidRequiredAcks",
+    ];
+    if NEVER.iter().any(|code| error.contains(&format!("Kafka: {code}:"))) {
+        Verdict::Discard
+    } else {
+        Verdict::Retry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_key_is_the_user_id_else_the_anonymous_id() {
+        assert_eq!(user_key(br#"{"userId":"u1","anonymousId":"a1"}"#).as_deref(), Some("u1"));
+        assert_eq!(user_key(br#"{"userId":null,"anonymousId":"a1"}"#).as_deref(), Some("a1"));
+        assert_eq!(user_key(br#"{"userId":"","anonymousId":"a1"}"#).as_deref(), Some("a1"));
+        assert_eq!(user_key(br#"{"userId":42}"#).as_deref(), Some("42"));
+        assert_eq!(user_key(br#"{"userId":{"x":1}}"#), None);
+        assert_eq!(user_key(b"not json"), None);
+    }
+
+    #[test]
+    fn only_what_the_cluster_will_never_take_is_discarded() {
+        let size = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(verdict_of(&describe(&size)), Verdict::Discard);
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(verdict_of(&describe(&timeout)), Verdict::Retry);
+        assert_eq!(verdict_of("no delivery report within 10s"), Verdict::Retry);
+    }
+}

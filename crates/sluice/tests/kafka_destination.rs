@@ -1,0 +1,146 @@
+//! `type = "kafka"` against the real binary and a real broker: every event
+//! lands in the topic once (exactly once within the producer's session,
+//! through a broker stop and restart under traffic), keyed by messageId or
+//! by userId, with the `sluice-source` and `sluice-message-id` headers; a
+//! destination whose brokers the SSRF guard refuses discards its jobs with
+//! the reason; a URL that is not `kafka://host:port/topic` is refused at load.
+
+mod util;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use util::*;
+
+/// One message as read back.
+#[derive(Debug, Clone)]
+struct Read {
+    key: String,
+    headers: HashMap<String, String>,
+    message_id: String,
+}
+
+/// Read `topic` (partition 0, from the start) until `want` distinct
+/// messageIds are there, then a further second for late repeats; every message.
+fn read_topic_until(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-reader-{topic}-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .expect("a consumer");
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&partitions).unwrap();
+    let mut out: Vec<Read> = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut full_at: Option<Instant> = None;
+    while Instant::now() < deadline && full_at.is_none_or(|t| t.elapsed() < Duration::from_secs(1)) {
+        // An error: the topic may not exist yet (it is made by the first message).
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            let body: Value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("a JSON event");
+            out.push(Read {
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                headers,
+                message_id: body["messageId"].as_str().expect("a messageId").to_owned(),
+            });
+        }
+        let distinct: std::collections::HashSet<&str> = out.iter().map(|r| r.message_id.as_str()).collect();
+        if full_at.is_none() && distinct.len() >= want {
+            full_at = Some(Instant::now());
+        }
+    }
+    out
+}
+
+fn kafka_dest(id: &str, bootstrap: &str, topic: &str, extra: &str) -> String {
+    format!(
+        "[[destinations]]\nid = \"{id}\"\ntype = \"kafka\"\nurl = \"kafka://{bootstrap}/{topic}\"\n\
+         request_timeout = \"60s\"\ninitial_backoff = \"200ms\"\nmax_backoff = \"1s\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn kafka_destinations_publish_each_event_once_through_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut broker) = Broker::start(&dir.path().join("kafka"), "sluice-kafka-dest") else { return };
+    let bootstrap = broker.bootstrap.clone();
+    let sink = TestSink::start();
+    let extra = format!(
+        "{}{}{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\", \"users\", \"guarded\"]\n",
+        kafka_dest("lake", &bootstrap, "events", "allow_private_network = true"),
+        kafka_dest("users", &bootstrap, "by-user", "allow_private_network = true\nkafka_key = \"user_id\"\nbatch_max_events = 7"),
+        // 127.0.0.1 without allow_private_network: the guard refuses it.
+        kafka_dest("guarded", &bootstrap, "never", ""),
+    );
+    let config = write_config(dir.path(), &extra);
+    let server = Server::start(&config);
+    let events: Vec<Value> = (0..300).map(|i| track_event(&format!("k-{i}"), i)).collect();
+    let post = |range: std::ops::Range<usize>| {
+        for chunk in events[range].chunks(25) {
+            sink.post_batch(&server.addr, chunk).unwrap();
+        }
+    };
+
+    post(0..100);
+    let first = read_topic_until(&bootstrap, "events", 100, Duration::from_secs(60));
+    assert!(first.len() >= 100, "{} of 100 before the stop", first.len());
+    // The broker goes away under traffic and comes back on the same data and ports.
+    broker.stop();
+    post(100..200);
+    std::thread::sleep(Duration::from_secs(3));
+    broker.restart().expect("restart the broker");
+    assert_eq!(broker.bootstrap, bootstrap);
+    post(200..300);
+
+    let lake = read_topic_until(&bootstrap, "events", 300, Duration::from_secs(90));
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for r in &lake {
+        *times.entry(r.message_id.as_str()).or_default() += 1;
+        assert_eq!(r.key, r.message_id, "keyed by messageId");
+        assert_eq!(r.headers.get("sluice-source").map(String::as_str), Some(SOURCE_ID), "{r:?}");
+        assert_eq!(r.headers.get("sluice-message-id"), Some(&r.message_id), "{r:?}");
+    }
+    assert_eq!(times.len(), 300, "every event in the topic");
+    let repeated: Vec<_> = times.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(repeated.is_empty(), "exactly once within the producer's session: {repeated:?}");
+
+    let users = read_topic_until(&bootstrap, "by-user", 300, Duration::from_secs(60));
+    let by_id: HashMap<&str, &Read> = users.iter().map(|r| (r.message_id.as_str(), r)).collect();
+    assert_eq!((by_id.len(), users.len()), (300, 300), "every event once");
+    for (i, e) in events.iter().enumerate() {
+        let r = by_id[e["messageId"].as_str().unwrap()];
+        assert_eq!(r.key, format!("user-{i}"), "keyed by userId");
+    }
+
+    // The refused destination: discarded, the reason recorded, nothing published.
+    let counts = wait_for(
+        Duration::from_secs(30),
+        || {
+            let c = stats_for(&jobs_stats(&config), "guarded");
+            (c.get("discarded").copied() == Some(300)).then_some(c)
+        },
+        || format!("{:?}", stats_for(&jobs_stats(&config), "guarded")),
+    );
+    assert_eq!(counts.get("succeeded"), None, "{counts:?}");
+    let inspected = jobs_inspect_json(&config, "k-0").unwrap().to_string();
+    assert!(inspected.contains("SSRF guard"), "{inspected}");
+    server.stop();
+
+    // A kafka URL is checked at load, naming the key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://127.0.0.1:9092\"\n").unwrap();
+    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("destinations[0].url") && stderr.contains("topic"), "{stderr}");
+}
