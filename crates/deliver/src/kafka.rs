@@ -33,7 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -50,6 +51,44 @@ pub struct Message<'a> {
     pub body: &'a Bytes,
 }
 
+/// librdkafka's reports about a destination's producer: a cluster that is
+/// away is the destination's business (its jobs retry), logged as a
+/// warning with its id at most once a minute, not as a process error per
+/// reconnect.
+struct DestinationContext {
+    destination: String,
+    last_warned: Mutex<Option<Instant>>,
+}
+
+impl DestinationContext {
+    fn warn(&self, what: &str) {
+        let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(Instant::now());
+            tracing::warn!(destination = %self.destination, "kafka destination: {what} (its jobs are retried; said at most once a minute)");
+        } else {
+            tracing::debug!(destination = %self.destination, "kafka destination: {what}");
+        }
+    }
+}
+
+impl ClientContext for DestinationContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                self.warn(&format!("librdkafka {fac}: {message}"))
+            }
+            _ => tracing::debug!(destination = %self.destination, "librdkafka {fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.warn(&format!("{error}: {reason}"));
+    }
+}
+
+type Producer = FutureProducer<DestinationContext>;
+
 /// What identifies a producer: a change of any part makes a new one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct ProducerKey {
@@ -62,7 +101,7 @@ struct ProducerKey {
 /// The producers of every `kafka` destination of this process.
 #[derive(Clone, Default)]
 pub struct Producers {
-    by_key: Arc<Mutex<HashMap<ProducerKey, Arc<FutureProducer>>>>,
+    by_key: Arc<Mutex<HashMap<ProducerKey, Arc<Producer>>>>,
 }
 
 /// A producer could not be made: every job of the request gets this outcome.
@@ -135,13 +174,7 @@ impl Producers {
         out
     }
 
-    async fn producer(
-        &self,
-        destination: &str,
-        bootstrap: &str,
-        allow_private_network: bool,
-        timeout: Duration,
-    ) -> Result<Arc<FutureProducer>, Refused> {
+    async fn producer(&self, destination: &str, bootstrap: &str, allow_private_network: bool, timeout: Duration) -> Result<Arc<Producer>, Refused> {
         let key = ProducerKey { destination: destination.to_owned(), bootstrap: bootstrap.to_owned(), allow_private_network, timeout };
         if let Some(p) = self.by_key.lock().expect("producers lock").get(&key) {
             return Ok(p.clone());
@@ -151,7 +184,8 @@ impl Producers {
         }
         let config = producer_config(bootstrap, timeout);
         // Making a client starts librdkafka's threads: off the async workers.
-        let made = tokio::task::spawn_blocking(move || config.create::<FutureProducer>()).await;
+        let context = DestinationContext { destination: destination.to_owned(), last_warned: Mutex::new(None) };
+        let made = tokio::task::spawn_blocking(move || config.create_with_context::<_, Producer>(context)).await;
         let producer = match made {
             Ok(Ok(p)) => Arc::new(p),
             Ok(Err(e)) => return Err(Refused { verdict: Verdict::Discard, error: format!("cannot make a Kafka producer: {e}") }),

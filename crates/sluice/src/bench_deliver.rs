@@ -224,6 +224,13 @@ pub struct E2eBench {
     /// After the run, bring the down ones back and time the backlog's drain (seconds allowed).
     #[arg(long, default_value_t = 0)]
     recover_seconds: u64,
+    /// The types of the down destinations, in order (`d0`, `d1`, …): a
+    /// down `webhook` or `batch_webhook` answers 503, a down `kafka`
+    /// names a broker nobody listens on (issue 17: `--down 3 --down-types
+    /// webhook,batch_webhook,kafka`). The healthy ones are of
+    /// `--destination-type`.
+    #[arg(long, value_delimiter = ',', value_name = "TYPE,…", conflicts_with = "recover_seconds", requires = "down")]
+    down_types: Vec<String>,
     #[arg(long, default_value_t = 10)]
     sources: usize,
     #[arg(long, default_value_t = 8)]
@@ -426,12 +433,13 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         bail!("--kafka-option needs --kafka");
     }
     println!(
-        "mode: log {}{}, JobDBs {}, Tracking API {}, destinations {}",
+        "mode: log {}{}, JobDBs {}, Tracking API {}, destinations {}{}",
         args.kafka.as_deref().map_or("embedded".to_owned(), |b| format!("Kafka at {b}")),
         if args.kafka_options.is_empty() { String::new() } else { format!(" ({})", args.kafka_options.join(", ")) },
         args.jobdb_url.as_deref().map_or("SQLite".to_owned(), |u| u.split('@').next_back().unwrap_or(u).to_owned()),
         if args.tls_cert.is_some() { "over HTTPS" } else { "over HTTP" },
-        args.destination_type.first().map_or("webhook", String::as_str)
+        args.destination_type.first().map_or("webhook", String::as_str),
+        if args.down_types.is_empty() { String::new() } else { format!(" (down: {})", args.down_types.join(", ")) }
     );
     for s in 0..args.sources {
         toml.push_str(&format!("[[sources]]\nid = \"s{s}\"\nwrite_key = \"wk{s}\"\n"));
@@ -444,7 +452,20 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         ("kafka", None) => bail!("--destination-type kafka needs --kafka-destination HOST:PORT (a broker, e.g. from scripts/kafka.sh start)"),
         _ => None,
     };
-    for d in &dests {
+    if args.down_types.len() > args.down {
+        bail!("--down-types names {} types for {} down destinations", args.down_types.len(), args.down);
+    }
+    for (i, d) in dests.iter().enumerate() {
+        if let Some(down_kind) = args.down_types.get(i) {
+            let url = match down_kind.as_str() {
+                "webhook" | "batch_webhook" => sink.url(&format!("/{d}")),
+                // Port 9 (discard): nothing listens; the producer retries until `request_timeout`.
+                "kafka" => "kafka://127.0.0.1:9/sluice-bench-down".to_owned(),
+                other => bail!("--down-types: unknown type {other:?} (webhook, batch_webhook, kafka)"),
+            };
+            toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"{down_kind}\"\nurl = \"{url}\"\n"));
+            continue;
+        }
         match &kafka_reader {
             Some(reader) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"kafka\"\nurl = \"{}\"\n", reader.url(d))),
             None => toml.push_str(&format!(
