@@ -144,3 +144,54 @@ fn kafka_destinations_publish_each_event_once_through_a_broker_restart() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("destinations[0].url") && stderr.contains("topic"), "{stderr}");
 }
+
+/// Commit point 4 for `kafka`: a crash between the broker's acknowledgement
+/// and the `succeeded` rows (the crash point `deliver.after_http_success`)
+/// makes the restarted director publish those jobs again — every event is
+/// in the topic, and only events whose job was `executing` at the crash may
+/// be there twice (at least once across producer sessions, as documented).
+#[test]
+fn a_crash_after_publishing_loses_nothing_and_repeats_only_executing_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = Broker::start(&dir.path().join("kafka"), "sluice-kafka-crash") else { return };
+    let sink = TestSink::start();
+    let data = dir.path().join("data");
+    let extra = format!(
+        "{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\"]\n",
+        kafka_dest("lake", &broker.bootstrap, "crash", "allow_private_network = true\nbatch_max_events = 10\nmax_in_flight = 2")
+    );
+    let config = write_config(dir.path(), &extra);
+    let mut server = Server::start_with_env(&config, &[("SLUICE_CRASH_AT", "deliver.after_http_success:4")]);
+    let events: Vec<Value> = (0..200).map(|i| track_event(&format!("c-{i}"), i)).collect();
+    for chunk in events.chunks(25) {
+        // The server may die while this is sent: what it acknowledged is what counts.
+        if sink.post_batch(&server.addr, chunk).is_err() {
+            break;
+        }
+    }
+    assert!(server.wait_exit(Duration::from_secs(60)).is_some(), "the crash point stopped the server");
+    let executing: std::collections::HashSet<String> =
+        jobdb_rows(&data).into_iter().filter(|r| r.state == "executing").map(|r| r.message_id).collect();
+    let before: std::collections::HashSet<String> =
+        read_topic_until(&broker.bootstrap, "crash", usize::MAX, Duration::from_secs(3)).into_iter().map(|r| r.message_id).collect();
+    assert!(!before.is_empty() && before.len() < 200, "the crash came mid-delivery ({} published)", before.len());
+
+    let acked = read_input(&data).len();
+    let server = Server::start(&config);
+    let after = read_topic_until(&broker.bootstrap, "crash", acked, Duration::from_secs(90));
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for r in &after {
+        *times.entry(r.message_id.as_str()).or_default() += 1;
+    }
+    assert_eq!(times.len(), acked, "every acknowledged event is in the topic");
+    for (id, n) in &times {
+        assert!(*n == 1 || executing.contains(*id), "{id} is there {n} times but was not executing at the crash");
+    }
+    eprintln!(
+        "{} published before the crash; {} executing then; {} repeated",
+        before.len(),
+        executing.len(),
+        times.values().filter(|&&n| n > 1).count()
+    );
+    server.stop();
+}
