@@ -1268,8 +1268,19 @@ impl KafkaTarget {
                 return Err(format!("broker {} is not host:port", excerpt(host)));
             }
             check_authority(host).map_err(|problem| format!("broker {}: {problem}", excerpt(host)))?;
-            if !host.rsplit_once(':').is_some_and(|(_, p)| !p.is_empty() && !p.ends_with(']')) {
+            let Some((name, port)) = host.rsplit_once(':').filter(|(_, p)| !p.is_empty() && !p.ends_with(']')) else {
                 return Err(format!("broker {} has no port (host:port)", excerpt(host)));
+            };
+            if !port.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("broker {}: the port must be digits", excerpt(host)));
+            }
+            // A host name, an IPv4 address, or an IPv6 address in brackets.
+            let bracketed = name.starts_with('[') && name.ends_with(']');
+            let plain = !name.is_empty()
+                && !name.starts_with(['-', '.'])
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+            if !bracketed && !plain {
+                return Err(format!("broker {}: the host must be a name, an IPv4 address or [an IPv6 address]", excerpt(host)));
             }
         }
         // Kafka's own rule for topic names.
@@ -2348,6 +2359,7 @@ mod tests {
         );
         assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((500, Duration::ZERO)));
         assert_eq!(dest("type = \"kafka\"\nurl = \"kafka://h:1/t\"").unwrap().destinations[0].kafka_target().unwrap().key, KafkaKey::MessageId);
+        assert!(dest("type = \"kafka\"\nurl = \"kafka://[::1]:9092,b_2.example:1/t\"").is_ok());
         for (keys, named) in [
             ("type = \"kafka\"\nurl = \"http://h:1/t\"", "destinations[0].url"),
             ("type = \"kafka\"\nurl = \"kafka://h:1\"", "no topic"),
@@ -2357,6 +2369,10 @@ mod tests {
             ("type = \"kafka\"\nurl = \"kafka://h:1/a b\"", "topic"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/..\"", "topic"),
             ("type = \"kafka\"\nurl = \"kafka://h:99999/t\"", "port"),
+            ("type = \"kafka\"\nurl = \"kafka://::1:9092/t\"", "IPv6"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1:2/t\"", "host"),
+            ("type = \"kafka\"\nurl = \"kafka://-h:1/t\"", "host"),
+            ("type = \"kafka\"\nurl = \"kafka://h:+1/t\"", "digits"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_key = \"email\"", "destinations[0].kafka_key"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nsecret = \"s\"", "destinations[0].secret"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_bytes = 2048", "destinations[0].batch_max_bytes"),

@@ -204,10 +204,7 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
             .iter()
             .map(|j| crate::kafka::Message { message_id: &j.message_id, idempotency_key: &j.idempotency_key, source: &j.source, body: &j.body })
             .collect();
-        let attempts = executor
-            .kafka
-            .send(&permit.destination.id, target, settings.target.allow_private_network, settings.target.request_timeout, &messages)
-            .await;
+        let attempts = executor.kafka.send(target, settings.target.allow_private_network, settings.target.request_timeout, &messages).await;
         // One request for the circuit breaker: failed if any message must be retried.
         let verdict = if attempts.iter().any(|a| a.verdict == Verdict::Retry) {
             Verdict::Retry

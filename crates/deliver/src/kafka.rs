@@ -2,10 +2,11 @@
 //! message to a topic of the user's own Kafka cluster.
 //!
 //! Invariants:
-//! - One producer per (destination, brokers, topic, private-network
-//!   setting), idempotent (`enable.idempotence`, `acks=all`); a changed
-//!   URL makes a new one on its next request, the old one is dropped once
-//!   no request holds it.
+//! - One producer per (brokers, private-network setting, request
+//!   timeout), shared by the destinations that agree on them, idempotent
+//!   (`enable.idempotence`, `acks=all`); a producer unused for 10 minutes
+//!   is dropped when another is made, and one that hit a fatal error is
+//!   replaced on the next request.
 //! - A job's message: value = the job's body (after the destination
 //!   function), key = its messageId, or with `kafka_key = "user_id"` the
 //!   event's userId (else anonymousId, else messageId: one user's events
@@ -37,7 +38,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sluice_core::config::{KafkaKey, KafkaTarget};
 
 use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
@@ -51,57 +52,79 @@ pub struct Message<'a> {
     pub body: &'a Bytes,
 }
 
-/// librdkafka's reports about a destination's producer: a cluster that is
-/// away is the destination's business (its jobs retry), logged as a
-/// warning with its id at most once a minute, not as a process error per
-/// reconnect.
-struct DestinationContext {
-    destination: String,
+/// librdkafka's reports about a cluster's producer: a cluster that is
+/// away is its destinations' business (their jobs retry), logged as a
+/// warning at most once a minute, not as a process error per reconnect;
+/// the last report is kept to explain a timeout (`MessageTimedOut` alone
+/// says nothing of a refused connection or an unknown host).
+struct Reports {
+    bootstrap: String,
     last_warned: Mutex<Option<Instant>>,
+    last_report: Mutex<Option<(Instant, String)>>,
 }
 
-impl DestinationContext {
-    fn warn(&self, what: &str) {
+/// What librdkafka is given: the reports, shared with [`Cached`].
+struct ClusterContext(Arc<Reports>);
+
+impl Reports {
+    fn report(&self, what: String) {
         let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             *last = Some(Instant::now());
-            tracing::warn!(destination = %self.destination, "kafka destination: {what} (its jobs are retried; said at most once a minute)");
+            tracing::warn!(cluster = %self.bootstrap, "kafka destination: {what} (its jobs are retried; said at most once a minute)");
         } else {
-            tracing::debug!(destination = %self.destination, "kafka destination: {what}");
+            tracing::debug!(cluster = %self.bootstrap, "kafka destination: {what}");
         }
+        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), what));
+    }
+
+    /// What librdkafka last said, if within `recent`.
+    fn last_report(&self, recent: Duration) -> Option<String> {
+        let last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().filter(|(at, _)| at.elapsed() <= recent).map(|(_, what)| what.clone())
     }
 }
 
-impl ClientContext for DestinationContext {
+impl ClientContext for ClusterContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
-                self.warn(&format!("librdkafka {fac}: {message}"))
+                self.0.report(format!("librdkafka {fac}: {message}"))
             }
-            _ => tracing::debug!(destination = %self.destination, "librdkafka {fac}: {message}"),
+            _ => tracing::debug!(cluster = %self.0.bootstrap, "librdkafka {fac}: {message}"),
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.warn(&format!("{error}: {reason}"));
+        self.0.report(format!("{error}: {reason}"));
     }
 }
 
-type Producer = FutureProducer<DestinationContext>;
+type ClusterProducer = FutureProducer<ClusterContext>;
 
-/// What identifies a producer: a change of any part makes a new one.
+/// What identifies a producer: destinations that agree on all of it share
+/// one (librdkafka's threads and connections are per producer).
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct ProducerKey {
-    destination: String,
     bootstrap: String,
     allow_private_network: bool,
     timeout: Duration,
 }
 
-/// The producers of every `kafka` destination of this process.
+/// A producer and when it was last used.
+struct Cached {
+    producer: Arc<ClusterProducer>,
+    reports: Arc<Reports>,
+    used: Instant,
+}
+
+/// A producer not used for this long is dropped when another is made.
+const IDLE: Duration = Duration::from_secs(600);
+
+/// The producers of every `kafka` destination of this process: one per cluster (and settings).
 #[derive(Clone, Default)]
 pub struct Producers {
-    by_key: Arc<Mutex<HashMap<ProducerKey, Arc<Producer>>>>,
+    by_key: Arc<Mutex<HashMap<ProducerKey, Cached>>>,
 }
 
 /// A producer could not be made: every job of the request gets this outcome.
@@ -111,18 +134,12 @@ struct Refused {
 }
 
 impl Producers {
-    /// Publish `messages` to `target` for destination `destination`; one
-    /// [`Attempt`] per message, in order. Never fails.
-    pub async fn send(
-        &self,
-        destination: &str,
-        target: &KafkaTarget,
-        allow_private_network: bool,
-        timeout: Duration,
-        messages: &[Message<'_>],
-    ) -> Vec<Attempt> {
+    /// Publish `messages` to `target`; one [`Attempt`] per message, in
+    /// order. Never fails.
+    pub async fn send(&self, target: &KafkaTarget, allow_private_network: bool, timeout: Duration, messages: &[Message<'_>]) -> Vec<Attempt> {
         let started = Instant::now();
-        let producer = match self.producer(destination, &target.bootstrap, allow_private_network, timeout).await {
+        let key = ProducerKey { bootstrap: target.bootstrap.clone(), allow_private_network, timeout };
+        let (producer, reports) = match self.producer(&key).await {
             Ok(p) => p,
             Err(r) => {
                 let attempt = Attempt { verdict: r.verdict, status: None, error: Some(r.error), retry_after: None, elapsed: started.elapsed() };
@@ -165,37 +182,63 @@ impl Producers {
                     Ok(Ok(Err((e, _)))) => Err(describe(&e)),
                 },
             };
+            // A timeout says why, when the cluster said something lately.
+            let result = result.map_err(|error| match reports.last_report(timeout + Duration::from_secs(5)) {
+                Some(why) if error.contains("MessageTimedOut") || error.starts_with("no delivery report") => {
+                    format!("{error}; the cluster's last report: {why}")
+                }
+                _ => error,
+            });
             let (verdict, error) = match result {
                 Ok(()) => (Verdict::Succeeded, None),
                 Err(error) => (verdict_of(&error), Some(error)),
             };
             out.push(Attempt { verdict, status: None, error, retry_after: None, elapsed: started.elapsed() });
         }
+        // An idempotent producer that hit a fatal error takes no more messages: make a new one next time.
+        if let Some((code, why)) = producer.client().fatal_error() {
+            tracing::warn!(cluster = %key.bootstrap, "kafka destination: the producer failed for good ({code:?}: {why}); a new one is made");
+            let mut by_key = self.by_key.lock().expect("producers lock");
+            if by_key.get(&key).is_some_and(|c| Arc::ptr_eq(&c.producer, &producer)) {
+                by_key.remove(&key);
+            }
+        }
         out
     }
 
-    async fn producer(&self, destination: &str, bootstrap: &str, allow_private_network: bool, timeout: Duration) -> Result<Arc<Producer>, Refused> {
-        let key = ProducerKey { destination: destination.to_owned(), bootstrap: bootstrap.to_owned(), allow_private_network, timeout };
-        if let Some(p) = self.by_key.lock().expect("producers lock").get(&key) {
-            return Ok(p.clone());
+    async fn producer(&self, key: &ProducerKey) -> Result<(Arc<ClusterProducer>, Arc<Reports>), Refused> {
+        if let Some(c) = self.by_key.lock().expect("producers lock").get_mut(key) {
+            c.used = Instant::now();
+            return Ok((c.producer.clone(), c.reports.clone()));
         }
-        if !allow_private_network {
-            check_brokers(bootstrap).await?;
+        if !key.allow_private_network {
+            check_brokers(&key.bootstrap).await?;
         }
-        let config = producer_config(bootstrap, timeout);
+        let config = producer_config(&key.bootstrap, key.timeout);
+        let reports = Arc::new(Reports { bootstrap: key.bootstrap.clone(), last_warned: Mutex::new(None), last_report: Mutex::new(None) });
+        let context = ClusterContext(reports.clone());
         // Making a client starts librdkafka's threads: off the async workers.
-        let context = DestinationContext { destination: destination.to_owned(), last_warned: Mutex::new(None) };
-        let made = tokio::task::spawn_blocking(move || config.create_with_context::<_, Producer>(context)).await;
+        let made = tokio::task::spawn_blocking(move || config.create_with_context::<_, ClusterProducer>(context)).await;
         let producer = match made {
             Ok(Ok(p)) => Arc::new(p),
             Ok(Err(e)) => return Err(Refused { verdict: Verdict::Discard, error: format!("cannot make a Kafka producer: {e}") }),
             Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot make a Kafka producer: {e}") }),
         };
         let mut by_key = self.by_key.lock().expect("producers lock");
-        // Another request may have made one meanwhile: keep the first. A
-        // destination's old producers (its URL changed) go.
-        by_key.retain(|k, _| k.destination != destination || *k == key);
-        Ok(by_key.entry(key).or_insert(producer).clone())
+        // Producers of clusters no destination has used lately (a URL changed) go.
+        by_key.retain(|_, c| c.used.elapsed() < IDLE);
+        // Another request may have made one meanwhile: keep the first.
+        let cached = by_key.entry(key.clone()).or_insert(Cached { producer, reports, used: Instant::now() });
+        Ok((cached.producer.clone(), cached.reports.clone()))
+    }
+
+    /// Producers made and kept (one per cluster and settings).
+    pub fn len(&self) -> usize {
+        self.by_key.lock().expect("producers lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -15,8 +15,10 @@
 //!   (`sluice_function_calls_total{outcome="dropped"}`).
 //! - A slow function parks its source's events instead of holding the
 //!   route: a request at least [`SLOW`] long with events ending `Timeout`
-//!   or `RetryError` (a `fetch` upstream that did not answer in time)
-//!   opens the function's circuit; while open,
+//!   or `RetryError` (a `fetch` upstream that did not answer in time), or
+//!   taking [`SLOW_PER_EVENT`] or more per event, opens the function's
+//!   circuit, and so does a request the route stopped waiting for after
+//!   [`ROUTE_WAIT`] (its events are parked); while open,
 //!   the route calls it no more and makes its events dead letters whose
 //!   reason starts [`PARKED`] (so other sources' events in the same
 //!   partitions wait for nothing). Parked letters are replayed by
@@ -49,6 +51,13 @@ const RETRY_WAITS: [Duration; 2] = [Duration::from_millis(100), Duration::from_s
 
 /// A request at least this long, with events ending `Timeout` or `RetryError`, is slow.
 pub const SLOW: Duration = Duration::from_secs(1);
+/// The longest a route batch waits for a source function's request when
+/// it may park: past it, the function is slow and its events are parked.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(2);
+/// A request at least [`SLOW`] long whose events took this long each on
+/// average is slow even when every event was answered (a `fetch` that
+/// takes most of a second holds the route as surely as one that times out).
+const SLOW_PER_EVENT: Duration = Duration::from_millis(20);
 /// The reason of a parked event's dead letter starts with this.
 pub const PARKED: &str = "parked: ";
 /// The first wait of an opened circuit before a probe; doubled on each
@@ -216,16 +225,16 @@ impl Planner {
             }
         }
         let pool = FunctionPool::global();
-        // Parking needs room in the dead-letter store (checked once, when a circuit is open).
-        let mut may_park: Option<bool> = None;
+        // Parking needs room in the dead-letter store.
+        let room = lane == Lane::Route && !groups.is_empty() && self.dead_letter_room().await;
         let mut calls = Vec::new();
         for (source, (indexes, events, raw)) in groups {
             let f = attached[source];
-            let parks = !admit(&f.id, lane)
-                && match may_park {
-                    Some(room) => room,
-                    None => *may_park.insert(self.dead_letter_room().await),
-                };
+            let parks = match lane {
+                // Without room the route waits, as it would without circuits.
+                Lane::Route => room && !admit(&f.id, lane),
+                Lane::Replay => !admit(&f.id, lane),
+            };
             if parks {
                 crate::dead_letter::parked_some();
                 for i in indexes {
@@ -237,9 +246,29 @@ impl Planner {
             let code = FunctionCode { id: f.id.clone(), version: live.version, code: live.code.clone() };
             let settings = Arc::new(Value::Object(f.settings.clone()));
             let pool = pool.clone();
+            // The route waits at most `ROUTE_WAIT` when it may park: a function that takes longer
+            // is slow for every source on these partitions. Its request runs on; its answers are
+            // not used (the parked events run through the function again when replayed).
+            let wait = (lane == Lane::Route && room).then_some(ROUTE_WAIT);
             // The sources' requests go together: a batch waits for the slowest, not the sum.
             calls.push(async move {
-                let (outcomes, slow) = call_with_retries(&pool, &code, events, &raw, settings).await;
+                let n = events.len();
+                // A task of its own: when the route stops waiting, the request still ends in the
+                // pool (which then knows the function is slow), its answers unused.
+                let raw: Vec<Bytes> = raw.into_iter().cloned().collect();
+                let task_code = code.clone();
+                let called = tokio::spawn(async move { call_with_retries(&pool, &task_code, events, &raw, settings).await });
+                let unanswered = |why: &str| {
+                    let outcomes = (0..n).map(|_| FunctionOutcome::Error { class: ErrorClass::Timeout, message: why.to_owned() }).collect();
+                    (outcomes, true)
+                };
+                let (outcomes, slow) = match wait {
+                    None => called.await.unwrap_or_else(|e| unanswered(&format!("the call failed: {e}"))),
+                    Some(wait) => match tokio::time::timeout(wait, called).await {
+                        Ok(answered) => answered.unwrap_or_else(|e| unanswered(&format!("the call failed: {e}"))),
+                        Err(_) => unanswered("the route stopped waiting"),
+                    },
+                };
                 record(&code.id, slow);
                 (indexes, outcomes, slow, code)
             });
@@ -262,14 +291,23 @@ impl Planner {
         steps
     }
 
-    /// Whether the dead-letter store is under half its rows (parking may add to it).
+    /// Whether the dead-letter store is under half its rows (parking may
+    /// add to it); asked of the store at most once a second.
     async fn dead_letter_room(&self) -> bool {
+        static KNOWN: Mutex<Option<(Instant, bool)>> = Mutex::new(None);
+        if let Some((at, room)) = *KNOWN.lock().expect("room lock") {
+            if at.elapsed() < Duration::from_secs(1) {
+                return room;
+            }
+        }
         let catalog = self.catalog().clone();
         let counts = tokio::task::spawn_blocking(move || catalog.with_control(|db| Ok((db.dead_letter_counts()?, db.dead_letter_limits())))).await;
-        match counts {
+        let room = match counts {
             Ok(Ok((counts, limits))) => (counts.open.max(0) as u64) < limits.max_rows / 2,
             _ => false,
-        }
+        };
+        *KNOWN.lock().expect("room lock") = Some((Instant::now(), room));
+        room
     }
 }
 
@@ -279,15 +317,17 @@ impl Planner {
 /// at least [`SLOW`] long with events ending `Timeout` or `RetryError`
 /// (a `fetch` upstream that did not answer in time).
 async fn call_with_retries(
-    pool: &FunctionPool,
+    pool: &Arc<FunctionPool>,
     code: &FunctionCode,
     events: Vec<Value>,
-    raw: &[&Bytes],
+    raw: &[Bytes],
     settings: Arc<Value>,
 ) -> (Vec<FunctionOutcome>, bool) {
     let timed = |started: Instant, outcomes: &[FunctionOutcome]| {
-        started.elapsed() >= SLOW
-            && outcomes.iter().any(|o| matches!(o, FunctionOutcome::Error { class: ErrorClass::Timeout | ErrorClass::Retry, .. }))
+        let took = started.elapsed();
+        took >= SLOW
+            && (took / outcomes.len().max(1) as u32 >= SLOW_PER_EVENT
+                || outcomes.iter().any(|o| matches!(o, FunctionOutcome::Error { class: ErrorClass::Timeout | ErrorClass::Retry, .. })))
     };
     let started = Instant::now();
     let mut outcomes = pool.call(Stage::Source, code, events, settings.clone()).await;
@@ -305,7 +345,7 @@ async fn call_with_retries(
             break;
         }
         tokio::time::sleep(wait).await;
-        let events = again.iter().map(|&i| serde_json::from_slice(raw[i]).expect("parsed before")).collect();
+        let events = again.iter().map(|&i| serde_json::from_slice(&raw[i]).expect("parsed before")).collect();
         let started = Instant::now();
         let retried = pool.call(Stage::Source, code, events, settings.clone()).await;
         let slow = timed(started, &retried);

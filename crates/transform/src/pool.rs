@@ -125,8 +125,9 @@ pub struct FunctionPool {
     /// Versions that got a thread stuck.
     stopped: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     next: AtomicUsize,
-    /// Requests per function id in the threads (sent, not answered).
-    busy: std::sync::Mutex<HashMap<String, usize>>,
+    /// Per function id, when each of its requests in the threads (sent,
+    /// not answered) was sent.
+    busy: std::sync::Mutex<HashMap<String, Vec<Instant>>>,
     /// Woken when a function's request is answered.
     freed: tokio::sync::Notify,
     /// Functions whose last request was slow (held to their share).
@@ -240,7 +241,8 @@ impl FunctionPool {
     }
 
     /// Wait until function `id` has fewer than [`FunctionPool::share`]
-    /// requests in the threads (when `held`; at once otherwise); counts
+    /// requests in the threads (when `held`, or when it has had requests
+    /// in them for [`SLOW_REQUEST`] already; at once otherwise); counts
     /// this one until the guard drops.
     async fn function_share(&self, id: &str, held: bool) -> Share<'_> {
         loop {
@@ -250,10 +252,13 @@ impl FunctionPool {
             freed.as_mut().enable();
             {
                 let mut busy = self.busy.lock().expect("busy lock");
-                let n = busy.entry(id.to_owned()).or_default();
-                if !held || *n < self.share() {
-                    *n += 1;
-                    return Share { pool: self, id: id.to_owned() };
+                let sent = busy.entry(id.to_owned()).or_default();
+                // A request of it has been in the threads for a while already (stuck, or slow): as slow.
+                let held = held || sent.iter().any(|at| at.elapsed() >= SLOW_REQUEST);
+                if !held || sent.len() < self.share() {
+                    let at = Instant::now();
+                    sent.push(at);
+                    return Share { pool: self, id: id.to_owned(), at };
                 }
             }
             freed.await;
@@ -344,14 +349,17 @@ impl FunctionPool {
 struct Share<'a> {
     pool: &'a FunctionPool,
     id: String,
+    at: Instant,
 }
 
 impl Drop for Share<'_> {
     fn drop(&mut self) {
         let mut busy = self.pool.busy.lock().expect("busy lock");
-        if let Some(n) = busy.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(sent) = busy.get_mut(&self.id) {
+            if let Some(i) = sent.iter().position(|at| *at == self.at) {
+                sent.swap_remove(i);
+            }
+            if sent.is_empty() {
                 busy.remove(&self.id);
             }
         }
