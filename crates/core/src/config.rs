@@ -1283,6 +1283,9 @@ impl KafkaTarget {
                 return Err(format!("broker {}: the host must be a name, an IPv4 address or [an IPv6 address]", excerpt(host)));
             }
         }
+        if topic.starts_with("__") {
+            return Err(format!("topic {} is one of Kafka's internal topics (names starting \"__\")", excerpt(topic)));
+        }
         // Kafka's own rule for topic names.
         if topic.is_empty()
             || topic.len() > 249
@@ -2373,6 +2376,7 @@ mod tests {
             ("type = \"kafka\"\nurl = \"kafka://h:1:2/t\"", "host"),
             ("type = \"kafka\"\nurl = \"kafka://-h:1/t\"", "host"),
             ("type = \"kafka\"\nurl = \"kafka://h:+1/t\"", "digits"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/__consumer_offsets\"", "internal"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_key = \"email\"", "destinations[0].kafka_key"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nsecret = \"s\"", "destinations[0].secret"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_bytes = 2048", "destinations[0].batch_max_bytes"),

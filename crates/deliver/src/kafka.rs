@@ -146,42 +146,20 @@ impl Producers {
                 return vec![attempt; messages.len()];
             }
         };
-        // Enqueue all, then wait for each report: librdkafka batches them.
         let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header { key: "sluice-source", value: Some(m.source.as_bytes()) })
-                .insert(Header { key: "sluice-message-id", value: Some(m.idempotency_key.as_bytes()) });
-            let key = match target.key {
-                KafkaKey::MessageId => m.message_id.to_owned(),
-                KafkaKey::UserId => user_key(m.body).unwrap_or_else(|| m.message_id.to_owned()),
-            };
-            let mut record = FutureRecord::to(&target.topic).key(key.as_bytes()).payload(&m.body[..]).headers(headers);
-            let queued = loop {
-                match producer.send_result(record) {
-                    Ok(f) => break Ok(f),
-                    // librdkafka's queue is full (the cluster is slow or away): wait, within the request's time.
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if tokio::time::Instant::now() < deadline => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => break Err(e),
+        let all: Vec<&Message> = messages.iter().collect();
+        let mut results = publish(&producer, target, &all, deadline, timeout).await;
+        // A produce request the topic found too large (its `max.message.bytes` under librdkafka's
+        // batch) fails every message in it: each is tried alone before it is called too large.
+        if messages.len() > 1 {
+            for (i, m) in messages.iter().enumerate() {
+                if results[i].as_ref().is_err_and(|e| e.contains("Kafka: MessageSizeTooLarge:")) {
+                    results[i] = publish(&producer, target, &[m], deadline, timeout).await.remove(0);
                 }
-            };
-            pending.push(queued);
+            }
         }
         let mut out = Vec::with_capacity(messages.len());
-        for queued in pending {
-            let result = match queued {
-                Err(e) => Err(e.to_string()),
-                Ok(f) => match tokio::time::timeout_at(deadline, f).await {
-                    Err(_) => Err(format!("no delivery report within {timeout:?}")),
-                    Ok(Err(_)) => Err("the producer was closed".into()),
-                    Ok(Ok(Ok(_delivery))) => Ok(()),
-                    Ok(Ok(Err((e, _)))) => Err(describe(&e)),
-                },
-            };
+        for result in results {
             // A timeout says why, when the cluster said something lately.
             let result = result.map_err(|error| match reports.last_report(timeout + Duration::from_secs(5)) {
                 Some(why) if error.contains("MessageTimedOut") || error.starts_with("no delivery report") => {
@@ -207,9 +185,14 @@ impl Producers {
     }
 
     async fn producer(&self, key: &ProducerKey) -> Result<(Arc<ClusterProducer>, Arc<Reports>), Refused> {
-        if let Some(c) = self.by_key.lock().expect("producers lock").get_mut(key) {
-            c.used = Instant::now();
-            return Ok((c.producer.clone(), c.reports.clone()));
+        {
+            let mut by_key = self.by_key.lock().expect("producers lock");
+            // Producers of clusters no destination has used lately (a URL changed, a destination deleted) go.
+            by_key.retain(|k, c| k == key || c.used.elapsed() < IDLE);
+            if let Some(c) = by_key.get_mut(key) {
+                c.used = Instant::now();
+                return Ok((c.producer.clone(), c.reports.clone()));
+            }
         }
         if !key.allow_private_network {
             check_brokers(&key.bootstrap).await?;
@@ -225,8 +208,6 @@ impl Producers {
             Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot make a Kafka producer: {e}") }),
         };
         let mut by_key = self.by_key.lock().expect("producers lock");
-        // Producers of clusters no destination has used lately (a URL changed) go.
-        by_key.retain(|_, c| c.used.elapsed() < IDLE);
         // Another request may have made one meanwhile: keep the first.
         let cached = by_key.entry(key.clone()).or_insert(Cached { producer, reports, used: Instant::now() });
         Ok((cached.producer.clone(), cached.reports.clone()))
@@ -240,6 +221,53 @@ impl Producers {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Enqueue `messages`, then wait for each one's report (librdkafka
+/// batches them); one result per message, in order.
+async fn publish(
+    producer: &ClusterProducer,
+    target: &KafkaTarget,
+    messages: &[&Message<'_>],
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Vec<Result<(), String>> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header { key: "sluice-source", value: Some(m.source.as_bytes()) })
+            .insert(Header { key: "sluice-message-id", value: Some(m.idempotency_key.as_bytes()) });
+        let key = match target.key {
+            KafkaKey::MessageId => m.message_id.to_owned(),
+            KafkaKey::UserId => user_key(m.body).unwrap_or_else(|| m.message_id.to_owned()),
+        };
+        let mut record = FutureRecord::to(&target.topic).key(key.as_bytes()).payload(&m.body[..]).headers(headers);
+        let queued = loop {
+            match producer.send_result(record) {
+                Ok(f) => break Ok(f),
+                // librdkafka's queue is full (the cluster is slow or away): wait, within the request's time.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) if tokio::time::Instant::now() < deadline => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => break Err(e),
+            }
+        };
+        pending.push(queued);
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for queued in pending {
+        out.push(match queued {
+            Err(e) => Err(describe(&e)),
+            Ok(f) => match tokio::time::timeout_at(deadline, f).await {
+                Err(_) => Err(format!("no delivery report within {timeout:?}")),
+                Ok(Err(_)) => Err("the producer was closed".into()),
+                Ok(Ok(Ok(_delivery))) => Ok(()),
+                Ok(Ok(Err((e, _)))) => Err(describe(&e)),
+            },
+        });
+    }
+    out
 }
 
 /// librdkafka's settings for a destination's producer.

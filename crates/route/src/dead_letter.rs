@@ -180,9 +180,14 @@ pub(crate) async fn replay_requested(sink: &dyn JobSink, catalog: &Arc<Catalog>,
 /// this process parks one; cleared by a sweep that finds none.
 static PARKED_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Pages of dead letters one sweep reads (newest first).
+/// Pages of dead letters one sweep reads (newest first, from where the
+/// last sweep stopped: a store larger than one sweep is read in turns).
 const SWEEP_PAGES: usize = 20;
 const SWEEP_PAGE: usize = 1000;
+/// The id below which the next sweep reads (0: from the newest).
+static SWEEP_FROM: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+/// Whether the sweeps of the current pass over the store (newest to oldest) found parked letters.
+static PASS_FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Note that this process parked events (a sweep will replay them).
 pub(crate) fn parked_some() {
@@ -206,10 +211,12 @@ pub(crate) async fn sweep_parked(catalog: &Arc<Catalog>) -> usize {
         c.with_control(|db| {
             // (function, letter ids oldest first) of open parked letters not yet requested.
             let mut by_function: std::collections::BTreeMap<String, Vec<i64>> = std::collections::BTreeMap::new();
-            let (mut any, mut before) = (false, None);
-            for page_no in 0..SWEEP_PAGES {
+            let from = SWEEP_FROM.load(Ordering::Relaxed);
+            let (mut any, mut before) = (false, (from > 0).then_some(from));
+            let mut at_end = false;
+            for _ in 0..SWEEP_PAGES {
                 let page = db.dead_letters(before, SWEEP_PAGE)?;
-                before = page.last().map(|l| l.id);
+                before = page.last().map(|l| l.id).or(before);
                 for l in &page {
                     if l.replayed_at_ms.is_some() || l.discarded_at_ms.is_some() {
                         continue;
@@ -222,11 +229,19 @@ pub(crate) async fn sweep_parked(catalog: &Arc<Catalog>) -> usize {
                     }
                 }
                 if page.len() < SWEEP_PAGE {
+                    at_end = true;
                     break;
                 }
-                // More pages than one sweep reads: the rest wait for the next.
-                any |= page_no + 1 == SWEEP_PAGES;
             }
+            // The next sweep reads on from here, or from the newest again once this one reached the oldest.
+            SWEEP_FROM.store(if at_end { 0 } else { before.unwrap_or(0) }, Ordering::Relaxed);
+            // A pass over the whole store may take several sweeps: parked letters may remain
+            // until a whole pass found none.
+            if from == 0 {
+                PASS_FOUND.store(false, Ordering::Relaxed);
+            }
+            let found_in_pass = PASS_FOUND.fetch_or(any, Ordering::Relaxed) || any;
+            let any = if at_end { found_in_pass } else { true };
             let mut requested = 0;
             for (function, mut ids) in by_function {
                 ids.reverse(); // oldest first: the probe is the oldest

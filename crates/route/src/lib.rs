@@ -415,7 +415,12 @@ async fn route_records(
             }
             Err(problem) => {
                 metrics.unroutable.inc();
-                tracing::warn!(partition, offset = rec.offset, %problem, "an output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
+                if problem.starts_with(function::PARKED) {
+                    // Parked by a slow function: said once when its circuit opened, not per event.
+                    tracing::debug!(partition, offset = rec.offset, %problem, "an event parked as a dead letter");
+                } else {
+                    tracing::warn!(partition, offset = rec.offset, %problem, "an output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
+                }
                 dead.push(dead_letter::letter("route", OUTPUT_TOPIC, partition, rec, 0, None, problem));
             }
         }
@@ -568,7 +573,11 @@ async fn replay_records(
             Ok(d) => jobs.extend(d.jobs),
             // Under the replay's generation and destination: replaying it re-delivers as this replay would have.
             Err(problem) => {
-                tracing::warn!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
+                if problem.starts_with(function::PARKED) {
+                    tracing::debug!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed event parked as a dead letter");
+                } else {
+                    tracing::warn!(replay = r.id, topic, partition = p, offset = rec.offset, %problem, "a replayed output record that is not a routable event, or that its source function failed, goes to the dead-letter store");
+                }
                 dead.push(dead_letter::letter("replay", topic, p, rec, r.id, Some(&r.destination), problem));
             }
         }

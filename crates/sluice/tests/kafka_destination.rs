@@ -76,8 +76,16 @@ fn kafka_destinations_publish_each_event_once_through_a_broker_restart() {
     let Some(mut broker) = Broker::start(&dir.path().join("kafka"), "sluice-kafka-dest") else { return };
     let bootstrap = broker.bootstrap.clone();
     let sink = TestSink::start();
+    // A topic whose `max.message.bytes` is under librdkafka's batch: a produce request of many
+    // small messages is refused as too large, and each is then sent alone (none discarded).
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let small = rdkafka::admin::NewTopic::new("small", 1, rdkafka::admin::TopicReplication::Fixed(1)).set("max.message.bytes", "2000");
+    let made = sink.block_on(admin.create_topics([&small], &rdkafka::admin::AdminOptions::new())).unwrap();
+    assert!(made.iter().all(Result::is_ok), "{made:?}");
     let extra = format!(
-        "{}{}{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\", \"users\", \"guarded\"]\n",
+        "{}{}{}{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\", \"users\", \"guarded\", \"small\"]\n",
+        kafka_dest("small", &bootstrap, "small", "allow_private_network = true"),
         kafka_dest("lake", &bootstrap, "events", "allow_private_network = true"),
         kafka_dest("users", &bootstrap, "by-user", "allow_private_network = true\nkafka_key = \"user_id\"\nbatch_max_events = 7"),
         // 127.0.0.1 without allow_private_network: the guard refuses it.
@@ -122,6 +130,17 @@ fn kafka_destinations_publish_each_event_once_through_a_broker_restart() {
         let r = by_id[e["messageId"].as_str().unwrap()];
         assert_eq!(r.key, format!("user-{i}"), "keyed by userId");
     }
+
+    // The topic whose `max.message.bytes` is under librdkafka's batch: each event went alone.
+    let counts = wait_for(
+        Duration::from_secs(60),
+        || {
+            let c = stats_for(&jobs_stats(&config), "small");
+            (c.get("succeeded").copied().unwrap_or(0) + c.get("discarded").copied().unwrap_or(0) == 300).then_some(c)
+        },
+        || format!("{:?}", stats_for(&jobs_stats(&config), "small")),
+    );
+    assert_eq!(counts.get("succeeded"), Some(&300), "each event fits the topic alone: {counts:?}");
 
     // The refused destination: discarded, the reason recorded, nothing published.
     let counts = wait_for(

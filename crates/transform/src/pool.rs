@@ -37,6 +37,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::fetch::Fetch;
 use crate::function::{ErrorClass, FunctionOutcome, JsFunction, Limits};
 
+/// How long a version that got a thread stuck stays stopped (unless another is deployed first).
+pub const STOPPED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// A function whose last request took this long is held to its share of the threads.
 pub const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_secs(1);
 /// Requests waiting per thread before callers wait.
@@ -117,13 +119,14 @@ struct Thread {
 /// than [`FunctionPool::stuck_after`], the requests waiting on it end
 /// `Timeout`, the version it was running
 /// is stopped in this process (its calls end `Timeout` at once until
-/// another version is deployed), the stuck thread is set to the lowest CPU
+/// another version is deployed, or for [`STOPPED_FOR`]: a thread can also
+/// look stuck on a machine too loaded to run it), the stuck thread is set to the lowest CPU
 /// priority and left to finish, and a new thread takes its place.
 pub struct FunctionPool {
     workers: Vec<Worker>,
     fetcher: Option<Arc<dyn Fetch>>,
     /// Versions that got a thread stuck.
-    stopped: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
+    stopped: std::sync::Mutex<HashMap<(String, i64), Instant>>,
     next: AtomicUsize,
     /// Per function id, when each of its requests in the threads (sent,
     /// not answered) was sent.
@@ -152,7 +155,7 @@ impl FunctionPool {
         Arc::new(FunctionPool {
             workers,
             fetcher,
-            stopped: std::sync::Mutex::new(std::collections::HashSet::new()),
+            stopped: std::sync::Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             busy: std::sync::Mutex::new(HashMap::new()),
             freed: tokio::sync::Notify::new(),
@@ -192,7 +195,12 @@ impl FunctionPool {
             return Vec::new();
         }
         let started = Instant::now();
-        if self.stopped.lock().expect("stopped lock").contains(&(function.id.clone(), function.version)) {
+        let stopped_now = {
+            let mut stopped = self.stopped.lock().expect("stopped lock");
+            stopped.retain(|_, at| at.elapsed() < STOPPED_FOR);
+            stopped.contains_key(&(function.id.clone(), function.version))
+        };
+        if stopped_now {
             return (0..n)
                 .map(|_| FunctionOutcome::Error {
                     class: ErrorClass::Timeout,
@@ -328,7 +336,7 @@ impl FunctionPool {
         }
         let running = current.running.lock().expect("running lock").clone().map(|(id, version, _)| (id, version));
         if let Some(key) = &running {
-            self.stopped.lock().expect("stopped lock").insert(key.clone());
+            self.stopped.lock().expect("stopped lock").insert(key.clone(), Instant::now());
         }
         lowest_priority(current.tid.load(Ordering::Relaxed));
         tracing::error!(thread = %worker.name, function = ?running, "a function thread is stuck in native code: that version is stopped in this process, the thread is replaced");
