@@ -212,15 +212,6 @@ impl Producers {
         let cached = by_key.entry(key.clone()).or_insert(Cached { producer, reports, used: Instant::now() });
         Ok((cached.producer.clone(), cached.reports.clone()))
     }
-
-    /// Producers made and kept (one per cluster and settings).
-    pub fn len(&self) -> usize {
-        self.by_key.lock().expect("producers lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Enqueue `messages`, then wait for each one's report (librdkafka

@@ -250,15 +250,8 @@ impl SinkState {
     /// one request of `keys.len()` events, answered 2xx, each key an arrival.
     pub fn record_delivered(&self, path: &str, keys: Vec<String>, at: Instant) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        let key = counter_key(path);
-        for (counter, n) in [(&self.by_path, 1), (&self.events_by_path, keys.len() as u64)] {
-            let mut counter = counter.lock().expect("lock");
-            if let Some(c) = counter.get_mut(key) {
-                *c += n;
-            } else if counter.len() < MAX_PATHS {
-                counter.insert(key.to_owned(), n);
-            }
-        }
+        bump(&self.by_path, path, 1);
+        bump(&self.events_by_path, path, keys.len() as u64);
         if self.record_arrivals {
             self.arrivals.lock().expect("lock").extend(keys.into_iter().map(|k| (k, at)));
         }
@@ -356,27 +349,10 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let body = axum::body::to_bytes(req.into_body(), 16 << 20).await.unwrap_or_default();
     state.count.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut by_path = state.by_path.lock().expect("lock");
-        let key = counter_key(&path);
-        if let Some(n) = by_path.get_mut(key) {
-            *n += 1;
-        } else if by_path.len() < MAX_PATHS {
-            by_path.insert(key.to_owned(), 1);
-        }
-    }
+    bump(&state.by_path, &path, 1);
     // A batch body's events (their messageIds); `None`: one event.
     let batch = body.starts_with(b"{\"batch\":[").then(|| serde_json::from_slice::<BatchBody>(&body).map(|b| b.batch).unwrap_or_default());
-    {
-        let mut events = state.events_by_path.lock().expect("lock");
-        let key = counter_key(&path);
-        let n = batch.as_ref().map_or(1, Vec::len) as u64;
-        if let Some(c) = events.get_mut(key) {
-            *c += n;
-        } else if events.len() < MAX_PATHS {
-            events.insert(key.to_owned(), n);
-        }
-    }
+    bump(&state.events_by_path, &path, batch.as_ref().map_or(1, Vec::len) as u64);
     let b = state.behaviours.lock().expect("lock").get(&path).cloned().or(query_behaviour).unwrap_or_default();
     if state.record_arrivals && !b.hang && (200..300).contains(&b.status) {
         let mut arrivals = state.arrivals.lock().expect("lock");
@@ -406,6 +382,17 @@ async fn handle(State(state): State<Arc<SinkState>>, req: Request) -> Response {
         resp.headers_mut().insert(http::header::RETRY_AFTER, s.into());
     }
     resp
+}
+
+/// Add `n` to `path`'s count in `counter` (at most [`MAX_PATHS`] paths are counted).
+fn bump(counter: &Mutex<HashMap<String, u64>>, path: &str, n: u64) {
+    let key = counter_key(path);
+    let mut counter = counter.lock().expect("lock");
+    if let Some(c) = counter.get_mut(key) {
+        *c += n;
+    } else if counter.len() < MAX_PATHS {
+        counter.insert(key.to_owned(), n);
+    }
 }
 
 /// What the sink reads of a batch body.
