@@ -402,6 +402,9 @@ async fn put_destination(
         return Err(bad_request(format!("the body's id {:?} differs from the path's {id:?}", d.id)));
     }
     d.validate("destination", s.retry_policy).map_err(bad_request)?;
+    if d.is_postgres() {
+        sluice_deliver::warehouse::check_url(&d.url).map_err(|e| bad_request(format!("destination.url: {e}")))?;
+    }
     functions::check_deployed(&s, d.function.as_ref())?;
     let snap = s.catalog.snapshot();
     if let Some(other) = snap.destinations.values().find(|o| o.id != d.id && o.integration_name() == d.integration_name()) {

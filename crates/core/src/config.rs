@@ -1184,12 +1184,14 @@ pub struct DestinationConfig {
     #[serde(default)]
     pub name: Option<String>,
     /// `"webhook"` (one event per request), `"batch_webhook"` (many
-    /// events per request: `{"batch": [...]}`) or `"kafka"` (a topic of
-    /// the user's own Kafka cluster); see docs/DESTINATIONS.md.
+    /// events per request: `{"batch": [...]}`), `"kafka"` (a topic of
+    /// the user's own Kafka cluster) or `"postgres"` (a warehouse: a table
+    /// per event type, loaded with `COPY`); see docs/DESTINATIONS.md.
     #[serde(rename = "type", default = "webhook")]
     pub kind: String,
     /// Webhooks: the `http://` or `https://` URL the events are POSTed to.
     /// `kafka`: `kafka://host:port[,host:port…]/topic`.
+    /// `postgres`: `postgres://user:password@host:port/database[?sslmode=…]`.
     pub url: String,
     /// The workspace (tenant) the destination belongs to; absent = `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1346,10 +1348,11 @@ impl DestinationConfig {
             "webhook" => &["secret"],
             "batch_webhook" => &["batch_max_events", "batch_max_bytes", "batch_max_age", "secret"],
             "kafka" => &["batch_max_events", "batch_max_age", "kafka_key"],
+            "postgres" => &["batch_max_events", "batch_max_age"],
             other => {
                 return Err(invalid(
                     key("type"),
-                    format!("unknown destination type {}; the types are \"webhook\", \"batch_webhook\" and \"kafka\"", excerpt(other)),
+                    format!("unknown destination type {}; the types are \"webhook\", \"batch_webhook\", \"kafka\" and \"postgres\"", excerpt(other)),
                 ))
             }
         };
@@ -1374,6 +1377,16 @@ impl DestinationConfig {
                     return Err(invalid(key("kafka_key"), format!("{} is not \"message_id\" or \"user_id\"", excerpt(k))));
                 }
             }
+        } else if kind == "postgres" {
+            // The URL's TLS mode and parameters are checked where it is used
+            // (`sluice_deliver::warehouse::check_url`, at load and on the admin API).
+            // Shown without user, password or query.
+            let shown = || excerpt(&format!("{:?}", JobDbUrl { text: self.url.clone(), engine: JobDbEngine::Postgres }));
+            if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) || self.url.contains(char::is_whitespace) {
+                return Err(invalid(key("url"), format!("{} is not a postgres:// URL", shown())));
+            }
+            JobDbUrl::parse(&self.url).map_err(|problem| invalid(key("url"), format!("{}: {problem}", shown())))?;
+            check_authority(&self.url).map_err(|problem| invalid(key("url"), format!("{}: {problem}", shown())))?;
         } else {
             if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.contains(char::is_whitespace) {
                 return Err(invalid(key("url"), format!("{:?} is not an http:// or https:// URL", self.url)));
@@ -1418,6 +1431,8 @@ impl DestinationConfig {
         let defaults = match self.kind.as_str() {
             "batch_webhook" => BatchLimits::DEFAULT,
             "kafka" => BatchLimits { max_events: 500, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::ZERO },
+            // A warehouse load is a transaction: fewer, larger ones load faster.
+            "postgres" => BatchLimits { max_events: 1000, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::from_secs(1) },
             _ => return None,
         };
         Some(BatchLimits {
@@ -1425,6 +1440,11 @@ impl DestinationConfig {
             max_bytes: self.batch_max_bytes.unwrap_or(defaults.max_bytes),
             max_age: self.batch_max_age.unwrap_or(defaults.max_age),
         })
+    }
+
+    /// Whether this is a `postgres` (warehouse) destination.
+    pub fn is_postgres(&self) -> bool {
+        self.kind == "postgres"
     }
 
     /// A `kafka` destination's brokers, topic and key; `None` for other

@@ -169,7 +169,8 @@ struct Outgoing {
     id: Ksuid,
     idempotency_key: String,
     body: Bytes,
-    /// For a `kafka` destination's message key and headers.
+    /// For a `kafka` destination's message key and headers, a `postgres`
+    /// one's row id and schema.
     message_id: Arc<str>,
     source: Arc<str>,
 }
@@ -199,12 +200,21 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
         }
         out.push(job);
     }
-    if let Some(target) = &settings.kafka {
+    // `kafka` and `postgres`: one outcome per job from one request.
+    let grouped = if let Some(target) = &settings.kafka {
         let messages: Vec<crate::kafka::Message> = out
             .iter()
             .map(|j| crate::kafka::Message { message_id: &j.message_id, idempotency_key: &j.idempotency_key, source: &j.source, body: &j.body })
             .collect();
-        let attempts = executor.kafka.send(target, settings.target.allow_private_network, settings.target.request_timeout, &messages).await;
+        Some(executor.kafka.send(target, settings.target.allow_private_network, settings.target.request_timeout, &messages).await)
+    } else if settings.postgres {
+        let loads: Vec<crate::warehouse::Load> =
+            out.iter().map(|j| crate::warehouse::Load { message_id: &j.message_id, source: &j.source, body: &j.body }).collect();
+        Some(executor.warehouses.load(&settings.target.url, settings.target.allow_private_network, settings.target.request_timeout, &loads).await)
+    } else {
+        None
+    };
+    if let Some(attempts) = grouped {
         // One request for the circuit breaker: failed if any message must be retried.
         let verdict = if attempts.iter().any(|a| a.verdict == Verdict::Retry) {
             Verdict::Retry

@@ -145,6 +145,8 @@ pub struct Executor {
     user_agent: String,
     /// The producers of `kafka` destinations.
     pub kafka: crate::kafka::Producers,
+    /// The pools of `postgres` destinations.
+    pub warehouses: crate::warehouse::Warehouses,
 }
 
 /// The response body excerpt kept in a transition.
@@ -175,6 +177,7 @@ impl Executor {
             open: build(true)?,
             user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")),
             kafka: crate::kafka::Producers::default(),
+            warehouses: crate::warehouse::Warehouses::default(),
         })
     }
 

@@ -32,6 +32,8 @@ pub struct DestinationSettings {
     pub batch: Option<sluice_core::config::BatchLimits>,
     /// A `kafka` destination's brokers, topic and key (`target.url` is its URL).
     pub kafka: Option<sluice_core::config::KafkaTarget>,
+    /// A `postgres` (warehouse) destination (`target.url` is its database).
+    pub postgres: bool,
 }
 
 #[derive(Debug)]
@@ -267,6 +269,7 @@ mod tests {
             function: None,
             batch: None,
             kafka: None,
+            postgres: false,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

@@ -40,6 +40,7 @@ pub mod schema;
 pub mod sink;
 pub mod sqljobdb;
 pub mod store;
+pub mod warehouse;
 pub mod writer;
 
 pub use centrifuge::{Centrifuge, CentrifugeOptions};

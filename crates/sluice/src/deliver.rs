@@ -296,7 +296,9 @@ pub struct DataDirArgs {
 
 impl DataDirArgs {
     fn load(&self) -> Result<Config> {
-        Ok(Config::load_with(self.config.config.as_deref(), Flags { data_dir: self.data_dir.clone(), ..Flags::default() })?)
+        let config = Config::load_with(self.config.config.as_deref(), Flags { data_dir: self.data_dir.clone(), ..Flags::default() })?;
+        crate::check_destination_urls(&config)?;
+        Ok(config)
     }
 }
 

@@ -214,6 +214,7 @@ fn run(command: Command) -> Result<()> {
         Command::Config(ConfigCommand::Check(args)) => {
             let config = Config::load(args.config.as_deref())?;
             check_tls_files(&config)?;
+            check_destination_urls(&config)?;
             println!("config OK: {} source(s), Tracking API on {}", config.sources.len(), config.server.listen);
             Ok(())
         }
@@ -362,10 +363,22 @@ fn init_tracing(format: LogFormat) -> Option<Box<dyn std::any::Any>> {
 fn load_config(args: &ServeArgs) -> Result<Config> {
     let flags = Flags { listen: args.listen, data_dir: args.data_dir.clone(), admin_listen: args.admin_listen.map(|a| a.0) };
     let config = Config::load_with(args.config.config.as_deref(), flags)?;
+    check_destination_urls(&config)?;
     if args.config.config.is_none() {
         tracing::info!("no --config given: using the built-in sample config (config/sluice.toml)");
     }
     Ok(config)
+}
+
+/// The checks of destinations' URLs that need the delivery stage's parsers
+/// (a `postgres` destination's TLS mode and parameters).
+fn check_destination_urls(config: &Config) -> Result<()> {
+    for (i, d) in config.destinations.iter().enumerate() {
+        if d.is_postgres() {
+            sluice_deliver::warehouse::check_url(&d.url).map_err(|e| anyhow::anyhow!("invalid config: destinations[{i}].url: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {

@@ -262,6 +262,12 @@ impl SqlLink {
     /// certificate or key parameter without a mode is refused: it would be
     /// unused.
     pub fn new(url: &str) -> Result<SqlLink, Error> {
+        SqlLink::for_role(url, "jobdb")
+    }
+
+    /// [`SqlLink::new`] for a link of another role (`role` names it in the
+    /// log line that says whether it is encrypted).
+    pub fn for_role(url: &str, role: &str) -> Result<SqlLink, Error> {
         let display = redact(url);
         let bad = |why: &str| Error::Url(format!("{display}: {why}"));
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
@@ -370,15 +376,15 @@ impl SqlLink {
             Options::Postgres(o) => o.get_database().unwrap_or(o.get_username()).to_owned(),
         };
         let (level, message) = match (&setting, &link) {
-            (None, _) => (tracing::Level::INFO, format!("jobdb link: plain text (set {verify} to encrypt)")),
-            (Some(s), Link::Plain) => (tracing::Level::INFO, format!("jobdb link: plain text ({s})")),
+            (None, _) => (tracing::Level::INFO, format!("{role} link: plain text (set {verify} to encrypt)")),
+            (Some(s), Link::Plain) => (tracing::Level::INFO, format!("{role} link: plain text ({s})")),
             (Some(s), Link::Unverified) => (
                 tracing::Level::WARN,
                 format!(
-                    "jobdb link: TLS without verifying the server's certificate ({s}): anyone on the path can pose as the database; set {verify}"
+                    "{role} link: TLS without verifying the server's certificate ({s}): anyone on the path can pose as the database; set {verify}"
                 ),
             ),
-            (Some(s), Link::Verified) => (tracing::Level::INFO, format!("jobdb link: TLS, verifying the server's certificate and host name ({s})")),
+            (Some(s), Link::Verified) => (tracing::Level::INFO, format!("{role} link: TLS, verifying the server's certificate and host name ({s})")),
         };
         log_once(&display, level, &message);
         Ok(SqlLink { engine, options, tls: link != Link::Plain, display, database })
@@ -399,8 +405,7 @@ impl SqlLink {
     }
 
     /// The PostgreSQL connection options (`None`: a MySQL link).
-    #[cfg(test)]
-    fn postgres_options(&self) -> Option<&PgConnectOptions> {
+    pub fn postgres_options(&self) -> Option<&PgConnectOptions> {
         match &self.options {
             Options::Postgres(o) => Some(o),
             Options::MySql(_) => None,

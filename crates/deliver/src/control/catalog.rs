@@ -148,6 +148,7 @@ impl Catalog {
             function: d.function.as_ref().map(|f| crate::function::Attached::new(f, &snap.functions)),
             batch: d.batch_limits(),
             kafka: d.kafka_target(),
+            postgres: d.is_postgres(),
         }
     }
 
@@ -166,6 +167,7 @@ impl Catalog {
                     function: None,
                     batch: None,
                     kafka: None,
+                    postgres: false,
                 };
                 let g = Destination::new(id.to_owned(), settings.clone(), 1, Duration::from_secs(1), self.wake.clone());
                 g.update(settings, &Qos { paused: true, ..Qos::default() });

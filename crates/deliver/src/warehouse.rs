@@ -1,0 +1,1058 @@
+//! `postgres` destinations (docs/DESTINATIONS.md): a warehouse in the
+//! user's own PostgreSQL, laid out as Segment's warehouses are.
+//!
+//! Invariants:
+//! - A source's events land in the schema named after the source (its id
+//!   in snake case; `pg_…` gets the prefix `src_`, which PostgreSQL
+//!   reserves): tables `tracks`, `identifies`, `pages`, `screens`,
+//!   `groups`, `aliases`, and one per track event name (snake case; a name
+//!   that is one of those tables gets the prefix `event_`). Every table's
+//!   `id` (the messageId) is its primary key; `uuid_ts` is when the row
+//!   was loaded.
+//! - Columns come from the events: `context`, `properties` and `traits`
+//!   flattened (`context.page.url` → `context_page_url`), keys in snake
+//!   case, arrays and objects deeper than [`FLATTEN_DEPTH`] as JSON text.
+//!   A new key adds a column (`ALTER TABLE … ADD COLUMN IF NOT EXISTS`, in
+//!   a transaction of its own under an advisory lock per schema, so
+//!   concurrent loads and processes do not race); its type is the first
+//!   value's (boolean, bigint, double precision, text, timestamptz for the
+//!   event's own timestamps).
+//! - A value that does not fit its column (a string for a bigint column, a
+//!   duplicate column name, a table or column over the limits) is left out
+//!   of the row and recorded in the schema's `sluice_type_conflicts` with
+//!   the value as JSON text: never fatal, never silent.
+//! - A request's jobs load in one transaction: `COPY` into staging tables,
+//!   then `INSERT … SELECT … ON CONFLICT (id) DO NOTHING`. A job loaded
+//!   again (a retry after a lost answer, a crash between the commit and
+//!   the `succeeded` row, a replay) adds no row: exactly once on
+//!   messageId, per table.
+//! - Bounded for hostile input: at most [`MAX_COLUMNS`] columns per table
+//!   and [`MAX_EVENT_TABLES`] event tables per schema; beyond, conflicts.
+//! - Errors: a connection lost or refused, a server away, a lock or
+//!   resource shortage, a schema changed underneath (the cache is dropped)
+//!   → every job retried; a data error in a batch → each job loaded alone,
+//!   and one that fails alone is discarded with the server's message.
+//! - The SSRF guard checks the server's address when a pool is made (a
+//!   Unix socket counts as local).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection as _, Executor as _, Row as _};
+
+use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
+
+/// Levels of objects flattened into columns; deeper values are JSON text.
+pub const FLATTEN_DEPTH: usize = 4;
+/// Most columns a table gets from events.
+pub const MAX_COLUMNS: usize = 1000;
+/// Most per-event tables in a schema.
+pub const MAX_EVENT_TABLES: usize = 500;
+/// PostgreSQL's identifier length.
+const MAX_NAME: usize = 63;
+/// Connections per warehouse (requests in flight beyond it wait for one).
+const POOL_SIZE: u32 = 8;
+/// A pool unused this long is closed when another is made.
+const IDLE: Duration = Duration::from_secs(600);
+/// The tables every source's schema may have besides event tables.
+const FIXED_TABLES: &[&str] = &["tracks", "identifies", "pages", "screens", "groups", "aliases", "users", CONFLICTS];
+const CONFLICTS: &str = "sluice_type_conflicts";
+
+/// One job to load.
+pub struct Load<'a> {
+    pub message_id: &'a str,
+    /// The source's id: its schema.
+    pub source: &'a str,
+    pub body: &'a Bytes,
+}
+
+/// Check a `postgres` destination's URL as it will be used (TLS mode and
+/// parameters): the config loader and the admin API call this.
+pub fn check_url(url: &str) -> Result<(), String> {
+    sluice_sql::SqlLink::for_role(url, "postgres destination").map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A value for a column.
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    /// One of the event's own timestamps (RFC 3339).
+    Time(String),
+    /// An array, or an object deeper than [`FLATTEN_DEPTH`]: its JSON.
+    Json(String),
+}
+
+impl Cell {
+    /// The type of a column this value makes.
+    fn natural_type(&self) -> &'static str {
+        match self {
+            Cell::Bool(_) => "boolean",
+            Cell::Int(_) => "bigint",
+            Cell::Float(_) => "double precision",
+            Cell::Text(_) | Cell::Json(_) => "text",
+            Cell::Time(_) => "timestamp with time zone",
+        }
+    }
+
+    /// Whether this value goes into a column of `column_type` (as
+    /// PostgreSQL's `format_type` spells it).
+    fn fits(&self, column_type: &str) -> bool {
+        match column_type {
+            "text" | "json" | "jsonb" => true,
+            t if t.starts_with("character varying") => true,
+            "bigint" => matches!(self, Cell::Int(_)),
+            "integer" => matches!(self, Cell::Int(i) if i32::try_from(*i).is_ok()),
+            "smallint" => matches!(self, Cell::Int(i) if i16::try_from(*i).is_ok()),
+            "double precision" | "real" => matches!(self, Cell::Int(_) | Cell::Float(_)),
+            t if t.starts_with("numeric") => matches!(self, Cell::Int(_) | Cell::Float(_)),
+            "boolean" => matches!(self, Cell::Bool(_)),
+            "timestamp with time zone" | "timestamp without time zone" => match self {
+                Cell::Time(_) => true,
+                Cell::Text(s) => is_timestamp(s),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The value as text for a column of `column_type`.
+    fn render(&self, column_type: &str) -> String {
+        let json = matches!(column_type, "json" | "jsonb");
+        match self {
+            Cell::Bool(b) => b.to_string(),
+            Cell::Int(i) => i.to_string(),
+            // `{:?}` keeps an exponent short (1e300), which PostgreSQL reads.
+            Cell::Float(f) => format!("{f:?}"),
+            Cell::Text(s) | Cell::Time(s) if json => Value::String(s.clone()).to_string(),
+            Cell::Text(s) | Cell::Time(s) | Cell::Json(s) => s.clone(),
+        }
+    }
+
+    /// The value as JSON text, for the conflicts table.
+    fn as_json(&self) -> String {
+        match self {
+            Cell::Text(s) | Cell::Time(s) => Value::String(s.clone()).to_string(),
+            Cell::Json(s) => s.clone(),
+            other => other.render("text"),
+        }
+    }
+}
+
+fn is_timestamp(s: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(s).is_ok()
+}
+
+/// One row for one table.
+#[derive(Debug)]
+struct Row {
+    table: String,
+    cells: Vec<(String, Cell)>,
+}
+
+/// A value left out of its row.
+#[derive(Debug, Clone, PartialEq)]
+struct Conflict {
+    table: String,
+    /// The column, or the key path when it makes no column name.
+    column: String,
+    reason: String,
+    /// JSON text.
+    value: Option<String>,
+}
+
+/// What one event loads: its rows, and what was left out at once.
+#[derive(Debug)]
+struct EventRows {
+    schema: String,
+    message_id: String,
+    rows: Vec<Row>,
+    conflicts: Vec<Conflict>,
+}
+
+/// `key` in snake case as a column or table name: ASCII letters and
+/// digits, `_` between words and for everything else, lower case, at most
+/// 63 bytes, never starting with a digit. Empty when nothing is left.
+pub fn snake(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut prev: Option<char> = None;
+    for c in key.chars() {
+        if c.is_ascii_alphanumeric() {
+            if c.is_ascii_uppercase() && prev.is_some_and(|p| p.is_ascii_lowercase() || p.is_ascii_digit()) && !out.ends_with('_') {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+        prev = Some(c);
+    }
+    while out.ends_with('_') {
+        out.pop();
+    }
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out.truncate(MAX_NAME);
+    out
+}
+
+/// The schema of source `source`.
+pub fn schema_name(source: &str) -> String {
+    let name = snake(source);
+    let name = if name.is_empty() { "source".to_owned() } else { name };
+    if name.starts_with("pg_") {
+        let mut prefixed = format!("src_{name}");
+        prefixed.truncate(MAX_NAME);
+        prefixed
+    } else {
+        name
+    }
+}
+
+/// The table of track event `event` (`None`: the name has no letters or digits).
+fn event_table(event: &str) -> Option<String> {
+    let name = snake(event);
+    if name.is_empty() {
+        return None;
+    }
+    if FIXED_TABLES.contains(&name.as_str()) {
+        let mut prefixed = format!("event_{name}");
+        prefixed.truncate(MAX_NAME);
+        return Some(prefixed);
+    }
+    Some(name)
+}
+
+/// Builds one row's cells: names checked, duplicates recorded.
+struct RowBuilder<'a> {
+    table: &'a str,
+    cells: Vec<(String, Cell)>,
+    names: HashSet<String>,
+    conflicts: &'a mut Vec<Conflict>,
+}
+
+impl RowBuilder<'_> {
+    fn push(&mut self, name: String, path: &str, cell: Cell) {
+        if name.is_empty() {
+            self.conflicts.push(Conflict {
+                table: self.table.to_owned(),
+                column: path.to_owned(),
+                reason: "the key makes no column name (no ASCII letters or digits)".into(),
+                value: Some(cell.as_json()),
+            });
+        } else if !self.names.insert(name.clone()) {
+            self.conflicts.push(Conflict {
+                table: self.table.to_owned(),
+                column: name,
+                reason: format!("a second value for this column in the event (from {path:?})"),
+                value: Some(cell.as_json()),
+            });
+        } else {
+            self.cells.push((name, cell));
+        }
+    }
+
+    /// A scalar value at `path` (`None` for null: no column).
+    fn scalar(&mut self, name: String, path: &str, v: &Value) {
+        let cell = match v {
+            Value::Null => return,
+            Value::Bool(b) => Cell::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Cell::Int(i),
+                None => Cell::Float(n.as_f64().unwrap_or(0.0)),
+            },
+            Value::String(s) => Cell::Text(s.clone()),
+            Value::Array(_) | Value::Object(_) => Cell::Json(v.to_string()),
+        };
+        self.push(name, path, cell);
+    }
+
+    /// `object` flattened under `prefix` (empty: no prefix).
+    fn flatten(&mut self, prefix: &str, path: &str, object: &Map<String, Value>, depth: usize) {
+        for (k, v) in object {
+            let part = snake(k);
+            let path = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            let name = if part.is_empty() {
+                String::new()
+            } else if prefix.is_empty() {
+                part
+            } else {
+                let mut joined = format!("{prefix}_{part}");
+                joined.truncate(MAX_NAME);
+                joined
+            };
+            match v {
+                Value::Object(inner) if depth + 1 < FLATTEN_DEPTH && !name.is_empty() => self.flatten(&name, &path, inner, depth + 1),
+                _ => self.scalar(name, &path, v),
+            }
+        }
+    }
+
+    fn finish(self) -> Row {
+        Row { table: self.table.to_owned(), cells: self.cells }
+    }
+}
+
+/// A row of event `obj` for `table` with the columns every row of it has.
+fn common_row<'a>(obj: &Map<String, Value>, message_id: &str, table: &'a str, conflicts: &'a mut Vec<Conflict>) -> RowBuilder<'a> {
+    let mut b = RowBuilder { table, cells: Vec::new(), names: HashSet::new(), conflicts };
+    b.push("id".into(), "messageId", Cell::Text(message_id.to_owned()));
+    for (key, column) in
+        [("receivedAt", "received_at"), ("sentAt", "sent_at"), ("timestamp", "timestamp"), ("originalTimestamp", "original_timestamp")]
+    {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if is_timestamp(s) => b.push(column.into(), key, Cell::Time(s.clone())),
+            Some(other) => b.conflicts.push(Conflict {
+                table: table.to_owned(),
+                column: column.into(),
+                reason: "not an RFC 3339 timestamp".into(),
+                value: Some(other.to_string()),
+            }),
+        }
+    }
+    for (key, column) in [("userId", "user_id"), ("anonymousId", "anonymous_id")] {
+        match obj.get(key) {
+            Some(Value::String(s)) => b.push(column.into(), key, Cell::Text(s.clone())),
+            Some(Value::Number(n)) => b.push(column.into(), key, Cell::Text(n.to_string())),
+            _ => {}
+        }
+    }
+    if let Some(Value::Object(context)) = obj.get("context") {
+        b.flatten("context", "context", context, 0);
+    }
+    b
+}
+
+/// The rows event `body` of source `source` loads; `Err`: it cannot load
+/// at all (not a JSON object, no messageId, a type with no table).
+fn rows_of(source: &str, body: &[u8]) -> Result<EventRows, String> {
+    let event: Value = serde_json::from_slice(body).map_err(|e| format!("the event is not JSON: {e}"))?;
+    let obj = event.as_object().ok_or("the event is not a JSON object")?;
+    let message_id = match obj.get("messageId") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err("the event has no messageId".into()),
+    };
+    let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
+    let table = match kind {
+        "track" => "tracks",
+        "identify" => "identifies",
+        "page" => "pages",
+        "screen" => "screens",
+        "group" => "groups",
+        "alias" => "aliases",
+        other => return Err(format!("events of type {other:?} have no table")),
+    };
+    let mut conflicts = Vec::new();
+    let text = |key: &str| obj.get(key).and_then(Value::as_str).map(str::to_owned);
+    let object = |key: &str| obj.get(key).and_then(Value::as_object);
+    let mut rows = Vec::new();
+    let mut b = common_row(obj, &message_id, table, &mut conflicts);
+    match kind {
+        "track" => {
+            let event = text("event").ok_or("the track event has no event name")?;
+            b.push("event".into(), "event", Cell::Text(snake(&event)));
+            b.push("event_text".into(), "event", Cell::Text(event.clone()));
+            rows.push(b.finish());
+            if let Some(event_table) = event_table(&event) {
+                let mut e = common_row(obj, &message_id, &event_table, &mut conflicts);
+                e.push("event".into(), "event", Cell::Text(snake(&event)));
+                e.push("event_text".into(), "event", Cell::Text(event.clone()));
+                if let Some(p) = object("properties") {
+                    e.flatten("", "properties", p, 0);
+                }
+                rows.push(e.finish());
+            }
+        }
+        "identify" | "group" => {
+            if kind == "group" {
+                if let Some(v) = obj.get("groupId") {
+                    b.scalar("group_id".into(), "groupId", v);
+                }
+            }
+            if let Some(t) = object("traits") {
+                b.flatten("", "traits", t, 0);
+            }
+            rows.push(b.finish());
+        }
+        "page" | "screen" => {
+            for (key, column) in [("name", "name"), ("category", "category")] {
+                if let Some(v) = obj.get(key) {
+                    b.scalar(column.into(), key, v);
+                }
+            }
+            if let Some(p) = object("properties") {
+                b.flatten("", "properties", p, 0);
+            }
+            rows.push(b.finish());
+        }
+        _ => {
+            if let Some(v) = obj.get("previousId") {
+                b.scalar("previous_id".into(), "previousId", v);
+            }
+            rows.push(b.finish());
+        }
+    }
+    Ok(EventRows { schema: schema_name(source), message_id, rows, conflicts })
+}
+
+/// Column name → type (`format_type`), per table, per schema.
+type Tables = HashMap<String, HashMap<String, String>>;
+
+/// One database's pool and what it knows of the schemas there.
+struct Warehouse {
+    pool: PgPool,
+    /// The URL without password or query.
+    display: String,
+    /// Schemas read from the catalog (dropped on an error).
+    schemas: Mutex<HashMap<String, Tables>>,
+    /// Conflicts recorded since the last log line, and when it was.
+    conflicts_logged: Mutex<(u64, Option<Instant>)>,
+}
+
+/// What identifies a pool.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    url: String,
+    allow_private_network: bool,
+    timeout: Duration,
+}
+
+struct Cached {
+    warehouse: Arc<Warehouse>,
+    used: Instant,
+}
+
+/// The pools of every `postgres` destination of this process: one per
+/// database (and settings).
+#[derive(Clone, Default)]
+pub struct Warehouses {
+    by_key: Arc<Mutex<HashMap<PoolKey, Cached>>>,
+}
+
+/// Why a load failed.
+enum LoadError {
+    /// Retry every job (the server or the connection).
+    Retry(String),
+    /// The data: load jobs alone to find the one.
+    Data(String),
+}
+
+fn classify(e: &sqlx::Error) -> LoadError {
+    let text = describe(e);
+    match e {
+        sqlx::Error::Database(d) => match d.code().as_deref().map(|c| &c[..2.min(c.len())]) {
+            // Data exceptions, integrity violations, program limits (a row too large).
+            Some("22" | "23" | "54") => LoadError::Data(text),
+            _ => LoadError::Retry(text),
+        },
+        _ => LoadError::Retry(text),
+    }
+}
+
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => format!("PostgreSQL: {} (SQLSTATE {})", d.message(), d.code().unwrap_or_default()),
+        other => format!("PostgreSQL: {other}"),
+    }
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `s` in COPY's text format (PostgreSQL text holds no NUL: U+FFFD instead).
+fn copy_escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Rows of text fields (`None`: NULL) in COPY's text format.
+fn copy_rows<'a>(rows: impl Iterator<Item = Vec<Option<&'a str>>>) -> String {
+    let mut out = String::new();
+    for fields in rows {
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push('\t');
+            }
+            match f {
+                Some(text) => copy_escape(text, &mut out),
+                None => out.push_str("\\N"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+impl Warehouses {
+    /// Load `jobs` into the database at `url`; one [`Attempt`] per job, in
+    /// order. Never fails.
+    pub async fn load(&self, url: &str, allow_private_network: bool, timeout: Duration, jobs: &[Load<'_>]) -> Vec<Attempt> {
+        let started = Instant::now();
+        let attempt =
+            |verdict: Verdict, error: Option<String>| Attempt { verdict, status: None, error, retry_after: None, elapsed: started.elapsed() };
+        let warehouse = match self.warehouse(url, allow_private_network, timeout).await {
+            Ok(w) => w,
+            Err((verdict, error)) => return jobs.iter().map(|_| attempt(verdict, Some(error.clone()))).collect(),
+        };
+        let mut out: Vec<Option<Attempt>> = Vec::with_capacity(jobs.len());
+        let mut events = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            match rows_of(job.source, job.body) {
+                Ok(mut rows) => {
+                    // The jobs's own messageId (a function may have changed the body's).
+                    if rows.message_id != job.message_id {
+                        rows.message_id = job.message_id.to_owned();
+                        for row in &mut rows.rows {
+                            if let Some((_, Cell::Text(id))) = row.cells.first_mut() {
+                                *id = job.message_id.to_owned();
+                            }
+                        }
+                    }
+                    events.push((i, rows));
+                    out.push(None);
+                }
+                Err(why) => out.push(Some(attempt(Verdict::Discard, Some(why)))),
+            }
+        }
+        if !events.is_empty() {
+            let all: Vec<&EventRows> = events.iter().map(|(_, e)| e).collect();
+            let result = match tokio::time::timeout(timeout, warehouse.load(&all)).await {
+                Ok(r) => r,
+                Err(_) => Err(LoadError::Retry(format!("the load did not finish within {timeout:?}"))),
+            };
+            match result {
+                Ok(()) => {
+                    for (i, _) in &events {
+                        out[*i] = Some(attempt(Verdict::Succeeded, None));
+                    }
+                }
+                Err(LoadError::Retry(why)) => {
+                    for (i, _) in &events {
+                        out[*i] = Some(attempt(Verdict::Retry, Some(why.clone())));
+                    }
+                }
+                Err(LoadError::Data(why)) if events.len() == 1 => out[events[0].0] = Some(attempt(Verdict::Discard, Some(why))),
+                Err(LoadError::Data(_)) => {
+                    // One event the server refuses must not hold the others back: each alone.
+                    for (i, e) in &events {
+                        let alone = match tokio::time::timeout(timeout, warehouse.load(&[e])).await {
+                            Ok(Ok(())) => attempt(Verdict::Succeeded, None),
+                            Ok(Err(LoadError::Data(why))) => attempt(Verdict::Discard, Some(why)),
+                            Ok(Err(LoadError::Retry(why))) => attempt(Verdict::Retry, Some(why)),
+                            Err(_) => attempt(Verdict::Retry, Some(format!("the load did not finish within {timeout:?}"))),
+                        };
+                        out[*i] = Some(alone);
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|a| a.expect("every job has an outcome")).collect()
+    }
+
+    async fn warehouse(&self, url: &str, allow_private_network: bool, timeout: Duration) -> Result<Arc<Warehouse>, (Verdict, String)> {
+        let key = PoolKey { url: url.to_owned(), allow_private_network, timeout };
+        {
+            let mut by_key = self.by_key.lock().expect("warehouses lock");
+            // Pools of databases no destination has used lately (a URL changed, a destination deleted) go.
+            by_key.retain(|k, c| k == &key || c.used.elapsed() < IDLE);
+            if let Some(c) = by_key.get_mut(&key) {
+                c.used = Instant::now();
+                return Ok(c.warehouse.clone());
+            }
+        }
+        let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| (Verdict::Discard, e.to_string()))?;
+        let options: PgConnectOptions = link.postgres_options().cloned().ok_or((Verdict::Discard, "not a postgres:// URL".to_owned()))?;
+        if !allow_private_network {
+            check_server(&options).await?;
+        }
+        let options = options.application_name("sluice");
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(timeout)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connect_lazy_with(options);
+        let warehouse = Arc::new(Warehouse {
+            pool,
+            display: link.display().to_owned(),
+            schemas: Mutex::new(HashMap::new()),
+            conflicts_logged: Mutex::new((0, None)),
+        });
+        let mut by_key = self.by_key.lock().expect("warehouses lock");
+        // Another request may have made one meanwhile: keep the first.
+        let cached = by_key.entry(key).or_insert(Cached { warehouse, used: Instant::now() });
+        Ok(cached.warehouse.clone())
+    }
+}
+
+/// Resolve the server and refuse a non-public address.
+async fn check_server(options: &PgConnectOptions) -> Result<(), (Verdict, String)> {
+    let host = options.get_host();
+    if host.starts_with('/') {
+        return Err((
+            Verdict::Discard,
+            format!("refused by the SSRF guard: {host} is a Unix socket, a local address (set allow_private_network to allow it)"),
+        ));
+    }
+    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host, options.get_port())).await {
+        Ok(a) => a.collect(),
+        Err(e) => return Err((Verdict::Retry, format!("cannot resolve the PostgreSQL server {host}: {e}"))),
+    };
+    if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
+        return Err((Verdict::Discard, SsrfRefused { host: host.to_owned(), addr, kind }.to_string()));
+    }
+    Ok(())
+}
+
+/// A table's rows ready to load: the columns, their types, the values.
+struct Staged {
+    schema: String,
+    table: String,
+    columns: Vec<(String, String)>,
+    rows: Vec<Vec<Option<String>>>,
+}
+
+/// A conflict ready to record.
+struct Recorded {
+    schema: String,
+    message_id: String,
+    conflict: Conflict,
+}
+
+impl Warehouse {
+    /// Load `events` in one transaction (after any DDL they need).
+    async fn load(&self, events: &[&EventRows]) -> Result<(), LoadError> {
+        let schemas: Vec<&str> = {
+            let mut seen = Vec::new();
+            for e in events {
+                if !seen.contains(&e.schema.as_str()) {
+                    seen.push(e.schema.as_str());
+                }
+            }
+            seen
+        };
+        // Boxed: the compiler cannot prove the future `Send` for every lifetime otherwise (sqlx's executors).
+        let inner: BoxFuture<'_, Result<(), LoadError>> = Box::pin(self.load_inner(events, &schemas));
+        let result = inner.await;
+        if result.is_err() {
+            // The catalog may have changed (a column dropped, a table made by someone else).
+            let mut cached = self.schemas.lock().expect("schemas lock");
+            for s in &schemas {
+                cached.remove(*s);
+            }
+        }
+        result
+    }
+
+    async fn load_inner(&self, events: &[&EventRows], schemas: &[&str]) -> Result<(), LoadError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| classify(&e))?;
+        for schema in schemas {
+            let of_schema: Vec<&EventRows> = events.iter().copied().filter(|e| e.schema == *schema).collect();
+            self.prepare(&mut conn, schema, &of_schema).await.map_err(|e| classify(&e))?;
+        }
+        let (staged, recorded) = self.stage(events);
+        let steps = load_steps(&staged, &recorded, schemas);
+        let mut tx = conn.begin().await.map_err(|e| classify(&e))?;
+        for step in steps {
+            run_step(&mut tx, step).await.map_err(|e| classify(&e))?;
+        }
+        tx.commit().await.map_err(|e| classify(&e))?;
+        if !recorded.is_empty() {
+            self.note_conflicts(recorded.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Say how many values were set aside, at most once a minute.
+    fn note_conflicts(&self, n: u64) {
+        let mut logged = self.conflicts_logged.lock().expect("conflicts lock");
+        logged.0 += n;
+        if logged.1.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            tracing::warn!(
+                database = %self.display,
+                "postgres destination: {} values did not fit their columns and were recorded in {CONFLICTS} (said at most once a minute)",
+                logged.0
+            );
+            *logged = (0, Some(Instant::now()));
+        }
+    }
+
+    /// Make the schema, tables and columns `events` need that the catalog
+    /// does not have (within the limits), then read the catalog again.
+    fn prepare<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        schema: &'a str,
+        events: &'a [&'a EventRows],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(self.prepare_inner(conn, schema, events))
+    }
+
+    async fn prepare_inner(&self, conn: &mut sqlx::PgConnection, schema: &str, events: &[&EventRows]) -> Result<(), sqlx::Error> {
+        let known = self.schemas.lock().expect("schemas lock").get(schema).cloned();
+        let known = match known {
+            Some(k) => k,
+            None => {
+                let read = read_schema(conn, schema).await?;
+                self.schemas.lock().expect("schemas lock").insert(schema.to_owned(), read.clone());
+                read
+            }
+        };
+        let Some(ddl) = plan_ddl(schema, &known, events) else { return Ok(()) };
+        let mut tx = conn.begin().await?;
+        // One schema's DDL at a time, across processes: concurrent `CREATE TABLE IF NOT EXISTS` can fail.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)").bind(format!("sluice-warehouse:{schema}")).execute(&mut *tx).await?;
+        for statement in ddl {
+            (&mut *tx).execute(statement.as_str()).await?;
+        }
+        tx.commit().await?;
+        let read = read_schema(conn, schema).await?;
+        self.schemas.lock().expect("schemas lock").insert(schema.to_owned(), read);
+        Ok(())
+    }
+
+    /// Each table's rows with the catalog's column types; values that do
+    /// not fit, and rows for tables or columns not made, as conflicts.
+    fn stage(&self, events: &[&EventRows]) -> (Vec<Staged>, Vec<Recorded>) {
+        let schemas = self.schemas.lock().expect("schemas lock");
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut recorded = Vec::new();
+        for e in events {
+            let record = |recorded: &mut Vec<Recorded>, conflict: Conflict| {
+                recorded.push(Recorded { schema: e.schema.clone(), message_id: e.message_id.clone(), conflict })
+            };
+            for c in &e.conflicts {
+                record(&mut recorded, c.clone());
+            }
+            let tables = schemas.get(&e.schema);
+            for row in &e.rows {
+                let Some(columns) = tables.and_then(|t| t.get(&row.table)) else {
+                    record(
+                        &mut recorded,
+                        Conflict {
+                            table: row.table.clone(),
+                            column: String::new(),
+                            reason: format!("not loaded: the schema has {MAX_EVENT_TABLES} event tables (the limit)"),
+                            value: None,
+                        },
+                    );
+                    continue;
+                };
+                let mut values: Vec<(&str, &str, String)> = Vec::with_capacity(row.cells.len());
+                for (column, cell) in &row.cells {
+                    match columns.get(column) {
+                        Some(ty) if cell.fits(ty) => values.push((column, ty, cell.render(ty))),
+                        Some(ty) => record(
+                            &mut recorded,
+                            Conflict {
+                                table: row.table.clone(),
+                                column: column.clone(),
+                                reason: format!("the column is {ty}; the value is {}", cell.natural_type()),
+                                value: Some(cell.as_json()),
+                            },
+                        ),
+                        None => record(
+                            &mut recorded,
+                            Conflict {
+                                table: row.table.clone(),
+                                column: column.clone(),
+                                reason: format!("not added: the table has {MAX_COLUMNS} columns (the limit)"),
+                                value: Some(cell.as_json()),
+                            },
+                        ),
+                    }
+                }
+                let at = *index.entry((e.schema.as_str(), row.table.as_str())).or_insert_with(|| {
+                    staged.push(Staged { schema: e.schema.clone(), table: row.table.clone(), columns: Vec::new(), rows: Vec::new() });
+                    staged.len() - 1
+                });
+                let t = &mut staged[at];
+                let mut fields = vec![None; t.columns.len()];
+                for (column, ty, text) in values {
+                    let i = match t.columns.iter().position(|(c, _)| c == column) {
+                        Some(i) => i,
+                        None => {
+                            t.columns.push((column.to_owned(), ty.to_owned()));
+                            for r in &mut t.rows {
+                                r.push(None);
+                            }
+                            fields.push(None);
+                            t.columns.len() - 1
+                        }
+                    };
+                    fields[i] = Some(text);
+                }
+                t.rows.push(fields);
+            }
+        }
+        (staged, recorded)
+    }
+}
+
+/// One statement of a load's transaction.
+enum Step {
+    Execute(String),
+    /// `COPY … FROM STDIN` and its data.
+    Copy(String, String),
+}
+
+fn run_step<'a>(conn: &'a mut sqlx::PgConnection, step: Step) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        match step {
+            Step::Execute(sql) => {
+                conn.execute(sql.as_str()).await?;
+            }
+            Step::Copy(sql, data) => {
+                let mut copy = conn.copy_in_raw(&sql).await?;
+                copy.send(data.as_bytes()).await?;
+                copy.finish().await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The statements that load `staged` and record `recorded`: each table's
+/// rows copied into a staging table, then inserted unless their id is there.
+fn load_steps(staged: &[Staged], recorded: &[Recorded], schemas: &[&str]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (n, t) in staged.iter().enumerate() {
+        let stage = format!("sluice_stage_{n}");
+        let columns: Vec<String> = t.columns.iter().map(|(c, _)| quote(c)).collect();
+        let defs: Vec<String> = columns.iter().map(|c| format!("{c} text")).collect();
+        steps.push(Step::Execute(format!("CREATE TEMP TABLE {stage} ({}) ON COMMIT DROP", defs.join(", "))));
+        let data = copy_rows(t.rows.iter().map(|r| r.iter().map(Option::as_deref).collect()));
+        steps.push(Step::Copy(format!("COPY {stage} ({}) FROM STDIN", columns.join(", ")), data));
+        // No cast to text types: an explicit cast to varchar(n) would cut a
+        // longer value short; the insert's own assignment refuses it instead.
+        let casts: Vec<String> = t
+            .columns
+            .iter()
+            .map(|(c, ty)| if ty == "text" || ty.starts_with("character") { quote(c) } else { format!("{}::{ty}", quote(c)) })
+            .collect();
+        steps.push(Step::Execute(format!(
+            "INSERT INTO {}.{} ({}) SELECT {} FROM {stage} ON CONFLICT (id) DO NOTHING",
+            quote(&t.schema),
+            quote(&t.table),
+            columns.join(", "),
+            casts.join(", ")
+        )));
+    }
+    if !recorded.is_empty() {
+        let data = copy_rows(recorded.iter().map(|r| {
+            vec![
+                Some(r.schema.as_str()),
+                Some(r.message_id.as_str()),
+                Some(r.conflict.table.as_str()),
+                Some(r.conflict.column.as_str()),
+                Some(r.conflict.reason.as_str()),
+                r.conflict.value.as_deref(),
+            ]
+        }));
+        steps.push(Step::Execute(
+            "CREATE TEMP TABLE sluice_stage_conflicts (schema_name text, message_id text, table_name text, column_name text, reason text, value text) \
+             ON COMMIT DROP"
+                .into(),
+        ));
+        steps.push(Step::Copy("COPY sluice_stage_conflicts FROM STDIN".into(), data));
+        for schema in schemas {
+            // Schema names are snake case ([a-z0-9_]): safe as a literal.
+            steps.push(Step::Execute(format!(
+                "INSERT INTO {}.{CONFLICTS} (message_id, table_name, column_name, reason, value) \
+                 SELECT message_id, table_name, column_name, reason, value FROM sluice_stage_conflicts WHERE schema_name = '{schema}' \
+                 ON CONFLICT DO NOTHING",
+                quote(schema)
+            )));
+        }
+    }
+    steps
+}
+
+/// The DDL `events` need in `schema` beyond what the catalog has
+/// (`known`), within the limits; `None`: nothing to make.
+fn plan_ddl(schema: &str, known: &Tables, events: &[&EventRows]) -> Option<Vec<String>> {
+    let mut new_tables: Vec<String> = Vec::new();
+    let mut new_columns: Vec<(String, String, &'static str)> = Vec::new();
+    let mut event_tables = known.keys().filter(|t| !FIXED_TABLES.contains(&t.as_str())).count();
+    let mut columns_of: HashMap<&str, usize> = known.iter().map(|(t, c)| (t.as_str(), c.len())).collect();
+    let mut planned: HashSet<(&str, &str)> = HashSet::new();
+    for e in events {
+        for row in &e.rows {
+            let table = row.table.as_str();
+            if !known.contains_key(table) && !new_tables.iter().any(|t| t == table) {
+                if !FIXED_TABLES.contains(&table) {
+                    if event_tables >= MAX_EVENT_TABLES {
+                        continue;
+                    }
+                    event_tables += 1;
+                }
+                new_tables.push(table.to_owned());
+                // `id` and `uuid_ts`.
+                columns_of.insert(table, 2);
+            }
+            for (column, cell) in &row.cells {
+                if known.get(table).is_some_and(|c| c.contains_key(column)) || column == "id" || !planned.insert((table, column.as_str())) {
+                    continue;
+                }
+                let count = columns_of.entry(table).or_insert(2);
+                if *count >= MAX_COLUMNS {
+                    continue;
+                }
+                *count += 1;
+                new_columns.push((table.to_owned(), column.clone(), cell.natural_type()));
+            }
+        }
+    }
+    if new_tables.is_empty() && new_columns.is_empty() && known.contains_key(CONFLICTS) {
+        return None;
+    }
+    let s = quote(schema);
+    let mut ddl = vec![
+        format!("CREATE SCHEMA IF NOT EXISTS {s}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {s}.{CONFLICTS} (message_id text NOT NULL, table_name text NOT NULL, column_name text NOT NULL, \
+             reason text NOT NULL, value text, recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (message_id, table_name, column_name))"
+        ),
+    ];
+    for t in &new_tables {
+        ddl.push(format!("CREATE TABLE IF NOT EXISTS {s}.{} (id text PRIMARY KEY, uuid_ts timestamptz NOT NULL DEFAULT now())", quote(t)));
+    }
+    for (t, c, ty) in &new_columns {
+        ddl.push(format!("ALTER TABLE {s}.{} ADD COLUMN IF NOT EXISTS {} {ty}", quote(t), quote(c)));
+    }
+    Some(ddl)
+}
+
+/// The tables of `schema` and their columns' types.
+fn read_schema<'a>(conn: &'a mut sqlx::PgConnection, schema: &'a str) -> BoxFuture<'a, Result<Tables, sqlx::Error>> {
+    Box::pin(read_schema_inner(conn, schema))
+}
+
+async fn read_schema_inner(conn: &mut sqlx::PgConnection, schema: &str) -> Result<Tables, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut tables = Tables::new();
+    for r in rows {
+        let (table, column, ty): (String, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        tables.entry(table).or_default().insert(column, ty);
+    }
+    Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_snake_case_ascii_and_bounded() {
+        assert_eq!(snake("productId"), "product_id");
+        assert_eq!(snake("Order Completed"), "order_completed");
+        assert_eq!(snake("URL"), "url");
+        assert_eq!(snake("pageURL2x"), "page_url2x");
+        assert_eq!(snake("  --a--b--  "), "a_b");
+        assert_eq!(snake("3d view"), "_3d_view");
+        assert_eq!(snake("émoji 🙂"), "moji");
+        assert_eq!(snake("🙂"), "");
+        assert_eq!(snake("x\"; DROP TABLE t; --"), "x_drop_table_t");
+        assert_eq!(snake(&"a".repeat(100)).len(), 63);
+        assert_eq!(schema_name("web-App"), "web_app");
+        assert_eq!(schema_name("pg_catalog"), "src_pg_catalog");
+        assert_eq!(event_table("Tracks").as_deref(), Some("event_tracks"));
+        assert_eq!(event_table("sluice_type_conflicts").as_deref(), Some("event_sluice_type_conflicts"));
+        assert_eq!(event_table("!!!"), None);
+    }
+
+    #[test]
+    fn a_track_event_makes_a_tracks_row_and_an_event_table_row() {
+        let body = br#"{"type":"track","messageId":"m1","event":"Order Completed","userId":"u1","timestamp":"2026-01-02T03:04:05.678Z",
+            "sentAt":"yesterday","context":{"library":{"name":"analytics-python"},"ip":"1.2.3.4"},
+            "properties":{"total":12.5,"count":3,"paid":true,"items":[1,2],"shipping":{"city":"Oslo","geo":{"lat":1,"lon":2,"deep":{"x":{"y":1}}}},
+            "productId":"p","product_id":"q","id":"not the id","none":null}}"#;
+        let e = rows_of("web", body).unwrap();
+        assert_eq!((e.schema.as_str(), e.message_id.as_str()), ("web", "m1"));
+        let tracks = &e.rows[0];
+        assert_eq!(tracks.table, "tracks");
+        let get = |row: &Row, c: &str| row.cells.iter().find(|(n, _)| n == c).map(|(_, v)| v.clone());
+        assert_eq!(get(tracks, "id"), Some(Cell::Text("m1".into())));
+        assert_eq!(get(tracks, "event"), Some(Cell::Text("order_completed".into())));
+        assert_eq!(get(tracks, "event_text"), Some(Cell::Text("Order Completed".into())));
+        assert_eq!(get(tracks, "context_library_name"), Some(Cell::Text("analytics-python".into())));
+        assert_eq!(get(tracks, "timestamp"), Some(Cell::Time("2026-01-02T03:04:05.678Z".into())));
+        assert_eq!(get(tracks, "total"), None, "properties only in the event table");
+        let order = &e.rows[1];
+        assert_eq!(order.table, "order_completed");
+        assert_eq!(get(order, "total"), Some(Cell::Float(12.5)));
+        assert_eq!(get(order, "count"), Some(Cell::Int(3)));
+        assert_eq!(get(order, "paid"), Some(Cell::Bool(true)));
+        assert_eq!(get(order, "items"), Some(Cell::Json("[1,2]".into())));
+        assert_eq!(get(order, "shipping_city"), Some(Cell::Text("Oslo".into())));
+        assert_eq!(get(order, "shipping_geo_lat"), Some(Cell::Int(1)));
+        // Depth 4: the object at the fourth level is kept whole.
+        assert_eq!(get(order, "shipping_geo_deep_x"), Some(Cell::Json(r#"{"y":1}"#.into())));
+        assert_eq!(get(order, "none"), None);
+        assert_eq!(get(order, "id"), Some(Cell::Text("m1".into())), "a property named id does not replace the messageId");
+        // `sentAt` that is no timestamp, the second `product_id`, the property `id`: recorded, per table.
+        let reasons: Vec<(&str, &str)> = e.conflicts.iter().map(|c| (c.table.as_str(), c.column.as_str())).collect();
+        assert!(reasons.contains(&("tracks", "sent_at")) && reasons.contains(&("order_completed", "sent_at")), "{reasons:?}");
+        assert!(reasons.contains(&("order_completed", "product_id")), "{reasons:?}");
+        assert!(reasons.contains(&("order_completed", "id")), "{reasons:?}");
+    }
+
+    #[test]
+    fn events_that_cannot_load_say_why() {
+        for (body, why) in [
+            (&b"[1]"[..], "not a JSON object"),
+            (b"{", "not JSON"),
+            (br#"{"type":"track","event":"x"}"#, "no messageId"),
+            (br#"{"type":"track","messageId":"m"}"#, "no event name"),
+            (br#"{"type":"batch","messageId":"m"}"#, "have no table"),
+        ] {
+            let err = rows_of("s", body).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        let alias = rows_of("s", br#"{"type":"alias","messageId":"m","previousId":"old","userId":"new"}"#).unwrap();
+        assert_eq!(alias.rows[0].table, "aliases");
+        let group = rows_of("s", br#"{"type":"group","messageId":"m","groupId":"g","traits":{"plan":"pro"}}"#).unwrap();
+        assert_eq!(group.rows[0].cells.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["id", "group_id", "plan"]);
+    }
+
+    #[test]
+    fn values_fit_their_columns_or_are_conflicts() {
+        assert!(Cell::Int(1).fits("double precision") && Cell::Int(1).fits("text") && Cell::Int(1).fits("numeric(10,2)"));
+        assert!(!Cell::Float(1.5).fits("bigint") && !Cell::Text("1".into()).fits("bigint") && !Cell::Bool(true).fits("bigint"));
+        assert!(!Cell::Int(1 << 40).fits("integer") && Cell::Int(7).fits("smallint"));
+        assert!(Cell::Text("2026-01-01T00:00:00Z".into()).fits("timestamp with time zone"));
+        assert!(!Cell::Text("soon".into()).fits("timestamp with time zone"));
+        assert!(!Cell::Text("x".into()).fits("bytea") && !Cell::Text("x".into()).fits("USER-DEFINED"));
+        assert_eq!(Cell::Text("a\"b".into()).render("jsonb"), r#""a\"b""#);
+        assert_eq!(Cell::Float(1e300).render("double precision"), "1e300");
+        let mut out = String::new();
+        copy_escape("a\tb\nc\\d\re\0", &mut out);
+        assert_eq!(out, "a\\tb\\nc\\\\d\\re\u{FFFD}");
+        assert_eq!(copy_rows([vec![Some("x"), None]].into_iter()), "x\t\\N\n");
+    }
+}
