@@ -2412,6 +2412,30 @@ mod tests {
     }
 
     #[test]
+    fn postgres_destinations_take_a_postgres_url_and_batch_keys_only() {
+        let dest = |keys: &str| load(&format!("[[destinations]]\nid = \"w\"\n{keys}\n"));
+        let c = dest("type = \"postgres\"\nurl = \"postgres://u:p@db.example:5432/warehouse?sslmode=verify-full\"").unwrap();
+        let d = &c.destinations[0];
+        assert!(d.is_postgres() && d.kafka_target().is_none());
+        assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((1000, Duration::from_secs(1))));
+        assert!(dest("type = \"postgres\"\nurl = \"postgresql://h/db\"\nbatch_max_events = 5000\nbatch_max_age = \"5s\"").is_ok());
+        for (keys, named) in [
+            ("type = \"postgres\"\nurl = \"http://h/db\"", "not a postgres:// URL"),
+            ("type = \"postgres\"\nurl = \"postgres://h:99999/db\"", "port"),
+            ("type = \"postgres\"\nurl = \"postgres://h/db\"\nsecret = \"s\"", "destinations[0].secret"),
+            ("type = \"postgres\"\nurl = \"postgres://h/db\"\nkafka_key = \"user_id\"", "destinations[0].kafka_key"),
+            ("type = \"postgres\"\nurl = \"postgres://h/db\"\nbatch_max_bytes = 2048", "destinations[0].batch_max_bytes"),
+            ("url = \"postgres://h/db\"", "http://"),
+        ] {
+            let err = dest(keys).unwrap_err().to_string();
+            assert!(err.contains(named), "{keys}: {err}");
+        }
+        // The password is not in the error.
+        let err = dest("type = \"postgres\"\nurl = \"postgres://u:hunter2@h:99999/db\"").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn sample_config_is_valid() {
         let c = load(SAMPLE_CONFIG).expect("sample config");
         assert!(!c.sources.is_empty());

@@ -74,7 +74,11 @@ pub struct Load<'a> {
 /// Check a `postgres` destination's URL as it will be used (TLS mode and
 /// parameters): the config loader and the admin API call this.
 pub fn check_url(url: &str) -> Result<(), String> {
-    sluice_sql::SqlLink::for_role(url, "postgres destination").map(|_| ()).map_err(|e| e.to_string())
+    let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| e.to_string())?;
+    if link.engine() != sluice_sql::SqlEngine::Postgres {
+        return Err(format!("{}: not a postgres:// URL", link.display()));
+    }
+    Ok(())
 }
 
 /// A value for a column.
@@ -1038,6 +1042,17 @@ mod tests {
         assert_eq!(alias.rows[0].table, "aliases");
         let group = rows_of("s", br#"{"type":"group","messageId":"m","groupId":"g","traits":{"plan":"pro"}}"#).unwrap();
         assert_eq!(group.rows[0].cells.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["id", "group_id", "plan"]);
+    }
+
+    #[test]
+    fn urls_are_checked_as_the_jobdb_links_are() {
+        assert!(check_url("postgres://u:p@h:5432/db").is_ok());
+        assert!(check_url("postgres://u:p@h/db?sslmode=verify-full").is_ok());
+        for (url, why) in [("postgres://h/db?sslmode=prefer", "plain text"), ("postgres://u:p/ss@h/db", "URL"), ("mysql://h/db", "not a postgres")] {
+            let err = check_url(url).map(|_| ()).unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+            assert!(!err.contains("ss@h"), "{err}");
+        }
     }
 
     #[test]
