@@ -1432,7 +1432,7 @@ impl DestinationConfig {
             "batch_webhook" => BatchLimits::DEFAULT,
             "kafka" => BatchLimits { max_events: 500, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::ZERO },
             // A warehouse load is a transaction: fewer, larger ones load faster.
-            "postgres" => BatchLimits { max_events: 1000, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::from_secs(1) },
+            "postgres" => BatchLimits { max_events: 5000, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::from_secs(1) },
             _ => return None,
         };
         Some(BatchLimits {
@@ -2417,7 +2417,7 @@ mod tests {
         let c = dest("type = \"postgres\"\nurl = \"postgres://u:p@db.example:5432/warehouse?sslmode=verify-full\"").unwrap();
         let d = &c.destinations[0];
         assert!(d.is_postgres() && d.kafka_target().is_none());
-        assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((1000, Duration::from_secs(1))));
+        assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((5000, Duration::from_secs(1))));
         assert!(dest("type = \"postgres\"\nurl = \"postgresql://h/db\"\nbatch_max_events = 5000\nbatch_max_age = \"5s\"").is_ok());
         for (keys, named) in [
             ("type = \"postgres\"\nurl = \"http://h/db\"", "not a postgres:// URL"),

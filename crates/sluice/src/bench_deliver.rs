@@ -277,14 +277,21 @@ pub struct E2eBench {
     /// `webhook,batch_webhook`).
     #[arg(long, value_delimiter = ',', default_value = "webhook", value_name = "TYPE,…")]
     destination_type: Vec<String>,
-    /// `batch_webhook`: events per request.
-    #[arg(long, default_value_t = 100)]
-    batch_max_events: usize,
+    /// `batch_webhook`, `kafka` and `postgres`: events per request
+    /// (absent: the type's default, 100, 500 and 5000).
+    #[arg(long)]
+    batch_max_events: Option<usize>,
     /// `--destination-type kafka`: the Kafka cluster (`host:port`, e.g. from
     /// `scripts/kafka.sh start`) the destinations publish to; a reader in
     /// this process counts what lands in their topics.
     #[arg(long, value_name = "HOST:PORT")]
     kafka_destination: Option<String>,
+    /// `--destination-type postgres`: a PostgreSQL server
+    /// (`postgres://user@host:port/postgres`, a user that may create
+    /// databases, e.g. from `scripts/sql.sh start-postgres`); each
+    /// destination loads into a fresh database of its own there.
+    #[arg(long, value_name = "URL")]
+    postgres_destination: Option<String>,
 }
 
 /// The built-in bench function: renames two properties of every track event.
@@ -403,7 +410,7 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
         dir.path().join("data").display(),
-        if !matches!(setup, Setup::Nothing) { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
+        if !matches!(setup, Setup::Nothing) || args.destination_type.first().is_some_and(|k| k == "postgres") { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
     );
     if let Some(url) = &args.jobdb_url {
         toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
@@ -452,6 +459,15 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         ("kafka", None) => bail!("--destination-type kafka needs --kafka-destination HOST:PORT (a broker, e.g. from scripts/kafka.sh start)"),
         _ => None,
     };
+    // `postgres`: databases of this run's own; loads counted from the server's metrics.
+    let healthy: Vec<String> = dests[args.down..].to_vec();
+    let mut warehouses = match (kind, &args.postgres_destination) {
+        ("postgres", Some(server)) => Some(crate::bench_postgres::Warehouses::create(&rt, server, &healthy)?),
+        ("postgres", None) => {
+            bail!("--destination-type postgres needs --postgres-destination URL (a server, e.g. from scripts/sql.sh start-postgres)")
+        }
+        _ => None,
+    };
     if args.down_types.len() > args.down {
         bail!("--down-types names {} types for {} down destinations", args.down_types.len(), args.down);
     }
@@ -461,20 +477,26 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
                 "webhook" | "batch_webhook" => sink.url(&format!("/{d}")),
                 // Port 9 (discard): nothing listens; the producer retries until `request_timeout`.
                 "kafka" => "kafka://127.0.0.1:9/sluice-bench-down".to_owned(),
-                other => bail!("--down-types: unknown type {other:?} (webhook, batch_webhook, kafka)"),
+                // Likewise: the connection is refused, the loads retried.
+                "postgres" => "postgres://sluice@127.0.0.1:9/down".to_owned(),
+                other => bail!("--down-types: unknown type {other:?} (webhook, batch_webhook, kafka, postgres)"),
             };
             toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"{down_kind}\"\nurl = \"{url}\"\n"));
             continue;
         }
-        match &kafka_reader {
-            Some(reader) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"kafka\"\nurl = \"{}\"\n", reader.url(d))),
-            None => toml.push_str(&format!(
+        match (&kafka_reader, &warehouses) {
+            (Some(reader), _) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"kafka\"\nurl = \"{}\"\n", reader.url(d))),
+            (None, Some(w)) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"postgres\"\nurl = \"{}\"\n", w.url(d))),
+            (None, None) => toml.push_str(&format!(
                 "[[destinations]]\nid = \"{d}\"\ntype = \"{kind}\"\nurl = \"{}\"\nsecret = \"bench\"\n",
                 sink.url(&format!("/{d}"))
             )),
         }
         if kind == "batch_webhook" {
-            toml.push_str(&format!("batch_max_events = {}\nbatch_max_age = \"100ms\"\n", args.batch_max_events));
+            toml.push_str("batch_max_age = \"100ms\"\n");
+        }
+        if let Some(n) = args.batch_max_events.filter(|_| kind != "webhook") {
+            toml.push_str(&format!("batch_max_events = {n}\n"));
         }
     }
     for s in 0..args.sources {
@@ -508,10 +530,26 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
             }
         }
     }
+    if let Some(w) = &mut warehouses {
+        w.watch(admin, BENCH_ADMIN_TOKEN, &sink);
+    }
     let result = rt.block_on(e2e_load(args, addr.parse()?, &sink, pid));
+    if let Some(w) = &warehouses {
+        let loaded: u64 = healthy.iter().map(|d| sink.state.event_count(&format!("/{d}"))).sum();
+        if let Ok(rate) = &result {
+            println!("rows loaded in window: {:.0} rows/s (each event a row in tracks and one in order_completed)", 2.0 * rate);
+        }
+        match w.verify(&rt, loaded) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("rows in the warehouses: cannot count them: {e:#}"),
+        }
+    }
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
     drop(kafka_reader);
+    if let Some(w) = warehouses {
+        w.drop_databases(&rt);
+    }
     result
 }
 

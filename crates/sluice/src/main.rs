@@ -8,6 +8,7 @@ mod bench_deliver;
 mod bench_hostile;
 mod bench_kafka;
 mod bench_migrate;
+mod bench_postgres;
 mod bench_router;
 mod cell;
 mod cells;
