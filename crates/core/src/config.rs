@@ -1239,6 +1239,23 @@ pub struct DestinationConfig {
     /// one partition, in order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_key: Option<String>,
+    /// `s3`: an S3-compatible server's `http://` or `https://` endpoint
+    /// (absent: AWS, or `AWS_ENDPOINT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// `s3`: the bucket's region (absent: `AWS_REGION`, else `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+}
+
+/// Where an `s3` destination writes, from its `url`, `s3_endpoint` and `s3_region`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Without a leading or trailing `/`; may be empty.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
 }
 
 /// Where a `kafka` destination publishes, from its `url` and `kafka_key`.
@@ -1342,6 +1359,8 @@ impl DestinationConfig {
                 ("batch_max_age", self.batch_max_age.is_some()),
                 ("kafka_key", self.kafka_key.is_some()),
                 ("secret", self.secret.is_some()),
+                ("s3_endpoint", self.s3_endpoint.is_some()),
+                ("s3_region", self.s3_region.is_some()),
             ],
         );
         let allowed: &[&str] = match kind {
@@ -1349,10 +1368,14 @@ impl DestinationConfig {
             "batch_webhook" => &["batch_max_events", "batch_max_bytes", "batch_max_age", "secret"],
             "kafka" => &["batch_max_events", "batch_max_age", "kafka_key"],
             "postgres" => &["batch_max_events", "batch_max_age"],
+            "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region"],
             other => {
                 return Err(invalid(
                     key("type"),
-                    format!("unknown destination type {}; the types are \"webhook\", \"batch_webhook\", \"kafka\" and \"postgres\"", excerpt(other)),
+                    format!(
+                        "unknown destination type {}; the types are \"webhook\", \"batch_webhook\", \"kafka\", \"postgres\" and \"s3\"",
+                        excerpt(other)
+                    ),
                 ))
             }
         };
@@ -1375,6 +1398,21 @@ impl DestinationConfig {
             if let Some(k) = &self.kafka_key {
                 if !matches!(k.as_str(), "message_id" | "user_id") {
                     return Err(invalid(key("kafka_key"), format!("{} is not \"message_id\" or \"user_id\"", excerpt(k))));
+                }
+            }
+        } else if kind == "s3" {
+            match ArchiveUrl::parse(&self.url) {
+                Ok(ArchiveUrl::S3 { .. }) => {}
+                Ok(ArchiveUrl::File(_)) => return Err(invalid(key("url"), format!("{} is not an s3://bucket/prefix URL", excerpt(&self.url)))),
+                Err(problem) => return Err(invalid(key("url"), problem)),
+            }
+            if let Some(e) = &self.s3_endpoint {
+                HttpUrl::parse(e).map_err(|problem| invalid(key("s3_endpoint"), problem))?;
+                check_authority(e).map_err(|problem| invalid(key("s3_endpoint"), format!("{}: {problem}", excerpt(e))))?;
+            }
+            if let Some(r) = &self.s3_region {
+                if r.is_empty() || r.contains(char::is_whitespace) {
+                    return Err(invalid(key("s3_region"), format!("{} is not a region name", excerpt(r))));
                 }
             }
         } else if kind == "postgres" {
@@ -1433,6 +1471,8 @@ impl DestinationConfig {
             "kafka" => BatchLimits { max_events: 500, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::ZERO },
             // A warehouse load is a transaction: fewer, larger ones load faster.
             "postgres" => BatchLimits { max_events: 5000, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::from_secs(1) },
+            // A data lake wants few, large files.
+            "s3" => BatchLimits { max_events: 10_000, max_bytes: BatchLimits::MAX_BYTES, max_age: Duration::from_secs(10) },
             _ => return None,
         };
         Some(BatchLimits {
@@ -1440,6 +1480,23 @@ impl DestinationConfig {
             max_bytes: self.batch_max_bytes.unwrap_or(defaults.max_bytes),
             max_age: self.batch_max_age.unwrap_or(defaults.max_age),
         })
+    }
+
+    /// An `s3` destination's bucket, prefix, endpoint and region; `None`
+    /// for other types (or a URL [`validate`](Self::validate) refuses).
+    pub fn s3_target(&self) -> Option<S3Target> {
+        if self.kind != "s3" {
+            return None;
+        }
+        match ArchiveUrl::parse(&self.url).ok()? {
+            ArchiveUrl::S3 { bucket, prefix } => Some(S3Target {
+                bucket,
+                prefix,
+                endpoint: self.s3_endpoint.as_ref().map(|e| e.trim_end_matches('/').to_owned()),
+                region: self.s3_region.clone(),
+            }),
+            ArchiveUrl::File(_) => None,
+        }
     }
 
     /// Whether this is a `postgres` (warehouse) destination.
@@ -2433,6 +2490,36 @@ mod tests {
         // The password is not in the error.
         let err = dest("type = \"postgres\"\nurl = \"postgres://u:hunter2@h:99999/db\"").unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn s3_destinations_take_a_bucket_url_and_their_server_keys() {
+        let dest = |keys: &str| load(&format!("[[destinations]]\nid = \"l\"\n{keys}\n"));
+        let c =
+            dest("type = \"s3\"\nurl = \"s3://my-lake/events/raw/\"\ns3_endpoint = \"http://127.0.0.1:9000/\"\ns3_region = \"eu-west-1\"").unwrap();
+        assert_eq!(
+            c.destinations[0].s3_target(),
+            Some(S3Target {
+                bucket: "my-lake".into(),
+                prefix: "events/raw".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: Some("eu-west-1".into())
+            })
+        );
+        assert_eq!(c.destinations[0].batch_limits().map(|b| (b.max_events, b.max_age)), Some((10_000, Duration::from_secs(10))));
+        assert_eq!(dest("type = \"s3\"\nurl = \"s3://lake\"").unwrap().destinations[0].s3_target().unwrap().prefix, "");
+        for (keys, named) in [
+            ("type = \"s3\"\nurl = \"file:///tmp/x\"", "not an s3://"),
+            ("type = \"s3\"\nurl = \"s3://Upper/x\"", "bucket"),
+            ("type = \"s3\"\nurl = \"s3://lake/a/../b\"", "prefix"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"ftp://h\"", "destinations[0].s3_endpoint"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"eu west\"", "destinations[0].s3_region"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\nsecret = \"s\"", "destinations[0].secret"),
+            ("url = \"http://h/x\"\ns3_region = \"eu-west-1\"", "destinations[0].s3_region"),
+        ] {
+            let err = dest(keys).unwrap_err().to_string();
+            assert!(err.contains(named), "{keys}: {err}");
+        }
     }
 
     #[test]

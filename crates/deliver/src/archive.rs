@@ -52,6 +52,54 @@ fn read_small_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// S3 bucket `bucket` (objects under `prefix`, which may be empty), or a
+/// bucket of the S3-compatible server at `endpoint` (`http://` allowed;
+/// path-style requests). Credentials, and the region and endpoint when
+/// not given, come from the standard `AWS_*` environment variables; the
+/// region defaults to `us-east-1`. `ca_file`: a CA (PEM) trusted besides
+/// the system's. Nothing is sent until the first request. The archive and
+/// `s3` destinations use it.
+pub fn s3_store(
+    bucket: &str,
+    prefix: &str,
+    endpoint: Option<&str>,
+    region: Option<&str>,
+    ca_file: Option<&Path>,
+) -> Result<Arc<dyn ObjectStore>, String> {
+    // A write is retried briefly here; the director retries a failed one later anyway.
+    let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(10), backoff: BackoffConfig::default() };
+    let mut builder = AmazonS3Builder::new();
+    if let Some(path) = ca_file {
+        let link = |e: &dyn std::fmt::Display| format!("CA file {}: {e}", path.display());
+        let pem = read_small_file(path, 1 << 20).map_err(|e| link(&e))?;
+        let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| link(&e))?;
+        if certs.is_empty() {
+            return Err(link(&"no PEM certificate in it"));
+        }
+        let options = certs.into_iter().fold(object_store::ClientOptions::new(), |o, cert| o.with_root_certificate(cert));
+        builder = builder.with_client_options(options);
+    }
+    // `AmazonS3Builder::from_env`'s reading of `AWS_*`, after the client
+    // options it would otherwise replace.
+    for (name, value) in std::env::vars() {
+        if let Some(key) = name.starts_with("AWS_").then(|| name.to_ascii_lowercase().parse().ok()).flatten() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    builder = builder.with_bucket_name(bucket).with_retry(retry);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(region) = region {
+        builder = builder.with_region(region);
+    }
+    let store = builder.build().map_err(|e| format!("S3 bucket {bucket}: {e}"))?;
+    Ok(match prefix.trim_matches('/') {
+        "" => Arc::new(store),
+        p => Arc::new(PrefixStore::new(store, p)),
+    })
+}
+
 impl Archive {
     /// A local directory (created if missing).
     pub fn local(dir: &Path) -> Result<Archive, DeliverError> {
@@ -70,38 +118,7 @@ impl Archive {
     /// endpoint is never reached over plain HTTP.
     /// Nothing is sent until the first write.
     pub fn s3(bucket: &str, prefix: &str, endpoint: Option<&str>, region: Option<&str>, ca_file: Option<&Path>) -> Result<Archive, DeliverError> {
-        // A write is retried briefly here; the director retries a failed one later anyway.
-        let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(10), backoff: BackoffConfig::default() };
-        let mut builder = AmazonS3Builder::new();
-        if let Some(path) = ca_file {
-            let link = |e: &dyn std::fmt::Display| DeliverError::Archive(format!("s3 archive: CA file {}: {e}", path.display()));
-            let pem = read_small_file(path, 1 << 20).map_err(|e| link(&e))?;
-            let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| link(&e))?;
-            if certs.is_empty() {
-                return Err(link(&"no PEM certificate in it"));
-            }
-            let options = certs.into_iter().fold(object_store::ClientOptions::new(), |o, cert| o.with_root_certificate(cert));
-            builder = builder.with_client_options(options);
-        }
-        // `AmazonS3Builder::from_env`'s reading of `AWS_*`, after the client
-        // options it would otherwise replace.
-        for (name, value) in std::env::vars() {
-            if let Some(key) = name.starts_with("AWS_").then(|| name.to_ascii_lowercase().parse().ok()).flatten() {
-                builder = builder.with_config(key, value);
-            }
-        }
-        builder = builder.with_bucket_name(bucket).with_retry(retry);
-        if let Some(endpoint) = endpoint {
-            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let Some(region) = region {
-            builder = builder.with_region(region);
-        }
-        let store = builder.build().map_err(|e| DeliverError::Archive(format!("S3 bucket {bucket}: {e}")))?;
-        let store: Arc<dyn ObjectStore> = match prefix.trim_matches('/') {
-            "" => Arc::new(store),
-            p => Arc::new(PrefixStore::new(store, p)),
-        };
+        let store = s3_store(bucket, prefix, endpoint, region, ca_file).map_err(|e| DeliverError::Archive(format!("s3 archive: {e}")))?;
         let mut location = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
         if let Some(e) = endpoint {
             location.push_str(&format!(" (at {e})"));

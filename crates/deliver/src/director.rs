@@ -200,7 +200,7 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
         }
         out.push(job);
     }
-    // `kafka` and `postgres`: one outcome per job from one request.
+    // `kafka`, `postgres` and `s3`: one outcome per job from one request.
     let grouped = if let Some(target) = &settings.kafka {
         let messages: Vec<crate::kafka::Message> = out
             .iter()
@@ -211,6 +211,9 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
         let loads: Vec<crate::warehouse::Load> =
             out.iter().map(|j| crate::warehouse::Load { message_id: &j.message_id, source: &j.source, body: &j.body }).collect();
         Some(executor.warehouses.load(&settings.target.url, settings.target.allow_private_network, settings.target.request_timeout, &loads).await)
+    } else if let Some(target) = &settings.s3 {
+        let entries: Vec<crate::lake::Entry> = out.iter().map(|j| crate::lake::Entry { id: j.id, source: &j.source, body: &j.body }).collect();
+        Some(executor.lakes.write(target, settings.target.allow_private_network, settings.target.request_timeout, &entries).await)
     } else {
         None
     };

@@ -147,6 +147,8 @@ pub struct Executor {
     pub kafka: crate::kafka::Producers,
     /// The pools of `postgres` destinations.
     pub warehouses: crate::warehouse::Warehouses,
+    /// The stores of `s3` destinations.
+    pub lakes: crate::lake::Lakes,
 }
 
 /// The response body excerpt kept in a transition.
@@ -178,6 +180,7 @@ impl Executor {
             user_agent: format!("Sluice/{}", env!("CARGO_PKG_VERSION")),
             kafka: crate::kafka::Producers::default(),
             warehouses: crate::warehouse::Warehouses::default(),
+            lakes: crate::lake::Lakes::default(),
         })
     }
 

@@ -34,6 +34,8 @@ pub struct DestinationSettings {
     pub kafka: Option<sluice_core::config::KafkaTarget>,
     /// A `postgres` (warehouse) destination (`target.url` is its database).
     pub postgres: bool,
+    /// An `s3` (data lake) destination's bucket, prefix and server.
+    pub s3: Option<sluice_core::config::S3Target>,
 }
 
 #[derive(Debug)]
@@ -270,6 +272,7 @@ mod tests {
             batch: None,
             kafka: None,
             postgres: false,
+            s3: None,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

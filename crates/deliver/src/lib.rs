@@ -34,6 +34,7 @@ pub mod inspect;
 pub mod jobdb;
 pub mod kafka;
 pub mod ksuid;
+pub mod lake;
 pub mod metrics;
 pub mod retry;
 pub mod schema;

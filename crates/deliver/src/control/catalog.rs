@@ -149,6 +149,7 @@ impl Catalog {
             batch: d.batch_limits(),
             kafka: d.kafka_target(),
             postgres: d.is_postgres(),
+            s3: d.s3_target(),
         }
     }
 
@@ -168,6 +169,7 @@ impl Catalog {
                     batch: None,
                     kafka: None,
                     postgres: false,
+                    s3: None,
                 };
                 let g = Destination::new(id.to_owned(), settings.clone(), 1, Duration::from_secs(1), self.wake.clone());
                 g.update(settings, &Qos { paused: true, ..Qos::default() });
