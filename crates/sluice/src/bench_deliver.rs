@@ -292,6 +292,12 @@ pub struct E2eBench {
     /// destination loads into a fresh database of its own there.
     #[arg(long, value_name = "URL")]
     postgres_destination: Option<String>,
+    /// `--destination-type s3`: an S3-compatible server
+    /// (`http://host:port`, e.g. moto: `moto_server -H 127.0.0.1 -p 5000`
+    /// from scripts/setup-s3.sh's venv) where this bench makes a bucket;
+    /// each destination writes under a prefix of its own there.
+    #[arg(long, value_name = "URL")]
+    s3_destination: Option<String>,
 }
 
 /// The built-in bench function: renames two properties of every track event.
@@ -410,7 +416,7 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}[deliver]\nallow_private_network = true\ninitial_backoff = \"1s\"\nmax_backoff = \"30s\"\n",
         dir.path().join("data").display(),
-        if !matches!(setup, Setup::Nothing) || args.destination_type.first().is_some_and(|k| k == "postgres") { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
+        if !matches!(setup, Setup::Nothing) || args.destination_type.first().is_some_and(|k| k == "postgres" || k == "s3") { format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{BENCH_ADMIN_TOKEN}\"\n") } else { "[admin]\nlisten = \"\"\n".to_owned() }
     );
     if let Some(url) = &args.jobdb_url {
         toml.push_str(&format!("jobdb_url = \"{url}\"\n"));
@@ -468,6 +474,12 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         }
         _ => None,
     };
+    // `s3`: a bucket of this run's own; writes counted from the server's metrics.
+    let mut lake = match (kind, &args.s3_destination) {
+        ("s3", Some(endpoint)) => Some(crate::bench_lake::Lake::create(&rt, endpoint)?),
+        ("s3", None) => bail!("--destination-type s3 needs --s3-destination URL (an S3-compatible server such as moto)"),
+        _ => None,
+    };
     if args.down_types.len() > args.down {
         bail!("--down-types names {} types for {} down destinations", args.down_types.len(), args.down);
     }
@@ -479,12 +491,17 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
                 "kafka" => "kafka://127.0.0.1:9/sluice-bench-down".to_owned(),
                 // Likewise: the connection is refused, the loads retried.
                 "postgres" => "postgres://sluice@127.0.0.1:9/down".to_owned(),
-                other => bail!("--down-types: unknown type {other:?} (webhook, batch_webhook, kafka, postgres)"),
+                "s3" => "s3://down/x\"\ns3_endpoint = \"http://127.0.0.1:9".to_owned(),
+                other => bail!("--down-types: unknown type {other:?} (webhook, batch_webhook, kafka, postgres, s3)"),
             };
             toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"{down_kind}\"\nurl = \"{url}\"\n"));
             continue;
         }
         match (&kafka_reader, &warehouses) {
+            (None, None) if lake.is_some() => {
+                let keys = lake.as_ref().map(|l| l.destination_keys(d)).unwrap_or_default();
+                toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"s3\"\n{keys}"));
+            }
             (Some(reader), _) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"kafka\"\nurl = \"{}\"\n", reader.url(d))),
             (None, Some(w)) => toml.push_str(&format!("[[destinations]]\nid = \"{d}\"\ntype = \"postgres\"\nurl = \"{}\"\n", w.url(d))),
             (None, None) => toml.push_str(&format!(
@@ -504,7 +521,8 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         toml.push_str(&format!("[[connections]]\nsource = \"s{s}\"\ndestinations = {to:?}\n"));
     }
     std::fs::write(&config_path, toml)?;
-    let (mut child, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), config_path.as_os_str()], &[])?;
+    let env = lake.as_ref().map(|l| l.server_env()).unwrap_or_default();
+    let (mut child, ready) = spawn_ready(&["serve".as_ref(), "--config".as_ref(), config_path.as_os_str()], &env)?;
     let addr = ready["listen"].as_str().unwrap_or("").to_owned();
     let pid = child.id();
     let admin = ready["admin"].as_str().unwrap_or("");
@@ -533,6 +551,9 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     if let Some(w) = &mut warehouses {
         w.watch(admin, BENCH_ADMIN_TOKEN, &sink);
     }
+    if let Some(l) = &mut lake {
+        l.watch(admin, BENCH_ADMIN_TOKEN, healthy.clone(), &sink);
+    }
     let result = rt.block_on(e2e_load(args, addr.parse()?, &sink, pid));
     if let Some(w) = &warehouses {
         let loaded: u64 = healthy.iter().map(|d| sink.state.event_count(&format!("/{d}"))).sum();
@@ -542,6 +563,13 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
         match w.verify(&rt, loaded) {
             Ok(line) => println!("{line}"),
             Err(e) => println!("rows in the warehouses: cannot count them: {e:#}"),
+        }
+    }
+    if let Some(l) = &lake {
+        let written: u64 = healthy.iter().map(|d| sink.state.event_count(&format!("/{d}"))).sum();
+        match l.verify(&rt, written) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("objects in the lake: cannot read them: {e:#}"),
         }
     }
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();

@@ -20,8 +20,35 @@ pub struct Warehouses {
     server: String,
     /// (destination id, database name)
     databases: Vec<(String, String)>,
+    counter: Option<LoadCounter>,
+}
+
+/// A thread counting destinations' `succeeded` outcomes from the server's
+/// metrics into the bench's sink (stopped on drop). For destination types
+/// whose deliveries the bench cannot see arrive (`postgres`, `s3`).
+pub struct LoadCounter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoadCounter {
+    /// Count the `succeeded` outcomes of destinations `ids` from the
+    /// server's metrics at `admin` into the sink (path `/<id>`), every 100 ms.
+    pub fn start(admin: &str, token: &str, ids: Vec<String>, sink: &Sink) -> LoadCounter {
+        let (state, stop) = (sink.state.clone(), Arc::new(AtomicBool::new(false)));
+        let (url, token, stopped) = (format!("http://{admin}/metrics"), token.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || count_loads(&url, &token, &ids, &state, &stopped));
+        LoadCounter { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for LoadCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Warehouses {
@@ -37,7 +64,7 @@ impl Warehouses {
             }
             anyhow::Ok(())
         })?;
-        Ok(Warehouses { server: server.to_owned(), databases, stop: Arc::new(AtomicBool::new(false)), thread: None })
+        Ok(Warehouses { server: server.to_owned(), databases, counter: None })
     }
 
     /// The `url` of destination `id`.
@@ -51,10 +78,8 @@ impl Warehouses {
     /// Count each destination's `succeeded` outcomes from the server's
     /// metrics at `admin` into the sink (path `/<id>`), every 100 ms.
     pub fn watch(&mut self, admin: &str, token: &str, sink: &Sink) {
-        let (state, stop) = (sink.state.clone(), self.stop.clone());
-        let (url, token) = (format!("http://{admin}/metrics"), token.to_owned());
-        let ids: Vec<String> = self.databases.iter().map(|(d, _)| d.clone()).collect();
-        self.thread = Some(std::thread::spawn(move || count_loads(&url, &token, &ids, &state, &stop)));
+        let ids = self.databases.iter().map(|(d, _)| d.clone()).collect();
+        self.counter = Some(LoadCounter::start(admin, token, ids, sink));
     }
 
     /// The rows in every destination's `tracks` and event tables, checked
@@ -125,15 +150,6 @@ fn count_loads(url: &str, token: &str, ids: &[String], state: &SinkState, stop: 
                 state.record_delivered(&format!("/{id}"), keys, at);
                 counted[i] = now;
             }
-        }
-    }
-}
-
-impl Drop for Warehouses {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

@@ -7,6 +7,7 @@ mod bench_dedup;
 mod bench_deliver;
 mod bench_hostile;
 mod bench_kafka;
+mod bench_lake;
 mod bench_migrate;
 mod bench_postgres;
 mod bench_router;
