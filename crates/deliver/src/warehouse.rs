@@ -57,6 +57,17 @@ pub const MAX_EVENT_TABLES: usize = 500;
 const MAX_NAME: usize = 63;
 /// Connections per warehouse (requests in flight beyond it wait for one).
 const POOL_SIZE: u32 = 8;
+/// Schema changes (`CREATE TABLE`, `ADD COLUMN`) one load makes at most:
+/// events needing more wait for the next load (retried), so a flood of new
+/// keys cannot hold a load past its timeout. Committed in groups of
+/// [`DDL_PER_TRANSACTION`], so what a timed-out load made stays made.
+pub const MAX_DDL_PER_LOAD: usize = 200;
+const DDL_PER_TRANSACTION: usize = 25;
+/// Loads one request may make while splitting a failing batch.
+const MAX_LOADS_PER_REQUEST: usize = 64;
+/// How long a schema change waits for a table's lock (readers of the
+/// table queue behind a waiting `ALTER TABLE`): then the load is retried.
+const DDL_LOCK_TIMEOUT: &str = "2s";
 /// A pool unused this long is closed when another is made.
 const IDLE: Duration = Duration::from_secs(600);
 /// The tables every source's schema may have besides event tables.
@@ -77,6 +88,13 @@ pub fn check_url(url: &str) -> Result<(), String> {
     let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| e.to_string())?;
     if link.engine() != sluice_sql::SqlEngine::Postgres {
         return Err(format!("{}: not a postgres:// URL", link.display()));
+    }
+    // Shown back (the admin API, `jobs inspect`) with the user info's password hidden, not the query's.
+    if url::Url::parse(url).is_ok_and(|u| u.query_pairs().any(|(k, _)| k.eq_ignore_ascii_case("password"))) {
+        return Err(format!(
+            "{}: put the password in the user info (postgres://user:password@host/db) or PGPASSWORD, not in ?password=",
+            link.display()
+        ));
     }
     Ok(())
 }
@@ -150,8 +168,10 @@ impl Cell {
     }
 }
 
+/// An RFC 3339 time PostgreSQL takes (years 1–9999; it has no year 0).
 fn is_timestamp(s: &str) -> bool {
-    chrono::DateTime::parse_from_rfc3339(s).is_ok()
+    use chrono::Datelike;
+    chrono::DateTime::parse_from_rfc3339(s).is_ok_and(|t| (1..=9999).contains(&t.with_timezone(&chrono::Utc).year()))
 }
 
 /// One row for one table.
@@ -245,7 +265,14 @@ struct RowBuilder<'a> {
 
 impl RowBuilder<'_> {
     fn push(&mut self, name: String, path: &str, cell: Cell) {
-        if name.is_empty() {
+        if name == "uuid_ts" {
+            self.conflicts.push(Conflict {
+                table: self.table.to_owned(),
+                column: name,
+                reason: "uuid_ts is the load time, set by the warehouse".into(),
+                value: Some(cell.as_json()),
+            });
+        } else if name.is_empty() {
             self.conflicts.push(Conflict {
                 table: self.table.to_owned(),
                 column: path.to_owned(),
@@ -444,21 +471,27 @@ pub struct Warehouses {
 
 /// Why a load failed.
 enum LoadError {
-    /// Retry every job (the server or the connection).
-    Retry(String),
-    /// The data: load jobs alone to find the one.
-    Data(String),
+    /// The server, the connection, a lock or a timeout: every job is
+    /// retried as it is, without splitting the batch.
+    Whole(String),
+    /// Something about some rows (a value the server refuses, a table it
+    /// cannot insert into): the batch is split to find the jobs; a job
+    /// alone with it is discarded (`discard`: the data) or retried (the
+    /// table, which an operator can mend).
+    Rows { why: String, discard: bool },
 }
 
 fn classify(e: &sqlx::Error) -> LoadError {
-    let text = describe(e);
+    let why = describe(e);
     match e {
         sqlx::Error::Database(d) => match d.code().as_deref().map(|c| &c[..2.min(c.len())]) {
+            // Connection, authentication, database missing, deadlock, resources, lock not available, shutdown, system.
+            Some("08" | "28" | "3D" | "40" | "53" | "55" | "57" | "58" | "XX") | None => LoadError::Whole(why),
             // Data exceptions, integrity violations, program limits (a row too large).
-            Some("22" | "23" | "54") => LoadError::Data(text),
-            _ => LoadError::Retry(text),
+            Some("22" | "23" | "54") => LoadError::Rows { why, discard: true },
+            _ => LoadError::Rows { why, discard: false },
         },
-        _ => LoadError::Retry(text),
+        _ => LoadError::Whole(why),
     }
 }
 
@@ -536,35 +569,44 @@ impl Warehouses {
                 Err(why) => out.push(Some(attempt(Verdict::Discard, Some(why)))),
             }
         }
-        if !events.is_empty() {
-            let all: Vec<&EventRows> = events.iter().map(|(_, e)| e).collect();
-            let result = match tokio::time::timeout(timeout, warehouse.load(&all)).await {
+        // Parts of the batch to load, split in halves while some rows fail
+        // (one bad event or table must not hold the others back), within a
+        // budget of loads and time; what is left is retried.
+        let deadline = started + timeout * 3;
+        let mut budget = MAX_LOADS_PER_REQUEST;
+        let mut parts: Vec<Vec<usize>> = if events.is_empty() { Vec::new() } else { vec![(0..events.len()).collect()] };
+        while let Some(part) = parts.pop() {
+            let mut set = |verdict: Verdict, why: Option<&str>| {
+                for &p in &part {
+                    out[events[p].0] = Some(attempt(verdict, why.map(str::to_owned)));
+                }
+            };
+            if budget == 0 || Instant::now() >= deadline {
+                set(Verdict::Retry, Some("not loaded: this request's loads were spent finding a failing event (it is retried)"));
+                continue;
+            }
+            budget -= 1;
+            let these: Vec<&EventRows> = part.iter().map(|&p| &events[p].1).collect();
+            let result = match tokio::time::timeout(timeout, warehouse.load(&these)).await {
                 Ok(r) => r,
-                Err(_) => Err(LoadError::Retry(format!("the load did not finish within {timeout:?}"))),
+                Err(_) => Err(LoadError::Whole(format!("the load did not finish within {timeout:?}"))),
             };
             match result {
-                Ok(()) => {
-                    for (i, _) in &events {
-                        out[*i] = Some(attempt(Verdict::Succeeded, None));
+                Ok(deferred) => {
+                    set(Verdict::Succeeded, None);
+                    for i in deferred {
+                        out[events[part[i]].0] = Some(attempt(
+                            Verdict::Retry,
+                            Some(format!("waiting for schema changes (at most {MAX_DDL_PER_LOAD} per load; the next load makes more)")),
+                        ));
                     }
                 }
-                Err(LoadError::Retry(why)) => {
-                    for (i, _) in &events {
-                        out[*i] = Some(attempt(Verdict::Retry, Some(why.clone())));
-                    }
-                }
-                Err(LoadError::Data(why)) if events.len() == 1 => out[events[0].0] = Some(attempt(Verdict::Discard, Some(why))),
-                Err(LoadError::Data(_)) => {
-                    // One event the server refuses must not hold the others back: each alone.
-                    for (i, e) in &events {
-                        let alone = match tokio::time::timeout(timeout, warehouse.load(&[e])).await {
-                            Ok(Ok(())) => attempt(Verdict::Succeeded, None),
-                            Ok(Err(LoadError::Data(why))) => attempt(Verdict::Discard, Some(why)),
-                            Ok(Err(LoadError::Retry(why))) => attempt(Verdict::Retry, Some(why)),
-                            Err(_) => attempt(Verdict::Retry, Some(format!("the load did not finish within {timeout:?}"))),
-                        };
-                        out[*i] = Some(alone);
-                    }
+                Err(LoadError::Whole(why)) => set(Verdict::Retry, Some(&why)),
+                Err(LoadError::Rows { why, discard }) if part.len() == 1 => set(if discard { Verdict::Discard } else { Verdict::Retry }, Some(&why)),
+                Err(LoadError::Rows { .. }) => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    parts.push(second.to_vec());
+                    parts.push(first.to_vec());
                 }
             }
         }
@@ -587,7 +629,12 @@ impl Warehouses {
         if !allow_private_network {
             check_server(&options).await?;
         }
-        let options = options.application_name("sluice");
+        // A statement past the load's time is stopped by the server too (the client
+        // gave up on it), and a transaction a timed-out load left open is ended.
+        let ms = timeout.as_millis().max(1000);
+        let options = options
+            .application_name("sluice")
+            .options([("statement_timeout", ms.to_string()), ("idle_in_transaction_session_timeout", (ms * 2).to_string())]);
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(timeout)
@@ -608,12 +655,17 @@ impl Warehouses {
 
 /// Resolve the server and refuse a non-public address.
 async fn check_server(options: &PgConnectOptions) -> Result<(), (Verdict, String)> {
-    let host = options.get_host();
+    let local = |what: String| {
+        (Verdict::Discard, format!("refused by the SSRF guard: {what} is a Unix socket, a local address (set allow_private_network to allow it)"))
+    };
+    // A socket (`?host=/dir`, a percent-encoded path as the host) is what sqlx connects to
+    // whatever the host name says: refuse it first.
+    if let Some(socket) = options.get_socket() {
+        return Err(local(socket.display().to_string()));
+    }
+    let host = options.get_host().trim_start_matches('[').trim_end_matches(']');
     if host.starts_with('/') {
-        return Err((
-            Verdict::Discard,
-            format!("refused by the SSRF guard: {host} is a Unix socket, a local address (set allow_private_network to allow it)"),
-        ));
+        return Err(local(host.to_owned()));
     }
     let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host, options.get_port())).await {
         Ok(a) => a.collect(),
@@ -637,12 +689,17 @@ struct Staged {
 struct Recorded {
     schema: String,
     message_id: String,
+    /// Its place among the event's conflicts (part of the key: two
+    /// conflicts of one column are both kept).
+    ordinal: usize,
     conflict: Conflict,
 }
 
 impl Warehouse {
-    /// Load `events` in one transaction (after any DDL they need).
-    async fn load(&self, events: &[&EventRows]) -> Result<(), LoadError> {
+    /// Load `events` in one transaction (after any DDL they need); the
+    /// positions of the events not loaded because the schema changes they
+    /// need are beyond this load's share ([`MAX_DDL_PER_LOAD`]).
+    async fn load(&self, events: &[&EventRows]) -> Result<Vec<usize>, LoadError> {
         let schemas: Vec<&str> = {
             let mut seen = Vec::new();
             for e in events {
@@ -653,7 +710,7 @@ impl Warehouse {
             seen
         };
         // Boxed: the compiler cannot prove the future `Send` for every lifetime otherwise (sqlx's executors).
-        let inner: BoxFuture<'_, Result<(), LoadError>> = Box::pin(self.load_inner(events, &schemas));
+        let inner: BoxFuture<'_, Result<Vec<usize>, LoadError>> = Box::pin(self.load_inner(events, &schemas));
         let result = inner.await;
         if result.is_err() {
             // The catalog may have changed (a column dropped, a table made by someone else).
@@ -665,13 +722,17 @@ impl Warehouse {
         result
     }
 
-    async fn load_inner(&self, events: &[&EventRows], schemas: &[&str]) -> Result<(), LoadError> {
+    async fn load_inner(&self, events: &[&EventRows], schemas: &[&str]) -> Result<Vec<usize>, LoadError> {
         let mut conn = self.pool.acquire().await.map_err(|e| classify(&e))?;
+        let mut ddl_left = MAX_DDL_PER_LOAD;
         for schema in schemas {
             let of_schema: Vec<&EventRows> = events.iter().copied().filter(|e| e.schema == *schema).collect();
-            self.prepare(&mut conn, schema, &of_schema).await.map_err(|e| classify(&e))?;
+            ddl_left -= self.prepare(&mut conn, schema, &of_schema, ddl_left).await.map_err(|e| classify(&e))?;
         }
-        let (staged, recorded) = self.stage(events);
+        let (staged, recorded, deferred) = self.stage(events);
+        if staged.is_empty() && recorded.is_empty() {
+            return Ok(deferred);
+        }
         let steps = load_steps(&staged, &recorded, schemas);
         let mut tx = conn.begin().await.map_err(|e| classify(&e))?;
         for step in steps {
@@ -681,7 +742,7 @@ impl Warehouse {
         if !recorded.is_empty() {
             self.note_conflicts(recorded.len() as u64);
         }
-        Ok(())
+        Ok(deferred)
     }
 
     /// Say how many values were set aside, at most once a minute.
@@ -699,17 +760,19 @@ impl Warehouse {
     }
 
     /// Make the schema, tables and columns `events` need that the catalog
-    /// does not have (within the limits), then read the catalog again.
+    /// does not have (within the limits, at most `budget` statements), then
+    /// read the catalog again; the statements made.
     fn prepare<'a>(
         &'a self,
         conn: &'a mut sqlx::PgConnection,
         schema: &'a str,
         events: &'a [&'a EventRows],
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(self.prepare_inner(conn, schema, events))
+        budget: usize,
+    ) -> BoxFuture<'a, Result<usize, sqlx::Error>> {
+        Box::pin(self.prepare_inner(conn, schema, events, budget))
     }
 
-    async fn prepare_inner(&self, conn: &mut sqlx::PgConnection, schema: &str, events: &[&EventRows]) -> Result<(), sqlx::Error> {
+    async fn prepare_inner(&self, conn: &mut sqlx::PgConnection, schema: &str, events: &[&EventRows], budget: usize) -> Result<usize, sqlx::Error> {
         let known = self.schemas.lock().expect("schemas lock").get(schema).cloned();
         let known = match known {
             Some(k) => k,
@@ -719,34 +782,56 @@ impl Warehouse {
                 read
             }
         };
-        let Some(ddl) = plan_ddl(schema, &known, events) else { return Ok(()) };
-        let mut tx = conn.begin().await?;
-        // One schema's DDL at a time, across processes: concurrent `CREATE TABLE IF NOT EXISTS` can fail.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)").bind(format!("sluice-warehouse:{schema}")).execute(&mut *tx).await?;
-        for statement in ddl {
-            (&mut *tx).execute(statement.as_str()).await?;
+        let Some(ddl) = plan_ddl(schema, &known, events, budget) else { return Ok(0) };
+        // Not counted: the schema and the conflicts table.
+        let made = ddl.len() - 2;
+        // In groups, each its own transaction: what a load that times out made stays made.
+        for group in ddl.chunks(DDL_PER_TRANSACTION) {
+            match run_ddl(conn, schema, group).await {
+                Ok(()) => {}
+                // A table's lock is held (an analyst's long query): the events needing its
+                // change wait for a later load; the others load now.
+                Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("55P03") => {
+                    tracing::debug!(schema, "postgres destination: a table is locked; its schema change waits for a later load");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        tx.commit().await?;
         let read = read_schema(conn, schema).await?;
         self.schemas.lock().expect("schemas lock").insert(schema.to_owned(), read);
-        Ok(())
+        Ok(made)
     }
 
     /// Each table's rows with the catalog's column types; values that do
-    /// not fit, and rows for tables or columns not made, as conflicts.
-    fn stage(&self, events: &[&EventRows]) -> (Vec<Staged>, Vec<Recorded>) {
+    /// not fit, and rows for tables or columns over the limits, as
+    /// conflicts; the positions of events needing a table or column not
+    /// made yet (within the limits: a later load makes it), left out.
+    fn stage(&self, events: &[&EventRows]) -> (Vec<Staged>, Vec<Recorded>, Vec<usize>) {
         let schemas = self.schemas.lock().expect("schemas lock");
         let mut staged: Vec<Staged> = Vec::new();
         let mut index: HashMap<(&str, &str), usize> = HashMap::new();
         let mut recorded = Vec::new();
-        for e in events {
-            let record = |recorded: &mut Vec<Recorded>, conflict: Conflict| {
-                recorded.push(Recorded { schema: e.schema.clone(), message_id: e.message_id.clone(), conflict })
+        let mut deferred = Vec::new();
+        for (position, e) in events.iter().enumerate() {
+            let tables = schemas.get(&e.schema);
+            let event_tables = tables.map_or(0, |t| t.keys().filter(|n| !FIXED_TABLES.contains(&n.as_str())).count());
+            let waits = e.rows.iter().any(|row| match tables.and_then(|t| t.get(&row.table)) {
+                None => FIXED_TABLES.contains(&row.table.as_str()) || event_tables < MAX_EVENT_TABLES,
+                Some(columns) => columns.len() < MAX_COLUMNS && row.cells.iter().any(|(c, _)| !columns.contains_key(c)),
+            });
+            if waits {
+                deferred.push(position);
+                continue;
+            }
+            let mut ordinal = 0;
+            let mut record = |recorded: &mut Vec<Recorded>, conflict: Conflict| {
+                recorded.push(Recorded { schema: e.schema.clone(), message_id: e.message_id.clone(), ordinal, conflict });
+                ordinal += 1;
             };
             for c in &e.conflicts {
                 record(&mut recorded, c.clone());
             }
-            let tables = schemas.get(&e.schema);
             for row in &e.rows {
                 let Some(columns) = tables.and_then(|t| t.get(&row.table)) else {
                     record(
@@ -807,8 +892,24 @@ impl Warehouse {
                 t.rows.push(fields);
             }
         }
-        (staged, recorded)
+        (staged, recorded, deferred)
     }
+}
+
+/// One transaction of schema changes in `schema`.
+fn run_ddl<'a>(conn: &'a mut sqlx::PgConnection, schema: &'a str, statements: &'a [String]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let mut tx = conn.begin().await?;
+        // A table's lock behind a long query: give up soon rather than queue
+        // every reader of the table behind this `ALTER TABLE`.
+        (&mut *tx).execute(format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'").as_str()).await?;
+        // One schema's DDL at a time, across processes: concurrent `CREATE TABLE IF NOT EXISTS` can fail.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)").bind(format!("sluice-warehouse:{schema}")).execute(&mut *tx).await?;
+        for statement in statements {
+            (&mut *tx).execute(statement.as_str()).await?;
+        }
+        tx.commit().await
+    })
 }
 
 /// One statement of a load's transaction.
@@ -861,10 +962,12 @@ fn load_steps(staged: &[Staged], recorded: &[Recorded], schemas: &[&str]) -> Vec
         )));
     }
     if !recorded.is_empty() {
-        let data = copy_rows(recorded.iter().map(|r| {
+        let ordinals: Vec<String> = recorded.iter().map(|r| r.ordinal.to_string()).collect();
+        let data = copy_rows(recorded.iter().zip(&ordinals).map(|(r, ordinal)| {
             vec![
                 Some(r.schema.as_str()),
                 Some(r.message_id.as_str()),
+                Some(ordinal.as_str()),
                 Some(r.conflict.table.as_str()),
                 Some(r.conflict.column.as_str()),
                 Some(r.conflict.reason.as_str()),
@@ -872,7 +975,7 @@ fn load_steps(staged: &[Staged], recorded: &[Recorded], schemas: &[&str]) -> Vec
             ]
         }));
         steps.push(Step::Execute(
-            "CREATE TEMP TABLE sluice_stage_conflicts (schema_name text, message_id text, table_name text, column_name text, reason text, value text) \
+            "CREATE TEMP TABLE sluice_stage_conflicts (schema_name text, message_id text, ordinal int, table_name text, column_name text, reason text, value text) \
              ON COMMIT DROP"
                 .into(),
         ));
@@ -880,8 +983,8 @@ fn load_steps(staged: &[Staged], recorded: &[Recorded], schemas: &[&str]) -> Vec
         for schema in schemas {
             // Schema names are snake case ([a-z0-9_]): safe as a literal.
             steps.push(Step::Execute(format!(
-                "INSERT INTO {}.{CONFLICTS} (message_id, table_name, column_name, reason, value) \
-                 SELECT message_id, table_name, column_name, reason, value FROM sluice_stage_conflicts WHERE schema_name = '{schema}' \
+                "INSERT INTO {}.{CONFLICTS} (message_id, ordinal, table_name, column_name, reason, value) \
+                 SELECT message_id, ordinal, table_name, column_name, reason, value FROM sluice_stage_conflicts WHERE schema_name = '{schema}' \
                  ON CONFLICT DO NOTHING",
                 quote(schema)
             )));
@@ -891,57 +994,66 @@ fn load_steps(staged: &[Staged], recorded: &[Recorded], schemas: &[&str]) -> Vec
 }
 
 /// The DDL `events` need in `schema` beyond what the catalog has
-/// (`known`), within the limits; `None`: nothing to make.
-fn plan_ddl(schema: &str, known: &Tables, events: &[&EventRows]) -> Option<Vec<String>> {
-    let mut new_tables: Vec<String> = Vec::new();
-    let mut new_columns: Vec<(String, String, &'static str)> = Vec::new();
+/// (`known`), within the limits, at most `budget` tables and columns, in
+/// the order the events need them (a table before its columns); `None`:
+/// nothing to make.
+fn plan_ddl(schema: &str, known: &Tables, events: &[&EventRows], budget: usize) -> Option<Vec<String>> {
+    let s = quote(schema);
+    let mut made: Vec<String> = Vec::new();
+    let mut new_tables: HashSet<&str> = HashSet::new();
     let mut event_tables = known.keys().filter(|t| !FIXED_TABLES.contains(&t.as_str())).count();
     let mut columns_of: HashMap<&str, usize> = known.iter().map(|(t, c)| (t.as_str(), c.len())).collect();
     let mut planned: HashSet<(&str, &str)> = HashSet::new();
-    for e in events {
+    'events: for e in events {
         for row in &e.rows {
             let table = row.table.as_str();
-            if !known.contains_key(table) && !new_tables.iter().any(|t| t == table) {
+            if !known.contains_key(table) && !new_tables.contains(table) {
+                if !FIXED_TABLES.contains(&table) && event_tables >= MAX_EVENT_TABLES {
+                    continue;
+                }
+                if made.len() >= budget {
+                    break 'events;
+                }
                 if !FIXED_TABLES.contains(&table) {
-                    if event_tables >= MAX_EVENT_TABLES {
-                        continue;
-                    }
                     event_tables += 1;
                 }
-                new_tables.push(table.to_owned());
+                new_tables.insert(table);
                 // `id` and `uuid_ts`.
                 columns_of.insert(table, 2);
+                made.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {s}.{} (id text PRIMARY KEY, uuid_ts timestamptz NOT NULL DEFAULT now())",
+                    quote(table)
+                ));
             }
             for (column, cell) in &row.cells {
-                if known.get(table).is_some_and(|c| c.contains_key(column)) || column == "id" || !planned.insert((table, column.as_str())) {
+                if known.get(table).is_some_and(|c| c.contains_key(column)) || column == "id" || planned.contains(&(table, column.as_str())) {
                     continue;
                 }
                 let count = columns_of.entry(table).or_insert(2);
                 if *count >= MAX_COLUMNS {
                     continue;
                 }
+                if made.len() >= budget {
+                    break 'events;
+                }
+                planned.insert((table, column.as_str()));
                 *count += 1;
-                new_columns.push((table.to_owned(), column.clone(), cell.natural_type()));
+                made.push(format!("ALTER TABLE {s}.{} ADD COLUMN IF NOT EXISTS {} {}", quote(table), quote(column), cell.natural_type()));
             }
         }
     }
-    if new_tables.is_empty() && new_columns.is_empty() && known.contains_key(CONFLICTS) {
+    if made.is_empty() && known.contains_key(CONFLICTS) {
         return None;
     }
-    let s = quote(schema);
     let mut ddl = vec![
         format!("CREATE SCHEMA IF NOT EXISTS {s}"),
         format!(
-            "CREATE TABLE IF NOT EXISTS {s}.{CONFLICTS} (message_id text NOT NULL, table_name text NOT NULL, column_name text NOT NULL, \
-             reason text NOT NULL, value text, recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (message_id, table_name, column_name))"
+            "CREATE TABLE IF NOT EXISTS {s}.{CONFLICTS} (message_id text NOT NULL, ordinal int NOT NULL, table_name text NOT NULL, \
+             column_name text NOT NULL, reason text NOT NULL, value text, recorded_at timestamptz NOT NULL DEFAULT now(), \
+             PRIMARY KEY (message_id, ordinal))"
         ),
     ];
-    for t in &new_tables {
-        ddl.push(format!("CREATE TABLE IF NOT EXISTS {s}.{} (id text PRIMARY KEY, uuid_ts timestamptz NOT NULL DEFAULT now())", quote(t)));
-    }
-    for (t, c, ty) in &new_columns {
-        ddl.push(format!("ALTER TABLE {s}.{} ADD COLUMN IF NOT EXISTS {} {ty}", quote(t), quote(c)));
-    }
+    ddl.extend(made);
     Some(ddl)
 }
 
@@ -1048,11 +1160,48 @@ mod tests {
     fn urls_are_checked_as_the_jobdb_links_are() {
         assert!(check_url("postgres://u:p@h:5432/db").is_ok());
         assert!(check_url("postgres://u:p@h/db?sslmode=verify-full").is_ok());
-        for (url, why) in [("postgres://h/db?sslmode=prefer", "plain text"), ("postgres://u:p/ss@h/db", "URL"), ("mysql://h/db", "not a postgres")] {
+        for (url, why) in [
+            ("postgres://h/db?sslmode=prefer", "plain text"),
+            ("postgres://u:p/ss@h/db", "URL"),
+            ("mysql://h/db", "not a postgres"),
+            ("postgres://h/db?user=u&password=s3cret", "user info"),
+        ] {
             let err = check_url(url).map(|_| ()).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
-            assert!(!err.contains("ss@h"), "{err}");
+            assert!(!err.contains("ss@h") && !err.contains("s3cret"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_ssrf_guard_refuses_sockets_and_private_servers_however_named() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for url in [
+            "postgres://u@8.8.8.8:5432/db?host=/tmp",
+            "postgres://u@8.8.8.8:5432/db?host=%2Ftmp%2Fpg",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/db",
+            "postgres://u@127.0.0.1/db",
+            "postgres://u@[::1]:5432/db",
+            "postgres://u@[::ffff:127.0.0.1]:5432/db",
+        ] {
+            let options: PgConnectOptions = url.parse().unwrap();
+            let (verdict, why) = rt.block_on(check_server(&options)).unwrap_err();
+            assert_eq!(verdict, Verdict::Discard, "{url}: {why}");
+            assert!(why.contains("SSRF guard"), "{url}: {why}");
+        }
+        let public: PgConnectOptions = "postgres://u@[2001:4860:4860::8888]:5432/db".parse().unwrap();
+        assert!(rt.block_on(check_server(&public)).is_ok());
+    }
+
+    #[test]
+    fn timestamps_postgres_cannot_hold_and_the_load_time_are_conflicts() {
+        let e = rows_of(
+            "s",
+            br#"{"type":"track","messageId":"m","event":"E","timestamp":"0000-01-01T00:00:00Z","properties":{"uuid_ts":"1999-01-01T00:00:00Z"}}"#,
+        )
+        .unwrap();
+        let columns: Vec<(&str, &str)> = e.conflicts.iter().map(|c| (c.table.as_str(), c.column.as_str())).collect();
+        assert!(columns.contains(&("tracks", "timestamp")) && columns.contains(&("e", "uuid_ts")), "{columns:?}");
+        assert!(e.rows.iter().all(|r| r.cells.iter().all(|(c, _)| c != "uuid_ts" && c != "timestamp")));
     }
 
     #[test]

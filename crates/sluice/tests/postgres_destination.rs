@@ -323,5 +323,40 @@ fn new_properties_add_columns_and_type_conflicts_are_recorded_not_fatal() {
     );
     let inspected = jobs_inspect_json(&config, "s-4").unwrap().to_string();
     assert!(inspected.contains("22001") && inspected.contains("too long"), "the server's message: {inspected}");
+
+    // More new keys than one load makes (200 schema changes): the event waits for the next
+    // load, which makes the rest, and is loaded whole. Three keys for one column: each
+    // value left out is recorded (none silently dropped).
+    let wide: serde_json::Map<String, Value> = (0..250).map(|k| (format!("w{k}"), json!(k))).collect();
+    sink.post_batch(
+        &server.addr,
+        &[
+            json!({"type": "track", "messageId": "s-6", "userId": "u", "event": "Wide", "properties": wide}),
+            track("s-7", json!({"productId": "a", "product_id": "b", "PRODUCT ID": "c"})),
+        ],
+    )
+    .unwrap();
+    wait_count(&url, "SELECT count(*) FROM web.wide", 1, Duration::from_secs(60));
+    assert_eq!(query(&url, "SELECT w0::text, w249::text FROM web.wide WHERE id = 's-6'"), vec![vec!["0".to_owned(), "249".to_owned()]]);
+    let dups: Vec<String> =
+        query(&url, "SELECT value FROM web.sluice_type_conflicts WHERE message_id = 's-7' ORDER BY value").into_iter().map(|r| r.join("")).collect();
+    let kept = query(&url, "SELECT product_id FROM web.checkout WHERE id = 's-7'").remove(0).remove(0);
+    let mut all = dups.clone();
+    all.push(format!("\"{kept}\""));
+    all.sort();
+    assert_eq!((dups.len(), all), (2, vec!["\"a\"".to_owned(), "\"b\"".to_owned(), "\"c\"".to_owned()]), "one kept, both others recorded");
+
+    // A table the user broke (its primary key dropped) holds back only its own events.
+    query(&url, "ALTER TABLE web.checkout DROP CONSTRAINT checkout_pkey");
+    sink.post_batch(
+        &server.addr,
+        &[track("s-8", json!({"amount": 9})), json!({"type": "track", "messageId": "s-9", "userId": "u", "event": "Elsewhere"})],
+    )
+    .unwrap();
+    wait_count(&url, "SELECT count(*) FROM web.elsewhere", 1, Duration::from_secs(60));
+    let inspected = jobs_inspect_json(&config, "s-8").unwrap().to_string();
+    assert!(inspected.contains("42P10") && !inspected.contains("\"discarded\""), "retried with the server's reason: {inspected}");
+    query(&url, "ALTER TABLE web.checkout ADD PRIMARY KEY (id)");
+    wait_count(&url, "SELECT count(*) FROM web.checkout WHERE id = 's-8'", 1, Duration::from_secs(60));
     server.stop();
 }
