@@ -367,6 +367,9 @@ fn redacted(d: &DestinationConfig) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.remove("secret");
         o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
+        if o.remove("kafka_sasl_password").is_some() {
+            o.insert("kafka_sasl_password_set".into(), Value::Bool(true));
+        }
         o.insert("url".into(), Value::String(views::without_password(&d.url)));
     }
     v
@@ -382,8 +385,12 @@ async fn put_destination(
     let Json(mut v) = body.map_err(bad_request)?;
     let existing = s.catalog.snapshot().destinations.get(&id).cloned();
     let existing_secret = existing.as_ref().and_then(|d| d.secret.clone());
+    let existing_sasl_password = existing.as_ref().and_then(|d| d.kafka_sasl_password.clone());
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
+        // What a GET shows but a destination does not hold: a listing sent back is accepted.
+        obj.remove("secret_set");
+        obj.remove("kafka_sasl_password_set");
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
             if *url != old.url && *url == views::without_password(&old.url) {
@@ -394,6 +401,12 @@ async fn put_destination(
         if !obj.contains_key("secret") {
             if let Some(secret) = existing_secret {
                 obj.insert("secret".into(), Value::String(secret));
+            }
+        }
+        // Likewise a kafka destination's SASL password.
+        if !obj.contains_key("kafka_sasl_password") && obj.contains_key("kafka_sasl_username") {
+            if let Some(password) = existing_sasl_password {
+                obj.insert("kafka_sasl_password".into(), Value::String(password));
             }
         }
     }

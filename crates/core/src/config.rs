@@ -1239,6 +1239,23 @@ pub struct DestinationConfig {
     /// one partition, in order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_key: Option<String>,
+    /// `kafka`: how the link to the cluster is protected: `plaintext`
+    /// (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_security_protocol: Option<String>,
+    /// `kafka` with `sasl_*`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_sasl_mechanism: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_sasl_username: Option<String>,
+    /// Write-only on the admin API, as `secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_sasl_password: Option<String>,
+    /// `kafka` with `ssl` or `sasl_ssl`: the CA that signed the brokers'
+    /// certificates, as PEM text (not a file: destinations come from the
+    /// admin API too); absent = the system's CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_tls_ca: Option<String>,
     /// `s3`: an S3-compatible server's `http://` or `https://` endpoint
     /// (absent: AWS, or `AWS_ENDPOINT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1258,13 +1275,28 @@ pub struct S3Target {
     pub region: Option<String>,
 }
 
-/// Where a `kafka` destination publishes, from its `url` and `kafka_key`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Where a `kafka` destination publishes, from its `url`, `kafka_key`
+/// and link keys. `Debug` never shows the SASL password.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct KafkaTarget {
     /// `host:port,host:port…` (librdkafka's `bootstrap.servers`).
     pub bootstrap: String,
     pub topic: String,
     pub key: KafkaKey,
+    /// librdkafka's `security.protocol`, `ssl.*` and `sasl.*` settings.
+    pub link: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link: Vec<(&str, &str)> = self.link.iter().map(|(k, v)| (k.as_str(), if k.contains("password") { "***" } else { v.as_str() })).collect();
+        f.debug_struct("KafkaTarget")
+            .field("bootstrap", &self.bootstrap)
+            .field("topic", &self.topic)
+            .field("key", &self.key)
+            .field("link", &link)
+            .finish()
+    }
 }
 
 /// What a `kafka` destination's message key is.
@@ -1358,6 +1390,11 @@ impl DestinationConfig {
                 ("batch_max_bytes", self.batch_max_bytes.is_some()),
                 ("batch_max_age", self.batch_max_age.is_some()),
                 ("kafka_key", self.kafka_key.is_some()),
+                ("kafka_security_protocol", self.kafka_security_protocol.is_some()),
+                ("kafka_sasl_mechanism", self.kafka_sasl_mechanism.is_some()),
+                ("kafka_sasl_username", self.kafka_sasl_username.is_some()),
+                ("kafka_sasl_password", self.kafka_sasl_password.is_some()),
+                ("kafka_tls_ca", self.kafka_tls_ca.is_some()),
                 ("secret", self.secret.is_some()),
                 ("s3_endpoint", self.s3_endpoint.is_some()),
                 ("s3_region", self.s3_region.is_some()),
@@ -1366,7 +1403,16 @@ impl DestinationConfig {
         let allowed: &[&str] = match kind {
             "webhook" => &["secret"],
             "batch_webhook" => &["batch_max_events", "batch_max_bytes", "batch_max_age", "secret"],
-            "kafka" => &["batch_max_events", "batch_max_age", "kafka_key"],
+            "kafka" => &[
+                "batch_max_events",
+                "batch_max_age",
+                "kafka_key",
+                "kafka_security_protocol",
+                "kafka_sasl_mechanism",
+                "kafka_sasl_username",
+                "kafka_sasl_password",
+                "kafka_tls_ca",
+            ],
             "postgres" => &["batch_max_events", "batch_max_age"],
             "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region"],
             other => {
@@ -1400,6 +1446,7 @@ impl DestinationConfig {
                     return Err(invalid(key("kafka_key"), format!("{} is not \"message_id\" or \"user_id\"", excerpt(k))));
                 }
             }
+            self.kafka_link().map_err(|(k, problem)| invalid(key(k), problem))?;
         } else if kind == "s3" {
             match ArchiveUrl::parse(&self.url) {
                 Ok(ArchiveUrl::S3 { .. }) => {}
@@ -1512,7 +1559,61 @@ impl DestinationConfig {
         }
         let (bootstrap, topic) = KafkaTarget::parse_url(&self.url).ok()?;
         let key = if self.kafka_key.as_deref() == Some("user_id") { KafkaKey::UserId } else { KafkaKey::MessageId };
-        Some(KafkaTarget { bootstrap, topic, key })
+        Some(KafkaTarget { bootstrap, topic, key, link: self.kafka_link().ok()? })
+    }
+
+    /// A `kafka` destination's link settings for librdkafka, from its
+    /// `kafka_security_protocol`, `kafka_sasl_*` and `kafka_tls_ca`; the
+    /// key at fault and why.
+    fn kafka_link(&self) -> Result<Vec<(String, String)>, (&'static str, String)> {
+        let protocol = match self.kafka_security_protocol.as_deref().unwrap_or("plaintext") {
+            "plaintext" => KafkaSecurity::Plaintext,
+            "ssl" => KafkaSecurity::Ssl,
+            "sasl_plaintext" => KafkaSecurity::SaslPlaintext,
+            "sasl_ssl" => KafkaSecurity::SaslSsl,
+            other => {
+                return Err((
+                    "kafka_security_protocol",
+                    format!("{} is not \"plaintext\", \"ssl\", \"sasl_plaintext\" or \"sasl_ssl\"", excerpt(other)),
+                ))
+            }
+        };
+        let mut link = vec![("security.protocol".to_owned(), protocol.as_librdkafka().to_owned())];
+        if protocol.uses_tls() {
+            // The broker's certificate must name the host it was reached at.
+            link.push(("ssl.endpoint.identification.algorithm".into(), "https".into()));
+            if let Some(pem) = &self.kafka_tls_ca {
+                if pem.len() > 256 << 10 || !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err((
+                        "kafka_tls_ca",
+                        "must be PEM text holding one or more certificates (-----BEGIN CERTIFICATE-----), at most 256 KiB".into(),
+                    ));
+                }
+                link.push(("ssl.ca.pem".into(), pem.clone()));
+            }
+        } else if self.kafka_tls_ca.is_some() {
+            return Err(("kafka_tls_ca", format!("is for ssl or sasl_ssl links; this one is {}", protocol.as_librdkafka())));
+        }
+        let sasl = [
+            ("kafka_sasl_mechanism", &self.kafka_sasl_mechanism),
+            ("kafka_sasl_username", &self.kafka_sasl_username),
+            ("kafka_sasl_password", &self.kafka_sasl_password),
+        ];
+        if protocol.uses_sasl() {
+            if let Some((k, _)) = sasl.iter().find(|(_, v)| v.as_deref().is_none_or(str::is_empty)) {
+                return Err((k, format!("is required with kafka_security_protocol = {:?}", protocol.as_librdkafka())));
+            }
+            let mechanism = self.kafka_sasl_mechanism.as_deref().unwrap_or_default();
+            if !matches!(mechanism, "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") {
+                return Err(("kafka_sasl_mechanism", format!("{} is not \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"", excerpt(mechanism))));
+            }
+            link.push(("sasl.mechanisms".into(), mechanism.to_owned()));
+            link.push(("sasl.username".into(), self.kafka_sasl_username.clone().unwrap_or_default()));
+            link.push(("sasl.password".into(), self.kafka_sasl_password.clone().unwrap_or_default()));
+        } else if let Some((k, _)) = sasl.iter().find(|(_, v)| v.is_some()) {
+            return Err((k, format!("is for sasl_plaintext or sasl_ssl links; this one is {}", protocol.as_librdkafka())));
+        }
+        Ok(link)
     }
 
     /// This destination's retry policy: its own keys over `global`.
@@ -2435,11 +2536,27 @@ mod tests {
         let d = &c.destinations[0];
         assert_eq!(
             d.kafka_target(),
-            Some(KafkaTarget { bootstrap: "127.0.0.1:9092,b2:9093".into(), topic: "events.v1".into(), key: KafkaKey::UserId })
+            Some(KafkaTarget {
+                bootstrap: "127.0.0.1:9092,b2:9093".into(),
+                topic: "events.v1".into(),
+                key: KafkaKey::UserId,
+                link: vec![("security.protocol".into(), "plaintext".into())]
+            })
         );
         assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((500, Duration::ZERO)));
         assert_eq!(dest("type = \"kafka\"\nurl = \"kafka://h:1/t\"").unwrap().destinations[0].kafka_target().unwrap().key, KafkaKey::MessageId);
         assert!(dest("type = \"kafka\"\nurl = \"kafka://[::1]:9092,b_2.example:1/t\"").is_ok());
+        let secure = dest(
+            "type = \"kafka\"\nurl = \"kafka://b:9096/t\"\nkafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"SCRAM-SHA-512\"\n\
+             kafka_sasl_username = \"u\"\nkafka_sasl_password = \"hunter2\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\nMII\\n-----END CERTIFICATE-----\\n\"",
+        )
+        .unwrap();
+        let target = secure.destinations[0].kafka_target().unwrap();
+        let link: std::collections::HashMap<&str, &str> = target.link.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!((link["security.protocol"], link["sasl.mechanisms"], link["sasl.password"]), ("sasl_ssl", "SCRAM-SHA-512", "hunter2"));
+        assert_eq!(link["ssl.endpoint.identification.algorithm"], "https");
+        assert!(link["ssl.ca.pem"].starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(!format!("{target:?}").contains("hunter2"), "Debug hides the password");
         for (keys, named) in [
             ("type = \"kafka\"\nurl = \"http://h:1/t\"", "destinations[0].url"),
             ("type = \"kafka\"\nurl = \"kafka://h:1\"", "no topic"),
@@ -2455,6 +2572,16 @@ mod tests {
             ("type = \"kafka\"\nurl = \"kafka://h:+1/t\"", "digits"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/__consumer_offsets\"", "internal"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_key = \"email\"", "destinations[0].kafka_key"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"tls\"", "destinations[0].kafka_security_protocol"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"", "destinations[0].kafka_sasl_mechanism"),
+            (
+                "type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"GSSAPI\"\nkafka_sasl_username = \"u\"\nkafka_sasl_password = \"p\"",
+                "GSSAPI",
+            ),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\"", "destinations[0].kafka_tls_ca"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\nkafka_tls_ca = \"/etc/ca.pem\"", "PEM text"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\nkafka_sasl_password = \"p\"", "destinations[0].kafka_sasl_password"),
+            ("url = \"http://h:1/t\"\nkafka_security_protocol = \"ssl\"", "destinations[0].kafka_security_protocol"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nsecret = \"s\"", "destinations[0].secret"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_bytes = 2048", "destinations[0].batch_max_bytes"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nbatch_max_events = 0", "destinations[0].batch_max_events"),

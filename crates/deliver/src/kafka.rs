@@ -22,6 +22,10 @@
 //!   `request_timeout` (`message.timeout.ms`), or that was `executing` at a
 //!   crash, is sent again as a new message; consumers that must not see a
 //!   repeat drop it by the `sluice-message-id` header.
+//! - The link is the destination's own (`kafka_security_protocol`:
+//!   plaintext, TLS checking the broker's certificate and host name
+//!   against the system's CAs or `kafka_tls_ca`, SASL PLAIN or SCRAM);
+//!   nothing falls back to plain text.
 //! - The SSRF guard checks the bootstrap brokers' addresses when the
 //!   producer is made (refused → the jobs are discarded with the reason,
 //!   as a webhook's are). The brokers a cluster's metadata then names are
@@ -107,6 +111,8 @@ type ClusterProducer = FutureProducer<ClusterContext>;
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct ProducerKey {
     bootstrap: String,
+    /// The link's `security.protocol`, `ssl.*` and `sasl.*` settings.
+    link: Vec<(String, String)>,
     allow_private_network: bool,
     timeout: Duration,
 }
@@ -138,7 +144,7 @@ impl Producers {
     /// order. Never fails.
     pub async fn send(&self, target: &KafkaTarget, allow_private_network: bool, timeout: Duration, messages: &[Message<'_>]) -> Vec<Attempt> {
         let started = Instant::now();
-        let key = ProducerKey { bootstrap: target.bootstrap.clone(), allow_private_network, timeout };
+        let key = ProducerKey { bootstrap: target.bootstrap.clone(), link: target.link.clone(), allow_private_network, timeout };
         let (producer, reports) = match self.producer(&key).await {
             Ok(p) => p,
             Err(r) => {
@@ -197,7 +203,7 @@ impl Producers {
         if !key.allow_private_network {
             check_brokers(&key.bootstrap).await?;
         }
-        let config = producer_config(&key.bootstrap, key.timeout);
+        let config = producer_config(&key.bootstrap, &key.link, key.timeout);
         let reports = Arc::new(Reports { bootstrap: key.bootstrap.clone(), last_warned: Mutex::new(None), last_report: Mutex::new(None) });
         let context = ClusterContext(reports.clone());
         // Making a client starts librdkafka's threads: off the async workers.
@@ -262,7 +268,7 @@ async fn publish(
 }
 
 /// librdkafka's settings for a destination's producer.
-fn producer_config(bootstrap: &str, timeout: Duration) -> ClientConfig {
+fn producer_config(bootstrap: &str, link: &[(String, String)], timeout: Duration) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("client.id", format!("sluice/{}", env!("CARGO_PKG_VERSION")))
@@ -274,6 +280,9 @@ fn producer_config(bootstrap: &str, timeout: Duration) -> ClientConfig {
         .set("message.timeout.ms", timeout.as_millis().clamp(1000, i32::MAX as u128).to_string())
         .set("reconnect.backoff.max.ms", "2000")
         .set("log_level", "3");
+    for (k, v) in link {
+        c.set(k, v);
+    }
     c
 }
 

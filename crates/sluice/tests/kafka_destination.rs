@@ -28,7 +28,16 @@ struct Read {
 /// Read `topic` (partition 0, from the start) until `want` distinct
 /// messageIds are there, then a further second for late repeats; every message.
 fn read_topic_until(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    read_topic_with(bootstrap, &[], topic, want, timeout)
+}
+
+/// [`read_topic_until`] with extra client settings (a secure link's).
+fn read_topic_with(bootstrap: &str, settings: &[(&str, &str)], topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+    let mut config = ClientConfig::new();
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("test-reader-{topic}-{}", std::process::id()))
         .set("enable.auto.commit", "false")
@@ -213,4 +222,74 @@ fn a_crash_after_publishing_loses_nothing_and_repeats_only_executing_jobs() {
         times.values().filter(|&&n| n > 1).count()
     );
     server.stop();
+}
+
+/// A destination's own secure link: SCRAM-SHA-512 over TLS, the broker's
+/// certificate checked against `kafka_tls_ca` (PEM text in the config);
+/// every event lands once. With a wrong password nothing is published and
+/// the job says why (librdkafka's authentication report).
+#[test]
+fn kafka_destinations_publish_over_sasl_ssl_with_their_own_credentials() {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(sasl_ssl), Some(certs)) = (var("SLUICE_TEST_KAFKA_SASL_SSL_BOOTSTRAP"), var("SLUICE_TEST_CERT_DIR")) else {
+        assert!(var("SLUICE_REQUIRE_KAFKA").is_none(), "SLUICE_REQUIRE_KAFKA is set but the secure broker is not (scripts/test.sh)");
+        eprintln!("skipped: no secure Kafka broker (scripts/test.sh starts one)");
+        return;
+    };
+    let user = var("SLUICE_TEST_KAFKA_SCRAM_USER").unwrap_or_else(|| "sluice".into());
+    let password = var("SLUICE_TEST_KAFKA_SCRAM_PASSWORD").unwrap_or_else(|| "sluice-secret".into());
+    let ca_path = std::path::Path::new(&certs).join("ca.pem");
+    let ca = std::fs::read_to_string(&ca_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = TestSink::start();
+    let topic = format!("secure-{}", std::process::id());
+    let link = |pw: &str| {
+        format!(
+            "allow_private_network = true\nkafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"SCRAM-SHA-512\"\n\
+             kafka_sasl_username = \"{user}\"\nkafka_sasl_password = \"{pw}\"\nkafka_tls_ca = {}\n",
+            serde_json::to_string(&ca).unwrap()
+        )
+    };
+    let extra = format!(
+        "{}{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"secure\", \"wrong\"]\n",
+        kafka_dest("secure", &sasl_ssl, &topic, &link(&password)),
+        kafka_dest("wrong", &sasl_ssl, "never", &link("not-the-password")).replace("request_timeout = \"60s\"", "request_timeout = \"5s\"")
+    );
+    let config = write_config(dir.path(), &extra);
+    let server = Server::start(&config);
+    let events: Vec<Value> = (0..50).map(|i| track_event(&format!("t-{i}"), i)).collect();
+    for chunk in events.chunks(25) {
+        sink.post_batch(&server.addr, chunk).unwrap();
+    }
+    let ca_file = ca_path.to_str().unwrap();
+    let settings = [
+        ("security.protocol", "sasl_ssl"),
+        ("ssl.ca.location", ca_file),
+        ("sasl.mechanisms", "SCRAM-SHA-512"),
+        ("sasl.username", user.as_str()),
+        ("sasl.password", password.as_str()),
+    ];
+    let read = read_topic_with(&sasl_ssl, &settings, &topic, 50, Duration::from_secs(60));
+    let ids: std::collections::HashSet<&str> = read.iter().map(|r| r.message_id.as_str()).collect();
+    assert_eq!((ids.len(), read.len()), (50, 50), "every event once over the secure link");
+
+    // The wrong password: retried, and the job says why.
+    let why = wait_for(
+        Duration::from_secs(60),
+        || {
+            let inspected = jobs_inspect_json(&config, "t-0").ok()?.to_string();
+            (inspected.contains("uthentication")).then_some(inspected)
+        },
+        || jobs_inspect_json(&config, "t-0").map(|v| v.to_string()).unwrap_or_else(|e| e),
+    );
+    assert!(!why.contains("not-the-password"), "the password is not shown: {why}");
+    server.stop();
+
+    // Keys that do not fit the link are refused at load, naming the key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"\n")
+        .unwrap();
+    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("kafka_sasl_mechanism"), "{stderr}");
 }
