@@ -2552,7 +2552,7 @@ mod tests {
         )
         .unwrap();
         let target = secure.destinations[0].kafka_target().unwrap();
-        let link: std::collections::HashMap<&str, &str> = target.link.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let link: HashMap<&str, &str> = target.link.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!((link["security.protocol"], link["sasl.mechanisms"], link["sasl.password"]), ("sasl_ssl", "SCRAM-SHA-512", "hunter2"));
         assert_eq!(link["ssl.endpoint.identification.algorithm"], "https");
         assert!(link["ssl.ca.pem"].starts_with("-----BEGIN CERTIFICATE-----"));
