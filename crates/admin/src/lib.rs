@@ -370,6 +370,9 @@ fn redacted(d: &DestinationConfig) -> Value {
         if o.remove("kafka_sasl_password").is_some() {
             o.insert("kafka_sasl_password_set".into(), Value::Bool(true));
         }
+        if o.remove("s3_secret_access_key").is_some() {
+            o.insert("s3_secret_access_key_set".into(), Value::Bool(true));
+        }
         o.insert("url".into(), Value::String(views::without_password(&d.url)));
     }
     v
@@ -386,11 +389,13 @@ async fn put_destination(
     let existing = s.catalog.snapshot().destinations.get(&id).cloned();
     let existing_secret = existing.as_ref().and_then(|d| d.secret.clone());
     let existing_sasl_password = existing.as_ref().and_then(|d| d.kafka_sasl_password.clone());
+    let existing_s3_secret = existing.as_ref().and_then(|d| d.s3_secret_access_key.clone());
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
         // What a GET shows but a destination does not hold: a listing sent back is accepted.
         obj.remove("secret_set");
         obj.remove("kafka_sasl_password_set");
+        obj.remove("s3_secret_access_key_set");
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
             if *url != old.url && *url == views::without_password(&old.url) {
@@ -403,7 +408,12 @@ async fn put_destination(
                 obj.insert("secret".into(), Value::String(secret));
             }
         }
-        // Likewise a kafka destination's SASL password.
+        // Likewise an s3 destination's secret key, and a kafka destination's SASL password.
+        if !obj.contains_key("s3_secret_access_key") && obj.contains_key("s3_access_key_id") {
+            if let Some(secret) = existing_s3_secret {
+                obj.insert("s3_secret_access_key".into(), Value::String(secret));
+            }
+        }
         if !obj.contains_key("kafka_sasl_password") && obj.contains_key("kafka_sasl_username") {
             if let Some(password) = existing_sasl_password {
                 obj.insert("kafka_sasl_password".into(), Value::String(password));

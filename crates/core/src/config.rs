@@ -1263,16 +1263,38 @@ pub struct DestinationConfig {
     /// `s3`: the bucket's region (absent: `AWS_REGION`, else `us-east-1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_region: Option<String>,
+    /// `s3`: this destination's own credentials (with
+    /// `s3_secret_access_key`, write-only on the admin API); absent: the
+    /// process's `AWS_*` environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_secret_access_key: Option<String>,
 }
 
-/// Where an `s3` destination writes, from its `url`, `s3_endpoint` and `s3_region`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Where an `s3` destination writes, from its `url`, `s3_endpoint`,
+/// `s3_region` and credentials. `Debug` never shows the secret key.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct S3Target {
     pub bucket: String,
     /// Without a leading or trailing `/`; may be empty.
     pub prefix: String,
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// (access key id, secret access key); `None`: the process's `AWS_*`.
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Target")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("credentials", &self.credentials.as_ref().map(|(id, _)| (id, "***")))
+            .finish()
+    }
 }
 
 /// Where a `kafka` destination publishes, from its `url`, `kafka_key`
@@ -1398,6 +1420,8 @@ impl DestinationConfig {
                 ("secret", self.secret.is_some()),
                 ("s3_endpoint", self.s3_endpoint.is_some()),
                 ("s3_region", self.s3_region.is_some()),
+                ("s3_access_key_id", self.s3_access_key_id.is_some()),
+                ("s3_secret_access_key", self.s3_secret_access_key.is_some()),
             ],
         );
         let allowed: &[&str] = match kind {
@@ -1414,7 +1438,7 @@ impl DestinationConfig {
                 "kafka_tls_ca",
             ],
             "postgres" => &["batch_max_events", "batch_max_age"],
-            "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region"],
+            "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key"],
             other => {
                 return Err(invalid(
                     key("type"),
@@ -1448,14 +1472,45 @@ impl DestinationConfig {
             }
             self.kafka_link().map_err(|(k, problem)| invalid(key(k), problem))?;
         } else if kind == "s3" {
+            let usage = || invalid(key("url"), format!("{} is not an s3://bucket/prefix URL", excerpt(&self.url)));
+            if !self.url.starts_with("s3://") {
+                return Err(usage());
+            }
             match ArchiveUrl::parse(&self.url) {
-                Ok(ArchiveUrl::S3 { .. }) => {}
-                Ok(ArchiveUrl::File(_)) => return Err(invalid(key("url"), format!("{} is not an s3://bucket/prefix URL", excerpt(&self.url)))),
+                Ok(ArchiveUrl::S3 { bucket, prefix }) => {
+                    // S3's rules beyond the archive's: no `..`, not an IP address, no reserved prefix or suffix.
+                    if bucket.contains("..")
+                        || bucket.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                        || bucket.starts_with("xn--")
+                        || bucket.starts_with("sthree-")
+                        || bucket.ends_with("-s3alias")
+                        || bucket.ends_with("--ol-s3")
+                    {
+                        return Err(invalid(key("url"), format!("{} is not a bucket name S3 takes", excerpt(&bucket))));
+                    }
+                    // Written as given: characters object_store would escape (and so change) are refused.
+                    if !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/!-_.*'()=".contains(&b)) {
+                        return Err(invalid(
+                            key("url"),
+                            format!("the prefix {} may hold only A-Z a-z 0-9 and / ! - _ . * ' ( ) =", excerpt(&prefix)),
+                        ));
+                    }
+                }
+                Ok(ArchiveUrl::File(_)) => return Err(usage()),
                 Err(problem) => return Err(invalid(key("url"), problem)),
             }
             if let Some(e) = &self.s3_endpoint {
                 HttpUrl::parse(e).map_err(|problem| invalid(key("s3_endpoint"), problem))?;
                 check_authority(e).map_err(|problem| invalid(key("s3_endpoint"), format!("{}: {problem}", excerpt(e))))?;
+                // scheme://host[:port] only: a path or query would be put before every object's key,
+                // and credentials in it would not be used (and would be shown back).
+                let rest = e.split_once("://").map_or("", |(_, r)| r).trim_end_matches('/');
+                if rest.contains(['/', '?', '#', '@']) {
+                    return Err(invalid(key("s3_endpoint"), format!("{} must be scheme://host[:port] (no path, query or user)", excerpt(e))));
+                }
+            }
+            if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+                return Err(invalid(key("s3_secret_access_key"), "s3_access_key_id and s3_secret_access_key go together"));
             }
             if let Some(r) = &self.s3_region {
                 if r.is_empty() || r.contains(char::is_whitespace) {
@@ -1541,6 +1596,7 @@ impl DestinationConfig {
                 prefix,
                 endpoint: self.s3_endpoint.as_ref().map(|e| e.trim_end_matches('/').to_owned()),
                 region: self.s3_region.clone(),
+                credentials: self.s3_access_key_id.clone().zip(self.s3_secret_access_key.clone()),
             }),
             ArchiveUrl::File(_) => None,
         }
@@ -2630,7 +2686,8 @@ mod tests {
                 bucket: "my-lake".into(),
                 prefix: "events/raw".into(),
                 endpoint: Some("http://127.0.0.1:9000".into()),
-                region: Some("eu-west-1".into())
+                region: Some("eu-west-1".into()),
+                credentials: None
             })
         );
         assert_eq!(c.destinations[0].batch_limits().map(|b| (b.max_events, b.max_age)), Some((10_000, Duration::from_secs(10))));
@@ -2642,6 +2699,14 @@ mod tests {
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"ftp://h\"", "destinations[0].s3_endpoint"),
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"eu west\"", "destinations[0].s3_region"),
             ("type = \"s3\"\nurl = \"s3://lake\"\nsecret = \"s\"", "destinations[0].secret"),
+            ("type = \"s3\"\nurl = \"http://h/x\"", "not an s3://"),
+            ("type = \"s3\"\nurl = \"s3://lake..x/p\"", "bucket name"),
+            ("type = \"s3\"\nurl = \"s3://192.168.1.1/p\"", "bucket name"),
+            ("type = \"s3\"\nurl = \"s3://lake/a%20b\"", "prefix"),
+            ("type = \"s3\"\nurl = \"s3://lake/é\"", "prefix"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"http://h:9000/path\"", "scheme://host[:port]"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"http://u:pw@h:9000\"", "destinations[0].s3_endpoint"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_access_key_id = \"AK\"", "go together"),
             ("url = \"http://h/x\"\ns3_region = \"eu-west-1\"", "destinations[0].s3_region"),
         ] {
             let err = dest(keys).unwrap_err().to_string();

@@ -65,6 +65,7 @@ pub fn s3_store(
     endpoint: Option<&str>,
     region: Option<&str>,
     ca_file: Option<&Path>,
+    credentials: Option<(&str, &str)>,
 ) -> Result<Arc<dyn ObjectStore>, String> {
     // A write is retried briefly here; the director retries a failed one later anyway.
     let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(10), backoff: BackoffConfig::default() };
@@ -79,11 +80,17 @@ pub fn s3_store(
         let options = certs.into_iter().fold(object_store::ClientOptions::new(), |o, cert| o.with_root_certificate(cert));
         builder = builder.with_client_options(options);
     }
-    // `AmazonS3Builder::from_env`'s reading of `AWS_*`, after the client
-    // options it would otherwise replace.
-    for (name, value) in std::env::vars() {
-        if let Some(key) = name.starts_with("AWS_").then(|| name.to_ascii_lowercase().parse().ok()).flatten() {
-            builder = builder.with_config(key, value);
+    match credentials {
+        // A destination's own: nothing of the process's environment (its credentials, role or endpoint).
+        Some((id, secret)) => builder = builder.with_access_key_id(id).with_secret_access_key(secret),
+        // `AmazonS3Builder::from_env`'s reading of `AWS_*`, after the client
+        // options it would otherwise replace.
+        None => {
+            for (name, value) in std::env::vars() {
+                if let Some(key) = name.starts_with("AWS_").then(|| name.to_ascii_lowercase().parse().ok()).flatten() {
+                    builder = builder.with_config(key, value);
+                }
+            }
         }
     }
     builder = builder.with_bucket_name(bucket).with_retry(retry);
@@ -118,7 +125,7 @@ impl Archive {
     /// endpoint is never reached over plain HTTP.
     /// Nothing is sent until the first write.
     pub fn s3(bucket: &str, prefix: &str, endpoint: Option<&str>, region: Option<&str>, ca_file: Option<&Path>) -> Result<Archive, DeliverError> {
-        let store = s3_store(bucket, prefix, endpoint, region, ca_file).map_err(|e| DeliverError::Archive(format!("s3 archive: {e}")))?;
+        let store = s3_store(bucket, prefix, endpoint, region, ca_file, None).map_err(|e| DeliverError::Archive(format!("s3 archive: {e}")))?;
         let mut location = format!("s3://{bucket}/{}", prefix.trim_matches('/'));
         if let Some(e) = endpoint {
             location.push_str(&format!(" (at {e})"));

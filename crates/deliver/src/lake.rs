@@ -19,7 +19,12 @@
 //!   replacement loses one.
 //! - A body that is not JSON is discarded with the reason (a function's output).
 //! - The SSRF guard checks an `s3_endpoint`'s address when the store is
-//!   made; AWS itself (no endpoint) is public.
+//!   made, and a store is made again every minute; between, object_store
+//!   resolves the name itself (a DNS answer that changes within the minute
+//!   is not checked), and it uses the environment's `HTTP(S)_PROXY`.
+//!   AWS itself (no endpoint) is public.
+//! - Credentials: the destination's own (`s3_access_key_id`,
+//!   `s3_secret_access_key`), else the process's `AWS_*` environment.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -43,8 +48,12 @@ pub struct Entry<'a> {
 /// A store unused this long is dropped when another is made.
 const IDLE: Duration = Duration::from_secs(600);
 
+/// How long a store is used before it is made (and its endpoint checked) again.
+const RECHECK: Duration = Duration::from_secs(60);
+
 struct Cached {
     store: Arc<dyn ObjectStore>,
+    made: Instant,
     used: Instant,
 }
 
@@ -56,13 +65,23 @@ pub struct Lakes {
 }
 
 /// `(date, hour)` of an RFC 3339 time, UTC.
+/// A time outside years 1–9999 (a function's doing) is not a Hive date: the write time then.
 fn partition_of(received_at: Option<&str>, now: chrono::DateTime<chrono::Utc>) -> (String, String) {
-    let at = received_at.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map_or(now, |t| t.with_timezone(&chrono::Utc));
+    use chrono::Datelike;
+    let at = received_at
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .filter(|t| (1..=9999).contains(&t.year()))
+        .unwrap_or(now);
     (at.format("%Y-%m-%d").to_string(), at.format("%H").to_string())
 }
 
 /// The event's `receivedAt` and its one line of JSON; `Err`: not JSON.
-fn line_of(body: &[u8]) -> Result<(Option<String>, Vec<u8>), String> {
+/// The line is the body's own bytes: a raw line break in valid JSON can
+/// only be whitespace between tokens (inside a string it must be
+/// escaped), so dropping it changes nothing else — no number rounded, no
+/// key reordered or merged.
+fn line_of(body: &Bytes) -> Result<(Option<String>, Bytes), String> {
     #[derive(serde::Deserialize)]
     struct Stamp {
         #[serde(rename = "receivedAt")]
@@ -73,12 +92,10 @@ fn line_of(body: &[u8]) -> Result<(Option<String>, Vec<u8>), String> {
         Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
-    // Compact JSON has no raw line breaks; a body with some (pretty-printed) is written again.
     let line = if body.iter().any(|&b| b == b'\n' || b == b'\r') {
-        let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("the event is not JSON: {e}"))?;
-        serde_json::to_vec(&v).map_err(|e| e.to_string())?
+        Bytes::from(body.iter().copied().filter(|&b| b != b'\n' && b != b'\r').collect::<Vec<u8>>())
     } else {
-        body.to_vec()
+        body.clone()
     };
     Ok((received_at, line))
 }
@@ -87,7 +104,7 @@ fn line_of(body: &[u8]) -> Result<(Option<String>, Vec<u8>), String> {
 struct Group {
     path: String,
     jobs: Vec<usize>,
-    lines: Vec<Vec<u8>>,
+    lines: Vec<Bytes>,
 }
 
 /// The objects `entries` make (in the order their groups first appear),
@@ -116,7 +133,7 @@ fn group(entries: &[Entry<'_>], now: chrono::DateTime<chrono::Utc>) -> (Vec<Grou
 }
 
 /// `lines`, one per line, gzip-compressed (fast: a lake write is CPU-bound).
-fn gzip(lines: &[Vec<u8>]) -> std::io::Result<Vec<u8>> {
+fn gzip(lines: &[Bytes]) -> std::io::Result<Vec<u8>> {
     let raw: usize = lines.iter().map(|l| l.len() + 1).sum();
     let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw / 4), flate2::Compression::fast());
     for line in lines {
@@ -172,6 +189,9 @@ impl Lakes {
         {
             let mut by_key = self.by_key.lock().expect("lakes lock");
             by_key.retain(|k, c| k == &key || c.used.elapsed() < IDLE);
+            // Remade (and its endpoint checked again) every minute: the guard checks an
+            // address when the store is made, and object_store resolves on its own after.
+            by_key.retain(|_, c| c.made.elapsed() < RECHECK);
             if let Some(c) = by_key.get_mut(&key) {
                 c.used = Instant::now();
                 return Ok(c.store.clone());
@@ -180,10 +200,11 @@ impl Lakes {
         if let (Some(endpoint), false) = (&target.endpoint, allow_private_network) {
             check_endpoint(endpoint).await?;
         }
-        let store = crate::archive::s3_store(&target.bucket, &target.prefix, target.endpoint.as_deref(), target.region.as_deref(), None)
+        let credentials = target.credentials.as_ref().map(|(id, secret)| (id.as_str(), secret.as_str()));
+        let store = crate::archive::s3_store(&target.bucket, &target.prefix, target.endpoint.as_deref(), target.region.as_deref(), None, credentials)
             .map_err(|e| (Verdict::Discard, e))?;
         let mut by_key = self.by_key.lock().expect("lakes lock");
-        let cached = by_key.entry(key).or_insert(Cached { store, used: Instant::now() });
+        let cached = by_key.entry(key).or_insert(Cached { store, made: Instant::now(), used: Instant::now() });
         Ok(cached.store.clone())
     }
 }
@@ -233,7 +254,7 @@ mod tests {
                 (format!("source=app/dt=2026-12-02/hour=16/{}.ndjson.gz", ids[3]).as_str(), &[3][..]),
             ]
         );
-        assert_eq!(groups[1].lines[1], br#"{"messageId":"c","receivedAt":"2026-12-01T12:00:00+01:00"}"#.to_vec(), "one line each");
+        assert_eq!(groups[1].lines[1], &br#"{  "messageId": "c",  "receivedAt": "2026-12-01T12:00:00+01:00"}"#[..], "one line each, its bytes kept");
         assert_eq!(refused.len(), 1);
         assert!(refused[0].1.contains("not JSON"), "{refused:?}");
         let gz = gzip(&groups[1].lines).unwrap();
@@ -241,5 +262,14 @@ mod tests {
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn a_pretty_printed_event_keeps_its_numbers_and_keys() {
+        let body = Bytes::from_static(b"{\"n\":123456789012345678901234567890,\r\n \"p\":19.999999999999999999,\"a\":1,\"a\":2,\"s\":\"x\\ny\"}");
+        let (_, line) = line_of(&body).unwrap();
+        assert_eq!(&line[..], &b"{\"n\":123456789012345678901234567890, \"p\":19.999999999999999999,\"a\":1,\"a\":2,\"s\":\"x\\ny\"}"[..]);
+        let now = chrono::Utc::now();
+        assert_eq!(partition_of(Some("0000-01-01T00:00:00+01:00"), now), partition_of(None, now), "not a Hive date: the write time");
     }
 }

@@ -6,7 +6,9 @@
 //! the writes are retried, nothing is lost, and an event is in two objects
 //! only when a write was retried in another group (at least once). A
 //! crash between the PUT and the `succeeded` rows writes those jobs again.
-//! A URL that is not `s3://bucket/prefix` is refused at load.
+//! A URL that is not `s3://bucket/prefix` is refused at load. A
+//! destination's own credentials sign its writes; without them the
+//! process's `AWS_*` do.
 
 mod util;
 
@@ -77,12 +79,13 @@ fn s3_destinations_write_each_event_through_a_server_that_stops_answering() {
     sink.block_on(m.create_bucket(BUCKET));
     let extra = format!(
         "{}{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\", \"guarded\"]\n",
-        s3_dest("lake", &m.endpoint(), "batch_max_events = 40"),
+        // Its own credentials (the server has none in its environment).
+        s3_dest("lake", &m.endpoint(), "batch_max_events = 40\ns3_access_key_id = \"lake-writer\"\ns3_secret_access_key = \"lake-secret\""),
         // 127.0.0.1 without allow_private_network: the guard refuses it.
         s3_dest("guarded", &m.endpoint(), "").replace("allow_private_network = true\n", "")
     );
     let config = write_config(dir.path(), &extra);
-    let server = Server::start_with_env(&config, &AWS_ENV);
+    let server = Server::start(&config);
     let events: Vec<Value> = (0..300).map(|i| track_event(&format!("s-{i}"), i)).collect();
     let post = |range: std::ops::Range<usize>| {
         for chunk in events[range].chunks(25) {
