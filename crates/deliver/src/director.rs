@@ -752,8 +752,12 @@ impl Director {
                     }
                     Err(Blocked::Wait) => break,
                 };
+                // A probe of a destination that failed is one job: a batch destination that is
+                // still down must not cost thousands of `executing` and outcome rows per probe
+                // in the JobDB the healthy destinations' jobs share.
+                let size = if permit.probe { 1 } else { batch.map_or(1, |b| b.max_events) };
                 let mut group = Vec::new();
-                while group.len() < batch.map_or(1, |b| b.max_events) {
+                while group.len() < size {
                     let Some(id) = q.next_ready() else { break };
                     if self.jobs.get(&id).expect("queued job").expires_at <= now_ms {
                         expired.push(id);
