@@ -218,8 +218,13 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
         None
     };
     if let Some(attempts) = grouped {
-        // One request for the circuit breaker: failed if any message must be retried.
-        let verdict = if attempts.iter().any(|a| a.verdict == Verdict::Retry) {
+        // One request for the circuit breaker, which judges the destination, not its jobs:
+        // up if it took any job (a `postgres` event waiting for a schema change, one table an
+        // operator broke, a message a `kafka` topic refused must not open it for the others);
+        // failed if it took none and some must be retried.
+        let verdict = if attempts.iter().any(|a| a.verdict == Verdict::Succeeded) {
+            Verdict::Succeeded
+        } else if attempts.iter().any(|a| a.verdict == Verdict::Retry) {
             Verdict::Retry
         } else {
             attempts.first().map_or(Verdict::Succeeded, |a| a.verdict)

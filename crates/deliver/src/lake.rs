@@ -161,7 +161,13 @@ impl Lakes {
         let puts = groups.iter().map(|g| {
             let store = store.clone();
             async move {
-                let body = gzip(&g.lines).map_err(|e| format!("gzip: {e}"))?;
+                // Compressing megabytes is CPU work: off the async workers.
+                let lines = g.lines.clone();
+                let body = match tokio::task::spawn_blocking(move || gzip(&lines)).await {
+                    Ok(Ok(body)) => body,
+                    Ok(Err(e)) => return Err(format!("gzip: {e}")),
+                    Err(e) => return Err(format!("gzip: {e}")),
+                };
                 let path = ObjectPath::from(g.path.as_str());
                 match tokio::time::timeout(timeout, store.put(&path, PutPayload::from(body))).await {
                     Ok(Ok(_)) => Ok(()),

@@ -549,10 +549,16 @@ impl Warehouses {
             Ok(w) => w,
             Err((verdict, error)) => return jobs.iter().map(|_| attempt(verdict, Some(error.clone()))).collect(),
         };
+        // Parsing thousands of events is CPU work: off the async workers.
+        let owned: Vec<(String, Bytes)> = jobs.iter().map(|j| (j.source.to_owned(), j.body.clone())).collect();
+        let parsed = match tokio::task::spawn_blocking(move || owned.iter().map(|(source, body)| rows_of(source, body)).collect::<Vec<_>>()).await {
+            Ok(p) => p,
+            Err(e) => return jobs.iter().map(|_| attempt(Verdict::Retry, Some(format!("parsing the events failed: {e}")))).collect(),
+        };
         let mut out: Vec<Option<Attempt>> = Vec::with_capacity(jobs.len());
         let mut events = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            match rows_of(job.source, job.body) {
+        for ((i, job), parsed) in jobs.iter().enumerate().zip(parsed) {
+            match parsed {
                 Ok(mut rows) => {
                     // The jobs's own messageId (a function may have changed the body's).
                     if rows.message_id != job.message_id {

@@ -189,17 +189,7 @@ fn a_crash_after_publishing_loses_nothing_and_repeats_only_executing_jobs() {
         kafka_dest("lake", &broker.bootstrap, "crash", "allow_private_network = true\nbatch_max_events = 10\nmax_in_flight = 2")
     );
     let config = write_config(dir.path(), &extra);
-    let mut server = Server::start_with_env(&config, &[("SLUICE_CRASH_AT", "deliver.after_http_success:4")]);
-    let events: Vec<Value> = (0..200).map(|i| track_event(&format!("c-{i}"), i)).collect();
-    for chunk in events.chunks(25) {
-        // The server may die while this is sent: what it acknowledged is what counts.
-        if sink.post_batch(&server.addr, chunk).is_err() {
-            break;
-        }
-    }
-    assert!(server.wait_exit(Duration::from_secs(60)).is_some(), "the crash point stopped the server");
-    let executing: std::collections::HashSet<String> =
-        jobdb_rows(&data).into_iter().filter(|r| r.state == "executing").map(|r| r.message_id).collect();
+    let executing = crash_after_delivery(&sink, &config, &[]);
     let before: std::collections::HashSet<String> =
         read_topic_until(&broker.bootstrap, "crash", usize::MAX, Duration::from_secs(3)).into_iter().map(|r| r.message_id).collect();
     assert!(!before.is_empty() && before.len() < 200, "the crash came mid-delivery ({} published)", before.len());

@@ -169,14 +169,7 @@ fn postgres_destinations_load_each_event_once_through_a_server_restart() {
     assert_eq!(wait_count(&url, "SELECT count(*) FROM web.identifies", 100, Duration::from_secs(30)), 100);
     assert_eq!(wait_count(&url, "SELECT count(*) FROM web.pages", 100, Duration::from_secs(30)), 100);
     // Retries happened (the stop was seen) and every job ended succeeded.
-    let counts = wait_for(
-        Duration::from_secs(30),
-        || {
-            let c = stats_for(&jobs_stats(&config), "warehouse");
-            (c.get("succeeded").copied() == Some(400)).then_some(c)
-        },
-        || format!("{:?}", stats_for(&jobs_stats(&config), "warehouse")),
-    );
+    let counts = wait_counts(&config, "warehouse", Duration::from_secs(30), |c| c.get("succeeded").copied() == Some(400));
     assert_eq!(counts.get("discarded"), None, "{counts:?}");
 
     // The rows: Segment's columns, properties flattened, types inferred.
@@ -231,17 +224,7 @@ fn a_crash_after_the_commit_loads_again_without_a_second_row() {
         pg_dest("warehouse", &url, "batch_max_events = 10\nmax_in_flight = 2")
     );
     let config = write_config(dir.path(), &extra);
-    let mut server = Server::start_with_env(&config, &[("SLUICE_CRASH_AT", "deliver.after_http_success:4")]);
-    let events: Vec<Value> = (0..200).map(|i| track_event(&format!("c-{i}"), i)).collect();
-    for chunk in events.chunks(25) {
-        // The server may die while this is sent: what it acknowledged is what counts.
-        if sink.post_batch(&server.addr, chunk).is_err() {
-            break;
-        }
-    }
-    assert!(server.wait_exit(Duration::from_secs(60)).is_some(), "the crash point stopped the server");
-    let executing: std::collections::HashSet<String> =
-        jobdb_rows(&data).into_iter().filter(|r| r.state == "executing").map(|r| r.message_id).collect();
+    let executing = crash_after_delivery(&sink, &config, &[]);
     let loaded_before = count(&url, "SELECT count(*) FROM web.tracks");
     assert!(loaded_before > 0 && loaded_before < 200, "the crash came mid-delivery ({loaded_before} loaded)");
     // Some of the `executing` jobs were committed before the crash: their load comes again.
@@ -252,14 +235,7 @@ fn a_crash_after_the_commit_loads_again_without_a_second_row() {
     let server = Server::start(&config);
     assert_eq!(wait_count(&url, "SELECT count(*) FROM web.tracks", acked, Duration::from_secs(90)), acked, "one row per acknowledged event");
     assert_eq!(count(&url, "SELECT count(*) FROM web.deliver_test"), acked, "one row per event in its event table");
-    let counts = wait_for(
-        Duration::from_secs(30),
-        || {
-            let c = stats_for(&jobs_stats(&config), "warehouse");
-            (c.get("succeeded").copied() == Some(acked)).then_some(c)
-        },
-        || format!("{:?}", stats_for(&jobs_stats(&config), "warehouse")),
-    );
+    let counts = wait_counts(&config, "warehouse", Duration::from_secs(30), |c| c.get("succeeded").copied() == Some(acked));
     assert_eq!(counts.get("discarded"), None, "{counts:?}");
     server.stop();
 }
@@ -293,14 +269,9 @@ fn new_properties_add_columns_and_type_conflicts_are_recorded_not_fatal() {
         ],
     )
     .unwrap();
-    let counts = wait_for(
-        Duration::from_secs(60),
-        || {
-            let c = stats_for(&jobs_stats(&config), "warehouse");
-            (c.get("succeeded").copied().unwrap_or(0) + c.get("discarded").copied().unwrap_or(0) == 5).then_some(c)
-        },
-        || format!("{:?}", stats_for(&jobs_stats(&config), "warehouse")),
-    );
+    let counts = wait_counts(&config, "warehouse", Duration::from_secs(60), |c| {
+        c.get("succeeded").copied().unwrap_or(0) + c.get("discarded").copied().unwrap_or(0) == 5
+    });
     assert_eq!((counts.get("succeeded"), counts.get("discarded")), (Some(&4), Some(&1)), "{counts:?}");
     let rows = query(&url, "SELECT id, amount::text, color, code, coupon_code, coupon_rate::text FROM web.checkout ORDER BY id");
     let rows: Vec<String> = rows.into_iter().map(|r| r.join("|")).collect();

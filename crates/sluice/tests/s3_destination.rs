@@ -102,14 +102,7 @@ fn s3_destinations_write_each_event_through_a_server_that_stops_answering() {
     std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     post(200..300);
 
-    let counts = wait_for(
-        Duration::from_secs(90),
-        || {
-            let c = stats_for(&jobs_stats(&config), "lake");
-            (c.get("succeeded").copied() == Some(300)).then_some(c)
-        },
-        || format!("{:?}", stats_for(&jobs_stats(&config), "lake")),
-    );
+    let counts = wait_counts(&config, "lake", Duration::from_secs(90), |c| c.get("succeeded").copied() == Some(300));
     assert_eq!(counts.get("discarded"), None, "{counts:?}");
     let times = ids_in(&read_lake(&sink, &m));
     assert_eq!(times.len(), 300, "every event in the lake");
@@ -122,11 +115,7 @@ fn s3_destinations_write_each_event_through_a_server_that_stops_answering() {
     }
 
     // The refused destination: discarded, the reason recorded.
-    wait_for(
-        Duration::from_secs(30),
-        || (stats_for(&jobs_stats(&config), "guarded").get("discarded").copied() == Some(300)).then_some(()),
-        || format!("{:?}", stats_for(&jobs_stats(&config), "guarded")),
-    );
+    wait_counts(&config, "guarded", Duration::from_secs(30), |c| c.get("discarded").copied() == Some(300));
     let inspected = jobs_inspect_json(&config, "s-0").unwrap().to_string();
     assert!(inspected.contains("SSRF guard"), "{inspected}");
     server.stop();
@@ -157,18 +146,7 @@ fn a_crash_after_the_put_loses_nothing_and_repeats_only_executing_jobs() {
         s3_dest("lake", &m.endpoint(), "batch_max_events = 10\nmax_in_flight = 2")
     );
     let config = write_config(dir.path(), &extra);
-    let mut env = AWS_ENV.to_vec();
-    env.push(("SLUICE_CRASH_AT", "deliver.after_http_success:4"));
-    let mut server = Server::start_with_env(&config, &env);
-    let events: Vec<Value> = (0..200).map(|i| track_event(&format!("c-{i}"), i)).collect();
-    for chunk in events.chunks(25) {
-        if sink.post_batch(&server.addr, chunk).is_err() {
-            break;
-        }
-    }
-    assert!(server.wait_exit(Duration::from_secs(60)).is_some(), "the crash point stopped the server");
-    let executing: std::collections::HashSet<String> =
-        jobdb_rows(&data).into_iter().filter(|r| r.state == "executing").map(|r| r.message_id).collect();
+    let executing = crash_after_delivery(&sink, &config, &AWS_ENV);
     let before = ids_in(&read_lake(&sink, &m));
     assert!(!before.is_empty() && before.len() < 200, "the crash came mid-delivery ({} written)", before.len());
 

@@ -525,6 +525,45 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>, what: im
     }
 }
 
+/// Wait until destination `destination`'s job counts (`jobs stats`) meet
+/// `done`; the counts then.
+pub fn wait_counts(
+    config: &Path,
+    destination: &str,
+    timeout: Duration,
+    done: impl Fn(&std::collections::BTreeMap<String, u64>) -> bool,
+) -> std::collections::BTreeMap<String, u64> {
+    wait_for(
+        timeout,
+        || {
+            let c = stats_for(&jobs_stats(config), destination);
+            done(&c).then_some(c)
+        },
+        || format!("{destination}: {:?}", stats_for(&jobs_stats(config), destination)),
+    )
+}
+
+/// Commit point 4 for a destination type: start the server of `config`
+/// (written by [`write_config`], its data in `<dir>/data`) with `env` and
+/// the crash point `deliver.after_http_success:4`, post 200 track events
+/// (`c-0` … `c-199`) in batches of 25 until it dies; the messageIds whose
+/// jobs were `executing` at the crash.
+pub fn crash_after_delivery(sink: &TestSink, config: &Path, env: &[(&str, &str)]) -> std::collections::HashSet<String> {
+    let mut env = env.to_vec();
+    env.push(("SLUICE_CRASH_AT", "deliver.after_http_success:4"));
+    let mut server = Server::start_with_env(config, &env);
+    let events: Vec<Value> = (0..200).map(|i| track_event(&format!("c-{i}"), i)).collect();
+    for chunk in events.chunks(25) {
+        // The server may die while this is sent: what it acknowledged is what counts.
+        if sink.post_batch(&server.addr, chunk).is_err() {
+            break;
+        }
+    }
+    assert!(server.wait_exit(Duration::from_secs(60)).is_some(), "the crash point stopped the server");
+    let data = config.parent().expect("the config's directory").join("data");
+    jobdb_rows(&data).into_iter().filter(|r| r.state == "executing").map(|r| r.message_id).collect()
+}
+
 /// One job as stored in a JobDB, with its latest state, read with plain SQL.
 #[derive(Debug, Clone)]
 pub struct JobRow {
