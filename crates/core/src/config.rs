@@ -104,6 +104,12 @@ fn excerpt(text: &str) -> String {
     }
 }
 
+/// `text` as one of the names of enum `T` (as the config file spells
+/// them); the error lists the names.
+fn parse_name<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(text)).map_err(|e| format!("{}: {e}", excerpt(text)))
+}
+
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.into(), problem: problem.into() }
 }
@@ -1272,6 +1278,16 @@ pub struct DestinationConfig {
     pub s3_secret_access_key: Option<String>,
 }
 
+/// Where a destination reached through its own system's client (not
+/// HTTP) sends a request's jobs, each getting its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NativeTarget {
+    Kafka(KafkaTarget),
+    /// `postgres`: the destination's `url` is the database.
+    Postgres,
+    S3(S3Target),
+}
+
 /// Where an `s3` destination writes, from its `url`, `s3_endpoint`,
 /// `s3_region` and credentials. `Debug` never shows the secret key.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -1472,51 +1488,7 @@ impl DestinationConfig {
             }
             self.kafka_link().map_err(|(k, problem)| invalid(key(k), problem))?;
         } else if kind == "s3" {
-            let usage = || invalid(key("url"), format!("{} is not an s3://bucket/prefix URL", excerpt(&self.url)));
-            if !self.url.starts_with("s3://") {
-                return Err(usage());
-            }
-            match ArchiveUrl::parse(&self.url) {
-                Ok(ArchiveUrl::S3 { bucket, prefix }) => {
-                    // S3's rules beyond the archive's: no `..`, not an IP address, no reserved prefix or suffix.
-                    if bucket.contains("..")
-                        || bucket.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                        || bucket.starts_with("xn--")
-                        || bucket.starts_with("sthree-")
-                        || bucket.ends_with("-s3alias")
-                        || bucket.ends_with("--ol-s3")
-                    {
-                        return Err(invalid(key("url"), format!("{} is not a bucket name S3 takes", excerpt(&bucket))));
-                    }
-                    // Written as given: characters object_store would escape (and so change) are refused.
-                    if !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/!-_.*'()=".contains(&b)) {
-                        return Err(invalid(
-                            key("url"),
-                            format!("the prefix {} may hold only A-Z a-z 0-9 and / ! - _ . * ' ( ) =", excerpt(&prefix)),
-                        ));
-                    }
-                }
-                Ok(ArchiveUrl::File(_)) => return Err(usage()),
-                Err(problem) => return Err(invalid(key("url"), problem)),
-            }
-            if let Some(e) = &self.s3_endpoint {
-                HttpUrl::parse(e).map_err(|problem| invalid(key("s3_endpoint"), problem))?;
-                check_authority(e).map_err(|problem| invalid(key("s3_endpoint"), format!("{}: {problem}", excerpt(e))))?;
-                // scheme://host[:port] only: a path or query would be put before every object's key,
-                // and credentials in it would not be used (and would be shown back).
-                let rest = e.split_once("://").map_or("", |(_, r)| r).trim_end_matches('/');
-                if rest.contains(['/', '?', '#', '@']) {
-                    return Err(invalid(key("s3_endpoint"), format!("{} must be scheme://host[:port] (no path, query or user)", excerpt(e))));
-                }
-            }
-            if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
-                return Err(invalid(key("s3_secret_access_key"), "s3_access_key_id and s3_secret_access_key go together"));
-            }
-            if let Some(r) = &self.s3_region {
-                if r.is_empty() || r.contains(char::is_whitespace) {
-                    return Err(invalid(key("s3_region"), format!("{} is not a region name", excerpt(r))));
-                }
-            }
+            self.s3_parts().map_err(|(k, problem)| invalid(key(k), problem))?;
         } else if kind == "postgres" {
             // The URL's TLS mode and parameters are checked where it is used
             // (`sluice_deliver::warehouse::check_url`, at load and on the admin API).
@@ -1584,21 +1556,74 @@ impl DestinationConfig {
         })
     }
 
-    /// An `s3` destination's bucket, prefix, endpoint and region; `None`
-    /// for other types (or a URL [`validate`](Self::validate) refuses).
+    /// An `s3` destination's bucket, prefix, endpoint, region and
+    /// credentials; `None` for other types (or a URL [`validate`](Self::validate) refuses).
     pub fn s3_target(&self) -> Option<S3Target> {
         if self.kind != "s3" {
             return None;
         }
-        match ArchiveUrl::parse(&self.url).ok()? {
-            ArchiveUrl::S3 { bucket, prefix } => Some(S3Target {
-                bucket,
-                prefix,
-                endpoint: self.s3_endpoint.as_ref().map(|e| e.trim_end_matches('/').to_owned()),
-                region: self.s3_region.clone(),
-                credentials: self.s3_access_key_id.clone().zip(self.s3_secret_access_key.clone()),
-            }),
-            ArchiveUrl::File(_) => None,
+        self.s3_parts().ok()
+    }
+
+    /// An `s3` destination's target from its keys; the key at fault and why.
+    fn s3_parts(&self) -> Result<S3Target, (&'static str, String)> {
+        let usage = || ("url", format!("{} is not an s3://bucket/prefix URL", excerpt(&self.url)));
+        if !self.url.starts_with("s3://") {
+            return Err(usage());
+        }
+        let (bucket, prefix) = match ArchiveUrl::parse(&self.url).map_err(|problem| ("url", problem))? {
+            ArchiveUrl::S3 { bucket, prefix } => (bucket, prefix),
+            ArchiveUrl::File(_) => return Err(usage()),
+        };
+        // S3's rules beyond the archive's: no `..`, not an IP address, no reserved prefix or suffix.
+        if bucket.contains("..")
+            || bucket.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            || bucket.starts_with("xn--")
+            || bucket.starts_with("sthree-")
+            || bucket.ends_with("-s3alias")
+            || bucket.ends_with("--ol-s3")
+        {
+            return Err(("url", format!("{} is not a bucket name S3 takes", excerpt(&bucket))));
+        }
+        // Written as given: characters object_store would escape (and so change) are refused.
+        if !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/!-_.*'()=".contains(&b)) {
+            return Err(("url", format!("the prefix {} may hold only A-Z a-z 0-9 and / ! - _ . * ' ( ) =", excerpt(&prefix))));
+        }
+        if let Some(e) = &self.s3_endpoint {
+            HttpUrl::parse(e).map_err(|problem| ("s3_endpoint", problem))?;
+            check_authority(e).map_err(|problem| ("s3_endpoint", format!("{}: {problem}", excerpt(e))))?;
+            // scheme://host[:port] only: a path or query would be put before every object's key,
+            // and credentials in it would not be used (and would be shown back).
+            let rest = e.split_once("://").map_or("", |(_, r)| r).trim_end_matches('/');
+            if rest.contains(['/', '?', '#', '@']) {
+                return Err(("s3_endpoint", format!("{} must be scheme://host[:port] (no path, query or user)", excerpt(e))));
+            }
+        }
+        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+            return Err(("s3_secret_access_key", "s3_access_key_id and s3_secret_access_key go together".into()));
+        }
+        if let Some(r) = &self.s3_region {
+            if r.is_empty() || r.contains(char::is_whitespace) {
+                return Err(("s3_region", format!("{} is not a region name", excerpt(r))));
+            }
+        }
+        Ok(S3Target {
+            bucket,
+            prefix,
+            endpoint: self.s3_endpoint.as_ref().map(|e| e.trim_end_matches('/').to_owned()),
+            region: self.s3_region.clone(),
+            credentials: self.s3_access_key_id.clone().zip(self.s3_secret_access_key.clone()),
+        })
+    }
+
+    /// The target of a `kafka`, `postgres` or `s3` destination; `None` for
+    /// webhooks (or a URL [`validate`](Self::validate) refuses).
+    pub fn native_target(&self) -> Option<NativeTarget> {
+        match self.kind.as_str() {
+            "kafka" => self.kafka_target().map(NativeTarget::Kafka),
+            "postgres" => Some(NativeTarget::Postgres),
+            "s3" => self.s3_target().map(NativeTarget::S3),
+            _ => None,
         }
     }
 
@@ -1622,18 +1647,8 @@ impl DestinationConfig {
     /// `kafka_security_protocol`, `kafka_sasl_*` and `kafka_tls_ca`; the
     /// key at fault and why.
     fn kafka_link(&self) -> Result<Vec<(String, String)>, (&'static str, String)> {
-        let protocol = match self.kafka_security_protocol.as_deref().unwrap_or("plaintext") {
-            "plaintext" => KafkaSecurity::Plaintext,
-            "ssl" => KafkaSecurity::Ssl,
-            "sasl_plaintext" => KafkaSecurity::SaslPlaintext,
-            "sasl_ssl" => KafkaSecurity::SaslSsl,
-            other => {
-                return Err((
-                    "kafka_security_protocol",
-                    format!("{} is not \"plaintext\", \"ssl\", \"sasl_plaintext\" or \"sasl_ssl\"", excerpt(other)),
-                ))
-            }
-        };
+        let protocol: KafkaSecurity =
+            parse_name(self.kafka_security_protocol.as_deref().unwrap_or("plaintext")).map_err(|e| ("kafka_security_protocol", e))?;
         let mut link = vec![("security.protocol".to_owned(), protocol.as_librdkafka().to_owned())];
         if protocol.uses_tls() {
             // The broker's certificate must name the host it was reached at.
@@ -1659,11 +1674,9 @@ impl DestinationConfig {
             if let Some((k, _)) = sasl.iter().find(|(_, v)| v.as_deref().is_none_or(str::is_empty)) {
                 return Err((k, format!("is required with kafka_security_protocol = {:?}", protocol.as_librdkafka())));
             }
-            let mechanism = self.kafka_sasl_mechanism.as_deref().unwrap_or_default();
-            if !matches!(mechanism, "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") {
-                return Err(("kafka_sasl_mechanism", format!("{} is not \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"", excerpt(mechanism))));
-            }
-            link.push(("sasl.mechanisms".into(), mechanism.to_owned()));
+            let mechanism: SaslMechanism =
+                parse_name(self.kafka_sasl_mechanism.as_deref().unwrap_or_default()).map_err(|e| ("kafka_sasl_mechanism", e))?;
+            link.push(("sasl.mechanisms".into(), mechanism.as_librdkafka().to_owned()));
             link.push(("sasl.username".into(), self.kafka_sasl_username.clone().unwrap_or_default()));
             link.push(("sasl.password".into(), self.kafka_sasl_password.clone().unwrap_or_default()));
         } else if let Some((k, _)) = sasl.iter().find(|(_, v)| v.is_some()) {

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
+use sluice_core::config::NativeTarget;
 use sluice_core::Shutdown;
 use tokio::sync::mpsc::{channel, unbounded_channel, Receiver, Sender, UnboundedReceiver};
 
@@ -201,21 +202,25 @@ async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Pe
         out.push(job);
     }
     // `kafka`, `postgres` and `s3`: one outcome per job from one request.
-    let grouped = if let Some(target) = &settings.kafka {
-        let messages: Vec<crate::kafka::Message> = out
-            .iter()
-            .map(|j| crate::kafka::Message { message_id: &j.message_id, idempotency_key: &j.idempotency_key, source: &j.source, body: &j.body })
-            .collect();
-        Some(executor.kafka.send(target, settings.target.allow_private_network, settings.target.request_timeout, &messages).await)
-    } else if settings.postgres {
-        let loads: Vec<crate::warehouse::Load> =
-            out.iter().map(|j| crate::warehouse::Load { message_id: &j.message_id, source: &j.source, body: &j.body }).collect();
-        Some(executor.warehouses.load(&settings.target.url, settings.target.allow_private_network, settings.target.request_timeout, &loads).await)
-    } else if let Some(target) = &settings.s3 {
-        let entries: Vec<crate::lake::Entry> = out.iter().map(|j| crate::lake::Entry { id: j.id, source: &j.source, body: &j.body }).collect();
-        Some(executor.lakes.write(target, settings.target.allow_private_network, settings.target.request_timeout, &entries).await)
-    } else {
-        None
+    let (allow_private_network, timeout) = (settings.target.allow_private_network, settings.target.request_timeout);
+    let grouped = match &settings.native {
+        Some(NativeTarget::Kafka(target)) => {
+            let messages: Vec<crate::kafka::Message> = out
+                .iter()
+                .map(|j| crate::kafka::Message { message_id: &j.message_id, idempotency_key: &j.idempotency_key, source: &j.source, body: &j.body })
+                .collect();
+            Some(executor.kafka.send(target, allow_private_network, timeout, &messages).await)
+        }
+        Some(NativeTarget::Postgres) => {
+            let loads: Vec<crate::warehouse::Load> =
+                out.iter().map(|j| crate::warehouse::Load { message_id: &j.message_id, source: &j.source, body: &j.body }).collect();
+            Some(executor.warehouses.load(&settings.target.url, allow_private_network, timeout, &loads).await)
+        }
+        Some(NativeTarget::S3(target)) => {
+            let entries: Vec<crate::lake::Entry> = out.iter().map(|j| crate::lake::Entry { id: j.id, source: &j.source, body: &j.body }).collect();
+            Some(executor.lakes.write(target, allow_private_network, timeout, &entries).await)
+        }
+        None => None,
     };
     if let Some(attempts) = grouped {
         // One request for the circuit breaker, which judges the destination, not its jobs:

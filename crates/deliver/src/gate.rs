@@ -30,12 +30,9 @@ pub struct DestinationSettings {
     /// A `batch_webhook` or `kafka` destination: how its jobs are grouped
     /// into requests (a `kafka` one's: messages sent together).
     pub batch: Option<sluice_core::config::BatchLimits>,
-    /// A `kafka` destination's brokers, topic and key (`target.url` is its URL).
-    pub kafka: Option<sluice_core::config::KafkaTarget>,
-    /// A `postgres` (warehouse) destination (`target.url` is its database).
-    pub postgres: bool,
-    /// An `s3` (data lake) destination's bucket, prefix and server.
-    pub s3: Option<sluice_core::config::S3Target>,
+    /// A `kafka`, `postgres` or `s3` destination's target (`target.url` is
+    /// its URL); `None`: a webhook.
+    pub native: Option<sluice_core::config::NativeTarget>,
 }
 
 #[derive(Debug)]
@@ -270,9 +267,7 @@ mod tests {
             rate_limit: rate,
             function: None,
             batch: None,
-            kafka: None,
-            postgres: false,
-            s3: None,
+            native: None,
         };
         Destination::new("d".into(), settings, 3, Duration::from_secs(10), Arc::new(Notify::new()))
     }

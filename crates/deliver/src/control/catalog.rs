@@ -147,9 +147,7 @@ impl Catalog {
             rate_limit: d.rate_limit.unwrap_or(self.defaults.rate_limit),
             function: d.function.as_ref().map(|f| crate::function::Attached::new(f, &snap.functions)),
             batch: d.batch_limits(),
-            kafka: d.kafka_target(),
-            postgres: d.is_postgres(),
-            s3: d.s3_target(),
+            native: d.native_target(),
         }
     }
 
@@ -167,9 +165,7 @@ impl Catalog {
                     rate_limit: 0,
                     function: None,
                     batch: None,
-                    kafka: None,
-                    postgres: false,
-                    s3: None,
+                    native: None,
                 };
                 let g = Destination::new(id.to_owned(), settings.clone(), 1, Duration::from_secs(1), self.wake.clone());
                 g.update(settings, &Qos { paused: true, ..Qos::default() });
