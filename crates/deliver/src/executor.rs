@@ -57,6 +57,22 @@ pub struct SsrfRefused {
     pub kind: &'static str,
 }
 
+/// Resolve `host`:`port` — a destination's server reached outside HTTP (a
+/// Kafka broker, a database, an S3 endpoint), checked when its client is
+/// made — and refuse a non-public address as the HTTP guard does; `what`
+/// names the server in errors. Not resolvable: retried.
+pub async fn check_public(what: &str, host: &str, port: u16) -> Result<(), (Verdict, String)> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
+        Ok(a) => a.collect(),
+        Err(e) => return Err((Verdict::Retry, format!("cannot resolve the {what} {host}: {e}"))),
+    };
+    if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
+        return Err((Verdict::Discard, SsrfRefused { host: host.to_owned(), addr, kind }.to_string()));
+    }
+    Ok(())
+}
+
 /// Why `addr` is not a public address, if it is not.
 pub fn private_kind(addr: IpAddr) -> Option<&'static str> {
     match addr {

@@ -32,8 +32,6 @@
 //!   librdkafka's to reach and are not checked: a `kafka` destination
 //!   trusts the cluster it names.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +43,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sluice_core::config::{KafkaKey, KafkaTarget};
 
-use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
+use crate::clients::Clients;
+use crate::executor::{check_public, Attempt, Verdict};
 
 /// One message to publish.
 pub struct Message<'a> {
@@ -117,20 +116,19 @@ struct ProducerKey {
     timeout: Duration,
 }
 
-/// A producer and when it was last used.
-struct Cached {
-    producer: Arc<ClusterProducer>,
-    reports: Arc<Reports>,
-    used: Instant,
-}
-
 /// A producer not used for this long is dropped when another is made.
 const IDLE: Duration = Duration::from_secs(600);
 
 /// The producers of every `kafka` destination of this process: one per cluster (and settings).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Producers {
-    by_key: Arc<Mutex<HashMap<ProducerKey, Cached>>>,
+    by_key: Clients<ProducerKey, (Arc<ClusterProducer>, Arc<Reports>)>,
+}
+
+impl Default for Producers {
+    fn default() -> Self {
+        Producers { by_key: Clients::new(IDLE, None) }
+    }
 }
 
 /// A producer could not be made: every job of the request gets this outcome.
@@ -182,23 +180,14 @@ impl Producers {
         // An idempotent producer that hit a fatal error takes no more messages: make a new one next time.
         if let Some((code, why)) = producer.client().fatal_error() {
             tracing::warn!(cluster = %key.bootstrap, "kafka destination: the producer failed for good ({code:?}: {why}); a new one is made");
-            let mut by_key = self.by_key.lock().expect("producers lock");
-            if by_key.get(&key).is_some_and(|c| Arc::ptr_eq(&c.producer, &producer)) {
-                by_key.remove(&key);
-            }
+            self.by_key.drop_if(&key, |(kept, _)| Arc::ptr_eq(kept, &producer));
         }
         out
     }
 
     async fn producer(&self, key: &ProducerKey) -> Result<(Arc<ClusterProducer>, Arc<Reports>), Refused> {
-        {
-            let mut by_key = self.by_key.lock().expect("producers lock");
-            // Producers of clusters no destination has used lately (a URL changed, a destination deleted) go.
-            by_key.retain(|k, c| k == key || c.used.elapsed() < IDLE);
-            if let Some(c) = by_key.get_mut(key) {
-                c.used = Instant::now();
-                return Ok((c.producer.clone(), c.reports.clone()));
-            }
+        if let Some(kept) = self.by_key.get(key) {
+            return Ok(kept);
         }
         if !key.allow_private_network {
             check_brokers(&key.bootstrap).await?;
@@ -213,10 +202,7 @@ impl Producers {
             Ok(Err(e)) => return Err(Refused { verdict: Verdict::Discard, error: format!("cannot make a Kafka producer: {e}") }),
             Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot make a Kafka producer: {e}") }),
         };
-        let mut by_key = self.by_key.lock().expect("producers lock");
-        // Another request may have made one meanwhile: keep the first.
-        let cached = by_key.entry(key.clone()).or_insert(Cached { producer, reports, used: Instant::now() });
-        Ok((cached.producer.clone(), cached.reports.clone()))
+        Ok(self.by_key.keep(key.clone(), (producer, reports)))
     }
 }
 
@@ -289,14 +275,9 @@ fn producer_config(bootstrap: &str, link: &[(String, String)], timeout: Duration
 /// Resolve each bootstrap broker and refuse a non-public address.
 async fn check_brokers(bootstrap: &str) -> Result<(), Refused> {
     for broker in bootstrap.split(',') {
-        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(broker).await {
-            Ok(a) => a.collect(),
-            Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot resolve the Kafka broker {broker}: {e}") }),
-        };
-        if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
-            let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h).to_owned();
-            return Err(Refused { verdict: Verdict::Discard, error: SsrfRefused { host, addr, kind }.to_string() });
-        }
+        // `host:port` or `[v6]:port`, checked when the config was loaded.
+        let (host, port) = broker.rsplit_once(':').unwrap_or((broker, ""));
+        check_public("Kafka broker", host, port.parse().unwrap_or(9092)).await.map_err(|(verdict, error)| Refused { verdict, error })?;
     }
     Ok(())
 }

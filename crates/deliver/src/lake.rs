@@ -28,14 +28,15 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::{path::Path as ObjectPath, ObjectStore, PutPayload};
 use sluice_core::config::S3Target;
 
-use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
+use crate::clients::Clients;
+use crate::executor::{check_public, Attempt, Verdict};
 use crate::ksuid::Ksuid;
 
 /// One job to write.
@@ -51,29 +52,32 @@ const IDLE: Duration = Duration::from_secs(600);
 /// How long a store is used before it is made (and its endpoint checked) again.
 const RECHECK: Duration = Duration::from_secs(60);
 
-struct Cached {
-    store: Arc<dyn ObjectStore>,
-    made: Instant,
-    used: Instant,
-}
-
 /// The stores of every `s3` destination of this process: one per bucket,
-/// prefix, server and private-network setting.
-#[derive(Clone, Default)]
+/// prefix, server, credentials and private-network setting.
+#[derive(Clone)]
 pub struct Lakes {
-    by_key: Arc<Mutex<HashMap<(S3Target, bool), Cached>>>,
+    by_key: Clients<(S3Target, bool), Arc<dyn ObjectStore>>,
 }
 
-/// `(date, hour)` of an RFC 3339 time, UTC.
-/// A time outside years 1–9999 (a function's doing) is not a Hive date: the write time then.
-fn partition_of(received_at: Option<&str>, now: chrono::DateTime<chrono::Utc>) -> (String, String) {
+impl Default for Lakes {
+    fn default() -> Self {
+        // Made again every minute: the guard checks an address when the store is
+        // made, and object_store resolves on its own after.
+        Lakes { by_key: Clients::new(IDLE, Some(RECHECK)) }
+    }
+}
+
+/// The UTC hour (hours since the epoch) of an RFC 3339 time. A time
+/// outside years 1–9999 (a function's doing) is not a Hive date: the write
+/// time's then.
+fn partition_of(received_at: Option<&str>, now: chrono::DateTime<chrono::Utc>) -> i64 {
     use chrono::Datelike;
     let at = received_at
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&chrono::Utc))
         .filter(|t| (1..=9999).contains(&t.year()))
         .unwrap_or(now);
-    (at.format("%Y-%m-%d").to_string(), at.format("%H").to_string())
+    at.timestamp().div_euclid(3600)
 }
 
 /// The event's `receivedAt` and its one line of JSON; `Err`: not JSON.
@@ -111,7 +115,7 @@ struct Group {
 /// and the jobs that cannot be written, with why.
 fn group(entries: &[Entry<'_>], now: chrono::DateTime<chrono::Utc>) -> (Vec<Group>, Vec<(usize, String)>) {
     let mut groups: Vec<Group> = Vec::new();
-    let mut index: HashMap<(String, String, String), usize> = HashMap::new();
+    let mut index: HashMap<(&str, i64), usize> = HashMap::new();
     let mut refused = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let (received_at, line) = match line_of(e.body) {
@@ -121,9 +125,11 @@ fn group(entries: &[Entry<'_>], now: chrono::DateTime<chrono::Utc>) -> (Vec<Grou
                 continue;
             }
         };
-        let (dt, hour) = partition_of(received_at.as_deref(), now);
-        let at = *index.entry((e.source.to_owned(), dt.clone(), hour.clone())).or_insert_with(|| {
-            groups.push(Group { path: format!("source={}/dt={dt}/hour={hour}/{}.ndjson.gz", e.source, e.id), jobs: Vec::new(), lines: Vec::new() });
+        let hour = partition_of(received_at.as_deref(), now);
+        let at = *index.entry((e.source, hour)).or_insert_with(|| {
+            let at = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or(now);
+            let path = format!("source={}/{}/{}.ndjson.gz", e.source, at.format("dt=%Y-%m-%d/hour=%H"), e.id);
+            groups.push(Group { path, jobs: Vec::new(), lines: Vec::new() });
             groups.len() - 1
         });
         groups[at].jobs.push(i);
@@ -153,21 +159,27 @@ impl Lakes {
             Ok(s) => s,
             Err((verdict, error)) => return entries.iter().map(|_| attempt(verdict, Some(error.clone()))).collect(),
         };
-        let (groups, refused) = group(entries, chrono::Utc::now());
+        // Reading and compressing thousands of events is CPU work: off the async workers.
+        let owned: Vec<(Ksuid, String, Bytes)> = entries.iter().map(|e| (e.id, e.source.to_owned(), e.body.clone())).collect();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let entries: Vec<Entry> = owned.iter().map(|(id, source, body)| Entry { id: *id, source, body }).collect();
+            let (groups, refused) = group(&entries, chrono::Utc::now());
+            let bodies: Vec<std::io::Result<Vec<u8>>> = groups.iter().map(|g| gzip(&g.lines)).collect();
+            (groups, bodies, refused)
+        })
+        .await;
+        let (groups, bodies, refused) = match prepared {
+            Ok(p) => p,
+            Err(e) => return entries.iter().map(|_| attempt(Verdict::Retry, Some(format!("reading the events failed: {e}")))).collect(),
+        };
         let mut out: Vec<Option<Attempt>> = (0..entries.len()).map(|_| None).collect();
         for (i, why) in refused {
             out[i] = Some(attempt(Verdict::Discard, Some(why)));
         }
-        let puts = groups.iter().map(|g| {
+        let puts = groups.iter().zip(bodies).map(|(g, body)| {
             let store = store.clone();
             async move {
-                // Compressing megabytes is CPU work: off the async workers.
-                let lines = g.lines.clone();
-                let body = match tokio::task::spawn_blocking(move || gzip(&lines)).await {
-                    Ok(Ok(body)) => body,
-                    Ok(Err(e)) => return Err(format!("gzip: {e}")),
-                    Err(e) => return Err(format!("gzip: {e}")),
-                };
+                let body = body.map_err(|e| format!("gzip: {e}"))?;
                 let path = ObjectPath::from(g.path.as_str());
                 match tokio::time::timeout(timeout, store.put(&path, PutPayload::from(body))).await {
                     Ok(Ok(_)) => Ok(()),
@@ -192,16 +204,8 @@ impl Lakes {
 
     async fn store(&self, target: &S3Target, allow_private_network: bool) -> Result<Arc<dyn ObjectStore>, (Verdict, String)> {
         let key = (target.clone(), allow_private_network);
-        {
-            let mut by_key = self.by_key.lock().expect("lakes lock");
-            by_key.retain(|k, c| k == &key || c.used.elapsed() < IDLE);
-            // Remade (and its endpoint checked again) every minute: the guard checks an
-            // address when the store is made, and object_store resolves on its own after.
-            by_key.retain(|_, c| c.made.elapsed() < RECHECK);
-            if let Some(c) = by_key.get_mut(&key) {
-                c.used = Instant::now();
-                return Ok(c.store.clone());
-            }
+        if let Some(kept) = self.by_key.get(&key) {
+            return Ok(kept);
         }
         if let (Some(endpoint), false) = (&target.endpoint, allow_private_network) {
             check_endpoint(endpoint).await?;
@@ -209,25 +213,14 @@ impl Lakes {
         let credentials = target.credentials.as_ref().map(|(id, secret)| (id.as_str(), secret.as_str()));
         let store = crate::archive::s3_store(&target.bucket, &target.prefix, target.endpoint.as_deref(), target.region.as_deref(), None, credentials)
             .map_err(|e| (Verdict::Discard, e))?;
-        let mut by_key = self.by_key.lock().expect("lakes lock");
-        let cached = by_key.entry(key).or_insert(Cached { store, made: Instant::now(), used: Instant::now() });
-        Ok(cached.store.clone())
+        Ok(self.by_key.keep(key, store))
     }
 }
 
 /// Resolve an S3-compatible server and refuse a non-public address.
 async fn check_endpoint(endpoint: &str) -> Result<(), (Verdict, String)> {
     let url = url::Url::parse(endpoint).map_err(|e| (Verdict::Discard, format!("s3_endpoint {endpoint}: {e}")))?;
-    let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = url.port_or_known_default().unwrap_or(443);
-    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-        Ok(a) => a.collect(),
-        Err(e) => return Err((Verdict::Retry, format!("cannot resolve the S3 endpoint {host}: {e}"))),
-    };
-    if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
-        return Err((Verdict::Discard, SsrfRefused { host, addr, kind }.to_string()));
-    }
-    Ok(())
+    check_public("S3 endpoint", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(443)).await
 }
 
 #[cfg(test)]

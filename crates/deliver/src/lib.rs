@@ -24,6 +24,7 @@ pub mod archive;
 pub mod backend;
 pub mod batch;
 pub mod centrifuge;
+mod clients;
 pub mod cluster;
 pub mod control;
 pub mod director;

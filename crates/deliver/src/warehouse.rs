@@ -40,12 +40,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, Executor as _, Row as _};
 
-use crate::executor::{private_kind, Attempt, SsrfRefused, Verdict};
+use crate::clients::Clients;
+use crate::executor::{check_public, Attempt, Verdict};
 
 /// Levels of objects flattened into columns; deeper values are JSON text.
 pub const FLATTEN_DEPTH: usize = 4;
@@ -82,8 +82,18 @@ pub struct Load<'a> {
     pub body: &'a Bytes,
 }
 
-/// Check a `postgres` destination's URL as it will be used (TLS mode and
-/// parameters): the config loader and the admin API call this.
+/// Check a destination's URL as it will be used where the config's own
+/// checks cannot (a `postgres` one's TLS mode and parameters; others
+/// pass): the config loader and the admin API call this.
+pub fn check_destination(d: &sluice_core::config::DestinationConfig) -> Result<(), String> {
+    if d.is_postgres() {
+        check_url(&d.url)
+    } else {
+        Ok(())
+    }
+}
+
+/// Check a `postgres` destination's URL as it will be used (TLS mode and parameters).
 pub fn check_url(url: &str) -> Result<(), String> {
     let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| e.to_string())?;
     if link.engine() != sluice_sql::SqlEngine::Postgres {
@@ -363,15 +373,17 @@ fn common_row<'a>(obj: &Map<String, Value>, message_id: &str, table: &'a str, co
     b
 }
 
-/// The rows event `body` of source `source` loads; `Err`: it cannot load
-/// at all (not a JSON object, no messageId, a type with no table).
-fn rows_of(source: &str, body: &[u8]) -> Result<EventRows, String> {
+/// The rows event `body` of source `source` loads, with `id` the job's
+/// messageId (a destination function may have changed the body's; the
+/// body must still have one); `Err`: it cannot load at all (not a JSON
+/// object, no messageId, a type with no table).
+fn rows_of(source: &str, id: &str, body: &[u8]) -> Result<EventRows, String> {
     let event: Value = serde_json::from_slice(body).map_err(|e| format!("the event is not JSON: {e}"))?;
     let obj = event.as_object().ok_or("the event is not a JSON object")?;
-    let message_id = match obj.get("messageId") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err("the event has no messageId".into()),
-    };
+    if !matches!(obj.get("messageId"), Some(Value::String(s)) if !s.is_empty()) {
+        return Err("the event has no messageId".into());
+    }
+    let message_id = id.to_owned();
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or_default();
     let table = match kind {
         "track" => "tracks",
@@ -457,16 +469,17 @@ struct PoolKey {
     timeout: Duration,
 }
 
-struct Cached {
-    warehouse: Arc<Warehouse>,
-    used: Instant,
-}
-
 /// The pools of every `postgres` destination of this process: one per
 /// database (and settings).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Warehouses {
-    by_key: Arc<Mutex<HashMap<PoolKey, Cached>>>,
+    by_key: Clients<PoolKey, Arc<Warehouse>>,
+}
+
+impl Default for Warehouses {
+    fn default() -> Self {
+        Warehouses { by_key: Clients::new(IDLE, None) }
+    }
 }
 
 /// Why a load failed.
@@ -550,25 +563,17 @@ impl Warehouses {
             Err((verdict, error)) => return jobs.iter().map(|_| attempt(verdict, Some(error.clone()))).collect(),
         };
         // Parsing thousands of events is CPU work: off the async workers.
-        let owned: Vec<(String, Bytes)> = jobs.iter().map(|j| (j.source.to_owned(), j.body.clone())).collect();
-        let parsed = match tokio::task::spawn_blocking(move || owned.iter().map(|(source, body)| rows_of(source, body)).collect::<Vec<_>>()).await {
-            Ok(p) => p,
-            Err(e) => return jobs.iter().map(|_| attempt(Verdict::Retry, Some(format!("parsing the events failed: {e}")))).collect(),
-        };
+        let owned: Vec<(String, String, Bytes)> = jobs.iter().map(|j| (j.source.to_owned(), j.message_id.to_owned(), j.body.clone())).collect();
+        let parsed =
+            match tokio::task::spawn_blocking(move || owned.iter().map(|(source, id, body)| rows_of(source, id, body)).collect::<Vec<_>>()).await {
+                Ok(p) => p,
+                Err(e) => return jobs.iter().map(|_| attempt(Verdict::Retry, Some(format!("parsing the events failed: {e}")))).collect(),
+            };
         let mut out: Vec<Option<Attempt>> = Vec::with_capacity(jobs.len());
         let mut events = Vec::new();
-        for ((i, job), parsed) in jobs.iter().enumerate().zip(parsed) {
+        for (i, parsed) in parsed.into_iter().enumerate() {
             match parsed {
-                Ok(mut rows) => {
-                    // The jobs's own messageId (a function may have changed the body's).
-                    if rows.message_id != job.message_id {
-                        rows.message_id = job.message_id.to_owned();
-                        for row in &mut rows.rows {
-                            if let Some((_, Cell::Text(id))) = row.cells.first_mut() {
-                                *id = job.message_id.to_owned();
-                            }
-                        }
-                    }
+                Ok(rows) => {
                     events.push((i, rows));
                     out.push(None);
                 }
@@ -621,14 +626,8 @@ impl Warehouses {
 
     async fn warehouse(&self, url: &str, allow_private_network: bool, timeout: Duration) -> Result<Arc<Warehouse>, (Verdict, String)> {
         let key = PoolKey { url: url.to_owned(), allow_private_network, timeout };
-        {
-            let mut by_key = self.by_key.lock().expect("warehouses lock");
-            // Pools of databases no destination has used lately (a URL changed, a destination deleted) go.
-            by_key.retain(|k, c| k == &key || c.used.elapsed() < IDLE);
-            if let Some(c) = by_key.get_mut(&key) {
-                c.used = Instant::now();
-                return Ok(c.warehouse.clone());
-            }
+        if let Some(kept) = self.by_key.get(&key) {
+            return Ok(kept);
         }
         let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| (Verdict::Discard, e.to_string()))?;
         let options: PgConnectOptions = link.postgres_options().cloned().ok_or((Verdict::Discard, "not a postgres:// URL".to_owned()))?;
@@ -652,10 +651,7 @@ impl Warehouses {
             schemas: Mutex::new(HashMap::new()),
             conflicts_logged: Mutex::new((0, None)),
         });
-        let mut by_key = self.by_key.lock().expect("warehouses lock");
-        // Another request may have made one meanwhile: keep the first.
-        let cached = by_key.entry(key).or_insert(Cached { warehouse, used: Instant::now() });
-        Ok(cached.warehouse.clone())
+        Ok(self.by_key.keep(key, warehouse))
     }
 }
 
@@ -669,18 +665,11 @@ async fn check_server(options: &PgConnectOptions) -> Result<(), (Verdict, String
     if let Some(socket) = options.get_socket() {
         return Err(local(socket.display().to_string()));
     }
-    let host = options.get_host().trim_start_matches('[').trim_end_matches(']');
+    let host = options.get_host();
     if host.starts_with('/') {
         return Err(local(host.to_owned()));
     }
-    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host, options.get_port())).await {
-        Ok(a) => a.collect(),
-        Err(e) => return Err((Verdict::Retry, format!("cannot resolve the PostgreSQL server {host}: {e}"))),
-    };
-    if let Some((addr, kind)) = addrs.iter().find_map(|a| private_kind(a.ip()).map(|k| (a.ip(), k))) {
-        return Err((Verdict::Discard, SsrfRefused { host: host.to_owned(), addr, kind }.to_string()));
-    }
-    Ok(())
+    check_public("PostgreSQL server", host, options.get_port()).await
 }
 
 /// A table's rows ready to load: the columns, their types, the values.
@@ -688,6 +677,8 @@ struct Staged {
     schema: String,
     table: String,
     columns: Vec<(String, String)>,
+    /// Where each column is in `columns` (a table may have 1,000).
+    position: HashMap<String, usize>,
     rows: Vec<Vec<Option<String>>>,
 }
 
@@ -715,9 +706,7 @@ impl Warehouse {
             }
             seen
         };
-        // Boxed: the compiler cannot prove the future `Send` for every lifetime otherwise (sqlx's executors).
-        let inner: BoxFuture<'_, Result<Vec<usize>, LoadError>> = Box::pin(self.load_inner(events, &schemas));
-        let result = inner.await;
+        let result = self.load_inner(events, &schemas).await;
         if result.is_err() {
             // The catalog may have changed (a column dropped, a table made by someone else).
             let mut cached = self.schemas.lock().expect("schemas lock");
@@ -768,17 +757,7 @@ impl Warehouse {
     /// Make the schema, tables and columns `events` need that the catalog
     /// does not have (within the limits, at most `budget` statements), then
     /// read the catalog again; the statements made.
-    fn prepare<'a>(
-        &'a self,
-        conn: &'a mut sqlx::PgConnection,
-        schema: &'a str,
-        events: &'a [&'a EventRows],
-        budget: usize,
-    ) -> BoxFuture<'a, Result<usize, sqlx::Error>> {
-        Box::pin(self.prepare_inner(conn, schema, events, budget))
-    }
-
-    async fn prepare_inner(&self, conn: &mut sqlx::PgConnection, schema: &str, events: &[&EventRows], budget: usize) -> Result<usize, sqlx::Error> {
+    async fn prepare(&self, conn: &mut sqlx::PgConnection, schema: &str, events: &[&EventRows], budget: usize) -> Result<usize, sqlx::Error> {
         let known = self.schemas.lock().expect("schemas lock").get(schema).cloned();
         let known = match known {
             Some(k) => k,
@@ -819,9 +798,11 @@ impl Warehouse {
         let mut index: HashMap<(&str, &str), usize> = HashMap::new();
         let mut recorded = Vec::new();
         let mut deferred = Vec::new();
+        // Per schema, not per event: a schema may have hundreds of tables.
+        let mut event_tables_of: HashMap<&str, usize> = HashMap::new();
         for (position, e) in events.iter().enumerate() {
             let tables = schemas.get(&e.schema);
-            let event_tables = tables.map_or(0, |t| t.keys().filter(|n| !FIXED_TABLES.contains(&n.as_str())).count());
+            let event_tables = *event_tables_of.entry(e.schema.as_str()).or_insert_with(|| tables.map_or(0, event_table_count));
             let waits = e.rows.iter().any(|row| match tables.and_then(|t| t.get(&row.table)) {
                 None => FIXED_TABLES.contains(&row.table.as_str()) || event_tables < MAX_EVENT_TABLES,
                 Some(columns) => columns.len() < MAX_COLUMNS && row.cells.iter().any(|(c, _)| !columns.contains_key(c)),
@@ -876,15 +857,22 @@ impl Warehouse {
                     }
                 }
                 let at = *index.entry((e.schema.as_str(), row.table.as_str())).or_insert_with(|| {
-                    staged.push(Staged { schema: e.schema.clone(), table: row.table.clone(), columns: Vec::new(), rows: Vec::new() });
+                    staged.push(Staged {
+                        schema: e.schema.clone(),
+                        table: row.table.clone(),
+                        columns: Vec::new(),
+                        position: HashMap::new(),
+                        rows: Vec::new(),
+                    });
                     staged.len() - 1
                 });
                 let t = &mut staged[at];
                 let mut fields = vec![None; t.columns.len()];
                 for (column, ty, text) in values {
-                    let i = match t.columns.iter().position(|(c, _)| c == column) {
-                        Some(i) => i,
+                    let i = match t.position.get(column) {
+                        Some(&i) => i,
                         None => {
+                            t.position.insert(column.to_owned(), t.columns.len());
                             t.columns.push((column.to_owned(), ty.to_owned()));
                             for r in &mut t.rows {
                                 r.push(None);
@@ -903,19 +891,17 @@ impl Warehouse {
 }
 
 /// One transaction of schema changes in `schema`.
-fn run_ddl<'a>(conn: &'a mut sqlx::PgConnection, schema: &'a str, statements: &'a [String]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        let mut tx = conn.begin().await?;
-        // A table's lock behind a long query: give up soon rather than queue
-        // every reader of the table behind this `ALTER TABLE`.
-        (&mut *tx).execute(format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'").as_str()).await?;
-        // One schema's DDL at a time, across processes: concurrent `CREATE TABLE IF NOT EXISTS` can fail.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)").bind(format!("sluice-warehouse:{schema}")).execute(&mut *tx).await?;
-        for statement in statements {
-            (&mut *tx).execute(statement.as_str()).await?;
-        }
-        tx.commit().await
-    })
+async fn run_ddl(conn: &mut sqlx::PgConnection, schema: &str, statements: &[String]) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    // A table's lock behind a long query: give up soon rather than queue
+    // every reader of the table behind this `ALTER TABLE`.
+    (&mut *tx).execute(format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'").as_str()).await?;
+    // One schema's DDL at a time, across processes: concurrent `CREATE TABLE IF NOT EXISTS` can fail.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::bigint)").bind(format!("sluice-warehouse:{schema}")).execute(&mut *tx).await?;
+    for statement in statements {
+        (&mut *tx).execute(statement.as_str()).await?;
+    }
+    tx.commit().await
 }
 
 /// One statement of a load's transaction.
@@ -925,20 +911,18 @@ enum Step {
     Copy(String, String),
 }
 
-fn run_step<'a>(conn: &'a mut sqlx::PgConnection, step: Step) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move {
-        match step {
-            Step::Execute(sql) => {
-                conn.execute(sql.as_str()).await?;
-            }
-            Step::Copy(sql, data) => {
-                let mut copy = conn.copy_in_raw(&sql).await?;
-                copy.send(data.as_bytes()).await?;
-                copy.finish().await?;
-            }
+async fn run_step(conn: &mut sqlx::PgConnection, step: Step) -> Result<(), sqlx::Error> {
+    match step {
+        Step::Execute(sql) => {
+            conn.execute(sql.as_str()).await?;
         }
-        Ok(())
-    })
+        Step::Copy(sql, data) => {
+            let mut copy = conn.copy_in_raw(&sql).await?;
+            copy.send(data.as_bytes()).await?;
+            copy.finish().await?;
+        }
+    }
+    Ok(())
 }
 
 /// The statements that load `staged` and record `recorded`: each table's
@@ -1007,7 +991,7 @@ fn plan_ddl(schema: &str, known: &Tables, events: &[&EventRows], budget: usize) 
     let s = quote(schema);
     let mut made: Vec<String> = Vec::new();
     let mut new_tables: HashSet<&str> = HashSet::new();
-    let mut event_tables = known.keys().filter(|t| !FIXED_TABLES.contains(&t.as_str())).count();
+    let mut event_tables = event_table_count(known);
     let mut columns_of: HashMap<&str, usize> = known.iter().map(|(t, c)| (t.as_str(), c.len())).collect();
     let mut planned: HashSet<(&str, &str)> = HashSet::new();
     'events: for e in events {
@@ -1063,12 +1047,13 @@ fn plan_ddl(schema: &str, known: &Tables, events: &[&EventRows], budget: usize) 
     Some(ddl)
 }
 
-/// The tables of `schema` and their columns' types.
-fn read_schema<'a>(conn: &'a mut sqlx::PgConnection, schema: &'a str) -> BoxFuture<'a, Result<Tables, sqlx::Error>> {
-    Box::pin(read_schema_inner(conn, schema))
+/// The per-event tables among `tables`.
+fn event_table_count(tables: &Tables) -> usize {
+    tables.keys().filter(|t| !FIXED_TABLES.contains(&t.as_str())).count()
 }
 
-async fn read_schema_inner(conn: &mut sqlx::PgConnection, schema: &str) -> Result<Tables, sqlx::Error> {
+/// The tables of `schema` and their columns' types.
+async fn read_schema(conn: &mut sqlx::PgConnection, schema: &str) -> Result<Tables, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -1114,7 +1099,7 @@ mod tests {
             "sentAt":"yesterday","context":{"library":{"name":"analytics-python"},"ip":"1.2.3.4"},
             "properties":{"total":12.5,"count":3,"paid":true,"items":[1,2],"shipping":{"city":"Oslo","geo":{"lat":1,"lon":2,"deep":{"x":{"y":1}}}},
             "productId":"p","product_id":"q","id":"not the id","none":null}}"#;
-        let e = rows_of("web", body).unwrap();
+        let e = rows_of("web", "m1", body).unwrap();
         assert_eq!((e.schema.as_str(), e.message_id.as_str()), ("web", "m1"));
         let tracks = &e.rows[0];
         assert_eq!(tracks.table, "tracks");
@@ -1153,12 +1138,12 @@ mod tests {
             (br#"{"type":"track","messageId":"m"}"#, "no event name"),
             (br#"{"type":"batch","messageId":"m"}"#, "have no table"),
         ] {
-            let err = rows_of("s", body).unwrap_err();
+            let err = rows_of("s", "m", body).unwrap_err();
             assert!(err.contains(why), "{err}");
         }
-        let alias = rows_of("s", br#"{"type":"alias","messageId":"m","previousId":"old","userId":"new"}"#).unwrap();
+        let alias = rows_of("s", "m", br#"{"type":"alias","messageId":"m","previousId":"old","userId":"new"}"#).unwrap();
         assert_eq!(alias.rows[0].table, "aliases");
-        let group = rows_of("s", br#"{"type":"group","messageId":"m","groupId":"g","traits":{"plan":"pro"}}"#).unwrap();
+        let group = rows_of("s", "m", br#"{"type":"group","messageId":"m","groupId":"g","traits":{"plan":"pro"}}"#).unwrap();
         assert_eq!(group.rows[0].cells.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["id", "group_id", "plan"]);
     }
 
@@ -1202,6 +1187,7 @@ mod tests {
     fn timestamps_postgres_cannot_hold_and_the_load_time_are_conflicts() {
         let e = rows_of(
             "s",
+            "m",
             br#"{"type":"track","messageId":"m","event":"E","timestamp":"0000-01-01T00:00:00Z","properties":{"uuid_ts":"1999-01-01T00:00:00Z"}}"#,
         )
         .unwrap();
