@@ -361,17 +361,22 @@ async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-/// A destination as the API shows it: the secret is write-only (`"secret_set": true`).
+/// A destination's write-only keys: never shown (a GET says `<key>_set`
+/// instead), and kept when a PUT leaves them out — `secret` always, the
+/// others when the PUT names their user (the key in the second place).
+const WRITE_ONLY: [(&str, Option<&str>); 3] =
+    [("secret", None), ("kafka_sasl_password", Some("kafka_sasl_username")), ("s3_secret_access_key", Some("s3_access_key_id"))];
+
+/// A destination as the API shows it: write-only keys as `<key>_set`
+/// (`secret_set` always; the others when set), the URL without its password.
 fn redacted(d: &DestinationConfig) -> Value {
     let mut v = serde_json::to_value(d).expect("serializes");
     if let Some(o) = v.as_object_mut() {
-        o.remove("secret");
-        o.insert("secret_set".into(), Value::Bool(d.secret.is_some()));
-        if o.remove("kafka_sasl_password").is_some() {
-            o.insert("kafka_sasl_password_set".into(), Value::Bool(true));
-        }
-        if o.remove("s3_secret_access_key").is_some() {
-            o.insert("s3_secret_access_key_set".into(), Value::Bool(true));
+        for (k, _) in WRITE_ONLY {
+            let set = o.remove(k).is_some();
+            if set || k == "secret" {
+                o.insert(format!("{k}_set"), Value::Bool(set));
+            }
         }
         o.insert("url".into(), Value::String(views::without_password(&d.url)));
     }
@@ -387,36 +392,23 @@ async fn put_destination(
     authorize(&s, &h)?;
     let Json(mut v) = body.map_err(bad_request)?;
     let existing = s.catalog.snapshot().destinations.get(&id).cloned();
-    let existing_secret = existing.as_ref().and_then(|d| d.secret.clone());
-    let existing_sasl_password = existing.as_ref().and_then(|d| d.kafka_sasl_password.clone());
-    let existing_s3_secret = existing.as_ref().and_then(|d| d.s3_secret_access_key.clone());
+    let stored = existing.as_ref().map(|d| serde_json::to_value(d).expect("serializes"));
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
-        // What a GET shows but a destination does not hold: a listing sent back is accepted.
-        obj.remove("secret_set");
-        obj.remove("kafka_sasl_password_set");
-        obj.remove("s3_secret_access_key_set");
+        for (k, user) in WRITE_ONLY {
+            // What a GET shows but a destination does not hold: a listing sent back is accepted.
+            obj.remove(&format!("{k}_set"));
+            // Leaving a write-only key out keeps the stored one (send null to remove it).
+            if !obj.contains_key(k) && user.is_none_or(|u| obj.contains_key(u)) {
+                if let Some(kept) = stored.as_ref().and_then(|d| d.get(k)).filter(|v| !v.is_null()) {
+                    obj.insert(k.into(), kept.clone());
+                }
+            }
+        }
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
             if *url != old.url && *url == views::without_password(&old.url) {
                 obj.insert("url".into(), Value::String(old.url.clone()));
-            }
-        }
-        // The secret is write-only: leaving it out keeps the stored one (send null to remove it).
-        if !obj.contains_key("secret") {
-            if let Some(secret) = existing_secret {
-                obj.insert("secret".into(), Value::String(secret));
-            }
-        }
-        // Likewise an s3 destination's secret key, and a kafka destination's SASL password.
-        if !obj.contains_key("s3_secret_access_key") && obj.contains_key("s3_access_key_id") {
-            if let Some(secret) = existing_s3_secret {
-                obj.insert("s3_secret_access_key".into(), Value::String(secret));
-            }
-        }
-        if !obj.contains_key("kafka_sasl_password") && obj.contains_key("kafka_sasl_username") {
-            if let Some(password) = existing_sasl_password {
-                obj.insert("kafka_sasl_password".into(), Value::String(password));
             }
         }
     }
@@ -425,9 +417,7 @@ async fn put_destination(
         return Err(bad_request(format!("the body's id {:?} differs from the path's {id:?}", d.id)));
     }
     d.validate("destination", s.retry_policy).map_err(bad_request)?;
-    if d.is_postgres() {
-        sluice_deliver::warehouse::check_url(&d.url).map_err(|e| bad_request(format!("destination.url: {e}")))?;
-    }
+    sluice_deliver::warehouse::check_destination(&d).map_err(|e| bad_request(format!("destination.url: {e}")))?;
     functions::check_deployed(&s, d.function.as_ref())?;
     let snap = s.catalog.snapshot();
     if let Some(other) = snap.destinations.values().find(|o| o.id != d.id && o.integration_name() == d.integration_name()) {

@@ -376,9 +376,7 @@ fn load_config(args: &ServeArgs) -> Result<Config> {
 /// (a `postgres` destination's TLS mode and parameters).
 fn check_destination_urls(config: &Config) -> Result<()> {
     for (i, d) in config.destinations.iter().enumerate() {
-        if d.is_postgres() {
-            sluice_deliver::warehouse::check_url(&d.url).map_err(|e| anyhow::anyhow!("invalid config: destinations[{i}].url: {e}"))?;
-        }
+        sluice_deliver::warehouse::check_destination(d).map_err(|e| anyhow::anyhow!("invalid config: destinations[{i}].url: {e}"))?;
     }
     Ok(())
 }

@@ -98,9 +98,7 @@ fn batch_webhooks_group_events_by_count_bytes_and_age_and_lose_none_to_a_failing
     assert!(batch_sizes(&flaky).iter().all(|&k| (1..=20).contains(&k)), "{:?}", batch_sizes(&flaky));
 
     // A type's keys are its own.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[destinations]]\nid = \"w\"\nurl = \"http://127.0.0.1:9/w\"\nbatch_max_events = 10\n").unwrap();
-    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("batch_max_events"), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, stderr) = config_check(dir.path(), "[[destinations]]\nid = \"w\"\nurl = \"http://127.0.0.1:9/w\"\nbatch_max_events = 10\n");
+    assert!(!ok && stderr.contains("batch_max_events"), "{stderr}");
     server.stop();
 }

@@ -166,11 +166,8 @@ fn kafka_destinations_publish_each_event_once_through_a_broker_restart() {
     server.stop();
 
     // A kafka URL is checked at load, naming the key.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://127.0.0.1:9092\"\n").unwrap();
-    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("destinations[0].url") && stderr.contains("topic"), "{stderr}");
+    let (ok, stderr) = config_check(dir.path(), "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://127.0.0.1:9092\"\n");
+    assert!(!ok && stderr.contains("destinations[0].url") && stderr.contains("topic"), "{stderr}");
 }
 
 /// Commit point 4 for `kafka`: a crash between the broker's acknowledgement
@@ -276,10 +273,7 @@ fn kafka_destinations_publish_over_sasl_ssl_with_their_own_credentials() {
     server.stop();
 
     // Keys that do not fit the link are refused at load, naming the key.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"\n")
-        .unwrap();
-    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("kafka_sasl_mechanism"), "{stderr}");
+    let (ok, stderr) =
+        config_check(dir.path(), "[[destinations]]\nid = \"k\"\ntype = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"\n");
+    assert!(!ok && stderr.contains("kafka_sasl_mechanism"), "{stderr}");
 }

@@ -201,11 +201,8 @@ fn postgres_destinations_load_each_event_once_through_a_server_restart() {
     server.stop();
 
     // A URL whose TLS mode may fall back to plain text is refused at load, naming the key.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, format!("[[destinations]]\nid = \"w\"\ntype = \"postgres\"\nurl = \"{url}?sslmode=prefer\"\n")).unwrap();
-    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("destinations[0].url") && stderr.contains("plain text"), "{stderr}");
+    let (ok, stderr) = config_check(dir.path(), &format!("[[destinations]]\nid = \"w\"\ntype = \"postgres\"\nurl = \"{url}?sslmode=prefer\"\n"));
+    assert!(!ok && stderr.contains("destinations[0].url") && stderr.contains("plain text"), "{stderr}");
 }
 
 /// Commit point 4 for `postgres`: a crash between the load's commit and

@@ -122,11 +122,8 @@ fn s3_destinations_write_each_event_through_a_server_that_stops_answering() {
     m.stop();
 
     // An s3 URL is checked at load, naming the key.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[destinations]]\nid = \"l\"\ntype = \"s3\"\nurl = \"s3://UPPER/x\"\n").unwrap();
-    let out = sluice_cmd(&["config", "check", "--config", bad.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("destinations[0].url") && stderr.contains("bucket"), "{stderr}");
+    let (ok, stderr) = config_check(dir.path(), "[[destinations]]\nid = \"l\"\ntype = \"s3\"\nurl = \"s3://UPPER/x\"\n");
+    assert!(!ok && stderr.contains("destinations[0].url") && stderr.contains("bucket"), "{stderr}");
 }
 
 /// Commit point 4 for `s3`: a crash between the PUT and the `succeeded`

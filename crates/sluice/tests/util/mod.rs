@@ -501,6 +501,15 @@ pub fn unfinished_in(stats: &Value) -> u64 {
     n
 }
 
+/// `sluice config check` of a config file holding `toml`, written in
+/// `dir`: whether it passed, and its stderr.
+pub fn config_check(dir: &Path, toml: &str) -> (bool, String) {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, toml).expect("write the config");
+    let out = sluice_cmd(&["config", "check", "--config", path.to_str().unwrap()]);
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// `sluice jobs inspect KEY --json`: the parsed array, or the CLI's stderr.
 pub fn jobs_inspect_json(config: &Path, key: &str) -> Result<Value, String> {
     let out = sluice_cmd(&["jobs", "inspect", key, "--config", config.to_str().unwrap(), "--json"]);
