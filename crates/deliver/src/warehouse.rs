@@ -456,7 +456,8 @@ struct Warehouse {
     /// The URL without password or query.
     display: String,
     /// Schemas read from the catalog (dropped on an error).
-    schemas: Mutex<HashMap<String, Tables>>,
+    /// Shared, not copied, by each load that reads one.
+    schemas: Mutex<HashMap<String, Arc<Tables>>>,
     /// Conflicts recorded since the last log line, and when it was.
     conflicts_logged: Mutex<(u64, Option<Instant>)>,
 }
@@ -762,7 +763,7 @@ impl Warehouse {
         let known = match known {
             Some(k) => k,
             None => {
-                let read = read_schema(conn, schema).await?;
+                let read = Arc::new(read_schema(conn, schema).await?);
                 self.schemas.lock().expect("schemas lock").insert(schema.to_owned(), read.clone());
                 read
             }
@@ -783,7 +784,7 @@ impl Warehouse {
                 Err(e) => return Err(e),
             }
         }
-        let read = read_schema(conn, schema).await?;
+        let read = Arc::new(read_schema(conn, schema).await?);
         self.schemas.lock().expect("schemas lock").insert(schema.to_owned(), read);
         Ok(made)
     }
@@ -802,7 +803,7 @@ impl Warehouse {
         let mut event_tables_of: HashMap<&str, usize> = HashMap::new();
         for (position, e) in events.iter().enumerate() {
             let tables = schemas.get(&e.schema);
-            let event_tables = *event_tables_of.entry(e.schema.as_str()).or_insert_with(|| tables.map_or(0, event_table_count));
+            let event_tables = *event_tables_of.entry(e.schema.as_str()).or_insert_with(|| tables.map_or(0, |t| event_table_count(t)));
             let waits = e.rows.iter().any(|row| match tables.and_then(|t| t.get(&row.table)) {
                 None => FIXED_TABLES.contains(&row.table.as_str()) || event_tables < MAX_EVENT_TABLES,
                 Some(columns) => columns.len() < MAX_COLUMNS && row.cells.iter().any(|(c, _)| !columns.contains_key(c)),
