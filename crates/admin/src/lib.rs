@@ -373,7 +373,7 @@ fn redacted(d: &DestinationConfig) -> Value {
     let mut v = serde_json::to_value(d).expect("serializes");
     if let Some(o) = v.as_object_mut() {
         for (k, _) in WRITE_ONLY {
-            let set = o.remove(k).is_some();
+            let set = o.remove(k).is_some_and(|v| !v.is_null());
             if set || k == "secret" {
                 o.insert(format!("{k}_set"), Value::Bool(set));
             }
