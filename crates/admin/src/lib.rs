@@ -361,11 +361,17 @@ async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-/// A destination's write-only keys: never shown (a GET says `<key>_set`
-/// instead), and kept when a PUT leaves them out — `secret` always, the
-/// others when the PUT names their user (the key in the second place).
-const WRITE_ONLY: [(&str, Option<&str>); 3] =
-    [("secret", None), ("kafka_sasl_password", Some("kafka_sasl_username")), ("s3_secret_access_key", Some("s3_access_key_id"))];
+/// A destination's write-only keys, each with the keys it is bound to.
+/// Never shown (a GET says `<key>_set` instead); a PUT that leaves one out
+/// keeps the stored value only while the destination's type and every
+/// bound key stay as stored — a caller who cannot read a secret must not
+/// be able to send it, or what it signs, somewhere else. A PUT that
+/// changes a bound key must send the secret again (or `null`).
+const WRITE_ONLY: [(&str, &[&str]); 3] = [
+    ("secret", &["url"]),
+    ("kafka_sasl_password", &["url", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username"]),
+    ("s3_secret_access_key", &["url", "s3_endpoint", "s3_region", "s3_access_key_id"]),
+];
 
 /// A destination as the API shows it: write-only keys as `<key>_set`
 /// (`secret_set` always; the others when set), the URL without its password.
@@ -395,21 +401,36 @@ async fn put_destination(
     let stored = existing.as_ref().map(|d| serde_json::to_value(d).expect("serializes"));
     if let Some(obj) = v.as_object_mut() {
         obj.entry("id").or_insert_with(|| Value::String(id.clone()));
-        for (k, user) in WRITE_ONLY {
-            // What a GET shows but a destination does not hold: a listing sent back is accepted.
-            obj.remove(&format!("{k}_set"));
-            // Leaving a write-only key out keeps the stored one (send null to remove it).
-            if !obj.contains_key(k) && user.is_none_or(|u| obj.contains_key(u)) {
-                if let Some(kept) = stored.as_ref().and_then(|d| d.get(k)).filter(|v| !v.is_null()) {
-                    obj.insert(k.into(), kept.clone());
-                }
-            }
-        }
         // Answers show a URL's password as `***`: the same URL sent back keeps the stored one.
         if let (Some(Value::String(url)), Some(old)) = (obj.get("url"), &existing) {
             if *url != old.url && *url == views::without_password(&old.url) {
                 obj.insert("url".into(), Value::String(old.url.clone()));
             }
+        }
+        // Any other URL holding `***` as its password is one changed around a password not sent.
+        if let Some(Value::String(url)) = obj.get("url") {
+            if url::Url::parse(url).is_ok_and(|u| u.password() == Some("***")) {
+                return Err(bad_request(
+                    "destination.url: its password is shown as *** and is kept only with the URL unchanged; send the password to change the URL",
+                ));
+            }
+        }
+        let same_type = stored.as_ref().is_some_and(|d| d.get("type") == Some(obj.get("type").unwrap_or(&Value::String("webhook".into()))));
+        for (k, bound) in WRITE_ONLY {
+            // What a GET shows but a destination does not hold: a listing sent back is accepted.
+            obj.remove(&format!("{k}_set"));
+            let Some(kept) = stored.as_ref().and_then(|d| d.get(k)).filter(|v| !v.is_null() && same_type) else { continue };
+            if obj.contains_key(k) {
+                continue;
+            }
+            let stored = stored.as_ref().expect("a kept value is stored");
+            if let Some(changed) = bound.iter().find(|b| obj.get(**b).filter(|v| !v.is_null()) != stored.get(**b).filter(|v| !v.is_null())) {
+                return Err(bad_request(format!(
+                    "destination.{k}: the stored one is kept only while {} stay as they are, and this changes {changed}; send {k} again (or null to remove it)",
+                    bound.join(", ")
+                )));
+            }
+            obj.insert(k.into(), kept.clone());
         }
     }
     let d: DestinationConfig = serde_json::from_value(v).map_err(bad_request)?;
@@ -417,6 +438,8 @@ async fn put_destination(
         return Err(bad_request(format!("the body's id {:?} differs from the path's {id:?}", d.id)));
     }
     d.validate("destination", s.retry_policy).map_err(bad_request)?;
+    // Before the URL is checked as it will be used (which reads its files).
+    sluice_deliver::warehouse::check_no_server_files(&d).map_err(|e| bad_request(format!("destination.url: {e}")))?;
     sluice_deliver::warehouse::check_destination(&d).map_err(|e| bad_request(format!("destination.url: {e}")))?;
     functions::check_deployed(&s, d.function.as_ref())?;
     let snap = s.catalog.snapshot();

@@ -7,7 +7,7 @@
 mod common;
 
 use axum::http::{header, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 use sluice_deliver::control::NewDeadLetter;
 
 use common::*;
@@ -174,6 +174,94 @@ async fn destination_listings_never_show_the_secret_or_the_url_password() {
     let cleared = f.call("PUT", "/api/destinations/hook", Some(json!({"url": "https://example.com/hook", "secret": null}))).await;
     assert_eq!((cleared.status, cleared.json["secret_set"].clone()), (StatusCode::OK, json!(false)));
     assert_eq!(f.state.catalog.snapshot().destinations["hook"].secret, None);
+}
+
+/// Destination `id` as `GET /api/destinations` shows it.
+async fn listed(f: &Fixture, id: &str) -> Value {
+    let list = f.call("GET", "/api/destinations", None).await;
+    list.json.as_array().unwrap().iter().find(|d| d["id"] == id).unwrap().clone()
+}
+
+/// A write-only key left out of a PUT is kept only while the keys it is
+/// bound to stay: a caller who cannot read a secret cannot send it (or
+/// what it signs) to a server of theirs.
+#[tokio::test]
+async fn a_stored_secret_is_kept_only_while_the_keys_it_is_bound_to_stay() {
+    let f = Fixture::new();
+    let kafka = json!({"type": "kafka", "url": "kafka://broker.example:9093/events", "kafka_security_protocol": "sasl_ssl",
+        "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": "bob", "kafka_sasl_password": "kafka-pw"});
+    let s3 = json!({"type": "s3", "url": "s3://lake/x", "s3_endpoint": "https://minio.example:9000",
+        "s3_access_key_id": "AK", "s3_secret_access_key": "s3-secret-key"});
+    let cases: [(&str, Value, &str, &[(&str, &str)]); 3] = [
+        (
+            "k",
+            kafka,
+            "kafka_sasl_password",
+            &[
+                ("url", "kafka://evil.example:9092/events"),
+                ("kafka_sasl_mechanism", "PLAIN"),
+                ("kafka_security_protocol", "sasl_plaintext"),
+                ("kafka_sasl_username", "mallory"),
+            ],
+        ),
+        (
+            "l",
+            s3,
+            "s3_secret_access_key",
+            &[("s3_endpoint", "https://evil.example"), ("s3_region", "eu-west-1"), ("url", "s3://other-lake/x"), ("s3_access_key_id", "AK2")],
+        ),
+        ("hook", Value::Null, "secret", &[("url", "https://evil.example/hook")]),
+    ];
+    for (id, body, key, changes) in cases {
+        if !body.is_null() {
+            let created = f.call("PUT", &format!("/api/destinations/{id}"), Some(body)).await;
+            assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+        }
+        let shown = listed(&f, id).await;
+        assert_eq!(shown[format!("{key}_set")], true, "{shown}");
+        let stored = |f: &Fixture| serde_json::to_value(&f.state.catalog.snapshot().destinations[id]).unwrap()[key].clone();
+        let before = stored(&f);
+        // Sent back as shown: kept.
+        let back = f.call("PUT", &format!("/api/destinations/{id}"), Some(shown.clone())).await;
+        assert_eq!(back.status, StatusCode::OK, "{}", back.text);
+        assert_eq!(stored(&f), before);
+        // A bound key changed without the secret: refused, naming both.
+        for (bound, value) in changes {
+            let mut changed = shown.clone();
+            changed[*bound] = json!(value);
+            let r = f.call("PUT", &format!("/api/destinations/{id}"), Some(changed)).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{id} {bound}: {}", r.text);
+            assert!(r.text.contains(key) && r.text.contains(bound), "{}", r.text);
+            assert_eq!(stored(&f), before, "refused changes change nothing");
+        }
+        // Sent again with the change: taken.
+        let (bound, value) = changes[0];
+        let mut resent = shown.clone();
+        resent[bound] = json!(value);
+        resent[key] = json!("a-new-secret-value");
+        let r = f.call("PUT", &format!("/api/destinations/{id}"), Some(resent)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(stored(&f), json!("a-new-secret-value"));
+    }
+    // Another type: the old type's secret is not carried over.
+    let retyped = f.call("PUT", "/api/destinations/k", Some(json!({"type": "webhook", "url": "https://example.com/k"}))).await;
+    assert_eq!((retyped.status, retyped.json["secret_set"].clone()), (StatusCode::OK, json!(false)), "{}", retyped.text);
+    assert_eq!(f.state.catalog.snapshot().destinations["k"].kafka_sasl_password, None);
+
+    // A postgres URL naming the server's files: refused before anything reads them.
+    for param in ["sslrootcert=/etc/shadow", "sslcert=/etc/passwd&sslkey=/etc/shadow", "ssl%2Dca=/nonexistent"] {
+        let body = json!({"type": "postgres", "url": format!("postgres://u:p@db.example:5432/db?sslmode=verify-full&{param}")});
+        let r = f.call("PUT", "/api/destinations/wh", Some(body)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{param}: {}", r.text);
+        assert!(r.text.contains("names a file on the server") && !r.text.contains("No such file"), "{}", r.text);
+    }
+
+    // A URL shown with `***` for its password, changed around it: refused (not stored as the password `***`).
+    f.call("PUT", "/api/destinations/pw", Some(json!({"url": "https://user:hunter2@example.com/in"}))).await;
+    let r = f.call("PUT", "/api/destinations/pw", Some(json!({"url": "https://user:***@evil.example/in"}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.text.contains("***"), "{}", r.text);
+    assert_eq!(f.state.catalog.snapshot().destinations["pw"].url, "https://user:hunter2@example.com/in");
 }
 
 #[tokio::test]
@@ -372,7 +460,7 @@ async fn malformed_json_and_unknown_fields_get_a_400_that_says_why() {
     let resp = tower::ServiceExt::oneshot(f.router(), req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let error: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["code"], "invalid");
     assert!(error["message"].as_str().unwrap().contains("Content-Type: application/json"), "{error}");
 }

@@ -97,6 +97,16 @@ fn clip(message: &str) -> String {
 
 /// `text` quoted, cut to its first 80 characters: an error must stay
 /// readable whatever a config holds (a hostile filter can be megabytes).
+/// A URL as an error may show it: user info (`user:password@`) cut to `…@`.
+fn without_user_info(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://…{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn excerpt(text: &str) -> String {
     match text.char_indices().nth(80) {
         Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
@@ -189,13 +199,23 @@ fn de_opt_http_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HttpUrl>, D
     HttpUrl::parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
-/// `deliver.archive_s3_region`: trimmed; a name without spaces.
+/// An S3 region's name: 1–64 of `A-Z a-z 0-9 - _`. Without an endpoint the
+/// region is part of the host (`s3.<region>.amazonaws.com`): anything else
+/// (`@`, `/`, `:`) could point the client, and its signed requests, at
+/// another server, past the SSRF guard.
+fn check_region(r: &str) -> Result<(), String> {
+    if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!("{} is not a region name (1–64 of A-Z a-z 0-9 - _)", excerpt(r)));
+    }
+    Ok(())
+}
+
+/// `deliver.archive_s3_region`: trimmed; see [`check_region`].
 fn de_region<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let text = String::deserialize(d)?;
-    match text.trim() {
-        r if r.is_empty() || r.contains(char::is_whitespace) => Err(serde::de::Error::custom(format!("{} is not a region name", excerpt(r)))),
-        r => Ok(Some(r.to_owned())),
-    }
+    let r = text.trim();
+    check_region(r).map_err(serde::de::Error::custom)?;
+    Ok(Some(r.to_owned()))
 }
 
 /// `deliver.archive_s3_endpoint`: trimmed; a trailing `/` dropped.
@@ -1276,6 +1296,9 @@ pub struct DestinationConfig {
     pub s3_access_key_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_secret_access_key: Option<String>,
+    /// `s3`: the objects' format, `"ndjson"` (gzip, the default) or `"parquet"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_format: Option<String>,
 }
 
 /// Where a destination reached through its own system's client (not
@@ -1299,6 +1322,17 @@ pub struct S3Target {
     pub region: Option<String>,
     /// (access key id, secret access key); `None`: the process's `AWS_*`.
     pub credentials: Option<(String, String)>,
+    pub format: LakeFormat,
+}
+
+/// The format of an `s3` destination's objects (`s3_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LakeFormat {
+    /// One event per line, gzip-compressed (`.ndjson.gz`).
+    #[default]
+    Ndjson,
+    /// Apache Parquet, a row per event (`.parquet`).
+    Parquet,
 }
 
 impl std::fmt::Debug for S3Target {
@@ -1309,6 +1343,7 @@ impl std::fmt::Debug for S3Target {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("credentials", &self.credentials.as_ref().map(|(id, _)| (id, "***")))
+            .field("format", &self.format)
             .finish()
     }
 }
@@ -1352,8 +1387,17 @@ impl KafkaTarget {
         if hosts.is_empty() {
             return Err("names no broker (kafka://host:port/topic)".into());
         }
+        // A few bootstrap brokers find the rest of the cluster; thousands would each be dialed.
+        const MOST_BROKERS: usize = 100;
+        if hosts.split(',').count() > MOST_BROKERS {
+            return Err(format!("names more than {MOST_BROKERS} bootstrap brokers"));
+        }
         for host in hosts.split(',') {
-            if host.contains(['@', '?', '#']) || host.contains(char::is_whitespace) {
+            if host.contains('@') {
+                // Not echoed: it would hold a password.
+                return Err("a broker may not hold user info (user:password@); a SASL link's credentials are kafka_sasl_*".into());
+            }
+            if host.contains(['?', '#']) || host.contains(char::is_whitespace) {
                 return Err(format!("broker {} is not host:port", excerpt(host)));
             }
             check_authority(host).map_err(|problem| format!("broker {}: {problem}", excerpt(host)))?;
@@ -1420,6 +1464,10 @@ impl DestinationConfig {
         if !valid_id(&self.id) {
             return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
         }
+        // A NUL or line break would be cut or read differently by the client that takes the URL.
+        if self.url.chars().any(char::is_control) {
+            return Err(invalid(key("url"), "holds a control character (NUL, a line break…)"));
+        }
         // Each type's own keys, refused on the others.
         let (kind, keys): (&str, &[(&str, bool)]) = (
             self.kind.as_str(),
@@ -1438,6 +1486,7 @@ impl DestinationConfig {
                 ("s3_region", self.s3_region.is_some()),
                 ("s3_access_key_id", self.s3_access_key_id.is_some()),
                 ("s3_secret_access_key", self.s3_secret_access_key.is_some()),
+                ("s3_format", self.s3_format.is_some()),
             ],
         );
         let allowed: &[&str] = match kind {
@@ -1454,7 +1503,7 @@ impl DestinationConfig {
                 "kafka_tls_ca",
             ],
             "postgres" => &["batch_max_events", "batch_max_age"],
-            "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key"],
+            "s3" => &["batch_max_events", "batch_max_age", "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key", "s3_format"],
             other => {
                 return Err(invalid(
                     key("type"),
@@ -1480,7 +1529,8 @@ impl DestinationConfig {
             }
         }
         if kind == "kafka" {
-            KafkaTarget::parse_url(&self.url).map_err(|problem| invalid(key("url"), format!("{} {problem}", excerpt(&self.url))))?;
+            KafkaTarget::parse_url(&self.url)
+                .map_err(|problem| invalid(key("url"), format!("{} {problem}", excerpt(&without_user_info(&self.url)))))?;
             if let Some(k) = &self.kafka_key {
                 if !matches!(k.as_str(), "message_id" | "user_id") {
                     return Err(invalid(key("kafka_key"), format!("{} is not \"message_id\" or \"user_id\"", excerpt(k))));
@@ -1591,28 +1641,32 @@ impl DestinationConfig {
         }
         if let Some(e) = &self.s3_endpoint {
             HttpUrl::parse(e).map_err(|problem| ("s3_endpoint", problem))?;
-            check_authority(e).map_err(|problem| ("s3_endpoint", format!("{}: {problem}", excerpt(e))))?;
+            check_authority(e).map_err(|problem| ("s3_endpoint", format!("{}: {problem}", excerpt(&without_user_info(e)))))?;
             // scheme://host[:port] only: a path or query would be put before every object's key,
             // and credentials in it would not be used (and would be shown back).
             let rest = e.split_once("://").map_or("", |(_, r)| r).trim_end_matches('/');
             if rest.contains(['/', '?', '#', '@']) {
-                return Err(("s3_endpoint", format!("{} must be scheme://host[:port] (no path, query or user)", excerpt(e))));
+                return Err(("s3_endpoint", format!("{} must be scheme://host[:port] (no path, query or user)", excerpt(&without_user_info(e)))));
             }
         }
         if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
             return Err(("s3_secret_access_key", "s3_access_key_id and s3_secret_access_key go together".into()));
         }
         if let Some(r) = &self.s3_region {
-            if r.is_empty() || r.contains(char::is_whitespace) {
-                return Err(("s3_region", format!("{} is not a region name", excerpt(r))));
-            }
+            check_region(r).map_err(|problem| ("s3_region", problem))?;
         }
+        let format = match self.s3_format.as_deref() {
+            None | Some("ndjson") => LakeFormat::Ndjson,
+            Some("parquet") => LakeFormat::Parquet,
+            Some(other) => return Err(("s3_format", format!("{} is not \"ndjson\" or \"parquet\"", excerpt(other)))),
+        };
         Ok(S3Target {
             bucket,
             prefix,
             endpoint: self.s3_endpoint.as_ref().map(|e| e.trim_end_matches('/').to_owned()),
             region: self.s3_region.clone(),
             credentials: self.s3_access_key_id.clone().zip(self.s3_secret_access_key.clone()),
+            format,
         })
     }
 
@@ -1654,12 +1708,10 @@ impl DestinationConfig {
             // The broker's certificate must name the host it was reached at.
             link.push(("ssl.endpoint.identification.algorithm".into(), "https".into()));
             if let Some(pem) = &self.kafka_tls_ca {
-                if pem.len() > 256 << 10 || !pem.contains("-----BEGIN CERTIFICATE-----") {
-                    return Err((
-                        "kafka_tls_ca",
-                        "must be PEM text holding one or more certificates (-----BEGIN CERTIFICATE-----), at most 256 KiB".into(),
-                    ));
+                if pem.len() > 256 << 10 {
+                    return Err(("kafka_tls_ca", "must be at most 256 KiB of PEM text".into()));
                 }
+                check_pem_certificates(pem).map_err(|problem| ("kafka_tls_ca", problem))?;
                 link.push(("ssl.ca.pem".into(), pem.clone()));
             }
         } else if self.kafka_tls_ca.is_some() {
@@ -2245,10 +2297,48 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// PEM text holding one or more certificates, each block's base64 a DER
+/// sequence: a CA that cannot be read is refused at load, not found out
+/// at delivery.
+fn check_pem_certificates(pem: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut rest = pem;
+    let mut count = 0;
+    while let Some(at) = rest.find(BEGIN) {
+        let body = &rest[at + BEGIN.len()..];
+        let Some(end) = body.find(END) else { return Err(format!("certificate {} has no {END} line", count + 1)) };
+        let text: String = body[..end].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let der =
+            base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map_err(|e| format!("certificate {} is not base64: {e}", count + 1))?;
+        if der.len() < 64 || der[0] != 0x30 {
+            return Err(format!("certificate {} is not a DER certificate", count + 1));
+        }
+        count += 1;
+        rest = &body[end + END.len()..];
+    }
+    if count == 0 {
+        return Err(format!("must be PEM text holding one or more certificates ({BEGIN})"));
+    }
+    Ok(())
+}
+
+/// The retry policy's bounds: above zero, and at most what a delivery
+/// can mean (a longer time added to a clock or multiplied would overflow).
 fn check_retry(prefix: &str, p: &RetryPolicy) -> Result<(), ConfigError> {
-    for (k, d) in [("initial_backoff", p.initial_backoff), ("retry_window", p.retry_window), ("request_timeout", p.request_timeout)] {
-        if d.is_zero() {
+    const HOUR: u64 = 3600;
+    for (k, d, most) in [
+        ("initial_backoff", p.initial_backoff, (24 * HOUR, "24h")),
+        ("max_backoff", p.max_backoff, (24 * HOUR, "24h")),
+        ("retry_window", p.retry_window, (30 * 24 * HOUR, "30 days")),
+        ("request_timeout", p.request_timeout, (HOUR, "1h")),
+    ] {
+        if d.is_zero() && k != "max_backoff" {
             return Err(invalid(format!("{prefix}.{k}"), "must be greater than zero"));
+        }
+        if d > Duration::from_secs(most.0) {
+            return Err(invalid(format!("{prefix}.{k}"), format!("must be at most {}", most.1)));
         }
     }
     if p.max_backoff < p.initial_backoff {
@@ -2615,10 +2705,12 @@ mod tests {
         assert_eq!(d.batch_limits().map(|b| (b.max_events, b.max_age)), Some((500, Duration::ZERO)));
         assert_eq!(dest("type = \"kafka\"\nurl = \"kafka://h:1/t\"").unwrap().destinations[0].kafka_target().unwrap().key, KafkaKey::MessageId);
         assert!(dest("type = \"kafka\"\nurl = \"kafka://[::1]:9092,b_2.example:1/t\"").is_ok());
-        let secure = dest(
+        // A DER sequence's shape (what the check at load reads; OpenSSL reads the rest).
+        let der = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0x30u8; 96]);
+        let secure = dest(&format!(
             "type = \"kafka\"\nurl = \"kafka://b:9096/t\"\nkafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"SCRAM-SHA-512\"\n\
-             kafka_sasl_username = \"u\"\nkafka_sasl_password = \"hunter2\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\nMII\\n-----END CERTIFICATE-----\\n\"",
-        )
+             kafka_sasl_username = \"u\"\nkafka_sasl_password = \"hunter2\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\n{der}\\n-----END CERTIFICATE-----\\n\"",
+        ))
         .unwrap();
         let target = secure.destinations[0].kafka_target().unwrap();
         let link: HashMap<&str, &str> = target.link.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -2631,7 +2723,7 @@ mod tests {
             ("type = \"kafka\"\nurl = \"kafka://h:1\"", "no topic"),
             ("type = \"kafka\"\nurl = \"kafka://h/t\"", "no port"),
             ("type = \"kafka\"\nurl = \"kafka:///t\"", "no broker"),
-            ("type = \"kafka\"\nurl = \"kafka://u@h:1/t\"", "not host:port"),
+            ("type = \"kafka\"\nurl = \"kafka://u@h:1/t\"", "user info"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/a b\"", "topic"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/..\"", "topic"),
             ("type = \"kafka\"\nurl = \"kafka://h:99999/t\"", "port"),
@@ -2641,6 +2733,8 @@ mod tests {
             ("type = \"kafka\"\nurl = \"kafka://h:+1/t\"", "digits"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/__consumer_offsets\"", "internal"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_key = \"email\"", "destinations[0].kafka_key"),
+            ("type = \"kafka\"\nurl = \"kafka://u:pw@h:1/t\"", "kafka://…@h:1/t"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1\\u0000/t\"", "control character"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"tls\"", "destinations[0].kafka_security_protocol"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"sasl_ssl\"", "destinations[0].kafka_sasl_mechanism"),
             (
@@ -2648,6 +2742,21 @@ mod tests {
                 "GSSAPI",
             ),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\"", "destinations[0].kafka_tls_ca"),
+            // Markers around what is not a certificate: refused at load, not found out at delivery.
+            (
+                "type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\n\
+                 kafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\nnot*base64!\\n-----END CERTIFICATE-----\"",
+                "not base64",
+            ),
+            (
+                "type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\n\
+                 kafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\nQUJD\\n-----END CERTIFICATE-----\"",
+                "not a DER certificate",
+            ),
+            (
+                "type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\nkafka_tls_ca = \"-----BEGIN CERTIFICATE-----\\nQUJD\"",
+                "no -----END CERTIFICATE-----",
+            ),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\nkafka_tls_ca = \"/etc/ca.pem\"", "PEM text"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\nkafka_security_protocol = \"ssl\"\nkafka_sasl_password = \"p\"", "destinations[0].kafka_sasl_password"),
             ("url = \"http://h:1/t\"\nkafka_security_protocol = \"ssl\"", "destinations[0].kafka_security_protocol"),
@@ -2662,6 +2771,9 @@ mod tests {
             let err = dest(keys).unwrap_err().to_string();
             assert!(err.contains(named), "{keys}: {err}");
         }
+        let brokers: Vec<String> = (0..101).map(|i| format!("b{i}:9092")).collect();
+        let err = dest(&format!("type = \"kafka\"\nurl = \"kafka://{}/t\"", brokers.join(","))).unwrap_err().to_string();
+        assert!(err.contains("more than 100 bootstrap brokers"), "{err}");
     }
 
     #[test]
@@ -2700,9 +2812,12 @@ mod tests {
                 prefix: "events/raw".into(),
                 endpoint: Some("http://127.0.0.1:9000".into()),
                 region: Some("eu-west-1".into()),
-                credentials: None
+                credentials: None,
+                format: LakeFormat::Ndjson,
             })
         );
+        let parquet = dest("type = \"s3\"\nurl = \"s3://lake\"\ns3_format = \"parquet\"").unwrap();
+        assert_eq!(parquet.destinations[0].s3_target().map(|t| t.format), Some(LakeFormat::Parquet));
         assert_eq!(c.destinations[0].batch_limits().map(|b| (b.max_events, b.max_age)), Some((10_000, Duration::from_secs(10))));
         assert_eq!(dest("type = \"s3\"\nurl = \"s3://lake\"").unwrap().destinations[0].s3_target().unwrap().prefix, "");
         for (keys, named) in [
@@ -2711,6 +2826,10 @@ mod tests {
             ("type = \"s3\"\nurl = \"s3://lake/a/../b\"", "prefix"),
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"ftp://h\"", "destinations[0].s3_endpoint"),
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"eu west\"", "destinations[0].s3_region"),
+            // The region is part of AWS's host name: nothing that could point it elsewhere.
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"x@127.0.0.1:41203/\"", "destinations[0].s3_region"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"us-east-1/../../x\"", "destinations[0].s3_region"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_region = \"127.0.0.1:9000\"", "destinations[0].s3_region"),
             ("type = \"s3\"\nurl = \"s3://lake\"\nsecret = \"s\"", "destinations[0].secret"),
             ("type = \"s3\"\nurl = \"http://h/x\"", "not an s3://"),
             ("type = \"s3\"\nurl = \"s3://lake..x/p\"", "bucket name"),
@@ -2721,6 +2840,8 @@ mod tests {
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_endpoint = \"http://u:pw@h:9000\"", "destinations[0].s3_endpoint"),
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_access_key_id = \"AK\"", "go together"),
             ("url = \"http://h/x\"\ns3_region = \"eu-west-1\"", "destinations[0].s3_region"),
+            ("type = \"s3\"\nurl = \"s3://lake\"\ns3_format = \"csv\"", "destinations[0].s3_format"),
+            ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\ns3_format = \"parquet\"", "destinations[0].s3_format"),
         ] {
             let err = dest(keys).unwrap_err().to_string();
             assert!(err.contains(named), "{keys}: {err}");
@@ -3173,6 +3294,16 @@ mod tests {
             ("[deliver]\narchive_url = \"s3:/bucket\"\n", "deliver.archive_url", "not a URL"),
             ("[deliver]\narchive_url = \"s3://b\"\narchive_s3_endpoint = \"s3.local\"\n", "deliver.archive_s3_endpoint", "http://"),
             ("[deliver]\nretry_window = \"4 fortnights\"\n", "deliver.retry_window", "fortnights"),
+            // Bounded: a longer time added to a clock or multiplied would overflow.
+            ("[deliver]\nrequest_timeout = \"18446744073709551615s\"\n", "deliver.request_timeout", "at most 1h"),
+            ("[deliver]\nretry_window = \"31days\"\n", "deliver.retry_window", "at most 30 days"),
+            ("[deliver]\nmax_backoff = \"25h\"\n", "deliver.max_backoff", "at most 24h"),
+            (
+                "[[destinations]]\nid = \"d\"\nurl = \"https://x.example/\"\nrequest_timeout = \"2h\"\n",
+                "destinations[0].request_timeout",
+                "at most 1h",
+            ),
+            ("[deliver]\narchive_url = \"s3://b\"\narchive_s3_region = \"x@127.0.0.1:9/\"\n", "deliver.archive_s3_region", "region name"),
             ("[server]\nshutdown_grace = 10\n", "server.shutdown_grace", ""),
         ];
         for (text, key, detail) in cases {

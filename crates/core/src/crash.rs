@@ -1,4 +1,5 @@
-//! Named crash points, for the crash-matrix tests only.
+//! Named crash points (and panic and pause points), for the crash-matrix
+//! tests only.
 //!
 //! A crash point is a place between two steps of a commit protocol where a
 //! test may make the process die at once: `std::process::abort()` — no
@@ -19,18 +20,19 @@ struct Armed {
     remaining: AtomicU64,
 }
 
+/// The point and count `<point>[:<n>]` in environment variable `var`.
+fn armed_by(var: &str) -> Option<Armed> {
+    let spec = std::env::var(var).ok()?;
+    let (point, n) = match spec.split_once(':') {
+        Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    Some(Armed { point, remaining: AtomicU64::new(n.max(1)) })
+}
+
 fn armed() -> Option<&'static Armed> {
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
-    ARMED
-        .get_or_init(|| {
-            let spec = std::env::var(CRASH_ENV).ok()?;
-            let (point, n) = match spec.split_once(':') {
-                Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
-                None => (spec, 1),
-            };
-            Some(Armed { point, remaining: AtomicU64::new(n.max(1)) })
-        })
-        .as_ref()
+    ARMED.get_or_init(|| armed_by(CRASH_ENV)).as_ref()
 }
 
 /// Abort the process here if this point is armed and its count is reached.
@@ -39,6 +41,23 @@ pub fn crash_point(point: &str) {
         if a.point == point && a.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             eprintln!("crash point {point} reached: aborting");
             std::process::abort();
+        }
+    }
+}
+
+/// The environment variable that arms a panic point:
+/// `SLUICE_PANIC_AT=<point>[:<n>]` panics the first n times (default 1)
+/// that point is reached. Tests use it to prove a panic in a stage is
+/// contained (nothing stuck, nothing lost).
+pub const PANIC_ENV: &str = "SLUICE_PANIC_AT";
+
+/// Panic here if this point is armed by [`PANIC_ENV`] and has panics left.
+pub fn panic_point(point: &str) {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| armed_by(PANIC_ENV));
+    if let Some(a) = armed {
+        if a.point == point && a.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            panic!("panic point {point} reached");
         }
     }
 }

@@ -123,6 +123,16 @@ impl Centrifuge {
         .await?;
         tracing::info!(archive = %archive.location, "archive opened");
         let shared = Arc::new(Shared { catalog, executor, archive, metrics, cache_jobs: options.cache_jobs, lock_lost: Default::default() });
+        // Clients of destinations deleted or changed are dropped (ends with the centrifuge).
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::executor::SWEEP_EVERY).await;
+                let Some(shared) = weak.upgrade() else { return };
+                let snapshot = shared.catalog.snapshot();
+                shared.executor.drop_unused_clients(snapshot.destinations.values()).await;
+            }
+        });
         let jobdbs = JobDbs::scoped(&dir, options.jobdb_url.as_ref(), &options.scope)?;
         if options.jobdb_url.is_some() {
             let dir = dir.clone();

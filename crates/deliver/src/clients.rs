@@ -3,8 +3,12 @@
 //! (the settings they were made with), shared by every request.
 //!
 //! Invariants:
-//! - A client unused for `idle` is dropped when another is looked up (a
-//!   URL changed, a destination deleted: nothing lingers).
+//! - A client no destination of the catalog uses any more (a URL or a
+//!   credential changed, a destination deleted) is taken out by the
+//!   executor's sweep within [`SWEEP_EVERY`](crate::executor::SWEEP_EVERY):
+//!   it does not keep connecting, with the old credentials, to a server
+//!   no one configured now.
+//! - A client unused for `idle` is dropped when another is looked up.
 //! - With `max_age`, a client is made again once that old (its server's
 //!   address is then checked again).
 //! - Two requests that make a client for one key at once keep the first.
@@ -54,6 +58,15 @@ impl<K: Eq + Hash + Clone, V: Clone> Clients<K, V> {
         by_key.entry(key).or_insert(Kept { client, made: now, used: now }).client.clone()
     }
 
+    /// Take out every client whose key `live` refuses; they are returned so
+    /// the caller drops them where blocking is allowed (a producer's drop
+    /// waits for its threads).
+    pub(crate) fn take_unless(&self, live: impl Fn(&K) -> bool) -> Vec<V> {
+        let mut by_key = self.by_key.lock().expect("clients lock");
+        let gone: Vec<K> = by_key.keys().filter(|k| !live(k)).cloned().collect();
+        gone.iter().filter_map(|k| by_key.remove(k)).map(|c| c.client).collect()
+    }
+
     /// Drop the client kept for `key` if `is` says it is the one (not one made since).
     pub(crate) fn drop_if(&self, key: &K, is: impl Fn(&V) -> bool) {
         let mut by_key = self.by_key.lock().expect("clients lock");
@@ -82,6 +95,10 @@ mod tests {
         assert_eq!(c.get(&"a"), Some(1));
         c.drop_if(&"a", |v| *v == 1);
         assert_eq!(c.get(&"a"), None);
+        c.keep("a", 1);
+        c.keep("c", 4);
+        assert_eq!(c.take_unless(|k| *k == "a"), vec![4], "a client no one uses is taken out");
+        assert_eq!((c.get(&"a"), c.get(&"c")), (Some(1), None));
         let aging: Clients<&str, u32> = Clients::new(Duration::from_secs(60), Some(Duration::from_millis(30)));
         aging.keep("a", 1);
         std::thread::sleep(Duration::from_millis(50));

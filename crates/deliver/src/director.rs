@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use rand::Rng;
 use sluice_core::config::NativeTarget;
 use sluice_core::Shutdown;
@@ -186,6 +187,7 @@ impl crate::batch::HasBody for Outgoing {
 /// has one): one request per job, or for a batch destination one request
 /// per `batch_max_bytes` of them; every job's attempt.
 async fn send_request(executor: &Executor, metrics: &DeliverMetrics, permit: &Permit, jobs: Vec<Outgoing>) -> Vec<(Ksuid, Attempt)> {
+    sluice_core::crash::panic_point("deliver.send_request");
     let settings = permit.destination.settings();
     let mut ended = Vec::new();
     let mut out = Vec::with_capacity(jobs.len());
@@ -870,7 +872,29 @@ impl Director {
                 let span = tracing::debug_span!("deliver.attempt", destination = %permit.destination.id, jobs = ready.len());
                 tokio::spawn(tracing::Instrument::instrument(
                     async move {
-                        let ended = send_request(&executor, &metrics, &permit, ready).await;
+                        let ids: Vec<Ksuid> = ready.iter().map(|j| j.id).collect();
+                        let started = Instant::now();
+                        // A panic (a bug, or one in a client library) must not leave the jobs
+                        // `executing` until a restart, which would only panic again: they are
+                        // retried like any failure, the cause in their history, until the window ends.
+                        let sent = std::panic::AssertUnwindSafe(send_request(&executor, &metrics, &permit, ready)).catch_unwind().await;
+                        let ended = sent.unwrap_or_else(|panic| {
+                            let why = panic
+                                .downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| panic.downcast_ref::<&str>().copied())
+                                .unwrap_or("no message");
+                            tracing::error!(destination = %permit.destination.id, jobs = ids.len(), panic = why, "delivery panicked; the jobs are retried");
+                            permit.destination.record(Verdict::Retry, permit.probe, Instant::now());
+                            let attempt = Attempt {
+                                verdict: Verdict::Retry,
+                                status: None,
+                                error: Some(format!("delivery failed inside Sluice (a bug, please report it): {why}")),
+                                retry_after: None,
+                                elapsed: started.elapsed(),
+                            };
+                            ids.into_iter().map(|id| (id, attempt.clone())).collect()
+                        });
                         drop(permit);
                         for (id, attempt) in ended {
                             let _ = inbox.send(Msg::Done { id, attempt }).await;

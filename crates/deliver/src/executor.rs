@@ -167,6 +167,9 @@ pub struct Executor {
     pub lakes: crate::lake::Lakes,
 }
 
+/// How often the clients of destinations no longer configured are taken out.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// The response body excerpt kept in a transition.
 const EXCERPT_BYTES: usize = 512;
 /// Most of a response body read (the rest is discarded with the connection).
@@ -177,6 +180,26 @@ const FORBIDDEN_FETCH_HEADERS: &[&str] =
     &["host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "expect"];
 
 impl Executor {
+    /// Drop the `kafka`, `postgres` and `s3` clients no destination of
+    /// `destinations` uses (deleted, or its URL or credentials changed), so
+    /// none keeps reaching a server with what no one configures now. The
+    /// drops run on a blocking thread (a producer's waits for its threads).
+    pub async fn drop_unused_clients<'a>(&self, destinations: impl Iterator<Item = &'a sluice_core::config::DestinationConfig>) {
+        use sluice_core::config::NativeTarget;
+        let targets: Vec<(Option<NativeTarget>, &str)> = destinations.map(|d| (d.native_target(), d.url.as_str())).collect();
+        let kafka: Vec<_> = targets.iter().filter_map(|(t, _)| if let Some(NativeTarget::Kafka(k)) = t { Some(k) } else { None }).collect();
+        let lakes: Vec<_> = targets.iter().filter_map(|(t, _)| if let Some(NativeTarget::S3(s)) = t { Some(s) } else { None }).collect();
+        let databases: Vec<&str> = targets.iter().filter(|(t, _)| matches!(t, Some(NativeTarget::Postgres))).map(|(_, url)| *url).collect();
+        let producers = self.kafka.take_unused(&kafka);
+        let pools = self.warehouses.take_unused(&databases);
+        let stores = self.lakes.take_unused(&lakes);
+        if producers.is_empty() && pools.is_empty() && stores.is_empty() {
+            return;
+        }
+        tracing::debug!(producers = producers.len(), pools = pools.len(), stores = stores.len(), "dropping clients no destination uses");
+        let _ = tokio::task::spawn_blocking(move || drop((producers, pools, stores))).await;
+    }
+
     pub fn new(connect_timeout: Duration) -> Result<Executor, reqwest::Error> {
         let build = |allow_private: bool| {
             reqwest::Client::builder()

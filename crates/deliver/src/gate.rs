@@ -8,6 +8,8 @@
 //!   one probe; the probe's outcome closes it or reopens it with a doubled
 //!   cooldown (capped). Jobs held back by an open circuit or a pause keep
 //!   their place and their attempt count: no attempt is spent on them.
+//! - A change of where a destination sends (URL, `kafka`/`postgres`/`s3`
+//!   target, secret, private-network setting) closes its circuit.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -134,7 +136,22 @@ impl Destination {
                 *b = Bucket { rate, tokens: rate as f64, last: Instant::now() };
             }
         }
-        *self.settings.lock().expect("settings lock") = Arc::new(settings);
+        let mut current = self.settings.lock().expect("settings lock");
+        // Another server, or other credentials: what opened the circuit said nothing about
+        // them, so it closes and the next attempt goes at once.
+        let moved = current.target.url != settings.target.url
+            || current.target.secret != settings.target.secret
+            || current.target.allow_private_network != settings.target.allow_private_network
+            || current.native != settings.native;
+        *current = Arc::new(settings);
+        drop(current);
+        if moved {
+            let mut c = self.circuit.lock().expect("circuit lock");
+            if !matches!(*c, Circuit::Closed { .. }) {
+                tracing::info!(destination = %self.id, "circuit closed: the destination's server or credentials changed");
+            }
+            *c = Circuit::Closed { failures: 0 };
+        }
         self.wake.notify_waiters();
     }
 
@@ -317,6 +334,31 @@ mod tests {
         d.record(Verdict::Succeeded, true, t0 + Duration::from_secs(32));
         drop(probe);
         assert_eq!(d.circuit_state(), "closed");
+    }
+
+    #[test]
+    fn a_new_server_closes_the_circuit_and_a_qos_change_does_not() {
+        let d = dest(100, 0);
+        let t0 = Instant::now();
+        let open = |d: &Destination| {
+            for _ in 0..3 {
+                d.record(Verdict::Retry, false, t0);
+            }
+            assert_eq!(d.circuit_state(), "open");
+        };
+        open(&d);
+        let same = (*d.settings()).clone();
+        d.update(same.clone(), &Qos { priority: 5, ..Qos::default() });
+        assert_eq!(d.circuit_state(), "open", "the same server: still open");
+        let mut moved = same;
+        moved.target.url = "http://elsewhere.example/hook".into();
+        d.update(moved.clone(), &Qos::default());
+        assert_eq!(d.circuit_state(), "closed");
+        assert!(d.try_acquire(t0).is_ok(), "the next attempt goes at once");
+        open(&d);
+        moved.target.secret = Some("another".into());
+        d.update(moved, &Qos::default());
+        assert_eq!(d.circuit_state(), "closed", "new credentials");
     }
 
     #[test]

@@ -60,14 +60,14 @@ pub struct Message<'a> {
 /// warning at most once a minute, not as a process error per reconnect;
 /// the last report is kept to explain a timeout (`MessageTimedOut` alone
 /// says nothing of a refused connection or an unknown host).
-struct Reports {
+pub(crate) struct Reports {
     bootstrap: String,
     last_warned: Mutex<Option<Instant>>,
     last_report: Mutex<Option<(Instant, String)>>,
 }
 
 /// What librdkafka is given: the reports, shared with [`Cached`].
-struct ClusterContext(Arc<Reports>);
+pub(crate) struct ClusterContext(Arc<Reports>);
 
 impl Reports {
     fn report(&self, what: String) {
@@ -103,7 +103,7 @@ impl ClientContext for ClusterContext {
     }
 }
 
-type ClusterProducer = FutureProducer<ClusterContext>;
+pub(crate) type ClusterProducer = FutureProducer<ClusterContext>;
 
 /// What identifies a producer: destinations that agree on all of it share
 /// one (librdkafka's threads and connections are per producer).
@@ -138,6 +138,11 @@ struct Refused {
 }
 
 impl Producers {
+    /// Take out the producers of clusters and links no target in `live` uses.
+    pub(crate) fn take_unused(&self, live: &[&KafkaTarget]) -> Vec<(Arc<ClusterProducer>, Arc<Reports>)> {
+        self.by_key.take_unless(|k| live.iter().any(|t| t.bootstrap == k.bootstrap && t.link == k.link))
+    }
+
     /// Publish `messages` to `target`; one [`Attempt`] per message, in
     /// order. Never fails.
     pub async fn send(&self, target: &KafkaTarget, allow_private_network: bool, timeout: Duration, messages: &[Message<'_>]) -> Vec<Attempt> {
@@ -197,9 +202,10 @@ impl Producers {
         let context = ClusterContext(reports.clone());
         // Making a client starts librdkafka's threads: off the async workers.
         let made = tokio::task::spawn_blocking(move || config.create_with_context::<_, ClusterProducer>(context)).await;
-        let producer = match made {
-            Ok(Ok(p)) => Arc::new(p),
-            Ok(Err(e)) => return Err(Refused { verdict: Verdict::Discard, error: format!("cannot make a Kafka producer: {e}") }),
+        // A link librdkafka refuses (e.g. a CA OpenSSL cannot read): retried, not discarded —
+        // an operator can mend the destination within the window and nothing is lost.
+        let producer = match made.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            Ok(p) => Arc::new(p),
             Err(e) => return Err(Refused { verdict: Verdict::Retry, error: format!("cannot make a Kafka producer: {e}") }),
         };
         Ok(self.by_key.keep(key.clone(), (producer, reports)))
@@ -307,11 +313,14 @@ fn describe(e: &KafkaError) -> String {
     }
 }
 
-/// A message the cluster will never take (too large, refused by a topic's
-/// rules or its ACLs) is discarded; anything else is retried.
+/// A message the cluster will never take (refused by a topic's rules or
+/// its ACLs) is discarded; anything else is retried. "Too large" is
+/// retried too: the producer is shared, and librdkafka may have put a
+/// message sent alone into one produce request with another request's
+/// messages to the same partition, so the refusal does not prove the
+/// message itself too large (one that is fails when its window ends).
 fn verdict_of(error: &str) -> Verdict {
     const NEVER: &[&str] = &[
-        "MessageSizeTooLarge",
         "InvalidMessageSize",
         "InvalidRecord",
         "InvalidMessage",
@@ -344,8 +353,11 @@ mod tests {
 
     #[test]
     fn only_what_the_cluster_will_never_take_is_discarded() {
+        let topic = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert_eq!(verdict_of(&describe(&topic)), Verdict::Discard);
+        // Perhaps batched with other requests' messages: not proof the message is too large.
         let size = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        assert_eq!(verdict_of(&describe(&size)), Verdict::Discard);
+        assert_eq!(verdict_of(&describe(&size)), Verdict::Retry);
         let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         assert_eq!(verdict_of(&describe(&timeout)), Verdict::Retry);
         assert_eq!(verdict_of("no delivery report within 10s"), Verdict::Retry);

@@ -1,13 +1,17 @@
-//! `s3` destinations (docs/DESTINATIONS.md): a data lake of
-//! newline-delimited JSON, gzip-compressed, in an S3 bucket (or an
-//! S3-compatible server's), written through `object_store`.
+//! `s3` destinations (docs/DESTINATIONS.md): a data lake in an S3 bucket
+//! (or an S3-compatible server's), written through `object_store`, of
+//! newline-delimited JSON, gzip-compressed, or of Apache Parquet.
 //!
 //! Invariants:
 //! - A batch's jobs are grouped by source and by the UTC hour of each
 //!   event's `receivedAt` (the write time when it has none); a group is one
 //!   object, `<prefix>/source=<id>/dt=<YYYY-MM-DD>/hour=<HH>/<first job
-//!   id>.ndjson.gz`, one line per job: its body (after the destination
-//!   function) as one line of JSON.
+//!   id>.ndjson.gz` (or `.parquet`). NDJSON: one line per job, its body
+//!   (after the destination function) as one line of JSON. Parquet: one row
+//!   per job, in one row group, with the fixed schema of [`PARQUET_COLUMNS`]:
+//!   the event's identity and times typed, and the whole line in `json` —
+//!   every object has the same schema, so no event's types can conflict
+//!   with another's, and nothing of an event is left out.
 //! - An object is written with one PUT: a reader sees it whole or not at
 //!   all. Each job's outcome is its group's PUT.
 //! - An object is named by its first job's id (a KSUID): a group sent
@@ -33,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::{path::Path as ObjectPath, ObjectStore, PutPayload};
-use sluice_core::config::S3Target;
+use sluice_core::config::{LakeFormat, S3Target};
 
 use crate::clients::Clients;
 use crate::executor::{check_public, Attempt, Verdict};
@@ -113,7 +117,11 @@ struct Group {
 
 /// The objects `entries` make (in the order their groups first appear),
 /// and the jobs that cannot be written, with why.
-fn group(entries: &[Entry<'_>], now: chrono::DateTime<chrono::Utc>) -> (Vec<Group>, Vec<(usize, String)>) {
+fn group(entries: &[Entry<'_>], format: LakeFormat, now: chrono::DateTime<chrono::Utc>) -> (Vec<Group>, Vec<(usize, String)>) {
+    let extension = match format {
+        LakeFormat::Ndjson => "ndjson.gz",
+        LakeFormat::Parquet => "parquet",
+    };
     let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<(&str, i64), usize> = HashMap::new();
     let mut refused = Vec::new();
@@ -128,7 +136,7 @@ fn group(entries: &[Entry<'_>], now: chrono::DateTime<chrono::Utc>) -> (Vec<Grou
         let hour = partition_of(received_at.as_deref(), now);
         let at = *index.entry((e.source, hour)).or_insert_with(|| {
             let at = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or(now);
-            let path = format!("source={}/{}/{}.ndjson.gz", e.source, at.format("dt=%Y-%m-%d/hour=%H"), e.id);
+            let path = format!("source={}/{}/{}.{extension}", e.source, at.format("dt=%Y-%m-%d/hour=%H"), e.id);
             groups.push(Group { path, jobs: Vec::new(), lines: Vec::new() });
             groups.len() - 1
         });
@@ -149,7 +157,187 @@ fn gzip(lines: &[Bytes]) -> std::io::Result<Vec<u8>> {
     gz.finish()
 }
 
+/// An object's bytes: `lines` in `format`.
+fn encode(format: LakeFormat, lines: &[Bytes]) -> Result<Vec<u8>, String> {
+    match format {
+        LakeFormat::Ndjson => gzip(lines).map_err(|e| format!("gzip: {e}")),
+        LakeFormat::Parquet => parquet(lines).map_err(|e| format!("parquet: {e}")),
+    }
+}
+
+/// A Parquet object's columns, in order: the event's keys (camelCase in
+/// the event) as text, or as UTC timestamps (µs) for its times, then the
+/// whole event. A key that is absent, of another JSON type (an id may be a
+/// number: its text), or a time that does not parse is null there; `json`
+/// still holds it.
+pub const PARQUET_COLUMNS: [(&str, &str, ParquetColumn); 13] = [
+    ("message_id", "messageId", ParquetColumn::Text),
+    ("type", "type", ParquetColumn::Text),
+    ("event", "event", ParquetColumn::Text),
+    ("name", "name", ParquetColumn::Text),
+    ("user_id", "userId", ParquetColumn::Text),
+    ("anonymous_id", "anonymousId", ParquetColumn::Text),
+    ("group_id", "groupId", ParquetColumn::Text),
+    ("previous_id", "previousId", ParquetColumn::Text),
+    ("timestamp", "timestamp", ParquetColumn::Time),
+    ("original_timestamp", "originalTimestamp", ParquetColumn::Time),
+    ("sent_at", "sentAt", ParquetColumn::Time),
+    ("received_at", "receivedAt", ParquetColumn::Time),
+    ("json", "", ParquetColumn::Json),
+];
+
+/// The kinds of [`PARQUET_COLUMNS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParquetColumn {
+    /// UTF-8, nullable.
+    Text,
+    /// Timestamp (microseconds, UTC), nullable.
+    Time,
+    /// The whole event as JSON text, never null.
+    Json,
+}
+
+/// The top-level keys of an event a Parquet row takes; unknown keys are
+/// skipped unread.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct TopLevel {
+    #[serde(rename = "messageId")]
+    message_id: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+    event: Option<serde_json::Value>,
+    name: Option<serde_json::Value>,
+    #[serde(rename = "userId")]
+    user_id: Option<serde_json::Value>,
+    #[serde(rename = "anonymousId")]
+    anonymous_id: Option<serde_json::Value>,
+    #[serde(rename = "groupId")]
+    group_id: Option<serde_json::Value>,
+    #[serde(rename = "previousId")]
+    previous_id: Option<serde_json::Value>,
+    timestamp: Option<serde_json::Value>,
+    #[serde(rename = "originalTimestamp")]
+    original_timestamp: Option<serde_json::Value>,
+    #[serde(rename = "sentAt")]
+    sent_at: Option<serde_json::Value>,
+    #[serde(rename = "receivedAt")]
+    received_at: Option<serde_json::Value>,
+}
+
+impl TopLevel {
+    /// The values of [`PARQUET_COLUMNS`] but `json`, in order.
+    fn values(&self) -> [&Option<serde_json::Value>; 12] {
+        [
+            &self.message_id,
+            &self.kind,
+            &self.event,
+            &self.name,
+            &self.user_id,
+            &self.anonymous_id,
+            &self.group_id,
+            &self.previous_id,
+            &self.timestamp,
+            &self.original_timestamp,
+            &self.sent_at,
+            &self.received_at,
+        ]
+    }
+}
+
+/// A text column's value: a string, or a number's or boolean's text.
+fn text_of(v: &Option<serde_json::Value>) -> Option<String> {
+    match v {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A time column's value: an RFC 3339 time as microseconds since the epoch, UTC.
+fn micros_of(v: &Option<serde_json::Value>) -> Option<i64> {
+    match v {
+        // Years 1–9999 only: the dates readers (Python's, Java's) hold.
+        Some(serde_json::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
+            .map(|t| t.timestamp_micros()),
+        _ => None,
+    }
+}
+
+/// `lines` as one Parquet file, Snappy-compressed (one row group: a batch
+/// holds ≤ 10,000 events, a row group by default up to 1M rows).
+fn parquet(lines: &[Bytes]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    use arrow_array::builder::{StringBuilder, TimestampMicrosecondBuilder};
+    use arrow_array::ArrayRef;
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
+    use parquet::file::properties::{EnabledStatistics, WriterProperties};
+    use parquet::schema::types::ColumnPath;
+
+    let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let fields: Vec<Field> = PARQUET_COLUMNS
+        .iter()
+        .map(|(name, _, kind)| match kind {
+            ParquetColumn::Text => Field::new(*name, DataType::Utf8, true),
+            ParquetColumn::Time => Field::new(*name, time.clone(), true),
+            ParquetColumn::Json => Field::new(*name, DataType::Utf8, false),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    enum Builder {
+        Text(StringBuilder),
+        Time(TimestampMicrosecondBuilder),
+    }
+    let mut builders: Vec<Builder> = PARQUET_COLUMNS[..12]
+        .iter()
+        .map(|(_, _, kind)| match kind {
+            ParquetColumn::Time => Builder::Time(TimestampMicrosecondBuilder::with_capacity(lines.len()).with_timezone("UTC")),
+            _ => Builder::Text(StringBuilder::with_capacity(lines.len(), lines.len() * 16)),
+        })
+        .collect();
+    let mut json = StringBuilder::with_capacity(lines.len(), lines.iter().map(|l| l.len()).sum());
+    for line in lines {
+        // A line that passed `line_of` is JSON; one these keys cannot be read from
+        // (a key given twice) still has its row, with only `json`.
+        let top: TopLevel = serde_json::from_slice(line).unwrap_or_default();
+        for (builder, value) in builders.iter_mut().zip(top.values()) {
+            match builder {
+                Builder::Text(b) => b.append_option(text_of(value)),
+                Builder::Time(b) => b.append_option(micros_of(value)),
+            }
+        }
+        json.append_value(String::from_utf8_lossy(line));
+    }
+    let mut columns: Vec<ArrayRef> = builders
+        .into_iter()
+        .map(|b| match b {
+            Builder::Text(mut b) => Arc::new(b.finish()) as ArrayRef,
+            Builder::Time(mut b) => Arc::new(b.finish()) as ArrayRef,
+        })
+        .collect();
+    columns.push(Arc::new(json.finish()));
+    let batch = arrow_array::RecordBatch::try_new(schema.clone(), columns)?;
+    // The whole event is unique per row: no dictionary, no min/max kept for it.
+    let json_column = ColumnPath::from("json");
+    let properties = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_column_dictionary_enabled(json_column.clone(), false)
+        .set_column_statistics_enabled(json_column, EnabledStatistics::None)
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(Vec::with_capacity(lines.len() * 64), schema, Some(properties))?;
+    writer.write(&batch)?;
+    writer.into_inner()
+}
+
 impl Lakes {
+    /// Take out the stores no target in `live` uses.
+    pub(crate) fn take_unused(&self, live: &[&S3Target]) -> Vec<Arc<dyn ObjectStore>> {
+        self.by_key.take_unless(|(t, _)| live.contains(&t))
+    }
+
     /// Write `entries` to `target`; one [`Attempt`] per entry, in order. Never fails.
     pub async fn write(&self, target: &S3Target, allow_private_network: bool, timeout: Duration, entries: &[Entry<'_>]) -> Vec<Attempt> {
         let started = Instant::now();
@@ -160,11 +348,12 @@ impl Lakes {
             Err((verdict, error)) => return entries.iter().map(|_| attempt(verdict, Some(error.clone()))).collect(),
         };
         // Reading and compressing thousands of events is CPU work: off the async workers.
+        let format = target.format;
         let owned: Vec<(Ksuid, String, Bytes)> = entries.iter().map(|e| (e.id, e.source.to_owned(), e.body.clone())).collect();
         let prepared = tokio::task::spawn_blocking(move || {
             let entries: Vec<Entry> = owned.iter().map(|(id, source, body)| Entry { id: *id, source, body }).collect();
-            let (groups, refused) = group(&entries, chrono::Utc::now());
-            let bodies: Vec<std::io::Result<Vec<u8>>> = groups.iter().map(|g| gzip(&g.lines)).collect();
+            let (groups, refused) = group(&entries, format, chrono::Utc::now());
+            let bodies: Vec<Result<Vec<u8>, String>> = groups.iter().map(|g| encode(format, &g.lines)).collect();
             (groups, bodies, refused)
         })
         .await;
@@ -179,7 +368,7 @@ impl Lakes {
         let puts = groups.iter().zip(bodies).map(|(g, body)| {
             let store = store.clone();
             async move {
-                let body = body.map_err(|e| format!("gzip: {e}"))?;
+                let body = body?;
                 let path = ObjectPath::from(g.path.as_str());
                 match tokio::time::timeout(timeout, store.put(&path, PutPayload::from(body))).await {
                     Ok(Ok(_)) => Ok(()),
@@ -243,7 +432,7 @@ mod tests {
         .map(Bytes::from)
         .collect();
         let entries: Vec<Entry> = (0..5).map(|i| Entry { id: ids[i], source: if i == 3 { "app" } else { "web" }, body: &bodies[i] }).collect();
-        let (groups, refused) = group(&entries, now);
+        let (groups, refused) = group(&entries, LakeFormat::Ndjson, now);
         let paths: Vec<(&str, &[usize])> = groups.iter().map(|g| (g.path.as_str(), g.jobs.as_slice())).collect();
         assert_eq!(
             paths,
@@ -261,6 +450,62 @@ mod tests {
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn parquet_rows_hold_typed_keys_and_the_whole_event() {
+        use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
+        let lines: Vec<Bytes> = [
+            r#"{"type":"track","event":"Order Completed","messageId":"m1","userId":42,"properties":{"total":9.5},"receivedAt":"2026-12-01T10:00:00.123456Z","extra":[1,2]}"#,
+            r#"{"type":"identify","messageId":"m2","anonymousId":"a","timestamp":"not a time","sentAt":"10000-01-01T00:00:00Z"}"#,
+            r#"{"messageId":"m3","userId":"u","userId":"v"}"#,
+        ]
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+        let file = Bytes::from(parquet(&lines).unwrap());
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+        assert_eq!(batches.len(), 1);
+        let b = &batches[0];
+        let schema = b.schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, PARQUET_COLUMNS.map(|c| c.0));
+        let text = |name: &str| b.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let (ids, users, events, json) = (text("message_id"), text("user_id"), text("event"), text("json"));
+        assert_eq!((ids.value(0), ids.value(1)), ("m1", "m2"));
+        assert_eq!(users.value(0), "42", "a numeric id as its text");
+        assert!(users.is_null(1) && events.is_null(1));
+        assert_eq!(events.value(0), "Order Completed");
+        // A key given twice: the row is kept with only the whole event.
+        assert!(ids.is_null(2));
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(json.value(i).as_bytes(), &line[..], "row {i} keeps the event's bytes");
+        }
+        let time = |name: &str| b.column_by_name(name).unwrap().as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().clone();
+        let received = time("received_at");
+        assert_eq!(received.value(0), 1_796_119_200_123_456);
+        assert!(received.is_null(1));
+        assert!(time("timestamp").is_null(1) && time("sent_at").is_null(1), "unparsable or out-of-range times are null");
+        assert_eq!(parquet(&[]).map(|f| f.is_empty()).ok(), Some(false), "an empty group is still a file");
+    }
+
+    /// A store no destination uses any more (deleted, or another endpoint
+    /// or credentials) is dropped by the executor's sweep; the others stay.
+    #[tokio::test]
+    async fn stores_no_destination_uses_are_dropped() {
+        let toml = "[[destinations]]\nid = \"a\"\ntype = \"s3\"\nurl = \"s3://lake-a/x\"\ns3_endpoint = \"http://s3.example:9000\"\n\
+                    [[destinations]]\nid = \"b\"\ntype = \"s3\"\nurl = \"s3://lake-b/x\"\ns3_endpoint = \"http://s3.example:9000\"\n";
+        let config = sluice_core::config::Config::from_toml_with_env(toml, "", &HashMap::new()).unwrap();
+        let executor = crate::executor::Executor::new(Duration::from_secs(1)).unwrap();
+        let targets: Vec<S3Target> = config.destinations.iter().map(|d| d.s3_target().unwrap()).collect();
+        for t in &targets {
+            let store = crate::archive::s3_store(&t.bucket, &t.prefix, t.endpoint.as_deref(), None, None, None).unwrap();
+            executor.lakes.by_key.keep((t.clone(), false), store);
+        }
+        executor.drop_unused_clients(config.destinations.iter().filter(|d| d.id == "a")).await;
+        assert!(executor.lakes.by_key.get(&(targets[0].clone(), false)).is_some(), "a's store stays");
+        assert!(executor.lakes.by_key.get(&(targets[1].clone(), false)).is_none(), "b's is dropped");
     }
 
     #[test]

@@ -93,6 +93,25 @@ pub fn check_destination(d: &sluice_core::config::DestinationConfig) -> Result<(
     }
 }
 
+/// The `postgres` URL parameters that name a file on the server (sqlx
+/// reads them: a CA, a client certificate and key).
+const SERVER_FILE_PARAMETERS: [&str; 7] = ["sslrootcert", "ssl-root-cert", "ssl-ca", "sslcert", "ssl-cert", "sslkey", "ssl-key"];
+
+/// For destinations given through an API (not the config file): a
+/// `postgres` URL may not name the server's files — a caller would pick
+/// the server's own keys, or learn which files exist. Such a destination
+/// belongs in the config file, which the operator writes.
+pub fn check_no_server_files(d: &sluice_core::config::DestinationConfig) -> Result<(), String> {
+    let Some(url) = url::Url::parse(&d.url).ok().filter(|_| d.is_postgres()) else { return Ok(()) };
+    match url.query_pairs().find(|(k, _)| SERVER_FILE_PARAMETERS.contains(&k.as_ref())) {
+        Some((k, _)) => Err(format!(
+            "?{k}= names a file on the server, which a destination given through the admin API may not do; \
+             give this destination in the config file (or use a CA the system trusts)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Check a `postgres` destination's URL as it will be used (TLS mode and parameters).
 pub fn check_url(url: &str) -> Result<(), String> {
     let link = sluice_sql::SqlLink::for_role(url, "postgres destination").map_err(|e| e.to_string())?;
@@ -451,7 +470,7 @@ fn rows_of(source: &str, id: &str, body: &[u8]) -> Result<EventRows, String> {
 type Tables = HashMap<String, HashMap<String, String>>;
 
 /// One database's pool and what it knows of the schemas there.
-struct Warehouse {
+pub(crate) struct Warehouse {
     pool: PgPool,
     /// The URL without password or query.
     display: String,
@@ -553,6 +572,13 @@ fn copy_rows<'a>(rows: impl Iterator<Item = Vec<Option<&'a str>>>) -> String {
 }
 
 impl Warehouses {
+    /// Take out the pools of databases no `postgres` destination's URL in `live` names.
+    pub(crate) fn take_unused(&self, live: &[&str]) -> Vec<Arc<Warehouse>> {
+        self.by_key.take_unless(|k| live.contains(&k.url.as_str()))
+    }
+}
+
+impl Warehouses {
     /// Load `jobs` into the database at `url`; one [`Attempt`] per job, in
     /// order. Never fails.
     pub async fn load(&self, url: &str, allow_private_network: bool, timeout: Duration, jobs: &[Load<'_>]) -> Vec<Attempt> {
@@ -584,7 +610,7 @@ impl Warehouses {
         // Parts of the batch to load, split in halves while some rows fail
         // (one bad event or table must not hold the others back), within a
         // budget of loads and time; what is left is retried.
-        let deadline = started + timeout * 3;
+        let deadline = started + timeout.saturating_mul(3);
         let mut budget = MAX_LOADS_PER_REQUEST;
         let mut parts: Vec<Vec<usize>> = if events.is_empty() { Vec::new() } else { vec![(0..events.len()).collect()] };
         while let Some(part) = parts.pop() {

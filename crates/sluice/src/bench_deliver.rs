@@ -298,6 +298,9 @@ pub struct E2eBench {
     /// each destination writes under a prefix of its own there.
     #[arg(long, value_name = "URL")]
     s3_destination: Option<String>,
+    /// `--destination-type s3`: the objects' format (`s3_format`).
+    #[arg(long, value_name = "FORMAT", default_value = "ndjson", value_parser = ["ndjson", "parquet"])]
+    s3_format: String,
 }
 
 /// The built-in bench function: renames two properties of every track event.
@@ -476,7 +479,7 @@ fn e2e_once(args: &E2eBench, setup: Setup) -> Result<f64> {
     };
     // `s3`: a bucket of this run's own; writes counted from the server's metrics.
     let mut lake = match (kind, &args.s3_destination) {
-        ("s3", Some(endpoint)) => Some(crate::bench_lake::Lake::create(&rt, endpoint)?),
+        ("s3", Some(endpoint)) => Some(crate::bench_lake::Lake::create(&rt, endpoint, &args.s3_format)?),
         ("s3", None) => bail!("--destination-type s3 needs --s3-destination URL (an S3-compatible server such as moto)"),
         _ => None,
     };

@@ -2,7 +2,8 @@
 //! S3-compatible server (e.g. moto from `scripts/setup-s3.sh`), the
 //! destinations writing under a prefix each, their writes counted from the
 //! server's metrics (as for `postgres`), and every object read back at the
-//! end: its lines counted and checked against those writes.
+//! end: its events (NDJSON lines or Parquet rows) counted and checked
+//! against those writes.
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
@@ -19,13 +20,15 @@ pub const BENCH_AWS: [(&str, &str); 2] = [("AWS_ACCESS_KEY_ID", "sluice-bench"),
 pub struct Lake {
     endpoint: String,
     bucket: String,
+    /// `ndjson` or `parquet`.
+    format: String,
     counter: Option<LoadCounter>,
 }
 
 impl Lake {
     /// Make a bucket on the server at `endpoint` (`http://host:port`; a
     /// server that lets this bench create buckets unsigned, as moto does).
-    pub fn create(rt: &tokio::runtime::Runtime, endpoint: &str) -> Result<Lake> {
+    pub fn create(rt: &tokio::runtime::Runtime, endpoint: &str, format: &str) -> Result<Lake> {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
         let bucket = format!("sluice-bench-{}", std::process::id());
         let status = rt
@@ -35,12 +38,15 @@ impl Lake {
         if !status.is_success() {
             bail!("create bucket {bucket} at {endpoint}: {status}");
         }
-        Ok(Lake { endpoint, bucket, counter: None })
+        Ok(Lake { endpoint, bucket, format: format.to_owned(), counter: None })
     }
 
     /// The config lines of destination `id` (after `id`).
     pub fn destination_keys(&self, id: &str) -> String {
-        format!("url = \"s3://{}/{id}\"\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\n", self.bucket, self.endpoint)
+        format!(
+            "url = \"s3://{}/{id}\"\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\ns3_format = \"{}\"\n",
+            self.bucket, self.endpoint, self.format
+        )
     }
 
     /// The credentials the server needs, unless the environment has them.
@@ -70,16 +76,22 @@ impl Lake {
             let (mut objects, mut lines, mut bytes) = (0u64, 0u64, 0u64);
             for meta in listed {
                 let meta = meta?;
-                let gz = store.get(&meta.location).await?.bytes().await?;
-                let mut text = Vec::new();
-                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text)?;
+                let object = store.get(&meta.location).await?.bytes().await?;
                 objects += 1;
-                bytes += gz.len() as u64;
-                lines += text.iter().filter(|&&b| b == b'\n').count() as u64;
+                bytes += object.len() as u64;
+                lines += if self.format == "parquet" {
+                    use parquet::file::reader::FileReader as _;
+                    let file = parquet::file::reader::SerializedFileReader::new(object)?;
+                    file.metadata().file_metadata().num_rows() as u64
+                } else {
+                    let mut text = Vec::new();
+                    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&object[..]), &mut text)?;
+                    text.iter().filter(|&&b| b == b'\n').count() as u64
+                };
             }
             anyhow::Ok((objects, lines, bytes))
         })?;
         let check = if lines >= written { "≥ the writes counted" } else { "< the writes counted: CHECK FAILED" };
-        Ok(format!("objects in the lake: {objects} ({:.1} MiB gzip), {lines} lines {check} ({written})", bytes as f64 / 1048576.0))
+        Ok(format!("objects in the lake: {objects} ({:.1} MiB {}), {lines} events {check} ({written})", bytes as f64 / 1048576.0, self.format))
     }
 }

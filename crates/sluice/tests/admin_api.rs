@@ -225,9 +225,13 @@ fn the_event_debugger_and_delivery_inspector_show_what_happened() {
 #[test]
 fn api_changes_survive_a_restart_and_secrets_stay_write_only() {
     let (dir, server, api, sink) = start(true);
-    // A secret is write-only; a PUT without it keeps it.
+    // A secret is write-only; a PUT without it keeps it while the URL stays, and one
+    // changing the URL must send it again (it would sign for another server).
     api.ok("PUT", "/api/destinations/signed", Some(json!({"url": sink.url("/signed"), "secret": "s3cret-value", "allow_private_network": true})));
-    api.ok("PUT", "/api/destinations/signed", Some(json!({"url": sink.url("/signed2"), "allow_private_network": true})));
+    api.ok("PUT", "/api/destinations/signed", Some(json!({"url": sink.url("/signed"), "allow_private_network": true, "max_in_flight": 4})));
+    let (status, refused) =
+        api.call("PUT", "/api/destinations/signed", Some(TOKEN), Some(json!({"url": sink.url("/signed2"), "allow_private_network": true})));
+    assert_eq!(status, 400, "{refused}");
     let dests = api.ok("GET", "/api/destinations", None);
     let signed = dests.as_array().unwrap().iter().find(|d| d["id"] == "signed").unwrap().clone();
     assert!(signed.get("secret").is_none() && signed["secret_set"] == true, "{signed}");

@@ -308,3 +308,26 @@ fn events_kept_while_delivery_is_off_are_delivered_once_it_is_on() {
     wait_received(&sink, &server, &ids.iter().cloned().collect(), 1);
     server.stop_within(STOP_TIMEOUT);
 }
+
+/// A panic while a request is sent (a bug, or one in a client library)
+/// does not leave its jobs `executing` until a restart: they are retried,
+/// the cause in their history, and delivered.
+#[test]
+fn a_panic_while_sending_is_retried_not_stuck() {
+    let sink = TestSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &hook_toml(&sink.sink.url("/hook"), "initial_backoff = \"100ms\"\nmax_backoff = \"200ms\""));
+    let server = Server::start_with_env(&config, &[("SLUICE_PANIC_AT", "deliver.send_request:2")]);
+    let events: Vec<Value> = (0..3).map(|i| track_event(&format!("panic-{i}"), i)).collect();
+    sink.post_batch(&server.addr, &events).expect("post");
+    let ids: HashSet<String> = (0..3).map(|i| format!("panic-{i}")).collect();
+    wait_received(&sink, &server, &ids, 1);
+    wait_all_succeeded(&config, &server, 3);
+    let errors: Vec<String> = ids
+        .iter()
+        .flat_map(|id| jobs_inspect_json(&config, id).unwrap().as_array().unwrap().clone())
+        .flat_map(|job| job["transitions"].as_array().unwrap().clone())
+        .filter_map(|t| t["error"].as_str().map(str::to_owned))
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("inside Sluice") && e.contains("panic point")), "{errors:?}");
+}

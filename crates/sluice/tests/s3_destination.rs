@@ -8,7 +8,8 @@
 //! crash between the PUT and the `succeeded` rows writes those jobs again.
 //! A URL that is not `s3://bucket/prefix` is refused at load. A
 //! destination's own credentials sign its writes; without them the
-//! process's `AWS_*` do.
+//! process's `AWS_*` do. With `s3_format = "parquet"` the objects are
+//! Parquet files, read back with an independent reader (pyarrow, PyPI).
 
 mod util;
 
@@ -162,4 +163,109 @@ fn a_crash_after_the_put_loses_nothing_and_repeats_only_executing_jobs() {
         assert!(*n == 1 || executing.contains(id), "{id} is there {n} times but was not executing at the crash");
     }
     server.stop();
+}
+
+/// `s3_format = "parquet"`: `.parquet` objects in the same layout, read
+/// back with pyarrow (not the crate that wrote them): the typed columns
+/// and the whole event, every event there.
+#[test]
+fn parquet_objects_read_back_with_pyarrow() {
+    let Some(bin) = moto::moto_server() else { return };
+    let python = bin.with_file_name("python");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = TestSink::start();
+    let mut m = sink.block_on(moto::Moto::start(&bin, dir.path()));
+    sink.block_on(m.create_bucket(BUCKET));
+    let extra = format!(
+        "{}[[connections]]\nsource = \"{SOURCE_ID}\"\ndestinations = [\"lake\"]\n",
+        s3_dest("lake", &m.endpoint(), "batch_max_events = 50\ns3_format = \"parquet\"")
+    );
+    let config = write_config(dir.path(), &extra);
+    let server = Server::start_with_env(&config, &AWS_ENV);
+    let mut events: Vec<Value> = (0..120).map(|i| track_event(&format!("p-{i}"), i)).collect();
+    events.push(serde_json::json!({"type": "identify", "messageId": "p-identify", "userId": 7, "traits": {"plan": "pro", "n": 1.5}}));
+    events.push(
+        serde_json::json!({"type": "page", "messageId": "p-page", "anonymousId": "anon", "name": "Home", "timestamp": "2026-11-30T23:59:59.5+02:00"}),
+    );
+    for chunk in events.chunks(40) {
+        sink.post_batch(&server.addr, chunk).unwrap();
+    }
+    wait_counts(&config, "lake", Duration::from_secs(90), |c| c.get("succeeded").copied() == Some(events.len() as u64));
+    server.stop();
+
+    // Every object: a .parquet file in the layout, downloaded for the reader.
+    let store = m.store(BUCKET);
+    let files: Vec<std::path::PathBuf> = sink.block_on(async {
+        let listed: Vec<_> = store.list(Some(&"events".into())).collect().await;
+        let mut files = Vec::new();
+        for (n, meta) in listed.into_iter().enumerate() {
+            let meta = meta.unwrap();
+            let path = meta.location.to_string();
+            let parts: Vec<&str> = path.split('/').collect();
+            assert_eq!(parts.len(), 5, "{path}");
+            assert_eq!(parts[1], format!("source={SOURCE_ID}"), "{path}");
+            assert!(parts[2].starts_with("dt=") && parts[3].starts_with("hour="), "{path}");
+            assert!(parts[4].ends_with(".parquet") && parts[4].len() == 27 + 8, "named by a job id: {path}");
+            let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
+            let file = dir.path().join(format!("{n}.parquet"));
+            std::fs::write(&file, &bytes).unwrap();
+            files.push(file);
+        }
+        files
+    });
+    assert!(!files.is_empty());
+    const READER: &str = r#"
+import json, sys
+import pyarrow.parquet as pq
+rows = []
+for f in sys.argv[1:]:
+    t = pq.read_table(f)
+    types = {field.name: str(field.type) for field in t.schema}
+    for r in t.to_pylist():
+        r = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}
+        r["_types"] = types
+        rows.append(r)
+print(json.dumps(rows))
+"#;
+    let out = std::process::Command::new(&python).arg("-c").arg(READER).args(&files).output().expect("the venv's python");
+    assert!(out.status.success(), "pyarrow could not read the objects (run scripts/setup-s3.sh): {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut by_id: HashMap<String, Value> = HashMap::new();
+    for row in rows {
+        assert_eq!(row["_types"]["received_at"], "timestamp[us, tz=UTC]", "{row}");
+        assert_eq!(row["_types"]["message_id"], "string", "{row}");
+        let event: Value = serde_json::from_str(row["json"].as_str().expect("json is text")).expect("json holds the event");
+        assert_eq!(row["message_id"], event["messageId"], "{row}");
+        assert_eq!(row["type"], event["type"], "{row}");
+        // receivedAt as the reader sees it: the same instant as the event's text.
+        let seen = chrono::DateTime::parse_from_rfc3339(row["received_at"].as_str().expect("received_at set")).unwrap();
+        let sent = chrono::DateTime::parse_from_rfc3339(event["receivedAt"].as_str().unwrap()).unwrap();
+        assert_eq!(seen.timestamp_micros(), sent.timestamp_micros(), "{row}");
+        by_id.insert(row["message_id"].as_str().unwrap().to_owned(), row);
+    }
+    // At least once: every event there (a write retried after a timeout may add a repeat).
+    for e in &events {
+        let id = e["messageId"].as_str().unwrap();
+        let row = by_id.get(id).unwrap_or_else(|| panic!("{id} is not in the lake"));
+        let held: Value = serde_json::from_str(row["json"].as_str().unwrap()).unwrap();
+        for key in ["properties", "traits", "event", "name"] {
+            assert_eq!(held.get(key), e.get(key), "{id}: {key}");
+        }
+    }
+    assert_eq!(by_id["p-0"]["event"], "Deliver Test");
+    assert_eq!(by_id["p-0"]["user_id"], "user-0");
+    assert_eq!(by_id["p-identify"]["user_id"], "7", "a numeric userId as its text");
+    assert_eq!(by_id["p-page"]["name"], "Home");
+    assert_eq!(by_id["p-page"]["anonymous_id"], "anon");
+    // A time with an offset: the same instant, in UTC.
+    let page = &by_id["p-page"];
+    let held: Value = serde_json::from_str(page["json"].as_str().unwrap()).unwrap();
+    let (column, text) = (page["timestamp"].as_str().expect("timestamp set"), held["timestamp"].as_str().unwrap());
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(column).unwrap().timestamp_micros(),
+        chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_micros(),
+        "{column} vs {text}"
+    );
+    assert!(column.ends_with("+00:00"), "{column}");
+    m.stop();
 }
