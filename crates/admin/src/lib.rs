@@ -369,7 +369,7 @@ async fn list_destinations(State(s): State<Shared>, h: HeaderMap) -> ApiResult {
 /// changes a bound key must send the secret again (or `null`).
 const WRITE_ONLY: [(&str, &[&str]); 3] = [
     ("secret", &["url"]),
-    ("kafka_sasl_password", &["url", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username"]),
+    ("kafka_sasl_password", &["url", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_tls_ca"]),
     ("s3_secret_access_key", &["url", "s3_endpoint", "s3_region", "s3_access_key_id"]),
 ];
 

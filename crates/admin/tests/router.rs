@@ -176,6 +176,9 @@ async fn destination_listings_never_show_the_secret_or_the_url_password() {
     assert_eq!(f.state.catalog.snapshot().destinations["hook"].secret, None);
 }
 
+/// A CA in the shape the config's check takes (a DER sequence in PEM).
+const OTHER_CA: &str = "-----BEGIN CERTIFICATE-----\nMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAw\n-----END CERTIFICATE-----\n";
+
 /// Destination `id` as `GET /api/destinations` shows it.
 async fn listed(f: &Fixture, id: &str) -> Value {
     let list = f.call("GET", "/api/destinations", None).await;
@@ -202,6 +205,8 @@ async fn a_stored_secret_is_kept_only_while_the_keys_it_is_bound_to_stay() {
                 ("kafka_sasl_mechanism", "PLAIN"),
                 ("kafka_security_protocol", "sasl_plaintext"),
                 ("kafka_sasl_username", "mallory"),
+                // Another CA: a server with a certificate of the caller's would get the password.
+                ("kafka_tls_ca", OTHER_CA),
             ],
         ),
         (

@@ -1464,6 +1464,9 @@ impl DestinationConfig {
         if !valid_id(&self.id) {
             return Err(invalid(key("id"), format!("{:?} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", self.id)));
         }
+        if self.secret.as_deref() == Some("") {
+            return Err(invalid(key("secret"), "is empty: leave it out for unsigned requests"));
+        }
         // A NUL or line break would be cut or read differently by the client that takes the URL.
         if self.url.chars().any(char::is_control) {
             return Err(invalid(key("url"), "holds a control character (NUL, a line break…)"));
@@ -2228,6 +2231,10 @@ impl Config {
             return Err(invalid("deliver.cache_jobs", "must be at least 100"));
         }
         check_retry("deliver", &d.retry_policy())?;
+        // Doubled per failed probe (capped): a longer one would never probe again.
+        if d.circuit_cooldown > Duration::from_secs(24 * 3600) {
+            return Err(invalid("deliver.circuit_cooldown", "must be at most 24h"));
+        }
         d.check_archive()?;
         let mut ids = HashMap::new();
         let mut names = HashMap::new();
@@ -2841,6 +2848,7 @@ mod tests {
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_access_key_id = \"AK\"", "go together"),
             ("url = \"http://h/x\"\ns3_region = \"eu-west-1\"", "destinations[0].s3_region"),
             ("type = \"s3\"\nurl = \"s3://lake\"\ns3_format = \"csv\"", "destinations[0].s3_format"),
+            ("url = \"https://h.example/x\"\nsecret = \"\"", "destinations[0].secret"),
             ("type = \"kafka\"\nurl = \"kafka://h:1/t\"\ns3_format = \"parquet\"", "destinations[0].s3_format"),
         ] {
             let err = dest(keys).unwrap_err().to_string();
@@ -3288,6 +3296,7 @@ mod tests {
             ("[deliver]\njobdb_max_jobs = 0\n", "deliver.jobdb_max_jobs", "must be at least 1"),
             ("[deliver]\nmax_in_flight = 0\n", "deliver.max_in_flight", "must be at least 1"),
             ("[deliver]\ncircuit_failures = 0\n", "deliver.circuit_failures", "must be at least 1"),
+            ("[deliver]\ncircuit_cooldown = \"18446744073709551615s\"\n", "deliver.circuit_cooldown", "at most 24h"),
             ("[deliver]\njobdb_url = \"sqlite://x\"\n", "deliver.jobdb_url", "mysql://"),
             ("[deliver]\njobdb_url = \"postgres//h/db\"\n", "deliver.jobdb_url", "postgres://"),
             ("[director]\nrpc_url = \"d:8090\"\n", "director.rpc_url", "http:// or https://"),

@@ -79,7 +79,7 @@ fn partition_of(received_at: Option<&str>, now: chrono::DateTime<chrono::Utc>) -
     let at = received_at
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&chrono::Utc))
-        .filter(|t| (1..=9999).contains(&t.year()))
+        .filter(|t| (1..=9999).contains(&t.year()) && (FIRST_MICROS..=LAST_MICROS).contains(&t.timestamp_micros()))
         .unwrap_or(now);
     at.timestamp().div_euclid(3600)
 }
@@ -255,15 +255,18 @@ fn text_of(v: &Option<serde_json::Value>) -> Option<String> {
     }
 }
 
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z in microseconds since the epoch.
+const FIRST_MICROS: i64 = -62_135_596_800_000_000;
+const LAST_MICROS: i64 = 253_402_300_799_999_999;
+
 /// A time column's value: an RFC 3339 time as microseconds since the epoch, UTC.
 fn micros_of(v: &Option<serde_json::Value>) -> Option<i64> {
     match v {
-        // Years 1–9999 only: the dates readers (Python's, Java's) hold.
-        Some(serde_json::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
-            .map(|t| t.timestamp_micros()),
+        // Years 1–9999 only: the dates readers (Python's, Java's) hold. Checked on the
+        // instant itself: a leap second (…23:59:60) of 9999-12-31 is in year 10000.
+        Some(serde_json::Value::String(s)) => {
+            chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros()).filter(|m| (FIRST_MICROS..=LAST_MICROS).contains(m))
+        }
         _ => None,
     }
 }
@@ -457,7 +460,7 @@ mod tests {
         use arrow_array::{Array, StringArray, TimestampMicrosecondArray};
         let lines: Vec<Bytes> = [
             r#"{"type":"track","event":"Order Completed","messageId":"m1","userId":42,"properties":{"total":9.5},"receivedAt":"2026-12-01T10:00:00.123456Z","extra":[1,2]}"#,
-            r#"{"type":"identify","messageId":"m2","anonymousId":"a","timestamp":"not a time","sentAt":"10000-01-01T00:00:00Z"}"#,
+            r#"{"type":"identify","messageId":"m2","anonymousId":"a","timestamp":"not a time","sentAt":"10000-01-01T00:00:00Z","originalTimestamp":"9999-12-31T23:59:60Z"}"#,
             r#"{"messageId":"m3","userId":"u","userId":"v"}"#,
         ]
         .into_iter()
@@ -487,6 +490,9 @@ mod tests {
         assert_eq!(received.value(0), 1_796_119_200_123_456);
         assert!(received.is_null(1));
         assert!(time("timestamp").is_null(1) && time("sent_at").is_null(1), "unparsable or out-of-range times are null");
+        assert!(time("original_timestamp").is_null(1), "a leap second into year 10000 is out of range");
+        assert_eq!(micros_of(&Some("0001-01-01T00:00:00Z".into())), Some(FIRST_MICROS));
+        assert_eq!(micros_of(&Some("9999-12-31T23:59:59.999999Z".into())), Some(LAST_MICROS));
         assert_eq!(parquet(&[]).map(|f| f.is_empty()).ok(), Some(false), "an empty group is still a file");
     }
 
@@ -515,5 +521,6 @@ mod tests {
         assert_eq!(&line[..], &b"{\"n\":123456789012345678901234567890, \"p\":19.999999999999999999,\"a\":1,\"a\":2,\"s\":\"x\\ny\"}"[..]);
         let now = chrono::Utc::now();
         assert_eq!(partition_of(Some("0000-01-01T00:00:00+01:00"), now), partition_of(None, now), "not a Hive date: the write time");
+        assert_eq!(partition_of(Some("9999-12-31T23:59:60Z"), now), partition_of(None, now), "a leap second into year 10000");
     }
 }

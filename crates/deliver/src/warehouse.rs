@@ -197,10 +197,13 @@ impl Cell {
     }
 }
 
-/// An RFC 3339 time PostgreSQL takes (years 1–9999; it has no year 0).
+/// An RFC 3339 time PostgreSQL takes: years 1–9999 (it has no year 0),
+/// and an offset under 16 hours (RFC 3339 allows up to ±23:59; PostgreSQL
+/// refuses a "time zone displacement" beyond ±15:59).
 fn is_timestamp(s: &str) -> bool {
     use chrono::Datelike;
-    chrono::DateTime::parse_from_rfc3339(s).is_ok_and(|t| (1..=9999).contains(&t.with_timezone(&chrono::Utc).year()))
+    chrono::DateTime::parse_from_rfc3339(s)
+        .is_ok_and(|t| (1..=9999).contains(&t.with_timezone(&chrono::Utc).year()) && t.offset().local_minus_utc().abs() < 16 * 3600)
 }
 
 /// One row for one table.
@@ -374,7 +377,7 @@ fn common_row<'a>(obj: &Map<String, Value>, message_id: &str, table: &'a str, co
             Some(other) => b.conflicts.push(Conflict {
                 table: table.to_owned(),
                 column: column.into(),
-                reason: "not an RFC 3339 timestamp".into(),
+                reason: "not an RFC 3339 timestamp PostgreSQL takes".into(),
                 value: Some(other.to_string()),
             }),
         }
@@ -1215,12 +1218,15 @@ mod tests {
         let e = rows_of(
             "s",
             "m",
-            br#"{"type":"track","messageId":"m","event":"E","timestamp":"0000-01-01T00:00:00Z","properties":{"uuid_ts":"1999-01-01T00:00:00Z"}}"#,
+            br#"{"type":"track","messageId":"m","event":"E","timestamp":"0000-01-01T00:00:00Z","sentAt":"2020-01-01T00:00:00+23:59","properties":{"uuid_ts":"1999-01-01T00:00:00Z"}}"#,
         )
         .unwrap();
         let columns: Vec<(&str, &str)> = e.conflicts.iter().map(|c| (c.table.as_str(), c.column.as_str())).collect();
         assert!(columns.contains(&("tracks", "timestamp")) && columns.contains(&("e", "uuid_ts")), "{columns:?}");
-        assert!(e.rows.iter().all(|r| r.cells.iter().all(|(c, _)| c != "uuid_ts" && c != "timestamp")));
+        // RFC 3339 allows offsets to ±23:59, PostgreSQL to ±15:59: a conflict, not a discarded event.
+        assert!(columns.contains(&("tracks", "sent_at")), "{columns:?}");
+        assert!(e.rows.iter().all(|r| r.cells.iter().all(|(c, _)| c != "uuid_ts" && c != "timestamp" && c != "sent_at")));
+        assert!(is_timestamp("2020-01-01T00:00:00+15:59") && !is_timestamp("2020-01-01T00:00:00-16:00"));
     }
 
     #[test]
