@@ -197,51 +197,34 @@ pub enum ParquetColumn {
     Json,
 }
 
-/// The top-level keys of an event a Parquet row takes; unknown keys are
-/// skipped unread.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct TopLevel {
-    #[serde(rename = "messageId")]
-    message_id: Option<serde_json::Value>,
-    #[serde(rename = "type")]
-    kind: Option<serde_json::Value>,
-    event: Option<serde_json::Value>,
-    name: Option<serde_json::Value>,
-    #[serde(rename = "userId")]
-    user_id: Option<serde_json::Value>,
-    #[serde(rename = "anonymousId")]
-    anonymous_id: Option<serde_json::Value>,
-    #[serde(rename = "groupId")]
-    group_id: Option<serde_json::Value>,
-    #[serde(rename = "previousId")]
-    previous_id: Option<serde_json::Value>,
-    timestamp: Option<serde_json::Value>,
-    #[serde(rename = "originalTimestamp")]
-    original_timestamp: Option<serde_json::Value>,
-    #[serde(rename = "sentAt")]
-    sent_at: Option<serde_json::Value>,
-    #[serde(rename = "receivedAt")]
-    received_at: Option<serde_json::Value>,
-}
+/// The values of an event's top-level keys [`PARQUET_COLUMNS`] names (all
+/// but `json`), in their order; other keys are skipped unread. A key given
+/// twice is an error, as for any struct serde reads.
+struct TopLevel([Option<serde_json::Value>; 12]);
 
-impl TopLevel {
-    /// The values of [`PARQUET_COLUMNS`] but `json`, in order.
-    fn values(&self) -> [&Option<serde_json::Value>; 12] {
-        [
-            &self.message_id,
-            &self.kind,
-            &self.event,
-            &self.name,
-            &self.user_id,
-            &self.anonymous_id,
-            &self.group_id,
-            &self.previous_id,
-            &self.timestamp,
-            &self.original_timestamp,
-            &self.sent_at,
-            &self.received_at,
-        ]
+impl<'de> serde::Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut values: [Option<serde_json::Value>; 12] = Default::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match PARQUET_COLUMNS[..12].iter().position(|c| c.1 == key) {
+                        Some(i) if values[i].is_some() => return Err(serde::de::Error::custom(format!("duplicate field `{key}`"))),
+                        Some(i) => values[i] = Some(map.next_value()?),
+                        None => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(TopLevel(values))
+            }
+        }
+        d.deserialize_map(Keys)
     }
 }
 
@@ -305,8 +288,8 @@ fn parquet(lines: &[Bytes]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     for line in lines {
         // A line that passed `line_of` is JSON; one these keys cannot be read from
         // (a key given twice) still has its row, with only `json`.
-        let top: TopLevel = serde_json::from_slice(line).unwrap_or_default();
-        for (builder, value) in builders.iter_mut().zip(top.values()) {
+        let top = serde_json::from_slice(line).unwrap_or(TopLevel(Default::default()));
+        for (builder, value) in builders.iter_mut().zip(&top.0) {
             match builder {
                 Builder::Text(b) => b.append_option(text_of(value)),
                 Builder::Time(b) => b.append_option(micros_of(value)),
